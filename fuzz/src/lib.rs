@@ -1,0 +1,1 @@
+//! Fuzz entry points shared by the libFuzzer targets and the stable driver.

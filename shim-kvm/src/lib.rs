@@ -1,0 +1,1 @@
+//! livemig-kvm: binds livemig-core to KVM, userfaultfd and sockets.

@@ -1,0 +1,1 @@
+//! livemig-sim: simulated guest memory, dirty log, link and clock.
