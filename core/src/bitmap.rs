@@ -116,10 +116,20 @@ fn check_storage(got: usize, bits: u64) -> Result<usize, BitmapError> {
 ///
 /// All mutation goes through `&mut self`, so it needs no atomics; see
 /// [`AtomicBitmap`] for a log written by another thread.
-#[derive(Debug)]
 pub struct DirtyBitmap<'a> {
     words: &'a mut [u64],
     bits: u64,
+}
+
+/// Shows the size and the dirty count, not the words: a 4 GiB guest's
+/// bitmap is 16 Ki words.
+impl fmt::Debug for DirtyBitmap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirtyBitmap")
+            .field("bits", &self.bits)
+            .field("set", &self.count())
+            .finish()
+    }
 }
 
 impl<'a> DirtyBitmap<'a> {
@@ -383,10 +393,19 @@ impl<'a> DirtyBitmap<'a> {
 /// drained now or left for the next drain — never lost, never counted twice.
 /// Setting a bit is a release and draining an acquire, so a writer that fills
 /// a page and then marks it publishes the page contents to the drainer.
-#[derive(Debug)]
 pub struct AtomicBitmap<'a> {
     words: &'a [AtomicU64],
     bits: u64,
+}
+
+/// Shows the size and the current mark count, not the words.
+impl fmt::Debug for AtomicBitmap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AtomicBitmap")
+            .field("bits", &self.bits)
+            .field("set", &self.count())
+            .finish()
+    }
 }
 
 impl<'a> AtomicBitmap<'a> {
