@@ -446,6 +446,26 @@ impl StateCell {
                 },
             })
     }
+
+    /// Move to `cancelling` from whatever running state the cell holds,
+    /// retrying if the state changes underneath: QEMU's `migrate_fd_cancel`
+    /// loop (seed 004 l.1412). Returns the state that was cancelled, or
+    /// `Err(current)` if there was nothing to cancel (idle, or already
+    /// `cancelling`). The caller then stops the engine; the engine's cleanup
+    /// moves `cancelling -> cancelled`.
+    pub fn request_cancel(&self) -> Result<MigrationStatus, MigrationStatus> {
+        loop {
+            let current = self.get();
+            if !current.can_transition_to(MigrationStatus::Cancelling) {
+                return Err(current);
+            }
+            match self.set(current, MigrationStatus::Cancelling) {
+                Ok(()) => return Ok(current),
+                // Another party moved the state first; look again.
+                Err(_) => continue,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -460,36 +480,66 @@ mod tests {
     /// The transitions QEMU performs, listed independently of `TRANSITIONS`
     /// so the table cannot drift unnoticed. Each entry cites where it is seen.
     const EXPECTED: &[(MigrationStatus, MigrationStatus)] = &[
-        (None, Setup),                           // migrate_init, seed 004 l.1533
-        (None, Active),                          // process_incoming_migration_co, seed 004 l.394
-        (Setup, Active),                         // migration_thread, seed 004 l.3021
-        (Setup, WaitUnplug), // qemu_savevm_wait_unplug (wait_unplug_sem, seed 000)
-        (WaitUnplug, Active), // qemu_savevm_wait_unplug
-        (Setup, Failed),     // migrate_fd_error, seed 004 l.1396
-        (Active, PreSwitchover), // migration_maybe_pause, seed 004 l.2548
-        (PreSwitchover, Device), // migration_maybe_pause via migration_completion, l.2551
-        (PreSwitchover, PostcopyActive), // migration_maybe_pause via postcopy_start, l.2551
-        (Active, Device),    // QEMU 10.0 "always set DEVICE state"
-        (Device, PostcopyActive), // QEMU 10.0 postcopy_start
-        (Active, PostcopyActive), // postcopy_start, seed 004 l.2361
-        (Active, Completed), // migration_completion l.2627, process_incoming_migration_bh l.378
-        (Device, Completed), // migration_completion with current_active_state = device
-        (PostcopyActive, Completed), // migration_completion in postcopy
-        (Active, Colo),      // migrate_start_colo_process, seed 004 l.2942
-        (Device, Colo),      // QEMU 10.1 COLO fix
-        (Colo, Completed),   // colo failover
-        (Active, Failed),    // migration_detect_error l.2804
-        (Device, Failed),    // migration_completion fail l.2652
-        (PostcopyActive, Failed), // postcopy_start fail l.2507
-        (PostcopyPaused, Failed), // migrate_fd_connect resume failure l.3123
-        (PostcopyActive, PostcopyPaused), // postcopy_pause l.2727
-        (PostcopyRecover, PostcopyPaused), // seed 002: recovery may fail back to paused
-        (PostcopyPaused, PostcopyRecoverSetup), // QEMU 9.1 migrate_prepare
-        (PostcopyRecoverSetup, PostcopyRecover), // QEMU 9.1 migrate_fd_connect
-        (PostcopyRecoverSetup, PostcopyPaused), // QEMU 9.1 migrate_fd_error
-        (PostcopyPaused, PostcopyRecover), // migrate_fd_connect l.3131, postcopy_try_recover l.484
-        (PostcopyRecover, PostcopyActive), // migrate_handle_rp_resume_ack l.2129
-        (Setup, Cancelling), // migrate_fd_cancel l.1421 ...
+        // migrate_init, seed 004 l.1533
+        (None, Setup),
+        // process_incoming_migration_co, seed 004 l.394
+        (None, Active),
+        // migration_thread, seed 004 l.3021
+        (Setup, Active),
+        // qemu_savevm_wait_unplug (wait_unplug_sem, seed 000)
+        (Setup, WaitUnplug),
+        // qemu_savevm_wait_unplug
+        (WaitUnplug, Active),
+        // migrate_fd_error, seed 004 l.1396
+        (Setup, Failed),
+        // migration_maybe_pause, seed 004 l.2548
+        (Active, PreSwitchover),
+        // migration_maybe_pause via migration_completion, l.2551
+        (PreSwitchover, Device),
+        // migration_maybe_pause via postcopy_start, l.2551
+        (PreSwitchover, PostcopyActive),
+        // QEMU 10.0 "always set DEVICE state"
+        (Active, Device),
+        // QEMU 10.0 postcopy_start
+        (Device, PostcopyActive),
+        // postcopy_start, seed 004 l.2361
+        (Active, PostcopyActive),
+        // migration_completion l.2627, process_incoming_migration_bh l.378
+        (Active, Completed),
+        // migration_completion with current_active_state = device
+        (Device, Completed),
+        // migration_completion in postcopy
+        (PostcopyActive, Completed),
+        // migrate_start_colo_process, seed 004 l.2942
+        (Active, Colo),
+        // QEMU 10.1 COLO fix
+        (Device, Colo),
+        // colo failover
+        (Colo, Completed),
+        // migration_detect_error l.2804
+        (Active, Failed),
+        // migration_completion fail l.2652
+        (Device, Failed),
+        // postcopy_start fail l.2507
+        (PostcopyActive, Failed),
+        // migrate_fd_connect resume failure l.3123
+        (PostcopyPaused, Failed),
+        // postcopy_pause l.2727
+        (PostcopyActive, PostcopyPaused),
+        // seed 002: recovery may fail back to paused
+        (PostcopyRecover, PostcopyPaused),
+        // QEMU 9.1 migrate_prepare
+        (PostcopyPaused, PostcopyRecoverSetup),
+        // QEMU 9.1 migrate_fd_connect
+        (PostcopyRecoverSetup, PostcopyRecover),
+        // QEMU 9.1 migrate_fd_error
+        (PostcopyRecoverSetup, PostcopyPaused),
+        // migrate_fd_connect l.3131, postcopy_try_recover l.484
+        (PostcopyPaused, PostcopyRecover),
+        // migrate_handle_rp_resume_ack l.2129
+        (PostcopyRecover, PostcopyActive),
+        // migrate_fd_cancel l.1421, from every running state but cancelling itself:
+        (Setup, Cancelling),
         (Active, Cancelling),
         (PostcopyActive, Cancelling),
         (PostcopyPaused, Cancelling),
@@ -498,8 +548,9 @@ mod tests {
         (PreSwitchover, Cancelling),
         (Device, Cancelling),
         (WaitUnplug, Cancelling),
-        (Colo, Cancelling),      // ... from every running state but cancelling
-        (Cancelling, Cancelled), // migrate_fd_cleanup l.1371
+        (Colo, Cancelling),
+        // migrate_fd_cleanup l.1371
+        (Cancelling, Cancelled),
     ];
 
     #[test]
@@ -716,6 +767,53 @@ mod tests {
             "migration state changed concurrently: expected 'active', found 'cancelling'"
         );
         assert_eq!(cell.get(), Cancelling);
+    }
+
+    #[test]
+    fn request_cancel_follows_migrate_fd_cancel() {
+        let cell = StateCell::new(PreSwitchover);
+        assert_eq!(cell.request_cancel(), Ok(PreSwitchover));
+        assert_eq!(cell.get(), Cancelling);
+        // Already cancelling: nothing more to do.
+        assert_eq!(cell.request_cancel(), Err(Cancelling));
+        cell.set(Cancelling, Cancelled).unwrap();
+        assert_eq!(cell.request_cancel(), Err(Cancelled));
+        assert_eq!(StateCell::new(None).request_cancel(), Err(None));
+    }
+
+    #[test]
+    fn request_cancel_racing_a_moving_engine_lands_in_cancelling_or_terminal() {
+        for _ in 0..200 {
+            let cell = Arc::new(StateCell::new(Setup));
+            let barrier = Arc::new(Barrier::new(2));
+            let engine = {
+                let cell = Arc::clone(&cell);
+                let barrier = Arc::clone(&barrier);
+                thread::spawn(move || {
+                    barrier.wait();
+                    // Engine walks setup -> active -> device -> completed and
+                    // stops at the first step a cancel beat it to.
+                    for (from, to) in [(Setup, Active), (Active, Device), (Device, Completed)] {
+                        if cell.set(from, to).is_err() {
+                            break;
+                        }
+                    }
+                })
+            };
+            barrier.wait();
+            let cancelled = cell.request_cancel();
+            engine.join().unwrap();
+            match cancelled {
+                Ok(from) => {
+                    assert!(from.is_setup_or_active());
+                    assert_eq!(cell.get(), Cancelling);
+                }
+                Err(state) => {
+                    assert_eq!(state, Completed);
+                    assert_eq!(cell.get(), Completed);
+                }
+            }
+        }
     }
 
     #[test]
