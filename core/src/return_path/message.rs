@@ -321,10 +321,7 @@ mod tests {
         let long: String = "y".repeat(RP_MAX_ID_LEN + 1);
         let mut buf = [0xaau8; 2 * RP_MAX_MESSAGE];
         let cases = [
-            (
-                RpMessage::RecvBitmap { block: "" },
-                RpEncodeError::EmptyId,
-            ),
+            (RpMessage::RecvBitmap { block: "" }, RpEncodeError::EmptyId),
             (
                 RpMessage::ReqPagesId {
                     block: "",

@@ -177,8 +177,14 @@ mod tests {
         assert_eq!(ReqPages.len_rule(), LenRule::Fixed(12));
         assert_eq!(ResumeAck.len_rule(), LenRule::Fixed(4));
         assert_eq!(SwitchoverAck.len_rule(), LenRule::Fixed(0));
-        assert_eq!(ReqPagesId.len_rule(), LenRule::Variable { min: 13, max: 268 });
-        assert_eq!(RecvBitmap.len_rule(), LenRule::Variable { min: 1, max: 256 });
+        assert_eq!(
+            ReqPagesId.len_rule(),
+            LenRule::Variable { min: 13, max: 268 }
+        );
+        assert_eq!(
+            RecvBitmap.len_rule(),
+            LenRule::Variable { min: 1, max: 256 }
+        );
         assert_eq!(RP_MAX_MESSAGE, 272);
         // QEMU's source reads payloads into a 512-byte buffer; every valid
         // message fits it.
