@@ -168,6 +168,8 @@ impl fmt::Display for RpDecodeError {
     }
 }
 
+impl core::error::Error for RpDecodeError {}
+
 /// The page size given to [`RpDecoder::new`] is not a power of two.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvalidPageSize(pub u32);
@@ -177,6 +179,8 @@ impl fmt::Display for InvalidPageSize {
         write!(f, "return path page size {} is not a power of two", self.0)
     }
 }
+
+impl core::error::Error for InvalidPageSize {}
 
 /// A message whose header passed validation and whose payload is arriving.
 #[derive(Clone, Copy, Debug)]
@@ -191,6 +195,24 @@ struct Pending {
 /// caller needs no storage. Create one per return-path connection: after
 /// an error it stays failed, because a framing error leaves no way to find
 /// the next message boundary.
+///
+/// # Example
+///
+/// ```
+/// use livemig_core::return_path::{RpDecoder, RpMessage};
+///
+/// // A PONG and the first half of a REQ_PAGES arrive in one read.
+/// let read = [0, 2, 0, 4, 0, 0, 0, 9, 0, 4, 0, 12, 0, 0];
+/// let mut decoder = RpDecoder::new(4096)?;
+/// let (used, msg) = decoder.decode(&read)?;
+/// assert_eq!((used, msg), (8, Some(RpMessage::Pong(9))));
+/// // The rest of the read is buffered; the message completes later.
+/// assert_eq!(decoder.decode(&read[8..])?, (6, None));
+/// let (used, msg) = decoder.decode(&[0, 0, 0, 0, 0x10, 0, 0, 0, 0x20, 0])?;
+/// assert_eq!((used, msg), (10, Some(RpMessage::ReqPages { start: 0x1000, len: 0x2000 })));
+/// decoder.finish()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct RpDecoder {
     head: [u8; RP_HEADER_LEN],
@@ -872,6 +894,30 @@ mod tests {
         let (n, msg) = dec.decode(&[0xbb, 0xcc, 0xdd, 0]).unwrap();
         assert_eq!((n, msg), (3, Some(RpMessage::Pong(0xaabb_ccdd))));
         assert_eq!(dec.finish(), Ok(()));
+    }
+
+    #[test]
+    fn decoding_stops_at_the_end_of_each_message() {
+        // After RECV_BITMAP QEMU writes the bitmap outside the framing; the
+        // decoder must leave those bytes to the caller however they arrive.
+        let mut bytes = encode(&RpMessage::RecvBitmap { block: "pc.ram" });
+        let end = bytes.len();
+        bytes.extend_from_slice(&[0xff; 16]);
+        let mut dec = RpDecoder::new(PAGE).unwrap();
+        let (n, msg) = dec.decode(&bytes).unwrap();
+        assert_eq!(
+            (n, msg),
+            (end, Some(RpMessage::RecvBitmap { block: "pc.ram" }))
+        );
+        for split in 1..end {
+            let mut dec = RpDecoder::new(PAGE).unwrap();
+            assert_eq!(dec.decode(&bytes[..split]).unwrap(), (split, None));
+            let (n, msg) = dec.decode(&bytes[split..]).unwrap();
+            assert_eq!(
+                (n, msg),
+                (end - split, Some(RpMessage::RecvBitmap { block: "pc.ram" }))
+            );
+        }
     }
 
     #[test]

@@ -117,6 +117,8 @@ impl fmt::Display for RpEncodeError {
     }
 }
 
+impl core::error::Error for RpEncodeError {}
+
 impl RpMessage<'_> {
     /// The wire type of this message.
     pub const fn kind(&self) -> RpMessageType {
