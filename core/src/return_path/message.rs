@@ -1,0 +1,366 @@
+//! Return-path messages: the validated representation and its encoder, plus
+//! the fixed big-endian layouts of the payloads.
+
+use core::fmt;
+
+use zerocopy::byteorder::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::{RESUME_ACK_VALUE, RP_HEADER_LEN, RP_MAX_ID_LEN, RpMessageType};
+
+/// The header in front of every message, as QEMU's
+/// `migrate_send_rp_message` writes it.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct RpHeader {
+    /// Wire type code ([`RpMessageType::code`]).
+    pub(crate) kind: U16,
+    /// Payload length in bytes, header excluded.
+    pub(crate) len: U16,
+}
+
+/// The payload of `SHUT`, `PONG` and `RESUME_ACK`: one big-endian `u32`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct Be32Payload {
+    pub(crate) value: U32,
+}
+
+/// A page range: the whole payload of `REQ_PAGES` and the prefix of
+/// `REQ_PAGES_ID`. Both fields are in bytes, relative to the RAM block.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct PageRange {
+    pub(crate) start: U64,
+    pub(crate) len: U32,
+}
+
+/// One validated return-path message.
+///
+/// A value borrowing a block id is only produced by the decoder after the id
+/// has been checked (1..=255 bytes of UTF-8), so engines can use it directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RpMessage<'a> {
+    /// The destination will send nothing more; `error` says whether it
+    /// stopped because something failed (QEMU sends a non-zero `be32`).
+    Shut {
+        /// The destination hit an error.
+        error: bool,
+    },
+    /// Answer to a ping, echoing the ping's value.
+    Pong(u32),
+    /// Postcopy page request naming the RAM block; later [`RpMessage::ReqPages`]
+    /// refer to the same block.
+    ReqPagesId {
+        /// RAM block id (QEMU's `RAMBlock.idstr`).
+        block: &'a str,
+        /// Byte offset of the first requested page within the block.
+        start: u64,
+        /// Bytes requested, a multiple of the page size.
+        len: u32,
+    },
+    /// Postcopy page request in the block named by the last
+    /// [`RpMessage::ReqPagesId`]; saves resending the id on every fault.
+    ReqPages {
+        /// Byte offset of the first requested page within the block.
+        start: u64,
+        /// Bytes requested, a multiple of the page size.
+        len: u32,
+    },
+    /// Postcopy recovery: the destination's received-pages bitmap of `block`
+    /// follows on the same channel (outside this framing, as in QEMU).
+    RecvBitmap {
+        /// RAM block id the bitmap belongs to.
+        block: &'a str,
+    },
+    /// Postcopy recovery: the destination is ready for the source to resume
+    /// sending. Carries [`RESUME_ACK_VALUE`] on the wire.
+    ResumeAck,
+    /// The destination agrees to the switchover (QEMU's switchover-ack
+    /// capability), e.g. after its devices have loaded their initial state.
+    SwitchoverAck,
+}
+
+/// Why a message could not be encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RpEncodeError {
+    /// The output buffer is shorter than [`RpMessage::encoded_len`].
+    BufferTooSmall {
+        /// Bytes the message needs.
+        needed: usize,
+        /// Bytes the caller provided.
+        available: usize,
+    },
+    /// A block id is empty; no RAM block has an empty id and the decoder
+    /// rejects it.
+    EmptyId,
+    /// A block id is longer than its one-byte length field can say.
+    IdTooLong {
+        /// Length of the id in bytes.
+        len: usize,
+    },
+}
+
+impl fmt::Display for RpEncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::BufferTooSmall { needed, available } => write!(
+                f,
+                "return-path message needs {needed} bytes but the buffer has {available}"
+            ),
+            Self::EmptyId => f.write_str("return-path block id is empty"),
+            Self::IdTooLong { len } => write!(
+                f,
+                "return-path block id is {len} bytes, at most {RP_MAX_ID_LEN} fit"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for RpEncodeError {}
+
+impl RpMessage<'_> {
+    /// The wire type of this message.
+    pub const fn kind(&self) -> RpMessageType {
+        match self {
+            Self::Shut { .. } => RpMessageType::Shut,
+            Self::Pong(_) => RpMessageType::Pong,
+            Self::ReqPagesId { .. } => RpMessageType::ReqPagesId,
+            Self::ReqPages { .. } => RpMessageType::ReqPages,
+            Self::RecvBitmap { .. } => RpMessageType::RecvBitmap,
+            Self::ResumeAck => RpMessageType::ResumeAck,
+            Self::SwitchoverAck => RpMessageType::SwitchoverAck,
+        }
+    }
+
+    /// Payload bytes, header excluded.
+    fn payload_len(&self) -> usize {
+        match self {
+            Self::Shut { .. } | Self::Pong(_) | Self::ResumeAck => size_of::<Be32Payload>(),
+            Self::ReqPages { .. } => size_of::<PageRange>(),
+            Self::ReqPagesId { block, .. } => size_of::<PageRange>() + 1 + block.len(),
+            Self::RecvBitmap { block } => 1 + block.len(),
+            Self::SwitchoverAck => 0,
+        }
+    }
+
+    /// Bytes [`RpMessage::encode`] writes: header plus payload. Never more
+    /// than [`super::RP_MAX_MESSAGE`] for a message that encodes.
+    pub fn encoded_len(&self) -> usize {
+        RP_HEADER_LEN + self.payload_len()
+    }
+
+    /// Writes the message at the start of `out` exactly as QEMU's destination
+    /// would, returning the number of bytes written.
+    ///
+    /// Refuses ids the decoder would reject (empty, over 255 bytes) so a
+    /// livemig destination never sends what a livemig source cannot read.
+    /// Page alignment is the caller's business: the encoder does not know
+    /// the page size. Nothing is written when an error is returned.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, RpEncodeError> {
+        // Only messages carrying an id use this byte; checking the id here
+        // keeps every refusal ahead of the first write.
+        let id_len = match self {
+            Self::ReqPagesId { block, .. } | Self::RecvBitmap { block } => id_len_byte(block)?,
+            _ => 0,
+        };
+        let needed = self.encoded_len();
+        if out.len() < needed {
+            return Err(RpEncodeError::BufferTooSmall {
+                needed,
+                available: out.len(),
+            });
+        }
+        let header = RpHeader {
+            kind: U16::new(self.kind().code()),
+            // Cannot truncate: ids are at most 255 bytes, so payloads are at
+            // most RP_MAX_PAYLOAD (268) bytes.
+            len: U16::new(self.payload_len() as u16),
+        };
+        let mut w = Writer { out, pos: 0 };
+        w.put(header.as_bytes());
+        match *self {
+            Self::Shut { error } => w.put(be32(u32::from(error)).as_bytes()),
+            Self::Pong(value) => w.put(be32(value).as_bytes()),
+            Self::ResumeAck => w.put(be32(RESUME_ACK_VALUE).as_bytes()),
+            Self::ReqPages { start, len } => w.put(range(start, len).as_bytes()),
+            Self::ReqPagesId { block, start, len } => {
+                w.put(range(start, len).as_bytes());
+                w.put(&[id_len]);
+                w.put(block.as_bytes());
+            }
+            Self::RecvBitmap { block } => {
+                w.put(&[id_len]);
+                w.put(block.as_bytes());
+            }
+            Self::SwitchoverAck => {}
+        }
+        Ok(w.pos)
+    }
+}
+
+/// The id length byte for `block`, or why `block` cannot be sent.
+fn id_len_byte(block: &str) -> Result<u8, RpEncodeError> {
+    if block.is_empty() {
+        return Err(RpEncodeError::EmptyId);
+    }
+    u8::try_from(block.len()).map_err(|_| RpEncodeError::IdTooLong { len: block.len() })
+}
+
+fn be32(value: u32) -> Be32Payload {
+    Be32Payload {
+        value: U32::new(value),
+    }
+}
+
+fn range(start: u64, len: u32) -> PageRange {
+    PageRange {
+        start: U64::new(start),
+        len: U32::new(len),
+    }
+}
+
+/// Appends to a buffer already checked to be long enough; copies through
+/// iterators so even a broken length computation cannot index out of bounds.
+struct Writer<'b> {
+    out: &'b mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        let written = self
+            .out
+            .iter_mut()
+            .skip(self.pos)
+            .zip(bytes)
+            .map(|(dst, src)| *dst = *src)
+            .count();
+        self.pos += written;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::return_path::RP_MAX_MESSAGE;
+    use std::string::String;
+
+    fn encode_vec(msg: &RpMessage<'_>) -> std::vec::Vec<u8> {
+        let mut buf = [0u8; RP_MAX_MESSAGE];
+        let n = msg.encode(&mut buf).expect("encodes");
+        assert_eq!(n, msg.encoded_len());
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn req_pages_id_matches_qemu_layout() {
+        // migrate_send_rp_req_pages: be64 start, be32 len, u8 strlen, name
+        // without its NUL; header be16 type 3, be16 length 12 + 1 + 6 = 19.
+        let msg = RpMessage::ReqPagesId {
+            block: "pc.ram",
+            start: 0x2000,
+            len: 0x1000,
+        };
+        assert_eq!(
+            encode_vec(&msg),
+            [
+                0x00, 0x03, 0x00, 0x13, 0, 0, 0, 0, 0, 0, 0x20, 0x00, 0x00, 0x00, 0x10, 0x00, 6,
+                b'p', b'c', b'.', b'r', b'a', b'm'
+            ]
+        );
+    }
+
+    #[test]
+    fn fixed_messages_match_qemu_layout() {
+        assert_eq!(
+            encode_vec(&RpMessage::Shut { error: false }),
+            [0, 1, 0, 4, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            encode_vec(&RpMessage::Shut { error: true }),
+            [0, 1, 0, 4, 0, 0, 0, 1]
+        );
+        assert_eq!(
+            encode_vec(&RpMessage::Pong(0xdead_beef)),
+            [0, 2, 0, 4, 0xde, 0xad, 0xbe, 0xef]
+        );
+        assert_eq!(
+            encode_vec(&RpMessage::ReqPages {
+                start: 0x1_0000_0000,
+                len: 0x20_0000
+            }),
+            [0, 4, 0, 12, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0x20, 0, 0]
+        );
+        assert_eq!(encode_vec(&RpMessage::ResumeAck), [0, 6, 0, 4, 0, 0, 0, 1]);
+        assert_eq!(encode_vec(&RpMessage::SwitchoverAck), [0, 7, 0, 0]);
+    }
+
+    #[test]
+    fn recv_bitmap_counts_length_byte_but_sends_no_nul() {
+        // migrate_send_rp_recv_bitmap: buf[0] = strlen, then the name, and
+        // a message length of strlen + 1 (the length byte, not a NUL).
+        assert_eq!(
+            encode_vec(&RpMessage::RecvBitmap { block: "pc.ram" }),
+            [0, 5, 0, 7, 6, b'p', b'c', b'.', b'r', b'a', b'm']
+        );
+    }
+
+    #[test]
+    fn longest_id_fills_max_message_exactly() {
+        let id: String = "x".repeat(RP_MAX_ID_LEN);
+        let msg = RpMessage::ReqPagesId {
+            block: &id,
+            start: 0,
+            len: 4096,
+        };
+        assert_eq!(msg.encoded_len(), RP_MAX_MESSAGE);
+        assert_eq!(encode_vec(&msg).len(), RP_MAX_MESSAGE);
+    }
+
+    #[test]
+    fn bad_ids_and_short_buffers_are_refused_without_writing() {
+        let long: String = "y".repeat(RP_MAX_ID_LEN + 1);
+        let mut buf = [0xaau8; 2 * RP_MAX_MESSAGE];
+        let cases = [
+            (RpMessage::RecvBitmap { block: "" }, RpEncodeError::EmptyId),
+            (
+                RpMessage::ReqPagesId {
+                    block: "",
+                    start: 0,
+                    len: 4096,
+                },
+                RpEncodeError::EmptyId,
+            ),
+            (
+                RpMessage::RecvBitmap { block: &long },
+                RpEncodeError::IdTooLong { len: 256 },
+            ),
+            (
+                RpMessage::ReqPagesId {
+                    block: &long,
+                    start: 0,
+                    len: 4096,
+                },
+                RpEncodeError::IdTooLong { len: 256 },
+            ),
+        ];
+        for (msg, err) in cases {
+            assert_eq!(msg.encode(&mut buf), Err(err));
+        }
+        assert!(buf.iter().all(|&b| b == 0xaa));
+        let msg = RpMessage::Pong(7);
+        assert_eq!(
+            msg.encode(&mut buf[..7]),
+            Err(RpEncodeError::BufferTooSmall {
+                needed: 8,
+                available: 7
+            })
+        );
+        assert!(buf.iter().all(|&b| b == 0xaa));
+        assert_eq!(
+            std::format!("{}", RpEncodeError::IdTooLong { len: 300 }),
+            "return-path block id is 300 bytes, at most 255 fit"
+        );
+    }
+}
