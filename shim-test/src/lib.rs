@@ -1,1 +1,3 @@
 //! livemig-sim: simulated guest memory, dirty log, link and clock.
+pub mod clock;
+pub mod memory;
