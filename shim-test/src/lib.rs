@@ -1,3 +1,4 @@
 //! livemig-sim: simulated guest memory, dirty log, link and clock.
 pub mod clock;
+pub mod dirty_log;
 pub mod memory;
