@@ -2,3 +2,4 @@
 pub mod clock;
 pub mod dirty_log;
 pub mod memory;
+pub mod workload;
