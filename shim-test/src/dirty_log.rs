@@ -93,23 +93,36 @@ impl fmt::Display for DirtyLogError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DirtyLogError::UnknownBlock { block, blocks } => {
-                write!(f, "dirty log: block index {block} out of range (have {blocks} blocks)")
+                write!(
+                    f,
+                    "dirty log: block index {block} out of range (have {blocks} blocks)"
+                )
             }
             DirtyLogError::PageOutOfRange { block, page, pages } => {
-                write!(f, "dirty log: page {page} out of range for block {block} of {pages} pages")
+                write!(
+                    f,
+                    "dirty log: page {page} out of range for block {block} of {pages} pages"
+                )
             }
             DirtyLogError::BufferTooShort { needed, given } => {
                 write!(f, "dirty log: buffer of {given} words, {needed} needed")
             }
             DirtyLogError::UnalignedFirstPage { first_page } => {
-                write!(f, "dirty log clear: first_page {first_page} is not a multiple of 64")
+                write!(
+                    f,
+                    "dirty log clear: first_page {first_page} is not a multiple of 64"
+                )
             }
             DirtyLogError::UnalignedCount { count } => write!(
                 f,
                 "dirty log clear: count {count} is not a multiple of 64 and does not reach the \
                  end of the block"
             ),
-            DirtyLogError::RangeOutOfBlock { first_page, count, pages } => write!(
+            DirtyLogError::RangeOutOfBlock {
+                first_page,
+                count,
+                pages,
+            } => write!(
                 f,
                 "dirty log clear: pages {first_page}+{count} extend past the block's {pages} pages"
             ),
@@ -164,7 +177,10 @@ impl SimDirtyLog {
         SimDirtyLog {
             slots: blocks
                 .iter()
-                .map(|b| SlotLog { pages: b.pages, words: vec![0; words_for(b.pages)] })
+                .map(|b| SlotLog {
+                    pages: b.pages,
+                    words: vec![0; words_for(b.pages)],
+                })
                 .collect(),
             get_calls: 0,
             clear_calls: 0,
@@ -173,12 +189,17 @@ impl SimDirtyLog {
     }
 
     fn slot(&self, block: usize) -> Result<&SlotLog, DirtyLogError> {
-        self.slots.get(block).ok_or(DirtyLogError::UnknownBlock { block, blocks: self.slots.len() })
+        self.slots.get(block).ok_or(DirtyLogError::UnknownBlock {
+            block,
+            blocks: self.slots.len(),
+        })
     }
 
     fn slot_mut(&mut self, block: usize) -> Result<&mut SlotLog, DirtyLogError> {
         let blocks = self.slots.len();
-        self.slots.get_mut(block).ok_or(DirtyLogError::UnknownBlock { block, blocks })
+        self.slots
+            .get_mut(block)
+            .ok_or(DirtyLogError::UnknownBlock { block, blocks })
     }
 
     /// Number of `u64` words a bitmap of `block` takes: the minimum length
@@ -191,7 +212,11 @@ impl SimDirtyLog {
     pub fn mark(&mut self, block: usize, page: u64) -> Result<(), DirtyLogError> {
         let s = self.slot_mut(block)?;
         if page >= s.pages {
-            return Err(DirtyLogError::PageOutOfRange { block, page, pages: s.pages });
+            return Err(DirtyLogError::PageOutOfRange {
+                block,
+                page,
+                pages: s.pages,
+            });
         }
         s.words[(page / 64) as usize] |= 1 << (page % 64);
         Ok(())
@@ -202,19 +227,32 @@ impl SimDirtyLog {
     pub fn is_dirty(&self, block: usize, page: u64) -> Result<bool, DirtyLogError> {
         let s = self.slot(block)?;
         if page >= s.pages {
-            return Err(DirtyLogError::PageOutOfRange { block, page, pages: s.pages });
+            return Err(DirtyLogError::PageOutOfRange {
+                block,
+                page,
+                pages: s.pages,
+            });
         }
         Ok(s.words[(page / 64) as usize] & (1 << (page % 64)) != 0)
     }
 
     /// Number of dirty pages in `block`.
     pub fn dirty_pages(&self, block: usize) -> Result<u64, DirtyLogError> {
-        Ok(self.slot(block)?.words.iter().map(|w| u64::from(w.count_ones())).sum())
+        Ok(self
+            .slot(block)?
+            .words
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum())
     }
 
     /// Number of dirty pages over all blocks.
     pub fn total_dirty_pages(&self) -> u64 {
-        self.slots.iter().flat_map(|s| &s.words).map(|w| u64::from(w.count_ones())).sum()
+        self.slots
+            .iter()
+            .flat_map(|s| &s.words)
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
     }
 
     /// `KVM_GET_DIRTY_LOG` in manual-protect mode: copies the bitmap of
@@ -225,7 +263,10 @@ impl SimDirtyLog {
         let given = out.len();
         let dst = out
             .get_mut(..s.words.len())
-            .ok_or(DirtyLogError::BufferTooShort { needed: s.words.len(), given })?;
+            .ok_or(DirtyLogError::BufferTooShort {
+                needed: s.words.len(),
+                given,
+            })?;
         dst.copy_from_slice(&s.words);
         self.get_calls += 1;
         Ok(())
@@ -251,15 +292,20 @@ impl SimDirtyLog {
             return Err(DirtyLogError::UnalignedFirstPage { first_page });
         }
         if first_page > s.pages || count > s.pages - first_page {
-            return Err(DirtyLogError::RangeOutOfBlock { first_page, count, pages: s.pages });
+            return Err(DirtyLogError::RangeOutOfBlock {
+                first_page,
+                count,
+                pages: s.pages,
+            });
         }
         if count % 64 != 0 && first_page + count != s.pages {
             return Err(DirtyLogError::UnalignedCount { count });
         }
         let n = words_for(count);
-        let mask = mask
-            .get(..n)
-            .ok_or(DirtyLogError::BufferTooShort { needed: n, given: mask.len() })?;
+        let mask = mask.get(..n).ok_or(DirtyLogError::BufferTooShort {
+            needed: n,
+            given: mask.len(),
+        })?;
         let first_word = (first_page / 64) as usize;
         let mut cleared = 0;
         // Only the last word can be partial; its bits past the end of the
@@ -286,7 +332,10 @@ impl SimDirtyLog {
         let given = out.len();
         let dst = out
             .get_mut(..s.words.len())
-            .ok_or(DirtyLogError::BufferTooShort { needed: s.words.len(), given })?;
+            .ok_or(DirtyLogError::BufferTooShort {
+                needed: s.words.len(),
+                given,
+            })?;
         let mut dirty = 0;
         for (d, w) in dst.iter_mut().zip(&mut s.words) {
             dirty += u64::from(w.count_ones());
@@ -320,7 +369,10 @@ mod tests {
     use super::*;
 
     fn log(pages: u64) -> SimDirtyLog {
-        SimDirtyLog::new(&[BlockSpec::new("ram", pages, 4096), BlockSpec::new("rom", 64, 4096)])
+        SimDirtyLog::new(&[
+            BlockSpec::new("ram", pages, 4096),
+            BlockSpec::new("rom", 64, 4096),
+        ])
     }
 
     #[test]
@@ -329,7 +381,11 @@ mod tests {
         assert_eq!(l.bitmap_words(0).unwrap(), 3);
         let mut out = [0u64; 4];
         l.get(0, &mut out).unwrap();
-        assert_eq!(out, [u64::MAX, u64::MAX, 0b11, 0], "bits past the end stay clear");
+        assert_eq!(
+            out,
+            [u64::MAX, u64::MAX, 0b11, 0],
+            "bits past the end stay clear"
+        );
         assert_eq!(l.dirty_pages(0).unwrap(), 130);
         assert_eq!(l.total_dirty_pages(), 194);
         let l = SimDirtyLog::new_initially_clear(&[BlockSpec::new("ram", 130, 4096)]);
@@ -370,39 +426,74 @@ mod tests {
             l.clear(0, 1, 64, &[1]),
             Err(DirtyLogError::UnalignedFirstPage { first_page: 1 })
         );
-        assert_eq!(l.clear(0, 0, 65, &[1, 1]), Err(DirtyLogError::UnalignedCount { count: 65 }));
+        assert_eq!(
+            l.clear(0, 0, 65, &[1, 1]),
+            Err(DirtyLogError::UnalignedCount { count: 65 })
+        );
         assert_eq!(
             l.clear(0, 128, 64, &[1]),
-            Err(DirtyLogError::RangeOutOfBlock { first_page: 128, count: 64, pages: 130 })
+            Err(DirtyLogError::RangeOutOfBlock {
+                first_page: 128,
+                count: 64,
+                pages: 130
+            })
         );
         assert_eq!(
             l.clear(0, 192, 0, &[]),
-            Err(DirtyLogError::RangeOutOfBlock { first_page: 192, count: 0, pages: 130 })
+            Err(DirtyLogError::RangeOutOfBlock {
+                first_page: 192,
+                count: 0,
+                pages: 130
+            })
         );
         assert_eq!(
             l.clear(0, 0, 128, &[1]),
-            Err(DirtyLogError::BufferTooShort { needed: 2, given: 1 })
+            Err(DirtyLogError::BufferTooShort {
+                needed: 2,
+                given: 1
+            })
         );
-        assert_eq!(l.clear(3, 0, 64, &[1]), Err(DirtyLogError::UnknownBlock { block: 3, blocks: 2 }));
+        assert_eq!(
+            l.clear(3, 0, 64, &[1]),
+            Err(DirtyLogError::UnknownBlock {
+                block: 3,
+                blocks: 2
+            })
+        );
         assert_eq!(l.clear_calls(), 0, "refused clears are not counted");
         // An unaligned count is fine when the range ends at the block end.
         assert_eq!(l.clear(0, 128, 2, &[u64::MAX]).unwrap(), 2);
         assert_eq!(l.clear(0, 0, 130, &[u64::MAX; 3]).unwrap(), 128);
         assert_eq!(l.clear(0, 0, 0, &[]).unwrap(), 0);
         assert_eq!(l.total_dirty_pages(), 64);
-        assert!(l.clear(0, 1, 64, &[1]).unwrap_err().to_string().contains("clear"));
+        assert!(
+            l.clear(0, 1, 64, &[1])
+                .unwrap_err()
+                .to_string()
+                .contains("clear")
+        );
     }
 
     #[test]
     fn get_rejects_short_buffers_and_bad_addresses() {
         let mut l = log(130);
         let mut out = [0u64; 2];
-        assert_eq!(l.get(0, &mut out), Err(DirtyLogError::BufferTooShort { needed: 3, given: 2 }));
+        assert_eq!(
+            l.get(0, &mut out),
+            Err(DirtyLogError::BufferTooShort {
+                needed: 3,
+                given: 2
+            })
+        );
         assert!(l.legacy_get_and_clear(0, &mut out).is_err());
         assert!(l.get(2, &mut out).is_err());
         assert_eq!(
             l.mark(1, 64),
-            Err(DirtyLogError::PageOutOfRange { block: 1, page: 64, pages: 64 })
+            Err(DirtyLogError::PageOutOfRange {
+                block: 1,
+                page: 64,
+                pages: 64
+            })
         );
         assert!(l.is_dirty(1, 64).is_err());
         assert!(l.dirty_pages(7).is_err());
@@ -420,6 +511,9 @@ mod tests {
         l.mark(0, 99).unwrap();
         assert_eq!(l.legacy_get_and_clear(0, &mut out).unwrap(), 1);
         assert_eq!(out, [0, 1 << 35]);
-        assert_eq!((l.get_calls(), l.cleared_pages(), l.clear_calls()), (2, 101, 0));
+        assert_eq!(
+            (l.get_calls(), l.cleared_pages(), l.clear_calls()),
+            (2, 101, 0)
+        );
     }
 }

@@ -168,7 +168,10 @@ impl SimLink {
         if live > 0 {
             let mut data = bytes[..live].to_vec();
             if let Some((at, x)) = self.config.corrupt_at {
-                if let Some(b) = at.checked_sub(self.sent).and_then(|i| data.get_mut(i as usize)) {
+                if let Some(b) = at
+                    .checked_sub(self.sent)
+                    .and_then(|i| data.get_mut(i as usize))
+                {
                     *b ^= x;
                 }
             }
@@ -244,7 +247,9 @@ impl SimLink {
     /// first close.
     pub fn close(&mut self, now_ns: u64) {
         if self.eof_at_ns.is_none() {
-            let t = now_ns.max(self.free_at_ns).saturating_add(self.config.latency_ns);
+            let t = now_ns
+                .max(self.free_at_ns)
+                .saturating_add(self.config.latency_ns);
             self.eof_at_ns = Some(t);
         }
     }
@@ -268,7 +273,9 @@ impl SimLink {
     /// break has crossed the latency.
     pub fn is_reset(&self, now_ns: u64) -> bool {
         self.segments.is_empty()
-            && self.cut.is_some_and(|(_, t)| t.saturating_add(self.config.latency_ns) <= now_ns)
+            && self
+                .cut
+                .is_some_and(|(_, t)| t.saturating_add(self.config.latency_ns) <= now_ns)
     }
 
     /// Bytes accepted by [`send`](Self::send) so far (including stalled
@@ -285,7 +292,11 @@ impl SimLink {
     /// Bytes queued for delivery but not yet received (excludes stalled
     /// bytes, which will never arrive).
     pub fn bytes_in_flight(&self) -> u64 {
-        self.segments.iter().map(|s| s.bytes.len() as u64).sum::<u64>() - self.front_read as u64
+        self.segments
+            .iter()
+            .map(|s| s.bytes.len() as u64)
+            .sum::<u64>()
+            - self.front_read as u64
     }
 
     /// Time at which the link has finished transmitting everything accepted
@@ -371,7 +382,10 @@ mod tests {
 
     #[test]
     fn cut_delivers_prefix_then_errors() {
-        let cfg = LinkConfig { cut_after: Some(10), ..LinkConfig::new(GBPS, 100) };
+        let cfg = LinkConfig {
+            cut_after: Some(10),
+            ..LinkConfig::new(GBPS, 100)
+        };
         let mut l = SimLink::new(cfg);
         assert!(l.send(0, &[1; 6]).is_ok());
         assert!(!l.is_cut());
@@ -380,19 +394,31 @@ mod tests {
         assert_eq!(l.send(0, &[3]), Err(LinkError::Cut { at_byte: 10 }));
         assert_eq!(l.bytes_sent(), 10);
         assert!(!l.is_reset(1_000), "data before the cut comes first");
-        assert_eq!(recv_all(&mut l, 1_000), [[1; 6].as_slice(), &[2; 4]].concat());
+        assert_eq!(
+            recv_all(&mut l, 1_000),
+            [[1; 6].as_slice(), &[2; 4]].concat()
+        );
         assert!(l.is_reset(1_000));
         assert!(!l.is_eof(1_000));
     }
 
     #[test]
     fn cut_exactly_at_a_send_boundary() {
-        let cfg = LinkConfig { cut_after: Some(4), ..LinkConfig::default() };
+        let cfg = LinkConfig {
+            cut_after: Some(4),
+            ..LinkConfig::default()
+        };
         let mut l = SimLink::new(cfg);
-        assert!(l.send(0, &[1; 4]).is_ok(), "reaching the cut is not crossing it");
+        assert!(
+            l.send(0, &[1; 4]).is_ok(),
+            "reaching the cut is not crossing it"
+        );
         assert!(l.send(0, &[]).is_ok());
         assert_eq!(l.send(0, &[1]), Err(LinkError::Cut { at_byte: 4 }));
-        let mut l = SimLink::new(LinkConfig { cut_after: Some(0), ..LinkConfig::default() });
+        let mut l = SimLink::new(LinkConfig {
+            cut_after: Some(0),
+            ..LinkConfig::default()
+        });
         assert_eq!(l.send(0, &[1]), Err(LinkError::Cut { at_byte: 0 }));
         assert_eq!(l.next_arrival_ns(), Some(0));
         assert!(l.is_reset(0));
@@ -411,7 +437,10 @@ mod tests {
 
     #[test]
     fn corrupt_flips_exactly_one_byte() {
-        let cfg = LinkConfig { corrupt_at: Some((5, 0xff)), ..LinkConfig::default() };
+        let cfg = LinkConfig {
+            corrupt_at: Some((5, 0xff)),
+            ..LinkConfig::default()
+        };
         let mut l = SimLink::new(cfg);
         l.send(0, &[0; 4]).unwrap();
         l.send(0, &[0; 4]).unwrap();
@@ -420,9 +449,16 @@ mod tests {
 
     #[test]
     fn stall_swallows_bytes_and_end_of_stream() {
-        let cfg = LinkConfig { stall_after: Some(3), ..LinkConfig::new(1000, 0) };
+        let cfg = LinkConfig {
+            stall_after: Some(3),
+            ..LinkConfig::new(1000, 0)
+        };
         let mut l = SimLink::new(cfg);
-        assert_eq!(l.send(0, &[1, 2, 3, 4, 5]).unwrap(), 5_000_000, "still paced");
+        assert_eq!(
+            l.send(0, &[1, 2, 3, 4, 5]).unwrap(),
+            5_000_000,
+            "still paced"
+        );
         l.close(0);
         assert_eq!(recv_all(&mut l, u64::MAX), vec![1, 2, 3]);
         assert_eq!(l.bytes_sent(), 5);
@@ -450,7 +486,10 @@ mod tests {
     fn duplex_directions_are_independent() {
         let (mut fwd, mut back) = duplex(
             LinkConfig::new(GBPS, 0),
-            LinkConfig { cut_after: Some(0), ..LinkConfig::default() },
+            LinkConfig {
+                cut_after: Some(0),
+                ..LinkConfig::default()
+            },
         );
         assert!(fwd.send(0, b"ram").is_ok());
         assert!(back.send(0, b"pong").is_err());

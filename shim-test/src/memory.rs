@@ -43,7 +43,11 @@ pub struct BlockSpec {
 impl BlockSpec {
     /// A block named `id` of `pages` pages of `page_size` bytes.
     pub fn new(id: impl Into<String>, pages: u64, page_size: usize) -> Self {
-        BlockSpec { id: id.into(), pages, page_size }
+        BlockSpec {
+            id: id.into(),
+            pages,
+            page_size,
+        }
     }
 
     /// Size of the block in bytes (saturating; [`SimRam::new`] rejects
@@ -123,15 +127,28 @@ impl fmt::Display for MemoryError {
                  {MIN_PAGE_SIZE}..={MAX_PAGE_SIZE}"
             ),
             MemoryError::BadPageCount { id, pages } => {
-                write!(f, "RAM block {id:?}: page count {pages} is zero or too large")
+                write!(
+                    f,
+                    "RAM block {id:?}: page count {pages} is zero or too large"
+                )
             }
             MemoryError::UnknownBlock { block, blocks } => {
-                write!(f, "RAM block index {block} out of range (have {blocks} blocks)")
+                write!(
+                    f,
+                    "RAM block index {block} out of range (have {blocks} blocks)"
+                )
             }
             MemoryError::PageOutOfRange { block, page, pages } => {
-                write!(f, "page {page} out of range for RAM block {block} of {pages} pages")
+                write!(
+                    f,
+                    "page {page} out of range for RAM block {block} of {pages} pages"
+                )
             }
-            MemoryError::WriteOutsidePage { offset, len, page_size } => write!(
+            MemoryError::WriteOutsidePage {
+                offset,
+                len,
+                page_size,
+            } => write!(
                 f,
                 "write of {len} bytes at offset {offset} does not fit in a {page_size}-byte page"
             ),
@@ -159,15 +176,22 @@ pub struct FirstDifference {
 
 impl fmt::Display for FirstDifference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "memories first differ at block {:?} page {}", self.block, self.page)
+        write!(
+            f,
+            "memories first differ at block {:?} page {}",
+            self.block, self.page
+        )
     }
 }
+
+/// A page's storage: `None` while the page is all zero.
+type Slot = Option<Box<[u8]>>;
 
 /// One block: its spec and one slot per page (`None` = all zero).
 #[derive(Clone, Debug)]
 struct Block {
     spec: BlockSpec,
-    slots: Vec<Option<Box<[u8]>>>,
+    slots: Vec<Slot>,
 }
 
 /// Sparse guest RAM: named blocks of pages, untouched pages cost nothing.
@@ -195,7 +219,9 @@ impl SimRam {
                 return Err(MemoryError::EmptyBlockId);
             }
             if specs[..i].iter().any(|s| s.id == spec.id) {
-                return Err(MemoryError::DuplicateBlockId { id: spec.id.clone() });
+                return Err(MemoryError::DuplicateBlockId {
+                    id: spec.id.clone(),
+                });
             }
             if !spec.page_size.is_power_of_two()
                 || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&spec.page_size)
@@ -205,17 +231,26 @@ impl SimRam {
                     page_size: spec.page_size,
                 });
             }
-            let slots = usize::try_from(spec.pages).ok().filter(|&n| {
-                n > 0 && spec.pages.checked_mul(spec.page_size as u64).is_some()
-            });
+            let slots = usize::try_from(spec.pages)
+                .ok()
+                .filter(|&n| n > 0 && spec.pages.checked_mul(spec.page_size as u64).is_some());
             let Some(slots) = slots else {
-                return Err(MemoryError::BadPageCount { id: spec.id.clone(), pages: spec.pages });
+                return Err(MemoryError::BadPageCount {
+                    id: spec.id.clone(),
+                    pages: spec.pages,
+                });
             };
             let mut v = Vec::new();
             v.try_reserve_exact(slots)
-                .map_err(|_| MemoryError::BadPageCount { id: spec.id.clone(), pages: spec.pages })?;
+                .map_err(|_| MemoryError::BadPageCount {
+                    id: spec.id.clone(),
+                    pages: spec.pages,
+                })?;
             v.resize(slots, None);
-            blocks.push(Block { spec: spec.clone(), slots: v });
+            blocks.push(Block {
+                spec: spec.clone(),
+                slots: v,
+            });
         }
         Ok(SimRam { blocks, specs })
     }
@@ -239,28 +274,36 @@ impl SimRam {
     /// Number of pages that currently hold a buffer (written at least once
     /// and not dropped back to zero): the simulation's real memory use.
     pub fn present_pages(&self) -> u64 {
-        self.blocks.iter().map(|b| b.slots.iter().filter(|s| s.is_some()).count() as u64).sum()
+        self.blocks
+            .iter()
+            .map(|b| b.slots.iter().filter(|s| s.is_some()).count() as u64)
+            .sum()
     }
 
     fn block(&self, block: usize) -> Result<&Block, MemoryError> {
-        self.blocks
-            .get(block)
-            .ok_or(MemoryError::UnknownBlock { block, blocks: self.blocks.len() })
+        self.blocks.get(block).ok_or(MemoryError::UnknownBlock {
+            block,
+            blocks: self.blocks.len(),
+        })
     }
 
     fn slot_index(b: &Block, block: usize, page: u64) -> Result<usize, MemoryError> {
-        usize::try_from(page).ok().filter(|&i| i < b.slots.len()).ok_or(
-            MemoryError::PageOutOfRange { block, page, pages: b.spec.pages },
-        )
+        usize::try_from(page)
+            .ok()
+            .filter(|&i| i < b.slots.len())
+            .ok_or(MemoryError::PageOutOfRange {
+                block,
+                page,
+                pages: b.spec.pages,
+            })
     }
 
-    fn slot_mut(
-        &mut self,
-        block: usize,
-        page: u64,
-    ) -> Result<(&mut Option<Box<[u8]>>, usize), MemoryError> {
+    fn slot_mut(&mut self, block: usize, page: u64) -> Result<(&mut Slot, usize), MemoryError> {
         let blocks = self.blocks.len();
-        let b = self.blocks.get_mut(block).ok_or(MemoryError::UnknownBlock { block, blocks })?;
+        let b = self
+            .blocks
+            .get_mut(block)
+            .ok_or(MemoryError::UnknownBlock { block, blocks })?;
         let i = Self::slot_index(b, block, page)?;
         let page_size = b.spec.page_size;
         Ok((&mut b.slots[i], page_size))
@@ -299,9 +342,14 @@ impl SimRam {
         bytes: &[u8],
     ) -> Result<(), MemoryError> {
         let (slot, page_size) = self.slot_mut(block, page)?;
-        let end = offset.checked_add(bytes.len()).filter(|&e| e <= page_size).ok_or(
-            MemoryError::WriteOutsidePage { offset, len: bytes.len(), page_size },
-        )?;
+        let end = offset
+            .checked_add(bytes.len())
+            .filter(|&e| e <= page_size)
+            .ok_or(MemoryError::WriteOutsidePage {
+                offset,
+                len: bytes.len(),
+                page_size,
+            })?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -316,7 +364,10 @@ impl SimRam {
     pub fn write_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), MemoryError> {
         let (slot, page_size) = self.slot_mut(block, page)?;
         if data.len() != page_size {
-            return Err(MemoryError::WrongPageLength { len: data.len(), page_size });
+            return Err(MemoryError::WrongPageLength {
+                len: data.len(),
+                page_size,
+            });
         }
         if is_all_zero(data) {
             *slot = None;
@@ -346,7 +397,7 @@ impl SimRam {
     /// ones differ with overwhelming probability (use [`SimRam::diff`] to
     /// locate the difference).
     pub fn digest(&self) -> u64 {
-        self.blocks.iter().fold(DIGEST_SEED, |h, b| Self::digest_block(h, b))
+        self.blocks.iter().fold(DIGEST_SEED, Self::digest_block)
     }
 
     /// The digest of one block alone (same rules as [`SimRam::digest`]).
@@ -372,7 +423,10 @@ impl SimRam {
     pub fn diff(&self, other: &SimRam) -> Option<FirstDifference> {
         for (i, a) in self.blocks.iter().enumerate() {
             let Some(b) = other.blocks.get(i).filter(|b| b.spec.id == a.spec.id) else {
-                return Some(FirstDifference { block: a.spec.id.clone(), page: 0 });
+                return Some(FirstDifference {
+                    block: a.spec.id.clone(),
+                    page: 0,
+                });
             };
             let common = a.slots.len().min(b.slots.len());
             for (page, (x, y)) in a.slots[..common].iter().zip(&b.slots[..common]).enumerate() {
@@ -382,17 +436,26 @@ impl SimRam {
                     (Some(p), Some(q)) => p == q,
                 };
                 if !same {
-                    return Some(FirstDifference { block: a.spec.id.clone(), page: page as u64 });
+                    return Some(FirstDifference {
+                        block: a.spec.id.clone(),
+                        page: page as u64,
+                    });
                 }
             }
             if a.spec != b.spec {
-                return Some(FirstDifference { block: a.spec.id.clone(), page: common as u64 });
+                return Some(FirstDifference {
+                    block: a.spec.id.clone(),
+                    page: common as u64,
+                });
             }
         }
         other
             .blocks
             .get(self.blocks.len())
-            .map(|b| FirstDifference { block: b.spec.id.clone(), page: 0 })
+            .map(|b| FirstDifference {
+                block: b.spec.id.clone(),
+                page: 0,
+            })
     }
 }
 
@@ -416,13 +479,20 @@ fn mix(mut x: u64) -> u64 {
 /// it only has to tell test memories apart.
 fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut lanes = [seed ^ K, seed.rotate_left(16), seed.rotate_left(32) ^ K, !seed];
+    let mut lanes = [
+        seed ^ K,
+        seed.rotate_left(16),
+        seed.rotate_left(32) ^ K,
+        !seed,
+    ];
     let mut blocks = bytes.chunks_exact(32);
     for blk in &mut blocks {
         for (lane, w) in lanes.iter_mut().zip(blk.chunks_exact(8)) {
             let mut word = [0u8; 8];
             word.copy_from_slice(w);
-            *lane = (*lane ^ u64::from_le_bytes(word)).wrapping_mul(K).rotate_left(29);
+            *lane = (*lane ^ u64::from_le_bytes(word))
+                .wrapping_mul(K)
+                .rotate_left(29);
         }
     }
     let mut tail = [0u8; 32];
@@ -442,8 +512,11 @@ mod tests {
     use super::*;
 
     fn ram(pages: u64) -> SimRam {
-        SimRam::new(vec![BlockSpec::new("pc.ram", pages, 4096), BlockSpec::new("vga", 16, 4096)])
-            .unwrap()
+        SimRam::new(vec![
+            BlockSpec::new("pc.ram", pages, 4096),
+            BlockSpec::new("vga", 16, 4096),
+        ])
+        .unwrap()
     }
 
     #[test]
@@ -473,22 +546,43 @@ mod tests {
     #[test]
     fn bad_addresses_are_typed_errors() {
         let mut r = ram(8);
-        assert_eq!(r.page(2, 0), Err(MemoryError::UnknownBlock { block: 2, blocks: 2 }));
+        assert_eq!(
+            r.page(2, 0),
+            Err(MemoryError::UnknownBlock {
+                block: 2,
+                blocks: 2
+            })
+        );
         assert_eq!(
             r.page(0, 8),
-            Err(MemoryError::PageOutOfRange { block: 0, page: 8, pages: 8 })
+            Err(MemoryError::PageOutOfRange {
+                block: 0,
+                page: 8,
+                pages: 8
+            })
         );
         assert_eq!(
             r.write(0, 0, 4095, &[1, 2]),
-            Err(MemoryError::WriteOutsidePage { offset: 4095, len: 2, page_size: 4096 })
+            Err(MemoryError::WriteOutsidePage {
+                offset: 4095,
+                len: 2,
+                page_size: 4096
+            })
         );
         assert_eq!(
             r.write(0, 0, usize::MAX, &[1]),
-            Err(MemoryError::WriteOutsidePage { offset: usize::MAX, len: 1, page_size: 4096 })
+            Err(MemoryError::WriteOutsidePage {
+                offset: usize::MAX,
+                len: 1,
+                page_size: 4096
+            })
         );
         assert_eq!(
             r.write_page(0, 0, &[1; 100]),
-            Err(MemoryError::WrongPageLength { len: 100, page_size: 4096 })
+            Err(MemoryError::WrongPageLength {
+                len: 100,
+                page_size: 4096
+            })
         );
         assert!(r.zero_page(0, u64::MAX).is_err());
         assert!(r.is_zero(5, 0).is_err());
@@ -501,13 +595,22 @@ mod tests {
     #[test]
     fn bad_layouts_are_rejected() {
         let e = |specs| SimRam::new(specs).unwrap_err();
-        assert_eq!(e(vec![BlockSpec::new("", 1, 4096)]), MemoryError::EmptyBlockId);
+        assert_eq!(
+            e(vec![BlockSpec::new("", 1, 4096)]),
+            MemoryError::EmptyBlockId
+        );
         assert!(matches!(
-            e(vec![BlockSpec::new("a", 1, 4096), BlockSpec::new("a", 1, 4096)]),
+            e(vec![
+                BlockSpec::new("a", 1, 4096),
+                BlockSpec::new("a", 1, 4096)
+            ]),
             MemoryError::DuplicateBlockId { .. }
         ));
         for ps in [0, 3000, 32, MAX_PAGE_SIZE * 2] {
-            assert!(matches!(e(vec![BlockSpec::new("a", 1, ps)]), MemoryError::BadPageSize { .. }));
+            assert!(matches!(
+                e(vec![BlockSpec::new("a", 1, ps)]),
+                MemoryError::BadPageSize { .. }
+            ));
         }
         for pages in [0, u64::MAX / 2] {
             assert!(matches!(
@@ -571,12 +674,30 @@ mod tests {
         b.write(1, 3, 0, &[7]).unwrap();
         a.write(0, 41, 0, &[7]).unwrap();
         let d = a.diff(&b).unwrap();
-        assert_eq!(d, FirstDifference { block: "pc.ram".into(), page: 41 });
+        assert_eq!(
+            d,
+            FirstDifference {
+                block: "pc.ram".into(),
+                page: 41
+            }
+        );
         assert!(d.to_string().contains("41"));
         let c = SimRam::new(vec![BlockSpec::new("pc.ram", 64, 4096)]).unwrap();
-        assert_eq!(c.diff(&ram(64)), Some(FirstDifference { block: "vga".into(), page: 0 }));
+        assert_eq!(
+            c.diff(&ram(64)),
+            Some(FirstDifference {
+                block: "vga".into(),
+                page: 0
+            })
+        );
         let small = SimRam::new(vec![BlockSpec::new("pc.ram", 32, 4096)]).unwrap();
-        assert_eq!(small.diff(&c), Some(FirstDifference { block: "pc.ram".into(), page: 32 }));
+        assert_eq!(
+            small.diff(&c),
+            Some(FirstDifference {
+                block: "pc.ram".into(),
+                page: 32
+            })
+        );
     }
 
     #[test]

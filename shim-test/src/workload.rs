@@ -64,10 +64,16 @@ impl fmt::Display for WorkloadError {
                 set.pages, set.first_page, set.block, block_pages
             ),
             WorkloadError::BackwardsInterval { from_ns, to_ns } => {
-                write!(f, "workload interval ends at {to_ns} ns, before its start {from_ns} ns")
+                write!(
+                    f,
+                    "workload interval ends at {to_ns} ns, before its start {from_ns} ns"
+                )
             }
             WorkloadError::TooManyPages { requested, total } => {
-                write!(f, "cannot fill {requested} pages of a memory of {total} pages")
+                write!(
+                    f,
+                    "cannot fill {requested} pages of a memory of {total} pages"
+                )
             }
             WorkloadError::Memory(e) => write!(f, "workload write: {e}"),
             WorkloadError::DirtyLog(e) => write!(f, "workload dirty-log mark: {e}"),
@@ -128,7 +134,10 @@ impl Stamp {
             w.copy_from_slice(page.get(i..i + 8)?);
             Some(u64::from_le_bytes(w))
         };
-        let stamp = Stamp { page: word(0)?, generation: word(8)? };
+        let stamp = Stamp {
+            page: word(0)?,
+            generation: word(8)?,
+        };
         (stamp.generation != 0).then_some(stamp)
     }
 }
@@ -160,7 +169,10 @@ impl Workload {
         let spec = ram.blocks().get(set.block);
         let block_pages = spec.map_or(0, |s| s.pages);
         let fits = set.pages > 0
-            && set.first_page.checked_add(set.pages).is_some_and(|end| end <= block_pages);
+            && set
+                .first_page
+                .checked_add(set.pages)
+                .is_some_and(|end| end <= block_pages);
         let (true, Some(spec)) = (fits, spec) else {
             return Err(WorkloadError::BadWorkingSet { set, block_pages });
         };
@@ -253,19 +265,31 @@ pub fn fill(
 ) -> Result<u64, WorkloadError> {
     let total = ram.total_pages();
     if pages > total {
-        return Err(WorkloadError::TooManyPages { requested: pages, total });
+        return Err(WorkloadError::TooManyPages {
+            requested: pages,
+            total,
+        });
     }
-    let layout: Vec<(u64, usize)> = ram.blocks().iter().map(|b| (b.pages, b.page_size)).collect();
+    let layout: Vec<(u64, usize)> = ram
+        .blocks()
+        .iter()
+        .map(|b| (b.pages, b.page_size))
+        .collect();
     let mut buf = Vec::new();
     let (mut block, mut block_start) = (0usize, 0u64);
     for k in 0..pages {
         // Evenly spaced, strictly increasing global page numbers (< total).
         let global = (u128::from(k) * u128::from(total) / u128::from(pages)) as u64;
-        while let Some(&(n, _)) = layout.get(block).filter(|&&(n, _)| global >= block_start + n) {
+        while let Some(&(n, _)) = layout
+            .get(block)
+            .filter(|&&(n, _)| global >= block_start + n)
+        {
             block_start += n;
             block += 1;
         }
-        let Some(&(_, page_size)) = layout.get(block) else { break };
+        let Some(&(_, page_size)) = layout.get(block) else {
+            break;
+        };
         let page = global - block_start;
         buf.resize(page_size, 0);
         fastrand::Rng::with_seed(splitmix(seed ^ splitmix(global))).fill(&mut buf);
@@ -282,13 +306,20 @@ mod tests {
     use crate::memory::BlockSpec;
 
     fn world(pages: u64) -> (SimRam, SimDirtyLog) {
-        let ram = SimRam::new(vec![BlockSpec::new("ram", pages, 4096), BlockSpec::new("b", 10, 4096)])
-            .unwrap();
+        let ram = SimRam::new(vec![
+            BlockSpec::new("ram", pages, 4096),
+            BlockSpec::new("b", 10, 4096),
+        ])
+        .unwrap();
         let log = SimDirtyLog::new_initially_clear(ram.blocks());
         (ram, log)
     }
 
-    const SET: WorkingSet = WorkingSet { block: 0, first_page: 100, pages: 50 };
+    const SET: WorkingSet = WorkingSet {
+        block: 0,
+        first_page: 100,
+        pages: 50,
+    };
 
     #[test]
     fn long_run_rate_is_exact_whatever_the_intervals() {
@@ -305,7 +336,11 @@ mod tests {
         assert_eq!(per_step.iter().sum::<u64>(), 30);
         assert!(per_step.iter().all(|&n| n <= 1));
         // A gap (vCPUs stopped) is simply not advanced over.
-        assert_eq!(w.advance(&mut ram, &mut log, 20_000_000_000, 21_000_000_000).unwrap(), 3);
+        assert_eq!(
+            w.advance(&mut ram, &mut log, 20_000_000_000, 21_000_000_000)
+                .unwrap(),
+            3
+        );
     }
 
     #[test]
@@ -324,7 +359,10 @@ mod tests {
             }
         }
         assert_eq!(newest, 1000);
-        assert!(log.dirty_pages(0).unwrap() > 40, "1000 writes cover most of 50 pages");
+        assert!(
+            log.dirty_pages(0).unwrap() > 40,
+            "1000 writes cover most of 50 pages"
+        );
         assert_eq!(log.dirty_pages(1).unwrap(), 0);
     }
 
@@ -343,8 +381,17 @@ mod tests {
     #[test]
     fn pages_are_not_identical_beyond_the_stamp() {
         let (mut ram, mut log) = world(1000);
-        let mut w = Workload::new(&ram, WorkingSet { block: 0, first_page: 0, pages: 2 }, 1000, 3)
-            .unwrap();
+        let mut w = Workload::new(
+            &ram,
+            WorkingSet {
+                block: 0,
+                first_page: 0,
+                pages: 2,
+            },
+            1000,
+            3,
+        )
+        .unwrap();
         w.advance(&mut ram, &mut log, 0, 1_000_000_000).unwrap();
         let (a, b) = (ram.page(0, 0).unwrap(), ram.page(0, 1).unwrap());
         assert_ne!(a[16..], b[16..]);
@@ -354,10 +401,26 @@ mod tests {
     fn bad_sets_and_intervals_are_typed_errors() {
         let (mut ram, mut log) = world(1000);
         for set in [
-            WorkingSet { block: 0, first_page: 990, pages: 11 },
-            WorkingSet { block: 0, first_page: 0, pages: 0 },
-            WorkingSet { block: 2, first_page: 0, pages: 1 },
-            WorkingSet { block: 0, first_page: u64::MAX, pages: 2 },
+            WorkingSet {
+                block: 0,
+                first_page: 990,
+                pages: 11,
+            },
+            WorkingSet {
+                block: 0,
+                first_page: 0,
+                pages: 0,
+            },
+            WorkingSet {
+                block: 2,
+                first_page: 0,
+                pages: 1,
+            },
+            WorkingSet {
+                block: 0,
+                first_page: u64::MAX,
+                pages: 2,
+            },
         ] {
             let e = Workload::new(&ram, set, 1, 0).unwrap_err();
             assert!(matches!(e, WorkloadError::BadWorkingSet { .. }), "{e}");
@@ -365,11 +428,16 @@ mod tests {
         let mut w = Workload::new(&ram, SET, 1, 0).unwrap();
         assert_eq!(
             w.advance(&mut ram, &mut log, 5, 4),
-            Err(WorkloadError::BackwardsInterval { from_ns: 5, to_ns: 4 })
+            Err(WorkloadError::BackwardsInterval {
+                from_ns: 5,
+                to_ns: 4
+            })
         );
         // A log for another layout is reported, not a panic.
         let mut small = SimDirtyLog::new(&[BlockSpec::new("x", 1, 4096)]);
-        let e = w.advance(&mut ram, &mut small, 0, 1_000_000_000).unwrap_err();
+        let e = w
+            .advance(&mut ram, &mut small, 0, 1_000_000_000)
+            .unwrap_err();
         assert!(matches!(e, WorkloadError::DirtyLog(_)), "{e}");
     }
 
@@ -380,7 +448,13 @@ mod tests {
         let mut p = [0u8; 16];
         p[8] = 2;
         p[0] = 9;
-        assert_eq!(Stamp::read(&p), Some(Stamp { page: 9, generation: 2 }));
+        assert_eq!(
+            Stamp::read(&p),
+            Some(Stamp {
+                page: 9,
+                generation: 2
+            })
+        );
     }
 
     #[test]
@@ -392,7 +466,10 @@ mod tests {
         assert_eq!(a.diff(&b), None);
         assert_eq!(a.present_pages(), 101);
         assert_eq!(la.total_dirty_pages(), 101);
-        assert!(!a.is_zero(0, 0).unwrap() && !a.is_zero(1, 0).unwrap(), "spread over blocks");
+        assert!(
+            !a.is_zero(0, 0).unwrap() && !a.is_zero(1, 0).unwrap(),
+            "spread over blocks"
+        );
         let (mut c, mut lc) = world(1000);
         fill(&mut c, &mut lc, 101, 10).unwrap();
         assert_ne!(a.digest(), c.digest());
@@ -400,7 +477,10 @@ mod tests {
         assert_eq!(c.present_pages(), 1010);
         assert_eq!(
             fill(&mut c, &mut lc, 1011, 1),
-            Err(WorkloadError::TooManyPages { requested: 1011, total: 1010 })
+            Err(WorkloadError::TooManyPages {
+                requested: 1011,
+                total: 1010
+            })
         );
     }
 }
