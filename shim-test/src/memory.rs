@@ -2,13 +2,13 @@
 //!
 //! A simulated guest may be 4 GiB while a test touches a few megabytes of it,
 //! and the whole migration must run in milliseconds. [`SimRam`] therefore
-//! stores only pages that have been written: every block is a vector of
-//! optional page buffers (one 16-byte slot per page, so a 4 GiB block costs
-//! 16 MiB of slots that the allocator hands out zeroed and untouched), an
-//! absent page reads as the shared static zero page, and "is this page zero"
-//! is a single slot check for absent pages. Direct indexing keeps a scan of
-//! an idle 4 GiB guest (1 Mi `is_zero` calls) cheap, where a hash map would
-//! hash every lookup.
+//! stores only pages that have been written, in a two-level page table per
+//! block: a vector of optional leaves, each leaf 512 optional page buffers.
+//! An idle 4 GiB block is 2048 empty leaf pointers (16 KiB), an absent page
+//! reads as the shared static zero page, and "is this page zero" is one or
+//! two pointer checks for absent pages. Direct indexing keeps a scan of an
+//! idle 4 GiB guest (1 Mi `is_zero` calls) cheap, where a hash map would
+//! hash every lookup, and digests and diffs skip empty leaves whole.
 //!
 //! Blocks are addressed by their position in [`SimRam::blocks`] (the order
 //! the RAM block list is sent in), which is what the engines carry on the
@@ -187,11 +187,59 @@ impl fmt::Display for FirstDifference {
 /// A page's storage: `None` while the page is all zero.
 type Slot = Option<Box<[u8]>>;
 
-/// One block: its spec and one slot per page (`None` = all zero).
+/// Pages per leaf of a block's page table: 512 slots (8 KiB) cover 2 MiB of
+/// 4 KiB pages, so an idle 4 GiB block needs only 2048 empty leaf pointers.
+const LEAF_PAGES: usize = 512;
+
+/// One block: its spec and a two-level page table. A leaf is allocated on
+/// the first write of a nonzero page in its range; an absent leaf means all
+/// its pages are zero.
 #[derive(Clone, Debug)]
 struct Block {
     spec: BlockSpec,
-    slots: Vec<Slot>,
+    leaves: Vec<Option<Box<[Slot]>>>,
+}
+
+impl Block {
+    /// The slot of page `i` (already bounds-checked), `None` if its leaf
+    /// was never allocated.
+    fn slot(&self, i: usize) -> Option<&Slot> {
+        self.leaves[i / LEAF_PAGES]
+            .as_ref()
+            .map(|l| &l[i % LEAF_PAGES])
+    }
+
+    /// The slot of page `i` (already bounds-checked), allocating its leaf.
+    fn slot_mut(&mut self, i: usize) -> &mut Slot {
+        let leaf = self.leaves[i / LEAF_PAGES]
+            .get_or_insert_with(|| std::iter::repeat_with(|| None).take(LEAF_PAGES).collect());
+        &mut leaf[i % LEAF_PAGES]
+    }
+
+    /// The slot of page `i` if its leaf exists, without allocating.
+    fn existing_slot_mut(&mut self, i: usize) -> Option<&mut Slot> {
+        self.leaves[i / LEAF_PAGES]
+            .as_mut()
+            .map(|l| &mut l[i % LEAF_PAGES])
+    }
+
+    /// Every present page buffer with its page index, in page order.
+    fn present(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.leaves.iter().enumerate().flat_map(|(li, leaf)| {
+            leaf.iter().flat_map(move |l| {
+                l.iter().enumerate().filter_map(move |(o, s)| {
+                    s.as_deref().map(|p| ((li * LEAF_PAGES + o) as u64, p))
+                })
+            })
+        })
+    }
+
+    /// Page `i` reads as zero (already bounds-checked).
+    fn is_zero(&self, i: usize) -> bool {
+        self.slot(i)
+            .and_then(|s| s.as_deref())
+            .is_none_or(is_all_zero)
+    }
 }
 
 /// Sparse guest RAM: named blocks of pages, untouched pages cost nothing.
@@ -231,25 +279,21 @@ impl SimRam {
                     page_size: spec.page_size,
                 });
             }
-            let slots = usize::try_from(spec.pages)
-                .ok()
-                .filter(|&n| n > 0 && spec.pages.checked_mul(spec.page_size as u64).is_some());
-            let Some(slots) = slots else {
-                return Err(MemoryError::BadPageCount {
-                    id: spec.id.clone(),
-                    pages: spec.pages,
-                });
+            let bad_count = || MemoryError::BadPageCount {
+                id: spec.id.clone(),
+                pages: spec.pages,
             };
+            if spec.pages == 0 || spec.pages.checked_mul(spec.page_size as u64).is_none() {
+                return Err(bad_count());
+            }
+            let leaves =
+                usize::try_from(spec.pages.div_ceil(LEAF_PAGES as u64)).map_err(|_| bad_count())?;
             let mut v = Vec::new();
-            v.try_reserve_exact(slots)
-                .map_err(|_| MemoryError::BadPageCount {
-                    id: spec.id.clone(),
-                    pages: spec.pages,
-                })?;
-            v.resize(slots, None);
+            v.try_reserve_exact(leaves).map_err(|_| bad_count())?;
+            v.resize(leaves, None);
             blocks.push(Block {
                 spec: spec.clone(),
-                slots: v,
+                leaves: v,
             });
         }
         Ok(SimRam { blocks, specs })
@@ -274,10 +318,7 @@ impl SimRam {
     /// Number of pages that currently hold a buffer (written at least once
     /// and not dropped back to zero): the simulation's real memory use.
     pub fn present_pages(&self) -> u64 {
-        self.blocks
-            .iter()
-            .map(|b| b.slots.iter().filter(|s| s.is_some()).count() as u64)
-            .sum()
+        self.blocks.iter().map(|b| b.present().count() as u64).sum()
     }
 
     fn block(&self, block: usize) -> Result<&Block, MemoryError> {
@@ -287,48 +328,39 @@ impl SimRam {
         })
     }
 
-    fn slot_index(b: &Block, block: usize, page: u64) -> Result<usize, MemoryError> {
-        usize::try_from(page)
-            .ok()
-            .filter(|&i| i < b.slots.len())
-            .ok_or(MemoryError::PageOutOfRange {
+    /// The block and the page's index in it, bounds-checked.
+    fn locate(&self, block: usize, page: u64) -> Result<(&Block, usize), MemoryError> {
+        let b = self.block(block)?;
+        if page >= b.spec.pages {
+            return Err(MemoryError::PageOutOfRange {
                 block,
                 page,
                 pages: b.spec.pages,
-            })
+            });
+        }
+        // pages <= leaves * LEAF_PAGES, which fits usize (checked in new()).
+        Ok((b, page as usize))
     }
 
-    fn slot_mut(&mut self, block: usize, page: u64) -> Result<(&mut Slot, usize), MemoryError> {
-        let blocks = self.blocks.len();
-        let b = self
-            .blocks
-            .get_mut(block)
-            .ok_or(MemoryError::UnknownBlock { block, blocks })?;
-        let i = Self::slot_index(b, block, page)?;
-        let page_size = b.spec.page_size;
-        Ok((&mut b.slots[i], page_size))
+    fn locate_mut(&mut self, block: usize, page: u64) -> Result<(&mut Block, usize), MemoryError> {
+        self.locate(block, page)?;
+        Ok((&mut self.blocks[block], page as usize))
     }
 
     /// The contents of page `page` of block `block`: its buffer, or the
     /// shared zero page if it was never written.
     pub fn page(&self, block: usize, page: u64) -> Result<&[u8], MemoryError> {
-        let b = self.block(block)?;
-        let i = Self::slot_index(b, block, page)?;
-        Ok(match &b.slots[i] {
-            Some(p) => p,
-            None => &ZERO_PAGE[..b.spec.page_size],
-        })
+        let (b, i) = self.locate(block, page)?;
+        Ok(b.slot(i)
+            .and_then(|s| s.as_deref())
+            .unwrap_or(&ZERO_PAGE[..b.spec.page_size]))
     }
 
     /// Whether the page reads as all zero. Constant time for pages never
     /// written; a `memcmp` against the zero page for present ones.
     pub fn is_zero(&self, block: usize, page: u64) -> Result<bool, MemoryError> {
-        let b = self.block(block)?;
-        let i = Self::slot_index(b, block, page)?;
-        Ok(match &b.slots[i] {
-            Some(p) => is_all_zero(p),
-            None => true,
-        })
+        let (b, i) = self.locate(block, page)?;
+        Ok(b.is_zero(i))
     }
 
     /// Writes `bytes` at `offset` inside one page, as a guest store would.
@@ -341,7 +373,8 @@ impl SimRam {
         offset: usize,
         bytes: &[u8],
     ) -> Result<(), MemoryError> {
-        let (slot, page_size) = self.slot_mut(block, page)?;
+        let (b, i) = self.locate_mut(block, page)?;
+        let page_size = b.spec.page_size;
         let end = offset
             .checked_add(bytes.len())
             .filter(|&e| e <= page_size)
@@ -353,7 +386,9 @@ impl SimRam {
         if bytes.is_empty() {
             return Ok(());
         }
-        let p = slot.get_or_insert_with(|| vec![0u8; page_size].into_boxed_slice());
+        let p = b
+            .slot_mut(i)
+            .get_or_insert_with(|| vec![0u8; page_size].into_boxed_slice());
         p[offset..end].copy_from_slice(bytes);
         Ok(())
     }
@@ -362,7 +397,8 @@ impl SimRam {
     /// received page. All-zero data drops the page back to absent so the
     /// destination's memory stays as sparse as the source's.
     pub fn write_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let (slot, page_size) = self.slot_mut(block, page)?;
+        let (b, i) = self.locate_mut(block, page)?;
+        let page_size = b.spec.page_size;
         if data.len() != page_size {
             return Err(MemoryError::WrongPageLength {
                 len: data.len(),
@@ -370,12 +406,14 @@ impl SimRam {
             });
         }
         if is_all_zero(data) {
-            *slot = None;
-        } else {
-            match slot {
-                Some(p) => p.copy_from_slice(data),
-                None => *slot = Some(data.into()),
+            if let Some(slot) = b.existing_slot_mut(i) {
+                *slot = None;
             }
+            return Ok(());
+        }
+        match b.slot_mut(i) {
+            Some(p) => p.copy_from_slice(data),
+            slot @ None => *slot = Some(data.into()),
         }
         Ok(())
     }
@@ -383,8 +421,10 @@ impl SimRam {
     /// Makes a page all zero and frees its buffer (a received zero page, or
     /// a discarded one).
     pub fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MemoryError> {
-        let (slot, _) = self.slot_mut(block, page)?;
-        *slot = None;
+        let (b, i) = self.locate_mut(block, page)?;
+        if let Some(slot) = b.existing_slot_mut(i) {
+            *slot = None;
+        }
         Ok(())
     }
 
@@ -408,18 +448,17 @@ impl SimRam {
     /// Chains the nonzero pages of `b` into `h`.
     fn digest_block(mut h: u64, b: &Block) -> u64 {
         let id = hash_bytes(DIGEST_SEED, b.spec.id.as_bytes());
-        for (i, p) in b.slots.iter().enumerate() {
-            if let Some(p) = p {
-                if !is_all_zero(p) {
-                    h = mix(h ^ id ^ mix(i as u64) ^ hash_bytes(i as u64, p).rotate_left(17));
-                }
+        for (i, p) in b.present() {
+            if !is_all_zero(p) {
+                h = mix(h ^ id ^ mix(i) ^ hash_bytes(i, p).rotate_left(17));
             }
         }
         h
     }
 
     /// Where `self` and `other` first differ (block order, then page
-    /// order), or `None` if layouts and contents are identical.
+    /// order), or `None` if layouts and contents are identical. Skips
+    /// ranges where both sides have no leaf, so it costs what was written.
     pub fn diff(&self, other: &SimRam) -> Option<FirstDifference> {
         for (i, a) in self.blocks.iter().enumerate() {
             let Some(b) = other.blocks.get(i).filter(|b| b.spec.id == a.spec.id) else {
@@ -428,18 +467,23 @@ impl SimRam {
                     page: 0,
                 });
             };
-            let common = a.slots.len().min(b.slots.len());
-            for (page, (x, y)) in a.slots[..common].iter().zip(&b.slots[..common]).enumerate() {
-                let same = match (x, y) {
-                    (None, None) => true,
-                    (Some(p), None) | (None, Some(p)) => is_all_zero(p),
-                    (Some(p), Some(q)) => p == q,
-                };
-                if !same {
-                    return Some(FirstDifference {
-                        block: a.spec.id.clone(),
-                        page: page as u64,
-                    });
+            let common = a.spec.pages.min(b.spec.pages) as usize;
+            for (li, (la, lb)) in a.leaves.iter().zip(&b.leaves).enumerate() {
+                if la.is_none() && lb.is_none() {
+                    continue;
+                }
+                let start = li * LEAF_PAGES;
+                for page in start..(start + LEAF_PAGES).min(common) {
+                    let same = match (a.slot(page).and_then(|s| s.as_deref()), b.slot(page)) {
+                        (Some(p), Some(Some(q))) => p == &q[..],
+                        _ => a.is_zero(page) && b.is_zero(page),
+                    };
+                    if !same {
+                        return Some(FirstDifference {
+                            block: a.spec.id.clone(),
+                            page: page as u64,
+                        });
+                    }
                 }
             }
             if a.spec != b.spec {
@@ -698,6 +742,47 @@ mod tests {
                 page: 32
             })
         );
+    }
+
+    #[test]
+    fn leaf_edges_and_partial_last_leaf() {
+        let mut a = SimRam::new(vec![BlockSpec::new("r", 1000, 4096)]).unwrap();
+        let mut b = a.clone();
+        for p in [0, 511, 512, 999] {
+            a.write(0, p, 0, &p.to_le_bytes()).unwrap();
+            b.write(0, p, 8, &[1]).unwrap();
+            b.write(0, p, 8, &[0]).unwrap();
+            b.write(0, p, 0, &p.to_le_bytes()).unwrap();
+        }
+        assert_eq!(a.diff(&b), None);
+        assert_eq!(a.digest(), b.digest());
+        assert_eq!(a.present_pages(), 4);
+        b.write(0, 512, 4095, &[1]).unwrap();
+        assert_eq!(
+            a.diff(&b),
+            Some(FirstDifference {
+                block: "r".into(),
+                page: 512
+            })
+        );
+        b.zero_page(0, 512).unwrap();
+        assert_eq!(
+            b.diff(&a),
+            Some(FirstDifference {
+                block: "r".into(),
+                page: 512
+            })
+        );
+        // Zero data into a never-touched leaf allocates nothing.
+        let mut c = SimRam::new(vec![BlockSpec::new("r", 1000, 4096)]).unwrap();
+        c.write_page(0, 700, &[0; 4096]).unwrap();
+        c.zero_page(0, 900).unwrap();
+        assert!(
+            c.blocks
+                .iter()
+                .all(|b| b.leaves.iter().all(Option::is_none))
+        );
+        assert_eq!(c.page(0, 999).unwrap().len(), 4096);
     }
 
     #[test]
