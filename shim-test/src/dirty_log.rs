@@ -516,4 +516,51 @@ mod tests {
             (2, 101, 0)
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PAGES: u64 = 300;
+
+        proptest! {
+            /// Any sequence of marks and valid clears keeps the bitmap equal
+            /// to a per-page boolean model, and clear reports exactly the
+            /// pages it turned clean.
+            #[test]
+            fn matches_a_boolean_model(
+                ops in proptest::collection::vec(
+                    (any::<bool>(), 0..PAGES, 0..6u64, proptest::collection::vec(any::<u64>(), 5)),
+                    0..100,
+                ),
+            ) {
+                let mut log = SimDirtyLog::new(&[BlockSpec::new("m", PAGES, 4096)]);
+                let mut model = vec![true; PAGES as usize];
+                for (is_mark, page, words, mask) in ops {
+                    if is_mark {
+                        log.mark(0, page).unwrap();
+                        model[page as usize] = true;
+                        continue;
+                    }
+                    let first = page / 64 * 64;
+                    let count = (words * 64).min(PAGES - first);
+                    let mut expect = 0;
+                    for p in first..first + count {
+                        let i = (p - first) as usize;
+                        if mask[i / 64] & (1 << (i % 64)) != 0 && model[p as usize] {
+                            model[p as usize] = false;
+                            expect += 1;
+                        }
+                    }
+                    prop_assert_eq!(log.clear(0, first, count, &mask).unwrap(), expect);
+                }
+                let mut out = vec![0u64; 5];
+                log.get(0, &mut out).unwrap();
+                for (p, &dirty) in model.iter().enumerate() {
+                    prop_assert_eq!(out[p / 64] & (1 << (p % 64)) != 0, dirty, "page {}", p);
+                }
+                prop_assert_eq!(out[4] >> (PAGES % 64), 0, "no bit past the end");
+            }
+        }
+    }
 }

@@ -228,17 +228,25 @@ impl SimLink {
         self.config.stall_after.is_some_and(|s| self.sent >= s)
     }
 
-    /// The next time at which [`recv`](Self::recv), [`is_eof`](Self::is_eof)
-    /// or [`is_reset`](Self::is_reset) would report something new, if any:
-    /// where a harness should move its clock when it has nothing else to do.
+    /// Arrival time of the next bytes [`recv`](Self::recv) will return, if
+    /// any are on their way: where a harness moves its clock when it has
+    /// nothing else to do. Stalled bytes never arrive and are not counted.
     pub fn next_arrival_ns(&self) -> Option<u64> {
-        if let Some(s) = self.segments.front() {
-            return Some(s.arrival_ns);
+        self.segments.front().map(|s| s.arrival_ns)
+    }
+
+    /// When the receiver will see the stream end, once that is decided: the
+    /// arrival of a clean close ([`is_eof`](Self::is_eof)) or of a cut
+    /// ([`is_reset`](Self::is_reset)); `None` while the stream is open or if
+    /// a stall swallows the close. Kept apart from
+    /// [`next_arrival_ns`](Self::next_arrival_ns) because it stays the same
+    /// after the end has been seen: a harness stops waiting on a link once
+    /// it has handled its end, instead of spinning on a past deadline.
+    pub fn end_at_ns(&self) -> Option<u64> {
+        match self.cut {
+            Some((_, at)) => Some(at.saturating_add(self.config.latency_ns)),
+            None => self.eof_at_ns.filter(|_| !self.stalled()),
         }
-        if let Some((_, at)) = self.cut {
-            return Some(at.saturating_add(self.config.latency_ns));
-        }
-        self.eof_at_ns.filter(|_| !self.stalled())
     }
 
     /// Ends the stream cleanly at `now_ns` (a socket shutdown for writing).
@@ -420,7 +428,8 @@ mod tests {
             ..LinkConfig::default()
         });
         assert_eq!(l.send(0, &[1]), Err(LinkError::Cut { at_byte: 0 }));
-        assert_eq!(l.next_arrival_ns(), Some(0));
+        assert_eq!(l.next_arrival_ns(), None);
+        assert_eq!(l.end_at_ns(), Some(0));
         assert!(l.is_reset(0));
     }
 
@@ -428,7 +437,9 @@ mod tests {
     fn cut_now_at_a_chosen_time() {
         let mut l = SimLink::new(LinkConfig::new(GBPS, 10));
         l.send(0, &[1; 100]).unwrap();
+        assert_eq!(l.end_at_ns(), None);
         l.cut_now(50);
+        assert_eq!(l.end_at_ns(), Some(110));
         assert_eq!(l.send(60, &[1]), Err(LinkError::Cut { at_byte: 100 }));
         assert!(!l.is_reset(109));
         assert_eq!(recv_all(&mut l, 110).len(), 100);
@@ -464,6 +475,7 @@ mod tests {
         assert_eq!(l.bytes_sent(), 5);
         assert_eq!(l.bytes_in_flight(), 0);
         assert_eq!(l.next_arrival_ns(), None);
+        assert_eq!(l.end_at_ns(), None, "the close is swallowed too");
         assert!(!l.is_eof(u64::MAX) && !l.is_reset(u64::MAX));
     }
 
@@ -475,8 +487,9 @@ mod tests {
         l.close(5_000);
         assert_eq!(l.send(20, &[1]), Err(LinkError::Closed));
         assert!(!l.is_eof(2_000), "data not drained yet");
+        assert_eq!(l.end_at_ns(), Some(1_100));
         assert_eq!(recv_all(&mut l, 1_100).len(), 100);
-        assert_eq!(l.next_arrival_ns(), Some(1_100));
+        assert_eq!(l.next_arrival_ns(), None);
         assert!(l.is_eof(1_100));
         assert!(!l.is_reset(u64::MAX));
         assert!(LinkError::Closed.to_string().contains("closed"));
@@ -496,5 +509,84 @@ mod tests {
         assert_eq!(recv_all(&mut fwd, 3), b"ram");
         assert_eq!(fwd.config().bandwidth_bytes_per_sec, GBPS);
         assert_eq!(back.free_at_ns(), 0);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn config() -> impl Strategy<Value = LinkConfig> {
+            (
+                prop_oneof![Just(0u64), 1..2_000_000_000u64],
+                0..100_000u64,
+                proptest::option::of(0..3000u64),
+                proptest::option::of((0..3000u64, 1..=255u8)),
+                proptest::option::of(0..3000u64),
+            )
+                .prop_map(|(bw, lat, cut_after, corrupt_at, stall_after)| LinkConfig {
+                    bandwidth_bytes_per_sec: bw,
+                    latency_ns: lat,
+                    cut_after,
+                    corrupt_at,
+                    stall_after,
+                })
+        }
+
+        proptest! {
+            /// Whatever the send sizes, receive sizes and times, the
+            /// receiver gets exactly the stream sent, cut at `cut_after`,
+            /// stopped at `stall_after`, with one byte flipped at
+            /// `corrupt_at`; send completion times never go backwards.
+            #[test]
+            fn delivers_the_stream_with_exactly_its_faults(
+                cfg in config(),
+                sends in proptest::collection::vec((0..500usize, 0..10_000u64), 0..20),
+                reads in proptest::collection::vec(1..700usize, 1..20),
+            ) {
+                let mut l = SimLink::new(cfg);
+                let mut stream = Vec::new();
+                let (mut now, mut last_done) = (0u64, 0u64);
+                for (i, (len, gap)) in sends.into_iter().enumerate() {
+                    now += gap;
+                    let bytes: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+                    match l.send(now, &bytes) {
+                        Ok(done) => {
+                            prop_assert!(done >= now && done >= last_done);
+                            last_done = done;
+                            stream.extend_from_slice(&bytes);
+                        }
+                        Err(LinkError::Cut { at_byte }) => {
+                            prop_assert_eq!(Some(at_byte), cfg.cut_after);
+                            let keep = (at_byte as usize).saturating_sub(stream.len());
+                            stream.extend_from_slice(&bytes[..keep.min(len)]);
+                        }
+                        Err(LinkError::Closed) => prop_assert!(false, "never closed"),
+                    }
+                }
+                prop_assert_eq!(l.bytes_sent(), stream.len() as u64);
+                if let Some(s) = cfg.stall_after {
+                    stream.truncate(s as usize);
+                }
+                if let Some((at, x)) = cfg.corrupt_at {
+                    if let Some(b) = stream.get_mut(at as usize) {
+                        *b ^= x;
+                    }
+                }
+                let mut got = Vec::new();
+                let mut t = 0;
+                for (k, n) in reads.iter().cycle().take(10_000).enumerate() {
+                    if got.len() == stream.len() {
+                        break;
+                    }
+                    t = if k % 2 == 0 { t } else { l.next_arrival_ns().unwrap_or(t) };
+                    let mut buf = vec![0; *n];
+                    let r = l.recv(t, &mut buf);
+                    got.extend_from_slice(&buf[..r]);
+                }
+                prop_assert_eq!(&got, &stream);
+                prop_assert_eq!(l.bytes_delivered(), stream.len() as u64);
+                prop_assert_eq!(l.bytes_in_flight(), 0);
+            }
+        }
     }
 }

@@ -805,4 +805,87 @@ mod tests {
         x[39] = 1;
         assert_ne!(h0, hash_bytes(1, &x));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PAGES: u64 = 1100; // crosses two leaf edges, partial last leaf
+        const PS: usize = 64;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Write {
+                page: u64,
+                offset: usize,
+                bytes: Vec<u8>,
+            },
+            WritePage {
+                page: u64,
+                fill: u8,
+            },
+            Zero {
+                page: u64,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (
+                    0..PAGES + 2,
+                    0..PS + 2,
+                    proptest::collection::vec(any::<u8>(), 0..8)
+                )
+                    .prop_map(|(page, offset, bytes)| Op::Write {
+                        page,
+                        offset,
+                        bytes
+                    }),
+                (0..PAGES, prop_oneof![Just(0u8), any::<u8>()])
+                    .prop_map(|(page, fill)| Op::WritePage { page, fill }),
+                (0..PAGES).prop_map(|page| Op::Zero { page }),
+            ]
+        }
+
+        proptest! {
+            /// SimRam behaves like a dense array of pages, and two memories
+            /// with equal contents built different ways compare equal.
+            #[test]
+            fn matches_a_dense_model(ops in proptest::collection::vec(op(), 0..200)) {
+                let spec = vec![BlockSpec::new("m", PAGES, PS)];
+                let mut ram = SimRam::new(spec.clone()).unwrap();
+                let mut model = vec![vec![0u8; PS]; PAGES as usize];
+                for op in ops {
+                    match op {
+                        Op::Write { page, offset, bytes } => {
+                            let ok = page < PAGES && offset + bytes.len() <= PS;
+                            prop_assert_eq!(ram.write(0, page, offset, &bytes).is_ok(), ok);
+                            if ok {
+                                model[page as usize][offset..offset + bytes.len()]
+                                    .copy_from_slice(&bytes);
+                            }
+                        }
+                        Op::WritePage { page, fill } => {
+                            let mut data = vec![fill; PS];
+                            data[0] = fill.wrapping_mul(3);
+                            ram.write_page(0, page, &data).unwrap();
+                            model[page as usize] = data;
+                        }
+                        Op::Zero { page } => {
+                            ram.zero_page(0, page).unwrap();
+                            model[page as usize].fill(0);
+                        }
+                    }
+                }
+                let mut rebuilt = SimRam::new(spec).unwrap();
+                for (p, data) in model.iter().enumerate() {
+                    prop_assert_eq!(ram.page(0, p as u64).unwrap(), &data[..]);
+                    prop_assert_eq!(ram.is_zero(0, p as u64).unwrap(), data.iter().all(|&b| b == 0));
+                    rebuilt.write_page(0, p as u64, data).unwrap();
+                }
+                prop_assert_eq!(ram.diff(&rebuilt), None);
+                prop_assert_eq!(ram.digest(), rebuilt.digest());
+            }
+        }
+    }
 }

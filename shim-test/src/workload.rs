@@ -483,4 +483,40 @@ mod tests {
             })
         );
     }
+
+    mod props {
+        use super::*;
+        use crate::memory::BlockSpec;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Splitting the running time into any intervals gives exactly
+            /// the writes and memory of one long interval.
+            #[test]
+            fn interval_split_does_not_matter(
+                rate in 0..5_000u64,
+                seed in any::<u64>(),
+                mut cuts in proptest::collection::vec(0..100_000_000u64, 0..20),
+            ) {
+                let spec = vec![BlockSpec::new("m", 256, 64)];
+                let set = WorkingSet { block: 0, first_page: 10, pages: 200 };
+                let run = |points: &[u64]| {
+                    let mut ram = SimRam::new(spec.clone()).unwrap();
+                    let mut log = SimDirtyLog::new_initially_clear(&spec);
+                    let mut w = Workload::new(&ram, set, rate, seed).unwrap();
+                    for pair in points.windows(2) {
+                        w.advance(&mut ram, &mut log, pair[0], pair[1]).unwrap();
+                    }
+                    (w.writes(), ram.digest(), log.total_dirty_pages())
+                };
+                cuts.push(0);
+                cuts.push(100_000_000);
+                cuts.sort_unstable();
+                let split = run(&cuts);
+                let whole = run(&[0, 100_000_000]);
+                prop_assert_eq!(split, whole);
+                prop_assert_eq!(whole.0, rate / 10);
+            }
+        }
+    }
 }
