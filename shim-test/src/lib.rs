@@ -72,4 +72,4 @@ pub use clock::SimClock;
 pub use dirty_log::{DirtyLogError, SimDirtyLog};
 pub use link::{LinkConfig, LinkError, SimLink, duplex};
 pub use memory::{BlockSpec, FirstDifference, MAX_PAGE_SIZE, MIN_PAGE_SIZE, MemoryError, SimRam};
-pub use workload::{Stamp, WorkingSet, Workload, WorkloadError, fill};
+pub use workload::{Advance, Fault, Stamp, WorkingSet, Workload, WorkloadError, fill};

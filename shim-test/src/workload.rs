@@ -7,7 +7,10 @@
 //! simulated second, stamping each page and marking the dirty log as KVM
 //! would. The harness calls [`Workload::advance`] for every stretch of
 //! simulated time during which the vCPUs run, and stops calling it once the
-//! source stops them.
+//! source stops them. On a postcopy destination the harness uses
+//! [`Workload::advance_until_fault`] instead: a write to a page that has not
+//! arrived blocks the guest and comes back as a [`Fault`], which the harness
+//! turns into a page request, as the userfaultfd thread does for real.
 //!
 //! Every write stamps the page with a [`Stamp`] (page index and a
 //! generation number that increases with each write) in its first 16 bytes,
@@ -145,7 +148,35 @@ impl Stamp {
 /// Nanoseconds per simulated second.
 const NS_PER_SEC: u128 = 1_000_000_000;
 
+/// A guest write that could not happen because its page is not present
+/// yet: a postcopy page fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fault {
+    /// Block of the missing page.
+    pub block: usize,
+    /// The missing page.
+    pub page: u64,
+    /// Simulated time at which the vCPU touched it and blocked.
+    pub at_ns: u64,
+}
+
+/// What one [`Workload::advance_until_fault`] call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Advance {
+    /// Writes performed.
+    pub writes: u64,
+    /// The write that blocked on a missing page, if one did; the rest of
+    /// the interval was spent blocked.
+    pub fault: Option<Fault>,
+}
+
 /// A seeded guest dirtying a working set at a fixed rate.
+///
+/// The rate is kept in the guest's own running time (the sum of the
+/// intervals it was advanced over, less time blocked on faults): write `k`
+/// happens once the guest has run `k / rate` seconds. Gaps between intervals
+/// (vCPUs stopped) therefore cost no writes, and fractional writes carry
+/// from one interval to the next, so the long-run rate is exact.
 #[derive(Clone, Debug)]
 pub struct Workload {
     set: WorkingSet,
@@ -153,6 +184,10 @@ pub struct Workload {
     seed: u64,
     rng: fastrand::Rng,
     writes: u64,
+    /// Nanoseconds the guest has been running (not stopped, not blocked).
+    ran_ns: u64,
+    /// A page chosen for the next write that faulted: retried first.
+    blocked_on: Option<u64>,
     page_size: usize,
 }
 
@@ -182,6 +217,8 @@ impl Workload {
             seed,
             rng: fastrand::Rng::with_seed(seed),
             writes: 0,
+            ran_ns: 0,
+            blocked_on: None,
             page_size: spec.page_size,
         })
     }
@@ -201,14 +238,19 @@ impl Workload {
         self.writes
     }
 
-    /// Writes due by time `t_ns` since time zero. Taking differences of
-    /// this floor keeps the long-run rate exact whatever the interval sizes
-    /// (fractional writes carry over to the next interval).
+    /// Writes due after running `t_ns`: `floor(rate * t)`, clamped (the
+    /// product fits u128; only a 585-year run at 2^64 pages/s would clamp).
     fn due(&self, t_ns: u64) -> u64 {
-        // rate < 2^64 and t < 2^64, so the product fits u128 and the
-        // quotient (<= rate * 585 years) is clamped rather than truncated.
         let n = u128::from(self.rate_pages_per_sec) * u128::from(t_ns) / NS_PER_SEC;
         u64::try_from(n).unwrap_or(u64::MAX)
+    }
+
+    /// Running time at which write number `k` (from 1) is due:
+    /// `ceil(k / rate)`, the first time at which [`due`](Self::due) reaches
+    /// `k`. Only called for writes that are due, so `rate > 0`.
+    fn due_at(&self, k: u64) -> u64 {
+        let t = (u128::from(k) * NS_PER_SEC).div_ceil(u128::from(self.rate_pages_per_sec.max(1)));
+        u64::try_from(t).unwrap_or(u64::MAX)
     }
 
     /// Runs the guest from `from_ns` to `to_ns`: performs exactly the writes
@@ -221,16 +263,58 @@ impl Workload {
         from_ns: u64,
         to_ns: u64,
     ) -> Result<u64, WorkloadError> {
+        Ok(self
+            .advance_until_fault(ram, log, from_ns, to_ns, |_, _| true)?
+            .writes)
+    }
+
+    /// Like [`advance`](Self::advance), for a guest running on a postcopy
+    /// destination: before each write, `present(block, page)` says whether
+    /// the page has arrived. The first write to a missing page is not
+    /// performed: the guest blocks for the rest of the interval and the
+    /// fault is returned, for the harness to turn into a page request. The
+    /// next call retries the same page first, at its start, and the rate
+    /// resumes from there (time blocked produces no writes, as for a real
+    /// vCPU stuck in a userfaultfd fault).
+    pub fn advance_until_fault(
+        &mut self,
+        ram: &mut SimRam,
+        log: &mut SimDirtyLog,
+        from_ns: u64,
+        to_ns: u64,
+        mut present: impl FnMut(usize, u64) -> bool,
+    ) -> Result<Advance, WorkloadError> {
         if to_ns < from_ns {
             return Err(WorkloadError::BackwardsInterval { from_ns, to_ns });
         }
-        let n = self.due(to_ns) - self.due(from_ns);
+        let start = self.ran_ns;
+        let end = start.saturating_add(to_ns - from_ns);
+        let target = self.due(end);
+        let mut writes = 0;
         // Words of the page past the stamp where the seed-derived word may
         // go; page_size >= 64 (a SimRam rule) so there are at least 5.
         let slots = ((self.page_size - 24) / 8) as u64;
-        for _ in 0..n {
-            let page = self.set.first_page + self.rng.u64(..self.set.pages);
+        while self.writes < target {
+            let page = match self.blocked_on.take() {
+                Some(p) => p,
+                None => self.set.first_page + self.rng.u64(..self.set.pages),
+            };
             let generation = self.writes + 1;
+            if !present(self.set.block, page) {
+                self.blocked_on = Some(page);
+                // Blocked from the moment the write was due until the end.
+                self.ran_ns = self.due_at(generation).clamp(start, end);
+                let at_ns = from_ns + (self.ran_ns - start);
+                let fault = Fault {
+                    block: self.set.block,
+                    page,
+                    at_ns,
+                };
+                return Ok(Advance {
+                    writes,
+                    fault: Some(fault),
+                });
+            }
             let mut stamp = [0u8; 16];
             stamp[..8].copy_from_slice(&page.to_le_bytes());
             stamp[8..].copy_from_slice(&generation.to_le_bytes());
@@ -240,8 +324,13 @@ impl Workload {
             ram.write(self.set.block, page, at, &noise.to_le_bytes())?;
             log.mark(self.set.block, page)?;
             self.writes = generation;
+            writes += 1;
         }
-        Ok(n)
+        self.ran_ns = end;
+        Ok(Advance {
+            writes,
+            fault: None,
+        })
     }
 }
 
@@ -439,6 +528,73 @@ mod tests {
             .advance(&mut ram, &mut small, 0, 1_000_000_000)
             .unwrap_err();
         assert!(matches!(e, WorkloadError::DirtyLog(_)), "{e}");
+    }
+
+    #[test]
+    fn missing_page_blocks_the_guest_until_it_arrives() {
+        let (mut ram, mut log) = world(1000);
+        let mut w = Workload::new(&ram, SET, 10, 4).unwrap();
+        let mut arrived = std::collections::HashSet::new();
+        // Nothing has arrived: the first write, due at 100 ms, faults.
+        let a = w
+            .advance_until_fault(&mut ram, &mut log, 5_000, 1_000_005_000, |_, p| {
+                arrived.contains(&p)
+            })
+            .unwrap();
+        let fault = a.fault.unwrap();
+        assert_eq!((a.writes, fault.block, fault.at_ns), (0, 0, 100_005_000));
+        assert!((100..150).contains(&fault.page));
+        assert_eq!(ram.present_pages(), 0);
+        // Still missing: faults again at once, same page.
+        let again = w
+            .advance_until_fault(&mut ram, &mut log, 2_000_000_000, 2_000_000_001, |_, p| {
+                arrived.contains(&p)
+            })
+            .unwrap();
+        assert_eq!(
+            again.fault,
+            Some(Fault {
+                at_ns: 2_000_000_000,
+                ..fault
+            })
+        );
+        // The page arrives (and, for simplicity, every other one): the
+        // retried write goes first and the rate resumes from the fault.
+        arrived.extend(100..150);
+        let b = w
+            .advance_until_fault(&mut ram, &mut log, 3_000_000_000, 4_000_000_000, |_, p| {
+                arrived.contains(&p)
+            })
+            .unwrap();
+        assert_eq!(
+            b,
+            Advance {
+                writes: 11,
+                fault: None
+            }
+        );
+        let retried = Stamp::read(ram.page(0, fault.page).unwrap()).unwrap();
+        assert_eq!(retried.page, fault.page);
+        // 0.1 s run before the fault + 1 s after: 11 writes; the 2.9 s spent
+        // blocked or stopped wrote nothing.
+        assert_eq!(w.writes(), 11);
+    }
+
+    #[test]
+    fn faults_only_on_missing_pages() {
+        let (mut ram, mut log) = world(1000);
+        let mut w = Workload::new(&ram, SET, 100_000, 8).unwrap();
+        let a = w
+            .advance_until_fault(&mut ram, &mut log, 0, 1_000_000_000, |b, p| {
+                b == 0 && p != 120
+            })
+            .unwrap();
+        let fault = a.fault.unwrap();
+        assert_eq!(fault.page, 120);
+        assert!(a.writes > 0 && a.writes == w.writes());
+        assert!(ram.is_zero(0, 120).unwrap());
+        // The fault happens when the next write is due: one per 10 us.
+        assert_eq!(fault.at_ns, (a.writes + 1) * 10_000);
     }
 
     #[test]
