@@ -113,7 +113,10 @@ impl fmt::Display for DirtyLogError {
                 "dirty-log clear of pages {first_page}+{num_pages} is empty or outside the slot ({slot_pages} pages)"
             ),
             DirtyLogError::MaskTooSmall { needed, given } => {
-                write!(f, "dirty-log clear mask has {given} words, range needs {needed}")
+                write!(
+                    f,
+                    "dirty-log clear mask has {given} words, range needs {needed}"
+                )
             }
             DirtyLogError::NotManualProtect => {
                 f.write_str("dirty-log clear needs manual-protect mode (legacy mode in use)")
@@ -129,7 +132,8 @@ impl std::error::Error for DirtyLogError {}
 /// before any memslot is added. Returns the mode in use.
 pub(crate) fn enable_manual_protect(vm: &VmFd) -> DirtyLogMode {
     let wanted = MANUAL_PROTECT_ENABLE | INITIALLY_SET;
-    let offered = vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    let offered =
+        vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
     if offered < 0 || (offered as u64) & wanted != wanted {
         return DirtyLogMode::Legacy;
     }
@@ -258,7 +262,10 @@ mod tests {
         ));
         assert_eq!(
             validate_clear(1000, 0, 128, 1),
-            Err(DirtyLogError::MaskTooSmall { needed: 2, given: 1 })
+            Err(DirtyLogError::MaskTooSmall {
+                needed: 2,
+                given: 1
+            })
         );
     }
 }

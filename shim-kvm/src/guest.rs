@@ -160,7 +160,11 @@ mod tests {
         assert_eq!(word(1) & (1 << 16), 1 << 16, "a.out kludge flag");
         assert_eq!(u64::from(word(3)), LOAD_ADDR, "header_addr");
         assert_eq!(u64::from(word(4)), LOAD_ADDR, "load_addr");
-        assert_eq!(word(5) as usize, LOAD_ADDR as usize + IMAGE.len(), "load_end");
+        assert_eq!(
+            word(5) as usize,
+            LOAD_ADDR as usize + IMAGE.len(),
+            "load_end"
+        );
         assert_eq!(u64::from(word(7)), ENTRY, "entry");
         assert!(IMAGE.len() <= PAGE_SIZE, "image fits its page");
     }

@@ -10,8 +10,7 @@
 use std::fmt;
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave,
+    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -82,7 +81,10 @@ impl fmt::Display for StateError {
             }
             StateError::BadMagic(m) => write!(f, "vCPU state has bad magic {m:#010x}"),
             StateError::BadVersion(v) => {
-                write!(f, "vCPU state version {v} unsupported (want {STATE_VERSION})")
+                write!(
+                    f,
+                    "vCPU state version {v} unsupported (want {STATE_VERSION})"
+                )
             }
             StateError::LengthMismatch { declared, actual } => write!(
                 f,
@@ -365,7 +367,7 @@ mod tests {
         assert_eq!(back.fpu.xmm[3][7], 9);
         assert_eq!(back.fpu.mxcsr, 0x1f80);
         assert_eq!(back.msrs, vec![(0x10, 12345), (0xC000_0080, 0)]);
-        assert_eq!(back.xsave.unwrap().region[5], 0xdead);
+        assert_eq!(back.xsave.as_ref().unwrap().region[5], 0xdead);
         assert!(back.xcrs.is_none());
         assert_eq!(back.encode(), blob);
     }
@@ -383,10 +385,16 @@ mod tests {
         let blob = sample().encode();
         let mut b = blob.clone();
         b[0] ^= 1;
-        assert!(matches!(VcpuState::decode(&b), Err(StateError::BadMagic(_))));
+        assert!(matches!(
+            VcpuState::decode(&b),
+            Err(StateError::BadMagic(_))
+        ));
         let mut b = blob.clone();
         b[4] = 2;
-        assert_eq!(VcpuState::decode(&b).unwrap_err(), StateError::BadVersion(2));
+        assert_eq!(
+            VcpuState::decode(&b).unwrap_err(),
+            StateError::BadVersion(2)
+        );
         let mut b = blob.clone();
         b.push(0);
         assert!(matches!(

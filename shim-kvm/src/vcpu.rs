@@ -375,7 +375,9 @@ impl Vcpu {
         f: impl FnOnce(&mut VcpuFd) -> Result<T, E>,
     ) -> Result<T, E> {
         let c = lock(&self.shared.control);
-        if c.state != RunState::Parked {
+        // Parked but already resumed (the thread has not woken yet) counts as
+        // running: the registers are about to change.
+        if c.state != RunState::Parked || c.want != Want::Pause {
             return Err(not_paused);
         }
         // Holding `control` keeps the thread parked while we use the fd.
@@ -500,7 +502,8 @@ impl Vcpu {
                 }
             }
             if let Some(x) = &st.events {
-                fd.set_vcpu_events(x).map_err(state_err("set_vcpu_events"))?;
+                fd.set_vcpu_events(x)
+                    .map_err(state_err("set_vcpu_events"))?;
             }
             Ok(())
         })
