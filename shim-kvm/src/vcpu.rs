@@ -223,6 +223,7 @@ pub struct Vcpu {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     msr_indices: Vec<u32>,
+    /// Keeps the memslots' host memory mapped while the vCPU can touch it.
     _ram: Arc<GuestRam>,
 }
 
