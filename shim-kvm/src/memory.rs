@@ -296,7 +296,8 @@ impl GuestRam {
     /// page instead of 4 KiB). Stops at the first non-zero byte.
     pub fn is_zero_page(&self, slot: u32, page: u64) -> Result<bool, MemoryError> {
         let p = self.slot(slot)?.page_ptr(page)?;
-        Ok(page_is_zero(p))
+        // SAFETY: `page_ptr` returned the start of a whole page of the mapping.
+        Ok(unsafe { page_is_zero(p) })
     }
 
     /// A 64-bit digest of all guest memory: every byte is read, all-zero pages
@@ -312,7 +313,8 @@ impl GuestRam {
             for page in 0..slot.pages() {
                 // SAFETY: `page < slot.pages()`, so the page lies inside the mapping.
                 let p = unsafe { slot.host.add(page as usize * PAGE_SIZE) };
-                if page_is_zero(p) {
+                // SAFETY: `p` is the start of a whole page of the mapping.
+                if unsafe { page_is_zero(p) } {
                     continue;
                 }
                 // SAFETY: one whole page inside the mapping into a disjoint
@@ -328,11 +330,15 @@ impl GuestRam {
 /// An all-zero page to compare against.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
-fn page_is_zero(p: *const u8) -> bool {
+/// Whether the page at `p` is all zero.
+///
+/// # Safety
+/// `p` must point to the start of a whole page inside a live mapping.
+unsafe fn page_is_zero(p: *const u8) -> bool {
     // libc's memcmp is vectorised even in debug builds and reads through a raw
     // pointer, which is sound while the guest writes the page (the answer is
     // then just stale, as any read of live memory is).
-    // SAFETY: the caller passes the start of a whole page inside a live
+    // SAFETY: per this function's contract `p` is a whole page inside a live
     // mapping; ZERO_PAGE is a page-sized static.
     unsafe { libc::memcmp(p.cast(), ZERO_PAGE.as_ptr().cast(), PAGE_SIZE) == 0 }
 }
