@@ -1,1 +1,24 @@
 //! livemig-kvm: binds livemig-core to KVM, userfaultfd and sockets.
+//!
+//! This layer is the KVM foundation the migration engine drives:
+//!
+//! - [`memory`]: guest RAM as anonymous mappings, read and written only
+//!   through raw-pointer copies so it is sound while the guest runs; zero-page
+//!   checks and a whole-RAM digest for integrity checks.
+//! - [`vm`] and [`dirty_log`]: the KVM VM with one memslot per GiB, dirty
+//!   logging in manual-protect mode (fetch without re-protecting, then clear
+//!   64-page-aligned chunks with the fetched mask), legacy mode as fallback.
+//! - [`vcpu`]: the vCPU thread, pause/resume for the stop-and-copy, a dirty
+//!   rate throttle, and the register state as a device blob ([`state`]).
+//! - [`guest`]: the demo guest (a multiboot image that stamps and re-checks a
+//!   working set from ring 3) and its parameter block and ports.
+//!
+//! Every `unsafe` block is in `memory`, `dirty_log`, `vm` and `vcpu`, each
+//! with a `// SAFETY:` line.
+
+pub mod dirty_log;
+pub mod guest;
+pub mod memory;
+pub mod state;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,57 @@
+//! Helpers shared by the real-KVM tests.
+
+use std::time::{Duration, Instant};
+
+use livemig_kvm::guest::{self, GuestParams};
+use livemig_kvm::memory::DEFAULT_SLOT_BYTES;
+use livemig_kvm::vcpu::Vcpu;
+use livemig_kvm::vm::Vm;
+
+/// Whether `/dev/kvm` can be used. Without it a test skips loudly, unless
+/// `LIVEMIG_REQUIRE_KVM=1` (CI on KVM hosts), where skipping is a failure.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("LIVEMIG_REQUIRE_KVM").as_deref() != Ok("1"),
+            "LIVEMIG_REQUIRE_KVM=1 but /dev/kvm is not available"
+        );
+        eprintln!("SKIPPED: /dev/kvm not available");
+    }
+    ok
+}
+
+/// A VM with the demo guest loaded and its vCPU parked at the entry point.
+pub fn demo_vm(ram_bytes: u64, params: &GuestParams) -> (Vm, Vcpu) {
+    let vm = Vm::new(ram_bytes, DEFAULT_SLOT_BYTES).expect("create VM");
+    guest::load(vm.ram(), params).expect("load guest");
+    let vcpu = Vcpu::new(&vm).expect("create vCPU");
+    vcpu.setup_boot(guest::ENTRY).expect("boot registers");
+    (vm, vcpu)
+}
+
+/// Polls `cond` until it holds, failing the test (with the vCPU's stop
+/// reason, if any) after `timeout`.
+pub fn wait_for(vcpu: &Vcpu, timeout: Duration, what: &str, cond: impl Fn(&Vcpu) -> bool) {
+    let start = Instant::now();
+    while !cond(vcpu) {
+        if let Some(err) = vcpu.stopped() {
+            panic!("vCPU stopped while waiting for {what}: {err:?}");
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {what}: {:?}",
+            vcpu.stats()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Number of set bits in `words`.
+pub fn count_dirty(words: &[u64]) -> u64 {
+    words.iter().map(|w| u64::from(w.count_ones())).sum()
+}
