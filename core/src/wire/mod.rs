@@ -23,11 +23,15 @@
 
 mod cursor;
 mod decoder;
+#[cfg(test)]
+mod doc_examples;
 mod error;
 mod header;
 mod id;
 mod pages;
 mod record;
+#[cfg(test)]
+mod tests;
 
 pub use decoder::{Decoded, StreamDecoder};
 pub use error::{DecodeError, EncodeError, EofAt, IdError};
