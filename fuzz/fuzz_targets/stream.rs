@@ -1,4 +1,5 @@
+//! libFuzzer target for the main-stream decoder (`cargo fuzz run stream`).
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = data;
+    livemig_fuzz::stream(data);
 });

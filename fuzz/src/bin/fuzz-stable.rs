@@ -26,11 +26,18 @@ struct Target {
 /// Every target. Adding one is one line; an entry point with no validity
 /// verdict fits as `run: |d| { f(d); false }`, one without corpus as
 /// `corpus: Vec::new`.
-const TARGETS: &[Target] = &[Target {
-    name: "return_path",
-    run: livemig_fuzz::return_path_accepts,
-    corpus: livemig_fuzz::return_path_corpus,
-}];
+const TARGETS: &[Target] = &[
+    Target {
+        name: "return_path",
+        run: livemig_fuzz::return_path_accepts,
+        corpus: livemig_fuzz::return_path_corpus,
+    },
+    Target {
+        name: "stream",
+        run: livemig_fuzz::stream_accepts,
+        corpus: livemig_fuzz::stream_corpus,
+    },
+];
 
 /// Longest input generated; return-path messages are at most 272 bytes,
 /// so this covers several messages and over-long headers.

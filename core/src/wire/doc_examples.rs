@@ -1,0 +1,167 @@
+//! Checks that every worked example in `docs/wire-format.md` is exactly what
+//! the encoder produces and that the decoder reads it back.
+//!
+//! Each example in the document is a fenced block after an
+//! `<!-- example: NAME -->` marker; each line is hex bytes, then two spaces
+//! and a comment. A line starting with `(` stands for bytes not shown (page
+//! data), which the test appends itself.
+
+use std::vec::Vec;
+
+use super::*;
+
+const DOC: &str = include_str!("../../../docs/wire-format.md");
+
+/// The bytes of example `name`, with elided lines reported as `true`.
+fn example(name: &str) -> (Vec<u8>, bool) {
+    let marker = std::format!("<!-- example: {name} -->");
+    let start = DOC
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no example {name}"));
+    let mut lines = DOC[start..].lines().skip(1);
+    assert_eq!(
+        lines.next(),
+        Some("```text"),
+        "example {name} must open a text block"
+    );
+    let mut bytes = Vec::new();
+    let mut elided = false;
+    for line in lines.take_while(|l| *l != "```") {
+        if line.starts_with('(') {
+            elided = true;
+            continue;
+        }
+        let hex = line.split("  ").next().unwrap_or_default();
+        for token in hex.split_whitespace() {
+            assert_eq!(token.len(), 2, "example {name}: bad byte {token:?}");
+            bytes.push(u8::from_str_radix(token, 16).unwrap());
+        }
+    }
+    (bytes, elided)
+}
+
+fn encoded(r: &Record<'_>) -> Vec<u8> {
+    let mut out = std::vec![0; r.encoded_len()];
+    assert_eq!(r.encode(&mut out), Ok(out.len()));
+    out
+}
+
+/// Asserts the example is the encoding of `r` and decodes back to `r`.
+fn check(name: &str, r: Record<'_>) {
+    let (bytes, elided) = example(name);
+    assert!(!elided);
+    assert_eq!(bytes, encoded(&r), "example {name}");
+    let mut stream = std::vec![0; STREAM_HEADER_LEN];
+    encode_stream_header(&mut stream).unwrap();
+    stream.extend_from_slice(&bytes);
+    let mut scratch = [0; 64];
+    let mut dec = StreamDecoder::new(&mut scratch);
+    let d = dec.decode(&stream).unwrap();
+    assert_eq!(d.consumed, stream.len());
+    assert_eq!(d.record, Some(r), "example {name}");
+}
+
+#[test]
+fn stream_header() {
+    let mut out = [0; STREAM_HEADER_LEN];
+    assert_eq!(encode_stream_header(&mut out), Ok(8));
+    assert_eq!(example("stream-header"), (out.to_vec(), false));
+}
+
+#[test]
+fn commands() {
+    let ram = BlockId::new("pc.ram").unwrap();
+    check("open-return-path", Record::Command(Command::OpenReturnPath));
+    check("ping", Record::Command(Command::Ping(0x0102_0304)));
+    check(
+        "postcopy-advise",
+        Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 2 << 20,
+        }),
+    );
+    check("postcopy-listen", Record::Command(Command::PostcopyListen));
+    check("postcopy-run", Record::Command(Command::PostcopyRun));
+    let ranges = [
+        PageRange {
+            first: 16,
+            count: 4,
+        },
+        PageRange {
+            first: 256,
+            count: 1,
+        },
+    ];
+    check(
+        "postcopy-ram-discard",
+        Record::Command(Command::PostcopyRamDiscard {
+            block: ram,
+            ranges: DiscardRanges::from_slice(&ranges),
+        }),
+    );
+    check(
+        "recv-bitmap",
+        Record::Command(Command::RecvBitmap { block: ram }),
+    );
+    check("postcopy-resume", Record::Command(Command::PostcopyResume));
+    check(
+        "switchover-start",
+        Record::Command(Command::SwitchoverStart),
+    );
+}
+
+#[test]
+fn ram_blocks() {
+    let blocks = [
+        BlockInfo::new(BlockId::new("pc.ram").unwrap(), 1 << 30, 4096).unwrap(),
+        BlockInfo::new(BlockId::new("vga").unwrap(), 16 << 20, 2 << 20).unwrap(),
+    ];
+    check(
+        "ram-blocks",
+        Record::RamBlocks(BlockList::from_slice(&blocks)),
+    );
+}
+
+#[test]
+fn pages() {
+    let entries = [
+        PageEntry {
+            index: 5,
+            kind: PageKind::Zero,
+        },
+        PageEntry {
+            index: 6,
+            kind: PageKind::Normal,
+        },
+    ];
+    let flags = BatchFlags::END_OF_ITERATION;
+    let (head, elided) = example("pages");
+    assert!(elided);
+    let mut out = [0; 64];
+    let n = encode_page_batch_header(&mut out, 0, 12, flags, &entries).unwrap();
+    assert_eq!(head, &out[..n]);
+    // With the elided page appended it is the whole record.
+    let page: Vec<u8> = (0..4096).map(|i| i as u8).collect();
+    let batch = PageBatch::new(0, 12, flags, &entries, &page).unwrap();
+    assert_eq!([&head[..], &page].concat(), encoded(&Record::Pages(batch)));
+
+    let marker = PageBatch::new(1, 21, flags, &[], &[]).unwrap();
+    check("end-of-iteration", Record::Pages(marker));
+}
+
+#[test]
+fn device_and_package() {
+    let device = Record::Device(DeviceState {
+        id: BlockId::new("cpu0").unwrap(),
+        instance: 0,
+        version: 1,
+        data: &[0xde, 0xad, 0xbe, 0xef],
+    });
+    check("device", device);
+    let inner = encoded(&device);
+    check(
+        "package",
+        Record::Package(Package::from_encoded(&inner).unwrap()),
+    );
+    check("end-of-stream", Record::EndOfStream);
+}
