@@ -24,9 +24,10 @@ use core::sync::atomic::{AtomicU8, Ordering};
 /// The discriminants equal QEMU's `MIGRATION_STATUS_*` values, so the byte
 /// stored in a [`StateCell`] means the same thing as QEMU's `int state`.
 #[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationStatus {
     /// No migration has been started (or the last one was reset).
+    #[default]
     None = 0,
     /// Channels are being connected and devices prepared; no RAM sent yet.
     Setup = 1,

@@ -1,0 +1,75 @@
+//! What a migration is asked to do: capabilities, parameters and limits,
+//! validated together once, before an engine exists.
+
+use crate::capabilities::{self, Capabilities, CapabilityError};
+use crate::params::{ParameterError, Parameters};
+
+/// Bounds on how long precopy may try to converge. QEMU has none and will
+/// iterate forever on a guest that dirties memory faster than the link; an
+/// operator usually prefers a clear "did not converge" and a guest that keeps
+/// running on the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Give up after this many dirty-memory passes without converging.
+    pub max_iterations: Option<u64>,
+    /// Give up after this many milliseconds without converging.
+    pub max_time_ms: Option<u64>,
+}
+
+/// Capabilities, parameters and limits of one migration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MigrationConfig {
+    /// Enabled capabilities, as requested; [`MigrationConfig::validate`]
+    /// returns the effective set (some capabilities imply others).
+    pub capabilities: Capabilities,
+    /// Tunables with QEMU's defaults.
+    pub parameters: Parameters,
+    /// Convergence bounds.
+    pub limits: Limits,
+}
+
+impl Default for MigrationConfig {
+    /// Zero-page detection on (an idle guest is mostly zero pages), every
+    /// other capability off, QEMU's default parameters, no limits.
+    fn default() -> Self {
+        MigrationConfig {
+            capabilities: Capabilities::ZERO_PAGE_DETECTION,
+            parameters: Parameters::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The capability set is inconsistent.
+    Capabilities(CapabilityError),
+    /// A parameter is out of range.
+    Parameter(ParameterError),
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ConfigError::Capabilities(e) => e.fmt(f),
+            ConfigError::Parameter(e) => e.fmt(f),
+        }
+    }
+}
+
+impl core::error::Error for ConfigError {}
+
+impl MigrationConfig {
+    /// Checks the capabilities and parameters together and returns the
+    /// configuration with the effective capability set.
+    pub fn validate(&self) -> Result<MigrationConfig, ConfigError> {
+        let capabilities =
+            capabilities::check(self.capabilities).map_err(ConfigError::Capabilities)?;
+        self.parameters.validate().map_err(ConfigError::Parameter)?;
+        Ok(MigrationConfig {
+            capabilities,
+            ..self.clone()
+        })
+    }
+}

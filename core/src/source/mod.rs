@@ -1,0 +1,970 @@
+//! The source engine: decides what to send, when to sync the dirty log,
+//! when to clear it, and when to stop the guest — without doing any of it.
+//!
+//! # Driving it
+//!
+//! The caller (a VMM shim) owns the socket, the clock, the dirty log and the
+//! vCPUs. It calls [`SourceEngine::start`], then loops:
+//!
+//! 1. [`SourceEngine::poll_action`] until it returns `None`, carrying out
+//!    each [`SourceAction`] *before* polling again (the order matters: a
+//!    [`SourceAction::ClearDirtyLog`] must reach the dirty log before the
+//!    pages of the next [`SourceAction::SendPages`] are read);
+//! 2. report what happened with the `handle_*` methods (dirty log fetched,
+//!    vCPUs stopped, device state written, a return-path message, an I/O
+//!    error, a cancel);
+//! 3. when `poll_action` has nothing to do, sleep until
+//!    [`SourceEngine::poll_timeout`] or the next input.
+//!
+//! The engine counts every byte it asks the caller to send as transferred at
+//! the moment it hands the action out: the caller is expected to write it
+//! before polling again (blocking or buffered), which is what makes the
+//! bandwidth measurement and the rate limit meaningful.
+//!
+//! # The life of a precopy migration
+//!
+//! ```text
+//!  start ─► [setup] header, block list ─► SyncDirtyLog (initially-set log)
+//!        ─► [active] scan dirty pages: ClearDirtyLog? SendPages ... end of pass
+//!                    ─► SyncDirtyLog ─► pending < threshold? ──no──► scan again
+//!                                             │ yes
+//!        ─► StopVcpus ─► [pre-switchover ─► continue ─► device]
+//!        ─► SyncDirtyLog (final) ─► SendPages ... (no rate limit, no clears)
+//!        ─► SaveDevices ─► end of stream ─► (return path: wait for SHUT)
+//!        ─► Finished(completed)
+//! ```
+//! Cancel and failure leave from any running state: the vCPUs are resumed if
+//! they were stopped, the throttle is lifted, and the guest keeps running on
+//! the source.
+
+mod rate;
+mod tracking;
+
+use core::fmt;
+use core::time::Duration;
+
+use crate::capabilities::Capabilities;
+use crate::clear_map::PageRange;
+use crate::config::{ConfigError, MigrationConfig};
+use crate::return_path::RpMessage;
+use crate::state::MigrationStatus;
+use crate::stats::MigrationStats;
+use crate::time::Instant;
+use crate::wire::{self, BatchFlags, BlockInfo, BlockList, Command, PageEntry, PageKind, Record};
+
+pub use rate::SLICE;
+pub use tracking::{BlockTracking, TrackingError};
+
+use rate::RateMeter;
+
+/// Most pages the source puts in one batch: 1 MiB of 4 KiB pages, enough to
+/// amortise a `writev` and a record header, small enough to keep a rate
+/// limit slice fine-grained.
+pub const BATCH_PAGES: usize = 256;
+
+/// Smallest scratch buffer the engine accepts: room for the stream header,
+/// a few commands, a block list of typical size, and a batch header.
+pub const MIN_SCRATCH: usize = 16 * 1024;
+
+/// Reads guest memory on the engine's behalf, for zero-page detection.
+///
+/// Implementations must be sound while the guest runs (the KVM shim reads
+/// with volatile word loads); a torn read is harmless because any page
+/// written after its dirty-log chunk was cleared is sent again.
+pub trait PageReader {
+    /// True when every byte of `page` in block `block` is zero.
+    fn is_zero_page(&self, block: u16, page: u64) -> bool;
+}
+
+/// What the engine asks its caller to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SourceAction<'e> {
+    /// Write these bytes to the main stream.
+    Send(&'e [u8]),
+    /// Write `header`, then the contents of each page in `pages` (in order,
+    /// each one page of block `block`), straight from guest memory.
+    SendPages {
+        /// Record header, batch header and page entries.
+        header: &'e [u8],
+        /// Index of the block in the block list.
+        block: u16,
+        /// Pages whose data follows the header, in order.
+        pages: &'e [u64],
+    },
+    /// Fetch the dirty log of every block *without clearing it*, hand each to
+    /// [`SourceEngine::handle_dirty_log`], then call
+    /// [`SourceEngine::handle_sync_done`]. Keep each fetched log: clears
+    /// use it as their mask.
+    SyncDirtyLog,
+    /// Clear the dirty log for the pages of `range` in block `block` whose
+    /// bits were set in the last fetched log (KVM_CLEAR_DIRTY_LOG with that
+    /// part of the fetched bitmap as its mask). Must happen before the next
+    /// page is read.
+    ClearDirtyLog {
+        /// Index of the block.
+        block: u16,
+        /// The chunk: aligned to the chunk size, clipped to the block.
+        range: PageRange,
+    },
+    /// Throttle the vCPUs to run `percent` % less (auto-converge); zero
+    /// lifts the throttle.
+    SetThrottle {
+        /// Share of time the vCPUs are held back, 0..=99.
+        percent: u8,
+    },
+    /// Stop the vCPUs, then call [`SourceEngine::handle_vcpus_stopped`].
+    StopVcpus,
+    /// Write the device state now, as `Device` records
+    /// ([`wire::encode_device_header`] then the bytes), then call
+    /// [`SourceEngine::handle_devices_sent`].
+    SaveDevices,
+    /// The migration did not complete: restart the vCPUs on the source.
+    ResumeVcpus,
+    /// The migration reached a final state; nothing more will be asked.
+    Finished(MigrationStatus),
+}
+
+/// Errors in how the engine is set up or driven.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceError {
+    /// The configuration is invalid.
+    Config(ConfigError),
+    /// The scratch buffer is smaller than [`MIN_SCRATCH`] or than the
+    /// encoded block list.
+    ScratchTooSmall {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// The block list and the tracking slice differ in length, or there are
+    /// more than 65536 blocks.
+    BlockCountMismatch {
+        /// Blocks in the layout.
+        layout: usize,
+        /// Tracking entries given.
+        tracking: usize,
+    },
+    /// A tracking entry does not match its block (page count or shift).
+    TrackingMismatch {
+        /// Index of the block.
+        block: u16,
+    },
+    /// An input arrived that the engine cannot take in its current step
+    /// (for example a dirty log while no sync was asked for).
+    UnexpectedEvent {
+        /// The input.
+        event: &'static str,
+        /// The engine's state when it arrived.
+        state: MigrationStatus,
+    },
+    /// A block index outside the block list.
+    NoSuchBlock(u16),
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceError::Config(e) => write!(f, "invalid configuration: {e}"),
+            SourceError::ScratchTooSmall { needed, got } => {
+                write!(
+                    f,
+                    "scratch buffer too small: {needed} bytes needed, {got} given"
+                )
+            }
+            SourceError::BlockCountMismatch { layout, tracking } => write!(
+                f,
+                "{layout} RAM blocks but {tracking} tracking entries (at most 65536 blocks)"
+            ),
+            SourceError::TrackingMismatch { block } => {
+                write!(
+                    f,
+                    "tracking for block {block} does not match its size or shift"
+                )
+            }
+            SourceError::UnexpectedEvent { event, state } => {
+                write!(f, "{event} is not expected in state {state}")
+            }
+            SourceError::NoSuchBlock(b) => write!(f, "no RAM block with index {b}"),
+        }
+    }
+}
+
+impl core::error::Error for SourceError {}
+
+/// Where the engine is within its state; each variant says what the next
+/// poll does or what input it waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    NotStarted,
+    SendPreamble,
+    Sync(SyncKind),
+    AwaitSync(SyncKind),
+    Iterate,
+    StopVcpus,
+    AwaitStopped,
+    AwaitContinue,
+    Drain,
+    SaveDevices,
+    AwaitDevices,
+    EndOfStream,
+    AwaitShut,
+    Finish(MigrationStatus),
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SyncKind {
+    /// After the preamble: picks up the initially-set log.
+    Setup,
+    /// During precopy: convergence check.
+    Iteration,
+    /// With the vCPUs stopped: the last one.
+    Final,
+}
+
+/// The page batch being assembled.
+struct Batch {
+    block: usize,
+    entries: [PageEntry; BATCH_PAGES],
+    len: usize,
+    normal: [u64; BATCH_PAGES],
+    normal_len: usize,
+}
+
+impl Batch {
+    const EMPTY_ENTRY: PageEntry = PageEntry {
+        index: 0,
+        kind: PageKind::Zero,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == BATCH_PAGES
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.normal_len = 0;
+    }
+
+    fn push(&mut self, index: u64, zero: bool) {
+        let kind = if zero {
+            PageKind::Zero
+        } else {
+            PageKind::Normal
+        };
+        if let Some(slot) = self.entries.get_mut(self.len) {
+            *slot = PageEntry { index, kind };
+            self.len += 1;
+            if !zero {
+                if let Some(n) = self.normal.get_mut(self.normal_len) {
+                    *n = index;
+                    self.normal_len += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The sans-IO source side of a migration. See the [module docs](self).
+pub struct SourceEngine<'a> {
+    config: MigrationConfig,
+    layout: &'a [BlockInfo<'a>],
+    tracking: &'a mut [BlockTracking<'a>],
+    scratch: &'a mut [u8],
+    state: MigrationStatus,
+    step: Step,
+    cursor_block: usize,
+    cursor_page: u64,
+    batch: Batch,
+    /// Bytes of guest memory marked dirty and not yet sent.
+    remaining_bytes: u64,
+    vcpus_stopped: bool,
+    return_path: bool,
+    switchover_acked: bool,
+    throttle: u8,
+    /// A new throttle was decided and not yet handed out.
+    pending_throttle: bool,
+    high_dirty_rate_count: u8,
+    meter: RateMeter,
+    threshold_bytes: u64,
+    bandwidth_bytes_per_ms: f64,
+    started_at: Instant,
+    now: Instant,
+    stopped_at: Option<Instant>,
+    last_sync_transferred: u64,
+    dirty_period_start: Instant,
+    dirty_period_pages: u64,
+    newly_dirty_this_sync: u64,
+    stats: MigrationStats,
+}
+
+impl<'a> SourceEngine<'a> {
+    /// A source for the RAM `layout`, with per-block `tracking` storage
+    /// (built with [`BlockTracking::new`] using the configuration's
+    /// clear-bitmap-shift) and a `scratch` buffer for encoded records.
+    pub fn new(
+        config: &MigrationConfig,
+        layout: &'a [BlockInfo<'a>],
+        tracking: &'a mut [BlockTracking<'a>],
+        scratch: &'a mut [u8],
+    ) -> Result<Self, SourceError> {
+        let config = config.validate().map_err(SourceError::Config)?;
+        if layout.len() != tracking.len() || layout.len() > usize::from(u16::MAX) + 1 {
+            return Err(SourceError::BlockCountMismatch {
+                layout: layout.len(),
+                tracking: tracking.len(),
+            });
+        }
+        let shift = config.parameters.clear_bitmap_shift;
+        let mut total = 0u64;
+        let mut page_size = 0u64;
+        for (i, (info, t)) in layout.iter().zip(tracking.iter()).enumerate() {
+            let pages = info.length / u64::from(info.page_size);
+            if t.pages != pages
+                || t.clear.shift() != shift
+                || t.page_shift != info.page_size.trailing_zeros() as u8
+            {
+                return Err(SourceError::TrackingMismatch { block: i as u16 });
+            }
+            total = total.saturating_add(info.length);
+            page_size = page_size.max(u64::from(info.page_size));
+        }
+        let preamble = preamble_len(layout);
+        let needed = MIN_SCRATCH.max(preamble);
+        if scratch.len() < needed {
+            return Err(SourceError::ScratchTooSmall {
+                needed,
+                got: scratch.len(),
+            });
+        }
+        let mut stats = MigrationStats::default();
+        stats.ram.total = total;
+        stats.ram.remaining = total;
+        stats.ram.page_size = page_size;
+        stats.expected_downtime_ms = config.parameters.downtime_limit_ms;
+        let return_path = config.capabilities.intersects(
+            Capabilities::RETURN_PATH | Capabilities::POSTCOPY_RAM | Capabilities::SWITCHOVER_ACK,
+        );
+        let meter = RateMeter::new(Instant::ZERO, config.parameters.max_bandwidth);
+        Ok(SourceEngine {
+            config,
+            layout,
+            tracking,
+            scratch,
+            state: MigrationStatus::None,
+            step: Step::NotStarted,
+            cursor_block: 0,
+            cursor_page: 0,
+            batch: Batch {
+                block: 0,
+                entries: [Batch::EMPTY_ENTRY; BATCH_PAGES],
+                len: 0,
+                normal: [0; BATCH_PAGES],
+                normal_len: 0,
+            },
+            remaining_bytes: total,
+            vcpus_stopped: false,
+            return_path,
+            switchover_acked: false,
+            throttle: 0,
+            pending_throttle: false,
+            high_dirty_rate_count: 0,
+            meter,
+            threshold_bytes: 0,
+            bandwidth_bytes_per_ms: 0.0,
+            started_at: Instant::ZERO,
+            now: Instant::ZERO,
+            stopped_at: None,
+            last_sync_transferred: 0,
+            dirty_period_start: Instant::ZERO,
+            dirty_period_pages: 0,
+            newly_dirty_this_sync: 0,
+            stats,
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> MigrationStatus {
+        self.state
+    }
+
+    /// The effective configuration (capabilities implied by others added).
+    pub fn config(&self) -> &MigrationConfig {
+        &self.config
+    }
+
+    /// Statistics as of the last call that carried a `now`.
+    pub fn stats(&self) -> &MigrationStats {
+        &self.stats
+    }
+
+    /// The switchover threshold: bytes the link can carry within the
+    /// downtime limit, from the last measured bandwidth.
+    pub fn threshold_bytes(&self) -> u64 {
+        self.threshold_bytes
+    }
+
+    /// True once the engine has reported [`SourceAction::Finished`].
+    pub fn is_finished(&self) -> bool {
+        self.step == Step::Done
+    }
+
+    /// Begins the migration (none -> setup).
+    pub fn start(&mut self, now: Instant) -> Result<(), SourceError> {
+        if self.step != Step::NotStarted {
+            return Err(self.unexpected("start"));
+        }
+        self.started_at = now;
+        self.now = now;
+        self.meter.restart(now);
+        self.set_state(MigrationStatus::Setup);
+        self.step = Step::SendPreamble;
+        Ok(())
+    }
+
+    /// Hands in the freshly fetched dirty log of block `block` (KVM layout:
+    /// bit `i` of word `w` is page `64 * w + i`). Only valid after a
+    /// [`SourceAction::SyncDirtyLog`].
+    pub fn handle_dirty_log(&mut self, block: u16, log: &[u64]) -> Result<(), SourceError> {
+        if !matches!(self.step, Step::AwaitSync(_)) {
+            return Err(self.unexpected("a dirty log"));
+        }
+        let page_size = self
+            .layout
+            .get(usize::from(block))
+            .map(|b| u64::from(b.page_size))
+            .ok_or(SourceError::NoSuchBlock(block))?;
+        let t = self
+            .tracking
+            .get_mut(usize::from(block))
+            .ok_or(SourceError::NoSuchBlock(block))?;
+        let newly = t.dirty.merge(log);
+        if !self.vcpus_stopped {
+            t.clear.mark_from_log(log);
+        }
+        self.newly_dirty_this_sync += newly;
+        self.remaining_bytes = self.remaining_bytes.saturating_add(newly * page_size);
+        Ok(())
+    }
+
+    /// Every block's dirty log has been handed in.
+    pub fn handle_sync_done(&mut self, now: Instant) -> Result<(), SourceError> {
+        let Step::AwaitSync(kind) = self.step else {
+            return Err(self.unexpected("the end of a dirty-log sync"));
+        };
+        self.advance_clock(now);
+        self.stats.ram.dirty_sync_count += 1;
+        self.account_dirty_rate(now);
+        match kind {
+            SyncKind::Setup => {
+                self.stats.setup_time_ms = (now - self.started_at).as_millis() as u64;
+                self.meter.restart(now);
+                self.set_state(MigrationStatus::Active);
+                self.step = Step::Iterate;
+            }
+            SyncKind::Iteration => {
+                self.auto_converge();
+                self.decide();
+            }
+            SyncKind::Final => self.step = Step::Drain,
+        }
+        self.refresh_stats();
+        Ok(())
+    }
+
+    /// The vCPUs are stopped (after [`SourceAction::StopVcpus`]).
+    pub fn handle_vcpus_stopped(&mut self, now: Instant) -> Result<(), SourceError> {
+        if self.step != Step::AwaitStopped {
+            return Err(self.unexpected("vCPUs stopped"));
+        }
+        self.advance_clock(now);
+        self.vcpus_stopped = true;
+        self.stopped_at = Some(now);
+        if self
+            .config
+            .capabilities
+            .contains(Capabilities::PAUSE_BEFORE_SWITCHOVER)
+        {
+            self.set_state(MigrationStatus::PreSwitchover);
+            self.step = Step::AwaitContinue;
+        } else {
+            self.step = Step::Sync(SyncKind::Final);
+        }
+        Ok(())
+    }
+
+    /// The operator allows the switchover to go on (pre-switchover -> device);
+    /// QMP's `migrate-continue`.
+    pub fn continue_switchover(&mut self, now: Instant) -> Result<(), SourceError> {
+        if self.step != Step::AwaitContinue {
+            return Err(self.unexpected("continue"));
+        }
+        self.advance_clock(now);
+        self.set_state(MigrationStatus::Device);
+        self.step = Step::Sync(SyncKind::Final);
+        Ok(())
+    }
+
+    /// The device state has been written (`bytes` bytes, headers included).
+    pub fn handle_devices_sent(&mut self, now: Instant, bytes: u64) -> Result<(), SourceError> {
+        if self.step != Step::AwaitDevices {
+            return Err(self.unexpected("device state sent"));
+        }
+        self.advance_clock(now);
+        self.count_sent(bytes, 0);
+        self.step = Step::EndOfStream;
+        Ok(())
+    }
+
+    /// A message arrived on the return path.
+    pub fn handle_return_path(
+        &mut self,
+        now: Instant,
+        msg: &RpMessage<'_>,
+    ) -> Result<(), SourceError> {
+        self.advance_clock(now);
+        if self.step == Step::Done {
+            return Ok(());
+        }
+        match msg {
+            RpMessage::Shut { error: false } if self.step == Step::AwaitShut => {
+                self.finish(MigrationStatus::Completed);
+            }
+            RpMessage::Shut { error } => {
+                let why = if *error {
+                    "the destination failed to load the stream"
+                } else {
+                    "the destination closed the return path before the end of the stream"
+                };
+                self.fail(format_args!("{why}"));
+            }
+            RpMessage::Pong(_) => {}
+            RpMessage::SwitchoverAck => self.switchover_acked = true,
+            RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. } => {
+                self.fail(format_args!(
+                    "the destination requested pages but postcopy is not active"
+                ));
+            }
+            RpMessage::RecvBitmap { .. } | RpMessage::ResumeAck => {
+                self.fail(format_args!(
+                    "the destination sent a recovery message but no recovery is in progress"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The main stream or the return path failed; `reason` becomes the
+    /// error description. The guest keeps running on the source.
+    pub fn handle_io_error(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
+        self.advance_clock(now);
+        self.fail(reason);
+    }
+
+    /// Cancels the migration (QMP's `migrate_cancel`). Does nothing once
+    /// the migration has finished.
+    pub fn cancel(&mut self, now: Instant) {
+        self.advance_clock(now);
+        if self.state.is_running() && !matches!(self.step, Step::Finish(_) | Step::Done) {
+            self.set_state(MigrationStatus::Cancelling);
+            self.batch.clear();
+            self.step = Step::Finish(MigrationStatus::Cancelled);
+        }
+    }
+
+    /// When the engine next wants to be polled even if nothing else
+    /// happens: the end of a rate-limited slice, or the convergence
+    /// deadline.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let deadline = match (self.step, self.config.limits.max_time_ms) {
+            (Step::Iterate | Step::AwaitSync(SyncKind::Iteration), Some(ms)) => {
+                Some(self.started_at + Duration::from_millis(ms))
+            }
+            _ => None,
+        };
+        let slice =
+            (self.step == Step::Iterate && self.meter.exhausted()).then(|| self.meter.slice_end());
+        match (deadline, slice) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next thing to do, if any. See [`SourceAction`] for each.
+    pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
+        self.advance_clock(now);
+        if self.step == Step::Iterate && self.time_limit_exceeded() {
+            self.fail_not_converged();
+        }
+        match self.step {
+            Step::NotStarted
+            | Step::AwaitSync(_)
+            | Step::AwaitStopped
+            | Step::AwaitContinue
+            | Step::AwaitDevices
+            | Step::AwaitShut
+            | Step::Done => None,
+            Step::SendPreamble => {
+                self.step = Step::Sync(SyncKind::Setup);
+                let len = self.encode_preamble();
+                self.count_sent(len as u64, 0);
+                Some(SourceAction::Send(&self.scratch[..len]))
+            }
+            Step::Sync(kind) => Some(self.begin_sync(kind)),
+            Step::Iterate => self.next_pages(ram, true),
+            Step::Drain => self.next_pages(ram, false),
+            Step::StopVcpus => {
+                self.step = Step::AwaitStopped;
+                Some(SourceAction::StopVcpus)
+            }
+            Step::SaveDevices => {
+                self.step = Step::AwaitDevices;
+                Some(SourceAction::SaveDevices)
+            }
+            Step::EndOfStream => {
+                let len = Record::EndOfStream.encode(self.scratch).unwrap_or(0);
+                self.count_sent(len as u64, 0);
+                self.step = if self.return_path {
+                    Step::AwaitShut
+                } else {
+                    Step::Finish(MigrationStatus::Completed)
+                };
+                Some(SourceAction::Send(&self.scratch[..len]))
+            }
+            Step::Finish(status) => Some(self.finish_step(status)),
+        }
+    }
+
+    // ---- internals ------------------------------------------------------
+
+    fn begin_sync(&mut self, kind: SyncKind) -> SourceAction<'static> {
+        self.step = Step::AwaitSync(kind);
+        self.newly_dirty_this_sync = 0;
+        SourceAction::SyncDirtyLog
+    }
+
+    fn unexpected(&self, event: &'static str) -> SourceError {
+        SourceError::UnexpectedEvent {
+            event,
+            state: self.state,
+        }
+    }
+
+    /// Moves to `to` if the transition table allows it. The engine only
+    /// asks for legal transitions; an illegal one is ignored rather than
+    /// panicking, and the table's tests guard the list.
+    fn set_state(&mut self, to: MigrationStatus) {
+        if let Ok(next) = self.state.transition(to) {
+            self.state = next;
+            self.stats.status = next;
+        }
+    }
+
+    fn advance_clock(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+        if let Some(slice) = self.meter.tick(self.now) {
+            self.bandwidth_bytes_per_ms = slice.bytes_per_ms;
+            self.stats.ram.mbps = slice.mbps;
+            self.stats.ram.pages_per_second = slice.pages_per_second;
+            self.update_threshold();
+            if self.stats.ram.dirty_pages_rate > 0
+                && slice.bytes > 10_000
+                && slice.bytes_per_ms > 0.0
+            {
+                self.stats.expected_downtime_ms =
+                    (self.remaining_bytes as f64 / slice.bytes_per_ms) as u64;
+            }
+        }
+        if !matches!(self.step, Step::Done) && self.state != MigrationStatus::None {
+            self.stats.total_time_ms = (self.now - self.started_at).as_millis() as u64;
+        }
+    }
+
+    fn update_threshold(&mut self) {
+        let avail = self.config.parameters.avail_switchover_bandwidth;
+        let bytes_per_ms = if avail > 0 {
+            avail as f64 / 1000.0
+        } else {
+            self.bandwidth_bytes_per_ms
+        };
+        self.threshold_bytes =
+            (bytes_per_ms * self.config.parameters.downtime_limit_ms as f64) as u64;
+    }
+
+    fn count_sent(&mut self, bytes: u64, pages: u64) {
+        self.stats.ram.transferred = self.stats.ram.transferred.saturating_add(bytes);
+        self.meter.record(bytes, pages);
+    }
+
+    fn refresh_stats(&mut self) {
+        self.stats.ram.remaining = self.remaining_bytes;
+    }
+
+    fn account_dirty_rate(&mut self, now: Instant) {
+        self.dirty_period_pages += self.newly_dirty_this_sync;
+        let elapsed = now - self.dirty_period_start;
+        if elapsed >= Duration::from_millis(100) {
+            self.stats.ram.dirty_pages_rate =
+                (self.dirty_period_pages as f64 * 1e9 / elapsed.as_nanos() as f64) as u64;
+            self.dirty_period_start = now;
+            self.dirty_period_pages = 0;
+        }
+    }
+
+    /// The seeds' auto-converge trigger: when the guest dirtied more than
+    /// half of what was sent since the last sync, twice in a row, throttle
+    /// it harder.
+    fn auto_converge(&mut self) {
+        let transferred = self.stats.ram.transferred;
+        let sent_period = transferred - self.last_sync_transferred;
+        let page_size = self.stats.ram.page_size.max(1);
+        let dirtied_period = self.newly_dirty_this_sync.saturating_mul(page_size);
+        self.last_sync_transferred = transferred;
+        if !self
+            .config
+            .capabilities
+            .contains(Capabilities::AUTO_CONVERGE)
+        {
+            return;
+        }
+        if dirtied_period > sent_period / 2 {
+            self.high_dirty_rate_count += 1;
+            if self.high_dirty_rate_count >= 2 {
+                self.high_dirty_rate_count = 0;
+                let p = &self.config.parameters;
+                self.throttle = if self.throttle == 0 {
+                    p.cpu_throttle_initial
+                } else {
+                    self.throttle
+                        .saturating_add(p.cpu_throttle_increment)
+                        .min(p.max_cpu_throttle)
+                };
+                self.pending_throttle = true;
+            }
+        }
+    }
+
+    /// After an iteration sync: complete, give up, or go on.
+    fn decide(&mut self) {
+        let converged = self.remaining_bytes == 0 || self.remaining_bytes < self.threshold_bytes;
+        let acked = self.switchover_acked
+            || !self
+                .config
+                .capabilities
+                .contains(Capabilities::SWITCHOVER_ACK);
+        if converged && acked {
+            self.step = Step::StopVcpus;
+        } else if self.iteration_limit_exceeded() || self.time_limit_exceeded() {
+            self.fail_not_converged();
+        } else {
+            self.step = Step::Iterate;
+        }
+    }
+
+    fn iteration_limit_exceeded(&self) -> bool {
+        self.config
+            .limits
+            .max_iterations
+            .is_some_and(|max| self.stats.iterations >= max)
+    }
+
+    fn time_limit_exceeded(&self) -> bool {
+        self.config
+            .limits
+            .max_time_ms
+            .is_some_and(|ms| self.now - self.started_at >= Duration::from_millis(ms))
+    }
+
+    fn fail_not_converged(&mut self) {
+        let remaining = self.remaining_bytes;
+        let threshold = self.threshold_bytes;
+        let iterations = self.stats.iterations;
+        let ms = (self.now - self.started_at).as_millis();
+        self.fail(format_args!(
+            "precopy did not converge after {iterations} iterations in {ms} ms: \
+             {remaining} bytes still dirty, switchover threshold {threshold} bytes \
+             (try a higher downtime-limit or max-bandwidth, auto-converge, or postcopy)"
+        ));
+    }
+
+    fn fail(&mut self, reason: fmt::Arguments<'_>) {
+        // A migration that is already ending keeps its first outcome and
+        // reason; only a completion whose last write has not been confirmed
+        // can still turn into a failure.
+        match self.step {
+            Step::Done => return,
+            Step::Finish(status) if status != MigrationStatus::Completed => return,
+            _ => {}
+        }
+        self.stats.error_desc.set(reason);
+        self.set_state(MigrationStatus::Failed);
+        self.batch.clear();
+        self.step = Step::Finish(MigrationStatus::Failed);
+    }
+
+    fn finish(&mut self, status: MigrationStatus) {
+        self.step = Step::Finish(status);
+    }
+
+    /// Undoes what the migration did to the guest before reporting the end:
+    /// vCPUs resumed unless the guest now lives on the destination, the
+    /// throttle lifted.
+    fn finish_step(&mut self, status: MigrationStatus) -> SourceAction<'static> {
+        if self.vcpus_stopped && status != MigrationStatus::Completed {
+            self.vcpus_stopped = false;
+            return SourceAction::ResumeVcpus;
+        }
+        if self.throttle > 0 {
+            self.throttle = 0;
+            return SourceAction::SetThrottle { percent: 0 };
+        }
+        if status == MigrationStatus::Completed {
+            let end = self.now;
+            if let Some(stopped) = self.stopped_at {
+                self.stats.downtime_ms = Some((end - stopped).as_millis() as u64);
+            }
+            let transfer_ms = self
+                .stats
+                .total_time_ms
+                .saturating_sub(self.stats.setup_time_ms);
+            if transfer_ms > 0 {
+                self.stats.ram.mbps =
+                    self.stats.ram.transferred as f64 * 8.0 / transfer_ms as f64 / 1000.0;
+            }
+        }
+        self.set_state(status);
+        self.refresh_stats();
+        self.step = Step::Done;
+        SourceAction::Finished(self.state)
+    }
+
+    /// Encodes the stream header, the return-path command and the block
+    /// list into scratch.
+    fn encode_preamble(&mut self) -> usize {
+        let mut len = wire::encode_stream_header(self.scratch).unwrap_or(0);
+        if self.return_path {
+            len += Record::Command(Command::OpenReturnPath)
+                .encode(&mut self.scratch[len..])
+                .unwrap_or(0);
+        }
+        len += Record::RamBlocks(BlockList::from_slice(self.layout))
+            .encode(&mut self.scratch[len..])
+            .unwrap_or(0);
+        len
+    }
+
+    /// Scans for dirty pages and returns the next clear or batch.
+    fn next_pages(&mut self, ram: &impl PageReader, limited: bool) -> Option<SourceAction<'_>> {
+        if self.pending_throttle {
+            self.pending_throttle = false;
+            return Some(SourceAction::SetThrottle {
+                percent: self.throttle,
+            });
+        }
+        if limited && self.batch.is_empty() {
+            if self.meter.exhausted() {
+                return None;
+            }
+            // The seeds check convergence before every step, not only at the
+            // end of a pass: a sync is cheap and an early switchover saves a
+            // whole pass.
+            if self.remaining_bytes < self.threshold_bytes {
+                return Some(self.begin_sync(SyncKind::Iteration));
+            }
+        }
+        loop {
+            let Some(t) = self.tracking.get_mut(self.cursor_block) else {
+                // End of a pass over all blocks.
+                return Some(self.end_of_pass(limited));
+            };
+            if !self.batch.is_empty() && self.batch.block != self.cursor_block {
+                return Some(self.emit_batch(BatchFlags::empty()));
+            }
+            let Some(page) = t.dirty.find_next_set(self.cursor_page) else {
+                self.cursor_block += 1;
+                self.cursor_page = 0;
+                continue;
+            };
+            if !self.vcpus_stopped {
+                if let Some(range) = t.clear.take(page) {
+                    self.cursor_page = page;
+                    self.stats.dirty_log_clears += 1;
+                    return Some(SourceAction::ClearDirtyLog {
+                        block: self.cursor_block as u16,
+                        range,
+                    });
+                }
+            }
+            t.dirty.test_and_clear(page);
+            let page_size = 1u64 << t.page_shift;
+            self.remaining_bytes = self.remaining_bytes.saturating_sub(page_size);
+            let zero = self
+                .config
+                .capabilities
+                .contains(Capabilities::ZERO_PAGE_DETECTION)
+                && ram.is_zero_page(self.cursor_block as u16, page);
+            self.batch.block = self.cursor_block;
+            self.batch.push(page, zero);
+            self.cursor_page = page + 1;
+            if self.batch.is_full() {
+                return Some(self.emit_batch(BatchFlags::empty()));
+            }
+        }
+    }
+
+    fn end_of_pass(&mut self, limited: bool) -> SourceAction<'_> {
+        if !self.batch.is_empty() {
+            return self.emit_batch(BatchFlags::empty());
+        }
+        self.cursor_block = 0;
+        self.cursor_page = 0;
+        self.stats.iterations += 1;
+        if limited {
+            self.step = Step::Sync(SyncKind::Iteration);
+        } else {
+            self.step = Step::SaveDevices;
+        }
+        // Mark the iteration boundary on the stream: the destination counts
+        // passes, and a reader of a capture sees where each pass ends.
+        self.emit_batch(BatchFlags::END_OF_ITERATION)
+    }
+
+    fn emit_batch(&mut self, flags: BatchFlags) -> SourceAction<'_> {
+        let block = self.batch.block;
+        let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
+        let entries = &self.batch.entries[..self.batch.len];
+        let header_len =
+            wire::encode_page_batch_header(self.scratch, block as u16, shift, flags, entries)
+                .unwrap_or(0);
+        let normal = self.batch.normal_len as u64;
+        let zero = self.batch.len as u64 - normal;
+        let data = normal << shift;
+        self.stats.ram.normal += normal;
+        self.stats.ram.duplicate += zero;
+        self.stats.ram.normal_bytes += data;
+        self.count_sent(header_len as u64 + data, self.batch.len as u64);
+        self.refresh_stats();
+        let pages_len = self.batch.normal_len;
+        self.batch.clear();
+        SourceAction::SendPages {
+            header: &self.scratch[..header_len],
+            block: block as u16,
+            pages: &self.batch.normal[..pages_len],
+        }
+    }
+}
+
+/// Bytes of the preamble: stream header, open-return-path command, block
+/// list.
+fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
+    wire::STREAM_HEADER_LEN
+        + Record::Command(Command::OpenReturnPath).encoded_len()
+        + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
+}

@@ -1,0 +1,142 @@
+//! Statistics in the shape of QEMU's `query-migrate`, kept by the engines.
+//!
+//! Field names follow QEMU's so that an operator's dashboards and scripts
+//! read livemig's numbers the same way; the formulas follow the seeds'
+//! `migration_update_counters` and `migration_calculate_complete`.
+
+use core::fmt::Write as _;
+
+use crate::state::MigrationStatus;
+
+/// Longest error description kept; longer ones end in "..." so the cut is
+/// visible, never silent.
+pub const ERROR_DESC_CAPACITY: usize = 256;
+
+/// A human-readable reason for a failure, fixed capacity so the core needs
+/// no heap.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErrorDesc(heapless::String<ERROR_DESC_CAPACITY>);
+
+impl ErrorDesc {
+    /// The description as text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// True when no error has been recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Replaces the description with `args`, cutting it with a visible
+    /// "..." if it does not fit.
+    pub fn set(&mut self, args: core::fmt::Arguments<'_>) {
+        self.0.clear();
+        let mut w = Truncating {
+            out: &mut self.0,
+            overflowed: false,
+        };
+        let _ = w.write_fmt(args);
+        if w.overflowed {
+            while self.0.len() > ERROR_DESC_CAPACITY - 3 {
+                self.0.pop();
+            }
+            let _ = self.0.push_str("...");
+        }
+    }
+}
+
+impl core::fmt::Display for ErrorDesc {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+struct Truncating<'a> {
+    out: &'a mut heapless::String<ERROR_DESC_CAPACITY>,
+    overflowed: bool,
+}
+
+impl core::fmt::Write for Truncating<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for c in s.chars() {
+            if self.out.push(c).is_err() {
+                self.overflowed = true;
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `ram` part of `query-migrate`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RamStats {
+    /// Bytes written to the main stream so far (records, headers and pages).
+    pub transferred: u64,
+    /// Bytes of guest memory still dirty (known to need sending).
+    pub remaining: u64,
+    /// Bytes of guest memory being migrated.
+    pub total: u64,
+    /// Pages sent as "zero" flags without data.
+    pub duplicate: u64,
+    /// Pages sent with their data.
+    pub normal: u64,
+    /// Bytes of page data sent (`normal` times the page size).
+    pub normal_bytes: u64,
+    /// Throughput of the last measurement slice, in megabits per second; at
+    /// the end, the average over the transfer time.
+    pub mbps: f64,
+    /// Pages (zero or normal) sent per second over the last slice.
+    pub pages_per_second: u64,
+    /// Pages newly dirtied per second, measured between dirty-log syncs.
+    pub dirty_pages_rate: u64,
+    /// Number of dirty-log syncs performed.
+    pub dirty_sync_count: u64,
+    /// Pages requested by the destination in postcopy.
+    pub postcopy_requests: u64,
+    /// The target page size, in bytes.
+    pub page_size: u64,
+    /// Bytes sent over multifd channels.
+    pub multifd_bytes: u64,
+}
+
+/// A snapshot of one side's migration, as `query-migrate` reports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MigrationStats {
+    /// Current state.
+    pub status: MigrationStatus,
+    /// Milliseconds from start to now (or to the end, once finished).
+    pub total_time_ms: u64,
+    /// Milliseconds spent before the first page was sent.
+    pub setup_time_ms: u64,
+    /// Milliseconds the guest was stopped, once known.
+    pub downtime_ms: Option<u64>,
+    /// Predicted downtime if the switchover happened now, in milliseconds.
+    pub expected_downtime_ms: u64,
+    /// Memory counters.
+    pub ram: RamStats,
+    /// Completed scans over the dirty memory (precopy iterations).
+    pub iterations: u64,
+    /// "Clear dirty log" actions issued (one KVM_CLEAR_DIRTY_LOG each).
+    pub dirty_log_clears: u64,
+    /// Why the migration failed, when it did.
+    pub error_desc: ErrorDesc,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::String;
+
+    #[test]
+    fn long_error_descriptions_are_cut_visibly() {
+        let mut d = ErrorDesc::default();
+        let long: String = core::iter::repeat_n('x', 400).collect();
+        d.set(format_args!("link cut: {long}"));
+        assert_eq!(d.as_str().len(), ERROR_DESC_CAPACITY);
+        assert!(d.as_str().ends_with("..."));
+        d.set(format_args!("short {}", 1));
+        assert_eq!(d.as_str(), "short 1");
+    }
+}

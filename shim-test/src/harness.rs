@@ -1,0 +1,623 @@
+//! Whole migrations in simulated time: [`run_migration`] drives a
+//! [`SourceEngine`] and a [`DestinationEngine`] against each other over a
+//! simulated duplex link, with a dirtying guest on the source, and reports
+//! the final statistics and the integrity verdict.
+//!
+//! The harness is the simulated counterpart of the KVM shim: it carries out
+//! every [`SourceAction`] the way a VMM would (the dirty log is fetched
+//! without clearing and cleared with the fetched bits as the mask, pages are
+//! read from guest memory after their chunk was cleared, the guest stops
+//! when asked and runs again when a migration fails), so a bug in the
+//! engines shows up here as a digest mismatch, deterministically.
+
+use std::fmt;
+
+use livemig_core::config::MigrationConfig;
+use livemig_core::destination::{DestinationEngine, DestinationHost, HostError};
+use livemig_core::return_path::RpDecoder;
+use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
+use livemig_core::state::MigrationStatus;
+use livemig_core::stats::MigrationStats;
+use livemig_core::time::Instant;
+use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState};
+
+use crate::{
+    BlockSpec, FirstDifference, LinkConfig, LinkError, SimDirtyLog, SimRam, WorkingSet, Workload,
+    duplex, fill,
+};
+
+/// The id of the simulated vCPU's device-state record.
+pub const CPU_DEVICE_ID: &str = "cpu";
+
+/// A dirtying guest.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestSpec {
+    /// Pages the guest keeps writing.
+    pub working_set: WorkingSet,
+    /// Writes per simulated second, before any throttle.
+    pub rate_pages_per_sec: u64,
+    /// Seed of the guest's page choices.
+    pub seed: u64,
+}
+
+/// When the harness cancels the migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelWhen {
+    /// As soon as the source reaches this state.
+    State(MigrationStatus),
+    /// Once the source has handed this many bytes to the link.
+    AfterBytes(u64),
+}
+
+/// Everything one simulated migration needs.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// The guest's RAM blocks.
+    pub blocks: Vec<BlockSpec>,
+    /// Pages filled with nonzero data before the migration (spread over all
+    /// blocks), so the guest is not all zero pages.
+    pub fill_pages: u64,
+    /// The running guest, if any (none: an idle guest).
+    pub guest: Option<GuestSpec>,
+    /// Source-to-destination link (main stream).
+    pub forward: LinkConfig,
+    /// Destination-to-source link (return path).
+    pub back: LinkConfig,
+    /// Capabilities, parameters and limits.
+    pub config: MigrationConfig,
+    /// Cancel the migration at this point.
+    pub cancel: Option<CancelWhen>,
+    /// With pause-before-switchover, how long the operator waits in
+    /// pre-switchover before continuing.
+    pub continue_after_ns: u64,
+    /// How long the destination guest runs after the switchover, to show
+    /// that it continues.
+    pub run_after_ns: u64,
+    /// Simulated time after which the harness gives up (a hang is a bug).
+    pub watchdog_ns: u64,
+}
+
+impl Scenario {
+    /// An idle guest with the given blocks on an ideal 1 GB/s link.
+    pub fn new(blocks: Vec<BlockSpec>) -> Self {
+        Scenario {
+            blocks,
+            fill_pages: 0,
+            guest: None,
+            forward: LinkConfig::new(1_000_000_000, 50_000),
+            back: LinkConfig::new(1_000_000_000, 50_000),
+            config: MigrationConfig::default(),
+            cancel: None,
+            continue_after_ns: 1_000_000,
+            run_after_ns: 10_000_000,
+            watchdog_ns: 3_600 * 1_000_000_000,
+        }
+    }
+}
+
+/// What happened.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The source's final statistics.
+    pub source: MigrationStats,
+    /// The destination's final statistics.
+    pub destination: MigrationStats,
+    /// Digest of source memory at the moment its vCPUs stopped.
+    pub stop_digest: Option<u64>,
+    /// Digest of destination memory when it completed.
+    pub destination_digest: Option<u64>,
+    /// First difference between destination and source-at-stop, if any.
+    pub first_difference: Option<FirstDifference>,
+    /// The source guest is running at the end (always true unless the
+    /// guest moved to the destination).
+    pub source_running: bool,
+    /// The source guest kept writing after the migration ended.
+    pub source_continued: bool,
+    /// The destination guest ran after the switchover, its CPU state
+    /// matched the source's at stop, and every page it checked held the
+    /// stamp it expected.
+    pub guest_continued: bool,
+    /// Simulated nanoseconds from the source's vCPU stop to the
+    /// destination's vCPU start.
+    pub downtime_ns: Option<u64>,
+    /// Simulated time at the end.
+    pub end_ns: u64,
+    /// Bytes the source put on the link.
+    pub bytes_sent: u64,
+    /// KVM-style clear calls made on the simulated dirty log.
+    pub dirty_log_clears: u64,
+    /// Pages cleared by those calls.
+    pub cleared_pages: u64,
+    /// The watchdog fired.
+    pub timed_out: bool,
+}
+
+impl Outcome {
+    /// A completed migration whose destination memory equals the source's at
+    /// stop time, and whose guest continued.
+    pub fn verified(&self) -> bool {
+        self.source.status == MigrationStatus::Completed
+            && self.destination.status == MigrationStatus::Completed
+            && self.stop_digest.is_some()
+            && self.stop_digest == self.destination_digest
+            && self.first_difference.is_none()
+            && self.guest_continued
+    }
+}
+
+/// A scenario that could not even be set up.
+#[derive(Debug)]
+pub struct HarnessError(pub String);
+
+impl fmt::Display for HarnessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HarnessError {}
+
+fn setup_err(what: &str, e: impl fmt::Display) -> HarnessError {
+    HarnessError(format!("{what}: {e}"))
+}
+
+/// Source memory as the engine reads it.
+struct Pages<'a>(&'a SimRam);
+
+impl PageReader for Pages<'_> {
+    fn is_zero_page(&self, block: u16, page: u64) -> bool {
+        self.0.is_zero(usize::from(block), page).unwrap_or(false)
+    }
+}
+
+/// Destination memory and devices as the engine writes them.
+struct Host<'a> {
+    ram: &'a mut SimRam,
+    cpu: Option<Vec<u8>>,
+}
+
+const RAM_WRITE: HostError = HostError {
+    what: "simulated RAM write",
+    code: 0,
+};
+
+impl DestinationHost for Host<'_> {
+    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
+        let block = usize::from(block);
+        let page_size = self.ram.blocks().get(block).ok_or(RAM_WRITE)?.page_size;
+        for (i, page) in data.chunks(page_size).enumerate() {
+            self.ram
+                .write_page(block, first_page + i as u64, page)
+                .map_err(|_| RAM_WRITE)?;
+        }
+        Ok(())
+    }
+
+    fn place_zero_pages(
+        &mut self,
+        block: u16,
+        first_page: u64,
+        count: u64,
+    ) -> Result<(), HostError> {
+        for page in first_page..first_page + count {
+            self.ram
+                .zero_page(usize::from(block), page)
+                .map_err(|_| RAM_WRITE)?;
+        }
+        Ok(())
+    }
+
+    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError> {
+        if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 || device.version != 1 {
+            return Err(HostError {
+                what: "unknown device",
+                code: 0,
+            });
+        }
+        self.cpu = Some(device.data.to_vec());
+        Ok(())
+    }
+}
+
+/// The simulated vCPU's state: how many writes the guest has made. The
+/// destination's guest must resume with exactly this count.
+fn cpu_state(guest: Option<&Workload>) -> Vec<u8> {
+    guest.map_or(0, Workload::writes).to_be_bytes().to_vec()
+}
+
+/// The guest side of the simulation: the workload, whether its vCPUs run,
+/// and the auto-converge throttle.
+struct Guest {
+    workload: Option<Workload>,
+    running: bool,
+    throttle: u8,
+    /// Simulated time up to which the guest has run.
+    ran_to: u64,
+    /// Guest time consumed (excludes stops and throttling).
+    guest_ns: u64,
+}
+
+impl Guest {
+    fn run_until(
+        &mut self,
+        ram: &mut SimRam,
+        log: &mut SimDirtyLog,
+        now: u64,
+    ) -> Result<(), HarnessError> {
+        if now <= self.ran_to {
+            return Ok(());
+        }
+        let elapsed = now - self.ran_to;
+        self.ran_to = now;
+        if !self.running {
+            return Ok(());
+        }
+        let Some(w) = self.workload.as_mut() else {
+            return Ok(());
+        };
+        let slice = elapsed * u64::from(100 - self.throttle.min(99)) / 100;
+        w.advance(ram, log, self.guest_ns, self.guest_ns + slice)
+            .map_err(|e| setup_err("guest", e))?;
+        self.guest_ns += slice;
+        Ok(())
+    }
+}
+
+/// Runs one migration to its end and reports what happened.
+pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
+    // ---- the world --------------------------------------------------------
+    let mut src_ram =
+        SimRam::new(scenario.blocks.clone()).map_err(|e| setup_err("source RAM", e))?;
+    let mut dst_ram =
+        SimRam::new(scenario.blocks.clone()).map_err(|e| setup_err("destination RAM", e))?;
+    let mut log = SimDirtyLog::new(src_ram.blocks());
+    fill(&mut src_ram, &mut log, scenario.fill_pages, 7).map_err(|e| setup_err("fill", e))?;
+    let workload = scenario
+        .guest
+        .map(|g| Workload::new(&src_ram, g.working_set, g.rate_pages_per_sec, g.seed))
+        .transpose()
+        .map_err(|e| setup_err("guest", e))?;
+    let mut guest = Guest {
+        workload,
+        running: true,
+        throttle: 0,
+        ran_to: 0,
+        guest_ns: 0,
+    };
+    let (mut fwd, mut back) = duplex(scenario.forward, scenario.back);
+
+    // ---- the engines ------------------------------------------------------
+    let layout = scenario
+        .blocks
+        .iter()
+        .map(|b| {
+            let id = BlockId::new(&b.id).map_err(|e| setup_err("block id", e))?;
+            BlockInfo::new(id, b.bytes(), b.page_size as u32).map_err(|e| setup_err("block", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = scenario
+        .config
+        .validate()
+        .map_err(|e| setup_err("configuration", e))?;
+    let shift = config.parameters.clear_bitmap_shift;
+    let mut dirty_words: Vec<Vec<u64>> = layout
+        .iter()
+        .map(|b| vec![0; BlockTracking::dirty_words(b)])
+        .collect();
+    let mut clear_words: Vec<Vec<u64>> = layout
+        .iter()
+        .map(|b| vec![0; BlockTracking::clear_words(b, shift)])
+        .collect();
+    let mut tracking = layout
+        .iter()
+        .zip(dirty_words.iter_mut().zip(clear_words.iter_mut()))
+        .map(|(b, (d, c))| BlockTracking::new(b, shift, d, c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| setup_err("tracking", e))?;
+    let mut src_scratch = vec![0u8; 64 * 1024];
+    let mut src = SourceEngine::new(&config, &layout, &mut tracking, &mut src_scratch)
+        .map_err(|e| setup_err("source engine", e))?;
+    let mut dst_scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
+    let mut dst = DestinationEngine::new(&layout, &mut dst_scratch);
+    let page_size = scenario
+        .blocks
+        .iter()
+        .map(|b| b.page_size)
+        .min()
+        .unwrap_or(4096) as u32;
+    let mut rp = RpDecoder::new(page_size).map_err(|e| setup_err("return path", e))?;
+
+    // The last fetched log of each block: the mask of every clear.
+    let mut fetched: Vec<Vec<u64>> = (0..layout.len())
+        .map(|b| vec![0; log.bitmap_words(b).unwrap_or(0)])
+        .collect();
+
+    let mut now: u64 = 0;
+    let mut stop_at: Option<u64> = None;
+    let mut stop_digest = None;
+    let mut continue_at: Option<u64> = None;
+    let mut dest_started_at: Option<u64> = None;
+    let mut cpu_at_stop: Option<Vec<u8>> = None;
+    let mut dest_cpu: Option<Vec<u8>> = None;
+    let mut dst_eof_handled = false;
+    let mut timed_out = false;
+    let mut cancelled = false;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut page_buf: Vec<u8> = Vec::with_capacity(1 << 20);
+
+    src.start(Instant::from_nanos(now))
+        .map_err(|e| setup_err("start", e))?;
+    loop {
+        if now > scenario.watchdog_ns {
+            timed_out = true;
+            break;
+        }
+        guest.run_until(&mut src_ram, &mut log, now)?;
+        if !cancelled {
+            let due = match scenario.cancel {
+                Some(CancelWhen::State(s)) => src.state() == s,
+                Some(CancelWhen::AfterBytes(n)) => fwd.bytes_sent() >= n,
+                None => false,
+            };
+            if due {
+                cancelled = true;
+                src.cancel(Instant::from_nanos(now));
+            }
+        }
+        if continue_at.is_some_and(|t| now >= t) {
+            continue_at = None;
+            src.continue_switchover(Instant::from_nanos(now))
+                .map_err(|e| setup_err("continue", e))?;
+        }
+
+        // ---- carry out the source's actions ---------------------------
+        let t = Instant::from_nanos(now);
+        let mut progressed = false;
+        if let Some(action) = src.poll_action(t, &Pages(&src_ram)) {
+            progressed = true;
+            let sent: Result<Option<u64>, LinkError> = match action {
+                SourceAction::Send(bytes) => fwd.send(now, bytes).map(Some),
+                SourceAction::SendPages {
+                    header,
+                    block,
+                    pages,
+                } => {
+                    page_buf.clear();
+                    page_buf.extend_from_slice(header);
+                    for &p in pages {
+                        let data = src_ram
+                            .page(usize::from(block), p)
+                            .map_err(|e| setup_err("engine asked for a page outside RAM", e))?;
+                        page_buf.extend_from_slice(data);
+                    }
+                    fwd.send(now, &page_buf).map(Some)
+                }
+                SourceAction::SyncDirtyLog => {
+                    for (b, words) in fetched.iter_mut().enumerate() {
+                        log.get(b, words)
+                            .map_err(|e| setup_err("dirty log get", e))?;
+                        src.handle_dirty_log(b as u16, words)
+                            .map_err(|e| setup_err("dirty log", e))?;
+                    }
+                    src.handle_sync_done(t).map_err(|e| setup_err("sync", e))?;
+                    Ok(None)
+                }
+                SourceAction::ClearDirtyLog { block, range } => {
+                    let b = usize::from(block);
+                    let mask = fetched
+                        .get(b)
+                        .and_then(|w| w.get((range.first / 64) as usize..))
+                        .ok_or_else(|| HarnessError(format!("clear outside block {b}")))?;
+                    log.clear(b, range.first, range.count, mask)
+                        .map_err(|e| setup_err("engine asked for an invalid clear", e))?;
+                    Ok(None)
+                }
+                SourceAction::SetThrottle { percent } => {
+                    guest.throttle = percent;
+                    Ok(None)
+                }
+                SourceAction::StopVcpus => {
+                    guest.running = false;
+                    stop_at = Some(now);
+                    stop_digest = Some(src_ram.digest());
+                    cpu_at_stop = Some(cpu_state(guest.workload.as_ref()));
+                    src.handle_vcpus_stopped(t)
+                        .map_err(|e| setup_err("stop", e))?;
+                    if src.state() == MigrationStatus::PreSwitchover {
+                        continue_at = Some(now + scenario.continue_after_ns);
+                    }
+                    Ok(None)
+                }
+                SourceAction::SaveDevices => {
+                    let cpu = cpu_state(guest.workload.as_ref());
+                    let id = BlockId::new(CPU_DEVICE_ID).map_err(|e| setup_err("device id", e))?;
+                    let mut header = [0u8; 64];
+                    let n = wire::encode_device_header(&mut header, id, 0, 1, cpu.len())
+                        .map_err(|e| setup_err("device header", e))?;
+                    page_buf.clear();
+                    page_buf.extend_from_slice(&header[..n]);
+                    page_buf.extend_from_slice(&cpu);
+                    match fwd.send(now, &page_buf) {
+                        Ok(done) => {
+                            src.handle_devices_sent(
+                                Instant::from_nanos(done),
+                                page_buf.len() as u64,
+                            )
+                            .map_err(|e| setup_err("devices", e))?;
+                            Ok(Some(done))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                SourceAction::ResumeVcpus => {
+                    guest.running = true;
+                    Ok(None)
+                }
+                SourceAction::Finished(_) => {
+                    fwd.close(now);
+                    Ok(None)
+                }
+            };
+            match sent {
+                Ok(Some(done)) => now = now.max(done),
+                Ok(None) => {}
+                Err(e) => {
+                    let why = match e {
+                        LinkError::Cut { at_byte } => {
+                            format!("connection cut after {at_byte} bytes")
+                        }
+                        LinkError::Closed => "connection closed".to_string(),
+                    };
+                    src.handle_io_error(
+                        Instant::from_nanos(now),
+                        format_args!("send failed: {why}"),
+                    );
+                    fwd.close(now);
+                }
+            }
+        }
+
+        // ---- deliver what arrived ---------------------------------------
+        let t = Instant::from_nanos(now);
+        loop {
+            let n = fwd.recv(now, &mut buf);
+            if n == 0 {
+                break;
+            }
+            progressed = true;
+            let mut host = Host {
+                ram: &mut dst_ram,
+                cpu: None,
+            };
+            let _ = dst.handle_input(t, &buf[..n], &mut host);
+            if host.cpu.is_some() {
+                dest_cpu = host.cpu;
+            }
+        }
+        if !dst_eof_handled && (fwd.is_eof(now) || fwd.is_reset(now)) {
+            dst_eof_handled = true;
+            progressed = true;
+            let _ = dst.handle_eof(t);
+        }
+        if dst.is_completed() && dest_started_at.is_none() {
+            dest_started_at = Some(now);
+        }
+        let n = dst.poll_return_path(&mut buf);
+        if n > 0 {
+            progressed = true;
+            let _ = back.send(now, &buf[..n]);
+        }
+        loop {
+            let n = back.recv(now, &mut buf);
+            if n == 0 {
+                break;
+            }
+            progressed = true;
+            let mut input = &buf[..n];
+            while !input.is_empty() {
+                match rp.decode(input) {
+                    Ok((used, msg)) => {
+                        if let Some(msg) = msg {
+                            let _ = src.handle_return_path(t, &msg);
+                        }
+                        input = &input[used..];
+                    }
+                    Err(e) => {
+                        src.handle_io_error(t, format_args!("invalid return path: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+
+        let dst_done = matches!(
+            dst.state(),
+            MigrationStatus::Completed | MigrationStatus::Failed
+        );
+        if src.is_finished() && (dst_done || dst_eof_handled) && back.bytes_in_flight() == 0 {
+            break;
+        }
+        if progressed {
+            continue;
+        }
+        // ---- nothing to do now: jump to the next event -------------------
+        let next = [
+            src.poll_timeout().map(Instant::as_nanos),
+            fwd.next_arrival_ns(),
+            fwd.end_at_ns(),
+            back.next_arrival_ns(),
+            continue_at,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|&t| t > now)
+        .min();
+        match next {
+            Some(t) => now = t,
+            None => {
+                // Waiting on nothing that will ever happen: a hang.
+                timed_out = true;
+                break;
+            }
+        }
+    }
+
+    // ---- verdicts -----------------------------------------------------------
+    let completed = dst.is_completed() && src.state() == MigrationStatus::Completed;
+    let destination_digest = dst.is_completed().then(|| dst_ram.digest());
+    let mut first_difference = None;
+    let mut guest_continued = false;
+    if completed {
+        // Compare against the source as it was at the stop: the source's
+        // vCPUs have not run since, so its memory still is that image.
+        first_difference = dst_ram.diff(&src_ram);
+        guest_continued = dest_cpu.is_some() && dest_cpu == cpu_at_stop;
+        if let Some(mut on_dst) = guest.workload.take() {
+            // Run the guest on both sides from the stop image: a destination
+            // that resumed with the right memory and CPU state evolves exactly
+            // as the source would have.
+            let mut on_src = on_dst.clone();
+            let before = on_dst.writes();
+            let (from, to) = (guest.guest_ns, guest.guest_ns + scenario.run_after_ns);
+            let mut dst_log = SimDirtyLog::new_initially_clear(dst_ram.blocks());
+            on_dst
+                .advance(&mut dst_ram, &mut dst_log, from, to)
+                .map_err(|e| setup_err("destination guest", e))?;
+            on_src
+                .advance(&mut src_ram, &mut log, from, to)
+                .map_err(|e| setup_err("source guest replay", e))?;
+            let ran = on_dst.rate_pages_per_sec() == 0 || on_dst.writes() > before;
+            guest_continued &= ran && dst_ram.digest() == src_ram.digest();
+        }
+    }
+    let source_running = guest.running;
+    let mut source_continued = false;
+    if !completed && source_running {
+        let before = guest.workload.as_ref().map_or(0, Workload::writes);
+        guest.run_until(&mut src_ram, &mut log, now + scenario.run_after_ns)?;
+        let after = guest.workload.as_ref().map_or(0, Workload::writes);
+        source_continued = guest.throttle == 0
+            && (after > before
+                || guest
+                    .workload
+                    .as_ref()
+                    .is_none_or(|w| w.rate_pages_per_sec() == 0));
+    }
+
+    Ok(Outcome {
+        source: src.stats().clone(),
+        destination: dst.stats().clone(),
+        stop_digest,
+        destination_digest,
+        first_difference,
+        source_running,
+        source_continued,
+        guest_continued,
+        downtime_ns: stop_at.zip(dest_started_at).map(|(s, d)| d - s),
+        end_ns: now,
+        bytes_sent: fwd.bytes_sent(),
+        dirty_log_clears: log.clear_calls(),
+        cleared_pages: log.cleared_pages(),
+        timed_out,
+    })
+}
