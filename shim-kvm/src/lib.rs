@@ -14,7 +14,7 @@
 //!   working set from ring 3) and its parameter block and ports.
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
 //!   connection carrying the stream and its return path, and page batches
-//!   written with `writev` straight from guest RAM.
+//!   written with one vectored `sendmsg` straight from guest RAM.
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu` and
 //! `transport`, each with a `// SAFETY:` line.

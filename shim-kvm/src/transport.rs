@@ -13,7 +13,8 @@
 //!   cancel or pause a migration;
 //! - [`Listener`]: the destination's side, binding the same addresses;
 //! - [`PageBatch`]: a record header plus guest pages gathered for one
-//!   `writev`, straight from guest RAM without an intermediate copy.
+//!   vectored write (`sendmsg`), straight from guest RAM without an
+//!   intermediate copy.
 //!
 //! Every error is a [`TransportError`] whose `Display` is one line naming
 //! the address or descriptor involved, ready to be the CLI's error line.
@@ -21,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -40,7 +41,7 @@ pub const UNIX_PATH_MAX: usize = 107;
 /// single stream near line rate when the receiver briefly falls behind.
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-/// Most iovecs one `writev` takes on Linux (`UIO_MAXIOV`); longer lists are
+/// Most iovecs one `sendmsg` takes on Linux (`UIO_MAXIOV`); longer lists are
 /// written in chunks of this many.
 const IOV_MAX: usize = libc::UIO_MAXIOV as usize;
 
@@ -461,26 +462,23 @@ impl Connection {
 
     /// Writes all of `buf`, retrying after partial writes and interrupts.
     pub fn write_all(&self, buf: &[u8]) -> Result<(), TransportError> {
-        match &self.stream {
-            Stream::Tcp(s) => (&*s).write_all(buf),
-            Stream::Unix(s) => (&*s).write_all(buf),
-        }
-        .map_err(|e| io_err(format!("writing to {}", self.peer), e))
+        self.write_vectored_all(&mut [IoSlice::new(buf)])
     }
 
-    /// Writes every byte of `bufs`, in order, with as few `writev` calls as
+    /// Writes every byte of `bufs`, in order, with as few system calls as
     /// the socket allows.
     ///
-    /// A `writev` may stop anywhere, even inside a slice; the remainder is
+    /// A write may stop anywhere, even inside a slice; the remainder is
     /// found by advancing across the slices already written, which is why
     /// `bufs` is mutable: on return its contents are unspecified. Lists
     /// longer than the kernel's iovec limit go out in chunks of that many.
+    /// Writes use `sendmsg` with `MSG_NOSIGNAL`, so a peer that went away is
+    /// an `EPIPE` error even in a host process that has not ignored
+    /// `SIGPIPE`.
     pub fn write_vectored_all(&self, bufs: &mut [IoSlice<'_>]) -> Result<(), TransportError> {
-        write_vectored_all_with(bufs, |chunk| match &self.stream {
-            Stream::Tcp(s) => (&*s).write_vectored(chunk),
-            Stream::Unix(s) => (&*s).write_vectored(chunk),
-        })
-        .map_err(|e| io_err(format!("writing to {}", self.peer), e))
+        let fd = self.stream.raw_fd();
+        write_vectored_all_with(bufs, |chunk| send_vectored(fd, chunk))
+            .map_err(|e| io_err(format!("writing to {}", self.peer), e))
     }
 
     /// Sends a page batch (its header, then its pages) with
@@ -744,6 +742,25 @@ fn write_vectored_all_with(
     Ok(())
 }
 
+/// One `sendmsg` of `chunk` on socket `fd`, without raising `SIGPIPE`.
+fn send_vectored(fd: RawFd, chunk: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid: no address, no iovecs, no control
+    // data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = chunk.as_ptr().cast_mut().cast::<libc::iovec>();
+    msg.msg_iovlen = chunk.len() as _;
+    // SAFETY: `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix, so
+    // `msg_iov` points to `chunk.len()` valid iovecs over buffers that live
+    // for this call; sendmsg only reads them (and reads nothing else: no
+    // address or control data is set).
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 fn accept_retrying<T>(mut accept: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {
         match accept() {
@@ -987,11 +1004,20 @@ fn tcp_pin_beats_autotuning(core_max: &'static str, tcp_mem: &'static str) -> bo
 ///
 /// The iovecs point into live guest RAM and are only ever handed to the
 /// kernel by [`Connection::write_page_batch`]; no Rust code reads through
-/// them (see the `SAFETY` note in [`PageBatch::new`]'s body).
-#[derive(Debug)]
+/// them (see the `SAFETY` note in [`PageBatch::new`]'s body), which is also
+/// why its `Debug` shows only sizes.
 pub struct PageBatch<'a> {
     iov: Vec<IoSlice<'a>>,
     bytes: usize,
+}
+
+impl fmt::Debug for PageBatch<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageBatch")
+            .field("iovecs", &self.iov.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
 }
 
 impl<'a> PageBatch<'a> {
@@ -1023,11 +1049,10 @@ impl<'a> PageBatch<'a> {
                     return None;
                 }
                 // Succeeds only if the longer run still lies in one slot,
-                // i.e. one mapping.
+                // i.e. one mapping, starting at the same host address.
                 ram.host_range(start, len as u64 + page)
                     .ok()
-                    .map(|(h, l)| (start, h, l))
-                    .filter(|&(_, h, _)| h == host)
+                    .map(|(_, l)| (start, host, l))
             });
             match extended {
                 Some(r) => run = Some(r),
@@ -1066,7 +1091,7 @@ fn guest_slice<'a>(_ram: &'a GuestRam, host: *mut u8, len: usize) -> IoSlice<'a>
     // inside one slot's mapping, which stays mapped while `ram` is borrowed
     // for 'a. The vCPU may write these bytes concurrently; the shared slice
     // is still sound to form because no Rust code ever reads through it:
-    // `PageBatch` keeps its iovecs private and only passes them to `writev`,
+    // `PageBatch` keeps its iovecs private and only passes them to `sendmsg`,
     // where the kernel copies the bytes out with `copy_from_user`, exactly as
     // for a raw `iovec`. A torn copy is resent (see `PageBatch::new`).
     IoSlice::new(unsafe { std::slice::from_raw_parts(host.cast_const(), len) })
