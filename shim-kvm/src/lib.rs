@@ -12,13 +12,17 @@
 //!   rate throttle, and the register state as a device blob ([`state`]).
 //! - [`guest`]: the demo guest (a multiboot image that stamps and re-checks a
 //!   working set from ring 3) and its parameter block and ports.
+//! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
+//!   connection carrying the stream and its return path, and page batches
+//!   written with one vectored `sendmsg` straight from guest RAM.
 //!
-//! Every `unsafe` block is in `memory`, `dirty_log`, `vm` and `vcpu`, each
-//! with a `// SAFETY:` line.
+//! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu` and
+//! `transport`, each with a `// SAFETY:` line.
 
 pub mod dirty_log;
 pub mod guest;
 pub mod memory;
 pub mod state;
+pub mod transport;
 pub mod vcpu;
 pub mod vm;
