@@ -10,6 +10,8 @@
 //! when asked and runs again when a migration fails), so a bug in the
 //! engines shows up here as a digest mismatch, deterministically.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::fmt;
 
 use livemig_core::config::MigrationConfig;
@@ -128,6 +130,14 @@ pub struct Outcome {
     pub dirty_log_clears: u64,
     /// Pages cleared by those calls.
     pub cleared_pages: u64,
+    /// Simulated time at which the source's vCPUs stopped.
+    pub stop_ns: Option<u64>,
+    /// Bytes the source had put on the link when its vCPUs stopped.
+    pub bytes_at_stop: Option<u64>,
+    /// Breaches of the dirty-chunk clearing protocol seen by the harness:
+    /// a page read while its chunk's log was still uncleared, a chunk
+    /// cleared twice in one sync, a misaligned chunk.
+    pub clear_violations: Vec<String>,
     /// The watchdog fired.
     pub timed_out: bool,
 }
@@ -161,12 +171,63 @@ fn setup_err(what: &str, e: impl fmt::Display) -> HarnessError {
     HarnessError(format!("{what}: {e}"))
 }
 
+/// Watches the dirty-chunk clearing protocol from the outside: after each
+/// sync, every chunk with a fetched dirty bit must be cleared exactly once
+/// before any of its pages is read while the guest runs.
+struct ClearAudit {
+    shift: u8,
+    /// (block, chunk) pairs fetched dirty and not cleared since.
+    pending: HashSet<(usize, u64)>,
+    violations: Vec<String>,
+}
+
+impl ClearAudit {
+    fn synced(&mut self, block: usize, fetched: &[u64]) {
+        let words_per_chunk = 1usize << (self.shift - 6);
+        for (chunk, words) in fetched.chunks(words_per_chunk).enumerate() {
+            if words.iter().any(|&w| w != 0) {
+                self.pending.insert((block, chunk as u64));
+            }
+        }
+    }
+
+    fn cleared(&mut self, block: usize, first: u64, count: u64, block_pages: u64) {
+        let chunk_pages = 1u64 << self.shift;
+        let expected = chunk_pages.min(block_pages.saturating_sub(first));
+        if first % chunk_pages != 0 || count != expected {
+            self.violations.push(format!(
+                "block {block}: clear of {count} pages at {first} is not one aligned, clipped chunk"
+            ));
+        }
+        if !self.pending.remove(&(block, first >> self.shift)) {
+            self.violations.push(format!(
+                "block {block}: chunk at page {first} cleared twice, or with nothing fetched"
+            ));
+        }
+    }
+
+    fn read(&mut self, block: usize, page: u64, guest_running: bool) {
+        if guest_running && self.pending.contains(&(block, page >> self.shift)) {
+            self.violations.push(format!(
+                "block {block}: page {page} read before its chunk's dirty log was cleared"
+            ));
+        }
+    }
+}
+
 /// Source memory as the engine reads it.
-struct Pages<'a>(&'a SimRam);
+struct Pages<'a> {
+    ram: &'a SimRam,
+    audit: &'a RefCell<ClearAudit>,
+    guest_running: bool,
+}
 
 impl PageReader for Pages<'_> {
     fn is_zero_page(&self, block: u16, page: u64) -> bool {
-        self.0.is_zero(usize::from(block), page).unwrap_or(false)
+        self.audit
+            .borrow_mut()
+            .read(usize::from(block), page, self.guest_running);
+        self.ram.is_zero(usize::from(block), page).unwrap_or(false)
     }
 }
 
@@ -342,6 +403,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut dst_eof_handled = false;
     let mut timed_out = false;
     let mut cancelled = false;
+    let mut bytes_at_stop = None;
+    let audit = RefCell::new(ClearAudit {
+        shift,
+        pending: HashSet::new(),
+        violations: Vec::new(),
+    });
     let mut buf = vec![0u8; 256 * 1024];
     let mut page_buf: Vec<u8> = Vec::with_capacity(1 << 20);
 
@@ -373,7 +440,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         // ---- carry out the source's actions ---------------------------
         let t = Instant::from_nanos(now);
         let mut progressed = false;
-        if let Some(action) = src.poll_action(t, &Pages(&src_ram)) {
+        let reader = Pages {
+            ram: &src_ram,
+            audit: &audit,
+            guest_running: guest.running,
+        };
+        if let Some(action) = src.poll_action(t, &reader) {
             progressed = true;
             let sent: Result<Option<u64>, LinkError> = match action {
                 SourceAction::Send(bytes) => fwd.send(now, bytes).map(Some),
@@ -385,6 +457,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     page_buf.clear();
                     page_buf.extend_from_slice(header);
                     for &p in pages {
+                        audit
+                            .borrow_mut()
+                            .read(usize::from(block), p, guest.running);
                         let data = src_ram
                             .page(usize::from(block), p)
                             .map_err(|e| setup_err("engine asked for a page outside RAM", e))?;
@@ -396,6 +471,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     for (b, words) in fetched.iter_mut().enumerate() {
                         log.get(b, words)
                             .map_err(|e| setup_err("dirty log get", e))?;
+                        if guest.running {
+                            audit.borrow_mut().synced(b, words);
+                        }
                         src.handle_dirty_log(b as u16, words)
                             .map_err(|e| setup_err("dirty log", e))?;
                     }
@@ -408,6 +486,10 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                         .get(b)
                         .and_then(|w| w.get((range.first / 64) as usize..))
                         .ok_or_else(|| HarnessError(format!("clear outside block {b}")))?;
+                    let block_pages = scenario.blocks.get(b).map_or(0, |spec| spec.pages);
+                    audit
+                        .borrow_mut()
+                        .cleared(b, range.first, range.count, block_pages);
                     log.clear(b, range.first, range.count, mask)
                         .map_err(|e| setup_err("engine asked for an invalid clear", e))?;
                     Ok(None)
@@ -419,6 +501,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 SourceAction::StopVcpus => {
                     guest.running = false;
                     stop_at = Some(now);
+                    bytes_at_stop = Some(fwd.bytes_sent());
                     stop_digest = Some(src_ram.digest());
                     cpu_at_stop = Some(cpu_state(guest.workload.as_ref()));
                     src.handle_vcpus_stopped(t)
@@ -618,6 +701,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         bytes_sent: fwd.bytes_sent(),
         dirty_log_clears: log.clear_calls(),
         cleared_pages: log.cleared_pages(),
+        stop_ns: stop_at,
+        bytes_at_stop,
+        clear_violations: audit.into_inner().violations,
         timed_out,
     })
 }

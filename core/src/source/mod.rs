@@ -471,7 +471,26 @@ impl<'a> SourceEngine<'a> {
                 self.auto_converge();
                 self.decide();
             }
-            SyncKind::Final => self.step = Step::Drain,
+            SyncKind::Final => {
+                // max-bandwidth stays a maximum during the stop-and-copy
+                // (the threshold was computed from the limited bandwidth, so
+                // the downtime still meets its limit); an operator who has
+                // more bandwidth for the switchover says so with
+                // avail-switchover-bandwidth. QEMU instead lifts every limit
+                // here, which breaks max-bandwidth by a downtime's worth.
+                let p = &self.config.parameters;
+                let switchover = if p.avail_switchover_bandwidth > 0 {
+                    p.avail_switchover_bandwidth
+                } else {
+                    p.max_bandwidth
+                };
+                self.meter.set_limit(switchover);
+                // The convergence check may have stopped the guest in the
+                // middle of a pass: the last pass starts from the beginning.
+                self.cursor_block = 0;
+                self.cursor_page = 0;
+                self.step = Step::Drain;
+            }
         }
         self.refresh_stats();
         Ok(())
@@ -587,8 +606,8 @@ impl<'a> SourceEngine<'a> {
             }
             _ => None,
         };
-        let slice =
-            (self.step == Step::Iterate && self.meter.exhausted()).then(|| self.meter.slice_end());
+        let sending = matches!(self.step, Step::Iterate | Step::Drain);
+        let slice = (sending && self.meter.exhausted()).then(|| self.meter.next_send());
         match (deadline, slice) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -861,17 +880,19 @@ impl<'a> SourceEngine<'a> {
     }
 
     /// Scans for dirty pages and returns the next clear or batch.
-    fn next_pages(&mut self, ram: &impl PageReader, limited: bool) -> Option<SourceAction<'_>> {
+    /// `live`: the guest runs (precopy iterations) rather than being
+    /// stopped for the last pass.
+    fn next_pages(&mut self, ram: &impl PageReader, live: bool) -> Option<SourceAction<'_>> {
         if self.pending_throttle {
             self.pending_throttle = false;
             return Some(SourceAction::SetThrottle {
                 percent: self.throttle,
             });
         }
-        if limited && self.batch.is_empty() {
-            if self.meter.exhausted() {
-                return None;
-            }
+        if self.batch.is_empty() && self.meter.exhausted() {
+            return None;
+        }
+        if live && self.batch.is_empty() {
             // The seeds check convergence before every step, not only at the
             // end of a pass: a sync is cheap and an early switchover saves a
             // whole pass.
@@ -882,7 +903,7 @@ impl<'a> SourceEngine<'a> {
         loop {
             let Some(t) = self.tracking.get_mut(self.cursor_block) else {
                 // End of a pass over all blocks.
-                return Some(self.end_of_pass(limited));
+                return Some(self.end_of_pass(live));
             };
             if !self.batch.is_empty() && self.batch.block != self.cursor_block {
                 return Some(self.emit_batch(BatchFlags::empty()));
@@ -919,14 +940,14 @@ impl<'a> SourceEngine<'a> {
         }
     }
 
-    fn end_of_pass(&mut self, limited: bool) -> SourceAction<'_> {
+    fn end_of_pass(&mut self, live: bool) -> SourceAction<'_> {
         if !self.batch.is_empty() {
             return self.emit_batch(BatchFlags::empty());
         }
         self.cursor_block = 0;
         self.cursor_page = 0;
         self.stats.iterations += 1;
-        if limited {
+        if live {
             self.step = Step::Sync(SyncKind::Iteration);
         } else {
             self.step = Step::SaveDevices;

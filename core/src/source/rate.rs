@@ -2,11 +2,14 @@
 //! `BUFFER_DELAY`).
 //!
 //! Each slice measures the bandwidth actually achieved, which sets the
-//! switchover threshold (bandwidth x downtime limit). When a maximum
-//! bandwidth is set, each slice may send a tenth of it; bytes sent beyond a
-//! slice's allowance are charged to the next slice, so the rate over a whole
-//! migration stays at the limit even though page batches do not divide it
-//! evenly (QEMU forgets the overshoot, which lets it run a few percent fast).
+//! switchover threshold (bandwidth x downtime limit). A maximum bandwidth is
+//! enforced as a bucket of credit that fills continuously at the limit and
+//! holds at most one slice's worth: a batch may be sent while credit is
+//! positive, and what it overdraws is paid back before the next one. QEMU
+//! instead grants a whole slice's allowance at the start of each slice and
+//! forgets overshoots, which lets short migrations run well over the limit
+//! (a burst per slice) and long ones a few percent over; the bucket keeps
+//! every prefix of the migration under limit x time + one batch.
 
 use core::time::Duration;
 
@@ -36,29 +39,53 @@ pub(crate) struct RateMeter {
     slice_start: Instant,
     slice_bytes: u64,
     slice_pages: u64,
-    /// Bytes per slice allowed; zero means unlimited.
-    allowance: u64,
-    /// Bytes still allowed in this slice; negative after an overshoot.
+    /// Bytes per second allowed; zero means unlimited.
+    limit: u64,
+    /// Bytes that may still be sent; negative after an overdraw.
     credit: i64,
+    /// When `credit` was last refilled.
+    refilled_at: Instant,
 }
 
 impl RateMeter {
     pub fn new(now: Instant, max_bytes_per_sec: u64) -> Self {
-        let mut meter = RateMeter {
+        RateMeter {
             slice_start: now,
             slice_bytes: 0,
             slice_pages: 0,
-            allowance: 0,
+            limit: max_bytes_per_sec,
             credit: 0,
-        };
-        meter.set_limit(max_bytes_per_sec);
-        meter
+            refilled_at: now,
+        }
     }
 
-    /// Changes the limit (zero: unlimited), starting with a full allowance.
+    /// Changes the limit (zero: unlimited), keeping any debt.
     pub fn set_limit(&mut self, max_bytes_per_sec: u64) {
-        self.allowance = max_bytes_per_sec / SLICES_PER_SEC;
-        self.credit = i64::try_from(self.allowance).unwrap_or(i64::MAX);
+        self.limit = max_bytes_per_sec;
+        self.credit = self.credit.min(self.burst());
+    }
+
+    /// Credit the bucket can hold: one slice at the limit.
+    fn burst(&self) -> i64 {
+        i64::try_from(self.limit / SLICES_PER_SEC).unwrap_or(i64::MAX)
+    }
+
+    /// Adds the credit earned since the last refill.
+    fn refill(&mut self, now: Instant) {
+        if self.limit == 0 || now <= self.refilled_at {
+            return;
+        }
+        let ns = now.saturating_since(self.refilled_at).as_nanos();
+        let earned = u128::from(self.limit) * ns / 1_000_000_000;
+        if earned == 0 {
+            // Too soon to earn a whole byte: keep the fraction for later
+            // instead of losing it (a caller polling every few nanoseconds
+            // would otherwise never earn anything).
+            return;
+        }
+        let earned = i64::try_from(earned).unwrap_or(i64::MAX);
+        self.credit = self.credit.saturating_add(earned).min(self.burst());
+        self.refilled_at = now;
     }
 
     /// Restarts measurement at `now` (after setup, or after a pause in
@@ -72,26 +99,29 @@ impl RateMeter {
     pub fn record(&mut self, bytes: u64, pages: u64) {
         self.slice_bytes = self.slice_bytes.saturating_add(bytes);
         self.slice_pages = self.slice_pages.saturating_add(pages);
-        if self.allowance > 0 {
+        if self.limit > 0 {
             self.credit = self
                 .credit
                 .saturating_sub(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
     }
 
-    /// True when the limit forbids sending more in this slice.
+    /// True when the limit forbids sending now.
     pub fn exhausted(&self) -> bool {
-        self.allowance > 0 && self.credit <= 0
+        self.limit > 0 && self.credit <= 0
     }
 
-    /// When the current slice ends.
-    pub fn slice_end(&self) -> Instant {
-        self.slice_start + SLICE
+    /// When enough credit will have accrued to send again.
+    pub fn next_send(&self) -> Instant {
+        let owed = u128::from(self.credit.unsigned_abs()) + 1;
+        let ns = (owed * 1_000_000_000).div_ceil(u128::from(self.limit.max(1)));
+        self.refilled_at + core::time::Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
-    /// Closes the slice if it has lasted at least [`SLICE`], returning what
-    /// it measured, and opens the next one.
+    /// Refills the bucket, then closes the measurement slice if it has
+    /// lasted at least [`SLICE`], returning what it measured.
     pub fn tick(&mut self, now: Instant) -> Option<SliceMeasurement> {
+        self.refill(now);
         let elapsed = now.saturating_since(self.slice_start);
         if elapsed < SLICE {
             return None;
@@ -105,10 +135,6 @@ impl RateMeter {
             bytes,
         };
         self.restart(now);
-        if self.allowance > 0 {
-            let allowance = i64::try_from(self.allowance).unwrap_or(i64::MAX);
-            self.credit = self.credit.saturating_add(allowance).min(allowance);
-        }
         Some(measurement)
     }
 }
@@ -131,30 +157,35 @@ mod tests {
     }
 
     #[test]
-    fn overshoot_is_charged_to_the_next_slice() {
-        // 10 MB/s: 1 MB per slice.
+    fn overdraws_are_paid_back_before_the_next_send() {
+        // 10 MB/s: 10 bytes per microsecond.
         let mut m = RateMeter::new(Instant::ZERO, 10_000_000);
+        assert!(m.exhausted(), "the bucket starts empty");
+        m.tick(Instant::from_millis(50));
+        assert!(!m.exhausted());
         m.record(1_500_000, 0);
         assert!(m.exhausted());
-        m.tick(Instant::from_millis(100));
-        // Half a slice of debt was carried: 0.5 MB left in this slice.
-        assert!(!m.exhausted());
-        m.record(500_000, 0);
-        assert!(m.exhausted());
-        m.tick(Instant::from_millis(200));
+        // 500 kB of credit earned in 50 ms, 1.5 MB spent: 1 MB owed, 100 ms.
+        assert_eq!(m.next_send(), Instant::from_nanos(150_000_100));
+        // Rounded up: at the instant returned, a whole byte has been earned.
+        m.tick(Instant::from_millis(150));
+        assert!(m.exhausted(), "exactly paid back, not yet positive");
+        m.tick(m.next_send());
         assert!(!m.exhausted());
     }
 
     #[test]
-    fn idle_slices_do_not_bank_credit() {
+    fn idle_time_banks_at_most_one_slice() {
         let mut m = RateMeter::new(Instant::ZERO, 10_000_000);
-        for i in 1..10 {
-            m.tick(Instant::from_millis(100 * i));
-        }
+        m.tick(Instant::from_millis(5_000));
         m.record(1_000_000, 0);
-        assert!(
-            m.exhausted(),
-            "only one slice's allowance is ever available"
-        );
+        assert!(m.exhausted(), "only one slice's worth is ever banked");
+    }
+
+    #[test]
+    fn unlimited_never_exhausts() {
+        let mut m = RateMeter::new(Instant::ZERO, 0);
+        m.record(u64::MAX / 2, 0);
+        assert!(!m.exhausted());
     }
 }
