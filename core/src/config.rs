@@ -8,12 +8,32 @@ use crate::params::{ParameterError, Parameters};
 /// iterate forever on a guest that dirties memory faster than the link; an
 /// operator usually prefers a clear "did not converge" and a guest that keeps
 /// running on the source.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Give up after this many dirty-memory passes without converging.
     pub max_iterations: Option<u64>,
     /// Give up after this many milliseconds without converging.
     pub max_time_ms: Option<u64>,
+    /// With a return path, how long the source waits after the end of the
+    /// stream for the destination's SHUT before declaring the migration
+    /// failed (a destination that stops answering must not leave the source
+    /// waiting forever with its guest stopped).
+    pub confirm_timeout_ms: u64,
+}
+
+/// Default for [`Limits::confirm_timeout_ms`]: generous enough for a
+/// destination that still has to flush gigabytes it received, short enough
+/// that an operator is not left wondering.
+pub const DEFAULT_CONFIRM_TIMEOUT_MS: u64 = 30_000;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_iterations: None,
+            max_time_ms: None,
+            confirm_timeout_ms: DEFAULT_CONFIRM_TIMEOUT_MS,
+        }
+    }
 }
 
 /// Capabilities, parameters and limits of one migration.

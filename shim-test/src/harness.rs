@@ -181,7 +181,17 @@ struct ClearAudit {
     violations: Vec<String>,
 }
 
+/// Violations kept verbatim; a broken engine repeats its mistake on every
+/// page, and the first few say what went wrong.
+const MAX_VIOLATIONS: usize = 16;
+
 impl ClearAudit {
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < MAX_VIOLATIONS {
+            self.violations.push(what);
+        }
+    }
+
     fn synced(&mut self, block: usize, fetched: &[u64]) {
         let words_per_chunk = 1usize << (self.shift - 6);
         for (chunk, words) in fetched.chunks(words_per_chunk).enumerate() {
@@ -195,12 +205,12 @@ impl ClearAudit {
         let chunk_pages = 1u64 << self.shift;
         let expected = chunk_pages.min(block_pages.saturating_sub(first));
         if first % chunk_pages != 0 || count != expected {
-            self.violations.push(format!(
+            self.violation(format!(
                 "block {block}: clear of {count} pages at {first} is not one aligned, clipped chunk"
             ));
         }
         if !self.pending.remove(&(block, first >> self.shift)) {
-            self.violations.push(format!(
+            self.violation(format!(
                 "block {block}: chunk at page {first} cleared twice, or with nothing fetched"
             ));
         }
@@ -208,7 +218,7 @@ impl ClearAudit {
 
     fn read(&mut self, block: usize, page: u64, guest_running: bool) {
         if guest_running && self.pending.contains(&(block, page >> self.shift)) {
-            self.violations.push(format!(
+            self.violation(format!(
                 "block {block}: page {page} read before its chunk's dirty log was cleared"
             ));
         }
@@ -401,6 +411,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut cpu_at_stop: Option<Vec<u8>> = None;
     let mut dest_cpu: Option<Vec<u8>> = None;
     let mut dst_eof_handled = false;
+    let mut back_closed = false;
+    let mut src_saw_close = false;
     let mut timed_out = false;
     let mut cancelled = false;
     let mut bytes_at_stop = None;
@@ -582,6 +594,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             progressed = true;
             let _ = dst.handle_eof(t);
         }
+        let _ = dst.handle_timeout(t);
+        if dst.state() == MigrationStatus::Failed && !back_closed {
+            // A VMM closes the connection when the incoming migration fails;
+            // a source that never opened the return path learns it this way.
+            back_closed = true;
+            back.close(now);
+        }
         if dst.is_completed() && dest_started_at.is_none() {
             dest_started_at = Some(now);
         }
@@ -613,6 +632,11 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             }
         }
 
+        if !src_saw_close && (back.is_eof(now) || back.is_reset(now)) {
+            src_saw_close = true;
+            progressed = true;
+            src.handle_io_error(t, format_args!("the destination closed the connection"));
+        }
         let dst_done = matches!(
             dst.state(),
             MigrationStatus::Completed | MigrationStatus::Failed
@@ -629,6 +653,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             fwd.next_arrival_ns(),
             fwd.end_at_ns(),
             back.next_arrival_ns(),
+            back.end_at_ns(),
+            dst.poll_timeout().map(Instant::as_nanos),
             continue_at,
         ]
         .into_iter()

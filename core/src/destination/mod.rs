@@ -14,6 +14,7 @@
 //! ```
 
 use core::fmt;
+use core::time::Duration;
 
 use crate::return_path::RpMessage;
 use crate::state::MigrationStatus;
@@ -26,6 +27,10 @@ use crate::wire::{
 
 /// Room for queued return-path messages: a SHUT and a few PONGs.
 const RETURN_PATH_QUEUE: usize = 512;
+
+/// Default for [`DestinationEngine::set_idle_timeout`]: how long an
+/// unfinished stream may stay silent before the destination gives up.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 30_000;
 
 /// What the VMM does with what arrives. Page ranges handed to it have been
 /// checked against the block's size.
@@ -126,6 +131,11 @@ pub enum DestError {
     Host(HostError),
     /// The connection closed before the end of the stream.
     UnexpectedEof(DecodeError),
+    /// The source sent nothing for longer than the idle timeout.
+    SourceSilent {
+        /// Milliseconds without input.
+        idle_ms: u64,
+    },
     /// The migration had already failed; no more input is taken.
     AlreadyFailed,
 }
@@ -180,6 +190,9 @@ impl fmt::Display for DestError {
             DestError::UnexpectedCommand(c) => write!(f, "unexpected command {c}"),
             DestError::Host(e) => write!(f, "the VMM failed: {e}"),
             DestError::UnexpectedEof(e) => write!(f, "connection closed early: {e}"),
+            DestError::SourceSilent { idle_ms } => {
+                write!(f, "the source sent nothing for {idle_ms} ms")
+            }
             DestError::AlreadyFailed => write!(f, "the migration has already failed"),
         }
     }
@@ -208,6 +221,8 @@ pub struct DestinationEngine<'a> {
     return_path: bool,
     rp_queue: heapless::Vec<u8, RETURN_PATH_QUEUE>,
     started_at: Option<Instant>,
+    last_input_at: Instant,
+    idle_timeout: Duration,
     stats: MigrationStats,
 }
 
@@ -232,8 +247,35 @@ impl<'a> DestinationEngine<'a> {
             return_path: false,
             rp_queue: heapless::Vec::new(),
             started_at: None,
+            last_input_at: Instant::ZERO,
+            idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
             stats,
         }
+    }
+
+    /// How long an unfinished stream may stay silent before the
+    /// destination fails it (a source that vanished without closing the
+    /// connection must not leave the destination waiting forever).
+    pub fn set_idle_timeout(&mut self, timeout: Duration) {
+        self.idle_timeout = timeout;
+    }
+
+    /// When [`DestinationEngine::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.state == MigrationStatus::Active).then(|| self.last_input_at + self.idle_timeout)
+    }
+
+    /// Time passed: fails the migration if the source has been silent for
+    /// longer than the idle timeout.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), DestError> {
+        let idle = now - self.last_input_at;
+        if self.state == MigrationStatus::Active && idle >= self.idle_timeout {
+            let e = DestError::SourceSilent {
+                idle_ms: idle.as_millis() as u64,
+            };
+            return Err(self.fail(now, e));
+        }
+        Ok(())
     }
 
     /// The current state.
@@ -273,6 +315,7 @@ impl<'a> DestinationEngine<'a> {
             self.set_state(MigrationStatus::Active);
         }
         self.stats.ram.transferred += input.len() as u64;
+        self.last_input_at = now;
         let mut offset = 0;
         while offset < input.len() {
             let rest = input.get(offset..).unwrap_or(&[]);

@@ -296,6 +296,9 @@ pub struct SourceEngine<'a> {
     started_at: Instant,
     now: Instant,
     stopped_at: Option<Instant>,
+    /// When the end of the stream was handed out (start of the wait for
+    /// the destination's confirmation).
+    end_sent_at: Instant,
     last_sync_transferred: u64,
     dirty_period_start: Instant,
     dirty_period_pages: u64,
@@ -380,6 +383,7 @@ impl<'a> SourceEngine<'a> {
             started_at: Instant::ZERO,
             now: Instant::ZERO,
             stopped_at: None,
+            end_sent_at: Instant::ZERO,
             last_sync_transferred: 0,
             dirty_period_start: Instant::ZERO,
             dirty_period_pages: 0,
@@ -606,6 +610,9 @@ impl<'a> SourceEngine<'a> {
             }
             _ => None,
         };
+        if self.step == Step::AwaitShut {
+            return Some(self.confirm_deadline());
+        }
         let sending = matches!(self.step, Step::Iterate | Step::Drain);
         let slice = (sending && self.meter.exhausted()).then(|| self.meter.next_send());
         match (deadline, slice) {
@@ -619,6 +626,12 @@ impl<'a> SourceEngine<'a> {
         self.advance_clock(now);
         if self.step == Step::Iterate && self.time_limit_exceeded() {
             self.fail_not_converged();
+        }
+        if self.step == Step::AwaitShut && self.now >= self.confirm_deadline() {
+            let ms = self.config.limits.confirm_timeout_ms;
+            self.fail(format_args!(
+                "the destination did not confirm the end of the stream within {ms} ms"
+            ));
         }
         match self.step {
             Step::NotStarted
@@ -648,6 +661,7 @@ impl<'a> SourceEngine<'a> {
             Step::EndOfStream => {
                 let len = Record::EndOfStream.encode(self.scratch).unwrap_or(0);
                 self.count_sent(len as u64, 0);
+                self.end_sent_at = self.now;
                 self.step = if self.return_path {
                     Step::AwaitShut
                 } else {
@@ -785,6 +799,10 @@ impl<'a> SourceEngine<'a> {
         } else {
             self.step = Step::Iterate;
         }
+    }
+
+    fn confirm_deadline(&self) -> Instant {
+        self.end_sent_at + Duration::from_millis(self.config.limits.confirm_timeout_ms)
     }
 
     fn iteration_limit_exceeded(&self) -> bool {
