@@ -81,6 +81,16 @@ impl<'a> KvmHost<'a> {
             .is_some_and(|w| w >> (page % 64) & 1 == 1)
     }
 
+    /// Guest page numbers written during the load and not zeroed since:
+    /// every other page of the fresh RAM is still zero.
+    pub fn placed_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.placed.iter().enumerate().flat_map(|(w, &bits)| {
+            (0..64u64)
+                .filter(move |b| bits >> b & 1 == 1)
+                .map(move |b| w as u64 * 64 + b)
+        })
+    }
+
     fn ram_error(&mut self, e: impl std::fmt::Display) -> HostError {
         self.error = Some(format!("writing guest RAM: {e}"));
         HostError {
@@ -242,7 +252,13 @@ pub fn receive(
     if engine.is_completed() {
         let loaded = clock::monotonic_ns();
         report.loaded_ns = Some(loaded);
-        report.digest = Some(vm.ram().digest());
+        // Only pages written during the load can be non-zero: the rest of
+        // the fresh RAM was never touched, so this equals the full digest.
+        report.digest = Some(
+            vm.ram()
+                .digest_of(host.placed_pages())
+                .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?,
+        );
         report.digest_ms = (clock::monotonic_ns() - loaded) as f64 / 1e6;
     } else {
         report.error = Some(error.unwrap_or_else(|| {
