@@ -106,6 +106,9 @@ pub struct GuestShape {
     pub mem_mib: u64,
     /// Working set the guest keeps rewriting, in MiB (0 = idle guest).
     pub dirty_mib: u64,
+    /// The dirty-log mode to ask KVM for (manual protect falls back to
+    /// get-and-clear by itself where KVM lacks it).
+    pub dirty_log: DirtyLogMode,
 }
 
 impl GuestShape {
@@ -130,8 +133,8 @@ impl GuestShape {
 
 /// A VM of `mem_mib` MiB with a parked vCPU and nothing loaded: a
 /// destination.
-pub fn empty_vm(mem_mib: u64) -> Result<(Vm, Vcpu), DemoError> {
-    let vm = Vm::new(mem_mib * MIB, DEFAULT_SLOT_BYTES)
+pub fn empty_vm(mem_mib: u64, dirty_log: DirtyLogMode) -> Result<(Vm, Vcpu), DemoError> {
+    let vm = Vm::with_dirty_log_mode(mem_mib * MIB, DEFAULT_SLOT_BYTES, dirty_log)
         .map_err(|e| DemoError::Vm(format!("creating a {mem_mib} MiB VM: {e}")))?;
     let vcpu = Vcpu::new(&vm).map_err(|e| DemoError::Vm(format!("creating the vCPU: {e}")))?;
     Ok((vm, vcpu))
@@ -141,7 +144,7 @@ pub fn empty_vm(mem_mib: u64) -> Result<(Vm, Vcpu), DemoError> {
 /// it reached ring 3 and, with a working set, finished a generation).
 pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Vm, Vcpu), DemoError> {
     let params = shape.params()?;
-    let (vm, vcpu) = empty_vm(shape.mem_mib)?;
+    let (vm, vcpu) = empty_vm(shape.mem_mib, shape.dirty_log)?;
     guest::load(vm.ram(), &params).map_err(|e| DemoError::Guest(e.to_string()))?;
     vcpu.setup_boot(guest::ENTRY)
         .map_err(|e| DemoError::Vm(format!("vCPU boot state: {e}")))?;
@@ -170,11 +173,19 @@ pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Vm, Vcpu), Dem
     Ok((vm, vcpu))
 }
 
-fn mode_name(mode: DirtyLogMode) -> &'static str {
+/// The name of a dirty-log mode in the statistics and on the command line.
+pub fn mode_name(mode: DirtyLogMode) -> &'static str {
     match mode {
         DirtyLogMode::ManualProtect => "manual-protect",
         DirtyLogMode::Legacy => "get-and-clear",
     }
+}
+
+/// The dirty-log mode called `name` by [`mode_name`].
+pub fn mode_from_name(name: &str) -> Option<DirtyLogMode> {
+    [DirtyLogMode::ManualProtect, DirtyLogMode::Legacy]
+        .into_iter()
+        .find(|&m| mode_name(m) == name)
 }
 
 /// The default configuration of the tool: QEMU's defaults plus the return
@@ -243,6 +254,12 @@ fn send_summary(out: &SendOutcome) -> Summary {
             json!(out.progress_after_failure),
         );
     }
+    let desc = r.stats.error_desc.as_str();
+    let error = desc.starts_with("the destination failed").then(|| {
+        format!(
+            "{desc} (its own error line names the cause, for example a RAM size or version mismatch)"
+        )
+    });
     Summary {
         stats: r.stats.clone(),
         downtime_ms: r.source_downtime_ms(),
@@ -254,7 +271,7 @@ fn send_summary(out: &SendOutcome) -> Summary {
         dirty_log_mode: mode_name(r.dirty_log_mode).to_string(),
         backend: "kvm".into(),
         digest: out.digest,
-        error: None,
+        error,
         extra,
     }
 }
@@ -323,7 +340,7 @@ pub fn run_receive(
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
     let listener = Listener::bind(listen)?;
-    let (vm, vcpu) = empty_vm(mem_mib)?;
+    let (vm, vcpu) = empty_vm(mem_mib, DirtyLogMode::ManualProtect)?;
     let uri = listener.local_uri()?;
     // The announcement is how a parent process finds the port: a failed
     // write means nobody listens, which the migration itself will show.

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use livemig_core::config::MigrationConfig;
 use livemig_core::state::MigrationStatus;
 use livemig_kvm::demo::{self, DemoError, GuestShape};
+use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::options;
 use livemig_kvm::report::{Progress, Summary};
 use livemig_kvm::transport::MigrationUri;
@@ -79,6 +80,10 @@ struct DemoArgs {
     /// How long the guest runs before the migration starts, in ms.
     #[arg(long, default_value_t = 1000)]
     warmup_ms: u64,
+    /// Dirty-log mode: manual-protect (falls back by itself when KVM lacks
+    /// it) or get-and-clear (forces the fallback).
+    #[arg(long, default_value = "manual-protect", value_parser = ["manual-protect", "get-and-clear"])]
+    dirty_log: String,
     /// How long the guest runs on the destination before the verdict, in ms.
     #[arg(long, default_value_t = 1000)]
     run_ms: u64,
@@ -102,6 +107,10 @@ struct SendArgs {
     /// How long the guest runs before the migration starts, in ms.
     #[arg(long, default_value_t = 1000)]
     warmup_ms: u64,
+    /// Dirty-log mode: manual-protect (falls back by itself when KVM lacks
+    /// it) or get-and-clear (forces the fallback).
+    #[arg(long, default_value = "manual-protect", value_parser = ["manual-protect", "get-and-clear"])]
+    dirty_log: String,
 }
 
 #[derive(Args)]
@@ -127,6 +136,10 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
     }
     params.extend(m.params.iter().cloned());
     options::build_config(demo::base_config(), &m.caps, &params).map_err(|e| e.to_string())
+}
+
+fn dirty_log(name: &str) -> Result<DirtyLogMode, String> {
+    demo::mode_from_name(name).ok_or_else(|| format!("unknown dirty-log mode '{name}'"))
 }
 
 fn uri(text: &str) -> Result<MigrationUri, String> {
@@ -174,6 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let shape = GuestShape {
                 mem_mib: a.mem_mib,
                 dirty_mib: a.dirty_mib,
+                dirty_log: dirty_log(&a.dirty_log)?,
             };
             let summary = if demo::kvm_available() {
                 demo::run_demo(
@@ -195,6 +209,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let shape = GuestShape {
                 mem_mib: a.mem_mib,
                 dirty_mib: a.dirty_mib,
+                dirty_log: dirty_log(&a.dirty_log)?,
             };
             let summary = demo::run_send(
                 &uri(&a.to)?,

@@ -175,9 +175,9 @@ pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String
             source / MIB,
             destination / MIB
         ),
-        DestError::Decode(DecodeError::BadMagic { .. }) => {
-            format!("the peer {peer} is not a livemig source: {err}")
-        }
+        DestError::Decode(DecodeError::BadMagic { .. }) => format!(
+            "the peer {peer} is not a livemig source: its stream does not start with the livemig header"
+        ),
         DestError::Decode(DecodeError::UnsupportedVersion { found, supported }) => format!(
             "livemig version mismatch: the source speaks stream version {found}, this destination {supported}"
         ),

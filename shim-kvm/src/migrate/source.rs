@@ -46,6 +46,9 @@ const MAX_WAIT: Duration = Duration::from_millis(50);
 /// Longest the migration thread carries out actions before looking at the
 /// return path and reporting progress.
 const MAX_BURST: Duration = Duration::from_millis(50);
+/// How long a failed write waits for the destination's explanation on the
+/// return path.
+const HEAR_OUT: Duration = Duration::from_millis(200);
 
 /// What a source-side migration did.
 #[derive(Debug, Clone)]
@@ -271,18 +274,19 @@ pub fn migrate(
             on_return_path(&mut engine, &mut rp, ev, &peer);
         }
         let burst = clock::monotonic_ns();
+        let mut lost: Option<String> = None;
         while let Some(action) = engine.poll_action(clock::now(), &pages) {
             match action {
                 SourceAction::Send(bytes) => {
                     if let Err(e) = conn.write_all(bytes) {
-                        engine.handle_io_error(clock::now(), format_args!("connection lost: {e}"));
+                        lost = Some(format!("connection lost: {e}"));
                     }
                 }
                 SourceAction::SendPages { header, pages, .. } => {
                     let sent =
                         PageBatch::new(vm.ram(), header, pages).and_then(|b| conn.write_page_batch(b));
                     if let Err(e) = sent {
-                        engine.handle_io_error(clock::now(), format_args!("connection lost: {e}"));
+                        lost = Some(format!("connection lost: {e}"));
                     }
                 }
                 SourceAction::SyncDirtyLog => match log.fetch() {
@@ -335,9 +339,7 @@ pub fn migrate(
                     Ok(bytes) => engine
                         .handle_devices_sent(clock::now(), bytes)
                         .map_err(|e| MigrateError::Engine(e.to_string()))?,
-                    Err(reason) => {
-                        engine.handle_io_error(clock::now(), format_args!("{reason}"))
-                    }
+                    Err(reason) => lost = Some(reason),
                 },
                 SourceAction::ResumeVcpus => {
                     if let Err(e) = vcpu.resume() {
@@ -345,6 +347,23 @@ pub fn migrate(
                     }
                 }
                 SourceAction::Finished(status) => break 'run status,
+            }
+            if let Some(reason) = lost.take() {
+                // A destination that refused the stream says why on the
+                // return path before it closes: hear it before blaming the
+                // broken connection.
+                let deadline = clock::monotonic_ns() + HEAR_OUT.as_nanos() as u64;
+                while !reader_done {
+                    let left = deadline.saturating_sub(clock::monotonic_ns());
+                    match events.recv_timeout(Duration::from_nanos(left)) {
+                        Ok(ev) => {
+                            reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                            on_return_path(&mut engine, &mut rp, ev, &peer);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                engine.handle_io_error(clock::now(), format_args!("{reason}"));
             }
             if clock::monotonic_ns() - burst > MAX_BURST.as_nanos() as u64 {
                 break;
