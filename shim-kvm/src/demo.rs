@@ -532,3 +532,45 @@ pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summ
         extra,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulated_fallback_completes_and_verifies() {
+        let shape = GuestShape {
+            mem_mib: 64,
+            dirty_mib: 4,
+            dirty_log: DirtyLogMode::ManualProtect,
+        };
+        let mut config = base_config();
+        config.parameters.max_bandwidth = 0;
+        let s = run_simulated(shape, &config).unwrap();
+        assert_eq!(s.stats.status, MigrationStatus::Completed);
+        assert!(s.verified, "{}", s.to_text());
+        assert_eq!(s.backend, "simulated");
+        assert!(s.dirty_log_clears > 0);
+        assert_eq!(s.to_json()["ram"]["total"], 64u64 << 20);
+    }
+
+    #[test]
+    fn guest_shapes_are_checked_and_modes_named() {
+        let shape = |mem_mib, dirty_mib| GuestShape {
+            mem_mib,
+            dirty_mib,
+            dirty_log: DirtyLogMode::ManualProtect,
+        };
+        let p = shape(1024, 64).params().unwrap();
+        assert_eq!((p.ws_start, p.ws_pages), (WORKING_SET_START, 64 * 256));
+        assert_eq!(shape(64, 0).params().unwrap().ws_pages, 0);
+        let e = shape(64, 64).params().unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        assert!(check_mode("precopy").is_ok());
+        assert!(check_mode("postcopy").unwrap_err().to_string().contains("not yet supported"));
+        for m in [DirtyLogMode::ManualProtect, DirtyLogMode::Legacy] {
+            assert_eq!(mode_from_name(mode_name(m)), Some(m));
+        }
+        assert_eq!(mode_from_name("rings"), None);
+    }
+}
