@@ -114,8 +114,9 @@ pub struct GuestShape {
 impl GuestShape {
     fn params(&self) -> Result<GuestParams, DemoError> {
         let ws_pages = self.dirty_mib * MIB / PAGE_SIZE as u64;
-        let ws_pages = u32::try_from(ws_pages)
-            .map_err(|_| DemoError::Guest(format!("{} MiB working set is too large", self.dirty_mib)))?;
+        let ws_pages = u32::try_from(ws_pages).map_err(|_| {
+            DemoError::Guest(format!("{} MiB working set is too large", self.dirty_mib))
+        })?;
         if WORKING_SET_START + self.dirty_mib * MIB > self.mem_mib * MIB {
             return Err(DemoError::Guest(format!(
                 "a {} MiB working set at 2 MiB does not fit in {} MiB of RAM",
@@ -166,7 +167,9 @@ pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Vm, Vcpu), Dem
             )));
         }
         if clock::monotonic_ns() > deadline {
-            return Err(DemoError::Vm("the demo guest did not boot within 30 s".into()));
+            return Err(DemoError::Vm(
+                "the demo guest did not boot within 30 s".into(),
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -353,7 +356,11 @@ pub fn run_receive(
         None => Some(destination::start_guest(&vcpu, run_for)?),
         Some(_) => None,
     };
-    Ok(receive_summary(&report, after.as_ref(), vm.dirty_log_mode()))
+    Ok(receive_summary(
+        &report,
+        after.as_ref(),
+        vm.dirty_log_mode(),
+    ))
 }
 
 /// Parses the destination's final JSON line.
@@ -400,7 +407,13 @@ pub fn run_demo(
     let exe = std::env::current_exe()
         .map_err(|e| DemoError::Child(format!("finding this program: {e}")))?;
     let child = Command::new(exe)
-        .args(["receive", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet"])
+        .args([
+            "receive",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--json",
+            "--quiet",
+        ])
         .args(["--mem-mib", &shape.mem_mib.to_string()])
         .args(["--run-ms", &run_for.as_millis().to_string()])
         .stdin(Stdio::null())
@@ -468,7 +481,9 @@ pub fn run_demo(
         && out.digest == dest_digest
         && continued;
     summary.extra.insert("destination".into(), dest.clone());
-    summary.extra.insert("guest-continued".into(), json!(continued));
+    summary
+        .extra
+        .insert("guest-continued".into(), json!(continued));
     if summary.error.is_none() && out.report.stats.error_desc.is_empty() {
         if let Some(e) = dest.get("error-desc").and_then(Value::as_str) {
             summary.error = Some(format!("the destination said: {e}"));
@@ -567,7 +582,12 @@ mod tests {
         let e = shape(64, 64).params().unwrap_err();
         assert!(e.to_string().contains("does not fit"), "{e}");
         assert!(check_mode("precopy").is_ok());
-        assert!(check_mode("postcopy").unwrap_err().to_string().contains("not yet supported"));
+        assert!(
+            check_mode("postcopy")
+                .unwrap_err()
+                .to_string()
+                .contains("not yet supported")
+        );
         for m in [DirtyLogMode::ManualProtect, DirtyLogMode::Legacy] {
             assert_eq!(mode_from_name(mode_name(m)), Some(m));
         }

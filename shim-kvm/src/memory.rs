@@ -444,7 +444,10 @@ mod tests {
         a.write(6 * PAGE_SIZE as u64, &[4]).unwrap();
         // Listing zero pages too changes nothing.
         assert_eq!(a.digest_of([3, 6, 7]).unwrap(), a.digest());
-        assert_eq!(a.digest_of([]).unwrap(), GuestRam::new(4096, 4096).unwrap().digest());
+        assert_eq!(
+            a.digest_of([]).unwrap(),
+            GuestRam::new(4096, 4096).unwrap().digest()
+        );
         assert_ne!(a.digest_of([3]).unwrap(), a.digest());
         assert!(a.digest_of([8]).is_err());
         assert!(a.digest_of([u64::MAX]).is_err());

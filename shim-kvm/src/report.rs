@@ -207,7 +207,11 @@ impl Summary {
             line(&mut out, "downtime", format!("{d:.1} ms"));
         }
         if let Some(d) = self.source_downtime_ms {
-            line(&mut out, "source downtime", format!("{d:.1} ms (vCPU stop to last byte confirmed)"));
+            line(
+                &mut out,
+                "source downtime",
+                format!("{d:.1} ms (vCPU stop to last byte confirmed)"),
+            );
         }
         line(
             &mut out,
@@ -229,7 +233,10 @@ impl Summary {
         line(
             &mut out,
             "dirty log",
-            format!("{} ({} clear calls)", self.dirty_log_mode, self.dirty_log_clears),
+            format!(
+                "{} ({} clear calls)",
+                self.dirty_log_mode, self.dirty_log_clears
+            ),
         );
         if let Some(d) = self.digest {
             line(&mut out, "digest", format!("{d:#018x}"));
@@ -246,9 +253,11 @@ mod tests {
 
     #[test]
     fn json_uses_query_migrate_names() {
-        let mut stats = MigrationStats::default();
-        stats.status = MigrationStatus::Completed;
-        stats.total_time_ms = 1500;
+        let mut stats = MigrationStats {
+            status: MigrationStatus::Completed,
+            total_time_ms: 1500,
+            ..MigrationStats::default()
+        };
         stats.ram.normal_bytes = 4096;
         let sum = Summary {
             stats,
@@ -269,13 +278,18 @@ mod tests {
         assert_eq!(v["dirty-log-clears"], 7);
         assert!(v.get("error-desc").is_none());
         let text = sum.to_text();
-        assert!(text.contains("completed") && text.contains("12.5 ms"), "{text}");
+        assert!(
+            text.contains("completed") && text.contains("12.5 ms"),
+            "{text}"
+        );
     }
 
     #[test]
     fn failures_carry_their_reason() {
-        let mut stats = MigrationStats::default();
-        stats.status = MigrationStatus::Failed;
+        let mut stats = MigrationStats {
+            status: MigrationStatus::Failed,
+            ..MigrationStats::default()
+        };
         stats.error_desc.set(format_args!("connection lost: reset"));
         let sum = Summary {
             stats,

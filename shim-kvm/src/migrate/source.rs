@@ -178,12 +178,7 @@ fn spawn_return_path_reader(conn: Connection) -> (Receiver<RpEvent>, thread::Joi
 }
 
 /// Hands one return-path event to the engine.
-fn on_return_path(
-    engine: &mut SourceEngine<'_>,
-    rp: &mut RpDecoder,
-    event: RpEvent,
-    peer: &str,
-) {
+fn on_return_path(engine: &mut SourceEngine<'_>, rp: &mut RpDecoder, event: RpEvent, peer: &str) {
     let now = clock::now();
     match event {
         RpEvent::Bytes(bytes) => {
@@ -245,7 +240,8 @@ pub fn migrate(
     let mut scratch = vec![0u8; 64 * 1024];
     let mut engine = SourceEngine::new(&config, &layout, &mut tracking, &mut scratch)
         .map_err(|e| MigrateError::Engine(e.to_string()))?;
-    let mut rp = RpDecoder::new(PAGE_SIZE as u32).map_err(|e| MigrateError::Engine(e.to_string()))?;
+    let mut rp =
+        RpDecoder::new(PAGE_SIZE as u32).map_err(|e| MigrateError::Engine(e.to_string()))?;
     let (events, reader) = spawn_return_path_reader(conn.try_clone()?);
     let peer = conn.peer().to_string();
     let mut log = DirtyLog::new(vm);
@@ -283,8 +279,8 @@ pub fn migrate(
                     }
                 }
                 SourceAction::SendPages { header, pages, .. } => {
-                    let sent =
-                        PageBatch::new(vm.ram(), header, pages).and_then(|b| conn.write_page_batch(b));
+                    let sent = PageBatch::new(vm.ram(), header, pages)
+                        .and_then(|b| conn.write_page_batch(b));
                     if let Err(e) = sent {
                         lost = Some(format!("connection lost: {e}"));
                     }
