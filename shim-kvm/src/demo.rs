@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use crate::clock;
 use crate::dirty_log::DirtyLogMode;
 use crate::guest::{self, GuestParams};
+use crate::interrupt::Cancel;
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter};
 use crate::migrate::source::{self, SourceReport};
@@ -221,9 +222,10 @@ pub fn send_guest(
     vcpu: &Vcpu,
     conn: Connection,
     config: &MigrationConfig,
+    cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let report = source::migrate(vm, vcpu, conn, config, &mut |s| progress.update(s))?;
+    let report = source::migrate(vm, vcpu, conn, config, cancel, &mut |s| progress.update(s))?;
     progress.finish();
     let mut out = SendOutcome {
         digest: None,
@@ -281,18 +283,20 @@ fn send_summary(out: &SendOutcome) -> Summary {
 
 /// `livemig send`: connects to `to`, boots the demo guest, lets it run for
 /// `warmup`, migrates it, and returns the summary (with the source's
-/// digest, to compare with the destination's). A failed migration is
-/// `Ok` with a failed status: the caller prints the summary and fails.
+/// digest, to compare with the destination's). A failed or cancelled
+/// migration is `Ok` with that status: the caller prints the summary and
+/// fails.
 pub fn run_send(
     to: &MigrationUri,
     shape: GuestShape,
     config: &MigrationConfig,
     warmup: Duration,
+    cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
     let conn = Connection::connect(to)?;
     let (vm, vcpu) = boot_guest(shape, warmup)?;
-    let out = send_guest(&vm, &vcpu, conn, config, progress)?;
+    let out = send_guest(&vm, &vcpu, conn, config, cancel, progress)?;
     Ok(send_summary(&out))
 }
 
@@ -402,6 +406,7 @@ pub fn run_demo(
     config: &MigrationConfig,
     warmup: Duration,
     run_for: Duration,
+    cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
     let exe = std::env::current_exe()
@@ -447,7 +452,7 @@ pub fn run_demo(
 
     let (vm, vcpu) = boot_guest(shape, warmup)?;
     let conn = Connection::connect(&uri)?;
-    let out = send_guest(&vm, &vcpu, conn, config, progress)?;
+    let out = send_guest(&vm, &vcpu, conn, config, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };

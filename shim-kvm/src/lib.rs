@@ -20,13 +20,14 @@
 //! - [`options`], [`report`] and [`demo`]: the `livemig` tool's flags,
 //!   progress line and summaries, and its self-contained demo.
 //!
-//! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu` and
-//! `transport`, each with a `// SAFETY:` line.
+//! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
+//! `transport`, `clock` and `interrupt`, each with a `// SAFETY:` line.
 
 pub mod clock;
 pub mod demo;
 pub mod dirty_log;
 pub mod guest;
+pub mod interrupt;
 pub mod memory;
 pub mod migrate;
 pub mod options;

@@ -354,3 +354,45 @@ fn forced_get_and_clear_fallback_still_verifies_and_says_so() {
     assert_eq!(v["dirty-log-mode"], "get-and-clear");
     assert_eq!(v["dirty-log-clears"], 0);
 }
+
+#[test]
+fn ctrl_c_cancels_and_the_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+    let sender = Command::new(BIN)
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--json",
+            "--quiet",
+            "--mem-mib",
+            "128",
+        ])
+        .args(["--dirty-mib", "32", "--warmup-ms", "200"])
+        .args(["--param", "max-bandwidth=16M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let status = Command::new("kill")
+        .args(["-INT", &sender.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = finish(sender);
+    let recv = finish(receiver);
+    let v = json_of(&out);
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert!(
+        v["guest-generation-after"].as_u64().unwrap()
+            > v["guest-generation-before"].as_u64().unwrap(),
+        "the source guest stopped running: {v}"
+    );
+    assert_error_line(&out, "cancelled");
+    assert_error_line(&recv, "connection");
+}

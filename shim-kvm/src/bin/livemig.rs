@@ -14,6 +14,7 @@ use livemig_core::config::MigrationConfig;
 use livemig_core::state::MigrationStatus;
 use livemig_kvm::demo::{self, DemoError, GuestShape};
 use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::interrupt::{self, Cancel};
 use livemig_kvm::options;
 use livemig_kvm::report::{Progress, Summary};
 use livemig_kvm::transport::MigrationUri;
@@ -138,6 +139,15 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
     options::build_config(demo::base_config(), &m.caps, &params).map_err(|e| e.to_string())
 }
 
+/// Ctrl-C or SIGTERM cancels the migration (the guest stays on the source)
+/// instead of killing the process.
+fn cancel_on_signals() -> Result<Cancel, String> {
+    let cancel = Cancel::new();
+    interrupt::cancel_on_signals(&cancel)
+        .map_err(|e| format!("installing the Ctrl-C handler: {e}"))?;
+    Ok(cancel)
+}
+
 fn dirty_log(name: &str) -> Result<DirtyLogMode, String> {
     demo::mode_from_name(name).ok_or_else(|| format!("unknown dirty-log mode '{name}'"))
 }
@@ -162,6 +172,10 @@ fn finish(summary: &Summary, o: &Output, need_verified: bool) -> ExitCode {
         println!("{}", summary.to_json());
     } else {
         print!("{}", summary.to_text());
+    }
+    if summary.stats.status == MigrationStatus::Cancelled {
+        eprintln!("livemig: migration cancelled; the guest keeps running on the source");
+        return ExitCode::FAILURE;
     }
     if summary.stats.status != MigrationStatus::Completed {
         let why = summary
@@ -195,6 +209,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     &config,
                     Duration::from_millis(a.warmup_ms),
                     Duration::from_millis(a.run_ms),
+                    &cancel_on_signals()?,
                     &mut progress(&a.output),
                 )
                 .map_err(err)?
@@ -216,6 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 shape,
                 &config,
                 Duration::from_millis(a.warmup_ms),
+                &cancel_on_signals()?,
                 &mut progress(&a.output),
             )
             .map_err(err)?;

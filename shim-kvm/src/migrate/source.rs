@@ -20,6 +20,8 @@
 
 use std::io::IoSlice;
 use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
@@ -35,6 +37,7 @@ use livemig_core::wire::{self, DeviceId};
 use super::{CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, SlotMap, ram_layout};
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
+use crate::interrupt::Cancel;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::transport::{Connection, PageBatch};
 use crate::vcpu::Vcpu;
@@ -178,8 +181,19 @@ fn spawn_return_path_reader(conn: Connection) -> (Receiver<RpEvent>, thread::Joi
 }
 
 /// Hands one return-path event to the engine.
-fn on_return_path(engine: &mut SourceEngine<'_>, rp: &mut RpDecoder, event: RpEvent, peer: &str) {
+fn on_return_path(
+    engine: &mut SourceEngine<'_>,
+    rp: &mut RpDecoder,
+    event: RpEvent,
+    peer: &str,
+    cancel: &Cancel,
+) {
     let now = clock::now();
+    if cancel.is_cancelled() {
+        // The connection broke because we shut it down: a cancel, not a
+        // failure.
+        engine.cancel(now);
+    }
     match event {
         RpEvent::Bytes(bytes) => {
             let mut input = &bytes[..];
@@ -214,7 +228,9 @@ fn on_return_path(engine: &mut SourceEngine<'_>, rp: &mut RpDecoder, event: RpEv
 }
 
 /// Migrates the guest of `vm` (its one vCPU `vcpu`) over `conn`, calling
-/// `progress` with the statistics every few tens of milliseconds.
+/// `progress` with the statistics every few tens of milliseconds. Setting
+/// `cancel` shuts the connection down (`shutdown(2)`, which also frees a
+/// write blocked on a stuck peer) and ends the migration as cancelled.
 ///
 /// Returns the report of a migration that ran, whatever its outcome: a
 /// failed migration leaves the guest running on the source and says why in
@@ -224,6 +240,7 @@ pub fn migrate(
     vcpu: &Vcpu,
     conn: Connection,
     config: &MigrationConfig,
+    cancel: &Cancel,
     progress: &mut dyn FnMut(&MigrationStats),
 ) -> Result<SourceReport, MigrateError> {
     let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
@@ -244,6 +261,8 @@ pub fn migrate(
         RpDecoder::new(PAGE_SIZE as u32).map_err(|e| MigrateError::Engine(e.to_string()))?;
     let (events, reader) = spawn_return_path_reader(conn.try_clone()?);
     let peer = conn.peer().to_string();
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_cancel_watcher(conn.try_clone()?, cancel.clone(), Arc::clone(&done));
     let mut log = DirtyLog::new(vm);
     let map = SlotMap::new(vm.ram());
     let pages = KvmPages {
@@ -265,9 +284,12 @@ pub fn migrate(
         .start(clock::now())
         .map_err(|e| MigrateError::Engine(e.to_string()))?;
     let status = 'run: loop {
+        if cancel.is_cancelled() {
+            engine.cancel(clock::now());
+        }
         while let Ok(ev) = events.try_recv() {
             reader_done |= !matches!(ev, RpEvent::Bytes(_));
-            on_return_path(&mut engine, &mut rp, ev, &peer);
+            on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
         }
         let burst = clock::monotonic_ns();
         let mut lost: Option<String> = None;
@@ -345,6 +367,9 @@ pub fn migrate(
                 SourceAction::Finished(status) => break 'run status,
             }
             if let Some(reason) = lost.take() {
+                if cancel.is_cancelled() {
+                    engine.cancel(clock::now());
+                }
                 // A destination that refused the stream says why on the
                 // return path before it closes: hear it before blaming the
                 // broken connection.
@@ -354,7 +379,7 @@ pub fn migrate(
                     match events.recv_timeout(Duration::from_nanos(left)) {
                         Ok(ev) => {
                             reader_done |= !matches!(ev, RpEvent::Bytes(_));
-                            on_return_path(&mut engine, &mut rp, ev, &peer);
+                            on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
                         }
                         Err(_) => break,
                     }
@@ -379,7 +404,7 @@ pub fn migrate(
         match events.recv_timeout(wait) {
             Ok(ev) => {
                 reader_done |= !matches!(ev, RpEvent::Bytes(_));
-                on_return_path(&mut engine, &mut rp, ev, &peer);
+                on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => reader_done = true,
@@ -389,11 +414,31 @@ pub fn migrate(
         report.completed_ns = Some(clock::monotonic_ns());
     }
     // Wake the return-path reader (it may be blocked in read) and let it end.
+    done.store(true, Ordering::SeqCst);
     let _ = conn.shutdown(Shutdown::Both);
     let _ = reader.join();
+    let _ = watcher.join();
     report.stats = engine.stats().clone();
     report.dirty_log_clears = vm.clear_calls() - clears_before;
     Ok(report)
+}
+
+/// Shuts `conn` down when `cancel` is set, until `done`.
+fn spawn_cancel_watcher(
+    conn: Connection,
+    cancel: Cancel,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            if cancel.is_cancelled() {
+                // Already shut down or gone: either way it is closed.
+                let _ = conn.shutdown(Shutdown::Both);
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    })
 }
 
 /// Writes the vCPU's state as one device record; returns the bytes written.
