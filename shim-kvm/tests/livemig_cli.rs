@@ -299,6 +299,15 @@ fn a_peer_that_is_not_livemig_is_named() {
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let out = finish(receiver);
     assert_error_line(&out, "not a livemig source");
+
+    // A livemig stream of a version this build does not speak.
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 64);
+    let mut c = std::net::TcpStream::connect(addr.trim_start_matches("tcp:")).unwrap();
+    let mut header = b"LMIG".to_vec();
+    header.extend_from_slice(&99u32.to_be_bytes());
+    c.write_all(&header).unwrap();
+    let out = finish(receiver);
+    assert_error_line(&out, "version mismatch");
 }
 
 #[test]

@@ -37,7 +37,9 @@ enum Cmd {
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
     Send(SendArgs),
     /// Wait at --listen for one migration, load it into a fresh VM, start
-    /// the guest and report. Prints `listening on URI` first.
+    /// the guest and report. Prints `listening on URI` first. Its `digest`
+    /// is to be compared with the sender's; `verified` stays false here,
+    /// since only a side that holds both digests (demo) can decide it.
     Receive(ReceiveArgs),
 }
 

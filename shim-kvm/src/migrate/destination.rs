@@ -211,10 +211,15 @@ pub fn receive(
     let mut last_progress = 0;
     loop {
         let now = clock::now();
+        let mut eof = false;
         let result = match conn.read(&mut buf) {
-            Ok(0) => engine.handle_eof(now),
+            Ok(0) => {
+                eof = true;
+                engine.handle_eof(now)
+            }
             Ok(n) => engine.handle_input(now, &buf[..n], &mut host).map(|_| ()),
             Err(e) => {
+                eof = true;
                 error = Some(format!("connection lost: {e}"));
                 engine.handle_eof(now)
             }
@@ -238,7 +243,7 @@ pub fn receive(
             last_progress = clock::monotonic_ns();
             progress(engine.stats());
         }
-        if engine.is_completed() || engine.state() == MigrationStatus::Failed {
+        if eof || engine.is_completed() || engine.state() == MigrationStatus::Failed {
             break;
         }
     }

@@ -279,6 +279,9 @@ pub fn migrate(
     };
     let clears_before = vm.clear_calls();
     let mut reader_done = false;
+    // A guest that could not be restarted after a failed migration is an
+    // error of its own, reported once everything is cleaned up.
+    let mut resume_error = None;
 
     engine
         .start(clock::now())
@@ -313,7 +316,10 @@ pub fn migrate(
                             .handle_dirty_log(0, words)
                             .and_then(|()| engine.handle_sync_done(clock::now()));
                         if let Err(e) = fed {
-                            return Err(MigrateError::Engine(e.to_string()));
+                            engine.handle_io_error(
+                                clock::now(),
+                                format_args!("migration engine: {e}"),
+                            );
                         }
                     }
                     Err(e) => engine.handle_io_error(
@@ -343,9 +349,17 @@ pub fn migrate(
                     match vcpu.pause() {
                         Ok(_) => {
                             report.generation_at_stop = Some(vcpu.stats().generation);
-                            engine
-                                .handle_vcpus_stopped(clock::now())
-                                .map_err(|e| MigrateError::Engine(e.to_string()))?;
+                            if let Err(e) = engine.handle_vcpus_stopped(clock::now()) {
+                                // The engine does not know the guest is
+                                // stopped, so it would not restart it.
+                                if let Err(e) = vcpu.resume() {
+                                    resume_error = Some(e);
+                                }
+                                engine.handle_io_error(
+                                    clock::now(),
+                                    format_args!("migration engine: {e}"),
+                                );
+                            }
                         }
                         Err(e) => engine.handle_io_error(
                             clock::now(),
@@ -354,14 +368,19 @@ pub fn migrate(
                     }
                 }
                 SourceAction::SaveDevices => match save_devices(vcpu, &conn) {
-                    Ok(bytes) => engine
-                        .handle_devices_sent(clock::now(), bytes)
-                        .map_err(|e| MigrateError::Engine(e.to_string()))?,
+                    Ok(bytes) => {
+                        if let Err(e) = engine.handle_devices_sent(clock::now(), bytes) {
+                            engine.handle_io_error(
+                                clock::now(),
+                                format_args!("migration engine: {e}"),
+                            );
+                        }
+                    }
                     Err(reason) => lost = Some(reason),
                 },
                 SourceAction::ResumeVcpus => {
                     if let Err(e) = vcpu.resume() {
-                        return Err(MigrateError::Vcpu(e));
+                        resume_error = Some(e);
                     }
                 }
                 SourceAction::Finished(status) => break 'run status,
@@ -418,6 +437,9 @@ pub fn migrate(
     let _ = conn.shutdown(Shutdown::Both);
     let _ = reader.join();
     let _ = watcher.join();
+    if let Some(e) = resume_error {
+        return Err(MigrateError::Vcpu(e));
+    }
     report.stats = engine.stats().clone();
     report.dirty_log_clears = vm.clear_calls() - clears_before;
     Ok(report)
