@@ -204,7 +204,11 @@ impl Summary {
         line(&mut out, "total time", format!("{} ms", s.total_time_ms));
         line(&mut out, "setup time", format!("{} ms", s.setup_time_ms));
         if let Some(d) = self.downtime_ms.or(s.downtime_ms.map(|d| d as f64)) {
-            line(&mut out, "downtime", format!("{d:.1} ms"));
+            let span = match (self.vcpu_stopped_ns, self.vcpu_started_ns) {
+                (Some(_), Some(_)) => " (source vCPU stop to destination vCPU start)",
+                _ => "",
+            };
+            line(&mut out, "downtime", format!("{d:.1} ms{span}"));
         }
         if let Some(d) = self.source_downtime_ms {
             line(
