@@ -131,8 +131,13 @@ impl<'v> DirtyLog<'v> {
             self.vm.get_dirty_log(slot, words)?;
         }
         if self.legacy && self.first {
-            // Legacy logs start clean; the engine expects initially-set bits.
+            // Legacy logs start clean; the engine expects initially-set bits
+            // (for the block's pages only, not the tail of the last word).
             self.fetched.fill(u64::MAX);
+            let pages: u64 = self.map.slots().iter().map(|s| s.2).sum();
+            if let (Some(last), tail @ 1..) = (self.fetched.last_mut(), pages % 64) {
+                *last = (1u64 << tail) - 1;
+            }
         }
         self.first = false;
         Ok(&self.fetched)
@@ -259,10 +264,15 @@ pub fn migrate(
         .map_err(|e| MigrateError::Engine(e.to_string()))?;
     let mut rp =
         RpDecoder::new(PAGE_SIZE as u32).map_err(|e| MigrateError::Engine(e.to_string()))?;
-    let (events, reader) = spawn_return_path_reader(conn.try_clone()?);
+    let (rp_conn, cancel_conn) = (conn.try_clone()?, conn.try_clone()?);
+    engine
+        .start(clock::now())
+        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+    // No early return from here on: the threads end with the connection.
+    let (events, reader) = spawn_return_path_reader(rp_conn);
     let peer = conn.peer().to_string();
     let done = Arc::new(AtomicBool::new(false));
-    let watcher = spawn_cancel_watcher(conn.try_clone()?, cancel.clone(), Arc::clone(&done));
+    let watcher = spawn_cancel_watcher(cancel_conn, cancel.clone(), Arc::clone(&done));
     let mut log = DirtyLog::new(vm);
     let map = SlotMap::new(vm.ram());
     let pages = KvmPages {
@@ -283,9 +293,6 @@ pub fn migrate(
     // error of its own, reported once everything is cleaned up.
     let mut resume_error = None;
 
-    engine
-        .start(clock::now())
-        .map_err(|e| MigrateError::Engine(e.to_string()))?;
     let status = 'run: loop {
         if cancel.is_cancelled() {
             engine.cancel(clock::now());
