@@ -15,13 +15,23 @@
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
 //!   connection carrying the stream and its return path, and page batches
 //!   written with one vectored `sendmsg` straight from guest RAM.
+//! - [`migrate`]: the source and destination drivers of the engines, over
+//!   the pieces above; [`clock`] is the monotonic clock they share.
+//! - [`options`], [`report`] and [`demo`]: the `livemig` tool's flags,
+//!   progress line and summaries, and its self-contained demo.
 //!
-//! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu` and
-//! `transport`, each with a `// SAFETY:` line.
+//! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
+//! `transport`, `clock` and `interrupt`, each with a `// SAFETY:` line.
 
+pub mod clock;
+pub mod demo;
 pub mod dirty_log;
 pub mod guest;
+pub mod interrupt;
 pub mod memory;
+pub mod migrate;
+pub mod options;
+pub mod report;
 pub mod state;
 pub mod transport;
 pub mod vcpu;

@@ -69,9 +69,24 @@ impl Vm {
     /// logging is enabled first when KVM offers it (memslots added later
     /// inherit the mode); otherwise the legacy mode is used.
     pub fn new(ram_bytes: u64, slot_bytes: u64) -> Result<Vm, VmError> {
+        Vm::with_dirty_log_mode(ram_bytes, slot_bytes, DirtyLogMode::ManualProtect)
+    }
+
+    /// Like [`Vm::new`], with the dirty-log mode chosen by the caller:
+    /// `ManualProtect` is a preference (legacy when KVM lacks it), `Legacy`
+    /// is used even when KVM offers manual protect, so the get-and-clear
+    /// fallback can be exercised and compared on any host.
+    pub fn with_dirty_log_mode(
+        ram_bytes: u64,
+        slot_bytes: u64,
+        wanted: DirtyLogMode,
+    ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let fd = kvm.create_vm().map_err(VmError::Kvm)?;
-        let mode = dirty_log::enable_manual_protect(&fd);
+        let mode = match wanted {
+            DirtyLogMode::ManualProtect => dirty_log::enable_manual_protect(&fd),
+            DirtyLogMode::Legacy => DirtyLogMode::Legacy,
+        };
         let ram = Arc::new(GuestRam::new(ram_bytes, slot_bytes)?);
         for slot in ram.slots() {
             let region = kvm_userspace_memory_region {

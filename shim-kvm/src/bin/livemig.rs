@@ -1,0 +1,264 @@
+//! `livemig`: live-migrate the demo KVM guest, between two processes of one
+//! machine (`demo`) or two machines (`receive` on one, `send` on the
+//! other).
+//!
+//! Errors are one line on stderr and a non-zero exit status; the summary
+//! goes to stdout, as text or (`--json`) as one JSON object with QEMU's
+//! `query-migrate` field names.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use livemig_core::config::MigrationConfig;
+use livemig_core::state::MigrationStatus;
+use livemig_kvm::demo::{self, DemoError, GuestShape};
+use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::interrupt::{self, Cancel};
+use livemig_kvm::options;
+use livemig_kvm::report::{Progress, Summary};
+use livemig_kvm::transport::MigrationUri;
+
+#[derive(Parser)]
+#[command(name = "livemig", version, about = "Live migration of a KVM guest")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a destination process, boot the demo guest here, migrate it
+    /// over TCP on 127.0.0.1, let it run on the destination, verify it and
+    /// print the summary. Without /dev/kvm the same migration runs on the
+    /// simulated backend. max-bandwidth defaults to 0 (unlimited) here,
+    /// unlike QEMU's 128 MiB/s, unless --param max-bandwidth= is given.
+    Demo(DemoArgs),
+    /// Boot the demo guest and migrate it to a `livemig receive` at --to.
+    Send(SendArgs),
+    /// Wait at --listen for one migration, load it into a fresh VM, start
+    /// the guest and report. Prints `listening on URI` first. Its `digest`
+    /// is to be compared with the sender's; `verified` stays false here,
+    /// since only a side that holds both digests (demo) can decide it.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Args)]
+struct Migration {
+    /// Migration mode: precopy (postcopy comes later).
+    #[arg(long, default_value = "precopy")]
+    mode: String,
+    /// A capability, in QEMU's names: --cap postcopy-ram=on (repeatable).
+    /// return-path and zero-page-detection are on by default.
+    #[arg(long = "cap", value_name = "NAME=on|off")]
+    caps: Vec<String>,
+    /// A parameter, in QEMU's names: --param downtime-limit=100
+    /// (repeatable; byte counts take k/M/G suffixes).
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+}
+
+#[derive(Args)]
+struct Output {
+    /// Print the summary as one JSON object (query-migrate field names).
+    #[arg(long)]
+    json: bool,
+    /// No progress line, even on a terminal.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    migration: Migration,
+    #[command(flatten)]
+    output: Output,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem_mib: u64,
+    /// Working set the guest keeps rewriting, in MiB (0 = idle guest).
+    #[arg(long, default_value_t = 64)]
+    dirty_mib: u64,
+    /// How long the guest runs before the migration starts, in ms.
+    #[arg(long, default_value_t = 1000)]
+    warmup_ms: u64,
+    /// Dirty-log mode: manual-protect (falls back by itself when KVM lacks
+    /// it) or get-and-clear (forces the fallback).
+    #[arg(long, default_value = "manual-protect", value_parser = ["manual-protect", "get-and-clear"])]
+    dirty_log: String,
+    /// How long the guest runs on the destination before the verdict, in ms.
+    #[arg(long, default_value_t = 1000)]
+    run_ms: u64,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Where the destination listens: tcp:HOST:PORT, unix:PATH or fd:N.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    migration: Migration,
+    #[command(flatten)]
+    output: Output,
+    /// Guest RAM in MiB (must equal the destination's).
+    #[arg(long, default_value_t = 1024)]
+    mem_mib: u64,
+    /// Working set the guest keeps rewriting, in MiB (0 = idle guest).
+    #[arg(long, default_value_t = 64)]
+    dirty_mib: u64,
+    /// How long the guest runs before the migration starts, in ms.
+    #[arg(long, default_value_t = 1000)]
+    warmup_ms: u64,
+    /// Dirty-log mode: manual-protect (falls back by itself when KVM lacks
+    /// it) or get-and-clear (forces the fallback).
+    #[arg(long, default_value = "manual-protect", value_parser = ["manual-protect", "get-and-clear"])]
+    dirty_log: String,
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Where to listen: tcp:HOST:PORT (port 0 picks one), unix:PATH or fd:N.
+    #[arg(long)]
+    listen: String,
+    #[command(flatten)]
+    output: Output,
+    /// Guest RAM in MiB (must equal the source's).
+    #[arg(long, default_value_t = 1024)]
+    mem_mib: u64,
+    /// How long the guest runs after the switchover before the report, in ms.
+    #[arg(long, default_value_t = 1000)]
+    run_ms: u64,
+}
+
+fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, String> {
+    demo::check_mode(&m.mode).map_err(|e| e.to_string())?;
+    let mut params = Vec::new();
+    if unlimited_by_default && !options::sets_param(&m.params, "max-bandwidth") {
+        params.push("max-bandwidth=0".to_string());
+    }
+    params.extend(m.params.iter().cloned());
+    options::build_config(demo::base_config(), &m.caps, &params).map_err(|e| e.to_string())
+}
+
+/// Ctrl-C or SIGTERM cancels the migration (the guest stays on the source)
+/// instead of killing the process.
+fn cancel_on_signals() -> Result<Cancel, String> {
+    let cancel = Cancel::new();
+    interrupt::cancel_on_signals(&cancel)
+        .map_err(|e| format!("installing the Ctrl-C handler: {e}"))?;
+    Ok(cancel)
+}
+
+fn dirty_log(name: &str) -> Result<DirtyLogMode, String> {
+    demo::mode_from_name(name).ok_or_else(|| format!("unknown dirty-log mode '{name}'"))
+}
+
+fn uri(text: &str) -> Result<MigrationUri, String> {
+    text.parse()
+        .map_err(|e| format!("bad migration address '{text}': {e}"))
+}
+
+fn progress(o: &Output) -> Progress {
+    if o.quiet {
+        Progress::quiet()
+    } else {
+        Progress::new()
+    }
+}
+
+/// Prints the summary; a migration that did not complete (or did not
+/// verify, for `demo`) is an error line and exit status 1.
+fn finish(summary: &Summary, o: &Output, need_verified: bool) -> ExitCode {
+    if o.json {
+        println!("{}", summary.to_json());
+    } else {
+        print!("{}", summary.to_text());
+    }
+    if summary.stats.status == MigrationStatus::Cancelled {
+        eprintln!("livemig: migration cancelled; the guest keeps running on the source");
+        return ExitCode::FAILURE;
+    }
+    if summary.stats.status != MigrationStatus::Completed {
+        let why = summary
+            .error_desc()
+            .unwrap_or_else(|| format!("ended as {}", summary.stats.status));
+        eprintln!("livemig: migration failed: {why}");
+        return ExitCode::FAILURE;
+    }
+    if need_verified && !summary.verified {
+        eprintln!(
+            "livemig: verification failed: the destination's memory or guest does not match the source"
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    let err = |e: DemoError| e.to_string();
+    match cli.command {
+        Cmd::Demo(a) => {
+            let config = config(&a.migration, true)?;
+            let shape = GuestShape {
+                mem_mib: a.mem_mib,
+                dirty_mib: a.dirty_mib,
+                dirty_log: dirty_log(&a.dirty_log)?,
+            };
+            let summary = if demo::kvm_available() {
+                demo::run_demo(
+                    shape,
+                    &config,
+                    Duration::from_millis(a.warmup_ms),
+                    Duration::from_millis(a.run_ms),
+                    &cancel_on_signals()?,
+                    &mut progress(&a.output),
+                )
+                .map_err(err)?
+            } else {
+                eprintln!("{}", demo::NO_KVM_LINE);
+                demo::run_simulated(shape, &config).map_err(err)?
+            };
+            Ok(finish(&summary, &a.output, true))
+        }
+        Cmd::Send(a) => {
+            let config = config(&a.migration, false)?;
+            let shape = GuestShape {
+                mem_mib: a.mem_mib,
+                dirty_mib: a.dirty_mib,
+                dirty_log: dirty_log(&a.dirty_log)?,
+            };
+            let summary = demo::run_send(
+                &uri(&a.to)?,
+                shape,
+                &config,
+                Duration::from_millis(a.warmup_ms),
+                &cancel_on_signals()?,
+                &mut progress(&a.output),
+            )
+            .map_err(err)?;
+            Ok(finish(&summary, &a.output, false))
+        }
+        Cmd::Receive(a) => {
+            let summary = demo::run_receive(
+                &uri(&a.listen)?,
+                a.mem_mib,
+                Duration::from_millis(a.run_ms),
+                &mut std::io::stdout(),
+                &mut progress(&a.output),
+            )
+            .map_err(err)?;
+            Ok(finish(&summary, &a.output, false))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("livemig: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

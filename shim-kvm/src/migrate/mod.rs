@@ -1,0 +1,139 @@
+//! A live migration of a KVM guest: the glue between the sans-IO engines of
+//! `livemig-core` and this crate's VM, vCPU, dirty log and transport.
+//!
+//! - [`source`]: drives a [`livemig_core::source::SourceEngine`] on the
+//!   migration thread, with the return path read on a second thread.
+//! - [`destination`]: feeds the incoming stream to a
+//!   [`livemig_core::destination::DestinationEngine`] that places pages in
+//!   guest RAM and loads the vCPU state, then starts the guest.
+//!
+//! # RAM layout
+//!
+//! The guest's RAM is one block, [`RAM_BLOCK_ID`], covering guest-physical
+//! `0 .. size`, so a RAM size mismatch is reported by the destination in
+//! bytes. KVM sees it as memslots of [`crate::memory::DEFAULT_SLOT_BYTES`];
+//! [`SlotMap`] translates block pages to (slot, page) and splits any dirty-log
+//! clear that crosses a slot boundary.
+
+pub mod destination;
+pub mod source;
+
+use std::fmt;
+
+use livemig_core::wire::{BlockId, BlockInfo, EncodeError};
+
+use crate::memory::{GuestRam, PAGE_SIZE};
+
+/// The id of the one RAM block (QEMU's name for a PC's main RAM).
+pub const RAM_BLOCK_ID: &str = "pc.ram";
+/// The id of the vCPU's device-state record.
+pub const CPU_DEVICE_ID: &str = "cpu0";
+/// Version of the vCPU state record (the blob of [`crate::state`]).
+pub const CPU_STATE_VERSION: u32 = 1;
+
+/// The one-block layout both ends announce and compare.
+pub fn ram_layout(ram: &GuestRam) -> Result<BlockInfo<'static>, EncodeError> {
+    // RAM_BLOCK_ID is short and non-empty: BlockId::new cannot refuse it.
+    let id = BlockId::new(RAM_BLOCK_ID).map_err(EncodeError::Id)?;
+    BlockInfo::new(id, ram.size(), PAGE_SIZE as u32)
+}
+
+/// Where each page of the RAM block lives among the KVM memslots.
+#[derive(Debug, Clone)]
+pub struct SlotMap {
+    /// (slot index, first block page, pages) in guest-physical order.
+    slots: Vec<(u32, u64, u64)>,
+}
+
+impl SlotMap {
+    /// The map of `ram`'s slots.
+    pub fn new(ram: &GuestRam) -> SlotMap {
+        let page = PAGE_SIZE as u64;
+        SlotMap {
+            slots: ram
+                .slots()
+                .iter()
+                .map(|s| (s.index(), s.guest_phys() / page, s.pages()))
+                .collect(),
+        }
+    }
+
+    /// The slot holding block page `page`, and the page's index in it.
+    pub fn locate(&self, page: u64) -> Option<(u32, u64)> {
+        self.slots
+            .iter()
+            .find(|&&(_, first, pages)| page >= first && page - first < pages)
+            .map(|&(slot, first, _)| (slot, page - first))
+    }
+
+    /// Each slot with its first block page and page count.
+    pub fn slots(&self) -> &[(u32, u64, u64)] {
+        &self.slots
+    }
+
+    /// The parts of block pages `first .. first + count` in each slot:
+    /// (slot, first page in the slot, pages, first block page).
+    pub fn split(&self, first: u64, count: u64) -> impl Iterator<Item = (u32, u64, u64, u64)> + '_ {
+        let end = first.saturating_add(count);
+        self.slots.iter().filter_map(move |&(slot, start, pages)| {
+            let lo = first.max(start);
+            let hi = end.min(start + pages);
+            (lo < hi).then(|| (slot, lo - start, hi - lo, lo))
+        })
+    }
+}
+
+/// Why a migration could not be set up or carried on (as opposed to a
+/// migration that ran and failed, which is a reported status).
+#[derive(Debug)]
+pub enum MigrateError {
+    /// The connection could not be made or duplicated.
+    Transport(crate::transport::TransportError),
+    /// The engine refused its configuration or was driven wrongly.
+    Engine(String),
+    /// A KVM operation on the vCPU failed.
+    Vcpu(crate::vcpu::VcpuError),
+    /// The RAM layout could not be described.
+    Layout(EncodeError),
+}
+
+impl fmt::Display for MigrateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrateError::Transport(e) => e.fmt(f),
+            MigrateError::Engine(e) => write!(f, "migration engine: {e}"),
+            MigrateError::Vcpu(e) => write!(f, "vCPU: {e}"),
+            MigrateError::Layout(e) => write!(f, "RAM layout: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MigrateError {}
+
+impl From<crate::transport::TransportError> for MigrateError {
+    fn from(e: crate::transport::TransportError) -> Self {
+        MigrateError::Transport(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clears_are_split_at_slot_boundaries() {
+        let map = SlotMap {
+            slots: vec![(0, 0, 1 << 18), (1, 1 << 18, 1 << 17)],
+        };
+        assert_eq!(map.locate(5), Some((0, 5)));
+        assert_eq!(map.locate((1 << 18) + 7), Some((1, 7)));
+        assert_eq!(map.locate((1 << 18) + (1 << 17)), None);
+        let parts: Vec<_> = map.split((1 << 18) - 64, 128).collect();
+        assert_eq!(
+            parts,
+            vec![(0, (1 << 18) - 64, 64, (1 << 18) - 64), (1, 0, 64, 1 << 18)]
+        );
+        assert_eq!(map.split(0, 1 << 20).count(), 2);
+        assert_eq!(map.split(1 << 20, 64).count(), 0);
+    }
+}

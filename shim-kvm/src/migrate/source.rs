@@ -1,0 +1,485 @@
+//! The source side: runs a [`SourceEngine`] against a live KVM guest.
+//!
+//! The migration thread (the caller of [`migrate`]) polls the engine and
+//! carries out each action before polling again, exactly as the simulated
+//! harness of `livemig-sim` does: the dirty log is fetched without clearing
+//! and each chunk is cleared with the fetched bits as the mask before its
+//! pages are read; page batches go out in one vectored write straight from
+//! guest RAM; the vCPU is paused for the stop-and-copy, its state saved after
+//! the stop, and resumed if the migration does not complete.
+//!
+//! A second thread reads the return path on a clone of the same connection
+//! and forwards the bytes over a channel; the migration thread waits on that
+//! channel (never longer than the engine's next deadline) when the engine
+//! has nothing to do, for example while the rate limit holds it back.
+//!
+//! When KVM lacks manual dirty-log protection, the log falls back to
+//! get-and-clear: every fetch re-protects the whole slot, so the engine's
+//! clears have nothing left to do and are skipped, and the first fetch is
+//! reported as all dirty (what manual mode's initially-set bits give).
+
+use std::io::IoSlice;
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::Duration;
+
+use livemig_core::clear_map::PageRange;
+use livemig_core::config::MigrationConfig;
+use livemig_core::return_path::RpDecoder;
+use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
+use livemig_core::state::MigrationStatus;
+use livemig_core::stats::MigrationStats;
+use livemig_core::wire::{self, DeviceId};
+
+use super::{CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, SlotMap, ram_layout};
+use crate::clock;
+use crate::dirty_log::{DirtyLogError, DirtyLogMode};
+use crate::interrupt::Cancel;
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::transport::{Connection, PageBatch};
+use crate::vcpu::Vcpu;
+use crate::vm::Vm;
+
+/// Longest the migration thread waits for input before polling again (so
+/// the progress line stays fresh and a stuck peer is noticed).
+const MAX_WAIT: Duration = Duration::from_millis(50);
+/// Longest the migration thread carries out actions before looking at the
+/// return path and reporting progress.
+const MAX_BURST: Duration = Duration::from_millis(50);
+/// How long a failed write waits for the destination's explanation on the
+/// return path.
+const HEAR_OUT: Duration = Duration::from_millis(200);
+
+/// What a source-side migration did.
+#[derive(Debug, Clone)]
+pub struct SourceReport {
+    /// The engine's final statistics (status, times, RAM counters, error).
+    pub stats: MigrationStats,
+    /// `CLOCK_MONOTONIC` nanoseconds when the vCPU stop was requested.
+    pub vcpu_stopped_ns: Option<u64>,
+    /// `CLOCK_MONOTONIC` nanoseconds when the migration completed (the
+    /// destination confirmed the whole stream).
+    pub completed_ns: Option<u64>,
+    /// The guest generation the vCPU had reported when it stopped.
+    pub generation_at_stop: Option<u64>,
+    /// `KVM_CLEAR_DIRTY_LOG` calls made.
+    pub dirty_log_clears: u64,
+    /// How the dirty log was read.
+    pub dirty_log_mode: DirtyLogMode,
+}
+
+impl SourceReport {
+    /// The guest's downtime as the source sees it: from the vCPU stop to
+    /// the destination's confirmation, in milliseconds.
+    pub fn source_downtime_ms(&self) -> Option<f64> {
+        let (a, b) = (self.vcpu_stopped_ns?, self.completed_ns?);
+        Some(b.saturating_sub(a) as f64 / 1e6)
+    }
+}
+
+/// Guest memory as the engine reads it: zero-page checks through the slot
+/// map, with volatile-safe reads (sound while the guest runs).
+struct KvmPages<'r> {
+    ram: &'r GuestRam,
+    map: &'r SlotMap,
+}
+
+impl PageReader for KvmPages<'_> {
+    fn is_zero_page(&self, _block: u16, page: u64) -> bool {
+        self.map
+            .locate(page)
+            .and_then(|(slot, p)| self.ram.is_zero_page(slot, p).ok())
+            .unwrap_or(false)
+    }
+}
+
+/// The dirty log of the one RAM block, fetched slot by slot into one
+/// bitmap that is kept as the mask of the following clears.
+struct DirtyLog<'v> {
+    vm: &'v Vm,
+    map: SlotMap,
+    fetched: Vec<u64>,
+    legacy: bool,
+    first: bool,
+}
+
+impl<'v> DirtyLog<'v> {
+    fn new(vm: &'v Vm) -> Self {
+        let map = SlotMap::new(vm.ram());
+        let pages: u64 = map.slots().iter().map(|s| s.2).sum();
+        DirtyLog {
+            vm,
+            map,
+            fetched: vec![0; pages.div_ceil(64) as usize],
+            legacy: vm.dirty_log_mode() == DirtyLogMode::Legacy,
+            first: true,
+        }
+    }
+
+    /// Fetches every slot's log into `fetched`.
+    fn fetch(&mut self) -> Result<&[u64], DirtyLogError> {
+        for &(slot, first, pages) in self.map.slots() {
+            let from = (first / 64) as usize;
+            let to = from + pages.div_ceil(64) as usize;
+            let words = self
+                .fetched
+                .get_mut(from..to)
+                .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+            self.vm.get_dirty_log(slot, words)?;
+        }
+        if self.legacy && self.first {
+            // Legacy logs start clean; the engine expects initially-set bits
+            // (for the block's pages only, not the tail of the last word).
+            self.fetched.fill(u64::MAX);
+            let pages: u64 = self.map.slots().iter().map(|s| s.2).sum();
+            if let (Some(last), tail @ 1..) = (self.fetched.last_mut(), pages % 64) {
+                *last = (1u64 << tail) - 1;
+            }
+        }
+        self.first = false;
+        Ok(&self.fetched)
+    }
+
+    /// Clears `range` with the fetched bits as the mask (split per slot).
+    /// In legacy mode the fetch already re-protected everything.
+    fn clear(&self, range: PageRange) -> Result<(), DirtyLogError> {
+        if self.legacy {
+            return Ok(());
+        }
+        for (slot, first, count, block_page) in self.map.split(range.first, range.count) {
+            let mask = self
+                .fetched
+                .get((block_page / 64) as usize..)
+                .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+            self.vm.clear_dirty_log(slot, first, count, mask)?;
+        }
+        Ok(())
+    }
+}
+
+enum RpEvent {
+    Bytes(Vec<u8>),
+    Eof,
+    Error(String),
+}
+
+fn spawn_return_path_reader(conn: Connection) -> (Receiver<RpEvent>, thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let handle = thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let event = match conn.read(&mut buf) {
+                Ok(0) => RpEvent::Eof,
+                Ok(n) => RpEvent::Bytes(buf[..n].to_vec()),
+                Err(e) => RpEvent::Error(e.to_string()),
+            };
+            let last = !matches!(event, RpEvent::Bytes(_));
+            if tx.send(event).is_err() || last {
+                break;
+            }
+        }
+    });
+    (rx, handle)
+}
+
+/// Hands one return-path event to the engine.
+fn on_return_path(
+    engine: &mut SourceEngine<'_>,
+    rp: &mut RpDecoder,
+    event: RpEvent,
+    peer: &str,
+    cancel: &Cancel,
+) {
+    let now = clock::now();
+    if cancel.is_cancelled() {
+        // The connection broke because we shut it down: a cancel, not a
+        // failure.
+        engine.cancel(now);
+    }
+    match event {
+        RpEvent::Bytes(bytes) => {
+            let mut input = &bytes[..];
+            while !input.is_empty() {
+                match rp.decode(input) {
+                    Ok((used, msg)) => {
+                        if let Some(msg) = msg {
+                            // Only a finished engine refuses input, and it
+                            // has nothing left to learn from it.
+                            let _ = engine.handle_return_path(now, &msg);
+                        }
+                        input = input.get(used..).unwrap_or_default();
+                    }
+                    Err(e) => {
+                        engine.handle_io_error(
+                            now,
+                            format_args!(
+                                "the peer {peer} is not a livemig destination: its reply is not a return-path message ({e})"
+                            ),
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        RpEvent::Eof => engine.handle_io_error(
+            now,
+            format_args!("connection to {peer} closed by the destination"),
+        ),
+        RpEvent::Error(e) => engine.handle_io_error(now, format_args!("connection lost: {e}")),
+    }
+}
+
+/// Migrates the guest of `vm` (its one vCPU `vcpu`) over `conn`, calling
+/// `progress` with the statistics every few tens of milliseconds. Setting
+/// `cancel` shuts the connection down (`shutdown(2)`, which also frees a
+/// write blocked on a stuck peer) and ends the migration as cancelled.
+///
+/// Returns the report of a migration that ran, whatever its outcome: a
+/// failed migration leaves the guest running on the source and says why in
+/// `stats.error_desc`. `Err` means the migration could not start.
+pub fn migrate(
+    vm: &Vm,
+    vcpu: &Vcpu,
+    conn: Connection,
+    config: &MigrationConfig,
+    cancel: &Cancel,
+    progress: &mut dyn FnMut(&MigrationStats),
+) -> Result<SourceReport, MigrateError> {
+    let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
+    let config = config
+        .validate()
+        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+    let shift = config.parameters.clear_bitmap_shift;
+    let mut dirty_words = vec![0u64; BlockTracking::dirty_words(&layout[0])];
+    let mut clear_words = vec![0u64; BlockTracking::clear_words(&layout[0], shift)];
+    let mut tracking = [
+        BlockTracking::new(&layout[0], shift, &mut dirty_words, &mut clear_words)
+            .map_err(|e| MigrateError::Engine(e.to_string()))?,
+    ];
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut engine = SourceEngine::new(&config, &layout, &mut tracking, &mut scratch)
+        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+    let mut rp =
+        RpDecoder::new(PAGE_SIZE as u32).map_err(|e| MigrateError::Engine(e.to_string()))?;
+    let (rp_conn, cancel_conn) = (conn.try_clone()?, conn.try_clone()?);
+    engine
+        .start(clock::now())
+        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+    // No early return from here on: the threads end with the connection.
+    let (events, reader) = spawn_return_path_reader(rp_conn);
+    let peer = conn.peer().to_string();
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_cancel_watcher(cancel_conn, cancel.clone(), Arc::clone(&done));
+    let mut log = DirtyLog::new(vm);
+    let map = SlotMap::new(vm.ram());
+    let pages = KvmPages {
+        ram: vm.ram(),
+        map: &map,
+    };
+    let mut report = SourceReport {
+        stats: MigrationStats::default(),
+        vcpu_stopped_ns: None,
+        completed_ns: None,
+        generation_at_stop: None,
+        dirty_log_clears: 0,
+        dirty_log_mode: vm.dirty_log_mode(),
+    };
+    let clears_before = vm.clear_calls();
+    let mut reader_done = false;
+    // A guest that could not be restarted after a failed migration is an
+    // error of its own, reported once everything is cleaned up.
+    let mut resume_error = None;
+
+    let status = 'run: loop {
+        if cancel.is_cancelled() {
+            engine.cancel(clock::now());
+        }
+        while let Ok(ev) = events.try_recv() {
+            reader_done |= !matches!(ev, RpEvent::Bytes(_));
+            on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
+        }
+        let burst = clock::monotonic_ns();
+        let mut lost: Option<String> = None;
+        while let Some(action) = engine.poll_action(clock::now(), &pages) {
+            match action {
+                SourceAction::Send(bytes) => {
+                    if let Err(e) = conn.write_all(bytes) {
+                        lost = Some(format!("connection lost: {e}"));
+                    }
+                }
+                SourceAction::SendPages { header, pages, .. } => {
+                    let sent = PageBatch::new(vm.ram(), header, pages)
+                        .and_then(|b| conn.write_page_batch(b));
+                    if let Err(e) = sent {
+                        lost = Some(format!("connection lost: {e}"));
+                    }
+                }
+                SourceAction::SyncDirtyLog => match log.fetch() {
+                    Ok(words) => {
+                        let fed = engine
+                            .handle_dirty_log(0, words)
+                            .and_then(|()| engine.handle_sync_done(clock::now()));
+                        if let Err(e) = fed {
+                            engine.handle_io_error(
+                                clock::now(),
+                                format_args!("migration engine: {e}"),
+                            );
+                        }
+                    }
+                    Err(e) => engine.handle_io_error(
+                        clock::now(),
+                        format_args!("KVM_GET_DIRTY_LOG failed: {e}"),
+                    ),
+                },
+                SourceAction::ClearDirtyLog { range, .. } => {
+                    if let Err(e) = log.clear(range) {
+                        engine.handle_io_error(
+                            clock::now(),
+                            format_args!("KVM_CLEAR_DIRTY_LOG failed: {e}"),
+                        );
+                    }
+                }
+                SourceAction::SetThrottle { percent } => {
+                    let rate = engine.stats().ram.dirty_pages_rate;
+                    let limit = if percent == 0 {
+                        0
+                    } else {
+                        (rate * u64::from(100 - percent.min(99)) / 100).max(1)
+                    };
+                    vcpu.set_dirty_rate_limit(limit);
+                }
+                SourceAction::StopVcpus => {
+                    report.vcpu_stopped_ns = Some(clock::monotonic_ns());
+                    match vcpu.pause() {
+                        Ok(_) => {
+                            report.generation_at_stop = Some(vcpu.stats().generation);
+                            if let Err(e) = engine.handle_vcpus_stopped(clock::now()) {
+                                // The engine does not know the guest is
+                                // stopped, so it would not restart it.
+                                if let Err(e) = vcpu.resume() {
+                                    resume_error = Some(e);
+                                }
+                                engine.handle_io_error(
+                                    clock::now(),
+                                    format_args!("migration engine: {e}"),
+                                );
+                            }
+                        }
+                        Err(e) => engine.handle_io_error(
+                            clock::now(),
+                            format_args!("stopping the vCPU failed: {e}"),
+                        ),
+                    }
+                }
+                SourceAction::SaveDevices => match save_devices(vcpu, &conn) {
+                    Ok(bytes) => {
+                        if let Err(e) = engine.handle_devices_sent(clock::now(), bytes) {
+                            engine.handle_io_error(
+                                clock::now(),
+                                format_args!("migration engine: {e}"),
+                            );
+                        }
+                    }
+                    Err(reason) => lost = Some(reason),
+                },
+                SourceAction::ResumeVcpus => {
+                    if let Err(e) = vcpu.resume() {
+                        resume_error = Some(e);
+                    }
+                }
+                SourceAction::Finished(status) => break 'run status,
+            }
+            if let Some(reason) = lost.take() {
+                if cancel.is_cancelled() {
+                    engine.cancel(clock::now());
+                }
+                // A destination that refused the stream says why on the
+                // return path before it closes: hear it before blaming the
+                // broken connection.
+                let deadline = clock::monotonic_ns() + HEAR_OUT.as_nanos() as u64;
+                while !reader_done {
+                    let left = deadline.saturating_sub(clock::monotonic_ns());
+                    match events.recv_timeout(Duration::from_nanos(left)) {
+                        Ok(ev) => {
+                            reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                            on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                engine.handle_io_error(clock::now(), format_args!("{reason}"));
+            }
+            if clock::monotonic_ns() - burst > MAX_BURST.as_nanos() as u64 {
+                break;
+            }
+        }
+        progress(engine.stats());
+        if engine.is_finished() {
+            break engine.state();
+        }
+        let wait = engine
+            .poll_timeout()
+            .map_or(MAX_WAIT, |t| t.saturating_since(clock::now()).min(MAX_WAIT));
+        if reader_done {
+            thread::sleep(wait);
+            continue;
+        }
+        match events.recv_timeout(wait) {
+            Ok(ev) => {
+                reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => reader_done = true,
+        }
+    };
+    if status == MigrationStatus::Completed {
+        report.completed_ns = Some(clock::monotonic_ns());
+    }
+    // Wake the return-path reader (it may be blocked in read) and let it end.
+    done.store(true, Ordering::SeqCst);
+    let _ = conn.shutdown(Shutdown::Both);
+    let _ = reader.join();
+    let _ = watcher.join();
+    if let Some(e) = resume_error {
+        return Err(MigrateError::Vcpu(e));
+    }
+    report.stats = engine.stats().clone();
+    report.dirty_log_clears = vm.clear_calls() - clears_before;
+    Ok(report)
+}
+
+/// Shuts `conn` down when `cancel` is set, until `done`.
+fn spawn_cancel_watcher(
+    conn: Connection,
+    cancel: Cancel,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            if cancel.is_cancelled() {
+                // Already shut down or gone: either way it is closed.
+                let _ = conn.shutdown(Shutdown::Both);
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+/// Writes the vCPU's state as one device record; returns the bytes written.
+fn save_devices(vcpu: &Vcpu, conn: &Connection) -> Result<u64, String> {
+    let blob = vcpu
+        .save_state()
+        .map_err(|e| format!("saving the vCPU state failed: {e}"))?;
+    let id = DeviceId::new(CPU_DEVICE_ID).map_err(|e| format!("device id: {e}"))?;
+    let mut header = [0u8; 64];
+    let n = wire::encode_device_header(&mut header, id, 0, CPU_STATE_VERSION, blob.len())
+        .map_err(|e| format!("device header: {e}"))?;
+    conn.write_vectored_all(&mut [IoSlice::new(&header[..n]), IoSlice::new(&blob)])
+        .map_err(|e| format!("connection lost: {e}"))?;
+    Ok((n + blob.len()) as u64)
+}

@@ -1,0 +1,305 @@
+//! What the `livemig` tool shows: a live progress line while a migration
+//! runs, and a final summary as text or as one JSON object.
+//!
+//! The JSON uses the field names of QEMU's `query-migrate` (`total-time`,
+//! `ram.normal-bytes`, ...) so scripts written against QEMU read it
+//! unchanged; livemig's own verdicts (`verified`, `dirty-log-clears`, ...)
+//! sit beside them.
+
+use std::io::{IsTerminal, Write};
+
+use livemig_core::stats::MigrationStats;
+use serde_json::{Map, Value, json};
+
+use crate::clock;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// The progress line on stderr, redrawn in place at most ten times a
+/// second, and only when stderr is a terminal (a log file gets no `\r`
+/// noise).
+#[derive(Debug)]
+pub struct Progress {
+    enabled: bool,
+    drawn: bool,
+    last_ns: u64,
+}
+
+impl Progress {
+    /// A progress line that draws when stderr is a terminal.
+    pub fn new() -> Self {
+        Progress {
+            enabled: std::io::stderr().is_terminal(),
+            drawn: false,
+            last_ns: 0,
+        }
+    }
+
+    /// A progress line that never draws.
+    pub fn quiet() -> Self {
+        Progress {
+            enabled: false,
+            drawn: false,
+            last_ns: 0,
+        }
+    }
+
+    /// Redraws the line from `stats` if a tenth of a second has passed.
+    pub fn update(&mut self, stats: &MigrationStats) {
+        if !self.enabled {
+            return;
+        }
+        let now = clock::monotonic_ns();
+        if self.drawn && now.saturating_sub(self.last_ns) < 100_000_000 {
+            return;
+        }
+        self.last_ns = now;
+        self.drawn = true;
+        let mut err = std::io::stderr().lock();
+        // A failed write to the terminal is not worth failing a migration.
+        let _ = write!(err, "\r\x1b[K{}", progress_line(stats));
+        let _ = err.flush();
+    }
+
+    /// Ends the line so that what follows starts on a fresh one.
+    pub fn finish(&mut self) {
+        if self.drawn {
+            let _ = writeln!(std::io::stderr());
+            self.drawn = false;
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+/// One line: state, transferred, remaining, throughput, dirty rate, pass.
+pub fn progress_line(s: &MigrationStats) -> String {
+    format!(
+        "{:<10} transferred {:>9.1} MiB  remaining {:>8.1} MiB  {:>8.0} mbps  dirty {:>8} pages/s  iteration {}",
+        s.status.as_str(),
+        s.ram.transferred as f64 / MIB,
+        s.ram.remaining as f64 / MIB,
+        s.ram.mbps,
+        s.ram.dirty_pages_rate,
+        s.iterations
+    )
+}
+
+/// The end of a migration as the tool reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// The source's statistics (the destination's for `receive`).
+    pub stats: MigrationStats,
+    /// Milliseconds from the source's vCPU stop to the destination's vCPU
+    /// start, when both ends are known; else the source's view.
+    pub downtime_ms: Option<f64>,
+    /// Milliseconds from the source's vCPU stop to the destination's
+    /// confirmation of the last byte.
+    pub source_downtime_ms: Option<f64>,
+    /// `CLOCK_MONOTONIC` ns of the source's vCPU stop.
+    pub vcpu_stopped_ns: Option<u64>,
+    /// `CLOCK_MONOTONIC` ns of the destination's vCPU start.
+    pub vcpu_started_ns: Option<u64>,
+    /// Destination memory equals the source's at stop, and the guest ran
+    /// on without reporting a mismatch.
+    pub verified: bool,
+    /// `KVM_CLEAR_DIRTY_LOG` calls made.
+    pub dirty_log_clears: u64,
+    /// How the dirty log was read ("manual-protect", "get-and-clear",
+    /// "simulated").
+    pub dirty_log_mode: String,
+    /// Where the guest ran: "kvm" or "simulated".
+    pub backend: String,
+    /// Memory digest, when this side took one.
+    pub digest: Option<u64>,
+    /// Why the migration failed, when it did.
+    pub error: Option<String>,
+    /// Further role-specific fields for the JSON object.
+    pub extra: Map<String, Value>,
+}
+
+impl Summary {
+    /// The summary as one JSON object, with `query-migrate` names.
+    pub fn to_json(&self) -> Value {
+        let s = &self.stats;
+        let r = &s.ram;
+        let mut v = json!({
+            "status": s.status.as_str(),
+            "total-time": s.total_time_ms,
+            "setup-time": s.setup_time_ms,
+            "expected-downtime": s.expected_downtime_ms,
+            "ram": {
+                "transferred": r.transferred,
+                "remaining": r.remaining,
+                "total": r.total,
+                "duplicate": r.duplicate,
+                "normal": r.normal,
+                "normal-bytes": r.normal_bytes,
+                "mbps": (r.mbps * 1000.0).round() / 1000.0,
+                "dirty-pages-rate": r.dirty_pages_rate,
+                "dirty-sync-count": r.dirty_sync_count,
+                "pages-per-second": r.pages_per_second,
+                "postcopy-requests": r.postcopy_requests,
+                "page-size": r.page_size,
+            },
+            "iterations": s.iterations,
+            "verified": self.verified,
+            "dirty-log-clears": self.dirty_log_clears,
+            "dirty-log-mode": self.dirty_log_mode,
+            "backend": self.backend,
+        });
+        let Some(obj) = v.as_object_mut() else {
+            return v;
+        };
+        let ms = |x: f64| json!((x * 1000.0).round() / 1000.0);
+        if let Some(d) = self.downtime_ms.or(s.downtime_ms.map(|d| d as f64)) {
+            obj.insert("downtime".into(), ms(d));
+        }
+        if let Some(d) = self.source_downtime_ms {
+            obj.insert("source-downtime".into(), ms(d));
+        }
+        if let Some(t) = self.vcpu_stopped_ns {
+            obj.insert("vcpu-stopped-ns".into(), json!(t));
+        }
+        if let Some(t) = self.vcpu_started_ns {
+            obj.insert("vcpu-started-ns".into(), json!(t));
+        }
+        if let Some(d) = self.digest {
+            obj.insert("digest".into(), json!(format!("{d:#018x}")));
+        }
+        if let Some(e) = self.error_desc() {
+            obj.insert("error-desc".into(), json!(e));
+        }
+        for (k, val) in &self.extra {
+            obj.insert(k.clone(), val.clone());
+        }
+        v
+    }
+
+    /// Why the migration failed: the tool's words, else the engine's.
+    pub fn error_desc(&self) -> Option<String> {
+        self.error.clone().or_else(|| {
+            let d = self.stats.error_desc.as_str();
+            (!d.is_empty()).then(|| d.to_string())
+        })
+    }
+
+    /// The summary as a few lines of text for a person.
+    pub fn to_text(&self) -> String {
+        let s = &self.stats;
+        let r = &s.ram;
+        let mut out = String::new();
+        let line = |out: &mut String, k: &str, v: String| {
+            out.push_str(&format!("{k:<20} {v}\n"));
+        };
+        line(&mut out, "status", s.status.as_str().to_string());
+        if let Some(e) = self.error_desc() {
+            line(&mut out, "error", e);
+        }
+        line(&mut out, "backend", self.backend.clone());
+        line(&mut out, "total time", format!("{} ms", s.total_time_ms));
+        line(&mut out, "setup time", format!("{} ms", s.setup_time_ms));
+        if let Some(d) = self.downtime_ms.or(s.downtime_ms.map(|d| d as f64)) {
+            let span = match (self.vcpu_stopped_ns, self.vcpu_started_ns) {
+                (Some(_), Some(_)) => " (source vCPU stop to destination vCPU start)",
+                _ => "",
+            };
+            line(&mut out, "downtime", format!("{d:.1} ms{span}"));
+        }
+        if let Some(d) = self.source_downtime_ms {
+            line(
+                &mut out,
+                "source downtime",
+                format!("{d:.1} ms (vCPU stop to last byte confirmed)"),
+            );
+        }
+        line(
+            &mut out,
+            "transferred",
+            format!(
+                "{:.1} MiB of {:.1} MiB RAM ({} normal pages, {} zero pages)",
+                r.transferred as f64 / MIB,
+                r.total as f64 / MIB,
+                r.normal,
+                r.duplicate
+            ),
+        );
+        line(&mut out, "throughput", format!("{:.0} mbps", r.mbps));
+        line(
+            &mut out,
+            "dirty syncs",
+            format!("{} ({} iterations)", r.dirty_sync_count, s.iterations),
+        );
+        line(
+            &mut out,
+            "dirty log",
+            format!(
+                "{} ({} clear calls)",
+                self.dirty_log_mode, self.dirty_log_clears
+            ),
+        );
+        if let Some(d) = self.digest {
+            line(&mut out, "digest", format!("{d:#018x}"));
+        }
+        line(&mut out, "verified", self.verified.to_string());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig_core::state::MigrationStatus;
+
+    #[test]
+    fn json_uses_query_migrate_names() {
+        let mut stats = MigrationStats {
+            status: MigrationStatus::Completed,
+            total_time_ms: 1500,
+            ..MigrationStats::default()
+        };
+        stats.ram.normal_bytes = 4096;
+        let sum = Summary {
+            stats,
+            downtime_ms: Some(12.5),
+            verified: true,
+            dirty_log_clears: 7,
+            dirty_log_mode: "manual-protect".into(),
+            backend: "kvm".into(),
+            ..Summary::default()
+        };
+        let v = sum.to_json();
+        assert_eq!(v["status"], "completed");
+        assert_eq!(v["total-time"], 1500);
+        assert_eq!(v["downtime"], 12.5);
+        assert_eq!(v["ram"]["normal-bytes"], 4096);
+        assert_eq!(v["ram"]["postcopy-requests"], 0);
+        assert_eq!(v["verified"], true);
+        assert_eq!(v["dirty-log-clears"], 7);
+        assert!(v.get("error-desc").is_none());
+        let text = sum.to_text();
+        assert!(
+            text.contains("completed") && text.contains("12.5 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn failures_carry_their_reason() {
+        let mut stats = MigrationStats {
+            status: MigrationStatus::Failed,
+            ..MigrationStats::default()
+        };
+        stats.error_desc.set(format_args!("connection lost: reset"));
+        let sum = Summary {
+            stats,
+            ..Summary::default()
+        };
+        assert_eq!(sum.to_json()["error-desc"], "connection lost: reset");
+        assert!(progress_line(&sum.stats).starts_with("failed"));
+    }
+}

@@ -1,0 +1,408 @@
+//! The `livemig` tool end to end, as separate processes: the demo, a
+//! send/receive pair over a Unix socket, a connection cut by killing the
+//! receiver mid-migration, and the one-line errors. KVM tests skip loudly
+//! without `/dev/kvm` (see `common::kvm_available`).
+
+// Only the loud-skip helper is used here; the VM helpers serve other tests.
+#[allow(dead_code)]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::kvm_available;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+fn livemig(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run livemig")
+}
+
+fn json_of(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON in stdout {text:?}, stderr {:?}", stderr(out)));
+    serde_json::from_str(line).expect("valid JSON")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A one-line error and a failure status.
+fn assert_error_line(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure: {out:?}");
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("livemig: "))
+        .unwrap_or_else(|| panic!("no error line in {err:?}"));
+    assert!(
+        line.contains(needle),
+        "{line:?} does not mention {needle:?}"
+    );
+}
+
+/// `livemig receive` as a child, with the address it announced.
+fn spawn_receiver(listen: &str, mem_mib: u64) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["receive", "--listen", listen, "--json", "--quiet"])
+        .args(["--mem-mib", &mem_mib.to_string(), "--run-ms", "300"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn receiver");
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("receiver said {line:?}"))
+        .to_string();
+    child.stdout = Some(reader.into_inner());
+    (child, addr)
+}
+
+fn finish(mut child: Child) -> Output {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_end(&mut out).unwrap();
+    }
+    if let Some(mut s) = child.stderr.take() {
+        s.read_to_end(&mut err).unwrap();
+    }
+    Output {
+        status: child.wait().unwrap(),
+        stdout: out,
+        stderr: err,
+    }
+}
+
+#[test]
+fn demo_migrates_between_two_processes_and_verifies() {
+    if !kvm_available() {
+        return;
+    }
+    let out = livemig(&[
+        "demo",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "16",
+        "--warmup-ms",
+        "300",
+        "--run-ms",
+        "300",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&out);
+    eprintln!("MEASURE demo 256 MiB / 16 MiB: {v}");
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["backend"], "kvm");
+    assert!(v["dirty-log-clears"].as_u64().unwrap() > 0);
+    assert!(v["downtime"].as_f64().unwrap() >= 0.0);
+    let stopped = v["vcpu-stopped-ns"].as_u64().unwrap();
+    let started = v["vcpu-started-ns"].as_u64().unwrap();
+    assert!(
+        started > stopped,
+        "destination started before the source stopped"
+    );
+    assert_eq!(v["ram"]["total"], 256u64 << 20);
+    assert!(v["ram"]["normal"].as_u64().unwrap() >= 16 * 256);
+    assert_eq!(v["destination"]["digest"], v["digest"]);
+}
+
+#[test]
+fn send_and_receive_over_a_unix_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("livemig-test-{}.sock", std::process::id()));
+    let listen = format!("unix:{}", path.display());
+    let (receiver, addr) = spawn_receiver(&listen, 128);
+    assert_eq!(addr, listen);
+    let send = livemig(&[
+        "send",
+        "--to",
+        &addr,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "128",
+        "--dirty-mib",
+        "8",
+        "--warmup-ms",
+        "300",
+        "--cap",
+        "return-path=on",
+        "--param",
+        "downtime-limit=100",
+        "--param",
+        "max-bandwidth=0",
+    ]);
+    let recv = finish(receiver);
+    assert!(send.status.success(), "{send:?}");
+    assert!(recv.status.success(), "{recv:?}");
+    let (s, r) = (json_of(&send), json_of(&recv));
+    assert_eq!(s["status"], "completed");
+    assert_eq!(r["status"], "completed");
+    assert_eq!(s["digest"], r["digest"], "destination memory differs");
+    assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0);
+    assert!(
+        r["guest-generation"].as_u64().unwrap() > s["guest-generation-at-stop"].as_u64().unwrap(),
+        "the guest did not run on at the destination: {r}"
+    );
+    assert!(s["expected-downtime"].as_u64().unwrap() <= 100, "{s}");
+    assert!(!path.exists(), "the receiver removes its socket file");
+}
+
+#[test]
+fn cutting_the_connection_fails_the_migration_and_the_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let (mut receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
+    // 32 MiB rewritten over and over at 16 MiB/s never converges: the
+    // migration is still running when the receiver dies.
+    let sender = Command::new(BIN)
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--json",
+            "--quiet",
+            "--mem-mib",
+            "256",
+        ])
+        .args(["--dirty-mib", "32", "--warmup-ms", "200"])
+        .args(["--param", "max-bandwidth=16M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Boot and warm-up take well under a second even on a loaded machine.
+    std::thread::sleep(Duration::from_millis(2000));
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+    let t = Instant::now();
+    let out = finish(sender);
+    eprintln!("MEASURE failure noticed and reported in {:?}", t.elapsed());
+    let v = json_of(&out);
+    assert_eq!(v["status"], "failed", "{v}");
+    let why = v["error-desc"].as_str().unwrap();
+    assert!(why.contains("connection"), "reason {why:?}");
+    assert!(v["ram"]["transferred"].as_u64().unwrap() > 1 << 20, "{v}");
+    let (before, after) = (
+        v["guest-generation-before"].as_u64().unwrap(),
+        v["guest-generation-after"].as_u64().unwrap(),
+    );
+    assert!(
+        after > before,
+        "the source guest stopped running: {before} -> {after}"
+    );
+    assert_error_line(&out, "connection");
+}
+
+#[test]
+fn a_busy_port_is_one_line() {
+    if !kvm_available() {
+        return;
+    }
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = livemig(&[
+        "receive",
+        "--listen",
+        &format!("tcp:127.0.0.1:{port}"),
+        "--mem-mib",
+        "64",
+    ]);
+    assert_error_line(&out, &port.to_string());
+    assert_error_line(&out, "in use");
+}
+
+#[test]
+fn an_unreachable_peer_is_one_line() {
+    let out = livemig(&[
+        "send",
+        "--to",
+        "tcp:127.0.0.1:1",
+        "--mem-mib",
+        "64",
+        "--dirty-mib",
+        "4",
+    ]);
+    assert_error_line(&out, "tcp:127.0.0.1:1");
+    assert_error_line(&out, "refused");
+}
+
+#[test]
+fn bad_flags_are_one_line() {
+    let out = livemig(&["demo", "--mode", "postcopy"]);
+    assert_error_line(&out, "not yet supported");
+    let out = livemig(&["demo", "--param", "downtime-limit=soon"]);
+    assert_error_line(&out, "downtime-limit=soon");
+    let out = livemig(&["send", "--to", "carrier-pigeon:coop"]);
+    assert_error_line(&out, "carrier-pigeon:coop");
+}
+
+#[test]
+fn a_peer_that_is_not_livemig_is_named() {
+    if !kvm_available() {
+        return;
+    }
+    // A server that answers like a web server and then just reads.
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+        let mut sink = [0u8; 65536];
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let out = livemig(&[
+        "send",
+        "--to",
+        &format!("tcp:127.0.0.1:{port}"),
+        "--mem-mib",
+        "64",
+        "--dirty-mib",
+        "4",
+        "--warmup-ms",
+        "100",
+        "--quiet",
+    ]);
+    assert_error_line(&out, "not a livemig destination");
+    handle.join().unwrap();
+
+    // And a client that is not livemig, seen by the receiver.
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 64);
+    let mut c = std::net::TcpStream::connect(addr.trim_start_matches("tcp:")).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let out = finish(receiver);
+    assert_error_line(&out, "not a livemig source");
+
+    // A livemig stream of a version this build does not speak.
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 64);
+    let mut c = std::net::TcpStream::connect(addr.trim_start_matches("tcp:")).unwrap();
+    let mut header = b"LMIG".to_vec();
+    header.extend_from_slice(&99u32.to_be_bytes());
+    c.write_all(&header).unwrap();
+    let out = finish(receiver);
+    assert_error_line(&out, "version mismatch");
+}
+
+#[test]
+fn a_ram_size_mismatch_is_named_on_both_ends() {
+    if !kvm_available() {
+        return;
+    }
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
+    let send = livemig(&[
+        "send",
+        "--to",
+        &addr,
+        "--mem-mib",
+        "512",
+        "--dirty-mib",
+        "4",
+        "--warmup-ms",
+        "100",
+        "--quiet",
+    ]);
+    let recv = finish(receiver);
+    assert_error_line(
+        &recv,
+        "RAM size mismatch: the source has 512 MiB, this destination 256 MiB",
+    );
+    assert_error_line(&send, "the destination failed to load the stream");
+    assert_error_line(&send, "RAM size");
+}
+
+#[test]
+fn forced_get_and_clear_fallback_still_verifies_and_says_so() {
+    if !kvm_available() {
+        return;
+    }
+    let out = livemig(&[
+        "demo",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "128",
+        "--dirty-mib",
+        "8",
+        "--warmup-ms",
+        "200",
+        "--run-ms",
+        "300",
+        "--dirty-log",
+        "get-and-clear",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&out);
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["dirty-log-mode"], "get-and-clear");
+    assert_eq!(v["dirty-log-clears"], 0);
+}
+
+#[test]
+fn ctrl_c_cancels_and_the_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+    let sender = Command::new(BIN)
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--json",
+            "--quiet",
+            "--mem-mib",
+            "128",
+        ])
+        .args(["--dirty-mib", "32", "--warmup-ms", "200"])
+        .args(["--param", "max-bandwidth=16M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let status = Command::new("kill")
+        .args(["-INT", &sender.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = finish(sender);
+    let recv = finish(receiver);
+    let v = json_of(&out);
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert!(
+        v["guest-generation-after"].as_u64().unwrap()
+            > v["guest-generation-before"].as_u64().unwrap(),
+        "the source guest stopped running: {v}"
+    );
+    assert_error_line(&out, "cancelled");
+    assert_error_line(&recv, "connection");
+}
