@@ -72,24 +72,7 @@ pub const fn chunk_words(pages: u64, shift: u8) -> usize {
     words_for(chunk_count(pages, shift))
 }
 
-/// A run of guest pages within a RAM block: `count` pages from page index
-/// `first`. The unit of a dirty-log clear action, and of any other action
-/// that names a span of pages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageRange {
-    /// Index of the first page.
-    pub first: u64,
-    /// Number of pages.
-    pub count: u64,
-}
-
-impl PageRange {
-    /// One past the last page (`first + count`), saturating so that a range
-    /// built from untrusted values cannot overflow.
-    pub fn end(&self) -> u64 {
-        self.first.saturating_add(self.count)
-    }
-}
+pub use crate::wire::PageRange;
 
 /// Why a [`ClearMap`] could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,6 +19,9 @@ pub struct Limits {
     /// failed (a destination that stops answering must not leave the source
     /// waiting forever with its guest stopped).
     pub confirm_timeout_ms: u64,
+    /// With postcopy-ram, switch to postcopy by itself once this many
+    /// precopy passes have not converged (`None`: only when asked).
+    pub postcopy_after_iterations: Option<u64>,
 }
 
 /// Default for [`Limits::confirm_timeout_ms`]: generous enough for a
@@ -32,6 +35,7 @@ impl Default for Limits {
             max_iterations: None,
             max_time_ms: None,
             confirm_timeout_ms: DEFAULT_CONFIRM_TIMEOUT_MS,
+            postcopy_after_iterations: None,
         }
     }
 }

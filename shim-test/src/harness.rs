@@ -14,14 +14,15 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 
+use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
-use livemig_core::destination::{DestinationEngine, DestinationHost, HostError};
+use livemig_core::destination::{DestinationEngine, DestinationHost, HostError, PostcopyTracking};
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
 use livemig_core::time::Instant;
-use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState};
+use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
 use crate::{
     BlockSpec, FirstDifference, LinkConfig, LinkError, SimDirtyLog, SimRam, WorkingSet, Workload,
@@ -75,6 +76,9 @@ pub struct Scenario {
     /// How long the destination guest runs after the switchover, to show
     /// that it continues.
     pub run_after_ns: u64,
+    /// The operator's `migrate-start-postcopy`, at this simulated time
+    /// (needs the postcopy-ram capability).
+    pub start_postcopy_at_ns: Option<u64>,
     /// Simulated time after which the harness gives up (a hang is a bug).
     pub watchdog_ns: u64,
 }
@@ -92,6 +96,7 @@ impl Scenario {
             cancel: None,
             continue_after_ns: 1_000_000,
             run_after_ns: 10_000_000,
+            start_postcopy_at_ns: None,
             watchdog_ns: 3_600 * 1_000_000_000,
         }
     }
@@ -138,8 +143,31 @@ pub struct Outcome {
     /// a page read while its chunk's log was still uncleared, a chunk
     /// cleared twice in one sync, a misaligned chunk.
     pub clear_violations: Vec<String>,
+    /// Postcopy, when the guest was started on the destination before all
+    /// its memory had arrived.
+    pub postcopy: Option<PostcopyOutcome>,
+    /// Destination memory equals what the guest would hold had it kept
+    /// running on the source: for precopy, the source image at stop time;
+    /// for postcopy, that image plus the destination guest's own writes
+    /// replayed onto it.
+    pub memory_identical: bool,
     /// The watchdog fired.
     pub timed_out: bool,
+}
+
+/// What happened in postcopy.
+#[derive(Clone, Debug, Default)]
+pub struct PostcopyOutcome {
+    /// Times the destination guest touched a page that had not arrived.
+    pub faults: u64,
+    /// Page requests the destination sent.
+    pub requests: u64,
+    /// Pages the destination dropped on the source's discard ranges.
+    pub discarded_pages: u64,
+    /// Writes the destination guest made.
+    pub guest_writes: u64,
+    /// Longest time from a page request to the page's arrival.
+    pub max_request_latency_ns: u64,
 }
 
 impl Outcome {
@@ -148,8 +176,7 @@ impl Outcome {
     pub fn verified(&self) -> bool {
         self.source.status == MigrationStatus::Completed
             && self.destination.status == MigrationStatus::Completed
-            && self.stop_digest.is_some()
-            && self.stop_digest == self.destination_digest
+            && self.memory_identical
             && self.first_difference.is_none()
             && self.guest_continued
     }
@@ -245,6 +272,9 @@ impl PageReader for Pages<'_> {
 struct Host<'a> {
     ram: &'a mut SimRam,
     cpu: Option<Vec<u8>>,
+    /// The package's run command arrived: start the guest.
+    run: bool,
+    discarded: u64,
 }
 
 const RAM_WRITE: HostError = HostError {
@@ -275,6 +305,33 @@ impl DestinationHost for Host<'_> {
                 .zero_page(usize::from(block), page)
                 .map_err(|_| RAM_WRITE)?;
         }
+        Ok(())
+    }
+
+    fn postcopy_advise(
+        &mut self,
+        _host_page_size: u64,
+        _target_page_size: u64,
+    ) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
+        for page in range.first..range.end() {
+            self.ram
+                .zero_page(usize::from(block), page)
+                .map_err(|_| RAM_WRITE)?;
+        }
+        self.discarded += range.count;
+        Ok(())
+    }
+
+    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    fn postcopy_run(&mut self) -> Result<(), HostError> {
+        self.run = true;
         Ok(())
     }
 
@@ -389,7 +446,33 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut src = SourceEngine::new(&config, &layout, &mut tracking, &mut src_scratch)
         .map_err(|e| setup_err("source engine", e))?;
     let mut dst_scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
-    let mut dst = DestinationEngine::new(&layout, &mut dst_scratch);
+    let postcopy = config.capabilities.contains(Capabilities::POSTCOPY_RAM);
+    let mut received_words: Vec<Vec<u64>> = layout
+        .iter()
+        .map(|b| vec![0; PostcopyTracking::words(b.length / u64::from(b.page_size))])
+        .collect();
+    let mut requested_words = received_words.clone();
+    let mut dst_tracking = layout
+        .iter()
+        .zip(received_words.iter_mut().zip(requested_words.iter_mut()))
+        .map(|(b, (r, q))| PostcopyTracking::new(r, q, b.length / u64::from(b.page_size)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| setup_err("postcopy tracking", e))?;
+    let mut dst = if postcopy {
+        DestinationEngine::with_postcopy(&layout, &mut dst_scratch, &mut dst_tracking)
+            .map_err(|e| setup_err("destination engine", e))?
+    } else {
+        DestinationEngine::new(&layout, &mut dst_scratch)
+    };
+    // The guest once it runs on the destination (postcopy), and the state
+    // it started from, to replay its writes onto the source image.
+    let mut dest_guest: Option<Workload> = None;
+    let mut guest_at_stop: Option<Workload> = None;
+    let mut dest_ran_to = 0u64;
+    let mut dest_log = SimDirtyLog::new_initially_clear(dst_ram.blocks());
+    let mut pc = PostcopyOutcome::default();
+    // Requested pages not yet arrived, with the time of the request.
+    let mut awaited: Vec<(u16, u64, u64)> = Vec::new();
     let page_size = scenario
         .blocks
         .iter()
@@ -415,6 +498,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut src_saw_close = false;
     let mut timed_out = false;
     let mut cancelled = false;
+    let mut postcopy_asked = false;
     let mut bytes_at_stop = None;
     let audit = RefCell::new(ClearAudit {
         shift,
@@ -441,6 +525,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             if due {
                 cancelled = true;
                 src.cancel(Instant::from_nanos(now));
+            }
+        }
+        if let Some(at) = scenario.start_postcopy_at_ns {
+            if now >= at && src.state() == MigrationStatus::Active && !postcopy_asked {
+                postcopy_asked = true;
+                src.start_postcopy(Instant::from_nanos(now))
+                    .map_err(|e| setup_err("start-postcopy", e))?;
             }
         }
         if continue_at.is_some_and(|t| now >= t) {
@@ -516,6 +607,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     bytes_at_stop = Some(fwd.bytes_sent());
                     stop_digest = Some(src_ram.digest());
                     cpu_at_stop = Some(cpu_state(guest.workload.as_ref()));
+                    guest_at_stop = guest.workload.clone();
                     src.handle_vcpus_stopped(t)
                         .map_err(|e| setup_err("stop", e))?;
                     if src.state() == MigrationStatus::PreSwitchover {
@@ -543,6 +635,23 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                         }
                         Err(e) => Err(e),
                     }
+                }
+                SourceAction::PackageDevices => {
+                    let cpu = cpu_state(guest.workload.as_ref());
+                    let id = BlockId::new(CPU_DEVICE_ID).map_err(|e| setup_err("device id", e))?;
+                    let mut records = vec![0u8; 64];
+                    let n = wire::encode_device_header(&mut records, id, 0, 1, cpu.len())
+                        .map_err(|e| setup_err("device header", e))?;
+                    records.truncate(n);
+                    records.extend_from_slice(&cpu);
+                    let framing = src
+                        .package_devices(t, records.len())
+                        .map_err(|e| setup_err("package", e))?;
+                    page_buf.clear();
+                    page_buf.extend_from_slice(framing.head);
+                    page_buf.extend_from_slice(&records);
+                    page_buf.extend_from_slice(framing.tail);
+                    fwd.send(now, &page_buf).map(Some)
                 }
                 SourceAction::ResumeVcpus => {
                     guest.running = true;
@@ -583,16 +692,52 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             let mut host = Host {
                 ram: &mut dst_ram,
                 cpu: None,
+                run: false,
+                discarded: 0,
             };
             let _ = dst.handle_input(t, &buf[..n], &mut host);
+            pc.discarded_pages += host.discarded;
+            let start_guest = host.run;
             if host.cpu.is_some() {
                 dest_cpu = host.cpu;
+            }
+            if start_guest {
+                // Postcopy: the guest runs on the destination from now on,
+                // from the state it had when the source stopped it.
+                dest_guest = guest_at_stop.clone();
+                dest_ran_to = now;
+                dest_started_at = Some(now);
             }
         }
         if !dst_eof_handled && (fwd.is_eof(now) || fwd.is_reset(now)) {
             dst_eof_handled = true;
             progressed = true;
             let _ = dst.handle_eof(t);
+        }
+        awaited.retain(|&(b, p, asked)| {
+            let arrived = dst.is_received(b, p);
+            if arrived {
+                pc.max_request_latency_ns = pc.max_request_latency_ns.max(now - asked);
+            }
+            !arrived
+        });
+        if let Some(g) = dest_guest.as_mut() {
+            if now > dest_ran_to && dst.state() != MigrationStatus::Failed {
+                let adv = g
+                    .advance_until_fault(&mut dst_ram, &mut dest_log, dest_ran_to, now, |b, p| {
+                        dst.is_completed() || dst.is_received(b as u16, p)
+                    })
+                    .map_err(|e| setup_err("destination guest", e))?;
+                dest_ran_to = now;
+                if let Some(fault) = adv.fault {
+                    pc.faults += 1;
+                    if let Ok(true) = dst.handle_page_fault(t, fault.block as u16, fault.page) {
+                        pc.requests += 1;
+                        awaited.push((fault.block as u16, fault.page, now));
+                    }
+                    progressed = true;
+                }
+            }
         }
         let _ = dst.handle_timeout(t);
         if dst.state() == MigrationStatus::Failed && !back_closed {
@@ -675,28 +820,54 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let completed = dst.is_completed() && src.state() == MigrationStatus::Completed;
     let destination_digest = dst.is_completed().then(|| dst_ram.digest());
     let mut first_difference = None;
+    let mut memory_identical = false;
     let mut guest_continued = false;
+    let ran_on_destination = dest_guest.is_some();
     if completed {
-        // Compare against the source as it was at the stop: the source's
-        // vCPUs have not run since, so its memory still is that image.
-        first_difference = dst_ram.diff(&src_ram);
         guest_continued = dest_cpu.is_some() && dest_cpu == cpu_at_stop;
-        if let Some(mut on_dst) = guest.workload.take() {
-            // Run the guest on both sides from the stop image: a destination
-            // that resumed with the right memory and CPU state evolves exactly
-            // as the source would have.
-            let mut on_src = on_dst.clone();
-            let before = on_dst.writes();
-            let (from, to) = (guest.guest_ns, guest.guest_ns + scenario.run_after_ns);
-            let mut dst_log = SimDirtyLog::new_initially_clear(dst_ram.blocks());
+        // The source's vCPUs have not run since the stop, so its memory is
+        // still the stop image. The guest then runs on the destination: in
+        // postcopy it has been running since the switchover; either way it
+        // runs a while longer, and its writes are replayed onto the source
+        // image. A destination that resumed with the right memory and CPU
+        // state ends byte-identical to that replay.
+        let at_stop = guest_at_stop.take().or_else(|| guest.workload.clone());
+        let on_dst = match dest_guest.take() {
+            Some(g) => Some(g),
+            None => {
+                first_difference = dst_ram.diff(&src_ram);
+                memory_identical = stop_digest.is_some() && stop_digest == destination_digest;
+                at_stop.clone()
+            }
+        };
+        if let (Some(mut on_dst), Some(mut replay)) = (on_dst, at_stop) {
+            let before = replay.writes();
+            let from = dest_ran_to;
             on_dst
-                .advance(&mut dst_ram, &mut dst_log, from, to)
+                .advance(
+                    &mut dst_ram,
+                    &mut dest_log,
+                    from,
+                    from + scenario.run_after_ns,
+                )
                 .map_err(|e| setup_err("destination guest", e))?;
-            on_src
-                .advance(&mut src_ram, &mut log, from, to)
-                .map_err(|e| setup_err("source guest replay", e))?;
-            let ran = on_dst.rate_pages_per_sec() == 0 || on_dst.writes() > before;
-            guest_continued &= ran && dst_ram.digest() == src_ram.digest();
+            let writes = on_dst.writes() - before;
+            replay
+                .replay_writes(&mut src_ram, &mut log, writes)
+                .map_err(|e| setup_err("source replay", e))?;
+            let ran = on_dst.rate_pages_per_sec() == 0 || writes > 0;
+            let difference = dst_ram.diff(&src_ram);
+            if ran_on_destination {
+                pc.guest_writes = writes;
+                memory_identical = difference.is_none();
+                first_difference = difference;
+            } else {
+                guest_continued &= difference.is_none();
+            }
+            guest_continued &= ran;
+        } else if ran_on_destination {
+            first_difference = dst_ram.diff(&src_ram);
+            memory_identical = first_difference.is_none();
         }
     }
     let source_running = guest.running;
@@ -730,6 +901,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         stop_ns: stop_at,
         bytes_at_stop,
         clear_violations: audit.into_inner().violations,
+        postcopy: ran_on_destination.then_some(pc),
+        memory_identical,
         timed_out,
     })
 }

@@ -291,9 +291,6 @@ impl Workload {
         let end = start.saturating_add(to_ns - from_ns);
         let target = self.due(end);
         let mut writes = 0;
-        // Words of the page past the stamp where the seed-derived word may
-        // go; page_size >= 64 (a SimRam rule) so there are at least 5.
-        let slots = ((self.page_size - 24) / 8) as u64;
         while self.writes < target {
             let page = match self.blocked_on.take() {
                 Some(p) => p,
@@ -315,15 +312,7 @@ impl Workload {
                     fault: Some(fault),
                 });
             }
-            let mut stamp = [0u8; 16];
-            stamp[..8].copy_from_slice(&page.to_le_bytes());
-            stamp[8..].copy_from_slice(&generation.to_le_bytes());
-            ram.write(self.set.block, page, 0, &stamp)?;
-            let noise = splitmix(self.seed ^ generation.rotate_left(32));
-            let at = 24 + 8 * (splitmix(self.seed ^ page) % slots) as usize;
-            ram.write(self.set.block, page, at, &noise.to_le_bytes())?;
-            log.mark(self.set.block, page)?;
-            self.writes = generation;
+            self.stamp(ram, log, page)?;
             writes += 1;
         }
         self.ran_ns = end;
@@ -331,6 +320,49 @@ impl Workload {
             writes,
             fault: None,
         })
+    }
+
+    /// Performs the next `n` writes at once, whatever the time: replays on
+    /// another memory what this guest did elsewhere (the write sequence
+    /// depends only on the seed and the count, not on when writes happen or
+    /// how long the guest was blocked).
+    pub fn replay_writes(
+        &mut self,
+        ram: &mut SimRam,
+        log: &mut SimDirtyLog,
+        n: u64,
+    ) -> Result<(), WorkloadError> {
+        for _ in 0..n {
+            let page = match self.blocked_on.take() {
+                Some(p) => p,
+                None => self.set.first_page + self.rng.u64(..self.set.pages),
+            };
+            self.stamp(ram, log, page)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the next generation's stamp into `page`.
+    fn stamp(
+        &mut self,
+        ram: &mut SimRam,
+        log: &mut SimDirtyLog,
+        page: u64,
+    ) -> Result<(), WorkloadError> {
+        let generation = self.writes + 1;
+        let mut stamp = [0u8; 16];
+        stamp[..8].copy_from_slice(&page.to_le_bytes());
+        stamp[8..].copy_from_slice(&generation.to_le_bytes());
+        ram.write(self.set.block, page, 0, &stamp)?;
+        // Words of the page past the stamp where the seed-derived word may
+        // go; page_size >= 64 (a SimRam rule) so there are at least 5.
+        let slots = ((self.page_size - 24) / 8) as u64;
+        let noise = splitmix(self.seed ^ generation.rotate_left(32));
+        let at = 24 + 8 * (splitmix(self.seed ^ page) % slots) as usize;
+        ram.write(self.set.block, page, at, &noise.to_le_bytes())?;
+        log.mark(self.set.block, page)?;
+        self.writes = generation;
+        Ok(())
     }
 }
 

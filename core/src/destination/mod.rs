@@ -16,17 +16,25 @@
 use core::fmt;
 use core::time::Duration;
 
+mod postcopy;
+
+pub use postcopy::PostcopyTracking;
+
 use crate::return_path::RpMessage;
 use crate::state::MigrationStatus;
 use crate::stats::MigrationStats;
 use crate::time::Instant;
 use crate::wire::{
     BatchFlags, BlockInfo, BlockList, Command, DecodeError, DeviceState, PageBatch, PageKind,
-    Record, StreamDecoder,
+    PageRange, Record, StreamDecoder,
 };
 
-/// Room for queued return-path messages: a SHUT and a few PONGs.
-const RETURN_PATH_QUEUE: usize = 512;
+/// Room for queued return-path messages: a SHUT, PONGs, and page requests
+/// (up to 272 bytes each) between two drains by the caller.
+const RETURN_PATH_QUEUE: usize = 8192;
+
+/// Default for [`DestinationEngine::set_request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 
 /// Default for [`DestinationEngine::set_idle_timeout`]: how long an
 /// unfinished stream may stay silent before the destination gives up.
@@ -49,7 +57,46 @@ pub trait DestinationHost {
     ) -> Result<(), HostError>;
     /// Loads one device's state.
     fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError>;
+
+    /// The source will use postcopy: prepare for it now (check that
+    /// userfaultfd is available, that the page sizes are supported), before
+    /// anything is transferred. A host without postcopy keeps the default,
+    /// which refuses.
+    fn postcopy_advise(
+        &mut self,
+        host_page_size: u64,
+        target_page_size: u64,
+    ) -> Result<(), HostError> {
+        let _ = (host_page_size, target_page_size);
+        Err(POSTCOPY_UNSUPPORTED)
+    }
+
+    /// Drops the pages of `range` in block `block`: they were dirtied on
+    /// the source after being sent, so the next guest touch must fault and
+    /// fetch them (`MADV_DONTNEED` under userfaultfd).
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
+        let _ = (block, range);
+        Err(POSTCOPY_UNSUPPORTED)
+    }
+
+    /// Postcopy begins: from now on missing pages fault (register guest RAM
+    /// with userfaultfd in missing mode) and every page placed must be
+    /// installed atomically.
+    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+        Err(POSTCOPY_UNSUPPORTED)
+    }
+
+    /// Start the vCPUs: the guest now runs on the destination, and its
+    /// faults go to [`DestinationEngine::handle_page_fault`].
+    fn postcopy_run(&mut self) -> Result<(), HostError> {
+        Err(POSTCOPY_UNSUPPORTED)
+    }
 }
+
+const POSTCOPY_UNSUPPORTED: HostError = HostError {
+    what: "this destination does not support postcopy",
+    code: 0,
+};
 
 /// A failure reported by the [`DestinationHost`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +178,32 @@ pub enum DestError {
     Host(HostError),
     /// The connection closed before the end of the stream.
     UnexpectedEof(DecodeError),
+    /// A postcopy command arrived but this destination was built without
+    /// postcopy tracking, or in the wrong order.
+    PostcopyUnexpected(&'static str),
+    /// A discard range lies outside its block.
+    DiscardOutOfBlock {
+        /// The block.
+        block: u16,
+        /// First page of the range.
+        first: u64,
+        /// Pages in the range.
+        count: u64,
+    },
+    /// A page fault was reported for a page outside guest RAM.
+    FaultOutsideRam {
+        /// The block.
+        block: u16,
+        /// The page.
+        page: u64,
+    },
+    /// Requested pages did not arrive in time.
+    RequestTimedOut {
+        /// Requests still waiting.
+        outstanding: u64,
+        /// Milliseconds since the last requested page arrived.
+        waited_ms: u64,
+    },
     /// The source sent nothing for longer than the idle timeout.
     SourceSilent {
         /// Milliseconds without input.
@@ -190,6 +263,30 @@ impl fmt::Display for DestError {
             DestError::UnexpectedCommand(c) => write!(f, "unexpected command {c}"),
             DestError::Host(e) => write!(f, "the VMM failed: {e}"),
             DestError::UnexpectedEof(e) => write!(f, "connection closed early: {e}"),
+            DestError::PostcopyUnexpected(what) => {
+                write!(f, "unexpected postcopy step: {what}")
+            }
+            DestError::DiscardOutOfBlock {
+                block,
+                first,
+                count,
+            } => write!(
+                f,
+                "discard of {count} pages at {first} lies outside block {block}"
+            ),
+            DestError::FaultOutsideRam { block, page } => {
+                write!(
+                    f,
+                    "page fault outside guest RAM: block {block}, page {page}"
+                )
+            }
+            DestError::RequestTimedOut {
+                outstanding,
+                waited_ms,
+            } => write!(
+                f,
+                "{outstanding} requested pages did not arrive within {waited_ms} ms"
+            ),
             DestError::SourceSilent { idle_ms } => {
                 write!(f, "the source sent nothing for {idle_ms} ms")
             }
@@ -214,15 +311,29 @@ impl From<HostError> for DestError {
 
 /// The sans-IO destination side of a migration. See the [module docs](self).
 pub struct DestinationEngine<'a> {
-    layout: &'a [BlockInfo<'a>],
     decoder: StreamDecoder<'a>,
+    loader: Loader<'a>,
+}
+
+/// Everything but the decoder, so that records borrowed from the decoder
+/// can be applied to it.
+struct Loader<'a> {
+    layout: &'a [BlockInfo<'a>],
+    postcopy: Option<&'a mut [PostcopyTracking<'a>]>,
     state: MigrationStatus,
     blocks_received: bool,
     return_path: bool,
+    advised: bool,
     rp_queue: heapless::Vec<u8, RETURN_PATH_QUEUE>,
     started_at: Option<Instant>,
     last_input_at: Instant,
     idle_timeout: Duration,
+    /// Requests sent and not yet answered.
+    outstanding: u64,
+    /// Since when the oldest wait has made no progress.
+    waiting_since: Option<Instant>,
+    request_timeout: Duration,
+    last_request_block: Option<u16>,
     stats: MigrationStats,
 }
 
@@ -230,7 +341,8 @@ impl<'a> DestinationEngine<'a> {
     /// A destination whose guest RAM is `layout`, decoding with `scratch`
     /// as its reassembly buffer (records larger than it are refused; give
     /// it at least [`crate::wire::MAX_RECORD_BODY`] plus a record header to
-    /// accept everything a livemig source sends).
+    /// accept everything a livemig source sends). It refuses postcopy; see
+    /// [`DestinationEngine::with_postcopy`].
     pub fn new(layout: &'a [BlockInfo<'a>], scratch: &'a mut [u8]) -> Self {
         let mut stats = MigrationStats::default();
         stats.ram.total = layout.iter().map(|b| b.length).sum();
@@ -240,63 +352,155 @@ impl<'a> DestinationEngine<'a> {
             .max()
             .unwrap_or(0);
         DestinationEngine {
-            layout,
             decoder: StreamDecoder::new(scratch),
-            state: MigrationStatus::None,
-            blocks_received: false,
-            return_path: false,
-            rp_queue: heapless::Vec::new(),
-            started_at: None,
-            last_input_at: Instant::ZERO,
-            idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
-            stats,
+            loader: Loader {
+                layout,
+                postcopy: None,
+                state: MigrationStatus::None,
+                blocks_received: false,
+                return_path: false,
+                advised: false,
+                rp_queue: heapless::Vec::new(),
+                started_at: None,
+                last_input_at: Instant::ZERO,
+                idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
+                outstanding: 0,
+                waiting_since: None,
+                request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
+                last_request_block: None,
+                stats,
+            },
         }
+    }
+
+    /// A destination that can also take postcopy: `tracking` holds, per
+    /// block, which pages have arrived and which have been requested
+    /// (built with [`PostcopyTracking::new`], one per block of `layout`).
+    pub fn with_postcopy(
+        layout: &'a [BlockInfo<'a>],
+        scratch: &'a mut [u8],
+        tracking: &'a mut [PostcopyTracking<'a>],
+    ) -> Result<Self, DestError> {
+        if tracking.len() != layout.len()
+            || tracking
+                .iter()
+                .zip(layout)
+                .any(|(t, b)| t.pages() != b.length / u64::from(b.page_size))
+        {
+            return Err(DestError::PostcopyUnexpected(
+                "postcopy tracking does not match the RAM layout",
+            ));
+        }
+        let mut engine = Self::new(layout, scratch);
+        engine.loader.postcopy = Some(tracking);
+        Ok(engine)
     }
 
     /// How long an unfinished stream may stay silent before the
     /// destination fails it (a source that vanished without closing the
     /// connection must not leave the destination waiting forever).
     pub fn set_idle_timeout(&mut self, timeout: Duration) {
-        self.idle_timeout = timeout;
+        self.loader.idle_timeout = timeout;
+    }
+
+    /// How long requested pages may take to arrive, in postcopy, before
+    /// the destination fails the migration rather than leave a vCPU blocked
+    /// forever.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.loader.request_timeout = timeout;
     }
 
     /// When [`DestinationEngine::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (self.state == MigrationStatus::Active).then(|| self.last_input_at + self.idle_timeout)
+        let l = &self.loader;
+        let idle = matches!(
+            l.state,
+            MigrationStatus::Active | MigrationStatus::PostcopyActive
+        )
+        .then(|| l.last_input_at + l.idle_timeout);
+        let request = l.waiting_since.map(|t| t + l.request_timeout);
+        match (idle, request) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Time passed: fails the migration if the source has been silent for
-    /// longer than the idle timeout.
+    /// longer than the idle timeout, or requested pages are overdue.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), DestError> {
-        let idle = now - self.last_input_at;
-        if self.state == MigrationStatus::Active && idle >= self.idle_timeout {
+        let l = &self.loader;
+        let idle = now - l.last_input_at;
+        let running = matches!(
+            l.state,
+            MigrationStatus::Active | MigrationStatus::PostcopyActive
+        );
+        if running && idle >= l.idle_timeout {
             let e = DestError::SourceSilent {
                 idle_ms: idle.as_millis() as u64,
             };
-            return Err(self.fail(now, e));
+            return Err(self.loader.fail(now, e));
+        }
+        if let Some(since) = l.waiting_since {
+            let waited = now - since;
+            if waited >= l.request_timeout {
+                let e = DestError::RequestTimedOut {
+                    outstanding: l.outstanding,
+                    waited_ms: waited.as_millis() as u64,
+                };
+                return Err(self.loader.fail(now, e));
+            }
         }
         Ok(())
     }
 
     /// The current state.
     pub fn state(&self) -> MigrationStatus {
-        self.state
+        self.loader.state
     }
 
     /// Statistics so far.
     pub fn stats(&self) -> &MigrationStats {
-        &self.stats
+        &self.loader.stats
     }
 
     /// True once the end of the stream has been loaded: the VMM may start
-    /// the vCPUs.
+    /// the vCPUs (in postcopy they already run).
     pub fn is_completed(&self) -> bool {
-        self.state == MigrationStatus::Completed
+        self.loader.state == MigrationStatus::Completed
     }
 
     /// True when the source opened the return path.
     pub fn has_return_path(&self) -> bool {
-        self.return_path
+        self.loader.return_path
+    }
+
+    /// Page requests sent and not yet answered (postcopy).
+    pub fn outstanding_requests(&self) -> u64 {
+        self.loader.outstanding
+    }
+
+    /// True when `page` of `block` has arrived (postcopy tracking only).
+    pub fn is_received(&self, block: u16, page: u64) -> bool {
+        self.loader
+            .postcopy
+            .as_deref()
+            .and_then(|t| t.get(usize::from(block)))
+            .is_some_and(|t| t.is_received(page))
+    }
+
+    /// A vCPU touched `page` of `block` before it arrived (postcopy). Sends
+    /// a page request on the return path unless the page is already here
+    /// or already requested; returns whether a request went out.
+    pub fn handle_page_fault(
+        &mut self,
+        now: Instant,
+        block: u16,
+        page: u64,
+    ) -> Result<bool, DestError> {
+        match self.loader.page_fault(now, block, page) {
+            Err(e) => Err(self.loader.fail(now, e)),
+            ok => ok,
+        }
     }
 
     /// Takes bytes from the main stream. Returns how many were consumed: all
@@ -307,15 +511,16 @@ impl<'a> DestinationEngine<'a> {
         input: &[u8],
         host: &mut impl DestinationHost,
     ) -> Result<usize, DestError> {
-        if self.state == MigrationStatus::Failed {
+        let l = &mut self.loader;
+        if l.state == MigrationStatus::Failed {
             return Err(DestError::AlreadyFailed);
         }
-        if self.state == MigrationStatus::None {
-            self.started_at = Some(now);
-            self.set_state(MigrationStatus::Active);
+        if l.state == MigrationStatus::None {
+            l.started_at = Some(now);
+            l.set_state(MigrationStatus::Active);
         }
-        self.stats.ram.transferred += input.len() as u64;
-        self.last_input_at = now;
+        l.stats.ram.transferred += input.len() as u64;
+        l.last_input_at = now;
         let mut offset = 0;
         while offset < input.len() {
             let rest = input.get(offset..).unwrap_or(&[]);
@@ -323,15 +528,7 @@ impl<'a> DestinationEngine<'a> {
                 Ok(decoded) => {
                     offset += decoded.consumed;
                     match decoded.record {
-                        Some(record) => Self::apply(
-                            self.layout,
-                            &mut self.blocks_received,
-                            &mut self.return_path,
-                            &mut self.rp_queue,
-                            &mut self.stats,
-                            record,
-                            host,
-                        ),
+                        Some(record) => self.loader.apply(now, record, host),
                         None => Ok(false),
                     }
                 }
@@ -339,20 +536,20 @@ impl<'a> DestinationEngine<'a> {
             };
             match result {
                 Ok(true) => {
-                    self.complete(now);
+                    self.loader.complete(now);
                     return Ok(offset);
                 }
                 Ok(false) => {}
-                Err(e) => return Err(self.fail(now, e)),
+                Err(e) => return Err(self.loader.fail(now, e)),
             }
         }
-        self.update_time(now);
+        self.loader.update_time(now);
         Ok(offset)
     }
 
     /// The source closed the connection.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
-        match self.state {
+        match self.loader.state {
             MigrationStatus::Completed => Ok(()),
             MigrationStatus::Failed => Err(DestError::AlreadyFailed),
             _ => {
@@ -360,7 +557,7 @@ impl<'a> DestinationEngine<'a> {
                     Err(e) => DestError::UnexpectedEof(e),
                     Ok(()) => DestError::UnexpectedCommand("end of connection"),
                 };
-                Err(self.fail(now, e))
+                Err(self.loader.fail(now, e))
             }
         }
     }
@@ -368,14 +565,17 @@ impl<'a> DestinationEngine<'a> {
     /// Copies queued return-path bytes into `out`, returning how many; the
     /// rest stays queued.
     pub fn poll_return_path(&mut self, out: &mut [u8]) -> usize {
-        let n = out.len().min(self.rp_queue.len());
-        out[..n].copy_from_slice(&self.rp_queue[..n]);
-        let rest = self.rp_queue.len() - n;
-        self.rp_queue.copy_within(n.., 0);
-        self.rp_queue.truncate(rest);
+        let q = &mut self.loader.rp_queue;
+        let n = out.len().min(q.len());
+        out[..n].copy_from_slice(&q[..n]);
+        let rest = q.len() - n;
+        q.copy_within(n.., 0);
+        q.truncate(rest);
         n
     }
+}
 
+impl Loader<'_> {
     fn set_state(&mut self, to: MigrationStatus) {
         if let Ok(next) = self.state.transition(to) {
             self.state = next;
@@ -392,6 +592,7 @@ impl<'a> DestinationEngine<'a> {
     fn complete(&mut self, now: Instant) {
         self.update_time(now);
         self.set_state(MigrationStatus::Completed);
+        self.waiting_since = None;
         if self.return_path {
             queue(&mut self.rp_queue, &RpMessage::Shut { error: false });
         }
@@ -401,6 +602,7 @@ impl<'a> DestinationEngine<'a> {
         self.update_time(now);
         self.stats.error_desc.set(format_args!("{e}"));
         self.set_state(MigrationStatus::Failed);
+        self.waiting_since = None;
         if self.return_path {
             queue(&mut self.rp_queue, &RpMessage::Shut { error: true });
         }
@@ -408,71 +610,34 @@ impl<'a> DestinationEngine<'a> {
     }
 
     /// Acts on one record; `Ok(true)` at the end of the stream.
-    #[allow(clippy::too_many_arguments)]
     fn apply(
-        layout: &[BlockInfo<'_>],
-        blocks_received: &mut bool,
-        return_path: &mut bool,
-        rp_queue: &mut heapless::Vec<u8, RETURN_PATH_QUEUE>,
-        stats: &mut MigrationStats,
+        &mut self,
+        now: Instant,
         record: Record<'_>,
         host: &mut impl DestinationHost,
     ) -> Result<bool, DestError> {
         match record {
             Record::RamBlocks(list) => {
-                if *blocks_received {
+                if self.blocks_received {
                     return Err(DestError::DuplicateBlockList);
                 }
-                check_layout(layout, &list)?;
-                *blocks_received = true;
+                check_layout(self.layout, &list)?;
+                self.blocks_received = true;
             }
             Record::Pages(batch) => {
-                if !*blocks_received {
+                if !self.blocks_received {
                     return Err(DestError::PagesBeforeBlockList);
                 }
-                place_batch(layout, &batch, host, stats)?;
+                self.place_batch(now, &batch, host)?;
                 if batch.flags().contains(BatchFlags::END_OF_ITERATION) {
-                    stats.iterations += 1;
+                    self.stats.iterations += 1;
                 }
             }
             Record::Device(device) => host.load_device(&device)?,
-            Record::Command(command) => match command {
-                Command::OpenReturnPath => *return_path = true,
-                Command::Ping(value) => {
-                    if *return_path {
-                        queue(rp_queue, &RpMessage::Pong(value));
-                    }
-                }
-                Command::PostcopyAdvise { .. } => {
-                    return Err(DestError::UnexpectedCommand("postcopy-advise"));
-                }
-                Command::PostcopyListen => {
-                    return Err(DestError::UnexpectedCommand("postcopy-listen"));
-                }
-                Command::PostcopyRun => return Err(DestError::UnexpectedCommand("postcopy-run")),
-                Command::PostcopyRamDiscard { .. } => {
-                    return Err(DestError::UnexpectedCommand("postcopy-ram-discard"));
-                }
-                Command::RecvBitmap { .. } => {
-                    return Err(DestError::UnexpectedCommand("recv-bitmap"));
-                }
-                Command::PostcopyResume => {
-                    return Err(DestError::UnexpectedCommand("postcopy-resume"));
-                }
-                Command::SwitchoverStart => {}
-            },
+            Record::Command(command) => self.command(command, host)?,
             Record::Package(package) => {
                 for inner in package.records() {
-                    let inner = inner?;
-                    if Self::apply(
-                        layout,
-                        blocks_received,
-                        return_path,
-                        rp_queue,
-                        stats,
-                        inner,
-                        host,
-                    )? {
+                    if self.apply(now, inner?, host)? {
                         return Err(DestError::Decode(DecodeError::NestedPackage));
                     }
                 }
@@ -481,14 +646,230 @@ impl<'a> DestinationEngine<'a> {
         }
         Ok(false)
     }
+
+    fn command(
+        &mut self,
+        command: Command<'_>,
+        host: &mut impl DestinationHost,
+    ) -> Result<(), DestError> {
+        match command {
+            Command::OpenReturnPath => self.return_path = true,
+            Command::Ping(value) => {
+                if self.return_path {
+                    queue(&mut self.rp_queue, &RpMessage::Pong(value));
+                }
+            }
+            Command::PostcopyAdvise {
+                host_page_size,
+                target_page_size,
+            } => {
+                if self.postcopy.is_none() {
+                    return Err(DestError::Host(POSTCOPY_UNSUPPORTED));
+                }
+                host.postcopy_advise(host_page_size, target_page_size)?;
+                self.advised = true;
+            }
+            Command::PostcopyRamDiscard { block, ranges } => {
+                let index = self.postcopy_block(block.as_str())?;
+                for range in ranges.iter() {
+                    self.discard(index, range, host)?;
+                }
+            }
+            Command::PostcopyListen => {
+                if !self.advised || self.state != MigrationStatus::Active {
+                    return Err(DestError::PostcopyUnexpected("listen without advise"));
+                }
+                host.postcopy_listen()?;
+                self.set_state(MigrationStatus::PostcopyActive);
+            }
+            Command::PostcopyRun => {
+                if self.state != MigrationStatus::PostcopyActive {
+                    return Err(DestError::PostcopyUnexpected("run before listen"));
+                }
+                host.postcopy_run()?;
+            }
+            Command::RecvBitmap { .. } => return Err(DestError::UnexpectedCommand("recv-bitmap")),
+            Command::PostcopyResume => return Err(DestError::UnexpectedCommand("postcopy-resume")),
+            Command::SwitchoverStart => {}
+        }
+        Ok(())
+    }
+
+    /// The index of the block named `id`, for a postcopy command.
+    fn postcopy_block(&self, id: &str) -> Result<u16, DestError> {
+        if !self.advised {
+            return Err(DestError::PostcopyUnexpected("discard without advise"));
+        }
+        self.layout
+            .iter()
+            .position(|b| b.id.as_str() == id)
+            .and_then(|i| u16::try_from(i).ok())
+            .ok_or(DestError::PostcopyUnexpected(
+                "discard for an unknown block",
+            ))
+    }
+
+    fn discard(
+        &mut self,
+        block: u16,
+        range: PageRange,
+        host: &mut impl DestinationHost,
+    ) -> Result<(), DestError> {
+        let Some(t) = self
+            .postcopy
+            .as_deref_mut()
+            .and_then(|t| t.get_mut(usize::from(block)))
+        else {
+            return Err(DestError::PostcopyUnexpected(
+                "discard without postcopy tracking",
+            ));
+        };
+        if range.end() > t.pages() || range.count == 0 {
+            return Err(DestError::DiscardOutOfBlock {
+                block,
+                first: range.first,
+                count: range.count,
+            });
+        }
+        t.discarded(range);
+        host.discard(block, range)?;
+        Ok(())
+    }
+
+    fn page_fault(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
+        if self.state != MigrationStatus::PostcopyActive {
+            return Err(DestError::PostcopyUnexpected("page fault outside postcopy"));
+        }
+        let info = self
+            .layout
+            .get(usize::from(block))
+            .ok_or(DestError::FaultOutsideRam { block, page })?;
+        let Some(t) = self
+            .postcopy
+            .as_deref_mut()
+            .and_then(|t| t.get_mut(usize::from(block)))
+        else {
+            return Err(DestError::FaultOutsideRam { block, page });
+        };
+        if page >= t.pages() {
+            return Err(DestError::FaultOutsideRam { block, page });
+        }
+        if !t.request(page) {
+            return Ok(false);
+        }
+        self.outstanding += 1;
+        self.waiting_since.get_or_insert(now);
+        self.stats.ram.postcopy_requests += 1;
+        let page_size = u64::from(info.page_size);
+        let (start, len) = (page * page_size, info.page_size);
+        let msg = if self.last_request_block == Some(block) {
+            RpMessage::ReqPages { start, len }
+        } else {
+            RpMessage::ReqPagesId {
+                block: info.id.as_str(),
+                start,
+                len,
+            }
+        };
+        self.last_request_block = Some(block);
+        queue(&mut self.rp_queue, &msg);
+        Ok(true)
+    }
+
+    /// Records arrivals for postcopy: answered requests stop the clock of
+    /// the request timeout.
+    fn arrived(&mut self, now: Instant, block: u16, first: u64, count: u64) {
+        let Some(t) = self
+            .postcopy
+            .as_deref_mut()
+            .and_then(|t| t.get_mut(usize::from(block)))
+        else {
+            return;
+        };
+        let answered = t.received(PageRange { first, count });
+        if answered > 0 {
+            self.outstanding = self.outstanding.saturating_sub(answered);
+            self.waiting_since = (self.outstanding > 0).then_some(now);
+        }
+    }
+
+    /// Validates a whole batch, then places it: runs of zero pages in one
+    /// call.
+    fn place_batch(
+        &mut self,
+        now: Instant,
+        batch: &PageBatch<'_>,
+        host: &mut impl DestinationHost,
+    ) -> Result<(), DestError> {
+        let block = batch.block();
+        let info = self
+            .layout
+            .get(usize::from(block))
+            .ok_or(DestError::NoSuchBlock {
+                block,
+                blocks: self.layout.len(),
+            })?;
+        if batch.page_size() as u64 != u64::from(info.page_size) {
+            return Err(DestError::PageSizeMismatch {
+                index: usize::from(block),
+                source: batch.page_size() as u64,
+                destination: u64::from(info.page_size),
+            });
+        }
+        let pages = info.length / u64::from(info.page_size);
+        if let Some((entry, _)) = batch.pages().find(|(e, _)| e.index >= pages) {
+            return Err(DestError::PageOutOfBlock {
+                block,
+                page: entry.index,
+                pages,
+            });
+        }
+        let mut zero_run: Option<(u64, u64)> = None;
+        for (entry, data) in batch.pages() {
+            match (entry.kind, data) {
+                (PageKind::Zero, _) => {
+                    self.stats.ram.duplicate += 1;
+                    zero_run = match zero_run {
+                        Some((first, count)) if first + count == entry.index => {
+                            Some((first, count + 1))
+                        }
+                        Some((first, count)) => {
+                            host.place_zero_pages(block, first, count)?;
+                            self.arrived(now, block, first, count);
+                            Some((entry.index, 1))
+                        }
+                        None => Some((entry.index, 1)),
+                    };
+                }
+                (PageKind::Normal, Some(data)) => {
+                    // Keep the stream's order: zero pages before this one
+                    // land first.
+                    if let Some((first, count)) = zero_run.take() {
+                        host.place_zero_pages(block, first, count)?;
+                        self.arrived(now, block, first, count);
+                    }
+                    self.stats.ram.normal += 1;
+                    self.stats.ram.normal_bytes += data.len() as u64;
+                    host.place_pages(block, entry.index, data)?;
+                    self.arrived(now, block, entry.index, 1);
+                }
+                (PageKind::Normal, None) => {}
+            }
+        }
+        if let Some((first, count)) = zero_run {
+            host.place_zero_pages(block, first, count)?;
+            self.arrived(now, block, first, count);
+        }
+        Ok(())
+    }
 }
 
 fn queue(rp_queue: &mut heapless::Vec<u8, RETURN_PATH_QUEUE>, msg: &RpMessage<'_>) {
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; crate::return_path::RP_MAX_MESSAGE];
     if let Ok(n) = msg.encode(&mut buf) {
         // A full queue means the caller stopped draining the return path;
-        // the message that does not fit is dropped, and the source notices
-        // the silence through its own timeout.
+        // the message that does not fit is dropped, and the request or
+        // confirm timeout on either side turns the silence into a failure.
         let _ = rp_queue.extend_from_slice(&buf[..n]);
     }
 }
@@ -518,69 +899,6 @@ fn check_layout(layout: &[BlockInfo<'_>], list: &BlockList<'_>) -> Result<(), De
                 destination: u64::from(ours.page_size),
             });
         }
-    }
-    Ok(())
-}
-
-/// Validates a whole batch, then places it: runs of zero pages in one call.
-fn place_batch(
-    layout: &[BlockInfo<'_>],
-    batch: &PageBatch<'_>,
-    host: &mut impl DestinationHost,
-    stats: &mut MigrationStats,
-) -> Result<(), DestError> {
-    let block = batch.block();
-    let info = layout
-        .get(usize::from(block))
-        .ok_or(DestError::NoSuchBlock {
-            block,
-            blocks: layout.len(),
-        })?;
-    if batch.page_size() as u64 != u64::from(info.page_size) {
-        return Err(DestError::PageSizeMismatch {
-            index: usize::from(block),
-            source: batch.page_size() as u64,
-            destination: u64::from(info.page_size),
-        });
-    }
-    let pages = info.length / u64::from(info.page_size);
-    if let Some((entry, _)) = batch.pages().find(|(e, _)| e.index >= pages) {
-        return Err(DestError::PageOutOfBlock {
-            block,
-            page: entry.index,
-            pages,
-        });
-    }
-    let mut zero_run: Option<(u64, u64)> = None;
-    for (entry, data) in batch.pages() {
-        match (entry.kind, data) {
-            (PageKind::Zero, _) => {
-                stats.ram.duplicate += 1;
-                zero_run = match zero_run {
-                    Some((first, count)) if first + count == entry.index => {
-                        Some((first, count + 1))
-                    }
-                    Some((first, count)) => {
-                        host.place_zero_pages(block, first, count)?;
-                        Some((entry.index, 1))
-                    }
-                    None => Some((entry.index, 1)),
-                };
-            }
-            (PageKind::Normal, Some(data)) => {
-                // Keep the stream's order: zero pages before this one land first.
-                if let Some((first, count)) = zero_run.take() {
-                    host.place_zero_pages(block, first, count)?;
-                }
-                stats.ram.normal += 1;
-                stats.ram.normal_bytes += data.len() as u64;
-                host.place_pages(block, entry.index, data)?;
-            }
-            (PageKind::Normal, None) => {}
-        }
-    }
-    if let Some((first, count)) = zero_run {
-        host.place_zero_pages(block, first, count)?;
     }
     Ok(())
 }

@@ -37,6 +37,7 @@
 //! they were stopped, the throttle is lifted, and the guest keeps running on
 //! the source.
 
+mod postcopy;
 mod rate;
 mod tracking;
 
@@ -52,6 +53,7 @@ use crate::stats::MigrationStats;
 use crate::time::Instant;
 use crate::wire::{self, BatchFlags, BlockInfo, BlockList, Command, PageEntry, PageKind, Record};
 
+pub use postcopy::{DISCARD_RANGES_PER_RECORD, PackageFraming, REQUEST_QUEUE};
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
@@ -118,6 +120,12 @@ pub enum SourceAction<'e> {
     /// ([`wire::encode_device_header`] then the bytes), then call
     /// [`SourceEngine::handle_devices_sent`].
     SaveDevices,
+    /// Postcopy switchover: serialise the device state as `Device` records
+    /// into memory, call [`SourceEngine::package_devices`] with their total
+    /// length, and write its `head`, the records, then its `tail`: the
+    /// destination receives them as one package it reads whole before
+    /// loading, between the postcopy listen and run commands.
+    PackageDevices,
     /// The migration did not complete: restart the vCPUs on the source.
     ResumeVcpus,
     /// The migration reached a final state; nothing more will be asked.
@@ -160,6 +168,13 @@ pub enum SourceError {
     },
     /// A block index outside the block list.
     NoSuchBlock(u16),
+    /// Postcopy was asked for without the postcopy-ram capability.
+    PostcopyNotEnabled,
+    /// The device state does not fit in one package record.
+    PackageTooLarge {
+        /// Bytes of device records.
+        len: usize,
+    },
 }
 
 impl fmt::Display for SourceError {
@@ -186,6 +201,14 @@ impl fmt::Display for SourceError {
                 write!(f, "{event} is not expected in state {state}")
             }
             SourceError::NoSuchBlock(b) => write!(f, "no RAM block with index {b}"),
+            SourceError::PostcopyNotEnabled => {
+                write!(f, "postcopy needs the postcopy-ram capability")
+            }
+            SourceError::PackageTooLarge { len } => write!(
+                f,
+                "{len} bytes of device state do not fit in one package (at most {} bytes)",
+                wire::MAX_RECORD_BODY
+            ),
         }
     }
 }
@@ -207,6 +230,12 @@ enum Step {
     Drain,
     SaveDevices,
     AwaitDevices,
+    /// Postcopy: sending the discard ranges.
+    Discard,
+    PackageDevices,
+    AwaitPackage,
+    /// Postcopy: serving page requests and the background pass.
+    Postcopy,
     EndOfStream,
     AwaitShut,
     Finish(MigrationStatus),
@@ -221,6 +250,8 @@ enum SyncKind {
     Iteration,
     /// With the vCPUs stopped: the last one.
     Final,
+    /// With the vCPUs stopped, before the postcopy switchover.
+    Postcopy,
 }
 
 /// The page batch being assembled.
@@ -289,6 +320,15 @@ pub struct SourceEngine<'a> {
     throttle: u8,
     /// A new throttle was decided and not yet handed out.
     pending_throttle: bool,
+    /// The operator asked for postcopy (`migrate-start-postcopy`).
+    postcopy_requested: bool,
+    /// The guest is being stopped to switch to postcopy rather than to
+    /// complete precopy.
+    switching_to_postcopy: bool,
+    /// Page requests from the destination, served before anything else.
+    requests: heapless::Deque<postcopy::PageRequest, REQUEST_QUEUE>,
+    /// The block of the last REQ_PAGES_ID (REQ_PAGES reuses it).
+    last_request_block: Option<u16>,
     high_dirty_rate_count: u8,
     meter: RateMeter,
     threshold_bytes: u64,
@@ -376,6 +416,10 @@ impl<'a> SourceEngine<'a> {
             switchover_acked: false,
             throttle: 0,
             pending_throttle: false,
+            postcopy_requested: false,
+            switching_to_postcopy: false,
+            requests: heapless::Deque::new(),
+            last_request_block: None,
             high_dirty_rate_count: 0,
             meter,
             threshold_bytes: 0,
@@ -475,6 +519,7 @@ impl<'a> SourceEngine<'a> {
                 self.auto_converge();
                 self.decide();
             }
+            SyncKind::Postcopy => self.enter_postcopy(),
             SyncKind::Final => {
                 // max-bandwidth stays a maximum during the stop-and-copy
                 // (the threshold was computed from the limited bandwidth, so
@@ -508,7 +553,10 @@ impl<'a> SourceEngine<'a> {
         self.advance_clock(now);
         self.vcpus_stopped = true;
         self.stopped_at = Some(now);
-        if self
+        if self.switching_to_postcopy {
+            self.set_state(MigrationStatus::PostcopyActive);
+            self.step = Step::Sync(SyncKind::Postcopy);
+        } else if self
             .config
             .capabilities
             .contains(Capabilities::PAUSE_BEFORE_SWITCHOVER)
@@ -568,11 +616,10 @@ impl<'a> SourceEngine<'a> {
             }
             RpMessage::Pong(_) => {}
             RpMessage::SwitchoverAck => self.switchover_acked = true,
-            RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. } => {
-                self.fail(format_args!(
-                    "the destination requested pages but postcopy is not active"
-                ));
+            RpMessage::ReqPagesId { block, start, len } => {
+                self.handle_page_request(Some(block), *start, *len);
             }
+            RpMessage::ReqPages { start, len } => self.handle_page_request(None, *start, *len),
             RpMessage::RecvBitmap { .. } | RpMessage::ResumeAck => {
                 self.fail(format_args!(
                     "the destination sent a recovery message but no recovery is in progress"
@@ -596,6 +643,7 @@ impl<'a> SourceEngine<'a> {
         if self.state.is_running() && !matches!(self.step, Step::Finish(_) | Step::Done) {
             self.set_state(MigrationStatus::Cancelling);
             self.batch.clear();
+            self.requests.clear();
             self.step = Step::Finish(MigrationStatus::Cancelled);
         }
     }
@@ -613,7 +661,7 @@ impl<'a> SourceEngine<'a> {
         if self.step == Step::AwaitShut {
             return Some(self.confirm_deadline());
         }
-        let sending = matches!(self.step, Step::Iterate | Step::Drain);
+        let sending = matches!(self.step, Step::Iterate | Step::Drain | Step::Postcopy);
         let slice = (sending && self.meter.exhausted()).then(|| self.meter.next_send());
         match (deadline, slice) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -640,6 +688,7 @@ impl<'a> SourceEngine<'a> {
             | Step::AwaitContinue
             | Step::AwaitDevices
             | Step::AwaitShut
+            | Step::AwaitPackage
             | Step::Done => None,
             Step::SendPreamble => {
                 self.step = Step::Sync(SyncKind::Setup);
@@ -650,6 +699,12 @@ impl<'a> SourceEngine<'a> {
             Step::Sync(kind) => Some(self.begin_sync(kind)),
             Step::Iterate => self.next_pages(ram, true),
             Step::Drain => self.next_pages(ram, false),
+            Step::Discard => Some(self.next_discard()),
+            Step::PackageDevices => {
+                self.step = Step::AwaitPackage;
+                Some(SourceAction::PackageDevices)
+            }
+            Step::Postcopy => self.postcopy_pages(ram),
             Step::StopVcpus => {
                 self.step = Step::AwaitStopped;
                 Some(SourceAction::StopVcpus)
@@ -794,6 +849,9 @@ impl<'a> SourceEngine<'a> {
                 .contains(Capabilities::SWITCHOVER_ACK);
         if converged && acked {
             self.step = Step::StopVcpus;
+        } else if self.wants_postcopy() {
+            self.switching_to_postcopy = true;
+            self.step = Step::StopVcpus;
         } else if self.iteration_limit_exceeded() || self.time_limit_exceeded() {
             self.fail_not_converged();
         } else {
@@ -843,6 +901,7 @@ impl<'a> SourceEngine<'a> {
         self.stats.error_desc.set(reason);
         self.set_state(MigrationStatus::Failed);
         self.batch.clear();
+        self.requests.clear();
         self.step = Step::Finish(MigrationStatus::Failed);
     }
 
@@ -891,6 +950,17 @@ impl<'a> SourceEngine<'a> {
                 .encode(&mut self.scratch[len..])
                 .unwrap_or(0);
         }
+        if self
+            .config
+            .capabilities
+            .contains(Capabilities::POSTCOPY_RAM)
+        {
+            // Advised up front, so that a destination that cannot do
+            // postcopy fails before anything is transferred.
+            len += Record::Command(self.postcopy_advise())
+                .encode(&mut self.scratch[len..])
+                .unwrap_or(0);
+        }
         len += Record::RamBlocks(BlockList::from_slice(self.layout))
             .encode(&mut self.scratch[len..])
             .unwrap_or(0);
@@ -916,6 +986,14 @@ impl<'a> SourceEngine<'a> {
             // whole pass.
             if self.remaining_bytes < self.threshold_bytes {
                 return Some(self.begin_sync(SyncKind::Iteration));
+            }
+            if self.postcopy_requested {
+                // Still more than the threshold to send: switch now rather
+                // than at the end of the pass (the seeds' check runs before
+                // every iteration step too).
+                self.switching_to_postcopy = true;
+                self.step = Step::AwaitStopped;
+                return Some(SourceAction::StopVcpus);
             }
         }
         loop {
@@ -965,11 +1043,13 @@ impl<'a> SourceEngine<'a> {
         self.cursor_block = 0;
         self.cursor_page = 0;
         self.stats.iterations += 1;
-        if live {
-            self.step = Step::Sync(SyncKind::Iteration);
+        self.step = if live {
+            Step::Sync(SyncKind::Iteration)
+        } else if self.state == MigrationStatus::PostcopyActive {
+            Step::EndOfStream
         } else {
-            self.step = Step::SaveDevices;
-        }
+            Step::SaveDevices
+        };
         // Mark the iteration boundary on the stream: the destination counts
         // passes, and a reader of a capture sees where each pass ends.
         self.emit_batch(BatchFlags::END_OF_ITERATION)
@@ -1003,7 +1083,12 @@ impl<'a> SourceEngine<'a> {
 /// Bytes of the preamble: stream header, open-return-path command, block
 /// list.
 fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
+    let advise = Command::PostcopyAdvise {
+        host_page_size: 0,
+        target_page_size: 0,
+    };
     wire::STREAM_HEADER_LEN
         + Record::Command(Command::OpenReturnPath).encoded_len()
+        + Record::Command(advise).encoded_len()
         + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
 }

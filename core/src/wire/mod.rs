@@ -44,6 +44,7 @@ pub use pages::{
 pub use record::{
     BlockInfo, BlockList, Command, DeviceState, DiscardRanges, MAX_BLOCK_PAGE_SIZE,
     MIN_BLOCK_PAGE_SIZE, Package, PageRange, Record, command_code, encode_device_header,
+    encode_package_header,
 };
 
 /// The stream's first four bytes. A peer sending anything else is not livemig.

@@ -98,13 +98,23 @@ pub enum Command<'a> {
     SwitchoverStart,
 }
 
-/// A range of pages: `count` pages starting at page `first`.
+/// A run of guest pages within a RAM block: `count` pages from page index
+/// `first`. The unit of a discard range on the wire, of a dirty-log clear,
+/// and of any other action that names a span of pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageRange {
     /// First page index.
     pub first: u64,
-    /// Number of pages, > 0.
+    /// Number of pages (> 0 on the wire).
     pub count: u64,
+}
+
+impl PageRange {
+    /// One past the last page (`first + count`), saturating so that a range
+    /// built from untrusted values cannot overflow.
+    pub fn end(&self) -> u64 {
+        self.first.saturating_add(self.count)
+    }
 }
 
 /// One discard range on the wire (packet level).
@@ -455,6 +465,16 @@ pub fn encode_device_header(
     let mut w = Writer::new(out, RECORD_HEADER_LEN + prefix)?;
     put_record_header(&mut w, kind::DEVICE, body)?;
     put_device_prefix(&mut w, id, instance, version)?;
+    Ok(w.written())
+}
+
+/// Writes the header of a Package record whose body, `body_len` bytes of
+/// complete records, the caller writes next (so a source can wrap device
+/// state it serialised elsewhere without copying it again).
+pub fn encode_package_header(out: &mut [u8], body_len: usize) -> Result<usize, EncodeError> {
+    check_body_len(body_len)?;
+    let mut w = Writer::new(out, RECORD_HEADER_LEN)?;
+    put_record_header(&mut w, kind::PACKAGE, body_len)?;
     Ok(w.written())
 }
 

@@ -385,6 +385,11 @@ pub fn migrate(
                     }
                     Err(reason) => lost = Some(reason),
                 },
+                SourceAction::PackageDevices => {
+                    if let Err(reason) = package_devices(&mut engine, vcpu, &conn) {
+                        lost = Some(reason);
+                    }
+                }
                 SourceAction::ResumeVcpus => {
                     if let Err(e) = vcpu.resume() {
                         resume_error = Some(e);
@@ -472,14 +477,41 @@ fn spawn_cancel_watcher(
 
 /// Writes the vCPU's state as one device record; returns the bytes written.
 fn save_devices(vcpu: &Vcpu, conn: &Connection) -> Result<u64, String> {
+    let records = device_records(vcpu)?;
+    conn.write_all(&records)
+        .map_err(|e| format!("connection lost: {e}"))?;
+    Ok(records.len() as u64)
+}
+
+/// The device state as `Device` records: the vCPU's registers.
+fn device_records(vcpu: &Vcpu) -> Result<Vec<u8>, String> {
     let blob = vcpu
         .save_state()
         .map_err(|e| format!("saving the vCPU state failed: {e}"))?;
     let id = DeviceId::new(CPU_DEVICE_ID).map_err(|e| format!("device id: {e}"))?;
-    let mut header = [0u8; 64];
-    let n = wire::encode_device_header(&mut header, id, 0, CPU_STATE_VERSION, blob.len())
+    let mut records = vec![0u8; 64];
+    let n = wire::encode_device_header(&mut records, id, 0, CPU_STATE_VERSION, blob.len())
         .map_err(|e| format!("device header: {e}"))?;
-    conn.write_vectored_all(&mut [IoSlice::new(&header[..n]), IoSlice::new(&blob)])
-        .map_err(|e| format!("connection lost: {e}"))?;
-    Ok((n + blob.len()) as u64)
+    records.truncate(n);
+    records.extend_from_slice(&blob);
+    Ok(records)
+}
+
+/// The postcopy switchover: the device records inside the package that
+/// carries the listen and run commands.
+fn package_devices(
+    engine: &mut SourceEngine<'_>,
+    vcpu: &Vcpu,
+    conn: &Connection,
+) -> Result<(), String> {
+    let records = device_records(vcpu)?;
+    let framing = engine
+        .package_devices(clock::now(), records.len())
+        .map_err(|e| format!("migration engine: {e}"))?;
+    conn.write_vectored_all(&mut [
+        IoSlice::new(framing.head),
+        IoSlice::new(&records),
+        IoSlice::new(framing.tail),
+    ])
+    .map_err(|e| format!("connection lost: {e}"))
 }

@@ -1,0 +1,275 @@
+//! The source's side of postcopy: the switchover (discard ranges, the
+//! packaged device state between listen and run), page requests from the
+//! destination served ahead of the background pass, and the end of the
+//! stream once every page has gone.
+
+use super::{PageReader, SourceAction, SourceEngine, Step};
+use crate::capabilities::Capabilities;
+use crate::state::MigrationStatus;
+use crate::time::Instant;
+use crate::wire::{self, BatchFlags, Command, DiscardRanges, PageRange, RECORD_HEADER_LEN, Record};
+
+use super::SourceError;
+
+/// Page requests the source can hold. The destination asks once per
+/// missing page per faulting vCPU, so a few hundred covers any realistic
+/// number of vCPUs; a destination that exceeds it is misbehaving and the
+/// migration fails rather than dropping a request (which would hang a
+/// vCPU forever).
+pub const REQUEST_QUEUE: usize = 256;
+
+/// Discard ranges per `postcopy-ram-discard` record.
+pub const DISCARD_RANGES_PER_RECORD: usize = 512;
+
+/// A validated page request: pages of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PageRequest {
+    pub block: u16,
+    pub range: PageRange,
+}
+
+/// What the caller writes around the serialised device records at the
+/// postcopy switchover (see [`SourceAction::PackageDevices`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PackageFraming<'e> {
+    /// Package record header and the postcopy-listen command.
+    pub head: &'e [u8],
+    /// The postcopy-run command, still inside the package.
+    pub tail: &'e [u8],
+}
+
+impl<'a> SourceEngine<'a> {
+    /// Asks for the switch to postcopy (QMP's `migrate-start-postcopy`).
+    /// It happens at the next step of the precopy loop, unless the
+    /// remaining memory fits within the downtime limit, in which case
+    /// precopy simply completes.
+    pub fn start_postcopy(&mut self, now: Instant) -> Result<(), SourceError> {
+        if !self
+            .config
+            .capabilities
+            .contains(Capabilities::POSTCOPY_RAM)
+        {
+            return Err(SourceError::PostcopyNotEnabled);
+        }
+        if !matches!(self.state, MigrationStatus::Setup | MigrationStatus::Active) {
+            return Err(self.unexpected("start-postcopy"));
+        }
+        self.advance_clock(now);
+        self.postcopy_requested = true;
+        Ok(())
+    }
+
+    /// Frames the serialised device records (`records_len` bytes) of a
+    /// [`SourceAction::PackageDevices`]. The guest starts on the
+    /// destination when it reads the tail.
+    pub fn package_devices(
+        &mut self,
+        now: Instant,
+        records_len: usize,
+    ) -> Result<PackageFraming<'_>, SourceError> {
+        if self.step != Step::AwaitPackage {
+            return Err(self.unexpected("packaged device state"));
+        }
+        self.advance_clock(now);
+        let listen = Record::Command(Command::PostcopyListen);
+        let run = Record::Command(Command::PostcopyRun);
+        let body = listen.encoded_len() + records_len + run.encoded_len();
+        let head_len = RECORD_HEADER_LEN + listen.encoded_len();
+        let tail_len = run.encoded_len();
+        let (head, rest) = self.scratch.split_at_mut(head_len);
+        let framed = wire::encode_package_header(head, body)
+            .and_then(|n| listen.encode(&mut head[n..]))
+            .and_then(|_| run.encode(&mut rest[..tail_len]));
+        if framed.is_err() {
+            return Err(SourceError::PackageTooLarge { len: records_len });
+        }
+        self.count_sent((head_len + records_len + tail_len) as u64, 0);
+        // The guest is stopped from here until the destination runs it:
+        // postcopy's downtime, as the seeds' postcopy_start measures it.
+        if let Some(stopped) = self.stopped_at {
+            self.stats.downtime_ms = Some((self.now - stopped).as_millis() as u64);
+        }
+        self.step = Step::Postcopy;
+        Ok(PackageFraming {
+            head: &self.scratch[..head_len],
+            tail: &self.scratch[head_len..head_len + tail_len],
+        })
+    }
+
+    /// The command that advises the destination of postcopy at setup.
+    pub(super) fn postcopy_advise(&self) -> Command<'static> {
+        let sizes = self.layout.iter().map(|b| u64::from(b.page_size));
+        Command::PostcopyAdvise {
+            host_page_size: sizes.clone().max().unwrap_or(4096),
+            target_page_size: sizes.min().unwrap_or(4096),
+        }
+    }
+
+    /// Whether the switch to postcopy is due at this convergence check.
+    pub(super) fn wants_postcopy(&self) -> bool {
+        let caps = self.config.capabilities;
+        if !caps.contains(Capabilities::POSTCOPY_RAM) {
+            return false;
+        }
+        self.postcopy_requested
+            || self
+                .config
+                .limits
+                .postcopy_after_iterations
+                .is_some_and(|n| self.stats.iterations >= n)
+    }
+
+    /// After the last sync with the guest stopped: the dirty bitmap is
+    /// final; send discards for it, then the package, then pages.
+    pub(super) fn enter_postcopy(&mut self) {
+        self.meter
+            .set_limit(self.config.parameters.max_postcopy_bandwidth);
+        self.cursor_block = 0;
+        self.cursor_page = 0;
+        self.step = Step::Discard;
+    }
+
+    /// Emits the next `postcopy-ram-discard`: runs of dirty pages, which the
+    /// destination may hold stale copies of and must drop so the guest
+    /// faults on them instead of reading old data.
+    pub(super) fn next_discard(&mut self) -> SourceAction<'_> {
+        let mut ranges = [PageRange { first: 0, count: 0 }; DISCARD_RANGES_PER_RECORD];
+        let mut n = 0;
+        let block = self.cursor_block;
+        if let Some(t) = self.tracking.get(block) {
+            let mut page = self.cursor_page;
+            while n < DISCARD_RANGES_PER_RECORD {
+                let Some(first) = t.dirty.find_next_set(page) else {
+                    page = t.pages;
+                    break;
+                };
+                let end = t.dirty.find_next_clear(first).unwrap_or(t.pages);
+                ranges[n] = PageRange {
+                    first,
+                    count: end - first,
+                };
+                n += 1;
+                page = end;
+            }
+            self.cursor_page = page;
+            if page >= t.pages {
+                self.cursor_block += 1;
+                self.cursor_page = 0;
+            }
+        }
+        if self.cursor_block >= self.tracking.len() {
+            self.cursor_block = 0;
+            self.cursor_page = 0;
+            self.step = Step::PackageDevices;
+        }
+        let len = match (n, self.layout.get(block)) {
+            (1.., Some(info)) => Record::Command(Command::PostcopyRamDiscard {
+                block: info.id,
+                ranges: DiscardRanges::from_slice(&ranges[..n]),
+            })
+            .encode(self.scratch)
+            .unwrap_or(0),
+            _ => 0,
+        };
+        self.count_sent(len as u64, 0);
+        SourceAction::Send(&self.scratch[..len])
+    }
+
+    /// Validates and queues a page request from the return path.
+    pub(super) fn handle_page_request(&mut self, block: Option<&str>, start: u64, len: u32) {
+        if self.state != MigrationStatus::PostcopyActive {
+            self.fail(format_args!(
+                "the destination requested pages but postcopy is not active"
+            ));
+            return;
+        }
+        let index = match block {
+            Some(id) => self
+                .layout
+                .iter()
+                .position(|b| b.id.as_str() == id)
+                .and_then(|i| u16::try_from(i).ok()),
+            None => self.last_request_block,
+        };
+        let Some((index, info)) = index.and_then(|i| Some((i, self.layout.get(usize::from(i))?)))
+        else {
+            self.fail(format_args!(
+                "the destination requested pages of an unknown RAM block"
+            ));
+            return;
+        };
+        self.last_request_block = Some(index);
+        let page_size = u64::from(info.page_size);
+        let end = start.checked_add(u64::from(len));
+        if start % page_size != 0
+            || u64::from(len) % page_size != 0
+            || end.is_none_or(|e| e > info.length)
+        {
+            self.fail(format_args!(
+                "the destination requested {len} bytes at {start:#x} of block {}, outside it or not page-aligned",
+                info.id.as_str()
+            ));
+            return;
+        }
+        let range = PageRange {
+            first: start / page_size,
+            count: u64::from(len) / page_size,
+        };
+        self.stats.ram.postcopy_requests += 1;
+        if self
+            .requests
+            .push_back(PageRequest {
+                block: index,
+                range,
+            })
+            .is_err()
+        {
+            self.fail(format_args!(
+                "the destination has more than {REQUEST_QUEUE} page requests outstanding"
+            ));
+        }
+    }
+
+    /// Postcopy sending: requested pages first (never held back by the
+    /// rate limit: a vCPU is waiting), then the background pass.
+    pub(super) fn postcopy_pages(&mut self, ram: &impl PageReader) -> Option<SourceAction<'_>> {
+        while let Some(req) = self.requests.pop_front() {
+            let Some(t) = self.tracking.get_mut(usize::from(req.block)) else {
+                continue;
+            };
+            let page_size = 1u64 << t.page_shift;
+            self.batch.block = usize::from(req.block);
+            let end = req.range.end().min(t.pages);
+            for page in req.range.first..end {
+                if self.batch.is_full() {
+                    // The rest of a large request goes in the next batch,
+                    // still ahead of the background pass.
+                    let rest = PageRequest {
+                        block: req.block,
+                        range: PageRange {
+                            first: page,
+                            count: end - page,
+                        },
+                    };
+                    let _ = self.requests.push_front(rest);
+                    break;
+                }
+                // A page no longer dirty has been sent already, maybe still
+                // in flight: the destination will get it.
+                if t.dirty.test_and_clear(page) {
+                    self.remaining_bytes = self.remaining_bytes.saturating_sub(page_size);
+                    let zero = self
+                        .config
+                        .capabilities
+                        .contains(Capabilities::ZERO_PAGE_DETECTION)
+                        && ram.is_zero_page(req.block, page);
+                    self.batch.push(page, zero);
+                }
+            }
+            if !self.batch.is_empty() {
+                return Some(self.emit_batch(BatchFlags::empty()));
+            }
+        }
+        self.next_pages(ram, false)
+    }
+}

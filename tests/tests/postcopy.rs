@@ -1,0 +1,130 @@
+//! Postcopy on simulated memory: the guest starts on the destination after a
+//! short stop and pulls the pages it touches before they arrive. Every test
+//! checks that destination memory equals the source's image at stop time
+//! with the destination guest's own writes replayed onto it.
+
+use livemig_core::capabilities::Capabilities;
+use livemig_core::state::MigrationStatus;
+use livemig_sim::{Outcome, Scenario, run_migration};
+use livemig_tests::{assert_verified, dirtying, guest_gib, link};
+
+/// A 1 GiB guest keeping 64 MiB dirty far faster than a 125 MB/s link:
+/// precopy alone never converges.
+fn unconvergeable() -> Scenario {
+    let mut s = guest_gib(1);
+    s.guest = Some(dirtying(64, 300_000, 31));
+    s.forward = link(125_000_000);
+    s.config.parameters.max_bandwidth = 0;
+    s.config.capabilities |= Capabilities::POSTCOPY_RAM;
+    s
+}
+
+fn postcopy_of(o: &Outcome) -> &livemig_sim::PostcopyOutcome {
+    o.postcopy
+        .as_ref()
+        .expect("the guest ran on the destination in postcopy")
+}
+
+#[test]
+fn postcopy_moves_a_guest_precopy_cannot() {
+    let mut s = unconvergeable();
+    s.config.limits.postcopy_after_iterations = Some(1);
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let pc = postcopy_of(&o);
+    assert!(pc.faults > 0 && pc.requests > 0, "{pc:?}");
+    assert!(pc.guest_writes > 0, "the guest ran on the destination");
+    assert!(
+        pc.discarded_pages > 0,
+        "pages dirtied after being sent were discarded"
+    );
+    assert_eq!(o.source.ram.postcopy_requests, pc.requests);
+    assert_eq!(o.destination.ram.postcopy_requests, pc.requests);
+    let downtime = o.downtime_ns.expect("stopped and started");
+    assert!(downtime < 50_000_000, "postcopy downtime {downtime} ns");
+    assert!(o.source.downtime_ms.is_some());
+
+    // The same guest in precopy gives up and stays on the source.
+    let mut p = s.clone();
+    p.config.capabilities = Capabilities::ZERO_PAGE_DETECTION;
+    p.config.limits.max_iterations = Some(10);
+    let o = run_migration(&p).expect("scenario");
+    assert_eq!(o.source.status, MigrationStatus::Failed);
+    assert!(o.source.error_desc.as_str().contains("did not converge"));
+    livemig_tests::assert_source_kept_guest(&o);
+}
+
+#[test]
+fn the_operator_starts_postcopy() {
+    let mut s = unconvergeable();
+    s.start_postcopy_at_ns = Some(300_000_000);
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let stopped = o.stop_ns.expect("stopped");
+    assert!(
+        (300_000_000..320_000_000).contains(&stopped),
+        "switched at {stopped} ns"
+    );
+    assert!(postcopy_of(&o).requests > 0);
+}
+
+#[test]
+fn requests_are_served_ahead_of_the_background_pass() {
+    // Lots of data still to send at the switch over a slow link: the
+    // background pass takes seconds, a request must take about a round trip.
+    let mut s = unconvergeable();
+    s.fill_pages = 256 * 256; // 256 MiB of data
+    s.forward = link(50_000_000);
+    s.back = link(50_000_000);
+    s.start_postcopy_at_ns = Some(50_000_000);
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let pc = postcopy_of(&o);
+    assert!(pc.requests > 10, "{pc:?}");
+    let background_ns = o.end_ns - o.stop_ns.expect("stopped");
+    assert!(
+        background_ns > 2_000_000_000,
+        "the background pass took {background_ns} ns"
+    );
+    // Round trip 200 us, plus a 1 MiB batch already on the wire (21 ms at
+    // 50 MB/s) and the requested batch itself.
+    assert!(
+        pc.max_request_latency_ns < 60_000_000,
+        "a request waited {} ns",
+        pc.max_request_latency_ns
+    );
+}
+
+#[test]
+fn no_page_is_requested_twice() {
+    let mut s = unconvergeable();
+    s.config.limits.postcopy_after_iterations = Some(1);
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let pc = postcopy_of(&o);
+    // The guest retries a blocked write on every step of the simulation, so
+    // it faults on the same page many times; each page is asked for once.
+    assert!(pc.faults > pc.requests, "{pc:?}");
+    assert_eq!(o.source.ram.postcopy_requests, pc.requests);
+}
+
+#[test]
+fn a_page_that_never_comes_fails_the_migration() {
+    let clean = {
+        let mut s = unconvergeable();
+        s.config.limits.postcopy_after_iterations = Some(1);
+        run_migration(&s).expect("scenario")
+    };
+    let mut s = unconvergeable();
+    s.config.limits.postcopy_after_iterations = Some(1);
+    // The main stream stalls shortly after the switchover.
+    s.forward.stall_after = Some(clean.bytes_at_stop.expect("stopped") + 2_000_000);
+    let o = run_migration(&s).expect("scenario");
+    assert!(!o.timed_out, "nothing may wait forever");
+    assert_eq!(o.destination.status, MigrationStatus::Failed);
+    let why = o.destination.error_desc.as_str();
+    assert!(
+        why.contains("did not arrive") || why.contains("sent nothing"),
+        "{why}"
+    );
+}
