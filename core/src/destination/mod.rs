@@ -902,3 +902,6 @@ fn check_layout(layout: &[BlockInfo<'_>], list: &BlockList<'_>) -> Result<(), De
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

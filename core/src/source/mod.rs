@@ -1092,3 +1092,6 @@ fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
         + Record::Command(advise).encoded_len()
         + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! The destination refuses every stream that does not fit its RAM, before
+//! any write, and keeps postcopy requests to one per page.
+
+use std::vec;
+use std::vec::Vec;
+
+use super::*;
+use crate::wire::{BlockId, PageEntry, encode_page_batch_header, encode_stream_header};
+
+const PAGE: usize = 4096;
+
+/// A host that records what it was asked to do.
+#[derive(Default)]
+struct Recorder {
+    pages: Vec<(u16, u64, usize)>,
+    zeros: Vec<(u16, u64, u64)>,
+    postcopy: bool,
+    discards: Vec<(u16, PageRange)>,
+}
+
+impl DestinationHost for Recorder {
+    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
+        self.pages.push((block, first_page, data.len()));
+        Ok(())
+    }
+    fn place_zero_pages(
+        &mut self,
+        block: u16,
+        first_page: u64,
+        count: u64,
+    ) -> Result<(), HostError> {
+        self.zeros.push((block, first_page, count));
+        Ok(())
+    }
+    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn postcopy_advise(&mut self, _host: u64, _target: u64) -> Result<(), HostError> {
+        if self.postcopy {
+            Ok(())
+        } else {
+            Err(POSTCOPY_UNSUPPORTED)
+        }
+    }
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
+        self.discards.push((block, range));
+        Ok(())
+    }
+    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn postcopy_run(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+
+fn layout(pages: u64) -> [BlockInfo<'static>; 1] {
+    [BlockInfo::new(
+        BlockId::new("pc.ram").unwrap(),
+        pages * PAGE as u64,
+        PAGE as u32,
+    )
+    .unwrap()]
+}
+
+fn record(r: Record<'_>) -> Vec<u8> {
+    let mut out = vec![0; r.encoded_len()];
+    r.encode(&mut out).unwrap();
+    out
+}
+
+fn header() -> Vec<u8> {
+    let mut out = vec![0; 8];
+    encode_stream_header(&mut out).unwrap();
+    out
+}
+
+fn blocks(l: &[BlockInfo<'_>]) -> Vec<u8> {
+    record(Record::RamBlocks(BlockList::from_slice(l)))
+}
+
+fn batch(block: u16, pages: &[(u64, bool)]) -> Vec<u8> {
+    let entries: Vec<PageEntry> = pages
+        .iter()
+        .map(|&(index, zero)| PageEntry {
+            index,
+            kind: if zero {
+                PageKind::Zero
+            } else {
+                PageKind::Normal
+            },
+        })
+        .collect();
+    let mut out = vec![0; 64 + 8 * entries.len()];
+    let n = encode_page_batch_header(&mut out, block, 12, BatchFlags::empty(), &entries).unwrap();
+    out.truncate(n);
+    for (_, zero) in pages {
+        if !zero {
+            out.extend_from_slice(&[0xab; PAGE]);
+        }
+    }
+    out
+}
+
+fn run(
+    l: &[BlockInfo<'_>],
+    stream: &[u8],
+    host: &mut Recorder,
+) -> Result<MigrationStatus, DestError> {
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(l, &mut scratch);
+    d.handle_input(Instant::ZERO, stream, host)?;
+    Ok(d.state())
+}
+
+#[test]
+fn a_clean_stream_places_pages_and_completes() {
+    let l = layout(16);
+    let stream = [
+        header(),
+        blocks(&l),
+        batch(0, &[(1, false), (2, true), (3, true), (9, false)]),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let mut host = Recorder::default();
+    assert_eq!(run(&l, &stream, &mut host), Ok(MigrationStatus::Completed));
+    assert_eq!(host.pages, [(0, 1, PAGE), (0, 9, PAGE)]);
+    assert_eq!(host.zeros, [(0, 2, 2)], "a run of zero pages is one call");
+}
+
+#[test]
+fn layout_mismatches_are_named() {
+    let ours = layout(16);
+    let bigger = layout(32);
+    let mut host = Recorder::default();
+    let stream = [header(), blocks(&bigger)].concat();
+    assert_eq!(
+        run(&ours, &stream, &mut host),
+        Err(DestError::BlockLengthMismatch {
+            index: 0,
+            source: 32 * 4096,
+            destination: 16 * 4096
+        })
+    );
+    let other = [BlockInfo::new(BlockId::new("vga.ram").unwrap(), 16 * 4096, 4096).unwrap()];
+    let stream = [header(), blocks(&other)].concat();
+    assert_eq!(
+        run(&ours, &stream, &mut host),
+        Err(DestError::BlockIdMismatch { index: 0 })
+    );
+    let two = [ours[0], other[0]];
+    let stream = [header(), blocks(&two)].concat();
+    assert_eq!(
+        run(&ours, &stream, &mut host),
+        Err(DestError::BlockCountMismatch {
+            source: 2,
+            destination: 1
+        })
+    );
+    let stream = [header(), blocks(&ours), blocks(&ours)].concat();
+    assert_eq!(
+        run(&ours, &stream, &mut host),
+        Err(DestError::DuplicateBlockList)
+    );
+}
+
+#[test]
+fn pages_outside_ram_are_refused_before_any_write() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let stream = [header(), batch(0, &[(1, false)])].concat();
+    assert_eq!(
+        run(&l, &stream, &mut host),
+        Err(DestError::PagesBeforeBlockList)
+    );
+    let stream = [header(), blocks(&l), batch(0, &[(1, false), (16, false)])].concat();
+    assert_eq!(
+        run(&l, &stream, &mut host),
+        Err(DestError::PageOutOfBlock {
+            block: 0,
+            page: 16,
+            pages: 16
+        })
+    );
+    assert!(
+        host.pages.is_empty(),
+        "the valid page of a bad batch is not placed either"
+    );
+    let stream = [header(), blocks(&l), batch(3, &[(1, false)])].concat();
+    assert_eq!(
+        run(&l, &stream, &mut host),
+        Err(DestError::NoSuchBlock {
+            block: 3,
+            blocks: 1
+        })
+    );
+}
+
+#[test]
+fn failure_queues_shut_with_an_error_and_sticks() {
+    let l = layout(16);
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let mut host = Recorder::default();
+    let stream = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        blocks(&layout(8)),
+    ]
+    .concat();
+    assert!(d.handle_input(Instant::ZERO, &stream, &mut host).is_err());
+    let mut out = [0u8; 16];
+    assert_eq!(d.poll_return_path(&mut out), 8);
+    assert_eq!(out[..8], [0, 1, 0, 4, 0, 0, 0, 1], "SHUT(1)");
+    assert_eq!(
+        d.handle_input(Instant::ZERO, &[0], &mut host),
+        Err(DestError::AlreadyFailed)
+    );
+    assert!(d.stats().error_desc.as_str().contains("RAM size mismatch"));
+}
+
+#[test]
+fn a_connection_closed_mid_record_fails_and_a_silent_one_times_out() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let stream = [header(), blocks(&l)].concat();
+    d.handle_input(Instant::ZERO, &stream[..stream.len() - 3], &mut host)
+        .unwrap();
+    assert!(matches!(
+        d.handle_eof(Instant::ZERO),
+        Err(DestError::UnexpectedEof(_))
+    ));
+
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.set_idle_timeout(Duration::from_millis(100));
+    d.handle_input(Instant::ZERO, &header(), &mut host).unwrap();
+    assert_eq!(d.poll_timeout(), Some(Instant::from_millis(100)));
+    assert_eq!(d.handle_timeout(Instant::from_millis(99)), Ok(()));
+    assert_eq!(
+        d.handle_timeout(Instant::from_millis(100)),
+        Err(DestError::SourceSilent { idle_ms: 100 })
+    );
+}
+
+#[test]
+fn a_destination_without_postcopy_refuses_the_advise_at_once() {
+    let l = layout(16);
+    let advise = record(Record::Command(Command::PostcopyAdvise {
+        host_page_size: 4096,
+        target_page_size: 4096,
+    }));
+    let stream = [header(), advise].concat();
+    let mut host = Recorder::default();
+    assert_eq!(
+        run(&l, &stream, &mut host),
+        Err(DestError::Host(POSTCOPY_UNSUPPORTED))
+    );
+}
+
+#[test]
+fn postcopy_requests_each_missing_page_once_and_times_out() {
+    let l = layout(16);
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.set_request_timeout(Duration::from_millis(50));
+    let mut host = Recorder {
+        postcopy: true,
+        ..Recorder::default()
+    };
+    let ranges = [PageRange { first: 4, count: 2 }];
+    let stream = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        blocks(&l),
+        batch(0, &[(4, false), (5, false), (6, false)]),
+        record(Record::Command(Command::PostcopyRamDiscard {
+            block: l[0].id,
+            ranges: crate::wire::DiscardRanges::from_slice(&ranges),
+        })),
+        record(Record::Command(Command::PostcopyListen)),
+        record(Record::Command(Command::PostcopyRun)),
+    ]
+    .concat();
+    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    assert_eq!(d.state(), MigrationStatus::PostcopyActive);
+    assert_eq!(host.discards, [(0, ranges[0])]);
+    assert!(!d.is_received(0, 4) && !d.is_received(0, 5) && d.is_received(0, 6));
+    let t = Instant::from_millis(1);
+    assert_eq!(d.handle_page_fault(t, 0, 6), Ok(false), "already here");
+    assert_eq!(d.handle_page_fault(t, 0, 4), Ok(true));
+    assert_eq!(d.handle_page_fault(t, 0, 4), Ok(false), "already requested");
+    assert_eq!(d.handle_page_fault(t, 0, 5), Ok(true));
+    assert_eq!(d.outstanding_requests(), 2);
+    let mut out = [0u8; 64];
+    let n = d.poll_return_path(&mut out);
+    // REQ_PAGES_ID for page 4 of "pc.ram", then REQ_PAGES for page 5.
+    assert_eq!(n, (4 + 13 + 6) + (4 + 12));
+    assert_eq!(out[..4], [0, 3, 0, 19]);
+    assert_eq!(out[23..27], [0, 4, 0, 12]);
+    assert_eq!(
+        d.handle_page_fault(t, 0, 16),
+        Err(DestError::FaultOutsideRam { block: 0, page: 16 })
+    );
+
+    // Page 4 arrives; page 5 never does.
+    let mut scratch = vec![0; 1 << 20];
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.set_request_timeout(Duration::from_millis(50));
+    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    d.handle_page_fault(t, 0, 4).unwrap();
+    d.handle_page_fault(t, 0, 5).unwrap();
+    d.handle_input(
+        Instant::from_millis(20),
+        &batch(0, &[(4, false)]),
+        &mut host,
+    )
+    .unwrap();
+    assert_eq!(d.outstanding_requests(), 1);
+    assert_eq!(
+        d.poll_timeout(),
+        Some(Instant::from_millis(70)),
+        "the clock restarts when a page arrives"
+    );
+    assert_eq!(
+        d.handle_timeout(Instant::from_millis(70)),
+        Err(DestError::RequestTimedOut {
+            outstanding: 1,
+            waited_ms: 50
+        })
+    );
+}

@@ -1,0 +1,124 @@
+//! The source refuses inconsistent set-ups and inputs out of order with
+//! typed errors, and turns bad page requests into a failed migration.
+
+use std::vec;
+
+use super::*;
+use crate::wire::BlockId;
+
+struct AllZero;
+
+impl PageReader for AllZero {
+    fn is_zero_page(&self, _block: u16, _page: u64) -> bool {
+        true
+    }
+}
+
+fn layout() -> [BlockInfo<'static>; 1] {
+    [BlockInfo::new(BlockId::new("pc.ram").unwrap(), 1024 * 4096, 4096).unwrap()]
+}
+
+#[test]
+fn inconsistent_setups_are_refused() {
+    let l = layout();
+    let config = MigrationConfig::default();
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut small = vec![0u8; 100];
+    assert!(matches!(
+        SourceEngine::new(&config, &l, &mut tracking, &mut small),
+        Err(SourceError::ScratchTooSmall { .. })
+    ));
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    assert!(matches!(
+        SourceEngine::new(&config, &l, &mut [], &mut scratch),
+        Err(SourceError::BlockCountMismatch {
+            layout: 1,
+            tracking: 0
+        })
+    ));
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut other_shift = [BlockTracking::new(&l[0], 10, &mut d, &mut c).unwrap()];
+    assert!(matches!(
+        SourceEngine::new(&config, &l, &mut other_shift, &mut scratch),
+        Err(SourceError::TrackingMismatch { block: 0 })
+    ));
+    let mut bad = config.clone();
+    bad.parameters.clear_bitmap_shift = 40;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut fresh = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    assert!(matches!(
+        SourceEngine::new(&bad, &l, &mut fresh, &mut scratch),
+        Err(SourceError::Config(_))
+    ));
+}
+
+#[test]
+fn inputs_out_of_order_are_errors_not_panics() {
+    let l = layout();
+    let config = MigrationConfig::default();
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let now = Instant::ZERO;
+    assert!(matches!(
+        s.handle_dirty_log(0, &[0; 16]),
+        Err(SourceError::UnexpectedEvent { .. })
+    ));
+    assert!(matches!(
+        s.handle_vcpus_stopped(now),
+        Err(SourceError::UnexpectedEvent { .. })
+    ));
+    assert_eq!(s.start_postcopy(now), Err(SourceError::PostcopyNotEnabled));
+    s.start(now).unwrap();
+    assert!(matches!(
+        s.start(now),
+        Err(SourceError::UnexpectedEvent { .. })
+    ));
+    assert!(matches!(
+        s.poll_action(now, &AllZero),
+        Some(SourceAction::Send(_))
+    ));
+    assert_eq!(
+        s.poll_action(now, &AllZero),
+        Some(SourceAction::SyncDirtyLog)
+    );
+    assert_eq!(
+        s.handle_dirty_log(7, &[0; 16]),
+        Err(SourceError::NoSuchBlock(7))
+    );
+}
+
+#[test]
+fn a_page_request_outside_postcopy_fails_the_migration() {
+    let l = layout();
+    let config = MigrationConfig::default();
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    let msg = RpMessage::ReqPagesId {
+        block: "pc.ram",
+        start: 0,
+        len: 4096,
+    };
+    s.handle_return_path(now, &msg).unwrap();
+    assert_eq!(s.state(), MigrationStatus::Failed);
+    assert!(
+        s.stats()
+            .error_desc
+            .as_str()
+            .contains("postcopy is not active")
+    );
+    assert_eq!(
+        s.poll_action(now, &AllZero),
+        Some(SourceAction::Finished(MigrationStatus::Failed))
+    );
+    assert_eq!(s.poll_action(now, &AllZero), None);
+}
