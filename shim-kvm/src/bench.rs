@@ -201,14 +201,13 @@ fn gbps(bytes: u64, seconds: f64) -> f64 {
 /// sends (never all zero, incompressible), deterministic so runs compare.
 pub fn guest_like_data(len: usize) -> Vec<u8> {
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
+    let mut out = vec![0u8; len];
+    for chunk in out.chunks_mut(8) {
         // xorshift64: never reaches 0 from a non-zero seed.
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        let take = (len - out.len()).min(8);
-        out.extend_from_slice(&state.to_le_bytes()[..take]);
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
     }
     out
 }

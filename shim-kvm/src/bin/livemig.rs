@@ -241,6 +241,9 @@ fn finish(summary: &Summary, o: &Output, need_verified: bool) -> ExitCode {
 /// per case); a run that did not verify is an error line and exit status 1.
 fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     let config = config(&a.migration, true)?;
+    if a.runs == 0 {
+        return Err(BenchError::NoRuns.to_string());
+    }
     if !demo::kvm_available() {
         return Err(BenchError::NoKvm.to_string());
     }
