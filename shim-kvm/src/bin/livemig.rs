@@ -146,8 +146,13 @@ struct ReceiveArgs {
 struct BenchArgs {
     #[command(flatten)]
     migration: Migration,
-    #[command(flatten)]
-    output: Output,
+    /// Print one JSON object per case (median, min, max of each figure and
+    /// every run) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// No per-run lines on stderr.
+    #[arg(long)]
+    quiet: bool,
     /// A case to run (repeatable; default: all): idle-4g, busy-1g.
     #[arg(long = "case", value_parser = ["idle-4g", "busy-1g"])]
     cases: Vec<String>,
@@ -262,7 +267,7 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         runs: a.runs,
         warmup: Duration::from_millis(a.warmup_ms),
         run_for: Duration::from_millis(a.run_ms),
-        verbose: !a.output.quiet,
+        verbose: !a.quiet,
     };
     let cancel = cancel_on_signals()?;
     let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
@@ -270,12 +275,12 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     for case in cases {
         let result =
             bench::run_case(case, &opts, &config, &data, &cancel).map_err(|e| e.to_string())?;
-        if a.output.json {
+        if a.json {
             println!("{}", result.to_json());
         }
         results.push(result);
     }
-    if !a.output.json {
+    if !a.json {
         print!("{}", bench::table(&results));
     }
     let mut code = ExitCode::SUCCESS;
