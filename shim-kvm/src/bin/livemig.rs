@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use livemig_core::config::MigrationConfig;
 use livemig_core::state::MigrationStatus;
+use livemig_kvm::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_kvm::demo::{self, DemoError, GuestShape};
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::interrupt::{self, Cancel};
@@ -41,6 +42,16 @@ enum Cmd {
     /// is to be compared with the sender's; `verified` stays false here,
     /// since only a side that holds both digests (demo) can decide it.
     Receive(ReceiveArgs),
+    /// Time `demo` migrations of an idle 4 GiB guest and of a 1 GiB guest
+    /// with a 64 MiB working set, each against a raw TCP copy of the same
+    /// bytes over 127.0.0.1 measured in the same run; print median, min and
+    /// max of each figure and the ratios. Fails if any migration does not
+    /// verify. Needs /dev/kvm.
+    Bench(BenchArgs),
+    /// The receiving end of `bench`'s raw TCP copy: listen, print
+    /// `listening on URI`, read one length-prefixed copy, acknowledge it.
+    #[command(hide = true)]
+    BenchSink(BenchSinkArgs),
 }
 
 #[derive(Args)]
@@ -131,6 +142,42 @@ struct ReceiveArgs {
     run_ms: u64,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    migration: Migration,
+    /// Print one JSON object per case (median, min, max of each figure and
+    /// every run) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// No per-run lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// A case to run (repeatable; default: all): idle-4g, busy-1g.
+    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g"])]
+    cases: Vec<String>,
+    /// Runs per case; the figures are median, min and max over them.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Give every case this much RAM instead (working set scaled in
+    /// proportion): for quick checks, not for published numbers.
+    #[arg(long)]
+    mem_mib_override: Option<u64>,
+    /// How long the guest runs before each migration, in ms.
+    #[arg(long, default_value_t = 1000)]
+    warmup_ms: u64,
+    /// How long the guest runs on the destination before the verdict, in ms.
+    #[arg(long, default_value_t = 500)]
+    run_ms: u64,
+}
+
+#[derive(Args)]
+struct BenchSinkArgs {
+    /// Where to listen: tcp:HOST:PORT (port 0 picks one) or unix:PATH.
+    #[arg(long)]
+    listen: String,
+}
+
 fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, String> {
     demo::check_mode(&m.mode).map_err(|e| e.to_string())?;
     let mut params = Vec::new();
@@ -195,6 +242,67 @@ fn finish(summary: &Summary, o: &Output, need_verified: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `livemig bench`: every chosen case, then the table (or one JSON object
+/// per case); a run that did not verify is an error line and exit status 1.
+fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
+    let config = config(&a.migration, true)?;
+    if a.runs == 0 {
+        return Err(BenchError::NoRuns.to_string());
+    }
+    if !demo::kvm_available() {
+        return Err(BenchError::NoKvm.to_string());
+    }
+    let mut cases: Vec<BenchCase> = if a.cases.is_empty() {
+        bench::CASES.to_vec()
+    } else {
+        a.cases
+            .iter()
+            .map(|n| BenchCase::by_name(n).ok_or_else(|| format!("unknown bench case '{n}'")))
+            .collect::<Result<_, _>>()?
+    };
+    if let Some(mem) = a.mem_mib_override {
+        cases = cases.into_iter().map(|c| c.scaled(mem)).collect();
+    }
+    let opts = BenchOptions {
+        runs: a.runs,
+        warmup: Duration::from_millis(a.warmup_ms),
+        run_for: Duration::from_millis(a.run_ms),
+        verbose: !a.quiet,
+    };
+    let cancel = cancel_on_signals()?;
+    let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
+    let mut results = Vec::new();
+    for case in cases {
+        let result =
+            bench::run_case(case, &opts, &config, &data, &cancel).map_err(|e| e.to_string())?;
+        if a.json {
+            println!("{}", result.to_json());
+        }
+        results.push(result);
+    }
+    if !a.json {
+        print!("{}", bench::table(&results));
+    }
+    let mut code = ExitCode::SUCCESS;
+    for r in &results {
+        for (i, run) in r.runs.iter().enumerate() {
+            if !run.verified() {
+                let why = run
+                    .summary
+                    .error_desc()
+                    .unwrap_or_else(|| "the destination does not match the source".into());
+                eprintln!(
+                    "livemig: bench: run {} of {} did not verify: {why}",
+                    i + 1,
+                    r.case.name
+                );
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    Ok(code)
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
     let err = |e: DemoError| e.to_string();
     match cli.command {
@@ -249,6 +357,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             )
             .map_err(err)?;
             Ok(finish(&summary, &a.output, false))
+        }
+        Cmd::Bench(a) => run_bench(&a),
+        Cmd::BenchSink(a) => {
+            bench::run_sink(&uri(&a.listen)?, &mut std::io::stdout()).map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

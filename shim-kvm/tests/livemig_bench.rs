@@ -1,0 +1,111 @@
+//! `livemig bench` end to end, scaled down so it takes a few seconds: the
+//! real migration and its raw TCP baselines run as separate processes, and
+//! the output carries the ratio and the verdict. Skips loudly without
+//! `/dev/kvm` (see `common::kvm_available`).
+
+// Only the loud-skip helper is used here; the VM helpers serve other tests.
+#[allow(dead_code)]
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::kvm_available;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// A busy case shrunk to 256 MiB (16 MiB working set), one run.
+fn small_bench(json: bool) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["bench", "--case", "busy-1g", "--runs", "1"])
+        .args(["--mem-mib-override", "256"])
+        .args(["--warmup-ms", "300", "--run-ms", "300"]);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.stdin(Stdio::null())
+        .output()
+        .expect("run livemig bench")
+}
+
+#[test]
+fn bench_reports_the_ratio_against_raw_tcp_and_verifies() {
+    if !kvm_available() {
+        return;
+    }
+    let out = small_bench(true);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object per case: {text:?}");
+    let v: Value = serde_json::from_str(lines[0]).expect("valid JSON");
+    eprintln!("MEASURE bench busy-1g at 256 MiB: {v}");
+    assert_eq!(v["case"], "busy-1g");
+    assert_eq!(
+        (v["mem-mib"].as_u64(), v["dirty-mib"].as_u64()),
+        (Some(256), Some(16))
+    );
+    assert_eq!(v["verified"], true);
+    let run = &v["run-results"][0];
+    assert_eq!(run["verified"], true, "{run}");
+    assert_eq!(run["ram-total"], 256u64 << 20);
+    // The working set alone is 16 MiB of non-zero pages.
+    assert!(run["transferred"].as_u64().unwrap() > 16 << 20, "{run}");
+    for key in ["migration-gbps", "raw-tcp-gbps", "ratio", "vs-all-ram"] {
+        let median = v[key]["median"].as_f64();
+        assert!(median.is_some_and(|x| x > 0.0), "{key}: {}", v[key]);
+    }
+    // The ratio is the run's own two throughputs, not a constant.
+    let ratio = run["ratio"].as_f64().unwrap();
+    let expect = run["migration-gbps"].as_f64().unwrap() / run["raw-tcp-gbps"].as_f64().unwrap();
+    assert!((ratio - expect).abs() < 1e-9, "{run}");
+    let raw_all = run["raw-all-ram-s"].as_f64().unwrap();
+    assert!(raw_all > 0.0, "{run}");
+}
+
+#[test]
+fn bench_table_has_the_ratio_column_and_the_verdict() {
+    if !kvm_available() {
+        return;
+    }
+    let out = small_bench(false);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let head = lines.next().unwrap_or_default();
+    for column in [
+        "case",
+        "total ms",
+        "downtime ms",
+        "raw TCP GB/s",
+        "ratio",
+        "verified",
+    ] {
+        assert!(head.contains(column), "no {column:?} in {head:?}");
+    }
+    let row = lines.next().unwrap_or_default();
+    assert!(row.starts_with("busy-1g"), "{row:?}");
+    assert!(row.trim_end().ends_with("true"), "not verified: {row:?}");
+}
+
+#[test]
+fn bench_flags_are_checked() {
+    let out = Command::new(BIN)
+        .args(["bench", "--case", "warp-9"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warp-9"));
+    let out = Command::new(BIN)
+        .args(["bench", "--runs", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("livemig: bench: --runs must be at least 1"),
+        "{err}"
+    );
+}
