@@ -841,6 +841,15 @@ impl<'a> SourceEngine<'a> {
 
     /// After an iteration sync: complete, give up, or go on.
     fn decide(&mut self) {
+        if self.bandwidth_bytes_per_ms == 0.0 {
+            // No slice has closed yet: a fast first pass would otherwise
+            // see a zero threshold and keep resending a working set that
+            // already fits the downtime limit.
+            if let Some(estimate) = self.meter.partial_bytes_per_ms(self.now) {
+                self.bandwidth_bytes_per_ms = estimate;
+                self.update_threshold();
+            }
+        }
         let converged = self.remaining_bytes == 0 || self.remaining_bytes < self.threshold_bytes;
         let acked = self.switchover_acked
             || !self

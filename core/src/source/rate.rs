@@ -18,6 +18,9 @@ use crate::time::Instant;
 /// Length of one measurement and rate-limiting slice.
 pub const SLICE: Duration = Duration::from_millis(100);
 
+/// Shortest span a partial-slice bandwidth estimate is taken over.
+const MIN_ESTIMATE: Duration = Duration::from_millis(5);
+
 /// Slices per second.
 const SLICES_PER_SEC: u64 = 1000 / SLICE.as_millis() as u64;
 
@@ -118,6 +121,15 @@ impl RateMeter {
         self.refilled_at + core::time::Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
+    /// Bandwidth so far in the open slice, in bytes per millisecond, once
+    /// it has lasted long enough to mean something: the estimate a first
+    /// convergence check uses before any slice has closed.
+    pub fn partial_bytes_per_ms(&self, now: Instant) -> Option<f64> {
+        let elapsed = now.saturating_since(self.slice_start);
+        (elapsed >= MIN_ESTIMATE && self.slice_bytes > 0)
+            .then(|| self.slice_bytes as f64 * 1e6 / elapsed.as_nanos() as f64)
+    }
+
     /// Refills the bucket, then closes the measurement slice if it has
     /// lasted at least [`SLICE`], returning what it measured.
     pub fn tick(&mut self, now: Instant) -> Option<SliceMeasurement> {
@@ -180,6 +192,21 @@ mod tests {
         m.tick(Instant::from_millis(5_000));
         m.record(1_000_000, 0);
         assert!(m.exhausted(), "only one slice's worth is ever banked");
+    }
+
+    #[test]
+    fn a_partial_slice_gives_an_early_estimate() {
+        let mut m = RateMeter::new(Instant::ZERO, 0);
+        m.record(1_000_000, 0);
+        assert_eq!(
+            m.partial_bytes_per_ms(Instant::from_millis(4)),
+            None,
+            "too short to trust"
+        );
+        assert_eq!(
+            m.partial_bytes_per_ms(Instant::from_millis(10)),
+            Some(100_000.0)
+        );
     }
 
     #[test]
