@@ -193,6 +193,8 @@
 //!             socket.extend_from_slice(&cpu_state);
 //!             source.handle_devices_sent(now, (n + cpu_state.len()) as u64)?;
 //!         }
+//!         // Postcopy only (this example's configuration has it off).
+//!         SourceAction::PackageDevices => unreachable!("postcopy is off"),
 //!         SourceAction::ResumeVcpus => {} // a failed migration: restart the guest here
 //!         SourceAction::Finished(status) => assert_eq!(status, MigrationStatus::Completed),
 //!     }

@@ -75,7 +75,7 @@ pub enum MigrationStatus {
 ///
 /// A state never "transitions" to itself: QEMU's compare-and-swap of a
 /// state onto itself changes nothing, so such pairs are not listed.
-const TRANSITIONS: [(MigrationStatus, MigrationStatus); 40] = {
+const TRANSITIONS: [(MigrationStatus, MigrationStatus); 41] = {
     use MigrationStatus::*;
     [
         // migrate_init (seed 004 l.1533); dest: qemu_start_incoming_migration (QEMU 8.1+).
@@ -121,6 +121,10 @@ const TRANSITIONS: [(MigrationStatus, MigrationStatus); 40] = {
         (Active, Failed),
         // migration_completion failing after migration_maybe_pause (l.2652).
         (Device, Failed),
+        // An I/O error while paused before switchover. QEMU only notices it
+        // after migrate-continue, from device; livemig fails at once so the
+        // guest is resumed on the source without waiting for the operator.
+        (PreSwitchover, Failed),
         // postcopy_start (l.2498, l.2507), migration_detect_error on a non-EIO
         // error (l.2804); dest: postcopy_ram_listen_thread.
         (PostcopyActive, Failed),
@@ -521,6 +525,8 @@ mod tests {
         (Active, Failed),
         // migration_completion fail l.2652
         (Device, Failed),
+        // livemig: an I/O error while paused before switchover
+        (PreSwitchover, Failed),
         // postcopy_start fail l.2507
         (PostcopyActive, Failed),
         // migrate_fd_connect resume failure l.3123

@@ -143,3 +143,12 @@ fn pause_before_switchover_waits_for_continue_then_completes() {
         "the pause is part of the downtime"
     );
 }
+
+#[test]
+fn switchover_ack_waits_for_the_destination_then_completes() {
+    let mut s = guest_gib(1);
+    s.guest = Some(dirtying(8, 2_000, 15));
+    s.config.capabilities |= Capabilities::SWITCHOVER_ACK | Capabilities::RETURN_PATH;
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+}

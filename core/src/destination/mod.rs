@@ -623,6 +623,12 @@ impl Loader<'_> {
                 }
                 check_layout(self.layout, &list)?;
                 self.blocks_received = true;
+                // Nothing else on this destination needs preparing before a
+                // switchover: approve it now. A source without the
+                // switchover-ack capability ignores the message.
+                if self.return_path {
+                    queue(&mut self.rp_queue, &RpMessage::SwitchoverAck);
+                }
             }
             Record::Pages(batch) => {
                 if !self.blocks_received {

@@ -212,7 +212,11 @@ fn failure_queues_shut_with_an_error_and_sticks() {
     assert!(d.handle_input(Instant::ZERO, &stream, &mut host).is_err());
     let mut out = [0u8; 16];
     assert_eq!(d.poll_return_path(&mut out), 8);
-    assert_eq!(out[..8], [0, 1, 0, 4, 0, 0, 0, 1], "SHUT(1)");
+    assert_eq!(
+        out[..8],
+        [0, 1, 0, 4, 0, 0, 0, 1],
+        "SHUT(1), and no switchover approval"
+    );
     assert_eq!(
         d.handle_input(Instant::ZERO, &[0], &mut host),
         Err(DestError::AlreadyFailed)
@@ -303,10 +307,12 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
     assert_eq!(d.outstanding_requests(), 2);
     let mut out = [0u8; 64];
     let n = d.poll_return_path(&mut out);
-    // REQ_PAGES_ID for page 4 of "pc.ram", then REQ_PAGES for page 5.
-    assert_eq!(n, (4 + 13 + 6) + (4 + 12));
-    assert_eq!(out[..4], [0, 3, 0, 19]);
-    assert_eq!(out[23..27], [0, 4, 0, 12]);
+    // The switchover approval sent after the block list, then REQ_PAGES_ID
+    // for page 4 of "pc.ram", then REQ_PAGES for page 5.
+    assert_eq!(n, 4 + (4 + 13 + 6) + (4 + 12));
+    assert_eq!(out[..4], [0, 7, 0, 0]);
+    assert_eq!(out[4..8], [0, 3, 0, 19]);
+    assert_eq!(out[27..31], [0, 4, 0, 12]);
     assert_eq!(
         d.handle_page_fault(t, 0, 16),
         Err(DestError::FaultOutsideRam { block: 0, page: 16 })

@@ -389,3 +389,7 @@ impl fmt::Display for EncodeError {
         }
     }
 }
+
+impl core::error::Error for IdError {}
+impl core::error::Error for DecodeError {}
+impl core::error::Error for EncodeError {}
