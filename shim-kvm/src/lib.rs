@@ -15,13 +15,16 @@
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
 //!   connection carrying the stream and its return path, and page batches
 //!   written with one vectored `sendmsg` straight from guest RAM.
+//! - [`postcopy`]: the destination's postcopy RAM, registered with
+//!   userfaultfd so missing pages block their first toucher until placed,
+//!   and the fault thread that forwards those faults as page requests.
 //! - [`migrate`]: the source and destination drivers of the engines, over
 //!   the pieces above; [`clock`] is the monotonic clock they share.
 //! - [`options`], [`report`] and [`demo`]: the `livemig` tool's flags,
 //!   progress line and summaries, and its self-contained demo.
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
-//! `transport`, `clock` and `interrupt`, each with a `// SAFETY:` line.
+//! `transport`, `clock`, `interrupt` and `postcopy`, each with a `// SAFETY:` line.
 
 pub mod clock;
 pub mod demo;
@@ -31,6 +34,7 @@ pub mod interrupt;
 pub mod memory;
 pub mod migrate;
 pub mod options;
+pub mod postcopy;
 pub mod report;
 pub mod state;
 pub mod transport;
