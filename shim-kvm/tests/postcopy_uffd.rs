@@ -161,6 +161,7 @@ fn discarded_page_faults_once_for_two_readers_and_shows_the_new_data() {
             let _ = tx.send(f);
         })
         .unwrap();
+    assert!(!ft.is_finished());
     let (tid_tx, tids) = mpsc::channel();
     let readers: Vec<_> = (0..2)
         .map(|_| {
