@@ -15,6 +15,9 @@
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
 //!   connection carrying the stream and its return path, and page batches
 //!   written with one vectored `sendmsg` straight from guest RAM.
+//! - [`postcopy`]: the destination's postcopy RAM, registered with
+//!   userfaultfd so missing pages block their first toucher until placed,
+//!   and the fault thread that forwards those faults as page requests.
 //! - [`migrate`]: the source and destination drivers of the engines, over
 //!   the pieces above; [`clock`] is the monotonic clock they share.
 //! - [`options`], [`report`] and [`demo`]: the `livemig` tool's flags,
@@ -22,7 +25,7 @@
 //!   times that demo against a raw TCP copy measured in the same run.
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
-//! `transport`, `clock` and `interrupt`, each with a `// SAFETY:` line.
+//! `transport`, `clock`, `interrupt` and `postcopy`, each with a `// SAFETY:` line.
 
 pub mod bench;
 pub mod clock;
@@ -33,6 +36,7 @@ pub mod interrupt;
 pub mod memory;
 pub mod migrate;
 pub mod options;
+pub mod postcopy;
 pub mod report;
 pub mod state;
 pub mod transport;

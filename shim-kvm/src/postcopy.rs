@@ -1,0 +1,1101 @@
+//! Postcopy on the destination: guest RAM whose missing pages are fetched on
+//! demand through userfaultfd.
+//!
+//! In postcopy the destination guest runs before all of its memory has
+//! arrived. [`PostcopyRam`] registers every slot of a [`GuestRam`] with a
+//! userfaultfd in *missing* mode, so a touch of a page that was never placed
+//! (or was [discarded](PostcopyRam::discard)) blocks the touching thread —
+//! the vCPU thread inside `KVM_RUN`, or any host thread — until the page is
+//! installed atomically with `UFFDIO_COPY` ([`PostcopyRam::place`]) or
+//! `UFFDIO_ZEROPAGE` ([`PostcopyRam::place_zero`]). A [`FaultThread`] reads
+//! the fault events and forwards each one, as a page-aligned guest-physical
+//! address and the faulting thread id, to the engine, which turns it into a
+//! page request on the return path.
+//!
+//! Three kernel facts shape this module:
+//!
+//! - KVM resolves guest memory with kernel-mode faults (`get_user_pages` on
+//!   the vCPU thread). A userfaultfd created with `UFFD_USER_MODE_ONLY` (the
+//!   default of the `userfaultfd` crate's builder, and the only kind an
+//!   unprivileged process may create) does not receive those faults: KVM
+//!   then finds no page, and the vCPU exits with an MMIO read *inside* RAM.
+//!   This module always asks for a full userfaultfd (which needs root or
+//!   `CAP_SYS_PTRACE`), and [`PostcopyRam::explain_vcpu_error`] names this
+//!   cause when that misleading exit happens anyway.
+//! - `UFFDIO_COPY` onto a page that is already present fails with `EEXIST`,
+//!   and a copy that stops part-way reports `EAGAIN` with the bytes done.
+//!   Both happen in normal operation (the background push and a fault
+//!   answer race for the same page), so the ioctls are issued here with
+//!   `libc` to see the exact errno and count: an already-present page is
+//!   counted and skipped, never an error.
+//! - Transparent huge pages are turned off (`MADV_NOHUGEPAGE`) on the
+//!   registered RAM for the duration. Measured here, missing faults are
+//!   delivered per 4 KiB page and placement works with the huge-page hint
+//!   left on too (the kernel hands a missing fault to userfaultfd instead
+//!   of allocating a huge page), at the same latency; the hint is dropped
+//!   anyway, as QEMU does, because pages arrive and are discarded 4 KiB at
+//!   a time and a huge page collapsed in between would tie 512 of them
+//!   together (a 4 KiB discard then splits it). [`PostcopyRam::unregister`]
+//!   restores the hint.
+//!
+//! A vCPU waiting for a page cannot be parked before the page arrives on
+//! this (PVM) host: the pause kick does not take it out of `KVM_RUN`, it
+//! refaults in a loop (measured 50 000-350 000 userfaultfd events per second, one
+//! per refault) until the page is placed. The fault thread counts those as
+//! duplicates instead of requesting the page again, and a destination that
+//! pauses during postcopy must keep serving requests until the pause
+//! completes.
+//!
+//! Timing is recorded as well: per-fault latency (fault event read → page
+//! placed) and per-thread blocktime (the sum of the waits of every thread
+//! that faulted), as in QEMU's postcopy blocktime statistics.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
+
+use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::vcpu::VcpuError;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// How many consecutive `EAGAIN`s without progress a fill tolerates before
+/// giving up: `EAGAIN` with nothing done means the address space was being
+/// changed under the ioctl, which is transient.
+const MAX_NO_PROGRESS: u32 = 1000;
+
+/// Fault events read per `read(2)` of the userfaultfd.
+const EVENT_BATCH: usize = 64;
+
+/// Why a postcopy operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostcopyError {
+    /// The userfaultfd could not be created or configured (the text says why;
+    /// a full userfaultfd needs root or `CAP_SYS_PTRACE`).
+    Create(String),
+    /// Registering the slot at guest-physical `gpa` (`len` bytes) failed.
+    Register {
+        /// Start of the slot.
+        gpa: u64,
+        /// Length of the slot.
+        len: u64,
+        /// The errno.
+        errno: i32,
+    },
+    /// The registered range does not offer `UFFDIO_COPY`, `UFFDIO_ZEROPAGE`
+    /// and `UFFDIO_WAKE` (bit mask of what it offers).
+    MissingIoctls(u64),
+    /// Unregistering the slot at `gpa` failed.
+    Unregister {
+        /// Start of the slot.
+        gpa: u64,
+        /// The errno.
+        errno: i32,
+    },
+    /// The range is empty or not page aligned (start and length).
+    Misaligned {
+        /// Start of the range.
+        gpa: u64,
+        /// Length of the range.
+        len: u64,
+    },
+    /// The range is not inside guest RAM.
+    Memory(MemoryError),
+    /// `madvise(MADV_DONTNEED)` of a discarded range failed.
+    Discard {
+        /// Start of the range.
+        gpa: u64,
+        /// The errno.
+        errno: i32,
+    },
+    /// `UFFDIO_COPY` failed at `gpa` with this errno (not `EEXIST`).
+    Copy {
+        /// Page where the copy stopped.
+        gpa: u64,
+        /// The errno.
+        errno: i32,
+    },
+    /// `UFFDIO_ZEROPAGE` failed at `gpa` with this errno (not `EEXIST`).
+    Zeropage {
+        /// Page where the fill stopped.
+        gpa: u64,
+        /// The errno.
+        errno: i32,
+    },
+    /// A fill kept returning `EAGAIN` without progress at `gpa`.
+    NoProgress {
+        /// Page where the fill stalled.
+        gpa: u64,
+    },
+    /// The RAM was unregistered; pages can no longer be placed or discarded.
+    NotRegistered,
+    /// Reading fault events failed (the text says why).
+    ReadEvents(String),
+    /// A fault was reported at a host address outside every slot.
+    FaultOutsideRam {
+        /// Host virtual address of the fault.
+        host_addr: u64,
+    },
+    /// `poll(2)`, `eventfd(2)` or a write to the shutdown eventfd failed.
+    Sys(&'static str, i32),
+    /// The fault thread could not be spawned.
+    Spawn(String),
+    /// The fault thread panicked (in the forwarding callback).
+    FaultThreadPanicked,
+    /// The vCPU exited with an MMIO access at `addr` inside postcopy RAM:
+    /// KVM did not see the page and the fault never reached userfaultfd.
+    FaultNotDelivered {
+        /// Guest-physical address of the access.
+        addr: u64,
+    },
+}
+
+impl fmt::Display for PostcopyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PostcopyError::Create(e) => write!(f, "creating the userfaultfd: {e}"),
+            PostcopyError::Register { gpa, len, errno } => write!(
+                f,
+                "registering guest RAM {gpa:#x}+{len:#x} with userfaultfd: errno {errno}"
+            ),
+            PostcopyError::MissingIoctls(bits) => write!(
+                f,
+                "userfaultfd range lacks COPY/ZEROPAGE/WAKE (offers ioctl mask {bits:#x})"
+            ),
+            PostcopyError::Unregister { gpa, errno } => write!(
+                f,
+                "unregistering guest RAM at {gpa:#x} from userfaultfd: errno {errno}"
+            ),
+            PostcopyError::Misaligned { gpa, len } => write!(
+                f,
+                "postcopy range {gpa:#x}+{len:#x} is empty or not aligned to {PAGE_SIZE}"
+            ),
+            PostcopyError::Memory(e) => write!(f, "postcopy range: {e}"),
+            PostcopyError::Discard { gpa, errno } => {
+                write!(f, "discarding guest RAM at {gpa:#x}: errno {errno}")
+            }
+            PostcopyError::Copy { gpa, errno } => {
+                write!(f, "UFFDIO_COPY into guest page {gpa:#x}: errno {errno}")
+            }
+            PostcopyError::Zeropage { gpa, errno } => {
+                write!(f, "UFFDIO_ZEROPAGE at guest page {gpa:#x}: errno {errno}")
+            }
+            PostcopyError::NoProgress { gpa } => write!(
+                f,
+                "placing guest page {gpa:#x}: {MAX_NO_PROGRESS} EAGAINs without progress"
+            ),
+            PostcopyError::NotRegistered => {
+                f.write_str("guest RAM is no longer registered with userfaultfd")
+            }
+            PostcopyError::ReadEvents(e) => write!(f, "reading userfaultfd events: {e}"),
+            PostcopyError::FaultOutsideRam { host_addr } => write!(
+                f,
+                "userfaultfd reported a fault at host address {host_addr:#x}, outside guest RAM"
+            ),
+            PostcopyError::Sys(op, errno) => {
+                write!(f, "postcopy fault thread: {op}: errno {errno}")
+            }
+            PostcopyError::Spawn(e) => write!(f, "spawning the postcopy fault thread: {e}"),
+            PostcopyError::FaultThreadPanicked => {
+                f.write_str("the postcopy fault thread panicked in its callback")
+            }
+            PostcopyError::FaultNotDelivered { addr } => write!(
+                f,
+                "vCPU saw an MMIO access at {addr:#x} inside guest RAM registered with \
+                 userfaultfd: KVM's kernel-mode fault was not delivered (a user-mode-only \
+                 userfaultfd, UFFD_USER_MODE_ONLY, cannot serve KVM)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PostcopyError {}
+
+impl From<MemoryError> for PostcopyError {
+    fn from(e: MemoryError) -> Self {
+        PostcopyError::Memory(e)
+    }
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// The errno inside a `userfaultfd` crate error, 0 when it carries none.
+fn uffd_errno(e: &userfaultfd::Error) -> i32 {
+    match e {
+        userfaultfd::Error::CopyFailed(n)
+        | userfaultfd::Error::ZeropageFailed(n)
+        | userfaultfd::Error::SystemError(n) => *n as i32,
+        userfaultfd::Error::OpenDevUserfaultfd(io) => io.raw_os_error().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+// The kernel's ioctl arguments (`linux/userfaultfd.h`), issued directly so
+// the exact errno and the partial count are visible.
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `_IOWR(0xAA, nr, size)`: read-write ioctl of the userfaultfd type.
+const fn uffd_iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
+}
+
+const UFFDIO_COPY: u64 = uffd_iowr(0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = uffd_iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+
+/// How a range is filled.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// `UFFDIO_COPY` from this host buffer (same length as the range).
+    Copy(*const u8),
+    /// `UFFDIO_ZEROPAGE`.
+    Zero,
+}
+
+/// A page fault forwarded to the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// Page-aligned guest-physical address of the missing page.
+    pub gpa: u64,
+    /// Kernel thread id of the faulting thread (the vCPU thread for guest
+    /// accesses), for per-vCPU blocktime.
+    pub tid: i32,
+    /// Whether the access was a write.
+    pub write: bool,
+}
+
+/// What one [`PostcopyRam::place`] or [`PostcopyRam::place_zero`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placed {
+    /// Pages installed by this call.
+    pub installed: u64,
+    /// Pages that were already present and left untouched (`EEXIST`).
+    pub already_present: u64,
+}
+
+/// Pages requested after a fault and not yet placed, with who waits for
+/// them: the deduplication a destination needs so that a page faulted by
+/// several threads (or refaulted after a signal) is requested once.
+///
+/// The engine keeps its own record of requests it sent; this set is the
+/// shim's view, keyed by guest page number, and also yields the timing of
+/// each resolved request.
+#[derive(Debug, Default)]
+pub struct RequestedPages {
+    pages: HashMap<u64, Request>,
+}
+
+#[derive(Debug)]
+struct Request {
+    first: Instant,
+    waiters: Vec<(i32, Instant)>,
+}
+
+impl RequestedPages {
+    /// An empty set.
+    pub fn new() -> Self {
+        RequestedPages::default()
+    }
+
+    /// Records that thread `tid` faulted on page `gfn` at `at`. Returns true
+    /// when the page was not requested yet: the caller must request it.
+    pub fn fault(&mut self, gfn: u64, tid: i32, at: Instant) -> bool {
+        match self.pages.get_mut(&gfn) {
+            Some(r) => {
+                if !r.waiters.iter().any(|&(t, _)| t == tid) {
+                    r.waiters.push((tid, at));
+                }
+                false
+            }
+            None => {
+                self.pages.insert(
+                    gfn,
+                    Request {
+                        first: at,
+                        waiters: vec![(tid, at)],
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Page `gfn` arrived at `at`: removes it from the set, calls `waited`
+    /// with each waiting thread and how long it waited, and returns the
+    /// request's latency (first fault → arrival). `None` if it was not
+    /// requested.
+    pub fn arrived(
+        &mut self,
+        gfn: u64,
+        at: Instant,
+        mut waited: impl FnMut(i32, Duration),
+    ) -> Option<Duration> {
+        let r = self.pages.remove(&gfn)?;
+        for (tid, since) in r.waiters {
+            waited(tid, at.saturating_duration_since(since));
+        }
+        Some(at.saturating_duration_since(r.first))
+    }
+
+    /// Whether page `gfn` is requested and not yet arrived.
+    pub fn contains(&self, gfn: u64) -> bool {
+        self.pages.contains_key(&gfn)
+    }
+
+    /// Number of outstanding requests.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether no request is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
+/// Counters and timings of a [`PostcopyRam`] (see [`PostcopyRam::stats`]).
+///
+/// One latency sample (8 bytes) is kept per resolved request, so the memory
+/// is bounded by the guest's page count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PostcopyStats {
+    /// Page-fault events read from the userfaultfd.
+    pub faults_read: u64,
+    /// Faults forwarded to the engine (first fault on a page).
+    pub faults_forwarded: u64,
+    /// Faults on a page already requested (not forwarded again).
+    pub faults_duplicate: u64,
+    /// Faults read after their page had been placed (not forwarded).
+    pub faults_stale: u64,
+    /// Pages installed with `UFFDIO_COPY`.
+    pub pages_copied: u64,
+    /// Pages installed with `UFFDIO_ZEROPAGE`.
+    pub pages_zeroed: u64,
+    /// Placements skipped because the page was already present (`EEXIST`).
+    pub already_present: u64,
+    /// Pages dropped by [`PostcopyRam::discard`].
+    pub pages_discarded: u64,
+    /// Requests outstanding now.
+    pub outstanding: usize,
+    /// Resolved requests that contributed a latency sample.
+    pub latency_samples: usize,
+    /// Median fault latency (event read → page placed), microseconds.
+    pub latency_median_us: Option<f64>,
+    /// 99th percentile fault latency, microseconds.
+    pub latency_p99_us: Option<f64>,
+    /// Total time each faulting thread spent waiting, by thread id, sorted.
+    pub blocktime: Vec<(i32, Duration)>,
+}
+
+/// Mutable state shared by the placing threads and the fault thread.
+struct State {
+    /// One bit per guest page: placed by this module or found present.
+    present: Vec<u64>,
+    requested: RequestedPages,
+    latencies_ns: Vec<u64>,
+    blocktime: HashMap<i32, Duration>,
+    stats: PostcopyStats,
+}
+
+impl State {
+    fn is_present(&self, gfn: u64) -> bool {
+        self.present
+            .get((gfn / 64) as usize)
+            .is_some_and(|w| w >> (gfn % 64) & 1 == 1)
+    }
+
+    fn set_present(&mut self, gfn: u64, on: bool) {
+        if let Some(w) = self.present.get_mut((gfn / 64) as usize) {
+            if on {
+                *w |= 1 << (gfn % 64);
+            } else {
+                *w &= !(1 << (gfn % 64));
+            }
+        }
+    }
+
+    /// Pages `first .. first + n` are present as of `at`: resolves their
+    /// requests.
+    fn arrived(&mut self, first: u64, n: u64, at: Instant) {
+        for gfn in first..first + n {
+            self.set_present(gfn, true);
+            if self.requested.is_empty() {
+                continue;
+            }
+            let blocktime = &mut self.blocktime;
+            if let Some(lat) = self.requested.arrived(gfn, at, |tid, d| {
+                *blocktime.entry(tid).or_default() += d;
+            }) {
+                self.latencies_ns.push(lat.as_nanos() as u64);
+            }
+        }
+    }
+}
+
+/// Guest RAM registered with a userfaultfd in missing mode: the destination
+/// side of postcopy.
+///
+/// Create it with [`PostcopyRam::register`] before the destination vCPU
+/// first runs, [`discard`](PostcopyRam::discard) the pages the source says
+/// are stale, [`place`](PostcopyRam::place) pages as they arrive, serve
+/// faults with a [`FaultThread`], and [`unregister`](PostcopyRam::unregister)
+/// once every page is present. Dropping it unregisters too.
+pub struct PostcopyRam {
+    ram: Arc<GuestRam>,
+    uffd: Uffd,
+    registered: AtomicBool,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for PostcopyRam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostcopyRam")
+            .field("ram", &self.ram)
+            .field("registered", &self.registered.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Every critical section leaves the state consistent before it can
+    // panic (bit sets and counter bumps), so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PostcopyRam {
+    /// Registers every slot of `ram` with a new userfaultfd in missing mode.
+    ///
+    /// The userfaultfd is close-on-exec and non-blocking, asks for thread
+    /// ids in fault events, and is *not* user-mode-only, so the vCPU's
+    /// kernel-mode faults reach it. Pages already present in `ram` stay;
+    /// every other page now blocks its first toucher until placed.
+    pub fn register(ram: Arc<GuestRam>) -> Result<PostcopyRam, PostcopyError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::THREAD_ID)
+            .require_ioctls(IoctlFlags::REGISTER | IoctlFlags::UNREGISTER)
+            .create()
+            .map_err(|e| {
+                PostcopyError::Create(format!(
+                    "{e} (errno {}; needs root or CAP_SYS_PTRACE for kernel-mode faults)",
+                    uffd_errno(&e)
+                ))
+            })?;
+        let needed = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
+        for slot in ram.slots() {
+            let (host, len) = (slot.host_addr() as *mut libc::c_void, slot.len() as usize);
+            // SAFETY: `host .. host + len` is the slot's own mapping, alive as
+            // long as `ram`; the advice changes no contents.
+            unsafe { libc::madvise(host, len, libc::MADV_NOHUGEPAGE) };
+            let ioctls = uffd
+                .register(host, len)
+                .map_err(|e| PostcopyError::Register {
+                    gpa: slot.guest_phys(),
+                    len: slot.len(),
+                    errno: uffd_errno(&e),
+                })?;
+            if !ioctls.contains(needed) {
+                return Err(PostcopyError::MissingIoctls(ioctls.bits()));
+            }
+        }
+        let pages = ram.size() / PAGE;
+        Ok(PostcopyRam {
+            state: Mutex::new(State {
+                present: vec![0; pages.div_ceil(64) as usize],
+                requested: RequestedPages::new(),
+                latencies_ns: Vec::new(),
+                blocktime: HashMap::new(),
+                stats: PostcopyStats::default(),
+            }),
+            ram,
+            uffd,
+            registered: AtomicBool::new(true),
+        })
+    }
+
+    /// The guest RAM this registration covers.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    fn check_registered(&self) -> Result<(), PostcopyError> {
+        if self.registered.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(PostcopyError::NotRegistered)
+        }
+    }
+
+    /// Splits `gpa .. gpa + len` (page aligned, non-empty, inside RAM) at
+    /// slot boundaries and calls `f(gpa, host, offset, len)` for each piece.
+    fn for_each_piece(
+        &self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(u64, *mut u8, usize, usize) -> Result<(), PostcopyError>,
+    ) -> Result<(), PostcopyError> {
+        if len == 0 || gpa % PAGE != 0 || len % PAGE != 0 {
+            return Err(PostcopyError::Misaligned { gpa, len });
+        }
+        let end = gpa
+            .checked_add(len)
+            .filter(|&e| e <= self.ram.size())
+            .ok_or(MemoryError::RangeOutOfRam { gpa, len })?;
+        let mut at = gpa;
+        while at < end {
+            let slot = self
+                .ram
+                .slots()
+                .iter()
+                .find(|s| at >= s.guest_phys() && at < s.guest_phys() + s.len())
+                .ok_or(MemoryError::RangeOutOfRam { gpa, len })?;
+            let piece = (slot.guest_phys() + slot.len()).min(end) - at;
+            let (host, n) = self.ram.host_range(at, piece)?;
+            f(at, host, (at - gpa) as usize, n)?;
+            at += piece;
+        }
+        Ok(())
+    }
+
+    /// Installs `data` (whole pages) at guest-physical `gpa` with
+    /// `UFFDIO_COPY`, contiguous pages in one call, waking every thread
+    /// blocked on them. Pages already present are left as they are and
+    /// counted in [`Placed::already_present`]: a page the guest may have
+    /// written since must never be overwritten with an older copy.
+    pub fn place(&self, gpa: u64, data: &[u8]) -> Result<Placed, PostcopyError> {
+        self.check_registered()?;
+        let mut placed = Placed::default();
+        self.for_each_piece(gpa, data.len() as u64, |at, host, off, len| {
+            let src = data[off..off + len].as_ptr();
+            self.fill(at, host, len, Fill::Copy(src), &mut placed)
+        })?;
+        Ok(placed)
+    }
+
+    /// Installs `len` bytes of zero pages at `gpa` with `UFFDIO_ZEROPAGE`
+    /// (no data crosses the wire for zero pages; this maps the shared zero
+    /// page until the guest writes). Already-present pages are counted, as
+    /// in [`PostcopyRam::place`].
+    pub fn place_zero(&self, gpa: u64, len: u64) -> Result<Placed, PostcopyError> {
+        self.check_registered()?;
+        let mut placed = Placed::default();
+        self.for_each_piece(gpa, len, |at, host, _, n| {
+            self.fill(at, host, n, Fill::Zero, &mut placed)
+        })?;
+        Ok(placed)
+    }
+
+    /// Fills `host .. host + len` (guest-physical `gpa ..`, one slot),
+    /// skipping present pages, and records what arrived.
+    fn fill(
+        &self,
+        gpa: u64,
+        host: *mut u8,
+        len: usize,
+        how: Fill,
+        placed: &mut Placed,
+    ) -> Result<(), PostcopyError> {
+        let mut off = 0usize;
+        let mut stalls = 0u32;
+        while off < len {
+            let (done, errno) = self.fill_once(host, off, len - off, how);
+            let done = done.min(len - off);
+            if done > 0 {
+                stalls = 0;
+                self.installed(gpa + off as u64, done as u64 / PAGE, how, placed);
+                off += done;
+            }
+            match errno {
+                None => {}
+                Some(libc::EAGAIN) if done > 0 => {}
+                Some(libc::EAGAIN) => {
+                    stalls += 1;
+                    if stalls >= MAX_NO_PROGRESS {
+                        return Err(PostcopyError::NoProgress {
+                            gpa: gpa + off as u64,
+                        });
+                    }
+                }
+                Some(libc::EEXIST) => {
+                    // SAFETY: `off < len`, so the page lies inside the slot.
+                    let page = unsafe { host.add(off) };
+                    // Present already: whoever placed it woke its waiters,
+                    // but a wake is cheap insurance against a lost one.
+                    let _ = self.uffd.wake(page.cast(), PAGE_SIZE);
+                    self.already_present(gpa + off as u64, placed);
+                    off += PAGE_SIZE;
+                }
+                Some(errno) => {
+                    let at = gpa + off as u64;
+                    return Err(match how {
+                        Fill::Copy(_) => PostcopyError::Copy { gpa: at, errno },
+                        Fill::Zero => PostcopyError::Zeropage { gpa: at, errno },
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` of `host + off .. + len`:
+    /// returns the bytes done and the errno, if any.
+    fn fill_once(&self, host: *mut u8, off: usize, len: usize, how: Fill) -> (usize, Option<i32>) {
+        let fd = self.uffd.as_raw_fd();
+        let dst = host as u64 + off as u64;
+        let (ret, count) = match how {
+            Fill::Copy(src) => {
+                let mut arg = UffdioCopy {
+                    dst,
+                    src: src as u64 + off as u64,
+                    len: len as u64,
+                    mode: 0,
+                    copy: 0,
+                };
+                // SAFETY: `dst .. dst + len` lies inside a slot registered
+                // with this userfaultfd (kept mapped by `self.ram`); `src ..
+                // src + len` lies inside the caller's `data` slice, which the
+                // kernel only reads; `arg` is a live `struct uffdio_copy`
+                // that the kernel writes its count into. The kernel installs
+                // whole pages atomically, so no reference to guest memory is
+                // created or invalidated.
+                let ret = unsafe { libc::ioctl(fd, UFFDIO_COPY as _, &mut arg) };
+                (ret, arg.copy)
+            }
+            Fill::Zero => {
+                let mut arg = UffdioZeropage {
+                    range: UffdioRange {
+                        start: dst,
+                        len: len as u64,
+                    },
+                    mode: 0,
+                    zeropage: 0,
+                };
+                // SAFETY: as for the copy; `arg` is a live `struct
+                // uffdio_zeropage` and no source buffer is read.
+                let ret = unsafe { libc::ioctl(fd, UFFDIO_ZEROPAGE as _, &mut arg) };
+                (ret, arg.zeropage)
+            }
+        };
+        // The errno must be read before anything else can clobber it.
+        let errno = (ret != 0).then(last_errno);
+        (usize::try_from(count).unwrap_or(0), errno)
+    }
+
+    fn installed(&self, gpa: u64, pages: u64, how: Fill, placed: &mut Placed) {
+        placed.installed += pages;
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        match how {
+            Fill::Copy(_) => st.stats.pages_copied += pages,
+            Fill::Zero => st.stats.pages_zeroed += pages,
+        }
+        st.arrived(gpa / PAGE, pages, now);
+    }
+
+    fn already_present(&self, gpa: u64, placed: &mut Placed) {
+        placed.already_present += 1;
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        st.stats.already_present += 1;
+        st.arrived(gpa / PAGE, 1, now);
+    }
+
+    /// Drops the pages of `gpa .. gpa + len` (`madvise(MADV_DONTNEED)`), so
+    /// the next touch faults and waits for a fresh copy: the source's list
+    /// of pages dirtied after they were sent in precopy.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), PostcopyError> {
+        self.check_registered()?;
+        let mut st = lock(&self.state);
+        self.for_each_piece(gpa, len, |at, host, _, n| {
+            // SAFETY: `host .. host + n` lies inside a slot mapping owned by
+            // `self.ram`; MADV_DONTNEED on private anonymous memory only drops
+            // pages (no reference to guest memory exists to dangle).
+            if unsafe { libc::madvise(host.cast(), n, libc::MADV_DONTNEED) } != 0 {
+                return Err(PostcopyError::Discard {
+                    gpa: at,
+                    errno: last_errno(),
+                });
+            }
+            Ok(())
+        })?;
+        for gfn in gpa / PAGE..(gpa + len) / PAGE {
+            st.set_present(gfn, false);
+        }
+        st.stats.pages_discarded += len / PAGE;
+        Ok(())
+    }
+
+    /// Whether guest page `gfn` is known to be present (placed through this
+    /// registration, or found present by a placement). A background push
+    /// skips such pages instead of reading and sending them again.
+    pub fn is_present(&self, gfn: u64) -> bool {
+        lock(&self.state).is_present(gfn)
+    }
+
+    /// Number of guest pages known to be present.
+    pub fn present_pages(&self) -> u64 {
+        let st = lock(&self.state);
+        st.present.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Ends postcopy: unregisters every slot (faults are no longer caught,
+    /// a missing page is then plain zero-filled memory) and restores the
+    /// huge-page hint. Later placements and discards are refused.
+    pub fn unregister(&self) -> Result<(), PostcopyError> {
+        if !self.registered.swap(false, Ordering::AcqRel) {
+            return Err(PostcopyError::NotRegistered);
+        }
+        for slot in self.ram.slots() {
+            let (host, len) = (slot.host_addr() as *mut libc::c_void, slot.len() as usize);
+            self.uffd
+                .unregister(host, len)
+                .map_err(|e| PostcopyError::Unregister {
+                    gpa: slot.guest_phys(),
+                    errno: uffd_errno(&e),
+                })?;
+            // SAFETY: the slot's own live mapping; advice only.
+            unsafe { libc::madvise(host, len, libc::MADV_HUGEPAGE) };
+        }
+        Ok(())
+    }
+
+    /// Whether the RAM is still registered.
+    pub fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of the counters, fault latency percentiles and per-thread
+    /// blocktime.
+    pub fn stats(&self) -> PostcopyStats {
+        let st = lock(&self.state);
+        let mut out = st.stats.clone();
+        out.outstanding = st.requested.len();
+        let mut lat = st.latencies_ns.clone();
+        out.blocktime = st.blocktime.iter().map(|(&t, &d)| (t, d)).collect();
+        drop(st);
+        out.blocktime.sort_unstable();
+        lat.sort_unstable();
+        out.latency_samples = lat.len();
+        out.latency_median_us = percentile(&lat, 50).map(|ns| ns as f64 / 1000.0);
+        out.latency_p99_us = percentile(&lat, 99).map(|ns| ns as f64 / 1000.0);
+        out
+    }
+
+    /// Turns the vCPU's "MMIO inside RAM" error into the postcopy cause when
+    /// this RAM is registered: KVM's fault was not delivered to userfaultfd
+    /// (a user-mode-only userfaultfd was used). `None` when the error is
+    /// something else.
+    pub fn explain_vcpu_error(&self, err: &VcpuError) -> Option<PostcopyError> {
+        let addr = vanished_addr(err)?;
+        (self.is_registered() && addr < self.ram.size())
+            .then_some(PostcopyError::FaultNotDelivered { addr })
+    }
+
+    /// Host address → page-aligned guest-physical address.
+    fn gpa_of(&self, host_addr: u64) -> Option<u64> {
+        self.ram.slots().iter().find_map(|s| {
+            let off = host_addr.checked_sub(s.host_addr())?;
+            (off < s.len()).then(|| s.guest_phys() + off / PAGE * PAGE)
+        })
+    }
+
+    /// Handles one fault event read at `at`; returns the fault to forward,
+    /// if it is the first outstanding one for its page.
+    fn on_fault(
+        &self,
+        host_addr: u64,
+        tid: i32,
+        write: bool,
+        at: Instant,
+    ) -> Result<Option<Fault>, PostcopyError> {
+        let gpa = self
+            .gpa_of(host_addr)
+            .ok_or(PostcopyError::FaultOutsideRam { host_addr })?;
+        let gfn = gpa / PAGE;
+        let mut st = lock(&self.state);
+        st.stats.faults_read += 1;
+        if st.is_present(gfn) {
+            // Placed between the fault and this read; the placement woke
+            // the thread.
+            st.stats.faults_stale += 1;
+            return Ok(None);
+        }
+        if st.requested.fault(gfn, tid, at) {
+            st.stats.faults_forwarded += 1;
+            Ok(Some(Fault { gpa, tid, write }))
+        } else {
+            st.stats.faults_duplicate += 1;
+            Ok(None)
+        }
+    }
+
+    /// Starts a thread that reads fault events and calls `sink` once per
+    /// page that needs requesting (outside any lock, so `sink` may place
+    /// pages itself). Stop it with [`FaultThread::stop`] (or by dropping
+    /// it); it also stops on the first error, which `stop` returns.
+    pub fn start_fault_thread<F>(self: &Arc<Self>, sink: F) -> Result<FaultThread, PostcopyError>
+    where
+        F: FnMut(Fault) + Send + 'static,
+    {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(PostcopyError::Sys("eventfd", last_errno()));
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let shutdown = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let ram = Arc::clone(self);
+        let stop = Arc::clone(&shutdown);
+        let handle = std::thread::Builder::new()
+            .name("livemig-uffd".into())
+            .spawn(move || fault_loop(&ram, &stop, sink))
+            .map_err(|e| PostcopyError::Spawn(e.to_string()))?;
+        Ok(FaultThread {
+            shutdown,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl AsFd for PostcopyRam {
+    /// The userfaultfd, for an engine that polls it in its own event loop
+    /// instead of running a [`FaultThread`].
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+}
+
+impl Drop for PostcopyRam {
+    fn drop(&mut self) {
+        if self.is_registered() {
+            // Closing the userfaultfd unregisters anyway; this also restores
+            // the huge-page hint.
+            let _ = self.unregister();
+        }
+    }
+}
+
+/// The `pct`-th percentile (nearest rank) of sorted `v`.
+fn percentile(v: &[u64], pct: usize) -> Option<u64> {
+    let rank = (v.len() * pct).div_ceil(100).max(1);
+    v.get(rank - 1).copied()
+}
+
+/// The guest-physical address of a "memory vanished" vCPU error, also when
+/// wrapped in the stopped-thread error.
+fn vanished_addr(err: &VcpuError) -> Option<u64> {
+    match err {
+        VcpuError::MemoryVanished { addr } => Some(*addr),
+        VcpuError::Stopped(Some(inner)) => vanished_addr(inner),
+        _ => None,
+    }
+}
+
+/// The thread reading fault events (see [`PostcopyRam::start_fault_thread`]).
+#[derive(Debug)]
+pub struct FaultThread {
+    shutdown: Arc<OwnedFd>,
+    handle: Option<JoinHandle<Result<(), PostcopyError>>>,
+}
+
+impl FaultThread {
+    fn signal(&self) -> Result<(), PostcopyError> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to our eventfd.
+        let n = unsafe { libc::write(self.shutdown.as_raw_fd(), one.as_ptr().cast(), 8) };
+        // EAGAIN: the counter is already non-zero, the thread will see it.
+        if n != 8 && last_errno() != libc::EAGAIN {
+            return Err(PostcopyError::Sys("eventfd write", last_errno()));
+        }
+        Ok(())
+    }
+
+    /// Stops the thread and returns the error it stopped on, if any.
+    /// Faults still unread stay queued in the userfaultfd.
+    pub fn stop(mut self) -> Result<(), PostcopyError> {
+        self.signal()?;
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(PostcopyError::FaultThreadPanicked),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the thread has ended (on an error, or after a stop).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            // Nothing to report from a drop: a failed signal only happens on a
+            // broken fd, and then the join would hang, so it is skipped.
+            if self.signal().is_ok() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn fault_loop<F: FnMut(Fault)>(
+    ram: &PostcopyRam,
+    shutdown: &OwnedFd,
+    mut sink: F,
+) -> Result<(), PostcopyError> {
+    let mut buf = EventBuffer::new(EVENT_BATCH);
+    let mut forward = Vec::with_capacity(EVENT_BATCH);
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: ram.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shutdown.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            match last_errno() {
+                libc::EINTR => continue,
+                e => return Err(PostcopyError::Sys("poll", e)),
+            }
+        }
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
+        let rev = fds[0].revents;
+        if rev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err(PostcopyError::Sys("poll (userfaultfd error)", libc::EIO));
+        }
+        if rev & libc::POLLIN == 0 {
+            continue;
+        }
+        let at = Instant::now();
+        let events = ram
+            .uffd
+            .read_events(&mut buf)
+            .map_err(|e| PostcopyError::ReadEvents(format!("{e} (errno {})", uffd_errno(&e))))?;
+        for ev in events {
+            let ev = ev.map_err(|e| PostcopyError::ReadEvents(e.to_string()))?;
+            // Only page faults are enabled (no fork/remap/remove events).
+            if let Event::Pagefault {
+                addr,
+                rw,
+                thread_id,
+                ..
+            } = ev
+            {
+                let write = rw == ReadWrite::Write;
+                if let Some(f) = ram.on_fault(addr as u64, thread_id.as_raw(), write, at)? {
+                    forward.push(f);
+                }
+            }
+        }
+        for f in forward.drain(..) {
+            sink(f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_linux_headers() {
+        assert_eq!(std::mem::size_of::<UffdioCopy>(), 40);
+        assert_eq!(std::mem::size_of::<UffdioZeropage>(), 32);
+        assert_eq!(UFFDIO_COPY, 0xC028_AA03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xC020_AA04);
+    }
+
+    #[test]
+    fn requested_pages_dedupe_and_time_waiters() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut set = RequestedPages::new();
+        assert!(set.fault(7, 100, t0), "first fault requests the page");
+        assert!(!set.fault(7, 100, t0 + ms(1)), "refault of the same thread");
+        assert!(!set.fault(7, 200, t0 + ms(2)), "another thread waits too");
+        assert!(set.fault(8, 100, t0 + ms(3)));
+        assert_eq!(set.len(), 2);
+        assert!(set.contains(7) && !set.contains(9));
+        let mut waits = Vec::new();
+        let lat = set.arrived(7, t0 + ms(5), |t, d| waits.push((t, d)));
+        assert_eq!(lat, Some(ms(5)));
+        // The refault did not restart thread 100's wait.
+        assert_eq!(waits, vec![(100, ms(5)), (200, ms(3))]);
+        assert_eq!(set.arrived(7, t0 + ms(6), |_, _| panic!("no waiter")), None);
+        assert!(
+            set.fault(7, 300, t0 + ms(7)),
+            "requested again after arrival"
+        );
+        assert_eq!(set.len(), 2);
+        assert!(!set.is_empty());
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(percentile(&[5], 99), Some(5));
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50), Some(50));
+        assert_eq!(percentile(&v, 99), Some(99));
+        assert_eq!(percentile(&v[..10], 99), Some(10));
+    }
+
+    #[test]
+    fn vanished_memory_is_found_through_the_stopped_wrapper() {
+        let e = VcpuError::MemoryVanished { addr: 0x20_0000 };
+        assert_eq!(vanished_addr(&e), Some(0x20_0000));
+        let wrapped = VcpuError::Stopped(Some(Box::new(e)));
+        assert_eq!(vanished_addr(&wrapped), Some(0x20_0000));
+        assert_eq!(vanished_addr(&VcpuError::Stopped(None)), None);
+        assert_eq!(
+            vanished_addr(&VcpuError::MmioOutsideRam { addr: 1 << 40 }),
+            None
+        );
+        let msg = PostcopyError::FaultNotDelivered { addr: 0x20_0000 }.to_string();
+        assert!(
+            msg.contains("userfaultfd") && msg.contains("0x200000"),
+            "{msg}"
+        );
+    }
+}
