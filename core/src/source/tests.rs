@@ -14,6 +14,19 @@ impl PageReader for AllZero {
     }
 }
 
+/// Runs `f` on a fresh engine over a 1024-page block with the default
+/// configuration.
+fn with_engine(f: impl FnOnce(&mut SourceEngine<'_>)) {
+    let l = layout();
+    let config = MigrationConfig::default();
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    f(&mut s);
+}
+
 fn layout() -> [BlockInfo<'static>; 1] {
     [BlockInfo::new(BlockId::new("pc.ram").unwrap(), 1024 * 4096, 4096).unwrap()]
 }
@@ -56,69 +69,59 @@ fn inconsistent_setups_are_refused() {
 
 #[test]
 fn inputs_out_of_order_are_errors_not_panics() {
-    let l = layout();
-    let config = MigrationConfig::default();
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let now = Instant::ZERO;
-    assert!(matches!(
-        s.handle_dirty_log(0, &[0; 16]),
-        Err(SourceError::UnexpectedEvent { .. })
-    ));
-    assert!(matches!(
-        s.handle_vcpus_stopped(now),
-        Err(SourceError::UnexpectedEvent { .. })
-    ));
-    assert_eq!(s.start_postcopy(now), Err(SourceError::PostcopyNotEnabled));
-    s.start(now).unwrap();
-    assert!(matches!(
-        s.start(now),
-        Err(SourceError::UnexpectedEvent { .. })
-    ));
-    assert!(matches!(
-        s.poll_action(now, &AllZero),
-        Some(SourceAction::Send(_))
-    ));
-    assert_eq!(
-        s.poll_action(now, &AllZero),
-        Some(SourceAction::SyncDirtyLog)
-    );
-    assert_eq!(
-        s.handle_dirty_log(7, &[0; 16]),
-        Err(SourceError::NoSuchBlock(7))
-    );
+    with_engine(|s| {
+        let now = Instant::ZERO;
+        assert!(matches!(
+            s.handle_dirty_log(0, &[0; 16]),
+            Err(SourceError::UnexpectedEvent { .. })
+        ));
+        assert!(matches!(
+            s.handle_vcpus_stopped(now),
+            Err(SourceError::UnexpectedEvent { .. })
+        ));
+        assert_eq!(s.start_postcopy(now), Err(SourceError::PostcopyNotEnabled));
+        s.start(now).unwrap();
+        assert!(matches!(
+            s.start(now),
+            Err(SourceError::UnexpectedEvent { .. })
+        ));
+        assert!(matches!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Send(_))
+        ));
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::SyncDirtyLog)
+        );
+        assert_eq!(
+            s.handle_dirty_log(7, &[0; 16]),
+            Err(SourceError::NoSuchBlock(7))
+        );
+    });
 }
 
 #[test]
 fn a_page_request_outside_postcopy_fails_the_migration() {
-    let l = layout();
-    let config = MigrationConfig::default();
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let now = Instant::ZERO;
-    s.start(now).unwrap();
-    let msg = RpMessage::ReqPagesId {
-        block: "pc.ram",
-        start: 0,
-        len: 4096,
-    };
-    s.handle_return_path(now, &msg).unwrap();
-    assert_eq!(s.state(), MigrationStatus::Failed);
-    assert!(
-        s.stats()
-            .error_desc
-            .as_str()
-            .contains("postcopy is not active")
-    );
-    assert_eq!(
-        s.poll_action(now, &AllZero),
-        Some(SourceAction::Finished(MigrationStatus::Failed))
-    );
-    assert_eq!(s.poll_action(now, &AllZero), None);
+    with_engine(|s| {
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let msg = RpMessage::ReqPagesId {
+            block: "pc.ram",
+            start: 0,
+            len: 4096,
+        };
+        s.handle_return_path(now, &msg).unwrap();
+        assert_eq!(s.state(), MigrationStatus::Failed);
+        assert!(
+            s.stats()
+                .error_desc
+                .as_str()
+                .contains("postcopy is not active")
+        );
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Finished(MigrationStatus::Failed))
+        );
+        assert_eq!(s.poll_action(now, &AllZero), None);
+    });
 }
