@@ -5,8 +5,10 @@
 //! decoders themselves must never panic). A `*_corpus` function next to an
 //! entry point gives valid inputs for mutation-based drivers to start from.
 
+mod destination;
 mod return_path;
 mod stream;
 
+pub use destination::{destination, destination_accepts, destination_corpus};
 pub use return_path::{return_path, return_path_accepts, return_path_corpus};
 pub use stream::{stream, stream_accepts, stream_corpus};

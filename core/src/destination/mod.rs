@@ -599,6 +599,12 @@ impl Loader<'_> {
     }
 
     fn fail(&mut self, now: Instant, e: DestError) -> DestError {
+        if self.state == MigrationStatus::None {
+            // The connection closed (or timed out) before the first byte:
+            // the incoming migration had begun all the same, and fails.
+            self.started_at.get_or_insert(now);
+            self.set_state(MigrationStatus::Active);
+        }
         self.update_time(now);
         self.stats.error_desc.set(format_args!("{e}"));
         self.set_state(MigrationStatus::Failed);

@@ -347,3 +347,13 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
         })
     );
 }
+
+#[test]
+fn a_connection_closed_before_the_first_byte_fails() {
+    let l = layout(16);
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    assert!(matches!(d.handle_eof(Instant::ZERO), Err(DestError::UnexpectedEof(_))));
+    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert!(!d.stats().error_desc.is_empty());
+}

@@ -37,11 +37,16 @@ const TARGETS: &[Target] = &[
         run: livemig_fuzz::stream_accepts,
         corpus: livemig_fuzz::stream_corpus,
     },
+    Target {
+        name: "destination",
+        run: livemig_fuzz::destination_accepts,
+        corpus: livemig_fuzz::destination_corpus,
+    },
 ];
 
 /// Longest input generated; return-path messages are at most 272 bytes,
 /// so this covers several messages and over-long headers.
-const MAX_LEN: usize = 1024;
+const MAX_LEN: usize = 8192;
 
 /// How many failing inputs to print in full per target.
 const SHOW_FAILURES: usize = 3;

@@ -1,0 +1,178 @@
+//! The destination engine under fuzzing: whatever the bytes, it must not
+//! panic, must never ask its host to touch memory outside the guest's RAM,
+//! and must end completed or failed with a reason — never in between once
+//! the input has ended.
+
+use livemig_core::destination::{DestinationEngine, DestinationHost, HostError, PostcopyTracking};
+use livemig_core::state::MigrationStatus;
+use livemig_core::time::Instant;
+use livemig_core::wire::{
+    self, BatchFlags, BlockId, BlockInfo, BlockList, Command, DeviceState, PageEntry, PageKind,
+    PageRange, Record,
+};
+
+/// Pages of the fuzzed guest's single block.
+const PAGES: u64 = 64;
+const PAGE: usize = 4096;
+
+/// A host that checks every request against the guest's bounds.
+struct BoundsHost;
+
+impl BoundsHost {
+    fn check(block: u16, first: u64, count: u64) {
+        assert_eq!(block, 0, "a request for a block that does not exist");
+        assert!(
+            first.checked_add(count).is_some_and(|end| end <= PAGES),
+            "pages {first}+{count} outside a {PAGES}-page block"
+        );
+    }
+}
+
+impl DestinationHost for BoundsHost {
+    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
+        assert_eq!(data.len() % PAGE, 0, "a partial page");
+        Self::check(block, first_page, (data.len() / PAGE) as u64);
+        Ok(())
+    }
+    fn place_zero_pages(
+        &mut self,
+        block: u16,
+        first_page: u64,
+        count: u64,
+    ) -> Result<(), HostError> {
+        Self::check(block, first_page, count);
+        Ok(())
+    }
+    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn postcopy_advise(&mut self, _host: u64, _target: u64) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
+        Self::check(block, range.first, range.count);
+        Ok(())
+    }
+    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn postcopy_run(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+
+fn layout() -> [BlockInfo<'static>; 1] {
+    let id = BlockId::new("pc.ram").expect("valid id");
+    [BlockInfo::new(id, PAGES * PAGE as u64, PAGE as u32).expect("valid block")]
+}
+
+/// libFuzzer entry point; see [`destination_accepts`].
+pub fn destination(data: &[u8]) {
+    destination_accepts(data);
+}
+
+/// Feeds `data` to a postcopy-capable destination in chunks sized by its
+/// first byte, with page faults injected between chunks, and checks the
+/// engine's contract; returns whether the stream completed.
+pub fn destination_accepts(data: &[u8]) -> bool {
+    let Some((&seed, rest)) = data.split_first() else {
+        return false;
+    };
+    let l = layout();
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, PAGES).expect("storage fits")];
+    let mut scratch = vec![0u8; 1 << 20];
+    let mut engine = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking)
+        .expect("matching tracking");
+    let chunk = usize::from(seed % 61) + 1;
+    let mut out = [0u8; 512];
+    for (i, piece) in rest.chunks(chunk).enumerate() {
+        let now = Instant::from_millis(i as u64);
+        if engine.handle_input(now, piece, &mut BoundsHost).is_err() {
+            break;
+        }
+        if engine.state() == MigrationStatus::PostcopyActive {
+            let page = u64::from(piece[0]) % (PAGES + 4);
+            let _ = engine.handle_page_fault(now, 0, page);
+        }
+        while engine.poll_return_path(&mut out) > 0 {}
+    }
+    let _ = engine.handle_eof(Instant::from_millis(u64::MAX / 2));
+    let state = engine.state();
+    assert!(
+        matches!(state, MigrationStatus::Completed | MigrationStatus::Failed),
+        "ended in {state}"
+    );
+    if state == MigrationStatus::Failed {
+        assert!(
+            !engine.stats().error_desc.is_empty(),
+            "a failure without a reason"
+        );
+    }
+    state == MigrationStatus::Completed
+}
+
+/// Valid postcopy streams for the guest above, to mutate.
+pub fn destination_corpus() -> Vec<Vec<u8>> {
+    let l = layout();
+    let record = |r: Record<'_>| {
+        let mut out = vec![0; r.encoded_len()];
+        r.encode(&mut out).expect("buffer sized by encoded_len");
+        out
+    };
+    let entries = [
+        PageEntry {
+            index: 1,
+            kind: PageKind::Normal,
+        },
+        PageEntry {
+            index: 2,
+            kind: PageKind::Zero,
+        },
+    ];
+    let mut header = vec![0u8; 64];
+    let n =
+        wire::encode_page_batch_header(&mut header, 0, 12, BatchFlags::END_OF_ITERATION, &entries)
+            .expect("small batch");
+    header.truncate(n);
+    header.extend_from_slice(&[0x5a; PAGE]);
+    let ranges = [PageRange { first: 1, count: 1 }];
+    let mut stream = vec![7u8, 0, 0, 0, 0, 0, 0, 0, 0];
+    wire::encode_stream_header(&mut stream[1..]).expect("8 bytes");
+    let parts = [
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        record(Record::RamBlocks(BlockList::from_slice(&l))),
+        header,
+        record(Record::Command(Command::PostcopyRamDiscard {
+            block: l[0].id,
+            ranges: wire::DiscardRanges::from_slice(&ranges),
+        })),
+        record(Record::Command(Command::PostcopyListen)),
+        record(Record::Command(Command::PostcopyRun)),
+        record(Record::EndOfStream),
+    ];
+    for p in parts {
+        stream.extend_from_slice(&p);
+    }
+    let mut short = stream.clone();
+    short[0] = 0;
+    vec![stream, short]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_corpus_completes_and_garbage_fails_cleanly() {
+        for input in destination_corpus() {
+            assert!(destination_accepts(&input));
+        }
+        assert!(!destination_accepts(&[3, 1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        assert!(!destination_accepts(&[]));
+    }
+}
