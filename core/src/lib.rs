@@ -56,7 +56,7 @@
 //! | [`time`] | the caller-supplied [`Instant`](time::Instant) | everyone |
 //!
 //! The stream and return-path formats are specified byte by byte in
-//! `docs/wire-format.md` and `docs/return-path.md`; the engines' design, the
+//! `docs/wire-format.md`; the engines' design, the
 //! state diagram and the convergence rules are in `docs/architecture.md`,
 //! and `docs/integration.md` is the guide for embedding this crate in a VMM.
 //!

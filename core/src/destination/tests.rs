@@ -353,7 +353,10 @@ fn a_connection_closed_before_the_first_byte_fails() {
     let l = layout(16);
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
-    assert!(matches!(d.handle_eof(Instant::ZERO), Err(DestError::UnexpectedEof(_))));
+    assert!(matches!(
+        d.handle_eof(Instant::ZERO),
+        Err(DestError::UnexpectedEof(_))
+    ));
     assert_eq!(d.state(), MigrationStatus::Failed);
     assert!(!d.stats().error_desc.is_empty());
 }

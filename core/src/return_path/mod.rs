@@ -10,7 +10,8 @@
 //!
 //! The framing is byte-compatible with QEMU's so that either side can be
 //! QEMU: a big-endian `u16` type, a big-endian `u16` payload length, then the
-//! payload. `docs/return-path.md` lays out every byte.
+//! payload. `docs/wire-format.md` (part 2) lays out every
+//! byte.
 //!
 //! The module has the smoltcp split: [`message`] holds the fixed layouts
 //! (zerocopy structs, the "packet" level) and the validated [`RpMessage`]
