@@ -7,8 +7,10 @@
 
 mod destination;
 mod return_path;
+mod source;
 mod stream;
 
 pub use destination::{destination, destination_accepts, destination_corpus};
 pub use return_path::{return_path, return_path_accepts, return_path_corpus};
+pub use source::{source, source_accepts, source_corpus};
 pub use stream::{stream, stream_accepts, stream_corpus};

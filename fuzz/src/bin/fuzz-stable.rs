@@ -38,6 +38,11 @@ const TARGETS: &[Target] = &[
         corpus: livemig_fuzz::stream_corpus,
     },
     Target {
+        name: "source",
+        run: livemig_fuzz::source_accepts,
+        corpus: livemig_fuzz::source_corpus,
+    },
+    Target {
         name: "destination",
         run: livemig_fuzz::destination_accepts,
         corpus: livemig_fuzz::destination_corpus,

@@ -1,0 +1,188 @@
+//! The source engine under fuzzing: the destination (through the return
+//! path), the clock and the operator are adversaries. Whatever they do, the
+//! engine must not panic, must only ask for clears and pages inside guest
+//! RAM, must never ask to send a page while the dirty-log chunk holding it
+//! still waits for its clear, and must always reach a final state once its
+//! inputs stop.
+
+use livemig_core::capabilities::Capabilities;
+use livemig_core::config::MigrationConfig;
+use livemig_core::return_path::RpMessage;
+use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
+use livemig_core::time::Instant;
+use livemig_core::wire::{BlockId, BlockInfo};
+
+const PAGES: u64 = 256;
+const PAGE: u32 = 4096;
+
+struct Pages<'a>(&'a [u8]);
+
+impl PageReader for Pages<'_> {
+    fn is_zero_page(&self, block: u16, page: u64) -> bool {
+        assert_eq!(block, 0);
+        assert!(page < PAGES, "zero check of page {page} outside RAM");
+        self.0.get(page as usize).is_some_and(|b| b & 1 == 0)
+    }
+}
+
+/// libFuzzer entry point; see [`source_accepts`].
+pub fn source(data: &[u8]) {
+    source_accepts(data);
+}
+
+/// Plays `data` as a script of adversarial inputs against a postcopy-capable
+/// source; returns whether the migration completed.
+pub fn source_accepts(data: &[u8]) -> bool {
+    let id = BlockId::new("pc.ram").expect("valid id");
+    let layout = [BlockInfo::new(id, PAGES * u64::from(PAGE), PAGE).expect("valid block")];
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::POSTCOPY_RAM | Capabilities::AUTO_CONVERGE;
+    config.parameters.clear_bitmap_shift = 6;
+    config.limits.max_iterations = Some(20);
+    let shift = config.parameters.clear_bitmap_shift;
+    let mut dirty = vec![0u64; BlockTracking::dirty_words(&layout[0])];
+    let mut clear = vec![0u64; BlockTracking::clear_words(&layout[0], shift)];
+    let mut tracking =
+        [BlockTracking::new(&layout[0], shift, &mut dirty, &mut clear).expect("storage sized")];
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut engine =
+        SourceEngine::new(&config, &layout, &mut tracking, &mut scratch).expect("valid set-up");
+    let ram = Pages(data);
+    let mut script = data.iter().copied();
+    let mut now = 0u64;
+    let mut log = [0u64; (PAGES / 64) as usize];
+    // Chunks fetched dirty and not yet cleared, one bit per 64-page chunk.
+    let mut pending: u8 = 0;
+    let mut guest_running = true;
+    engine
+        .start(Instant::from_nanos(now))
+        .expect("fresh engine");
+    for _ in 0..10_000 {
+        let Some(op) = script.next() else { break };
+        now += u64::from(op) * 1_000_000;
+        let t = Instant::from_nanos(now);
+        match op % 8 {
+            0..=3 => match engine.poll_action(t, &ram) {
+                Some(SourceAction::SyncDirtyLog) => {
+                    for w in log.iter_mut() {
+                        *w = u64::from(script.next().unwrap_or(0))
+                            .wrapping_mul(0x0101_0101_0101_0101);
+                    }
+                    if guest_running {
+                        for (i, w) in log.iter().enumerate() {
+                            if *w != 0 {
+                                pending |= 1 << i;
+                            }
+                        }
+                    }
+                    engine
+                        .handle_dirty_log(0, &log)
+                        .expect("sync was asked for");
+                    engine.handle_sync_done(t).expect("sync was asked for");
+                }
+                Some(SourceAction::ClearDirtyLog { block, range }) => {
+                    assert_eq!(block, 0);
+                    assert!(range.end() <= PAGES && range.first % 64 == 0, "{range:?}");
+                    pending &= !(1 << (range.first / 64));
+                }
+                Some(SourceAction::SendPages { block, pages, .. }) => {
+                    assert_eq!(block, 0);
+                    for &p in pages {
+                        assert!(p < PAGES);
+                        assert!(
+                            !guest_running || pending & (1 << (p / 64)) == 0,
+                            "page {p} sent before its chunk was cleared"
+                        );
+                    }
+                }
+                Some(SourceAction::StopVcpus) => {
+                    guest_running = false;
+                    engine.handle_vcpus_stopped(t).expect("stop was asked for");
+                }
+                Some(SourceAction::SaveDevices) => {
+                    engine
+                        .handle_devices_sent(t, 100)
+                        .expect("devices were asked for");
+                }
+                Some(SourceAction::PackageDevices) => {
+                    engine
+                        .package_devices(t, 100)
+                        .expect("package was asked for");
+                }
+                Some(SourceAction::ResumeVcpus) => guest_running = true,
+                Some(SourceAction::Send(_) | SourceAction::SetThrottle { .. }) | None => {}
+                Some(SourceAction::Finished(_)) => break,
+            },
+            4 => {
+                let start = u64::from(script.next().unwrap_or(0)) * 4096;
+                let len = u32::from(script.next().unwrap_or(1)) * 4096;
+                let msg = match script.next().unwrap_or(0) % 8 {
+                    0 => RpMessage::ReqPagesId {
+                        block: "pc.ram",
+                        start,
+                        len,
+                    },
+                    1 => RpMessage::ReqPagesId {
+                        block: "other",
+                        start,
+                        len,
+                    },
+                    2 => RpMessage::ReqPages { start, len },
+                    3 => RpMessage::Shut { error: false },
+                    4 => RpMessage::Shut { error: true },
+                    5 => RpMessage::SwitchoverAck,
+                    6 => RpMessage::ResumeAck,
+                    _ => RpMessage::Pong(u32::from(op)),
+                };
+                engine
+                    .handle_return_path(t, &msg)
+                    .expect("messages never misuse the API");
+            }
+            5 => {
+                let _ = engine.start_postcopy(t);
+            }
+            6 if op == 6 => engine.cancel(t),
+            _ => {
+                if let Some(deadline) = engine.poll_timeout() {
+                    now = now.max(deadline.as_nanos());
+                }
+            }
+        }
+    }
+    // The adversary stops: cancel, then drain to the end.
+    engine.cancel(Instant::from_nanos(now));
+    for _ in 0..100 {
+        match engine.poll_action(Instant::from_nanos(now), &ram) {
+            Some(SourceAction::Finished(status)) => {
+                return status == livemig_core::state::MigrationStatus::Completed;
+            }
+            Some(_) => {}
+            None => {
+                if engine.is_finished() {
+                    break;
+                }
+                now += 1_000_000_000;
+            }
+        }
+    }
+    assert!(
+        engine.is_finished() || !engine.state().is_running(),
+        "stuck in {}",
+        engine.state()
+    );
+    false
+}
+
+/// Scripts that drive the engine through setup, passes and a postcopy
+/// switch.
+pub fn source_corpus() -> Vec<Vec<u8>> {
+    vec![
+        vec![0, 1, 0, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        vec![
+            8, 0, 1, 1, 2, 3, 5, 13, 0, 0, 4, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+        vec![
+            0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 5, 0, 0, 0, 12, 3, 1, 0, 0, 0, 0, 0, 0,
+        ],
+    ]
+}
