@@ -239,6 +239,9 @@ pub struct SendOutcome {
     /// Progress exits in that half second (an idle guest has no
     /// generations).
     pub progress_after_failure: u64,
+    /// After a failed migration: whether the source guest is intact (its
+    /// own stamp checks found no mismatch and its vCPU did not stop).
+    pub intact_after_failure: bool,
 }
 
 /// Migrates the running guest in `vm` over `conn`.
@@ -259,6 +262,7 @@ pub fn send_guest(
         digest: None,
         generation_after_failure: None,
         progress_after_failure: 0,
+        intact_after_failure: false,
         report,
     };
     if out.report.stats.status == MigrationStatus::Completed {
@@ -274,6 +278,7 @@ pub fn send_guest(
         let after = vcpu.stats();
         out.generation_after_failure = Some((before.generation, after.generation));
         out.progress_after_failure = after.progress_exits - before.progress_exits;
+        out.intact_after_failure = after.mismatches.is_empty() && vcpu.stopped().is_none();
     }
     Ok(out)
 }
@@ -292,8 +297,12 @@ fn send_summary(out: &SendOutcome) -> Summary {
             json!(out.progress_after_failure),
         );
         extra.insert(
+            "guest-intact-on-source".into(),
+            json!(out.intact_after_failure),
+        );
+        extra.insert(
             "guest-continued-on-source".into(),
-            json!(after > before || out.progress_after_failure > 0),
+            json!((after > before || out.progress_after_failure > 0) && out.intact_after_failure),
         );
     }
     if r.postcopy {
@@ -486,22 +495,35 @@ pub fn run_receive(
     ))
 }
 
-/// Parses the destination's final JSON line.
-fn child_report(child: &mut Child) -> Result<Value, DemoError> {
+/// What the destination wrote on stderr (its error line, if any).
+fn child_stderr(child: &mut Child) -> String {
+    let mut text = String::new();
+    if let Some(err) = child.stderr.as_mut() {
+        // A child whose stderr cannot be read has nothing more to say.
+        let _ = err.read_to_string(&mut text);
+    }
+    text
+}
+
+/// Parses the destination's final JSON line; also returns its stderr.
+fn child_report(child: &mut Child) -> Result<(Value, String), DemoError> {
     let mut text = String::new();
     if let Some(out) = child.stdout.as_mut() {
         out.read_to_string(&mut text)
             .map_err(|e| DemoError::Child(format!("reading its report: {e}")))?;
     }
+    let stderr = child_stderr(child);
     let status = child
         .wait()
         .map_err(|e| DemoError::Child(format!("waiting for it: {e}")))?;
     let line = text.lines().rev().find(|l| l.starts_with('{'));
     match line {
         Some(l) => serde_json::from_str(l)
+            .map(|v| (v, stderr))
             .map_err(|e| DemoError::Child(format!("its report is not JSON ({e}): {l}"))),
         None => Err(DemoError::Child(format!(
-            "it exited ({status}) without a report"
+            "it exited ({status}) without a report{}",
+            last_line(&stderr).map_or(String::new(), |l| format!(" ({l})"))
         ))),
     }
 }
@@ -565,7 +587,10 @@ pub fn run_demo_with(
         )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        // Piped: when the source fails for its own reason (a precopy that
+        // does not converge), the destination's "connection closed" line
+        // would only blur the one line that says why.
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| DemoError::Child(format!("starting it: {e}")))?;
     let mut guard = ChildGuard(Some(child));
@@ -581,10 +606,12 @@ pub fn run_demo_with(
         .read_line(&mut first)
         .map_err(|e| DemoError::Child(format!("reading its address: {e}")))?;
     let Some(addr) = first.trim().strip_prefix("listening on ") else {
+        let stderr = child_stderr(child);
         let _ = child.wait();
         return Err(DemoError::Child(format!(
-            "it did not announce an address (said {:?})",
-            first.trim()
+            "it did not announce an address (said {:?}{})",
+            first.trim(),
+            last_line(&stderr).map_or(String::new(), |l| format!(", then {l:?}"))
         )));
     };
     let uri: MigrationUri = addr
@@ -598,7 +625,17 @@ pub fn run_demo_with(
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };
-    let dest = child_report(&mut child)?;
+    let (dest, dest_stderr) = child_report(&mut child)?;
+    let own_failure = out.report.stats.status != MigrationStatus::Completed
+        && !out
+            .report
+            .stats
+            .error_desc
+            .as_str()
+            .starts_with("the destination failed");
+    if !own_failure {
+        eprint!("{dest_stderr}");
+    }
     let postcopy = out.report.postcopy && dest.get("postcopy") == Some(&json!(true));
     if postcopy && out.report.stats.status == MigrationStatus::Completed {
         // The source's vCPU stays stopped after the switchover: its memory
@@ -657,6 +694,11 @@ pub fn run_demo_with(
         }
     }
     Ok(summary)
+}
+
+/// The last non-empty line of `text`.
+fn last_line(text: &str) -> Option<&str> {
+    text.lines().rev().map(str::trim).find(|l| !l.is_empty())
 }
 
 /// The `guest-written-ranges` of a postcopy destination's report.

@@ -71,7 +71,7 @@ struct Migration {
     /// first precopy pass: sets postcopy-ram, and downtime-limit=0 unless
     /// --param downtime-limit= is given, so that precopy does not complete
     /// first).
-    #[arg(long, default_value = "precopy", value_parser = ["precopy", "postcopy"])]
+    #[arg(long, default_value = "precopy")]
     mode: String,
     /// With --cap pause-before-switchover=on: how long the stopped guest
     /// waits in pre-switchover before the switchover continues by itself
