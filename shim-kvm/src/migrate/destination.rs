@@ -282,10 +282,19 @@ impl<'a> KvmHost<'a> {
         Ok(())
     }
 
+    /// Whether the fault thread ended by itself (on an error) while guest
+    /// RAM is registered: faults would no longer be served.
+    fn fault_thread_died(&self) -> bool {
+        self.postcopy
+            .as_ref()
+            .and_then(|pc| pc.fault_thread.as_ref())
+            .is_some_and(FaultThread::is_finished)
+    }
+
     /// The end of postcopy: unregisters guest RAM (waking any thread still
     /// waiting: every page not present now arrived as a zero page), stops
     /// the fault thread and gathers the figures.
-    fn finish_postcopy(&mut self) -> Result<PostcopyReport, MigrateError> {
+    fn finish_postcopy(&mut self) -> Result<PostcopyReport, String> {
         let Some(mut pc) = self.postcopy.take() else {
             return Ok(PostcopyReport::default());
         };
@@ -302,9 +311,10 @@ impl<'a> KvmHost<'a> {
                 );
             }
             ram.unregister()
-                .map_err(|e| MigrateError::Engine(e.to_string()))?;
+                .map_err(|e| format!("ending postcopy: {e}"))?;
             if let Some(t) = pc.fault_thread.take() {
-                t.stop().map_err(|e| MigrateError::Engine(e.to_string()))?;
+                t.stop()
+                    .map_err(|e| format!("postcopy fault thread: {e}"))?;
             }
             report.faults = ram.stats();
             report.vcpu_blocktime = report
@@ -604,10 +614,13 @@ pub fn receive(
         digest_ms: 0.0,
         postcopy: None,
     };
+    let mut error = error;
     let in_postcopy = host.registered().is_some();
-    let postcopy = host.finish_postcopy()?;
     if in_postcopy {
-        let mut postcopy = postcopy;
+        let mut postcopy = host.finish_postcopy().unwrap_or_else(|e| {
+            error.get_or_insert(e);
+            PostcopyReport::default()
+        });
         postcopy.requests = report.stats.ram.postcopy_requests;
         report.postcopy = Some(postcopy);
     }
@@ -662,6 +675,11 @@ fn run_receive_loop(
         // Faults first: a vCPU waits for each of them.
         if let Err(e) = serve_faults(engine, host) {
             error.get_or_insert(e);
+        }
+        if host.fault_thread_died() {
+            error.get_or_insert_with(|| {
+                "the postcopy fault thread stopped: page faults are no longer served".into()
+            });
         }
         let now = clock::now();
         let mut eof = false;

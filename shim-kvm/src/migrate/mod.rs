@@ -132,7 +132,7 @@ pub fn digest_outside(ram: &GuestRam, written: &[(u64, u64)]) -> Result<u64, Mem
         {
             runs.next();
         }
-        !runs.peek().is_some_and(|&&(first, _)| first <= p)
+        runs.peek().is_none_or(|&&(first, _)| first > p)
     }))
 }
 
