@@ -130,8 +130,10 @@ fn demo_migrates_between_two_processes_and_verifies() {
 }
 
 /// Postcopy between two processes: a 64 MiB working set on a link capped at
-/// 256 MiB/s, so the guest runs on the destination while pages it touches
-/// are still missing and must be requested.
+/// 256 MiB/s, and a postcopy background pass held to 64 MiB/s, so the guest
+/// runs on the destination for about a second while most pages it touches
+/// are still missing and must be requested (requests are never held back by
+/// the rate limit).
 #[test]
 fn postcopy_demo_requests_pages_and_verifies() {
     if !kvm_available() {
@@ -151,6 +153,8 @@ fn postcopy_demo_requests_pages_and_verifies() {
         "64",
         "--param",
         "max-bandwidth=268435456",
+        "--param",
+        "max-postcopy-bandwidth=64M",
         "--warmup-ms",
         "300",
         "--run-ms",
@@ -158,11 +162,12 @@ fn postcopy_demo_requests_pages_and_verifies() {
     ]);
     assert!(out.status.success(), "{out:?}");
     let v = json_of(&out);
-    eprintln!("MEASURE postcopy demo 256 MiB / 64 MiB at 256 MiB/s: {v}");
+    eprintln!("MEASURE postcopy demo 256 MiB / 64 MiB at 256 MiB/s, 64 MiB/s after: {v}");
     assert_eq!(v["status"], "completed");
     assert_eq!(v["verified"], true);
     assert_eq!(v["postcopy"], true);
-    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "{v}");
+    // Thousands in practice; a few hundred leaves room for a slow host.
+    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 100, "{v}");
     assert!(v["downtime"].as_f64().unwrap() >= 0.0);
     let stopped = v["vcpu-stopped-ns"].as_u64().unwrap();
     let started = v["vcpu-started-ns"].as_u64().unwrap();

@@ -274,10 +274,11 @@ impl<'a> KvmHost<'a> {
         let Some(ram) = self.registered() else {
             return Err("a fault before guest RAM was registered".into());
         };
-        ram.place_zero(page * PAGE, PAGE)
+        let placed = ram
+            .place_zero(page * PAGE, PAGE)
             .map_err(|e| format!("filling a zero page: {e}"))?;
         if let Some(pc) = self.postcopy.as_mut() {
-            pc.local_zero_fills += 1;
+            pc.local_zero_fills += placed.installed;
         }
         Ok(())
     }
