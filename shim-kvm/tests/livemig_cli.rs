@@ -3,7 +3,7 @@
 //! receiver mid-migration, and the one-line errors. KVM tests skip loudly
 //! without `/dev/kvm` (see `common::kvm_available`).
 
-// Only the loud-skip helper is used here; the VM helpers serve other tests.
+// Only the loud-skip helpers are used here; the VM helpers serve other tests.
 #[allow(dead_code)]
 mod common;
 
@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::kvm_available;
+use common::{kvm_available, userfaultfd_available};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
@@ -136,7 +136,7 @@ fn demo_migrates_between_two_processes_and_verifies() {
 /// the rate limit).
 #[test]
 fn postcopy_demo_requests_pages_and_verifies() {
-    if !kvm_available() {
+    if !kvm_available() || !userfaultfd_available() {
         return;
     }
     let out = livemig(&[

@@ -885,6 +885,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fault_latency_percentiles_are_nearest_rank_in_microseconds() {
+        assert_eq!(percentile_us(&[], 50), None);
+        let ns: Vec<u64> = (1..=200).map(|i| i * 1000).collect();
+        assert_eq!(percentile_us(&ns, 50), Some(100.0));
+        assert_eq!(percentile_us(&ns, 99), Some(198.0));
+        assert_eq!(percentile_us(&[42_500], 99), Some(42.5));
+        // This thread is not a vCPU thread.
+        // SAFETY: gettid has no arguments and cannot fail.
+        assert!(!is_vcpu_thread(unsafe { libc::gettid() }));
+    }
+
+    #[test]
     fn engine_errors_become_operator_sentences() {
         let e = DestError::BlockLengthMismatch {
             index: 0,
