@@ -436,8 +436,12 @@ pub fn migrate(
                 engine.handle_io_error(clock::now(), format_args!("{reason}"));
             }
             // Page requests are served ahead of the background pass only
-            // once the engine has them.
-            while let Ok(ev) = events.try_recv() {
+            // once the engine has them. (Precopy has nothing urgent on the
+            // return path, and draining there measurably slowed the first
+            // pass of an idle 4 GiB guest: 90 -> 140 ms.)
+            while engine.state() == MigrationStatus::PostcopyActive
+                && let Ok(ev) = events.try_recv()
+            {
                 reader_done |= !matches!(ev, RpEvent::Bytes(_));
                 on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
             }
