@@ -598,14 +598,13 @@ pub fn receive(
     }
     let reader = spawn_reader(reader_conn, tx.clone(), pool);
     let mut host = KvmHost::new(vm, vcpu, tx);
-    let result = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, progress);
+    let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, progress);
     // Free a reader still blocked in read (a failed migration) and let it
     // end: without buffers it stops at its next one.
     drop(pool_tx);
     let _ = conn.shutdown(Shutdown::Read);
     drop(events);
     let _ = reader.join();
-    let error = result?;
 
     let mut report = DestinationReport {
         stats: engine.stats().clone(),
@@ -615,7 +614,6 @@ pub fn receive(
         digest_ms: 0.0,
         postcopy: None,
     };
-    let mut error = error;
     let in_postcopy = host.registered().is_some();
     if in_postcopy {
         let mut postcopy = host.finish_postcopy().unwrap_or_else(|e| {
@@ -624,6 +622,13 @@ pub fn receive(
         });
         postcopy.requests = report.stats.ram.postcopy_requests;
         report.postcopy = Some(postcopy);
+        if !engine.is_completed() || error.is_some() {
+            // A failed postcopy leaves a guest whose missing pages now read
+            // as zero: stop it (only possible once no page is awaited, that
+            // is after the unregister above). A vCPU that already stopped
+            // has nothing to pause.
+            let _ = vcpu.pause();
+        }
     }
     if engine.is_completed() && error.is_none() {
         let loaded = clock::monotonic_ns();
@@ -663,7 +668,7 @@ fn run_receive_loop(
     events: &Receiver<Event>,
     pool: &Sender<Vec<u8>>,
     progress: &mut dyn FnMut(&MigrationStats),
-) -> Result<Option<String>, MigrateError> {
+) -> Option<String> {
     let mut out = vec![0u8; 4096];
     let mut error: Option<String> = None;
     let mut last_progress = 0;
@@ -733,7 +738,7 @@ fn run_receive_loop(
             || engine.state() == MigrationStatus::Failed
             || error.is_some()
         {
-            return Ok(error);
+            return error;
         }
     }
 }
