@@ -685,9 +685,13 @@ pub fn run_demo_with(
         && out.digest == dest_digest
         && continued;
     summary.extra.insert("destination".into(), dest.clone());
-    summary
-        .extra
-        .insert("guest-continued".into(), json!(continued));
+    if out.report.stats.status == MigrationStatus::Completed {
+        // On the destination; after a failure the source's own fields
+        // (`guest-continued-on-source`) tell how the guest is.
+        summary
+            .extra
+            .insert("guest-continued".into(), json!(continued));
+    }
     if summary.error.is_none() && out.report.stats.error_desc.is_empty() {
         if let Some(e) = dest.get("error-desc").and_then(Value::as_str) {
             summary.error = Some(format!("the destination said: {e}"));
