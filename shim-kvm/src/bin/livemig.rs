@@ -52,6 +52,10 @@ enum Cmd {
     /// the guest and report. Prints `listening on URI` first. Its `digest`
     /// is to be compared with the sender's; `verified` stays false here,
     /// since only a side that holds both digests (demo) can decide it.
+    /// A postcopy migration is taken as the source sends it (the guest
+    /// starts at the switchover); the report then adds the fault latency
+    /// and the pages the guest wrote here (`guest-written-ranges`), and its
+    /// `digest` covers every other page.
     Receive(ReceiveArgs),
     /// Time `demo` migrations of an idle 4 GiB guest and of a 1 GiB guest
     /// with a 64 MiB working set, each against a raw TCP copy of the same
@@ -79,7 +83,9 @@ struct Migration {
     #[arg(long, default_value_t = 0)]
     switchover_pause_ms: u64,
     /// A capability, in QEMU's names: --cap postcopy-ram=on (repeatable).
-    /// return-path and zero-page-detection are on by default.
+    /// return-path and zero-page-detection are on by default. With --mode
+    /// postcopy, postcopy-blocktime=on also reports the time each vCPU spent
+    /// blocked on missing pages.
     #[arg(long = "cap", value_name = "NAME=on|off")]
     caps: Vec<String>,
     /// A parameter, in QEMU's names: --param downtime-limit=100
