@@ -678,8 +678,12 @@ fn run_receive_loop(
             .poll_timeout()
             .map_or(MAX_WAIT, |t| t.saturating_since(now).min(MAX_WAIT));
         let event = events.recv_timeout(wait);
-        // Faults first: a vCPU waits for each of them.
+        // Faults first, and their requests out at once: a vCPU waits for
+        // each of them.
         if let Err(e) = serve_faults(engine, host) {
+            error.get_or_insert(e);
+        }
+        if let Err(e) = flush_return_path(engine, conn, &mut out) {
             error.get_or_insert(e);
         }
         if host.fault_thread_died() {
@@ -719,15 +723,8 @@ fn run_receive_loop(
                 error = Some(describe(&e, conn.peer(), host.error.as_deref()));
             }
         }
-        loop {
-            let n = engine.poll_return_path(&mut out);
-            if n == 0 {
-                break;
-            }
-            if let Err(e) = conn.write_all(&out[..n]) {
-                error.get_or_insert_with(|| format!("return path lost: {e}"));
-                break;
-            }
+        if let Err(e) = flush_return_path(engine, conn, &mut out) {
+            error.get_or_insert(e);
         }
         if clock::monotonic_ns() - last_progress > 50_000_000 {
             last_progress = clock::monotonic_ns();
@@ -740,6 +737,23 @@ fn run_receive_loop(
         {
             return error;
         }
+    }
+}
+
+/// Writes whatever the engine queued for the return path.
+fn flush_return_path(
+    engine: &mut DestinationEngine<'_>,
+    conn: &Connection,
+    out: &mut [u8],
+) -> Result<(), String> {
+    loop {
+        let n = engine.poll_return_path(out);
+        if n == 0 {
+            return Ok(());
+        }
+        let bytes = out.get(..n).unwrap_or_default();
+        conn.write_all(bytes)
+            .map_err(|e| format!("return path lost: {e}"))?;
     }
 }
 
