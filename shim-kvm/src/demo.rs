@@ -11,6 +11,18 @@
 //! on two machines; both read the same `CLOCK_MONOTONIC`, which is how the
 //! downtime from the source's vCPU stop to the destination's vCPU start is
 //! measured across the two processes.
+//!
+//! `--mode postcopy` switches to postcopy after the first precopy pass: the
+//! guest then runs on the destination while its memory is still arriving.
+//! Since the destination guest runs during the migration, "destination
+//! memory equals the source's at the stop" no longer holds at the end, so
+//! the check becomes: the destination pauses its guest after the watch and
+//! reads KVM's dirty log (reset when postcopy was advised) to learn exactly
+//! which pages its guest wrote; it reports them and the digest of every
+//! other page; the source, whose vCPU stays stopped after the switchover,
+//! computes the digest of the same pages from its stop image. Equal
+//! digests, the guest's own stamp checks reporting no mismatch, and its
+//! generation advancing past the stop make the migration `verified`.
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,9 +40,9 @@ use crate::dirty_log::DirtyLogMode;
 use crate::guest::{self, GuestParams};
 use crate::interrupt::Cancel;
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
-use crate::migrate::destination::{self, GuestAfter};
-use crate::migrate::source::{self, SourceReport};
-use crate::migrate::{MigrateError, RAM_BLOCK_ID};
+use crate::migrate::destination::{self, GuestAfter, GuestWrites};
+use crate::migrate::source::{self, SourceOptions, SourceReport};
+use crate::migrate::{MigrateError, RAM_BLOCK_ID, digest_outside};
 use crate::report::{Progress, Summary};
 use crate::transport::{Connection, Listener, MigrationUri, TransportError};
 use crate::vcpu::Vcpu;
@@ -57,7 +69,7 @@ pub enum DemoError {
     Failed(String),
     /// The destination process misbehaved (demo only).
     Child(String),
-    /// A mode other than precopy was asked for.
+    /// A mode other than precopy or postcopy was asked for.
     UnsupportedMode(String),
 }
 
@@ -72,7 +84,7 @@ impl fmt::Display for DemoError {
             DemoError::Child(e) => write!(f, "destination process: {e}"),
             DemoError::UnsupportedMode(m) => write!(
                 f,
-                "migration mode '{m}' is not yet supported (only precopy is)"
+                "migration mode '{m}' is not supported (precopy or postcopy)"
             ),
         }
     }
@@ -92,11 +104,24 @@ impl From<MigrateError> for DemoError {
     }
 }
 
-/// Checks the `--mode` flag: precopy is the only mode so far.
+/// Checks the `--mode` flag: precopy or postcopy.
 pub fn check_mode(mode: &str) -> Result<(), DemoError> {
     match mode {
-        "precopy" => Ok(()),
+        "precopy" | "postcopy" => Ok(()),
         other => Err(DemoError::UnsupportedMode(other.to_string())),
+    }
+}
+
+/// Makes `config` a postcopy migration: the postcopy-ram capability and the
+/// switch after the first precopy pass. Unless the operator set
+/// `downtime-limit` (`downtime_given`), it becomes 0: the engine completes
+/// in precopy whenever the rest fits the downtime limit, and `--mode
+/// postcopy` asks for postcopy whenever anything is left to send.
+pub fn postcopy_config(config: &mut MigrationConfig, downtime_given: bool) {
+    config.capabilities.insert(Capabilities::POSTCOPY_RAM);
+    config.limits.postcopy_after_iterations = Some(1);
+    if !downtime_given {
+        config.parameters.downtime_limit_ms = 0;
     }
 }
 
@@ -214,6 +239,9 @@ pub struct SendOutcome {
     /// Progress exits in that half second (an idle guest has no
     /// generations).
     pub progress_after_failure: u64,
+    /// After a failed migration: whether the source guest is intact (its
+    /// own stamp checks found no mismatch and its vCPU did not stop).
+    pub intact_after_failure: bool,
 }
 
 /// Migrates the running guest in `vm` over `conn`.
@@ -222,25 +250,35 @@ pub fn send_guest(
     vcpu: &Vcpu,
     conn: Connection,
     config: &MigrationConfig,
+    options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let report = source::migrate(vm, vcpu, conn, config, cancel, &mut |s| progress.update(s))?;
+    let report = source::migrate(vm, vcpu, conn, config, options, cancel, &mut |s| {
+        progress.update(s)
+    })?;
     progress.finish();
     let mut out = SendOutcome {
         digest: None,
         generation_after_failure: None,
         progress_after_failure: 0,
+        intact_after_failure: false,
         report,
     };
     if out.report.stats.status == MigrationStatus::Completed {
-        out.digest = Some(vm.ram().digest());
+        // After a postcopy the whole-memory digest means nothing (the
+        // destination guest ran meanwhile); `demo` takes the digest of the
+        // pages the destination guest did not write instead.
+        if !out.report.postcopy {
+            out.digest = Some(vm.ram().digest());
+        }
     } else {
         let before = vcpu.stats();
         std::thread::sleep(Duration::from_millis(500));
         let after = vcpu.stats();
         out.generation_after_failure = Some((before.generation, after.generation));
         out.progress_after_failure = after.progress_exits - before.progress_exits;
+        out.intact_after_failure = after.mismatches.is_empty() && vcpu.stopped().is_none();
     }
     Ok(out)
 }
@@ -258,6 +296,17 @@ fn send_summary(out: &SendOutcome) -> Summary {
             "guest-progress-after".into(),
             json!(out.progress_after_failure),
         );
+        extra.insert(
+            "guest-intact-on-source".into(),
+            json!(out.intact_after_failure),
+        );
+        extra.insert(
+            "guest-continued-on-source".into(),
+            json!((after > before || out.progress_after_failure > 0) && out.intact_after_failure),
+        );
+    }
+    if r.postcopy {
+        extra.insert("postcopy".into(), json!(true));
     }
     let desc = r.stats.error_desc.as_str();
     let error = desc.starts_with("the destination failed").then(|| {
@@ -290,23 +339,86 @@ pub fn run_send(
     to: &MigrationUri,
     shape: GuestShape,
     config: &MigrationConfig,
+    options: SourceOptions,
     warmup: Duration,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
     let conn = Connection::connect(to)?;
     let (vm, vcpu) = boot_guest(shape, warmup)?;
-    let out = send_guest(&vm, &vcpu, conn, config, cancel, progress)?;
+    let out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
     Ok(send_summary(&out))
+}
+
+/// Milliseconds with three decimals.
+fn ms(d: Duration) -> Value {
+    json!((d.as_secs_f64() * 1e6).round() / 1000.0)
+}
+
+/// The postcopy figures of a destination: fault latency (request sent →
+/// page installed), fault counters and, when `blocktime` is asked for, the
+/// time each vCPU spent blocked on missing pages (QEMU's
+/// `postcopy-blocktime` and `postcopy-vcpu-blocktime`, in ms).
+fn postcopy_fields(
+    extra: &mut serde_json::Map<String, Value>,
+    p: &destination::PostcopyReport,
+    writes: Option<&GuestWrites>,
+    blocktime: bool,
+) {
+    let us = |v: Option<f64>| v.map(|x| (x * 10.0).round() / 10.0);
+    extra.insert("postcopy".into(), json!(true));
+    extra.insert(
+        "postcopy-fault-latency".into(),
+        json!({
+            "median-us": us(p.latency_median_us),
+            "p99-us": us(p.latency_p99_us),
+            "samples": p.latency_samples,
+        }),
+    );
+    let f = &p.faults;
+    extra.insert(
+        "postcopy-faults".into(),
+        json!({
+            "read": f.faults_read,
+            "forwarded": f.faults_forwarded,
+            "duplicate": f.faults_duplicate,
+            "stale": f.faults_stale,
+            "local-zero-fills": p.local_zero_fills,
+            "pages-copied": f.pages_copied,
+            "pages-zeroed": f.pages_zeroed,
+            "already-present": f.already_present,
+            "pages-discarded": f.pages_discarded,
+        }),
+    );
+    if blocktime {
+        let total: Duration = p.vcpu_blocktime.iter().map(|b| b.1).sum();
+        extra.insert("postcopy-blocktime".into(), ms(total));
+        extra.insert(
+            "postcopy-vcpu-blocktime".into(),
+            Value::Array(p.vcpu_blocktime.iter().map(|b| ms(b.1)).collect()),
+        );
+    }
+    if let Some(e) = &p.vcpu_error {
+        extra.insert("postcopy-vcpu-error".into(), json!(e));
+    }
+    if let Some(w) = writes {
+        extra.insert("guest-written-pages".into(), json!(w.pages));
+        extra.insert("guest-written-ranges".into(), json!(w.ranges));
+    }
 }
 
 /// What the destination did, as `receive` reports it.
 fn receive_summary(
     report: &destination::DestinationReport,
     after: Option<&GuestAfter>,
+    writes: Option<&GuestWrites>,
+    blocktime: bool,
     mode: DirtyLogMode,
 ) -> Summary {
     let mut extra = serde_json::Map::new();
+    if let Some(p) = &report.postcopy {
+        postcopy_fields(&mut extra, p, writes, blocktime);
+    }
     if let Some(t) = report.loaded_ns {
         extra.insert("loaded-ns".into(), json!(t));
         extra.insert(
@@ -328,7 +440,7 @@ fn receive_summary(
         verified: false,
         dirty_log_mode: mode_name(mode).to_string(),
         backend: "kvm".into(),
-        digest: report.digest,
+        digest: report.digest.or(writes.map(|w| w.digest)),
         error: report.error.clone(),
         extra,
         ..Summary::default()
@@ -337,12 +449,15 @@ fn receive_summary(
 
 /// `livemig receive`: listens on `listen`, prints `listening on URI` on
 /// `announce` (the real port when 0 was asked for), loads one incoming
-/// migration into a fresh `mem_mib` MiB VM, starts the guest and watches it
-/// run for `run_for`.
+/// migration into a fresh `mem_mib` MiB VM, starts the guest (postcopy
+/// started it already) and watches it run for `run_for`. `blocktime`
+/// (the postcopy-blocktime capability) adds per-vCPU blocktime to a
+/// postcopy report.
 pub fn run_receive(
     listen: &MigrationUri,
     mem_mib: u64,
     run_for: Duration,
+    blocktime: bool,
     announce: &mut dyn Write,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
@@ -356,33 +471,59 @@ pub fn run_receive(
     let conn = listener.accept()?;
     let report = destination::receive(&vm, &vcpu, &conn, &mut |s| progress.update(s))?;
     progress.finish();
-    let after = match report.error {
-        None => Some(destination::start_guest(&vcpu, run_for)?),
-        Some(_) => None,
+    let (after, writes) = match (&report.error, &report.postcopy) {
+        (Some(_), _) => (None, None),
+        (None, None) => (Some(destination::start_guest(&vcpu, run_for)?), None),
+        (None, Some(p)) => {
+            let started = p.started_ns.unwrap_or_else(clock::monotonic_ns);
+            let (after, writes) = destination::watch_postcopy_guest(
+                &vm,
+                &vcpu,
+                started,
+                run_for,
+                p.vcpu_error.as_deref(),
+            )?;
+            (Some(after), Some(writes))
+        }
     };
     Ok(receive_summary(
         &report,
         after.as_ref(),
+        writes.as_ref(),
+        blocktime,
         vm.dirty_log_mode(),
     ))
 }
 
-/// Parses the destination's final JSON line.
-fn child_report(child: &mut Child) -> Result<Value, DemoError> {
+/// What the destination wrote on stderr (its error line, if any).
+fn child_stderr(child: &mut Child) -> String {
+    let mut text = String::new();
+    if let Some(err) = child.stderr.as_mut() {
+        // A child whose stderr cannot be read has nothing more to say.
+        let _ = err.read_to_string(&mut text);
+    }
+    text
+}
+
+/// Parses the destination's final JSON line; also returns its stderr.
+fn child_report(child: &mut Child) -> Result<(Value, String), DemoError> {
     let mut text = String::new();
     if let Some(out) = child.stdout.as_mut() {
         out.read_to_string(&mut text)
             .map_err(|e| DemoError::Child(format!("reading its report: {e}")))?;
     }
+    let stderr = child_stderr(child);
     let status = child
         .wait()
         .map_err(|e| DemoError::Child(format!("waiting for it: {e}")))?;
     let line = text.lines().rev().find(|l| l.starts_with('{'));
     match line {
         Some(l) => serde_json::from_str(l)
+            .map(|v| (v, stderr))
             .map_err(|e| DemoError::Child(format!("its report is not JSON ({e}): {l}"))),
         None => Err(DemoError::Child(format!(
-            "it exited ({status}) without a report"
+            "it exited ({status}) without a report{}",
+            last_line(&stderr).map_or(String::new(), |l| format!(" ({l})"))
         ))),
     }
 }
@@ -409,6 +550,21 @@ pub fn run_demo(
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
+    let options = SourceOptions::default();
+    run_demo_with(shape, config, options, warmup, run_for, cancel, progress)
+}
+
+/// [`run_demo`] with the source driver's `options` (the pre-switchover
+/// pause).
+pub fn run_demo_with(
+    shape: GuestShape,
+    config: &MigrationConfig,
+    options: SourceOptions,
+    warmup: Duration,
+    run_for: Duration,
+    cancel: &Cancel,
+    progress: &mut Progress,
+) -> Result<Summary, DemoError> {
     let exe = std::env::current_exe()
         .map_err(|e| DemoError::Child(format!("finding this program: {e}")))?;
     let child = Command::new(exe)
@@ -421,9 +577,20 @@ pub fn run_demo(
         ])
         .args(["--mem-mib", &shape.mem_mib.to_string()])
         .args(["--run-ms", &run_for.as_millis().to_string()])
+        .args(
+            config
+                .capabilities
+                .contains(Capabilities::POSTCOPY_BLOCKTIME)
+                .then_some(["--cap", "postcopy-blocktime=on"])
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        // Piped: when the source fails for its own reason (a precopy that
+        // does not converge), the destination's "connection closed" line
+        // would only blur the one line that says why.
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| DemoError::Child(format!("starting it: {e}")))?;
     let mut guard = ChildGuard(Some(child));
@@ -439,10 +606,12 @@ pub fn run_demo(
         .read_line(&mut first)
         .map_err(|e| DemoError::Child(format!("reading its address: {e}")))?;
     let Some(addr) = first.trim().strip_prefix("listening on ") else {
+        let stderr = child_stderr(child);
         let _ = child.wait();
         return Err(DemoError::Child(format!(
-            "it did not announce an address (said {:?})",
-            first.trim()
+            "it did not announce an address (said {:?}{})",
+            first.trim(),
+            last_line(&stderr).map_or(String::new(), |l| format!(", then {l:?}"))
         )));
     };
     let uri: MigrationUri = addr
@@ -452,12 +621,42 @@ pub fn run_demo(
 
     let (vm, vcpu) = boot_guest(shape, warmup)?;
     let conn = Connection::connect(&uri)?;
-    let out = send_guest(&vm, &vcpu, conn, config, cancel, progress)?;
+    let mut out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };
-    let dest = child_report(&mut child)?;
+    let (dest, dest_stderr) = child_report(&mut child)?;
+    let own_failure = out.report.stats.status != MigrationStatus::Completed
+        && !out
+            .report
+            .stats
+            .error_desc
+            .as_str()
+            .starts_with("the destination failed");
+    if !own_failure {
+        eprint!("{dest_stderr}");
+    }
+    let postcopy = out.report.postcopy && dest.get("postcopy") == Some(&json!(true));
+    if postcopy && out.report.stats.status == MigrationStatus::Completed {
+        // The source's vCPU stays stopped after the switchover: its memory
+        // is the stop image the destination's unwritten pages must match.
+        if let Some(written) = written_ranges_of(&dest) {
+            out.digest = digest_outside(vm.ram(), &written).ok();
+        }
+    }
     let mut summary = send_summary(&out);
+    if postcopy {
+        for key in [
+            "postcopy-fault-latency",
+            "postcopy-blocktime",
+            "postcopy-vcpu-blocktime",
+            "guest-written-pages",
+        ] {
+            if let Some(v) = dest.get(key) {
+                summary.extra.insert(key.into(), v.clone());
+            }
+        }
+    }
     let started = dest.get("vcpu-started-ns").and_then(Value::as_u64);
     summary.vcpu_started_ns = started;
     if let (Some(stop), Some(start)) = (out.report.vcpu_stopped_ns, started) {
@@ -486,15 +685,33 @@ pub fn run_demo(
         && out.digest == dest_digest
         && continued;
     summary.extra.insert("destination".into(), dest.clone());
-    summary
-        .extra
-        .insert("guest-continued".into(), json!(continued));
+    if out.report.stats.status == MigrationStatus::Completed {
+        // On the destination; after a failure the source's own fields
+        // (`guest-continued-on-source`) tell how the guest is.
+        summary
+            .extra
+            .insert("guest-continued".into(), json!(continued));
+    }
     if summary.error.is_none() && out.report.stats.error_desc.is_empty() {
         if let Some(e) = dest.get("error-desc").and_then(Value::as_str) {
             summary.error = Some(format!("the destination said: {e}"));
         }
     }
     Ok(summary)
+}
+
+/// The last non-empty line of `text`.
+fn last_line(text: &str) -> Option<&str> {
+    text.lines().rev().map(str::trim).find(|l| !l.is_empty())
+}
+
+/// The `guest-written-ranges` of a postcopy destination's report.
+fn written_ranges_of(dest: &Value) -> Option<Vec<(u64, u64)>> {
+    dest.get("guest-written-ranges")?
+        .as_array()?
+        .iter()
+        .map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
+        .collect()
 }
 
 /// The line `demo` prints when it falls back to the simulation.
@@ -587,11 +804,27 @@ mod tests {
         let e = shape(64, 64).params().unwrap_err();
         assert!(e.to_string().contains("does not fit"), "{e}");
         assert!(check_mode("precopy").is_ok());
+        assert!(check_mode("postcopy").is_ok());
         assert!(
-            check_mode("postcopy")
+            check_mode("hybrid")
                 .unwrap_err()
                 .to_string()
-                .contains("not yet supported")
+                .contains("'hybrid' is not supported")
+        );
+        let mut c = base_config();
+        postcopy_config(&mut c, false);
+        assert!(c.capabilities.contains(Capabilities::POSTCOPY_RAM));
+        assert_eq!(c.limits.postcopy_after_iterations, Some(1));
+        assert_eq!(c.parameters.downtime_limit_ms, 0);
+        let mut c = base_config();
+        c.parameters.downtime_limit_ms = 50;
+        postcopy_config(&mut c, true);
+        assert_eq!(c.parameters.downtime_limit_ms, 50);
+        let dest = json!({"guest-written-ranges": [[512, 16384], [7, 1]]});
+        assert_eq!(written_ranges_of(&dest), Some(vec![(512, 16384), (7, 1)]));
+        assert_eq!(
+            written_ranges_of(&json!({"guest-written-ranges": [[1]]})),
+            None
         );
         for m in [DirtyLogMode::ManualProtect, DirtyLogMode::Legacy] {
             assert_eq!(mode_from_name(mode_name(m)), Some(m));

@@ -242,11 +242,43 @@ impl Summary {
                 self.dirty_log_mode, self.dirty_log_clears
             ),
         );
+        if let Some(p) = self.postcopy_text() {
+            line(&mut out, "postcopy", p);
+        }
         if let Some(d) = self.digest {
             line(&mut out, "digest", format!("{d:#018x}"));
         }
         line(&mut out, "verified", self.verified.to_string());
         out
+    }
+
+    /// The postcopy line of the text summary: requests, fault latency and
+    /// vCPU blocktime, from the fields the postcopy destination reported.
+    fn postcopy_text(&self) -> Option<String> {
+        if self.extra.get("postcopy") != Some(&Value::Bool(true)) {
+            return None;
+        }
+        let mut text = format!("{} page requests", self.stats.ram.postcopy_requests);
+        let latency = self.extra.get("postcopy-fault-latency");
+        let us = |k: &str| latency.and_then(|l| l.get(k)).and_then(Value::as_f64);
+        if let (Some(median), Some(p99)) = (us("median-us"), us("p99-us")) {
+            text.push_str(&format!(
+                ", fault latency median {median:.0} us, p99 {p99:.0} us"
+            ));
+        }
+        if let Some(b) = self
+            .extra
+            .get("postcopy-vcpu-blocktime")
+            .and_then(Value::as_array)
+        {
+            let each: Vec<String> = b
+                .iter()
+                .filter_map(Value::as_f64)
+                .map(|ms| format!("{ms:.1} ms"))
+                .collect();
+            text.push_str(&format!(", vCPU blocktime {}", each.join(" ")));
+        }
+        Some(text)
     }
 }
 
@@ -284,6 +316,27 @@ mod tests {
         let text = sum.to_text();
         assert!(
             text.contains("completed") && text.contains("12.5 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn postcopy_figures_have_a_text_line() {
+        let mut sum = Summary::default();
+        sum.stats.ram.postcopy_requests = 13;
+        assert!(!sum.to_text().contains("postcopy"));
+        sum.extra.insert("postcopy".into(), json!(true));
+        sum.extra.insert(
+            "postcopy-fault-latency".into(),
+            json!({"median-us": 7474.0, "p99-us": 10290.1, "samples": 13}),
+        );
+        sum.extra
+            .insert("postcopy-vcpu-blocktime".into(), json!([95.25]));
+        let text = sum.to_text();
+        assert!(
+            text.contains(
+                "13 page requests, fault latency median 7474 us, p99 10290 us, vCPU blocktime 95.2 ms"
+            ),
             "{text}"
         );
     }

@@ -3,7 +3,7 @@
 //! receiver mid-migration, and the one-line errors. KVM tests skip loudly
 //! without `/dev/kvm` (see `common::kvm_available`).
 
-// Only the loud-skip helper is used here; the VM helpers serve other tests.
+// Only the loud-skip helpers are used here; the VM helpers serve other tests.
 #[allow(dead_code)]
 mod common;
 
@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::kvm_available;
+use common::{kvm_available, userfaultfd_available};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
@@ -127,6 +127,141 @@ fn demo_migrates_between_two_processes_and_verifies() {
     assert_eq!(v["ram"]["total"], 256u64 << 20);
     assert!(v["ram"]["normal"].as_u64().unwrap() >= 16 * 256);
     assert_eq!(v["destination"]["digest"], v["digest"]);
+}
+
+/// Postcopy between two processes: a 64 MiB working set on a link capped at
+/// 256 MiB/s, and a postcopy background pass held to 64 MiB/s, so the guest
+/// runs on the destination for about a second while most pages it touches
+/// are still missing and must be requested (requests are never held back by
+/// the rate limit).
+#[test]
+fn postcopy_demo_requests_pages_and_verifies() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let out = livemig(&[
+        "demo",
+        "--mode",
+        "postcopy",
+        "--cap",
+        "postcopy-blocktime=on",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "64",
+        "--param",
+        "max-bandwidth=268435456",
+        "--param",
+        "max-postcopy-bandwidth=64M",
+        "--warmup-ms",
+        "300",
+        "--run-ms",
+        "300",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&out);
+    eprintln!("MEASURE postcopy demo 256 MiB / 64 MiB at 256 MiB/s, 64 MiB/s after: {v}");
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["postcopy"], true);
+    // Thousands in practice; a few hundred leaves room for a slow host.
+    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 100, "{v}");
+    assert!(v["downtime"].as_f64().unwrap() >= 0.0);
+    let stopped = v["vcpu-stopped-ns"].as_u64().unwrap();
+    let started = v["vcpu-started-ns"].as_u64().unwrap();
+    assert!(started > stopped);
+    let lat = &v["postcopy-fault-latency"];
+    let (median, p99) = (
+        lat["median-us"].as_f64().unwrap(),
+        lat["p99-us"].as_f64().unwrap(),
+    );
+    assert!(median > 0.0 && p99 >= median, "{lat}");
+    assert!(lat["samples"].as_u64().unwrap() > 0);
+    // One vCPU, and it waited for the pages it requested.
+    let blocktime = v["postcopy-vcpu-blocktime"].as_array().unwrap();
+    assert_eq!(blocktime.len(), 1, "{v}");
+    assert!(v["postcopy-blocktime"].as_f64().unwrap() > 0.0);
+    // The guest rewrote (at least) its working set on the destination; the
+    // digest compared the rest.
+    assert!(v["guest-written-pages"].as_u64().unwrap() >= 64 * 256);
+    let dest = &v["destination"];
+    assert_eq!(dest["digest"], v["digest"]);
+    assert_eq!(dest["guest-mismatches"].as_array().unwrap().len(), 0);
+    assert!(dest["postcopy-faults"]["pages-discarded"].as_u64().unwrap() > 0);
+}
+
+/// A working set rewritten faster than a 64 MiB/s link carries it: precopy
+/// stops at the time limit with one line, and the guest runs on at the
+/// source.
+#[test]
+fn precopy_that_cannot_converge_stops_at_the_time_limit() {
+    if !kvm_available() {
+        return;
+    }
+    let started = Instant::now();
+    let out = livemig(&[
+        "demo",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "128",
+        "--param",
+        "max-bandwidth=64M",
+        "--time-limit-s",
+        "2",
+        "--warmup-ms",
+        "200",
+    ]);
+    let took = started.elapsed();
+    assert_error_line(&out, "precopy did not converge");
+    let lines = stderr(&out);
+    assert_eq!(
+        lines.lines().filter(|l| l.starts_with("livemig: ")).count(),
+        1,
+        "{lines}"
+    );
+    let v = json_of(&out);
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["guest-continued-on-source"], true, "{v}");
+    assert_eq!(v["guest-intact-on-source"], true, "{v}");
+    assert!(v["total-time"].as_u64().unwrap() >= 2000);
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
+/// pause-before-switchover goes on by itself after --switchover-pause-ms,
+/// and the pause is part of the downtime.
+#[test]
+fn pause_before_switchover_continues_by_itself() {
+    if !kvm_available() {
+        return;
+    }
+    let out = livemig(&[
+        "demo",
+        "--cap",
+        "pause-before-switchover=on",
+        "--switchover-pause-ms",
+        "200",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "128",
+        "--dirty-mib",
+        "4",
+        "--warmup-ms",
+        "200",
+        "--run-ms",
+        "200",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&out);
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["verified"], true);
+    assert!(v["downtime"].as_f64().unwrap() >= 200.0, "{v}");
 }
 
 #[test]
@@ -256,8 +391,8 @@ fn an_unreachable_peer_is_one_line() {
 
 #[test]
 fn bad_flags_are_one_line() {
-    let out = livemig(&["demo", "--mode", "postcopy"]);
-    assert_error_line(&out, "not yet supported");
+    let out = livemig(&["demo", "--mode", "hybrid"]);
+    assert_error_line(&out, "'hybrid' is not supported");
     let out = livemig(&["demo", "--param", "downtime-limit=soon"]);
     assert_error_line(&out, "downtime-limit=soon");
     let out = livemig(&["send", "--to", "carrier-pigeon:coop"]);

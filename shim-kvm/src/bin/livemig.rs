@@ -10,12 +10,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::state::MigrationStatus;
 use livemig_kvm::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_kvm::demo::{self, DemoError, GuestShape};
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::interrupt::{self, Cancel};
+use livemig_kvm::migrate::source::SourceOptions;
 use livemig_kvm::options;
 use livemig_kvm::report::{Progress, Summary};
 use livemig_kvm::transport::MigrationUri;
@@ -34,6 +36,15 @@ enum Cmd {
     /// print the summary. Without /dev/kvm the same migration runs on the
     /// simulated backend. max-bandwidth defaults to 0 (unlimited) here,
     /// unlike QEMU's 128 MiB/s, unless --param max-bandwidth= is given.
+    ///
+    /// Verification: after a precopy, the destination's memory must equal
+    /// the source's at the stop. After a postcopy the destination guest ran
+    /// during the migration, so the destination pauses it after --run-ms,
+    /// reads KVM's dirty log (reset when postcopy was advised) to learn the
+    /// pages its guest wrote, and reports the digest of all other pages;
+    /// the source (stopped since the switchover) digests the same pages.
+    /// Either way the guest's own stamp checks must report no mismatch and
+    /// its generation must advance past the stop.
     Demo(DemoArgs),
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
     Send(SendArgs),
@@ -41,6 +52,10 @@ enum Cmd {
     /// the guest and report. Prints `listening on URI` first. Its `digest`
     /// is to be compared with the sender's; `verified` stays false here,
     /// since only a side that holds both digests (demo) can decide it.
+    /// A postcopy migration is taken as the source sends it (the guest
+    /// starts at the switchover); the report then adds the fault latency
+    /// and the pages the guest wrote here (`guest-written-ranges`), and its
+    /// `digest` covers every other page.
     Receive(ReceiveArgs),
     /// Time `demo` migrations of an idle 4 GiB guest and of a 1 GiB guest
     /// with a 64 MiB working set, each against a raw TCP copy of the same
@@ -56,11 +71,21 @@ enum Cmd {
 
 #[derive(Args)]
 struct Migration {
-    /// Migration mode: precopy (postcopy comes later).
+    /// Migration mode: precopy, or postcopy (switch to postcopy after the
+    /// first precopy pass: sets postcopy-ram, and downtime-limit=0 unless
+    /// --param downtime-limit= is given, so that precopy does not complete
+    /// first).
     #[arg(long, default_value = "precopy")]
     mode: String,
+    /// With --cap pause-before-switchover=on: how long the stopped guest
+    /// waits in pre-switchover before the switchover continues by itself
+    /// (there is no separate continue command), in ms.
+    #[arg(long, default_value_t = 0)]
+    switchover_pause_ms: u64,
     /// A capability, in QEMU's names: --cap postcopy-ram=on (repeatable).
-    /// return-path and zero-page-detection are on by default.
+    /// return-path and zero-page-detection are on by default. With --mode
+    /// postcopy, postcopy-blocktime=on also reports the time each vCPU spent
+    /// blocked on missing pages.
     #[arg(long = "cap", value_name = "NAME=on|off")]
     caps: Vec<String>,
     /// A parameter, in QEMU's names: --param downtime-limit=100
@@ -101,6 +126,10 @@ struct DemoArgs {
     /// How long the guest runs on the destination before the verdict, in ms.
     #[arg(long, default_value_t = 1000)]
     run_ms: u64,
+    /// Give up on a precopy that has not converged after this many seconds
+    /// (the guest keeps running on the source); 0 = never.
+    #[arg(long, default_value_t = 30)]
+    time_limit_s: u64,
 }
 
 #[derive(Args)]
@@ -140,6 +169,11 @@ struct ReceiveArgs {
     /// How long the guest runs after the switchover before the report, in ms.
     #[arg(long, default_value_t = 1000)]
     run_ms: u64,
+    /// A destination capability: --cap postcopy-blocktime=on reports the
+    /// time each vCPU spent blocked on missing pages after a postcopy
+    /// (repeatable; postcopy itself needs no flag here).
+    #[arg(long = "cap", value_name = "NAME=on|off")]
+    caps: Vec<String>,
 }
 
 #[derive(Args)]
@@ -180,12 +214,46 @@ struct BenchSinkArgs {
 
 fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, String> {
     demo::check_mode(&m.mode).map_err(|e| e.to_string())?;
+    let postcopy = m.mode == "postcopy";
     let mut params = Vec::new();
     if unlimited_by_default && !options::sets_param(&m.params, "max-bandwidth") {
         params.push("max-bandwidth=0".to_string());
     }
     params.extend(m.params.iter().cloned());
-    options::build_config(demo::base_config(), &m.caps, &params).map_err(|e| e.to_string())
+    // Postcopy first, so that capabilities needing it (postcopy-blocktime)
+    // are accepted.
+    let caps: Vec<String> = postcopy
+        .then(|| "postcopy-ram=on".to_string())
+        .into_iter()
+        .chain(m.caps.iter().cloned())
+        .collect();
+    let mut config =
+        options::build_config(demo::base_config(), &caps, &params).map_err(|e| e.to_string())?;
+    if postcopy {
+        demo::postcopy_config(
+            &mut config,
+            options::sets_param(&m.params, "downtime-limit"),
+        );
+    }
+    Ok(config)
+}
+
+fn source_options(m: &Migration) -> SourceOptions {
+    SourceOptions {
+        switchover_pause: Duration::from_millis(m.switchover_pause_ms),
+    }
+}
+
+/// Whether `receive`'s `--cap` flags turn postcopy-blocktime on.
+fn receive_blocktime(caps: &[String]) -> Result<bool, String> {
+    let caps: Vec<String> = std::iter::once("postcopy-ram=on".to_string())
+        .chain(caps.iter().cloned())
+        .collect();
+    let config =
+        options::build_config(demo::base_config(), &caps, &[]).map_err(|e| e.to_string())?;
+    Ok(config
+        .capabilities
+        .contains(Capabilities::POSTCOPY_BLOCKTIME))
 }
 
 /// Ctrl-C or SIGTERM cancels the migration (the guest stays on the source)
@@ -307,16 +375,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let err = |e: DemoError| e.to_string();
     match cli.command {
         Cmd::Demo(a) => {
-            let config = config(&a.migration, true)?;
+            let mut config = config(&a.migration, true)?;
+            config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = GuestShape {
                 mem_mib: a.mem_mib,
                 dirty_mib: a.dirty_mib,
                 dirty_log: dirty_log(&a.dirty_log)?,
             };
             let summary = if demo::kvm_available() {
-                demo::run_demo(
+                demo::run_demo_with(
                     shape,
                     &config,
+                    source_options(&a.migration),
                     Duration::from_millis(a.warmup_ms),
                     Duration::from_millis(a.run_ms),
                     &cancel_on_signals()?,
@@ -340,6 +410,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &uri(&a.to)?,
                 shape,
                 &config,
+                source_options(&a.migration),
                 Duration::from_millis(a.warmup_ms),
                 &cancel_on_signals()?,
                 &mut progress(&a.output),
@@ -352,6 +423,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &uri(&a.listen)?,
                 a.mem_mib,
                 Duration::from_millis(a.run_ms),
+                receive_blocktime(&a.caps)?,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),
             )

@@ -1,28 +1,101 @@
 //! The destination side: loads an incoming stream into a fresh KVM guest
 //! and starts it.
 //!
-//! The connection is read into a buffer and handed to a
-//! [`DestinationEngine`], which validates everything before it touches guest
-//! memory and calls back into [`KvmHost`] to place pages and load the vCPU
-//! state; the return-path bytes it queues (the final SHUT) go back on the
-//! same connection. Once the stream is complete, [`start_guest`] resumes
-//! the vCPU and watches the guest run on.
+//! Everything the destination hears arrives on one channel: bytes of the
+//! stream from a reader thread (on a clone of the connection), and wake-ups
+//! from the postcopy fault thread. The migration thread waits on it no
+//! longer than the engine's next deadline, so a source that falls silent
+//! fails the migration after the engine's idle timeout instead of leaving
+//! the destination blocked in `read` forever. The reader works with a small
+//! pool of buffers, which bounds what is queued and keeps a page fault from
+//! waiting behind more than a few MiB of stream.
+//!
+//! The stream goes to a [`DestinationEngine`] (always built with postcopy
+//! tracking: two bitmaps), which validates everything before it touches
+//! guest memory and calls back into [`KvmHost`] to place pages and load the
+//! vCPU state; the return-path bytes it queues (SHUT, page requests) go back
+//! on the same connection.
+//!
+//! # Postcopy
+//!
+//! When the source advises postcopy, the host checks that a full
+//! userfaultfd can be created and resets KVM's dirty log, so that from then
+//! on a dirty bit means "written by the guest on this destination". At the
+//! first discard (or at listen) guest RAM is registered with userfaultfd
+//! ([`PostcopyRam`]) and a fault thread started; from then on pages are
+//! installed atomically (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`). The postcopy
+//! run command starts the vCPU. A fault becomes
+//! [`DestinationEngine::handle_page_fault`], whose request goes back on the
+//! return path, except for a page that already arrived as a zero page in
+//! precopy: fresh memory was left untouched for it, so it is filled with
+//! zeros here without asking the source. At the end of the stream the RAM
+//! is unregistered (which also wakes any thread still waiting) and the
+//! fault latency (request sent → page installed) and per-thread blocktime
+//! are reported.
 
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::Duration;
 
-use livemig_core::destination::{DestError, DestinationEngine, DestinationHost, HostError};
+use livemig_core::destination::{
+    DestError, DestinationEngine, DestinationHost, HostError, PostcopyTracking,
+};
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
-use livemig_core::wire::{self, DecodeError, DeviceState};
+use livemig_core::wire::{self, DecodeError, DeviceState, PageRange};
 
-use super::{CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, ram_layout};
+use super::{
+    CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, SlotMap, digest_outside, ram_layout,
+    written_ranges,
+};
 use crate::clock;
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::dirty_log::{DirtyLogError, DirtyLogMode};
+use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
+use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::Connection;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Size of each of the reader's buffers.
+const READ_BUFFER: usize = 1 << 20;
+/// Buffers the reader may fill before the migration thread hands one back:
+/// at most this many MiB of stream wait in the queue.
+const READ_BUFFERS: usize = 4;
+/// Longest the migration thread waits before reporting progress.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// What a postcopy destination measured.
+#[derive(Debug, Clone, Default)]
+pub struct PostcopyReport {
+    /// `CLOCK_MONOTONIC` nanoseconds when the postcopy run command resumed
+    /// the vCPU (the end of the downtime).
+    pub started_ns: Option<u64>,
+    /// Page requests sent to the source.
+    pub requests: u64,
+    /// Requests answered, each one a latency sample.
+    pub latency_samples: usize,
+    /// Median time from a request sent to its page installed, microseconds.
+    pub latency_median_us: Option<f64>,
+    /// 99th percentile of the same, microseconds.
+    pub latency_p99_us: Option<f64>,
+    /// Faults on pages that had arrived as zero pages in precopy, filled
+    /// here without a request.
+    pub local_zero_fills: u64,
+    /// Time spent blocked on missing pages by each vCPU thread (by thread
+    /// id, sorted): QEMU's per-vCPU postcopy blocktime.
+    pub vcpu_blocktime: Vec<(i32, Duration)>,
+    /// The userfaultfd counters (faults read, duplicates, pages placed...).
+    pub faults: PostcopyStats,
+    /// Why the vCPU stopped during postcopy, if it did (a fault KVM could
+    /// not deliver to userfaultfd is named as such).
+    pub vcpu_error: Option<String>,
+}
 
 /// What the destination loaded.
 #[derive(Debug, Clone)]
@@ -33,16 +106,37 @@ pub struct DestinationReport {
     /// error mapped to the cause: size mismatch, not a livemig peer...).
     pub error: Option<String>,
     /// Digest of guest memory once the stream was loaded, before the vCPU
-    /// ran (compare with the source's digest at its stop).
+    /// ran (compare with the source's digest at its stop). `None` after
+    /// postcopy, where the guest ran during the load: see
+    /// [`watch_postcopy_guest`].
     pub digest: Option<u64>,
     /// `CLOCK_MONOTONIC` nanoseconds when the stream was fully loaded.
     pub loaded_ns: Option<u64>,
     /// Milliseconds spent computing `digest` (part of the downtime).
     pub digest_ms: f64,
+    /// Set when the migration switched to postcopy (the guest already runs).
+    pub postcopy: Option<PostcopyReport>,
 }
+
+/// The postcopy side of [`KvmHost`].
+#[derive(Default)]
+struct PostcopyHost {
+    /// Guest RAM under userfaultfd, from the first discard or the listen.
+    ram: Option<Arc<PostcopyRam>>,
+    fault_thread: Option<FaultThread>,
+    /// Page → `CLOCK_MONOTONIC` ns its request was sent.
+    requested: HashMap<u64, u64>,
+    latencies_ns: Vec<u64>,
+    local_zero_fills: u64,
+    started_ns: Option<u64>,
+}
+
+/// Faults forwarded by the fault thread, waiting for the migration thread.
+type FaultQueue = Arc<Mutex<Vec<u64>>>;
 
 /// Guest RAM and the vCPU as the engine writes them.
 pub struct KvmHost<'a> {
+    vm: &'a Vm,
     ram: &'a GuestRam,
     vcpu: &'a Vcpu,
     /// Pages written during this migration and not zeroed since: fresh
@@ -50,17 +144,28 @@ pub struct KvmHost<'a> {
     placed: Vec<u64>,
     /// The last host failure, in full (HostError carries a static text).
     error: Option<String>,
+    /// Set by the postcopy advise.
+    postcopy: Option<PostcopyHost>,
+    /// Where the fault thread wakes the migration thread.
+    events: Sender<Event>,
+    faults: FaultQueue,
 }
 
 impl<'a> KvmHost<'a> {
-    /// A host over fresh (all-zero) `ram` and a parked `vcpu`.
-    pub fn new(ram: &'a GuestRam, vcpu: &'a Vcpu) -> Self {
-        let pages = ram.size() / PAGE_SIZE as u64;
+    /// A host over the fresh (all-zero) RAM of `vm` and its parked `vcpu`;
+    /// a postcopy fault thread wakes the caller through `events`.
+    fn new(vm: &'a Vm, vcpu: &'a Vcpu, events: Sender<Event>) -> Self {
+        let ram = vm.ram().as_ref();
+        let pages = ram.size() / PAGE;
         KvmHost {
+            vm,
             ram,
             vcpu,
             placed: vec![0; pages.div_ceil(64) as usize],
             error: None,
+            postcopy: None,
+            events,
+            faults: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -91,21 +196,200 @@ impl<'a> KvmHost<'a> {
         })
     }
 
+    fn fail(&mut self, what: &'static str, detail: impl std::fmt::Display) -> HostError {
+        self.error = Some(format!("{what}: {detail}"));
+        HostError { what, code: 0 }
+    }
+
     fn ram_error(&mut self, e: impl std::fmt::Display) -> HostError {
-        self.error = Some(format!("writing guest RAM: {e}"));
-        HostError {
-            what: "guest RAM write",
-            code: 0,
+        self.fail("writing guest RAM", e)
+    }
+
+    /// Guest RAM under userfaultfd, registering it (and starting the fault
+    /// thread) on first use.
+    fn postcopy_ram(&mut self) -> Result<Arc<PostcopyRam>, HostError> {
+        let Some(pc) = self.postcopy.as_mut() else {
+            return Err(self.fail("postcopy", "a postcopy command came before the advise"));
+        };
+        if let Some(ram) = &pc.ram {
+            return Ok(Arc::clone(ram));
+        }
+        let ram = match PostcopyRam::register(Arc::clone(self.vm.ram())) {
+            Ok(r) => Arc::new(r),
+            Err(e) => return Err(self.fail("registering guest RAM with userfaultfd", e)),
+        };
+        let (events, faults) = (self.events.clone(), Arc::clone(&self.faults));
+        let thread = ram.start_fault_thread(move |f| {
+            if let Ok(mut q) = faults.lock() {
+                q.push(f.gpa / PAGE);
+            }
+            // The migration thread gone means the migration is over.
+            let _ = events.send(Event::Fault);
+        });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => return Err(self.fail("starting the postcopy fault thread", e)),
+        };
+        if let Some(pc) = self.postcopy.as_mut() {
+            pc.ram = Some(Arc::clone(&ram));
+            pc.fault_thread = Some(thread);
+        }
+        Ok(ram)
+    }
+
+    /// Guest RAM under userfaultfd, once registered: from then on every
+    /// placement must be atomic.
+    fn registered(&self) -> Option<Arc<PostcopyRam>> {
+        self.postcopy.as_ref()?.ram.clone()
+    }
+
+    /// Pages `first .. first + count` were installed: answered requests
+    /// yield their latency.
+    fn installed(&mut self, first: u64, count: u64) {
+        let Some(pc) = self.postcopy.as_mut() else {
+            return;
+        };
+        if pc.requested.is_empty() {
+            return;
+        }
+        let now = clock::monotonic_ns();
+        for page in first..first.saturating_add(count) {
+            if let Some(sent) = pc.requested.remove(&page) {
+                pc.latencies_ns.push(now.saturating_sub(sent));
+            }
         }
     }
+
+    /// A request for `page` went to the source just now.
+    fn requested(&mut self, page: u64) {
+        if let Some(pc) = self.postcopy.as_mut() {
+            pc.requested.insert(page, clock::monotonic_ns());
+        }
+    }
+
+    /// A fault on `page`, which arrived as a zero page in precopy and was
+    /// never written here: fills it with zeros (an `EEXIST` means it was
+    /// installed meanwhile, which is as good).
+    fn fill_zero(&mut self, page: u64) -> Result<(), String> {
+        let Some(ram) = self.registered() else {
+            return Err("a fault before guest RAM was registered".into());
+        };
+        let placed = ram
+            .place_zero(page * PAGE, PAGE)
+            .map_err(|e| format!("filling a zero page: {e}"))?;
+        if let Some(pc) = self.postcopy.as_mut() {
+            pc.local_zero_fills += placed.installed;
+        }
+        Ok(())
+    }
+
+    /// Whether the fault thread ended by itself (on an error) while guest
+    /// RAM is registered: faults would no longer be served.
+    fn fault_thread_died(&self) -> bool {
+        self.postcopy
+            .as_ref()
+            .and_then(|pc| pc.fault_thread.as_ref())
+            .is_some_and(FaultThread::is_finished)
+    }
+
+    /// The end of postcopy: unregisters guest RAM (waking any thread still
+    /// waiting: every page not present now arrived as a zero page), stops
+    /// the fault thread and gathers the figures.
+    fn finish_postcopy(&mut self) -> Result<PostcopyReport, String> {
+        let Some(mut pc) = self.postcopy.take() else {
+            return Ok(PostcopyReport::default());
+        };
+        let mut report = PostcopyReport {
+            started_ns: pc.started_ns,
+            local_zero_fills: pc.local_zero_fills,
+            ..PostcopyReport::default()
+        };
+        if let Some(ram) = pc.ram.take() {
+            if let Some(Some(e)) = self.vcpu.stopped() {
+                report.vcpu_error = Some(
+                    ram.explain_vcpu_error(&e)
+                        .map_or_else(|| e.to_string(), |p| p.to_string()),
+                );
+            }
+            ram.unregister()
+                .map_err(|e| format!("ending postcopy: {e}"))?;
+            if let Some(t) = pc.fault_thread.take() {
+                t.stop()
+                    .map_err(|e| format!("postcopy fault thread: {e}"))?;
+            }
+            report.faults = ram.stats();
+            report.vcpu_blocktime = report
+                .faults
+                .blocktime
+                .iter()
+                .filter(|&&(tid, _)| is_vcpu_thread(tid))
+                .copied()
+                .collect();
+        }
+        pc.latencies_ns.sort_unstable();
+        report.latency_samples = pc.latencies_ns.len();
+        report.latency_median_us = percentile_us(&pc.latencies_ns, 50);
+        report.latency_p99_us = percentile_us(&pc.latencies_ns, 99);
+        Ok(report)
+    }
+}
+
+/// Whether thread `tid` of this process is a vCPU thread (by its name).
+fn is_vcpu_thread(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .is_ok_and(|name| name.starts_with("livemig-vcpu"))
+}
+
+/// The `pct`-th percentile (nearest rank) of sorted nanoseconds, in µs.
+fn percentile_us(sorted_ns: &[u64], pct: usize) -> Option<f64> {
+    let rank = (sorted_ns.len() * pct).div_ceil(100).max(1);
+    sorted_ns.get(rank - 1).map(|&ns| ns as f64 / 1000.0)
+}
+
+/// Reads every slot's dirty log into `words` (one bit per guest page).
+fn fetch_dirty_log(vm: &Vm, map: &SlotMap, words: &mut [u64]) -> Result<(), DirtyLogError> {
+    for &(slot, first, pages) in map.slots() {
+        let from = (first / 64) as usize;
+        let to = from + pages.div_ceil(64) as usize;
+        let part = words
+            .get_mut(from..to)
+            .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+        vm.get_dirty_log(slot, part)?;
+    }
+    Ok(())
+}
+
+/// Forgets every dirty bit so far (manual mode starts with all bits set;
+/// get-and-clear mode clears by fetching): from now on a dirty bit means
+/// the guest wrote the page here. Pages written by this process (placed
+/// pages) never set a bit.
+fn reset_dirty_log(vm: &Vm) -> Result<(), DirtyLogError> {
+    let map = SlotMap::new(vm.ram());
+    let pages: u64 = map.slots().iter().map(|s| s.2).sum();
+    let mut words = vec![0u64; pages.div_ceil(64) as usize];
+    fetch_dirty_log(vm, &map, &mut words)?;
+    if vm.dirty_log_mode() == DirtyLogMode::ManualProtect {
+        for &(slot, first, pages) in map.slots() {
+            let from = (first / 64) as usize;
+            let mask = words.get(from..).ok_or(DirtyLogError::NoSuchSlot(slot))?;
+            vm.clear_dirty_log(slot, 0, pages, mask)?;
+        }
+    }
+    Ok(())
 }
 
 impl DestinationHost for KvmHost<'_> {
     fn place_pages(&mut self, _block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
-        let page = PAGE_SIZE as u64;
+        if let Some(ram) = self.registered() {
+            if let Err(e) = ram.place(first_page * PAGE, data) {
+                return Err(self.fail("UFFDIO_COPY", e));
+            }
+            self.installed(first_page, data.len() as u64 / PAGE);
+            return Ok(());
+        }
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let p = first_page + i as u64;
-            if let Err(e) = self.ram.write(p * page, chunk) {
+            if let Err(e) = self.ram.write(p * PAGE, chunk) {
                 return Err(self.ram_error(e));
             }
             self.mark(p, true);
@@ -119,9 +403,18 @@ impl DestinationHost for KvmHost<'_> {
         first_page: u64,
         count: u64,
     ) -> Result<(), HostError> {
+        if let Some(ram) = self.registered() {
+            // Under userfaultfd a page never written is missing, not zero:
+            // every zero page is installed.
+            if let Err(e) = ram.place_zero(first_page * PAGE, count * PAGE) {
+                return Err(self.fail("UFFDIO_ZEROPAGE", e));
+            }
+            self.installed(first_page, count);
+            return Ok(());
+        }
         for p in first_page..first_page.saturating_add(count) {
             if self.is_placed(p) {
-                if let Err(e) = self.ram.write(p * PAGE_SIZE as u64, &ZERO_PAGE) {
+                if let Err(e) = self.ram.write(p * PAGE, &ZERO_PAGE) {
                     return Err(self.ram_error(e));
                 }
                 self.mark(p, false);
@@ -160,6 +453,90 @@ impl DestinationHost for KvmHost<'_> {
             }
         })
     }
+
+    fn postcopy_advise(
+        &mut self,
+        host_page_size: u64,
+        target_page_size: u64,
+    ) -> Result<(), HostError> {
+        if host_page_size != PAGE || target_page_size != PAGE {
+            return Err(self.fail(
+                "postcopy page size",
+                format_args!(
+                    "the source uses {host_page_size}-byte host and {target_page_size}-byte \
+                     target pages, this destination only {PAGE_SIZE}-byte pages"
+                ),
+            ));
+        }
+        // A one-page probe: the same userfaultfd the guest RAM will get, so
+        // a missing permission fails here, before anything is transferred.
+        let probe = GuestRam::new(PAGE, DEFAULT_SLOT_BYTES)
+            .map_err(|e| e.to_string())
+            .and_then(|r| PostcopyRam::register(Arc::new(r)).map_err(|e| e.to_string()));
+        if let Err(e) = probe {
+            return Err(self.fail("postcopy needs userfaultfd", e));
+        }
+        if let Err(e) = reset_dirty_log(self.vm) {
+            return Err(self.fail("resetting the dirty log", e));
+        }
+        self.postcopy = Some(PostcopyHost::default());
+        Ok(())
+    }
+
+    fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostError> {
+        let ram = self.postcopy_ram()?;
+        ram.discard(range.first * PAGE, range.count * PAGE)
+            .map_err(|e| self.fail("discarding guest RAM", e))
+    }
+
+    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+        self.postcopy_ram().map(drop)
+    }
+
+    fn postcopy_run(&mut self) -> Result<(), HostError> {
+        let now = clock::monotonic_ns();
+        if let Err(e) = self.vcpu.resume() {
+            return Err(self.fail("starting the vCPU", e));
+        }
+        if let Some(pc) = self.postcopy.as_mut() {
+            pc.started_ns = Some(now);
+        }
+        Ok(())
+    }
+}
+
+/// What the migration thread waits for.
+enum Event {
+    /// A buffer of stream bytes (the buffer, bytes used).
+    Bytes(Vec<u8>, usize),
+    /// The source closed the connection.
+    Eof,
+    /// Reading the connection failed.
+    ReadError(String),
+    /// The fault thread queued a fault.
+    Fault,
+}
+
+/// Reads the connection into buffers taken from `pool` until the end.
+fn spawn_reader(
+    conn: Connection,
+    events: Sender<Event>,
+    pool: Receiver<Vec<u8>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        // No buffer back means the migration thread is done.
+        while let Ok(mut buf) = pool.recv() {
+            let event = match conn.read(&mut buf) {
+                Ok(0) => Event::Eof,
+                Ok(n) => Event::Bytes(buf, n),
+                Err(e) => Event::ReadError(e.to_string()),
+            };
+            let last = !matches!(event, Event::Bytes(..));
+            if events.send(event).is_err() || last {
+                break;
+            }
+        }
+    })
 }
 
 /// An engine error in an operator's words.
@@ -191,7 +568,9 @@ pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String
 }
 
 /// Loads the stream arriving on `conn` into `vm` and its parked `vcpu`.
-/// The vCPU is left parked: start it with [`start_guest`].
+/// After a precopy the vCPU is left parked: start it with [`start_guest`].
+/// After a postcopy it already runs (see [`DestinationReport::postcopy`]):
+/// watch it with [`watch_postcopy_guest`].
 ///
 /// Returns the report of a migration that ran, whatever its outcome; `Err`
 /// means it could not even be set up.
@@ -202,69 +581,69 @@ pub fn receive(
     progress: &mut dyn FnMut(&MigrationStats),
 ) -> Result<DestinationReport, MigrateError> {
     let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
+    let pages = vm.ram().size() / PAGE;
+    let mut received = vec![0u64; PostcopyTracking::words(pages)];
+    let mut requested = vec![0u64; PostcopyTracking::words(pages)];
+    let mut tracking = [PostcopyTracking::new(&mut received, &mut requested, pages)
+        .map_err(|e| MigrateError::Engine(format!("postcopy tracking: {e}")))?];
     let mut scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
-    let mut engine = DestinationEngine::new(&layout, &mut scratch);
-    let mut host = KvmHost::new(vm.ram(), vcpu);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut out = vec![0u8; 4096];
-    let mut error = None;
-    let mut last_progress = 0;
-    loop {
-        let now = clock::now();
-        let mut eof = false;
-        let result = match conn.read(&mut buf) {
-            Ok(0) => {
-                eof = true;
-                engine.handle_eof(now)
-            }
-            Ok(n) => engine.handle_input(now, &buf[..n], &mut host).map(|_| ()),
-            Err(e) => {
-                eof = true;
-                error = Some(format!("connection lost: {e}"));
-                engine.handle_eof(now)
-            }
-        };
-        if let Err(e) = result {
-            if error.is_none() && e != DestError::AlreadyFailed {
-                error = Some(describe(&e, conn.peer(), host.error.as_deref()));
-            }
-        }
-        loop {
-            let n = engine.poll_return_path(&mut out);
-            if n == 0 {
-                break;
-            }
-            if let Err(e) = conn.write_all(&out[..n]) {
-                error.get_or_insert_with(|| format!("return path lost: {e}"));
-                break;
-            }
-        }
-        if clock::monotonic_ns() - last_progress > 50_000_000 {
-            last_progress = clock::monotonic_ns();
-            progress(engine.stats());
-        }
-        if eof || engine.is_completed() || engine.state() == MigrationStatus::Failed {
-            break;
-        }
+    let mut engine = DestinationEngine::with_postcopy(&layout, &mut scratch, &mut tracking)
+        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+    let reader_conn = conn.try_clone()?;
+    let (tx, events) = mpsc::channel();
+    let (pool_tx, pool) = mpsc::channel();
+    for _ in 0..READ_BUFFERS {
+        // The receiver is alive: it is `pool`, moved into the reader below.
+        let _ = pool_tx.send(vec![0u8; READ_BUFFER]);
     }
+    let reader = spawn_reader(reader_conn, tx.clone(), pool);
+    let mut host = KvmHost::new(vm, vcpu, tx);
+    let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, progress);
+    // Free a reader still blocked in read (a failed migration) and let it
+    // end: without buffers it stops at its next one.
+    drop(pool_tx);
+    let _ = conn.shutdown(Shutdown::Read);
+    drop(events);
+    let _ = reader.join();
+
     let mut report = DestinationReport {
         stats: engine.stats().clone(),
         error: None,
         digest: None,
         loaded_ns: None,
         digest_ms: 0.0,
+        postcopy: None,
     };
-    if engine.is_completed() {
+    let in_postcopy = host.registered().is_some();
+    if in_postcopy {
+        let mut postcopy = host.finish_postcopy().unwrap_or_else(|e| {
+            error.get_or_insert(e);
+            PostcopyReport::default()
+        });
+        postcopy.requests = report.stats.ram.postcopy_requests;
+        report.postcopy = Some(postcopy);
+        if !engine.is_completed() || error.is_some() {
+            // A failed postcopy leaves a guest whose missing pages now read
+            // as zero: stop it (only possible once no page is awaited, that
+            // is after the unregister above). A vCPU that already stopped
+            // has nothing to pause.
+            let _ = vcpu.pause();
+        }
+    }
+    if engine.is_completed() && error.is_none() {
         let loaded = clock::monotonic_ns();
         report.loaded_ns = Some(loaded);
-        // Only pages written during the load can be non-zero: the rest of
-        // the fresh RAM was never touched, so this equals the full digest.
-        report.digest = Some(
-            vm.ram()
-                .digest_of(host.placed_pages())
-                .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?,
-        );
-        report.digest_ms = (clock::monotonic_ns() - loaded) as f64 / 1e6;
+        if !in_postcopy {
+            // Only pages written during the load can be non-zero: the rest
+            // of the fresh RAM was never touched, so this equals the full
+            // digest.
+            report.digest = Some(
+                vm.ram()
+                    .digest_of(host.placed_pages())
+                    .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?,
+            );
+            report.digest_ms = (clock::monotonic_ns() - loaded) as f64 / 1e6;
+        }
     } else {
         report.error = Some(error.unwrap_or_else(|| {
             let desc = engine.stats().error_desc.as_str();
@@ -277,6 +656,132 @@ pub fn receive(
     }
     progress(&report.stats);
     Ok(report)
+}
+
+/// The destination's event loop: stream bytes, faults and timeouts into the
+/// engine, return-path bytes out. Returns the operator's words for a
+/// failure (`None`: the engine's state tells).
+fn run_receive_loop(
+    engine: &mut DestinationEngine<'_>,
+    host: &mut KvmHost<'_>,
+    conn: &Connection,
+    events: &Receiver<Event>,
+    pool: &Sender<Vec<u8>>,
+    progress: &mut dyn FnMut(&MigrationStats),
+) -> Option<String> {
+    let mut out = vec![0u8; 4096];
+    let mut error: Option<String> = None;
+    let mut last_progress = 0;
+    loop {
+        let now = clock::now();
+        let wait = engine
+            .poll_timeout()
+            .map_or(MAX_WAIT, |t| t.saturating_since(now).min(MAX_WAIT));
+        let event = events.recv_timeout(wait);
+        // Faults first, and their requests out at once: a vCPU waits for
+        // each of them.
+        if let Err(e) = serve_faults(engine, host) {
+            error.get_or_insert(e);
+        }
+        if let Err(e) = flush_return_path(engine, conn, &mut out) {
+            error.get_or_insert(e);
+        }
+        if host.fault_thread_died() {
+            error.get_or_insert_with(|| {
+                "the postcopy fault thread stopped: page faults are no longer served".into()
+            });
+        }
+        let now = clock::now();
+        let mut eof = false;
+        let result = match event {
+            Ok(Event::Bytes(buf, n)) => {
+                let r = engine
+                    .handle_input(now, buf.get(..n).unwrap_or_default(), host)
+                    .map(drop);
+                // The reader is gone if this fails; the loop learns it from
+                // the end of the stream.
+                let _ = pool.send(buf);
+                r
+            }
+            Ok(Event::Fault) | Err(RecvTimeoutError::Timeout) => Ok(()),
+            Ok(Event::Eof) | Err(RecvTimeoutError::Disconnected) => {
+                eof = true;
+                engine.handle_eof(now)
+            }
+            Ok(Event::ReadError(e)) => {
+                eof = true;
+                error.get_or_insert(format!("connection lost: {e}"));
+                engine.handle_eof(now)
+            }
+        };
+        let result = result.and_then(|()| match engine.poll_timeout() {
+            Some(t) if t <= now => engine.handle_timeout(now),
+            _ => Ok(()),
+        });
+        if let Err(e) = result {
+            if error.is_none() && e != DestError::AlreadyFailed {
+                error = Some(describe(&e, conn.peer(), host.error.as_deref()));
+            }
+        }
+        if let Err(e) = flush_return_path(engine, conn, &mut out) {
+            error.get_or_insert(e);
+        }
+        if clock::monotonic_ns() - last_progress > 50_000_000 {
+            last_progress = clock::monotonic_ns();
+            progress(engine.stats());
+        }
+        if eof
+            || engine.is_completed()
+            || engine.state() == MigrationStatus::Failed
+            || error.is_some()
+        {
+            return error;
+        }
+    }
+}
+
+/// Writes whatever the engine queued for the return path.
+fn flush_return_path(
+    engine: &mut DestinationEngine<'_>,
+    conn: &Connection,
+    out: &mut [u8],
+) -> Result<(), String> {
+    loop {
+        let n = engine.poll_return_path(out);
+        if n == 0 {
+            return Ok(());
+        }
+        let bytes = out.get(..n).unwrap_or_default();
+        conn.write_all(bytes)
+            .map_err(|e| format!("return path lost: {e}"))?;
+    }
+}
+
+/// Hands the queued faults to the engine (a request each, on the return
+/// path) or, for a page that arrived as a zero page in precopy and so was
+/// never written here, fills it with zeros.
+fn serve_faults(engine: &mut DestinationEngine<'_>, host: &mut KvmHost<'_>) -> Result<(), String> {
+    let pages = match host.faults.lock() {
+        Ok(mut q) if !q.is_empty() => std::mem::take(&mut *q),
+        _ => return Ok(()),
+    };
+    if engine.state() != MigrationStatus::PostcopyActive {
+        // Completed: the RAM is about to be unregistered, which wakes them.
+        return Ok(());
+    }
+    let now = clock::now();
+    for page in pages {
+        if engine.is_received(0, page) {
+            host.fill_zero(page)?;
+            continue;
+        }
+        match engine.handle_page_fault(now, 0, page) {
+            Ok(true) => host.requested(page),
+            Ok(false) => {}
+            Err(e) => return Err(format!("postcopy page fault: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// How the guest did after the switchover.
@@ -329,21 +834,86 @@ pub fn start_guest(vcpu: &Vcpu, run_for: Duration) -> Result<GuestAfter, Migrate
     let started_ns = clock::monotonic_ns();
     vcpu.resume().map_err(MigrateError::Vcpu)?;
     std::thread::sleep(run_for);
+    Ok(guest_after(vcpu, started_ns, None))
+}
+
+fn guest_after(vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAfter {
     let s = vcpu.stats();
-    Ok(GuestAfter {
+    GuestAfter {
         started_ns,
         generation: s.generation,
         progress_exits: s.progress_exits,
         mismatches: s.mismatches,
-        stopped: vcpu
-            .stopped()
-            .map(|e| e.map_or("the guest halted".to_string(), |e| e.to_string())),
-    })
+        stopped: vcpu.stopped().map(|e| match (explained, e) {
+            (Some(why), _) => why.to_string(),
+            (None, e) => e.map_or("the guest halted".to_string(), |e| e.to_string()),
+        }),
+    }
+}
+
+/// What the guest wrote on the destination after a postcopy, and the digest
+/// of everything else.
+#[derive(Debug, Clone)]
+pub struct GuestWrites {
+    /// Runs of guest pages (first, count) the destination guest wrote, from
+    /// KVM's dirty log (reset at the postcopy advise).
+    pub ranges: Vec<(u64, u64)>,
+    /// Pages in `ranges`.
+    pub pages: u64,
+    /// [`digest_outside`] of `ranges`: must equal the source's digest of
+    /// the same pages at its stop.
+    pub digest: u64,
+}
+
+/// After a postcopy: lets the (already running) guest run for `run_for`,
+/// pauses it and reads which pages it wrote here. Every page it did not
+/// write must hold what the source's page held at the stop, whether it
+/// arrived before the switchover, on request or in the background pass:
+/// that is what the digest lets the source check. `vcpu_error` is the
+/// postcopy explanation of a vCPU that stopped during the migration.
+pub fn watch_postcopy_guest(
+    vm: &Vm,
+    vcpu: &Vcpu,
+    started_ns: u64,
+    run_for: Duration,
+    vcpu_error: Option<&str>,
+) -> Result<(GuestAfter, GuestWrites), MigrateError> {
+    std::thread::sleep(run_for);
+    let after = guest_after(vcpu, started_ns, vcpu_error);
+    if after.stopped.is_none() {
+        vcpu.pause().map_err(MigrateError::Vcpu)?;
+    }
+    let map = SlotMap::new(vm.ram());
+    let pages: u64 = map.slots().iter().map(|s| s.2).sum();
+    let mut words = vec![0u64; pages.div_ceil(64) as usize];
+    fetch_dirty_log(vm, &map, &mut words)
+        .map_err(|e| MigrateError::Engine(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+    let ranges = written_ranges(&words, pages);
+    let digest = digest_outside(vm.ram(), &ranges)
+        .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?;
+    let writes = GuestWrites {
+        pages: ranges.iter().map(|r| r.1).sum(),
+        ranges,
+        digest,
+    };
+    Ok((after, writes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fault_latency_percentiles_are_nearest_rank_in_microseconds() {
+        assert_eq!(percentile_us(&[], 50), None);
+        let ns: Vec<u64> = (1..=200).map(|i| i * 1000).collect();
+        assert_eq!(percentile_us(&ns, 50), Some(100.0));
+        assert_eq!(percentile_us(&ns, 99), Some(198.0));
+        assert_eq!(percentile_us(&[42_500], 99), Some(42.5));
+        // This thread is not a vCPU thread.
+        // SAFETY: gettid has no arguments and cannot fail.
+        assert!(!is_vcpu_thread(unsafe { libc::gettid() }));
+    }
 
     #[test]
     fn engine_errors_become_operator_sentences() {

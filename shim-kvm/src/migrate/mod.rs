@@ -22,7 +22,7 @@ use std::fmt;
 
 use livemig_core::wire::{BlockId, BlockInfo, EncodeError};
 
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 
 /// The id of the one RAM block (QEMU's name for a PC's main RAM).
 pub const RAM_BLOCK_ID: &str = "pc.ram";
@@ -83,6 +83,59 @@ impl SlotMap {
     }
 }
 
+/// Runs of set bits (first page, count) among the first `pages` bits of
+/// `words`: the pages a guest wrote, compactly (a working set is one run).
+pub fn written_ranges(words: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let bit = |p: u64| {
+        words
+            .get((p / 64) as usize)
+            .is_some_and(|w| w >> (p % 64) & 1 == 1)
+    };
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut p = 0;
+    while p < pages {
+        if words.get((p / 64) as usize) == Some(&0) {
+            p = (p / 64 + 1) * 64;
+            continue;
+        }
+        if bit(p) {
+            match ranges.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => ranges.push((p, 1)),
+            }
+        }
+        p += 1;
+    }
+    ranges
+}
+
+/// The [`GuestRam::digest`] of every page *not* in `written` (sorted,
+/// disjoint runs of guest pages, as [`written_ranges`] gives): how both ends
+/// of a postcopy compare memory the destination guest has not changed.
+/// Runs reaching past the RAM are an error.
+pub fn digest_outside(ram: &GuestRam, written: &[(u64, u64)]) -> Result<u64, MemoryError> {
+    let pages = ram.size() / PAGE_SIZE as u64;
+    if let Some(&(first, count)) = written
+        .iter()
+        .find(|&&(first, count)| first.checked_add(count).is_none_or(|end| end > pages))
+    {
+        return Err(MemoryError::RangeOutOfRam {
+            gpa: first.saturating_mul(PAGE_SIZE as u64),
+            len: count.saturating_mul(PAGE_SIZE as u64),
+        });
+    }
+    let mut runs = written.iter().peekable();
+    ram.digest_of((0..pages).filter(move |&p| {
+        while runs
+            .peek()
+            .is_some_and(|&&(first, count)| first + count <= p)
+        {
+            runs.next();
+        }
+        runs.peek().is_none_or(|&&(first, _)| first > p)
+    }))
+}
+
 /// Why a migration could not be set up or carried on (as opposed to a
 /// migration that ran and failed, which is a reported status).
 #[derive(Debug)]
@@ -135,5 +188,37 @@ mod tests {
         );
         assert_eq!(map.split(0, 1 << 20).count(), 2);
         assert_eq!(map.split(1 << 20, 64).count(), 0);
+    }
+
+    #[test]
+    fn written_pages_become_runs() {
+        let mut words = vec![0u64; 4];
+        for p in [0, 1, 2, 63, 64, 65, 130, 200] {
+            words[p / 64] |= 1 << (p % 64);
+        }
+        assert_eq!(
+            written_ranges(&words, 256),
+            vec![(0, 3), (63, 3), (130, 1), (200, 1)]
+        );
+        // Bits past the page count are not pages.
+        assert_eq!(written_ranges(&words, 131), vec![(0, 3), (63, 3), (130, 1)]);
+        assert!(written_ranges(&[0; 4], 256).is_empty());
+    }
+
+    #[test]
+    fn digest_outside_skips_exactly_the_written_runs() {
+        let ram = GuestRam::new(64 * PAGE_SIZE as u64, 1 << 30).unwrap();
+        for p in 0..64u64 {
+            ram.write(p * PAGE_SIZE as u64, &[p as u8 + 1; 16]).unwrap();
+        }
+        let all = ram.digest();
+        assert_eq!(digest_outside(&ram, &[]).unwrap(), all);
+        let skip = [(3, 2), (10, 1), (63, 1)];
+        let want = ram
+            .digest_of((0..64).filter(|p| ![3, 4, 10, 63].contains(p)))
+            .unwrap();
+        assert_eq!(digest_outside(&ram, &skip).unwrap(), want);
+        assert_ne!(want, all);
+        assert!(digest_outside(&ram, &[(60, 5)]).is_err());
     }
 }

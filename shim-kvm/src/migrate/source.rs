@@ -53,6 +53,16 @@ const MAX_BURST: Duration = Duration::from_millis(50);
 /// return path.
 const HEAR_OUT: Duration = Duration::from_millis(200);
 
+/// How the tool drives a source migration, beyond the engine's
+/// configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceOptions {
+    /// With the `pause-before-switchover` capability: how long the stopped
+    /// guest stays in pre-switchover before the switchover continues on its
+    /// own (what an operator's `migrate-continue` would do).
+    pub switchover_pause: Duration,
+}
+
 /// What a source-side migration did.
 #[derive(Debug, Clone)]
 pub struct SourceReport {
@@ -69,6 +79,9 @@ pub struct SourceReport {
     pub dirty_log_clears: u64,
     /// How the dirty log was read.
     pub dirty_log_mode: DirtyLogMode,
+    /// Whether the migration switched to postcopy (the guest was started on
+    /// the destination before all of its memory had been sent).
+    pub postcopy: bool,
 }
 
 impl SourceReport {
@@ -245,6 +258,7 @@ pub fn migrate(
     vcpu: &Vcpu,
     conn: Connection,
     config: &MigrationConfig,
+    options: SourceOptions,
     cancel: &Cancel,
     progress: &mut dyn FnMut(&MigrationStats),
 ) -> Result<SourceReport, MigrateError> {
@@ -286,12 +300,15 @@ pub fn migrate(
         generation_at_stop: None,
         dirty_log_clears: 0,
         dirty_log_mode: vm.dirty_log_mode(),
+        postcopy: false,
     };
     let clears_before = vm.clear_calls();
     let mut reader_done = false;
     // A guest that could not be restarted after a failed migration is an
     // error of its own, reported once everything is cleaned up.
     let mut resume_error = None;
+    // When the engine entered pre-switchover (monotonic ns).
+    let mut paused_at: Option<u64> = None;
 
     let status = 'run: loop {
         if cancel.is_cancelled() {
@@ -386,6 +403,7 @@ pub fn migrate(
                     Err(reason) => lost = Some(reason),
                 },
                 SourceAction::PackageDevices => {
+                    report.postcopy = true;
                     if let Err(reason) = package_devices(&mut engine, vcpu, &conn) {
                         lost = Some(reason);
                     }
@@ -417,6 +435,16 @@ pub fn migrate(
                 }
                 engine.handle_io_error(clock::now(), format_args!("{reason}"));
             }
+            // Page requests are served ahead of the background pass only
+            // once the engine has them. (Precopy has nothing urgent on the
+            // return path, and draining there measurably slowed the first
+            // pass of an idle 4 GiB guest: 90 -> 140 ms.)
+            while engine.state() == MigrationStatus::PostcopyActive
+                && let Ok(ev) = events.try_recv()
+            {
+                reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
+            }
             if clock::monotonic_ns() - burst > MAX_BURST.as_nanos() as u64 {
                 break;
             }
@@ -425,9 +453,22 @@ pub fn migrate(
         if engine.is_finished() {
             break engine.state();
         }
-        let wait = engine
+        let mut wait = engine
             .poll_timeout()
             .map_or(MAX_WAIT, |t| t.saturating_since(clock::now()).min(MAX_WAIT));
+        if engine.state() == MigrationStatus::PreSwitchover {
+            let since = *paused_at.get_or_insert_with(clock::monotonic_ns);
+            let paused = Duration::from_nanos(clock::monotonic_ns() - since);
+            match options.switchover_pause.checked_sub(paused) {
+                Some(left) if !left.is_zero() => wait = wait.min(left),
+                _ => {
+                    if let Err(e) = engine.continue_switchover(clock::now()) {
+                        engine.handle_io_error(clock::now(), format_args!("migration engine: {e}"));
+                    }
+                    continue;
+                }
+            }
+        }
         if reader_done {
             thread::sleep(wait);
             continue;

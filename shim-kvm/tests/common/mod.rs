@@ -1,9 +1,11 @@
 //! Helpers shared by the real-KVM tests.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig_kvm::guest::{self, GuestParams};
-use livemig_kvm::memory::DEFAULT_SLOT_BYTES;
+use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
+use livemig_kvm::postcopy::{PostcopyError, PostcopyRam};
 use livemig_kvm::vcpu::Vcpu;
 use livemig_kvm::vm::Vm;
 
@@ -23,6 +25,27 @@ pub fn kvm_available() -> bool {
         eprintln!("SKIPPED: /dev/kvm not available");
     }
     ok
+}
+
+/// Whether this process may create the full (kernel-fault) userfaultfd
+/// postcopy needs, probed on one page. Without it a test skips loudly,
+/// unless `LIVEMIG_REQUIRE_KVM=1`.
+// Each test crate compiles this module; not every one runs postcopy.
+#[allow(dead_code)]
+pub fn userfaultfd_available() -> bool {
+    let ram = GuestRam::new(PAGE_SIZE as u64, DEFAULT_SLOT_BYTES).expect("one-page RAM");
+    match PostcopyRam::register(Arc::new(ram)) {
+        Ok(_) => true,
+        Err(PostcopyError::Create(e)) => {
+            assert!(
+                std::env::var("LIVEMIG_REQUIRE_KVM").as_deref() != Ok("1"),
+                "LIVEMIG_REQUIRE_KVM=1 but userfaultfd is not usable: {e}"
+            );
+            eprintln!("SKIPPED: userfaultfd not usable: {e}");
+            false
+        }
+        Err(e) => panic!("probing userfaultfd: {e}"),
+    }
 }
 
 /// A VM with the demo guest loaded and its vCPU parked at the entry point.
