@@ -469,7 +469,8 @@ impl<'a> SourceEngine<'a> {
         }
         self.started_at = now;
         self.now = now;
-        self.meter.restart(now);
+        self.dirty_period_start = now;
+        self.meter.begin(now);
         self.set_state(MigrationStatus::Setup);
         self.step = Step::SendPreamble;
         Ok(())

@@ -91,6 +91,14 @@ impl RateMeter {
         self.refilled_at = now;
     }
 
+    /// Starts the clock of both the measurement and the bucket at `now`, the
+    /// start of the migration (the meter is built before the caller's
+    /// clock is known).
+    pub fn begin(&mut self, now: Instant) {
+        self.refilled_at = now;
+        self.restart(now);
+    }
+
     /// Restarts measurement at `now` (after setup, or after a pause in
     /// sending that must not count as idle link time).
     pub fn restart(&mut self, now: Instant) {
