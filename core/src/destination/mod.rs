@@ -396,6 +396,18 @@ impl<'a> DestinationEngine<'a> {
         Ok(engine)
     }
 
+    /// The connection is up (none -> active): the idle timeout starts now,
+    /// so a peer that connects and never sends a byte is also given up on.
+    /// Optional: without it the clock starts at the first byte.
+    pub fn begin(&mut self, now: Instant) {
+        let l = &mut self.loader;
+        if l.state == MigrationStatus::None {
+            l.started_at = Some(now);
+            l.last_input_at = now;
+            l.set_state(MigrationStatus::Active);
+        }
+    }
+
     /// How long an unfinished stream may stay silent before the
     /// destination fails it (a source that vanished without closing the
     /// connection must not leave the destination waiting forever).
@@ -516,9 +528,9 @@ impl<'a> DestinationEngine<'a> {
             return Err(DestError::AlreadyFailed);
         }
         if l.state == MigrationStatus::None {
-            l.started_at = Some(now);
-            l.set_state(MigrationStatus::Active);
+            self.begin(now);
         }
+        let l = &mut self.loader;
         l.stats.ram.transferred += input.len() as u64;
         l.last_input_at = now;
         let mut offset = 0;

@@ -360,3 +360,23 @@ fn a_connection_closed_before_the_first_byte_fails() {
     assert_eq!(d.state(), MigrationStatus::Failed);
     assert!(!d.stats().error_desc.is_empty());
 }
+
+#[test]
+fn a_peer_that_never_sends_is_given_up_on() {
+    let l = layout(16);
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    assert_eq!(
+        d.poll_timeout(),
+        None,
+        "no clock before the connection is up"
+    );
+    d.set_idle_timeout(Duration::from_millis(100));
+    d.begin(Instant::from_millis(5));
+    assert_eq!(d.poll_timeout(), Some(Instant::from_millis(105)));
+    assert_eq!(
+        d.handle_timeout(Instant::from_millis(105)),
+        Err(DestError::SourceSilent { idle_ms: 100 })
+    );
+    assert_eq!(d.state(), MigrationStatus::Failed);
+}

@@ -589,6 +589,8 @@ pub fn receive(
     let mut scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
     let mut engine = DestinationEngine::with_postcopy(&layout, &mut scratch, &mut tracking)
         .map_err(|e| MigrateError::Engine(e.to_string()))?;
+    // The connection is up: a source that never sends is given up on too.
+    engine.begin(clock::now());
     let reader_conn = conn.try_clone()?;
     let (tx, events) = mpsc::channel();
     let (pool_tx, pool) = mpsc::channel();
