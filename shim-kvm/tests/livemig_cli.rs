@@ -3,7 +3,8 @@
 //! receiver mid-migration, and the one-line errors. KVM tests skip loudly
 //! without `/dev/kvm` (see `common::kvm_available`).
 
-// Only the loud-skip helpers are used here; the VM helpers serve other tests.
+// The loud-skip and process helpers are used here; the VM helpers serve
+// other tests.
 #[allow(dead_code)]
 mod common;
 
@@ -12,18 +13,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, userfaultfd_available};
+use common::{kvm_available, livemig, userfaultfd_available};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
-
-fn livemig(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run livemig")
-}
 
 /// `livemig demo --json --quiet` with `flags` added.
 fn demo(flags: &[&str]) -> Output {
@@ -42,7 +33,7 @@ fn demo_ok(flags: &[&str]) -> Value {
 
 /// `livemig` still running, its stdout and stderr piped for `finish`.
 fn spawn(args: &[&str]) -> Child {
-    Command::new(BIN)
+    Command::new(common::BIN)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
