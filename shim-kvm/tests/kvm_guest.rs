@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{count_dirty, demo_vm, kvm_available, wait_for};
+use common::{count_dirty, demo_vm, kvm_available, small_ws, wait_for};
 use livemig_kvm::dirty_log::{DirtyLogError, DirtyLogMode};
 use livemig_kvm::guest::GuestParams;
 use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
@@ -17,15 +17,6 @@ use livemig_kvm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// 4 MiB working set at 2 MiB (pages 512 .. 1536 of slot 0).
-fn small_ws() -> GuestParams {
-    GuestParams {
-        ws_start: 2 * MIB,
-        ws_pages: 1024,
-        ..GuestParams::default()
-    }
-}
 
 fn ws_range(p: &GuestParams) -> std::ops::Range<u64> {
     let first = p.ws_start / PAGE_SIZE as u64;

@@ -3,29 +3,26 @@
 //! the output carries the ratio and the verdict. Skips loudly without
 //! `/dev/kvm` (see `common::kvm_available`).
 
-// Only the loud-skip helper is used here; the VM helpers serve other tests.
+// Only the loud-skip and run helpers are used here; the VM helpers serve
+// other tests.
 #[allow(dead_code)]
 mod common;
 
-use std::process::{Command, Output, Stdio};
-
-use common::kvm_available;
+use common::{kvm_available, livemig};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
-
-/// A busy case shrunk to 256 MiB (16 MiB working set), one run.
-fn small_bench(json: bool) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["bench", "--case", "busy-1g", "--runs", "1"])
-        .args(["--mem-mib-override", "256"])
-        .args(["--warmup-ms", "300", "--run-ms", "300"]);
+/// A busy case shrunk to 256 MiB (16 MiB working set), one run, which must
+/// succeed: what it printed on stdout.
+fn small_bench(json: bool) -> String {
+    let mut args = vec!["bench", "--case", "busy-1g", "--runs", "1"];
+    args.extend(["--mem-mib-override", "256"]);
+    args.extend(["--warmup-ms", "300", "--run-ms", "300"]);
     if json {
-        cmd.arg("--json");
+        args.push("--json");
     }
-    cmd.stdin(Stdio::null())
-        .output()
-        .expect("run livemig bench")
+    let out = livemig(&args);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -33,9 +30,7 @@ fn bench_reports_the_ratio_against_raw_tcp_and_verifies() {
     if !kvm_available() {
         return;
     }
-    let out = small_bench(true);
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = small_bench(true);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "one JSON object per case: {text:?}");
     let v: Value = serde_json::from_str(lines[0]).expect("valid JSON");
@@ -68,9 +63,7 @@ fn bench_table_has_the_ratio_column_and_the_verdict() {
     if !kvm_available() {
         return;
     }
-    let out = small_bench(false);
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = small_bench(false);
     let mut lines = text.lines();
     let head = lines.next().unwrap_or_default();
     for column in [
@@ -90,18 +83,10 @@ fn bench_table_has_the_ratio_column_and_the_verdict() {
 
 #[test]
 fn bench_flags_are_checked() {
-    let out = Command::new(BIN)
-        .args(["bench", "--case", "warp-9"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = livemig(&["bench", "--case", "warp-9"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("warp-9"));
-    let out = Command::new(BIN)
-        .args(["bench", "--runs", "0"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = livemig(&["bench", "--runs", "0"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

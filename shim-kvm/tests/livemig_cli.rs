@@ -3,26 +3,66 @@
 //! receiver mid-migration, and the one-line errors. KVM tests skip loudly
 //! without `/dev/kvm` (see `common::kvm_available`).
 
-// Only the loud-skip helpers are used here; the VM helpers serve other tests.
+// The loud-skip and process helpers are used here; the VM helpers serve
+// other tests.
 #[allow(dead_code)]
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, userfaultfd_available};
+use common::{kvm_available, livemig, userfaultfd_available};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+/// `livemig demo --json --quiet` with `flags` added.
+fn demo(flags: &[&str]) -> Output {
+    let args: Vec<&str> = ["demo", "--json", "--quiet"]
+        .iter()
+        .chain(flags)
+        .copied()
+        .collect();
+    livemig(&args)
+}
 
-fn livemig(args: &[&str]) -> Output {
-    Command::new(BIN)
+/// The summary of a `demo` (with `flags`) that must exit with success.
+fn demo_ok(flags: &[&str]) -> Value {
+    json_of_success(&demo(flags))
+}
+
+/// `livemig` still running, its stdout and stderr piped for `finish`.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(common::BIN)
         .args(args)
         .stdin(Stdio::null())
-        .output()
-        .expect("run livemig")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn livemig")
+}
+
+/// Waits for a `spawn`ed child and collects what it printed.
+fn finish(mut child: Child) -> Output {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_end(&mut out).unwrap();
+    }
+    if let Some(mut s) = child.stderr.take() {
+        s.read_to_end(&mut err).unwrap();
+    }
+    Output {
+        status: child.wait().unwrap(),
+        stdout: out,
+        stderr: err,
+    }
+}
+
+/// The JSON summary of a run that must have exited with success.
+fn json_of_success(out: &Output) -> Value {
+    assert!(out.status.success(), "{out:?}");
+    json_of(out)
 }
 
 fn json_of(out: &Output) -> Value {
@@ -55,14 +95,18 @@ fn assert_error_line(out: &Output, needle: &str) {
 
 /// `livemig receive` as a child, with the address it announced.
 fn spawn_receiver(listen: &str, mem_mib: u64) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["receive", "--listen", listen, "--json", "--quiet"])
-        .args(["--mem-mib", &mem_mib.to_string(), "--run-ms", "300"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn receiver");
+    let mem_mib = mem_mib.to_string();
+    let mut child = spawn(&[
+        "receive",
+        "--listen",
+        listen,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        &mem_mib,
+        "--run-ms",
+        "300",
+    ]);
     let stdout = child.stdout.take().unwrap();
     let mut reader = BufReader::new(stdout);
     let mut line = String::new();
@@ -76,20 +120,61 @@ fn spawn_receiver(listen: &str, mem_mib: u64) -> (Child, String) {
     (child, addr)
 }
 
-fn finish(mut child: Child) -> Output {
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    if let Some(mut s) = child.stdout.take() {
-        s.read_to_end(&mut out).unwrap();
-    }
-    if let Some(mut s) = child.stderr.take() {
-        s.read_to_end(&mut err).unwrap();
-    }
-    Output {
-        status: child.wait().unwrap(),
-        stdout: out,
-        stderr: err,
-    }
+/// `livemig send --json --quiet` to `addr` of a 32 MiB working set
+/// rewritten over and over on a link capped at 16 MiB/s: it never
+/// converges, so the migration is still running whenever the test cuts or
+/// interrupts it.
+fn spawn_unending_sender(addr: &str, mem_mib: u64) -> Child {
+    let mem_mib = mem_mib.to_string();
+    spawn(&[
+        "send",
+        "--to",
+        addr,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        &mem_mib,
+        "--dirty-mib",
+        "32",
+        "--warmup-ms",
+        "200",
+        "--param",
+        "max-bandwidth=16M",
+    ])
+}
+
+/// What a receiver on a free port says to a client that sends `bytes` and
+/// stays connected until the receiver has ended.
+fn receiver_answer_to(bytes: &[u8]) -> Output {
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 64);
+    let mut client = TcpStream::connect(addr.trim_start_matches("tcp:")).unwrap();
+    client.write_all(bytes).unwrap();
+    let out = finish(receiver);
+    drop(client);
+    out
+}
+
+/// The destination's vCPU started only after the source's had stopped.
+fn assert_destination_started_after_source_stopped(v: &Value) {
+    let stopped = v["vcpu-stopped-ns"].as_u64().unwrap();
+    let started = v["vcpu-started-ns"].as_u64().unwrap();
+    assert!(
+        started > stopped,
+        "destination started before the source stopped"
+    );
+}
+
+/// The source guest's generation advanced across a migration that did not
+/// complete: it kept running there.
+fn assert_source_guest_ran_on(v: &Value) {
+    let (before, after) = (
+        v["guest-generation-before"].as_u64().unwrap(),
+        v["guest-generation-after"].as_u64().unwrap(),
+    );
+    assert!(
+        after > before,
+        "the source guest stopped running: {before} -> {after} in {v}"
+    );
 }
 
 #[test]
@@ -97,10 +182,7 @@ fn demo_migrates_between_two_processes_and_verifies() {
     if !kvm_available() {
         return;
     }
-    let out = livemig(&[
-        "demo",
-        "--json",
-        "--quiet",
+    let v = demo_ok(&[
         "--mem-mib",
         "256",
         "--dirty-mib",
@@ -110,20 +192,13 @@ fn demo_migrates_between_two_processes_and_verifies() {
         "--run-ms",
         "300",
     ]);
-    assert!(out.status.success(), "{out:?}");
-    let v = json_of(&out);
     eprintln!("MEASURE demo 256 MiB / 16 MiB: {v}");
     assert_eq!(v["status"], "completed");
     assert_eq!(v["verified"], true);
     assert_eq!(v["backend"], "kvm");
     assert!(v["dirty-log-clears"].as_u64().unwrap() > 0);
     assert!(v["downtime"].as_f64().unwrap() >= 0.0);
-    let stopped = v["vcpu-stopped-ns"].as_u64().unwrap();
-    let started = v["vcpu-started-ns"].as_u64().unwrap();
-    assert!(
-        started > stopped,
-        "destination started before the source stopped"
-    );
+    assert_destination_started_after_source_stopped(&v);
     assert_eq!(v["ram"]["total"], 256u64 << 20);
     assert!(v["ram"]["normal"].as_u64().unwrap() >= 16 * 256);
     assert_eq!(v["destination"]["digest"], v["digest"]);
@@ -139,14 +214,11 @@ fn postcopy_demo_requests_pages_and_verifies() {
     if !kvm_available() || !userfaultfd_available() {
         return;
     }
-    let out = livemig(&[
-        "demo",
+    let v = demo_ok(&[
         "--mode",
         "postcopy",
         "--cap",
         "postcopy-blocktime=on",
-        "--json",
-        "--quiet",
         "--mem-mib",
         "256",
         "--dirty-mib",
@@ -160,8 +232,6 @@ fn postcopy_demo_requests_pages_and_verifies() {
         "--run-ms",
         "300",
     ]);
-    assert!(out.status.success(), "{out:?}");
-    let v = json_of(&out);
     eprintln!("MEASURE postcopy demo 256 MiB / 64 MiB at 256 MiB/s, 64 MiB/s after: {v}");
     assert_eq!(v["status"], "completed");
     assert_eq!(v["verified"], true);
@@ -169,9 +239,7 @@ fn postcopy_demo_requests_pages_and_verifies() {
     // Thousands in practice; a few hundred leaves room for a slow host.
     assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 100, "{v}");
     assert!(v["downtime"].as_f64().unwrap() >= 0.0);
-    let stopped = v["vcpu-stopped-ns"].as_u64().unwrap();
-    let started = v["vcpu-started-ns"].as_u64().unwrap();
-    assert!(started > stopped);
+    assert_destination_started_after_source_stopped(&v);
     let lat = &v["postcopy-fault-latency"];
     let (median, p99) = (
         lat["median-us"].as_f64().unwrap(),
@@ -201,10 +269,7 @@ fn precopy_that_cannot_converge_stops_at_the_time_limit() {
         return;
     }
     let started = Instant::now();
-    let out = livemig(&[
-        "demo",
-        "--json",
-        "--quiet",
+    let out = demo(&[
         "--mem-mib",
         "256",
         "--dirty-mib",
@@ -240,14 +305,11 @@ fn pause_before_switchover_continues_by_itself() {
     if !kvm_available() {
         return;
     }
-    let out = livemig(&[
-        "demo",
+    let v = demo_ok(&[
         "--cap",
         "pause-before-switchover=on",
         "--switchover-pause-ms",
         "200",
-        "--json",
-        "--quiet",
         "--mem-mib",
         "128",
         "--dirty-mib",
@@ -257,8 +319,6 @@ fn pause_before_switchover_continues_by_itself() {
         "--run-ms",
         "200",
     ]);
-    assert!(out.status.success(), "{out:?}");
-    let v = json_of(&out);
     assert_eq!(v["status"], "completed");
     assert_eq!(v["verified"], true);
     assert!(v["downtime"].as_f64().unwrap() >= 200.0, "{v}");
@@ -293,9 +353,7 @@ fn send_and_receive_over_a_unix_socket() {
         "max-bandwidth=0",
     ]);
     let recv = finish(receiver);
-    assert!(send.status.success(), "{send:?}");
-    assert!(recv.status.success(), "{recv:?}");
-    let (s, r) = (json_of(&send), json_of(&recv));
+    let (s, r) = (json_of_success(&send), json_of_success(&recv));
     assert_eq!(s["status"], "completed");
     assert_eq!(r["status"], "completed");
     assert_eq!(s["digest"], r["digest"], "destination memory differs");
@@ -314,25 +372,8 @@ fn cutting_the_connection_fails_the_migration_and_the_guest_runs_on() {
         return;
     }
     let (mut receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
-    // 32 MiB rewritten over and over at 16 MiB/s never converges: the
-    // migration is still running when the receiver dies.
-    let sender = Command::new(BIN)
-        .args([
-            "send",
-            "--to",
-            &addr,
-            "--json",
-            "--quiet",
-            "--mem-mib",
-            "256",
-        ])
-        .args(["--dirty-mib", "32", "--warmup-ms", "200"])
-        .args(["--param", "max-bandwidth=16M"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Still migrating when the receiver dies.
+    let sender = spawn_unending_sender(&addr, 256);
     // Boot and warm-up take well under a second even on a loaded machine.
     std::thread::sleep(Duration::from_millis(2000));
     receiver.kill().unwrap();
@@ -345,14 +386,7 @@ fn cutting_the_connection_fails_the_migration_and_the_guest_runs_on() {
     let why = v["error-desc"].as_str().unwrap();
     assert!(why.contains("connection"), "reason {why:?}");
     assert!(v["ram"]["transferred"].as_u64().unwrap() > 1 << 20, "{v}");
-    let (before, after) = (
-        v["guest-generation-before"].as_u64().unwrap(),
-        v["guest-generation-after"].as_u64().unwrap(),
-    );
-    assert!(
-        after > before,
-        "the source guest stopped running: {before} -> {after}"
-    );
+    assert_source_guest_ran_on(&v);
     assert_error_line(&out, "connection");
 }
 
@@ -430,19 +464,13 @@ fn a_peer_that_is_not_livemig_is_named() {
     handle.join().unwrap();
 
     // And a client that is not livemig, seen by the receiver.
-    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 64);
-    let mut c = std::net::TcpStream::connect(addr.trim_start_matches("tcp:")).unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let out = finish(receiver);
+    let out = receiver_answer_to(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_error_line(&out, "not a livemig source");
 
     // A livemig stream of a version this build does not speak.
-    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 64);
-    let mut c = std::net::TcpStream::connect(addr.trim_start_matches("tcp:")).unwrap();
     let mut header = b"LMIG".to_vec();
     header.extend_from_slice(&99u32.to_be_bytes());
-    c.write_all(&header).unwrap();
-    let out = finish(receiver);
+    let out = receiver_answer_to(&header);
     assert_error_line(&out, "version mismatch");
 }
 
@@ -478,10 +506,7 @@ fn forced_get_and_clear_fallback_still_verifies_and_says_so() {
     if !kvm_available() {
         return;
     }
-    let out = livemig(&[
-        "demo",
-        "--json",
-        "--quiet",
+    let v = demo_ok(&[
         "--mem-mib",
         "128",
         "--dirty-mib",
@@ -493,8 +518,6 @@ fn forced_get_and_clear_fallback_still_verifies_and_says_so() {
         "--dirty-log",
         "get-and-clear",
     ]);
-    assert!(out.status.success(), "{out:?}");
-    let v = json_of(&out);
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(v["dirty-log-mode"], "get-and-clear");
     assert_eq!(v["dirty-log-clears"], 0);
@@ -506,23 +529,7 @@ fn ctrl_c_cancels_and_the_guest_runs_on() {
         return;
     }
     let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
-    let sender = Command::new(BIN)
-        .args([
-            "send",
-            "--to",
-            &addr,
-            "--json",
-            "--quiet",
-            "--mem-mib",
-            "128",
-        ])
-        .args(["--dirty-mib", "32", "--warmup-ms", "200"])
-        .args(["--param", "max-bandwidth=16M"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sender = spawn_unending_sender(&addr, 128);
     std::thread::sleep(Duration::from_millis(1200));
     let status = Command::new("kill")
         .args(["-INT", &sender.id().to_string()])
@@ -533,11 +540,7 @@ fn ctrl_c_cancels_and_the_guest_runs_on() {
     let recv = finish(receiver);
     let v = json_of(&out);
     assert_eq!(v["status"], "cancelled", "{v}");
-    assert!(
-        v["guest-generation-after"].as_u64().unwrap()
-            > v["guest-generation-before"].as_u64().unwrap(),
-        "the source guest stopped running: {v}"
-    );
+    assert_source_guest_ran_on(&v);
     assert_error_line(&out, "cancelled");
     assert_error_line(&recv, "connection");
 }

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{count_dirty, demo_vm, kvm_available, wait_for};
+use common::{count_dirty, demo_vm, kvm_available, register_or_skip, small_ws, wait_for};
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::guest::GuestParams;
 use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestRam, MemoryError, PAGE_SIZE};
@@ -25,23 +25,6 @@ use livemig_kvm::vm::Vm;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = PAGE_SIZE as u64;
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Registers `ram`, or returns `None` after a loud skip when this process
-/// may not create a full (kernel-fault) userfaultfd.
-fn register_or_skip(ram: &Arc<GuestRam>) -> Option<Arc<PostcopyRam>> {
-    match PostcopyRam::register(Arc::clone(ram)) {
-        Ok(pc) => Some(Arc::new(pc)),
-        Err(PostcopyError::Create(e)) => {
-            assert!(
-                std::env::var("LIVEMIG_REQUIRE_KVM").as_deref() != Ok("1"),
-                "LIVEMIG_REQUIRE_KVM=1 but userfaultfd is not usable: {e}"
-            );
-            eprintln!("SKIPPED: userfaultfd not usable: {e}");
-            None
-        }
-        Err(e) => panic!("registering guest RAM: {e}"),
-    }
-}
 
 fn page_of(byte: u8) -> Vec<u8> {
     vec![byte; PAGE_SIZE]
@@ -259,15 +242,6 @@ fn bulk_placement_rates() {
         zeroed as f64 / took.as_secs_f64() / 1e6
     );
     assert_eq!(pc.present_pages(), (3 * half / 4 + half) / PAGE);
-}
-
-/// 4 MiB working set at 2 MiB, as in `kvm_guest.rs`.
-fn small_ws() -> GuestParams {
-    GuestParams {
-        ws_start: 2 * MIB,
-        ws_pages: 1024,
-        ..GuestParams::default()
-    }
 }
 
 /// Places the source's copy of every page of `first .. end` (guest page

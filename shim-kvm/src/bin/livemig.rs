@@ -104,15 +104,10 @@ struct Output {
     quiet: bool,
 }
 
+/// The source guest's workload and warm-up, the same for `demo` and `send`
+/// (their --mem-mib differ only in help text, so each keeps its own).
 #[derive(Args)]
-struct DemoArgs {
-    #[command(flatten)]
-    migration: Migration,
-    #[command(flatten)]
-    output: Output,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 1024)]
-    mem_mib: u64,
+struct Workload {
     /// Working set the guest keeps rewriting, in MiB (0 = idle guest).
     #[arg(long, default_value_t = 64)]
     dirty_mib: u64,
@@ -123,6 +118,35 @@ struct DemoArgs {
     /// it) or get-and-clear (forces the fallback).
     #[arg(long, default_value = "manual-protect", value_parser = ["manual-protect", "get-and-clear"])]
     dirty_log: String,
+}
+
+impl Workload {
+    /// The guest to boot on the source, with `mem_mib` of RAM.
+    fn shape(&self, mem_mib: u64) -> Result<GuestShape, String> {
+        Ok(GuestShape {
+            mem_mib,
+            dirty_mib: self.dirty_mib,
+            dirty_log: dirty_log(&self.dirty_log)?,
+        })
+    }
+
+    /// How long the guest runs on the source before the migration starts.
+    fn warmup(&self) -> Duration {
+        Duration::from_millis(self.warmup_ms)
+    }
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    migration: Migration,
+    #[command(flatten)]
+    output: Output,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem_mib: u64,
+    #[command(flatten)]
+    workload: Workload,
     /// How long the guest runs on the destination before the verdict, in ms.
     #[arg(long, default_value_t = 1000)]
     run_ms: u64,
@@ -144,16 +168,8 @@ struct SendArgs {
     /// Guest RAM in MiB (must equal the destination's).
     #[arg(long, default_value_t = 1024)]
     mem_mib: u64,
-    /// Working set the guest keeps rewriting, in MiB (0 = idle guest).
-    #[arg(long, default_value_t = 64)]
-    dirty_mib: u64,
-    /// How long the guest runs before the migration starts, in ms.
-    #[arg(long, default_value_t = 1000)]
-    warmup_ms: u64,
-    /// Dirty-log mode: manual-protect (falls back by itself when KVM lacks
-    /// it) or get-and-clear (forces the fallback).
-    #[arg(long, default_value = "manual-protect", value_parser = ["manual-protect", "get-and-clear"])]
-    dirty_log: String,
+    #[command(flatten)]
+    workload: Workload,
 }
 
 #[derive(Args)]
@@ -377,17 +393,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Demo(a) => {
             let mut config = config(&a.migration, true)?;
             config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
-            let shape = GuestShape {
-                mem_mib: a.mem_mib,
-                dirty_mib: a.dirty_mib,
-                dirty_log: dirty_log(&a.dirty_log)?,
-            };
+            let shape = a.workload.shape(a.mem_mib)?;
             let summary = if demo::kvm_available() {
                 demo::run_demo_with(
                     shape,
                     &config,
                     source_options(&a.migration),
-                    Duration::from_millis(a.warmup_ms),
+                    a.workload.warmup(),
                     Duration::from_millis(a.run_ms),
                     &cancel_on_signals()?,
                     &mut progress(&a.output),
@@ -401,17 +413,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Send(a) => {
             let config = config(&a.migration, false)?;
-            let shape = GuestShape {
-                mem_mib: a.mem_mib,
-                dirty_mib: a.dirty_mib,
-                dirty_log: dirty_log(&a.dirty_log)?,
-            };
+            let shape = a.workload.shape(a.mem_mib)?;
             let summary = demo::run_send(
                 &uri(&a.to)?,
                 shape,
                 &config,
                 source_options(&a.migration),
-                Duration::from_millis(a.warmup_ms),
+                a.workload.warmup(),
                 &cancel_on_signals()?,
                 &mut progress(&a.output),
             )

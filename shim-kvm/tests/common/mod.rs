@@ -1,5 +1,6 @@
 //! Helpers shared by the real-KVM tests.
 
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,18 +35,53 @@ pub fn kvm_available() -> bool {
 #[allow(dead_code)]
 pub fn userfaultfd_available() -> bool {
     let ram = GuestRam::new(PAGE_SIZE as u64, DEFAULT_SLOT_BYTES).expect("one-page RAM");
-    match PostcopyRam::register(Arc::new(ram)) {
-        Ok(_) => true,
+    register_or_skip(&Arc::new(ram)).is_some()
+}
+
+/// Registers `ram` for postcopy, or returns `None` after a loud skip when
+/// this process may not create a full (kernel-fault) userfaultfd; with
+/// `LIVEMIG_REQUIRE_KVM=1` that is a failure. Any other error fails the
+/// test.
+#[allow(dead_code)]
+pub fn register_or_skip(ram: &Arc<GuestRam>) -> Option<Arc<PostcopyRam>> {
+    match PostcopyRam::register(Arc::clone(ram)) {
+        Ok(pc) => Some(Arc::new(pc)),
         Err(PostcopyError::Create(e)) => {
             assert!(
                 std::env::var("LIVEMIG_REQUIRE_KVM").as_deref() != Ok("1"),
                 "LIVEMIG_REQUIRE_KVM=1 but userfaultfd is not usable: {e}"
             );
             eprintln!("SKIPPED: userfaultfd not usable: {e}");
-            false
+            None
         }
-        Err(e) => panic!("probing userfaultfd: {e}"),
+        Err(e) => panic!("registering guest RAM for postcopy: {e}"),
     }
+}
+
+/// The demo guest with a 4 MiB working set at 2 MiB (pages 512 .. 1536 of
+/// slot 0): small enough to dirty-track and copy in a test.
+#[allow(dead_code)]
+pub fn small_ws() -> GuestParams {
+    GuestParams {
+        ws_start: 2 << 20,
+        ws_pages: 1024,
+        ..GuestParams::default()
+    }
+}
+
+/// The `livemig` binary of this build.
+#[allow(dead_code)]
+pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// Runs `livemig` with `args` and no stdin, collecting what it printed.
+// Only the tests of the command line tool run it.
+#[allow(dead_code)]
+pub fn livemig(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run livemig")
 }
 
 /// A VM with the demo guest loaded and its vCPU parked at the entry point.
