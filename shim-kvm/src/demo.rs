@@ -112,16 +112,28 @@ pub fn check_mode(mode: &str) -> Result<(), DemoError> {
     }
 }
 
+/// Background bandwidth of the demo's postcopy phase unless
+/// `max-postcopy-bandwidth` is given: 256 MiB/s. Requested pages travel on
+/// the same stream as the background pass; an unlimited pass fills the
+/// socket and a request waits behind milliseconds of queued pages, a
+/// limited one leaves room and requests take a round trip (until
+/// postcopy-preempt gives them a channel of their own).
+pub const DEMO_POSTCOPY_BANDWIDTH: u64 = 256 * MIB;
+
 /// Makes `config` a postcopy migration: the postcopy-ram capability and the
-/// switch after the first precopy pass. Unless the operator set
-/// `downtime-limit` (`downtime_given`), it becomes 0: the engine completes
-/// in precopy whenever the rest fits the downtime limit, and `--mode
-/// postcopy` asks for postcopy whenever anything is left to send.
-pub fn postcopy_config(config: &mut MigrationConfig, downtime_given: bool) {
+/// switch after the first precopy pass. Parameters the operator did not set
+/// (`given(name)` is false) get demo defaults: `downtime-limit` becomes 0
+/// (the engine completes in precopy whenever the rest fits the downtime
+/// limit, and `--mode postcopy` asks for postcopy whenever anything is left
+/// to send), and `max-postcopy-bandwidth` [`DEMO_POSTCOPY_BANDWIDTH`].
+pub fn postcopy_config(config: &mut MigrationConfig, given: impl Fn(&str) -> bool) {
     config.capabilities.insert(Capabilities::POSTCOPY_RAM);
     config.limits.postcopy_after_iterations = Some(1);
-    if !downtime_given {
+    if !given("downtime-limit") {
         config.parameters.downtime_limit_ms = 0;
+    }
+    if !given("max-postcopy-bandwidth") {
+        config.parameters.max_postcopy_bandwidth = DEMO_POSTCOPY_BANDWIDTH;
     }
 }
 
@@ -812,14 +824,17 @@ mod tests {
                 .contains("'hybrid' is not supported")
         );
         let mut c = base_config();
-        postcopy_config(&mut c, false);
+        postcopy_config(&mut c, |_| false);
         assert!(c.capabilities.contains(Capabilities::POSTCOPY_RAM));
         assert_eq!(c.limits.postcopy_after_iterations, Some(1));
         assert_eq!(c.parameters.downtime_limit_ms, 0);
+        assert_eq!(c.parameters.max_postcopy_bandwidth, DEMO_POSTCOPY_BANDWIDTH);
         let mut c = base_config();
         c.parameters.downtime_limit_ms = 50;
-        postcopy_config(&mut c, true);
+        c.parameters.max_postcopy_bandwidth = 7;
+        postcopy_config(&mut c, |_| true);
         assert_eq!(c.parameters.downtime_limit_ms, 50);
+        assert_eq!(c.parameters.max_postcopy_bandwidth, 7);
         let dest = json!({"guest-written-ranges": [[512, 16384], [7, 1]]});
         assert_eq!(written_ranges_of(&dest), Some(vec![(512, 16384), (7, 1)]));
         assert_eq!(

@@ -246,10 +246,7 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
     let mut config =
         options::build_config(demo::base_config(), &caps, &params).map_err(|e| e.to_string())?;
     if postcopy {
-        demo::postcopy_config(
-            &mut config,
-            options::sets_param(&m.params, "downtime-limit"),
-        );
+        demo::postcopy_config(&mut config, |name| options::sets_param(&m.params, name));
     }
     Ok(config)
 }
