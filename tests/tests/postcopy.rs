@@ -81,6 +81,13 @@ fn requests_are_served_ahead_of_the_background_pass() {
     assert_verified(&o);
     let pc = postcopy_of(&o);
     assert!(pc.requests > 10, "{pc:?}");
+    // The switch came early in the first pass: pages it never reached were
+    // never sent, so they need no discard.
+    assert!(
+        pc.discarded_pages < livemig_tests::GIB_PAGES / 10,
+        "{} pages discarded",
+        pc.discarded_pages
+    );
     let background_ns = o.end_ns - o.stop_ns.expect("stopped");
     assert!(
         background_ns > 2_000_000_000,
@@ -127,4 +134,22 @@ fn a_page_that_never_comes_fails_the_migration() {
         why.contains("did not arrive") || why.contains("sent nothing"),
         "{why}"
     );
+}
+
+#[test]
+fn a_switch_in_the_first_pass_discards_only_pages_already_sent() {
+    // The first pass reaches the middle of the working set (pages
+    // 4096..20480) after about 250 ms on this link: pages before that were
+    // sent and re-dirtied and must be discarded, pages after it were never
+    // sent and need nothing.
+    let mut s = unconvergeable();
+    s.fill_pages = 256 * 256;
+    s.forward = link(50_000_000);
+    s.back = link(50_000_000);
+    s.start_postcopy_at_ns = Some(250_000_000);
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let pc = postcopy_of(&o);
+    assert!(pc.discarded_pages > 0, "{pc:?}");
+    assert!(pc.discarded_pages < 16 * 1024, "{pc:?}");
 }

@@ -329,6 +329,11 @@ pub struct SourceEngine<'a> {
     requests: heapless::Deque<postcopy::PageRequest, REQUEST_QUEUE>,
     /// The block of the last REQ_PAGES_ID (REQ_PAGES reuses it).
     last_request_block: Option<u16>,
+    /// True once a whole pass has gone by: every page was sent once.
+    first_pass_done: bool,
+    /// At a postcopy switch during the first pass: the (block, page) from
+    /// which nothing was ever sent, so nothing needs discarding.
+    never_sent_from: Option<(usize, u64)>,
     high_dirty_rate_count: u8,
     meter: RateMeter,
     threshold_bytes: u64,
@@ -420,6 +425,8 @@ impl<'a> SourceEngine<'a> {
             switching_to_postcopy: false,
             requests: heapless::Deque::new(),
             last_request_block: None,
+            first_pass_done: false,
+            never_sent_from: None,
             high_dirty_rate_count: 0,
             meter,
             threshold_bytes: 0,
@@ -1053,6 +1060,7 @@ impl<'a> SourceEngine<'a> {
         self.cursor_block = 0;
         self.cursor_page = 0;
         self.stats.iterations += 1;
+        self.first_pass_done = true;
         self.step = if live {
             Step::Sync(SyncKind::Iteration)
         } else if self.state == MigrationStatus::PostcopyActive {

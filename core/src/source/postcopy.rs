@@ -122,6 +122,8 @@ impl<'a> SourceEngine<'a> {
     /// After the last sync with the guest stopped: the dirty bitmap is
     /// final; send discards for it, then the package, then pages.
     pub(super) fn enter_postcopy(&mut self) {
+        self.never_sent_from =
+            (!self.first_pass_done).then_some((self.cursor_block, self.cursor_page));
         self.meter
             .set_limit(self.config.parameters.max_postcopy_bandwidth);
         self.cursor_block = 0;
@@ -129,21 +131,31 @@ impl<'a> SourceEngine<'a> {
         self.step = Step::Discard;
     }
 
-    /// Emits the next `postcopy-ram-discard`: runs of dirty pages, which the
-    /// destination may hold stale copies of and must drop so the guest
-    /// faults on them instead of reading old data.
+    /// Emits the next `postcopy-ram-discard`: runs of dirty pages that were
+    /// sent before, which the destination may hold stale copies of and must
+    /// drop so the guest faults on them instead of reading old data. (Pages
+    /// the first pass never reached are not there to drop.)
     pub(super) fn next_discard(&mut self) -> SourceAction<'_> {
         let mut ranges = [PageRange { first: 0, count: 0 }; DISCARD_RANGES_PER_RECORD];
         let mut n = 0;
         let block = self.cursor_block;
         if let Some(t) = self.tracking.get(block) {
+            let sent_below = match self.never_sent_from {
+                Some((b, _)) if block > b => 0,
+                Some((b, p)) if block == b => p,
+                _ => t.pages,
+            };
             let mut page = self.cursor_page;
             while n < DISCARD_RANGES_PER_RECORD {
-                let Some(first) = t.dirty.find_next_set(page) else {
+                let Some(first) = t.dirty.find_next_set(page).filter(|&f| f < sent_below) else {
                     page = t.pages;
                     break;
                 };
-                let end = t.dirty.find_next_clear(first).unwrap_or(t.pages);
+                let end = t
+                    .dirty
+                    .find_next_clear(first)
+                    .unwrap_or(t.pages)
+                    .min(sent_below);
                 ranges[n] = PageRange {
                     first,
                     count: end - first,
