@@ -469,6 +469,7 @@ pub fn run_receive(
     listen: &MigrationUri,
     mem_mib: u64,
     run_for: Duration,
+    idle_timeout: Duration,
     blocktime: bool,
     announce: &mut dyn Write,
     progress: &mut Progress,
@@ -481,7 +482,8 @@ pub fn run_receive(
     let _ = writeln!(announce, "listening on {uri}");
     let _ = announce.flush();
     let conn = listener.accept()?;
-    let report = destination::receive(&vm, &vcpu, &conn, &mut |s| progress.update(s))?;
+    let report =
+        destination::receive(&vm, &vcpu, &conn, idle_timeout, &mut |s| progress.update(s))?;
     progress.finish();
     let (after, writes) = match (&report.error, &report.postcopy) {
         (Some(_), _) => (None, None),

@@ -95,8 +95,13 @@ fn assert_error_line(out: &Output, needle: &str) {
 
 /// `livemig receive` as a child, with the address it announced.
 fn spawn_receiver(listen: &str, mem_mib: u64) -> (Child, String) {
+    spawn_receiver_with(listen, mem_mib, &[])
+}
+
+/// [`spawn_receiver`] with `extra` flags.
+fn spawn_receiver_with(listen: &str, mem_mib: u64, extra: &[&str]) -> (Child, String) {
     let mem_mib = mem_mib.to_string();
-    let mut child = spawn(&[
+    let mut args = vec![
         "receive",
         "--listen",
         listen,
@@ -106,7 +111,9 @@ fn spawn_receiver(listen: &str, mem_mib: u64) -> (Child, String) {
         &mem_mib,
         "--run-ms",
         "300",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn(&args);
     let stdout = child.stdout.take().unwrap();
     let mut reader = BufReader::new(stdout);
     let mut line = String::new();
@@ -472,6 +479,29 @@ fn a_peer_that_is_not_livemig_is_named() {
     header.extend_from_slice(&99u32.to_be_bytes());
     let out = receiver_answer_to(&header);
     assert_error_line(&out, "version mismatch");
+}
+
+#[test]
+fn a_source_that_falls_silent_is_given_up_on() {
+    if !kvm_available() {
+        return;
+    }
+    let (receiver, addr) =
+        spawn_receiver_with("tcp:127.0.0.1:0", 64, &["--idle-timeout-ms", "300"]);
+    let mut client = TcpStream::connect(addr.trim_start_matches("tcp:")).unwrap();
+    // A livemig stream header, then nothing, with the connection held open.
+    let mut header = b"LMIG".to_vec();
+    header.extend_from_slice(&1u32.to_be_bytes());
+    client.write_all(&header).unwrap();
+    let started = Instant::now();
+    let out = finish(receiver);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the receiver waited {:?}",
+        started.elapsed()
+    );
+    assert_error_line(&out, "sent nothing for");
+    drop(client);
 }
 
 #[test]

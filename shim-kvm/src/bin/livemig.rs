@@ -185,6 +185,11 @@ struct ReceiveArgs {
     /// How long the guest runs after the switchover before the report, in ms.
     #[arg(long, default_value_t = 1000)]
     run_ms: u64,
+    /// Give up on a source that sends nothing for this long, in ms (a source
+    /// that vanished without closing the connection must not leave the
+    /// destination waiting forever).
+    #[arg(long, default_value_t = 30_000)]
+    idle_timeout_ms: u64,
     /// A destination capability: --cap postcopy-blocktime=on reports the
     /// time each vCPU spent blocked on missing pages after a postcopy
     /// (repeatable; postcopy itself needs no flag here).
@@ -428,6 +433,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &uri(&a.listen)?,
                 a.mem_mib,
                 Duration::from_millis(a.run_ms),
+                Duration::from_millis(a.idle_timeout_ms),
                 receive_blocktime(&a.caps)?,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),

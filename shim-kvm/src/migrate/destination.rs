@@ -578,6 +578,7 @@ pub fn receive(
     vm: &Vm,
     vcpu: &Vcpu,
     conn: &Connection,
+    idle_timeout: Duration,
     progress: &mut dyn FnMut(&MigrationStats),
 ) -> Result<DestinationReport, MigrateError> {
     let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
@@ -590,6 +591,7 @@ pub fn receive(
     let mut engine = DestinationEngine::with_postcopy(&layout, &mut scratch, &mut tracking)
         .map_err(|e| MigrateError::Engine(e.to_string()))?;
     // The connection is up: a source that never sends is given up on too.
+    engine.set_idle_timeout(idle_timeout);
     engine.begin(clock::now());
     let reader_conn = conn.try_clone()?;
     let (tx, events) = mpsc::channel();
