@@ -30,6 +30,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 
@@ -516,6 +517,18 @@ impl Connection {
         .map_err(|e| io_err(format!("reading from {}", self.peer), e))
     }
 
+    /// Bounds how long one write may block (`SO_SNDTIMEO`; `None`: forever).
+    /// A peer that stops reading fills the socket buffers; with a bound the
+    /// write fails with a timed-out error instead of hanging the sender
+    /// with its guest perhaps stopped.
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_write_timeout(timeout),
+            Stream::Unix(s) => s.set_write_timeout(timeout),
+        }
+        .map_err(|e| io_err(format!("setting a write timeout on {}", self.peer), e))
+    }
+
     /// Shuts the socket down in one or both directions, for every handle
     /// cloned from it: a thread blocked in [`read`](Connection::read) wakes
     /// with end of stream, and writes fail. This is how a migration is
@@ -736,6 +749,14 @@ fn write_vectored_all_with(
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A blocking socket with a write timeout (SO_SNDTIMEO) that
+            // could take nothing for that long: say what it means.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer stopped reading (write timed out)",
+                ));
+            }
             Err(e) => return Err(e),
         }
     }

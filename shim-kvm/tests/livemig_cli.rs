@@ -416,6 +416,43 @@ fn a_busy_port_is_one_line() {
 }
 
 #[test]
+fn a_destination_that_stops_reading_fails_the_send_and_the_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    // Accepts, never reads: the socket buffers fill and writes block.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let hold = std::thread::spawn(move || listener.accept().map(|(conn, _)| conn));
+    let started = Instant::now();
+    let out = livemig(&[
+        "send",
+        "--to",
+        &addr,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "200",
+        "--send-timeout-ms",
+        "500",
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the sender hung for {:?}",
+        started.elapsed()
+    );
+    assert_error_line(&out, "stopped reading");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "failed");
+    assert_source_guest_ran_on(&v);
+    drop(hold.join().unwrap());
+}
+
+#[test]
 fn an_unreachable_peer_is_one_line() {
     let out = livemig(&[
         "send",

@@ -82,6 +82,11 @@ struct Migration {
     /// (there is no separate continue command), in ms.
     #[arg(long, default_value_t = 0)]
     switchover_pause_ms: u64,
+    /// Fail the migration when the destination takes nothing for this long
+    /// (it stopped reading), in ms; 0 waits forever. The guest then runs on
+    /// at the source.
+    #[arg(long, default_value_t = 30_000)]
+    send_timeout_ms: u64,
     /// A capability, in QEMU's names: --cap postcopy-ram=on (repeatable).
     /// return-path and zero-page-detection are on by default. With --mode
     /// postcopy, postcopy-blocktime=on also reports the time each vCPU spent
@@ -259,6 +264,7 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
 fn source_options(m: &Migration) -> SourceOptions {
     SourceOptions {
         switchover_pause: Duration::from_millis(m.switchover_pause_ms),
+        write_timeout: (m.send_timeout_ms > 0).then(|| Duration::from_millis(m.send_timeout_ms)),
     }
 }
 

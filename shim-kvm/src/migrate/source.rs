@@ -55,12 +55,29 @@ const HEAR_OUT: Duration = Duration::from_millis(200);
 
 /// How the tool drives a source migration, beyond the engine's
 /// configuration.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SourceOptions {
     /// With the `pause-before-switchover` capability: how long the stopped
     /// guest stays in pre-switchover before the switchover continues on its
     /// own (what an operator's `migrate-continue` would do).
     pub switchover_pause: Duration,
+    /// How long one write to the destination may block (`None`: forever). A
+    /// destination that stops reading fills the socket buffers; the bound
+    /// turns that into a failed migration with the guest running again on
+    /// the source.
+    pub write_timeout: Option<Duration>,
+}
+
+/// Default for [`SourceOptions::write_timeout`].
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            switchover_pause: Duration::ZERO,
+            write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
+        }
+    }
 }
 
 /// What a source-side migration did.
@@ -278,6 +295,7 @@ pub fn migrate(
         .map_err(|e| MigrateError::Engine(e.to_string()))?;
     let mut rp =
         RpDecoder::new(PAGE_SIZE as u32).map_err(|e| MigrateError::Engine(e.to_string()))?;
+    conn.set_write_timeout(options.write_timeout)?;
     let (rp_conn, cancel_conn) = (conn.try_clone()?, conn.try_clone()?);
     engine
         .start(clock::now())
