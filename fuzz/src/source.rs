@@ -108,6 +108,12 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     engine
                         .package_devices(t, 100)
                         .expect("package was asked for");
+                    if op & 0x80 == 0 {
+                        engine.handle_package_sent(t).expect("package was framed");
+                    } else {
+                        engine.handle_io_error(t, format_args!("cut inside the package"));
+                        assert!(!engine.guest_on_destination());
+                    }
                 }
                 Some(SourceAction::ResumeVcpus) => guest_running = true,
                 Some(SourceAction::Send(_) | SourceAction::SetThrottle { .. }) | None => {}
@@ -141,7 +147,9 @@ pub fn source_accepts(data: &[u8]) -> bool {
             5 => {
                 let _ = engine.start_postcopy(t);
             }
-            6 if op == 6 => engine.cancel(t),
+            6 if op == 6 => {
+                let _ = engine.cancel(t);
+            }
             _ => {
                 if let Some(deadline) = engine.poll_timeout() {
                     now = now.max(deadline.as_nanos());
@@ -150,7 +158,12 @@ pub fn source_accepts(data: &[u8]) -> bool {
         }
     }
     // The adversary stops: cancel, then drain to the end.
-    engine.cancel(Instant::from_nanos(now));
+    if engine.cancel(Instant::from_nanos(now)).is_err() {
+        assert!(
+            engine.guest_on_destination(),
+            "a cancel is refused only once the guest runs on the destination"
+        );
+    }
     for _ in 0..100 {
         match engine.poll_action(Instant::from_nanos(now), &ram) {
             Some(SourceAction::Finished(status)) => {

@@ -524,7 +524,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             };
             if due {
                 cancelled = true;
-                src.cancel(Instant::from_nanos(now));
+                // Refused once the guest runs on the destination (postcopy).
+                let _ = src.cancel(Instant::from_nanos(now));
             }
         }
         if let Some(at) = scenario.start_postcopy_at_ns {
@@ -651,7 +652,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     page_buf.extend_from_slice(framing.head);
                     page_buf.extend_from_slice(&records);
                     page_buf.extend_from_slice(framing.tail);
-                    fwd.send(now, &page_buf).map(Some)
+                    let sent = fwd.send(now, &page_buf);
+                    if let Ok(done) = sent {
+                        src.handle_package_sent(Instant::from_nanos(done))
+                            .map_err(|e| setup_err("package sent", e))?;
+                    }
+                    sent.map(Some)
                 }
                 SourceAction::ResumeVcpus => {
                     guest.running = true;

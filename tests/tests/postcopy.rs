@@ -153,3 +153,52 @@ fn a_switch_in_the_first_pass_discards_only_pages_already_sent() {
     assert!(pc.discarded_pages > 0, "{pc:?}");
     assert!(pc.discarded_pages < 16 * 1024, "{pc:?}");
 }
+
+/// A run of the unconvergeable guest switching after one pass, and where
+/// its stream stood when the guest stopped.
+fn switching_after_one_pass() -> (Scenario, u64) {
+    let mut s = unconvergeable();
+    s.config.limits.postcopy_after_iterations = Some(1);
+    let clean = run_migration(&s).expect("scenario");
+    assert_verified(&clean);
+    (s, clean.bytes_at_stop.expect("stopped"))
+}
+
+#[test]
+fn a_cut_after_the_switchover_never_restarts_the_stale_source_guest() {
+    let (mut s, at_stop) = switching_after_one_pass();
+    // Well into the background pass: the guest already runs on the
+    // destination.
+    s.forward.cut_after = Some(at_stop + 3_000_000);
+    let o = run_migration(&s).expect("scenario");
+    assert!(!o.timed_out);
+    assert_eq!(o.source.status, MigrationStatus::Failed);
+    let why = o.source.error_desc.as_str();
+    assert!(
+        why.contains("postcopy failed after the switchover"),
+        "{why}"
+    );
+    assert!(
+        !o.source_running,
+        "the source's stale copy of the guest must not run"
+    );
+    assert_eq!(o.destination.status, MigrationStatus::Failed);
+}
+
+#[test]
+fn a_cut_before_the_switchover_resumes_the_source_guest() {
+    let (mut s, at_stop) = switching_after_one_pass();
+    // Between the stop and the package: the destination never ran it.
+    s.forward.cut_after = Some(at_stop + 10);
+    let o = run_migration(&s).expect("scenario");
+    assert_eq!(o.source.status, MigrationStatus::Failed);
+    livemig_tests::assert_source_kept_guest(&o);
+}
+
+#[test]
+fn postcopy_cannot_be_cancelled_once_the_guest_runs_on_the_destination() {
+    let (mut s, at_stop) = switching_after_one_pass();
+    s.cancel = Some(livemig_sim::CancelWhen::AfterBytes(at_stop + 3_000_000));
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+}

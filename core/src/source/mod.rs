@@ -122,9 +122,10 @@ pub enum SourceAction<'e> {
     SaveDevices,
     /// Postcopy switchover: serialise the device state as `Device` records
     /// into memory, call [`SourceEngine::package_devices`] with their total
-    /// length, and write its `head`, the records, then its `tail`: the
-    /// destination receives them as one package it reads whole before
-    /// loading, between the postcopy listen and run commands.
+    /// length, write its `head`, the records, then its `tail`, and confirm
+    /// with [`SourceEngine::handle_package_sent`]: the destination receives
+    /// them as one package it reads whole before loading, between the
+    /// postcopy listen and run commands.
     PackageDevices,
     /// The migration did not complete: restart the vCPUs on the source.
     ResumeVcpus,
@@ -170,6 +171,9 @@ pub enum SourceError {
     NoSuchBlock(u16),
     /// Postcopy was asked for without the postcopy-ram capability.
     PostcopyNotEnabled,
+    /// A cancel after the postcopy switchover, when the guest already runs
+    /// on the destination.
+    PostcopyCannotBeCancelled,
     /// The device state does not fit in one package record.
     PackageTooLarge {
         /// Bytes of device records.
@@ -201,6 +205,10 @@ impl fmt::Display for SourceError {
                 write!(f, "{event} is not expected in state {state}")
             }
             SourceError::NoSuchBlock(b) => write!(f, "no RAM block with index {b}"),
+            SourceError::PostcopyCannotBeCancelled => write!(
+                f,
+                "postcopy cannot be cancelled: the guest already runs on the destination"
+            ),
             SourceError::PostcopyNotEnabled => {
                 write!(f, "postcopy needs the postcopy-ram capability")
             }
@@ -234,6 +242,7 @@ enum Step {
     Discard,
     PackageDevices,
     AwaitPackage,
+    AwaitPackageSent,
     /// Postcopy: serving page requests and the background pass.
     Postcopy,
     EndOfStream,
@@ -320,6 +329,9 @@ pub struct SourceEngine<'a> {
     throttle: u8,
     /// A new throttle was decided and not yet handed out.
     pending_throttle: bool,
+    /// The postcopy package (with its run command) has been handed out:
+    /// the guest runs on the destination.
+    guest_on_destination: bool,
     /// The operator asked for postcopy (`migrate-start-postcopy`).
     postcopy_requested: bool,
     /// The guest is being stopped to switch to postcopy rather than to
@@ -421,6 +433,7 @@ impl<'a> SourceEngine<'a> {
             switchover_acked: false,
             throttle: 0,
             pending_throttle: false,
+            guest_on_destination: false,
             postcopy_requested: false,
             switching_to_postcopy: false,
             requests: heapless::Deque::new(),
@@ -645,15 +658,27 @@ impl<'a> SourceEngine<'a> {
     }
 
     /// Cancels the migration (QMP's `migrate_cancel`). Does nothing once
-    /// the migration has finished.
-    pub fn cancel(&mut self, now: Instant) {
+    /// the migration has finished. Refused once the guest runs on the
+    /// destination in postcopy: the source no longer has its memory, so
+    /// there is nothing to go back to (QEMU refuses it too).
+    pub fn cancel(&mut self, now: Instant) -> Result<(), SourceError> {
         self.advance_clock(now);
+        if self.guest_on_destination && !matches!(self.step, Step::Finish(_) | Step::Done) {
+            return Err(SourceError::PostcopyCannotBeCancelled);
+        }
         if self.state.is_running() && !matches!(self.step, Step::Finish(_) | Step::Done) {
             self.set_state(MigrationStatus::Cancelling);
             self.batch.clear();
             self.requests.clear();
             self.step = Step::Finish(MigrationStatus::Cancelled);
         }
+        Ok(())
+    }
+
+    /// True once the postcopy switchover has handed the guest to the
+    /// destination: from then on the source must never restart it.
+    pub fn guest_on_destination(&self) -> bool {
+        self.guest_on_destination
     }
 
     /// When the engine next wants to be polled even if nothing else
@@ -697,6 +722,7 @@ impl<'a> SourceEngine<'a> {
             | Step::AwaitDevices
             | Step::AwaitShut
             | Step::AwaitPackage
+            | Step::AwaitPackageSent
             | Step::Done => None,
             Step::SendPreamble => {
                 self.step = Step::Sync(SyncKind::Setup);
@@ -915,7 +941,14 @@ impl<'a> SourceEngine<'a> {
             Step::Finish(status) if status != MigrationStatus::Completed => return,
             _ => {}
         }
-        self.stats.error_desc.set(reason);
+        if self.guest_on_destination {
+            self.stats.error_desc.set(format_args!(
+                "postcopy failed after the switchover ({reason}); the guest stays stopped \
+                 on the source, whose memory is no longer current"
+            ));
+        } else {
+            self.stats.error_desc.set(reason);
+        }
         self.set_state(MigrationStatus::Failed);
         self.batch.clear();
         self.requests.clear();
@@ -930,7 +963,11 @@ impl<'a> SourceEngine<'a> {
     /// vCPUs resumed unless the guest now lives on the destination, the
     /// throttle lifted.
     fn finish_step(&mut self, status: MigrationStatus) -> SourceAction<'static> {
-        if self.vcpus_stopped && status != MigrationStatus::Completed {
+        // A failed postcopy leaves the guest stopped here: it has been
+        // running on the destination, and restarting the stale copy would
+        // run the guest twice.
+        if self.vcpus_stopped && status != MigrationStatus::Completed && !self.guest_on_destination
+        {
             self.vcpus_stopped = false;
             return SourceAction::ResumeVcpus;
         }
@@ -940,7 +977,8 @@ impl<'a> SourceEngine<'a> {
         }
         if status == MigrationStatus::Completed {
             let end = self.now;
-            if let Some(stopped) = self.stopped_at {
+            // Postcopy measured its downtime at the switchover already.
+            if let (Some(stopped), None) = (self.stopped_at, self.stats.downtime_ms) {
                 self.stats.downtime_ms = Some((end - stopped).as_millis() as u64);
             }
             let transfer_ms = self

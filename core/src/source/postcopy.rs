@@ -89,11 +89,26 @@ impl<'a> SourceEngine<'a> {
         if let Some(stopped) = self.stopped_at {
             self.stats.downtime_ms = Some((self.now - stopped).as_millis() as u64);
         }
-        self.step = Step::Postcopy;
+        self.step = Step::AwaitPackageSent;
         Ok(PackageFraming {
             head: &self.scratch[..head_len],
             tail: &self.scratch[head_len..head_len + tail_len],
         })
+    }
+
+    /// The whole package has been written: the destination will run the
+    /// guest when it reads it, so from now on the source must never restart
+    /// it. (A write that failed part-way left the destination without the
+    /// run command: report it with `handle_io_error` instead, and the guest
+    /// resumes here.)
+    pub fn handle_package_sent(&mut self, now: Instant) -> Result<(), SourceError> {
+        if self.step != Step::AwaitPackageSent {
+            return Err(self.unexpected("package sent"));
+        }
+        self.advance_clock(now);
+        self.guest_on_destination = true;
+        self.step = Step::Postcopy;
+        Ok(())
     }
 
     /// The command that advises the destination of postcopy at setup.

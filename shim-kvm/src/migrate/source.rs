@@ -226,8 +226,9 @@ fn on_return_path(
     let now = clock::now();
     if cancel.is_cancelled() {
         // The connection broke because we shut it down: a cancel, not a
-        // failure.
-        engine.cancel(now);
+        // failure (refused, and the connection left alone, once the guest
+        // runs on the destination).
+        let _ = engine.cancel(now);
     }
     match event {
         RpEvent::Bytes(bytes) => {
@@ -304,7 +305,13 @@ pub fn migrate(
     let (events, reader) = spawn_return_path_reader(rp_conn);
     let peer = conn.peer().to_string();
     let done = Arc::new(AtomicBool::new(false));
-    let watcher = spawn_cancel_watcher(cancel_conn, cancel.clone(), Arc::clone(&done));
+    let on_destination = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_cancel_watcher(
+        cancel_conn,
+        cancel.clone(),
+        Arc::clone(&done),
+        Arc::clone(&on_destination),
+    );
     let mut log = DirtyLog::new(vm);
     let map = SlotMap::new(vm.ram());
     let pages = KvmPages {
@@ -328,9 +335,16 @@ pub fn migrate(
     // When the engine entered pre-switchover (monotonic ns).
     let mut paused_at: Option<u64> = None;
 
+    // A cancel asked for after the postcopy switchover, already reported.
+    let mut cancel_refused = false;
     let status = 'run: loop {
         if cancel.is_cancelled() {
-            engine.cancel(clock::now());
+            if let Err(e) = engine.cancel(clock::now()) {
+                if !cancel_refused {
+                    cancel_refused = true;
+                    eprintln!("livemig: {e}");
+                }
+            }
         }
         while let Ok(ev) = events.try_recv() {
             reader_done |= !matches!(ev, RpEvent::Bytes(_));
@@ -435,7 +449,7 @@ pub fn migrate(
             }
             if let Some(reason) = lost.take() {
                 if cancel.is_cancelled() {
-                    engine.cancel(clock::now());
+                    let _ = engine.cancel(clock::now());
                 }
                 // A destination that refused the stream says why on the
                 // return path before it closes: hear it before blaming the
@@ -521,10 +535,13 @@ fn spawn_cancel_watcher(
     conn: Connection,
     cancel: Cancel,
     done: Arc<AtomicBool>,
+    on_destination: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         while !done.load(Ordering::SeqCst) {
-            if cancel.is_cancelled() {
+            // After the postcopy switchover the guest needs the connection
+            // to finish arriving: a cancel is refused, not carried out.
+            if cancel.is_cancelled() && !on_destination.load(Ordering::SeqCst) {
                 // Already shut down or gone: either way it is closed.
                 let _ = conn.shutdown(Shutdown::Both);
                 return;
@@ -572,5 +589,8 @@ fn package_devices(
         IoSlice::new(&records),
         IoSlice::new(framing.tail),
     ])
-    .map_err(|e| format!("connection lost: {e}"))
+    .map_err(|e| format!("connection lost: {e}"))?;
+    engine
+        .handle_package_sent(clock::now())
+        .map_err(|e| format!("migration engine: {e}"))
 }
