@@ -603,6 +603,12 @@ impl Loader<'_> {
 
     fn complete(&mut self, now: Instant) {
         self.update_time(now);
+        // The seeds' migration_calculate_complete, seen from this end: the
+        // average over the whole incoming migration.
+        if self.stats.total_time_ms > 0 {
+            self.stats.ram.mbps =
+                self.stats.ram.transferred as f64 * 8.0 / self.stats.total_time_ms as f64 / 1000.0;
+        }
         self.set_state(MigrationStatus::Completed);
         self.waiting_since = None;
         if self.return_path {

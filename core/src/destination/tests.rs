@@ -380,3 +380,28 @@ fn a_peer_that_never_sends_is_given_up_on() {
     );
     assert_eq!(d.state(), MigrationStatus::Failed);
 }
+
+#[test]
+fn completion_reports_the_average_throughput() {
+    let l = layout(16);
+    let stream = [
+        header(),
+        blocks(&l),
+        batch(0, &[(1, false)]),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let mut host = Recorder::default();
+    d.begin(Instant::ZERO);
+    d.handle_input(Instant::from_millis(10), &stream, &mut host)
+        .unwrap();
+    assert!(d.is_completed());
+    let expected = stream.len() as f64 * 8.0 / 10.0 / 1000.0;
+    assert!(
+        (d.stats().ram.mbps - expected).abs() < 1e-9,
+        "{}",
+        d.stats().ram.mbps
+    );
+}
