@@ -260,14 +260,7 @@ impl SimDirtyLog {
     /// `out` and clears nothing. Words of `out` past that are left alone.
     pub fn get(&mut self, block: usize, out: &mut [u64]) -> Result<(), DirtyLogError> {
         let s = self.slot(block)?;
-        let given = out.len();
-        let dst = out
-            .get_mut(..s.words.len())
-            .ok_or(DirtyLogError::BufferTooShort {
-                needed: s.words.len(),
-                given,
-            })?;
-        dst.copy_from_slice(&s.words);
+        out_prefix(out, s.words.len())?.copy_from_slice(&s.words);
         self.get_calls += 1;
         Ok(())
     }
@@ -329,13 +322,7 @@ impl SimDirtyLog {
         out: &mut [u64],
     ) -> Result<u64, DirtyLogError> {
         let s = self.slot_mut(block)?;
-        let given = out.len();
-        let dst = out
-            .get_mut(..s.words.len())
-            .ok_or(DirtyLogError::BufferTooShort {
-                needed: s.words.len(),
-                given,
-            })?;
+        let dst = out_prefix(out, s.words.len())?;
         let mut dirty = 0;
         for (d, w) in dst.iter_mut().zip(&mut s.words) {
             dirty += u64::from(w.count_ones());
@@ -362,6 +349,14 @@ impl SimDirtyLog {
     pub fn cleared_pages(&self) -> u64 {
         self.cleared_pages
     }
+}
+
+/// The first `needed` words of a caller's bitmap buffer, or the error
+/// saying it is too short (as KVM would fault on a short user buffer).
+fn out_prefix(out: &mut [u64], needed: usize) -> Result<&mut [u64], DirtyLogError> {
+    let given = out.len();
+    out.get_mut(..needed)
+        .ok_or(DirtyLogError::BufferTooShort { needed, given })
 }
 
 #[cfg(test)]
