@@ -71,6 +71,9 @@ pub enum ConfigError {
     Capabilities(CapabilityError),
     /// A parameter is out of range.
     Parameter(ParameterError),
+    /// A capability no engine implements yet (one of
+    /// [`Capabilities::NOT_IMPLEMENTED`]; the first, in declaration order).
+    NotImplemented(Capabilities),
 }
 
 impl core::fmt::Display for ConfigError {
@@ -78,6 +81,11 @@ impl core::fmt::Display for ConfigError {
         match self {
             ConfigError::Capabilities(e) => e.fmt(f),
             ConfigError::Parameter(e) => e.fmt(f),
+            ConfigError::NotImplemented(cap) => write!(
+                f,
+                "capability '{}' is not implemented yet: turn it off",
+                cap.name().unwrap_or("unknown")
+            ),
         }
     }
 }
@@ -90,10 +98,56 @@ impl MigrationConfig {
     pub fn validate(&self) -> Result<MigrationConfig, ConfigError> {
         let capabilities =
             capabilities::check(self.capabilities).map_err(ConfigError::Capabilities)?;
+        let unimplemented = capabilities & Capabilities::NOT_IMPLEMENTED;
+        if let Some(cap) = bitflags::Flags::iter(&unimplemented).next() {
+            return Err(ConfigError::NotImplemented(cap));
+        }
         self.parameters.validate().map_err(ConfigError::Parameter)?;
         Ok(MigrationConfig {
             capabilities,
             ..self.clone()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn unimplemented_capabilities_are_refused_by_name() {
+        for (cap, name) in [
+            (Capabilities::XBZRLE, "xbzrle"),
+            (Capabilities::POSTCOPY_PREEMPT, "postcopy-preempt"),
+            (Capabilities::MULTIFD, "multifd"),
+            (Capabilities::RELEASE_RAM, "release-ram"),
+            (Capabilities::EVENTS, "events"),
+            (Capabilities::VALIDATE_UUID, "validate-uuid"),
+        ] {
+            let mut config = MigrationConfig::default();
+            config.capabilities |= cap | Capabilities::POSTCOPY_RAM;
+            if cap == Capabilities::RELEASE_RAM {
+                config.capabilities.remove(Capabilities::POSTCOPY_RAM);
+            }
+            let err = config.validate().unwrap_err();
+            assert_eq!(err, ConfigError::NotImplemented(cap));
+            assert_eq!(
+                err.to_string(),
+                std::format!("capability '{name}' is not implemented yet: turn it off")
+            );
+        }
+    }
+
+    #[test]
+    fn implemented_capabilities_validate() {
+        let mut config = MigrationConfig::default();
+        config.capabilities |= Capabilities::POSTCOPY_RAM
+            | Capabilities::POSTCOPY_BLOCKTIME
+            | Capabilities::AUTO_CONVERGE
+            | Capabilities::SWITCHOVER_ACK
+            | Capabilities::PAUSE_BEFORE_SWITCHOVER;
+        let effective = config.validate().unwrap().capabilities;
+        assert!(effective.contains(Capabilities::RETURN_PATH));
     }
 }
