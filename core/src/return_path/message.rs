@@ -79,6 +79,11 @@ pub enum RpMessage<'a> {
     /// The destination agrees to the switchover (QEMU's switchover-ack
     /// capability), e.g. after its devices have loaded their initial state.
     SwitchoverAck,
+    /// livemig extension, the first half of the end-of-migration
+    /// handshake: the destination has loaded and validated the whole
+    /// stream (every required device section included), keeps the guest
+    /// paused, and waits for the source's Commit before starting it.
+    Loaded,
 }
 
 /// Why a message could not be encoded.
@@ -130,6 +135,7 @@ impl RpMessage<'_> {
             Self::RecvBitmap { .. } => RpMessageType::RecvBitmap,
             Self::ResumeAck => RpMessageType::ResumeAck,
             Self::SwitchoverAck => RpMessageType::SwitchoverAck,
+            Self::Loaded => RpMessageType::Loaded,
         }
     }
 
@@ -140,7 +146,7 @@ impl RpMessage<'_> {
             Self::ReqPages { .. } => size_of::<PageRange>(),
             Self::ReqPagesId { block, .. } => size_of::<PageRange>() + 1 + block.len(),
             Self::RecvBitmap { block } => 1 + block.len(),
-            Self::SwitchoverAck => 0,
+            Self::SwitchoverAck | Self::Loaded => 0,
         }
     }
 
@@ -193,7 +199,7 @@ impl RpMessage<'_> {
                 w.put(&[id_len]);
                 w.put(block.as_bytes());
             }
-            Self::SwitchoverAck => {}
+            Self::SwitchoverAck | Self::Loaded => {}
         }
         Ok(w.pos)
     }
@@ -294,6 +300,7 @@ mod tests {
         );
         assert_eq!(encode_vec(&RpMessage::ResumeAck), [0, 6, 0, 4, 0, 0, 0, 1]);
         assert_eq!(encode_vec(&RpMessage::SwitchoverAck), [0, 7, 0, 0]);
+        assert_eq!(encode_vec(&RpMessage::Loaded), [1, 0, 0, 0]);
     }
 
     #[test]
