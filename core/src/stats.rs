@@ -101,10 +101,17 @@ impl AmbiguousEnd {
     pub const fn advice(self) -> &'static str {
         match self {
             Self::SourceCommitted => {
-                "the end of the migration was cut after the source committed and before the                  destination confirmed: the guest is paused here with its complete state and                  this host will not resume it; if the destination runs the guest, or has it                  loaded and paused (it says 'loaded': start it there), discard this copy; only                  if the destination has no copy of the guest, resume it here"
+                "the end of the migration was cut after the source committed and before the \
+                destination confirmed: the guest is paused here with its complete state and \
+                this host will not resume it; if the destination runs the guest, or has it \
+                loaded and paused (it says 'loaded': start it there), discard this copy; \
+                only if the destination has no copy of the guest, resume it here"
             }
             Self::DestinationLoaded => {
-                "the end of the migration was cut after this host loaded the guest and before                  the source committed: the guest is paused here with its complete state; if                  the source's guest is not running (it says 'committed'), start it here,                  otherwise discard it"
+                "the end of the migration was cut after this host loaded the guest and before \
+                the source committed: the guest is paused here with its complete state; if \
+                the source's guest is not running (it says 'committed'), start it here, \
+                otherwise discard it"
             }
         }
     }
