@@ -303,6 +303,32 @@ mod tests {
         assert_eq!(encode_vec(&RpMessage::Loaded), [1, 0, 0, 0]);
     }
 
+    /// The return-path examples of `docs/wire-format.md` marked
+    /// `<!-- rp-example: NAME -->` are what the encoder writes and what the
+    /// decoder reads back.
+    #[test]
+    fn documented_examples_match_the_encoder() {
+        const DOC: &str = include_str!("../../../docs/wire-format.md");
+        let example = |name: &str| -> std::vec::Vec<u8> {
+            let marker = std::format!("<!-- rp-example: {name} -->");
+            let start = DOC.find(&marker).expect("the example is in the document");
+            let mut lines = DOC[start..].lines().skip(1);
+            assert_eq!(lines.next(), Some("```"));
+            lines
+                .take_while(|l| *l != "```")
+                .flat_map(|l| l.split("  ").next().unwrap_or_default().split_whitespace())
+                .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+                .collect()
+        };
+        let bytes = example("loaded");
+        assert_eq!(bytes, encode_vec(&RpMessage::Loaded));
+        let mut decoder = crate::return_path::RpDecoder::new(4096).unwrap();
+        assert_eq!(
+            decoder.decode(&bytes),
+            Ok((bytes.len(), Some(RpMessage::Loaded)))
+        );
+    }
+
     #[test]
     fn recv_bitmap_counts_length_byte_but_sends_no_nul() {
         // migrate_send_rp_recv_bitmap: buf[0] = strlen, then the name, and
