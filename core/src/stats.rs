@@ -69,6 +69,60 @@ impl core::fmt::Write for Truncating<'_> {
     }
 }
 
+/// An end of migration this side cannot decide alone: the end-of-migration
+/// handshake (LOADED on the return path, then COMMIT on the main stream)
+/// was cut between its halves, so this side does not know whether the other
+/// one runs the guest. Its copy of the guest stays paused, complete, and
+/// the operator chooses which copy runs by looking at the other side
+/// ([`AmbiguousEnd::advice`]). The state is `failed` (QEMU's states have no
+/// word for it); this is what tells such a failure from a clean one, after
+/// which the source runs the guest and the destination discards its copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AmbiguousEnd {
+    /// Source: it sent COMMIT, so it never resumes its copy again, but the
+    /// destination's confirmation did not arrive.
+    SourceCommitted,
+    /// Destination: it loaded the whole stream and answered LOADED, but the
+    /// source's COMMIT did not arrive (or the stream failed after it).
+    DestinationLoaded,
+}
+
+impl AmbiguousEnd {
+    /// A short name for reports: `committed` on the source, `loaded` on
+    /// the destination (the words each side's advice refers to).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SourceCommitted => "committed",
+            Self::DestinationLoaded => "loaded",
+        }
+    }
+
+    /// What the operator must do, in one sentence.
+    pub const fn advice(self) -> &'static str {
+        match self {
+            Self::SourceCommitted => {
+                "the end of the migration was cut after the source committed and before the \
+                destination confirmed: the guest is paused here with its complete state and \
+                this host will not resume it; if the destination runs the guest, or has it \
+                loaded and paused (it says 'loaded': start it there), discard this copy; \
+                only if the destination has no copy of the guest, resume it here"
+            }
+            Self::DestinationLoaded => {
+                "the end of the migration was cut after this host loaded the guest and before \
+                the source committed: the guest is paused here with its complete state; if \
+                the source's guest is not running (it says 'committed'), start it here, \
+                otherwise discard it"
+            }
+        }
+    }
+}
+
+impl core::fmt::Display for AmbiguousEnd {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.advice())
+    }
+}
+
 /// The `ram` part of `query-migrate`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RamStats {
@@ -122,6 +176,9 @@ pub struct MigrationStats {
     pub dirty_log_clears: u64,
     /// Why the migration failed, when it did.
     pub error_desc: ErrorDesc,
+    /// Set when the migration failed at a point where this side cannot
+    /// know whether the other runs the guest: the guest is paused here.
+    pub ambiguous_end: Option<AmbiguousEnd>,
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! and must end completed or failed with a reason — never in between once
 //! the input has ended.
 
-use livemig_core::destination::{DestinationEngine, DestinationHost, HostError, PostcopyTracking};
+use livemig_core::destination::{
+    DestinationEngine, DestinationHost, HostError, PostcopyTracking, RequiredSection,
+};
 use livemig_core::state::MigrationStatus;
 use livemig_core::time::Instant;
 use livemig_core::wire::{
@@ -14,6 +16,12 @@ use livemig_core::wire::{
 /// Pages of the fuzzed guest's single block.
 const PAGES: u64 = 64;
 const PAGE: usize = 4096;
+
+/// The one section the fuzzed destination requires.
+const REQUIRED: &[RequiredSection] = &[RequiredSection {
+    id: "cpu0",
+    instance: 0,
+}];
 
 /// A host that checks every request against the guest's bounds.
 struct BoundsHost;
@@ -84,6 +92,7 @@ pub fn destination_accepts(data: &[u8]) -> bool {
     let mut scratch = vec![0u8; 1 << 20];
     let mut engine = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking)
         .expect("matching tracking");
+    engine.require_sections(REQUIRED).expect("one section");
     let chunk = usize::from(seed % 61) + 1;
     let mut out = [0u8; 512];
     for (i, piece) in rest.chunks(chunk).enumerate() {
@@ -108,11 +117,14 @@ pub fn destination_accepts(data: &[u8]) -> bool {
             !engine.stats().error_desc.is_empty(),
             "a failure without a reason"
         );
+    } else {
+        assert_eq!(engine.ambiguous_end(), None, "a completed end is decided");
     }
     state == MigrationStatus::Completed
 }
 
-/// Valid postcopy streams for the guest above, to mutate.
+/// Valid streams for the guest above, to mutate: postcopy, and precopy
+/// with the end-of-migration handshake's COMMIT.
 pub fn destination_corpus() -> Vec<Vec<u8>> {
     let l = layout();
     let record = |r: Record<'_>| {
@@ -137,6 +149,12 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
     header.truncate(n);
     header.extend_from_slice(&[0x5a; PAGE]);
     let ranges = [PageRange { first: 1, count: 1 }];
+    let cpu = record(Record::Device(DeviceState {
+        id: BlockId::new("cpu0").expect("valid id"),
+        instance: 0,
+        version: 1,
+        data: &[1, 2, 3, 4],
+    }));
     let mut stream = vec![7u8, 0, 0, 0, 0, 0, 0, 0, 0];
     wire::encode_stream_header(&mut stream[1..]).expect("8 bytes");
     let parts = [
@@ -152,6 +170,7 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
             ranges: wire::DiscardRanges::from_slice(&ranges),
         })),
         record(Record::Command(Command::PostcopyListen)),
+        cpu.clone(),
         record(Record::Command(Command::PostcopyRun)),
         record(Record::EndOfStream),
     ];
@@ -160,7 +179,18 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
     }
     let mut short = stream.clone();
     short[0] = 0;
-    vec![stream, short]
+    let mut precopy = vec![5u8, 0, 0, 0, 0, 0, 0, 0, 0];
+    wire::encode_stream_header(&mut precopy[1..]).expect("8 bytes");
+    for p in [
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::RamBlocks(BlockList::from_slice(&l))),
+        cpu,
+        record(Record::EndOfStream),
+        record(Record::Command(Command::Commit)),
+    ] {
+        precopy.extend_from_slice(&p);
+    }
+    vec![stream, short, precopy]
 }
 
 #[cfg(test)]

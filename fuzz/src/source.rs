@@ -115,14 +115,20 @@ pub fn source_accepts(data: &[u8]) -> bool {
                         assert!(!engine.guest_on_destination());
                     }
                 }
-                Some(SourceAction::ResumeVcpus) => guest_running = true,
+                Some(SourceAction::ResumeVcpus) => {
+                    assert!(
+                        !engine.is_committed(),
+                        "the vCPUs are never resumed after the commit"
+                    );
+                    guest_running = true;
+                }
                 Some(SourceAction::Send(_) | SourceAction::SetThrottle { .. }) | None => {}
                 Some(SourceAction::Finished(_)) => break,
             },
             4 => {
                 let start = u64::from(script.next().unwrap_or(0)) * 4096;
                 let len = u32::from(script.next().unwrap_or(1)) * 4096;
-                let msg = match script.next().unwrap_or(0) % 8 {
+                let msg = match script.next().unwrap_or(0) % 9 {
                     0 => RpMessage::ReqPagesId {
                         block: "pc.ram",
                         start,
@@ -138,6 +144,7 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     4 => RpMessage::Shut { error: true },
                     5 => RpMessage::SwitchoverAck,
                     6 => RpMessage::ResumeAck,
+                    7 => RpMessage::Loaded,
                     _ => RpMessage::Pong(u32::from(op)),
                 };
                 engine
@@ -160,8 +167,8 @@ pub fn source_accepts(data: &[u8]) -> bool {
     // The adversary stops: cancel, then drain to the end.
     if engine.cancel(Instant::from_nanos(now)).is_err() {
         assert!(
-            engine.guest_on_destination(),
-            "a cancel is refused only once the guest runs on the destination"
+            engine.guest_on_destination() || engine.is_committed(),
+            "a cancel is refused only once the guest runs on the destination, or after the commit"
         );
     }
     for _ in 0..100 {

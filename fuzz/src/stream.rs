@@ -161,7 +161,8 @@ fn record_bytes(r: Record<'_>) -> Vec<u8> {
     out
 }
 
-/// A valid stream exercising every record kind, with its chunking seed.
+/// A valid stream exercising every record kind and the Commit that may
+/// follow the end, with its chunking seed.
 fn valid_stream(seed: u8) -> Vec<u8> {
     let id = BlockId::new("dev").unwrap();
     let device = record_bytes(Record::Device(DeviceState {
@@ -190,6 +191,7 @@ fn valid_stream(seed: u8) -> Vec<u8> {
         Package::from_encoded(&device).unwrap(),
     )));
     s.extend(record_bytes(Record::EndOfStream));
+    s.extend(record_bytes(Record::Command(Command::Commit)));
     s
 }
 
@@ -202,7 +204,7 @@ mod tests {
         for seed in 0..=255 {
             assert_eq!(
                 drive_stream(&valid_stream(seed)),
-                Some(Ok(4)),
+                Some(Ok(5)),
                 "seed {seed}"
             );
         }

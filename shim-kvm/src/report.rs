@@ -174,6 +174,12 @@ impl Summary {
         if let Some(e) = self.error_desc() {
             obj.insert("error-desc".into(), json!(e));
         }
+        if let Some(end) = s.ambiguous_end {
+            // livemig's own: the commit handshake was cut; the guest is
+            // paused on this side and the operator decides.
+            obj.insert("ambiguous-end".into(), json!(end.name()));
+            obj.insert("operator-action".into(), json!(end.advice()));
+        }
         for (k, val) in &self.extra {
             obj.insert(k.clone(), val.clone());
         }
@@ -199,6 +205,13 @@ impl Summary {
         line(&mut out, "status", s.status.as_str().to_string());
         if let Some(e) = self.error_desc() {
             line(&mut out, "error", e);
+        }
+        if let Some(end) = s.ambiguous_end {
+            line(
+                &mut out,
+                "ambiguous end",
+                format!("{}: {}", end.name(), end.advice()),
+            );
         }
         line(&mut out, "backend", self.backend.clone());
         line(&mut out, "total time", format!("{} ms", s.total_time_ms));
@@ -286,6 +299,7 @@ impl Summary {
 mod tests {
     use super::*;
     use livemig_core::state::MigrationStatus;
+    use livemig_core::stats::AmbiguousEnd;
 
     #[test]
     fn json_uses_query_migrate_names() {
@@ -354,5 +368,33 @@ mod tests {
         };
         assert_eq!(sum.to_json()["error-desc"], "connection lost: reset");
         assert!(progress_line(&sum.stats).starts_with("failed"));
+        assert!(sum.to_json().get("ambiguous-end").is_none());
+    }
+
+    #[test]
+    fn an_ambiguous_end_carries_the_operator_sentence() {
+        let mut stats = MigrationStats {
+            status: MigrationStatus::Failed,
+            ambiguous_end: Some(AmbiguousEnd::DestinationLoaded),
+            ..MigrationStats::default()
+        };
+        stats
+            .error_desc
+            .set(format_args!("the source closed the connection"));
+        let sum = Summary {
+            stats,
+            ..Summary::default()
+        };
+        let v = sum.to_json();
+        assert_eq!(v["ambiguous-end"], "loaded");
+        assert!(
+            v["operator-action"]
+                .as_str()
+                .is_some_and(|a| a.contains("start it here, otherwise discard it"))
+        );
+        assert!(
+            sum.to_text()
+                .contains("ambiguous end        loaded: the end of the migration was cut")
+        );
     }
 }

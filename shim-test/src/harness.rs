@@ -16,7 +16,9 @@ use std::fmt;
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
-use livemig_core::destination::{DestinationEngine, DestinationHost, HostError, PostcopyTracking};
+use livemig_core::destination::{
+    DestinationEngine, DestinationHost, HostError, PostcopyTracking, RequiredSection,
+};
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
 use livemig_core::state::MigrationStatus;
@@ -31,6 +33,13 @@ use crate::{
 
 /// The id of the simulated vCPU's device-state record.
 pub const CPU_DEVICE_ID: &str = "cpu";
+
+/// The sections the simulated destination requires: a stream without the
+/// vCPU state is refused rather than started from reset.
+const REQUIRED: &[RequiredSection] = &[RequiredSection {
+    id: CPU_DEVICE_ID,
+    instance: 0,
+}];
 
 /// A dirtying guest.
 #[derive(Clone, Copy, Debug)]
@@ -116,8 +125,18 @@ pub struct Outcome {
     /// First difference between destination and source-at-stop, if any.
     pub first_difference: Option<FirstDifference>,
     /// The source guest is running at the end (always true unless the
-    /// guest moved to the destination).
+    /// guest moved to the destination, or the source committed to it).
     pub source_running: bool,
+    /// The destination started the guest (at the commit or the end of the
+    /// stream in precopy, at the run command in postcopy).
+    pub destination_running: bool,
+    /// The source's memory at the end still equals its image at the stop:
+    /// with its vCPUs stopped, the source holds a complete copy.
+    pub source_has_copy: bool,
+    /// The destination loaded a complete copy: its memory, before its guest
+    /// ran, equals the source's at the stop, and so does its CPU state.
+    /// (Precopy only: a postcopy guest runs while its memory arrives.)
+    pub destination_has_copy: bool,
     /// The source guest kept writing after the migration ended.
     pub source_continued: bool,
     /// The destination guest ran after the switchover, its CPU state
@@ -131,6 +150,8 @@ pub struct Outcome {
     pub end_ns: u64,
     /// Bytes the source put on the link.
     pub bytes_sent: u64,
+    /// Bytes the destination put on the return path.
+    pub return_path_bytes: u64,
     /// KVM-style clear calls made on the simulated dirty log.
     pub dirty_log_clears: u64,
     /// Pages cleared by those calls.
@@ -464,6 +485,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     } else {
         DestinationEngine::new(&layout, &mut dst_scratch)
     };
+    dst.require_sections(REQUIRED)
+        .map_err(|e| setup_err("destination engine", e))?;
     // The guest once it runs on the destination (postcopy), and the state
     // it started from, to replay its writes onto the source image.
     let mut dest_guest: Option<Workload> = None;
@@ -823,6 +846,15 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     }
 
     // ---- verdicts -----------------------------------------------------------
+    // Before any guest runs on the destination or is replayed here.
+    let source_has_copy = stop_digest.is_some() && stop_digest == Some(src_ram.digest());
+    let destination_has_copy = stop_digest.is_some()
+        && stop_digest == Some(dst_ram.digest())
+        && dest_cpu.is_some()
+        && dest_cpu == cpu_at_stop;
+    // A failed postcopy stops the destination guest it had started.
+    let destination_running =
+        dst.is_completed() || (dest_guest.is_some() && dst.state() != MigrationStatus::Failed);
     let completed = dst.is_completed() && src.state() == MigrationStatus::Completed;
     let destination_digest = dst.is_completed().then(|| dst_ram.digest());
     let mut first_difference = None;
@@ -897,11 +929,15 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         destination_digest,
         first_difference,
         source_running,
+        destination_running,
+        source_has_copy,
+        destination_has_copy,
         source_continued,
         guest_continued,
         downtime_ns: stop_at.zip(dest_started_at).map(|(s, d)| d - s),
         end_ns: now,
         bytes_sent: fwd.bytes_sent(),
+        return_path_bytes: back.bytes_sent(),
         dirty_log_clears: log.clear_calls(),
         cleared_pages: log.cleared_pages(),
         stop_ns: stop_at,

@@ -31,6 +31,10 @@ pub fn dirtying(ws_mib: u64, rate: u64, seed: u64) -> GuestSpec {
     }
 }
 
+/// Bytes of the COMMIT record, the last thing a precopy source with the
+/// return path sends.
+pub const COMMIT_LEN: u64 = 10;
+
 /// A link of `bytes_per_sec` with 100 us latency, no faults.
 pub fn link(bytes_per_sec: u64) -> LinkConfig {
     LinkConfig::new(bytes_per_sec, 100_000)

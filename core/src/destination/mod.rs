@@ -9,9 +9,33 @@
 //! outside guest memory.
 //!
 //! ```text
-//!  [none] ─first byte─► [active] ─block list─► pages, devices ... ─► end of stream ─► [completed]
+//!  [none] ─first byte─► [active] ─block list─► pages, devices ... ─► end of stream
+//!        ─► (return path, precopy) LOADED, guest paused ─► COMMIT ─► [completed] SHUT(0)
+//!        ─► (no return path, or postcopy)                          ─► [completed] SHUT(0)
 //!                           └──────────── any error ──────────────► [failed]  (SHUT 1 on the return path)
 //! ```
+//!
+//! # The end of a precopy: LOADED, then COMMIT
+//!
+//! With the return path, the end of the stream does not complete the
+//! migration: the destination checks it (every required device section
+//! loaded, [`DestinationEngine::require_sections`]; nothing after it in the
+//! same input), answers [`RpMessage::Loaded`], and waits for the source's
+//! [`Command::Commit`] with the guest paused. Only the commit completes it
+//! ([`DestinationEngine::is_completed`]: the VMM starts the vCPUs) and
+//! queues the confirmation, SHUT(0). A failure before LOADED is queued is a
+//! clean one: the source never commits, its guest runs on, this copy is
+//! discarded. A failure after it (the connection closes, the source falls
+//! silent, the stream continues with anything but one COMMIT) cannot be
+//! decided here, since the source may have committed: the engine fails
+//! with [`AmbiguousEnd::DestinationLoaded`] in its statistics, and the VMM
+//! must keep the loaded guest paused for the operator.
+//!
+//! Bytes after the end (after COMMIT; after END_OF_STREAM without the return
+//! path or in postcopy) are refused as `TrailingData` when they arrive in
+//! the same [`DestinationEngine::handle_input`] call, before the migration
+//! completes; arriving later, when the guest already runs here, they are
+//! reported and change nothing.
 
 use core::fmt;
 use core::time::Duration;
@@ -22,7 +46,7 @@ pub use postcopy::PostcopyTracking;
 
 use crate::return_path::RpMessage;
 use crate::state::MigrationStatus;
-use crate::stats::MigrationStats;
+use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::time::Instant;
 use crate::wire::{
     BatchFlags, BlockInfo, BlockList, Command, DecodeError, DeviceState, PageBatch, PageKind,
@@ -35,6 +59,20 @@ const RETURN_PATH_QUEUE: usize = 8192;
 
 /// Default for [`DestinationEngine::set_request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+/// Most sections [`DestinationEngine::require_sections`] takes: one bit
+/// each in a word, so the core keeps no list of its own.
+pub const MAX_REQUIRED_SECTIONS: usize = 64;
+
+/// A device section the destination cannot start a guest without (the
+/// vCPU state, typically): a stream that ends without it is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequiredSection {
+    /// The device id, as the source names its Device records.
+    pub id: &'static str,
+    /// The instance number.
+    pub instance: u32,
+}
 
 /// Default for [`DestinationEngine::set_idle_timeout`]: how long an
 /// unfinished stream may stay silent before the destination gives up.
@@ -211,6 +249,24 @@ pub enum DestError {
     },
     /// The migration had already failed; no more input is taken.
     AlreadyFailed,
+    /// The stream ended (or the postcopy guest was about to start) without
+    /// a device section this destination requires.
+    MissingSection {
+        /// The device id.
+        id: &'static str,
+        /// The instance number.
+        instance: u32,
+    },
+    /// [`DestinationEngine::require_sections`] was given more sections than
+    /// it can track.
+    TooManyRequiredSections {
+        /// Sections given.
+        count: usize,
+    },
+    /// The source closed the connection after this destination had loaded
+    /// the stream and answered LOADED, without sending COMMIT: whether the
+    /// source committed cannot be known here (see [`AmbiguousEnd`]).
+    CommitNotReceived,
 }
 
 impl fmt::Display for DestError {
@@ -291,6 +347,19 @@ impl fmt::Display for DestError {
                 write!(f, "the source sent nothing for {idle_ms} ms")
             }
             DestError::AlreadyFailed => write!(f, "the migration has already failed"),
+            DestError::MissingSection { id, instance } => write!(
+                f,
+                "the stream has no state for device '{id}' instance {instance}, which this \
+                 destination requires: refused before the guest starts"
+            ),
+            DestError::TooManyRequiredSections { count } => write!(
+                f,
+                "{count} required device sections, at most {MAX_REQUIRED_SECTIONS} can be tracked"
+            ),
+            DestError::CommitNotReceived => write!(
+                f,
+                "the source closed the connection after the stream was loaded, without a commit"
+            ),
         }
     }
 }
@@ -334,7 +403,28 @@ struct Loader<'a> {
     waiting_since: Option<Instant>,
     request_timeout: Duration,
     last_request_block: Option<u16>,
+    /// Sections the stream must carry, and which of them have loaded (bit
+    /// `i` for `required[i]`).
+    required: &'static [RequiredSection],
+    required_loaded: u64,
+    /// A precopy stream with the return path ended and passed its checks:
+    /// only a COMMIT may follow.
+    end_loaded: bool,
+    /// LOADED has been queued: from now on the source may commit, so a
+    /// failure leaves the guest paused ([`AmbiguousEnd::DestinationLoaded`]).
+    loaded_announced: bool,
     stats: MigrationStats,
+}
+
+/// What the end of one input brings about, decided once all of it has
+/// passed (so that bytes after the end in the same input are refused
+/// before the guest may start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The stream is loaded: answer LOADED and wait for COMMIT.
+    Loaded,
+    /// The migration completes: the guest may start here.
+    Complete,
 }
 
 impl<'a> DestinationEngine<'a> {
@@ -368,6 +458,10 @@ impl<'a> DestinationEngine<'a> {
                 waiting_since: None,
                 request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
                 last_request_block: None,
+                required: &[],
+                required_loaded: 0,
+                end_loaded: false,
+                loaded_announced: false,
                 stats,
             },
         }
@@ -406,6 +500,25 @@ impl<'a> DestinationEngine<'a> {
             l.last_input_at = now;
             l.set_state(MigrationStatus::Active);
         }
+    }
+
+    /// Device sections the stream must carry: the end of the stream (and,
+    /// in postcopy, the start of the guest) is refused with
+    /// [`DestError::MissingSection`] while one has not loaded, so a stream
+    /// without, say, the vCPU state never starts a guest from reset. Call
+    /// before the first input; at most [`MAX_REQUIRED_SECTIONS`].
+    pub fn require_sections(
+        &mut self,
+        sections: &'static [RequiredSection],
+    ) -> Result<(), DestError> {
+        if sections.len() > MAX_REQUIRED_SECTIONS {
+            return Err(DestError::TooManyRequiredSections {
+                count: sections.len(),
+            });
+        }
+        self.loader.required = sections;
+        self.loader.required_loaded = 0;
+        Ok(())
     }
 
     /// How long an unfinished stream may stay silent before the
@@ -475,10 +588,24 @@ impl<'a> DestinationEngine<'a> {
         &self.loader.stats
     }
 
-    /// True once the end of the stream has been loaded: the VMM may start
-    /// the vCPUs (in postcopy they already run).
+    /// True once the migration has completed here: the VMM may start the
+    /// vCPUs (in postcopy they already run). With the return path in
+    /// precopy, that is once the source's COMMIT has arrived; without it,
+    /// at the end of the stream.
     pub fn is_completed(&self) -> bool {
         self.loader.state == MigrationStatus::Completed
+    }
+
+    /// True while the whole stream is loaded and LOADED has been queued,
+    /// waiting for the source's COMMIT: the guest must stay paused.
+    pub fn is_loaded(&self) -> bool {
+        self.loader.loaded_announced && self.loader.state == MigrationStatus::Active
+    }
+
+    /// Set when the migration failed after LOADED: the source may have
+    /// committed, so the loaded guest must stay paused for the operator.
+    pub fn ambiguous_end(&self) -> Option<AmbiguousEnd> {
+        self.loader.stats.ambiguous_end
     }
 
     /// True when the source opened the return path.
@@ -515,8 +642,12 @@ impl<'a> DestinationEngine<'a> {
         }
     }
 
-    /// Takes bytes from the main stream. Returns how many were consumed: all
-    /// of them, unless the stream ended (trailing bytes are then an error).
+    /// Takes bytes from the main stream. Returns how many were consumed (all
+    /// of them: bytes after the end of the stream are an error). The end of
+    /// the stream or the COMMIT takes effect only once the whole input has
+    /// passed, so garbage after it in the same input fails the migration
+    /// before the guest may start; after completion, input is refused with
+    /// `TrailingData` and changes nothing.
     pub fn handle_input(
         &mut self,
         now: Instant,
@@ -527,6 +658,13 @@ impl<'a> DestinationEngine<'a> {
         if l.state == MigrationStatus::Failed {
             return Err(DestError::AlreadyFailed);
         }
+        if l.state == MigrationStatus::Completed {
+            // The guest may already run here: report, change nothing.
+            return match self.decoder.decode(input) {
+                Ok(decoded) => Ok(decoded.consumed),
+                Err(e) => Err(DestError::Decode(e)),
+            };
+        }
         if l.state == MigrationStatus::None {
             self.begin(now);
         }
@@ -534,6 +672,7 @@ impl<'a> DestinationEngine<'a> {
         l.stats.ram.transferred += input.len() as u64;
         l.last_input_at = now;
         let mut offset = 0;
+        let mut end = None;
         while offset < input.len() {
             let rest = input.get(offset..).unwrap_or(&[]);
             let result = match self.decoder.decode(rest) {
@@ -541,29 +680,38 @@ impl<'a> DestinationEngine<'a> {
                     offset += decoded.consumed;
                     match decoded.record {
                         Some(record) => self.loader.apply(now, record, host),
-                        None => Ok(false),
+                        None => Ok(None),
                     }
                 }
                 Err(e) => Err(DestError::Decode(e)),
             };
             match result {
-                Ok(true) => {
-                    self.loader.complete(now);
-                    return Ok(offset);
-                }
-                Ok(false) => {}
+                Ok(Some(e)) => end = Some(e),
+                Ok(None) => {}
                 Err(e) => return Err(self.loader.fail(now, e)),
             }
         }
-        self.loader.update_time(now);
+        match end {
+            Some(End::Complete) => self.loader.complete(now),
+            Some(End::Loaded) => {
+                self.loader.loaded_announced = true;
+                queue(&mut self.loader.rp_queue, &RpMessage::Loaded);
+                self.loader.update_time(now);
+            }
+            None => self.loader.update_time(now),
+        }
         Ok(offset)
     }
 
-    /// The source closed the connection.
+    /// The source closed the connection. After LOADED and before COMMIT
+    /// that is [`DestError::CommitNotReceived`], an ambiguous end.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
         match self.loader.state {
             MigrationStatus::Completed => Ok(()),
             MigrationStatus::Failed => Err(DestError::AlreadyFailed),
+            _ if self.loader.loaded_announced && self.decoder.finish().is_ok() => {
+                Err(self.loader.fail(now, DestError::CommitNotReceived))
+            }
             _ => {
                 let e = match self.decoder.finish() {
                     Err(e) => DestError::UnexpectedEof(e),
@@ -625,6 +773,10 @@ impl Loader<'_> {
         }
         self.update_time(now);
         self.stats.error_desc.set(format_args!("{e}"));
+        if self.loaded_announced {
+            // The source may have committed: it will never resume its copy.
+            self.stats.ambiguous_end = Some(AmbiguousEnd::DestinationLoaded);
+        }
         self.set_state(MigrationStatus::Failed);
         self.waiting_since = None;
         if self.return_path {
@@ -633,13 +785,20 @@ impl Loader<'_> {
         e
     }
 
-    /// Acts on one record; `Ok(true)` at the end of the stream.
+    /// Acts on one record; says what the end of the input brings about
+    /// when the record ends the stream or commits it.
     fn apply(
         &mut self,
         now: Instant,
         record: Record<'_>,
         host: &mut impl DestinationHost,
-    ) -> Result<bool, DestError> {
+    ) -> Result<Option<End>, DestError> {
+        if self.end_loaded && record != Record::Command(Command::Commit) {
+            // The decoder lets nothing else through after the end.
+            return Err(DestError::UnexpectedCommand(
+                "a record after the end of the stream",
+            ));
+        }
         match record {
             Record::RamBlocks(list) => {
                 if self.blocks_received {
@@ -663,18 +822,58 @@ impl Loader<'_> {
                     self.stats.iterations += 1;
                 }
             }
-            Record::Device(device) => host.load_device(&device)?,
+            Record::Device(device) => {
+                host.load_device(&device)?;
+                if let Some(i) = self
+                    .required
+                    .iter()
+                    .position(|r| r.id == device.id.as_str() && r.instance == device.instance)
+                {
+                    self.required_loaded |= 1 << i;
+                }
+            }
+            Record::Command(Command::Commit) => {
+                if !self.end_loaded {
+                    return Err(DestError::UnexpectedCommand(
+                        "commit before the stream was loaded",
+                    ));
+                }
+                return Ok(Some(End::Complete));
+            }
             Record::Command(command) => self.command(command, host)?,
             Record::Package(package) => {
                 for inner in package.records() {
-                    if self.apply(now, inner?, host)? {
+                    if self.apply(now, inner?, host)?.is_some() {
                         return Err(DestError::Decode(DecodeError::NestedPackage));
                     }
                 }
             }
-            Record::EndOfStream => return Ok(true),
+            Record::EndOfStream => {
+                self.check_required()?;
+                if self.return_path && self.state == MigrationStatus::Active {
+                    self.end_loaded = true;
+                    return Ok(Some(End::Loaded));
+                }
+                return Ok(Some(End::Complete));
+            }
         }
-        Ok(false)
+        Ok(None)
+    }
+
+    /// Refuses to go on while a required section has not loaded.
+    fn check_required(&self) -> Result<(), DestError> {
+        match self
+            .required
+            .iter()
+            .enumerate()
+            .find(|&(i, _)| self.required_loaded & (1 << i) == 0)
+        {
+            Some((_, r)) => Err(DestError::MissingSection {
+                id: r.id,
+                instance: r.instance,
+            }),
+            None => Ok(()),
+        }
     }
 
     fn command(
@@ -716,11 +915,14 @@ impl Loader<'_> {
                 if self.state != MigrationStatus::PostcopyActive {
                     return Err(DestError::PostcopyUnexpected("run before listen"));
                 }
+                self.check_required()?;
                 host.postcopy_run()?;
             }
             Command::RecvBitmap { .. } => return Err(DestError::UnexpectedCommand("recv-bitmap")),
             Command::PostcopyResume => return Err(DestError::UnexpectedCommand("postcopy-resume")),
             Command::SwitchoverStart => {}
+            // Taken by `apply`, which knows whether the stream has ended.
+            Command::Commit => return Err(DestError::UnexpectedCommand("commit")),
         }
         Ok(())
     }

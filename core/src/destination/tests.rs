@@ -405,3 +405,239 @@ fn completion_reports_the_average_throughput() {
         d.stats().ram.mbps
     );
 }
+
+const CPU: &[RequiredSection] = &[RequiredSection {
+    id: "cpu0",
+    instance: 0,
+}];
+
+fn device(id: &str, instance: u32) -> Vec<u8> {
+    record(Record::Device(DeviceState {
+        id: BlockId::new(id).unwrap(),
+        instance,
+        version: 1,
+        data: &[1, 2, 3],
+    }))
+}
+
+/// Drains the return path into a vector.
+fn drained(d: &mut DestinationEngine<'_>) -> Vec<u8> {
+    let mut out = [0u8; 256];
+    let n = d.poll_return_path(&mut out);
+    out[..n].to_vec()
+}
+
+const LOADED: [u8; 4] = [1, 0, 0, 0];
+const SHUT_OK: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
+const SHUT_ERR: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 1];
+
+#[test]
+fn a_stream_without_a_required_section_is_refused_by_name() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let stream = [header(), blocks(&l), record(Record::EndOfStream)].concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.require_sections(CPU).unwrap();
+    let err = d.handle_input(Instant::ZERO, &stream, &mut host);
+    assert_eq!(
+        err,
+        Err(DestError::MissingSection {
+            id: "cpu0",
+            instance: 0
+        })
+    );
+    assert!(!d.is_completed());
+    assert_eq!(
+        d.ambiguous_end(),
+        None,
+        "a clean failure: discard this copy"
+    );
+    assert!(d.stats().error_desc.as_str().contains("'cpu0' instance 0"));
+    // Another instance of the same device is not the one required.
+    let stream = [
+        header(),
+        blocks(&l),
+        device("cpu0", 1),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.require_sections(CPU).unwrap();
+    assert!(matches!(
+        d.handle_input(Instant::ZERO, &stream, &mut host),
+        Err(DestError::MissingSection { .. })
+    ));
+    // With it, the same stream completes.
+    let stream = [
+        header(),
+        blocks(&l),
+        device("cpu0", 0),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.require_sections(CPU).unwrap();
+    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    assert!(d.is_completed());
+    static MANY: [RequiredSection; MAX_REQUIRED_SECTIONS + 1] = [RequiredSection {
+        id: "x",
+        instance: 0,
+    }; MAX_REQUIRED_SECTIONS + 1];
+    assert_eq!(
+        d.require_sections(&MANY),
+        Err(DestError::TooManyRequiredSections { count: 65 })
+    );
+}
+
+#[test]
+fn bytes_after_the_end_in_the_same_input_are_refused_before_completion() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let end = [header(), blocks(&l), record(Record::EndOfStream)].concat();
+    for garbage in [&[0xffu8][..], &[0, 6, 0, 0, 0, 0, 0, 0]] {
+        let mut scratch = vec![0; 1 << 20];
+        let mut d = DestinationEngine::new(&l, &mut scratch);
+        let stream = [&end[..], garbage].concat();
+        assert!(matches!(
+            d.handle_input(Instant::ZERO, &stream, &mut host),
+            Err(DestError::Decode(DecodeError::TrailingData {
+                what: "after EndOfStream",
+                ..
+            }))
+        ));
+        assert_eq!(d.state(), MigrationStatus::Failed, "never completed");
+    }
+    // Once completed, later bytes are reported and change nothing.
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    assert!(d.is_completed());
+    assert!(matches!(
+        d.handle_input(Instant::ZERO, &[0xff], &mut host),
+        Err(DestError::Decode(DecodeError::TrailingData { .. }))
+    ));
+    assert!(d.is_completed());
+}
+
+/// With the return path: END_OF_STREAM gives LOADED, not completion; the
+/// COMMIT completes and is confirmed with SHUT(0).
+#[test]
+fn the_end_is_loaded_then_committed() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let end = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        blocks(&l),
+        device("cpu0", 0),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let commit = record(Record::Command(Command::Commit));
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.require_sections(CPU).unwrap();
+    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    assert!(d.is_loaded() && !d.is_completed());
+    // The switchover approval, then LOADED.
+    assert_eq!(drained(&mut d), [&[0, 7, 0, 0][..], &LOADED].concat());
+    d.handle_input(Instant::ZERO, &commit[..3], &mut host)
+        .unwrap();
+    assert!(!d.is_completed(), "a partial COMMIT is not a commit");
+    d.handle_input(Instant::ZERO, &commit[3..], &mut host)
+        .unwrap();
+    assert!(d.is_completed() && !d.is_loaded());
+    assert_eq!(drained(&mut d), SHUT_OK);
+    assert_eq!(d.handle_eof(Instant::ZERO), Ok(()));
+
+    // COMMIT followed by garbage in one read: refused, the guest stays
+    // paused, and since the source committed, the end is ambiguous.
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    drained(&mut d);
+    let stream = [&commit[..], &[0]].concat();
+    assert!(matches!(
+        d.handle_input(Instant::ZERO, &stream, &mut host),
+        Err(DestError::Decode(DecodeError::TrailingData {
+            what: "after Commit",
+            len: 1
+        }))
+    ));
+    assert!(!d.is_completed());
+    assert_eq!(d.ambiguous_end(), Some(AmbiguousEnd::DestinationLoaded));
+    assert_eq!(drained(&mut d), SHUT_ERR);
+}
+
+#[test]
+fn a_loaded_destination_that_gets_no_commit_is_ambiguous() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let end = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        blocks(&l),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    // The connection closes.
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    assert_eq!(
+        d.handle_eof(Instant::ZERO),
+        Err(DestError::CommitNotReceived)
+    );
+    assert_eq!(d.ambiguous_end(), Some(AmbiguousEnd::DestinationLoaded));
+    assert_eq!(d.state(), MigrationStatus::Failed);
+    // The source falls silent.
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.set_idle_timeout(Duration::from_millis(100));
+    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    let late = Instant::ZERO + Duration::from_millis(100);
+    assert_eq!(d.poll_timeout(), Some(late));
+    assert!(matches!(
+        d.handle_timeout(late),
+        Err(DestError::SourceSilent { .. })
+    ));
+    assert_eq!(d.ambiguous_end(), Some(AmbiguousEnd::DestinationLoaded));
+    // The connection closes in the middle of the COMMIT.
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    let commit = record(Record::Command(Command::Commit));
+    d.handle_input(Instant::ZERO, &commit[..9], &mut host)
+        .unwrap();
+    assert!(matches!(
+        d.handle_eof(Instant::ZERO),
+        Err(DestError::UnexpectedEof(_))
+    ));
+    assert_eq!(d.ambiguous_end(), Some(AmbiguousEnd::DestinationLoaded));
+    // A failure before LOADED was queued is clean: the end of the stream
+    // and garbage in one read.
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let stream = [&end[..], &[0xff]].concat();
+    assert!(d.handle_input(Instant::ZERO, &stream, &mut host).is_err());
+    assert_eq!(d.ambiguous_end(), None);
+    let rp = drained(&mut d);
+    assert!(!rp.windows(4).any(|w| w == LOADED), "no LOADED went out");
+    // A COMMIT before the end of the stream is refused.
+    let early = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        blocks(&l),
+        record(Record::Command(Command::Commit)),
+    ]
+    .concat();
+    assert_eq!(
+        run(&l, &early, &mut host),
+        Err(DestError::UnexpectedCommand(
+            "commit before the stream was loaded"
+        ))
+    );
+}

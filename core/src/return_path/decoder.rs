@@ -436,6 +436,7 @@ fn parse_payload(
             RpMessage::ResumeAck
         }
         RpMessageType::SwitchoverAck => RpMessage::SwitchoverAck,
+        RpMessageType::Loaded => RpMessage::Loaded,
         RpMessageType::ReqPages => {
             let range = PageRange::read_from_bytes(payload).map_err(|_| bad_len)?;
             let (start, len) = check_range(range, page_size)?;
@@ -518,6 +519,7 @@ mod tests {
         RecvBitmap(String),
         ResumeAck,
         SwitchoverAck,
+        Loaded,
     }
 
     impl Owned {
@@ -532,6 +534,7 @@ mod tests {
                 RpMessage::RecvBitmap { block } => Self::RecvBitmap(block.to_string()),
                 RpMessage::ResumeAck => Self::ResumeAck,
                 RpMessage::SwitchoverAck => Self::SwitchoverAck,
+                RpMessage::Loaded => Self::Loaded,
             }
         }
 
@@ -551,6 +554,7 @@ mod tests {
                 Self::RecvBitmap(block) => RpMessage::RecvBitmap { block },
                 Self::ResumeAck => RpMessage::ResumeAck,
                 Self::SwitchoverAck => RpMessage::SwitchoverAck,
+                Self::Loaded => RpMessage::Loaded,
             }
         }
     }
@@ -635,7 +639,7 @@ mod tests {
 
     #[test]
     fn every_type_has_a_vector() {
-        let cases: [(&[u8], Owned); 9] = [
+        let cases: [(&[u8], Owned); 10] = [
             (&[0, 1, 0, 4, 0, 0, 0, 0], Owned::Shut(false)),
             (&[0, 1, 0, 4, 0, 0, 0, 1], Owned::Shut(true)),
             // QEMU treats any non-zero SHUT value as an error.
@@ -658,6 +662,8 @@ mod tests {
             ),
             (&[0, 6, 0, 4, 0, 0, 0, 1], Owned::ResumeAck),
             (&[0, 7, 0, 0], Owned::SwitchoverAck),
+            // livemig's extension, type 0x0100.
+            (&[1, 0, 0, 0], Owned::Loaded),
         ];
         for (bytes, want) in cases {
             assert_eq!(decode_one(bytes), Ok(want.clone()), "{bytes:02x?}");
@@ -846,7 +852,7 @@ mod tests {
 
     #[test]
     fn unknown_types_are_rejected() {
-        for code in [0u16, 8, 0xffff] {
+        for code in [0u16, 8, 0xff, 0x101, 0xffff] {
             let mut dec = RpDecoder::new(PAGE).unwrap();
             assert_eq!(
                 dec.decode(&header(code, 4)).err(),
@@ -960,6 +966,7 @@ mod tests {
             arb_id().prop_map(Owned::RecvBitmap),
             Just(Owned::ResumeAck),
             Just(Owned::SwitchoverAck),
+            Just(Owned::Loaded),
         ]
     }
 

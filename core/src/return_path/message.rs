@@ -79,6 +79,11 @@ pub enum RpMessage<'a> {
     /// The destination agrees to the switchover (QEMU's switchover-ack
     /// capability), e.g. after its devices have loaded their initial state.
     SwitchoverAck,
+    /// livemig extension, the first half of the end-of-migration
+    /// handshake: the destination has loaded and validated the whole
+    /// stream (every required device section included), keeps the guest
+    /// paused, and waits for the source's Commit before starting it.
+    Loaded,
 }
 
 /// Why a message could not be encoded.
@@ -130,6 +135,7 @@ impl RpMessage<'_> {
             Self::RecvBitmap { .. } => RpMessageType::RecvBitmap,
             Self::ResumeAck => RpMessageType::ResumeAck,
             Self::SwitchoverAck => RpMessageType::SwitchoverAck,
+            Self::Loaded => RpMessageType::Loaded,
         }
     }
 
@@ -140,7 +146,7 @@ impl RpMessage<'_> {
             Self::ReqPages { .. } => size_of::<PageRange>(),
             Self::ReqPagesId { block, .. } => size_of::<PageRange>() + 1 + block.len(),
             Self::RecvBitmap { block } => 1 + block.len(),
-            Self::SwitchoverAck => 0,
+            Self::SwitchoverAck | Self::Loaded => 0,
         }
     }
 
@@ -193,7 +199,7 @@ impl RpMessage<'_> {
                 w.put(&[id_len]);
                 w.put(block.as_bytes());
             }
-            Self::SwitchoverAck => {}
+            Self::SwitchoverAck | Self::Loaded => {}
         }
         Ok(w.pos)
     }
@@ -294,6 +300,33 @@ mod tests {
         );
         assert_eq!(encode_vec(&RpMessage::ResumeAck), [0, 6, 0, 4, 0, 0, 0, 1]);
         assert_eq!(encode_vec(&RpMessage::SwitchoverAck), [0, 7, 0, 0]);
+        assert_eq!(encode_vec(&RpMessage::Loaded), [1, 0, 0, 0]);
+    }
+
+    /// The return-path examples of `docs/wire-format.md` marked
+    /// `<!-- rp-example: NAME -->` are what the encoder writes and what the
+    /// decoder reads back.
+    #[test]
+    fn documented_examples_match_the_encoder() {
+        const DOC: &str = include_str!("../../../docs/wire-format.md");
+        let example = |name: &str| -> std::vec::Vec<u8> {
+            let marker = std::format!("<!-- rp-example: {name} -->");
+            let start = DOC.find(&marker).expect("the example is in the document");
+            let mut lines = DOC[start..].lines().skip(1);
+            assert_eq!(lines.next(), Some("```"));
+            lines
+                .take_while(|l| *l != "```")
+                .flat_map(|l| l.split("  ").next().unwrap_or_default().split_whitespace())
+                .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+                .collect()
+        };
+        let bytes = example("loaded");
+        assert_eq!(bytes, encode_vec(&RpMessage::Loaded));
+        let mut decoder = crate::return_path::RpDecoder::new(4096).unwrap();
+        assert_eq!(
+            decoder.decode(&bytes),
+            Ok((bytes.len(), Some(RpMessage::Loaded)))
+        );
     }
 
     #[test]

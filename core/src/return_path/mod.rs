@@ -5,8 +5,10 @@
 //! conversation ([`RpMessage::Shut`]), answer pings ([`RpMessage::Pong`]),
 //! ask for pages it faulted on during postcopy ([`RpMessage::ReqPagesId`],
 //! [`RpMessage::ReqPages`]), drive postcopy recovery
-//! ([`RpMessage::RecvBitmap`], [`RpMessage::ResumeAck`]) and allow the
-//! switchover ([`RpMessage::SwitchoverAck`]).
+//! ([`RpMessage::RecvBitmap`], [`RpMessage::ResumeAck`]), allow the
+//! switchover ([`RpMessage::SwitchoverAck`]) and, a livemig extension,
+//! report a complete stream loaded and waiting for the source's commit
+//! ([`RpMessage::Loaded`]).
 //!
 //! The framing is byte-compatible with QEMU's so that either side can be
 //! QEMU: a big-endian `u16` type, a big-endian `u16` payload length, then the
@@ -48,11 +50,13 @@ pub const RP_MAX_MESSAGE: usize = RP_HEADER_LEN + RP_MAX_PAYLOAD;
 /// about the recovery handshake.
 pub const RESUME_ACK_VALUE: u32 = 1;
 
-/// The wire type codes of the return path, numbered as QEMU numbers them.
+/// The wire type codes of the return path: QEMU's 1..=7, numbered as QEMU
+/// numbers them, and livemig's extensions from [`LIVEMIG_TYPE_BASE`] on.
 ///
-/// Code 0 is QEMU's `MIG_RP_MSG_INVALID` and 8 and above are beyond its
-/// `MIG_RP_MSG_MAX`; neither has a variant, so holding an `RpMessageType`
-/// means holding a valid code.
+/// Code 0 is QEMU's `MIG_RP_MSG_INVALID`, 8 and above are beyond its
+/// `MIG_RP_MSG_MAX`, and livemig's own codes start far above that so a
+/// future QEMU type can never collide with them; no other code has a
+/// variant, so holding an `RpMessageType` means holding a valid code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum RpMessageType {
@@ -70,7 +74,15 @@ pub enum RpMessageType {
     ResumeAck = 6,
     /// `MIG_RP_MSG_SWITCHOVER_ACK`: the destination allows the switchover.
     SwitchoverAck = 7,
+    /// livemig extension: the whole stream is loaded and validated, the
+    /// guest is paused, and the destination waits for the source's Commit.
+    Loaded = LIVEMIG_TYPE_BASE,
 }
+
+/// The first return-path type code of livemig's own messages: far beyond
+/// QEMU's `MIG_RP_MSG_MAX` (8), so QEMU's messages keep their codes and a
+/// QEMU peer rejects ours as an invalid type instead of misreading them.
+pub const LIVEMIG_TYPE_BASE: u16 = 0x0100;
 
 /// How long a message's payload may be: QEMU's `rp_cmd_args` table records a
 /// fixed length or "variable" (-1); for variable types we also record the
@@ -92,7 +104,7 @@ pub enum LenRule {
 
 impl RpMessageType {
     /// Every valid type, in code order (for tests and table-driven tools).
-    pub const ALL: [RpMessageType; 7] = [
+    pub const ALL: [RpMessageType; 8] = [
         Self::Shut,
         Self::Pong,
         Self::ReqPagesId,
@@ -100,10 +112,11 @@ impl RpMessageType {
         Self::RecvBitmap,
         Self::ResumeAck,
         Self::SwitchoverAck,
+        Self::Loaded,
     ];
 
-    /// The type for a wire code, or `None` for QEMU's invalid codes (0 and
-    /// everything from 8 up).
+    /// The type for a wire code, or `None` for codes no type has (0, QEMU's
+    /// invalid code; 8 up to livemig's extensions; unused codes after them).
     pub const fn from_code(code: u16) -> Option<Self> {
         Some(match code {
             1 => Self::Shut,
@@ -113,6 +126,7 @@ impl RpMessageType {
             5 => Self::RecvBitmap,
             6 => Self::ResumeAck,
             7 => Self::SwitchoverAck,
+            LIVEMIG_TYPE_BASE => Self::Loaded,
             _ => return None,
         })
     }
@@ -123,7 +137,8 @@ impl RpMessageType {
     }
 
     /// QEMU's name for the type (as in its `rp_cmd_args` table), used in
-    /// error messages so they can be matched against QEMU's logs.
+    /// error messages so they can be matched against QEMU's logs; livemig's
+    /// extensions have names in the same style.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Shut => "SHUT",
@@ -133,6 +148,7 @@ impl RpMessageType {
             Self::RecvBitmap => "RECV_BITMAP",
             Self::ResumeAck => "RESUME_ACK",
             Self::SwitchoverAck => "SWITCHOVER_ACK",
+            Self::Loaded => "LOADED",
         }
     }
 
@@ -143,7 +159,7 @@ impl RpMessageType {
         match self {
             Self::Shut | Self::Pong | Self::ResumeAck => LenRule::Fixed(4),
             Self::ReqPages => LenRule::Fixed(RANGE),
-            Self::SwitchoverAck => LenRule::Fixed(0),
+            Self::SwitchoverAck | Self::Loaded => LenRule::Fixed(0),
             Self::ReqPagesId => LenRule::Variable {
                 min: RANGE + 1,
                 max: RANGE + 1 + MAX_ID,
@@ -165,7 +181,8 @@ mod tests {
         for ty in RpMessageType::ALL {
             assert_eq!(RpMessageType::from_code(ty.code()), Some(ty));
         }
-        for code in [0u16, 8, 9, 0x100, 0xffff] {
+        assert_eq!(RpMessageType::from_code(0x100), Some(RpMessageType::Loaded));
+        for code in [0u16, 8, 9, 0xff, 0x101, 0xffff] {
             assert_eq!(RpMessageType::from_code(code), None);
         }
     }
@@ -178,6 +195,7 @@ mod tests {
         assert_eq!(ReqPages.len_rule(), LenRule::Fixed(12));
         assert_eq!(ResumeAck.len_rule(), LenRule::Fixed(4));
         assert_eq!(SwitchoverAck.len_rule(), LenRule::Fixed(0));
+        assert_eq!(Loaded.len_rule(), LenRule::Fixed(0));
         assert_eq!(
             ReqPagesId.len_rule(),
             LenRule::Variable { min: 13, max: 268 }

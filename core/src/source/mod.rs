@@ -30,12 +30,24 @@
 //!                                             │ yes
 //!        ─► StopVcpus ─► [pre-switchover ─► continue ─► device]
 //!        ─► SyncDirtyLog (final) ─► SendPages ... (no rate limit, no clears)
-//!        ─► SaveDevices ─► end of stream ─► (return path: wait for SHUT)
+//!        ─► SaveDevices ─► end of stream ─► (return path: wait for LOADED
+//!        ─► COMMIT ─► wait for SHUT(0))
 //!        ─► Finished(completed)
 //! ```
 //! Cancel and failure leave from any running state: the vCPUs are resumed if
 //! they were stopped, the throttle is lifted, and the guest keeps running on
-//! the source.
+//! the source — until the commit. With the return path, the end of a
+//! precopy is a handshake: the destination answers the end of the stream
+//! with LOADED (everything checked, guest paused there), and the source
+//! answers with COMMIT, after which it never resumes its vCPUs, whatever
+//! happens: a failure after the commit (no SHUT(0) within the confirm
+//! timeout, a closed connection, a SHUT(1)) leaves the guest paused here
+//! and is reported with [`AmbiguousEnd::SourceCommitted`], for the operator
+//! to decide (the destination may run the guest). A cancel is refused from
+//! the commit on ([`SourceError::AlreadyCommitted`]). Without the return
+//! path there is no handshake: the source completes once the end of the
+//! stream is written and keeps its guest stopped (see
+//! `docs/architecture.md` for that window).
 
 mod postcopy;
 mod rate;
@@ -49,7 +61,7 @@ use crate::clear_map::PageRange;
 use crate::config::{ConfigError, MigrationConfig};
 use crate::return_path::RpMessage;
 use crate::state::MigrationStatus;
-use crate::stats::MigrationStats;
+use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::time::Instant;
 use crate::wire::{self, BatchFlags, BlockInfo, BlockList, Command, PageEntry, PageKind, Record};
 
@@ -179,6 +191,9 @@ pub enum SourceError {
         /// Bytes of device records.
         len: usize,
     },
+    /// A cancel after the commit: the source has given the guest to the
+    /// destination and never takes it back.
+    AlreadyCommitted,
 }
 
 impl fmt::Display for SourceError {
@@ -212,6 +227,11 @@ impl fmt::Display for SourceError {
             SourceError::PostcopyNotEnabled => {
                 write!(f, "postcopy needs the postcopy-ram capability")
             }
+            SourceError::AlreadyCommitted => write!(
+                f,
+                "the migration cannot be cancelled: the source has committed, the guest \
+                 belongs to the destination"
+            ),
             SourceError::PackageTooLarge { len } => write!(
                 f,
                 "{len} bytes of device state do not fit in one package (at most {} bytes)",
@@ -246,6 +266,11 @@ enum Step {
     /// Postcopy: serving page requests and the background pass.
     Postcopy,
     EndOfStream,
+    /// Precopy with the return path: the end of the stream is out, waiting
+    /// for the destination's LOADED.
+    AwaitLoaded,
+    /// LOADED arrived: the next poll hands out the COMMIT.
+    Commit,
     AwaitShut,
     Finish(MigrationStatus),
     Done,
@@ -332,6 +357,11 @@ pub struct SourceEngine<'a> {
     /// The postcopy package (with its run command) has been handed out:
     /// the guest runs on the destination.
     guest_on_destination: bool,
+    /// The COMMIT has been handed out: the vCPUs are never resumed again.
+    committed: bool,
+    /// The destination confirmed the end (SHUT(0)): nothing can turn the
+    /// completion into a failure any more.
+    confirmed: bool,
     /// The operator asked for postcopy (`migrate-start-postcopy`).
     postcopy_requested: bool,
     /// The guest is being stopped to switch to postcopy rather than to
@@ -434,6 +464,8 @@ impl<'a> SourceEngine<'a> {
             throttle: 0,
             pending_throttle: false,
             guest_on_destination: false,
+            committed: false,
+            confirmed: false,
             postcopy_requested: false,
             switching_to_postcopy: false,
             requests: heapless::Deque::new(),
@@ -624,8 +656,20 @@ impl<'a> SourceEngine<'a> {
             return Ok(());
         }
         match msg {
-            RpMessage::Shut { error: false } if self.step == Step::AwaitShut => {
+            // A destination without the handshake (an older livemig)
+            // completes at the end of the stream and confirms at once: it
+            // runs the guest, this side never resumes, as after a commit.
+            RpMessage::Shut { error: false }
+                if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded) =>
+            {
+                self.confirmed = true;
                 self.finish(MigrationStatus::Completed);
+            }
+            RpMessage::Loaded if self.step == Step::AwaitLoaded => self.step = Step::Commit,
+            RpMessage::Loaded => {
+                self.fail(format_args!(
+                    "the destination reported the stream loaded before its end was sent"
+                ));
             }
             RpMessage::Shut { error } => {
                 let why = if *error {
@@ -666,6 +710,9 @@ impl<'a> SourceEngine<'a> {
         if self.guest_on_destination && !matches!(self.step, Step::Finish(_) | Step::Done) {
             return Err(SourceError::PostcopyCannotBeCancelled);
         }
+        if self.committed && !matches!(self.step, Step::Done) {
+            return Err(SourceError::AlreadyCommitted);
+        }
         if self.state.is_running() && !matches!(self.step, Step::Finish(_) | Step::Done) {
             self.set_state(MigrationStatus::Cancelling);
             self.batch.clear();
@@ -681,6 +728,12 @@ impl<'a> SourceEngine<'a> {
         self.guest_on_destination
     }
 
+    /// True once the COMMIT of a precopy has been handed out: from then on
+    /// the source never resumes its vCPUs, and a cancel is refused.
+    pub fn is_committed(&self) -> bool {
+        self.committed
+    }
+
     /// When the engine next wants to be polled even if nothing else
     /// happens: the end of a rate-limited slice, or the convergence
     /// deadline.
@@ -691,7 +744,7 @@ impl<'a> SourceEngine<'a> {
             }
             _ => None,
         };
-        if self.step == Step::AwaitShut {
+        if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded) {
             return Some(self.confirm_deadline());
         }
         let sending = matches!(self.step, Step::Iterate | Step::Drain | Step::Postcopy);
@@ -708,10 +761,17 @@ impl<'a> SourceEngine<'a> {
         if self.step == Step::Iterate && self.time_limit_exceeded() {
             self.fail_not_converged();
         }
-        if self.step == Step::AwaitShut && self.now >= self.confirm_deadline() {
+        if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded)
+            && self.now >= self.confirm_deadline()
+        {
             let ms = self.config.limits.confirm_timeout_ms;
+            let what = match self.step {
+                Step::AwaitLoaded => "report the stream loaded",
+                _ if self.committed => "confirm the commit",
+                _ => "confirm the end of the stream",
+            };
             self.fail(format_args!(
-                "the destination did not confirm the end of the stream within {ms} ms"
+                "the destination did not {what} within {ms} ms"
             ));
         }
         match self.step {
@@ -721,6 +781,7 @@ impl<'a> SourceEngine<'a> {
             | Step::AwaitContinue
             | Step::AwaitDevices
             | Step::AwaitShut
+            | Step::AwaitLoaded
             | Step::AwaitPackage
             | Step::AwaitPackageSent
             | Step::Done => None,
@@ -751,11 +812,26 @@ impl<'a> SourceEngine<'a> {
                 let len = Record::EndOfStream.encode(self.scratch).unwrap_or(0);
                 self.count_sent(len as u64, 0);
                 self.end_sent_at = self.now;
-                self.step = if self.return_path {
+                self.step = if !self.return_path {
+                    Step::Finish(MigrationStatus::Completed)
+                } else if self.guest_on_destination {
+                    // Postcopy: the guest already runs there.
                     Step::AwaitShut
                 } else {
-                    Step::Finish(MigrationStatus::Completed)
+                    Step::AwaitLoaded
                 };
+                Some(SourceAction::Send(&self.scratch[..len]))
+            }
+            Step::Commit => {
+                // Irrevocable from here on, even if the write fails.
+                self.committed = true;
+                let len = Record::Command(Command::Commit)
+                    .encode(self.scratch)
+                    .unwrap_or(0);
+                self.count_sent(len as u64, 0);
+                // The confirm timeout runs again, for the confirmation.
+                self.end_sent_at = self.now;
+                self.step = Step::AwaitShut;
                 Some(SourceAction::Send(&self.scratch[..len]))
             }
             Step::Finish(status) => Some(self.finish_step(status)),
@@ -938,7 +1014,9 @@ impl<'a> SourceEngine<'a> {
         // can still turn into a failure.
         match self.step {
             Step::Done => return,
-            Step::Finish(status) if status != MigrationStatus::Completed => return,
+            Step::Finish(status) if status != MigrationStatus::Completed || self.confirmed => {
+                return;
+            }
             _ => {}
         }
         if self.guest_on_destination {
@@ -946,6 +1024,11 @@ impl<'a> SourceEngine<'a> {
                 "postcopy failed after the switchover ({reason}); the guest stays stopped \
                  on the source, whose memory is no longer current"
             ));
+        } else if self.committed {
+            self.stats.error_desc.set(format_args!(
+                "no confirmation after the commit ({reason}); the guest stays paused here"
+            ));
+            self.stats.ambiguous_end = Some(AmbiguousEnd::SourceCommitted);
         } else {
             self.stats.error_desc.set(reason);
         }
@@ -966,7 +1049,11 @@ impl<'a> SourceEngine<'a> {
         // A failed postcopy leaves the guest stopped here: it has been
         // running on the destination, and restarting the stale copy would
         // run the guest twice.
-        if self.vcpus_stopped && status != MigrationStatus::Completed && !self.guest_on_destination
+        // After the commit the destination may run it: the same.
+        if self.vcpus_stopped
+            && status != MigrationStatus::Completed
+            && !self.guest_on_destination
+            && !self.committed
         {
             self.vcpus_stopped = false;
             return SourceAction::ResumeVcpus;

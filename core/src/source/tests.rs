@@ -4,6 +4,7 @@
 use std::vec;
 
 use super::*;
+use crate::capabilities::Capabilities;
 use crate::wire::BlockId;
 
 struct AllZero;
@@ -123,5 +124,132 @@ fn a_page_request_outside_postcopy_fails_the_migration() {
             Some(SourceAction::Finished(MigrationStatus::Failed))
         );
         assert_eq!(s.poll_action(now, &AllZero), None);
+    });
+}
+
+/// Drives a return-path precopy of an idle 1024-page guest up to the end
+/// of the stream (the engine then waits for LOADED), and hands the engine
+/// to `f` with the time it got there.
+fn at_the_end_of_the_stream(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::RETURN_PATH;
+    config.limits.confirm_timeout_ms = 1_000;
+    config.parameters.max_bandwidth = 0;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    let mut syncs = 0;
+    let mut sent_end = false;
+    while let Some(action) = s.poll_action(now, &AllZero) {
+        match action {
+            SourceAction::SyncDirtyLog => {
+                // The initially-set log first, then nothing dirty.
+                let word = if syncs == 0 { u64::MAX } else { 0 };
+                syncs += 1;
+                s.handle_dirty_log(0, &[word; 16]).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            SourceAction::StopVcpus => s.handle_vcpus_stopped(now).unwrap(),
+            SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
+            SourceAction::Send(bytes) => sent_end = bytes == [0, 6, 0, 0, 0, 0, 0, 0],
+            SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
+                panic!("the migration ended early")
+            }
+            _ => {}
+        }
+    }
+    assert!(sent_end, "the last write is END_OF_STREAM");
+    assert!(!s.is_committed());
+    f(&mut s, now);
+}
+
+/// Polls to the end, returning every action's kind.
+fn drain(s: &mut SourceEngine<'_>, now: Instant) -> std::vec::Vec<&'static str> {
+    let mut seen = std::vec::Vec::new();
+    while let Some(action) = s.poll_action(now, &AllZero) {
+        seen.push(match action {
+            SourceAction::ResumeVcpus => "resume",
+            SourceAction::Finished(MigrationStatus::Completed) => "completed",
+            SourceAction::Finished(_) => "failed",
+            SourceAction::Send(_) => "send",
+            _ => "other",
+        });
+    }
+    seen
+}
+
+#[test]
+fn after_the_commit_the_source_never_resumes_nor_cancels() {
+    // LOADED: the next write is the COMMIT, and the source is committed.
+    at_the_end_of_the_stream(|s, now| {
+        s.handle_return_path(now, &RpMessage::Loaded).unwrap();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Send(&[0, 1, 0, 0, 0, 0, 0, 2, 0, 10]))
+        );
+        assert!(s.is_committed());
+        assert_eq!(s.cancel(now), Err(SourceError::AlreadyCommitted));
+        // The connection closes before the confirmation: ambiguous, and
+        // the guest stays paused.
+        s.handle_io_error(now, format_args!("the destination closed the connection"));
+        assert_eq!(drain(s, now), ["failed"]);
+        assert_eq!(s.stats().ambiguous_end, Some(AmbiguousEnd::SourceCommitted));
+    });
+    // No confirmation within the confirm timeout: the same.
+    at_the_end_of_the_stream(|s, now| {
+        s.handle_return_path(now, &RpMessage::Loaded).unwrap();
+        drain(s, now);
+        let late = now + Duration::from_millis(1_000);
+        assert_eq!(s.poll_timeout(), Some(late));
+        assert_eq!(drain(s, late), ["failed"]);
+        assert!(
+            s.stats()
+                .error_desc
+                .as_str()
+                .contains("did not confirm the commit within 1000 ms")
+        );
+        assert_eq!(s.stats().ambiguous_end, Some(AmbiguousEnd::SourceCommitted));
+    });
+    // Confirmed: a close right after SHUT(0) does not undo the completion.
+    at_the_end_of_the_stream(|s, now| {
+        s.handle_return_path(now, &RpMessage::Loaded).unwrap();
+        drain(s, now);
+        s.handle_return_path(now, &RpMessage::Shut { error: false })
+            .unwrap();
+        s.handle_io_error(now, format_args!("the destination closed the connection"));
+        assert_eq!(drain(s, now), ["completed"]);
+        assert_eq!(s.stats().ambiguous_end, None);
+    });
+}
+
+#[test]
+fn before_the_commit_a_failure_resumes_the_guest() {
+    // Waiting for LOADED: a close or a timeout resumes the guest, cleanly.
+    at_the_end_of_the_stream(|s, now| {
+        s.handle_io_error(now, format_args!("the destination closed the connection"));
+        assert_eq!(drain(s, now), ["resume", "failed"]);
+        assert_eq!(s.stats().ambiguous_end, None);
+    });
+    at_the_end_of_the_stream(|s, now| {
+        let late = now + Duration::from_millis(1_000);
+        assert_eq!(drain(s, late), ["resume", "failed"]);
+        assert!(
+            s.stats()
+                .error_desc
+                .as_str()
+                .contains("did not report the stream loaded")
+        );
+    });
+    // LOADED received but the COMMIT not handed out yet: still clean.
+    at_the_end_of_the_stream(|s, now| {
+        s.handle_return_path(now, &RpMessage::Loaded).unwrap();
+        s.cancel(now).unwrap();
+        assert_eq!(drain(s, now), ["resume", "failed"]);
+        assert_eq!(s.state(), MigrationStatus::Cancelled);
     });
 }

@@ -22,8 +22,13 @@ enum Phase {
     RecordHeader,
     /// The body of a record; `body_fill` bytes of it are in `scratch`.
     Body { kind: u16, len: usize },
-    /// EndOfStream was decoded; nothing may follow.
+    /// EndOfStream was decoded; nothing may follow but the one Commit of
+    /// the end-of-migration handshake, matched byte for byte against
+    /// [`COMMIT_RECORD`] (`head_fill` bytes of it have arrived), so that
+    /// anything else is refused at its first byte without being buffered.
     Ended,
+    /// The Commit after EndOfStream was decoded; nothing may follow.
+    Committed,
     /// A malformed stream was seen; this error is returned from now on.
     Failed(DecodeError),
 }
@@ -44,7 +49,13 @@ enum BodyAt {
     Input { start: usize, end: usize },
     /// `scratch[..len]`.
     Scratch { len: usize },
+    /// The body of [`COMMIT_RECORD`], matched byte for byte.
+    Commit,
 }
+
+/// The one record allowed after EndOfStream, whole: a Command record
+/// header (body_len 2) and the Commit code.
+pub(crate) const COMMIT_RECORD: [u8; RECORD_HEADER_LEN + 2] = [0, 1, 0, 0, 0, 0, 0, 2, 0, 10];
 
 /// Outcome of feeding bytes to the framing state machine.
 enum Step {
@@ -115,6 +126,7 @@ impl<'s> StreamDecoder<'s> {
         let body = match at {
             BodyAt::Input { start, end } => input.get(start..end),
             BodyAt::Scratch { len } => scratch.get(..len),
+            BodyAt::Commit => COMMIT_RECORD.get(RECORD_HEADER_LEN..),
         };
         let result = match body {
             Some(body) => Record::decode_body(kind, body),
@@ -136,12 +148,23 @@ impl<'s> StreamDecoder<'s> {
         }
     }
 
-    /// The peer closed the connection. `Ok` only right after EndOfStream;
-    /// otherwise `UnexpectedEof` says where the stream was cut (or the
-    /// earlier error, if the stream had already failed).
+    /// The peer closed the connection. `Ok` right after EndOfStream or
+    /// after the Commit that may follow it (whether a Commit was due is the
+    /// destination engine's business); otherwise `UnexpectedEof` says
+    /// where the stream was cut (or the earlier error, if the stream had
+    /// already failed).
     pub fn finish(&self) -> Result<(), DecodeError> {
         let at = match self.phase {
-            Phase::Ended => return Ok(()),
+            Phase::Ended if self.head_fill == 0 => return Ok(()),
+            Phase::Committed => return Ok(()),
+            Phase::Ended if self.head_fill < RECORD_HEADER_LEN => EofAt::RecordHeader {
+                have: self.head_fill,
+            },
+            Phase::Ended => EofAt::Body {
+                kind: kind::COMMAND,
+                have: self.head_fill - RECORD_HEADER_LEN,
+                len: COMMIT_RECORD.len() - RECORD_HEADER_LEN,
+            },
             Phase::Failed(e) => return Err(e),
             Phase::StreamHeader => EofAt::StreamHeader {
                 have: self.head_fill,
@@ -161,7 +184,12 @@ impl<'s> StreamDecoder<'s> {
 
     /// True once EndOfStream has been decoded.
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Ended)
+        matches!(self.phase, Phase::Ended | Phase::Committed)
+    }
+
+    /// True once the Commit after EndOfStream has been decoded.
+    pub fn is_committed(&self) -> bool {
+        matches!(self.phase, Phase::Committed)
     }
 
     /// Records `e` as the decoder's final state and returns it.
@@ -194,11 +222,34 @@ impl<'s> StreamDecoder<'s> {
             let rest = input.get(pos..).unwrap_or_default();
             match self.phase {
                 Phase::Failed(e) => return Err(e),
+                Phase::Committed if rest.is_empty() => return Ok(Step::NeedMore),
+                Phase::Committed => {
+                    return Err(DecodeError::TrailingData {
+                        what: "after Commit",
+                        len: rest.len(),
+                    });
+                }
                 Phase::Ended if rest.is_empty() => return Ok(Step::NeedMore),
                 Phase::Ended => {
-                    return Err(DecodeError::TrailingData {
-                        what: "after EndOfStream",
-                        len: rest.len(),
+                    let expect = COMMIT_RECORD.get(self.head_fill..).unwrap_or_default();
+                    let take = expect.len().min(rest.len());
+                    if rest.get(..take) != expect.get(..take) {
+                        return Err(DecodeError::TrailingData {
+                            what: "after EndOfStream",
+                            len: self.head_fill + rest.len(),
+                        });
+                    }
+                    self.head_fill += take;
+                    pos += take;
+                    if self.head_fill < COMMIT_RECORD.len() {
+                        return Ok(Step::NeedMore);
+                    }
+                    self.head_fill = 0;
+                    self.phase = Phase::Committed;
+                    return Ok(Step::Record {
+                        kind: kind::COMMAND,
+                        at: BodyAt::Commit,
+                        consumed: pos,
                     });
                 }
                 Phase::StreamHeader => {

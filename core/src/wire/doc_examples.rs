@@ -108,6 +108,7 @@ fn commands() {
         "switchover-start",
         Record::Command(Command::SwitchoverStart),
     );
+    check("commit", Record::Command(Command::Commit));
 }
 
 #[test]

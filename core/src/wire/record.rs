@@ -39,6 +39,8 @@ pub mod command_code {
     pub const POSTCOPY_RESUME: u16 = 8;
     /// The source is about to stop the guest.
     pub const SWITCHOVER_START: u16 = 9;
+    /// The source has committed to the destination: start the guest there.
+    pub const COMMIT: u16 = 10;
 }
 
 /// One record of the main stream.
@@ -96,6 +98,11 @@ pub enum Command<'a> {
     PostcopyResume,
     /// The source is about to stop the guest for the switchover.
     SwitchoverStart,
+    /// The end-of-migration commit (precopy with the return path): the
+    /// source has given the guest up for good and will never resume it, so
+    /// the destination, which reported the stream loaded, may start it. The
+    /// only record allowed after EndOfStream, and the last one.
+    Commit,
 }
 
 /// A run of guest pages within a RAM block: `count` pages from page index
@@ -564,6 +571,7 @@ impl<'a> Command<'a> {
             Self::RecvBitmap { .. } => RECV_BITMAP,
             Self::PostcopyResume => POSTCOPY_RESUME,
             Self::SwitchoverStart => SWITCHOVER_START,
+            Self::Commit => COMMIT,
         }
     }
 
@@ -579,7 +587,8 @@ impl<'a> Command<'a> {
             | Self::PostcopyListen
             | Self::PostcopyRun
             | Self::PostcopyResume
-            | Self::SwitchoverStart => 0,
+            | Self::SwitchoverStart
+            | Self::Commit => 0,
         }
     }
 
@@ -589,7 +598,7 @@ impl<'a> Command<'a> {
         let code = r.read::<U16>("command code")?.get();
         let fixed_len = match code {
             OPEN_RETURN_PATH | POSTCOPY_LISTEN | POSTCOPY_RUN | POSTCOPY_RESUME
-            | SWITCHOVER_START => Some(2),
+            | SWITCHOVER_START | COMMIT => Some(2),
             PING => Some(6),
             POSTCOPY_ADVISE => Some(2 + size_of::<AdviseArgs>()),
             POSTCOPY_RAM_DISCARD | RECV_BITMAP => None,
@@ -638,6 +647,7 @@ impl<'a> Command<'a> {
             },
             POSTCOPY_RESUME => Self::PostcopyResume,
             SWITCHOVER_START => Self::SwitchoverStart,
+            COMMIT => Self::Commit,
             code => return Err(DecodeError::UnknownCommand { code }),
         };
         // RecvBitmap's length depends on its id; check that nothing follows it.
@@ -689,7 +699,8 @@ impl<'a> Command<'a> {
             | Self::PostcopyListen
             | Self::PostcopyRun
             | Self::PostcopyResume
-            | Self::SwitchoverStart => Ok(()),
+            | Self::SwitchoverStart
+            | Self::Commit => Ok(()),
         }
     }
 }

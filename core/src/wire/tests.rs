@@ -50,6 +50,7 @@ fn with_record<R>(m: &Model, f: impl FnOnce(Record<'_>) -> R) -> R {
                     command_code::POSTCOPY_LISTEN => Command::PostcopyListen,
                     command_code::POSTCOPY_RUN => Command::PostcopyRun,
                     command_code::POSTCOPY_RESUME => Command::PostcopyResume,
+                    command_code::COMMIT => Command::Commit,
                     _ => Command::SwitchoverStart,
                 },
                 CommandModel::Ping(v) => Command::Ping(*v),
@@ -191,7 +192,7 @@ fn pow2(max_shift: u32) -> impl Strategy<Value = u64> {
 
 fn command_strategy() -> impl Strategy<Value = CommandModel> {
     prop_oneof![
-        prop::sample::select(vec![1u16, 4, 5, 8, 9]).prop_map(CommandModel::Simple),
+        prop::sample::select(vec![1u16, 4, 5, 8, 9, 10]).prop_map(CommandModel::Simple),
         any::<u32>().prop_map(CommandModel::Ping),
         (pow2(63), pow2(63)).prop_map(|(h, t)| CommandModel::Advise(h, t)),
         (
@@ -444,8 +445,8 @@ fn record_header_errors() {
 fn command_errors() {
     let c = kind::COMMAND;
     assert_eq!(
-        body_error(c, &[0, 10]),
-        DecodeError::UnknownCommand { code: 10 }
+        body_error(c, &[0, 11]),
+        DecodeError::UnknownCommand { code: 11 }
     );
     assert_eq!(
         body_error(c, &[0, 0]),
@@ -766,7 +767,7 @@ fn oversized_decided_from_header() {
 #[test]
 fn trailing_data_after_end() {
     let mut s = encode_stream(&[Model::End]);
-    s.push(0);
+    s.push(0xff);
     assert_eq!(
         decode_chunked(&s, &[usize::MAX], 16),
         Err(DecodeError::TrailingData {
@@ -779,6 +780,71 @@ fn trailing_data_after_end() {
         Err(DecodeError::TrailingData {
             what: "after EndOfStream",
             len: 1
+        })
+    );
+}
+
+/// The end-of-migration handshake: one Commit may follow EndOfStream and
+/// nothing may follow the Commit, however the bytes are split.
+#[test]
+fn one_commit_may_follow_the_end_and_nothing_after_it() {
+    let commit = Record::Command(Command::Commit);
+    assert_eq!(encode_record(&commit), super::decoder::COMMIT_RECORD);
+    let mut s = encode_stream(&[Model::End]);
+    s.extend_from_slice(&encode_record(&commit));
+    for chunk in [1, 3, 9, usize::MAX] {
+        let records = decode_chunked(&s, &[chunk], 16).unwrap();
+        assert_eq!(records.last(), Some(&encode_record(&commit)));
+        let mut more = s.clone();
+        more.push(0);
+        assert_eq!(
+            decode_chunked(&more, &[chunk], 16),
+            Err(DecodeError::TrailingData {
+                what: "after Commit",
+                len: 1
+            }),
+            "chunk {chunk}"
+        );
+    }
+    // Any other record after EndOfStream is refused at its first differing
+    // byte: here a Ping, whose code differs in the last byte of the body.
+    let mut ping = encode_stream(&[Model::End]);
+    ping.extend_from_slice(&encode_record(&Record::Command(Command::Ping(1))));
+    let err = decode_chunked(&ping, &[usize::MAX], 16).unwrap_err();
+    assert!(matches!(
+        err,
+        DecodeError::TrailingData {
+            what: "after EndOfStream",
+            ..
+        }
+    ));
+    // A second Commit, or one cut short at the close, is not a Commit.
+    let mut twice = s.clone();
+    twice.extend_from_slice(&encode_record(&commit));
+    assert_eq!(
+        decode_chunked(&twice, &[4], 16),
+        // The chunk that ends the first Commit carries two bytes of the
+        // second.
+        Err(DecodeError::TrailingData {
+            what: "after Commit",
+            len: 2
+        })
+    );
+    let end = s.len() - 10;
+    assert_eq!(
+        decode_chunked(&s[..end + 5], &[1], 16),
+        Err(DecodeError::UnexpectedEof {
+            at: EofAt::RecordHeader { have: 5 }
+        })
+    );
+    assert_eq!(
+        decode_chunked(&s[..end + 9], &[usize::MAX], 16),
+        Err(DecodeError::UnexpectedEof {
+            at: EofAt::Body {
+                kind: kind::COMMAND,
+                have: 1,
+                len: 2
+            }
         })
     );
 }

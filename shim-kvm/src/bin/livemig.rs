@@ -306,13 +306,23 @@ fn progress(o: &Output) -> Progress {
     }
 }
 
+/// Exit status of a migration whose end this side cannot decide (the
+/// commit handshake was cut): the guest is paused, the operator decides.
+const EXIT_AMBIGUOUS: u8 = 3;
+
 /// Prints the summary; a migration that did not complete (or did not
-/// verify, for `demo`) is an error line and exit status 1.
+/// verify, for `demo`) is an error line and exit status 1, an ambiguous
+/// end the operator's sentence and exit status [`EXIT_AMBIGUOUS`].
 fn finish(summary: &Summary, o: &Output, need_verified: bool) -> ExitCode {
     if o.json {
         println!("{}", summary.to_json());
     } else {
         print!("{}", summary.to_text());
+    }
+    if let Some(end) = summary.stats.ambiguous_end {
+        let why = summary.error_desc().unwrap_or_default();
+        eprintln!("livemig: migration end ambiguous ({why}): {}", end.advice());
+        return ExitCode::from(EXIT_AMBIGUOUS);
     }
     if summary.stats.status == MigrationStatus::Cancelled {
         eprintln!("livemig: migration cancelled; the guest keeps running on the source");

@@ -13,8 +13,17 @@
 //! The stream goes to a [`DestinationEngine`] (always built with postcopy
 //! tracking: two bitmaps), which validates everything before it touches
 //! guest memory and calls back into [`KvmHost`] to place pages and load the
-//! vCPU state; the return-path bytes it queues (SHUT, page requests) go back
-//! on the same connection.
+//! vCPU state; the return-path bytes it queues (LOADED, SHUT, page
+//! requests) go back on the same connection.
+//!
+//! The vCPU section ([`CPU_DEVICE_ID`]) is required: a stream that ends
+//! without it is refused, and the guest never starts from reset. With the
+//! return path, a precopy ends with the commit handshake: the end of the
+//! stream is answered with LOADED and the vCPU stays parked until the
+//! source's COMMIT arrives. If the stream ends any other way after LOADED,
+//! the end is ambiguous (the source may have committed): [`receive`]
+//! returns with the VM loaded and the vCPU parked, and the report's
+//! `stats.ambiguous_end` says what the operator must do.
 //!
 //! # Postcopy
 //!
@@ -41,7 +50,7 @@ use std::thread;
 use std::time::Duration;
 
 use livemig_core::destination::{
-    DestError, DestinationEngine, DestinationHost, HostError, PostcopyTracking,
+    DestError, DestinationEngine, DestinationHost, HostError, PostcopyTracking, RequiredSection,
 };
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
@@ -61,6 +70,12 @@ use crate::vm::Vm;
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const PAGE: u64 = PAGE_SIZE as u64;
+
+/// The sections a guest cannot start without: its vCPU state.
+const REQUIRED: &[RequiredSection] = &[RequiredSection {
+    id: CPU_DEVICE_ID,
+    instance: 0,
+}];
 
 /// Size of each of the reader's buffers.
 const READ_BUFFER: usize = 1 << 20;
@@ -104,6 +119,9 @@ pub struct DestinationReport {
     pub stats: MigrationStats,
     /// Why the migration failed, in words for an operator (the engine's
     /// error mapped to the cause: size mismatch, not a livemig peer...).
+    /// When `stats.ambiguous_end` is set as well, the VM holds the whole
+    /// loaded guest with its vCPU parked: keep it until the operator
+    /// decides (its advice says how).
     pub error: Option<String>,
     /// Digest of guest memory once the stream was loaded, before the vCPU
     /// ran (compare with the source's digest at its stop). `None` after
@@ -563,6 +581,10 @@ pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String
             None => err.to_string(),
         },
         DestError::UnexpectedEof(_) => format!("connection from {peer} lost: {err}"),
+        DestError::Decode(DecodeError::TrailingData { len, what }) => format!(
+            "the source {peer} sent {len} bytes {what}, where its stream must end: refused, \
+             the guest was not started"
+        ),
         _ => err.to_string(),
     }
 }
@@ -592,6 +614,9 @@ pub fn receive(
         .map_err(|e| MigrateError::Engine(e.to_string()))?;
     // The connection is up: a source that never sends is given up on too.
     engine.set_idle_timeout(idle_timeout);
+    engine
+        .require_sections(REQUIRED)
+        .map_err(|e| MigrateError::Engine(e.to_string()))?;
     engine.begin(clock::now());
     let reader_conn = conn.try_clone()?;
     let (tx, events) = mpsc::channel();

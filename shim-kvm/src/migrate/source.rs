@@ -481,6 +481,13 @@ pub fn migrate(
                 break;
             }
         }
+        // From the commit on, like after the postcopy switchover, the
+        // destination needs the connection to confirm: a cancel must not
+        // cut it.
+        on_destination.store(
+            engine.guest_on_destination() || engine.is_committed(),
+            Ordering::SeqCst,
+        );
         progress(engine.stats());
         if engine.is_finished() {
             break engine.state();
