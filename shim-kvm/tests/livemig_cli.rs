@@ -611,3 +611,148 @@ fn ctrl_c_cancels_and_the_guest_runs_on() {
     assert_error_line(&out, "cancelled");
     assert_error_line(&recv, "connection");
 }
+
+/// What `livemig` prints on stderr when the postcopy switchover is done.
+const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the destination";
+
+/// Sends `signal` (`-INT`, `-TERM`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// `child`'s stderr, line by line as it comes, so that a test can act on
+/// a line while the child runs.
+struct StderrLines {
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line received so far.
+    seen: String,
+}
+
+impl StderrLines {
+    fn of(child: &mut Child) -> Self {
+        let reader = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        StderrLines {
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`, failing the test if stderr
+    /// ends first.
+    fn wait_for(&mut self, needle: &str) {
+        loop {
+            let Ok(line) = self.lines.recv() else {
+                panic!("stderr ended without {needle:?}: {}", self.seen);
+            };
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// [`finish`] for a child whose stderr is read here: its `stderr` is
+    /// every line.
+    fn finish(mut self, child: Child) -> Output {
+        let mut out = finish(child);
+        for line in self.lines.iter() {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        out.stderr = self.seen.into_bytes();
+        out
+    }
+}
+
+/// A postcopy `send` of a 64 MiB working set whose background pass is held
+/// to 16 MiB/s: the guest runs on the destination for a few seconds while
+/// the rest of its memory arrives.
+fn spawn_postcopy(args: &[&str], mem_mib: u64) -> Child {
+    let mem_mib = mem_mib.to_string();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&[
+        "--mode",
+        "postcopy",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        &mem_mib,
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "300",
+        "--param",
+        "max-postcopy-bandwidth=16M",
+    ]);
+    spawn(&all)
+}
+
+/// Issue 8 item 1: a Ctrl-C or SIGTERM after the postcopy switchover is
+/// refused and changes nothing: both ends complete and the guest runs on
+/// at the destination, unharmed.
+#[test]
+fn a_signal_after_the_postcopy_switchover_changes_nothing() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    for sig in ["-INT", "-TERM"] {
+        let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
+        let mut sender = spawn_postcopy(&["send", "--to", &addr], 256);
+        let mut lines = StderrLines::of(&mut sender);
+        lines.wait_for(SWITCHOVER_LINE);
+        std::thread::sleep(Duration::from_millis(600));
+        signal(sender.id(), sig);
+        let out = lines.finish(sender);
+        let recv = finish(receiver);
+        let err = stderr(&out);
+        assert!(
+            err.contains("postcopy cannot be cancelled"),
+            "{sig}: the refusal is not said: {err}"
+        );
+        let (s, r) = (json_of(&out), json_of(&recv));
+        assert!(out.status.success(), "{sig}: send failed: {err} {s}");
+        assert!(recv.status.success(), "{sig}: receive failed: {recv:?}");
+        assert_eq!(s["status"], "completed", "{sig}: {s}");
+        assert_eq!(s["postcopy"], true, "{sig}: {s}");
+        assert_eq!(r["status"], "completed", "{sig}: {r}");
+        assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0, "{r}");
+        assert!(
+            r["guest-generation"].as_u64().unwrap()
+                > s["guest-generation-at-stop"].as_u64().unwrap(),
+            "{sig}: the guest did not run on at the destination: {r}"
+        );
+    }
+}
+
+/// The same refusal seen by `demo`, which holds both digests: a SIGINT
+/// after the switchover, and the migration still completes and verifies.
+#[test]
+fn a_signal_after_the_postcopy_switchover_still_verifies() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let mut demo = spawn_postcopy(&["demo", "--run-ms", "300"], 256);
+    let mut lines = StderrLines::of(&mut demo);
+    lines.wait_for(SWITCHOVER_LINE);
+    std::thread::sleep(Duration::from_millis(600));
+    signal(demo.id(), "-INT");
+    let out = lines.finish(demo);
+    let v = json_of_success(&out);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["postcopy"], true, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["destination"]["digest"], v["digest"], "{v}");
+}

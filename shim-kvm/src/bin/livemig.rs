@@ -265,8 +265,20 @@ fn source_options(m: &Migration) -> SourceOptions {
     SourceOptions {
         switchover_pause: Duration::from_millis(m.switchover_pause_ms),
         write_timeout: (m.send_timeout_ms > 0).then(|| Duration::from_millis(m.send_timeout_ms)),
+        on_switchover: Some(announce_switchover),
     }
 }
+
+/// The moment the guest changes hands in postcopy, on stderr (also with
+/// --quiet: an operator, or a script, needs to know that from now on a
+/// Ctrl-C no longer cancels).
+fn announce_switchover() {
+    eprintln!("{SWITCHOVER_LINE}");
+}
+
+/// What [`announce_switchover`] prints.
+const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the destination; \
+     Ctrl-C and SIGTERM no longer cancel the migration";
 
 /// Whether `receive`'s `--cap` flags turn postcopy-blocktime on.
 fn receive_blocktime(caps: &[String]) -> Result<bool, String> {

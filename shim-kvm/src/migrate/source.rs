@@ -20,9 +20,9 @@
 
 use std::io::IoSlice;
 use std::net::Shutdown;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ const HEAR_OUT: Duration = Duration::from_millis(200);
 
 /// How the tool drives a source migration, beyond the engine's
 /// configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct SourceOptions {
     /// With the `pause-before-switchover` capability: how long the stopped
     /// guest stays in pre-switchover before the switchover continues on its
@@ -66,6 +66,11 @@ pub struct SourceOptions {
     /// turns that into a failed migration with the guest running again on
     /// the source.
     pub write_timeout: Option<Duration>,
+    /// Called once, on the migration thread, right after the postcopy
+    /// package (with its run command) was handed to the socket: from then
+    /// on the guest belongs to the destination and a cancel is refused. The
+    /// `livemig` tool prints a line there.
+    pub on_switchover: Option<fn()>,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -76,6 +81,7 @@ impl Default for SourceOptions {
         SourceOptions {
             switchover_pause: Duration::ZERO,
             write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
+            on_switchover: None,
         }
     }
 }
@@ -305,13 +311,8 @@ pub fn migrate(
     let (events, reader) = spawn_return_path_reader(rp_conn);
     let peer = conn.peer().to_string();
     let done = Arc::new(AtomicBool::new(false));
-    let on_destination = Arc::new(AtomicBool::new(false));
-    let watcher = spawn_cancel_watcher(
-        cancel_conn,
-        cancel.clone(),
-        Arc::clone(&done),
-        Arc::clone(&on_destination),
-    );
+    let gate = Arc::new(CancelGate::new(cancel_conn));
+    let watcher = spawn_cancel_watcher(Arc::clone(&gate), cancel.clone(), Arc::clone(&done));
     let mut log = DirtyLog::new(vm);
     let map = SlotMap::new(vm.ram());
     let pages = KvmPages {
@@ -342,7 +343,7 @@ pub fn migrate(
             if let Err(e) = engine.cancel(clock::now()) {
                 if !cancel_refused {
                     cancel_refused = true;
-                    eprintln!("livemig: {e}");
+                    eprintln!("livemig: {e}; the migration goes on to completion");
                 }
             }
         }
@@ -435,9 +436,22 @@ pub fn migrate(
                     Err(reason) => lost = Some(reason),
                 },
                 SourceAction::PackageDevices => {
+                    // The last moment a cancel can be carried out: decided
+                    // under the gate's lock, so that no shutdown can follow
+                    // the package (the destination would start the guest,
+                    // then lose its connection).
+                    if !gate.commit(cancel) {
+                        let _ = engine.cancel(clock::now());
+                        continue;
+                    }
                     report.postcopy = true;
-                    if let Err(reason) = package_devices(&mut engine, vcpu, &conn) {
-                        lost = Some(reason);
+                    match package_devices(&mut engine, vcpu, &conn) {
+                        Ok(()) => {
+                            if let Some(announce) = options.on_switchover {
+                                announce();
+                            }
+                        }
+                        Err(reason) => lost = Some(reason),
                     }
                 }
                 SourceAction::ResumeVcpus => {
@@ -530,20 +544,71 @@ pub fn migrate(
     Ok(report)
 }
 
-/// Shuts `conn` down when `cancel` is set, until `done`.
-fn spawn_cancel_watcher(
+/// Where a cancel and the postcopy switchover meet. A cancel shuts the
+/// connection down (which also frees a write blocked on a stuck peer); the
+/// switchover hands the guest to the destination, after which a shutdown
+/// would leave the guest nowhere. One lock decides which came first.
+struct CancelGate {
     conn: Connection,
+    state: Mutex<GateState>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    /// Neither has happened.
+    Open,
+    /// The connection was shut down for a cancel.
+    Shut,
+    /// The switchover began: the connection must stay up.
+    Committed,
+}
+
+impl CancelGate {
+    fn new(conn: Connection) -> Self {
+        CancelGate {
+            conn,
+            state: Mutex::new(GateState::Open),
+        }
+    }
+
+    /// Carries out a cancel, unless the switchover began (it is refused
+    /// then).
+    fn shut(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if *state == GateState::Open {
+            // Already shut down or gone: either way it is closed.
+            let _ = self.conn.shutdown(Shutdown::Both);
+            *state = GateState::Shut;
+        }
+    }
+
+    /// Called just before the postcopy package is written: `true` if the
+    /// switchover may go ahead (no cancel was asked for), after which
+    /// every cancel is refused; `false` if a cancel came first (the
+    /// connection is then shut down).
+    fn commit(&self, cancel: &Cancel) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if *state == GateState::Open && cancel.is_cancelled() {
+            let _ = self.conn.shutdown(Shutdown::Both);
+            *state = GateState::Shut;
+        }
+        if *state == GateState::Open {
+            *state = GateState::Committed;
+        }
+        *state == GateState::Committed
+    }
+}
+
+/// Carries out a cancel through `gate` when `cancel` is set, until `done`.
+fn spawn_cancel_watcher(
+    gate: Arc<CancelGate>,
     cancel: Cancel,
     done: Arc<AtomicBool>,
-    on_destination: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         while !done.load(Ordering::SeqCst) {
-            // After the postcopy switchover the guest needs the connection
-            // to finish arriving: a cancel is refused, not carried out.
-            if cancel.is_cancelled() && !on_destination.load(Ordering::SeqCst) {
-                // Already shut down or gone: either way it is closed.
-                let _ = conn.shutdown(Shutdown::Both);
+            if cancel.is_cancelled() {
+                gate.shut();
                 return;
             }
             thread::sleep(Duration::from_millis(10));
@@ -593,4 +658,55 @@ fn package_devices(
     engine
         .handle_package_sent(clock::now())
         .map_err(|e| format!("migration engine: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{Listener, MigrationUri};
+
+    /// A connected pair over a Unix socket: (this end, the peer's end).
+    fn pair(tag: &str) -> (Connection, Connection) {
+        let path = std::env::temp_dir().join(format!(
+            "livemig-gate-{tag}-{}.sock",
+            std::process::id()
+        ));
+        let uri = MigrationUri::Unix(path);
+        let listener = Listener::bind(&uri).unwrap();
+        let ours = Connection::connect(&uri).unwrap();
+        (ours, listener.accept().unwrap())
+    }
+
+    #[test]
+    fn a_cancel_before_the_switchover_wins_and_shuts_the_connection() {
+        let (ours, peer) = pair("before");
+        let gate = CancelGate::new(ours.try_clone().unwrap());
+        let cancel = Cancel::new();
+        // Asked for, not yet carried out by the watcher: the switchover
+        // must not go ahead, and the connection is shut at once.
+        cancel.cancel();
+        assert!(!gate.commit(&cancel));
+        assert_eq!(peer.read(&mut [0u8; 8]).unwrap(), 0);
+        // The watcher arriving late changes nothing.
+        gate.shut();
+        assert!(!gate.commit(&cancel));
+    }
+
+    #[test]
+    fn a_cancel_after_the_switchover_leaves_the_connection_up() {
+        let (ours, peer) = pair("after");
+        let gate = CancelGate::new(ours.try_clone().unwrap());
+        let cancel = Cancel::new();
+        assert!(gate.commit(&cancel));
+        cancel.cancel();
+        gate.shut();
+        // Still connected both ways: the rest of postcopy can flow.
+        ours.write_all(b"pages").unwrap();
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pages");
+        peer.write_all(b"req").unwrap();
+        ours.read_exact(&mut got[..3]).unwrap();
+        assert!(gate.commit(&cancel));
+    }
 }
