@@ -756,3 +756,205 @@ fn a_signal_after_the_postcopy_switchover_still_verifies() {
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(v["destination"]["digest"], v["digest"], "{v}");
 }
+
+/// Issue 8 item 4, a peer that stops reading: it takes the stream slowly
+/// for a while (the socket is full, so the sender's writes go partial),
+/// then takes nothing at all. `send --send-timeout-ms 4000` must give up
+/// within 4 s plus one of the stall, however its writes were cut up, and
+/// its guest runs on. When the sender gave up is its migration's start
+/// (the first byte here, give or take a millisecond) plus its `total-time`.
+#[test]
+fn send_gives_up_on_a_stalled_peer_within_the_send_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        assert!(conn.read(&mut buf).unwrap() > 0);
+        let first = Instant::now();
+        // Slower than the default 128 MiB/s the sender tries.
+        while first.elapsed() < Duration::from_millis(1500) {
+            assert!(conn.read(&mut buf).unwrap() > 0, "the sender closed early");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stalled = Instant::now();
+        // Connected and silent until the sender is done.
+        let _ = done_rx.recv();
+        (first, stalled)
+    });
+    let out = livemig(&[
+        "send",
+        "--to",
+        &addr,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "200",
+        "--send-timeout-ms",
+        "4000",
+    ]);
+    drop(done_tx);
+    let (first, stalled) = peer.join().unwrap();
+    let v = json_of(&out);
+    let gave_up = first + Duration::from_millis(v["total-time"].as_u64().unwrap());
+    let after = gave_up.saturating_duration_since(stalled);
+    eprintln!("MEASURE send gave up {after:?} after the peer stopped reading (timeout 4 s)");
+    assert!(
+        after >= Duration::from_millis(3900) && after <= Duration::from_secs(5),
+        "gave up {after:?} after the stall, with a 4 s send timeout: {v}"
+    );
+    assert_error_line(&out, "the peer stopped reading or the link is down");
+    assert_error_line(&out, "4000 ms");
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_source_guest_ran_on(&v);
+}
+
+/// A network namespace joined to this one by a veth pair, removed on drop
+/// (which removes both ends of the pair).
+struct Netns {
+    name: String,
+    /// This namespace's end of the pair.
+    link: String,
+    /// The address of the other end, inside the namespace.
+    remote: String,
+}
+
+impl Netns {
+    /// Creates it, or says why not (the test then skips loudly).
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id();
+        let ns = Netns {
+            name: format!("lmtest{id}"),
+            link: format!("lmA{id}"),
+            remote: format!("10.251.{}.2", id % 250),
+        };
+        let local = format!("10.251.{}.1/24", id % 250);
+        let inner = format!("lmB{id}");
+        let remote = format!("{}/24", ns.remote);
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", &ns.name],
+            &[
+                "link", "add", &ns.link, "type", "veth", "peer", "name", &inner,
+            ],
+            &["link", "set", &inner, "netns", &ns.name],
+            &["addr", "add", &local, "dev", &ns.link],
+            &["link", "set", &ns.link, "up"],
+            &["-n", &ns.name, "addr", "add", &remote, "dev", &inner],
+            &["-n", &ns.name, "link", "set", &inner, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("ip {}: {}", args.join(" "), stderr(&out).trim()));
+            }
+        }
+        Ok(ns)
+    }
+
+    /// Cuts the link from this side.
+    fn cut(&self) {
+        let status = Command::new("ip")
+            .args(["link", "set", &self.link, "down"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip link set {} down", self.link);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A dropped link (veth pair between network namespaces, taken down
+/// mid-migration): `send --send-timeout-ms 4000` fails within 4 s plus one
+/// (plus the half second it then spends checking that its guest runs on,
+/// before it exits), and the guest runs on.
+#[test]
+fn send_gives_up_on_a_dropped_link_within_the_send_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot create a network namespace: {why}");
+            return;
+        }
+    };
+    let listen = format!("tcp:{}:0", ns.remote);
+    let mut receiver = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            common::BIN,
+            "receive",
+            "--listen",
+        ])
+        .args([&listen, "--json", "--quiet", "--mem-mib", "256"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("receiver said {line:?}"))
+        .to_string();
+    let sender = spawn(&[
+        "send",
+        "--to",
+        &addr,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "32",
+        "--warmup-ms",
+        "200",
+        "--param",
+        "max-bandwidth=16M",
+        "--send-timeout-ms",
+        "4000",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    ns.cut();
+    let cut = Instant::now();
+    let out = finish(sender);
+    let after = cut.elapsed();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    eprintln!("MEASURE send exited {after:?} after the link was cut (timeout 4 s)");
+    let v = json_of(&out);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        after <= Duration::from_millis(5500),
+        "send exited {after:?} after the link was cut, with a 4 s send timeout: {v}"
+    );
+    assert_error_line(&out, "the link is down");
+    assert_source_guest_ran_on(&v);
+}

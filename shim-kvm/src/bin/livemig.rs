@@ -82,9 +82,11 @@ struct Migration {
     /// (there is no separate continue command), in ms.
     #[arg(long, default_value_t = 0)]
     switchover_pause_ms: u64,
-    /// Fail the migration when the destination takes nothing for this long
-    /// (it stopped reading), in ms; 0 waits forever. The guest then runs on
-    /// at the source.
+    /// Fail the migration when the socket accepts no byte for this long (the
+    /// destination stopped reading, or the link is down), counted from the
+    /// last byte accepted, in ms; on TCP also the kernel's
+    /// TCP_USER_TIMEOUT. 0 waits forever. The guest then runs on at the
+    /// source.
     #[arg(long, default_value_t = 30_000)]
     send_timeout_ms: u64,
     /// A capability, in QEMU's names: --cap postcopy-ram=on (repeatable).

@@ -61,8 +61,9 @@ pub struct SourceOptions {
     /// guest stays in pre-switchover before the switchover continues on its
     /// own (what an operator's `migrate-continue` would do).
     pub switchover_pause: Duration,
-    /// How long one write to the destination may block (`None`: forever). A
-    /// destination that stops reading fills the socket buffers; the bound
+    /// How long the socket may accept no byte of the stream (`None`:
+    /// forever), see [`Connection::set_write_timeout`]. A destination that
+    /// stops reading, or a dead link, fills the socket buffers; the bound
     /// turns that into a failed migration with the guest running again on
     /// the source.
     pub write_timeout: Option<Duration>,
@@ -467,15 +468,27 @@ pub fn migrate(
                 }
                 // A destination that refused the stream says why on the
                 // return path before it closes: hear it before blaming the
-                // broken connection.
+                // broken connection. A plain end of the return path says
+                // nothing more than the failed write does, so the write's
+                // reason stands then.
                 let deadline = clock::monotonic_ns() + HEAR_OUT.as_nanos() as u64;
                 while !reader_done {
                     let left = deadline.saturating_sub(clock::monotonic_ns());
                     match events.recv_timeout(Duration::from_nanos(left)) {
-                        Ok(ev) => {
-                            reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                        Ok(RpEvent::Bytes(bytes)) => on_return_path(
+                            &mut engine,
+                            &mut rp,
+                            RpEvent::Bytes(bytes),
+                            &peer,
+                            cancel,
+                        ),
+                        Ok(ev @ RpEvent::Error(_)) => {
+                            // Perhaps the kernel's own verdict (a timeout
+                            // on a dead link), which then ends both ways.
+                            reader_done = true;
                             on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
                         }
+                        Ok(RpEvent::Eof) => reader_done = true,
                         Err(_) => break,
                     }
                 }
@@ -667,10 +680,8 @@ mod tests {
 
     /// A connected pair over a Unix socket: (this end, the peer's end).
     fn pair(tag: &str) -> (Connection, Connection) {
-        let path = std::env::temp_dir().join(format!(
-            "livemig-gate-{tag}-{}.sock",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("livemig-gate-{tag}-{}.sock", std::process::id()));
         let uri = MigrationUri::Unix(path);
         let listener = Listener::bind(&uri).unwrap();
         let ours = Connection::connect(&uri).unwrap();
