@@ -128,6 +128,7 @@ pub fn return_path_corpus() -> Vec<Vec<u8>> {
         RpMessage::RecvBitmap { block: "pc.ram" },
         RpMessage::ResumeAck,
         RpMessage::SwitchoverAck,
+        RpMessage::Interrupted { signal: 2 },
     ];
     let encode = |msg: &RpMessage<'_>| {
         let mut buf = [0u8; RP_MAX_MESSAGE];

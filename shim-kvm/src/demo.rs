@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use crate::clock;
 use crate::dirty_log::DirtyLogMode;
 use crate::guest::{self, GuestParams};
-use crate::interrupt::Cancel;
+use crate::interrupt::{self, Cancel};
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter, GuestWrites};
 use crate::migrate::source::{self, SourceOptions, SourceReport};
@@ -71,6 +71,8 @@ pub enum DemoError {
     Child(String),
     /// A mode other than precopy or postcopy was asked for.
     UnsupportedMode(String),
+    /// The SIGINT / SIGTERM handlers could not be installed.
+    Signals(String),
 }
 
 impl fmt::Display for DemoError {
@@ -86,6 +88,7 @@ impl fmt::Display for DemoError {
                 f,
                 "migration mode '{m}' is not supported (precopy or postcopy)"
             ),
+            DemoError::Signals(e) => write!(f, "installing the Ctrl-C handler: {e}"),
         }
     }
 }
@@ -482,8 +485,12 @@ pub fn run_receive(
     let _ = writeln!(announce, "listening on {uri}");
     let _ = announce.flush();
     let conn = listener.accept()?;
-    let report =
-        destination::receive(&vm, &vcpu, &conn, idle_timeout, &mut |s| progress.update(s))?;
+    // Only now: until a migration arrives, Ctrl-C simply ends the process.
+    let interrupt = Cancel::new();
+    interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
+    let report = destination::receive(&vm, &vcpu, &conn, idle_timeout, &interrupt, &mut |s| {
+        progress.update(s)
+    })?;
     progress.finish();
     let (after, writes) = match (&report.error, &report.postcopy) {
         (Some(_), _) => (None, None),

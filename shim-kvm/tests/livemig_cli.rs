@@ -958,3 +958,67 @@ fn send_gives_up_on_a_dropped_link_within_the_send_timeout() {
     assert_error_line(&out, "the link is down");
     assert_source_guest_ran_on(&v);
 }
+
+/// Issue 8 item 7: `receive` on SIGINT or SIGTERM during a precopy stops
+/// loading, tells the source, prints its one line and its JSON summary and
+/// fails; the source names the interrupt and its guest runs on.
+#[test]
+fn an_interrupted_receive_says_so_and_the_source_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    for (sig, name) in [("-INT", "SIGINT"), ("-TERM", "SIGTERM")] {
+        let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+        let sender = spawn_unending_sender(&addr, 128);
+        std::thread::sleep(Duration::from_millis(1200));
+        signal(receiver.id(), sig);
+        let recv = finish(receiver);
+        let out = finish(sender);
+        let r = json_of(&recv);
+        assert_eq!(r["status"], "failed", "{name}: {r}");
+        let why = r["error-desc"].as_str().unwrap();
+        assert!(why.contains(&format!("interrupted by {name}")), "{why}");
+        assert_error_line(&recv, &format!("interrupted by {name}"));
+        let s = json_of(&out);
+        assert_eq!(s["status"], "failed", "{name}: {s}");
+        let why = s["error-desc"].as_str().unwrap();
+        assert!(
+            why.contains(&format!("the destination was interrupted ({name})")),
+            "{why}"
+        );
+        assert_error_line(&out, &format!("the destination was interrupted ({name})"));
+        assert_source_guest_ran_on(&s);
+    }
+}
+
+/// And after the postcopy switchover the destination refuses the signal,
+/// as the source does: the guest already runs there, the migration
+/// completes.
+#[test]
+fn receive_refuses_a_signal_after_the_postcopy_switchover() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
+    let mut sender = spawn_postcopy(&["send", "--to", &addr], 256);
+    let mut lines = StderrLines::of(&mut sender);
+    lines.wait_for(SWITCHOVER_LINE);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(receiver.id(), "-INT");
+    std::thread::sleep(Duration::from_millis(100));
+    signal(receiver.id(), "-TERM");
+    let out = lines.finish(sender);
+    let recv = finish(receiver);
+    assert!(
+        stderr(&recv).contains("postcopy cannot be interrupted"),
+        "the refusal is not said: {recv:?}"
+    );
+    let (s, r) = (json_of_success(&out), json_of_success(&recv));
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0, "{r}");
+    assert!(
+        r["guest-generation"].as_u64().unwrap() > s["guest-generation-at-stop"].as_u64().unwrap(),
+        "the guest did not run on at the destination: {r}"
+    );
+}

@@ -20,7 +20,7 @@ mod postcopy;
 
 pub use postcopy::PostcopyTracking;
 
-use crate::return_path::RpMessage;
+use crate::return_path::{RpMessage, SignalName};
 use crate::state::MigrationStatus;
 use crate::stats::MigrationStats;
 use crate::time::Instant;
@@ -211,6 +211,15 @@ pub enum DestError {
     },
     /// The migration had already failed; no more input is taken.
     AlreadyFailed,
+    /// The operator interrupted the migration (signal number `signal`)
+    /// before the guest ran here.
+    Interrupted {
+        /// The signal number (Linux numbering: 2 is SIGINT).
+        signal: u32,
+    },
+    /// An interrupt was refused: the guest already runs on this destination
+    /// (postcopy), and only the rest of the stream can make it whole.
+    PostcopyCannotBeInterrupted,
 }
 
 impl fmt::Display for DestError {
@@ -291,6 +300,15 @@ impl fmt::Display for DestError {
                 write!(f, "the source sent nothing for {idle_ms} ms")
             }
             DestError::AlreadyFailed => write!(f, "the migration has already failed"),
+            DestError::Interrupted { signal } => write!(
+                f,
+                "interrupted by {}: the destination stopped loading the stream",
+                SignalName(*signal)
+            ),
+            DestError::PostcopyCannotBeInterrupted => write!(
+                f,
+                "postcopy cannot be interrupted: the guest already runs on this destination"
+            ),
         }
     }
 }
@@ -559,6 +577,26 @@ impl<'a> DestinationEngine<'a> {
         Ok(offset)
     }
 
+    /// The operator asked to stop (signal number `signal`, for example
+    /// SIGINT). Before the guest runs here the migration fails (`Ok(true)`;
+    /// the VMM must then not start the guest), and the source is told with
+    /// [`RpMessage::Interrupted`], so that it resumes its guest and says
+    /// why. Once the guest runs here (postcopy) the interrupt is refused
+    /// with [`DestError::PostcopyCannotBeInterrupted`] and nothing changes.
+    /// After the end of the stream there is nothing left to interrupt
+    /// (`Ok(false)`): the guest is the VMM's to run.
+    pub fn interrupt(&mut self, now: Instant, signal: u32) -> Result<bool, DestError> {
+        match self.loader.state {
+            MigrationStatus::Completed => Ok(false),
+            MigrationStatus::Failed => Err(DestError::AlreadyFailed),
+            MigrationStatus::PostcopyActive => Err(DestError::PostcopyCannotBeInterrupted),
+            _ => {
+                self.loader.fail(now, DestError::Interrupted { signal });
+                Ok(true)
+            }
+        }
+    }
+
     /// The source closed the connection.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
         match self.loader.state {
@@ -628,7 +666,11 @@ impl Loader<'_> {
         self.set_state(MigrationStatus::Failed);
         self.waiting_since = None;
         if self.return_path {
-            queue(&mut self.rp_queue, &RpMessage::Shut { error: true });
+            let msg = match e {
+                DestError::Interrupted { signal } => RpMessage::Interrupted { signal },
+                _ => RpMessage::Shut { error: true },
+            };
+            queue(&mut self.rp_queue, &msg);
         }
         e
     }

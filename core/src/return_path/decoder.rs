@@ -436,6 +436,7 @@ fn parse_payload(
             RpMessage::ResumeAck
         }
         RpMessageType::SwitchoverAck => RpMessage::SwitchoverAck,
+        RpMessageType::Interrupted => RpMessage::Interrupted { signal: be32()? },
         RpMessageType::ReqPages => {
             let range = PageRange::read_from_bytes(payload).map_err(|_| bad_len)?;
             let (start, len) = check_range(range, page_size)?;
@@ -518,6 +519,7 @@ mod tests {
         RecvBitmap(String),
         ResumeAck,
         SwitchoverAck,
+        Interrupted(u32),
     }
 
     impl Owned {
@@ -532,6 +534,7 @@ mod tests {
                 RpMessage::RecvBitmap { block } => Self::RecvBitmap(block.to_string()),
                 RpMessage::ResumeAck => Self::ResumeAck,
                 RpMessage::SwitchoverAck => Self::SwitchoverAck,
+                RpMessage::Interrupted { signal } => Self::Interrupted(signal),
             }
         }
 
@@ -551,6 +554,7 @@ mod tests {
                 Self::RecvBitmap(block) => RpMessage::RecvBitmap { block },
                 Self::ResumeAck => RpMessage::ResumeAck,
                 Self::SwitchoverAck => RpMessage::SwitchoverAck,
+                Self::Interrupted(signal) => RpMessage::Interrupted { signal: *signal },
             }
         }
     }
@@ -635,7 +639,7 @@ mod tests {
 
     #[test]
     fn every_type_has_a_vector() {
-        let cases: [(&[u8], Owned); 9] = [
+        let cases: [(&[u8], Owned); 10] = [
             (&[0, 1, 0, 4, 0, 0, 0, 0], Owned::Shut(false)),
             (&[0, 1, 0, 4, 0, 0, 0, 1], Owned::Shut(true)),
             // QEMU treats any non-zero SHUT value as an error.
@@ -658,6 +662,7 @@ mod tests {
             ),
             (&[0, 6, 0, 4, 0, 0, 0, 1], Owned::ResumeAck),
             (&[0, 7, 0, 0], Owned::SwitchoverAck),
+            (&[0x80, 1, 0, 4, 0, 0, 0, 2], Owned::Interrupted(2)),
         ];
         for (bytes, want) in cases {
             assert_eq!(decode_one(bytes), Ok(want.clone()), "{bytes:02x?}");
@@ -960,6 +965,7 @@ mod tests {
             arb_id().prop_map(Owned::RecvBitmap),
             Just(Owned::ResumeAck),
             Just(Owned::SwitchoverAck),
+            any::<u32>().prop_map(Owned::Interrupted),
         ]
     }
 

@@ -79,6 +79,35 @@ pub enum RpMessage<'a> {
     /// The destination agrees to the switchover (QEMU's switchover-ack
     /// capability), e.g. after its devices have loaded their initial state.
     SwitchoverAck,
+    /// livemig's own: the destination was interrupted by the operator
+    /// (signal number `signal`, e.g. 2 for SIGINT) before its guest ran,
+    /// and stops loading; the source keeps its guest. Sent instead of an
+    /// error SHUT, so the source can say what happened.
+    Interrupted {
+        /// The signal number (Linux numbering).
+        signal: u32,
+    },
+}
+
+/// A signal number of [`RpMessage::Interrupted`], displayed by its name
+/// (`SIGINT`, `SIGTERM`...) when it is one an operator sends, else as
+/// `signal N`; 0 is a cancel asked for without a signal (through the
+/// VMM's own control interface).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalName(pub u32);
+
+impl fmt::Display for SignalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.0 {
+            0 => "a cancel request",
+            1 => "SIGHUP",
+            2 => "SIGINT",
+            3 => "SIGQUIT",
+            15 => "SIGTERM",
+            n => return write!(f, "signal {n}"),
+        };
+        f.write_str(name)
+    }
 }
 
 /// Why a message could not be encoded.
@@ -130,13 +159,16 @@ impl RpMessage<'_> {
             Self::RecvBitmap { .. } => RpMessageType::RecvBitmap,
             Self::ResumeAck => RpMessageType::ResumeAck,
             Self::SwitchoverAck => RpMessageType::SwitchoverAck,
+            Self::Interrupted { .. } => RpMessageType::Interrupted,
         }
     }
 
     /// Payload bytes, header excluded.
     fn payload_len(&self) -> usize {
         match self {
-            Self::Shut { .. } | Self::Pong(_) | Self::ResumeAck => size_of::<Be32Payload>(),
+            Self::Shut { .. } | Self::Pong(_) | Self::ResumeAck | Self::Interrupted { .. } => {
+                size_of::<Be32Payload>()
+            }
             Self::ReqPages { .. } => size_of::<PageRange>(),
             Self::ReqPagesId { block, .. } => size_of::<PageRange>() + 1 + block.len(),
             Self::RecvBitmap { block } => 1 + block.len(),
@@ -194,6 +226,7 @@ impl RpMessage<'_> {
                 w.put(block.as_bytes());
             }
             Self::SwitchoverAck => {}
+            Self::Interrupted { signal } => w.put(be32(signal).as_bytes()),
         }
         Ok(w.pos)
     }

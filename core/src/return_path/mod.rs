@@ -6,7 +6,8 @@
 //! ask for pages it faulted on during postcopy ([`RpMessage::ReqPagesId`],
 //! [`RpMessage::ReqPages`]), drive postcopy recovery
 //! ([`RpMessage::RecvBitmap`], [`RpMessage::ResumeAck`]) and allow the
-//! switchover ([`RpMessage::SwitchoverAck`]).
+//! switchover ([`RpMessage::SwitchoverAck`]), and, a livemig addition, say
+//! that it was interrupted by the operator ([`RpMessage::Interrupted`]).
 //!
 //! The framing is byte-compatible with QEMU's so that either side can be
 //! QEMU: a big-endian `u16` type, a big-endian `u16` payload length, then the
@@ -22,7 +23,7 @@ pub mod decoder;
 pub mod message;
 
 pub use decoder::{InvalidPageSize, RpDecodeError, RpDecoder};
-pub use message::{RpEncodeError, RpMessage};
+pub use message::{RpEncodeError, RpMessage, SignalName};
 
 /// Bytes in every message header: `u16` type and `u16` payload length, both
 /// big-endian. Exported so transports can size their reads.
@@ -52,7 +53,9 @@ pub const RESUME_ACK_VALUE: u32 = 1;
 ///
 /// Code 0 is QEMU's `MIG_RP_MSG_INVALID` and 8 and above are beyond its
 /// `MIG_RP_MSG_MAX`; neither has a variant, so holding an `RpMessageType`
-/// means holding a valid code.
+/// means holding a valid code. livemig's own types have the top bit set
+/// ([`RP_LIVEMIG_TYPES`]), far from any code QEMU may add; a QEMU source
+/// refuses them as invalid, which fails its migration, as they mean to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum RpMessageType {
@@ -70,7 +73,13 @@ pub enum RpMessageType {
     ResumeAck = 6,
     /// `MIG_RP_MSG_SWITCHOVER_ACK`: the destination allows the switchover.
     SwitchoverAck = 7,
+    /// livemig's: the destination was interrupted (a signal) and stops
+    /// loading; `be32` signal number.
+    Interrupted = RP_LIVEMIG_TYPES | 1,
 }
+
+/// The first of livemig's own return-path type codes (top bit set).
+pub const RP_LIVEMIG_TYPES: u16 = 0x8000;
 
 /// How long a message's payload may be: QEMU's `rp_cmd_args` table records a
 /// fixed length or "variable" (-1); for variable types we also record the
@@ -92,7 +101,7 @@ pub enum LenRule {
 
 impl RpMessageType {
     /// Every valid type, in code order (for tests and table-driven tools).
-    pub const ALL: [RpMessageType; 7] = [
+    pub const ALL: [RpMessageType; 8] = [
         Self::Shut,
         Self::Pong,
         Self::ReqPagesId,
@@ -100,10 +109,11 @@ impl RpMessageType {
         Self::RecvBitmap,
         Self::ResumeAck,
         Self::SwitchoverAck,
+        Self::Interrupted,
     ];
 
     /// The type for a wire code, or `None` for QEMU's invalid codes (0 and
-    /// everything from 8 up).
+    /// everything from 8 up) that are not livemig's.
     pub const fn from_code(code: u16) -> Option<Self> {
         Some(match code {
             1 => Self::Shut,
@@ -113,6 +123,7 @@ impl RpMessageType {
             5 => Self::RecvBitmap,
             6 => Self::ResumeAck,
             7 => Self::SwitchoverAck,
+            0x8001 => Self::Interrupted,
             _ => return None,
         })
     }
@@ -133,6 +144,7 @@ impl RpMessageType {
             Self::RecvBitmap => "RECV_BITMAP",
             Self::ResumeAck => "RESUME_ACK",
             Self::SwitchoverAck => "SWITCHOVER_ACK",
+            Self::Interrupted => "INTERRUPTED",
         }
     }
 
@@ -141,7 +153,7 @@ impl RpMessageType {
         const RANGE: u16 = PAGE_RANGE_LEN as u16;
         const MAX_ID: u16 = RP_MAX_ID_LEN as u16;
         match self {
-            Self::Shut | Self::Pong | Self::ResumeAck => LenRule::Fixed(4),
+            Self::Shut | Self::Pong | Self::ResumeAck | Self::Interrupted => LenRule::Fixed(4),
             Self::ReqPages => LenRule::Fixed(RANGE),
             Self::SwitchoverAck => LenRule::Fixed(0),
             Self::ReqPagesId => LenRule::Variable {
@@ -165,7 +177,8 @@ mod tests {
         for ty in RpMessageType::ALL {
             assert_eq!(RpMessageType::from_code(ty.code()), Some(ty));
         }
-        for code in [0u16, 8, 9, 0x100, 0xffff] {
+        assert_eq!(RpMessageType::Interrupted.code(), 0x8001);
+        for code in [0u16, 8, 9, 0x100, 0x8000, 0x8002, 0xffff] {
             assert_eq!(RpMessageType::from_code(code), None);
         }
     }
