@@ -1022,3 +1022,91 @@ fn receive_refuses_a_signal_after_the_postcopy_switchover() {
         "the guest did not run on at the destination: {r}"
     );
 }
+
+/// `send` to a fake destination that answers `reply` on the return path
+/// (then reads on, or closes at once when `close`); returns `send`'s output.
+fn send_to_fake_destination(reply: &'static [u8], close: bool) -> Output {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        c.write_all(reply).unwrap();
+        if close {
+            return;
+        }
+        let mut sink = [0u8; 65536];
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let out = livemig(&[
+        "send",
+        "--to",
+        &format!("tcp:127.0.0.1:{port}"),
+        "--mem-mib",
+        "64",
+        "--dirty-mib",
+        "4",
+        "--warmup-ms",
+        "100",
+        "--quiet",
+    ]);
+    handle.join().unwrap();
+    out
+}
+
+/// Issue 8 item 9: each failure names its real cause.
+#[test]
+fn error_words_name_the_real_cause() {
+    if !kvm_available() {
+        return;
+    }
+    // A well-framed return-path message with invalid content.
+    let out = send_to_fake_destination(&[0, 6, 0, 4, 0, 0, 0, 2], false);
+    assert_error_line(&out, "sent an invalid return-path message");
+    assert_error_line(&out, "RESUME_ACK value 2");
+    let out =
+        send_to_fake_destination(&[0, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0x10, 0], false);
+    assert_error_line(&out, "misaligned page request");
+    // A message cut off by the close.
+    let out = send_to_fake_destination(&[0, 2, 0, 4, 0], true);
+    assert_error_line(&out, "closed the connection in the middle of a message");
+    // A QEMU source, seen by the receiver.
+    let out = receiver_answer_to(b"QEVM\0\0\0\x03");
+    assert_error_line(&out, "a QEMU migration stream, which livemig does not read");
+}
+
+/// Issue 8 item 9: a user who may not open /dev/kvm is told so, and why,
+/// before the demo falls back to the simulation.
+#[test]
+fn a_user_who_may_not_open_dev_kvm_is_told_why() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if !std::path::Path::new("/dev/kvm").exists() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs /dev/kvm and root (to run the demo as nobody)");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::BIN,
+        ])
+        .args([
+            "demo",
+            "--json",
+            "--quiet",
+            "--mem-mib",
+            "64",
+            "--dirty-mib",
+            "4",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run setpriv");
+    let err = stderr(&out);
+    assert!(
+        err.contains("/dev/kvm exists but cannot be opened: permission denied (run as root or join the kvm group)"),
+        "{out:?}"
+    );
+    assert_eq!(json_of(&out)["backend"], "simulated", "{out:?}");
+}

@@ -170,6 +170,24 @@ impl fmt::Display for RpDecodeError {
 
 impl core::error::Error for RpDecodeError {}
 
+impl RpDecodeError {
+    /// Whether the error is in a message header (an unknown type, a length
+    /// no message of its type has): the bytes are most likely not a return
+    /// path at all, so the peer is not a livemig or QEMU destination. The
+    /// other errors are in a well-framed message whose content is invalid
+    /// (a misaligned request, a bad RESUME_ACK value...), or a message cut
+    /// off by the close ([`RpDecodeError::Truncated`]).
+    pub fn is_framing(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownType(_)
+                | Self::BadLength { .. }
+                | Self::TooShort { .. }
+                | Self::TooLong { .. }
+        )
+    }
+}
+
 /// The page size given to [`RpDecoder::new`] is not a power of two.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvalidPageSize(pub u32);
@@ -847,6 +865,28 @@ mod tests {
             decode_one(&[0, 6, 0, 4, 0, 0, 0, 0]),
             Err(RpDecodeError::BadResumeAck(0))
         );
+    }
+
+    /// Issue 8 item 9: a bad header means "not a return path"; a bad
+    /// payload in a good frame, or a cut, means something else.
+    #[test]
+    fn framing_errors_are_told_from_invalid_content() {
+        for bytes in [
+            &[0x48, 0x54, 0x54, 0x50][..],
+            &[0, 1, 0, 5],
+            &[0, 3, 0, 2],
+            &[0, 3, 1, 0x20],
+        ] {
+            assert!(decode_one(bytes).unwrap_err().is_framing(), "{bytes:02x?}");
+        }
+        assert!(!RpDecodeError::BadResumeAck(2).is_framing());
+        let misaligned = decode_one(&[0, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0x10, 0]);
+        assert!(matches!(misaligned, Err(RpDecodeError::Misaligned { .. })));
+        assert!(!misaligned.unwrap_err().is_framing());
+        let mut d = RpDecoder::new(PAGE).unwrap();
+        d.decode(&[0, 2, 0, 4, 0]).unwrap();
+        let cut = d.finish().unwrap_err();
+        assert!(matches!(cut, RpDecodeError::Truncated { .. }) && !cut.is_framing());
     }
 
     #[test]

@@ -416,8 +416,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let mut config = config(&a.migration, true)?;
             config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = a.workload.shape(a.mem_mib)?;
-            let summary = if demo::kvm_available() {
-                demo::run_demo_with(
+            let summary = match demo::open_kvm() {
+                Ok(()) => demo::run_demo_with(
                     shape,
                     &config,
                     source_options(&a.migration),
@@ -426,10 +426,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     &cancel_on_signals()?,
                     &mut progress(&a.output),
                 )
-                .map_err(err)?
-            } else {
-                eprintln!("{}", demo::NO_KVM_LINE);
-                demo::run_simulated(shape, &config).map_err(err)?
+                .map_err(err)?,
+                Err(e) => {
+                    eprintln!("{}", demo::no_kvm_line(&e));
+                    demo::run_simulated(shape, &config).map_err(err)?
+                }
             };
             Ok(finish(&summary, &a.output, true))
         }

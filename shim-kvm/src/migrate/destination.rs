@@ -540,6 +540,9 @@ fn spawn_reader(
     })
 }
 
+/// The first bytes of a QEMU migration stream (`QEMU_VM_FILE_MAGIC`).
+const QEMU_STREAM_MAGIC: &[u8; 4] = b"QEVM";
+
 /// An engine error in an operator's words.
 pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String {
     const MIB: u64 = 1 << 20;
@@ -553,6 +556,12 @@ pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String
             source / MIB,
             destination / MIB
         ),
+        DestError::Decode(DecodeError::BadMagic { found }) if found == QEMU_STREAM_MAGIC => {
+            format!(
+                "the peer {peer} sent a QEMU migration stream, which livemig does not read \
+             (migrate from a livemig source)"
+            )
+        }
         DestError::Decode(DecodeError::BadMagic { .. }) => format!(
             "the peer {peer} is not a livemig source: its stream does not start with the livemig header"
         ),
@@ -971,6 +980,13 @@ mod tests {
         );
         let e = DestError::Decode(DecodeError::BadMagic { found: *b"GET " });
         assert!(describe(&e, "tcp:x:1", None).contains("not a livemig source"));
+        // Issue 8 item 9: a QEMU source is named as such.
+        let e = DestError::Decode(DecodeError::BadMagic { found: *b"QEVM" });
+        assert_eq!(
+            describe(&e, "tcp:x:1", None),
+            "the peer tcp:x:1 sent a QEMU migration stream, which livemig does not read \
+             (migrate from a livemig source)"
+        );
         let e = DestError::Decode(DecodeError::UnsupportedVersion {
             found: 9,
             supported: 1,

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use livemig_core::clear_map::PageRange;
 use livemig_core::config::MigrationConfig;
-use livemig_core::return_path::RpDecoder;
+use livemig_core::return_path::{RpDecodeError, RpDecoder};
 use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
@@ -251,22 +251,38 @@ fn on_return_path(
                         input = input.get(used..).unwrap_or_default();
                     }
                     Err(e) => {
-                        engine.handle_io_error(
-                            now,
-                            format_args!(
-                                "the peer {peer} is not a livemig destination: its reply is not a return-path message ({e})"
-                            ),
-                        );
+                        engine.handle_io_error(now, format_args!("{}", rp_error_words(peer, &e)));
                         break;
                     }
                 }
             }
         }
-        RpEvent::Eof => engine.handle_io_error(
-            now,
-            format_args!("connection to {peer} closed by the destination"),
-        ),
+        RpEvent::Eof => engine.handle_io_error(now, format_args!("{}", rp_closed_words(peer, rp))),
         RpEvent::Error(e) => engine.handle_io_error(now, format_args!("connection lost: {e}")),
+    }
+}
+
+/// A return-path decoding failure in an operator's words: a bad header
+/// means the peer does not speak the return path at all; a well-framed
+/// message with invalid content, or one cut off by the close, is named as
+/// such.
+fn rp_error_words(peer: &str, e: &RpDecodeError) -> String {
+    if e.is_framing() {
+        format!(
+            "the peer {peer} is not a livemig destination: its reply is not a return-path message ({e})"
+        )
+    } else if matches!(e, RpDecodeError::Truncated { .. }) {
+        format!("the destination {peer} closed the connection in the middle of a message ({e})")
+    } else {
+        format!("the destination {peer} sent an invalid return-path message ({e})")
+    }
+}
+
+/// The end of the return path in words: cut off mid-message, or a close.
+fn rp_closed_words(peer: &str, rp: &RpDecoder) -> String {
+    match rp.finish() {
+        Err(e) => rp_error_words(peer, &e),
+        Ok(()) => format!("connection to {peer} closed by the destination"),
     }
 }
 
@@ -488,7 +504,13 @@ pub fn migrate(
                             reader_done = true;
                             on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
                         }
-                        Ok(RpEvent::Eof) => reader_done = true,
+                        Ok(RpEvent::Eof) => {
+                            reader_done = true;
+                            // Cut off mid-message says more than the write.
+                            if rp.finish().is_err() {
+                                on_return_path(&mut engine, &mut rp, RpEvent::Eof, &peer, cancel);
+                            }
+                        }
                         Err(_) => break,
                     }
                 }
@@ -686,6 +708,39 @@ mod tests {
         let listener = Listener::bind(&uri).unwrap();
         let ours = Connection::connect(&uri).unwrap();
         (ours, listener.accept().unwrap())
+    }
+
+    /// Issue 8 item 9: what the source says about bad return-path bytes.
+    #[test]
+    fn return_path_errors_name_the_real_cause() {
+        let words = |bytes: &[u8]| {
+            let mut rp = RpDecoder::new(4096).unwrap();
+            match rp.decode(bytes) {
+                Err(e) => rp_error_words("tcp:d:1", &e),
+                Ok(_) => rp_closed_words("tcp:d:1", &rp),
+            }
+        };
+        assert!(words(b"HTTP/1.1 400").contains("is not a livemig destination"));
+        // Well framed, invalid content: a RESUME_ACK of 2, a misaligned
+        // page request.
+        let w = words(&[0, 6, 0, 4, 0, 0, 0, 2]);
+        assert!(w.contains("sent an invalid return-path message"), "{w}");
+        assert!(w.contains("RESUME_ACK value 2"), "{w}");
+        let w = words(&[0, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0x10, 0]);
+        assert!(w.contains("sent an invalid return-path message"), "{w}");
+        assert!(w.contains("misaligned page request"), "{w}");
+        assert!(!w.contains("not a livemig"), "{w}");
+        // Cut off: the close came in the middle of a PONG.
+        let w = words(&[0, 2, 0, 4, 0]);
+        assert!(
+            w.contains("closed the connection in the middle of a message"),
+            "{w}"
+        );
+        assert!(w.contains("PONG"), "{w}");
+        assert_eq!(
+            words(&[]),
+            "connection to tcp:d:1 closed by the destination"
+        );
     }
 
     #[test]
