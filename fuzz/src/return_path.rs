@@ -129,6 +129,7 @@ pub fn return_path_corpus() -> Vec<Vec<u8>> {
         RpMessage::ResumeAck,
         RpMessage::SwitchoverAck,
         RpMessage::Loaded,
+        RpMessage::Interrupted { signal: 2 },
     ];
     let encode = |msg: &RpMessage<'_>| {
         let mut buf = [0u8; RP_MAX_MESSAGE];

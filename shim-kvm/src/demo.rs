@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use crate::clock;
 use crate::dirty_log::DirtyLogMode;
 use crate::guest::{self, GuestParams};
-use crate::interrupt::Cancel;
+use crate::interrupt::{self, Cancel};
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter, GuestWrites};
 use crate::migrate::source::{self, SourceOptions, SourceReport};
@@ -71,6 +71,8 @@ pub enum DemoError {
     Child(String),
     /// A mode other than precopy or postcopy was asked for.
     UnsupportedMode(String),
+    /// The SIGINT / SIGTERM handlers could not be installed.
+    Signals(String),
 }
 
 impl fmt::Display for DemoError {
@@ -86,6 +88,7 @@ impl fmt::Display for DemoError {
                 f,
                 "migration mode '{m}' is not supported (precopy or postcopy)"
             ),
+            DemoError::Signals(e) => write!(f, "installing the Ctrl-C handler: {e}"),
         }
     }
 }
@@ -482,8 +485,12 @@ pub fn run_receive(
     let _ = writeln!(announce, "listening on {uri}");
     let _ = announce.flush();
     let conn = listener.accept()?;
-    let report =
-        destination::receive(&vm, &vcpu, &conn, idle_timeout, &mut |s| progress.update(s))?;
+    // Only now: until a migration arrives, Ctrl-C simply ends the process.
+    let interrupt = Cancel::new();
+    interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
+    let report = destination::receive(&vm, &vcpu, &conn, idle_timeout, &interrupt, &mut |s| {
+        progress.update(s)
+    })?;
     progress.finish();
     let (after, writes) = match (&report.error, &report.postcopy) {
         (Some(_), _) => (None, None),
@@ -728,16 +735,34 @@ fn written_ranges_of(dest: &Value) -> Option<Vec<(u64, u64)>> {
         .collect()
 }
 
-/// The line `demo` prints when it falls back to the simulation.
-pub const NO_KVM_LINE: &str = "no /dev/kvm: running the migration on the simulated backend";
+/// The line `demo` prints when it falls back to the simulation because
+/// opening `/dev/kvm` failed with `e`: a missing device and one this user
+/// may not open are different problems with different fixes.
+pub fn no_kvm_line(e: &std::io::Error) -> String {
+    const FALLBACK: &str = "running the migration on the simulated backend";
+    match e.kind() {
+        std::io::ErrorKind::NotFound => format!("no /dev/kvm on this machine: {FALLBACK}"),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "/dev/kvm exists but cannot be opened: permission denied (run as root or join \
+             the kvm group): {FALLBACK}"
+        ),
+        _ => format!("/dev/kvm cannot be opened ({e}): {FALLBACK}"),
+    }
+}
 
-/// Whether `/dev/kvm` can be opened for reading and writing.
-pub fn kvm_available() -> bool {
+/// Opens `/dev/kvm` for reading and writing, to learn whether KVM can be
+/// used (and if not, why).
+pub fn open_kvm() -> std::io::Result<()> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok()
+        .map(drop)
+}
+
+/// Whether `/dev/kvm` can be opened for reading and writing.
+pub fn kvm_available() -> bool {
+    open_kvm().is_ok()
 }
 
 /// `livemig demo` without KVM: the same shape of guest and migration on
@@ -787,6 +812,26 @@ pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summ
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 8 item 9: why the demo falls back is said, with its fix.
+    #[test]
+    fn the_fallback_line_says_why_kvm_cannot_be_used() {
+        use std::io::{Error, ErrorKind};
+        let line = no_kvm_line(&Error::from_raw_os_error(libc::EACCES));
+        assert!(
+            line.contains("/dev/kvm exists but cannot be opened"),
+            "{line}"
+        );
+        assert!(line.contains("run as root or join the kvm group"), "{line}");
+        assert!(line.ends_with("running the migration on the simulated backend"));
+        let line = no_kvm_line(&Error::from(ErrorKind::NotFound));
+        assert!(line.starts_with("no /dev/kvm on this machine"), "{line}");
+        let line = no_kvm_line(&Error::from_raw_os_error(libc::ENXIO));
+        assert!(
+            line.contains("cannot be opened (No such device or address"),
+            "{line}"
+        );
+    }
 
     #[test]
     fn simulated_fallback_completes_and_verifies() {

@@ -29,8 +29,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 
@@ -378,6 +379,9 @@ impl Stream {
 pub struct Connection {
     stream: Stream,
     peer: String,
+    /// How long a write may go without the socket accepting a byte, in
+    /// nanoseconds; 0: forever. See [`Connection::set_write_timeout`].
+    stall_limit_ns: AtomicU64,
 }
 
 impl Connection {
@@ -439,7 +443,11 @@ impl Connection {
         stream
             .tune()
             .map_err(|e| io_err(format!("setting socket options on {peer}"), e))?;
-        Ok(Connection { stream, peer })
+        Ok(Connection {
+            stream,
+            peer,
+            stall_limit_ns: AtomicU64::new(0),
+        })
     }
 
     /// The address of the other end as text, for log and error lines.
@@ -458,6 +466,7 @@ impl Connection {
         Ok(Connection {
             stream,
             peer: self.peer.clone(),
+            stall_limit_ns: AtomicU64::new(self.stall_limit_ns.load(Ordering::Relaxed)),
         })
     }
 
@@ -475,11 +484,25 @@ impl Connection {
     /// longer than the kernel's iovec limit go out in chunks of that many.
     /// Writes use `sendmsg` with `MSG_NOSIGNAL`, so a peer that went away is
     /// an `EPIPE` error even in a host process that has not ignored
-    /// `SIGPIPE`.
+    /// `SIGPIPE`, and `MSG_DONTWAIT`, so that a full socket is waited on
+    /// with `poll` against the write timeout
+    /// ([`set_write_timeout`](Connection::set_write_timeout)), measured
+    /// from the last byte the socket accepted.
     pub fn write_vectored_all(&self, bufs: &mut [IoSlice<'_>]) -> Result<(), TransportError> {
         let fd = self.stream.raw_fd();
-        write_vectored_all_with(bufs, |chunk| send_vectored(fd, chunk))
-            .map_err(|e| io_err(format!("writing to {}", self.peer), e))
+        let limit = self.stall_limit();
+        write_vectored_all_with(
+            bufs,
+            limit,
+            |chunk| send_vectored(fd, chunk),
+            |left| wait_writable(fd, left),
+        )
+        .map_err(|e| {
+            io_err(
+                format!("writing to {}", self.peer),
+                explain_timeout(e, limit),
+            )
+        })
     }
 
     /// Sends a page batch (its header, then its pages) with
@@ -501,7 +524,12 @@ impl Connection {
             match got {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => {
-                    return other.map_err(|e| io_err(format!("reading from {}", self.peer), e));
+                    return other.map_err(|e| {
+                        io_err(
+                            format!("reading from {}", self.peer),
+                            explain_timeout(e, self.stall_limit()),
+                        )
+                    });
                 }
             }
         }
@@ -517,16 +545,36 @@ impl Connection {
         .map_err(|e| io_err(format!("reading from {}", self.peer), e))
     }
 
-    /// Bounds how long one write may block (`SO_SNDTIMEO`; `None`: forever).
-    /// A peer that stops reading fills the socket buffers; with a bound the
-    /// write fails with a timed-out error instead of hanging the sender
-    /// with its guest perhaps stopped.
-    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        match &self.stream {
-            Stream::Tcp(s) => s.set_write_timeout(timeout),
-            Stream::Unix(s) => s.set_write_timeout(timeout),
+    /// The bound set by [`set_write_timeout`](Connection::set_write_timeout).
+    fn stall_limit(&self) -> Option<Duration> {
+        match self.stall_limit_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
         }
-        .map_err(|e| io_err(format!("setting a write timeout on {}", self.peer), e))
+    }
+
+    /// Bounds how long writes on this handle (and on clones made after
+    /// this call) may go without the socket accepting a single byte
+    /// (`None`: forever). A peer that stops reading, or a link that died,
+    /// fills the socket buffers; with a bound the write fails with a
+    /// timed-out error within `timeout` of the last byte accepted, however
+    /// the writes were cut up, instead of hanging the sender with its
+    /// guest perhaps stopped.
+    ///
+    /// On TCP the kernel is told too: `TCP_USER_TIMEOUT` aborts the
+    /// connection when sent data stays unacknowledged (or the peer's window
+    /// stays shut) for `timeout`, and keepalive probes an idle connection,
+    /// so a blocked reader of the same socket also learns of a dead link.
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        let ns = timeout.map_or(0, |t| {
+            u64::try_from(t.as_nanos()).unwrap_or(u64::MAX).max(1)
+        });
+        self.stall_limit_ns.store(ns, Ordering::Relaxed);
+        if let Stream::Tcp(s) = &self.stream {
+            tcp_dead_peer_timeout(s.as_raw_fd(), timeout)
+                .map_err(|e| io_err(format!("setting a write timeout on {}", self.peer), e))?;
+        }
+        Ok(())
     }
 
     /// Shuts the socket down in one or both directions, for every handle
@@ -734,28 +782,38 @@ impl Drop for Listener {
     }
 }
 
-/// The loop behind [`Connection::write_vectored_all`], over any vectored
-/// `write`: calls it with at most [`IOV_MAX`] slices at a time, skips what
-/// each call wrote (which may end inside a slice), and retries interrupts.
+/// The loop behind [`Connection::write_vectored_all`], over any
+/// non-blocking vectored `write`: calls it with at most [`IOV_MAX`] slices
+/// at a time, skips what each call wrote (which may end inside a slice),
+/// retries interrupts, and when the socket is full calls `wait` with the
+/// time left before `stall_limit` runs out, counted from the last call that
+/// took a byte (`wait` returns `false` when that time passed with the
+/// socket still full). Only progress resets the clock: a peer that takes a
+/// byte now and then keeps the write alive, one that takes nothing for
+/// `stall_limit` fails it, whatever the sizes of the writes.
 fn write_vectored_all_with(
     mut bufs: &mut [IoSlice<'_>],
+    stall_limit: Option<Duration>,
     mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    mut wait: impl FnMut(Option<Duration>) -> io::Result<bool>,
 ) -> io::Result<()> {
     // Drop leading empty slices, so a chunk is never all empty and a write
     // of 0 bytes always means the socket took nothing.
     IoSlice::advance_slices(&mut bufs, 0);
+    let mut progress_at = Instant::now();
     while !bufs.is_empty() {
         match write(&bufs[..bufs.len().min(IOV_MAX)]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Ok(n) => {
+                IoSlice::advance_slices(&mut bufs, n);
+                progress_at = Instant::now();
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // A blocking socket with a write timeout (SO_SNDTIMEO) that
-            // could take nothing for that long: say what it means.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the peer stopped reading (write timed out)",
-                ));
+                let left = stall_limit.map(|l| l.saturating_sub(progress_at.elapsed()));
+                if left.is_some_and(|l| l.is_zero()) || !wait(left)? {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
             }
             Err(e) => return Err(e),
         }
@@ -763,7 +821,78 @@ fn write_vectored_all_with(
     Ok(())
 }
 
-/// One `sendmsg` of `chunk` on socket `fd`, without raising `SIGPIPE`.
+/// Waits until socket `fd` can take more bytes, or reports an error for
+/// the next write to see; `false` when `limit` passed first (`None`: no
+/// limit). An interrupted wait returns `true`: the caller's loop retries.
+fn wait_writable(fd: RawFd, limit: Option<Duration>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // Rounded up, so a wait never ends just before the limit.
+    let ms = limit.map_or(-1, |l| {
+        libc::c_int::try_from(l.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: `pfd` is one live, initialised pollfd and the count says one.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match n {
+        0 => Ok(false),
+        1.. => Ok(true),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(true)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A write that failed for lack of progress, in words: the stall found by
+/// the write loop, or the kernel's `TCP_USER_TIMEOUT` abort (`ETIMEDOUT`,
+/// which a read of the same socket may be the one to see).
+fn explain_timeout(e: io::Error, limit: Option<Duration>) -> io::Error {
+    if e.kind() != io::ErrorKind::TimedOut || limit.is_none() {
+        return e;
+    }
+    let ms = limit.map_or(0, |l| l.as_millis());
+    let why = if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        "the connection timed out: sent data went unacknowledged"
+    } else {
+        "no byte was accepted"
+    };
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "the peer stopped reading or the link is down: {why} for {ms} ms (the write timeout)"
+        ),
+    )
+}
+
+/// `TCP_USER_TIMEOUT` and keepalive on TCP socket `fd` for a write timeout
+/// (`None`: the kernel's defaults). Keepalive starts probing after half the
+/// timeout of silence, every second; the user timeout then decides when
+/// the probes have gone unanswered for too long.
+fn tcp_dead_peer_timeout(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {
+    let ms = timeout.map_or(0, |t| {
+        libc::c_int::try_from(t.as_millis().max(1)).unwrap_or(libc::c_int::MAX)
+    });
+    set_opt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)?;
+    let Some(t) = timeout else {
+        return set_sockopt_int(fd, libc::SO_KEEPALIVE, 0);
+    };
+    let idle_s = libc::c_int::try_from(t.as_secs() / 2)
+        .unwrap_or(libc::c_int::MAX)
+        .max(1);
+    set_sockopt_int(fd, libc::SO_KEEPALIVE, 1)?;
+    set_opt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle_s)?;
+    set_opt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)
+}
+
+/// One `sendmsg` of `chunk` on socket `fd`, without raising `SIGPIPE` and
+/// without blocking (a full socket is `WouldBlock`).
 fn send_vectored(fd: RawFd, chunk: &[IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid: no address, no iovecs, no control
     // data.
@@ -774,7 +903,7 @@ fn send_vectored(fd: RawFd, chunk: &[IoSlice<'_>]) -> io::Result<usize> {
     // `msg_iov` points to `chunk.len()` valid iovecs over buffers that live
     // for this call; sendmsg only reads them (and reads nothing else: no
     // address or control data is set).
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -953,12 +1082,22 @@ fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 fn set_sockopt_int(fd: RawFd, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_opt_int(fd, libc::SOL_SOCKET, name, value)
+}
+
+/// `setsockopt` of one `int` option `name` at `level`.
+fn set_opt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the kernel reads one c_int from `value`, a live local of the
     // length passed.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
+            level,
             name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -1269,34 +1408,140 @@ mod tests {
         let mut slices = uneven_slices(&data);
         let mut out = Vec::with_capacity(data.len());
         let mut calls = 0usize;
-        write_vectored_all_with(&mut slices, |chunk| {
-            calls += 1;
-            assert!(chunk.len() <= IOV_MAX && !chunk.is_empty());
-            if calls % 97 == 0 {
-                return Err(io::ErrorKind::Interrupted.into());
-            }
-            let mut cap = [1, 4095, 12_289, 1 << 20][calls % 4];
-            for s in chunk {
-                let take = cap.min(s.len());
-                out.extend_from_slice(&s[..take]);
-                cap -= take;
-                if cap == 0 {
-                    break;
+        let mut waits = 0usize;
+        let waited = |_| {
+            waits += 1;
+            Ok(true)
+        };
+        write_vectored_all_with(
+            &mut slices,
+            None,
+            |chunk| {
+                calls += 1;
+                assert!(chunk.len() <= IOV_MAX && !chunk.is_empty());
+                if calls % 97 == 0 {
+                    return Err(io::ErrorKind::Interrupted.into());
                 }
-            }
-            Ok([1, 4095, 12_289, 1 << 20][calls % 4] - cap)
-        })
+                if calls % 13 == 0 {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                let mut cap = [1, 4095, 12_289, 1 << 20][calls % 4];
+                for s in chunk {
+                    let take = cap.min(s.len());
+                    out.extend_from_slice(&s[..take]);
+                    cap -= take;
+                    if cap == 0 {
+                        break;
+                    }
+                }
+                Ok([1, 4095, 12_289, 1 << 20][calls % 4] - cap)
+            },
+            waited,
+        )
         .unwrap();
         assert!(calls > 20, "{calls} calls");
+        assert!(waits > 0, "a full socket was waited on");
         assert!(out == data, "bytes differ");
 
         // A write that takes nothing is an error, not a spin.
         let mut slices = [IoSlice::new(&[]), IoSlice::new(b"x")];
-        let e = write_vectored_all_with(&mut slices, |_| Ok(0)).unwrap_err();
+        let e = write_vectored_all_with(&mut slices, None, |_| Ok(0), |_| Ok(true)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WriteZero);
         // Only empty slices: nothing to write, no call made.
         let mut slices = [IoSlice::new(&[]), IoSlice::new(&[])];
-        write_vectored_all_with(&mut slices, |_| unreachable!()).unwrap();
+        write_vectored_all_with(&mut slices, None, |_| unreachable!(), |_| unreachable!()).unwrap();
+    }
+
+    /// Issue 8 item 4: the write timeout is a deadline on progress. A
+    /// socket that wakes its writer without taking anything does not extend
+    /// it; one that takes a byte now and then does.
+    #[test]
+    fn the_write_timeout_counts_from_the_last_byte_accepted() {
+        let limit = Duration::from_millis(300);
+        let data = [7u8; 64];
+        // One byte per 100 ms wait: 2 s in all, never 300 ms without progress.
+        let mut slices = [IoSlice::new(&data[..20])];
+        let started = Instant::now();
+        write_vectored_all_with(
+            &mut slices,
+            Some(limit),
+            {
+                let mut ready = false;
+                move |_| {
+                    if std::mem::take(&mut ready) {
+                        Ok(1)
+                    } else {
+                        ready = true;
+                        Err(io::ErrorKind::WouldBlock.into())
+                    }
+                }
+            },
+            |left| {
+                assert!(left.is_some_and(|l| l <= limit));
+                thread::sleep(Duration::from_millis(100));
+                Ok(true)
+            },
+        )
+        .unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(2));
+
+        // Ten bytes, then a full socket that keeps waking the writer.
+        let mut slices = [IoSlice::new(&data)];
+        let mut last_progress = Instant::now();
+        let mut taken = 0;
+        let e = write_vectored_all_with(
+            &mut slices,
+            Some(limit),
+            |_| {
+                if taken < 10 {
+                    taken += 1;
+                    last_progress = Instant::now();
+                    Ok(1)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            },
+            |left| {
+                thread::sleep(left.unwrap().min(Duration::from_millis(20)));
+                Ok(true)
+            },
+        )
+        .unwrap_err();
+        let stalled = last_progress.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(stalled >= limit && stalled < limit * 2, "{stalled:?}");
+    }
+
+    /// The same over a real socket whose reader takes a little at a time
+    /// (so writes go partial) and then stops: the write fails within the
+    /// timeout of the stall, in words.
+    #[test]
+    fn a_reader_that_stops_fails_the_write_within_the_timeout() {
+        let path = temp_sock("stall");
+        let target = MigrationUri::Unix(path);
+        let listener = Listener::bind(&target).unwrap();
+        let writer = Connection::connect(&target).unwrap();
+        let peer = listener.accept().unwrap();
+        let limit = Duration::from_millis(400);
+        writer.set_write_timeout(Some(limit)).unwrap();
+        let stopped = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                peer.read(&mut buf).unwrap();
+                thread::sleep(Duration::from_millis(1));
+            }
+            (Instant::now(), peer)
+        });
+        let data = vec![1u8; 256 << 20];
+        let e = writer.write_all(&data).unwrap_err();
+        let failed = Instant::now();
+        let (stopped_at, _peer) = stopped.join().unwrap();
+        let after = failed - stopped_at;
+        assert!(after < limit + Duration::from_millis(500), "{after:?}");
+        let text = e.to_string();
+        assert!(text.contains("stopped reading"), "{text}");
+        assert!(text.contains("400 ms"), "{text}");
     }
 
     #[test]

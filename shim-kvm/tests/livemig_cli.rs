@@ -630,3 +630,502 @@ fn ctrl_c_cancels_and_the_guest_runs_on() {
     assert_error_line(&out, "cancelled");
     assert_error_line(&recv, "connection");
 }
+
+/// What `livemig` prints on stderr when the postcopy switchover is done.
+const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the destination";
+
+/// Sends `signal` (`-INT`, `-TERM`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// `child`'s stderr, line by line as it comes, so that a test can act on
+/// a line while the child runs.
+struct StderrLines {
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line received so far.
+    seen: String,
+}
+
+impl StderrLines {
+    fn of(child: &mut Child) -> Self {
+        let reader = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        StderrLines {
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`, failing the test if stderr
+    /// ends first.
+    fn wait_for(&mut self, needle: &str) {
+        loop {
+            let Ok(line) = self.lines.recv() else {
+                panic!("stderr ended without {needle:?}: {}", self.seen);
+            };
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// [`finish`] for a child whose stderr is read here: its `stderr` is
+    /// every line.
+    fn finish(mut self, child: Child) -> Output {
+        let mut out = finish(child);
+        for line in self.lines.iter() {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        out.stderr = self.seen.into_bytes();
+        out
+    }
+}
+
+/// A postcopy `send` of a 64 MiB working set whose background pass is held
+/// to 16 MiB/s: the guest runs on the destination for a few seconds while
+/// the rest of its memory arrives.
+fn spawn_postcopy(args: &[&str], mem_mib: u64) -> Child {
+    let mem_mib = mem_mib.to_string();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&[
+        "--mode",
+        "postcopy",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        &mem_mib,
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "300",
+        "--param",
+        "max-postcopy-bandwidth=16M",
+    ]);
+    spawn(&all)
+}
+
+/// Issue 8 item 1: a Ctrl-C or SIGTERM after the postcopy switchover is
+/// refused and changes nothing: both ends complete and the guest runs on
+/// at the destination, unharmed.
+#[test]
+fn a_signal_after_the_postcopy_switchover_changes_nothing() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    for sig in ["-INT", "-TERM"] {
+        let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
+        let mut sender = spawn_postcopy(&["send", "--to", &addr], 256);
+        let mut lines = StderrLines::of(&mut sender);
+        lines.wait_for(SWITCHOVER_LINE);
+        std::thread::sleep(Duration::from_millis(600));
+        signal(sender.id(), sig);
+        let out = lines.finish(sender);
+        let recv = finish(receiver);
+        let err = stderr(&out);
+        assert!(
+            err.contains("postcopy cannot be cancelled"),
+            "{sig}: the refusal is not said: {err}"
+        );
+        let (s, r) = (json_of(&out), json_of(&recv));
+        assert!(out.status.success(), "{sig}: send failed: {err} {s}");
+        assert!(recv.status.success(), "{sig}: receive failed: {recv:?}");
+        assert_eq!(s["status"], "completed", "{sig}: {s}");
+        assert_eq!(s["postcopy"], true, "{sig}: {s}");
+        assert_eq!(r["status"], "completed", "{sig}: {r}");
+        assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0, "{r}");
+        assert!(
+            r["guest-generation"].as_u64().unwrap()
+                > s["guest-generation-at-stop"].as_u64().unwrap(),
+            "{sig}: the guest did not run on at the destination: {r}"
+        );
+    }
+}
+
+/// The same refusal seen by `demo`, which holds both digests: a SIGINT
+/// after the switchover, and the migration still completes and verifies.
+#[test]
+fn a_signal_after_the_postcopy_switchover_still_verifies() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let mut demo = spawn_postcopy(&["demo", "--run-ms", "300"], 256);
+    let mut lines = StderrLines::of(&mut demo);
+    lines.wait_for(SWITCHOVER_LINE);
+    std::thread::sleep(Duration::from_millis(600));
+    signal(demo.id(), "-INT");
+    let out = lines.finish(demo);
+    let v = json_of_success(&out);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["postcopy"], true, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["destination"]["digest"], v["digest"], "{v}");
+}
+
+/// Issue 8 item 4, a peer that stops reading: it takes the stream slowly
+/// for a while (the socket is full, so the sender's writes go partial),
+/// then takes nothing at all. `send --send-timeout-ms 4000` must give up
+/// within 4 s plus one of the stall, however its writes were cut up, and
+/// its guest runs on. When the sender gave up is its migration's start
+/// (the first byte here, give or take a millisecond) plus its `total-time`.
+#[test]
+fn send_gives_up_on_a_stalled_peer_within_the_send_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        assert!(conn.read(&mut buf).unwrap() > 0);
+        let first = Instant::now();
+        // Slower than the default 128 MiB/s the sender tries.
+        while first.elapsed() < Duration::from_millis(1500) {
+            assert!(conn.read(&mut buf).unwrap() > 0, "the sender closed early");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stalled = Instant::now();
+        // Connected and silent until the sender is done.
+        let _ = done_rx.recv();
+        (first, stalled)
+    });
+    let out = livemig(&[
+        "send",
+        "--to",
+        &addr,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "200",
+        "--send-timeout-ms",
+        "4000",
+    ]);
+    drop(done_tx);
+    let (first, stalled) = peer.join().unwrap();
+    let v = json_of(&out);
+    let gave_up = first + Duration::from_millis(v["total-time"].as_u64().unwrap());
+    let after = gave_up.saturating_duration_since(stalled);
+    eprintln!("MEASURE send gave up {after:?} after the peer stopped reading (timeout 4 s)");
+    assert!(
+        after >= Duration::from_millis(3900) && after <= Duration::from_secs(5),
+        "gave up {after:?} after the stall, with a 4 s send timeout: {v}"
+    );
+    assert_error_line(&out, "the peer stopped reading or the link is down");
+    assert_error_line(&out, "4000 ms");
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_source_guest_ran_on(&v);
+}
+
+/// A network namespace joined to this one by a veth pair, removed on drop
+/// (which removes both ends of the pair).
+struct Netns {
+    name: String,
+    /// This namespace's end of the pair.
+    link: String,
+    /// The address of the other end, inside the namespace.
+    remote: String,
+}
+
+impl Netns {
+    /// Creates it, or says why not (the test then skips loudly).
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id();
+        let ns = Netns {
+            name: format!("lmtest{id}"),
+            link: format!("lmA{id}"),
+            remote: format!("10.251.{}.2", id % 250),
+        };
+        let local = format!("10.251.{}.1/24", id % 250);
+        let inner = format!("lmB{id}");
+        let remote = format!("{}/24", ns.remote);
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", &ns.name],
+            &[
+                "link", "add", &ns.link, "type", "veth", "peer", "name", &inner,
+            ],
+            &["link", "set", &inner, "netns", &ns.name],
+            &["addr", "add", &local, "dev", &ns.link],
+            &["link", "set", &ns.link, "up"],
+            &["-n", &ns.name, "addr", "add", &remote, "dev", &inner],
+            &["-n", &ns.name, "link", "set", &inner, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("ip {}: {}", args.join(" "), stderr(&out).trim()));
+            }
+        }
+        Ok(ns)
+    }
+
+    /// Cuts the link from this side.
+    fn cut(&self) {
+        let status = Command::new("ip")
+            .args(["link", "set", &self.link, "down"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip link set {} down", self.link);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A dropped link (veth pair between network namespaces, taken down
+/// mid-migration): `send --send-timeout-ms 4000` fails within 4 s plus one
+/// (plus the half second it then spends checking that its guest runs on,
+/// before it exits), and the guest runs on.
+#[test]
+fn send_gives_up_on_a_dropped_link_within_the_send_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot create a network namespace: {why}");
+            return;
+        }
+    };
+    let listen = format!("tcp:{}:0", ns.remote);
+    let mut receiver = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            common::BIN,
+            "receive",
+            "--listen",
+        ])
+        .args([&listen, "--json", "--quiet", "--mem-mib", "256"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("receiver said {line:?}"))
+        .to_string();
+    let sender = spawn(&[
+        "send",
+        "--to",
+        &addr,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "32",
+        "--warmup-ms",
+        "200",
+        "--param",
+        "max-bandwidth=16M",
+        "--send-timeout-ms",
+        "4000",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    ns.cut();
+    let cut = Instant::now();
+    let out = finish(sender);
+    let after = cut.elapsed();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    eprintln!("MEASURE send exited {after:?} after the link was cut (timeout 4 s)");
+    let v = json_of(&out);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        after <= Duration::from_millis(5500),
+        "send exited {after:?} after the link was cut, with a 4 s send timeout: {v}"
+    );
+    assert_error_line(&out, "the link is down");
+    assert_source_guest_ran_on(&v);
+}
+
+/// Issue 8 item 7: `receive` on SIGINT or SIGTERM during a precopy stops
+/// loading, tells the source, prints its one line and its JSON summary and
+/// fails; the source names the interrupt and its guest runs on.
+#[test]
+fn an_interrupted_receive_says_so_and_the_source_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    for (sig, name) in [("-INT", "SIGINT"), ("-TERM", "SIGTERM")] {
+        let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+        let sender = spawn_unending_sender(&addr, 128);
+        std::thread::sleep(Duration::from_millis(1200));
+        signal(receiver.id(), sig);
+        let recv = finish(receiver);
+        let out = finish(sender);
+        let r = json_of(&recv);
+        assert_eq!(r["status"], "failed", "{name}: {r}");
+        let why = r["error-desc"].as_str().unwrap();
+        assert!(why.contains(&format!("interrupted by {name}")), "{why}");
+        assert_error_line(&recv, &format!("interrupted by {name}"));
+        let s = json_of(&out);
+        assert_eq!(s["status"], "failed", "{name}: {s}");
+        let why = s["error-desc"].as_str().unwrap();
+        assert!(
+            why.contains(&format!("the destination was interrupted ({name})")),
+            "{why}"
+        );
+        assert_error_line(&out, &format!("the destination was interrupted ({name})"));
+        assert_source_guest_ran_on(&s);
+    }
+}
+
+/// And after the postcopy switchover the destination refuses the signal,
+/// as the source does: the guest already runs there, the migration
+/// completes.
+#[test]
+fn receive_refuses_a_signal_after_the_postcopy_switchover() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
+    let mut sender = spawn_postcopy(&["send", "--to", &addr], 256);
+    let mut lines = StderrLines::of(&mut sender);
+    lines.wait_for(SWITCHOVER_LINE);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(receiver.id(), "-INT");
+    std::thread::sleep(Duration::from_millis(100));
+    signal(receiver.id(), "-TERM");
+    let out = lines.finish(sender);
+    let recv = finish(receiver);
+    assert!(
+        stderr(&recv).contains("postcopy cannot be interrupted"),
+        "the refusal is not said: {recv:?}"
+    );
+    let (s, r) = (json_of_success(&out), json_of_success(&recv));
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0, "{r}");
+    assert!(
+        r["guest-generation"].as_u64().unwrap() > s["guest-generation-at-stop"].as_u64().unwrap(),
+        "the guest did not run on at the destination: {r}"
+    );
+}
+
+/// `send` to a fake destination that answers `reply` on the return path
+/// (then reads on, or closes at once when `close`); returns `send`'s output.
+fn send_to_fake_destination(reply: &'static [u8], close: bool) -> Output {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        c.write_all(reply).unwrap();
+        if close {
+            return;
+        }
+        let mut sink = [0u8; 65536];
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let out = livemig(&[
+        "send",
+        "--to",
+        &format!("tcp:127.0.0.1:{port}"),
+        "--mem-mib",
+        "64",
+        "--dirty-mib",
+        "4",
+        "--warmup-ms",
+        "100",
+        "--quiet",
+    ]);
+    handle.join().unwrap();
+    out
+}
+
+/// Issue 8 item 9: each failure names its real cause.
+#[test]
+fn error_words_name_the_real_cause() {
+    if !kvm_available() {
+        return;
+    }
+    // A well-framed return-path message with invalid content.
+    let out = send_to_fake_destination(&[0, 6, 0, 4, 0, 0, 0, 2], false);
+    assert_error_line(&out, "sent an invalid return-path message");
+    assert_error_line(&out, "RESUME_ACK value 2");
+    let out =
+        send_to_fake_destination(&[0, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0x10, 0], false);
+    assert_error_line(&out, "misaligned page request");
+    // A message cut off by the close.
+    let out = send_to_fake_destination(&[0, 2, 0, 4, 0], true);
+    assert_error_line(&out, "closed the connection in the middle of a message");
+    // A QEMU source, seen by the receiver.
+    let out = receiver_answer_to(b"QEVM\0\0\0\x03");
+    assert_error_line(&out, "a QEMU migration stream, which livemig does not read");
+}
+
+/// Issue 8 item 9: a user who may not open /dev/kvm is told so, and why,
+/// before the demo falls back to the simulation.
+#[test]
+fn a_user_who_may_not_open_dev_kvm_is_told_why() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if !std::path::Path::new("/dev/kvm").exists() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs /dev/kvm and root (to run the demo as nobody)");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::BIN,
+        ])
+        .args([
+            "demo",
+            "--json",
+            "--quiet",
+            "--mem-mib",
+            "64",
+            "--dirty-mib",
+            "4",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run setpriv");
+    let err = stderr(&out);
+    assert!(
+        err.contains("/dev/kvm exists but cannot be opened: permission denied (run as root or join the kvm group)"),
+        "{out:?}"
+    );
+    assert_eq!(json_of(&out)["backend"], "simulated", "{out:?}");
+}

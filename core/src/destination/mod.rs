@@ -44,7 +44,7 @@ mod postcopy;
 
 pub use postcopy::PostcopyTracking;
 
-use crate::return_path::RpMessage;
+use crate::return_path::{RpMessage, SignalName};
 use crate::state::MigrationStatus;
 use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::time::Instant;
@@ -267,6 +267,18 @@ pub enum DestError {
     /// the stream and answered LOADED, without sending COMMIT: whether the
     /// source committed cannot be known here (see [`AmbiguousEnd`]).
     CommitNotReceived,
+    /// The operator interrupted the migration (signal number `signal`)
+    /// before the guest ran here.
+    Interrupted {
+        /// The signal number (Linux numbering: 2 is SIGINT).
+        signal: u32,
+    },
+    /// An interrupt was refused: the guest already runs on this destination
+    /// (postcopy), and only the rest of the stream can make it whole.
+    PostcopyCannotBeInterrupted,
+    /// An interrupt was refused: LOADED has been sent, so the source may
+    /// already have committed (see [`DestinationEngine::interrupt`]).
+    InterruptAfterLoaded,
 }
 
 impl fmt::Display for DestError {
@@ -359,6 +371,20 @@ impl fmt::Display for DestError {
             DestError::CommitNotReceived => write!(
                 f,
                 "the source closed the connection after the stream was loaded, without a commit"
+            ),
+            DestError::InterruptAfterLoaded => write!(
+                f,
+                "the stream is loaded and the source told so: it may already have committed, \
+                 so the guest cannot be handed back to it; waiting for its commit"
+            ),
+            DestError::Interrupted { signal } => write!(
+                f,
+                "interrupted by {}: the destination stopped loading the stream",
+                SignalName(*signal)
+            ),
+            DestError::PostcopyCannotBeInterrupted => write!(
+                f,
+                "postcopy cannot be interrupted: the guest already runs on this destination"
             ),
         }
     }
@@ -703,6 +729,30 @@ impl<'a> DestinationEngine<'a> {
         Ok(offset)
     }
 
+    /// The operator asked to stop (signal number `signal`, for example
+    /// SIGINT). Before the guest runs here the migration fails (`Ok(true)`;
+    /// the VMM must then not start the guest), and the source is told with
+    /// [`RpMessage::Interrupted`], so that it resumes its guest and says
+    /// why. Once the guest runs here (postcopy) the interrupt is refused
+    /// with [`DestError::PostcopyCannotBeInterrupted`] and nothing changes.
+    /// After the end of the stream there is nothing left to interrupt
+    /// (`Ok(false)`): the guest is the VMM's to run. Between LOADED and
+    /// COMMIT it is refused too ([`DestError::InterruptAfterLoaded`]): the
+    /// source may already have committed, and failing here would leave the
+    /// guest running nowhere; the wait for the commit has its own deadline.
+    pub fn interrupt(&mut self, now: Instant, signal: u32) -> Result<bool, DestError> {
+        match self.loader.state {
+            MigrationStatus::Completed => Ok(false),
+            MigrationStatus::Failed => Err(DestError::AlreadyFailed),
+            MigrationStatus::PostcopyActive => Err(DestError::PostcopyCannotBeInterrupted),
+            _ if self.loader.loaded_announced => Err(DestError::InterruptAfterLoaded),
+            _ => {
+                self.loader.fail(now, DestError::Interrupted { signal });
+                Ok(true)
+            }
+        }
+    }
+
     /// The source closed the connection. After LOADED and before COMMIT
     /// that is [`DestError::CommitNotReceived`], an ambiguous end.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
@@ -780,7 +830,11 @@ impl Loader<'_> {
         self.set_state(MigrationStatus::Failed);
         self.waiting_since = None;
         if self.return_path {
-            queue(&mut self.rp_queue, &RpMessage::Shut { error: true });
+            let msg = match e {
+                DestError::Interrupted { signal } => RpMessage::Interrupted { signal },
+                _ => RpMessage::Shut { error: true },
+            };
+            queue(&mut self.rp_queue, &msg);
         }
         e
     }

@@ -641,3 +641,103 @@ fn a_loaded_destination_that_gets_no_commit_is_ambiguous() {
         ))
     );
 }
+
+/// Between LOADED and COMMIT the source may already have committed: an
+/// interrupt then is refused and changes nothing (failing would leave the
+/// guest running nowhere), and the COMMIT still completes.
+#[test]
+fn an_interrupt_after_loaded_is_refused() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let end = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        blocks(&l),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    assert!(d.is_loaded());
+    drained(&mut d);
+    assert_eq!(
+        d.interrupt(Instant::ZERO, 2),
+        Err(DestError::InterruptAfterLoaded)
+    );
+    assert!(d.is_loaded());
+    assert!(drained(&mut d).is_empty(), "no INTERRUPTED went out");
+    let commit = record(Record::Command(Command::Commit));
+    d.handle_input(Instant::ZERO, &commit, &mut host).unwrap();
+    assert!(d.is_completed());
+}
+
+/// Issue 8 item 7: an interrupted destination stops loading and tells the
+/// source why with INTERRUPTED (not a bare error SHUT); once the guest runs
+/// here (postcopy) the interrupt is refused and changes nothing.
+#[test]
+fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
+    let l = layout(16);
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let mut host = Recorder::default();
+    let stream = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        blocks(&l),
+    ]
+    .concat();
+    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    let mut out = [0u8; 32];
+    let n = d.poll_return_path(&mut out);
+    assert_eq!(out[..n], [0, 7, 0, 0], "switchover approval only");
+    assert_eq!(d.interrupt(Instant::ZERO, 15), Ok(true));
+    assert_eq!(d.state(), MigrationStatus::Failed);
+    let n = d.poll_return_path(&mut out);
+    assert_eq!(out[..n], [1, 1, 0, 4, 0, 0, 0, 15], "INTERRUPTED(SIGTERM)");
+    assert_eq!(
+        d.stats().error_desc.as_str(),
+        "interrupted by SIGTERM: the destination stopped loading the stream"
+    );
+    assert_eq!(
+        d.handle_input(Instant::ZERO, &batch(0, &[(1, false)]), &mut host),
+        Err(DestError::AlreadyFailed)
+    );
+    assert_eq!(d.interrupt(Instant::ZERO, 2), Err(DestError::AlreadyFailed));
+
+    // Postcopy: after the run command the guest is this side's to keep.
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    let mut host = Recorder {
+        postcopy: true,
+        ..Recorder::default()
+    };
+    let stream = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        blocks(&l),
+        record(Record::Command(Command::PostcopyListen)),
+        record(Record::Command(Command::PostcopyRun)),
+    ]
+    .concat();
+    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    let _ = d.poll_return_path(&mut out);
+    assert_eq!(
+        d.interrupt(Instant::ZERO, 2),
+        Err(DestError::PostcopyCannotBeInterrupted)
+    );
+    assert_eq!(d.state(), MigrationStatus::PostcopyActive);
+    assert_eq!(d.poll_return_path(&mut out), 0, "nothing sent");
+    d.handle_input(Instant::ZERO, &record(Record::EndOfStream), &mut host)
+        .unwrap();
+    assert!(d.is_completed());
+    // After the end there is nothing left to interrupt.
+    assert_eq!(d.interrupt(Instant::ZERO, 2), Ok(false));
+    assert!(d.is_completed());
+}

@@ -170,6 +170,24 @@ impl fmt::Display for RpDecodeError {
 
 impl core::error::Error for RpDecodeError {}
 
+impl RpDecodeError {
+    /// Whether the error is in a message header (an unknown type, a length
+    /// no message of its type has): the bytes are most likely not a return
+    /// path at all, so the peer is not a livemig or QEMU destination. The
+    /// other errors are in a well-framed message whose content is invalid
+    /// (a misaligned request, a bad RESUME_ACK value...), or a message cut
+    /// off by the close ([`RpDecodeError::Truncated`]).
+    pub fn is_framing(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownType(_)
+                | Self::BadLength { .. }
+                | Self::TooShort { .. }
+                | Self::TooLong { .. }
+        )
+    }
+}
+
 /// The page size given to [`RpDecoder::new`] is not a power of two.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvalidPageSize(pub u32);
@@ -437,6 +455,7 @@ fn parse_payload(
         }
         RpMessageType::SwitchoverAck => RpMessage::SwitchoverAck,
         RpMessageType::Loaded => RpMessage::Loaded,
+        RpMessageType::Interrupted => RpMessage::Interrupted { signal: be32()? },
         RpMessageType::ReqPages => {
             let range = PageRange::read_from_bytes(payload).map_err(|_| bad_len)?;
             let (start, len) = check_range(range, page_size)?;
@@ -520,6 +539,7 @@ mod tests {
         ResumeAck,
         SwitchoverAck,
         Loaded,
+        Interrupted(u32),
     }
 
     impl Owned {
@@ -535,6 +555,7 @@ mod tests {
                 RpMessage::ResumeAck => Self::ResumeAck,
                 RpMessage::SwitchoverAck => Self::SwitchoverAck,
                 RpMessage::Loaded => Self::Loaded,
+                RpMessage::Interrupted { signal } => Self::Interrupted(signal),
             }
         }
 
@@ -555,6 +576,7 @@ mod tests {
                 Self::ResumeAck => RpMessage::ResumeAck,
                 Self::SwitchoverAck => RpMessage::SwitchoverAck,
                 Self::Loaded => RpMessage::Loaded,
+                Self::Interrupted(signal) => RpMessage::Interrupted { signal: *signal },
             }
         }
     }
@@ -639,7 +661,7 @@ mod tests {
 
     #[test]
     fn every_type_has_a_vector() {
-        let cases: [(&[u8], Owned); 10] = [
+        let cases: [(&[u8], Owned); 11] = [
             (&[0, 1, 0, 4, 0, 0, 0, 0], Owned::Shut(false)),
             (&[0, 1, 0, 4, 0, 0, 0, 1], Owned::Shut(true)),
             // QEMU treats any non-zero SHUT value as an error.
@@ -664,6 +686,7 @@ mod tests {
             (&[0, 7, 0, 0], Owned::SwitchoverAck),
             // livemig's extension, type 0x0100.
             (&[1, 0, 0, 0], Owned::Loaded),
+            (&[1, 1, 0, 4, 0, 0, 0, 2], Owned::Interrupted(2)),
         ];
         for (bytes, want) in cases {
             assert_eq!(decode_one(bytes), Ok(want.clone()), "{bytes:02x?}");
@@ -850,9 +873,31 @@ mod tests {
         );
     }
 
+    /// Issue 8 item 9: a bad header means "not a return path"; a bad
+    /// payload in a good frame, or a cut, means something else.
+    #[test]
+    fn framing_errors_are_told_from_invalid_content() {
+        for bytes in [
+            &[0x48, 0x54, 0x54, 0x50][..],
+            &[0, 1, 0, 5],
+            &[0, 3, 0, 2],
+            &[0, 3, 1, 0x20],
+        ] {
+            assert!(decode_one(bytes).unwrap_err().is_framing(), "{bytes:02x?}");
+        }
+        assert!(!RpDecodeError::BadResumeAck(2).is_framing());
+        let misaligned = decode_one(&[0, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0x10, 0]);
+        assert!(matches!(misaligned, Err(RpDecodeError::Misaligned { .. })));
+        assert!(!misaligned.unwrap_err().is_framing());
+        let mut d = RpDecoder::new(PAGE).unwrap();
+        d.decode(&[0, 2, 0, 4, 0]).unwrap();
+        let cut = d.finish().unwrap_err();
+        assert!(matches!(cut, RpDecodeError::Truncated { .. }) && !cut.is_framing());
+    }
+
     #[test]
     fn unknown_types_are_rejected() {
-        for code in [0u16, 8, 0xff, 0x101, 0xffff] {
+        for code in [0u16, 8, 0xff, 0x102, 0xffff] {
             let mut dec = RpDecoder::new(PAGE).unwrap();
             assert_eq!(
                 dec.decode(&header(code, 4)).err(),
@@ -967,6 +1012,7 @@ mod tests {
             Just(Owned::ResumeAck),
             Just(Owned::SwitchoverAck),
             Just(Owned::Loaded),
+            any::<u32>().prop_map(Owned::Interrupted),
         ]
     }
 

@@ -84,6 +84,35 @@ pub enum RpMessage<'a> {
     /// stream (every required device section included), keeps the guest
     /// paused, and waits for the source's Commit before starting it.
     Loaded,
+    /// livemig's own: the destination was interrupted by the operator
+    /// (signal number `signal`, e.g. 2 for SIGINT) before its guest ran,
+    /// and stops loading; the source keeps its guest. Sent instead of an
+    /// error SHUT, so the source can say what happened.
+    Interrupted {
+        /// The signal number (Linux numbering).
+        signal: u32,
+    },
+}
+
+/// A signal number of [`RpMessage::Interrupted`], displayed by its name
+/// (`SIGINT`, `SIGTERM`...) when it is one an operator sends, else as
+/// `signal N`; 0 is a cancel asked for without a signal (through the
+/// VMM's own control interface).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalName(pub u32);
+
+impl fmt::Display for SignalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.0 {
+            0 => "a cancel request",
+            1 => "SIGHUP",
+            2 => "SIGINT",
+            3 => "SIGQUIT",
+            15 => "SIGTERM",
+            n => return write!(f, "signal {n}"),
+        };
+        f.write_str(name)
+    }
 }
 
 /// Why a message could not be encoded.
@@ -136,13 +165,16 @@ impl RpMessage<'_> {
             Self::ResumeAck => RpMessageType::ResumeAck,
             Self::SwitchoverAck => RpMessageType::SwitchoverAck,
             Self::Loaded => RpMessageType::Loaded,
+            Self::Interrupted { .. } => RpMessageType::Interrupted,
         }
     }
 
     /// Payload bytes, header excluded.
     fn payload_len(&self) -> usize {
         match self {
-            Self::Shut { .. } | Self::Pong(_) | Self::ResumeAck => size_of::<Be32Payload>(),
+            Self::Shut { .. } | Self::Pong(_) | Self::ResumeAck | Self::Interrupted { .. } => {
+                size_of::<Be32Payload>()
+            }
             Self::ReqPages { .. } => size_of::<PageRange>(),
             Self::ReqPagesId { block, .. } => size_of::<PageRange>() + 1 + block.len(),
             Self::RecvBitmap { block } => 1 + block.len(),
@@ -200,6 +232,7 @@ impl RpMessage<'_> {
                 w.put(block.as_bytes());
             }
             Self::SwitchoverAck | Self::Loaded => {}
+            Self::Interrupted { signal } => w.put(be32(signal).as_bytes()),
         }
         Ok(w.pos)
     }
@@ -327,6 +360,10 @@ mod tests {
             decoder.decode(&bytes),
             Ok((bytes.len(), Some(RpMessage::Loaded)))
         );
+        let interrupted = RpMessage::Interrupted { signal: 2 };
+        let bytes = example("interrupted");
+        assert_eq!(bytes, encode_vec(&interrupted));
+        assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(interrupted))));
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! ask for pages it faulted on during postcopy ([`RpMessage::ReqPagesId`],
 //! [`RpMessage::ReqPages`]), drive postcopy recovery
 //! ([`RpMessage::RecvBitmap`], [`RpMessage::ResumeAck`]), allow the
-//! switchover ([`RpMessage::SwitchoverAck`]) and, a livemig extension,
+//! switchover ([`RpMessage::SwitchoverAck`]) and, livemig extensions,
 //! report a complete stream loaded and waiting for the source's commit
-//! ([`RpMessage::Loaded`]).
+//! ([`RpMessage::Loaded`]) or say that its operator interrupted it
+//! ([`RpMessage::Interrupted`]).
 //!
 //! The framing is byte-compatible with QEMU's so that either side can be
 //! QEMU: a big-endian `u16` type, a big-endian `u16` payload length, then the
@@ -24,7 +25,7 @@ pub mod decoder;
 pub mod message;
 
 pub use decoder::{InvalidPageSize, RpDecodeError, RpDecoder};
-pub use message::{RpEncodeError, RpMessage};
+pub use message::{RpEncodeError, RpMessage, SignalName};
 
 /// Bytes in every message header: `u16` type and `u16` payload length, both
 /// big-endian. Exported so transports can size their reads.
@@ -56,7 +57,9 @@ pub const RESUME_ACK_VALUE: u32 = 1;
 /// Code 0 is QEMU's `MIG_RP_MSG_INVALID`, 8 and above are beyond its
 /// `MIG_RP_MSG_MAX`, and livemig's own codes start far above that so a
 /// future QEMU type can never collide with them; no other code has a
-/// variant, so holding an `RpMessageType` means holding a valid code.
+/// variant, so holding an `RpMessageType` means holding a valid code. A
+/// QEMU source refuses livemig's types as invalid, which fails its
+/// migration, as they mean to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum RpMessageType {
@@ -77,6 +80,9 @@ pub enum RpMessageType {
     /// livemig extension: the whole stream is loaded and validated, the
     /// guest is paused, and the destination waits for the source's Commit.
     Loaded = LIVEMIG_TYPE_BASE,
+    /// livemig extension: the destination was interrupted (a signal) and
+    /// stops loading; `be32` signal number.
+    Interrupted = LIVEMIG_TYPE_BASE + 1,
 }
 
 /// The first return-path type code of livemig's own messages: far beyond
@@ -104,7 +110,7 @@ pub enum LenRule {
 
 impl RpMessageType {
     /// Every valid type, in code order (for tests and table-driven tools).
-    pub const ALL: [RpMessageType; 8] = [
+    pub const ALL: [RpMessageType; 9] = [
         Self::Shut,
         Self::Pong,
         Self::ReqPagesId,
@@ -113,6 +119,7 @@ impl RpMessageType {
         Self::ResumeAck,
         Self::SwitchoverAck,
         Self::Loaded,
+        Self::Interrupted,
     ];
 
     /// The type for a wire code, or `None` for codes no type has (0, QEMU's
@@ -127,6 +134,7 @@ impl RpMessageType {
             6 => Self::ResumeAck,
             7 => Self::SwitchoverAck,
             LIVEMIG_TYPE_BASE => Self::Loaded,
+            0x0101 => Self::Interrupted,
             _ => return None,
         })
     }
@@ -149,6 +157,7 @@ impl RpMessageType {
             Self::ResumeAck => "RESUME_ACK",
             Self::SwitchoverAck => "SWITCHOVER_ACK",
             Self::Loaded => "LOADED",
+            Self::Interrupted => "INTERRUPTED",
         }
     }
 
@@ -157,7 +166,7 @@ impl RpMessageType {
         const RANGE: u16 = PAGE_RANGE_LEN as u16;
         const MAX_ID: u16 = RP_MAX_ID_LEN as u16;
         match self {
-            Self::Shut | Self::Pong | Self::ResumeAck => LenRule::Fixed(4),
+            Self::Shut | Self::Pong | Self::ResumeAck | Self::Interrupted => LenRule::Fixed(4),
             Self::ReqPages => LenRule::Fixed(RANGE),
             Self::SwitchoverAck | Self::Loaded => LenRule::Fixed(0),
             Self::ReqPagesId => LenRule::Variable {
@@ -182,7 +191,8 @@ mod tests {
             assert_eq!(RpMessageType::from_code(ty.code()), Some(ty));
         }
         assert_eq!(RpMessageType::from_code(0x100), Some(RpMessageType::Loaded));
-        for code in [0u16, 8, 9, 0xff, 0x101, 0xffff] {
+        assert_eq!(RpMessageType::Interrupted.code(), 0x101);
+        for code in [0u16, 8, 9, 0xff, 0x102, 0x8001, 0xffff] {
             assert_eq!(RpMessageType::from_code(code), None);
         }
     }

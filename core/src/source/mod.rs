@@ -59,7 +59,7 @@ use core::time::Duration;
 use crate::capabilities::Capabilities;
 use crate::clear_map::PageRange;
 use crate::config::{ConfigError, MigrationConfig};
-use crate::return_path::RpMessage;
+use crate::return_path::{RpMessage, SignalName};
 use crate::state::MigrationStatus;
 use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::time::Instant;
@@ -678,6 +678,18 @@ impl<'a> SourceEngine<'a> {
                     "the destination closed the return path before the end of the stream"
                 };
                 self.fail(format_args!("{why}"));
+            }
+            RpMessage::Interrupted { signal } => {
+                // A destination sends it only while its guest has not run
+                // (it refuses the signal after the postcopy run command):
+                // even after the switchover, the guest is still ours, and
+                // resuming it here leaves no moment without a runnable one.
+                self.guest_on_destination = false;
+                self.fail(format_args!(
+                    "the destination was interrupted ({}) and stopped loading the stream; \
+                     the guest keeps running on the source",
+                    SignalName(*signal)
+                ));
             }
             RpMessage::Pong(_) => {}
             RpMessage::SwitchoverAck => self.switchover_acked = true,

@@ -127,6 +127,77 @@ fn a_page_request_outside_postcopy_fails_the_migration() {
     });
 }
 
+/// Issue 8 item 7: a destination interrupted by a signal fails the
+/// migration with words naming the signal, and, since it sends this only
+/// before its guest ran, the source resumes its guest even after the
+/// postcopy package went out.
+#[test]
+fn an_interrupted_destination_fails_the_migration_and_the_guest_resumes_here() {
+    with_engine(|s| {
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        s.handle_return_path(now, &RpMessage::Interrupted { signal: 2 })
+            .unwrap();
+        assert_eq!(s.state(), MigrationStatus::Failed);
+        assert_eq!(
+            s.stats().error_desc.as_str(),
+            "the destination was interrupted (SIGINT) and stopped loading the stream; \
+             the guest keeps running on the source"
+        );
+    });
+
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::POSTCOPY_RAM;
+    config.parameters.downtime_limit_ms = 0;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let mut now = Instant::ZERO;
+    s.start(now).unwrap();
+    s.start_postcopy(now).unwrap();
+    let dirty = [u64::MAX; 16];
+    let mut packaged = false;
+    for _ in 0..10_000 {
+        match s.poll_action(now, &AllZero) {
+            Some(SourceAction::SyncDirtyLog) => {
+                s.handle_dirty_log(0, &dirty).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
+            Some(SourceAction::PackageDevices) => {
+                s.package_devices(now, 16).unwrap();
+                s.handle_package_sent(now).unwrap();
+                packaged = true;
+                break;
+            }
+            Some(SourceAction::Finished(status)) => panic!("finished early: {status:?}"),
+            Some(_) => {}
+            // Held back by the rate limit: on to the next slice.
+            None => now = s.poll_timeout().expect("stalled before the switchover"),
+        }
+    }
+    assert!(packaged && s.guest_on_destination());
+    assert!(s.cancel(now).is_err(), "a cancel is refused now");
+    s.handle_return_path(now, &RpMessage::Interrupted { signal: 15 })
+        .unwrap();
+    assert_eq!(
+        s.poll_action(now, &AllZero),
+        Some(SourceAction::ResumeVcpus)
+    );
+    assert_eq!(
+        s.poll_action(now, &AllZero),
+        Some(SourceAction::Finished(MigrationStatus::Failed))
+    );
+    assert!(
+        s.stats().error_desc.as_str().contains("SIGTERM"),
+        "{}",
+        s.stats().error_desc.as_str()
+    );
+}
+
 /// Drives a return-path precopy of an idle 1024-page guest up to the end
 /// of the stream (the engine then waits for LOADED), and hands the engine
 /// to `f` with the time it got there.

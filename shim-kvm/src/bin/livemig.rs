@@ -82,9 +82,11 @@ struct Migration {
     /// (there is no separate continue command), in ms.
     #[arg(long, default_value_t = 0)]
     switchover_pause_ms: u64,
-    /// Fail the migration when the destination takes nothing for this long
-    /// (it stopped reading), in ms; 0 waits forever. The guest then runs on
-    /// at the source.
+    /// Fail the migration when the socket accepts no byte for this long (the
+    /// destination stopped reading, or the link is down), counted from the
+    /// last byte accepted, in ms; on TCP also the kernel's
+    /// TCP_USER_TIMEOUT. 0 waits forever. The guest then runs on at the
+    /// source.
     #[arg(long, default_value_t = 30_000)]
     send_timeout_ms: u64,
     /// A capability, in QEMU's names: --cap postcopy-ram=on (repeatable).
@@ -265,8 +267,20 @@ fn source_options(m: &Migration) -> SourceOptions {
     SourceOptions {
         switchover_pause: Duration::from_millis(m.switchover_pause_ms),
         write_timeout: (m.send_timeout_ms > 0).then(|| Duration::from_millis(m.send_timeout_ms)),
+        on_switchover: Some(announce_switchover),
     }
 }
+
+/// The moment the guest changes hands in postcopy, on stderr (also with
+/// --quiet: an operator, or a script, needs to know that from now on a
+/// Ctrl-C no longer cancels).
+fn announce_switchover() {
+    eprintln!("{SWITCHOVER_LINE}");
+}
+
+/// What [`announce_switchover`] prints.
+const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the destination; \
+     Ctrl-C and SIGTERM no longer cancel the migration";
 
 /// Whether `receive`'s `--cap` flags turn postcopy-blocktime on.
 fn receive_blocktime(caps: &[String]) -> Result<bool, String> {
@@ -412,8 +426,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let mut config = config(&a.migration, true)?;
             config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = a.workload.shape(a.mem_mib)?;
-            let summary = if demo::kvm_available() {
-                demo::run_demo_with(
+            let summary = match demo::open_kvm() {
+                Ok(()) => demo::run_demo_with(
                     shape,
                     &config,
                     source_options(&a.migration),
@@ -422,10 +436,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     &cancel_on_signals()?,
                     &mut progress(&a.output),
                 )
-                .map_err(err)?
-            } else {
-                eprintln!("{}", demo::NO_KVM_LINE);
-                demo::run_simulated(shape, &config).map_err(err)?
+                .map_err(err)?,
+                Err(e) => {
+                    eprintln!("{}", demo::no_kvm_line(&e));
+                    demo::run_simulated(shape, &config).map_err(err)?
+                }
             };
             Ok(finish(&summary, &a.output, true))
         }

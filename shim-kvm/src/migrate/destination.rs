@@ -62,6 +62,7 @@ use super::{
 };
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
+use crate::interrupt::Cancel;
 use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::Connection;
@@ -557,6 +558,9 @@ fn spawn_reader(
     })
 }
 
+/// The first bytes of a QEMU migration stream (`QEMU_VM_FILE_MAGIC`).
+const QEMU_STREAM_MAGIC: &[u8; 4] = b"QEVM";
+
 /// An engine error in an operator's words.
 pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String {
     const MIB: u64 = 1 << 20;
@@ -570,6 +574,12 @@ pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String
             source / MIB,
             destination / MIB
         ),
+        DestError::Decode(DecodeError::BadMagic { found }) if found == QEMU_STREAM_MAGIC => {
+            format!(
+                "the peer {peer} sent a QEMU migration stream, which livemig does not read \
+             (migrate from a livemig source)"
+            )
+        }
         DestError::Decode(DecodeError::BadMagic { .. }) => format!(
             "the peer {peer} is not a livemig source: its stream does not start with the livemig header"
         ),
@@ -594,6 +604,11 @@ pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String
 /// After a postcopy it already runs (see [`DestinationReport::postcopy`]):
 /// watch it with [`watch_postcopy_guest`].
 ///
+/// Setting `interrupt` (Ctrl-C, SIGTERM) stops the load and tells the
+/// source, which resumes its guest, unless the guest already runs here
+/// (postcopy): that is refused with a line on stderr, and the load goes
+/// on.
+///
 /// Returns the report of a migration that ran, whatever its outcome; `Err`
 /// means it could not even be set up.
 pub fn receive(
@@ -601,6 +616,7 @@ pub fn receive(
     vcpu: &Vcpu,
     conn: &Connection,
     idle_timeout: Duration,
+    interrupt: &Cancel,
     progress: &mut dyn FnMut(&MigrationStats),
 ) -> Result<DestinationReport, MigrateError> {
     let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
@@ -627,7 +643,15 @@ pub fn receive(
     }
     let reader = spawn_reader(reader_conn, tx.clone(), pool);
     let mut host = KvmHost::new(vm, vcpu, tx);
-    let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, progress);
+    let mut error = run_receive_loop(
+        &mut engine,
+        &mut host,
+        conn,
+        &events,
+        &pool_tx,
+        interrupt,
+        progress,
+    );
     // Free a reader still blocked in read (a failed migration) and let it
     // end: without buffers it stops at its next one.
     drop(pool_tx);
@@ -696,12 +720,37 @@ fn run_receive_loop(
     conn: &Connection,
     events: &Receiver<Event>,
     pool: &Sender<Vec<u8>>,
+    interrupt: &Cancel,
     progress: &mut dyn FnMut(&MigrationStats),
 ) -> Option<String> {
     let mut out = vec![0u8; 4096];
     let mut error: Option<String> = None;
     let mut last_progress = 0;
+    // An interrupt already dealt with (refused, or nothing to interrupt).
+    let mut interrupt_seen = false;
     loop {
+        if interrupt.is_cancelled() && !interrupt_seen {
+            interrupt_seen = true;
+            let signal = interrupt
+                .signal()
+                .and_then(|s| u32::try_from(s).ok())
+                .unwrap_or(0);
+            match engine.interrupt(clock::now(), signal) {
+                Ok(true) => {
+                    // The source hears why before the connection closes.
+                    if let Err(e) = flush_return_path(engine, conn, &mut out) {
+                        eprintln!("livemig: telling the source: {e}");
+                    }
+                    return Some(DestError::Interrupted { signal }.to_string());
+                }
+                Err(e @ DestError::PostcopyCannotBeInterrupted) => {
+                    eprintln!("livemig: {e}; the migration goes on to completion");
+                }
+                Err(e @ DestError::InterruptAfterLoaded) => eprintln!("livemig: {e}"),
+                // Completed or failed already: the loop ends by itself.
+                Ok(false) | Err(_) => {}
+            }
+        }
         let now = clock::now();
         let wait = engine
             .poll_timeout()
@@ -957,6 +1006,13 @@ mod tests {
         );
         let e = DestError::Decode(DecodeError::BadMagic { found: *b"GET " });
         assert!(describe(&e, "tcp:x:1", None).contains("not a livemig source"));
+        // Issue 8 item 9: a QEMU source is named as such.
+        let e = DestError::Decode(DecodeError::BadMagic { found: *b"QEVM" });
+        assert_eq!(
+            describe(&e, "tcp:x:1", None),
+            "the peer tcp:x:1 sent a QEMU migration stream, which livemig does not read \
+             (migrate from a livemig source)"
+        );
         let e = DestError::Decode(DecodeError::UnsupportedVersion {
             found: 9,
             supported: 1,

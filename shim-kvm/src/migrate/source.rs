@@ -20,15 +20,15 @@
 
 use std::io::IoSlice;
 use std::net::Shutdown;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use livemig_core::clear_map::PageRange;
 use livemig_core::config::MigrationConfig;
-use livemig_core::return_path::RpDecoder;
+use livemig_core::return_path::{RpDecodeError, RpDecoder};
 use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
@@ -55,17 +55,23 @@ const HEAR_OUT: Duration = Duration::from_millis(200);
 
 /// How the tool drives a source migration, beyond the engine's
 /// configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct SourceOptions {
     /// With the `pause-before-switchover` capability: how long the stopped
     /// guest stays in pre-switchover before the switchover continues on its
     /// own (what an operator's `migrate-continue` would do).
     pub switchover_pause: Duration,
-    /// How long one write to the destination may block (`None`: forever). A
-    /// destination that stops reading fills the socket buffers; the bound
+    /// How long the socket may accept no byte of the stream (`None`:
+    /// forever), see [`Connection::set_write_timeout`]. A destination that
+    /// stops reading, or a dead link, fills the socket buffers; the bound
     /// turns that into a failed migration with the guest running again on
     /// the source.
     pub write_timeout: Option<Duration>,
+    /// Called once, on the migration thread, right after the postcopy
+    /// package (with its run command) was handed to the socket: from then
+    /// on the guest belongs to the destination and a cancel is refused. The
+    /// `livemig` tool prints a line there.
+    pub on_switchover: Option<fn()>,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -76,6 +82,7 @@ impl Default for SourceOptions {
         SourceOptions {
             switchover_pause: Duration::ZERO,
             write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
+            on_switchover: None,
         }
     }
 }
@@ -244,22 +251,38 @@ fn on_return_path(
                         input = input.get(used..).unwrap_or_default();
                     }
                     Err(e) => {
-                        engine.handle_io_error(
-                            now,
-                            format_args!(
-                                "the peer {peer} is not a livemig destination: its reply is not a return-path message ({e})"
-                            ),
-                        );
+                        engine.handle_io_error(now, format_args!("{}", rp_error_words(peer, &e)));
                         break;
                     }
                 }
             }
         }
-        RpEvent::Eof => engine.handle_io_error(
-            now,
-            format_args!("connection to {peer} closed by the destination"),
-        ),
+        RpEvent::Eof => engine.handle_io_error(now, format_args!("{}", rp_closed_words(peer, rp))),
         RpEvent::Error(e) => engine.handle_io_error(now, format_args!("connection lost: {e}")),
+    }
+}
+
+/// A return-path decoding failure in an operator's words: a bad header
+/// means the peer does not speak the return path at all; a well-framed
+/// message with invalid content, or one cut off by the close, is named as
+/// such.
+fn rp_error_words(peer: &str, e: &RpDecodeError) -> String {
+    if e.is_framing() {
+        format!(
+            "the peer {peer} is not a livemig destination: its reply is not a return-path message ({e})"
+        )
+    } else if matches!(e, RpDecodeError::Truncated { .. }) {
+        format!("the destination {peer} closed the connection in the middle of a message ({e})")
+    } else {
+        format!("the destination {peer} sent an invalid return-path message ({e})")
+    }
+}
+
+/// The end of the return path in words: cut off mid-message, or a close.
+fn rp_closed_words(peer: &str, rp: &RpDecoder) -> String {
+    match rp.finish() {
+        Err(e) => rp_error_words(peer, &e),
+        Ok(()) => format!("connection to {peer} closed by the destination"),
     }
 }
 
@@ -305,13 +328,8 @@ pub fn migrate(
     let (events, reader) = spawn_return_path_reader(rp_conn);
     let peer = conn.peer().to_string();
     let done = Arc::new(AtomicBool::new(false));
-    let on_destination = Arc::new(AtomicBool::new(false));
-    let watcher = spawn_cancel_watcher(
-        cancel_conn,
-        cancel.clone(),
-        Arc::clone(&done),
-        Arc::clone(&on_destination),
-    );
+    let gate = Arc::new(CancelGate::new(cancel_conn));
+    let watcher = spawn_cancel_watcher(Arc::clone(&gate), cancel.clone(), Arc::clone(&done));
     let mut log = DirtyLog::new(vm);
     let map = SlotMap::new(vm.ram());
     let pages = KvmPages {
@@ -342,7 +360,7 @@ pub fn migrate(
             if let Err(e) = engine.cancel(clock::now()) {
                 if !cancel_refused {
                     cancel_refused = true;
-                    eprintln!("livemig: {e}");
+                    eprintln!("livemig: {e}; the migration goes on to completion");
                 }
             }
         }
@@ -435,9 +453,22 @@ pub fn migrate(
                     Err(reason) => lost = Some(reason),
                 },
                 SourceAction::PackageDevices => {
+                    // The last moment a cancel can be carried out: decided
+                    // under the gate's lock, so that no shutdown can follow
+                    // the package (the destination would start the guest,
+                    // then lose its connection).
+                    if !gate.commit(cancel) {
+                        let _ = engine.cancel(clock::now());
+                        continue;
+                    }
                     report.postcopy = true;
-                    if let Err(reason) = package_devices(&mut engine, vcpu, &conn) {
-                        lost = Some(reason);
+                    match package_devices(&mut engine, vcpu, &conn) {
+                        Ok(()) => {
+                            if let Some(announce) = options.on_switchover {
+                                announce();
+                            }
+                        }
+                        Err(reason) => lost = Some(reason),
                     }
                 }
                 SourceAction::ResumeVcpus => {
@@ -447,20 +478,46 @@ pub fn migrate(
                 }
                 SourceAction::Finished(status) => break 'run status,
             }
+            // From the commit on, as after the postcopy switchover, the
+            // destination needs the connection to confirm: close the gate
+            // to cancels (the COMMIT just handed to the socket is delivered
+            // even if a cancel shut it down a moment before; the end is
+            // then reported ambiguous, never resumed here).
+            if engine.is_committed() {
+                gate.hold();
+            }
             if let Some(reason) = lost.take() {
                 if cancel.is_cancelled() {
                     let _ = engine.cancel(clock::now());
                 }
                 // A destination that refused the stream says why on the
                 // return path before it closes: hear it before blaming the
-                // broken connection.
+                // broken connection. A plain end of the return path says
+                // nothing more than the failed write does, so the write's
+                // reason stands then.
                 let deadline = clock::monotonic_ns() + HEAR_OUT.as_nanos() as u64;
                 while !reader_done {
                     let left = deadline.saturating_sub(clock::monotonic_ns());
                     match events.recv_timeout(Duration::from_nanos(left)) {
-                        Ok(ev) => {
-                            reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                        Ok(RpEvent::Bytes(bytes)) => on_return_path(
+                            &mut engine,
+                            &mut rp,
+                            RpEvent::Bytes(bytes),
+                            &peer,
+                            cancel,
+                        ),
+                        Ok(ev @ RpEvent::Error(_)) => {
+                            // Perhaps the kernel's own verdict (a timeout
+                            // on a dead link), which then ends both ways.
+                            reader_done = true;
                             on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
+                        }
+                        Ok(RpEvent::Eof) => {
+                            reader_done = true;
+                            // Cut off mid-message says more than the write.
+                            if rp.finish().is_err() {
+                                on_return_path(&mut engine, &mut rp, RpEvent::Eof, &peer, cancel);
+                            }
                         }
                         Err(_) => break,
                     }
@@ -481,13 +538,6 @@ pub fn migrate(
                 break;
             }
         }
-        // From the commit on, like after the postcopy switchover, the
-        // destination needs the connection to confirm: a cancel must not
-        // cut it.
-        on_destination.store(
-            engine.guest_on_destination() || engine.is_committed(),
-            Ordering::SeqCst,
-        );
         progress(engine.stats());
         if engine.is_finished() {
             break engine.state();
@@ -537,20 +587,81 @@ pub fn migrate(
     Ok(report)
 }
 
-/// Shuts `conn` down when `cancel` is set, until `done`.
-fn spawn_cancel_watcher(
+/// Where a cancel and the postcopy switchover meet. A cancel shuts the
+/// connection down (which also frees a write blocked on a stuck peer); the
+/// switchover hands the guest to the destination, after which a shutdown
+/// would leave the guest nowhere. One lock decides which came first.
+struct CancelGate {
     conn: Connection,
+    state: Mutex<GateState>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    /// Neither has happened.
+    Open,
+    /// The connection was shut down for a cancel.
+    Shut,
+    /// The switchover began: the connection must stay up.
+    Committed,
+}
+
+impl CancelGate {
+    fn new(conn: Connection) -> Self {
+        CancelGate {
+            conn,
+            state: Mutex::new(GateState::Open),
+        }
+    }
+
+    /// Carries out a cancel, unless the switchover began (it is refused
+    /// then).
+    fn shut(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if *state == GateState::Open {
+            // Already shut down or gone: either way it is closed.
+            let _ = self.conn.shutdown(Shutdown::Both);
+            *state = GateState::Shut;
+        }
+    }
+
+    /// Called just before the postcopy package is written: `true` if the
+    /// switchover may go ahead (no cancel was asked for), after which
+    /// every cancel is refused; `false` if a cancel came first (the
+    /// connection is then shut down).
+    fn commit(&self, cancel: &Cancel) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if *state == GateState::Open && cancel.is_cancelled() {
+            let _ = self.conn.shutdown(Shutdown::Both);
+            *state = GateState::Shut;
+        }
+        if *state == GateState::Open {
+            *state = GateState::Committed;
+        }
+        *state == GateState::Committed
+    }
+
+    /// The precopy COMMIT was handed out: the engine refuses every cancel
+    /// from now on, so no shutdown may cut the confirmation either (a
+    /// cancel that already shut the connection stays carried out).
+    fn hold(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if *state == GateState::Open {
+            *state = GateState::Committed;
+        }
+    }
+}
+
+/// Carries out a cancel through `gate` when `cancel` is set, until `done`.
+fn spawn_cancel_watcher(
+    gate: Arc<CancelGate>,
     cancel: Cancel,
     done: Arc<AtomicBool>,
-    on_destination: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         while !done.load(Ordering::SeqCst) {
-            // After the postcopy switchover the guest needs the connection
-            // to finish arriving: a cancel is refused, not carried out.
-            if cancel.is_cancelled() && !on_destination.load(Ordering::SeqCst) {
-                // Already shut down or gone: either way it is closed.
-                let _ = conn.shutdown(Shutdown::Both);
+            if cancel.is_cancelled() {
+                gate.shut();
                 return;
             }
             thread::sleep(Duration::from_millis(10));
@@ -600,4 +711,86 @@ fn package_devices(
     engine
         .handle_package_sent(clock::now())
         .map_err(|e| format!("migration engine: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{Listener, MigrationUri};
+
+    /// A connected pair over a Unix socket: (this end, the peer's end).
+    fn pair(tag: &str) -> (Connection, Connection) {
+        let path =
+            std::env::temp_dir().join(format!("livemig-gate-{tag}-{}.sock", std::process::id()));
+        let uri = MigrationUri::Unix(path);
+        let listener = Listener::bind(&uri).unwrap();
+        let ours = Connection::connect(&uri).unwrap();
+        (ours, listener.accept().unwrap())
+    }
+
+    /// Issue 8 item 9: what the source says about bad return-path bytes.
+    #[test]
+    fn return_path_errors_name_the_real_cause() {
+        let words = |bytes: &[u8]| {
+            let mut rp = RpDecoder::new(4096).unwrap();
+            match rp.decode(bytes) {
+                Err(e) => rp_error_words("tcp:d:1", &e),
+                Ok(_) => rp_closed_words("tcp:d:1", &rp),
+            }
+        };
+        assert!(words(b"HTTP/1.1 400").contains("is not a livemig destination"));
+        // Well framed, invalid content: a RESUME_ACK of 2, a misaligned
+        // page request.
+        let w = words(&[0, 6, 0, 4, 0, 0, 0, 2]);
+        assert!(w.contains("sent an invalid return-path message"), "{w}");
+        assert!(w.contains("RESUME_ACK value 2"), "{w}");
+        let w = words(&[0, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0x10, 0]);
+        assert!(w.contains("sent an invalid return-path message"), "{w}");
+        assert!(w.contains("misaligned page request"), "{w}");
+        assert!(!w.contains("not a livemig"), "{w}");
+        // Cut off: the close came in the middle of a PONG.
+        let w = words(&[0, 2, 0, 4, 0]);
+        assert!(
+            w.contains("closed the connection in the middle of a message"),
+            "{w}"
+        );
+        assert!(w.contains("PONG"), "{w}");
+        assert_eq!(
+            words(&[]),
+            "connection to tcp:d:1 closed by the destination"
+        );
+    }
+
+    #[test]
+    fn a_cancel_before_the_switchover_wins_and_shuts_the_connection() {
+        let (ours, peer) = pair("before");
+        let gate = CancelGate::new(ours.try_clone().unwrap());
+        let cancel = Cancel::new();
+        // Asked for, not yet carried out by the watcher: the switchover
+        // must not go ahead, and the connection is shut at once.
+        cancel.cancel();
+        assert!(!gate.commit(&cancel));
+        assert_eq!(peer.read(&mut [0u8; 8]).unwrap(), 0);
+        // The watcher arriving late changes nothing.
+        gate.shut();
+        assert!(!gate.commit(&cancel));
+    }
+
+    #[test]
+    fn a_cancel_after_the_switchover_leaves_the_connection_up() {
+        let (ours, peer) = pair("after");
+        let gate = CancelGate::new(ours.try_clone().unwrap());
+        let cancel = Cancel::new();
+        assert!(gate.commit(&cancel));
+        cancel.cancel();
+        gate.shut();
+        // Still connected both ways: the rest of postcopy can flow.
+        ours.write_all(b"pages").unwrap();
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pages");
+        peer.write_all(b"req").unwrap();
+        ours.read_exact(&mut got[..3]).unwrap();
+        assert!(gate.commit(&cancel));
+    }
 }
