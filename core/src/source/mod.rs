@@ -779,7 +779,7 @@ impl<'a> SourceEngine<'a> {
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
         if self.step == Step::Iterate && self.time_limit_exceeded() {
-            self.fail_not_converged(format_args!("the time limit was reached"));
+            self.fail_not_converged(format_args!("time limit"));
         }
         if self.step == Step::AwaitShut && self.now >= self.confirm_deadline() {
             let ms = self.config.limits.confirm_timeout_ms;
@@ -1033,11 +1033,11 @@ impl<'a> SourceEngine<'a> {
             self.step = Step::StopVcpus;
         } else if stalled {
             let n = self.stalled_iterations;
-            self.fail_not_converged(format_args!("no progress in the last {n} iterations"));
+            self.fail_not_converged(format_args!("no progress in {n}"));
         } else if self.iteration_limit_exceeded() {
-            self.fail_not_converged(format_args!("the iteration limit was reached"));
+            self.fail_not_converged(format_args!("iteration limit"));
         } else if self.time_limit_exceeded() {
-            self.fail_not_converged(format_args!("the time limit was reached"));
+            self.fail_not_converged(format_args!("time limit"));
         } else {
             self.step = Step::Iterate;
             self.drain_until = self.drain_deadline();
@@ -1088,9 +1088,6 @@ impl<'a> SourceEngine<'a> {
     /// Gives up on precopy (`why`: which limit ended it); the message
     /// says what a stop would have cost against the limit.
     fn fail_not_converged(&mut self, why: fmt::Arguments<'_>) {
-        let pending = self.pending_bytes();
-        let iterations = self.stats.iterations;
-        let ms = (self.now - self.started_at).as_millis();
         struct Estimate(Option<u64>);
         impl fmt::Display for Estimate {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1101,13 +1098,16 @@ impl<'a> SourceEngine<'a> {
             }
         }
         let estimate = Estimate(self.estimated_stop_ms());
+        let mib = self.pending_bytes() as f64 / (1u64 << 20) as f64;
+        let iterations = self.stats.iterations;
+        let ms = (self.now - self.started_at).as_millis();
         let cost = self.stop_cost.as_millis();
         let limit = self.config.parameters.downtime_limit_ms;
         self.fail(format_args!(
             "precopy did not converge after {iterations} iterations in {ms} ms ({why}): \
-             a stop now would take {estimate} ({pending} bytes still to send, \
-             {cost} ms fixed cost) against a downtime-limit of {limit} ms \
-             (try a higher downtime-limit or max-bandwidth, auto-converge, or postcopy)"
+             a stop would take {estimate} ({mib:.1} MiB to send, {cost} ms fixed cost), \
+             over the {limit} ms downtime-limit; try a higher downtime-limit or \
+             max-bandwidth, auto-converge, or postcopy"
         ));
     }
 
