@@ -386,7 +386,14 @@ pub fn migrate(
         let burst = clock::monotonic_ns();
         let mut lost: Option<String> = None;
         loop {
-            report_link(&mut engine, &conn, options.stop_cost);
+            // Only precopy decides on them; after the stop (or the postcopy
+            // switchover) the two system calls per action would be waste.
+            if matches!(
+                engine.state(),
+                MigrationStatus::Setup | MigrationStatus::Active
+            ) {
+                report_link(&mut engine, &conn, options.stop_cost);
+            }
             let Some(action) = engine.poll_action(clock::now(), &pages) else {
                 break;
             };
