@@ -75,6 +75,9 @@ fn assert_did_not_converge(out: &Output, why: &str) {
 }
 
 /// A completed, verified `demo` summary's stop-to-start downtime in ms.
+/// (The demos run the destination guest for the default second: its
+/// verdict wants a whole generation of the working set after the stop,
+/// which a loaded 2-core host may not finish in less.)
 fn demo_downtime_ms(v: &Value) -> f64 {
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["verified"], true, "{v}");
@@ -103,8 +106,6 @@ fn demo_with_a_1_ms_limit_stops_within_it_or_does_not_converge() {
         "downtime-limit=1",
         "--warmup-ms",
         "300",
-        "--run-ms",
-        "300",
     ]);
     if out.status.success() {
         let downtime = demo_downtime_ms(&json_of(&out));
@@ -131,8 +132,6 @@ fn demo_of_a_1gib_guest_with_a_64mib_working_set_stops_within_300_ms() {
         "1024",
         "--dirty-mib",
         "64",
-        "--run-ms",
-        "300",
     ]);
     assert!(out.status.success(), "{out:?}");
     let downtime = demo_downtime_ms(&json_of(&out));
