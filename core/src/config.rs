@@ -14,6 +14,13 @@ pub struct Limits {
     pub max_iterations: Option<u64>,
     /// Give up after this many milliseconds without converging.
     pub max_time_ms: Option<u64>,
+    /// Give up after this many passes in a row that did not shrink what a
+    /// stop would still have to send (by at least a sixteenth of the best so
+    /// far): a guest that dirties memory as fast as the link carries it, or
+    /// a downtime limit below the fixed cost of stopping, never converges,
+    /// however long precopy goes on. A pass that raised the auto-converge
+    /// throttle counts as progress.
+    pub max_stalled_iterations: Option<u64>,
     /// With a return path, how long the source waits after the end of the
     /// stream for the destination's SHUT before declaring the migration
     /// failed (a destination that stops answering must not leave the source
@@ -29,11 +36,17 @@ pub struct Limits {
 /// that an operator is not left wondering.
 pub const DEFAULT_CONFIRM_TIMEOUT_MS: u64 = 30_000;
 
+/// Default for [`Limits::max_stalled_iterations`]: enough passes for a
+/// noisy dirty rate to show a trend, few enough that a hopeless migration
+/// is given up on in seconds rather than never.
+pub const DEFAULT_MAX_STALLED_ITERATIONS: u64 = 10;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_iterations: None,
             max_time_ms: None,
+            max_stalled_iterations: Some(DEFAULT_MAX_STALLED_ITERATIONS),
             confirm_timeout_ms: DEFAULT_CONFIRM_TIMEOUT_MS,
             postcopy_after_iterations: None,
         }
@@ -54,7 +67,8 @@ pub struct MigrationConfig {
 
 impl Default for MigrationConfig {
     /// Zero-page detection on (an idle guest is mostly zero pages), every
-    /// other capability off, QEMU's default parameters, no limits.
+    /// other capability off, QEMU's default parameters, no iteration or
+    /// time limit, and the no-progress rule on.
     fn default() -> Self {
         MigrationConfig {
             capabilities: Capabilities::ZERO_PAGE_DETECTION,

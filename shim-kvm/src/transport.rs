@@ -597,6 +597,63 @@ impl Connection {
     }
 }
 
+/// What the socket knows about the data in flight: the inputs of the
+/// source's convergence decision.
+impl Connection {
+    /// Bytes written that the peer has not taken yet (`ioctl(SIOCOUTQ)`):
+    /// on TCP, not yet acknowledged (in the send queue, in a qdisc, or on
+    /// the wire); on a Unix socket, not yet read by the peer. A stop waits
+    /// for all of them.
+    pub fn unsent_bytes(&self) -> Result<u64, TransportError> {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one c_int through the
+        // pointer, which points at a live local of that type.
+        let rc = unsafe {
+            libc::ioctl(
+                self.stream.raw_fd(),
+                libc::TIOCOUTQ,
+                &mut queued as *mut libc::c_int,
+            )
+        };
+        if rc != 0 {
+            return Err(io_err(
+                format!("reading the send queue of {}", self.peer),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(u64::try_from(queued).unwrap_or(0))
+    }
+
+    /// The kernel's smoothed round-trip time of a TCP connection
+    /// (`TCP_INFO`); zero for a Unix socket, whose peer is on this host.
+    pub fn round_trip(&self) -> Result<Duration, TransportError> {
+        let Stream::Tcp(s) = &self.stream else {
+            return Ok(Duration::ZERO);
+        };
+        // SAFETY: tcp_info is plain integers, for which all-zero is valid.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `info` and the
+        // length written into `len`; both are live locals.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io_err(
+                format!("reading TCP_INFO of {}", self.peer),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(Duration::from_micros(u64::from(info.tcpi_rtt)))
+    }
+}
+
 impl AsRawFd for Connection {
     /// The socket descriptor, for `poll` and socket options this type does
     /// not wrap. The connection keeps ownership.
@@ -1335,6 +1392,44 @@ mod tests {
         sender.write_vectored_all(&mut slices).unwrap();
         let got = reader.join().unwrap();
         assert!(got == data, "received bytes differ");
+    }
+
+    #[test]
+    fn unsent_bytes_count_what_the_peer_has_not_taken() {
+        let path = temp_sock("outq");
+        let target = MigrationUri::Unix(path.clone());
+        let listener = Listener::bind(&target).unwrap();
+        let sender = Connection::connect(&target).unwrap();
+        let receiver = listener.accept().unwrap();
+        assert_eq!(sender.unsent_bytes().unwrap(), 0);
+        assert_eq!(sender.round_trip().unwrap(), Duration::ZERO);
+        sender.write_all(&pattern(65_536, 1)).unwrap();
+        // Unix sockets count the queued buffers with their bookkeeping.
+        assert!(sender.unsent_bytes().unwrap() >= 65_536);
+        let got = reader(receiver, 65_536).join().unwrap();
+        assert_eq!(got.len(), 65_536);
+        assert_eq!(sender.unsent_bytes().unwrap(), 0, "all read");
+        let _ = std::fs::remove_file(path);
+
+        let listener = Listener::bind(&uri("tcp:127.0.0.1:0")).unwrap();
+        let sender = Connection::connect(&listener.local_uri().unwrap()).unwrap();
+        let receiver = listener.accept().unwrap();
+        let data = pattern(1 << 20, 2);
+        let reading = reader(receiver, data.len());
+        sender.write_all(&data).unwrap();
+        assert!(reading.join().unwrap() == data);
+        // Everything was read, so everything was acknowledged; the ack may
+        // still be on its way for a moment.
+        let mut unsent = sender.unsent_bytes().unwrap();
+        for _ in 0..100 {
+            if unsent == 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+            unsent = sender.unsent_bytes().unwrap();
+        }
+        assert_eq!(unsent, 0);
+        assert!(sender.round_trip().unwrap() > Duration::ZERO);
     }
 
     #[test]

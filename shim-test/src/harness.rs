@@ -90,6 +90,12 @@ pub struct Scenario {
     pub start_postcopy_at_ns: Option<u64>,
     /// Simulated time after which the harness gives up (a hang is a bug).
     pub watchdog_ns: u64,
+    /// The fixed cost of stopping: after stopping the vCPUs the harness
+    /// lets this much simulated time pass before the final sync (what
+    /// stopping vCPUs and saving devices take on a real host). It reports
+    /// this plus the main link's latency (the last byte's trip) to the
+    /// engine as its stop cost.
+    pub stop_cost_ns: u64,
 }
 
 impl Scenario {
@@ -107,6 +113,7 @@ impl Scenario {
             run_after_ns: 10_000_000,
             start_postcopy_at_ns: None,
             watchdog_ns: 3_600 * 1_000_000_000,
+            stop_cost_ns: 0,
         }
     }
 }
@@ -533,6 +540,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
 
     src.start(Instant::from_nanos(now))
         .map_err(|e| setup_err("start", e))?;
+    src.handle_stop_cost(std::time::Duration::from_nanos(
+        scenario.stop_cost_ns + scenario.forward.latency_ns,
+    ));
     loop {
         if now > scenario.watchdog_ns {
             timed_out = true;
@@ -566,6 +576,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
 
         // ---- carry out the source's actions ---------------------------
         let t = Instant::from_nanos(now);
+        // What a VMM reads with SIOCOUTQ before polling.
+        src.handle_unsent(t, fwd.unsent_at(now));
         let mut progressed = false;
         let reader = Pages {
             ram: &src_ram,
@@ -632,7 +644,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     stop_digest = Some(src_ram.digest());
                     cpu_at_stop = Some(cpu_state(guest.workload.as_ref()));
                     guest_at_stop = guest.workload.clone();
-                    src.handle_vcpus_stopped(t)
+                    now += scenario.stop_cost_ns;
+                    src.handle_vcpus_stopped(Instant::from_nanos(now))
                         .map_err(|e| setup_err("stop", e))?;
                     if src.state() == MigrationStatus::PreSwitchover {
                         continue_at = Some(now + scenario.continue_after_ns);

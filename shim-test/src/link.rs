@@ -6,6 +6,13 @@
 //! unless the harness calls [`SimLink::recv`] with a later `now`, so a whole
 //! migration over a "1 GB/s, 50 us" link runs as fast as the memory copies.
 //!
+//! A link can have a send buffer (`send_buffer_bytes`), as a socket has: a
+//! send then completes as soon as its last byte fits in the buffer, long
+//! before it has crossed a slow link, and [`SimLink::unsent_at`] tells how
+//! many bytes have not reached the receiver yet (what `SIOCOUTQ` reports on
+//! a real socket). Without one, a send completes when its last byte has
+//! left.
+//!
 //! Faults are part of the configuration, at exact stream offsets, so each
 //! failure test is reproducible:
 //! * `cut_after`: the connection breaks at that byte. Bytes before it are
@@ -41,6 +48,9 @@ pub struct LinkConfig {
     pub corrupt_at: Option<(u64, u8)>,
     /// Stream offset after which bytes are swallowed (see the module docs).
     pub stall_after: Option<u64>,
+    /// Bytes the sender's buffer holds beyond the one being transmitted
+    /// (0: none; see the module docs).
+    pub send_buffer_bytes: u64,
 }
 
 impl LinkConfig {
@@ -53,6 +63,7 @@ impl LinkConfig {
             cut_after: None,
             corrupt_at: None,
             stall_after: None,
+            send_buffer_bytes: 0,
         }
     }
 }
@@ -140,10 +151,10 @@ impl SimLink {
         u64::try_from(total / bw).unwrap_or(u64::MAX)
     }
 
-    /// Queues `bytes` at time `now_ns`. Returns the time at which the last
-    /// byte has left the sender (`max(now, link free) + len / bandwidth`):
-    /// the moment a real socket write would complete, which the engines
-    /// use for bandwidth measurement and rate limiting.
+    /// Queues `bytes` at time `now_ns`. Returns the time at which the write
+    /// completes: when the last byte has left the sender (`max(now, link
+    /// free) + len / bandwidth`), or with a send buffer, as soon as what is
+    /// still queued behind the link fits in the buffer.
     ///
     /// On a cut link, fails with [`LinkError::Cut`] after accepting the
     /// bytes before the cut; on a closed one, with [`LinkError::Closed`].
@@ -161,6 +172,8 @@ impl SimLink {
         let start = now_ns.max(self.free_at_ns);
         let done = start.saturating_add(self.transmit_ns(accepted as u64));
         self.free_at_ns = done;
+        let buffered_ns = self.buffer_ns();
+        let written = now_ns.max(done.saturating_sub(buffered_ns));
         let live = match self.config.stall_after {
             Some(s) => (s.saturating_sub(self.sent) as usize).min(accepted),
             None => accepted,
@@ -186,8 +199,34 @@ impl SimLink {
                 self.cut = Some((at_byte, done));
                 Err(LinkError::Cut { at_byte })
             }
-            None => Ok(done),
+            None => Ok(written),
         }
+    }
+
+    /// Time the link takes to carry a full send buffer.
+    fn buffer_ns(&self) -> u64 {
+        let bw = u128::from(self.config.bandwidth_bytes_per_sec);
+        if bw == 0 {
+            return 0;
+        }
+        u64::try_from(u128::from(self.config.send_buffer_bytes) * NS_PER_SEC / bw)
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Bytes accepted that have not reached the receiver by `now_ns`: in
+    /// the send buffer, on the link or within its latency (a socket's
+    /// `SIOCOUTQ`, unacknowledged bytes). Stalled bytes never arrive and
+    /// are not counted.
+    pub fn unsent_at(&self, now_ns: u64) -> u64 {
+        let mut bytes = 0u64;
+        for (i, s) in self.segments.iter().enumerate().rev() {
+            if s.arrival_ns <= now_ns {
+                break;
+            }
+            let read = if i == 0 { self.front_read } else { 0 };
+            bytes += (s.bytes.len() - read) as u64;
+        }
+        bytes
     }
 
     /// Cuts the link now, at the current end of the stream (a cable pulled
@@ -350,6 +389,29 @@ mod tests {
         assert_eq!(recv_all(&mut l, 200_000), vec![9; 10]);
         assert_eq!((l.bytes_sent(), l.bytes_delivered()), (5106, 5106));
         assert_eq!(l.next_arrival_ns(), None);
+    }
+
+    #[test]
+    fn a_send_buffer_completes_writes_early_and_counts_unsent_bytes() {
+        // 1 MB/s, 10 us latency, 100 kB of buffer: 1 us per byte.
+        let mut l = SimLink::new(LinkConfig {
+            send_buffer_bytes: 100_000,
+            ..LinkConfig::new(1_000_000, 10_000)
+        });
+        // Fits in the buffer: the write completes at once.
+        assert_eq!(l.send(0, &[1; 50_000]).unwrap(), 0);
+        assert_eq!(l.unsent_at(0), 50_000);
+        // 150 kB queued in all: the write waits until 100 kB are left.
+        assert_eq!(l.send(0, &[2; 100_000]).unwrap(), 50_000_000);
+        assert_eq!(l.free_at_ns(), 150_000_000);
+        assert_eq!(l.unsent_at(50_000_000), 150_000, "nothing arrived yet");
+        // The first segment arrives after its last byte left, plus latency.
+        assert_eq!(l.unsent_at(50_010_000), 100_000);
+        assert_eq!(recv_all(&mut l, 50_010_000).len(), 50_000);
+        assert_eq!(l.unsent_at(150_010_000), 0);
+        // Without a buffer the same write completes when its bytes left.
+        let mut plain = SimLink::new(LinkConfig::new(1_000_000, 10_000));
+        assert_eq!(plain.send(0, &[1; 50_000]).unwrap(), 50_000_000);
     }
 
     #[test]
@@ -529,6 +591,7 @@ mod tests {
                     cut_after,
                     corrupt_at,
                     stall_after,
+                    send_buffer_bytes: 0,
                 })
         }
 

@@ -19,7 +19,25 @@
 //! The engine counts every byte it asks the caller to send as transferred at
 //! the moment it hands the action out: the caller is expected to write it
 //! before polling again (blocking or buffered), which is what makes the
-//! bandwidth measurement and the rate limit meaningful.
+//! rate limit meaningful. A buffered write is not a delivered one, though:
+//! the caller reports the bytes still queued in its send buffers with
+//! [`SourceEngine::handle_unsent`] (Linux: `SIOCOUTQ`), and the fixed cost
+//! of stopping with [`SourceEngine::handle_stop_cost`], so that the
+//! bandwidth is measured as what the peer took and the switchover is
+//! decided on what the stop will really wait for.
+//!
+//! # Convergence
+//!
+//! The guest is stopped when the estimated stop fits the downtime limit:
+//!
+//! ```text
+//! stop cost + (dirty bytes + unsent bytes) / measured bandwidth <= downtime-limit
+//! ```
+//!
+//! A limit that cannot be met never stretches the stop: precopy iterates
+//! on, and fails with "did not converge" (the guest running on the source)
+//! when a limit of [`Limits`](crate::config::Limits) is reached: passes,
+//! time, or passes in a row without progress.
 //!
 //! # The life of a precopy migration
 //!
@@ -377,6 +395,22 @@ pub struct SourceEngine<'a> {
     /// which nothing was ever sent, so nothing needs discarding.
     never_sent_from: Option<(usize, u64)>,
     high_dirty_rate_count: u8,
+    /// Bytes handed out that the peer has not taken yet, as last reported
+    /// by [`SourceEngine::handle_unsent`]: a stop waits for them too.
+    unsent_bytes: u64,
+    /// The fixed part of a stop (see [`SourceEngine::handle_stop_cost`]).
+    stop_cost: Duration,
+    /// Smallest pending (dirty + unsent) bytes seen at the end of a pass.
+    best_pending: u64,
+    /// Passes in a row that did not improve on `best_pending`.
+    stalled_iterations: u64,
+    /// `stats.iterations` when progress was last judged (mid-pass syncs
+    /// are not passes).
+    judged_iterations: u64,
+    /// When the dirty pages fit the limit and only the send queue does
+    /// not: send nothing more before this instant, giving the queue time
+    /// to drain (instead of spinning through empty passes).
+    drain_until: Option<Instant>,
     meter: RateMeter,
     threshold_bytes: u64,
     bandwidth_bytes_per_ms: f64,
@@ -473,6 +507,12 @@ impl<'a> SourceEngine<'a> {
             first_pass_done: false,
             never_sent_from: None,
             high_dirty_rate_count: 0,
+            unsent_bytes: 0,
+            stop_cost: Duration::ZERO,
+            best_pending: u64::MAX,
+            stalled_iterations: 0,
+            judged_iterations: 0,
+            drain_until: None,
             meter,
             threshold_bytes: 0,
             bandwidth_bytes_per_ms: 0.0,
@@ -503,10 +543,38 @@ impl<'a> SourceEngine<'a> {
         &self.stats
     }
 
-    /// The switchover threshold: bytes the link can carry within the
-    /// downtime limit, from the last measured bandwidth.
+    /// The switchover threshold: bytes the link can carry within what the
+    /// downtime limit leaves after the stop cost, from the last measured
+    /// bandwidth. The guest is stopped when the dirty bytes plus the
+    /// unsent bytes are below it.
     pub fn threshold_bytes(&self) -> u64 {
         self.threshold_bytes
+    }
+
+    /// Reports how many of the bytes handed out so far the peer has not
+    /// taken yet: still in the caller's socket send queue, or sent and not
+    /// acknowledged (Linux: `ioctl(SIOCOUTQ)` on the socket). Call it
+    /// before each poll, or at least before each
+    /// [`handle_sync_done`](Self::handle_sync_done): the bandwidth is
+    /// measured on bytes the peer took, and the switchover counts the
+    /// queued bytes as still to send. A caller that writes straight to the
+    /// wire never needs it.
+    pub fn handle_unsent(&mut self, now: Instant, bytes: u64) {
+        self.unsent_bytes = bytes;
+        self.meter.set_unsent(bytes);
+        self.advance_clock(now);
+    }
+
+    /// Reports the fixed part of a stop, which the downtime limit must
+    /// cover on top of the RAM still to send: stopping the vCPUs, the final
+    /// dirty-log sync, saving the devices, the end-of-stream round trip and
+    /// starting the guest on the destination. The caller measures or
+    /// estimates it (for example a measured round-trip time plus its own
+    /// device-save time) and may update it at any time. A cost at or above
+    /// the downtime limit means precopy cannot converge.
+    pub fn handle_stop_cost(&mut self, cost: Duration) {
+        self.stop_cost = cost;
+        self.update_threshold();
     }
 
     /// True once the engine has reported [`SourceAction::Finished`].
@@ -761,6 +829,11 @@ impl<'a> SourceEngine<'a> {
         }
         let sending = matches!(self.step, Step::Iterate | Step::Drain | Step::Postcopy);
         let slice = (sending && self.meter.exhausted()).then(|| self.meter.next_send());
+        let drain = self.drain_until.filter(|_| self.step == Step::Iterate);
+        let slice = match (slice, drain) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         match (deadline, slice) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -771,7 +844,7 @@ impl<'a> SourceEngine<'a> {
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
         if self.step == Step::Iterate && self.time_limit_exceeded() {
-            self.fail_not_converged();
+            self.fail_not_converged(format_args!("time limit"));
         }
         if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded)
             && self.now >= self.confirm_deadline()
@@ -888,8 +961,9 @@ impl<'a> SourceEngine<'a> {
                 && slice.bytes > 10_000
                 && slice.bytes_per_ms > 0.0
             {
-                self.stats.expected_downtime_ms =
-                    (self.remaining_bytes as f64 / slice.bytes_per_ms) as u64;
+                if let Some(ms) = self.estimated_stop_ms() {
+                    self.stats.expected_downtime_ms = ms;
+                }
             }
         }
         if !matches!(self.step, Step::Done) && self.state != MigrationStatus::None {
@@ -897,15 +971,71 @@ impl<'a> SourceEngine<'a> {
         }
     }
 
-    fn update_threshold(&mut self) {
+    /// Bytes per millisecond the stop-and-copy is expected to move.
+    fn switchover_bytes_per_ms(&self) -> f64 {
         let avail = self.config.parameters.avail_switchover_bandwidth;
-        let bytes_per_ms = if avail > 0 {
+        if avail > 0 {
             avail as f64 / 1000.0
         } else {
             self.bandwidth_bytes_per_ms
+        }
+    }
+
+    fn update_threshold(&mut self) {
+        let limit_ms = self.config.parameters.downtime_limit_ms as f64;
+        let budget_ms = (limit_ms - self.stop_cost.as_secs_f64() * 1e3).max(0.0);
+        self.threshold_bytes = (self.switchover_bytes_per_ms() * budget_ms) as u64;
+    }
+
+    /// Bytes a stop now would still have to send: the dirty pages and
+    /// what is queued in the caller's send buffers.
+    fn pending_bytes(&self) -> u64 {
+        self.remaining_bytes.saturating_add(self.unsent_bytes)
+    }
+
+    /// Whether a stop now is expected to fit the downtime limit.
+    fn fits_downtime(&self) -> bool {
+        let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
+        let pending = self.pending_bytes();
+        self.stop_cost <= limit && (pending == 0 || pending < self.threshold_bytes)
+    }
+
+    /// The stop a switchover now would take: the fixed cost plus the
+    /// pending bytes at the measured bandwidth, in milliseconds (`None`
+    /// while there is data to send and no bandwidth measured yet).
+    fn estimated_stop_ms(&self) -> Option<u64> {
+        let bytes_per_ms = self.switchover_bytes_per_ms();
+        let pending = self.pending_bytes();
+        let transfer_ms = if pending == 0 {
+            0.0
+        } else if bytes_per_ms > 0.0 {
+            pending as f64 / bytes_per_ms
+        } else {
+            return None;
         };
-        self.threshold_bytes =
-            (bytes_per_ms * self.config.parameters.downtime_limit_ms as f64) as u64;
+        Some((self.stop_cost.as_secs_f64() * 1e3 + transfer_ms) as u64)
+    }
+
+    /// Judges the pass that just ended: did it shrink the pending bytes
+    /// (by at least a sixteenth of the best so far), or raise the
+    /// throttle? Returns true once too many passes in a row did neither.
+    fn stalled(&mut self) -> bool {
+        if self.stats.iterations == self.judged_iterations {
+            return false;
+        }
+        self.judged_iterations = self.stats.iterations;
+        let pending = self.pending_bytes();
+        let best = self.best_pending;
+        if best == u64::MAX || pending < best - best / 16 || self.pending_throttle {
+            self.best_pending = self.best_pending.min(pending);
+            self.stalled_iterations = 0;
+        } else {
+            self.stalled_iterations += 1;
+        }
+        self.config
+            .limits
+            .max_stalled_iterations
+            .is_some_and(|max| self.stalled_iterations >= max)
     }
 
     fn count_sent(&mut self, bytes: u64, pages: u64) {
@@ -972,7 +1102,13 @@ impl<'a> SourceEngine<'a> {
                 self.update_threshold();
             }
         }
-        let converged = self.remaining_bytes == 0 || self.remaining_bytes < self.threshold_bytes;
+        if let Some(ms) = self.estimated_stop_ms() {
+            self.stats.expected_downtime_ms = ms;
+        }
+        let converged = self.fits_downtime();
+        // Passes that only wait for the destination's switchover-ack are
+        // not judged: the data already fits.
+        let stalled = !converged && self.stalled();
         let acked = self.switchover_acked
             || !self
                 .config
@@ -983,11 +1119,40 @@ impl<'a> SourceEngine<'a> {
         } else if self.wants_postcopy() {
             self.switching_to_postcopy = true;
             self.step = Step::StopVcpus;
-        } else if self.iteration_limit_exceeded() || self.time_limit_exceeded() {
-            self.fail_not_converged();
+        } else if stalled {
+            let n = self.stalled_iterations;
+            self.fail_not_converged(format_args!("no progress in {n}"));
+        } else if self.iteration_limit_exceeded() {
+            self.fail_not_converged(format_args!("iteration limit"));
+        } else if self.time_limit_exceeded() {
+            self.fail_not_converged(format_args!("time limit"));
         } else {
             self.step = Step::Iterate;
+            self.drain_until = self.drain_deadline();
         }
+    }
+
+    /// When only the send queue keeps the stop over the limit (the dirty
+    /// pages alone fit, or there are none), the time it takes the link to
+    /// drain the excess at the measured bandwidth, at most one slice (a
+    /// tenth of one while no bandwidth is measured): resending pages now
+    /// would only lengthen the queue, and passes with nothing to send would
+    /// spin.
+    fn drain_deadline(&self) -> Option<Instant> {
+        let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
+        let dirty_fits = self.remaining_bytes == 0 || self.remaining_bytes < self.threshold_bytes;
+        if self.unsent_bytes == 0 || !dirty_fits || self.stop_cost > limit {
+            return None;
+        }
+        let bytes_per_ms = self.bandwidth_bytes_per_ms;
+        let wait = if bytes_per_ms > 0.0 {
+            let excess = self.pending_bytes().saturating_sub(self.threshold_bytes) + 1;
+            let ms = (excess as f64 / bytes_per_ms).min(SLICE.as_secs_f64() * 1e3);
+            Duration::from_nanos((ms * 1e6) as u64)
+        } else {
+            SLICE / 10
+        };
+        Some(self.now + wait)
     }
 
     fn confirm_deadline(&self) -> Instant {
@@ -1008,15 +1173,29 @@ impl<'a> SourceEngine<'a> {
             .is_some_and(|ms| self.now - self.started_at >= Duration::from_millis(ms))
     }
 
-    fn fail_not_converged(&mut self) {
-        let remaining = self.remaining_bytes;
-        let threshold = self.threshold_bytes;
+    /// Gives up on precopy (`why`: which limit ended it); the message
+    /// says what a stop would have cost against the limit.
+    fn fail_not_converged(&mut self, why: fmt::Arguments<'_>) {
+        struct Estimate(Option<u64>);
+        impl fmt::Display for Estimate {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self.0 {
+                    Some(ms) => write!(f, "about {ms} ms"),
+                    None => f.write_str("an unknown time (no bandwidth measured yet)"),
+                }
+            }
+        }
+        let estimate = Estimate(self.estimated_stop_ms());
+        let mib = self.pending_bytes() as f64 / (1u64 << 20) as f64;
         let iterations = self.stats.iterations;
         let ms = (self.now - self.started_at).as_millis();
+        let cost = self.stop_cost.as_millis();
+        let limit = self.config.parameters.downtime_limit_ms;
         self.fail(format_args!(
-            "precopy did not converge after {iterations} iterations in {ms} ms: \
-             {remaining} bytes still dirty, switchover threshold {threshold} bytes \
-             (try a higher downtime-limit or max-bandwidth, auto-converge, or postcopy)"
+            "precopy did not converge after {iterations} iterations in {ms} ms ({why}): \
+             a stop would take {estimate} ({mib:.1} MiB to send, {cost} ms fixed cost), \
+             over the {limit} ms downtime-limit; try a higher downtime-limit or \
+             max-bandwidth, auto-converge, or postcopy"
         ));
     }
 
@@ -1135,10 +1314,16 @@ impl<'a> SourceEngine<'a> {
             return None;
         }
         if live && self.batch.is_empty() {
+            if let Some(until) = self.drain_until {
+                if self.now < until {
+                    return None;
+                }
+                self.drain_until = None;
+            }
             // The seeds check convergence before every step, not only at the
             // end of a pass: a sync is cheap and an early switchover saves a
             // whole pass.
-            if self.remaining_bytes < self.threshold_bytes {
+            if self.fits_downtime() && self.remaining_bytes > 0 {
                 return Some(self.begin_sync(SyncKind::Iteration));
             }
             if self.postcopy_requested {

@@ -2,7 +2,12 @@
 //! `BUFFER_DELAY`).
 //!
 //! Each slice measures the bandwidth actually achieved, which sets the
-//! switchover threshold (bandwidth x downtime limit). A maximum bandwidth is
+//! switchover threshold (bandwidth x what the downtime limit leaves after
+//! the fixed cost of stopping). "Achieved" means taken by the peer: bytes
+//! still queued in the caller's socket buffers at the end of a slice (see
+//! [`RateMeter::set_unsent`]) are not counted as sent, since a write that
+//! lands in a deep send buffer completes at memory speed however slow the
+//! link behind it is. A maximum bandwidth is
 //! enforced as a bucket of credit that fills continuously at the limit and
 //! holds at most one slice's worth: a batch may be sent while credit is
 //! positive, and what it overdraws is paid back before the next one. QEMU
@@ -33,7 +38,7 @@ pub(crate) struct SliceMeasurement {
     pub mbps: f64,
     /// Pages per second sent in the slice.
     pub pages_per_second: u64,
-    /// Bytes sent in the slice.
+    /// Bytes the peer took in the slice.
     pub bytes: u64,
 }
 
@@ -42,6 +47,10 @@ pub(crate) struct RateMeter {
     slice_start: Instant,
     slice_bytes: u64,
     slice_pages: u64,
+    /// Bytes handed out but not yet taken by the peer, as last reported.
+    unsent: u64,
+    /// `unsent` when the slice began.
+    slice_unsent: u64,
     /// Bytes per second allowed; zero means unlimited.
     limit: u64,
     /// Bytes that may still be sent; negative after an overdraw.
@@ -56,6 +65,8 @@ impl RateMeter {
             slice_start: now,
             slice_bytes: 0,
             slice_pages: 0,
+            unsent: 0,
+            slice_unsent: 0,
             limit: max_bytes_per_sec,
             credit: 0,
             refilled_at: now,
@@ -105,6 +116,21 @@ impl RateMeter {
         self.slice_start = now;
         self.slice_bytes = 0;
         self.slice_pages = 0;
+        self.slice_unsent = self.unsent;
+    }
+
+    /// Bytes handed out that the peer has not taken yet (the caller's send
+    /// queue): the measurement counts them once they leave it.
+    pub fn set_unsent(&mut self, bytes: u64) {
+        self.unsent = bytes;
+    }
+
+    /// Bytes the peer took since the slice began: what was handed out,
+    /// plus what was queued at the start, minus what is queued now.
+    fn slice_taken(&self) -> u64 {
+        self.slice_bytes
+            .saturating_add(self.slice_unsent)
+            .saturating_sub(self.unsent)
     }
 
     pub fn record(&mut self, bytes: u64, pages: u64) {
@@ -134,8 +160,9 @@ impl RateMeter {
     /// convergence check uses before any slice has closed.
     pub fn partial_bytes_per_ms(&self, now: Instant) -> Option<f64> {
         let elapsed = now.saturating_since(self.slice_start);
-        (elapsed >= MIN_ESTIMATE && self.slice_bytes > 0)
-            .then(|| self.slice_bytes as f64 * 1e6 / elapsed.as_nanos() as f64)
+        let taken = self.slice_taken();
+        (elapsed >= MIN_ESTIMATE && taken > 0)
+            .then(|| taken as f64 * 1e6 / elapsed.as_nanos() as f64)
     }
 
     /// Refills the bucket, then closes the measurement slice if it has
@@ -147,7 +174,7 @@ impl RateMeter {
             return None;
         }
         let ns = elapsed.as_nanos() as f64;
-        let bytes = self.slice_bytes;
+        let bytes = self.slice_taken();
         let measurement = SliceMeasurement {
             bytes_per_ms: bytes as f64 * 1e6 / ns,
             mbps: bytes as f64 * 8.0 * 1e3 / ns,
@@ -215,6 +242,26 @@ mod tests {
             m.partial_bytes_per_ms(Instant::from_millis(10)),
             Some(100_000.0)
         );
+    }
+
+    #[test]
+    fn bytes_still_queued_are_not_counted_as_sent() {
+        // 10 MB handed out in a slice, 8 MB of it still in the send queue
+        // at the end: the link carried 2 MB, not 10.
+        let mut m = RateMeter::new(Instant::ZERO, 0);
+        m.record(10_000_000, 0);
+        m.set_unsent(8_000_000);
+        assert_eq!(
+            m.partial_bytes_per_ms(Instant::from_millis(50)),
+            Some(40_000.0)
+        );
+        let s = m.tick(Instant::from_millis(100)).expect("slice over");
+        assert_eq!(s.bytes, 2_000_000);
+        assert!((s.bytes_per_ms - 20_000.0).abs() < 1e-6);
+        // Next slice: nothing new handed out, the queue drains by 5 MB.
+        m.set_unsent(3_000_000);
+        let s = m.tick(Instant::from_millis(200)).expect("slice over");
+        assert_eq!(s.bytes, 5_000_000);
     }
 
     #[test]

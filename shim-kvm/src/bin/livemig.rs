@@ -17,7 +17,7 @@ use livemig_kvm::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_kvm::demo::{self, DemoError, GuestShape};
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::interrupt::{self, Cancel};
-use livemig_kvm::migrate::source::SourceOptions;
+use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
 use livemig_kvm::options;
 use livemig_kvm::report::{Progress, Summary};
 use livemig_kvm::transport::MigrationUri;
@@ -177,6 +177,12 @@ struct SendArgs {
     mem_mib: u64,
     #[command(flatten)]
     workload: Workload,
+    /// Give up on a precopy that has not converged after this many seconds
+    /// (the guest keeps running on the source); 0 = never. Precopy also
+    /// gives up after 10 passes in a row that did not shrink what is left
+    /// to send.
+    #[arg(long, default_value_t = 300)]
+    time_limit_s: u64,
 }
 
 #[derive(Args)]
@@ -263,11 +269,22 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
     Ok(config)
 }
 
-fn source_options(m: &Migration) -> SourceOptions {
+/// Rate at which `receive` digests the memory it loaded, measured on the
+/// development VM (1.9 to 4.8 GB/s over 64 and 256 MiB working sets).
+const DIGEST_BYTES_PER_SEC: u64 = 2 << 30;
+
+fn source_options(m: &Migration, workload: &Workload) -> SourceOptions {
+    // The tool's destination digests the memory it loaded before it starts
+    // the guest (the operator compares that digest with the source's), so
+    // that is part of every stop: about the working set at the digest rate.
+    let digest = Duration::from_nanos(
+        (workload.dirty_mib << 20).saturating_mul(1_000_000_000) / DIGEST_BYTES_PER_SEC,
+    );
     SourceOptions {
         switchover_pause: Duration::from_millis(m.switchover_pause_ms),
         write_timeout: (m.send_timeout_ms > 0).then(|| Duration::from_millis(m.send_timeout_ms)),
         on_switchover: Some(announce_switchover),
+        stop_cost: DEFAULT_STOP_COST + digest,
     }
 }
 
@@ -430,7 +447,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Ok(()) => demo::run_demo_with(
                     shape,
                     &config,
-                    source_options(&a.migration),
+                    source_options(&a.migration, &a.workload),
                     a.workload.warmup(),
                     Duration::from_millis(a.run_ms),
                     &cancel_on_signals()?,
@@ -445,13 +462,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(finish(&summary, &a.output, true))
         }
         Cmd::Send(a) => {
-            let config = config(&a.migration, false)?;
+            let mut config = config(&a.migration, false)?;
+            config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = a.workload.shape(a.mem_mib)?;
             let summary = demo::run_send(
                 &uri(&a.to)?,
                 shape,
                 &config,
-                source_options(&a.migration),
+                source_options(&a.migration, &a.workload),
                 a.workload.warmup(),
                 &cancel_on_signals()?,
                 &mut progress(&a.output),
