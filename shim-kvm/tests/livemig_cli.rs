@@ -243,8 +243,12 @@ fn postcopy_demo_requests_pages_and_verifies() {
     assert_eq!(v["status"], "completed");
     assert_eq!(v["verified"], true);
     assert_eq!(v["postcopy"], true);
-    // Thousands in practice; a few hundred leaves room for a slow host.
-    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 100, "{v}");
+    // Hundreds to thousands in practice, but how many pages the guest
+    // re-dirtied after they were sent (and so must fault for) depends on how
+    // fast it ran during the first pass: under load it can be a handful. Any
+    // request proves the path; the latency and blocktime checks below show
+    // the guest waited for them.
+    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "{v}");
     assert!(v["downtime"].as_f64().unwrap() >= 0.0);
     assert_destination_started_after_source_stopped(&v);
     let lat = &v["postcopy-fault-latency"];
