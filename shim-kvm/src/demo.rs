@@ -20,9 +20,17 @@
 //! reads KVM's dirty log (reset when postcopy was advised) to learn exactly
 //! which pages its guest wrote; it reports them and the digest of every
 //! other page; the source, whose vCPU stays stopped after the switchover,
-//! computes the digest of the same pages from its stop image. Equal
-//! digests, the guest's own stamp checks reporting no mismatch, and its
-//! generation advancing past the stop make the migration `verified`.
+//! computes the digest of the same pages from its stop image.
+//!
+//! Either way the migration is `verified` when the digests are equal and
+//! the guest continued: its own stamp checks reported no mismatch, and it
+//! stamped pages past where it stood at the stop. The source reads the
+//! guest's stamp counter ([`guest::STAMPED_ADDR`]) from its stopped memory;
+//! the destination reads it at the end of its watch, with the vCPU paused,
+//! and checks every page of the working set against it
+//! ([`guest::check_stamps`]). No whole generation is needed: a working set
+//! too large to be rewritten within the watch still shows the guest going
+//! on.
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -245,6 +253,9 @@ pub struct SendOutcome {
     /// Digest of the source's memory at stop (the vCPU stays stopped after
     /// a completed migration, so it is taken afterwards).
     pub digest: Option<u64>,
+    /// Pages the guest had stamped at the stop ([`guest::stamped`], read
+    /// from the stopped source's memory after a completed migration).
+    pub stamped_at_stop: Option<u64>,
     /// After a failed migration: the guest's generation when it failed and
     /// half a second later (it must keep running on the source).
     pub generation_after_failure: Option<(u64, u64)>,
@@ -272,12 +283,14 @@ pub fn send_guest(
     progress.finish();
     let mut out = SendOutcome {
         digest: None,
+        stamped_at_stop: None,
         generation_after_failure: None,
         progress_after_failure: 0,
         intact_after_failure: false,
         report,
     };
     if out.report.stats.status == MigrationStatus::Completed {
+        out.stamped_at_stop = guest::stamped(vm.ram()).ok();
         // After a postcopy the whole-memory digest means nothing (the
         // destination guest ran meanwhile); `demo` takes the digest of the
         // pages the destination guest did not write instead.
@@ -300,6 +313,9 @@ fn send_summary(out: &SendOutcome) -> Summary {
     let mut extra = serde_json::Map::new();
     if let Some(g) = r.generation_at_stop {
         extra.insert("guest-generation-at-stop".into(), json!(g));
+    }
+    if let Some(s) = out.stamped_at_stop {
+        extra.insert("guest-stamped-at-stop".into(), json!(s));
     }
     if let Some((before, after)) = out.generation_after_failure {
         extra.insert("guest-generation-before".into(), json!(before));
@@ -442,6 +458,13 @@ fn receive_summary(
         extra.insert("guest-generation".into(), json!(a.generation));
         extra.insert("guest-progress-exits".into(), json!(a.progress_exits));
         extra.insert("guest-mismatches".into(), json!(a.mismatches));
+        if let Some(c) = &a.stamps {
+            extra.insert("guest-stamped".into(), json!(c.stamped));
+            extra.insert(
+                "guest-stamps".into(),
+                json!({"checked": c.checked, "wrong": c.wrong, "first-wrong": c.first_wrong}),
+            );
+        }
         if let Some(s) = &a.stopped {
             extra.insert("guest-stopped".into(), json!(s));
         }
@@ -487,7 +510,7 @@ pub fn run_receive(
     progress.finish();
     let (after, writes) = match (&report.error, &report.postcopy) {
         (Some(_), _) => (None, None),
-        (None, None) => (Some(destination::start_guest(&vcpu, run_for)?), None),
+        (None, None) => (Some(destination::start_guest(&vm, &vcpu, run_for)?), None),
         (None, Some(p)) => {
             let started = p.started_ns.unwrap_or_else(clock::monotonic_ns);
             let (after, writes) = destination::watch_postcopy_guest(
@@ -680,7 +703,12 @@ pub fn run_demo_with(
         .get("digest")
         .and_then(Value::as_str)
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
-    let generation = dest.get("guest-generation").and_then(Value::as_u64);
+    let stamped = dest.get("guest-stamped").and_then(Value::as_u64);
+    let stamps_ok = dest
+        .get("guest-stamps")
+        .and_then(|c| c.get("wrong"))
+        .and_then(Value::as_u64)
+        == Some(0);
     let progress_exits = dest.get("guest-progress-exits").and_then(Value::as_u64);
     let mismatches = dest
         .get("guest-mismatches")
@@ -688,8 +716,9 @@ pub fn run_demo_with(
         .map_or(1, Vec::len);
     let stopped = dest.get("guest-stopped").is_some();
     let continued = destination::guest_continued(
-        out.report.generation_at_stop,
-        generation.unwrap_or(0),
+        out.stamped_at_stop,
+        stamped,
+        stamps_ok,
         progress_exits.unwrap_or(0),
         mismatches == 0 && !stopped,
     );

@@ -43,8 +43,10 @@ enum Cmd {
     /// reads KVM's dirty log (reset when postcopy was advised) to learn the
     /// pages its guest wrote, and reports the digest of all other pages;
     /// the source (stopped since the switchover) digests the same pages.
-    /// Either way the guest's own stamp checks must report no mismatch and
-    /// its generation must advance past the stop.
+    /// Either way the guest's own stamp checks must report no mismatch, and
+    /// it must have stamped pages past where it stood at the stop (its
+    /// stamp counter in memory; no whole generation is needed), each page
+    /// of its working set holding the stamp that counter implies.
     Demo(DemoArgs),
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
     Send(SendArgs),

@@ -53,6 +53,7 @@ use super::{
 };
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
+use crate::guest::{self, StampCheck};
 use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::Connection;
@@ -801,47 +802,66 @@ pub struct GuestAfter {
     pub mismatches: Vec<u32>,
     /// Why the vCPU stopped, if it did.
     pub stopped: Option<String>,
+    /// The working set's stamps at the end of the watch, checked with the
+    /// vCPU stopped (`None` if guest memory could not be read).
+    pub stamps: Option<StampCheck>,
 }
 
 impl GuestAfter {
-    /// The guest ran on (generations or idle progress) without reporting a
-    /// mismatch and without its vCPU stopping.
-    pub fn continued(&self, generation_at_stop: Option<u64>) -> bool {
+    /// The guest ran on from where it stopped on the source (which had
+    /// stamped `stamped_at_stop` pages) without a mismatch, a wrong stamp
+    /// or its vCPU stopping: see [`guest_continued`].
+    pub fn continued(&self, stamped_at_stop: Option<u64>) -> bool {
         guest_continued(
-            generation_at_stop,
-            self.generation,
+            stamped_at_stop,
+            self.stamps.as_ref().map(|c| c.stamped),
+            self.stamps.as_ref().is_some_and(StampCheck::ok),
             self.progress_exits,
             self.mismatches.is_empty() && self.stopped.is_none(),
         )
     }
 }
 
-/// The verdict on a guest after the switchover: it got past the
-/// generation it had reached at the stop (an idle guest, which has no
-/// generations, made progress exits), and it was `healthy` (no mismatch,
-/// vCPU still running).
+/// The verdict on a guest after the switchover. A guest with a working set
+/// (`stamped_at_stop` > 0 pages stamped on the source by the stop) must
+/// have stamped more pages since (`stamped`, the destination's counter at
+/// the end of the watch), whether or not a whole generation completed; an
+/// idle guest, which stamps nothing, must have made progress exits. Either
+/// way its stamps must be right (`stamps_ok`) and it must be `healthy` (no
+/// mismatch reported, vCPU still running).
 pub fn guest_continued(
-    generation_at_stop: Option<u64>,
-    generation: u64,
+    stamped_at_stop: Option<u64>,
+    stamped: Option<u64>,
+    stamps_ok: bool,
     progress_exits: u64,
     healthy: bool,
 ) -> bool {
-    let ran = match generation_at_stop {
-        Some(g) if g > 0 => generation > g,
+    let ran = match stamped_at_stop {
+        Some(s) if s > 0 => stamped.is_some_and(|now| now > s),
         _ => progress_exits > 0,
     };
-    ran && healthy
+    ran && stamps_ok && healthy
 }
 
-/// Resumes the vCPU and lets the guest run for `run_for`.
-pub fn start_guest(vcpu: &Vcpu, run_for: Duration) -> Result<GuestAfter, MigrateError> {
+/// Resumes the vCPU and lets the guest run for `run_for`; then checks its
+/// stamps with the vCPU paused for the check and resumed after it.
+pub fn start_guest(vm: &Vm, vcpu: &Vcpu, run_for: Duration) -> Result<GuestAfter, MigrateError> {
     let started_ns = clock::monotonic_ns();
     vcpu.resume().map_err(MigrateError::Vcpu)?;
     std::thread::sleep(run_for);
-    Ok(guest_after(vcpu, started_ns, None))
+    let running = vcpu.stopped().is_none();
+    if running {
+        vcpu.pause().map_err(MigrateError::Vcpu)?;
+    }
+    let after = guest_after(vm, vcpu, started_ns, None);
+    if running {
+        vcpu.resume().map_err(MigrateError::Vcpu)?;
+    }
+    Ok(after)
 }
 
-fn guest_after(vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAfter {
+/// The guest's reports and, read from its (stopped) memory, its stamps.
+fn guest_after(vm: &Vm, vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAfter {
     let s = vcpu.stats();
     GuestAfter {
         started_ns,
@@ -852,6 +872,7 @@ fn guest_after(vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAf
             (Some(why), _) => why.to_string(),
             (None, e) => e.map_or("the guest halted".to_string(), |e| e.to_string()),
         }),
+        stamps: guest::check_stamps(vm.ram()).ok(),
     }
 }
 
@@ -883,10 +904,10 @@ pub fn watch_postcopy_guest(
     vcpu_error: Option<&str>,
 ) -> Result<(GuestAfter, GuestWrites), MigrateError> {
     std::thread::sleep(run_for);
-    let after = guest_after(vcpu, started_ns, vcpu_error);
-    if after.stopped.is_none() {
+    if vcpu.stopped().is_none() {
         vcpu.pause().map_err(MigrateError::Vcpu)?;
     }
+    let after = guest_after(vm, vcpu, started_ns, vcpu_error);
     let map = SlotMap::new(vm.ram());
     let pages: u64 = map.slots().iter().map(|s| s.2).sum();
     let mut words = vec![0u64; pages.div_ceil(64) as usize];
@@ -917,6 +938,49 @@ mod tests {
         // This thread is not a vCPU thread.
         // SAFETY: gettid has no arguments and cannot fail.
         assert!(!is_vcpu_thread(unsafe { libc::gettid() }));
+    }
+
+    #[test]
+    fn the_guest_continued_only_if_it_stamped_on_with_right_stamps() {
+        // A working-set guest is judged by its stamp counter: one more page
+        // is enough, no whole generation is needed.
+        assert!(guest_continued(Some(1000), Some(1001), true, 0, true));
+        // Nothing stamped since the stop, or a counter behind the source's
+        // (the destination runs an older image), or no counter at all.
+        assert!(!guest_continued(Some(1000), Some(1000), true, 50, true));
+        assert!(!guest_continued(Some(1000), Some(900), true, 50, true));
+        assert!(!guest_continued(Some(1000), None, true, 50, true));
+        // Stamped on, but a stamp is wrong, or the guest reported a
+        // mismatch or its vCPU stopped.
+        assert!(!guest_continued(Some(1000), Some(5000), false, 50, true));
+        assert!(!guest_continued(Some(1000), Some(5000), true, 50, false));
+        // An idle guest stamps nothing: its progress exits count.
+        assert!(guest_continued(Some(0), Some(0), true, 3, true));
+        assert!(!guest_continued(Some(0), Some(0), true, 0, true));
+        let after = GuestAfter {
+            started_ns: 0,
+            generation: 0,
+            progress_exits: 9,
+            mismatches: Vec::new(),
+            stopped: None,
+            stamps: Some(StampCheck {
+                stamped: 1200,
+                checked: 511,
+                wrong: 1,
+                first_wrong: Some(7),
+            }),
+        };
+        assert!(!after.continued(Some(1000)));
+        let right = GuestAfter {
+            stamps: after.stamps.clone().map(|c| StampCheck {
+                wrong: 0,
+                first_wrong: None,
+                ..c
+            }),
+            ..after
+        };
+        assert!(right.continued(Some(1000)));
+        assert!(!right.continued(Some(1200)));
     }
 
     #[test]
