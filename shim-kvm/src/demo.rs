@@ -18,9 +18,20 @@
 //! memory equals the source's at the stop" no longer holds at the end, so
 //! the check becomes: the destination pauses its guest after the watch and
 //! reads KVM's dirty log (reset when postcopy was advised) to learn exactly
-//! which pages its guest wrote; it reports them and the digest of every
-//! other page; the source, whose vCPU stays stopped after the switchover,
-//! computes the digest of the same pages from its stop image.
+//! which pages its guest wrote; its digest counts every other page as it
+//! reads now and each written page as it was installed (the destination
+//! notes each page's digest term as it places it, from the advise on). That
+//! is the digest of the source's memory at the stop as it arrived, which
+//! the source, whose vCPU stays stopped after the switchover, takes of its
+//! whole frozen memory: `send` and `receive` print digests an operator can
+//! compare, in postcopy as in precopy.
+//!
+//! `send` cannot see when the destination started the guest; after a
+//! postcopy its downtime runs from the vCPU stop to the destination's PONG
+//! to the ping that follows the switchover package (the destination runs
+//! the guest before it answers; the source sends nothing until the PONG,
+//! so it is not delayed behind pages), and its `downtime-span` says so.
+//! `demo`, which sees both ends on one clock, reports the true gap.
 //!
 //! Either way the migration is `verified` when the digests are equal and
 //! the guest continued: its own stamp checks reported no mismatch, and it
@@ -50,7 +61,7 @@ use crate::interrupt::Cancel;
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter, GuestWrites};
 use crate::migrate::source::{self, SourceOptions, SourceReport};
-use crate::migrate::{MigrateError, RAM_BLOCK_ID, digest_outside};
+use crate::migrate::{MigrateError, RAM_BLOCK_ID};
 use crate::report::{Progress, Summary};
 use crate::transport::{Connection, Listener, MigrationUri, TransportError};
 use crate::vcpu::Vcpu;
@@ -251,7 +262,8 @@ pub struct SendOutcome {
     /// The engine's view and the stop instant.
     pub report: SourceReport,
     /// Digest of the source's memory at stop (the vCPU stays stopped after
-    /// a completed migration, so it is taken afterwards).
+    /// a completed migration, postcopy included, so it is taken
+    /// afterwards): the destination's `digest` must equal it.
     pub digest: Option<u64>,
     /// Pages the guest had stamped at the stop ([`guest::stamped`], read
     /// from the stopped source's memory after a completed migration).
@@ -290,13 +302,10 @@ pub fn send_guest(
         report,
     };
     if out.report.stats.status == MigrationStatus::Completed {
+        // The vCPU stays stopped after a completed migration, postcopy
+        // included: this memory is the stop image, and cannot change.
         out.stamped_at_stop = guest::stamped(vm.ram()).ok();
-        // After a postcopy the whole-memory digest means nothing (the
-        // destination guest ran meanwhile); `demo` takes the digest of the
-        // pages the destination guest did not write instead.
-        if !out.report.postcopy {
-            out.digest = Some(vm.ram().digest());
-        }
+        out.digest = Some(vm.ram().digest());
     } else {
         let before = vcpu.stats();
         std::thread::sleep(Duration::from_millis(500));
@@ -333,8 +342,26 @@ fn send_summary(out: &SendOutcome) -> Summary {
             json!((after > before || out.progress_after_failure > 0) && out.intact_after_failure),
         );
     }
+    let completed = r.stats.status == MigrationStatus::Completed;
+    // Postcopy: the destination starts the guest when it reads the
+    // package, which the source cannot see; what it sees is the PONG to
+    // the ping that follows the package, answered once the guest runs.
+    let (downtime_ms, source_downtime_ms) = match (completed, r.postcopy) {
+        (false, _) => (None, None),
+        (true, false) => (r.source_downtime_ms(), r.source_downtime_ms()),
+        (true, true) => (r.postcopy_downtime_ms(), None),
+    };
     if r.postcopy {
         extra.insert("postcopy".into(), json!(true));
+        if let (Some(stop), Some(sent)) = (r.vcpu_stopped_ns, r.package_sent_ns) {
+            extra.insert(
+                "postcopy-package-sent".into(),
+                json!((sent.saturating_sub(stop) as f64 / 1e3).round() / 1e3),
+            );
+        }
+        if downtime_ms.is_some() {
+            extra.insert("downtime-span".into(), json!(POSTCOPY_DOWNTIME_SPAN));
+        }
     }
     let desc = r.stats.error_desc.as_str();
     let error = desc.starts_with("the destination failed").then(|| {
@@ -344,8 +371,8 @@ fn send_summary(out: &SendOutcome) -> Summary {
     });
     Summary {
         stats: r.stats.clone(),
-        downtime_ms: r.source_downtime_ms(),
-        source_downtime_ms: r.source_downtime_ms(),
+        downtime_ms,
+        source_downtime_ms,
         vcpu_stopped_ns: r.vcpu_stopped_ns,
         vcpu_started_ns: None,
         verified: false,
@@ -357,6 +384,10 @@ fn send_summary(out: &SendOutcome) -> Summary {
         extra,
     }
 }
+
+/// What `send`'s downtime spans after a postcopy (the `downtime-span` of
+/// its summary).
+pub const POSTCOPY_DOWNTIME_SPAN: &str = "source vCPU stop to the destination's answer to the ping after the switchover package (it runs the guest by then)";
 
 /// `livemig send`: connects to `to`, boots the demo guest, lets it run for
 /// `warmup`, migrates it, and returns the summary (with the source's
@@ -513,13 +544,8 @@ pub fn run_receive(
         (None, None) => (Some(destination::start_guest(&vm, &vcpu, run_for)?), None),
         (None, Some(p)) => {
             let started = p.started_ns.unwrap_or_else(clock::monotonic_ns);
-            let (after, writes) = destination::watch_postcopy_guest(
-                &vm,
-                &vcpu,
-                started,
-                run_for,
-                p.vcpu_error.as_deref(),
-            )?;
+            let (after, writes) =
+                destination::watch_postcopy_guest(&vm, &vcpu, started, run_for, p)?;
             (Some(after), Some(writes))
         }
     };
@@ -658,7 +684,7 @@ pub fn run_demo_with(
 
     let (vm, vcpu) = boot_guest(shape, warmup)?;
     let conn = Connection::connect(&uri)?;
-    let mut out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
+    let out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };
@@ -674,13 +700,6 @@ pub fn run_demo_with(
         eprint!("{dest_stderr}");
     }
     let postcopy = out.report.postcopy && dest.get("postcopy") == Some(&json!(true));
-    if postcopy && out.report.stats.status == MigrationStatus::Completed {
-        // The source's vCPU stays stopped after the switchover: its memory
-        // is the stop image the destination's unwritten pages must match.
-        if let Some(written) = written_ranges_of(&dest) {
-            out.digest = digest_outside(vm.ram(), &written).ok();
-        }
-    }
     let mut summary = send_summary(&out);
     if postcopy {
         for key in [
@@ -697,7 +716,9 @@ pub fn run_demo_with(
     let started = dest.get("vcpu-started-ns").and_then(Value::as_u64);
     summary.vcpu_started_ns = started;
     if let (Some(stop), Some(start)) = (out.report.vcpu_stopped_ns, started) {
+        // Both ends read this host's CLOCK_MONOTONIC: the true gap.
         summary.downtime_ms = Some(start.saturating_sub(stop) as f64 / 1e6);
+        summary.extra.remove("downtime-span");
     }
     let dest_digest = dest
         .get("digest")
@@ -746,15 +767,6 @@ pub fn run_demo_with(
 /// The last non-empty line of `text`.
 fn last_line(text: &str) -> Option<&str> {
     text.lines().rev().map(str::trim).find(|l| !l.is_empty())
-}
-
-/// The `guest-written-ranges` of a postcopy destination's report.
-fn written_ranges_of(dest: &Value) -> Option<Vec<(u64, u64)>> {
-    dest.get("guest-written-ranges")?
-        .as_array()?
-        .iter()
-        .map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
-        .collect()
 }
 
 /// The line `demo` prints when it falls back to the simulation.
@@ -866,12 +878,6 @@ mod tests {
         postcopy_config(&mut c, |_| true);
         assert_eq!(c.parameters.downtime_limit_ms, 50);
         assert_eq!(c.parameters.max_postcopy_bandwidth, 7);
-        let dest = json!({"guest-written-ranges": [[512, 16384], [7, 1]]});
-        assert_eq!(written_ranges_of(&dest), Some(vec![(512, 16384), (7, 1)]));
-        assert_eq!(
-            written_ranges_of(&json!({"guest-written-ranges": [[1]]})),
-            None
-        );
         for m in [DirtyLogMode::ManualProtect, DirtyLogMode::Legacy] {
             assert_eq!(mode_from_name(mode_name(m)), Some(m));
         }

@@ -54,7 +54,7 @@ use super::{
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
 use crate::guest::{self, StampCheck};
-use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
+use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE, page_digest};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::Connection;
 use crate::vcpu::Vcpu;
@@ -96,6 +96,10 @@ pub struct PostcopyReport {
     /// Why the vCPU stopped during postcopy, if it did (a fault KVM could
     /// not deliver to userfaultfd is named as such).
     pub vcpu_error: Option<String>,
+    /// The [`page_digest`] of every guest page as it was installed here
+    /// (0 for zero pages and pages never placed), indexed by page: what a
+    /// page the guest then wrote held at the source's stop.
+    pub installed: Vec<u64>,
 }
 
 /// What the destination loaded.
@@ -122,6 +126,9 @@ pub struct DestinationReport {
 /// The postcopy side of [`KvmHost`].
 #[derive(Default)]
 struct PostcopyHost {
+    /// [`PostcopyReport::installed`], kept from the advise on (which comes
+    /// before any page).
+    installed: Vec<u64>,
     /// Guest RAM under userfaultfd, from the first discard or the listen.
     ram: Option<Arc<PostcopyRam>>,
     fault_thread: Option<FaultThread>,
@@ -185,6 +192,31 @@ impl<'a> KvmHost<'a> {
         self.placed
             .get((page / 64) as usize)
             .is_some_and(|w| w >> (page % 64) & 1 == 1)
+    }
+
+    /// Notes the digest of pages `first ..` installed from `data` (whole
+    /// pages), once postcopy was advised.
+    fn note_installed(&mut self, first: u64, data: &[u8]) {
+        let Some(pc) = self.postcopy.as_mut() else {
+            return;
+        };
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let p = first + i as u64;
+            if let (Some(d), Ok(page)) = (pc.installed.get_mut(p as usize), page.try_into()) {
+                *d = page_digest(p, page);
+            }
+        }
+    }
+
+    /// Notes pages `first .. first + count` as zero (installed as zero
+    /// pages, or discarded: missing pages read as zero at the end).
+    fn note_zero(&mut self, first: u64, count: u64) {
+        if let Some(pc) = self.postcopy.as_mut() {
+            let end = first.saturating_add(count).min(pc.installed.len() as u64);
+            if let Some(d) = pc.installed.get_mut(first as usize..end as usize) {
+                d.fill(0);
+            }
+        }
     }
 
     /// Guest page numbers written during the load and not zeroed since:
@@ -303,6 +335,7 @@ impl<'a> KvmHost<'a> {
         let mut report = PostcopyReport {
             started_ns: pc.started_ns,
             local_zero_fills: pc.local_zero_fills,
+            installed: std::mem::take(&mut pc.installed),
             ..PostcopyReport::default()
         };
         if let Some(ram) = pc.ram.take() {
@@ -386,8 +419,10 @@ impl DestinationHost for KvmHost<'_> {
                 return Err(self.fail("UFFDIO_COPY", e));
             }
             self.installed(first_page, data.len() as u64 / PAGE);
+            self.note_installed(first_page, data);
             return Ok(());
         }
+        self.note_installed(first_page, data);
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let p = first_page + i as u64;
             if let Err(e) = self.ram.write(p * PAGE, chunk) {
@@ -411,8 +446,10 @@ impl DestinationHost for KvmHost<'_> {
                 return Err(self.fail("UFFDIO_ZEROPAGE", e));
             }
             self.installed(first_page, count);
+            self.note_zero(first_page, count);
             return Ok(());
         }
+        self.note_zero(first_page, count);
         for p in first_page..first_page.saturating_add(count) {
             if self.is_placed(p) {
                 if let Err(e) = self.ram.write(p * PAGE, &ZERO_PAGE) {
@@ -480,14 +517,19 @@ impl DestinationHost for KvmHost<'_> {
         if let Err(e) = reset_dirty_log(self.vm) {
             return Err(self.fail("resetting the dirty log", e));
         }
-        self.postcopy = Some(PostcopyHost::default());
+        self.postcopy = Some(PostcopyHost {
+            installed: vec![0; (self.ram.size() / PAGE) as usize],
+            ..PostcopyHost::default()
+        });
         Ok(())
     }
 
     fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostError> {
         let ram = self.postcopy_ram()?;
         ram.discard(range.first * PAGE, range.count * PAGE)
-            .map_err(|e| self.fail("discarding guest RAM", e))
+            .map_err(|e| self.fail("discarding guest RAM", e))?;
+        self.note_zero(range.first, range.count);
+        Ok(())
     }
 
     fn postcopy_listen(&mut self) -> Result<(), HostError> {
@@ -885,8 +927,10 @@ pub struct GuestWrites {
     pub ranges: Vec<(u64, u64)>,
     /// Pages in `ranges`.
     pub pages: u64,
-    /// [`digest_outside`] of `ranges`: must equal the source's digest of
-    /// the same pages at its stop.
+    /// The digest of the source's memory at the stop as it arrived here:
+    /// every page the guest did not write read back from memory, every page
+    /// it wrote as it was installed ([`PostcopyReport::installed`]). It
+    /// must equal the source's [`GuestRam::digest`] of its stopped memory.
     pub digest: u64,
 }
 
@@ -894,15 +938,18 @@ pub struct GuestWrites {
 /// pauses it and reads which pages it wrote here. Every page it did not
 /// write must hold what the source's page held at the stop, whether it
 /// arrived before the switchover, on request or in the background pass:
-/// that is what the digest lets the source check. `vcpu_error` is the
-/// postcopy explanation of a vCPU that stopped during the migration.
+/// that is what the digest lets the source check; a page it did write is
+/// counted as it was installed (`postcopy.installed`). `postcopy` is what
+/// the migration reported; its `vcpu_error` explains a vCPU that stopped
+/// during the migration.
 pub fn watch_postcopy_guest(
     vm: &Vm,
     vcpu: &Vcpu,
     started_ns: u64,
     run_for: Duration,
-    vcpu_error: Option<&str>,
+    postcopy: &PostcopyReport,
 ) -> Result<(GuestAfter, GuestWrites), MigrateError> {
+    let vcpu_error = postcopy.vcpu_error.as_deref();
     std::thread::sleep(run_for);
     if vcpu.stopped().is_none() {
         vcpu.pause().map_err(MigrateError::Vcpu)?;
@@ -914,8 +961,19 @@ pub fn watch_postcopy_guest(
     fetch_dirty_log(vm, &map, &mut words)
         .map_err(|e| MigrateError::Engine(format!("KVM_GET_DIRTY_LOG: {e}")))?;
     let ranges = written_ranges(&words, pages);
-    let digest = digest_outside(vm.ram(), &ranges)
+    let unwritten = digest_outside(vm.ram(), &ranges)
         .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?;
+    let mut digest = unwritten;
+    for p in ranges
+        .iter()
+        .flat_map(|&(first, count)| first..first + count)
+    {
+        let d = postcopy
+            .installed
+            .get(p as usize)
+            .ok_or_else(|| MigrateError::Engine(format!("digest: page {p} was never tracked")))?;
+        digest = digest.wrapping_add(*d);
+    }
     let writes = GuestWrites {
         pages: ranges.iter().map(|r| r.1).sum(),
         ranges,
