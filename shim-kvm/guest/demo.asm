@@ -5,7 +5,9 @@
 ; 4 GiB with user-accessible 2 MiB pages, enter long mode and drop to ring 3
 ; with IOPL=3. (PVM runs guest ring 3 natively only with long-mode paging.) Workload (ring 3, native): stamp every page of the working set with
 ; its page index and a generation, checking the previous generation's stamp
-; first; report progress, generations and mismatches with `out`.
+; first; count the pages stamped in memory at STAMPED_ADDR (so the VMM
+; knows exactly where the guest stood at any stop); report progress,
+; generations and mismatches with `out`.
 ; See README.md for the parameter block and port map.
 
 bits 32
@@ -25,6 +27,8 @@ PORT_BOOTED     equ 0x510
 PORT_PROGRESS   equ 0x514
 PORT_GENERATION equ 0x518
 PORT_MISMATCH   equ 0x51C
+
+STAMPED_ADDR    equ 0x5100              ; u64: pages stamped since boot
 
 STAMP_MAGIC     equ 0x47494D4C          ; "LMIG"
 RING0_STACK     equ 0x8000
@@ -168,12 +172,12 @@ page:
     mov [rbx + 12], eax
     mov [rbx + 4088], ecx
     mov [rbx + 4092], ebp
-    inc dword [written]
+    inc qword [STAMPED_ADDR]                ; after the page's last store
     dec dword [batch_left]
     jnz .next
     mov eax, [batch]
     mov [batch_left], eax
-    mov eax, [written]
+    mov eax, [STAMPED_ADDR]                 ; its low 32 bits
     mov dx, PORT_PROGRESS
     out dx, eax
 .next:
@@ -214,7 +218,6 @@ ws_start:    dd 0
 ws_pages:    dd 0
 batch:       dd 0
 batch_left:  dd 0
-written:     dd 0
 idle_spins:  dd 0
 params_used: dd 0
 image_end:

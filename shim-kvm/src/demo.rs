@@ -18,11 +18,30 @@
 //! memory equals the source's at the stop" no longer holds at the end, so
 //! the check becomes: the destination pauses its guest after the watch and
 //! reads KVM's dirty log (reset when postcopy was advised) to learn exactly
-//! which pages its guest wrote; it reports them and the digest of every
-//! other page; the source, whose vCPU stays stopped after the switchover,
-//! computes the digest of the same pages from its stop image. Equal
-//! digests, the guest's own stamp checks reporting no mismatch, and its
-//! generation advancing past the stop make the migration `verified`.
+//! which pages its guest wrote; its digest counts every other page as it
+//! reads now and each written page as it was installed (the destination
+//! notes each page's digest term as it places it, from the advise on). That
+//! is the digest of the source's memory at the stop as it arrived, which
+//! the source, whose vCPU stays stopped after the switchover, takes of its
+//! whole frozen memory: `send` and `receive` print digests an operator can
+//! compare, in postcopy as in precopy.
+//!
+//! `send` cannot see when the destination started the guest; after a
+//! postcopy its downtime runs from the vCPU stop to the destination's PONG
+//! to the ping that follows the switchover package (the destination runs
+//! the guest before it answers; the source sends nothing until the PONG,
+//! so it is not delayed behind pages), and its `downtime-span` says so.
+//! `demo`, which sees both ends on one clock, reports the true gap.
+//!
+//! Either way the migration is `verified` when the digests are equal and
+//! the guest continued: its own stamp checks reported no mismatch, and it
+//! stamped pages past where it stood at the stop. The source reads the
+//! guest's stamp counter ([`guest::STAMPED_ADDR`]) from its stopped memory;
+//! the destination reads it at the end of its watch, with the vCPU paused,
+//! and checks every page of the working set against it
+//! ([`guest::check_stamps`]). No whole generation is needed: a working set
+//! too large to be rewritten within the watch still shows the guest going
+//! on.
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -42,7 +61,7 @@ use crate::interrupt::{self, Cancel};
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter, GuestWrites};
 use crate::migrate::source::{self, SourceOptions, SourceReport};
-use crate::migrate::{MigrateError, RAM_BLOCK_ID, digest_outside};
+use crate::migrate::{MigrateError, RAM_BLOCK_ID};
 use crate::report::{Progress, Summary};
 use crate::transport::{Connection, Listener, MigrationUri, TransportError};
 use crate::vcpu::Vcpu;
@@ -246,8 +265,12 @@ pub struct SendOutcome {
     /// The engine's view and the stop instant.
     pub report: SourceReport,
     /// Digest of the source's memory at stop (the vCPU stays stopped after
-    /// a completed migration, so it is taken afterwards).
+    /// a completed migration, postcopy included, so it is taken
+    /// afterwards): the destination's `digest` must equal it.
     pub digest: Option<u64>,
+    /// Pages the guest had stamped at the stop ([`guest::stamped`], read
+    /// from the stopped source's memory after a completed migration).
+    pub stamped_at_stop: Option<u64>,
     /// After a failed migration: the guest's generation when it failed and
     /// half a second later (it must keep running on the source).
     pub generation_after_failure: Option<(u64, u64)>,
@@ -275,18 +298,17 @@ pub fn send_guest(
     progress.finish();
     let mut out = SendOutcome {
         digest: None,
+        stamped_at_stop: None,
         generation_after_failure: None,
         progress_after_failure: 0,
         intact_after_failure: false,
         report,
     };
     if out.report.stats.status == MigrationStatus::Completed {
-        // After a postcopy the whole-memory digest means nothing (the
-        // destination guest ran meanwhile); `demo` takes the digest of the
-        // pages the destination guest did not write instead.
-        if !out.report.postcopy {
-            out.digest = Some(vm.ram().digest());
-        }
+        // The vCPU stays stopped after a completed migration, postcopy
+        // included: this memory is the stop image, and cannot change.
+        out.stamped_at_stop = guest::stamped(vm.ram()).ok();
+        out.digest = Some(vm.ram().digest());
     } else {
         let before = vcpu.stats();
         std::thread::sleep(Duration::from_millis(500));
@@ -304,6 +326,9 @@ fn send_summary(out: &SendOutcome) -> Summary {
     if let Some(g) = r.generation_at_stop {
         extra.insert("guest-generation-at-stop".into(), json!(g));
     }
+    if let Some(s) = out.stamped_at_stop {
+        extra.insert("guest-stamped-at-stop".into(), json!(s));
+    }
     if let Some((before, after)) = out.generation_after_failure {
         extra.insert("guest-generation-before".into(), json!(before));
         extra.insert("guest-generation-after".into(), json!(after));
@@ -320,8 +345,26 @@ fn send_summary(out: &SendOutcome) -> Summary {
             json!((after > before || out.progress_after_failure > 0) && out.intact_after_failure),
         );
     }
+    let completed = r.stats.status == MigrationStatus::Completed;
+    // Postcopy: the destination starts the guest when it reads the
+    // package, which the source cannot see; what it sees is the PONG to
+    // the ping that follows the package, answered once the guest runs.
+    let (downtime_ms, source_downtime_ms) = match (completed, r.postcopy) {
+        (false, _) => (None, None),
+        (true, false) => (r.source_downtime_ms(), r.source_downtime_ms()),
+        (true, true) => (r.postcopy_downtime_ms(), None),
+    };
     if r.postcopy {
         extra.insert("postcopy".into(), json!(true));
+        if let (Some(stop), Some(sent)) = (r.vcpu_stopped_ns, r.package_sent_ns) {
+            extra.insert(
+                "postcopy-package-sent".into(),
+                json!((sent.saturating_sub(stop) as f64 / 1e3).round() / 1e3),
+            );
+        }
+        if downtime_ms.is_some() {
+            extra.insert("downtime-span".into(), json!(POSTCOPY_DOWNTIME_SPAN));
+        }
     }
     let desc = r.stats.error_desc.as_str();
     let error = desc.starts_with("the destination failed").then(|| {
@@ -331,8 +374,8 @@ fn send_summary(out: &SendOutcome) -> Summary {
     });
     Summary {
         stats: r.stats.clone(),
-        downtime_ms: r.source_downtime_ms(),
-        source_downtime_ms: r.source_downtime_ms(),
+        downtime_ms,
+        source_downtime_ms,
         vcpu_stopped_ns: r.vcpu_stopped_ns,
         vcpu_started_ns: None,
         verified: false,
@@ -344,6 +387,10 @@ fn send_summary(out: &SendOutcome) -> Summary {
         extra,
     }
 }
+
+/// What `send`'s downtime spans after a postcopy (the `downtime-span` of
+/// its summary).
+pub const POSTCOPY_DOWNTIME_SPAN: &str = "source vCPU stop to the destination's answer to the ping after the switchover package (it runs the guest by then)";
 
 /// `livemig send`: connects to `to`, boots the demo guest, lets it run for
 /// `warmup`, migrates it, and returns the summary (with the source's
@@ -445,6 +492,13 @@ fn receive_summary(
         extra.insert("guest-generation".into(), json!(a.generation));
         extra.insert("guest-progress-exits".into(), json!(a.progress_exits));
         extra.insert("guest-mismatches".into(), json!(a.mismatches));
+        if let Some(c) = &a.stamps {
+            extra.insert("guest-stamped".into(), json!(c.stamped));
+            extra.insert(
+                "guest-stamps".into(),
+                json!({"checked": c.checked, "wrong": c.wrong, "first-wrong": c.first_wrong}),
+            );
+        }
         if let Some(s) = &a.stopped {
             extra.insert("guest-stopped".into(), json!(s));
         }
@@ -494,16 +548,11 @@ pub fn run_receive(
     progress.finish();
     let (after, writes) = match (&report.error, &report.postcopy) {
         (Some(_), _) => (None, None),
-        (None, None) => (Some(destination::start_guest(&vcpu, run_for)?), None),
+        (None, None) => (Some(destination::start_guest(&vm, &vcpu, run_for)?), None),
         (None, Some(p)) => {
             let started = p.started_ns.unwrap_or_else(clock::monotonic_ns);
-            let (after, writes) = destination::watch_postcopy_guest(
-                &vm,
-                &vcpu,
-                started,
-                run_for,
-                p.vcpu_error.as_deref(),
-            )?;
+            let (after, writes) =
+                destination::watch_postcopy_guest(&vm, &vcpu, started, run_for, p)?;
             (Some(after), Some(writes))
         }
     };
@@ -642,7 +691,7 @@ pub fn run_demo_with(
 
     let (vm, vcpu) = boot_guest(shape, warmup)?;
     let conn = Connection::connect(&uri)?;
-    let mut out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
+    let out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };
@@ -658,13 +707,6 @@ pub fn run_demo_with(
         eprint!("{dest_stderr}");
     }
     let postcopy = out.report.postcopy && dest.get("postcopy") == Some(&json!(true));
-    if postcopy && out.report.stats.status == MigrationStatus::Completed {
-        // The source's vCPU stays stopped after the switchover: its memory
-        // is the stop image the destination's unwritten pages must match.
-        if let Some(written) = written_ranges_of(&dest) {
-            out.digest = digest_outside(vm.ram(), &written).ok();
-        }
-    }
     let mut summary = send_summary(&out);
     if postcopy {
         for key in [
@@ -681,13 +723,20 @@ pub fn run_demo_with(
     let started = dest.get("vcpu-started-ns").and_then(Value::as_u64);
     summary.vcpu_started_ns = started;
     if let (Some(stop), Some(start)) = (out.report.vcpu_stopped_ns, started) {
+        // Both ends read this host's CLOCK_MONOTONIC: the true gap.
         summary.downtime_ms = Some(start.saturating_sub(stop) as f64 / 1e6);
+        summary.extra.remove("downtime-span");
     }
     let dest_digest = dest
         .get("digest")
         .and_then(Value::as_str)
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
-    let generation = dest.get("guest-generation").and_then(Value::as_u64);
+    let stamped = dest.get("guest-stamped").and_then(Value::as_u64);
+    let stamps_ok = dest
+        .get("guest-stamps")
+        .and_then(|c| c.get("wrong"))
+        .and_then(Value::as_u64)
+        == Some(0);
     let progress_exits = dest.get("guest-progress-exits").and_then(Value::as_u64);
     let mismatches = dest
         .get("guest-mismatches")
@@ -695,8 +744,9 @@ pub fn run_demo_with(
         .map_or(1, Vec::len);
     let stopped = dest.get("guest-stopped").is_some();
     let continued = destination::guest_continued(
-        out.report.generation_at_stop,
-        generation.unwrap_or(0),
+        out.stamped_at_stop,
+        stamped,
+        stamps_ok,
         progress_exits.unwrap_or(0),
         mismatches == 0 && !stopped,
     );
@@ -724,15 +774,6 @@ pub fn run_demo_with(
 /// The last non-empty line of `text`.
 fn last_line(text: &str) -> Option<&str> {
     text.lines().rev().map(str::trim).find(|l| !l.is_empty())
-}
-
-/// The `guest-written-ranges` of a postcopy destination's report.
-fn written_ranges_of(dest: &Value) -> Option<Vec<(u64, u64)>> {
-    dest.get("guest-written-ranges")?
-        .as_array()?
-        .iter()
-        .map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
-        .collect()
 }
 
 /// The line `demo` prints when it falls back to the simulation because
@@ -882,12 +923,6 @@ mod tests {
         postcopy_config(&mut c, |_| true);
         assert_eq!(c.parameters.downtime_limit_ms, 50);
         assert_eq!(c.parameters.max_postcopy_bandwidth, 7);
-        let dest = json!({"guest-written-ranges": [[512, 16384], [7, 1]]});
-        assert_eq!(written_ranges_of(&dest), Some(vec![(512, 16384), (7, 1)]));
-        assert_eq!(
-            written_ranges_of(&json!({"guest-written-ranges": [[1]]})),
-            None
-        );
         for m in [DirtyLogMode::ManualProtect, DirtyLogMode::Legacy] {
             assert_eq!(mode_from_name(mode_name(m)), Some(m));
         }

@@ -37,6 +37,16 @@ pub const PORT_GENERATION: u16 = 0x518;
 /// `out` port: index of a page whose previous stamp was wrong.
 pub const PORT_MISMATCH: u16 = 0x51C;
 
+/// Guest-physical address of the guest's stamp counter: a little-endian
+/// u64, the pages stamped since boot, incremented after each page's last
+/// store. Stamp `k` (counting from 0) is page `k % ws_pages` of generation
+/// `k / ws_pages + 1`, so the counter says exactly where the guest stands
+/// at any stop, whether or not a generation completed since.
+pub const STAMPED_ADDR: u64 = 0x5100;
+
+/// Stamp check word ("LMIG" little-endian) at offset 8 of a stamped page.
+pub const STAMP_MAGIC: u32 = 0x4749_4D4C;
+
 /// Lowest address a working set may start at: above the image page.
 pub const MIN_WS_START: u64 = LOAD_ADDR + PAGE_SIZE as u64;
 
@@ -136,6 +146,111 @@ impl GuestParams {
     }
 }
 
+/// Pages the guest has stamped since boot: the counter at [`STAMPED_ADDR`].
+/// Exact only while its vCPU is stopped.
+pub fn stamped(ram: &GuestRam) -> Result<u64, GuestError> {
+    let mut b = [0u8; 8];
+    ram.read(STAMPED_ADDR, &mut b).map_err(GuestError::Memory)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// The working set the guest uses (start, pages), read back from the
+/// parameter block in its memory, with the image's defaults when the block
+/// is absent, exactly as the guest itself decides.
+pub fn working_set(ram: &GuestRam) -> Result<(u64, u32), GuestError> {
+    let mut b = [0u8; 24];
+    ram.read(PARAM_ADDR, &mut b).map_err(GuestError::Memory)?;
+    let field = |i: usize| {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&b[i * 4..i * 4 + 4]);
+        u32::from_le_bytes(w)
+    };
+    if field(0) == PARAM_MAGIC && field(1) == PARAM_VERSION {
+        Ok((u64::from(field(2)), field(3)))
+    } else {
+        let d = GuestParams::default();
+        Ok((d.ws_start, d.ws_pages))
+    }
+}
+
+/// What [`check_stamps`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StampCheck {
+    /// Pages stamped since boot ([`stamped`]).
+    pub stamped: u64,
+    /// Working-set pages whose stamp was checked.
+    pub checked: u64,
+    /// Working-set pages that do not hold the stamp the counter implies.
+    pub wrong: u64,
+    /// The first of them (page index in the working set).
+    pub first_wrong: Option<u32>,
+}
+
+impl StampCheck {
+    /// Every checked page holds the stamp the counter implies.
+    pub fn ok(&self) -> bool {
+        self.wrong == 0
+    }
+}
+
+/// Checks every page of the working set against the stamp counter, with
+/// the vCPU stopped: page `i` must hold the stamp of the last time the
+/// counter passed it (generation `g`: `i`, `g`, "LMIG", `!(i ^ g)` at the
+/// start, `i`, `g` at the end), or nothing if the guest never reached it.
+/// The page the guest was stamping when it stopped (index `stamped %
+/// ws_pages`) may be half written and is skipped. After a migration this
+/// proves that the pages stamped since the switchover carry the right
+/// stamps, and that every other page kept the stamp it had.
+pub fn check_stamps(ram: &GuestRam) -> Result<StampCheck, GuestError> {
+    let stamped = stamped(ram)?;
+    let (start, pages) = working_set(ram)?;
+    let mut check = StampCheck {
+        stamped,
+        checked: 0,
+        wrong: 0,
+        first_wrong: None,
+    };
+    if pages == 0 {
+        return Ok(check);
+    }
+    let n = u64::from(pages);
+    let (full, current) = (stamped / n, (stamped % n) as u32);
+    let page = PAGE_SIZE as u64;
+    for i in (0..pages).filter(|&i| i != current) {
+        // Generations are 32-bit in the guest (its `ebp`), wrapping alike.
+        let g = (full + u64::from(i < current)) as u32;
+        let want = if g == 0 {
+            [0; 6]
+        } else {
+            [i, g, STAMP_MAGIC, !(i ^ g), i, g]
+        };
+        let gpa = start + u64::from(i) * page;
+        let (mut head, mut tail) = ([0u8; 16], [0u8; 8]);
+        ram.read(gpa, &mut head).map_err(GuestError::Memory)?;
+        ram.read(gpa + page - 8, &mut tail)
+            .map_err(GuestError::Memory)?;
+        let word = |b: &[u8], k: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&b[k * 4..k * 4 + 4]);
+            u32::from_le_bytes(w)
+        };
+        let got = [
+            word(&head, 0),
+            word(&head, 1),
+            word(&head, 2),
+            word(&head, 3),
+            word(&tail, 0),
+            word(&tail, 1),
+        ];
+        check.checked += 1;
+        if got != want {
+            check.wrong += 1;
+            check.first_wrong.get_or_insert(i);
+        }
+    }
+    Ok(check)
+}
+
 /// Copies the image to [`LOAD_ADDR`] and the parameter block to
 /// [`PARAM_ADDR`]; the vCPU must then start at [`ENTRY`].
 pub fn load(ram: &GuestRam, params: &GuestParams) -> Result<(), GuestError> {
@@ -186,6 +301,61 @@ mod tests {
             }
             _ => eprintln!("SKIPPED: nasm not available, demo.bin not re-checked"),
         }
+    }
+
+    /// Writes the stamp of page `i`, generation `g` as the guest does.
+    fn stamp(ram: &GuestRam, start: u64, i: u32, g: u32) {
+        let gpa = start + u64::from(i) * PAGE_SIZE as u64;
+        let head: Vec<u8> = [i, g, STAMP_MAGIC, !(i ^ g)]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        ram.write(gpa, &head).unwrap();
+        let tail: Vec<u8> = [i, g].iter().flat_map(|w| w.to_le_bytes()).collect();
+        ram.write(gpa + PAGE_SIZE as u64 - 8, &tail).unwrap();
+    }
+
+    #[test]
+    fn stamps_are_checked_against_the_counter() {
+        let ram = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let p = GuestParams {
+            ws_start: 2 << 20,
+            ws_pages: 8,
+            ..GuestParams::default()
+        };
+        load(&ram, &p).unwrap();
+        assert_eq!(working_set(&ram).unwrap(), (2 << 20, 8));
+        // Two whole generations and three pages of the third: counter 19,
+        // page 3 being stamped (half written: skipped).
+        for k in 0..19u32 {
+            stamp(&ram, p.ws_start, k % 8, k / 8 + 1);
+        }
+        ram.write(STAMPED_ADDR, &19u64.to_le_bytes()).unwrap();
+        ram.write(p.ws_start + 3 * PAGE_SIZE as u64, &[0xff; 8])
+            .unwrap();
+        let c = check_stamps(&ram).unwrap();
+        assert_eq!((c.stamped, c.checked, c.wrong), (19, 7, 0), "{c:?}");
+        assert!(c.ok());
+        // A page that lost its newest stamp (generation 3 expected) is found.
+        stamp(&ram, p.ws_start, 1, 2);
+        let c = check_stamps(&ram).unwrap();
+        assert_eq!((c.wrong, c.first_wrong), (1, Some(1)), "{c:?}");
+        assert!(!c.ok());
+        // A counter ahead of the stamps (stamps that never arrived) too.
+        stamp(&ram, p.ws_start, 1, 3);
+        ram.write(STAMPED_ADDR, &21u64.to_le_bytes()).unwrap();
+        let c = check_stamps(&ram).unwrap();
+        assert_eq!((c.wrong, c.first_wrong), (2, Some(3)), "{c:?}");
+        // Before the first generation completes, unreached pages are empty.
+        let fresh = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        load(&fresh, &p).unwrap();
+        stamp(&fresh, p.ws_start, 0, 1);
+        fresh.write(STAMPED_ADDR, &1u64.to_le_bytes()).unwrap();
+        assert!(check_stamps(&fresh).unwrap().ok());
+        // An idle guest has nothing to check.
+        let idle = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        load(&idle, &GuestParams { ws_pages: 0, ..p }).unwrap();
+        assert_eq!(check_stamps(&idle).unwrap().checked, 0);
     }
 
     #[test]

@@ -326,7 +326,7 @@ impl GuestRam {
                 // SAFETY: one whole page inside the mapping into a disjoint
                 // host buffer of one page.
                 unsafe { ptr::copy_nonoverlapping(p, buf.as_mut_ptr().cast(), PAGE_SIZE) };
-                acc = acc.wrapping_add(mix(hash_words(&buf) ^ (first + page)));
+                acc = acc.wrapping_add(term(first + page, &buf));
             }
         }
         acc
@@ -356,10 +356,33 @@ impl GuestRam {
             // SAFETY: one whole page inside the mapping into a disjoint host
             // buffer of one page.
             unsafe { ptr::copy_nonoverlapping(p, buf.as_mut_ptr().cast(), PAGE_SIZE) };
-            acc = acc.wrapping_add(mix(hash_words(&buf) ^ gfn));
+            acc = acc.wrapping_add(term(gfn, &buf));
         }
         Ok(acc)
     }
+}
+
+/// What guest page `gfn` holding `page` adds to a [`GuestRam::digest`]
+/// (0 for a zero page): the digest is the wrapping sum of these, so a
+/// destination can account for a page by its contents at the time it
+/// installed it, after its guest has changed it.
+pub fn page_digest(gfn: u64, page: &[u8; PAGE_SIZE]) -> u64 {
+    if page == &ZERO_PAGE {
+        return 0;
+    }
+    let mut words = [0u64; PAGE_SIZE / 8];
+    for (w, b) in words.iter_mut().zip(page.chunks_exact(8)) {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(b);
+        // Native order, as the digest's copy of the page into words has.
+        *w = u64::from_ne_bytes(bytes);
+    }
+    term(gfn, &words)
+}
+
+/// The digest term of a non-zero page `gfn` read as words.
+fn term(gfn: u64, words: &[u64; PAGE_SIZE / 8]) -> u64 {
+    mix(hash_words(words) ^ gfn)
 }
 
 /// An all-zero page to compare against.
@@ -441,6 +464,23 @@ mod tests {
         let c = GuestRam::new(8 * PAGE_SIZE as u64, 4 * PAGE_SIZE as u64).unwrap();
         c.write_page(1, 2, &page).unwrap();
         assert_ne!(a.digest(), c.digest());
+    }
+
+    #[test]
+    fn page_digests_sum_to_the_digest() {
+        let a = GuestRam::new(8 * PAGE_SIZE as u64, 4 * PAGE_SIZE as u64).unwrap();
+        a.write(2 * PAGE_SIZE as u64 + 100, &[7, 8, 9]).unwrap();
+        a.write(5 * PAGE_SIZE as u64, &[1]).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        let sum = (0..8u64).fold(0u64, |acc, p| {
+            a.read(p * PAGE_SIZE as u64, &mut page).unwrap();
+            acc.wrapping_add(page_digest(p, &page))
+        });
+        assert_eq!(sum, a.digest());
+        assert_eq!(page_digest(3, &[0; PAGE_SIZE]), 0);
+        // The same bytes at another page number count differently.
+        a.read(5 * PAGE_SIZE as u64, &mut page).unwrap();
+        assert_ne!(page_digest(5, &page), page_digest(6, &page));
     }
 
     #[test]

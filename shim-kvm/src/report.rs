@@ -8,6 +8,7 @@
 
 use std::io::{IsTerminal, Write};
 
+use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
 use serde_json::{Map, Value, json};
 
@@ -156,9 +157,7 @@ impl Summary {
             return v;
         };
         let ms = |x: f64| json!((x * 1000.0).round() / 1000.0);
-        if let Some(d) = self.downtime_ms.or(s.downtime_ms.map(|d| d as f64)) {
-            obj.insert("downtime".into(), ms(d));
-        }
+        obj.insert("downtime".into(), self.downtime().map_or(Value::Null, ms));
         if let Some(d) = self.source_downtime_ms {
             obj.insert("source-downtime".into(), ms(d));
         }
@@ -184,6 +183,17 @@ impl Summary {
             obj.insert(k.clone(), val.clone());
         }
         v
+    }
+
+    /// The downtime in milliseconds: this tool's measure, else the engine's.
+    /// A migration that did not complete has none (the guest was not moved,
+    /// or was lost), which the JSON shows as `null`.
+    pub fn downtime(&self) -> Option<f64> {
+        if self.stats.status != MigrationStatus::Completed {
+            return None;
+        }
+        self.downtime_ms
+            .or(self.stats.downtime_ms.map(|d| d as f64))
     }
 
     /// Why the migration failed: the tool's words, else the engine's.
@@ -216,10 +226,13 @@ impl Summary {
         line(&mut out, "backend", self.backend.clone());
         line(&mut out, "total time", format!("{} ms", s.total_time_ms));
         line(&mut out, "setup time", format!("{} ms", s.setup_time_ms));
-        if let Some(d) = self.downtime_ms.or(s.downtime_ms.map(|d| d as f64)) {
-            let span = match (self.vcpu_stopped_ns, self.vcpu_started_ns) {
-                (Some(_), Some(_)) => " (source vCPU stop to destination vCPU start)",
-                _ => "",
+        if let Some(d) = self.downtime() {
+            let span = match (self.extra.get("downtime-span"), self.vcpu_started_ns) {
+                (Some(Value::String(span)), _) => format!(" ({span})"),
+                (_, Some(_)) if self.vcpu_stopped_ns.is_some() => {
+                    " (source vCPU stop to destination vCPU start)".to_string()
+                }
+                _ => String::new(),
             };
             line(&mut out, "downtime", format!("{d:.1} ms{span}"));
         }
@@ -367,6 +380,12 @@ mod tests {
             ..Summary::default()
         };
         assert_eq!(sum.to_json()["error-desc"], "connection lost: reset");
+        // A failed migration moved no guest: no downtime, not 0.
+        let mut failed = sum.clone();
+        failed.stats.downtime_ms = Some(0);
+        failed.downtime_ms = Some(0.0);
+        assert_eq!(failed.to_json()["downtime"], Value::Null);
+        assert!(!failed.to_text().contains("downtime"));
         assert!(progress_line(&sum.stats).starts_with("failed"));
         assert!(sum.to_json().get("ambiguous-end").is_none());
     }

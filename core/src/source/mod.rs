@@ -83,7 +83,7 @@ use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::time::Instant;
 use crate::wire::{self, BatchFlags, BlockInfo, BlockList, Command, PageEntry, PageKind, Record};
 
-pub use postcopy::{DISCARD_RANGES_PER_RECORD, PackageFraming, REQUEST_QUEUE};
+pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 

@@ -21,6 +21,14 @@ pub const REQUEST_QUEUE: usize = 256;
 /// Discard ranges per `postcopy-ram-discard` record.
 pub const DISCARD_RANGES_PER_RECORD: usize = 512;
 
+/// The value of the ping that follows the switchover package on the main
+/// stream (QEMU sends the same ping, 4, at the same place "for getting a
+/// better measurement of downtime at the source"). The destination reads
+/// it after the package, that is after it ran the guest, so its PONG tells
+/// the source that the guest runs there: the source's vCPU stop to that
+/// PONG bounds the postcopy downtime from above by one return trip.
+pub const POSTCOPY_RUN_PING: u32 = 4;
+
 /// A validated page request: pages of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PageRequest {
@@ -34,7 +42,8 @@ pub(crate) struct PageRequest {
 pub struct PackageFraming<'e> {
     /// Package record header and the postcopy-listen command.
     pub head: &'e [u8],
-    /// The postcopy-run command, still inside the package.
+    /// The postcopy-run command, the package's last record, then a
+    /// [`POSTCOPY_RUN_PING`] after the package.
     pub tail: &'e [u8],
 }
 
@@ -73,13 +82,16 @@ impl<'a> SourceEngine<'a> {
         self.advance_clock(now);
         let listen = Record::Command(Command::PostcopyListen);
         let run = Record::Command(Command::PostcopyRun);
+        let ping = Record::Command(Command::Ping(POSTCOPY_RUN_PING));
         let body = listen.encoded_len() + records_len + run.encoded_len();
         let head_len = RECORD_HEADER_LEN + listen.encoded_len();
-        let tail_len = run.encoded_len();
+        let tail_len = run.encoded_len() + ping.encoded_len();
         let (head, rest) = self.scratch.split_at_mut(head_len);
+        let (run_buf, ping_buf) = rest.split_at_mut(run.encoded_len());
         let framed = wire::encode_package_header(head, body)
             .and_then(|n| listen.encode(&mut head[n..]))
-            .and_then(|_| run.encode(&mut rest[..tail_len]));
+            .and_then(|_| run.encode(run_buf))
+            .and_then(|_| ping.encode(ping_buf));
         if framed.is_err() {
             return Err(SourceError::PackageTooLarge { len: records_len });
         }

@@ -41,12 +41,19 @@ enum Cmd {
     /// the source's at the stop. After a postcopy the destination guest ran
     /// during the migration, so the destination pauses it after --run-ms,
     /// reads KVM's dirty log (reset when postcopy was advised) to learn the
-    /// pages its guest wrote, and reports the digest of all other pages;
-    /// the source (stopped since the switchover) digests the same pages.
-    /// Either way the guest's own stamp checks must report no mismatch and
-    /// its generation must advance past the stop.
+    /// pages its guest wrote, and digests every other page as it reads and
+    /// each written page as it was installed: the source's memory at the
+    /// stop as it arrived, which the source (stopped since the switchover)
+    /// digests whole.
+    /// Either way the guest's own stamp checks must report no mismatch, and
+    /// it must have stamped pages past where it stood at the stop (its
+    /// stamp counter in memory; no whole generation is needed), each page
+    /// of its working set holding the stamp that counter implies.
     Demo(DemoArgs),
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
+    /// Its `digest` (of its stopped memory) must equal the receiver's. After
+    /// a postcopy its `downtime` runs from its vCPU stop to the receiver's
+    /// answer to the ping after the switchover package (`downtime-span`).
     Send(SendArgs),
     /// Wait at --listen for one migration, load it into a fresh VM, start
     /// the guest and report. Prints `listening on URI` first. Its `digest`
@@ -54,8 +61,9 @@ enum Cmd {
     /// since only a side that holds both digests (demo) can decide it.
     /// A postcopy migration is taken as the source sends it (the guest
     /// starts at the switchover); the report then adds the fault latency
-    /// and the pages the guest wrote here (`guest-written-ranges`), and its
-    /// `digest` covers every other page.
+    /// and the pages the guest wrote here (`guest-written-ranges`); its
+    /// `digest` is still that of the source's memory at the stop (pages the
+    /// guest wrote count as they were installed).
     Receive(ReceiveArgs),
     /// Time `demo` migrations of an idle 4 GiB guest and of a 1 GiB guest
     /// with a 64 MiB working set, each against a raw TCP copy of the same

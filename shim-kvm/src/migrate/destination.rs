@@ -62,8 +62,9 @@ use super::{
 };
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
+use crate::guest::{self, StampCheck};
 use crate::interrupt::Cancel;
-use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
+use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE, page_digest};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::Connection;
 use crate::vcpu::Vcpu;
@@ -111,6 +112,10 @@ pub struct PostcopyReport {
     /// Why the vCPU stopped during postcopy, if it did (a fault KVM could
     /// not deliver to userfaultfd is named as such).
     pub vcpu_error: Option<String>,
+    /// The [`page_digest`] of every guest page as it was installed here
+    /// (0 for zero pages and pages never placed), indexed by page: what a
+    /// page the guest then wrote held at the source's stop.
+    pub installed: Vec<u64>,
 }
 
 /// What the destination loaded.
@@ -140,6 +145,9 @@ pub struct DestinationReport {
 /// The postcopy side of [`KvmHost`].
 #[derive(Default)]
 struct PostcopyHost {
+    /// [`PostcopyReport::installed`], kept from the advise on (which comes
+    /// before any page).
+    installed: Vec<u64>,
     /// Guest RAM under userfaultfd, from the first discard or the listen.
     ram: Option<Arc<PostcopyRam>>,
     fault_thread: Option<FaultThread>,
@@ -203,6 +211,31 @@ impl<'a> KvmHost<'a> {
         self.placed
             .get((page / 64) as usize)
             .is_some_and(|w| w >> (page % 64) & 1 == 1)
+    }
+
+    /// Notes the digest of pages `first ..` installed from `data` (whole
+    /// pages), once postcopy was advised.
+    fn note_installed(&mut self, first: u64, data: &[u8]) {
+        let Some(pc) = self.postcopy.as_mut() else {
+            return;
+        };
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let p = first + i as u64;
+            if let (Some(d), Ok(page)) = (pc.installed.get_mut(p as usize), page.try_into()) {
+                *d = page_digest(p, page);
+            }
+        }
+    }
+
+    /// Notes pages `first .. first + count` as zero (installed as zero
+    /// pages, or discarded: missing pages read as zero at the end).
+    fn note_zero(&mut self, first: u64, count: u64) {
+        if let Some(pc) = self.postcopy.as_mut() {
+            let end = first.saturating_add(count).min(pc.installed.len() as u64);
+            if let Some(d) = pc.installed.get_mut(first as usize..end as usize) {
+                d.fill(0);
+            }
+        }
     }
 
     /// Guest page numbers written during the load and not zeroed since:
@@ -321,6 +354,7 @@ impl<'a> KvmHost<'a> {
         let mut report = PostcopyReport {
             started_ns: pc.started_ns,
             local_zero_fills: pc.local_zero_fills,
+            installed: std::mem::take(&mut pc.installed),
             ..PostcopyReport::default()
         };
         if let Some(ram) = pc.ram.take() {
@@ -404,8 +438,10 @@ impl DestinationHost for KvmHost<'_> {
                 return Err(self.fail("UFFDIO_COPY", e));
             }
             self.installed(first_page, data.len() as u64 / PAGE);
+            self.note_installed(first_page, data);
             return Ok(());
         }
+        self.note_installed(first_page, data);
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let p = first_page + i as u64;
             if let Err(e) = self.ram.write(p * PAGE, chunk) {
@@ -429,8 +465,10 @@ impl DestinationHost for KvmHost<'_> {
                 return Err(self.fail("UFFDIO_ZEROPAGE", e));
             }
             self.installed(first_page, count);
+            self.note_zero(first_page, count);
             return Ok(());
         }
+        self.note_zero(first_page, count);
         for p in first_page..first_page.saturating_add(count) {
             if self.is_placed(p) {
                 if let Err(e) = self.ram.write(p * PAGE, &ZERO_PAGE) {
@@ -498,14 +536,19 @@ impl DestinationHost for KvmHost<'_> {
         if let Err(e) = reset_dirty_log(self.vm) {
             return Err(self.fail("resetting the dirty log", e));
         }
-        self.postcopy = Some(PostcopyHost::default());
+        self.postcopy = Some(PostcopyHost {
+            installed: vec![0; (self.ram.size() / PAGE) as usize],
+            ..PostcopyHost::default()
+        });
         Ok(())
     }
 
     fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostError> {
         let ram = self.postcopy_ram()?;
         ram.discard(range.first * PAGE, range.count * PAGE)
-            .map_err(|e| self.fail("discarding guest RAM", e))
+            .map_err(|e| self.fail("discarding guest RAM", e))?;
+        self.note_zero(range.first, range.count);
+        Ok(())
     }
 
     fn postcopy_listen(&mut self) -> Result<(), HostError> {
@@ -875,47 +918,66 @@ pub struct GuestAfter {
     pub mismatches: Vec<u32>,
     /// Why the vCPU stopped, if it did.
     pub stopped: Option<String>,
+    /// The working set's stamps at the end of the watch, checked with the
+    /// vCPU stopped (`None` if guest memory could not be read).
+    pub stamps: Option<StampCheck>,
 }
 
 impl GuestAfter {
-    /// The guest ran on (generations or idle progress) without reporting a
-    /// mismatch and without its vCPU stopping.
-    pub fn continued(&self, generation_at_stop: Option<u64>) -> bool {
+    /// The guest ran on from where it stopped on the source (which had
+    /// stamped `stamped_at_stop` pages) without a mismatch, a wrong stamp
+    /// or its vCPU stopping: see [`guest_continued`].
+    pub fn continued(&self, stamped_at_stop: Option<u64>) -> bool {
         guest_continued(
-            generation_at_stop,
-            self.generation,
+            stamped_at_stop,
+            self.stamps.as_ref().map(|c| c.stamped),
+            self.stamps.as_ref().is_some_and(StampCheck::ok),
             self.progress_exits,
             self.mismatches.is_empty() && self.stopped.is_none(),
         )
     }
 }
 
-/// The verdict on a guest after the switchover: it got past the
-/// generation it had reached at the stop (an idle guest, which has no
-/// generations, made progress exits), and it was `healthy` (no mismatch,
-/// vCPU still running).
+/// The verdict on a guest after the switchover. A guest with a working set
+/// (`stamped_at_stop` > 0 pages stamped on the source by the stop) must
+/// have stamped more pages since (`stamped`, the destination's counter at
+/// the end of the watch), whether or not a whole generation completed; an
+/// idle guest, which stamps nothing, must have made progress exits. Either
+/// way its stamps must be right (`stamps_ok`) and it must be `healthy` (no
+/// mismatch reported, vCPU still running).
 pub fn guest_continued(
-    generation_at_stop: Option<u64>,
-    generation: u64,
+    stamped_at_stop: Option<u64>,
+    stamped: Option<u64>,
+    stamps_ok: bool,
     progress_exits: u64,
     healthy: bool,
 ) -> bool {
-    let ran = match generation_at_stop {
-        Some(g) if g > 0 => generation > g,
+    let ran = match stamped_at_stop {
+        Some(s) if s > 0 => stamped.is_some_and(|now| now > s),
         _ => progress_exits > 0,
     };
-    ran && healthy
+    ran && stamps_ok && healthy
 }
 
-/// Resumes the vCPU and lets the guest run for `run_for`.
-pub fn start_guest(vcpu: &Vcpu, run_for: Duration) -> Result<GuestAfter, MigrateError> {
+/// Resumes the vCPU and lets the guest run for `run_for`; then checks its
+/// stamps with the vCPU paused for the check and resumed after it.
+pub fn start_guest(vm: &Vm, vcpu: &Vcpu, run_for: Duration) -> Result<GuestAfter, MigrateError> {
     let started_ns = clock::monotonic_ns();
     vcpu.resume().map_err(MigrateError::Vcpu)?;
     std::thread::sleep(run_for);
-    Ok(guest_after(vcpu, started_ns, None))
+    let running = vcpu.stopped().is_none();
+    if running {
+        vcpu.pause().map_err(MigrateError::Vcpu)?;
+    }
+    let after = guest_after(vm, vcpu, started_ns, None);
+    if running {
+        vcpu.resume().map_err(MigrateError::Vcpu)?;
+    }
+    Ok(after)
 }
 
-fn guest_after(vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAfter {
+/// The guest's reports and, read from its (stopped) memory, its stamps.
+fn guest_after(vm: &Vm, vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAfter {
     let s = vcpu.stats();
     GuestAfter {
         started_ns,
@@ -926,6 +988,7 @@ fn guest_after(vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAf
             (Some(why), _) => why.to_string(),
             (None, e) => e.map_or("the guest halted".to_string(), |e| e.to_string()),
         }),
+        stamps: guest::check_stamps(vm.ram()).ok(),
     }
 }
 
@@ -938,8 +1001,10 @@ pub struct GuestWrites {
     pub ranges: Vec<(u64, u64)>,
     /// Pages in `ranges`.
     pub pages: u64,
-    /// [`digest_outside`] of `ranges`: must equal the source's digest of
-    /// the same pages at its stop.
+    /// The digest of the source's memory at the stop as it arrived here:
+    /// every page the guest did not write read back from memory, every page
+    /// it wrote as it was installed ([`PostcopyReport::installed`]). It
+    /// must equal the source's [`GuestRam::digest`] of its stopped memory.
     pub digest: u64,
 }
 
@@ -947,28 +1012,42 @@ pub struct GuestWrites {
 /// pauses it and reads which pages it wrote here. Every page it did not
 /// write must hold what the source's page held at the stop, whether it
 /// arrived before the switchover, on request or in the background pass:
-/// that is what the digest lets the source check. `vcpu_error` is the
-/// postcopy explanation of a vCPU that stopped during the migration.
+/// that is what the digest lets the source check; a page it did write is
+/// counted as it was installed (`postcopy.installed`). `postcopy` is what
+/// the migration reported; its `vcpu_error` explains a vCPU that stopped
+/// during the migration.
 pub fn watch_postcopy_guest(
     vm: &Vm,
     vcpu: &Vcpu,
     started_ns: u64,
     run_for: Duration,
-    vcpu_error: Option<&str>,
+    postcopy: &PostcopyReport,
 ) -> Result<(GuestAfter, GuestWrites), MigrateError> {
+    let vcpu_error = postcopy.vcpu_error.as_deref();
     std::thread::sleep(run_for);
-    let after = guest_after(vcpu, started_ns, vcpu_error);
-    if after.stopped.is_none() {
+    if vcpu.stopped().is_none() {
         vcpu.pause().map_err(MigrateError::Vcpu)?;
     }
+    let after = guest_after(vm, vcpu, started_ns, vcpu_error);
     let map = SlotMap::new(vm.ram());
     let pages: u64 = map.slots().iter().map(|s| s.2).sum();
     let mut words = vec![0u64; pages.div_ceil(64) as usize];
     fetch_dirty_log(vm, &map, &mut words)
         .map_err(|e| MigrateError::Engine(format!("KVM_GET_DIRTY_LOG: {e}")))?;
     let ranges = written_ranges(&words, pages);
-    let digest = digest_outside(vm.ram(), &ranges)
+    let unwritten = digest_outside(vm.ram(), &ranges)
         .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?;
+    let mut digest = unwritten;
+    for p in ranges
+        .iter()
+        .flat_map(|&(first, count)| first..first + count)
+    {
+        let d = postcopy
+            .installed
+            .get(p as usize)
+            .ok_or_else(|| MigrateError::Engine(format!("digest: page {p} was never tracked")))?;
+        digest = digest.wrapping_add(*d);
+    }
     let writes = GuestWrites {
         pages: ranges.iter().map(|r| r.1).sum(),
         ranges,
@@ -991,6 +1070,49 @@ mod tests {
         // This thread is not a vCPU thread.
         // SAFETY: gettid has no arguments and cannot fail.
         assert!(!is_vcpu_thread(unsafe { libc::gettid() }));
+    }
+
+    #[test]
+    fn the_guest_continued_only_if_it_stamped_on_with_right_stamps() {
+        // A working-set guest is judged by its stamp counter: one more page
+        // is enough, no whole generation is needed.
+        assert!(guest_continued(Some(1000), Some(1001), true, 0, true));
+        // Nothing stamped since the stop, or a counter behind the source's
+        // (the destination runs an older image), or no counter at all.
+        assert!(!guest_continued(Some(1000), Some(1000), true, 50, true));
+        assert!(!guest_continued(Some(1000), Some(900), true, 50, true));
+        assert!(!guest_continued(Some(1000), None, true, 50, true));
+        // Stamped on, but a stamp is wrong, or the guest reported a
+        // mismatch or its vCPU stopped.
+        assert!(!guest_continued(Some(1000), Some(5000), false, 50, true));
+        assert!(!guest_continued(Some(1000), Some(5000), true, 50, false));
+        // An idle guest stamps nothing: its progress exits count.
+        assert!(guest_continued(Some(0), Some(0), true, 3, true));
+        assert!(!guest_continued(Some(0), Some(0), true, 0, true));
+        let after = GuestAfter {
+            started_ns: 0,
+            generation: 0,
+            progress_exits: 9,
+            mismatches: Vec::new(),
+            stopped: None,
+            stamps: Some(StampCheck {
+                stamped: 1200,
+                checked: 511,
+                wrong: 1,
+                first_wrong: Some(7),
+            }),
+        };
+        assert!(!after.continued(Some(1000)));
+        let right = GuestAfter {
+            stamps: after.stamps.clone().map(|c| StampCheck {
+                wrong: 0,
+                first_wrong: None,
+                ..c
+            }),
+            ..after
+        };
+        assert!(right.continued(Some(1000)));
+        assert!(!right.continued(Some(1200)));
     }
 
     #[test]

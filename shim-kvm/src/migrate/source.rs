@@ -34,8 +34,10 @@ use std::time::Duration;
 
 use livemig_core::clear_map::PageRange;
 use livemig_core::config::MigrationConfig;
-use livemig_core::return_path::{RpDecodeError, RpDecoder};
-use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
+use livemig_core::return_path::{RpDecodeError, RpDecoder, RpMessage};
+use livemig_core::source::{
+    BlockTracking, POSTCOPY_RUN_PING, PageReader, SourceAction, SourceEngine,
+};
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
 use livemig_core::wire::{self, DeviceId};
@@ -58,6 +60,10 @@ const MAX_BURST: Duration = Duration::from_millis(50);
 /// How long a failed write waits for the destination's explanation on the
 /// return path.
 const HEAR_OUT: Duration = Duration::from_millis(200);
+/// Longest the source waits after the postcopy switchover package for the
+/// PONG that says the destination runs the guest, before it starts the
+/// background pass anyway (the downtime is then not known).
+const RUN_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// How the tool drives a source migration, beyond the engine's
 /// configuration.
@@ -125,6 +131,13 @@ pub struct SourceReport {
     /// Whether the migration switched to postcopy (the guest was started on
     /// the destination before all of its memory had been sent).
     pub postcopy: bool,
+    /// `CLOCK_MONOTONIC` nanoseconds when the postcopy switchover package
+    /// had been written.
+    pub package_sent_ns: Option<u64>,
+    /// `CLOCK_MONOTONIC` nanoseconds when the destination's PONG to the
+    /// [`POSTCOPY_RUN_PING`] after the package arrived: the destination had
+    /// started the guest by then.
+    pub run_acked_ns: Option<u64>,
 }
 
 impl SourceReport {
@@ -132,6 +145,15 @@ impl SourceReport {
     /// the destination's confirmation, in milliseconds.
     pub fn source_downtime_ms(&self) -> Option<f64> {
         let (a, b) = (self.vcpu_stopped_ns?, self.completed_ns?);
+        Some(b.saturating_sub(a) as f64 / 1e6)
+    }
+
+    /// The postcopy downtime as the source can know it, in milliseconds:
+    /// from the vCPU stop to the destination's PONG after the switchover
+    /// package. The destination started the guest before it answered, so
+    /// this exceeds the true stop-to-start gap by at most one return trip.
+    pub fn postcopy_downtime_ms(&self) -> Option<f64> {
+        let (a, b) = (self.vcpu_stopped_ns?, self.run_acked_ns?);
         Some(b.saturating_sub(a) as f64 / 1e6)
     }
 }
@@ -217,7 +239,8 @@ impl<'v> DirtyLog<'v> {
 }
 
 enum RpEvent {
-    Bytes(Vec<u8>),
+    /// Bytes read, and `CLOCK_MONOTONIC` nanoseconds when the read returned.
+    Bytes(Vec<u8>, u64),
     Eof,
     Error(String),
 }
@@ -229,10 +252,10 @@ fn spawn_return_path_reader(conn: Connection) -> (Receiver<RpEvent>, thread::Joi
         loop {
             let event = match conn.read(&mut buf) {
                 Ok(0) => RpEvent::Eof,
-                Ok(n) => RpEvent::Bytes(buf[..n].to_vec()),
+                Ok(n) => RpEvent::Bytes(buf[..n].to_vec(), clock::monotonic_ns()),
                 Err(e) => RpEvent::Error(e.to_string()),
             };
-            let last = !matches!(event, RpEvent::Bytes(_));
+            let last = !matches!(event, RpEvent::Bytes(..));
             if tx.send(event).is_err() || last {
                 break;
             }
@@ -255,14 +278,16 @@ fn report_link(engine: &mut SourceEngine<'_>, conn: &Connection, fixed: Duration
     }
 }
 
-/// Hands one return-path event to the engine.
+/// Hands one return-path event to the engine. Returns when it was read if
+/// it carried the PONG to [`POSTCOPY_RUN_PING`].
 fn on_return_path(
     engine: &mut SourceEngine<'_>,
     rp: &mut RpDecoder,
     event: RpEvent,
     peer: &str,
     cancel: &Cancel,
-) {
+) -> Option<u64> {
+    let mut run_acked = None;
     let now = clock::now();
     if cancel.is_cancelled() {
         // The connection broke because we shut it down: a cancel, not a
@@ -271,12 +296,15 @@ fn on_return_path(
         let _ = engine.cancel(now);
     }
     match event {
-        RpEvent::Bytes(bytes) => {
+        RpEvent::Bytes(bytes, read_ns) => {
             let mut input = &bytes[..];
             while !input.is_empty() {
                 match rp.decode(input) {
                     Ok((used, msg)) => {
                         if let Some(msg) = msg {
+                            if msg == RpMessage::Pong(POSTCOPY_RUN_PING) {
+                                run_acked = Some(read_ns);
+                            }
                             // Only a finished engine refuses input, and it
                             // has nothing left to learn from it.
                             let _ = engine.handle_return_path(now, &msg);
@@ -293,6 +321,33 @@ fn on_return_path(
         RpEvent::Eof => engine.handle_io_error(now, format_args!("{}", rp_closed_words(peer, rp))),
         RpEvent::Error(e) => engine.handle_io_error(now, format_args!("connection lost: {e}")),
     }
+    run_acked
+}
+
+/// After the postcopy switchover package: waits (at most [`RUN_ACK_WAIT`])
+/// for the destination's PONG to the ping that follows it, handing every
+/// return-path event to the engine meanwhile, and returns when it was read.
+/// Nothing is sent meanwhile, so the destination answers as soon as it has
+/// run the guest instead of after the background pages that would
+/// otherwise follow the package.
+fn await_run_ack(
+    engine: &mut SourceEngine<'_>,
+    rp: &mut RpDecoder,
+    events: &Receiver<RpEvent>,
+    reader_done: &mut bool,
+    peer: &str,
+    cancel: &Cancel,
+) -> Option<u64> {
+    let deadline = clock::monotonic_ns() + RUN_ACK_WAIT.as_nanos() as u64;
+    while !*reader_done && !engine.is_finished() {
+        let left = deadline.saturating_sub(clock::monotonic_ns());
+        let ev = events.recv_timeout(Duration::from_nanos(left)).ok()?;
+        *reader_done |= !matches!(ev, RpEvent::Bytes(..));
+        if let Some(at) = on_return_path(engine, rp, ev, peer, cancel) {
+            return Some(at);
+        }
+    }
+    None
 }
 
 /// A return-path decoding failure in an operator's words: a bad header
@@ -377,6 +432,8 @@ pub fn migrate(
         dirty_log_clears: 0,
         dirty_log_mode: vm.dirty_log_mode(),
         postcopy: false,
+        package_sent_ns: None,
+        run_acked_ns: None,
     };
     let clears_before = vm.clear_calls();
     let mut reader_done = false;
@@ -398,7 +455,7 @@ pub fn migrate(
             }
         }
         while let Ok(ev) = events.try_recv() {
-            reader_done |= !matches!(ev, RpEvent::Bytes(_));
+            reader_done |= !matches!(ev, RpEvent::Bytes(..));
             on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
         }
         let burst = clock::monotonic_ns();
@@ -508,9 +565,18 @@ pub fn migrate(
                     report.postcopy = true;
                     match package_devices(&mut engine, vcpu, &conn) {
                         Ok(()) => {
+                            report.package_sent_ns = Some(clock::monotonic_ns());
                             if let Some(announce) = options.on_switchover {
                                 announce();
                             }
+                            report.run_acked_ns = await_run_ack(
+                                &mut engine,
+                                &mut rp,
+                                &events,
+                                &mut reader_done,
+                                &peer,
+                                cancel,
+                            );
                         }
                         Err(reason) => lost = Some(reason),
                     }
@@ -543,13 +609,9 @@ pub fn migrate(
                 while !reader_done {
                     let left = deadline.saturating_sub(clock::monotonic_ns());
                     match events.recv_timeout(Duration::from_nanos(left)) {
-                        Ok(RpEvent::Bytes(bytes)) => on_return_path(
-                            &mut engine,
-                            &mut rp,
-                            RpEvent::Bytes(bytes),
-                            &peer,
-                            cancel,
-                        ),
+                        Ok(ev @ RpEvent::Bytes(..)) => {
+                            on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
+                        }
                         Ok(ev @ RpEvent::Error(_)) => {
                             // Perhaps the kernel's own verdict (a timeout
                             // on a dead link), which then ends both ways.
@@ -575,7 +637,7 @@ pub fn migrate(
             while engine.state() == MigrationStatus::PostcopyActive
                 && let Ok(ev) = events.try_recv()
             {
-                reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                reader_done |= !matches!(ev, RpEvent::Bytes(..));
                 on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
             }
             if clock::monotonic_ns() - burst > MAX_BURST.as_nanos() as u64 {
@@ -608,7 +670,7 @@ pub fn migrate(
         }
         match events.recv_timeout(wait) {
             Ok(ev) => {
-                reader_done |= !matches!(ev, RpEvent::Bytes(_));
+                reader_done |= !matches!(ev, RpEvent::Bytes(..));
                 on_return_path(&mut engine, &mut rp, ev, &peer, cancel);
             }
             Err(RecvTimeoutError::Timeout) => {}
