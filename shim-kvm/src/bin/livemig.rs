@@ -48,6 +48,12 @@ enum Cmd {
     /// its generation must advance past the stop.
     Demo(DemoArgs),
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
+    ///
+    /// If the end is ambiguous (the destination vanished after this side's
+    /// COMMIT), the paused guest is held until the operator decides:
+    /// SIGUSR1 resumes it here (exit status 0 when it runs on), SIGTERM,
+    /// SIGINT or --hold-timeout-s discard it (exit status 3). Other
+    /// failures exit with 1.
     Send(SendArgs),
     /// Wait at --listen for one migration, load it into a fresh VM, start
     /// the guest and report. Prints `listening on URI` first. Its `digest`
@@ -57,6 +63,12 @@ enum Cmd {
     /// starts at the switchover); the report then adds the fault latency
     /// and the pages the guest wrote here (`guest-written-ranges`), and its
     /// `digest` covers every other page.
+    ///
+    /// If the end is ambiguous (loaded, then no COMMIT), the loaded guest
+    /// is held paused until the operator decides: SIGUSR1 starts it here
+    /// and reports it as after a completed migration (exit status 0 when it
+    /// runs on), SIGTERM, SIGINT or --hold-timeout-s discard it (exit
+    /// status 3). Other failures exit with 1.
     Receive(ReceiveArgs),
     /// Time `demo` migrations of an idle 4 GiB guest and of a 1 GiB guest
     /// with a 64 MiB working set, each against a raw TCP copy of the same
@@ -104,7 +116,8 @@ struct Migration {
 
 #[derive(Args)]
 struct Output {
-    /// Print the summary as one JSON object (query-migrate field names).
+    /// Print the summary as one JSON object (query-migrate field names);
+    /// after an ambiguous end a `held` event object comes first.
     #[arg(long)]
     json: bool,
     /// No progress line, even on a terminal.
@@ -351,7 +364,8 @@ fn progress(o: &Output) -> Progress {
 }
 
 /// Exit status of a migration whose end this side cannot decide (the
-/// commit handshake was cut): the guest is paused, the operator decides.
+/// commit handshake was cut) when its paused guest was not run here: the
+/// operator discarded it, or did not decide in time.
 const EXIT_AMBIGUOUS: u8 = 3;
 
 /// After an ambiguous end: tells the operator (stderr, and in --json mode
@@ -427,8 +441,16 @@ fn finish(
                 eprintln!("livemig: the held guest is discarded (signal {sig})");
                 ExitCode::from(EXIT_AMBIGUOUS)
             }
-            Some((Decision::TimedOut, _)) | None => {
+            Some((Decision::TimedOut, _)) => {
                 eprintln!("livemig: the held guest is discarded (no decision in time)");
+                ExitCode::from(EXIT_AMBIGUOUS)
+            }
+            // Not held (`demo`, which owns both sides): the sentence only.
+            None => {
+                if let Some(end) = summary.stats.ambiguous_end {
+                    let why = summary.error_desc().unwrap_or_default();
+                    eprintln!("livemig: migration end ambiguous ({why}): {}", end.advice());
+                }
                 ExitCode::from(EXIT_AMBIGUOUS)
             }
         };
