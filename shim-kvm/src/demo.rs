@@ -658,6 +658,9 @@ pub fn run_demo_with(
         ])
         .args(["--mem-mib", &shape.mem_mib.to_string()])
         .args(["--run-ms", &run_for.as_millis().to_string()])
+        // `demo` owns both sides and holds neither: after an ambiguous end
+        // the child reports and exits at once, as the source does here.
+        .args(["--hold-timeout-s", "0"])
         .args(
             config
                 .capabilities
