@@ -343,3 +343,29 @@ fn a_loaded_guest_without_commit_is_held_and_sigterm_discards_it() {
         );
     }
 }
+
+#[test]
+fn a_held_guest_without_a_decision_is_discarded_after_the_hold_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let held_at = std::cell::Cell::new(None);
+    let out = receive_holding(1, loaded_then_cut(), |_, reader| {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the held event");
+        held_at.set(Some(std::time::Instant::now()));
+        let event: Value = serde_json::from_str(&line).expect("JSON event");
+        assert_eq!(event["hold-timeout-s"], 1, "{event}");
+    });
+    let held_for = held_at.get().expect("held").elapsed();
+    assert!(held_for >= Duration::from_millis(900), "{held_for:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the held guest is discarded (no decision in time)"),
+        "{err}"
+    );
+    let v = summary(&out);
+    assert_eq!(v["hold-decision"], "discarded-after-timeout", "{v}");
+    assert!(v.get("vcpu-started-ns").is_none(), "the guest started: {v}");
+}
