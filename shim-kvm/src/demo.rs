@@ -57,7 +57,7 @@ use serde_json::{Value, json};
 use crate::clock;
 use crate::dirty_log::DirtyLogMode;
 use crate::guest::{self, GuestParams};
-use crate::interrupt::{self, Cancel};
+use crate::interrupt::{self, Cancel, Decision};
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter, GuestWrites};
 use crate::migrate::source::{self, SourceOptions, SourceReport};
@@ -310,14 +310,34 @@ pub fn send_guest(
         out.stamped_at_stop = guest::stamped(vm.ram()).ok();
         out.digest = Some(vm.ram().digest());
     } else {
-        let before = vcpu.stats();
-        std::thread::sleep(Duration::from_millis(500));
-        let after = vcpu.stats();
-        out.generation_after_failure = Some((before.generation, after.generation));
-        out.progress_after_failure = after.progress_exits - before.progress_exits;
-        out.intact_after_failure = after.mismatches.is_empty() && vcpu.stopped().is_none();
+        watch_source_guest(vcpu, &mut out);
     }
     Ok(out)
+}
+
+/// Watches the source guest for half a second after a failed migration:
+/// whether it runs on (or, after an ambiguous end, stays paused) and is
+/// intact.
+fn watch_source_guest(vcpu: &Vcpu, out: &mut SendOutcome) {
+    let before = vcpu.stats();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = vcpu.stats();
+    out.generation_after_failure = Some((before.generation, after.generation));
+    out.progress_after_failure = after.progress_exits - before.progress_exits;
+    out.intact_after_failure = after.mismatches.is_empty() && vcpu.stopped().is_none();
+}
+
+/// Asked, after an ambiguous end, with the summary so far: tells the
+/// operator how to decide and waits for the [`Decision`].
+pub type HoldFn<'a> = &'a mut dyn FnMut(&Summary) -> Result<Decision, DemoError>;
+
+/// What the summary says about a hold (`hold-decision`).
+fn decision_name(d: Decision) -> &'static str {
+    match d {
+        Decision::Run => "run-here",
+        Decision::Discard(_) => "discarded",
+        Decision::TimedOut => "discarded-after-timeout",
+    }
 }
 
 fn send_summary(out: &SendOutcome) -> Summary {
@@ -396,7 +416,10 @@ pub const POSTCOPY_DOWNTIME_SPAN: &str = "source vCPU stop to the destination's 
 /// `warmup`, migrates it, and returns the summary (with the source's
 /// digest, to compare with the destination's). A failed or cancelled
 /// migration is `Ok` with that status: the caller prints the summary and
-/// fails.
+/// fails. After an ambiguous end the paused guest is held: `hold` decides
+/// whether it resumes here (watched for half a second again) or is
+/// discarded with the process.
+#[allow(clippy::too_many_arguments)]
 pub fn run_send(
     to: &MigrationUri,
     shape: GuestShape,
@@ -405,11 +428,25 @@ pub fn run_send(
     warmup: Duration,
     cancel: &Cancel,
     progress: &mut Progress,
+    hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
     let conn = Connection::connect(to)?;
     let (vm, vcpu) = boot_guest(shape, warmup)?;
-    let out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
-    Ok(send_summary(&out))
+    let mut out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
+    let summary = send_summary(&out);
+    if summary.stats.ambiguous_end.is_none() {
+        return Ok(summary);
+    }
+    let decision = hold(&summary)?;
+    if decision == Decision::Run {
+        vcpu.resume().map_err(MigrateError::Vcpu)?;
+        watch_source_guest(&vcpu, &mut out);
+    }
+    let mut summary = send_summary(&out);
+    summary
+        .extra
+        .insert("hold-decision".into(), json!(decision_name(decision)));
+    Ok(summary)
 }
 
 /// Milliseconds with three decimals.
@@ -521,7 +558,10 @@ fn receive_summary(
 /// migration into a fresh `mem_mib` MiB VM, starts the guest (postcopy
 /// started it already) and watches it run for `run_for`. `blocktime`
 /// (the postcopy-blocktime capability) adds per-vCPU blocktime to a
-/// postcopy report.
+/// postcopy report. After an ambiguous end the loaded guest is held
+/// paused: `hold` decides whether it starts here (as after a completed
+/// migration) or is discarded with the process.
+#[allow(clippy::too_many_arguments)]
 pub fn run_receive(
     listen: &MigrationUri,
     mem_mib: u64,
@@ -530,6 +570,7 @@ pub fn run_receive(
     blocktime: bool,
     announce: &mut dyn Write,
     progress: &mut Progress,
+    hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
     let listener = Listener::bind(listen)?;
     let (vm, vcpu) = empty_vm(mem_mib, DirtyLogMode::ManualProtect)?;
@@ -546,6 +587,25 @@ pub fn run_receive(
         progress.update(s)
     })?;
     progress.finish();
+    if report.stats.ambiguous_end.is_some() {
+        let mode = vm.dirty_log_mode();
+        let decision = hold(&receive_summary(&report, None, None, blocktime, mode))?;
+        let after = match decision {
+            Decision::Run => Some(destination::start_guest(&vm, &vcpu, run_for)?),
+            Decision::Discard(_) | Decision::TimedOut => None,
+        };
+        let mut summary = receive_summary(&report, after.as_ref(), None, blocktime, mode);
+        summary
+            .extra
+            .insert("hold-decision".into(), json!(decision_name(decision)));
+        if let Some(a) = &after {
+            // No generation at the stop is known here: progress and health.
+            summary
+                .extra
+                .insert("guest-continued".into(), json!(a.continued(None)));
+        }
+        return Ok(summary);
+    }
     let (after, writes) = match (&report.error, &report.postcopy) {
         (Some(_), _) => (None, None),
         (None, None) => (Some(destination::start_guest(&vm, &vcpu, run_for)?), None),
@@ -647,6 +707,9 @@ pub fn run_demo_with(
         ])
         .args(["--mem-mib", &shape.mem_mib.to_string()])
         .args(["--run-ms", &run_for.as_millis().to_string()])
+        // `demo` owns both sides and holds neither: after an ambiguous end
+        // the child reports and exits at once, as the source does here.
+        .args(["--hold-timeout-s", "0"])
         .args(
             config
                 .capabilities

@@ -8,9 +8,10 @@
 //! handlers are installed no signal kills the process, so a refused cancel
 //! (after the postcopy switchover) changes nothing.
 
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The first signal caught, 0 before any.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -18,6 +19,35 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 extern "C" fn on_signal(sig: libc::c_int) {
     // Only the first one is kept: it is the one the operator is told about.
     let _ = SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    notify_decision(sig);
+}
+
+/// The write end of the [`Hold`] pipe, -1 before a hold: every signal
+/// caught is written there as one byte, which wakes the waiting thread.
+static DECISION_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// SIGUSR1's handler: only a [`Hold`] listens for it.
+extern "C" fn on_decision_signal(sig: libc::c_int) {
+    notify_decision(sig);
+}
+
+/// Writes `sig` to the hold pipe, if there is one (async-signal-safe: an
+/// atomic load and `write`, with `errno` kept for the code interrupted).
+fn notify_decision(sig: libc::c_int) {
+    let fd = DECISION_FD.load(Ordering::SeqCst);
+    if fd < 0 {
+        return;
+    }
+    // Signal numbers fit in a byte on Linux (at most 64).
+    let byte = sig as u8;
+    // SAFETY: `__errno_location` returns this thread's errno, valid for the
+    // thread's life; `write` of one byte from a live stack variable to a
+    // pipe that is never closed (see `hold_pipe`) is async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let _ = libc::write(fd, (&raw const byte).cast(), 1);
+        *libc::__errno_location() = errno;
+    }
 }
 
 /// What [`Cancel`] holds before a request.
@@ -87,6 +117,109 @@ pub fn cancel_on_signals(cancel: &Cancel) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What the operator decided about a guest held paused after an ambiguous
+/// end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// SIGUSR1: run the guest on this host.
+    Run,
+    /// SIGTERM or SIGINT (the signal): discard this copy of the guest.
+    Discard(i32),
+    /// No signal within the hold timeout: this copy is discarded.
+    TimedOut,
+}
+
+/// The read end of the process's hold pipe, made once and kept for the
+/// process's life, so that a signal handler never writes to a closed (or
+/// reused) descriptor.
+fn hold_pipe() -> std::io::Result<&'static OwnedFd> {
+    static PIPE: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = PIPE.get() {
+        return Ok(fd);
+    }
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` is a valid array of two ints for `pipe2` to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `pipe2` succeeded, so `fds[0]` is an open descriptor owned
+    // by nobody else. The write end stays open (and unowned) for ever.
+    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    DECISION_FD.store(fds[1], Ordering::SeqCst);
+    Ok(PIPE.get_or_init(|| read))
+}
+
+/// A guest held paused until the operator decides: once made, SIGUSR1
+/// (run it here), SIGTERM and SIGINT (discard it) are caught and only
+/// recorded for [`Hold::wait`]; no signal kills the process meanwhile.
+#[derive(Debug)]
+pub struct Hold {
+    read: &'static OwnedFd,
+}
+
+impl Hold {
+    /// Installs the handlers. Make the hold before telling the operator
+    /// which signals decide, so that none of them comes too early.
+    pub fn new() -> std::io::Result<Hold> {
+        let read = hold_pipe()?;
+        install(libc::SIGUSR1, on_decision_signal)?;
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            install(sig, on_signal)?;
+        }
+        Ok(Hold { read })
+    }
+
+    /// Blocks (in `poll`, no spinning) until a deciding signal comes or
+    /// `timeout` passes. Signals caught before the first hold was made (a
+    /// cancel during the migration) do not count: nothing was written then.
+    pub fn wait(&self, timeout: Duration) -> std::io::Result<Decision> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut byte = 0u8;
+            // SAFETY: reads at most one byte into a live stack variable
+            // from a descriptor this process owns.
+            let n = unsafe { libc::read(self.read.as_raw_fd(), (&raw mut byte).cast(), 1) };
+            if n == 1 {
+                match i32::from(byte) {
+                    libc::SIGUSR1 => return Ok(Decision::Run),
+                    sig @ (libc::SIGINT | libc::SIGTERM) => return Ok(Decision::Discard(sig)),
+                    _ => continue,
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Decision::TimedOut);
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.read.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Rounded up, so that the wait never ends a little early.
+            let ms = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd, for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Sets `handler` for `sig`.
+fn install(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) -> std::io::Result<()> {
+    // SAFETY: the handlers only store to atomics and `write` to a pipe,
+    // which is async-signal-safe; `signal` replaces no handler this process
+    // relies on.
+    let old = unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    if old == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +242,28 @@ mod tests {
         c.cancel();
         assert!(c.is_cancelled());
         assert_eq!(c.signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn a_hold_is_decided_by_the_signal_or_the_timeout() {
+        let hold = Hold::new().expect("hold");
+        let start = Instant::now();
+        assert_eq!(
+            hold.wait(Duration::from_millis(50)).expect("wait"),
+            Decision::TimedOut
+        );
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        // SAFETY: raising a signal whose handler was just installed.
+        unsafe { libc::raise(libc::SIGUSR1) };
+        assert_eq!(
+            hold.wait(Duration::from_secs(5)).expect("wait"),
+            Decision::Run
+        );
+        // SAFETY: as above.
+        unsafe { libc::raise(libc::SIGTERM) };
+        assert_eq!(
+            hold.wait(Duration::from_secs(5)).expect("wait"),
+            Decision::Discard(libc::SIGTERM)
+        );
     }
 }

@@ -10,13 +10,15 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::Duration;
 
 use common::kvm_available;
 use livemig_core::wire::{
-    BlockId, BlockList, Command as WireCommand, DeviceState, Record, encode_stream_header,
+    BatchFlags, BlockId, BlockList, Command as WireCommand, DeviceState, MAX_BATCH_PAGES,
+    PageBatch, PageEntry, PageKind, Record, encode_stream_header,
 };
-use livemig_kvm::memory::DEFAULT_SLOT_BYTES;
+use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use livemig_kvm::migrate::{CPU_DEVICE_ID, CPU_STATE_VERSION, ram_layout};
 use livemig_kvm::vcpu::Vcpu;
 use livemig_kvm::vm::Vm;
@@ -59,8 +61,21 @@ fn receive(stream: &[u8]) -> Output {
 
 /// Runs `livemig receive`, lets `talk` play the source on the connection,
 /// keeps it open until the receiver has ended, and returns what it said.
+/// An ambiguous end discards the held guest at once (`--hold-timeout-s 0`).
 fn receive_with(talk: impl FnOnce(&mut TcpStream)) -> Output {
+    receive_holding(0, talk, |_, _| {})
+}
+
+/// [`receive_with`] with `--hold-timeout-s hold_s`; once `talk` is done,
+/// `decide` gets the receiver's pid and its stdout (after the
+/// announcement), to read the `held` event and signal the decision.
+fn receive_holding(
+    hold_s: u64,
+    talk: impl FnOnce(&mut TcpStream),
+    decide: impl FnOnce(u32, &mut BufReader<ChildStdout>),
+) -> Output {
     let mem = MEM_MIB.to_string();
+    let hold = hold_s.to_string();
     let mut child: Child = Command::new(common::BIN)
         .args([
             "receive",
@@ -75,6 +90,7 @@ fn receive_with(talk: impl FnOnce(&mut TcpStream)) -> Output {
             "--idle-timeout-ms",
             "2000",
         ])
+        .args(["--hold-timeout-s", &hold])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -90,6 +106,7 @@ fn receive_with(talk: impl FnOnce(&mut TcpStream)) -> Output {
         .to_string();
     let mut client = TcpStream::connect(addr).expect("connect");
     talk(&mut client);
+    decide(child.id(), &mut reader);
     let mut stdout = Vec::new();
     reader.read_to_end(&mut stdout).expect("stdout");
     let mut stderr = Vec::new();
@@ -195,4 +212,160 @@ fn bytes_after_the_end_of_the_stream_are_refused() {
         err.contains("it says 'committed'), start it here, otherwise discard it"),
         "{err}"
     );
+}
+
+/// The non-zero pages of `vm`'s memory (all in its first slot), as Pages
+/// records of block 0.
+fn ram_records(vm: &Vm) -> Vec<u8> {
+    let ram = vm.ram();
+    let mut out = Vec::new();
+    let mut page = [0u8; PAGE_SIZE];
+    let (mut entries, mut data) = (Vec::new(), Vec::new());
+    for index in 0..ram.slot(0).expect("slot 0").pages() {
+        if ram.is_zero_page(0, index).expect("page") {
+            continue;
+        }
+        ram.read_page(0, index, &mut page).expect("page");
+        entries.push(PageEntry {
+            index,
+            kind: PageKind::Normal,
+        });
+        data.extend_from_slice(&page);
+        if entries.len() == MAX_BATCH_PAGES {
+            let batch = PageBatch::new(0, 12, BatchFlags::empty(), &entries, &data).expect("batch");
+            out.extend(record(Record::Pages(batch)));
+            entries.clear();
+            data.clear();
+        }
+    }
+    if !entries.is_empty() {
+        let batch = PageBatch::new(0, 12, BatchFlags::empty(), &entries, &data).expect("batch");
+        out.extend(record(Record::Pages(batch)));
+    }
+    out
+}
+
+/// Plays a source whose connection is cut after LOADED: header, return
+/// path, block list, the demo guest's memory (booted, not yet run) and
+/// its vCPU section, end of stream; reads the SWITCHOVER_ACK and LOADED,
+/// then closes without COMMIT.
+fn loaded_then_cut() -> impl FnOnce(&mut TcpStream) {
+    let (vm, vcpu) = common::demo_vm(MEM_MIB << 20, &common::small_ws());
+    let mut stream = preamble(&vm);
+    stream.splice(8..8, record(Record::Command(WireCommand::OpenReturnPath)));
+    stream.extend(ram_records(&vm));
+    stream.extend(cpu_record(&vcpu));
+    stream.extend(record(Record::EndOfStream));
+    move |client: &mut TcpStream| {
+        client.write_all(&stream).expect("write the stream");
+        let mut answer = [0u8; 8];
+        client
+            .read_exact(&mut answer)
+            .expect("the destination answers");
+        assert_eq!(answer, [0, 7, 0, 0, 1, 0, 0, 0], "SWITCHOVER_ACK, LOADED");
+        client
+            .shutdown(std::net::Shutdown::Both)
+            .expect("close without COMMIT");
+    }
+}
+
+/// Reads the `held` event and, after a while held, sends `signal`.
+fn decide_with(signal: libc::c_int) -> impl FnOnce(u32, &mut BufReader<ChildStdout>) {
+    move |pid, reader| {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the held event");
+        let event: Value = serde_json::from_str(&line).expect("JSON event");
+        assert_eq!(event["event"], "held", "{event}");
+        assert_eq!(event["ambiguous-end"], "loaded", "{event}");
+        assert_eq!(event["pid"], pid, "{event}");
+        std::thread::sleep(Duration::from_millis(200));
+        let pid = i32::try_from(pid).expect("pid");
+        // SAFETY: signalling our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+/// The final JSON summary of `out`.
+fn summary(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON summary in {text:?}"));
+    serde_json::from_str(json).expect("JSON")
+}
+
+#[test]
+fn a_loaded_guest_without_commit_is_held_and_sigusr1_runs_it_here() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive_holding(60, loaded_then_cut(), decide_with(libc::SIGUSR1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("start it here, otherwise discard it")
+            && err.contains("the guest is held paused here (pid ")
+            && err.contains("the guest runs here, as the operator decided"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = summary(&out);
+    assert_eq!(v["ambiguous-end"], "loaded", "{v}");
+    assert_eq!(v["hold-decision"], "run-here", "{v}");
+    assert_eq!(v["guest-continued"], true, "{v}");
+    assert!(
+        v["guest-progress-exits"].as_u64().expect("exits") > 0,
+        "{v}"
+    );
+    assert!(v.get("vcpu-started-ns").is_some(), "{v}");
+}
+
+#[test]
+fn a_loaded_guest_without_commit_is_held_and_sigterm_discards_it() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive_holding(60, loaded_then_cut(), decide_with(libc::SIGTERM));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the held guest is discarded (signal 15)"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v = summary(&out);
+    assert_eq!(v["ambiguous-end"], "loaded", "{v}");
+    assert_eq!(v["hold-decision"], "discarded", "{v}");
+    for started in ["vcpu-started-ns", "guest-generation", "guest-continued"] {
+        assert!(
+            v.get(started).is_none(),
+            "{started} in {v}: the guest started"
+        );
+    }
+}
+
+#[test]
+fn a_held_guest_without_a_decision_is_discarded_after_the_hold_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let held_at = std::cell::Cell::new(None);
+    let out = receive_holding(1, loaded_then_cut(), |_, reader| {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the held event");
+        held_at.set(Some(std::time::Instant::now()));
+        let event: Value = serde_json::from_str(&line).expect("JSON event");
+        assert_eq!(event["hold-timeout-s"], 1, "{event}");
+    });
+    let held_for = held_at.get().expect("held").elapsed();
+    assert!(held_for >= Duration::from_millis(900), "{held_for:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the held guest is discarded (no decision in time)"),
+        "{err}"
+    );
+    let v = summary(&out);
+    assert_eq!(v["hold-decision"], "discarded-after-timeout", "{v}");
+    assert!(v.get("vcpu-started-ns").is_none(), "the guest started: {v}");
 }

@@ -16,11 +16,12 @@ use livemig_core::state::MigrationStatus;
 use livemig_kvm::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_kvm::demo::{self, DemoError, GuestShape};
 use livemig_kvm::dirty_log::DirtyLogMode;
-use livemig_kvm::interrupt::{self, Cancel};
+use livemig_kvm::interrupt::{self, Cancel, Decision, Hold};
 use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
 use livemig_kvm::options;
 use livemig_kvm::report::{Progress, Summary};
 use livemig_kvm::transport::MigrationUri;
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(name = "livemig", version, about = "Live migration of a KVM guest")]
@@ -54,6 +55,12 @@ enum Cmd {
     /// Its `digest` (of its stopped memory) must equal the receiver's. After
     /// a postcopy its `downtime` runs from its vCPU stop to the receiver's
     /// answer to the ping after the switchover package (`downtime-span`).
+    ///
+    /// If the end is ambiguous (the destination vanished after this side's
+    /// COMMIT), the paused guest is held until the operator decides:
+    /// SIGUSR1 resumes it here (exit status 0 when it runs on), SIGTERM,
+    /// SIGINT or --hold-timeout-s discard it (exit status 3). Other
+    /// failures exit with 1.
     Send(SendArgs),
     /// Wait at --listen for one migration, load it into a fresh VM, start
     /// the guest and report. Prints `listening on URI` first. Its `digest`
@@ -64,6 +71,12 @@ enum Cmd {
     /// and the pages the guest wrote here (`guest-written-ranges`); its
     /// `digest` is still that of the source's memory at the stop (pages the
     /// guest wrote count as they were installed).
+    ///
+    /// If the end is ambiguous (loaded, then no COMMIT), the loaded guest
+    /// is held paused until the operator decides: SIGUSR1 starts it here
+    /// and reports it as after a completed migration (exit status 0 when it
+    /// runs on), SIGTERM, SIGINT or --hold-timeout-s discard it (exit
+    /// status 3). Other failures exit with 1.
     Receive(ReceiveArgs),
     /// Time `demo` migrations of an idle 4 GiB guest and of a 1 GiB guest
     /// with a 64 MiB working set, each against a raw TCP copy of the same
@@ -111,7 +124,8 @@ struct Migration {
 
 #[derive(Args)]
 struct Output {
-    /// Print the summary as one JSON object (query-migrate field names).
+    /// Print the summary as one JSON object (query-migrate field names);
+    /// after an ambiguous end a `held` event object comes first.
     #[arg(long)]
     json: bool,
     /// No progress line, even on a terminal.
@@ -191,6 +205,12 @@ struct SendArgs {
     /// to send.
     #[arg(long, default_value_t = 300)]
     time_limit_s: u64,
+    /// After an ambiguous end (the commit handshake was cut) the guest is
+    /// held paused until the operator decides: SIGUSR1 runs it here,
+    /// SIGTERM or SIGINT discards it, and so does this many seconds
+    /// without a decision.
+    #[arg(long, default_value_t = 3600)]
+    hold_timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -216,6 +236,12 @@ struct ReceiveArgs {
     /// (repeatable; postcopy itself needs no flag here).
     #[arg(long = "cap", value_name = "NAME=on|off")]
     caps: Vec<String>,
+    /// After an ambiguous end (the commit handshake was cut) the guest is
+    /// held paused until the operator decides: SIGUSR1 runs it here,
+    /// SIGTERM or SIGINT discards it, and so does this many seconds
+    /// without a decision.
+    #[arg(long, default_value_t = 3600)]
+    hold_timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -346,22 +372,96 @@ fn progress(o: &Output) -> Progress {
 }
 
 /// Exit status of a migration whose end this side cannot decide (the
-/// commit handshake was cut): the guest is paused, the operator decides.
+/// commit handshake was cut) when its paused guest was not run here: the
+/// operator discarded it, or did not decide in time.
 const EXIT_AMBIGUOUS: u8 = 3;
 
+/// After an ambiguous end: tells the operator (stderr, and in --json mode
+/// a `held` event on stdout) how to decide, then waits for the decision,
+/// which it also records in `decided`.
+fn hold(
+    summary: &Summary,
+    o: &Output,
+    timeout_s: u64,
+    decided: &mut Option<Decision>,
+) -> Result<Decision, DemoError> {
+    // Before the operator is told, so that an early signal is not lost.
+    let hold = Hold::new().map_err(|e| DemoError::Signals(e.to_string()))?;
+    let pid = std::process::id();
+    if let Some(end) = summary.stats.ambiguous_end {
+        let why = summary.error_desc().unwrap_or_default();
+        eprintln!("livemig: migration end ambiguous ({why}): {}", end.advice());
+        if o.json {
+            let event = json!({
+                "event": "held",
+                "pid": pid,
+                "ambiguous-end": end.name(),
+                "hold-timeout-s": timeout_s,
+            });
+            println!("{event}");
+        }
+    }
+    eprintln!(
+        "livemig: the guest is held paused here (pid {pid}): send SIGUSR1 to run it here, \
+         SIGTERM or SIGINT to discard it; after {timeout_s} s (--hold-timeout-s) without a \
+         decision it is discarded (this copy ends with the process)"
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let d = hold
+        .wait(Duration::from_secs(timeout_s))
+        .map_err(|e| DemoError::Signals(format!("waiting for the operator: {e}")))?;
+    *decided = Some(d);
+    Ok(d)
+}
+
 /// Prints the summary; a migration that did not complete (or did not
-/// verify, for `demo`) is an error line and exit status 1, an ambiguous
-/// end the operator's sentence and exit status [`EXIT_AMBIGUOUS`].
-fn finish(summary: &Summary, o: &Output, need_verified: bool) -> ExitCode {
+/// verify, for `demo`) is an error line and exit status 1. After an
+/// ambiguous end (`held`: the operator's decision) a guest discarded is
+/// exit status [`EXIT_AMBIGUOUS`], one run here on the operator's word 0
+/// if it runs (its `continued` field is true), else 1.
+fn finish(
+    summary: &Summary,
+    o: &Output,
+    need_verified: bool,
+    held: Option<(Decision, &str)>,
+) -> ExitCode {
     if o.json {
         println!("{}", summary.to_json());
     } else {
         print!("{}", summary.to_text());
     }
-    if let Some(end) = summary.stats.ambiguous_end {
-        let why = summary.error_desc().unwrap_or_default();
-        eprintln!("livemig: migration end ambiguous ({why}): {}", end.advice());
-        return ExitCode::from(EXIT_AMBIGUOUS);
+    if summary.stats.ambiguous_end.is_some() {
+        return match held {
+            Some((Decision::Run, continued)) => {
+                if summary.extra.get(continued) == Some(&json!(true)) {
+                    eprintln!("livemig: the guest runs here, as the operator decided");
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!(
+                        "livemig: the operator decided to run the guest here, but it did not \
+                         run on ({continued} is false)"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+            Some((Decision::Discard(sig), _)) => {
+                eprintln!("livemig: the held guest is discarded (signal {sig})");
+                ExitCode::from(EXIT_AMBIGUOUS)
+            }
+            Some((Decision::TimedOut, _)) => {
+                eprintln!("livemig: the held guest is discarded (no decision in time)");
+                ExitCode::from(EXIT_AMBIGUOUS)
+            }
+            // Not held (`demo`, which owns both sides): the sentence only.
+            None => {
+                if let Some(end) = summary.stats.ambiguous_end {
+                    let why = summary.error_desc().unwrap_or_default();
+                    eprintln!("livemig: migration end ambiguous ({why}): {}", end.advice());
+                }
+                ExitCode::from(EXIT_AMBIGUOUS)
+            }
+        };
     }
     if summary.stats.status == MigrationStatus::Cancelled {
         eprintln!("livemig: migration cancelled; the guest keeps running on the source");
@@ -467,12 +567,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     demo::run_simulated(shape, &config).map_err(err)?
                 }
             };
-            Ok(finish(&summary, &a.output, true))
+            Ok(finish(&summary, &a.output, true, None))
         }
         Cmd::Send(a) => {
             let mut config = config(&a.migration, false)?;
             config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = a.workload.shape(a.mem_mib)?;
+            let mut decided = None;
             let summary = demo::run_send(
                 &uri(&a.to)?,
                 shape,
@@ -481,11 +582,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 a.workload.warmup(),
                 &cancel_on_signals()?,
                 &mut progress(&a.output),
+                &mut |s| hold(s, &a.output, a.hold_timeout_s, &mut decided),
             )
             .map_err(err)?;
-            Ok(finish(&summary, &a.output, false))
+            let held = decided.map(|d| (d, "guest-continued-on-source"));
+            Ok(finish(&summary, &a.output, false, held))
         }
         Cmd::Receive(a) => {
+            let mut decided = None;
             let summary = demo::run_receive(
                 &uri(&a.listen)?,
                 a.mem_mib,
@@ -494,9 +598,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 receive_blocktime(&a.caps)?,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),
+                &mut |s| hold(s, &a.output, a.hold_timeout_s, &mut decided),
             )
             .map_err(err)?;
-            Ok(finish(&summary, &a.output, false))
+            let held = decided.map(|d| (d, "guest-continued"));
+            Ok(finish(&summary, &a.output, false, held))
         }
         Cmd::Bench(a) => run_bench(&a),
         Cmd::BenchSink(a) => {
