@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{BIN, kvm_available, livemig};
+use common::{BIN, json_of, kvm_available, livemig};
 use serde_json::Value;
 
 /// One migration at a time: the machine has two cores, and a busy
@@ -30,21 +30,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn json_of(out: &Output) -> Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "no JSON in stdout {text:?}, stderr {:?}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    serde_json::from_str(line).expect("valid JSON")
 }
 
 /// The `livemig: ` lines a run printed on stderr.

@@ -6,22 +6,7 @@
 #[allow(dead_code)]
 mod common;
 
-use common::{kvm_available, livemig};
-use serde_json::Value;
-
-/// The summary of a `demo --json --quiet` with `flags` that must succeed.
-fn demo_ok(flags: &[&str]) -> Value {
-    let args: Vec<&str> = ["demo", "--json", "--quiet"]
-        .iter()
-        .chain(flags)
-        .copied()
-        .collect();
-    let out = livemig(&args);
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.starts_with('{'));
-    serde_json::from_str(line.unwrap_or_else(|| panic!("no JSON in {text:?}"))).unwrap()
-}
+use common::{demo_ok, kvm_available};
 
 /// A working set too large for the guest to stamp a whole generation of it
 /// on the destination within `--run-ms` (every first touch of a page there

@@ -3,6 +3,8 @@
 //! "migration" into a second VM continues the guest without a mismatch.
 //! Each test skips loudly without `/dev/kvm` (see `common::kvm_available`).
 
+// The process helpers serve the CLI tests.
+#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant};

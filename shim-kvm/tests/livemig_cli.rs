@@ -13,23 +13,11 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, livemig, userfaultfd_available};
+use common::{
+    demo, demo_ok, finish, json_of, json_of_success, kvm_available, livemig, stderr,
+    userfaultfd_available,
+};
 use serde_json::Value;
-
-/// `livemig demo --json --quiet` with `flags` added.
-fn demo(flags: &[&str]) -> Output {
-    let args: Vec<&str> = ["demo", "--json", "--quiet"]
-        .iter()
-        .chain(flags)
-        .copied()
-        .collect();
-    livemig(&args)
-}
-
-/// The summary of a `demo` (with `flags`) that must exit with success.
-fn demo_ok(flags: &[&str]) -> Value {
-    json_of_success(&demo(flags))
-}
 
 /// `livemig` still running, its stdout and stderr piped for `finish`.
 fn spawn(args: &[&str]) -> Child {
@@ -40,43 +28,6 @@ fn spawn(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn livemig")
-}
-
-/// Waits for a `spawn`ed child and collects what it printed.
-fn finish(mut child: Child) -> Output {
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    if let Some(mut s) = child.stdout.take() {
-        s.read_to_end(&mut out).unwrap();
-    }
-    if let Some(mut s) = child.stderr.take() {
-        s.read_to_end(&mut err).unwrap();
-    }
-    Output {
-        status: child.wait().unwrap(),
-        stdout: out,
-        stderr: err,
-    }
-}
-
-/// The JSON summary of a run that must have exited with success.
-fn json_of_success(out: &Output) -> Value {
-    assert!(out.status.success(), "{out:?}");
-    json_of(out)
-}
-
-fn json_of(out: &Output) -> Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON in stdout {text:?}, stderr {:?}", stderr(out)));
-    serde_json::from_str(line).expect("valid JSON")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A one-line error and a failure status.

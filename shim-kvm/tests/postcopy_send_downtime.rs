@@ -6,11 +6,10 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 
-use common::{kvm_available, livemig, userfaultfd_available};
-use serde_json::Value;
+use common::{finish, json_of_success, kvm_available, livemig, userfaultfd_available};
 
 /// `livemig receive` as a child with `mem_mib` of RAM, and the address it
 /// announced.
@@ -33,26 +32,6 @@ fn spawn_receiver(listen: &str, mem_mib: &str) -> (Child, String) {
         .to_string();
     child.stdout = Some(reader.into_inner());
     (child, addr)
-}
-
-/// Waits for a child and collects what it printed.
-fn finish(mut child: Child) -> Output {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
-    Output {
-        status: child.wait().unwrap(),
-        stdout: out,
-        stderr: err,
-    }
-}
-
-/// The JSON summary of a run that must have exited with success.
-fn json_of_success(out: &Output) -> Value {
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.starts_with('{'));
-    serde_json::from_str(line.unwrap_or_else(|| panic!("no JSON in {text:?}"))).unwrap()
 }
 
 /// `send --mode postcopy` and `receive` on one host, as an operator runs

@@ -6,6 +6,8 @@
 //! Tests skip loudly without userfaultfd permission (and the guest test
 //! without `/dev/kvm`); `LIVEMIG_REQUIRE_KVM=1` turns a skip into a failure.
 
+// The process helpers serve the CLI tests.
+#[allow(dead_code)]
 mod common;
 
 use std::os::fd::{AsFd, AsRawFd};

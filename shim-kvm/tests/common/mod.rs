@@ -1,6 +1,7 @@
 //! Helpers shared by the real-KVM tests.
 
-use std::process::{Command, Output, Stdio};
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
 use livemig_kvm::postcopy::{PostcopyError, PostcopyRam};
 use livemig_kvm::vcpu::Vcpu;
 use livemig_kvm::vm::Vm;
+use serde_json::Value;
 
 /// Whether `/dev/kvm` can be used. Without it a test skips loudly, unless
 /// `LIVEMIG_REQUIRE_KVM=1` (CI on KVM hosts), where skipping is a failure.
@@ -113,4 +115,58 @@ pub fn wait_for(vcpu: &Vcpu, timeout: Duration, what: &str, cond: impl Fn(&Vcpu)
 /// Number of set bits in `words`.
 pub fn count_dirty(words: &[u64]) -> u64 {
     words.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Waits for a spawned `livemig` and collects what it printed.
+pub fn finish(mut child: Child) -> Output {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_end(&mut out).unwrap();
+    }
+    if let Some(mut s) = child.stderr.take() {
+        s.read_to_end(&mut err).unwrap();
+    }
+    Output {
+        status: child.wait().unwrap(),
+        stdout: out,
+        stderr: err,
+    }
+}
+
+/// What a run printed on stderr.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The last JSON line a run printed on stdout (its summary).
+pub fn json_of(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON in stdout {text:?}, stderr {:?}", stderr(out)));
+    serde_json::from_str(line).expect("valid JSON")
+}
+
+/// The JSON summary of a run that must have exited with success.
+pub fn json_of_success(out: &Output) -> Value {
+    assert!(out.status.success(), "{out:?}");
+    json_of(out)
+}
+
+/// `livemig demo --json --quiet` with `flags` added.
+pub fn demo(flags: &[&str]) -> Output {
+    let args: Vec<&str> = ["demo", "--json", "--quiet"]
+        .iter()
+        .chain(flags)
+        .copied()
+        .collect();
+    livemig(&args)
+}
+
+/// The summary of a `demo` (with `flags`) that must exit with success.
+pub fn demo_ok(flags: &[&str]) -> Value {
+    json_of_success(&demo(flags))
 }
