@@ -14,21 +14,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    demo, demo_ok, finish, json_of, json_of_success, kvm_available, livemig, stderr,
-    userfaultfd_available,
+    demo, demo_ok, finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
+    spawn_receiver_with, stderr, userfaultfd_available,
 };
 use serde_json::Value;
-
-/// `livemig` still running, its stdout and stderr piped for `finish`.
-fn spawn(args: &[&str]) -> Child {
-    Command::new(common::BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn livemig")
-}
 
 /// A one-line error and a failure status.
 fn assert_error_line(out: &Output, needle: &str) {
@@ -42,40 +31,6 @@ fn assert_error_line(out: &Output, needle: &str) {
         line.contains(needle),
         "{line:?} does not mention {needle:?}"
     );
-}
-
-/// `livemig receive` as a child, with the address it announced.
-fn spawn_receiver(listen: &str, mem_mib: u64) -> (Child, String) {
-    spawn_receiver_with(listen, mem_mib, &[])
-}
-
-/// [`spawn_receiver`] with `extra` flags.
-fn spawn_receiver_with(listen: &str, mem_mib: u64, extra: &[&str]) -> (Child, String) {
-    let mem_mib = mem_mib.to_string();
-    let mut args = vec![
-        "receive",
-        "--listen",
-        listen,
-        "--json",
-        "--quiet",
-        "--mem-mib",
-        &mem_mib,
-        "--run-ms",
-        "300",
-    ];
-    args.extend_from_slice(extra);
-    let mut child = spawn(&args);
-    let stdout = child.stdout.take().unwrap();
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("receiver said {line:?}"))
-        .to_string();
-    child.stdout = Some(reader.into_inner());
-    (child, addr)
 }
 
 /// `livemig send --json --quiet` to `addr` of a 32 MiB working set

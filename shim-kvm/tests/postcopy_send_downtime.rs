@@ -6,33 +6,9 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
-use common::{finish, json_of_success, kvm_available, livemig, userfaultfd_available};
-
-/// `livemig receive` as a child with `mem_mib` of RAM, and the address it
-/// announced.
-fn spawn_receiver(listen: &str, mem_mib: &str) -> (Child, String) {
-    let mut child = Command::new(common::BIN)
-        .args(["receive", "--listen", listen, "--json", "--quiet"])
-        .args(["--mem-mib", mem_mib, "--run-ms", "300"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn livemig receive");
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("receiver said {line:?}"))
-        .to_string();
-    child.stdout = Some(reader.into_inner());
-    (child, addr)
-}
+use common::{
+    finish, json_of_success, kvm_available, livemig, spawn_receiver, userfaultfd_available,
+};
 
 /// `send --mode postcopy` and `receive` on one host, as an operator runs
 /// them: send's downtime (its vCPU stop to the destination's PONG after the
@@ -54,7 +30,7 @@ fn postcopy_send_reports_its_downtime_and_a_digest_the_destination_matches() {
         let path =
             std::env::temp_dir().join(format!("livemig-pc-{}-{run}.sock", std::process::id()));
         let listen = format!("unix:{}", path.display());
-        let (receiver, addr) = spawn_receiver(&listen, "512");
+        let (receiver, addr) = spawn_receiver(&listen, 512);
         let send = livemig(&[
             "send",
             "--to",

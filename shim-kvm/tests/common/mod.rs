@@ -1,6 +1,6 @@
 //! Helpers shared by the real-KVM tests.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,4 +169,49 @@ pub fn demo(flags: &[&str]) -> Output {
 /// The summary of a `demo` (with `flags`) that must exit with success.
 pub fn demo_ok(flags: &[&str]) -> Value {
     json_of_success(&demo(flags))
+}
+
+/// `livemig` still running, its stdout and stderr piped for `finish`.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn livemig")
+}
+
+/// `livemig receive` as a child, with the address it announced.
+pub fn spawn_receiver(listen: &str, mem_mib: u64) -> (Child, String) {
+    spawn_receiver_with(listen, mem_mib, &[])
+}
+
+/// [`spawn_receiver`] with `extra` flags.
+pub fn spawn_receiver_with(listen: &str, mem_mib: u64, extra: &[&str]) -> (Child, String) {
+    let mem_mib = mem_mib.to_string();
+    let mut args = vec![
+        "receive",
+        "--listen",
+        listen,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        &mem_mib,
+        "--run-ms",
+        "300",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn(&args);
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("receiver said {line:?}"))
+        .to_string();
+    child.stdout = Some(reader.into_inner());
+    (child, addr)
 }
