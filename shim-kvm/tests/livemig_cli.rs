@@ -14,8 +14,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    demo, demo_ok, finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
-    spawn_receiver_with, stderr, userfaultfd_available,
+    announced_address, demo, demo_ok, finish, json_of, json_of_success, kvm_available, livemig,
+    spawn, spawn_receiver, spawn_receiver_with, stderr, userfaultfd_available,
 };
 use serde_json::Value;
 
@@ -846,13 +846,7 @@ fn send_gives_up_on_a_dropped_link_within_the_send_timeout() {
         .spawn()
         .unwrap();
     let mut reader = BufReader::new(receiver.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("receiver said {line:?}"))
-        .to_string();
+    let addr = announced_address(&mut reader);
     let sender = spawn(&[
         "send",
         "--to",

@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::kvm_available;
+use common::{announced_address, kvm_available};
 use livemig_core::wire::{
     BatchFlags, BlockId, BlockList, Command as WireCommand, DeviceState, MAX_BATCH_PAGES,
     PageBatch, PageEntry, PageKind, Record, encode_stream_header,
@@ -97,13 +97,10 @@ fn receive_holding(
         .spawn()
         .expect("spawn livemig");
     let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("announcement");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on tcp:")
-        .unwrap_or_else(|| panic!("receiver said {line:?}"))
-        .to_string();
+    let addr = announced_address(&mut reader);
+    let addr = addr
+        .strip_prefix("tcp:")
+        .unwrap_or_else(|| panic!("not a TCP address: {addr:?}"));
     let mut client = TcpStream::connect(addr).expect("connect");
     talk(&mut client);
     decide(child.id(), &mut reader);

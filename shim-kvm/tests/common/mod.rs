@@ -203,15 +203,19 @@ pub fn spawn_receiver_with(listen: &str, mem_mib: u64, extra: &[&str]) -> (Child
     ];
     args.extend_from_slice(extra);
     let mut child = spawn(&args);
-    let stdout = child.stdout.take().unwrap();
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("receiver said {line:?}"))
-        .to_string();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let addr = announced_address(&mut reader);
     child.stdout = Some(reader.into_inner());
     (child, addr)
+}
+
+/// The address a `livemig receive` announces on its first line of stdout
+/// (`listening on ADDR`), read from `reader`.
+pub fn announced_address(reader: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("receiver said {line:?}"))
+        .to_string()
 }
