@@ -996,8 +996,12 @@ impl<'a> SourceEngine<'a> {
     /// Whether a stop now is expected to fit the downtime limit.
     fn fits_downtime(&self) -> bool {
         let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
-        let pending = self.pending_bytes();
-        self.stop_cost <= limit && (pending == 0 || pending < self.threshold_bytes)
+        self.stop_cost <= limit && self.below_threshold(self.pending_bytes())
+    }
+
+    /// Whether `bytes` still to send fit the switchover threshold.
+    fn below_threshold(&self, bytes: u64) -> bool {
+        bytes == 0 || bytes < self.threshold_bytes
     }
 
     /// The stop a switchover now would take: the fixed cost plus the
@@ -1140,8 +1144,10 @@ impl<'a> SourceEngine<'a> {
     /// spin.
     fn drain_deadline(&self) -> Option<Instant> {
         let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
-        let dirty_fits = self.remaining_bytes == 0 || self.remaining_bytes < self.threshold_bytes;
-        if self.unsent_bytes == 0 || !dirty_fits || self.stop_cost > limit {
+        if self.unsent_bytes == 0
+            || !self.below_threshold(self.remaining_bytes)
+            || self.stop_cost > limit
+        {
             return None;
         }
         let bytes_per_ms = self.bandwidth_bytes_per_ms;
