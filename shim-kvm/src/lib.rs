@@ -42,3 +42,4 @@ pub mod state;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm;
