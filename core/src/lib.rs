@@ -48,7 +48,7 @@
 //! | [`source`] | the source engine, its actions, per-block tracking storage | the VMM's migration thread on the sending host |
 //! | [`destination`] | the destination engine and the [`DestinationHost`](destination::DestinationHost) trait that places pages and loads devices | the VMM on the receiving host |
 //! | [`config`], [`capabilities`], [`params`] | what a migration is asked to do: capability flags and their compatibility rules, parameters with QEMU's defaults and ranges, convergence limits; validated once, together | the VMM's management interface (QMP-like commands, CLI flags) |
-//! | [`state`] | the fifteen migration states, the table of legal transitions, predicates, and an atomic compare-and-set cell | monitoring, cancel from another thread |
+//! | [`state`] | the fifteen migration states, the table of legal transitions, and predicates | monitoring, the engines |
 //! | [`stats`] | counters in the shape of QEMU's `query-migrate` | progress display, dashboards |
 //! | [`wire`] | the main stream: a zerocopy "packet" level (fixed headers) and a validated "representation" level ([`Record`](wire::Record)), and a decoder for arbitrarily chunked input | engines; tools that read or write captures |
 //! | [`return_path`] | the destination-to-source messages, byte-compatible with QEMU's | engines; the source's return-path reader |

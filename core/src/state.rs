@@ -1,15 +1,13 @@
-//! Migration states, the legal moves between them, and an atomic cell that
-//! enforces both.
+//! Migration statuses and the legal moves between them.
 //!
-//! A migration is observed from outside (monitoring, the CLI, a cancel
-//! request from another thread) while its engine drives it forward, so the
-//! state is the one piece of data two parties write concurrently. QEMU
-//! resolves this with `migrate_set_state(&state, old, new)`: a
-//! compare-and-swap that only moves the state if it still holds `old`. A
-//! cancel that races with completion therefore loses or wins cleanly instead
-//! of overwriting a state it never saw. [`StateCell`] is that primitive,
-//! plus a check QEMU leaves to code review: the move itself must be one the
-//! protocol allows ([`MigrationStatus::can_transition_to`]).
+//! QEMU writes its status from several threads and resolves the races with
+//! `migrate_set_state(&state, old, new)`, a compare-and-swap. The engines
+//! here need no such cell: each is a `&mut self` state machine owned by one
+//! caller, so only that caller moves its status, and a cancel from another
+//! thread reaches the engine through the shim (a flag or a channel its
+//! migration thread checks, then [`cancel`](crate::source::SourceEngine::cancel)).
+//! What the engines do check is the move itself: every status change goes
+//! through [`MigrationStatus::transition`] and the table below.
 //!
 //! The state names and their numbering follow QEMU's QAPI `MigrationStatus`
 //! enum (15 states since QEMU 9.1), so a status printed or reported by
@@ -17,12 +15,12 @@
 
 use core::fmt;
 use core::str::FromStr;
-use core::sync::atomic::{AtomicU8, Ordering};
 
 /// Where a migration is in its life, on either the source or the destination.
 ///
 /// The discriminants equal QEMU's `MIGRATION_STATUS_*` values, so the byte
-/// stored in a [`StateCell`] means the same thing as QEMU's `int state`.
+/// [`MigrationStatus::from_repr`] reads means the same thing as QEMU's
+/// `int state`.
 #[repr(u8)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationStatus {
@@ -63,8 +61,8 @@ pub enum MigrationStatus {
 }
 
 /// Every legal move, written once: `(from, to)` and the QEMU code that
-/// performs it. [`MigrationStatus::can_transition_to`] and [`StateCell`] are
-/// both driven by this table.
+/// performs it. [`MigrationStatus::can_transition_to`] and
+/// [`MigrationStatus::transition`] are driven by this table.
 ///
 /// Sources: seed 004 (`migration/migration.c`, QEMU 3.x, line numbers given),
 /// the newer behaviour the seed headers 000–002 describe (wait-unplug,
@@ -243,7 +241,7 @@ impl MigrationStatus {
     }
 
     /// `to` if the move from `self` is legal, else a [`TransitionError`]
-    /// naming both states. Pure: use [`StateCell::set`] to move shared state.
+    /// naming both states. Pure: the engines call it for every move.
     pub const fn transition(self, to: MigrationStatus) -> Result<MigrationStatus, TransitionError> {
         if self.can_transition_to(to) {
             Ok(to)
@@ -374,112 +372,11 @@ impl fmt::Display for TransitionError {
 
 impl core::error::Error for TransitionError {}
 
-/// Why [`StateCell::set`] did not move the state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetStateError {
-    /// The requested move is never legal, whatever the cell holds.
-    Illegal(TransitionError),
-    /// The move is legal, but another party changed the state first: the
-    /// cell holds `actual`, not `expected`. This is how a cancel racing with
-    /// completion is resolved: the loser sees `Stale` and re-reads.
-    Stale {
-        /// The state the caller believed current.
-        expected: MigrationStatus,
-        /// The state the cell actually held.
-        actual: MigrationStatus,
-    },
-}
-
-impl fmt::Display for SetStateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Illegal(e) => e.fmt(f),
-            Self::Stale { expected, actual } => write!(
-                f,
-                "migration state changed concurrently: expected '{expected}', found '{actual}'"
-            ),
-        }
-    }
-}
-
-impl core::error::Error for SetStateError {}
-
-impl From<TransitionError> for SetStateError {
-    fn from(e: TransitionError) -> Self {
-        Self::Illegal(e)
-    }
-}
-
-/// A migration state shared between threads, changed only by legal
-/// compare-and-swap moves: QEMU's `migrate_set_state()` with the transition
-/// table enforced.
-///
-/// A cell describes one migration. QEMU's `migrate_init` starts a new one by
-/// overwriting the state with `none` outside `migrate_set_state`; here that
-/// is simply a new cell.
-#[derive(Debug)]
-pub struct StateCell(AtomicU8);
-
-impl StateCell {
-    /// A cell holding `initial`.
-    pub const fn new(initial: MigrationStatus) -> Self {
-        Self(AtomicU8::new(initial as u8))
-    }
-
-    /// The current state. Acquire ordering: whatever the thread that set the
-    /// state wrote before setting it is visible after reading it.
-    pub fn get(&self) -> MigrationStatus {
-        match MigrationStatus::from_repr(self.0.load(Ordering::Acquire)) {
-            Some(s) => s,
-            // The cell is private and only ever stores `MigrationStatus as u8`.
-            Option::None => unreachable!("StateCell holds a non-state byte"),
-        }
-    }
-
-    /// Move from `old` to `new` if the move is legal and the cell still
-    /// holds `old`; otherwise change nothing and say why.
-    pub fn set(&self, old: MigrationStatus, new: MigrationStatus) -> Result<(), SetStateError> {
-        old.transition(new)?;
-        self.0
-            .compare_exchange(old as u8, new as u8, Ordering::AcqRel, Ordering::Acquire)
-            .map(|_| ())
-            .map_err(|actual| SetStateError::Stale {
-                expected: old,
-                actual: match MigrationStatus::from_repr(actual) {
-                    Some(s) => s,
-                    Option::None => unreachable!("StateCell holds a non-state byte"),
-                },
-            })
-    }
-
-    /// Move to `cancelling` from whatever running state the cell holds,
-    /// retrying if the state changes underneath: QEMU's `migrate_fd_cancel`
-    /// loop (seed 004 l.1412). Returns the state that was cancelled, or
-    /// `Err(current)` if there was nothing to cancel (idle, or already
-    /// `cancelling`). The caller then stops the engine; the engine's cleanup
-    /// moves `cancelling -> cancelled`.
-    pub fn request_cancel(&self) -> Result<MigrationStatus, MigrationStatus> {
-        loop {
-            let current = self.get();
-            if !current.can_transition_to(MigrationStatus::Cancelling) {
-                return Err(current);
-            }
-            match self.set(current, MigrationStatus::Cancelling) {
-                Ok(()) => return Ok(current),
-                // Another party moved the state first; look again.
-                Err(_) => continue,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::MigrationStatus::*;
     use super::*;
     use std::string::ToString;
-    use std::sync::{Arc, Barrier};
-    use std::thread;
     use std::vec::Vec;
 
     /// The transitions QEMU performs, listed independently of `TRANSITIONS`
@@ -722,134 +619,6 @@ mod tests {
                 s.can_transition_to(Cancelling),
                 s.is_setup_or_active(),
                 "{s}"
-            );
-        }
-    }
-
-    #[test]
-    fn state_cell_moves_on_legal_fresh_transition() {
-        let cell = StateCell::new(None);
-        assert_eq!(cell.get(), None);
-        cell.set(None, Setup).unwrap();
-        cell.set(Setup, Active).unwrap();
-        assert_eq!(cell.get(), Active);
-    }
-
-    #[test]
-    fn state_cell_rejects_illegal_without_change() {
-        let cell = StateCell::new(Active);
-        let err = cell.set(Active, Setup).unwrap_err();
-        assert_eq!(
-            err,
-            SetStateError::Illegal(TransitionError {
-                from: Active,
-                to: Setup
-            })
-        );
-        assert_eq!(cell.get(), Active);
-        // Illegal is reported even when the cell does not hold `old`.
-        assert_eq!(
-            cell.set(Completed, Active).unwrap_err(),
-            SetStateError::Illegal(TransitionError {
-                from: Completed,
-                to: Active
-            })
-        );
-        assert_eq!(cell.get(), Active);
-    }
-
-    #[test]
-    fn state_cell_rejects_stale_without_change() {
-        let cell = StateCell::new(Cancelling);
-        let err = cell.set(Active, Completed).unwrap_err();
-        assert_eq!(
-            err,
-            SetStateError::Stale {
-                expected: Active,
-                actual: Cancelling
-            }
-        );
-        assert_eq!(
-            err.to_string(),
-            "migration state changed concurrently: expected 'active', found 'cancelling'"
-        );
-        assert_eq!(cell.get(), Cancelling);
-    }
-
-    #[test]
-    fn request_cancel_follows_migrate_fd_cancel() {
-        let cell = StateCell::new(PreSwitchover);
-        assert_eq!(cell.request_cancel(), Ok(PreSwitchover));
-        assert_eq!(cell.get(), Cancelling);
-        // Already cancelling: nothing more to do.
-        assert_eq!(cell.request_cancel(), Err(Cancelling));
-        cell.set(Cancelling, Cancelled).unwrap();
-        assert_eq!(cell.request_cancel(), Err(Cancelled));
-        assert_eq!(StateCell::new(None).request_cancel(), Err(None));
-    }
-
-    #[test]
-    fn request_cancel_racing_a_moving_engine_lands_in_cancelling_or_terminal() {
-        for _ in 0..200 {
-            let cell = Arc::new(StateCell::new(Setup));
-            let barrier = Arc::new(Barrier::new(2));
-            let engine = {
-                let cell = Arc::clone(&cell);
-                let barrier = Arc::clone(&barrier);
-                thread::spawn(move || {
-                    barrier.wait();
-                    // Engine walks setup -> active -> device -> completed and
-                    // stops at the first step a cancel beat it to.
-                    for (from, to) in [(Setup, Active), (Active, Device), (Device, Completed)] {
-                        if cell.set(from, to).is_err() {
-                            break;
-                        }
-                    }
-                })
-            };
-            barrier.wait();
-            let cancelled = cell.request_cancel();
-            engine.join().unwrap();
-            match cancelled {
-                Ok(from) => {
-                    assert!(from.is_setup_or_active());
-                    assert_eq!(cell.get(), Cancelling);
-                }
-                Err(state) => {
-                    assert_eq!(state, Completed);
-                    assert_eq!(cell.get(), Completed);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn cancel_racing_completion_has_exactly_one_winner() {
-        for _ in 0..200 {
-            let cell = Arc::new(StateCell::new(Active));
-            let barrier = Arc::new(Barrier::new(2));
-            let spawn = |to: MigrationStatus| {
-                let cell = Arc::clone(&cell);
-                let barrier = Arc::clone(&barrier);
-                thread::spawn(move || {
-                    barrier.wait();
-                    cell.set(Active, to)
-                })
-            };
-            let cancel = spawn(Cancelling);
-            let complete = spawn(Completed);
-            let results = [cancel.join().unwrap(), complete.join().unwrap()];
-            let winners = results.iter().filter(|r| r.is_ok()).count();
-            assert_eq!(winners, 1, "{results:?}");
-            let final_state = cell.get();
-            assert!(final_state == Cancelling || final_state == Completed);
-            let loser = results.iter().find(|r| r.is_err()).unwrap();
-            assert_eq!(
-                *loser,
-                Err(SetStateError::Stale {
-                    expected: Active,
-                    actual: final_state
-                })
             );
         }
     }
