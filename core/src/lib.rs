@@ -101,7 +101,9 @@
 //! # fn main() -> Result<(), Error> {
 //! use livemig_core::config::MigrationConfig;
 //! use livemig_core::destination::{DestinationEngine, DestinationHost, HostError};
-//! use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine, MIN_SCRATCH};
+//! use livemig_core::source::{
+//!     BlockTracking, EndReason, PageReader, SourceAction, SourceEngine, MIN_SCRATCH,
+//! };
 //! use livemig_core::state::MigrationStatus;
 //! use livemig_core::time::Instant;
 //! use livemig_core::wire::{self, BlockId, BlockInfo, DeviceId, DeviceState};
@@ -185,6 +187,9 @@
 //!         SourceAction::ClearDirtyLog { .. } => {}
 //!         SourceAction::SetThrottle { .. } => {}
 //!         SourceAction::StopVcpus => source.handle_vcpus_stopped(now)?,
+//!         // The compatibility record (CPU model, TSC, vCPU count) would go
+//!         // here, before any RAM; this example has none.
+//!         SourceAction::SaveSetupDevices => source.handle_setup_devices_sent(now, 0)?,
 //!         SourceAction::SaveDevices => {
 //!             let mut header = [0u8; 64];
 //!             let n = wire::encode_device_header(
@@ -196,7 +201,7 @@
 //!         // Postcopy only (this example's configuration has it off).
 //!         SourceAction::PackageDevices => unreachable!("postcopy is off"),
 //!         SourceAction::ResumeVcpus => {} // a failed migration: restart the guest here
-//!         SourceAction::Finished(status) => assert_eq!(status, MigrationStatus::Completed),
+//!         SourceAction::Finished(end) => assert_eq!(end, EndReason::Completed),
 //!     }
 //!     // The other end of the socket.
 //!     destination.handle_input(now, &socket, &mut host)?;

@@ -20,7 +20,7 @@ use livemig_core::destination::{
     DestinationEngine, DestinationHost, HostError, PostcopyTracking, RequiredSection,
 };
 use livemig_core::return_path::RpDecoder;
-use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
+use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
 use livemig_core::time::Instant;
@@ -33,6 +33,11 @@ use crate::{
 
 /// The id of the simulated vCPU's device-state record.
 pub const CPU_DEVICE_ID: &str = "cpu";
+
+/// The id of the simulated compatibility record (the CPU model), which
+/// the source writes at setup, before any RAM, and the destination
+/// refuses when it differs from its own.
+pub const MODEL_DEVICE_ID: &str = "cpu-model";
 
 /// The sections the simulated destination requires: a stream without the
 /// vCPU state is refused rather than started from reset.
@@ -96,6 +101,12 @@ pub struct Scenario {
     /// this plus the main link's latency (the last byte's trip) to the
     /// engine as its stop cost.
     pub stop_cost_ns: u64,
+    /// The source host's CPU model, sent as the setup-time
+    /// [`MODEL_DEVICE_ID`] record.
+    pub source_cpu_model: u32,
+    /// The destination host's CPU model: a source record naming another
+    /// one is refused, before any RAM moves.
+    pub destination_cpu_model: u32,
 }
 
 impl Scenario {
@@ -114,6 +125,8 @@ impl Scenario {
             start_postcopy_at_ns: None,
             watchdog_ns: 3_600 * 1_000_000_000,
             stop_cost_ns: 0,
+            source_cpu_model: 1,
+            destination_cpu_model: 1,
         }
     }
 }
@@ -181,6 +194,8 @@ pub struct Outcome {
     pub memory_identical: bool,
     /// The watchdog fired.
     pub timed_out: bool,
+    /// Why the source's migration ended, as its engine reported it.
+    pub end_reason: Option<EndReason>,
 }
 
 /// What happened in postcopy.
@@ -303,6 +318,8 @@ struct Host<'a> {
     /// The package's run command arrived: start the guest.
     run: bool,
     discarded: u64,
+    /// This host's CPU model (see [`Scenario::destination_cpu_model`]).
+    cpu_model: u32,
 }
 
 const RAM_WRITE: HostError = HostError {
@@ -364,6 +381,16 @@ impl DestinationHost for Host<'_> {
     }
 
     fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError> {
+        if device.id.as_str() == MODEL_DEVICE_ID && device.instance == 0 && device.version == 1 {
+            return if device.data == self.cpu_model.to_be_bytes() {
+                Ok(())
+            } else {
+                Err(HostError {
+                    what: "the source's CPU model differs from this host's",
+                    code: 0,
+                })
+            };
+        }
         if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 || device.version != 1 {
             return Err(HostError {
                 what: "unknown device",
@@ -652,6 +679,28 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     }
                     Ok(None)
                 }
+                SourceAction::SaveSetupDevices => {
+                    let id =
+                        BlockId::new(MODEL_DEVICE_ID).map_err(|e| setup_err("device id", e))?;
+                    let model = scenario.source_cpu_model.to_be_bytes();
+                    let mut header = [0u8; 64];
+                    let n = wire::encode_device_header(&mut header, id, 0, 1, model.len())
+                        .map_err(|e| setup_err("device header", e))?;
+                    page_buf.clear();
+                    page_buf.extend_from_slice(&header[..n]);
+                    page_buf.extend_from_slice(&model);
+                    match fwd.send(now, &page_buf) {
+                        Ok(done) => {
+                            src.handle_setup_devices_sent(
+                                Instant::from_nanos(done),
+                                page_buf.len() as u64,
+                            )
+                            .map_err(|e| setup_err("setup devices", e))?;
+                            Ok(Some(done))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
                 SourceAction::SaveDevices => {
                     let cpu = cpu_state(guest.workload.as_ref());
                     let id = BlockId::new(CPU_DEVICE_ID).map_err(|e| setup_err("device id", e))?;
@@ -736,6 +785,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 cpu: None,
                 run: false,
                 discarded: 0,
+                cpu_model: scenario.destination_cpu_model,
             };
             let _ = dst.handle_input(t, &buf[..n], &mut host);
             pc.discarded_pages += host.discarded;
@@ -782,12 +832,6 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             }
         }
         let _ = dst.handle_timeout(t);
-        if dst.state() == MigrationStatus::Failed && !back_closed {
-            // A VMM closes the connection when the incoming migration fails;
-            // a source that never opened the return path learns it this way.
-            back_closed = true;
-            back.close(now);
-        }
         if dst.is_completed() && dest_started_at.is_none() {
             dest_started_at = Some(now);
         }
@@ -795,6 +839,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         if n > 0 {
             progressed = true;
             let _ = back.send(now, &buf[..n]);
+        }
+        if dst.state() == MigrationStatus::Failed && !back_closed {
+            // A VMM closes the connection when the incoming migration fails,
+            // after writing its SHUT(1); a source that never opened the
+            // return path learns it this way.
+            back_closed = true;
+            back.close(now);
         }
         loop {
             let n = back.recv(now, &mut buf);
@@ -822,7 +873,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         if !src_saw_close && (back.is_eof(now) || back.is_reset(now)) {
             src_saw_close = true;
             progressed = true;
-            src.handle_io_error(t, format_args!("the destination closed the connection"));
+            src.handle_peer_closed(t, format_args!("the destination closed the connection"));
         }
         let dst_done = matches!(
             dst.state(),
@@ -936,6 +987,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     }
 
     Ok(Outcome {
+        end_reason: src.end_reason(),
         source: src.stats().clone(),
         destination: dst.stats().clone(),
         stop_digest,

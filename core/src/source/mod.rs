@@ -67,8 +67,11 @@
 //! stream is written and keeps its guest stopped (see
 //! `docs/architecture.md` for that window).
 
+mod convergence;
+mod end;
 mod postcopy;
 mod rate;
+mod scan;
 mod tracking;
 
 use core::fmt;
@@ -81,18 +84,29 @@ use crate::return_path::{RpMessage, SignalName};
 use crate::state::MigrationStatus;
 use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::time::Instant;
-use crate::wire::{self, BatchFlags, BlockInfo, BlockList, Command, PageEntry, PageKind, Record};
+use crate::wire::{self, BatchFlags, BlockInfo, BlockList, Command, Record};
 
+pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
 pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
+use convergence::{Convergence, Throttle};
+use end::Handshake;
+use postcopy::Postcopy;
 use rate::RateMeter;
+use scan::Scan;
 
 /// Most pages the source puts in one batch: 1 MiB of 4 KiB pages, enough to
 /// amortise a `writev` and a record header, small enough to keep a rate
 /// limit slice fine-grained.
 pub const BATCH_PAGES: usize = 256;
+
+/// The value of the ping that follows the setup-time device sections. The
+/// destination answers pings in stream order, after loading what came
+/// before: its PONG(1) says the sections loaded, a SHUT(1) instead that it
+/// refused them, and no page has been sent either way.
+pub const SETUP_CHECK_PING: u32 = 1;
 
 /// Smallest scratch buffer the engine accepts: room for the stream header,
 /// a few commands, a block list of typical size, and a batch header.
@@ -123,6 +137,14 @@ pub enum SourceAction<'e> {
         /// Pages whose data follows the header, in order.
         pages: &'e [u64],
     },
+    /// Right after the preamble, before any RAM: write the setup-time
+    /// device sections as `Device` records (the compatibility record: CPU
+    /// model, TSC frequency, vCPU count), then call
+    /// [`SourceEngine::handle_setup_devices_sent`]. With the return path
+    /// the engine then waits for the destination to accept them, so an
+    /// incompatible destination refuses before a page moves. A caller with
+    /// nothing to send confirms with zero bytes.
+    SaveSetupDevices,
     /// Fetch the dirty log of every block *without clearing it*, hand each to
     /// [`SourceEngine::handle_dirty_log`], then call
     /// [`SourceEngine::handle_sync_done`]. Keep each fetched log: clears
@@ -159,8 +181,9 @@ pub enum SourceAction<'e> {
     PackageDevices,
     /// The migration did not complete: restart the vCPUs on the source.
     ResumeVcpus,
-    /// The migration reached a final state; nothing more will be asked.
-    Finished(MigrationStatus),
+    /// The migration ended, for this reason ([`EndReason::status`] is its
+    /// final status); nothing more will be asked.
+    Finished(EndReason),
 }
 
 /// Errors in how the engine is set up or driven.
@@ -267,6 +290,14 @@ impl core::error::Error for SourceError {}
 enum Step {
     NotStarted,
     SendPreamble,
+    /// The next poll asks for the setup-time device sections.
+    SaveSetupDevices,
+    AwaitSetupDevices,
+    /// Setup-time sections went out with the return path open: the next
+    /// poll sends [`SETUP_CHECK_PING`].
+    SetupCheck,
+    /// Waiting for the destination's PONG to it (or its refusal).
+    AwaitSetupVerdict,
     Sync(SyncKind),
     AwaitSync(SyncKind),
     Iterate,
@@ -290,7 +321,7 @@ enum Step {
     /// LOADED arrived: the next poll hands out the COMMIT.
     Commit,
     AwaitShut,
-    Finish(MigrationStatus),
+    Finish(EndReason),
     Done,
 }
 
@@ -306,53 +337,6 @@ enum SyncKind {
     Postcopy,
 }
 
-/// The page batch being assembled.
-struct Batch {
-    block: usize,
-    entries: [PageEntry; BATCH_PAGES],
-    len: usize,
-    normal: [u64; BATCH_PAGES],
-    normal_len: usize,
-}
-
-impl Batch {
-    const EMPTY_ENTRY: PageEntry = PageEntry {
-        index: 0,
-        kind: PageKind::Zero,
-    };
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn is_full(&self) -> bool {
-        self.len == BATCH_PAGES
-    }
-
-    fn clear(&mut self) {
-        self.len = 0;
-        self.normal_len = 0;
-    }
-
-    fn push(&mut self, index: u64, zero: bool) {
-        let kind = if zero {
-            PageKind::Zero
-        } else {
-            PageKind::Normal
-        };
-        if let Some(slot) = self.entries.get_mut(self.len) {
-            *slot = PageEntry { index, kind };
-            self.len += 1;
-            if !zero {
-                if let Some(n) = self.normal.get_mut(self.normal_len) {
-                    *n = index;
-                    self.normal_len += 1;
-                }
-            }
-        }
-    }
-}
-
 /// The sans-IO source side of a migration. See the [module docs](self).
 pub struct SourceEngine<'a> {
     config: MigrationConfig,
@@ -361,69 +345,16 @@ pub struct SourceEngine<'a> {
     scratch: &'a mut [u8],
     state: MigrationStatus,
     step: Step,
-    cursor_block: usize,
-    cursor_page: u64,
-    batch: Batch,
-    /// Bytes of guest memory marked dirty and not yet sent.
-    remaining_bytes: u64,
-    vcpus_stopped: bool,
-    return_path: bool,
-    switchover_acked: bool,
-    throttle: u8,
-    /// A new throttle was decided and not yet handed out.
-    pending_throttle: bool,
-    /// The postcopy package (with its run command) has been handed out:
-    /// the guest runs on the destination.
-    guest_on_destination: bool,
-    /// The COMMIT has been handed out: the vCPUs are never resumed again.
-    committed: bool,
-    /// The destination confirmed the end (SHUT(0)): nothing can turn the
-    /// completion into a failure any more.
-    confirmed: bool,
-    /// The operator asked for postcopy (`migrate-start-postcopy`).
-    postcopy_requested: bool,
-    /// The guest is being stopped to switch to postcopy rather than to
-    /// complete precopy.
-    switching_to_postcopy: bool,
-    /// Page requests from the destination, served before anything else.
-    requests: heapless::Deque<postcopy::PageRequest, REQUEST_QUEUE>,
-    /// The block of the last REQ_PAGES_ID (REQ_PAGES reuses it).
-    last_request_block: Option<u16>,
-    /// True once a whole pass has gone by: every page was sent once.
-    first_pass_done: bool,
-    /// At a postcopy switch during the first pass: the (block, page) from
-    /// which nothing was ever sent, so nothing needs discarding.
-    never_sent_from: Option<(usize, u64)>,
-    high_dirty_rate_count: u8,
-    /// Bytes handed out that the peer has not taken yet, as last reported
-    /// by [`SourceEngine::handle_unsent`]: a stop waits for them too.
-    unsent_bytes: u64,
-    /// The fixed part of a stop (see [`SourceEngine::handle_stop_cost`]).
-    stop_cost: Duration,
-    /// Smallest pending (dirty + unsent) bytes seen at the end of a pass.
-    best_pending: u64,
-    /// Passes in a row that did not improve on `best_pending`.
-    stalled_iterations: u64,
-    /// `stats.iterations` when progress was last judged (mid-pass syncs
-    /// are not passes).
-    judged_iterations: u64,
-    /// When the dirty pages fit the limit and only the send queue does
-    /// not: send nothing more before this instant, giving the queue time
-    /// to drain (instead of spinning through empty passes).
-    drain_until: Option<Instant>,
+    scan: Scan,
+    convergence: Convergence,
+    throttle: Throttle,
     meter: RateMeter,
-    threshold_bytes: u64,
-    bandwidth_bytes_per_ms: f64,
+    postcopy: Postcopy,
+    end: Handshake,
+    vcpus_stopped: bool,
     started_at: Instant,
     now: Instant,
     stopped_at: Option<Instant>,
-    /// When the end of the stream was handed out (start of the wait for
-    /// the destination's confirmation).
-    end_sent_at: Instant,
-    last_sync_transferred: u64,
-    dirty_period_start: Instant,
-    dirty_period_pages: u64,
-    newly_dirty_this_sync: u64,
     stats: MigrationStats,
 }
 
@@ -482,48 +413,16 @@ impl<'a> SourceEngine<'a> {
             scratch,
             state: MigrationStatus::None,
             step: Step::NotStarted,
-            cursor_block: 0,
-            cursor_page: 0,
-            batch: Batch {
-                block: 0,
-                entries: [Batch::EMPTY_ENTRY; BATCH_PAGES],
-                len: 0,
-                normal: [0; BATCH_PAGES],
-                normal_len: 0,
-            },
-            remaining_bytes: total,
-            vcpus_stopped: false,
-            return_path,
-            switchover_acked: false,
-            throttle: 0,
-            pending_throttle: false,
-            guest_on_destination: false,
-            committed: false,
-            confirmed: false,
-            postcopy_requested: false,
-            switching_to_postcopy: false,
-            requests: heapless::Deque::new(),
-            last_request_block: None,
-            first_pass_done: false,
-            never_sent_from: None,
-            high_dirty_rate_count: 0,
-            unsent_bytes: 0,
-            stop_cost: Duration::ZERO,
-            best_pending: u64::MAX,
-            stalled_iterations: 0,
-            judged_iterations: 0,
-            drain_until: None,
+            scan: Scan::new(total),
+            convergence: Convergence::new(),
+            throttle: Throttle::new(),
             meter,
-            threshold_bytes: 0,
-            bandwidth_bytes_per_ms: 0.0,
+            postcopy: Postcopy::new(),
+            end: Handshake::new(return_path),
+            vcpus_stopped: false,
             started_at: Instant::ZERO,
             now: Instant::ZERO,
             stopped_at: None,
-            end_sent_at: Instant::ZERO,
-            last_sync_transferred: 0,
-            dirty_period_start: Instant::ZERO,
-            dirty_period_pages: 0,
-            newly_dirty_this_sync: 0,
             stats,
         })
     }
@@ -548,7 +447,7 @@ impl<'a> SourceEngine<'a> {
     /// bandwidth. The guest is stopped when the dirty bytes plus the
     /// unsent bytes are below it.
     pub fn threshold_bytes(&self) -> u64 {
-        self.threshold_bytes
+        self.convergence.threshold_bytes
     }
 
     /// Reports how many of the bytes handed out so far the peer has not
@@ -560,7 +459,7 @@ impl<'a> SourceEngine<'a> {
     /// queued bytes as still to send. A caller that writes straight to the
     /// wire never needs it.
     pub fn handle_unsent(&mut self, now: Instant, bytes: u64) {
-        self.unsent_bytes = bytes;
+        self.convergence.unsent_bytes = bytes;
         self.meter.set_unsent(bytes);
         self.advance_clock(now);
     }
@@ -573,7 +472,7 @@ impl<'a> SourceEngine<'a> {
     /// device-save time) and may update it at any time. A cost at or above
     /// the downtime limit means precopy cannot converge.
     pub fn handle_stop_cost(&mut self, cost: Duration) {
-        self.stop_cost = cost;
+        self.convergence.stop_cost = cost;
         self.update_threshold();
     }
 
@@ -589,7 +488,7 @@ impl<'a> SourceEngine<'a> {
         }
         self.started_at = now;
         self.now = now;
-        self.dirty_period_start = now;
+        self.convergence.dirty_period_start = now;
         self.meter.begin(now);
         self.set_state(MigrationStatus::Setup);
         self.step = Step::SendPreamble;
@@ -616,8 +515,8 @@ impl<'a> SourceEngine<'a> {
         if !self.vcpus_stopped {
             t.clear.mark_from_log(log);
         }
-        self.newly_dirty_this_sync += newly;
-        self.remaining_bytes = self.remaining_bytes.saturating_add(newly * page_size);
+        self.convergence.newly_dirty_this_sync += newly;
+        self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_add(newly * page_size);
         Ok(())
     }
 
@@ -657,12 +556,32 @@ impl<'a> SourceEngine<'a> {
                 self.meter.set_limit(switchover);
                 // The convergence check may have stopped the guest in the
                 // middle of a pass: the last pass starts from the beginning.
-                self.cursor_block = 0;
-                self.cursor_page = 0;
+                self.scan.rewind();
                 self.step = Step::Drain;
             }
         }
         self.refresh_stats();
+        Ok(())
+    }
+
+    /// The setup-time device sections have been written (`bytes` bytes,
+    /// headers included; zero when the caller has none), after
+    /// [`SourceAction::SaveSetupDevices`].
+    pub fn handle_setup_devices_sent(
+        &mut self,
+        now: Instant,
+        bytes: u64,
+    ) -> Result<(), SourceError> {
+        if self.step != Step::AwaitSetupDevices {
+            return Err(self.unexpected("setup-time device state sent"));
+        }
+        self.advance_clock(now);
+        self.count_sent(bytes, 0);
+        self.step = if bytes > 0 && self.end.return_path {
+            Step::SetupCheck
+        } else {
+            Step::Sync(SyncKind::Setup)
+        };
         Ok(())
     }
 
@@ -674,7 +593,7 @@ impl<'a> SourceEngine<'a> {
         self.advance_clock(now);
         self.vcpus_stopped = true;
         self.stopped_at = Some(now);
-        if self.switching_to_postcopy {
+        if self.postcopy.switching {
             self.set_state(MigrationStatus::PostcopyActive);
             self.step = Step::Sync(SyncKind::Postcopy);
         } else if self
@@ -730,55 +649,96 @@ impl<'a> SourceEngine<'a> {
             RpMessage::Shut { error: false }
                 if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded) =>
             {
-                self.confirmed = true;
-                self.finish(MigrationStatus::Completed);
+                self.end.confirmed = true;
+                self.step = Step::Finish(EndReason::Completed);
             }
             RpMessage::Loaded if self.step == Step::AwaitLoaded => self.step = Step::Commit,
             RpMessage::Loaded => {
-                self.fail(format_args!(
-                    "the destination reported the stream loaded before its end was sent"
-                ));
+                self.fail(
+                    EndReason::Protocol(Violation::LoadedBeforeEnd),
+                    format_args!(
+                        "the destination reported the stream loaded before its end was sent"
+                    ),
+                );
             }
-            RpMessage::Shut { error } => {
-                let why = if *error {
-                    "the destination failed to load the stream"
+            RpMessage::Shut { error: true } => {
+                let when = if self.step == Step::AwaitSetupVerdict {
+                    " (it refused the setup-time device state: incompatible hosts, \
+                     refused before any RAM was sent)"
                 } else {
-                    "the destination closed the return path before the end of the stream"
+                    ""
                 };
-                self.fail(format_args!("{why}"));
+                self.fail(
+                    EndReason::DestinationFailed,
+                    format_args!("the destination failed to load the stream{when}"),
+                );
+            }
+            RpMessage::Shut { error: false } => {
+                self.fail(
+                    EndReason::PeerClosed,
+                    format_args!(
+                        "the destination closed the return path before the end of the stream"
+                    ),
+                );
             }
             RpMessage::Interrupted { signal } => {
                 // A destination sends it only while its guest has not run
                 // (it refuses the signal after the postcopy run command):
                 // even after the switchover, the guest is still ours, and
                 // resuming it here leaves no moment without a runnable one.
-                self.guest_on_destination = false;
-                self.fail(format_args!(
-                    "the destination was interrupted ({}) and stopped loading the stream; \
-                     the guest keeps running on the source",
-                    SignalName(*signal)
-                ));
+                self.postcopy.guest_on_destination = false;
+                self.fail(
+                    EndReason::DestinationInterrupted { signal: *signal },
+                    format_args!(
+                        "the destination was interrupted ({}) and stopped loading the stream; \
+                         the guest keeps running on the source",
+                        SignalName(*signal)
+                    ),
+                );
+            }
+            RpMessage::Pong(SETUP_CHECK_PING) if self.step == Step::AwaitSetupVerdict => {
+                self.step = Step::Sync(SyncKind::Setup);
             }
             RpMessage::Pong(_) => {}
-            RpMessage::SwitchoverAck => self.switchover_acked = true,
+            RpMessage::SwitchoverAck => self.end.switchover_acked = true,
             RpMessage::ReqPagesId { block, start, len } => {
                 self.handle_page_request(Some(block), *start, *len);
             }
             RpMessage::ReqPages { start, len } => self.handle_page_request(None, *start, *len),
             RpMessage::RecvBitmap { .. } | RpMessage::ResumeAck => {
-                self.fail(format_args!(
-                    "the destination sent a recovery message but no recovery is in progress"
-                ));
+                self.fail(
+                    EndReason::Protocol(Violation::UnexpectedRecovery),
+                    format_args!(
+                        "the destination sent a recovery message but no recovery is in progress"
+                    ),
+                );
             }
         }
         Ok(())
     }
 
-    /// The main stream or the return path failed; `reason` becomes the
-    /// error description. The guest keeps running on the source.
+    /// Something local failed (a write to the main stream, a dirty-log
+    /// ioctl, the vCPUs, the device state): the migration ends with
+    /// [`EndReason::LocalFailure`], and `reason` becomes the error
+    /// description. The guest keeps running on the source (unless it has
+    /// been handed over).
     pub fn handle_io_error(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
         self.advance_clock(now);
-        self.fail(reason);
+        self.fail(EndReason::LocalFailure, reason);
+    }
+
+    /// The destination closed the connection (the return path reached its
+    /// end) before the migration ended: [`EndReason::PeerClosed`], with
+    /// `reason` as the error description.
+    pub fn handle_peer_closed(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
+        self.advance_clock(now);
+        self.fail(EndReason::PeerClosed, reason);
+    }
+
+    /// How the migration ended, once [`SourceAction::Finished`] has been
+    /// handed out.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.end.reason
     }
 
     /// Cancels the migration (QMP's `migrate_cancel`). Does nothing once
@@ -787,17 +747,18 @@ impl<'a> SourceEngine<'a> {
     /// there is nothing to go back to (QEMU refuses it too).
     pub fn cancel(&mut self, now: Instant) -> Result<(), SourceError> {
         self.advance_clock(now);
-        if self.guest_on_destination && !matches!(self.step, Step::Finish(_) | Step::Done) {
+        if self.postcopy.guest_on_destination && !matches!(self.step, Step::Finish(_) | Step::Done)
+        {
             return Err(SourceError::PostcopyCannotBeCancelled);
         }
-        if self.committed && !matches!(self.step, Step::Done) {
+        if self.end.committed && !matches!(self.step, Step::Done) {
             return Err(SourceError::AlreadyCommitted);
         }
         if self.state.is_running() && !matches!(self.step, Step::Finish(_) | Step::Done) {
             self.set_state(MigrationStatus::Cancelling);
-            self.batch.clear();
-            self.requests.clear();
-            self.step = Step::Finish(MigrationStatus::Cancelled);
+            self.scan.batch.clear();
+            self.postcopy.requests.clear();
+            self.step = Step::Finish(EndReason::Cancelled);
         }
         Ok(())
     }
@@ -805,13 +766,13 @@ impl<'a> SourceEngine<'a> {
     /// True once the postcopy switchover has handed the guest to the
     /// destination: from then on the source must never restart it.
     pub fn guest_on_destination(&self) -> bool {
-        self.guest_on_destination
+        self.postcopy.guest_on_destination
     }
 
     /// True once the COMMIT of a precopy has been handed out: from then on
     /// the source never resumes its vCPUs, and a cancel is refused.
     pub fn is_committed(&self) -> bool {
-        self.committed
+        self.end.committed
     }
 
     /// When the engine next wants to be polled even if nothing else
@@ -824,12 +785,15 @@ impl<'a> SourceEngine<'a> {
             }
             _ => None,
         };
-        if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded) {
+        if self.awaits_destination() {
             return Some(self.confirm_deadline());
         }
         let sending = matches!(self.step, Step::Iterate | Step::Drain | Step::Postcopy);
         let slice = (sending && self.meter.exhausted()).then(|| self.meter.next_send());
-        let drain = self.drain_until.filter(|_| self.step == Step::Iterate);
+        let drain = self
+            .convergence
+            .drain_until
+            .filter(|_| self.step == Step::Iterate);
         let slice = match (slice, drain) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -844,37 +808,56 @@ impl<'a> SourceEngine<'a> {
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
         if self.step == Step::Iterate && self.time_limit_exceeded() {
-            self.fail_not_converged(format_args!("time limit"));
+            self.fail_not_converged(ConvergenceLimit::Time);
         }
-        if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded)
-            && self.now >= self.confirm_deadline()
-        {
+        if self.awaits_destination() && self.now >= self.confirm_deadline() {
             let ms = self.config.limits.confirm_timeout_ms;
-            let what = match self.step {
-                Step::AwaitLoaded => "report the stream loaded",
-                _ if self.committed => "confirm the commit",
-                _ => "confirm the end of the stream",
+            let wait = match self.step {
+                Step::AwaitSetupVerdict => Wait::SetupVerdict,
+                Step::AwaitLoaded => Wait::Loaded,
+                _ if self.end.committed => Wait::CommitConfirmation,
+                _ => Wait::EndConfirmation,
             };
-            self.fail(format_args!(
-                "the destination did not {what} within {ms} ms"
-            ));
+            self.fail(
+                EndReason::Timeout(wait),
+                format_args!("the destination did not {wait} within {ms} ms"),
+            );
         }
         match self.step {
             Step::NotStarted
             | Step::AwaitSync(_)
             | Step::AwaitStopped
             | Step::AwaitContinue
+            | Step::AwaitSetupDevices
+            | Step::AwaitSetupVerdict
             | Step::AwaitDevices
             | Step::AwaitShut
             | Step::AwaitLoaded
             | Step::AwaitPackage
             | Step::AwaitPackageSent
             | Step::Done => None,
-            Step::SendPreamble => {
-                self.step = Step::Sync(SyncKind::Setup);
-                let len = self.encode_preamble();
-                self.count_sent(len as u64, 0);
-                Some(SourceAction::Send(&self.scratch[..len]))
+            Step::SendPreamble => match self.encode_preamble() {
+                Ok(len) => {
+                    self.step = Step::SaveSetupDevices;
+                    self.count_sent(len as u64, 0);
+                    Some(SourceAction::Send(&self.scratch[..len]))
+                }
+                Err(e) => Some(self.encode_failed(e)),
+            },
+            Step::SaveSetupDevices => {
+                self.step = Step::AwaitSetupDevices;
+                Some(SourceAction::SaveSetupDevices)
+            }
+            Step::SetupCheck => {
+                match Record::Command(Command::Ping(SETUP_CHECK_PING)).encode(self.scratch) {
+                    Ok(len) => {
+                        self.count_sent(len as u64, 0);
+                        self.end.sent_at = self.now;
+                        self.step = Step::AwaitSetupVerdict;
+                        Some(SourceAction::Send(&self.scratch[..len]))
+                    }
+                    Err(e) => Some(self.encode_failed(e)),
+                }
             }
             Step::Sync(kind) => Some(self.begin_sync(kind)),
             Step::Iterate => self.next_pages(ram, true),
@@ -894,12 +877,15 @@ impl<'a> SourceEngine<'a> {
                 Some(SourceAction::SaveDevices)
             }
             Step::EndOfStream => {
-                let len = Record::EndOfStream.encode(self.scratch).unwrap_or(0);
+                let len = match Record::EndOfStream.encode(self.scratch) {
+                    Ok(len) => len,
+                    Err(e) => return Some(self.encode_failed(e)),
+                };
                 self.count_sent(len as u64, 0);
-                self.end_sent_at = self.now;
-                self.step = if !self.return_path {
-                    Step::Finish(MigrationStatus::Completed)
-                } else if self.guest_on_destination {
+                self.end.sent_at = self.now;
+                self.step = if !self.end.return_path {
+                    Step::Finish(EndReason::Completed)
+                } else if self.postcopy.guest_on_destination {
                     // Postcopy: the guest already runs there.
                     Step::AwaitShut
                 } else {
@@ -908,26 +894,51 @@ impl<'a> SourceEngine<'a> {
                 Some(SourceAction::Send(&self.scratch[..len]))
             }
             Step::Commit => {
+                let len = match Record::Command(Command::Commit).encode(self.scratch) {
+                    Ok(len) => len,
+                    Err(e) => return Some(self.encode_failed(e)),
+                };
                 // Irrevocable from here on, even if the write fails.
-                self.committed = true;
-                let len = Record::Command(Command::Commit)
-                    .encode(self.scratch)
-                    .unwrap_or(0);
+                self.end.committed = true;
                 self.count_sent(len as u64, 0);
                 // The confirm timeout runs again, for the confirmation.
-                self.end_sent_at = self.now;
+                self.end.sent_at = self.now;
                 self.step = Step::AwaitShut;
                 Some(SourceAction::Send(&self.scratch[..len]))
             }
-            Step::Finish(status) => Some(self.finish_step(status)),
+            Step::Finish(reason) => Some(self.finish_step(reason)),
         }
     }
 
     // ---- internals ------------------------------------------------------
 
+    /// True while the engine waits for an answer from the destination that
+    /// the confirm timeout bounds.
+    fn awaits_destination(&self) -> bool {
+        matches!(
+            self.step,
+            Step::AwaitSetupVerdict | Step::AwaitShut | Step::AwaitLoaded
+        )
+    }
+
+    /// A record did not encode into the scratch buffer: nothing of it was
+    /// handed out, and the stream cannot go on without it. Ends the
+    /// migration and returns the first action of its end.
+    fn encode_failed(&mut self, e: wire::EncodeError) -> SourceAction<'static> {
+        self.fail(
+            EndReason::Encode(e),
+            format_args!("a record could not be encoded: {e}"),
+        );
+        let reason = match self.step {
+            Step::Finish(reason) => reason,
+            _ => EndReason::Encode(e),
+        };
+        self.finish_step(reason)
+    }
+
     fn begin_sync(&mut self, kind: SyncKind) -> SourceAction<'static> {
         self.step = Step::AwaitSync(kind);
-        self.newly_dirty_this_sync = 0;
+        self.convergence.newly_dirty_this_sync = 0;
         SourceAction::SyncDirtyLog
     }
 
@@ -953,7 +964,7 @@ impl<'a> SourceEngine<'a> {
             self.now = now;
         }
         if let Some(slice) = self.meter.tick(self.now) {
-            self.bandwidth_bytes_per_ms = slice.bytes_per_ms;
+            self.convergence.bandwidth_bytes_per_ms = slice.bytes_per_ms;
             self.stats.ram.mbps = slice.mbps;
             self.stats.ram.pages_per_second = slice.pages_per_second;
             self.update_threshold();
@@ -977,31 +988,33 @@ impl<'a> SourceEngine<'a> {
         if avail > 0 {
             avail as f64 / 1000.0
         } else {
-            self.bandwidth_bytes_per_ms
+            self.convergence.bandwidth_bytes_per_ms
         }
     }
 
     fn update_threshold(&mut self) {
         let limit_ms = self.config.parameters.downtime_limit_ms as f64;
-        let budget_ms = (limit_ms - self.stop_cost.as_secs_f64() * 1e3).max(0.0);
-        self.threshold_bytes = (self.switchover_bytes_per_ms() * budget_ms) as u64;
+        let budget_ms = (limit_ms - self.convergence.stop_cost.as_secs_f64() * 1e3).max(0.0);
+        self.convergence.threshold_bytes = (self.switchover_bytes_per_ms() * budget_ms) as u64;
     }
 
     /// Bytes a stop now would still have to send: the dirty pages and
     /// what is queued in the caller's send buffers.
     fn pending_bytes(&self) -> u64 {
-        self.remaining_bytes.saturating_add(self.unsent_bytes)
+        self.scan
+            .remaining_bytes
+            .saturating_add(self.convergence.unsent_bytes)
     }
 
     /// Whether a stop now is expected to fit the downtime limit.
     fn fits_downtime(&self) -> bool {
         let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
-        self.stop_cost <= limit && self.below_threshold(self.pending_bytes())
+        self.convergence.stop_cost <= limit && self.below_threshold(self.pending_bytes())
     }
 
     /// Whether `bytes` still to send fit the switchover threshold.
     fn below_threshold(&self, bytes: u64) -> bool {
-        bytes == 0 || bytes < self.threshold_bytes
+        bytes == 0 || bytes < self.convergence.threshold_bytes
     }
 
     /// The stop a switchover now would take: the fixed cost plus the
@@ -1017,29 +1030,29 @@ impl<'a> SourceEngine<'a> {
         } else {
             return None;
         };
-        Some((self.stop_cost.as_secs_f64() * 1e3 + transfer_ms) as u64)
+        Some((self.convergence.stop_cost.as_secs_f64() * 1e3 + transfer_ms) as u64)
     }
 
     /// Judges the pass that just ended: did it shrink the pending bytes
     /// (by at least a sixteenth of the best so far), or raise the
     /// throttle? Returns true once too many passes in a row did neither.
     fn stalled(&mut self) -> bool {
-        if self.stats.iterations == self.judged_iterations {
+        if self.stats.iterations == self.convergence.judged_iterations {
             return false;
         }
-        self.judged_iterations = self.stats.iterations;
+        self.convergence.judged_iterations = self.stats.iterations;
         let pending = self.pending_bytes();
-        let best = self.best_pending;
-        if best == u64::MAX || pending < best - best / 16 || self.pending_throttle {
-            self.best_pending = self.best_pending.min(pending);
-            self.stalled_iterations = 0;
+        let best = self.convergence.best_pending;
+        if best == u64::MAX || pending < best - best / 16 || self.throttle.pending {
+            self.convergence.best_pending = self.convergence.best_pending.min(pending);
+            self.convergence.stalled_iterations = 0;
         } else {
-            self.stalled_iterations += 1;
+            self.convergence.stalled_iterations += 1;
         }
         self.config
             .limits
             .max_stalled_iterations
-            .is_some_and(|max| self.stalled_iterations >= max)
+            .is_some_and(|max| self.convergence.stalled_iterations >= max)
     }
 
     fn count_sent(&mut self, bytes: u64, pages: u64) {
@@ -1048,17 +1061,17 @@ impl<'a> SourceEngine<'a> {
     }
 
     fn refresh_stats(&mut self) {
-        self.stats.ram.remaining = self.remaining_bytes;
+        self.stats.ram.remaining = self.scan.remaining_bytes;
     }
 
     fn account_dirty_rate(&mut self, now: Instant) {
-        self.dirty_period_pages += self.newly_dirty_this_sync;
-        let elapsed = now - self.dirty_period_start;
+        self.convergence.dirty_period_pages += self.convergence.newly_dirty_this_sync;
+        let elapsed = now - self.convergence.dirty_period_start;
         if elapsed >= Duration::from_millis(100) {
-            self.stats.ram.dirty_pages_rate =
-                (self.dirty_period_pages as f64 * 1e9 / elapsed.as_nanos() as f64) as u64;
-            self.dirty_period_start = now;
-            self.dirty_period_pages = 0;
+            self.stats.ram.dirty_pages_rate = (self.convergence.dirty_period_pages as f64 * 1e9
+                / elapsed.as_nanos() as f64) as u64;
+            self.convergence.dirty_period_start = now;
+            self.convergence.dirty_period_pages = 0;
         }
     }
 
@@ -1067,10 +1080,13 @@ impl<'a> SourceEngine<'a> {
     /// it harder.
     fn auto_converge(&mut self) {
         let transferred = self.stats.ram.transferred;
-        let sent_period = transferred - self.last_sync_transferred;
+        let sent_period = transferred - self.throttle.last_sync_transferred;
         let page_size = self.stats.ram.page_size.max(1);
-        let dirtied_period = self.newly_dirty_this_sync.saturating_mul(page_size);
-        self.last_sync_transferred = transferred;
+        let dirtied_period = self
+            .convergence
+            .newly_dirty_this_sync
+            .saturating_mul(page_size);
+        self.throttle.last_sync_transferred = transferred;
         if !self
             .config
             .capabilities
@@ -1079,30 +1095,31 @@ impl<'a> SourceEngine<'a> {
             return;
         }
         if dirtied_period > sent_period / 2 {
-            self.high_dirty_rate_count += 1;
-            if self.high_dirty_rate_count >= 2 {
-                self.high_dirty_rate_count = 0;
+            self.throttle.high_dirty_rate_count += 1;
+            if self.throttle.high_dirty_rate_count >= 2 {
+                self.throttle.high_dirty_rate_count = 0;
                 let p = &self.config.parameters;
-                self.throttle = if self.throttle == 0 {
+                self.throttle.percent = if self.throttle.percent == 0 {
                     p.cpu_throttle_initial
                 } else {
                     self.throttle
+                        .percent
                         .saturating_add(p.cpu_throttle_increment)
                         .min(p.max_cpu_throttle)
                 };
-                self.pending_throttle = true;
+                self.throttle.pending = true;
             }
         }
     }
 
     /// After an iteration sync: complete, give up, or go on.
     fn decide(&mut self) {
-        if self.bandwidth_bytes_per_ms == 0.0 {
+        if self.convergence.bandwidth_bytes_per_ms == 0.0 {
             // No slice has closed yet: a fast first pass would otherwise
             // see a zero threshold and keep resending a working set that
             // already fits the downtime limit.
             if let Some(estimate) = self.meter.partial_bytes_per_ms(self.now) {
-                self.bandwidth_bytes_per_ms = estimate;
+                self.convergence.bandwidth_bytes_per_ms = estimate;
                 self.update_threshold();
             }
         }
@@ -1113,7 +1130,7 @@ impl<'a> SourceEngine<'a> {
         // Passes that only wait for the destination's switchover-ack are
         // not judged: the data already fits.
         let stalled = !converged && self.stalled();
-        let acked = self.switchover_acked
+        let acked = self.end.switchover_acked
             || !self
                 .config
                 .capabilities
@@ -1121,18 +1138,18 @@ impl<'a> SourceEngine<'a> {
         if converged && acked {
             self.step = Step::StopVcpus;
         } else if self.wants_postcopy() {
-            self.switching_to_postcopy = true;
+            self.postcopy.switching = true;
             self.step = Step::StopVcpus;
         } else if stalled {
-            let n = self.stalled_iterations;
-            self.fail_not_converged(format_args!("no progress in {n}"));
+            let passes = self.convergence.stalled_iterations;
+            self.fail_not_converged(ConvergenceLimit::Stalled { passes });
         } else if self.iteration_limit_exceeded() {
-            self.fail_not_converged(format_args!("iteration limit"));
+            self.fail_not_converged(ConvergenceLimit::Iterations);
         } else if self.time_limit_exceeded() {
-            self.fail_not_converged(format_args!("time limit"));
+            self.fail_not_converged(ConvergenceLimit::Time);
         } else {
             self.step = Step::Iterate;
-            self.drain_until = self.drain_deadline();
+            self.convergence.drain_until = self.drain_deadline();
         }
     }
 
@@ -1144,15 +1161,18 @@ impl<'a> SourceEngine<'a> {
     /// spin.
     fn drain_deadline(&self) -> Option<Instant> {
         let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
-        if self.unsent_bytes == 0
-            || !self.below_threshold(self.remaining_bytes)
-            || self.stop_cost > limit
+        if self.convergence.unsent_bytes == 0
+            || !self.below_threshold(self.scan.remaining_bytes)
+            || self.convergence.stop_cost > limit
         {
             return None;
         }
-        let bytes_per_ms = self.bandwidth_bytes_per_ms;
+        let bytes_per_ms = self.convergence.bandwidth_bytes_per_ms;
         let wait = if bytes_per_ms > 0.0 {
-            let excess = self.pending_bytes().saturating_sub(self.threshold_bytes) + 1;
+            let excess = self
+                .pending_bytes()
+                .saturating_sub(self.convergence.threshold_bytes)
+                + 1;
             let ms = (excess as f64 / bytes_per_ms).min(SLICE.as_secs_f64() * 1e3);
             Duration::from_nanos((ms * 1e6) as u64)
         } else {
@@ -1162,7 +1182,7 @@ impl<'a> SourceEngine<'a> {
     }
 
     fn confirm_deadline(&self) -> Instant {
-        self.end_sent_at + Duration::from_millis(self.config.limits.confirm_timeout_ms)
+        self.end.sent_at + Duration::from_millis(self.config.limits.confirm_timeout_ms)
     }
 
     fn iteration_limit_exceeded(&self) -> bool {
@@ -1181,7 +1201,7 @@ impl<'a> SourceEngine<'a> {
 
     /// Gives up on precopy (`why`: which limit ended it); the message
     /// says what a stop would have cost against the limit.
-    fn fail_not_converged(&mut self, why: fmt::Arguments<'_>) {
+    fn fail_not_converged(&mut self, why: ConvergenceLimit) {
         struct Estimate(Option<u64>);
         impl fmt::Display for Estimate {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1195,33 +1215,37 @@ impl<'a> SourceEngine<'a> {
         let mib = self.pending_bytes() as f64 / (1u64 << 20) as f64;
         let iterations = self.stats.iterations;
         let ms = (self.now - self.started_at).as_millis();
-        let cost = self.stop_cost.as_millis();
+        let cost = self.convergence.stop_cost.as_millis();
         let limit = self.config.parameters.downtime_limit_ms;
-        self.fail(format_args!(
-            "precopy did not converge after {iterations} iterations in {ms} ms ({why}): \
-             a stop would take {estimate} ({mib:.1} MiB to send, {cost} ms fixed cost), \
-             over the {limit} ms downtime-limit; try a higher downtime-limit or \
-             max-bandwidth, auto-converge, or postcopy"
-        ));
+        self.fail(
+            EndReason::NotConverged(why),
+            format_args!(
+                "precopy did not converge after {iterations} iterations in {ms} ms ({why}): \
+                 a stop would take {estimate} ({mib:.1} MiB to send, {cost} ms fixed cost), \
+                 over the {limit} ms downtime-limit; try a higher downtime-limit or \
+                 max-bandwidth, auto-converge, or postcopy"
+            ),
+        );
     }
 
-    fn fail(&mut self, reason: fmt::Arguments<'_>) {
+    /// Ends the migration with `why`, described by `reason`.
+    fn fail(&mut self, why: EndReason, reason: fmt::Arguments<'_>) {
         // A migration that is already ending keeps its first outcome and
         // reason; only a completion whose last write has not been confirmed
         // can still turn into a failure.
         match self.step {
             Step::Done => return,
-            Step::Finish(status) if status != MigrationStatus::Completed || self.confirmed => {
+            Step::Finish(end) if end != EndReason::Completed || self.end.confirmed => {
                 return;
             }
             _ => {}
         }
-        if self.guest_on_destination {
+        if self.postcopy.guest_on_destination {
             self.stats.error_desc.set(format_args!(
                 "postcopy failed after the switchover ({reason}); the guest stays stopped \
                  on the source, whose memory is no longer current"
             ));
-        } else if self.committed {
+        } else if self.end.committed {
             self.stats.error_desc.set(format_args!(
                 "no confirmation after the commit ({reason}); the guest stays paused here"
             ));
@@ -1230,33 +1254,30 @@ impl<'a> SourceEngine<'a> {
             self.stats.error_desc.set(reason);
         }
         self.set_state(MigrationStatus::Failed);
-        self.batch.clear();
-        self.requests.clear();
-        self.step = Step::Finish(MigrationStatus::Failed);
-    }
-
-    fn finish(&mut self, status: MigrationStatus) {
-        self.step = Step::Finish(status);
+        self.scan.batch.clear();
+        self.postcopy.requests.clear();
+        self.step = Step::Finish(why);
     }
 
     /// Undoes what the migration did to the guest before reporting the end:
     /// vCPUs resumed unless the guest now lives on the destination, the
     /// throttle lifted.
-    fn finish_step(&mut self, status: MigrationStatus) -> SourceAction<'static> {
+    fn finish_step(&mut self, reason: EndReason) -> SourceAction<'static> {
+        let status = reason.status();
         // A failed postcopy leaves the guest stopped here: it has been
         // running on the destination, and restarting the stale copy would
         // run the guest twice.
         // After the commit the destination may run it: the same.
         if self.vcpus_stopped
             && status != MigrationStatus::Completed
-            && !self.guest_on_destination
-            && !self.committed
+            && !self.postcopy.guest_on_destination
+            && !self.end.committed
         {
             self.vcpus_stopped = false;
             return SourceAction::ResumeVcpus;
         }
-        if self.throttle > 0 {
-            self.throttle = 0;
+        if self.throttle.percent > 0 {
+            self.throttle.percent = 0;
             return SourceAction::SetThrottle { percent: 0 };
         }
         if status == MigrationStatus::Completed {
@@ -1277,17 +1298,16 @@ impl<'a> SourceEngine<'a> {
         self.set_state(status);
         self.refresh_stats();
         self.step = Step::Done;
-        SourceAction::Finished(self.state)
+        self.end.reason = Some(reason);
+        SourceAction::Finished(reason)
     }
 
     /// Encodes the stream header, the return-path command and the block
     /// list into scratch.
-    fn encode_preamble(&mut self) -> usize {
-        let mut len = wire::encode_stream_header(self.scratch).unwrap_or(0);
-        if self.return_path {
-            len += Record::Command(Command::OpenReturnPath)
-                .encode(&mut self.scratch[len..])
-                .unwrap_or(0);
+    fn encode_preamble(&mut self) -> Result<usize, wire::EncodeError> {
+        let mut len = wire::encode_stream_header(self.scratch)?;
+        if self.end.return_path {
+            len += Record::Command(Command::OpenReturnPath).encode(&mut self.scratch[len..])?;
         }
         if self
             .config
@@ -1296,99 +1316,95 @@ impl<'a> SourceEngine<'a> {
         {
             // Advised up front, so that a destination that cannot do
             // postcopy fails before anything is transferred.
-            len += Record::Command(self.postcopy_advise())
-                .encode(&mut self.scratch[len..])
-                .unwrap_or(0);
+            len += Record::Command(self.postcopy_advise()).encode(&mut self.scratch[len..])?;
         }
         len += Record::RamBlocks(BlockList::from_slice(self.layout))
-            .encode(&mut self.scratch[len..])
-            .unwrap_or(0);
-        len
+            .encode(&mut self.scratch[len..])?;
+        Ok(len)
     }
 
     /// Scans for dirty pages and returns the next clear or batch.
     /// `live`: the guest runs (precopy iterations) rather than being
     /// stopped for the last pass.
     fn next_pages(&mut self, ram: &impl PageReader, live: bool) -> Option<SourceAction<'_>> {
-        if self.pending_throttle {
-            self.pending_throttle = false;
+        if self.throttle.pending {
+            self.throttle.pending = false;
             return Some(SourceAction::SetThrottle {
-                percent: self.throttle,
+                percent: self.throttle.percent,
             });
         }
-        if self.batch.is_empty() && self.meter.exhausted() {
+        if self.scan.batch.is_empty() && self.meter.exhausted() {
             return None;
         }
-        if live && self.batch.is_empty() {
-            if let Some(until) = self.drain_until {
+        if live && self.scan.batch.is_empty() {
+            if let Some(until) = self.convergence.drain_until {
                 if self.now < until {
                     return None;
                 }
-                self.drain_until = None;
+                self.convergence.drain_until = None;
             }
             // The seeds check convergence before every step, not only at the
             // end of a pass: a sync is cheap and an early switchover saves a
             // whole pass.
-            if self.fits_downtime() && self.remaining_bytes > 0 {
+            if self.fits_downtime() && self.scan.remaining_bytes > 0 {
                 return Some(self.begin_sync(SyncKind::Iteration));
             }
-            if self.postcopy_requested {
+            if self.postcopy.requested {
                 // Still more than the threshold to send: switch now rather
                 // than at the end of the pass (the seeds' check runs before
                 // every iteration step too).
-                self.switching_to_postcopy = true;
+                self.postcopy.switching = true;
                 self.step = Step::AwaitStopped;
                 return Some(SourceAction::StopVcpus);
             }
         }
         loop {
-            let Some(t) = self.tracking.get_mut(self.cursor_block) else {
+            let Some(t) = self.tracking.get_mut(self.scan.block) else {
                 // End of a pass over all blocks.
                 return Some(self.end_of_pass(live));
             };
-            if !self.batch.is_empty() && self.batch.block != self.cursor_block {
+            if !self.scan.batch.is_empty() && self.scan.batch.block != self.scan.block {
                 return Some(self.emit_batch(BatchFlags::empty()));
             }
-            let Some(page) = t.dirty.find_next_set(self.cursor_page) else {
-                self.cursor_block += 1;
-                self.cursor_page = 0;
+            let Some(page) = t.dirty.find_next_set(self.scan.page) else {
+                self.scan.block += 1;
+                self.scan.page = 0;
                 continue;
             };
             if !self.vcpus_stopped {
                 if let Some(range) = t.clear.take(page) {
-                    self.cursor_page = page;
+                    self.scan.page = page;
                     self.stats.dirty_log_clears += 1;
                     return Some(SourceAction::ClearDirtyLog {
-                        block: self.cursor_block as u16,
+                        block: self.scan.block as u16,
                         range,
                     });
                 }
             }
             t.dirty.test_and_clear(page);
             let page_size = 1u64 << t.page_shift;
-            self.remaining_bytes = self.remaining_bytes.saturating_sub(page_size);
+            self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
             let zero = self
                 .config
                 .capabilities
                 .contains(Capabilities::ZERO_PAGE_DETECTION)
-                && ram.is_zero_page(self.cursor_block as u16, page);
-            self.batch.block = self.cursor_block;
-            self.batch.push(page, zero);
-            self.cursor_page = page + 1;
-            if self.batch.is_full() {
+                && ram.is_zero_page(self.scan.block as u16, page);
+            self.scan.batch.block = self.scan.block;
+            self.scan.batch.push(page, zero);
+            self.scan.page = page + 1;
+            if self.scan.batch.is_full() {
                 return Some(self.emit_batch(BatchFlags::empty()));
             }
         }
     }
 
     fn end_of_pass(&mut self, live: bool) -> SourceAction<'_> {
-        if !self.batch.is_empty() {
+        if !self.scan.batch.is_empty() {
             return self.emit_batch(BatchFlags::empty());
         }
-        self.cursor_block = 0;
-        self.cursor_page = 0;
+        self.scan.rewind();
         self.stats.iterations += 1;
-        self.first_pass_done = true;
+        self.scan.first_pass_done = true;
         self.step = if live {
             Step::Sync(SyncKind::Iteration)
         } else if self.state == MigrationStatus::PostcopyActive {
@@ -1402,26 +1418,29 @@ impl<'a> SourceEngine<'a> {
     }
 
     fn emit_batch(&mut self, flags: BatchFlags) -> SourceAction<'_> {
-        let block = self.batch.block;
+        let block = self.scan.batch.block;
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
-        let entries = &self.batch.entries[..self.batch.len];
+        let entries = &self.scan.batch.entries[..self.scan.batch.len];
         let header_len =
-            wire::encode_page_batch_header(self.scratch, block as u16, shift, flags, entries)
-                .unwrap_or(0);
-        let normal = self.batch.normal_len as u64;
-        let zero = self.batch.len as u64 - normal;
+            match wire::encode_page_batch_header(self.scratch, block as u16, shift, flags, entries)
+            {
+                Ok(len) => len,
+                Err(e) => return self.encode_failed(e),
+            };
+        let normal = self.scan.batch.normal_len as u64;
+        let zero = self.scan.batch.len as u64 - normal;
         let data = normal << shift;
         self.stats.ram.normal += normal;
         self.stats.ram.duplicate += zero;
         self.stats.ram.normal_bytes += data;
-        self.count_sent(header_len as u64 + data, self.batch.len as u64);
+        self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
         self.refresh_stats();
-        let pages_len = self.batch.normal_len;
-        self.batch.clear();
+        let pages_len = self.scan.batch.normal_len;
+        self.scan.batch.clear();
         SourceAction::SendPages {
             header: &self.scratch[..header_len],
             block: block as u16,
-            pages: &self.batch.normal[..pages_len],
+            pages: &self.scan.batch.normal[..pages_len],
         }
     }
 }

@@ -3,7 +3,7 @@
 //! destination served ahead of the background pass, and the end of the
 //! stream once every page has gone.
 
-use super::{PageReader, SourceAction, SourceEngine, Step};
+use super::{EndReason, PageReader, SourceAction, SourceEngine, Step, Violation};
 use crate::capabilities::Capabilities;
 use crate::state::MigrationStatus;
 use crate::time::Instant;
@@ -36,6 +36,34 @@ pub(crate) struct PageRequest {
     pub range: PageRange,
 }
 
+/// The source's postcopy bookkeeping.
+pub(super) struct Postcopy {
+    /// The operator asked for postcopy (`migrate-start-postcopy`).
+    pub requested: bool,
+    /// The guest is being stopped to switch to postcopy rather than to
+    /// complete precopy.
+    pub switching: bool,
+    /// The postcopy package (with its run command) has been handed out:
+    /// the guest runs on the destination.
+    pub guest_on_destination: bool,
+    /// Page requests from the destination, served before anything else.
+    pub requests: heapless::Deque<PageRequest, REQUEST_QUEUE>,
+    /// The block of the last REQ_PAGES_ID (REQ_PAGES reuses it).
+    pub last_request_block: Option<u16>,
+}
+
+impl Postcopy {
+    pub fn new() -> Self {
+        Postcopy {
+            requested: false,
+            switching: false,
+            guest_on_destination: false,
+            requests: heapless::Deque::new(),
+            last_request_block: None,
+        }
+    }
+}
+
 /// What the caller writes around the serialised device records at the
 /// postcopy switchover (see [`SourceAction::PackageDevices`]).
 #[derive(Debug, PartialEq, Eq)]
@@ -64,7 +92,7 @@ impl<'a> SourceEngine<'a> {
             return Err(self.unexpected("start-postcopy"));
         }
         self.advance_clock(now);
-        self.postcopy_requested = true;
+        self.postcopy.requested = true;
         Ok(())
     }
 
@@ -118,7 +146,7 @@ impl<'a> SourceEngine<'a> {
             return Err(self.unexpected("package sent"));
         }
         self.advance_clock(now);
-        self.guest_on_destination = true;
+        self.postcopy.guest_on_destination = true;
         self.step = Step::Postcopy;
         Ok(())
     }
@@ -138,7 +166,7 @@ impl<'a> SourceEngine<'a> {
         if !caps.contains(Capabilities::POSTCOPY_RAM) {
             return false;
         }
-        self.postcopy_requested
+        self.postcopy.requested
             || self
                 .config
                 .limits
@@ -149,12 +177,11 @@ impl<'a> SourceEngine<'a> {
     /// After the last sync with the guest stopped: the dirty bitmap is
     /// final; send discards for it, then the package, then pages.
     pub(super) fn enter_postcopy(&mut self) {
-        self.never_sent_from =
-            (!self.first_pass_done).then_some((self.cursor_block, self.cursor_page));
+        self.scan.never_sent_from =
+            (!self.scan.first_pass_done).then_some((self.scan.block, self.scan.page));
         self.meter
             .set_limit(self.config.parameters.max_postcopy_bandwidth);
-        self.cursor_block = 0;
-        self.cursor_page = 0;
+        self.scan.rewind();
         self.step = Step::Discard;
     }
 
@@ -165,14 +192,14 @@ impl<'a> SourceEngine<'a> {
     pub(super) fn next_discard(&mut self) -> SourceAction<'_> {
         let mut ranges = [PageRange { first: 0, count: 0 }; DISCARD_RANGES_PER_RECORD];
         let mut n = 0;
-        let block = self.cursor_block;
+        let block = self.scan.block;
         if let Some(t) = self.tracking.get(block) {
-            let sent_below = match self.never_sent_from {
+            let sent_below = match self.scan.never_sent_from {
                 Some((b, _)) if block > b => 0,
                 Some((b, p)) if block == b => p,
                 _ => t.pages,
             };
-            let mut page = self.cursor_page;
+            let mut page = self.scan.page;
             while n < DISCARD_RANGES_PER_RECORD {
                 let Some(first) = t.dirty.find_next_set(page).filter(|&f| f < sent_below) else {
                     page = t.pages;
@@ -190,25 +217,27 @@ impl<'a> SourceEngine<'a> {
                 n += 1;
                 page = end;
             }
-            self.cursor_page = page;
+            self.scan.page = page;
             if page >= t.pages {
-                self.cursor_block += 1;
-                self.cursor_page = 0;
+                self.scan.block += 1;
+                self.scan.page = 0;
             }
         }
-        if self.cursor_block >= self.tracking.len() {
-            self.cursor_block = 0;
-            self.cursor_page = 0;
+        if self.scan.block >= self.tracking.len() {
+            self.scan.rewind();
             self.step = Step::PackageDevices;
         }
-        let len = match (n, self.layout.get(block)) {
+        let encoded = match (n, self.layout.get(block)) {
             (1.., Some(info)) => Record::Command(Command::PostcopyRamDiscard {
                 block: info.id,
                 ranges: DiscardRanges::from_slice(&ranges[..n]),
             })
-            .encode(self.scratch)
-            .unwrap_or(0),
-            _ => 0,
+            .encode(self.scratch),
+            _ => Ok(0),
+        };
+        let len = match encoded {
+            Ok(len) => len,
+            Err(e) => return self.encode_failed(e),
         };
         self.count_sent(len as u64, 0);
         SourceAction::Send(&self.scratch[..len])
@@ -217,9 +246,10 @@ impl<'a> SourceEngine<'a> {
     /// Validates and queues a page request from the return path.
     pub(super) fn handle_page_request(&mut self, block: Option<&str>, start: u64, len: u32) {
         if self.state != MigrationStatus::PostcopyActive {
-            self.fail(format_args!(
-                "the destination requested pages but postcopy is not active"
-            ));
+            self.fail(
+                EndReason::Protocol(Violation::RequestOutsidePostcopy),
+                format_args!("the destination requested pages but postcopy is not active"),
+            );
             return;
         }
         let index = match block {
@@ -228,26 +258,30 @@ impl<'a> SourceEngine<'a> {
                 .iter()
                 .position(|b| b.id.as_str() == id)
                 .and_then(|i| u16::try_from(i).ok()),
-            None => self.last_request_block,
+            None => self.postcopy.last_request_block,
         };
         let Some((index, info)) = index.and_then(|i| Some((i, self.layout.get(usize::from(i))?)))
         else {
-            self.fail(format_args!(
-                "the destination requested pages of an unknown RAM block"
-            ));
+            self.fail(
+                EndReason::Protocol(Violation::RequestUnknownBlock),
+                format_args!("the destination requested pages of an unknown RAM block"),
+            );
             return;
         };
-        self.last_request_block = Some(index);
+        self.postcopy.last_request_block = Some(index);
         let page_size = u64::from(info.page_size);
         let end = start.checked_add(u64::from(len));
         if start % page_size != 0
             || u64::from(len) % page_size != 0
             || end.is_none_or(|e| e > info.length)
         {
-            self.fail(format_args!(
-                "the destination requested {len} bytes at {start:#x} of block {}, outside it or not page-aligned",
-                info.id.as_str()
-            ));
+            self.fail(
+                EndReason::Protocol(Violation::RequestOutOfBlock),
+                format_args!(
+                    "the destination requested {len} bytes at {start:#x} of block {}, outside it or not page-aligned",
+                    info.id.as_str()
+                ),
+            );
             return;
         }
         let range = PageRange {
@@ -256,6 +290,7 @@ impl<'a> SourceEngine<'a> {
         };
         self.stats.ram.postcopy_requests += 1;
         if self
+            .postcopy
             .requests
             .push_back(PageRequest {
                 block: index,
@@ -263,24 +298,27 @@ impl<'a> SourceEngine<'a> {
             })
             .is_err()
         {
-            self.fail(format_args!(
-                "the destination has more than {REQUEST_QUEUE} page requests outstanding"
-            ));
+            self.fail(
+                EndReason::Protocol(Violation::TooManyRequests),
+                format_args!(
+                    "the destination has more than {REQUEST_QUEUE} page requests outstanding"
+                ),
+            );
         }
     }
 
     /// Postcopy sending: requested pages first (never held back by the
     /// rate limit: a vCPU is waiting), then the background pass.
     pub(super) fn postcopy_pages(&mut self, ram: &impl PageReader) -> Option<SourceAction<'_>> {
-        while let Some(req) = self.requests.pop_front() {
+        while let Some(req) = self.postcopy.requests.pop_front() {
             let Some(t) = self.tracking.get_mut(usize::from(req.block)) else {
                 continue;
             };
             let page_size = 1u64 << t.page_shift;
-            self.batch.block = usize::from(req.block);
+            self.scan.batch.block = usize::from(req.block);
             let end = req.range.end().min(t.pages);
             for page in req.range.first..end {
-                if self.batch.is_full() {
+                if self.scan.batch.is_full() {
                     // The rest of a large request goes in the next batch,
                     // still ahead of the background pass.
                     let rest = PageRequest {
@@ -290,22 +328,22 @@ impl<'a> SourceEngine<'a> {
                             count: end - page,
                         },
                     };
-                    let _ = self.requests.push_front(rest);
+                    let _ = self.postcopy.requests.push_front(rest);
                     break;
                 }
                 // A page no longer dirty has been sent already, maybe still
                 // in flight: the destination will get it.
                 if t.dirty.test_and_clear(page) {
-                    self.remaining_bytes = self.remaining_bytes.saturating_sub(page_size);
+                    self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
                     let zero = self
                         .config
                         .capabilities
                         .contains(Capabilities::ZERO_PAGE_DETECTION)
                         && ram.is_zero_page(req.block, page);
-                    self.batch.push(page, zero);
+                    self.scan.batch.push(page, zero);
                 }
             }
-            if !self.batch.is_empty() {
+            if !self.scan.batch.is_empty() {
                 return Some(self.emit_batch(BatchFlags::empty()));
             }
         }

@@ -92,6 +92,15 @@ fn inputs_out_of_order_are_errors_not_panics() {
         ));
         assert_eq!(
             s.poll_action(now, &AllZero),
+            Some(SourceAction::SaveSetupDevices)
+        );
+        assert!(matches!(
+            s.handle_dirty_log(0, &[0; 16]),
+            Err(SourceError::UnexpectedEvent { .. })
+        ));
+        s.handle_setup_devices_sent(now, 0).unwrap();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
             Some(SourceAction::SyncDirtyLog)
         );
         assert_eq!(
@@ -121,7 +130,13 @@ fn a_page_request_outside_postcopy_fails_the_migration() {
         );
         assert_eq!(
             s.poll_action(now, &AllZero),
-            Some(SourceAction::Finished(MigrationStatus::Failed))
+            Some(SourceAction::Finished(EndReason::Protocol(
+                Violation::RequestOutsidePostcopy
+            )))
+        );
+        assert_eq!(
+            s.end_reason(),
+            Some(EndReason::Protocol(Violation::RequestOutsidePostcopy))
         );
         assert_eq!(s.poll_action(now, &AllZero), None);
     });
@@ -167,6 +182,7 @@ fn an_interrupted_destination_fails_the_migration_and_the_guest_resumes_here() {
                 s.handle_sync_done(now).unwrap();
             }
             Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
+            Some(SourceAction::SaveSetupDevices) => s.handle_setup_devices_sent(now, 0).unwrap(),
             Some(SourceAction::PackageDevices) => {
                 s.package_devices(now, 16).unwrap();
                 s.handle_package_sent(now).unwrap();
@@ -189,7 +205,9 @@ fn an_interrupted_destination_fails_the_migration_and_the_guest_resumes_here() {
     );
     assert_eq!(
         s.poll_action(now, &AllZero),
-        Some(SourceAction::Finished(MigrationStatus::Failed))
+        Some(SourceAction::Finished(EndReason::DestinationInterrupted {
+            signal: 15
+        }))
     );
     assert!(
         s.stats().error_desc.as_str().contains("SIGTERM"),
@@ -226,6 +244,7 @@ fn at_the_end_of_the_stream(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
                 s.handle_sync_done(now).unwrap();
             }
             SourceAction::StopVcpus => s.handle_vcpus_stopped(now).unwrap(),
+            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
             SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
             SourceAction::Send(bytes) => sent_end = bytes == [0, 6, 0, 0, 0, 0, 0, 0],
             SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
@@ -245,7 +264,7 @@ fn drain(s: &mut SourceEngine<'_>, now: Instant) -> std::vec::Vec<&'static str> 
     while let Some(action) = s.poll_action(now, &AllZero) {
         seen.push(match action {
             SourceAction::ResumeVcpus => "resume",
-            SourceAction::Finished(MigrationStatus::Completed) => "completed",
+            SourceAction::Finished(EndReason::Completed) => "completed",
             SourceAction::Finished(_) => "failed",
             SourceAction::Send(_) => "send",
             _ => "other",
@@ -283,6 +302,10 @@ fn after_the_commit_the_source_never_resumes_nor_cancels() {
                 .error_desc
                 .as_str()
                 .contains("did not confirm the commit within 1000 ms")
+        );
+        assert_eq!(
+            s.end_reason(),
+            Some(EndReason::Timeout(Wait::CommitConfirmation))
         );
         assert_eq!(s.stats().ambiguous_end, Some(AmbiguousEnd::SourceCommitted));
     });
@@ -323,4 +346,137 @@ fn before_the_commit_a_failure_resumes_the_guest() {
         assert_eq!(drain(s, now), ["resume", "failed"]);
         assert_eq!(s.state(), MigrationStatus::Cancelled);
     });
+}
+
+/// A return-path source with one 1024-page block, started and past its
+/// preamble: the next poll asks for the setup-time device sections.
+fn at_the_setup_devices(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::RETURN_PATH;
+    config.limits.confirm_timeout_ms = 1_000;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    assert!(matches!(
+        s.poll_action(now, &AllZero),
+        Some(SourceAction::Send(_))
+    ));
+    assert_eq!(
+        s.poll_action(now, &AllZero),
+        Some(SourceAction::SaveSetupDevices)
+    );
+    f(&mut s, now);
+}
+
+fn setup_check_ping() -> std::vec::Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let len = Record::Command(Command::Ping(SETUP_CHECK_PING))
+        .encode(&mut buf)
+        .unwrap();
+    buf.truncate(len);
+    buf
+}
+
+/// The setup-time sections are checked before any RAM: the engine sends
+/// the check ping and waits; a refusal (SHUT(1)) ends the migration with
+/// the destination's error, no page sent and the guest never stopped.
+#[test]
+fn a_destination_refusing_the_setup_sections_fails_before_any_ram() {
+    at_the_setup_devices(|s, now| {
+        s.handle_setup_devices_sent(now, 64).unwrap();
+        let ping = setup_check_ping();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Send(&ping[..]))
+        );
+        // Waiting: nothing to do until the verdict or the confirm timeout.
+        assert_eq!(s.poll_action(now, &AllZero), None);
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_millis(1_000)));
+        s.handle_return_path(now, &RpMessage::Shut { error: true })
+            .unwrap();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Finished(EndReason::DestinationFailed))
+        );
+        assert!(
+            s.stats()
+                .error_desc
+                .as_str()
+                .contains("refused the setup-time device state"),
+            "{}",
+            s.stats().error_desc.as_str()
+        );
+        assert_eq!(s.stats().ram.normal + s.stats().ram.duplicate, 0);
+    });
+}
+
+#[test]
+fn an_accepted_setup_check_goes_on_to_ram_and_a_silent_one_times_out() {
+    at_the_setup_devices(|s, now| {
+        s.handle_setup_devices_sent(now, 64).unwrap();
+        assert!(matches!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Send(_))
+        ));
+        // Another ping's answer is not the verdict.
+        s.handle_return_path(now, &RpMessage::Pong(POSTCOPY_RUN_PING))
+            .unwrap();
+        assert_eq!(s.poll_action(now, &AllZero), None);
+        s.handle_return_path(now, &RpMessage::Pong(SETUP_CHECK_PING))
+            .unwrap();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::SyncDirtyLog)
+        );
+    });
+    at_the_setup_devices(|s, now| {
+        s.handle_setup_devices_sent(now, 64).unwrap();
+        assert!(matches!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Send(_))
+        ));
+        let late = now + Duration::from_millis(1_000);
+        assert_eq!(
+            s.poll_action(late, &AllZero),
+            Some(SourceAction::Finished(EndReason::Timeout(
+                Wait::SetupVerdict
+            )))
+        );
+    });
+    // Nothing to send: no check, straight on to the setup sync.
+    at_the_setup_devices(|s, now| {
+        s.handle_setup_devices_sent(now, 0).unwrap();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::SyncDirtyLog)
+        );
+    });
+}
+
+/// A record that does not fit the scratch buffer ends the migration with
+/// a typed reason instead of a zero-length write (the scratch is checked
+/// against the preamble up front, so the failure is injected here).
+#[test]
+fn an_unencodable_record_fails_the_migration() {
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::RETURN_PATH;
+    let shift = config.parameters.clear_bitmap_shift;
+    let l = layout();
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    s.start(Instant::ZERO).unwrap();
+    let e = wire::EncodeError::BufferTooSmall {
+        needed: 2,
+        available: 1,
+    };
+    let action = s.encode_failed(e);
+    assert_eq!(action, SourceAction::Finished(EndReason::Encode(e)));
+    assert_eq!(s.state(), MigrationStatus::Failed);
 }

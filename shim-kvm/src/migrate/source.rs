@@ -318,7 +318,9 @@ fn on_return_path(
                 }
             }
         }
-        RpEvent::Eof => engine.handle_io_error(now, format_args!("{}", rp_closed_words(peer, rp))),
+        RpEvent::Eof => {
+            engine.handle_peer_closed(now, format_args!("{}", rp_closed_words(peer, rp)))
+        }
         RpEvent::Error(e) => engine.handle_io_error(now, format_args!("connection lost: {e}")),
     }
     run_acked
@@ -542,6 +544,13 @@ pub fn migrate(
                         ),
                     }
                 }
+                // No setup-time sections yet: the compatibility record
+                // comes with the x86 state of issue 9.
+                SourceAction::SaveSetupDevices => {
+                    if let Err(e) = engine.handle_setup_devices_sent(clock::now(), 0) {
+                        engine.handle_io_error(clock::now(), format_args!("migration engine: {e}"));
+                    }
+                }
                 SourceAction::SaveDevices => match save_devices(vcpu, &conn) {
                     Ok(bytes) => {
                         if let Err(e) = engine.handle_devices_sent(clock::now(), bytes) {
@@ -586,7 +595,7 @@ pub fn migrate(
                         resume_error = Some(e);
                     }
                 }
-                SourceAction::Finished(status) => break 'run status,
+                SourceAction::Finished(end) => break 'run end.status(),
             }
             // From the commit on, as after the postcopy switchover, the
             // destination needs the connection to confirm: close the gate

@@ -8,7 +8,7 @@
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::return_path::RpMessage;
-use livemig_core::source::{BlockTracking, PageReader, SourceAction, SourceEngine};
+use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
 use livemig_core::time::Instant;
 use livemig_core::wire::{BlockId, BlockInfo};
 
@@ -99,6 +99,11 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     guest_running = false;
                     engine.handle_vcpus_stopped(t).expect("stop was asked for");
                 }
+                Some(SourceAction::SaveSetupDevices) => {
+                    engine
+                        .handle_setup_devices_sent(t, u64::from(op & 1) * 100)
+                        .expect("setup devices were asked for");
+                }
                 Some(SourceAction::SaveDevices) => {
                     engine
                         .handle_devices_sent(t, 100)
@@ -173,8 +178,10 @@ pub fn source_accepts(data: &[u8]) -> bool {
     }
     for _ in 0..100 {
         match engine.poll_action(Instant::from_nanos(now), &ram) {
-            Some(SourceAction::Finished(status)) => {
-                return status == livemig_core::state::MigrationStatus::Completed;
+            Some(SourceAction::Finished(end)) => {
+                assert_eq!(Some(end), engine.end_reason());
+                assert_eq!(end.status(), engine.state());
+                return end == EndReason::Completed;
             }
             Some(_) => {}
             None => {
