@@ -100,7 +100,7 @@
 //! # }
 //! # fn main() -> Result<(), Error> {
 //! use livemig_core::config::MigrationConfig;
-//! use livemig_core::destination::{DestinationEngine, DestinationHost, HostError};
+//! use livemig_core::destination::{DestinationEngine, DestinationHost};
 //! use livemig_core::source::{
 //!     BlockTracking, EndReason, PageReader, SourceAction, SourceEngine, MIN_SCRATCH,
 //! };
@@ -124,17 +124,19 @@
 //! /// has checked every page range against the block before calling.
 //! struct Host { ram: Vec<u8>, cpu: Vec<u8> }
 //! impl DestinationHost for Host {
-//!     fn place_pages(&mut self, _block: u16, first: u64, data: &[u8]) -> Result<(), HostError> {
+//!     // This host cannot fail; a real one names its errno or device error.
+//!     type Error = core::convert::Infallible;
+//!     fn place_pages(&mut self, _block: u16, first: u64, data: &[u8]) -> Result<(), Self::Error> {
 //!         let at = first as usize * PAGE;
 //!         self.ram[at..at + data.len()].copy_from_slice(data);
 //!         Ok(())
 //!     }
-//!     fn place_zero_pages(&mut self, _block: u16, first: u64, count: u64) -> Result<(), HostError> {
+//!     fn place_zero_pages(&mut self, _block: u16, first: u64, count: u64) -> Result<(), Self::Error> {
 //!         let at = first as usize * PAGE;
 //!         self.ram[at..at + count as usize * PAGE].fill(0);
 //!         Ok(())
 //!     }
-//!     fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError> {
+//!     fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), Self::Error> {
 //!         self.cpu = device.data.to_vec();
 //!         Ok(())
 //!     }

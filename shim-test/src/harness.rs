@@ -17,7 +17,7 @@ use std::fmt;
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::destination::{
-    DestinationEngine, DestinationHost, HostError, PostcopyTracking, RequiredSection,
+    DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection,
 };
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
@@ -27,8 +27,8 @@ use livemig_core::time::Instant;
 use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
 use crate::{
-    BlockSpec, FirstDifference, LinkConfig, LinkError, SimDirtyLog, SimRam, WorkingSet, Workload,
-    duplex, fill,
+    BlockSpec, FirstDifference, LinkConfig, LinkError, MemoryError, SimDirtyLog, SimRam,
+    WorkingSet, Workload, duplex, fill,
 };
 
 /// The id of the simulated vCPU's device-state record.
@@ -322,19 +322,61 @@ struct Host<'a> {
     cpu_model: u32,
 }
 
-const RAM_WRITE: HostError = HostError {
-    what: "simulated RAM write",
-    code: 0,
-};
+/// Why the simulated destination refused something.
+#[derive(Debug)]
+enum SimHostError {
+    /// Simulated RAM refused the write.
+    Ram(MemoryError),
+    /// The source's CPU model is not this host's.
+    CpuModel {
+        /// The source's model.
+        source: u32,
+        /// This host's model.
+        destination: u32,
+    },
+    /// A device record this host does not know.
+    UnknownDevice,
+}
+
+impl fmt::Display for SimHostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SimHostError::Ram(e) => write!(f, "simulated RAM write: {e}"),
+            SimHostError::CpuModel {
+                source,
+                destination,
+            } => write!(
+                f,
+                "the source's CPU model {source} differs from this host's, {destination}"
+            ),
+            SimHostError::UnknownDevice => f.write_str("unknown device"),
+        }
+    }
+}
 
 impl DestinationHost for Host<'_> {
-    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
+    type Error = SimHostError;
+
+    fn place_pages(
+        &mut self,
+        block: u16,
+        first_page: u64,
+        data: &[u8],
+    ) -> Result<(), SimHostError> {
         let block = usize::from(block);
-        let page_size = self.ram.blocks().get(block).ok_or(RAM_WRITE)?.page_size;
+        let page_size = self
+            .ram
+            .blocks()
+            .get(block)
+            .ok_or(SimHostError::Ram(MemoryError::UnknownBlock {
+                block,
+                blocks: self.ram.blocks().len(),
+            }))?
+            .page_size;
         for (i, page) in data.chunks(page_size).enumerate() {
             self.ram
                 .write_page(block, first_page + i as u64, page)
-                .map_err(|_| RAM_WRITE)?;
+                .map_err(SimHostError::Ram)?;
         }
         Ok(())
     }
@@ -344,60 +386,67 @@ impl DestinationHost for Host<'_> {
         block: u16,
         first_page: u64,
         count: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<(), SimHostError> {
         for page in first_page..first_page + count {
             self.ram
                 .zero_page(usize::from(block), page)
-                .map_err(|_| RAM_WRITE)?;
+                .map_err(SimHostError::Ram)?;
         }
         Ok(())
     }
+
+    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), SimHostError> {
+        if device.id.as_str() == MODEL_DEVICE_ID && device.instance == 0 && device.version == 1 {
+            let source = <[u8; 4]>::try_from(device.data)
+                .map(u32::from_be_bytes)
+                .map_err(|_| SimHostError::UnknownDevice)?;
+            if source != self.cpu_model {
+                return Err(SimHostError::CpuModel {
+                    source,
+                    destination: self.cpu_model,
+                });
+            }
+            return Ok(());
+        }
+        if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 || device.version != 1 {
+            return Err(SimHostError::UnknownDevice);
+        }
+        self.cpu = Some(device.data.to_vec());
+        Ok(())
+    }
+
+    fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = SimHostError>> {
+        Some(self)
+    }
+}
+
+impl PostcopyHost for Host<'_> {
+    type Error = SimHostError;
 
     fn postcopy_advise(
         &mut self,
         _host_page_size: u64,
         _target_page_size: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<(), SimHostError> {
         Ok(())
     }
 
-    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), SimHostError> {
         for page in range.first..range.end() {
             self.ram
                 .zero_page(usize::from(block), page)
-                .map_err(|_| RAM_WRITE)?;
+                .map_err(SimHostError::Ram)?;
         }
         self.discarded += range.count;
         Ok(())
     }
 
-    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+    fn postcopy_listen(&mut self) -> Result<(), SimHostError> {
         Ok(())
     }
 
-    fn postcopy_run(&mut self) -> Result<(), HostError> {
+    fn postcopy_run(&mut self) -> Result<(), SimHostError> {
         self.run = true;
-        Ok(())
-    }
-
-    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError> {
-        if device.id.as_str() == MODEL_DEVICE_ID && device.instance == 0 && device.version == 1 {
-            return if device.data == self.cpu_model.to_be_bytes() {
-                Ok(())
-            } else {
-                Err(HostError {
-                    what: "the source's CPU model differs from this host's",
-                    code: 0,
-                })
-            };
-        }
-        if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 || device.version != 1 {
-            return Err(HostError {
-                what: "unknown device",
-                code: 0,
-            });
-        }
-        self.cpu = Some(device.data.to_vec());
         Ok(())
     }
 }

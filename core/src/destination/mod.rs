@@ -40,22 +40,35 @@
 use core::fmt;
 use core::time::Duration;
 
+mod host;
 mod postcopy;
 
+pub use host::{DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
 
-use crate::return_path::{RpMessage, SignalName};
+use crate::return_path::{RP_MAX_MESSAGE, RpEncodeError, RpMessage, SignalName};
 use crate::state::MigrationStatus;
 use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::time::Instant;
 use crate::wire::{
-    BatchFlags, BlockInfo, BlockList, Command, DecodeError, DeviceState, PageBatch, PageKind,
-    PageRange, Record, StreamDecoder,
+    BatchFlags, BlockInfo, BlockList, Command, DecodeError, PageBatch, PageKind, PageRange, Record,
+    StreamDecoder,
 };
+use host::by_host;
 
 /// Room for queued return-path messages: a SHUT, PONGs, and page requests
-/// (up to 272 bytes each) between two drains by the caller.
-const RETURN_PATH_QUEUE: usize = 8192;
+/// (up to 272 bytes each) between two drains by the caller. A message
+/// that does not fit fails the migration
+/// ([`DestError::ReturnPathFull`]) rather than vanish: a lost page request
+/// would leave a vCPU blocked until the request timeout, a lost PONG or
+/// LOADED would stall the source until its confirm timeout, each with a
+/// misleading reason.
+pub const RETURN_PATH_QUEUE: usize = 8192;
+
+/// Room in the return-path queue kept for the message that ends the
+/// migration (SHUT or INTERRUPTED, eight bytes each), so that a failure,
+/// including a full queue, is always told to the source.
+const RETURN_PATH_RESERVE: usize = 8;
 
 /// Default for [`DestinationEngine::set_request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
@@ -77,83 +90,6 @@ pub struct RequiredSection {
 /// Default for [`DestinationEngine::set_idle_timeout`]: how long an
 /// unfinished stream may stay silent before the destination gives up.
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 30_000;
-
-/// What the VMM does with what arrives. Page ranges handed to it have been
-/// checked against the block's size.
-pub trait DestinationHost {
-    /// Writes `data` (a whole number of pages) into block `block` starting
-    /// at page `first_page`.
-    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError>;
-    /// Makes `count` pages of block `block` from `first_page` on read as
-    /// zero (a fresh destination's memory already does; a page placed
-    /// earlier in the migration must be zeroed).
-    fn place_zero_pages(
-        &mut self,
-        block: u16,
-        first_page: u64,
-        count: u64,
-    ) -> Result<(), HostError>;
-    /// Loads one device's state.
-    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError>;
-
-    /// The source will use postcopy: prepare for it now (check that
-    /// userfaultfd is available, that the page sizes are supported), before
-    /// anything is transferred. A host without postcopy keeps the default,
-    /// which refuses.
-    fn postcopy_advise(
-        &mut self,
-        host_page_size: u64,
-        target_page_size: u64,
-    ) -> Result<(), HostError> {
-        let _ = (host_page_size, target_page_size);
-        Err(POSTCOPY_UNSUPPORTED)
-    }
-
-    /// Drops the pages of `range` in block `block`: they were dirtied on
-    /// the source after being sent, so the next guest touch must fault and
-    /// fetch them (`MADV_DONTNEED` under userfaultfd).
-    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
-        let _ = (block, range);
-        Err(POSTCOPY_UNSUPPORTED)
-    }
-
-    /// Postcopy begins: from now on missing pages fault (register guest RAM
-    /// with userfaultfd in missing mode) and every page placed must be
-    /// installed atomically.
-    fn postcopy_listen(&mut self) -> Result<(), HostError> {
-        Err(POSTCOPY_UNSUPPORTED)
-    }
-
-    /// Start the vCPUs: the guest now runs on the destination, and its
-    /// faults go to [`DestinationEngine::handle_page_fault`].
-    fn postcopy_run(&mut self) -> Result<(), HostError> {
-        Err(POSTCOPY_UNSUPPORTED)
-    }
-}
-
-const POSTCOPY_UNSUPPORTED: HostError = HostError {
-    what: "this destination does not support postcopy",
-    code: 0,
-};
-
-/// A failure reported by the [`DestinationHost`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HostError {
-    /// What failed, for example "UFFDIO_COPY" or "vCPU register state".
-    pub what: &'static str,
-    /// An errno or device-specific code, zero when there is none.
-    pub code: i32,
-}
-
-impl fmt::Display for HostError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.code == 0 {
-            write!(f, "{}", self.what)
-        } else {
-            write!(f, "{} (code {})", self.what, self.code)
-        }
-    }
-}
 
 /// Why the destination refused the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,8 +148,22 @@ pub enum DestError {
     },
     /// A command this destination cannot act on here.
     UnexpectedCommand(&'static str),
-    /// The VMM failed to place a page or load a device.
-    Host(HostError),
+    /// The VMM failed at this operation (its own error comes back in
+    /// [`HandleError::Host`]).
+    Host(HostOp),
+    /// The source advised postcopy, and this destination has none (built
+    /// without postcopy tracking, or its host has no [`PostcopyHost`]).
+    PostcopyUnsupported,
+    /// The caller has not drained the return path: a message of `needed`
+    /// bytes found only `free` bytes in the queue.
+    ReturnPathFull {
+        /// Bytes of the message.
+        needed: usize,
+        /// Bytes free in the queue.
+        free: usize,
+    },
+    /// A return-path message could not be encoded.
+    ReturnPathEncode(RpEncodeError),
     /// The connection closed before the end of the stream.
     UnexpectedEof(DecodeError),
     /// A postcopy command arrived but this destination was built without
@@ -329,7 +279,18 @@ impl fmt::Display for DestError {
                 "page {page} lies outside block {block}, which has {pages} pages"
             ),
             DestError::UnexpectedCommand(c) => write!(f, "unexpected command {c}"),
-            DestError::Host(e) => write!(f, "the VMM failed: {e}"),
+            DestError::Host(op) => write!(f, "the VMM failed {op}"),
+            DestError::PostcopyUnsupported => {
+                write!(f, "this destination does not support postcopy")
+            }
+            DestError::ReturnPathFull { needed, free } => write!(
+                f,
+                "the return path is not drained: a {needed}-byte message found {free} bytes free \
+                 of {RETURN_PATH_QUEUE}"
+            ),
+            DestError::ReturnPathEncode(e) => {
+                write!(f, "a return-path message could not be encoded: {e}")
+            }
             DestError::UnexpectedEof(e) => write!(f, "connection closed early: {e}"),
             DestError::PostcopyUnexpected(what) => {
                 write!(f, "unexpected postcopy step: {what}")
@@ -395,12 +356,6 @@ impl core::error::Error for DestError {}
 impl From<DecodeError> for DestError {
     fn from(e: DecodeError) -> Self {
         DestError::Decode(e)
-    }
-}
-
-impl From<HostError> for DestError {
-    fn from(e: HostError) -> Self {
-        DestError::Host(e)
     }
 }
 
@@ -674,21 +629,24 @@ impl<'a> DestinationEngine<'a> {
     /// passed, so garbage after it in the same input fails the migration
     /// before the guest may start; after completion, input is refused with
     /// `TrailingData` and changes nothing.
-    pub fn handle_input(
+    ///
+    /// A failure of the host comes back as [`HandleError::Host`] with the
+    /// host's own error; the migration has failed either way.
+    pub fn handle_input<H: DestinationHost>(
         &mut self,
         now: Instant,
         input: &[u8],
-        host: &mut impl DestinationHost,
-    ) -> Result<usize, DestError> {
+        host: &mut H,
+    ) -> Result<usize, HandleError<H::Error>> {
         let l = &mut self.loader;
         if l.state == MigrationStatus::Failed {
-            return Err(DestError::AlreadyFailed);
+            return Err(DestError::AlreadyFailed.into());
         }
         if l.state == MigrationStatus::Completed {
             // The guest may already run here: report, change nothing.
             return match self.decoder.decode(input) {
                 Ok(decoded) => Ok(decoded.consumed),
-                Err(e) => Err(DestError::Decode(e)),
+                Err(e) => Err(DestError::Decode(e).into()),
             };
         }
         if l.state == MigrationStatus::None {
@@ -709,19 +667,29 @@ impl<'a> DestinationEngine<'a> {
                         None => Ok(None),
                     }
                 }
-                Err(e) => Err(DestError::Decode(e)),
+                Err(e) => Err(DestError::Decode(e).into()),
             };
             match result {
                 Ok(Some(e)) => end = Some(e),
                 Ok(None) => {}
-                Err(e) => return Err(self.loader.fail(now, e)),
+                Err(HandleError::Dest(e)) => return Err(self.loader.fail(now, e).into()),
+                Err(HandleError::Host { op, error }) => {
+                    self.loader.fail_with(
+                        now,
+                        DestError::Host(op),
+                        format_args!("the VMM failed {op}: {error}"),
+                    );
+                    return Err(HandleError::Host { op, error });
+                }
             }
         }
         match end {
             Some(End::Complete) => self.loader.complete(now),
             Some(End::Loaded) => {
+                if let Err(e) = self.loader.queue(&RpMessage::Loaded) {
+                    return Err(self.loader.fail(now, e).into());
+                }
                 self.loader.loaded_announced = true;
-                queue(&mut self.loader.rp_queue, &RpMessage::Loaded);
                 self.loader.update_time(now);
             }
             None => self.loader.update_time(now),
@@ -810,11 +778,41 @@ impl Loader<'_> {
         self.set_state(MigrationStatus::Completed);
         self.waiting_since = None;
         if self.return_path {
-            queue(&mut self.rp_queue, &RpMessage::Shut { error: false });
+            self.queue_final(&RpMessage::Shut { error: false });
+        }
+    }
+
+    /// Queues a return-path message, keeping [`RETURN_PATH_RESERVE`] free
+    /// for the final one; a message that does not fit is an error.
+    fn queue(&mut self, msg: &RpMessage<'_>) -> Result<(), DestError> {
+        let mut buf = [0u8; RP_MAX_MESSAGE];
+        let n = msg.encode(&mut buf).map_err(DestError::ReturnPathEncode)?;
+        let free = self.rp_queue.capacity() - self.rp_queue.len();
+        if n + RETURN_PATH_RESERVE > free {
+            return Err(DestError::ReturnPathFull { needed: n, free });
+        }
+        self.rp_queue
+            .extend_from_slice(&buf[..n])
+            .map_err(|_| DestError::ReturnPathFull { needed: n, free })
+    }
+
+    /// Queues the message that ends the migration (SHUT or INTERRUPTED)
+    /// into the room [`queue`](Self::queue) keeps for it. Nothing is
+    /// queued after it, so it always fits.
+    fn queue_final(&mut self, msg: &RpMessage<'_>) {
+        let mut buf = [0u8; RP_MAX_MESSAGE];
+        if let Ok(n) = msg.encode(&mut buf) {
+            let _ = self.rp_queue.extend_from_slice(&buf[..n]);
         }
     }
 
     fn fail(&mut self, now: Instant, e: DestError) -> DestError {
+        self.fail_with(now, e, format_args!("{e}"))
+    }
+
+    /// Fails the migration with `e`, described by `desc` (the host's own
+    /// error, when the host failed).
+    fn fail_with(&mut self, now: Instant, e: DestError, desc: fmt::Arguments<'_>) -> DestError {
         if self.state == MigrationStatus::None {
             // The connection closed (or timed out) before the first byte:
             // the incoming migration had begun all the same, and fails.
@@ -822,7 +820,7 @@ impl Loader<'_> {
             self.set_state(MigrationStatus::Active);
         }
         self.update_time(now);
-        self.stats.error_desc.set(format_args!("{e}"));
+        self.stats.error_desc.set(desc);
         if self.loaded_announced {
             // The source may have committed: it will never resume its copy.
             self.stats.ambiguous_end = Some(AmbiguousEnd::DestinationLoaded);
@@ -834,29 +832,29 @@ impl Loader<'_> {
                 DestError::Interrupted { signal } => RpMessage::Interrupted { signal },
                 _ => RpMessage::Shut { error: true },
             };
-            queue(&mut self.rp_queue, &msg);
+            self.queue_final(&msg);
         }
         e
     }
 
     /// Acts on one record; says what the end of the input brings about
     /// when the record ends the stream or commits it.
-    fn apply(
+    fn apply<H: DestinationHost>(
         &mut self,
         now: Instant,
         record: Record<'_>,
-        host: &mut impl DestinationHost,
-    ) -> Result<Option<End>, DestError> {
+        host: &mut H,
+    ) -> Result<Option<End>, HandleError<H::Error>> {
         if self.end_loaded && record != Record::Command(Command::Commit) {
             // The decoder lets nothing else through after the end.
-            return Err(DestError::UnexpectedCommand(
-                "a record after the end of the stream",
-            ));
+            return Err(
+                DestError::UnexpectedCommand("a record after the end of the stream").into(),
+            );
         }
         match record {
             Record::RamBlocks(list) => {
                 if self.blocks_received {
-                    return Err(DestError::DuplicateBlockList);
+                    return Err(DestError::DuplicateBlockList.into());
                 }
                 check_layout(self.layout, &list)?;
                 self.blocks_received = true;
@@ -864,12 +862,12 @@ impl Loader<'_> {
                 // switchover: approve it now. A source without the
                 // switchover-ack capability ignores the message.
                 if self.return_path {
-                    queue(&mut self.rp_queue, &RpMessage::SwitchoverAck);
+                    self.queue(&RpMessage::SwitchoverAck)?;
                 }
             }
             Record::Pages(batch) => {
                 if !self.blocks_received {
-                    return Err(DestError::PagesBeforeBlockList);
+                    return Err(DestError::PagesBeforeBlockList.into());
                 }
                 self.place_batch(now, &batch, host)?;
                 if batch.flags().contains(BatchFlags::END_OF_ITERATION) {
@@ -877,7 +875,7 @@ impl Loader<'_> {
                 }
             }
             Record::Device(device) => {
-                host.load_device(&device)?;
+                by_host(HostOp::LoadDevice, host.load_device(&device))?;
                 if let Some(i) = self
                     .required
                     .iter()
@@ -890,15 +888,17 @@ impl Loader<'_> {
                 if !self.end_loaded {
                     return Err(DestError::UnexpectedCommand(
                         "commit before the stream was loaded",
-                    ));
+                    )
+                    .into());
                 }
                 return Ok(Some(End::Complete));
             }
             Record::Command(command) => self.command(command, host)?,
             Record::Package(package) => {
                 for inner in package.records() {
-                    if self.apply(now, inner?, host)?.is_some() {
-                        return Err(DestError::Decode(DecodeError::NestedPackage));
+                    let inner = inner.map_err(DestError::Decode)?;
+                    if self.apply(now, inner, host)?.is_some() {
+                        return Err(DestError::Decode(DecodeError::NestedPackage).into());
                     }
                 }
             }
@@ -930,53 +930,64 @@ impl Loader<'_> {
         }
     }
 
-    fn command(
+    fn command<H: DestinationHost>(
         &mut self,
         command: Command<'_>,
-        host: &mut impl DestinationHost,
-    ) -> Result<(), DestError> {
+        host: &mut H,
+    ) -> Result<(), HandleError<H::Error>> {
         match command {
             Command::OpenReturnPath => self.return_path = true,
             Command::Ping(value) => {
                 if self.return_path {
-                    queue(&mut self.rp_queue, &RpMessage::Pong(value));
+                    self.queue(&RpMessage::Pong(value))?;
                 }
             }
             Command::PostcopyAdvise {
                 host_page_size,
                 target_page_size,
             } => {
-                if self.postcopy.is_none() {
-                    return Err(DestError::Host(POSTCOPY_UNSUPPORTED));
-                }
-                host.postcopy_advise(host_page_size, target_page_size)?;
+                let pc = match (&self.postcopy, host.postcopy()) {
+                    (Some(_), Some(pc)) => pc,
+                    _ => return Err(DestError::PostcopyUnsupported.into()),
+                };
+                by_host(
+                    HostOp::PostcopyAdvise,
+                    pc.postcopy_advise(host_page_size, target_page_size),
+                )?;
                 self.advised = true;
             }
             Command::PostcopyRamDiscard { block, ranges } => {
                 let index = self.postcopy_block(block.as_str())?;
                 for range in ranges.iter() {
-                    self.discard(index, range, host)?;
+                    self.discard(index, range, postcopy_host(host)?)?;
                 }
             }
             Command::PostcopyListen => {
                 if !self.advised || self.state != MigrationStatus::Active {
-                    return Err(DestError::PostcopyUnexpected("listen without advise"));
+                    return Err(DestError::PostcopyUnexpected("listen without advise").into());
                 }
-                host.postcopy_listen()?;
+                by_host(
+                    HostOp::PostcopyListen,
+                    postcopy_host(host)?.postcopy_listen(),
+                )?;
                 self.set_state(MigrationStatus::PostcopyActive);
             }
             Command::PostcopyRun => {
                 if self.state != MigrationStatus::PostcopyActive {
-                    return Err(DestError::PostcopyUnexpected("run before listen"));
+                    return Err(DestError::PostcopyUnexpected("run before listen").into());
                 }
                 self.check_required()?;
-                host.postcopy_run()?;
+                by_host(HostOp::PostcopyRun, postcopy_host(host)?.postcopy_run())?;
             }
-            Command::RecvBitmap { .. } => return Err(DestError::UnexpectedCommand("recv-bitmap")),
-            Command::PostcopyResume => return Err(DestError::UnexpectedCommand("postcopy-resume")),
+            Command::RecvBitmap { .. } => {
+                return Err(DestError::UnexpectedCommand("recv-bitmap").into());
+            }
+            Command::PostcopyResume => {
+                return Err(DestError::UnexpectedCommand("postcopy-resume").into());
+            }
             Command::SwitchoverStart => {}
             // Taken by `apply`, which knows whether the stream has ended.
-            Command::Commit => return Err(DestError::UnexpectedCommand("commit")),
+            Command::Commit => return Err(DestError::UnexpectedCommand("commit").into()),
         }
         Ok(())
     }
@@ -995,31 +1006,29 @@ impl Loader<'_> {
             ))
     }
 
-    fn discard(
+    fn discard<E: fmt::Debug + fmt::Display>(
         &mut self,
         block: u16,
         range: PageRange,
-        host: &mut impl DestinationHost,
-    ) -> Result<(), DestError> {
+        host: &mut dyn PostcopyHost<Error = E>,
+    ) -> Result<(), HandleError<E>> {
         let Some(t) = self
             .postcopy
             .as_deref_mut()
             .and_then(|t| t.get_mut(usize::from(block)))
         else {
-            return Err(DestError::PostcopyUnexpected(
-                "discard without postcopy tracking",
-            ));
+            return Err(DestError::PostcopyUnexpected("discard without postcopy tracking").into());
         };
         if range.end() > t.pages() || range.count == 0 {
             return Err(DestError::DiscardOutOfBlock {
                 block,
                 first: range.first,
                 count: range.count,
-            });
+            }
+            .into());
         }
         t.discarded(range);
-        host.discard(block, range)?;
-        Ok(())
+        by_host(HostOp::Discard, host.discard(block, range))
     }
 
     fn page_fault(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
@@ -1057,8 +1066,8 @@ impl Loader<'_> {
                 len,
             }
         };
+        self.queue(&msg)?;
         self.last_request_block = Some(block);
-        queue(&mut self.rp_queue, &msg);
         Ok(true)
     }
 
@@ -1081,12 +1090,12 @@ impl Loader<'_> {
 
     /// Validates a whole batch, then places it: runs of zero pages in one
     /// call.
-    fn place_batch(
+    fn place_batch<H: DestinationHost>(
         &mut self,
         now: Instant,
         batch: &PageBatch<'_>,
-        host: &mut impl DestinationHost,
-    ) -> Result<(), DestError> {
+        host: &mut H,
+    ) -> Result<(), HandleError<H::Error>> {
         let block = batch.block();
         let info = self
             .layout
@@ -1094,13 +1103,15 @@ impl Loader<'_> {
             .ok_or(DestError::NoSuchBlock {
                 block,
                 blocks: self.layout.len(),
-            })?;
+            })
+            .map_err(HandleError::Dest)?;
         if batch.page_size() as u64 != u64::from(info.page_size) {
             return Err(DestError::PageSizeMismatch {
                 index: usize::from(block),
                 source: batch.page_size() as u64,
                 destination: u64::from(info.page_size),
-            });
+            }
+            .into());
         }
         let pages = info.length / u64::from(info.page_size);
         if let Some((entry, _)) = batch.pages().find(|(e, _)| e.index >= pages) {
@@ -1108,7 +1119,8 @@ impl Loader<'_> {
                 block,
                 page: entry.index,
                 pages,
-            });
+            }
+            .into());
         }
         let mut zero_run: Option<(u64, u64)> = None;
         for (entry, data) in batch.pages() {
@@ -1120,7 +1132,10 @@ impl Loader<'_> {
                             Some((first, count + 1))
                         }
                         Some((first, count)) => {
-                            host.place_zero_pages(block, first, count)?;
+                            by_host(
+                                HostOp::PlaceZeroPages,
+                                host.place_zero_pages(block, first, count),
+                            )?;
                             self.arrived(now, block, first, count);
                             Some((entry.index, 1))
                         }
@@ -1131,33 +1146,41 @@ impl Loader<'_> {
                     // Keep the stream's order: zero pages before this one
                     // land first.
                     if let Some((first, count)) = zero_run.take() {
-                        host.place_zero_pages(block, first, count)?;
+                        by_host(
+                            HostOp::PlaceZeroPages,
+                            host.place_zero_pages(block, first, count),
+                        )?;
                         self.arrived(now, block, first, count);
                     }
                     self.stats.ram.normal += 1;
                     self.stats.ram.normal_bytes += data.len() as u64;
-                    host.place_pages(block, entry.index, data)?;
+                    by_host(
+                        HostOp::PlacePages,
+                        host.place_pages(block, entry.index, data),
+                    )?;
                     self.arrived(now, block, entry.index, 1);
                 }
                 (PageKind::Normal, None) => {}
             }
         }
         if let Some((first, count)) = zero_run {
-            host.place_zero_pages(block, first, count)?;
+            by_host(
+                HostOp::PlaceZeroPages,
+                host.place_zero_pages(block, first, count),
+            )?;
             self.arrived(now, block, first, count);
         }
         Ok(())
     }
 }
 
-fn queue(rp_queue: &mut heapless::Vec<u8, RETURN_PATH_QUEUE>, msg: &RpMessage<'_>) {
-    let mut buf = [0u8; crate::return_path::RP_MAX_MESSAGE];
-    if let Ok(n) = msg.encode(&mut buf) {
-        // A full queue means the caller stopped draining the return path;
-        // the message that does not fit is dropped, and the request or
-        // confirm timeout on either side turns the silence into a failure.
-        let _ = rp_queue.extend_from_slice(&buf[..n]);
-    }
+/// The host's postcopy half, which a postcopy command after the advise
+/// needs (the advise checked that there is one).
+fn postcopy_host<H: DestinationHost>(
+    host: &mut H,
+) -> Result<&mut dyn PostcopyHost<Error = H::Error>, HandleError<H::Error>> {
+    host.postcopy()
+        .ok_or(HandleError::Dest(DestError::PostcopyUnsupported))
 }
 
 fn check_layout(layout: &[BlockInfo<'_>], list: &BlockList<'_>) -> Result<(), DestError> {

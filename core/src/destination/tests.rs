@@ -5,7 +5,9 @@ use std::vec;
 use std::vec::Vec;
 
 use super::*;
-use crate::wire::{BlockId, PageEntry, encode_page_batch_header, encode_stream_header};
+use crate::wire::{
+    BlockId, DeviceState, PageEntry, encode_page_batch_header, encode_stream_header,
+};
 
 const PAGE: usize = 4096;
 
@@ -19,7 +21,9 @@ struct Recorder {
 }
 
 impl DestinationHost for Recorder {
-    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
+    type Error = core::convert::Infallible;
+
+    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), Self::Error> {
         self.pages.push((block, first_page, data.len()));
         Ok(())
     }
@@ -28,30 +32,45 @@ impl DestinationHost for Recorder {
         block: u16,
         first_page: u64,
         count: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<(), Self::Error> {
         self.zeros.push((block, first_page, count));
         Ok(())
     }
-    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), HostError> {
+    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), Self::Error> {
         Ok(())
     }
-    fn postcopy_advise(&mut self, _host: u64, _target: u64) -> Result<(), HostError> {
-        if self.postcopy {
-            Ok(())
-        } else {
-            Err(POSTCOPY_UNSUPPORTED)
-        }
+    fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = Self::Error>> {
+        if self.postcopy { Some(self) } else { None }
     }
-    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
+}
+
+impl PostcopyHost for Recorder {
+    type Error = core::convert::Infallible;
+
+    fn postcopy_advise(&mut self, _host: u64, _target: u64) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), Self::Error> {
         self.discards.push((block, range));
         Ok(())
     }
-    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+    fn postcopy_listen(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
-    fn postcopy_run(&mut self) -> Result<(), HostError> {
+    fn postcopy_run(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
+}
+
+/// `handle_input` with the engine's view of a failure (the recorder never
+/// fails itself).
+fn feed(
+    d: &mut DestinationEngine<'_>,
+    now: Instant,
+    input: &[u8],
+    host: &mut Recorder,
+) -> Result<usize, DestError> {
+    d.handle_input(now, input, host).map_err(|e| e.dest_error())
 }
 
 fn layout(pages: u64) -> [BlockInfo<'static>; 1] {
@@ -109,7 +128,7 @@ fn run(
 ) -> Result<MigrationStatus, DestError> {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(l, &mut scratch);
-    d.handle_input(Instant::ZERO, stream, host)?;
+    feed(&mut d, Instant::ZERO, stream, host)?;
     Ok(d.state())
 }
 
@@ -209,7 +228,7 @@ fn failure_queues_shut_with_an_error_and_sticks() {
         blocks(&layout(8)),
     ]
     .concat();
-    assert!(d.handle_input(Instant::ZERO, &stream, &mut host).is_err());
+    assert!(feed(&mut d, Instant::ZERO, &stream, &mut host).is_err());
     let mut out = [0u8; 16];
     assert_eq!(d.poll_return_path(&mut out), 8);
     assert_eq!(
@@ -218,7 +237,7 @@ fn failure_queues_shut_with_an_error_and_sticks() {
         "SHUT(1), and no switchover approval"
     );
     assert_eq!(
-        d.handle_input(Instant::ZERO, &[0], &mut host),
+        feed(&mut d, Instant::ZERO, &[0], &mut host),
         Err(DestError::AlreadyFailed)
     );
     assert!(d.stats().error_desc.as_str().contains("RAM size mismatch"));
@@ -231,8 +250,13 @@ fn a_connection_closed_mid_record_fails_and_a_silent_one_times_out() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
     let stream = [header(), blocks(&l)].concat();
-    d.handle_input(Instant::ZERO, &stream[..stream.len() - 3], &mut host)
-        .unwrap();
+    feed(
+        &mut d,
+        Instant::ZERO,
+        &stream[..stream.len() - 3],
+        &mut host,
+    )
+    .unwrap();
     assert!(matches!(
         d.handle_eof(Instant::ZERO),
         Err(DestError::UnexpectedEof(_))
@@ -241,7 +265,7 @@ fn a_connection_closed_mid_record_fails_and_a_silent_one_times_out() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
     d.set_idle_timeout(Duration::from_millis(100));
-    d.handle_input(Instant::ZERO, &header(), &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &header(), &mut host).unwrap();
     assert_eq!(d.poll_timeout(), Some(Instant::from_millis(100)));
     assert_eq!(d.handle_timeout(Instant::from_millis(99)), Ok(()));
     assert_eq!(
@@ -261,7 +285,7 @@ fn a_destination_without_postcopy_refuses_the_advise_at_once() {
     let mut host = Recorder::default();
     assert_eq!(
         run(&l, &stream, &mut host),
-        Err(DestError::Host(POSTCOPY_UNSUPPORTED))
+        Err(DestError::PostcopyUnsupported)
     );
 }
 
@@ -295,7 +319,7 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
         record(Record::Command(Command::PostcopyRun)),
     ]
     .concat();
-    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     assert_eq!(d.state(), MigrationStatus::PostcopyActive);
     assert_eq!(host.discards, [(0, ranges[0])]);
     assert!(!d.is_received(0, 4) && !d.is_received(0, 5) && d.is_received(0, 6));
@@ -324,10 +348,11 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
     let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
     let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
     d.set_request_timeout(Duration::from_millis(50));
-    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     d.handle_page_fault(t, 0, 4).unwrap();
     d.handle_page_fault(t, 0, 5).unwrap();
-    d.handle_input(
+    feed(
+        &mut d,
         Instant::from_millis(20),
         &batch(0, &[(4, false)]),
         &mut host,
@@ -395,8 +420,7 @@ fn completion_reports_the_average_throughput() {
     let mut d = DestinationEngine::new(&l, &mut scratch);
     let mut host = Recorder::default();
     d.begin(Instant::ZERO);
-    d.handle_input(Instant::from_millis(10), &stream, &mut host)
-        .unwrap();
+    feed(&mut d, Instant::from_millis(10), &stream, &mut host).unwrap();
     assert!(d.is_completed());
     let expected = stream.len() as f64 * 8.0 / 10.0 / 1000.0;
     assert!(
@@ -439,7 +463,7 @@ fn a_stream_without_a_required_section_is_refused_by_name() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
     d.require_sections(CPU).unwrap();
-    let err = d.handle_input(Instant::ZERO, &stream, &mut host);
+    let err = feed(&mut d, Instant::ZERO, &stream, &mut host);
     assert_eq!(
         err,
         Err(DestError::MissingSection {
@@ -466,7 +490,7 @@ fn a_stream_without_a_required_section_is_refused_by_name() {
     let mut d = DestinationEngine::new(&l, &mut scratch);
     d.require_sections(CPU).unwrap();
     assert!(matches!(
-        d.handle_input(Instant::ZERO, &stream, &mut host),
+        feed(&mut d, Instant::ZERO, &stream, &mut host),
         Err(DestError::MissingSection { .. })
     ));
     // With it, the same stream completes.
@@ -480,7 +504,7 @@ fn a_stream_without_a_required_section_is_refused_by_name() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
     d.require_sections(CPU).unwrap();
-    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     assert!(d.is_completed());
     static MANY: [RequiredSection; MAX_REQUIRED_SECTIONS + 1] = [RequiredSection {
         id: "x",
@@ -502,7 +526,7 @@ fn bytes_after_the_end_in_the_same_input_are_refused_before_completion() {
         let mut d = DestinationEngine::new(&l, &mut scratch);
         let stream = [&end[..], garbage].concat();
         assert!(matches!(
-            d.handle_input(Instant::ZERO, &stream, &mut host),
+            feed(&mut d, Instant::ZERO, &stream, &mut host),
             Err(DestError::Decode(DecodeError::TrailingData {
                 what: "after EndOfStream",
                 ..
@@ -513,10 +537,10 @@ fn bytes_after_the_end_in_the_same_input_are_refused_before_completion() {
     // Once completed, later bytes are reported and change nothing.
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
-    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &end, &mut host).unwrap();
     assert!(d.is_completed());
     assert!(matches!(
-        d.handle_input(Instant::ZERO, &[0xff], &mut host),
+        feed(&mut d, Instant::ZERO, &[0xff], &mut host),
         Err(DestError::Decode(DecodeError::TrailingData { .. }))
     ));
     assert!(d.is_completed());
@@ -540,15 +564,13 @@ fn the_end_is_loaded_then_committed() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
     d.require_sections(CPU).unwrap();
-    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &end, &mut host).unwrap();
     assert!(d.is_loaded() && !d.is_completed());
     // The switchover approval, then LOADED.
     assert_eq!(drained(&mut d), [&[0, 7, 0, 0][..], &LOADED].concat());
-    d.handle_input(Instant::ZERO, &commit[..3], &mut host)
-        .unwrap();
+    feed(&mut d, Instant::ZERO, &commit[..3], &mut host).unwrap();
     assert!(!d.is_completed(), "a partial COMMIT is not a commit");
-    d.handle_input(Instant::ZERO, &commit[3..], &mut host)
-        .unwrap();
+    feed(&mut d, Instant::ZERO, &commit[3..], &mut host).unwrap();
     assert!(d.is_completed() && !d.is_loaded());
     assert_eq!(drained(&mut d), SHUT_OK);
     assert_eq!(d.handle_eof(Instant::ZERO), Ok(()));
@@ -557,11 +579,11 @@ fn the_end_is_loaded_then_committed() {
     // paused, and since the source committed, the end is ambiguous.
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
-    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &end, &mut host).unwrap();
     drained(&mut d);
     let stream = [&commit[..], &[0]].concat();
     assert!(matches!(
-        d.handle_input(Instant::ZERO, &stream, &mut host),
+        feed(&mut d, Instant::ZERO, &stream, &mut host),
         Err(DestError::Decode(DecodeError::TrailingData {
             what: "after Commit",
             len: 1
@@ -586,7 +608,7 @@ fn a_loaded_destination_that_gets_no_commit_is_ambiguous() {
     // The connection closes.
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
-    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &end, &mut host).unwrap();
     assert_eq!(
         d.handle_eof(Instant::ZERO),
         Err(DestError::CommitNotReceived)
@@ -597,7 +619,7 @@ fn a_loaded_destination_that_gets_no_commit_is_ambiguous() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
     d.set_idle_timeout(Duration::from_millis(100));
-    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &end, &mut host).unwrap();
     let late = Instant::ZERO + Duration::from_millis(100);
     assert_eq!(d.poll_timeout(), Some(late));
     assert!(matches!(
@@ -608,10 +630,9 @@ fn a_loaded_destination_that_gets_no_commit_is_ambiguous() {
     // The connection closes in the middle of the COMMIT.
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
-    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &end, &mut host).unwrap();
     let commit = record(Record::Command(Command::Commit));
-    d.handle_input(Instant::ZERO, &commit[..9], &mut host)
-        .unwrap();
+    feed(&mut d, Instant::ZERO, &commit[..9], &mut host).unwrap();
     assert!(matches!(
         d.handle_eof(Instant::ZERO),
         Err(DestError::UnexpectedEof(_))
@@ -622,7 +643,7 @@ fn a_loaded_destination_that_gets_no_commit_is_ambiguous() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
     let stream = [&end[..], &[0xff]].concat();
-    assert!(d.handle_input(Instant::ZERO, &stream, &mut host).is_err());
+    assert!(feed(&mut d, Instant::ZERO, &stream, &mut host).is_err());
     assert_eq!(d.ambiguous_end(), None);
     let rp = drained(&mut d);
     assert!(!rp.windows(4).any(|w| w == LOADED), "no LOADED went out");
@@ -658,7 +679,7 @@ fn an_interrupt_after_loaded_is_refused() {
     .concat();
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
-    d.handle_input(Instant::ZERO, &end, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &end, &mut host).unwrap();
     assert!(d.is_loaded());
     drained(&mut d);
     assert_eq!(
@@ -668,7 +689,7 @@ fn an_interrupt_after_loaded_is_refused() {
     assert!(d.is_loaded());
     assert!(drained(&mut d).is_empty(), "no INTERRUPTED went out");
     let commit = record(Record::Command(Command::Commit));
-    d.handle_input(Instant::ZERO, &commit, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &commit, &mut host).unwrap();
     assert!(d.is_completed());
 }
 
@@ -687,7 +708,7 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
         blocks(&l),
     ]
     .concat();
-    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     let mut out = [0u8; 32];
     let n = d.poll_return_path(&mut out);
     assert_eq!(out[..n], [0, 7, 0, 0], "switchover approval only");
@@ -700,7 +721,7 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
         "interrupted by SIGTERM: the destination stopped loading the stream"
     );
     assert_eq!(
-        d.handle_input(Instant::ZERO, &batch(0, &[(1, false)]), &mut host),
+        feed(&mut d, Instant::ZERO, &batch(0, &[(1, false)]), &mut host),
         Err(DestError::AlreadyFailed)
     );
     assert_eq!(d.interrupt(Instant::ZERO, 2), Err(DestError::AlreadyFailed));
@@ -726,7 +747,7 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
         record(Record::Command(Command::PostcopyRun)),
     ]
     .concat();
-    d.handle_input(Instant::ZERO, &stream, &mut host).unwrap();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     let _ = d.poll_return_path(&mut out);
     assert_eq!(
         d.interrupt(Instant::ZERO, 2),
@@ -734,10 +755,123 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
     );
     assert_eq!(d.state(), MigrationStatus::PostcopyActive);
     assert_eq!(d.poll_return_path(&mut out), 0, "nothing sent");
-    d.handle_input(Instant::ZERO, &record(Record::EndOfStream), &mut host)
-        .unwrap();
+    feed(
+        &mut d,
+        Instant::ZERO,
+        &record(Record::EndOfStream),
+        &mut host,
+    )
+    .unwrap();
     assert!(d.is_completed());
     // After the end there is nothing left to interrupt.
     assert_eq!(d.interrupt(Instant::ZERO, 2), Ok(false));
     assert!(d.is_completed());
+}
+
+/// A host whose device loads fail with its own error type.
+struct Refuser;
+
+#[derive(Debug, PartialEq, Eq)]
+struct Incompatible {
+    cpuid_leaf: u32,
+}
+
+impl fmt::Display for Incompatible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CPUID leaf {:#x} differs", self.cpuid_leaf)
+    }
+}
+
+impl DestinationHost for Refuser {
+    type Error = Incompatible;
+
+    fn place_pages(&mut self, _: u16, _: u64, _: &[u8]) -> Result<(), Incompatible> {
+        panic!("no page may be placed after a refused setup section")
+    }
+    fn place_zero_pages(&mut self, _: u16, _: u64, _: u64) -> Result<(), Incompatible> {
+        panic!("no page may be placed after a refused setup section")
+    }
+    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), Incompatible> {
+        Err(Incompatible { cpuid_leaf: 7 })
+    }
+}
+
+/// A setup-time section the host refuses (the compatibility record):
+/// the host's own error comes back to the caller, the migration fails
+/// with it in its description, and the source hears SHUT(1) instead of
+/// the PONG to its setup check, before any page.
+#[test]
+fn a_refused_setup_section_hands_back_the_host_error_before_any_ram() {
+    let l = layout(16);
+    let device = record(Record::Device(DeviceState {
+        id: crate::wire::DeviceId::new("cpu-model").unwrap(),
+        instance: 0,
+        version: 1,
+        data: &[1, 2, 3, 4],
+    }));
+    let stream = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        blocks(&l),
+        device,
+        record(Record::Command(Command::Ping(1))),
+        batch(0, &[(1, false)]),
+    ]
+    .concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let err = d.handle_input(Instant::ZERO, &stream, &mut Refuser);
+    assert_eq!(
+        err,
+        Err(HandleError::Host {
+            op: HostOp::LoadDevice,
+            error: Incompatible { cpuid_leaf: 7 }
+        })
+    );
+    assert_eq!(
+        err.unwrap_err().dest_error(),
+        DestError::Host(HostOp::LoadDevice)
+    );
+    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert_eq!(
+        d.stats().error_desc.as_str(),
+        "the VMM failed loading device state: CPUID leaf 0x7 differs"
+    );
+    let mut rp = [0u8; 64];
+    let n = d.poll_return_path(&mut rp);
+    // SWITCHOVER_ACK for the block list, then SHUT(1); no PONG.
+    let mut expected = [0u8; 64];
+    let a = RpMessage::SwitchoverAck.encode(&mut expected).unwrap();
+    let b = RpMessage::Shut { error: true }
+        .encode(&mut expected[a..])
+        .unwrap();
+    assert_eq!(&rp[..n], &expected[..a + b]);
+}
+
+/// A return path the caller does not drain fails the migration with a
+/// typed error instead of dropping messages, and the SHUT(1) that tells
+/// the source still fits.
+#[test]
+fn a_full_return_path_fails_the_migration_and_still_says_so() {
+    let l = layout(16);
+    let mut stream = [header(), record(Record::Command(Command::OpenReturnPath))].concat();
+    let ping = record(Record::Command(Command::Ping(9)));
+    // PONGs are 8 bytes: more than the queue holds.
+    for _ in 0..RETURN_PATH_QUEUE / 8 + 1 {
+        stream.extend_from_slice(&ping);
+    }
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let mut host = Recorder::default();
+    assert!(matches!(
+        feed(&mut d, Instant::ZERO, &stream, &mut host),
+        Err(DestError::ReturnPathFull { needed: 8, .. })
+    ));
+    assert_eq!(d.state(), MigrationStatus::Failed);
+    let mut rp = vec![0u8; RETURN_PATH_QUEUE];
+    let n = d.poll_return_path(&mut rp);
+    let mut shut = [0u8; 8];
+    RpMessage::Shut { error: true }.encode(&mut shut).unwrap();
+    assert_eq!(&rp[n - 8..n], &shut);
+    assert_eq!(d.poll_return_path(&mut rp), 0);
 }

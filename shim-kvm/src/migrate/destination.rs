@@ -50,7 +50,8 @@ use std::thread;
 use std::time::Duration;
 
 use livemig_core::destination::{
-    DestError, DestinationEngine, DestinationHost, HostError, PostcopyTracking, RequiredSection,
+    DestError, DestinationEngine, DestinationHost, HandleError, PostcopyHost as EnginePostcopyHost,
+    PostcopyTracking, RequiredSection,
 };
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
@@ -69,6 +70,7 @@ use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::Connection;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
+use crate::vmm::VmmError;
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -169,8 +171,6 @@ pub struct KvmHost<'a> {
     /// Pages written during this migration and not zeroed since: fresh
     /// memory reads as zero, so only these need zeroing for a zero page.
     placed: Vec<u64>,
-    /// The last host failure, in full (HostError carries a static text).
-    error: Option<String>,
     /// Set by the postcopy advise.
     postcopy: Option<PostcopyHost>,
     /// Where the fault thread wakes the migration thread.
@@ -189,7 +189,6 @@ impl<'a> KvmHost<'a> {
             ram,
             vcpu,
             placed: vec![0; pages.div_ceil(64) as usize],
-            error: None,
             postcopy: None,
             events,
             faults: Arc::new(Mutex::new(Vec::new())),
@@ -248,27 +247,26 @@ impl<'a> KvmHost<'a> {
         })
     }
 
-    fn fail(&mut self, what: &'static str, detail: impl std::fmt::Display) -> HostError {
-        self.error = Some(format!("{what}: {detail}"));
-        HostError { what, code: 0 }
-    }
-
-    fn ram_error(&mut self, e: impl std::fmt::Display) -> HostError {
-        self.fail("writing guest RAM", e)
-    }
-
     /// Guest RAM under userfaultfd, registering it (and starting the fault
     /// thread) on first use.
-    fn postcopy_ram(&mut self) -> Result<Arc<PostcopyRam>, HostError> {
+    fn postcopy_ram(&mut self) -> Result<Arc<PostcopyRam>, KvmHostError> {
         let Some(pc) = self.postcopy.as_mut() else {
-            return Err(self.fail("postcopy", "a postcopy command came before the advise"));
+            return Err(KvmHostError::new(
+                "postcopy",
+                "a postcopy command came before the advise",
+            ));
         };
         if let Some(ram) = &pc.ram {
             return Ok(Arc::clone(ram));
         }
         let ram = match PostcopyRam::register(Arc::clone(self.vm.ram())) {
             Ok(r) => Arc::new(r),
-            Err(e) => return Err(self.fail("registering guest RAM with userfaultfd", e)),
+            Err(e) => {
+                return Err(KvmHostError::new(
+                    "registering guest RAM with userfaultfd",
+                    e,
+                ));
+            }
         };
         let (events, faults) = (self.events.clone(), Arc::clone(&self.faults));
         let thread = ram.start_fault_thread(move |f| {
@@ -280,7 +278,7 @@ impl<'a> KvmHost<'a> {
         });
         let thread = match thread {
             Ok(t) => t,
-            Err(e) => return Err(self.fail("starting the postcopy fault thread", e)),
+            Err(e) => return Err(KvmHostError::new("starting the postcopy fault thread", e)),
         };
         if let Some(pc) = self.postcopy.as_mut() {
             pc.ram = Some(Arc::clone(&ram));
@@ -431,11 +429,47 @@ fn reset_dirty_log(vm: &Vm) -> Result<(), DirtyLogError> {
     Ok(())
 }
 
+/// A failure of the KVM destination host: what it was doing, and the
+/// error that stopped it (an errno, a userfaultfd failure, the vCPU's).
+#[derive(Debug)]
+pub struct KvmHostError {
+    what: &'static str,
+    source: VmmError,
+}
+
+impl KvmHostError {
+    fn new(what: &'static str, source: impl Into<VmmError>) -> Self {
+        KvmHostError {
+            what,
+            source: source.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for KvmHostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for KvmHostError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
 impl DestinationHost for KvmHost<'_> {
-    fn place_pages(&mut self, _block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
+    type Error = KvmHostError;
+
+    fn place_pages(
+        &mut self,
+        _block: u16,
+        first_page: u64,
+        data: &[u8],
+    ) -> Result<(), KvmHostError> {
         if let Some(ram) = self.registered() {
             if let Err(e) = ram.place(first_page * PAGE, data) {
-                return Err(self.fail("UFFDIO_COPY", e));
+                return Err(KvmHostError::new("UFFDIO_COPY", e));
             }
             self.installed(first_page, data.len() as u64 / PAGE);
             self.note_installed(first_page, data);
@@ -445,7 +479,7 @@ impl DestinationHost for KvmHost<'_> {
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let p = first_page + i as u64;
             if let Err(e) = self.ram.write(p * PAGE, chunk) {
-                return Err(self.ram_error(e));
+                return Err(KvmHostError::new("writing guest RAM", e));
             }
             self.mark(p, true);
         }
@@ -457,12 +491,12 @@ impl DestinationHost for KvmHost<'_> {
         _block: u16,
         first_page: u64,
         count: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<(), KvmHostError> {
         if let Some(ram) = self.registered() {
             // Under userfaultfd a page never written is missing, not zero:
             // every zero page is installed.
             if let Err(e) = ram.place_zero(first_page * PAGE, count * PAGE) {
-                return Err(self.fail("UFFDIO_ZEROPAGE", e));
+                return Err(KvmHostError::new("UFFDIO_ZEROPAGE", e));
             }
             self.installed(first_page, count);
             self.note_zero(first_page, count);
@@ -472,7 +506,7 @@ impl DestinationHost for KvmHost<'_> {
         for p in first_page..first_page.saturating_add(count) {
             if self.is_placed(p) {
                 if let Err(e) = self.ram.write(p * PAGE, &ZERO_PAGE) {
-                    return Err(self.ram_error(e));
+                    return Err(KvmHostError::new("writing guest RAM", e));
                 }
                 self.mark(p, false);
             }
@@ -480,46 +514,48 @@ impl DestinationHost for KvmHost<'_> {
         Ok(())
     }
 
-    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError> {
+    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), KvmHostError> {
         if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 {
-            self.error = Some(format!(
-                "unknown device '{}' instance {} in the stream",
-                device.id.as_str(),
-                device.instance
+            return Err(KvmHostError::new(
+                "unknown device",
+                format!(
+                    "'{}' instance {} in the stream",
+                    device.id.as_str(),
+                    device.instance
+                ),
             ));
-            return Err(HostError {
-                what: "unknown device",
-                code: 0,
-            });
         }
         if device.version != CPU_STATE_VERSION {
-            self.error = Some(format!(
-                "vCPU state version {} is not supported (this side loads version {CPU_STATE_VERSION})",
-                device.version
+            return Err(KvmHostError::new(
+                "vCPU state version",
+                format!(
+                    "{} is not supported (this side loads version {CPU_STATE_VERSION})",
+                    device.version
+                ),
             ));
-            return Err(HostError {
-                what: "vCPU state version",
-                code: 0,
-            });
         }
-        self.vcpu.load_state(device.data).map_err(|e| {
-            self.error = Some(format!("loading the vCPU state failed: {e}"));
-            HostError {
-                what: "vCPU state",
-                code: 0,
-            }
-        })
+        self.vcpu
+            .load_state(device.data)
+            .map_err(|e| KvmHostError::new("loading the vCPU state", e))
     }
+
+    fn postcopy(&mut self) -> Option<&mut dyn EnginePostcopyHost<Error = KvmHostError>> {
+        Some(self)
+    }
+}
+
+impl EnginePostcopyHost for KvmHost<'_> {
+    type Error = KvmHostError;
 
     fn postcopy_advise(
         &mut self,
         host_page_size: u64,
         target_page_size: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<(), KvmHostError> {
         if host_page_size != PAGE || target_page_size != PAGE {
-            return Err(self.fail(
+            return Err(KvmHostError::new(
                 "postcopy page size",
-                format_args!(
+                format!(
                     "the source uses {host_page_size}-byte host and {target_page_size}-byte \
                      target pages, this destination only {PAGE_SIZE}-byte pages"
                 ),
@@ -531,10 +567,10 @@ impl DestinationHost for KvmHost<'_> {
             .map_err(|e| e.to_string())
             .and_then(|r| PostcopyRam::register(Arc::new(r)).map_err(|e| e.to_string()));
         if let Err(e) = probe {
-            return Err(self.fail("postcopy needs userfaultfd", e));
+            return Err(KvmHostError::new("postcopy needs userfaultfd", e));
         }
         if let Err(e) = reset_dirty_log(self.vm) {
-            return Err(self.fail("resetting the dirty log", e));
+            return Err(KvmHostError::new("resetting the dirty log", e));
         }
         self.postcopy = Some(PostcopyHost {
             installed: vec![0; (self.ram.size() / PAGE) as usize],
@@ -543,22 +579,22 @@ impl DestinationHost for KvmHost<'_> {
         Ok(())
     }
 
-    fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostError> {
+    fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), KvmHostError> {
         let ram = self.postcopy_ram()?;
         ram.discard(range.first * PAGE, range.count * PAGE)
-            .map_err(|e| self.fail("discarding guest RAM", e))?;
+            .map_err(|e| KvmHostError::new("discarding guest RAM", e))?;
         self.note_zero(range.first, range.count);
         Ok(())
     }
 
-    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+    fn postcopy_listen(&mut self) -> Result<(), KvmHostError> {
         self.postcopy_ram().map(drop)
     }
 
-    fn postcopy_run(&mut self) -> Result<(), HostError> {
+    fn postcopy_run(&mut self) -> Result<(), KvmHostError> {
         let now = clock::monotonic_ns();
         if let Err(e) = self.vcpu.resume() {
-            return Err(self.fail("starting the vCPU", e));
+            return Err(KvmHostError::new("starting the vCPU", e));
         }
         if let Some(pc) = self.postcopy.as_mut() {
             pc.started_ns = Some(now);
@@ -605,7 +641,7 @@ fn spawn_reader(
 const QEMU_STREAM_MAGIC: &[u8; 4] = b"QEVM";
 
 /// An engine error in an operator's words.
-pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String {
+pub fn describe(err: &DestError, peer: &str) -> String {
     const MIB: u64 = 1 << 20;
     match err {
         DestError::BlockLengthMismatch {
@@ -629,10 +665,6 @@ pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String
         DestError::Decode(DecodeError::UnsupportedVersion { found, supported }) => format!(
             "livemig version mismatch: the source speaks stream version {found}, this destination {supported}"
         ),
-        DestError::Host(_) => match host_error {
-            Some(e) => format!("the destination failed: {e}"),
-            None => err.to_string(),
-        },
         DestError::UnexpectedEof(_) => format!("connection from {peer} lost: {err}"),
         DestError::Decode(DecodeError::TrailingData { len, what }) => format!(
             "the source {peer} sent {len} bytes {what}, where its stream must end: refused, \
@@ -816,9 +848,14 @@ fn run_receive_loop(
         let mut eof = false;
         let result = match event {
             Ok(Event::Bytes(buf, n)) => {
-                let r = engine
-                    .handle_input(now, buf.get(..n).unwrap_or_default(), host)
-                    .map(drop);
+                let r = match engine.handle_input(now, buf.get(..n).unwrap_or_default(), host) {
+                    Ok(_) => Ok(()),
+                    Err(HandleError::Dest(e)) => Err(e),
+                    Err(HandleError::Host { op, error: e }) => {
+                        error.get_or_insert_with(|| format!("the destination failed {op}: {e}"));
+                        Err(DestError::Host(op))
+                    }
+                };
                 // The reader is gone if this fails; the loop learns it from
                 // the end of the stream.
                 let _ = pool.send(buf);
@@ -841,7 +878,7 @@ fn run_receive_loop(
         });
         if let Err(e) = result {
             if error.is_none() && e != DestError::AlreadyFailed {
-                error = Some(describe(&e, conn.peer(), host.error.as_deref()));
+                error = Some(describe(&e, conn.peer()));
             }
         }
         if let Err(e) = flush_return_path(engine, conn, &mut out) {
@@ -1123,15 +1160,15 @@ mod tests {
             destination: 256 << 20,
         };
         assert_eq!(
-            describe(&e, "tcp:x:1", None),
+            describe(&e, "tcp:x:1"),
             "RAM size mismatch: the source has 512 MiB, this destination 256 MiB"
         );
         let e = DestError::Decode(DecodeError::BadMagic { found: *b"GET " });
-        assert!(describe(&e, "tcp:x:1", None).contains("not a livemig source"));
+        assert!(describe(&e, "tcp:x:1").contains("not a livemig source"));
         // Issue 8 item 9: a QEMU source is named as such.
         let e = DestError::Decode(DecodeError::BadMagic { found: *b"QEVM" });
         assert_eq!(
-            describe(&e, "tcp:x:1", None),
+            describe(&e, "tcp:x:1"),
             "the peer tcp:x:1 sent a QEMU migration stream, which livemig does not read \
              (migrate from a livemig source)"
         );
@@ -1139,11 +1176,6 @@ mod tests {
             found: 9,
             supported: 1,
         });
-        assert!(describe(&e, "tcp:x:1", None).contains("version mismatch"));
-        let e = DestError::Host(HostError {
-            what: "vCPU state",
-            code: 0,
-        });
-        assert!(describe(&e, "p", Some("loading the vCPU state failed: bad")).contains("bad"));
+        assert!(describe(&e, "tcp:x:1").contains("version mismatch"));
     }
 }

@@ -4,7 +4,7 @@
 //! the input has ended.
 
 use livemig_core::destination::{
-    DestinationEngine, DestinationHost, HostError, PostcopyTracking, RequiredSection,
+    DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection,
 };
 use livemig_core::state::MigrationStatus;
 use livemig_core::time::Instant;
@@ -37,7 +37,9 @@ impl BoundsHost {
 }
 
 impl DestinationHost for BoundsHost {
-    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
+    type Error = core::convert::Infallible;
+
+    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), Self::Error> {
         assert_eq!(data.len() % PAGE, 0, "a partial page");
         Self::check(block, first_page, (data.len() / PAGE) as u64);
         Ok(())
@@ -47,24 +49,32 @@ impl DestinationHost for BoundsHost {
         block: u16,
         first_page: u64,
         count: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<(), Self::Error> {
         Self::check(block, first_page, count);
         Ok(())
     }
-    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), HostError> {
+    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), Self::Error> {
         Ok(())
     }
-    fn postcopy_advise(&mut self, _host: u64, _target: u64) -> Result<(), HostError> {
+    fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = Self::Error>> {
+        Some(self)
+    }
+}
+
+impl PostcopyHost for BoundsHost {
+    type Error = core::convert::Infallible;
+
+    fn postcopy_advise(&mut self, _host: u64, _target: u64) -> Result<(), Self::Error> {
         Ok(())
     }
-    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostError> {
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), Self::Error> {
         Self::check(block, range.first, range.count);
         Ok(())
     }
-    fn postcopy_listen(&mut self) -> Result<(), HostError> {
+    fn postcopy_listen(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
-    fn postcopy_run(&mut self) -> Result<(), HostError> {
+    fn postcopy_run(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
 }

@@ -1,0 +1,163 @@
+//! What the destination engine asks of the VMM, and how the VMM's own
+//! failures come back to the caller.
+//!
+//! The host reports failures in its own type ([`DestinationHost::Error`]:
+//! an errno, a `UFFDIO_COPY` failure, a device's load error), and the
+//! engine hands that value back untouched in [`HandleError::Host`],
+//! beside which operation failed. The engine itself keeps only the
+//! operation ([`DestError::Host`]), so that [`DestError`] stays a small
+//! `Copy` value it can store and compare, and the core needs no heap to
+//! carry an error it does not understand.
+
+use core::fmt;
+
+use super::DestError;
+use crate::wire::{DeviceState, PageRange};
+
+/// What the VMM does with what arrives. Page ranges handed to it have been
+/// checked against the block's size.
+pub trait DestinationHost {
+    /// The VMM's own failure, handed back to the caller of
+    /// [`DestinationEngine::handle_input`](super::DestinationEngine::handle_input)
+    /// in [`HandleError::Host`].
+    type Error: fmt::Debug + fmt::Display;
+
+    /// Writes `data` (a whole number of pages) into block `block` starting
+    /// at page `first_page`.
+    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), Self::Error>;
+    /// Makes `count` pages of block `block` from `first_page` on read as
+    /// zero (a fresh destination's memory already does; a page placed
+    /// earlier in the migration must be zeroed).
+    fn place_zero_pages(
+        &mut self,
+        block: u16,
+        first_page: u64,
+        count: u64,
+    ) -> Result<(), Self::Error>;
+    /// Loads one device's state. Setup-time sections (the compatibility
+    /// record) arrive before any RAM: an error here refuses the source
+    /// before a page moves.
+    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), Self::Error>;
+
+    /// The postcopy half of this host, if it has one. A host without
+    /// postcopy keeps the default, and the engine refuses a source that
+    /// advises postcopy with [`DestError::PostcopyUnsupported`] before
+    /// anything is transferred.
+    fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = Self::Error>> {
+        None
+    }
+}
+
+/// What a destination that takes postcopy also does.
+pub trait PostcopyHost {
+    /// The VMM's own failure (the same type as its
+    /// [`DestinationHost::Error`]).
+    type Error: fmt::Debug + fmt::Display;
+
+    /// The source will use postcopy: prepare for it now (check that
+    /// userfaultfd is available, that the page sizes are supported), before
+    /// anything is transferred.
+    fn postcopy_advise(
+        &mut self,
+        host_page_size: u64,
+        target_page_size: u64,
+    ) -> Result<(), Self::Error>;
+
+    /// Drops the pages of `range` in block `block`: they were dirtied on
+    /// the source after being sent, so the next guest touch must fault and
+    /// fetch them (`MADV_DONTNEED` under userfaultfd).
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), Self::Error>;
+
+    /// Postcopy begins: from now on missing pages fault (register guest RAM
+    /// with userfaultfd in missing mode) and every page placed must be
+    /// installed atomically.
+    fn postcopy_listen(&mut self) -> Result<(), Self::Error>;
+
+    /// Start the vCPUs: the guest now runs on the destination, and its
+    /// faults go to
+    /// [`DestinationEngine::handle_page_fault`](super::DestinationEngine::handle_page_fault).
+    fn postcopy_run(&mut self) -> Result<(), Self::Error>;
+}
+
+/// Which host operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostOp {
+    /// [`DestinationHost::place_pages`].
+    PlacePages,
+    /// [`DestinationHost::place_zero_pages`].
+    PlaceZeroPages,
+    /// [`DestinationHost::load_device`].
+    LoadDevice,
+    /// [`PostcopyHost::postcopy_advise`].
+    PostcopyAdvise,
+    /// [`PostcopyHost::discard`].
+    Discard,
+    /// [`PostcopyHost::postcopy_listen`].
+    PostcopyListen,
+    /// [`PostcopyHost::postcopy_run`].
+    PostcopyRun,
+}
+
+impl fmt::Display for HostOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HostOp::PlacePages => "placing pages",
+            HostOp::PlaceZeroPages => "zeroing pages",
+            HostOp::LoadDevice => "loading device state",
+            HostOp::PostcopyAdvise => "preparing for postcopy",
+            HostOp::Discard => "discarding pages",
+            HostOp::PostcopyListen => "entering postcopy",
+            HostOp::PostcopyRun => "starting the guest",
+        })
+    }
+}
+
+/// Why [`DestinationEngine::handle_input`](super::DestinationEngine::handle_input)
+/// failed: the engine's own error, or the host's, handed back as the host
+/// returned it. Either way the migration has failed (the return path says
+/// so to the source).
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandleError<E> {
+    /// The stream or the protocol.
+    Dest(DestError),
+    /// The VMM failed.
+    Host {
+        /// The operation.
+        op: HostOp,
+        /// The host's error.
+        error: E,
+    },
+}
+
+impl<E> HandleError<E> {
+    /// The engine's view of the failure: the error itself, or
+    /// [`DestError::Host`] naming the operation.
+    pub fn dest_error(&self) -> DestError {
+        match self {
+            HandleError::Dest(e) => *e,
+            HandleError::Host { op, .. } => DestError::Host(*op),
+        }
+    }
+}
+
+impl<E> From<DestError> for HandleError<E> {
+    fn from(e: DestError) -> Self {
+        HandleError::Dest(e)
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for HandleError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandleError::Dest(e) => e.fmt(f),
+            HandleError::Host { op, error } => write!(f, "the VMM failed {op}: {error}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> core::error::Error for HandleError<E> {}
+
+/// Tags a host result with its operation.
+pub(super) fn by_host<E>(op: HostOp, r: Result<(), E>) -> Result<(), HandleError<E>> {
+    r.map_err(|error| HandleError::Host { op, error })
+}
