@@ -181,9 +181,35 @@ pub struct MigrationStats {
     pub ambiguous_end: Option<AmbiguousEnd>,
 }
 
+/// The `pct`-th percentile of the ascending `sorted` samples by the
+/// nearest-rank method: the sample of rank ⌈`pct` / 100 × n⌉ (at least 1),
+/// that is the smallest sample with at least `pct` % of all samples at or
+/// below it. Always one of the samples, never an interpolation; `None`
+/// without samples, and a `pct` above 100 is taken as 100. The one
+/// percentile definition of livemig (postcopy fault latencies use it).
+pub fn nearest_rank(sorted: &[u64], pct: u8) -> Option<u64> {
+    let pct = usize::from(pct.min(100));
+    let rank = (sorted.len() * pct).div_ceil(100).max(1);
+    sorted.get(rank - 1).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearest_rank_picks_a_sample_at_the_rank() {
+        assert_eq!(nearest_rank(&[], 50), None);
+        assert_eq!(nearest_rank(&[7], 0), Some(7));
+        assert_eq!(nearest_rank(&[7], 99), Some(7));
+        let v: [u64; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+        assert_eq!(nearest_rank(&v, 50), Some(5));
+        assert_eq!(nearest_rank(&v, 51), Some(6));
+        assert_eq!(nearest_rank(&v, 99), Some(10));
+        assert_eq!(nearest_rank(&v, 100), Some(10));
+        assert_eq!(nearest_rank(&v, 200), Some(10));
+        assert_eq!(nearest_rank(&v, 0), Some(1));
+    }
     use std::string::String;
 
     #[test]

@@ -58,6 +58,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use livemig_core::bitmap::{DirtyBitmap, words_for};
+use livemig_core::stats::nearest_rank;
 use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
@@ -417,8 +419,11 @@ pub struct PostcopyStats {
 
 /// Mutable state shared by the placing threads and the fault thread.
 struct State {
-    /// One bit per guest page: placed by this module or found present.
+    /// One bit per guest page (the core's bitmap layout): placed by this
+    /// module or found present.
     present: Vec<u64>,
+    /// Guest pages.
+    pages: u64,
     requested: RequestedPages,
     latencies_ns: Vec<u64>,
     blocktime: HashMap<i32, Duration>,
@@ -426,19 +431,19 @@ struct State {
 }
 
 impl State {
-    fn is_present(&self, gfn: u64) -> bool {
-        self.present
-            .get((gfn / 64) as usize)
-            .is_some_and(|w| w >> (gfn % 64) & 1 == 1)
+    /// The present pages, as the core's bitmap over this state's words.
+    fn present(&mut self) -> Option<DirtyBitmap<'_>> {
+        DirtyBitmap::new(&mut self.present, self.pages).ok()
+    }
+
+    fn is_present(&mut self, gfn: u64) -> bool {
+        self.present().is_some_and(|p| p.test(gfn))
     }
 
     fn set_present(&mut self, gfn: u64, on: bool) {
-        if let Some(w) = self.present.get_mut((gfn / 64) as usize) {
-            if on {
-                *w |= 1 << (gfn % 64);
-            } else {
-                *w &= !(1 << (gfn % 64));
-            }
+        if let Some(mut p) = self.present() {
+            // A page outside guest RAM has no bit: nothing to record.
+            let _ = if on { p.set(gfn) } else { p.clear(gfn) };
         }
     }
 
@@ -531,7 +536,8 @@ impl PostcopyRam {
         let pages = ram.size() / PAGE;
         Ok(PostcopyRam {
             state: Mutex::new(State {
-                present: vec![0; pages.div_ceil(64) as usize],
+                present: vec![0; words_for(pages)],
+                pages,
                 requested: RequestedPages::new(),
                 latencies_ns: Vec::new(),
                 blocktime: HashMap::new(),
@@ -764,8 +770,7 @@ impl PostcopyRam {
 
     /// Number of guest pages known to be present.
     pub fn present_pages(&self) -> u64 {
-        let st = lock(&self.state);
-        st.present.iter().map(|w| u64::from(w.count_ones())).sum()
+        lock(&self.state).present().map_or(0, |p| p.count())
     }
 
     /// Ends postcopy: unregisters every slot (faults are no longer caught,
@@ -806,8 +811,8 @@ impl PostcopyRam {
         out.blocktime.sort_unstable();
         lat.sort_unstable();
         out.latency_samples = lat.len();
-        out.latency_median_us = percentile(&lat, 50).map(|ns| ns as f64 / 1000.0);
-        out.latency_p99_us = percentile(&lat, 99).map(|ns| ns as f64 / 1000.0);
+        out.latency_median_us = nearest_rank(&lat, 50).map(|ns| ns as f64 / 1000.0);
+        out.latency_p99_us = nearest_rank(&lat, 99).map(|ns| ns as f64 / 1000.0);
         out
     }
 
@@ -903,12 +908,6 @@ impl Drop for PostcopyRam {
             let _ = self.unregister();
         }
     }
-}
-
-/// The `pct`-th percentile (nearest rank) of sorted `v`.
-fn percentile(v: &[u64], pct: usize) -> Option<u64> {
-    let rank = (v.len() * pct).div_ceil(100).max(1);
-    v.get(rank - 1).copied()
 }
 
 /// The guest-physical address of a "memory vanished" vCPU error, also when
@@ -1069,16 +1068,6 @@ mod tests {
         );
         assert_eq!(set.len(), 2);
         assert!(!set.is_empty());
-    }
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        assert_eq!(percentile(&[], 50), None);
-        assert_eq!(percentile(&[5], 99), Some(5));
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50), Some(50));
-        assert_eq!(percentile(&v, 99), Some(99));
-        assert_eq!(percentile(&v[..10], 99), Some(10));
     }
 
     #[test]

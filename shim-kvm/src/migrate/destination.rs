@@ -42,13 +42,13 @@
 //! fault latency (request sent → page installed) and per-thread blocktime
 //! are reported.
 
-use std::collections::HashMap;
 use std::net::Shutdown;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use livemig_core::bitmap::{DirtyBitmap, words_for};
 use livemig_core::destination::{
     DestError, DestinationEngine, DestinationHost, HandleError, PostcopyHost as EnginePostcopyHost,
     PostcopyTracking, RequiredSection,
@@ -153,9 +153,6 @@ struct PostcopyHost {
     /// Guest RAM under userfaultfd, from the first discard or the listen.
     ram: Option<Arc<PostcopyRam>>,
     fault_thread: Option<FaultThread>,
-    /// Page → `CLOCK_MONOTONIC` ns its request was sent.
-    requested: HashMap<u64, u64>,
-    latencies_ns: Vec<u64>,
     local_zero_fills: u64,
     started_ns: Option<u64>,
 }
@@ -170,7 +167,10 @@ pub struct KvmHost<'a> {
     vcpu: &'a Vcpu,
     /// Pages written during this migration and not zeroed since: fresh
     /// memory reads as zero, so only these need zeroing for a zero page.
+    /// One bit per guest page, in the core's bitmap layout.
     placed: Vec<u64>,
+    /// Guest pages.
+    pages: u64,
     /// Set by the postcopy advise.
     postcopy: Option<PostcopyHost>,
     /// Where the fault thread wakes the migration thread.
@@ -188,28 +188,32 @@ impl<'a> KvmHost<'a> {
             vm,
             ram,
             vcpu,
-            placed: vec![0; pages.div_ceil(64) as usize],
+            placed: vec![0; words_for(pages)],
+            pages,
             postcopy: None,
             events,
             faults: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
+    /// The placed pages, as the core's bitmap over this host's words.
+    fn placed(&mut self) -> Option<DirtyBitmap<'_>> {
+        DirtyBitmap::new(&mut self.placed, self.pages).ok()
+    }
+
     fn mark(&mut self, page: u64, placed: bool) {
-        if let Some(w) = self.placed.get_mut((page / 64) as usize) {
-            let bit = 1u64 << (page % 64);
-            if placed {
-                *w |= bit;
+        if let Some(mut bitmap) = self.placed() {
+            // A page outside guest RAM has no bit: the write was refused.
+            let _ = if placed {
+                bitmap.set(page)
             } else {
-                *w &= !bit;
-            }
+                bitmap.clear(page)
+            };
         }
     }
 
-    fn is_placed(&self, page: u64) -> bool {
-        self.placed
-            .get((page / 64) as usize)
-            .is_some_and(|w| w >> (page % 64) & 1 == 1)
+    fn is_placed(&mut self, page: u64) -> bool {
+        self.placed().is_some_and(|bitmap| bitmap.test(page))
     }
 
     /// Notes the digest of pages `first ..` installed from `data` (whole
@@ -239,11 +243,13 @@ impl<'a> KvmHost<'a> {
 
     /// Guest page numbers written during the load and not zeroed since:
     /// every other page of the fresh RAM is still zero.
-    pub fn placed_pages(&self) -> impl Iterator<Item = u64> + '_ {
-        self.placed.iter().enumerate().flat_map(|(w, &bits)| {
-            (0..64u64)
-                .filter(move |b| bits >> b & 1 == 1)
-                .map(move |b| w as u64 * 64 + b)
+    pub fn placed_pages(&mut self) -> impl Iterator<Item = u64> + '_ {
+        let bitmap = self.placed();
+        let mut next = 0;
+        std::iter::from_fn(move || {
+            let page = bitmap.as_ref()?.find_next_set(next)?;
+            next = page + 1;
+            Some(page)
         })
     }
 
@@ -291,30 +297,6 @@ impl<'a> KvmHost<'a> {
     /// placement must be atomic.
     fn registered(&self) -> Option<Arc<PostcopyRam>> {
         self.postcopy.as_ref()?.ram.clone()
-    }
-
-    /// Pages `first .. first + count` were installed: answered requests
-    /// yield their latency.
-    fn installed(&mut self, first: u64, count: u64) {
-        let Some(pc) = self.postcopy.as_mut() else {
-            return;
-        };
-        if pc.requested.is_empty() {
-            return;
-        }
-        let now = clock::monotonic_ns();
-        for page in first..first.saturating_add(count) {
-            if let Some(sent) = pc.requested.remove(&page) {
-                pc.latencies_ns.push(now.saturating_sub(sent));
-            }
-        }
-    }
-
-    /// A request for `page` went to the source just now.
-    fn requested(&mut self, page: u64) {
-        if let Some(pc) = self.postcopy.as_mut() {
-            pc.requested.insert(page, clock::monotonic_ns());
-        }
     }
 
     /// A fault on `page`, which arrived as a zero page in precopy and was
@@ -377,10 +359,11 @@ impl<'a> KvmHost<'a> {
                 .copied()
                 .collect();
         }
-        pc.latencies_ns.sort_unstable();
-        report.latency_samples = pc.latencies_ns.len();
-        report.latency_median_us = percentile_us(&pc.latencies_ns, 50);
-        report.latency_p99_us = percentile_us(&pc.latencies_ns, 99);
+        // The fault latencies are the userfaultfd layer's books (fault
+        // read → page placed), with the core's nearest-rank percentile.
+        report.latency_samples = report.faults.latency_samples;
+        report.latency_median_us = report.faults.latency_median_us;
+        report.latency_p99_us = report.faults.latency_p99_us;
         Ok(report)
     }
 }
@@ -389,12 +372,6 @@ impl<'a> KvmHost<'a> {
 fn is_vcpu_thread(tid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
         .is_ok_and(|name| name.starts_with("livemig-vcpu"))
-}
-
-/// The `pct`-th percentile (nearest rank) of sorted nanoseconds, in µs.
-fn percentile_us(sorted_ns: &[u64], pct: usize) -> Option<f64> {
-    let rank = (sorted_ns.len() * pct).div_ceil(100).max(1);
-    sorted_ns.get(rank - 1).map(|&ns| ns as f64 / 1000.0)
 }
 
 /// Reads every slot's dirty log into `words` (one bit per guest page).
@@ -471,7 +448,6 @@ impl DestinationHost for KvmHost<'_> {
             if let Err(e) = ram.place(first_page * PAGE, data) {
                 return Err(KvmHostError::new("UFFDIO_COPY", e));
             }
-            self.installed(first_page, data.len() as u64 / PAGE);
             self.note_installed(first_page, data);
             return Ok(());
         }
@@ -498,7 +474,6 @@ impl DestinationHost for KvmHost<'_> {
             if let Err(e) = ram.place_zero(first_page * PAGE, count * PAGE) {
                 return Err(KvmHostError::new("UFFDIO_ZEROPAGE", e));
             }
-            self.installed(first_page, count);
             self.note_zero(first_page, count);
             return Ok(());
         }
@@ -934,8 +909,7 @@ fn serve_faults(engine: &mut DestinationEngine<'_>, host: &mut KvmHost<'_>) -> R
             continue;
         }
         match engine.handle_page_fault(now, 0, page) {
-            Ok(true) => host.requested(page),
-            Ok(false) => {}
+            Ok(_) => {}
             Err(e) => return Err(format!("postcopy page fault: {e}")),
         }
     }
@@ -1098,13 +1072,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fault_latency_percentiles_are_nearest_rank_in_microseconds() {
-        assert_eq!(percentile_us(&[], 50), None);
-        let ns: Vec<u64> = (1..=200).map(|i| i * 1000).collect();
-        assert_eq!(percentile_us(&ns, 50), Some(100.0));
-        assert_eq!(percentile_us(&ns, 99), Some(198.0));
-        assert_eq!(percentile_us(&[42_500], 99), Some(42.5));
-        // This thread is not a vCPU thread.
+    fn this_test_thread_is_not_a_vcpu_thread() {
         // SAFETY: gettid has no arguments and cannot fail.
         assert!(!is_vcpu_thread(unsafe { libc::gettid() }));
     }
