@@ -15,7 +15,7 @@
 //! a [`ClearMap`] keeps one bit per chunk. After each fetch the chunks that
 //! came back dirty are marked ([`ClearMap::mark_from_log`]). When the sender
 //! is about to send a page, it first calls [`ClearMap::take`]: if the page's
-//! chunk is marked, the chunk is unmarked and its [`PageRange`] returned,
+//! chunk is marked, the chunk is unmarked and its [`Chunk`] returned,
 //! and the engine emits one clear action for it *before* the page contents
 //! are read. Each chunk is thus cleared at most once per fetch, just in time,
 //! and a chunk with nothing to send is never cleared at all.
@@ -72,7 +72,24 @@ pub const fn chunk_words(pages: u64, shift: u8) -> usize {
     words_for(chunk_count(pages, shift))
 }
 
-pub use crate::wire::PageRange;
+/// One chunk of a block's dirty log to clear: `count` pages from page
+/// `first`, aligned to the chunk size and clipped to the block. What
+/// [`ClearMap::take`] hands out and a VMM passes to `KVM_CLEAR_DIRTY_LOG`
+/// (with the fetched log as its mask).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// First page index.
+    pub first: u64,
+    /// Number of pages (the chunk size, less at the end of the block).
+    pub count: u64,
+}
+
+impl Chunk {
+    /// One past the last page.
+    pub fn end(&self) -> u64 {
+        self.first.saturating_add(self.count)
+    }
+}
 
 /// Why a [`ClearMap`] could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,11 +231,11 @@ impl<'a> ClearMap<'a> {
     }
 
     /// Claims the clear for `page`'s chunk: if the chunk is marked, unmarks
-    /// it and returns its page range (aligned to the chunk size, clipped to
+    /// it and returns its [`Chunk`] (aligned to the chunk size, clipped to
     /// the block); the caller must clear the dirty log for that range before
     /// reading `page`. Returns `None` if the chunk was already cleared since
     /// it was last marked, or if `page` is outside the block.
-    pub fn take(&mut self, page: u64) -> Option<PageRange> {
+    pub fn take(&mut self, page: u64) -> Option<Chunk> {
         if page >= self.pages {
             return None;
         }
@@ -227,7 +244,7 @@ impl<'a> ClearMap<'a> {
             return None;
         }
         let first = chunk << self.shift;
-        Some(PageRange {
+        Some(Chunk {
             first,
             count: self.chunk_pages().min(self.pages - first),
         })
@@ -318,7 +335,7 @@ mod tests {
         assert_eq!(ranges.len(), 16);
         assert_eq!(
             ranges[0],
-            PageRange {
+            Chunk {
                 first: 960,
                 count: 40
             }
@@ -479,7 +496,7 @@ mod tests {
         }
 
         /// KVM_CLEAR_DIRTY_LOG over `r` with the last fetched bits as mask.
-        fn apply_clear(&mut self, r: PageRange) {
+        fn apply_clear(&mut self, r: Chunk) {
             let chunk = r.first >> self.clear.shift();
             assert!(
                 self.cleared.insert(chunk),

@@ -695,17 +695,17 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     src.handle_sync_done(t).map_err(|e| setup_err("sync", e))?;
                     Ok(None)
                 }
-                SourceAction::ClearDirtyLog { block, range } => {
+                SourceAction::ClearDirtyLog { block, chunk } => {
                     let b = usize::from(block);
                     let mask = fetched
                         .get(b)
-                        .and_then(|w| w.get((range.first / 64) as usize..))
+                        .and_then(|w| w.get((chunk.first / 64) as usize..))
                         .ok_or_else(|| HarnessError(format!("clear outside block {b}")))?;
                     let block_pages = scenario.blocks.get(b).map_or(0, |spec| spec.pages);
                     audit
                         .borrow_mut()
-                        .cleared(b, range.first, range.count, block_pages);
-                    log.clear(b, range.first, range.count, mask)
+                        .cleared(b, chunk.first, chunk.count, block_pages);
+                    log.clear(b, chunk.first, chunk.count, mask)
                         .map_err(|e| setup_err("engine asked for an invalid clear", e))?;
                     Ok(None)
                 }

@@ -10,7 +10,7 @@ use core::fmt;
 
 use zerocopy::FromBytes;
 
-use super::message::{Be32Payload, PageRange, RpHeader};
+use super::message::{Be32Payload, ReqPagesRange, RpHeader};
 use super::{
     LenRule, RESUME_ACK_VALUE, RP_HEADER_LEN, RP_MAX_MESSAGE, RP_MAX_PAYLOAD, RpMessage,
     RpMessageType,
@@ -457,12 +457,12 @@ fn parse_payload(
         RpMessageType::Loaded => RpMessage::Loaded,
         RpMessageType::Interrupted => RpMessage::Interrupted { signal: be32()? },
         RpMessageType::ReqPages => {
-            let range = PageRange::read_from_bytes(payload).map_err(|_| bad_len)?;
+            let range = ReqPagesRange::read_from_bytes(payload).map_err(|_| bad_len)?;
             let (start, len) = check_range(range, page_size)?;
             RpMessage::ReqPages { start, len }
         }
         RpMessageType::ReqPagesId => {
-            let (range, id) = PageRange::read_from_prefix(payload).map_err(|_| bad_len)?;
+            let (range, id) = ReqPagesRange::read_from_prefix(payload).map_err(|_| bad_len)?;
             // QEMU checks the id framing before the range; so do we.
             let block = parse_id(kind, id)?;
             let (start, len) = check_range(range, page_size)?;
@@ -496,7 +496,7 @@ fn parse_id(kind: RpMessageType, bytes: &[u8]) -> Result<&str, RpDecodeError> {
 }
 
 /// Checks a page request: non-empty, whole pages, end representable.
-fn check_range(range: PageRange, page_size: u32) -> Result<(u64, u32), RpDecodeError> {
+fn check_range(range: ReqPagesRange, page_size: u32) -> Result<(u64, u32), RpDecodeError> {
     let start = range.start.get();
     let len = range.len.get();
     if len == 0 {

@@ -26,11 +26,12 @@ pub(crate) struct Be32Payload {
     pub(crate) value: U32,
 }
 
-/// A page range: the whole payload of `REQ_PAGES` and the prefix of
-/// `REQ_PAGES_ID`. Both fields are in bytes, relative to the RAM block.
+/// The byte range of a page request: the whole payload of `REQ_PAGES`
+/// and the prefix of `REQ_PAGES_ID`. Both fields are in bytes, relative to
+/// the RAM block (a [`crate::wire::PageRange`] counts pages instead).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
 #[repr(C)]
-pub(crate) struct PageRange {
+pub(crate) struct ReqPagesRange {
     pub(crate) start: U64,
     pub(crate) len: U32,
 }
@@ -175,8 +176,8 @@ impl RpMessage<'_> {
             Self::Shut { .. } | Self::Pong(_) | Self::ResumeAck | Self::Interrupted { .. } => {
                 size_of::<Be32Payload>()
             }
-            Self::ReqPages { .. } => size_of::<PageRange>(),
-            Self::ReqPagesId { block, .. } => size_of::<PageRange>() + 1 + block.len(),
+            Self::ReqPages { .. } => size_of::<ReqPagesRange>(),
+            Self::ReqPagesId { block, .. } => size_of::<ReqPagesRange>() + 1 + block.len(),
             Self::RecvBitmap { block } => 1 + block.len(),
             Self::SwitchoverAck | Self::Loaded => 0,
         }
@@ -252,8 +253,8 @@ fn be32(value: u32) -> Be32Payload {
     }
 }
 
-fn range(start: u64, len: u32) -> PageRange {
-    PageRange {
+fn range(start: u64, len: u32) -> ReqPagesRange {
+    ReqPagesRange {
         start: U64::new(start),
         len: U32::new(len),
     }

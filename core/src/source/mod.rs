@@ -78,7 +78,7 @@ use core::fmt;
 use core::time::Duration;
 
 use crate::capabilities::Capabilities;
-use crate::clear_map::PageRange;
+use crate::clear_map::Chunk;
 use crate::config::{ConfigError, MigrationConfig};
 use crate::return_path::{RpMessage, SignalName};
 use crate::state::MigrationStatus;
@@ -150,7 +150,7 @@ pub enum SourceAction<'e> {
     /// [`SourceEngine::handle_sync_done`]. Keep each fetched log: clears
     /// use it as their mask.
     SyncDirtyLog,
-    /// Clear the dirty log for the pages of `range` in block `block` whose
+    /// Clear the dirty log for the pages of `chunk` in block `block` whose
     /// bits were set in the last fetched log (KVM_CLEAR_DIRTY_LOG with that
     /// part of the fetched bitmap as its mask). Must happen before the next
     /// page is read.
@@ -158,7 +158,7 @@ pub enum SourceAction<'e> {
         /// Index of the block.
         block: u16,
         /// The chunk: aligned to the chunk size, clipped to the block.
-        range: PageRange,
+        chunk: Chunk,
     },
     /// Throttle the vCPUs to run `percent` % less (auto-converge); zero
     /// lifts the throttle.
@@ -1372,12 +1372,12 @@ impl<'a> SourceEngine<'a> {
                 continue;
             };
             if !self.vcpus_stopped {
-                if let Some(range) = t.clear.take(page) {
+                if let Some(chunk) = t.clear.take(page) {
                     self.scan.page = page;
                     self.stats.dirty_log_clears += 1;
                     return Some(SourceAction::ClearDirtyLog {
                         block: self.scan.block as u16,
-                        range,
+                        chunk,
                     });
                 }
             }

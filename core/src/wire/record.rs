@@ -106,8 +106,9 @@ pub enum Command<'a> {
 }
 
 /// A run of guest pages within a RAM block: `count` pages from page index
-/// `first`. The unit of a discard range on the wire, of a dirty-log clear,
-/// and of any other action that names a span of pages.
+/// `first`. The unit of a discard range on the wire and of the engines'
+/// page bookkeeping (requests, arrivals). A dirty-log clear is a
+/// [`Chunk`](crate::clear_map::Chunk) instead: aligned, of fixed size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageRange {
     /// First page index.

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use livemig_core::clear_map::PageRange;
+use livemig_core::clear_map::Chunk;
 use livemig_core::config::MigrationConfig;
 use livemig_core::return_path::{RpDecodeError, RpDecoder, RpMessage};
 use livemig_core::source::{
@@ -221,13 +221,13 @@ impl<'v> DirtyLog<'v> {
         Ok(&self.fetched)
     }
 
-    /// Clears `range` with the fetched bits as the mask (split per slot).
+    /// Clears `chunk` with the fetched bits as the mask (split per slot).
     /// In legacy mode the fetch already re-protected everything.
-    fn clear(&self, range: PageRange) -> Result<(), DirtyLogError> {
+    fn clear(&self, chunk: Chunk) -> Result<(), DirtyLogError> {
         if self.legacy {
             return Ok(());
         }
-        for (slot, first, count, block_page) in self.map.split(range.first, range.count) {
+        for (slot, first, count, block_page) in self.map.split(chunk.first, chunk.count) {
             let mask = self
                 .fetched
                 .get((block_page / 64) as usize..)
@@ -504,8 +504,8 @@ pub fn migrate(
                         format_args!("KVM_GET_DIRTY_LOG failed: {e}"),
                     ),
                 },
-                SourceAction::ClearDirtyLog { range, .. } => {
-                    if let Err(e) = log.clear(range) {
+                SourceAction::ClearDirtyLog { chunk, .. } => {
+                    if let Err(e) = log.clear(chunk) {
                         engine.handle_io_error(
                             clock::now(),
                             format_args!("KVM_CLEAR_DIRTY_LOG failed: {e}"),

@@ -80,10 +80,10 @@ pub fn source_accepts(data: &[u8]) -> bool {
                         .expect("sync was asked for");
                     engine.handle_sync_done(t).expect("sync was asked for");
                 }
-                Some(SourceAction::ClearDirtyLog { block, range }) => {
+                Some(SourceAction::ClearDirtyLog { block, chunk }) => {
                     assert_eq!(block, 0);
-                    assert!(range.end() <= PAGES && range.first % 64 == 0, "{range:?}");
-                    pending &= !(1 << (range.first / 64));
+                    assert!(chunk.end() <= PAGES && chunk.first % 64 == 0, "{chunk:?}");
+                    pending &= !(1 << (chunk.first / 64));
                 }
                 Some(SourceAction::SendPages { block, pages, .. }) => {
                     assert_eq!(block, 0);
