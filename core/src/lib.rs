@@ -48,7 +48,7 @@
 //! | [`source`] | the source engine, its actions, per-block tracking storage | the VMM's migration thread on the sending host |
 //! | [`destination`] | the destination engine and the [`DestinationHost`](destination::DestinationHost) trait that places pages and loads devices | the VMM on the receiving host |
 //! | [`config`], [`capabilities`], [`params`] | what a migration is asked to do: capability flags and their compatibility rules, parameters with QEMU's defaults and ranges, convergence limits; validated once, together | the VMM's management interface (QMP-like commands, CLI flags) |
-//! | [`state`] | the fifteen migration states, the table of legal transitions, and predicates | monitoring, the engines |
+//! | [`status`] | the fifteen migration statuses, the table of legal transitions, and predicates | monitoring, the engines |
 //! | [`stats`] | counters in the shape of QEMU's `query-migrate` | progress display, dashboards |
 //! | [`wire`] | the main stream: a zerocopy "packet" level (fixed headers) and a validated "representation" level ([`Record`](wire::Record)), and a decoder for arbitrarily chunked input | engines; tools that read or write captures |
 //! | [`return_path`] | the destination-to-source messages, byte-compatible with QEMU's | engines; the source's return-path reader |
@@ -104,7 +104,7 @@
 //! use livemig_core::source::{
 //!     BlockTracking, EndReason, PageReader, SourceAction, SourceEngine, MIN_SCRATCH,
 //! };
-//! use livemig_core::state::MigrationStatus;
+//! use livemig_core::status::MigrationStatus;
 //! use livemig_core::time::Instant;
 //! use livemig_core::wire::{self, BlockId, BlockInfo, DeviceId, DeviceState};
 //!
@@ -228,7 +228,7 @@ pub mod destination;
 pub mod params;
 pub mod return_path;
 pub mod source;
-pub mod state;
 pub mod stats;
+pub mod status;
 pub mod time;
 pub mod wire;

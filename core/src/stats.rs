@@ -6,7 +6,7 @@
 
 use core::fmt::Write as _;
 
-use crate::state::MigrationStatus;
+use crate::status::MigrationStatus;
 
 /// Longest error description kept; longer ones end in "..." so the cut is
 /// visible, never silent.

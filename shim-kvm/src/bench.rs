@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use livemig_core::config::MigrationConfig;
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
 use crate::clock;

@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
 

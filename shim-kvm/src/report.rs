@@ -8,8 +8,8 @@
 
 use std::io::{IsTerminal, Write};
 
-use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
+use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
 use crate::clock;
@@ -311,8 +311,8 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use livemig_core::state::MigrationStatus;
     use livemig_core::stats::AmbiguousEnd;
+    use livemig_core::status::MigrationStatus;
 
     #[test]
     fn json_uses_query_migrate_names() {

@@ -21,8 +21,8 @@ use livemig_core::destination::{
 };
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
-use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
+use livemig_core::status::MigrationStatus;
 use livemig_core::time::Instant;
 use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
@@ -627,7 +627,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         guest.run_until(&mut src_ram, &mut log, now)?;
         if !cancelled {
             let due = match scenario.cancel {
-                Some(CancelWhen::State(s)) => src.state() == s,
+                Some(CancelWhen::State(s)) => src.status() == s,
                 Some(CancelWhen::AfterBytes(n)) => fwd.bytes_sent() >= n,
                 None => false,
             };
@@ -638,7 +638,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             }
         }
         if let Some(at) = scenario.start_postcopy_at_ns {
-            if now >= at && src.state() == MigrationStatus::Active && !postcopy_asked {
+            if now >= at && src.status() == MigrationStatus::Active && !postcopy_asked {
                 postcopy_asked = true;
                 src.start_postcopy(Instant::from_nanos(now))
                     .map_err(|e| setup_err("start-postcopy", e))?;
@@ -723,7 +723,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     now += scenario.stop_cost_ns;
                     src.handle_vcpus_stopped(Instant::from_nanos(now))
                         .map_err(|e| setup_err("stop", e))?;
-                    if src.state() == MigrationStatus::PreSwitchover {
+                    if src.status() == MigrationStatus::PreSwitchover {
                         continue_at = Some(now + scenario.continue_after_ns);
                     }
                     Ok(None)
@@ -863,7 +863,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             !arrived
         });
         if let Some(g) = dest_guest.as_mut() {
-            if now > dest_ran_to && dst.state() != MigrationStatus::Failed {
+            if now > dest_ran_to && dst.status() != MigrationStatus::Failed {
                 let adv = g
                     .advance_until_fault(&mut dst_ram, &mut dest_log, dest_ran_to, now, |b, p| {
                         dst.is_completed() || dst.is_received(b as u16, p)
@@ -889,7 +889,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             progressed = true;
             let _ = back.send(now, &buf[..n]);
         }
-        if dst.state() == MigrationStatus::Failed && !back_closed {
+        if dst.status() == MigrationStatus::Failed && !back_closed {
             // A VMM closes the connection when the incoming migration fails,
             // after writing its SHUT(1); a source that never opened the
             // return path learns it this way.
@@ -925,7 +925,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             src.handle_peer_closed(t, format_args!("the destination closed the connection"));
         }
         let dst_done = matches!(
-            dst.state(),
+            dst.status(),
             MigrationStatus::Completed | MigrationStatus::Failed
         );
         if src.is_finished() && (dst_done || dst_eof_handled) && back.bytes_in_flight() == 0 {
@@ -967,8 +967,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         && dest_cpu == cpu_at_stop;
     // A failed postcopy stops the destination guest it had started.
     let destination_running =
-        dst.is_completed() || (dest_guest.is_some() && dst.state() != MigrationStatus::Failed);
-    let completed = dst.is_completed() && src.state() == MigrationStatus::Completed;
+        dst.is_completed() || (dest_guest.is_some() && dst.status() != MigrationStatus::Failed);
+    let completed = dst.is_completed() && src.status() == MigrationStatus::Completed;
     let destination_digest = dst.is_completed().then(|| dst_ram.digest());
     let mut first_difference = None;
     let mut memory_identical = false;

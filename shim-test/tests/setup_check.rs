@@ -4,7 +4,7 @@
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::source::EndReason;
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 
 const MIB_PAGES: u64 = 256;

@@ -70,7 +70,7 @@ pub fn assert_source_kept_guest(o: &Outcome) {
     assert!(o.clear_violations.is_empty(), "{:?}", o.clear_violations);
     assert_ne!(
         o.destination.status,
-        livemig_core::state::MigrationStatus::Completed,
+        livemig_core::status::MigrationStatus::Completed,
         "the destination must not consider itself complete"
     );
 }

@@ -4,7 +4,7 @@
 //! ends in "did not converge" with the guest running on the source, never
 //! in a longer stop.
 
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_sim::{LinkConfig, Scenario, run_migration};
 use livemig_tests::{MIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib};
 

@@ -4,7 +4,7 @@
 //! that stops answering.
 
 use livemig_core::capabilities::Capabilities;
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_sim::{CancelWhen, Outcome, Scenario, run_migration};
 use livemig_tests::{COMMIT_LEN, assert_source_kept_guest, assert_verified, dirtying, guest_gib};
 

@@ -8,8 +8,8 @@
 //! source says "committed".
 
 use livemig_core::capabilities::Capabilities;
-use livemig_core::state::MigrationStatus;
 use livemig_core::stats::AmbiguousEnd;
+use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, LinkConfig, Outcome, Scenario, run_migration};
 use livemig_tests::{COMMIT_LEN, MIB_PAGES, assert_verified, dirtying};
 

@@ -4,7 +4,7 @@
 //! with the destination guest's own writes replayed onto it.
 
 use livemig_core::capabilities::Capabilities;
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_sim::{Outcome, Scenario, run_migration};
 use livemig_tests::{assert_verified, dirtying, guest_gib, link};
 

@@ -4,7 +4,7 @@
 //! guest running on the source.
 
 use livemig_core::capabilities::Capabilities;
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_sim::run_migration;
 use livemig_tests::{
     GIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib, link,

@@ -47,8 +47,8 @@ pub use host::{DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
 
 use crate::return_path::{RP_MAX_MESSAGE, RpEncodeError, RpMessage, SignalName};
-use crate::state::MigrationStatus;
 use crate::stats::{AmbiguousEnd, MigrationStats};
+use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{
     BatchFlags, BlockInfo, BlockList, Command, DecodeError, PageBatch, PageKind, PageRange, Record,
@@ -370,7 +370,7 @@ pub struct DestinationEngine<'a> {
 struct Loader<'a> {
     layout: &'a [BlockInfo<'a>],
     postcopy: Option<&'a mut [PostcopyTracking<'a>]>,
-    state: MigrationStatus,
+    status: MigrationStatus,
     blocks_received: bool,
     return_path: bool,
     advised: bool,
@@ -427,7 +427,7 @@ impl<'a> DestinationEngine<'a> {
             loader: Loader {
                 layout,
                 postcopy: None,
-                state: MigrationStatus::None,
+                status: MigrationStatus::None,
                 blocks_received: false,
                 return_path: false,
                 advised: false,
@@ -476,10 +476,10 @@ impl<'a> DestinationEngine<'a> {
     /// Optional: without it the clock starts at the first byte.
     pub fn begin(&mut self, now: Instant) {
         let l = &mut self.loader;
-        if l.state == MigrationStatus::None {
+        if l.status == MigrationStatus::None {
             l.started_at = Some(now);
             l.last_input_at = now;
-            l.set_state(MigrationStatus::Active);
+            l.set_status(MigrationStatus::Active);
         }
     }
 
@@ -520,7 +520,7 @@ impl<'a> DestinationEngine<'a> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let l = &self.loader;
         let idle = matches!(
-            l.state,
+            l.status,
             MigrationStatus::Active | MigrationStatus::PostcopyActive
         )
         .then(|| l.last_input_at + l.idle_timeout);
@@ -537,7 +537,7 @@ impl<'a> DestinationEngine<'a> {
         let l = &self.loader;
         let idle = now - l.last_input_at;
         let running = matches!(
-            l.state,
+            l.status,
             MigrationStatus::Active | MigrationStatus::PostcopyActive
         );
         if running && idle >= l.idle_timeout {
@@ -559,9 +559,9 @@ impl<'a> DestinationEngine<'a> {
         Ok(())
     }
 
-    /// The current state.
-    pub fn state(&self) -> MigrationStatus {
-        self.loader.state
+    /// The migration's status.
+    pub fn status(&self) -> MigrationStatus {
+        self.loader.status
     }
 
     /// Statistics so far.
@@ -574,13 +574,13 @@ impl<'a> DestinationEngine<'a> {
     /// precopy, that is once the source's COMMIT has arrived; without it,
     /// at the end of the stream.
     pub fn is_completed(&self) -> bool {
-        self.loader.state == MigrationStatus::Completed
+        self.loader.status == MigrationStatus::Completed
     }
 
     /// True while the whole stream is loaded and LOADED has been queued,
     /// waiting for the source's COMMIT: the guest must stay paused.
     pub fn is_loaded(&self) -> bool {
-        self.loader.loaded_announced && self.loader.state == MigrationStatus::Active
+        self.loader.loaded_announced && self.loader.status == MigrationStatus::Active
     }
 
     /// Set when the migration failed after LOADED: the source may have
@@ -639,17 +639,17 @@ impl<'a> DestinationEngine<'a> {
         host: &mut H,
     ) -> Result<usize, HandleError<H::Error>> {
         let l = &mut self.loader;
-        if l.state == MigrationStatus::Failed {
+        if l.status == MigrationStatus::Failed {
             return Err(DestError::AlreadyFailed.into());
         }
-        if l.state == MigrationStatus::Completed {
+        if l.status == MigrationStatus::Completed {
             // The guest may already run here: report, change nothing.
             return match self.decoder.decode(input) {
                 Ok(decoded) => Ok(decoded.consumed),
                 Err(e) => Err(DestError::Decode(e).into()),
             };
         }
-        if l.state == MigrationStatus::None {
+        if l.status == MigrationStatus::None {
             self.begin(now);
         }
         let l = &mut self.loader;
@@ -709,7 +709,7 @@ impl<'a> DestinationEngine<'a> {
     /// source may already have committed, and failing here would leave the
     /// guest running nowhere; the wait for the commit has its own deadline.
     pub fn interrupt(&mut self, now: Instant, signal: u32) -> Result<bool, DestError> {
-        match self.loader.state {
+        match self.loader.status {
             MigrationStatus::Completed => Ok(false),
             MigrationStatus::Failed => Err(DestError::AlreadyFailed),
             MigrationStatus::PostcopyActive => Err(DestError::PostcopyCannotBeInterrupted),
@@ -724,7 +724,7 @@ impl<'a> DestinationEngine<'a> {
     /// The source closed the connection. After LOADED and before COMMIT
     /// that is [`DestError::CommitNotReceived`], an ambiguous end.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
-        match self.loader.state {
+        match self.loader.status {
             MigrationStatus::Completed => Ok(()),
             MigrationStatus::Failed => Err(DestError::AlreadyFailed),
             _ if self.loader.loaded_announced && self.decoder.finish().is_ok() => {
@@ -754,9 +754,9 @@ impl<'a> DestinationEngine<'a> {
 }
 
 impl Loader<'_> {
-    fn set_state(&mut self, to: MigrationStatus) {
-        if let Ok(next) = self.state.transition(to) {
-            self.state = next;
+    fn set_status(&mut self, to: MigrationStatus) {
+        if let Ok(next) = self.status.transition(to) {
+            self.status = next;
             self.stats.status = next;
         }
     }
@@ -775,7 +775,7 @@ impl Loader<'_> {
             self.stats.ram.mbps =
                 self.stats.ram.transferred as f64 * 8.0 / self.stats.total_time_ms as f64 / 1000.0;
         }
-        self.set_state(MigrationStatus::Completed);
+        self.set_status(MigrationStatus::Completed);
         self.waiting_since = None;
         if self.return_path {
             self.queue_final(&RpMessage::Shut { error: false });
@@ -813,11 +813,11 @@ impl Loader<'_> {
     /// Fails the migration with `e`, described by `desc` (the host's own
     /// error, when the host failed).
     fn fail_with(&mut self, now: Instant, e: DestError, desc: fmt::Arguments<'_>) -> DestError {
-        if self.state == MigrationStatus::None {
+        if self.status == MigrationStatus::None {
             // The connection closed (or timed out) before the first byte:
             // the incoming migration had begun all the same, and fails.
             self.started_at.get_or_insert(now);
-            self.set_state(MigrationStatus::Active);
+            self.set_status(MigrationStatus::Active);
         }
         self.update_time(now);
         self.stats.error_desc.set(desc);
@@ -825,7 +825,7 @@ impl Loader<'_> {
             // The source may have committed: it will never resume its copy.
             self.stats.ambiguous_end = Some(AmbiguousEnd::DestinationLoaded);
         }
-        self.set_state(MigrationStatus::Failed);
+        self.set_status(MigrationStatus::Failed);
         self.waiting_since = None;
         if self.return_path {
             let msg = match e {
@@ -904,7 +904,7 @@ impl Loader<'_> {
             }
             Record::EndOfStream => {
                 self.check_required()?;
-                if self.return_path && self.state == MigrationStatus::Active {
+                if self.return_path && self.status == MigrationStatus::Active {
                     self.end_loaded = true;
                     return Ok(Some(End::Loaded));
                 }
@@ -963,17 +963,17 @@ impl Loader<'_> {
                 }
             }
             Command::PostcopyListen => {
-                if !self.advised || self.state != MigrationStatus::Active {
+                if !self.advised || self.status != MigrationStatus::Active {
                     return Err(DestError::PostcopyUnexpected("listen without advise").into());
                 }
                 by_host(
                     HostOp::PostcopyListen,
                     postcopy_host(host)?.postcopy_listen(),
                 )?;
-                self.set_state(MigrationStatus::PostcopyActive);
+                self.set_status(MigrationStatus::PostcopyActive);
             }
             Command::PostcopyRun => {
-                if self.state != MigrationStatus::PostcopyActive {
+                if self.status != MigrationStatus::PostcopyActive {
                     return Err(DestError::PostcopyUnexpected("run before listen").into());
                 }
                 self.check_required()?;
@@ -1032,7 +1032,7 @@ impl Loader<'_> {
     }
 
     fn page_fault(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
-        if self.state != MigrationStatus::PostcopyActive {
+        if self.status != MigrationStatus::PostcopyActive {
             return Err(DestError::PostcopyUnexpected("page fault outside postcopy"));
         }
         let info = self

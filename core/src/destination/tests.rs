@@ -129,7 +129,7 @@ fn run(
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(l, &mut scratch);
     feed(&mut d, Instant::ZERO, stream, host)?;
-    Ok(d.state())
+    Ok(d.status())
 }
 
 #[test]
@@ -320,7 +320,7 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
     ]
     .concat();
     feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
-    assert_eq!(d.state(), MigrationStatus::PostcopyActive);
+    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
     assert_eq!(host.discards, [(0, ranges[0])]);
     assert!(!d.is_received(0, 4) && !d.is_received(0, 5) && d.is_received(0, 6));
     let t = Instant::from_millis(1);
@@ -382,7 +382,7 @@ fn a_connection_closed_before_the_first_byte_fails() {
         d.handle_eof(Instant::ZERO),
         Err(DestError::UnexpectedEof(_))
     ));
-    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert_eq!(d.status(), MigrationStatus::Failed);
     assert!(!d.stats().error_desc.is_empty());
 }
 
@@ -403,7 +403,7 @@ fn a_peer_that_never_sends_is_given_up_on() {
         d.handle_timeout(Instant::from_millis(105)),
         Err(DestError::SourceSilent { idle_ms: 100 })
     );
-    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert_eq!(d.status(), MigrationStatus::Failed);
 }
 
 #[test]
@@ -532,7 +532,7 @@ fn bytes_after_the_end_in_the_same_input_are_refused_before_completion() {
                 ..
             }))
         ));
-        assert_eq!(d.state(), MigrationStatus::Failed, "never completed");
+        assert_eq!(d.status(), MigrationStatus::Failed, "never completed");
     }
     // Once completed, later bytes are reported and change nothing.
     let mut scratch = vec![0; 1 << 20];
@@ -614,7 +614,7 @@ fn a_loaded_destination_that_gets_no_commit_is_ambiguous() {
         Err(DestError::CommitNotReceived)
     );
     assert_eq!(d.ambiguous_end(), Some(AmbiguousEnd::DestinationLoaded));
-    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert_eq!(d.status(), MigrationStatus::Failed);
     // The source falls silent.
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::new(&l, &mut scratch);
@@ -713,7 +713,7 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
     let n = d.poll_return_path(&mut out);
     assert_eq!(out[..n], [0, 7, 0, 0], "switchover approval only");
     assert_eq!(d.interrupt(Instant::ZERO, 15), Ok(true));
-    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert_eq!(d.status(), MigrationStatus::Failed);
     let n = d.poll_return_path(&mut out);
     assert_eq!(out[..n], [1, 1, 0, 4, 0, 0, 0, 15], "INTERRUPTED(SIGTERM)");
     assert_eq!(
@@ -753,7 +753,7 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
         d.interrupt(Instant::ZERO, 2),
         Err(DestError::PostcopyCannotBeInterrupted)
     );
-    assert_eq!(d.state(), MigrationStatus::PostcopyActive);
+    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
     assert_eq!(d.poll_return_path(&mut out), 0, "nothing sent");
     feed(
         &mut d,
@@ -832,7 +832,7 @@ fn a_refused_setup_section_hands_back_the_host_error_before_any_ram() {
         err.unwrap_err().dest_error(),
         DestError::Host(HostOp::LoadDevice)
     );
-    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert_eq!(d.status(), MigrationStatus::Failed);
     assert_eq!(
         d.stats().error_desc.as_str(),
         "the VMM failed loading device state: CPUID leaf 0x7 differs"
@@ -867,7 +867,7 @@ fn a_full_return_path_fails_the_migration_and_still_says_so() {
         feed(&mut d, Instant::ZERO, &stream, &mut host),
         Err(DestError::ReturnPathFull { needed: 8, .. })
     ));
-    assert_eq!(d.state(), MigrationStatus::Failed);
+    assert_eq!(d.status(), MigrationStatus::Failed);
     let mut rp = vec![0u8; RETURN_PATH_QUEUE];
     let n = d.poll_return_path(&mut rp);
     let mut shut = [0u8; 8];

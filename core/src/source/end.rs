@@ -4,7 +4,7 @@
 use core::fmt;
 
 use crate::return_path::SignalName;
-use crate::state::MigrationStatus;
+use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::EncodeError;
 

@@ -81,8 +81,8 @@ use crate::capabilities::Capabilities;
 use crate::clear_map::Chunk;
 use crate::config::{ConfigError, MigrationConfig};
 use crate::return_path::{RpMessage, SignalName};
-use crate::state::MigrationStatus;
 use crate::stats::{AmbiguousEnd, MigrationStats};
+use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{self, BatchFlags, BlockInfo, BlockList, Command, Record};
 
@@ -218,7 +218,7 @@ pub enum SourceError {
         /// The input.
         event: &'static str,
         /// The engine's state when it arrived.
-        state: MigrationStatus,
+        status: MigrationStatus,
     },
     /// A block index outside the block list.
     NoSuchBlock(u16),
@@ -257,8 +257,8 @@ impl fmt::Display for SourceError {
                     "tracking for block {block} does not match its size or shift"
                 )
             }
-            SourceError::UnexpectedEvent { event, state } => {
-                write!(f, "{event} is not expected in state {state}")
+            SourceError::UnexpectedEvent { event, status } => {
+                write!(f, "{event} is not expected in status {status}")
             }
             SourceError::NoSuchBlock(b) => write!(f, "no RAM block with index {b}"),
             SourceError::PostcopyCannotBeCancelled => write!(
@@ -343,7 +343,7 @@ pub struct SourceEngine<'a> {
     layout: &'a [BlockInfo<'a>],
     tracking: &'a mut [BlockTracking<'a>],
     scratch: &'a mut [u8],
-    state: MigrationStatus,
+    status: MigrationStatus,
     step: Step,
     scan: Scan,
     convergence: Convergence,
@@ -411,7 +411,7 @@ impl<'a> SourceEngine<'a> {
             layout,
             tracking,
             scratch,
-            state: MigrationStatus::None,
+            status: MigrationStatus::None,
             step: Step::NotStarted,
             scan: Scan::new(total),
             convergence: Convergence::new(),
@@ -427,9 +427,9 @@ impl<'a> SourceEngine<'a> {
         })
     }
 
-    /// The current state.
-    pub fn state(&self) -> MigrationStatus {
-        self.state
+    /// The migration's status.
+    pub fn status(&self) -> MigrationStatus {
+        self.status
     }
 
     /// The effective configuration (capabilities implied by others added).
@@ -490,7 +490,7 @@ impl<'a> SourceEngine<'a> {
         self.now = now;
         self.convergence.dirty_period_start = now;
         self.meter.begin(now);
-        self.set_state(MigrationStatus::Setup);
+        self.set_status(MigrationStatus::Setup);
         self.step = Step::SendPreamble;
         Ok(())
     }
@@ -532,7 +532,7 @@ impl<'a> SourceEngine<'a> {
             SyncKind::Setup => {
                 self.stats.setup_time_ms = (now - self.started_at).as_millis() as u64;
                 self.meter.restart(now);
-                self.set_state(MigrationStatus::Active);
+                self.set_status(MigrationStatus::Active);
                 self.step = Step::Iterate;
             }
             SyncKind::Iteration => {
@@ -594,14 +594,14 @@ impl<'a> SourceEngine<'a> {
         self.vcpus_stopped = true;
         self.stopped_at = Some(now);
         if self.postcopy.switching {
-            self.set_state(MigrationStatus::PostcopyActive);
+            self.set_status(MigrationStatus::PostcopyActive);
             self.step = Step::Sync(SyncKind::Postcopy);
         } else if self
             .config
             .capabilities
             .contains(Capabilities::PAUSE_BEFORE_SWITCHOVER)
         {
-            self.set_state(MigrationStatus::PreSwitchover);
+            self.set_status(MigrationStatus::PreSwitchover);
             self.step = Step::AwaitContinue;
         } else {
             self.step = Step::Sync(SyncKind::Final);
@@ -616,7 +616,7 @@ impl<'a> SourceEngine<'a> {
             return Err(self.unexpected("continue"));
         }
         self.advance_clock(now);
-        self.set_state(MigrationStatus::Device);
+        self.set_status(MigrationStatus::Device);
         self.step = Step::Sync(SyncKind::Final);
         Ok(())
     }
@@ -754,8 +754,8 @@ impl<'a> SourceEngine<'a> {
         if self.end.committed && !matches!(self.step, Step::Done) {
             return Err(SourceError::AlreadyCommitted);
         }
-        if self.state.is_running() && !matches!(self.step, Step::Finish(_) | Step::Done) {
-            self.set_state(MigrationStatus::Cancelling);
+        if self.status.is_running() && !matches!(self.step, Step::Finish(_) | Step::Done) {
+            self.set_status(MigrationStatus::Cancelling);
             self.scan.batch.clear();
             self.postcopy.requests.clear();
             self.step = Step::Finish(EndReason::Cancelled);
@@ -945,16 +945,16 @@ impl<'a> SourceEngine<'a> {
     fn unexpected(&self, event: &'static str) -> SourceError {
         SourceError::UnexpectedEvent {
             event,
-            state: self.state,
+            status: self.status,
         }
     }
 
     /// Moves to `to` if the transition table allows it. The engine only
     /// asks for legal transitions; an illegal one is ignored rather than
     /// panicking, and the table's tests guard the list.
-    fn set_state(&mut self, to: MigrationStatus) {
-        if let Ok(next) = self.state.transition(to) {
-            self.state = next;
+    fn set_status(&mut self, to: MigrationStatus) {
+        if let Ok(next) = self.status.transition(to) {
+            self.status = next;
             self.stats.status = next;
         }
     }
@@ -977,7 +977,7 @@ impl<'a> SourceEngine<'a> {
                 }
             }
         }
-        if !matches!(self.step, Step::Done) && self.state != MigrationStatus::None {
+        if !matches!(self.step, Step::Done) && self.status != MigrationStatus::None {
             self.stats.total_time_ms = (self.now - self.started_at).as_millis() as u64;
         }
     }
@@ -1253,7 +1253,7 @@ impl<'a> SourceEngine<'a> {
         } else {
             self.stats.error_desc.set(reason);
         }
-        self.set_state(MigrationStatus::Failed);
+        self.set_status(MigrationStatus::Failed);
         self.scan.batch.clear();
         self.postcopy.requests.clear();
         self.step = Step::Finish(why);
@@ -1295,7 +1295,7 @@ impl<'a> SourceEngine<'a> {
                     self.stats.ram.transferred as f64 * 8.0 / transfer_ms as f64 / 1000.0;
             }
         }
-        self.set_state(status);
+        self.set_status(status);
         self.refresh_stats();
         self.step = Step::Done;
         self.end.reason = Some(reason);
@@ -1407,7 +1407,7 @@ impl<'a> SourceEngine<'a> {
         self.scan.first_pass_done = true;
         self.step = if live {
             Step::Sync(SyncKind::Iteration)
-        } else if self.state == MigrationStatus::PostcopyActive {
+        } else if self.status == MigrationStatus::PostcopyActive {
             Step::EndOfStream
         } else {
             Step::SaveDevices

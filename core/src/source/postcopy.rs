@@ -5,7 +5,7 @@
 
 use super::{EndReason, PageReader, SourceAction, SourceEngine, Step, Violation};
 use crate::capabilities::Capabilities;
-use crate::state::MigrationStatus;
+use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{self, BatchFlags, Command, DiscardRanges, PageRange, RECORD_HEADER_LEN, Record};
 
@@ -88,7 +88,10 @@ impl<'a> SourceEngine<'a> {
         {
             return Err(SourceError::PostcopyNotEnabled);
         }
-        if !matches!(self.state, MigrationStatus::Setup | MigrationStatus::Active) {
+        if !matches!(
+            self.status,
+            MigrationStatus::Setup | MigrationStatus::Active
+        ) {
             return Err(self.unexpected("start-postcopy"));
         }
         self.advance_clock(now);
@@ -245,7 +248,7 @@ impl<'a> SourceEngine<'a> {
 
     /// Validates and queues a page request from the return path.
     pub(super) fn handle_page_request(&mut self, block: Option<&str>, start: u64, len: u32) {
-        if self.state != MigrationStatus::PostcopyActive {
+        if self.status != MigrationStatus::PostcopyActive {
             self.fail(
                 EndReason::Protocol(Violation::RequestOutsidePostcopy),
                 format_args!("the destination requested pages but postcopy is not active"),

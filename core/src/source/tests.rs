@@ -121,7 +121,7 @@ fn a_page_request_outside_postcopy_fails_the_migration() {
             len: 4096,
         };
         s.handle_return_path(now, &msg).unwrap();
-        assert_eq!(s.state(), MigrationStatus::Failed);
+        assert_eq!(s.status(), MigrationStatus::Failed);
         assert!(
             s.stats()
                 .error_desc
@@ -153,7 +153,7 @@ fn an_interrupted_destination_fails_the_migration_and_the_guest_resumes_here() {
         s.start(now).unwrap();
         s.handle_return_path(now, &RpMessage::Interrupted { signal: 2 })
             .unwrap();
-        assert_eq!(s.state(), MigrationStatus::Failed);
+        assert_eq!(s.status(), MigrationStatus::Failed);
         assert_eq!(
             s.stats().error_desc.as_str(),
             "the destination was interrupted (SIGINT) and stopped loading the stream; \
@@ -344,7 +344,7 @@ fn before_the_commit_a_failure_resumes_the_guest() {
         s.handle_return_path(now, &RpMessage::Loaded).unwrap();
         s.cancel(now).unwrap();
         assert_eq!(drain(s, now), ["resume", "failed"]);
-        assert_eq!(s.state(), MigrationStatus::Cancelled);
+        assert_eq!(s.status(), MigrationStatus::Cancelled);
     });
 }
 
@@ -478,5 +478,5 @@ fn an_unencodable_record_fails_the_migration() {
     };
     let action = s.encode_failed(e);
     assert_eq!(action, SourceAction::Finished(EndReason::Encode(e)));
-    assert_eq!(s.state(), MigrationStatus::Failed);
+    assert_eq!(s.status(), MigrationStatus::Failed);
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_kvm::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_kvm::demo::{self, DemoError, GuestShape};
 use livemig_kvm::dirty_log::DirtyLogMode;

@@ -53,8 +53,8 @@ use livemig_core::destination::{
     DestError, DestinationEngine, DestinationHost, HandleError, PostcopyHost as EnginePostcopyHost,
     PostcopyTracking, RequiredSection,
 };
-use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
+use livemig_core::status::MigrationStatus;
 use livemig_core::wire::{self, DecodeError, DeviceState, PageRange};
 
 use super::{
@@ -865,7 +865,7 @@ fn run_receive_loop(
         }
         if eof
             || engine.is_completed()
-            || engine.state() == MigrationStatus::Failed
+            || engine.status() == MigrationStatus::Failed
             || error.is_some()
         {
             return error;
@@ -898,7 +898,7 @@ fn serve_faults(engine: &mut DestinationEngine<'_>, host: &mut KvmHost<'_>) -> R
         Ok(mut q) if !q.is_empty() => std::mem::take(&mut *q),
         _ => return Ok(()),
     };
-    if engine.state() != MigrationStatus::PostcopyActive {
+    if engine.status() != MigrationStatus::PostcopyActive {
         // Completed: the RAM is about to be unregistered, which wakes them.
         return Ok(());
     }

@@ -38,8 +38,8 @@ use livemig_core::return_path::{RpDecodeError, RpDecoder, RpMessage};
 use livemig_core::source::{
     BlockTracking, POSTCOPY_RUN_PING, PageReader, SourceAction, SourceEngine,
 };
-use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
+use livemig_core::status::MigrationStatus;
 use livemig_core::wire::{self, DeviceId};
 
 use super::{CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, SlotMap, ram_layout};
@@ -466,7 +466,7 @@ pub fn migrate(
             // Only precopy decides on them; after the stop (or the postcopy
             // switchover) the two system calls per action would be waste.
             if matches!(
-                engine.state(),
+                engine.status(),
                 MigrationStatus::Setup | MigrationStatus::Active
             ) {
                 report_link(&mut engine, &conn, options.stop_cost);
@@ -643,7 +643,7 @@ pub fn migrate(
             // once the engine has them. (Precopy has nothing urgent on the
             // return path, and draining there measurably slowed the first
             // pass of an idle 4 GiB guest: 90 -> 140 ms.)
-            while engine.state() == MigrationStatus::PostcopyActive
+            while engine.status() == MigrationStatus::PostcopyActive
                 && let Ok(ev) = events.try_recv()
             {
                 reader_done |= !matches!(ev, RpEvent::Bytes(..));
@@ -655,12 +655,12 @@ pub fn migrate(
         }
         progress(engine.stats());
         if engine.is_finished() {
-            break engine.state();
+            break engine.status();
         }
         let mut wait = engine
             .poll_timeout()
             .map_or(MAX_WAIT, |t| t.saturating_since(clock::now()).min(MAX_WAIT));
-        if engine.state() == MigrationStatus::PreSwitchover {
+        if engine.status() == MigrationStatus::PreSwitchover {
             let since = *paused_at.get_or_insert_with(clock::monotonic_ns);
             let paused = Duration::from_nanos(clock::monotonic_ns() - since);
             match options.switchover_pause.checked_sub(paused) {

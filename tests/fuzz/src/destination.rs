@@ -6,7 +6,7 @@
 use livemig_core::destination::{
     DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection,
 };
-use livemig_core::state::MigrationStatus;
+use livemig_core::status::MigrationStatus;
 use livemig_core::time::Instant;
 use livemig_core::wire::{
     self, BatchFlags, BlockId, BlockInfo, BlockList, Command, DeviceState, PageEntry, PageKind,
@@ -110,14 +110,14 @@ pub fn destination_accepts(data: &[u8]) -> bool {
         if engine.handle_input(now, piece, &mut BoundsHost).is_err() {
             break;
         }
-        if engine.state() == MigrationStatus::PostcopyActive {
+        if engine.status() == MigrationStatus::PostcopyActive {
             let page = u64::from(piece[0]) % (PAGES + 4);
             let _ = engine.handle_page_fault(now, 0, page);
         }
         while engine.poll_return_path(&mut out) > 0 {}
     }
     let _ = engine.handle_eof(Instant::from_millis(u64::MAX / 2));
-    let state = engine.state();
+    let state = engine.status();
     assert!(
         matches!(state, MigrationStatus::Completed | MigrationStatus::Failed),
         "ended in {state}"

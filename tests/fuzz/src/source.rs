@@ -180,7 +180,7 @@ pub fn source_accepts(data: &[u8]) -> bool {
         match engine.poll_action(Instant::from_nanos(now), &ram) {
             Some(SourceAction::Finished(end)) => {
                 assert_eq!(Some(end), engine.end_reason());
-                assert_eq!(end.status(), engine.state());
+                assert_eq!(end.status(), engine.status());
                 return end == EndReason::Completed;
             }
             Some(_) => {}
@@ -193,9 +193,9 @@ pub fn source_accepts(data: &[u8]) -> bool {
         }
     }
     assert!(
-        engine.is_finished() || !engine.state().is_running(),
+        engine.is_finished() || !engine.status().is_running(),
         "stuck in {}",
-        engine.state()
+        engine.status()
     );
     false
 }
