@@ -50,18 +50,19 @@
 //! placed) and per-thread blocktime (the sum of the waits of every thread
 //! that faulted), as in QEMU's postcopy blocktime statistics.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use livemig_core::bitmap::{DirtyBitmap, words_for};
-use livemig_core::stats::nearest_rank;
+use livemig_core::destination::{FaultBooks, FaultBooksError};
+use livemig_core::time::Instant;
 use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
 
+use crate::clock;
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 use crate::vcpu::VcpuError;
 
@@ -150,6 +151,8 @@ pub enum PostcopyError {
     Spawn(String),
     /// The fault thread panicked (in the forwarding callback).
     FaultThreadPanicked,
+    /// The fault books overflowed (see [`FaultBooksError`]).
+    Books(FaultBooksError),
     /// The vCPU exited with an MMIO access at `addr` inside postcopy RAM:
     /// KVM did not see the page and the fault never reached userfaultfd.
     FaultNotDelivered {
@@ -204,6 +207,7 @@ impl fmt::Display for PostcopyError {
                 write!(f, "postcopy fault thread: {op}: errno {errno}")
             }
             PostcopyError::Spawn(e) => write!(f, "spawning the postcopy fault thread: {e}"),
+            PostcopyError::Books(e) => write!(f, "postcopy fault books: {e}"),
             PostcopyError::FaultThreadPanicked => {
                 f.write_str("the postcopy fault thread panicked in its callback")
             }
@@ -303,90 +307,10 @@ pub struct Placed {
     pub already_present: u64,
 }
 
-/// Pages requested after a fault and not yet placed, with who waits for
-/// them: the deduplication a destination needs so that a page faulted by
-/// several threads (or refaulted after a signal) is requested once.
-///
-/// The engine keeps its own record of requests it sent; this set is the
-/// shim's view, keyed by guest page number, and also yields the timing of
-/// each resolved request.
-#[derive(Debug, Default)]
-pub struct RequestedPages {
-    pages: HashMap<u64, Request>,
-}
-
-#[derive(Debug)]
-struct Request {
-    first: Instant,
-    waiters: Vec<(i32, Instant)>,
-}
-
-impl RequestedPages {
-    /// An empty set.
-    pub fn new() -> Self {
-        RequestedPages::default()
-    }
-
-    /// Records that thread `tid` faulted on page `gfn` at `at`. Returns true
-    /// when the page was not requested yet: the caller must request it.
-    pub fn fault(&mut self, gfn: u64, tid: i32, at: Instant) -> bool {
-        match self.pages.get_mut(&gfn) {
-            Some(r) => {
-                if !r.waiters.iter().any(|&(t, _)| t == tid) {
-                    r.waiters.push((tid, at));
-                }
-                false
-            }
-            None => {
-                self.pages.insert(
-                    gfn,
-                    Request {
-                        first: at,
-                        waiters: vec![(tid, at)],
-                    },
-                );
-                true
-            }
-        }
-    }
-
-    /// Page `gfn` arrived at `at`: removes it from the set, calls `waited`
-    /// with each waiting thread and how long it waited, and returns the
-    /// request's latency (first fault → arrival). `None` if it was not
-    /// requested.
-    pub fn arrived(
-        &mut self,
-        gfn: u64,
-        at: Instant,
-        mut waited: impl FnMut(i32, Duration),
-    ) -> Option<Duration> {
-        let r = self.pages.remove(&gfn)?;
-        for (tid, since) in r.waiters {
-            waited(tid, at.saturating_duration_since(since));
-        }
-        Some(at.saturating_duration_since(r.first))
-    }
-
-    /// Whether page `gfn` is requested and not yet arrived.
-    pub fn contains(&self, gfn: u64) -> bool {
-        self.pages.contains_key(&gfn)
-    }
-
-    /// Number of outstanding requests.
-    pub fn len(&self) -> usize {
-        self.pages.len()
-    }
-
-    /// Whether no request is outstanding.
-    pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
-    }
-}
-
 /// Counters and timings of a [`PostcopyRam`] (see [`PostcopyRam::stats`]).
 ///
-/// One latency sample (8 bytes) is kept per resolved request, so the memory
-/// is bounded by the guest's page count.
+/// The waits, latencies and blocktime come from the core's
+/// [`FaultBooks`], whose latency storage is one word per guest page.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PostcopyStats {
     /// Page-fault events read from the userfaultfd.
@@ -418,15 +342,18 @@ pub struct PostcopyStats {
 }
 
 /// Mutable state shared by the placing threads and the fault thread.
+///
+/// The fault thread answers a refault without the engine (which the
+/// migration thread owns): on a paravirtual host a vCPU waiting for a page
+/// refaults in a loop, and every refault would otherwise be queued. So the
+/// books of who waits for what live here, in the core's [`FaultBooks`].
 struct State {
     /// One bit per guest page (the core's bitmap layout): placed by this
     /// module or found present.
     present: Vec<u64>,
     /// Guest pages.
     pages: u64,
-    requested: RequestedPages,
-    latencies_ns: Vec<u64>,
-    blocktime: HashMap<i32, Duration>,
+    books: FaultBooks<Vec<u64>>,
     stats: PostcopyStats,
 }
 
@@ -449,19 +376,13 @@ impl State {
 
     /// Pages `first .. first + n` are present as of `at`: resolves their
     /// requests.
-    fn arrived(&mut self, first: u64, n: u64, at: Instant) {
+    fn arrived(&mut self, first: u64, n: u64, at: Instant) -> Result<(), PostcopyError> {
         for gfn in first..first + n {
             self.set_present(gfn, true);
-            if self.requested.is_empty() {
-                continue;
-            }
-            let blocktime = &mut self.blocktime;
-            if let Some(lat) = self.requested.arrived(gfn, at, |tid, d| {
-                *blocktime.entry(tid).or_default() += d;
-            }) {
-                self.latencies_ns.push(lat.as_nanos() as u64);
-            }
         }
+        self.books
+            .placed(first, n, at)
+            .map_err(PostcopyError::Books)
     }
 }
 
@@ -538,9 +459,7 @@ impl PostcopyRam {
             state: Mutex::new(State {
                 present: vec![0; words_for(pages)],
                 pages,
-                requested: RequestedPages::new(),
-                latencies_ns: Vec::new(),
-                blocktime: HashMap::new(),
+                books: FaultBooks::new(vec![0; pages as usize]),
                 stats: PostcopyStats::default(),
             }),
             ram,
@@ -638,7 +557,7 @@ impl PostcopyRam {
             let done = done.min(len - off);
             if done > 0 {
                 stalls = 0;
-                self.installed(gpa + off as u64, done as u64 / PAGE, how, placed);
+                self.installed(gpa + off as u64, done as u64 / PAGE, how, placed)?;
                 off += done;
             }
             match errno {
@@ -658,7 +577,7 @@ impl PostcopyRam {
                     // Present already: whoever placed it woke its waiters,
                     // but a wake is cheap insurance against a lost one.
                     let _ = self.uffd.wake(page.cast(), PAGE_SIZE);
-                    self.already_present(gpa + off as u64, placed);
+                    self.already_present(gpa + off as u64, placed)?;
                     off += PAGE_SIZE;
                 }
                 Some(errno) => {
@@ -717,23 +636,29 @@ impl PostcopyRam {
         (usize::try_from(count).unwrap_or(0), errno)
     }
 
-    fn installed(&self, gpa: u64, pages: u64, how: Fill, placed: &mut Placed) {
+    fn installed(
+        &self,
+        gpa: u64,
+        pages: u64,
+        how: Fill,
+        placed: &mut Placed,
+    ) -> Result<(), PostcopyError> {
         placed.installed += pages;
-        let now = Instant::now();
+        let now = clock::now();
         let mut st = lock(&self.state);
         match how {
             Fill::Copy(_) => st.stats.pages_copied += pages,
             Fill::Zero => st.stats.pages_zeroed += pages,
         }
-        st.arrived(gpa / PAGE, pages, now);
+        st.arrived(gpa / PAGE, pages, now)
     }
 
-    fn already_present(&self, gpa: u64, placed: &mut Placed) {
+    fn already_present(&self, gpa: u64, placed: &mut Placed) -> Result<(), PostcopyError> {
         placed.already_present += 1;
-        let now = Instant::now();
+        let now = clock::now();
         let mut st = lock(&self.state);
         st.stats.already_present += 1;
-        st.arrived(gpa / PAGE, 1, now);
+        st.arrived(gpa / PAGE, 1, now)
     }
 
     /// Drops the pages of `gpa .. gpa + len` (`madvise(MADV_DONTNEED)`), so
@@ -802,17 +727,22 @@ impl PostcopyRam {
     /// A snapshot of the counters, fault latency percentiles and per-thread
     /// blocktime.
     pub fn stats(&self) -> PostcopyStats {
-        let st = lock(&self.state);
+        let mut st = lock(&self.state);
         let mut out = st.stats.clone();
-        out.outstanding = st.requested.len();
-        let mut lat = st.latencies_ns.clone();
-        out.blocktime = st.blocktime.iter().map(|(&t, &d)| (t, d)).collect();
+        out.outstanding = st.books.outstanding();
+        out.faults_duplicate = st.books.duplicates();
+        out.latency_samples = st.books.samples();
+        let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
+        out.latency_median_us = st.books.latency_percentile(50).map(us);
+        out.latency_p99_us = st.books.latency_percentile(99).map(us);
+        out.blocktime = st
+            .books
+            .blocktime()
+            .iter()
+            .map(|&(tid, d)| (tid as i32, d))
+            .collect();
         drop(st);
         out.blocktime.sort_unstable();
-        lat.sort_unstable();
-        out.latency_samples = lat.len();
-        out.latency_median_us = nearest_rank(&lat, 50).map(|ns| ns as f64 / 1000.0);
-        out.latency_p99_us = nearest_rank(&lat, 99).map(|ns| ns as f64 / 1000.0);
         out
     }
 
@@ -855,11 +785,15 @@ impl PostcopyRam {
             st.stats.faults_stale += 1;
             return Ok(None);
         }
-        if st.requested.fault(gfn, tid, at) {
+        // Thread ids are positive.
+        let first = st
+            .books
+            .fault(gfn, tid.unsigned_abs(), at)
+            .map_err(PostcopyError::Books)?;
+        if first {
             st.stats.faults_forwarded += 1;
             Ok(Some(Fault { gpa, tid, write }))
         } else {
-            st.stats.faults_duplicate += 1;
             Ok(None)
         }
     }
@@ -1006,7 +940,7 @@ fn fault_loop<F: FnMut(Fault)>(
         if rev & libc::POLLIN == 0 {
             continue;
         }
-        let at = Instant::now();
+        let at = clock::now();
         let events = ram
             .uffd
             .read_events(&mut buf)
@@ -1043,31 +977,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<UffdioZeropage>(), 32);
         assert_eq!(UFFDIO_COPY, 0xC028_AA03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xC020_AA04);
-    }
-
-    #[test]
-    fn requested_pages_dedupe_and_time_waiters() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let mut set = RequestedPages::new();
-        assert!(set.fault(7, 100, t0), "first fault requests the page");
-        assert!(!set.fault(7, 100, t0 + ms(1)), "refault of the same thread");
-        assert!(!set.fault(7, 200, t0 + ms(2)), "another thread waits too");
-        assert!(set.fault(8, 100, t0 + ms(3)));
-        assert_eq!(set.len(), 2);
-        assert!(set.contains(7) && !set.contains(9));
-        let mut waits = Vec::new();
-        let lat = set.arrived(7, t0 + ms(5), |t, d| waits.push((t, d)));
-        assert_eq!(lat, Some(ms(5)));
-        // The refault did not restart thread 100's wait.
-        assert_eq!(waits, vec![(100, ms(5)), (200, ms(3))]);
-        assert_eq!(set.arrived(7, t0 + ms(6), |_, _| panic!("no waiter")), None);
-        assert!(
-            set.fault(7, 300, t0 + ms(7)),
-            "requested again after arrival"
-        );
-        assert_eq!(set.len(), 2);
-        assert!(!set.is_empty());
     }
 
     #[test]

@@ -40,9 +40,11 @@
 use core::fmt;
 use core::time::Duration;
 
+mod faults;
 mod host;
 mod postcopy;
 
+pub use faults::{FaultBooks, FaultBooksError, MAX_WAITERS, MAX_WAITS};
 pub use host::{DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
 
