@@ -4,7 +4,8 @@
 //! the input has ended.
 
 use livemig_core::destination::{
-    DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection,
+    DestinationEngine, DestinationHost, HandleError, HostOp, PostcopyHost, PostcopyTracking,
+    RequiredSection,
 };
 use livemig_core::status::MigrationStatus;
 use livemig_core::time::Instant;
@@ -23,8 +24,23 @@ const REQUIRED: &[RequiredSection] = &[RequiredSection {
     instance: 0,
 }];
 
-/// A host that checks every request against the guest's bounds.
+/// A host that checks every request against the guest's bounds, and
+/// refuses a device whose state starts with [`REFUSED_DEVICE`] (as an
+/// incompatible compatibility record would be), with its own error.
 struct BoundsHost;
+
+/// The first byte of device state the fuzzed host refuses.
+const REFUSED_DEVICE: u8 = 0xee;
+
+/// The fuzzed host's own error.
+#[derive(Debug)]
+struct Refused;
+
+impl core::fmt::Display for Refused {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("the fuzzed host refuses this device state")
+    }
+}
 
 impl BoundsHost {
     fn check(block: u16, first: u64, count: u64) {
@@ -37,7 +53,7 @@ impl BoundsHost {
 }
 
 impl DestinationHost for BoundsHost {
-    type Error = core::convert::Infallible;
+    type Error = Refused;
 
     fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), Self::Error> {
         assert_eq!(data.len() % PAGE, 0, "a partial page");
@@ -53,8 +69,11 @@ impl DestinationHost for BoundsHost {
         Self::check(block, first_page, count);
         Ok(())
     }
-    fn load_device(&mut self, _device: &DeviceState<'_>) -> Result<(), Self::Error> {
-        Ok(())
+    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), Self::Error> {
+        match device.data.first() {
+            Some(&REFUSED_DEVICE) => Err(Refused),
+            _ => Ok(()),
+        }
     }
     fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = Self::Error>> {
         Some(self)
@@ -62,7 +81,7 @@ impl DestinationHost for BoundsHost {
 }
 
 impl PostcopyHost for BoundsHost {
-    type Error = core::convert::Infallible;
+    type Error = Refused;
 
     fn postcopy_advise(&mut self, _host: u64, _target: u64) -> Result<(), Self::Error> {
         Ok(())
@@ -107,8 +126,21 @@ pub fn destination_accepts(data: &[u8]) -> bool {
     let mut out = [0u8; 512];
     for (i, piece) in rest.chunks(chunk).enumerate() {
         let now = Instant::from_millis(i as u64);
-        if engine.handle_input(now, piece, &mut BoundsHost).is_err() {
-            break;
+        match engine.handle_input(now, piece, &mut BoundsHost) {
+            Ok(_) => {}
+            Err(HandleError::Host { op, error: Refused }) => {
+                // The host's own error came back, and the migration failed
+                // with its words.
+                assert_eq!(op, HostOp::LoadDevice);
+                assert_eq!(engine.status(), MigrationStatus::Failed);
+                assert!(
+                    engine.stats().error_desc.as_str().contains("refuses"),
+                    "{}",
+                    engine.stats().error_desc
+                );
+                break;
+            }
+            Err(HandleError::Dest(_)) => break,
         }
         if engine.status() == MigrationStatus::PostcopyActive {
             let page = u64::from(piece[0]) % (PAGES + 4);
@@ -200,7 +232,24 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
     ] {
         precopy.extend_from_slice(&p);
     }
-    vec![stream, short, precopy]
+    // A setup-time section the host refuses, before any page.
+    let mut refused = vec![5u8, 0, 0, 0, 0, 0, 0, 0, 0];
+    wire::encode_stream_header(&mut refused[1..]).expect("8 bytes");
+    for p in [
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::RamBlocks(BlockList::from_slice(&l))),
+        record(Record::Device(DeviceState {
+            id: BlockId::new("cpu-model").expect("valid id"),
+            instance: 0,
+            version: 1,
+            data: &[REFUSED_DEVICE, 0, 0, 1],
+        })),
+        record(Record::Command(Command::Ping(1))),
+        record(Record::EndOfStream),
+    ] {
+        refused.extend_from_slice(&p);
+    }
+    vec![stream, short, precopy, refused]
 }
 
 #[cfg(test)]
@@ -209,9 +258,13 @@ mod tests {
 
     #[test]
     fn the_corpus_completes_and_garbage_fails_cleanly() {
-        for input in destination_corpus() {
-            assert!(destination_accepts(&input));
+        let corpus = destination_corpus();
+        let (refused, valid) = corpus.split_last().expect("a corpus");
+        for input in valid {
+            assert!(destination_accepts(input));
         }
+        // Refused by the host, with its own error, before any page.
+        assert!(!destination_accepts(refused));
         assert!(!destination_accepts(&[3, 1, 2, 3, 4, 5, 6, 7, 8, 9]));
         assert!(!destination_accepts(&[]));
     }

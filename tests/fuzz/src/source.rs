@@ -150,7 +150,8 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     5 => RpMessage::SwitchoverAck,
                     6 => RpMessage::ResumeAck,
                     7 => RpMessage::Loaded,
-                    _ => RpMessage::Pong(u32::from(op)),
+                    // Reaches SETUP_CHECK_PING (1) and POSTCOPY_RUN_PING (4).
+                    _ => RpMessage::Pong(u32::from(op) % 5),
                 };
                 engine
                     .handle_return_path(t, &msg)
