@@ -459,9 +459,9 @@ impl PostcopyRam {
             state: Mutex::new(State {
                 present: vec![0; words_for(pages)],
                 pages,
-                // One latency word per page (a page is requested at most
-                // once); zeroed allocation, so only the words written take
-                // memory.
+                // One latency word per page: a migration requests a page
+                // once (its discards come before the guest runs). A zeroed
+                // allocation: only the words written take memory.
                 books: FaultBooks::new(vec![0; pages as usize]),
                 stats: PostcopyStats::default(),
             }),
