@@ -36,7 +36,7 @@ use livemig_core::clear_map::Chunk;
 use livemig_core::config::MigrationConfig;
 use livemig_core::return_path::{RpDecodeError, RpDecoder, RpMessage};
 use livemig_core::source::{
-    BlockTracking, POSTCOPY_RUN_PING, PageReader, SourceAction, SourceEngine,
+    BlockTracking, EndReason, POSTCOPY_RUN_PING, PageReader, SourceAction, SourceEngine,
 };
 use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
@@ -138,6 +138,9 @@ pub struct SourceReport {
     /// [`POSTCOPY_RUN_PING`] after the package arrived: the destination had
     /// started the guest by then.
     pub run_acked_ns: Option<u64>,
+    /// How the migration ended, as the engine reported it (`stats`
+    /// carries the same end in words, `error_desc`).
+    pub end_reason: Option<EndReason>,
 }
 
 impl SourceReport {
@@ -434,6 +437,7 @@ pub fn migrate(
         dirty_log_clears: 0,
         dirty_log_mode: vm.dirty_log_mode(),
         postcopy: false,
+        end_reason: None,
         package_sent_ns: None,
         run_acked_ns: None,
     };
@@ -698,6 +702,7 @@ pub fn migrate(
         return Err(MigrateError::Vcpu(e));
     }
     report.stats = engine.stats().clone();
+    report.end_reason = engine.end_reason();
     report.dirty_log_clears = vm.clear_calls() - clears_before;
     Ok(report)
 }
