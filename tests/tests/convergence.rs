@@ -4,6 +4,7 @@
 //! ends in "did not converge" with the guest running on the source, never
 //! in a longer stop.
 
+use livemig_core::source::{ConvergenceLimit, EndReason};
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{LinkConfig, Scenario, run_migration};
 use livemig_tests::{MIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib};
@@ -65,6 +66,11 @@ fn a_limit_below_the_fixed_cost_of_stopping_does_not_converge() {
         why.contains("did not converge") && why.contains("21 ms fixed cost"),
         "{why}"
     );
+    assert!(
+        matches!(o.end_reason, Some(EndReason::NotConverged(_))),
+        "{:?}",
+        o.end_reason
+    );
     assert_eq!(
         o.stop_digest, None,
         "the guest must never have been stopped"
@@ -86,6 +92,12 @@ fn a_guest_dirtying_faster_than_the_link_is_given_up_on_without_progress() {
     assert!(
         why.contains("did not converge") && why.contains("(no progress in 10)"),
         "{why}"
+    );
+    assert_eq!(
+        o.end_reason,
+        Some(EndReason::NotConverged(ConvergenceLimit::Stalled {
+            passes: 10
+        }))
     );
     assert!(why.ends_with("or postcopy"), "cut short: {why}");
     assert_eq!(

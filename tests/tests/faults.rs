@@ -4,6 +4,7 @@
 //! that stops answering.
 
 use livemig_core::capabilities::Capabilities;
+use livemig_core::source::{EndReason, Wait};
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{CancelWhen, Outcome, Scenario, run_migration};
 use livemig_tests::{COMMIT_LEN, assert_source_kept_guest, assert_verified, dirtying, guest_gib};
@@ -25,6 +26,7 @@ fn assert_cancelled(o: &Outcome) {
         "{:?}",
         o.source.error_desc
     );
+    assert_eq!(o.end_reason, Some(EndReason::Cancelled));
     assert_source_kept_guest(o);
 }
 
@@ -169,5 +171,6 @@ fn a_destination_that_stops_answering_times_out() {
         "{}",
         o.source.error_desc
     );
+    assert_eq!(o.end_reason, Some(EndReason::Timeout(Wait::Loaded)));
     assert_source_kept_guest(&o);
 }
