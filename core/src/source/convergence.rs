@@ -1,10 +1,14 @@
-//! What the switchover decision is made from: the threshold and the
+//! What the switchover decision is made from (the threshold and the
 //! bandwidth it comes from, the bytes still queued and the fixed cost of a
-//! stop, progress between passes, the send-queue drain wait, and the dirty
-//! rate.
+//! stop, progress between passes, the send-queue drain wait, the dirty
+//! rate, auto-converge's throttle) and the decision itself: stop, switch
+//! to postcopy, give up, or go on.
 
+use core::fmt;
 use core::time::Duration;
 
+use super::{ConvergenceLimit, EndReason, SLICE, SourceEngine, Step};
+use crate::capabilities::Capabilities;
 use crate::time::Instant;
 
 /// The source's convergence bookkeeping.
@@ -78,5 +82,240 @@ impl Throttle {
             high_dirty_rate_count: 0,
             last_sync_transferred: 0,
         }
+    }
+}
+
+impl SourceEngine<'_> {
+    /// Bytes per millisecond the stop-and-copy is expected to move.
+    pub(super) fn switchover_bytes_per_ms(&self) -> f64 {
+        let avail = self.config.parameters.avail_switchover_bandwidth;
+        if avail > 0 {
+            avail as f64 / 1000.0
+        } else {
+            self.convergence.bandwidth_bytes_per_ms
+        }
+    }
+
+    pub(super) fn update_threshold(&mut self) {
+        let limit_ms = self.config.parameters.downtime_limit_ms as f64;
+        let budget_ms = (limit_ms - self.convergence.stop_cost.as_secs_f64() * 1e3).max(0.0);
+        self.convergence.threshold_bytes = (self.switchover_bytes_per_ms() * budget_ms) as u64;
+    }
+
+    /// Bytes a stop now would still have to send: the dirty pages and
+    /// what is queued in the caller's send buffers.
+    pub(super) fn pending_bytes(&self) -> u64 {
+        self.scan
+            .remaining_bytes
+            .saturating_add(self.convergence.unsent_bytes)
+    }
+
+    /// Whether a stop now is expected to fit the downtime limit.
+    pub(super) fn fits_downtime(&self) -> bool {
+        let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
+        self.convergence.stop_cost <= limit && self.below_threshold(self.pending_bytes())
+    }
+
+    /// Whether `bytes` still to send fit the switchover threshold.
+    pub(super) fn below_threshold(&self, bytes: u64) -> bool {
+        bytes == 0 || bytes < self.convergence.threshold_bytes
+    }
+
+    /// The stop a switchover now would take: the fixed cost plus the
+    /// pending bytes at the measured bandwidth, in milliseconds (`None`
+    /// while there is data to send and no bandwidth measured yet).
+    pub(super) fn estimated_stop_ms(&self) -> Option<u64> {
+        let bytes_per_ms = self.switchover_bytes_per_ms();
+        let pending = self.pending_bytes();
+        let transfer_ms = if pending == 0 {
+            0.0
+        } else if bytes_per_ms > 0.0 {
+            pending as f64 / bytes_per_ms
+        } else {
+            return None;
+        };
+        Some((self.convergence.stop_cost.as_secs_f64() * 1e3 + transfer_ms) as u64)
+    }
+
+    /// Judges the pass that just ended: did it shrink the pending bytes
+    /// (by at least a sixteenth of the best so far), or raise the
+    /// throttle? Returns true once too many passes in a row did neither.
+    pub(super) fn stalled(&mut self) -> bool {
+        if self.stats.iterations == self.convergence.judged_iterations {
+            return false;
+        }
+        self.convergence.judged_iterations = self.stats.iterations;
+        let pending = self.pending_bytes();
+        let best = self.convergence.best_pending;
+        if best == u64::MAX || pending < best - best / 16 || self.throttle.pending {
+            self.convergence.best_pending = self.convergence.best_pending.min(pending);
+            self.convergence.stalled_iterations = 0;
+        } else {
+            self.convergence.stalled_iterations += 1;
+        }
+        self.config
+            .limits
+            .max_stalled_iterations
+            .is_some_and(|max| self.convergence.stalled_iterations >= max)
+    }
+
+    pub(super) fn account_dirty_rate(&mut self, now: Instant) {
+        self.convergence.dirty_period_pages += self.convergence.newly_dirty_this_sync;
+        let elapsed = now - self.convergence.dirty_period_start;
+        if elapsed >= Duration::from_millis(100) {
+            self.stats.ram.dirty_pages_rate = (self.convergence.dirty_period_pages as f64 * 1e9
+                / elapsed.as_nanos() as f64) as u64;
+            self.convergence.dirty_period_start = now;
+            self.convergence.dirty_period_pages = 0;
+        }
+    }
+
+    /// The seeds' auto-converge trigger: when the guest dirtied more than
+    /// half of what was sent since the last sync, twice in a row, throttle
+    /// it harder.
+    pub(super) fn auto_converge(&mut self) {
+        let transferred = self.stats.ram.transferred;
+        let sent_period = transferred - self.throttle.last_sync_transferred;
+        let page_size = self.stats.ram.page_size.max(1);
+        let dirtied_period = self
+            .convergence
+            .newly_dirty_this_sync
+            .saturating_mul(page_size);
+        self.throttle.last_sync_transferred = transferred;
+        if !self
+            .config
+            .capabilities
+            .contains(Capabilities::AUTO_CONVERGE)
+        {
+            return;
+        }
+        if dirtied_period > sent_period / 2 {
+            self.throttle.high_dirty_rate_count += 1;
+            if self.throttle.high_dirty_rate_count >= 2 {
+                self.throttle.high_dirty_rate_count = 0;
+                let p = &self.config.parameters;
+                self.throttle.percent = if self.throttle.percent == 0 {
+                    p.cpu_throttle_initial
+                } else {
+                    self.throttle
+                        .percent
+                        .saturating_add(p.cpu_throttle_increment)
+                        .min(p.max_cpu_throttle)
+                };
+                self.throttle.pending = true;
+            }
+        }
+    }
+
+    /// After an iteration sync: complete, give up, or go on.
+    pub(super) fn decide(&mut self) {
+        if self.convergence.bandwidth_bytes_per_ms == 0.0 {
+            // No slice has closed yet: a fast first pass would otherwise
+            // see a zero threshold and keep resending a working set that
+            // already fits the downtime limit.
+            if let Some(estimate) = self.meter.partial_bytes_per_ms(self.now) {
+                self.convergence.bandwidth_bytes_per_ms = estimate;
+                self.update_threshold();
+            }
+        }
+        if let Some(ms) = self.estimated_stop_ms() {
+            self.stats.expected_downtime_ms = ms;
+        }
+        let converged = self.fits_downtime();
+        // Passes that only wait for the destination's switchover-ack are
+        // not judged: the data already fits.
+        let stalled = !converged && self.stalled();
+        let acked = self.end.switchover_acked
+            || !self
+                .config
+                .capabilities
+                .contains(Capabilities::SWITCHOVER_ACK);
+        if converged && acked {
+            self.step = Step::StopVcpus;
+        } else if self.wants_postcopy() {
+            self.postcopy.switching = true;
+            self.step = Step::StopVcpus;
+        } else if stalled {
+            let passes = self.convergence.stalled_iterations;
+            self.fail_not_converged(ConvergenceLimit::Stalled { passes });
+        } else if self.iteration_limit_exceeded() {
+            self.fail_not_converged(ConvergenceLimit::Iterations);
+        } else if self.time_limit_exceeded() {
+            self.fail_not_converged(ConvergenceLimit::Time);
+        } else {
+            self.step = Step::Iterate;
+            self.convergence.drain_until = self.drain_deadline();
+        }
+    }
+
+    /// When only the send queue keeps the stop over the limit (the dirty
+    /// pages alone fit, or there are none), the time it takes the link to
+    /// drain the excess at the measured bandwidth, at most one slice (a
+    /// tenth of one while no bandwidth is measured): resending pages now
+    /// would only lengthen the queue, and passes with nothing to send would
+    /// spin.
+    pub(super) fn drain_deadline(&self) -> Option<Instant> {
+        let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
+        if self.convergence.unsent_bytes == 0
+            || !self.below_threshold(self.scan.remaining_bytes)
+            || self.convergence.stop_cost > limit
+        {
+            return None;
+        }
+        let bytes_per_ms = self.convergence.bandwidth_bytes_per_ms;
+        let wait = if bytes_per_ms > 0.0 {
+            let excess = self
+                .pending_bytes()
+                .saturating_sub(self.convergence.threshold_bytes)
+                + 1;
+            let ms = (excess as f64 / bytes_per_ms).min(SLICE.as_secs_f64() * 1e3);
+            Duration::from_nanos((ms * 1e6) as u64)
+        } else {
+            SLICE / 10
+        };
+        Some(self.now + wait)
+    }
+
+    pub(super) fn iteration_limit_exceeded(&self) -> bool {
+        self.config
+            .limits
+            .max_iterations
+            .is_some_and(|max| self.stats.iterations >= max)
+    }
+
+    pub(super) fn time_limit_exceeded(&self) -> bool {
+        self.config
+            .limits
+            .max_time_ms
+            .is_some_and(|ms| self.now - self.started_at >= Duration::from_millis(ms))
+    }
+
+    /// Gives up on precopy (`why`: which limit ended it); the message
+    /// says what a stop would have cost against the limit.
+    pub(super) fn fail_not_converged(&mut self, why: ConvergenceLimit) {
+        struct Estimate(Option<u64>);
+        impl fmt::Display for Estimate {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self.0 {
+                    Some(ms) => write!(f, "about {ms} ms"),
+                    None => f.write_str("an unknown time (no bandwidth measured yet)"),
+                }
+            }
+        }
+        let estimate = Estimate(self.estimated_stop_ms());
+        let mib = self.pending_bytes() as f64 / (1u64 << 20) as f64;
+        let iterations = self.stats.iterations;
+        let ms = (self.now - self.started_at).as_millis();
+        let cost = self.convergence.stop_cost.as_millis();
+        let limit = self.config.parameters.downtime_limit_ms;
+        self.fail(
+            EndReason::NotConverged(why),
+            format_args!(
+                "precopy did not converge after {iterations} iterations in {ms} ms ({why}): \
+                 a stop would take {estimate} ({mib:.1} MiB to send, {cost} ms fixed cost), \
+                 over the {limit} ms downtime-limit; try a higher downtime-limit or \
+                 max-bandwidth, auto-converge, or postcopy"
+            ),
+        );
     }
 }

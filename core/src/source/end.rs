@@ -1,9 +1,13 @@
 //! The end of a source migration: the handshake with the destination
-//! (LOADED, COMMIT, SHUT), and the typed reason the migration ended with.
+//! (LOADED, COMMIT, SHUT) and its deadline, failing, undoing what the
+//! migration did to the guest, and the typed reason it ended with.
 
 use core::fmt;
+use core::time::Duration;
 
+use super::{SourceAction, SourceEngine, Step};
 use crate::return_path::SignalName;
+use crate::stats::AmbiguousEnd;
 use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::EncodeError;
@@ -188,5 +192,109 @@ impl Handshake {
             sent_at: Instant::ZERO,
             reason: None,
         }
+    }
+}
+
+impl SourceEngine<'_> {
+    /// True while the engine waits for an answer from the destination that
+    /// the confirm timeout bounds.
+    pub(super) fn awaits_destination(&self) -> bool {
+        matches!(
+            self.step,
+            Step::AwaitSetupVerdict | Step::AwaitShut | Step::AwaitLoaded
+        )
+    }
+
+    /// A record did not encode into the scratch buffer: nothing of it was
+    /// handed out, and the stream cannot go on without it. Ends the
+    /// migration and returns the first action of its end.
+    pub(super) fn encode_failed(&mut self, e: EncodeError) -> SourceAction<'static> {
+        self.fail(
+            EndReason::Encode(e),
+            format_args!("a record could not be encoded: {e}"),
+        );
+        let reason = match self.step {
+            Step::Finish(reason) => reason,
+            _ => EndReason::Encode(e),
+        };
+        self.finish_step(reason)
+    }
+
+    pub(super) fn confirm_deadline(&self) -> Instant {
+        self.end.sent_at + Duration::from_millis(self.config.limits.confirm_timeout_ms)
+    }
+
+    /// Ends the migration with `why`, described by `reason`.
+    pub(super) fn fail(&mut self, why: EndReason, reason: fmt::Arguments<'_>) {
+        // A migration that is already ending keeps its first outcome and
+        // reason; only a completion whose last write has not been confirmed
+        // can still turn into a failure.
+        match self.step {
+            Step::Done => return,
+            Step::Finish(end) if end != EndReason::Completed || self.end.confirmed => {
+                return;
+            }
+            _ => {}
+        }
+        if self.postcopy.guest_on_destination {
+            self.stats.error_desc.set(format_args!(
+                "postcopy failed after the switchover ({reason}); the guest stays stopped \
+                 on the source, whose memory is no longer current"
+            ));
+        } else if self.end.committed {
+            self.stats.error_desc.set(format_args!(
+                "no confirmation after the commit ({reason}); the guest stays paused here"
+            ));
+            self.stats.ambiguous_end = Some(AmbiguousEnd::SourceCommitted);
+        } else {
+            self.stats.error_desc.set(reason);
+        }
+        self.set_status(MigrationStatus::Failed);
+        self.scan.batch.clear();
+        self.postcopy.requests.clear();
+        self.step = Step::Finish(why);
+    }
+
+    /// Undoes what the migration did to the guest before reporting the end:
+    /// vCPUs resumed unless the guest now lives on the destination, the
+    /// throttle lifted.
+    pub(super) fn finish_step(&mut self, reason: EndReason) -> SourceAction<'static> {
+        let status = reason.status();
+        // A failed postcopy leaves the guest stopped here: it has been
+        // running on the destination, and restarting the stale copy would
+        // run the guest twice.
+        // After the commit the destination may run it: the same.
+        if self.vcpus_stopped
+            && status != MigrationStatus::Completed
+            && !self.postcopy.guest_on_destination
+            && !self.end.committed
+        {
+            self.vcpus_stopped = false;
+            return SourceAction::ResumeVcpus;
+        }
+        if self.throttle.percent > 0 {
+            self.throttle.percent = 0;
+            return SourceAction::SetThrottle { percent: 0 };
+        }
+        if status == MigrationStatus::Completed {
+            let end = self.now;
+            // Postcopy measured its downtime at the switchover already.
+            if let (Some(stopped), None) = (self.stopped_at, self.stats.downtime_ms) {
+                self.stats.downtime_ms = Some((end - stopped).as_millis() as u64);
+            }
+            let transfer_ms = self
+                .stats
+                .total_time_ms
+                .saturating_sub(self.stats.setup_time_ms);
+            if transfer_ms > 0 {
+                self.stats.ram.mbps =
+                    self.stats.ram.transferred as f64 * 8.0 / transfer_ms as f64 / 1000.0;
+            }
+        }
+        self.set_status(status);
+        self.refresh_stats();
+        self.step = Step::Done;
+        self.end.reason = Some(reason);
+        SourceAction::Finished(reason)
     }
 }

@@ -1,8 +1,11 @@
 //! The scan over the dirty bitmaps: where the pass is, the batch being
-//! assembled, and how many dirty bytes are still to send.
+//! assembled, how many dirty bytes are still to send, and the scan itself
+//! (clears before reads, batches, the end of a pass).
 
-use super::BATCH_PAGES;
-use crate::wire::{PageEntry, PageKind};
+use super::{BATCH_PAGES, PageReader, SourceAction, SourceEngine, Step, SyncKind};
+use crate::capabilities::Capabilities;
+use crate::status::MigrationStatus;
+use crate::wire::{self, BatchFlags, PageEntry, PageKind};
 
 /// The source's position in its pass over the RAM blocks.
 pub(super) struct Scan {
@@ -90,6 +93,133 @@ impl Batch {
                     self.normal_len += 1;
                 }
             }
+        }
+    }
+}
+
+impl SourceEngine<'_> {
+    /// Scans for dirty pages and returns the next clear or batch.
+    /// `live`: the guest runs (precopy iterations) rather than being
+    /// stopped for the last pass.
+    pub(super) fn next_pages(
+        &mut self,
+        ram: &impl PageReader,
+        live: bool,
+    ) -> Option<SourceAction<'_>> {
+        if self.throttle.pending {
+            self.throttle.pending = false;
+            return Some(SourceAction::SetThrottle {
+                percent: self.throttle.percent,
+            });
+        }
+        if self.scan.batch.is_empty() && self.meter.exhausted() {
+            return None;
+        }
+        if live && self.scan.batch.is_empty() {
+            if let Some(until) = self.convergence.drain_until {
+                if self.now < until {
+                    return None;
+                }
+                self.convergence.drain_until = None;
+            }
+            // The seeds check convergence before every step, not only at the
+            // end of a pass: a sync is cheap and an early switchover saves a
+            // whole pass.
+            if self.fits_downtime() && self.scan.remaining_bytes > 0 {
+                return Some(self.begin_sync(SyncKind::Iteration));
+            }
+            if self.postcopy.requested {
+                // Still more than the threshold to send: switch now rather
+                // than at the end of the pass (the seeds' check runs before
+                // every iteration step too).
+                self.postcopy.switching = true;
+                self.step = Step::AwaitStopped;
+                return Some(SourceAction::StopVcpus);
+            }
+        }
+        loop {
+            let Some(t) = self.tracking.get_mut(self.scan.block) else {
+                // End of a pass over all blocks.
+                return Some(self.end_of_pass(live));
+            };
+            if !self.scan.batch.is_empty() && self.scan.batch.block != self.scan.block {
+                return Some(self.emit_batch(BatchFlags::empty()));
+            }
+            let Some(page) = t.dirty.find_next_set(self.scan.page) else {
+                self.scan.block += 1;
+                self.scan.page = 0;
+                continue;
+            };
+            if !self.vcpus_stopped {
+                if let Some(chunk) = t.clear.take(page) {
+                    self.scan.page = page;
+                    self.stats.dirty_log_clears += 1;
+                    return Some(SourceAction::ClearDirtyLog {
+                        block: self.scan.block as u16,
+                        chunk,
+                    });
+                }
+            }
+            t.dirty.test_and_clear(page);
+            let page_size = 1u64 << t.page_shift;
+            self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
+            let zero = self
+                .config
+                .capabilities
+                .contains(Capabilities::ZERO_PAGE_DETECTION)
+                && ram.is_zero_page(self.scan.block as u16, page);
+            self.scan.batch.block = self.scan.block;
+            self.scan.batch.push(page, zero);
+            self.scan.page = page + 1;
+            if self.scan.batch.is_full() {
+                return Some(self.emit_batch(BatchFlags::empty()));
+            }
+        }
+    }
+
+    pub(super) fn end_of_pass(&mut self, live: bool) -> SourceAction<'_> {
+        if !self.scan.batch.is_empty() {
+            return self.emit_batch(BatchFlags::empty());
+        }
+        self.scan.rewind();
+        self.stats.iterations += 1;
+        self.scan.first_pass_done = true;
+        self.step = if live {
+            Step::Sync(SyncKind::Iteration)
+        } else if self.status == MigrationStatus::PostcopyActive {
+            Step::EndOfStream
+        } else {
+            Step::SaveDevices
+        };
+        // Mark the iteration boundary on the stream: the destination counts
+        // passes, and a reader of a capture sees where each pass ends.
+        self.emit_batch(BatchFlags::END_OF_ITERATION)
+    }
+
+    pub(super) fn emit_batch(&mut self, flags: BatchFlags) -> SourceAction<'_> {
+        let block = self.scan.batch.block;
+        let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
+        let entries = &self.scan.batch.entries[..self.scan.batch.len];
+        let header_len =
+            match wire::encode_page_batch_header(self.scratch, block as u16, shift, flags, entries)
+            {
+                Ok(len) => len,
+                Err(e) => return self.encode_failed(e),
+            };
+        let normal = self.scan.batch.normal_len as u64;
+        let zero = self.scan.batch.len as u64 - normal;
+        let data = normal << shift;
+        self.stats.ram.normal += normal;
+        self.stats.ram.duplicate += zero;
+        self.stats.ram.normal_bytes += data;
+        self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
+        self.refresh_stats();
+        let pages_len = self.scan.batch.normal_len;
+        self.scan.batch.clear();
+        SourceAction::SendPages {
+            header: &self.scratch[..header_len],
+            block: block as u16,
+            pages: &self.scan.batch.normal[..pages_len],
         }
     }
 }

@@ -5,6 +5,7 @@ use std::vec;
 
 use super::*;
 use crate::capabilities::Capabilities;
+use crate::stats::AmbiguousEnd;
 use crate::wire::BlockId;
 
 struct AllZero;
