@@ -9,7 +9,10 @@
 //!   logging in manual-protect mode (fetch without re-protecting, then clear
 //!   64-page-aligned chunks with the fetched mask), legacy mode as fallback.
 //! - [`vcpu`]: the vCPU thread, pause/resume for the stop-and-copy, a dirty
-//!   rate throttle, and the register state as a device blob ([`state`]).
+//!   rate throttle, and its state as a device blob.
+//! - [`x86`]: the x86 state KVM keeps outside guest RAM — each vCPU's
+//!   registers, LAPIC and MSRs, the VM's irqchip, PIT and kvmclock — with
+//!   byte encodings, and the CPU model record a destination checks.
 //! - [`guest`]: the demo guest (a multiboot image that stamps and re-checks a
 //!   working set from ring 3) and its parameter block and ports.
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
@@ -25,7 +28,7 @@
 //!   times that demo against a raw TCP copy measured in the same run.
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
-//! `transport`, `clock`, `interrupt` and `postcopy`, each with a `// SAFETY:` line.
+//! `transport`, `clock`, `interrupt`, `postcopy` and `x86`, each with a `// SAFETY:` line.
 
 pub mod bench;
 pub mod clock;
@@ -38,8 +41,8 @@ pub mod migrate;
 pub mod options;
 pub mod postcopy;
 pub mod report;
-pub mod state;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
+pub mod x86;

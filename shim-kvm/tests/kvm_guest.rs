@@ -13,9 +13,9 @@ use common::{count_dirty, demo_vm, kvm_available, small_ws, wait_for};
 use livemig_kvm::dirty_log::{DirtyLogError, DirtyLogMode};
 use livemig_kvm::guest::GuestParams;
 use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
-use livemig_kvm::state::StateError;
 use livemig_kvm::vcpu::Vcpu;
 use livemig_kvm::vm::Vm;
+use livemig_kvm::x86::StateError;
 
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -265,7 +265,10 @@ fn state_calls_need_a_paused_vcpu_and_reject_bad_blobs() {
     ));
     let mut bad = blob.clone();
     bad[4] = 9;
-    assert_eq!(vcpu.load_state(&bad), Err(StateError::BadVersion(9)));
+    assert!(matches!(
+        vcpu.load_state(&bad),
+        Err(StateError::BadVersion { found: 9, .. })
+    ));
     vcpu.load_state(&blob).unwrap();
     vcpu.resume().unwrap();
     wait_for(&vcpu, TIMEOUT, "boot", |v| v.stats().booted.is_some());
