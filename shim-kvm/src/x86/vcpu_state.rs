@@ -154,7 +154,7 @@ pub enum FpuState {
 }
 
 /// Everything of one x86 vCPU that must travel with a migration.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct VcpuState {
     /// General-purpose registers, rip, rflags.
     pub regs: kvm_regs,
