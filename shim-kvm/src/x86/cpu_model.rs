@@ -95,9 +95,9 @@ pub enum Mismatch {
         index: u32,
         /// Which register.
         register: CpuidRegister,
-        /// The source's value.
+        /// The source's value, per-vCPU fields zeroed.
         source: u32,
-        /// The destination's value.
+        /// The destination's value, per-vCPU fields zeroed.
         destination: u32,
     },
 }
@@ -284,4 +284,124 @@ fn comparable(e: &kvm_cpuid_entry2) -> [u32; 4] {
         _ => {}
     }
     regs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::x86::wire::tests::rejects_prefixes_survives_flips;
+
+    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    fn model() -> CpuModel {
+        CpuModel {
+            cpuid: vec![
+                entry(0, 0, [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
+                entry(1, 0, [0x906ea, 0x0008_0800, 0xfffa_3203, 0x1f8b_fbff]),
+                entry(7, 0, [0, 0x029c_6fbf, 0x4, 0xbc00_0400]),
+                entry(0xb, 1, [4, 2, 0x201, 0]),
+                entry(0x8000_001e, 0, [0, 0x100, 0, 0]),
+            ],
+            tsc_khz: 2_000_000,
+            vcpus: 4,
+        }
+    }
+
+    fn encoded(m: &CpuModel) -> Vec<u8> {
+        let mut b = Vec::new();
+        m.encode(&mut b);
+        b
+    }
+
+    #[test]
+    fn roundtrips() {
+        let blob = encoded(&model());
+        assert_eq!(CpuModel::decode(&blob).unwrap(), model());
+    }
+
+    #[test]
+    fn every_prefix_is_rejected_and_no_flip_panics() {
+        rejects_prefixes_survives_flips(&encoded(&model()), CpuModel::decode);
+    }
+
+    #[test]
+    fn decoding_bounds_the_cpuid() {
+        let mut m = model();
+        m.cpuid = vec![entry(0, 0, [0; 4]); KVM_MAX_CPUID_ENTRIES + 1];
+        assert_eq!(
+            CpuModel::decode(&encoded(&m)).unwrap_err(),
+            StateError::TooMany {
+                what: "CPUID entries",
+                count: KVM_MAX_CPUID_ENTRIES + 1,
+                max: KVM_MAX_CPUID_ENTRIES
+            }
+        );
+        let mut w = Writer::new(MAGIC, VERSION);
+        w.section(TAG_VCPUS, &[1, 0, 0]);
+        let mut blob = Vec::new();
+        w.finish(&mut blob);
+        assert_eq!(
+            CpuModel::decode(&blob).unwrap_err(),
+            StateError::BadSectionLength {
+                blob: Blob::CpuModel,
+                tag: TAG_VCPUS,
+                len: 3
+            }
+        );
+    }
+
+    #[test]
+    fn per_vcpu_fields_are_ignored() {
+        let mut other = model();
+        other.cpuid[1].ebx ^= 0x0300_0000; // initial APIC ID
+        other.cpuid[3].edx = 7; // x2APIC ID
+        other.cpuid[4].eax = 3; // extended APIC ID
+        model().check(&other).unwrap();
+        other.cpuid[1].ebx ^= 0x0000_0100; // CLFLUSH size: not per vCPU
+        assert_eq!(
+            model().check(&other).unwrap_err().to_string(),
+            "CPUID function 0x1 index 0: EBX differs (source 0x80900, destination 0x80800)"
+        );
+    }
+
+    #[test]
+    fn the_first_difference_is_named() {
+        let here = model();
+        let mut src = model();
+        src.vcpus = 2;
+        src.tsc_khz = 2_100_000;
+        assert_eq!(
+            here.check(&src).unwrap_err().to_string(),
+            "vCPU count: source 2, destination 4"
+        );
+        src.vcpus = 4;
+        assert_eq!(
+            here.check(&src).unwrap_err().to_string(),
+            "TSC frequency: source 2100000 kHz, destination 2000000 kHz"
+        );
+        let mut src = model();
+        src.cpuid.pop();
+        assert_eq!(
+            here.check(&src).unwrap_err(),
+            Mismatch::CpuidLeaf {
+                function: 0x8000_001e,
+                index: 0,
+                on_source: false
+            }
+        );
+        assert_eq!(
+            here.check(&src).unwrap_err().to_string(),
+            "CPUID function 0x8000001e index 0: on the destination only"
+        );
+    }
 }

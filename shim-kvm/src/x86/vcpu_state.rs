@@ -150,7 +150,7 @@ pub enum FpuState {
     /// extended components (YMM upper halves at 576, ...).
     Xsave(Vec<u8>),
     /// `KVM_GET_FPU`'s x87/SSE state.
-    Fpu(kvm_fpu),
+    Fpu(Box<kvm_fpu>),
 }
 
 /// Everything of one x86 vCPU that must travel with a migration.
@@ -205,7 +205,7 @@ impl VcpuState {
                 let area = vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?;
                 FpuState::Xsave(area.region.as_bytes().to_vec())
             }
-            FpuAccess::Fpu => FpuState::Fpu(vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?),
+            FpuAccess::Fpu => FpuState::Fpu(Box::new(vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?)),
         };
         let indices = caps.msrs.indices();
         let mut msrs = msr_batch(indices.iter().map(|&index| (index, 0)))?;
@@ -306,7 +306,9 @@ impl VcpuState {
             match tag {
                 TAG_REGS => wire::set_once(&mut regs, B, tag, wire::pod(B, tag, body)?)?,
                 TAG_SREGS => wire::set_once(&mut sregs, B, tag, wire::pod(B, tag, body)?)?,
-                TAG_FPU => wire::set_once(&mut fpu, B, tag, FpuState::Fpu(decode_fpu(body)?))?,
+                TAG_FPU => {
+                    wire::set_once(&mut fpu, B, tag, FpuState::Fpu(Box::new(decode_fpu(body)?)))?
+                }
                 TAG_XSAVE => wire::set_once(&mut fpu, B, tag, decode_xsave(body)?)?,
                 TAG_XCRS => wire::set_once(&mut xcrs, B, tag, wire::pod(B, tag, body)?)?,
                 TAG_LAPIC => wire::set_once(&mut lapic, B, tag, wire::pod(B, tag, body)?)?,
@@ -485,4 +487,184 @@ fn decode_fpu(body: &[u8]) -> Result<kvm_fpu, StateError> {
     }
     fpu.mxcsr = r.u32()?;
     Ok(fpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use zerocopy::FromZeros;
+
+    use super::*;
+    use crate::x86::wire::tests::rejects_prefixes_survives_flips;
+
+    fn sample(fpu: FpuState) -> VcpuState {
+        let mut s = VcpuState {
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            fpu,
+            xcrs: Some(kvm_xcrs::default()),
+            lapic: Some(kvm_lapic_state::new_zeroed()),
+            msrs: vec![(msr::IA32_TSC, 12345), (msr::STAR, 7)],
+            mp_state: kvm_mp_state { mp_state: 3 },
+            events: kvm_vcpu_events::default(),
+            debugregs: kvm_debugregs::default(),
+        };
+        s.regs.rip = 0x10_0020;
+        s.sregs.cs.selector = 0x1b;
+        s.lapic.as_mut().unwrap().regs[0x80] = 0x50;
+        s.events.nmi.pending = 1;
+        s.debugregs.dr7 = 0x401;
+        s
+    }
+
+    fn xsave_sample() -> VcpuState {
+        let mut area = vec![0u8; LEGACY_XSAVE_LEN + 256];
+        area[600] = 0xaa;
+        sample(FpuState::Xsave(area))
+    }
+
+    fn fpu_sample() -> VcpuState {
+        let mut fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fpu.xmm[3][7] = 9;
+        let mut s = sample(FpuState::Fpu(Box::new(fpu)));
+        s.xcrs = None;
+        s.lapic = None;
+        s
+    }
+
+    fn encoded(s: &VcpuState) -> Vec<u8> {
+        let mut b = Vec::new();
+        s.encode(&mut b);
+        b
+    }
+
+    /// A blob of the given sections, in order.
+    fn blob_of(sections: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut w = Writer::new(MAGIC, VERSION);
+        for (tag, bytes) in sections {
+            w.section(*tag, bytes);
+        }
+        let mut out = Vec::new();
+        w.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn roundtrips() {
+        for s in [xsave_sample(), fpu_sample()] {
+            let blob = encoded(&s);
+            let back = VcpuState::decode(&blob).unwrap();
+            assert!(back == s);
+            assert_eq!(encoded(&back), blob);
+        }
+    }
+
+    #[test]
+    fn every_prefix_is_rejected_and_no_flip_panics() {
+        rejects_prefixes_survives_flips(&encoded(&fpu_sample()), VcpuState::decode);
+        let blob = encoded(&xsave_sample());
+        for len in 0..blob.len() {
+            assert!(VcpuState::decode(&blob[..len]).is_err(), "prefix {len}");
+        }
+    }
+
+    #[test]
+    fn sections_are_checked() {
+        let s = fpu_sample();
+        let regs = s.regs.as_bytes();
+        let err = |b: Vec<u8>| VcpuState::decode(&b).unwrap_err();
+        assert_eq!(
+            err(blob_of(&[(TAG_REGS, regs)])),
+            StateError::MissingSection {
+                blob: Blob::VcpuState,
+                tag: TAG_SREGS
+            }
+        );
+        assert_eq!(
+            err(blob_of(&[(TAG_REGS, regs), (TAG_REGS, regs)])),
+            StateError::DuplicateSection {
+                blob: Blob::VcpuState,
+                tag: TAG_REGS
+            }
+        );
+        let fpu = encode_fpu(&kvm_fpu::default());
+        let area = [0u8; LEGACY_XSAVE_LEN];
+        assert_eq!(
+            err(blob_of(&[(TAG_FPU, &fpu), (TAG_XSAVE, &area)])),
+            StateError::DuplicateSection {
+                blob: Blob::VcpuState,
+                tag: TAG_XSAVE
+            }
+        );
+        assert_eq!(
+            err(blob_of(&[(TAG_REGS, &regs[1..])])),
+            StateError::BadSectionLength {
+                blob: Blob::VcpuState,
+                tag: TAG_REGS,
+                len: regs.len() - 1
+            }
+        );
+        assert_eq!(
+            err(blob_of(&[(99, b"")])),
+            StateError::UnknownSection {
+                blob: Blob::VcpuState,
+                tag: 99
+            }
+        );
+        assert!(matches!(
+            err(blob_of(&[(TAG_FPU, &fpu[1..])])),
+            StateError::BadSectionLength { tag: TAG_FPU, .. }
+        ));
+    }
+
+    #[test]
+    fn msr_and_xsave_sizes_are_bounded() {
+        let err =
+            |tag: u32, bytes: &[u8]| VcpuState::decode(&blob_of(&[(tag, bytes)])).unwrap_err();
+        assert_eq!(
+            err(TAG_MSRS, &vec![0; MSR_LEN * (KVM_MAX_MSR_ENTRIES + 1)]),
+            StateError::TooMany {
+                what: "MSRs",
+                count: KVM_MAX_MSR_ENTRIES + 1,
+                max: KVM_MAX_MSR_ENTRIES
+            }
+        );
+        assert!(matches!(
+            err(TAG_MSRS, &[0; 13]),
+            StateError::BadSectionLength {
+                tag: TAG_MSRS,
+                len: 13,
+                ..
+            }
+        ));
+        for len in [
+            0,
+            100,
+            LEGACY_XSAVE_LEN - 4,
+            LEGACY_XSAVE_LEN + 2,
+            MAX_XSAVE_LEN + 4,
+        ] {
+            assert_eq!(
+                err(TAG_XSAVE, &vec![0; len]),
+                StateError::BadSectionLength {
+                    blob: Blob::VcpuState,
+                    tag: TAG_XSAVE,
+                    len
+                },
+                "XSAVE of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_section() {
+        let e = StateError::MissingSection {
+            blob: Blob::VcpuState,
+            tag: TAG_LAPIC,
+        };
+        assert_eq!(e.to_string(), "vCPU state section 10 (lapic) missing");
+    }
 }

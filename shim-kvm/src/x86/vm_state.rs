@@ -199,3 +199,112 @@ fn chip(tag: u32, body: &[u8]) -> Result<kvm_irqchip, StateError> {
     }
     Ok(chip)
 }
+
+#[cfg(test)]
+mod tests {
+    use zerocopy::FromZeros;
+
+    use super::*;
+    use crate::x86::wire::tests::rejects_prefixes_survives_flips;
+
+    fn chip_of(chip_id: u32) -> kvm_irqchip {
+        let mut c = kvm_irqchip::new_zeroed();
+        c.chip_id = chip_id;
+        c.as_mut_bytes()[10] = 0xfa;
+        c
+    }
+
+    fn sample(devices: bool) -> VmState {
+        let mut pit = kvm_pit_state2::default();
+        pit.channels[0].count = 0x1234;
+        VmState {
+            irqchip: devices.then(|| Irqchip {
+                pic_master: chip_of(KVM_IRQCHIP_PIC_MASTER),
+                pic_slave: chip_of(KVM_IRQCHIP_PIC_SLAVE),
+                ioapic: chip_of(KVM_IRQCHIP_IOAPIC),
+            }),
+            pit: devices.then_some(pit),
+            clock: kvm_clock_data {
+                clock: 99,
+                flags: KVM_CLOCK_REALTIME,
+                realtime: 5,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn encoded(s: &VmState) -> Vec<u8> {
+        let mut b = Vec::new();
+        s.encode(&mut b);
+        b
+    }
+
+    fn blob_of(sections: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut w = Writer::new(MAGIC, VERSION);
+        for (tag, bytes) in sections {
+            w.section(*tag, bytes);
+        }
+        let mut out = Vec::new();
+        w.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn roundtrips_with_and_without_devices() {
+        for devices in [true, false] {
+            let blob = encoded(&sample(devices));
+            let back = VmState::decode(&blob).unwrap();
+            assert_eq!(back.irqchip.is_some(), devices);
+            assert_eq!(
+                back.pit.map(|p| p.channels[0].count),
+                devices.then_some(0x1234)
+            );
+            assert_eq!(back.clock, sample(devices).clock);
+            assert_eq!(encoded(&back), blob);
+        }
+    }
+
+    #[test]
+    fn every_prefix_is_rejected_and_no_flip_panics() {
+        rejects_prefixes_survives_flips(&encoded(&sample(true)), VmState::decode);
+    }
+
+    #[test]
+    fn irqchip_sections_are_checked() {
+        let clock = kvm_clock_data::default();
+        let master = chip_of(KVM_IRQCHIP_PIC_MASTER);
+        let err = |b: Vec<u8>| VmState::decode(&b).unwrap_err();
+        assert_eq!(
+            err(blob_of(&[
+                (TAG_PIC_MASTER, master.as_bytes()),
+                (TAG_CLOCK, clock.as_bytes())
+            ])),
+            StateError::MissingSection {
+                blob: Blob::VmState,
+                tag: TAG_PIC_SLAVE
+            }
+        );
+        assert_eq!(
+            err(blob_of(&[(TAG_PIC_SLAVE, master.as_bytes())])),
+            StateError::BadChipId {
+                tag: TAG_PIC_SLAVE,
+                chip_id: KVM_IRQCHIP_PIC_MASTER
+            }
+        );
+        assert_eq!(
+            err(blob_of(&[])),
+            StateError::MissingSection {
+                blob: Blob::VmState,
+                tag: TAG_CLOCK
+            }
+        );
+        assert!(matches!(
+            err(blob_of(&[(TAG_PIT, &[0; 3])])),
+            StateError::BadSectionLength {
+                tag: TAG_PIT,
+                len: 3,
+                ..
+            }
+        ));
+    }
+}

@@ -204,3 +204,115 @@ pub(super) fn set_once<T>(
 pub(super) fn required<T>(slot: Option<T>, blob: Blob, tag: u32) -> Result<T, StateError> {
     slot.ok_or(StateError::MissingSection { blob, tag })
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    const MAGIC: u32 = 0x1234_5678;
+
+    fn blob() -> Vec<u8> {
+        let mut w = Writer::new(MAGIC, 3);
+        w.section(1, b"abc");
+        w.section(2, b"");
+        w.section(7, &[9; 20]);
+        let mut out = Vec::new();
+        w.finish(&mut out);
+        out
+    }
+
+    /// Asserts that `decode` rejects every proper prefix of `blob` and
+    /// every one-byte change of it without panicking (a change may still
+    /// decode: a register value is any value).
+    pub(in crate::x86) fn rejects_prefixes_survives_flips<T>(
+        blob: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, StateError>,
+    ) {
+        for len in 0..blob.len() {
+            assert!(decode(&blob[..len]).is_err(), "prefix of {len} bytes");
+        }
+        let mut b = blob.to_vec();
+        for at in 0..b.len() {
+            for x in [0x01, 0x80, 0xff] {
+                b[at] ^= x;
+                let _ = decode(&b);
+                b[at] ^= x;
+            }
+        }
+    }
+
+    #[test]
+    fn sections_come_back_in_order() {
+        let b = blob();
+        let s = sections(Blob::VmState, MAGIC, 3, &b).unwrap();
+        assert_eq!(
+            s,
+            vec![(1, &b"abc"[..]), (2, &b""[..]), (7, &[9u8; 20][..])]
+        );
+    }
+
+    #[test]
+    fn header_errors_are_typed() {
+        let b = blob();
+        let check = |b: &[u8]| sections(Blob::CpuModel, MAGIC, 3, b).unwrap_err();
+        assert_eq!(
+            check(&b[..5]),
+            StateError::Truncated {
+                blob: Blob::CpuModel,
+                needed: 6,
+                have: 5
+            }
+        );
+        let mut x = b.clone();
+        x[0] ^= 1;
+        assert!(matches!(check(&x), StateError::BadMagic { .. }));
+        let mut x = b.clone();
+        x[4] = 4;
+        assert_eq!(
+            check(&x),
+            StateError::BadVersion {
+                blob: Blob::CpuModel,
+                found: 4,
+                supported: 3
+            }
+        );
+        let mut x = b.clone();
+        x.push(0);
+        assert!(matches!(check(&x), StateError::LengthMismatch { .. }));
+        // One section fewer than there are leaves bytes over.
+        let mut x = b.clone();
+        x[6] = 2;
+        assert!(matches!(check(&x), StateError::LengthMismatch { .. }));
+        // One more than there are runs off the end.
+        let mut x = b.clone();
+        x[6] = 4;
+        assert!(matches!(check(&x), StateError::Truncated { .. }));
+        // A section length that lies is caught, not read past.
+        let mut x = b;
+        x[HEADER_LEN + 4] = 0xff;
+        assert!(matches!(check(&x), StateError::Truncated { .. }));
+    }
+
+    #[test]
+    fn lists_are_bounded() {
+        let bytes = [0u8; 12];
+        assert_eq!(
+            pod_list::<u32>(Blob::VcpuState, 4, &bytes, "things", 2).unwrap_err(),
+            StateError::TooMany {
+                what: "things",
+                count: 3,
+                max: 2
+            }
+        );
+        assert!(matches!(
+            pod_list::<u32>(Blob::VcpuState, 4, &bytes[..7], "things", 9),
+            Err(StateError::BadSectionLength { len: 7, .. })
+        ));
+        assert_eq!(
+            pod_list::<u32>(Blob::VcpuState, 4, &bytes, "things", 3)
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+}
