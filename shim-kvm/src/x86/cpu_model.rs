@@ -232,7 +232,8 @@ impl CpuModel {
     }
 
     /// Parses an encoding from [`CpuModel::encode`]; more CPUID entries
-    /// than KVM takes is [`StateError::TooMany`].
+    /// than KVM takes is [`StateError::TooMany`], a leaf listed twice
+    /// [`StateError::DuplicateCpuidLeaf`].
     pub fn decode(bytes: &[u8]) -> Result<CpuModel, StateError> {
         const B: Blob = Blob::CpuModel;
         let (mut vcpus, mut tsc_khz, mut cpuid) = (None, None, None);
@@ -241,8 +242,16 @@ impl CpuModel {
                 TAG_VCPUS => wire::set_once(&mut vcpus, B, tag, u32_section(tag, body)?)?,
                 TAG_TSC_KHZ => wire::set_once(&mut tsc_khz, B, tag, u32_section(tag, body)?)?,
                 TAG_CPUID => {
-                    let entries =
+                    let entries: Vec<kvm_cpuid_entry2> =
                         wire::pod_list(B, tag, body, "CPUID entries", KVM_MAX_CPUID_ENTRIES)?;
+                    for (i, e) in entries.iter().enumerate() {
+                        if find(&entries[..i], e).is_some() {
+                            return Err(StateError::DuplicateCpuidLeaf {
+                                function: e.function,
+                                index: e.index,
+                            });
+                        }
+                    }
                     wire::set_once(&mut cpuid, B, tag, entries)?
                 }
                 _ => return Err(StateError::UnknownSection { blob: B, tag }),
@@ -344,6 +353,15 @@ mod tests {
                 what: "CPUID entries",
                 count: KVM_MAX_CPUID_ENTRIES + 1,
                 max: KVM_MAX_CPUID_ENTRIES
+            }
+        );
+        let mut m = model();
+        m.cpuid.push(m.cpuid[2]);
+        assert_eq!(
+            CpuModel::decode(&encoded(&m)).unwrap_err(),
+            StateError::DuplicateCpuidLeaf {
+                function: 7,
+                index: 0
             }
         );
         let mut w = Writer::new(MAGIC, VERSION);

@@ -108,6 +108,14 @@ pub enum StateError {
         /// The chip id it carries.
         chip_id: u32,
     },
+    /// A CPU model lists one CPUID leaf twice, so a check would be
+    /// ambiguous.
+    DuplicateCpuidLeaf {
+        /// The leaf (EAX input).
+        function: u32,
+        /// The subleaf (ECX input).
+        index: u32,
+    },
     /// A list is longer than KVM accepts.
     TooMany {
         /// What is counted ("MSRs", "CPUID entries").
@@ -190,6 +198,10 @@ impl fmt::Display for StateError {
                 f,
                 "VM state section {tag} ({}) carries irqchip id {chip_id}",
                 section_name(Blob::VmState, *tag)
+            ),
+            StateError::DuplicateCpuidLeaf { function, index } => write!(
+                f,
+                "CPU model lists CPUID function {function:#x} index {index} twice"
             ),
             StateError::TooMany { what, count, max } => {
                 write!(f, "{count} {what}, more than the {max} KVM takes")
