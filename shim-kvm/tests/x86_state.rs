@@ -294,7 +294,7 @@ fn msr_value(st: &VcpuState, index: u32) -> u64 {
 }
 
 #[test]
-fn msr_list_keeps_the_well_known_set() {
+fn msr_list_keeps_the_well_known_set_and_each_restores() {
     if !kvm_available() {
         return;
     }
@@ -312,6 +312,24 @@ fn msr_list_keeps_the_well_known_set() {
         } else {
             eprintln!("NOTE: this host's KVM does not list MSR {m:#x}");
         }
+    }
+    // Every MSR carried can be restored: each writes back on a fresh vCPU.
+    for &m in list.indices() {
+        let entry = kvm_msr_entry {
+            index: m,
+            ..Default::default()
+        };
+        let mut one = Msrs::from_entries(&[entry]).expect("one MSR");
+        assert_eq!(
+            t.vcpu.get_msrs(&mut one).expect("get_msrs"),
+            1,
+            "MSR {m:#x} reads"
+        );
+        assert_eq!(
+            t.vcpu.set_msrs(&one).expect("set_msrs"),
+            1,
+            "MSR {m:#x} writes back"
+        );
     }
     // Every x86-64 KVM has these.
     for m in [

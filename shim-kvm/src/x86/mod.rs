@@ -18,6 +18,15 @@
 //! structures travel as kvm-bindings' in-memory layout (zerocopy byte
 //! views): like every KVM VMM, this migrates between x86-64 hosts only.
 //!
+//! Not carried yet: nested virtualization state (`KVM_GET_NESTED_STATE`,
+//! for a guest that runs its own guests), Hyper-V enlightenments (their
+//! MSRs are only readable with Hyper-V CPUID), exception payloads
+//! (`KVM_CAP_EXCEPTION_PAYLOAD` is not enabled), and TSC scaling for a
+//! destination with another TSC frequency ([`CpuModel::check`] refuses
+//! it). On PVM (the paravirtual KVM of this project's machines) the guest
+//! runs on the host's TSC and KVM ignores a restored IA32_TSC, so the TSC
+//! continues only between VMs of one host there.
+//!
 //! The only `unsafe` here is `KVM_GET_XSAVE2` / `KVM_SET_XSAVE2`, whose
 //! buffer size the caller must vouch for.
 

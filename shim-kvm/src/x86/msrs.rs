@@ -1,16 +1,19 @@
 //! Which MSRs a vCPU's state carries.
 //!
 //! The rule: every MSR in KVM's index list (`KVM_GET_MSR_INDEX_LIST`: the
-//! MSRs KVM saves for the host plus the ones it emulates) that, probed
-//! once on a vCPU of this VM, `KVM_GET_MSRS` reads and `KVM_SET_MSRS`
-//! takes back unchanged. An MSR KVM lists but cannot read for this guest
-//! (Hyper-V MSRs without Hyper-V CPUID, feature MSRs of absent features)
-//! or cannot restore would fail a restore, so it is left out; an MSR that
-//! passes both is one a restore can set. On the KVM hosts this was built
-//! on that keeps the architectural set QEMU carries — the TSC,
-//! SYSENTER_*, STAR/LSTAR/CSTAR/FMASK, KERNEL_GS_BASE, TSC_AUX, PAT,
-//! MISC_ENABLE, TSC_DEADLINE, the kvmclock and paravirtual MSRs — and
-//! `shim-kvm/tests/x86_state.rs` checks that it does.
+//! MSRs KVM saves for the host plus the ones it emulates) that
+//! `KVM_GET_MSRS` reads on a vCPU of this VM, probed once, one MSR at a
+//! time. An MSR KVM lists but cannot read for this guest (Hyper-V MSRs
+//! without Hyper-V CPUID, feature MSRs of absent features) would fail
+//! every save, so it is left out. The probe only reads, so it may run on
+//! a source vCPU that has already run (paused); KVM lists only MSRs it
+//! lets userspace restore, and should a destination refuse one anyway the
+//! restore fails naming it ([`super::StateError::Msr`]) rather than losing
+//! it. On the KVM hosts this was built on the rule keeps the set QEMU
+//! carries — the TSC and TSC_ADJUST, SYSENTER_*, STAR/LSTAR/CSTAR/FMASK,
+//! KERNEL_GS_BASE, TSC_AUX (where the CPU has RDTSCP), PAT, MISC_ENABLE,
+//! TSC_DEADLINE, the kvmclock and paravirtual MSRs — and every MSR it
+//! keeps writes back; `shim-kvm/tests/x86_state.rs` checks both.
 //!
 //! EFER and APIC_BASE are not needed here: they travel in `kvm_sregs`.
 
@@ -90,10 +93,8 @@ pub struct MsrList {
 }
 
 impl MsrList {
-    /// Probes KVM's index list on `vcpu`: keeps each MSR that reads and
-    /// writes back. Call it before the vCPU first runs (the write-back
-    /// stores the value just read, but a running vCPU could change it in
-    /// between).
+    /// Probes KVM's index list on `vcpu` (not in `KVM_RUN`): keeps each
+    /// MSR that reads. Reading has no side effect on the vCPU.
     pub fn probe(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<MsrList, StateError> {
         let listed = kvm_fd
             .get_msr_index_list()
@@ -109,10 +110,7 @@ impl MsrList {
                 count: 1,
                 max: KVM_MAX_MSR_ENTRIES,
             })?;
-            if vcpu.get_msrs(&mut one).map_err(kvm("KVM_GET_MSRS"))? != 1 {
-                continue;
-            }
-            if vcpu.set_msrs(&one).map_err(kvm("KVM_SET_MSRS"))? == 1 {
+            if vcpu.get_msrs(&mut one).map_err(kvm("KVM_GET_MSRS"))? == 1 {
                 indices.push(index);
             }
         }

@@ -84,7 +84,8 @@ enum FpuAccess {
 
 /// What this host's KVM saves and restores of a vCPU: how it hands out the
 /// XSAVE area, whether it has XCRs and an in-kernel LAPIC, and the
-/// [`MsrList`]. Probed once per VM, on a vCPU that has not run.
+/// [`MsrList`]. Probed once per VM, on a vCPU not in `KVM_RUN`; probing
+/// only reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcpuCaps {
     fpu: FpuAccess,
@@ -95,7 +96,8 @@ pub struct VcpuCaps {
 
 impl VcpuCaps {
     /// Probes `vm` and its vCPU `vcpu` (created after any in-kernel
-    /// irqchip, as KVM requires, and not yet run). The LAPIC is in the
+    /// irqchip, as KVM requires, and not in `KVM_RUN`). `kvm_fd` is any
+    /// open `/dev/kvm`: the MSR index list is a system ioctl. The LAPIC is in the
     /// kernel exactly when `KVM_GET_LAPIC` works (without an irqchip it
     /// fails with EINVAL).
     pub fn probe(kvm_fd: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Result<VcpuCaps, StateError> {
