@@ -1,15 +1,10 @@
 //! Real-KVM tests of `livemig_kvm::x86`: a vCPU's whole state, the VM's
 //! irqchip, PIT and clock, and the CPU model record survive a save, an
 //! encoding, a decoding and a restore into a second VM, class by class.
-//! Each test skips loudly without `/dev/kvm` (see `common::kvm_available`).
-
-// The process and guest helpers serve the other tests.
-#[allow(dead_code)]
-mod common;
+//! Each test skips loudly without `/dev/kvm` (see [`kvm_available`]).
 
 use std::time::Duration;
 
-use common::kvm_available;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
     KVM_MP_STATE_HALTED, KVM_PIT_SPEAKER_DUMMY, KVM_VCPUEVENT_VALID_NMI_PENDING,
@@ -21,6 +16,26 @@ use livemig_kvm::x86::{
     CpuModel, CpuidRegister, FpuState, Mismatch, VcpuCaps, VcpuState, VmState, msr,
 };
 use zerocopy::IntoBytes;
+
+/// Whether `/dev/kvm` can be used. Without it a test skips loudly, unless
+/// `LIVEMIG_REQUIRE_KVM=1` (CI on KVM hosts), where skipping is a failure.
+/// The same rule as livemig-cli's `tests/common`, whose helpers need the
+/// tool and the demo guest; these tests need neither.
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("LIVEMIG_REQUIRE_KVM").as_deref() != Ok("1"),
+            "LIVEMIG_REQUIRE_KVM=1 but /dev/kvm is not available"
+        );
+        eprintln!("SKIPPED: /dev/kvm not available");
+    }
+    ok
+}
 
 /// One VM with an in-kernel irqchip and PIT and one vCPU given the host's
 /// supported CPUID (or `cpuid_edit` of it).
@@ -648,4 +663,44 @@ fn cpu_model_check_names_each_difference() {
             on_source: true
         })
     );
+}
+
+#[test]
+fn vcpu_without_in_kernel_lapic_round_trips() {
+    if !kvm_available() {
+        return;
+    }
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let bare = || {
+        let vm = kvm.create_vm().expect("create_vm");
+        let vcpu = vm.create_vcpu(0).expect("create_vcpu");
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .expect("supported cpuid");
+        vcpu.set_cpuid2(&cpuid).expect("set_cpuid2");
+        let caps = VcpuCaps::probe(&kvm, &vm, &vcpu).expect("probe");
+        TestVm { vm, vcpu, caps }
+    };
+    let (src, dst) = (bare(), bare());
+    assert!(!src.caps.lapic(), "no irqchip, so no in-kernel LAPIC");
+    // MSRs KVM reads but will not set without a LAPIC are left out.
+    assert!(
+        !src.caps.msrs().contains(0x4b56_4d06),
+        "MSR_KVM_ASYNC_PF_INT"
+    );
+    let mut regs = src.vcpu.get_regs().expect("get_regs");
+    regs.rbx = 0xfeed_f00d;
+    src.vcpu.set_regs(&regs).expect("set_regs");
+    let a = through_the_wire(&src.vcpu, &src.caps);
+    assert!(a.lapic.is_none());
+    a.restore(&dst.vcpu, &dst.caps).expect("restore");
+    let b = VcpuState::save(&dst.vcpu, &dst.caps).expect("read back");
+    assert_eq!(b.regs.rbx, 0xfeed_f00d);
+    assert_eq!(a.sregs, b.sregs, "sregs");
+    assert!(a.fpu == b.fpu, "the XSAVE area differs");
+    assert_eq!(a.events, b.events, "vcpu_events");
+    assert_eq!(a.mp_state, b.mp_state, "mp_state");
+    // The VM has no irqchip or PIT to carry.
+    let vm_state = VmState::save(&src.vm).expect("save");
+    assert!(vm_state.irqchip.is_none() && vm_state.pit.is_none());
 }

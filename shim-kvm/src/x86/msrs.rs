@@ -1,19 +1,23 @@
 //! Which MSRs a vCPU's state carries.
 //!
 //! The rule: every MSR in KVM's index list (`KVM_GET_MSR_INDEX_LIST`: the
-//! MSRs KVM saves for the host plus the ones it emulates) that
-//! `KVM_GET_MSRS` reads on a vCPU of this VM, probed once, one MSR at a
-//! time. An MSR KVM lists but cannot read for this guest (Hyper-V MSRs
-//! without Hyper-V CPUID, feature MSRs of absent features) would fail
-//! every save, so it is left out. The probe only reads, so it may run on
-//! a source vCPU that has already run (paused); KVM lists only MSRs it
-//! lets userspace restore, and should a destination refuse one anyway the
-//! restore fails naming it ([`super::StateError::Msr`]) rather than losing
-//! it. On the KVM hosts this was built on the rule keeps the set QEMU
-//! carries — the TSC and TSC_ADJUST, SYSENTER_*, STAR/LSTAR/CSTAR/FMASK,
+//! MSRs KVM saves for the host plus the ones it emulates) that, probed
+//! once on a vCPU of this VM one MSR at a time, `KVM_GET_MSRS` reads and
+//! `KVM_SET_MSRS` takes back. KVM lists MSRs it cannot read for this
+//! guest (Hyper-V MSRs without Hyper-V CPUID, feature MSRs of absent
+//! features) and MSRs it reads but refuses to set in this configuration
+//! (`MSR_KVM_ASYNC_PF_INT` without an in-kernel LAPIC); either would fail
+//! every save or restore, so both are left out. The write-back stores the
+//! value just read, which changes nothing on a vCPU that is not in
+//! `KVM_RUN`; IA32_TSC is the exception (a write re-bases the guest TSC on
+//! some kernels), so it is only read: KVM always lets userspace set it.
+//!
+//! On the KVM hosts this was built on the rule keeps the set QEMU carries
+//! — the TSC and TSC_ADJUST, SYSENTER_*, STAR/LSTAR/CSTAR/FMASK,
 //! KERNEL_GS_BASE, TSC_AUX (where the CPU has RDTSCP), PAT, MISC_ENABLE,
-//! TSC_DEADLINE, the kvmclock and paravirtual MSRs — and every MSR it
-//! keeps writes back; `shim-kvm/tests/x86_state.rs` checks both.
+//! TSC_DEADLINE, the kvmclock and paravirtual MSRs; `shim-kvm/tests/
+//! x86_state.rs` checks it. Should a destination refuse an MSR anyway,
+//! the restore fails naming it ([`super::StateError::Msr`]).
 //!
 //! EFER and APIC_BASE are not needed here: they travel in `kvm_sregs`.
 
@@ -94,7 +98,7 @@ pub struct MsrList {
 
 impl MsrList {
     /// Probes KVM's index list on `vcpu` (not in `KVM_RUN`): keeps each
-    /// MSR that reads. Reading has no side effect on the vCPU.
+    /// MSR that reads and writes back (IA32_TSC: reads).
     pub fn probe(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<MsrList, StateError> {
         let listed = kvm_fd
             .get_msr_index_list()
@@ -110,7 +114,10 @@ impl MsrList {
                 count: 1,
                 max: KVM_MAX_MSR_ENTRIES,
             })?;
-            if vcpu.get_msrs(&mut one).map_err(kvm("KVM_GET_MSRS"))? == 1 {
+            if vcpu.get_msrs(&mut one).map_err(kvm("KVM_GET_MSRS"))? != 1 {
+                continue;
+            }
+            if index == msr::IA32_TSC || vcpu.set_msrs(&one).map_err(kvm("KVM_SET_MSRS"))? == 1 {
                 indices.push(index);
             }
         }

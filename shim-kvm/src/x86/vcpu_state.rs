@@ -84,8 +84,7 @@ enum FpuAccess {
 
 /// What this host's KVM saves and restores of a vCPU: how it hands out the
 /// XSAVE area, whether it has XCRs and an in-kernel LAPIC, and the
-/// [`MsrList`]. Probed once per VM, on a vCPU not in `KVM_RUN`; probing
-/// only reads.
+/// [`MsrList`]. Probed once per VM, on a vCPU not in `KVM_RUN`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcpuCaps {
     fpu: FpuAccess,
