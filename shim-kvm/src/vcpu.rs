@@ -406,7 +406,9 @@ impl Vcpu {
 
     /// Captures the parked vCPU's whole x86 state ([`VcpuState`]) as a
     /// blob for [`Vcpu::load_state`]. The demo VM has no in-kernel irqchip
-    /// or PIT, so there is no VM-wide device state to go with it.
+    /// or PIT; its kvmclock, which the demo guest never enables, is not
+    /// carried yet ([`crate::x86::VmState`] is its own section, not yet
+    /// sent by `migrate`).
     pub fn save_state(&self) -> Result<Vec<u8>, StateError> {
         self.with_parked_fd(StateError::NotPaused, |fd| {
             let mut blob = Vec::new();
