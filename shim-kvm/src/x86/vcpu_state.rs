@@ -2,8 +2,9 @@
 //!
 //! Saved from and restored to a `&VcpuFd` that is not in `KVM_RUN` (the
 //! VMM's vCPU thread is parked, or the vCPU never ran). The restore order
-//! is KVM's, as QEMU's `kvm_arch_put_registers` and Cloud Hypervisor's
-//! `set_state` learned it:
+//! keeps the constraints KVM puts on it, which QEMU's
+//! `kvm_arch_put_registers` and Cloud Hypervisor's `set_state` both
+//! respect though they differ in the rest:
 //!
 //! 1. sregs: CR0/CR3/CR4, EFER and APIC_BASE first, because the LAPIC's
 //!    register layout (xAPIC or x2APIC) depends on APIC_BASE;
