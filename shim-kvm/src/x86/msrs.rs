@@ -97,8 +97,9 @@ pub struct MsrList {
 }
 
 impl MsrList {
-    /// Probes KVM's index list on `vcpu` (not in `KVM_RUN`): keeps each
-    /// MSR that reads and writes back (IA32_TSC: reads).
+    /// Probes KVM's index list on `vcpu` (given its CPUID, not in
+    /// `KVM_RUN`): keeps each MSR that reads and writes back (IA32_TSC:
+    /// reads).
     pub fn probe(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<MsrList, StateError> {
         let listed = kvm_fd
             .get_msr_index_list()

@@ -96,7 +96,8 @@ pub struct VcpuCaps {
 
 impl VcpuCaps {
     /// Probes `vm` and its vCPU `vcpu` (created after any in-kernel
-    /// irqchip, as KVM requires, and not in `KVM_RUN`). `kvm_fd` is any
+    /// irqchip, as KVM requires, given its CPUID with `KVM_SET_CPUID2`,
+    /// which decides some MSRs, and not in `KVM_RUN`). `kvm_fd` is any
     /// open `/dev/kvm`: the MSR index list is a system ioctl. The LAPIC is in the
     /// kernel exactly when `KVM_GET_LAPIC` works (without an irqchip it
     /// fails with EINVAL).
