@@ -28,7 +28,7 @@ use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 pub const RAM_BLOCK_ID: &str = "pc.ram";
 /// The id of the vCPU's device-state record.
 pub const CPU_DEVICE_ID: &str = "cpu0";
-/// Version of the vCPU state record (the blob of [`crate::state`]).
+/// Version of the vCPU state record (the blob of [`crate::x86::VcpuState`]).
 pub const CPU_STATE_VERSION: u32 = 1;
 
 /// The one-block layout both ends announce and compare.
