@@ -46,6 +46,13 @@ pub struct Irqchip {
     pub ioapic: kvm_irqchip,
 }
 
+impl std::fmt::Debug for Irqchip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // kvm_irqchip is a union of the chip kinds: no Debug of its own.
+        f.debug_struct("Irqchip").finish_non_exhaustive()
+    }
+}
+
 /// The VM-wide in-kernel device state.
 #[derive(Clone)]
 pub struct VmState {
