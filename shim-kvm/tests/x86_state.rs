@@ -1,6 +1,7 @@
 //! Real-KVM tests of `livemig_kvm::x86`: a vCPU's whole state, the VM's
 //! irqchip, PIT and clock, and the CPU model record survive a save, an
-//! encoding, a decoding and a restore into a second VM, class by class.
+//! encoding, a decoding and a restore into a second VM, class by class;
+//! and a vCPU restored that way runs on from the instruction it stopped at.
 //! Each test skips loudly without `/dev/kvm` (see [`kvm_available`]).
 
 use std::time::Duration;
@@ -703,4 +704,128 @@ fn vcpu_without_in_kernel_lapic_round_trips() {
     // The VM has no irqchip or PIT to carry.
     let vm_state = VmState::save(&src.vm).expect("save");
     assert!(vm_state.irqchip.is_none() && vm_state.pit.is_none());
+}
+
+/// Guest code at [`CODE_GPA`], 16-bit real mode: `inc ebx; out 0x80, al;
+/// jmp $-6`. Every port exit reports one more in rbx.
+const CODE: [u8; 6] = [0x66, 0x43, 0xe6, 0x80, 0xeb, 0xfa];
+const CODE_GPA: u64 = 0x1000;
+const RAM_BYTES: usize = 0x10000;
+
+/// Anonymous host memory registered as the VM's RAM at guest-physical 0.
+struct Ram {
+    addr: *mut libc::c_void,
+}
+
+impl Ram {
+    fn new(vm: &VmFd) -> Ram {
+        // SAFETY: a fresh private anonymous mapping; no Rust object
+        // overlaps it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RAM_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap guest RAM");
+        // SAFETY: the mapping is RAM_BYTES long and CODE_GPA + CODE fits
+        // in it; no vCPU runs yet, so nothing else touches it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                CODE.as_ptr(),
+                addr.cast::<u8>().add(CODE_GPA as usize),
+                CODE.len(),
+            )
+        };
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: RAM_BYTES as u64,
+            userspace_addr: addr as u64,
+        };
+        // SAFETY: the mapping stays valid until `Ram` drops, which is
+        // after its VM (see `RunVm`).
+        unsafe { vm.set_user_memory_region(region) }.expect("memslot");
+        Ram { addr }
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `Ram::new`; its VM is gone.
+        unsafe { libc::munmap(self.addr, RAM_BYTES) };
+    }
+}
+
+/// A VM and the RAM registered with it. Fields drop in declaration
+/// order, so the VM goes before its RAM is unmapped, even on a panic.
+struct RunVm {
+    t: TestVm,
+    _ram: Ram,
+}
+
+fn run_vm(kvm: &Kvm) -> RunVm {
+    let t = test_vm(kvm, |_| {});
+    let ram = Ram::new(&t.vm);
+    RunVm { t, _ram: ram }
+}
+
+/// Runs `vcpu` to its next port exit and returns rbx there, with the
+/// port I/O completed (one more entry with `immediate_exit`), so the
+/// vCPU is outside `KVM_RUN` at a consistent point.
+fn run_to_exit(vcpu: &mut VcpuFd) -> u64 {
+    match vcpu.run().expect("KVM_RUN") {
+        kvm_ioctls::VcpuExit::IoOut(0x80, _) => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+    vcpu.set_kvm_immediate_exit(1);
+    let e = vcpu.run().expect_err("immediate exit");
+    assert_eq!(e.errno(), libc::EINTR);
+    vcpu.set_kvm_immediate_exit(0);
+    vcpu.get_regs().expect("get_regs").rbx
+}
+
+#[test]
+fn restored_vcpu_runs_on_from_where_it_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let mut src = run_vm(&kvm);
+    let mut dst = run_vm(&kvm);
+    let (src, dst) = (&mut src.t, &mut dst.t);
+    let mut sregs = src.vcpu.get_sregs().expect("get_sregs");
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    src.vcpu.set_sregs(&sregs).expect("set_sregs");
+    let mut regs = src.vcpu.get_regs().expect("get_regs");
+    regs.rip = CODE_GPA;
+    regs.rflags = 2;
+    regs.rbx = 0;
+    src.vcpu.set_regs(&regs).expect("set_regs");
+
+    for want in 1..=100 {
+        assert_eq!(run_to_exit(&mut src.vcpu), want);
+    }
+    let vcpu_state = through_the_wire(&src.vcpu, &src.caps);
+    let mut vm_blob = Vec::new();
+    VmState::save(&src.vm).expect("save").encode(&mut vm_blob);
+    VmState::decode(&vm_blob)
+        .expect("decode")
+        .restore(&dst.vm)
+        .expect("restore the VM state");
+    vcpu_state
+        .restore(&dst.vcpu, &dst.caps)
+        .expect("restore the vCPU state");
+
+    // The destination goes on counting from 100, and so would the source.
+    for want in 101..=200 {
+        assert_eq!(run_to_exit(&mut dst.vcpu), want);
+    }
+    assert_eq!(run_to_exit(&mut src.vcpu), 101);
 }
