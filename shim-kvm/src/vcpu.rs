@@ -24,7 +24,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::guest;
-use crate::memory::GuestRam;
+use crate::memory::GuestMemory;
 use crate::state::{StateError, VcpuState};
 use crate::vm::Vm;
 
@@ -224,7 +224,7 @@ pub struct Vcpu {
     thread: Option<JoinHandle<()>>,
     msr_indices: Vec<u32>,
     /// Keeps the memslots' host memory mapped while the vCPU can touch it.
-    _ram: Arc<GuestRam>,
+    _ram: GuestMemory,
 }
 
 impl fmt::Debug for Vcpu {
@@ -279,7 +279,7 @@ impl Vcpu {
             shared,
             thread: Some(thread),
             msr_indices,
-            _ram: Arc::clone(vm.ram()),
+            _ram: vm.ram().clone(),
         };
         vcpu.wait_parked()?;
         Ok(vcpu)

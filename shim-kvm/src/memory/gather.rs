@@ -1,0 +1,127 @@
+//! Guest pages gathered into iovecs for one vectored send.
+
+use std::fmt;
+use std::io::IoSlice;
+use std::marker::PhantomData;
+
+use super::{GuestMemory, MemoryError, PAGE_SIZE};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// A record header plus guest pages, as iovecs for one vectored write
+/// (`sendmsg`): the kernel copies the pages straight out of guest RAM,
+/// without an intermediate copy. Each run of pages that are adjacent in the
+/// list, in guest memory and in one region becomes a single iovec.
+///
+/// The iovecs are raw `iovec`s: no Rust reference to guest memory is ever
+/// formed. They are only handed to the kernel, through
+/// [`PageIovecs::as_io_slices`]; that is also why `Debug` shows only sizes.
+pub struct PageIovecs<'a> {
+    iov: Vec<libc::iovec>,
+    bytes: usize,
+    /// The header and the memory the iovecs point into, borrowed for 'a.
+    _borrows: PhantomData<(&'a [u8], &'a GuestMemory)>,
+}
+
+impl fmt::Debug for PageIovecs<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageIovecs")
+            .field("iovecs", &self.iov.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl<'a> PageIovecs<'a> {
+    /// Gathers `header` and the guest pages numbered `pages` (guest-physical
+    /// address / [`PAGE_SIZE`]), in that order. The receiver gets the header
+    /// bytes followed by `pages.len()` whole pages. A page that is not RAM
+    /// is refused.
+    ///
+    /// Sending straight from guest RAM while the vCPU runs may send a page
+    /// the guest is half-way through writing. That is harmless: the engine
+    /// clears a page's dirty bit before sending it, so the write that tore
+    /// the copy marks the page dirty again and it is sent again later, at
+    /// the latest in the stop-and-copy, when the vCPUs are paused.
+    pub fn new(
+        memory: &'a GuestMemory,
+        header: &'a [u8],
+        pages: &[u64],
+    ) -> Result<PageIovecs<'a>, MemoryError> {
+        let mut iov = Vec::with_capacity(1 + pages.len());
+        let mut bytes = header.len();
+        if !header.is_empty() {
+            iov.push(iovec(header.as_ptr().cast_mut(), header.len()));
+        }
+        // The current run: first guest address, host start, length.
+        let mut run: Option<(u64, *mut u8, usize)> = None;
+        for &gfn in pages {
+            let gpa = gfn.checked_mul(PAGE).ok_or(MemoryError::RangeOutOfRam {
+                gpa: u64::MAX,
+                len: PAGE,
+            })?;
+            let extended = run.and_then(|(start, host, len)| {
+                if gpa.checked_sub(start) != Some(len as u64) {
+                    return None;
+                }
+                // Succeeds only if the longer run still lies in one region,
+                // i.e. one mapping, starting at the same host address.
+                memory
+                    .host_range(start, len as u64 + PAGE)
+                    .ok()
+                    .map(|(_, l)| (start, host, l))
+            });
+            match extended {
+                Some(r) => run = Some(r),
+                None => {
+                    if let Some((_, host, len)) = run {
+                        iov.push(iovec(host, len));
+                    }
+                    let (host, len) = memory.host_range(gpa, PAGE)?;
+                    run = Some((gpa, host, len));
+                }
+            }
+            bytes += PAGE_SIZE;
+        }
+        if let Some((_, host, len)) = run {
+            iov.push(iovec(host, len));
+        }
+        Ok(PageIovecs {
+            iov,
+            bytes,
+            _borrows: PhantomData,
+        })
+    }
+
+    /// Number of iovecs: 1 for the header (if any) plus one per run of
+    /// contiguous pages.
+    pub fn iovec_count(&self) -> usize {
+        self.iov.len()
+    }
+
+    /// Total bytes the iovecs cover: header plus pages.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The iovecs as the `IoSlice`s a vectored write takes, to be given to
+    /// the kernel (`sendmsg`, `writev`) and advanced past what it took.
+    /// Never dereference them: they point into live guest memory.
+    pub fn as_io_slices(&mut self) -> &mut [IoSlice<'a>] {
+        // SAFETY: std guarantees that `IoSlice` is ABI compatible with
+        // `iovec` on Unix, so the vector's elements may be viewed as
+        // `IoSlice`s of the same count. Each one covers a header borrowed for
+        // 'a or whole pages inside a region of the memory borrowed for 'a
+        // (checked by `host_range`), so the memory outlives the view. No
+        // `&[u8]` is formed here; the caller hands the slices to the kernel,
+        // which copies the bytes with `copy_from_user`.
+        unsafe { std::slice::from_raw_parts_mut(self.iov.as_mut_ptr().cast(), self.iov.len()) }
+    }
+}
+
+fn iovec(base: *mut u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    }
+}
