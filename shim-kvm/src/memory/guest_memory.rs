@@ -292,3 +292,231 @@ impl GuestMemory {
         Ok(acc)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{RegionLayout, page_digest};
+
+    fn layout(regions: &[(&str, u64, u64)]) -> Vec<RegionLayout> {
+        regions
+            .iter()
+            .enumerate()
+            .map(|(slot, &(name, first_page, pages))| RegionLayout {
+                name: name.into(),
+                guest_phys: first_page * PAGE,
+                len: pages * PAGE,
+                slot: slot as u32,
+            })
+            .collect()
+    }
+
+    /// Pages 0..4 and 4..8 in two adjacent regions, then a hole, then
+    /// pages 16..20.
+    fn three_regions() -> GuestMemory {
+        GuestMemory::anonymous(&layout(&[("high", 16, 4), ("low", 0, 4), ("mid", 4, 4)])).unwrap()
+    }
+
+    fn fake(name: &str, first_page: u64, pages: u64, host: u64, slot: u32) -> GuestRegion {
+        // SAFETY: these regions are only validated by GuestMemory::new,
+        // never accessed.
+        unsafe { GuestRegion::new(name, first_page * PAGE, host as *mut u8, pages * PAGE, slot) }
+            .unwrap()
+    }
+
+    #[test]
+    fn new_sorts_and_refuses_overlaps_duplicates_and_nothing() {
+        let m = three_regions();
+        let names: Vec<_> = m.regions().iter().map(GuestRegion::name).collect();
+        assert_eq!(names, ["low", "mid", "high"]);
+        assert_eq!((m.size(), m.guest_end()), (12 * PAGE, 20 * PAGE));
+        assert_eq!(m.locate(5 * PAGE).map(|(i, _)| i), Some(1));
+        assert_eq!(m.locate(19 * PAGE + 4095).map(|(i, _)| i), Some(2));
+        assert!(m.locate(8 * PAGE).is_none() && m.locate(20 * PAGE).is_none());
+
+        let host = 0x7000_0000;
+        assert_eq!(
+            GuestMemory::new(
+                vec![
+                    fake("a", 0, 4, host, 0),
+                    fake("b", 3, 4, host + 0x10_0000, 1)
+                ],
+                None
+            )
+            .unwrap_err(),
+            MemoryError::Overlap {
+                first: "a".into(),
+                second: "b".into()
+            }
+        );
+        assert_eq!(
+            GuestMemory::new(
+                vec![
+                    fake("a", 0, 4, host, 0),
+                    fake("a", 4, 4, host + 0x10_0000, 1)
+                ],
+                None
+            )
+            .unwrap_err(),
+            MemoryError::DuplicateName("a".into())
+        );
+        assert_eq!(
+            GuestMemory::new(
+                vec![
+                    fake("a", 0, 4, host, 7),
+                    fake("b", 4, 4, host + 0x10_0000, 7)
+                ],
+                None
+            )
+            .unwrap_err(),
+            MemoryError::DuplicateSlot {
+                slot: 7,
+                first: "a".into(),
+                second: "b".into()
+            }
+        );
+        assert_eq!(
+            GuestMemory::new(Vec::new(), None).unwrap_err(),
+            MemoryError::NoRegions
+        );
+        assert!(matches!(
+            GuestMemory::anonymous(&layout(&[("a", 0, 0)])),
+            Err(MemoryError::EmptyRegion(_))
+        ));
+    }
+
+    #[test]
+    fn contiguous_layouts_name_and_number_their_regions() {
+        let l = RegionLayout::contiguous("pc.ram", 5 * PAGE, 2 * PAGE).unwrap();
+        let got: Vec<_> = l
+            .iter()
+            .map(|r| (r.name.as_str(), r.guest_phys / PAGE, r.len / PAGE, r.slot))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("pc.ram", 0, 2, 0),
+                ("pc.ram.1", 2, 2, 1),
+                ("pc.ram.2", 4, 1, 2)
+            ]
+        );
+        assert_eq!(
+            RegionLayout::contiguous("r", 100, 4096),
+            Err(MemoryError::BadSize(100))
+        );
+        assert_eq!(
+            RegionLayout::contiguous("r", 4096, 0),
+            Err(MemoryError::BadSlotSize(0))
+        );
+    }
+
+    #[test]
+    fn reads_and_writes_split_across_adjacent_regions_and_refuse_holes() {
+        let m = three_regions();
+        // 4 bytes across the low/mid boundary.
+        m.write(4 * PAGE - 2, &[1, 2, 3, 4]).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        m.read_page(0, 3, &mut page).unwrap();
+        assert_eq!(page[PAGE_SIZE - 2..], [1, 2]);
+        m.read_page(1, 0, &mut page).unwrap();
+        assert_eq!(page[..2], [3, 4]);
+        let mut back = [0u8; 4];
+        m.read(4 * PAGE - 2, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 4]);
+        // A range running into the hole is refused whole: nothing written.
+        assert_eq!(
+            m.write(8 * PAGE - 1, &[9, 9]),
+            Err(MemoryError::RangeOutOfRam {
+                gpa: 8 * PAGE - 1,
+                len: 2
+            })
+        );
+        m.read_page(1, 3, &mut page).unwrap();
+        assert_eq!(page[PAGE_SIZE - 1], 0);
+        assert!(m.read(u64::MAX, &mut back).is_err());
+        // host_range never spans two mappings.
+        assert!(m.host_range(4 * PAGE - 2, 4).is_err());
+        assert!(m.host_range(16 * PAGE, 4 * PAGE).is_ok());
+        assert!(m.host_range(16 * PAGE, 4 * PAGE + 1).is_err());
+        // Page access by region.
+        assert_eq!(
+            m.read_page(3, 0, &mut page),
+            Err(MemoryError::NoSuchRegion(3))
+        );
+        assert_eq!(
+            m.is_zero_page(2, 4),
+            Err(MemoryError::PageOutOfRange {
+                region: 2,
+                page: 4,
+                pages: 4
+            })
+        );
+    }
+
+    #[test]
+    fn zero_pages_and_digest() {
+        let a = three_regions();
+        let b = three_regions();
+        assert_eq!(a.digest(), b.digest());
+        assert!(a.is_zero_page(2, 3).unwrap());
+        a.write(17 * PAGE + 4095, &[7]).unwrap();
+        assert!(!a.is_zero_page(2, 1).unwrap());
+        assert_ne!(a.digest(), b.digest());
+        let mut page = [0u8; PAGE_SIZE];
+        a.read_page(2, 1, &mut page).unwrap();
+        assert_eq!(page[4095], 7);
+        b.write_page(2, 1, &page).unwrap();
+        assert_eq!(a.digest(), b.digest());
+        // The same contents at another page number hash differently.
+        let c = three_regions();
+        c.write_page(2, 2, &page).unwrap();
+        assert_ne!(a.digest(), c.digest());
+        // Equal contents at equal addresses, cut into other regions: equal.
+        let d = GuestMemory::anonymous(&layout(&[("all", 0, 8), ("top", 16, 4)])).unwrap();
+        d.write_page(1, 1, &page).unwrap();
+        assert_eq!(d.digest(), a.digest());
+    }
+
+    #[test]
+    fn page_digests_sum_to_the_digest() {
+        let a = three_regions();
+        a.write(2 * PAGE + 100, &[7, 8, 9]).unwrap();
+        a.write(5 * PAGE, &[1]).unwrap();
+        a.write(19 * PAGE, &[2]).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        let sum = (0..8u64).chain(16..20).fold(0u64, |acc, p| {
+            a.read(p * PAGE, &mut page).unwrap();
+            acc.wrapping_add(page_digest(p, &page))
+        });
+        assert_eq!(sum, a.digest());
+        assert_eq!(page_digest(3, &[0; PAGE_SIZE]), 0);
+        a.read(5 * PAGE, &mut page).unwrap();
+        assert_ne!(page_digest(5, &page), page_digest(6, &page));
+    }
+
+    #[test]
+    fn digest_of_written_pages_equals_full_digest() {
+        let a = three_regions();
+        a.write(3 * PAGE + 9, &[1, 2, 3]).unwrap();
+        a.write(17 * PAGE, &[4]).unwrap();
+        // Listing zero pages too changes nothing.
+        assert_eq!(a.digest_of([3, 17, 7]).unwrap(), a.digest());
+        assert_eq!(a.digest_of([]).unwrap(), three_regions().digest());
+        assert_ne!(a.digest_of([3]).unwrap(), a.digest());
+        assert!(a.digest_of([8]).is_err()); // the hole
+        assert!(a.digest_of([20]).is_err());
+        assert!(a.digest_of([u64::MAX]).is_err());
+    }
+
+    #[test]
+    fn clones_share_the_memory_across_threads() {
+        let a = three_regions();
+        let b = a.clone();
+        std::thread::spawn(move || b.write(6 * PAGE, &[5]).unwrap())
+            .join()
+            .unwrap();
+        let mut byte = [0u8; 1];
+        a.read(6 * PAGE, &mut byte).unwrap();
+        assert_eq!(byte, [5]);
+    }
+}
