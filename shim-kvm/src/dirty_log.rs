@@ -238,7 +238,9 @@ impl<V: Borrow<VmFd>> fmt::Debug for DirtyLogging<V> {
 
 impl<V: Borrow<VmFd>> DirtyLogging<V> {
     /// Turns dirty logging on for the memslot of every region of `memory`
-    /// (which the VMM registered on `vm` without flags). `ManualProtect`
+    /// (which the VMM registered on `vm` without flags: the re-registration
+    /// sets `KVM_MEM_LOG_DIRTY_PAGES` alone, and clearing it on stop leaves
+    /// no flag). `ManualProtect`
     /// is a preference: manual protect with initially-set bits is enabled
     /// first when KVM offers both, so every page starts dirty and nothing
     /// is write-protected until its chunk is cleared; otherwise, and when

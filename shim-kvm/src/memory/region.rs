@@ -47,6 +47,12 @@ impl GuestRegion {
     /// livemig holds this region or a [`GuestMemory`](super::GuestMemory)
     /// built from it. The guest and the VMM's devices may write it at any
     /// time: livemig never assumes they do not.
+    ///
+    /// If the region is KVM memory, `slot`, `guest_phys`, `host` and `len`
+    /// must be exactly the VMM's registration of that memslot: turning
+    /// dirty logging on ([`DirtyLogging`](crate::dirty_log::DirtyLogging))
+    /// re-registers the memslot with these values, and other values would
+    /// make KVM move or refuse it.
     pub unsafe fn new(
         name: impl Into<String>,
         guest_phys: u64,
