@@ -281,11 +281,6 @@ impl<V: Borrow<VmFd>> DirtyLogging<V> {
         &self.memory
     }
 
-    /// The VM fd the memslots belong to.
-    pub fn vm(&self) -> &VmFd {
-        self.vm.borrow()
-    }
-
     /// Fetches the dirty log of region `region` into `bitmap` (bit `i` of
     /// word `w` = page `64 * w + i` of the region). In manual mode nothing
     /// is re-protected; in legacy mode the whole slot is. `bitmap` is the

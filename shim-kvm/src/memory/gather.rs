@@ -23,6 +23,13 @@ pub struct PageIovecs<'a> {
     _borrows: PhantomData<(&'a [u8], &'a GuestMemory)>,
 }
 
+// SAFETY: the iovecs point into the header and the guest memory, both
+// borrowed for 'a and both shareable between threads (`&[u8]` and
+// `GuestMemory` are Sync); PageIovecs itself never reads through them.
+unsafe impl Send for PageIovecs<'_> {}
+// SAFETY: as above; `&PageIovecs` only reads the iovecs' lengths.
+unsafe impl Sync for PageIovecs<'_> {}
+
 impl fmt::Debug for PageIovecs<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PageIovecs")

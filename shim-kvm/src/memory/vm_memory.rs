@@ -19,6 +19,33 @@ impl GuestMemory {
     ///
     /// Refused: a region not mapped read-write, addresses or lengths not
     /// page aligned, memslot numbers past `u32::MAX`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use livemig_kvm::memory::{GuestMemory, VmMemoryDirtyLog};
+    /// use livemig_kvm::vmm::DeviceDirtyLog;
+    /// use vm_memory::bitmap::AtomicBitmap;
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    ///
+    /// // The VMM's RAM: 1 MiB below a hole, 2 MiB above it, registered
+    /// // (by the VMM) as memslots 0 and 1.
+    /// let vmm_memory = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+    ///     (GuestAddress(0), 1 << 20),
+    ///     (GuestAddress(4 << 20), 2 << 20),
+    /// ])?;
+    /// let memory = GuestMemory::from_vm_memory(&vmm_memory, 0)?;
+    /// // What its devices write through vm-memory, livemig merges into
+    /// // every sync.
+    /// let mut device_dirty: Box<dyn DeviceDirtyLog> =
+    ///     Box::new(VmMemoryDirtyLog::new(&vmm_memory));
+    ///
+    /// vmm_memory.write_slice(b"virtio ring", GuestAddress((4 << 20) + 0x3000))?;
+    /// let mut bitmap = vec![0u64; memory.region(1)?.bitmap_words()];
+    /// device_dirty.take_dirty(1, &mut bitmap)?;
+    /// assert_eq!(bitmap[0], 1 << 3);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
     pub fn from_vm_memory<B>(
         memory: &GuestMemoryMmap<B>,
         first_slot: u32,
