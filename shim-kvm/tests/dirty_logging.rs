@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_kvm::dirty_log::{DirtyLogError, DirtyLogMode, DirtyLogging};
-use livemig_kvm::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
+use livemig_kvm::memory::{GuestMemory, GuestRegion, PAGE_SIZE, RegionLayout};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -142,5 +142,78 @@ fn legacy_mode_refuses_clears() {
         logging.clear(0, 0, 256, &words),
         Err(DirtyLogError::NotManualProtect)
     );
+    logging.stop().unwrap();
+}
+
+#[test]
+fn a_refused_memslot_turns_the_others_off_again() {
+    if !kvm_available() {
+        return;
+    }
+    let (vm, memory) = vmm_vm();
+    // The VMM's low region as it is, and a region numbered as a memslot the
+    // VMM never registered, over the guest-physical range of its slot 5:
+    // KVM refuses to create a slot there.
+    let low = &memory.regions()[0];
+    // SAFETY: the very mapping of `memory`'s low region, kept alive by
+    // `memory`, which the GuestMemory below owns a clone of.
+    let same_low = unsafe {
+        GuestRegion::new(
+            low.name(),
+            low.guest_phys(),
+            low.host_addr() as *mut u8,
+            low.len(),
+            low.slot(),
+        )
+    }
+    .unwrap();
+    let other = GuestMemory::anonymous(&[RegionLayout {
+        name: "clash".into(),
+        guest_phys: 1 << 20,
+        len: 100 * PAGE,
+        slot: 6,
+    }])
+    .unwrap();
+    let o = &other.regions()[0];
+    // SAFETY: `other`'s own mapping, kept alive by the clone owned below.
+    let clash = unsafe {
+        GuestRegion::new(
+            "clash",
+            o.guest_phys(),
+            o.host_addr() as *mut u8,
+            o.len(),
+            6,
+        )
+    }
+    .unwrap();
+    let wrong = GuestMemory::new(
+        vec![same_low, clash],
+        Some(Arc::new((memory.clone(), other.clone()))),
+    )
+    .unwrap();
+    // Legacy logs start clean, so a slot left logging would keep a clean
+    // bitmap through the next start.
+    let refused = DirtyLogging::start(&vm, wrong, DirtyLogMode::Legacy).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            DirtyLogError::Memslot {
+                slot: 6,
+                on: true,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    let logging = DirtyLogging::start(&vm, memory.clone(), DirtyLogMode::ManualProtect).unwrap();
+    if logging.mode() == DirtyLogMode::Legacy {
+        eprintln!("SKIPPED: KVM offers no manual-protect dirty log, the check needs it");
+        return;
+    }
+    // The low slot was turned off after the refusal: turning it on again
+    // made a fresh, initially-set bitmap.
+    let mut words = vec![0u64; low.bitmap_words()];
+    logging.get(0, &mut words).unwrap();
+    assert_eq!(count_dirty(&words), low.pages());
     logging.stop().unwrap();
 }
