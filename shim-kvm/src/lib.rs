@@ -2,12 +2,15 @@
 //!
 //! This layer is the KVM foundation the migration engine drives:
 //!
-//! - [`memory`]: guest RAM as anonymous mappings, read and written only
-//!   through raw-pointer copies so it is sound while the guest runs; zero-page
-//!   checks and a whole-RAM digest for integrity checks.
-//! - [`vm`] and [`dirty_log`]: the KVM VM with one memslot per GiB, dirty
-//!   logging in manual-protect mode (fetch without re-protecting, then clear
+//! - [`memory`]: the VMM's guest memory as regions livemig holds raw views
+//!   of (or maps itself, or takes from vm-memory), read and written only
+//!   through raw-pointer copies so it is sound while the guest runs;
+//!   zero-page checks, a whole-RAM digest for integrity checks, the device
+//!   dirty logs, and pages gathered for vectored sends.
+//! - [`dirty_log`]: dirty logging turned on for the VMM's memslots, in
+//!   manual-protect mode (fetch without re-protecting, then clear
 //!   64-page-aligned chunks with the fetched mask), legacy mode as fallback.
+//! - [`vm`]: the demo's KVM VM, with one memslot per GiB of its RAM.
 //! - [`vcpu`]: the vCPU thread, pause/resume for the stop-and-copy, a dirty
 //!   rate throttle, and its state as a device blob.
 //! - [`x86`]: the x86 state KVM keeps outside guest RAM — each vCPU's

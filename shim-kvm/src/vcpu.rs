@@ -24,7 +24,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::guest;
-use crate::memory::GuestRam;
+use crate::memory::GuestMemory;
 use crate::vm::Vm;
 use crate::x86::{StateError, VcpuCaps, VcpuState};
 
@@ -208,7 +208,7 @@ pub struct Vcpu {
     /// What of the vCPU's state this host's KVM saves and restores.
     caps: VcpuCaps,
     /// Keeps the memslots' host memory mapped while the vCPU can touch it.
-    _ram: Arc<GuestRam>,
+    _ram: GuestMemory,
 }
 
 impl fmt::Debug for Vcpu {
@@ -255,7 +255,7 @@ impl Vcpu {
             shared,
             thread: Some(thread),
             caps,
-            _ram: Arc::clone(vm.ram()),
+            _ram: vm.ram().clone(),
         };
         vcpu.wait_parked()?;
         Ok(vcpu)
