@@ -42,7 +42,8 @@
 //! # The life of a precopy migration
 //!
 //! ```text
-//!  start ─► [setup] header, block list ─► SyncDirtyLog (initially-set log)
+//!  start ─► [setup] header, block list ─► SaveSetupDevices (─► PING(1), PONG)
+//!        ─► SyncDirtyLog (initially-set log)
 //!        ─► [active] scan dirty pages: ClearDirtyLog? SendPages ... end of pass
 //!                    ─► SyncDirtyLog ─► pending < threshold? ──no──► scan again
 //!                                             │ yes
@@ -60,7 +61,7 @@
 //! answers with COMMIT, after which it never resumes its vCPUs, whatever
 //! happens: a failure after the commit (no SHUT(0) within the confirm
 //! timeout, a closed connection, a SHUT(1)) leaves the guest paused here
-//! and is reported with [`AmbiguousEnd::SourceCommitted`], for the operator
+//! and is reported with [`AmbiguousEnd::SourceCommitted`](crate::stats::AmbiguousEnd::SourceCommitted), for the operator
 //! to decide (the destination may run the guest). A cancel is refused from
 //! the commit on ([`SourceError::AlreadyCommitted`]). Without the return
 //! path there is no handshake: the source completes once the end of the
