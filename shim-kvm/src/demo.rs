@@ -46,6 +46,7 @@
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use livemig_core::capabilities::Capabilities;
@@ -68,6 +69,9 @@ use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 
 const MIB: u64 = 1 << 20;
+/// How often the progress line is redrawn (and a Ctrl-C passed on) while
+/// the migration thread runs.
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 
 /// Where the working set starts: 2 MiB, clear of the image, the page
 /// tables and the parameter block (see `guest/README.md`).
@@ -194,16 +198,16 @@ impl GuestShape {
 
 /// A VM of `mem_mib` MiB with a parked vCPU and nothing loaded: a
 /// destination.
-pub fn empty_vm(mem_mib: u64, dirty_log: DirtyLogMode) -> Result<(Vm, Vcpu), DemoError> {
+pub fn empty_vm(mem_mib: u64, dirty_log: DirtyLogMode) -> Result<(Arc<Vm>, Arc<Vcpu>), DemoError> {
     let vm = Vm::with_dirty_log_mode(mem_mib * MIB, DEFAULT_SLOT_BYTES, dirty_log)
         .map_err(|e| DemoError::Vm(format!("creating a {mem_mib} MiB VM: {e}")))?;
     let vcpu = Vcpu::new(&vm).map_err(|e| DemoError::Vm(format!("creating the vCPU: {e}")))?;
-    Ok((vm, vcpu))
+    Ok((Arc::new(vm), Arc::new(vcpu)))
 }
 
 /// Boots the demo guest and lets it run for `warmup` (and at least until
 /// it reached ring 3 and, with a working set, finished a generation).
-pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Vm, Vcpu), DemoError> {
+pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Arc<Vm>, Arc<Vcpu>), DemoError> {
     let params = shape.params()?;
     let (vm, vcpu) = empty_vm(shape.mem_mib, shape.dirty_log)?;
     guest::load(vm.ram(), &params).map_err(|e| DemoError::Guest(e.to_string()))?;
@@ -282,19 +286,27 @@ pub struct SendOutcome {
     pub intact_after_failure: bool,
 }
 
-/// Migrates the running guest in `vm` over `conn`.
+/// Migrates the running guest in `vm` over `conn` on the migration
+/// thread, drawing its progress from here and passing a `cancel` (Ctrl-C)
+/// on to it.
 pub fn send_guest(
-    vm: &Vm,
-    vcpu: &Vcpu,
+    vm: &Arc<Vm>,
+    vcpu: &Arc<Vcpu>,
     conn: Connection,
     config: &MigrationConfig,
     options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let report = source::migrate(vm, vcpu, conn, config, options, cancel, &mut |s| {
-        progress.update(s)
-    })?;
+    let handle = source::migrate(Arc::clone(vm), Arc::clone(vcpu), conn, config, options)?;
+    while !handle.wait_timeout(PROGRESS_EVERY) {
+        if cancel.is_cancelled() {
+            handle.cancel();
+        }
+        progress.update(&handle.stats());
+    }
+    let report = handle.join()?;
+    progress.update(&report.stats);
     progress.finish();
     let mut out = SendOutcome {
         digest: None,
@@ -547,7 +559,7 @@ fn receive_summary(
         dirty_log_mode: mode_name(mode).to_string(),
         backend: "kvm".into(),
         digest: report.digest.or(writes.map(|w| w.digest)),
-        error: report.error.clone(),
+        error: report.error.as_ref().map(ToString::to_string),
         extra,
         ..Summary::default()
     }
@@ -583,9 +595,17 @@ pub fn run_receive(
     // Only now: until a migration arrives, Ctrl-C simply ends the process.
     let interrupt = Cancel::new();
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
-    let report = destination::receive(&vm, &vcpu, &conn, idle_timeout, &interrupt, &mut |s| {
-        progress.update(s)
-    })?;
+    let handle = destination::receive(Arc::clone(&vm), Arc::clone(&vcpu), conn, idle_timeout)?;
+    while !handle.wait_timeout(PROGRESS_EVERY) {
+        match interrupt.signal() {
+            Some(signal) => handle.interrupt(signal),
+            None if interrupt.is_cancelled() => handle.cancel(),
+            None => {}
+        }
+        progress.update(&handle.stats());
+    }
+    let report = handle.join()?;
+    progress.update(&report.stats);
     progress.finish();
     if report.stats.ambiguous_end.is_some() {
         let mode = vm.dirty_log_mode();

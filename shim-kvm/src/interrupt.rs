@@ -71,6 +71,13 @@ impl Cancel {
         self.request(CANCELLED);
     }
 
+    /// Asks the migration to stop on behalf of `signal` (a positive
+    /// signal number), which [`Cancel::signal`] then names; any other
+    /// number is a plain [`Cancel::cancel`].
+    pub fn interrupt(&self, signal: i32) {
+        self.request(if signal > 0 { signal } else { CANCELLED });
+    }
+
     /// The first request wins, so the signal named is the one that came.
     fn request(&self, how: i32) {
         let _ = self

@@ -42,6 +42,8 @@
 //! fault latency (request sent → page installed) and per-thread blocktime
 //! are reported.
 
+mod failure;
+
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -54,11 +56,12 @@ use livemig_core::destination::{
 };
 use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
-use livemig_core::wire::{self, DecodeError, DeviceState, PageRange};
+use livemig_core::wire::{self, DeviceState, PageRange};
 
+use super::handle::Shared;
 use super::{
-    CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, SlotMap, digest_outside, ram_layout,
-    written_ranges,
+    CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, ReceiveHandle, SlotMap, digest_outside,
+    ram_layout, written_ranges,
 };
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
@@ -66,9 +69,10 @@ use crate::guest::{self, StampCheck};
 use crate::interrupt::Cancel;
 use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE, page_digest};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
-use crate::transport::Connection;
+use crate::transport::{Connection, TransportError};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
+pub use failure::{HostFailure, ReceiveFailure};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -119,7 +123,7 @@ pub struct PostcopyReport {
 }
 
 /// What the destination loaded.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DestinationReport {
     /// The engine's final statistics.
     pub stats: MigrationStats,
@@ -128,7 +132,7 @@ pub struct DestinationReport {
     /// When `stats.ambiguous_end` is set as well, the VM holds the whole
     /// loaded guest with its vCPU parked: keep it until the operator
     /// decides (its advice says how).
-    pub error: Option<String>,
+    pub error: Option<ReceiveFailure>,
     /// Digest of guest memory once the stream was loaded, before the vCPU
     /// ran (compare with the source's digest at its stop). `None` after
     /// postcopy, where the guest ran during the load: see
@@ -170,7 +174,7 @@ pub struct KvmHost<'a> {
     /// memory reads as zero, so only these need zeroing for a zero page.
     placed: Vec<u64>,
     /// The last host failure, in full (HostError carries a static text).
-    error: Option<String>,
+    error: Option<HostFailure>,
     /// Set by the postcopy advise.
     postcopy: Option<PostcopyHost>,
     /// Where the fault thread wakes the migration thread.
@@ -248,27 +252,25 @@ impl<'a> KvmHost<'a> {
         })
     }
 
-    fn fail(&mut self, what: &'static str, detail: impl std::fmt::Display) -> HostError {
-        self.error = Some(format!("{what}: {detail}"));
+    /// Keeps `failure` for the report and gives the engine its label.
+    fn fail(&mut self, failure: HostFailure) -> HostError {
+        let what = failure.what();
+        self.error = Some(failure);
         HostError { what, code: 0 }
-    }
-
-    fn ram_error(&mut self, e: impl std::fmt::Display) -> HostError {
-        self.fail("writing guest RAM", e)
     }
 
     /// Guest RAM under userfaultfd, registering it (and starting the fault
     /// thread) on first use.
     fn postcopy_ram(&mut self) -> Result<Arc<PostcopyRam>, HostError> {
         let Some(pc) = self.postcopy.as_mut() else {
-            return Err(self.fail("postcopy", "a postcopy command came before the advise"));
+            return Err(self.fail(HostFailure::PostcopyBeforeAdvise));
         };
         if let Some(ram) = &pc.ram {
             return Ok(Arc::clone(ram));
         }
         let ram = match PostcopyRam::register(Arc::clone(self.vm.ram())) {
             Ok(r) => Arc::new(r),
-            Err(e) => return Err(self.fail("registering guest RAM with userfaultfd", e)),
+            Err(e) => return Err(self.fail(HostFailure::Register(e))),
         };
         let (events, faults) = (self.events.clone(), Arc::clone(&self.faults));
         let thread = ram.start_fault_thread(move |f| {
@@ -280,7 +282,7 @@ impl<'a> KvmHost<'a> {
         });
         let thread = match thread {
             Ok(t) => t,
-            Err(e) => return Err(self.fail("starting the postcopy fault thread", e)),
+            Err(e) => return Err(self.fail(HostFailure::StartFaultThread(e))),
         };
         if let Some(pc) = self.postcopy.as_mut() {
             pc.ram = Some(Arc::clone(&ram));
@@ -322,13 +324,13 @@ impl<'a> KvmHost<'a> {
     /// A fault on `page`, which arrived as a zero page in precopy and was
     /// never written here: fills it with zeros (an `EEXIST` means it was
     /// installed meanwhile, which is as good).
-    fn fill_zero(&mut self, page: u64) -> Result<(), String> {
+    fn fill_zero(&mut self, page: u64) -> Result<(), ReceiveFailure> {
         let Some(ram) = self.registered() else {
-            return Err("a fault before guest RAM was registered".into());
+            return Err(ReceiveFailure::FaultBeforeRegister);
         };
         let placed = ram
             .place_zero(page * PAGE, PAGE)
-            .map_err(|e| format!("filling a zero page: {e}"))?;
+            .map_err(ReceiveFailure::ZeroFill)?;
         if let Some(pc) = self.postcopy.as_mut() {
             pc.local_zero_fills += placed.installed;
         }
@@ -347,7 +349,7 @@ impl<'a> KvmHost<'a> {
     /// The end of postcopy: unregisters guest RAM (waking any thread still
     /// waiting: every page not present now arrived as a zero page), stops
     /// the fault thread and gathers the figures.
-    fn finish_postcopy(&mut self) -> Result<PostcopyReport, String> {
+    fn finish_postcopy(&mut self) -> Result<PostcopyReport, ReceiveFailure> {
         let Some(mut pc) = self.postcopy.take() else {
             return Ok(PostcopyReport::default());
         };
@@ -364,11 +366,9 @@ impl<'a> KvmHost<'a> {
                         .map_or_else(|| e.to_string(), |p| p.to_string()),
                 );
             }
-            ram.unregister()
-                .map_err(|e| format!("ending postcopy: {e}"))?;
+            ram.unregister().map_err(ReceiveFailure::EndPostcopy)?;
             if let Some(t) = pc.fault_thread.take() {
-                t.stop()
-                    .map_err(|e| format!("postcopy fault thread: {e}"))?;
+                t.stop().map_err(ReceiveFailure::FaultThread)?;
             }
             report.faults = ram.stats();
             report.vcpu_blocktime = report
@@ -435,7 +435,7 @@ impl DestinationHost for KvmHost<'_> {
     fn place_pages(&mut self, _block: u16, first_page: u64, data: &[u8]) -> Result<(), HostError> {
         if let Some(ram) = self.registered() {
             if let Err(e) = ram.place(first_page * PAGE, data) {
-                return Err(self.fail("UFFDIO_COPY", e));
+                return Err(self.fail(HostFailure::Copy(e)));
             }
             self.installed(first_page, data.len() as u64 / PAGE);
             self.note_installed(first_page, data);
@@ -445,7 +445,7 @@ impl DestinationHost for KvmHost<'_> {
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let p = first_page + i as u64;
             if let Err(e) = self.ram.write(p * PAGE, chunk) {
-                return Err(self.ram_error(e));
+                return Err(self.fail(HostFailure::WriteRam(e)));
             }
             self.mark(p, true);
         }
@@ -462,7 +462,7 @@ impl DestinationHost for KvmHost<'_> {
             // Under userfaultfd a page never written is missing, not zero:
             // every zero page is installed.
             if let Err(e) = ram.place_zero(first_page * PAGE, count * PAGE) {
-                return Err(self.fail("UFFDIO_ZEROPAGE", e));
+                return Err(self.fail(HostFailure::ZeroPage(e)));
             }
             self.installed(first_page, count);
             self.note_zero(first_page, count);
@@ -472,7 +472,7 @@ impl DestinationHost for KvmHost<'_> {
         for p in first_page..first_page.saturating_add(count) {
             if self.is_placed(p) {
                 if let Err(e) = self.ram.write(p * PAGE, &ZERO_PAGE) {
-                    return Err(self.ram_error(e));
+                    return Err(self.fail(HostFailure::WriteRam(e)));
                 }
                 self.mark(p, false);
             }
@@ -482,33 +482,17 @@ impl DestinationHost for KvmHost<'_> {
 
     fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostError> {
         if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 {
-            self.error = Some(format!(
-                "unknown device '{}' instance {} in the stream",
-                device.id.as_str(),
-                device.instance
-            ));
-            return Err(HostError {
-                what: "unknown device",
-                code: 0,
-            });
+            return Err(self.fail(HostFailure::UnknownDevice {
+                id: device.id.as_str().to_string(),
+                instance: device.instance,
+            }));
         }
         if device.version != CPU_STATE_VERSION {
-            self.error = Some(format!(
-                "vCPU state version {} is not supported (this side loads version {CPU_STATE_VERSION})",
-                device.version
-            ));
-            return Err(HostError {
-                what: "vCPU state version",
-                code: 0,
-            });
+            return Err(self.fail(HostFailure::DeviceVersion(device.version)));
         }
-        self.vcpu.load_state(device.data).map_err(|e| {
-            self.error = Some(format!("loading the vCPU state failed: {e}"));
-            HostError {
-                what: "vCPU state",
-                code: 0,
-            }
-        })
+        self.vcpu
+            .load_state(device.data)
+            .map_err(|e| self.fail(HostFailure::LoadVcpu(e)))
     }
 
     fn postcopy_advise(
@@ -517,24 +501,21 @@ impl DestinationHost for KvmHost<'_> {
         target_page_size: u64,
     ) -> Result<(), HostError> {
         if host_page_size != PAGE || target_page_size != PAGE {
-            return Err(self.fail(
-                "postcopy page size",
-                format_args!(
-                    "the source uses {host_page_size}-byte host and {target_page_size}-byte \
-                     target pages, this destination only {PAGE_SIZE}-byte pages"
-                ),
-            ));
+            return Err(self.fail(HostFailure::PageSize {
+                host: host_page_size,
+                target: target_page_size,
+            }));
         }
         // A one-page probe: the same userfaultfd the guest RAM will get, so
         // a missing permission fails here, before anything is transferred.
         let probe = GuestRam::new(PAGE, DEFAULT_SLOT_BYTES)
-            .map_err(|e| e.to_string())
-            .and_then(|r| PostcopyRam::register(Arc::new(r)).map_err(|e| e.to_string()));
+            .map_err(HostFailure::ProbeMemory)
+            .and_then(|r| PostcopyRam::register(Arc::new(r)).map_err(HostFailure::NoUserfaultfd));
         if let Err(e) = probe {
-            return Err(self.fail("postcopy needs userfaultfd", e));
+            return Err(self.fail(e));
         }
         if let Err(e) = reset_dirty_log(self.vm) {
-            return Err(self.fail("resetting the dirty log", e));
+            return Err(self.fail(HostFailure::ResetDirtyLog(e)));
         }
         self.postcopy = Some(PostcopyHost {
             installed: vec![0; (self.ram.size() / PAGE) as usize],
@@ -546,7 +527,7 @@ impl DestinationHost for KvmHost<'_> {
     fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostError> {
         let ram = self.postcopy_ram()?;
         ram.discard(range.first * PAGE, range.count * PAGE)
-            .map_err(|e| self.fail("discarding guest RAM", e))?;
+            .map_err(|e| self.fail(HostFailure::Discard(e)))?;
         self.note_zero(range.first, range.count);
         Ok(())
     }
@@ -558,7 +539,7 @@ impl DestinationHost for KvmHost<'_> {
     fn postcopy_run(&mut self) -> Result<(), HostError> {
         let now = clock::monotonic_ns();
         if let Err(e) = self.vcpu.resume() {
-            return Err(self.fail("starting the vCPU", e));
+            return Err(self.fail(HostFailure::StartVcpu(e)));
         }
         if let Some(pc) = self.postcopy.as_mut() {
             pc.started_ns = Some(now);
@@ -574,7 +555,7 @@ enum Event {
     /// The source closed the connection.
     Eof,
     /// Reading the connection failed.
-    ReadError(String),
+    ReadError(TransportError),
     /// The fault thread queued a fault.
     Fault,
 }
@@ -591,7 +572,7 @@ fn spawn_reader(
             let event = match conn.read(&mut buf) {
                 Ok(0) => Event::Eof,
                 Ok(n) => Event::Bytes(buf, n),
-                Err(e) => Event::ReadError(e.to_string()),
+                Err(e) => Event::ReadError(e),
             };
             let last = !matches!(event, Event::Bytes(..));
             if events.send(event).is_err() || last {
@@ -601,83 +582,58 @@ fn spawn_reader(
     })
 }
 
-/// The first bytes of a QEMU migration stream (`QEMU_VM_FILE_MAGIC`).
-const QEMU_STREAM_MAGIC: &[u8; 4] = b"QEVM";
-
-/// An engine error in an operator's words.
-pub fn describe(err: &DestError, peer: &str, host_error: Option<&str>) -> String {
-    const MIB: u64 = 1 << 20;
-    match err {
-        DestError::BlockLengthMismatch {
-            source,
-            destination,
-            ..
-        } => format!(
-            "RAM size mismatch: the source has {} MiB, this destination {} MiB",
-            source / MIB,
-            destination / MIB
-        ),
-        DestError::Decode(DecodeError::BadMagic { found }) if found == QEMU_STREAM_MAGIC => {
-            format!(
-                "the peer {peer} sent a QEMU migration stream, which livemig does not read \
-             (migrate from a livemig source)"
-            )
-        }
-        DestError::Decode(DecodeError::BadMagic { .. }) => format!(
-            "the peer {peer} is not a livemig source: its stream does not start with the livemig header"
-        ),
-        DestError::Decode(DecodeError::UnsupportedVersion { found, supported }) => format!(
-            "livemig version mismatch: the source speaks stream version {found}, this destination {supported}"
-        ),
-        DestError::Host(_) => match host_error {
-            Some(e) => format!("the destination failed: {e}"),
-            None => err.to_string(),
-        },
-        DestError::UnexpectedEof(_) => format!("connection from {peer} lost: {err}"),
-        DestError::Decode(DecodeError::TrailingData { len, what }) => format!(
-            "the source {peer} sent {len} bytes {what}, where its stream must end: refused, \
-             the guest was not started"
-        ),
-        _ => err.to_string(),
-    }
+/// Starts loading the stream arriving on `conn` into `vm` and its parked
+/// `vcpu` on a migration thread of its own, and returns its handle at
+/// once. [`ReceiveHandle::join`] gives the report of a migration that ran,
+/// whatever its outcome. After a precopy the vCPU is left parked: start it
+/// with [`start_guest`]. After a postcopy it already runs (see
+/// [`DestinationReport::postcopy`]): watch it with [`watch_postcopy_guest`].
+///
+/// [`ReceiveHandle::interrupt`] (Ctrl-C, SIGTERM) or
+/// [`ReceiveHandle::cancel`] stops the load and tells the source, which
+/// resumes its guest, unless the guest already runs here (postcopy): that
+/// is refused with a line on stderr, and the load goes on.
+///
+/// `Err` means it could not even be set up. The caller keeps its own
+/// `Arc`s of `vm` and `vcpu`; the thread drops its clones when it ends.
+pub fn receive(
+    vm: Arc<Vm>,
+    vcpu: Arc<Vcpu>,
+    conn: Connection,
+    idle_timeout: Duration,
+) -> Result<ReceiveHandle, MigrateError> {
+    ram_layout(vm.ram()).map_err(MigrateError::Layout)?;
+    let reader_conn = conn.try_clone()?;
+    ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
+        run(&vm, &vcpu, &conn, reader_conn, idle_timeout, shared)
+    })
 }
 
-/// Loads the stream arriving on `conn` into `vm` and its parked `vcpu`.
-/// After a precopy the vCPU is left parked: start it with [`start_guest`].
-/// After a postcopy it already runs (see [`DestinationReport::postcopy`]):
-/// watch it with [`watch_postcopy_guest`].
-///
-/// Setting `interrupt` (Ctrl-C, SIGTERM) stops the load and tells the
-/// source, which resumes its guest, unless the guest already runs here
-/// (postcopy): that is refused with a line on stderr, and the load goes
-/// on.
-///
-/// Returns the report of a migration that ran, whatever its outcome; `Err`
-/// means it could not even be set up.
-pub fn receive(
+/// The migration thread's body: the engine over this thread's own storage,
+/// fed until the stream ends.
+fn run(
     vm: &Vm,
     vcpu: &Vcpu,
     conn: &Connection,
+    reader_conn: Connection,
     idle_timeout: Duration,
-    interrupt: &Cancel,
-    progress: &mut dyn FnMut(&MigrationStats),
+    shared: &Shared,
 ) -> Result<DestinationReport, MigrateError> {
     let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
     let pages = vm.ram().size() / PAGE;
     let mut received = vec![0u64; PostcopyTracking::words(pages)];
     let mut requested = vec![0u64; PostcopyTracking::words(pages)];
     let mut tracking = [PostcopyTracking::new(&mut received, &mut requested, pages)
-        .map_err(|e| MigrateError::Engine(format!("postcopy tracking: {e}")))?];
+        .map_err(MigrateError::PostcopyTracking)?];
     let mut scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
     let mut engine = DestinationEngine::with_postcopy(&layout, &mut scratch, &mut tracking)
-        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+        .map_err(MigrateError::Destination)?;
     // The connection is up: a source that never sends is given up on too.
     engine.set_idle_timeout(idle_timeout);
     engine
         .require_sections(REQUIRED)
-        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+        .map_err(MigrateError::Destination)?;
     engine.begin(clock::now());
-    let reader_conn = conn.try_clone()?;
     let (tx, events) = mpsc::channel();
     let (pool_tx, pool) = mpsc::channel();
     for _ in 0..READ_BUFFERS {
@@ -686,15 +642,7 @@ pub fn receive(
     }
     let reader = spawn_reader(reader_conn, tx.clone(), pool);
     let mut host = KvmHost::new(vm, vcpu, tx);
-    let mut error = run_receive_loop(
-        &mut engine,
-        &mut host,
-        conn,
-        &events,
-        &pool_tx,
-        interrupt,
-        progress,
-    );
+    let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, shared);
     // Free a reader still blocked in read (a failed migration) and let it
     // end: without buffers it stops at its next one.
     drop(pool_tx);
@@ -736,38 +684,33 @@ pub fn receive(
             report.digest = Some(
                 vm.ram()
                     .digest_of(host.placed_pages())
-                    .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?,
+                    .map_err(MigrateError::Memory)?,
             );
             report.digest_ms = (clock::monotonic_ns() - loaded) as f64 / 1e6;
         }
     } else {
         report.error = Some(error.unwrap_or_else(|| {
-            let desc = engine.stats().error_desc.as_str();
-            if desc.is_empty() {
-                "the migration failed".to_string()
-            } else {
-                desc.to_string()
-            }
+            ReceiveFailure::Failed(Box::new(engine.stats().error_desc.clone()))
         }));
     }
-    progress(&report.stats);
+    shared.publish(&report.stats);
     Ok(report)
 }
 
 /// The destination's event loop: stream bytes, faults and timeouts into the
-/// engine, return-path bytes out. Returns the operator's words for a
-/// failure (`None`: the engine's state tells).
+/// engine, return-path bytes out. Returns what failed (`None`: the
+/// engine's state tells).
 fn run_receive_loop(
     engine: &mut DestinationEngine<'_>,
     host: &mut KvmHost<'_>,
     conn: &Connection,
     events: &Receiver<Event>,
     pool: &Sender<Vec<u8>>,
-    interrupt: &Cancel,
-    progress: &mut dyn FnMut(&MigrationStats),
-) -> Option<String> {
+    shared: &Shared,
+) -> Option<ReceiveFailure> {
+    let interrupt: &Cancel = &shared.cancel;
     let mut out = vec![0u8; 4096];
-    let mut error: Option<String> = None;
+    let mut error: Option<ReceiveFailure> = None;
     let mut last_progress = 0;
     // An interrupt already dealt with (refused, or nothing to interrupt).
     let mut interrupt_seen = false;
@@ -784,7 +727,7 @@ fn run_receive_loop(
                     if let Err(e) = flush_return_path(engine, conn, &mut out) {
                         eprintln!("livemig: telling the source: {e}");
                     }
-                    return Some(DestError::Interrupted { signal }.to_string());
+                    return Some(ReceiveFailure::Interrupted { signal });
                 }
                 Err(e @ DestError::PostcopyCannotBeInterrupted) => {
                     eprintln!("livemig: {e}; the migration goes on to completion");
@@ -808,9 +751,7 @@ fn run_receive_loop(
             error.get_or_insert(e);
         }
         if host.fault_thread_died() {
-            error.get_or_insert_with(|| {
-                "the postcopy fault thread stopped: page faults are no longer served".into()
-            });
+            error.get_or_insert(ReceiveFailure::FaultThreadStopped);
         }
         let now = clock::now();
         let mut eof = false;
@@ -831,7 +772,7 @@ fn run_receive_loop(
             }
             Ok(Event::ReadError(e)) => {
                 eof = true;
-                error.get_or_insert(format!("connection lost: {e}"));
+                error.get_or_insert(ReceiveFailure::ConnectionLost(e));
                 engine.handle_eof(now)
             }
         };
@@ -841,7 +782,11 @@ fn run_receive_loop(
         });
         if let Err(e) = result {
             if error.is_none() && e != DestError::AlreadyFailed {
-                error = Some(describe(&e, conn.peer(), host.error.as_deref()));
+                error = Some(ReceiveFailure::Engine {
+                    error: e,
+                    peer: conn.peer().to_string(),
+                    host: host.error.clone(),
+                });
             }
         }
         if let Err(e) = flush_return_path(engine, conn, &mut out) {
@@ -849,7 +794,7 @@ fn run_receive_loop(
         }
         if clock::monotonic_ns() - last_progress > 50_000_000 {
             last_progress = clock::monotonic_ns();
-            progress(engine.stats());
+            shared.publish(engine.stats());
         }
         if eof
             || engine.is_completed()
@@ -866,7 +811,7 @@ fn flush_return_path(
     engine: &mut DestinationEngine<'_>,
     conn: &Connection,
     out: &mut [u8],
-) -> Result<(), String> {
+) -> Result<(), ReceiveFailure> {
     loop {
         let n = engine.poll_return_path(out);
         if n == 0 {
@@ -874,14 +819,17 @@ fn flush_return_path(
         }
         let bytes = out.get(..n).unwrap_or_default();
         conn.write_all(bytes)
-            .map_err(|e| format!("return path lost: {e}"))?;
+            .map_err(ReceiveFailure::ReturnPathLost)?;
     }
 }
 
 /// Hands the queued faults to the engine (a request each, on the return
 /// path) or, for a page that arrived as a zero page in precopy and so was
 /// never written here, fills it with zeros.
-fn serve_faults(engine: &mut DestinationEngine<'_>, host: &mut KvmHost<'_>) -> Result<(), String> {
+fn serve_faults(
+    engine: &mut DestinationEngine<'_>,
+    host: &mut KvmHost<'_>,
+) -> Result<(), ReceiveFailure> {
     let pages = match host.faults.lock() {
         Ok(mut q) if !q.is_empty() => std::mem::take(&mut *q),
         _ => return Ok(()),
@@ -899,7 +847,7 @@ fn serve_faults(engine: &mut DestinationEngine<'_>, host: &mut KvmHost<'_>) -> R
         match engine.handle_page_fault(now, 0, page) {
             Ok(true) => host.requested(page),
             Ok(false) => {}
-            Err(e) => return Err(format!("postcopy page fault: {e}")),
+            Err(e) => return Err(ReceiveFailure::PageFault(e)),
         }
     }
     Ok(())
@@ -1032,11 +980,9 @@ pub fn watch_postcopy_guest(
     let map = SlotMap::new(vm.ram());
     let pages: u64 = map.slots().iter().map(|s| s.2).sum();
     let mut words = vec![0u64; pages.div_ceil(64) as usize];
-    fetch_dirty_log(vm, &map, &mut words)
-        .map_err(|e| MigrateError::Engine(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+    fetch_dirty_log(vm, &map, &mut words).map_err(MigrateError::DirtyLog)?;
     let ranges = written_ranges(&words, pages);
-    let unwritten = digest_outside(vm.ram(), &ranges)
-        .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?;
+    let unwritten = digest_outside(vm.ram(), &ranges).map_err(MigrateError::Memory)?;
     let mut digest = unwritten;
     for p in ranges
         .iter()
@@ -1045,7 +991,7 @@ pub fn watch_postcopy_guest(
         let d = postcopy
             .installed
             .get(p as usize)
-            .ok_or_else(|| MigrateError::Engine(format!("digest: page {p} was never tracked")))?;
+            .ok_or(MigrateError::UntrackedPage(p))?;
         digest = digest.wrapping_add(*d);
     }
     let writes = GuestWrites {
@@ -1059,6 +1005,8 @@ pub fn watch_postcopy_guest(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::StateError;
+    use livemig_core::wire::DecodeError;
 
     #[test]
     fn fault_latency_percentiles_are_nearest_rank_in_microseconds() {
@@ -1117,21 +1065,29 @@ mod tests {
 
     #[test]
     fn engine_errors_become_operator_sentences() {
+        let describe = |error: DestError, peer: &str, host: Option<HostFailure>| {
+            ReceiveFailure::Engine {
+                error,
+                peer: peer.to_string(),
+                host,
+            }
+            .to_string()
+        };
         let e = DestError::BlockLengthMismatch {
             index: 0,
             source: 512 << 20,
             destination: 256 << 20,
         };
         assert_eq!(
-            describe(&e, "tcp:x:1", None),
+            describe(e, "tcp:x:1", None),
             "RAM size mismatch: the source has 512 MiB, this destination 256 MiB"
         );
         let e = DestError::Decode(DecodeError::BadMagic { found: *b"GET " });
-        assert!(describe(&e, "tcp:x:1", None).contains("not a livemig source"));
+        assert!(describe(e, "tcp:x:1", None).contains("not a livemig source"));
         // Issue 8 item 9: a QEMU source is named as such.
         let e = DestError::Decode(DecodeError::BadMagic { found: *b"QEVM" });
         assert_eq!(
-            describe(&e, "tcp:x:1", None),
+            describe(e, "tcp:x:1", None),
             "the peer tcp:x:1 sent a QEMU migration stream, which livemig does not read \
              (migrate from a livemig source)"
         );
@@ -1139,11 +1095,22 @@ mod tests {
             found: 9,
             supported: 1,
         });
-        assert!(describe(&e, "tcp:x:1", None).contains("version mismatch"));
+        assert!(describe(e, "tcp:x:1", None).contains("version mismatch"));
         let e = DestError::Host(HostError {
             what: "vCPU state",
             code: 0,
         });
-        assert!(describe(&e, "p", Some("loading the vCPU state failed: bad")).contains("bad"));
+        let host = HostFailure::LoadVcpu(StateError::Kvm("KVM_SET_REGS", 22));
+        let w = describe(e, "p", Some(host));
+        assert!(
+            w.starts_with("the destination failed: loading the vCPU state failed:"),
+            "{w}"
+        );
+        assert!(w.contains("KVM_SET_REGS"), "{w}");
+        // The engine's own text, or a plain sentence when it gave none.
+        assert_eq!(
+            ReceiveFailure::Failed(Default::default()).to_string(),
+            "the migration failed"
+        );
     }
 }
