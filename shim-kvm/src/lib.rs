@@ -12,14 +12,17 @@
 //!   rate throttle, and the register state as a device blob ([`state`]).
 //! - [`guest`]: the demo guest (a multiboot image that stamps and re-checks a
 //!   working set from ring 3) and its parameter block and ports.
-//! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
-//!   connection carrying the stream and its return path, and page batches
-//!   written with one vectored `sendmsg` straight from guest RAM.
+//! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, socket
+//!   set-up, inherited descriptors, the connection carrying the stream and
+//!   its return path, and page batches written with one vectored `sendmsg`
+//!   straight from guest RAM.
 //! - [`postcopy`]: the destination's postcopy RAM, registered with
 //!   userfaultfd so missing pages block their first toucher until placed,
 //!   and the fault thread that forwards those faults as page requests.
 //! - [`migrate`]: the source and destination drivers of the engines, over
-//!   the pieces above; [`clock`] is the monotonic clock they share.
+//!   the pieces above, each on a migration thread of its own behind a
+//!   handle (live statistics, cancel, join); [`clock`] is the monotonic
+//!   clock they share.
 //! - [`options`], [`report`] and [`demo`]: the `livemig` tool's flags,
 //!   progress line and summaries, and its self-contained demo; [`bench`]
 //!   times that demo against a raw TCP copy measured in the same run.
