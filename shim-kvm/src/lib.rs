@@ -23,24 +23,20 @@
 //!   the pieces above, each on a migration thread of its own behind a
 //!   handle (live statistics, cancel, join); [`clock`] is the monotonic
 //!   clock they share.
-//! - [`options`], [`report`] and [`demo`]: the `livemig` tool's flags,
-//!   progress line and summaries, and its self-contained demo; [`bench`]
-//!   times that demo against a raw TCP copy measured in the same run.
+//!
+//! The `livemig` tool that drives these pieces is its own package,
+//! livemig-cli (`shim-kvm/cli/`).
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
 //! `transport`, `clock`, `interrupt` and `postcopy`, each with a `// SAFETY:` line.
 
-pub mod bench;
 pub mod clock;
-pub mod demo;
 pub mod dirty_log;
 pub mod guest;
 pub mod interrupt;
 pub mod memory;
 pub mod migrate;
-pub mod options;
 pub mod postcopy;
-pub mod report;
 pub mod state;
 pub mod transport;
 pub mod vcpu;

@@ -169,7 +169,7 @@ fn job(job: Job) -> Result<(), String> {
                     "run",
                     "--release",
                     "-p",
-                    "livemig-kvm",
+                    "livemig-cli",
                     "--bin",
                     "livemig",
                     "--",

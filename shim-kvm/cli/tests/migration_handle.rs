@@ -19,9 +19,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{demo_vm, kvm_available, small_ws, wait_for};
+use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::state::MigrationStatus;
-use livemig_kvm::demo;
 use livemig_kvm::guest;
 use livemig_kvm::memory::DEFAULT_SLOT_BYTES;
 use livemig_kvm::migrate::destination::{self, DestinationReport};
@@ -72,7 +72,8 @@ fn two_vms(
 
 /// A precopy with the return path, at `max_bandwidth` bytes/s.
 fn config(max_bandwidth: u64) -> MigrationConfig {
-    let mut c = demo::base_config();
+    let mut c = MigrationConfig::default();
+    c.capabilities.insert(Capabilities::RETURN_PATH);
     c.parameters.max_bandwidth = max_bandwidth;
     c
 }

@@ -10,16 +10,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use livemig_cli::bench::{self, BenchCase, BenchError, BenchOptions};
+use livemig_cli::demo::{self, DemoError, GuestShape};
+use livemig_cli::options;
+use livemig_cli::report::{Progress, Summary};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::state::MigrationStatus;
-use livemig_kvm::bench::{self, BenchCase, BenchError, BenchOptions};
-use livemig_kvm::demo::{self, DemoError, GuestShape};
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::interrupt::{self, Cancel, Decision, Hold};
 use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
-use livemig_kvm::options;
-use livemig_kvm::report::{Progress, Summary};
 use livemig_kvm::transport::MigrationUri;
 use serde_json::json;
 
