@@ -228,3 +228,48 @@ impl ReceiveHandle {
         self.run.join()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_watched_cancelled_and_joined_from_other_threads() {
+        let run = Run::spawn("livemig-test", Arc::new(Shared::default()), |shared| {
+            let mut stats = MigrationStats::default();
+            while !shared.cancel.is_cancelled() {
+                stats.ram.transferred += 1;
+                shared.publish(&stats);
+                thread::sleep(Duration::from_millis(1));
+            }
+            Ok(stats.ram.transferred)
+        })
+        .unwrap();
+        assert!(!run.wait_timeout(Duration::from_millis(20)));
+        assert!(!run.is_finished());
+        let seen = run.stats().ram.transferred;
+        assert!(seen > 0, "published figures are visible");
+        let run = Arc::new(run);
+        let watcher = {
+            let run = Arc::clone(&run);
+            thread::spawn(move || run.shared.cancel.cancel())
+        };
+        watcher.join().unwrap();
+        assert!(run.wait_timeout(Duration::from_secs(5)));
+        assert!(run.is_finished());
+        let run = Arc::into_inner(run).unwrap();
+        let last = run.stats().ram.transferred;
+        assert!(last >= seen);
+        assert_eq!(run.join().unwrap(), last);
+    }
+
+    #[test]
+    fn a_panicking_migration_thread_ends_its_waiters_and_is_an_error() {
+        let run: Run<()> = Run::spawn("livemig-test", Arc::new(Shared::default()), |_| {
+            panic!("a bug")
+        })
+        .unwrap();
+        assert!(run.wait_timeout(Duration::from_secs(5)));
+        assert!(matches!(run.join(), Err(MigrateError::Panicked)));
+    }
+}
