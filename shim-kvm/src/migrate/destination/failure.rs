@@ -249,3 +249,60 @@ impl std::error::Error for ReceiveFailure {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig_core::destination::HostError;
+
+    #[test]
+    fn engine_errors_become_operator_sentences() {
+        let describe = |error: DestError, peer: &str, host: Option<HostFailure>| {
+            ReceiveFailure::Engine {
+                error,
+                peer: peer.to_string(),
+                host,
+            }
+            .to_string()
+        };
+        let e = DestError::BlockLengthMismatch {
+            index: 0,
+            source: 512 << 20,
+            destination: 256 << 20,
+        };
+        assert_eq!(
+            describe(e, "tcp:x:1", None),
+            "RAM size mismatch: the source has 512 MiB, this destination 256 MiB"
+        );
+        let e = DestError::Decode(DecodeError::BadMagic { found: *b"GET " });
+        assert!(describe(e, "tcp:x:1", None).contains("not a livemig source"));
+        // Issue 8 item 9: a QEMU source is named as such.
+        let e = DestError::Decode(DecodeError::BadMagic { found: *b"QEVM" });
+        assert_eq!(
+            describe(e, "tcp:x:1", None),
+            "the peer tcp:x:1 sent a QEMU migration stream, which livemig does not read \
+             (migrate from a livemig source)"
+        );
+        let e = DestError::Decode(DecodeError::UnsupportedVersion {
+            found: 9,
+            supported: 1,
+        });
+        assert!(describe(e, "tcp:x:1", None).contains("version mismatch"));
+        let e = DestError::Host(HostError {
+            what: "vCPU state",
+            code: 0,
+        });
+        let host = HostFailure::LoadVcpu(StateError::Kvm("KVM_SET_REGS", 22));
+        let w = describe(e, "p", Some(host));
+        assert!(
+            w.starts_with("the destination failed: loading the vCPU state failed:"),
+            "{w}"
+        );
+        assert!(w.contains("KVM_SET_REGS"), "{w}");
+        // The engine's own text, or a plain sentence when it gave none.
+        assert_eq!(
+            ReceiveFailure::Failed(Default::default()).to_string(),
+            "the migration failed"
+        );
+    }
+}
