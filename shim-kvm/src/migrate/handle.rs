@@ -5,7 +5,10 @@
 //! the migration thread and return one of these at once. Every method takes
 //! `&self` (except [`join`](MigrationHandle::join)) and the handles are
 //! `Send + Sync`, so any thread may poll the statistics or cancel while
-//! another waits; put a handle in an `Arc` to share it.
+//! another waits; put a handle in an `Arc` to share it. Dropping a handle
+//! does not stop its migration: the thread runs on to the end, detached,
+//! and the guest ends where that end leaves it (cancel first to keep it on
+//! the source).
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -232,6 +235,13 @@ impl ReceiveHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_can_be_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<MigrationHandle>();
+        send_sync::<ReceiveHandle>();
+    }
 
     #[test]
     fn a_run_is_watched_cancelled_and_joined_from_other_threads() {
