@@ -91,9 +91,9 @@ pub(super) struct SourceDriver<'e> {
 }
 
 impl SourceDriver<'_> {
-    /// Runs the migration to its end and returns the status it ended in.
-    pub(super) fn drive(&mut self) -> MigrationStatus {
-        let status = 'run: loop {
+    /// Runs the migration to its end.
+    pub(super) fn drive(&mut self) {
+        'run: loop {
             self.check_cancel();
             while let Ok(ev) = self.events.try_recv() {
                 self.on_return_path(ev);
@@ -145,7 +145,10 @@ impl SourceDriver<'_> {
                         self.resume_vcpus();
                         None
                     }
-                    SourceAction::Finished(status) => break 'run self.finished(status),
+                    SourceAction::Finished(status) => {
+                        self.finished(status);
+                        break 'run;
+                    }
                 };
                 // From the commit on, as after the postcopy switchover, the
                 // destination needs the connection to confirm: close the
@@ -174,7 +177,8 @@ impl SourceDriver<'_> {
             }
             self.shared.publish(self.engine.stats());
             if self.engine.is_finished() {
-                break self.finished(self.engine.state());
+                self.finished(self.engine.state());
+                break;
             }
             let Some(wait) = self.wait_or_continue() else {
                 continue;
@@ -190,9 +194,8 @@ impl SourceDriver<'_> {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => self.reader_done = true,
             }
-        };
+        }
         self.shared.publish(self.engine.stats());
-        status
     }
 
     /// Carries out a cancel the handle asked for; after the switchover the
@@ -355,11 +358,10 @@ impl SourceDriver<'_> {
     }
 
     /// [`SourceAction::Finished`]: notes when a migration completed.
-    fn finished(&mut self, status: MigrationStatus) -> MigrationStatus {
+    fn finished(&mut self, status: MigrationStatus) {
         if status == MigrationStatus::Completed {
             self.report.completed_ns = Some(clock::monotonic_ns());
         }
-        status
     }
 
     /// How long to wait for the return path before polling again; `None`
