@@ -18,20 +18,18 @@ use livemig_core::clear_map::PageRange;
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::{POSTCOPY_RUN_PING, SourceAction, SourceEngine};
 use livemig_core::state::MigrationStatus;
-use livemig_core::wire::{self, DeviceId};
 
 use super::super::handle::Shared;
-use super::super::{CPU_DEVICE_ID, CPU_STATE_VERSION};
 use super::dirty_log::{DirtyLog, KvmPages};
 use super::failure::SourceFailure;
 use super::gate::CancelGate;
+use super::guest::SourceGuest;
 use super::return_path::RpEvent;
 use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
 use crate::clock;
 use crate::memory::GuestRam;
 use crate::transport::{Connection, PageBatch};
-use crate::vcpu::{Vcpu, VcpuError};
-use crate::vm::Vm;
+use crate::vcpu::VcpuError;
 
 /// The connection as the page-sending actions use it. Kept apart from the
 /// driver's other parts because those actions borrow the engine's buffers
@@ -66,8 +64,7 @@ impl Link {
 /// carried out on.
 pub(super) struct SourceDriver<'e> {
     pub(super) engine: SourceEngine<'e>,
-    pub(super) vm: &'e Vm,
-    pub(super) vcpu: &'e Vcpu,
+    pub(super) guest: SourceGuest<'e>,
     pub(super) link: Link,
     pub(super) log: DirtyLog<'e>,
     /// The return path's decoder and the reader thread's events.
@@ -110,7 +107,7 @@ impl SourceDriver<'_> {
                     self.report_link();
                 }
                 let pages = KvmPages {
-                    ram: self.vm.ram(),
+                    ram: self.guest.ram(),
                     map: self.log.map(),
                 };
                 let Some(action) = self.engine.poll_action(clock::now(), &pages) else {
@@ -121,7 +118,7 @@ impl SourceDriver<'_> {
                 let lost = match action {
                     SourceAction::Send(bytes) => self.link.send(bytes).err(),
                     SourceAction::SendPages { header, pages, .. } => {
-                        self.link.send_pages(self.vm.ram(), header, pages).err()
+                        self.link.send_pages(self.guest.ram(), header, pages).err()
                     }
                     SourceAction::SyncDirtyLog => {
                         self.sync_dirty_log();
@@ -274,19 +271,19 @@ impl SourceDriver<'_> {
         } else {
             (rate * u64::from(100 - percent.min(99)) / 100).max(1)
         };
-        self.vcpu.set_dirty_rate_limit(limit);
+        self.guest.limit_dirty_rate(limit);
     }
 
     /// [`SourceAction::StopVcpus`]: pauses the vCPU for the stop-and-copy.
     fn stop_vcpus(&mut self) {
         self.report.vcpu_stopped_ns = Some(clock::monotonic_ns());
-        match self.vcpu.pause() {
-            Ok(_) => {
-                self.report.generation_at_stop = Some(self.vcpu.stats().generation);
+        match self.guest.pause() {
+            Ok(generation) => {
+                self.report.generation_at_stop = Some(generation);
                 if let Err(e) = self.engine.handle_vcpus_stopped(clock::now()) {
                     // The engine does not know the guest is stopped, so it
                     // would not restart it.
-                    if let Err(e) = self.vcpu.resume() {
+                    if let Err(e) = self.guest.resume() {
                         self.resume_error = Some(e);
                     }
                     self.fail(SourceFailure::Engine(e));
@@ -299,7 +296,7 @@ impl SourceDriver<'_> {
     /// [`SourceAction::SaveDevices`]: writes the stopped vCPU's state as
     /// one device record.
     fn save_devices(&mut self) -> Result<(), SourceFailure> {
-        let records = device_records(self.vcpu)?;
+        let records = self.guest.device_records()?;
         self.link
             .conn
             .write_all(&records)
@@ -325,7 +322,7 @@ impl SourceDriver<'_> {
             return Ok(());
         }
         self.report.postcopy = true;
-        let records = device_records(self.vcpu)?;
+        let records = self.guest.device_records()?;
         let framing = self
             .engine
             .package_devices(clock::now(), records.len())
@@ -352,7 +349,7 @@ impl SourceDriver<'_> {
     /// [`SourceAction::ResumeVcpus`]: the migration did not complete, the
     /// guest runs on here.
     fn resume_vcpus(&mut self) {
-        if let Err(e) = self.vcpu.resume() {
+        if let Err(e) = self.guest.resume() {
             self.resume_error = Some(e);
         }
     }
@@ -484,17 +481,4 @@ impl SourceDriver<'_> {
         }
         None
     }
-}
-
-/// The device state as `Device` records: the vCPU's registers.
-fn device_records(vcpu: &Vcpu) -> Result<Vec<u8>, SourceFailure> {
-    let blob = vcpu.save_state().map_err(SourceFailure::SaveVcpu)?;
-    let id = DeviceId::new(CPU_DEVICE_ID)
-        .map_err(|e| SourceFailure::DeviceRecord(wire::EncodeError::Id(e)))?;
-    let mut records = vec![0u8; 64];
-    let n = wire::encode_device_header(&mut records, id, 0, CPU_STATE_VERSION, blob.len())
-        .map_err(SourceFailure::DeviceRecord)?;
-    records.truncate(n);
-    records.extend_from_slice(&blob);
-    Ok(records)
 }

@@ -30,6 +30,7 @@ mod dirty_log;
 mod driver;
 mod failure;
 mod gate;
+mod guest;
 mod return_path;
 
 use std::sync::Arc;
@@ -52,6 +53,7 @@ use dirty_log::DirtyLog;
 use driver::{Link, SourceDriver};
 pub use failure::SourceFailure;
 pub(crate) use gate::CancelGate;
+use guest::SourceGuest;
 
 /// Longest the migration thread waits for input before polling again (so
 /// the progress line stays fresh and a stuck peer is noticed).
@@ -226,8 +228,7 @@ fn run(
     let clears_before = vm.clear_calls();
     let mut driver = SourceDriver {
         engine,
-        vm,
-        vcpu,
+        guest: SourceGuest { vm, vcpu },
         peer: conn.peer().to_string(),
         link: Link { conn },
         log: DirtyLog::new(vm),
