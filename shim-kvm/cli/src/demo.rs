@@ -62,7 +62,7 @@ use crate::interrupt::{self, Cancel, Decision};
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter, GuestWrites};
 use crate::migrate::source::{self, SourceOptions, SourceReport};
-use crate::migrate::{MigrateError, RAM_BLOCK_ID};
+use crate::migrate::{CancelRefused, MigrateError, RAM_BLOCK_ID};
 use crate::report::{Progress, Summary};
 use crate::transport::{Connection, Listener, MigrationUri, TransportError};
 use crate::vcpu::Vcpu;
@@ -299,12 +299,15 @@ pub fn send_guest(
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
     let handle = source::migrate(Arc::clone(vm), Arc::clone(vcpu), conn, config, options)?;
+    let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         if cancel.is_cancelled() {
             handle.cancel();
         }
+        refusal.say(handle.cancel_refused());
         progress.update(&handle.stats());
     }
+    refusal.say(handle.cancel_refused());
     let report = handle.join()?;
     progress.update(&report.stats);
     progress.finish();
@@ -325,6 +328,21 @@ pub fn send_guest(
         watch_source_guest(vcpu, &mut out);
     }
     Ok(out)
+}
+
+/// Tells the operator, once, that the migration refused their Ctrl-C.
+#[derive(Default)]
+struct Refusal {
+    said: bool,
+}
+
+impl Refusal {
+    fn say(&mut self, refused: Option<CancelRefused>) {
+        if let Some(r) = refused.filter(|_| !self.said) {
+            self.said = true;
+            eprintln!("livemig: {r}");
+        }
+    }
 }
 
 /// Watches the source guest for half a second after a failed migration:
@@ -596,14 +614,17 @@ pub fn run_receive(
     let interrupt = Cancel::new();
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
     let handle = destination::receive(Arc::clone(&vm), Arc::clone(&vcpu), conn, idle_timeout)?;
+    let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         match interrupt.signal() {
             Some(signal) => handle.interrupt(signal),
             None if interrupt.is_cancelled() => handle.cancel(),
             None => {}
         }
+        refusal.say(handle.cancel_refused());
         progress.update(&handle.stats());
     }
+    refusal.say(handle.cancel_refused());
     let report = handle.join()?;
     progress.update(&report.stats);
     progress.finish();

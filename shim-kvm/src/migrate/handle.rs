@@ -10,10 +10,13 @@
 //! and the guest ends where that end leaves it (cancel first to keep it on
 //! the source).
 
+use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use livemig_core::destination::DestError;
+use livemig_core::source::SourceError;
 use livemig_core::stats::MigrationStats;
 
 use super::MigrateError;
@@ -31,7 +34,34 @@ pub(crate) struct Shared {
     ended: Condvar,
     /// The cancel (source) or interrupt (destination) request.
     pub(crate) cancel: Cancel,
+    /// The engine refused that request (the first refusal).
+    refused: Mutex<Option<CancelRefused>>,
 }
+
+/// Why a cancel (or the destination's interrupt) was refused: the guest
+/// already belongs to the destination, or is loaded there and may have
+/// been committed. The migration goes on to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelRefused {
+    /// The source engine's refusal.
+    Source(SourceError),
+    /// The destination engine's refusal.
+    Destination(DestError),
+}
+
+impl fmt::Display for CancelRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CancelRefused::Source(e) => write!(f, "{e}; the migration goes on to completion"),
+            CancelRefused::Destination(e @ DestError::PostcopyCannotBeInterrupted) => {
+                write!(f, "{e}; the migration goes on to completion")
+            }
+            CancelRefused::Destination(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for CancelRefused {}
 
 impl Shared {
     /// Called by the migration thread as it makes progress.
@@ -40,6 +70,18 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone_from(stats);
+    }
+
+    /// Called by the migration thread when its engine refused the cancel.
+    pub(crate) fn refuse(&self, refusal: CancelRefused) {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(refusal);
+    }
+
+    fn refusal(&self) -> Option<CancelRefused> {
+        *self.refused.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn finish(&self) {
@@ -161,6 +203,12 @@ impl MigrationHandle {
         self.gate.shut();
     }
 
+    /// Whether, and why, the migration refused a [`cancel`](Self::cancel)
+    /// (once the guest belongs to the destination).
+    pub fn cancel_refused(&self) -> Option<CancelRefused> {
+        self.run.shared.refusal()
+    }
+
     /// Whether the migration thread has ended.
     pub fn is_finished(&self) -> bool {
         self.run.is_finished()
@@ -213,6 +261,13 @@ impl ReceiveHandle {
     /// source is told (QEMU's "interrupted by SIGTERM").
     pub fn interrupt(&self, signal: i32) {
         self.run.shared.cancel.interrupt(signal);
+    }
+
+    /// Whether, and why, the load refused a [`cancel`](Self::cancel) or an
+    /// [`interrupt`](Self::interrupt): the guest already runs here
+    /// (postcopy), or is loaded and the source may have committed.
+    pub fn cancel_refused(&self) -> Option<CancelRefused> {
+        self.run.shared.refusal()
     }
 
     /// Whether the migration thread has ended.

@@ -27,7 +27,7 @@ pub mod source;
 use livemig_core::wire::{BlockId, BlockInfo, EncodeError};
 
 pub use error::MigrateError;
-pub use handle::{MigrationHandle, ReceiveHandle};
+pub use handle::{CancelRefused, MigrationHandle, ReceiveHandle};
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 

@@ -58,7 +58,7 @@ use livemig_core::state::MigrationStatus;
 use livemig_core::stats::MigrationStats;
 use livemig_core::wire::{self, DeviceState, PageRange};
 
-use super::handle::Shared;
+use super::handle::{CancelRefused, Shared};
 use super::{
     CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, ReceiveHandle, SlotMap, digest_outside,
     ram_layout, written_ranges,
@@ -729,10 +729,9 @@ fn run_receive_loop(
                     }
                     return Some(ReceiveFailure::Interrupted { signal });
                 }
-                Err(e @ DestError::PostcopyCannotBeInterrupted) => {
-                    eprintln!("livemig: {e}; the migration goes on to completion");
-                }
-                Err(e @ DestError::InterruptAfterLoaded) => eprintln!("livemig: {e}"),
+                Err(
+                    e @ (DestError::PostcopyCannotBeInterrupted | DestError::InterruptAfterLoaded),
+                ) => shared.refuse(CancelRefused::Destination(e)),
                 // Completed or failed already: the loop ends by itself.
                 Ok(false) | Err(_) => {}
             }

@@ -19,7 +19,7 @@ use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::{POSTCOPY_RUN_PING, SourceAction, SourceEngine};
 use livemig_core::state::MigrationStatus;
 
-use super::super::handle::Shared;
+use super::super::handle::{CancelRefused, Shared};
 use super::dirty_log::{DirtyLog, KvmPages};
 use super::failure::SourceFailure;
 use super::gate::CancelGate;
@@ -83,8 +83,6 @@ pub(super) struct SourceDriver<'e> {
     pub(super) resume_error: Option<VcpuError>,
     /// When the engine entered pre-switchover (monotonic ns).
     pub(super) paused_at: Option<u64>,
-    /// A cancel asked for after the switchover, already reported.
-    pub(super) cancel_refused: bool,
 }
 
 impl SourceDriver<'_> {
@@ -196,16 +194,13 @@ impl SourceDriver<'_> {
     }
 
     /// Carries out a cancel the handle asked for; after the switchover the
-    /// engine refuses it, which is said once.
+    /// engine refuses it, which the handle then tells.
     fn check_cancel(&mut self) {
         if !self.shared.cancel.is_cancelled() {
             return;
         }
-        if let Err(e) = self.engine.cancel(clock::now())
-            && !self.cancel_refused
-        {
-            self.cancel_refused = true;
-            eprintln!("livemig: {e}; the migration goes on to completion");
+        if let Err(e) = self.engine.cancel(clock::now()) {
+            self.shared.refuse(CancelRefused::Source(e));
         }
     }
 

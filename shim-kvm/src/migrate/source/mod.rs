@@ -252,7 +252,6 @@ fn run(
         },
         resume_error: None,
         paused_at: None,
-        cancel_refused: false,
     };
     driver.drive();
     // Wake the return-path reader (it may be blocked in read) and let it end.
