@@ -142,6 +142,8 @@ pub enum ReceiveFailure {
     Interrupted {
         /// The signal number, 0 for a plain cancel.
         signal: u32,
+        /// Why the source could not be told, if it could not.
+        untold: Option<TransportError>,
     },
     /// The postcopy fault thread ended while guest RAM was registered.
     FaultThreadStopped,
@@ -217,8 +219,12 @@ impl fmt::Display for ReceiveFailure {
             ReceiveFailure::Engine { error, peer, host } => describe(f, error, peer, host.as_ref()),
             ReceiveFailure::ConnectionLost(e) => write!(f, "connection lost: {e}"),
             ReceiveFailure::ReturnPathLost(e) => write!(f, "return path lost: {e}"),
-            ReceiveFailure::Interrupted { signal } => {
-                fmt::Display::fmt(&DestError::Interrupted { signal: *signal }, f)
+            ReceiveFailure::Interrupted { signal, untold } => {
+                fmt::Display::fmt(&DestError::Interrupted { signal: *signal }, f)?;
+                match untold {
+                    Some(e) => write!(f, " (telling the source failed: {e})"),
+                    None => Ok(()),
+                }
             }
             ReceiveFailure::FaultThreadStopped => write!(
                 f,

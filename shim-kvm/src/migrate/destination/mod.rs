@@ -724,10 +724,8 @@ fn run_receive_loop(
             match engine.interrupt(clock::now(), signal) {
                 Ok(true) => {
                     // The source hears why before the connection closes.
-                    if let Err(e) = flush_return_path(engine, conn, &mut out) {
-                        eprintln!("livemig: telling the source: {e}");
-                    }
-                    return Some(ReceiveFailure::Interrupted { signal });
+                    let untold = flush_return_path(engine, conn, &mut out).err();
+                    return Some(ReceiveFailure::Interrupted { signal, untold });
                 }
                 Err(
                     e @ (DestError::PostcopyCannotBeInterrupted | DestError::InterruptAfterLoaded),
@@ -747,7 +745,7 @@ fn run_receive_loop(
             error.get_or_insert(e);
         }
         if let Err(e) = flush_return_path(engine, conn, &mut out) {
-            error.get_or_insert(e);
+            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
         }
         if host.fault_thread_died() {
             error.get_or_insert(ReceiveFailure::FaultThreadStopped);
@@ -789,7 +787,7 @@ fn run_receive_loop(
             }
         }
         if let Err(e) = flush_return_path(engine, conn, &mut out) {
-            error.get_or_insert(e);
+            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
         }
         if clock::monotonic_ns() - last_progress > 50_000_000 {
             last_progress = clock::monotonic_ns();
@@ -810,15 +808,13 @@ fn flush_return_path(
     engine: &mut DestinationEngine<'_>,
     conn: &Connection,
     out: &mut [u8],
-) -> Result<(), ReceiveFailure> {
+) -> Result<(), TransportError> {
     loop {
         let n = engine.poll_return_path(out);
         if n == 0 {
             return Ok(());
         }
-        let bytes = out.get(..n).unwrap_or_default();
-        conn.write_all(bytes)
-            .map_err(ReceiveFailure::ReturnPathLost)?;
+        conn.write_all(out.get(..n).unwrap_or_default())?;
     }
 }
 
