@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
 /// The assembled image (`guest/demo.bin`), loaded flat at [`LOAD_ADDR`].
 pub const IMAGE: &[u8] = include_bytes!("../guest/demo.bin");
@@ -148,7 +148,7 @@ impl GuestParams {
 
 /// Pages the guest has stamped since boot: the counter at [`STAMPED_ADDR`].
 /// Exact only while its vCPU is stopped.
-pub fn stamped(ram: &GuestRam) -> Result<u64, GuestError> {
+pub fn stamped(ram: &GuestMemory) -> Result<u64, GuestError> {
     let mut b = [0u8; 8];
     ram.read(STAMPED_ADDR, &mut b).map_err(GuestError::Memory)?;
     Ok(u64::from_le_bytes(b))
@@ -157,7 +157,7 @@ pub fn stamped(ram: &GuestRam) -> Result<u64, GuestError> {
 /// The working set the guest uses (start, pages), read back from the
 /// parameter block in its memory, with the image's defaults when the block
 /// is absent, exactly as the guest itself decides.
-pub fn working_set(ram: &GuestRam) -> Result<(u64, u32), GuestError> {
+pub fn working_set(ram: &GuestMemory) -> Result<(u64, u32), GuestError> {
     let mut b = [0u8; 24];
     ram.read(PARAM_ADDR, &mut b).map_err(GuestError::Memory)?;
     let field = |i: usize| {
@@ -201,7 +201,7 @@ impl StampCheck {
 /// ws_pages`) may be half written and is skipped. After a migration this
 /// proves that the pages stamped since the switchover carry the right
 /// stamps, and that every other page kept the stamp it had.
-pub fn check_stamps(ram: &GuestRam) -> Result<StampCheck, GuestError> {
+pub fn check_stamps(ram: &GuestMemory) -> Result<StampCheck, GuestError> {
     let stamped = stamped(ram)?;
     let (start, pages) = working_set(ram)?;
     let mut check = StampCheck {
@@ -253,7 +253,7 @@ pub fn check_stamps(ram: &GuestRam) -> Result<StampCheck, GuestError> {
 
 /// Copies the image to [`LOAD_ADDR`] and the parameter block to
 /// [`PARAM_ADDR`]; the vCPU must then start at [`ENTRY`].
-pub fn load(ram: &GuestRam, params: &GuestParams) -> Result<(), GuestError> {
+pub fn load(ram: &GuestMemory, params: &GuestParams) -> Result<(), GuestError> {
     params.validate(ram.size())?;
     ram.write(LOAD_ADDR, IMAGE).map_err(GuestError::Memory)?;
     ram.write(PARAM_ADDR, &params.encode())
@@ -263,6 +263,11 @@ pub fn load(ram: &GuestRam, params: &GuestParams) -> Result<(), GuestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::RegionLayout;
+
+    fn fresh_ram(size: u64) -> GuestMemory {
+        GuestMemory::anonymous(&RegionLayout::contiguous("pc.ram", size, size).unwrap()).unwrap()
+    }
 
     fn word(i: usize) -> u32 {
         u32::from_le_bytes(IMAGE[i * 4..i * 4 + 4].try_into().unwrap())
@@ -304,7 +309,7 @@ mod tests {
     }
 
     /// Writes the stamp of page `i`, generation `g` as the guest does.
-    fn stamp(ram: &GuestRam, start: u64, i: u32, g: u32) {
+    fn stamp(ram: &GuestMemory, start: u64, i: u32, g: u32) {
         let gpa = start + u64::from(i) * PAGE_SIZE as u64;
         let head: Vec<u8> = [i, g, STAMP_MAGIC, !(i ^ g)]
             .iter()
@@ -317,7 +322,7 @@ mod tests {
 
     #[test]
     fn stamps_are_checked_against_the_counter() {
-        let ram = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let ram = fresh_ram(4 << 20);
         let p = GuestParams {
             ws_start: 2 << 20,
             ws_pages: 8,
@@ -347,13 +352,13 @@ mod tests {
         let c = check_stamps(&ram).unwrap();
         assert_eq!((c.wrong, c.first_wrong), (2, Some(3)), "{c:?}");
         // Before the first generation completes, unreached pages are empty.
-        let fresh = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let fresh = fresh_ram(4 << 20);
         load(&fresh, &p).unwrap();
         stamp(&fresh, p.ws_start, 0, 1);
         fresh.write(STAMPED_ADDR, &1u64.to_le_bytes()).unwrap();
         assert!(check_stamps(&fresh).unwrap().ok());
         // An idle guest has nothing to check.
-        let idle = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let idle = fresh_ram(4 << 20);
         load(&idle, &GuestParams { ws_pages: 0, ..p }).unwrap();
         assert_eq!(check_stamps(&idle).unwrap().checked, 0);
     }

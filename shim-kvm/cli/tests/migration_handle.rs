@@ -192,7 +192,11 @@ fn a_cancel_from_another_thread_ends_an_active_migration_with_the_guest_on_the_s
     canceller.join().expect("the cancelling thread");
     assert!(handle.wait_timeout(TIMEOUT), "the cancel did not end it");
     let handle = Arc::into_inner(handle).expect("the only handle left");
-    assert_eq!(handle.cancel_refused(), None, "a precopy cancel is carried out");
+    assert_eq!(
+        handle.cancel_refused(),
+        None,
+        "a precopy cancel is carried out"
+    );
     let report = handle.join().expect("the migration ran");
     assert_eq!(
         report.stats.status,

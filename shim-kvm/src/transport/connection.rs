@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use super::error::io_err;
 use super::inherited::{Family, claim_inherited};
 use super::socket::{self, connect_err, resolve, tcp_dead_peer_timeout, tune_buffers};
-use super::{MigrationUri, PageBatch, TransportError};
+use super::{MigrationUri, TransportError};
+use crate::memory::PageIovecs;
 
 /// Most iovecs one `sendmsg` takes on Linux (`UIO_MAXIOV`); longer lists are
 /// written in chunks of this many.
@@ -182,11 +183,11 @@ impl Connection {
         })
     }
 
-    /// Sends a page batch (its header, then its pages) with
+    /// Sends a record header and its pages with
     /// [`write_vectored_all`](Connection::write_vectored_all), the pages
     /// copied by the kernel straight out of guest RAM.
-    pub fn write_page_batch(&self, mut batch: PageBatch<'_>) -> Result<(), TransportError> {
-        self.write_vectored_all(&mut batch.iov)
+    pub fn write_page_iovecs(&self, mut pages: PageIovecs<'_>) -> Result<(), TransportError> {
+        self.write_vectored_all(pages.as_io_slices())
     }
 
     /// Reads what is available into `buf`, blocking until at least one byte

@@ -44,7 +44,7 @@ pub enum TransportError {
     /// A [`Listener`] over an already-connected `fd:N` has handed out its
     /// one connection; holds the descriptor.
     FdAlreadyAccepted(RawFd),
-    /// A page of a [`PageBatch`] is outside guest RAM.
+    /// A page to send is outside guest RAM.
     Memory(MemoryError),
     /// Any other I/O failure, with what was being done when it happened.
     Io {

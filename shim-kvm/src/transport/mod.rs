@@ -17,10 +17,11 @@
 //!   (`TCP_USER_TIMEOUT`, keepalive), and what the socket knows about data
 //!   in flight (`SIOCOUTQ`, `TCP_INFO`);
 //! - `inherited`: taking ownership of an `fd:N` descriptor after checking
-//!   it is an inherited stream socket;
-//! - [`pages`]: [`PageBatch`], a record header plus guest pages gathered for
-//!   one vectored write (`sendmsg`), straight from guest RAM without an
-//!   intermediate copy.
+//!   it is an inherited stream socket.
+//!
+//! [`Connection::write_page_iovecs`] sends a record header plus guest pages
+//! (gathered by [`crate::memory::PageIovecs`]) in vectored writes
+//! (`sendmsg`), straight from guest RAM without an intermediate copy.
 //!
 //! Every error is a [`TransportError`] whose `Display` is one line naming
 //! the address or descriptor involved, ready to be the CLI's error line.
@@ -30,7 +31,6 @@ pub mod connection;
 mod error;
 mod inherited;
 pub mod listener;
-pub mod pages;
 mod socket;
 #[cfg(test)]
 mod tests;
@@ -39,5 +39,4 @@ pub use address::{MigrationUri, UNIX_PATH_MAX, UriError};
 pub use connection::Connection;
 pub use error::TransportError;
 pub use listener::Listener;
-pub use pages::PageBatch;
 pub use socket::SOCKET_BUFFER_BYTES;

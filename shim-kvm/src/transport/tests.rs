@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE, PageIovecs, RegionLayout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
@@ -460,26 +460,27 @@ fn fd_listening_socket_accepts() {
 }
 
 #[test]
-fn page_batch_from_guest_ram() {
-    // Two 4 MiB slots: pages 1023 and 1024 are adjacent in guest memory
+fn page_iovecs_from_guest_ram() {
+    // Two 4 MiB regions: pages 1023 and 1024 are adjacent in guest memory
     // but in different mappings.
-    let ram = GuestRam::new(8 << 20, 4 << 20).unwrap();
+    let ram = GuestMemory::anonymous(&RegionLayout::contiguous("ram", 8 << 20, 4 << 20).unwrap())
+        .unwrap();
     let pages = [3u64, 4, 5, 10, 1023, 1024, 1025, 7, 2047];
     for &p in &pages {
         ram.write(p * PAGE_SIZE as u64, &pattern(PAGE_SIZE, p))
             .unwrap();
     }
     let header = b"HEADER-v1".to_vec();
-    let batch = PageBatch::new(&ram, &header, &pages).unwrap();
+    let iovecs = PageIovecs::new(&ram, &header, &pages).unwrap();
     // header, 3-5, 10, 1023, 1024-1025, 7, 2047
-    assert_eq!(batch.iovec_count(), 7);
-    assert_eq!(batch.bytes(), header.len() + pages.len() * PAGE_SIZE);
+    assert_eq!(iovecs.iovec_count(), 7);
+    assert_eq!(iovecs.bytes(), header.len() + pages.len() * PAGE_SIZE);
 
     let path = temp_sock("pages");
     let listener = Listener::bind(&MigrationUri::Unix(path)).unwrap();
     let src = Connection::connect(&listener.local_uri().unwrap()).unwrap();
-    let reader = reader(listener.accept().unwrap(), batch.bytes());
-    src.write_page_batch(batch).unwrap();
+    let reader = reader(listener.accept().unwrap(), iovecs.bytes());
+    src.write_page_iovecs(iovecs).unwrap();
     let got = reader.join().unwrap();
     assert_eq!(&got[..header.len()], &header[..]);
     for (i, chunk) in got[header.len()..].chunks(PAGE_SIZE).enumerate() {
@@ -487,10 +488,13 @@ fn page_batch_from_guest_ram() {
     }
 
     assert!(matches!(
-        PageBatch::new(&ram, &header, &[2048]),
-        Err(TransportError::Memory(MemoryError::RangeOutOfRam { .. }))
+        PageIovecs::new(&ram, &header, &[2048]),
+        Err(MemoryError::RangeOutOfRam { .. })
     ));
-    assert!(PageBatch::new(&ram, &header, &[u64::MAX]).is_err());
+    assert!(PageIovecs::new(&ram, &header, &[u64::MAX]).is_err());
     // No header: pages only.
-    assert_eq!(PageBatch::new(&ram, &[], &[0, 1]).unwrap().iovec_count(), 1);
+    assert_eq!(
+        PageIovecs::new(&ram, &[], &[0, 1]).unwrap().iovec_count(),
+        1
+    );
 }

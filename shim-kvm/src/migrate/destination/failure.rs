@@ -11,9 +11,9 @@ use super::super::CPU_STATE_VERSION;
 use crate::dirty_log::DirtyLogError;
 use crate::memory::{MemoryError, PAGE_SIZE};
 use crate::postcopy::PostcopyError;
-use crate::state::StateError;
 use crate::transport::TransportError;
 use crate::vcpu::VcpuError;
+use crate::x86::StateError;
 
 /// Why [`super::KvmHost`] refused what the engine asked of it. The engine
 /// gets a short label ([`HostFailure::what`]); the report keeps this.
@@ -131,7 +131,7 @@ pub enum ReceiveFailure {
         /// The source's address.
         peer: String,
         /// What the host refused, in full.
-        host: Option<HostFailure>,
+        host: Option<Box<HostFailure>>,
     },
     /// Reading the stream failed.
     ConnectionLost(TransportError),
@@ -216,7 +216,9 @@ fn describe(
 impl fmt::Display for ReceiveFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ReceiveFailure::Engine { error, peer, host } => describe(f, error, peer, host.as_ref()),
+            ReceiveFailure::Engine { error, peer, host } => {
+                describe(f, error, peer, host.as_deref())
+            }
             ReceiveFailure::ConnectionLost(e) => write!(f, "connection lost: {e}"),
             ReceiveFailure::ReturnPathLost(e) => write!(f, "return path lost: {e}"),
             ReceiveFailure::Interrupted { signal, untold } => {
@@ -263,7 +265,7 @@ mod tests {
 
     #[test]
     fn engine_errors_become_operator_sentences() {
-        let describe = |error: DestError, peer: &str, host: Option<HostFailure>| {
+        let describe = |error: DestError, peer: &str, host: Option<Box<HostFailure>>| {
             ReceiveFailure::Engine {
                 error,
                 peer: peer.to_string(),
@@ -298,8 +300,11 @@ mod tests {
             what: "vCPU state",
             code: 0,
         });
-        let host = HostFailure::LoadVcpu(StateError::Kvm("KVM_SET_REGS", 22));
-        let w = describe(e, "p", Some(host));
+        let host = HostFailure::LoadVcpu(StateError::Kvm {
+            op: "KVM_SET_REGS",
+            errno: 22,
+        });
+        let w = describe(e, "p", Some(Box::new(host)));
         assert!(
             w.starts_with("the destination failed: loading the vCPU state failed:"),
             "{w}"

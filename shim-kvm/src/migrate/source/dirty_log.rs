@@ -6,13 +6,13 @@ use livemig_core::source::PageReader;
 
 use super::super::SlotMap;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
-use crate::memory::GuestRam;
+use crate::memory::GuestMemory;
 use crate::vm::Vm;
 
 /// Guest memory as the engine reads it: zero-page checks through the slot
 /// map, with volatile-safe reads (sound while the guest runs).
 pub(super) struct KvmPages<'r> {
-    pub(super) ram: &'r GuestRam,
+    pub(super) ram: &'r GuestMemory,
     pub(super) map: &'r SlotMap,
 }
 
@@ -61,7 +61,7 @@ impl<'v> DirtyLog<'v> {
             let words = self
                 .fetched
                 .get_mut(from..to)
-                .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+                .ok_or(DirtyLogError::NoSuchRegion(slot))?;
             self.vm.get_dirty_log(slot, words)?;
         }
         if self.legacy && self.first {
@@ -87,7 +87,7 @@ impl<'v> DirtyLog<'v> {
             let mask = self
                 .fetched
                 .get((block_page / 64) as usize..)
-                .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+                .ok_or(DirtyLogError::NoSuchRegion(slot))?;
             self.vm.clear_dirty_log(slot, first, count, mask)?;
         }
         Ok(())

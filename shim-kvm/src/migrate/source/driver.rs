@@ -27,8 +27,8 @@ use super::guest::SourceGuest;
 use super::return_path::RpEvent;
 use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
 use crate::clock;
-use crate::memory::GuestRam;
-use crate::transport::{Connection, PageBatch};
+use crate::memory::{GuestMemory, PageIovecs};
+use crate::transport::{Connection, TransportError};
 use crate::vcpu::VcpuError;
 
 /// The connection as the page-sending actions use it. Kept apart from the
@@ -50,12 +50,13 @@ impl Link {
     /// vectored write straight from guest RAM.
     fn send_pages(
         &self,
-        ram: &GuestRam,
+        ram: &GuestMemory,
         header: &[u8],
         pages: &[u64],
     ) -> Result<(), SourceFailure> {
-        PageBatch::new(ram, header, pages)
-            .and_then(|b| self.conn.write_page_batch(b))
+        PageIovecs::new(ram, header, pages)
+            .map_err(TransportError::from)
+            .and_then(|p| self.conn.write_page_iovecs(p))
             .map_err(SourceFailure::ConnectionLost)
     }
 }

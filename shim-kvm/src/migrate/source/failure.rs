@@ -8,9 +8,9 @@ use livemig_core::source::SourceError;
 use livemig_core::wire::EncodeError;
 
 use crate::dirty_log::DirtyLogError;
-use crate::state::StateError;
 use crate::transport::TransportError;
 use crate::vcpu::VcpuError;
+use crate::x86::StateError;
 
 /// Why the source driver failed a migration (the engine's own reasons, such
 /// as a timeout or the destination's refusal, are in its statistics).

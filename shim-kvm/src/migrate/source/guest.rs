@@ -6,7 +6,7 @@ use livemig_core::wire::{self, DeviceId};
 
 use super::super::{CPU_DEVICE_ID, CPU_STATE_VERSION};
 use super::failure::SourceFailure;
-use crate::memory::GuestRam;
+use crate::memory::GuestMemory;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::Vm;
 
@@ -18,7 +18,7 @@ pub(super) struct SourceGuest<'e> {
 
 impl SourceGuest<'_> {
     /// Guest RAM, read by the engine's zero-page checks and sent from.
-    pub(super) fn ram(&self) -> &GuestRam {
+    pub(super) fn ram(&self) -> &GuestMemory {
         self.vm.ram()
     }
 
