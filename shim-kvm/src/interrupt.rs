@@ -2,9 +2,11 @@
 //!
 //! The handler only records the signal (the one thing a signal handler may
 //! safely do); a watcher thread turns it into a [`Cancel`] request, which
-//! the source carries out by shutting the connection down (so that even a
-//! write blocked on a stuck peer returns) and the destination by stopping
-//! its load and telling the source. Later signals are caught too: once the
+//! the tool passes on to the migration's handle
+//! ([`crate::migrate::MigrationHandle::cancel`], which shuts the connection
+//! down so that even a write blocked on a stuck peer returns, or
+//! [`crate::migrate::ReceiveHandle::interrupt`], which stops the load and
+//! tells the source). The handles keep a [`Cancel`] of their own too. Later signals are caught too: once the
 //! handlers are installed no signal kills the process, so a refused cancel
 //! (after the postcopy switchover) changes nothing.
 
@@ -69,6 +71,13 @@ impl Cancel {
     /// Asks the migration to stop; the guest keeps running on the source.
     pub fn cancel(&self) {
         self.request(CANCELLED);
+    }
+
+    /// Asks the migration to stop on behalf of `signal` (a positive
+    /// signal number), which [`Cancel::signal`] then names; any other
+    /// number is a plain [`Cancel::cancel`].
+    pub fn interrupt(&self, signal: i32) {
+        self.request(if signal > 0 { signal } else { CANCELLED });
     }
 
     /// The first request wins, so the signal named is the one that came.

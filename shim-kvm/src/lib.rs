@@ -18,14 +18,17 @@
 //!   byte encodings, and the CPU model record a destination checks.
 //! - [`guest`]: the demo guest (a multiboot image that stamps and re-checks a
 //!   working set from ring 3) and its parameter block and ports.
-//! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
-//!   connection carrying the stream and its return path, and page batches
-//!   written with one vectored `sendmsg` straight from guest RAM.
+//! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, socket
+//!   set-up, inherited descriptors, the connection carrying the stream and
+//!   its return path, and page batches written with one vectored `sendmsg`
+//!   straight from guest RAM.
 //! - [`postcopy`]: the destination's postcopy RAM, registered with
 //!   userfaultfd so missing pages block their first toucher until placed,
 //!   and the fault thread that forwards those faults as page requests.
 //! - [`migrate`]: the source and destination drivers of the engines, over
-//!   the pieces above; [`clock`] is the monotonic clock they share.
+//!   the pieces above, each on a migration thread of its own behind a
+//!   handle (live statistics, cancel, join); [`clock`] is the monotonic
+//!   clock they share.
 //!
 //! The `livemig` tool that drives these pieces is its own package,
 //! livemig-cli (`shim-kvm/cli/`).

@@ -496,6 +496,10 @@ impl Guest {
 }
 
 /// Runs one migration to its end and reports what happened.
+///
+/// The KVM shim's source driver (`livemig-kvm`, `migrate/source/driver.rs`,
+/// `SourceDriver`) carries out the same actions against a real guest and
+/// socket, one method per action: read the two side by side.
 pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     // ---- the world --------------------------------------------------------
     let mut src_ram =

@@ -46,6 +46,7 @@
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use livemig_core::capabilities::Capabilities;
@@ -61,13 +62,16 @@ use crate::interrupt::{self, Cancel, Decision};
 use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
 use crate::migrate::destination::{self, GuestAfter, GuestWrites};
 use crate::migrate::source::{self, SourceOptions, SourceReport};
-use crate::migrate::{MigrateError, RAM_BLOCK_ID};
+use crate::migrate::{CancelRefused, MigrateError, RAM_BLOCK_ID};
 use crate::report::{Progress, Summary};
 use crate::transport::{Connection, Listener, MigrationUri, TransportError};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 
 const MIB: u64 = 1 << 20;
+/// How often the progress line is redrawn (and a Ctrl-C passed on) while
+/// the migration thread runs.
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 
 /// Where the working set starts: 2 MiB, clear of the image, the page
 /// tables and the parameter block (see `guest/README.md`).
@@ -194,16 +198,16 @@ impl GuestShape {
 
 /// A VM of `mem_mib` MiB with a parked vCPU and nothing loaded: a
 /// destination.
-pub fn empty_vm(mem_mib: u64, dirty_log: DirtyLogMode) -> Result<(Vm, Vcpu), DemoError> {
+pub fn empty_vm(mem_mib: u64, dirty_log: DirtyLogMode) -> Result<(Arc<Vm>, Arc<Vcpu>), DemoError> {
     let vm = Vm::with_dirty_log_mode(mem_mib * MIB, DEFAULT_SLOT_BYTES, dirty_log)
         .map_err(|e| DemoError::Vm(format!("creating a {mem_mib} MiB VM: {e}")))?;
     let vcpu = Vcpu::new(&vm).map_err(|e| DemoError::Vm(format!("creating the vCPU: {e}")))?;
-    Ok((vm, vcpu))
+    Ok((Arc::new(vm), Arc::new(vcpu)))
 }
 
 /// Boots the demo guest and lets it run for `warmup` (and at least until
 /// it reached ring 3 and, with a working set, finished a generation).
-pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Vm, Vcpu), DemoError> {
+pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Arc<Vm>, Arc<Vcpu>), DemoError> {
     let params = shape.params()?;
     let (vm, vcpu) = empty_vm(shape.mem_mib, shape.dirty_log)?;
     guest::load(vm.ram(), &params).map_err(|e| DemoError::Guest(e.to_string()))?;
@@ -282,19 +286,30 @@ pub struct SendOutcome {
     pub intact_after_failure: bool,
 }
 
-/// Migrates the running guest in `vm` over `conn`.
+/// Migrates the running guest in `vm` over `conn` on the migration
+/// thread, drawing its progress from here and passing a `cancel` (Ctrl-C)
+/// on to it.
 pub fn send_guest(
-    vm: &Vm,
-    vcpu: &Vcpu,
+    vm: &Arc<Vm>,
+    vcpu: &Arc<Vcpu>,
     conn: Connection,
     config: &MigrationConfig,
     options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let report = source::migrate(vm, vcpu, conn, config, options, cancel, &mut |s| {
-        progress.update(s)
-    })?;
+    let handle = source::migrate(Arc::clone(vm), Arc::clone(vcpu), conn, config, options)?;
+    let mut refusal = Refusal::default();
+    while !handle.wait_timeout(PROGRESS_EVERY) {
+        if cancel.is_cancelled() {
+            handle.cancel();
+        }
+        refusal.say(handle.cancel_refused());
+        progress.update(&handle.stats());
+    }
+    refusal.say(handle.cancel_refused());
+    let report = handle.join()?;
+    progress.update(&report.stats);
     progress.finish();
     let mut out = SendOutcome {
         digest: None,
@@ -313,6 +328,21 @@ pub fn send_guest(
         watch_source_guest(vcpu, &mut out);
     }
     Ok(out)
+}
+
+/// Tells the operator, once, that the migration refused their Ctrl-C.
+#[derive(Default)]
+struct Refusal {
+    said: bool,
+}
+
+impl Refusal {
+    fn say(&mut self, refused: Option<CancelRefused>) {
+        if let Some(r) = refused.filter(|_| !self.said) {
+            self.said = true;
+            eprintln!("livemig: {r}");
+        }
+    }
 }
 
 /// Watches the source guest for half a second after a failed migration:
@@ -547,7 +577,7 @@ fn receive_summary(
         dirty_log_mode: mode_name(mode).to_string(),
         backend: "kvm".into(),
         digest: report.digest.or(writes.map(|w| w.digest)),
-        error: report.error.clone(),
+        error: report.error.as_ref().map(ToString::to_string),
         extra,
         ..Summary::default()
     }
@@ -583,9 +613,20 @@ pub fn run_receive(
     // Only now: until a migration arrives, Ctrl-C simply ends the process.
     let interrupt = Cancel::new();
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
-    let report = destination::receive(&vm, &vcpu, &conn, idle_timeout, &interrupt, &mut |s| {
-        progress.update(s)
-    })?;
+    let handle = destination::receive(Arc::clone(&vm), Arc::clone(&vcpu), conn, idle_timeout)?;
+    let mut refusal = Refusal::default();
+    while !handle.wait_timeout(PROGRESS_EVERY) {
+        match interrupt.signal() {
+            Some(signal) => handle.interrupt(signal),
+            None if interrupt.is_cancelled() => handle.cancel(),
+            None => {}
+        }
+        refusal.say(handle.cancel_refused());
+        progress.update(&handle.stats());
+    }
+    refusal.say(handle.cancel_refused());
+    let report = handle.join()?;
+    progress.update(&report.stats);
     progress.finish();
     if report.stats.ambiguous_end.is_some() {
         let mode = vm.dirty_log_mode();

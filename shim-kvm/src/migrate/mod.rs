@@ -3,6 +3,10 @@
 //!
 //! - [`source`]: drives a [`livemig_core::source::SourceEngine`] on the
 //!   migration thread, with the return path read on a second thread.
+//! - [`MigrationHandle`] and [`ReceiveHandle`]: what [`source::migrate`]
+//!   and [`destination::receive`] return at once, while the migration runs
+//!   on a thread livemig owns: live statistics, cancel, and the report.
+//! - [`MigrateError`]: why a migration could not be set up or carried on.
 //! - [`destination`]: feeds the incoming stream to a
 //!   [`livemig_core::destination::DestinationEngine`] that places pages in
 //!   guest RAM and loads the vCPU state, then starts the guest.
@@ -18,11 +22,14 @@
 //! not there yet.
 
 pub mod destination;
+mod error;
+mod handle;
 pub mod source;
 
-use std::fmt;
-
 use livemig_core::wire::{BlockId, BlockInfo, EncodeError};
+
+pub use error::MigrateError;
+pub use handle::{CancelRefused, MigrationHandle, ReceiveHandle};
 
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
@@ -141,39 +148,6 @@ pub fn digest_outside(ram: &GuestMemory, written: &[(u64, u64)]) -> Result<u64, 
         }
         runs.peek().is_none_or(|&&(first, _)| first > p)
     }))
-}
-
-/// Why a migration could not be set up or carried on (as opposed to a
-/// migration that ran and failed, which is a reported status).
-#[derive(Debug)]
-pub enum MigrateError {
-    /// The connection could not be made or duplicated.
-    Transport(crate::transport::TransportError),
-    /// The engine refused its configuration or was driven wrongly.
-    Engine(String),
-    /// A KVM operation on the vCPU failed.
-    Vcpu(crate::vcpu::VcpuError),
-    /// The RAM layout could not be described.
-    Layout(EncodeError),
-}
-
-impl fmt::Display for MigrateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MigrateError::Transport(e) => e.fmt(f),
-            MigrateError::Engine(e) => write!(f, "migration engine: {e}"),
-            MigrateError::Vcpu(e) => write!(f, "vCPU: {e}"),
-            MigrateError::Layout(e) => write!(f, "RAM layout: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for MigrateError {}
-
-impl From<crate::transport::TransportError> for MigrateError {
-    fn from(e: crate::transport::TransportError) -> Self {
-        MigrateError::Transport(e)
-    }
 }
 
 #[cfg(test)]

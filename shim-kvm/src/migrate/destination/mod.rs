@@ -42,6 +42,8 @@
 //! fault latency (request sent → page installed) and per-thread blocktime
 //! are reported.
 
+mod failure;
+
 use std::net::Shutdown;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -55,11 +57,12 @@ use livemig_core::destination::{
 };
 use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
-use livemig_core::wire::{self, DecodeError, DeviceState, PageRange};
+use livemig_core::wire::{self, DeviceState, PageRange};
 
+use super::handle::{CancelRefused, Shared};
 use super::{
-    CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, SlotMap, digest_outside, ram_layout,
-    written_ranges,
+    CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, ReceiveHandle, SlotMap, digest_outside,
+    ram_layout, written_ranges,
 };
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
@@ -67,10 +70,10 @@ use crate::guest::{self, StampCheck};
 use crate::interrupt::Cancel;
 use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout, page_digest};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
-use crate::transport::Connection;
+use crate::transport::{Connection, TransportError};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
-use crate::vmm::VmmError;
+pub use failure::{HostFailure, ReceiveFailure};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -121,7 +124,7 @@ pub struct PostcopyReport {
 }
 
 /// What the destination loaded.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DestinationReport {
     /// The engine's final statistics.
     pub stats: MigrationStats,
@@ -130,7 +133,7 @@ pub struct DestinationReport {
     /// When `stats.ambiguous_end` is set as well, the VM holds the whole
     /// loaded guest with its vCPU parked: keep it until the operator
     /// decides (its advice says how).
-    pub error: Option<String>,
+    pub error: Option<ReceiveFailure>,
     /// Digest of guest memory once the stream was loaded, before the vCPU
     /// ran (compare with the source's digest at its stop). `None` after
     /// postcopy, where the guest ran during the load: see
@@ -255,24 +258,16 @@ impl<'a> KvmHost<'a> {
 
     /// Guest RAM under userfaultfd, registering it (and starting the fault
     /// thread) on first use.
-    fn postcopy_ram(&mut self) -> Result<Arc<PostcopyRam>, KvmHostError> {
+    fn postcopy_ram(&mut self) -> Result<Arc<PostcopyRam>, HostFailure> {
         let Some(pc) = self.postcopy.as_mut() else {
-            return Err(KvmHostError::new(
-                "postcopy",
-                "a postcopy command came before the advise",
-            ));
+            return Err(HostFailure::PostcopyBeforeAdvise);
         };
         if let Some(ram) = &pc.ram {
             return Ok(Arc::clone(ram));
         }
         let ram = match PostcopyRam::register(self.vm.ram().clone()) {
             Ok(r) => Arc::new(r),
-            Err(e) => {
-                return Err(KvmHostError::new(
-                    "registering guest RAM with userfaultfd",
-                    e,
-                ));
-            }
+            Err(e) => return Err(HostFailure::Register(e)),
         };
         let (events, faults) = (self.events.clone(), Arc::clone(&self.faults));
         let thread = ram.start_fault_thread(move |f| {
@@ -284,7 +279,7 @@ impl<'a> KvmHost<'a> {
         });
         let thread = match thread {
             Ok(t) => t,
-            Err(e) => return Err(KvmHostError::new("starting the postcopy fault thread", e)),
+            Err(e) => return Err(HostFailure::StartFaultThread(e)),
         };
         if let Some(pc) = self.postcopy.as_mut() {
             pc.ram = Some(Arc::clone(&ram));
@@ -302,13 +297,13 @@ impl<'a> KvmHost<'a> {
     /// A fault on `page`, which arrived as a zero page in precopy and was
     /// never written here: fills it with zeros (an `EEXIST` means it was
     /// installed meanwhile, which is as good).
-    fn fill_zero(&mut self, page: u64) -> Result<(), String> {
+    fn fill_zero(&mut self, page: u64) -> Result<(), ReceiveFailure> {
         let Some(ram) = self.registered() else {
-            return Err("a fault before guest RAM was registered".into());
+            return Err(ReceiveFailure::FaultBeforeRegister);
         };
         let placed = ram
             .place_zero(page * PAGE, PAGE)
-            .map_err(|e| format!("filling a zero page: {e}"))?;
+            .map_err(ReceiveFailure::ZeroFill)?;
         if let Some(pc) = self.postcopy.as_mut() {
             pc.local_zero_fills += placed.installed;
         }
@@ -327,7 +322,7 @@ impl<'a> KvmHost<'a> {
     /// The end of postcopy: unregisters guest RAM (waking any thread still
     /// waiting: every page not present now arrived as a zero page), stops
     /// the fault thread and gathers the figures.
-    fn finish_postcopy(&mut self) -> Result<PostcopyReport, String> {
+    fn finish_postcopy(&mut self) -> Result<PostcopyReport, ReceiveFailure> {
         let Some(mut pc) = self.postcopy.take() else {
             return Ok(PostcopyReport::default());
         };
@@ -344,11 +339,9 @@ impl<'a> KvmHost<'a> {
                         .map_or_else(|| e.to_string(), |p| p.to_string()),
                 );
             }
-            ram.unregister()
-                .map_err(|e| format!("ending postcopy: {e}"))?;
+            ram.unregister().map_err(ReceiveFailure::EndPostcopy)?;
             if let Some(t) = pc.fault_thread.take() {
-                t.stop()
-                    .map_err(|e| format!("postcopy fault thread: {e}"))?;
+                t.stop().map_err(ReceiveFailure::FaultThread)?;
             }
             report.faults = ram.stats();
             report.vcpu_blocktime = report
@@ -406,47 +399,18 @@ fn reset_dirty_log(vm: &Vm) -> Result<(), DirtyLogError> {
     Ok(())
 }
 
-/// A failure of the KVM destination host: what it was doing, and the
-/// error that stopped it (an errno, a userfaultfd failure, the vCPU's).
-#[derive(Debug)]
-pub struct KvmHostError {
-    what: &'static str,
-    source: VmmError,
-}
-
-impl KvmHostError {
-    fn new(what: &'static str, source: impl Into<VmmError>) -> Self {
-        KvmHostError {
-            what,
-            source: source.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for KvmHostError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.what, self.source)
-    }
-}
-
-impl std::error::Error for KvmHostError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.source)
-    }
-}
-
 impl DestinationHost for KvmHost<'_> {
-    type Error = KvmHostError;
+    type Error = HostFailure;
 
     fn place_pages(
         &mut self,
         _block: u16,
         first_page: u64,
         data: &[u8],
-    ) -> Result<(), KvmHostError> {
+    ) -> Result<(), HostFailure> {
         if let Some(ram) = self.registered() {
             if let Err(e) = ram.place(first_page * PAGE, data) {
-                return Err(KvmHostError::new("UFFDIO_COPY", e));
+                return Err(HostFailure::Copy(e));
             }
             self.note_installed(first_page, data);
             return Ok(());
@@ -455,7 +419,7 @@ impl DestinationHost for KvmHost<'_> {
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let p = first_page + i as u64;
             if let Err(e) = self.ram.write(p * PAGE, chunk) {
-                return Err(KvmHostError::new("writing guest RAM", e));
+                return Err(HostFailure::WriteRam(e));
             }
             self.mark(p, true);
         }
@@ -467,12 +431,12 @@ impl DestinationHost for KvmHost<'_> {
         _block: u16,
         first_page: u64,
         count: u64,
-    ) -> Result<(), KvmHostError> {
+    ) -> Result<(), HostFailure> {
         if let Some(ram) = self.registered() {
             // Under userfaultfd a page never written is missing, not zero:
             // every zero page is installed.
             if let Err(e) = ram.place_zero(first_page * PAGE, count * PAGE) {
-                return Err(KvmHostError::new("UFFDIO_ZEROPAGE", e));
+                return Err(HostFailure::ZeroPage(e));
             }
             self.note_zero(first_page, count);
             return Ok(());
@@ -481,7 +445,7 @@ impl DestinationHost for KvmHost<'_> {
         for p in first_page..first_page.saturating_add(count) {
             if self.is_placed(p) {
                 if let Err(e) = self.ram.write(p * PAGE, &ZERO_PAGE) {
-                    return Err(KvmHostError::new("writing guest RAM", e));
+                    return Err(HostFailure::WriteRam(e));
                 }
                 self.mark(p, false);
             }
@@ -489,64 +453,51 @@ impl DestinationHost for KvmHost<'_> {
         Ok(())
     }
 
-    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), KvmHostError> {
+    fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostFailure> {
         if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 {
-            return Err(KvmHostError::new(
-                "unknown device",
-                format!(
-                    "'{}' instance {} in the stream",
-                    device.id.as_str(),
-                    device.instance
-                ),
-            ));
+            return Err(HostFailure::UnknownDevice {
+                id: device.id.as_str().to_string(),
+                instance: device.instance,
+            });
         }
         if device.version != CPU_STATE_VERSION {
-            return Err(KvmHostError::new(
-                "vCPU state version",
-                format!(
-                    "{} is not supported (this side loads version {CPU_STATE_VERSION})",
-                    device.version
-                ),
-            ));
+            return Err(HostFailure::DeviceVersion(device.version));
         }
         self.vcpu
             .load_state(device.data)
-            .map_err(|e| KvmHostError::new("loading the vCPU state", e))
+            .map_err(|e| HostFailure::LoadVcpu(e))
     }
 
-    fn postcopy(&mut self) -> Option<&mut dyn EnginePostcopyHost<Error = KvmHostError>> {
+    fn postcopy(&mut self) -> Option<&mut dyn EnginePostcopyHost<Error = HostFailure>> {
         Some(self)
     }
 }
 
 impl EnginePostcopyHost for KvmHost<'_> {
-    type Error = KvmHostError;
+    type Error = HostFailure;
 
     fn postcopy_advise(
         &mut self,
         host_page_size: u64,
         target_page_size: u64,
-    ) -> Result<(), KvmHostError> {
+    ) -> Result<(), HostFailure> {
         if host_page_size != PAGE || target_page_size != PAGE {
-            return Err(KvmHostError::new(
-                "postcopy page size",
-                format!(
-                    "the source uses {host_page_size}-byte host and {target_page_size}-byte \
-                     target pages, this destination only {PAGE_SIZE}-byte pages"
-                ),
-            ));
+            return Err(HostFailure::PageSize {
+                host: host_page_size,
+                target: target_page_size,
+            });
         }
         // A one-page probe: the same userfaultfd the guest RAM will get, so
         // a missing permission fails here, before anything is transferred.
         let probe = RegionLayout::contiguous("probe", PAGE, PAGE)
             .and_then(|layout| GuestMemory::anonymous(&layout))
-            .map_err(|e| e.to_string())
-            .and_then(|r| PostcopyRam::register(r).map_err(|e| e.to_string()));
+            .map_err(HostFailure::ProbeMemory)
+            .and_then(|r| PostcopyRam::register(r).map_err(HostFailure::NoUserfaultfd));
         if let Err(e) = probe {
-            return Err(KvmHostError::new("postcopy needs userfaultfd", e));
+            return Err(e);
         }
         if let Err(e) = reset_dirty_log(self.vm) {
-            return Err(KvmHostError::new("resetting the dirty log", e));
+            return Err(HostFailure::ResetDirtyLog(e));
         }
         self.postcopy = Some(PostcopyHost {
             installed: vec![0; (self.ram.size() / PAGE) as usize],
@@ -555,22 +506,22 @@ impl EnginePostcopyHost for KvmHost<'_> {
         Ok(())
     }
 
-    fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), KvmHostError> {
+    fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostFailure> {
         let ram = self.postcopy_ram()?;
         ram.discard(range.first * PAGE, range.count * PAGE)
-            .map_err(|e| KvmHostError::new("discarding guest RAM", e))?;
+            .map_err(|e| HostFailure::Discard(e))?;
         self.note_zero(range.first, range.count);
         Ok(())
     }
 
-    fn postcopy_listen(&mut self) -> Result<(), KvmHostError> {
+    fn postcopy_listen(&mut self) -> Result<(), HostFailure> {
         self.postcopy_ram().map(drop)
     }
 
-    fn postcopy_run(&mut self) -> Result<(), KvmHostError> {
+    fn postcopy_run(&mut self) -> Result<(), HostFailure> {
         let now = clock::monotonic_ns();
         if let Err(e) = self.vcpu.resume() {
-            return Err(KvmHostError::new("starting the vCPU", e));
+            return Err(HostFailure::StartVcpu(e));
         }
         if let Some(pc) = self.postcopy.as_mut() {
             pc.started_ns = Some(now);
@@ -586,7 +537,7 @@ enum Event {
     /// The source closed the connection.
     Eof,
     /// Reading the connection failed.
-    ReadError(String),
+    ReadError(TransportError),
     /// The fault thread queued a fault.
     Fault,
 }
@@ -603,7 +554,7 @@ fn spawn_reader(
             let event = match conn.read(&mut buf) {
                 Ok(0) => Event::Eof,
                 Ok(n) => Event::Bytes(buf, n),
-                Err(e) => Event::ReadError(e.to_string()),
+                Err(e) => Event::ReadError(e),
             };
             let last = !matches!(event, Event::Bytes(..));
             if events.send(event).is_err() || last {
@@ -613,79 +564,58 @@ fn spawn_reader(
     })
 }
 
-/// The first bytes of a QEMU migration stream (`QEMU_VM_FILE_MAGIC`).
-const QEMU_STREAM_MAGIC: &[u8; 4] = b"QEVM";
-
-/// An engine error in an operator's words.
-pub fn describe(err: &DestError, peer: &str) -> String {
-    const MIB: u64 = 1 << 20;
-    match err {
-        DestError::BlockLengthMismatch {
-            source,
-            destination,
-            ..
-        } => format!(
-            "RAM size mismatch: the source has {} MiB, this destination {} MiB",
-            source / MIB,
-            destination / MIB
-        ),
-        DestError::Decode(DecodeError::BadMagic { found }) if found == QEMU_STREAM_MAGIC => {
-            format!(
-                "the peer {peer} sent a QEMU migration stream, which livemig does not read \
-             (migrate from a livemig source)"
-            )
-        }
-        DestError::Decode(DecodeError::BadMagic { .. }) => format!(
-            "the peer {peer} is not a livemig source: its stream does not start with the livemig header"
-        ),
-        DestError::Decode(DecodeError::UnsupportedVersion { found, supported }) => format!(
-            "livemig version mismatch: the source speaks stream version {found}, this destination {supported}"
-        ),
-        DestError::UnexpectedEof(_) => format!("connection from {peer} lost: {err}"),
-        DestError::Decode(DecodeError::TrailingData { len, what }) => format!(
-            "the source {peer} sent {len} bytes {what}, where its stream must end: refused, \
-             the guest was not started"
-        ),
-        _ => err.to_string(),
-    }
+/// Starts loading the stream arriving on `conn` into `vm` and its parked
+/// `vcpu` on a migration thread of its own, and returns its handle at
+/// once. [`ReceiveHandle::join`] gives the report of a migration that ran,
+/// whatever its outcome. After a precopy the vCPU is left parked: start it
+/// with [`start_guest`]. After a postcopy it already runs (see
+/// [`DestinationReport::postcopy`]): watch it with [`watch_postcopy_guest`].
+///
+/// [`ReceiveHandle::interrupt`] (Ctrl-C, SIGTERM) or
+/// [`ReceiveHandle::cancel`] stops the load and tells the source, which
+/// resumes its guest, unless the guest already runs here (postcopy): that
+/// is refused with a line on stderr, and the load goes on.
+///
+/// `Err` means it could not even be set up. The caller keeps its own
+/// `Arc`s of `vm` and `vcpu`; the thread drops its clones when it ends.
+pub fn receive(
+    vm: Arc<Vm>,
+    vcpu: Arc<Vcpu>,
+    conn: Connection,
+    idle_timeout: Duration,
+) -> Result<ReceiveHandle, MigrateError> {
+    ram_layout(vm.ram()).map_err(MigrateError::Layout)?;
+    let reader_conn = conn.try_clone()?;
+    ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
+        run(&vm, &vcpu, &conn, reader_conn, idle_timeout, shared)
+    })
 }
 
-/// Loads the stream arriving on `conn` into `vm` and its parked `vcpu`.
-/// After a precopy the vCPU is left parked: start it with [`start_guest`].
-/// After a postcopy it already runs (see [`DestinationReport::postcopy`]):
-/// watch it with [`watch_postcopy_guest`].
-///
-/// Setting `interrupt` (Ctrl-C, SIGTERM) stops the load and tells the
-/// source, which resumes its guest, unless the guest already runs here
-/// (postcopy): that is refused with a line on stderr, and the load goes
-/// on.
-///
-/// Returns the report of a migration that ran, whatever its outcome; `Err`
-/// means it could not even be set up.
-pub fn receive(
+/// The migration thread's body: the engine over this thread's own storage,
+/// fed until the stream ends.
+fn run(
     vm: &Vm,
     vcpu: &Vcpu,
     conn: &Connection,
+    reader_conn: Connection,
     idle_timeout: Duration,
-    interrupt: &Cancel,
-    progress: &mut dyn FnMut(&MigrationStats),
+    shared: &Shared,
 ) -> Result<DestinationReport, MigrateError> {
     let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
     let pages = vm.ram().size() / PAGE;
     let mut received = vec![0u64; PostcopyTracking::words(pages)];
     let mut requested = vec![0u64; PostcopyTracking::words(pages)];
     let mut tracking = [PostcopyTracking::new(&mut received, &mut requested, pages)
-        .map_err(|e| MigrateError::Engine(format!("postcopy tracking: {e}")))?];
+        .map_err(MigrateError::PostcopyTracking)?];
     let mut scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
     let mut engine = DestinationEngine::with_postcopy(&layout, &mut scratch, &mut tracking)
-        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+        .map_err(MigrateError::Destination)?;
     // The connection is up: a source that never sends is given up on too.
     engine.set_idle_timeout(idle_timeout);
     engine
         .require_sections(REQUIRED)
-        .map_err(|e| MigrateError::Engine(e.to_string()))?;
+        .map_err(MigrateError::Destination)?;
     engine.begin(clock::now());
-    let reader_conn = conn.try_clone()?;
     let (tx, events) = mpsc::channel();
     let (pool_tx, pool) = mpsc::channel();
     for _ in 0..READ_BUFFERS {
@@ -694,15 +624,7 @@ pub fn receive(
     }
     let reader = spawn_reader(reader_conn, tx.clone(), pool);
     let mut host = KvmHost::new(vm, vcpu, tx);
-    let mut error = run_receive_loop(
-        &mut engine,
-        &mut host,
-        conn,
-        &events,
-        &pool_tx,
-        interrupt,
-        progress,
-    );
+    let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, shared);
     // Free a reader still blocked in read (a failed migration) and let it
     // end: without buffers it stops at its next one.
     drop(pool_tx);
@@ -744,38 +666,33 @@ pub fn receive(
             report.digest = Some(
                 vm.ram()
                     .digest_of(host.placed_pages())
-                    .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?,
+                    .map_err(MigrateError::Memory)?,
             );
             report.digest_ms = (clock::monotonic_ns() - loaded) as f64 / 1e6;
         }
     } else {
         report.error = Some(error.unwrap_or_else(|| {
-            let desc = engine.stats().error_desc.as_str();
-            if desc.is_empty() {
-                "the migration failed".to_string()
-            } else {
-                desc.to_string()
-            }
+            ReceiveFailure::Failed(Box::new(engine.stats().error_desc.clone()))
         }));
     }
-    progress(&report.stats);
+    shared.publish(&report.stats);
     Ok(report)
 }
 
 /// The destination's event loop: stream bytes, faults and timeouts into the
-/// engine, return-path bytes out. Returns the operator's words for a
-/// failure (`None`: the engine's state tells).
+/// engine, return-path bytes out. Returns what failed (`None`: the
+/// engine's state tells).
 fn run_receive_loop(
     engine: &mut DestinationEngine<'_>,
     host: &mut KvmHost<'_>,
     conn: &Connection,
     events: &Receiver<Event>,
     pool: &Sender<Vec<u8>>,
-    interrupt: &Cancel,
-    progress: &mut dyn FnMut(&MigrationStats),
-) -> Option<String> {
+    shared: &Shared,
+) -> Option<ReceiveFailure> {
+    let interrupt: &Cancel = &shared.cancel;
     let mut out = vec![0u8; 4096];
-    let mut error: Option<String> = None;
+    let mut error: Option<ReceiveFailure> = None;
     let mut last_progress = 0;
     // An interrupt already dealt with (refused, or nothing to interrupt).
     let mut interrupt_seen = false;
@@ -789,15 +706,12 @@ fn run_receive_loop(
             match engine.interrupt(clock::now(), signal) {
                 Ok(true) => {
                     // The source hears why before the connection closes.
-                    if let Err(e) = flush_return_path(engine, conn, &mut out) {
-                        eprintln!("livemig: telling the source: {e}");
-                    }
-                    return Some(DestError::Interrupted { signal }.to_string());
+                    let untold = flush_return_path(engine, conn, &mut out).err();
+                    return Some(ReceiveFailure::Interrupted { signal, untold });
                 }
-                Err(e @ DestError::PostcopyCannotBeInterrupted) => {
-                    eprintln!("livemig: {e}; the migration goes on to completion");
-                }
-                Err(e @ DestError::InterruptAfterLoaded) => eprintln!("livemig: {e}"),
+                Err(
+                    e @ (DestError::PostcopyCannotBeInterrupted | DestError::InterruptAfterLoaded),
+                ) => shared.refuse(CancelRefused::Destination(e)),
                 // Completed or failed already: the loop ends by itself.
                 Ok(false) | Err(_) => {}
             }
@@ -813,12 +727,10 @@ fn run_receive_loop(
             error.get_or_insert(e);
         }
         if let Err(e) = flush_return_path(engine, conn, &mut out) {
-            error.get_or_insert(e);
+            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
         }
         if host.fault_thread_died() {
-            error.get_or_insert_with(|| {
-                "the postcopy fault thread stopped: page faults are no longer served".into()
-            });
+            error.get_or_insert(ReceiveFailure::FaultThreadStopped);
         }
         let now = clock::now();
         let mut eof = false;
@@ -828,7 +740,7 @@ fn run_receive_loop(
                     Ok(_) => Ok(()),
                     Err(HandleError::Dest(e)) => Err(e),
                     Err(HandleError::Host { op, error: e }) => {
-                        error.get_or_insert_with(|| format!("the destination failed {op}: {e}"));
+                        error.get_or_insert(ReceiveFailure::Host { op, error: e });
                         Err(DestError::Host(op))
                     }
                 };
@@ -844,7 +756,7 @@ fn run_receive_loop(
             }
             Ok(Event::ReadError(e)) => {
                 eof = true;
-                error.get_or_insert(format!("connection lost: {e}"));
+                error.get_or_insert(ReceiveFailure::ConnectionLost(e));
                 engine.handle_eof(now)
             }
         };
@@ -854,15 +766,18 @@ fn run_receive_loop(
         });
         if let Err(e) = result {
             if error.is_none() && e != DestError::AlreadyFailed {
-                error = Some(describe(&e, conn.peer()));
+                error = Some(ReceiveFailure::Engine {
+                    error: e,
+                    peer: conn.peer().to_string(),
+                });
             }
         }
         if let Err(e) = flush_return_path(engine, conn, &mut out) {
-            error.get_or_insert(e);
+            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
         }
         if clock::monotonic_ns() - last_progress > 50_000_000 {
             last_progress = clock::monotonic_ns();
-            progress(engine.stats());
+            shared.publish(engine.stats());
         }
         if eof
             || engine.is_completed()
@@ -879,22 +794,23 @@ fn flush_return_path(
     engine: &mut DestinationEngine<'_>,
     conn: &Connection,
     out: &mut [u8],
-) -> Result<(), String> {
+) -> Result<(), TransportError> {
     loop {
         let n = engine.poll_return_path(out);
         if n == 0 {
             return Ok(());
         }
-        let bytes = out.get(..n).unwrap_or_default();
-        conn.write_all(bytes)
-            .map_err(|e| format!("return path lost: {e}"))?;
+        conn.write_all(out.get(..n).unwrap_or_default())?;
     }
 }
 
 /// Hands the queued faults to the engine (a request each, on the return
 /// path) or, for a page that arrived as a zero page in precopy and so was
 /// never written here, fills it with zeros.
-fn serve_faults(engine: &mut DestinationEngine<'_>, host: &mut KvmHost<'_>) -> Result<(), String> {
+fn serve_faults(
+    engine: &mut DestinationEngine<'_>,
+    host: &mut KvmHost<'_>,
+) -> Result<(), ReceiveFailure> {
     let pages = match host.faults.lock() {
         Ok(mut q) if !q.is_empty() => std::mem::take(&mut *q),
         _ => return Ok(()),
@@ -911,7 +827,7 @@ fn serve_faults(engine: &mut DestinationEngine<'_>, host: &mut KvmHost<'_>) -> R
         }
         match engine.handle_page_fault(now, 0, page) {
             Ok(_) => {}
-            Err(e) => return Err(format!("postcopy page fault: {e}")),
+            Err(e) => return Err(ReceiveFailure::PageFault(e)),
         }
     }
     Ok(())
@@ -1044,11 +960,9 @@ pub fn watch_postcopy_guest(
     let map = SlotMap::new(vm.ram());
     let pages: u64 = map.slots().iter().map(|s| s.2).sum();
     let mut words = vec![0u64; pages.div_ceil(64) as usize];
-    fetch_dirty_log(vm, &map, &mut words)
-        .map_err(|e| MigrateError::Engine(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+    fetch_dirty_log(vm, &map, &mut words).map_err(MigrateError::DirtyLog)?;
     let ranges = written_ranges(&words, pages);
-    let unwritten = digest_outside(vm.ram(), &ranges)
-        .map_err(|e| MigrateError::Engine(format!("digest: {e}")))?;
+    let unwritten = digest_outside(vm.ram(), &ranges).map_err(MigrateError::Memory)?;
     let mut digest = unwritten;
     for p in ranges
         .iter()
@@ -1057,7 +971,7 @@ pub fn watch_postcopy_guest(
         let d = postcopy
             .installed
             .get(p as usize)
-            .ok_or_else(|| MigrateError::Engine(format!("digest: page {p} was never tracked")))?;
+            .ok_or(MigrateError::UntrackedPage(p))?;
         digest = digest.wrapping_add(*d);
     }
     let writes = GuestWrites {
@@ -1119,32 +1033,5 @@ mod tests {
         };
         assert!(right.continued(Some(1000)));
         assert!(!right.continued(Some(1200)));
-    }
-
-    #[test]
-    fn engine_errors_become_operator_sentences() {
-        let e = DestError::BlockLengthMismatch {
-            index: 0,
-            source: 512 << 20,
-            destination: 256 << 20,
-        };
-        assert_eq!(
-            describe(&e, "tcp:x:1"),
-            "RAM size mismatch: the source has 512 MiB, this destination 256 MiB"
-        );
-        let e = DestError::Decode(DecodeError::BadMagic { found: *b"GET " });
-        assert!(describe(&e, "tcp:x:1").contains("not a livemig source"));
-        // Issue 8 item 9: a QEMU source is named as such.
-        let e = DestError::Decode(DecodeError::BadMagic { found: *b"QEVM" });
-        assert_eq!(
-            describe(&e, "tcp:x:1"),
-            "the peer tcp:x:1 sent a QEMU migration stream, which livemig does not read \
-             (migrate from a livemig source)"
-        );
-        let e = DestError::Decode(DecodeError::UnsupportedVersion {
-            found: 9,
-            supported: 1,
-        });
-        assert!(describe(&e, "tcp:x:1").contains("version mismatch"));
     }
 }

@@ -1,0 +1,99 @@
+//! Why a migration could not be set up, carried on or watched (as opposed
+//! to a migration that ran and failed, which is a reported status).
+
+use std::fmt;
+use std::io;
+
+use livemig_core::bitmap::BitmapError;
+use livemig_core::config::ConfigError;
+use livemig_core::destination::DestError;
+use livemig_core::return_path::InvalidPageSize;
+use livemig_core::source::{SourceError, TrackingError};
+use livemig_core::wire::EncodeError;
+
+use crate::dirty_log::DirtyLogError;
+use crate::memory::MemoryError;
+use crate::transport::TransportError;
+use crate::vcpu::VcpuError;
+
+/// Why a migration could not be set up or carried on. A migration that ran
+/// and failed is not an error: its report says how it ended.
+#[derive(Debug)]
+pub enum MigrateError {
+    /// The connection could not be made, tuned or duplicated.
+    Transport(TransportError),
+    /// The migration configuration is invalid.
+    Config(ConfigError),
+    /// The source engine refused its set-up or was driven wrongly.
+    Source(SourceError),
+    /// The source's dirty-page tracking could not be set up.
+    Tracking(TrackingError),
+    /// The destination engine refused its set-up.
+    Destination(DestError),
+    /// The destination's postcopy books could not be set up.
+    PostcopyTracking(BitmapError),
+    /// The return-path decoder refused the page size.
+    ReturnPath(InvalidPageSize),
+    /// The RAM layout could not be described.
+    Layout(EncodeError),
+    /// A KVM operation on the vCPU failed.
+    Vcpu(VcpuError),
+    /// Guest memory could not be read (a digest).
+    Memory(MemoryError),
+    /// KVM's dirty log could not be read.
+    DirtyLog(DirtyLogError),
+    /// A page the guest wrote after a postcopy was never tracked as
+    /// installed, so the memory check cannot account for it.
+    UntrackedPage(u64),
+    /// The migration thread could not be started.
+    Spawn(io::Error),
+    /// The migration thread panicked (a bug in livemig).
+    Panicked,
+}
+
+impl fmt::Display for MigrateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrateError::Transport(e) => e.fmt(f),
+            MigrateError::Config(e) => write!(f, "migration configuration: {e}"),
+            MigrateError::Source(e) => write!(f, "migration engine: {e}"),
+            MigrateError::Tracking(e) => write!(f, "dirty-page tracking: {e}"),
+            MigrateError::Destination(e) => write!(f, "migration engine: {e}"),
+            MigrateError::PostcopyTracking(e) => write!(f, "postcopy tracking: {e}"),
+            MigrateError::ReturnPath(e) => write!(f, "return path: {e}"),
+            MigrateError::Layout(e) => write!(f, "RAM layout: {e}"),
+            MigrateError::Vcpu(e) => write!(f, "vCPU: {e}"),
+            MigrateError::Memory(e) => write!(f, "digest: {e}"),
+            MigrateError::DirtyLog(e) => write!(f, "KVM_GET_DIRTY_LOG: {e}"),
+            MigrateError::UntrackedPage(p) => write!(f, "digest: page {p} was never tracked"),
+            MigrateError::Spawn(e) => write!(f, "starting the migration thread: {e}"),
+            MigrateError::Panicked => write!(f, "the migration thread panicked"),
+        }
+    }
+}
+
+impl std::error::Error for MigrateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MigrateError::Transport(e) => Some(e),
+            MigrateError::Config(e) => Some(e),
+            MigrateError::Source(e) => Some(e),
+            MigrateError::Tracking(e) => Some(e),
+            MigrateError::Destination(e) => Some(e),
+            MigrateError::PostcopyTracking(e) => Some(e),
+            MigrateError::ReturnPath(e) => Some(e),
+            MigrateError::Layout(e) => Some(e),
+            MigrateError::Vcpu(e) => Some(e),
+            MigrateError::Memory(e) => Some(e),
+            MigrateError::DirtyLog(e) => Some(e),
+            MigrateError::Spawn(e) => Some(e),
+            MigrateError::UntrackedPage(_) | MigrateError::Panicked => None,
+        }
+    }
+}
+
+impl From<TransportError> for MigrateError {
+    fn from(e: TransportError) -> Self {
+        MigrateError::Transport(e)
+    }
+}

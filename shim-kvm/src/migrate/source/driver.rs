@@ -1,0 +1,495 @@
+//! The source driver: one method per [`SourceAction`], carried out against
+//! the KVM guest, the connection and the return path.
+//!
+//! Read it beside the simulator's reference loop, `livemig_sim::harness`
+//! `run_migration`: both poll the engine, carry out each action, tell the
+//! engine how it went and poll again. The simulator does it against
+//! simulated RAM, a simulated dirty log and a simulated link in virtual
+//! time; this driver against KVM's dirty log, guest RAM mapped in this
+//! process and a socket, in real time, with the return path read on a
+//! second thread.
+
+use std::io::IoSlice;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::Duration;
+
+use livemig_core::clear_map::Chunk;
+use livemig_core::return_path::{RpDecoder, RpMessage};
+use livemig_core::source::{POSTCOPY_RUN_PING, SourceAction, SourceEngine};
+use livemig_core::status::MigrationStatus;
+
+use super::super::handle::{CancelRefused, Shared};
+use super::dirty_log::{DirtyLog, KvmPages};
+use super::failure::SourceFailure;
+use super::gate::CancelGate;
+use super::guest::SourceGuest;
+use super::return_path::RpEvent;
+use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
+use crate::clock;
+use crate::memory::{GuestMemory, PageIovecs};
+use crate::transport::{Connection, TransportError};
+use crate::vcpu::VcpuError;
+
+/// The connection as the page-sending actions use it. Kept apart from the
+/// driver's other parts because those actions borrow the engine's buffers
+/// while they write.
+pub(super) struct Link {
+    pub(super) conn: Connection,
+}
+
+impl Link {
+    /// [`SourceAction::Send`]: stream bytes the engine encoded.
+    fn send(&self, bytes: &[u8]) -> Result<(), SourceFailure> {
+        self.conn
+            .write_all(bytes)
+            .map_err(SourceFailure::ConnectionLost)
+    }
+
+    /// [`SourceAction::SendPages`]: a record header and guest pages, in one
+    /// vectored write straight from guest RAM.
+    fn send_pages(
+        &self,
+        ram: &GuestMemory,
+        header: &[u8],
+        pages: &[u64],
+    ) -> Result<(), SourceFailure> {
+        PageIovecs::new(ram, header, pages)
+            .map_err(TransportError::from)
+            .and_then(|p| self.conn.write_page_iovecs(p))
+            .map_err(SourceFailure::ConnectionLost)
+    }
+}
+
+/// A running source migration: the engine and everything its actions are
+/// carried out on.
+pub(super) struct SourceDriver<'e> {
+    pub(super) engine: SourceEngine<'e>,
+    pub(super) guest: SourceGuest<'e>,
+    pub(super) link: Link,
+    pub(super) log: DirtyLog<'e>,
+    /// The return path's decoder and the reader thread's events.
+    pub(super) rp: RpDecoder,
+    pub(super) events: Receiver<RpEvent>,
+    /// The reader thread sent its last event.
+    pub(super) reader_done: bool,
+    pub(super) peer: String,
+    pub(super) gate: &'e CancelGate,
+    /// The handle's side: the cancel request and the published statistics.
+    pub(super) shared: &'e Shared,
+    pub(super) options: SourceOptions,
+    pub(super) report: SourceReport,
+    /// A guest that could not be restarted after a failed migration is an
+    /// error of its own, reported once everything is cleaned up.
+    pub(super) resume_error: Option<VcpuError>,
+    /// When the engine entered pre-switchover (monotonic ns).
+    pub(super) paused_at: Option<u64>,
+}
+
+impl SourceDriver<'_> {
+    /// Runs the migration to its end.
+    pub(super) fn drive(&mut self) {
+        'run: loop {
+            self.check_cancel();
+            while let Ok(ev) = self.events.try_recv() {
+                self.on_return_path(ev);
+            }
+            let burst = clock::monotonic_ns();
+            loop {
+                // Only precopy decides on them; after the stop (or the
+                // postcopy switchover) the two system calls per action
+                // would be waste.
+                if matches!(
+                    self.engine.status(),
+                    MigrationStatus::Setup | MigrationStatus::Active
+                ) {
+                    self.report_link();
+                }
+                let pages = KvmPages {
+                    ram: self.guest.ram(),
+                    map: self.log.map(),
+                };
+                let Some(action) = self.engine.poll_action(clock::now(), &pages) else {
+                    break;
+                };
+                // A failed write is `lost`: the destination may say why on
+                // the return path, heard before the write's reason stands.
+                let lost = match action {
+                    SourceAction::Send(bytes) => self.link.send(bytes).err(),
+                    SourceAction::SendPages { header, pages, .. } => {
+                        self.link.send_pages(self.guest.ram(), header, pages).err()
+                    }
+                    SourceAction::SyncDirtyLog => {
+                        self.sync_dirty_log();
+                        None
+                    }
+                    SourceAction::ClearDirtyLog { chunk, .. } => {
+                        self.clear_dirty_log(chunk);
+                        None
+                    }
+                    SourceAction::SetThrottle { percent } => {
+                        self.set_throttle(percent);
+                        None
+                    }
+                    SourceAction::StopVcpus => {
+                        self.stop_vcpus();
+                        None
+                    }
+                    SourceAction::SaveSetupDevices => {
+                        self.save_setup_devices();
+                        None
+                    }
+                    SourceAction::SaveDevices => self.save_devices().err(),
+                    SourceAction::PackageDevices => self.package_devices().err(),
+                    SourceAction::ResumeVcpus => {
+                        self.resume_vcpus();
+                        None
+                    }
+                    SourceAction::Finished(end) => {
+                        self.finished(end.status());
+                        break 'run;
+                    }
+                };
+                // From the commit on, as after the postcopy switchover, the
+                // destination needs the connection to confirm: close the
+                // gate to cancels (the COMMIT just handed to the socket is
+                // delivered even if a cancel shut it down a moment before;
+                // the end is then reported ambiguous, never resumed here).
+                if self.engine.is_committed() {
+                    self.gate.hold();
+                }
+                if let Some(failure) = lost {
+                    self.connection_lost(failure);
+                }
+                // Page requests are served ahead of the background pass
+                // only once the engine has them. (Precopy has nothing
+                // urgent on the return path, and draining there measurably
+                // slowed the first pass of an idle 4 GiB guest: 90 -> 140
+                // ms.)
+                while self.engine.status() == MigrationStatus::PostcopyActive
+                    && let Ok(ev) = self.events.try_recv()
+                {
+                    self.on_return_path(ev);
+                }
+                if clock::monotonic_ns() - burst > MAX_BURST.as_nanos() as u64 {
+                    break;
+                }
+            }
+            self.shared.publish(self.engine.stats());
+            if self.engine.is_finished() {
+                self.finished(self.engine.status());
+                break;
+            }
+            let Some(wait) = self.wait_or_continue() else {
+                continue;
+            };
+            if self.reader_done {
+                thread::sleep(wait);
+                continue;
+            }
+            match self.events.recv_timeout(wait) {
+                Ok(ev) => {
+                    self.on_return_path(ev);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => self.reader_done = true,
+            }
+        }
+        self.shared.publish(self.engine.stats());
+    }
+
+    /// Carries out a cancel the handle asked for; after the switchover the
+    /// engine refuses it, which the handle then tells.
+    fn check_cancel(&mut self) {
+        if !self.shared.cancel.is_cancelled() {
+            return;
+        }
+        if let Err(e) = self.engine.cancel(clock::now()) {
+            self.shared.refuse(CancelRefused::Source(e));
+        }
+    }
+
+    /// Tells the engine what the socket knows: bytes written that the
+    /// destination has not taken (a stop waits for them, and they are not
+    /// yet bandwidth), and the round trip, which with the configured fixed
+    /// part is the stop's cost. A socket that cannot say (it always can,
+    /// short of a kernel without these calls) leaves the last figures in
+    /// place.
+    fn report_link(&mut self) {
+        let conn = &self.link.conn;
+        if let Ok(unsent) = conn.unsent_bytes() {
+            self.engine.handle_unsent(clock::now(), unsent);
+        }
+        if let Ok(rtt) = conn.round_trip() {
+            self.engine
+                .handle_stop_cost(self.options.stop_cost + 2 * rtt);
+        }
+    }
+
+    /// Fails the migration for `failure`, keeping it in the report when it
+    /// is what ended the migration.
+    fn fail(&mut self, failure: SourceFailure) {
+        let was_finished = self.engine.is_finished();
+        self.engine
+            .handle_io_error(clock::now(), format_args!("{failure}"));
+        if !was_finished && self.engine.status() == MigrationStatus::Failed {
+            self.report.failure.get_or_insert(failure);
+        }
+    }
+
+    /// [`SourceAction::SyncDirtyLog`]: fetches KVM's log (without
+    /// clearing it) and hands it to the engine.
+    fn sync_dirty_log(&mut self) {
+        match self.log.fetch() {
+            Ok(words) => {
+                let fed = self
+                    .engine
+                    .handle_dirty_log(0, words)
+                    .and_then(|()| self.engine.handle_sync_done(clock::now()));
+                if let Err(e) = fed {
+                    self.fail(SourceFailure::Engine(e));
+                }
+            }
+            Err(e) => self.fail(SourceFailure::DirtyLogFetch(e)),
+        }
+    }
+
+    /// [`SourceAction::ClearDirtyLog`]: re-protects `chunk` with the
+    /// fetched bits as the mask, before its pages are read.
+    fn clear_dirty_log(&mut self, chunk: Chunk) {
+        if let Err(e) = self.log.clear(chunk) {
+            self.fail(SourceFailure::DirtyLogClear(e));
+        }
+    }
+
+    /// [`SourceAction::SetThrottle`]: limits the vCPU's dirty rate to
+    /// `100 - percent` percent of the measured rate (0: no limit).
+    fn set_throttle(&mut self, percent: u8) {
+        let rate = self.engine.stats().ram.dirty_pages_rate;
+        let limit = if percent == 0 {
+            0
+        } else {
+            (rate * u64::from(100 - percent.min(99)) / 100).max(1)
+        };
+        self.guest.limit_dirty_rate(limit);
+    }
+
+    /// [`SourceAction::StopVcpus`]: pauses the vCPU for the stop-and-copy.
+    fn stop_vcpus(&mut self) {
+        self.report.vcpu_stopped_ns = Some(clock::monotonic_ns());
+        match self.guest.pause() {
+            Ok(generation) => {
+                self.report.generation_at_stop = Some(generation);
+                if let Err(e) = self.engine.handle_vcpus_stopped(clock::now()) {
+                    // The engine does not know the guest is stopped, so it
+                    // would not restart it.
+                    if let Err(e) = self.guest.resume() {
+                        self.resume_error = Some(e);
+                    }
+                    self.fail(SourceFailure::Engine(e));
+                }
+            }
+            Err(e) => self.fail(SourceFailure::StopVcpu(e)),
+        }
+    }
+
+    /// [`SourceAction::SaveSetupDevices`]: no setup-time sections yet (the
+    /// CPU model record is not yet wired in), so none are written.
+    fn save_setup_devices(&mut self) {
+        if let Err(e) = self.engine.handle_setup_devices_sent(clock::now(), 0) {
+            self.fail(SourceFailure::Engine(e));
+        }
+    }
+
+    /// [`SourceAction::SaveDevices`]: writes the stopped vCPU's state as
+    /// one device record.
+    fn save_devices(&mut self) -> Result<(), SourceFailure> {
+        let records = self.guest.device_records()?;
+        self.link
+            .conn
+            .write_all(&records)
+            .map_err(SourceFailure::ConnectionLost)?;
+        if let Err(e) = self
+            .engine
+            .handle_devices_sent(clock::now(), records.len() as u64)
+        {
+            self.fail(SourceFailure::Engine(e));
+        }
+        Ok(())
+    }
+
+    /// [`SourceAction::PackageDevices`]: the postcopy switchover, the
+    /// device records inside the package that carries the listen and run
+    /// commands; then the wait for the destination to say it runs the guest.
+    fn package_devices(&mut self) -> Result<(), SourceFailure> {
+        // The last moment a cancel can be carried out: decided under the
+        // gate's lock, so that no shutdown can follow the package (the
+        // destination would start the guest, then lose its connection).
+        if !self.gate.commit(&self.shared.cancel) {
+            let _ = self.engine.cancel(clock::now());
+            return Ok(());
+        }
+        self.report.postcopy = true;
+        let records = self.guest.device_records()?;
+        let framing = self
+            .engine
+            .package_devices(clock::now(), records.len())
+            .map_err(SourceFailure::Engine)?;
+        self.link
+            .conn
+            .write_vectored_all(&mut [
+                IoSlice::new(framing.head),
+                IoSlice::new(&records),
+                IoSlice::new(framing.tail),
+            ])
+            .map_err(SourceFailure::ConnectionLost)?;
+        self.engine
+            .handle_package_sent(clock::now())
+            .map_err(SourceFailure::Engine)?;
+        self.report.package_sent_ns = Some(clock::monotonic_ns());
+        if let Some(announce) = self.options.on_switchover {
+            announce();
+        }
+        self.report.run_acked_ns = self.await_run_ack();
+        Ok(())
+    }
+
+    /// [`SourceAction::ResumeVcpus`]: the migration did not complete, the
+    /// guest runs on here.
+    fn resume_vcpus(&mut self) {
+        if let Err(e) = self.guest.resume() {
+            self.resume_error = Some(e);
+        }
+    }
+
+    /// [`SourceAction::Finished`]: notes when a migration completed.
+    fn finished(&mut self, status: MigrationStatus) {
+        if status == MigrationStatus::Completed {
+            self.report.completed_ns = Some(clock::monotonic_ns());
+        }
+    }
+
+    /// How long to wait for the return path before polling again; `None`
+    /// when a pre-switchover pause has run out and the switchover was
+    /// continued (poll at once).
+    fn wait_or_continue(&mut self) -> Option<Duration> {
+        let wait = self
+            .engine
+            .poll_timeout()
+            .map_or(MAX_WAIT, |t| t.saturating_since(clock::now()).min(MAX_WAIT));
+        if self.engine.status() != MigrationStatus::PreSwitchover {
+            return Some(wait);
+        }
+        let since = *self.paused_at.get_or_insert_with(clock::monotonic_ns);
+        let paused = Duration::from_nanos(clock::monotonic_ns() - since);
+        match self.options.switchover_pause.checked_sub(paused) {
+            Some(left) if !left.is_zero() => Some(wait.min(left)),
+            _ => {
+                if let Err(e) = self.engine.continue_switchover(clock::now()) {
+                    self.fail(SourceFailure::Engine(e));
+                }
+                None
+            }
+        }
+    }
+
+    /// A write failed. A destination that refused the stream says why on
+    /// the return path before it closes: hear it before blaming the broken
+    /// connection. A plain end of the return path says nothing more than
+    /// the failed write does, so the write's reason stands then.
+    fn connection_lost(&mut self, failure: SourceFailure) {
+        if self.shared.cancel.is_cancelled() {
+            let _ = self.engine.cancel(clock::now());
+        }
+        let deadline = clock::monotonic_ns() + HEAR_OUT.as_nanos() as u64;
+        while !self.reader_done {
+            let left = deadline.saturating_sub(clock::monotonic_ns());
+            match self.events.recv_timeout(Duration::from_nanos(left)) {
+                Ok(RpEvent::Eof) => {
+                    self.reader_done = true;
+                    // Cut off mid-message says more than the write.
+                    if self.rp.finish().is_err() {
+                        self.on_return_path(RpEvent::Eof);
+                    }
+                }
+                // Bytes, or perhaps the kernel's own verdict (a timeout on
+                // a dead link), which then ends both ways.
+                Ok(ev) => {
+                    self.on_return_path(ev);
+                }
+                Err(_) => break,
+            }
+        }
+        self.fail(failure);
+    }
+
+    /// Hands one return-path event to the engine. Returns when it was read
+    /// if it carried the PONG to [`POSTCOPY_RUN_PING`].
+    fn on_return_path(&mut self, event: RpEvent) -> Option<u64> {
+        self.reader_done |= event.is_last();
+        let mut run_acked = None;
+        let now = clock::now();
+        if self.shared.cancel.is_cancelled() {
+            // The connection broke because we shut it down: a cancel, not a
+            // failure (refused, and the connection left alone, once the
+            // guest runs on the destination).
+            let _ = self.engine.cancel(now);
+        }
+        match event {
+            RpEvent::Bytes(bytes, read_ns) => {
+                let mut input = &bytes[..];
+                while !input.is_empty() {
+                    match self.rp.decode(input) {
+                        Ok((used, msg)) => {
+                            if let Some(msg) = msg {
+                                if msg == RpMessage::Pong(POSTCOPY_RUN_PING) {
+                                    run_acked = Some(read_ns);
+                                }
+                                // Only a finished engine refuses input, and
+                                // it has nothing left to learn from it.
+                                let _ = self.engine.handle_return_path(now, &msg);
+                            }
+                            input = input.get(used..).unwrap_or_default();
+                        }
+                        Err(error) => {
+                            let peer = self.peer.clone();
+                            self.fail(SourceFailure::ReturnPath { peer, error });
+                            break;
+                        }
+                    }
+                }
+            }
+            RpEvent::Eof => {
+                let peer = self.peer.clone();
+                match self.rp.finish() {
+                    Err(error) => self.fail(SourceFailure::ReturnPath { peer, error }),
+                    Ok(()) => {
+                        let failure = SourceFailure::ReturnPathClosed { peer };
+                        self.engine
+                            .handle_peer_closed(clock::now(), format_args!("{failure}"));
+                    }
+                }
+            }
+            RpEvent::Error(e) => self.fail(SourceFailure::ConnectionLost(e)),
+        }
+        run_acked
+    }
+
+    /// After the postcopy switchover package: waits (at most
+    /// [`RUN_ACK_WAIT`]) for the destination's PONG to the ping that
+    /// follows it, handing every return-path event to the engine meanwhile,
+    /// and returns when it was read. Nothing is sent meanwhile, so the
+    /// destination answers as soon as it has run the guest instead of after
+    /// the background pages that would otherwise follow the package.
+    fn await_run_ack(&mut self) -> Option<u64> {
+        let deadline = clock::monotonic_ns() + RUN_ACK_WAIT.as_nanos() as u64;
+        while !self.reader_done && !self.engine.is_finished() {
+            let left = deadline.saturating_sub(clock::monotonic_ns());
+            let ev = self.events.recv_timeout(Duration::from_nanos(left)).ok()?;
+            if let Some(at) = self.on_return_path(ev) {
+                return Some(at);
+            }
+        }
+        None
+    }
+}
