@@ -5,8 +5,11 @@
 ; ring-0 stack, identity-map the low 4 GiB with user-accessible 2 MiB
 ; pages, enter long mode, read the parameter block and drop to ring 3 with
 ; IOPL=3. (PVM runs guest ring 3 natively only with long-mode paging.) With
-; the devices flag, vCPU 0 also loads the TSS and an IDT and starts its
-; LAPIC timer at 1 kHz; its tiny ring-0 handler counts ticks in memory.
+; the devices flag, vCPU 0 also loads the TSS and an IDT and starts the PIT
+; at 1 kHz through the PIC; its tiny ring-0 handler counts ticks in memory.
+; (KVM's in-kernel PIT re-injects ticks a descheduled vCPU missed, so the
+; count keeps up with the time the guest ran, where a LAPIC timer would
+; lose them.)
 ; Workload (ring 3, native): vCPU i of N stamps pages i, i+N, i+2N, ... of
 ; the working set with the page index and its own generation, checking the
 ; previous generation's stamp first; it counts the pages it stamped in its
@@ -47,19 +50,23 @@ LINE_TICKS      equ 5                   ; one line per 5 ms: 200 lines a second
 STAMP_MAGIC     equ 0x47494D4C          ; "LMIG"
 RING0_STACKS    equ 0x8000              ; vCPU i's stack tops at + 0x400 * (i + 1)
 USER_STACKS     equ 0x7000              ; vCPU i's stack tops at - 0x100 * i
+TSS_ADDR        equ 0xA000              ; vCPU 0's TSS, then its I/O bitmap
+TSS_BYTES       equ 0x68
+IO_BITMAP_BYTES equ 0x2000              ; one bit per port, all clear: all open
 PML4            equ 0x10000              ; then PDPT, then 4 page directories
 PDPT            equ 0x11000
 PDS             equ 0x12000
 
 APIC_BASE       equ 0xFEE00000
-APIC_EOI        equ 0x0B0
 APIC_SVR        equ 0x0F0
-APIC_LVT_TIMER  equ 0x320
-APIC_TIMER_INIT equ 0x380
-APIC_TIMER_DIV  equ 0x3E0
-TIMER_VECTOR    equ 0x20
-SPURIOUS_VECTOR equ 0x21
-TIMER_COUNT     equ 1000000             ; KVM's APIC bus runs at 1 GHz: 1 kHz
+APIC_LVT0       equ 0x350
+PIC1            equ 0x20                ; command; data at + 1
+PIC2            equ 0xA0
+PIT_CH0         equ 0x40
+PIT_MODE        equ 0x43
+PIT_DIVISOR     equ 1193                ; 1.193182 MHz / 1193 = 1000.2 Hz
+TIMER_VECTOR    equ 0x20                ; PIC vectors 0x20 ..= 0x2F
+SPURIOUS_VECTOR equ 0x2F                ; the LAPIC's (low nibble all ones)
 
 DEFAULT_WS_START   equ 0x200000
 DEFAULT_WS_PAGES   equ 1024
@@ -197,16 +204,44 @@ long_mode:
 .bsp:
     test r9d, r9d
     jz .user
-    ; vCPU 0 with the devices: TSS (its RSP0 for interrupts from ring 3),
-    ; IDT, LAPIC timer in periodic mode, and interrupts on in ring 3.
+    ; vCPU 0 with the devices: TSS (its RSP0 for interrupts from ring 3,
+    ; and an I/O bitmap opening every port: PVM checks it even at IOPL 3),
+    ; IDT, PIT channel 0 at 1 kHz on IRQ 0 of the PIC (remapped to
+    ; TIMER_VECTOR, every other line masked) into the LAPIC's LINT0 as
+    ; ExtINT, and interrupts on in ring 3.
+    mov qword [TSS_ADDR + 4], RING0_STACKS + 0x400      ; rsp0: its boot stack
+    mov word [TSS_ADDR + 102], TSS_BYTES                ; I/O bitmap offset
+    mov byte [TSS_ADDR + TSS_BYTES + IO_BITMAP_BYTES], 0xFF ; the bitmap's end
     lidt [idt_desc]
     mov ax, SEL_TSS
     ltr ax
     mov eax, APIC_BASE
     mov dword [rax + APIC_SVR], 0x100 | SPURIOUS_VECTOR
-    mov dword [rax + APIC_TIMER_DIV], 0xB   ; divide by 1
-    mov dword [rax + APIC_LVT_TIMER], 0x20000 | TIMER_VECTOR
-    mov dword [rax + APIC_TIMER_INIT], TIMER_COUNT
+    mov dword [rax + APIC_LVT0], 0x700      ; ExtINT
+    mov al, 0x11                            ; ICW1: edge, cascade, ICW4 follows
+    out PIC1, al
+    out PIC2, al
+    mov al, TIMER_VECTOR                    ; ICW2: vector bases
+    out PIC1 + 1, al
+    mov al, TIMER_VECTOR + 8
+    out PIC2 + 1, al
+    mov al, 4                               ; ICW3: slave on IRQ 2
+    out PIC1 + 1, al
+    mov al, 2
+    out PIC2 + 1, al
+    mov al, 1                               ; ICW4: 8086 mode
+    out PIC1 + 1, al
+    out PIC2 + 1, al
+    mov al, 0xFE                            ; only IRQ 0
+    out PIC1 + 1, al
+    mov al, 0xFF
+    out PIC2 + 1, al
+    mov al, 0x34                            ; channel 0, lo/hi byte, mode 2
+    out PIT_MODE, al
+    mov al, PIT_DIVISOR & 0xFF
+    out PIT_CH0, al
+    mov al, PIT_DIVISOR >> 8
+    out PIT_CH0, al
     mov eax, 0x3202                         ; rflags: IOPL=3, IF=1
 .user:
     mov edx, r12d
@@ -224,10 +259,12 @@ long_mode:
 timer_handler:
     inc qword [TICKS_ADDR]
     push rax
-    mov eax, APIC_BASE
-    mov dword [rax + APIC_EOI], 0
+    mov al, 0x20                            ; non-specific EOI
+    out PIC1, al
     pop rax
     iretq
+
+; The PIC's spurious IRQ 7 / 15 and the LAPIC's spurious vector take no EOI.
 
 spurious_handler:
     iretq
@@ -362,12 +399,12 @@ gdt:
     dq 0x00CF92000000FFFF                   ; 0x10 data, DPL0
     dq 0x00AFFA000000FFFF                   ; 0x18 code, DPL3, 64-bit
     dq 0x00CFF2000000FFFF                   ; 0x20 data, DPL3
-    dw tss_end - tss - 1                    ; 0x28 64-bit TSS (16 bytes)
-    dw PHYS(tss) & 0xFFFF
-    db (PHYS(tss) >> 16) & 0xFF
+    dw TSS_BYTES + IO_BITMAP_BYTES          ; 0x28 64-bit TSS (16 bytes)
+    dw TSS_ADDR & 0xFFFF
+    db (TSS_ADDR >> 16) & 0xFF
     db 0x89                                 ; present, available 64-bit TSS
     db 0
-    db (PHYS(tss) >> 24) & 0xFF
+    db (TSS_ADDR >> 24) & 0xFF
     dd 0
     dd 0
 gdt_end:
@@ -380,21 +417,15 @@ idt_desc:
     dw idt_end - idt - 1
     dq idt
 
-; vCPU 0's TSS: RSP0 is its boot stack, unused once it is in ring 3.
-align 8
-tss:
-    dd 0
-    dq RING0_STACKS + 0x400                 ; rsp0
-    times 90 db 0                           ; rsp1, rsp2, ist1-7, reserved
-    dw tss_end - tss                        ; no I/O bitmap (IOPL 3 opens the ports)
-tss_end:
-
 ; Vectors below TIMER_VECTOR (exceptions) have no handler: they triple-fault
-; and the VMM sees a shutdown exit.
+; and the VMM sees a shutdown exit. The PIC's other lines are masked; a
+; stray one is dropped like a spurious one.
 align 16
 idt:
     times TIMER_VECTOR * 16 db 0
     gate timer_handler
+%rep SPURIOUS_VECTOR - TIMER_VECTOR
     gate spurious_handler
+%endrep
 idt_end:
 image_end:

@@ -5,8 +5,8 @@
 //! `i` of `n` stamps pages `i, i + n, ...` of a working set generation after
 //! generation, checking each page still holds the previous generation's
 //! stamp. A migration that loses or tears a page shows up as a MISMATCH
-//! exit. With [`GuestParams::devices`] vCPU 0 also counts 1 kHz LAPIC timer
-//! ticks and writes a numbered line to the serial port every few ticks. See
+//! exit. With [`GuestParams::devices`] vCPU 0 also counts 1 kHz PIT ticks
+//! and writes a numbered line to the serial port every few ticks. See
 //! `guest/README.md` for the full contract.
 
 use std::fmt;
@@ -34,8 +34,9 @@ pub const PARAM_VERSION: u32 = 2;
 pub const PARAM_BYTES: usize = 32;
 /// Most vCPUs the image runs on.
 pub const MAX_VCPUS: u32 = 8;
-/// Parameter block flag: the VMM has an in-kernel LAPIC and a 16550 serial
-/// port at [`PORT_SERIAL`], so vCPU 0 counts timer ticks and writes lines.
+/// Parameter block flag: the VMM has KVM's in-kernel irqchip (PIC, LAPIC)
+/// and PIT and a 16550 serial port at [`PORT_SERIAL`], so vCPU 0 counts
+/// timer ticks and writes lines.
 pub const FLAG_DEVICES: u32 = 1;
 
 /// `out` port: sent once on reaching ring 3; 1 = parameters used, 0 = defaults.
@@ -61,8 +62,8 @@ pub const PORT_SERIAL: u16 = 0x3F8;
 pub const STAMPED_ADDR: u64 = 0x5100;
 /// Distance between two vCPUs' stamp counters (a cache line each).
 pub const STAMPED_STRIDE: u64 = 64;
-/// Guest-physical address of the tick counter (u64): LAPIC timer
-/// interrupts vCPU 0 took, about one per millisecond, with [`FLAG_DEVICES`].
+/// Guest-physical address of the tick counter (u64): PIT interrupts vCPU 0
+/// took, one per millisecond of guest run time, with [`FLAG_DEVICES`].
 pub const TICKS_ADDR: u64 = 0x5300;
 /// Guest-physical address of the next number the serial sequence carries
 /// (u64), with [`FLAG_DEVICES`]: the lines written so far are `0 ..` it.
@@ -506,10 +507,7 @@ mod tests {
         assert_eq!(zero.validate(64 << 20), Err(GuestError::ZeroCount));
         for vcpus in [0, MAX_VCPUS + 1] {
             let bad = GuestParams { vcpus, ..p };
-            assert_eq!(
-                bad.validate(64 << 20),
-                Err(GuestError::BadVcpuCount(vcpus))
-            );
+            assert_eq!(bad.validate(64 << 20), Err(GuestError::BadVcpuCount(vcpus)));
         }
         let b = GuestParams {
             vcpus: 4,
