@@ -8,7 +8,8 @@
 //! - [`vmm`]: the demo VMM, built like an outside VMM on rust-vmm crates
 //!   (its own KVM VM, vm-memory RAM, in-kernel irqchip and PIT, a
 //!   vm-superio serial port, `--vcpus N` vCPU threads), which implements
-//!   livemig-kvm's VMM traits.
+//!   livemig-kvm's VMM traits; [`run`] boots the demo guest in it
+//!   (`livemig run --vcpus N`).
 //!
 //! The tool drives the library only through its public API. Its `unsafe`
 //! blocks are in `vmm` (memslots, the vCPU kick), each with a `// SAFETY:`
@@ -22,4 +23,5 @@ pub mod bench;
 pub mod demo;
 pub mod options;
 pub mod report;
+pub mod run;
 pub mod vmm;

@@ -5,13 +5,13 @@
 //! state moves into a second VMM as a device section. Skips loudly
 //! without `/dev/kvm` (see `common::kvm_available`).
 
-// Only `kvm_available` of the shared helpers is used here.
+// Only some of the shared helpers are used here.
 #[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::kvm_available;
+use common::{json_of, kvm_available, livemig};
 use livemig_cli::vmm::DemoVmm;
 use livemig_kvm::guest::{self, GuestParams};
 use livemig_kvm::vmm::{DeviceSection, Vcpus};
@@ -178,4 +178,27 @@ fn bad_shapes_are_refused_by_name() {
     let vmm = DemoVmm::new(16 * MIB, 2).unwrap();
     let e = vmm.boot(&params(3)).unwrap_err();
     assert!(e.to_string().contains("name 3 vCPUs, the VMM has 2"), "{e}");
+}
+
+#[test]
+fn livemig_run_boots_the_demo_vmm_on_the_vcpus_asked_for() {
+    if !kvm_available() {
+        return;
+    }
+    let out = livemig(&["run", "--vcpus", "3", "--run-ms", "500", "--json"]);
+    let report = json_of(&out);
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    let vcpus = report["vcpus"].as_array().expect("vcpus");
+    assert_eq!(vcpus.len(), 3, "{report}");
+    assert!(
+        vcpus.iter().all(|v| v["stamped"].as_u64() > Some(0)),
+        "{report}"
+    );
+    assert!(report["ticks"].as_u64() > Some(0), "{report}");
+    assert!(report["serial-lines"].as_u64() > Some(0), "{report}");
+    // Out of range is refused by the parser, naming the flag.
+    let out = livemig(&["run", "--vcpus", "9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus"));
 }
