@@ -96,6 +96,16 @@ fn four_vcpus_stamp_tick_and_print_pause_stops_them_and_com1_moves() {
         "guest counts {next} lines, {written} arrived"
     );
 
+    // Paused, each vCPU's fd is lent out, and each stands in the ring-3
+    // workload.
+    for v in 0..N as usize {
+        let mut cpl = None;
+        vmm.vcpus()
+            .with_vcpu(v, &mut |fd| cpl = Some(fd.get_sregs().unwrap().cs.dpl))
+            .unwrap();
+        assert_eq!(cpl, Some(3), "vCPU {v}");
+    }
+
     // Paused: nothing moves.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
@@ -110,6 +120,10 @@ fn four_vcpus_stamp_tick_and_print_pause_stops_them_and_com1_moves() {
 
     // Resumed: everything moves on, the sequence continues where it was.
     vmm.vcpus().resume_all().unwrap();
+    assert!(
+        vmm.vcpus().with_vcpu(0, &mut |_| ()).is_err(),
+        "fd lent while running"
+    );
     std::thread::sleep(Duration::from_millis(300));
     vmm.vcpus().pause_all().unwrap();
     let (stamps2, ticks2) = counters(&vmm, N);

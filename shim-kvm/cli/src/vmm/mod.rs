@@ -113,8 +113,8 @@ fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> BootError {
 /// at 1 MiB, default working set at 2 MiB.
 const MIN_MEM_BYTES: u64 = 4 << 20;
 
-/// The demo VMM. Fields drop in order: vCPU threads first, then the VM,
-/// then the RAM its memslots point into.
+/// The demo VMM. Guest RAM outlives every vCPU thread: [`DemoVcpus`]
+/// holds it too, so a `Vcpus` lent to livemig keeps it mapped.
 pub struct DemoVmm {
     vcpus: Arc<DemoVcpus>,
     serial: SerialPort,
@@ -173,12 +173,13 @@ impl DemoVmm {
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set_cpuid2"))?;
             fds.push(fd);
         }
-        let vcpus = DemoVcpus::start(fds, &serial).map_err(BootError::Vcpu)?;
+        let memory = Arc::new(memory);
+        let vcpus = DemoVcpus::start(fds, Arc::clone(&memory), &serial).map_err(BootError::Vcpu)?;
         Ok(DemoVmm {
             vcpus: Arc::new(vcpus),
             serial,
             vm: Arc::new(vm),
-            memory: Arc::new(memory),
+            memory,
             mem_bytes,
         })
     }
@@ -266,9 +267,10 @@ fn register_memslots(vm: &VmFd, memory: &DemoMemory) -> Result<(), BootError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: `host .. host + len` is the region's own mapping, which
-        // the `DemoVmm` keeps (in `memory`, dropped after the VM and its
-        // vCPU threads) for as long as KVM can touch it.
+        // SAFETY: `host .. host + len` is the region's own mapping, owned
+        // by an `Arc` that the `DemoVmm` and its `DemoVcpus` hold, so it
+        // stays mapped for as long as a vCPU thread can run the guest (the
+        // only way KVM touches guest RAM here).
         unsafe { vm.set_user_memory_region(slot) }.map_err(kvm_err("set_user_memory_region"))?;
     }
     Ok(())

@@ -22,6 +22,7 @@ use livemig_kvm::vmm::{Vcpus, VmmError};
 use vm_superio::serial::Error as SerialError;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use super::DemoMemory;
 use super::serial::SerialPort;
 
 /// How often a pause re-sends the kick while waiting for a vCPU to park.
@@ -210,6 +211,9 @@ struct Vcpu {
 /// The VMM's vCPUs, each on its own thread, all created parked.
 pub struct DemoVcpus {
     vcpus: Vec<Vcpu>,
+    /// Keeps guest RAM mapped while any vCPU can run: its memslots point
+    /// into it.
+    _memory: Arc<DemoMemory>,
 }
 
 impl fmt::Debug for DemoVcpus {
@@ -221,10 +225,18 @@ impl fmt::Debug for DemoVcpus {
 }
 
 impl DemoVcpus {
-    /// Starts a parked thread for each of `fds` (vCPU `i` is `fds[i]`).
-    pub fn start(fds: Vec<VcpuFd>, serial: &SerialPort) -> Result<DemoVcpus, VcpuError> {
+    /// Starts a parked thread for each of `fds` (vCPU `i` is `fds[i]`),
+    /// over the VM whose memslots map `memory`.
+    pub fn start(
+        fds: Vec<VcpuFd>,
+        memory: Arc<DemoMemory>,
+        serial: &SerialPort,
+    ) -> Result<DemoVcpus, VcpuError> {
         install_kick_handler()?;
-        let mut vcpus = DemoVcpus { vcpus: Vec::new() };
+        let mut vcpus = DemoVcpus {
+            vcpus: Vec::new(),
+            _memory: memory,
+        };
         for (index, fd) in fds.into_iter().enumerate() {
             let shared = Arc::new(Shared {
                 index,
