@@ -205,18 +205,45 @@ impl GuestParams {
     }
 }
 
+/// Guest memory as the readers below see it: bytes copied out of
+/// guest-physical memory (never a reference into it), so a VMM's own
+/// memory type can be read as well as livemig's [`GuestRam`].
+pub trait ReadGuest {
+    /// Why a read failed.
+    type Error;
+
+    /// Copies `buf.len()` bytes from guest-physical `gpa` into `buf`.
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
+}
+
+impl ReadGuest for GuestRam {
+    type Error = MemoryError;
+
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.read(gpa, buf)
+    }
+}
+
+/// Shared guest memory reads as the memory it shares.
+impl<M: ReadGuest + ?Sized> ReadGuest for std::sync::Arc<M> {
+    type Error = M::Error;
+
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), M::Error> {
+        (**self).read_at(gpa, buf)
+    }
+}
+
 /// Pages the guest has stamped since boot: the sum of its vCPUs' counters
 /// ([`stamped_addr`]). Exact only while its vCPUs are stopped.
-pub fn stamped(ram: &GuestRam) -> Result<u64, GuestError> {
-    let ws = working_set(ram)?;
-    (0..ws.vcpus).try_fold(0u64, |sum, v| Ok(sum + stamped_by(ram, v)?))
+pub fn stamped<M: ReadGuest + ?Sized>(mem: &M) -> Result<u64, M::Error> {
+    let ws = working_set(mem)?;
+    (0..ws.vcpus).try_fold(0u64, |sum, v| Ok(sum + stamped_by(mem, v)?))
 }
 
 /// Pages vCPU `vcpu` has stamped since boot.
-pub fn stamped_by(ram: &GuestRam, vcpu: u32) -> Result<u64, GuestError> {
+pub fn stamped_by<M: ReadGuest + ?Sized>(mem: &M, vcpu: u32) -> Result<u64, M::Error> {
     let mut b = [0u8; 8];
-    ram.read(stamped_addr(vcpu), &mut b)
-        .map_err(GuestError::Memory)?;
+    mem.read_at(stamped_addr(vcpu), &mut b)?;
     Ok(u64::from_le_bytes(b))
 }
 
@@ -234,9 +261,9 @@ pub struct WorkingSet {
 /// The working set the guest uses, read back from the parameter block in
 /// its memory, with the image's defaults when the block is absent, exactly
 /// as the guest itself decides.
-pub fn working_set(ram: &GuestRam) -> Result<WorkingSet, GuestError> {
+pub fn working_set<M: ReadGuest + ?Sized>(mem: &M) -> Result<WorkingSet, M::Error> {
     let mut b = [0u8; PARAM_BYTES];
-    ram.read(PARAM_ADDR, &mut b).map_err(GuestError::Memory)?;
+    mem.read_at(PARAM_ADDR, &mut b)?;
     let field = |i: usize| {
         let mut w = [0u8; 4];
         w.copy_from_slice(&b[i * 4..i * 4 + 4]);
@@ -287,8 +314,8 @@ impl StampCheck {
 /// half written and is skipped. After a migration this proves that the
 /// pages stamped since the switchover carry the right stamps, and that
 /// every other page kept the stamp it had.
-pub fn check_stamps(ram: &GuestRam) -> Result<StampCheck, GuestError> {
-    let ws = working_set(ram)?;
+pub fn check_stamps<M: ReadGuest + ?Sized>(mem: &M) -> Result<StampCheck, M::Error> {
+    let ws = working_set(mem)?;
     let mut check = StampCheck {
         stamped: 0,
         checked: 0,
@@ -297,7 +324,7 @@ pub fn check_stamps(ram: &GuestRam) -> Result<StampCheck, GuestError> {
     };
     let page = PAGE_SIZE as u64;
     for v in 0..ws.vcpus {
-        let stamped = stamped_by(ram, v)?;
+        let stamped = stamped_by(mem, v)?;
         check.stamped += stamped;
         let owned = owned_pages(ws.pages, ws.vcpus, v);
         if owned == 0 {
@@ -316,9 +343,8 @@ pub fn check_stamps(ram: &GuestRam) -> Result<StampCheck, GuestError> {
             };
             let gpa = ws.start + u64::from(i) * page;
             let (mut head, mut tail) = ([0u8; 16], [0u8; 8]);
-            ram.read(gpa, &mut head).map_err(GuestError::Memory)?;
-            ram.read(gpa + page - 8, &mut tail)
-                .map_err(GuestError::Memory)?;
+            mem.read_at(gpa, &mut head)?;
+            mem.read_at(gpa + page - 8, &mut tail)?;
             let word = |b: &[u8], k: usize| {
                 let mut w = [0u8; 4];
                 w.copy_from_slice(&b[k * 4..k * 4 + 4]);

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use livemig_kvm::guest::GuestParams;
+use livemig_kvm::guest::{self, GuestParams};
 use livemig_kvm::memory::PAGE_SIZE;
 use serde_json::{Value, json};
 
@@ -186,7 +186,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     for i in 0..opts.vcpus {
         let r = vmm.vcpus().report(i as usize).map_err(RunError::Vcpu)?;
         vcpus.push(VcpuRun {
-            stamped: vmm.stamped_by(i).map_err(RunError::Memory)?,
+            stamped: guest::stamped_by(&vmm, i).map_err(RunError::Memory)?,
             generation: r.generation,
             progress_exits: r.progress_exits,
             mismatches: r.mismatches.len(),

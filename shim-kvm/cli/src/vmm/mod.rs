@@ -22,7 +22,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use livemig_kvm::guest::{self, GuestError, GuestParams};
+use livemig_kvm::guest::{self, GuestError, GuestParams, ReadGuest};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::FromRangesError;
 use vm_memory::{
@@ -242,14 +242,19 @@ impl DemoVmm {
             .map(u64::from_le)
     }
 
-    /// Pages vCPU `vcpu` has stamped ([`guest::stamped_addr`]).
-    pub fn stamped_by(&self, vcpu: u32) -> Result<u64, GuestMemoryError> {
-        self.read_u64(guest::stamped_addr(vcpu))
-    }
-
     /// Timer ticks vCPU 0 has counted ([`guest::TICKS_ADDR`]).
     pub fn ticks(&self) -> Result<u64, GuestMemoryError> {
         self.read_u64(guest::TICKS_ADDR)
+    }
+}
+
+/// The guest's counters and stamps read from this VMM's RAM
+/// ([`guest::stamped_by`], [`guest::check_stamps`]).
+impl ReadGuest for DemoVmm {
+    type Error = GuestMemoryError;
+
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        self.memory.read_slice(buf, GuestAddress(gpa))
     }
 }
 
