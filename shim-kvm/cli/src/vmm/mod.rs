@@ -45,7 +45,8 @@ pub const DEFAULT_VCPUS: u32 = 2;
 pub const MAX_MEM_BYTES: u64 = 3 << 30;
 
 /// Where KVM may put the three pages of its real-mode TSS (Intel needs
-/// one; it must not overlap RAM): just below the IOAPIC.
+/// one): near the top of the 32-bit hole, clear of RAM, the IOAPIC and the
+/// LAPIC (the address Firecracker and Cloud Hypervisor use).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// Why the VMM could not be built or the guest booted.
