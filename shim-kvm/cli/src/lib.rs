@@ -3,7 +3,7 @@
 //! - [`options`], [`report`] and [`demo`]: the tool's flags, progress line
 //!   and summaries, `send` / `receive`, and its self-contained demo (with a
 //!   simulated fallback over livemig-sim when there is no `/dev/kvm`);
-//!   [`bench`] times that demo against a raw TCP copy measured in the same
+//!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
 //!   run.
 //! - [`vmm`]: the demo VMM, built like an outside VMM on rust-vmm crates
 //!   (its own KVM VM, vm-memory RAM, in-kernel irqchip and PIT, a
