@@ -10,8 +10,11 @@
 //!   64-page-aligned chunks with the fetched mask), legacy mode as fallback.
 //! - [`vcpu`]: the vCPU thread, pause/resume for the stop-and-copy, a dirty
 //!   rate throttle, and the register state as a device blob ([`state`]).
-//! - [`guest`]: the demo guest (a multiboot image that stamps and re-checks a
-//!   working set from ring 3) and its parameter block and ports.
+//! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp and
+//!   re-check their share of a working set from ring 3, with a timer and a
+//!   serial line when the VMM has them), its parameter block and ports, and
+//!   the stamp checks over any guest memory ([`guest::ReadGuest`]). It stays
+//!   here while [`vcpu`] and [`migrate`] still run it themselves.
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
 //!   connection carrying the stream and its return path, and page batches
 //!   written with one vectored `sendmsg` straight from guest RAM.
