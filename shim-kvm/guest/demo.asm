@@ -7,9 +7,9 @@
 ; IOPL=3. (PVM runs guest ring 3 natively only with long-mode paging.) With
 ; the devices flag, vCPU 0 also loads the TSS and an IDT and starts the PIT
 ; at 1 kHz through the PIC; its tiny ring-0 handler counts ticks in memory.
-; (KVM's in-kernel PIT re-injects ticks a descheduled vCPU missed, so the
-; count keeps up with the time the guest ran, where a LAPIC timer would
-; lose them.)
+; (KVM's in-kernel PIT re-injects the ticks vCPU 0 could not take, while
+; descheduled or paused, so the count keeps up with wall-clock time since
+; the PIT started, where a LAPIC timer would lose them.)
 ; Workload (ring 3, native): vCPU i of N stamps pages i, i+N, i+2N, ... of
 ; the working set with the page index and its own generation, checking the
 ; previous generation's stamp first; it counts the pages it stamped in its

@@ -63,7 +63,9 @@ pub const STAMPED_ADDR: u64 = 0x5100;
 /// Distance between two vCPUs' stamp counters (a cache line each).
 pub const STAMPED_STRIDE: u64 = 64;
 /// Guest-physical address of the tick counter (u64): PIT interrupts vCPU 0
-/// took, one per millisecond of guest run time, with [`FLAG_DEVICES`].
+/// took, with [`FLAG_DEVICES`]. KVM's PIT re-injects the ticks the guest
+/// could not take, so it counts milliseconds of wall-clock time since the
+/// PIT started, catching up after a pause.
 pub const TICKS_ADDR: u64 = 0x5300;
 /// Guest-physical address of the next number the serial sequence carries
 /// (u64), with [`FLAG_DEVICES`]: the lines written so far are `0 ..` it.
