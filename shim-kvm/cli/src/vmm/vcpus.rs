@@ -311,7 +311,8 @@ impl DemoVcpus {
     }
 
     /// Stops every vCPU; returns once each is parked outside `KVM_RUN` with
-    /// its last port I/O completed.
+    /// its last port I/O completed (or has stopped: then the first stopped
+    /// one is the error).
     pub fn pause(&self) -> Result<(), VcpuError> {
         for v in &self.vcpus {
             let mut c = lock(&v.shared.control);
@@ -320,7 +321,10 @@ impl DemoVcpus {
             }
             v.shared.pause_requested.store(true, Ordering::SeqCst);
         }
-        self.vcpus.iter().try_for_each(Vcpu::wait_parked)
+        // Every running vCPU is waited for, even after one is found
+        // stopped, so none is left inside KVM_RUN behind the error.
+        let waited: Vec<_> = self.vcpus.iter().map(Vcpu::wait_parked).collect();
+        waited.into_iter().collect()
     }
 
     /// Lets the parked vCPUs run.
