@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
 /// The assembled image (`guest/demo.bin`), loaded flat at [`LOAD_ADDR`].
 pub const IMAGE: &[u8] = include_bytes!("../guest/demo.bin");
@@ -209,7 +209,7 @@ impl GuestParams {
 
 /// Guest memory as the readers below see it: bytes copied out of
 /// guest-physical memory (never a reference into it), so a VMM's own
-/// memory type can be read as well as livemig's [`GuestRam`].
+/// memory type can be read as well as livemig's [`GuestMemory`].
 pub trait ReadGuest {
     /// Why a read failed.
     type Error;
@@ -218,7 +218,7 @@ pub trait ReadGuest {
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
 }
 
-impl ReadGuest for GuestRam {
+impl ReadGuest for GuestMemory {
     type Error = MemoryError;
 
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
@@ -372,7 +372,7 @@ pub fn check_stamps<M: ReadGuest + ?Sized>(mem: &M) -> Result<StampCheck, M::Err
 
 /// Copies the image to [`LOAD_ADDR`] and the parameter block to
 /// [`PARAM_ADDR`]; the vCPU must then start at [`ENTRY`].
-pub fn load(ram: &GuestRam, params: &GuestParams) -> Result<(), GuestError> {
+pub fn load(ram: &GuestMemory, params: &GuestParams) -> Result<(), GuestError> {
     params.validate(ram.size())?;
     ram.write(LOAD_ADDR, IMAGE).map_err(GuestError::Memory)?;
     ram.write(PARAM_ADDR, &params.encode())
@@ -382,6 +382,11 @@ pub fn load(ram: &GuestRam, params: &GuestParams) -> Result<(), GuestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::RegionLayout;
+
+    fn fresh_ram(size: u64) -> GuestMemory {
+        GuestMemory::anonymous(&RegionLayout::contiguous("pc.ram", size, size).unwrap()).unwrap()
+    }
 
     fn word(i: usize) -> u32 {
         u32::from_le_bytes(IMAGE[i * 4..i * 4 + 4].try_into().unwrap())
@@ -423,7 +428,7 @@ mod tests {
     }
 
     /// Writes the stamp of page `i`, generation `g` as the guest does.
-    fn stamp(ram: &GuestRam, start: u64, i: u32, g: u32) {
+    fn stamp(ram: &GuestMemory, start: u64, i: u32, g: u32) {
         let gpa = start + u64::from(i) * PAGE_SIZE as u64;
         let head: Vec<u8> = [i, g, STAMP_MAGIC, !(i ^ g)]
             .iter()
@@ -436,7 +441,7 @@ mod tests {
 
     #[test]
     fn stamps_are_checked_against_the_counter() {
-        let ram = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let ram = fresh_ram(4 << 20);
         let p = GuestParams {
             ws_start: 2 << 20,
             ws_pages: 8,
@@ -473,20 +478,20 @@ mod tests {
         let c = check_stamps(&ram).unwrap();
         assert_eq!((c.wrong, c.first_wrong), (2, Some(3)), "{c:?}");
         // Before the first generation completes, unreached pages are empty.
-        let fresh = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let fresh = fresh_ram(4 << 20);
         load(&fresh, &p).unwrap();
         stamp(&fresh, p.ws_start, 0, 1);
         fresh.write(STAMPED_ADDR, &1u64.to_le_bytes()).unwrap();
         assert!(check_stamps(&fresh).unwrap().ok());
         // An idle guest has nothing to check.
-        let idle = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let idle = fresh_ram(4 << 20);
         load(&idle, &GuestParams { ws_pages: 0, ..p }).unwrap();
         assert_eq!(check_stamps(&idle).unwrap().checked, 0);
     }
 
     #[test]
     fn each_vcpu_is_checked_against_its_own_counter() {
-        let ram = GuestRam::new(4 << 20, 4 << 20).unwrap();
+        let ram = fresh_ram(4 << 20);
         let p = GuestParams {
             ws_start: 2 << 20,
             ws_pages: 8,

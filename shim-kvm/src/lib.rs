@@ -2,14 +2,20 @@
 //!
 //! This layer is the KVM foundation the migration engine drives:
 //!
-//! - [`memory`]: guest RAM as anonymous mappings, read and written only
-//!   through raw-pointer copies so it is sound while the guest runs; zero-page
-//!   checks and a whole-RAM digest for integrity checks.
-//! - [`vm`] and [`dirty_log`]: the KVM VM with one memslot per GiB, dirty
-//!   logging in manual-protect mode (fetch without re-protecting, then clear
+//! - [`memory`]: the VMM's guest memory as regions livemig holds raw views
+//!   of (or maps itself, or takes from vm-memory), read and written only
+//!   through raw-pointer copies so it is sound while the guest runs;
+//!   zero-page checks, a whole-RAM digest for integrity checks, the device
+//!   dirty logs, and pages gathered for vectored sends.
+//! - [`dirty_log`]: dirty logging turned on for the VMM's memslots, in
+//!   manual-protect mode (fetch without re-protecting, then clear
 //!   64-page-aligned chunks with the fetched mask), legacy mode as fallback.
+//! - [`vm`]: the demo's KVM VM, with one memslot per GiB of its RAM.
 //! - [`vcpu`]: the vCPU thread, pause/resume for the stop-and-copy, a dirty
-//!   rate throttle, and the register state as a device blob ([`state`]).
+//!   rate throttle, and its state as a device blob.
+//! - [`x86`]: the x86 state KVM keeps outside guest RAM — each vCPU's
+//!   registers, LAPIC and MSRs, the VM's irqchip, PIT and kvmclock — with
+//!   byte encodings, and the CPU model record a destination checks.
 //! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp and
 //!   re-check their share of a working set from ring 3, with a timer and a
 //!   serial line when the VMM has them), its parameter block and ports, and
@@ -28,7 +34,7 @@
 //! livemig-cli (`shim-kvm/cli/`).
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
-//! `transport`, `clock`, `interrupt` and `postcopy`, each with a `// SAFETY:` line.
+//! `transport`, `clock`, `interrupt`, `postcopy` and `x86`, each with a `// SAFETY:` line.
 
 pub mod clock;
 pub mod dirty_log;
@@ -37,8 +43,8 @@ pub mod interrupt;
 pub mod memory;
 pub mod migrate;
 pub mod postcopy;
-pub mod state;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
+pub mod x86;

@@ -2,7 +2,7 @@
 //! demand through userfaultfd.
 //!
 //! In postcopy the destination guest runs before all of its memory has
-//! arrived. [`PostcopyRam`] registers every slot of a [`GuestRam`] with a
+//! arrived. [`PostcopyRam`] registers every region of a [`GuestMemory`] with a
 //! userfaultfd in *missing* mode, so a touch of a page that was never placed
 //! (or was [discarded](PostcopyRam::discard)) blocks the touching thread —
 //! the vCPU thread inside `KVM_RUN`, or any host thread — until the page is
@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use crate::vcpu::VcpuError;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -469,7 +469,7 @@ impl State {
 /// faults with a [`FaultThread`], and [`unregister`](PostcopyRam::unregister)
 /// once every page is present. Dropping it unregisters too.
 pub struct PostcopyRam {
-    ram: Arc<GuestRam>,
+    ram: GuestMemory,
     uffd: Uffd,
     registered: AtomicBool,
     state: Mutex<State>,
@@ -491,13 +491,13 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl PostcopyRam {
-    /// Registers every slot of `ram` with a new userfaultfd in missing mode.
+    /// Registers every region of `ram` with a new userfaultfd in missing mode.
     ///
     /// The userfaultfd is close-on-exec and non-blocking, asks for thread
     /// ids in fault events, and is *not* user-mode-only, so the vCPU's
     /// kernel-mode faults reach it. Pages already present in `ram` stay;
     /// every other page now blocks its first toucher until placed.
-    pub fn register(ram: Arc<GuestRam>) -> Result<PostcopyRam, PostcopyError> {
+    pub fn register(ram: GuestMemory) -> Result<PostcopyRam, PostcopyError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -512,9 +512,9 @@ impl PostcopyRam {
                 ))
             })?;
         let needed = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
-        for slot in ram.slots() {
+        for slot in ram.regions() {
             let (host, len) = (slot.host_addr() as *mut libc::c_void, slot.len() as usize);
-            // SAFETY: `host .. host + len` is the slot's own mapping, alive as
+            // SAFETY: `host .. host + len` is the region's own mapping, alive as
             // long as `ram`; the advice changes no contents.
             unsafe { libc::madvise(host, len, libc::MADV_NOHUGEPAGE) };
             let ioctls = uffd
@@ -528,7 +528,7 @@ impl PostcopyRam {
                 return Err(PostcopyError::MissingIoctls(ioctls.bits()));
             }
         }
-        let pages = ram.size() / PAGE;
+        let pages = ram.guest_end() / PAGE;
         Ok(PostcopyRam {
             state: Mutex::new(State {
                 present: vec![0; pages.div_ceil(64) as usize],
@@ -544,7 +544,7 @@ impl PostcopyRam {
     }
 
     /// The guest RAM this registration covers.
-    pub fn ram(&self) -> &Arc<GuestRam> {
+    pub fn ram(&self) -> &GuestMemory {
         &self.ram
     }
 
@@ -557,7 +557,7 @@ impl PostcopyRam {
     }
 
     /// Splits `gpa .. gpa + len` (page aligned, non-empty, inside RAM) at
-    /// slot boundaries and calls `f(gpa, host, offset, len)` for each piece.
+    /// region boundaries and calls `f(gpa, host, offset, len)` for each piece.
     fn for_each_piece(
         &self,
         gpa: u64,
@@ -569,17 +569,23 @@ impl PostcopyRam {
         }
         let end = gpa
             .checked_add(len)
-            .filter(|&e| e <= self.ram.size())
             .ok_or(MemoryError::RangeOutOfRam { gpa, len })?;
+        // The whole range must be RAM before anything is placed.
         let mut at = gpa;
         while at < end {
-            let slot = self
+            let (_, region) = self
                 .ram
-                .slots()
-                .iter()
-                .find(|s| at >= s.guest_phys() && at < s.guest_phys() + s.len())
+                .locate(at)
                 .ok_or(MemoryError::RangeOutOfRam { gpa, len })?;
-            let piece = (slot.guest_phys() + slot.len()).min(end) - at;
+            at = region.guest_end().min(end);
+        }
+        let mut at = gpa;
+        while at < end {
+            let (_, region) = self
+                .ram
+                .locate(at)
+                .ok_or(MemoryError::RangeOutOfRam { gpa, len })?;
+            let piece = region.guest_end().min(end) - at;
             let (host, n) = self.ram.host_range(at, piece)?;
             f(at, host, (at - gpa) as usize, n)?;
             at += piece;
@@ -768,14 +774,14 @@ impl PostcopyRam {
         st.present.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
-    /// Ends postcopy: unregisters every slot (faults are no longer caught,
+    /// Ends postcopy: unregisters every region (faults are no longer caught,
     /// a missing page is then plain zero-filled memory) and restores the
     /// huge-page hint. Later placements and discards are refused.
     pub fn unregister(&self) -> Result<(), PostcopyError> {
         if !self.registered.swap(false, Ordering::AcqRel) {
             return Err(PostcopyError::NotRegistered);
         }
-        for slot in self.ram.slots() {
+        for slot in self.ram.regions() {
             let (host, len) = (slot.host_addr() as *mut libc::c_void, slot.len() as usize);
             self.uffd
                 .unregister(host, len)
@@ -783,7 +789,7 @@ impl PostcopyRam {
                     gpa: slot.guest_phys(),
                     errno: uffd_errno(&e),
                 })?;
-            // SAFETY: the slot's own live mapping; advice only.
+            // SAFETY: the region's own live mapping; advice only.
             unsafe { libc::madvise(host, len, libc::MADV_HUGEPAGE) };
         }
         Ok(())
@@ -817,13 +823,13 @@ impl PostcopyRam {
     /// something else.
     pub fn explain_vcpu_error(&self, err: &VcpuError) -> Option<PostcopyError> {
         let addr = vanished_addr(err)?;
-        (self.is_registered() && addr < self.ram.size())
+        (self.is_registered() && self.ram.locate(addr).is_some())
             .then_some(PostcopyError::FaultNotDelivered { addr })
     }
 
     /// Host address → page-aligned guest-physical address.
     fn gpa_of(&self, host_addr: u64) -> Option<u64> {
-        self.ram.slots().iter().find_map(|s| {
+        self.ram.regions().iter().find_map(|s| {
             let off = host_addr.checked_sub(s.host_addr())?;
             (off < s.len()).then(|| s.guest_phys() + off / PAGE * PAGE)
         })

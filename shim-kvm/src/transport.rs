@@ -12,9 +12,9 @@
 //!   return path while another writes pages, and shut down from any thread to
 //!   cancel or pause a migration;
 //! - [`Listener`]: the destination's side, binding the same addresses;
-//! - [`PageBatch`]: a record header plus guest pages gathered for one
-//!   vectored write (`sendmsg`), straight from guest RAM without an
-//!   intermediate copy.
+//! - [`Connection::write_page_iovecs`]: a record header plus guest pages
+//!   (gathered by [`PageIovecs`]) in vectored writes (`sendmsg`), straight
+//!   from guest RAM without an intermediate copy.
 //!
 //! Every error is a [`TransportError`] whose `Display` is one line naming
 //! the address or descriptor involved, ready to be the CLI's error line.
@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{MemoryError, PageIovecs};
 
 /// Longest Unix socket path the kernel accepts: `sun_path` is 108 bytes
 /// including the terminating NUL.
@@ -250,7 +250,7 @@ pub enum TransportError {
     /// A [`Listener`] over an already-connected `fd:N` has handed out its
     /// one connection; holds the descriptor.
     FdAlreadyAccepted(RawFd),
-    /// A page of a [`PageBatch`] is outside guest RAM.
+    /// A page to send is outside guest RAM.
     Memory(MemoryError),
     /// Any other I/O failure, with what was being done when it happened.
     Io {
@@ -505,11 +505,11 @@ impl Connection {
         })
     }
 
-    /// Sends a page batch (its header, then its pages) with
+    /// Sends a record header and its pages with
     /// [`write_vectored_all`](Connection::write_vectored_all), the pages
     /// copied by the kernel straight out of guest RAM.
-    pub fn write_page_batch(&self, mut batch: PageBatch<'_>) -> Result<(), TransportError> {
-        self.write_vectored_all(&mut batch.iov)
+    pub fn write_page_iovecs(&self, mut pages: PageIovecs<'_>) -> Result<(), TransportError> {
+        self.write_vectored_all(pages.as_io_slices())
     }
 
     /// Reads what is available into `buf`, blocking until at least one byte
@@ -1215,108 +1215,10 @@ fn tcp_pin_beats_autotuning(core_max: &'static str, tcp_mem: &'static str) -> bo
     })
 }
 
-/// A page-batch record ready for one vectored write: the record header, then
-/// the pages, with each run of pages that are adjacent in the list, in guest
-/// memory and in one RAM slot gathered into a single iovec.
-///
-/// The iovecs point into live guest RAM and are only ever handed to the
-/// kernel by [`Connection::write_page_batch`]; no Rust code reads through
-/// them (see the `SAFETY` note in [`PageBatch::new`]'s body), which is also
-/// why its `Debug` shows only sizes.
-pub struct PageBatch<'a> {
-    iov: Vec<IoSlice<'a>>,
-    bytes: usize,
-}
-
-impl fmt::Debug for PageBatch<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PageBatch")
-            .field("iovecs", &self.iov.len())
-            .field("bytes", &self.bytes)
-            .finish()
-    }
-}
-
-impl<'a> PageBatch<'a> {
-    /// Gathers `header` and the guest pages numbered `pages` (guest-physical
-    /// address / [`PAGE_SIZE`]), in that order. The receiver gets the header
-    /// bytes followed by `pages.len()` whole pages.
-    ///
-    /// Sending straight from guest RAM while the vCPU runs may send a page
-    /// the guest is half-way through writing. That is harmless: the engine
-    /// clears a page's dirty bit before sending it, so the write that tore
-    /// the copy marks the page dirty again and it is sent again later, at
-    /// the latest in the stop-and-copy, when the vCPU is paused.
-    pub fn new(ram: &'a GuestRam, header: &'a [u8], pages: &[u64]) -> Result<Self, TransportError> {
-        let page = PAGE_SIZE as u64;
-        let mut iov = Vec::with_capacity(1 + pages.len());
-        let mut bytes = header.len();
-        if !header.is_empty() {
-            iov.push(IoSlice::new(header));
-        }
-        // The current run: first guest address, host start, length.
-        let mut run: Option<(u64, *mut u8, usize)> = None;
-        for &gfn in pages {
-            let gpa = gfn.checked_mul(page).ok_or(MemoryError::RangeOutOfRam {
-                gpa: u64::MAX,
-                len: page,
-            })?;
-            let extended = run.and_then(|(start, host, len)| {
-                if gpa.checked_sub(start) != Some(len as u64) {
-                    return None;
-                }
-                // Succeeds only if the longer run still lies in one slot,
-                // i.e. one mapping, starting at the same host address.
-                ram.host_range(start, len as u64 + page)
-                    .ok()
-                    .map(|(_, l)| (start, host, l))
-            });
-            match extended {
-                Some(r) => run = Some(r),
-                None => {
-                    if let Some((_, host, len)) = run {
-                        iov.push(guest_slice(ram, host, len));
-                    }
-                    let (host, len) = ram.host_range(gpa, page)?;
-                    run = Some((gpa, host, len));
-                }
-            }
-            bytes += PAGE_SIZE;
-        }
-        if let Some((_, host, len)) = run {
-            iov.push(guest_slice(ram, host, len));
-        }
-        Ok(PageBatch { iov, bytes })
-    }
-
-    /// Number of iovecs: 1 for the header (if any) plus one per run of
-    /// contiguous pages.
-    pub fn iovec_count(&self) -> usize {
-        self.iov.len()
-    }
-
-    /// Total bytes the batch sends: header plus pages.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-/// An iovec over `len` bytes of guest RAM at `host`, as returned by
-/// [`GuestRam::host_range`] on `ram`.
-fn guest_slice<'a>(_ram: &'a GuestRam, host: *mut u8, len: usize) -> IoSlice<'a> {
-    // SAFETY: `host .. host + len` came from `ram.host_range`, so it lies
-    // inside one slot's mapping, which stays mapped while `ram` is borrowed
-    // for 'a. The vCPU may write these bytes concurrently; the shared slice
-    // is still sound to form because no Rust code ever reads through it:
-    // `PageBatch` keeps its iovecs private and only passes them to `sendmsg`,
-    // where the kernel copies the bytes out with `copy_from_user`, exactly as
-    // for a raw `iovec`. A torn copy is resent (see `PageBatch::new`).
-    IoSlice::new(unsafe { std::slice::from_raw_parts(host.cast_const(), len) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
     use std::thread;
@@ -1828,26 +1730,28 @@ mod tests {
     }
 
     #[test]
-    fn page_batch_from_guest_ram() {
-        // Two 4 MiB slots: pages 1023 and 1024 are adjacent in guest memory
+    fn page_iovecs_from_guest_ram() {
+        // Two 4 MiB regions: pages 1023 and 1024 are adjacent in guest memory
         // but in different mappings.
-        let ram = GuestRam::new(8 << 20, 4 << 20).unwrap();
+        let ram =
+            GuestMemory::anonymous(&RegionLayout::contiguous("ram", 8 << 20, 4 << 20).unwrap())
+                .unwrap();
         let pages = [3u64, 4, 5, 10, 1023, 1024, 1025, 7, 2047];
         for &p in &pages {
             ram.write(p * PAGE_SIZE as u64, &pattern(PAGE_SIZE, p))
                 .unwrap();
         }
         let header = b"HEADER-v1".to_vec();
-        let batch = PageBatch::new(&ram, &header, &pages).unwrap();
+        let iovecs = PageIovecs::new(&ram, &header, &pages).unwrap();
         // header, 3-5, 10, 1023, 1024-1025, 7, 2047
-        assert_eq!(batch.iovec_count(), 7);
-        assert_eq!(batch.bytes(), header.len() + pages.len() * PAGE_SIZE);
+        assert_eq!(iovecs.iovec_count(), 7);
+        assert_eq!(iovecs.bytes(), header.len() + pages.len() * PAGE_SIZE);
 
         let path = temp_sock("pages");
         let listener = Listener::bind(&MigrationUri::Unix(path)).unwrap();
         let src = Connection::connect(&listener.local_uri().unwrap()).unwrap();
-        let reader = reader(listener.accept().unwrap(), batch.bytes());
-        src.write_page_batch(batch).unwrap();
+        let reader = reader(listener.accept().unwrap(), iovecs.bytes());
+        src.write_page_iovecs(iovecs).unwrap();
         let got = reader.join().unwrap();
         assert_eq!(&got[..header.len()], &header[..]);
         for (i, chunk) in got[header.len()..].chunks(PAGE_SIZE).enumerate() {
@@ -1855,11 +1759,14 @@ mod tests {
         }
 
         assert!(matches!(
-            PageBatch::new(&ram, &header, &[2048]),
-            Err(TransportError::Memory(MemoryError::RangeOutOfRam { .. }))
+            PageIovecs::new(&ram, &header, &[2048]),
+            Err(MemoryError::RangeOutOfRam { .. })
         ));
-        assert!(PageBatch::new(&ram, &header, &[u64::MAX]).is_err());
+        assert!(PageIovecs::new(&ram, &header, &[u64::MAX]).is_err());
         // No header: pages only.
-        assert_eq!(PageBatch::new(&ram, &[], &[0, 1]).unwrap().iovec_count(), 1);
+        assert_eq!(
+            PageIovecs::new(&ram, &[], &[0, 1]).unwrap().iovec_count(),
+            1
+        );
     }
 }

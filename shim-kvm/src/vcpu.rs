@@ -10,7 +10,7 @@
 //! pending port I/O (the register state is only consistent after that), and
 //! parks. While parked the controller owns the vCPU fd: boot setup and state
 //! save/load happen only then. There is no in-kernel irqchip (the guest runs
-//! with interrupts off), so there is no LAPIC state to carry.
+//! with interrupts off), so its state carries no LAPIC.
 
 use std::cell::Cell;
 use std::fmt;
@@ -19,30 +19,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_segment};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::guest;
-use crate::memory::GuestRam;
-use crate::state::{StateError, VcpuState};
+use crate::memory::GuestMemory;
 use crate::vm::Vm;
-
-/// MSRs carried in the state blob when KVM lists them for the vCPU.
-pub const MIGRATED_MSRS: &[u32] = &[
-    0x10,        // IA32_TSC
-    0x174,       // IA32_SYSENTER_CS
-    0x175,       // IA32_SYSENTER_ESP
-    0x176,       // IA32_SYSENTER_EIP
-    0x277,       // IA32_PAT
-    0xC000_0080, // EFER
-    0xC000_0081, // STAR
-    0xC000_0082, // LSTAR
-    0xC000_0083, // CSTAR
-    0xC000_0084, // FMASK
-    0xC000_0102, // KERNEL_GS_BASE
-    0xC000_0103, // TSC_AUX
-];
+use crate::x86::{StateError, VcpuCaps, VcpuState};
 
 /// How often `pause` re-sends the kick while waiting for the vCPU to park.
 const KICK_INTERVAL: Duration = Duration::from_millis(2);
@@ -80,6 +64,8 @@ pub enum VcpuError {
     Stopped(Option<Box<VcpuError>>),
     /// Spawning the vCPU thread failed.
     Spawn(String),
+    /// Probing what of the vCPU's state KVM saves failed.
+    State(StateError),
 }
 
 impl fmt::Display for VcpuError {
@@ -102,6 +88,7 @@ impl fmt::Display for VcpuError {
             VcpuError::Stopped(None) => f.write_str("vCPU thread has stopped (guest halted)"),
             VcpuError::Stopped(Some(e)) => write!(f, "vCPU thread has stopped: {e}"),
             VcpuError::Spawn(e) => write!(f, "spawning the vCPU thread: {e}"),
+            VcpuError::State(e) => write!(f, "probing the vCPU state: {e}"),
         }
     }
 }
@@ -110,10 +97,6 @@ impl std::error::Error for VcpuError {}
 
 fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
     move |e| VcpuError::Kvm(op, e.errno())
-}
-
-fn state_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {
-    move |e| StateError::Kvm(op, e.errno())
 }
 
 /// What the guest has reported so far (read with [`Vcpu::stats`]).
@@ -222,15 +205,16 @@ fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    msr_indices: Vec<u32>,
+    /// What of the vCPU's state this host's KVM saves and restores.
+    caps: VcpuCaps,
     /// Keeps the memslots' host memory mapped while the vCPU can touch it.
-    _ram: Arc<GuestRam>,
+    _ram: GuestMemory,
 }
 
 impl fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vcpu")
-            .field("msrs", &self.msr_indices.len())
+            .field("msrs", &self.caps.msrs().indices().len())
             .finish_non_exhaustive()
     }
 }
@@ -247,15 +231,7 @@ impl Vcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get_supported_cpuid"))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set_cpuid2"))?;
-        let listed = vm
-            .kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("get_msr_index_list"))?;
-        let msr_indices = MIGRATED_MSRS
-            .iter()
-            .copied()
-            .filter(|m| listed.as_slice().contains(m))
-            .collect();
+        let caps = VcpuCaps::probe(&vm.kvm, &vm.fd, &fd).map_err(VcpuError::State)?;
         let shared = Arc::new(Shared {
             fd: Mutex::new(fd),
             pause_requested: AtomicBool::new(true),
@@ -278,8 +254,8 @@ impl Vcpu {
         let vcpu = Vcpu {
             shared,
             thread: Some(thread),
-            msr_indices,
-            _ram: Arc::clone(vm.ram()),
+            caps,
+            _ram: vm.ram().clone(),
         };
         vcpu.wait_parked()?;
         Ok(vcpu)
@@ -428,86 +404,24 @@ impl Vcpu {
         })
     }
 
-    /// Captures the parked vCPU's registers, FPU/XSAVE, the MSRs of
-    /// [`MIGRATED_MSRS`] that KVM lists and can read, and the event/run
-    /// state, as a blob for [`Vcpu::load_state`].
+    /// Captures the parked vCPU's whole x86 state ([`VcpuState`]) as a
+    /// blob for [`Vcpu::load_state`]. The demo VM has no in-kernel irqchip
+    /// or PIT; its kvmclock, which the demo guest never enables, is not
+    /// carried yet ([`crate::x86::VmState`] is its own section, not yet
+    /// sent by `migrate`).
     pub fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        let msr_indices = &self.msr_indices;
         self.with_parked_fd(StateError::NotPaused, |fd| {
-            let mut st = VcpuState {
-                regs: fd.get_regs().map_err(state_err("get_regs"))?,
-                sregs: fd.get_sregs().map_err(state_err("get_sregs"))?,
-                fpu: fd.get_fpu().map_err(state_err("get_fpu"))?,
-                xcrs: fd.get_xcrs().ok(),
-                xsave: fd.get_xsave().ok(),
-                mp_state: fd.get_mp_state().ok(),
-                events: fd.get_vcpu_events().ok(),
-                debugregs: fd.get_debug_regs().ok(),
-                msrs: Vec::new(),
-            };
-            for &index in msr_indices {
-                let entry = kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                };
-                let Ok(mut msrs) = Msrs::from_entries(&[entry]) else {
-                    continue;
-                };
-                if let Ok(1) = fd.get_msrs(&mut msrs) {
-                    st.msrs.push((index, msrs.as_slice()[0].data));
-                }
-            }
-            Ok(st.encode())
+            let mut blob = Vec::new();
+            VcpuState::save(fd, &self.caps)?.encode(&mut blob);
+            Ok(blob)
         })
     }
 
     /// Restores a blob from [`Vcpu::save_state`] into this parked vCPU. The
     /// blob is fully validated before anything is written to KVM.
     pub fn load_state(&self, blob: &[u8]) -> Result<(), StateError> {
-        let st = VcpuState::decode(blob)?;
-        self.with_parked_fd(StateError::NotPaused, |fd| {
-            if let Some(mp) = st.mp_state {
-                fd.set_mp_state(mp).map_err(state_err("set_mp_state"))?;
-            }
-            fd.set_sregs(&st.sregs).map_err(state_err("set_sregs"))?;
-            fd.set_regs(&st.regs).map_err(state_err("set_regs"))?;
-            if let Some(x) = &st.xcrs {
-                fd.set_xcrs(x).map_err(state_err("set_xcrs"))?;
-            }
-            fd.set_fpu(&st.fpu).map_err(state_err("set_fpu"))?;
-            if let Some(x) = &st.xsave {
-                // SAFETY: `x` is a whole `kvm_xsave` (the 4 KiB legacy area that
-                // KVM_GET_XSAVE produced on the source); KVM_SET_XSAVE reads no
-                // more than that because this VMM never enables dynamic XSTATE
-                // features (AMX) that would enlarge the guest's buffer.
-                unsafe { fd.set_xsave(x) }.map_err(state_err("set_xsave"))?;
-            }
-            if let Some(x) = &st.debugregs {
-                fd.set_debug_regs(x).map_err(state_err("set_debug_regs"))?;
-            }
-            if !st.msrs.is_empty() {
-                let entries: Vec<kvm_msr_entry> = st
-                    .msrs
-                    .iter()
-                    .map(|&(index, data)| kvm_msr_entry {
-                        index,
-                        data,
-                        ..Default::default()
-                    })
-                    .collect();
-                let msrs = Msrs::from_entries(&entries)
-                    .map_err(|_| StateError::Kvm("set_msrs (too many)", libc::E2BIG))?;
-                let set = fd.set_msrs(&msrs).map_err(state_err("set_msrs"))?;
-                if set != entries.len() {
-                    return Err(StateError::Kvm("set_msrs (partial)", libc::EINVAL));
-                }
-            }
-            if let Some(x) = &st.events {
-                fd.set_vcpu_events(x)
-                    .map_err(state_err("set_vcpu_events"))?;
-            }
-            Ok(())
-        })
+        let state = VcpuState::decode(blob)?;
+        self.with_parked_fd(StateError::NotPaused, |fd| state.restore(fd, &self.caps))
     }
 }
 

@@ -1,22 +1,23 @@
-//! A KVM virtual machine: the VM fd, its guest RAM registered as memslots
-//! with dirty logging, and the dirty-log operations the migration drives.
+//! The demo's KVM virtual machine: the VM fd, guest RAM it maps and
+//! registers as memslots itself (as any VMM does), and dirty logging on
+//! those memslots for the VM's whole life.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::dirty_log::{self, DirtyLogError, DirtyLogMode};
-use crate::memory::{GuestRam, MemoryError};
+use crate::dirty_log::{DirtyLogError, DirtyLogMode, DirtyLogging};
+use crate::memory::{GuestMemory, MemoryError, RegionLayout};
+use crate::migrate::RAM_BLOCK_ID;
 
 /// Why a VM could not be created.
 #[derive(Debug)]
 pub enum VmError {
     /// Opening `/dev/kvm` or creating the VM failed.
     Kvm(kvm_ioctls::Error),
-    /// Reserving guest RAM failed.
+    /// Mapping guest RAM failed.
     Memory(MemoryError),
     /// Registering memslot `slot` failed.
     Memslot {
@@ -25,6 +26,8 @@ pub enum VmError {
         /// The KVM error.
         err: kvm_ioctls::Error,
     },
+    /// Turning dirty logging on failed.
+    DirtyLog(DirtyLogError),
 }
 
 impl fmt::Display for VmError {
@@ -33,6 +36,7 @@ impl fmt::Display for VmError {
             VmError::Kvm(e) => write!(f, "KVM VM creation failed: {e}"),
             VmError::Memory(e) => write!(f, "guest RAM: {e}"),
             VmError::Memslot { slot, err } => write!(f, "registering memslot {slot}: {err}"),
+            VmError::DirtyLog(e) => write!(f, "dirty logging: {e}"),
         }
     }
 }
@@ -47,27 +51,28 @@ impl From<MemoryError> for VmError {
 
 /// A VM with guest RAM at guest-physical 0 and dirty logging on every slot.
 pub struct Vm {
+    /// Logging first: dropping it turns logging off while the fd is open.
+    dirty: DirtyLogging<Arc<VmFd>>,
     pub(crate) kvm: Kvm,
-    pub(crate) fd: VmFd,
-    ram: Arc<GuestRam>,
-    mode: DirtyLogMode,
-    clear_calls: AtomicU64,
+    pub(crate) fd: Arc<VmFd>,
+    ram: GuestMemory,
 }
 
 impl fmt::Debug for Vm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vm")
             .field("ram", &self.ram)
-            .field("mode", &self.mode)
+            .field("mode", &self.dirty.mode())
             .finish_non_exhaustive()
     }
 }
 
 impl Vm {
     /// Creates a VM with `ram_bytes` of RAM in memslots of `slot_bytes`
-    /// (see [`crate::memory::DEFAULT_SLOT_BYTES`]). Manual-protect dirty
-    /// logging is enabled first when KVM offers it (memslots added later
-    /// inherit the mode); otherwise the legacy mode is used.
+    /// (see [`crate::memory::DEFAULT_SLOT_BYTES`]): regions named
+    /// [`RAM_BLOCK_ID`], `pc.ram.1`, ... (RAM up to `slot_bytes` is the one
+    /// region `pc.ram`). Manual-protect dirty logging is used when KVM
+    /// offers it, otherwise the legacy mode.
     pub fn new(ram_bytes: u64, slot_bytes: u64) -> Result<Vm, VmError> {
         Vm::with_dirty_log_mode(ram_bytes, slot_bytes, DirtyLogMode::ManualProtect)
     }
@@ -82,93 +87,68 @@ impl Vm {
         wanted: DirtyLogMode,
     ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
-        let fd = kvm.create_vm().map_err(VmError::Kvm)?;
-        let mode = match wanted {
-            DirtyLogMode::ManualProtect => dirty_log::enable_manual_protect(&fd),
-            DirtyLogMode::Legacy => DirtyLogMode::Legacy,
-        };
-        let ram = Arc::new(GuestRam::new(ram_bytes, slot_bytes)?);
-        for slot in ram.slots() {
-            let region = kvm_userspace_memory_region {
-                slot: slot.index(),
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
-                guest_phys_addr: slot.guest_phys(),
-                memory_size: slot.len(),
-                userspace_addr: slot.host_addr(),
+        let fd = Arc::new(kvm.create_vm().map_err(VmError::Kvm)?);
+        let ram = GuestMemory::anonymous(&RegionLayout::contiguous(
+            RAM_BLOCK_ID,
+            ram_bytes,
+            slot_bytes,
+        )?)?;
+        for region in ram.regions() {
+            let memslot = kvm_userspace_memory_region {
+                slot: region.slot(),
+                flags: 0,
+                guest_phys_addr: region.guest_phys(),
+                memory_size: region.len(),
+                userspace_addr: region.host_addr(),
             };
-            // SAFETY: the region describes a live mapping owned by `ram`, which
-            // this Vm (and every vCPU, via the Arc) keeps alive at least as long
-            // as the VM fd that refers to it.
-            unsafe { fd.set_user_memory_region(region) }.map_err(|err| VmError::Memslot {
-                slot: slot.index(),
+            // SAFETY: the memslot describes a live mapping owned by `ram`,
+            // which this Vm (and every vCPU, through a clone) keeps alive at
+            // least as long as the VM fd that refers to it.
+            unsafe { fd.set_user_memory_region(memslot) }.map_err(|err| VmError::Memslot {
+                slot: region.slot(),
                 err,
             })?;
         }
+        let dirty =
+            DirtyLogging::start(Arc::clone(&fd), ram.clone(), wanted).map_err(VmError::DirtyLog)?;
         Ok(Vm {
+            dirty,
             kvm,
             fd,
             ram,
-            mode,
-            clear_calls: AtomicU64::new(0),
         })
     }
 
     /// The guest RAM (shared with the vCPU, which keeps it alive).
-    pub fn ram(&self) -> &Arc<GuestRam> {
+    pub fn ram(&self) -> &GuestMemory {
         &self.ram
     }
 
     /// The dirty-log mode in use.
     pub fn dirty_log_mode(&self) -> DirtyLogMode {
-        self.mode
+        self.dirty.mode()
     }
 
-    /// Fetches the dirty log of `slot` into `bitmap` (bit `i` of word `w` =
-    /// page `64 * w + i` of the slot). In manual mode nothing is re-protected;
-    /// in legacy mode the whole slot is. `bitmap` is the caller's reused
-    /// buffer and must hold [`crate::memory::Slot::bitmap_words`] words.
-    pub fn get_dirty_log(&self, slot: u32, bitmap: &mut [u64]) -> Result<(), DirtyLogError> {
-        let s = self
-            .ram
-            .slot(slot)
-            .map_err(|_| DirtyLogError::NoSuchSlot(slot))?;
-        let needed = s.bitmap_words();
-        if bitmap.len() < needed {
-            return Err(DirtyLogError::BitmapTooSmall {
-                needed,
-                given: bitmap.len(),
-            });
-        }
-        dirty_log::get(&self.fd, slot, &mut bitmap[..needed])
+    /// Fetches the dirty log of region `region`: see [`DirtyLogging::get`].
+    pub fn get_dirty_log(&self, region: usize, bitmap: &mut [u64]) -> Result<(), DirtyLogError> {
+        self.dirty.get(region, bitmap)
     }
 
-    /// Clears and re-protects the pages of `first_page .. first_page +
-    /// num_pages` in `slot` whose bits are set in `mask` (bit `i` = page
-    /// `first_page + i`): pass the bits fetched by the last get for that
-    /// range. Alignment rules are those of
-    /// [`dirty_log::validate_clear`]; legacy mode refuses every clear.
+    /// Clears part of region `region`'s dirty log: see
+    /// [`DirtyLogging::clear`].
     pub fn clear_dirty_log(
         &self,
-        slot: u32,
+        region: usize,
         first_page: u64,
         num_pages: u64,
         mask: &[u64],
     ) -> Result<(), DirtyLogError> {
-        if self.mode != DirtyLogMode::ManualProtect {
-            return Err(DirtyLogError::NotManualProtect);
-        }
-        let s = self
-            .ram
-            .slot(slot)
-            .map_err(|_| DirtyLogError::NoSuchSlot(slot))?;
-        let words = dirty_log::validate_clear(s.pages(), first_page, num_pages, mask.len())?;
-        self.clear_calls.fetch_add(1, Ordering::Relaxed);
-        dirty_log::clear(&self.fd, slot, first_page, num_pages, &mask[..words])
+        self.dirty.clear(region, first_page, num_pages, mask)
     }
 
     /// How many `KVM_CLEAR_DIRTY_LOG` calls were issued (for statistics and
     /// for checking that chunked clearing happened as planned).
     pub fn clear_calls(&self) -> u64 {
-        self.clear_calls.load(Ordering::Relaxed)
+        self.dirty.clear_calls()
     }
 }

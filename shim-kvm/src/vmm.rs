@@ -93,5 +93,8 @@ pub trait DeviceDirtyLog: Send {
     /// ORs into `bitmap` (one bit per page of guest-memory region
     /// `region`, bit `p % 64` of word `p / 64` for page `p`) every page the
     /// VMM wrote since the last call for that region, and forgets them.
-    fn take_dirty(&mut self, region: usize, bitmap: &mut [u64]);
+    /// A region the log does not know, or a bitmap shorter than the
+    /// region's pages, is an error (and forgets nothing): the source then
+    /// fails the migration rather than miss a page.
+    fn take_dirty(&mut self, region: usize, bitmap: &mut [u64]) -> Result<(), VmmError>;
 }

@@ -13,9 +13,9 @@ use common::{count_dirty, demo_vm, kvm_available, small_ws, wait_for};
 use livemig_kvm::dirty_log::{DirtyLogError, DirtyLogMode};
 use livemig_kvm::guest::GuestParams;
 use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
-use livemig_kvm::state::StateError;
 use livemig_kvm::vcpu::Vcpu;
 use livemig_kvm::vm::Vm;
+use livemig_kvm::x86::StateError;
 
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,7 +62,7 @@ fn guest_boots_and_dirty_log_tracks_working_set() {
     let rate = (vcpu.stats().pages_written - p0) as f64 / t0.elapsed().as_secs_f64();
     eprintln!("MEASURE guest re-dirty rate (no clears): {rate:.0} pages/s");
 
-    let slot = vm.ram().slot(0).unwrap();
+    let slot = vm.ram().region(0).unwrap();
     let mut log = vec![0u64; slot.bitmap_words()];
     let t = Instant::now();
     vm.get_dirty_log(0, &mut log).unwrap();
@@ -119,8 +119,8 @@ fn chunked_clear_rearms_only_its_chunk() {
     }
     let params = small_ws();
     let (vm, vcpu) = demo_vm(64 * MIB, &params);
-    let pages = vm.ram().slot(0).unwrap().pages();
-    let mut log = vec![0u64; vm.ram().slot(0).unwrap().bitmap_words()];
+    let pages = vm.ram().region(0).unwrap().pages();
+    let mut log = vec![0u64; vm.ram().region(0).unwrap().bitmap_words()];
     if vm.dirty_log_mode() == DirtyLogMode::Legacy {
         eprintln!("SKIPPED: manual dirty-log protect not offered; checking the refusal only");
         assert_eq!(
@@ -214,11 +214,11 @@ fn in_process_migration_continues_the_guest() {
     let (src_ram, dst_ram) = (src_vm.ram(), dst_vm.ram());
     let mut page = [0u8; PAGE_SIZE];
     let mut copied = 0;
-    for slot in src_ram.slots() {
+    for (i, slot) in src_ram.regions().iter().enumerate() {
         for p in 0..slot.pages() {
-            if !src_ram.is_zero_page(slot.index(), p).unwrap() {
-                src_ram.read_page(slot.index(), p, &mut page).unwrap();
-                dst_ram.write_page(slot.index(), p, &page).unwrap();
+            if !src_ram.is_zero_page(i, p).unwrap() {
+                src_ram.read_page(i, p, &mut page).unwrap();
+                dst_ram.write_page(i, p, &page).unwrap();
                 copied += 1;
             }
         }
@@ -265,7 +265,10 @@ fn state_calls_need_a_paused_vcpu_and_reject_bad_blobs() {
     ));
     let mut bad = blob.clone();
     bad[4] = 9;
-    assert_eq!(vcpu.load_state(&bad), Err(StateError::BadVersion(9)));
+    assert!(matches!(
+        vcpu.load_state(&bad),
+        Err(StateError::BadVersion { found: 9, .. })
+    ));
     vcpu.load_state(&blob).unwrap();
     vcpu.resume().unwrap();
     wait_for(&vcpu, TIMEOUT, "boot", |v| v.stats().booted.is_some());
@@ -326,11 +329,11 @@ fn big_guest(ram: u64) {
         vcpu.stats().boot_time.unwrap()
     );
     vcpu.pause().unwrap();
-    let slots = vm.ram().slots().len();
-    let last = vm.ram().slot(slots as u32 - 1).unwrap();
+    let slots = vm.ram().regions().len();
+    let last = vm.ram().region(slots - 1).unwrap();
     let mut log = vec![0u64; last.bitmap_words()];
     let t = Instant::now();
-    vm.get_dirty_log(last.index(), &mut log).unwrap();
+    vm.get_dirty_log(slots - 1, &mut log).unwrap();
     eprintln!("MEASURE get_dirty_log 1 GiB slot: {:?}", t.elapsed());
     let t = Instant::now();
     let d = vm.ram().digest();
@@ -362,20 +365,19 @@ fn four_gib_guest_reaches_the_top_of_ram() {
 fn copy_dirty(src: &Vm, dst: &Vm, log: &mut [u64], clear: bool) -> u64 {
     let mut page = [0u8; PAGE_SIZE];
     let mut copied = 0;
-    for slot in src.ram().slots() {
+    for (i, slot) in src.ram().regions().iter().enumerate() {
         let words = &mut log[..slot.bitmap_words()];
-        src.get_dirty_log(slot.index(), words).unwrap();
+        src.get_dirty_log(i, words).unwrap();
         if clear {
-            src.clear_dirty_log(slot.index(), 0, slot.pages(), words)
-                .unwrap();
+            src.clear_dirty_log(i, 0, slot.pages(), words).unwrap();
         }
         for (w, &bits) in words.iter().enumerate() {
             let mut bits = bits;
             while bits != 0 {
                 let p = w as u64 * 64 + u64::from(bits.trailing_zeros());
                 bits &= bits - 1;
-                src.ram().read_page(slot.index(), p, &mut page).unwrap();
-                dst.ram().write_page(slot.index(), p, &page).unwrap();
+                src.ram().read_page(i, p, &mut page).unwrap();
+                dst.ram().write_page(i, p, &page).unwrap();
                 copied += 1;
             }
         }
@@ -402,7 +404,7 @@ fn live_copy_driven_by_the_dirty_log_ends_identical() {
     });
     let dst_vm = Vm::new(64 * MIB, DEFAULT_SLOT_BYTES).unwrap();
     let dst = Vcpu::new(&dst_vm).unwrap();
-    let mut log = vec![0u64; src_vm.ram().slot(0).unwrap().bitmap_words()];
+    let mut log = vec![0u64; src_vm.ram().region(0).unwrap().bitmap_words()];
     for round in 0..4 {
         let n = copy_dirty(&src_vm, &dst_vm, &mut log, true);
         eprintln!("MEASURE live copy round {round}: {n} pages");

@@ -16,10 +16,12 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{count_dirty, demo_vm, kvm_available, register_or_skip, small_ws, wait_for};
+use common::{
+    anonymous_ram, count_dirty, demo_vm, kvm_available, register_or_skip, small_ws, wait_for,
+};
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::guest::GuestParams;
-use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestRam, MemoryError, PAGE_SIZE};
+use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestMemory, MemoryError, PAGE_SIZE};
 use livemig_kvm::postcopy::{Fault, FaultThread, Placed, PostcopyError, PostcopyRam};
 use livemig_kvm::vcpu::{Vcpu, VcpuError};
 use livemig_kvm::vm::Vm;
@@ -32,7 +34,7 @@ fn page_of(byte: u8) -> Vec<u8> {
     vec![byte; PAGE_SIZE]
 }
 
-fn read_page(ram: &GuestRam, gpa: u64) -> Vec<u8> {
+fn read_page(ram: &GuestMemory, gpa: u64) -> Vec<u8> {
     let mut buf = page_of(0);
     ram.read(gpa, &mut buf).unwrap();
     buf
@@ -49,7 +51,7 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
 
 #[test]
 fn placing_twice_counts_already_present_and_keeps_the_first_copy() {
-    let ram = Arc::new(GuestRam::new(16 * PAGE, DEFAULT_SLOT_BYTES).unwrap());
+    let ram = anonymous_ram(16 * PAGE);
     let Some(pc) = register_or_skip(&ram) else {
         return;
     };
@@ -129,7 +131,7 @@ fn placing_twice_counts_already_present_and_keeps_the_first_copy() {
 
 #[test]
 fn discarded_page_faults_once_for_two_readers_and_shows_the_new_data() {
-    let ram = Arc::new(GuestRam::new(16 * PAGE, DEFAULT_SLOT_BYTES).unwrap());
+    let ram = anonymous_ram(16 * PAGE);
     let Some(pc) = register_or_skip(&ram) else {
         return;
     };
@@ -150,7 +152,7 @@ fn discarded_page_faults_once_for_two_readers_and_shows_the_new_data() {
     let (tid_tx, tids) = mpsc::channel();
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            let ram = Arc::clone(&ram);
+            let ram = ram.clone();
             let tid_tx = tid_tx.clone();
             thread::spawn(move || {
                 // SAFETY: gettid has no arguments and cannot fail.
@@ -200,7 +202,7 @@ fn discarded_page_faults_once_for_two_readers_and_shows_the_new_data() {
 #[test]
 fn bulk_placement_rates() {
     let size = 256 * MIB;
-    let ram = Arc::new(GuestRam::new(size, DEFAULT_SLOT_BYTES).unwrap());
+    let ram = anonymous_ram(size);
     let Some(pc) = register_or_skip(&ram) else {
         return;
     };
@@ -249,7 +251,7 @@ fn bulk_placement_rates() {
 /// Places the source's copy of every page of `first .. end` (guest page
 /// numbers) not yet present on the destination, as zero-page fills or
 /// copies of runs of up to 256 pages. Returns what was placed.
-fn push_missing(src: &GuestRam, pc: &PostcopyRam, first: u64, end: u64) -> Placed {
+fn push_missing(src: &GuestMemory, pc: &PostcopyRam, first: u64, end: u64) -> Placed {
     let mut total = Placed::default();
     let mut buf = vec![0u8; MIB as usize];
     let mut p = first;
@@ -333,10 +335,10 @@ fn postcopy_pair(params: &GuestParams) -> Option<Postcopy> {
 /// fault thread (and with it the sender) is gone. Returns faults served.
 fn serve(
     pc: &Arc<PostcopyRam>,
-    src: &Arc<GuestRam>,
+    src: &GuestMemory,
     faults: mpsc::Receiver<Fault>,
 ) -> thread::JoinHandle<u64> {
-    let (pc, src) = (Arc::clone(pc), Arc::clone(src));
+    let (pc, src) = (Arc::clone(pc), src.clone());
     thread::spawn(move || {
         let mut page = page_of(0);
         let mut served = 0u64;
@@ -378,9 +380,9 @@ fn demo_guest_runs_on_demand_paged_memory_after_postcopy() {
         return;
     };
     let pages = RAM / PAGE;
-    let a_ram = Arc::clone(a_vm.ram());
+    let a_ram = a_vm.ram().clone();
     // From here on a dirty bit means "B's guest wrote the page".
-    let mut log = vec![0u64; b_vm.ram().slot(0).unwrap().bitmap_words()];
+    let mut log = vec![0u64; b_vm.ram().region(0).unwrap().bitmap_words()];
     b_vm.get_dirty_log(0, &mut log).unwrap();
     if b_vm.dirty_log_mode() == DirtyLogMode::ManualProtect {
         b_vm.clear_dirty_log(0, 0, pages, &log).unwrap();
@@ -395,7 +397,7 @@ fn demo_guest_runs_on_demand_paged_memory_after_postcopy() {
     // The background push of everything else, racing the guest's faults
     // (a page placed by both gets EEXIST on the second placement).
     let copier = {
-        let (pc, a_ram) = (Arc::clone(&pc), Arc::clone(&a_ram));
+        let (pc, a_ram) = (Arc::clone(&pc), a_ram.clone());
         thread::spawn(move || {
             let t = Instant::now();
             let placed = push_missing(&a_ram, &pc, 0, pages);

@@ -218,7 +218,7 @@ fn ram_records(vm: &Vm) -> Vec<u8> {
     let mut out = Vec::new();
     let mut page = [0u8; PAGE_SIZE];
     let (mut entries, mut data) = (Vec::new(), Vec::new());
-    for index in 0..ram.slot(0).expect("slot 0").pages() {
+    for index in 0..ram.region(0).expect("region 0").pages() {
         if ram.is_zero_page(0, index).expect("page") {
             continue;
         }

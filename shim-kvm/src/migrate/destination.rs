@@ -64,7 +64,7 @@ use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
 use crate::guest::{self, StampCheck};
 use crate::interrupt::Cancel;
-use crate::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE, page_digest};
+use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout, page_digest};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::Connection;
 use crate::vcpu::Vcpu;
@@ -164,7 +164,7 @@ type FaultQueue = Arc<Mutex<Vec<u64>>>;
 /// Guest RAM and the vCPU as the engine writes them.
 pub struct KvmHost<'a> {
     vm: &'a Vm,
-    ram: &'a GuestRam,
+    ram: &'a GuestMemory,
     vcpu: &'a Vcpu,
     /// Pages written during this migration and not zeroed since: fresh
     /// memory reads as zero, so only these need zeroing for a zero page.
@@ -182,7 +182,7 @@ impl<'a> KvmHost<'a> {
     /// A host over the fresh (all-zero) RAM of `vm` and its parked `vcpu`;
     /// a postcopy fault thread wakes the caller through `events`.
     fn new(vm: &'a Vm, vcpu: &'a Vcpu, events: Sender<Event>) -> Self {
-        let ram = vm.ram().as_ref();
+        let ram = vm.ram();
         let pages = ram.size() / PAGE;
         KvmHost {
             vm,
@@ -266,7 +266,7 @@ impl<'a> KvmHost<'a> {
         if let Some(ram) = &pc.ram {
             return Ok(Arc::clone(ram));
         }
-        let ram = match PostcopyRam::register(Arc::clone(self.vm.ram())) {
+        let ram = match PostcopyRam::register(self.vm.ram().clone()) {
             Ok(r) => Arc::new(r),
             Err(e) => return Err(self.fail("registering guest RAM with userfaultfd", e)),
         };
@@ -406,7 +406,7 @@ fn fetch_dirty_log(vm: &Vm, map: &SlotMap, words: &mut [u64]) -> Result<(), Dirt
         let to = from + pages.div_ceil(64) as usize;
         let part = words
             .get_mut(from..to)
-            .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+            .ok_or(DirtyLogError::NoSuchRegion(slot))?;
         vm.get_dirty_log(slot, part)?;
     }
     Ok(())
@@ -424,7 +424,7 @@ fn reset_dirty_log(vm: &Vm) -> Result<(), DirtyLogError> {
     if vm.dirty_log_mode() == DirtyLogMode::ManualProtect {
         for &(slot, first, pages) in map.slots() {
             let from = (first / 64) as usize;
-            let mask = words.get(from..).ok_or(DirtyLogError::NoSuchSlot(slot))?;
+            let mask = words.get(from..).ok_or(DirtyLogError::NoSuchRegion(slot))?;
             vm.clear_dirty_log(slot, 0, pages, mask)?;
         }
     }
@@ -527,9 +527,10 @@ impl DestinationHost for KvmHost<'_> {
         }
         // A one-page probe: the same userfaultfd the guest RAM will get, so
         // a missing permission fails here, before anything is transferred.
-        let probe = GuestRam::new(PAGE, DEFAULT_SLOT_BYTES)
+        let probe = RegionLayout::contiguous("probe", PAGE, PAGE)
+            .and_then(|layout| GuestMemory::anonymous(&layout))
             .map_err(|e| e.to_string())
-            .and_then(|r| PostcopyRam::register(Arc::new(r)).map_err(|e| e.to_string()));
+            .and_then(|r| PostcopyRam::register(r).map_err(|e| e.to_string()));
         if let Err(e) = probe {
             return Err(self.fail("postcopy needs userfaultfd", e));
         }
@@ -1004,7 +1005,7 @@ pub struct GuestWrites {
     /// The digest of the source's memory at the stop as it arrived here:
     /// every page the guest did not write read back from memory, every page
     /// it wrote as it was installed ([`PostcopyReport::installed`]). It
-    /// must equal the source's [`GuestRam::digest`] of its stopped memory.
+    /// must equal the source's [`GuestMemory::digest`] of its stopped memory.
     pub digest: u64,
 }
 

@@ -9,11 +9,13 @@
 //!
 //! # RAM layout
 //!
-//! The guest's RAM is one block, [`RAM_BLOCK_ID`], covering guest-physical
+//! The demo VM's RAM is one block, [`RAM_BLOCK_ID`], covering guest-physical
 //! `0 .. size`, so a RAM size mismatch is reported by the destination in
-//! bytes. KVM sees it as memslots of [`crate::memory::DEFAULT_SLOT_BYTES`];
-//! [`SlotMap`] translates block pages to (slot, page) and splits any dirty-log
-//! clear that crosses a slot boundary.
+//! bytes. Its guest memory is regions of [`crate::memory::DEFAULT_SLOT_BYTES`]
+//! (one KVM memslot each), contiguous from 0; [`SlotMap`] translates block
+//! pages to (region, page) and splits any dirty-log clear that crosses a
+//! region boundary. One block per region, for a VMM's memory with holes, is
+//! not there yet.
 
 pub mod destination;
 pub mod source;
@@ -22,58 +24,63 @@ use std::fmt;
 
 use livemig_core::wire::{BlockId, BlockInfo, EncodeError};
 
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
 /// The id of the one RAM block (QEMU's name for a PC's main RAM).
 pub const RAM_BLOCK_ID: &str = "pc.ram";
 /// The id of the vCPU's device-state record.
 pub const CPU_DEVICE_ID: &str = "cpu0";
-/// Version of the vCPU state record (the blob of [`crate::state`]).
+/// Version of the vCPU state record (the blob of [`crate::x86::VcpuState`]).
 pub const CPU_STATE_VERSION: u32 = 1;
 
 /// The one-block layout both ends announce and compare.
-pub fn ram_layout(ram: &GuestRam) -> Result<BlockInfo<'static>, EncodeError> {
+pub fn ram_layout(ram: &GuestMemory) -> Result<BlockInfo<'static>, EncodeError> {
     // RAM_BLOCK_ID is short and non-empty: BlockId::new cannot refuse it.
     let id = BlockId::new(RAM_BLOCK_ID).map_err(EncodeError::Id)?;
     BlockInfo::new(id, ram.size(), PAGE_SIZE as u32)
 }
 
-/// Where each page of the RAM block lives among the KVM memslots.
+/// Where each page of the RAM block lives among the guest memory's regions.
 #[derive(Debug, Clone)]
 pub struct SlotMap {
-    /// (slot index, first block page, pages) in guest-physical order.
-    slots: Vec<(u32, u64, u64)>,
+    /// (region index, first block page, pages) in guest-physical order.
+    slots: Vec<(usize, u64, u64)>,
 }
 
 impl SlotMap {
-    /// The map of `ram`'s slots.
-    pub fn new(ram: &GuestRam) -> SlotMap {
+    /// The map of `ram`'s regions.
+    pub fn new(ram: &GuestMemory) -> SlotMap {
         let page = PAGE_SIZE as u64;
         SlotMap {
             slots: ram
-                .slots()
+                .regions()
                 .iter()
-                .map(|s| (s.index(), s.guest_phys() / page, s.pages()))
+                .enumerate()
+                .map(|(i, r)| (i, r.guest_phys() / page, r.pages()))
                 .collect(),
         }
     }
 
-    /// The slot holding block page `page`, and the page's index in it.
-    pub fn locate(&self, page: u64) -> Option<(u32, u64)> {
+    /// The region holding block page `page`, and the page's index in it.
+    pub fn locate(&self, page: u64) -> Option<(usize, u64)> {
         self.slots
             .iter()
             .find(|&&(_, first, pages)| page >= first && page - first < pages)
             .map(|&(slot, first, _)| (slot, page - first))
     }
 
-    /// Each slot with its first block page and page count.
-    pub fn slots(&self) -> &[(u32, u64, u64)] {
+    /// Each region with its first block page and page count.
+    pub fn slots(&self) -> &[(usize, u64, u64)] {
         &self.slots
     }
 
-    /// The parts of block pages `first .. first + count` in each slot:
-    /// (slot, first page in the slot, pages, first block page).
-    pub fn split(&self, first: u64, count: u64) -> impl Iterator<Item = (u32, u64, u64, u64)> + '_ {
+    /// The parts of block pages `first .. first + count` in each region:
+    /// (region, first page in the region, pages, first block page).
+    pub fn split(
+        &self,
+        first: u64,
+        count: u64,
+    ) -> impl Iterator<Item = (usize, u64, u64, u64)> + '_ {
         let end = first.saturating_add(count);
         self.slots.iter().filter_map(move |&(slot, start, pages)| {
             let lo = first.max(start);
@@ -109,11 +116,11 @@ pub fn written_ranges(words: &[u64], pages: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
-/// The [`GuestRam::digest`] of every page *not* in `written` (sorted,
+/// The [`GuestMemory::digest`] of every page *not* in `written` (sorted,
 /// disjoint runs of guest pages, as [`written_ranges`] gives): how both ends
 /// of a postcopy compare memory the destination guest has not changed.
 /// Runs reaching past the RAM are an error.
-pub fn digest_outside(ram: &GuestRam, written: &[(u64, u64)]) -> Result<u64, MemoryError> {
+pub fn digest_outside(ram: &GuestMemory, written: &[(u64, u64)]) -> Result<u64, MemoryError> {
     let pages = ram.size() / PAGE_SIZE as u64;
     if let Some(&(first, count)) = written
         .iter()
@@ -172,6 +179,7 @@ impl From<crate::transport::TransportError> for MigrateError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::RegionLayout;
 
     #[test]
     fn clears_are_split_at_slot_boundaries() {
@@ -207,7 +215,10 @@ mod tests {
 
     #[test]
     fn digest_outside_skips_exactly_the_written_runs() {
-        let ram = GuestRam::new(64 * PAGE_SIZE as u64, 1 << 30).unwrap();
+        let ram = GuestMemory::anonymous(
+            &RegionLayout::contiguous("ram", 64 * PAGE_SIZE as u64, 1 << 30).unwrap(),
+        )
+        .unwrap();
         for p in 0..64u64 {
             ram.write(p * PAGE_SIZE as u64, &[p as u8 + 1; 16]).unwrap();
         }

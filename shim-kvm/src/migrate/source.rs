@@ -46,8 +46,8 @@ use super::{CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, SlotMap, ram_layout}
 use crate::clock;
 use crate::dirty_log::{DirtyLogError, DirtyLogMode};
 use crate::interrupt::Cancel;
-use crate::memory::{GuestRam, PAGE_SIZE};
-use crate::transport::{Connection, PageBatch};
+use crate::memory::{GuestMemory, PAGE_SIZE, PageIovecs};
+use crate::transport::{Connection, TransportError};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 
@@ -161,7 +161,7 @@ impl SourceReport {
 /// Guest memory as the engine reads it: zero-page checks through the slot
 /// map, with volatile-safe reads (sound while the guest runs).
 struct KvmPages<'r> {
-    ram: &'r GuestRam,
+    ram: &'r GuestMemory,
     map: &'r SlotMap,
 }
 
@@ -205,7 +205,7 @@ impl<'v> DirtyLog<'v> {
             let words = self
                 .fetched
                 .get_mut(from..to)
-                .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+                .ok_or(DirtyLogError::NoSuchRegion(slot))?;
             self.vm.get_dirty_log(slot, words)?;
         }
         if self.legacy && self.first {
@@ -231,7 +231,7 @@ impl<'v> DirtyLog<'v> {
             let mask = self
                 .fetched
                 .get((block_page / 64) as usize..)
-                .ok_or(DirtyLogError::NoSuchSlot(slot))?;
+                .ok_or(DirtyLogError::NoSuchRegion(slot))?;
             self.vm.clear_dirty_log(slot, first, count, mask)?;
         }
         Ok(())
@@ -479,8 +479,9 @@ pub fn migrate(
                     }
                 }
                 SourceAction::SendPages { header, pages, .. } => {
-                    let sent = PageBatch::new(vm.ram(), header, pages)
-                        .and_then(|b| conn.write_page_batch(b));
+                    let sent = PageIovecs::new(vm.ram(), header, pages)
+                        .map_err(TransportError::from)
+                        .and_then(|p| conn.write_page_iovecs(p));
                     if let Err(e) = sent {
                         lost = Some(format!("connection lost: {e}"));
                     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig_kvm::guest::{self, GuestParams};
-use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestRam, PAGE_SIZE};
+use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestMemory, PAGE_SIZE, RegionLayout};
 use livemig_kvm::postcopy::{PostcopyError, PostcopyRam};
 use livemig_kvm::vcpu::Vcpu;
 use livemig_kvm::vm::Vm;
@@ -36,8 +36,15 @@ pub fn kvm_available() -> bool {
 // Each test crate compiles this module; not every one runs postcopy.
 #[allow(dead_code)]
 pub fn userfaultfd_available() -> bool {
-    let ram = GuestRam::new(PAGE_SIZE as u64, DEFAULT_SLOT_BYTES).expect("one-page RAM");
-    register_or_skip(&Arc::new(ram)).is_some()
+    register_or_skip(&anonymous_ram(PAGE_SIZE as u64)).is_some()
+}
+
+/// `size` bytes of fresh guest RAM from guest-physical 0, in regions of
+/// [`DEFAULT_SLOT_BYTES`], mapped by livemig (no VM).
+#[allow(dead_code)]
+pub fn anonymous_ram(size: u64) -> GuestMemory {
+    let layout = RegionLayout::contiguous("pc.ram", size, DEFAULT_SLOT_BYTES).expect("layout");
+    GuestMemory::anonymous(&layout).expect("anonymous guest RAM")
 }
 
 /// Registers `ram` for postcopy, or returns `None` after a loud skip when
@@ -45,8 +52,8 @@ pub fn userfaultfd_available() -> bool {
 /// `LIVEMIG_REQUIRE_KVM=1` that is a failure. Any other error fails the
 /// test.
 #[allow(dead_code)]
-pub fn register_or_skip(ram: &Arc<GuestRam>) -> Option<Arc<PostcopyRam>> {
-    match PostcopyRam::register(Arc::clone(ram)) {
+pub fn register_or_skip(ram: &GuestMemory) -> Option<Arc<PostcopyRam>> {
+    match PostcopyRam::register(ram.clone()) {
         Ok(pc) => Some(Arc::new(pc)),
         Err(PostcopyError::Create(e)) => {
             assert!(

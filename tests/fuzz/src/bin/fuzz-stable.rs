@@ -47,6 +47,21 @@ const TARGETS: &[Target] = &[
         run: livemig_fuzz::destination_accepts,
         corpus: livemig_fuzz::destination_corpus,
     },
+    Target {
+        name: "x86_vcpu_state",
+        run: livemig_fuzz::x86_vcpu_state_accepts,
+        corpus: livemig_fuzz::x86_vcpu_state_corpus,
+    },
+    Target {
+        name: "x86_vm_state",
+        run: livemig_fuzz::x86_vm_state_accepts,
+        corpus: livemig_fuzz::x86_vm_state_corpus,
+    },
+    Target {
+        name: "x86_cpu_model",
+        run: livemig_fuzz::x86_cpu_model_accepts,
+        corpus: livemig_fuzz::x86_cpu_model_corpus,
+    },
 ];
 
 /// Longest input generated; return-path messages are at most 272 bytes,

@@ -1,0 +1,522 @@
+//! The guest's RAM: a checked, ordered set of regions.
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::fmt;
+use std::ptr;
+use std::sync::Arc;
+
+use super::digest::{page_is_zero, term};
+use super::{GuestRegion, MemoryError, PAGE_SIZE};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// A guest's RAM as livemig sees it: regions in guest-physical order,
+/// checked once to be page aligned, disjoint, and uniquely named and
+/// numbered (one name is one RAM block of the stream, one number one KVM
+/// memslot). Region `i` of [`GuestMemory::regions`] is RAM block `i`.
+///
+/// Cloning is cheap (the regions are shared) and clones may be used from
+/// any thread. Every access is a raw copy: the guest and the VMM's devices
+/// may write the memory at the same time, in which case a read returns
+/// some mix of old and new bytes (the dirty log makes a migration resend
+/// such a page) and never undefined behaviour.
+#[derive(Clone)]
+pub struct GuestMemory {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    regions: Vec<GuestRegion>,
+    size: u64,
+    /// Whatever keeps the mappings alive (a vm-memory `GuestMemoryMmap`,
+    /// livemig's own anonymous mappings), dropped after the last clone.
+    _owner: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestMemory")
+            .field("regions", &self.inner.regions)
+            .field("size", &self.inner.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestMemory {
+    /// The memory made of `regions` (in any order; they are sorted by
+    /// guest-physical address), keeping `owner` alive as long as any clone
+    /// of the result exists: pass whatever owns the mappings when the
+    /// regions' [`GuestRegion::new`] promise rests on it.
+    ///
+    /// Refused: no region, two regions overlapping in guest-physical space,
+    /// two with the same name, two with the same memslot.
+    pub fn new(
+        mut regions: Vec<GuestRegion>,
+        owner: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<GuestMemory, MemoryError> {
+        if regions.is_empty() {
+            return Err(MemoryError::NoRegions);
+        }
+        regions.sort_by_key(GuestRegion::guest_phys);
+        for pair in regions.windows(2) {
+            if pair[1].guest_phys() < pair[0].guest_end() {
+                return Err(MemoryError::Overlap {
+                    first: pair[0].name().into(),
+                    second: pair[1].name().into(),
+                });
+            }
+        }
+        let mut names = HashSet::new();
+        for r in &regions {
+            if !names.insert(r.name()) {
+                return Err(MemoryError::DuplicateName(r.name().into()));
+            }
+        }
+        for (i, r) in regions.iter().enumerate() {
+            if let Some(other) = regions[..i].iter().find(|o| o.slot() == r.slot()) {
+                return Err(MemoryError::DuplicateSlot {
+                    slot: r.slot(),
+                    first: other.name().into(),
+                    second: r.name().into(),
+                });
+            }
+        }
+        let size = regions.iter().map(GuestRegion::len).sum();
+        Ok(GuestMemory {
+            inner: Arc::new(Inner {
+                regions,
+                size,
+                _owner: owner,
+            }),
+        })
+    }
+
+    /// The regions, in guest-physical order (the RAM blocks' order).
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.inner.regions
+    }
+
+    /// Region `index`.
+    pub fn region(&self, index: usize) -> Result<&GuestRegion, MemoryError> {
+        self.inner
+            .regions
+            .get(index)
+            .ok_or(MemoryError::NoSuchRegion(index))
+    }
+
+    /// The region holding guest-physical `gpa`, with its index.
+    pub fn locate(&self, gpa: u64) -> Option<(usize, &GuestRegion)> {
+        let regions = &self.inner.regions;
+        let after = regions.partition_point(|r| r.guest_phys() <= gpa);
+        let index = after.checked_sub(1)?;
+        let region = &regions[index];
+        region.contains(gpa).then_some((index, region))
+    }
+
+    /// Total RAM in bytes (the sum of the regions' lengths).
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// One past the highest guest-physical address of RAM (the size of a
+    /// bitmap indexed by guest page number, holes included).
+    pub fn guest_end(&self) -> u64 {
+        self.inner.regions.last().map_or(0, GuestRegion::guest_end)
+    }
+
+    /// Host pointer and length for `gpa .. gpa + len`, which must lie inside
+    /// one region (one mapping). For vectored I/O (`iovec`) and
+    /// `UFFDIO_COPY`: the memory may change under the caller while the
+    /// guest runs, so the caller reads it only through the kernel or raw
+    /// copies.
+    pub fn host_range(&self, gpa: u64, len: u64) -> Result<(*mut u8, usize), MemoryError> {
+        let out = MemoryError::RangeOutOfRam { gpa, len };
+        let (_, region) = self.locate(gpa).ok_or(out.clone())?;
+        let (host, rest) = region
+            .host_at(gpa - region.guest_phys())
+            .ok_or(out.clone())?;
+        if len > rest {
+            return Err(out);
+        }
+        Ok((host, len as usize))
+    }
+
+    /// Calls `f(host, offset, len)` for each piece of `gpa .. gpa + len`
+    /// split at region boundaries, after checking that the whole range is
+    /// RAM (adjacent regions, no hole), so a refused range touches nothing.
+    fn for_each_piece(
+        &self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), MemoryError> {
+        let end = gpa
+            .checked_add(len)
+            .ok_or(MemoryError::RangeOutOfRam { gpa, len })?;
+        for pass in [false, true] {
+            let mut at = gpa;
+            while at < end {
+                let (host, rest) = self
+                    .locate(at)
+                    .and_then(|(_, r)| r.host_at(at - r.guest_phys()))
+                    .ok_or(MemoryError::RangeOutOfRam { gpa, len })?;
+                let piece = rest.min(end - at);
+                if pass {
+                    f(host, (at - gpa) as usize, piece as usize);
+                }
+                at += piece;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes of guest memory at `gpa` into `buf`. The
+    /// range may span adjacent regions; a range that is not all RAM is
+    /// refused before anything is copied. Sound while the guest runs (the
+    /// copy may observe a torn page, which the dirty log makes the
+    /// migration resend).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let dst = buf.as_mut_ptr();
+        self.for_each_piece(gpa, buf.len() as u64, |src, off, len| {
+            // SAFETY: `src .. src + len` is inside a live mapping
+            // (for_each_piece) and `dst + off .. + len` inside `buf`, a host
+            // buffer distinct from guest RAM (no reference to guest RAM is
+            // ever handed out).
+            unsafe { ptr::copy_nonoverlapping(src, dst.add(off), len) }
+        })
+    }
+
+    /// Copies `data` into guest memory at `gpa` (loading images, parameter
+    /// blocks, received pages); split and refused as [`GuestMemory::read`].
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let src = data.as_ptr();
+        self.for_each_piece(gpa, data.len() as u64, |dst, off, len| {
+            // SAFETY: `dst .. dst + len` is inside a live mapping and
+            // `src + off .. + len` inside `data`, a host buffer that cannot
+            // overlap guest RAM.
+            unsafe { ptr::copy_nonoverlapping(src.add(off), dst, len) }
+        })
+    }
+
+    /// Copies page `page` of region `region` into `out`.
+    pub fn read_page(
+        &self,
+        region: usize,
+        page: u64,
+        out: &mut [u8; PAGE_SIZE],
+    ) -> Result<(), MemoryError> {
+        let src = self.region(region)?.page_ptr(region, page)?;
+        // SAFETY: `src` is the start of a whole page inside the mapping; `out`
+        // is a host buffer of one page.
+        unsafe { ptr::copy_nonoverlapping(src, out.as_mut_ptr(), PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Overwrites page `page` of region `region` with `data`.
+    pub fn write_page(
+        &self,
+        region: usize,
+        page: u64,
+        data: &[u8; PAGE_SIZE],
+    ) -> Result<(), MemoryError> {
+        let dst = self.region(region)?.page_ptr(region, page)?;
+        // SAFETY: `dst` is the start of a whole page inside the mapping; `data`
+        // is a host buffer of one page, disjoint from guest RAM.
+        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Whether page `page` of region `region` is all zero bytes (sent as a
+    /// zero page instead of 4 KiB). Stops at the first non-zero byte.
+    pub fn is_zero_page(&self, region: usize, page: u64) -> Result<bool, MemoryError> {
+        let p = self.region(region)?.page_ptr(region, page)?;
+        // SAFETY: `page_ptr` returned the start of a whole page of the mapping.
+        Ok(unsafe { page_is_zero(p) })
+    }
+
+    /// A 64-bit digest of all guest memory: every byte is read, all-zero
+    /// pages contribute nothing (so sparse memory hashes at scan speed), and
+    /// each non-zero page adds its [`page_digest`](super::page_digest) term,
+    /// which mixes in its guest page number (guest-physical address / page
+    /// size). Two memories with equal contents at equal guest-physical
+    /// addresses have equal digests, however they are cut into regions.
+    /// Only meaningful while the guest is paused.
+    pub fn digest(&self) -> u64 {
+        let mut acc = 0u64;
+        let mut buf = [0u64; PAGE_SIZE / 8];
+        for (index, region) in self.inner.regions.iter().enumerate() {
+            let first = region.guest_phys() / PAGE;
+            for page in 0..region.pages() {
+                // `page < pages`: page_ptr cannot refuse it.
+                let Ok(p) = region.page_ptr(index, page) else {
+                    continue;
+                };
+                // SAFETY: `p` is the start of a whole page of the mapping.
+                if unsafe { page_is_zero(p) } {
+                    continue;
+                }
+                // SAFETY: one whole page inside the mapping into a disjoint
+                // host buffer of one page.
+                unsafe { ptr::copy_nonoverlapping(p, buf.as_mut_ptr().cast(), PAGE_SIZE) };
+                acc = acc.wrapping_add(term(first + page, &buf));
+            }
+        }
+        acc
+    }
+
+    /// The [`digest`](GuestMemory::digest) of memory in which every page
+    /// not listed in `pages` (guest page numbers) is known to be zero,
+    /// computed by reading only the listed pages. A destination that tracks
+    /// the pages it wrote into fresh (all-zero) RAM gets the full digest in
+    /// time proportional to what arrived instead of to the RAM size. Listed
+    /// pages outside RAM are an error; each page must be listed at most once.
+    pub fn digest_of(&self, pages: impl IntoIterator<Item = u64>) -> Result<u64, MemoryError> {
+        let mut acc = 0u64;
+        let mut buf = [0u64; PAGE_SIZE / 8];
+        for gfn in pages {
+            let gpa = gfn.checked_mul(PAGE).ok_or(MemoryError::RangeOutOfRam {
+                gpa: u64::MAX,
+                len: PAGE,
+            })?;
+            let (p, _) = self.host_range(gpa, PAGE)?;
+            // SAFETY: `host_range` returned a whole page inside a live mapping.
+            if unsafe { page_is_zero(p) } {
+                continue;
+            }
+            // SAFETY: one whole page inside the mapping into a disjoint host
+            // buffer of one page.
+            unsafe { ptr::copy_nonoverlapping(p, buf.as_mut_ptr().cast(), PAGE_SIZE) };
+            acc = acc.wrapping_add(term(gfn, &buf));
+        }
+        Ok(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{RegionLayout, page_digest};
+
+    fn layout(regions: &[(&str, u64, u64)]) -> Vec<RegionLayout> {
+        regions
+            .iter()
+            .enumerate()
+            .map(|(slot, &(name, first_page, pages))| RegionLayout {
+                name: name.into(),
+                guest_phys: first_page * PAGE,
+                len: pages * PAGE,
+                slot: slot as u32,
+            })
+            .collect()
+    }
+
+    /// Pages 0..4 and 4..8 in two adjacent regions, then a hole, then
+    /// pages 16..20.
+    fn three_regions() -> GuestMemory {
+        GuestMemory::anonymous(&layout(&[("high", 16, 4), ("low", 0, 4), ("mid", 4, 4)])).unwrap()
+    }
+
+    fn fake(name: &str, first_page: u64, pages: u64, host: u64, slot: u32) -> GuestRegion {
+        // SAFETY: these regions are only validated by GuestMemory::new,
+        // never accessed.
+        unsafe { GuestRegion::new(name, first_page * PAGE, host as *mut u8, pages * PAGE, slot) }
+            .unwrap()
+    }
+
+    #[test]
+    fn new_sorts_and_refuses_overlaps_duplicates_and_nothing() {
+        let m = three_regions();
+        let names: Vec<_> = m.regions().iter().map(GuestRegion::name).collect();
+        assert_eq!(names, ["low", "mid", "high"]);
+        assert_eq!((m.size(), m.guest_end()), (12 * PAGE, 20 * PAGE));
+        assert_eq!(m.locate(5 * PAGE).map(|(i, _)| i), Some(1));
+        assert_eq!(m.locate(19 * PAGE + 4095).map(|(i, _)| i), Some(2));
+        assert!(m.locate(8 * PAGE).is_none() && m.locate(20 * PAGE).is_none());
+
+        let host = 0x7000_0000;
+        assert_eq!(
+            GuestMemory::new(
+                vec![
+                    fake("a", 0, 4, host, 0),
+                    fake("b", 3, 4, host + 0x10_0000, 1)
+                ],
+                None
+            )
+            .unwrap_err(),
+            MemoryError::Overlap {
+                first: "a".into(),
+                second: "b".into()
+            }
+        );
+        assert_eq!(
+            GuestMemory::new(
+                vec![
+                    fake("a", 0, 4, host, 0),
+                    fake("a", 4, 4, host + 0x10_0000, 1)
+                ],
+                None
+            )
+            .unwrap_err(),
+            MemoryError::DuplicateName("a".into())
+        );
+        assert_eq!(
+            GuestMemory::new(
+                vec![
+                    fake("a", 0, 4, host, 7),
+                    fake("b", 4, 4, host + 0x10_0000, 7)
+                ],
+                None
+            )
+            .unwrap_err(),
+            MemoryError::DuplicateSlot {
+                slot: 7,
+                first: "a".into(),
+                second: "b".into()
+            }
+        );
+        assert_eq!(
+            GuestMemory::new(Vec::new(), None).unwrap_err(),
+            MemoryError::NoRegions
+        );
+        assert!(matches!(
+            GuestMemory::anonymous(&layout(&[("a", 0, 0)])),
+            Err(MemoryError::EmptyRegion(_))
+        ));
+    }
+
+    #[test]
+    fn contiguous_layouts_name_and_number_their_regions() {
+        let l = RegionLayout::contiguous("pc.ram", 5 * PAGE, 2 * PAGE).unwrap();
+        let got: Vec<_> = l
+            .iter()
+            .map(|r| (r.name.as_str(), r.guest_phys / PAGE, r.len / PAGE, r.slot))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("pc.ram", 0, 2, 0),
+                ("pc.ram.1", 2, 2, 1),
+                ("pc.ram.2", 4, 1, 2)
+            ]
+        );
+        assert_eq!(
+            RegionLayout::contiguous("r", 100, 4096),
+            Err(MemoryError::BadSize(100))
+        );
+        assert_eq!(
+            RegionLayout::contiguous("r", 4096, 0),
+            Err(MemoryError::BadSlotSize(0))
+        );
+    }
+
+    #[test]
+    fn reads_and_writes_split_across_adjacent_regions_and_refuse_holes() {
+        let m = three_regions();
+        // 4 bytes across the low/mid boundary.
+        m.write(4 * PAGE - 2, &[1, 2, 3, 4]).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        m.read_page(0, 3, &mut page).unwrap();
+        assert_eq!(page[PAGE_SIZE - 2..], [1, 2]);
+        m.read_page(1, 0, &mut page).unwrap();
+        assert_eq!(page[..2], [3, 4]);
+        let mut back = [0u8; 4];
+        m.read(4 * PAGE - 2, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 4]);
+        // A range running into the hole is refused whole: nothing written.
+        assert_eq!(
+            m.write(8 * PAGE - 1, &[9, 9]),
+            Err(MemoryError::RangeOutOfRam {
+                gpa: 8 * PAGE - 1,
+                len: 2
+            })
+        );
+        m.read_page(1, 3, &mut page).unwrap();
+        assert_eq!(page[PAGE_SIZE - 1], 0);
+        assert!(m.read(u64::MAX, &mut back).is_err());
+        // host_range never spans two mappings.
+        assert!(m.host_range(4 * PAGE - 2, 4).is_err());
+        assert!(m.host_range(16 * PAGE, 4 * PAGE).is_ok());
+        assert!(m.host_range(16 * PAGE, 4 * PAGE + 1).is_err());
+        // Page access by region.
+        assert_eq!(
+            m.read_page(3, 0, &mut page),
+            Err(MemoryError::NoSuchRegion(3))
+        );
+        assert_eq!(
+            m.is_zero_page(2, 4),
+            Err(MemoryError::PageOutOfRange {
+                region: 2,
+                page: 4,
+                pages: 4
+            })
+        );
+    }
+
+    #[test]
+    fn zero_pages_and_digest() {
+        let a = three_regions();
+        let b = three_regions();
+        assert_eq!(a.digest(), b.digest());
+        assert!(a.is_zero_page(2, 3).unwrap());
+        a.write(17 * PAGE + 4095, &[7]).unwrap();
+        assert!(!a.is_zero_page(2, 1).unwrap());
+        assert_ne!(a.digest(), b.digest());
+        let mut page = [0u8; PAGE_SIZE];
+        a.read_page(2, 1, &mut page).unwrap();
+        assert_eq!(page[4095], 7);
+        b.write_page(2, 1, &page).unwrap();
+        assert_eq!(a.digest(), b.digest());
+        // The same contents at another page number hash differently.
+        let c = three_regions();
+        c.write_page(2, 2, &page).unwrap();
+        assert_ne!(a.digest(), c.digest());
+        // Equal contents at equal addresses, cut into other regions: equal.
+        let d = GuestMemory::anonymous(&layout(&[("all", 0, 8), ("top", 16, 4)])).unwrap();
+        d.write_page(1, 1, &page).unwrap();
+        assert_eq!(d.digest(), a.digest());
+    }
+
+    #[test]
+    fn page_digests_sum_to_the_digest() {
+        let a = three_regions();
+        a.write(2 * PAGE + 100, &[7, 8, 9]).unwrap();
+        a.write(5 * PAGE, &[1]).unwrap();
+        a.write(19 * PAGE, &[2]).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        let sum = (0..8u64).chain(16..20).fold(0u64, |acc, p| {
+            a.read(p * PAGE, &mut page).unwrap();
+            acc.wrapping_add(page_digest(p, &page))
+        });
+        assert_eq!(sum, a.digest());
+        assert_eq!(page_digest(3, &[0; PAGE_SIZE]), 0);
+        a.read(5 * PAGE, &mut page).unwrap();
+        assert_ne!(page_digest(5, &page), page_digest(6, &page));
+    }
+
+    #[test]
+    fn digest_of_written_pages_equals_full_digest() {
+        let a = three_regions();
+        a.write(3 * PAGE + 9, &[1, 2, 3]).unwrap();
+        a.write(17 * PAGE, &[4]).unwrap();
+        // Listing zero pages too changes nothing.
+        assert_eq!(a.digest_of([3, 17, 7]).unwrap(), a.digest());
+        assert_eq!(a.digest_of([]).unwrap(), three_regions().digest());
+        assert_ne!(a.digest_of([3]).unwrap(), a.digest());
+        assert!(a.digest_of([8]).is_err()); // the hole
+        assert!(a.digest_of([20]).is_err());
+        assert!(a.digest_of([u64::MAX]).is_err());
+    }
+
+    #[test]
+    fn clones_share_the_memory_across_threads() {
+        let a = three_regions();
+        let b = a.clone();
+        std::thread::spawn(move || b.write(6 * PAGE, &[5]).unwrap())
+            .join()
+            .unwrap();
+        let mut byte = [0u8; 1];
+        a.read(6 * PAGE, &mut byte).unwrap();
+        assert_eq!(byte, [5]);
+    }
+}
