@@ -40,7 +40,7 @@ pub enum RunError {
     /// Running, pausing or reading the guest failed.
     Vcpu(VcpuError),
     /// Reading a counter from guest memory failed.
-    Memory(vm_memory::GuestMemoryError),
+    Memory(livemig_kvm::memory::MemoryError),
 }
 
 impl fmt::Display for RunError {
@@ -186,7 +186,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     for i in 0..opts.vcpus {
         let r = vmm.vcpus().report(i as usize).map_err(RunError::Vcpu)?;
         vcpus.push(VcpuRun {
-            stamped: guest::stamped_by(&vmm, i).map_err(RunError::Memory)?,
+            stamped: guest::stamped_by(vmm.guest_memory(), i).map_err(RunError::Memory)?,
             generation: r.generation,
             progress_exits: r.progress_exits,
             mismatches: r.mismatches.len(),

@@ -21,7 +21,7 @@ const MIB: u64 = 1 << 20;
 /// Every counter the host can see: per-vCPU stamps, ticks.
 fn counters(vmm: &DemoVmm, vcpus: u32) -> (Vec<u64>, u64) {
     let stamps = (0..vcpus)
-        .map(|v| guest::stamped_by(vmm, v).unwrap())
+        .map(|v| guest::stamped_by(vmm.guest_memory(), v).unwrap())
         .collect();
     (stamps, vmm.ticks().unwrap())
 }
@@ -100,7 +100,7 @@ fn four_vcpus_stamp_tick_and_print_pause_stops_them_and_com1_moves() {
 
     // Every page of the working set holds the stamp its vCPU's counter
     // implies (each vCPU's page in progress is skipped).
-    let check = guest::check_stamps(&vmm).unwrap();
+    let check = guest::check_stamps(vmm.guest_memory()).unwrap();
     assert!(check.ok(), "{check:?}");
     assert_eq!(check.checked, 1024 - u64::from(N), "{check:?}");
     assert_eq!(check.stamped, stamps.iter().sum::<u64>());

@@ -22,7 +22,8 @@ use kvm_bindings::{
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use livemig_kvm::guest::{self, GuestError, GuestParams, ReadGuest};
+use livemig_kvm::guest::{self, GuestError, GuestParams};
+use livemig_kvm::memory::{GuestMemory, MemoryError};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::FromRangesError;
 use vm_memory::{
@@ -74,6 +75,8 @@ pub enum BootError {
     },
     /// COM1's interrupt eventfd could not be made or registered.
     Serial(std::io::Error),
+    /// livemig refused the RAM as guest memory.
+    Lend(MemoryError),
     /// Starting or reaching a vCPU failed.
     Vcpu(VcpuError),
 }
@@ -99,6 +102,7 @@ impl fmt::Display for BootError {
                 write!(f, "guest parameters name {params} vCPUs, the VMM has {vmm}")
             }
             BootError::Serial(e) => write!(f, "setting up COM1's interrupt: {e}"),
+            BootError::Lend(e) => write!(f, "guest RAM as livemig's guest memory: {e}"),
             BootError::Vcpu(e) => write!(f, "{e}"),
         }
     }
@@ -121,6 +125,7 @@ pub struct DemoVmm {
     serial: SerialPort,
     vm: Arc<VmFd>,
     memory: Arc<DemoMemory>,
+    lent: GuestMemory,
     mem_bytes: u64,
 }
 
@@ -154,6 +159,7 @@ impl DemoVmm {
         let memory = DemoMemory::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
             .map_err(BootError::Map)?;
         register_memslots(&vm, &memory)?;
+        let lent = GuestMemory::from_vm_memory(&memory, 0).map_err(BootError::Lend)?;
         let serial = SerialPort::new(&vm).map_err(BootError::Serial)?;
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -181,6 +187,7 @@ impl DemoVmm {
             serial,
             vm: Arc::new(vm),
             memory,
+            lent,
             mem_bytes,
         })
     }
@@ -230,32 +237,29 @@ impl DemoVmm {
         &self.memory
     }
 
+    /// Guest RAM as livemig sees it: region `i` of [`DemoVmm::memory`] is
+    /// memslot `i` and RAM block `ram{i}`. The stamp checks read it too
+    /// ([`guest::check_stamps`]).
+    pub fn guest_memory(&self) -> &GuestMemory {
+        &self.lent
+    }
+
     /// COM1.
     pub fn serial(&self) -> &SerialPort {
         &self.serial
     }
 
-    /// The little-endian u64 at guest-physical `gpa`, read with a volatile
-    /// copy (the guest may be writing it).
-    pub fn read_u64(&self, gpa: u64) -> Result<u64, GuestMemoryError> {
-        self.memory
-            .read_obj::<u64>(GuestAddress(gpa))
-            .map(u64::from_le)
+    /// The little-endian u64 at guest-physical `gpa`, copied out (the
+    /// guest may be writing it).
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.lent.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
     }
 
     /// Timer ticks vCPU 0 has counted ([`guest::TICKS_ADDR`]).
-    pub fn ticks(&self) -> Result<u64, GuestMemoryError> {
+    pub fn ticks(&self) -> Result<u64, MemoryError> {
         self.read_u64(guest::TICKS_ADDR)
-    }
-}
-
-/// The guest's counters and stamps read from this VMM's RAM
-/// ([`guest::stamped_by`], [`guest::check_stamps`]).
-impl ReadGuest for DemoVmm {
-    type Error = GuestMemoryError;
-
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
-        self.memory.read_slice(buf, GuestAddress(gpa))
     }
 }
 
