@@ -207,45 +207,18 @@ impl GuestParams {
     }
 }
 
-/// Guest memory as the readers below see it: bytes copied out of
-/// guest-physical memory (never a reference into it), so a VMM's own
-/// memory type can be read as well as livemig's [`GuestMemory`].
-pub trait ReadGuest {
-    /// Why a read failed.
-    type Error;
-
-    /// Copies `buf.len()` bytes from guest-physical `gpa` into `buf`.
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
-}
-
-impl ReadGuest for GuestMemory {
-    type Error = MemoryError;
-
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        self.read(gpa, buf)
-    }
-}
-
-/// Shared guest memory reads as the memory it shares.
-impl<M: ReadGuest + ?Sized> ReadGuest for std::sync::Arc<M> {
-    type Error = M::Error;
-
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), M::Error> {
-        (**self).read_at(gpa, buf)
-    }
-}
-
 /// Pages the guest has stamped since boot: the sum of its vCPUs' counters
 /// ([`stamped_addr`]). Exact only while its vCPUs are stopped.
-pub fn stamped<M: ReadGuest + ?Sized>(mem: &M) -> Result<u64, M::Error> {
+pub fn stamped(mem: &GuestMemory) -> Result<u64, GuestError> {
     let ws = working_set(mem)?;
     (0..ws.vcpus).try_fold(0u64, |sum, v| Ok(sum + stamped_by(mem, v)?))
 }
 
 /// Pages vCPU `vcpu` has stamped since boot.
-pub fn stamped_by<M: ReadGuest + ?Sized>(mem: &M, vcpu: u32) -> Result<u64, M::Error> {
+pub fn stamped_by(mem: &GuestMemory, vcpu: u32) -> Result<u64, GuestError> {
     let mut b = [0u8; 8];
-    mem.read_at(stamped_addr(vcpu), &mut b)?;
+    mem.read(stamped_addr(vcpu), &mut b)
+        .map_err(GuestError::Memory)?;
     Ok(u64::from_le_bytes(b))
 }
 
@@ -263,9 +236,9 @@ pub struct WorkingSet {
 /// The working set the guest uses, read back from the parameter block in
 /// its memory, with the image's defaults when the block is absent, exactly
 /// as the guest itself decides.
-pub fn working_set<M: ReadGuest + ?Sized>(mem: &M) -> Result<WorkingSet, M::Error> {
+pub fn working_set(mem: &GuestMemory) -> Result<WorkingSet, GuestError> {
     let mut b = [0u8; PARAM_BYTES];
-    mem.read_at(PARAM_ADDR, &mut b)?;
+    mem.read(PARAM_ADDR, &mut b).map_err(GuestError::Memory)?;
     let field = |i: usize| {
         let mut w = [0u8; 4];
         w.copy_from_slice(&b[i * 4..i * 4 + 4]);
@@ -316,7 +289,7 @@ impl StampCheck {
 /// half written and is skipped. After a migration this proves that the
 /// pages stamped since the switchover carry the right stamps, and that
 /// every other page kept the stamp it had.
-pub fn check_stamps<M: ReadGuest + ?Sized>(mem: &M) -> Result<StampCheck, M::Error> {
+pub fn check_stamps(mem: &GuestMemory) -> Result<StampCheck, GuestError> {
     let ws = working_set(mem)?;
     let mut check = StampCheck {
         stamped: 0,
@@ -345,8 +318,9 @@ pub fn check_stamps<M: ReadGuest + ?Sized>(mem: &M) -> Result<StampCheck, M::Err
             };
             let gpa = ws.start + u64::from(i) * page;
             let (mut head, mut tail) = ([0u8; 16], [0u8; 8]);
-            mem.read_at(gpa, &mut head)?;
-            mem.read_at(gpa + page - 8, &mut tail)?;
+            mem.read(gpa, &mut head).map_err(GuestError::Memory)?;
+            mem.read(gpa + page - 8, &mut tail)
+                .map_err(GuestError::Memory)?;
             let word = |b: &[u8], k: usize| {
                 let mut w = [0u8; 4];
                 w.copy_from_slice(&b[k * 4..k * 4 + 4]);

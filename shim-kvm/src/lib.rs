@@ -19,8 +19,8 @@
 //! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp and
 //!   re-check their share of a working set from ring 3, with a timer and a
 //!   serial line when the VMM has them), its parameter block and ports, and
-//!   the stamp checks over any guest memory ([`guest::ReadGuest`]). It stays
-//!   here while [`vcpu`] and [`migrate`] still run it themselves.
+//!   the stamp checks. It stays here while [`vcpu`] and [`migrate`] still
+//!   run it themselves.
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, the
 //!   connection carrying the stream and its return path, and page batches
 //!   written with one vectored `sendmsg` straight from guest RAM.

@@ -41,6 +41,8 @@ pub enum RunError {
     Vcpu(VcpuError),
     /// Reading a counter from guest memory failed.
     Memory(livemig_kvm::memory::MemoryError),
+    /// Reading a stamp counter failed.
+    Stamps(livemig_kvm::guest::GuestError),
 }
 
 impl fmt::Display for RunError {
@@ -50,6 +52,7 @@ impl fmt::Display for RunError {
             RunError::Boot(e) => write!(f, "{e}"),
             RunError::Vcpu(e) => write!(f, "{e}"),
             RunError::Memory(e) => write!(f, "reading the guest's counters: {e}"),
+            RunError::Stamps(e) => write!(f, "reading the guest's stamp counters: {e}"),
         }
     }
 }
@@ -186,7 +189,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     for i in 0..opts.vcpus {
         let r = vmm.vcpus().report(i as usize).map_err(RunError::Vcpu)?;
         vcpus.push(VcpuRun {
-            stamped: guest::stamped_by(vmm.guest_memory(), i).map_err(RunError::Memory)?,
+            stamped: guest::stamped_by(vmm.guest_memory(), i).map_err(RunError::Stamps)?,
             generation: r.generation,
             progress_exits: r.progress_exits,
             mismatches: r.mismatches.len(),

@@ -238,7 +238,7 @@ impl DemoVmm {
     }
 
     /// Guest RAM as livemig sees it: region `i` of [`DemoVmm::memory`] is
-    /// memslot `i` and RAM block `ram{i}`. The stamp checks read it too
+    /// memslot `i` and RAM block `ram{i}`. The stamp checks read it
     /// ([`guest::check_stamps`]).
     pub fn guest_memory(&self) -> &GuestMemory {
         &self.lent
