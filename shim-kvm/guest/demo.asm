@@ -1,14 +1,23 @@
 ; livemig demo guest: a flat 32-bit multiboot (v1) image.
 ;
-; Boot (ring 0, emulated under PVM, so kept short): load a GDT with 64-bit
-; ring-0 and ring-3 segments, read the parameter block, identity-map the low
-; 4 GiB with user-accessible 2 MiB pages, enter long mode and drop to ring 3
-; with IOPL=3. (PVM runs guest ring 3 natively only with long-mode paging.) Workload (ring 3, native): stamp every page of the working set with
-; its page index and a generation, checking the previous generation's stamp
-; first; count the pages stamped in memory at STAMPED_ADDR (so the VMM
-; knows exactly where the guest stood at any stop); report progress,
-; generations and mismatches with `out`.
-; See README.md for the parameter block and port map.
+; Boot (ring 0, emulated under PVM, so kept short), on every vCPU: load a
+; GDT with 64-bit ring-0 and ring-3 segments and a TSS, take this vCPU's
+; ring-0 stack, identity-map the low 4 GiB with user-accessible 2 MiB
+; pages, enter long mode, read the parameter block and drop to ring 3 with
+; IOPL=3. (PVM runs guest ring 3 natively only with long-mode paging.) With
+; the devices flag, vCPU 0 also loads the TSS and an IDT and starts the PIT
+; at 1 kHz through the PIC; its tiny ring-0 handler counts ticks in memory.
+; (KVM's in-kernel PIT re-injects the ticks vCPU 0 could not take, while
+; descheduled or paused, so the count keeps up with wall-clock time since
+; the PIT started, where a LAPIC timer would lose them.)
+; Workload (ring 3, native): vCPU i of N stamps pages i, i+N, i+2N, ... of
+; the working set with the page index and its own generation, checking the
+; previous generation's stamp first; it counts the pages it stamped in its
+; own counter (so the VMM knows exactly where each vCPU stood at any stop)
+; and reports progress, generations and mismatches with `out`. With the
+; devices flag vCPU 0 also writes a running sequence of decimal numbers,
+; one a line every LINE_TICKS ticks, to the serial port.
+; See README.md for the parameter block, memory map and port map.
 
 bits 32
 org 0x100000
@@ -21,21 +30,43 @@ MB_CHECKSUM     equ -(MB_MAGIC + MB_FLAGS)
 
 PARAM_ADDR      equ 0x5000
 PARAM_MAGIC     equ 0x50474D4C          ; "LMGP" little-endian
-PARAM_VERSION   equ 1
+PARAM_VERSION   equ 2
+MAX_VCPUS       equ 8                   ; a power of two (the index is masked)
+FLAG_DEVICES    equ 1                   ; LAPIC timer and serial port present
 
 PORT_BOOTED     equ 0x510
 PORT_PROGRESS   equ 0x514
 PORT_GENERATION equ 0x518
 PORT_MISMATCH   equ 0x51C
+COM1            equ 0x3F8
 
-STAMPED_ADDR    equ 0x5100              ; u64: pages stamped since boot
+STAMPED_ADDR    equ 0x5100              ; u64 per vCPU, 64 bytes apart: pages stamped
+STAMPED_STRIDE  equ 64
+TICKS_ADDR      equ 0x5300              ; u64: timer interrupts taken
+SERIAL_SEQ_ADDR equ 0x5308              ; u64: the next number the serial line carries
+SERIAL_DUE_ADDR equ 0x5310              ; u64: the tick count at which it is due
+LINE_TICKS      equ 5                   ; one line per 5 ms: 200 lines a second
 
 STAMP_MAGIC     equ 0x47494D4C          ; "LMIG"
-RING0_STACK     equ 0x8000
+RING0_STACKS    equ 0x8000              ; vCPU i's stack tops at + 0x400 * (i + 1)
+USER_STACKS     equ 0x7000              ; vCPU i's stack tops at - 0x100 * i
+TSS_ADDR        equ 0xA000              ; vCPU 0's TSS, then its I/O bitmap
+TSS_BYTES       equ 0x68
+IO_BITMAP_BYTES equ 0x2000              ; one bit per port, all clear: all open
 PML4            equ 0x10000              ; then PDPT, then 4 page directories
 PDPT            equ 0x11000
 PDS             equ 0x12000
-USER_STACK      equ 0x7000
+
+APIC_BASE       equ 0xFEE00000
+APIC_SVR        equ 0x0F0
+APIC_LVT0       equ 0x350
+PIC1            equ 0x20                ; command; data at + 1
+PIC2            equ 0xA0
+PIT_CH0         equ 0x40
+PIT_MODE        equ 0x43
+PIT_DIVISOR     equ 1193                ; 1.193182 MHz / 1193 = 1000.2 Hz
+TIMER_VECTOR    equ 0x20                ; PIC vectors 0x20 ..= 0x2F
+SPURIOUS_VECTOR equ 0x2F                ; the LAPIC's (low nibble all ones)
 
 DEFAULT_WS_START   equ 0x200000
 DEFAULT_WS_PAGES   equ 1024
@@ -46,6 +77,10 @@ SEL_CODE0 equ 0x08
 SEL_DATA0 equ 0x10
 SEL_CODE3 equ 0x18 | 3
 SEL_DATA3 equ 0x20 | 3
+SEL_TSS   equ 0x28
+
+; The guest-physical address of a label, as a plain number.
+%define PHYS(label) (label - $$ + LOAD_ADDR)
 
 mb_header:
     dd MB_MAGIC
@@ -57,35 +92,29 @@ mb_header:
     dd image_end            ; bss_end_addr (no bss)
     dd start                ; entry_addr
 
+; edi = this vCPU's index, set by the VMM; taken as 0 without a valid
+; parameter block (QEMU's multiboot loader leaves edi undefined).
 start:
+    cmp dword [PARAM_ADDR], PARAM_MAGIC
+    jne .bsp
+    cmp dword [PARAM_ADDR + 4], PARAM_VERSION
+    je .indexed
+.bsp:
+    xor edi, edi
+.indexed:
+    and edi, MAX_VCPUS - 1
     lgdt [gdt_desc]
     mov ax, SEL_DATA0
     mov ds, ax
     mov es, ax
     mov ss, ax
-    mov esp, RING0_STACK
-    ; Defaults first; replaced when a valid parameter block is present.
-    mov dword [ws_start], DEFAULT_WS_START
-    mov dword [ws_pages], DEFAULT_WS_PAGES
-    mov dword [batch], DEFAULT_BATCH
-    mov dword [idle_spins], DEFAULT_IDLE_SPINS
-    cmp dword [PARAM_ADDR], PARAM_MAGIC
-    jne .paging
-    cmp dword [PARAM_ADDR + 4], PARAM_VERSION
-    jne .paging
-    mov eax, [PARAM_ADDR + 8]
-    mov [ws_start], eax
-    mov eax, [PARAM_ADDR + 12]
-    mov [ws_pages], eax
-    mov eax, [PARAM_ADDR + 16]
-    mov [batch], eax
-    mov eax, [PARAM_ADDR + 20]
-    mov [idle_spins], eax
-    mov dword [params_used], 1
-.paging:
+    mov esp, edi
+    shl esp, 10
+    add esp, RING0_STACKS + 0x400
     ; Page tables: PML4[0] -> PDPT, PDPT[0..4] -> 4 page directories of
     ; 512 x 2 MiB pages each = identity map of 0 .. 4 GiB. RAM is zeroed by
-    ; the loader, so only the used entries are written.
+    ; the loader, so only the used entries are written. Every vCPU writes
+    ; them (the same values) before it turns paging on.
     mov dword [PML4], PDPT | 7              ; present | writable | user
     mov dword [PDPT], (PDS + 0x0000) | 7
     mov dword [PDPT + 8], (PDS + 0x1000) | 7
@@ -117,32 +146,143 @@ start:
     jmp SEL_CODE0:long_mode
 
 bits 64
+; Reads the parameter block into the registers ring 3 keeps:
+; r12d = vCPU index i, r13d = vCPU count N, r8 = N pages in bytes,
+; rsi / rdi = first / end address of this vCPU's pages (equal: idle),
+; r15d = batch, r10d = idle_spins,
+; r14 = its stamp counter, r9d = 1 when it writes the serial line.
 long_mode:
-    mov rsp, RING0_STACK
+    mov esp, esp                            ; zero-extends rsp
+    mov r12d, edi
+    mov r13d, 1
+    mov esi, DEFAULT_WS_START
+    mov edi, DEFAULT_WS_PAGES
+    mov r15d, DEFAULT_BATCH
+    mov r10d, DEFAULT_IDLE_SPINS
+    xor r9d, r9d
+    xor ebp, ebp                            ; 1 = parameters used
+    cmp dword [PARAM_ADDR], PARAM_MAGIC
+    jne .layout
+    cmp dword [PARAM_ADDR + 4], PARAM_VERSION
+    jne .layout
+    mov esi, [PARAM_ADDR + 8]
+    mov edi, [PARAM_ADDR + 12]
+    mov r15d, [PARAM_ADDR + 16]
+    mov r10d, [PARAM_ADDR + 20]
+    mov r13d, [PARAM_ADDR + 24]
+    mov r9d, [PARAM_ADDR + 28]
+    and r9d, FLAG_DEVICES
+    mov ebp, 1
+.layout:
+    ; This vCPU owns pages i, i+N, ... below ws_pages: its first one is at
+    ; ws_start + i * 4096 and its end N * 4096 past its last.
+    mov r8d, r13d
+    shl r8, 12
+    mov eax, r12d
+    shl rax, 12
+    add rsi, rax
+    xor eax, eax                            ; pages owned: none when i >= ws_pages,
+    cmp edi, r12d                           ; else ceil((ws_pages - i) / N)
+    jbe .owned
+    mov eax, edi
+    sub eax, r12d
+    add eax, r13d
+    dec eax
+    xor edx, edx
+    div r13d
+.owned:
+    imul rax, r8
+    add rax, rsi
+    mov rdi, rax
+    mov eax, r12d
+    shl eax, 6                              ; * STAMPED_STRIDE
+    lea r14, [rax + STAMPED_ADDR]
+    mov eax, 0x3002                         ; rflags: IOPL=3, IF=0
+    test r12d, r12d
+    jz .bsp
+    xor r9d, r9d                            ; the devices are vCPU 0's
+.bsp:
+    test r9d, r9d
+    jz .user
+    ; vCPU 0 with the devices: TSS (its RSP0 for interrupts from ring 3,
+    ; and an I/O bitmap opening every port: PVM checks it even at IOPL 3),
+    ; IDT, PIT channel 0 at 1 kHz on IRQ 0 of the PIC (remapped to
+    ; TIMER_VECTOR, every other line masked) into the LAPIC's LINT0 as
+    ; ExtINT, and interrupts on in ring 3.
+    mov qword [TSS_ADDR + 4], RING0_STACKS + 0x400      ; rsp0: its boot stack
+    mov word [TSS_ADDR + 102], TSS_BYTES                ; I/O bitmap offset
+    mov byte [TSS_ADDR + TSS_BYTES + IO_BITMAP_BYTES], 0xFF ; the bitmap's end
+    lidt [idt_desc]
+    mov ax, SEL_TSS
+    ltr ax
+    mov eax, APIC_BASE
+    mov dword [rax + APIC_SVR], 0x100 | SPURIOUS_VECTOR
+    mov dword [rax + APIC_LVT0], 0x700      ; ExtINT
+    mov al, 0x11                            ; ICW1: edge, cascade, ICW4 follows
+    out PIC1, al
+    out PIC2, al
+    mov al, TIMER_VECTOR                    ; ICW2: vector bases
+    out PIC1 + 1, al
+    mov al, TIMER_VECTOR + 8
+    out PIC2 + 1, al
+    mov al, 4                               ; ICW3: slave on IRQ 2
+    out PIC1 + 1, al
+    mov al, 2
+    out PIC2 + 1, al
+    mov al, 1                               ; ICW4: 8086 mode
+    out PIC1 + 1, al
+    out PIC2 + 1, al
+    mov al, 0xFE                            ; only IRQ 0
+    out PIC1 + 1, al
+    mov al, 0xFF
+    out PIC2 + 1, al
+    mov al, 0x34                            ; channel 0, lo/hi byte, mode 2
+    out PIT_MODE, al
+    mov al, PIT_DIVISOR & 0xFF
+    out PIT_CH0, al
+    mov al, PIT_DIVISOR >> 8
+    out PIT_CH0, al
+    mov eax, 0x3202                         ; rflags: IOPL=3, IF=1
+.user:
+    mov edx, r12d
+    shl edx, 8
+    neg rdx
+    add rdx, USER_STACKS
     push SEL_DATA3                          ; ss
-    push USER_STACK                         ; rsp
-    push 0x3002                             ; rflags: IOPL=3, IF=0
+    push rdx                                ; rsp
+    push rax                                ; rflags
     push SEL_CODE3                          ; cs
     push user_entry                         ; rip
     iretq
 
+; Ring 0, vCPU 0 only: count the tick, acknowledge it, go back.
+timer_handler:
+    inc qword [TICKS_ADDR]
+    push rax
+    mov al, 0x20                            ; non-specific EOI
+    out PIC1, al
+    pop rax
+    iretq
+
+; The PIC's spurious IRQ 7 / 15 and the LAPIC's spurious vector take no EOI.
+
+spurious_handler:
+    iretq
+
 ; ---------------------------------------------------------------- ring 3 ---
-; rsi = working-set base, edi = page count, ebp = generation,
-; ecx = page index, rbx = page address.
+; ebp = generation, ecx = global page index, rbx = page address,
+; r11d = pages left before the next PROGRESS exit.
 user_entry:
-    mov eax, [params_used]
+    mov eax, ebp
     mov dx, PORT_BOOTED
     out dx, eax                             ; 1 = parameters read, 0 = defaults
-    mov esi, [ws_start]
-    mov edi, [ws_pages]
-    test edi, edi
-    jz idle
-    mov eax, [batch]
-    mov [batch_left], eax
+    cmp rsi, rdi
+    je idle
+    mov r11d, r15d
     xor ebp, ebp
 generation:
     inc ebp
-    xor ecx, ecx
+    mov ecx, r12d                           ; the first page's index is i
     mov rbx, rsi
 page:
     cmp ebp, 1
@@ -172,18 +312,21 @@ page:
     mov [rbx + 12], eax
     mov [rbx + 4088], ecx
     mov [rbx + 4092], ebp
-    inc qword [STAMPED_ADDR]                ; after the page's last store
-    dec dword [batch_left]
+    inc qword [r14]                         ; after the page's last store
+    dec r11d
     jnz .next
-    mov eax, [batch]
-    mov [batch_left], eax
-    mov eax, [STAMPED_ADDR]                 ; its low 32 bits
+    mov r11d, r15d
+    mov eax, [r14]                          ; its low 32 bits
     mov dx, PORT_PROGRESS
     out dx, eax
 .next:
-    add rbx, 4096
-    inc ecx
-    cmp ecx, edi
+    test r9d, r9d
+    jz .advance
+    call serial_line
+.advance:
+    add rbx, r8
+    add ecx, r13d
+    cmp rbx, rdi
     jne page
     mov eax, ebp
     mov dx, PORT_GENERATION
@@ -191,15 +334,63 @@ page:
     jmp generation
 
 idle:
-    mov ecx, [idle_spins]
+    mov r11d, r10d
 .spin:
     pause
-    dec ecx
+    test r9d, r9d
+    jz .counted
+    call serial_line
+.counted:
+    dec r11d
     jnz .spin
     xor eax, eax
     mov dx, PORT_PROGRESS
     out dx, eax
     jmp idle
+
+; Writes the next number of the sequence and a newline to COM1 when its
+; tick has come. Keeps every register but rax and rdx.
+serial_line:
+    mov rax, [TICKS_ADDR]
+    cmp rax, [SERIAL_DUE_ADDR]
+    jb .done
+    add rax, LINE_TICKS
+    mov [SERIAL_DUE_ADDR], rax
+    push rbx
+    push rcx
+    mov rax, [SERIAL_SEQ_ADDR]
+    mov ebx, 10
+    push 10                                 ; '\n', written last
+    mov ecx, 1
+.digit:
+    xor edx, edx
+    div rbx
+    add edx, '0'
+    push rdx
+    inc ecx
+    test rax, rax
+    jnz .digit
+    mov dx, COM1
+.emit:
+    pop rax
+    out dx, al
+    dec ecx
+    jnz .emit
+    inc qword [SERIAL_SEQ_ADDR]
+    pop rcx
+    pop rbx
+.done:
+    ret
+
+; An interrupt gate (present, DPL 0) to a ring-0 handler.
+%macro gate 1
+    dw PHYS(%1) & 0xFFFF
+    dw SEL_CODE0
+    dw 0x8E00
+    dw PHYS(%1) >> 16
+    dd 0
+    dd 0
+%endmacro
 
 align 8
 gdt:
@@ -208,16 +399,33 @@ gdt:
     dq 0x00CF92000000FFFF                   ; 0x10 data, DPL0
     dq 0x00AFFA000000FFFF                   ; 0x18 code, DPL3, 64-bit
     dq 0x00CFF2000000FFFF                   ; 0x20 data, DPL3
+    dw TSS_BYTES + IO_BITMAP_BYTES          ; 0x28 64-bit TSS (16 bytes)
+    dw TSS_ADDR & 0xFFFF
+    db (TSS_ADDR >> 16) & 0xFF
+    db 0x89                                 ; present, available 64-bit TSS
+    db 0
+    db (TSS_ADDR >> 24) & 0xFF
+    dd 0
+    dd 0
 gdt_end:
 gdt_desc:
     dw gdt_end - gdt - 1
     dd gdt
 
-align 4
-ws_start:    dd 0
-ws_pages:    dd 0
-batch:       dd 0
-batch_left:  dd 0
-idle_spins:  dd 0
-params_used: dd 0
+align 8
+idt_desc:
+    dw idt_end - idt - 1
+    dq idt
+
+; Vectors below TIMER_VECTOR (exceptions) have no handler: they triple-fault
+; and the VMM sees a shutdown exit. The PIC's other lines are masked; a
+; stray one is dropped like a spurious one.
+align 16
+idt:
+    times TIMER_VECTOR * 16 db 0
+    gate timer_handler
+%rep SPURIOUS_VECTOR - TIMER_VECTOR
+    gate spurious_handler
+%endrep
+idt_end:
 image_end:

@@ -1,10 +1,13 @@
 //! The demo guest: image bytes, load address, parameter block and port map.
 //!
 //! The image (`guest/demo.asm`, assembled to the committed `guest/demo.bin`)
-//! is a multiboot v1 kernel that drops to ring 3 and stamps a working set of
-//! pages generation after generation, checking each page still holds the
-//! previous generation's stamp. A migration that loses or tears a page shows
-//! up as a MISMATCH exit. See `guest/README.md` for the full contract.
+//! is a multiboot v1 kernel that drops to ring 3 on each of its vCPUs; vCPU
+//! `i` of `n` stamps pages `i, i + n, ...` of a working set generation after
+//! generation, checking each page still holds the previous generation's
+//! stamp. A migration that loses or tears a page shows up as a MISMATCH
+//! exit. With [`GuestParams::devices`] vCPU 0 also counts 1 kHz PIT ticks
+//! and writes a numbered line to the serial port every few ticks. See
+//! `guest/README.md` for the full contract.
 
 use std::fmt;
 
@@ -16,8 +19,9 @@ pub const IMAGE: &[u8] = include_bytes!("../guest/demo.bin");
 /// Guest-physical load address of the image (1 MiB, as in its multiboot header).
 pub const LOAD_ADDR: u64 = 0x10_0000;
 
-/// Entry point: 32-bit protected mode, ring 0, paging off; the guest then
-/// builds its own page tables and enters long mode (see `guest/README.md`).
+/// Entry point: 32-bit protected mode, ring 0, paging off, `edi` = the
+/// vCPU's index; the guest then builds its own page tables and enters long
+/// mode (see `guest/README.md`).
 pub const ENTRY: u64 = 0x10_0020;
 
 /// Guest-physical address of the parameter block the VMM writes before boot.
@@ -25,7 +29,15 @@ pub const PARAM_ADDR: u64 = 0x5000;
 /// Parameter block magic ("LMGP" little-endian).
 pub const PARAM_MAGIC: u32 = 0x5047_4D4C;
 /// Parameter block layout version understood by the image.
-pub const PARAM_VERSION: u32 = 1;
+pub const PARAM_VERSION: u32 = 2;
+/// Size of the parameter block.
+pub const PARAM_BYTES: usize = 32;
+/// Most vCPUs the image runs on.
+pub const MAX_VCPUS: u32 = 8;
+/// Parameter block flag: the VMM has KVM's in-kernel irqchip (PIC, LAPIC)
+/// and PIT and a 16550 serial port at [`PORT_SERIAL`], so vCPU 0 counts
+/// timer ticks and writes lines.
+pub const FLAG_DEVICES: u32 = 1;
 
 /// `out` port: sent once on reaching ring 3; 1 = parameters used, 0 = defaults.
 pub const PORT_BOOTED: u16 = 0x510;
@@ -36,13 +48,28 @@ pub const PORT_PROGRESS: u16 = 0x514;
 pub const PORT_GENERATION: u16 = 0x518;
 /// `out` port: index of a page whose previous stamp was wrong.
 pub const PORT_MISMATCH: u16 = 0x51C;
+/// The first port of the 16550 serial port (COM1) the guest writes its
+/// line sequence to, with [`FLAG_DEVICES`]: 8 ports from here.
+pub const PORT_SERIAL: u16 = 0x3F8;
 
-/// Guest-physical address of the guest's stamp counter: a little-endian
-/// u64, the pages stamped since boot, incremented after each page's last
-/// store. Stamp `k` (counting from 0) is page `k % ws_pages` of generation
-/// `k / ws_pages + 1`, so the counter says exactly where the guest stands
-/// at any stop, whether or not a generation completed since.
+/// Guest-physical address of vCPU 0's stamp counter; vCPU `i`'s is
+/// [`STAMPED_STRIDE`] `* i` above ([`stamped_addr`]). Each is a
+/// little-endian u64, the pages that vCPU stamped since boot, incremented
+/// after each page's last store. With `m` pages owned by the vCPU, its
+/// stamp `k` (counting from 0) is its owned page `k % m` of generation
+/// `k / m + 1`, so the counter says exactly where it stands at any stop,
+/// whether or not a generation completed since.
 pub const STAMPED_ADDR: u64 = 0x5100;
+/// Distance between two vCPUs' stamp counters (a cache line each).
+pub const STAMPED_STRIDE: u64 = 64;
+/// Guest-physical address of the tick counter (u64): PIT interrupts vCPU 0
+/// took, with [`FLAG_DEVICES`]. KVM's PIT re-injects the ticks the guest
+/// could not take, so it counts milliseconds of wall-clock time since the
+/// PIT started, catching up after a pause.
+pub const TICKS_ADDR: u64 = 0x5300;
+/// Guest-physical address of the next number the serial sequence carries
+/// (u64), with [`FLAG_DEVICES`]: the lines written so far are `0 ..` it.
+pub const SERIAL_SEQ_ADDR: u64 = 0x5308;
 
 /// Stamp check word ("LMIG" little-endian) at offset 8 of a stamped page.
 pub const STAMP_MAGIC: u32 = 0x4749_4D4C;
@@ -61,16 +88,39 @@ pub struct GuestParams {
     pub batch: u32,
     /// `pause` iterations between two idle PROGRESS exits (non-zero).
     pub idle_spins: u32,
+    /// vCPUs the guest runs on (1 ..= [`MAX_VCPUS`]); the VMM starts each
+    /// at [`ENTRY`] with its index in `edi`.
+    pub vcpus: u32,
+    /// Whether the VMM has the devices of [`FLAG_DEVICES`].
+    pub devices: bool,
+}
+
+/// Guest-physical address of vCPU `vcpu`'s stamp counter.
+pub fn stamped_addr(vcpu: u32) -> u64 {
+    STAMPED_ADDR + STAMPED_STRIDE * u64::from(vcpu)
+}
+
+/// How many pages of a `ws_pages` working set vCPU `vcpu` of `vcpus`
+/// stamps: pages `vcpu, vcpu + vcpus, ...` below `ws_pages`.
+pub fn owned_pages(ws_pages: u32, vcpus: u32, vcpu: u32) -> u32 {
+    if vcpu >= ws_pages {
+        0
+    } else {
+        (ws_pages - vcpu).div_ceil(vcpus)
+    }
 }
 
 impl Default for GuestParams {
-    /// The image's own defaults: 4 MiB at 2 MiB, exits every 256 pages.
+    /// The image's own defaults: 4 MiB at 2 MiB, exits every 256 pages,
+    /// one vCPU, no devices.
     fn default() -> Self {
         GuestParams {
             ws_start: 0x20_0000,
             ws_pages: 1024,
             batch: 256,
             idle_spins: 4_000_000,
+            vcpus: 1,
+            devices: false,
         }
     }
 }
@@ -89,6 +139,8 @@ pub enum GuestError {
     },
     /// `batch` or `idle_spins` is zero (the guest would count down forever).
     ZeroCount,
+    /// The vCPU count is 0 or above [`MAX_VCPUS`].
+    BadVcpuCount(u32),
     /// Writing into guest RAM failed (RAM too small for the image).
     Memory(MemoryError),
 }
@@ -101,6 +153,9 @@ impl fmt::Display for GuestError {
                 "working set {pages} pages at {start:#x} is misaligned, below {MIN_WS_START:#x} or beyond RAM ({ram:#x}) / 4 GiB"
             ),
             GuestError::ZeroCount => f.write_str("guest batch and idle_spins must be non-zero"),
+            GuestError::BadVcpuCount(n) => {
+                write!(f, "the demo guest runs on 1 to {MAX_VCPUS} vCPUs, not {n}")
+            }
             GuestError::Memory(e) => write!(f, "loading the guest: {e}"),
         }
     }
@@ -109,8 +164,8 @@ impl fmt::Display for GuestError {
 impl std::error::Error for GuestError {}
 
 impl GuestParams {
-    /// The 24-byte parameter block as the guest reads it.
-    pub fn encode(&self) -> [u8; 24] {
+    /// The parameter block as the guest reads it.
+    pub fn encode(&self) -> [u8; PARAM_BYTES] {
         let fields = [
             PARAM_MAGIC,
             PARAM_VERSION,
@@ -118,17 +173,23 @@ impl GuestParams {
             self.ws_pages,
             self.batch,
             self.idle_spins,
+            self.vcpus,
+            if self.devices { FLAG_DEVICES } else { 0 },
         ];
-        let mut out = [0u8; 24];
+        let mut out = [0u8; PARAM_BYTES];
         for (chunk, v) in out.chunks_exact_mut(4).zip(fields) {
             chunk.copy_from_slice(&v.to_le_bytes());
         }
         out
     }
 
-    fn validate(&self, ram: u64) -> Result<(), GuestError> {
+    /// Checks the parameters fit the image and a guest of `ram` bytes.
+    pub fn validate(&self, ram: u64) -> Result<(), GuestError> {
         if self.batch == 0 || self.idle_spins == 0 {
             return Err(GuestError::ZeroCount);
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(GuestError::BadVcpuCount(self.vcpus));
         }
         let end = self.ws_start + u64::from(self.ws_pages) * PAGE_SIZE as u64;
         if self.ws_start % PAGE_SIZE as u64 != 0
@@ -146,43 +207,69 @@ impl GuestParams {
     }
 }
 
-/// Pages the guest has stamped since boot: the counter at [`STAMPED_ADDR`].
-/// Exact only while its vCPU is stopped.
-pub fn stamped(ram: &GuestMemory) -> Result<u64, GuestError> {
+/// Pages the guest has stamped since boot: the sum of its vCPUs' counters
+/// ([`stamped_addr`]). Exact only while its vCPUs are stopped.
+pub fn stamped(mem: &GuestMemory) -> Result<u64, GuestError> {
+    let ws = working_set(mem)?;
+    (0..ws.vcpus).try_fold(0u64, |sum, v| Ok(sum + stamped_by(mem, v)?))
+}
+
+/// Pages vCPU `vcpu` has stamped since boot.
+pub fn stamped_by(mem: &GuestMemory, vcpu: u32) -> Result<u64, GuestError> {
     let mut b = [0u8; 8];
-    ram.read(STAMPED_ADDR, &mut b).map_err(GuestError::Memory)?;
+    mem.read(stamped_addr(vcpu), &mut b)
+        .map_err(GuestError::Memory)?;
     Ok(u64::from_le_bytes(b))
 }
 
-/// The working set the guest uses (start, pages), read back from the
-/// parameter block in its memory, with the image's defaults when the block
-/// is absent, exactly as the guest itself decides.
-pub fn working_set(ram: &GuestMemory) -> Result<(u64, u32), GuestError> {
-    let mut b = [0u8; 24];
-    ram.read(PARAM_ADDR, &mut b).map_err(GuestError::Memory)?;
+/// The working set and vCPU count the guest uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// Guest-physical start.
+    pub start: u64,
+    /// Pages.
+    pub pages: u32,
+    /// vCPUs sharing it.
+    pub vcpus: u32,
+}
+
+/// The working set the guest uses, read back from the parameter block in
+/// its memory, with the image's defaults when the block is absent, exactly
+/// as the guest itself decides.
+pub fn working_set(mem: &GuestMemory) -> Result<WorkingSet, GuestError> {
+    let mut b = [0u8; PARAM_BYTES];
+    mem.read(PARAM_ADDR, &mut b).map_err(GuestError::Memory)?;
     let field = |i: usize| {
         let mut w = [0u8; 4];
         w.copy_from_slice(&b[i * 4..i * 4 + 4]);
         u32::from_le_bytes(w)
     };
     if field(0) == PARAM_MAGIC && field(1) == PARAM_VERSION {
-        Ok((u64::from(field(2)), field(3)))
+        Ok(WorkingSet {
+            start: u64::from(field(2)),
+            pages: field(3),
+            vcpus: field(6).clamp(1, MAX_VCPUS),
+        })
     } else {
         let d = GuestParams::default();
-        Ok((d.ws_start, d.ws_pages))
+        Ok(WorkingSet {
+            start: d.ws_start,
+            pages: d.ws_pages,
+            vcpus: d.vcpus,
+        })
     }
 }
 
 /// What [`check_stamps`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StampCheck {
-    /// Pages stamped since boot ([`stamped`]).
+    /// Pages stamped since boot, by all vCPUs ([`stamped`]).
     pub stamped: u64,
     /// Working-set pages whose stamp was checked.
     pub checked: u64,
     /// Working-set pages that do not hold the stamp the counter implies.
     pub wrong: u64,
-    /// The first of them (page index in the working set).
+    /// The lowest of them (page index in the working set).
     pub first_wrong: Option<u32>,
 }
 
@@ -193,59 +280,65 @@ impl StampCheck {
     }
 }
 
-/// Checks every page of the working set against the stamp counter, with
-/// the vCPU stopped: page `i` must hold the stamp of the last time the
-/// counter passed it (generation `g`: `i`, `g`, "LMIG", `!(i ^ g)` at the
-/// start, `i`, `g` at the end), or nothing if the guest never reached it.
-/// The page the guest was stamping when it stopped (index `stamped %
-/// ws_pages`) may be half written and is skipped. After a migration this
-/// proves that the pages stamped since the switchover carry the right
-/// stamps, and that every other page kept the stamp it had.
-pub fn check_stamps(ram: &GuestMemory) -> Result<StampCheck, GuestError> {
-    let stamped = stamped(ram)?;
-    let (start, pages) = working_set(ram)?;
+/// Checks every page of the working set against the stamp counters, with
+/// the vCPUs stopped: the `l`-th page owned by vCPU `v` (index `p = v + l *
+/// vcpus`) must hold the stamp of the last time `v`'s counter passed it
+/// (generation `g`: `p`, `g`, "LMIG", `!(p ^ g)` at the start, `p`, `g` at
+/// the end), or nothing if the vCPU never reached it. The page each vCPU
+/// was stamping when it stopped (its owned page `counter % owned`) may be
+/// half written and is skipped. After a migration this proves that the
+/// pages stamped since the switchover carry the right stamps, and that
+/// every other page kept the stamp it had.
+pub fn check_stamps(mem: &GuestMemory) -> Result<StampCheck, GuestError> {
+    let ws = working_set(mem)?;
     let mut check = StampCheck {
-        stamped,
+        stamped: 0,
         checked: 0,
         wrong: 0,
         first_wrong: None,
     };
-    if pages == 0 {
-        return Ok(check);
-    }
-    let n = u64::from(pages);
-    let (full, current) = (stamped / n, (stamped % n) as u32);
     let page = PAGE_SIZE as u64;
-    for i in (0..pages).filter(|&i| i != current) {
-        // Generations are 32-bit in the guest (its `ebp`), wrapping alike.
-        let g = (full + u64::from(i < current)) as u32;
-        let want = if g == 0 {
-            [0; 6]
-        } else {
-            [i, g, STAMP_MAGIC, !(i ^ g), i, g]
-        };
-        let gpa = start + u64::from(i) * page;
-        let (mut head, mut tail) = ([0u8; 16], [0u8; 8]);
-        ram.read(gpa, &mut head).map_err(GuestError::Memory)?;
-        ram.read(gpa + page - 8, &mut tail)
-            .map_err(GuestError::Memory)?;
-        let word = |b: &[u8], k: usize| {
-            let mut w = [0u8; 4];
-            w.copy_from_slice(&b[k * 4..k * 4 + 4]);
-            u32::from_le_bytes(w)
-        };
-        let got = [
-            word(&head, 0),
-            word(&head, 1),
-            word(&head, 2),
-            word(&head, 3),
-            word(&tail, 0),
-            word(&tail, 1),
-        ];
-        check.checked += 1;
-        if got != want {
-            check.wrong += 1;
-            check.first_wrong.get_or_insert(i);
+    for v in 0..ws.vcpus {
+        let stamped = stamped_by(mem, v)?;
+        check.stamped += stamped;
+        let owned = owned_pages(ws.pages, ws.vcpus, v);
+        if owned == 0 {
+            continue;
+        }
+        let n = u64::from(owned);
+        let (full, current) = (stamped / n, (stamped % n) as u32);
+        for l in (0..owned).filter(|&l| l != current) {
+            let i = v + l * ws.vcpus;
+            // Generations are 32-bit in the guest (its `ebp`), wrapping alike.
+            let g = (full + u64::from(l < current)) as u32;
+            let want = if g == 0 {
+                [0; 6]
+            } else {
+                [i, g, STAMP_MAGIC, !(i ^ g), i, g]
+            };
+            let gpa = ws.start + u64::from(i) * page;
+            let (mut head, mut tail) = ([0u8; 16], [0u8; 8]);
+            mem.read(gpa, &mut head).map_err(GuestError::Memory)?;
+            mem.read(gpa + page - 8, &mut tail)
+                .map_err(GuestError::Memory)?;
+            let word = |b: &[u8], k: usize| {
+                let mut w = [0u8; 4];
+                w.copy_from_slice(&b[k * 4..k * 4 + 4]);
+                u32::from_le_bytes(w)
+            };
+            let got = [
+                word(&head, 0),
+                word(&head, 1),
+                word(&head, 2),
+                word(&head, 3),
+                word(&tail, 0),
+                word(&tail, 1),
+            ];
+            check.checked += 1;
+            if got != want {
+                check.wrong += 1;
+                check.first_wrong = Some(check.first_wrong.map_or(i, |f| f.min(i)));
+            }
         }
     }
     Ok(check)
@@ -329,7 +422,14 @@ mod tests {
             ..GuestParams::default()
         };
         load(&ram, &p).unwrap();
-        assert_eq!(working_set(&ram).unwrap(), (2 << 20, 8));
+        assert_eq!(
+            working_set(&ram).unwrap(),
+            WorkingSet {
+                start: 2 << 20,
+                pages: 8,
+                vcpus: 1
+            }
+        );
         // Two whole generations and three pages of the third: counter 19,
         // page 3 being stamped (half written: skipped).
         for k in 0..19u32 {
@@ -364,6 +464,40 @@ mod tests {
     }
 
     #[test]
+    fn each_vcpu_is_checked_against_its_own_counter() {
+        let ram = fresh_ram(4 << 20);
+        let p = GuestParams {
+            ws_start: 2 << 20,
+            ws_pages: 8,
+            vcpus: 3,
+            ..GuestParams::default()
+        };
+        load(&ram, &p).unwrap();
+        // vCPU 0 owns pages 0, 3, 6; vCPU 1 owns 1, 4, 7; vCPU 2 owns 2, 5.
+        assert_eq!(
+            (0..3).map(|v| owned_pages(8, 3, v)).collect::<Vec<_>>(),
+            [3, 3, 2]
+        );
+        assert_eq!(owned_pages(2, 3, 2), 0);
+        // vCPU 0: one generation and one page (page 0 at generation 2, page
+        // 3 being stamped); vCPU 1: two pages of generation 1; vCPU 2:
+        // nothing yet.
+        for (page, g) in [(0, 2), (3, 1), (6, 1), (1, 1), (4, 1)] {
+            stamp(&ram, p.ws_start, page, g);
+        }
+        ram.write(stamped_addr(0), &4u64.to_le_bytes()).unwrap();
+        ram.write(stamped_addr(1), &2u64.to_le_bytes()).unwrap();
+        let c = check_stamps(&ram).unwrap();
+        // Skipped: vCPU 0's page 3, vCPU 1's page 7, vCPU 2's page 2.
+        assert_eq!((c.stamped, c.checked, c.wrong), (6, 5, 0), "{c:?}");
+        assert_eq!(stamped(&ram).unwrap(), 6);
+        // A stamp vCPU 2 never wrote is found on its page.
+        stamp(&ram, p.ws_start, 5, 1);
+        let c = check_stamps(&ram).unwrap();
+        assert_eq!((c.wrong, c.first_wrong), (1, Some(5)), "{c:?}");
+    }
+
+    #[test]
     fn params_validated_and_encoded() {
         let p = GuestParams::default();
         let b = p.encode();
@@ -378,6 +512,17 @@ mod tests {
         assert!(low.validate(64 << 20).is_err());
         let zero = GuestParams { batch: 0, ..p };
         assert_eq!(zero.validate(64 << 20), Err(GuestError::ZeroCount));
+        for vcpus in [0, MAX_VCPUS + 1] {
+            let bad = GuestParams { vcpus, ..p };
+            assert_eq!(bad.validate(64 << 20), Err(GuestError::BadVcpuCount(vcpus)));
+        }
+        let b = GuestParams {
+            vcpus: 4,
+            devices: true,
+            ..p
+        }
+        .encode();
+        assert_eq!(&b[24..32], &[4, 0, 0, 0, 1, 0, 0, 0]);
         let top = GuestParams {
             ws_start: (4 << 30) - 4096,
             ws_pages: 2,

@@ -16,8 +16,11 @@
 //! - [`x86`]: the x86 state KVM keeps outside guest RAM — each vCPU's
 //!   registers, LAPIC and MSRs, the VM's irqchip, PIT and kvmclock — with
 //!   byte encodings, and the CPU model record a destination checks.
-//! - [`guest`]: the demo guest (a multiboot image that stamps and re-checks a
-//!   working set from ring 3) and its parameter block and ports.
+//! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp and
+//!   re-check their share of a working set from ring 3, with a timer and a
+//!   serial line when the VMM has them), its parameter block and ports, and
+//!   the stamp checks. It stays here while [`vcpu`] and [`migrate`] still
+//!   run it themselves.
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, socket
 //!   set-up, inherited descriptors, the connection carrying the stream and
 //!   its return path, and page batches written with one vectored `sendmsg`
