@@ -300,7 +300,9 @@ mod tests {
         };
         let w = host.to_string();
         assert!(
-            w.starts_with("the destination failed loading device state: loading the vCPU state failed:"),
+            w.starts_with(
+                "the destination failed loading device state: loading the vCPU state failed:"
+            ),
             "{w}"
         );
         assert!(w.contains("KVM_SET_REGS"), "{w}");

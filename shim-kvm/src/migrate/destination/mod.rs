@@ -465,7 +465,7 @@ impl DestinationHost for KvmHost<'_> {
         }
         self.vcpu
             .load_state(device.data)
-            .map_err(|e| HostFailure::LoadVcpu(e))
+            .map_err(HostFailure::LoadVcpu)
     }
 
     fn postcopy(&mut self) -> Option<&mut dyn EnginePostcopyHost<Error = HostFailure>> {
@@ -493,9 +493,7 @@ impl EnginePostcopyHost for KvmHost<'_> {
             .and_then(|layout| GuestMemory::anonymous(&layout))
             .map_err(HostFailure::ProbeMemory)
             .and_then(|r| PostcopyRam::register(r).map_err(HostFailure::NoUserfaultfd));
-        if let Err(e) = probe {
-            return Err(e);
-        }
+        probe?;
         if let Err(e) = reset_dirty_log(self.vm) {
             return Err(HostFailure::ResetDirtyLog(e));
         }
@@ -509,7 +507,7 @@ impl EnginePostcopyHost for KvmHost<'_> {
     fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostFailure> {
         let ram = self.postcopy_ram()?;
         ram.discard(range.first * PAGE, range.count * PAGE)
-            .map_err(|e| HostFailure::Discard(e))?;
+            .map_err(HostFailure::Discard)?;
         self.note_zero(range.first, range.count);
         Ok(())
     }
