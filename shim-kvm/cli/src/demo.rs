@@ -434,6 +434,7 @@ fn send_summary(out: &SendOutcome) -> Summary {
         backend: "kvm".into(),
         digest: out.digest,
         error,
+        guest: None,
         extra,
     }
 }
@@ -950,6 +951,7 @@ pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summ
         backend: "simulated".into(),
         digest: out.stop_digest,
         error: None,
+        guest: None,
         extra,
     })
 }

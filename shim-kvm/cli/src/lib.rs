@@ -5,6 +5,8 @@
 //!   simulated fallback over livemig-sim when there is no `/dev/kvm`);
 //!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
 //!   run.
+//! - [`continuity`]: whether the guest went on after a migration (every
+//!   vCPU's stamp counter, the timer, the serial sequence across hosts).
 //! - [`vmm`]: the demo VMM, built like an outside VMM on rust-vmm crates
 //!   (its own KVM VM, vm-memory RAM, in-kernel irqchip and PIT, a
 //!   vm-superio serial port, `--vcpus N` vCPU threads), which implements
@@ -20,6 +22,7 @@
 use livemig_kvm::{clock, dirty_log, guest, interrupt, memory, migrate, transport, vcpu, vm};
 
 pub mod bench;
+pub mod continuity;
 pub mod demo;
 pub mod options;
 pub mod report;
