@@ -39,15 +39,16 @@ pub fn serial_continued(source: &[u8], destination: &[u8]) -> bool {
     in_sequence && total > before
 }
 
-/// How many vCPUs' stamp counters moved on: `after[i] > at_stop[i]`. A
-/// count mismatch (a vCPU missing on one side) counts only the vCPUs both
-/// sides have.
-pub fn vcpus_continued(at_stop: &[u64], after: &[u64]) -> u32 {
-    at_stop
-        .iter()
-        .zip(after)
-        .filter(|(stop, after)| after > stop)
-        .count() as u32
+/// Whether one vCPU went on: its stamp counter moved past its value at
+/// the stop (`after > at_stop`); a vCPU that owns no page of the working
+/// set (an idle guest, or more vCPUs than pages) stamps nothing, so its
+/// progress exits since the start count instead.
+pub fn vcpu_continued(at_stop: u64, after: u64, owns_pages: bool, progress_exits: u64) -> bool {
+    if owns_pages {
+        after > at_stop
+    } else {
+        progress_exits > 0
+    }
 }
 
 /// The guest's continuity across one migration (`demo`'s `"guest"`).
@@ -55,8 +56,8 @@ pub fn vcpus_continued(at_stop: &[u64], after: &[u64]) -> u32 {
 pub struct GuestContinuity {
     /// vCPUs the guest runs on.
     pub vcpus: u32,
-    /// vCPUs whose stamp counter on the destination moved past its value
-    /// at the stop.
+    /// vCPUs that went on on the destination ([`vcpu_continued`]: their
+    /// stamp counter moved past its value at the stop).
     pub vcpus_continued: u32,
     /// vCPU 0's tick counter at the stop (source memory).
     pub ticks_at_stop: u64,
@@ -141,9 +142,12 @@ mod tests {
 
     #[test]
     fn a_vcpu_continued_only_when_its_counter_moved() {
-        assert_eq!(vcpus_continued(&[5, 7, 9, 0], &[6, 7, 10, 1]), 3);
-        assert_eq!(vcpus_continued(&[5, 7], &[6]), 1);
-        assert_eq!(vcpus_continued(&[], &[]), 0);
+        assert!(vcpu_continued(5, 6, true, 0));
+        assert!(!vcpu_continued(5, 5, true, 100));
+        assert!(!vcpu_continued(5, 4, true, 100));
+        // An idle vCPU is judged by its progress exits.
+        assert!(vcpu_continued(0, 0, false, 3));
+        assert!(!vcpu_continued(0, 0, false, 0));
     }
 
     #[test]

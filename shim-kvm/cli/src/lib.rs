@@ -7,6 +7,8 @@
 //!   run.
 //! - [`continuity`]: whether the guest went on after a migration (every
 //!   vCPU's stamp counter, the timer, the serial sequence across hosts).
+//! - [`watch`]: the guest read at the stop and after the switchover, that
+//!   continuity is decided from.
 //! - [`vmm`]: the demo VMM, built like an outside VMM on rust-vmm crates
 //!   (its own KVM VM, vm-memory RAM, in-kernel irqchip and PIT, a
 //!   vm-superio serial port, `--vcpus N` vCPU threads), which implements
@@ -28,3 +30,4 @@ pub mod options;
 pub mod report;
 pub mod run;
 pub mod vmm;
+pub mod watch;
