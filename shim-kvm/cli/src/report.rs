@@ -12,8 +12,8 @@ use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
-use crate::clock;
 use crate::continuity::GuestContinuity;
+use livemig_kvm::clock;
 
 const MIB: f64 = (1u64 << 20) as f64;
 

@@ -127,6 +127,12 @@ impl GuestAfter {
         })
     }
 
+    /// Whether vCPU `index` owns pages of the working set (one that owns
+    /// none stamps nothing: its progress exits show it runs).
+    pub fn owns_pages(&self, index: usize) -> bool {
+        guest::owned_pages(self.working_set.pages, self.working_set.vcpus, index as u32) > 0
+    }
+
     /// No vCPU stopped or reported a mismatch, and every page holds the
     /// stamp its counter implies.
     pub fn healthy(&self) -> bool {
