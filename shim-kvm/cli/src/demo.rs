@@ -69,6 +69,7 @@ use livemig_kvm::{
 };
 
 use crate::continuity::{GuestContinuity, serial_continued, serial_sequence, vcpu_continued};
+use crate::guest_writes::{WriteLog, WritesError, digest_outside};
 use crate::report::{Progress, Summary};
 use crate::vmm::vcpus::VcpuError;
 use crate::vmm::{BootError, DemoVmm};
@@ -96,6 +97,9 @@ pub enum DemoError {
     NotBooted(String),
     /// The guest could not be read at the stop or after the watch.
     Watch(WatchError),
+    /// The destination guest's writes could not be logged or the rest
+    /// digested.
+    Writes(WritesError),
     /// The guest parameters do not fit the RAM.
     Guest(String),
     /// The migration could not be set up.
@@ -118,6 +122,7 @@ impl fmt::Display for DemoError {
             DemoError::Vcpu(e) => write!(f, "{e}"),
             DemoError::NotBooted(e) => write!(f, "the demo guest {e}"),
             DemoError::Watch(e) => write!(f, "{e}"),
+            DemoError::Writes(e) => write!(f, "{e}"),
             DemoError::Guest(e) => write!(f, "demo guest: {e}"),
             DemoError::Migrate(e) => e.fmt(f),
             DemoError::Failed(e) => write!(f, "migration failed: {e}"),
@@ -724,6 +729,10 @@ pub fn run_receive(
         idle_timeout,
         digest: true,
     };
+    // From before the first page: after a postcopy it says which pages
+    // the guest wrote here.
+    let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())
+        .map_err(DemoError::Writes)?;
     let handle = livemig_kvm::receive(destination_vm(&vmm), conn, options)?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
@@ -774,13 +783,31 @@ pub fn run_receive(
     if report.error.is_some() || !report.started {
         return Ok(receive_summary(&report, None, None, blocktime));
     }
-    let after = GuestAfter::watch(&vmm, run_for).map_err(DemoError::Watch)?;
-    Ok(receive_summary(
-        &report,
-        Some(&after),
-        report.started_ns,
-        blocktime,
-    ))
+    if report.postcopy.is_none() {
+        log.stop().map_err(DemoError::Writes)?;
+        let after = GuestAfter::watch(&vmm, run_for).map_err(DemoError::Watch)?;
+        return Ok(receive_summary(
+            &report,
+            Some(&after),
+            report.started_ns,
+            blocktime,
+        ));
+    }
+    let (after, writes) =
+        GuestAfter::watch_then(&vmm, run_for, || log.finish()).map_err(DemoError::Watch)?;
+    let writes = writes.map_err(DemoError::Writes)?;
+    let mut summary = receive_summary(&report, Some(&after), report.started_ns, blocktime);
+    summary
+        .extra
+        .insert("guest-written-pages".into(), json!(writes.pages));
+    summary
+        .extra
+        .insert("guest-written-ranges".into(), json!(writes.ranges));
+    summary.extra.insert(
+        "digest-unwritten".into(),
+        json!(format!("{:#018x}", writes.digest)),
+    );
+    Ok(summary)
 }
 
 /// What the destination wrote on stderr (its error line, if any).
@@ -939,6 +966,7 @@ pub fn run_demo_with(
             "postcopy-fault-latency",
             "postcopy-blocktime",
             "postcopy-vcpu-blocktime",
+            "guest-written-pages",
         ] {
             if let Some(v) = dest.get(key) {
                 summary.extra.insert(key.into(), v.clone());
@@ -973,10 +1001,32 @@ pub fn run_demo_with(
     let continued =
         stamps_ok && mismatches == 0 && !stopped && guest.as_ref().is_some_and(GuestContinuity::ok);
     summary.guest = guest;
+    // After a postcopy the destination guest ran while its memory came:
+    // the pages it did not write are compared (the ones it wrote, by its
+    // own stamp checks).
+    let memory_equal = if postcopy {
+        let written: Option<Vec<(u64, u64)>> = dest
+            .get("guest-written-ranges")
+            .and_then(|r| serde_json::from_value(r.clone()).ok());
+        let theirs = dest
+            .get("digest-unwritten")
+            .and_then(Value::as_str)
+            .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
+        let ours = written
+            .filter(|_| out.at_stop.is_some())
+            .and_then(|w| digest_outside(vmm.guest_memory(), &w).ok());
+        if let Some(d) = ours {
+            summary
+                .extra
+                .insert("digest-unwritten".into(), json!(format!("{d:#018x}")));
+        }
+        ours.is_some() && ours == theirs
+    } else {
+        out.digest.is_some() && out.digest == dest_digest
+    };
     summary.verified = out.report.stats.status == MigrationStatus::Completed
         && dest.get("status").and_then(Value::as_str) == Some("completed")
-        && out.digest.is_some()
-        && out.digest == dest_digest
+        && memory_equal
         && continued;
     summary.extra.insert("destination".into(), dest.clone());
     if out.report.stats.status == MigrationStatus::Completed {

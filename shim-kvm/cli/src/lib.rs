@@ -9,6 +9,9 @@
 //!   vCPU's stamp counter, the timer, the serial sequence across hosts).
 //! - [`watch`]: the guest read at the stop and after the switchover, that
 //!   continuity is decided from.
+//! - [`guest_writes`]: the destination guest's writes after a postcopy
+//!   (KVM's dirty log), and the digest of every other page both hosts
+//!   compare.
 //! - [`interrupt`]: Ctrl-C and SIGTERM as a cancel passed to the
 //!   migration's handle, and the operator's decision after an ambiguous
 //!   end (the hold).
@@ -26,6 +29,7 @@
 pub mod bench;
 pub mod continuity;
 pub mod demo;
+pub mod guest_writes;
 pub mod interrupt;
 pub mod options;
 pub mod report;

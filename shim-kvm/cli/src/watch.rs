@@ -98,16 +98,27 @@ impl GuestAfter {
     /// Lets the running guest run for `run_for`, pauses it, reads it and
     /// (unless a vCPU stopped) resumes it.
     pub fn watch(vmm: &DemoVmm, run_for: Duration) -> Result<GuestAfter, WatchError> {
+        Ok(GuestAfter::watch_then(vmm, run_for, || ())?.0)
+    }
+
+    /// [`GuestAfter::watch`], calling `paused` too while the guest is
+    /// paused (after it was read).
+    pub fn watch_then<T>(
+        vmm: &DemoVmm,
+        run_for: Duration,
+        paused: impl FnOnce() -> T,
+    ) -> Result<(GuestAfter, T), WatchError> {
         std::thread::sleep(run_for);
         let stopped = vmm.vcpus().stopped();
         if stopped.is_none() {
             vmm.vcpus().pause().map_err(WatchError::Vcpu)?;
         }
         let after = GuestAfter::read(vmm, stopped.map(|e| e.to_string()))?;
+        let t = paused();
         if after.stopped.is_none() {
             vmm.vcpus().resume().map_err(WatchError::Vcpu)?;
         }
-        Ok(after)
+        Ok((after, t))
     }
 
     /// Reads the paused guest (`stopped`: why a vCPU stopped, if one did).
