@@ -128,7 +128,7 @@ pub fn digest_outside(memory: &GuestMemory, written: &[(u64, u64)]) -> Result<u6
             while next.peek().is_some_and(|&&(f, c)| f + c <= p) {
                 next.next();
             }
-            !next.peek().is_some_and(|&&(f, _)| f <= p)
+            next.peek().is_none_or(|&&(f, _)| f > p)
         })
         .collect();
     memory.digest_of(pages)
