@@ -10,17 +10,16 @@
 //! - [`dirty_log`]: dirty logging turned on for the VMM's memslots, in
 //!   manual-protect mode (fetch without re-protecting, then clear
 //!   64-page-aligned chunks with the fetched mask), legacy mode as fallback.
-//! - [`vm`]: the demo's KVM VM, with one memslot per GiB of its RAM.
-//! - [`vcpu`]: the vCPU thread, pause/resume for the stop-and-copy, a dirty
-//!   rate throttle, and its state as a device blob.
+//! - [`vmm`]: what a VMM lends livemig — its vCPUs, its device sections,
+//!   the guest pages its devices write — as traits it implements over the
+//!   objects it already has.
 //! - [`x86`]: the x86 state KVM keeps outside guest RAM — each vCPU's
 //!   registers, LAPIC and MSRs, the VM's irqchip, PIT and kvmclock — with
 //!   byte encodings, and the CPU model record a destination checks.
 //! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp and
 //!   re-check their share of a working set from ring 3, with a timer and a
 //!   serial line when the VMM has them), its parameter block and ports, and
-//!   the stamp checks. It stays here while [`vcpu`] and [`migrate`] still
-//!   run it themselves.
+//!   the stamp checks. Only the `livemig` tool uses it; it moves there.
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, socket
 //!   set-up, inherited descriptors, the connection carrying the stream and
 //!   its return path, and page batches written with one vectored `sendmsg`
@@ -28,26 +27,31 @@
 //! - [`postcopy`]: the destination's postcopy RAM, registered with
 //!   userfaultfd so missing pages block their first toucher until placed,
 //!   and the fault thread that forwards those faults as page requests.
-//! - [`migrate`]: the source and destination drivers of the engines, over
-//!   the pieces above, each on a migration thread of its own behind a
+//! - [`migrate`]: the source and destination drivers of the engines over
+//!   the VMM's guest ([`SourceVm`] into [`migrate()`], [`DestinationVm`]
+//!   into [`receive`]), each on a migration thread of its own behind a
 //!   handle (live statistics, cancel, join); [`clock`] is the monotonic
 //!   clock they share.
 //!
 //! The `livemig` tool that drives these pieces is its own package,
 //! livemig-cli (`shim-kvm/cli/`).
 //!
-//! Every `unsafe` block is in `memory`, `dirty_log`, `vm`, `vcpu`,
-//! `transport`, `clock`, `interrupt`, `postcopy` and `x86`, each with a `// SAFETY:` line.
+//! Every `unsafe` block is in `memory`, `dirty_log`, `transport`, `clock`,
+//! `postcopy` and `x86`, each with a `// SAFETY:` line.
 
 pub mod clock;
 pub mod dirty_log;
 pub mod guest;
-pub mod interrupt;
 pub mod memory;
 pub mod migrate;
 pub mod postcopy;
 pub mod transport;
-pub mod vcpu;
-pub mod vm;
 pub mod vmm;
 pub mod x86;
+
+pub use migrate::{
+    CancelRefused, DestinationReport, DestinationVm, MigrateError, MigrationHandle, ReceiveHandle,
+    ReceiveOptions, SourceOptions, SourceReport, SourceVm, migrate, receive,
+};
+pub use transport::Connection;
+pub use vmm::{DeviceDirtyLog, DeviceSection, Vcpus, VmmError};

@@ -20,7 +20,7 @@
 //!   unprivileged process may create) does not receive those faults: KVM
 //!   then finds no page, and the vCPU exits with an MMIO read *inside* RAM.
 //!   This module always asks for a full userfaultfd (which needs root or
-//!   `CAP_SYS_PTRACE`), and [`PostcopyRam::explain_vcpu_error`] names this
+//!   `CAP_SYS_PTRACE`), and [`PostcopyRam::explain_mmio_exit`] names this
 //!   cause when that misleading exit happens anyway.
 //! - `UFFDIO_COPY` onto a page that is already present fails with `EEXIST`,
 //!   and a copy that stops part-way reports `EAGAIN` with the bytes done.
@@ -64,7 +64,6 @@ use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd,
 
 use crate::clock;
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
-use crate::vcpu::VcpuError;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -755,12 +754,11 @@ impl PostcopyRam {
         out
     }
 
-    /// Turns the vCPU's "MMIO inside RAM" error into the postcopy cause when
-    /// this RAM is registered: KVM's fault was not delivered to userfaultfd
-    /// (a user-mode-only userfaultfd was used). `None` when the error is
-    /// something else.
-    pub fn explain_vcpu_error(&self, err: &VcpuError) -> Option<PostcopyError> {
-        let addr = vanished_addr(err)?;
+    /// Explains a VMM's vCPU exit for MMIO at guest-physical `addr`: when
+    /// `addr` is inside this registered RAM, KVM's fault was not delivered
+    /// to userfaultfd (a user-mode-only userfaultfd was used) and the page
+    /// looked missing. `None` when the address is not guest RAM here.
+    pub fn explain_mmio_exit(&self, addr: u64) -> Option<PostcopyError> {
         (self.is_registered() && self.ram.locate(addr).is_some())
             .then_some(PostcopyError::FaultNotDelivered { addr })
     }
@@ -850,16 +848,6 @@ impl Drop for PostcopyRam {
             // the huge-page hint.
             let _ = self.unregister();
         }
-    }
-}
-
-/// The guest-physical address of a "memory vanished" vCPU error, also when
-/// wrapped in the stopped-thread error.
-fn vanished_addr(err: &VcpuError) -> Option<u64> {
-    match err {
-        VcpuError::MemoryVanished { addr } => Some(*addr),
-        VcpuError::Stopped(Some(inner)) => vanished_addr(inner),
-        _ => None,
     }
 }
 
@@ -989,16 +977,7 @@ mod tests {
     }
 
     #[test]
-    fn vanished_memory_is_found_through_the_stopped_wrapper() {
-        let e = VcpuError::MemoryVanished { addr: 0x20_0000 };
-        assert_eq!(vanished_addr(&e), Some(0x20_0000));
-        let wrapped = VcpuError::Stopped(Some(Box::new(e)));
-        assert_eq!(vanished_addr(&wrapped), Some(0x20_0000));
-        assert_eq!(vanished_addr(&VcpuError::Stopped(None)), None);
-        assert_eq!(
-            vanished_addr(&VcpuError::MmioOutsideRam { addr: 1 << 40 }),
-            None
-        );
+    fn an_undelivered_fault_names_userfaultfd() {
         let msg = PostcopyError::FaultNotDelivered { addr: 0x20_0000 }.to_string();
         assert!(
             msg.contains("userfaultfd") && msg.contains("0x200000"),

@@ -11,10 +11,11 @@ use livemig_core::return_path::InvalidPageSize;
 use livemig_core::source::{SourceError, TrackingError};
 use livemig_core::wire::EncodeError;
 
+use super::vcpu_access::VcpuAccess;
 use crate::dirty_log::DirtyLogError;
 use crate::memory::MemoryError;
 use crate::transport::TransportError;
-use crate::vcpu::VcpuError;
+use crate::vmm::VmmError;
 
 /// Why a migration could not be set up or carried on. A migration that ran
 /// and failed is not an error: its report says how it ended.
@@ -36,15 +37,21 @@ pub enum MigrateError {
     ReturnPath(InvalidPageSize),
     /// The RAM layout could not be described.
     Layout(EncodeError),
-    /// A KVM operation on the vCPU failed.
-    Vcpu(VcpuError),
+    /// Reading or writing one of the VMM's vCPUs failed.
+    Vcpu(VcpuAccess),
+    /// The VMM failed to pause or resume its vCPUs.
+    Vmm(VmmError),
+    /// `/dev/kvm` could not be opened (to probe what a vCPU can save).
+    OpenKvm(kvm_ioctls::Error),
+    /// More vCPUs than the CPU model record can count.
+    TooManyVcpus(usize),
+    /// `auto-converge` was asked for, and the VMM's vCPUs cannot be
+    /// throttled ([`crate::vmm::Vcpus::can_throttle`]).
+    ThrottleUnsupported,
     /// Guest memory could not be read (a digest).
     Memory(MemoryError),
     /// KVM's dirty log could not be read.
     DirtyLog(DirtyLogError),
-    /// A page the guest wrote after a postcopy was never tracked as
-    /// installed, so the memory check cannot account for it.
-    UntrackedPage(u64),
     /// The migration thread could not be started.
     Spawn(io::Error),
     /// The migration thread panicked (a bug in livemig).
@@ -62,10 +69,15 @@ impl fmt::Display for MigrateError {
             MigrateError::PostcopyTracking(e) => write!(f, "postcopy tracking: {e}"),
             MigrateError::ReturnPath(e) => write!(f, "return path: {e}"),
             MigrateError::Layout(e) => write!(f, "RAM layout: {e}"),
-            MigrateError::Vcpu(e) => write!(f, "vCPU: {e}"),
+            MigrateError::Vcpu(e) => e.fmt(f),
+            MigrateError::Vmm(e) => write!(f, "the VMM's vCPUs: {e}"),
+            MigrateError::OpenKvm(e) => write!(f, "opening /dev/kvm: {e}"),
+            MigrateError::TooManyVcpus(n) => write!(f, "{n} vCPUs are more than livemig can count"),
+            MigrateError::ThrottleUnsupported => {
+                f.write_str("auto-converge refused: this VMM cannot throttle its vCPUs")
+            }
             MigrateError::Memory(e) => write!(f, "digest: {e}"),
             MigrateError::DirtyLog(e) => write!(f, "KVM_GET_DIRTY_LOG: {e}"),
-            MigrateError::UntrackedPage(p) => write!(f, "digest: page {p} was never tracked"),
             MigrateError::Spawn(e) => write!(f, "starting the migration thread: {e}"),
             MigrateError::Panicked => write!(f, "the migration thread panicked"),
         }
@@ -84,10 +96,14 @@ impl std::error::Error for MigrateError {
             MigrateError::ReturnPath(e) => Some(e),
             MigrateError::Layout(e) => Some(e),
             MigrateError::Vcpu(e) => Some(e),
+            MigrateError::Vmm(e) => Some(e.as_ref()),
+            MigrateError::OpenKvm(e) => Some(e),
             MigrateError::Memory(e) => Some(e),
             MigrateError::DirtyLog(e) => Some(e),
             MigrateError::Spawn(e) => Some(e),
-            MigrateError::UntrackedPage(_) | MigrateError::Panicked => None,
+            MigrateError::TooManyVcpus(_)
+            | MigrateError::ThrottleUnsupported
+            | MigrateError::Panicked => None,
         }
     }
 }

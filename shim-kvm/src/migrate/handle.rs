@@ -20,9 +20,9 @@ use livemig_core::source::SourceError;
 use livemig_core::stats::MigrationStats;
 
 use super::MigrateError;
+use super::cancel::CancelRequest;
 use super::destination::DestinationReport;
 use super::source::{CancelGate, SourceReport};
-use crate::interrupt::Cancel;
 
 /// What the migration thread and its handle share.
 #[derive(Debug, Default)]
@@ -33,7 +33,7 @@ pub(crate) struct Shared {
     finished: Mutex<bool>,
     ended: Condvar,
     /// The cancel (source) or interrupt (destination) request.
-    pub(crate) cancel: Cancel,
+    pub(crate) cancel: CancelRequest,
     /// The engine refused that request (the first refusal).
     refused: Mutex<Option<CancelRefused>>,
 }

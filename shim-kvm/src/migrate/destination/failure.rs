@@ -7,17 +7,16 @@ use livemig_core::destination::{DestError, HostOp};
 use livemig_core::stats::ErrorDesc;
 use livemig_core::wire::DecodeError;
 
-use super::super::CPU_STATE_VERSION;
-use crate::dirty_log::DirtyLogError;
+use super::super::vcpu_access::VcpuAccess;
 use crate::memory::{MemoryError, PAGE_SIZE};
 use crate::postcopy::PostcopyError;
 use crate::transport::TransportError;
-use crate::vcpu::VcpuError;
-use crate::x86::StateError;
+use crate::vmm::VmmError;
+use crate::x86::{Mismatch, StateError};
 
 /// Why [`super::KvmHost`] refused what the engine asked of it (its
 /// `DestinationHost::Error`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum HostFailure {
     /// Writing a page into guest RAM failed.
     WriteRam(MemoryError),
@@ -33,17 +32,58 @@ pub enum HostFailure {
     ZeroPage(PostcopyError),
     /// Guest RAM could not be discarded.
     Discard(PostcopyError),
-    /// The stream carries a device this destination does not have.
-    UnknownDevice {
+    /// A page range reaches past the end of its block.
+    OutsideBlock {
+        /// The block.
+        block: u16,
+        /// The first page.
+        page: u64,
+        /// Pages in the range.
+        count: u64,
+    },
+    /// The stream carries a section this destination did not register.
+    UnknownSection {
         /// The section's id.
         id: String,
         /// The section's instance.
         instance: u32,
     },
-    /// The vCPU section has a version this side cannot load.
-    DeviceVersion(u32),
-    /// KVM refused the vCPU state.
-    LoadVcpu(StateError),
+    /// A section's version is outside what this destination loads.
+    SectionVersion {
+        /// The section's id.
+        id: String,
+        /// The section's instance.
+        instance: u32,
+        /// The version in the stream.
+        version: u32,
+        /// The oldest version this side loads.
+        oldest: u32,
+        /// The newest version this side loads.
+        newest: u32,
+    },
+    /// The source's CPU model record could not be decoded.
+    DecodeCpuModel(StateError),
+    /// The source's CPU model is not this destination's.
+    CpuMismatch(Mismatch),
+    /// The runstate section is not one byte of 0 or 1.
+    Runstate(Vec<u8>),
+    /// A vCPU state record could not be decoded.
+    DecodeVcpu(StateError),
+    /// A vCPU's state could not be loaded.
+    LoadVcpu(VcpuAccess),
+    /// The VM-wide record could not be decoded.
+    DecodeVmState(StateError),
+    /// KVM refused the VM-wide devices' state.
+    LoadVmState(StateError),
+    /// A VMM device refused its state.
+    LoadDevice {
+        /// The section's id.
+        id: String,
+        /// The section's instance.
+        instance: u32,
+        /// The VMM's error.
+        error: VmmError,
+    },
     /// The source's page sizes are not this destination's.
     PageSize {
         /// The source's host page size, bytes.
@@ -55,10 +95,8 @@ pub enum HostFailure {
     ProbeMemory(MemoryError),
     /// The userfaultfd probe failed: postcopy cannot work here.
     NoUserfaultfd(PostcopyError),
-    /// KVM's dirty log could not be reset at the postcopy advise.
-    ResetDirtyLog(DirtyLogError),
-    /// The vCPU could not be started by the postcopy run command.
-    StartVcpu(VcpuError),
+    /// The VMM could not resume its vCPUs to start the guest.
+    StartVcpus(VmmError),
 }
 
 impl HostFailure {
@@ -72,15 +110,19 @@ impl HostFailure {
             HostFailure::Copy(_) => "UFFDIO_COPY",
             HostFailure::ZeroPage(_) => "UFFDIO_ZEROPAGE",
             HostFailure::Discard(_) => "discarding guest RAM",
-            HostFailure::UnknownDevice { .. } => "unknown device",
-            HostFailure::DeviceVersion(_) => "vCPU state version",
-            HostFailure::LoadVcpu(_) => "vCPU state",
+            HostFailure::OutsideBlock { .. } => "placing pages",
+            HostFailure::UnknownSection { .. } => "unknown section",
+            HostFailure::SectionVersion { .. } => "section version",
+            HostFailure::DecodeCpuModel(_) | HostFailure::CpuMismatch(_) => "CPU model",
+            HostFailure::Runstate(_) => "runstate",
+            HostFailure::DecodeVcpu(_) | HostFailure::LoadVcpu(_) => "vCPU state",
+            HostFailure::DecodeVmState(_) | HostFailure::LoadVmState(_) => "VM device state",
+            HostFailure::LoadDevice { .. } => "device state",
             HostFailure::PageSize { .. } => "postcopy page size",
             HostFailure::ProbeMemory(_) | HostFailure::NoUserfaultfd(_) => {
                 "postcopy needs userfaultfd"
             }
-            HostFailure::ResetDirtyLog(_) => "resetting the dirty log",
-            HostFailure::StartVcpu(_) => "starting the vCPU",
+            HostFailure::StartVcpus(_) => "starting the vCPUs",
         }
     }
 }
@@ -99,21 +141,55 @@ impl fmt::Display for HostFailure {
             HostFailure::PostcopyBeforeAdvise => {
                 write!(f, "{what}: a postcopy command came before the advise")
             }
-            HostFailure::UnknownDevice { id, instance } => {
-                write!(f, "unknown device '{id}' instance {instance} in the stream")
-            }
-            HostFailure::DeviceVersion(v) => write!(
+            HostFailure::OutsideBlock { block, page, count } => write!(
                 f,
-                "vCPU state version {v} is not supported (this side loads version {CPU_STATE_VERSION})"
+                "{what}: pages {page}+{count} reach past the end of RAM block {block}"
             ),
+            HostFailure::UnknownSection { id, instance } => write!(
+                f,
+                "the stream carries section '{id}' instance {instance}, which this destination \
+                 did not register: refused before the guest starts"
+            ),
+            HostFailure::SectionVersion {
+                id,
+                instance,
+                version,
+                oldest,
+                newest,
+            } => write!(
+                f,
+                "section '{id}' instance {instance} has version {version}, this destination \
+                 loads versions {oldest} to {newest}: refused before the guest starts"
+            ),
+            HostFailure::DecodeCpuModel(e) => write!(f, "{what}: the source's record: {e}"),
+            HostFailure::CpuMismatch(e) => write!(
+                f,
+                "the source's CPU model does not match this destination's: {e}"
+            ),
+            HostFailure::Runstate(data) => write!(
+                f,
+                "{what}: {} bytes where one byte of 0 or 1 belongs",
+                data.len()
+            ),
+            HostFailure::DecodeVcpu(e) => write!(f, "decoding the vCPU state failed: {e}"),
             HostFailure::LoadVcpu(e) => write!(f, "loading the vCPU state failed: {e}"),
+            HostFailure::DecodeVmState(e) | HostFailure::LoadVmState(e) => {
+                write!(f, "{what}: {e}")
+            }
+            HostFailure::LoadDevice {
+                id,
+                instance,
+                error,
+            } => write!(
+                f,
+                "loading device '{id}' instance {instance} failed: {error}"
+            ),
             HostFailure::PageSize { host, target } => write!(
                 f,
                 "{what}: the source uses {host}-byte host and {target}-byte target pages, \
                  this destination only {PAGE_SIZE}-byte pages"
             ),
-            HostFailure::ResetDirtyLog(e) => write!(f, "{what}: {e}"),
-            HostFailure::StartVcpu(e) => write!(f, "{what}: {e}"),
+            HostFailure::StartVcpus(e) => write!(f, "{what}: {e}"),
         }
     }
 }
@@ -161,6 +237,12 @@ pub enum ReceiveFailure {
     EndPostcopy(PostcopyError),
     /// The postcopy fault thread failed.
     FaultThread(PostcopyError),
+    /// A fault at a guest-physical address outside every region.
+    FaultOutsideRam(u64),
+    /// The loaded guest could not be started after the COMMIT.
+    StartGuest(HostFailure),
+    /// The guest of a failed postcopy could not be paused again.
+    PauseAfterFailure(VmmError),
     /// The engine failed for a reason of its own (its description; empty
     /// when it gave none).
     Failed(Box<ErrorDesc>),
@@ -235,6 +317,13 @@ impl fmt::Display for ReceiveFailure {
             ReceiveFailure::ZeroFill(e) => write!(f, "filling a zero page: {e}"),
             ReceiveFailure::EndPostcopy(e) => write!(f, "ending postcopy: {e}"),
             ReceiveFailure::FaultThread(e) => write!(f, "postcopy fault thread: {e}"),
+            ReceiveFailure::FaultOutsideRam(gpa) => {
+                write!(f, "a postcopy fault at {gpa:#x}, outside guest RAM")
+            }
+            ReceiveFailure::StartGuest(e) => write!(f, "starting the loaded guest: {e}"),
+            ReceiveFailure::PauseAfterFailure(e) => {
+                write!(f, "pausing the guest after the failed postcopy: {e}")
+            }
             ReceiveFailure::Failed(desc) if desc.is_empty() => write!(f, "the migration failed"),
             ReceiveFailure::Failed(desc) => fmt::Display::fmt(desc, f),
         }
@@ -245,7 +334,8 @@ impl std::error::Error for ReceiveFailure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ReceiveFailure::Engine { error, .. } | ReceiveFailure::PageFault(error) => Some(error),
-            ReceiveFailure::Host { error, .. } => Some(error),
+            ReceiveFailure::Host { error, .. } | ReceiveFailure::StartGuest(error) => Some(error),
+            ReceiveFailure::PauseAfterFailure(e) => Some(e.as_ref()),
             ReceiveFailure::ConnectionLost(e) | ReceiveFailure::ReturnPathLost(e) => Some(e),
             ReceiveFailure::ZeroFill(e)
             | ReceiveFailure::EndPostcopy(e)
@@ -293,9 +383,12 @@ mod tests {
         assert!(describe(e, "tcp:x:1").contains("version mismatch"));
         let host = ReceiveFailure::Host {
             op: HostOp::LoadDevice,
-            error: HostFailure::LoadVcpu(StateError::Kvm {
-                op: "KVM_SET_REGS",
-                errno: 22,
+            error: HostFailure::LoadVcpu(VcpuAccess::State {
+                index: 0,
+                error: StateError::Kvm {
+                    op: "KVM_SET_REGS",
+                    errno: 22,
+                },
             }),
         };
         let w = host.to_string();

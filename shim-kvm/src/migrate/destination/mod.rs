@@ -1,5 +1,5 @@
-//! The destination side: loads an incoming stream into a fresh KVM guest
-//! and starts it.
+//! The destination side: loads an incoming stream into the VMM's fresh
+//! guest and starts it.
 //!
 //! Everything the destination hears arrives on one channel: bytes of the
 //! stream from a reader thread (on a clone of the connection), and wake-ups
@@ -11,38 +11,51 @@
 //! waiting behind more than a few MiB of stream.
 //!
 //! The stream goes to a [`DestinationEngine`] (always built with postcopy
-//! tracking: two bitmaps), which validates everything before it touches
-//! guest memory and calls back into [`KvmHost`] to place pages and load the
-//! vCPU state; the return-path bytes it queues (LOADED, SHUT, page
-//! requests) go back on the same connection.
+//! tracking), which validates everything before it touches guest memory
+//! and calls back into [`KvmHost`] to place pages and load sections; the
+//! return-path bytes it queues (LOADED, SHUT, page requests) go back on
+//! the same connection.
 //!
-//! The vCPU section ([`CPU_DEVICE_ID`]) is required: a stream that ends
-//! without it is refused, and the guest never starts from reset. With the
-//! return path, a precopy ends with the commit handshake: the end of the
-//! stream is answered with LOADED and the vCPU stays parked until the
-//! source's COMMIT arrives. If the stream ends any other way after LOADED,
-//! the end is ambiguous (the source may have committed): [`receive`]
-//! returns with the VM loaded and the vCPU parked, and the report's
-//! `stats.ambiguous_end` says what the operator must do.
+//! # Sections
+//!
+//! At setup, before any RAM, the source's CPU model is compared with this
+//! guest's own (read from its vCPU 0 before it ever ran): a mismatch in
+//! CPUID, TSC frequency or vCPU count is refused, naming it, and the
+//! source keeps running. After the stop, every section must be one this
+//! destination registered (livemig's own: one per vCPU and the VM-wide
+//! devices; the VMM's [`DeviceSection`]s) at a version within its
+//! `oldest_loadable ..= version`, and every registered section must have
+//! arrived: otherwise the stream is refused before LOADED, and the guest
+//! never runs.
+//!
+//! With the return path, a precopy ends with the commit handshake: the end
+//! of the stream is answered with LOADED and the vCPUs stay paused until
+//! the source's COMMIT. Then, if the source guest was running, the vCPUs
+//! are resumed ([`Vcpus::resume_all`]) and [`DestinationVm::on_started`]
+//! is called; a guest that was paused on the source arrives paused. If the
+//! stream ends any other way after LOADED, the end is ambiguous (the source
+//! may have committed): the guest is left loaded and paused, and the
+//! report's `stats.ambiguous_end` says what the operator must do.
 //!
 //! # Postcopy
 //!
 //! When the source advises postcopy, the host checks that a full
-//! userfaultfd can be created and resets KVM's dirty log, so that from then
-//! on a dirty bit means "written by the guest on this destination". At the
-//! first discard (or at listen) guest RAM is registered with userfaultfd
-//! ([`PostcopyRam`]) and a fault thread started; from then on pages are
-//! installed atomically (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`). The postcopy
-//! run command starts the vCPU. A fault becomes
+//! userfaultfd can be created. At the first discard (or at listen) guest
+//! RAM is registered with userfaultfd ([`PostcopyRam`]) and a fault thread
+//! started; from then on pages are installed atomically (`UFFDIO_COPY` /
+//! `UFFDIO_ZEROPAGE`). The postcopy run command resumes the VMM's vCPUs
+//! and calls `on_started`: each vCPU thread (or device thread) that
+//! touches a missing page blocks in the kernel until the fault thread's
+//! request is answered. A fault becomes
 //! [`DestinationEngine::handle_page_fault`], whose request goes back on the
 //! return path, except for a page that already arrived as a zero page in
 //! precopy: fresh memory was left untouched for it, so it is filled with
 //! zeros here without asking the source. At the end of the stream the RAM
 //! is unregistered (which also wakes any thread still waiting) and the
-//! fault latency (request sent → page installed) and per-thread blocktime
-//! are reported.
+//! fault latency and per-thread blocktime are reported.
 
 mod failure;
+mod required;
 
 use std::net::Shutdown;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -50,39 +63,33 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::bitmap::{DirtyBitmap, words_for};
 use livemig_core::destination::{
-    DestError, DestinationEngine, DestinationHost, HandleError, PostcopyHost as EnginePostcopyHost,
-    PostcopyTracking, RequiredSection,
+    DEFAULT_IDLE_TIMEOUT_MS, DestError, DestinationEngine, DestinationHost, HandleError,
+    PostcopyHost as EnginePostcopyHost, PostcopyTracking,
 };
 use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use livemig_core::wire::{self, DeviceState, PageRange};
 
 use super::handle::{CancelRefused, Shared};
-use super::{
-    CPU_DEVICE_ID, CPU_STATE_VERSION, MigrateError, ReceiveHandle, SlotMap, digest_outside,
-    ram_layout, written_ranges,
+use super::sections::{
+    CPU_MODEL_SECTION, CPU_MODEL_VERSION, CPU_SECTION, CPU_STATE_VERSION, RUNSTATE_SECTION,
+    RUNSTATE_VERSION, VM_SECTION, VM_STATE_VERSION,
 };
+use super::vcpu_access::on_vcpu;
+use super::{MigrateError, ReceiveHandle, ram_layout};
 use crate::clock;
-use crate::dirty_log::{DirtyLogError, DirtyLogMode};
-use crate::guest::{self, StampCheck};
-use crate::interrupt::Cancel;
-use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout, page_digest};
+use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::transport::{Connection, TransportError};
-use crate::vcpu::Vcpu;
-use crate::vm::Vm;
+use crate::vmm::{DeviceSection, Vcpus};
+use crate::x86::{CpuModel, VcpuCaps, VcpuState, VmState};
 pub use failure::{HostFailure, ReceiveFailure};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const PAGE: u64 = PAGE_SIZE as u64;
-
-/// The sections a guest cannot start without: its vCPU state.
-const REQUIRED: &[RequiredSection] = &[RequiredSection {
-    id: CPU_DEVICE_ID,
-    instance: 0,
-}];
 
 /// Size of each of the reader's buffers.
 const READ_BUFFER: usize = 1 << 20;
@@ -92,11 +99,52 @@ const READ_BUFFERS: usize = 4;
 /// Longest the migration thread waits before reporting progress.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
+/// The VMM's fresh guest, lent to livemig to receive a migration into.
+pub struct DestinationVm {
+    /// The VMM's VM.
+    pub vm: Arc<VmFd>,
+    /// Guest RAM, freshly mapped (all zero: pages the stream sends as zero
+    /// are not written) and registered as the VMM's memslots; its regions
+    /// must match the source's in number, name and size.
+    pub memory: GuestMemory,
+    /// The VMM's vCPUs, created and configured (CPUID set) but never run:
+    /// livemig resumes them once the guest is loaded.
+    pub vcpus: Arc<dyn Vcpus>,
+    /// The VMM's device sections; each must arrive in the stream.
+    pub devices: Vec<Box<dyn DeviceSection>>,
+    /// Called once, on the migration thread, right after the guest started
+    /// here (after the COMMIT, or at the postcopy switchover): where a VMM
+    /// announces the guest (a gratuitous ARP). Not called for a guest that
+    /// arrives paused.
+    pub on_started: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// How the destination receives, beyond what the stream says.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveOptions {
+    /// How long the source may stay silent before the destination gives
+    /// up.
+    pub idle_timeout: Duration,
+    /// Whether to compute [`DestinationReport::digest`] of the loaded
+    /// memory before the guest starts (it lengthens the downtime by
+    /// [`DestinationReport::digest_ms`]).
+    pub digest: bool,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
+            digest: false,
+        }
+    }
+}
+
 /// What a postcopy destination measured.
 #[derive(Debug, Clone, Default)]
 pub struct PostcopyReport {
-    /// `CLOCK_MONOTONIC` nanoseconds when the postcopy run command resumed
-    /// the vCPU (the end of the downtime).
+    /// `CLOCK_MONOTONIC` nanoseconds when the postcopy run command started
+    /// the guest (the end of the downtime).
     pub started_ns: Option<u64>,
     /// Page requests sent to the source.
     pub requests: u64,
@@ -109,18 +157,9 @@ pub struct PostcopyReport {
     /// Faults on pages that had arrived as zero pages in precopy, filled
     /// here without a request.
     pub local_zero_fills: u64,
-    /// Time spent blocked on missing pages by each vCPU thread (by thread
-    /// id, sorted): QEMU's per-vCPU postcopy blocktime.
-    pub vcpu_blocktime: Vec<(i32, Duration)>,
-    /// The userfaultfd counters (faults read, duplicates, pages placed...).
+    /// The userfaultfd counters (faults read, duplicates, pages placed,
+    /// each faulting thread's blocktime...).
     pub faults: PostcopyStats,
-    /// Why the vCPU stopped during postcopy, if it did (a fault KVM could
-    /// not deliver to userfaultfd is named as such).
-    pub vcpu_error: Option<String>,
-    /// The [`page_digest`] of every guest page as it was installed here
-    /// (0 for zero pages and pages never placed), indexed by page: what a
-    /// page the guest then wrote held at the source's stop.
-    pub installed: Vec<u64>,
 }
 
 /// What the destination loaded.
@@ -131,16 +170,21 @@ pub struct DestinationReport {
     /// Why the migration failed, in words for an operator (the engine's
     /// error mapped to the cause: size mismatch, not a livemig peer...).
     /// When `stats.ambiguous_end` is set as well, the VM holds the whole
-    /// loaded guest with its vCPU parked: keep it until the operator
+    /// loaded guest with its vCPUs paused: keep it until the operator
     /// decides (its advice says how).
     pub error: Option<ReceiveFailure>,
-    /// Digest of guest memory once the stream was loaded, before the vCPU
-    /// ran (compare with the source's digest at its stop). `None` after
-    /// postcopy, where the guest ran during the load: see
-    /// [`watch_postcopy_guest`].
+    /// Whether the guest was started here; `false` after a success means
+    /// the guest was paused on the source and arrived paused.
+    pub started: bool,
+    /// [`GuestMemory::digest`] of guest memory once the stream was loaded,
+    /// before the vCPUs ran (compare with the source's digest at its stop),
+    /// when [`ReceiveOptions::digest`] asked for it. `None` after postcopy,
+    /// where the guest ran during the load.
     pub digest: Option<u64>,
     /// `CLOCK_MONOTONIC` nanoseconds when the stream was fully loaded.
     pub loaded_ns: Option<u64>,
+    /// `CLOCK_MONOTONIC` nanoseconds when the guest was started here.
+    pub started_ns: Option<u64>,
     /// Milliseconds spent computing `digest` (part of the downtime).
     pub digest_ms: f64,
     /// Set when the migration switched to postcopy (the guest already runs).
@@ -150,103 +194,64 @@ pub struct DestinationReport {
 /// The postcopy side of [`KvmHost`].
 #[derive(Default)]
 struct PostcopyHost {
-    /// [`PostcopyReport::installed`], kept from the advise on (which comes
-    /// before any page).
-    installed: Vec<u64>,
     /// Guest RAM under userfaultfd, from the first discard or the listen.
     ram: Option<Arc<PostcopyRam>>,
     fault_thread: Option<FaultThread>,
     local_zero_fills: u64,
-    started_ns: Option<u64>,
 }
 
-/// Faults forwarded by the fault thread, waiting for the migration thread.
+/// Faults forwarded by the fault thread (guest-physical addresses),
+/// waiting for the migration thread.
 type FaultQueue = Arc<Mutex<Vec<u64>>>;
 
-/// Guest RAM and the vCPU as the engine writes them.
-pub struct KvmHost<'a> {
-    vm: &'a Vm,
-    ram: &'a GuestMemory,
-    vcpu: &'a Vcpu,
-    /// Pages written during this migration and not zeroed since: fresh
-    /// memory reads as zero, so only these need zeroing for a zero page.
-    /// One bit per guest page, in the core's bitmap layout.
+/// The VMM's guest as the engine writes it: RAM by block (= region), the
+/// sections it registered, and how to start it.
+pub struct KvmHost {
+    vm: DestinationVm,
+    caps: VcpuCaps,
+    /// This guest's own CPU model, read before it ran.
+    model: CpuModel,
+    /// Whether the source's guest was running (its runstate section).
+    source_running: Option<bool>,
+    /// Pages written during this migration and not zeroed since, by guest
+    /// page number: fresh memory reads as zero, so only these need zeroing
+    /// for a zero page. One bit per guest page, in the core's layout.
     placed: Vec<u64>,
-    /// Guest pages.
+    /// Guest pages up to the end of the last region.
     pages: u64,
     /// Set by the postcopy advise.
     postcopy: Option<PostcopyHost>,
     /// Where the fault thread wakes the migration thread.
     events: Sender<Event>,
     faults: FaultQueue,
+    /// When the guest was started here.
+    started_ns: Option<u64>,
 }
 
-impl<'a> KvmHost<'a> {
-    /// A host over the fresh (all-zero) RAM of `vm` and its parked `vcpu`;
-    /// a postcopy fault thread wakes the caller through `events`.
-    fn new(vm: &'a Vm, vcpu: &'a Vcpu, events: Sender<Event>) -> Self {
-        let ram = vm.ram();
-        let pages = ram.size() / PAGE;
-        KvmHost {
-            vm,
-            ram,
-            vcpu,
-            placed: vec![0; words_for(pages)],
-            pages,
-            postcopy: None,
-            events,
-            faults: Arc::new(Mutex::new(Vec::new())),
-        }
-    }
-
+impl KvmHost {
     /// The placed pages, as the core's bitmap over this host's words.
     fn placed(&mut self) -> Option<DirtyBitmap<'_>> {
         DirtyBitmap::new(&mut self.placed, self.pages).ok()
     }
 
-    fn mark(&mut self, page: u64, placed: bool) {
+    fn mark(&mut self, gfn: u64, placed: bool) {
         if let Some(mut bitmap) = self.placed() {
             // A page outside guest RAM has no bit: the write was refused.
             let _ = if placed {
-                bitmap.set(page)
+                bitmap.set(gfn)
             } else {
-                bitmap.clear(page)
+                bitmap.clear(gfn)
             };
         }
     }
 
-    fn is_placed(&mut self, page: u64) -> bool {
-        self.placed().is_some_and(|bitmap| bitmap.test(page))
-    }
-
-    /// Notes the digest of pages `first ..` installed from `data` (whole
-    /// pages), once postcopy was advised.
-    fn note_installed(&mut self, first: u64, data: &[u8]) {
-        let Some(pc) = self.postcopy.as_mut() else {
-            return;
-        };
-        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            let p = first + i as u64;
-            if let (Some(d), Ok(page)) = (pc.installed.get_mut(p as usize), page.try_into()) {
-                *d = page_digest(p, page);
-            }
-        }
-    }
-
-    /// Notes pages `first .. first + count` as zero (installed as zero
-    /// pages, or discarded: missing pages read as zero at the end).
-    fn note_zero(&mut self, first: u64, count: u64) {
-        if let Some(pc) = self.postcopy.as_mut() {
-            let end = first.saturating_add(count).min(pc.installed.len() as u64);
-            if let Some(d) = pc.installed.get_mut(first as usize..end as usize) {
-                d.fill(0);
-            }
-        }
+    fn is_placed(&mut self, gfn: u64) -> bool {
+        self.placed().is_some_and(|bitmap| bitmap.test(gfn))
     }
 
     /// Guest page numbers written during the load and not zeroed since:
     /// every other page of the fresh RAM is still zero.
-    pub fn placed_pages(&mut self) -> impl Iterator<Item = u64> + '_ {
+    fn placed_pages(&mut self) -> impl Iterator<Item = u64> + '_ {
         let bitmap = self.placed();
         let mut next = 0;
         std::iter::from_fn(move || {
@@ -254,6 +259,31 @@ impl<'a> KvmHost<'a> {
             next = page + 1;
             Some(page)
         })
+    }
+
+    /// The guest-physical address of page `page` of block `block`, with
+    /// `count` pages from there inside the block.
+    fn gpa(&self, block: u16, page: u64, count: u64) -> Result<u64, HostFailure> {
+        let region = self
+            .vm
+            .memory
+            .region(usize::from(block))
+            .map_err(HostFailure::WriteRam)?;
+        match page.checked_add(count) {
+            Some(end) if end <= region.pages() => Ok(region.guest_phys() + page * PAGE),
+            _ => Err(HostFailure::OutsideBlock { block, page, count }),
+        }
+    }
+
+    /// The block and block page of guest-physical address `gpa`.
+    fn block_page(&self, gpa: u64) -> Result<(u16, u64), ReceiveFailure> {
+        let (index, region) = self
+            .vm
+            .memory
+            .locate(gpa)
+            .ok_or(ReceiveFailure::FaultOutsideRam(gpa))?;
+        let block = u16::try_from(index).map_err(|_| ReceiveFailure::FaultOutsideRam(gpa))?;
+        Ok((block, (gpa - region.guest_phys()) / PAGE))
     }
 
     /// Guest RAM under userfaultfd, registering it (and starting the fault
@@ -265,14 +295,14 @@ impl<'a> KvmHost<'a> {
         if let Some(ram) = &pc.ram {
             return Ok(Arc::clone(ram));
         }
-        let ram = match PostcopyRam::register(self.vm.ram().clone()) {
+        let ram = match PostcopyRam::register(self.vm.memory.clone()) {
             Ok(r) => Arc::new(r),
             Err(e) => return Err(HostFailure::Register(e)),
         };
         let (events, faults) = (self.events.clone(), Arc::clone(&self.faults));
         let thread = ram.start_fault_thread(move |f| {
             if let Ok(mut q) = faults.lock() {
-                q.push(f.gpa / PAGE);
+                q.push(f.gpa);
             }
             // The migration thread gone means the migration is over.
             let _ = events.send(Event::Fault);
@@ -294,15 +324,15 @@ impl<'a> KvmHost<'a> {
         self.postcopy.as_ref()?.ram.clone()
     }
 
-    /// A fault on `page`, which arrived as a zero page in precopy and was
-    /// never written here: fills it with zeros (an `EEXIST` means it was
-    /// installed meanwhile, which is as good).
-    fn fill_zero(&mut self, page: u64) -> Result<(), ReceiveFailure> {
+    /// A fault on the page at `gpa`, which arrived as a zero page in
+    /// precopy and was never written here: fills it with zeros (an
+    /// `EEXIST` means it was installed meanwhile, which is as good).
+    fn fill_zero(&mut self, gpa: u64) -> Result<(), ReceiveFailure> {
         let Some(ram) = self.registered() else {
             return Err(ReceiveFailure::FaultBeforeRegister);
         };
         let placed = ram
-            .place_zero(page * PAGE, PAGE)
+            .place_zero(gpa, PAGE)
             .map_err(ReceiveFailure::ZeroFill)?;
         if let Some(pc) = self.postcopy.as_mut() {
             pc.local_zero_fills += placed.installed;
@@ -327,30 +357,16 @@ impl<'a> KvmHost<'a> {
             return Ok(PostcopyReport::default());
         };
         let mut report = PostcopyReport {
-            started_ns: pc.started_ns,
+            started_ns: self.started_ns,
             local_zero_fills: pc.local_zero_fills,
-            installed: std::mem::take(&mut pc.installed),
             ..PostcopyReport::default()
         };
         if let Some(ram) = pc.ram.take() {
-            if let Some(Some(e)) = self.vcpu.stopped() {
-                report.vcpu_error = Some(
-                    ram.explain_vcpu_error(&e)
-                        .map_or_else(|| e.to_string(), |p| p.to_string()),
-                );
-            }
             ram.unregister().map_err(ReceiveFailure::EndPostcopy)?;
             if let Some(t) = pc.fault_thread.take() {
                 t.stop().map_err(ReceiveFailure::FaultThread)?;
             }
             report.faults = ram.stats();
-            report.vcpu_blocktime = report
-                .faults
-                .blocktime
-                .iter()
-                .filter(|&&(tid, _)| is_vcpu_thread(tid))
-                .copied()
-                .collect();
         }
         // The fault latencies are the userfaultfd layer's books (fault
         // read → page placed), with the core's nearest-rank percentile.
@@ -359,113 +375,157 @@ impl<'a> KvmHost<'a> {
         report.latency_p99_us = report.faults.latency_p99_us;
         Ok(report)
     }
-}
 
-/// Whether thread `tid` of this process is a vCPU thread (by its name).
-fn is_vcpu_thread(tid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-        .is_ok_and(|name| name.starts_with("livemig-vcpu"))
-}
-
-/// Reads every slot's dirty log into `words` (one bit per guest page).
-fn fetch_dirty_log(vm: &Vm, map: &SlotMap, words: &mut [u64]) -> Result<(), DirtyLogError> {
-    for &(slot, first, pages) in map.slots() {
-        let from = (first / 64) as usize;
-        let to = from + pages.div_ceil(64) as usize;
-        let part = words
-            .get_mut(from..to)
-            .ok_or(DirtyLogError::NoSuchRegion(slot))?;
-        vm.get_dirty_log(slot, part)?;
-    }
-    Ok(())
-}
-
-/// Forgets every dirty bit so far (manual mode starts with all bits set;
-/// get-and-clear mode clears by fetching): from now on a dirty bit means
-/// the guest wrote the page here. Pages written by this process (placed
-/// pages) never set a bit.
-fn reset_dirty_log(vm: &Vm) -> Result<(), DirtyLogError> {
-    let map = SlotMap::new(vm.ram());
-    let pages: u64 = map.slots().iter().map(|s| s.2).sum();
-    let mut words = vec![0u64; pages.div_ceil(64) as usize];
-    fetch_dirty_log(vm, &map, &mut words)?;
-    if vm.dirty_log_mode() == DirtyLogMode::ManualProtect {
-        for &(slot, first, pages) in map.slots() {
-            let from = (first / 64) as usize;
-            let mask = words.get(from..).ok_or(DirtyLogError::NoSuchRegion(slot))?;
-            vm.clear_dirty_log(slot, 0, pages, mask)?;
+    /// Starts the loaded guest if the source's was running (else it stays
+    /// paused, as it was there), then calls the VMM's `on_started`.
+    /// Returns whether it started.
+    fn start_guest(&mut self) -> Result<bool, HostFailure> {
+        if self.source_running != Some(true) {
+            return Ok(false);
         }
+        self.vm
+            .vcpus
+            .resume_all()
+            .map_err(HostFailure::StartVcpus)?;
+        self.started_ns = Some(clock::monotonic_ns());
+        if let Some(hook) = self.vm.on_started.take() {
+            hook();
+        }
+        Ok(true)
     }
-    Ok(())
-}
 
-impl DestinationHost for KvmHost<'_> {
-    type Error = HostFailure;
-
-    fn place_pages(
-        &mut self,
-        _block: u16,
-        first_page: u64,
-        data: &[u8],
+    /// Refuses a section `version` outside `oldest ..= newest`.
+    fn check_version(
+        device: &DeviceState<'_>,
+        oldest: u32,
+        newest: u32,
     ) -> Result<(), HostFailure> {
-        if let Some(ram) = self.registered() {
-            if let Err(e) = ram.place(first_page * PAGE, data) {
-                return Err(HostFailure::Copy(e));
-            }
-            self.note_installed(first_page, data);
+        if (oldest..=newest).contains(&device.version) {
             return Ok(());
         }
-        self.note_installed(first_page, data);
+        Err(HostFailure::SectionVersion {
+            id: device.id.as_str().to_string(),
+            instance: device.instance,
+            version: device.version,
+            oldest,
+            newest,
+        })
+    }
+
+    /// The setup-time CPU model: the source's must be this guest's.
+    fn load_cpu_model(&mut self, device: &DeviceState<'_>) -> Result<(), HostFailure> {
+        Self::check_version(device, CPU_MODEL_VERSION, CPU_MODEL_VERSION)?;
+        let source = CpuModel::decode(device.data).map_err(HostFailure::DecodeCpuModel)?;
+        self.model.check(&source).map_err(HostFailure::CpuMismatch)
+    }
+
+    /// The setup-time runstate: whether to start the guest at the end.
+    fn load_runstate(&mut self, device: &DeviceState<'_>) -> Result<(), HostFailure> {
+        Self::check_version(device, RUNSTATE_VERSION, RUNSTATE_VERSION)?;
+        self.source_running = Some(match device.data {
+            [0] => false,
+            [1] => true,
+            other => return Err(HostFailure::Runstate(other.to_vec())),
+        });
+        Ok(())
+    }
+
+    /// One vCPU's state, through the VMM's `with_vcpu`.
+    fn load_vcpu(&mut self, device: &DeviceState<'_>) -> Result<(), HostFailure> {
+        Self::check_version(device, CPU_STATE_VERSION, CPU_STATE_VERSION)?;
+        let index = device.instance as usize;
+        if index >= self.vm.vcpus.count() {
+            return Err(HostFailure::UnknownSection {
+                id: CPU_SECTION.to_string(),
+                instance: device.instance,
+            });
+        }
+        let state = VcpuState::decode(device.data).map_err(HostFailure::DecodeVcpu)?;
+        let caps = &self.caps;
+        on_vcpu(self.vm.vcpus.as_ref(), index, |fd| state.restore(fd, caps))
+            .map_err(HostFailure::LoadVcpu)
+    }
+}
+
+impl DestinationHost for KvmHost {
+    type Error = HostFailure;
+
+    fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostFailure> {
+        let count = (data.len() / PAGE_SIZE) as u64;
+        let gpa = self.gpa(block, first_page, count)?;
+        if let Some(ram) = self.registered() {
+            return ram.place(gpa, data).map(drop).map_err(HostFailure::Copy);
+        }
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
-            let p = first_page + i as u64;
-            if let Err(e) = self.ram.write(p * PAGE, chunk) {
-                return Err(HostFailure::WriteRam(e));
-            }
-            self.mark(p, true);
+            let at = gpa + i as u64 * PAGE;
+            self.vm
+                .memory
+                .write(at, chunk)
+                .map_err(HostFailure::WriteRam)?;
+            self.mark(at / PAGE, true);
         }
         Ok(())
     }
 
     fn place_zero_pages(
         &mut self,
-        _block: u16,
+        block: u16,
         first_page: u64,
         count: u64,
     ) -> Result<(), HostFailure> {
+        let gpa = self.gpa(block, first_page, count)?;
         if let Some(ram) = self.registered() {
             // Under userfaultfd a page never written is missing, not zero:
             // every zero page is installed.
-            if let Err(e) = ram.place_zero(first_page * PAGE, count * PAGE) {
-                return Err(HostFailure::ZeroPage(e));
-            }
-            self.note_zero(first_page, count);
-            return Ok(());
+            return ram
+                .place_zero(gpa, count * PAGE)
+                .map(drop)
+                .map_err(HostFailure::ZeroPage);
         }
-        self.note_zero(first_page, count);
-        for p in first_page..first_page.saturating_add(count) {
-            if self.is_placed(p) {
-                if let Err(e) = self.ram.write(p * PAGE, &ZERO_PAGE) {
-                    return Err(HostFailure::WriteRam(e));
-                }
-                self.mark(p, false);
+        for i in 0..count {
+            let gfn = gpa / PAGE + i;
+            if self.is_placed(gfn) {
+                self.vm
+                    .memory
+                    .write(gfn * PAGE, &ZERO_PAGE)
+                    .map_err(HostFailure::WriteRam)?;
+                self.mark(gfn, false);
             }
         }
         Ok(())
     }
 
     fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), HostFailure> {
-        if device.id.as_str() != CPU_DEVICE_ID || device.instance != 0 {
-            return Err(HostFailure::UnknownDevice {
+        match (device.id.as_str(), device.instance) {
+            (CPU_MODEL_SECTION, 0) => return self.load_cpu_model(device),
+            (RUNSTATE_SECTION, 0) => return self.load_runstate(device),
+            (CPU_SECTION, _) => return self.load_vcpu(device),
+            (VM_SECTION, 0) => {
+                Self::check_version(device, VM_STATE_VERSION, VM_STATE_VERSION)?;
+                let state = VmState::decode(device.data).map_err(HostFailure::DecodeVmState)?;
+                return state.restore(&self.vm.vm).map_err(HostFailure::LoadVmState);
+            }
+            _ => {}
+        }
+        let Some(section) = self
+            .vm
+            .devices
+            .iter_mut()
+            .find(|d| d.id() == device.id.as_str() && d.instance() == device.instance)
+        else {
+            return Err(HostFailure::UnknownSection {
                 id: device.id.as_str().to_string(),
                 instance: device.instance,
             });
-        }
-        if device.version != CPU_STATE_VERSION {
-            return Err(HostFailure::DeviceVersion(device.version));
-        }
-        self.vcpu
-            .load_state(device.data)
-            .map_err(HostFailure::LoadVcpu)
+        };
+        Self::check_version(device, section.oldest_loadable(), section.version())?;
+        section
+            .load(device.version, device.data)
+            .map_err(|error| HostFailure::LoadDevice {
+                id: device.id.as_str().to_string(),
+                instance: device.instance,
+                error,
+            })
     }
 
     fn postcopy(&mut self) -> Option<&mut dyn EnginePostcopyHost<Error = HostFailure>> {
@@ -473,7 +533,7 @@ impl DestinationHost for KvmHost<'_> {
     }
 }
 
-impl EnginePostcopyHost for KvmHost<'_> {
+impl EnginePostcopyHost for KvmHost {
     type Error = HostFailure;
 
     fn postcopy_advise(
@@ -494,22 +554,15 @@ impl EnginePostcopyHost for KvmHost<'_> {
             .map_err(HostFailure::ProbeMemory)
             .and_then(|r| PostcopyRam::register(r).map_err(HostFailure::NoUserfaultfd));
         probe?;
-        if let Err(e) = reset_dirty_log(self.vm) {
-            return Err(HostFailure::ResetDirtyLog(e));
-        }
-        self.postcopy = Some(PostcopyHost {
-            installed: vec![0; (self.ram.size() / PAGE) as usize],
-            ..PostcopyHost::default()
-        });
+        self.postcopy = Some(PostcopyHost::default());
         Ok(())
     }
 
-    fn discard(&mut self, _block: u16, range: PageRange) -> Result<(), HostFailure> {
+    fn discard(&mut self, block: u16, range: PageRange) -> Result<(), HostFailure> {
+        let gpa = self.gpa(block, range.first, range.count)?;
         let ram = self.postcopy_ram()?;
-        ram.discard(range.first * PAGE, range.count * PAGE)
-            .map_err(HostFailure::Discard)?;
-        self.note_zero(range.first, range.count);
-        Ok(())
+        ram.discard(gpa, range.count * PAGE)
+            .map_err(HostFailure::Discard)
     }
 
     fn postcopy_listen(&mut self) -> Result<(), HostFailure> {
@@ -517,14 +570,7 @@ impl EnginePostcopyHost for KvmHost<'_> {
     }
 
     fn postcopy_run(&mut self) -> Result<(), HostFailure> {
-        let now = clock::monotonic_ns();
-        if let Err(e) = self.vcpu.resume() {
-            return Err(HostFailure::StartVcpu(e));
-        }
-        if let Some(pc) = self.postcopy.as_mut() {
-            pc.started_ns = Some(now);
-        }
-        Ok(())
+        self.start_guest().map(drop)
     }
 }
 
@@ -562,66 +608,98 @@ fn spawn_reader(
     })
 }
 
-/// Starts loading the stream arriving on `conn` into `vm` and its parked
-/// `vcpu` on a migration thread of its own, and returns its handle at
+/// Starts loading the stream arriving on `conn` into the VMM's fresh
+/// guest `vm` on a migration thread of its own, and returns its handle at
 /// once. [`ReceiveHandle::join`] gives the report of a migration that ran,
-/// whatever its outcome. After a precopy the vCPU is left parked: start it
-/// with [`start_guest`]. After a postcopy it already runs (see
-/// [`DestinationReport::postcopy`]): watch it with [`watch_postcopy_guest`].
+/// whatever its outcome: after a completed migration the guest runs here
+/// (or stays paused if it was paused on the source:
+/// [`DestinationReport::started`] says which).
 ///
-/// [`ReceiveHandle::interrupt`] (Ctrl-C, SIGTERM) or
-/// [`ReceiveHandle::cancel`] stops the load and tells the source, which
-/// resumes its guest, unless the guest already runs here (postcopy): that
-/// is refused with a line on stderr, and the load goes on.
+/// [`ReceiveHandle::interrupt`] or [`ReceiveHandle::cancel`] stops the load
+/// and tells the source, which resumes its guest, unless the guest already
+/// runs here (postcopy): that is refused, and the load goes on.
 ///
-/// `Err` means it could not even be set up. The caller keeps its own
-/// `Arc`s of `vm` and `vcpu`; the thread drops its clones when it ends.
+/// `Err` means it could not even be set up: a RAM layout that cannot be
+/// described, vCPUs that cannot be read, more sections than the engine
+/// can require, or a connection that cannot be duplicated.
 pub fn receive(
-    vm: Arc<Vm>,
-    vcpu: Arc<Vcpu>,
+    vm: DestinationVm,
     conn: Connection,
-    idle_timeout: Duration,
+    options: ReceiveOptions,
 ) -> Result<ReceiveHandle, MigrateError> {
-    ram_layout(vm.ram()).map_err(MigrateError::Layout)?;
+    ram_layout(&vm.memory).map_err(MigrateError::Layout)?;
+    let count = vm.vcpus.count();
+    let vcpus = u32::try_from(count).map_err(|_| MigrateError::TooManyVcpus(count))?;
+    let kvm = Kvm::new().map_err(MigrateError::OpenKvm)?;
+    // The vCPUs have not run: they may be read without a pause.
+    let (caps, model) = on_vcpu(vm.vcpus.as_ref(), 0, |fd| {
+        Ok((
+            VcpuCaps::probe(&kvm, &vm.vm, fd)?,
+            CpuModel::capture(fd, vcpus)?,
+        ))
+    })
+    .map_err(MigrateError::Vcpu)?;
+    let required = required::sections(vcpus, &vm.devices).map_err(MigrateError::Destination)?;
     let reader_conn = conn.try_clone()?;
+    let (tx, events) = mpsc::channel();
+    let host = KvmHost {
+        pages: vm.memory.guest_end() / PAGE,
+        placed: vec![0; words_for(vm.memory.guest_end() / PAGE)],
+        vm,
+        caps,
+        model,
+        source_running: None,
+        postcopy: None,
+        events: tx,
+        faults: Arc::new(Mutex::new(Vec::new())),
+        started_ns: None,
+    };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
-        run(&vm, &vcpu, &conn, reader_conn, idle_timeout, shared)
+        run(host, events, required, &conn, reader_conn, options, shared)
     })
 }
 
 /// The migration thread's body: the engine over this thread's own storage,
 /// fed until the stream ends.
 fn run(
-    vm: &Vm,
-    vcpu: &Vcpu,
+    mut host: KvmHost,
+    events: Receiver<Event>,
+    required: &'static [livemig_core::destination::RequiredSection],
     conn: &Connection,
     reader_conn: Connection,
-    idle_timeout: Duration,
+    options: ReceiveOptions,
     shared: &Shared,
 ) -> Result<DestinationReport, MigrateError> {
-    let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
-    let pages = vm.ram().size() / PAGE;
-    let mut received = vec![0u64; PostcopyTracking::words(pages)];
-    let mut requested = vec![0u64; PostcopyTracking::words(pages)];
-    let mut tracking = [PostcopyTracking::new(&mut received, &mut requested, pages)
-        .map_err(MigrateError::PostcopyTracking)?];
+    let memory = host.vm.memory.clone();
+    let layout = ram_layout(&memory).map_err(MigrateError::Layout)?;
+    let mut received: Vec<Vec<u64>> = memory
+        .regions()
+        .iter()
+        .map(|r| vec![0u64; PostcopyTracking::words(r.pages())])
+        .collect();
+    let mut requested = received.clone();
+    let mut tracking = memory
+        .regions()
+        .iter()
+        .zip(received.iter_mut().zip(requested.iter_mut()))
+        .map(|(r, (rx, rq))| PostcopyTracking::new(rx, rq, r.pages()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MigrateError::PostcopyTracking)?;
     let mut scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
     let mut engine = DestinationEngine::with_postcopy(&layout, &mut scratch, &mut tracking)
         .map_err(MigrateError::Destination)?;
     // The connection is up: a source that never sends is given up on too.
-    engine.set_idle_timeout(idle_timeout);
+    engine.set_idle_timeout(options.idle_timeout);
     engine
-        .require_sections(REQUIRED)
+        .require_sections(required)
         .map_err(MigrateError::Destination)?;
     engine.begin(clock::now());
-    let (tx, events) = mpsc::channel();
     let (pool_tx, pool) = mpsc::channel();
     for _ in 0..READ_BUFFERS {
         // The receiver is alive: it is `pool`, moved into the reader below.
         let _ = pool_tx.send(vec![0u8; READ_BUFFER]);
     }
-    let reader = spawn_reader(reader_conn, tx.clone(), pool);
-    let mut host = KvmHost::new(vm, vcpu, tx);
+    let reader = spawn_reader(reader_conn, host.events.clone(), pool);
     let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, shared);
     // Free a reader still blocked in read (a failed migration) and let it
     // end: without buffers it stops at its next one.
@@ -633,8 +711,10 @@ fn run(
     let mut report = DestinationReport {
         stats: engine.stats().clone(),
         error: None,
+        started: false,
         digest: None,
         loaded_ns: None,
+        started_ns: None,
         digest_ms: 0.0,
         postcopy: None,
     };
@@ -646,33 +726,43 @@ fn run(
         });
         postcopy.requests = report.stats.ram.postcopy_requests;
         report.postcopy = Some(postcopy);
-        if !engine.is_completed() || error.is_some() {
+        if (!engine.is_completed() || error.is_some()) && host.started_ns.is_some() {
             // A failed postcopy leaves a guest whose missing pages now read
             // as zero: stop it (only possible once no page is awaited, that
-            // is after the unregister above). A vCPU that already stopped
-            // has nothing to pause.
-            let _ = vcpu.pause();
+            // is after the unregister above).
+            if let Err(e) = host.vm.vcpus.pause_all() {
+                error.get_or_insert(ReceiveFailure::PauseAfterFailure(e));
+            }
         }
     }
     if engine.is_completed() && error.is_none() {
         let loaded = clock::monotonic_ns();
         report.loaded_ns = Some(loaded);
-        if !in_postcopy {
+        if !in_postcopy && options.digest {
             // Only pages written during the load can be non-zero: the rest
             // of the fresh RAM was never touched, so this equals the full
             // digest.
             report.digest = Some(
-                vm.ram()
+                memory
                     .digest_of(host.placed_pages())
                     .map_err(MigrateError::Memory)?,
             );
             report.digest_ms = (clock::monotonic_ns() - loaded) as f64 / 1e6;
+        }
+        if !in_postcopy {
+            match host.start_guest() {
+                Ok(started) => report.started = started,
+                Err(e) => report.error = Some(ReceiveFailure::StartGuest(e)),
+            }
+        } else {
+            report.started = host.started_ns.is_some();
         }
     } else {
         report.error = Some(error.unwrap_or_else(|| {
             ReceiveFailure::Failed(Box::new(engine.stats().error_desc.clone()))
         }));
     }
+    report.started_ns = host.started_ns;
     shared.publish(&report.stats);
     Ok(report)
 }
@@ -682,13 +772,13 @@ fn run(
 /// engine's state tells).
 fn run_receive_loop(
     engine: &mut DestinationEngine<'_>,
-    host: &mut KvmHost<'_>,
+    host: &mut KvmHost,
     conn: &Connection,
     events: &Receiver<Event>,
     pool: &Sender<Vec<u8>>,
     shared: &Shared,
 ) -> Option<ReceiveFailure> {
-    let interrupt: &Cancel = &shared.cancel;
+    let interrupt = &shared.cancel;
     let mut out = vec![0u8; 4096];
     let mut error: Option<ReceiveFailure> = None;
     let mut last_progress = 0;
@@ -802,12 +892,12 @@ fn flush_return_path(
     }
 }
 
-/// Hands the queued faults to the engine (a request each, on the return
+/// Hands the queued faults (guest-physical addresses) to the engine (a request each, on the return
 /// path) or, for a page that arrived as a zero page in precopy and so was
 /// never written here, fills it with zeros.
 fn serve_faults(
     engine: &mut DestinationEngine<'_>,
-    host: &mut KvmHost<'_>,
+    host: &mut KvmHost,
 ) -> Result<(), ReceiveFailure> {
     let pages = match host.faults.lock() {
         Ok(mut q) if !q.is_empty() => std::mem::take(&mut *q),
@@ -818,218 +908,16 @@ fn serve_faults(
         return Ok(());
     }
     let now = clock::now();
-    for page in pages {
-        if engine.is_received(0, page) {
-            host.fill_zero(page)?;
+    for gpa in pages {
+        let (block, page) = host.block_page(gpa)?;
+        if engine.is_received(block, page) {
+            host.fill_zero(gpa)?;
             continue;
         }
-        match engine.handle_page_fault(now, 0, page) {
+        match engine.handle_page_fault(now, block, page) {
             Ok(_) => {}
             Err(e) => return Err(ReceiveFailure::PageFault(e)),
         }
     }
     Ok(())
-}
-
-/// How the guest did after the switchover.
-#[derive(Debug, Clone)]
-pub struct GuestAfter {
-    /// `CLOCK_MONOTONIC` nanoseconds when the vCPU was resumed.
-    pub started_ns: u64,
-    /// Generation reported at the end of the watch (0 = none yet).
-    pub generation: u64,
-    /// Progress exits seen during the watch (an idle guest only has these).
-    pub progress_exits: u64,
-    /// Pages the guest found with a wrong stamp.
-    pub mismatches: Vec<u32>,
-    /// Why the vCPU stopped, if it did.
-    pub stopped: Option<String>,
-    /// The working set's stamps at the end of the watch, checked with the
-    /// vCPU stopped (`None` if guest memory could not be read).
-    pub stamps: Option<StampCheck>,
-}
-
-impl GuestAfter {
-    /// The guest ran on from where it stopped on the source (which had
-    /// stamped `stamped_at_stop` pages) without a mismatch, a wrong stamp
-    /// or its vCPU stopping: see [`guest_continued`].
-    pub fn continued(&self, stamped_at_stop: Option<u64>) -> bool {
-        guest_continued(
-            stamped_at_stop,
-            self.stamps.as_ref().map(|c| c.stamped),
-            self.stamps.as_ref().is_some_and(StampCheck::ok),
-            self.progress_exits,
-            self.mismatches.is_empty() && self.stopped.is_none(),
-        )
-    }
-}
-
-/// The verdict on a guest after the switchover. A guest with a working set
-/// (`stamped_at_stop` > 0 pages stamped on the source by the stop) must
-/// have stamped more pages since (`stamped`, the destination's counter at
-/// the end of the watch), whether or not a whole generation completed; an
-/// idle guest, which stamps nothing, must have made progress exits. Either
-/// way its stamps must be right (`stamps_ok`) and it must be `healthy` (no
-/// mismatch reported, vCPU still running).
-pub fn guest_continued(
-    stamped_at_stop: Option<u64>,
-    stamped: Option<u64>,
-    stamps_ok: bool,
-    progress_exits: u64,
-    healthy: bool,
-) -> bool {
-    let ran = match stamped_at_stop {
-        Some(s) if s > 0 => stamped.is_some_and(|now| now > s),
-        _ => progress_exits > 0,
-    };
-    ran && stamps_ok && healthy
-}
-
-/// Resumes the vCPU and lets the guest run for `run_for`; then checks its
-/// stamps with the vCPU paused for the check and resumed after it.
-pub fn start_guest(vm: &Vm, vcpu: &Vcpu, run_for: Duration) -> Result<GuestAfter, MigrateError> {
-    let started_ns = clock::monotonic_ns();
-    vcpu.resume().map_err(MigrateError::Vcpu)?;
-    std::thread::sleep(run_for);
-    let running = vcpu.stopped().is_none();
-    if running {
-        vcpu.pause().map_err(MigrateError::Vcpu)?;
-    }
-    let after = guest_after(vm, vcpu, started_ns, None);
-    if running {
-        vcpu.resume().map_err(MigrateError::Vcpu)?;
-    }
-    Ok(after)
-}
-
-/// The guest's reports and, read from its (stopped) memory, its stamps.
-fn guest_after(vm: &Vm, vcpu: &Vcpu, started_ns: u64, explained: Option<&str>) -> GuestAfter {
-    let s = vcpu.stats();
-    GuestAfter {
-        started_ns,
-        generation: s.generation,
-        progress_exits: s.progress_exits,
-        mismatches: s.mismatches,
-        stopped: vcpu.stopped().map(|e| match (explained, e) {
-            (Some(why), _) => why.to_string(),
-            (None, e) => e.map_or("the guest halted".to_string(), |e| e.to_string()),
-        }),
-        stamps: guest::check_stamps(vm.ram()).ok(),
-    }
-}
-
-/// What the guest wrote on the destination after a postcopy, and the digest
-/// of everything else.
-#[derive(Debug, Clone)]
-pub struct GuestWrites {
-    /// Runs of guest pages (first, count) the destination guest wrote, from
-    /// KVM's dirty log (reset at the postcopy advise).
-    pub ranges: Vec<(u64, u64)>,
-    /// Pages in `ranges`.
-    pub pages: u64,
-    /// The digest of the source's memory at the stop as it arrived here:
-    /// every page the guest did not write read back from memory, every page
-    /// it wrote as it was installed ([`PostcopyReport::installed`]). It
-    /// must equal the source's [`GuestMemory::digest`] of its stopped memory.
-    pub digest: u64,
-}
-
-/// After a postcopy: lets the (already running) guest run for `run_for`,
-/// pauses it and reads which pages it wrote here. Every page it did not
-/// write must hold what the source's page held at the stop, whether it
-/// arrived before the switchover, on request or in the background pass:
-/// that is what the digest lets the source check; a page it did write is
-/// counted as it was installed (`postcopy.installed`). `postcopy` is what
-/// the migration reported; its `vcpu_error` explains a vCPU that stopped
-/// during the migration.
-pub fn watch_postcopy_guest(
-    vm: &Vm,
-    vcpu: &Vcpu,
-    started_ns: u64,
-    run_for: Duration,
-    postcopy: &PostcopyReport,
-) -> Result<(GuestAfter, GuestWrites), MigrateError> {
-    let vcpu_error = postcopy.vcpu_error.as_deref();
-    std::thread::sleep(run_for);
-    if vcpu.stopped().is_none() {
-        vcpu.pause().map_err(MigrateError::Vcpu)?;
-    }
-    let after = guest_after(vm, vcpu, started_ns, vcpu_error);
-    let map = SlotMap::new(vm.ram());
-    let pages: u64 = map.slots().iter().map(|s| s.2).sum();
-    let mut words = vec![0u64; pages.div_ceil(64) as usize];
-    fetch_dirty_log(vm, &map, &mut words).map_err(MigrateError::DirtyLog)?;
-    let ranges = written_ranges(&words, pages);
-    let unwritten = digest_outside(vm.ram(), &ranges).map_err(MigrateError::Memory)?;
-    let mut digest = unwritten;
-    for p in ranges
-        .iter()
-        .flat_map(|&(first, count)| first..first + count)
-    {
-        let d = postcopy
-            .installed
-            .get(p as usize)
-            .ok_or(MigrateError::UntrackedPage(p))?;
-        digest = digest.wrapping_add(*d);
-    }
-    let writes = GuestWrites {
-        pages: ranges.iter().map(|r| r.1).sum(),
-        ranges,
-        digest,
-    };
-    Ok((after, writes))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn this_test_thread_is_not_a_vcpu_thread() {
-        // SAFETY: gettid has no arguments and cannot fail.
-        assert!(!is_vcpu_thread(unsafe { libc::gettid() }));
-    }
-
-    #[test]
-    fn the_guest_continued_only_if_it_stamped_on_with_right_stamps() {
-        // A working-set guest is judged by its stamp counter: one more page
-        // is enough, no whole generation is needed.
-        assert!(guest_continued(Some(1000), Some(1001), true, 0, true));
-        // Nothing stamped since the stop, or a counter behind the source's
-        // (the destination runs an older image), or no counter at all.
-        assert!(!guest_continued(Some(1000), Some(1000), true, 50, true));
-        assert!(!guest_continued(Some(1000), Some(900), true, 50, true));
-        assert!(!guest_continued(Some(1000), None, true, 50, true));
-        // Stamped on, but a stamp is wrong, or the guest reported a
-        // mismatch or its vCPU stopped.
-        assert!(!guest_continued(Some(1000), Some(5000), false, 50, true));
-        assert!(!guest_continued(Some(1000), Some(5000), true, 50, false));
-        // An idle guest stamps nothing: its progress exits count.
-        assert!(guest_continued(Some(0), Some(0), true, 3, true));
-        assert!(!guest_continued(Some(0), Some(0), true, 0, true));
-        let after = GuestAfter {
-            started_ns: 0,
-            generation: 0,
-            progress_exits: 9,
-            mismatches: Vec::new(),
-            stopped: None,
-            stamps: Some(StampCheck {
-                stamped: 1200,
-                checked: 511,
-                wrong: 1,
-                first_wrong: Some(7),
-            }),
-        };
-        assert!(!after.continued(Some(1000)));
-        let right = GuestAfter {
-            stamps: after.stamps.clone().map(|c| StampCheck {
-                wrong: 0,
-                first_wrong: None,
-                ..c
-            }),
-            ..after
-        };
-        assert!(right.continued(Some(1000)));
-        assert!(!right.continued(Some(1200)));
-    }
 }

@@ -1,95 +1,149 @@
 //! The source's view of guest RAM: zero-page checks for the engine, and
-//! the dirty log of the one RAM block across its memslots.
+//! the dirty log of every RAM block (one per guest-memory region, so block
+//! `b` is memslot region `b`), with the pages the VMM's devices wrote
+//! merged in.
 
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
 use livemig_core::clear_map::Chunk;
 use livemig_core::source::PageReader;
 
-use super::super::SlotMap;
-use crate::dirty_log::{DirtyLogError, DirtyLogMode};
+use super::failure::SourceFailure;
+use crate::dirty_log::{DirtyLogMode, DirtyLogging};
 use crate::memory::GuestMemory;
-use crate::vm::Vm;
+use crate::vmm::DeviceDirtyLog;
 
-/// Guest memory as the engine reads it: zero-page checks through the slot
-/// map, with volatile-safe reads (sound while the guest runs).
+/// Guest memory as the engine reads it: block = region, with
+/// volatile-safe reads (sound while the guest runs).
 pub(super) struct KvmPages<'r> {
     pub(super) ram: &'r GuestMemory,
-    pub(super) map: &'r SlotMap,
 }
 
 impl PageReader for KvmPages<'_> {
-    fn is_zero_page(&self, _block: u16, page: u64) -> bool {
-        self.map
-            .locate(page)
-            .and_then(|(slot, p)| self.ram.is_zero_page(slot, p).ok())
+    fn is_zero_page(&self, block: u16, page: u64) -> bool {
+        self.ram
+            .is_zero_page(usize::from(block), page)
             .unwrap_or(false)
     }
 }
 
-/// The dirty log of the one RAM block, fetched slot by slot into one
-/// bitmap that is kept as the mask of the following clears.
-pub(super) struct DirtyLog<'v> {
-    vm: &'v Vm,
-    map: SlotMap,
+/// Each region's log: KVM's bits as fetched (the mask of the following
+/// clears) and the log the engine sees (those bits with the device's).
+struct RegionLog {
     fetched: Vec<u64>,
+    merged: Vec<u64>,
+}
+
+/// Dirty logging on the VMM's memslots for the life of the migration
+/// (turned off when this is dropped, whatever the outcome).
+pub(super) struct DirtyLog {
+    logging: DirtyLogging<Arc<VmFd>>,
+    device: Option<Box<dyn DeviceDirtyLog>>,
+    regions: Vec<RegionLog>,
     legacy: bool,
     first: bool,
 }
 
-impl<'v> DirtyLog<'v> {
-    pub(super) fn new(vm: &'v Vm) -> Self {
-        let map = SlotMap::new(vm.ram());
-        let pages: u64 = map.slots().iter().map(|s| s.2).sum();
-        DirtyLog {
-            vm,
-            map,
-            fetched: vec![0; pages.div_ceil(64) as usize],
-            legacy: vm.dirty_log_mode() == DirtyLogMode::Legacy,
+impl DirtyLog {
+    /// Turns logging on for every region of `ram` on `vm`.
+    pub(super) fn start(
+        vm: Arc<VmFd>,
+        ram: &GuestMemory,
+        wanted: DirtyLogMode,
+        device: Option<Box<dyn DeviceDirtyLog>>,
+    ) -> Result<DirtyLog, crate::dirty_log::DirtyLogError> {
+        let logging = DirtyLogging::start(vm, ram.clone(), wanted)?;
+        let regions = ram
+            .regions()
+            .iter()
+            .map(|r| RegionLog {
+                fetched: vec![0; r.bitmap_words()],
+                merged: vec![0; r.bitmap_words()],
+            })
+            .collect();
+        Ok(DirtyLog {
+            legacy: logging.mode() == DirtyLogMode::Legacy,
+            logging,
+            device,
+            regions,
             first: true,
-        }
+        })
     }
 
-    /// Where each block page lives among the memslots.
-    pub(super) fn map(&self) -> &SlotMap {
-        &self.map
+    /// The mode KVM's log is read in.
+    pub(super) fn mode(&self) -> DirtyLogMode {
+        self.logging.mode()
     }
 
-    /// Fetches every slot's log into `fetched`.
-    pub(super) fn fetch(&mut self) -> Result<&[u64], DirtyLogError> {
-        for &(slot, first, pages) in self.map.slots() {
-            let from = (first / 64) as usize;
-            let to = from + pages.div_ceil(64) as usize;
-            let words = self
-                .fetched
-                .get_mut(from..to)
-                .ok_or(DirtyLogError::NoSuchRegion(slot))?;
-            self.vm.get_dirty_log(slot, words)?;
-        }
-        if self.legacy && self.first {
-            // Legacy logs start clean; the engine expects initially-set bits
-            // (for the block's pages only, not the tail of the last word).
-            self.fetched.fill(u64::MAX);
-            let pages: u64 = self.map.slots().iter().map(|s| s.2).sum();
-            if let (Some(last), tail @ 1..) = (self.fetched.last_mut(), pages % 64) {
-                *last = (1u64 << tail) - 1;
+    /// `KVM_CLEAR_DIRTY_LOG` calls so far.
+    pub(super) fn clear_calls(&self) -> u64 {
+        self.logging.clear_calls()
+    }
+
+    /// Fetches every region's log and merges the device's pages into it;
+    /// `feed` gets each region's merged log.
+    pub(super) fn sync(
+        &mut self,
+        mut feed: impl FnMut(u16, &[u64]) -> Result<(), SourceFailure>,
+    ) -> Result<(), SourceFailure> {
+        let pages: Vec<u64> = self
+            .logging
+            .memory()
+            .regions()
+            .iter()
+            .map(|r| r.pages())
+            .collect();
+        for (index, (log, &pages)) in self.regions.iter_mut().zip(&pages).enumerate() {
+            self.logging
+                .get(index, &mut log.fetched)
+                .map_err(SourceFailure::DirtyLogFetch)?;
+            if self.legacy && self.first {
+                // Legacy logs start clean; the engine expects initially-set
+                // bits (for the region's pages only, not the tail word).
+                log.fetched.fill(u64::MAX);
+                if let (Some(last), tail @ 1..) = (log.fetched.last_mut(), pages % 64) {
+                    *last = (1u64 << tail) - 1;
+                }
             }
+            log.merged.copy_from_slice(&log.fetched);
+            if let Some(device) = self.device.as_mut() {
+                // Only adds pages to send: the clear mask stays KVM's own.
+                device.take_dirty(index, &mut log.merged).map_err(|error| {
+                    SourceFailure::DeviceDirtyLog {
+                        region: index,
+                        error,
+                    }
+                })?;
+            }
+            let block = u16::try_from(index).map_err(|_| SourceFailure::TooManyRegions(index))?;
+            feed(block, &log.merged)?;
         }
         self.first = false;
-        Ok(&self.fetched)
+        Ok(())
     }
 
-    /// Clears `chunk` with the fetched bits as the mask (split per slot).
+    /// Clears `chunk` of block `block` with KVM's fetched bits as the mask.
     /// In legacy mode the fetch already re-protected everything.
-    pub(super) fn clear(&self, chunk: Chunk) -> Result<(), DirtyLogError> {
+    pub(super) fn clear(&self, block: u16, chunk: Chunk) -> Result<(), SourceFailure> {
         if self.legacy {
             return Ok(());
         }
-        for (slot, first, count, block_page) in self.map.split(chunk.first, chunk.count) {
-            let mask = self
-                .fetched
-                .get((block_page / 64) as usize..)
-                .ok_or(DirtyLogError::NoSuchRegion(slot))?;
-            self.vm.clear_dirty_log(slot, first, count, mask)?;
-        }
-        Ok(())
+        let region = usize::from(block);
+        let mask = self
+            .regions
+            .get(region)
+            .and_then(|r| r.fetched.get((chunk.first / 64) as usize..))
+            .ok_or(SourceFailure::DirtyLogClear(
+                crate::dirty_log::DirtyLogError::NoSuchRegion(region),
+            ))?;
+        self.logging
+            .clear(region, chunk.first, chunk.count, mask)
+            .map_err(SourceFailure::DirtyLogClear)
+    }
+
+    /// Turns logging off again, saying if that failed.
+    pub(super) fn stop(self) -> Result<(), crate::dirty_log::DirtyLogError> {
+        self.logging.stop()
     }
 }

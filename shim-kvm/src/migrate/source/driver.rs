@@ -29,13 +29,15 @@ use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceRe
 use crate::clock;
 use crate::memory::{GuestMemory, PageIovecs};
 use crate::transport::{Connection, TransportError};
-use crate::vcpu::VcpuError;
+use crate::vmm::VmmError;
 
 /// The connection as the page-sending actions use it. Kept apart from the
 /// driver's other parts because those actions borrow the engine's buffers
 /// while they write.
 pub(super) struct Link {
     pub(super) conn: Connection,
+    /// The guest page numbers of the batch being sent (reused).
+    pub(super) gfns: Vec<u64>,
 }
 
 impl Link {
@@ -49,12 +51,22 @@ impl Link {
     /// [`SourceAction::SendPages`]: a record header and guest pages, in one
     /// vectored write straight from guest RAM.
     fn send_pages(
-        &self,
+        &mut self,
         ram: &GuestMemory,
+        block: u16,
         header: &[u8],
         pages: &[u64],
     ) -> Result<(), SourceFailure> {
-        PageIovecs::new(ram, header, pages)
+        // The engine numbers pages within the block (= region); the
+        // gather wants guest page numbers.
+        let first = ram
+            .region(usize::from(block))
+            .map_err(|e| SourceFailure::ConnectionLost(TransportError::from(e)))?
+            .guest_phys()
+            / crate::memory::PAGE_SIZE as u64;
+        self.gfns.clear();
+        self.gfns.extend(pages.iter().map(|&p| first + p));
+        PageIovecs::new(ram, header, &self.gfns)
             .map_err(TransportError::from)
             .and_then(|p| self.conn.write_page_iovecs(p))
             .map_err(SourceFailure::ConnectionLost)
@@ -65,9 +77,9 @@ impl Link {
 /// carried out on.
 pub(super) struct SourceDriver<'e> {
     pub(super) engine: SourceEngine<'e>,
-    pub(super) guest: SourceGuest<'e>,
+    pub(super) guest: SourceGuest,
     pub(super) link: Link,
-    pub(super) log: DirtyLog<'e>,
+    pub(super) log: DirtyLog,
     /// The return path's decoder and the reader thread's events.
     pub(super) rp: RpDecoder,
     pub(super) events: Receiver<RpEvent>,
@@ -81,7 +93,7 @@ pub(super) struct SourceDriver<'e> {
     pub(super) report: SourceReport,
     /// A guest that could not be restarted after a failed migration is an
     /// error of its own, reported once everything is cleaned up.
-    pub(super) resume_error: Option<VcpuError>,
+    pub(super) resume_error: Option<VmmError>,
     /// When the engine entered pre-switchover (monotonic ns).
     pub(super) paused_at: Option<u64>,
 }
@@ -107,7 +119,6 @@ impl SourceDriver<'_> {
                 }
                 let pages = KvmPages {
                     ram: self.guest.ram(),
-                    map: self.log.map(),
                 };
                 let Some(action) = self.engine.poll_action(clock::now(), &pages) else {
                     break;
@@ -116,15 +127,21 @@ impl SourceDriver<'_> {
                 // the return path, heard before the write's reason stands.
                 let lost = match action {
                     SourceAction::Send(bytes) => self.link.send(bytes).err(),
-                    SourceAction::SendPages { header, pages, .. } => {
-                        self.link.send_pages(self.guest.ram(), header, pages).err()
-                    }
+                    SourceAction::SendPages {
+                        block,
+                        header,
+                        pages,
+                        ..
+                    } => self
+                        .link
+                        .send_pages(self.guest.ram(), block, header, pages)
+                        .err(),
                     SourceAction::SyncDirtyLog => {
                         self.sync_dirty_log();
                         None
                     }
-                    SourceAction::ClearDirtyLog { chunk, .. } => {
-                        self.clear_dirty_log(chunk);
+                    SourceAction::ClearDirtyLog { block, chunk } => {
+                        self.clear_dirty_log(block, chunk);
                         None
                     }
                     SourceAction::SetThrottle { percent } => {
@@ -135,10 +152,7 @@ impl SourceDriver<'_> {
                         self.stop_vcpus();
                         None
                     }
-                    SourceAction::SaveSetupDevices => {
-                        self.save_setup_devices();
-                        None
-                    }
+                    SourceAction::SaveSetupDevices => self.save_setup_devices().err(),
                     SourceAction::SaveDevices => self.save_devices().err(),
                     SourceAction::PackageDevices => self.package_devices().err(),
                     SourceAction::ResumeVcpus => {
@@ -237,49 +251,55 @@ impl SourceDriver<'_> {
         }
     }
 
-    /// [`SourceAction::SyncDirtyLog`]: fetches KVM's log (without
-    /// clearing it) and hands it to the engine.
+    /// [`SourceAction::SyncDirtyLog`]: fetches KVM's log of every block
+    /// (without clearing it), merges the device's pages in and hands each
+    /// to the engine.
     fn sync_dirty_log(&mut self) {
-        match self.log.fetch() {
-            Ok(words) => {
-                let fed = self
-                    .engine
-                    .handle_dirty_log(0, words)
-                    .and_then(|()| self.engine.handle_sync_done(clock::now()));
-                if let Err(e) = fed {
-                    self.fail(SourceFailure::Engine(e));
-                }
-            }
-            Err(e) => self.fail(SourceFailure::DirtyLogFetch(e)),
+        let engine = &mut self.engine;
+        let fed = self
+            .log
+            .sync(|block, words| {
+                engine
+                    .handle_dirty_log(block, words)
+                    .map_err(SourceFailure::Engine)
+            })
+            .and_then(|()| {
+                engine
+                    .handle_sync_done(clock::now())
+                    .map_err(SourceFailure::Engine)
+            });
+        if let Err(e) = fed {
+            self.fail(e);
         }
     }
 
-    /// [`SourceAction::ClearDirtyLog`]: re-protects `chunk` with the
-    /// fetched bits as the mask, before its pages are read.
-    fn clear_dirty_log(&mut self, chunk: Chunk) {
-        if let Err(e) = self.log.clear(chunk) {
-            self.fail(SourceFailure::DirtyLogClear(e));
+    /// [`SourceAction::ClearDirtyLog`]: re-protects `chunk` of `block`
+    /// with KVM's fetched bits as the mask, before its pages are read.
+    fn clear_dirty_log(&mut self, block: u16, chunk: Chunk) {
+        if let Err(e) = self.log.clear(block, chunk) {
+            self.fail(e);
         }
     }
 
-    /// [`SourceAction::SetThrottle`]: limits the vCPU's dirty rate to
-    /// `100 - percent` percent of the measured rate (0: no limit).
+    /// [`SourceAction::SetThrottle`]: holds the vCPUs back for `percent` %
+    /// of their time (0: no limit).
     fn set_throttle(&mut self, percent: u8) {
-        let rate = self.engine.stats().ram.dirty_pages_rate;
-        let limit = if percent == 0 {
-            0
-        } else {
-            (rate * u64::from(100 - percent.min(99)) / 100).max(1)
-        };
-        self.guest.limit_dirty_rate(limit);
+        if let Err(e) = self.guest.throttle(percent) {
+            self.fail(SourceFailure::Throttle(e));
+        }
     }
 
-    /// [`SourceAction::StopVcpus`]: pauses the vCPU for the stop-and-copy.
+    /// [`SourceAction::StopVcpus`]: pauses the vCPUs for the stop-and-copy.
     fn stop_vcpus(&mut self) {
         self.report.vcpu_stopped_ns = Some(clock::monotonic_ns());
         match self.guest.pause() {
-            Ok(generation) => {
-                self.report.generation_at_stop = Some(generation);
+            Ok(()) => {
+                if let Err(failure) = self.guest.quiesce_devices() {
+                    // The engine resumes the guest when it fails.
+                    let _ = self.engine.handle_vcpus_stopped(clock::now());
+                    self.fail(failure);
+                    return;
+                }
                 if let Err(e) = self.engine.handle_vcpus_stopped(clock::now()) {
                     // The engine does not know the guest is stopped, so it
                     // would not restart it.
@@ -289,20 +309,29 @@ impl SourceDriver<'_> {
                     self.fail(SourceFailure::Engine(e));
                 }
             }
-            Err(e) => self.fail(SourceFailure::StopVcpu(e)),
+            Err(e) => self.fail(SourceFailure::StopVcpus(e)),
         }
     }
 
-    /// [`SourceAction::SaveSetupDevices`]: no setup-time sections yet (the
-    /// CPU model record is not yet wired in), so none are written.
-    fn save_setup_devices(&mut self) {
-        if let Err(e) = self.engine.handle_setup_devices_sent(clock::now(), 0) {
+    /// [`SourceAction::SaveSetupDevices`]: the CPU model and the runstate,
+    /// before any RAM; the engine then waits for the destination's verdict.
+    fn save_setup_devices(&mut self) -> Result<(), SourceFailure> {
+        let records = self.guest.setup_records()?;
+        self.link
+            .conn
+            .write_all(&records)
+            .map_err(SourceFailure::ConnectionLost)?;
+        if let Err(e) = self
+            .engine
+            .handle_setup_devices_sent(clock::now(), records.len() as u64)
+        {
             self.fail(SourceFailure::Engine(e));
         }
+        Ok(())
     }
 
-    /// [`SourceAction::SaveDevices`]: writes the stopped vCPU's state as
-    /// one device record.
+    /// [`SourceAction::SaveDevices`]: writes the stopped guest's state
+    /// (vCPUs, VM-wide devices, the VMM's devices) as Device records.
     fn save_devices(&mut self) -> Result<(), SourceFailure> {
         let records = self.guest.device_records()?;
         self.link

@@ -7,9 +7,10 @@ use livemig_core::return_path::RpDecodeError;
 use livemig_core::source::SourceError;
 use livemig_core::wire::EncodeError;
 
+use super::super::vcpu_access::VcpuAccess;
 use crate::dirty_log::DirtyLogError;
 use crate::transport::TransportError;
-use crate::vcpu::VcpuError;
+use crate::vmm::VmmError;
 use crate::x86::StateError;
 
 /// Why the source driver failed a migration (the engine's own reasons, such
@@ -22,11 +23,36 @@ pub enum SourceFailure {
     DirtyLogFetch(DirtyLogError),
     /// `KVM_CLEAR_DIRTY_LOG` failed.
     DirtyLogClear(DirtyLogError),
-    /// The vCPU could not be paused for the stop-and-copy.
-    StopVcpu(VcpuError),
-    /// The stopped vCPU's state could not be read.
-    SaveVcpu(StateError),
-    /// The vCPU's device record could not be framed.
+    /// The VMM could not pause its vCPUs for the stop-and-copy.
+    StopVcpus(VmmError),
+    /// The VMM could not throttle its vCPUs (auto-converge).
+    Throttle(VmmError),
+    /// A stopped vCPU's state could not be read.
+    SaveVcpu(VcpuAccess),
+    /// The VM-wide in-kernel devices' state could not be read.
+    SaveVmState(StateError),
+    /// A VMM device refused to quiesce or save its state.
+    SaveDevice {
+        /// The section id.
+        id: String,
+        /// The section instance.
+        instance: u32,
+        /// The VMM's error.
+        error: VmmError,
+    },
+    /// The VMM's device dirty log failed for guest-memory region `region`:
+    /// pages it wrote could be missed, so the migration stops.
+    DeviceDirtyLog {
+        /// The region index.
+        region: usize,
+        /// The VMM's error.
+        error: VmmError,
+    },
+    /// More vCPUs than a section instance can number.
+    TooManyVcpus(usize),
+    /// More guest-memory regions than the stream can number as blocks.
+    TooManyRegions(usize),
+    /// A device record could not be framed.
     DeviceRecord(EncodeError),
     /// The engine refused what the driver told it.
     Engine(SourceError),
@@ -50,8 +76,34 @@ impl fmt::Display for SourceFailure {
             SourceFailure::ConnectionLost(e) => write!(f, "connection lost: {e}"),
             SourceFailure::DirtyLogFetch(e) => write!(f, "KVM_GET_DIRTY_LOG failed: {e}"),
             SourceFailure::DirtyLogClear(e) => write!(f, "KVM_CLEAR_DIRTY_LOG failed: {e}"),
-            SourceFailure::StopVcpu(e) => write!(f, "stopping the vCPU failed: {e}"),
+            SourceFailure::StopVcpus(e) => write!(f, "pausing the vCPUs failed: {e}"),
+            SourceFailure::Throttle(e) => write!(f, "throttling the vCPUs failed: {e}"),
             SourceFailure::SaveVcpu(e) => write!(f, "saving the vCPU state failed: {e}"),
+            SourceFailure::SaveVmState(e) => {
+                write!(f, "saving the VM's in-kernel devices failed: {e}")
+            }
+            SourceFailure::SaveDevice {
+                id,
+                instance,
+                error,
+            } => write!(
+                f,
+                "saving device '{id}' instance {instance} failed: {error}"
+            ),
+            SourceFailure::DeviceDirtyLog { region, error } => write!(
+                f,
+                "the VMM's device dirty log failed for guest-memory region {region}: {error}"
+            ),
+            SourceFailure::TooManyVcpus(n) => {
+                write!(
+                    f,
+                    "vCPU {n} cannot be numbered in a 32-bit section instance"
+                )
+            }
+            SourceFailure::TooManyRegions(n) => write!(
+                f,
+                "guest-memory region {n} cannot be numbered as a RAM block (at most 65536)"
+            ),
             SourceFailure::DeviceRecord(e) => write!(f, "device header: {e}"),
             SourceFailure::Engine(e) => write!(f, "migration engine: {e}"),
             // A bad header means the peer does not speak the return path
@@ -84,8 +136,12 @@ impl std::error::Error for SourceFailure {
         match self {
             SourceFailure::ConnectionLost(e) => Some(e),
             SourceFailure::DirtyLogFetch(e) | SourceFailure::DirtyLogClear(e) => Some(e),
-            SourceFailure::StopVcpu(e) => Some(e),
+            SourceFailure::StopVcpus(e) | SourceFailure::Throttle(e) => Some(e.as_ref()),
+            SourceFailure::SaveDevice { error, .. }
+            | SourceFailure::DeviceDirtyLog { error, .. } => Some(error.as_ref()),
             SourceFailure::SaveVcpu(e) => Some(e),
+            SourceFailure::SaveVmState(e) => Some(e),
+            SourceFailure::TooManyVcpus(_) | SourceFailure::TooManyRegions(_) => None,
             SourceFailure::DeviceRecord(e) => Some(e),
             SourceFailure::Engine(e) => Some(e),
             SourceFailure::ReturnPath { error, .. } => Some(error),

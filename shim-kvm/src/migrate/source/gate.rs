@@ -3,7 +3,7 @@
 use std::net::Shutdown;
 use std::sync::{Mutex, PoisonError};
 
-use crate::interrupt::Cancel;
+use super::super::cancel::CancelRequest;
 use crate::transport::Connection;
 
 /// Where a cancel and the postcopy switchover meet. A cancel shuts the
@@ -49,7 +49,7 @@ impl CancelGate {
     /// switchover may go ahead (no cancel was asked for), after which
     /// every cancel is refused; `false` if a cancel came first (the
     /// connection is then shut down).
-    pub(super) fn commit(&self, cancel: &Cancel) -> bool {
+    pub(super) fn commit(&self, cancel: &CancelRequest) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if *state == GateState::Open && cancel.is_cancelled() {
             let _ = self.conn.shutdown(Shutdown::Both);
@@ -91,7 +91,7 @@ mod tests {
     fn a_cancel_before_the_switchover_wins_and_shuts_the_connection() {
         let (ours, peer) = pair("before");
         let gate = CancelGate::new(ours.try_clone().unwrap());
-        let cancel = Cancel::new();
+        let cancel = CancelRequest::default();
         // Asked for, not yet carried out by the handle: the switchover
         // must not go ahead, and the connection is shut at once.
         cancel.cancel();
@@ -106,7 +106,7 @@ mod tests {
     fn a_cancel_after_the_switchover_leaves_the_connection_up() {
         let (ours, peer) = pair("after");
         let gate = CancelGate::new(ours.try_clone().unwrap());
-        let cancel = Cancel::new();
+        let cancel = CancelRequest::default();
         assert!(gate.commit(&cancel));
         cancel.cancel();
         gate.shut();

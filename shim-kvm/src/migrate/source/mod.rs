@@ -42,18 +42,22 @@ use livemig_core::source::{BlockTracking, SourceEngine};
 use livemig_core::stats::MigrationStats;
 
 use super::handle::{MigrationHandle, Shared};
+use super::vcpu_access::on_vcpu;
 use super::{MigrateError, ram_layout};
 use crate::clock;
 use crate::dirty_log::DirtyLogMode;
+use crate::memory::GuestMemory;
 use crate::memory::PAGE_SIZE;
 use crate::transport::Connection;
-use crate::vcpu::Vcpu;
-use crate::vm::Vm;
+use crate::vmm::{DeviceDirtyLog, DeviceSection, Vcpus};
+use crate::x86::{CpuModel, VcpuCaps};
 use dirty_log::DirtyLog;
 use driver::{Link, SourceDriver};
 pub use failure::SourceFailure;
 pub(crate) use gate::CancelGate;
 use guest::SourceGuest;
+use kvm_ioctls::{Kvm, VmFd};
+use livemig_core::capabilities::Capabilities;
 
 /// Longest the migration thread waits for input before polling again (so
 /// the progress line stays fresh and a stuck peer is noticed).
@@ -95,6 +99,10 @@ pub struct SourceOptions {
     /// VMM's destination does before it starts the guest). Two measured
     /// round-trip times are added for the end-of-stream exchange.
     pub stop_cost: Duration,
+    /// How KVM's dirty log is read: `ManualProtect` is a preference (the
+    /// legacy mode when KVM lacks it), `Legacy` forces the get-and-clear
+    /// fallback so it can be exercised on any host.
+    pub dirty_log: DirtyLogMode,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -112,6 +120,7 @@ impl Default for SourceOptions {
             write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
             on_switchover: None,
             stop_cost: DEFAULT_STOP_COST,
+            dirty_log: DirtyLogMode::ManualProtect,
         }
     }
 }
@@ -126,8 +135,6 @@ pub struct SourceReport {
     /// `CLOCK_MONOTONIC` nanoseconds when the migration completed (the
     /// destination confirmed the whole stream).
     pub completed_ns: Option<u64>,
-    /// The guest generation the vCPU had reported when it stopped.
-    pub generation_at_stop: Option<u64>,
     /// `KVM_CLEAR_DIRTY_LOG` calls made.
     pub dirty_log_clears: u64,
     /// How the dirty log was read.
@@ -166,43 +173,96 @@ impl SourceReport {
     }
 }
 
-/// Starts migrating the guest of `vm` (its one vCPU `vcpu`) over `conn`
-/// on a migration thread of its own, and returns its handle at once. The
-/// handle's [`stats`](MigrationHandle::stats) follow the migration, its
+/// The VMM's guest as a source lends it to livemig for one migration. The
+/// VMM keeps running its vCPU threads and devices; livemig pauses and
+/// resumes them through [`Vcpus`], reads RAM through `memory` and turns
+/// dirty logging on for the memslots of `memory`'s regions on `vm` (and
+/// off again when the migration ends, whatever its outcome).
+pub struct SourceVm {
+    /// The VMM's VM.
+    pub vm: Arc<VmFd>,
+    /// Guest RAM: each region is one RAM block of the stream (block id =
+    /// region name, block index = region index), registered by the VMM as
+    /// memslot `region.slot()` without flags.
+    pub memory: GuestMemory,
+    /// The VMM's vCPUs.
+    pub vcpus: Arc<dyn Vcpus>,
+    /// The VMM's device sections, saved after the vCPUs stopped, in this
+    /// order.
+    pub devices: Vec<Box<dyn DeviceSection>>,
+    /// Pages the VMM's devices write behind KVM's back, merged into every
+    /// dirty-log sync.
+    pub device_dirty: Option<Box<dyn DeviceDirtyLog>>,
+    /// Whether the guest runs: a paused guest is neither paused nor
+    /// resumed by livemig and arrives paused on the destination.
+    pub running: bool,
+}
+
+/// Starts migrating the guest of `vm` over `conn` on a migration thread of
+/// its own, and returns its handle at once. The handle's
+/// [`stats`](MigrationHandle::stats) follow the migration, its
 /// [`cancel`](MigrationHandle::cancel) shuts the connection down and ends
 /// it as cancelled, and [`join`](MigrationHandle::join) returns the report
 /// of a migration that ran, whatever its outcome: a failed migration leaves
-/// the guest running on the source and says why in `stats.error_desc`.
+/// the guest running on the source and says why in `stats.error_desc`; a
+/// completed one leaves it paused (it runs on the destination now).
+///
+/// Before returning, a running guest is paused for a moment while the
+/// CPU model is read from vCPU 0 (what the destination checks before any
+/// RAM) and the vCPU state KVM can save is probed.
 ///
 /// `Err` here means the migration could not start: an invalid
-/// configuration, a RAM layout that cannot be described, or a connection
-/// that cannot be set up. The caller keeps its own `Arc`s of `vm` and
-/// `vcpu`; the thread drops its clones when it ends.
+/// configuration, `auto-converge` asked of a VMM that cannot throttle, a
+/// RAM layout that cannot be described, vCPUs that cannot be read, dirty
+/// logging that KVM refused, or a connection that cannot be set up.
 pub fn migrate(
-    vm: Arc<Vm>,
-    vcpu: Arc<Vcpu>,
+    vm: SourceVm,
     conn: Connection,
     config: &MigrationConfig,
     options: SourceOptions,
 ) -> Result<MigrationHandle, MigrateError> {
     let config = config.validate().map_err(MigrateError::Config)?;
-    ram_layout(vm.ram()).map_err(MigrateError::Layout)?;
+    if config.capabilities.contains(Capabilities::AUTO_CONVERGE) && !vm.vcpus.can_throttle() {
+        return Err(MigrateError::ThrottleUnsupported);
+    }
+    ram_layout(&vm.memory).map_err(MigrateError::Layout)?;
+    let (caps, model) = probe_vcpus(&vm)?;
     conn.set_write_timeout(options.write_timeout)?;
     let rp_conn = conn.try_clone()?;
     let gate = Arc::new(CancelGate::new(conn.try_clone()?));
     let shared = Arc::new(Shared::default());
     let theirs = Arc::clone(&gate);
+    let guest = SourceGuest { vm, caps, model };
     MigrationHandle::spawn(shared, gate, move |shared| {
-        run(&vm, &vcpu, conn, rp_conn, &config, options, &theirs, shared)
+        run(guest, conn, rp_conn, &config, options, &theirs, shared)
     })
+}
+
+/// What livemig can save of the VMM's vCPUs, and the CPU model of vCPU 0,
+/// read with a running guest paused for the moment it takes.
+fn probe_vcpus(vm: &SourceVm) -> Result<(VcpuCaps, CpuModel), MigrateError> {
+    let count = vm.vcpus.count();
+    let vcpus = u32::try_from(count).map_err(|_| MigrateError::TooManyVcpus(count))?;
+    let kvm = Kvm::new().map_err(MigrateError::OpenKvm)?;
+    if vm.running {
+        vm.vcpus.pause_all().map_err(MigrateError::Vmm)?;
+    }
+    let probed = on_vcpu(vm.vcpus.as_ref(), 0, |fd| {
+        Ok((
+            VcpuCaps::probe(&kvm, &vm.vm, fd)?,
+            CpuModel::capture(fd, vcpus)?,
+        ))
+    });
+    if vm.running {
+        vm.vcpus.resume_all().map_err(MigrateError::Vmm)?;
+    }
+    probed.map_err(MigrateError::Vcpu)
 }
 
 /// The migration thread's body: the engine over this thread's own storage,
 /// driven to its end.
-#[allow(clippy::too_many_arguments)]
 fn run(
-    vm: &Vm,
-    vcpu: &Vcpu,
+    guest: SourceGuest,
     conn: Connection,
     rp_conn: Connection,
     config: &MigrationConfig,
@@ -210,28 +270,48 @@ fn run(
     gate: &CancelGate,
     shared: &Shared,
 ) -> Result<SourceReport, MigrateError> {
-    let layout = [ram_layout(vm.ram()).map_err(MigrateError::Layout)?];
+    let memory = guest.vm.memory.clone();
+    let layout = ram_layout(&memory).map_err(MigrateError::Layout)?;
     let shift = config.parameters.clear_bitmap_shift;
-    let mut dirty_words = vec![0u64; BlockTracking::dirty_words(&layout[0])];
-    let mut clear_words = vec![0u64; BlockTracking::clear_words(&layout[0], shift)];
-    let mut tracking = [
-        BlockTracking::new(&layout[0], shift, &mut dirty_words, &mut clear_words)
-            .map_err(MigrateError::Tracking)?,
-    ];
+    let mut dirty_words: Vec<Vec<u64>> = layout
+        .iter()
+        .map(|b| vec![0u64; BlockTracking::dirty_words(b)])
+        .collect();
+    let mut clear_words: Vec<Vec<u64>> = layout
+        .iter()
+        .map(|b| vec![0u64; BlockTracking::clear_words(b, shift)])
+        .collect();
+    let mut tracking = layout
+        .iter()
+        .zip(dirty_words.iter_mut().zip(clear_words.iter_mut()))
+        .map(|(b, (d, c))| BlockTracking::new(b, shift, d, c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MigrateError::Tracking)?;
     let mut scratch = vec![0u8; 64 * 1024];
     let mut engine = SourceEngine::new(config, &layout, &mut tracking, &mut scratch)
         .map_err(MigrateError::Source)?;
     let rp = RpDecoder::new(PAGE_SIZE as u32).map_err(MigrateError::ReturnPath)?;
+    let mut guest = guest;
+    let log = DirtyLog::start(
+        Arc::clone(&guest.vm.vm),
+        &memory,
+        options.dirty_log,
+        guest.vm.device_dirty.take(),
+    )
+    .map_err(MigrateError::DirtyLog)?;
     engine.start(clock::now()).map_err(MigrateError::Source)?;
     // No early return from here on: the reader ends with the connection.
     let (events, reader) = return_path::spawn_reader(rp_conn);
-    let clears_before = vm.clear_calls();
+    let mode = log.mode();
     let mut driver = SourceDriver {
         engine,
-        guest: SourceGuest { vm, vcpu },
+        guest,
         peer: conn.peer().to_string(),
-        link: Link { conn },
-        log: DirtyLog::new(vm),
+        link: Link {
+            conn,
+            gfns: Vec::new(),
+        },
+        log,
         rp,
         events,
         reader_done: false,
@@ -242,9 +322,8 @@ fn run(
             stats: MigrationStats::default(),
             vcpu_stopped_ns: None,
             completed_ns: None,
-            generation_at_stop: None,
             dirty_log_clears: 0,
-            dirty_log_mode: vm.dirty_log_mode(),
+            dirty_log_mode: mode,
             postcopy: false,
             package_sent_ns: None,
             run_acked_ns: None,
@@ -257,11 +336,13 @@ fn run(
     // Wake the return-path reader (it may be blocked in read) and let it end.
     let _ = driver.link.conn.shutdown(std::net::Shutdown::Both);
     let _ = reader.join();
-    if let Some(e) = driver.resume_error {
-        return Err(MigrateError::Vcpu(e));
-    }
     let mut report = driver.report;
     report.stats = driver.engine.stats().clone();
-    report.dirty_log_clears = vm.clear_calls() - clears_before;
+    report.dirty_log_clears = driver.log.clear_calls();
+    let stopped = driver.log.stop();
+    if let Some(e) = driver.resume_error {
+        return Err(MigrateError::Vmm(e));
+    }
+    stopped.map_err(MigrateError::DirtyLog)?;
     Ok(report)
 }
