@@ -1,6 +1,22 @@
-//! livemig-kvm: binds livemig-core to KVM, userfaultfd and sockets.
+//! livemig-kvm: live migration for a VMM on KVM, built on livemig-core's
+//! engines.
 //!
-//! This layer is the KVM foundation the migration engine drives:
+//! A VMM keeps everything it owns (its `Kvm`, `VmFd`, vCPU threads,
+//! memslots, guest RAM and devices) and lends livemig views of them: a
+//! [`SourceVm`] given to [`migrate()`] on the source host, a
+//! [`DestinationVm`] given to [`receive`] on the destination. Each
+//! migration runs on a thread livemig owns behind a [`MigrationHandle`] /
+//! [`ReceiveHandle`] (statistics, cancel, the report). livemig never runs
+//! `KVM_RUN`: it pauses and resumes the VMM's vCPUs through [`Vcpus`], and
+//! saves and restores itself each vCPU's x86 state, the in-kernel irqchip,
+//! PIT and kvmclock, the CPU model the destination checks before any RAM,
+//! and the runstate; the VMM's own device state travels as
+//! [`DeviceSection`]s, and the pages its devices write come from a
+//! [`DeviceDirtyLog`]. `examples/vmm.rs` is a minimal VMM wired this way;
+//! `docs/integration.md` is the contract (threads and fds, failure, device
+//! sections, what is not there yet).
+//!
+//! The modules:
 //!
 //! - [`memory`]: the VMM's guest memory as regions livemig holds raw views
 //!   of (or maps itself, or takes from vm-memory), read and written only
@@ -19,7 +35,8 @@
 //! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp and
 //!   re-check their share of a working set from ring 3, with a timer and a
 //!   serial line when the VMM has them), its parameter block and ports, and
-//!   the stamp checks. Only the `livemig` tool uses it; it moves there.
+//!   the stamp checks. Only the `livemig` tool uses it (it is to move into
+//!   livemig-cli).
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, socket
 //!   set-up, inherited descriptors, the connection carrying the stream and
 //!   its return path, and page batches written with one vectored `sendmsg`
@@ -27,7 +44,7 @@
 //! - [`postcopy`]: the destination's postcopy RAM, registered with
 //!   userfaultfd so missing pages block their first toucher until placed,
 //!   and the fault thread that forwards those faults as page requests.
-//! - [`migrate`]: the source and destination drivers of the engines over
+//! - [`migrate`](mod@migrate): the source and destination drivers of the engines over
 //!   the VMM's guest ([`SourceVm`] into [`migrate()`], [`DestinationVm`]
 //!   into [`receive`]), each on a migration thread of its own behind a
 //!   handle (live statistics, cancel, join); [`clock`] is the monotonic
@@ -37,7 +54,8 @@
 //! livemig-cli (`shim-kvm/cli/`).
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `transport`, `clock`,
-//! `postcopy` and `x86`, each with a `// SAFETY:` line.
+//! `postcopy` and `x86` (and, in `examples/vmm.rs`, the memslot
+//! registration), each with a `// SAFETY:` line.
 
 pub mod clock;
 pub mod dirty_log;
