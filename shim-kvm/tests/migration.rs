@@ -82,18 +82,16 @@ struct Writer {
     writes: u64,
 }
 
-/// The pages the writer cycles through, in the high region.
-const WRITER_PAGES: u64 = 16;
-
 impl Writer {
-    fn start(ram: &GuestMemoryMmap<AtomicBitmap>) -> Writer {
+    /// Writes `pages` pages from guest-physical `base` round robin.
+    fn start(ram: &GuestMemoryMmap<AtomicBitmap>, base: u64, pages: u64) -> Writer {
         let (ram, stop) = (ram.clone(), Arc::new(AtomicBool::new(false)));
         let flag = Arc::clone(&stop);
         let thread = thread::spawn(move || {
             let mut n = 0u64;
             while !flag.load(Ordering::SeqCst) {
                 n += 1;
-                let at = HIGH_GPA + (n % WRITER_PAGES) * 4096;
+                let at = base + (n % pages) * 4096;
                 ram.write_obj(n, GuestAddress(at)).expect("device write");
             }
             n
@@ -154,8 +152,9 @@ struct Outcome {
     started_hooks: usize,
 }
 
-/// Migrates `src` into `dst` over a unix socket pair.
+/// Migrates `src` into `dst` with `config` over a unix socket pair.
 fn run(
+    config: &MigrationConfig,
     src: &TestVm,
     dst: &TestVm,
     src_devices: Vec<Box<dyn DeviceSection>>,
@@ -193,7 +192,7 @@ fn run(
             running,
         },
         a,
-        &config(),
+        config,
         SourceOptions::default(),
     )
     .expect("migrate");
@@ -249,7 +248,7 @@ fn four_vcpus_arrive_with_equal_memory_and_every_vcpu_goes_on() {
     }
     let src = running_source();
     let dst = TestVm::new(VCPUS, false, |_| {});
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
     assert_eq!(
         o.source.stats.status,
         MigrationStatus::Completed,
@@ -279,9 +278,14 @@ fn pages_a_device_writes_arrive_only_through_the_device_dirty_log() {
     for merged in [true, false] {
         let src = running_source();
         let dst = TestVm::new(VCPUS, false, |_| {});
-        let writer = Writer::start(&src.ram);
+        let writer = Writer::start(&src.ram, HIGH_GPA, 16);
         thread::sleep(Duration::from_millis(20));
+        // At 8 MiB/s the first pass takes a while: the writer rewrites
+        // its pages after they were sent, whatever the scheduling.
+        let mut slow = config();
+        slow.parameters.max_bandwidth = 8 << 20;
         let o = run(
+            &slow,
             &src,
             &dst,
             vec![Box::new(writer)],
@@ -320,7 +324,7 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
     let dst = TestVm::new(VCPUS, false, |cpuid| {
         cpuid.retain(|e| e.function != 0x8000_0008);
     });
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
     assert_refused_and_source_runs(
         &o,
         &src,
@@ -338,7 +342,7 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
     // vCPU count.
     let src = running_source();
     let dst = TestVm::new(2, false, |_| {});
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
     assert_refused_and_source_runs(&o, &src, &dst, "vCPU count: source 4, destination 2");
     drop((src, dst));
 
@@ -363,7 +367,7 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
         );
         return;
     }
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
     assert_refused_and_source_runs(&o, &src, &dst, "TSC frequency");
 }
 
@@ -399,7 +403,7 @@ fn unknown_too_new_and_missing_sections_are_refused_before_the_guest_runs() {
     for (theirs, ours, words) in cases {
         let src = running_source();
         let dst = TestVm::new(VCPUS, false, |_| {});
-        let o = run(&src, &dst, theirs, ours, true, true);
+        let o = run(&config(), &src, &dst, theirs, ours, true, true);
         assert_refused_and_source_runs(&o, &src, &dst, words);
     }
 }
@@ -415,6 +419,7 @@ fn a_paused_guest_arrives_paused_and_a_loaded_device_is_loaded() {
     let uart = Fixed::new("uart", 1);
     let loaded = Arc::clone(&uart.loaded);
     let o = run(
+        &config(),
         &src,
         &dst,
         vec![Box::new(Fixed::new("uart", 1))],
@@ -440,4 +445,104 @@ fn a_paused_guest_arrives_paused_and_a_loaded_device_is_loaded() {
     // The loaded guest runs on from where it was once the VMM resumes it.
     dst.vcpus.resume_all().expect("resume");
     assert!(dst.counters_pass(&o.at_stop), "{:?}", dst.vcpus.failure());
+}
+
+/// Every guest page number of the test VM's RAM but the counters' page,
+/// which the destination's guest goes on writing during a postcopy.
+fn pages_but_counters() -> Vec<u64> {
+    let low = support::LOW_BYTES as u64 / 4096;
+    let high = HIGH_GPA / 4096;
+    let counters = support::counter_gpa(0) / 4096;
+    (0..low)
+        .chain(high..high + support::HIGH_BYTES as u64 / 4096)
+        .filter(|&p| p != counters)
+        .collect()
+}
+
+#[test]
+fn postcopy_serves_the_faults_of_four_vcpu_threads() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    // Data the destination must receive in the background or on request.
+    for p in 0..support::HIGH_BYTES as u64 / 4096 {
+        src.ram
+            .write_obj(p * 0x9e37_79b9 + 1, GuestAddress(HIGH_GPA + p * 4096))
+            .expect("write the high region");
+    }
+    // A device keeps 200 low pages dirty until the switchover, so the
+    // background pass has them to send before it reaches the counters.
+    let writer = Writer::start(&src.ram, 0x10000, 200);
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (a, b) = connection_pair();
+    let hooks = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hooks);
+    let incoming = receive(
+        DestinationVm {
+            vm: Arc::clone(&dst.vm),
+            memory: dst.memory.clone(),
+            vcpus: dst.vcpus.clone(),
+            devices: vec![Box::new(Writer::idle())],
+            on_started: Some(Box::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+            })),
+        },
+        b,
+        ReceiveOptions::default(),
+    )
+    .expect("receive");
+    let mut config = config();
+    config.capabilities.insert(Capabilities::POSTCOPY_RAM);
+    config.limits.postcopy_after_iterations = Some(1);
+    config.parameters.downtime_limit_ms = 0;
+    // Slow enough that the guest starts before its pages have all come.
+    config.parameters.max_postcopy_bandwidth = 2 << 20;
+    let outgoing = migrate(
+        SourceVm {
+            vm: Arc::clone(&src.vm),
+            memory: src.memory.clone(),
+            vcpus: src.vcpus.clone(),
+            devices: vec![Box::new(writer)],
+            device_dirty: Some(Box::new(VmMemoryDirtyLog::new(&src.ram))),
+            running: true,
+        },
+        a,
+        &config,
+        SourceOptions::default(),
+    )
+    .expect("migrate");
+    let source = outgoing.join().expect("source report");
+    let destination = incoming.join().expect("destination report");
+    assert_eq!(
+        source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        source.stats.error_desc
+    );
+    assert!(source.postcopy, "the migration did not switch to postcopy");
+    assert!(destination.error.is_none(), "{:?}", destination.error);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert!(destination.started);
+    assert_eq!(hooks.load(Ordering::SeqCst), 1);
+    let at_stop = src.counters();
+    assert!(
+        dst.counters_pass(&at_stop),
+        "a vCPU did not go on: at stop {at_stop:?}, now {:?} ({:?})",
+        dst.counters(),
+        dst.vcpus.failure()
+    );
+    let postcopy = destination.postcopy.expect("postcopy figures");
+    assert!(
+        postcopy.faults.faults_forwarded > 0,
+        "no vCPU thread faulted: {postcopy:?} {:?}",
+        source.stats
+    );
+    dst.vcpus.pause_all().expect("pause the destination guest");
+    let pages = pages_but_counters();
+    assert_eq!(
+        dst.memory.digest_of(pages.iter().copied()).expect("digest"),
+        src.memory.digest_of(pages.iter().copied()).expect("digest"),
+        "memory the destination guest did not write differs from the source's at the stop"
+    );
 }
