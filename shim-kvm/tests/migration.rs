@@ -471,9 +471,10 @@ fn postcopy_serves_the_faults_of_four_vcpu_threads() {
             .write_obj(p * 0x9e37_79b9 + 1, GuestAddress(HIGH_GPA + p * 4096))
             .expect("write the high region");
     }
-    // A device keeps 200 low pages dirty until the switchover, so the
-    // background pass has them to send before it reaches the counters.
-    let writer = Writer::start(&src.ram, 0x10000, 200);
+    // A device keeps 240 low pages dirty until the switchover, so the
+    // background pass has them to send (about a second at 1 MiB/s) before
+    // it reaches the counters, even on a loaded machine.
+    let writer = Writer::start(&src.ram, 0x10000, 240);
     let dst = TestVm::new(VCPUS, false, |_| {});
     let (a, b) = connection_pair();
     let hooks = Arc::new(AtomicUsize::new(0));
@@ -497,7 +498,7 @@ fn postcopy_serves_the_faults_of_four_vcpu_threads() {
     config.limits.postcopy_after_iterations = Some(1);
     config.parameters.downtime_limit_ms = 0;
     // Slow enough that the guest starts before its pages have all come.
-    config.parameters.max_postcopy_bandwidth = 2 << 20;
+    config.parameters.max_postcopy_bandwidth = 1 << 20;
     let outgoing = migrate(
         SourceVm {
             vm: Arc::clone(&src.vm),
