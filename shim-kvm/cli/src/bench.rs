@@ -29,12 +29,12 @@ use livemig_core::config::MigrationConfig;
 use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
-use crate::clock;
 use crate::demo::{self, DemoError, GuestShape};
-use crate::dirty_log::DirtyLogMode;
 use crate::interrupt::Cancel;
 use crate::report::{Progress, Summary};
-use crate::transport::{Connection, Listener, MigrationUri, TransportError};
+use livemig_kvm::clock;
+use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};
 
 const MIB: u64 = 1 << 20;
 
@@ -114,6 +114,8 @@ pub struct BenchOptions {
     pub run_for: Duration,
     /// Per-run progress lines on stderr.
     pub verbose: bool,
+    /// vCPUs of every guest.
+    pub vcpus: u32,
 }
 
 /// Why the bench could not produce its numbers.
@@ -640,6 +642,7 @@ pub fn run_case(
         mem_mib: case.mem_mib,
         dirty_mib: case.dirty_mib,
         dirty_log: DirtyLogMode::ManualProtect,
+        vcpus: opts.vcpus,
     };
     let mut runs = Vec::new();
     for i in 1..=opts.runs {

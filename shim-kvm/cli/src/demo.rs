@@ -55,18 +55,25 @@ use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
 
-use crate::clock;
-use crate::dirty_log::DirtyLogMode;
-use crate::guest::{self, GuestParams};
 use crate::interrupt::{self, Cancel, Decision};
-use crate::memory::{DEFAULT_SLOT_BYTES, PAGE_SIZE};
-use crate::migrate::destination::{self, GuestAfter, GuestWrites};
-use crate::migrate::source::{self, SourceOptions, SourceReport};
-use crate::migrate::{CancelRefused, MigrateError, RAM_BLOCK_ID};
+use livemig_kvm::clock;
+use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::guest::{self, GuestParams};
+use livemig_kvm::memory::{PAGE_SIZE, VmMemoryDirtyLog};
+use livemig_kvm::migrate::destination;
+use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};
+use livemig_kvm::vmm::{DeviceSection, Vcpus};
+use livemig_kvm::{
+    CancelRefused, DestinationVm, MigrateError, ReceiveOptions, SourceOptions, SourceReport,
+    SourceVm,
+};
+
+use crate::continuity::{GuestContinuity, serial_continued, serial_sequence, vcpu_continued};
+use crate::guest_writes::{WriteLog, WritesError, digest_outside};
 use crate::report::{Progress, Summary};
-use crate::transport::{Connection, Listener, MigrationUri, TransportError};
-use crate::vcpu::Vcpu;
-use crate::vm::Vm;
+use crate::vmm::vcpus::VcpuError;
+use crate::vmm::{BootError, DemoVmm};
+use crate::watch::{GuestAfter, GuestAtStop, WatchError};
 
 const MIB: u64 = 1 << 20;
 /// How often the progress line is redrawn (and a Ctrl-C passed on) while
@@ -82,8 +89,17 @@ pub const WORKING_SET_START: u64 = 2 * MIB;
 pub enum DemoError {
     /// Connecting, listening or accepting failed.
     Transport(TransportError),
-    /// The VM or vCPU could not be created or run.
-    Vm(String),
+    /// The demo VMM could not be built or its guest booted.
+    Boot(BootError),
+    /// A vCPU could not be paused, resumed or asked.
+    Vcpu(VcpuError),
+    /// The guest booted but did not reach its workload.
+    NotBooted(String),
+    /// The guest could not be read at the stop or after the watch.
+    Watch(WatchError),
+    /// The destination guest's writes could not be logged or the rest
+    /// digested.
+    Writes(WritesError),
     /// The guest parameters do not fit the RAM.
     Guest(String),
     /// The migration could not be set up.
@@ -102,7 +118,11 @@ impl fmt::Display for DemoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DemoError::Transport(e) => e.fmt(f),
-            DemoError::Vm(e) => write!(f, "{e}"),
+            DemoError::Boot(e) => write!(f, "{e}"),
+            DemoError::Vcpu(e) => write!(f, "{e}"),
+            DemoError::NotBooted(e) => write!(f, "the demo guest {e}"),
+            DemoError::Watch(e) => write!(f, "{e}"),
+            DemoError::Writes(e) => write!(f, "{e}"),
             DemoError::Guest(e) => write!(f, "demo guest: {e}"),
             DemoError::Migrate(e) => e.fmt(f),
             DemoError::Failed(e) => write!(f, "migration failed: {e}"),
@@ -173,6 +193,8 @@ pub struct GuestShape {
     /// The dirty-log mode to ask KVM for (manual protect falls back to
     /// get-and-clear by itself where KVM lacks it).
     pub dirty_log: DirtyLogMode,
+    /// vCPUs (1 ..= [`guest::MAX_VCPUS`]), sharing the working set.
+    pub vcpus: u32,
 }
 
 impl GuestShape {
@@ -191,53 +213,51 @@ impl GuestShape {
             ws_start: WORKING_SET_START,
             ws_pages,
             idle_spins: 100_000,
+            vcpus: self.vcpus,
+            devices: true,
             ..GuestParams::default()
         })
     }
 }
 
-/// A VM of `mem_mib` MiB with a parked vCPU and nothing loaded: a
-/// destination.
-pub fn empty_vm(mem_mib: u64, dirty_log: DirtyLogMode) -> Result<(Arc<Vm>, Arc<Vcpu>), DemoError> {
-    let vm = Vm::with_dirty_log_mode(mem_mib * MIB, DEFAULT_SLOT_BYTES, dirty_log)
-        .map_err(|e| DemoError::Vm(format!("creating a {mem_mib} MiB VM: {e}")))?;
-    let vcpu = Vcpu::new(&vm).map_err(|e| DemoError::Vm(format!("creating the vCPU: {e}")))?;
-    Ok((Arc::new(vm), Arc::new(vcpu)))
+/// A demo VMM of `mem_mib` MiB with `vcpus` parked vCPUs and nothing
+/// loaded: a destination.
+pub fn empty_vmm(mem_mib: u64, vcpus: u32) -> Result<DemoVmm, DemoError> {
+    DemoVmm::new(mem_mib * MIB, vcpus).map_err(DemoError::Boot)
 }
 
-/// Boots the demo guest and lets it run for `warmup` (and at least until
-/// it reached ring 3 and, with a working set, finished a generation).
-pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<(Arc<Vm>, Arc<Vcpu>), DemoError> {
+/// Boots the demo guest on every vCPU and lets it run for `warmup` (and at
+/// least until every vCPU reached ring 3 and, with a working set, each
+/// vCPU that owns pages finished a generation).
+pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<DemoVmm, DemoError> {
     let params = shape.params()?;
-    let (vm, vcpu) = empty_vm(shape.mem_mib, shape.dirty_log)?;
-    guest::load(vm.ram(), &params).map_err(|e| DemoError::Guest(e.to_string()))?;
-    vcpu.setup_boot(guest::ENTRY)
-        .map_err(|e| DemoError::Vm(format!("vCPU boot state: {e}")))?;
-    vcpu.resume()
-        .map_err(|e| DemoError::Vm(format!("starting the vCPU: {e}")))?;
+    let vmm = empty_vmm(shape.mem_mib, shape.vcpus)?;
+    vmm.boot(&params).map_err(DemoError::Boot)?;
+    vmm.vcpus().resume().map_err(DemoError::Vcpu)?;
     let start = clock::monotonic_ns();
     let deadline = start + 30_000_000_000;
     loop {
-        let s = vcpu.stats();
-        let ready = s.booted.is_some() && (params.ws_pages == 0 || s.generation >= 1);
+        let mut ready = true;
+        for v in 0..shape.vcpus {
+            let r = vmm.vcpus().report(v as usize).map_err(DemoError::Vcpu)?;
+            let owns = guest::owned_pages(params.ws_pages, shape.vcpus, v) > 0;
+            ready &= r.booted.is_some() && (!owns || r.generation >= 1);
+        }
         let elapsed = clock::monotonic_ns() - start;
         if ready && elapsed >= warmup.as_nanos() as u64 {
             break;
         }
-        if let Some(err) = vcpu.stopped() {
-            return Err(DemoError::Vm(format!(
-                "the demo guest stopped while booting: {}",
-                err.map_or("it halted".to_string(), |e| e.to_string())
+        if let Some(err) = vmm.vcpus().stopped() {
+            return Err(DemoError::NotBooted(format!(
+                "stopped while booting: {err}"
             )));
         }
         if clock::monotonic_ns() > deadline {
-            return Err(DemoError::Vm(
-                "the demo guest did not boot within 30 s".into(),
-            ));
+            return Err(DemoError::NotBooted("did not boot within 30 s".into()));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok((vm, vcpu))
+    Ok(vmm)
 }
 
 /// The name of a dirty-log mode in the statistics and on the command line.
@@ -268,37 +288,53 @@ pub fn base_config() -> MigrationConfig {
 pub struct SendOutcome {
     /// The engine's view and the stop instant.
     pub report: SourceReport,
-    /// Digest of the source's memory at stop (the vCPU stays stopped after
+    /// Digest of the source's memory at stop (the vCPUs stay paused after
     /// a completed migration, postcopy included, so it is taken
     /// afterwards): the destination's `digest` must equal it.
     pub digest: Option<u64>,
-    /// Pages the guest had stamped at the stop ([`guest::stamped`], read
-    /// from the stopped source's memory after a completed migration).
-    pub stamped_at_stop: Option<u64>,
-    /// After a failed migration: the guest's generation when it failed and
-    /// half a second later (it must keep running on the source).
+    /// The guest at the stop (each vCPU's stamp counter, the ticks, its
+    /// serial output), read from the stopped source after a completed
+    /// migration.
+    pub at_stop: Option<GuestAtStop>,
+    /// After a failed migration: the guest's generations (summed over its
+    /// vCPUs) when it failed and half a second later (it must keep running
+    /// on the source).
     pub generation_after_failure: Option<(u64, u64)>,
     /// Progress exits in that half second (an idle guest has no
     /// generations).
     pub progress_after_failure: u64,
     /// After a failed migration: whether the source guest is intact (its
-    /// own stamp checks found no mismatch and its vCPU did not stop).
+    /// own stamp checks found no mismatch and no vCPU stopped).
     pub intact_after_failure: bool,
 }
 
-/// Migrates the running guest in `vm` over `conn` on the migration
+/// The demo VMM's guest as livemig's source takes it: its VM, RAM (with
+/// vm-memory's bitmap of the VMM's own writes), vCPUs and COM1 section.
+fn source_vm(vmm: &DemoVmm) -> SourceVm {
+    let vcpus: Arc<dyn Vcpus> = Arc::clone(vmm.vcpus()) as Arc<dyn Vcpus>;
+    let serial: Box<dyn DeviceSection> = Box::new(vmm.serial().section());
+    SourceVm {
+        vm: Arc::clone(vmm.vm()),
+        memory: vmm.guest_memory().clone(),
+        vcpus,
+        devices: vec![serial],
+        device_dirty: Some(Box::new(VmMemoryDirtyLog::new(vmm.memory()))),
+        running: true,
+    }
+}
+
+/// Migrates the running guest in `vmm` over `conn` on the migration
 /// thread, drawing its progress from here and passing a `cancel` (Ctrl-C)
 /// on to it.
 pub fn send_guest(
-    vm: &Arc<Vm>,
-    vcpu: &Arc<Vcpu>,
+    vmm: &DemoVmm,
     conn: Connection,
     config: &MigrationConfig,
     options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let handle = source::migrate(Arc::clone(vm), Arc::clone(vcpu), conn, config, options)?;
+    let handle = livemig_kvm::migrate(source_vm(vmm), conn, config, options)?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         if cancel.is_cancelled() {
@@ -313,19 +349,19 @@ pub fn send_guest(
     progress.finish();
     let mut out = SendOutcome {
         digest: None,
-        stamped_at_stop: None,
+        at_stop: None,
         generation_after_failure: None,
         progress_after_failure: 0,
         intact_after_failure: false,
         report,
     };
     if out.report.stats.status == MigrationStatus::Completed {
-        // The vCPU stays stopped after a completed migration, postcopy
+        // The vCPUs stay paused after a completed migration, postcopy
         // included: this memory is the stop image, and cannot change.
-        out.stamped_at_stop = guest::stamped(vm.ram()).ok();
-        out.digest = Some(vm.ram().digest());
+        out.at_stop = Some(GuestAtStop::read(vmm).map_err(DemoError::Watch)?);
+        out.digest = Some(vmm.guest_memory().digest());
     } else {
-        watch_source_guest(vcpu, &mut out);
+        watch_source_guest(vmm, &mut out)?;
     }
     Ok(out)
 }
@@ -345,16 +381,30 @@ impl Refusal {
     }
 }
 
+/// The guest's generations and progress exits, summed over its vCPUs,
+/// and whether it is intact (no mismatch reported, no vCPU stopped).
+fn source_progress(vmm: &DemoVmm) -> Result<(u64, u64, bool), DemoError> {
+    let (mut generation, mut exits, mut intact) = (0, 0, vmm.vcpus().stopped().is_none());
+    for v in 0..vmm.vcpu_count() as usize {
+        let r = vmm.vcpus().report(v).map_err(DemoError::Vcpu)?;
+        generation += r.generation;
+        exits += r.progress_exits;
+        intact &= r.mismatches.is_empty();
+    }
+    Ok((generation, exits, intact))
+}
+
 /// Watches the source guest for half a second after a failed migration:
 /// whether it runs on (or, after an ambiguous end, stays paused) and is
 /// intact.
-fn watch_source_guest(vcpu: &Vcpu, out: &mut SendOutcome) {
-    let before = vcpu.stats();
+fn watch_source_guest(vmm: &DemoVmm, out: &mut SendOutcome) -> Result<(), DemoError> {
+    let (before, exits_before, _) = source_progress(vmm)?;
     std::thread::sleep(Duration::from_millis(500));
-    let after = vcpu.stats();
-    out.generation_after_failure = Some((before.generation, after.generation));
-    out.progress_after_failure = after.progress_exits - before.progress_exits;
-    out.intact_after_failure = after.mismatches.is_empty() && vcpu.stopped().is_none();
+    let (after, exits_after, intact) = source_progress(vmm)?;
+    out.generation_after_failure = Some((before, after));
+    out.progress_after_failure = exits_after - exits_before;
+    out.intact_after_failure = intact;
+    Ok(())
 }
 
 /// Asked, after an ambiguous end, with the summary so far: tells the
@@ -373,11 +423,13 @@ fn decision_name(d: Decision) -> &'static str {
 fn send_summary(out: &SendOutcome) -> Summary {
     let r = &out.report;
     let mut extra = serde_json::Map::new();
-    if let Some(g) = r.generation_at_stop {
-        extra.insert("guest-generation-at-stop".into(), json!(g));
-    }
-    if let Some(s) = out.stamped_at_stop {
-        extra.insert("guest-stamped-at-stop".into(), json!(s));
+    if let Some(a) = &out.at_stop {
+        extra.insert("guest-stamped-at-stop".into(), json!(a.stamped));
+        extra.insert("guest-ticks-at-stop".into(), json!(a.ticks));
+        extra.insert(
+            "guest-serial-lines-at-stop".into(),
+            json!(serial_sequence(&a.serial).0),
+        );
     }
     if let Some((before, after)) = out.generation_after_failure {
         extra.insert("guest-generation-before".into(), json!(before));
@@ -434,6 +486,7 @@ fn send_summary(out: &SendOutcome) -> Summary {
         backend: "kvm".into(),
         digest: out.digest,
         error,
+        guest: None,
         extra,
     }
 }
@@ -461,16 +514,20 @@ pub fn run_send(
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
     let conn = Connection::connect(to)?;
-    let (vm, vcpu) = boot_guest(shape, warmup)?;
-    let mut out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
+    let vmm = boot_guest(shape, warmup)?;
+    let options = SourceOptions {
+        dirty_log: shape.dirty_log,
+        ..options
+    };
+    let mut out = send_guest(&vmm, conn, config, options, cancel, progress)?;
     let summary = send_summary(&out);
     if summary.stats.ambiguous_end.is_none() {
         return Ok(summary);
     }
     let decision = hold(&summary)?;
     if decision == Decision::Run {
-        vcpu.resume().map_err(MigrateError::Vcpu)?;
-        watch_source_guest(&vcpu, &mut out);
+        vmm.vcpus().resume().map_err(DemoError::Vcpu)?;
+        watch_source_guest(&vmm, &mut out)?;
     }
     let mut summary = send_summary(&out);
     summary
@@ -485,14 +542,14 @@ fn ms(d: Duration) -> Value {
 }
 
 /// The postcopy figures of a destination: fault latency (request sent →
-/// page installed), fault counters and, when `blocktime` is asked for, the
+/// page installed), fault counters and, when `blocktime` gives the vCPU
+/// threads' ids, the
 /// time each vCPU spent blocked on missing pages (QEMU's
 /// `postcopy-blocktime` and `postcopy-vcpu-blocktime`, in ms).
 fn postcopy_fields(
     extra: &mut serde_json::Map<String, Value>,
     p: &destination::PostcopyReport,
-    writes: Option<&GuestWrites>,
-    blocktime: bool,
+    blocktime: Option<&[i32]>,
 ) {
     let us = |v: Option<f64>| v.map(|x| (x * 10.0).round() / 10.0);
     extra.insert("postcopy".into(), json!(true));
@@ -519,34 +576,38 @@ fn postcopy_fields(
             "pages-discarded": f.pages_discarded,
         }),
     );
-    if blocktime {
-        let total: Duration = p.vcpu_blocktime.iter().map(|b| b.1).sum();
-        extra.insert("postcopy-blocktime".into(), ms(total));
+    if let Some(tids) = blocktime {
+        // Each vCPU thread's wait, matched by thread id; a vCPU that never
+        // faulted waited 0 ms.
+        let per_vcpu: Vec<Duration> = tids
+            .iter()
+            .map(|tid| {
+                f.blocktime
+                    .iter()
+                    .filter(|b| b.0 == *tid)
+                    .map(|b| b.1)
+                    .sum()
+            })
+            .collect();
+        extra.insert("postcopy-blocktime".into(), ms(per_vcpu.iter().sum()));
         extra.insert(
             "postcopy-vcpu-blocktime".into(),
-            Value::Array(p.vcpu_blocktime.iter().map(|b| ms(b.1)).collect()),
+            Value::Array(per_vcpu.into_iter().map(ms).collect()),
         );
-    }
-    if let Some(e) = &p.vcpu_error {
-        extra.insert("postcopy-vcpu-error".into(), json!(e));
-    }
-    if let Some(w) = writes {
-        extra.insert("guest-written-pages".into(), json!(w.pages));
-        extra.insert("guest-written-ranges".into(), json!(w.ranges));
     }
 }
 
-/// What the destination did, as `receive` reports it.
+/// What the destination did, as `receive` reports it. `after` is the
+/// guest at the end of the watch, when it ran here.
 fn receive_summary(
     report: &destination::DestinationReport,
     after: Option<&GuestAfter>,
-    writes: Option<&GuestWrites>,
-    blocktime: bool,
-    mode: DirtyLogMode,
+    started_ns: Option<u64>,
+    blocktime: Option<&[i32]>,
 ) -> Summary {
     let mut extra = serde_json::Map::new();
     if let Some(p) = &report.postcopy {
-        postcopy_fields(&mut extra, p, writes, blocktime);
+        postcopy_fields(&mut extra, p, blocktime);
     }
     if let Some(t) = report.loaded_ns {
         extra.insert("loaded-ns".into(), json!(t));
@@ -555,46 +616,95 @@ fn receive_summary(
             json!((report.digest_ms * 1000.0).round() / 1000.0),
         );
     }
+    extra.insert("guest-started".into(), json!(report.started));
     if let Some(a) = after {
-        extra.insert("guest-generation".into(), json!(a.generation));
-        extra.insert("guest-progress-exits".into(), json!(a.progress_exits));
-        extra.insert("guest-mismatches".into(), json!(a.mismatches));
-        if let Some(c) = &a.stamps {
-            extra.insert("guest-stamped".into(), json!(c.stamped));
-            extra.insert(
-                "guest-stamps".into(),
-                json!({"checked": c.checked, "wrong": c.wrong, "first-wrong": c.first_wrong}),
-            );
-        }
+        let sum = |f: fn(&crate::vmm::vcpus::VcpuReport) -> u64| a.vcpus.iter().map(f).sum::<u64>();
+        extra.insert("guest-generation".into(), json!(sum(|r| r.generation)));
+        extra.insert(
+            "guest-progress-exits".into(),
+            json!(sum(|r| r.progress_exits)),
+        );
+        let mismatches: Vec<u32> = a
+            .vcpus
+            .iter()
+            .flat_map(|r| r.mismatches.iter().copied())
+            .collect();
+        extra.insert("guest-mismatches".into(), json!(mismatches));
+        extra.insert("guest-stamped".into(), json!(a.stamped));
+        extra.insert(
+            "guest-vcpus".into(),
+            Value::Array(
+                a.vcpus
+                    .iter()
+                    .zip(&a.stamped)
+                    .enumerate()
+                    .map(|(i, (r, stamped))| {
+                        json!({
+                            "stamped": stamped,
+                            "owns-pages": a.owns_pages(i),
+                            "progress-exits": r.progress_exits,
+                        })
+                    })
+                    .collect(),
+            ),
+        );
+        let c = &a.stamps;
+        extra.insert(
+            "guest-stamps".into(),
+            json!({"checked": c.checked, "wrong": c.wrong, "first-wrong": c.first_wrong}),
+        );
+        extra.insert("guest-ticks".into(), json!(a.ticks));
+        extra.insert(
+            "guest-serial".into(),
+            json!(String::from_utf8_lossy(&a.serial)),
+        );
         if let Some(s) = &a.stopped {
             extra.insert("guest-stopped".into(), json!(s));
         }
     }
     Summary {
         stats: report.stats.clone(),
-        vcpu_started_ns: after.map(|a| a.started_ns),
+        vcpu_started_ns: started_ns,
         verified: false,
-        dirty_log_mode: mode_name(mode).to_string(),
+        dirty_log_mode: "none".into(),
         backend: "kvm".into(),
-        digest: report.digest.or(writes.map(|w| w.digest)),
+        digest: report.digest,
         error: report.error.as_ref().map(ToString::to_string),
         extra,
         ..Summary::default()
     }
 }
 
+/// The demo VMM's empty guest as livemig's destination fills it. It has
+/// no network device to announce, so no start hook: the report says when
+/// the guest started.
+fn destination_vm(vmm: &DemoVmm) -> DestinationVm {
+    let vcpus: Arc<dyn Vcpus> = Arc::clone(vmm.vcpus()) as Arc<dyn Vcpus>;
+    let serial: Box<dyn DeviceSection> = Box::new(vmm.serial().section());
+    DestinationVm {
+        vm: Arc::clone(vmm.vm()),
+        memory: vmm.guest_memory().clone(),
+        vcpus,
+        devices: vec![serial],
+        on_started: None,
+    }
+}
+
 /// `livemig receive`: listens on `listen`, prints `listening on URI` on
 /// `announce` (the real port when 0 was asked for), loads one incoming
-/// migration into a fresh `mem_mib` MiB VM, starts the guest (postcopy
-/// started it already) and watches it run for `run_for`. `blocktime`
-/// (the postcopy-blocktime capability) adds per-vCPU blocktime to a
-/// postcopy report. After an ambiguous end the loaded guest is held
-/// paused: `hold` decides whether it starts here (as after a completed
-/// migration) or is discarded with the process.
+/// migration into a fresh demo VMM of `mem_mib` MiB and `vcpus` vCPUs
+/// (livemig refuses a source whose CPU model or vCPU count differs),
+/// lets livemig start the guest (a guest paused on the source arrives
+/// paused) and watches it run for `run_for`. `blocktime` (the
+/// postcopy-blocktime capability) adds per-vCPU blocktime to a postcopy
+/// report. After an ambiguous end the loaded guest is held paused: `hold`
+/// decides whether it starts here (as after a completed migration) or is
+/// discarded with the process.
 #[allow(clippy::too_many_arguments)]
 pub fn run_receive(
     listen: &MigrationUri,
     mem_mib: u64,
+    vcpus: u32,
     run_for: Duration,
     idle_timeout: Duration,
     blocktime: bool,
@@ -603,7 +713,7 @@ pub fn run_receive(
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
     let listener = Listener::bind(listen)?;
-    let (vm, vcpu) = empty_vm(mem_mib, DirtyLogMode::ManualProtect)?;
+    let vmm = empty_vmm(mem_mib, vcpus)?;
     let uri = listener.local_uri()?;
     // The announcement is how a parent process finds the port: a failed
     // write means nobody listens, which the migration itself will show.
@@ -613,7 +723,17 @@ pub fn run_receive(
     // Only now: until a migration arrives, Ctrl-C simply ends the process.
     let interrupt = Cancel::new();
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
-    let handle = destination::receive(Arc::clone(&vm), Arc::clone(&vcpu), conn, idle_timeout)?;
+    // The digest of the loaded memory is what the operator compares with
+    // the source's.
+    let options = ReceiveOptions {
+        idle_timeout,
+        digest: true,
+    };
+    // From before the first page: after a postcopy it says which pages
+    // the guest wrote here.
+    let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())
+        .map_err(DemoError::Writes)?;
+    let handle = livemig_kvm::receive(destination_vm(&vmm), conn, options)?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         match interrupt.signal() {
@@ -628,42 +748,66 @@ pub fn run_receive(
     let report = handle.join()?;
     progress.update(&report.stats);
     progress.finish();
+    let tids = vmm.vcpus().thread_ids();
+    let blocktime = blocktime.then_some(&tids[..]);
     if report.stats.ambiguous_end.is_some() {
-        let mode = vm.dirty_log_mode();
-        let decision = hold(&receive_summary(&report, None, None, blocktime, mode))?;
+        let decision = hold(&receive_summary(&report, None, None, blocktime))?;
         let after = match decision {
-            Decision::Run => Some(destination::start_guest(&vm, &vcpu, run_for)?),
+            Decision::Run => {
+                let at = clock::monotonic_ns();
+                vmm.vcpus().resume().map_err(DemoError::Vcpu)?;
+                Some((
+                    GuestAfter::watch(&vmm, run_for).map_err(DemoError::Watch)?,
+                    at,
+                ))
+            }
             Decision::Discard(_) | Decision::TimedOut => None,
         };
-        let mut summary = receive_summary(&report, after.as_ref(), None, blocktime, mode);
+        let mut summary = receive_summary(
+            &report,
+            after.as_ref().map(|a| &a.0),
+            after.as_ref().map(|a| a.1),
+            blocktime,
+        );
         summary
             .extra
             .insert("hold-decision".into(), json!(decision_name(decision)));
-        if let Some(a) = &after {
-            // No generation at the stop is known here: progress and health.
+        if let Some((a, _)) = &after {
+            // Nothing at the stop is known here: health only.
             summary
                 .extra
-                .insert("guest-continued".into(), json!(a.continued(None)));
+                .insert("guest-continued".into(), json!(a.healthy()));
         }
         return Ok(summary);
     }
-    let (after, writes) = match (&report.error, &report.postcopy) {
-        (Some(_), _) => (None, None),
-        (None, None) => (Some(destination::start_guest(&vm, &vcpu, run_for)?), None),
-        (None, Some(p)) => {
-            let started = p.started_ns.unwrap_or_else(clock::monotonic_ns);
-            let (after, writes) =
-                destination::watch_postcopy_guest(&vm, &vcpu, started, run_for, p)?;
-            (Some(after), Some(writes))
-        }
-    };
-    Ok(receive_summary(
-        &report,
-        after.as_ref(),
-        writes.as_ref(),
-        blocktime,
-        vm.dirty_log_mode(),
-    ))
+    if report.error.is_some() || !report.started {
+        return Ok(receive_summary(&report, None, None, blocktime));
+    }
+    if report.postcopy.is_none() {
+        log.stop().map_err(DemoError::Writes)?;
+        let after = GuestAfter::watch(&vmm, run_for).map_err(DemoError::Watch)?;
+        return Ok(receive_summary(
+            &report,
+            Some(&after),
+            report.started_ns,
+            blocktime,
+        ));
+    }
+    let (after, writes) =
+        GuestAfter::watch_then(&vmm, run_for, || log.finish()).map_err(DemoError::Watch)?;
+    let writes = writes.map_err(DemoError::Writes)?;
+    let mut summary = receive_summary(&report, Some(&after), report.started_ns, blocktime);
+    summary
+        .extra
+        .insert("guest-written-pages".into(), json!(writes.pages));
+    summary
+        .extra
+        .insert("guest-written-ranges".into(), json!(writes.ranges));
+    summary.extra.insert(
+        "digest-unwritten".into(),
+        json!(format!("{:#018x}", writes.digest)),
+    );
+    Ok(summary)
 }
 
 /// What the destination wrote on stderr (its error line, if any).
@@ -747,6 +891,7 @@ pub fn run_demo_with(
             "--quiet",
         ])
         .args(["--mem-mib", &shape.mem_mib.to_string()])
+        .args(["--vcpus", &shape.vcpus.to_string()])
         .args(["--run-ms", &run_for.as_millis().to_string()])
         // `demo` owns both sides and holds neither: after an ambiguous end
         // the child reports and exits at once, as the source does here.
@@ -793,9 +938,13 @@ pub fn run_demo_with(
         .map_err(|e| DemoError::Child(format!("it announced a bad address {addr}: {e}")))?;
     child.stdout = Some(reader.into_inner());
 
-    let (vm, vcpu) = boot_guest(shape, warmup)?;
+    let vmm = boot_guest(shape, warmup)?;
     let conn = Connection::connect(&uri)?;
-    let out = send_guest(&vm, &vcpu, conn, config, options, cancel, progress)?;
+    let options = SourceOptions {
+        dirty_log: shape.dirty_log,
+        ..options
+    };
+    let out = send_guest(&vmm, conn, config, options, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };
@@ -835,29 +984,49 @@ pub fn run_demo_with(
         .get("digest")
         .and_then(Value::as_str)
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
-    let stamped = dest.get("guest-stamped").and_then(Value::as_u64);
     let stamps_ok = dest
         .get("guest-stamps")
         .and_then(|c| c.get("wrong"))
         .and_then(Value::as_u64)
         == Some(0);
-    let progress_exits = dest.get("guest-progress-exits").and_then(Value::as_u64);
     let mismatches = dest
         .get("guest-mismatches")
         .and_then(Value::as_array)
         .map_or(1, Vec::len);
     let stopped = dest.get("guest-stopped").is_some();
-    let continued = destination::guest_continued(
-        out.stamped_at_stop,
-        stamped,
-        stamps_ok,
-        progress_exits.unwrap_or(0),
-        mismatches == 0 && !stopped,
-    );
+    let guest = out
+        .at_stop
+        .as_ref()
+        .and_then(|at_stop| continuity(at_stop, &dest));
+    let continued =
+        stamps_ok && mismatches == 0 && !stopped && guest.as_ref().is_some_and(GuestContinuity::ok);
+    summary.guest = guest;
+    // After a postcopy the destination guest ran while its memory came:
+    // the pages it did not write are compared (the ones it wrote, by its
+    // own stamp checks).
+    let memory_equal = if postcopy {
+        let written: Option<Vec<(u64, u64)>> = dest
+            .get("guest-written-ranges")
+            .and_then(|r| serde_json::from_value(r.clone()).ok());
+        let theirs = dest
+            .get("digest-unwritten")
+            .and_then(Value::as_str)
+            .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
+        let ours = written
+            .filter(|_| out.at_stop.is_some())
+            .and_then(|w| digest_outside(vmm.guest_memory(), &w).ok());
+        if let Some(d) = ours {
+            summary
+                .extra
+                .insert("digest-unwritten".into(), json!(format!("{d:#018x}")));
+        }
+        ours.is_some() && ours == theirs
+    } else {
+        out.digest.is_some() && out.digest == dest_digest
+    };
     summary.verified = out.report.stats.status == MigrationStatus::Completed
         && dest.get("status").and_then(Value::as_str) == Some("completed")
-        && out.digest.is_some()
-        && out.digest == dest_digest
+        && memory_equal
         && continued;
     summary.extra.insert("destination".into(), dest.clone());
     if out.report.stats.status == MigrationStatus::Completed {
@@ -873,6 +1042,37 @@ pub fn run_demo_with(
         }
     }
     Ok(summary)
+}
+
+/// How the guest went on from `at_stop` (the source's stopped guest) to
+/// what the destination reported after its watch (`dest`, its JSON
+/// summary); `None` when the destination did not report the guest (it did
+/// not run there).
+fn continuity(at_stop: &GuestAtStop, dest: &Value) -> Option<GuestContinuity> {
+    let vcpus = dest.get("guest-vcpus")?.as_array()?;
+    let ticks_after = dest.get("guest-ticks")?.as_u64()?;
+    let serial = dest.get("guest-serial")?.as_str()?;
+    let mut continued = 0;
+    for (i, v) in vcpus.iter().enumerate() {
+        let moved = vcpu_continued(
+            at_stop.stamped.get(i).copied().unwrap_or(u64::MAX),
+            v.get("stamped")?.as_u64()?,
+            v.get("owns-pages")?.as_bool()?,
+            v.get("progress-exits")?.as_u64()?,
+        );
+        continued += u32::from(moved);
+    }
+    Some(GuestContinuity {
+        vcpus: at_stop.stamped.len() as u32,
+        vcpus_continued: if vcpus.len() == at_stop.stamped.len() {
+            continued
+        } else {
+            0
+        },
+        ticks_at_stop: at_stop.ticks,
+        ticks_after,
+        serial_continued: serial_continued(&at_stop.serial, serial.as_bytes()),
+    })
 }
 
 /// The last non-empty line of `text`.
@@ -910,13 +1110,17 @@ pub fn kvm_available() -> bool {
     open_kvm().is_ok()
 }
 
+/// The simulated guest's one RAM block, named as the demo VMM's first
+/// region is.
+const SIMULATED_BLOCK_ID: &str = "ram0";
+
 /// `livemig demo` without KVM: the same shape of guest and migration on
 /// `livemig-sim`'s simulated memory, link (loopback-like, 2.4 GB/s) and
 /// clock.
 pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summary, DemoError> {
     let page = PAGE_SIZE as u64;
     let pages = shape.mem_mib * MIB / page;
-    let mut scenario = Scenario::new(vec![BlockSpec::new(RAM_BLOCK_ID, pages, PAGE_SIZE)]);
+    let mut scenario = Scenario::new(vec![BlockSpec::new(SIMULATED_BLOCK_ID, pages, PAGE_SIZE)]);
     scenario.config = config.clone();
     scenario.fill_pages = (pages / 64).max(1);
     scenario.forward = livemig_sim::LinkConfig::new(2_400_000_000, 20_000);
@@ -950,6 +1154,7 @@ pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summ
         backend: "simulated".into(),
         digest: out.stop_digest,
         error: None,
+        guest: None,
         extra,
     })
 }
@@ -984,6 +1189,7 @@ mod tests {
             mem_mib: 64,
             dirty_mib: 4,
             dirty_log: DirtyLogMode::ManualProtect,
+            vcpus: 2,
         };
         let mut config = base_config();
         config.parameters.max_bandwidth = 0;
@@ -1001,6 +1207,7 @@ mod tests {
             mem_mib,
             dirty_mib,
             dirty_log: DirtyLogMode::ManualProtect,
+            vcpus: 2,
         };
         let p = shape(1024, 64).params().unwrap();
         assert_eq!((p.ws_start, p.ws_pages), (WORKING_SET_START, 64 * 256));

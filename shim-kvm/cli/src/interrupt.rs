@@ -3,9 +3,9 @@
 //! The handler only records the signal (the one thing a signal handler may
 //! safely do); a watcher thread turns it into a [`Cancel`] request, which
 //! the tool passes on to the migration's handle
-//! ([`crate::migrate::MigrationHandle::cancel`], which shuts the connection
+//! ([`livemig_kvm::MigrationHandle::cancel`], which shuts the connection
 //! down so that even a write blocked on a stuck peer returns, or
-//! [`crate::migrate::ReceiveHandle::interrupt`], which stops the load and
+//! [`livemig_kvm::ReceiveHandle::interrupt`], which stops the load and
 //! tells the source). The handles keep a [`Cancel`] of their own too. Later signals are caught too: once the
 //! handlers are installed no signal kills the process, so a refused cancel
 //! (after the postcopy switchover) changes nothing.

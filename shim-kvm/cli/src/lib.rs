@@ -5,6 +5,16 @@
 //!   simulated fallback over livemig-sim when there is no `/dev/kvm`);
 //!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
 //!   run.
+//! - [`continuity`]: whether the guest went on after a migration (every
+//!   vCPU's stamp counter, the timer, the serial sequence across hosts).
+//! - [`watch`]: the guest read at the stop and after the switchover, that
+//!   continuity is decided from.
+//! - [`guest_writes`]: the destination guest's writes after a postcopy
+//!   (KVM's dirty log), and the digest of every other page both hosts
+//!   compare.
+//! - [`interrupt`]: Ctrl-C and SIGTERM as a cancel passed to the
+//!   migration's handle, and the operator's decision after an ambiguous
+//!   end (the hold).
 //! - [`vmm`]: the demo VMM, built like an outside VMM on rust-vmm crates
 //!   (its own KVM VM, vm-memory RAM, in-kernel irqchip and PIT, a
 //!   vm-superio serial port, `--vcpus N` vCPU threads), which implements
@@ -12,16 +22,17 @@
 //!   (`livemig run --vcpus N`).
 //!
 //! The tool drives the library only through its public API. Its `unsafe`
-//! blocks are in `vmm` (memslots, the vCPU kick), each with a `// SAFETY:`
+//! blocks are in `vmm` (memslots, the vCPU kick, its thread id) and
+//! `interrupt` (the signal handlers), each with a `// SAFETY:`
 //! line.
 
-// The library modules the tool builds on, under the crate-root names the
-// tool's modules use (`crate::vm`, `crate::transport`, ...).
-use livemig_kvm::{clock, dirty_log, guest, interrupt, memory, migrate, transport, vcpu, vm};
-
 pub mod bench;
+pub mod continuity;
 pub mod demo;
+pub mod guest_writes;
+pub mod interrupt;
 pub mod options;
 pub mod report;
 pub mod run;
 pub mod vmm;
+pub mod watch;

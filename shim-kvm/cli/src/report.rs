@@ -12,7 +12,8 @@ use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
-use crate::clock;
+use crate::continuity::GuestContinuity;
+use livemig_kvm::clock;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -119,6 +120,9 @@ pub struct Summary {
     pub digest: Option<u64>,
     /// Why the migration failed, when it did.
     pub error: Option<String>,
+    /// Whether the guest went on after the migration, when one side saw
+    /// both ends (`demo`): the JSON's `"guest"` object.
+    pub guest: Option<GuestContinuity>,
     /// Further role-specific fields for the JSON object.
     pub extra: Map<String, Value>,
 }
@@ -178,6 +182,9 @@ impl Summary {
             // paused on this side and the operator decides.
             obj.insert("ambiguous-end".into(), json!(end.name()));
             obj.insert("operator-action".into(), json!(end.advice()));
+        }
+        if let Some(g) = &self.guest {
+            obj.insert("guest".into(), g.to_json());
         }
         for (k, val) in &self.extra {
             obj.insert(k.clone(), val.clone());
@@ -274,6 +281,9 @@ impl Summary {
         if let Some(d) = self.digest {
             line(&mut out, "digest", format!("{d:#018x}"));
         }
+        if let Some(g) = &self.guest {
+            line(&mut out, "guest", g.to_string());
+        }
         line(&mut out, "verified", self.verified.to_string());
         out
     }
@@ -344,6 +354,32 @@ mod tests {
         assert!(
             text.contains("completed") && text.contains("12.5 ms"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_guest_object_is_reported_in_json_and_words() {
+        let mut sum = Summary::default();
+        assert!(sum.to_json().get("guest").is_none());
+        assert!(!sum.to_text().contains("guest"));
+        sum.guest = Some(GuestContinuity {
+            vcpus: 2,
+            vcpus_continued: 2,
+            ticks_at_stop: 10,
+            ticks_after: 20,
+            serial_continued: true,
+        });
+        let v = sum.to_json();
+        assert_eq!(v["guest"]["vcpus"], 2);
+        assert_eq!(v["guest"]["vcpus-continued"], 2);
+        assert_eq!(v["guest"]["ticks-after"], 20);
+        assert_eq!(v["guest"]["serial-continued"], true);
+        assert!(
+            sum.to_text().contains(
+                "guest                2 of 2 vCPUs continued, timer 10 -> 20 ticks, serial sequence continued"
+            ),
+            "{}",
+            sum.to_text()
         );
     }
 

@@ -12,6 +12,7 @@ use livemig_kvm::guest::{self, GuestParams};
 use livemig_kvm::memory::PAGE_SIZE;
 use serde_json::{Value, json};
 
+use crate::continuity::serial_sequence;
 use crate::vmm::vcpus::VcpuError;
 use crate::vmm::{BootError, DemoVmm};
 
@@ -150,19 +151,6 @@ impl fmt::Display for RunReport {
     }
 }
 
-/// How many complete lines `out` holds, and whether they are `0, 1, 2,
-/// ...` (an unfinished last line is not counted).
-pub fn serial_sequence(out: &[u8]) -> (u64, bool) {
-    let end = out.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    let mut n = 0u64;
-    let mut in_sequence = true;
-    for line in out[..end].split_inclusive(|&b| b == b'\n') {
-        in_sequence &= line[..line.len() - 1] == *n.to_string().as_bytes();
-        n += 1;
-    }
-    (n, in_sequence)
-}
-
 /// Boots the demo guest in the demo VMM, runs it for `opts.run`, pauses
 /// it and reads what it did.
 pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
@@ -209,15 +197,6 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn serial_sequence_counts_complete_lines_and_finds_gaps() {
-        assert_eq!(serial_sequence(b""), (0, true));
-        assert_eq!(serial_sequence(b"0\n1\n2\n1"), (3, true));
-        assert_eq!(serial_sequence(b"0\n2\n"), (2, false));
-        assert_eq!(serial_sequence(b"1\n"), (1, false));
-        assert_eq!(serial_sequence(b"0\nx\n"), (2, false));
-    }
 
     #[test]
     fn a_run_is_ok_only_when_everything_moved_in_order() {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use livemig_cli::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_cli::demo::{self, DemoError, GuestShape};
+use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
 use livemig_cli::report::{Progress, Summary};
 use livemig_cli::{run, vmm};
@@ -20,7 +21,6 @@ use livemig_core::config::MigrationConfig;
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::guest;
-use livemig_kvm::interrupt::{self, Cancel, Decision, Hold};
 use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
 use livemig_kvm::transport::MigrationUri;
 use serde_json::json;
@@ -146,6 +146,10 @@ struct Output {
 /// (their --mem-mib differ only in help text, so each keeps its own).
 #[derive(Args)]
 struct Workload {
+    /// vCPUs of the demo VMM (1 to 8), sharing the working set.
+    #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
+    vcpus: u32,
     /// Working set the guest keeps rewriting, in MiB (0 = idle guest).
     #[arg(long, default_value_t = 64)]
     dirty_mib: u64,
@@ -165,6 +169,7 @@ impl Workload {
             mem_mib,
             dirty_mib: self.dirty_mib,
             dirty_log: dirty_log(&self.dirty_log)?,
+            vcpus: self.vcpus,
         })
     }
 
@@ -232,6 +237,10 @@ struct ReceiveArgs {
     /// Guest RAM in MiB (must equal the source's).
     #[arg(long, default_value_t = 1024)]
     mem_mib: u64,
+    /// vCPUs of the demo VMM (1 to 8; must equal the source's).
+    #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
+    vcpus: u32,
     /// How long the guest runs after the switchover before the report, in ms.
     #[arg(long, default_value_t = 1000)]
     run_ms: u64,
@@ -280,6 +289,10 @@ struct BenchArgs {
     /// How long the guest runs on the destination before the verdict, in ms.
     #[arg(long, default_value_t = 500)]
     run_ms: u64,
+    /// vCPUs of the demo VMM (1 to 8).
+    #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
+    vcpus: u32,
 }
 
 #[derive(Args)]
@@ -348,6 +361,7 @@ fn source_options(m: &Migration, workload: &Workload) -> SourceOptions {
         write_timeout: (m.send_timeout_ms > 0).then(|| Duration::from_millis(m.send_timeout_ms)),
         on_switchover: Some(announce_switchover),
         stop_cost: DEFAULT_STOP_COST + digest,
+        ..SourceOptions::default()
     }
 }
 
@@ -538,6 +552,7 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         warmup: Duration::from_millis(a.warmup_ms),
         run_for: Duration::from_millis(a.run_ms),
         verbose: !a.quiet,
+        vcpus: a.vcpus,
     };
     let cancel = cancel_on_signals()?;
     let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
@@ -641,6 +656,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let summary = demo::run_receive(
                 &uri(&a.listen)?,
                 a.mem_mib,
+                a.vcpus,
                 Duration::from_millis(a.run_ms),
                 Duration::from_millis(a.idle_timeout_ms),
                 receive_blocktime(&a.caps)?,

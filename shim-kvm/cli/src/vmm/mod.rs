@@ -222,7 +222,8 @@ impl DemoVmm {
         &self.vcpus
     }
 
-    fn vcpu_count(&self) -> u32 {
+    /// How many vCPUs the VMM has.
+    pub fn vcpu_count(&self) -> u32 {
         // At most guest::MAX_VCPUS, checked in `new`.
         livemig_kvm::vmm::Vcpus::count(&*self.vcpus) as u32
     }

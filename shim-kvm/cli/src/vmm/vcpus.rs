@@ -153,6 +153,8 @@ struct Control {
 /// One vCPU, shared between its thread and the VMM.
 struct Shared {
     index: usize,
+    /// The kernel's thread id of the vCPU thread (0 until it started).
+    tid: AtomicI32,
     fd: Mutex<VcpuFd>,
     pause_requested: AtomicBool,
     control: Mutex<Control>,
@@ -240,6 +242,7 @@ impl DemoVcpus {
         for (index, fd) in fds.into_iter().enumerate() {
             let shared = Arc::new(Shared {
                 index,
+                tid: AtomicI32::new(0),
                 fd: Mutex::new(fd),
                 pause_requested: AtomicBool::new(true),
                 control: Mutex::new(Control {
@@ -279,6 +282,16 @@ impl DemoVcpus {
             generation: k.generation.load(Ordering::Acquire),
             mismatches: lock(&k.mismatches).clone(),
         })
+    }
+
+    /// The kernel thread id of each vCPU's thread, by index (known once
+    /// [`DemoVcpus::start`] returned): what per-thread figures such as
+    /// postcopy blocktime are matched against.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.vcpus
+            .iter()
+            .map(|v| v.shared.tid.load(Ordering::Acquire))
+            .collect()
     }
 
     /// The first vCPU that has stopped, with what stopped it.
@@ -415,6 +428,10 @@ impl Drop for DemoVcpus {
 }
 
 fn vcpu_thread(shared: &Shared) {
+    // SAFETY: gettid has no arguments and cannot fail.
+    shared
+        .tid
+        .store(unsafe { libc::gettid() }, Ordering::Release);
     let result = run_loop(shared);
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
     let mut c = lock(&shared.control);
