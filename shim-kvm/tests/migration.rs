@@ -547,3 +547,38 @@ fn postcopy_serves_the_faults_of_four_vcpu_threads() {
         "memory the destination guest did not write differs from the source's at the stop"
     );
 }
+
+#[test]
+fn auto_converge_is_refused_for_vcpus_that_cannot_throttle() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let (a, _b) = connection_pair();
+    let mut config = config();
+    config.capabilities.insert(Capabilities::AUTO_CONVERGE);
+    let refused = migrate(
+        SourceVm {
+            vm: Arc::clone(&src.vm),
+            memory: src.memory.clone(),
+            vcpus: src.vcpus.clone(),
+            devices: Vec::new(),
+            device_dirty: None,
+            running: true,
+        },
+        a,
+        &config,
+        SourceOptions::default(),
+    );
+    match refused {
+        Err(e @ livemig_kvm::MigrateError::ThrottleUnsupported) => {
+            assert_eq!(
+                e.to_string(),
+                "auto-converge refused: this VMM cannot throttle its vCPUs"
+            );
+        }
+        other => panic!("auto-converge was not refused: {:?}", other.map(|_| ())),
+    }
+    let now = src.counters();
+    assert!(src.counters_pass(&now), "the source guest stopped");
+}
