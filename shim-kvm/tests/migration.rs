@@ -499,6 +499,9 @@ fn postcopy_serves_the_faults_of_four_vcpu_threads() {
     config.parameters.downtime_limit_ms = 0;
     // Slow enough that the guest starts before its pages have all come.
     config.parameters.max_postcopy_bandwidth = 1 << 20;
+    // And a first pass long enough (about half a second) that the device
+    // rewrites its pages after they were sent, however loaded the machine.
+    config.parameters.max_bandwidth = 4 << 20;
     let outgoing = migrate(
         SourceVm {
             vm: Arc::clone(&src.vm),
