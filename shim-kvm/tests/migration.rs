@@ -155,6 +155,7 @@ struct Outcome {
 /// Migrates `src` into `dst` with `config` over a unix socket pair.
 fn run(
     config: &MigrationConfig,
+    options: SourceOptions,
     src: &TestVm,
     dst: &TestVm,
     src_devices: Vec<Box<dyn DeviceSection>>,
@@ -193,7 +194,7 @@ fn run(
         },
         a,
         config,
-        SourceOptions::default(),
+        options,
     )
     .expect("migrate");
     let source = outgoing.join().expect("source report");
@@ -248,7 +249,16 @@ fn four_vcpus_arrive_with_equal_memory_and_every_vcpu_goes_on() {
     }
     let src = running_source();
     let dst = TestVm::new(VCPUS, false, |_| {});
-    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_eq!(
         o.source.stats.status,
         MigrationStatus::Completed,
@@ -271,6 +281,43 @@ fn four_vcpus_arrive_with_equal_memory_and_every_vcpu_goes_on() {
 }
 
 #[test]
+fn the_legacy_dirty_log_migrates_four_vcpus_too() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let options = SourceOptions {
+        dirty_log: livemig_kvm::dirty_log::DirtyLogMode::Legacy,
+        ..SourceOptions::default()
+    };
+    let o = run(
+        &config(),
+        options,
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
+    assert_eq!(
+        o.source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        o.source.stats.error_desc
+    );
+    assert_eq!(
+        o.source.dirty_log_mode,
+        livemig_kvm::dirty_log::DirtyLogMode::Legacy
+    );
+    assert_eq!(o.source.dirty_log_clears, 0);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert_eq!(o.destination.digest, Some(o.source_digest));
+    assert!(dst.counters_pass(&o.at_stop), "{:?}", dst.vcpus.failure());
+}
+
+#[test]
 fn pages_a_device_writes_arrive_only_through_the_device_dirty_log() {
     if !kvm_available() {
         return;
@@ -286,6 +333,7 @@ fn pages_a_device_writes_arrive_only_through_the_device_dirty_log() {
         slow.parameters.max_bandwidth = 8 << 20;
         let o = run(
             &slow,
+            SourceOptions::default(),
             &src,
             &dst,
             vec![Box::new(writer)],
@@ -324,7 +372,16 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
     let dst = TestVm::new(VCPUS, false, |cpuid| {
         cpuid.retain(|e| e.function != 0x8000_0008);
     });
-    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_refused_and_source_runs(
         &o,
         &src,
@@ -342,7 +399,16 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
     // vCPU count.
     let src = running_source();
     let dst = TestVm::new(2, false, |_| {});
-    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_refused_and_source_runs(&o, &src, &dst, "vCPU count: source 4, destination 2");
     drop((src, dst));
 
@@ -367,7 +433,16 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
         );
         return;
     }
-    let o = run(&config(), &src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_refused_and_source_runs(&o, &src, &dst, "TSC frequency");
 }
 
@@ -403,7 +478,16 @@ fn unknown_too_new_and_missing_sections_are_refused_before_the_guest_runs() {
     for (theirs, ours, words) in cases {
         let src = running_source();
         let dst = TestVm::new(VCPUS, false, |_| {});
-        let o = run(&config(), &src, &dst, theirs, ours, true, true);
+        let o = run(
+            &config(),
+            SourceOptions::default(),
+            &src,
+            &dst,
+            theirs,
+            ours,
+            true,
+            true,
+        );
         assert_refused_and_source_runs(&o, &src, &dst, words);
     }
 }
@@ -420,6 +504,7 @@ fn a_paused_guest_arrives_paused_and_a_loaded_device_is_loaded() {
     let loaded = Arc::clone(&uart.loaded);
     let o = run(
         &config(),
+        SourceOptions::default(),
         &src,
         &dst,
         vec![Box::new(Fixed::new("uart", 1))],
