@@ -672,3 +672,36 @@ fn auto_converge_is_refused_for_vcpus_that_cannot_throttle() {
     let now = src.counters();
     assert!(src.counters_pass(&now), "the source guest stopped");
 }
+
+#[test]
+fn a_device_may_not_take_livemigs_section_ids_or_repeat_one() {
+    if !kvm_available() {
+        return;
+    }
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let refused = |devices: Vec<Box<dyn DeviceSection>>| {
+        let (_a, b) = connection_pair();
+        let vm = DestinationVm {
+            vm: Arc::clone(&dst.vm),
+            memory: dst.memory.clone(),
+            vcpus: dst.vcpus.clone(),
+            devices,
+            on_started: None,
+        };
+        match receive(vm, b, ReceiveOptions::default()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("the devices were taken"),
+        }
+    };
+    assert_eq!(
+        refused(vec![Box::new(Fixed::new("cpu", 1))]),
+        "device section id 'cpu' is livemig's own: give the device another id"
+    );
+    assert_eq!(
+        refused(vec![
+            Box::new(Fixed::new("uart", 1)),
+            Box::new(Fixed::new("uart", 2))
+        ]),
+        "two devices are registered as section 'uart' instance 0"
+    );
+}
