@@ -50,7 +50,7 @@ pub enum MigrateError {
     ThrottleUnsupported,
     /// Guest memory could not be read (a digest).
     Memory(MemoryError),
-    /// KVM's dirty log could not be read.
+    /// Dirty logging could not be turned on or off on the VMM's memslots.
     DirtyLog(DirtyLogError),
     /// A VMM device uses an id livemig writes itself
     /// ([`super::sections`]).
@@ -87,7 +87,7 @@ impl fmt::Display for MigrateError {
                 f.write_str("auto-converge refused: this VMM cannot throttle its vCPUs")
             }
             MigrateError::Memory(e) => write!(f, "digest: {e}"),
-            MigrateError::DirtyLog(e) => write!(f, "KVM_GET_DIRTY_LOG: {e}"),
+            MigrateError::DirtyLog(e) => write!(f, "dirty logging on the VMM's memslots: {e}"),
             MigrateError::ReservedSection(id) => write!(
                 f,
                 "device section id '{id}' is livemig's own: give the device another id"
