@@ -294,6 +294,12 @@ impl SourceDriver<'_> {
         self.report.vcpu_stopped_ns = Some(clock::monotonic_ns());
         match self.guest.pause() {
             Ok(()) => {
+                if let Err(failure) = self.guest.quiesce_devices() {
+                    // The engine resumes the guest when it fails.
+                    let _ = self.engine.handle_vcpus_stopped(clock::now());
+                    self.fail(failure);
+                    return;
+                }
                 if let Err(e) = self.engine.handle_vcpus_stopped(clock::now()) {
                     // The engine does not know the guest is stopped, so it
                     // would not restart it.

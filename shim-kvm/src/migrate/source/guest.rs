@@ -61,10 +61,11 @@ impl SourceGuest {
         Ok(out)
     }
 
-    /// The state after the stop as Device records: each device is told
-    /// first ([`crate::vmm::DeviceSection::before_save`]), then every
-    /// vCPU, the VM-wide devices and the VMM's devices are saved.
-    pub(super) fn device_records(&mut self) -> Result<Vec<u8>, SourceFailure> {
+    /// Tells each device the vCPUs stopped
+    /// ([`crate::vmm::DeviceSection::before_save`]): called before the
+    /// last dirty-log sync, so what a device writes while it quiesces is
+    /// still sent.
+    pub(super) fn quiesce_devices(&mut self) -> Result<(), SourceFailure> {
         for device in &mut self.vm.devices {
             device
                 .before_save()
@@ -74,6 +75,12 @@ impl SourceGuest {
                     error,
                 })?;
         }
+        Ok(())
+    }
+
+    /// The state after the stop as Device records: every vCPU, the
+    /// VM-wide devices and the VMM's devices.
+    pub(super) fn device_records(&mut self) -> Result<Vec<u8>, SourceFailure> {
         let mut out = Vec::new();
         let mut blob = Vec::new();
         for index in 0..self.vm.vcpus.count() {
