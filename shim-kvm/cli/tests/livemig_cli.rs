@@ -17,7 +17,22 @@ use common::{
     announced_address, demo, demo_ok, finish, json_of, json_of_success, kvm_available, livemig,
     spawn, spawn_receiver, spawn_receiver_with, stderr, userfaultfd_available,
 };
+use livemig_core::return_path::RpMessage;
+use livemig_core::source::SETUP_CHECK_PING;
 use serde_json::Value;
+
+/// Plays a destination's acceptance of the setup-time sections (the CPU
+/// model, the runstate): reads the start of the stream, where the
+/// source's setup-check ping follows them, and answers it on the return
+/// path, so the source goes on to send RAM.
+fn accept_setup_check(conn: &mut TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    assert!(conn.read(&mut buf).unwrap() > 0, "the sender sent nothing");
+    let pong = RpMessage::Pong(SETUP_CHECK_PING);
+    let mut out = vec![0u8; pong.encoded_len()];
+    pong.encode(&mut out).unwrap();
+    conn.write_all(&out).unwrap();
+}
 
 /// A one-line error and a failure status.
 fn assert_error_line(out: &Output, needle: &str) {
@@ -346,7 +361,12 @@ fn a_destination_that_stops_reading_fails_the_send_and_the_guest_runs_on() {
     // Accepts, never reads: the socket buffers fill and writes block.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("tcp:{}", listener.local_addr().unwrap());
-    let hold = std::thread::spawn(move || listener.accept().map(|(conn, _)| conn));
+    let hold = std::thread::spawn(move || {
+        listener.accept().map(|(mut conn, _)| {
+            accept_setup_check(&mut conn);
+            conn
+        })
+    });
     let started = Instant::now();
     let out = livemig(&[
         "send",
@@ -714,6 +734,7 @@ fn send_gives_up_on_a_stalled_peer_within_the_send_timeout() {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let peer = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().unwrap();
+        accept_setup_check(&mut conn);
         let mut buf = vec![0u8; 64 << 10];
         assert!(conn.read(&mut buf).unwrap() > 0);
         let first = Instant::now();
