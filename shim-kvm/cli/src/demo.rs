@@ -55,10 +55,10 @@ use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
 
+use crate::guest::{self, GuestParams};
 use crate::interrupt::{self, Cancel, Decision};
 use livemig_kvm::clock;
 use livemig_kvm::dirty_log::DirtyLogMode;
-use livemig_kvm::guest::{self, GuestParams};
 use livemig_kvm::memory::{PAGE_SIZE, VmMemoryDirtyLog};
 use livemig_kvm::migrate::destination;
 use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};

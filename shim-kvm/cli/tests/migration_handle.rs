@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use common::kvm_available;
 use livemig_cli::demo::{self, GuestShape};
+use livemig_cli::guest;
 use livemig_cli::vmm::DemoVmm;
 use livemig_cli::watch::{GuestAfter, GuestAtStop};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::dirty_log::DirtyLogMode;
-use livemig_kvm::guest;
 use livemig_kvm::transport::{Listener, MigrationUri};
 use livemig_kvm::{Connection, DestinationReport, ReceiveOptions, SourceOptions};
 

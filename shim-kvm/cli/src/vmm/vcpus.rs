@@ -16,8 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::guest;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use livemig_kvm::guest;
 use livemig_kvm::vmm::{Vcpus, VmmError};
 use vm_superio::serial::Error as SerialError;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};

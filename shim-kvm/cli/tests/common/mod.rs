@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 
-use livemig_kvm::guest::GuestParams;
+use livemig_cli::guest::GuestParams;
 use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestMemory, PAGE_SIZE, RegionLayout};
 use livemig_kvm::postcopy::{PostcopyError, PostcopyRam};
 use serde_json::Value;
