@@ -32,11 +32,6 @@
 //! - [`x86`]: the x86 state KVM keeps outside guest RAM — each vCPU's
 //!   registers, LAPIC and MSRs, the VM's irqchip, PIT and kvmclock — with
 //!   byte encodings, and the CPU model record a destination checks.
-//! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp and
-//!   re-check their share of a working set from ring 3, with a timer and a
-//!   serial line when the VMM has them), its parameter block and ports, and
-//!   the stamp checks. Only the `livemig` tool uses it (it is to move into
-//!   livemig-cli).
 //! - [`transport`]: `tcp:` / `unix:` / `fd:` migration addresses, socket
 //!   set-up, inherited descriptors, the connection carrying the stream and
 //!   its return path, and page batches written with one vectored `sendmsg`
@@ -59,7 +54,6 @@
 
 pub mod clock;
 pub mod dirty_log;
-pub mod guest;
 pub mod memory;
 pub mod migrate;
 pub mod postcopy;

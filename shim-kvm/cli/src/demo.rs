@@ -55,10 +55,10 @@ use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
 
+use crate::guest::{self, GuestParams};
 use crate::interrupt::{self, Cancel, Decision};
 use livemig_kvm::clock;
 use livemig_kvm::dirty_log::DirtyLogMode;
-use livemig_kvm::guest::{self, GuestParams};
 use livemig_kvm::memory::{PAGE_SIZE, VmMemoryDirtyLog};
 use livemig_kvm::migrate::destination;
 use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};
@@ -310,7 +310,7 @@ pub struct SendOutcome {
 
 /// The demo VMM's guest as livemig's source takes it: its VM, RAM (with
 /// vm-memory's bitmap of the VMM's own writes), vCPUs and COM1 section.
-fn source_vm(vmm: &DemoVmm) -> SourceVm {
+pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
     let vcpus: Arc<dyn Vcpus> = Arc::clone(vmm.vcpus()) as Arc<dyn Vcpus>;
     let serial: Box<dyn DeviceSection> = Box::new(vmm.serial().section());
     SourceVm {
@@ -678,7 +678,7 @@ fn receive_summary(
 /// The demo VMM's empty guest as livemig's destination fills it. It has
 /// no network device to announce, so no start hook: the report says when
 /// the guest started.
-fn destination_vm(vmm: &DemoVmm) -> DestinationVm {
+pub fn destination_vm(vmm: &DemoVmm) -> DestinationVm {
     let vcpus: Arc<dyn Vcpus> = Arc::clone(vmm.vcpus()) as Arc<dyn Vcpus>;
     let serial: Box<dyn DeviceSection> = Box::new(vmm.serial().section());
     DestinationVm {

@@ -9,6 +9,10 @@
 //!   vCPU's stamp counter, the timer, the serial sequence across hosts).
 //! - [`watch`]: the guest read at the stop and after the switchover, that
 //!   continuity is decided from.
+//! - [`guest`]: the demo guest (a multiboot image whose vCPUs each stamp
+//!   and re-check their share of a working set from ring 3, with a timer
+//!   and a serial line when the VMM has them; sources in `guest/`), its
+//!   parameter block and ports, and the stamp checks.
 //! - [`guest_writes`]: the destination guest's writes after a postcopy
 //!   (KVM's dirty log), and the digest of every other page both hosts
 //!   compare.
@@ -29,6 +33,7 @@
 pub mod bench;
 pub mod continuity;
 pub mod demo;
+pub mod guest;
 pub mod guest_writes;
 pub mod interrupt;
 pub mod options;

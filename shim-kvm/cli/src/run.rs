@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use livemig_kvm::guest::{self, GuestParams};
+use crate::guest::{self, GuestParams};
 use livemig_kvm::memory::PAGE_SIZE;
 use serde_json::{Value, json};
 
@@ -43,7 +43,7 @@ pub enum RunError {
     /// Reading a counter from guest memory failed.
     Memory(livemig_kvm::memory::MemoryError),
     /// Reading a stamp counter failed.
-    Stamps(livemig_kvm::guest::GuestError),
+    Stamps(crate::guest::GuestError),
 }
 
 impl fmt::Display for RunError {

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use livemig_kvm::guest::{self, GuestError, StampCheck, WorkingSet};
+use crate::guest::{self, GuestError, StampCheck, WorkingSet};
 use livemig_kvm::memory::MemoryError;
 
 use crate::continuity::{GuestContinuity, serial_continued, vcpu_continued};

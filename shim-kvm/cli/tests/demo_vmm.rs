@@ -12,9 +12,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{json_of, kvm_available, livemig};
+use livemig_cli::guest::{self, GuestParams};
 use livemig_cli::vmm::DemoVmm;
 use livemig_cli::watch::{GuestAfter, GuestAtStop};
-use livemig_kvm::guest::{self, GuestParams};
 use livemig_kvm::vmm::{DeviceSection, Vcpus};
 
 const MIB: u64 = 1 << 20;

@@ -18,56 +18,40 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{demo_vm, kvm_available, small_ws, wait_for};
+use common::kvm_available;
+use livemig_cli::demo::{self, GuestShape};
+use livemig_cli::guest;
+use livemig_cli::vmm::DemoVmm;
+use livemig_cli::watch::{GuestAfter, GuestAtStop};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::status::MigrationStatus;
-use livemig_kvm::guest;
-use livemig_kvm::memory::DEFAULT_SLOT_BYTES;
-use livemig_kvm::migrate::destination::{self, DestinationReport};
-use livemig_kvm::migrate::source::{self, SourceOptions};
-use livemig_kvm::transport::{Connection, Listener, MigrationUri};
-use livemig_kvm::vcpu::Vcpu;
-use livemig_kvm::vm::Vm;
+use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::transport::{Listener, MigrationUri};
+use livemig_kvm::{Connection, DestinationReport, ReceiveOptions, SourceOptions};
 
 const MIB: u64 = 1 << 20;
-const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A source guest running its working set, a destination VM of the same
-/// size, and the connection between them: (source VM, source vCPU,
-/// destination VM, destination vCPU, source's end, destination's end).
-#[allow(clippy::type_complexity)]
-fn two_vms(
-    tag: &str,
-) -> (
-    Arc<Vm>,
-    Arc<Vcpu>,
-    Arc<Vm>,
-    Arc<Vcpu>,
-    Connection,
-    Connection,
-) {
-    let (vm, vcpu) = demo_vm(RAM, &small_ws());
-    vcpu.resume().expect("start the source guest");
-    wait_for(&vcpu, TIMEOUT, "a generation", |v| {
-        v.stats().generation >= 1
-    });
-    let dst_vm = Vm::new(RAM, DEFAULT_SLOT_BYTES).expect("destination VM");
-    let dst_vcpu = Vcpu::new(&dst_vm).expect("destination vCPU");
+/// Two vCPUs sharing a 4 MiB working set in 64 MiB of RAM.
+const SHAPE: GuestShape = GuestShape {
+    mem_mib: 64,
+    dirty_mib: 4,
+    dirty_log: DirtyLogMode::ManualProtect,
+    vcpus: 2,
+};
+
+/// A source guest running its working set, an empty destination VMM of
+/// the same shape, and the connection between them.
+fn two_vmms(tag: &str) -> (DemoVmm, DemoVmm, Connection, Connection) {
+    let src = demo::boot_guest(SHAPE, Duration::from_millis(100)).expect("source guest");
+    let dst = demo::empty_vmm(SHAPE.mem_mib, SHAPE.vcpus).expect("destination VMM");
     let path =
         std::env::temp_dir().join(format!("livemig-handle-{tag}-{}.sock", std::process::id()));
     let listener = Listener::bind(&MigrationUri::Unix(path)).expect("listen");
     let ours = Connection::connect(&listener.local_uri().expect("address")).expect("connect");
     let theirs = listener.accept().expect("accept");
-    (
-        Arc::new(vm),
-        Arc::new(vcpu),
-        Arc::new(dst_vm),
-        Arc::new(dst_vcpu),
-        ours,
-        theirs,
-    )
+    (src, dst, ours, theirs)
 }
 
 /// A precopy with the return path, at `max_bandwidth` bytes/s.
@@ -78,15 +62,22 @@ fn config(max_bandwidth: u64) -> MigrationConfig {
     c
 }
 
-/// Starts the destination on its own thread.
-fn receive(
-    vm: &Arc<Vm>,
-    vcpu: &Arc<Vcpu>,
-    conn: Connection,
-) -> thread::JoinHandle<DestinationReport> {
-    let handle = destination::receive(Arc::clone(vm), Arc::clone(vcpu), conn, TIMEOUT)
-        .expect("start receiving");
+/// Starts the destination on its own thread, digesting what it loaded.
+fn receive(dst: &DemoVmm, conn: Connection) -> thread::JoinHandle<DestinationReport> {
+    let options = ReceiveOptions {
+        idle_timeout: TIMEOUT,
+        digest: true,
+    };
+    let handle =
+        livemig_kvm::receive(demo::destination_vm(dst), conn, options).expect("start receiving");
     thread::spawn(move || handle.join().expect("receive ran"))
+}
+
+/// The guest's generations, summed over its vCPUs.
+fn generations(vmm: &DemoVmm) -> u64 {
+    (0..vmm.vcpu_count() as usize)
+        .map(|v| vmm.vcpus().report(v).expect("vCPU report").generation)
+        .sum()
 }
 
 #[test]
@@ -94,13 +85,12 @@ fn stats_advance_while_a_migration_runs_and_it_completes_verified() {
     if !kvm_available() {
         return;
     }
-    let (vm, vcpu, dst_vm, dst_vcpu, ours, theirs) = two_vms("complete");
-    let dest = receive(&dst_vm, &dst_vcpu, theirs);
+    let (src, dst, ours, theirs) = two_vmms("complete");
+    let dest = receive(&dst, theirs);
     // 4 MiB of working set at 16 MiB/s: a few hundred ms, long enough to
     // be watched.
-    let handle = source::migrate(
-        Arc::clone(&vm),
-        Arc::clone(&vcpu),
+    let handle = livemig_kvm::migrate(
+        demo::source_vm(&src),
         ours,
         &config(16 * MIB),
         SourceOptions::default(),
@@ -131,18 +121,19 @@ fn stats_advance_while_a_migration_runs_and_it_completes_verified() {
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
     assert!(report.stats.ram.transferred >= *seen.last().unwrap());
 
-    // The source's vCPU stays stopped after a completed migration: its
+    // The source's vCPUs stay paused after a completed migration: its
     // memory is the stop image.
-    let stamped_at_stop = guest::stamped(vm.ram()).expect("stamp counter");
-    let at_stop = vm.ram().digest();
+    let at_stop = GuestAtStop::read(&src).expect("the stopped source guest");
+    let digest = src.guest_memory().digest();
     let loaded: DestinationReport = dest.join().expect("destination thread");
     assert!(loaded.error.is_none(), "{:?}", loaded.error);
-    assert_eq!(loaded.digest, Some(at_stop), "destination memory differs");
-    let after = destination::start_guest(&dst_vm, &dst_vcpu, Duration::from_millis(500))
-        .expect("start the destination guest");
+    assert!(loaded.started, "the running guest arrived paused");
+    assert_eq!(loaded.digest, Some(digest), "destination memory differs");
+    let after = GuestAfter::watch(&dst, Duration::from_millis(500)).expect("the destination guest");
     assert!(
-        after.continued(Some(stamped_at_stop)),
-        "the guest did not continue on the destination: {after:?}"
+        after.continued(&at_stop),
+        "the guest did not continue on the destination: {:?} from {at_stop:?}",
+        after.continuity(&at_stop)
     );
 }
 
@@ -151,14 +142,13 @@ fn a_cancel_from_another_thread_ends_an_active_migration_with_the_guest_on_the_s
     if !kvm_available() {
         return;
     }
-    let (vm, vcpu, dst_vm, dst_vcpu, ours, theirs) = two_vms("cancel");
-    let dest = receive(&dst_vm, &dst_vcpu, theirs);
+    let (src, dst, ours, theirs) = two_vmms("cancel");
+    let dest = receive(&dst, theirs);
     // 1 MiB/s against a working set the guest rewrites all the time: the
     // migration stays active until it is cancelled.
     let handle = Arc::new(
-        source::migrate(
-            Arc::clone(&vm),
-            Arc::clone(&vcpu),
+        livemig_kvm::migrate(
+            demo::source_vm(&src),
             ours,
             &config(MIB),
             SourceOptions::default(),
@@ -208,22 +198,29 @@ fn a_cancel_from_another_thread_ends_an_active_migration_with_the_guest_on_the_s
     assert!(report.vcpu_stopped_ns.is_none(), "the guest was stopped");
 
     // The guest runs on at the source, intact.
-    let before = vcpu.stats().generation;
-    wait_for(&vcpu, TIMEOUT, "generations after the cancel", |v| {
-        v.stats().generation >= before + 2
-    });
-    assert!(vcpu.stopped().is_none());
-    assert!(
-        vcpu.stats().mismatches.is_empty(),
-        "the source guest saw a mismatch"
-    );
-    vcpu.pause().expect("pause for the stamp check");
-    let stamps = guest::check_stamps(vm.ram()).expect("stamps");
+    let before = generations(&src);
+    let start = Instant::now();
+    while generations(&src) < before + 2 * u64::from(SHAPE.vcpus) {
+        assert!(src.vcpus().stopped().is_none(), "a source vCPU stopped");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the source guest stopped running"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    src.vcpus().pause().expect("pause for the stamp check");
+    for v in 0..SHAPE.vcpus as usize {
+        let r = src.vcpus().report(v).expect("vCPU report");
+        assert!(r.mismatches.is_empty(), "vCPU {v} saw a mismatch: {r:?}");
+    }
+    let stamps = guest::check_stamps(src.guest_memory()).expect("stamps");
     assert!(stamps.ok(), "{stamps:?}");
 
     // The destination refused to start a guest it did not get whole.
     let loaded = dest.join().expect("destination thread");
     assert!(loaded.error.is_some(), "the destination did not fail");
     assert!(loaded.digest.is_none());
-    assert_eq!(dst_vcpu.stats().generation, 0, "the destination guest ran");
+    assert!(!loaded.started);
+    assert_eq!(generations(&dst), 0, "the destination guest ran");
+    assert_eq!(dst.vcpus().report(0).expect("report").progress_exits, 0);
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 #[test]
 fn qemu_kernel_boots_the_demo_image_to_ring3() {
-    let image = concat!(env!("CARGO_MANIFEST_DIR"), "/../guest/demo.bin");
+    let image = concat!(env!("CARGO_MANIFEST_DIR"), "/guest/demo.bin");
     let child = Command::new("qemu-system-x86_64")
         .args([
             "-accel",

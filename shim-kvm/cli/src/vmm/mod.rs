@@ -8,7 +8,7 @@
 //! IOAPIC, a LAPIC per vCPU) and the PIT are KVM's in-kernel ones; COM1 is
 //! vm-superio's 16550 ([`serial`]); each vCPU runs on its own thread
 //! ([`vcpus`]), which implements [`livemig_kvm::vmm::Vcpus`]. It boots the
-//! demo guest ([`livemig_kvm::guest`]) on all of its vCPUs at once, each
+//! demo guest ([`crate::guest`]) on all of its vCPUs at once, each
 //! started at the entry point with its index, no INIT/SIPI.
 
 pub mod serial;
@@ -17,12 +17,12 @@ pub mod vcpus;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::guest::{self, GuestError, GuestParams};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, kvm_mp_state, kvm_pit_config, kvm_segment,
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use livemig_kvm::guest::{self, GuestError, GuestParams};
 use livemig_kvm::memory::{GuestMemory, MemoryError};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::FromRangesError;

@@ -7,8 +7,8 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::guest;
 use kvm_ioctls::VmFd;
-use livemig_kvm::guest;
 use livemig_kvm::vmm::{DeviceSection, VmmError};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};

@@ -11,13 +11,13 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::guest;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use livemig_kvm::guest;
 use livemig_kvm::vmm::{Vcpus, VmmError};
 use vm_superio::serial::Error as SerialError;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -155,6 +155,8 @@ struct Shared {
     index: usize,
     /// The kernel's thread id of the vCPU thread (0 until it started).
     tid: AtomicI32,
+    /// Percent of its time the vCPU is held back (auto-converge), 0 ..= 99.
+    throttle: AtomicU8,
     fd: Mutex<VcpuFd>,
     pause_requested: AtomicBool,
     control: Mutex<Control>,
@@ -243,6 +245,7 @@ impl DemoVcpus {
             let shared = Arc::new(Shared {
                 index,
                 tid: AtomicI32::new(0),
+                throttle: AtomicU8::new(0),
                 fd: Mutex::new(fd),
                 pause_requested: AtomicBool::new(true),
                 control: Mutex::new(Control {
@@ -405,6 +408,17 @@ impl Vcpus for DemoVcpus {
     fn with_vcpu(&self, index: usize, f: &mut dyn FnMut(&VcpuFd)) -> Result<(), VmmError> {
         Ok(self.with_parked(index, |fd| f(fd))?)
     }
+
+    fn throttle(&self, percent: u8) -> Result<(), VmmError> {
+        for v in &self.vcpus {
+            v.shared.throttle.store(percent.min(99), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn can_throttle(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for DemoVcpus {
@@ -440,6 +454,34 @@ fn vcpu_thread(shared: &Shared) {
     shared.cv.notify_all();
 }
 
+/// Auto-converge: with a throttle of `p` %, once the vCPU has run for at
+/// least [`THROTTLE_SLICE`] since `ran_from`, it sleeps `p / (100 - p)` of
+/// that time (in slices, so a pause is not kept waiting). Called between
+/// exits: the demo guest's busy vCPUs exit every few hundred pages.
+fn hold_back(shared: &Shared, ran_from: &mut Instant) {
+    let percent = u32::from(shared.throttle.load(Ordering::Relaxed));
+    if percent == 0 {
+        *ran_from = Instant::now();
+        return;
+    }
+    let ran = ran_from.elapsed();
+    if ran < THROTTLE_SLICE {
+        return;
+    }
+    let until = Instant::now() + ran * percent / (100 - percent);
+    while !shared.pause_requested.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        std::thread::sleep((until - now).min(THROTTLE_SLICE));
+    }
+    *ran_from = Instant::now();
+}
+
+/// The granularity of the auto-converge throttle.
+const THROTTLE_SLICE: Duration = Duration::from_millis(1);
+
 /// Parks until resumed; returns false when the thread should exit.
 fn park(shared: &Shared) -> bool {
     let mut c = lock(&shared.control);
@@ -466,7 +508,9 @@ fn run_loop(shared: &Shared) -> Result<(), VcpuError> {
             return Ok(());
         }
         let mut fd = lock(&shared.fd);
+        let mut ran_from = Instant::now();
         while !shared.pause_requested.load(Ordering::SeqCst) {
+            hold_back(shared, &mut ran_from);
             match fd.run() {
                 Ok(VcpuExit::InternalError) => return Err(internal_error(&mut fd)),
                 Ok(VcpuExit::Shutdown) => {

@@ -3,13 +3,10 @@
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use livemig_kvm::guest::{self, GuestParams};
+use livemig_cli::guest::GuestParams;
 use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestMemory, PAGE_SIZE, RegionLayout};
 use livemig_kvm::postcopy::{PostcopyError, PostcopyRam};
-use livemig_kvm::vcpu::Vcpu;
-use livemig_kvm::vm::Vm;
 use serde_json::Value;
 
 /// Whether `/dev/kvm` can be used. Without it a test skips loudly, unless
@@ -91,32 +88,6 @@ pub fn livemig(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run livemig")
-}
-
-/// A VM with the demo guest loaded and its vCPU parked at the entry point.
-pub fn demo_vm(ram_bytes: u64, params: &GuestParams) -> (Vm, Vcpu) {
-    let vm = Vm::new(ram_bytes, DEFAULT_SLOT_BYTES).expect("create VM");
-    guest::load(vm.ram(), params).expect("load guest");
-    let vcpu = Vcpu::new(&vm).expect("create vCPU");
-    vcpu.setup_boot(guest::ENTRY).expect("boot registers");
-    (vm, vcpu)
-}
-
-/// Polls `cond` until it holds, failing the test (with the vCPU's stop
-/// reason, if any) after `timeout`.
-pub fn wait_for(vcpu: &Vcpu, timeout: Duration, what: &str, cond: impl Fn(&Vcpu) -> bool) {
-    let start = Instant::now();
-    while !cond(vcpu) {
-        if let Some(err) = vcpu.stopped() {
-            panic!("vCPU stopped while waiting for {what}: {err:?}");
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out waiting for {what}: {:?}",
-            vcpu.stats()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Number of set bits in `words`.

@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use livemig_kvm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
 /// The assembled image (`guest/demo.bin`), loaded flat at [`LOAD_ADDR`].
 pub const IMAGE: &[u8] = include_bytes!("../guest/demo.bin");
@@ -356,7 +356,7 @@ pub fn load(ram: &GuestMemory, params: &GuestParams) -> Result<(), GuestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::RegionLayout;
+    use livemig_kvm::memory::RegionLayout;
 
     fn fresh_ram(size: u64) -> GuestMemory {
         GuestMemory::anonymous(&RegionLayout::contiguous("pc.ram", size, size).unwrap()).unwrap()
