@@ -23,7 +23,7 @@
 //! - [`postcopy`]: the destination's postcopy RAM, registered with
 //!   userfaultfd so missing pages block their first toucher until placed,
 //!   and the fault thread that forwards those faults as page requests.
-//! - [`migrate`]: the source and destination drivers of the engines over
+//! - [`migrate`](mod@migrate): the source and destination drivers of the engines over
 //!   the VMM's guest ([`SourceVm`] into [`migrate()`], [`DestinationVm`]
 //!   into [`receive`]), each on a migration thread of its own behind a
 //!   handle (live statistics, cancel, join); [`clock`] is the monotonic

@@ -82,18 +82,16 @@ struct Writer {
     writes: u64,
 }
 
-/// The pages the writer cycles through, in the high region.
-const WRITER_PAGES: u64 = 16;
-
 impl Writer {
-    fn start(ram: &GuestMemoryMmap<AtomicBitmap>) -> Writer {
+    /// Writes `pages` pages from guest-physical `base` round robin.
+    fn start(ram: &GuestMemoryMmap<AtomicBitmap>, base: u64, pages: u64) -> Writer {
         let (ram, stop) = (ram.clone(), Arc::new(AtomicBool::new(false)));
         let flag = Arc::clone(&stop);
         let thread = thread::spawn(move || {
             let mut n = 0u64;
             while !flag.load(Ordering::SeqCst) {
                 n += 1;
-                let at = HIGH_GPA + (n % WRITER_PAGES) * 4096;
+                let at = base + (n % pages) * 4096;
                 ram.write_obj(n, GuestAddress(at)).expect("device write");
             }
             n
@@ -154,8 +152,12 @@ struct Outcome {
     started_hooks: usize,
 }
 
-/// Migrates `src` into `dst` over a unix socket pair.
+/// Migrates `src` into `dst` with `config` over a unix socket pair. (Each
+/// argument is one thing a test varies; a struct would only rename them.)
+#[allow(clippy::too_many_arguments)]
 fn run(
+    config: &MigrationConfig,
+    options: SourceOptions,
     src: &TestVm,
     dst: &TestVm,
     src_devices: Vec<Box<dyn DeviceSection>>,
@@ -193,8 +195,8 @@ fn run(
             running,
         },
         a,
-        &config(),
-        SourceOptions::default(),
+        config,
+        options,
     )
     .expect("migrate");
     let source = outgoing.join().expect("source report");
@@ -249,7 +251,16 @@ fn four_vcpus_arrive_with_equal_memory_and_every_vcpu_goes_on() {
     }
     let src = running_source();
     let dst = TestVm::new(VCPUS, false, |_| {});
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_eq!(
         o.source.stats.status,
         MigrationStatus::Completed,
@@ -272,6 +283,43 @@ fn four_vcpus_arrive_with_equal_memory_and_every_vcpu_goes_on() {
 }
 
 #[test]
+fn the_legacy_dirty_log_migrates_four_vcpus_too() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let options = SourceOptions {
+        dirty_log: livemig_kvm::dirty_log::DirtyLogMode::Legacy,
+        ..SourceOptions::default()
+    };
+    let o = run(
+        &config(),
+        options,
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
+    assert_eq!(
+        o.source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        o.source.stats.error_desc
+    );
+    assert_eq!(
+        o.source.dirty_log_mode,
+        livemig_kvm::dirty_log::DirtyLogMode::Legacy
+    );
+    assert_eq!(o.source.dirty_log_clears, 0);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert_eq!(o.destination.digest, Some(o.source_digest));
+    assert!(dst.counters_pass(&o.at_stop), "{:?}", dst.vcpus.failure());
+}
+
+#[test]
 fn pages_a_device_writes_arrive_only_through_the_device_dirty_log() {
     if !kvm_available() {
         return;
@@ -279,9 +327,15 @@ fn pages_a_device_writes_arrive_only_through_the_device_dirty_log() {
     for merged in [true, false] {
         let src = running_source();
         let dst = TestVm::new(VCPUS, false, |_| {});
-        let writer = Writer::start(&src.ram);
+        let writer = Writer::start(&src.ram, HIGH_GPA, 16);
         thread::sleep(Duration::from_millis(20));
+        // At 8 MiB/s the first pass takes a while: the writer rewrites
+        // its pages after they were sent, whatever the scheduling.
+        let mut slow = config();
+        slow.parameters.max_bandwidth = 8 << 20;
         let o = run(
+            &slow,
+            SourceOptions::default(),
             &src,
             &dst,
             vec![Box::new(writer)],
@@ -320,7 +374,16 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
     let dst = TestVm::new(VCPUS, false, |cpuid| {
         cpuid.retain(|e| e.function != 0x8000_0008);
     });
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_refused_and_source_runs(
         &o,
         &src,
@@ -338,7 +401,16 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
     // vCPU count.
     let src = running_source();
     let dst = TestVm::new(2, false, |_| {});
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_refused_and_source_runs(&o, &src, &dst, "vCPU count: source 4, destination 2");
     drop((src, dst));
 
@@ -363,7 +435,16 @@ fn a_cpu_model_mismatch_is_refused_before_any_ram_and_the_source_runs_on() {
         );
         return;
     }
-    let o = run(&src, &dst, Vec::new(), Vec::new(), true, true);
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
     assert_refused_and_source_runs(&o, &src, &dst, "TSC frequency");
 }
 
@@ -399,7 +480,16 @@ fn unknown_too_new_and_missing_sections_are_refused_before_the_guest_runs() {
     for (theirs, ours, words) in cases {
         let src = running_source();
         let dst = TestVm::new(VCPUS, false, |_| {});
-        let o = run(&src, &dst, theirs, ours, true, true);
+        let o = run(
+            &config(),
+            SourceOptions::default(),
+            &src,
+            &dst,
+            theirs,
+            ours,
+            true,
+            true,
+        );
         assert_refused_and_source_runs(&o, &src, &dst, words);
     }
 }
@@ -415,6 +505,8 @@ fn a_paused_guest_arrives_paused_and_a_loaded_device_is_loaded() {
     let uart = Fixed::new("uart", 1);
     let loaded = Arc::clone(&uart.loaded);
     let o = run(
+        &config(),
+        SourceOptions::default(),
         &src,
         &dst,
         vec![Box::new(Fixed::new("uart", 1))],
@@ -440,4 +532,176 @@ fn a_paused_guest_arrives_paused_and_a_loaded_device_is_loaded() {
     // The loaded guest runs on from where it was once the VMM resumes it.
     dst.vcpus.resume_all().expect("resume");
     assert!(dst.counters_pass(&o.at_stop), "{:?}", dst.vcpus.failure());
+}
+
+/// Every guest page number of the test VM's RAM but the counters' page,
+/// which the destination's guest goes on writing during a postcopy.
+fn pages_but_counters() -> Vec<u64> {
+    let low = support::LOW_BYTES as u64 / 4096;
+    let high = HIGH_GPA / 4096;
+    let counters = support::counter_gpa(0) / 4096;
+    (0..low)
+        .chain(high..high + support::HIGH_BYTES as u64 / 4096)
+        .filter(|&p| p != counters)
+        .collect()
+}
+
+#[test]
+fn postcopy_serves_the_faults_of_four_vcpu_threads() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    // Data the destination must receive in the background or on request.
+    for p in 0..support::HIGH_BYTES as u64 / 4096 {
+        src.ram
+            .write_obj(p * 0x9e37_79b9 + 1, GuestAddress(HIGH_GPA + p * 4096))
+            .expect("write the high region");
+    }
+    // A device keeps 240 low pages dirty until the switchover, so the
+    // background pass has them to send (about a second at 1 MiB/s) before
+    // it reaches the counters, even on a loaded machine.
+    let writer = Writer::start(&src.ram, 0x10000, 240);
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (a, b) = connection_pair();
+    let hooks = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hooks);
+    let incoming = receive(
+        DestinationVm {
+            vm: Arc::clone(&dst.vm),
+            memory: dst.memory.clone(),
+            vcpus: dst.vcpus.clone(),
+            devices: vec![Box::new(Writer::idle())],
+            on_started: Some(Box::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+            })),
+        },
+        b,
+        ReceiveOptions::default(),
+    )
+    .expect("receive");
+    let mut config = config();
+    config.capabilities.insert(Capabilities::POSTCOPY_RAM);
+    config.limits.postcopy_after_iterations = Some(1);
+    config.parameters.downtime_limit_ms = 0;
+    // Slow enough that the guest starts before its pages have all come.
+    config.parameters.max_postcopy_bandwidth = 1 << 20;
+    // And a first pass long enough (about half a second) that the device
+    // rewrites its pages after they were sent, however loaded the machine.
+    config.parameters.max_bandwidth = 4 << 20;
+    let outgoing = migrate(
+        SourceVm {
+            vm: Arc::clone(&src.vm),
+            memory: src.memory.clone(),
+            vcpus: src.vcpus.clone(),
+            devices: vec![Box::new(writer)],
+            device_dirty: Some(Box::new(VmMemoryDirtyLog::new(&src.ram))),
+            running: true,
+        },
+        a,
+        &config,
+        SourceOptions::default(),
+    )
+    .expect("migrate");
+    let source = outgoing.join().expect("source report");
+    let destination = incoming.join().expect("destination report");
+    assert_eq!(
+        source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        source.stats.error_desc
+    );
+    assert!(source.postcopy, "the migration did not switch to postcopy");
+    assert!(destination.error.is_none(), "{:?}", destination.error);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert!(destination.started);
+    assert_eq!(hooks.load(Ordering::SeqCst), 1);
+    let at_stop = src.counters();
+    assert!(
+        dst.counters_pass(&at_stop),
+        "a vCPU did not go on: at stop {at_stop:?}, now {:?} ({:?})",
+        dst.counters(),
+        dst.vcpus.failure()
+    );
+    let postcopy = destination.postcopy.expect("postcopy figures");
+    assert!(
+        postcopy.faults.faults_forwarded > 0,
+        "no vCPU thread faulted: {postcopy:?} {:?}",
+        source.stats
+    );
+    dst.vcpus.pause_all().expect("pause the destination guest");
+    let pages = pages_but_counters();
+    assert_eq!(
+        dst.memory.digest_of(pages.iter().copied()).expect("digest"),
+        src.memory.digest_of(pages.iter().copied()).expect("digest"),
+        "memory the destination guest did not write differs from the source's at the stop"
+    );
+}
+
+#[test]
+fn auto_converge_is_refused_for_vcpus_that_cannot_throttle() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let (a, _b) = connection_pair();
+    let mut config = config();
+    config.capabilities.insert(Capabilities::AUTO_CONVERGE);
+    let refused = migrate(
+        SourceVm {
+            vm: Arc::clone(&src.vm),
+            memory: src.memory.clone(),
+            vcpus: src.vcpus.clone(),
+            devices: Vec::new(),
+            device_dirty: None,
+            running: true,
+        },
+        a,
+        &config,
+        SourceOptions::default(),
+    );
+    match refused {
+        Err(e @ livemig_kvm::MigrateError::ThrottleUnsupported) => {
+            assert_eq!(
+                e.to_string(),
+                "auto-converge refused: this VMM cannot throttle its vCPUs"
+            );
+        }
+        other => panic!("auto-converge was not refused: {:?}", other.map(|_| ())),
+    }
+    let now = src.counters();
+    assert!(src.counters_pass(&now), "the source guest stopped");
+}
+
+#[test]
+fn a_device_may_not_take_livemigs_section_ids_or_repeat_one() {
+    if !kvm_available() {
+        return;
+    }
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let refused = |devices: Vec<Box<dyn DeviceSection>>| {
+        let (_a, b) = connection_pair();
+        let vm = DestinationVm {
+            vm: Arc::clone(&dst.vm),
+            memory: dst.memory.clone(),
+            vcpus: dst.vcpus.clone(),
+            devices,
+            on_started: None,
+        };
+        match receive(vm, b, ReceiveOptions::default()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("the devices were taken"),
+        }
+    };
+    assert_eq!(
+        refused(vec![Box::new(Fixed::new("cpu", 1))]),
+        "device section id 'cpu' is livemig's own: give the device another id"
+    );
+    assert_eq!(
+        refused(vec![
+            Box::new(Fixed::new("uart", 1)),
+            Box::new(Fixed::new("uart", 2))
+        ]),
+        "two devices are registered as section 'uart' instance 0"
+    );
 }

@@ -50,8 +50,18 @@ pub enum MigrateError {
     ThrottleUnsupported,
     /// Guest memory could not be read (a digest).
     Memory(MemoryError),
-    /// KVM's dirty log could not be read.
+    /// Dirty logging could not be turned on or off on the VMM's memslots.
     DirtyLog(DirtyLogError),
+    /// A VMM device uses an id livemig writes itself
+    /// ([`super::sections`]).
+    ReservedSection(String),
+    /// Two VMM devices share an id and instance.
+    DuplicateSection {
+        /// The id.
+        id: String,
+        /// The instance.
+        instance: u32,
+    },
     /// The migration thread could not be started.
     Spawn(io::Error),
     /// The migration thread panicked (a bug in livemig).
@@ -77,7 +87,15 @@ impl fmt::Display for MigrateError {
                 f.write_str("auto-converge refused: this VMM cannot throttle its vCPUs")
             }
             MigrateError::Memory(e) => write!(f, "digest: {e}"),
-            MigrateError::DirtyLog(e) => write!(f, "KVM_GET_DIRTY_LOG: {e}"),
+            MigrateError::DirtyLog(e) => write!(f, "dirty logging on the VMM's memslots: {e}"),
+            MigrateError::ReservedSection(id) => write!(
+                f,
+                "device section id '{id}' is livemig's own: give the device another id"
+            ),
+            MigrateError::DuplicateSection { id, instance } => write!(
+                f,
+                "two devices are registered as section '{id}' instance {instance}"
+            ),
             MigrateError::Spawn(e) => write!(f, "starting the migration thread: {e}"),
             MigrateError::Panicked => write!(f, "the migration thread panicked"),
         }
@@ -103,6 +121,8 @@ impl std::error::Error for MigrateError {
             MigrateError::Spawn(e) => Some(e),
             MigrateError::TooManyVcpus(_)
             | MigrateError::ThrottleUnsupported
+            | MigrateError::ReservedSection(_)
+            | MigrateError::DuplicateSection { .. }
             | MigrateError::Panicked => None,
         }
     }

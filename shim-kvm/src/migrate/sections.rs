@@ -10,6 +10,9 @@
 
 use livemig_core::wire::{self, DeviceId, EncodeError, RECORD_HEADER_LEN};
 
+use super::MigrateError;
+use crate::vmm::DeviceSection;
+
 /// The CPU model record ([`crate::x86::CpuModel`]), sent at setup.
 pub const CPU_MODEL_SECTION: &str = "cpu-model";
 /// Version of the CPU model record.
@@ -29,6 +32,27 @@ pub const CPU_STATE_VERSION: u32 = 2;
 pub const VM_SECTION: &str = "kvm-vm";
 /// Version of the VM-wide record.
 pub const VM_STATE_VERSION: u32 = 1;
+
+/// The ids above: a VMM's device may not use them.
+const RESERVED: [&str; 4] = [CPU_MODEL_SECTION, RUNSTATE_SECTION, CPU_SECTION, VM_SECTION];
+
+/// Refuses VMM devices that livemig could not tell apart in a stream: one
+/// with an id livemig writes itself, or two with the same id and instance.
+pub(crate) fn check_devices(devices: &[Box<dyn DeviceSection>]) -> Result<(), MigrateError> {
+    let mut seen = std::collections::HashSet::new();
+    for d in devices {
+        if RESERVED.contains(&d.id()) {
+            return Err(MigrateError::ReservedSection(d.id().to_string()));
+        }
+        if !seen.insert((d.id(), d.instance())) {
+            return Err(MigrateError::DuplicateSection {
+                id: d.id().to_string(),
+                instance: d.instance(),
+            });
+        }
+    }
+    Ok(())
+}
 
 /// The longest Device record header: the record header, the id's length
 /// byte, at most 255 id bytes, the instance and the version.

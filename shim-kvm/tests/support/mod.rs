@@ -6,7 +6,7 @@
 //! implements [`Vcpus`]).
 //!
 //! The guest: every vCPU runs the same three 16-bit real-mode instructions
-//! at [`CODE_GPA`] — `inc dword [bx]; out 0x80, al; jmp` — with `bx`
+//! at [`CODE_GPA`] — `inc dword [bx]; out 0x80, al; jmp` — with `ds:bx`
 //! pointing at its own counter ([`counter_gpa`]), so each vCPU's counter
 //! counts its loop iterations and every iteration exits to the vCPU
 //! thread, which is where a pause request is seen. No in-kernel irqchip,
@@ -34,9 +34,13 @@ pub const LOW_BYTES: usize = 1 << 20;
 pub const HIGH_GPA: u64 = 4 << 20;
 pub const HIGH_BYTES: usize = 1 << 20;
 
+/// The counters' page: the last page of RAM, which a postcopy's
+/// background pass reaches last.
+pub const COUNTERS_GPA: u64 = HIGH_GPA + HIGH_BYTES as u64 - 4096;
+
 /// vCPU `i`'s loop counter.
 pub fn counter_gpa(i: usize) -> u64 {
-    0x2000 + 64 * i as u64
+    COUNTERS_GPA + 64 * i as u64
 }
 
 /// Whether `/dev/kvm` can be used: without it a test skips loudly, unless
@@ -286,13 +290,15 @@ impl TestVm {
                     let mut sregs = fd.get_sregs().expect("get_sregs");
                     sregs.cs.base = 0;
                     sregs.cs.selector = 0;
-                    sregs.ds.base = 0;
+                    // The counters' page through DS's cached base (never
+                    // reloaded by the loop), above real mode's 1 MiB.
+                    sregs.ds.base = COUNTERS_GPA;
                     sregs.ds.selector = 0;
                     fd.set_sregs(&sregs).expect("set_sregs");
                     let mut regs = fd.get_regs().expect("get_regs");
                     regs.rip = CODE_GPA;
                     regs.rflags = 2;
-                    regs.rbx = counter_gpa(i);
+                    regs.rbx = counter_gpa(i) - COUNTERS_GPA;
                     fd.set_regs(&regs).expect("set_regs");
                 }
                 fd

@@ -620,7 +620,7 @@ fn spawn_reader(
 /// runs here (postcopy): that is refused, and the load goes on.
 ///
 /// `Err` means it could not even be set up: a RAM layout that cannot be
-/// described, vCPUs that cannot be read, more sections than the engine
+/// described, devices with a reserved or repeated section id, vCPUs that cannot be read, more sections than the engine
 /// can require, or a connection that cannot be duplicated.
 pub fn receive(
     vm: DestinationVm,
@@ -628,6 +628,7 @@ pub fn receive(
     options: ReceiveOptions,
 ) -> Result<ReceiveHandle, MigrateError> {
     ram_layout(&vm.memory).map_err(MigrateError::Layout)?;
+    super::sections::check_devices(&vm.devices)?;
     let count = vm.vcpus.count();
     let vcpus = u32::try_from(count).map_err(|_| MigrateError::TooManyVcpus(count))?;
     let kvm = Kvm::new().map_err(MigrateError::OpenKvm)?;

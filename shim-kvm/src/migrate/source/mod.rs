@@ -42,6 +42,7 @@ use livemig_core::source::{BlockTracking, SourceEngine};
 use livemig_core::stats::MigrationStats;
 
 use super::handle::{MigrationHandle, Shared};
+use super::sections;
 use super::vcpu_access::on_vcpu;
 use super::{MigrateError, ram_layout};
 use crate::clock;
@@ -213,7 +214,8 @@ pub struct SourceVm {
 ///
 /// `Err` here means the migration could not start: an invalid
 /// configuration, `auto-converge` asked of a VMM that cannot throttle, a
-/// RAM layout that cannot be described, vCPUs that cannot be read, dirty
+/// RAM layout that cannot be described, devices with a reserved or
+/// repeated section id, vCPUs that cannot be read, dirty
 /// logging that KVM refused, or a connection that cannot be set up.
 pub fn migrate(
     vm: SourceVm,
@@ -226,6 +228,7 @@ pub fn migrate(
         return Err(MigrateError::ThrottleUnsupported);
     }
     ram_layout(&vm.memory).map_err(MigrateError::Layout)?;
+    sections::check_devices(&vm.devices)?;
     let (caps, model) = probe_vcpus(&vm)?;
     conn.set_write_timeout(options.write_timeout)?;
     let rp_conn = conn.try_clone()?;
