@@ -34,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a destination process, boot the demo guest here, migrate it
+    /// Start a destination process, boot the demo guest here (in the demo
+    /// VMM, on --vcpus vCPUs), migrate it
     /// over TCP on 127.0.0.1, let it run on the destination, verify it and
     /// print the summary. Without /dev/kvm the same migration runs on the
     /// simulated backend. max-bandwidth defaults to 0 (unlimited) here,
@@ -48,10 +49,12 @@ enum Cmd {
     /// each written page as it was installed: the source's memory at the
     /// stop as it arrived, which the source (stopped since the switchover)
     /// digests whole.
-    /// Either way the guest's own stamp checks must report no mismatch, and
-    /// it must have stamped pages past where it stood at the stop (its
-    /// stamp counter in memory; no whole generation is needed), each page
-    /// of its working set holding the stamp that counter implies.
+    /// Either way the guest's own stamp checks must report no mismatch,
+    /// every vCPU must have stamped pages past where it stood at the stop
+    /// (its stamp counter in memory; no whole generation is needed), each
+    /// page of the working set holding the stamp those counters imply, the
+    /// timer must have ticked on and the serial lines of both hosts must
+    /// form one sequence: the summary's `guest` object.
     Demo(DemoArgs),
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
     /// Its `digest` (of its stopped memory) must equal the receiver's. After
