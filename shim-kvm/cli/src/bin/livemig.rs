@@ -43,12 +43,11 @@ enum Cmd {
     ///
     /// Verification: after a precopy, the destination's memory must equal
     /// the source's at the stop. After a postcopy the destination guest ran
-    /// during the migration, so the destination pauses it after --run-ms,
-    /// reads KVM's dirty log (reset when postcopy was advised) to learn the
-    /// pages its guest wrote, and digests every other page as it reads and
-    /// each written page as it was installed: the source's memory at the
-    /// stop as it arrived, which the source (stopped since the switchover)
-    /// digests whole.
+    /// during the migration, so the destination logs its guest's writes
+    /// (KVM's dirty log, from before the stream), pauses it after --run-ms
+    /// and digests every page it did not write; the source (stopped since
+    /// the switchover) digests the same pages of its stop image, and the
+    /// two must be equal.
     /// Either way the guest's own stamp checks must report no mismatch,
     /// every vCPU must have stamped pages past where it stood at the stop
     /// (its stamp counter in memory; no whole generation is needed), each
