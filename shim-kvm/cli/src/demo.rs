@@ -16,15 +16,14 @@
 //! guest then runs on the destination while its memory is still arriving.
 //! Since the destination guest runs during the migration, "destination
 //! memory equals the source's at the stop" no longer holds at the end, so
-//! the check becomes: the destination pauses its guest after the watch and
-//! reads KVM's dirty log (reset when postcopy was advised) to learn exactly
-//! which pages its guest wrote; its digest counts every other page as it
-//! reads now and each written page as it was installed (the destination
-//! notes each page's digest term as it places it, from the advise on). That
-//! is the digest of the source's memory at the stop as it arrived, which
-//! the source, whose vCPU stays stopped after the switchover, takes of its
-//! whole frozen memory: `send` and `receive` print digests an operator can
-//! compare, in postcopy as in precopy.
+//! the check becomes: the destination logs its guest's own writes with
+//! KVM's dirty log from before the stream arrives ([`crate::guest_writes`]),
+//! pauses its guest after the watch and digests every page the guest did
+//! not write; `demo`'s source, whose vCPUs stay stopped after the
+//! switchover, digests the same pages of its stop image. The pages the
+//! guest wrote are checked by its stamps. `send` alone cannot make that
+//! comparison (it does not know the destination's written pages): it
+//! prints the digest of its whole stop image.
 //!
 //! `send` cannot see when the destination started the guest; after a
 //! postcopy its downtime runs from the vCPU stop to the destination's PONG
@@ -36,10 +35,11 @@
 //! Either way the migration is `verified` when the digests are equal and
 //! the guest continued: its own stamp checks reported no mismatch, and it
 //! stamped pages past where it stood at the stop. The source reads the
-//! guest's stamp counter ([`guest::STAMPED_ADDR`]) from its stopped memory;
-//! the destination reads it at the end of its watch, with the vCPU paused,
-//! and checks every page of the working set against it
-//! ([`guest::check_stamps`]). No whole generation is needed: a working set
+//! guest's stamp counters (one per vCPU, [`guest::stamped_addr`]), timer
+//! ticks and serial output from its stopped guest; the destination reads
+//! them at the end of its watch, with the vCPUs paused, and checks every
+//! page of the working set against the counters ([`guest::check_stamps`]);
+//! the summary's `guest` object says how each went on. No whole generation is needed: a working set
 //! too large to be rewritten within the watch still shows the guest going
 //! on.
 

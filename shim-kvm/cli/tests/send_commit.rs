@@ -16,10 +16,13 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::kvm_available;
+use livemig_core::return_path::RpMessage;
+use livemig_core::source::SETUP_CHECK_PING;
 use livemig_core::wire::{Command, Record, StreamDecoder};
 use serde_json::Value;
 
-/// Reads a livemig stream up to its END_OF_STREAM, then answers LOADED and
+/// Reads a livemig stream up to its END_OF_STREAM (accepting the
+/// setup-time sections on the way), then answers LOADED and
 /// returns the bytes that follow (the COMMIT) before closing.
 fn half_handshake(listener: TcpListener) -> Vec<u8> {
     let (mut conn, _) = listener.accept().expect("accept");
@@ -32,6 +35,13 @@ fn half_handshake(listener: TcpListener) -> Vec<u8> {
         let mut input = &buf[..n];
         while !input.is_empty() {
             let d = decoder.decode(input).expect("a valid stream");
+            if d.record == Some(Record::Command(Command::Ping(SETUP_CHECK_PING))) {
+                // The setup-time sections are accepted: RAM may come.
+                let pong = RpMessage::Pong(SETUP_CHECK_PING);
+                let mut out = vec![0u8; pong.encoded_len()];
+                pong.encode(&mut out).expect("PONG");
+                conn.write_all(&out).expect("the setup verdict");
+            }
             let ended = d.record == Some(Record::EndOfStream);
             input = &input[d.consumed..];
             if ended {

@@ -34,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a destination process, boot the demo guest here, migrate it
+    /// Start a destination process, boot the demo guest here (in the demo
+    /// VMM, on --vcpus vCPUs), migrate it
     /// over TCP on 127.0.0.1, let it run on the destination, verify it and
     /// print the summary. Without /dev/kvm the same migration runs on the
     /// simulated backend. max-bandwidth defaults to 0 (unlimited) here,
@@ -42,16 +43,17 @@ enum Cmd {
     ///
     /// Verification: after a precopy, the destination's memory must equal
     /// the source's at the stop. After a postcopy the destination guest ran
-    /// during the migration, so the destination pauses it after --run-ms,
-    /// reads KVM's dirty log (reset when postcopy was advised) to learn the
-    /// pages its guest wrote, and digests every other page as it reads and
-    /// each written page as it was installed: the source's memory at the
-    /// stop as it arrived, which the source (stopped since the switchover)
-    /// digests whole.
-    /// Either way the guest's own stamp checks must report no mismatch, and
-    /// it must have stamped pages past where it stood at the stop (its
-    /// stamp counter in memory; no whole generation is needed), each page
-    /// of its working set holding the stamp that counter implies.
+    /// during the migration, so the destination logs its guest's writes
+    /// (KVM's dirty log, from before the stream), pauses it after --run-ms
+    /// and digests every page it did not write; the source (stopped since
+    /// the switchover) digests the same pages of its stop image, and the
+    /// two must be equal.
+    /// Either way the guest's own stamp checks must report no mismatch,
+    /// every vCPU must have stamped pages past where it stood at the stop
+    /// (its stamp counter in memory; no whole generation is needed), each
+    /// page of the working set holding the stamp those counters imply, the
+    /// timer must have ticked on and the serial lines of both hosts must
+    /// form one sequence: the summary's `guest` object.
     Demo(DemoArgs),
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
     /// Its `digest` (of its stopped memory) must equal the receiver's. After
