@@ -1081,17 +1081,24 @@ fn last_line(text: &str) -> Option<&str> {
 }
 
 /// The line `demo` prints when it falls back to the simulation because
-/// opening `/dev/kvm` failed with `e`: a missing device and one this user
-/// may not open are different problems with different fixes.
+/// opening `/dev/kvm` failed with `e`.
 pub fn no_kvm_line(e: &std::io::Error) -> String {
-    const FALLBACK: &str = "running the migration on the simulated backend";
+    format!(
+        "{}: running the migration on the simulated backend",
+        no_kvm_reason(e)
+    )
+}
+
+/// Why `/dev/kvm` could not be used, from the error opening it: a missing
+/// device and one this user may not open are different problems with
+/// different fixes.
+pub fn no_kvm_reason(e: &std::io::Error) -> String {
     match e.kind() {
-        std::io::ErrorKind::NotFound => format!("no /dev/kvm on this machine: {FALLBACK}"),
-        std::io::ErrorKind::PermissionDenied => format!(
-            "/dev/kvm exists but cannot be opened: permission denied (run as root or join \
-             the kvm group): {FALLBACK}"
-        ),
-        _ => format!("/dev/kvm cannot be opened ({e}): {FALLBACK}"),
+        std::io::ErrorKind::NotFound => "no /dev/kvm on this machine".into(),
+        std::io::ErrorKind::PermissionDenied => "/dev/kvm exists but cannot be opened: \
+             permission denied (run as root or join the kvm group)"
+            .into(),
+        _ => format!("/dev/kvm cannot be opened ({e})"),
     }
 }
 

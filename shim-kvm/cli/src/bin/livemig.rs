@@ -148,10 +148,11 @@ struct Output {
 /// (their --mem-mib differ only in help text, so each keeps its own).
 #[derive(Args)]
 struct Workload {
-    /// vCPUs of the demo VMM (1 to 8), sharing the working set.
-    #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
-    vcpus: u32,
+    /// vCPUs of the demo VMM (1 to 8, default 2), sharing the working set.
+    /// Needs KVM: the simulated fallback of `demo` has no vCPUs and
+    /// refuses it.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
+    vcpus: Option<u32>,
     /// Working set the guest keeps rewriting, in MiB (0 = idle guest).
     #[arg(long, default_value_t = 64)]
     dirty_mib: u64,
@@ -171,7 +172,7 @@ impl Workload {
             mem_mib,
             dirty_mib: self.dirty_mib,
             dirty_log: dirty_log(&self.dirty_log)?,
-            vcpus: self.vcpus,
+            vcpus: self.vcpus.unwrap_or(vmm::DEFAULT_VCPUS),
         })
     }
 
@@ -627,6 +628,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     &mut progress(&a.output),
                 )
                 .map_err(err)?,
+                Err(e) if a.workload.vcpus.is_some() => {
+                    return Err(format!(
+                        "--vcpus needs KVM, and {}: the simulated fallback has no vCPUs",
+                        demo::no_kvm_reason(&e)
+                    ));
+                }
                 Err(e) => {
                     eprintln!("{}", demo::no_kvm_line(&e));
                     demo::run_simulated(shape, &config).map_err(err)?
