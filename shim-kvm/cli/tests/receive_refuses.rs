@@ -1,0 +1,500 @@
+//! `livemig receive` refuses a stream it cannot start a guest from, with an
+//! error naming what is wrong, and never starts the guest: a stream without
+//! a section the destination requires, and a complete stream followed by
+//! bytes where it must end (after END_OF_STREAM, after COMMIT). And it
+//! holds a guest paused after an ambiguous end (LOADED sent, then the
+//! connection cut without COMMIT) until the operator decides: SIGUSR1 runs
+//! it, SIGTERM or `--hold-timeout-s` discards it (exit status 3).
+//!
+//! The streams are today's real stream: recorded once per test binary
+//! from a real `livemig send` into a fake destination that accepts the
+//! setup-time check (PONG) as a livemig destination does, then replayed
+//! whole, cut or corrupted. KVM tests skip loudly without `/dev/kvm` (see
+//! `common::kvm_available`).
+
+#[allow(dead_code)]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{announced_address, kvm_available};
+use livemig_core::return_path::{RpDecoder, RpMessage};
+use livemig_core::source::SETUP_CHECK_PING;
+use livemig_core::wire::{Command as WireCommand, Record, StreamDecoder};
+use serde_json::Value;
+
+/// The guest's memory on both ends: small, so a run stays short.
+const MEM_MIB: &str = "64";
+
+/// One record of the recorded stream: what it is and where its bytes are.
+#[derive(Debug)]
+struct Span {
+    /// `device ID INSTANCE`, `end`, `ping`, `open-return-path`, `other`.
+    what: String,
+    start: usize,
+    end: usize,
+}
+
+/// A stream a real `livemig send` wrote, up to and with its END_OF_STREAM.
+#[derive(Debug)]
+struct Recorded {
+    bytes: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+impl Recorded {
+    /// The stream without the record named `what` (the first one).
+    fn without(&self, what: &str) -> Vec<u8> {
+        let span = self
+            .spans
+            .iter()
+            .find(|s| s.what == what)
+            .unwrap_or_else(|| panic!("no {what:?} in {:?}", self.labels()));
+        [&self.bytes[..span.start], &self.bytes[span.end..]].concat()
+    }
+
+    fn labels(&self) -> Vec<&str> {
+        self.spans.iter().map(|s| s.what.as_str()).collect()
+    }
+}
+
+fn label(record: &Record<'_>) -> String {
+    match record {
+        Record::Device(d) => format!("device {} {}", d.id.as_str(), d.instance),
+        Record::EndOfStream => "end".into(),
+        Record::Command(WireCommand::Ping(_)) => "ping".into(),
+        Record::Command(WireCommand::OpenReturnPath) => "open-return-path".into(),
+        Record::RamBlocks(_) => "ram-blocks".into(),
+        Record::Pages(_) => "pages".into(),
+        _ => "other".into(),
+    }
+}
+
+/// Plays a livemig destination up to END_OF_STREAM: answers the setup
+/// check's PING with its PONG (the setup-time sections are accepted),
+/// records every byte and where each record lies, and closes before
+/// LOADED, so the source keeps its guest.
+fn record_destination(listener: TcpListener) -> Recorded {
+    let (mut conn, _) = listener.accept().expect("accept");
+    let mut scratch = vec![0u8; 16 << 20];
+    let mut decoder = StreamDecoder::new(&mut scratch);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = Vec::new();
+    let mut spans = Vec::new();
+    let mut start = 0;
+    'stream: loop {
+        let n = conn.read(&mut buf).expect("read the stream");
+        assert!(n > 0, "the source closed before the end of its stream");
+        let mut input = &buf[..n];
+        while !input.is_empty() {
+            let d = decoder.decode(input).expect("a valid stream");
+            let consumed = d.consumed;
+            bytes.extend_from_slice(&input[..consumed]);
+            input = &input[consumed..];
+            let Some(record) = d.record else { continue };
+            if record == Record::Command(WireCommand::Ping(SETUP_CHECK_PING)) {
+                let pong = RpMessage::Pong(SETUP_CHECK_PING);
+                let mut out = vec![0u8; pong.encoded_len()];
+                pong.encode(&mut out).expect("PONG");
+                conn.write_all(&out).expect("the setup verdict");
+            }
+            let what = label(&record);
+            spans.push(Span {
+                what: what.clone(),
+                start,
+                end: bytes.len(),
+            });
+            start = bytes.len();
+            if what == "end" {
+                assert!(input.is_empty(), "nothing before LOADED");
+                break 'stream;
+            }
+        }
+    }
+    conn.shutdown(Shutdown::Both).expect("close before LOADED");
+    Recorded { bytes, spans }
+}
+
+/// The stream of one real `livemig send`, recorded once for all tests.
+fn recorded() -> &'static Recorded {
+    static RECORDED: OnceLock<Recorded> = OnceLock::new();
+    RECORDED.get_or_init(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let destination = std::thread::spawn(move || record_destination(listener));
+        let send = common::spawn(&[
+            "send",
+            "--to",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--json",
+            "--quiet",
+            "--mem-mib",
+            MEM_MIB,
+            "--dirty-mib",
+            "4",
+            "--warmup-ms",
+            "200",
+        ]);
+        let recorded = destination.join().expect("the recording destination");
+        // Cut before LOADED: the source fails and keeps its guest.
+        let out = common::finish(send);
+        assert!(!out.status.success(), "{out:?}");
+        recorded
+    })
+}
+
+/// Runs `livemig receive --hold-timeout-s hold_s`, lets `talk` play the
+/// source on the connection; once `talk` is done, `decide` gets the
+/// receiver's pid and its stdout (after the announcement). Keeps the
+/// connection open until the receiver has ended.
+fn receive_holding(
+    hold_s: u64,
+    talk: impl FnOnce(&mut TcpStream),
+    decide: impl FnOnce(u32, &mut BufReader<ChildStdout>),
+) -> Output {
+    let hold = hold_s.to_string();
+    let mut child: Child = Command::new(common::BIN)
+        .args([
+            "receive",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--json",
+            "--quiet",
+            "--mem-mib",
+            MEM_MIB,
+            "--run-ms",
+            "200",
+            "--idle-timeout-ms",
+            "2000",
+        ])
+        .args(["--hold-timeout-s", &hold])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn livemig");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let addr = announced_address(&mut reader);
+    let addr = addr
+        .strip_prefix("tcp:")
+        .unwrap_or_else(|| panic!("not a TCP address: {addr:?}"));
+    let mut client = TcpStream::connect(addr).expect("connect");
+    talk(&mut client);
+    decide(child.id(), &mut reader);
+    let mut stdout = Vec::new();
+    reader.read_to_end(&mut stdout).expect("stdout");
+    let mut stderr = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_end(&mut stderr).expect("stderr");
+    }
+    let status = child.wait().expect("wait");
+    drop(client);
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Writes `stream` in one write; an ambiguous end discards at once.
+fn receive(stream: &[u8]) -> Output {
+    receive_holding(
+        0,
+        |client| client.write_all(stream).expect("write the stream"),
+        |_, _| {},
+    )
+}
+
+/// Reads return-path messages until LOADED; true if it came, false if
+/// the destination closed first. Panics on anything but the setup
+/// check's PONG and the SWITCHOVER_ACK before it.
+fn read_until_loaded(client: &mut TcpStream) -> bool {
+    let mut decoder = RpDecoder::new(4096).expect("page size");
+    let mut buf = [0u8; 256];
+    let mut pending = Vec::new();
+    loop {
+        while !pending.is_empty() {
+            let (used, msg) = decoder.decode(&pending).expect("a valid return path");
+            let loaded = match msg {
+                None => None,
+                Some(RpMessage::Loaded) => Some(true),
+                Some(RpMessage::Pong(SETUP_CHECK_PING) | RpMessage::SwitchoverAck) => Some(false),
+                Some(other) => panic!("{other:?} before LOADED"),
+            };
+            pending.drain(..used);
+            match loaded {
+                None => break,
+                Some(true) => {
+                    assert!(pending.is_empty(), "nothing after LOADED: {pending:?}");
+                    return true;
+                }
+                Some(false) => {}
+            }
+        }
+        let n = client.read(&mut buf).expect("read the return path");
+        if n == 0 {
+            return false;
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The final JSON summary of `out`.
+fn summary(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON summary in {text:?}"));
+    serde_json::from_str(json).expect("JSON")
+}
+
+/// The receiver refused the stream with `needle` in its error line, and
+/// its guest never ran.
+fn assert_refused_without_starting(out: &Output, needle: &str) -> Value {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a refusal: {out:?}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("livemig: "))
+        .unwrap_or_else(|| panic!("no error line in {err:?}"));
+    assert!(line.contains(needle), "{line:?} does not name {needle:?}");
+    let v = summary(out);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["guest-started"], false, "{v}");
+    for started in ["vcpu-started-ns", "guest-generation", "loaded-ns", "digest"] {
+        assert!(
+            v.get(started).is_none(),
+            "{started} in {v}: the guest started"
+        );
+    }
+    v
+}
+
+/// The COMMIT record a source sends after LOADED.
+fn commit() -> Vec<u8> {
+    let mut commit = vec![0; 10];
+    Record::Command(WireCommand::Commit)
+        .encode(&mut commit)
+        .expect("10 bytes");
+    commit
+}
+
+/// The recorded stream, unchanged, with LOADED answered by COMMIT: the
+/// destination starts its guest. The refusals below differ from it only
+/// by their cut or corruption.
+#[test]
+fn the_recorded_stream_is_received_and_its_guest_runs() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = recorded();
+    let out = receive_holding(
+        0,
+        |client| {
+            client.write_all(&rec.bytes).expect("write the stream");
+            assert!(read_until_loaded(client), "no LOADED");
+            client.write_all(&commit()).expect("write the commit");
+        },
+        |_, _| {},
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v = summary(&out);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["guest-started"], true, "{v}");
+    assert!(v.get("vcpu-started-ns").is_some(), "{v}");
+    assert!(v["guest-progress-exits"].as_u64().expect("exits") > 0, "{v}");
+}
+
+#[test]
+fn a_stream_without_the_serial_section_is_refused_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive(&recorded().without("device serial 0"));
+    let v = assert_refused_without_starting(&out, "'serial' instance 0");
+    assert!(
+        v["error-desc"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused before the guest starts")),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_stream_without_the_second_vcpu_section_is_refused_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive(&recorded().without("device cpu 1"));
+    assert_refused_without_starting(&out, "'cpu' instance 1");
+}
+
+#[test]
+fn a_stream_without_the_kvm_vm_section_is_refused_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive(&recorded().without("device kvm-vm 0"));
+    assert_refused_without_starting(&out, "'kvm-vm' instance 0");
+}
+
+// A setup-time section left out is not caught by the setup check (its
+// PONG says the sections that came loaded, not that all did): the
+// refusal comes at the end of the stream, still before the guest starts.
+#[test]
+fn a_stream_without_the_cpu_model_section_is_refused_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive(&recorded().without("device cpu-model 0"));
+    assert_refused_without_starting(&out, "'cpu-model' instance 0");
+}
+
+#[test]
+fn a_stream_without_the_runstate_section_is_refused_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive(&recorded().without("device runstate 0"));
+    assert_refused_without_starting(&out, "'runstate' instance 0");
+}
+
+#[test]
+fn bytes_after_the_end_of_the_stream_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive(&[&recorded().bytes[..], b"garbage"].concat());
+    assert_refused_without_starting(&out, "sent 7 bytes after EndOfStream, where its stream must end: refused, the guest was not started");
+}
+
+#[test]
+fn bytes_after_the_commit_are_refused_and_the_guest_is_not_started() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive_holding(
+        0,
+        |client| {
+            client.write_all(&recorded().bytes).expect("write the stream");
+            assert!(read_until_loaded(client), "no LOADED");
+            let mut commit = commit();
+            commit.push(0xff);
+            client.write_all(&commit).expect("write the commit");
+        },
+        |_, _| {},
+    );
+    let v = assert_refused_without_starting(&out, "sent 1 bytes after Commit, where its stream must end: refused, the guest was not started");
+    // The source has committed: the receiver says the end is ambiguous,
+    // with its own exit status and the operator's sentence.
+    assert_eq!(out.status.code(), Some(3), "the ambiguous end's status");
+    assert_eq!(v["ambiguous-end"], "loaded", "{v}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("it says 'committed'), start it here, otherwise discard it"),
+        "{err}"
+    );
+}
+
+/// Plays a source whose connection is cut after LOADED: the whole
+/// recorded stream, then LOADED read and the connection closed without
+/// COMMIT.
+fn loaded_then_cut(client: &mut TcpStream) {
+    client.write_all(&recorded().bytes).expect("write the stream");
+    assert!(read_until_loaded(client), "no LOADED");
+    client.shutdown(Shutdown::Both).expect("close without COMMIT");
+}
+
+/// Reads the `held` event and, after a while held, sends `signal`.
+fn decide_with(signal: libc::c_int) -> impl FnOnce(u32, &mut BufReader<ChildStdout>) {
+    move |pid, reader| {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the held event");
+        let event: Value = serde_json::from_str(&line).expect("JSON event");
+        assert_eq!(event["event"], "held", "{event}");
+        assert_eq!(event["ambiguous-end"], "loaded", "{event}");
+        assert_eq!(event["pid"], pid, "{event}");
+        std::thread::sleep(Duration::from_millis(200));
+        let pid = i32::try_from(pid).expect("pid");
+        // SAFETY: signalling our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+#[test]
+fn a_loaded_guest_without_commit_is_held_and_sigusr1_runs_it_here() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive_holding(60, loaded_then_cut, decide_with(libc::SIGUSR1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("start it here, otherwise discard it")
+            && err.contains("the guest is held paused here (pid ")
+            && err.contains("the guest runs here, as the operator decided"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = summary(&out);
+    assert_eq!(v["ambiguous-end"], "loaded", "{v}");
+    assert_eq!(v["hold-decision"], "run-here", "{v}");
+    assert_eq!(v["guest-continued"], true, "{v}");
+    assert!(v["guest-progress-exits"].as_u64().expect("exits") > 0, "{v}");
+    assert!(v.get("vcpu-started-ns").is_some(), "{v}");
+}
+
+#[test]
+fn a_loaded_guest_without_commit_is_held_and_sigterm_discards_it() {
+    if !kvm_available() {
+        return;
+    }
+    let out = receive_holding(60, loaded_then_cut, decide_with(libc::SIGTERM));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the held guest is discarded (signal 15)"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v = summary(&out);
+    assert_eq!(v["ambiguous-end"], "loaded", "{v}");
+    assert_eq!(v["hold-decision"], "discarded", "{v}");
+    for started in ["vcpu-started-ns", "guest-generation", "guest-continued"] {
+        assert!(
+            v.get(started).is_none(),
+            "{started} in {v}: the guest started"
+        );
+    }
+}
+
+#[test]
+fn a_held_guest_without_a_decision_is_discarded_after_the_hold_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let held_at = std::cell::Cell::new(None);
+    let out = receive_holding(1, loaded_then_cut, |_, reader| {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the held event");
+        held_at.set(Some(Instant::now()));
+        let event: Value = serde_json::from_str(&line).expect("JSON event");
+        assert_eq!(event["event"], "held", "{event}");
+        assert_eq!(event["hold-timeout-s"], 1, "{event}");
+    });
+    let held_for = held_at.get().expect("held").elapsed();
+    assert!(held_for >= Duration::from_millis(900), "{held_for:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the held guest is discarded (no decision in time)"),
+        "{err}"
+    );
+    let v = summary(&out);
+    assert_eq!(v["hold-decision"], "discarded-after-timeout", "{v}");
+    assert!(v.get("vcpu-started-ns").is_none(), "the guest started: {v}");
+}
