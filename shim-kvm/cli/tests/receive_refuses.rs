@@ -1,7 +1,9 @@
 //! `livemig receive` refuses a stream it cannot start a guest from, with an
-//! error naming what is wrong, and never starts the guest: a stream without
-//! a section the destination requires, and a complete stream followed by
-//! bytes where it must end (after END_OF_STREAM, after COMMIT). And it
+//! error naming what is wrong, and never starts the guest: a setup-time
+//! section it cannot load (answered with SHUT instead of the setup check's
+//! PONG, before any page), a stream without a section the destination
+//! requires, and a complete stream followed by bytes where it must end
+//! (after END_OF_STREAM, after COMMIT). And it
 //! holds a guest paused after an ambiguous end (LOADED sent, then the
 //! connection cut without COMMIT) until the operator decides: SIGUSR1 runs
 //! it, SIGTERM or `--hold-timeout-s` discards it (exit status 3).
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::{announced_address, kvm_available};
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::SETUP_CHECK_PING;
-use livemig_core::wire::{Command as WireCommand, Record, StreamDecoder};
+use livemig_core::wire::{Command as WireCommand, DeviceId, DeviceState, Record, StreamDecoder};
 use serde_json::Value;
 
 /// The guest's memory on both ends: small, so a run stays short.
@@ -33,10 +35,13 @@ const MEM_MIB: &str = "64";
 /// One record of the recorded stream: what it is and where its bytes are.
 #[derive(Debug)]
 struct Span {
-    /// `device ID INSTANCE`, `end`, `ping`, `open-return-path`, `other`.
+    /// `device ID INSTANCE`, `ping`, `open-return-path`, `ram-blocks`,
+    /// `pages`, `end`, or `other`.
     what: String,
     start: usize,
     end: usize,
+    /// A Device record's version and state bytes.
+    device: Option<(u32, Vec<u8>)>,
 }
 
 /// A stream a real `livemig send` wrote, up to and with its END_OF_STREAM.
@@ -49,12 +54,30 @@ struct Recorded {
 impl Recorded {
     /// The stream without the record named `what` (the first one).
     fn without(&self, what: &str) -> Vec<u8> {
-        let span = self
-            .spans
+        self.replaced(what, &[])
+    }
+
+    fn span(&self, what: &str) -> &Span {
+        self.spans
             .iter()
             .find(|s| s.what == what)
-            .unwrap_or_else(|| panic!("no {what:?} in {:?}", self.labels()));
-        [&self.bytes[..span.start], &self.bytes[span.end..]].concat()
+            .unwrap_or_else(|| panic!("no {what:?} in {:?}", self.labels()))
+    }
+
+    /// The stream with the record named `what` replaced by `record`.
+    fn replaced(&self, what: &str, record: &[u8]) -> Vec<u8> {
+        let span = self.span(what);
+        [&self.bytes[..span.start], record, &self.bytes[span.end..]].concat()
+    }
+
+    /// The version and state bytes of the Device record named `what`.
+    fn device(&self, what: &str) -> (u32, &[u8]) {
+        let (version, data) = self
+            .span(what)
+            .device
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what:?} is not a Device record"));
+        (*version, data)
     }
 
     fn labels(&self) -> Vec<&str> {
@@ -103,10 +126,15 @@ fn record_destination(listener: TcpListener) -> Recorded {
                 conn.write_all(&out).expect("the setup verdict");
             }
             let what = label(&record);
+            let device = match &record {
+                Record::Device(d) => Some((d.version, d.data.to_vec())),
+                _ => None,
+            };
             spans.push(Span {
                 what: what.clone(),
                 start,
                 end: bytes.len(),
+                device,
             });
             start = bytes.len();
             if what == "end" {
@@ -209,37 +237,76 @@ fn receive(stream: &[u8]) -> Output {
     )
 }
 
-/// Reads return-path messages until LOADED; true if it came, false if
-/// the destination closed first. Panics on anything but the setup
-/// check's PONG and the SWITCHOVER_ACK before it.
-fn read_until_loaded(client: &mut TcpStream) -> bool {
-    let mut decoder = RpDecoder::new(4096).expect("page size");
-    let mut buf = [0u8; 256];
-    let mut pending = Vec::new();
-    loop {
-        while !pending.is_empty() {
-            let (used, msg) = decoder.decode(&pending).expect("a valid return path");
-            let loaded = match msg {
-                None => None,
-                Some(RpMessage::Loaded) => Some(true),
-                Some(RpMessage::Pong(SETUP_CHECK_PING) | RpMessage::SwitchoverAck) => Some(false),
-                Some(other) => panic!("{other:?} before LOADED"),
-            };
-            pending.drain(..used);
-            match loaded {
-                None => break,
-                Some(true) => {
-                    assert!(pending.is_empty(), "nothing after LOADED: {pending:?}");
-                    return true;
+/// A return-path message of the destination, as this test tells them
+/// apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// The setup check's PONG: the setup-time sections loaded.
+    SetupPong,
+    SwitchoverAck,
+    Loaded,
+    Shut {
+        error: bool,
+    },
+}
+
+/// The destination's return path, read message by message.
+struct ReturnPath {
+    decoder: RpDecoder,
+    pending: Vec<u8>,
+}
+
+impl ReturnPath {
+    fn new() -> Self {
+        Self {
+            decoder: RpDecoder::new(4096).expect("page size"),
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next message, or `None` once the destination closed.
+    fn next(&mut self, client: &mut TcpStream) -> Option<Answer> {
+        let mut buf = [0u8; 256];
+        loop {
+            if !self.pending.is_empty() {
+                let (used, msg) = self
+                    .decoder
+                    .decode(&self.pending)
+                    .expect("a valid return path");
+                let answer = msg.map(|m| match m {
+                    RpMessage::Pong(SETUP_CHECK_PING) => Answer::SetupPong,
+                    RpMessage::SwitchoverAck => Answer::SwitchoverAck,
+                    RpMessage::Loaded => Answer::Loaded,
+                    RpMessage::Shut { error } => Answer::Shut { error },
+                    other => panic!("unexpected on the return path: {other:?}"),
+                });
+                self.pending.drain(..used);
+                if answer.is_some() {
+                    return answer;
                 }
-                Some(false) => {}
             }
+            let n = client.read(&mut buf).expect("read the return path");
+            if n == 0 {
+                assert!(self.pending.is_empty(), "cut message: {:?}", self.pending);
+                return None;
+            }
+            self.pending.extend_from_slice(&buf[..n]);
         }
-        let n = client.read(&mut buf).expect("read the return path");
-        if n == 0 {
-            return false;
+    }
+}
+
+/// Reads the return path until LOADED; true if it came, false if the
+/// destination closed first. Panics on anything but the setup check's
+/// PONG and the SWITCHOVER_ACK before it.
+fn read_until_loaded(client: &mut TcpStream) -> bool {
+    let mut rp = ReturnPath::new();
+    loop {
+        match rp.next(client) {
+            None => return false,
+            Some(Answer::Loaded) => return true,
+            Some(Answer::SetupPong | Answer::SwitchoverAck) => {}
+            Some(other) => panic!("{other:?} before LOADED"),
         }
-        pending.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -308,7 +375,10 @@ fn the_recorded_stream_is_received_and_its_guest_runs() {
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["guest-started"], true, "{v}");
     assert!(v.get("vcpu-started-ns").is_some(), "{v}");
-    assert!(v["guest-progress-exits"].as_u64().expect("exits") > 0, "{v}");
+    assert!(
+        v["guest-progress-exits"].as_u64().expect("exits") > 0,
+        "{v}"
+    );
 }
 
 #[test]
@@ -371,7 +441,10 @@ fn bytes_after_the_end_of_the_stream_are_refused() {
         return;
     }
     let out = receive(&[&recorded().bytes[..], b"garbage"].concat());
-    assert_refused_without_starting(&out, "sent 7 bytes after EndOfStream, where its stream must end: refused, the guest was not started");
+    assert_refused_without_starting(
+        &out,
+        "sent 7 bytes after EndOfStream, where its stream must end: refused, the guest was not started",
+    );
 }
 
 #[test]
@@ -382,7 +455,9 @@ fn bytes_after_the_commit_are_refused_and_the_guest_is_not_started() {
     let out = receive_holding(
         0,
         |client| {
-            client.write_all(&recorded().bytes).expect("write the stream");
+            client
+                .write_all(&recorded().bytes)
+                .expect("write the stream");
             assert!(read_until_loaded(client), "no LOADED");
             let mut commit = commit();
             commit.push(0xff);
@@ -390,7 +465,10 @@ fn bytes_after_the_commit_are_refused_and_the_guest_is_not_started() {
         },
         |_, _| {},
     );
-    let v = assert_refused_without_starting(&out, "sent 1 bytes after Commit, where its stream must end: refused, the guest was not started");
+    let v = assert_refused_without_starting(
+        &out,
+        "sent 1 bytes after Commit, where its stream must end: refused, the guest was not started",
+    );
     // The source has committed: the receiver says the end is ambiguous,
     // with its own exit status and the operator's sentence.
     assert_eq!(out.status.code(), Some(3), "the ambiguous end's status");
@@ -406,9 +484,13 @@ fn bytes_after_the_commit_are_refused_and_the_guest_is_not_started() {
 /// recorded stream, then LOADED read and the connection closed without
 /// COMMIT.
 fn loaded_then_cut(client: &mut TcpStream) {
-    client.write_all(&recorded().bytes).expect("write the stream");
+    client
+        .write_all(&recorded().bytes)
+        .expect("write the stream");
     assert!(read_until_loaded(client), "no LOADED");
-    client.shutdown(Shutdown::Both).expect("close without COMMIT");
+    client
+        .shutdown(Shutdown::Both)
+        .expect("close without COMMIT");
 }
 
 /// Reads the `held` event and, after a while held, sends `signal`.
@@ -445,7 +527,10 @@ fn a_loaded_guest_without_commit_is_held_and_sigusr1_runs_it_here() {
     assert_eq!(v["ambiguous-end"], "loaded", "{v}");
     assert_eq!(v["hold-decision"], "run-here", "{v}");
     assert_eq!(v["guest-continued"], true, "{v}");
-    assert!(v["guest-progress-exits"].as_u64().expect("exits") > 0, "{v}");
+    assert!(
+        v["guest-progress-exits"].as_u64().expect("exits") > 0,
+        "{v}"
+    );
     assert!(v.get("vcpu-started-ns").is_some(), "{v}");
 }
 
@@ -497,4 +582,115 @@ fn a_held_guest_without_a_decision_is_discarded_after_the_hold_timeout() {
     let v = summary(&out);
     assert_eq!(v["hold-decision"], "discarded-after-timeout", "{v}");
     assert!(v.get("vcpu-started-ns").is_none(), "the guest started: {v}");
+}
+
+/// One Device record, encoded as a livemig source writes it.
+fn device_record(id: &str, instance: u32, version: u32, data: &[u8]) -> Vec<u8> {
+    let record = Record::Device(DeviceState {
+        id: DeviceId::new(id).expect("id"),
+        instance,
+        version,
+        data,
+    });
+    let mut out = vec![0; record.encoded_len()];
+    record.encode(&mut out).expect("sized by encoded_len");
+    out
+}
+
+/// Writes `stream`, which ends with the setup check's PING, reads the
+/// destination's verdict (SHUT with an error, no PONG: no page may follow),
+/// and returns what the receiver said.
+fn refused_at_setup(stream: Vec<u8>) -> Output {
+    receive_holding(
+        0,
+        move |client| {
+            client.write_all(&stream).expect("write the stream");
+            let mut rp = ReturnPath::new();
+            let mut answers = Vec::new();
+            while let Some(answer) = rp.next(client) {
+                answers.push(answer);
+            }
+            assert_eq!(
+                answers.last(),
+                Some(&Answer::Shut { error: true }),
+                "{answers:?}"
+            );
+            assert!(!answers.contains(&Answer::SetupPong), "{answers:?}");
+        },
+        |_, _| {},
+    )
+}
+
+/// The recorded stream up to and with its setup check's PING, with the
+/// setup-time Device record `what` replaced by `record`.
+fn setup_with(what: &str, record: &[u8]) -> Vec<u8> {
+    let rec = recorded();
+    let (section, ping) = (rec.span(what), rec.span("ping"));
+    assert!(
+        section.end <= ping.start,
+        "{what} comes before the setup check"
+    );
+    [
+        &rec.bytes[..section.start],
+        record,
+        &rec.bytes[section.end..ping.end],
+    ]
+    .concat()
+}
+
+#[test]
+fn a_cpu_model_of_another_version_is_refused_at_setup() {
+    if !kvm_available() {
+        return;
+    }
+    let (version, data) = recorded().device("device cpu-model 0");
+    let stream = setup_with(
+        "device cpu-model 0",
+        &device_record("cpu-model", 0, version + 1, data),
+    );
+    let out = refused_at_setup(stream);
+    assert_refused_without_starting(
+        &out,
+        &format!(
+            "the destination failed loading device state: section 'cpu-model' instance 0 has version {}, this destination loads versions \
+             {version} to {version}: refused before the guest starts",
+            version + 1
+        ),
+    );
+}
+
+#[test]
+fn a_cut_cpu_model_is_refused_at_setup() {
+    if !kvm_available() {
+        return;
+    }
+    let (version, data) = recorded().device("device cpu-model 0");
+    let stream = setup_with(
+        "device cpu-model 0",
+        &device_record("cpu-model", 0, version, &data[..data.len() - 1]),
+    );
+    let out = refused_at_setup(stream);
+    assert_refused_without_starting(
+        &out,
+        "the destination failed loading device state: CPU model: the source's record: \
+         CPU model declares ",
+    );
+}
+
+#[test]
+fn a_runstate_that_is_not_0_or_1_is_refused_at_setup() {
+    if !kvm_available() {
+        return;
+    }
+    let (version, _) = recorded().device("device runstate 0");
+    let stream = setup_with(
+        "device runstate 0",
+        &device_record("runstate", 0, version, &[1, 1]),
+    );
+    let out = refused_at_setup(stream);
+    assert_refused_without_starting(
+        &out,
+        "the destination failed loading device state: runstate: 2 bytes where one byte of 0 \
+         or 1 belongs",
+    );
 }
