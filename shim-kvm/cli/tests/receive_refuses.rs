@@ -3,7 +3,9 @@
 //! section it cannot load (answered with SHUT instead of the setup check's
 //! PONG, before any page), a stream without a section the destination
 //! requires, and a complete stream followed by bytes where it must end
-//! (after END_OF_STREAM, after COMMIT). And it
+//! (after END_OF_STREAM, after COMMIT), a section it did not register (a
+//! device, a vCPU beyond its own), and a stream cut before its end
+//! (between records, inside one). And it
 //! holds a guest paused after an ambiguous end (LOADED sent, then the
 //! connection cut without COMMIT) until the operator decides: SIGUSR1 runs
 //! it, SIGTERM or `--hold-timeout-s` discards it (exit status 3).
@@ -26,7 +28,9 @@ use std::time::{Duration, Instant};
 use common::{announced_address, kvm_available};
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::SETUP_CHECK_PING;
-use livemig_core::wire::{Command as WireCommand, DeviceId, DeviceState, Record, StreamDecoder};
+use livemig_core::wire::{
+    Command as WireCommand, DeviceId, DeviceState, RECORD_HEADER_LEN, Record, StreamDecoder,
+};
 use serde_json::Value;
 
 /// The guest's memory on both ends: small, so a run stays short.
@@ -68,6 +72,12 @@ impl Recorded {
     fn replaced(&self, what: &str, record: &[u8]) -> Vec<u8> {
         let span = self.span(what);
         [&self.bytes[..span.start], record, &self.bytes[span.end..]].concat()
+    }
+
+    /// The stream with `record` inserted before the record named `what`.
+    fn inserted_before(&self, what: &str, record: &[u8]) -> Vec<u8> {
+        let at = self.span(what).start;
+        [&self.bytes[..at], record, &self.bytes[at..]].concat()
     }
 
     /// The version and state bytes of the Device record named `what`.
@@ -293,6 +303,19 @@ impl ReturnPath {
             self.pending.extend_from_slice(&buf[..n]);
         }
     }
+}
+
+/// Writes `stream`, then closes the connection for writing: the source is
+/// gone mid-stream.
+fn receive_cut(stream: &[u8]) -> Output {
+    receive_holding(
+        0,
+        |client| {
+            client.write_all(stream).expect("write the stream");
+            client.shutdown(Shutdown::Write).expect("cut the stream");
+        },
+        |_, _| {},
+    )
 }
 
 /// Reads the return path until LOADED; true if it came, false if the
@@ -692,5 +715,75 @@ fn a_runstate_that_is_not_0_or_1_is_refused_at_setup() {
         &out,
         "the destination failed loading device state: runstate: 2 bytes where one byte of 0 \
          or 1 belongs",
+    );
+}
+
+#[test]
+fn a_stream_cut_in_the_middle_of_its_ram_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = recorded();
+    let pages: Vec<&Span> = rec.spans.iter().filter(|s| s.what == "pages").collect();
+    assert!(pages.len() >= 2, "{:?}", rec.labels());
+    // Between two records, then in the middle of one.
+    let between = pages[pages.len() / 2].end;
+    let out = receive_cut(&rec.bytes[..between]);
+    assert_refused_without_starting(
+        &out,
+        "connection closed early: connection closed between records, before EndOfStream",
+    );
+    let cut = pages[pages.len() / 2 + 1];
+    let out = receive_cut(&rec.bytes[..cut.start + RECORD_HEADER_LEN + 100]);
+    let body = cut.end - cut.start - RECORD_HEADER_LEN;
+    assert_refused_without_starting(
+        &out,
+        &format!(
+            "connection closed early: connection closed in the body of a record of kind 0x0003 \
+             after 100 of {body} bytes"
+        ),
+    );
+}
+
+#[test]
+fn a_stream_cut_before_its_end_of_stream_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = recorded();
+    let out = receive_cut(&rec.bytes[..rec.span("end").start]);
+    assert_refused_without_starting(
+        &out,
+        "connection closed early: connection closed between records, before EndOfStream",
+    );
+}
+
+#[test]
+fn a_section_the_destination_did_not_register_is_refused_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let bogus = device_record("bogus", 0, 1, b"state");
+    let out = receive(&recorded().inserted_before("end", &bogus));
+    assert_refused_without_starting(
+        &out,
+        "the stream carries section 'bogus' instance 0, which this destination did not \
+         register: refused before the guest starts",
+    );
+}
+
+#[test]
+fn a_vcpu_section_beyond_the_destination_vcpus_is_refused_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = recorded();
+    let (version, data) = rec.device("device cpu 1");
+    let third = device_record("cpu", 2, version, data);
+    let out = receive(&rec.inserted_before("device kvm-vm 0", &third));
+    assert_refused_without_starting(
+        &out,
+        "the stream carries section 'cpu' instance 2, which this destination did not \
+         register: refused before the guest starts",
     );
 }
