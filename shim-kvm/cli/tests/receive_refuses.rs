@@ -2,13 +2,13 @@
 //! error naming what is wrong, and never starts the guest: a setup-time
 //! section it cannot load (answered with SHUT instead of the setup check's
 //! PONG, before any page), a stream without a section the destination
-//! requires, and a complete stream followed by bytes where it must end
-//! (after END_OF_STREAM, after COMMIT), a section it did not register (a
-//! device, a vCPU beyond its own), and a stream cut before its end
-//! (between records, inside one). And it
-//! holds a guest paused after an ambiguous end (LOADED sent, then the
-//! connection cut without COMMIT) until the operator decides: SIGUSR1 runs
-//! it, SIGTERM or `--hold-timeout-s` discards it (exit status 3).
+//! requires, a section it did not register (a device, a vCPU beyond its
+//! own), a stream cut before its end (between records, inside one), and a
+//! complete stream followed by bytes where it must end (after
+//! END_OF_STREAM, after COMMIT). And it holds a guest paused after an
+//! ambiguous end (LOADED sent, then the connection cut without COMMIT)
+//! until the operator decides: SIGUSR1 runs it, SIGTERM or
+//! `--hold-timeout-s` discards it (exit status 3).
 //!
 //! The streams are today's real stream: recorded once per test binary
 //! from a real `livemig send` into a fake destination that accepts the
