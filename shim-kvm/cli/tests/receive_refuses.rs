@@ -19,7 +19,7 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -148,7 +148,7 @@ fn record_destination(listener: TcpListener) -> Recorded {
             });
             start = bytes.len();
             if what == "end" {
-                assert!(input.is_empty(), "nothing before LOADED");
+                assert!(input.is_empty(), "bytes after END_OF_STREAM, before LOADED");
                 break 'stream;
             }
         }
@@ -238,13 +238,21 @@ fn receive_holding(
     }
 }
 
-/// Writes `stream` in one write; an ambiguous end discards at once.
+/// Writes `stream` in one write, to a receiver that refuses it: it may
+/// close before the whole stream is written.
+fn write_refused(client: &mut TcpStream, stream: &[u8]) {
+    if let Err(e) = client.write_all(stream) {
+        assert!(
+            matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+            "write the stream: {e}"
+        );
+    }
+}
+
+/// Writes `stream` (see [`write_refused`]); an ambiguous end discards at
+/// once.
 fn receive(stream: &[u8]) -> Output {
-    receive_holding(
-        0,
-        |client| client.write_all(stream).expect("write the stream"),
-        |_, _| {},
-    )
+    receive_holding(0, |client| write_refused(client, stream), |_, _| {})
 }
 
 /// A return-path message of the destination, as this test tells them
@@ -785,5 +793,38 @@ fn a_vcpu_section_beyond_the_destination_vcpus_is_refused_naming_it() {
         &out,
         "the stream carries section 'cpu' instance 2, which this destination did not \
          register: refused before the guest starts",
+    );
+}
+
+#[test]
+fn a_stream_without_the_livemig_header_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let mut stream = recorded().bytes.clone();
+    stream[0] ^= 0xff;
+    let out = receive(&stream);
+    assert_refused_without_starting(
+        &out,
+        "is not a livemig source: its stream does not start with the livemig header",
+    );
+}
+
+#[test]
+fn a_cut_device_state_is_refused_by_its_device() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = recorded();
+    let (version, data) = rec.device("device serial 0");
+    let cut = device_record("serial", 0, version, &data[..data.len() - 1]);
+    let out = receive(&rec.replaced("device serial 0", &cut));
+    assert_refused_without_starting(
+        &out,
+        &format!(
+            "the destination failed loading device state: loading device 'serial' instance 0 \
+             failed: serial state of {} bytes is truncated",
+            data.len() - 1
+        ),
     );
 }
