@@ -1,10 +1,11 @@
 //! `livemig receive` refuses a stream it cannot start a guest from, with an
-//! error naming what is wrong, and never starts the guest: a setup-time
-//! section it cannot load (answered with SHUT instead of the setup check's
-//! PONG, before any page), a stream without a section the destination
-//! requires, a section it did not register (a device, a vCPU beyond its
-//! own), a stream cut before its end (between records, inside one), and a
-//! complete stream followed by bytes where it must end (after
+//! error naming what is wrong, and never starts the guest: a stream
+//! without the livemig header, a setup-time section it cannot load
+//! (answered with SHUT instead of the setup check's PONG, before any page),
+//! a stream without a section the destination requires, a section it did
+//! not register (a device, a vCPU beyond its own), a device state its
+//! device refuses, a stream cut before its end (between records, inside
+//! one), and a complete stream followed by bytes where it must end (after
 //! END_OF_STREAM, after COMMIT). And it holds a guest paused after an
 //! ambiguous end (LOADED sent, then the connection cut without COMMIT)
 //! until the operator decides: SIGUSR1 runs it, SIGTERM or
