@@ -497,6 +497,7 @@ mod tests {
     use zerocopy::FromZeros;
 
     use super::*;
+    use crate::x86::wire;
     use crate::x86::wire::tests::rejects_prefixes_survives_flips;
 
     fn sample(fpu: FpuState) -> VcpuState {
@@ -546,13 +547,7 @@ mod tests {
 
     /// A blob of the given sections, in order.
     fn blob_of(sections: &[(u32, &[u8])]) -> Vec<u8> {
-        let mut w = Writer::new(MAGIC, VERSION);
-        for (tag, bytes) in sections {
-            w.section(*tag, bytes);
-        }
-        let mut out = Vec::new();
-        w.finish(&mut out);
-        out
+        wire::tests::blob_of(MAGIC, VERSION, sections)
     }
 
     #[test]

@@ -212,6 +212,7 @@ mod tests {
     use zerocopy::FromZeros;
 
     use super::*;
+    use crate::x86::wire;
     use crate::x86::wire::tests::rejects_prefixes_survives_flips;
 
     fn chip_of(chip_id: u32) -> kvm_irqchip {
@@ -246,14 +247,9 @@ mod tests {
         b
     }
 
+    /// A blob of the given sections, in order.
     fn blob_of(sections: &[(u32, &[u8])]) -> Vec<u8> {
-        let mut w = Writer::new(MAGIC, VERSION);
-        for (tag, bytes) in sections {
-            w.section(*tag, bytes);
-        }
-        let mut out = Vec::new();
-        w.finish(&mut out);
-        out
+        wire::tests::blob_of(MAGIC, VERSION, sections)
     }
 
     #[test]

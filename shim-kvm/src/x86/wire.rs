@@ -221,6 +221,19 @@ pub(super) mod tests {
         out
     }
 
+    /// A blob of `sections` (tag, bytes), in order, under `magic` and
+    /// `version`: how the decoder tests build blobs the encoders never
+    /// write.
+    pub(in crate::x86) fn blob_of(magic: u32, version: u16, sections: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut w = Writer::new(magic, version);
+        for (tag, bytes) in sections {
+            w.section(*tag, bytes);
+        }
+        let mut out = Vec::new();
+        w.finish(&mut out);
+        out
+    }
+
     /// Asserts that `decode` rejects every proper prefix of `blob` and
     /// every one-byte change of it without panicking (a change may still
     /// decode: a register value is any value).
