@@ -11,8 +11,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{json_of, kvm_available, livemig};
-use livemig_cli::guest::{self, GuestParams};
+use common::{json_of, kvm_available, livemig, small_ws_with_devices};
+use livemig_cli::guest;
 use livemig_cli::vmm::DemoVmm;
 use livemig_kvm::vmm::{DeviceSection, Vcpus};
 
@@ -41,16 +41,6 @@ fn lines(out: &mut Vec<u8>) -> Vec<u64> {
         .collect()
 }
 
-fn params(vcpus: u32) -> GuestParams {
-    GuestParams {
-        ws_start: 2 * MIB,
-        ws_pages: 1024,
-        vcpus,
-        devices: true,
-        ..GuestParams::default()
-    }
-}
-
 #[test]
 fn four_vcpus_stamp_tick_and_print_pause_stops_them_and_com1_moves() {
     if !kvm_available() {
@@ -58,7 +48,7 @@ fn four_vcpus_stamp_tick_and_print_pause_stops_them_and_com1_moves() {
     }
     const N: u32 = 4;
     let vmm = DemoVmm::new(64 * MIB, N).expect("demo VMM");
-    vmm.boot(&params(N)).expect("boot");
+    vmm.boot(&small_ws_with_devices(N)).expect("boot");
     assert_eq!(vmm.vcpus().count(), N as usize);
 
     let started = Instant::now();
@@ -173,7 +163,9 @@ fn four_vcpus_stamp_tick_and_print_pause_stops_them_and_com1_moves() {
     assert_eq!(other.serial().state(), vmm.serial().state());
     assert_eq!(other.serial().read(guest::PORT_SERIAL + 7), 0xa5);
 
-    other.boot(&params(1)).expect("boot one vCPU");
+    other
+        .boot(&small_ws_with_devices(1))
+        .expect("boot one vCPU");
     other.vcpus().resume_all().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     other.vcpus().pause_all().unwrap();
@@ -203,7 +195,7 @@ fn bad_shapes_are_refused_by_name() {
     let e = DemoVmm::new(3 * MIB, 1).unwrap_err();
     assert!(e.to_string().contains("guest RAM"), "{e}");
     let vmm = DemoVmm::new(16 * MIB, 2).unwrap();
-    let e = vmm.boot(&params(3)).unwrap_err();
+    let e = vmm.boot(&small_ws_with_devices(3)).unwrap_err();
     assert!(e.to_string().contains("name 3 vCPUs, the VMM has 2"), "{e}");
 }
 

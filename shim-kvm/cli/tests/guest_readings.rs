@@ -8,23 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::kvm_available;
-use livemig_cli::guest::GuestParams;
+use common::{kvm_available, small_ws_with_devices};
 use livemig_cli::vmm::DemoVmm;
 use livemig_cli::watch::{GuestAfter, GuestAtStop};
 use livemig_kvm::vmm::Vcpus;
 
 const MIB: u64 = 1 << 20;
-
-fn params(vcpus: u32) -> GuestParams {
-    GuestParams {
-        ws_start: 2 * MIB,
-        ws_pages: 1024,
-        vcpus,
-        devices: true,
-        ..GuestParams::default()
-    }
-}
 
 /// The readings `demo` judges a migration by, taken across a pause of one
 /// VMM (the stop without the move): every vCPU, the timer and the serial
@@ -36,7 +25,7 @@ fn the_guest_read_at_a_stop_and_after_it_shows_it_went_on() {
     }
     const N: u32 = 2;
     let vmm = DemoVmm::new(16 * MIB, N).expect("demo VMM");
-    vmm.boot(&params(N)).expect("boot");
+    vmm.boot(&small_ws_with_devices(N)).expect("boot");
     vmm.vcpus().resume_all().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     vmm.vcpus().pause_all().unwrap();

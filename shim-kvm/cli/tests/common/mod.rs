@@ -75,6 +75,16 @@ pub fn small_ws() -> GuestParams {
     }
 }
 
+/// [`small_ws`] on `vcpus` vCPUs with the timer and the serial line.
+#[allow(dead_code)]
+pub fn small_ws_with_devices(vcpus: u32) -> GuestParams {
+    GuestParams {
+        vcpus,
+        devices: true,
+        ..small_ws()
+    }
+}
+
 /// The `livemig` binary of this build.
 #[allow(dead_code)]
 pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
