@@ -53,6 +53,7 @@
 //! | [`wire`] | the main stream: a zerocopy "packet" level (fixed headers) and a validated "representation" level ([`Record`](wire::Record)), and a decoder for arbitrarily chunked input | engines; tools that read or write captures |
 //! | [`return_path`] | the destination-to-source messages, byte-compatible with QEMU's | engines; the source's return-path reader |
 //! | [`bitmap`], [`clear_map`] | dirty bitmaps over caller memory (KVM's layout) and the per-chunk "still needs a dirty-log clear" map | engines; a VMM that merges dirty logs itself |
+//! | [`digest`] | the self-check: page terms, per-block books over caller storage, the verdict | engines; a shim's page hashing |
 //! | [`time`] | the caller-supplied [`Instant`](time::Instant) | everyone |
 //!
 //! The stream and return-path formats are specified byte by byte in
@@ -101,6 +102,7 @@
 //! # fn main() -> Result<(), Error> {
 //! use livemig_core::config::MigrationConfig;
 //! use livemig_core::destination::{DestinationEngine, DestinationHost};
+//! use livemig_core::digest::{DigestBooks, DigestKey};
 //! use livemig_core::source::{
 //!     BlockTracking, EndReason, PageReader, SourceAction, SourceEngine, MIN_SCRATCH,
 //! };
@@ -117,6 +119,10 @@
 //!     fn is_zero_page(&self, _block: u16, page: u64) -> bool {
 //!         let at = page as usize * PAGE;
 //!         self.0[at..at + PAGE].iter().all(|&b| b == 0)
+//!     }
+//!     fn page_term(&self, block: u16, page: u64, key: &DigestKey) -> u64 {
+//!         let at = page as usize * PAGE;
+//!         key.page_term(block, page, &self.0[at..at + PAGE])
 //!     }
 //! }
 //!
@@ -158,10 +164,18 @@
 //! let mut tracking = [BlockTracking::new(&layout[0], shift, &mut dirty, &mut clear)?];
 //! let mut scratch = vec![0u8; MIN_SCRATCH];
 //! let mut source = SourceEngine::new(&config, &layout, &mut tracking, &mut scratch)?;
+//! // The migration verifies itself: 8 bytes of books a page on each end,
+//! // and a key the source picks at random per migration.
+//! let mut src_terms = vec![0u64; DigestBooks::words(&layout[0])];
+//! let mut src_books = [DigestBooks::new(&layout[0], &mut src_terms)?];
+//! source.verify_with(DigestKey::new(0x5eed), &mut src_books)?;
 //!
 //! // Destination: a reassembly buffer big enough for any record.
 //! let mut dst_scratch = vec![0u8; wire::RECORD_HEADER_LEN + wire::MAX_RECORD_BODY];
 //! let mut destination = DestinationEngine::new(&layout, &mut dst_scratch);
+//! let mut dst_terms = vec![0u64; DigestBooks::words(&layout[0])];
+//! let mut dst_books = [DigestBooks::new(&layout[0], &mut dst_terms)?];
+//! destination.verify_with(&mut dst_books)?;
 //! let mut host = Host { ram: vec![0; PAGES * PAGE], cpu: Vec::new() };
 //!
 //! let now = Instant::ZERO; // a real caller passes its monotonic clock
@@ -210,6 +224,8 @@
 //!     socket.clear();
 //! }
 //! assert!(destination.is_completed());
+//! // The destination compared the source's digest before completing.
+//! assert!(destination.stats().verification.is_verified());
 //! assert_eq!(host.ram, guest);
 //! assert_eq!(host.cpu, cpu_state);
 //! assert_eq!(source.stats().ram.normal, 1); // one page of data, 255 zero pages
@@ -225,6 +241,7 @@ pub mod capabilities;
 pub mod clear_map;
 pub mod config;
 pub mod destination;
+pub mod digest;
 pub mod params;
 pub mod return_path;
 pub mod source;

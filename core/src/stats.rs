@@ -6,6 +6,7 @@
 
 use core::fmt::Write as _;
 
+use crate::digest::Verification;
 use crate::status::MigrationStatus;
 
 /// Longest error description kept; longer ones end in "..." so the cut is
@@ -179,6 +180,8 @@ pub struct MigrationStats {
     /// Set when the migration failed at a point where this side cannot
     /// know whether the other runs the guest: the guest is paused here.
     pub ambiguous_end: Option<AmbiguousEnd>,
+    /// Where the migration's self-check stands (see [`crate::digest`]).
+    pub verification: Verification,
 }
 
 /// The `pct`-th percentile of the ascending `sorted` samples by the

@@ -48,12 +48,14 @@ pub use faults::{FaultBooks, FaultBooksError, MAX_WAITERS, MAX_WAITS};
 pub use host::{DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
 
+use crate::digest::{DigestBooks, DigestKey, Verification};
 use crate::return_path::{RP_MAX_MESSAGE, RpEncodeError, RpMessage, SignalName};
 use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{
-    BatchFlags, BlockInfo, BlockList, Command, DecodeError, PageBatch, PageKind, PageRange, Record,
+    BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PageBatch, PageKind,
+    PageRange, Record,
     StreamDecoder,
 };
 use host::by_host;
@@ -231,6 +233,27 @@ pub enum DestError {
     /// An interrupt was refused: LOADED has been sent, so the source may
     /// already have committed (see [`DestinationEngine::interrupt`]).
     InterruptAfterLoaded,
+    /// The source verifies the migration (it sent a digest key) and this
+    /// destination keeps no digest books ([`DestinationEngine::verify_with`]).
+    VerifyUnsupported,
+    /// A digest key arrived after pages, or twice, or a digest without a
+    /// key or twice.
+    DigestOutOfOrder(&'static str),
+    /// The source's digest has a different number of blocks.
+    DigestBlockCount {
+        /// Sums the source sent.
+        source: usize,
+        /// Blocks here.
+        destination: usize,
+    },
+    /// The memory placed here differs from the source's: block `block` is
+    /// the first whose digests differ. The guest must not start here.
+    DigestMismatch {
+        /// Index of the block.
+        block: u16,
+    },
+    /// The stream ended without the digest its key announced.
+    DigestMissing,
 }
 
 impl fmt::Display for DestError {
@@ -349,6 +372,26 @@ impl fmt::Display for DestError {
                 f,
                 "postcopy cannot be interrupted: the guest already runs on this destination"
             ),
+            DestError::VerifyUnsupported => write!(
+                f,
+                "the source verifies the migration and this destination keeps no digest books"
+            ),
+            DestError::DigestOutOfOrder(what) => write!(f, "digest out of order: {what}"),
+            DestError::DigestBlockCount {
+                source,
+                destination,
+            } => write!(
+                f,
+                "the source's digest has {source} block sums, this destination {destination} blocks"
+            ),
+            DestError::DigestMismatch { block } => write!(
+                f,
+                "verification failed: the memory received for RAM block {block} differs from \
+                 the source's; the guest does not start here"
+            ),
+            DestError::DigestMissing => {
+                write!(f, "the stream ended without the digest its key announced")
+            }
         }
     }
 }
@@ -396,6 +439,10 @@ struct Loader<'a> {
     /// LOADED has been queued: from now on the source may commit, so a
     /// failure leaves the guest paused ([`AmbiguousEnd::DestinationLoaded`]).
     loaded_announced: bool,
+    /// Per-block digest books, when this destination verifies.
+    books: Option<&'a mut [DigestBooks<'a>]>,
+    /// The source's digest key, once it has sent one.
+    key: Option<DigestKey>,
     stats: MigrationStats,
 }
 
@@ -445,6 +492,8 @@ impl<'a> DestinationEngine<'a> {
                 required_loaded: 0,
                 end_loaded: false,
                 loaded_announced: false,
+                books: None,
+                key: None,
                 stats,
             },
         }
@@ -471,6 +520,30 @@ impl<'a> DestinationEngine<'a> {
         let mut engine = Self::new(layout, scratch);
         engine.loader.postcopy = Some(tracking);
         Ok(engine)
+    }
+
+    /// Keeps digest books (one per block of the layout, built with
+    /// [`DigestBooks::new`]), so that a source that verifies can: every
+    /// page placed is booked, and the source's digest is compared before
+    /// the stream is reported loaded. Without books a verifying source is
+    /// refused ([`DestError::VerifyUnsupported`]); with them a source that
+    /// does not verify is taken as before, and
+    /// [`stats`](Self::stats)'s `verification` stays `Off`.
+    pub fn verify_with(&mut self, books: &'a mut [DigestBooks<'a>]) -> Result<(), DestError> {
+        let l = &mut self.loader;
+        if books.len() != l.layout.len()
+            || books
+                .iter()
+                .zip(l.layout)
+                .any(|(b, info)| b.pages() != info.length / u64::from(info.page_size))
+        {
+            return Err(DestError::DigestBlockCount {
+                source: books.len(),
+                destination: l.layout.len(),
+            });
+        }
+        l.books = Some(books);
+        Ok(())
     }
 
     /// The connection is up (none -> active): the idle timeout starts now,
@@ -904,8 +977,12 @@ impl Loader<'_> {
                     }
                 }
             }
+            Record::Digest(sums) => self.compare_digest(&sums)?,
             Record::EndOfStream => {
                 self.check_required()?;
+                if self.key.is_some() && !self.stats.verification.is_verified() {
+                    return Err(DestError::DigestMissing.into());
+                }
                 if self.return_path && self.status == MigrationStatus::Active {
                     self.end_loaded = true;
                     return Ok(Some(End::Loaded));
@@ -988,10 +1065,68 @@ impl Loader<'_> {
                 return Err(DestError::UnexpectedCommand("postcopy-resume").into());
             }
             Command::SwitchoverStart => {}
+            Command::DigestKey(seed) => {
+                if self.books.is_none() {
+                    return Err(DestError::VerifyUnsupported.into());
+                }
+                if self.key.is_some() || self.stats.ram.normal + self.stats.ram.duplicate > 0 {
+                    return Err(DestError::DigestOutOfOrder("a digest key after pages").into());
+                }
+                self.key = Some(DigestKey::new(seed));
+                self.stats.verification = Verification::Pending;
+            }
             // Taken by `apply`, which knows whether the stream has ended.
             Command::Commit => return Err(DestError::UnexpectedCommand("commit").into()),
         }
         Ok(())
+    }
+
+    /// Compares the source's digest with the books: the verdict before the
+    /// guest may start.
+    fn compare_digest(&mut self, sums: &BlockSums<'_>) -> Result<(), DestError> {
+        let (Some(books), Some(_)) = (self.books.as_deref(), self.key) else {
+            return Err(DestError::DigestOutOfOrder("a digest without a key"));
+        };
+        if self.stats.verification != Verification::Pending {
+            return Err(DestError::DigestOutOfOrder("a second digest"));
+        }
+        if sums.len() != books.len() {
+            return Err(DestError::DigestBlockCount {
+                source: sums.len(),
+                destination: books.len(),
+            });
+        }
+        if let Some(block) = books
+            .iter()
+            .zip(sums.iter())
+            .position(|(b, theirs)| b.sum() != theirs)
+        {
+            let block = block as u16;
+            self.stats.verification = Verification::Mismatch { block };
+            return Err(DestError::DigestMismatch { block });
+        }
+        self.stats.verification = Verification::Verified;
+        Ok(())
+    }
+
+    /// Books `count` zero pages of `block` from `first`.
+    fn book_zero(&mut self, block: u16, first: u64, count: u64) {
+        if let (Some(books), Some(_)) = (self.books.as_deref_mut(), self.key) {
+            if let Some(b) = books.get_mut(usize::from(block)) {
+                for page in first..first.saturating_add(count) {
+                    b.record(page, 0);
+                }
+            }
+        }
+    }
+
+    /// Books page `page` of `block`, placed with `data`.
+    fn book_page(&mut self, block: u16, page: u64, data: &[u8]) {
+        if let (Some(books), Some(key)) = (self.books.as_deref_mut(), self.key) {
+            if let Some(b) = books.get_mut(usize::from(block)) {
+                b.record(page, key.page_term(block, page, data));
+            }
+        }
     }
 
     /// The index of the block named `id`, for a postcopy command.
@@ -1138,6 +1273,7 @@ impl Loader<'_> {
                                 HostOp::PlaceZeroPages,
                                 host.place_zero_pages(block, first, count),
                             )?;
+                            self.book_zero(block, first, count);
                             self.arrived(now, block, first, count);
                             Some((entry.index, 1))
                         }
@@ -1152,6 +1288,7 @@ impl Loader<'_> {
                             HostOp::PlaceZeroPages,
                             host.place_zero_pages(block, first, count),
                         )?;
+                        self.book_zero(block, first, count);
                         self.arrived(now, block, first, count);
                     }
                     self.stats.ram.normal += 1;
@@ -1160,6 +1297,7 @@ impl Loader<'_> {
                         HostOp::PlacePages,
                         host.place_pages(block, entry.index, data),
                     )?;
+                    self.book_page(block, entry.index, data);
                     self.arrived(now, block, entry.index, 1);
                 }
                 (PageKind::Normal, None) => {}
@@ -1170,6 +1308,7 @@ impl Loader<'_> {
                 HostOp::PlaceZeroPages,
                 host.place_zero_pages(block, first, count),
             )?;
+            self.book_zero(block, first, count);
             self.arrived(now, block, first, count);
         }
         Ok(())

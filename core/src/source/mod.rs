@@ -74,6 +74,7 @@ mod postcopy;
 mod rate;
 mod scan;
 mod tracking;
+mod verify;
 
 use core::fmt;
 use core::time::Duration;
@@ -81,6 +82,7 @@ use core::time::Duration;
 use crate::capabilities::Capabilities;
 use crate::clear_map::Chunk;
 use crate::config::{ConfigError, MigrationConfig};
+use crate::digest::DigestKey;
 use crate::return_path::{RpMessage, SignalName};
 use crate::stats::MigrationStats;
 use crate::status::MigrationStatus;
@@ -97,6 +99,7 @@ use end::Handshake;
 use postcopy::Postcopy;
 use rate::RateMeter;
 use scan::Scan;
+use verify::Verify;
 
 /// Most pages the source puts in one batch: 1 MiB of 4 KiB pages, enough to
 /// amortise a `writev` and a record header, small enough to keep a rate
@@ -121,6 +124,14 @@ pub const MIN_SCRATCH: usize = 16 * 1024;
 pub trait PageReader {
     /// True when every byte of `page` in block `block` is zero.
     fn is_zero_page(&self, block: u16, page: u64) -> bool;
+
+    /// The digest term of `page` in block `block` as memory holds it now:
+    /// [`DigestKey::term_of_words`] (or [`DigestKey::page_term`]) over the
+    /// page's contents. Asked for each page the engine puts in a batch
+    /// when the migration verifies itself ([`SourceEngine::verify_with`]),
+    /// after the page's dirty-log clear; see [`crate::digest`] for why a
+    /// guest write racing the read is harmless.
+    fn page_term(&self, block: u16, page: u64, key: &DigestKey) -> u64;
 }
 
 /// What the engine asks its caller to do next.
@@ -356,6 +367,8 @@ pub struct SourceEngine<'a> {
     started_at: Instant,
     now: Instant,
     stopped_at: Option<Instant>,
+    /// The self-check's key and books, when the migration verifies itself.
+    verify: Option<Verify<'a>>,
     stats: MigrationStats,
 }
 
@@ -424,6 +437,7 @@ impl<'a> SourceEngine<'a> {
             started_at: Instant::ZERO,
             now: Instant::ZERO,
             stopped_at: None,
+            verify: None,
             stats,
         })
     }
@@ -650,10 +664,15 @@ impl<'a> SourceEngine<'a> {
             RpMessage::Shut { error: false }
                 if matches!(self.step, Step::AwaitShut | Step::AwaitLoaded) =>
             {
+                self.digest_confirmed();
                 self.end.confirmed = true;
                 self.step = Step::Finish(EndReason::Completed);
             }
-            RpMessage::Loaded if self.step == Step::AwaitLoaded => self.step = Step::Commit,
+            RpMessage::Loaded if self.step == Step::AwaitLoaded => {
+                // The destination compared the digest before it said so.
+                self.digest_confirmed();
+                self.step = Step::Commit;
+            }
             RpMessage::Loaded => {
                 self.fail(
                     EndReason::Protocol(Violation::LoadedBeforeEnd),
@@ -878,8 +897,19 @@ impl<'a> SourceEngine<'a> {
                 Some(SourceAction::SaveDevices)
             }
             Step::EndOfStream => {
-                let len = match Record::EndOfStream.encode(self.scratch) {
+                let digest = match self.encode_digest(ram) {
                     Ok(len) => len,
+                    Err(Some(e)) => return Some(self.encode_failed(e)),
+                    // The audit failed the migration.
+                    Err(None) => {
+                        let Step::Finish(reason) = self.step else {
+                            return None;
+                        };
+                        return Some(self.finish_step(reason));
+                    }
+                };
+                let len = match Record::EndOfStream.encode(&mut self.scratch[digest..]) {
+                    Ok(len) => digest + len,
                     Err(e) => return Some(self.encode_failed(e)),
                 };
                 self.count_sent(len as u64, 0);
@@ -986,6 +1016,10 @@ impl<'a> SourceEngine<'a> {
         }
         len += Record::RamBlocks(BlockList::from_slice(self.layout))
             .encode(&mut self.scratch[len..])?;
+        if let Some(v) = &self.verify {
+            len += Record::Command(Command::DigestKey(v.key.seed()))
+                .encode(&mut self.scratch[len..])?;
+        }
         Ok(len)
     }
 }
@@ -1001,6 +1035,7 @@ fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
         + Record::Command(Command::OpenReturnPath).encoded_len()
         + Record::Command(advise).encoded_len()
         + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
+        + Record::Command(Command::DigestKey(0)).encoded_len()
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! destination served ahead of the background pass, and the end of the
 //! stream once every page has gone.
 
-use super::{EndReason, PageReader, SourceAction, SourceEngine, Step, Violation};
+use super::{EndReason, PageReader, SourceAction, SourceEngine, Step, Violation, verify};
 use crate::capabilities::Capabilities;
 use crate::status::MigrationStatus;
 use crate::time::Instant;
@@ -343,6 +343,7 @@ impl<'a> SourceEngine<'a> {
                         .capabilities
                         .contains(Capabilities::ZERO_PAGE_DETECTION)
                         && ram.is_zero_page(req.block, page);
+                    verify::book(&mut self.verify, ram, req.block, page, zero);
                     self.scan.batch.push(page, zero);
                 }
             }

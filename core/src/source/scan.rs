@@ -2,7 +2,7 @@
 //! assembled, how many dirty bytes are still to send, and the scan itself
 //! (clears before reads, batches, the end of a pass).
 
-use super::{BATCH_PAGES, PageReader, SourceAction, SourceEngine, Step, SyncKind};
+use super::{BATCH_PAGES, PageReader, SourceAction, SourceEngine, Step, SyncKind, verify};
 use crate::capabilities::Capabilities;
 use crate::status::MigrationStatus;
 use crate::wire::{self, BatchFlags, PageEntry, PageKind};
@@ -168,6 +168,7 @@ impl SourceEngine<'_> {
                 .capabilities
                 .contains(Capabilities::ZERO_PAGE_DETECTION)
                 && ram.is_zero_page(self.scan.block as u16, page);
+            verify::book(&mut self.verify, ram, self.scan.block as u16, page, zero);
             self.scan.batch.block = self.scan.block;
             self.scan.batch.push(page, zero);
             self.scan.page = page + 1;

@@ -14,6 +14,9 @@ impl PageReader for AllZero {
     fn is_zero_page(&self, _block: u16, _page: u64) -> bool {
         true
     }
+    fn page_term(&self, _block: u16, _page: u64, _key: &crate::digest::DigestKey) -> u64 {
+        0
+    }
 }
 
 /// Runs `f` on a fresh engine over a 1024-page block with the default

@@ -166,3 +166,18 @@ fn device_and_package() {
     );
     check("end-of-stream", Record::EndOfStream);
 }
+
+#[test]
+fn digest_key_and_digest() {
+    check(
+        "digest-key",
+        Record::Command(Command::DigestKey(0x0123_4567_89ab_cdef)),
+    );
+    // The worked example: key 0x0123456789abcdef, block 0 of two 4 KiB
+    // pages, page 0 all 0x01 bytes and page 1 zero; block 1 never sent.
+    let key = crate::digest::DigestKey::new(0x0123_4567_89ab_cdef);
+    let term = key.page_term(0, 0, &[1u8; 4096]);
+    assert_eq!(term, 0x55bd_7888_a693_ba93, "the term the document states");
+    assert_eq!(key.page_term(0, 1, &[0u8; 4096]), 0);
+    check("digest", Record::Digest(BlockSums::from_slice(&[term, 0])));
+}

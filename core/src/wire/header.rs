@@ -46,6 +46,8 @@ pub mod kind {
     pub const PACKAGE: u16 = 0x0005;
     /// The end of the stream.
     pub const END_OF_STREAM: u16 = 0x0006;
+    /// The source's memory digest.
+    pub const DIGEST: u16 = 0x0007;
 }
 
 /// Writes the 8-byte stream header into `out`; returns the bytes written (8).
@@ -118,7 +120,7 @@ pub(crate) fn check_record_header(
         });
     }
     let kind = h.kind.get();
-    if !(kind::COMMAND..=kind::END_OF_STREAM).contains(&kind) {
+    if !(kind::COMMAND..=kind::DIGEST).contains(&kind) {
         return Err(DecodeError::UnknownRecord { kind });
     }
     // A be32 always fits a usize on the targets livemig supports (32 and 64 bit);

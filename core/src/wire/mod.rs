@@ -42,9 +42,9 @@ pub use pages::{
     PageBatch, PageEntry, PageKind, encode_page_batch_header,
 };
 pub use record::{
-    BlockInfo, BlockList, Command, DeviceState, DiscardRanges, MAX_BLOCK_PAGE_SIZE,
+    BlockInfo, BlockList, BlockSums, Command, DeviceState, DiscardRanges, MAX_BLOCK_PAGE_SIZE,
     MIN_BLOCK_PAGE_SIZE, Package, PageRange, Record, command_code, encode_device_header,
-    encode_package_header,
+    encode_digest, encode_package_header,
 };
 
 /// The stream's first four bytes. A peer sending anything else is not livemig.

@@ -41,6 +41,8 @@ pub mod command_code {
     pub const SWITCHOVER_START: u16 = 9;
     /// The source has committed to the destination: start the guest there.
     pub const COMMIT: u16 = 10;
+    /// The key of the migration's page digest (the source verifies).
+    pub const DIGEST_KEY: u16 = 11;
 }
 
 /// One record of the main stream.
@@ -59,6 +61,9 @@ pub enum Record<'a> {
     Device(DeviceState<'a>),
     /// Records delivered as one unit (the postcopy device state).
     Package(Package<'a>),
+    /// The source's memory digest, one sum per RAM block, after the last
+    /// page (see [`crate::digest`]).
+    Digest(BlockSums<'a>),
     /// The end of the stream; nothing may follow.
     EndOfStream,
 }
@@ -103,6 +108,11 @@ pub enum Command<'a> {
     /// the destination, which reported the stream loaded, may start it. The
     /// only record allowed after EndOfStream, and the last one.
     Commit,
+    /// The seed of the migration's [`DigestKey`](crate::digest::DigestKey):
+    /// the source books every page it sends and sends its digest before
+    /// the end of the stream, which the destination compares before the
+    /// guest may start. Sent in the preamble, after the block list.
+    DigestKey(u64),
 }
 
 /// A run of guest pages within a RAM block: `count` pages from page index
@@ -559,6 +569,126 @@ fn decode_packaged(bytes: &[u8]) -> Result<(Record<'_>, &[u8]), DecodeError> {
     Ok((Record::decode_body(kind, body)?, r.rest()))
 }
 
+/// The per-block sums of a Digest record: validated wire bytes or the
+/// sender's slice. On the wire: a be16 count, then count be64 sums, block
+/// `i`'s at position `i`.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSums<'a>(Sums<'a>);
+
+#[derive(Clone, Copy, Debug)]
+enum Sums<'a> {
+    Wire(&'a [U64]),
+    Slice(&'a [u64]),
+}
+
+impl PartialEq for BlockSums<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for BlockSums<'_> {}
+
+impl<'a> BlockSums<'a> {
+    /// Sums to encode, block `i`'s at index `i` (at most 65535).
+    pub fn from_slice(sums: &'a [u64]) -> Self {
+        Self(Sums::Slice(sums))
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        match self.0 {
+            Sums::Wire(s) => s.len(),
+            Sums::Slice(s) => s.len(),
+        }
+    }
+
+    /// True if there are no sums.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The sum of block `block`.
+    pub fn get(&self, block: usize) -> Option<u64> {
+        match self.0 {
+            Sums::Wire(s) => s.get(block).map(|v| v.get()),
+            Sums::Slice(s) => s.get(block).copied(),
+        }
+    }
+
+    /// The sums in block order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + 'a {
+        let sums = *self;
+        (0..self.len()).map_while(move |i| sums.get(i))
+    }
+
+    fn decode(body: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let count = usize::from(r.read::<U16>("digest block count")?.get());
+        let expected = 2 + 8 * count;
+        if body.len() != expected {
+            return Err(DecodeError::BadLength {
+                what: "digest body",
+                expected,
+                found: body.len(),
+            });
+        }
+        let sums = <[U64]>::ref_from_bytes(r.rest()).map_err(|_| DecodeError::BadLength {
+            what: "digest body",
+            expected,
+            found: body.len(),
+        })?;
+        Ok(Self(Sums::Wire(sums)))
+    }
+
+    fn body_len(&self) -> usize {
+        2usize.saturating_add(self.len().saturating_mul(8))
+    }
+
+    fn encode_body(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        put_digest_body(w, self.len(), self.iter())
+    }
+}
+
+/// Writes a whole Digest record of `count` sums taken from `sums` into
+/// `out`, for a sender whose sums are not in one slice (the source engine
+/// reads them from its per-block books); returns the bytes written.
+pub fn encode_digest(
+    out: &mut [u8],
+    count: usize,
+    sums: impl Iterator<Item = u64>,
+) -> Result<usize, EncodeError> {
+    if count > usize::from(u16::MAX) {
+        return Err(EncodeError::TooManyBlocks { count });
+    }
+    let body_len = 2 + 8 * count;
+    check_body_len(body_len)?;
+    let mut w = Writer::new(out, RECORD_HEADER_LEN + body_len)?;
+    put_record_header(&mut w, kind::DIGEST, body_len)?;
+    put_digest_body(&mut w, count, sums)?;
+    Ok(w.written())
+}
+
+fn put_digest_body(
+    w: &mut Writer<'_>,
+    count: usize,
+    sums: impl Iterator<Item = u64>,
+) -> Result<(), EncodeError> {
+    let n = u16::try_from(count).map_err(|_| EncodeError::TooManyBlocks { count })?;
+    w.put(&U16::new(n))?;
+    let mut written = 0;
+    for sum in sums.take(count) {
+        w.put(&U64::new(sum))?;
+        written += 1;
+    }
+    // A short iterator still leaves a well-formed record: zero sums, which
+    // the destination finds unequal.
+    for _ in written..count {
+        w.put(&U64::new(0))?;
+    }
+    Ok(())
+}
+
 impl<'a> Command<'a> {
     fn code(&self) -> u16 {
         use command_code::*;
@@ -573,12 +703,14 @@ impl<'a> Command<'a> {
             Self::PostcopyResume => POSTCOPY_RESUME,
             Self::SwitchoverStart => SWITCHOVER_START,
             Self::Commit => COMMIT,
+            Self::DigestKey(_) => DIGEST_KEY,
         }
     }
 
     fn body_len(&self) -> usize {
         2 + match self {
             Self::Ping(_) => 4,
+            Self::DigestKey(_) => 8,
             Self::PostcopyAdvise { .. } => size_of::<AdviseArgs>(),
             Self::PostcopyRamDiscard { block, ranges } => {
                 block.wire_len() + RANGE_LEN * ranges.len()
@@ -601,6 +733,7 @@ impl<'a> Command<'a> {
             OPEN_RETURN_PATH | POSTCOPY_LISTEN | POSTCOPY_RUN | POSTCOPY_RESUME
             | SWITCHOVER_START | COMMIT => Some(2),
             PING => Some(6),
+            DIGEST_KEY => Some(10),
             POSTCOPY_ADVISE => Some(2 + size_of::<AdviseArgs>()),
             POSTCOPY_RAM_DISCARD | RECV_BITMAP => None,
             code => return Err(DecodeError::UnknownCommand { code }),
@@ -649,6 +782,7 @@ impl<'a> Command<'a> {
             POSTCOPY_RESUME => Self::PostcopyResume,
             SWITCHOVER_START => Self::SwitchoverStart,
             COMMIT => Self::Commit,
+            DIGEST_KEY => Self::DigestKey(r.read::<U64>("digest key")?.get()),
             code => return Err(DecodeError::UnknownCommand { code }),
         };
         // RecvBitmap's length depends on its id; check that nothing follows it.
@@ -667,6 +801,7 @@ impl<'a> Command<'a> {
         w.put(&U16::new(self.code()))?;
         match *self {
             Self::Ping(value) => w.put(&U32::new(value)),
+            Self::DigestKey(seed) => w.put(&U64::new(seed)),
             Self::PostcopyAdvise {
                 host_page_size,
                 target_page_size,
@@ -723,6 +858,7 @@ impl<'a> Record<'a> {
             Self::Pages(_) => kind::PAGES,
             Self::Device(_) => kind::DEVICE,
             Self::Package(_) => kind::PACKAGE,
+            Self::Digest(_) => kind::DIGEST,
             Self::EndOfStream => kind::END_OF_STREAM,
         }
     }
@@ -735,6 +871,7 @@ impl<'a> Record<'a> {
             Self::Pages(p) => p.body_len(),
             Self::Device(d) => d.body_len(),
             Self::Package(p) => p.body.len(),
+            Self::Digest(d) => d.body_len(),
             Self::EndOfStream => 0,
         }
     }
@@ -763,6 +900,7 @@ impl<'a> Record<'a> {
                 w.bytes(d.data)?;
             }
             Self::Package(p) => w.bytes(p.body)?,
+            Self::Digest(d) => d.encode_body(&mut w)?,
             Self::EndOfStream => {}
         }
         Ok(w.written())
@@ -777,6 +915,7 @@ impl<'a> Record<'a> {
             kind::PAGES => Self::Pages(PageBatch::decode(body)?),
             kind::DEVICE => Self::Device(DeviceState::decode(body)?),
             kind::PACKAGE => Self::Package(Package::from_encoded(body)?),
+            kind::DIGEST => Self::Digest(BlockSums::decode(body)?),
             kind::END_OF_STREAM => Self::EndOfStream,
             kind => return Err(DecodeError::UnknownRecord { kind }),
         })

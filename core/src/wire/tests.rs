@@ -420,7 +420,7 @@ fn unsupported_version() {
 
 #[test]
 fn record_header_errors() {
-    for kind in [0u16, 7, 0xffff] {
+    for kind in [0u16, 8, 0xffff] {
         assert_eq!(body_error(kind, &[]), DecodeError::UnknownRecord { kind });
     }
     let flagged = [0, 1, 0, 1, 0, 0, 0, 2, 0, 1];
@@ -442,11 +442,44 @@ fn record_header_errors() {
 }
 
 #[test]
+fn digest_errors() {
+    let d = kind::DIGEST;
+    assert_eq!(
+        body_error(d, &[0]),
+        DecodeError::Truncated {
+            what: "digest block count"
+        }
+    );
+    assert_eq!(
+        body_error(d, &[0, 1, 0, 0, 0]),
+        DecodeError::BadLength {
+            what: "digest body",
+            expected: 10,
+            found: 5
+        }
+    );
+    let c = kind::COMMAND;
+    assert_eq!(
+        body_error(c, &[0, 11, 0]),
+        DecodeError::BadLength {
+            what: "command body",
+            expected: 10,
+            found: 3
+        }
+    );
+    let mut out = [0u8; 64];
+    assert_eq!(
+        encode_digest(&mut out, 70_000, core::iter::empty()),
+        Err(EncodeError::TooManyBlocks { count: 70_000 })
+    );
+}
+
+#[test]
 fn command_errors() {
     let c = kind::COMMAND;
     assert_eq!(
-        body_error(c, &[0, 11]),
-        DecodeError::UnknownCommand { code: 11 }
+        body_error(c, &[0, 12]),
+        DecodeError::UnknownCommand { code: 12 }
     );
     assert_eq!(
         body_error(c, &[0, 0]),

@@ -1,0 +1,370 @@
+//! The migration's self-check: an order-independent digest of guest memory,
+//! kept page by page as pages are sent and placed, compared at the end.
+//!
+//! # What is summed
+//!
+//! Each page contributes a *term*, a keyed hash of (block index, page
+//! index, contents) ([`DigestKey::page_term`]); a block's digest is the
+//! wrapping sum of its pages' terms. An all-zero page's term is 0, so a
+//! page never sent (a fresh destination's page reads as zero), a page sent
+//! as a zero entry and a page sent as zero bytes all count the same. A sum
+//! does not depend on the order pages go by, and a page sent again replaces
+//! its earlier term: [`DigestBooks`] keeps each page's current term (8 bytes
+//! a page, in storage the caller hands in, so this crate stays heap-free)
+//! and adjusts the sum by the difference.
+//!
+//! # Who hashes what
+//!
+//! The source hashes each page when the engine puts it in a batch (through
+//! [`PageReader::page_term`](crate::source::PageReader::page_term): the
+//! shim owns guest memory), after the dirty-log clear that covers it and
+//! before it is written to the socket. The guest may write the page between
+//! the hash and the write; then the bytes on the wire differ from the bytes
+//! hashed, but the write set the page's dirty bit after its clear, so the
+//! page is sent (and hashed) again later, at the latest in the final pass,
+//! which runs with the vCPUs stopped, where the hash and the write read the
+//! same bytes. The last term the source books for each page is therefore
+//! the term of the bytes the destination last received for it. Device
+//! (VMM) writes to guest memory are covered the same way by the device
+//! dirty log, and stop with the devices.
+//!
+//! The destination hashes the bytes of each page as the engine hands them
+//! to [`DestinationHost::place_pages`](crate::destination::DestinationHost::place_pages),
+//! at the index the stream gave. The source sends its per-block sums after
+//! the last page ([`Record::Digest`](crate::wire::Record::Digest)); the
+//! destination compares them before it reports the stream loaded, so a
+//! mismatch refuses to start the guest there, and the source, told by the
+//! return path, resumes its own.
+//!
+//! # What it detects, and what not
+//!
+//! The comparison proves that the destination holds, for every page, the
+//! last contents the source sent for it: it catches a byte flipped after
+//! the transport's checks, a page placed under the wrong index or block,
+//! and a page dropped (or a zero page not zeroed). It does not by itself
+//! catch a dirty-log sync that missed a page: the source then never sends
+//! the page's last contents, and both ends book the same stale term. That
+//! takes a reading of the source's memory at the stop, the *audit*
+//! ([`SourceEngine::audit_at_stop`](crate::source::SourceEngine::audit_at_stop)):
+//! with the vCPUs stopped the source hashes every page again and compares
+//! with its books, so a page that changed without a dirty bit is named
+//! (block and page) and the migration fails before the end of the stream,
+//! the guest running on at the source. The audit reads all of RAM inside
+//! the stop (about 70 ms a GiB on a 15 GB/s hash), so it is off unless
+//! asked for.
+//!
+//! The hash is not cryptographic: it catches accidents (any change
+//! confined to one of a page's eight word lanes, a single flipped bit
+//! among them, always; anything else with probability about 2^-64), not
+//! an adversary who can write the stream (that is TLS's job). The key,
+//! chosen per migration by the source, makes a page left over from another
+//! migration or another guest unlikely to match by chance.
+//!
+//! The sums name the first mismatching block, not the page: naming the
+//! page needs the source's per-page terms, which precopy does not send
+//! (not yet).
+
+use core::fmt;
+
+use crate::wire::BlockInfo;
+
+/// Word lanes of the page hash: eight independent multiply chains, which
+/// keep a core's multiplier busy.
+const LANES: usize = 8;
+
+/// An odd 64-bit constant (2^64 / φ): multiplying by it is a bijection.
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The per-migration key of the page hash. The source picks the seed
+/// (any 64 bits, random per migration) and sends it in the preamble
+/// ([`Command::DigestKey`](crate::wire::Command::DigestKey)), so both ends
+/// hash with the same key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DigestKey {
+    seed: u64,
+    lanes: [u64; LANES],
+}
+
+impl DigestKey {
+    /// The key for `seed`.
+    pub const fn new(seed: u64) -> Self {
+        let mut lanes = [0u64; LANES];
+        let mut i = 0;
+        while i < LANES {
+            lanes[i] = mix(seed.wrapping_add(K.wrapping_mul(i as u64 + 1)));
+            i += 1;
+        }
+        Self { seed, lanes }
+    }
+
+    /// The seed the key was made from, as it goes on the wire.
+    pub const fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The term of page `page` of block `block` holding `data` (a whole
+    /// page, its bytes read as little-endian 64-bit words; a trailing part
+    /// shorter than a word is ignored, and no page size livemig accepts
+    /// has one). 0 for an all-zero page, never 0 otherwise.
+    pub fn page_term(&self, block: u16, page: u64, data: &[u8]) -> u64 {
+        self.term_of_words(block, page, data.len() / 8, |i| {
+            let mut word = [0u8; 8];
+            if let Some(bytes) = data.get(8 * i..8 * i + 8) {
+                word.copy_from_slice(bytes);
+            }
+            u64::from_le_bytes(word)
+        })
+    }
+
+    /// The same term as [`page_term`](Self::page_term), with the page's
+    /// `words` 64-bit words read by `word(i)` (little-endian value of word
+    /// `i`), for a caller whose memory is not a Rust slice: a shim reads
+    /// guest memory a vCPU may write with volatile loads, never through a
+    /// reference.
+    #[inline]
+    pub fn term_of_words(
+        &self,
+        block: u16,
+        page: u64,
+        words: usize,
+        mut word: impl FnMut(usize) -> u64,
+    ) -> u64 {
+        let mut lanes = self.lanes;
+        let mut any = 0u64;
+        let mut i = 0;
+        while i + LANES <= words {
+            for (j, lane) in lanes.iter_mut().enumerate() {
+                let w = word(i + j);
+                any |= w;
+                // xor, multiply by an odd constant, rotate: each step is a
+                // bijection of the lane, so a change of one word changes
+                // its lane's result whatever the other words are.
+                *lane = (*lane ^ w).wrapping_mul(K).rotate_left(29);
+            }
+            i += LANES;
+        }
+        for (j, lane) in lanes.iter_mut().enumerate().take(words - i) {
+            let w = word(i + j);
+            any |= w;
+            *lane = (*lane ^ w).wrapping_mul(K).rotate_left(29);
+        }
+        if any == 0 {
+            return 0;
+        }
+        let mut h = mix(mix(self.seed ^ u64::from(block)) ^ page);
+        for lane in lanes {
+            h = mix(h ^ lane);
+        }
+        // 0 is the zero page's term.
+        h.max(1)
+    }
+}
+
+/// splitmix64's finaliser: a bijection that spreads every input bit over
+/// the output.
+const fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// One block's books: the current term of each of its pages, in storage
+/// the caller owns (one `u64` a page: [`DigestBooks::words`]), and their
+/// sum.
+#[derive(Debug)]
+pub struct DigestBooks<'a> {
+    terms: &'a mut [u64],
+    sum: u64,
+}
+
+/// Why a [`DigestBooks`] could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BooksSizeMismatch {
+    /// Words the block needs (its page count).
+    pub needed: usize,
+    /// Words given.
+    pub got: usize,
+}
+
+impl fmt::Display for BooksSizeMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "digest books of {} words for a block of {} pages",
+            self.got, self.needed
+        )
+    }
+}
+
+impl core::error::Error for BooksSizeMismatch {}
+
+impl<'a> DigestBooks<'a> {
+    /// Words of storage the books of `block` need: one per page.
+    pub fn words(block: &BlockInfo<'_>) -> usize {
+        usize::try_from(block.length / u64::from(block.page_size)).unwrap_or(usize::MAX)
+    }
+
+    /// Books for `block` over `terms` ([`words`](Self::words) long), which
+    /// are reset to every page's zero term.
+    pub fn new(block: &BlockInfo<'_>, terms: &'a mut [u64]) -> Result<Self, BooksSizeMismatch> {
+        let needed = Self::words(block);
+        if terms.len() != needed {
+            return Err(BooksSizeMismatch {
+                needed,
+                got: terms.len(),
+            });
+        }
+        terms.fill(0);
+        Ok(Self { terms, sum: 0 })
+    }
+
+    /// Pages the books cover.
+    pub fn pages(&self) -> u64 {
+        self.terms.len() as u64
+    }
+
+    /// Page `page` now holds contents whose term is `term`: it replaces
+    /// the page's earlier term in the sum. False (and nothing booked) for
+    /// a page outside the block.
+    pub fn record(&mut self, page: u64, term: u64) -> bool {
+        let Some(slot) = usize::try_from(page)
+            .ok()
+            .and_then(|p| self.terms.get_mut(p))
+        else {
+            return false;
+        };
+        self.sum = self.sum.wrapping_sub(*slot).wrapping_add(term);
+        *slot = term;
+        true
+    }
+
+    /// The term booked for `page`, if it is in the block.
+    pub fn term(&self, page: u64) -> Option<u64> {
+        usize::try_from(page)
+            .ok()
+            .and_then(|p| self.terms.get(p))
+            .copied()
+    }
+
+    /// The block's digest: the sum of its pages' terms.
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
+}
+
+/// Where a migration's self-check stands, on either end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Verification {
+    /// The migration is not verified (one end has no books).
+    #[default]
+    Off,
+    /// Pages are being booked; the comparison has not happened yet.
+    Pending,
+    /// The destination compared every block's digest and found them equal
+    /// (on the source: the destination said so, by reporting the stream
+    /// loaded or the migration completed after the digest).
+    Verified,
+    /// The destination's digest of block `block` differs from the
+    /// source's: the destination refused to start the guest.
+    Mismatch {
+        /// Index of the first block whose digests differ.
+        block: u16,
+    },
+    /// The source's audit at the stop found page `page` of block `block`
+    /// changed since it was last sent, without a dirty bit: the source
+    /// failed the migration and keeps its guest.
+    AuditFailed {
+        /// Index of the block.
+        block: u16,
+        /// Index of the page in the block.
+        page: u64,
+    },
+}
+
+impl Verification {
+    /// True when the destination found the digests equal.
+    pub fn is_verified(self) -> bool {
+        self == Self::Verified
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::BlockId;
+
+    const PAGE: usize = 4096;
+
+    fn page(fill: impl Fn(usize) -> u8) -> [u8; PAGE] {
+        core::array::from_fn(fill)
+    }
+
+    #[test]
+    fn zero_page_term_is_zero_and_others_are_not() {
+        let key = DigestKey::new(7);
+        assert_eq!(key.page_term(0, 3, &[0; PAGE]), 0);
+        let mut p = [0u8; PAGE];
+        p[PAGE - 1] = 1;
+        assert_ne!(key.page_term(0, 3, &p), 0);
+    }
+
+    #[test]
+    fn term_depends_on_key_block_page_and_every_byte() {
+        let key = DigestKey::new(1);
+        let p = page(|i| (i * 7 + 3) as u8);
+        let t = key.page_term(0, 5, &p);
+        assert_ne!(t, DigestKey::new(2).page_term(0, 5, &p));
+        assert_ne!(t, key.page_term(1, 5, &p));
+        assert_ne!(t, key.page_term(0, 6, &p));
+        for at in [0, 1, 7, 8, 63, 64, 2048, PAGE - 1] {
+            for bit in [0x01, 0x80] {
+                let mut q = p;
+                q[at] ^= bit;
+                assert_ne!(key.page_term(0, 5, &q), t, "byte {at} bit {bit:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn words_and_slice_agree() {
+        let key = DigestKey::new(99);
+        let p = page(|i| (i % 251) as u8);
+        let words: [u64; PAGE / 8] = core::array::from_fn(|i| {
+            u64::from_le_bytes(p[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]))
+        });
+        assert_eq!(
+            key.term_of_words(2, 9, words.len(), |i| words[i]),
+            key.page_term(2, 9, &p)
+        );
+    }
+
+    #[test]
+    fn books_replace_terms_in_any_order() {
+        let info = BlockInfo::new(BlockId::new("ram").unwrap(), 4 * PAGE as u64, PAGE as u32)
+            .unwrap();
+        let mut a = [9u64; 4];
+        let mut b = [0u64; 4];
+        let mut a = DigestBooks::new(&info, &mut a).unwrap();
+        let mut b = DigestBooks::new(&info, &mut b).unwrap();
+        assert_eq!(a.sum(), 0, "new books are the zero pages' sum");
+        // a: page 1 sent twice, then page 2; b: page 2, then page 1 once.
+        assert!(a.record(1, 100));
+        assert!(a.record(1, 5));
+        assert!(a.record(2, 7));
+        assert!(b.record(2, 7));
+        assert!(b.record(1, 5));
+        assert_eq!(a.sum(), b.sum());
+        assert_eq!(a.term(1), Some(5));
+        assert!(a.record(1, 0), "a page zeroed again");
+        assert_eq!(a.sum(), 7);
+        assert!(!a.record(4, 1), "outside the block");
+        assert_eq!(a.sum(), 7);
+        let mut short = [0u64; 3];
+        assert_eq!(
+            DigestBooks::new(&info, &mut short).unwrap_err(),
+            BooksSizeMismatch { needed: 4, got: 3 }
+        );
+    }
+}
