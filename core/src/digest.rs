@@ -120,7 +120,9 @@ impl DigestKey {
     /// `words` 64-bit words read by `word(i)` (little-endian value of word
     /// `i`), for a caller whose memory is not a Rust slice: a shim reads
     /// guest memory a vCPU may write with volatile loads, never through a
-    /// reference.
+    /// reference. `word` is called once for each `i` in `0..words`, and
+    /// never with `i >= words`: a caller may rely on it for the soundness
+    /// of its reads.
     #[inline]
     pub fn term_of_words(
         &self,

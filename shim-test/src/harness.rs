@@ -19,6 +19,7 @@ use livemig_core::config::MigrationConfig;
 use livemig_core::destination::{
     DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection,
 };
+use livemig_core::digest::{DigestBooks, DigestKey, Verification};
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
 use livemig_core::stats::MigrationStats;
@@ -26,8 +27,9 @@ use livemig_core::status::MigrationStatus;
 use livemig_core::time::Instant;
 use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
+use crate::inject::Injector;
 use crate::{
-    BlockSpec, FirstDifference, LinkConfig, LinkError, MemoryError, SimDirtyLog, SimRam,
+    BlockSpec, FirstDifference, InjectedFault, LinkConfig, LinkError, MemoryError, SimDirtyLog, SimRam,
     WorkingSet, Workload, duplex, fill,
 };
 
@@ -107,6 +109,15 @@ pub struct Scenario {
     /// The destination host's CPU model: a source record naming another
     /// one is refused, before any RAM moves.
     pub destination_cpu_model: u32,
+    /// Both ends keep digest books and the destination compares the
+    /// source's digest before its guest may start (see
+    /// `livemig_core::digest`). On by default.
+    pub verify: bool,
+    /// The source audits its memory against its books at the stop (needs
+    /// `verify`).
+    pub audit: bool,
+    /// A fault the self-check must catch.
+    pub fault: Option<InjectedFault>,
 }
 
 impl Scenario {
@@ -127,6 +138,9 @@ impl Scenario {
             stop_cost_ns: 0,
             source_cpu_model: 1,
             destination_cpu_model: 1,
+            verify: true,
+            audit: false,
+            fault: None,
         }
     }
 }
@@ -196,6 +210,8 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Why the source's migration ended, as its engine reported it.
     pub end_reason: Option<EndReason>,
+    /// The scenario's injected fault happened.
+    pub fault_injected: bool,
 }
 
 /// What happened in postcopy.
@@ -222,6 +238,9 @@ impl Outcome {
             && self.memory_identical
             && self.first_difference.is_none()
             && self.guest_continued
+            // A migration that verified itself found its digests equal.
+            && (self.source.verification == Verification::Off
+                || self.destination.verification.is_verified())
     }
 }
 
@@ -308,6 +327,14 @@ impl PageReader for Pages<'_> {
             .borrow_mut()
             .read(usize::from(block), page, self.guest_running);
         self.ram.is_zero(usize::from(block), page).unwrap_or(false)
+    }
+
+    fn page_term(&self, block: u16, page: u64, key: &DigestKey) -> u64 {
+        self.audit
+            .borrow_mut()
+            .read(usize::from(block), page, self.guest_running);
+        let data = self.ram.page(usize::from(block), page).unwrap_or(&[]);
+        key.page_term(block, page, data)
     }
 }
 
@@ -574,6 +601,24 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     };
     dst.require_sections(REQUIRED)
         .map_err(|e| setup_err("destination engine", e))?;
+    // The self-check's books, 8 bytes a page on each end.
+    let mut src_terms: Vec<Vec<u64>> = layout
+        .iter()
+        .map(|b| vec![0; DigestBooks::words(b)])
+        .collect();
+    let mut dst_terms = src_terms.clone();
+    let mut src_books = books(&layout, &mut src_terms)?;
+    let mut dst_books = books(&layout, &mut dst_terms)?;
+    if scenario.verify {
+        // Any seed: the simulation is deterministic.
+        src.verify_with(DigestKey::new(0x5eed_0000 ^ scenario.fill_pages), &mut src_books)
+            .map_err(|e| setup_err("source verification", e))?;
+        src.audit_at_stop(scenario.audit)
+            .map_err(|e| setup_err("source audit", e))?;
+        dst.verify_with(&mut dst_books)
+            .map_err(|e| setup_err("destination verification", e))?;
+    }
+    let mut injector = Injector::new(scenario.fault);
     // The guest once it runs on the destination (postcopy), and the state
     // it started from, to replay its writes onto the source image.
     let mut dest_guest: Option<Workload> = None;
@@ -684,12 +729,18 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                             .map_err(|e| setup_err("engine asked for a page outside RAM", e))?;
                         page_buf.extend_from_slice(data);
                     }
+                    injector.batch(&mut page_buf, pages.len());
                     fwd.send(now, &page_buf).map(Some)
                 }
                 SourceAction::SyncDirtyLog => {
                     for (b, words) in fetched.iter_mut().enumerate() {
                         log.get(b, words)
                             .map_err(|e| setup_err("dirty log get", e))?;
+                        if let Some(lost) = injector.sync(b, words) {
+                            let pages = scenario.blocks.get(b).map_or(0, |spec| spec.pages);
+                            log.clear(b, 0, pages, &lost)
+                                .map_err(|e| setup_err("injected dirty-log loss", e))?;
+                        }
                         if guest.running {
                             audit.borrow_mut().synced(b, words);
                         }
@@ -1064,5 +1115,18 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         postcopy: ran_on_destination.then_some(pc),
         memory_identical,
         timed_out,
+        fault_injected: injector.fired,
     })
+}
+
+/// One block's digest books over each of `terms`.
+fn books<'a>(
+    layout: &[BlockInfo<'_>],
+    terms: &'a mut [Vec<u64>],
+) -> Result<Vec<DigestBooks<'a>>, HarnessError> {
+    layout
+        .iter()
+        .zip(terms.iter_mut())
+        .map(|(b, t)| DigestBooks::new(b, t).map_err(|e| setup_err("digest books", e)))
+        .collect()
 }

@@ -65,12 +65,14 @@
 pub mod clock;
 pub mod dirty_log;
 pub mod harness;
+pub mod inject;
 pub mod link;
 pub mod memory;
 pub mod workload;
 
 pub use clock::SimClock;
 pub use dirty_log::{DirtyLogError, SimDirtyLog};
+pub use inject::InjectedFault;
 pub use harness::{CancelWhen, GuestSpec, Outcome, PostcopyOutcome, Scenario, run_migration};
 pub use link::{LinkConfig, LinkError, SimLink, duplex};
 pub use memory::{BlockSpec, FirstDifference, MAX_PAGE_SIZE, MIN_PAGE_SIZE, MemoryError, SimRam};

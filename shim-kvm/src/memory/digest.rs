@@ -6,6 +6,8 @@
 //! can hash its stopped memory in any order, and a destination can add up
 //! the terms of the pages it installed as it installed them.
 
+use livemig_core::digest::DigestKey;
+
 use super::PAGE_SIZE;
 
 /// What guest page `gfn` holding `page` adds to a
@@ -46,6 +48,24 @@ pub(super) unsafe fn page_is_zero(p: *const u8) -> bool {
     // SAFETY: per this function's contract `p` is a whole page inside a live
     // mapping; ZERO_PAGE is a page-sized static.
     unsafe { libc::memcmp(p.cast(), ZERO_PAGE.as_ptr().cast(), PAGE_SIZE) == 0 }
+}
+
+/// The self-check's term ([`DigestKey::term_of_words`]) of the page at
+/// `p`, page `page` of RAM block `block`, read with volatile word loads
+/// (sound while a vCPU writes the page: the term is then of some mix of
+/// old and new bytes, and the dirty log has the page sent and hashed
+/// again).
+///
+/// # Safety
+/// `p` must point to the start of a whole page inside a live mapping.
+pub(super) unsafe fn page_term(p: *const u8, key: &DigestKey, block: u16, page: u64) -> u64 {
+    let words = p.cast::<u64>();
+    key.term_of_words(block, page, PAGE_SIZE / 8, |i| {
+        // SAFETY: `term_of_words` asks only for `i < PAGE_SIZE / 8`, a word
+        // of the page, which is page-aligned (so the word is aligned) and
+        // inside a live mapping per this function's contract.
+        u64::from_le(unsafe { words.add(i).read_volatile() })
+    })
 }
 
 fn hash_words(words: &[u64; PAGE_SIZE / 8]) -> u64 {

@@ -6,7 +6,9 @@ use std::fmt;
 use std::ptr;
 use std::sync::Arc;
 
-use super::digest::{page_is_zero, term};
+use livemig_core::digest::DigestKey;
+
+use super::digest::{page_is_zero, page_term, term};
 use super::{GuestRegion, MemoryError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -233,6 +235,16 @@ impl GuestMemory {
         let p = self.region(region)?.page_ptr(region, page)?;
         // SAFETY: `page_ptr` returned the start of a whole page of the mapping.
         Ok(unsafe { page_is_zero(p) })
+    }
+
+    /// The self-check's term of page `page` of region `region` (RAM block
+    /// `region`), as [`DigestKey::page_term`] computes it over the page's
+    /// bytes: what a verifying source books when it sends the page.
+    pub fn page_term(&self, region: usize, page: u64, key: &DigestKey) -> Result<u64, MemoryError> {
+        let p = self.region(region)?.page_ptr(region, page)?;
+        let block = u16::try_from(region).map_err(|_| MemoryError::NoSuchRegion(region))?;
+        // SAFETY: `page_ptr` returned the start of a whole page of the mapping.
+        Ok(unsafe { page_term(p, key, block, page) })
     }
 
     /// A 64-bit digest of all guest memory: every byte is read, all-zero

@@ -7,6 +7,7 @@ use std::io;
 use livemig_core::bitmap::BitmapError;
 use livemig_core::config::ConfigError;
 use livemig_core::destination::DestError;
+use livemig_core::digest::BooksSizeMismatch;
 use livemig_core::return_path::InvalidPageSize;
 use livemig_core::source::{SourceError, TrackingError};
 use livemig_core::wire::EncodeError;
@@ -33,6 +34,8 @@ pub enum MigrateError {
     Destination(DestError),
     /// The destination's postcopy books could not be set up.
     PostcopyTracking(BitmapError),
+    /// The self-check's digest books could not be set up.
+    DigestBooks(BooksSizeMismatch),
     /// The return-path decoder refused the page size.
     ReturnPath(InvalidPageSize),
     /// The RAM layout could not be described.
@@ -77,6 +80,7 @@ impl fmt::Display for MigrateError {
             MigrateError::Tracking(e) => write!(f, "dirty-page tracking: {e}"),
             MigrateError::Destination(e) => write!(f, "migration engine: {e}"),
             MigrateError::PostcopyTracking(e) => write!(f, "postcopy tracking: {e}"),
+            MigrateError::DigestBooks(e) => write!(f, "verification: {e}"),
             MigrateError::ReturnPath(e) => write!(f, "return path: {e}"),
             MigrateError::Layout(e) => write!(f, "RAM layout: {e}"),
             MigrateError::Vcpu(e) => e.fmt(f),
@@ -111,6 +115,7 @@ impl std::error::Error for MigrateError {
             MigrateError::Tracking(e) => Some(e),
             MigrateError::Destination(e) => Some(e),
             MigrateError::PostcopyTracking(e) => Some(e),
+            MigrateError::DigestBooks(e) => Some(e),
             MigrateError::ReturnPath(e) => Some(e),
             MigrateError::Layout(e) => Some(e),
             MigrateError::Vcpu(e) => Some(e),

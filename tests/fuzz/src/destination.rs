@@ -7,6 +7,7 @@ use livemig_core::destination::{
     DestinationEngine, DestinationHost, HandleError, HostOp, PostcopyHost, PostcopyTracking,
     RequiredSection,
 };
+use livemig_core::digest::{DigestBooks, DigestKey};
 use livemig_core::status::MigrationStatus;
 use livemig_core::time::Instant;
 use livemig_core::wire::{
@@ -122,6 +123,11 @@ pub fn destination_accepts(data: &[u8]) -> bool {
     let mut engine = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking)
         .expect("matching tracking");
     engine.require_sections(REQUIRED).expect("one section");
+    // It keeps digest books: the digest key, the Digest record and the
+    // comparison are under fuzzing too.
+    let mut terms = [0u64; PAGES as usize];
+    let mut books = [DigestBooks::new(&l[0], &mut terms).expect("storage fits")];
+    engine.verify_with(&mut books).expect("matching books");
     let chunk = usize::from(seed % 61) + 1;
     let mut out = [0u8; 512];
     for (i, piece) in rest.chunks(chunk).enumerate() {
@@ -232,6 +238,34 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
     ] {
         precopy.extend_from_slice(&p);
     }
+    // A verified precopy: the key, one page, the digest of that page.
+    let key = DigestKey::new(0x5eed);
+    let term = key.page_term(0, 1, &[0x5a; PAGE]);
+    let mut verified = vec![5u8, 0, 0, 0, 0, 0, 0, 0, 0];
+    wire::encode_stream_header(&mut verified[1..]).expect("8 bytes");
+    let mut batch = vec![0u8; 64];
+    let n = wire::encode_page_batch_header(&mut batch, 0, 12, BatchFlags::empty(), &entries)
+        .expect("small batch");
+    batch.truncate(n);
+    batch.extend_from_slice(&[0x5a; PAGE]);
+    let cpu_state = record(Record::Device(DeviceState {
+        id: BlockId::new("cpu0").expect("valid id"),
+        instance: 0,
+        version: 1,
+        data: &[1, 2, 3, 4],
+    }));
+    for p in [
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::RamBlocks(BlockList::from_slice(&l))),
+        record(Record::Command(Command::DigestKey(key.seed()))),
+        batch,
+        cpu_state,
+        record(Record::Digest(wire::BlockSums::from_slice(&[term]))),
+        record(Record::EndOfStream),
+        record(Record::Command(Command::Commit)),
+    ] {
+        verified.extend_from_slice(&p);
+    }
     // A setup-time section the host refuses, before any page.
     let mut refused = vec![5u8, 0, 0, 0, 0, 0, 0, 0, 0];
     wire::encode_stream_header(&mut refused[1..]).expect("8 bytes");
@@ -249,7 +283,7 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
     ] {
         refused.extend_from_slice(&p);
     }
-    vec![stream, short, precopy, refused]
+    vec![stream, short, precopy, verified, refused]
 }
 
 #[cfg(test)]
@@ -263,6 +297,12 @@ mod tests {
         for input in valid {
             assert!(destination_accepts(input));
         }
+        // The verified stream with its page flipped: the digest differs.
+        let verified = &valid[valid.len() - 1];
+        let mut flipped = verified.clone();
+        let at = flipped.len() - 200;
+        flipped[at] ^= 1;
+        assert!(!destination_accepts(&flipped), "a flipped byte must fail");
         // Refused by the host, with its own error, before any page.
         assert!(!destination_accepts(refused));
         assert!(!destination_accepts(&[3, 1, 2, 3, 4, 5, 6, 7, 8, 9]));

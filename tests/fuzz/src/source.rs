@@ -7,6 +7,7 @@
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
+use livemig_core::digest::{DigestBooks, DigestKey};
 use livemig_core::return_path::RpMessage;
 use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
 use livemig_core::time::Instant;
@@ -22,6 +23,12 @@ impl PageReader for Pages<'_> {
         assert_eq!(block, 0);
         assert!(page < PAGES, "zero check of page {page} outside RAM");
         self.0.get(page as usize).is_some_and(|b| b & 1 == 0)
+    }
+    fn page_term(&self, block: u16, page: u64, key: &DigestKey) -> u64 {
+        assert_eq!(block, 0);
+        assert!(page < PAGES, "digest of page {page} outside RAM");
+        let byte = self.0.get(page as usize).copied().unwrap_or(0);
+        key.page_term(block, page, &[byte; PAGE as usize])
     }
 }
 
@@ -47,6 +54,16 @@ pub fn source_accepts(data: &[u8]) -> bool {
     let mut scratch = vec![0u8; 64 * 1024];
     let mut engine =
         SourceEngine::new(&config, &layout, &mut tracking, &mut scratch).expect("valid set-up");
+    // Verifying, and auditing at the stop on odd first bytes: the books
+    // and the audit are under fuzzing too.
+    let mut terms = vec![0u64; DigestBooks::words(&layout[0])];
+    let mut books = [DigestBooks::new(&layout[0], &mut terms).expect("storage sized")];
+    engine
+        .verify_with(DigestKey::new(0x5eed), &mut books)
+        .expect("matching books");
+    engine
+        .audit_at_stop(data.first().is_some_and(|b| b & 1 == 1))
+        .expect("before the start");
     let ram = Pages(data);
     let mut script = data.iter().copied();
     let mut now = 0u64;

@@ -1,7 +1,7 @@
 //! The main-stream decoder under fuzzing.
 
 use livemig_core::wire::{
-    BatchFlags, BlockId, Command, DecodeError, Decoded, DeviceState, Package, PageBatch, PageEntry,
+    BatchFlags, BlockId, BlockSums, Command, DecodeError, Decoded, DeviceState, Package, PageBatch, PageEntry,
     PageKind, Record, STREAM_HEADER_LEN, StreamDecoder, encode_stream_header,
 };
 
@@ -128,6 +128,10 @@ fn check_record(record: &Record<'_>) {
                 check_record(&inner);
             }
         }
+        Record::Digest(sums) => {
+            assert_eq!(sums.iter().count(), sums.len());
+            assert!(sums.len() <= usize::from(u16::MAX));
+        }
         Record::Command(_) | Record::Device(_) | Record::EndOfStream => {}
     }
 
@@ -186,10 +190,12 @@ fn valid_stream(seed: u8) -> Vec<u8> {
     let mut s = vec![seed, 0, 0, 0, 0, 0, 0, 0, 0];
     encode_stream_header(&mut s[1..]).unwrap();
     s.extend(record_bytes(Record::Command(Command::Ping(7))));
+    s.extend(record_bytes(Record::Command(Command::DigestKey(0x5eed))));
     s.extend(record_bytes(Record::Pages(batch)));
     s.extend(record_bytes(Record::Package(
         Package::from_encoded(&device).unwrap(),
     )));
+    s.extend(record_bytes(Record::Digest(BlockSums::from_slice(&[1, 0, u64::MAX]))));
     s.extend(record_bytes(Record::EndOfStream));
     s.extend(record_bytes(Record::Command(Command::Commit)));
     s
@@ -204,7 +210,7 @@ mod tests {
         for seed in 0..=255 {
             assert_eq!(
                 drive_stream(&valid_stream(seed)),
-                Some(Ok(5)),
+                Some(Ok(7)),
                 "seed {seed}"
             );
         }

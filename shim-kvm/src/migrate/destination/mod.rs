@@ -65,6 +65,7 @@ use std::time::Duration;
 
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::bitmap::{DirtyBitmap, words_for};
+use livemig_core::digest::DigestBooks;
 use livemig_core::destination::{
     DEFAULT_IDLE_TIMEOUT_MS, DestError, DestinationEngine, DestinationHost, HandleError,
     PostcopyHost as EnginePostcopyHost, PostcopyTracking,
@@ -693,6 +694,22 @@ fn run(
     engine.set_idle_timeout(options.idle_timeout);
     engine
         .require_sections(required)
+        .map_err(MigrateError::Destination)?;
+    // The self-check's books, 8 bytes a page: a source that verifies has
+    // every page booked as it is placed, and its digest compared before
+    // the guest may start here.
+    let mut terms: Vec<Vec<u64>> = layout
+        .iter()
+        .map(|b| vec![0u64; DigestBooks::words(b)])
+        .collect();
+    let mut books = layout
+        .iter()
+        .zip(terms.iter_mut())
+        .map(|(b, t)| DigestBooks::new(b, t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MigrateError::DigestBooks)?;
+    engine
+        .verify_with(&mut books)
         .map_err(MigrateError::Destination)?;
     engine.begin(clock::now());
     let (pool_tx, pool) = mpsc::channel();

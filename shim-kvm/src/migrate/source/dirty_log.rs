@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 use livemig_core::clear_map::Chunk;
+use livemig_core::digest::DigestKey;
 use livemig_core::source::PageReader;
 
 use super::failure::SourceFailure;
@@ -25,6 +26,14 @@ impl PageReader for KvmPages<'_> {
         self.ram
             .is_zero_page(usize::from(block), page)
             .unwrap_or(false)
+    }
+
+    fn page_term(&self, block: u16, page: u64, key: &DigestKey) -> u64 {
+        // The engine asks only for pages of its blocks; a refusal books
+        // 0, which the destination's digest then shows as a mismatch.
+        self.ram
+            .page_term(usize::from(block), page, key)
+            .unwrap_or(0)
     }
 }
 

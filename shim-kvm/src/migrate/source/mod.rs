@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use livemig_core::config::MigrationConfig;
+use livemig_core::digest::{DigestBooks, DigestKey};
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, SourceEngine};
 use livemig_core::stats::MigrationStats;
@@ -104,6 +105,17 @@ pub struct SourceOptions {
     /// legacy mode when KVM lacks it), `Legacy` forces the get-and-clear
     /// fallback so it can be exercised on any host.
     pub dirty_log: DirtyLogMode,
+    /// Whether the migration verifies itself (on by default): every page
+    /// sent is hashed and booked, the digest goes after the last page, and
+    /// the destination compares it before its guest may start (see
+    /// `livemig_core::digest`). Off saves the hashing (one read of each
+    /// page sent) and claims nothing.
+    pub verify: bool,
+    /// With `verify`: the source also reads all of its memory again at the
+    /// stop and compares it with its books, catching a dirty log that
+    /// missed a write. It lengthens the stop by a hash of all RAM (tens of
+    /// ms a GiB), so it is off by default.
+    pub audit: bool,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -122,6 +134,8 @@ impl Default for SourceOptions {
             on_switchover: None,
             stop_cost: DEFAULT_STOP_COST,
             dirty_log: DirtyLogMode::ManualProtect,
+            verify: true,
+            audit: false,
         }
     }
 }
@@ -262,6 +276,16 @@ fn probe_vcpus(vm: &SourceVm) -> Result<(VcpuCaps, CpuModel), MigrateError> {
     probed.map_err(MigrateError::Vcpu)
 }
 
+/// A seed for the migration's digest key, from the OS's randomness (as
+/// std's hash maps seed theirs), so that a page left over from another
+/// migration does not match by chance.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
 /// The migration thread's body: the engine over this thread's own storage,
 /// driven to its end.
 fn run(
@@ -293,6 +317,26 @@ fn run(
     let mut scratch = vec![0u8; 64 * 1024];
     let mut engine = SourceEngine::new(config, &layout, &mut tracking, &mut scratch)
         .map_err(MigrateError::Source)?;
+    // The self-check's books, 8 bytes a page (none when it is off).
+    let mut terms: Vec<Vec<u64>> = layout
+        .iter()
+        .filter(|_| options.verify)
+        .map(|b| vec![0u64; DigestBooks::words(b)])
+        .collect();
+    let mut books = layout
+        .iter()
+        .zip(terms.iter_mut())
+        .map(|(b, t)| DigestBooks::new(b, t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MigrateError::DigestBooks)?;
+    if options.verify {
+        engine
+            .verify_with(DigestKey::new(random_seed()), &mut books)
+            .map_err(MigrateError::Source)?;
+        engine
+            .audit_at_stop(options.audit)
+            .map_err(MigrateError::Source)?;
+    }
     let rp = RpDecoder::new(PAGE_SIZE as u32).map_err(MigrateError::ReturnPath)?;
     let mut guest = guest;
     let log = DirtyLog::start(

@@ -1,0 +1,164 @@
+//! Faults the migration's self-check must catch, injected where no other
+//! check looks: into page batches after the transport's checks (as a bug
+//! in a sender, a channel or a receiver would corrupt them), and into the
+//! source's dirty log. Each one leaves a stream every decoder accepts; only
+//! the digest (or, for the dirty log, the source's audit at the stop) can
+//! tell.
+
+use livemig_core::wire::{
+    self, BatchFlags, PageEntry, PageKind, Record, STREAM_HEADER_LEN, StreamDecoder,
+};
+
+/// One fault, injected once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// In the first batch with two normal pages of different contents
+    /// after `after` normal pages have gone, those two pages' data trade
+    /// places: each is placed at the other's offset.
+    MisplacedPage {
+        /// Normal pages sent untouched first.
+        after: u64,
+    },
+    /// The first normal page after `after` is cut out of its batch (entry
+    /// and data): the destination keeps what it had there.
+    DroppedPage {
+        /// Normal pages sent untouched first.
+        after: u64,
+    },
+    /// One byte of the first normal page after `after` is flipped.
+    FlippedByte {
+        /// Normal pages sent untouched first.
+        after: u64,
+    },
+    /// Every dirty-log sync after the first (which picks up the
+    /// initially-set log) comes back clean and loses its bits for good, as
+    /// a dirty log that stopped tracking would: the guest's writes after
+    /// the first pass are never sent.
+    MissedDirtyPages,
+}
+
+/// The injector's state: the fault, normal pages seen, whether it fired.
+#[derive(Debug)]
+pub(crate) struct Injector {
+    fault: Option<InjectedFault>,
+    normal_seen: u64,
+    /// Dirty-log syncs seen.
+    syncs: u64,
+    pub fired: bool,
+}
+
+impl Injector {
+    pub fn new(fault: Option<InjectedFault>) -> Self {
+        Injector {
+            fault,
+            normal_seen: 0,
+            syncs: 0,
+            fired: false,
+        }
+    }
+
+    /// Applies a batch fault to `record` (one whole Pages record, header
+    /// and data) when its turn has come.
+    pub fn batch(&mut self, record: &mut Vec<u8>, normal_pages: usize) {
+        let seen = self.normal_seen;
+        self.normal_seen += normal_pages as u64;
+        let after = match self.fault {
+            Some(
+                InjectedFault::MisplacedPage { after }
+                | InjectedFault::DroppedPage { after }
+                | InjectedFault::FlippedByte { after },
+            ) => after,
+            _ => return,
+        };
+        if self.fired || seen + normal_pages as u64 <= after {
+            return;
+        }
+        // The first normal page of this batch that is due.
+        let skip = after.saturating_sub(seen) as usize;
+        if let Some(changed) = rewrite(record, skip, self.fault) {
+            *record = changed;
+            self.fired = true;
+        }
+    }
+
+    /// Applies the dirty-log fault to the log of block `block` just
+    /// fetched: returns the bits it lost (to clear them from the log), or
+    /// `None` when this sync is left alone.
+    pub fn sync(&mut self, block: usize, words: &mut [u64]) -> Option<Vec<u64>> {
+        if self.fault != Some(InjectedFault::MissedDirtyPages) {
+            return None;
+        }
+        if block == 0 {
+            self.syncs += 1;
+        }
+        if self.syncs <= 1 || words.iter().all(|&w| w == 0) {
+            return None;
+        }
+        self.fired = true;
+        let lost = words.to_vec();
+        words.fill(0);
+        Some(lost)
+    }
+}
+
+/// `record` with the fault applied from its `skip`-th normal page on, or
+/// `None` when the batch does not lend itself (too few pages).
+fn rewrite(record: &[u8], skip: usize, fault: Option<InjectedFault>) -> Option<Vec<u8>> {
+    let mut stream = vec![0u8; STREAM_HEADER_LEN];
+    wire::encode_stream_header(&mut stream).ok()?;
+    stream.extend_from_slice(record);
+    let mut scratch = vec![0u8; record.len()];
+    let mut decoder = StreamDecoder::new(&mut scratch);
+    let decoded = decoder.decode(&stream).ok()?;
+    let Some(Record::Pages(batch)) = decoded.record else {
+        return None;
+    };
+    let mut pages: Vec<(PageEntry, Option<Vec<u8>>)> = batch
+        .pages()
+        .map(|(e, d)| (e, d.map(<[u8]>::to_vec)))
+        .collect();
+    let normal: Vec<usize> = (0..pages.len())
+        .filter(|&i| pages[i].0.kind == PageKind::Normal)
+        .skip(skip)
+        .collect();
+    match fault? {
+        InjectedFault::MisplacedPage { .. } => {
+            let first = *normal.first()?;
+            let other = normal
+                .iter()
+                .copied()
+                .find(|&i| pages[i].1 != pages[first].1)?;
+            let data = pages[first].1.take();
+            pages[first].1 = pages[other].1.take();
+            pages[other].1 = data;
+        }
+        InjectedFault::DroppedPage { .. } => {
+            pages.remove(*normal.first()?);
+            if pages.is_empty() {
+                return None;
+            }
+        }
+        InjectedFault::FlippedByte { .. } => {
+            let data = pages[*normal.first()?].1.as_mut()?;
+            let mid = data.len() / 2;
+            data[mid] ^= 0x10;
+        }
+        InjectedFault::MissedDirtyPages => return None,
+    }
+    let entries: Vec<PageEntry> = pages.iter().map(|(e, _)| *e).collect();
+    let flags: BatchFlags = batch.flags();
+    let mut out = vec![0u8; record.len()];
+    let n = wire::encode_page_batch_header(
+        &mut out,
+        batch.block(),
+        batch.page_shift(),
+        flags,
+        &entries,
+    )
+    .ok()?;
+    out.truncate(n);
+    for data in pages.iter().filter_map(|(_, d)| d.as_deref()) {
+        out.extend_from_slice(data);
+    }
+    Some(out)
+}
