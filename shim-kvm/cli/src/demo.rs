@@ -51,6 +51,7 @@ use std::time::Duration;
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
+use livemig_core::digest::Verification;
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
@@ -480,7 +481,8 @@ fn send_summary(out: &SendOutcome) -> Summary {
         source_downtime_ms,
         vcpu_stopped_ns: r.vcpu_stopped_ns,
         vcpu_started_ns: None,
-        verified: false,
+        // The destination compared the digest and told so.
+        verified: completed && r.stats.verification.is_verified(),
         dirty_log_clears: r.dirty_log_clears,
         dirty_log_mode: mode_name(r.dirty_log_mode).to_string(),
         backend: "kvm".into(),
@@ -665,7 +667,10 @@ fn receive_summary(
     Summary {
         stats: report.stats.clone(),
         vcpu_started_ns: started_ns,
-        verified: false,
+        // This side compared the source's digest before it started the guest.
+        verified: report.error.is_none()
+            && report.stats.status == MigrationStatus::Completed
+            && report.stats.verification.is_verified(),
         dirty_log_mode: "none".into(),
         backend: "kvm".into(),
         digest: report.digest,
@@ -708,6 +713,7 @@ pub fn run_receive(
     run_for: Duration,
     idle_timeout: Duration,
     blocktime: bool,
+    digest: bool,
     announce: &mut dyn Write,
     progress: &mut Progress,
     hold: HoldFn<'_>,
@@ -723,11 +729,12 @@ pub fn run_receive(
     // Only now: until a migration arrives, Ctrl-C simply ends the process.
     let interrupt = Cancel::new();
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
-    // The digest of the loaded memory is what the operator compares with
-    // the source's.
+    // The migration verifies itself; `digest` adds a second opinion the
+    // operator (or `demo`) compares with the source's, computed inside
+    // the stop.
     let options = ReceiveOptions {
         idle_timeout,
-        digest: true,
+        digest,
     };
     // From before the first page: after a postcopy it says which pages
     // the guest wrote here.
@@ -896,6 +903,9 @@ pub fn run_demo_with(
         // `demo` owns both sides and holds neither: after an ambiguous end
         // the child reports and exits at once, as the source does here.
         .args(["--hold-timeout-s", "0"])
+        // The demo's own check, independent of the in-protocol one: the
+        // destination's digest of what it loaded, compared here.
+        .arg("--digest")
         .args(
             config
                 .capabilities
@@ -1024,10 +1034,14 @@ pub fn run_demo_with(
     } else {
         out.digest.is_some() && out.digest == dest_digest
     };
+    // The in-protocol verdict, unless verification was turned off.
+    let self_check = matches!(out.report.stats.verification, Verification::Off)
+        || out.report.stats.verification.is_verified();
     summary.verified = out.report.stats.status == MigrationStatus::Completed
         && dest.get("status").and_then(Value::as_str) == Some("completed")
         && memory_equal
-        && continued;
+        && continued
+        && self_check;
     summary.extra.insert("destination".into(), dest.clone());
     if out.report.stats.status == MigrationStatus::Completed {
         // On the destination; after a failure the source's own fields

@@ -8,6 +8,7 @@
 
 use std::io::{IsTerminal, Write};
 
+use livemig_core::digest::Verification;
 use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
@@ -127,6 +128,36 @@ pub struct Summary {
     pub extra: Map<String, Value>,
 }
 
+/// The migration's self-check as the JSON's `verification`: `"off"`,
+/// `"pending"` (no verdict reached this side), `"verified"`, or an object
+/// naming the first mismatching block (and, for the source's audit, the
+/// page; precopy's digest names blocks only).
+pub fn verification_json(v: Verification) -> Value {
+    match v {
+        Verification::Off => json!("off"),
+        Verification::Pending => json!("pending"),
+        Verification::Verified => json!("verified"),
+        Verification::Mismatch { block } => {
+            json!({"mismatch": {"block": block, "page": Value::Null}})
+        }
+        Verification::AuditFailed { block, page } => {
+            json!({"audit-failed": {"block": block, "page": page}})
+        }
+    }
+}
+
+fn verification_text(v: Verification) -> String {
+    match v {
+        Verification::Off => "off".into(),
+        Verification::Pending => "pending (no verdict on this side)".into(),
+        Verification::Verified => "verified (digests equal)".into(),
+        Verification::Mismatch { block } => format!("MISMATCH in RAM block {block}"),
+        Verification::AuditFailed { block, page } => {
+            format!("AUDIT FAILED at page {page} of RAM block {block}")
+        }
+    }
+}
+
 impl Summary {
     /// The summary as one JSON object, with `query-migrate` names.
     pub fn to_json(&self) -> Value {
@@ -174,6 +205,7 @@ impl Summary {
         if let Some(d) = self.digest {
             obj.insert("digest".into(), json!(format!("{d:#018x}")));
         }
+        obj.insert("verification".into(), verification_json(s.verification));
         if let Some(e) = self.error_desc() {
             obj.insert("error-desc".into(), json!(e));
         }
@@ -231,6 +263,11 @@ impl Summary {
             );
         }
         line(&mut out, "backend", self.backend.clone());
+        line(
+            &mut out,
+            "verification",
+            verification_text(s.verification),
+        );
         line(&mut out, "total time", format!("{} ms", s.total_time_ms));
         line(&mut out, "setup time", format!("{} ms", s.setup_time_ms));
         if let Some(d) = self.downtime() {

@@ -56,7 +56,11 @@ enum Cmd {
     /// form one sequence: the summary's `guest` object.
     Demo(DemoArgs),
     /// Boot the demo guest and migrate it to a `livemig receive` at --to.
-    /// Its `digest` (of its stopped memory) must equal the receiver's. After
+    /// The migration verifies itself: `verified` is true once the receiver
+    /// compared this side's digest with what it loaded and found them
+    /// equal (`verification` says where the check stands, see --no-verify).
+    /// Its `digest` (of its stopped memory) equals the receiver's when that
+    /// one takes one (`receive --digest`). After
     /// a postcopy its `downtime` runs from its vCPU stop to the receiver's
     /// answer to the ping after the switchover package (`downtime-span`).
     ///
@@ -67,9 +71,11 @@ enum Cmd {
     /// failures exit with 1.
     Send(SendArgs),
     /// Wait at --listen for one migration, load it into a fresh VM, start
-    /// the guest and report. Prints `listening on URI` first. Its `digest`
-    /// is to be compared with the sender's; `verified` stays false here,
-    /// since only a side that holds both digests (demo) can decide it.
+    /// the guest and report. Prints `listening on URI` first. `verified`
+    /// is true when the sender's digest, compared here before the guest
+    /// started, equals what was loaded (a mismatch refuses to start the
+    /// guest, and the sender keeps it); --digest adds a digest of the
+    /// loaded memory to compare with the sender's by hand.
     /// A postcopy migration is taken as the source sends it (the guest
     /// starts at the switchover); the report then adds the fault latency
     /// and the pages the guest wrote here (`guest-written-ranges`); its
@@ -121,6 +127,16 @@ struct Migration {
     /// source.
     #[arg(long, default_value_t = 30_000)]
     send_timeout_ms: u64,
+    /// Do not verify the migration: no page is hashed, no digest is sent,
+    /// and `verified` (for `send`) stays false.
+    #[arg(long)]
+    no_verify: bool,
+    /// Also audit the source's memory at the stop: every page is hashed
+    /// again with the vCPUs stopped and compared with what was sent, which
+    /// catches a dirty log that missed a write, at the cost of a hash of
+    /// all RAM inside the downtime.
+    #[arg(long, conflicts_with = "no_verify")]
+    audit: bool,
     /// A capability, in QEMU's names: --cap postcopy-ram=on (repeatable).
     /// return-path and zero-page-detection are on by default. With --mode
     /// postcopy, postcopy-blocktime=on also reports the time each vCPU spent
@@ -252,6 +268,11 @@ struct ReceiveArgs {
     /// destination waiting forever).
     #[arg(long, default_value_t = 30_000)]
     idle_timeout_ms: u64,
+    /// Also digest the loaded memory before the guest starts (a second
+    /// opinion to compare with the sender's `digest`; it lengthens the
+    /// downtime by `digest-time`).
+    #[arg(long)]
+    digest: bool,
     /// A destination capability: --cap postcopy-blocktime=on reports the
     /// time each vCPU spent blocked on missing pages after a postcopy
     /// (repeatable; postcopy itself needs no flag here).
@@ -364,6 +385,8 @@ fn source_options(m: &Migration, workload: &Workload) -> SourceOptions {
         write_timeout: (m.send_timeout_ms > 0).then(|| Duration::from_millis(m.send_timeout_ms)),
         on_switchover: Some(announce_switchover),
         stop_cost: DEFAULT_STOP_COST + digest,
+        verify: !m.no_verify,
+        audit: m.audit,
         ..SourceOptions::default()
     }
 }
@@ -669,6 +692,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Duration::from_millis(a.run_ms),
                 Duration::from_millis(a.idle_timeout_ms),
                 receive_blocktime(&a.caps)?,
+                a.digest,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),
                 &mut |s| hold(s, &a.output, a.hold_timeout_s, &mut decided),
