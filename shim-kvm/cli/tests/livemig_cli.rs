@@ -282,7 +282,8 @@ fn send_and_receive_over_a_unix_socket() {
     }
     let path = std::env::temp_dir().join(format!("livemig-test-{}.sock", std::process::id()));
     let listen = format!("unix:{}", path.display());
-    let (receiver, addr) = spawn_receiver(&listen, 128);
+    // --digest: the receiver's second opinion, compared below.
+    let (receiver, addr) = spawn_receiver_with(&listen, 128, &["--digest"]);
     assert_eq!(addr, listen);
     let send = livemig(&[
         "send",
@@ -307,6 +308,12 @@ fn send_and_receive_over_a_unix_socket() {
     let (s, r) = (json_of_success(&send), json_of_success(&recv));
     assert_eq!(s["status"], "completed");
     assert_eq!(r["status"], "completed");
+    // Verified in the protocol, with no operator step, on both sides...
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(s["verification"], "verified", "{s}");
+    assert_eq!(r["verification"], "verified", "{r}");
+    // ...and by the receiver's independent digest.
     assert_eq!(s["digest"], r["digest"], "destination memory differs");
     assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0);
     assert_each_vcpu_went_on(&s, &r);

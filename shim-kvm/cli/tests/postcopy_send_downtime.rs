@@ -57,6 +57,9 @@ fn postcopy_send_reports_its_downtime_and_a_digest_the_destination_matches() {
         // guest ran during the load, the pages its guest did not write.
         // Only `demo`, which holds both ends, compares the two (its postcopy
         // tests do): between two processes that is not there yet.
+        // The digest compared at the end of the postcopy, on both sides.
+        assert_eq!(s["verified"], true, "{s}");
+        assert_eq!(r["verified"], true, "{r}");
         assert!(s["digest"].is_string(), "send printed no digest: {s}");
         assert!(r["digest-unwritten"].is_string(), "{r}");
         assert!(r["guest-written-pages"].as_u64() > Some(0), "{r}");

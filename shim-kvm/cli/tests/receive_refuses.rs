@@ -2,7 +2,9 @@
 //! error naming what is wrong, and never starts the guest: a stream
 //! without the livemig header, a setup-time section it cannot load
 //! (answered with SHUT instead of the setup check's PONG, before any page),
-//! a stream without a section the destination requires, a section it did
+//! a stream without a section the destination requires, a stream whose
+//! memory differs from its digest (a page's byte flipped, a digest
+//! replaced) or whose digest is missing, a section it did
 //! not register (a device, a vCPU beyond its own), a device state its
 //! device refuses, a stream cut before its end (between records, inside
 //! one), and a complete stream followed by bytes where it must end (after
@@ -30,7 +32,8 @@ use common::{announced_address, kvm_available};
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::SETUP_CHECK_PING;
 use livemig_core::wire::{
-    Command as WireCommand, DeviceId, DeviceState, RECORD_HEADER_LEN, Record, StreamDecoder,
+    BlockSums, Command as WireCommand, DeviceId, DeviceState, RECORD_HEADER_LEN, Record,
+    StreamDecoder,
 };
 use serde_json::Value;
 
@@ -104,6 +107,7 @@ fn label(record: &Record<'_>) -> String {
         Record::Command(WireCommand::OpenReturnPath) => "open-return-path".into(),
         Record::RamBlocks(_) => "ram-blocks".into(),
         Record::Pages(_) => "pages".into(),
+        Record::Digest(_) => "digest".into(),
         _ => "other".into(),
     }
 }
@@ -411,6 +415,46 @@ fn the_recorded_stream_is_received_and_its_guest_runs() {
         v["guest-progress-exits"].as_u64().expect("exits") > 0,
         "{v}"
     );
+}
+
+/// The recorded stream with one byte of a page's data flipped: it
+/// decodes as well as the original, and only the digest shows it.
+#[test]
+fn a_page_flipped_in_transit_is_refused_by_the_digest() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = recorded();
+    let mut stream = rec.bytes.clone();
+    let largest = rec
+        .spans
+        .iter()
+        .filter(|s| s.what == "pages")
+        .max_by_key(|s| s.end - s.start)
+        .expect("a pages record");
+    // The last byte of the largest batch is page data: entries come
+    // first, the pages' bytes after them.
+    assert!(largest.end - largest.start > 4096, "a batch with pages");
+    stream[largest.end - 1] ^= 0x40;
+    let out = receive(&stream);
+    let v = assert_refused_without_starting(&out, "verification failed");
+    assert_eq!(v["verification"]["mismatch"]["block"], 0, "{v}");
+}
+
+/// A digest of other memory, and no digest at all, are refused the same.
+#[test]
+fn a_wrong_or_missing_digest_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = recorded();
+    let wrong = Record::Digest(BlockSums::from_slice(&[0x1234]));
+    let mut record = vec![0u8; wrong.encoded_len()];
+    wrong.encode(&mut record).expect("a digest record");
+    let out = receive(&rec.replaced("digest", &record));
+    assert_refused_without_starting(&out, "verification failed");
+    let out = receive(&rec.without("digest"));
+    assert_refused_without_starting(&out, "without the digest");
 }
 
 #[test]
