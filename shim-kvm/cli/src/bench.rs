@@ -34,6 +34,7 @@ use crate::interrupt::Cancel;
 use crate::report::{Progress, Summary};
 use livemig_kvm::clock;
 use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::migrate::SourceOptions;
 use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};
 
 const MIB: u64 = 1 << 20;
@@ -116,6 +117,9 @@ pub struct BenchOptions {
     pub verbose: bool,
     /// vCPUs of every guest.
     pub vcpus: u32,
+    /// The source driver's options (whether the migration verifies itself,
+    /// and audits at the stop).
+    pub source: SourceOptions,
 }
 
 /// Why the bench could not produce its numbers.
@@ -646,9 +650,10 @@ pub fn run_case(
     };
     let mut runs = Vec::new();
     for i in 1..=opts.runs {
-        let summary = demo::run_demo(
+        let summary = demo::run_demo_with(
             shape,
             config,
+            opts.source,
             opts.warmup,
             opts.run_for,
             cancel,

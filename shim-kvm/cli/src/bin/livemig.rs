@@ -579,6 +579,11 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         run_for: Duration::from_millis(a.run_ms),
         verbose: !a.quiet,
         vcpus: a.vcpus,
+        source: SourceOptions {
+            verify: !a.migration.no_verify,
+            audit: a.migration.audit,
+            ..SourceOptions::default()
+        },
     };
     let cancel = cancel_on_signals()?;
     let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
