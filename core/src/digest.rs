@@ -344,8 +344,8 @@ mod tests {
 
     #[test]
     fn books_replace_terms_in_any_order() {
-        let info = BlockInfo::new(BlockId::new("ram").unwrap(), 4 * PAGE as u64, PAGE as u32)
-            .unwrap();
+        let info =
+            BlockInfo::new(BlockId::new("ram").unwrap(), 4 * PAGE as u64, PAGE as u32).unwrap();
         let mut a = [9u64; 4];
         let mut b = [0u64; 4];
         let mut a = DigestBooks::new(&info, &mut a).unwrap();

@@ -29,8 +29,8 @@ use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
 use crate::inject::Injector;
 use crate::{
-    BlockSpec, FirstDifference, InjectedFault, LinkConfig, LinkError, MemoryError, SimDirtyLog, SimRam,
-    WorkingSet, Workload, duplex, fill,
+    BlockSpec, FirstDifference, InjectedFault, LinkConfig, LinkError, MemoryError, SimDirtyLog,
+    SimRam, WorkingSet, Workload, duplex, fill,
 };
 
 /// The id of the simulated vCPU's device-state record.
@@ -611,8 +611,11 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut dst_books = books(&layout, &mut dst_terms)?;
     if scenario.verify {
         // Any seed: the simulation is deterministic.
-        src.verify_with(DigestKey::new(0x5eed_0000 ^ scenario.fill_pages), &mut src_books)
-            .map_err(|e| setup_err("source verification", e))?;
+        src.verify_with(
+            DigestKey::new(0x5eed_0000 ^ scenario.fill_pages),
+            &mut src_books,
+        )
+        .map_err(|e| setup_err("source verification", e))?;
         src.audit_at_stop(scenario.audit)
             .map_err(|e| setup_err("source audit", e))?;
         dst.verify_with(&mut dst_books)

@@ -72,8 +72,8 @@ pub mod workload;
 
 pub use clock::SimClock;
 pub use dirty_log::{DirtyLogError, SimDirtyLog};
-pub use inject::InjectedFault;
 pub use harness::{CancelWhen, GuestSpec, Outcome, PostcopyOutcome, Scenario, run_migration};
+pub use inject::InjectedFault;
 pub use link::{LinkConfig, LinkError, SimLink, duplex};
 pub use memory::{BlockSpec, FirstDifference, MAX_PAGE_SIZE, MIN_PAGE_SIZE, MemoryError, SimRam};
 pub use workload::{Advance, Fault, Stamp, WorkingSet, Workload, WorkloadError, fill};

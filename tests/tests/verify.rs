@@ -29,7 +29,10 @@ fn busy() -> Scenario {
 fn assert_caught_by_destination(o: &Outcome) {
     assert!(o.fault_injected, "the fault never happened: {o:#?}");
     assert!(
-        matches!(o.destination.verification, Verification::Mismatch { block: 0 }),
+        matches!(
+            o.destination.verification,
+            Verification::Mismatch { block: 0 }
+        ),
         "destination verdict {:?} ({})",
         o.destination.verification,
         o.destination.error_desc
@@ -113,7 +116,10 @@ fn a_dirty_log_that_misses_pages_is_caught_by_the_audit() {
     let o = run_migration(&s).expect("scenario");
     assert!(o.fault_injected, "the final sync had no dirty page: {o:#?}");
     let Verification::AuditFailed { block: 0, page } = o.source.verification else {
-        panic!("source verdict {:?} ({})", o.source.verification, o.source.error_desc);
+        panic!(
+            "source verdict {:?} ({})",
+            o.source.verification, o.source.error_desc
+        );
     };
     assert!(
         o.source

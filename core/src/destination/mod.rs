@@ -55,8 +55,7 @@ use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{
     BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PageBatch, PageKind,
-    PageRange, Record,
-    StreamDecoder,
+    PageRange, Record, StreamDecoder,
 };
 use host::by_host;
 

@@ -263,11 +263,7 @@ impl Summary {
             );
         }
         line(&mut out, "backend", self.backend.clone());
-        line(
-            &mut out,
-            "verification",
-            verification_text(s.verification),
-        );
+        line(&mut out, "verification", verification_text(s.verification));
         line(&mut out, "total time", format!("{} ms", s.total_time_ms));
         line(&mut out, "setup time", format!("{} ms", s.setup_time_ms));
         if let Some(d) = self.downtime() {

@@ -1,8 +1,8 @@
 //! The main-stream decoder under fuzzing.
 
 use livemig_core::wire::{
-    BatchFlags, BlockId, BlockSums, Command, DecodeError, Decoded, DeviceState, Package, PageBatch, PageEntry,
-    PageKind, Record, STREAM_HEADER_LEN, StreamDecoder, encode_stream_header,
+    BatchFlags, BlockId, BlockSums, Command, DecodeError, Decoded, DeviceState, Package, PageBatch,
+    PageEntry, PageKind, Record, STREAM_HEADER_LEN, StreamDecoder, encode_stream_header,
 };
 
 /// Scratch for reassembling split records: large enough for every record the
@@ -195,7 +195,11 @@ fn valid_stream(seed: u8) -> Vec<u8> {
     s.extend(record_bytes(Record::Package(
         Package::from_encoded(&device).unwrap(),
     )));
-    s.extend(record_bytes(Record::Digest(BlockSums::from_slice(&[1, 0, u64::MAX]))));
+    s.extend(record_bytes(Record::Digest(BlockSums::from_slice(&[
+        1,
+        0,
+        u64::MAX,
+    ]))));
     s.extend(record_bytes(Record::EndOfStream));
     s.extend(record_bytes(Record::Command(Command::Commit)));
     s

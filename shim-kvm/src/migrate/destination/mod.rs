@@ -65,11 +65,11 @@ use std::time::Duration;
 
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::bitmap::{DirtyBitmap, words_for};
-use livemig_core::digest::DigestBooks;
 use livemig_core::destination::{
     DEFAULT_IDLE_TIMEOUT_MS, DestError, DestinationEngine, DestinationHost, HandleError,
     PostcopyHost as EnginePostcopyHost, PostcopyTracking,
 };
+use livemig_core::digest::DigestBooks;
 use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use livemig_core::wire::{self, DeviceState, PageRange};
