@@ -875,3 +875,68 @@ fn a_full_return_path_fails_the_migration_and_still_says_so() {
     assert_eq!(&rp[n - 8..n], &shut);
     assert_eq!(d.poll_return_path(&mut rp), 0);
 }
+
+/// The self-check's records in the wrong place, or for other RAM, are typed
+/// errors; the right digest verifies, a wrong one names its block.
+#[test]
+fn digest_records_are_checked_in_order_and_compared() {
+    use crate::digest::{DigestBooks, DigestKey, Verification};
+    let l = layout(4);
+    let key = record(Record::Command(Command::DigestKey(9)));
+    let term = DigestKey::new(9).page_term(0, 1, &[0xab; PAGE]);
+    let digest = |sums: &[u64]| record(Record::Digest(crate::wire::BlockSums::from_slice(sums)));
+    let run = |stream: &[Vec<u8>], books: bool| {
+        let mut scratch = vec![0u8; 1 << 20];
+        let mut terms = [7u64; 4];
+        let mut b = [DigestBooks::new(&l[0], &mut terms).unwrap()];
+        let mut d = DestinationEngine::new(&l, &mut scratch);
+        if books {
+            d.verify_with(&mut b).unwrap();
+        }
+        let input: Vec<u8> = stream.concat();
+        let r = feed(&mut d, Instant::ZERO, &input, &mut Recorder::default());
+        (r.map(|_| ()), d.stats().verification)
+    };
+    let (h, b, eos) = (header(), blocks(&l), record(Record::EndOfStream));
+    let pages = batch(0, &[(1, false), (2, true)]);
+
+    let ok = [&h, &b, &key, &pages, &digest(&[term]), &eos].map(Clone::clone);
+    assert_eq!(run(&ok, true), (Ok(()), Verification::Verified));
+    let wrong = [&h, &b, &key, &pages, &digest(&[term ^ 1]), &eos].map(Clone::clone);
+    assert_eq!(
+        run(&wrong, true),
+        (
+            Err(DestError::DigestMismatch { block: 0 }),
+            Verification::Mismatch { block: 0 }
+        )
+    );
+    let missing = [&h, &b, &key, &pages, &eos].map(Clone::clone);
+    assert_eq!(run(&missing, true).0, Err(DestError::DigestMissing));
+    assert_eq!(run(&ok, false).0, Err(DestError::VerifyUnsupported));
+    let late_key = [&h, &b, &pages, &key].map(Clone::clone);
+    assert!(matches!(
+        run(&late_key, true).0,
+        Err(DestError::DigestOutOfOrder(_))
+    ));
+    let no_key = [&h, &b, &pages, &digest(&[term])].map(Clone::clone);
+    assert!(matches!(
+        run(&no_key, true).0,
+        Err(DestError::DigestOutOfOrder(_))
+    ));
+    let twice = [&h, &b, &key, &pages, &digest(&[term]), &digest(&[term])].map(Clone::clone);
+    assert!(matches!(
+        run(&twice, true).0,
+        Err(DestError::DigestOutOfOrder(_))
+    ));
+    let two_blocks = [&h, &b, &key, &pages, &digest(&[term, 0])].map(Clone::clone);
+    assert_eq!(
+        run(&two_blocks, true).0,
+        Err(DestError::DigestBlockCount {
+            source: 2,
+            destination: 1
+        })
+    );
+    // Without a key from the source, the books stay unused.
+    let plain = [&h, &b, &pages, &eos].map(Clone::clone);
+    assert_eq!(run(&plain, true), (Ok(()), Verification::Off));
+}

@@ -373,13 +373,19 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
 /// development VM (1.9 to 4.8 GB/s over 64 and 256 MiB working sets).
 const DIGEST_BYTES_PER_SEC: u64 = 2 << 30;
 
-fn source_options(m: &Migration, workload: &Workload) -> SourceOptions {
-    // The tool's destination digests the memory it loaded before it starts
-    // the guest (the operator compares that digest with the source's), so
-    // that is part of every stop: about the working set at the digest rate.
-    let digest = Duration::from_nanos(
-        (workload.dirty_mib << 20).saturating_mul(1_000_000_000) / DIGEST_BYTES_PER_SEC,
-    );
+fn source_options(m: &Migration, workload: &Workload, receiver_digests: bool) -> SourceOptions {
+    // `demo`'s destination digests the memory it loaded before it starts
+    // the guest (its second opinion, besides the migration's own check), so
+    // that is part of its stop: about the working set at the digest rate.
+    // A `receive` does so only when asked (`--digest`), which `send`
+    // cannot know: it counts none.
+    let digest = if receiver_digests {
+        Duration::from_nanos(
+            (workload.dirty_mib << 20).saturating_mul(1_000_000_000) / DIGEST_BYTES_PER_SEC,
+        )
+    } else {
+        Duration::ZERO
+    };
     SourceOptions {
         switchover_pause: Duration::from_millis(m.switchover_pause_ms),
         write_timeout: (m.send_timeout_ms > 0).then(|| Duration::from_millis(m.send_timeout_ms)),
@@ -649,7 +655,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Ok(()) => demo::run_demo_with(
                     shape,
                     &config,
-                    source_options(&a.migration, &a.workload),
+                    source_options(&a.migration, &a.workload, true),
                     a.workload.warmup(),
                     Duration::from_millis(a.run_ms),
                     &cancel_on_signals()?,
@@ -678,7 +684,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &uri(&a.to)?,
                 shape,
                 &config,
-                source_options(&a.migration, &a.workload),
+                source_options(&a.migration, &a.workload, false),
                 a.workload.warmup(),
                 &cancel_on_signals()?,
                 &mut progress(&a.output),
