@@ -182,8 +182,8 @@ pub struct DestinationReport {
     /// where the guest ran during the load.
     pub digest: Option<u64>,
     /// `CLOCK_MONOTONIC` nanoseconds when the end of the stream had been
-    /// read and loaded, and LOADED answered: the destination's part of
-    /// the stop begins.
+    /// read and loaded (with the return path, LOADED answered): the
+    /// destination's part of the stop begins.
     pub end_received_ns: Option<u64>,
     /// `CLOCK_MONOTONIC` nanoseconds when the stream was fully loaded (the
     /// source's COMMIT received, the connection's reader stopped).
