@@ -119,12 +119,7 @@ fn draw_rates(chart: &Chart, area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawR
         .slices()
         .map(|s| (mid(s.index), s.dirty_bytes_per_s as f64 / MIB))
         .collect();
-    let top = sent
-        .iter()
-        .chain(&dirty)
-        .map(|p| p.1)
-        .fold(1.0, f64::max)
-        * 1.15;
+    let top = sent.iter().chain(&dirty).map(|p| p.1).fold(1.0, f64::max) * 1.15;
     let x_end = x_end(chart);
     let mut c = ChartBuilder::on(area)
         .margin(12)
@@ -200,7 +195,11 @@ fn draw_bytes(chart: &Chart, area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawR
 /// `labelled`: with the sync and stop labels.
 fn marks<Y>(
     chart: &Chart,
-    c: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    c: &mut ChartContext<
+        '_,
+        SVGBackend<'_>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, Y>,
+    >,
     bottom: f64,
     top: f64,
     labelled: bool,

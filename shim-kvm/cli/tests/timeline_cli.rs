@@ -132,7 +132,12 @@ fn demo_timeline_draws_every_sync_and_the_stop_and_the_breakdown_adds_up() {
     let slices = |stroke: &str| {
         doc.descendants()
             .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke") == Some(stroke))
-            .map(|n| n.attribute("points").unwrap_or_default().split_whitespace().count())
+            .map(|n| {
+                n.attribute("points")
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .count()
+            })
             .max()
             .unwrap_or(0)
     };

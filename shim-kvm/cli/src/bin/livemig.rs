@@ -643,10 +643,9 @@ fn draw_timeline(summary: Option<&Summary>, path: Option<&Path>, code: ExitCode)
 
 /// `FILE.svg` for `case`: `FILE-case.svg`.
 fn per_case(path: &Path, case: &str) -> PathBuf {
-    let stem = path.file_stem().map_or_else(
-        || "timeline".into(),
-        |s| s.to_string_lossy().into_owned(),
-    );
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "timeline".into(), |s| s.to_string_lossy().into_owned());
     let ext = path
         .extension()
         .map_or_else(|| "svg".into(), |e| e.to_string_lossy().into_owned());

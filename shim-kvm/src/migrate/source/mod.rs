@@ -58,11 +58,11 @@ use dirty_log::DirtyLog;
 use driver::{Link, SourceDriver};
 pub use failure::SourceFailure;
 pub(crate) use gate::CancelGate;
-pub use stop::{SourceStop, StopPart};
-pub use timeline::{MAX_SLICES, MAX_SYNCS, SLICE_NS, Slice, SyncMark, Timeline};
 use guest::SourceGuest;
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::capabilities::Capabilities;
+pub use stop::{SourceStop, StopPart};
+pub use timeline::{MAX_SLICES, MAX_SYNCS, SLICE_NS, Slice, SyncMark, Timeline};
 
 /// Longest the migration thread waits for input before polling again (so
 /// the progress line stays fresh and a stuck peer is noticed).

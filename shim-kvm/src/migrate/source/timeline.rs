@@ -208,7 +208,10 @@ mod tests {
         let far = (MAX_SLICES as u64 + 10) * SLICE_NS;
         t.sample(far, &stats(2, 0));
         assert_eq!(t.slices().len(), MAX_SLICES);
-        assert_eq!(t.slices().last().map(|s| s.index), Some(MAX_SLICES as u64 + 10));
+        assert_eq!(
+            t.slices().last().map(|s| s.index),
+            Some(MAX_SLICES as u64 + 10)
+        );
         assert_eq!(t.dropped_slices(), 11);
         for i in 0..MAX_SYNCS as u64 + 3 {
             t.sync(i, i, false);
