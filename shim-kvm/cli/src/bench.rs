@@ -957,4 +957,52 @@ mod tests {
         assert!(!bad.verified());
         assert_eq!(bad.to_json()["verified"], false);
     }
+
+    #[test]
+    fn the_breakdown_is_spread_over_the_runs_and_the_median_run_is_drawn() {
+        let with = |downtime: f64, pages_ms: f64, digest_ms: f64| {
+            let mut r = run(400, 200_000_000, 100, true);
+            r.summary.downtime_ms = Some(downtime);
+            r.summary.extra.insert(
+                "downtime-breakdown".into(),
+                json!({"final-pages": pages_ms, "destination": {"digest": digest_ms}}),
+            );
+            r
+        };
+        let case = CaseResult {
+            case: CASES[1],
+            runs: vec![
+                with(30.0, 3.0, 20.0),
+                with(10.0, 1.0, 5.0),
+                with(20.0, 2.0, 9.0),
+            ],
+        };
+        let v = case.to_json();
+        let b = &v["downtime-breakdown"];
+        assert_eq!(b["final-pages"]["median"], 2.0);
+        assert_eq!(b["final-pages"]["max"], 3.0);
+        assert_eq!(b["destination"]["digest"]["min"], 5.0);
+        assert_eq!(b["vcpu-stop"], Value::Null, "no run has it");
+        assert_eq!(
+            v["run-results"][0]["downtime-breakdown"]["final-pages"],
+            3.0
+        );
+        let text = breakdown_table(std::slice::from_ref(&case));
+        assert!(
+            text.contains("source final-pages") && text.contains("2.000"),
+            "{text}"
+        );
+        assert!(text.contains("destination digest"), "{text}");
+        let median = case.median_downtime_run().unwrap();
+        assert_eq!(median.downtime_ms(), Some(20.0));
+        let even = CaseResult {
+            case: CASES[1],
+            runs: case.runs[..2].to_vec(),
+        };
+        assert_eq!(
+            even.median_downtime_run().unwrap().downtime_ms(),
+            Some(10.0),
+            "the lower middle one"
+        );
+    }
 }
