@@ -15,15 +15,16 @@
 //!
 //! # Who hashes what
 //!
-//! The source hashes each page when the engine puts it in a batch (through
+//! The source hashes each page right after the caller wrote it to the
+//! socket (at the next poll, through
 //! [`PageReader::page_term`](crate::source::PageReader::page_term): the
-//! shim owns guest memory), after the dirty-log clear that covers it and
-//! before it is written to the socket. The guest may write the page between
-//! the hash and the write; then the bytes on the wire differ from the bytes
-//! hashed, but the write set the page's dirty bit after its clear, so the
-//! page is sent (and hashed) again later, at the latest in the final pass,
-//! which runs with the vCPUs stopped, where the hash and the write read the
-//! same bytes. The last term the source books for each page is therefore
+//! shim owns guest memory), so after the dirty-log clear that covers it,
+//! and while the write has left it in the cache. The guest may write the
+//! page between the write to the socket and the hash; then the bytes
+//! hashed differ from the bytes on the wire, but the guest's write set the
+//! page's dirty bit after its clear, so the page is sent (and hashed) again
+//! later, at the latest in the final pass, which runs with the vCPUs
+//! stopped, where the write and the hash read the same bytes. The last term the source books for each page is therefore
 //! the term of the bytes the destination last received for it. Device
 //! (VMM) writes to guest memory are covered the same way by the device
 //! dirty log, and stop with the devices.
@@ -114,13 +115,18 @@ impl DigestKey {
     /// shorter than a word is ignored, and no page size livemig accepts
     /// has one). 0 for an all-zero page, never 0 otherwise.
     pub fn page_term(&self, block: u16, page: u64, data: &[u8]) -> u64 {
-        self.term_of_words(block, page, data.len() / 8, |i| {
-            let mut word = [0u8; 8];
-            if let Some(bytes) = data.get(8 * i..8 * i + 8) {
-                word.copy_from_slice(bytes);
+        let mut lanes = self.lanes;
+        let mut any = 0u64;
+        let mut stripes = data.chunks_exact(8 * LANES);
+        for stripe in &mut stripes {
+            for (lane, word) in lanes.iter_mut().zip(stripe.chunks_exact(8)) {
+                absorb(lane, &mut any, le_word(word));
             }
-            u64::from_le_bytes(word)
-        })
+        }
+        for (lane, word) in lanes.iter_mut().zip(stripes.remainder().chunks_exact(8)) {
+            absorb(lane, &mut any, le_word(word));
+        }
+        self.finish(block, page, lanes, any)
     }
 
     /// The same term as [`page_term`](Self::page_term), with the page's
@@ -143,20 +149,19 @@ impl DigestKey {
         let mut i = 0;
         while i + LANES <= words {
             for (j, lane) in lanes.iter_mut().enumerate() {
-                let w = word(i + j);
-                any |= w;
-                // xor, multiply by an odd constant, rotate: each step is a
-                // bijection of the lane, so a change of one word changes
-                // its lane's result whatever the other words are.
-                *lane = (*lane ^ w).wrapping_mul(K).rotate_left(29);
+                absorb(lane, &mut any, word(i + j));
             }
             i += LANES;
         }
         for (j, lane) in lanes.iter_mut().enumerate().take(words - i) {
-            let w = word(i + j);
-            any |= w;
-            *lane = (*lane ^ w).wrapping_mul(K).rotate_left(29);
+            absorb(lane, &mut any, word(i + j));
         }
+        self.finish(block, page, lanes, any)
+    }
+
+    /// The term from the lanes after the last word (`any`: the OR of all
+    /// words, 0 for a zero page).
+    fn finish(&self, block: u16, page: u64, lanes: [u64; LANES], any: u64) -> u64 {
         if any == 0 {
             return 0;
         }
@@ -167,6 +172,21 @@ impl DigestKey {
         // 0 is the zero page's term.
         h.max(1)
     }
+}
+
+/// One word into its lane: xor, multiply by an odd constant, rotate. Each
+/// step is a bijection of the lane, so a change of one word changes its
+/// lane's result whatever the other words are.
+#[inline(always)]
+fn absorb(lane: &mut u64, any: &mut u64, w: u64) {
+    *any |= w;
+    *lane = (*lane ^ w).wrapping_mul(K).rotate_left(29);
+}
+
+/// An 8-byte chunk as a little-endian word.
+#[inline(always)]
+fn le_word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]))
 }
 
 /// splitmix64's finaliser: a bijection that spreads every input bit over

@@ -127,10 +127,11 @@ pub trait PageReader {
 
     /// The digest term of `page` in block `block` as memory holds it now:
     /// [`DigestKey::term_of_words`] (or [`DigestKey::page_term`]) over the
-    /// page's contents. Asked for each page the engine puts in a batch
-    /// when the migration verifies itself ([`SourceEngine::verify_with`]),
-    /// after the page's dirty-log clear; see [`crate::digest`] for why a
-    /// guest write racing the read is harmless.
+    /// page's contents. Asked, when the migration verifies itself
+    /// ([`SourceEngine::verify_with`]), for each page of a
+    /// [`SourceAction::SendPages`] at the next poll, once the caller has
+    /// written it (after the page's dirty-log clear, then); see
+    /// [`crate::digest`] for why a guest write racing the read is harmless.
     fn page_term(&self, block: u16, page: u64, key: &DigestKey) -> u64;
 }
 
@@ -827,6 +828,7 @@ impl<'a> SourceEngine<'a> {
     /// The next thing to do, if any. See [`SourceAction`] for each.
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
+        self.book_sent(ram);
         if self.step == Step::Iterate && self.time_limit_exceeded() {
             self.fail_not_converged(ConvergenceLimit::Time);
         }

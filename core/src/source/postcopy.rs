@@ -343,7 +343,9 @@ impl<'a> SourceEngine<'a> {
                         .capabilities
                         .contains(Capabilities::ZERO_PAGE_DETECTION)
                         && ram.is_zero_page(req.block, page);
-                    verify::book(&mut self.verify, ram, req.block, page, zero);
+                    if zero {
+                        verify::book_zero(&mut self.verify, req.block, page);
+                    }
                     self.scan.batch.push(page, zero);
                 }
             }

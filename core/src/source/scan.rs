@@ -168,7 +168,9 @@ impl SourceEngine<'_> {
                 .capabilities
                 .contains(Capabilities::ZERO_PAGE_DETECTION)
                 && ram.is_zero_page(self.scan.block as u16, page);
-            verify::book(&mut self.verify, ram, self.scan.block as u16, page, zero);
+            if zero {
+                verify::book_zero(&mut self.verify, self.scan.block as u16, page);
+            }
             self.scan.batch.block = self.scan.block;
             self.scan.batch.push(page, zero);
             self.scan.page = page + 1;
@@ -216,6 +218,7 @@ impl SourceEngine<'_> {
         self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
         self.refresh_stats();
         let pages_len = self.scan.batch.normal_len;
+        self.batch_sent(block as u16, pages_len);
         self.scan.batch.clear();
         SourceAction::SendPages {
             header: &self.scratch[..header_len],

@@ -6,25 +6,29 @@ use super::{EndReason, PageReader, SourceEngine, SourceError, Step};
 use crate::digest::{DigestBooks, DigestKey, Verification};
 use crate::wire::{self, EncodeError};
 
-/// What a verifying source keeps: the key, the books, whether to audit.
+/// What a verifying source keeps: the key, the books, whether to audit,
+/// and the batch handed out last, whose normal pages are booked once the
+/// caller has written them.
 pub(super) struct Verify<'a> {
     pub key: DigestKey,
     pub books: &'a mut [DigestBooks<'a>],
     pub audit: bool,
+    /// Block and count of the normal pages of the last batch handed out,
+    /// not booked yet.
+    pub sent: Option<(u16, usize)>,
 }
 
 impl<'a> Verify<'a> {
-    /// Books page `page` of `block` as it goes into a batch: a zero entry
-    /// (or a page that reads as zero) is the zero term, any other page's
-    /// term is read from memory now, after its dirty-log clear.
-    pub fn book(&mut self, ram: &impl PageReader, block: u16, page: u64, zero: bool) {
-        let term = if zero {
-            0
-        } else {
-            ram.page_term(block, page, &self.key)
+    /// Books `pages` of `block`, just written by the caller, with their
+    /// terms as memory holds them now: after their dirty-log clear, and
+    /// while they are still in the cache from the write (see
+    /// [`crate::digest`] for why a guest write in between is harmless).
+    fn book_sent(&mut self, ram: &impl PageReader, block: u16, pages: &[u64]) {
+        let Some(b) = self.books.get_mut(usize::from(block)) else {
+            return;
         };
-        if let Some(b) = self.books.get_mut(usize::from(block)) {
-            b.record(page, term);
+        for &page in pages {
+            b.record(page, ram.page_term(block, page, &self.key));
         }
     }
 
@@ -42,17 +46,15 @@ impl<'a> Verify<'a> {
     }
 }
 
-/// Books `page` when the source verifies (a free function, so that the
-/// scan can call it while it holds the tracking entry).
-pub(super) fn book(
-    verify: &mut Option<Verify<'_>>,
-    ram: &impl PageReader,
-    block: u16,
-    page: u64,
-    zero: bool,
-) {
-    if let Some(v) = verify {
-        v.book(ram, block, page, zero);
+/// Books a zero entry as it goes into a batch (a free function, so that
+/// the scan can call it while it holds the tracking entry); normal pages
+/// are booked after they were written ([`SourceEngine::book_sent`]).
+pub(super) fn book_zero(verify: &mut Option<Verify<'_>>, block: u16, page: u64) {
+    if let Some(b) = verify
+        .as_mut()
+        .and_then(|v| v.books.get_mut(usize::from(block)))
+    {
+        b.record(page, 0);
     }
 }
 
@@ -88,6 +90,7 @@ impl<'a> SourceEngine<'a> {
             key,
             books,
             audit: false,
+            sent: None,
         });
         self.stats.verification = Verification::Pending;
         Ok(())
@@ -110,6 +113,30 @@ impl<'a> SourceEngine<'a> {
         }
     }
 
+    /// Books the normal pages of the batch handed out last: the caller has
+    /// written them by now (it carries out each action before polling
+    /// again), and the batch's page list is intact until the next page is
+    /// put in a batch. Hashing after the write rather than before reads
+    /// each page from the cache the write left it in, and in the stop lets
+    /// the destination work on the batch meanwhile.
+    pub(super) fn book_sent(&mut self, ram: &impl PageReader) {
+        let Some(v) = &mut self.verify else {
+            return;
+        };
+        if let Some((block, n)) = v.sent.take() {
+            let pages = self.scan.batch.normal.get(..n).unwrap_or(&[]);
+            v.book_sent(ram, block, pages);
+        }
+    }
+
+    /// A batch of `normal` pages of `block` is handed out: book them at
+    /// the next poll.
+    pub(super) fn batch_sent(&mut self, block: u16, normal: usize) {
+        if let Some(v) = &mut self.verify {
+            v.sent = Some((block, normal));
+        }
+    }
+
     /// The audit (when asked for) and the Digest record, encoded into
     /// scratch ahead of the end of the stream; returns the bytes written.
     /// `Err(None)` when the audit failed (the migration has failed).
@@ -117,6 +144,7 @@ impl<'a> SourceEngine<'a> {
         &mut self,
         ram: &impl PageReader,
     ) -> Result<usize, Option<EncodeError>> {
+        self.book_sent(ram);
         let Some(v) = &self.verify else {
             return Ok(0);
         };
