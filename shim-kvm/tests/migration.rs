@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
+use livemig_core::digest::Verification;
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::memory::VmMemoryDirtyLog;
 use livemig_kvm::{
@@ -358,6 +359,61 @@ fn pages_a_device_writes_arrive_only_through_the_device_dirty_log() {
         } else {
             // Proof the check can fail: KVM's log alone misses them.
             assert_ne!(digest, o.source_digest, "the device's pages arrived anyway");
+        }
+    }
+}
+
+/// The same device without its dirty log merged is a real dirty log that
+/// misses writes: the digest cannot see it (both ends book the stale
+/// pages), the source's audit at the stop does, names the page, fails the
+/// migration before the end of the stream, and the guest runs on here.
+/// With the log merged the audit passes and both ends say verified.
+#[test]
+fn the_audit_catches_a_dirty_log_that_misses_device_writes() {
+    if !kvm_available() {
+        return;
+    }
+    for merged in [true, false] {
+        let src = running_source();
+        let dst = TestVm::new(VCPUS, false, |_| {});
+        let writer = Writer::start(&src.ram, HIGH_GPA, 16);
+        thread::sleep(Duration::from_millis(20));
+        let mut slow = config();
+        slow.parameters.max_bandwidth = 8 << 20;
+        let audit = SourceOptions {
+            audit: true,
+            ..SourceOptions::default()
+        };
+        let o = run(
+            &slow,
+            audit,
+            &src,
+            &dst,
+            vec![Box::new(writer)],
+            vec![Box::new(Writer::idle())],
+            merged,
+            true,
+        );
+        let v = o.source.stats.verification;
+        if merged {
+            assert_eq!(o.source.stats.status, MigrationStatus::Completed);
+            assert_eq!(v, Verification::Verified);
+            assert_eq!(o.destination.stats.verification, Verification::Verified);
+        } else {
+            let Verification::AuditFailed { block, page } = v else {
+                panic!(
+                    "the audit did not catch it: {v:?} ({})",
+                    o.source.stats.error_desc
+                );
+            };
+            let high = src.memory.region(usize::from(block)).expect("the block");
+            let gpa = high.guest_phys() + page * 4096;
+            assert!(
+                (HIGH_GPA..HIGH_GPA + 16 * 4096).contains(&gpa),
+                "page {page} of block {block} is not one the device wrote"
+            );
+            assert!(!o.destination.started, "the destination started the guest");
+            assert!(!src.vcpus.is_paused(), "the source guest does not run");
         }
     }
 }
