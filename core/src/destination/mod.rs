@@ -279,6 +279,9 @@ pub enum DestError {
     },
     /// The stream ended without the digest its key announced.
     DigestMissing,
+    /// [`DestinationEngine::verify_with`] was given books that are not one
+    /// per block of the layout, each of the block's page count.
+    DigestBooksMismatch,
 }
 
 impl fmt::Display for DestError {
@@ -422,6 +425,10 @@ impl fmt::Display for DestError {
             DestError::DigestMissing => {
                 write!(f, "the stream ended without the digest its key announced")
             }
+            DestError::DigestBooksMismatch => write!(
+                f,
+                "the digest books are not one per RAM block with a word per page"
+            ),
         }
     }
 }
@@ -567,10 +574,7 @@ impl<'a> DestinationEngine<'a> {
                 .zip(l.layout)
                 .any(|(b, info)| b.pages() != info.length / u64::from(info.page_size))
         {
-            return Err(DestError::DigestBlockCount {
-                source: books.len(),
-                destination: l.layout.len(),
-            });
+            return Err(DestError::DigestBooksMismatch);
         }
         l.books = Some(books);
         Ok(())

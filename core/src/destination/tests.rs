@@ -1012,4 +1012,14 @@ fn digest_records_are_checked_in_order_and_compared() {
     // Without a key from the source, the books stay unused.
     let plain = [&h, &b, &pages, &eos].map(Clone::clone);
     assert_eq!(run(&plain, true), (Ok(()), Verification::Off));
+    // Books for other RAM are refused.
+    let other = layout(8);
+    let mut terms = [0u64; 8];
+    let mut books = [DigestBooks::new(&other[0], &mut terms).unwrap()];
+    let mut scratch = vec![0u8; 1024];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    assert_eq!(
+        d.verify_with(&mut books),
+        Err(DestError::DigestBooksMismatch)
+    );
 }

@@ -248,6 +248,9 @@ pub enum SourceError {
     /// A cancel after the commit: the source has given the guest to the
     /// destination and never takes it back.
     AlreadyCommitted,
+    /// [`SourceEngine::verify_with`] was given books that are not one per
+    /// block of the layout, each of the block's page count.
+    DigestBooksMismatch,
 }
 
 impl fmt::Display for SourceError {
@@ -285,6 +288,10 @@ impl fmt::Display for SourceError {
                 f,
                 "the migration cannot be cancelled: the source has committed, the guest \
                  belongs to the destination"
+            ),
+            SourceError::DigestBooksMismatch => write!(
+                f,
+                "the digest books are not one per RAM block with a word per page"
             ),
             SourceError::PackageTooLarge { len } => write!(
                 f,

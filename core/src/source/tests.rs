@@ -504,3 +504,26 @@ fn the_switchover_threshold_is_published_in_the_stats() {
     s.handle_stop_cost(Duration::from_millis(400));
     assert_eq!(s.stats().threshold_bytes, 0, "a stop cost over the limit");
 }
+
+#[test]
+fn digest_books_must_match_the_layout_and_come_before_the_start() {
+    use crate::digest::{DigestBooks, DigestKey};
+    let l = layout();
+    let config = MigrationConfig::default();
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let other = [BlockInfo::new(BlockId::new("pc.ram").unwrap(), 8 * 4096, 4096).unwrap()];
+    let mut terms = [0u64; 8];
+    let mut wrong = [DigestBooks::new(&other[0], &mut terms).unwrap()];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    assert_eq!(
+        s.verify_with(DigestKey::new(1), &mut wrong),
+        Err(SourceError::DigestBooksMismatch)
+    );
+    assert!(matches!(
+        s.audit_at_stop(true),
+        Err(SourceError::UnexpectedEvent { .. })
+    ));
+}

@@ -73,18 +73,13 @@ impl<'a> SourceEngine<'a> {
         if self.step != Step::NotStarted {
             return Err(self.unexpected("verify_with"));
         }
-        if books.len() != self.layout.len() {
-            return Err(SourceError::BlockCountMismatch {
-                layout: self.layout.len(),
-                tracking: books.len(),
-            });
-        }
-        if let Some(i) = books
-            .iter()
-            .zip(self.tracking.iter())
-            .position(|(b, t)| b.pages() != t.pages)
+        if books.len() != self.layout.len()
+            || books
+                .iter()
+                .zip(self.tracking.iter())
+                .any(|(b, t)| b.pages() != t.pages)
         {
-            return Err(SourceError::TrackingMismatch { block: i as u16 });
+            return Err(SourceError::DigestBooksMismatch);
         }
         self.verify = Some(Verify {
             key,
