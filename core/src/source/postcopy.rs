@@ -336,13 +336,12 @@ impl<'a> SourceEngine<'a> {
                 }
                 // A page no longer dirty has been sent already, maybe still
                 // in flight: the destination will get it.
+                let Some(t) = self.tracking.get_mut(usize::from(req.block)) else {
+                    break;
+                };
                 if t.dirty.test_and_clear(page) {
                     self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
-                    let zero = self
-                        .config
-                        .capabilities
-                        .contains(Capabilities::ZERO_PAGE_DETECTION)
-                        && ram.is_zero_page(req.block, page);
+                    let zero = self.sends_as_zero(ram, usize::from(req.block), page);
                     self.scan.batch.push(page, zero);
                 }
             }

@@ -7,7 +7,8 @@ use std::ptr;
 use std::sync::Arc;
 
 use super::digest::{page_is_zero, term};
-use super::{GuestRegion, MemoryError, PAGE_SIZE};
+use super::populated::Pagemap;
+use super::{Backing, GuestRegion, MemoryError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -29,6 +30,9 @@ pub struct GuestMemory {
 struct Inner {
     regions: Vec<GuestRegion>,
     size: u64,
+    /// Where [`GuestMemory::populated`] asks (`None`: nowhere to ask,
+    /// every page may hold data).
+    pagemap: Option<Pagemap>,
     /// Whatever keeps the mappings alive (a vm-memory `GuestMemoryMmap`,
     /// livemig's own anonymous mappings), dropped after the last clone.
     _owner: Option<Arc<dyn Any + Send + Sync>>,
@@ -87,6 +91,7 @@ impl GuestMemory {
             inner: Arc::new(Inner {
                 regions,
                 size,
+                pagemap: Pagemap::open(),
                 _owner: owner,
             }),
         })
@@ -235,19 +240,62 @@ impl GuestMemory {
         Ok(unsafe { page_is_zero(p) })
     }
 
-    /// A 64-bit digest of all guest memory: every byte is read, all-zero
-    /// pages contribute nothing (so sparse memory hashes at scan speed), and
-    /// each non-zero page adds its [`page_digest`](super::page_digest) term,
-    /// which mixes in its guest page number (guest-physical address / page
-    /// size). Two memories with equal contents at equal guest-physical
+    /// Which of pages `first .. first + 64 * mask.len()` of region
+    /// `region` may hold data: bit `i` of word `w` (page `first + 64 * w +
+    /// i`) is set for a page that is, or may be, populated, and clear for
+    /// one never populated (it reads as zero) — found out without touching
+    /// the pages, so none is faulted in (see the `populated` module for
+    /// the mechanism). Pages of a region whose [`Backing`] is
+    /// [`Backing::Other`] are all set, as are bits past the region's end.
+    ///
+    /// The answer holds at the moment of the call: a page written after it
+    /// is populated, which only a dirty log can tell later.
+    pub fn populated(
+        &self,
+        region: usize,
+        first: u64,
+        mask: &mut [u64],
+    ) -> Result<(), MemoryError> {
+        let r = self.region(region)?;
+        mask.fill(u64::MAX);
+        let (Backing::PrivateAnonymous, Some(pagemap)) = (r.backing(), &self.inner.pagemap) else {
+            return Ok(());
+        };
+        if first >= r.pages() {
+            return Ok(());
+        }
+        let pages = (r.pages() - first).min(mask.len() as u64 * 64);
+        let addr = r.host_addr() + first * PAGE;
+        pagemap
+            .populated(addr, pages, mask)
+            .map_err(|e| MemoryError::Pagemap(e.raw_os_error().unwrap_or(0)))
+    }
+
+    /// A 64-bit digest of all guest memory: every byte of every page that
+    /// may hold data is read ([`GuestMemory::populated`]: a page never
+    /// populated is zero without being read, or faulted in), all-zero
+    /// pages contribute nothing (so sparse memory hashes at scan speed),
+    /// and each non-zero page adds its [`page_digest`](super::page_digest)
+    /// term, which mixes in its guest page number (guest-physical address /
+    /// page size). Two memories with equal contents at equal guest-physical
     /// addresses have equal digests, however they are cut into regions.
     /// Only meaningful while the guest is paused.
     pub fn digest(&self) -> u64 {
+        const WINDOW: u64 = 4096;
         let mut acc = 0u64;
         let mut buf = [0u64; PAGE_SIZE / 8];
+        let mut mask = [0u64; (WINDOW / 64) as usize];
         for (index, region) in self.inner.regions.iter().enumerate() {
             let first = region.guest_phys() / PAGE;
             for page in 0..region.pages() {
+                if page % WINDOW == 0 && self.populated(index, page, &mut mask).is_err() {
+                    // Nothing to ask: read every page of the window.
+                    mask.fill(u64::MAX);
+                }
+                let bit = page % WINDOW;
+                if mask[(bit / 64) as usize] >> (bit % 64) & 1 == 0 {
+                    continue;
+                }
                 // `page < pages`: page_ptr cannot refuse it.
                 let Ok(p) = region.page_ptr(index, page) else {
                     continue;
