@@ -557,6 +557,51 @@ mod tests {
     }
 
     #[test]
+    fn populated_tells_written_pages_from_untouched_ones_without_touching_them() {
+        let m = GuestMemory::anonymous(&layout(&[("big", 0, 200), ("small", 300, 3)])).unwrap();
+        assert_eq!(m.region(0).unwrap().backing(), Backing::PrivateAnonymous);
+        m.write(5 * PAGE, &[1]).unwrap();
+        m.write(130 * PAGE + 7, &[0]).unwrap(); // written, if with a zero
+        let mut mask = [0u64; 4];
+        m.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [1 << 5, 0, 1 << 2, u64::MAX << (200 - 192)]);
+        // Asked from page 128: page 130 is bit 2; past the end is set.
+        let mut mask = [0u64; 2];
+        m.populated(0, 128, &mut mask).unwrap();
+        assert_eq!(mask, [1 << 2, u64::MAX << (200 - 192)]);
+        // The question itself faulted nothing in, and the digest reads only
+        // populated pages: still one page resident of the first 128.
+        let digest = m.digest();
+        let mut mask = [0u64; 2];
+        m.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [1 << 5, 0]);
+        let mut five = [0u8; PAGE_SIZE];
+        five[0] = 1;
+        assert_eq!(digest, page_digest(5, &five));
+        // A page dropped back (MADV_DONTNEED) is unpopulated again.
+        let (host, _) = m.host_range(5 * PAGE, PAGE).unwrap();
+        // SAFETY: one whole page of the region's private anonymous mapping;
+        // dropping it makes it read as zero, which nothing here relies on
+        // being otherwise.
+        unsafe { libc::madvise(host.cast(), PAGE_SIZE, libc::MADV_DONTNEED) };
+        m.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [0, 0]);
+        assert_eq!(
+            m.populated(2, 0, &mut mask),
+            Err(MemoryError::NoSuchRegion(2))
+        );
+        // A region livemig was not told about: every page may hold data.
+        let host = m.region(1).unwrap().host_addr();
+        // SAFETY: the region of `m` (alive for the whole test), never
+        // written through this view.
+        let other = unsafe { GuestRegion::new("other", 0, host as *mut u8, 3 * PAGE, 0) }.unwrap();
+        let other = GuestMemory::new(vec![other], None).unwrap();
+        let mut mask = [0u64; 1];
+        other.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [u64::MAX]);
+    }
+
+    #[test]
     fn clones_share_the_memory_across_threads() {
         let a = three_regions();
         let b = a.clone();
