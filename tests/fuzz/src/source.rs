@@ -28,7 +28,7 @@ impl PageReader for Pages<'_> {
     fn populated(&self, block: u16, first: u64, mask: &mut [u64]) {
         assert_eq!(block, 0);
         assert!(
-            first < PAGES && first % 64 == 0,
+            first < PAGES && first.is_multiple_of(64),
             "populated query at page {first}"
         );
         for (i, word) in mask.iter_mut().enumerate() {
