@@ -139,7 +139,9 @@ pub trait PageReader {
     /// maps the zero page: a page fault each, microseconds under nested
     /// virtualization). `first` is a multiple of 64; bits past the block's
     /// end are ignored. The default answers "may hold data" for every page,
-    /// which is always correct.
+    /// which is always correct. Only the first pass asks (later passes
+    /// send pages the guest wrote since), and a page a postcopy request
+    /// asks for is read instead (a vCPU waits for it).
     ///
     /// Why a stale answer is never wrong: the engine asks for a window only
     /// once the dirty log of every page in it was reset (the clear of the

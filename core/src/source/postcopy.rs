@@ -336,12 +336,16 @@ impl<'a> SourceEngine<'a> {
                 }
                 // A page no longer dirty has been sent already, maybe still
                 // in flight: the destination will get it.
-                let Some(t) = self.tracking.get_mut(usize::from(req.block)) else {
-                    break;
-                };
                 if t.dirty.test_and_clear(page) {
                     self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
-                    let zero = self.sends_as_zero(ram, usize::from(req.block), page);
+                    // A vCPU waits for this page: one read (at worst a
+                    // zero-page fault, a few us) beats asking a whole
+                    // populated window (tens to hundreds of us).
+                    let zero = self
+                        .config
+                        .capabilities
+                        .contains(Capabilities::ZERO_PAGE_DETECTION)
+                        && ram.is_zero_page(req.block, page);
                     self.scan.batch.push(page, zero);
                 }
             }

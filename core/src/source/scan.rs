@@ -227,13 +227,21 @@ impl SourceEngine<'_> {
     /// zero-page detection on, a page the reader says was never populated
     /// (counted in `ram.unpopulated`, never read) or one that reads as all
     /// zero.
-    pub(super) fn sends_as_zero(&mut self, ram: &impl PageReader, block: usize, page: u64) -> bool {
+    ///
+    /// Only the first pass asks which pages are populated: every page
+    /// dirty after it was written since (so populated), and asking costs
+    /// (Linux's pagemap: ~75 ns a populated page here, more than reading
+    /// a non-zero page).
+    fn sends_as_zero(&mut self, ram: &impl PageReader, block: usize, page: u64) -> bool {
         if !self
             .config
             .capabilities
             .contains(Capabilities::ZERO_PAGE_DETECTION)
         {
             return false;
+        }
+        if self.scan.first_pass_done {
+            return ram.is_zero_page(block as u16, page);
         }
         let chunk = 1u64 << self.config.parameters.clear_bitmap_shift;
         let window = chunk.min(POPULATED_WINDOW as u64);

@@ -249,7 +249,8 @@ impl GuestMemory {
     /// [`Backing::Other`] are all set, as are bits past the region's end.
     ///
     /// The answer holds at the moment of the call: a page written after it
-    /// is populated, which only a dirty log can tell later.
+    /// is populated, which only a dirty log can tell later. On an error the
+    /// mask says every page may hold data.
     pub fn populated(
         &self,
         region: usize,
@@ -266,9 +267,11 @@ impl GuestMemory {
         }
         let pages = (r.pages() - first).min(mask.len() as u64 * 64);
         let addr = r.host_addr() + first * PAGE;
-        pagemap
-            .populated(addr, pages, mask)
-            .map_err(|e| MemoryError::Pagemap(e.raw_os_error().unwrap_or(0)))
+        pagemap.populated(addr, pages, mask).map_err(|e| {
+            // Nothing known after all: every page may hold data.
+            mask.fill(u64::MAX);
+            MemoryError::Pagemap(e.raw_os_error().unwrap_or(0))
+        })
     }
 
     /// A 64-bit digest of all guest memory: every byte of every page that
@@ -288,9 +291,9 @@ impl GuestMemory {
         for (index, region) in self.inner.regions.iter().enumerate() {
             let first = region.guest_phys() / PAGE;
             for page in 0..region.pages() {
-                if page % WINDOW == 0 && self.populated(index, page, &mut mask).is_err() {
-                    // Nothing to ask: read every page of the window.
-                    mask.fill(u64::MAX);
+                if page % WINDOW == 0 {
+                    // An error leaves every bit set: every page is read.
+                    let _ = self.populated(index, page, &mut mask);
                 }
                 let bit = page % WINDOW;
                 if mask[(bit / 64) as usize] >> (bit % 64) & 1 == 0 {

@@ -25,6 +25,13 @@
 //! page is read and found zero by a `memcmp` that no longer faults (the
 //! mapping exists), so the answer stays correct and only costs a scan.
 //!
+//! Cost, measured here: a 4096-page query takes ~30 us over untouched
+//! memory and ~310 us over populated memory (the kernel looks at each
+//! mapped page), against the ~5 us fault of every untouched page it
+//! saves; the engine therefore asks only in its first pass. Linux 6.7's
+//! `PAGEMAP_SCAN` ioctl answers in ranges and took ~135 us over the same
+//! populated pages; using it where the kernel has it is not done yet.
+//!
 //! Only private anonymous mappings are asked ([`Backing`]): for shared
 //! memory and files, a page can hold data that is not mapped in this
 //! process (another process wrote it, or the file has it), so pagemap's
