@@ -76,6 +76,51 @@ impl fmt::Display for QmpError {
 
 impl std::error::Error for QmpError {}
 
+/// One message from QEMU.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// `{"QMP": ...}`, the first line.
+    Greeting,
+    /// `{"return": VALUE}`: a command succeeded.
+    Return(Value),
+    /// `{"error": {"class", "desc"}}`: a command failed.
+    Error {
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// `{"event": ...}`: asynchronous, not an answer.
+    Event,
+}
+
+/// Decodes one line from QEMU; anything else than the four QMP messages
+/// is [`QmpError::Malformed`].
+pub fn decode(line: &str) -> Result<Message, QmpError> {
+    let malformed = || QmpError::Malformed {
+        line: line.trim_end().into(),
+    };
+    let v: Value = serde_json::from_str(line).map_err(|_| malformed())?;
+    let obj = v.as_object().ok_or_else(malformed)?;
+    if let Some(r) = obj.get("return") {
+        return Ok(Message::Return(r.clone()));
+    }
+    if let Some(e) = obj.get("error") {
+        let field = |k: &str| e.get(k).and_then(Value::as_str).map(String::from);
+        return match (field("class"), field("desc")) {
+            (Some(class), Some(desc)) => Ok(Message::Error { class, desc }),
+            _ => Err(malformed()),
+        };
+    }
+    if obj.contains_key("event") {
+        return Ok(Message::Event);
+    }
+    if obj.contains_key("QMP") {
+        return Ok(Message::Greeting);
+    }
+    Err(malformed())
+}
+
 /// A connected QMP session, out of negotiation mode.
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -103,11 +148,13 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
         };
-        let greeting = qmp.read_message("greeting", REPLY_TIMEOUT)?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Malformed {
-                line: greeting.to_string(),
-            });
+        match qmp.read_message("greeting", REPLY_TIMEOUT)? {
+            Message::Greeting => {}
+            other => {
+                return Err(QmpError::Malformed {
+                    line: format!("{other:?} instead of the greeting"),
+                });
+            }
         }
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
@@ -136,22 +183,21 @@ impl Qmp {
                     command: command.into(),
                 });
             }
-            let reply = self.read_message(command, left)?;
-            if let Some(r) = reply.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = reply.get("error") {
-                let field = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
-                return Err(QmpError::Command {
-                    command: command.into(),
-                    class: field("class"),
-                    desc: field("desc"),
-                });
-            }
-            if reply.get("event").is_none() {
-                return Err(QmpError::Malformed {
-                    line: reply.to_string(),
-                });
+            match self.read_message(command, left)? {
+                Message::Return(r) => return Ok(r),
+                Message::Error { class, desc } => {
+                    return Err(QmpError::Command {
+                        command: command.into(),
+                        class,
+                        desc,
+                    });
+                }
+                Message::Event => {}
+                Message::Greeting => {
+                    return Err(QmpError::Malformed {
+                        line: format!("a second greeting, answering {command}"),
+                    });
+                }
             }
         }
     }
@@ -176,7 +222,7 @@ impl Qmp {
     }
 
     /// The next message, within `timeout` (not zero).
-    fn read_message(&mut self, command: &str, timeout: Duration) -> Result<Value, QmpError> {
+    fn read_message(&mut self, command: &str, timeout: Duration) -> Result<Message, QmpError> {
         self.reader
             .get_ref()
             .set_read_timeout(Some(timeout))
@@ -189,9 +235,7 @@ impl Qmp {
             Ok(0) => Err(QmpError::Closed {
                 command: command.into(),
             }),
-            Ok(_) => serde_json::from_str(&line).map_err(|_| QmpError::Malformed {
-                line: line.trim_end().into(),
-            }),
+            Ok(_) => decode(&line),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -211,7 +255,7 @@ impl Qmp {
 }
 
 /// The value of an `xp /1gx ADDR` line: `0000000000005100: 0x00000000047ddc00`.
-fn parse_xp(out: &str) -> Option<u64> {
+pub fn parse_xp(out: &str) -> Option<u64> {
     let (_, value) = out.lines().next()?.split_once(':')?;
     let hex = value.split_whitespace().next()?.strip_prefix("0x")?;
     u64::from_str_radix(hex, 16).ok()
@@ -283,6 +327,35 @@ mod tests {
             Err(QmpError::Malformed { .. })
         ));
         assert!(matches!(q.execute("c", None), Err(QmpError::Closed { .. })));
+    }
+
+    #[test]
+    fn messages_are_decoded_or_refused() {
+        assert_eq!(decode("{\"QMP\": {}}\n").unwrap(), Message::Greeting);
+        assert_eq!(
+            decode("{\"return\": 3}").unwrap(),
+            Message::Return(json!(3))
+        );
+        assert_eq!(decode("{\"event\": \"STOP\"}").unwrap(), Message::Event);
+        assert_eq!(
+            decode("{\"error\": {\"class\": \"C\", \"desc\": \"d\"}}").unwrap(),
+            Message::Error {
+                class: "C".into(),
+                desc: "d".into()
+            }
+        );
+        for bad in [
+            "",
+            "[1]",
+            "{\"error\": {\"class\": 1}}",
+            "{}",
+            "{\"return\"",
+        ] {
+            assert!(
+                matches!(decode(bad), Err(QmpError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
