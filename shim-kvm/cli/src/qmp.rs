@@ -267,7 +267,8 @@ mod tests {
     use std::io::{BufRead, BufReader, Write};
 
     /// A fake QMP server on one end of a socket pair: greets, then answers
-    /// each request line with the next of `replies` (several lines each).
+    /// each request line with the next of `replies` (several lines each),
+    /// then reads one more request and closes without an answer.
     fn server(replies: Vec<&'static str>) -> (UnixStream, std::thread::JoinHandle<Vec<Value>>) {
         let (client, server) = UnixStream::pair().unwrap();
         let handle = std::thread::spawn(move || {
@@ -285,6 +286,9 @@ mod tests {
                 seen.push(serde_json::from_str(&line).unwrap());
                 w.write_all(reply.as_bytes()).unwrap();
             }
+            // Take the next request, if any, then close without answering.
+            line.clear();
+            let _ = r.read_line(&mut line);
             seen
         });
         (client, handle)
@@ -301,6 +305,7 @@ mod tests {
         let r = q.execute("query-migrate", Some(json!({ "x": 1 }))).unwrap();
         assert_eq!(r["status"], "completed");
         assert_eq!(q.read_u64(0x5100).unwrap(), 0x47d_dc00);
+        drop(q);
         let seen = s.join().unwrap();
         assert_eq!(seen[0]["execute"], "qmp_capabilities");
         assert_eq!(seen[1]["arguments"]["x"], 1);
