@@ -33,6 +33,7 @@
 //! line.
 
 pub mod bench;
+pub mod breakdown;
 pub mod continuity;
 pub mod demo;
 pub mod guest;
@@ -43,6 +44,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod report;
 pub mod run;
+pub mod timeline;
 pub mod vmm;
 pub mod vs_qemu;
 pub mod watch;
