@@ -129,7 +129,7 @@ pub enum QemuError {
         error_desc: Option<String>,
     },
     /// The destination guest did not go on: a vCPU's stamp counter did not
-    /// move past the source's.
+    /// move past the source's within 10 s.
     NotContinued {
         /// The vCPU.
         vcpu: u32,
@@ -199,7 +199,7 @@ impl fmt::Display for QemuError {
             } => write!(
                 f,
                 "the guest did not go on under the destination QEMU: vCPU {vcpu} stamped \
-                 {destination} pages there, {source} at the stop"
+                 {destination} pages there after 10 s, {source} at the stop"
             ),
             QemuError::Cancelled => write!(f, "the QEMU run was cancelled"),
         }
@@ -557,20 +557,39 @@ pub fn run_once(
         dst.tick(deadline, "the guest to run after the migration", cancel)?;
     };
     sleep_cancellable(settings.run_for, cancel)?;
-    dst.check_alive()?;
-    let after = dst.stamp_counters(params.vcpus)?;
-    let mut stamped_after = 0;
-    for (v, (&s, &d)) in (0u32..).zip(at_stop.iter().zip(&after)) {
-        let owns = guest::owned_pages(params.ws_pages, params.vcpus, v) > 0;
-        if owns && d <= s {
-            return Err(QemuError::NotContinued {
-                vcpu: v,
-                source: s,
-                destination: d,
+    // A loaded machine may not have scheduled a vCPU yet: poll, with a
+    // deadline, until each vCPU that owns pages has stamped some.
+    let deadline = Instant::now() + RUNNING_TIMEOUT;
+    let stamped_after = loop {
+        dst.check_alive()?;
+        let after = dst.stamp_counters(params.vcpus)?;
+        let stalled = (0u32..)
+            .zip(at_stop.iter().zip(&after))
+            .find(|&(v, (s, d))| {
+                guest::owned_pages(params.ws_pages, params.vcpus, v) > 0 && d <= s
             });
+        match stalled {
+            None => {
+                break at_stop
+                    .iter()
+                    .zip(&after)
+                    .map(|(s, d)| d.saturating_sub(*s))
+                    .sum::<u64>();
+            }
+            Some((vcpu, (&source, &destination))) if Instant::now() > deadline => {
+                return Err(QemuError::NotContinued {
+                    vcpu,
+                    source,
+                    destination,
+                });
+            }
+            Some(_) => dst.tick(
+                deadline,
+                "the guest to stamp pages after the migration",
+                cancel,
+            )?,
         }
-        stamped_after += d.saturating_sub(s);
-    }
+    };
     if params.ws_pages == 0 {
         // An idle guest stamps nothing: its serial line shows it runs.
         wait_serial_grows(&mut dst, cancel)?;
