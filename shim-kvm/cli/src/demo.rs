@@ -201,7 +201,8 @@ pub struct GuestShape {
 }
 
 impl GuestShape {
-    fn params(&self) -> Result<GuestParams, DemoError> {
+    /// The parameter block of a guest of this shape booted by the demo VMM.
+    pub fn params(&self) -> Result<GuestParams, DemoError> {
         let ws_pages = self.dirty_mib * MIB / PAGE_SIZE as u64;
         let ws_pages = u32::try_from(ws_pages).map_err(|_| {
             DemoError::Guest(format!("{} MiB working set is too large", self.dirty_mib))
