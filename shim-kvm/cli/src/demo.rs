@@ -74,6 +74,7 @@ use crate::guest_writes::{WriteLog, WritesError, digest_outside};
 use crate::report::{Progress, Summary};
 use crate::timeline::Chart;
 use crate::vmm::vcpus::VcpuError;
+use crate::vmm::ram::{LOW_RAM_MAX, RamLayout};
 use crate::vmm::{BootError, DemoVmm};
 use crate::watch::{GuestAfter, GuestAtStop, WatchError};
 
@@ -206,10 +207,14 @@ impl GuestShape {
         let ws_pages = u32::try_from(ws_pages).map_err(|_| {
             DemoError::Guest(format!("{} MiB working set is too large", self.dirty_mib))
         })?;
-        if WORKING_SET_START + self.dirty_mib * MIB > self.mem_mib * MIB {
+        // The working set stays in the RAM below the 32-bit hole (the
+        // guest maps only 0 .. 4 GiB), as the demo VMM and QEMU lay it out.
+        let low = self.mem_mib.saturating_mul(MIB).min(LOW_RAM_MAX);
+        if WORKING_SET_START + self.dirty_mib * MIB > low {
             return Err(DemoError::Guest(format!(
-                "a {} MiB working set at 2 MiB does not fit in {} MiB of RAM",
-                self.dirty_mib, self.mem_mib
+                "a {} MiB working set at 2 MiB does not fit in the {} MiB of RAM below the 32-bit hole",
+                self.dirty_mib,
+                low / MIB
             )));
         }
         Ok(GuestParams {
@@ -226,7 +231,7 @@ impl GuestShape {
 /// A demo VMM of `mem_mib` MiB with `vcpus` parked vCPUs and nothing
 /// loaded: a destination.
 pub fn empty_vmm(mem_mib: u64, vcpus: u32) -> Result<DemoVmm, DemoError> {
-    DemoVmm::new(mem_mib * MIB, vcpus).map_err(DemoError::Boot)
+    DemoVmm::new(mem_mib.saturating_mul(MIB), vcpus).map_err(DemoError::Boot)
 }
 
 /// Boots the demo guest on every vCPU and lets it run for `warmup` (and at
@@ -530,7 +535,8 @@ pub fn run_send(
         ..options
     };
     let mut out = send_guest(&vmm, conn, config, options, cancel, progress)?;
-    let summary = send_summary(&out);
+    let mut summary = send_summary(&out);
+    summary.extra.insert("guest-ram".into(), ram_regions(&vmm));
     if summary.stats.ambiguous_end.is_none() {
         return Ok(summary);
     }
@@ -540,10 +546,19 @@ pub fn run_send(
         watch_source_guest(&vmm, &mut out)?;
     }
     let mut summary = send_summary(&out);
+    summary.extra.insert("guest-ram".into(), ram_regions(&vmm));
     summary
         .extra
         .insert("hold-decision".into(), json!(decision_name(decision)));
     Ok(summary)
+}
+
+/// The source's RAM as `guest-ram` in a summary: `[start, bytes]` per
+/// region (and memslot) in guest-physical order, so a reader sees the
+/// split around the 32-bit hole.
+fn ram_regions(vmm: &DemoVmm) -> Value {
+    let regions = vmm.guest_memory().regions().iter();
+    json!(regions.map(|r| [r.guest_phys(), r.len()]).collect::<Vec<_>>())
 }
 
 /// Milliseconds with three decimals.
@@ -893,6 +908,8 @@ pub fn run_demo_with(
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
+    // Refused here in one line, not as the destination's failure to start.
+    RamLayout::new(shape.mem_mib.saturating_mul(MIB)).map_err(DemoError::Boot)?;
     let exe = std::env::current_exe()
         .map_err(|e| DemoError::Child(format!("finding this program: {e}")))?;
     let child = Command::new(exe)
@@ -1048,6 +1065,7 @@ pub fn run_demo_with(
         && memory_equal
         && continued;
     summary.extra.insert("destination".into(), dest.clone());
+    summary.extra.insert("guest-ram".into(), ram_regions(&vmm));
     if out.report.stats.status == MigrationStatus::Completed {
         // On the destination; after a failure the source's own fields
         // (`guest-continued-on-source`) tell how the guest is.

@@ -338,7 +338,7 @@ struct RunArgs {
     #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
     vcpus: u32,
-    /// Guest RAM in MiB (4 to 3072).
+    /// Guest RAM in MiB (4 to 16384; beyond 3072 it continues at 4 GiB).
     #[arg(long, default_value_t = 64)]
     mem_mib: u64,
     /// Working set the vCPUs share, in MiB at 2 MiB (0 = idle guest).
