@@ -525,6 +525,47 @@ mod tests {
     }
 
     #[test]
+    fn the_working_set_must_end_in_the_ram_below_the_first_hole() {
+        // 8 MiB at 0 (two adjacent regions) and 4 MiB past a hole at 16 MiB.
+        let region = |name: &str, guest_phys, len, slot| RegionLayout {
+            name: name.into(),
+            guest_phys,
+            len,
+            slot,
+        };
+        let ram = GuestMemory::anonymous(&[
+            region("lo", 0, 4 << 20, 0),
+            region("lo.1", 4 << 20, 4 << 20, 1),
+            region("hi", 16 << 20, 4 << 20, 2),
+        ])
+        .unwrap();
+        let fits = GuestParams {
+            ws_start: 2 << 20,
+            ws_pages: 1536,
+            ..GuestParams::default()
+        };
+        load(&ram, &fits).unwrap();
+        let into_the_hole = GuestParams {
+            ws_pages: 1537,
+            ..fits
+        };
+        assert_eq!(
+            load(&ram, &into_the_hole),
+            Err(GuestError::BadWorkingSet {
+                start: 2 << 20,
+                pages: 1537,
+                ram: 8 << 20
+            })
+        );
+        let above_the_hole = GuestParams {
+            ws_start: 16 << 20,
+            ws_pages: 1,
+            ..fits
+        };
+        assert!(load(&ram, &above_the_hole).is_err());
+    }
+
+    #[test]
     fn params_validated_and_encoded() {
         let p = GuestParams::default();
         let b = p.encode();
