@@ -73,8 +73,8 @@ use crate::continuity::{GuestContinuity, serial_continued, serial_sequence, vcpu
 use crate::guest_writes::{WriteLog, WritesError, digest_outside};
 use crate::report::{Progress, Summary};
 use crate::timeline::Chart;
-use crate::vmm::vcpus::VcpuError;
 use crate::vmm::ram::{LOW_RAM_MAX, RamLayout};
+use crate::vmm::vcpus::VcpuError;
 use crate::vmm::{BootError, DemoVmm};
 use crate::watch::{GuestAfter, GuestAtStop, WatchError};
 
@@ -558,7 +558,11 @@ pub fn run_send(
 /// split around the 32-bit hole.
 fn ram_regions(vmm: &DemoVmm) -> Value {
     let regions = vmm.guest_memory().regions().iter();
-    json!(regions.map(|r| [r.guest_phys(), r.len()]).collect::<Vec<_>>())
+    json!(
+        regions
+            .map(|r| [r.guest_phys(), r.len()])
+            .collect::<Vec<_>>()
+    )
 }
 
 /// Milliseconds with three decimals.

@@ -64,5 +64,8 @@ fn ram_beyond_the_bound_and_working_sets_in_the_hole_are_refused() {
     assert!(!out.status.success(), "{out:?}");
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("3072 MiB of RAM below the 32-bit hole"), "{err}");
+    assert!(
+        err.contains("3072 MiB of RAM below the 32-bit hole"),
+        "{err}"
+    );
 }

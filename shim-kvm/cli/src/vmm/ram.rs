@@ -115,7 +115,9 @@ mod tests {
                 "{bad}"
             );
         }
-        let line = RamLayout::new(MAX_MEM_BYTES + 4096).unwrap_err().to_string();
+        let line = RamLayout::new(MAX_MEM_BYTES + 4096)
+            .unwrap_err()
+            .to_string();
         assert!(line.contains("at most 16384 MiB"), "{line}");
     }
 }
