@@ -6,12 +6,14 @@
 //! entry point gives valid inputs for mutation-based drivers to start from.
 
 mod destination;
+mod multifd;
 mod return_path;
 mod source;
 mod stream;
 mod x86;
 
 pub use destination::{destination, destination_accepts, destination_corpus};
+pub use multifd::{multifd, multifd_accepts, multifd_corpus};
 pub use return_path::{return_path, return_path_accepts, return_path_corpus};
 pub use source::{source, source_accepts, source_corpus};
 pub use stream::{stream, stream_accepts, stream_corpus};
