@@ -308,6 +308,33 @@ pub struct SendOutcome {
     pub intact_after_failure: bool,
 }
 
+/// The main connection to a destination and, with the `multifd`
+/// capability, its `multifd-channels` channel connections, made after it
+/// to the same address (the destination accepts them on the same
+/// listener).
+pub struct Connections {
+    /// The main stream and return path.
+    pub main: Connection,
+    /// The multifd channels (none without multifd).
+    pub channels: Vec<Connection>,
+}
+
+impl Connections {
+    /// Connects to `to`, then the channels `config` asks for.
+    pub fn connect(to: &MigrationUri, config: &MigrationConfig) -> Result<Self, DemoError> {
+        let main = Connection::connect(to)?;
+        let count = if config.capabilities.contains(Capabilities::MULTIFD) {
+            usize::from(config.parameters.multifd_channels)
+        } else {
+            0
+        };
+        let channels = (0..count)
+            .map(|_| Connection::connect(to))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Connections { main, channels })
+    }
+}
+
 /// The demo VMM's guest as livemig's source takes it: its VM, RAM (with
 /// vm-memory's bitmap of the VMM's own writes), vCPUs and COM1 section.
 pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
@@ -328,13 +355,19 @@ pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
 /// on to it.
 pub fn send_guest(
     vmm: &DemoVmm,
-    conn: Connection,
+    conns: Connections,
     config: &MigrationConfig,
     options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let handle = livemig_kvm::migrate(source_vm(vmm), conn, config, options)?;
+    let handle = livemig_kvm::migrate_with_channels(
+        source_vm(vmm),
+        conns.main,
+        conns.channels,
+        config,
+        options,
+    )?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         if cancel.is_cancelled() {
@@ -513,13 +546,13 @@ pub fn run_send(
     progress: &mut Progress,
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
-    let conn = Connection::connect(to)?;
+    let conns = Connections::connect(to, config)?;
     let vmm = boot_guest(shape, warmup)?;
     let options = SourceOptions {
         dirty_log: shape.dirty_log,
         ..options
     };
-    let mut out = send_guest(&vmm, conn, config, options, cancel, progress)?;
+    let mut out = send_guest(&vmm, conns, config, options, cancel, progress)?;
     let summary = send_summary(&out);
     if summary.stats.ambiguous_end.is_none() {
         return Ok(summary);
@@ -733,7 +766,7 @@ pub fn run_receive(
     // the guest wrote here.
     let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())
         .map_err(DemoError::Writes)?;
-    let handle = livemig_kvm::receive(destination_vm(&vmm), conn, options)?;
+    let handle = livemig_kvm::receive_with_channels(destination_vm(&vmm), conn, listener, options)?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         match interrupt.signal() {
@@ -939,12 +972,12 @@ pub fn run_demo_with(
     child.stdout = Some(reader.into_inner());
 
     let vmm = boot_guest(shape, warmup)?;
-    let conn = Connection::connect(&uri)?;
+    let conns = Connections::connect(&uri, config)?;
     let options = SourceOptions {
         dirty_log: shape.dirty_log,
         ..options
     };
-    let out = send_guest(&vmm, conn, config, options, cancel, progress)?;
+    let out = send_guest(&vmm, conns, config, options, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };

@@ -253,6 +253,17 @@ impl Connection {
         .map_err(|e| io_err(format!("reading from {}", self.peer), e))
     }
 
+    /// Bounds how long a read may wait for its first byte (`None`:
+    /// forever); a read that times out is an `Io` error of kind
+    /// `WouldBlock` or `TimedOut`.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+        }
+        .map_err(|e| io_err(format!("setting a read timeout on {}", self.peer), e))
+    }
+
     /// The bound set by [`set_write_timeout`](Connection::set_write_timeout).
     fn stall_limit(&self) -> Option<Duration> {
         match self.stall_limit_ns.load(Ordering::Relaxed) {
