@@ -195,7 +195,16 @@ pub struct GuestShape {
     pub dirty_log: DirtyLogMode,
     /// vCPUs (1 ..= [`guest::MAX_VCPUS`]), sharing the working set.
     pub vcpus: u32,
+    /// Before boot, fill the RAM past the working set (from
+    /// [`FILL_START`] on, or the working set's end if that is higher) with
+    /// non-zero data, so that a pass carries whole pages rather than zero
+    /// entries (the multifd bench).
+    pub fill: bool,
 }
+
+/// Where [`GuestShape::fill`] starts: above the image, the guest's fixed
+/// addresses and its default working-set start.
+pub const FILL_START: u64 = 4 * MIB;
 
 impl GuestShape {
     fn params(&self) -> Result<GuestParams, DemoError> {
@@ -226,12 +235,33 @@ pub fn empty_vmm(mem_mib: u64, vcpus: u32) -> Result<DemoVmm, DemoError> {
     DemoVmm::new(mem_mib * MIB, vcpus).map_err(DemoError::Boot)
 }
 
+/// Writes non-zero, incompressible data into the guest RAM from `from` to
+/// its end (no page of it all zero).
+fn fill_ram(vmm: &DemoVmm, from: u64) -> Result<(), DemoError> {
+    let ram = vmm.guest_memory();
+    let chunk = crate::bench::guest_like_data(4 * MIB as usize);
+    for region in ram.regions() {
+        let end = region.guest_phys() + region.len();
+        let mut at = from.max(region.guest_phys());
+        while at < end {
+            let len = (end - at).min(chunk.len() as u64) as usize;
+            ram.write(at, &chunk[..len])
+                .map_err(|e| DemoError::Guest(format!("filling guest RAM: {e}")))?;
+            at += len as u64;
+        }
+    }
+    Ok(())
+}
+
 /// Boots the demo guest on every vCPU and lets it run for `warmup` (and at
 /// least until every vCPU reached ring 3 and, with a working set, each
 /// vCPU that owns pages finished a generation).
 pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<DemoVmm, DemoError> {
     let params = shape.params()?;
     let vmm = empty_vmm(shape.mem_mib, shape.vcpus)?;
+    if shape.fill {
+        fill_ram(&vmm, FILL_START.max(WORKING_SET_START + shape.dirty_mib * MIB))?;
+    }
     vmm.boot(&params).map_err(DemoError::Boot)?;
     vmm.vcpus().resume().map_err(DemoError::Vcpu)?;
     let start = clock::monotonic_ns();
@@ -1230,6 +1260,7 @@ mod tests {
             dirty_mib: 4,
             dirty_log: DirtyLogMode::ManualProtect,
             vcpus: 2,
+            fill: false,
         };
         let mut config = base_config();
         config.parameters.max_bandwidth = 0;
@@ -1248,6 +1279,7 @@ mod tests {
             dirty_mib,
             dirty_log: DirtyLogMode::ManualProtect,
             vcpus: 2,
+            fill: false,
         };
         let p = shape(1024, 64).params().unwrap();
         assert_eq!((p.ws_start, p.ws_pages), (WORKING_SET_START, 64 * 256));
