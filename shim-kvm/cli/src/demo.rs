@@ -260,7 +260,10 @@ pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<DemoVmm, DemoEr
     let params = shape.params()?;
     let vmm = empty_vmm(shape.mem_mib, shape.vcpus)?;
     if shape.fill {
-        fill_ram(&vmm, FILL_START.max(WORKING_SET_START + shape.dirty_mib * MIB))?;
+        fill_ram(
+            &vmm,
+            FILL_START.max(WORKING_SET_START + shape.dirty_mib * MIB),
+        )?;
     }
     vmm.boot(&params).map_err(DemoError::Boot)?;
     vmm.vcpus().resume().map_err(DemoError::Vcpu)?;

@@ -277,8 +277,11 @@ struct BenchArgs {
     /// No per-run lines on stderr.
     #[arg(long)]
     quiet: bool,
-    /// A case to run (repeatable; default: all): idle-4g, busy-1g.
-    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g"])]
+    /// A case to run (repeatable; default: idle-4g and busy-1g): idle-4g,
+    /// busy-1g, or multifd alone (a 1 GiB guest of non-zero pages over 1,
+    /// 2 and N channels, N from --param multifd-channels or 4, against as
+    /// many raw TCP streams).
+    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd"])]
     cases: Vec<String>,
     /// Runs per case; the figures are median, min and max over them.
     #[arg(long, default_value_t = 3)]
