@@ -184,7 +184,12 @@ pub struct DestinationReport {
     /// when [`ReceiveOptions::digest`] asked for it. `None` after postcopy,
     /// where the guest ran during the load.
     pub digest: Option<u64>,
-    /// `CLOCK_MONOTONIC` nanoseconds when the stream was fully loaded.
+    /// `CLOCK_MONOTONIC` nanoseconds when the end of the stream had been
+    /// read and loaded (with the return path, LOADED answered): the
+    /// destination's part of the stop begins.
+    pub end_received_ns: Option<u64>,
+    /// `CLOCK_MONOTONIC` nanoseconds when the stream was fully loaded (the
+    /// source's COMMIT received, the connection's reader stopped).
     pub loaded_ns: Option<u64>,
     /// `CLOCK_MONOTONIC` nanoseconds when the guest was started here.
     pub started_ns: Option<u64>,
@@ -236,6 +241,8 @@ pub struct KvmHost {
     channels: Option<ChannelReceivers>,
     /// How long an accept, a hello or a sync may wait.
     channel_deadline: Duration,
+    /// When the engine had read the end of the stream.
+    end_received_ns: Option<u64>,
 }
 
 impl KvmHost {
@@ -743,6 +750,7 @@ fn start_receive(
         listener,
         channels: None,
         channel_deadline: options.idle_timeout,
+        end_received_ns: None,
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
         run(host, events, required, &conn, reader_conn, options, shared)
@@ -807,6 +815,7 @@ fn run(
         error: None,
         started: false,
         digest: None,
+        end_received_ns: host.end_received_ns,
         loaded_ns: None,
         started_ns: None,
         digest_ms: 0.0,
@@ -926,6 +935,9 @@ fn run_receive_loop(
                         Err(DestError::Host(op))
                     }
                 };
+                if (engine.is_loaded() || engine.is_completed()) && host.end_received_ns.is_none() {
+                    host.end_received_ns = Some(clock::monotonic_ns());
+                }
                 // The reader is gone if this fails; the loop learns it from
                 // the end of the stream.
                 let _ = pool.send(buf);
