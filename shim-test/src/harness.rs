@@ -303,6 +303,19 @@ impl ClearAudit {
         }
     }
 
+    /// A populated query over `pages` pages from `first`: the answer must
+    /// not predate a clear still owed by one of their chunks.
+    fn asked(&mut self, block: usize, first: u64, pages: u64, guest_running: bool) {
+        let chunks = first >> self.shift..=(first + pages - 1) >> self.shift;
+        if guest_running && chunks.clone().any(|c| self.pending.contains(&(block, c))) {
+            self.violation(format!(
+                "block {block}: populated pages {first}..{} asked before their chunk's dirty \
+                 log was cleared",
+                first + pages
+            ));
+        }
+    }
+
     fn read(&mut self, block: usize, page: u64, guest_running: bool) {
         if guest_running && self.pending.contains(&(block, page >> self.shift)) {
             self.violation(format!(
@@ -325,6 +338,15 @@ impl PageReader for Pages<'_> {
             .borrow_mut()
             .read(usize::from(block), page, self.guest_running);
         self.ram.is_zero(usize::from(block), page).unwrap_or(false)
+    }
+
+    fn populated(&self, block: u16, first: u64, mask: &mut [u64]) {
+        let block = usize::from(block);
+        let pages = mask.len() as u64 * 64;
+        self.audit
+            .borrow_mut()
+            .asked(block, first, pages, self.guest_running);
+        self.ram.populated(block, first, mask);
     }
 }
 

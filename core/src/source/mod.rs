@@ -115,6 +115,13 @@ pub const SETUP_CHECK_PING: u32 = 1;
 /// a few commands, a block list of typical size, and a batch header.
 pub const MIN_SCRATCH: usize = 16 * 1024;
 
+/// Most pages one [`PageReader::populated`] query covers: 4096 pages (16
+/// MiB of 4 KiB pages, a 32 KiB read of Linux's pagemap) per query keeps
+/// the queries of an idle 1 GiB guest at 64. A window never spans two
+/// dirty-log clear chunks (it shrinks to the chunk when chunks are
+/// smaller), see [`PageReader::populated`].
+pub const POPULATED_WINDOW: usize = 4096;
+
 /// Reads guest memory on the engine's behalf, for zero-page detection.
 ///
 /// Implementations must be sound while the guest runs (the KVM shim reads
@@ -123,6 +130,35 @@ pub const MIN_SCRATCH: usize = 16 * 1024;
 pub trait PageReader {
     /// True when every byte of `page` in block `block` is zero.
     fn is_zero_page(&self, block: u16, page: u64) -> bool;
+
+    /// Which of the pages `first .. first + 64 * mask.len()` of block
+    /// `block` may hold data: bit `i` of word `w` (page `first + 64 * w +
+    /// i`) set for a page that is, or may be, populated; clear for a page
+    /// the memory never populated (or dropped back, as `MADV_DONTNEED`
+    /// does), which reads as zero. The engine sends a clear page as a zero
+    /// page without [`is_zero_page`](PageReader::is_zero_page), so reading
+    /// it never faults it in (on Linux, reading untouched anonymous memory
+    /// maps the zero page: a page fault each, microseconds under nested
+    /// virtualization). `first` is a multiple of 64; bits past the block's
+    /// end are ignored. The default answers "may hold data" for every page,
+    /// which is always correct. Only the first pass asks (later passes
+    /// send pages the guest wrote since), and a page a postcopy request
+    /// asks for is read instead (a vCPU waits for it).
+    ///
+    /// Why a stale answer is never wrong: the engine asks for a window only
+    /// once the dirty log of every page in it was reset (the clear of the
+    /// window's chunk was issued, or the chunk owes none since the last
+    /// sync), and forgets the answer at the next sync and the next clear.
+    /// A page that becomes populated after the answer was written by the
+    /// guest (KVM logs the write: the page had no mapping, or a protected
+    /// one) or by a device (the device dirty log) after its log was reset,
+    /// so it is dirty again at the next sync and sent then, with its data.
+    /// Dirty logging is on before the first pass, so this holds for the
+    /// first pass too.
+    fn populated(&self, block: u16, first: u64, mask: &mut [u64]) {
+        let _ = (block, first);
+        mask.fill(u64::MAX);
+    }
 }
 
 /// What the engine asks its caller to do next.
@@ -565,6 +601,9 @@ impl<'a> SourceEngine<'a> {
             .get_mut(usize::from(block))
             .ok_or(SourceError::NoSuchBlock(block))?;
         let newly = t.dirty.merge(log);
+        // A legacy fetch resets the log: what the reader said before is
+        // older than the reset (see `PageReader::populated`).
+        self.scan.populated.forget();
         if !self.vcpus_stopped {
             t.clear.mark_from_log(log);
         }

@@ -32,6 +32,7 @@ use serde_json::{Map, Value, json};
 use crate::breakdown::DESTINATION_PARTS;
 use crate::demo::{self, DemoError, GuestShape};
 use crate::interrupt::Cancel;
+use crate::qemu::QemuError;
 use crate::report::{Progress, Summary};
 use livemig_kvm::clock;
 use livemig_kvm::dirty_log::DirtyLogMode;
@@ -138,6 +139,8 @@ pub enum BenchError {
     Sink(String),
     /// The sender of a raw copy stopped early or sent something else.
     Protocol(String),
+    /// The QEMU side of `--vs-qemu` failed.
+    Qemu(QemuError),
 }
 
 impl fmt::Display for BenchError {
@@ -153,6 +156,7 @@ impl fmt::Display for BenchError {
             BenchError::Transport(e) => write!(f, "raw TCP copy: {e}"),
             BenchError::Sink(e) => write!(f, "raw TCP copy: the sink process {e}"),
             BenchError::Protocol(e) => write!(f, "raw TCP copy: {e}"),
+            BenchError::Qemu(e) => write!(f, "bench --vs-qemu: {e}"),
         }
     }
 }
@@ -530,7 +534,8 @@ impl Spread {
         })
     }
 
-    fn to_json(self) -> Value {
+    /// `{"median", "min", "max"}`.
+    pub fn to_json(self) -> Value {
         json!({ "median": self.median, "min": self.min, "max": self.max })
     }
 }
@@ -781,47 +786,64 @@ pub fn run_case(
     if opts.runs == 0 {
         return Err(BenchError::NoRuns);
     }
-    let shape = GuestShape {
+    let mut runs = Vec::new();
+    for i in 1..=opts.runs {
+        runs.push(run_one(case, i, opts, config, data, cancel)?);
+    }
+    Ok(CaseResult { case, runs })
+}
+
+/// The guest shape of `case` with the options' vCPUs.
+pub fn shape(case: BenchCase, opts: &BenchOptions) -> GuestShape {
+    GuestShape {
         mem_mib: case.mem_mib,
         dirty_mib: case.dirty_mib,
         dirty_log: DirtyLogMode::ManualProtect,
         vcpus: opts.vcpus,
         fill: false,
-    };
-    let mut runs = Vec::new();
-    for i in 1..=opts.runs {
-        let summary = demo::run_demo(
-            shape,
-            config,
-            opts.warmup,
-            opts.run_for,
-            cancel,
-            &mut Progress::quiet(),
-        )?;
-        if cancel.is_cancelled() || summary.stats.status == MigrationStatus::Cancelled {
-            return Err(BenchError::Cancelled);
-        }
-        let raw_same_bytes = raw_tcp_copy(summary.stats.ram.transferred, data)?;
-        let raw_all_ram = raw_tcp_copy(summary.stats.ram.total, data)?;
-        let run = RunResult {
-            summary,
-            raw_same_bytes,
-            raw_all_ram,
-        };
-        if opts.verbose {
-            eprintln!(
-                "bench: {} run {i}/{}: total {} ms, downtime {} ms, ratio {}, verified {}",
-                case.name,
-                opts.runs,
-                run.total_ms(),
-                run.downtime_ms().map_or("-".into(), |d| format!("{d:.1}")),
-                run.ratio().map_or("-".into(), |r| format!("{r:.2}")),
-                run.verified()
-            );
-        }
-        runs.push(run);
     }
-    Ok(CaseResult { case, runs })
+}
+
+/// Run `i` of `case`: a verified migration as `livemig demo` does it, then
+/// the two raw copies.
+pub fn run_one(
+    case: BenchCase,
+    i: u32,
+    opts: &BenchOptions,
+    config: &MigrationConfig,
+    data: &[u8],
+    cancel: &Cancel,
+) -> Result<RunResult, BenchError> {
+    let summary = demo::run_demo(
+        shape(case, opts),
+        config,
+        opts.warmup,
+        opts.run_for,
+        cancel,
+        &mut Progress::quiet(),
+    )?;
+    if cancel.is_cancelled() || summary.stats.status == MigrationStatus::Cancelled {
+        return Err(BenchError::Cancelled);
+    }
+    let raw_same_bytes = raw_tcp_copy(summary.stats.ram.transferred, data)?;
+    let raw_all_ram = raw_tcp_copy(summary.stats.ram.total, data)?;
+    let run = RunResult {
+        summary,
+        raw_same_bytes,
+        raw_all_ram,
+    };
+    if opts.verbose {
+        eprintln!(
+            "bench: {} run {i}/{}: total {} ms, downtime {} ms, ratio {}, verified {}",
+            case.name,
+            opts.runs,
+            run.total_ms(),
+            run.downtime_ms().map_or("-".into(), |d| format!("{d:.1}")),
+            run.ratio().map_or("-".into(), |r| format!("{r:.2}")),
+            run.verified()
+        );
+    }
+    Ok(run)
 }
 
 /// The multifd case's name (`--case multifd`).

@@ -209,7 +209,8 @@ pub struct GuestShape {
 pub const FILL_START: u64 = 4 * MIB;
 
 impl GuestShape {
-    fn params(&self) -> Result<GuestParams, DemoError> {
+    /// The parameter block of a guest of this shape booted by the demo VMM.
+    pub fn params(&self) -> Result<GuestParams, DemoError> {
         let ws_pages = self.dirty_mib * MIB / PAGE_SIZE as u64;
         let ws_pages = u32::try_from(ws_pages).map_err(|_| {
             DemoError::Guest(format!("{} MiB working set is too large", self.dirty_mib))

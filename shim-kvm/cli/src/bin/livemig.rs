@@ -18,7 +18,7 @@ use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
 use livemig_cli::report::{Progress, Summary};
 use livemig_cli::timeline;
-use livemig_cli::{run, vmm};
+use livemig_cli::{qemu, run, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::status::MigrationStatus;
@@ -88,7 +88,8 @@ enum Cmd {
     /// with a 64 MiB working set, each against a raw TCP copy of the same
     /// bytes over 127.0.0.1 measured in the same run; print median, min and
     /// max of each figure and the ratios. Fails if any migration does not
-    /// verify. Needs /dev/kvm.
+    /// verify. Needs /dev/kvm. With --vs-qemu, QEMU migrates the same guest
+    /// too, alternating with livemig's runs.
     Bench(BenchArgs),
     /// Boot the demo guest in the demo VMM (rust-vmm crates: its own KVM
     /// VM, in-kernel irqchip and PIT, a 16550 on COM1) on --vcpus vCPUs,
@@ -312,6 +313,14 @@ struct BenchArgs {
     #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
     vcpus: u32,
+    /// After each livemig run, boot the same guest under qemu-system-x86_64
+    /// (KVM) and migrate it with QEMU over loopback TCP with the same RAM,
+    /// working set, vCPUs, warmup, downtime limit and bandwidth; print
+    /// QEMU's figures and the ratios livemig / QEMU. Without QEMU on PATH
+    /// this part is skipped (one line on stderr); a QEMU that fails is an
+    /// error.
+    #[arg(long)]
+    vs_qemu: bool,
     /// Draw the run of median downtime of each case (throughput, dirty
     /// rate, remaining bytes, switchover threshold, each dirty-log sync
     /// and the stop) into this SVG file; with several cases, one file per
@@ -582,20 +591,53 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         verbose: !a.quiet,
         vcpus: a.vcpus,
     };
+    let qemu = if a.vs_qemu {
+        match qemu::find_qemu() {
+            Some(path) => Some((qemu::qemu_version(&path).map_err(|e| e.to_string())?, path)),
+            None => {
+                eprintln!(
+                    "livemig: bench: --vs-qemu: {} is not on PATH: the QEMU part is SKIPPED",
+                    qemu::QEMU_BINARY
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let cancel = cancel_on_signals()?;
     let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
     let mut results = Vec::new();
+    let mut comparisons = Vec::new();
     for case in cases {
-        let result =
-            bench::run_case(case, &opts, &config, &data, &cancel).map_err(|e| e.to_string())?;
-        if a.json {
-            println!("{}", result.to_json());
-        }
+        let result = match &qemu {
+            Some((version, path)) => {
+                let c = vs_qemu::run_case(case, &opts, &config, &data, path, &cancel)
+                    .map_err(|e| e.to_string())?;
+                if a.json {
+                    println!("{}", c.to_json(version));
+                }
+                let livemig = c.livemig.clone();
+                comparisons.push(c);
+                livemig
+            }
+            None => {
+                let r = bench::run_case(case, &opts, &config, &data, &cancel)
+                    .map_err(|e| e.to_string())?;
+                if a.json {
+                    println!("{}", r.to_json());
+                }
+                r
+            }
+        };
         results.push(result);
     }
     if !a.json {
         print!("{}", bench::table(&results));
         print!("{}", bench::breakdown_table(&results));
+        if let Some((version, _)) = &qemu {
+            print!("{}", vs_qemu::table(&comparisons, version));
+        }
     }
     let mut code = ExitCode::SUCCESS;
     if let Some(path) = &a.timeline {

@@ -53,6 +53,18 @@
 //! zeros here without asking the source. At the end of the stream the RAM
 //! is unregistered (which also wakes any thread still waiting) and the
 //! fault latency and per-thread blocktime are reported.
+//!
+//! # Zero pages
+//!
+//! Fresh RAM reads as zero, so before the RAM is registered a zero page is
+//! not touched at all (unless this migration wrote the page earlier, then
+//! it is zeroed): the page stays unpopulated, and costs neither a fault
+//! nor memory. Once registered, a zero page is installed with
+//! `UFFDIO_ZEROPAGE`, which maps the kernel's shared zero page (no page is
+//! allocated, none counts in the RSS, but `mincore` calls it resident):
+//! a vCPU may be waiting for exactly that page, and leaving it missing
+//! would make it wait on. That costs about 0.75 us a page here (a
+//! postcopy's background pass over an idle GiB: ~0.2 s of this thread).
 
 mod channels;
 mod failure;

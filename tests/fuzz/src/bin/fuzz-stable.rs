@@ -67,6 +67,11 @@ const TARGETS: &[Target] = &[
         run: livemig_fuzz::x86_cpu_model_accepts,
         corpus: livemig_fuzz::x86_cpu_model_corpus,
     },
+    Target {
+        name: "qmp",
+        run: livemig_fuzz::qmp_accepts,
+        corpus: livemig_fuzz::qmp_corpus,
+    },
 ];
 
 /// Longest input generated; return-path messages are at most 272 bytes,
