@@ -68,6 +68,7 @@
 //! stream is written and keeps its guest stopped (see
 //! `docs/architecture.md` for that window).
 
+mod channels;
 mod convergence;
 mod end;
 mod postcopy;
@@ -92,6 +93,7 @@ pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming,
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
+use channels::Channels;
 use convergence::{Convergence, Throttle};
 use end::Handshake;
 use postcopy::Postcopy;
@@ -168,6 +170,27 @@ pub enum SourceAction<'e> {
     /// each one page of block `block`), straight from guest memory.
     SendPages {
         /// Record header, batch header and page entries.
+        header: &'e [u8],
+        /// Index of the block in the block list.
+        block: u16,
+        /// Pages whose data follows the header, in order.
+        pages: &'e [u64],
+    },
+    /// Multifd: write these bytes to channel `channel` (its hello, or a
+    /// SYNC packet).
+    SendChannel {
+        /// The channel, `< multifd-channels`.
+        channel: u16,
+        /// Encoded hello or packet.
+        bytes: &'e [u8],
+    },
+    /// Multifd: write `header` (packet header and entries) to channel
+    /// `channel`, then the contents of each page in `pages` (in order, each
+    /// one page of block `block`), straight from guest memory.
+    SendChannelPages {
+        /// The channel, `< multifd-channels`.
+        channel: u16,
+        /// Packet header and entries.
         header: &'e [u8],
         /// Index of the block in the block list.
         block: u16,
@@ -272,6 +295,8 @@ pub enum SourceError {
     /// A cancel after the commit: the source has given the guest to the
     /// destination and never takes it back.
     AlreadyCommitted,
+    /// The migration id was set after the migration started.
+    MigrationIdAfterStart,
 }
 
 impl fmt::Display for SourceError {
@@ -310,6 +335,12 @@ impl fmt::Display for SourceError {
                 "the migration cannot be cancelled: the source has committed, the guest \
                  belongs to the destination"
             ),
+            SourceError::MigrationIdAfterStart => {
+                write!(
+                    f,
+                    "the migration id must be set before the migration starts"
+                )
+            }
             SourceError::PackageTooLarge { len } => write!(
                 f,
                 "{len} bytes of device state do not fit in one package (at most {} bytes)",
@@ -388,6 +419,8 @@ pub struct SourceEngine<'a> {
     meter: RateMeter,
     postcopy: Postcopy,
     end: Handshake,
+    /// With multifd: the channels' sequence.
+    channels: Option<Channels>,
     vcpus_stopped: bool,
     started_at: Instant,
     now: Instant,
@@ -443,6 +476,10 @@ impl<'a> SourceEngine<'a> {
             Capabilities::RETURN_PATH | Capabilities::POSTCOPY_RAM | Capabilities::SWITCHOVER_ACK,
         );
         let meter = RateMeter::new(Instant::ZERO, config.parameters.max_bandwidth);
+        let channels = config
+            .capabilities
+            .contains(Capabilities::MULTIFD)
+            .then(|| Channels::new(u16::from(config.parameters.multifd_channels), 0));
         Ok(SourceEngine {
             config,
             layout,
@@ -456,6 +493,7 @@ impl<'a> SourceEngine<'a> {
             meter,
             postcopy: Postcopy::new(),
             end: Handshake::new(return_path),
+            channels,
             vcpus_stopped: false,
             started_at: Instant::ZERO,
             now: Instant::ZERO,
@@ -516,6 +554,20 @@ impl<'a> SourceEngine<'a> {
     /// True once the engine has reported [`SourceAction::Finished`].
     pub fn is_finished(&self) -> bool {
         self.step == Step::Done
+    }
+
+    /// Sets the id that the multifd channels' hellos carry (0 unless set),
+    /// so that the destination refuses a connection of another migration
+    /// as a channel. Call it before [`start`](Self::start), with a value
+    /// unlikely to repeat (random, or the time and process id).
+    pub fn set_migration_id(&mut self, id: u64) -> Result<(), SourceError> {
+        if self.step != Step::NotStarted {
+            return Err(SourceError::MigrationIdAfterStart);
+        }
+        if let Some(ch) = self.channels.as_mut() {
+            *ch = Channels::new(ch.count(), id);
+        }
+        Ok(())
     }
 
     /// Begins the migration (none -> setup).
@@ -595,8 +647,13 @@ impl<'a> SourceEngine<'a> {
                 };
                 self.meter.set_limit(switchover);
                 // The convergence check may have stopped the guest in the
-                // middle of a pass: the last pass starts from the beginning.
+                // middle of a pass: the last pass starts from the beginning,
+                // after a multifd sync (a page of the interrupted pass must
+                // land before its copy from the last one).
                 self.scan.rewind();
+                if let Some(ch) = self.channels.as_mut() {
+                    ch.request_sync();
+                }
                 self.step = Step::Drain;
             }
         }
@@ -863,6 +920,17 @@ impl<'a> SourceEngine<'a> {
                 format_args!("the destination did not {wait} within {ms} ms"),
             );
         }
+        let channel_step = matches!(
+            self.step,
+            Step::SaveSetupDevices
+                | Step::Sync(_)
+                | Step::Iterate
+                | Step::Drain
+                | Step::SaveDevices
+        );
+        if channel_step && self.channels.as_ref().is_some_and(Channels::has_pending) {
+            return self.next_channel_message();
+        }
         match self.step {
             Step::NotStarted
             | Step::AwaitSync(_)
@@ -1023,6 +1091,9 @@ impl<'a> SourceEngine<'a> {
             // postcopy fails before anything is transferred.
             len += Record::Command(self.postcopy_advise()).encode(&mut self.scratch[len..])?;
         }
+        if let Some(setup) = self.channel_setup() {
+            len += Record::Command(setup).encode(&mut self.scratch[len..])?;
+        }
         len += Record::RamBlocks(BlockList::from_slice(self.layout))
             .encode(&mut self.scratch[len..])?;
         Ok(len)
@@ -1039,6 +1110,7 @@ fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
     wire::STREAM_HEADER_LEN
         + Record::Command(Command::OpenReturnPath).encoded_len()
         + Record::Command(advise).encoded_len()
+        + channels::setup_len()
         + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
 }
 
