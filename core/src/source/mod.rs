@@ -73,6 +73,7 @@ mod end;
 mod postcopy;
 mod rate;
 mod scan;
+pub mod shortest_stop;
 mod tracking;
 
 use core::fmt;
@@ -490,6 +491,7 @@ impl<'a> SourceEngine<'a> {
         self.started_at = now;
         self.now = now;
         self.convergence.dirty_period_start = now;
+        self.convergence.synced_at = now;
         self.meter.begin(now);
         self.set_status(MigrationStatus::Setup);
         self.step = Step::SendPreamble;
@@ -537,6 +539,7 @@ impl<'a> SourceEngine<'a> {
                 self.step = Step::Iterate;
             }
             SyncKind::Iteration => {
+                self.measure_dirty_rate();
                 self.auto_converge();
                 self.decide();
             }
@@ -561,6 +564,7 @@ impl<'a> SourceEngine<'a> {
                 self.step = Step::Drain;
             }
         }
+        self.convergence.synced_at = self.now;
         self.refresh_stats();
         Ok(())
     }
@@ -808,7 +812,9 @@ impl<'a> SourceEngine<'a> {
     /// The next thing to do, if any. See [`SourceAction`] for each.
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
-        if self.step == Step::Iterate && self.time_limit_exceeded() {
+        // A stop that fits is still taken at the time limit (the next
+        // sync decides); only one that does not ends the migration here.
+        if self.step == Step::Iterate && self.time_limit_exceeded() && !self.fits_downtime() {
             self.fail_not_converged(ConvergenceLimit::Time);
         }
         if self.awaits_destination() && self.now >= self.confirm_deadline() {
