@@ -203,17 +203,21 @@ impl SourceEngine<'_> {
         match self.config.switchover {
             SwitchoverPolicy::FitsLimit => true,
             SwitchoverPolicy::ShortestStop => {
-                let pending = self.pending_bytes();
                 // Nothing to gain, or the last stop that fits for all we
                 // know: a guest whose dirtying outgrows the limit during
                 // the next pass may never fit again.
-                if self.sends_at_once(pending) || self.next_pass_fits() != Some(true) {
+                if self.sends_at_once(self.pending_bytes()) || self.next_pass_fits() != Some(true)
+                {
                     return true;
                 }
+                let Some(stop) = self.expected_stop() else {
+                    return true;
+                };
+                let stop_us = u64::try_from(stop.as_micros()).unwrap_or(u64::MAX);
                 let take = self
                     .convergence
                     .shortest_stop
-                    .judge(self.stats.iterations, pending);
+                    .judge(self.stats.iterations, stop_us);
                 // A queue worth draining first is drained (see
                 // `drain_deadline`) rather than waited for with the guest
                 // stopped.
@@ -223,9 +227,9 @@ impl SourceEngine<'_> {
     }
 
     /// The stop a switchover now would take: the fixed cost plus the
-    /// pending bytes at the measured bandwidth, in milliseconds (`None`
-    /// while there is data to send and no bandwidth measured yet).
-    pub(super) fn estimated_stop_ms(&self) -> Option<u64> {
+    /// pending bytes at the measured bandwidth (`None` while there is data
+    /// to send and no bandwidth measured yet).
+    pub(super) fn expected_stop(&self) -> Option<Duration> {
         let bytes_per_ms = self.switchover_bytes_per_ms();
         let pending = self.pending_bytes();
         let transfer_ms = if pending == 0 {
@@ -235,7 +239,12 @@ impl SourceEngine<'_> {
         } else {
             return None;
         };
-        Some((self.convergence.stop_cost.as_secs_f64() * 1e3 + transfer_ms) as u64)
+        Some(self.convergence.stop_cost + Duration::from_nanos((transfer_ms * 1e6) as u64))
+    }
+
+    /// [`expected_stop`](Self::expected_stop) in whole milliseconds.
+    pub(super) fn estimated_stop_ms(&self) -> Option<u64> {
+        self.expected_stop().map(|d| d.as_millis() as u64)
     }
 
     /// Judges the pass that just ended: did it shrink the pending bytes

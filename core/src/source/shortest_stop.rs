@@ -9,29 +9,41 @@
 //! short pass.
 //!
 //! The rule here ([`SwitchoverPolicy::ShortestStop`], the default) judges
-//! every pass that ends with the stop fitting the limit. The expected stop
-//! is the fixed cost (vCPU stop and start, device state, the end-of-stream
-//! round trip: [`handle_stop_cost`]) plus the pending bytes (dirty and
-//! still queued) over the bandwidth; passes can only shrink the second
-//! part, so that is what is judged:
+//! every sync at which the stop fits the limit. The expected stop is the
+//! fixed cost (vCPU stop and start, device state, the end-of-stream round
+//! trip: [`handle_stop_cost`]) plus the pending bytes (dirty and still
+//! queued) over the bandwidth. It stops:
 //!
-//! - the transfer is under [`SWITCH_AT_ONCE`]: stop now, there is nothing
-//!   left to gain (checked at every sync, mid-pass ones included);
-//! - the pass cut the pending bytes by at least [`SHRINK`] of the smallest
-//!   seen so far: iterate, the next pass is likely to cut them again;
-//! - it did not (the remainder is what the guest dirties during one pass,
-//!   the floor its dirty rate allows): stop now if this pass is within
-//!   [`SHRINK`] of the smallest remainder seen, else iterate for a better
-//!   one (a burst of writes made this one worse);
-//! - after [`MAX_FITTING_PASSES`] such passes, stop at the first sync whose
+//! - when the transfer takes less than [`SWITCH_AT_ONCE`]: there is
+//!   nothing left to gain (at every sync, mid-pass ones included);
+//! - when the next pass is predicted not to fit (the guest dirtying at the
+//!   rate measured since the last sync for as long as the pending bytes
+//!   take to send): this may be the last stop that fits, and QEMU's rule
+//!   would take it, so this one does too (at every sync, too);
+//! - at the end of a pass that did not cut the expected stop by
+//!   [`1 / SHRINK`](SHRINK) of the shortest seen so far (the remainder is
+//!   what the guest dirties during one pass, the floor its dirty rate
+//!   allows, or the fixed cost dominates), if this pass is within
+//!   `1 / SHRINK` of that shortest; a pass further off (a burst of
+//!   writes) is iterated past, for a better one;
+//! - after [`MAX_FITTING_PASSES`] passes that fit, at the first sync whose
 //!   stop fits, as QEMU would.
+//!
+//! It iterates otherwise: a pass that did cut the stop is likely to be
+//! followed by one that cuts it again. A send queue longer than the dirty
+//! pages is drained first, with the guest running, when the guest dirties
+//! memory slower than the link carries it (waiting for `q` queued bytes
+//! over `r` dirty ones trades a stop of `r + q` for one of about `2r`
+//! plus what the guest dirtied meanwhile).
 //!
 //! A stop that does not fit the limit is never taken: passes that do not
 //! fit are judged by the no-progress rule and the limits of
 //! [`Limits`](crate::config::Limits), exactly as under
-//! [`SwitchoverPolicy::FitsLimit`], so the new rule never ends a migration
-//! that QEMU's rule would have completed, and never loops for longer than
-//! `MAX_FITTING_PASSES` passes more than it.
+//! [`SwitchoverPolicy::FitsLimit`]. With the stop that may be the last to
+//! fit always taken, the rule gives up on a migration that QEMU's rule
+//! completes only when the prediction is wrong (a guest whose dirty rate
+//! jumps between two syncs), and it never runs more than
+//! `MAX_FITTING_PASSES` passes beyond QEMU's rule.
 //!
 //! Every stop starts right after a sync, with the vCPUs stopped straight
 //! from the decision: the remainder is as small as it will get, and the
@@ -51,15 +63,15 @@ use core::time::Duration;
 /// dirty-tracking faults.
 pub const SWITCH_AT_ONCE: Duration = Duration::from_millis(1);
 
-/// The share of the pending bytes a pass must cut, as `1 / SHRINK`, to
+/// The share of the expected stop a pass must cut, as `1 / SHRINK`, to
 /// count as progress (and the margin within which a pass is as good as the
 /// best): the remainder moves by a few percent from pass to pass with the
 /// guest's writes and the link's jitter, and a pass that saves less than
-/// an eighth of the transfer is not worth a whole pass of link time.
+/// an eighth of the stop is not worth a whole pass of link time.
 pub const SHRINK: u64 = 8;
 
 /// Passes with a stop that fits the limit after which any fitting stop is
-/// taken. Passes that keep shrinking the remainder by an eighth reach
+/// taken. Passes that keep shrinking the stop by an eighth reach
 /// [`SWITCH_AT_ONCE`] from a 300 ms transfer in about 43 passes in the
 /// worst case, but at a dirty rate under half the link rate in under 9; a
 /// dozen keeps the extra time over QEMU's rule bounded (each of these
@@ -69,8 +81,8 @@ pub const MAX_FITTING_PASSES: u32 = 12;
 
 /// What the rule remembers between passes.
 pub(super) struct ShortestStop {
-    /// Smallest pending bytes at the end of a fitting pass
-    /// (`u64::MAX`: none yet).
+    /// Shortest expected stop at the end of a fitting pass, in any unit
+    /// (the engine uses microseconds; `u64::MAX`: none yet).
     best: u64,
     /// Passes that ended with a stop fitting the limit.
     fitting_passes: u32,
@@ -89,22 +101,22 @@ impl ShortestStop {
     }
 
     /// At a sync with a stop that fits the limit, `passes` passes ended so
-    /// far and `pending` bytes still to send: true to stop now, false to
+    /// far and a stop of `stop` expected: true to stop now, false to
     /// iterate. A pass is judged once, at the first sync after its end; a
     /// sync in the middle of a pass stops only once the bound is reached.
-    pub fn judge(&mut self, passes: u64, pending: u64) -> bool {
+    pub fn judge(&mut self, passes: u64, stop: u64) -> bool {
         if passes == self.judged_pass {
             return self.exhausted();
         }
         self.judged_pass = passes;
         self.fitting_passes = self.fitting_passes.saturating_add(1);
         let best = self.best;
-        if best == u64::MAX || pending < best - best / SHRINK {
-            self.best = pending;
+        if best == u64::MAX || stop < best - best / SHRINK {
+            self.best = stop;
             return self.exhausted();
         }
-        self.best = best.min(pending);
-        pending <= best.saturating_add(best / SHRINK) || self.exhausted()
+        self.best = best.min(stop);
+        stop <= best.saturating_add(best / SHRINK) || self.exhausted()
     }
 
     /// True once [`MAX_FITTING_PASSES`] fitting passes have gone by: from
@@ -118,19 +130,19 @@ impl ShortestStop {
 mod tests {
     use super::*;
 
-    /// Judges passes 1, 2, ... with these remainders, one sync each;
+    /// Judges passes 1, 2, ... with these expected stops, one sync each;
     /// returns the pass that stopped.
-    fn run(rule: &mut ShortestStop, remainders: &[u64]) -> Option<u64> {
+    fn run(rule: &mut ShortestStop, stops: &[u64]) -> Option<u64> {
         (1..)
-            .zip(remainders)
-            .find_map(|(pass, &pending)| rule.judge(pass, pending).then_some(pass))
+            .zip(stops)
+            .find_map(|(pass, &stop)| rule.judge(pass, stop).then_some(pass))
     }
 
     #[test]
-    fn iterates_while_passes_shrink_the_remainder() {
-        // 64 MiB, then each pass finding half of the one before.
-        let remainders: std::vec::Vec<u64> = (0..6).map(|i| (64u64 << 20) >> i).collect();
-        assert_eq!(run(&mut ShortestStop::new(), &remainders), None);
+    fn iterates_while_passes_shrink_the_stop() {
+        // 64 ms, then each pass halving it.
+        let stops: std::vec::Vec<u64> = (0..6).map(|i| 64_000 >> i).collect();
+        assert_eq!(run(&mut ShortestStop::new(), &stops), None);
     }
 
     #[test]
@@ -164,12 +176,12 @@ mod tests {
         // Alternating bursts and shrinks never reach a plateau near the
         // best; the bound ends it, and from then on mid-pass syncs stop
         // too.
-        let remainders: std::vec::Vec<u64> = (0..64)
+        let stops: std::vec::Vec<u64> = (0..64)
             .map(|i| if i % 2 == 0 { 1u64 << (40 - i) } else { 1u64 << (42 - i) })
             .collect();
         let mut rule = ShortestStop::new();
         assert_eq!(
-            run(&mut rule, &remainders),
+            run(&mut rule, &stops),
             Some(u64::from(MAX_FITTING_PASSES))
         );
         assert!(rule.exhausted());
@@ -177,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn a_remainder_of_zero_or_near_the_maximum_does_not_overflow() {
+    fn a_stop_of_zero_or_near_the_maximum_does_not_overflow() {
         assert_eq!(run(&mut ShortestStop::new(), &[0, 0]), Some(2));
         assert_eq!(
             run(&mut ShortestStop::new(), &[u64::MAX - 1, u64::MAX - 1]),
