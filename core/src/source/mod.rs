@@ -28,11 +28,17 @@
 //!
 //! # Convergence
 //!
-//! The guest is stopped when the estimated stop fits the downtime limit:
+//! The guest may be stopped when the estimated stop fits the downtime
+//! limit:
 //!
 //! ```text
 //! stop cost + (dirty bytes + unsent bytes) / measured bandwidth <= downtime-limit
 //! ```
+//!
+//! Which of those stops is taken is the
+//! [`SwitchoverPolicy`](crate::config::SwitchoverPolicy)'s choice: by
+//! default the shortest the dirty rate allows ([`shortest_stop`]), or
+//! QEMU's first one.
 //!
 //! A limit that cannot be met never stretches the stop: precopy iterates
 //! on, and fails with "did not converge" (the guest running on the source)
