@@ -405,13 +405,16 @@ impl SourceEngine<'_> {
     }
 
     /// Under the shortest-stop rule, whether waiting for the send queue to
-    /// drain shortens the stop: the queue is longer than the dirty pages
-    /// (and than what goes at once), and the guest dirties memory slower
-    /// than the link drains it. Waiting out `q` queued bytes over `r`
-    /// dirty ones trades a stop of `r + q` for about `2r` plus what the
+    /// drain shortens a stop that fits: the queue is longer than the dirty
+    /// pages (and than what goes at once), and the guest dirties memory
+    /// slower than the link drains it. Waiting out `q` queued bytes over
+    /// `r` dirty ones trades a stop of `r + q` for about `2r` plus what the
     /// guest dirties meanwhile, less whenever its rate is under the link's.
+    /// (A stop that does not fit is left to QEMU's drain rule, so that the
+    /// policy changes nothing about which migrations converge.)
     fn queue_drain_pays(&self) -> bool {
         self.config.switchover == SwitchoverPolicy::ShortestStop
+            && self.fits_downtime()
             && self.convergence.unsent_bytes > self.queue_target()
             && self
                 .convergence
