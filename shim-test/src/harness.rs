@@ -17,7 +17,7 @@ use std::fmt;
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::destination::{
-    DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection,
+    DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection, SectionDue,
 };
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
@@ -44,6 +44,7 @@ pub const MODEL_DEVICE_ID: &str = "cpu-model";
 const REQUIRED: &[RequiredSection] = &[RequiredSection {
     id: CPU_DEVICE_ID,
     instance: 0,
+    due: SectionDue::Switchover,
 }];
 
 /// A dirtying guest.

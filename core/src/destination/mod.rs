@@ -49,6 +49,7 @@ pub use host::{DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
 
 use crate::return_path::{RP_MAX_MESSAGE, RpEncodeError, RpMessage, SignalName};
+use crate::source::SETUP_CHECK_PING;
 use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::status::MigrationStatus;
 use crate::time::Instant;
@@ -87,6 +88,22 @@ pub struct RequiredSection {
     pub id: &'static str,
     /// The instance number.
     pub instance: u32,
+    /// By when it must have loaded.
+    pub due: SectionDue,
+}
+
+/// When a [`RequiredSection`] must have loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SectionDue {
+    /// Sent at setup, before any RAM (the CPU model, the runstate): the
+    /// answer to the source's setup check
+    /// ([`SETUP_CHECK_PING`](crate::source::SETUP_CHECK_PING)) is a refusal
+    /// without it, so a source that left it out hears so before it sends a
+    /// page instead of after the whole stream.
+    SetupCheck,
+    /// With the stopped guest's state: the end of the stream (in postcopy,
+    /// the guest's start) is refused without it.
+    Switchover,
 }
 
 /// Default for [`DestinationEngine::set_idle_timeout`]: how long an
@@ -202,8 +219,17 @@ pub enum DestError {
     /// The migration had already failed; no more input is taken.
     AlreadyFailed,
     /// The stream ended (or the postcopy guest was about to start) without
-    /// a device section this destination requires.
+    /// a device section this destination requires, or the setup check
+    /// came without one due by then.
     MissingSection {
+        /// The device id.
+        id: &'static str,
+        /// The instance number.
+        instance: u32,
+    },
+    /// A required device section came a second time: a source that sends
+    /// one vCPU's state twice has lost track of which is which.
+    RepeatedSection {
         /// The device id.
         id: &'static str,
         /// The instance number.
@@ -326,6 +352,11 @@ impl fmt::Display for DestError {
                 f,
                 "the stream has no state for device '{id}' instance {instance}, which this \
                  destination requires: refused before the guest starts"
+            ),
+            DestError::RepeatedSection { id, instance } => write!(
+                f,
+                "the stream carries the state of device '{id}' instance {instance} twice: \
+                 refused before the guest starts"
             ),
             DestError::TooManyRequiredSections { count } => write!(
                 f,
@@ -883,6 +914,14 @@ impl Loader<'_> {
                     .iter()
                     .position(|r| r.id == device.id.as_str() && r.instance == device.instance)
                 {
+                    if self.required_loaded & (1 << i) != 0 {
+                        let r = self.required[i];
+                        return Err(DestError::RepeatedSection {
+                            id: r.id,
+                            instance: r.instance,
+                        }
+                        .into());
+                    }
                     self.required_loaded |= 1 << i;
                 }
             }
@@ -905,7 +944,7 @@ impl Loader<'_> {
                 }
             }
             Record::EndOfStream => {
-                self.check_required()?;
+                self.check_required(SectionDue::Switchover)?;
                 if self.return_path && self.status == MigrationStatus::Active {
                     self.end_loaded = true;
                     return Ok(Some(End::Loaded));
@@ -916,14 +955,13 @@ impl Loader<'_> {
         Ok(None)
     }
 
-    /// Refuses to go on while a required section has not loaded.
-    fn check_required(&self) -> Result<(), DestError> {
-        match self
-            .required
-            .iter()
-            .enumerate()
-            .find(|&(i, _)| self.required_loaded & (1 << i) == 0)
-        {
+    /// Refuses to go on while a required section due by `due` has not
+    /// loaded (a section due at the setup check is due at the switchover
+    /// too).
+    fn check_required(&self, due: SectionDue) -> Result<(), DestError> {
+        match self.required.iter().enumerate().find(|&(i, r)| {
+            self.required_loaded & (1 << i) == 0 && (due == SectionDue::Switchover || r.due == due)
+        }) {
             Some((_, r)) => Err(DestError::MissingSection {
                 id: r.id,
                 instance: r.instance,
@@ -940,6 +978,9 @@ impl Loader<'_> {
         match command {
             Command::OpenReturnPath => self.return_path = true,
             Command::Ping(value) => {
+                if value == SETUP_CHECK_PING {
+                    self.check_required(SectionDue::SetupCheck)?;
+                }
                 if self.return_path {
                     self.queue(&RpMessage::Pong(value))?;
                 }
@@ -978,7 +1019,7 @@ impl Loader<'_> {
                 if self.status != MigrationStatus::PostcopyActive {
                     return Err(DestError::PostcopyUnexpected("run before listen").into());
                 }
-                self.check_required()?;
+                self.check_required(SectionDue::Switchover)?;
                 by_host(HostOp::PostcopyRun, postcopy_host(host)?.postcopy_run())?;
             }
             Command::RecvBitmap { .. } => {

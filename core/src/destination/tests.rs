@@ -433,6 +433,7 @@ fn completion_reports_the_average_throughput() {
 const CPU: &[RequiredSection] = &[RequiredSection {
     id: "cpu0",
     instance: 0,
+    due: SectionDue::Switchover,
 }];
 
 fn device(id: &str, instance: u32) -> Vec<u8> {
@@ -509,11 +510,83 @@ fn a_stream_without_a_required_section_is_refused_by_name() {
     static MANY: [RequiredSection; MAX_REQUIRED_SECTIONS + 1] = [RequiredSection {
         id: "x",
         instance: 0,
+        due: SectionDue::Switchover,
     }; MAX_REQUIRED_SECTIONS + 1];
     assert_eq!(
         d.require_sections(&MANY),
         Err(DestError::TooManyRequiredSections { count: 65 })
     );
+}
+
+#[test]
+fn a_repeated_required_section_is_refused_by_name() {
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let stream = [
+        header(),
+        blocks(&l),
+        device("cpu0", 0),
+        device("cpu0", 0),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.require_sections(CPU).unwrap();
+    assert_eq!(
+        feed(&mut d, Instant::ZERO, &stream, &mut host),
+        Err(DestError::RepeatedSection {
+            id: "cpu0",
+            instance: 0
+        })
+    );
+    assert!(!d.is_completed());
+    assert!(d.stats().error_desc.as_str().contains("twice"));
+}
+
+#[test]
+fn the_setup_check_is_refused_without_a_section_due_by_then() {
+    const SETUP: &[RequiredSection] = &[
+        RequiredSection {
+            id: "cpu-model",
+            instance: 0,
+            due: SectionDue::SetupCheck,
+        },
+        RequiredSection {
+            id: "cpu0",
+            instance: 0,
+            due: SectionDue::Switchover,
+        },
+    ];
+    let l = layout(16);
+    let mut host = Recorder::default();
+    let ping = record(Record::Command(Command::Ping(SETUP_CHECK_PING)));
+    let open = record(Record::Command(Command::OpenReturnPath));
+    // The setup section missing: the check itself is refused, no PONG.
+    let stream = [header(), open.clone(), blocks(&l), ping.clone()].concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.require_sections(SETUP).unwrap();
+    assert_eq!(
+        feed(&mut d, Instant::ZERO, &stream, &mut host),
+        Err(DestError::MissingSection {
+            id: "cpu-model",
+            instance: 0
+        })
+    );
+    // With it, the check passes although the switchover's section has not
+    // come yet (it comes with the stopped guest), and the PONG is queued.
+    let stream = [header(), open, blocks(&l), device("cpu-model", 0), ping].concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    d.require_sections(SETUP).unwrap();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
+    let pong = drained(&mut d);
+    let mut expected = [0u8; 64];
+    let n = RpMessage::Pong(SETUP_CHECK_PING)
+        .encode(&mut expected)
+        .unwrap();
+    assert!(pong.ends_with(&expected[..n]), "the PONG follows: {pong:?}");
 }
 
 #[test]

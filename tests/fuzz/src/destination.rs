@@ -5,7 +5,7 @@
 
 use livemig_core::destination::{
     DestinationEngine, DestinationHost, HandleError, HostOp, PostcopyHost, PostcopyTracking,
-    RequiredSection,
+    RequiredSection, SectionDue,
 };
 use livemig_core::status::MigrationStatus;
 use livemig_core::time::Instant;
@@ -22,6 +22,7 @@ const PAGE: usize = 4096;
 const REQUIRED: &[RequiredSection] = &[RequiredSection {
     id: "cpu0",
     instance: 0,
+    due: SectionDue::Switchover,
 }];
 
 /// A host that checks every request against the guest's bounds, and

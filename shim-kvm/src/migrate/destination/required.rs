@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use livemig_core::destination::{DestError, MAX_REQUIRED_SECTIONS, RequiredSection};
+use livemig_core::destination::{DestError, MAX_REQUIRED_SECTIONS, RequiredSection, SectionDue};
 
 use super::super::sections::{CPU_MODEL_SECTION, CPU_SECTION, RUNSTATE_SECTION, VM_SECTION};
 use crate::vmm::DeviceSection;
@@ -45,19 +45,23 @@ pub(super) fn sections(
         RequiredSection {
             id: CPU_MODEL_SECTION,
             instance: 0,
+            due: SectionDue::SetupCheck,
         },
         RequiredSection {
             id: RUNSTATE_SECTION,
             instance: 0,
+            due: SectionDue::SetupCheck,
         },
         RequiredSection {
             id: VM_SECTION,
             instance: 0,
+            due: SectionDue::Switchover,
         },
     ];
     list.extend((0..vcpus).map(|instance| RequiredSection {
         id: CPU_SECTION,
         instance,
+        due: SectionDue::Switchover,
     }));
     for device in devices {
         let id = match books.ids.get(device.id()) {
@@ -71,6 +75,7 @@ pub(super) fn sections(
         list.push(RequiredSection {
             id,
             instance: device.instance(),
+            due: SectionDue::Switchover,
         });
     }
     if let Some(&known) = books.lists.get(list.as_slice()) {
