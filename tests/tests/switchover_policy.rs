@@ -14,11 +14,13 @@
 //! QEMU's rule may stop in the middle of a pass).
 
 use livemig_core::config::SwitchoverPolicy;
-use livemig_core::source::shortest_stop::MAX_FITTING_PASSES;
 use livemig_core::source::EndReason;
+use livemig_core::source::shortest_stop::MAX_FITTING_PASSES;
 use livemig_core::status::MigrationStatus;
-use livemig_sim::{Outcome, Scenario, run_migration};
-use livemig_tests::{MIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib, link};
+use livemig_sim::{Burst, Outcome, Scenario, run_migration};
+use livemig_tests::{
+    MIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib, link,
+};
 
 /// How a workload is expected to end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +136,42 @@ fn workloads() -> Vec<Workload> {
             shrinks: true,
         },
         Workload {
+            name: "bursty",
+            // 64 MiB, rewritten at 200 MB/s with a 10 ms burst at 4 GB/s
+            // every 50 ms: remainders jump from pass to pass.
+            scenario: {
+                let mut s = with_guest(FAST, 64, 50_000, 39);
+                if let Some(g) = s.guest.as_mut() {
+                    g.burst = Some(Burst {
+                        period_ns: 50_000_000,
+                        busy_ns: 10_000_000,
+                        busy_rate_pages_per_sec: 1_000_000,
+                    });
+                }
+                s
+            },
+            expect: Expect::Completes,
+            shrinks: true,
+        },
+        Workload {
+            name: "bursty, near the link rate while busy",
+            // 64 MiB over 1 GB/s, rewritten at 80 MB/s with a 30 ms burst
+            // at 2 GB/s every 100 ms.
+            scenario: {
+                let mut s = with_guest(GIGABYTE, 64, 20_000, 40);
+                if let Some(g) = s.guest.as_mut() {
+                    g.burst = Some(Burst {
+                        period_ns: 100_000_000,
+                        busy_ns: 30_000_000,
+                        busy_rate_pages_per_sec: 500_000,
+                    });
+                }
+                s
+            },
+            expect: Expect::Completes,
+            shrinks: true,
+        },
+        Workload {
             name: "slow link",
             // 16 MiB rewritten at 40 MB/s over 125 MB/s.
             scenario: with_guest(125_000_000, 16, 10_000, 36),
@@ -159,7 +197,7 @@ fn the_shortest_stop_is_never_over_the_limit_never_endless_and_never_longer_than
         let shortest = run(&w, SwitchoverPolicy::ShortestStop);
         let qemu = run(&w, SwitchoverPolicy::FitsLimit);
         eprintln!(
-            "{:32} shortest-stop: {:>3} passes, total {:8.1} ms, stop {:7.2} ms | \
+            "{:38} shortest-stop: {:>3} passes, total {:8.1} ms, stop {:7.2} ms | \
              fits-limit: {:>3} passes, total {:8.1} ms, stop {:7.2} ms",
             w.name,
             shortest.source.iterations,
@@ -204,7 +242,11 @@ fn the_shortest_stop_is_never_over_the_limit_never_endless_and_never_longer_than
         );
         // QEMU's rule may stop in the middle of a pass the other finishes:
         // one pass more than the count says.
-        let extra_passes = shortest.source.iterations.saturating_sub(qemu.source.iterations) + 1;
+        let extra_passes = shortest
+            .source
+            .iterations
+            .saturating_sub(qemu.source.iterations)
+            + 1;
         assert!(
             shortest.end_ns <= qemu.end_ns + extra_passes * limit_ns,
             "{}: {} ms in all, QEMU's rule {} ms, {extra_passes} passes more",

@@ -206,8 +206,7 @@ impl SourceEngine<'_> {
                 // Nothing to gain, or the last stop that fits for all we
                 // know: a guest whose dirtying outgrows the limit during
                 // the next pass may never fit again.
-                if self.sends_at_once(self.pending_bytes()) || self.next_pass_fits() != Some(true)
-                {
+                if self.sends_at_once(self.pending_bytes()) || self.next_pass_fits() != Some(true) {
                     return true;
                 }
                 let Some(stop) = self.expected_stop() else {

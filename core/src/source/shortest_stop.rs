@@ -177,13 +177,16 @@ mod tests {
         // best; the bound ends it, and from then on mid-pass syncs stop
         // too.
         let stops: std::vec::Vec<u64> = (0..64)
-            .map(|i| if i % 2 == 0 { 1u64 << (40 - i) } else { 1u64 << (42 - i) })
+            .map(|i| {
+                if i % 2 == 0 {
+                    1u64 << (40 - i)
+                } else {
+                    1u64 << (42 - i)
+                }
+            })
             .collect();
         let mut rule = ShortestStop::new();
-        assert_eq!(
-            run(&mut rule, &stops),
-            Some(u64::from(MAX_FITTING_PASSES))
-        );
+        assert_eq!(run(&mut rule, &stops), Some(u64::from(MAX_FITTING_PASSES)));
         assert!(rule.exhausted());
         assert!(rule.judge(u64::from(MAX_FITTING_PASSES), 1 << 40));
     }
