@@ -168,6 +168,14 @@ pub struct MigrationStats {
     pub downtime_ms: Option<u64>,
     /// Predicted downtime if the switchover happened now, in milliseconds.
     pub expected_downtime_ms: u64,
+    /// Source: the switchover threshold, in bytes: what the link carries
+    /// at the last measured bandwidth within the downtime limit less the
+    /// fixed cost of a stop (zero until a bandwidth is measured). The
+    /// guest is stopped once the dirty bytes plus the unsent bytes are
+    /// below it; drawn beside `ram.remaining` it shows how far a
+    /// migration is from converging. livemig's own (QEMU's
+    /// `query-migrate` has no such field); zero on the destination.
+    pub threshold_bytes: u64,
     /// Memory counters.
     pub ram: RamStats,
     /// Completed scans over the dirty memory (precopy iterations).

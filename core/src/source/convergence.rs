@@ -119,6 +119,7 @@ impl SourceEngine<'_> {
         let limit_ms = self.config.parameters.downtime_limit_ms as f64;
         let budget_ms = (limit_ms - self.convergence.stop_cost.as_secs_f64() * 1e3).max(0.0);
         self.convergence.threshold_bytes = (self.switchover_bytes_per_ms() * budget_ms) as u64;
+        self.stats.threshold_bytes = self.convergence.threshold_bytes;
     }
 
     /// Bytes a stop now would still have to send: the dirty pages and

@@ -481,3 +481,23 @@ fn an_unencodable_record_fails_the_migration() {
     assert_eq!(action, SourceAction::Finished(EndReason::Encode(e)));
     assert_eq!(s.status(), MigrationStatus::Failed);
 }
+
+#[test]
+fn the_switchover_threshold_is_published_in_the_stats() {
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.parameters.avail_switchover_bandwidth = 1_000_000;
+    config.parameters.downtime_limit_ms = 300;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    assert_eq!(s.stats().threshold_bytes, 0, "nothing measured yet");
+    // 1000 bytes per ms for the 200 ms the stop cost leaves of the limit.
+    s.handle_stop_cost(Duration::from_millis(100));
+    assert_eq!(s.stats().threshold_bytes, 200_000);
+    assert_eq!(s.stats().threshold_bytes, s.threshold_bytes());
+    s.handle_stop_cost(Duration::from_millis(400));
+    assert_eq!(s.stats().threshold_bytes, 0, "a stop cost over the limit");
+}

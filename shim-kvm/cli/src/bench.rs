@@ -29,11 +29,13 @@ use livemig_core::config::MigrationConfig;
 use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
+use crate::breakdown::DESTINATION_PARTS;
 use crate::demo::{self, DemoError, GuestShape};
 use crate::interrupt::Cancel;
 use crate::report::{Progress, Summary};
 use livemig_kvm::clock;
 use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::migrate::source::StopPart;
 use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};
 
 const MIB: u64 = 1 << 20;
@@ -440,8 +442,60 @@ impl RunResult {
             "raw-all-ram-gbps": self.raw_all_ram.gbps(),
             "vs-all-ram": self.vs_all_ram(),
             "error-desc": s.error_desc(),
+            "downtime-breakdown": self.breakdown().cloned(),
         })
     }
+
+    /// The run's `downtime-breakdown` (see [`crate::breakdown`]).
+    pub fn breakdown(&self) -> Option<&Value> {
+        self.summary.extra.get("downtime-breakdown")
+    }
+
+    /// One figure of the breakdown: `key` of the source's object, or of
+    /// the destination's nested in it.
+    fn breakdown_figure(&self, row: &BreakdownRow) -> Option<f64> {
+        let b = self.breakdown()?;
+        let obj = if row.destination {
+            b.get("destination")?
+        } else {
+            b
+        };
+        obj.get(row.key)?.as_f64()
+    }
+}
+
+/// One row of the breakdown table: a key of `downtime-breakdown` (of its
+/// `destination` object when `destination`), and its unit.
+struct BreakdownRow {
+    key: &'static str,
+    destination: bool,
+    unit: &'static str,
+}
+
+/// The breakdown's rows, in the order of the stop.
+fn breakdown_rows() -> Vec<BreakdownRow> {
+    let source = StopPart::ALL.iter().map(|p| BreakdownRow {
+        key: p.name(),
+        destination: false,
+        unit: "ms",
+    });
+    let counts = [
+        ("final-pages-count", "pages"),
+        ("final-pages-bytes", "bytes"),
+        ("device-state-bytes", "bytes"),
+    ]
+    .into_iter()
+    .map(|(key, unit)| BreakdownRow {
+        key,
+        destination: false,
+        unit,
+    });
+    let destination = DESTINATION_PARTS.iter().map(|&key| BreakdownRow {
+        key,
+        destination: true,
+        unit: "ms",
+    });
+    source.chain(counts).chain(destination).collect()
 }
 
 /// Median, minimum and maximum of a set of measurements.
@@ -529,6 +583,43 @@ impl CaseResult {
         Spread::of(self.runs.iter().filter_map(metric))
     }
 
+    /// The spread of one breakdown figure over the runs that have it.
+    fn breakdown_spread(&self, row: &BreakdownRow) -> Option<Spread> {
+        Spread::of(self.runs.iter().filter_map(|r| r.breakdown_figure(row)))
+    }
+
+    /// `downtime-breakdown` over the runs: each figure's median, min and
+    /// max, the destination's under `destination`.
+    fn breakdown_json(&self) -> Value {
+        let (mut source, mut destination) = (Map::new(), Map::new());
+        for row in breakdown_rows() {
+            let v = self
+                .breakdown_spread(&row)
+                .map_or(Value::Null, Spread::to_json);
+            let side = if row.destination {
+                &mut destination
+            } else {
+                &mut source
+            };
+            side.insert(row.key.into(), v);
+        }
+        source.insert("destination".into(), Value::Object(destination));
+        Value::Object(source)
+    }
+
+    /// The run whose downtime is the median of the case's (the lower of
+    /// the two middle ones for an even count): the one `--timeline` draws.
+    pub fn median_downtime_run(&self) -> Option<&RunResult> {
+        let mut runs: Vec<(f64, &RunResult)> = self
+            .runs
+            .iter()
+            .filter_map(|r| Some((r.downtime_ms()?, r)))
+            .collect();
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let n = runs.len();
+        runs.get(n.saturating_sub(1) / 2).map(|r| r.1)
+    }
+
     /// The case as one JSON object: its shape, each metric's median, min
     /// and max, the verdict, and every run.
     pub fn to_json(&self) -> Value {
@@ -542,6 +633,7 @@ impl CaseResult {
             obj.insert(name.into(), v);
         }
         obj.insert("verified".into(), json!(self.verified()));
+        obj.insert("downtime-breakdown".into(), self.breakdown_json());
         obj.insert(
             "run-results".into(),
             Value::Array(self.runs.iter().map(RunResult::to_json).collect()),
@@ -611,6 +703,57 @@ pub fn table(results: &[CaseResult]) -> String {
     out.push_str(LEGEND);
     out
 }
+
+/// Where the stop went, per case: one row per part of
+/// `downtime-breakdown` (source parts, the counts of what the stop sent,
+/// then the destination's parts) with median, min and max over the runs.
+pub fn breakdown_table(results: &[CaseResult]) -> String {
+    let mut out = String::new();
+    for r in results {
+        out.push_str(&format!(
+            "\n{}: where the stop goes (median, min, max over {} runs)\n",
+            r.case.name,
+            r.runs.len()
+        ));
+        out.push_str(&format!(
+            "  {:<26} {:>12} {:>12} {:>12}  unit\n",
+            "part", "median", "min", "max"
+        ));
+        for row in breakdown_rows() {
+            let name = if row.destination {
+                format!("destination {}", row.key)
+            } else {
+                format!("source {}", row.key)
+            };
+            let digits = if row.unit == "ms" { 3 } else { 0 };
+            let cells = r.breakdown_spread(&row).map_or_else(
+                || format!("{:>12} {:>12} {:>12}", "-", "-", "-"),
+                |s| {
+                    format!(
+                        "{:>12.*} {:>12.*} {:>12.*}",
+                        digits, s.median, digits, s.min, digits, s.max
+                    )
+                },
+            );
+            out.push_str(&format!("  {name:<26} {cells}  {}\n", row.unit));
+        }
+    }
+    out.push_str(BREAKDOWN_LEGEND);
+    out
+}
+
+const BREAKDOWN_LEGEND: &str = "
+source parts tile the source downtime (vCPU stop requested to the destination's confirmation):
+  vcpu-stop      stop requested to every vCPU paused and the devices quiesced
+  final-sync     the last dirty-log sync (and a pre-switchover pause, if asked for)
+  final-pages    the pages still dirty handed to the socket (count and stream bytes below)
+  device-state   device state saved and handed to the socket
+  end-of-stream  end-of-stream record written to the destination's confirmation
+destination parts tile its share (end of stream read to its vCPUs started):
+  commit         LOADED answered to the source's COMMIT received and the reader stopped
+  digest         memory digest of the loaded guest (the demo's check)
+  vcpu-start     starting the vCPUs
+";
 
 const LEGEND: &str = "
 
@@ -813,5 +956,53 @@ mod tests {
         bad.runs[1].summary.verified = false;
         assert!(!bad.verified());
         assert_eq!(bad.to_json()["verified"], false);
+    }
+
+    #[test]
+    fn the_breakdown_is_spread_over_the_runs_and_the_median_run_is_drawn() {
+        let with = |downtime: f64, pages_ms: f64, digest_ms: f64| {
+            let mut r = run(400, 200_000_000, 100, true);
+            r.summary.downtime_ms = Some(downtime);
+            r.summary.extra.insert(
+                "downtime-breakdown".into(),
+                json!({"final-pages": pages_ms, "destination": {"digest": digest_ms}}),
+            );
+            r
+        };
+        let case = CaseResult {
+            case: CASES[1],
+            runs: vec![
+                with(30.0, 3.0, 20.0),
+                with(10.0, 1.0, 5.0),
+                with(20.0, 2.0, 9.0),
+            ],
+        };
+        let v = case.to_json();
+        let b = &v["downtime-breakdown"];
+        assert_eq!(b["final-pages"]["median"], 2.0);
+        assert_eq!(b["final-pages"]["max"], 3.0);
+        assert_eq!(b["destination"]["digest"]["min"], 5.0);
+        assert_eq!(b["vcpu-stop"], Value::Null, "no run has it");
+        assert_eq!(
+            v["run-results"][0]["downtime-breakdown"]["final-pages"],
+            3.0
+        );
+        let text = breakdown_table(std::slice::from_ref(&case));
+        assert!(
+            text.contains("source final-pages") && text.contains("2.000"),
+            "{text}"
+        );
+        assert!(text.contains("destination digest"), "{text}");
+        let median = case.median_downtime_run().unwrap();
+        assert_eq!(median.downtime_ms(), Some(20.0));
+        let even = CaseResult {
+            case: CASES[1],
+            runs: case.runs[..2].to_vec(),
+        };
+        assert_eq!(
+            even.median_downtime_run().unwrap().downtime_ms(),
+            Some(10.0),
+            "the lower middle one"
+        );
     }
 }

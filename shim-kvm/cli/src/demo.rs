@@ -55,6 +55,7 @@ use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
 
+use crate::breakdown;
 use crate::guest::{self, GuestParams};
 use crate::interrupt::{self, Cancel, Decision};
 use livemig_kvm::clock;
@@ -71,6 +72,7 @@ use livemig_kvm::{
 use crate::continuity::{GuestContinuity, serial_continued, serial_sequence, vcpu_continued};
 use crate::guest_writes::{WriteLog, WritesError, digest_outside};
 use crate::report::{Progress, Summary};
+use crate::timeline::Chart;
 use crate::vmm::vcpus::VcpuError;
 use crate::vmm::{BootError, DemoVmm};
 use crate::watch::{GuestAfter, GuestAtStop, WatchError};
@@ -458,7 +460,7 @@ fn send_summary(out: &SendOutcome) -> Summary {
     };
     if r.postcopy {
         extra.insert("postcopy".into(), json!(true));
-        if let (Some(stop), Some(sent)) = (r.vcpu_stopped_ns, r.package_sent_ns) {
+        if let (Some(stop), Some(sent)) = (r.stop.requested_ns, r.package_sent_ns) {
             extra.insert(
                 "postcopy-package-sent".into(),
                 json!((sent.saturating_sub(stop) as f64 / 1e3).round() / 1e3),
@@ -467,6 +469,9 @@ fn send_summary(out: &SendOutcome) -> Summary {
         if downtime_ms.is_some() {
             extra.insert("downtime-span".into(), json!(POSTCOPY_DOWNTIME_SPAN));
         }
+    }
+    if r.stop.requested_ns.is_some() {
+        extra.insert("downtime-breakdown".into(), breakdown::source(&r.stop));
     }
     let desc = r.stats.error_desc.as_str();
     let error = desc.starts_with("the destination failed").then(|| {
@@ -478,7 +483,7 @@ fn send_summary(out: &SendOutcome) -> Summary {
         stats: r.stats.clone(),
         downtime_ms,
         source_downtime_ms,
-        vcpu_stopped_ns: r.vcpu_stopped_ns,
+        vcpu_stopped_ns: r.stop.requested_ns,
         vcpu_started_ns: None,
         verified: false,
         dirty_log_clears: r.dirty_log_clears,
@@ -488,6 +493,10 @@ fn send_summary(out: &SendOutcome) -> Summary {
         error,
         guest: None,
         extra,
+        timeline: Some(Chart {
+            timeline: r.timeline.clone(),
+            stop: r.stop.clone(),
+        }),
     }
 }
 
@@ -608,6 +617,9 @@ fn receive_summary(
     let mut extra = serde_json::Map::new();
     if let Some(p) = &report.postcopy {
         postcopy_fields(&mut extra, p, blocktime);
+    }
+    if let Some(b) = breakdown::destination(report) {
+        extra.insert("downtime-breakdown".into(), b);
     }
     if let Some(t) = report.loaded_ns {
         extra.insert("loaded-ns".into(), json!(t));
@@ -975,7 +987,13 @@ pub fn run_demo_with(
     }
     let started = dest.get("vcpu-started-ns").and_then(Value::as_u64);
     summary.vcpu_started_ns = started;
-    if let (Some(stop), Some(start)) = (out.report.vcpu_stopped_ns, started) {
+    if let (Some(Value::Object(ours)), Some(theirs)) = (
+        summary.extra.get_mut("downtime-breakdown"),
+        dest.get("downtime-breakdown"),
+    ) {
+        ours.insert("destination".into(), theirs.clone());
+    }
+    if let (Some(stop), Some(start)) = (out.report.stop.requested_ns, started) {
         // Both ends read this host's CLOCK_MONOTONIC: the true gap.
         summary.downtime_ms = Some(start.saturating_sub(stop) as f64 / 1e6);
         summary.extra.remove("downtime-span");
@@ -1164,6 +1182,7 @@ pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summ
         error: None,
         guest: None,
         extra,
+        timeline: None,
     })
 }
 

@@ -31,6 +31,7 @@
 //! line.
 
 pub mod bench;
+pub mod breakdown;
 pub mod continuity;
 pub mod demo;
 pub mod guest;
@@ -39,5 +40,6 @@ pub mod interrupt;
 pub mod options;
 pub mod report;
 pub mod run;
+pub mod timeline;
 pub mod vmm;
 pub mod watch;

@@ -13,6 +13,7 @@ use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
 use crate::continuity::GuestContinuity;
+use crate::timeline::Chart;
 use livemig_kvm::clock;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -125,6 +126,9 @@ pub struct Summary {
     pub guest: Option<GuestContinuity>,
     /// Further role-specific fields for the JSON object.
     pub extra: Map<String, Value>,
+    /// The source's timeline and stop, for `--timeline` (a KVM source's
+    /// summary only).
+    pub timeline: Option<Chart>,
 }
 
 impl Summary {

@@ -195,7 +195,7 @@ fn a_cancel_from_another_thread_ends_an_active_migration_with_the_guest_on_the_s
         report.stats.error_desc
     );
     assert!(report.failure.is_none(), "{:?}", report.failure);
-    assert!(report.vcpu_stopped_ns.is_none(), "the guest was stopped");
+    assert!(report.stop.requested_ns.is_none(), "the guest was stopped");
 
     // The guest runs on at the source, intact.
     let before = generations(&src);

@@ -6,6 +6,7 @@
 //! goes to stdout, as text or (`--json`) as one JSON object with QEMU's
 //! `query-migrate` field names.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use livemig_cli::guest;
 use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
 use livemig_cli::report::{Progress, Summary};
+use livemig_cli::timeline;
 use livemig_cli::{run, vmm};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
@@ -206,6 +208,11 @@ struct DemoArgs {
     /// (the guest keeps running on the source); 0 = never.
     #[arg(long, default_value_t = 30)]
     time_limit_s: u64,
+    /// Draw the migration per 100 ms slice (throughput, dirty rate,
+    /// remaining bytes, switchover threshold, each dirty-log sync and the
+    /// stop) into this SVG file. Needs KVM.
+    #[arg(long, value_name = "FILE.svg")]
+    timeline: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -234,6 +241,11 @@ struct SendArgs {
     /// without a decision.
     #[arg(long, default_value_t = 3600)]
     hold_timeout_s: u64,
+    /// Draw the migration per 100 ms slice (throughput, dirty rate,
+    /// remaining bytes, switchover threshold, each dirty-log sync and the
+    /// stop) into this SVG file. Needs KVM.
+    #[arg(long, value_name = "FILE.svg")]
+    timeline: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -302,6 +314,12 @@ struct BenchArgs {
     #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
     vcpus: u32,
+    /// Draw the run of median downtime of each case (throughput, dirty
+    /// rate, remaining bytes, switchover threshold, each dirty-log sync
+    /// and the stop) into this SVG file; with several cases, one file per
+    /// case, named FILE-CASE.svg.
+    #[arg(long, value_name = "FILE.svg")]
+    timeline: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -578,8 +596,20 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     }
     if !a.json {
         print!("{}", bench::table(&results));
+        print!("{}", bench::breakdown_table(&results));
     }
     let mut code = ExitCode::SUCCESS;
+    if let Some(path) = &a.timeline {
+        for r in &results {
+            let file = if results.len() == 1 {
+                path.clone()
+            } else {
+                per_case(path, r.case.name)
+            };
+            let summary = r.median_downtime_run().map(|run| &run.summary);
+            code = draw_timeline(summary, Some(&file), code);
+        }
+    }
     for r in &results {
         for (i, run) in r.runs.iter().enumerate() {
             if !run.verified() {
@@ -597,6 +627,37 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(code)
+}
+
+/// `--timeline`: draws the summary's timeline into `path` (nothing without
+/// a path) after the summary was printed. A failure is one line and exit
+/// status 1; else `code` stands.
+fn draw_timeline(summary: Option<&Summary>, path: Option<&Path>, code: ExitCode) -> ExitCode {
+    let Some(path) = path else {
+        return code;
+    };
+    let Some(chart) = summary.and_then(|s| s.timeline.as_ref()) else {
+        eprintln!("livemig: --timeline: no KVM migration ran to draw");
+        return ExitCode::FAILURE;
+    };
+    match timeline::draw(chart, path) {
+        Ok(()) => code,
+        Err(e) => {
+            eprintln!("livemig: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `FILE.svg` for `case`: `FILE-case.svg`.
+fn per_case(path: &Path, case: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "timeline".into(), |s| s.to_string_lossy().into_owned());
+    let ext = path
+        .extension()
+        .map_or_else(|| "svg".into(), |e| e.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}-{case}.{ext}"))
 }
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
@@ -636,6 +697,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     &mut progress(&a.output),
                 )
                 .map_err(err)?,
+                Err(e) if a.timeline.is_some() => {
+                    return Err(format!(
+                        "--timeline needs KVM, and {}: the simulated fallback records no timeline",
+                        demo::no_kvm_reason(&e)
+                    ));
+                }
                 Err(e) if a.workload.vcpus.is_some() => {
                     return Err(format!(
                         "--vcpus needs KVM, and {}: the simulated fallback has no vCPUs",
@@ -647,7 +714,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     demo::run_simulated(shape, &config).map_err(err)?
                 }
             };
-            Ok(finish(&summary, &a.output, true, None))
+            let code = finish(&summary, &a.output, true, None);
+            Ok(draw_timeline(Some(&summary), a.timeline.as_deref(), code))
         }
         Cmd::Send(a) => {
             let mut config = config(&a.migration, false)?;
@@ -666,7 +734,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             )
             .map_err(err)?;
             let held = decided.map(|d| (d, "guest-continued-on-source"));
-            Ok(finish(&summary, &a.output, false, held))
+            let code = finish(&summary, &a.output, false, held);
+            Ok(draw_timeline(Some(&summary), a.timeline.as_deref(), code))
         }
         Cmd::Receive(a) => {
             let mut decided = None;

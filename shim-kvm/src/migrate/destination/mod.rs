@@ -181,7 +181,12 @@ pub struct DestinationReport {
     /// when [`ReceiveOptions::digest`] asked for it. `None` after postcopy,
     /// where the guest ran during the load.
     pub digest: Option<u64>,
-    /// `CLOCK_MONOTONIC` nanoseconds when the stream was fully loaded.
+    /// `CLOCK_MONOTONIC` nanoseconds when the end of the stream had been
+    /// read and loaded (with the return path, LOADED answered): the
+    /// destination's part of the stop begins.
+    pub end_received_ns: Option<u64>,
+    /// `CLOCK_MONOTONIC` nanoseconds when the stream was fully loaded (the
+    /// source's COMMIT received, the connection's reader stopped).
     pub loaded_ns: Option<u64>,
     /// `CLOCK_MONOTONIC` nanoseconds when the guest was started here.
     pub started_ns: Option<u64>,
@@ -226,6 +231,8 @@ pub struct KvmHost {
     faults: FaultQueue,
     /// When the guest was started here.
     started_ns: Option<u64>,
+    /// When the engine had read the end of the stream.
+    end_received_ns: Option<u64>,
 }
 
 impl KvmHost {
@@ -654,6 +661,7 @@ pub fn receive(
         events: tx,
         faults: Arc::new(Mutex::new(Vec::new())),
         started_ns: None,
+        end_received_ns: None,
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
         run(host, events, required, &conn, reader_conn, options, shared)
@@ -714,6 +722,7 @@ fn run(
         error: None,
         started: false,
         digest: None,
+        end_received_ns: host.end_received_ns,
         loaded_ns: None,
         started_ns: None,
         digest_ms: 0.0,
@@ -833,6 +842,9 @@ fn run_receive_loop(
                         Err(DestError::Host(op))
                     }
                 };
+                if (engine.is_loaded() || engine.is_completed()) && host.end_received_ns.is_none() {
+                    host.end_received_ns = Some(clock::monotonic_ns());
+                }
                 // The reader is gone if this fails; the loop learns it from
                 // the end of the stream.
                 let _ = pool.send(buf);

@@ -17,6 +17,7 @@ use std::time::Duration;
 use livemig_core::clear_map::Chunk;
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::{POSTCOPY_RUN_PING, SourceAction, SourceEngine};
+use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 
 use super::super::handle::{CancelRefused, Shared};
@@ -96,6 +97,9 @@ pub(super) struct SourceDriver<'e> {
     pub(super) resume_error: Option<VmmError>,
     /// When the engine entered pre-switchover (monotonic ns).
     pub(super) paused_at: Option<u64>,
+    /// Stream bytes and pages sent when the last sync with the vCPUs
+    /// stopped was done: the final pages are counted from there.
+    pub(super) sent_at_sync: (u64, u64),
 }
 
 impl SourceDriver<'_> {
@@ -194,7 +198,7 @@ impl SourceDriver<'_> {
                     break;
                 }
             }
-            self.shared.publish(self.engine.stats());
+            self.publish();
             if self.engine.is_finished() {
                 self.finished(self.engine.status());
                 break;
@@ -221,7 +225,15 @@ impl SourceDriver<'_> {
                 Err(RecvTimeoutError::Disconnected) => self.reader_done = true,
             }
         }
-        self.shared.publish(self.engine.stats());
+        self.publish();
+    }
+
+    /// Publishes the statistics to the handle and samples them into the
+    /// timeline.
+    fn publish(&mut self) {
+        let stats = self.engine.stats();
+        self.shared.publish(stats);
+        self.report.timeline.sample(clock::monotonic_ns(), stats);
     }
 
     /// Carries out a cancel the handle asked for; after the switchover the
@@ -282,6 +294,15 @@ impl SourceDriver<'_> {
             });
         if let Err(e) = fed {
             self.fail(e);
+            return;
+        }
+        let now = clock::monotonic_ns();
+        let stats = self.engine.stats();
+        let stopped = self.report.stop.paused_ns.is_some();
+        self.report.timeline.sync(now, stats.iterations, stopped);
+        if stopped {
+            self.report.stop.synced_ns = Some(now);
+            self.sent_at_sync = (stats.ram.transferred, pages_sent(stats));
         }
     }
 
@@ -303,10 +324,12 @@ impl SourceDriver<'_> {
 
     /// [`SourceAction::StopVcpus`]: pauses the vCPUs for the stop-and-copy.
     fn stop_vcpus(&mut self) {
-        self.report.vcpu_stopped_ns = Some(clock::monotonic_ns());
+        self.report.stop.requested_ns = Some(clock::monotonic_ns());
         match self.guest.pause() {
             Ok(()) => {
-                if let Err(failure) = self.guest.quiesce_devices() {
+                let quiesced = self.guest.quiesce_devices();
+                self.report.stop.paused_ns = Some(clock::monotonic_ns());
+                if let Err(failure) = quiesced {
                     // The engine resumes the guest when it fails.
                     let _ = self.engine.handle_vcpus_stopped(clock::now());
                     self.fail(failure);
@@ -345,11 +368,19 @@ impl SourceDriver<'_> {
     /// [`SourceAction::SaveDevices`]: writes the stopped guest's state
     /// (vCPUs, VM-wide devices, the VMM's devices) as Device records.
     fn save_devices(&mut self) -> Result<(), SourceFailure> {
+        let stop = &mut self.report.stop;
+        stop.pages_sent_ns = Some(clock::monotonic_ns());
+        let stats = self.engine.stats();
+        let (bytes, pages) = self.sent_at_sync;
+        stop.final_page_bytes = stats.ram.transferred.saturating_sub(bytes);
+        stop.final_pages = pages_sent(stats).saturating_sub(pages);
         let records = self.guest.device_records()?;
         self.link
             .conn
             .write_all(&records)
             .map_err(SourceFailure::ConnectionLost)?;
+        self.report.stop.devices_sent_ns = Some(clock::monotonic_ns());
+        self.report.stop.device_bytes = records.len() as u64;
         if let Err(e) = self
             .engine
             .handle_devices_sent(clock::now(), records.len() as u64)
@@ -406,7 +437,7 @@ impl SourceDriver<'_> {
     /// [`SourceAction::Finished`]: notes when a migration completed.
     fn finished(&mut self, status: MigrationStatus) {
         if status == MigrationStatus::Completed {
-            self.report.completed_ns = Some(clock::monotonic_ns());
+            self.report.stop.confirmed_ns = Some(clock::monotonic_ns());
         }
     }
 
@@ -533,4 +564,9 @@ impl SourceDriver<'_> {
         }
         None
     }
+}
+
+/// Pages sent so far, zero or normal.
+fn pages_sent(stats: &MigrationStats) -> u64 {
+    stats.ram.duplicate.saturating_add(stats.ram.normal)
 }

@@ -32,6 +32,8 @@ mod failure;
 mod gate;
 mod guest;
 mod return_path;
+mod stop;
+mod timeline;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +61,8 @@ pub(crate) use gate::CancelGate;
 use guest::SourceGuest;
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::capabilities::Capabilities;
+pub use stop::{SourceStop, StopPart};
+pub use timeline::{MAX_SLICES, MAX_SYNCS, SLICE_NS, Slice, SyncMark, Timeline};
 
 /// Longest the migration thread waits for input before polling again (so
 /// the progress line stays fresh and a stuck peer is noticed).
@@ -131,11 +135,11 @@ impl Default for SourceOptions {
 pub struct SourceReport {
     /// The engine's final statistics (status, times, RAM counters, error).
     pub stats: MigrationStats,
-    /// `CLOCK_MONOTONIC` nanoseconds when the vCPU stop was requested.
-    pub vcpu_stopped_ns: Option<u64>,
-    /// `CLOCK_MONOTONIC` nanoseconds when the migration completed (the
-    /// destination confirmed the whole stream).
-    pub completed_ns: Option<u64>,
+    /// Where the stop went: from the vCPU stop requested to the
+    /// destination's confirmation of the whole stream.
+    pub stop: SourceStop,
+    /// The migration per 100 ms slice, and its dirty-log syncs.
+    pub timeline: Timeline,
     /// `KVM_CLEAR_DIRTY_LOG` calls made.
     pub dirty_log_clears: u64,
     /// How the dirty log was read.
@@ -160,8 +164,7 @@ impl SourceReport {
     /// The guest's downtime as the source sees it: from the vCPU stop to
     /// the destination's confirmation, in milliseconds.
     pub fn source_downtime_ms(&self) -> Option<f64> {
-        let (a, b) = (self.vcpu_stopped_ns?, self.completed_ns?);
-        Some(b.saturating_sub(a) as f64 / 1e6)
+        Some(self.stop.downtime_ns()? as f64 / 1e6)
     }
 
     /// The postcopy downtime as the source can know it, in milliseconds:
@@ -169,7 +172,7 @@ impl SourceReport {
     /// package. The destination started the guest before it answered, so
     /// this exceeds the true stop-to-start gap by at most one return trip.
     pub fn postcopy_downtime_ms(&self) -> Option<f64> {
-        let (a, b) = (self.vcpu_stopped_ns?, self.run_acked_ns?);
+        let (a, b) = (self.stop.requested_ns?, self.run_acked_ns?);
         Some(b.saturating_sub(a) as f64 / 1e6)
     }
 }
@@ -302,7 +305,8 @@ fn run(
         guest.vm.device_dirty.take(),
     )
     .map_err(MigrateError::DirtyLog)?;
-    engine.start(clock::now()).map_err(MigrateError::Source)?;
+    let start = clock::now();
+    engine.start(start).map_err(MigrateError::Source)?;
     // No early return from here on: the reader ends with the connection.
     let (events, reader) = return_path::spawn_reader(rp_conn);
     let mode = log.mode();
@@ -323,8 +327,8 @@ fn run(
         options,
         report: SourceReport {
             stats: MigrationStats::default(),
-            vcpu_stopped_ns: None,
-            completed_ns: None,
+            stop: SourceStop::default(),
+            timeline: Timeline::new(start.as_nanos()),
             dirty_log_clears: 0,
             dirty_log_mode: mode,
             postcopy: false,
@@ -334,6 +338,7 @@ fn run(
         },
         resume_error: None,
         paused_at: None,
+        sent_at_sync: (0, 0),
     };
     driver.drive();
     // Wake the return-path reader (it may be blocked in read) and let it end.

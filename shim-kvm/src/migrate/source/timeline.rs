@@ -1,0 +1,223 @@
+//! The migration over time, for a VMM (or the `livemig` tool) to draw: the
+//! source's statistics sampled at each publication and kept per 100 ms
+//! slice, and the instant of every dirty-log sync.
+//!
+//! A slice holds the bytes written in it and the dirty rate, remaining
+//! bytes and switchover threshold of its last sample. Bytes are counted in
+//! the slice of the publication that first saw them (publications are at
+//! most about 50 ms apart, longer only while one action blocks, for
+//! example a large final sync). A slice without a publication repeats the
+//! last figures with no bytes. Storage is capped: a migration longer than
+//! [`MAX_SLICES`] slices keeps its latest ones (the stop is at the end),
+//! and says how many it dropped.
+
+use std::collections::VecDeque;
+
+use livemig_core::stats::MigrationStats;
+
+/// Width of a slice, nanoseconds.
+pub const SLICE_NS: u64 = 100_000_000;
+/// Most slices kept: ten minutes.
+pub const MAX_SLICES: usize = 6_000;
+/// Most dirty-log syncs kept.
+pub const MAX_SYNCS: usize = 4_096;
+
+/// One 100 ms slice of the migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slice {
+    /// The slice's place from the start: it covers
+    /// `index * SLICE_NS .. (index + 1) * SLICE_NS` after
+    /// [`Timeline::start_ns`].
+    pub index: u64,
+    /// Stream bytes written in the slice (`ram.transferred`'s growth).
+    pub sent_bytes: u64,
+    /// The engine's dirty rate (`ram.dirty-pages-rate` times the page
+    /// size), bytes per second.
+    pub dirty_bytes_per_s: u64,
+    /// Bytes still dirty (`ram.remaining`).
+    pub remaining_bytes: u64,
+    /// The switchover threshold
+    /// ([`MigrationStats::threshold_bytes`]).
+    pub threshold_bytes: u64,
+}
+
+/// A dirty-log sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncMark {
+    /// Nanoseconds after [`Timeline::start_ns`] when the sync was done.
+    pub at_ns: u64,
+    /// Completed passes over the dirty memory at the sync
+    /// (`iterations`).
+    pub iteration: u64,
+    /// The sync was made with the vCPUs stopped (the last one).
+    pub stopped: bool,
+}
+
+/// The recorder, and what it recorded.
+#[derive(Clone, Debug, Default)]
+pub struct Timeline {
+    start_ns: u64,
+    slices: VecDeque<Slice>,
+    syncs: VecDeque<SyncMark>,
+    transferred: u64,
+    dropped_slices: u64,
+    dropped_syncs: u64,
+}
+
+impl Timeline {
+    /// An empty timeline starting at `start_ns` (`CLOCK_MONOTONIC`).
+    pub(crate) fn new(start_ns: u64) -> Self {
+        Timeline {
+            start_ns,
+            ..Timeline::default()
+        }
+    }
+
+    /// Records `stats` as published at `now_ns`.
+    pub(crate) fn sample(&mut self, now_ns: u64, stats: &MigrationStats) {
+        let index = now_ns.saturating_sub(self.start_ns) / SLICE_NS;
+        let sent = stats.ram.transferred.saturating_sub(self.transferred);
+        self.transferred = self.transferred.max(stats.ram.transferred);
+        let figures = Slice {
+            index,
+            sent_bytes: 0,
+            dirty_bytes_per_s: stats
+                .ram
+                .dirty_pages_rate
+                .saturating_mul(stats.ram.page_size),
+            remaining_bytes: stats.ram.remaining,
+            threshold_bytes: stats.threshold_bytes,
+        };
+        if let Some(last) = self.slices.back_mut()
+            && last.index >= index
+        {
+            *last = Slice {
+                index: last.index,
+                sent_bytes: last.sent_bytes.saturating_add(sent),
+                ..figures
+            };
+            return;
+        }
+        // Slices without a publication (an action that blocked) repeat
+        // the last figures; never more of them than are kept.
+        let first_gap = self.slices.back().map_or(0, |s| s.index + 1);
+        let gap_start = first_gap.max(index.saturating_sub(MAX_SLICES as u64));
+        if let Some(&last) = self.slices.back() {
+            for i in gap_start..index {
+                self.push(Slice {
+                    index: i,
+                    sent_bytes: 0,
+                    ..last
+                });
+            }
+        }
+        self.dropped_slices += gap_start - first_gap;
+        self.push(Slice {
+            sent_bytes: sent,
+            ..figures
+        });
+    }
+
+    /// Records a dirty-log sync done at `now_ns`.
+    pub(crate) fn sync(&mut self, now_ns: u64, iteration: u64, stopped: bool) {
+        if self.syncs.len() == MAX_SYNCS {
+            self.syncs.pop_front();
+            self.dropped_syncs += 1;
+        }
+        self.syncs.push_back(SyncMark {
+            at_ns: now_ns.saturating_sub(self.start_ns),
+            iteration,
+            stopped,
+        });
+    }
+
+    fn push(&mut self, slice: Slice) {
+        if self.slices.len() == MAX_SLICES {
+            self.slices.pop_front();
+            self.dropped_slices += 1;
+        }
+        self.slices.push_back(slice);
+    }
+
+    /// `CLOCK_MONOTONIC` nanoseconds when the migration started.
+    pub fn start_ns(&self) -> u64 {
+        self.start_ns
+    }
+
+    /// The slices kept, oldest first, one per 100 ms without gaps.
+    pub fn slices(&self) -> impl ExactSizeIterator<Item = &Slice> {
+        self.slices.iter()
+    }
+
+    /// The dirty-log syncs kept, oldest first.
+    pub fn syncs(&self) -> impl ExactSizeIterator<Item = &SyncMark> {
+        self.syncs.iter()
+    }
+
+    /// Slices dropped from the front because of [`MAX_SLICES`].
+    pub fn dropped_slices(&self) -> u64 {
+        self.dropped_slices
+    }
+
+    /// Syncs dropped from the front because of [`MAX_SYNCS`].
+    pub fn dropped_syncs(&self) -> u64 {
+        self.dropped_syncs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(transferred: u64, remaining: u64) -> MigrationStats {
+        let mut s = MigrationStats::default();
+        s.ram.transferred = transferred;
+        s.ram.remaining = remaining;
+        s.ram.page_size = 4096;
+        s.ram.dirty_pages_rate = 10;
+        s.threshold_bytes = 7;
+        s
+    }
+
+    #[test]
+    fn samples_are_bucketed_per_slice() {
+        let mut t = Timeline::new(1_000);
+        t.sample(1_000 + 10_000_000, &stats(100, 50));
+        t.sample(1_000 + 60_000_000, &stats(300, 40));
+        t.sample(1_000 + 350_000_000, &stats(1_000, 5));
+        let s: Vec<Slice> = t.slices().copied().collect();
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.iter().map(|s| s.index).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(
+            s.iter().map(|s| s.sent_bytes).collect::<Vec<_>>(),
+            [300, 0, 0, 700]
+        );
+        assert_eq!(s[0].remaining_bytes, 40);
+        assert_eq!(s[1].remaining_bytes, 40, "a gap repeats the figures");
+        assert_eq!(s[3].remaining_bytes, 5);
+        assert_eq!(s[3].dirty_bytes_per_s, 40_960);
+        assert_eq!(s[3].threshold_bytes, 7);
+        assert_eq!(t.dropped_slices(), 0);
+    }
+
+    #[test]
+    fn storage_is_capped_and_keeps_the_latest() {
+        let mut t = Timeline::new(0);
+        t.sample(0, &stats(1, 0));
+        // A gap longer than the cap keeps only the last MAX_SLICES.
+        let far = (MAX_SLICES as u64 + 10) * SLICE_NS;
+        t.sample(far, &stats(2, 0));
+        assert_eq!(t.slices().len(), MAX_SLICES);
+        assert_eq!(
+            t.slices().last().map(|s| s.index),
+            Some(MAX_SLICES as u64 + 10)
+        );
+        assert_eq!(t.dropped_slices(), 11);
+        for i in 0..MAX_SYNCS as u64 + 3 {
+            t.sync(i, i, false);
+        }
+        assert_eq!(t.syncs().len(), MAX_SYNCS);
+        assert_eq!(t.dropped_syncs(), 3);
+        assert_eq!(t.syncs().next().map(|m| m.at_ns), Some(3));
+    }
+}
