@@ -19,9 +19,7 @@ pub struct Limits {
     /// far): a guest that dirties memory as fast as the link carries it, or
     /// a downtime limit below the fixed cost of stopping, never converges,
     /// however long precopy goes on. A pass that raised the auto-converge
-    /// throttle counts as progress; stalled passes count at most one per
-    /// bandwidth-measurement slice (100 ms), so that a small working set's
-    /// fast passes leave the estimate time to catch up with the link.
+    /// throttle counts as progress.
     pub max_stalled_iterations: Option<u64>,
     /// With a return path, how long the source waits after the end of the
     /// stream for the destination's SHUT before declaring the migration

@@ -26,11 +26,8 @@ pub(super) struct Convergence {
     pub stop_cost: Duration,
     /// Smallest pending (dirty + unsent) bytes seen at the end of a pass.
     pub best_pending: u64,
-    /// Passes in a row that did not improve on `best_pending`, at most
-    /// one per slice.
+    /// Passes in a row that did not improve on `best_pending`.
     pub stalled_iterations: u64,
-    /// When the last of those was counted.
-    pub stalled_counted_at: Option<Instant>,
     /// `stats.iterations` when progress was last judged (mid-pass syncs
     /// are not passes).
     pub judged_iterations: u64,
@@ -65,7 +62,6 @@ impl Convergence {
             stop_cost: Duration::ZERO,
             best_pending: u64::MAX,
             stalled_iterations: 0,
-            stalled_counted_at: None,
             judged_iterations: 0,
             drain_until: None,
             threshold_bytes: 0,
@@ -254,11 +250,6 @@ impl SourceEngine<'_> {
     /// Judges the pass that just ended: did it shrink the pending bytes
     /// (by at least a sixteenth of the best so far), or raise the
     /// throttle? Returns true once too many passes in a row did neither.
-    /// Stalled passes count at most one per [`SLICE`]: the bandwidth, and
-    /// with it the threshold, is measured once a slice, and a small working
-    /// set's passes of a few milliseconds would otherwise use up the count
-    /// before the estimate catches up with the link (under load, ten such
-    /// passes gave up after 170 ms on a 4 MiB set that fit the limit).
     pub(super) fn stalled(&mut self) -> bool {
         if self.stats.iterations == self.convergence.judged_iterations {
             return false;
@@ -266,18 +257,11 @@ impl SourceEngine<'_> {
         self.convergence.judged_iterations = self.stats.iterations;
         let pending = self.pending_bytes();
         let best = self.convergence.best_pending;
-        let now = self.now;
         if best == u64::MAX || pending < best - best / 16 || self.throttle.pending {
             self.convergence.best_pending = self.convergence.best_pending.min(pending);
             self.convergence.stalled_iterations = 0;
-            self.convergence.stalled_counted_at = None;
-        } else if self
-            .convergence
-            .stalled_counted_at
-            .is_none_or(|at| now - at >= SLICE)
-        {
+        } else {
             self.convergence.stalled_iterations += 1;
-            self.convergence.stalled_counted_at = Some(now);
         }
         self.config
             .limits
