@@ -176,7 +176,6 @@ mod tests {
         for (cap, name) in [
             (Capabilities::XBZRLE, "xbzrle"),
             (Capabilities::POSTCOPY_PREEMPT, "postcopy-preempt"),
-            (Capabilities::MULTIFD, "multifd"),
             (Capabilities::RELEASE_RAM, "release-ram"),
             (Capabilities::EVENTS, "events"),
             (Capabilities::VALIDATE_UUID, "validate-uuid"),

@@ -134,6 +134,10 @@ pub struct RamStats {
     pub total: u64,
     /// Pages sent as "zero" flags without data.
     pub duplicate: u64,
+    /// Of the `duplicate` pages, those the source knew to be zero without
+    /// reading them: never populated in its memory
+    /// ([`PageReader::populated`](crate::source::PageReader::populated)).
+    pub unpopulated: u64,
     /// Pages sent with their data.
     pub normal: u64,
     /// Bytes of page data sent (`normal` times the page size).

@@ -534,6 +534,120 @@ fn a_paused_guest_arrives_paused_and_a_loaded_device_is_loaded() {
     assert!(dst.counters_pass(&o.at_stop), "{:?}", dst.vcpus.failure());
 }
 
+/// Guest-physical address and size of the test's third region, most of
+/// which the source never touches.
+const SPARSE_GPA: u64 = 64 << 20;
+const SPARSE_BYTES: usize = 64 << 20;
+/// Pages of the sparse region written with data, then with zeros, before
+/// the migration; the rest of its first 4 MiB (past any huge page of the
+/// written ones) is a margin, and everything after it is never touched.
+const SPARSE_DATA_PAGES: u64 = 16;
+const SPARSE_ZEROED_PAGES: u64 = 8;
+const SPARSE_UNTOUCHED_FROM: usize = 4 << 20;
+
+/// Host address of the region at guest-physical `gpa`.
+fn host_of(vm: &TestVm, gpa: u64) -> u64 {
+    let region = vm.memory.regions().iter().find(|r| r.guest_phys() == gpa);
+    region.expect("the region").host_addr()
+}
+
+/// Pages of the `len` bytes at host `addr` that are resident, found
+/// without touching them.
+fn resident_pages(addr: u64, len: usize) -> usize {
+    let mut vec = vec![0u8; len / 4096];
+    // SAFETY: `addr .. addr + len` is a page-aligned range of a test VM's
+    // live RAM mapping; mincore only writes `vec`, one byte per page.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn pages_never_populated_are_neither_read_nor_placed() {
+    if !kvm_available() {
+        return;
+    }
+    let sparse = [(SPARSE_GPA, SPARSE_BYTES)];
+    let src = TestVm::with_extra_ram(VCPUS, true, |_| {}, &sparse);
+    let data: Vec<u8> = (0..SPARSE_DATA_PAGES * 4096)
+        .map(|i| (i % 251) as u8 + 1)
+        .collect();
+    src.ram
+        .write_slice(&data, GuestAddress(SPARSE_GPA))
+        .expect("write data");
+    let zeros = vec![0u8; (SPARSE_ZEROED_PAGES * 4096) as usize];
+    let zeroed_gpa = SPARSE_GPA + SPARSE_DATA_PAGES * 4096;
+    src.ram
+        .write_slice(&zeros, GuestAddress(zeroed_gpa))
+        .expect("write zeros");
+    src.vcpus.resume_all().expect("start the source guest");
+    assert!(
+        src.counters_pass(&[10; VCPUS]),
+        "the source guest does not run"
+    );
+    let dst = TestVm::with_extra_ram(VCPUS, false, |_| {}, &sparse);
+    let untouched_len = SPARSE_BYTES - SPARSE_UNTOUCHED_FROM;
+    let untouched = |vm: &TestVm| {
+        let at = host_of(vm, SPARSE_GPA) + SPARSE_UNTOUCHED_FROM as u64;
+        resident_pages(at, untouched_len)
+    };
+    let written = (SPARSE_DATA_PAGES + SPARSE_ZEROED_PAGES) as usize * 4096;
+    // mincore sees what was written, and nothing else yet.
+    assert_eq!(
+        resident_pages(host_of(&src, SPARSE_GPA), written),
+        written / 4096
+    );
+    assert_eq!((untouched(&src), untouched(&dst)), (0, 0));
+
+    let o = run(
+        &config(),
+        SourceOptions::default(),
+        &src,
+        &dst,
+        Vec::new(),
+        Vec::new(),
+        true,
+        true,
+    );
+    assert_eq!(
+        o.source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        o.source.stats.error_desc
+    );
+    assert!(o.destination.error.is_none(), "{:?}", o.destination.error);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert_eq!(o.destination.digest, Some(o.source_digest));
+    assert!(
+        dst.counters_pass(&o.at_stop),
+        "a vCPU did not go on: {:?}",
+        dst.vcpus.failure()
+    );
+    // Neither the migration nor the source's digest read a never-touched
+    // page, and the destination placed none: none became resident.
+    assert_eq!(untouched(&src), 0, "source pages were faulted in");
+    assert_eq!(untouched(&dst), 0, "destination pages were faulted in");
+    // The destination holds the data pages; the pages written with zeros
+    // arrived as zero pages into fresh memory, so were not written there.
+    assert_eq!(
+        resident_pages(host_of(&dst, SPARSE_GPA), written),
+        SPARSE_DATA_PAGES as usize
+    );
+    let ram = &o.source.stats.ram;
+    eprintln!(
+        "unpopulated {} of duplicate {}, normal {}",
+        ram.unpopulated, ram.duplicate, ram.normal
+    );
+    assert!(
+        ram.unpopulated >= (untouched_len / 4096) as u64,
+        "{} pages counted unpopulated",
+        ram.unpopulated
+    );
+    // The zeroed pages were populated: read, and found zero.
+    assert!(ram.duplicate >= ram.unpopulated + SPARSE_ZEROED_PAGES);
+    assert!(ram.normal >= SPARSE_DATA_PAGES);
+}
+
 /// Every guest page number of the test VM's RAM but the counters' page,
 /// which the destination's guest goes on writing during a postcopy.
 fn pages_but_counters() -> Vec<u64> {

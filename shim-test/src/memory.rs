@@ -363,6 +363,26 @@ impl SimRam {
         Ok(b.is_zero(i))
     }
 
+    /// Which pages from `first` hold a buffer, one bit each in `mask`
+    /// (bit `i` of word `w` is page `first + 64 * w + i`): a page never
+    /// written, or dropped back to zero, is clear, as an untouched page of
+    /// anonymous memory is to the kernel. Pages past the block's end, and
+    /// every page of a block that does not exist, are clear.
+    pub fn populated(&self, block: usize, first: u64, mask: &mut [u64]) {
+        mask.fill(0);
+        let Ok(b) = self.block(block) else {
+            return;
+        };
+        for (w, word) in mask.iter_mut().enumerate() {
+            for bit in 0..64 {
+                let page = first.saturating_add(w as u64 * 64 + bit);
+                if page < b.spec.pages && b.slot(page as usize).is_some_and(Option::is_some) {
+                    *word |= 1 << bit;
+                }
+            }
+        }
+    }
+
     /// Writes `bytes` at `offset` inside one page, as a guest store would.
     /// The write must fit inside the page; an absent page is materialised
     /// (zero-filled) first.

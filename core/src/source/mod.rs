@@ -74,6 +74,7 @@
 //! stream is written and keeps its guest stopped (see
 //! `docs/architecture.md` for that window).
 
+mod channels;
 mod convergence;
 mod end;
 mod postcopy;
@@ -99,6 +100,7 @@ pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming,
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
+use channels::Channels;
 use convergence::{Convergence, Throttle};
 use end::Handshake;
 use postcopy::Postcopy;
@@ -120,6 +122,13 @@ pub const SETUP_CHECK_PING: u32 = 1;
 /// a few commands, a block list of typical size, and a batch header.
 pub const MIN_SCRATCH: usize = 16 * 1024;
 
+/// Most pages one [`PageReader::populated`] query covers: 4096 pages (16
+/// MiB of 4 KiB pages, a 32 KiB read of Linux's pagemap) per query keeps
+/// the queries of an idle 1 GiB guest at 64. A window never spans two
+/// dirty-log clear chunks (it shrinks to the chunk when chunks are
+/// smaller), see [`PageReader::populated`].
+pub const POPULATED_WINDOW: usize = 4096;
+
 /// Reads guest memory on the engine's behalf, for zero-page detection.
 ///
 /// Implementations must be sound while the guest runs (the KVM shim reads
@@ -128,6 +137,35 @@ pub const MIN_SCRATCH: usize = 16 * 1024;
 pub trait PageReader {
     /// True when every byte of `page` in block `block` is zero.
     fn is_zero_page(&self, block: u16, page: u64) -> bool;
+
+    /// Which of the pages `first .. first + 64 * mask.len()` of block
+    /// `block` may hold data: bit `i` of word `w` (page `first + 64 * w +
+    /// i`) set for a page that is, or may be, populated; clear for a page
+    /// the memory never populated (or dropped back, as `MADV_DONTNEED`
+    /// does), which reads as zero. The engine sends a clear page as a zero
+    /// page without [`is_zero_page`](PageReader::is_zero_page), so reading
+    /// it never faults it in (on Linux, reading untouched anonymous memory
+    /// maps the zero page: a page fault each, microseconds under nested
+    /// virtualization). `first` is a multiple of 64; bits past the block's
+    /// end are ignored. The default answers "may hold data" for every page,
+    /// which is always correct. Only the first pass asks (later passes
+    /// send pages the guest wrote since), and a page a postcopy request
+    /// asks for is read instead (a vCPU waits for it).
+    ///
+    /// Why a stale answer is never wrong: the engine asks for a window only
+    /// once the dirty log of every page in it was reset (the clear of the
+    /// window's chunk was issued, or the chunk owes none since the last
+    /// sync), and forgets the answer at the next sync and the next clear.
+    /// A page that becomes populated after the answer was written by the
+    /// guest (KVM logs the write: the page had no mapping, or a protected
+    /// one) or by a device (the device dirty log) after its log was reset,
+    /// so it is dirty again at the next sync and sent then, with its data.
+    /// Dirty logging is on before the first pass, so this holds for the
+    /// first pass too.
+    fn populated(&self, block: u16, first: u64, mask: &mut [u64]) {
+        let _ = (block, first);
+        mask.fill(u64::MAX);
+    }
 }
 
 /// What the engine asks its caller to do next.
@@ -139,6 +177,27 @@ pub enum SourceAction<'e> {
     /// each one page of block `block`), straight from guest memory.
     SendPages {
         /// Record header, batch header and page entries.
+        header: &'e [u8],
+        /// Index of the block in the block list.
+        block: u16,
+        /// Pages whose data follows the header, in order.
+        pages: &'e [u64],
+    },
+    /// Multifd: write these bytes to channel `channel` (its hello, or a
+    /// SYNC packet).
+    SendChannel {
+        /// The channel, `< multifd-channels`.
+        channel: u16,
+        /// Encoded hello or packet.
+        bytes: &'e [u8],
+    },
+    /// Multifd: write `header` (packet header and entries) to channel
+    /// `channel`, then the contents of each page in `pages` (in order, each
+    /// one page of block `block`), straight from guest memory.
+    SendChannelPages {
+        /// The channel, `< multifd-channels`.
+        channel: u16,
+        /// Packet header and entries.
         header: &'e [u8],
         /// Index of the block in the block list.
         block: u16,
@@ -243,6 +302,8 @@ pub enum SourceError {
     /// A cancel after the commit: the source has given the guest to the
     /// destination and never takes it back.
     AlreadyCommitted,
+    /// The migration id was set after the migration started.
+    MigrationIdAfterStart,
 }
 
 impl fmt::Display for SourceError {
@@ -281,6 +342,12 @@ impl fmt::Display for SourceError {
                 "the migration cannot be cancelled: the source has committed, the guest \
                  belongs to the destination"
             ),
+            SourceError::MigrationIdAfterStart => {
+                write!(
+                    f,
+                    "the migration id must be set before the migration starts"
+                )
+            }
             SourceError::PackageTooLarge { len } => write!(
                 f,
                 "{len} bytes of device state do not fit in one package (at most {} bytes)",
@@ -359,6 +426,8 @@ pub struct SourceEngine<'a> {
     meter: RateMeter,
     postcopy: Postcopy,
     end: Handshake,
+    /// With multifd: the channels' sequence.
+    channels: Option<Channels>,
     vcpus_stopped: bool,
     started_at: Instant,
     now: Instant,
@@ -414,6 +483,10 @@ impl<'a> SourceEngine<'a> {
             Capabilities::RETURN_PATH | Capabilities::POSTCOPY_RAM | Capabilities::SWITCHOVER_ACK,
         );
         let meter = RateMeter::new(Instant::ZERO, config.parameters.max_bandwidth);
+        let channels = config
+            .capabilities
+            .contains(Capabilities::MULTIFD)
+            .then(|| Channels::new(u16::from(config.parameters.multifd_channels), 0));
         Ok(SourceEngine {
             config,
             layout,
@@ -427,6 +500,7 @@ impl<'a> SourceEngine<'a> {
             meter,
             postcopy: Postcopy::new(),
             end: Handshake::new(return_path),
+            channels,
             vcpus_stopped: false,
             started_at: Instant::ZERO,
             now: Instant::ZERO,
@@ -489,6 +563,20 @@ impl<'a> SourceEngine<'a> {
         self.step == Step::Done
     }
 
+    /// Sets the id that the multifd channels' hellos carry (0 unless set),
+    /// so that the destination refuses a connection of another migration
+    /// as a channel. Call it before [`start`](Self::start), with a value
+    /// unlikely to repeat (random, or the time and process id).
+    pub fn set_migration_id(&mut self, id: u64) -> Result<(), SourceError> {
+        if self.step != Step::NotStarted {
+            return Err(SourceError::MigrationIdAfterStart);
+        }
+        if let Some(ch) = self.channels.as_mut() {
+            *ch = Channels::new(ch.count(), id);
+        }
+        Ok(())
+    }
+
     /// Begins the migration (none -> setup).
     pub fn start(&mut self, now: Instant) -> Result<(), SourceError> {
         if self.step != Step::NotStarted {
@@ -521,6 +609,9 @@ impl<'a> SourceEngine<'a> {
             .get_mut(usize::from(block))
             .ok_or(SourceError::NoSuchBlock(block))?;
         let newly = t.dirty.merge(log);
+        // A legacy fetch resets the log: what the reader said before is
+        // older than the reset (see `PageReader::populated`).
+        self.scan.populated.forget();
         if !self.vcpus_stopped {
             t.clear.mark_from_log(log);
         }
@@ -565,8 +656,13 @@ impl<'a> SourceEngine<'a> {
                 };
                 self.meter.set_limit(switchover);
                 // The convergence check may have stopped the guest in the
-                // middle of a pass: the last pass starts from the beginning.
+                // middle of a pass: the last pass starts from the beginning,
+                // after a multifd sync (a page of the interrupted pass must
+                // land before its copy from the last one).
                 self.scan.rewind();
+                if let Some(ch) = self.channels.as_mut() {
+                    ch.request_sync();
+                }
                 self.step = Step::Drain;
             }
         }
@@ -836,6 +932,17 @@ impl<'a> SourceEngine<'a> {
                 format_args!("the destination did not {wait} within {ms} ms"),
             );
         }
+        let channel_step = matches!(
+            self.step,
+            Step::SaveSetupDevices
+                | Step::Sync(_)
+                | Step::Iterate
+                | Step::Drain
+                | Step::SaveDevices
+        );
+        if channel_step && self.channels.as_ref().is_some_and(Channels::has_pending) {
+            return self.next_channel_message();
+        }
         match self.step {
             Step::NotStarted
             | Step::AwaitSync(_)
@@ -996,6 +1103,9 @@ impl<'a> SourceEngine<'a> {
             // postcopy fails before anything is transferred.
             len += Record::Command(self.postcopy_advise()).encode(&mut self.scratch[len..])?;
         }
+        if let Some(setup) = self.channel_setup() {
+            len += Record::Command(setup).encode(&mut self.scratch[len..])?;
+        }
         len += Record::RamBlocks(BlockList::from_slice(self.layout))
             .encode(&mut self.scratch[len..])?;
         Ok(len)
@@ -1012,6 +1122,7 @@ fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
     wire::STREAM_HEADER_LEN
         + Record::Command(Command::OpenReturnPath).encoded_len()
         + Record::Command(advise).encoded_len()
+        + channels::setup_len()
         + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
 }
 

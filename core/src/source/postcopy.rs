@@ -338,6 +338,9 @@ impl<'a> SourceEngine<'a> {
                 // in flight: the destination will get it.
                 if t.dirty.test_and_clear(page) {
                     self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
+                    // A vCPU waits for this page: one read (at worst a
+                    // zero-page fault, a few us) beats asking a whole
+                    // populated window (tens to hundreds of us).
                     let zero = self
                         .config
                         .capabilities

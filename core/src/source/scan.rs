@@ -2,7 +2,9 @@
 //! assembled, how many dirty bytes are still to send, and the scan itself
 //! (clears before reads, batches, the end of a pass).
 
-use super::{BATCH_PAGES, PageReader, SourceAction, SourceEngine, Step, SyncKind};
+use super::{
+    BATCH_PAGES, POPULATED_WINDOW, PageReader, SourceAction, SourceEngine, Step, SyncKind,
+};
 use crate::capabilities::Capabilities;
 use crate::status::MigrationStatus;
 use crate::wire::{self, BatchFlags, PageEntry, PageKind};
@@ -22,6 +24,8 @@ pub(super) struct Scan {
     /// At a postcopy switch during the first pass: the (block, page) from
     /// which nothing was ever sent, so nothing needs discarding.
     pub never_sent_from: Option<(usize, u64)>,
+    /// The reader's last answer on which pages are populated.
+    pub populated: PopulatedWindow,
 }
 
 impl Scan {
@@ -40,6 +44,10 @@ impl Scan {
             remaining_bytes: total,
             first_pass_done: false,
             never_sent_from: None,
+            populated: PopulatedWindow {
+                answered: None,
+                mask: [0; POPULATED_WINDOW / 64],
+            },
         }
     }
 
@@ -47,6 +55,47 @@ impl Scan {
     pub fn rewind(&mut self) {
         self.block = 0;
         self.page = 0;
+    }
+}
+
+/// The reader's last [`PageReader::populated`] answer, for one window of
+/// one block. Forgotten ([`PopulatedWindow::forget`]) at every clear and
+/// every sync: an answer is only used while no dirty-log reset came after
+/// it (see [`PageReader::populated`] for why that makes it safe).
+pub(super) struct PopulatedWindow {
+    /// The (block, first page) the mask answers for, if it still holds.
+    answered: Option<(usize, u64)>,
+    mask: [u64; POPULATED_WINDOW / 64],
+}
+
+impl PopulatedWindow {
+    /// Drops the answer: the next question asks the reader again.
+    pub fn forget(&mut self) {
+        self.answered = None;
+    }
+
+    /// Whether `page` of `block` may hold data, asking `ram` about its
+    /// aligned window of `window` pages (a power of two from 64 to
+    /// [`POPULATED_WINDOW`], at most the clear chunk) unless the last
+    /// answer covers it.
+    fn may_hold_data(
+        &mut self,
+        ram: &impl PageReader,
+        block: usize,
+        page: u64,
+        window: u64,
+    ) -> bool {
+        let first = page & !(window - 1);
+        if self.answered != Some((block, first)) {
+            let words = (window / 64) as usize;
+            let mask = &mut self.mask[..words];
+            ram.populated(block as u16, first, mask);
+            self.answered = Some((block, first));
+        }
+        let bit = page - first;
+        self.mask
+            .get((bit / 64) as usize)
+            .is_none_or(|w| w >> (bit % 64) & 1 == 1)
     }
 }
 
@@ -143,7 +192,7 @@ impl SourceEngine<'_> {
                 return Some(self.end_of_pass(live));
             };
             if !self.scan.batch.is_empty() && self.scan.batch.block != self.scan.block {
-                return Some(self.emit_batch(BatchFlags::empty()));
+                return Some(self.emit_pages());
             }
             let Some(page) = t.dirty.find_next_set(self.scan.page) else {
                 self.scan.block += 1;
@@ -154,6 +203,7 @@ impl SourceEngine<'_> {
                 if let Some(chunk) = t.clear.take(page) {
                     self.scan.page = page;
                     self.stats.dirty_log_clears += 1;
+                    self.scan.populated.forget();
                     return Some(SourceAction::ClearDirtyLog {
                         block: self.scan.block as u16,
                         chunk,
@@ -163,25 +213,53 @@ impl SourceEngine<'_> {
             t.dirty.test_and_clear(page);
             let page_size = 1u64 << t.page_shift;
             self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
-            let zero = self
-                .config
-                .capabilities
-                .contains(Capabilities::ZERO_PAGE_DETECTION)
-                && ram.is_zero_page(self.scan.block as u16, page);
+            let zero = self.sends_as_zero(ram, self.scan.block, page);
             self.scan.batch.block = self.scan.block;
             self.scan.batch.push(page, zero);
             self.scan.page = page + 1;
             if self.scan.batch.is_full() {
-                return Some(self.emit_batch(BatchFlags::empty()));
+                return Some(self.emit_pages());
             }
         }
     }
 
+    /// Whether page `page` of block `block` goes out as a zero page: with
+    /// zero-page detection on, a page the reader says was never populated
+    /// (counted in `ram.unpopulated`, never read) or one that reads as all
+    /// zero.
+    ///
+    /// Only the first pass asks which pages are populated: every page
+    /// dirty after it was written since (so populated), and asking costs
+    /// (Linux's pagemap: ~75 ns a populated page here, more than reading
+    /// a non-zero page).
+    fn sends_as_zero(&mut self, ram: &impl PageReader, block: usize, page: u64) -> bool {
+        if !self
+            .config
+            .capabilities
+            .contains(Capabilities::ZERO_PAGE_DETECTION)
+        {
+            return false;
+        }
+        if self.scan.first_pass_done {
+            return ram.is_zero_page(block as u16, page);
+        }
+        let chunk = 1u64 << self.config.parameters.clear_bitmap_shift;
+        let window = chunk.min(POPULATED_WINDOW as u64);
+        if !self.scan.populated.may_hold_data(ram, block, page, window) {
+            self.stats.ram.unpopulated += 1;
+            return true;
+        }
+        ram.is_zero_page(block as u16, page)
+    }
+
     pub(super) fn end_of_pass(&mut self, live: bool) -> SourceAction<'_> {
         if !self.scan.batch.is_empty() {
-            return self.emit_batch(BatchFlags::empty());
+            return self.emit_pages();
         }
         self.scan.rewind();
+        if let Some(ch) = self.channels.as_mut() {
+            ch.request_sync();
+        }
         self.stats.iterations += 1;
         self.scan.first_pass_done = true;
         self.step = if live {
@@ -194,6 +272,15 @@ impl SourceEngine<'_> {
         // Mark the iteration boundary on the stream: the destination counts
         // passes, and a reader of a capture sees where each pass ends.
         self.emit_batch(BatchFlags::END_OF_ITERATION)
+    }
+
+    /// The batch being assembled, on a multifd channel or the main stream.
+    fn emit_pages(&mut self) -> SourceAction<'_> {
+        if self.channels.is_some() {
+            self.emit_channel_batch()
+        } else {
+            self.emit_batch(BatchFlags::empty())
+        }
     }
 
     pub(super) fn emit_batch(&mut self, flags: BatchFlags) -> SourceAction<'_> {

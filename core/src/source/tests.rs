@@ -501,3 +501,127 @@ fn the_switchover_threshold_is_published_in_the_stats() {
     s.handle_stop_cost(Duration::from_millis(400));
     assert_eq!(s.stats().threshold_bytes, 0, "a stop cost over the limit");
 }
+
+/// What a reader was asked, in order, with the clears the driver carried
+/// out between the questions.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    Clear(u64),
+    Populated(u64),
+    Read(u64),
+}
+
+/// Pages below `populated_below` hold data (non-zero); the rest were never
+/// populated.
+struct Sparse {
+    populated_below: core::cell::Cell<u64>,
+    log: core::cell::RefCell<vec::Vec<Asked>>,
+}
+
+impl PageReader for Sparse {
+    fn is_zero_page(&self, _block: u16, page: u64) -> bool {
+        self.log.borrow_mut().push(Asked::Read(page));
+        false
+    }
+
+    fn populated(&self, _block: u16, first: u64, mask: &mut [u64]) {
+        self.log.borrow_mut().push(Asked::Populated(first));
+        let below = self.populated_below.get();
+        for (w, word) in mask.iter_mut().enumerate() {
+            *word = (0..64)
+                .filter(|b| first + 64 * w as u64 + b < below)
+                .fold(0, |acc, b| acc | 1 << b);
+        }
+    }
+}
+
+/// Never-populated pages go out as zero pages without a read, counted in
+/// `ram.unpopulated`; each window is asked only after its chunk's clear,
+/// and a page populated after the question is dirty at the next sync,
+/// whose pass reads it without asking (the first pass asks, no other).
+#[test]
+fn unpopulated_pages_are_sent_as_zero_unread_and_asked_after_their_clear() {
+    let mut config = MigrationConfig::default();
+    config.parameters.max_bandwidth = 0;
+    config.parameters.clear_bitmap_shift = 8;
+    let l = layout();
+    let (mut d, mut c) = (vec![0; 16], vec![0; 4]);
+    let mut tracking = [BlockTracking::new(&l[0], 8, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let ram = Sparse {
+        populated_below: core::cell::Cell::new(300),
+        log: core::cell::RefCell::default(),
+    };
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    let mut syncs = 0;
+    let mut log = vec::Vec::new();
+    loop {
+        let Some(action) = s.poll_action(now, &ram) else {
+            panic!("the engine stalled in {}", s.status());
+        };
+        match action {
+            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+            SourceAction::SyncDirtyLog => {
+                syncs += 1;
+                log.push(ram.log.take());
+                if syncs == 3 {
+                    break;
+                }
+                // First the initially-set log; then page 900, which the
+                // guest wrote (populating it) after it was asked.
+                let mut fetched = [0u64; 16];
+                if syncs == 1 {
+                    fetched.fill(u64::MAX);
+                } else {
+                    fetched[900 / 64] = 1 << (900 % 64);
+                    ram.populated_below.set(1024);
+                }
+                s.handle_dirty_log(0, &fetched).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            SourceAction::ClearDirtyLog { chunk, .. } => {
+                ram.log.borrow_mut().push(Asked::Clear(chunk.first))
+            }
+            _ => {}
+        }
+    }
+    let reads = |pass: &[Asked]| {
+        pass.iter()
+            .filter_map(|a| match a {
+                Asked::Read(p) => Some(*p),
+                _ => None,
+            })
+            .collect::<vec::Vec<_>>()
+    };
+    fn order(pass: &[Asked]) -> vec::Vec<&Asked> {
+        pass.iter()
+            .filter(|a| !matches!(a, Asked::Read(_)))
+            .collect()
+    }
+    let (c, p) = (Asked::Clear, Asked::Populated);
+    let first = &log[1];
+    assert_eq!(
+        order(first),
+        [
+            &c(0),
+            &p(0),
+            &c(256),
+            &p(256),
+            &c(512),
+            &p(512),
+            &c(768),
+            &p(768)
+        ]
+    );
+    assert_eq!(reads(first), (0..300).collect::<vec::Vec<_>>());
+    let second = &log[2];
+    assert_eq!(order(second), [&c(768)]);
+    assert_eq!(reads(second), [900]);
+    let ram = &s.stats().ram;
+    assert_eq!(
+        (ram.normal, ram.unpopulated, ram.duplicate),
+        (301, 724, 724)
+    );
+}

@@ -33,6 +33,7 @@ PARAM_MAGIC     equ 0x50474D4C          ; "LMGP" little-endian
 PARAM_VERSION   equ 2
 MAX_VCPUS       equ 8                   ; a power of two (the index is masked)
 FLAG_DEVICES    equ 1                   ; LAPIC timer and serial port present
+FLAG_START_APS  equ 2                   ; only vCPU 0 was started: it wakes the others
 
 PORT_BOOTED     equ 0x510
 PORT_PROGRESS   equ 0x514
@@ -60,6 +61,13 @@ PDS             equ 0x12000
 APIC_BASE       equ 0xFEE00000
 APIC_SVR        equ 0x0F0
 APIC_LVT0       equ 0x350
+APIC_ID         equ 0x020               ; the ID in bits 24 ..= 31
+APIC_ICR_LOW    equ 0x300
+APIC_ICR_HIGH   equ 0x310
+ICR_INIT_OTHERS equ 0x000C4500          ; INIT, assert, all excluding self
+ICR_SIPI_OTHERS equ 0x000C4600 | (TRAMPOLINE >> 12) ; start-up at TRAMPOLINE
+ICR_PENDING     equ 0x1000              ; delivery status: send pending
+TRAMPOLINE      equ 0xD000              ; the woken vCPUs' real-mode start
 PIC1            equ 0x20                ; command; data at + 1
 PIC2            equ 0xA0
 PIT_CH0         equ 0x40
@@ -92,13 +100,41 @@ mb_header:
     dd image_end            ; bss_end_addr (no bss)
     dd start                ; entry_addr
 
+; Sends IPI %1 from this LAPIC and waits until it went (no stack needed:
+; the loader's esp is undefined).
+%macro ipi 1
+    mov dword [APIC_BASE + APIC_ICR_LOW], %1
+%%pending:
+    test dword [APIC_BASE + APIC_ICR_LOW], ICR_PENDING
+    jnz %%pending
+%endmacro
+
 ; edi = this vCPU's index, set by the VMM; taken as 0 without a valid
-; parameter block (QEMU's multiboot loader leaves edi undefined).
+; parameter block (QEMU's multiboot loader leaves edi undefined). With
+; FLAG_START_APS the VMM started vCPU 0 only, as a PC does (QEMU's
+; -kernel): every vCPU takes its index from its LAPIC ID instead, and
+; vCPU 0 wakes the others with INIT and SIPI into the real-mode trampoline,
+; which comes back here in 32-bit protected mode.
 start:
     cmp dword [PARAM_ADDR], PARAM_MAGIC
     jne .bsp
     cmp dword [PARAM_ADDR + 4], PARAM_VERSION
-    je .indexed
+    jne .bsp
+    test dword [PARAM_ADDR + 28], FLAG_START_APS
+    jz .indexed
+    mov edi, [APIC_BASE + APIC_ID]
+    shr edi, 24
+    test edi, edi
+    jnz .indexed
+    cld
+    mov esi, trampoline
+    mov edi, TRAMPOLINE
+    mov ecx, trampoline_end - trampoline
+    rep movsb
+    mov dword [APIC_BASE + APIC_ICR_HIGH], 0
+    ipi ICR_INIT_OTHERS
+    ipi ICR_SIPI_OTHERS
+    ipi ICR_SIPI_OTHERS
 .bsp:
     xor edi, edi
 .indexed:
@@ -144,6 +180,35 @@ start:
     or eax, 0x80000000                      ; CR0.PG
     mov cr0, eax
     jmp SEL_CODE0:long_mode
+
+; Where a woken vCPU starts (copied to TRAMPOLINE by vCPU 0): real mode,
+; CS = TRAMPOLINE >> 4. Loads a flat 32-bit GDT of its own (the guest's
+; has 64-bit code only), enters protected mode and goes to start.
+bits 16
+trampoline:
+    cli
+    lgdt [cs:tramp_gdt_desc - trampoline]
+    mov eax, cr0
+    or al, 1                                ; CR0.PE
+    mov cr0, eax
+    jmp dword 0x08:ap_protected
+align 8
+tramp_gdt:
+    dq 0                                    ; null
+    dq 0x00CF9A000000FFFF                   ; 0x08 code, 32-bit
+    dq 0x00CF92000000FFFF                   ; 0x10 data
+tramp_gdt_desc:
+    dw tramp_gdt_desc - tramp_gdt - 1
+    dd TRAMPOLINE + tramp_gdt - trampoline
+trampoline_end:
+
+bits 32
+ap_protected:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    jmp start
 
 bits 64
 ; Reads the parameter block into the registers ring 3 keeps:

@@ -197,10 +197,20 @@ pub struct GuestShape {
     pub dirty_log: DirtyLogMode,
     /// vCPUs (1 ..= [`guest::MAX_VCPUS`]), sharing the working set.
     pub vcpus: u32,
+    /// Before boot, fill the RAM past the working set (from
+    /// [`FILL_START`] on, or the working set's end if that is higher) with
+    /// non-zero data, so that a pass carries whole pages rather than zero
+    /// entries (the multifd bench).
+    pub fill: bool,
 }
 
+/// Where [`GuestShape::fill`] starts: above the image, the guest's fixed
+/// addresses and its default working-set start.
+pub const FILL_START: u64 = 4 * MIB;
+
 impl GuestShape {
-    fn params(&self) -> Result<GuestParams, DemoError> {
+    /// The parameter block of a guest of this shape booted by the demo VMM.
+    pub fn params(&self) -> Result<GuestParams, DemoError> {
         let ws_pages = self.dirty_mib * MIB / PAGE_SIZE as u64;
         let ws_pages = u32::try_from(ws_pages).map_err(|_| {
             DemoError::Guest(format!("{} MiB working set is too large", self.dirty_mib))
@@ -228,12 +238,36 @@ pub fn empty_vmm(mem_mib: u64, vcpus: u32) -> Result<DemoVmm, DemoError> {
     DemoVmm::new(mem_mib * MIB, vcpus).map_err(DemoError::Boot)
 }
 
+/// Writes non-zero, incompressible data into the guest RAM from `from` to
+/// its end (no page of it all zero).
+fn fill_ram(vmm: &DemoVmm, from: u64) -> Result<(), DemoError> {
+    let ram = vmm.guest_memory();
+    let chunk = crate::bench::guest_like_data(4 * MIB as usize);
+    for region in ram.regions() {
+        let end = region.guest_phys() + region.len();
+        let mut at = from.max(region.guest_phys());
+        while at < end {
+            let len = (end - at).min(chunk.len() as u64) as usize;
+            ram.write(at, &chunk[..len])
+                .map_err(|e| DemoError::Guest(format!("filling guest RAM: {e}")))?;
+            at += len as u64;
+        }
+    }
+    Ok(())
+}
+
 /// Boots the demo guest on every vCPU and lets it run for `warmup` (and at
 /// least until every vCPU reached ring 3 and, with a working set, each
 /// vCPU that owns pages finished a generation).
 pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<DemoVmm, DemoError> {
     let params = shape.params()?;
     let vmm = empty_vmm(shape.mem_mib, shape.vcpus)?;
+    if shape.fill {
+        fill_ram(
+            &vmm,
+            FILL_START.max(WORKING_SET_START + shape.dirty_mib * MIB),
+        )?;
+    }
     vmm.boot(&params).map_err(DemoError::Boot)?;
     vmm.vcpus().resume().map_err(DemoError::Vcpu)?;
     let start = clock::monotonic_ns();
@@ -310,6 +344,33 @@ pub struct SendOutcome {
     pub intact_after_failure: bool,
 }
 
+/// The main connection to a destination and, with the `multifd`
+/// capability, its `multifd-channels` channel connections, made after it
+/// to the same address (the destination accepts them on the same
+/// listener).
+pub struct Connections {
+    /// The main stream and return path.
+    pub main: Connection,
+    /// The multifd channels (none without multifd).
+    pub channels: Vec<Connection>,
+}
+
+impl Connections {
+    /// Connects to `to`, then the channels `config` asks for.
+    pub fn connect(to: &MigrationUri, config: &MigrationConfig) -> Result<Self, DemoError> {
+        let main = Connection::connect(to)?;
+        let count = if config.capabilities.contains(Capabilities::MULTIFD) {
+            usize::from(config.parameters.multifd_channels)
+        } else {
+            0
+        };
+        let channels = (0..count)
+            .map(|_| Connection::connect(to))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Connections { main, channels })
+    }
+}
+
 /// The demo VMM's guest as livemig's source takes it: its VM, RAM (with
 /// vm-memory's bitmap of the VMM's own writes), vCPUs and COM1 section.
 pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
@@ -330,13 +391,19 @@ pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
 /// on to it.
 pub fn send_guest(
     vmm: &DemoVmm,
-    conn: Connection,
+    conns: Connections,
     config: &MigrationConfig,
     options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let handle = livemig_kvm::migrate(source_vm(vmm), conn, config, options)?;
+    let handle = livemig_kvm::migrate_with_channels(
+        source_vm(vmm),
+        conns.main,
+        conns.channels,
+        config,
+        options,
+    )?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         if cancel.is_cancelled() {
@@ -522,13 +589,13 @@ pub fn run_send(
     progress: &mut Progress,
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
-    let conn = Connection::connect(to)?;
+    let conns = Connections::connect(to, config)?;
     let vmm = boot_guest(shape, warmup)?;
     let options = SourceOptions {
         dirty_log: shape.dirty_log,
         ..options
     };
-    let mut out = send_guest(&vmm, conn, config, options, cancel, progress)?;
+    let mut out = send_guest(&vmm, conns, config, options, cancel, progress)?;
     let summary = send_summary(&out);
     if summary.stats.ambiguous_end.is_none() {
         return Ok(summary);
@@ -745,7 +812,7 @@ pub fn run_receive(
     // the guest wrote here.
     let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())
         .map_err(DemoError::Writes)?;
-    let handle = livemig_kvm::receive(destination_vm(&vmm), conn, options)?;
+    let handle = livemig_kvm::receive_with_channels(destination_vm(&vmm), conn, listener, options)?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         match interrupt.signal() {
@@ -951,12 +1018,12 @@ pub fn run_demo_with(
     child.stdout = Some(reader.into_inner());
 
     let vmm = boot_guest(shape, warmup)?;
-    let conn = Connection::connect(&uri)?;
+    let conns = Connections::connect(&uri, config)?;
     let options = SourceOptions {
         dirty_log: shape.dirty_log,
         ..options
     };
-    let out = send_guest(&vmm, conn, config, options, cancel, progress)?;
+    let out = send_guest(&vmm, conns, config, options, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };
@@ -1217,6 +1284,7 @@ mod tests {
             dirty_mib: 4,
             dirty_log: DirtyLogMode::ManualProtect,
             vcpus: 2,
+            fill: false,
         };
         let mut config = base_config();
         config.parameters.max_bandwidth = 0;
@@ -1235,6 +1303,7 @@ mod tests {
             dirty_mib,
             dirty_log: DirtyLogMode::ManualProtect,
             vcpus: 2,
+            fill: false,
         };
         let p = shape(1024, 64).params().unwrap();
         assert_eq!((p.ws_start, p.ws_pages), (WORKING_SET_START, 64 * 256));

@@ -38,6 +38,11 @@ pub const MAX_VCPUS: u32 = 8;
 /// and PIT and a 16550 serial port at [`PORT_SERIAL`], so vCPU 0 counts
 /// timer ticks and writes lines.
 pub const FLAG_DEVICES: u32 = 1;
+/// Parameter block flag: the VMM starts vCPU 0 only, as a PC's firmware
+/// hands over to a kernel (QEMU's `-kernel`): vCPU 0 wakes the others with
+/// INIT and SIPI, and every vCPU takes its index from its LAPIC ID rather
+/// than `edi`.
+pub const FLAG_START_APS: u32 = 2;
 
 /// `out` port: sent once on reaching ring 3; 1 = parameters used, 0 = defaults.
 pub const PORT_BOOTED: u16 = 0x510;
@@ -93,6 +98,8 @@ pub struct GuestParams {
     pub vcpus: u32,
     /// Whether the VMM has the devices of [`FLAG_DEVICES`].
     pub devices: bool,
+    /// Whether vCPU 0 wakes the others ([`FLAG_START_APS`]).
+    pub start_aps: bool,
 }
 
 /// Guest-physical address of vCPU `vcpu`'s stamp counter.
@@ -121,6 +128,7 @@ impl Default for GuestParams {
             idle_spins: 4_000_000,
             vcpus: 1,
             devices: false,
+            start_aps: false,
         }
     }
 }
@@ -174,7 +182,8 @@ impl GuestParams {
             self.batch,
             self.idle_spins,
             self.vcpus,
-            if self.devices { FLAG_DEVICES } else { 0 },
+            if self.devices { FLAG_DEVICES } else { 0 }
+                | if self.start_aps { FLAG_START_APS } else { 0 },
         ];
         let mut out = [0u8; PARAM_BYTES];
         for (chunk, v) in out.chunks_exact_mut(4).zip(fields) {
@@ -523,6 +532,13 @@ mod tests {
         }
         .encode();
         assert_eq!(&b[24..32], &[4, 0, 0, 0, 1, 0, 0, 0]);
+        let b = GuestParams {
+            devices: true,
+            start_aps: true,
+            ..p
+        }
+        .encode();
+        assert_eq!(&b[28..32], &[3, 0, 0, 0]);
         let top = GuestParams {
             ws_start: (4 << 30) - 4096,
             ws_pages: 2,

@@ -5,6 +5,8 @@
 //!   simulated fallback over livemig-sim when there is no `/dev/kvm`);
 //!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
 //!   run.
+//! - [`qemu`] and [`qmp`]: the same guest under QEMU, migrated by QEMU over
+//!   QMP; [`vs_qemu`] alternates those runs with `bench`'s (`--vs-qemu`).
 //! - [`continuity`]: whether the guest went on after a migration (every
 //!   vCPU's stamp counter, the timer, the serial sequence across hosts).
 //! - [`watch`]: the guest read at the stop and after the switchover, that
@@ -38,8 +40,11 @@ pub mod guest;
 pub mod guest_writes;
 pub mod interrupt;
 pub mod options;
+pub mod qemu;
+pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod timeline;
 pub mod vmm;
+pub mod vs_qemu;
 pub mod watch;

@@ -146,6 +146,7 @@ impl Summary {
                 "remaining": r.remaining,
                 "total": r.total,
                 "duplicate": r.duplicate,
+                "unpopulated": r.unpopulated,
                 "normal": r.normal,
                 "normal-bytes": r.normal_bytes,
                 "mbps": (r.mbps * 1000.0).round() / 1000.0,
@@ -153,6 +154,7 @@ impl Summary {
                 "dirty-sync-count": r.dirty_sync_count,
                 "pages-per-second": r.pages_per_second,
                 "postcopy-requests": r.postcopy_requests,
+                "multifd-bytes": r.multifd_bytes,
                 "page-size": r.page_size,
             },
             "iterations": s.iterations,
@@ -258,11 +260,13 @@ impl Summary {
             &mut out,
             "transferred",
             format!(
-                "{:.1} MiB of {:.1} MiB RAM ({} normal pages, {} zero pages)",
+                "{:.1} MiB of {:.1} MiB RAM ({} normal pages, {} zero pages, {} of them never \
+                 populated)",
                 r.transferred as f64 / MIB,
                 r.total as f64 / MIB,
                 r.normal,
-                r.duplicate
+                r.duplicate,
+                r.unpopulated
             ),
         );
         line(&mut out, "throughput", format!("{:.0} mbps", r.mbps));

@@ -54,6 +54,13 @@ fn demo_timeline_draws_every_sync_and_the_stop_and_the_breakdown_adds_up() {
         "300",
         "--run-ms",
         "300",
+        // Held to 32 MiB/s, the ~20 MiB to send take several 100 ms slices
+        // (unlimited, it takes ~150 ms now that untouched RAM is skipped:
+        // two slices), and the stop of a 16 MiB working set fits.
+        "--param",
+        "max-bandwidth=32M",
+        "--param",
+        "downtime-limit=1000",
         "--timeline",
         svg.to_str().unwrap(),
     ]);

@@ -4,7 +4,7 @@
 use std::ptr;
 use std::sync::Arc;
 
-use super::{GuestMemory, GuestRegion, MemoryError, PAGE_SIZE};
+use super::{Backing, GuestMemory, GuestRegion, MemoryError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -125,9 +125,10 @@ impl GuestMemory {
             // SAFETY: `host .. host + len` is readable and writable and stays
             // mapped until `mappings`, the memory's owner, is dropped after
             // the last GuestMemory clone.
-            regions.push(unsafe {
+            let region = unsafe {
                 GuestRegion::new(l.name.clone(), l.guest_phys, host.cast(), l.len, l.slot)
-            }?);
+            }?;
+            regions.push(region.with_backing(Backing::PrivateAnonymous));
         }
         GuestMemory::new(regions, Some(Arc::new(mappings)))
     }

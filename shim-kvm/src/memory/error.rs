@@ -64,6 +64,9 @@ pub enum MemoryError {
     BadSlotSize(u64),
     /// `mmap` failed with this errno while mapping anonymous RAM.
     Mmap(i32),
+    /// Reading `/proc/self/pagemap` (which pages are populated) failed
+    /// with this errno.
+    Pagemap(i32),
     /// The region index does not exist.
     NoSuchRegion(usize),
     /// The page index is beyond the end of the region.
@@ -157,6 +160,7 @@ impl fmt::Display for MemoryError {
                 )
             }
             MemoryError::Mmap(e) => write!(f, "mmap of guest RAM failed: errno {e}"),
+            MemoryError::Pagemap(e) => write!(f, "reading /proc/self/pagemap failed: errno {e}"),
             MemoryError::NoSuchRegion(r) => write!(f, "guest memory region {r} does not exist"),
             MemoryError::PageOutOfRange {
                 region,

@@ -7,7 +7,8 @@ use std::ptr;
 use std::sync::Arc;
 
 use super::digest::{page_is_zero, term};
-use super::{GuestRegion, MemoryError, PAGE_SIZE};
+use super::populated::Pagemap;
+use super::{Backing, GuestRegion, MemoryError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -29,6 +30,9 @@ pub struct GuestMemory {
 struct Inner {
     regions: Vec<GuestRegion>,
     size: u64,
+    /// Where [`GuestMemory::populated`] asks (`None`: nowhere to ask,
+    /// every page may hold data).
+    pagemap: Option<Pagemap>,
     /// Whatever keeps the mappings alive (a vm-memory `GuestMemoryMmap`,
     /// livemig's own anonymous mappings), dropped after the last clone.
     _owner: Option<Arc<dyn Any + Send + Sync>>,
@@ -87,6 +91,7 @@ impl GuestMemory {
             inner: Arc::new(Inner {
                 regions,
                 size,
+                pagemap: Pagemap::open(),
                 _owner: owner,
             }),
         })
@@ -235,19 +240,65 @@ impl GuestMemory {
         Ok(unsafe { page_is_zero(p) })
     }
 
-    /// A 64-bit digest of all guest memory: every byte is read, all-zero
-    /// pages contribute nothing (so sparse memory hashes at scan speed), and
-    /// each non-zero page adds its [`page_digest`](super::page_digest) term,
-    /// which mixes in its guest page number (guest-physical address / page
-    /// size). Two memories with equal contents at equal guest-physical
+    /// Which of pages `first .. first + 64 * mask.len()` of region
+    /// `region` may hold data: bit `i` of word `w` (page `first + 64 * w +
+    /// i`) is set for a page that is, or may be, populated, and clear for
+    /// one never populated (it reads as zero) — found out without touching
+    /// the pages, so none is faulted in (see the `populated` module for
+    /// the mechanism). Pages of a region whose [`Backing`] is
+    /// [`Backing::Other`] are all set, as are bits past the region's end.
+    ///
+    /// The answer holds at the moment of the call: a page written after it
+    /// is populated, which only a dirty log can tell later. On an error the
+    /// mask says every page may hold data.
+    pub fn populated(
+        &self,
+        region: usize,
+        first: u64,
+        mask: &mut [u64],
+    ) -> Result<(), MemoryError> {
+        let r = self.region(region)?;
+        mask.fill(u64::MAX);
+        let (Backing::PrivateAnonymous, Some(pagemap)) = (r.backing(), &self.inner.pagemap) else {
+            return Ok(());
+        };
+        if first >= r.pages() {
+            return Ok(());
+        }
+        let pages = (r.pages() - first).min(mask.len() as u64 * 64);
+        let addr = r.host_addr() + first * PAGE;
+        pagemap.populated(addr, pages, mask).map_err(|e| {
+            // Nothing known after all: every page may hold data.
+            mask.fill(u64::MAX);
+            MemoryError::Pagemap(e.raw_os_error().unwrap_or(0))
+        })
+    }
+
+    /// A 64-bit digest of all guest memory: every byte of every page that
+    /// may hold data is read ([`GuestMemory::populated`]: a page never
+    /// populated is zero without being read, or faulted in), all-zero
+    /// pages contribute nothing (so sparse memory hashes at scan speed),
+    /// and each non-zero page adds its [`page_digest`](super::page_digest)
+    /// term, which mixes in its guest page number (guest-physical address /
+    /// page size). Two memories with equal contents at equal guest-physical
     /// addresses have equal digests, however they are cut into regions.
     /// Only meaningful while the guest is paused.
     pub fn digest(&self) -> u64 {
+        const WINDOW: u64 = 4096;
         let mut acc = 0u64;
         let mut buf = [0u64; PAGE_SIZE / 8];
+        let mut mask = [0u64; (WINDOW / 64) as usize];
         for (index, region) in self.inner.regions.iter().enumerate() {
             let first = region.guest_phys() / PAGE;
             for page in 0..region.pages() {
+                if page % WINDOW == 0 {
+                    // An error leaves every bit set: every page is read.
+                    let _ = self.populated(index, page, &mut mask);
+                }
+                let bit = page % WINDOW;
+                if mask[(bit / 64) as usize] >> (bit % 64) & 1 == 0 {
+                    continue;
+                }
                 // `page < pages`: page_ptr cannot refuse it.
                 let Ok(p) = region.page_ptr(index, page) else {
                     continue;
@@ -506,6 +557,51 @@ mod tests {
         assert!(a.digest_of([8]).is_err()); // the hole
         assert!(a.digest_of([20]).is_err());
         assert!(a.digest_of([u64::MAX]).is_err());
+    }
+
+    #[test]
+    fn populated_tells_written_pages_from_untouched_ones_without_touching_them() {
+        let m = GuestMemory::anonymous(&layout(&[("big", 0, 200), ("small", 300, 3)])).unwrap();
+        assert_eq!(m.region(0).unwrap().backing(), Backing::PrivateAnonymous);
+        m.write(5 * PAGE, &[1]).unwrap();
+        m.write(130 * PAGE + 7, &[0]).unwrap(); // written, if with a zero
+        let mut mask = [0u64; 4];
+        m.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [1 << 5, 0, 1 << 2, u64::MAX << (200 - 192)]);
+        // Asked from page 128: page 130 is bit 2; past the end is set.
+        let mut mask = [0u64; 2];
+        m.populated(0, 128, &mut mask).unwrap();
+        assert_eq!(mask, [1 << 2, u64::MAX << (200 - 192)]);
+        // The question itself faulted nothing in, and the digest reads only
+        // populated pages: still one page resident of the first 128.
+        let digest = m.digest();
+        let mut mask = [0u64; 2];
+        m.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [1 << 5, 0]);
+        let mut five = [0u8; PAGE_SIZE];
+        five[0] = 1;
+        assert_eq!(digest, page_digest(5, &five));
+        // A page dropped back (MADV_DONTNEED) is unpopulated again.
+        let (host, _) = m.host_range(5 * PAGE, PAGE).unwrap();
+        // SAFETY: one whole page of the region's private anonymous mapping;
+        // dropping it makes it read as zero, which nothing here relies on
+        // being otherwise.
+        unsafe { libc::madvise(host.cast(), PAGE_SIZE, libc::MADV_DONTNEED) };
+        m.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [0, 0]);
+        assert_eq!(
+            m.populated(2, 0, &mut mask),
+            Err(MemoryError::NoSuchRegion(2))
+        );
+        // A region livemig was not told about: every page may hold data.
+        let host = m.region(1).unwrap().host_addr();
+        // SAFETY: the region of `m` (alive for the whole test), never
+        // written through this view.
+        let other = unsafe { GuestRegion::new("other", 0, host as *mut u8, 3 * PAGE, 0) }.unwrap();
+        let other = GuestMemory::new(vec![other], None).unwrap();
+        let mut mask = [0u64; 1];
+        other.populated(0, 0, &mut mask).unwrap();
+        assert_eq!(mask, [u64::MAX]);
     }
 
     #[test]

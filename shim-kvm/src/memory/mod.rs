@@ -9,9 +9,10 @@
 //!   of the stream (block id = region name) and one KVM memslot.
 //! - [`GuestMemory`]: the checked, ordered set of a guest's regions, cheap
 //!   to clone and shared across threads, optionally keeping the VMM's owner
-//!   of the mappings alive; reads, writes, zero-page checks, the integrity
-//!   [digest](GuestMemory::digest) and host ranges for `writev` and
-//!   `UFFDIO_COPY`.
+//!   of the mappings alive; reads, writes, zero-page checks, which pages
+//!   were ever populated ([`GuestMemory::populated`], asked of the kernel
+//!   without touching them), the integrity [digest](GuestMemory::digest)
+//!   and host ranges for `writev` and `UFFDIO_COPY`.
 //! - [`GuestMemory::anonymous`]: anonymous mappings livemig creates itself,
 //!   for a VMM (or a test) that has none yet.
 //! - `GuestMemory::from_vm_memory` (cargo feature `vm-memory`, on by
@@ -32,6 +33,7 @@ mod digest;
 mod error;
 mod gather;
 mod guest_memory;
+mod populated;
 mod region;
 mod shared_dirty;
 #[cfg(feature = "vm-memory")]
@@ -42,6 +44,7 @@ pub use digest::page_digest;
 pub use error::MemoryError;
 pub use gather::PageIovecs;
 pub use guest_memory::GuestMemory;
+pub use populated::Backing;
 pub use region::GuestRegion;
 pub use shared_dirty::SharedDirtyBitmap;
 #[cfg(feature = "vm-memory")]

@@ -2,7 +2,7 @@
 
 use livemig_core::wire::BlockId;
 
-use super::{MemoryError, PAGE_SIZE};
+use super::{Backing, MemoryError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -21,6 +21,7 @@ pub struct GuestRegion {
     host: *mut u8,
     len: u64,
     slot: u32,
+    backing: Backing,
 }
 
 // SAFETY: `host` points into a mapping that [`GuestRegion::new`]'s caller
@@ -39,6 +40,10 @@ impl GuestRegion {
     ///
     /// Refused with a typed error: a bad name, an address or length that
     /// is not page aligned, an empty region, a range that wraps around.
+    ///
+    /// Its [`Backing`] is [`Backing::Other`]: every page is read (the
+    /// regions of [`GuestMemory::anonymous`](super::GuestMemory::anonymous)
+    /// and `GuestMemory::from_vm_memory` know theirs).
     ///
     /// # Safety
     /// The caller promises that `host .. host + len` is one mapping of the
@@ -91,7 +96,19 @@ impl GuestRegion {
             host,
             len,
             slot,
+            backing: Backing::Other,
         })
+    }
+
+    /// The region with `backing`, which its creator knows to be true of
+    /// the whole mapping.
+    pub(super) fn with_backing(self, backing: Backing) -> GuestRegion {
+        GuestRegion { backing, ..self }
+    }
+
+    /// What lies behind the mapping.
+    pub fn backing(&self) -> Backing {
+        self.backing
     }
 
     /// The region's name: its RAM block id in the stream.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
-use super::{GuestMemory, GuestRegion, MemoryError, PAGE_SIZE};
+use super::{Backing, GuestMemory, GuestRegion, MemoryError, PAGE_SIZE};
 use crate::vmm::{DeviceDirtyLog, VmmError};
 
 impl GuestMemory {
@@ -74,7 +74,7 @@ impl GuestMemory {
             // writable (checked above); it stays mapped as long as the
             // GuestMemory built here, which owns a clone of `memory` (and so
             // an `Arc` of every region's mapping).
-            regions.push(unsafe {
+            let lent = unsafe {
                 GuestRegion::new(
                     name,
                     region.start_addr().0,
@@ -82,7 +82,17 @@ impl GuestMemory {
                     region.len(),
                     slot,
                 )
-            }?);
+            }?;
+            // vm-memory's own anonymous regions (`from_ranges`) are
+            // `MAP_PRIVATE | MAP_ANONYMOUS` without a file.
+            let private_anonymous = mapping.file_offset().is_none()
+                && mapping.flags() & (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_SHARED)
+                    == libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            regions.push(if private_anonymous {
+                lent.with_backing(Backing::PrivateAnonymous)
+            } else {
+                lent
+            });
         }
         GuestMemory::new(regions, Some(Arc::new(memory.clone())))
     }

@@ -252,13 +252,25 @@ impl TestVm {
     /// `boot`: load the guest code and point each vCPU at it (a source);
     /// otherwise the RAM stays zero and the vCPUs at reset (a destination).
     pub fn new(vcpus: usize, boot: bool, edit: impl Fn(&mut Vec<kvm_cpuid_entry2>)) -> TestVm {
+        TestVm::with_extra_ram(vcpus, boot, edit, &[])
+    }
+
+    /// [`TestVm::new`] with `extra` (guest-physical address, bytes) regions
+    /// after the two regions of every test VM.
+    pub fn with_extra_ram(
+        vcpus: usize,
+        boot: bool,
+        edit: impl Fn(&mut Vec<kvm_cpuid_entry2>),
+        extra: &[(u64, usize)],
+    ) -> TestVm {
         let kvm = Kvm::new().expect("open /dev/kvm");
         let vm = Arc::new(kvm.create_vm().expect("create_vm"));
-        let ram = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+        let mut ranges = vec![
             (GuestAddress(0), LOW_BYTES),
             (GuestAddress(HIGH_GPA), HIGH_BYTES),
-        ])
-        .expect("map guest RAM");
+        ];
+        ranges.extend(extra.iter().map(|&(gpa, len)| (GuestAddress(gpa), len)));
+        let ram = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&ranges).expect("map guest RAM");
         let memory = GuestMemory::from_vm_memory(&ram, 0).expect("guest memory view");
         for region in memory.regions() {
             let slot = kvm_userspace_memory_region {

@@ -23,6 +23,23 @@ impl PageReader for Pages<'_> {
         assert!(page < PAGES, "zero check of page {page} outside RAM");
         self.0.get(page as usize).is_some_and(|b| b & 1 == 0)
     }
+
+    /// Bit 1 of the page's script byte: clear for a page never populated.
+    fn populated(&self, block: u16, first: u64, mask: &mut [u64]) {
+        assert_eq!(block, 0);
+        assert!(
+            first < PAGES && first.is_multiple_of(64),
+            "populated query at page {first}"
+        );
+        for (i, word) in mask.iter_mut().enumerate() {
+            *word = (0..64u64)
+                .filter(|b| {
+                    let page = first + 64 * i as u64 + b;
+                    self.0.get(page as usize).is_none_or(|byte| byte & 2 != 0)
+                })
+                .fold(0, |acc, b| acc | 1 << b);
+        }
+    }
 }
 
 /// libFuzzer entry point; see [`source_accepts`].
@@ -85,7 +102,10 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     assert!(chunk.end() <= PAGES && chunk.first % 64 == 0, "{chunk:?}");
                     pending &= !(1 << (chunk.first / 64));
                 }
-                Some(SourceAction::SendPages { block, pages, .. }) => {
+                Some(
+                    SourceAction::SendPages { block, pages, .. }
+                    | SourceAction::SendChannelPages { block, pages, .. },
+                ) => {
                     assert_eq!(block, 0);
                     for &p in pages {
                         assert!(p < PAGES);
@@ -127,7 +147,12 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     );
                     guest_running = true;
                 }
-                Some(SourceAction::Send(_) | SourceAction::SetThrottle { .. }) | None => {}
+                Some(
+                    SourceAction::Send(_)
+                    | SourceAction::SendChannel { .. }
+                    | SourceAction::SetThrottle { .. },
+                )
+                | None => {}
                 Some(SourceAction::Finished(_)) => break,
             },
             4 => {

@@ -4,10 +4,14 @@
 //! - `cargo xtask setup`: installs what building and checking livemig needs
 //!   and is missing: libclang (bindgen generates userfaultfd's bindings with
 //!   it when `livemig-kvm` builds) and the `x86_64-unknown-none` target (the
-//!   core's bare-metal build check). Each step is announced before it runs.
+//!   core's bare-metal build check), and QEMU (`qemu-system-x86_64`, for
+//!   `livemig bench --vs-qemu` and its test; on Debian bookworm from
+//!   bookworm-backports, whose suite is added to apt's sources if missing).
+//!   Each step is announced before it runs.
 //! - `cargo xtask test`: the set-up, then `cargo test --workspace --release`
 //!   with `LIVEMIG_REQUIRE_KVM=1` where `/dev/kvm` exists, so a KVM test
-//!   that would skip fails instead. This is what CI runs (`.ci/run`).
+//!   that would skip fails instead, and `LIVEMIG_REQUIRE_QEMU=1` (QEMU was
+//!   just made sure of). This is what CI runs (`.ci/run`).
 //! - `cargo xtask demo [ARGS]`: libclang, then `livemig demo ARGS`.
 //!
 //! It is a binary of `livemig-tests`, which depends only on the core and
@@ -21,6 +25,20 @@ use std::process::{Command, ExitCode};
 const LIBCLANG_PACKAGE: &str = "libclang-dev";
 /// The bare-metal target of the core's `no_std` build check.
 const BARE_METAL_TARGET: &str = "x86_64-unknown-none";
+/// The QEMU `livemig bench --vs-qemu` compares with.
+const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// The Debian package that provides it.
+const QEMU_PACKAGE: &str = "qemu-system-x86";
+/// Where QEMU 10 comes from on Debian 12 (bookworm ships QEMU 7.2).
+const BACKPORTS_SUITE: &str = "bookworm-backports";
+/// The apt source file written when no source lists [`BACKPORTS_SUITE`].
+const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/backports.sources";
+const BACKPORTS_STANZA: &str = "Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+";
 
 /// What was asked for on the command line.
 #[derive(Debug, PartialEq, Eq)]
@@ -130,6 +148,74 @@ fn ensure_target() -> Result<(), String> {
     run(Command::new("rustup").args(["target", "add", BARE_METAL_TARGET]))
 }
 
+/// The system's release codename (`VERSION_CODENAME` of /etc/os-release).
+fn os_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim().trim_matches('"').to_string())
+}
+
+/// Whether any apt source (one-line or deb822) names `suite`.
+fn apt_lists_suite(suite: &str) -> bool {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        files.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "list" || x == "sources")),
+        );
+    }
+    files.iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .any(|l| l.split_whitespace().any(|w| w == suite))
+        })
+    })
+}
+
+fn ensure_qemu() -> Result<(), String> {
+    if succeeds(QEMU_BINARY, &["--version"]) {
+        return Ok(());
+    }
+    let why = "`livemig bench --vs-qemu` and its test migrate the same guest with QEMU";
+    if !succeeds("apt-get", &["--version"]) {
+        return Err(format!(
+            "{QEMU_BINARY} is missing ({why}) and there is no apt-get here: install QEMU 10 \
+             yourself"
+        ));
+    }
+    let root = "(apt-get needs root: run as root, or install it yourself)";
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y"]);
+    if os_codename().as_deref() == Some("bookworm") {
+        if !apt_lists_suite(BACKPORTS_SUITE) {
+            say(&format!(
+                "adding the {BACKPORTS_SUITE} suite to apt's sources ({BACKPORTS_SOURCES})"
+            ));
+            std::fs::write(BACKPORTS_SOURCES, BACKPORTS_STANZA)
+                .map_err(|e| format!("could not write {BACKPORTS_SOURCES}: {e} {root}"))?;
+        }
+        install.args(["-t", BACKPORTS_SUITE]);
+    }
+    install.arg(QEMU_PACKAGE);
+    say(&format!(
+        "{QEMU_BINARY} is missing ({why}): installing {QEMU_PACKAGE} with apt-get"
+    ));
+    run(Command::new("apt-get").arg("update"))
+        .and_then(|()| run(&mut install))
+        .map_err(|e| format!("{e} {root}"))?;
+    if succeeds(QEMU_BINARY, &["--version"]) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{QEMU_PACKAGE} was installed but {QEMU_BINARY} --version still fails"
+        ))
+    }
+}
+
 /// The workspace root: this package lives in its `tests/`.
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -146,12 +232,17 @@ fn cargo() -> Command {
 
 fn job(job: Job) -> Result<(), String> {
     match job {
-        Job::Setup => ensure_libclang().and_then(|()| ensure_target()),
+        Job::Setup => ensure_libclang()
+            .and_then(|()| ensure_target())
+            .and_then(|()| ensure_qemu()),
         Job::Test => {
             ensure_libclang()?;
             ensure_target()?;
+            ensure_qemu()?;
             let mut test = cargo();
             test.args(["test", "--workspace", "--release"]);
+            // QEMU is there now: a --vs-qemu test that would skip fails.
+            test.env("LIVEMIG_REQUIRE_QEMU", "1");
             if Path::new("/dev/kvm").exists() {
                 // A KVM test that skips on a KVM host hides a broken
                 // machine: make it a failure.

@@ -18,7 +18,7 @@ use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
 use livemig_cli::report::{Progress, Summary};
 use livemig_cli::timeline;
-use livemig_cli::{run, vmm};
+use livemig_cli::{qemu, run, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
@@ -88,7 +88,8 @@ enum Cmd {
     /// with a 64 MiB working set, each against a raw TCP copy of the same
     /// bytes over 127.0.0.1 measured in the same run; print median, min and
     /// max of each figure and the ratios. Fails if any migration does not
-    /// verify. Needs /dev/kvm.
+    /// verify. Needs /dev/kvm. With --vs-qemu, QEMU migrates the same guest
+    /// too, alternating with livemig's runs.
     Bench(BenchArgs),
     /// Boot the demo guest in the demo VMM (rust-vmm crates: its own KVM
     /// VM, in-kernel irqchip and PIT, a 16550 on COM1) on --vcpus vCPUs,
@@ -181,6 +182,7 @@ impl Workload {
             dirty_mib: self.dirty_mib,
             dirty_log: dirty_log(&self.dirty_log)?,
             vcpus: self.vcpus.unwrap_or(vmm::DEFAULT_VCPUS),
+            fill: false,
         })
     }
 
@@ -294,8 +296,11 @@ struct BenchArgs {
     /// No per-run lines on stderr.
     #[arg(long)]
     quiet: bool,
-    /// A case to run (repeatable; default: all): idle-4g, busy-1g.
-    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g"])]
+    /// A case to run (repeatable; default: idle-4g and busy-1g): idle-4g,
+    /// busy-1g, or multifd alone (a 1 GiB guest of non-zero pages over 1,
+    /// 2 and N channels, N from --param multifd-channels or 4, against as
+    /// many raw TCP streams).
+    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd"])]
     cases: Vec<String>,
     /// Runs per case; the figures are median, min and max over them.
     #[arg(long, default_value_t = 3)]
@@ -314,6 +319,14 @@ struct BenchArgs {
     #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
     vcpus: u32,
+    /// After each livemig run, boot the same guest under qemu-system-x86_64
+    /// (KVM) and migrate it with QEMU over loopback TCP with the same RAM,
+    /// working set, vCPUs, warmup, downtime limit and bandwidth; print
+    /// QEMU's figures and the ratios livemig / QEMU. Without QEMU on PATH
+    /// this part is skipped (one line on stderr); a QEMU that fails is an
+    /// error.
+    #[arg(long)]
+    vs_qemu: bool,
     /// Draw the run of median downtime of each case (throughput, dirty
     /// rate, remaining bytes, switchover threshold, each dirty-log sync
     /// and the stop) into this SVG file; with several cases, one file per
@@ -565,6 +578,9 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     if !demo::kvm_available() {
         return Err(BenchError::NoKvm.to_string());
     }
+    if a.cases.iter().any(|c| c == bench::MULTIFD_CASE) {
+        return run_multifd_bench(a, &config);
+    }
     let mut cases: Vec<BenchCase> = if a.cases.is_empty() {
         bench::CASES.to_vec()
     } else {
@@ -583,20 +599,53 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         verbose: !a.quiet,
         vcpus: a.vcpus,
     };
+    let qemu = if a.vs_qemu {
+        match qemu::find_qemu() {
+            Some(path) => Some((qemu::qemu_version(&path).map_err(|e| e.to_string())?, path)),
+            None => {
+                eprintln!(
+                    "livemig: bench: --vs-qemu: {} is not on PATH: the QEMU part is SKIPPED",
+                    qemu::QEMU_BINARY
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let cancel = cancel_on_signals()?;
     let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
     let mut results = Vec::new();
+    let mut comparisons = Vec::new();
     for case in cases {
-        let result =
-            bench::run_case(case, &opts, &config, &data, &cancel).map_err(|e| e.to_string())?;
-        if a.json {
-            println!("{}", result.to_json());
-        }
+        let result = match &qemu {
+            Some((version, path)) => {
+                let c = vs_qemu::run_case(case, &opts, &config, &data, path, &cancel)
+                    .map_err(|e| e.to_string())?;
+                if a.json {
+                    println!("{}", c.to_json(version));
+                }
+                let livemig = c.livemig.clone();
+                comparisons.push(c);
+                livemig
+            }
+            None => {
+                let r = bench::run_case(case, &opts, &config, &data, &cancel)
+                    .map_err(|e| e.to_string())?;
+                if a.json {
+                    println!("{}", r.to_json());
+                }
+                r
+            }
+        };
         results.push(result);
     }
     if !a.json {
         print!("{}", bench::table(&results));
         print!("{}", bench::breakdown_table(&results));
+        if let Some((version, _)) = &qemu {
+            print!("{}", vs_qemu::table(&comparisons, version));
+        }
     }
     let mut code = ExitCode::SUCCESS;
     if let Some(path) = &a.timeline {
@@ -627,6 +676,54 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(code)
+}
+
+/// `livemig bench --case multifd`: 1, 2 and N channels (N from
+/// `--param multifd-channels`, 4 when that is 2 or less) against as many
+/// raw TCP streams, on a guest of `--mem-mib` (default 1024) MiB whose RAM
+/// is all non-zero pages.
+fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode, String> {
+    if a.cases.len() != 1 {
+        return Err(format!(
+            "bench case '{}' runs alone: give it as the only --case",
+            bench::MULTIFD_CASE
+        ));
+    }
+    let n = match config.parameters.multifd_channels {
+        c if c > 2 => c,
+        _ => 4,
+    };
+    let opts = BenchOptions {
+        runs: a.runs,
+        warmup: Duration::from_millis(a.warmup_ms),
+        run_for: Duration::from_millis(a.run_ms),
+        verbose: !a.quiet,
+        vcpus: a.vcpus,
+    };
+    let cancel = cancel_on_signals()?;
+    let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
+    let runs = bench::run_multifd(
+        a.mem_mib_override.unwrap_or(1024),
+        &[1, 2, n],
+        &opts,
+        config,
+        &data,
+        &cancel,
+    )
+    .map_err(|e| e.to_string())?;
+    if a.json {
+        for r in &runs {
+            println!("{}", r.to_json());
+        }
+    } else {
+        print!("{}", bench::multifd_table(&runs));
+    }
+    if runs.iter().all(|r| r.summary.verified) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("livemig: bench: a multifd run did not verify");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// `--timeline`: draws the summary's timeline into `path` (nothing without

@@ -1,4 +1,5 @@
-//! The source's view of guest RAM: zero-page checks for the engine, and
+//! The source's view of guest RAM: zero-page checks and populated pages
+//! for the engine, and
 //! the dirty log of every RAM block (one per guest-memory region, so block
 //! `b` is memslot region `b`), with the pages the VMM's devices wrote
 //! merged in.
@@ -25,6 +26,12 @@ impl PageReader for KvmPages<'_> {
         self.ram
             .is_zero_page(usize::from(block), page)
             .unwrap_or(false)
+    }
+
+    fn populated(&self, block: u16, first: u64, mask: &mut [u64]) {
+        // An error leaves every bit set: every page is read, as without
+        // the query.
+        let _ = self.ram.populated(usize::from(block), first, mask);
     }
 }
 

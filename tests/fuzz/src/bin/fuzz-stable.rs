@@ -48,6 +48,11 @@ const TARGETS: &[Target] = &[
         corpus: livemig_fuzz::destination_corpus,
     },
     Target {
+        name: "multifd",
+        run: livemig_fuzz::multifd_accepts,
+        corpus: livemig_fuzz::multifd_corpus,
+    },
+    Target {
         name: "x86_vcpu_state",
         run: livemig_fuzz::x86_vcpu_state_accepts,
         corpus: livemig_fuzz::x86_vcpu_state_corpus,
@@ -61,6 +66,11 @@ const TARGETS: &[Target] = &[
         name: "x86_cpu_model",
         run: livemig_fuzz::x86_cpu_model_accepts,
         corpus: livemig_fuzz::x86_cpu_model_corpus,
+    },
+    Target {
+        name: "qmp",
+        run: livemig_fuzz::qmp_accepts,
+        corpus: livemig_fuzz::qmp_corpus,
     },
 ];
 
