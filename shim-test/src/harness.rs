@@ -28,8 +28,8 @@ use livemig_core::time::Instant;
 use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
 use crate::{
-    BlockSpec, ChannelError, FirstDifference, LinkConfig, LinkError, MemoryError, SimChannels,
-    SimDirtyLog, SimLink, SimRam, WorkingSet, Workload, duplex, fill,
+    BlockSpec, Burst, ChannelError, FirstDifference, LinkConfig, LinkError, MemoryError,
+    SimChannels, SimDirtyLog, SimLink, SimRam, WorkingSet, Workload, duplex, fill,
 };
 
 /// The migration id the simulated source announces for its channels.
@@ -60,6 +60,8 @@ pub struct GuestSpec {
     pub rate_pages_per_sec: u64,
     /// Seed of the guest's page choices.
     pub seed: u64,
+    /// Writes in bursts instead of at a steady rate.
+    pub burst: Option<Burst>,
 }
 
 /// When the harness cancels the migration.
@@ -576,7 +578,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     fill(&mut src_ram, &mut log, scenario.fill_pages, 7).map_err(|e| setup_err("fill", e))?;
     let workload = scenario
         .guest
-        .map(|g| Workload::new(&src_ram, g.working_set, g.rate_pages_per_sec, g.seed))
+        .map(|g| {
+            let w = Workload::new(&src_ram, g.working_set, g.rate_pages_per_sec, g.seed)?;
+            match g.burst {
+                Some(b) => w.with_burst(b),
+                None => Ok(w),
+            }
+        })
         .transpose()
         .map_err(|e| setup_err("guest", e))?;
     let mut guest = Guest {

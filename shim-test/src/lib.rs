@@ -77,4 +77,4 @@ pub use dirty_log::{DirtyLogError, SimDirtyLog};
 pub use harness::{CancelWhen, GuestSpec, Outcome, PostcopyOutcome, Scenario, run_migration};
 pub use link::{LinkConfig, LinkError, SimLink, duplex};
 pub use memory::{BlockSpec, FirstDifference, MAX_PAGE_SIZE, MIN_PAGE_SIZE, MemoryError, SimRam};
-pub use workload::{Advance, Fault, Stamp, WorkingSet, Workload, WorkloadError, fill};
+pub use workload::{Advance, Burst, Fault, Stamp, WorkingSet, Workload, WorkloadError, fill};

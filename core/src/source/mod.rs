@@ -28,11 +28,17 @@
 //!
 //! # Convergence
 //!
-//! The guest is stopped when the estimated stop fits the downtime limit:
+//! The guest may be stopped when the estimated stop fits the downtime
+//! limit:
 //!
 //! ```text
 //! stop cost + (dirty bytes + unsent bytes) / measured bandwidth <= downtime-limit
 //! ```
+//!
+//! Which of those stops is taken is the
+//! [`SwitchoverPolicy`](crate::config::SwitchoverPolicy)'s choice: by
+//! default the shortest the dirty rate allows ([`shortest_stop`]), or
+//! QEMU's first one.
 //!
 //! A limit that cannot be met never stretches the stop: precopy iterates
 //! on, and fails with "did not converge" (the guest running on the source)
@@ -74,6 +80,7 @@ mod end;
 mod postcopy;
 mod rate;
 mod scan;
+pub mod shortest_stop;
 mod tracking;
 
 use core::fmt;
@@ -578,6 +585,7 @@ impl<'a> SourceEngine<'a> {
         self.started_at = now;
         self.now = now;
         self.convergence.dirty_period_start = now;
+        self.convergence.synced_at = now;
         self.meter.begin(now);
         self.set_status(MigrationStatus::Setup);
         self.step = Step::SendPreamble;
@@ -628,6 +636,7 @@ impl<'a> SourceEngine<'a> {
                 self.step = Step::Iterate;
             }
             SyncKind::Iteration => {
+                self.measure_dirty_rate();
                 self.auto_converge();
                 self.decide();
             }
@@ -657,6 +666,7 @@ impl<'a> SourceEngine<'a> {
                 self.step = Step::Drain;
             }
         }
+        self.convergence.synced_at = self.now;
         self.refresh_stats();
         Ok(())
     }
@@ -904,7 +914,9 @@ impl<'a> SourceEngine<'a> {
     /// The next thing to do, if any. See [`SourceAction`] for each.
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
-        if self.step == Step::Iterate && self.time_limit_exceeded() {
+        // A stop that fits is still taken at the time limit (the next
+        // sync decides); only one that does not ends the migration here.
+        if self.step == Step::Iterate && self.time_limit_exceeded() && !self.fits_downtime() {
             self.fail_not_converged(ConvergenceLimit::Time);
         }
         if self.awaits_destination() && self.now >= self.confirm_deadline() {

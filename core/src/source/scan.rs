@@ -174,7 +174,7 @@ impl SourceEngine<'_> {
             // The seeds check convergence before every step, not only at the
             // end of a pass: a sync is cheap and an early switchover saves a
             // whole pass.
-            if self.fits_downtime() && self.scan.remaining_bytes > 0 {
+            if self.switchover_sync_due() && self.scan.remaining_bytes > 0 {
                 return Some(self.begin_sync(SyncKind::Iteration));
             }
             if self.postcopy.requested {

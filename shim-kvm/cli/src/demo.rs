@@ -1250,6 +1250,7 @@ pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summ
             // What the KVM demo guest sustains right after a clear.
             rate_pages_per_sec: 300_000,
             seed: 1,
+            burst: None,
         });
     }
     let out = run_migration(&scenario)

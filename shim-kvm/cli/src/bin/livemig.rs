@@ -20,7 +20,7 @@ use livemig_cli::report::{Progress, Summary};
 use livemig_cli::timeline;
 use livemig_cli::{qemu, run, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
-use livemig_core::config::MigrationConfig;
+use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
@@ -134,6 +134,12 @@ struct Migration {
     /// (repeatable; byte counts take k/M/G suffixes).
     #[arg(long = "param", value_name = "NAME=VALUE")]
     params: Vec<String>,
+    /// When precopy stops the guest, among the stops that fit
+    /// downtime-limit: shortest-stop iterates while passes shrink the stop
+    /// and takes the shortest the dirty rate allows; fits-limit is QEMU's
+    /// rule, the first stop that fits.
+    #[arg(long, default_value = "shortest-stop", value_parser = ["shortest-stop", "fits-limit"])]
+    switchover_policy: String,
 }
 
 #[derive(Args)]
@@ -373,6 +379,8 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
         .collect();
     let mut config =
         options::build_config(demo::base_config(), &caps, &params).map_err(|e| e.to_string())?;
+    config.switchover = SwitchoverPolicy::from_name(&m.switchover_policy)
+        .ok_or_else(|| format!("unknown switchover policy '{}'", m.switchover_policy))?;
     if postcopy {
         demo::postcopy_config(&mut config, |name| options::sets_param(&m.params, name));
     }

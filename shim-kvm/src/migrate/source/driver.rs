@@ -160,6 +160,10 @@ impl SourceDriver<'_> {
                 self.on_return_path(ev);
             }
             let burst = clock::monotonic_ns();
+            // Whether the engine ran out of actions (rather than the burst
+            // running out of time): only then is there anything to wait
+            // for.
+            let mut idle = false;
             loop {
                 // Only precopy decides on them; after the stop (or the
                 // postcopy switchover) the two system calls per action
@@ -182,6 +186,7 @@ impl SourceDriver<'_> {
                     ram: self.guest.ram(),
                 };
                 let Some(action) = self.engine.poll_action(clock::now(), &pages) else {
+                    idle = true;
                     break;
                 };
                 // A failed write is `lost`: the destination may say why on
@@ -266,6 +271,13 @@ impl SourceDriver<'_> {
             if self.engine.is_finished() {
                 self.finished(self.engine.status());
                 break;
+            }
+            // A burst that ran out of time has actions left: waiting here
+            // for a return-path event (up to MAX_WAIT) would idle the link
+            // and, after a switchover decision, let the running guest dirty
+            // memory the stop then has to send.
+            if !idle {
+                continue;
             }
             let Some(wait) = self.wait_or_continue() else {
                 continue;
