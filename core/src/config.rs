@@ -53,6 +53,45 @@ impl Default for Limits {
     }
 }
 
+/// How precopy picks the moment to stop the guest, among the moments at
+/// which the stop is expected to fit `downtime-limit` (neither rule ever
+/// stops the guest for longer; see `source::shortest_stop`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SwitchoverPolicy {
+    /// Keep iterating while passes shrink the expected stop, and switch at
+    /// the shortest stop the dirty rate allows: the limit is a ceiling,
+    /// not a target.
+    #[default]
+    ShortestStop,
+    /// QEMU's rule: switch as soon as the expected stop fits the limit,
+    /// which on a fast link means a large final copy.
+    FitsLimit,
+}
+
+impl SwitchoverPolicy {
+    /// Every policy, default first.
+    pub const ALL: [SwitchoverPolicy; 2] = [Self::ShortestStop, Self::FitsLimit];
+
+    /// The policy's name on a command line: `shortest-stop`, `fits-limit`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ShortestStop => "shortest-stop",
+            Self::FitsLimit => "fits-limit",
+        }
+    }
+
+    /// The policy called `name`, or `None` if unknown.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+impl core::fmt::Display for SwitchoverPolicy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Capabilities, parameters and limits of one migration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MigrationConfig {
@@ -63,17 +102,20 @@ pub struct MigrationConfig {
     pub parameters: Parameters,
     /// Convergence bounds.
     pub limits: Limits,
+    /// When, among the stops that fit the downtime limit, to stop.
+    pub switchover: SwitchoverPolicy,
 }
 
 impl Default for MigrationConfig {
     /// Zero-page detection on (an idle guest is mostly zero pages), every
     /// other capability off, QEMU's default parameters, no iteration or
-    /// time limit, and the no-progress rule on.
+    /// time limit, the no-progress rule on, and the shortest stop.
     fn default() -> Self {
         MigrationConfig {
             capabilities: Capabilities::ZERO_PAGE_DETECTION,
             parameters: Parameters::default(),
             limits: Limits::default(),
+            switchover: SwitchoverPolicy::default(),
         }
     }
 }
@@ -134,7 +176,6 @@ mod tests {
         for (cap, name) in [
             (Capabilities::XBZRLE, "xbzrle"),
             (Capabilities::POSTCOPY_PREEMPT, "postcopy-preempt"),
-            (Capabilities::MULTIFD, "multifd"),
             (Capabilities::RELEASE_RAM, "release-ram"),
             (Capabilities::EVENTS, "events"),
             (Capabilities::VALIDATE_UUID, "validate-uuid"),
@@ -151,6 +192,23 @@ mod tests {
                 std::format!("capability '{name}' is not implemented yet: turn it off")
             );
         }
+    }
+
+    #[test]
+    fn switchover_policies_round_trip_their_names() {
+        for policy in SwitchoverPolicy::ALL {
+            assert_eq!(SwitchoverPolicy::from_name(policy.name()), Some(policy));
+            assert_eq!(policy.to_string(), policy.name());
+        }
+        assert_eq!(
+            SwitchoverPolicy::from_name("fits-limit"),
+            Some(SwitchoverPolicy::FitsLimit)
+        );
+        assert_eq!(SwitchoverPolicy::from_name("shortest"), None);
+        assert_eq!(
+            MigrationConfig::default().switchover,
+            SwitchoverPolicy::ShortestStop
+        );
     }
 
     #[test]

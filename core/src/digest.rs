@@ -269,6 +269,17 @@ impl<'a> DigestBooks<'a> {
         true
     }
 
+    /// Adds `delta` to the sum: the change (new terms minus replaced ones,
+    /// wrapping) that pages booked elsewhere made to the block's digest.
+    /// A multifd destination's channel receivers place pages without the
+    /// engine and keep those pages' terms in slots of their own
+    /// ([`ChannelsHost::take_channel_digest`](crate::destination::ChannelsHost::take_channel_digest));
+    /// a page booked both here and there would count twice, which can
+    /// only make the digests differ, never hide a difference.
+    pub fn add_elsewhere(&mut self, delta: u64) {
+        self.sum = self.sum.wrapping_add(delta);
+    }
+
     /// The term booked for `page`, if it is in the block.
     pub fn term(&self, page: u64) -> Option<u64> {
         usize::try_from(page)

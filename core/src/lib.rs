@@ -216,6 +216,9 @@
 //!         }
 //!         // Postcopy only (this example's configuration has it off).
 //!         SourceAction::PackageDevices => unreachable!("postcopy is off"),
+//!         SourceAction::SendChannel { .. } | SourceAction::SendChannelPages { .. } => {
+//!             unreachable!("multifd is off")
+//!         }
 //!         SourceAction::ResumeVcpus => {} // a failed migration: restart the guest here
 //!         SourceAction::Finished(end) => assert_eq!(end, EndReason::Completed),
 //!     }

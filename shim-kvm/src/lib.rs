@@ -63,7 +63,8 @@ pub mod x86;
 
 pub use migrate::{
     CancelRefused, DestinationReport, DestinationVm, MigrateError, MigrationHandle, ReceiveHandle,
-    ReceiveOptions, SourceOptions, SourceReport, SourceVm, migrate, receive,
+    ReceiveOptions, SourceOptions, SourceReport, SourceVm, migrate, migrate_with_channels, receive,
+    receive_with_channels,
 };
 pub use transport::Connection;
 pub use vmm::{DeviceDirtyLog, DeviceSection, Vcpus, VmmError};

@@ -17,7 +17,8 @@ use std::fmt;
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::destination::{
-    DestinationEngine, DestinationHost, PostcopyHost, PostcopyTracking, RequiredSection, SectionDue,
+    ChannelTotals, ChannelsHost, DestinationEngine, DestinationHost, PostcopyHost,
+    PostcopyTracking, RequiredSection, SectionDue,
 };
 use livemig_core::digest::{DigestBooks, DigestKey, Verification};
 use livemig_core::return_path::RpDecoder;
@@ -29,9 +30,12 @@ use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
 use crate::inject::Injector;
 use crate::{
-    BlockSpec, FirstDifference, InjectedFault, LinkConfig, LinkError, MemoryError, SimDirtyLog,
-    SimRam, WorkingSet, Workload, duplex, fill,
+    BlockSpec, Burst, ChannelError, FirstDifference, InjectedFault, LinkConfig, LinkError,
+    MemoryError, SimChannels, SimDirtyLog, SimLink, SimRam, WorkingSet, Workload, duplex, fill,
 };
+
+/// The migration id the simulated source announces for its channels.
+pub const MIGRATION_ID: u64 = 0x6c69_7665_6d69_6721;
 
 /// The id of the simulated vCPU's device-state record.
 pub const CPU_DEVICE_ID: &str = "cpu";
@@ -58,6 +62,8 @@ pub struct GuestSpec {
     pub rate_pages_per_sec: u64,
     /// Seed of the guest's page choices.
     pub seed: u64,
+    /// Writes in bursts instead of at a steady rate.
+    pub burst: Option<Burst>,
 }
 
 /// When the harness cancels the migration.
@@ -83,6 +89,11 @@ pub struct Scenario {
     pub forward: LinkConfig,
     /// Destination-to-source link (return path).
     pub back: LinkConfig,
+    /// With multifd: each channel's link, by channel index; a channel
+    /// without an entry gets the main link's bandwidth and latency,
+    /// without its faults, and a send buffer of
+    /// [`SimChannels::SEND_BUFFER`].
+    pub channel_links: Vec<LinkConfig>,
     /// Capabilities, parameters and limits.
     pub config: MigrationConfig,
     /// Cancel the migration at this point.
@@ -130,6 +141,7 @@ impl Scenario {
             guest: None,
             forward: LinkConfig::new(1_000_000_000, 50_000),
             back: LinkConfig::new(1_000_000_000, 50_000),
+            channel_links: Vec::new(),
             config: MigrationConfig::default(),
             cancel: None,
             continue_after_ns: 1_000_000,
@@ -195,6 +207,12 @@ pub struct Outcome {
     pub stop_ns: Option<u64>,
     /// Bytes the source had put on the link when its vCPUs stopped.
     pub bytes_at_stop: Option<u64>,
+    /// With multifd: bytes the source put on each channel.
+    pub channel_bytes: Vec<u64>,
+    /// With multifd: bytes on each channel when the first pass ended.
+    pub channel_bytes_after_first_pass: Option<Vec<u64>>,
+    /// With multifd: bytes on each channel when the vCPUs stopped.
+    pub channel_bytes_at_stop: Option<Vec<u64>>,
     /// Breaches of the dirty-chunk clearing protocol seen by the harness:
     /// a page read while its chunk's log was still uncleared, a chunk
     /// cleared twice in one sync, a misaligned chunk.
@@ -364,6 +382,10 @@ impl PageReader for Pages<'_> {
 /// Destination memory and devices as the engine writes them.
 struct Host<'a> {
     ram: &'a mut SimRam,
+    /// The multifd channels and the layout their packets are checked
+    /// against.
+    channels: &'a mut SimChannels,
+    layout: &'a [BlockInfo<'a>],
     cpu: Option<Vec<u8>>,
     /// The package's run command arrived: start the guest.
     run: bool,
@@ -386,6 +408,8 @@ enum SimHostError {
     },
     /// A device record this host does not know.
     UnknownDevice,
+    /// A multifd channel failed.
+    Channel(ChannelError),
 }
 
 impl fmt::Display for SimHostError {
@@ -400,6 +424,7 @@ impl fmt::Display for SimHostError {
                 "the source's CPU model {source} differs from this host's, {destination}"
             ),
             SimHostError::UnknownDevice => f.write_str("unknown device"),
+            SimHostError::Channel(e) => e.fmt(f),
         }
     }
 }
@@ -467,6 +492,35 @@ impl DestinationHost for Host<'_> {
 
     fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = SimHostError>> {
         Some(self)
+    }
+
+    fn channels(&mut self) -> Option<&mut dyn ChannelsHost<Error = SimHostError>> {
+        Some(self)
+    }
+}
+
+impl ChannelsHost for Host<'_> {
+    type Error = SimHostError;
+
+    fn open_channels(
+        &mut self,
+        channels: u16,
+        migration_id: u64,
+        key: Option<DigestKey>,
+    ) -> Result<(), SimHostError> {
+        self.channels
+            .open(channels, migration_id, key, self.layout)
+            .map_err(SimHostError::Channel)
+    }
+
+    fn sync_channels(&mut self, generation: u32) -> Result<ChannelTotals, SimHostError> {
+        self.channels
+            .sync(generation, self.ram, self.layout)
+            .map_err(SimHostError::Channel)
+    }
+
+    fn take_channel_digest(&mut self, block: u16) -> u64 {
+        self.channels.take_digest(block)
     }
 }
 
@@ -560,7 +614,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     fill(&mut src_ram, &mut log, scenario.fill_pages, 7).map_err(|e| setup_err("fill", e))?;
     let workload = scenario
         .guest
-        .map(|g| Workload::new(&src_ram, g.working_set, g.rate_pages_per_sec, g.seed))
+        .map(|g| {
+            let w = Workload::new(&src_ram, g.working_set, g.rate_pages_per_sec, g.seed)?;
+            match g.burst {
+                Some(b) => w.with_burst(b),
+                None => Ok(w),
+            }
+        })
         .transpose()
         .map_err(|e| setup_err("guest", e))?;
     let mut guest = Guest {
@@ -571,6 +631,32 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         guest_ns: 0,
     };
     let (mut fwd, mut back) = duplex(scenario.forward, scenario.back);
+    let channel_count = if scenario.config.capabilities.contains(Capabilities::MULTIFD) {
+        usize::from(scenario.config.parameters.multifd_channels)
+    } else {
+        0
+    };
+    let plain = LinkConfig {
+        send_buffer_bytes: SimChannels::SEND_BUFFER,
+        ..LinkConfig::new(
+            scenario.forward.bandwidth_bytes_per_sec,
+            scenario.forward.latency_ns,
+        )
+    };
+    let mut chans = SimChannels::new(
+        (0..channel_count)
+            .map(|i| SimLink::new(scenario.channel_links.get(i).copied().unwrap_or(plain)))
+            .collect(),
+    );
+    let channel_bytes = |chans: &SimChannels| {
+        chans
+            .links
+            .iter()
+            .map(SimLink::bytes_sent)
+            .collect::<Vec<_>>()
+    };
+    let mut channel_bytes_after_first_pass = None;
+    let mut channel_bytes_at_stop = None;
 
     // ---- the engines ------------------------------------------------------
     let layout = scenario
@@ -689,6 +775,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut page_buf: Vec<u8> = Vec::with_capacity(1 << 20);
 
+    src.set_migration_id(MIGRATION_ID)
+        .map_err(|e| setup_err("migration id", e))?;
     src.start(Instant::from_nanos(now))
         .map_err(|e| setup_err("start", e))?;
     src.handle_stop_cost(std::time::Duration::from_nanos(
@@ -728,7 +816,11 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         // ---- carry out the source's actions ---------------------------
         let t = Instant::from_nanos(now);
         // What a VMM reads with SIOCOUTQ before polling.
-        src.handle_unsent(t, fwd.unsent_at(now));
+        let unsent_on_channels: u64 = chans.links.iter().map(|l| l.unsent_at(now)).sum();
+        src.handle_unsent(t, fwd.unsent_at(now) + unsent_on_channels);
+        if channel_bytes_after_first_pass.is_none() && src.stats().iterations > 0 {
+            channel_bytes_after_first_pass = Some(channel_bytes(&chans));
+        }
         let mut progressed = false;
         let reader = Pages {
             ram: &src_ram,
@@ -757,6 +849,37 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     }
                     injector.batch(&mut page_buf, pages.len());
                     fwd.send(now, &page_buf).map(Some)
+                }
+                SourceAction::SendChannel { channel, bytes } => chans
+                    .links
+                    .get_mut(usize::from(channel))
+                    .ok_or_else(|| HarnessError(format!("no channel {channel}")))?
+                    .send(now, bytes)
+                    .map(Some),
+                SourceAction::SendChannelPages {
+                    channel,
+                    header,
+                    block,
+                    pages,
+                } => {
+                    page_buf.clear();
+                    page_buf.extend_from_slice(header);
+                    for &p in pages {
+                        audit
+                            .borrow_mut()
+                            .read(usize::from(block), p, guest.running);
+                        let data = src_ram
+                            .page(usize::from(block), p)
+                            .map_err(|e| setup_err("engine asked for a page outside RAM", e))?;
+                        page_buf.extend_from_slice(data);
+                    }
+                    injector.channel_packet(&mut page_buf, header.len(), pages.len());
+                    chans
+                        .links
+                        .get_mut(usize::from(channel))
+                        .ok_or_else(|| HarnessError(format!("no channel {channel}")))?
+                        .send(now, &page_buf)
+                        .map(Some)
                 }
                 SourceAction::SyncDirtyLog => {
                     for (b, words) in fetched.iter_mut().enumerate() {
@@ -798,6 +921,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     guest.running = false;
                     stop_at = Some(now);
                     bytes_at_stop = Some(fwd.bytes_sent());
+                    channel_bytes_at_stop = Some(channel_bytes(&chans));
                     stop_digest = Some(src_ram.digest());
                     cpu_at_stop = Some(cpu_state(guest.workload.as_ref()));
                     guest_at_stop = guest.workload.clone();
@@ -880,6 +1004,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 }
                 SourceAction::Finished(_) => {
                     fwd.close(now);
+                    for link in &mut chans.links {
+                        link.close(now);
+                    }
                     Ok(None)
                 }
             };
@@ -898,6 +1025,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                         format_args!("send failed: {why}"),
                     );
                     fwd.close(now);
+                    for link in &mut chans.links {
+                        link.close(now);
+                    }
                 }
             }
         }
@@ -912,6 +1042,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             progressed = true;
             let mut host = Host {
                 ram: &mut dst_ram,
+                channels: &mut chans,
+                layout: &layout,
                 cpu: None,
                 run: false,
                 discarded: 0,
@@ -930,6 +1062,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 dest_ran_to = now;
                 dest_started_at = Some(now);
             }
+        }
+        if chans.pump(now, &mut dst_ram, &layout) {
+            progressed = true;
+        }
+        if let Some(e) = chans.take_failure() {
+            progressed = true;
+            dst.handle_channel_failure(t, format_args!("{e}"));
         }
         if !dst_eof_handled && (fwd.is_eof(now) || fwd.is_reset(now)) {
             dst_eof_handled = true;
@@ -1026,6 +1165,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             continue_at,
         ]
         .into_iter()
+        .chain(
+            chans
+                .links
+                .iter()
+                .flat_map(|l| [l.next_arrival_ns(), l.end_at_ns()]),
+        )
         .flatten()
         .filter(|&t| t > now)
         .min();
@@ -1137,6 +1282,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         cleared_pages: log.cleared_pages(),
         stop_ns: stop_at,
         bytes_at_stop,
+        channel_bytes: channel_bytes(&chans),
+        channel_bytes_after_first_pass,
+        channel_bytes_at_stop,
         clear_violations: audit.into_inner().violations,
         postcopy: ran_on_destination.then_some(pc),
         memory_identical,

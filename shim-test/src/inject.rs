@@ -81,6 +81,28 @@ impl Injector {
         }
     }
 
+    /// Applies a flipped byte to `packet` (a multifd channel packet:
+    /// `header_len` bytes of header and entries, then `normal_pages`
+    /// pages' data) when its turn has come; the other batch faults are the
+    /// main stream's.
+    pub fn channel_packet(&mut self, packet: &mut [u8], header_len: usize, normal_pages: usize) {
+        let seen = self.normal_seen;
+        self.normal_seen += normal_pages as u64;
+        let Some(InjectedFault::FlippedByte { after }) = self.fault else {
+            return;
+        };
+        if self.fired || normal_pages == 0 || seen + normal_pages as u64 <= after {
+            return;
+        }
+        let page_len = (packet.len() - header_len) / normal_pages;
+        let skip = after.saturating_sub(seen) as usize;
+        // The page's middle byte, as the main-stream fault flips.
+        if let Some(byte) = packet.get_mut(header_len + skip * page_len + page_len / 2) {
+            *byte ^= 0x10;
+            self.fired = true;
+        }
+    }
+
     /// Applies the dirty-log fault to the log of block `block` just
     /// fetched: returns the bits it lost (to clear them from the log), or
     /// `None` when this sync is left alone.

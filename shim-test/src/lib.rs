@@ -14,6 +14,7 @@
 //! | [`dirty_log`] | KVM's per-slot dirty bitmap | `KVM_GET_DIRTY_LOG` / `KVM_CLEAR_DIRTY_LOG` (manual protect) |
 //! | [`workload`] | the running guest's stores | vCPUs running the demo guest |
 //! | [`link`] | a connection, one direction per link | TCP / Unix sockets, with `tc` limits |
+//! | [`channels`] | multifd channels, one link each, and their receivers | one socket and receiver thread per channel |
 //!
 //! Everything is driven by the test harness in simulated time: the harness
 //! owns a [`SimClock`], lets the [`Workload`] run over each interval the
@@ -62,6 +63,7 @@
 //! assert_eq!(src.digest(), dst.digest());
 //! ```
 
+pub mod channels;
 pub mod clock;
 pub mod dirty_log;
 pub mod harness;
@@ -70,10 +72,11 @@ pub mod link;
 pub mod memory;
 pub mod workload;
 
+pub use channels::{ChannelError, SimChannels};
 pub use clock::SimClock;
 pub use dirty_log::{DirtyLogError, SimDirtyLog};
 pub use harness::{CancelWhen, GuestSpec, Outcome, PostcopyOutcome, Scenario, run_migration};
 pub use inject::InjectedFault;
 pub use link::{LinkConfig, LinkError, SimLink, duplex};
 pub use memory::{BlockSpec, FirstDifference, MAX_PAGE_SIZE, MIN_PAGE_SIZE, MemoryError, SimRam};
-pub use workload::{Advance, Fault, Stamp, WorkingSet, Workload, WorkloadError, fill};
+pub use workload::{Advance, Burst, Fault, Stamp, WorkingSet, Workload, WorkloadError, fill};

@@ -56,6 +56,9 @@ pub enum WorkloadError {
     /// A mark was refused by the dirty log (it does not match the memory's
     /// layout).
     DirtyLog(DirtyLogError),
+    /// A burst with no period, a busy part longer than the period, or no
+    /// writes while busy.
+    BadBurst(Burst),
 }
 
 impl fmt::Display for WorkloadError {
@@ -78,6 +81,11 @@ impl fmt::Display for WorkloadError {
                     "cannot fill {requested} pages of a memory of {total} pages"
                 )
             }
+            WorkloadError::BadBurst(b) => write!(
+                f,
+                "burst of {} ns at {} pages/s every {} ns is not a burst",
+                b.busy_ns, b.busy_rate_pages_per_sec, b.period_ns
+            ),
             WorkloadError::Memory(e) => write!(f, "workload write: {e}"),
             WorkloadError::DirtyLog(e) => write!(f, "workload dirty-log mark: {e}"),
         }
@@ -148,6 +156,20 @@ impl Stamp {
 /// Nanoseconds per simulated second.
 const NS_PER_SEC: u128 = 1_000_000_000;
 
+/// A guest that writes in bursts: for the first `busy_ns` of every
+/// `period_ns` of its running time it writes at `busy_rate_pages_per_sec`,
+/// for the rest at the workload's base rate. A switchover rule that judges
+/// passes sees remainders jump from pass to pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Burst {
+    /// Length of one busy-then-quiet cycle (at least 1).
+    pub period_ns: u64,
+    /// Busy part of each cycle (at most the period).
+    pub busy_ns: u64,
+    /// Writes per second while busy (at least 1).
+    pub busy_rate_pages_per_sec: u64,
+}
+
 /// A guest write that could not happen because its page is not present
 /// yet: a postcopy page fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -189,6 +211,7 @@ pub struct Workload {
     /// A page chosen for the next write that faulted: retried first.
     blocked_on: Option<u64>,
     page_size: usize,
+    burst: Option<Burst>,
 }
 
 impl Workload {
@@ -220,6 +243,22 @@ impl Workload {
             ran_ns: 0,
             blocked_on: None,
             page_size: spec.page_size,
+            burst: None,
+        })
+    }
+
+    /// The same workload writing in bursts (see [`Burst`]). Fails if the
+    /// burst has no period, a busy part longer than it, or no busy rate.
+    pub fn with_burst(self, burst: Burst) -> Result<Self, WorkloadError> {
+        if burst.period_ns == 0
+            || burst.busy_ns > burst.period_ns
+            || burst.busy_rate_pages_per_sec == 0
+        {
+            return Err(WorkloadError::BadBurst(burst));
+        }
+        Ok(Workload {
+            burst: Some(burst),
+            ..self
         })
     }
 
@@ -238,18 +277,58 @@ impl Workload {
         self.writes
     }
 
-    /// Writes due after running `t_ns`: `floor(rate * t)`, clamped (the
-    /// product fits u128; only a 585-year run at 2^64 pages/s would clamp).
+    /// Writes due after running `t_ns`: `floor(rate * t)` (with bursts,
+    /// the integral of the rate over `t`), clamped (the products fit u128;
+    /// only a 585-year run at 2^64 pages/s would clamp).
     fn due(&self, t_ns: u64) -> u64 {
-        let n = u128::from(self.rate_pages_per_sec) * u128::from(t_ns) / NS_PER_SEC;
+        let n = self.page_ns(t_ns) / NS_PER_SEC;
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 
-    /// Running time at which write number `k` (from 1) is due:
-    /// `ceil(k / rate)`, the first time at which [`due`](Self::due) reaches
-    /// `k`. Only called for writes that are due, so `rate > 0`.
+    /// Pages times nanoseconds written in the first `t_ns` of running
+    /// time: the rate's integral, in units of 1e-9 pages.
+    fn page_ns(&self, t_ns: u64) -> u128 {
+        let rate = u128::from(self.rate_pages_per_sec);
+        let Some(b) = self.burst else {
+            return rate * u128::from(t_ns);
+        };
+        let busy_rate = u128::from(b.busy_rate_pages_per_sec);
+        let (busy, quiet) = (u128::from(b.busy_ns), u128::from(b.period_ns - b.busy_ns));
+        let (cycles, rest) = (
+            u128::from(t_ns / b.period_ns),
+            u128::from(t_ns % b.period_ns),
+        );
+        cycles * (busy_rate * busy + rate * quiet)
+            + busy_rate * rest.min(busy)
+            + rate * rest.saturating_sub(busy)
+    }
+
+    /// Running time at which write number `k` (from 1) is due: the first
+    /// time at which [`due`](Self::due) reaches `k` (`ceil(k / rate)`
+    /// without bursts). Only called for writes that are due, so the rate
+    /// is not zero everywhere.
     fn due_at(&self, k: u64) -> u64 {
-        let t = (u128::from(k) * NS_PER_SEC).div_ceil(u128::from(self.rate_pages_per_sec.max(1)));
+        let target = u128::from(k) * NS_PER_SEC;
+        let rate = u128::from(self.rate_pages_per_sec);
+        let t = match self.burst {
+            None => target.div_ceil(rate.max(1)),
+            Some(b) => {
+                let busy_rate = u128::from(b.busy_rate_pages_per_sec);
+                let busy = u128::from(b.busy_ns);
+                let period = u128::from(b.period_ns);
+                let per_cycle = busy_rate * busy + rate * (period - busy);
+                // Whole cycles before the one in which the write falls,
+                // then the time into that one.
+                let cycles = (target - 1) / per_cycle.max(1);
+                let left = target - cycles * per_cycle;
+                let into = if left <= busy_rate * busy {
+                    left.div_ceil(busy_rate)
+                } else {
+                    busy + (left - busy_rate * busy).div_ceil(rate.max(1))
+                };
+                cycles * period + into
+            }
+        };
         u64::try_from(t).unwrap_or(u64::MAX)
     }
 
@@ -441,6 +520,48 @@ mod tests {
         first_page: 100,
         pages: 50,
     };
+
+    #[test]
+    fn a_burst_writes_fast_then_slow_and_each_write_is_due_when_counted() {
+        let (ram, _) = world(1000);
+        let burst = Burst {
+            period_ns: 100_000_000,
+            busy_ns: 20_000_000,
+            busy_rate_pages_per_sec: 10_000,
+        };
+        let w = Workload::new(&ram, SET, 100, 1)
+            .unwrap()
+            .with_burst(burst)
+            .unwrap();
+        // 200 writes in the busy 20 ms, 8 in the quiet 80 ms.
+        assert_eq!(w.due(20_000_000), 200);
+        assert_eq!(w.due(100_000_000), 208);
+        assert_eq!(w.due(120_000_000), 408);
+        for k in 1..1000 {
+            let t = w.due_at(k);
+            assert!(w.due(t) >= k && w.due(t - 1) < k, "write {k} at {t} ns");
+        }
+        for bad in [
+            Burst {
+                period_ns: 0,
+                ..burst
+            },
+            Burst {
+                busy_ns: burst.period_ns + 1,
+                ..burst
+            },
+            Burst {
+                busy_rate_pages_per_sec: 0,
+                ..burst
+            },
+        ] {
+            let e = Workload::new(&ram, SET, 100, 1)
+                .unwrap()
+                .with_burst(bad)
+                .unwrap_err();
+            assert_eq!(e, WorkloadError::BadBurst(bad));
+        }
+    }
 
     #[test]
     fn long_run_rate_is_exact_whatever_the_intervals() {

@@ -20,6 +20,7 @@ fn scenario(return_path: bool) -> Scenario {
         },
         rate_pages_per_sec: 2_000,
         seed: 9,
+        burst: None,
     });
     if return_path {
         s.config.capabilities |= Capabilities::RETURN_PATH;

@@ -28,6 +28,7 @@ pub fn dirtying(ws_mib: u64, rate: u64, seed: u64) -> GuestSpec {
         },
         rate_pages_per_sec: rate,
         seed,
+        burst: None,
     }
 }
 

@@ -26,6 +26,7 @@ fn scenario(shift: u8, seed: u64) -> Scenario {
         },
         rate_pages_per_sec: 40_000,
         seed,
+        burst: None,
     });
     s.forward = livemig_tests::link(300_000_000);
     // A protocol bug shows up as a never-converging guest: bound the run.

@@ -12,6 +12,7 @@
 use core::fmt;
 
 use super::DestError;
+use crate::digest::DigestKey;
 use crate::wire::{DeviceState, PageRange};
 
 /// What the VMM does with what arrives. Page ranges handed to it have been
@@ -46,6 +47,67 @@ pub trait DestinationHost {
     fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = Self::Error>> {
         None
     }
+
+    /// The multifd half of this host, if it has one. A host without it
+    /// keeps the default, and the engine refuses a source that announces
+    /// channels with [`DestError::MultifdUnsupported`] before any page.
+    fn channels(&mut self) -> Option<&mut dyn ChannelsHost<Error = Self::Error>> {
+        None
+    }
+}
+
+/// What the channels placed between two syncs, for the statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelTotals {
+    /// Normal pages placed.
+    pub normal: u64,
+    /// Bytes of the normal pages.
+    pub normal_bytes: u64,
+    /// Zero pages.
+    pub zero: u64,
+    /// Bytes read from the channels (hellos, headers, entries, pages).
+    pub bytes: u64,
+}
+
+/// What a destination that takes multifd channels also does. The channels
+/// are the host's: it reads them (on threads of its own, straight into
+/// guest memory), checking each hello and packet with
+/// [`ChannelReceiver`](crate::wire::ChannelReceiver) and each packet's
+/// pages with [`check_channel_pages`](super::check_channel_pages); the
+/// engine only orders them against the main stream.
+pub trait ChannelsHost {
+    /// The VMM's own failure (the same type as its
+    /// [`DestinationHost::Error`]).
+    type Error: fmt::Debug + fmt::Display;
+
+    /// The source announced `channels` channels whose hellos carry
+    /// `migration_id`: accept them (with a deadline) and start receiving.
+    /// With `key` (the source verifies the migration), the receivers book
+    /// each page they place under it: see
+    /// [`take_channel_digest`](Self::take_channel_digest).
+    fn open_channels(
+        &mut self,
+        channels: u16,
+        migration_id: u64,
+        key: Option<DigestKey>,
+    ) -> Result<(), Self::Error>;
+
+    /// The main stream reached the flush of `generation`: wait (with a
+    /// deadline) until every channel has read its SYNC of `generation`
+    /// and placed every page before it, then release the channels into
+    /// the next generation. Returns what they placed since the last sync.
+    /// A channel that failed, closed or fell silent is an error.
+    fn sync_channels(&mut self, generation: u32) -> Result<ChannelTotals, Self::Error>;
+
+    /// After a sync, with a key given to [`open_channels`](Self::open_channels):
+    /// how much the pages the channels placed in block `block` since the
+    /// last call changed the block's digest (the wrapping sum of each
+    /// placed page's new term minus the term it replaced). The receivers
+    /// keep each page's term themselves, one slot per page shared by all
+    /// of them (a page travels on one channel per generation, and the sync
+    /// orders generations); the engine adds the change to its books
+    /// ([`DigestBooks::add_elsewhere`](crate::digest::DigestBooks::add_elsewhere)).
+    fn take_channel_digest(&mut self, block: u16) -> u64;
 }
 
 /// What a destination that takes postcopy also does.
@@ -96,6 +158,10 @@ pub enum HostOp {
     PostcopyListen,
     /// [`PostcopyHost::postcopy_run`].
     PostcopyRun,
+    /// [`ChannelsHost::open_channels`].
+    OpenChannels,
+    /// [`ChannelsHost::sync_channels`].
+    SyncChannels,
 }
 
 impl fmt::Display for HostOp {
@@ -108,6 +174,8 @@ impl fmt::Display for HostOp {
             HostOp::Discard => "discarding pages",
             HostOp::PostcopyListen => "entering postcopy",
             HostOp::PostcopyRun => "starting the guest",
+            HostOp::OpenChannels => "opening the multifd channels",
+            HostOp::SyncChannels => "syncing the multifd channels",
         })
     }
 }

@@ -45,7 +45,7 @@ mod host;
 mod postcopy;
 
 pub use faults::{FaultBooks, FaultBooksError, MAX_WAITERS, MAX_WAITS};
-pub use host::{DestinationHost, HandleError, HostOp, PostcopyHost};
+pub use host::{ChannelTotals, ChannelsHost, DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
 
 use crate::digest::{DigestBooks, DigestKey, Verification};
@@ -55,8 +55,8 @@ use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{
-    BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PageBatch, PageKind,
-    PageRange, Record, StreamDecoder,
+    BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PacketEntries, PacketHeader,
+    PacketKind, PageBatch, PageKind, PageRange, Record, StreamDecoder,
 };
 use host::by_host;
 
@@ -282,6 +282,23 @@ pub enum DestError {
     /// [`DestinationEngine::verify_with`] was given books that are not one
     /// per block of the layout, each of the block's page count.
     DigestBooksMismatch,
+    /// The source announced multifd channels and this destination's host
+    /// has none ([`DestinationHost::channels`]).
+    MultifdUnsupported,
+    /// A multifd command out of place (a second setup, a flush without
+    /// channels).
+    MultifdUnexpected(&'static str),
+    /// A multifd channel failed: a malformed or out-of-sequence packet, a
+    /// page outside guest RAM, an error, a close or a timeout on its
+    /// connection ([`DestinationEngine::handle_channel_failure`]).
+    ChannelFailed,
+    /// A multifd flush of another generation than the next one.
+    FlushOutOfOrder {
+        /// The generation due.
+        expected: u32,
+        /// The generation received.
+        found: u32,
+    },
 }
 
 impl fmt::Display for DestError {
@@ -429,6 +446,16 @@ impl fmt::Display for DestError {
                 f,
                 "the digest books are not one per RAM block with a word per page"
             ),
+            DestError::MultifdUnsupported => write!(
+                f,
+                "the source sends pages on multifd channels and this destination takes none"
+            ),
+            DestError::MultifdUnexpected(what) => write!(f, "unexpected multifd {what}"),
+            DestError::ChannelFailed => f.write_str("a multifd channel failed"),
+            DestError::FlushOutOfOrder { expected, found } => write!(
+                f,
+                "multifd flush of generation {found} where generation {expected} was due"
+            ),
         }
     }
 }
@@ -480,7 +507,15 @@ struct Loader<'a> {
     books: Option<&'a mut [DigestBooks<'a>]>,
     /// The source's digest key, once it has sent one.
     key: Option<DigestKey>,
+    /// With multifd: the channel count and the next generation to flush.
+    channels: Option<Channels>,
     stats: MigrationStats,
+}
+
+/// The multifd channels the source announced.
+#[derive(Clone, Copy, Debug)]
+struct Channels {
+    next_generation: u32,
 }
 
 /// What the end of one input brings about, decided once all of it has
@@ -531,6 +566,7 @@ impl<'a> DestinationEngine<'a> {
                 loaded_announced: false,
                 books: None,
                 key: None,
+                channels: None,
                 stats,
             },
         }
@@ -830,6 +866,21 @@ impl<'a> DestinationEngine<'a> {
         }
     }
 
+    /// A multifd channel failed (its receiver's own check, or its
+    /// connection); `reason` becomes the error description. Before LOADED
+    /// the failure is clean: the source hears SHUT(1) and resumes its
+    /// guest. Once the migration has completed or failed it changes
+    /// nothing.
+    pub fn handle_channel_failure(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
+        if matches!(
+            self.loader.status,
+            MigrationStatus::Completed | MigrationStatus::Failed
+        ) {
+            return;
+        }
+        self.loader.fail_with(now, DestError::ChannelFailed, reason);
+    }
+
     /// The source closed the connection. After LOADED and before COMMIT
     /// that is [`DestError::CommitNotReceived`], an ambiguous end.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
@@ -1116,8 +1167,63 @@ impl Loader<'_> {
                 if self.key.is_some() || self.stats.ram.normal + self.stats.ram.duplicate > 0 {
                     return Err(DestError::DigestOutOfOrder("a digest key after pages").into());
                 }
+                if self.channels.is_some() {
+                    return Err(DestError::DigestOutOfOrder(
+                        "a digest key after the multifd setup",
+                    )
+                    .into());
+                }
                 self.key = Some(DigestKey::new(seed));
                 self.stats.verification = Verification::Pending;
+            }
+            Command::MultifdSetup {
+                channels,
+                migration_id,
+            } => {
+                if self.channels.is_some() || self.blocks_received {
+                    return Err(DestError::MultifdUnexpected("setup").into());
+                }
+                let host = host.channels().ok_or(DestError::MultifdUnsupported)?;
+                by_host(
+                    HostOp::OpenChannels,
+                    host.open_channels(channels, migration_id, self.key),
+                )?;
+                self.channels = Some(Channels { next_generation: 0 });
+            }
+            Command::MultifdFlush { generation } => {
+                let Some(ch) = self.channels else {
+                    return Err(DestError::MultifdUnexpected("flush without channels").into());
+                };
+                if generation != ch.next_generation {
+                    return Err(DestError::FlushOutOfOrder {
+                        expected: ch.next_generation,
+                        found: generation,
+                    }
+                    .into());
+                }
+                let host = host.channels().ok_or(DestError::MultifdUnsupported)?;
+                let totals = host
+                    .sync_channels(generation)
+                    .map_err(|error| HandleError::Host {
+                        op: HostOp::SyncChannels,
+                        error,
+                    })?;
+                self.channels = Some(Channels {
+                    next_generation: generation.wrapping_add(1),
+                });
+                if self.key.is_some() {
+                    if let Some(books) = self.books.as_deref_mut() {
+                        for (block, b) in books.iter_mut().enumerate() {
+                            b.add_elsewhere(host.take_channel_digest(block as u16));
+                        }
+                    }
+                }
+                let ram = &mut self.stats.ram;
+                ram.normal += totals.normal;
+                ram.duplicate += totals.zero;
+                ram.normal_bytes += totals.normal_bytes;
+                ram.transferred += totals.bytes;
+                ram.multifd_bytes += totals.bytes;
             }
             // Taken by `apply`, which knows whether the stream has ended.
             Command::Commit => return Err(DestError::UnexpectedCommand("commit").into()),
@@ -1399,3 +1505,43 @@ fn check_layout(layout: &[BlockInfo<'_>], list: &BlockList<'_>) -> Result<(), De
 
 #[cfg(test)]
 mod tests;
+
+/// Checks a multifd packet's pages against the destination's RAM layout,
+/// before a byte of them is read into guest memory: the block exists, its
+/// page size is the packet's, every page lies inside it. A sync packet has
+/// no pages and passes.
+pub fn check_channel_pages(
+    layout: &[BlockInfo<'_>],
+    header: &PacketHeader,
+    entries: &PacketEntries<'_>,
+) -> Result<(), DestError> {
+    let PacketKind::Pages {
+        block, page_shift, ..
+    } = header.kind
+    else {
+        return Ok(());
+    };
+    let info = layout
+        .get(usize::from(block))
+        .ok_or(DestError::NoSuchBlock {
+            block,
+            blocks: layout.len(),
+        })?;
+    let page_size = 1u64 << page_shift;
+    if page_size != u64::from(info.page_size) {
+        return Err(DestError::PageSizeMismatch {
+            index: usize::from(block),
+            source: page_size,
+            destination: u64::from(info.page_size),
+        });
+    }
+    let pages = info.length / page_size;
+    match entries.iter().find(|e| e.index >= pages) {
+        Some(e) => Err(DestError::PageOutOfBlock {
+            block,
+            page: e.index,
+            pages,
+        }),
+        None => Ok(()),
+    }
+}

@@ -2,13 +2,17 @@
 //! bandwidth it comes from, the bytes still queued and the fixed cost of a
 //! stop, progress between passes, the send-queue drain wait, the dirty
 //! rate, auto-converge's throttle) and the decision itself: stop, switch
-//! to postcopy, give up, or go on.
+//! to postcopy, give up, or go on. Which of the stops that fit the limit
+//! is taken is the [`SwitchoverPolicy`]'s choice (see
+//! [`shortest_stop`](super::shortest_stop)).
 
 use core::fmt;
 use core::time::Duration;
 
+use super::shortest_stop::{SWITCH_AT_ONCE, ShortestStop};
 use super::{ConvergenceLimit, EndReason, SLICE, SourceEngine, Step};
 use crate::capabilities::Capabilities;
+use crate::config::SwitchoverPolicy;
 use crate::time::Instant;
 
 /// The source's convergence bookkeeping.
@@ -41,6 +45,14 @@ pub(super) struct Convergence {
     pub dirty_period_pages: u64,
     /// Pages newly dirtied by the sync in progress.
     pub newly_dirty_this_sync: u64,
+    /// When the last dirty-log sync ended: the guest dirtied this sync's
+    /// new pages since.
+    pub synced_at: Instant,
+    /// Bytes per millisecond the guest newly dirtied between the last two
+    /// syncs while it ran (`None` before the first iteration sync).
+    pub dirty_bytes_per_ms: Option<f64>,
+    /// The shortest-stop rule's memory of the passes that fit the limit.
+    pub shortest_stop: ShortestStop,
 }
 
 impl Convergence {
@@ -57,6 +69,9 @@ impl Convergence {
             dirty_period_start: Instant::ZERO,
             dirty_period_pages: 0,
             newly_dirty_this_sync: 0,
+            synced_at: Instant::ZERO,
+            dirty_bytes_per_ms: None,
+            shortest_stop: ShortestStop::new(),
         }
     }
 }
@@ -122,10 +137,99 @@ impl SourceEngine<'_> {
         bytes == 0 || bytes < self.convergence.threshold_bytes
     }
 
+    /// Bytes the switchover sends within [`SWITCH_AT_ONCE`] (zero while no
+    /// bandwidth is measured).
+    fn short_stop_bytes(&self) -> u64 {
+        (self.switchover_bytes_per_ms() * SWITCH_AT_ONCE.as_secs_f64() * 1e3) as u64
+    }
+
+    /// Whether `bytes` still to send take less than [`SWITCH_AT_ONCE`].
+    fn sends_at_once(&self, bytes: u64) -> bool {
+        bytes == 0 || bytes < self.short_stop_bytes()
+    }
+
+    /// Whether a sync now may end in a stop, so that one is worth asking
+    /// for before the pass ends: under QEMU's rule whenever the stop fits;
+    /// under the shortest-stop rule only when it is already as short as
+    /// it gets, when it may be the last that fits (or no sync has measured
+    /// the dirty rate yet, so a first one finds out), or when a bound
+    /// forces the first stop that fits.
+    pub(super) fn switchover_sync_due(&self) -> bool {
+        self.fits_downtime()
+            && match self.config.switchover {
+                SwitchoverPolicy::FitsLimit => true,
+                SwitchoverPolicy::ShortestStop => {
+                    self.sends_at_once(self.pending_bytes())
+                        || self.next_pass_fits() != Some(true)
+                        || self.convergence.shortest_stop.exhausted()
+                        || self.iteration_limit_exceeded()
+                        || self.time_limit_exceeded()
+                }
+            }
+    }
+
+    /// At an iteration sync: the rate at which the guest dirtied new
+    /// pages since the last sync ended (an interval too short to time
+    /// keeps the last rate).
+    pub(super) fn measure_dirty_rate(&mut self) {
+        let elapsed_ms = (self.now - self.convergence.synced_at).as_secs_f64() * 1e3;
+        if elapsed_ms > 0.0 {
+            let dirtied = self
+                .convergence
+                .newly_dirty_this_sync
+                .saturating_mul(self.stats.ram.page_size);
+            self.convergence.dirty_bytes_per_ms = Some(dirtied as f64 / elapsed_ms);
+        }
+    }
+
+    /// Whether the stop is expected to still fit after one more pass
+    /// (`None` while the dirty rate or the bandwidth is unknown): the guest
+    /// dirtying at the last measured rate for as long as the pending bytes
+    /// take to send, the send queue as it is now. The extrapolation is
+    /// linear, so it overestimates a guest that rewrites the same pages:
+    /// when wrong, it errs towards taking the stop that fits.
+    fn next_pass_fits(&self) -> Option<bool> {
+        let dirty_per_ms = self.convergence.dirty_bytes_per_ms?;
+        let bytes_per_ms = self.switchover_bytes_per_ms();
+        if bytes_per_ms <= 0.0 {
+            return None;
+        }
+        let pass_ms = self.pending_bytes() as f64 / bytes_per_ms;
+        let predicted = (dirty_per_ms * pass_ms) as u64;
+        Some(self.below_threshold(predicted.saturating_add(self.convergence.unsent_bytes)))
+    }
+
+    /// At a sync whose stop fits the limit: whether the policy takes it.
+    fn policy_takes_stop(&mut self) -> bool {
+        match self.config.switchover {
+            SwitchoverPolicy::FitsLimit => true,
+            SwitchoverPolicy::ShortestStop => {
+                // Nothing to gain, or the last stop that fits for all we
+                // know: a guest whose dirtying outgrows the limit during
+                // the next pass may never fit again.
+                if self.sends_at_once(self.pending_bytes()) || self.next_pass_fits() != Some(true) {
+                    return true;
+                }
+                let Some(stop) = self.expected_stop() else {
+                    return true;
+                };
+                let stop_us = u64::try_from(stop.as_micros()).unwrap_or(u64::MAX);
+                let take = self
+                    .convergence
+                    .shortest_stop
+                    .judge(self.stats.iterations, stop_us);
+                // A queue worth draining first is drained (see
+                // `drain_deadline`) rather than waited for with the guest
+                // stopped.
+                take && (self.convergence.shortest_stop.exhausted() || !self.queue_drain_pays())
+            }
+        }
+    }
+
     /// The stop a switchover now would take: the fixed cost plus the
-    /// pending bytes at the measured bandwidth, in milliseconds (`None`
-    /// while there is data to send and no bandwidth measured yet).
-    pub(super) fn estimated_stop_ms(&self) -> Option<u64> {
+    /// pending bytes at the measured bandwidth (`None` while there is data
+    /// to send and no bandwidth measured yet).
+    pub(super) fn expected_stop(&self) -> Option<Duration> {
         let bytes_per_ms = self.switchover_bytes_per_ms();
         let pending = self.pending_bytes();
         let transfer_ms = if pending == 0 {
@@ -135,7 +239,12 @@ impl SourceEngine<'_> {
         } else {
             return None;
         };
-        Some((self.convergence.stop_cost.as_secs_f64() * 1e3 + transfer_ms) as u64)
+        Some(self.convergence.stop_cost + Duration::from_nanos((transfer_ms * 1e6) as u64))
+    }
+
+    /// [`expected_stop`](Self::expected_stop) in whole milliseconds.
+    pub(super) fn estimated_stop_ms(&self) -> Option<u64> {
+        self.expected_stop().map(|d| d.as_millis() as u64)
     }
 
     /// Judges the pass that just ended: did it shrink the pending bytes
@@ -222,10 +331,16 @@ impl SourceEngine<'_> {
         if let Some(ms) = self.estimated_stop_ms() {
             self.stats.expected_downtime_ms = ms;
         }
-        let converged = self.fits_downtime();
-        // Passes that only wait for the destination's switchover-ack are
-        // not judged: the data already fits.
-        let stalled = !converged && self.stalled();
+        let fits = self.fits_downtime();
+        // A limit about to end the migration takes any stop that fits.
+        let converged = fits
+            && (self.iteration_limit_exceeded()
+                || self.time_limit_exceeded()
+                || self.policy_takes_stop());
+        // Passes that fit the limit (iterating to shorten the stop, or
+        // waiting for the destination's switchover-ack) are not judged by
+        // the no-progress rule: the data already fits.
+        let stalled = !fits && self.stalled();
         let acked = self.end.switchover_acked
             || !self
                 .config
@@ -250,31 +365,61 @@ impl SourceEngine<'_> {
     }
 
     /// When only the send queue keeps the stop over the limit (the dirty
-    /// pages alone fit, or there are none), the time it takes the link to
-    /// drain the excess at the measured bandwidth, at most one slice (a
-    /// tenth of one while no bandwidth is measured): resending pages now
-    /// would only lengthen the queue, and passes with nothing to send would
-    /// spin.
+    /// pages alone fit, or there are none), or, under the shortest-stop
+    /// rule, when the queue is what makes the stop long (see
+    /// [`queue_drain_pays`](Self::queue_drain_pays)): the time it takes the
+    /// link to drain the excess at the measured bandwidth, at most one
+    /// slice (a tenth of one while no bandwidth is measured). Resending
+    /// pages now would only lengthen the queue, and passes with nothing to
+    /// send would spin.
     pub(super) fn drain_deadline(&self) -> Option<Instant> {
         let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
-        if self.convergence.unsent_bytes == 0
-            || !self.below_threshold(self.scan.remaining_bytes)
-            || self.convergence.stop_cost > limit
-        {
+        if self.convergence.unsent_bytes == 0 || self.convergence.stop_cost > limit {
             return None;
         }
+        let excess = if self.queue_drain_pays() {
+            self.convergence.unsent_bytes - self.queue_target()
+        } else if self.below_threshold(self.scan.remaining_bytes)
+            && (self.config.switchover == SwitchoverPolicy::FitsLimit || !self.fits_downtime())
+        {
+            self.pending_bytes()
+                .saturating_sub(self.convergence.threshold_bytes)
+                + 1
+        } else {
+            return None;
+        };
         let bytes_per_ms = self.convergence.bandwidth_bytes_per_ms;
         let wait = if bytes_per_ms > 0.0 {
-            let excess = self
-                .pending_bytes()
-                .saturating_sub(self.convergence.threshold_bytes)
-                + 1;
             let ms = (excess as f64 / bytes_per_ms).min(SLICE.as_secs_f64() * 1e3);
             Duration::from_nanos((ms * 1e6) as u64)
         } else {
             SLICE / 10
         };
         Some(self.now + wait)
+    }
+
+    /// The queue the shortest-stop rule lets a stop wait for: as much as
+    /// the dirty pages, or what goes at once.
+    fn queue_target(&self) -> u64 {
+        self.scan.remaining_bytes.max(self.short_stop_bytes())
+    }
+
+    /// Under the shortest-stop rule, whether waiting for the send queue to
+    /// drain shortens a stop that fits: the queue is longer than the dirty
+    /// pages (and than what goes at once), and the guest dirties memory
+    /// slower than the link drains it. Waiting out `q` queued bytes over
+    /// `r` dirty ones trades a stop of `r + q` for about `2r` plus what the
+    /// guest dirties meanwhile, less whenever its rate is under the link's.
+    /// (A stop that does not fit is left to QEMU's drain rule, so that the
+    /// policy changes nothing about which migrations converge.)
+    fn queue_drain_pays(&self) -> bool {
+        self.config.switchover == SwitchoverPolicy::ShortestStop
+            && self.fits_downtime()
+            && self.convergence.unsent_bytes > self.queue_target()
+            && self
+                .convergence
+                .dirty_bytes_per_ms
+                .is_some_and(|dirty| dirty < self.convergence.bandwidth_bytes_per_ms)
     }
 
     pub(super) fn iteration_limit_exceeded(&self) -> bool {

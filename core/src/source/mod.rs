@@ -28,11 +28,17 @@
 //!
 //! # Convergence
 //!
-//! The guest is stopped when the estimated stop fits the downtime limit:
+//! The guest may be stopped when the estimated stop fits the downtime
+//! limit:
 //!
 //! ```text
 //! stop cost + (dirty bytes + unsent bytes) / measured bandwidth <= downtime-limit
 //! ```
+//!
+//! Which of those stops is taken is the
+//! [`SwitchoverPolicy`](crate::config::SwitchoverPolicy)'s choice: by
+//! default the shortest the dirty rate allows ([`shortest_stop`]), or
+//! QEMU's first one.
 //!
 //! A limit that cannot be met never stretches the stop: precopy iterates
 //! on, and fails with "did not converge" (the guest running on the source)
@@ -68,11 +74,13 @@
 //! stream is written and keeps its guest stopped (see
 //! `docs/architecture.md` for that window).
 
+mod channels;
 mod convergence;
 mod end;
 mod postcopy;
 mod rate;
 mod scan;
+pub mod shortest_stop;
 mod tracking;
 mod verify;
 
@@ -94,6 +102,7 @@ pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming,
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
+use channels::Channels;
 use convergence::{Convergence, Throttle};
 use end::Handshake;
 use postcopy::Postcopy;
@@ -180,6 +189,27 @@ pub enum SourceAction<'e> {
     /// each one page of block `block`), straight from guest memory.
     SendPages {
         /// Record header, batch header and page entries.
+        header: &'e [u8],
+        /// Index of the block in the block list.
+        block: u16,
+        /// Pages whose data follows the header, in order.
+        pages: &'e [u64],
+    },
+    /// Multifd: write these bytes to channel `channel` (its hello, or a
+    /// SYNC packet).
+    SendChannel {
+        /// The channel, `< multifd-channels`.
+        channel: u16,
+        /// Encoded hello or packet.
+        bytes: &'e [u8],
+    },
+    /// Multifd: write `header` (packet header and entries) to channel
+    /// `channel`, then the contents of each page in `pages` (in order, each
+    /// one page of block `block`), straight from guest memory.
+    SendChannelPages {
+        /// The channel, `< multifd-channels`.
+        channel: u16,
+        /// Packet header and entries.
         header: &'e [u8],
         /// Index of the block in the block list.
         block: u16,
@@ -287,6 +317,8 @@ pub enum SourceError {
     /// [`SourceEngine::verify_with`] was given books that are not one per
     /// block of the layout, each of the block's page count.
     DigestBooksMismatch,
+    /// The migration id was set after the migration started.
+    MigrationIdAfterStart,
 }
 
 impl fmt::Display for SourceError {
@@ -329,6 +361,12 @@ impl fmt::Display for SourceError {
                 f,
                 "the digest books are not one per RAM block with a word per page"
             ),
+            SourceError::MigrationIdAfterStart => {
+                write!(
+                    f,
+                    "the migration id must be set before the migration starts"
+                )
+            }
             SourceError::PackageTooLarge { len } => write!(
                 f,
                 "{len} bytes of device state do not fit in one package (at most {} bytes)",
@@ -407,6 +445,8 @@ pub struct SourceEngine<'a> {
     meter: RateMeter,
     postcopy: Postcopy,
     end: Handshake,
+    /// With multifd: the channels' sequence.
+    channels: Option<Channels>,
     vcpus_stopped: bool,
     started_at: Instant,
     now: Instant,
@@ -464,6 +504,10 @@ impl<'a> SourceEngine<'a> {
             Capabilities::RETURN_PATH | Capabilities::POSTCOPY_RAM | Capabilities::SWITCHOVER_ACK,
         );
         let meter = RateMeter::new(Instant::ZERO, config.parameters.max_bandwidth);
+        let channels = config
+            .capabilities
+            .contains(Capabilities::MULTIFD)
+            .then(|| Channels::new(u16::from(config.parameters.multifd_channels), 0));
         Ok(SourceEngine {
             config,
             layout,
@@ -477,6 +521,7 @@ impl<'a> SourceEngine<'a> {
             meter,
             postcopy: Postcopy::new(),
             end: Handshake::new(return_path),
+            channels,
             vcpus_stopped: false,
             started_at: Instant::ZERO,
             now: Instant::ZERO,
@@ -540,6 +585,20 @@ impl<'a> SourceEngine<'a> {
         self.step == Step::Done
     }
 
+    /// Sets the id that the multifd channels' hellos carry (0 unless set),
+    /// so that the destination refuses a connection of another migration
+    /// as a channel. Call it before [`start`](Self::start), with a value
+    /// unlikely to repeat (random, or the time and process id).
+    pub fn set_migration_id(&mut self, id: u64) -> Result<(), SourceError> {
+        if self.step != Step::NotStarted {
+            return Err(SourceError::MigrationIdAfterStart);
+        }
+        if let Some(ch) = self.channels.as_mut() {
+            *ch = Channels::new(ch.count(), id);
+        }
+        Ok(())
+    }
+
     /// Begins the migration (none -> setup).
     pub fn start(&mut self, now: Instant) -> Result<(), SourceError> {
         if self.step != Step::NotStarted {
@@ -548,6 +607,7 @@ impl<'a> SourceEngine<'a> {
         self.started_at = now;
         self.now = now;
         self.convergence.dirty_period_start = now;
+        self.convergence.synced_at = now;
         self.meter.begin(now);
         self.set_status(MigrationStatus::Setup);
         self.step = Step::SendPreamble;
@@ -598,6 +658,7 @@ impl<'a> SourceEngine<'a> {
                 self.step = Step::Iterate;
             }
             SyncKind::Iteration => {
+                self.measure_dirty_rate();
                 self.auto_converge();
                 self.decide();
             }
@@ -617,11 +678,17 @@ impl<'a> SourceEngine<'a> {
                 };
                 self.meter.set_limit(switchover);
                 // The convergence check may have stopped the guest in the
-                // middle of a pass: the last pass starts from the beginning.
+                // middle of a pass: the last pass starts from the beginning,
+                // after a multifd sync (a page of the interrupted pass must
+                // land before its copy from the last one).
                 self.scan.rewind();
+                if let Some(ch) = self.channels.as_mut() {
+                    ch.request_sync();
+                }
                 self.step = Step::Drain;
             }
         }
+        self.convergence.synced_at = self.now;
         self.refresh_stats();
         Ok(())
     }
@@ -875,7 +942,9 @@ impl<'a> SourceEngine<'a> {
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
         self.book_sent(ram);
-        if self.step == Step::Iterate && self.time_limit_exceeded() {
+        // A stop that fits is still taken at the time limit (the next
+        // sync decides); only one that does not ends the migration here.
+        if self.step == Step::Iterate && self.time_limit_exceeded() && !self.fits_downtime() {
             self.fail_not_converged(ConvergenceLimit::Time);
         }
         if self.awaits_destination() && self.now >= self.confirm_deadline() {
@@ -890,6 +959,17 @@ impl<'a> SourceEngine<'a> {
                 EndReason::Timeout(wait),
                 format_args!("the destination did not {wait} within {ms} ms"),
             );
+        }
+        let channel_step = matches!(
+            self.step,
+            Step::SaveSetupDevices
+                | Step::Sync(_)
+                | Step::Iterate
+                | Step::Drain
+                | Step::SaveDevices
+        );
+        if channel_step && self.channels.as_ref().is_some_and(Channels::has_pending) {
+            return self.next_channel_message();
         }
         match self.step {
             Step::NotStarted
@@ -1062,12 +1142,16 @@ impl<'a> SourceEngine<'a> {
             // postcopy fails before anything is transferred.
             len += Record::Command(self.postcopy_advise()).encode(&mut self.scratch[len..])?;
         }
-        len += Record::RamBlocks(BlockList::from_slice(self.layout))
-            .encode(&mut self.scratch[len..])?;
+        // The key before the channels: the destination opens them with it.
         if let Some(v) = &self.verify {
             len += Record::Command(Command::DigestKey(v.key.seed()))
                 .encode(&mut self.scratch[len..])?;
         }
+        if let Some(setup) = self.channel_setup() {
+            len += Record::Command(setup).encode(&mut self.scratch[len..])?;
+        }
+        len += Record::RamBlocks(BlockList::from_slice(self.layout))
+            .encode(&mut self.scratch[len..])?;
         Ok(len)
     }
 }
@@ -1082,8 +1166,9 @@ fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
     wire::STREAM_HEADER_LEN
         + Record::Command(Command::OpenReturnPath).encoded_len()
         + Record::Command(advise).encoded_len()
-        + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
         + Record::Command(Command::DigestKey(0)).encoded_len()
+        + channels::setup_len()
+        + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()
 }
 
 #[cfg(test)]

@@ -174,7 +174,7 @@ impl SourceEngine<'_> {
             // The seeds check convergence before every step, not only at the
             // end of a pass: a sync is cheap and an early switchover saves a
             // whole pass.
-            if self.fits_downtime() && self.scan.remaining_bytes > 0 {
+            if self.switchover_sync_due() && self.scan.remaining_bytes > 0 {
                 return Some(self.begin_sync(SyncKind::Iteration));
             }
             if self.postcopy.requested {
@@ -192,7 +192,7 @@ impl SourceEngine<'_> {
                 return Some(self.end_of_pass(live));
             };
             if !self.scan.batch.is_empty() && self.scan.batch.block != self.scan.block {
-                return Some(self.emit_batch(BatchFlags::empty()));
+                return Some(self.emit_pages());
             }
             let Some(page) = t.dirty.find_next_set(self.scan.page) else {
                 self.scan.block += 1;
@@ -221,7 +221,7 @@ impl SourceEngine<'_> {
             self.scan.batch.push(page, zero);
             self.scan.page = page + 1;
             if self.scan.batch.is_full() {
-                return Some(self.emit_batch(BatchFlags::empty()));
+                return Some(self.emit_pages());
             }
         }
     }
@@ -257,9 +257,12 @@ impl SourceEngine<'_> {
 
     pub(super) fn end_of_pass(&mut self, live: bool) -> SourceAction<'_> {
         if !self.scan.batch.is_empty() {
-            return self.emit_batch(BatchFlags::empty());
+            return self.emit_pages();
         }
         self.scan.rewind();
+        if let Some(ch) = self.channels.as_mut() {
+            ch.request_sync();
+        }
         self.stats.iterations += 1;
         self.scan.first_pass_done = true;
         self.step = if live {
@@ -272,6 +275,15 @@ impl SourceEngine<'_> {
         // Mark the iteration boundary on the stream: the destination counts
         // passes, and a reader of a capture sees where each pass ends.
         self.emit_batch(BatchFlags::END_OF_ITERATION)
+    }
+
+    /// The batch being assembled, on a multifd channel or the main stream.
+    fn emit_pages(&mut self) -> SourceAction<'_> {
+        if self.channels.is_some() {
+            self.emit_channel_batch()
+        } else {
+            self.emit_batch(BatchFlags::empty())
+        }
     }
 
     pub(super) fn emit_batch(&mut self, flags: BatchFlags) -> SourceAction<'_> {

@@ -109,6 +109,68 @@ fn commands() {
         Record::Command(Command::SwitchoverStart),
     );
     check("commit", Record::Command(Command::Commit));
+    check(
+        "multifd-setup",
+        Record::Command(Command::MultifdSetup {
+            channels: 2,
+            migration_id: 0x6c69_7665_6d69_6721,
+        }),
+    );
+    check(
+        "multifd-flush",
+        Record::Command(Command::MultifdFlush { generation: 3 }),
+    );
+}
+
+#[test]
+fn multifd_channel() {
+    let hello = ChannelHello {
+        migration_id: 0x6c69_7665_6d69_6721,
+        index: 1,
+        count: 2,
+    };
+    let mut out = [0; 64];
+    let n = hello.encode(&mut out).unwrap();
+    assert_eq!(example("channel-hello"), (out[..n].to_vec(), false));
+    assert_eq!(ChannelHello::decode(&out[..n]), Ok(hello));
+
+    let entries = [
+        PageEntry {
+            index: 5,
+            kind: PageKind::Normal,
+        },
+        PageEntry {
+            index: 6,
+            kind: PageKind::Zero,
+        },
+    ];
+    let pages = PacketHeader {
+        channel: 1,
+        generation: 0,
+        packet: 7,
+        kind: PacketKind::Pages {
+            block: 0,
+            page_shift: 12,
+            count: 2,
+        },
+    };
+    let (head, elided) = example("channel-pages");
+    assert!(elided);
+    let n = pages.encode(&entries, &mut out).unwrap();
+    assert_eq!(head, &out[..n]);
+    assert_eq!(PacketHeader::decode(&head[..PACKET_HEADER_LEN]), Ok(pages));
+    let table = PacketEntries::decode(&pages, &head[PACKET_HEADER_LEN..]).unwrap();
+    assert!(table.iter().eq(entries));
+    assert_eq!(table.data_len(12), 4096);
+
+    let sync = PacketHeader {
+        packet: 8,
+        kind: PacketKind::Sync,
+        ..pages
+    };
+    let n = sync.encode(&[], &mut out).unwrap();
+    assert_eq!(example("channel-sync"), (out[..n].to_vec(), false));
+    assert_eq!(PacketHeader::decode(&out[..n]), Ok(sync));
 }
 
 #[test]

@@ -187,6 +187,16 @@ pub enum DecodeError {
         /// How many extra bytes arrived.
         len: usize,
     },
+    /// A multifd channel index outside the channel count, or a count
+    /// outside 1..=255.
+    BadChannel {
+        /// The index received.
+        index: u16,
+        /// The count received.
+        count: u16,
+    },
+    /// A multifd SYNC packet with pages, a block or a page shift.
+    BadSyncPacket,
     /// The connection closed before EndOfStream.
     UnexpectedEof {
         /// Where the stream was cut.
@@ -259,6 +269,12 @@ impl fmt::Display for DecodeError {
             Self::NestedPackage => f.write_str("a package contains a package"),
             Self::EndOfStreamInPackage => f.write_str("a package contains EndOfStream"),
             Self::TrailingData { what, len } => write!(f, "{len} unexpected bytes {what}"),
+            Self::BadChannel { index, count } => {
+                write!(f, "multifd channel {index} of {count} is out of range")
+            }
+            Self::BadSyncPacket => {
+                f.write_str("multifd sync packet with pages, a block or a page shift")
+            }
             Self::UnexpectedEof { at } => write!(f, "connection closed {at}"),
         }
     }
@@ -334,6 +350,22 @@ pub enum EncodeError {
         /// Page count of the range.
         count: u64,
     },
+    /// A multifd channel index outside the channel count, or a count
+    /// outside 1..=255.
+    BadChannel {
+        /// The channel index.
+        index: u16,
+        /// The channel count.
+        count: u16,
+    },
+    /// A multifd packet whose entries do not match its kind: a pages
+    /// packet needs 1..=1024 entries and `count` of them, a sync none.
+    PacketEntries {
+        /// The count the header announces.
+        count: u32,
+        /// The entries given.
+        entries: usize,
+    },
 }
 
 impl From<IdError> for EncodeError {
@@ -386,6 +418,13 @@ impl fmt::Display for EncodeError {
                     "discard range of {count} pages from {first} is empty or overflows"
                 )
             }
+            Self::BadChannel { index, count } => {
+                write!(f, "multifd channel {index} of {count} is out of range")
+            }
+            Self::PacketEntries { count, entries } => write!(
+                f,
+                "multifd packet announces {count} entries and has {entries}"
+            ),
         }
     }
 }

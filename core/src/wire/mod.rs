@@ -18,6 +18,9 @@
 //! [`encode_page_batch_header`] and [`encode_device_header`] write only the
 //! framing so that pages and device blobs go out from where they already are.
 //!
+//! Multifd channels, the extra connections that carry pages beside the
+//! main stream, have their own hello and packet format (`multifd`).
+//!
 //! The return path (destination to source) is a separate format, in
 //! `crate::return_path`.
 
@@ -28,6 +31,7 @@ mod doc_examples;
 mod error;
 mod header;
 mod id;
+mod multifd;
 mod pages;
 mod record;
 #[cfg(test)]
@@ -37,6 +41,11 @@ pub use decoder::{Decoded, StreamDecoder};
 pub use error::{DecodeError, EncodeError, EofAt, IdError};
 pub use header::{RecordHeader, StreamHeader, encode_stream_header, kind};
 pub use id::{BlockId, DeviceId};
+pub use multifd::{
+    CHANNEL_MAGIC, CHANNEL_VERSION, ChannelHello, ChannelReceiver, HELLO_LEN, MAX_CHANNELS,
+    PACKET_HEADER_LEN, PACKET_MAGIC, PacketEntries, PacketFlags, PacketHeader, PacketKind,
+    SequenceError,
+};
 pub use pages::{
     BATCH_HEADER_LEN, BatchFlags, BatchHeader, MAX_PAGE_SHIFT, MIN_PAGE_SHIFT, PAGE_ENTRY_LEN,
     PageBatch, PageEntry, PageKind, encode_page_batch_header,

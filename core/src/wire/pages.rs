@@ -73,7 +73,7 @@ pub struct PageEntry {
 
 impl PageEntry {
     /// The entry's wire value, or an error if the index does not fit 56 bits.
-    fn to_wire(self) -> Result<u64, EncodeError> {
+    pub(crate) fn to_wire(self) -> Result<u64, EncodeError> {
         if self.index & !ENTRY_INDEX != 0 {
             return Err(EncodeError::PageIndexTooLarge { index: self.index });
         }
@@ -84,7 +84,7 @@ impl PageEntry {
     }
 
     /// Decodes an entry; reserved bits must be clear.
-    fn from_wire(raw: u64) -> Result<Self, DecodeError> {
+    pub(crate) fn from_wire(raw: u64) -> Result<Self, DecodeError> {
         if raw & ENTRY_RESERVED != 0 {
             return Err(DecodeError::ReservedFlags {
                 what: "page entry",
@@ -134,7 +134,7 @@ fn check_shift(page_shift: u8) -> Result<(), EncodeError> {
 }
 
 /// Validates entries for encoding and counts the normal ones.
-fn check_entries(entries: &[PageEntry]) -> Result<usize, EncodeError> {
+pub(crate) fn check_entries(entries: &[PageEntry]) -> Result<usize, EncodeError> {
     if entries.len() > MAX_BATCH_PAGES {
         return Err(EncodeError::TooManyPages {
             count: entries.len(),
@@ -151,7 +151,7 @@ fn check_entries(entries: &[PageEntry]) -> Result<usize, EncodeError> {
 }
 
 /// Bytes of page data that `normal` pages of `1 << page_shift` bytes take.
-fn data_len(normal: usize, page_shift: u8) -> usize {
+pub(crate) fn data_len(normal: usize, page_shift: u8) -> usize {
     // normal <= 1024 and page_shift <= 30, so this stays below 2^41; it
     // saturates on 32-bit targets, where the result is then rejected as too long.
     normal.saturating_mul(

@@ -41,8 +41,13 @@ pub mod command_code {
     pub const SWITCHOVER_START: u16 = 9;
     /// The source has committed to the destination: start the guest there.
     pub const COMMIT: u16 = 10;
+    /// Pages also travel on multifd channels: how many, and the migration
+    /// id their hellos carry.
+    pub const MULTIFD_SETUP: u16 = 11;
+    /// Every multifd channel has ended a sync generation: wait for them.
+    pub const MULTIFD_FLUSH: u16 = 12;
     /// The key of the migration's page digest (the source verifies).
-    pub const DIGEST_KEY: u16 = 11;
+    pub const DIGEST_KEY: u16 = 13;
 }
 
 /// One record of the main stream.
@@ -108,6 +113,22 @@ pub enum Command<'a> {
     /// the destination, which reported the stream loaded, may start it. The
     /// only record allowed after EndOfStream, and the last one.
     Commit,
+    /// Pages also travel on `channels` multifd channels, each its own
+    /// connection opening with a hello that carries `migration_id` (so a
+    /// stray connection is refused). Sent in the preamble.
+    MultifdSetup {
+        /// Number of channels, 1..=255.
+        channels: u16,
+        /// The id every channel's hello carries.
+        migration_id: u64,
+    },
+    /// Every channel has sent the SYNC packet of `generation`: the
+    /// destination applies nothing after this record until every channel
+    /// has reached that SYNC (QEMU's RAM_SAVE_FLAG_MULTIFD_FLUSH).
+    MultifdFlush {
+        /// The sync generation that ends, from 0, one per pass.
+        generation: u32,
+    },
     /// The seed of the migration's [`DigestKey`](crate::digest::DigestKey):
     /// the source books every page it sends and sends its digest before
     /// the end of the stream, which the destination compares before the
@@ -703,6 +724,8 @@ impl<'a> Command<'a> {
             Self::PostcopyResume => POSTCOPY_RESUME,
             Self::SwitchoverStart => SWITCHOVER_START,
             Self::Commit => COMMIT,
+            Self::MultifdSetup { .. } => MULTIFD_SETUP,
+            Self::MultifdFlush { .. } => MULTIFD_FLUSH,
             Self::DigestKey(_) => DIGEST_KEY,
         }
     }
@@ -716,6 +739,8 @@ impl<'a> Command<'a> {
                 block.wire_len() + RANGE_LEN * ranges.len()
             }
             Self::RecvBitmap { block } => block.wire_len(),
+            Self::MultifdSetup { .. } => 10,
+            Self::MultifdFlush { .. } => 4,
             Self::OpenReturnPath
             | Self::PostcopyListen
             | Self::PostcopyRun
@@ -732,8 +757,9 @@ impl<'a> Command<'a> {
         let fixed_len = match code {
             OPEN_RETURN_PATH | POSTCOPY_LISTEN | POSTCOPY_RUN | POSTCOPY_RESUME
             | SWITCHOVER_START | COMMIT => Some(2),
-            PING => Some(6),
+            PING | MULTIFD_FLUSH => Some(6),
             DIGEST_KEY => Some(10),
+            MULTIFD_SETUP => Some(12),
             POSTCOPY_ADVISE => Some(2 + size_of::<AdviseArgs>()),
             POSTCOPY_RAM_DISCARD | RECV_BITMAP => None,
             code => return Err(DecodeError::UnknownCommand { code }),
@@ -782,6 +808,23 @@ impl<'a> Command<'a> {
             POSTCOPY_RESUME => Self::PostcopyResume,
             SWITCHOVER_START => Self::SwitchoverStart,
             COMMIT => Self::Commit,
+            MULTIFD_SETUP => {
+                let channels = r.read::<U16>("MultifdSetup channels")?.get();
+                let migration_id = r.read::<U64>("MultifdSetup migration id")?.get();
+                if channels == 0 || channels > super::MAX_CHANNELS {
+                    return Err(DecodeError::BadChannel {
+                        index: 0,
+                        count: channels,
+                    });
+                }
+                Self::MultifdSetup {
+                    channels,
+                    migration_id,
+                }
+            }
+            MULTIFD_FLUSH => Self::MultifdFlush {
+                generation: r.read::<U32>("MultifdFlush generation")?.get(),
+            },
             DIGEST_KEY => Self::DigestKey(r.read::<U64>("digest key")?.get()),
             code => return Err(DecodeError::UnknownCommand { code }),
         };
@@ -831,6 +874,20 @@ impl<'a> Command<'a> {
                 Ok(())
             }
             Self::RecvBitmap { block } => w.id(block),
+            Self::MultifdSetup {
+                channels,
+                migration_id,
+            } => {
+                if channels == 0 || channels > super::MAX_CHANNELS {
+                    return Err(EncodeError::BadChannel {
+                        index: 0,
+                        count: channels,
+                    });
+                }
+                w.put(&U16::new(channels))?;
+                w.put(&U64::new(migration_id))
+            }
+            Self::MultifdFlush { generation } => w.put(&U32::new(generation)),
             Self::OpenReturnPath
             | Self::PostcopyListen
             | Self::PostcopyRun

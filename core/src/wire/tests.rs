@@ -460,7 +460,7 @@ fn digest_errors() {
     );
     let c = kind::COMMAND;
     assert_eq!(
-        body_error(c, &[0, 11, 0]),
+        body_error(c, &[0, 13, 0]),
         DecodeError::BadLength {
             what: "command body",
             expected: 10,
@@ -478,8 +478,28 @@ fn digest_errors() {
 fn command_errors() {
     let c = kind::COMMAND;
     assert_eq!(
-        body_error(c, &[0, 12]),
-        DecodeError::UnknownCommand { code: 12 }
+        body_error(c, &[0, 14]),
+        DecodeError::UnknownCommand { code: 14 }
+    );
+    // MultifdSetup: a channel count of 0 or above 255, a short body.
+    assert_eq!(
+        body_error(c, &[0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        DecodeError::BadChannel { index: 0, count: 0 }
+    );
+    assert_eq!(
+        body_error(c, &[0, 11, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        DecodeError::BadChannel {
+            index: 0,
+            count: 256
+        }
+    );
+    assert_eq!(
+        body_error(c, &[0, 12, 0, 0, 0]),
+        DecodeError::BadLength {
+            what: "command body",
+            expected: 6,
+            found: 5
+        }
     );
     assert_eq!(
         body_error(c, &[0, 0]),

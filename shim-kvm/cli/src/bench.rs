@@ -804,6 +804,7 @@ pub fn shape(case: BenchCase, opts: &BenchOptions) -> GuestShape {
         dirty_mib: case.dirty_mib,
         dirty_log: DirtyLogMode::ManualProtect,
         vcpus: opts.vcpus,
+        fill: false,
     }
 }
 
@@ -848,6 +849,172 @@ pub fn run_one(
         );
     }
     Ok(run)
+}
+
+/// The multifd case's name (`--case multifd`).
+pub const MULTIFD_CASE: &str = "multifd";
+
+/// One multifd migration of a guest whose RAM is all non-zero pages, and
+/// the raw TCP baseline of as many parallel streams, run back to back.
+#[derive(Debug, Clone)]
+pub struct ChannelRun {
+    /// Channels the migration used.
+    pub channels: u8,
+    /// The migration as `livemig demo` reports it.
+    pub summary: Summary,
+    /// `channels` raw TCP copies side by side, each of its share of the
+    /// migration's page bytes: the slowest one's time.
+    pub raw: RawCopy,
+}
+
+impl ChannelRun {
+    /// Page payload (normal-page bytes) per second of the migration after
+    /// setup, GB/s.
+    pub fn payload_gbps(&self) -> Option<f64> {
+        let s = &self.summary.stats;
+        let ms = s.total_time_ms.saturating_sub(s.setup_time_ms) as f64;
+        (ms > 0.0).then(|| gbps(s.ram.normal_bytes, ms / 1e3))
+    }
+
+    /// This run as one JSON object.
+    pub fn to_json(&self) -> Value {
+        let s = &self.summary.stats;
+        json!({
+            "channels": self.channels,
+            "status": s.status.as_str(),
+            "verified": self.summary.verified,
+            "total-time": s.total_time_ms,
+            "setup-time": s.setup_time_ms,
+            "normal-bytes": s.ram.normal_bytes,
+            "multifd-bytes": s.ram.multifd_bytes,
+            "payload-gbps": self.payload_gbps(),
+            "raw-tcp-streams-gbps": self.raw.gbps(),
+            "error-desc": self.summary.error_desc(),
+        })
+    }
+}
+
+/// `streams` raw TCP copies at once, to a sink child each, of `bytes` in
+/// total: the combined bytes over the slowest copy's time.
+pub fn parallel_raw_copies(streams: u8, bytes: u64, data: &[u8]) -> Result<RawCopy, BenchError> {
+    let share = bytes / u64::from(streams.max(1));
+    let copies = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..streams.max(1))
+            .map(|_| s.spawn(|| raw_tcp_copy(share, data)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BenchError::Protocol("a copy thread panicked".into())))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    Ok(RawCopy {
+        bytes: copies.iter().map(|c| c.bytes).sum(),
+        ns: copies.iter().map(|c| c.ns).max().unwrap_or(0),
+    })
+}
+
+/// The multifd case: a `mem_mib` guest whose RAM is all non-zero pages
+/// (filled before boot, idle, so one pass moves it), migrated over each of
+/// `channel_counts` channels in turn, each followed by the same page bytes
+/// over as many parallel raw TCP streams; `opts.runs` rounds, alternating.
+pub fn run_multifd(
+    mem_mib: u64,
+    channel_counts: &[u8],
+    opts: &BenchOptions,
+    config: &MigrationConfig,
+    data: &[u8],
+    cancel: &Cancel,
+) -> Result<Vec<ChannelRun>, BenchError> {
+    if opts.runs == 0 {
+        return Err(BenchError::NoRuns);
+    }
+    let shape = GuestShape {
+        mem_mib,
+        dirty_mib: 0,
+        dirty_log: DirtyLogMode::ManualProtect,
+        vcpus: opts.vcpus,
+        fill: true,
+    };
+    let mut runs = Vec::new();
+    for round in 1..=opts.runs {
+        for &channels in channel_counts {
+            let mut config = config.clone();
+            config.capabilities |= livemig_core::capabilities::Capabilities::MULTIFD;
+            config.parameters.multifd_channels = channels;
+            let summary = demo::run_demo(
+                shape,
+                &config,
+                opts.warmup,
+                opts.run_for,
+                cancel,
+                &mut Progress::quiet(),
+            )?;
+            if cancel.is_cancelled() || summary.stats.status == MigrationStatus::Cancelled {
+                return Err(BenchError::Cancelled);
+            }
+            let raw = parallel_raw_copies(channels, summary.stats.ram.normal_bytes, data)?;
+            let run = ChannelRun {
+                channels,
+                summary,
+                raw,
+            };
+            if opts.verbose {
+                eprintln!(
+                    "bench: multifd round {round}/{}: {channels} channels, payload {} GB/s, \
+                     raw {channels} streams {:.2} GB/s, verified {}",
+                    opts.runs,
+                    run.payload_gbps().map_or("-".into(), |g| format!("{g:.2}")),
+                    run.raw.gbps(),
+                    run.summary.verified
+                );
+            }
+            runs.push(run);
+        }
+    }
+    Ok(runs)
+}
+
+/// The multifd results as a table: per channel count, the median payload
+/// rate and raw TCP rate, their ratio, and the speed-up over one channel.
+pub fn multifd_table(runs: &[ChannelRun]) -> String {
+    let mut counts: Vec<u8> = runs.iter().map(|r| r.channels).collect();
+    counts.dedup();
+    counts.sort_unstable();
+    counts.dedup();
+    let median = |c: u8, f: &dyn Fn(&ChannelRun) -> Option<f64>| {
+        Spread::of(runs.iter().filter(|r| r.channels == c).filter_map(f)).map(|s| s.median)
+    };
+    let one = median(1, &ChannelRun::payload_gbps);
+    let mut out = String::from(
+        "channels  payload GB/s  raw TCP GB/s (same streams)  vs raw  vs 1 channel  verified\n",
+    );
+    for c in counts {
+        let payload = median(c, &ChannelRun::payload_gbps);
+        let raw = median(c, &|r| Some(r.raw.gbps()));
+        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+        let ratio = payload.zip(raw).map(|(p, r)| p / r);
+        let speedup = payload.zip(one).map(|(p, o)| p / o);
+        let verified = runs
+            .iter()
+            .filter(|r| r.channels == c)
+            .all(|r| r.summary.verified);
+        out.push_str(&format!(
+            "{c:>8}  {:>12}  {:>27}  {:>6}  {:>12}  {verified}\n",
+            fmt(payload),
+            fmt(raw),
+            fmt(ratio),
+            fmt(speedup)
+        ));
+    }
+    out.push_str(
+        "\npayload GB/s: normal-page bytes / (total - setup time) of a guest whose RAM is all \
+         non-zero pages;\nraw TCP: the same bytes over as many parallel streams to sink \
+         processes, same run, alternating (medians)\n",
+    );
+    out
 }
 
 #[cfg(test)]

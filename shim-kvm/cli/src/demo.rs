@@ -74,6 +74,7 @@ use crate::continuity::{GuestContinuity, serial_continued, serial_sequence, vcpu
 use crate::guest_writes::{WriteLog, WritesError, digest_outside};
 use crate::report::{Progress, Summary};
 use crate::timeline::Chart;
+use crate::vmm::ram::{LOW_RAM_MAX, RamLayout};
 use crate::vmm::vcpus::VcpuError;
 use crate::vmm::{BootError, DemoVmm};
 use crate::watch::{GuestAfter, GuestAtStop, WatchError};
@@ -198,7 +199,16 @@ pub struct GuestShape {
     pub dirty_log: DirtyLogMode,
     /// vCPUs (1 ..= [`guest::MAX_VCPUS`]), sharing the working set.
     pub vcpus: u32,
+    /// Before boot, fill the RAM past the working set (from
+    /// [`FILL_START`] on, or the working set's end if that is higher) with
+    /// non-zero data, so that a pass carries whole pages rather than zero
+    /// entries (the multifd bench).
+    pub fill: bool,
 }
+
+/// Where [`GuestShape::fill`] starts: above the image, the guest's fixed
+/// addresses and its default working-set start.
+pub const FILL_START: u64 = 4 * MIB;
 
 impl GuestShape {
     /// The parameter block of a guest of this shape booted by the demo VMM.
@@ -207,10 +217,14 @@ impl GuestShape {
         let ws_pages = u32::try_from(ws_pages).map_err(|_| {
             DemoError::Guest(format!("{} MiB working set is too large", self.dirty_mib))
         })?;
-        if WORKING_SET_START + self.dirty_mib * MIB > self.mem_mib * MIB {
+        // The working set stays in the RAM below the 32-bit hole (the
+        // guest maps only 0 .. 4 GiB), as the demo VMM and QEMU lay it out.
+        let low = self.mem_mib.saturating_mul(MIB).min(LOW_RAM_MAX);
+        if WORKING_SET_START + self.dirty_mib * MIB > low {
             return Err(DemoError::Guest(format!(
-                "a {} MiB working set at 2 MiB does not fit in {} MiB of RAM",
-                self.dirty_mib, self.mem_mib
+                "a {} MiB working set at 2 MiB does not fit in the {} MiB of RAM below the 32-bit hole",
+                self.dirty_mib,
+                low / MIB
             )));
         }
         Ok(GuestParams {
@@ -227,7 +241,25 @@ impl GuestShape {
 /// A demo VMM of `mem_mib` MiB with `vcpus` parked vCPUs and nothing
 /// loaded: a destination.
 pub fn empty_vmm(mem_mib: u64, vcpus: u32) -> Result<DemoVmm, DemoError> {
-    DemoVmm::new(mem_mib * MIB, vcpus).map_err(DemoError::Boot)
+    DemoVmm::new(mem_mib.saturating_mul(MIB), vcpus).map_err(DemoError::Boot)
+}
+
+/// Writes non-zero, incompressible data into the guest RAM from `from` to
+/// its end (no page of it all zero).
+fn fill_ram(vmm: &DemoVmm, from: u64) -> Result<(), DemoError> {
+    let ram = vmm.guest_memory();
+    let chunk = crate::bench::guest_like_data(4 * MIB as usize);
+    for region in ram.regions() {
+        let end = region.guest_phys() + region.len();
+        let mut at = from.max(region.guest_phys());
+        while at < end {
+            let len = (end - at).min(chunk.len() as u64) as usize;
+            ram.write(at, &chunk[..len])
+                .map_err(|e| DemoError::Guest(format!("filling guest RAM: {e}")))?;
+            at += len as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Boots the demo guest on every vCPU and lets it run for `warmup` (and at
@@ -236,6 +268,12 @@ pub fn empty_vmm(mem_mib: u64, vcpus: u32) -> Result<DemoVmm, DemoError> {
 pub fn boot_guest(shape: GuestShape, warmup: Duration) -> Result<DemoVmm, DemoError> {
     let params = shape.params()?;
     let vmm = empty_vmm(shape.mem_mib, shape.vcpus)?;
+    if shape.fill {
+        fill_ram(
+            &vmm,
+            FILL_START.max(WORKING_SET_START + shape.dirty_mib * MIB),
+        )?;
+    }
     vmm.boot(&params).map_err(DemoError::Boot)?;
     vmm.vcpus().resume().map_err(DemoError::Vcpu)?;
     let start = clock::monotonic_ns();
@@ -312,6 +350,33 @@ pub struct SendOutcome {
     pub intact_after_failure: bool,
 }
 
+/// The main connection to a destination and, with the `multifd`
+/// capability, its `multifd-channels` channel connections, made after it
+/// to the same address (the destination accepts them on the same
+/// listener).
+pub struct Connections {
+    /// The main stream and return path.
+    pub main: Connection,
+    /// The multifd channels (none without multifd).
+    pub channels: Vec<Connection>,
+}
+
+impl Connections {
+    /// Connects to `to`, then the channels `config` asks for.
+    pub fn connect(to: &MigrationUri, config: &MigrationConfig) -> Result<Self, DemoError> {
+        let main = Connection::connect(to)?;
+        let count = if config.capabilities.contains(Capabilities::MULTIFD) {
+            usize::from(config.parameters.multifd_channels)
+        } else {
+            0
+        };
+        let channels = (0..count)
+            .map(|_| Connection::connect(to))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Connections { main, channels })
+    }
+}
+
 /// The demo VMM's guest as livemig's source takes it: its VM, RAM (with
 /// vm-memory's bitmap of the VMM's own writes), vCPUs and COM1 section.
 pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
@@ -332,13 +397,19 @@ pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
 /// on to it.
 pub fn send_guest(
     vmm: &DemoVmm,
-    conn: Connection,
+    conns: Connections,
     config: &MigrationConfig,
     options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<SendOutcome, DemoError> {
-    let handle = livemig_kvm::migrate(source_vm(vmm), conn, config, options)?;
+    let handle = livemig_kvm::migrate_with_channels(
+        source_vm(vmm),
+        conns.main,
+        conns.channels,
+        config,
+        options,
+    )?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         if cancel.is_cancelled() {
@@ -525,14 +596,15 @@ pub fn run_send(
     progress: &mut Progress,
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
-    let conn = Connection::connect(to)?;
+    let conns = Connections::connect(to, config)?;
     let vmm = boot_guest(shape, warmup)?;
     let options = SourceOptions {
         dirty_log: shape.dirty_log,
         ..options
     };
-    let mut out = send_guest(&vmm, conn, config, options, cancel, progress)?;
-    let summary = send_summary(&out);
+    let mut out = send_guest(&vmm, conns, config, options, cancel, progress)?;
+    let mut summary = send_summary(&out);
+    summary.extra.insert("guest-ram".into(), ram_regions(&vmm));
     if summary.stats.ambiguous_end.is_none() {
         return Ok(summary);
     }
@@ -542,10 +614,23 @@ pub fn run_send(
         watch_source_guest(&vmm, &mut out)?;
     }
     let mut summary = send_summary(&out);
+    summary.extra.insert("guest-ram".into(), ram_regions(&vmm));
     summary
         .extra
         .insert("hold-decision".into(), json!(decision_name(decision)));
     Ok(summary)
+}
+
+/// The source's RAM as `guest-ram` in a summary: `[start, bytes]` per
+/// region (and memslot) in guest-physical order, so a reader sees the
+/// split around the 32-bit hole.
+fn ram_regions(vmm: &DemoVmm) -> Value {
+    let regions = vmm.guest_memory().regions().iter();
+    json!(
+        regions
+            .map(|r| [r.guest_phys(), r.len()])
+            .collect::<Vec<_>>()
+    )
 }
 
 /// Milliseconds with three decimals.
@@ -753,7 +838,7 @@ pub fn run_receive(
     // the guest wrote here.
     let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())
         .map_err(DemoError::Writes)?;
-    let handle = livemig_kvm::receive(destination_vm(&vmm), conn, options)?;
+    let handle = livemig_kvm::receive_with_channels(destination_vm(&vmm), conn, listener, options)?;
     let mut refusal = Refusal::default();
     while !handle.wait_timeout(PROGRESS_EVERY) {
         match interrupt.signal() {
@@ -900,6 +985,8 @@ pub fn run_demo_with(
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
+    // Refused here in one line, not as the destination's failure to start.
+    RamLayout::new(shape.mem_mib.saturating_mul(MIB)).map_err(DemoError::Boot)?;
     let exe = std::env::current_exe()
         .map_err(|e| DemoError::Child(format!("finding this program: {e}")))?;
     let child = Command::new(exe)
@@ -962,12 +1049,12 @@ pub fn run_demo_with(
     child.stdout = Some(reader.into_inner());
 
     let vmm = boot_guest(shape, warmup)?;
-    let conn = Connection::connect(&uri)?;
+    let conns = Connections::connect(&uri, config)?;
     let options = SourceOptions {
         dirty_log: shape.dirty_log,
         ..options
     };
-    let out = send_guest(&vmm, conn, config, options, cancel, progress)?;
+    let out = send_guest(&vmm, conns, config, options, cancel, progress)?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };
@@ -1062,6 +1149,7 @@ pub fn run_demo_with(
         && continued
         && self_check;
     summary.extra.insert("destination".into(), dest.clone());
+    summary.extra.insert("guest-ram".into(), ram_regions(&vmm));
     if out.report.stats.status == MigrationStatus::Completed {
         // On the destination; after a failure the source's own fields
         // (`guest-continued-on-source`) tell how the guest is.
@@ -1176,6 +1264,7 @@ pub fn run_simulated(shape: GuestShape, config: &MigrationConfig) -> Result<Summ
             // What the KVM demo guest sustains right after a clear.
             rate_pages_per_sec: 300_000,
             seed: 1,
+            burst: None,
         });
     }
     let out = run_migration(&scenario)
@@ -1231,6 +1320,7 @@ mod tests {
             dirty_mib: 4,
             dirty_log: DirtyLogMode::ManualProtect,
             vcpus: 2,
+            fill: false,
         };
         let mut config = base_config();
         config.parameters.max_bandwidth = 0;
@@ -1249,6 +1339,7 @@ mod tests {
             dirty_mib,
             dirty_log: DirtyLogMode::ManualProtect,
             vcpus: 2,
+            fill: false,
         };
         let p = shape(1024, 64).params().unwrap();
         assert_eq!((p.ws_start, p.ws_pages), (WORKING_SET_START, 64 * 256));

@@ -136,13 +136,14 @@ impl Default for GuestParams {
 /// Why the guest could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestError {
-    /// The working set is misaligned, overlaps the image or leaves RAM/4 GiB.
+    /// The working set is misaligned, overlaps the image or leaves the
+    /// RAM below the first hole (or 4 GiB, the end of the guest's map).
     BadWorkingSet {
         /// Requested start.
         start: u64,
         /// Requested pages.
         pages: u32,
-        /// RAM size.
+        /// RAM from guest-physical 0 to the first hole.
         ram: u64,
     },
     /// `batch` or `idle_spins` is zero (the guest would count down forever).
@@ -158,7 +159,7 @@ impl fmt::Display for GuestError {
         match self {
             GuestError::BadWorkingSet { start, pages, ram } => write!(
                 f,
-                "working set {pages} pages at {start:#x} is misaligned, below {MIN_WS_START:#x} or beyond RAM ({ram:#x}) / 4 GiB"
+                "working set {pages} pages at {start:#x} is misaligned, below {MIN_WS_START:#x} or beyond the RAM below the hole ({ram:#x}) / 4 GiB"
             ),
             GuestError::ZeroCount => f.write_str("guest batch and idle_spins must be non-zero"),
             GuestError::BadVcpuCount(n) => {
@@ -192,7 +193,9 @@ impl GuestParams {
         out
     }
 
-    /// Checks the parameters fit the image and a guest of `ram` bytes.
+    /// Checks the parameters fit the image and a guest whose RAM runs
+    /// unbroken from guest-physical 0 for `ram` bytes (a PC's RAM below
+    /// the 32-bit hole: RAM above it is not for the working set).
     pub fn validate(&self, ram: u64) -> Result<(), GuestError> {
         if self.batch == 0 || self.idle_spins == 0 {
             return Err(GuestError::ZeroCount);
@@ -353,10 +356,25 @@ pub fn check_stamps(mem: &GuestMemory) -> Result<StampCheck, GuestError> {
     Ok(check)
 }
 
+/// The end of the RAM that runs unbroken from guest-physical 0, where the
+/// working set must end.
+fn low_ram_end(ram: &GuestMemory) -> u64 {
+    ram.regions()
+        .iter()
+        .try_fold(0, |end, r| {
+            if r.guest_phys() == end {
+                Ok(r.guest_end())
+            } else {
+                Err(end)
+            }
+        })
+        .unwrap_or_else(|end| end)
+}
+
 /// Copies the image to [`LOAD_ADDR`] and the parameter block to
 /// [`PARAM_ADDR`]; the vCPU must then start at [`ENTRY`].
 pub fn load(ram: &GuestMemory, params: &GuestParams) -> Result<(), GuestError> {
-    params.validate(ram.size())?;
+    params.validate(low_ram_end(ram))?;
     ram.write(LOAD_ADDR, IMAGE).map_err(GuestError::Memory)?;
     ram.write(PARAM_ADDR, &params.encode())
         .map_err(GuestError::Memory)
@@ -504,6 +522,47 @@ mod tests {
         stamp(&ram, p.ws_start, 5, 1);
         let c = check_stamps(&ram).unwrap();
         assert_eq!((c.wrong, c.first_wrong), (1, Some(5)), "{c:?}");
+    }
+
+    #[test]
+    fn the_working_set_must_end_in_the_ram_below_the_first_hole() {
+        // 8 MiB at 0 (two adjacent regions) and 4 MiB past a hole at 16 MiB.
+        let region = |name: &str, guest_phys, len, slot| RegionLayout {
+            name: name.into(),
+            guest_phys,
+            len,
+            slot,
+        };
+        let ram = GuestMemory::anonymous(&[
+            region("lo", 0, 4 << 20, 0),
+            region("lo.1", 4 << 20, 4 << 20, 1),
+            region("hi", 16 << 20, 4 << 20, 2),
+        ])
+        .unwrap();
+        let fits = GuestParams {
+            ws_start: 2 << 20,
+            ws_pages: 1536,
+            ..GuestParams::default()
+        };
+        load(&ram, &fits).unwrap();
+        let into_the_hole = GuestParams {
+            ws_pages: 1537,
+            ..fits
+        };
+        assert_eq!(
+            load(&ram, &into_the_hole),
+            Err(GuestError::BadWorkingSet {
+                start: 2 << 20,
+                pages: 1537,
+                ram: 8 << 20
+            })
+        );
+        let above_the_hole = GuestParams {
+            ws_start: 16 << 20,
+            ws_pages: 1,
+            ..fits
+        };
+        assert!(load(&ram, &above_the_hole).is_err());
     }
 
     #[test]

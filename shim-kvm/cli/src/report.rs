@@ -185,6 +185,7 @@ impl Summary {
                 "dirty-sync-count": r.dirty_sync_count,
                 "pages-per-second": r.pages_per_second,
                 "postcopy-requests": r.postcopy_requests,
+                "multifd-bytes": r.multifd_bytes,
                 "page-size": r.page_size,
             },
             "iterations": s.iterations,

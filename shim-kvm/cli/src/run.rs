@@ -154,7 +154,7 @@ impl fmt::Display for RunReport {
 /// Boots the demo guest in the demo VMM, runs it for `opts.run`, pauses
 /// it and reads what it did.
 pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
-    let vmm = DemoVmm::new(opts.mem_mib * MIB, opts.vcpus).map_err(RunError::Boot)?;
+    let vmm = DemoVmm::new(opts.mem_mib.saturating_mul(MIB), opts.vcpus).map_err(RunError::Boot)?;
     let params = GuestParams {
         ws_start: 2 * MIB,
         ws_pages: u32::try_from(opts.dirty_mib * MIB / PAGE_SIZE as u64)

@@ -123,6 +123,37 @@ fn demo_of_a_1gib_guest_with_a_64mib_working_set_stops_within_300_ms() {
     assert!(downtime <= 300.0, "stopped {downtime} ms against 300 ms");
 }
 
+#[test]
+fn demo_takes_qemus_switchover_policy_on_request_and_refuses_unknown_ones() {
+    if !kvm_available() {
+        return;
+    }
+    let _one = serial();
+    // The default, shortest-stop, is what the other demos run.
+    let out = livemig(&[
+        "demo",
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "1024",
+        "--dirty-mib",
+        "64",
+        "--switchover-policy",
+        "fits-limit",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let downtime = demo_downtime_ms(&json_of(&out));
+    assert!(downtime <= 300.0, "stopped {downtime} ms against 300 ms");
+
+    let out = livemig(&["demo", "--switchover-policy", "soonest"]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'soonest'") && err.contains("--switchover-policy"),
+        "{err}"
+    );
+}
+
 /// Two network namespaces joined by a veth pair, each end rate-limited by
 /// `tbf` with a 100 ms queue; deleted (with the pair) on drop.
 struct NetnsLink {

@@ -439,7 +439,6 @@ fn bad_flags_are_one_line() {
     // ignored: before anything connects (the address is never tried).
     for cap in [
         "xbzrle",
-        "multifd",
         "postcopy-preempt",
         "release-ram",
         "events",

@@ -39,6 +39,7 @@ const SHAPE: GuestShape = GuestShape {
     dirty_mib: 4,
     dirty_log: DirtyLogMode::ManualProtect,
     vcpus: 2,
+    fill: false,
 };
 
 /// A source guest running its working set, an empty destination VMM of

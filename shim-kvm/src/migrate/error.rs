@@ -65,6 +65,14 @@ pub enum MigrateError {
         /// The instance.
         instance: u32,
     },
+    /// The number of multifd channel connections given is not the
+    /// `multifd-channels` parameter (0 without the `multifd` capability).
+    ChannelCount {
+        /// Channels the configuration asks for.
+        expected: usize,
+        /// Connections given.
+        given: usize,
+    },
     /// The migration thread could not be started.
     Spawn(io::Error),
     /// The migration thread panicked (a bug in livemig).
@@ -100,6 +108,10 @@ impl fmt::Display for MigrateError {
                 f,
                 "two devices are registered as section '{id}' instance {instance}"
             ),
+            MigrateError::ChannelCount { expected, given } => write!(
+                f,
+                "{given} multifd channel connections given, the configuration asks for {expected}"
+            ),
             MigrateError::Spawn(e) => write!(f, "starting the migration thread: {e}"),
             MigrateError::Panicked => write!(f, "the migration thread panicked"),
         }
@@ -128,6 +140,7 @@ impl std::error::Error for MigrateError {
             | MigrateError::ThrottleUnsupported
             | MigrateError::ReservedSection(_)
             | MigrateError::DuplicateSection { .. }
+            | MigrateError::ChannelCount { .. }
             | MigrateError::Panicked => None,
         }
     }

@@ -33,10 +33,12 @@ mod vcpu_access;
 
 use livemig_core::wire::{BlockId, BlockInfo, EncodeError};
 
-pub use destination::{DestinationReport, DestinationVm, ReceiveOptions, receive};
+pub use destination::{
+    DestinationReport, DestinationVm, ReceiveOptions, receive, receive_with_channels,
+};
 pub use error::MigrateError;
 pub use handle::{CancelRefused, MigrationHandle, ReceiveHandle};
-pub use source::{SourceOptions, SourceReport, SourceVm, migrate};
+pub use source::{SourceOptions, SourceReport, SourceVm, migrate, migrate_with_channels};
 pub use vcpu_access::VcpuAccess;
 
 use crate::memory::{GuestMemory, PAGE_SIZE};

@@ -190,6 +190,36 @@ impl Connection {
         self.write_vectored_all(pages.as_io_slices())
     }
 
+    /// Fills guest pages straight from the socket: `readv` into the
+    /// iovecs of `pages` ([`PageIovecs`] built with an empty header), so
+    /// the kernel writes guest memory with `copy_to_user` and no `&mut
+    /// [u8]` is ever formed over it. An end of stream before the last byte
+    /// is an `Io` error of kind `UnexpectedEof`.
+    pub fn read_page_iovecs(&self, mut pages: PageIovecs<'_>) -> Result<(), TransportError> {
+        let fd = self.stream.raw_fd();
+        let mut bufs = pages.as_io_slices();
+        let failed = |e: io::Error| io_err(format!("reading pages from {}", self.peer), e);
+        while !bufs.is_empty() {
+            let chunk = &bufs[..bufs.len().min(IOV_MAX)];
+            // SAFETY: `IoSlice` is ABI compatible with `iovec`; each covers
+            // whole pages inside a region of the guest memory `pages`
+            // borrows (checked by `PageIovecs::new`), mapped writable for
+            // the guest, so the kernel writes only there.
+            let n = unsafe { libc::readv(fd, chunk.as_ptr().cast(), chunk.len() as libc::c_int) };
+            match n {
+                0 => return Err(failed(io::ErrorKind::UnexpectedEof.into())),
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(failed(e));
+                    }
+                }
+                n => IoSlice::advance_slices(&mut bufs, n as usize),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads what is available into `buf`, blocking until at least one byte
     /// is. Returns 0 at end of stream: the peer closed, or this connection
     /// was [`shutdown`](Connection::shutdown) from another thread.
@@ -221,6 +251,17 @@ impl Connection {
             Stream::Unix(s) => (&*s).read_exact(buf),
         }
         .map_err(|e| io_err(format!("reading from {}", self.peer), e))
+    }
+
+    /// Bounds how long a read may wait for its first byte (`None`:
+    /// forever); a read that times out is an `Io` error of kind
+    /// `WouldBlock` or `TimedOut`.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+        }
+        .map_err(|e| io_err(format!("setting a read timeout on {}", self.peer), e))
     }
 
     /// The bound set by [`set_write_timeout`](Connection::set_write_timeout).

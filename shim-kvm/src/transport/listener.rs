@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::connection::{Stream, stream_from_fd};
 use super::error::io_err;
@@ -173,6 +174,45 @@ impl Listener {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take()
                 .ok_or(TransportError::FdAlreadyAccepted(*fd)),
+        }
+    }
+}
+
+impl Listener {
+    /// [`accept`](Listener::accept), waiting at most `timeout` for the
+    /// connection (a multifd channel that never comes must not hang the
+    /// destination); a timeout is an `Io` error of kind `TimedOut`.
+    pub fn accept_within(&self, timeout: Duration) -> Result<Connection, TransportError> {
+        let fd = match &self.kind {
+            ListenerKind::Tcp(l) => l.as_raw_fd(),
+            ListenerKind::Unix { listener, .. } => listener.as_raw_fd(),
+            ListenerKind::Connected { .. } => return self.accept(),
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: `pfd` is one live, initialised pollfd and the count says one.
+            match unsafe { libc::poll(&mut pfd, 1, ms) } {
+                0 => {
+                    return Err(io_err(
+                        format!("waiting {} ms for a connection", timeout.as_millis()),
+                        io::ErrorKind::TimedOut.into(),
+                    ));
+                }
+                n if n > 0 => return self.accept(),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(io_err("waiting for a connection", e));
+                    }
+                }
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 //! entry point gives valid inputs for mutation-based drivers to start from.
 
 mod destination;
+mod multifd;
 mod qmp;
 mod return_path;
 mod source;
@@ -14,6 +15,7 @@ mod stream;
 mod x86;
 
 pub use destination::{destination, destination_accepts, destination_corpus};
+pub use multifd::{multifd, multifd_accepts, multifd_corpus};
 pub use qmp::{qmp, qmp_accepts, qmp_corpus};
 pub use return_path::{return_path, return_path_accepts, return_path_corpus};
 pub use source::{source, source_accepts, source_corpus};

@@ -119,7 +119,10 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     assert!(chunk.end() <= PAGES && chunk.first % 64 == 0, "{chunk:?}");
                     pending &= !(1 << (chunk.first / 64));
                 }
-                Some(SourceAction::SendPages { block, pages, .. }) => {
+                Some(
+                    SourceAction::SendPages { block, pages, .. }
+                    | SourceAction::SendChannelPages { block, pages, .. },
+                ) => {
                     assert_eq!(block, 0);
                     for &p in pages {
                         assert!(p < PAGES);
@@ -161,7 +164,12 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     );
                     guest_running = true;
                 }
-                Some(SourceAction::Send(_) | SourceAction::SetThrottle { .. }) | None => {}
+                Some(
+                    SourceAction::Send(_)
+                    | SourceAction::SendChannel { .. }
+                    | SourceAction::SetThrottle { .. },
+                )
+                | None => {}
                 Some(SourceAction::Finished(_)) => break,
             },
             4 => {

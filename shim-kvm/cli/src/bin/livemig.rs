@@ -20,7 +20,7 @@ use livemig_cli::report::{Progress, Summary};
 use livemig_cli::timeline;
 use livemig_cli::{qemu, run, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
-use livemig_core::config::MigrationConfig;
+use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
@@ -150,6 +150,12 @@ struct Migration {
     /// (repeatable; byte counts take k/M/G suffixes).
     #[arg(long = "param", value_name = "NAME=VALUE")]
     params: Vec<String>,
+    /// When precopy stops the guest, among the stops that fit
+    /// downtime-limit: shortest-stop iterates while passes shrink the stop
+    /// and takes the shortest the dirty rate allows; fits-limit is QEMU's
+    /// rule, the first stop that fits.
+    #[arg(long, default_value = "shortest-stop", value_parser = ["shortest-stop", "fits-limit"])]
+    switchover_policy: String,
 }
 
 #[derive(Args)]
@@ -192,6 +198,7 @@ impl Workload {
             dirty_mib: self.dirty_mib,
             dirty_log: dirty_log(&self.dirty_log)?,
             vcpus: self.vcpus.unwrap_or(vmm::DEFAULT_VCPUS),
+            fill: false,
         })
     }
 
@@ -310,8 +317,11 @@ struct BenchArgs {
     /// No per-run lines on stderr.
     #[arg(long)]
     quiet: bool,
-    /// A case to run (repeatable; default: all): idle-4g, busy-1g.
-    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g"])]
+    /// A case to run (repeatable; default: idle-4g and busy-1g): idle-4g,
+    /// busy-1g, or multifd alone (a 1 GiB guest of non-zero pages over 1,
+    /// 2 and N channels, N from --param multifd-channels or 4, against as
+    /// many raw TCP streams).
+    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd"])]
     cases: Vec<String>,
     /// Runs per case; the figures are median, min and max over them.
     #[arg(long, default_value_t = 3)]
@@ -359,7 +369,7 @@ struct RunArgs {
     #[arg(long, default_value_t = vmm::DEFAULT_VCPUS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(guest::MAX_VCPUS)))]
     vcpus: u32,
-    /// Guest RAM in MiB (4 to 3072).
+    /// Guest RAM in MiB (4 to 16384; beyond 3072 it continues at 4 GiB).
     #[arg(long, default_value_t = 64)]
     mem_mib: u64,
     /// Working set the vCPUs share, in MiB at 2 MiB (0 = idle guest).
@@ -390,6 +400,8 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
         .collect();
     let mut config =
         options::build_config(demo::base_config(), &caps, &params).map_err(|e| e.to_string())?;
+    config.switchover = SwitchoverPolicy::from_name(&m.switchover_policy)
+        .ok_or_else(|| format!("unknown switchover policy '{}'", m.switchover_policy))?;
     if postcopy {
         demo::postcopy_config(&mut config, |name| options::sets_param(&m.params, name));
     }
@@ -595,6 +607,9 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     if !demo::kvm_available() {
         return Err(BenchError::NoKvm.to_string());
     }
+    if a.cases.iter().any(|c| c == bench::MULTIFD_CASE) {
+        return run_multifd_bench(a, &config);
+    }
     let mut cases: Vec<BenchCase> = if a.cases.is_empty() {
         bench::CASES.to_vec()
     } else {
@@ -695,6 +710,59 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(code)
+}
+
+/// `livemig bench --case multifd`: 1, 2 and N channels (N from
+/// `--param multifd-channels`, 4 when that is 2 or less) against as many
+/// raw TCP streams, on a guest of `--mem-mib` (default 1024) MiB whose RAM
+/// is all non-zero pages.
+fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode, String> {
+    if a.cases.len() != 1 {
+        return Err(format!(
+            "bench case '{}' runs alone: give it as the only --case",
+            bench::MULTIFD_CASE
+        ));
+    }
+    let n = match config.parameters.multifd_channels {
+        c if c > 2 => c,
+        _ => 4,
+    };
+    let opts = BenchOptions {
+        runs: a.runs,
+        warmup: Duration::from_millis(a.warmup_ms),
+        run_for: Duration::from_millis(a.run_ms),
+        verbose: !a.quiet,
+        vcpus: a.vcpus,
+        source: SourceOptions {
+            verify: !a.migration.no_verify,
+            audit: a.migration.audit,
+            ..SourceOptions::default()
+        },
+    };
+    let cancel = cancel_on_signals()?;
+    let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
+    let runs = bench::run_multifd(
+        a.mem_mib_override.unwrap_or(1024),
+        &[1, 2, n],
+        &opts,
+        config,
+        &data,
+        &cancel,
+    )
+    .map_err(|e| e.to_string())?;
+    if a.json {
+        for r in &runs {
+            println!("{}", r.to_json());
+        }
+    } else {
+        print!("{}", bench::multifd_table(&runs));
+    }
+    if runs.iter().all(|r| r.summary.verified) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("livemig: bench: a multifd run did not verify");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// `--timeline`: draws the summary's timeline into `path` (nothing without

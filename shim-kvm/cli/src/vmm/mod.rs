@@ -3,14 +3,16 @@
 //! livemig-kvm can be shown migrating a VMM it does not own.
 //!
 //! It owns its `Kvm` and `VmFd`; guest RAM is a vm-memory
-//! `GuestMemoryMmap<AtomicBitmap>` whose regions it registers as KVM
-//! memslots itself (one per region); the interrupt controllers (PIC x2,
+//! `GuestMemoryMmap<AtomicBitmap>`, laid out around the 32-bit hole as a
+//! PC's is ([`ram`]), whose regions it registers as KVM memslots itself
+//! (one per region); the interrupt controllers (PIC x2,
 //! IOAPIC, a LAPIC per vCPU) and the PIT are KVM's in-kernel ones; COM1 is
 //! vm-superio's 16550 ([`serial`]); each vCPU runs on its own thread
 //! ([`vcpus`]), which implements [`livemig_kvm::vmm::Vcpus`]. It boots the
 //! demo guest ([`crate::guest`]) on all of its vCPUs at once, each
 //! started at the entry point with its index, no INIT/SIPI.
 
+pub mod ram;
 pub mod serial;
 pub mod vcpus;
 
@@ -31,6 +33,8 @@ use vm_memory::{
     GuestMemoryRegion,
 };
 
+pub use self::ram::MAX_MEM_BYTES;
+use self::ram::{MIN_MEM_BYTES, RamLayout};
 use self::serial::SerialPort;
 use self::vcpus::{DemoVcpus, VcpuError};
 
@@ -40,10 +44,6 @@ pub type DemoMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// vCPUs when `--vcpus` is not given.
 pub const DEFAULT_VCPUS: u32 = 2;
-
-/// Most guest RAM: RAM stays below the 32-bit MMIO hole, where the LAPIC
-/// and IOAPIC live (a memslot over them would hide them from the guest).
-pub const MAX_MEM_BYTES: u64 = 3 << 30;
 
 /// Where KVM may put the three pages of its real-mode TSS (Intel needs
 /// one): near the top of the 32-bit hole, clear of RAM, the IOAPIC and the
@@ -92,7 +92,8 @@ impl fmt::Display for BootError {
             ),
             BootError::MemorySize(b) => write!(
                 f,
-                "guest RAM of {b} bytes: must be whole pages, at least 4 MiB and at most {} MiB",
+                "guest RAM of {b} bytes: must be whole pages, at least {} MiB and at most {} MiB",
+                MIN_MEM_BYTES >> 20,
                 MAX_MEM_BYTES >> 20
             ),
             BootError::Map(e) => write!(f, "mapping guest RAM: {e}"),
@@ -114,10 +115,6 @@ fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> BootError {
     move |e| BootError::Kvm(op, e.errno())
 }
 
-/// The smallest RAM the demo guest boots in: page tables at 64 KiB, image
-/// at 1 MiB, default working set at 2 MiB.
-const MIN_MEM_BYTES: u64 = 4 << 20;
-
 /// The demo VMM. Guest RAM outlives every vCPU thread: [`DemoVcpus`]
 /// holds it too, so a `Vcpus` lent to livemig keeps it mapped.
 pub struct DemoVmm {
@@ -126,29 +123,27 @@ pub struct DemoVmm {
     vm: Arc<VmFd>,
     memory: Arc<DemoMemory>,
     lent: GuestMemory,
-    mem_bytes: u64,
+    ram: RamLayout,
 }
 
 impl fmt::Debug for DemoVmm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DemoVmm")
             .field("vcpus", &self.vcpus)
-            .field("mem_bytes", &self.mem_bytes)
+            .field("ram", &self.ram)
             .finish_non_exhaustive()
     }
 }
 
 impl DemoVmm {
-    /// A VM with `mem_bytes` of RAM at guest-physical 0, the in-kernel
-    /// irqchip and PIT, COM1, and `vcpus` parked vCPUs.
+    /// A VM with `mem_bytes` of RAM (at guest-physical 0, and the part
+    /// beyond [`ram::LOW_RAM_MAX`] at 4 GiB), the in-kernel irqchip and
+    /// PIT, COM1, and `vcpus` parked vCPUs.
     pub fn new(mem_bytes: u64, vcpus: u32) -> Result<DemoVmm, BootError> {
         if !(1..=guest::MAX_VCPUS).contains(&vcpus) {
             return Err(BootError::VcpuCount(vcpus));
         }
-        let page = livemig_kvm::memory::PAGE_SIZE as u64;
-        if mem_bytes % page != 0 || !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&mem_bytes) {
-            return Err(BootError::MemorySize(mem_bytes));
-        }
+        let ram = RamLayout::new(mem_bytes)?;
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("create_vm"))?;
         vm.set_tss_address(KVM_TSS_ADDR)
@@ -156,8 +151,7 @@ impl DemoVmm {
         vm.create_irq_chip().map_err(kvm_err("create_irq_chip"))?;
         vm.create_pit2(kvm_pit_config::default())
             .map_err(kvm_err("create_pit2"))?;
-        let memory = DemoMemory::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
-            .map_err(BootError::Map)?;
+        let memory = DemoMemory::from_ranges(&ram.ranges()).map_err(BootError::Map)?;
         register_memslots(&vm, &memory)?;
         let lent = GuestMemory::from_vm_memory(&memory, 0).map_err(BootError::Lend)?;
         let serial = SerialPort::new(&vm).map_err(BootError::Serial)?;
@@ -188,7 +182,7 @@ impl DemoVmm {
             vm: Arc::new(vm),
             memory,
             lent,
-            mem_bytes,
+            ram,
         })
     }
 
@@ -202,7 +196,10 @@ impl DemoVmm {
                 params: params.vcpus,
             });
         }
-        params.validate(self.mem_bytes).map_err(BootError::Guest)?;
+        // The guest's working set stays below the hole, in region 0.
+        params
+            .validate(self.ram.low_bytes())
+            .map_err(BootError::Guest)?;
         self.memory
             .write_slice(guest::IMAGE, GuestAddress(guest::LOAD_ADDR))
             .map_err(BootError::Memory)?;
@@ -226,6 +223,11 @@ impl DemoVmm {
     pub fn vcpu_count(&self) -> u32 {
         // At most guest::MAX_VCPUS, checked in `new`.
         livemig_kvm::vmm::Vcpus::count(&*self.vcpus) as u32
+    }
+
+    /// How guest RAM splits around the 32-bit hole.
+    pub fn ram(&self) -> RamLayout {
+        self.ram
     }
 
     /// The KVM VM.

@@ -8,6 +8,7 @@ use livemig_core::stats::ErrorDesc;
 use livemig_core::wire::DecodeError;
 
 use super::super::vcpu_access::VcpuAccess;
+use super::channels::ChannelFailure;
 use crate::memory::{MemoryError, PAGE_SIZE};
 use crate::postcopy::PostcopyError;
 use crate::transport::TransportError;
@@ -97,6 +98,8 @@ pub enum HostFailure {
     NoUserfaultfd(PostcopyError),
     /// The VMM could not resume its vCPUs to start the guest.
     StartVcpus(VmmError),
+    /// A multifd channel failed (accepting it, its hello, a packet, a sync).
+    Channel(ChannelFailure),
 }
 
 impl HostFailure {
@@ -123,6 +126,7 @@ impl HostFailure {
                 "postcopy needs userfaultfd"
             }
             HostFailure::StartVcpus(_) => "starting the vCPUs",
+            HostFailure::Channel(_) => "multifd",
         }
     }
 }
@@ -190,6 +194,7 @@ impl fmt::Display for HostFailure {
                  this destination only {PAGE_SIZE}-byte pages"
             ),
             HostFailure::StartVcpus(e) => write!(f, "{what}: {e}"),
+            HostFailure::Channel(e) => e.fmt(f),
         }
     }
 }
@@ -243,6 +248,8 @@ pub enum ReceiveFailure {
     StartGuest(HostFailure),
     /// The guest of a failed postcopy could not be paused again.
     PauseAfterFailure(VmmError),
+    /// A multifd channel failed between two syncs.
+    Channel(ChannelFailure),
     /// The engine failed for a reason of its own (its description; empty
     /// when it gave none).
     Failed(Box<ErrorDesc>),
@@ -324,6 +331,7 @@ impl fmt::Display for ReceiveFailure {
             ReceiveFailure::PauseAfterFailure(e) => {
                 write!(f, "pausing the guest after the failed postcopy: {e}")
             }
+            ReceiveFailure::Channel(e) => e.fmt(f),
             ReceiveFailure::Failed(desc) if desc.is_empty() => write!(f, "the migration failed"),
             ReceiveFailure::Failed(desc) => fmt::Display::fmt(desc, f),
         }
@@ -336,6 +344,7 @@ impl std::error::Error for ReceiveFailure {
             ReceiveFailure::Engine { error, .. } | ReceiveFailure::PageFault(error) => Some(error),
             ReceiveFailure::Host { error, .. } | ReceiveFailure::StartGuest(error) => Some(error),
             ReceiveFailure::PauseAfterFailure(e) => Some(e.as_ref()),
+            ReceiveFailure::Channel(e) => Some(e),
             ReceiveFailure::ConnectionLost(e) | ReceiveFailure::ReturnPathLost(e) => Some(e),
             ReceiveFailure::ZeroFill(e)
             | ReceiveFailure::EndPostcopy(e)

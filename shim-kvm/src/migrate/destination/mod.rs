@@ -66,6 +66,7 @@
 //! would make it wait on. That costs about 0.75 us a page here (a
 //! postcopy's background pass over an idle GiB: ~0.2 s of this thread).
 
+mod channels;
 mod failure;
 mod required;
 
@@ -78,10 +79,10 @@ use std::time::Duration;
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::bitmap::{DirtyBitmap, words_for};
 use livemig_core::destination::{
-    DEFAULT_IDLE_TIMEOUT_MS, DestError, DestinationEngine, DestinationHost, HandleError,
-    PostcopyHost as EnginePostcopyHost, PostcopyTracking,
+    ChannelTotals, ChannelsHost, DEFAULT_IDLE_TIMEOUT_MS, DestError, DestinationEngine,
+    DestinationHost, HandleError, PostcopyHost as EnginePostcopyHost, PostcopyTracking,
 };
-use livemig_core::digest::DigestBooks;
+use livemig_core::digest::{DigestBooks, DigestKey};
 use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use livemig_core::wire::{self, DeviceState, PageRange};
@@ -96,9 +97,11 @@ use super::{MigrateError, ReceiveHandle, ram_layout};
 use crate::clock;
 use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
-use crate::transport::{Connection, TransportError};
+use crate::transport::{Connection, Listener, TransportError};
 use crate::vmm::{DeviceSection, Vcpus};
 use crate::x86::{CpuModel, VcpuCaps, VcpuState, VmState};
+pub use channels::ChannelFailure;
+use channels::ChannelReceivers;
 pub use failure::{HostFailure, ReceiveFailure};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -244,11 +247,33 @@ pub struct KvmHost {
     faults: FaultQueue,
     /// When the guest was started here.
     started_ns: Option<u64>,
+    /// Where multifd channels are accepted (none: the VMM gave only the
+    /// main connection, and a source that announces channels is refused).
+    listener: Option<Listener>,
+    /// The multifd receivers, once the source announced them.
+    channels: Option<ChannelReceivers>,
+    /// How long an accept, a hello or a sync may wait.
+    channel_deadline: Duration,
     /// When the engine had read the end of the stream.
     end_received_ns: Option<u64>,
 }
 
 impl KvmHost {
+    /// Pages the channels placed count as placed (for zero pages and the
+    /// digest).
+    fn merge_channel_pages(&mut self) {
+        if let Some(rx) = &self.channels {
+            for (word, theirs) in self.placed.iter_mut().zip(rx.placed.words()) {
+                *word |= theirs;
+            }
+        }
+    }
+
+    /// A channel failure reported outside a sync.
+    fn channel_failure(&mut self) -> Option<ChannelFailure> {
+        self.channels.as_mut()?.failure()
+    }
+
     /// The placed pages, as the core's bitmap over this host's words.
     fn placed(&mut self) -> Option<DirtyBitmap<'_>> {
         DirtyBitmap::new(&mut self.placed, self.pages).ok()
@@ -551,6 +576,52 @@ impl DestinationHost for KvmHost {
     fn postcopy(&mut self) -> Option<&mut dyn EnginePostcopyHost<Error = HostFailure>> {
         Some(self)
     }
+
+    fn channels(&mut self) -> Option<&mut dyn ChannelsHost<Error = HostFailure>> {
+        Some(self)
+    }
+}
+
+impl ChannelsHost for KvmHost {
+    type Error = HostFailure;
+
+    fn open_channels(
+        &mut self,
+        channels: u16,
+        migration_id: u64,
+        key: Option<DigestKey>,
+    ) -> Result<(), HostFailure> {
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or(HostFailure::Channel(ChannelFailure::NoListener))?;
+        let rx = ChannelReceivers::open(
+            listener,
+            channels,
+            migration_id,
+            key,
+            &self.vm.memory,
+            self.channel_deadline,
+            &self.events,
+        )
+        .map_err(HostFailure::Channel)?;
+        self.channels = Some(rx);
+        Ok(())
+    }
+
+    fn sync_channels(&mut self, generation: u32) -> Result<ChannelTotals, HostFailure> {
+        let rx = self
+            .channels
+            .as_mut()
+            .ok_or(HostFailure::Channel(ChannelFailure::NoListener))?;
+        let totals = rx.sync(generation).map_err(HostFailure::Channel)?;
+        self.merge_channel_pages();
+        Ok(totals)
+    }
+
+    fn take_channel_digest(&mut self, block: u16) -> u64 {
+        self.channels.as_mut().map_or(0, |rx| rx.take_digest(block))
+    }
 }
 
 impl EnginePostcopyHost for KvmHost {
@@ -604,6 +675,8 @@ enum Event {
     ReadError(TransportError),
     /// The fault thread queued a fault.
     Fault,
+    /// A multifd receiver failed.
+    Channel,
 }
 
 /// Reads the connection into buffers taken from `pool` until the end.
@@ -647,6 +720,29 @@ pub fn receive(
     conn: Connection,
     options: ReceiveOptions,
 ) -> Result<ReceiveHandle, MigrateError> {
+    start_receive(vm, conn, None, options)
+}
+
+/// [`receive`] from a source that may send pages on multifd channels:
+/// when the stream announces them, they are accepted on `listener` (the
+/// one that gave `conn`), each within the idle timeout, checked by their
+/// hellos and read on a thread each, straight into guest memory. Without
+/// a listener ([`receive`]) such a source is refused before any page.
+pub fn receive_with_channels(
+    vm: DestinationVm,
+    conn: Connection,
+    listener: Listener,
+    options: ReceiveOptions,
+) -> Result<ReceiveHandle, MigrateError> {
+    start_receive(vm, conn, Some(listener), options)
+}
+
+fn start_receive(
+    vm: DestinationVm,
+    conn: Connection,
+    listener: Option<Listener>,
+    options: ReceiveOptions,
+) -> Result<ReceiveHandle, MigrateError> {
     ram_layout(&vm.memory).map_err(MigrateError::Layout)?;
     super::sections::check_devices(&vm.devices)?;
     let count = vm.vcpus.count();
@@ -674,6 +770,9 @@ pub fn receive(
         events: tx,
         faults: Arc::new(Mutex::new(Vec::new())),
         started_ns: None,
+        listener,
+        channels: None,
+        channel_deadline: options.idle_timeout,
         end_received_ns: None,
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
@@ -745,6 +844,10 @@ fn run(
     let _ = conn.shutdown(Shutdown::Read);
     drop(events);
     let _ = reader.join();
+    host.merge_channel_pages();
+    if let Some(rx) = host.channels.take() {
+        rx.finish();
+    }
 
     let mut report = DestinationReport {
         stats: engine.stats().clone(),
@@ -880,6 +983,13 @@ fn run_receive_loop(
                 r
             }
             Ok(Event::Fault) | Err(RecvTimeoutError::Timeout) => Ok(()),
+            Ok(Event::Channel) => {
+                if let Some(f) = host.channel_failure() {
+                    engine.handle_channel_failure(now, format_args!("{f}"));
+                    error.get_or_insert(ReceiveFailure::Channel(f));
+                }
+                Ok(())
+            }
             Ok(Event::Eof) | Err(RecvTimeoutError::Disconnected) => {
                 eof = true;
                 engine.handle_eof(now)

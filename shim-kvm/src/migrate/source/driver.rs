@@ -21,6 +21,7 @@ use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 
 use super::super::handle::{CancelRefused, Shared};
+use super::channels::{ChannelLost, ChannelSenders};
 use super::dirty_log::{DirtyLog, KvmPages};
 use super::failure::SourceFailure;
 use super::gate::CancelGate;
@@ -37,6 +38,8 @@ use crate::vmm::VmmError;
 /// while they write.
 pub(super) struct Link {
     pub(super) conn: Connection,
+    /// With multifd: the channels' sender threads.
+    pub(super) channels: Option<ChannelSenders>,
     /// The guest page numbers of the batch being sent (reused).
     pub(super) gfns: Vec<u64>,
 }
@@ -58,8 +61,21 @@ impl Link {
         header: &[u8],
         pages: &[u64],
     ) -> Result<(), SourceFailure> {
-        // The engine numbers pages within the block (= region); the
-        // gather wants guest page numbers.
+        self.set_gfns(ram, block, pages)?;
+        PageIovecs::new(ram, header, &self.gfns)
+            .map_err(TransportError::from)
+            .and_then(|p| self.conn.write_page_iovecs(p))
+            .map_err(SourceFailure::ConnectionLost)
+    }
+
+    /// The engine numbers pages within the block (= region); the gather
+    /// wants guest page numbers.
+    fn set_gfns(
+        &mut self,
+        ram: &GuestMemory,
+        block: u16,
+        pages: &[u64],
+    ) -> Result<(), SourceFailure> {
         let first = ram
             .region(usize::from(block))
             .map_err(|e| SourceFailure::ConnectionLost(TransportError::from(e)))?
@@ -67,10 +83,43 @@ impl Link {
             / crate::memory::PAGE_SIZE as u64;
         self.gfns.clear();
         self.gfns.extend(pages.iter().map(|&p| first + p));
-        PageIovecs::new(ram, header, &self.gfns)
-            .map_err(TransportError::from)
-            .and_then(|p| self.conn.write_page_iovecs(p))
-            .map_err(SourceFailure::ConnectionLost)
+        Ok(())
+    }
+
+    /// The multifd channels (the engine hands out channel actions only
+    /// with multifd on, and the migration starts only with its channels).
+    fn channels(&self, channel: u16) -> Result<&ChannelSenders, SourceFailure> {
+        self.channels
+            .as_ref()
+            .ok_or(SourceFailure::ChannelLost(ChannelLost {
+                channel,
+                error: None,
+            }))
+    }
+
+    /// [`SourceAction::SendChannel`]: a hello or SYNC packet, queued for
+    /// the channel's sender thread.
+    fn send_channel(&self, channel: u16, bytes: &[u8]) -> Result<(), SourceFailure> {
+        self.channels(channel)?
+            .send(channel, bytes)
+            .map_err(SourceFailure::ChannelLost)
+    }
+
+    /// [`SourceAction::SendChannelPages`]: a packet header and guest pages,
+    /// queued for the channel's sender thread, which writes them straight
+    /// from guest RAM.
+    fn send_channel_pages(
+        &mut self,
+        ram: &GuestMemory,
+        channel: u16,
+        block: u16,
+        header: &[u8],
+        pages: &[u64],
+    ) -> Result<(), SourceFailure> {
+        self.set_gfns(ram, block, pages)?;
+        self.channels(channel)?
+            .send_pages(channel, header, &self.gfns)
+            .map_err(SourceFailure::ChannelLost)
     }
 }
 
@@ -111,6 +160,10 @@ impl SourceDriver<'_> {
                 self.on_return_path(ev);
             }
             let burst = clock::monotonic_ns();
+            // Whether the engine ran out of actions (rather than the burst
+            // running out of time): only then is there anything to wait
+            // for.
+            let mut idle = false;
             loop {
                 // Only precopy decides on them; after the stop (or the
                 // postcopy switchover) the two system calls per action
@@ -121,10 +174,19 @@ impl SourceDriver<'_> {
                 ) {
                     self.report_link();
                 }
+                if let Some(lost) = self
+                    .link
+                    .channels
+                    .as_ref()
+                    .and_then(ChannelSenders::failure)
+                {
+                    self.connection_lost(SourceFailure::ChannelLost(lost));
+                }
                 let pages = KvmPages {
                     ram: self.guest.ram(),
                 };
                 let Some(action) = self.engine.poll_action(clock::now(), &pages) else {
+                    idle = true;
                     break;
                 };
                 // A failed write is `lost`: the destination may say why on
@@ -139,6 +201,18 @@ impl SourceDriver<'_> {
                     } => self
                         .link
                         .send_pages(self.guest.ram(), block, header, pages)
+                        .err(),
+                    SourceAction::SendChannel { channel, bytes } => {
+                        self.link.send_channel(channel, bytes).err()
+                    }
+                    SourceAction::SendChannelPages {
+                        channel,
+                        header,
+                        block,
+                        pages,
+                    } => self
+                        .link
+                        .send_channel_pages(self.guest.ram(), channel, block, header, pages)
                         .err(),
                     SourceAction::SyncDirtyLog => {
                         self.sync_dirty_log();
@@ -198,6 +272,13 @@ impl SourceDriver<'_> {
                 self.finished(self.engine.status());
                 break;
             }
+            // A burst that ran out of time has actions left: waiting here
+            // for a return-path event (up to MAX_WAIT) would idle the link
+            // and, after a switchover decision, let the running guest dirty
+            // memory the stop then has to send.
+            if !idle {
+                continue;
+            }
             let Some(wait) = self.wait_or_continue() else {
                 continue;
             };
@@ -243,8 +324,14 @@ impl SourceDriver<'_> {
     /// place.
     fn report_link(&mut self) {
         let conn = &self.link.conn;
+        let on_channels = self
+            .link
+            .channels
+            .as_ref()
+            .map_or(0, ChannelSenders::unsent_bytes);
         if let Ok(unsent) = conn.unsent_bytes() {
-            self.engine.handle_unsent(clock::now(), unsent);
+            self.engine
+                .handle_unsent(clock::now(), unsent + on_channels);
         }
         if let Ok(rtt) = conn.round_trip() {
             self.engine

@@ -8,6 +8,7 @@ use livemig_core::source::SourceError;
 use livemig_core::wire::EncodeError;
 
 use super::super::vcpu_access::VcpuAccess;
+use super::channels::ChannelLost;
 use crate::dirty_log::DirtyLogError;
 use crate::transport::TransportError;
 use crate::vmm::VmmError;
@@ -19,6 +20,8 @@ use crate::x86::StateError;
 pub enum SourceFailure {
     /// Writing to, or reading from, the connection failed.
     ConnectionLost(TransportError),
+    /// Writing to a multifd channel failed.
+    ChannelLost(ChannelLost),
     /// `KVM_GET_DIRTY_LOG` failed.
     DirtyLogFetch(DirtyLogError),
     /// `KVM_CLEAR_DIRTY_LOG` failed.
@@ -74,6 +77,7 @@ impl fmt::Display for SourceFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceFailure::ConnectionLost(e) => write!(f, "connection lost: {e}"),
+            SourceFailure::ChannelLost(e) => e.fmt(f),
             SourceFailure::DirtyLogFetch(e) => write!(f, "KVM_GET_DIRTY_LOG failed: {e}"),
             SourceFailure::DirtyLogClear(e) => write!(f, "KVM_CLEAR_DIRTY_LOG failed: {e}"),
             SourceFailure::StopVcpus(e) => write!(f, "pausing the vCPUs failed: {e}"),
@@ -135,6 +139,7 @@ impl std::error::Error for SourceFailure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SourceFailure::ConnectionLost(e) => Some(e),
+            SourceFailure::ChannelLost(e) => e.error.as_ref().map(|e| e as _),
             SourceFailure::DirtyLogFetch(e) | SourceFailure::DirtyLogClear(e) => Some(e),
             SourceFailure::StopVcpus(e) | SourceFailure::Throttle(e) => Some(e.as_ref()),
             SourceFailure::SaveDevice { error, .. }

@@ -26,6 +26,7 @@
 //! clears have nothing left to do and are skipped, and the first fetch is
 //! reported as all dirty (what manual mode's initially-set bits give).
 
+mod channels;
 mod dirty_log;
 mod driver;
 mod failure;
@@ -55,6 +56,8 @@ use crate::memory::PAGE_SIZE;
 use crate::transport::Connection;
 use crate::vmm::{DeviceDirtyLog, DeviceSection, Vcpus};
 use crate::x86::{CpuModel, VcpuCaps};
+pub use channels::ChannelLost;
+use channels::ChannelSenders;
 use dirty_log::DirtyLog;
 use driver::{Link, SourceDriver};
 pub use failure::SourceFailure;
@@ -240,7 +243,38 @@ pub fn migrate(
     config: &MigrationConfig,
     options: SourceOptions,
 ) -> Result<MigrationHandle, MigrateError> {
+    migrate_with_channels(vm, conn, Vec::new(), config, options)
+}
+
+/// [`migrate`] with the `multifd` capability: `channels` are the
+/// `multifd-channels` extra connections to the same destination, made
+/// after `conn` (the destination accepts them on the listener that gave it
+/// `conn`, see [`receive_with_channels`](super::receive_with_channels)).
+/// Each gets a sender thread that writes pages straight from guest memory.
+/// A number of channels other than the parameter's (or any without
+/// `multifd`) is refused with [`MigrateError::ChannelCount`].
+pub fn migrate_with_channels(
+    vm: SourceVm,
+    conn: Connection,
+    channels: Vec<Connection>,
+    config: &MigrationConfig,
+    options: SourceOptions,
+) -> Result<MigrationHandle, MigrateError> {
     let config = config.validate().map_err(MigrateError::Config)?;
+    let expected = if config.capabilities.contains(Capabilities::MULTIFD) {
+        usize::from(config.parameters.multifd_channels)
+    } else {
+        0
+    };
+    if channels.len() != expected {
+        return Err(MigrateError::ChannelCount {
+            expected,
+            given: channels.len(),
+        });
+    }
+    for c in &channels {
+        c.set_write_timeout(options.write_timeout)?;
+    }
     if config.capabilities.contains(Capabilities::AUTO_CONVERGE) && !vm.vcpus.can_throttle() {
         return Err(MigrateError::ThrottleUnsupported);
     }
@@ -253,8 +287,13 @@ pub fn migrate(
     let shared = Arc::new(Shared::default());
     let theirs = Arc::clone(&gate);
     let guest = SourceGuest { vm, caps, model };
+    let channels = (!channels.is_empty())
+        .then(|| ChannelSenders::start(channels, &guest.vm.memory))
+        .transpose()?;
     MigrationHandle::spawn(shared, gate, move |shared| {
-        run(guest, conn, rp_conn, &config, options, &theirs, shared)
+        run(
+            guest, conn, channels, rp_conn, &config, options, &theirs, shared,
+        )
     })
 }
 
@@ -291,9 +330,11 @@ fn random_seed() -> u64 {
 
 /// The migration thread's body: the engine over this thread's own storage,
 /// driven to its end.
+#[allow(clippy::too_many_arguments)]
 fn run(
     guest: SourceGuest,
     conn: Connection,
+    channels: Option<ChannelSenders>,
     rp_conn: Connection,
     config: &MigrationConfig,
     options: SourceOptions,
@@ -319,6 +360,9 @@ fn run(
         .map_err(MigrateError::Tracking)?;
     let mut scratch = vec![0u8; 64 * 1024];
     let mut engine = SourceEngine::new(config, &layout, &mut tracking, &mut scratch)
+        .map_err(MigrateError::Source)?;
+    engine
+        .set_migration_id(migration_id())
         .map_err(MigrateError::Source)?;
     // The self-check's books, 8 bytes a page (none when it is off).
     let mut terms: Vec<Vec<u64>> = layout
@@ -360,6 +404,7 @@ fn run(
         peer: conn.peer().to_string(),
         link: Link {
             conn,
+            channels,
             gfns: Vec::new(),
         },
         log,
@@ -388,6 +433,9 @@ fn run(
     // Wake the return-path reader (it may be blocked in read) and let it end.
     let _ = driver.link.conn.shutdown(std::net::Shutdown::Both);
     let _ = reader.join();
+    if let Some(channels) = driver.link.channels.take() {
+        channels.finish();
+    }
     let mut report = driver.report;
     report.stats = driver.engine.stats().clone();
     report.dirty_log_clears = driver.log.clear_calls();
@@ -397,4 +445,14 @@ fn run(
     }
     stopped.map_err(MigrateError::DirtyLog)?;
     Ok(report)
+}
+
+/// A migration id for the multifd hellos, unlikely to repeat: std's
+/// per-process random hash keys, mixed with the time and the process id.
+fn migration_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(clock::monotonic_ns());
+    h.write_u32(std::process::id());
+    h.finish()
 }

@@ -48,6 +48,11 @@ const TARGETS: &[Target] = &[
         corpus: livemig_fuzz::destination_corpus,
     },
     Target {
+        name: "multifd",
+        run: livemig_fuzz::multifd_accepts,
+        corpus: livemig_fuzz::multifd_corpus,
+    },
+    Target {
         name: "x86_vcpu_state",
         run: livemig_fuzz::x86_vcpu_state_accepts,
         corpus: livemig_fuzz::x86_vcpu_state_corpus,

@@ -1,0 +1,202 @@
+//! The shortest-stop switchover rule: the downtime limit is a ceiling, not
+//! a target.
+//!
+//! QEMU stops the guest as soon as the expected stop fits `downtime-limit`.
+//! On a fast link that moment comes early, with a large remainder: 300 ms
+//! at 4 GB/s is over a gigabyte, so a busy guest is stopped with its whole
+//! working set still to copy, for tens of milliseconds, when a few more
+//! passes would have brought the stop down to what the guest dirties in one
+//! short pass.
+//!
+//! The rule here ([`SwitchoverPolicy::ShortestStop`], the default) judges
+//! every sync at which the stop fits the limit. The expected stop is the
+//! fixed cost (vCPU stop and start, device state, the end-of-stream round
+//! trip: [`handle_stop_cost`]) plus the pending bytes (dirty and still
+//! queued) over the bandwidth. It stops:
+//!
+//! - when the transfer takes less than [`SWITCH_AT_ONCE`]: there is
+//!   nothing left to gain (at every sync, mid-pass ones included);
+//! - when the next pass is predicted not to fit (the guest dirtying at the
+//!   rate measured since the last sync for as long as the pending bytes
+//!   take to send): this may be the last stop that fits, and QEMU's rule
+//!   would take it, so this one does too (at every sync, too);
+//! - at the end of a pass that did not cut the expected stop by
+//!   [`1 / SHRINK`](SHRINK) of the shortest seen so far (the remainder is
+//!   what the guest dirties during one pass, the floor its dirty rate
+//!   allows, or the fixed cost dominates), if this pass is within
+//!   `1 / SHRINK` of that shortest; a pass further off (a burst of
+//!   writes) is iterated past, for a better one;
+//! - after [`MAX_FITTING_PASSES`] passes that fit, at the first sync whose
+//!   stop fits, as QEMU would.
+//!
+//! It iterates otherwise: a pass that did cut the stop is likely to be
+//! followed by one that cuts it again. A send queue longer than the dirty
+//! pages is drained first, with the guest running, when the guest dirties
+//! memory slower than the link carries it (waiting for `q` queued bytes
+//! over `r` dirty ones trades a stop of `r + q` for one of about `2r`
+//! plus what the guest dirtied meanwhile).
+//!
+//! A stop that does not fit the limit is never taken: passes that do not
+//! fit are judged by the no-progress rule and the limits of
+//! [`Limits`](crate::config::Limits), exactly as under
+//! [`SwitchoverPolicy::FitsLimit`]. With the stop that may be the last to
+//! fit always taken, the rule gives up on a migration that QEMU's rule
+//! completes only when the prediction is wrong (a guest whose dirty rate
+//! jumps between two syncs), and it never runs more than
+//! `MAX_FITTING_PASSES` passes beyond QEMU's rule.
+//!
+//! Every stop starts right after a sync, with the vCPUs stopped straight
+//! from the decision: the remainder is as small as it will get, and the
+//! final sync, with the vCPUs stopped, finds only what the guest wrote
+//! between the two (its cost is part of the stop cost).
+//!
+//! [`SwitchoverPolicy::ShortestStop`]: crate::config::SwitchoverPolicy::ShortestStop
+//! [`SwitchoverPolicy::FitsLimit`]: crate::config::SwitchoverPolicy::FitsLimit
+//! [`handle_stop_cost`]: super::SourceEngine::handle_stop_cost
+
+use core::time::Duration;
+
+/// A stop whose transfer takes less than this is taken at once: it is
+/// below the noise of the fixed cost (stopping and starting vCPUs alone
+/// took 1 to 11 ms on the development VM), so another pass cannot make the
+/// stop noticeably shorter, and would only cost the guest another round of
+/// dirty-tracking faults.
+pub const SWITCH_AT_ONCE: Duration = Duration::from_millis(1);
+
+/// The share of the expected stop a pass must cut, as `1 / SHRINK`, to
+/// count as progress (and the margin within which a pass is as good as the
+/// best): the remainder moves by a few percent from pass to pass with the
+/// guest's writes and the link's jitter, and a pass that saves less than
+/// an eighth of the stop is not worth a whole pass of link time.
+pub const SHRINK: u64 = 8;
+
+/// Passes with a stop that fits the limit after which any fitting stop is
+/// taken. Passes that keep shrinking the stop by an eighth reach
+/// [`SWITCH_AT_ONCE`] from a 300 ms transfer in about 43 passes in the
+/// worst case, but at a dirty rate under half the link rate in under 9; a
+/// dozen keeps the extra time over QEMU's rule bounded (each of these
+/// passes sends less than the limit's worth of bytes, so takes about the
+/// limit at most) while leaving room for the usual geometric convergence.
+pub const MAX_FITTING_PASSES: u32 = 12;
+
+/// What the rule remembers between passes.
+pub(super) struct ShortestStop {
+    /// Shortest expected stop at the end of a fitting pass, in any unit
+    /// (the engine uses microseconds; `u64::MAX`: none yet).
+    best: u64,
+    /// Passes that ended with a stop fitting the limit.
+    fitting_passes: u32,
+    /// The number of the last pass judged (passes are numbered from 1:
+    /// zero means none has ended yet).
+    judged_pass: u64,
+}
+
+impl ShortestStop {
+    pub const fn new() -> Self {
+        ShortestStop {
+            best: u64::MAX,
+            fitting_passes: 0,
+            judged_pass: 0,
+        }
+    }
+
+    /// At a sync with a stop that fits the limit, `passes` passes ended so
+    /// far and a stop of `stop` expected: true to stop now, false to
+    /// iterate. A pass is judged once, at the first sync after its end; a
+    /// sync in the middle of a pass stops only once the bound is reached.
+    pub fn judge(&mut self, passes: u64, stop: u64) -> bool {
+        if passes == self.judged_pass {
+            return self.exhausted();
+        }
+        self.judged_pass = passes;
+        self.fitting_passes = self.fitting_passes.saturating_add(1);
+        let best = self.best;
+        if best == u64::MAX || stop < best - best / SHRINK {
+            self.best = stop;
+            return self.exhausted();
+        }
+        self.best = best.min(stop);
+        stop <= best.saturating_add(best / SHRINK) || self.exhausted()
+    }
+
+    /// True once [`MAX_FITTING_PASSES`] fitting passes have gone by: from
+    /// then on the first stop that fits is taken.
+    pub fn exhausted(&self) -> bool {
+        self.fitting_passes >= MAX_FITTING_PASSES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Judges passes 1, 2, ... with these expected stops, one sync each;
+    /// returns the pass that stopped.
+    fn run(rule: &mut ShortestStop, stops: &[u64]) -> Option<u64> {
+        (1..)
+            .zip(stops)
+            .find_map(|(pass, &stop)| rule.judge(pass, stop).then_some(pass))
+    }
+
+    #[test]
+    fn iterates_while_passes_shrink_the_stop() {
+        // 64 ms, then each pass halving it.
+        let stops: std::vec::Vec<u64> = (0..6).map(|i| 64_000 >> i).collect();
+        assert_eq!(run(&mut ShortestStop::new(), &stops), None);
+    }
+
+    #[test]
+    fn stops_at_a_plateau_on_a_pass_near_the_best() {
+        // The third did not shrink by an eighth and is within one of the
+        // best.
+        assert_eq!(run(&mut ShortestStop::new(), &[1000, 500, 540]), Some(3));
+    }
+
+    #[test]
+    fn waits_out_a_burst_at_a_plateau() {
+        // The third is a burst, worse than the best by more than an
+        // eighth; the fourth is back near the best.
+        assert_eq!(
+            run(&mut ShortestStop::new(), &[1000, 500, 900, 510]),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn a_mid_pass_sync_does_not_judge_the_pass_again() {
+        let mut rule = ShortestStop::new();
+        assert!(!rule.judge(0, 1000), "no pass has ended yet");
+        assert!(!rule.judge(1, 1000));
+        assert!(!rule.judge(1, 1000), "pass 1 was judged already");
+        assert!(rule.judge(2, 1000));
+    }
+
+    #[test]
+    fn gives_in_after_the_bound_whatever_the_passes_do() {
+        // Alternating bursts and shrinks never reach a plateau near the
+        // best; the bound ends it, and from then on mid-pass syncs stop
+        // too.
+        let stops: std::vec::Vec<u64> = (0..64)
+            .map(|i| {
+                if i % 2 == 0 {
+                    1u64 << (40 - i)
+                } else {
+                    1u64 << (42 - i)
+                }
+            })
+            .collect();
+        let mut rule = ShortestStop::new();
+        assert_eq!(run(&mut rule, &stops), Some(u64::from(MAX_FITTING_PASSES)));
+        assert!(rule.exhausted());
+        assert!(rule.judge(u64::from(MAX_FITTING_PASSES), 1 << 40));
+    }
+
+    #[test]
+    fn a_stop_of_zero_or_near_the_maximum_does_not_overflow() {
+        assert_eq!(run(&mut ShortestStop::new(), &[0, 0]), Some(2));
+        assert_eq!(
+            run(&mut ShortestStop::new(), &[u64::MAX - 1, u64::MAX - 1]),
+            Some(2)
+        );
+    }
+}

@@ -1,0 +1,536 @@
+//! Multifd on the destination: the channels accepted on the VMM's
+//! listener, one receiver thread each, reading every packet straight into
+//! guest memory (`readv` into the pages' iovecs) after checking its header,
+//! sequence and pages with the core.
+//!
+//! A receiver that reads its channel's SYNC reports it and waits: it reads
+//! nothing more until the main stream's flush has found every channel at
+//! the sync and released them ([`ChannelReceivers::sync`]). Any failure
+//! (a malformed or out-of-sequence packet, a read error, a close inside a
+//! packet, a channel missing at the flush's deadline) fails the migration
+//! before LOADED, so the source resumes its guest.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use livemig_core::destination::{ChannelTotals, DestError, check_channel_pages};
+use livemig_core::digest::DigestKey;
+use livemig_core::wire::{
+    ChannelHello, ChannelReceiver, DecodeError, HELLO_LEN, PACKET_HEADER_LEN, PacketEntries,
+    PacketHeader, PacketKind, PageKind, SequenceError,
+};
+
+use super::super::ram_layout;
+use super::Event;
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE, PageIovecs};
+use crate::transport::{Connection, Listener, TransportError};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Why a multifd channel failed on the destination.
+#[derive(Debug)]
+pub enum ChannelFailure {
+    /// The source announced channels and the VMM gave no listener to
+    /// accept them on ([`super::receive`] rather than
+    /// [`super::receive_with_channels`]).
+    NoListener,
+    /// Accepting a channel, or reading its hello, failed or timed out.
+    Accept(TransportError),
+    /// A malformed hello or packet on channel `channel`.
+    Decode {
+        /// The channel (its hello's index; the connection's order before).
+        channel: u16,
+        /// What was wrong.
+        error: DecodeError,
+    },
+    /// A packet or hello out of sequence, or of another migration.
+    Sequence {
+        /// The channel.
+        channel: u16,
+        /// What was wrong.
+        error: SequenceError,
+    },
+    /// Two connections claimed the same channel index.
+    DuplicateIndex(u16),
+    /// A packet's pages do not fit the RAM layout.
+    Pages {
+        /// The channel.
+        channel: u16,
+        /// What was wrong.
+        error: DestError,
+    },
+    /// Guest RAM refused a page.
+    Ram {
+        /// The channel.
+        channel: u16,
+        /// What was wrong.
+        error: MemoryError,
+    },
+    /// Reading the channel failed (or it closed inside a packet).
+    Read {
+        /// The channel.
+        channel: u16,
+        /// The read that failed.
+        error: TransportError,
+    },
+    /// The channel closed, or its thread ended, before the sync.
+    Closed(u16),
+    /// The channel did not reach the sync within the deadline.
+    SyncTimeout {
+        /// The channel.
+        channel: u16,
+        /// The deadline, milliseconds.
+        ms: u128,
+    },
+}
+
+impl fmt::Display for ChannelFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoListener => f.write_str(
+                "the source sends pages on multifd channels and this destination was given \
+                 no listener to accept them on",
+            ),
+            Self::Accept(e) => write!(f, "accepting a multifd channel: {e}"),
+            Self::Decode { channel, error } => write!(f, "multifd channel {channel}: {error}"),
+            Self::Sequence { channel, error } => write!(f, "multifd channel {channel}: {error}"),
+            Self::DuplicateIndex(i) => write!(f, "two connections claim multifd channel {i}"),
+            Self::Pages { channel, error } => write!(f, "multifd channel {channel}: {error}"),
+            Self::Ram { channel, error } => write!(f, "multifd channel {channel}: {error}"),
+            Self::Read { channel, error } => write!(f, "multifd channel {channel}: {error}"),
+            Self::Closed(c) => write!(f, "multifd channel {c} closed before its sync"),
+            Self::SyncTimeout { channel, ms } => {
+                write!(
+                    f,
+                    "multifd channel {channel} did not reach its sync within {ms} ms"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ChannelFailure {}
+
+/// What a receiver tells the migration thread.
+enum Report {
+    /// The channel read its SYNC of `generation`, having placed `totals`
+    /// since the last one, which changed each block's digest by `digest`
+    /// (empty without a key).
+    Synced {
+        channel: u16,
+        generation: u32,
+        totals: ChannelTotals,
+        digest: Vec<u64>,
+    },
+    /// The channel closed between packets.
+    Closed(u16),
+    /// The channel failed.
+    Failed(ChannelFailure),
+}
+
+/// Pages a channel wrote, one bit per guest page, shared by the receivers:
+/// a zero page needs writing only over a page placed earlier.
+pub(super) struct Placed(Vec<AtomicU64>);
+
+impl Placed {
+    fn set(&self, gfn: u64, placed: bool) -> bool {
+        let Some(word) = self.0.get((gfn / 64) as usize) else {
+            return false;
+        };
+        let bit = 1 << (gfn % 64);
+        let old = if placed {
+            word.fetch_or(bit, Ordering::Relaxed)
+        } else {
+            word.fetch_and(!bit, Ordering::Relaxed)
+        };
+        old & bit != 0
+    }
+
+    /// The bitmap's words, to merge into the host's.
+    pub(super) fn words(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().map(|w| w.load(Ordering::Relaxed))
+    }
+}
+
+/// The receivers' digest books, when the source verifies: the key and
+/// each guest page's current term, one slot per page of each block shared
+/// by all receivers. A page travels on one channel per generation and the
+/// sync orders generations (its release happens after every receiver's
+/// report), so a slot has one writer at a time.
+struct ChannelBooks {
+    key: DigestKey,
+    terms: Vec<Vec<AtomicU64>>,
+}
+
+impl ChannelBooks {
+    /// Page `page` of `block` now holds contents of term `term`: the
+    /// change to the block's sum.
+    fn record(&self, block: u16, page: u64, term: u64) -> u64 {
+        let slot = self
+            .terms
+            .get(usize::from(block))
+            .and_then(|t| t.get(usize::try_from(page).ok()?));
+        slot.map_or(0, |s| term.wrapping_sub(s.swap(term, Ordering::Relaxed)))
+    }
+}
+
+/// The receivers of one incoming multifd migration.
+pub(super) struct ChannelReceivers {
+    /// Clones of the connections, by channel: shut down at the end so a
+    /// receiver blocked in `read` wakes.
+    conns: Vec<Connection>,
+    releases: Vec<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+    reports: Receiver<Report>,
+    /// Channels that reported their sync, what they placed and how it
+    /// changed each block's digest.
+    synced: Vec<Option<(u32, ChannelTotals, Vec<u64>)>>,
+    /// Per block, the change to its digest the channels made since the
+    /// engine last took it ([`take_digest`](Self::take_digest)).
+    digest: Vec<u64>,
+    closed: Vec<bool>,
+    pub(super) placed: Arc<Placed>,
+    /// How long a sync or an accept may wait.
+    deadline: Duration,
+}
+
+impl ChannelReceivers {
+    /// Accepts `count` channels on `listener` (each within `deadline`),
+    /// checks their hellos against the announcement and starts a receiver
+    /// on each; with `key`, each receiver books the pages it places. `wake`
+    /// tells the migration thread a channel failed.
+    pub(super) fn open(
+        listener: &Listener,
+        count: u16,
+        migration_id: u64,
+        key: Option<DigestKey>,
+        ram: &GuestMemory,
+        deadline: Duration,
+        wake: &Sender<Event>,
+    ) -> Result<Self, ChannelFailure> {
+        let mut by_index: Vec<Option<(Connection, ChannelReceiver)>> =
+            (0..count).map(|_| None).collect();
+        for order in 0..count {
+            let conn = listener
+                .accept_within(deadline)
+                .map_err(ChannelFailure::Accept)?;
+            conn.set_read_timeout(Some(deadline))
+                .map_err(ChannelFailure::Accept)?;
+            let mut hello = [0u8; HELLO_LEN];
+            conn.read_exact(&mut hello)
+                .map_err(ChannelFailure::Accept)?;
+            conn.set_read_timeout(None)
+                .map_err(ChannelFailure::Accept)?;
+            let hello = ChannelHello::decode(&hello).map_err(|error| ChannelFailure::Decode {
+                channel: order,
+                error,
+            })?;
+            let mut seq = ChannelReceiver::new(migration_id, count);
+            let index = seq
+                .hello(&hello)
+                .map_err(|error| ChannelFailure::Sequence {
+                    channel: order,
+                    error,
+                })?;
+            let slot = by_index
+                .get_mut(usize::from(index))
+                .ok_or(ChannelFailure::DuplicateIndex(index))?;
+            if slot.replace((conn, seq)).is_some() {
+                return Err(ChannelFailure::DuplicateIndex(index));
+            }
+        }
+        let (report_tx, reports) = mpsc::channel();
+        let words = ram.guest_end().div_ceil(PAGE).div_ceil(64) as usize;
+        let placed = Arc::new(Placed((0..words).map(|_| AtomicU64::new(0)).collect()));
+        let books = key.map(|key| {
+            Arc::new(ChannelBooks {
+                key,
+                terms: ram
+                    .regions()
+                    .iter()
+                    .map(|r| (0..r.len() / PAGE).map(|_| AtomicU64::new(0)).collect())
+                    .collect(),
+            })
+        });
+        let mut receivers = ChannelReceivers {
+            conns: Vec::new(),
+            releases: Vec::new(),
+            threads: Vec::new(),
+            reports,
+            synced: vec![None; usize::from(count)],
+            digest: vec![0; ram.regions().len()],
+            closed: vec![false; usize::from(count)],
+            placed: Arc::clone(&placed),
+            deadline,
+        };
+        for (channel, slot) in by_index.into_iter().enumerate() {
+            // Every index below `count` was filled once: `count` distinct
+            // indexes arrived.
+            let Some((conn, seq)) = slot else {
+                return Err(ChannelFailure::Closed(channel as u16));
+            };
+            receivers
+                .conns
+                .push(conn.try_clone().map_err(ChannelFailure::Accept)?);
+            let (release_tx, release) = mpsc::channel();
+            receivers.releases.push(release_tx);
+            let receiver = ChannelThread {
+                channel: channel as u16,
+                conn,
+                seq,
+                ram: ram.clone(),
+                placed: Arc::clone(&placed),
+                books: books.clone(),
+                reports: report_tx.clone(),
+                release,
+                wake: wake.clone(),
+            };
+            receivers
+                .threads
+                .push(thread::spawn(move || receiver.run()));
+        }
+        Ok(receivers)
+    }
+
+    /// The main stream's flush of `generation`: waits (each report within
+    /// the deadline) until every channel has reported its SYNC of it, then
+    /// releases them all into the next generation. Returns what they
+    /// placed since the last sync.
+    pub(super) fn sync(&mut self, generation: u32) -> Result<ChannelTotals, ChannelFailure> {
+        let deadline = Instant::now() + self.deadline;
+        while let Some(waiting) = self.synced.iter().position(Option::is_none) {
+            if self.closed.get(waiting).copied().unwrap_or(true) {
+                return Err(ChannelFailure::Closed(waiting as u16));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.reports.recv_timeout(left) {
+                Ok(report) => self.note(report)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(ChannelFailure::SyncTimeout {
+                        channel: waiting as u16,
+                        ms: self.deadline.as_millis(),
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ChannelFailure::Closed(waiting as u16));
+                }
+            }
+        }
+        let mut totals = ChannelTotals::default();
+        for (channel, s) in self.synced.iter_mut().enumerate() {
+            let Some((g, t, digest)) = s.take() else {
+                continue;
+            };
+            if g != generation {
+                return Err(ChannelFailure::Sequence {
+                    channel: channel as u16,
+                    error: SequenceError::WrongGeneration {
+                        expected: generation,
+                        found: g,
+                    },
+                });
+            }
+            totals.normal += t.normal;
+            totals.normal_bytes += t.normal_bytes;
+            totals.zero += t.zero;
+            totals.bytes += t.bytes;
+            for (sum, d) in self.digest.iter_mut().zip(digest) {
+                *sum = sum.wrapping_add(d);
+            }
+        }
+        for release in &self.releases {
+            // A receiver that ended has reported why; the next sync says.
+            let _ = release.send(());
+        }
+        Ok(totals)
+    }
+
+    /// The change the channels' pages made to block `block`'s digest since
+    /// the last call (0 without a key).
+    pub(super) fn take_digest(&mut self, block: u16) -> u64 {
+        self.digest
+            .get_mut(usize::from(block))
+            .map_or(0, std::mem::take)
+    }
+
+    /// A failure reported since the last look, outside a sync.
+    pub(super) fn failure(&mut self) -> Option<ChannelFailure> {
+        while let Ok(report) = self.reports.try_recv() {
+            if let Err(e) = self.note(report) {
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    fn note(&mut self, report: Report) -> Result<(), ChannelFailure> {
+        match report {
+            Report::Synced {
+                channel,
+                generation,
+                totals,
+                digest,
+            } => {
+                if let Some(slot) = self.synced.get_mut(usize::from(channel)) {
+                    *slot = Some((generation, totals, digest));
+                }
+                Ok(())
+            }
+            Report::Closed(channel) => {
+                if let Some(c) = self.closed.get_mut(usize::from(channel)) {
+                    *c = true;
+                }
+                Ok(())
+            }
+            Report::Failed(e) => Err(e),
+        }
+    }
+
+    /// Ends the receivers: shuts their connections down and joins them.
+    pub(super) fn finish(self) {
+        drop(self.releases);
+        for conn in &self.conns {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One receiver thread's state.
+struct ChannelThread {
+    channel: u16,
+    conn: Connection,
+    seq: ChannelReceiver,
+    ram: GuestMemory,
+    placed: Arc<Placed>,
+    books: Option<Arc<ChannelBooks>>,
+    reports: Sender<Report>,
+    release: Receiver<()>,
+    wake: Sender<Event>,
+}
+
+impl ChannelThread {
+    fn run(mut self) {
+        let report = match self.receive() {
+            Ok(()) => Report::Closed(self.channel),
+            Err(e) => Report::Failed(e),
+        };
+        let failed = matches!(report, Report::Failed(_));
+        let _ = self.reports.send(report);
+        if failed {
+            let _ = self.wake.send(Event::Channel);
+        }
+    }
+
+    /// Reads packets until the channel closes between two of them (`Ok`),
+    /// the migration thread lets go (`Ok`), or something fails.
+    fn receive(&mut self) -> Result<(), ChannelFailure> {
+        let channel = self.channel;
+        let layout = ram_layout(&self.ram).map_err(|_| ChannelFailure::Closed(channel))?;
+        let read_err = |error| ChannelFailure::Read { channel, error };
+        let mut entry_bytes = vec![0u8; 8 * livemig_core::wire::MAX_BATCH_PAGES];
+        let mut gfns: Vec<u64> = Vec::new();
+        let mut totals = ChannelTotals::default();
+        let blocks = if self.books.is_some() {
+            layout.len()
+        } else {
+            0
+        };
+        let mut digest = vec![0u64; blocks];
+        loop {
+            let mut head = [0u8; PACKET_HEADER_LEN];
+            // A close between packets is the end; inside one, an error.
+            let first = self.conn.read(&mut head).map_err(read_err)?;
+            if first == 0 {
+                return Ok(());
+            }
+            self.conn.read_exact(&mut head[first..]).map_err(read_err)?;
+            let header = PacketHeader::decode(&head)
+                .map_err(|error| ChannelFailure::Decode { channel, error })?;
+            let table = &mut entry_bytes[..header.entries_len()];
+            self.conn.read_exact(table).map_err(read_err)?;
+            let entries = PacketEntries::decode(&header, table)
+                .map_err(|error| ChannelFailure::Decode { channel, error })?;
+            check_channel_pages(&layout, &header, &entries)
+                .map_err(|error| ChannelFailure::Pages { channel, error })?;
+            self.seq
+                .packet(&header)
+                .map_err(|error| ChannelFailure::Sequence { channel, error })?;
+            totals.bytes += (PACKET_HEADER_LEN + header.entries_len()) as u64;
+            let block = match header.kind {
+                PacketKind::Sync => {
+                    let done = std::mem::take(&mut totals);
+                    let report = Report::Synced {
+                        channel,
+                        generation: self.seq.generation(),
+                        totals: done,
+                        digest: std::mem::replace(&mut digest, vec![0; blocks]),
+                    };
+                    if self.reports.send(report).is_err() || self.release.recv().is_err() {
+                        return Ok(());
+                    }
+                    self.seq.release();
+                    continue;
+                }
+                PacketKind::Pages { block, .. } => block,
+            };
+            let first_gfn = self
+                .ram
+                .region(usize::from(block))
+                .map_err(|error| ChannelFailure::Ram { channel, error })?
+                .guest_phys()
+                / PAGE;
+            gfns.clear();
+            for e in entries.iter() {
+                let gfn = first_gfn + e.index;
+                match e.kind {
+                    PageKind::Normal => {
+                        gfns.push(gfn);
+                        self.placed.set(gfn, true);
+                    }
+                    // Fresh memory reads as zero: only a page placed
+                    // earlier in the migration needs writing.
+                    PageKind::Zero => {
+                        if let (Some(books), Some(d)) =
+                            (&self.books, digest.get_mut(usize::from(block)))
+                        {
+                            *d = d.wrapping_add(books.record(block, e.index, 0));
+                        }
+                        if self.placed.set(gfn, false) {
+                            self.ram
+                                .write(gfn * PAGE, &ZERO_PAGE)
+                                .map_err(|error| ChannelFailure::Ram { channel, error })?;
+                        }
+                        totals.zero += 1;
+                    }
+                }
+            }
+            let iov = PageIovecs::new(&self.ram, &[], &gfns)
+                .map_err(|error| ChannelFailure::Ram { channel, error })?;
+            self.conn.read_page_iovecs(iov).map_err(read_err)?;
+            if let (Some(books), Some(d)) = (&self.books, digest.get_mut(usize::from(block))) {
+                // The bytes just read, hashed while they are in the cache
+                // (volatile reads: no vCPU runs here yet, but the memory
+                // is the guest's).
+                for e in entries.iter().filter(|e| e.kind == PageKind::Normal) {
+                    let term = self
+                        .ram
+                        .page_term(usize::from(block), e.index, &books.key)
+                        .map_err(|error| ChannelFailure::Ram { channel, error })?;
+                    *d = d.wrapping_add(books.record(block, e.index, term));
+                }
+            }
+            let data = (gfns.len() * PAGE_SIZE) as u64;
+            totals.normal += gfns.len() as u64;
+            totals.normal_bytes += data;
+            totals.bytes += data;
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Multifd between two in-process test VMMs (`support/`), through
+//! livemig-kvm's public API: the source hands its channel connections to
+//! [`migrate_with_channels`], the destination accepts them on its listener
+//! in [`receive_with_channels`]. A migration over two channels arrives
+//! with memory equal and every vCPU going on; one channel's socket shut
+//! down mid-migration fails it with the source guest running on and the
+//! destination guest never started. Each test skips loudly without
+//! `/dev/kvm`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use livemig_core::capabilities::Capabilities;
+use livemig_core::config::MigrationConfig;
+use livemig_core::status::MigrationStatus;
+use livemig_kvm::transport::{Listener, MigrationUri};
+use livemig_kvm::{
+    Connection, DestinationReport, DestinationVm, MigrateError, ReceiveOptions, SourceOptions,
+    SourceReport, SourceVm, Vcpus, migrate, migrate_with_channels, receive_with_channels,
+};
+use support::{HIGH_GPA, TestVm, kvm_available};
+use vm_memory::{Bytes, GuestAddress};
+
+const VCPUS: usize = 4;
+const CHANNELS: u8 = 2;
+
+fn config() -> MigrationConfig {
+    let mut config = MigrationConfig {
+        capabilities: Capabilities::ZERO_PAGE_DETECTION
+            | Capabilities::RETURN_PATH
+            | Capabilities::MULTIFD,
+        ..MigrationConfig::default()
+    };
+    config.parameters.multifd_channels = CHANNELS;
+    config
+}
+
+/// Boots a 4-vCPU source with most of its RAM non-zero (so pages, not
+/// zero entries, cross the channels) and lets it count a little.
+fn running_source() -> TestVm {
+    let src = TestVm::new(VCPUS, true, |_| {});
+    let fill: Vec<u8> = (0..768 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+    src.ram
+        .write_slice(&fill, GuestAddress(0x40000))
+        .expect("fill low RAM");
+    src.ram
+        .write_slice(&fill[..512 * 1024], GuestAddress(HIGH_GPA))
+        .expect("fill high RAM");
+    src.vcpus.resume_all().expect("start the source guest");
+    assert!(
+        src.counters_pass(&[10; VCPUS]),
+        "the source guest does not run"
+    );
+    src
+}
+
+fn destination_vm(dst: &TestVm) -> DestinationVm {
+    DestinationVm {
+        vm: Arc::clone(&dst.vm),
+        memory: dst.memory.clone(),
+        vcpus: dst.vcpus.clone(),
+        devices: Vec::new(),
+        on_started: None,
+    }
+}
+
+fn source_vm(src: &TestVm) -> SourceVm {
+    SourceVm {
+        vm: Arc::clone(&src.vm),
+        memory: src.memory.clone(),
+        vcpus: src.vcpus.clone(),
+        devices: Vec::new(),
+        device_dirty: None,
+        running: true,
+    }
+}
+
+/// A TCP listener on loopback and its address.
+fn listen() -> (Listener, MigrationUri) {
+    let any: MigrationUri = "tcp:127.0.0.1:0".parse().expect("address");
+    let listener = Listener::bind(&any).expect("bind");
+    let uri = listener.local_uri().expect("local address");
+    (listener, uri)
+}
+
+/// Starts a destination on its own thread that accepts the main
+/// connection, then receives with channels on the same listener.
+fn destination(dst: &TestVm, listener: Listener) -> std::thread::JoinHandle<DestinationReport> {
+    let vm = destination_vm(dst);
+    std::thread::spawn(move || {
+        let conn = listener.accept().expect("accept the main connection");
+        let options = ReceiveOptions {
+            digest: true,
+            idle_timeout: Duration::from_secs(10),
+        };
+        receive_with_channels(vm, conn, listener, options)
+            .expect("receive")
+            .join()
+            .expect("destination report")
+    })
+}
+
+/// The main connection, then the channels.
+fn connect(uri: &MigrationUri) -> (Connection, Vec<Connection>) {
+    let main = Connection::connect(uri).expect("connect");
+    let channels = (0..CHANNELS)
+        .map(|_| Connection::connect(uri).expect("connect a channel"))
+        .collect();
+    (main, channels)
+}
+
+#[test]
+fn two_channels_carry_the_guest_with_memory_equal_and_every_vcpu_goes_on() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (listener, uri) = listen();
+    let incoming = destination(&dst, listener);
+    let (main, channels) = connect(&uri);
+    let source: SourceReport = migrate_with_channels(
+        source_vm(&src),
+        main,
+        channels,
+        &config(),
+        SourceOptions::default(),
+    )
+    .expect("migrate")
+    .join()
+    .expect("source report");
+    let destination = incoming.join().expect("destination thread");
+    assert_eq!(
+        source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        source.stats.error_desc
+    );
+    assert!(destination.error.is_none(), "{:?}", destination.error);
+    // The source guest stays paused after a completed migration: its
+    // memory is the stop image.
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert_eq!(destination.digest, Some(src.memory.digest()));
+    assert!(destination.started);
+    let at_stop = src.counters();
+    assert!(
+        dst.counters_pass(&at_stop),
+        "a vCPU did not go on: {:?}",
+        dst.vcpus.failure()
+    );
+    // The pages went over the channels, and both ends counted them alike.
+    assert!(source.stats.ram.multifd_bytes > 1 << 20);
+    assert_eq!(source.stats.ram.normal, destination.stats.ram.normal);
+}
+
+#[test]
+fn a_channel_shut_down_mid_migration_fails_it_and_the_source_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (listener, uri) = listen();
+    let incoming = destination(&dst, listener);
+    let (main, channels) = connect(&uri);
+    let victim = channels[1].try_clone().expect("clone a channel");
+    let mut config = config();
+    // 1 MiB/s: the first pass of 1.25 MiB of data takes about a second.
+    config.parameters.max_bandwidth = 1 << 20;
+    let handle = migrate_with_channels(
+        source_vm(&src),
+        main,
+        channels,
+        &config,
+        SourceOptions::default(),
+    )
+    .expect("migrate");
+    while handle.stats().ram.multifd_bytes < 256 * 1024 && !handle.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!handle.is_finished(), "the migration ended before the cut");
+    victim
+        .shutdown(std::net::Shutdown::Both)
+        .expect("shut the channel down");
+    let source = handle.join().expect("source report");
+    let destination = incoming.join().expect("destination thread");
+    assert_eq!(source.stats.status, MigrationStatus::Failed);
+    assert!(
+        source
+            .stats
+            .error_desc
+            .as_str()
+            .contains("multifd channel 1")
+            || source.stats.error_desc.as_str().contains("destination"),
+        "source said: {}",
+        source.stats.error_desc
+    );
+    assert!(destination.error.is_some(), "the destination did not fail");
+    assert!(!destination.started);
+    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
+    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
+    let now = src.counters();
+    assert!(src.counters_pass(&now), "the source guest does not go on");
+}
+
+#[test]
+fn a_source_without_its_channels_is_refused_before_it_starts() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let (_listener, uri) = listen();
+    let main = Connection::connect(&uri).expect("connect");
+    let refused = migrate(source_vm(&src), main, &config(), SourceOptions::default());
+    assert!(
+        matches!(
+            refused,
+            Err(MigrateError::ChannelCount {
+                expected: 2,
+                given: 0
+            })
+        ),
+        "{:?}",
+        refused.err()
+    );
+    assert!(!src.vcpus.is_paused());
+}
