@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
+use livemig_core::digest::Verification;
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::transport::{Listener, MigrationUri};
 use livemig_kvm::{
@@ -139,6 +140,10 @@ fn two_channels_carry_the_guest_with_memory_equal_and_every_vcpu_goes_on() {
         source.stats.error_desc
     );
     assert!(destination.error.is_none(), "{:?}", destination.error);
+    // Both ends verified in-protocol: the receivers booked the pages they
+    // placed.
+    assert_eq!(source.stats.verification, Verification::Verified);
+    assert_eq!(destination.stats.verification, Verification::Verified);
     // The source guest stays paused after a completed migration: its
     // memory is the stop image.
     assert!(src.vcpus.is_paused(), "both hosts run the guest");

@@ -30,7 +30,7 @@ use livemig_core::status::MigrationStatus;
 use serde_json::{Map, Value, json};
 
 use crate::breakdown::DESTINATION_PARTS;
-use crate::demo::{self, DemoError, GuestShape};
+use crate::demo::{self, DemoError, GuestShape, MemoryCheck};
 use crate::interrupt::Cancel;
 use crate::qemu::QemuError;
 use crate::report::{Progress, Summary};
@@ -808,6 +808,18 @@ pub fn shape(case: BenchCase, opts: &BenchOptions) -> GuestShape {
     }
 }
 
+/// How a bench run checks the destination's memory: by the in-protocol
+/// verification, which puts no second digest of all RAM inside the stop
+/// the bench measures; only a run with verification off (`--no-verify`)
+/// falls back on the destination's digest, and its stop includes it.
+pub fn memory_check(opts: &BenchOptions) -> MemoryCheck {
+    if opts.source.verify {
+        MemoryCheck::InProtocol
+    } else {
+        MemoryCheck::Digest
+    }
+}
+
 /// Run `i` of `case`: a verified migration as `livemig demo` does it, then
 /// the two raw copies.
 pub fn run_one(
@@ -822,6 +834,7 @@ pub fn run_one(
         shape(case, opts),
         config,
         opts.source,
+        memory_check(opts),
         opts.warmup,
         opts.run_for,
         cancel,
@@ -944,9 +957,11 @@ pub fn run_multifd(
             let mut config = config.clone();
             config.capabilities |= livemig_core::capabilities::Capabilities::MULTIFD;
             config.parameters.multifd_channels = channels;
-            let summary = demo::run_demo(
+            let summary = demo::run_demo_with(
                 shape,
                 &config,
+                opts.source,
+                memory_check(opts),
                 opts.warmup,
                 opts.run_for,
                 cancel,

@@ -971,15 +971,41 @@ pub fn run_demo(
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
     let options = SourceOptions::default();
-    run_demo_with(shape, config, options, warmup, run_for, cancel, progress)
+    run_demo_with(
+        shape,
+        config,
+        options,
+        MemoryCheck::Digest,
+        warmup,
+        run_for,
+        cancel,
+        progress,
+    )
+}
+
+/// How `demo` judges that the destination's memory equals the source's,
+/// besides the guest's own stamp checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryCheck {
+    /// The destination also digests all of its memory once loaded (inside
+    /// the stop) and the source compares it with its own: an opinion
+    /// independent of the in-protocol verification, which also sees what
+    /// happens to a page after the engine placed it. `demo`'s.
+    Digest,
+    /// The in-protocol verification alone (Verified on both ends), which
+    /// adds nothing to the stop but the hashing of the final pass's pages:
+    /// `bench`'s, which measures the stop. Needs the source to verify.
+    InProtocol,
 }
 
 /// [`run_demo`] with the source driver's `options` (the pre-switchover
-/// pause).
+/// pause, verification) and how the destination's memory is checked.
+#[allow(clippy::too_many_arguments)]
 pub fn run_demo_with(
     shape: GuestShape,
     config: &MigrationConfig,
     options: SourceOptions,
+    check: MemoryCheck,
     warmup: Duration,
     run_for: Duration,
     cancel: &Cancel,
@@ -1005,7 +1031,7 @@ pub fn run_demo_with(
         .args(["--hold-timeout-s", "0"])
         // The demo's own check, independent of the in-protocol one: the
         // destination's digest of what it loaded, compared here.
-        .arg("--digest")
+        .args((check == MemoryCheck::Digest).then_some("--digest"))
         .args(
             config
                 .capabilities
@@ -1138,7 +1164,13 @@ pub fn run_demo_with(
         }
         ours.is_some() && ours == theirs
     } else {
-        out.digest.is_some() && out.digest == dest_digest
+        match check {
+            MemoryCheck::Digest => out.digest.is_some() && out.digest == dest_digest,
+            MemoryCheck::InProtocol => {
+                out.report.stats.verification.is_verified()
+                    && dest.get("verification").and_then(Value::as_str) == Some("verified")
+            }
+        }
     };
     // The in-protocol verdict, unless verification was turned off.
     let self_check = matches!(out.report.stats.verification, Verification::Off)

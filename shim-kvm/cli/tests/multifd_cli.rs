@@ -1,11 +1,13 @@
 //! `livemig` with `--cap multifd=on`: the demo and send/receive between two
-//! processes move the pages over the channels and verify (digests equal,
-//! every vCPU going on); multifd with postcopy is refused in one line.
+//! processes move the pages over the channels and verify (in-protocol on
+//! both ends, digests equal, every vCPU going on); multifd with postcopy is refused in one line.
 
 #[allow(dead_code)]
 mod common;
 
-use common::{demo_ok, finish, json_of_success, kvm_available, livemig, spawn_receiver, stderr};
+use common::{
+    demo_ok, finish, json_of_success, kvm_available, livemig, spawn_receiver_with, stderr,
+};
 
 #[test]
 fn demo_over_two_channels_verifies() {
@@ -29,6 +31,10 @@ fn demo_over_two_channels_verifies() {
     eprintln!("MEASURE demo multifd 2 channels: {v}");
     assert_eq!(v["status"], "completed");
     assert_eq!(v["verified"], true);
+    // The in-protocol verification on both ends (pages the channel
+    // receivers placed are booked), and the demo's own digest.
+    assert_eq!(v["verification"], "verified", "{v}");
+    assert_eq!(v["destination"]["verification"], "verified", "{v}");
     assert_eq!(v["destination"]["digest"], v["digest"]);
     assert!(
         v["ram"]["multifd-bytes"].as_u64().unwrap() > 16 << 20,
@@ -41,7 +47,8 @@ fn send_and_receive_over_three_channels_verify() {
     if !kvm_available() {
         return;
     }
-    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+    // `--digest`: the second opinion besides the in-protocol verdict.
+    let (receiver, addr) = spawn_receiver_with("tcp:127.0.0.1:0", 128, &["--digest"]);
     let send = livemig(&[
         "send",
         "--to",
@@ -63,6 +70,10 @@ fn send_and_receive_over_three_channels_verify() {
     let (s, r) = (json_of_success(&send), json_of_success(&recv));
     assert_eq!(s["status"], "completed");
     assert_eq!(r["status"], "completed");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(s["verification"], "verified", "{s}");
+    assert_eq!(r["verification"], "verified", "{r}");
     assert_eq!(s["digest"], r["digest"], "destination memory differs");
     assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0);
     assert_eq!(s["ram"]["normal"], r["ram"]["normal"]);

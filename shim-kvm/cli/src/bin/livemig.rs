@@ -827,6 +827,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     shape,
                     &config,
                     source_options(&a.migration, &a.workload, true),
+                    demo::MemoryCheck::Digest,
                     a.workload.warmup(),
                     Duration::from_millis(a.run_ms),
                     &cancel_on_signals()?,
