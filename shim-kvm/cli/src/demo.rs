@@ -711,10 +711,13 @@ fn receive_summary(
     }
     if let Some(t) = report.loaded_ns {
         extra.insert("loaded-ns".into(), json!(t));
-        extra.insert(
-            "digest-time".into(),
-            json!((report.digest_ms * 1000.0).round() / 1000.0),
-        );
+        // Only when asked for (`--digest`): no digest, no time for it.
+        if report.digest.is_some() {
+            extra.insert(
+                "digest-time".into(),
+                json!((report.digest_ms * 1000.0).round() / 1000.0),
+            );
+        }
     }
     extra.insert("guest-started".into(), json!(report.started));
     if let Some(a) = after {

@@ -43,6 +43,8 @@ fn bench_reports_the_ratio_against_raw_tcp_and_verifies() {
     assert_eq!(v["verified"], true);
     let run = &v["run-results"][0];
     assert_eq!(run["verified"], true, "{run}");
+    // Verified in-protocol; no second digest of all RAM inside the stop.
+    assert_eq!(run["destination-digest-time"], Value::Null, "{run}");
     assert_eq!(run["ram-total"], 256u64 << 20);
     // The working set alone is 16 MiB of non-zero pages.
     assert!(run["transferred"].as_u64().unwrap() > 16 << 20, "{run}");
