@@ -15,6 +15,12 @@ use crate::capabilities::Capabilities;
 use crate::config::SwitchoverPolicy;
 use crate::time::Instant;
 
+/// Passes a migration may make before its link's bandwidth is first
+/// measured (the first 100 ms slice, or an earlier estimate): far more
+/// than a real link needs to be measured, few enough that a clock that
+/// never advances still ends the migration.
+pub(super) const MAX_UNMEASURED_PASSES: u64 = 1000;
+
 /// The source's convergence bookkeeping.
 pub(super) struct Convergence {
     /// Bytes handed out that the peer has not taken yet, as last reported
@@ -28,6 +34,9 @@ pub(super) struct Convergence {
     pub best_pending: u64,
     /// Passes in a row that did not improve on `best_pending`.
     pub stalled_iterations: u64,
+    /// Passes ended before any bandwidth was measured (not judged; see
+    /// [`MAX_UNMEASURED_PASSES`]).
+    pub unmeasured_passes: u64,
     /// `stats.iterations` when progress was last judged (mid-pass syncs
     /// are not passes).
     pub judged_iterations: u64,
@@ -62,6 +71,7 @@ impl Convergence {
             stop_cost: Duration::ZERO,
             best_pending: u64::MAX,
             stalled_iterations: 0,
+            unmeasured_passes: 0,
             judged_iterations: 0,
             drain_until: None,
             threshold_bytes: 0,
@@ -255,6 +265,16 @@ impl SourceEngine<'_> {
             return false;
         }
         self.convergence.judged_iterations = self.stats.iterations;
+        if self.expected_stop().is_none() {
+            // No stop can be judged to fit before the link is measured, so
+            // a pass cannot be said to have failed to get closer: a small
+            // guest whose passes take a fraction of a millisecond would
+            // otherwise be given up on after ten of them, before its first
+            // bandwidth slice closed. Bounded all the same, for a clock
+            // that never moves.
+            self.convergence.unmeasured_passes += 1;
+            return self.convergence.unmeasured_passes >= MAX_UNMEASURED_PASSES;
+        }
         let pending = self.pending_bytes();
         let best = self.convergence.best_pending;
         if best == u64::MAX || pending < best - best / 16 || self.throttle.pending {
