@@ -2,7 +2,7 @@
 //! a batch, the optional audit of memory at the stop, and the Digest
 //! record before the end of the stream (see [`crate::digest`]).
 
-use super::{EndReason, PageReader, SourceEngine, SourceError, Step};
+use super::{EndReason, POPULATED_WINDOW, PageReader, SourceEngine, SourceError, Step};
 use crate::digest::{DigestBooks, DigestKey, Verification};
 use crate::wire::{self, EncodeError};
 
@@ -33,13 +33,33 @@ impl<'a> Verify<'a> {
     }
 
     /// The first page whose memory no longer matches its books, if any.
+    /// With the guest stopped, [`PageReader::populated`] is exact: a page
+    /// never populated is zero, so its term is 0 and it is checked without
+    /// being read (reading would fault it in).
     fn audit(&self, ram: &impl PageReader) -> Option<(u16, u64)> {
+        let mut mask = [0u64; POPULATED_WINDOW / 64];
         for (block, books) in self.books.iter().enumerate() {
             let block = block as u16;
-            for page in 0..books.pages() {
-                if books.term(page) != Some(ram.page_term(block, page, &self.key)) {
-                    return Some((block, page));
+            let pages = books.pages();
+            let mut first = 0;
+            while first < pages {
+                ram.populated(block, first, &mut mask);
+                let end = pages.min(first + POPULATED_WINDOW as u64);
+                for page in first..end {
+                    let bit = page - first;
+                    let populated = mask
+                        .get((bit / 64) as usize)
+                        .is_none_or(|w| w >> (bit % 64) & 1 == 1);
+                    let term = if populated {
+                        ram.page_term(block, page, &self.key)
+                    } else {
+                        0
+                    };
+                    if books.term(page) != Some(term) {
+                        return Some((block, page));
+                    }
                 }
+                first = end;
             }
         }
         None
