@@ -279,6 +279,30 @@ fn setup_err(what: &str, e: impl fmt::Display) -> HarnessError {
     HarnessError(format!("{what}: {e}"))
 }
 
+/// A page-sending action's bytes, as the wire carries them: `header`, then
+/// each page of `pages` of `block` read from `ram` (each read shown to the
+/// clear audit), into `buf`.
+fn gather(
+    buf: &mut Vec<u8>,
+    header: &[u8],
+    block: u16,
+    pages: &[u64],
+    ram: &SimRam,
+    audit: &mut ClearAudit,
+    guest_running: bool,
+) -> Result<(), HarnessError> {
+    buf.clear();
+    buf.extend_from_slice(header);
+    for &p in pages {
+        audit.read(usize::from(block), p, guest_running);
+        let data = ram
+            .page(usize::from(block), p)
+            .map_err(|e| setup_err("engine asked for a page outside RAM", e))?;
+        buf.extend_from_slice(data);
+    }
+    Ok(())
+}
+
 /// Watches the dirty-chunk clearing protocol from the outside: after each
 /// sync, every chunk with a fetched dirty bit must be cleared exactly once
 /// before any of its pages is read while the guest runs.
@@ -836,17 +860,15 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     block,
                     pages,
                 } => {
-                    page_buf.clear();
-                    page_buf.extend_from_slice(header);
-                    for &p in pages {
-                        audit
-                            .borrow_mut()
-                            .read(usize::from(block), p, guest.running);
-                        let data = src_ram
-                            .page(usize::from(block), p)
-                            .map_err(|e| setup_err("engine asked for a page outside RAM", e))?;
-                        page_buf.extend_from_slice(data);
-                    }
+                    gather(
+                        &mut page_buf,
+                        header,
+                        block,
+                        pages,
+                        &src_ram,
+                        &mut audit.borrow_mut(),
+                        guest.running,
+                    )?;
                     injector.batch(&mut page_buf, pages.len());
                     fwd.send(now, &page_buf).map(Some)
                 }
@@ -862,17 +884,15 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     block,
                     pages,
                 } => {
-                    page_buf.clear();
-                    page_buf.extend_from_slice(header);
-                    for &p in pages {
-                        audit
-                            .borrow_mut()
-                            .read(usize::from(block), p, guest.running);
-                        let data = src_ram
-                            .page(usize::from(block), p)
-                            .map_err(|e| setup_err("engine asked for a page outside RAM", e))?;
-                        page_buf.extend_from_slice(data);
-                    }
+                    gather(
+                        &mut page_buf,
+                        header,
+                        block,
+                        pages,
+                        &src_ram,
+                        &mut audit.borrow_mut(),
+                        guest.running,
+                    )?;
                     injector.channel_packet(&mut page_buf, header.len(), pages.len());
                     chans
                         .links

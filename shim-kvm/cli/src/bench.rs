@@ -679,28 +679,13 @@ pub fn table(results: &[CaseResult]) -> String {
         row.push(String::new());
         rows.push(row);
     }
-    let columns = rows[0].len();
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
     let mut out = String::new();
-    for (i, row) in rows.iter().enumerate() {
+    // A blank line between the medians and the min..max block.
+    for (i, line) in columns(&rows).lines().enumerate() {
         if i == results.len() + 1 {
             out.push('\n');
         }
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, w))| {
-                if c == 0 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("{cell:>w$}")
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
+        out.push_str(line);
         out.push('\n');
     }
     for r in results {
@@ -1029,6 +1014,32 @@ pub fn multifd_table(runs: &[ChannelRun]) -> String {
          non-zero pages;\nraw TCP: the same bytes over as many parallel streams to sink \
          processes, same run, alternating (medians)\n",
     );
+    out
+}
+
+/// Right-aligned columns (the first left-aligned), two spaces apart.
+pub(crate) fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..n)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
     out
 }
 

@@ -186,32 +186,6 @@ pub fn run_case(
     })
 }
 
-/// Right-aligned columns (the first left-aligned), two spaces apart.
-fn columns(rows: &[Vec<String>]) -> String {
-    let n = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..n)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, w))| {
-                if c == 0 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("{cell:>w$}")
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 /// The QEMU table (medians, then min..max) and the ratios livemig / QEMU.
 pub fn table(results: &[Comparison], qemu_version: &str) -> String {
     let mut head = vec!["case".to_string(), "runs".to_string()];
@@ -241,7 +215,7 @@ pub fn table(results: &[Comparison], qemu_version: &str) -> String {
         rows.push(row);
     }
     let mut out = format!("\nQEMU ({qemu_version}), same guest, alternating with the runs above\n");
-    out.push_str(&columns(&rows));
+    out.push_str(&bench::columns(&rows));
 
     let mut head = vec!["case".to_string()];
     head.extend(RATIOS.iter().map(|r| r.1.to_string()));
@@ -264,7 +238,7 @@ pub fn table(results: &[Comparison], qemu_version: &str) -> String {
         rows.push(row);
     }
     out.push_str("\nlivemig / QEMU (ratio of medians; below 1 = livemig smaller)\n");
-    out.push_str(&columns(&rows));
+    out.push_str(&bench::columns(&rows));
     out.push_str(LEGEND);
     out
 }
