@@ -226,6 +226,21 @@ fn running_source() -> TestVm {
     src
 }
 
+/// The migration completed, the destination took no error, only the
+/// destination runs the guest, and its memory equals the source's at the
+/// stop.
+fn assert_completed_with_equal_memory(o: &Outcome, src: &TestVm) {
+    assert_eq!(
+        o.source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        o.source.stats.error_desc
+    );
+    assert!(o.destination.error.is_none(), "{:?}", o.destination.error);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert_eq!(o.destination.digest, Some(o.source_digest));
+}
+
 fn assert_refused_and_source_runs(o: &Outcome, src: &TestVm, dst: &TestVm, words: &str) {
     assert_eq!(o.source.stats.status, MigrationStatus::Failed);
     let said = o
@@ -262,15 +277,7 @@ fn four_vcpus_arrive_with_equal_memory_and_every_vcpu_goes_on() {
         true,
         true,
     );
-    assert_eq!(
-        o.source.stats.status,
-        MigrationStatus::Completed,
-        "{}",
-        o.source.stats.error_desc
-    );
-    assert!(o.destination.error.is_none(), "{:?}", o.destination.error);
-    assert!(src.vcpus.is_paused(), "both hosts run the guest");
-    assert_eq!(o.destination.digest, Some(o.source_digest));
+    assert_completed_with_equal_memory(&o, &src);
     assert!(o.destination.started);
     assert_eq!(o.started_hooks, 1);
     assert!(
@@ -707,15 +714,7 @@ fn pages_never_populated_are_neither_read_nor_placed() {
         true,
         true,
     );
-    assert_eq!(
-        o.source.stats.status,
-        MigrationStatus::Completed,
-        "{}",
-        o.source.stats.error_desc
-    );
-    assert!(o.destination.error.is_none(), "{:?}", o.destination.error);
-    assert!(src.vcpus.is_paused(), "both hosts run the guest");
-    assert_eq!(o.destination.digest, Some(o.source_digest));
+    assert_completed_with_equal_memory(&o, &src);
     assert!(
         dst.counters_pass(&o.at_stop),
         "a vCPU did not go on: {:?}",
