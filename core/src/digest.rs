@@ -68,13 +68,31 @@
 //! chosen per migration by the source, makes a page left over from another
 //! migration or another guest unlikely to match by chance.
 //!
-//! The sums name the first mismatching block, not the page: naming the
-//! page needs the source's per-page terms, which precopy does not send
-//! (not yet).
+//! # Naming the first mismatching page
+//!
+//! The per-block sums name the first mismatching block; a sum alone cannot
+//! name a page. With the return path open, a precopy destination that
+//! finds a block's sums unequal then *locates* the page before it refuses
+//! the guest: it asks the source for the sums of [`LOCATE_PARTS`] equal
+//! parts of the block ([`RpMessage::DigestQuery`](crate::return_path::RpMessage::DigestQuery)),
+//! the source answers from its books
+//! ([`Record::DigestRanges`](crate::wire::Record::DigestRanges)), the
+//! destination compares each part with its own books and asks again for
+//! the first part whose sums differ, until a part is one page. That page
+//! is the first one whose terms differ (barring sums that cancel, with
+//! probability about 2^-64), and the destination tells the source
+//! ([`RpMessage::DigestMismatch`](crate::return_path::RpMessage::DigestMismatch))
+//! before its SHUT. A 1 GiB block of 4 KiB pages takes three rounds, each
+//! a return trip and a sum over the part's books on either end; it runs
+//! only after a mismatch, so a sound migration pays nothing for it. Both
+//! ends read only their books: no guest memory is touched. A multifd
+//! destination keeps its channels' pages' terms outside the engine's
+//! books, so it names the block only (the page: not yet), as does a
+//! destination without the return path.
 
 use core::fmt;
 
-use crate::wire::BlockInfo;
+use crate::wire::{BlockInfo, PageRange};
 
 /// Word lanes of the page hash: eight independent multiply chains, which
 /// keep a core's multiplier busy.
@@ -292,6 +310,40 @@ impl<'a> DigestBooks<'a> {
     pub fn sum(&self) -> u64 {
         self.sum
     }
+
+    /// The sum of the terms of the pages of `range` (the part of it inside
+    /// the block): what a located part is compared by.
+    pub fn range_sum(&self, range: PageRange) -> u64 {
+        let pages = self.pages();
+        let (first, end) = (range.first.min(pages), range.end().min(pages));
+        let (first, end) = (first as usize, end as usize);
+        self.terms
+            .get(first..end)
+            .unwrap_or(&[])
+            .iter()
+            .fold(0u64, |sum, t| sum.wrapping_add(*t))
+    }
+}
+
+/// Parts a located range is split into per round (see the module docs):
+/// 64 sums make an answer of 530 bytes, and three rounds take a block of
+/// 2^18 pages down to one page.
+pub const LOCATE_PARTS: u64 = 64;
+
+/// The parts of `range` one locate round compares: [`LOCATE_PARTS`] runs
+/// of equal length (the last one shorter when the count does not divide),
+/// fewer when the range has fewer pages. Both ends split a range the same
+/// way, so a query names the range and the answer's sums follow this order.
+pub fn locate_parts(range: PageRange) -> impl Iterator<Item = PageRange> {
+    let step = range.count.div_ceil(LOCATE_PARTS).max(1);
+    let parts = range.count.div_ceil(step);
+    (0..parts).map(move |i| {
+        let first = range.first + i * step;
+        PageRange {
+            first,
+            count: step.min(range.end() - first),
+        }
+    })
 }
 
 /// Where a migration's self-check stands, on either end.
@@ -311,6 +363,10 @@ pub enum Verification {
     Mismatch {
         /// Index of the first block whose digests differ.
         block: u16,
+        /// Index (in the block) of the first page whose terms differ,
+        /// once located (see the module docs); `None` while the locating
+        /// goes on, or where it cannot run.
+        page: Option<u64>,
     },
     /// The source's audit at the stop found page `page` of block `block`
     /// changed since it was last sent, without a dirty bit: the source
@@ -334,6 +390,50 @@ impl Verification {
 mod tests {
     use super::*;
     use crate::wire::BlockId;
+
+    #[test]
+    fn locate_parts_cover_the_range_in_order() {
+        let parts = |first, count| {
+            let mut v = [PageRange { first: 0, count: 0 }; 64];
+            let mut n = 0;
+            for p in locate_parts(PageRange { first, count }) {
+                v[n] = p;
+                n += 1;
+            }
+            (v, n)
+        };
+        let (v, n) = parts(0, 1 << 18);
+        assert_eq!(n, 64);
+        assert_eq!(
+            v[1],
+            PageRange {
+                first: 4096,
+                count: 4096
+            }
+        );
+        let (v, n) = parts(10, 100);
+        assert_eq!(n, 50, "step 2 for 100 pages");
+        assert_eq!(
+            v[49],
+            PageRange {
+                first: 108,
+                count: 2
+            }
+        );
+        let (v, n) = parts(7, 65);
+        assert_eq!(n, 33);
+        assert_eq!(
+            v[32],
+            PageRange {
+                first: 71,
+                count: 1
+            },
+            "the last part is shorter"
+        );
+        let (v, n) = parts(5, 3);
+        assert_eq!(n, 3);
+        assert_eq!(v[2], PageRange { first: 7, count: 1 });
+    }
 
     const PAGE: usize = 4096;
 
@@ -401,6 +501,8 @@ mod tests {
         assert_eq!(a.sum(), 7);
         assert!(!a.record(4, 1), "outside the block");
         assert_eq!(a.sum(), 7);
+        assert_eq!(a.range_sum(PageRange { first: 1, count: 2 }), 7);
+        assert_eq!(a.range_sum(PageRange { first: 3, count: 9 }), 0);
         let mut short = [0u64; 3];
         assert_eq!(
             DigestBooks::new(&info, &mut short).unwrap_err(),

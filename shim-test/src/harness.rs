@@ -231,6 +231,9 @@ pub struct Outcome {
     pub end_reason: Option<EndReason>,
     /// The scenario's injected fault happened.
     pub fault_injected: bool,
+    /// The pages (block index, page index) whose data the injected fault
+    /// changed on their way to the destination.
+    pub injected_pages: Vec<(u16, u64)>,
 }
 
 /// What happened in postcopy.
@@ -893,7 +896,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                         &mut audit.borrow_mut(),
                         guest.running,
                     )?;
-                    injector.channel_packet(&mut page_buf, header.len(), pages.len());
+                    injector.channel_packet(&mut page_buf, header.len(), block, pages);
                     chans
                         .links
                         .get_mut(usize::from(channel))
@@ -1310,6 +1313,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         memory_identical,
         timed_out,
         fault_injected: injector.fired,
+        injected_pages: injector.pages,
     })
 }
 

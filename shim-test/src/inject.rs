@@ -37,6 +37,9 @@ pub enum InjectedFault {
     MissedDirtyPages,
 }
 
+/// A page: block index, page index.
+type PageAt = (u16, u64);
+
 /// The injector's state: the fault, normal pages seen, whether it fired.
 #[derive(Debug)]
 pub(crate) struct Injector {
@@ -45,6 +48,8 @@ pub(crate) struct Injector {
     /// Dirty-log syncs seen.
     syncs: u64,
     pub fired: bool,
+    /// The pages (block, page) whose data the fault changed.
+    pub pages: Vec<PageAt>,
 }
 
 impl Injector {
@@ -54,6 +59,7 @@ impl Injector {
             normal_seen: 0,
             syncs: 0,
             fired: false,
+            pages: Vec::new(),
         }
     }
 
@@ -75,9 +81,10 @@ impl Injector {
         }
         // The first normal page of this batch that is due.
         let skip = after.saturating_sub(seen) as usize;
-        if let Some(changed) = rewrite(record, skip, self.fault) {
+        if let Some((changed, pages)) = rewrite(record, skip, self.fault) {
             *record = changed;
             self.fired = true;
+            self.pages = pages;
         }
     }
 
@@ -85,7 +92,14 @@ impl Injector {
     /// `header_len` bytes of header and entries, then `normal_pages`
     /// pages' data) when its turn has come; the other batch faults are the
     /// main stream's.
-    pub fn channel_packet(&mut self, packet: &mut [u8], header_len: usize, normal_pages: usize) {
+    pub fn channel_packet(
+        &mut self,
+        packet: &mut [u8],
+        header_len: usize,
+        block: u16,
+        pages: &[u64],
+    ) {
+        let normal_pages = pages.len();
         let seen = self.normal_seen;
         self.normal_seen += normal_pages as u64;
         let Some(InjectedFault::FlippedByte { after }) = self.fault else {
@@ -100,6 +114,7 @@ impl Injector {
         if let Some(byte) = packet.get_mut(header_len + skip * page_len + page_len / 2) {
             *byte ^= 0x10;
             self.fired = true;
+            self.pages = pages.get(skip).map(|&p| (block, p)).into_iter().collect();
         }
     }
 
@@ -123,9 +138,14 @@ impl Injector {
     }
 }
 
-/// `record` with the fault applied from its `skip`-th normal page on, or
-/// `None` when the batch does not lend itself (too few pages).
-fn rewrite(record: &[u8], skip: usize, fault: Option<InjectedFault>) -> Option<Vec<u8>> {
+/// `record` with the fault applied from its `skip`-th normal page on, and
+/// the pages whose data changed, or `None` when the batch does not lend
+/// itself (too few pages).
+fn rewrite(
+    record: &[u8],
+    skip: usize,
+    fault: Option<InjectedFault>,
+) -> Option<(Vec<u8>, Vec<PageAt>)> {
     let mut stream = vec![0u8; STREAM_HEADER_LEN];
     wire::encode_stream_header(&mut stream).ok()?;
     stream.extend_from_slice(record);
@@ -143,7 +163,8 @@ fn rewrite(record: &[u8], skip: usize, fault: Option<InjectedFault>) -> Option<V
         .filter(|&i| pages[i].0.kind == PageKind::Normal)
         .skip(skip)
         .collect();
-    match fault? {
+    let block = batch.block();
+    let hit = match fault? {
         InjectedFault::MisplacedPage { .. } => {
             let first = *normal.first()?;
             let other = normal
@@ -153,20 +174,25 @@ fn rewrite(record: &[u8], skip: usize, fault: Option<InjectedFault>) -> Option<V
             let data = pages[first].1.take();
             pages[first].1 = pages[other].1.take();
             pages[other].1 = data;
+            vec![(block, pages[first].0.index), (block, pages[other].0.index)]
         }
         InjectedFault::DroppedPage { .. } => {
-            pages.remove(*normal.first()?);
+            let (entry, _) = pages.remove(*normal.first()?);
             if pages.is_empty() {
                 return None;
             }
+            vec![(block, entry.index)]
         }
         InjectedFault::FlippedByte { .. } => {
-            let data = pages[*normal.first()?].1.as_mut()?;
+            let i = *normal.first()?;
+            let index = pages[i].0.index;
+            let data = pages[i].1.as_mut()?;
             let mid = data.len() / 2;
             data[mid] ^= 0x10;
+            vec![(block, index)]
         }
         InjectedFault::MissedDirtyPages => return None,
-    }
+    };
     let entries: Vec<PageEntry> = pages.iter().map(|(e, _)| *e).collect();
     let flags: BatchFlags = batch.flags();
     let mut out = vec![0u8; record.len()];
@@ -182,5 +208,5 @@ fn rewrite(record: &[u8], skip: usize, fault: Option<InjectedFault>) -> Option<V
     for data in pages.iter().filter_map(|(_, d)| d.as_deref()) {
         out.extend_from_slice(data);
     }
-    Some(out)
+    Some((out, hit))
 }

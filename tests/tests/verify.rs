@@ -25,30 +25,53 @@ fn busy() -> Scenario {
 }
 
 /// The destination refused the guest for a digest mismatch, and the
-/// source guest runs on.
-fn assert_caught_by_destination(o: &Outcome) {
+/// source guest runs on. Both ends name the first mismatching block and
+/// `page` (`None`: the page is not located, as over multifd).
+fn assert_caught_by_destination(o: &Outcome, page: Option<u64>) {
     assert!(o.fault_injected, "the fault never happened: {o:#?}");
-    assert!(
-        matches!(
-            o.destination.verification,
-            Verification::Mismatch { block: 0 }
-        ),
-        "destination verdict {:?} ({})",
-        o.destination.verification,
+    let named = Verification::Mismatch { block: 0, page };
+    assert_eq!(
+        o.destination.verification, named,
+        "destination verdict ({})",
         o.destination.error_desc
     );
+    assert_eq!(
+        o.source.verification, named,
+        "source verdict ({})",
+        o.source.error_desc
+    );
+    let words = match page {
+        Some(p) => format!("verification failed: page {p} of RAM block 0 differs"),
+        None => "verification failed: the memory received for RAM block 0".into(),
+    };
     assert!(
-        o.destination
-            .error_desc
-            .as_str()
-            .contains("verification failed"),
+        o.destination.error_desc.as_str().contains(&words),
         "{}",
         o.destination.error_desc
     );
+    assert!(
+        o.source
+            .error_desc
+            .as_str()
+            .contains("verification failed at the destination"),
+        "{}",
+        o.source.error_desc
+    );
     assert!(!o.destination_running, "the destination started the guest");
     assert_eq!(o.end_reason, Some(EndReason::DestinationFailed));
-    assert_ne!(o.source.verification, Verification::Verified);
     assert_source_kept_guest(o);
+}
+
+/// The page the fault hit first (lowest index): the one the digest must
+/// name, since every other page arrived intact.
+fn first_hit(o: &Outcome) -> Option<u64> {
+    o.injected_pages
+        .iter()
+        .map(|&(b, p)| {
+            assert_eq!(b, 0, "one block");
+            p
+        })
+        .min()
 }
 
 #[test]
@@ -87,14 +110,17 @@ fn without_books_nothing_is_claimed() {
 fn a_page_placed_at_the_wrong_offset_is_caught() {
     let mut s = busy();
     s.fault = Some(InjectedFault::MisplacedPage { after: 100 });
-    assert_caught_by_destination(&run_migration(&s).expect("scenario"));
+    let o = run_migration(&s).expect("scenario");
+    assert_eq!(o.injected_pages.len(), 2, "two pages trade places");
+    assert_caught_by_destination(&o, first_hit(&o));
 }
 
 #[test]
 fn a_dropped_page_is_caught() {
     let mut s = busy();
     s.fault = Some(InjectedFault::DroppedPage { after: 100 });
-    assert_caught_by_destination(&run_migration(&s).expect("scenario"));
+    let o = run_migration(&s).expect("scenario");
+    assert_caught_by_destination(&o, first_hit(&o));
 }
 
 #[test]
@@ -105,7 +131,9 @@ fn a_byte_flipped_after_the_transport_is_caught() {
     s.fault = Some(InjectedFault::FlippedByte {
         after: 4 * MIB_PAGES + 100,
     });
-    assert_caught_by_destination(&run_migration(&s).expect("scenario"));
+    let o = run_migration(&s).expect("scenario");
+    assert_eq!(o.injected_pages.len(), 1);
+    assert_caught_by_destination(&o, first_hit(&o));
 }
 
 #[test]
@@ -182,5 +210,9 @@ fn a_byte_flipped_in_a_channel_packet_is_caught() {
     s.fault = Some(InjectedFault::FlippedByte {
         after: 4 * MIB_PAGES + 100,
     });
-    assert_caught_by_destination(&run_migration(&s).expect("scenario"));
+    let o = run_migration(&s).expect("scenario");
+    assert_eq!(o.injected_pages.len(), 1);
+    // The channels' receivers keep their pages' terms: the block is named,
+    // the page not yet.
+    assert_caught_by_destination(&o, None);
 }

@@ -48,7 +48,7 @@ pub use faults::{FaultBooks, FaultBooksError, MAX_WAITERS, MAX_WAITS};
 pub use host::{ChannelTotals, ChannelsHost, DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
 
-use crate::digest::{DigestBooks, DigestKey, Verification};
+use crate::digest::{DigestBooks, DigestKey, Verification, locate_parts};
 use crate::return_path::{RP_MAX_MESSAGE, RpEncodeError, RpMessage, SignalName};
 use crate::source::SETUP_CHECK_PING;
 use crate::stats::{AmbiguousEnd, MigrationStats};
@@ -56,7 +56,7 @@ use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{
     BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PacketEntries, PacketHeader,
-    PacketKind, PageBatch, PageKind, PageRange, Record, StreamDecoder,
+    PacketKind, PageBatch, PageKind, PageRange, RangeSums, Record, StreamDecoder,
 };
 use host::by_host;
 
@@ -272,10 +272,14 @@ pub enum DestError {
         destination: usize,
     },
     /// The memory placed here differs from the source's: block `block` is
-    /// the first whose digests differ. The guest must not start here.
+    /// the first whose digests differ, and `page` the first page of it
+    /// whose terms differ, when it could be located (see
+    /// [`crate::digest`]). The guest must not start here.
     DigestMismatch {
         /// Index of the block.
         block: u16,
+        /// Index of the page in the block, once located.
+        page: Option<u64>,
     },
     /// The stream ended without the digest its key announced.
     DigestMissing,
@@ -434,7 +438,15 @@ impl fmt::Display for DestError {
                 f,
                 "the source's digest has {source} block sums, this destination {destination} blocks"
             ),
-            DestError::DigestMismatch { block } => write!(
+            DestError::DigestMismatch {
+                block,
+                page: Some(page),
+            } => write!(
+                f,
+                "verification failed: page {page} of RAM block {block} differs from the \
+                 source's (the first that does); the guest does not start here"
+            ),
+            DestError::DigestMismatch { block, page: None } => write!(
                 f,
                 "verification failed: the memory received for RAM block {block} differs from \
                  the source's; the guest does not start here"
@@ -507,6 +519,9 @@ struct Loader<'a> {
     books: Option<&'a mut [DigestBooks<'a>]>,
     /// The source's digest key, once it has sent one.
     key: Option<DigestKey>,
+    /// The range of the block being located whose parts' sums the source
+    /// was asked for (after a digest mismatch).
+    locate: Option<(u16, PageRange)>,
     /// With multifd: the channel count and the next generation to flush.
     channels: Option<Channels>,
     stats: MigrationStats,
@@ -566,6 +581,7 @@ impl<'a> DestinationEngine<'a> {
                 loaded_announced: false,
                 books: None,
                 key: None,
+                locate: None,
                 channels: None,
                 stats,
             },
@@ -686,6 +702,9 @@ impl<'a> DestinationEngine<'a> {
             MigrationStatus::Active | MigrationStatus::PostcopyActive
         );
         if running && idle >= l.idle_timeout {
+            if let Some(e) = self.loader.unlocated() {
+                return Err(self.loader.fail(now, e));
+            }
             let e = DestError::SourceSilent {
                 idle_ms: idle.as_millis() as u64,
             };
@@ -882,18 +901,22 @@ impl<'a> DestinationEngine<'a> {
     }
 
     /// The source closed the connection. After LOADED and before COMMIT
-    /// that is [`DestError::CommitNotReceived`], an ambiguous end.
+    /// that is [`DestError::CommitNotReceived`], an ambiguous end; while a
+    /// mismatching page is being located, the mismatch of its block.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
         match self.loader.status {
             MigrationStatus::Completed => Ok(()),
             MigrationStatus::Failed => Err(DestError::AlreadyFailed),
-            _ if self.loader.loaded_announced && self.decoder.finish().is_ok() => {
-                Err(self.loader.fail(now, DestError::CommitNotReceived))
-            }
             _ => {
-                let e = match self.decoder.finish() {
-                    Err(e) => DestError::UnexpectedEof(e),
-                    Ok(()) => DestError::UnexpectedCommand("end of connection"),
+                let e = if let Some(e) = self.loader.unlocated() {
+                    e
+                } else if self.loader.loaded_announced && self.decoder.finish().is_ok() {
+                    DestError::CommitNotReceived
+                } else {
+                    match self.decoder.finish() {
+                        Err(e) => DestError::UnexpectedEof(e),
+                        Ok(()) => DestError::UnexpectedCommand("end of connection"),
+                    }
                 };
                 Err(self.loader.fail(now, e))
             }
@@ -1071,7 +1094,13 @@ impl Loader<'_> {
                 }
             }
             Record::Digest(sums) => self.compare_digest(&sums)?,
+            Record::DigestRanges(answer) => self.locate_step(&answer)?,
             Record::EndOfStream => {
+                if self.locate.is_some() {
+                    // The digest differed: the page is being located, and
+                    // the stream is refused once it is.
+                    return Ok(None);
+                }
                 self.check_required(SectionDue::Switchover)?;
                 if self.key.is_some() && !self.stats.verification.is_verified() {
                     return Err(DestError::DigestMissing.into());
@@ -1246,17 +1275,98 @@ impl Loader<'_> {
                 destination: books.len(),
             });
         }
-        if let Some(block) = books
+        if let Some((block, b)) = books
             .iter()
             .zip(sums.iter())
-            .position(|(b, theirs)| b.sum() != theirs)
+            .enumerate()
+            .find_map(|(i, (b, theirs))| (b.sum() != theirs).then_some((i as u16, b)))
         {
-            let block = block as u16;
-            self.stats.verification = Verification::Mismatch { block };
-            return Err(DestError::DigestMismatch { block });
+            self.stats.verification = Verification::Mismatch { block, page: None };
+            let whole = PageRange {
+                first: 0,
+                count: b.pages(),
+            };
+            // Locating needs the return path, and the page terms in the
+            // engine's books (a multifd destination's channels keep theirs);
+            // in postcopy the guest runs here already, and the end cannot
+            // wait.
+            if self.return_path
+                && self.channels.is_none()
+                && self.status == MigrationStatus::Active
+                && whole.count > 0
+            {
+                return self.ask_parts(block, whole);
+            }
+            return Err(self.mismatch(block, None));
         }
         self.stats.verification = Verification::Verified;
         Ok(())
+    }
+
+    /// Asks the source for the sums of the parts of `range` of `block`.
+    fn ask_parts(&mut self, block: u16, range: PageRange) -> Result<(), DestError> {
+        self.queue(&RpMessage::DigestQuery {
+            block,
+            first: range.first,
+            count: range.count,
+        })?;
+        self.locate = Some((block, range));
+        Ok(())
+    }
+
+    /// The source's sums of the parts asked for: compares them with the
+    /// books, and asks again for the first part that differs, until it is
+    /// one page, which is named to the source and in the error.
+    fn locate_step(&mut self, answer: &RangeSums<'_>) -> Result<(), DestError> {
+        let Some((block, range)) = self.locate else {
+            return Err(DestError::DigestOutOfOrder(
+                "digest ranges nobody asked for",
+            ));
+        };
+        if answer.block() != block || answer.range() != range {
+            return Err(DestError::DigestOutOfOrder(
+                "digest ranges of another range than asked",
+            ));
+        }
+        self.locate = None;
+        let part = self
+            .books
+            .as_deref()
+            .and_then(|books| books.get(usize::from(block)))
+            .and_then(|b| {
+                locate_parts(range)
+                    .zip(answer.sums())
+                    .find(|&(part, theirs)| b.range_sum(part) != theirs)
+            })
+            .map(|(part, _)| part);
+        match part {
+            Some(part) if part.count == 1 => Err(self.mismatch(block, Some(part.first))),
+            Some(part) => self.ask_parts(block, part),
+            // The source's parts add up to another sum than its digest's:
+            // its books changed in between. The block stays named.
+            None => Err(self.mismatch(block, None)),
+        }
+    }
+
+    /// While a page is being located and the source goes away (closes,
+    /// falls silent): the mismatch of the block alone, which is what the
+    /// migration fails with then.
+    fn unlocated(&mut self) -> Option<DestError> {
+        let (block, _) = self.locate.take()?;
+        Some(self.mismatch(block, None))
+    }
+
+    /// The verdict on a mismatch: block `block` and, once located, `page`
+    /// differ. Told to the source ahead of the SHUT, so that it reports
+    /// them too; the error fails the migration.
+    fn mismatch(&mut self, block: u16, page: Option<u64>) -> DestError {
+        self.stats.verification = Verification::Mismatch { block, page };
+        if self.return_path {
+            if let Err(e) = self.queue(&RpMessage::DigestMismatch { block, page }) {
+                return e;
+            }
+        }
+        DestError::DigestMismatch { block, page }
     }
 
     /// Books `count` zero pages of `block` from `first`.

@@ -979,8 +979,15 @@ fn digest_records_are_checked_in_order_and_compared() {
     assert_eq!(
         run(&wrong, true),
         (
-            Err(DestError::DigestMismatch { block: 0 }),
-            Verification::Mismatch { block: 0 }
+            // Without the return path the page cannot be located.
+            Err(DestError::DigestMismatch {
+                block: 0,
+                page: None
+            }),
+            Verification::Mismatch {
+                block: 0,
+                page: None
+            }
         )
     );
     let missing = [&h, &b, &key, &pages, &eos].map(Clone::clone);

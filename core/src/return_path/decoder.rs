@@ -10,7 +10,10 @@ use core::fmt;
 
 use zerocopy::FromBytes;
 
-use super::message::{Be32Payload, ReqPagesRange, RpHeader};
+use super::message::{
+    Be32Payload, DigestMismatchPayload, DigestQueryPayload, PAGE_NOT_LOCATED, ReqPagesRange,
+    RpHeader,
+};
 use super::{
     LenRule, RESUME_ACK_VALUE, RP_HEADER_LEN, RP_MAX_MESSAGE, RP_MAX_PAYLOAD, RpMessage,
     RpMessageType,
@@ -456,6 +459,23 @@ fn parse_payload(
         RpMessageType::SwitchoverAck => RpMessage::SwitchoverAck,
         RpMessageType::Loaded => RpMessage::Loaded,
         RpMessageType::Interrupted => RpMessage::Interrupted { signal: be32()? },
+        RpMessageType::DigestQuery => {
+            let q = DigestQueryPayload::read_from_bytes(payload).map_err(|_| bad_len)?;
+            // Whether the range lies inside the block is the source's
+            // check: the decoder does not know the layout.
+            RpMessage::DigestQuery {
+                block: q.block.get(),
+                first: q.first.get(),
+                count: q.count.get(),
+            }
+        }
+        RpMessageType::DigestMismatch => {
+            let m = DigestMismatchPayload::read_from_bytes(payload).map_err(|_| bad_len)?;
+            RpMessage::DigestMismatch {
+                block: m.block.get(),
+                page: Some(m.page.get()).filter(|&p| p != PAGE_NOT_LOCATED),
+            }
+        }
         RpMessageType::ReqPages => {
             let range = ReqPagesRange::read_from_bytes(payload).map_err(|_| bad_len)?;
             let (start, len) = check_range(range, page_size)?;
@@ -524,6 +544,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::string::{String, ToString};
+    use std::vec;
     use std::vec::Vec;
 
     const PAGE: u32 = 4096;
@@ -540,6 +561,8 @@ mod tests {
         SwitchoverAck,
         Loaded,
         Interrupted(u32),
+        DigestQuery(u16, u64, u64),
+        DigestMismatch(u16, Option<u64>),
     }
 
     impl Owned {
@@ -556,6 +579,12 @@ mod tests {
                 RpMessage::SwitchoverAck => Self::SwitchoverAck,
                 RpMessage::Loaded => Self::Loaded,
                 RpMessage::Interrupted { signal } => Self::Interrupted(signal),
+                RpMessage::DigestQuery {
+                    block,
+                    first,
+                    count,
+                } => Self::DigestQuery(block, first, count),
+                RpMessage::DigestMismatch { block, page } => Self::DigestMismatch(block, page),
             }
         }
 
@@ -577,6 +606,15 @@ mod tests {
                 Self::SwitchoverAck => RpMessage::SwitchoverAck,
                 Self::Loaded => RpMessage::Loaded,
                 Self::Interrupted(signal) => RpMessage::Interrupted { signal: *signal },
+                Self::DigestQuery(block, first, count) => RpMessage::DigestQuery {
+                    block: *block,
+                    first: *first,
+                    count: *count,
+                },
+                Self::DigestMismatch(block, page) => RpMessage::DigestMismatch {
+                    block: *block,
+                    page: *page,
+                },
             }
         }
     }
@@ -661,7 +699,7 @@ mod tests {
 
     #[test]
     fn every_type_has_a_vector() {
-        let cases: [(&[u8], Owned); 11] = [
+        let cases: [(&[u8], Owned); 14] = [
             (&[0, 1, 0, 4, 0, 0, 0, 0], Owned::Shut(false)),
             (&[0, 1, 0, 4, 0, 0, 0, 1], Owned::Shut(true)),
             // QEMU treats any non-zero SHUT value as an error.
@@ -687,6 +725,22 @@ mod tests {
             // livemig's extension, type 0x0100.
             (&[1, 0, 0, 0], Owned::Loaded),
             (&[1, 1, 0, 4, 0, 0, 0, 2], Owned::Interrupted(2)),
+            (
+                &[
+                    1, 2, 0, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x10, 0,
+                ],
+                Owned::DigestQuery(0, 0x1000, 0x1000),
+            ),
+            (
+                &[1, 3, 0, 10, 0, 1, 0, 0, 0, 0, 0, 0, 0x12, 0x34],
+                Owned::DigestMismatch(1, Some(0x1234)),
+            ),
+            (
+                &[
+                    1, 3, 0, 10, 0, 2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                ],
+                Owned::DigestMismatch(2, None),
+            ),
         ];
         for (bytes, want) in cases {
             assert_eq!(decode_one(bytes), Ok(want.clone()), "{bytes:02x?}");
@@ -897,7 +951,7 @@ mod tests {
 
     #[test]
     fn unknown_types_are_rejected() {
-        for code in [0u16, 8, 0xff, 0x102, 0xffff] {
+        for code in [0u16, 8, 0xff, 0x104, 0xffff] {
             let mut dec = RpDecoder::new(PAGE).unwrap();
             assert_eq!(
                 dec.decode(&header(code, 4)).err(),
@@ -1013,6 +1067,10 @@ mod tests {
             Just(Owned::SwitchoverAck),
             Just(Owned::Loaded),
             any::<u32>().prop_map(Owned::Interrupted),
+            (any::<u16>(), any::<u64>(), any::<u64>())
+                .prop_map(|(b, f, c)| Owned::DigestQuery(b, f, c)),
+            (any::<u16>(), proptest::option::of(0..u64::MAX))
+                .prop_map(|(b, p)| Owned::DigestMismatch(b, p)),
         ]
     }
 

@@ -93,7 +93,54 @@ pub enum RpMessage<'a> {
         /// The signal number (Linux numbering).
         signal: u32,
     },
+    /// livemig's own: the destination found the digest of block `block`
+    /// unequal and locates the first mismatching page: it asks for the
+    /// source's sums of the parts of `first .. first + count`
+    /// ([`locate_parts`](crate::digest::locate_parts)), which come back
+    /// in a [`Record::DigestRanges`](crate::wire::Record::DigestRanges).
+    DigestQuery {
+        /// The block.
+        block: u16,
+        /// First page of the range.
+        first: u64,
+        /// Pages in the range.
+        count: u64,
+    },
+    /// livemig's own: block `block` is the first whose digests differ, and
+    /// page `page` of it the first whose terms differ, when the destination
+    /// could locate it; the destination refuses the guest (its SHUT
+    /// follows), and the source reports the block and page. On the wire a
+    /// page not located is all ones (no page index comes near it).
+    DigestMismatch {
+        /// The block.
+        block: u16,
+        /// The page, in the block, once located.
+        page: Option<u64>,
+    },
 }
+
+/// The payload of `DIGEST_QUERY`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct DigestQueryPayload {
+    pub(crate) block: U16,
+    pub(crate) first: U64,
+    pub(crate) count: U64,
+}
+
+/// `DIGEST_MISMATCH`'s page when the page was not located.
+pub(crate) const PAGE_NOT_LOCATED: u64 = u64::MAX;
+
+/// The payload of `DIGEST_MISMATCH`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct DigestMismatchPayload {
+    pub(crate) block: U16,
+    pub(crate) page: U64,
+}
+
+const _: () = assert!(size_of::<DigestQueryPayload>() == super::DIGEST_QUERY_LEN);
+const _: () = assert!(size_of::<DigestMismatchPayload>() == super::DIGEST_MISMATCH_LEN);
 
 /// A signal number of [`RpMessage::Interrupted`], displayed by its name
 /// (`SIGINT`, `SIGTERM`...) when it is one an operator sends, else as
@@ -167,6 +214,8 @@ impl RpMessage<'_> {
             Self::SwitchoverAck => RpMessageType::SwitchoverAck,
             Self::Loaded => RpMessageType::Loaded,
             Self::Interrupted { .. } => RpMessageType::Interrupted,
+            Self::DigestQuery { .. } => RpMessageType::DigestQuery,
+            Self::DigestMismatch { .. } => RpMessageType::DigestMismatch,
         }
     }
 
@@ -180,6 +229,8 @@ impl RpMessage<'_> {
             Self::ReqPagesId { block, .. } => size_of::<ReqPagesRange>() + 1 + block.len(),
             Self::RecvBitmap { block } => 1 + block.len(),
             Self::SwitchoverAck | Self::Loaded => 0,
+            Self::DigestQuery { .. } => size_of::<DigestQueryPayload>(),
+            Self::DigestMismatch { .. } => size_of::<DigestMismatchPayload>(),
         }
     }
 
@@ -234,6 +285,25 @@ impl RpMessage<'_> {
             }
             Self::SwitchoverAck | Self::Loaded => {}
             Self::Interrupted { signal } => w.put(be32(signal).as_bytes()),
+            Self::DigestQuery {
+                block,
+                first,
+                count,
+            } => w.put(
+                DigestQueryPayload {
+                    block: U16::new(block),
+                    first: U64::new(first),
+                    count: U64::new(count),
+                }
+                .as_bytes(),
+            ),
+            Self::DigestMismatch { block, page } => w.put(
+                DigestMismatchPayload {
+                    block: U16::new(block),
+                    page: U64::new(page.unwrap_or(PAGE_NOT_LOCATED)),
+                }
+                .as_bytes(),
+            ),
         }
         Ok(w.pos)
     }
@@ -365,6 +435,21 @@ mod tests {
         let bytes = example("interrupted");
         assert_eq!(bytes, encode_vec(&interrupted));
         assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(interrupted))));
+        let query = RpMessage::DigestQuery {
+            block: 0,
+            first: 0,
+            count: 3,
+        };
+        let bytes = example("digest-query");
+        assert_eq!(bytes, encode_vec(&query));
+        assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(query))));
+        let mismatch = RpMessage::DigestMismatch {
+            block: 0,
+            page: Some(2),
+        };
+        let bytes = example("digest-mismatch");
+        assert_eq!(bytes, encode_vec(&mismatch));
+        assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(mismatch))));
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub const RP_MAX_ID_LEN: usize = 255;
 /// Bytes in the fixed prefix of a page request: `be64` start, `be32` length.
 pub(crate) const PAGE_RANGE_LEN: usize = 12;
 
+/// Payload of `DIGEST_QUERY`: be16 block, be64 first page, be64 count.
+pub(crate) const DIGEST_QUERY_LEN: usize = 18;
+
+/// Payload of `DIGEST_MISMATCH`: be16 block, be64 page.
+pub(crate) const DIGEST_MISMATCH_LEN: usize = 10;
+
 /// Largest payload of any valid message: `REQ_PAGES_ID` with a 255-byte id
 /// (12 bytes of range, one length byte, the id).
 pub const RP_MAX_PAYLOAD: usize = PAGE_RANGE_LEN + 1 + RP_MAX_ID_LEN;
@@ -83,6 +89,12 @@ pub enum RpMessageType {
     /// livemig extension: the destination was interrupted (a signal) and
     /// stops loading; `be32` signal number.
     Interrupted = LIVEMIG_TYPE_BASE + 1,
+    /// livemig's own: the destination, locating a page whose digest terms
+    /// differ, asks for the sums of the parts of a range.
+    DigestQuery = LIVEMIG_TYPE_BASE + 2,
+    /// livemig's own: the destination names the first page whose digest
+    /// terms differ (before its SHUT).
+    DigestMismatch = LIVEMIG_TYPE_BASE + 3,
 }
 
 /// The first return-path type code of livemig's own messages: far beyond
@@ -110,7 +122,7 @@ pub enum LenRule {
 
 impl RpMessageType {
     /// Every valid type, in code order (for tests and table-driven tools).
-    pub const ALL: [RpMessageType; 9] = [
+    pub const ALL: [RpMessageType; 11] = [
         Self::Shut,
         Self::Pong,
         Self::ReqPagesId,
@@ -120,6 +132,8 @@ impl RpMessageType {
         Self::SwitchoverAck,
         Self::Loaded,
         Self::Interrupted,
+        Self::DigestQuery,
+        Self::DigestMismatch,
     ];
 
     /// The type for a wire code, or `None` for codes no type has (0, QEMU's
@@ -135,6 +149,8 @@ impl RpMessageType {
             7 => Self::SwitchoverAck,
             LIVEMIG_TYPE_BASE => Self::Loaded,
             0x0101 => Self::Interrupted,
+            0x0102 => Self::DigestQuery,
+            0x0103 => Self::DigestMismatch,
             _ => return None,
         })
     }
@@ -158,6 +174,8 @@ impl RpMessageType {
             Self::SwitchoverAck => "SWITCHOVER_ACK",
             Self::Loaded => "LOADED",
             Self::Interrupted => "INTERRUPTED",
+            Self::DigestQuery => "DIGEST_QUERY",
+            Self::DigestMismatch => "DIGEST_MISMATCH",
         }
     }
 
@@ -169,6 +187,8 @@ impl RpMessageType {
             Self::Shut | Self::Pong | Self::ResumeAck | Self::Interrupted => LenRule::Fixed(4),
             Self::ReqPages => LenRule::Fixed(RANGE),
             Self::SwitchoverAck | Self::Loaded => LenRule::Fixed(0),
+            Self::DigestQuery => LenRule::Fixed(DIGEST_QUERY_LEN as u16),
+            Self::DigestMismatch => LenRule::Fixed(DIGEST_MISMATCH_LEN as u16),
             Self::ReqPagesId => LenRule::Variable {
                 min: RANGE + 1,
                 max: RANGE + 1 + MAX_ID,
@@ -192,7 +212,7 @@ mod tests {
         }
         assert_eq!(RpMessageType::from_code(0x100), Some(RpMessageType::Loaded));
         assert_eq!(RpMessageType::Interrupted.code(), 0x101);
-        for code in [0u16, 8, 9, 0xff, 0x102, 0x8001, 0xffff] {
+        for code in [0u16, 8, 9, 0xff, 0x104, 0x8001, 0xffff] {
             assert_eq!(RpMessageType::from_code(code), None);
         }
     }

@@ -148,6 +148,10 @@ pub enum Violation {
     RequestOutOfBlock,
     /// More outstanding page requests than the source can hold.
     TooManyRequests,
+    /// A digest query or mismatch report out of place: the migration is
+    /// not verified, the end of the stream is not out, or the range lies
+    /// outside its block.
+    UnexpectedDigestMessage,
 }
 
 impl fmt::Display for Violation {
@@ -159,6 +163,7 @@ impl fmt::Display for Violation {
             Violation::RequestUnknownBlock => "a page request for an unknown block",
             Violation::RequestOutOfBlock => "a page request outside its block",
             Violation::TooManyRequests => "too many outstanding page requests",
+            Violation::UnexpectedDigestMessage => "a digest query or report out of place",
         })
     }
 }

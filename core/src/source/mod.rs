@@ -90,12 +90,12 @@ use core::time::Duration;
 use crate::capabilities::Capabilities;
 use crate::clear_map::Chunk;
 use crate::config::{ConfigError, MigrationConfig};
-use crate::digest::DigestKey;
+use crate::digest::{DigestKey, Verification};
 use crate::return_path::{RpMessage, SignalName};
 use crate::stats::MigrationStats;
 use crate::status::MigrationStatus;
 use crate::time::Instant;
-use crate::wire::{self, BlockInfo, BlockList, Command, Record};
+use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, Record};
 
 pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
 pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};
@@ -412,6 +412,10 @@ enum Step {
     /// Precopy with the return path: the end of the stream is out, waiting
     /// for the destination's LOADED.
     AwaitLoaded,
+    /// The destination asked for digest range sums (it locates a
+    /// mismatching page): the next poll hands them out, then back to
+    /// [`Step::AwaitLoaded`].
+    DigestRanges(u16, PageRange),
     /// LOADED arrived: the next poll hands out the COMMIT.
     Commit,
     AwaitShut,
@@ -802,10 +806,30 @@ impl<'a> SourceEngine<'a> {
                 } else {
                     ""
                 };
-                self.fail(
-                    EndReason::DestinationFailed,
-                    format_args!("the destination failed to load the stream{when}"),
-                );
+                match self.stats.verification {
+                    Verification::Mismatch {
+                        block,
+                        page: Some(page),
+                    } => self.fail(
+                        EndReason::DestinationFailed,
+                        format_args!(
+                            "verification failed at the destination: page {page} of RAM block \
+                             {block} differs from this source's (the first that does); the \
+                             guest runs on here"
+                        ),
+                    ),
+                    Verification::Mismatch { block, page: None } => self.fail(
+                        EndReason::DestinationFailed,
+                        format_args!(
+                            "verification failed at the destination: RAM block {block} differs \
+                             from this source's; the guest runs on here"
+                        ),
+                    ),
+                    _ => self.fail(
+                        EndReason::DestinationFailed,
+                        format_args!("the destination failed to load the stream{when}"),
+                    ),
+                }
             }
             RpMessage::Shut { error: false } => {
                 self.fail(
@@ -839,6 +863,18 @@ impl<'a> SourceEngine<'a> {
                 self.handle_page_request(Some(block), *start, *len);
             }
             RpMessage::ReqPages { start, len } => self.handle_page_request(None, *start, *len),
+            RpMessage::DigestQuery {
+                block,
+                first,
+                count,
+            } => self.digest_query(
+                *block,
+                PageRange {
+                    first: *first,
+                    count: *count,
+                },
+            ),
+            RpMessage::DigestMismatch { block, page } => self.digest_mismatch(*block, *page),
             RpMessage::RecvBitmap { .. } | RpMessage::ResumeAck => {
                 self.fail(
                     EndReason::Protocol(Violation::UnexpectedRecovery),
@@ -1052,6 +1088,7 @@ impl<'a> SourceEngine<'a> {
                 };
                 Some(SourceAction::Send(&self.scratch[..len]))
             }
+            Step::DigestRanges(block, range) => Some(self.digest_ranges(block, range)),
             Step::Commit => {
                 let len = match Record::Command(Command::Commit).encode(self.scratch) {
                     Ok(len) => len,

@@ -2,9 +2,12 @@
 //! a batch, the optional audit of memory at the stop, and the Digest
 //! record before the end of the stream (see [`crate::digest`]).
 
-use super::{EndReason, POPULATED_WINDOW, PageReader, SourceEngine, SourceError, Step};
-use crate::digest::{DigestBooks, DigestKey, Verification};
-use crate::wire::{self, EncodeError};
+use super::{
+    EndReason, POPULATED_WINDOW, PageReader, SourceAction, SourceEngine, SourceError, Step,
+    Violation,
+};
+use crate::digest::{DigestBooks, DigestKey, Verification, locate_parts};
+use crate::wire::{self, EncodeError, PageRange};
 
 /// What a verifying source keeps: the key, the books, whether to audit,
 /// and the batch handed out last, whose normal pages are booked once the
@@ -179,6 +182,73 @@ impl<'a> SourceEngine<'a> {
         }
         let sums = v.books.iter().map(DigestBooks::sum);
         wire::encode_digest(self.scratch, v.books.len(), sums).map_err(Some)
+    }
+
+    /// The destination found the digest of `block` unequal and asks for
+    /// the sums of the parts of `range` (it locates the first mismatching
+    /// page, see [`crate::digest`]): answered at the next poll, from the
+    /// books alone.
+    pub(super) fn digest_query(&mut self, block: u16, range: PageRange) {
+        let in_block = self
+            .verify
+            .as_ref()
+            .and_then(|v| v.books.get(usize::from(block)))
+            .is_some_and(|b| {
+                range.count > 0
+                    && range
+                        .first
+                        .checked_add(range.count)
+                        .is_some_and(|end| end <= b.pages())
+            });
+        if !in_block || self.step != Step::AwaitLoaded {
+            self.fail(
+                EndReason::Protocol(Violation::UnexpectedDigestMessage),
+                format_args!(
+                    "the destination asked for the digest sums of {} pages from {} of RAM block \
+                     {block}, out of place or outside the block",
+                    range.count, range.first
+                ),
+            );
+            return;
+        };
+        if !matches!(self.stats.verification, Verification::Mismatch { .. }) {
+            self.stats.verification = Verification::Mismatch { block, page: None };
+        }
+        self.step = Step::DigestRanges(block, range);
+    }
+
+    /// The destination named `block` (and `page` of it, once located) as
+    /// the first whose digest differs; its SHUT follows.
+    pub(super) fn digest_mismatch(&mut self, block: u16, page: Option<u64>) {
+        // After the digest went out: waiting for LOADED (precopy) or for
+        // the end's confirmation (postcopy, or an older destination).
+        if self.verify.is_none() || !matches!(self.step, Step::AwaitLoaded | Step::AwaitShut) {
+            self.fail(
+                EndReason::Protocol(Violation::UnexpectedDigestMessage),
+                format_args!("the destination reported a digest mismatch out of place"),
+            );
+            return;
+        }
+        self.stats.verification = Verification::Mismatch { block, page };
+    }
+
+    /// The answer to the destination's digest query for `range` of
+    /// `block`: the sums of its parts, from the books.
+    pub(super) fn digest_ranges(&mut self, block: u16, range: PageRange) -> SourceAction<'_> {
+        self.step = Step::AwaitLoaded;
+        let books = self
+            .verify
+            .as_ref()
+            .and_then(|v| v.books.get(usize::from(block)));
+        let sums = locate_parts(range).map(|part| books.map_or(0, |b| b.range_sum(part)));
+        let len = match wire::encode_digest_ranges(self.scratch, block, range, sums) {
+            Ok(len) => len,
+            Err(e) => return self.encode_failed(e),
+        };
+        self.count_sent(len as u64, 0);
+        // The confirm timeout runs again, for the next query or LOADED.
+        self.end.sent_at = self.now;
+        SourceAction::Send(&self.scratch[..len])
     }
 
     /// The destination confirmed the end of a stream that carried the

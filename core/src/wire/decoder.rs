@@ -25,7 +25,9 @@ enum Phase {
     /// EndOfStream was decoded; nothing may follow but the one Commit of
     /// the end-of-migration handshake, matched byte for byte against
     /// [`COMMIT_RECORD`] (`head_fill` bytes of it have arrived), so that
-    /// anything else is refused at its first byte without being buffered.
+    /// anything else is refused at its first byte without being buffered,
+    /// or DigestRanges records (a destination locating a mismatching page
+    /// asked for them), recognised by their kind's two bytes.
     Ended,
     /// The Commit after EndOfStream was decoded; nothing may follow.
     Committed,
@@ -81,6 +83,9 @@ pub struct StreamDecoder<'s> {
     head_fill: usize,
     body_fill: usize,
     phase: Phase,
+    /// EndOfStream has been decoded: a record after it (DigestRanges)
+    /// returns the decoder to [`Phase::Ended`].
+    ended: bool,
 }
 
 impl<'s> StreamDecoder<'s> {
@@ -95,6 +100,7 @@ impl<'s> StreamDecoder<'s> {
             head_fill: 0,
             body_fill: 0,
             phase: Phase::StreamHeader,
+            ended: false,
         }
     }
 
@@ -184,7 +190,7 @@ impl<'s> StreamDecoder<'s> {
 
     /// True once EndOfStream has been decoded.
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Ended | Phase::Committed)
+        self.ended
     }
 
     /// True once the Commit after EndOfStream has been decoded.
@@ -234,6 +240,20 @@ impl<'s> StreamDecoder<'s> {
                     let expect = COMMIT_RECORD.get(self.head_fill..).unwrap_or_default();
                     let take = expect.len().min(rest.len());
                     if rest.get(..take) != expect.get(..take) {
+                        // DigestRanges' kind is 00 08 where Commit's is 00 01.
+                        let ranges = kind::DIGEST_RANGES.to_be_bytes();
+                        let (seen, next) = match self.head_fill {
+                            0 => (rest.first(), rest.get(1)),
+                            1 => (Some(&0), rest.first()),
+                            _ => (None, None),
+                        };
+                        if seen == Some(&ranges[0]) && next == Some(&ranges[1]) {
+                            pos += 2 - self.head_fill;
+                            self.head[..2].copy_from_slice(&ranges);
+                            self.head_fill = 2;
+                            self.phase = Phase::RecordHeader;
+                            continue;
+                        }
                         return Err(DecodeError::TrailingData {
                             what: "after EndOfStream",
                             len: self.head_fill + rest.len(),
@@ -292,7 +312,7 @@ impl<'s> StreamDecoder<'s> {
                     let avail = input.len().saturating_sub(pos);
                     if avail >= len {
                         // The whole body is in this input: no copy.
-                        self.phase = after(kind);
+                        self.phase = self.after(kind);
                         let end = pos + len;
                         return Ok(Step::Record {
                             kind,
@@ -318,7 +338,7 @@ impl<'s> StreamDecoder<'s> {
                     if self.body_fill < len {
                         return Ok(Step::NeedMore);
                     }
-                    self.phase = after(kind);
+                    self.phase = self.after(kind);
                     return Ok(Step::Record {
                         kind,
                         at: BodyAt::Scratch { len },
@@ -330,11 +350,16 @@ impl<'s> StreamDecoder<'s> {
     }
 }
 
-/// The phase after a complete record of `kind`.
-fn after(kind: u16) -> Phase {
-    if kind == kind::END_OF_STREAM {
-        Phase::Ended
-    } else {
-        Phase::RecordHeader
+impl StreamDecoder<'_> {
+    /// The phase after a complete record of `kind`.
+    fn after(&mut self, kind: u16) -> Phase {
+        if kind == kind::END_OF_STREAM {
+            self.ended = true;
+        }
+        if self.ended {
+            Phase::Ended
+        } else {
+            Phase::RecordHeader
+        }
     }
 }

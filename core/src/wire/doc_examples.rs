@@ -243,3 +243,17 @@ fn digest_key_and_digest() {
     assert_eq!(key.page_term(0, 1, &[0u8; 4096]), 0);
     check("digest", Record::Digest(BlockSums::from_slice(&[term, 0])));
 }
+
+#[test]
+fn digest_ranges() {
+    // The worked example: block 0 of three pages, page 0 all 0x01 bytes
+    // (the Digest example's term), pages 1 and 2 zero.
+    let term = crate::digest::DigestKey::new(0x0123_4567_89ab_cdef).page_term(0, 0, &[1u8; 4096]);
+    let range = PageRange { first: 0, count: 3 };
+    let sums = [term, 0, 0];
+    let answer = Record::DigestRanges(RangeSums::from_slice(0, range, &sums));
+    check("digest-ranges", answer);
+    let mut out = [0u8; 64];
+    let n = encode_digest_ranges(&mut out, 0, range, sums.into_iter()).unwrap();
+    assert_eq!(&out[..n], encoded(&answer));
+}

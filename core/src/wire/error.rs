@@ -171,6 +171,14 @@ pub enum DecodeError {
         /// Page count of the range.
         count: u64,
     },
+    /// A DigestRanges record's range is empty or overflows the page index
+    /// space.
+    BadDigestRange {
+        /// First page of the range.
+        first: u64,
+        /// Page count of the range.
+        count: u64,
+    },
     /// The discard range list is empty or not a whole number of 16-byte ranges.
     DiscardListLength {
         /// Bytes left for the range list.
@@ -258,6 +266,12 @@ impl fmt::Display for DecodeError {
                 write!(
                     f,
                     "discard range of {count} pages from {first} is empty or overflows"
+                )
+            }
+            Self::BadDigestRange { first, count } => {
+                write!(
+                    f,
+                    "digest range of {count} pages from {first} is empty or overflows"
                 )
             }
             Self::DiscardListLength { len } => {
@@ -350,6 +364,14 @@ pub enum EncodeError {
         /// Page count of the range.
         count: u64,
     },
+    /// A DigestRanges record's range is empty or overflows the page index
+    /// space.
+    BadDigestRange {
+        /// First page of the range.
+        first: u64,
+        /// Page count of the range.
+        count: u64,
+    },
     /// A multifd channel index outside the channel count, or a count
     /// outside 1..=255.
     BadChannel {
@@ -416,6 +438,12 @@ impl fmt::Display for EncodeError {
                 write!(
                     f,
                     "discard range of {count} pages from {first} is empty or overflows"
+                )
+            }
+            Self::BadDigestRange { first, count } => {
+                write!(
+                    f,
+                    "digest range of {count} pages from {first} is empty or overflows"
                 )
             }
             Self::BadChannel { index, count } => {

@@ -48,6 +48,9 @@ pub mod kind {
     pub const END_OF_STREAM: u16 = 0x0006;
     /// The source's memory digest.
     pub const DIGEST: u16 = 0x0007;
+    /// The source's sums of the parts of a range, answering a
+    /// destination that locates a mismatching page.
+    pub const DIGEST_RANGES: u16 = 0x0008;
 }
 
 /// Writes the 8-byte stream header into `out`; returns the bytes written (8).
@@ -120,7 +123,7 @@ pub(crate) fn check_record_header(
         });
     }
     let kind = h.kind.get();
-    if !(kind::COMMAND..=kind::DIGEST).contains(&kind) {
+    if !(kind::COMMAND..=kind::DIGEST_RANGES).contains(&kind) {
         return Err(DecodeError::UnknownRecord { kind });
     }
     // A be32 always fits a usize on the targets livemig supports (32 and 64 bit);

@@ -69,6 +69,11 @@ pub enum Record<'a> {
     /// The source's memory digest, one sum per RAM block, after the last
     /// page (see [`crate::digest`]).
     Digest(BlockSums<'a>),
+    /// The source's sums of the parts of a range of one block, answering
+    /// the destination's [`DigestQuery`](crate::return_path::RpMessage::DigestQuery)
+    /// while it locates a mismatching page. The one record besides Commit
+    /// allowed after EndOfStream.
+    DigestRanges(RangeSums<'a>),
     /// The end of the stream; nothing may follow.
     EndOfStream,
 }
@@ -710,6 +715,154 @@ fn put_digest_body(
     Ok(())
 }
 
+/// The fixed part of a DigestRanges body (packet level).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RangeSumsFixed {
+    block: U16,
+    first: U64,
+    count: U64,
+}
+
+/// The body of a DigestRanges record: block, range, then one be64 sum per
+/// part of the range as [`locate_parts`](crate::digest::locate_parts)
+/// splits it, in order. The part count follows from the range, so a body
+/// of any other length is refused.
+#[derive(Clone, Copy, Debug)]
+pub struct RangeSums<'a> {
+    block: u16,
+    range: PageRange,
+    sums: Sums<'a>,
+}
+
+impl PartialEq for RangeSums<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.block == other.block && self.range == other.range && self.sums().eq(other.sums())
+    }
+}
+
+impl Eq for RangeSums<'_> {}
+
+/// Parts in a DigestRanges body for a range of `count` pages.
+fn range_parts(count: u64) -> usize {
+    let step = count.div_ceil(crate::digest::LOCATE_PARTS).max(1);
+    usize::try_from(count.div_ceil(step)).unwrap_or(usize::MAX)
+}
+
+impl<'a> RangeSums<'a> {
+    /// Sums to encode for `range` of `block`, one per part; checked (range
+    /// non-empty and representable, one sum per part) when encoded.
+    pub fn from_slice(block: u16, range: PageRange, sums: &'a [u64]) -> Self {
+        Self {
+            block,
+            range,
+            sums: Sums::Slice(sums),
+        }
+    }
+
+    /// The block.
+    pub fn block(&self) -> u16 {
+        self.block
+    }
+
+    /// The range the sums split.
+    pub fn range(&self) -> PageRange {
+        self.range
+    }
+
+    /// The parts' sums in order.
+    pub fn sums(&self) -> impl Iterator<Item = u64> + 'a {
+        let sums = self.sums;
+        let len = match sums {
+            Sums::Wire(s) => s.len(),
+            Sums::Slice(s) => s.len(),
+        };
+        (0..len).map_while(move |i| match sums {
+            Sums::Wire(s) => s.get(i).map(|v| v.get()),
+            Sums::Slice(s) => s.get(i).copied(),
+        })
+    }
+
+    fn decode(body: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let fixed: RangeSumsFixed = r.read("digest ranges block and range")?;
+        let (first, count) = (fixed.first.get(), fixed.count.get());
+        if !range_ok(first, count) {
+            return Err(DecodeError::BadDigestRange { first, count });
+        }
+        let expected = size_of::<RangeSumsFixed>().saturating_add(8 * range_parts(count));
+        let bad_len = DecodeError::BadLength {
+            what: "digest ranges body",
+            expected,
+            found: body.len(),
+        };
+        if body.len() != expected {
+            return Err(bad_len);
+        }
+        let sums = <[U64]>::ref_from_bytes(r.rest()).map_err(|_| bad_len)?;
+        Ok(Self {
+            block: fixed.block.get(),
+            range: PageRange { first, count },
+            sums: Sums::Wire(sums),
+        })
+    }
+
+    fn body_len(&self) -> usize {
+        size_of::<RangeSumsFixed>().saturating_add(8usize.saturating_mul(self.sums().count()))
+    }
+
+    fn encode_body(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        put_range_sums(w, self.block, self.range, self.sums())
+    }
+}
+
+/// Writes a whole DigestRanges record for `range` of `block` into `out`,
+/// its sums taken from `sums` (the source engine sums its books part by
+/// part); returns the bytes written.
+pub fn encode_digest_ranges(
+    out: &mut [u8],
+    block: u16,
+    range: PageRange,
+    sums: impl Iterator<Item = u64>,
+) -> Result<usize, EncodeError> {
+    let body_len = size_of::<RangeSumsFixed>().saturating_add(8 * range_parts(range.count));
+    check_body_len(body_len)?;
+    let mut w = Writer::new(out, RECORD_HEADER_LEN + body_len)?;
+    put_record_header(&mut w, kind::DIGEST_RANGES, body_len)?;
+    put_range_sums(&mut w, block, range, sums)?;
+    Ok(w.written())
+}
+
+fn put_range_sums(
+    w: &mut Writer<'_>,
+    block: u16,
+    range: PageRange,
+    sums: impl Iterator<Item = u64>,
+) -> Result<(), EncodeError> {
+    if !range_ok(range.first, range.count) {
+        return Err(EncodeError::BadDigestRange {
+            first: range.first,
+            count: range.count,
+        });
+    }
+    w.put(&RangeSumsFixed {
+        block: U16::new(block),
+        first: U64::new(range.first),
+        count: U64::new(range.count),
+    })?;
+    let parts = range_parts(range.count);
+    let mut written = 0;
+    for sum in sums.take(parts) {
+        w.put(&U64::new(sum))?;
+        written += 1;
+    }
+    // As for the digest: a short iterator leaves a well-formed record.
+    for _ in written..parts {
+        w.put(&U64::new(0))?;
+    }
+    Ok(())
+}
+
 impl<'a> Command<'a> {
     fn code(&self) -> u16 {
         use command_code::*;
@@ -916,6 +1069,7 @@ impl<'a> Record<'a> {
             Self::Device(_) => kind::DEVICE,
             Self::Package(_) => kind::PACKAGE,
             Self::Digest(_) => kind::DIGEST,
+            Self::DigestRanges(_) => kind::DIGEST_RANGES,
             Self::EndOfStream => kind::END_OF_STREAM,
         }
     }
@@ -929,6 +1083,7 @@ impl<'a> Record<'a> {
             Self::Device(d) => d.body_len(),
             Self::Package(p) => p.body.len(),
             Self::Digest(d) => d.body_len(),
+            Self::DigestRanges(r) => r.body_len(),
             Self::EndOfStream => 0,
         }
     }
@@ -958,6 +1113,7 @@ impl<'a> Record<'a> {
             }
             Self::Package(p) => w.bytes(p.body)?,
             Self::Digest(d) => d.encode_body(&mut w)?,
+            Self::DigestRanges(r) => r.encode_body(&mut w)?,
             Self::EndOfStream => {}
         }
         Ok(w.written())
@@ -973,6 +1129,7 @@ impl<'a> Record<'a> {
             kind::DEVICE => Self::Device(DeviceState::decode(body)?),
             kind::PACKAGE => Self::Package(Package::from_encoded(body)?),
             kind::DIGEST => Self::Digest(BlockSums::decode(body)?),
+            kind::DIGEST_RANGES => Self::DigestRanges(RangeSums::decode(body)?),
             kind::END_OF_STREAM => Self::EndOfStream,
             kind => return Err(DecodeError::UnknownRecord { kind }),
         })

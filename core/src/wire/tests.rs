@@ -420,7 +420,7 @@ fn unsupported_version() {
 
 #[test]
 fn record_header_errors() {
-    for kind in [0u16, 8, 0xffff] {
+    for kind in [0u16, 9, 0xffff] {
         assert_eq!(body_error(kind, &[]), DecodeError::UnknownRecord { kind });
     }
     let flagged = [0, 1, 0, 1, 0, 0, 0, 2, 0, 1];
@@ -899,6 +899,94 @@ fn one_commit_may_follow_the_end_and_nothing_after_it() {
                 len: 2
             }
         })
+    );
+}
+
+/// A destination locating a mismatching page asks for range sums after
+/// the end of the stream: DigestRanges records may follow EndOfStream (any
+/// number, then the Commit or nothing), however the bytes are split; any
+/// other record there is still refused.
+#[test]
+fn digest_ranges_may_follow_the_end() {
+    let range = PageRange {
+        first: 64,
+        count: 130,
+    };
+    // 130 pages in parts of 3: 44 sums.
+    let sums: Vec<u64> = (0..44).collect();
+    let answer = Record::DigestRanges(RangeSums::from_slice(0, range, &sums));
+    let mut s = encode_stream(&[Model::End]);
+    s.extend_from_slice(&encode_record(&answer));
+    s.extend_from_slice(&encode_record(&answer));
+    for chunk in [1, 2, 7, usize::MAX] {
+        let records = decode_chunked(&s, &[chunk], 512).unwrap();
+        assert_eq!(records.len(), 3, "chunk {chunk}");
+        assert_eq!(records[2], encode_record(&answer));
+        let mut then_commit = s.clone();
+        then_commit.extend_from_slice(&encode_record(&Record::Command(Command::Commit)));
+        assert_eq!(
+            decode_chunked(&then_commit, &[chunk], 512).unwrap().len(),
+            4
+        );
+        let mut then_ping = s.clone();
+        then_ping.extend_from_slice(&encode_record(&Record::Command(Command::Ping(1))));
+        assert!(matches!(
+            decode_chunked(&then_ping, &[chunk], 512),
+            Err(DecodeError::TrailingData {
+                what: "after EndOfStream",
+                ..
+            })
+        ));
+    }
+    // Cut inside the answer's header.
+    let end = s.len() - answer.encoded_len();
+    assert_eq!(
+        decode_chunked(&s[..end + 5], &[1], 512),
+        Err(DecodeError::UnexpectedEof {
+            at: EofAt::RecordHeader { have: 5 }
+        })
+    );
+}
+
+#[test]
+fn digest_ranges_bodies_are_checked() {
+    let d = kind::DIGEST_RANGES;
+    let fixed = |first: u64, count: u64| {
+        let mut b = vec![0, 1];
+        b.extend_from_slice(&first.to_be_bytes());
+        b.extend_from_slice(&count.to_be_bytes());
+        b
+    };
+    assert_eq!(
+        body_error(d, &fixed(5, 0)),
+        DecodeError::BadDigestRange { first: 5, count: 0 }
+    );
+    assert_eq!(
+        body_error(d, &fixed(u64::MAX, 2)),
+        DecodeError::BadDigestRange {
+            first: u64::MAX,
+            count: 2
+        }
+    );
+    // Two pages, two parts: 16 bytes of sums, not 8.
+    let mut short = fixed(0, 2);
+    short.extend_from_slice(&[0; 8]);
+    assert_eq!(
+        body_error(d, &short),
+        DecodeError::BadLength {
+            what: "digest ranges body",
+            expected: 34,
+            found: 26
+        }
+    );
+    assert!(matches!(
+        body_error(d, &[0; 3]),
+        DecodeError::Truncated { .. } | DecodeError::BadLength { .. }
+    ));
+    let range = PageRange { first: 0, count: 0 };
+    assert_eq!(
+        Record::DigestRanges(RangeSums::from_slice(0, range, &[])).encode(&mut [0; 64]),
+        Err(EncodeError::BadDigestRange { first: 0, count: 0 })
     );
 }
 

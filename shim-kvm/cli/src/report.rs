@@ -134,15 +134,16 @@ pub struct Summary {
 
 /// The migration's self-check as the JSON's `verification`: `"off"`,
 /// `"pending"` (no verdict reached this side), `"verified"`, or an object
-/// naming the first mismatching block (and, for the source's audit, the
-/// page; precopy's digest names blocks only).
+/// naming the first mismatching block and page (`page` null where the
+/// page could not be located: without the return path, over multifd, in
+/// postcopy).
 pub fn verification_json(v: Verification) -> Value {
     match v {
         Verification::Off => json!("off"),
         Verification::Pending => json!("pending"),
         Verification::Verified => json!("verified"),
-        Verification::Mismatch { block } => {
-            json!({"mismatch": {"block": block, "page": Value::Null}})
+        Verification::Mismatch { block, page } => {
+            json!({"mismatch": {"block": block, "page": page}})
         }
         Verification::AuditFailed { block, page } => {
             json!({"audit-failed": {"block": block, "page": page}})
@@ -155,7 +156,11 @@ fn verification_text(v: Verification) -> String {
         Verification::Off => "off".into(),
         Verification::Pending => "pending (no verdict on this side)".into(),
         Verification::Verified => "verified (digests equal)".into(),
-        Verification::Mismatch { block } => format!("MISMATCH in RAM block {block}"),
+        Verification::Mismatch {
+            block,
+            page: Some(page),
+        } => format!("MISMATCH at page {page} of RAM block {block}"),
+        Verification::Mismatch { block, page: None } => format!("MISMATCH in RAM block {block}"),
         Verification::AuditFailed { block, page } => {
             format!("AUDIT FAILED at page {page} of RAM block {block}")
         }

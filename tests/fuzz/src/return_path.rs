@@ -130,6 +130,19 @@ pub fn return_path_corpus() -> Vec<Vec<u8>> {
         RpMessage::SwitchoverAck,
         RpMessage::Loaded,
         RpMessage::Interrupted { signal: 2 },
+        RpMessage::DigestQuery {
+            block: 0,
+            first: 64,
+            count: 4096,
+        },
+        RpMessage::DigestMismatch {
+            block: 1,
+            page: Some(77),
+        },
+        RpMessage::DigestMismatch {
+            block: 0,
+            page: None,
+        },
     ];
     let encode = |msg: &RpMessage<'_>| {
         let mut buf = [0u8; RP_MAX_MESSAGE];

@@ -2,7 +2,8 @@
 
 use livemig_core::wire::{
     BatchFlags, BlockId, BlockSums, Command, DecodeError, Decoded, DeviceState, Package, PageBatch,
-    PageEntry, PageKind, Record, STREAM_HEADER_LEN, StreamDecoder, encode_stream_header,
+    PageEntry, PageKind, PageRange, RangeSums, Record, STREAM_HEADER_LEN, StreamDecoder,
+    encode_stream_header,
 };
 
 /// Scratch for reassembling split records: large enough for every record the
@@ -132,6 +133,14 @@ fn check_record(record: &Record<'_>) {
             assert_eq!(sums.iter().count(), sums.len());
             assert!(sums.len() <= usize::from(u16::MAX));
         }
+        Record::DigestRanges(answer) => {
+            let range = answer.range();
+            assert!(range.count > 0 && range.first.checked_add(range.count).is_some());
+            assert_eq!(
+                answer.sums().count(),
+                livemig_core::digest::locate_parts(range).count()
+            );
+        }
         Record::Command(_) | Record::Device(_) | Record::EndOfStream => {}
     }
 
@@ -201,6 +210,14 @@ fn valid_stream(seed: u8) -> Vec<u8> {
         u64::MAX,
     ]))));
     s.extend(record_bytes(Record::EndOfStream));
+    // A locating destination's answer, allowed after the end.
+    let range = PageRange {
+        first: 2,
+        count: 70,
+    };
+    s.extend(record_bytes(Record::DigestRanges(RangeSums::from_slice(
+        0, range, &[7; 35],
+    ))));
     s.extend(record_bytes(Record::Command(Command::Commit)));
     s
 }
@@ -214,7 +231,7 @@ mod tests {
         for seed in 0..=255 {
             assert_eq!(
                 drive_stream(&valid_stream(seed)),
-                Some(Ok(7)),
+                Some(Ok(8)),
                 "seed {seed}"
             );
         }
