@@ -29,6 +29,25 @@
 //! - after [`MAX_FITTING_PASSES`] passes that fit, at the first sync whose
 //!   stop fits, as QEMU would.
 //!
+//! A plateau is where the guest's dirty rate sets the stop: the guest
+//! rewrites during one pass about what the pass sends. When the transfer
+//! at a plateau still takes [`SWITCH_AT_ONCE`] or more and
+//! [`MigrationConfig::stop_throttle`] is on (the default; the caller must
+//! be able to throttle its vCPUs), the rule does not stop there: it
+//! raises the throttle one step (half of the vCPUs' remaining run time:
+//! 50, 75, 88, 94, 97, 99 %, at most `max-cpu-throttle`) and iterates, so
+//! that the next passes shrink what the slowed guest leaves dirty. It
+//! stops at the next plateau with the throttle at its ceiling, as soon as
+//! the transfer drops under `SWITCH_AT_ONCE`, or at the bound below. The
+//! stop that may be the last to fit (below) is not taken either when the
+//! same prediction, with the guest slowed by the next throttle step, says
+//! the next pass fits: the throttle rises instead, and if a later sync
+//! does not fit after all, it rises again at each such sync. The
+//! throttle only rises there and at a plateau, never while passes shrink
+//! the stop, and it is lifted when the migration ends, whatever the end (before the
+//! vCPUs of a failed migration are resumed). What it cost the guest is in
+//! [`MigrationStats::throttle`].
+//!
 //! It iterates otherwise: a pass that did cut the stop is likely to be
 //! followed by one that cuts it again. A send queue longer than the dirty
 //! pages is drained first, with the guest running, when the guest dirties
@@ -53,6 +72,8 @@
 //! [`SwitchoverPolicy::ShortestStop`]: crate::config::SwitchoverPolicy::ShortestStop
 //! [`SwitchoverPolicy::FitsLimit`]: crate::config::SwitchoverPolicy::FitsLimit
 //! [`handle_stop_cost`]: super::SourceEngine::handle_stop_cost
+//! [`MigrationConfig::stop_throttle`]: crate::config::MigrationConfig::stop_throttle
+//! [`MigrationStats::throttle`]: crate::stats::MigrationStats::throttle
 
 use core::time::Duration;
 
