@@ -266,17 +266,21 @@ impl SourceEngine<'_> {
                     return true;
                 };
                 let stop_us = u64::try_from(stop.as_micros()).unwrap_or(u64::MAX);
-                let take = self
+                let judged = self
                     .convergence
                     .shortest_stop
                     .judge(self.stats.iterations, stop_us);
-                // A plateau with more than SWITCH_AT_ONCE still to send is
-                // the guest's dirty rate: slow the guest down and iterate,
+                // A pass that did not shrink a stop with SWITCH_AT_ONCE or
+                // more still to send (a plateau: the guest's dirty rate;
+                // or a burst) slows the guest down, and precopy iterates
                 // while the bound on fitting passes leaves room.
-                if take && !self.convergence.shortest_stop.exhausted() && self.raise_stop_throttle()
+                if judged.stalled
+                    && !self.convergence.shortest_stop.exhausted()
+                    && self.raise_stop_throttle()
                 {
                     return false;
                 }
+                let take = judged.stop;
                 // A queue worth draining first is drained (see
                 // `drain_deadline`) rather than waited for with the guest
                 // stopped.
