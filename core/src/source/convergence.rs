@@ -254,13 +254,8 @@ impl SourceEngine<'_> {
                 // never fit again), unless a higher throttle is predicted
                 // to keep the next pass within it.
                 if self.next_pass_fits() != Some(true) {
-                    let throttled = !self.convergence.shortest_stop.exhausted()
-                        && self.next_throttle().is_some_and(|next| {
-                            let share =
-                                f64::from(100 - next) / f64::from(100 - self.throttle.percent);
-                            self.next_pass_fits_at(share) == Some(true)
-                        });
-                    return !(throttled && self.raise_stop_throttle());
+                    return self.convergence.shortest_stop.exhausted()
+                        || !self.raise_stop_throttle_to_fit();
                 }
                 let Some(stop) = self.expected_stop() else {
                     return true;
@@ -302,15 +297,45 @@ impl SourceEngine<'_> {
         true
     }
 
+    /// Raises the throttle by as many [`stop_throttle_step`]s as the
+    /// next pass needs to be predicted to fit (the guest dirtying the
+    /// share of its measured rate the higher throttle leaves it); false,
+    /// leaving the throttle as it is, when even the ceiling is not
+    /// predicted to fit or the rule may not throttle.
+    fn raise_stop_throttle_to_fit(&mut self) -> bool {
+        let now = self.throttle.percent;
+        let mut next = now;
+        loop {
+            let Some(step) = self.throttle_above(next) else {
+                return false;
+            };
+            next = step;
+            let share = f64::from(100 - next) / f64::from(100 - now);
+            if self.next_pass_fits_at(share) == Some(true) {
+                break;
+            }
+        }
+        self.throttle.percent = next;
+        self.throttle.pending = true;
+        self.throttle.stop_rule = true;
+        true
+    }
+
     /// The throttle one [`stop_throttle_step`] up, if the shortest-stop
     /// rule may throttle and the ceiling leaves room.
     fn next_throttle(&self) -> Option<u8> {
+        self.throttle_above(self.throttle.percent)
+    }
+
+    /// The throttle one [`stop_throttle_step`] above `percent`, if the
+    /// shortest-stop rule may throttle and the ceiling leaves room.
+    fn throttle_above(&self, percent: u8) -> Option<u8> {
         if !self.config.stop_throttle || self.config.switchover != SwitchoverPolicy::ShortestStop {
             return None;
         }
         let ceiling = self.config.parameters.max_cpu_throttle;
-        let next = stop_throttle_step(self.throttle.percent).min(ceiling);
-        (next > self.throttle.percent).then_some(next)
+        let next = stop_throttle_step(percent).min(ceiling);
+        (next > percent).then_some(next)
     }
 
     /// Hands out the throttle `percent` (zero lifts it), booking what the

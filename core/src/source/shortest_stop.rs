@@ -41,8 +41,9 @@
 //! stops at the next plateau with the throttle at its ceiling, as soon as
 //! the transfer drops under `SWITCH_AT_ONCE`, or at the bound below. The
 //! stop that may be the last to fit (below) is not taken either when the
-//! same prediction, with the guest slowed by the next throttle step, says
-//! the next pass fits: the throttle rises instead, and if a later sync
+//! same prediction, with the guest slowed by a higher throttle step, says
+//! the next pass fits: the throttle rises to the first such step instead
+//! (several steps at once if need be), and if a later sync
 //! does not fit after all, it rises again at each such sync. The
 //! throttle only rises there and after a pass that did not shrink the
 //! stop, never while passes shrink it, and it is lifted when the migration ends, whatever the end (before the
