@@ -104,18 +104,29 @@ pub struct MigrationConfig {
     pub limits: Limits,
     /// When, among the stops that fit the downtime limit, to stop.
     pub switchover: SwitchoverPolicy,
+    /// Under [`SwitchoverPolicy::ShortestStop`]: whether the policy may
+    /// throttle the guest when passes stop shrinking a stop that is still
+    /// longer than [`SWITCH_AT_ONCE`](crate::source::shortest_stop::SWITCH_AT_ONCE)
+    /// (see [`shortest_stop`](crate::source::shortest_stop)). On by
+    /// default; the caller must be able to carry out
+    /// [`SetThrottle`](crate::source::SourceAction::SetThrottle), and one
+    /// that cannot turns this off (its migrations stop as before, at the
+    /// shortest stop the guest's own dirty rate allows).
+    pub stop_throttle: bool,
 }
 
 impl Default for MigrationConfig {
     /// Zero-page detection on (an idle guest is mostly zero pages), every
     /// other capability off, QEMU's default parameters, no iteration or
-    /// time limit, the no-progress rule on, and the shortest stop.
+    /// time limit, the no-progress rule on, and the shortest stop, with
+    /// its throttle.
     fn default() -> Self {
         MigrationConfig {
             capabilities: Capabilities::ZERO_PAGE_DETECTION,
             parameters: Parameters::default(),
             limits: Limits::default(),
             switchover: SwitchoverPolicy::default(),
+            stop_throttle: true,
         }
     }
 }

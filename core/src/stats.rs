@@ -194,6 +194,26 @@ pub struct MigrationStats {
     pub ambiguous_end: Option<AmbiguousEnd>,
     /// Where the migration's self-check stands (see [`crate::digest`]).
     pub verification: Verification,
+    /// Source: how hard and how long the guest was slowed down to make
+    /// precopy converge or its stop shorter; zero on the destination.
+    pub throttle: ThrottleStats,
+}
+
+/// What throttling cost the source guest: an operator weighs a shorter
+/// stop against these.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ThrottleStats {
+    /// The share of its time each vCPU is held back now, in percent
+    /// (QEMU's `cpu-throttle-percentage`).
+    pub percent: u8,
+    /// The highest `percent` of the migration.
+    pub peak_percent: u8,
+    /// Milliseconds the running guest spent throttled (any percent).
+    pub throttled_ms: f64,
+    /// Milliseconds of each vCPU's time the throttle withheld: the
+    /// throttled time weighted by its percent (a vCPU held back 90 % for
+    /// 10 ms lost 9 ms of guest time).
+    pub taken_ms: f64,
 }
 
 /// The `pct`-th percentile of the ascending `sorted` samples by the

@@ -234,6 +234,23 @@ pub struct Outcome {
     /// The pages (block index, page index) whose data the injected fault
     /// changed on their way to the destination.
     pub injected_pages: Vec<(u16, u64)>,
+    /// Every throttle the source set on its guest, in order.
+    pub throttle_changes: Vec<ThrottleChange>,
+    /// The source guest's throttle when the migration ended (zero: lifted).
+    pub final_throttle: u8,
+}
+
+/// One [`SourceAction::SetThrottle`] the harness carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThrottleChange {
+    /// Simulated time.
+    pub at_ns: u64,
+    /// Passes the source had completed (`stats.iterations`).
+    pub iterations: u64,
+    /// Bytes the source had put on the link.
+    pub bytes_sent: u64,
+    /// The new throttle.
+    pub percent: u8,
 }
 
 /// What happened in postcopy.
@@ -794,6 +811,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut cancelled = false;
     let mut postcopy_asked = false;
     let mut bytes_at_stop = None;
+    let mut throttle_changes = Vec::new();
     let audit = RefCell::new(ClearAudit {
         shift,
         pending: HashSet::new(),
@@ -938,6 +956,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 }
                 SourceAction::SetThrottle { percent } => {
                     guest.throttle = percent;
+                    throttle_changes.push(ThrottleChange {
+                        at_ns: now,
+                        iterations: src.stats().iterations,
+                        bytes_sent: fwd.bytes_sent(),
+                        percent,
+                    });
                     Ok(None)
                 }
                 SourceAction::StopVcpus => {
@@ -1305,6 +1329,8 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         cleared_pages: log.cleared_pages(),
         stop_ns: stop_at,
         bytes_at_stop,
+        throttle_changes,
+        final_throttle: guest.throttle,
         channel_bytes: channel_bytes(&chans),
         channel_bytes_after_first_pass,
         channel_bytes_at_stop,

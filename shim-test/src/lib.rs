@@ -75,7 +75,9 @@ pub mod workload;
 pub use channels::{ChannelError, SimChannels};
 pub use clock::SimClock;
 pub use dirty_log::{DirtyLogError, SimDirtyLog};
-pub use harness::{CancelWhen, GuestSpec, Outcome, PostcopyOutcome, Scenario, run_migration};
+pub use harness::{
+    CancelWhen, GuestSpec, Outcome, PostcopyOutcome, Scenario, ThrottleChange, run_migration,
+};
 pub use inject::InjectedFault;
 pub use link::{LinkConfig, LinkError, SimLink, duplex};
 pub use memory::{BlockSpec, FirstDifference, MAX_PAGE_SIZE, MIN_PAGE_SIZE, MemoryError, SimRam};

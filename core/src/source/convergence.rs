@@ -10,7 +10,7 @@ use core::fmt;
 use core::time::Duration;
 
 use super::shortest_stop::{SWITCH_AT_ONCE, ShortestStop};
-use super::{ConvergenceLimit, EndReason, SLICE, SourceEngine, Step};
+use super::{ConvergenceLimit, EndReason, SLICE, SourceAction, SourceEngine, Step};
 use crate::capabilities::Capabilities;
 use crate::config::SwitchoverPolicy;
 use crate::time::Instant;
@@ -86,9 +86,11 @@ impl Convergence {
     }
 }
 
-/// Auto-converge's throttle.
+/// The throttle: auto-converge's, and the shortest-stop rule's.
 pub(super) struct Throttle {
-    /// Share of time the vCPUs are held back, 0..=99.
+    /// Share of time the vCPUs are to be held back, 0..=99, as decided
+    /// (handed out once `pending` is cleared; `stats.throttle.percent` is
+    /// the one in force).
     pub percent: u8,
     /// A new throttle was decided and not yet handed out.
     pub pending: bool,
@@ -97,6 +99,15 @@ pub(super) struct Throttle {
     pub high_dirty_rate_count: u8,
     /// `stats.ram.transferred` at the last iteration sync.
     pub last_sync_transferred: u64,
+    /// The shortest-stop rule has raised the throttle: from then on a
+    /// sync whose stop does not fit the limit raises it again (the rule
+    /// gave up a stop that fitted, trusting the throttle to bring the
+    /// next one within the limit).
+    pub stop_rule: bool,
+    /// Since when the throttle in force has held back a running guest and
+    /// was last booked into `stats.throttle` (`None`: no throttle, or the
+    /// vCPUs are stopped).
+    pub booked_at: Option<Instant>,
 }
 
 impl Throttle {
@@ -106,7 +117,21 @@ impl Throttle {
             pending: false,
             high_dirty_rate_count: 0,
             last_sync_transferred: 0,
+            stop_rule: false,
+            booked_at: None,
         }
+    }
+}
+
+/// The throttle the shortest-stop rule raises `percent` to: half of the
+/// vCPUs' remaining run time taken at each step (50, 75, 88, 94, 97, 99),
+/// so that a guest whose dirty rate matches the link's is slowed below it
+/// within a pass or two, and six plateaus at most reach the ceiling.
+pub(super) const fn stop_throttle_step(percent: u8) -> u8 {
+    if percent == 0 {
+        50
+    } else {
+        100 - (100 - percent) / 2
     }
 }
 
@@ -199,7 +224,13 @@ impl SourceEngine<'_> {
     /// linear, so it overestimates a guest that rewrites the same pages:
     /// when wrong, it errs towards taking the stop that fits.
     fn next_pass_fits(&self) -> Option<bool> {
-        let dirty_per_ms = self.convergence.dirty_bytes_per_ms?;
+        self.next_pass_fits_at(1.0)
+    }
+
+    /// [`next_pass_fits`](Self::next_pass_fits) with the guest dirtying
+    /// `share` of its last measured rate (a higher throttle).
+    fn next_pass_fits_at(&self, share: f64) -> Option<bool> {
+        let dirty_per_ms = self.convergence.dirty_bytes_per_ms? * share;
         let bytes_per_ms = self.switchover_bytes_per_ms();
         if bytes_per_ms <= 0.0 {
             return None;
@@ -214,26 +245,123 @@ impl SourceEngine<'_> {
         match self.config.switchover {
             SwitchoverPolicy::FitsLimit => true,
             SwitchoverPolicy::ShortestStop => {
-                // Nothing to gain, or the last stop that fits for all we
-                // know: a guest whose dirtying outgrows the limit during
-                // the next pass may never fit again.
-                if self.sends_at_once(self.pending_bytes()) || self.next_pass_fits() != Some(true) {
+                // Nothing to gain.
+                if self.sends_at_once(self.pending_bytes()) {
                     return true;
+                }
+                // The last stop that fits for all we know (a guest whose
+                // dirtying outgrows the limit during the next pass may
+                // never fit again), unless a higher throttle is predicted
+                // to keep the next pass within it.
+                if self.next_pass_fits() != Some(true) {
+                    return self.convergence.shortest_stop.exhausted()
+                        || !self.raise_stop_throttle_to_fit();
                 }
                 let Some(stop) = self.expected_stop() else {
                     return true;
                 };
                 let stop_us = u64::try_from(stop.as_micros()).unwrap_or(u64::MAX);
-                let take = self
+                let judged = self
                     .convergence
                     .shortest_stop
                     .judge(self.stats.iterations, stop_us);
+                // A pass that did not shrink a stop with SWITCH_AT_ONCE or
+                // more still to send (a plateau: the guest's dirty rate;
+                // or a burst) slows the guest down, and precopy iterates
+                // while the bound on fitting passes leaves room.
+                if judged.stalled
+                    && !self.convergence.shortest_stop.exhausted()
+                    && self.raise_stop_throttle()
+                {
+                    return false;
+                }
+                let take = judged.stop;
                 // A queue worth draining first is drained (see
                 // `drain_deadline`) rather than waited for with the guest
                 // stopped.
                 take && (self.convergence.shortest_stop.exhausted() || !self.queue_drain_pays())
             }
         }
+    }
+
+    /// Under the shortest-stop rule with its throttle: raises the
+    /// throttle one [`stop_throttle_step`] (at most `max-cpu-throttle`);
+    /// false when it is off or already at the ceiling.
+    pub(super) fn raise_stop_throttle(&mut self) -> bool {
+        let Some(next) = self.next_throttle() else {
+            return false;
+        };
+        self.throttle.percent = next;
+        self.throttle.pending = true;
+        self.throttle.stop_rule = true;
+        true
+    }
+
+    /// Raises the throttle by as many [`stop_throttle_step`]s as the
+    /// next pass needs to be predicted to fit (the guest dirtying the
+    /// share of its measured rate the higher throttle leaves it); false,
+    /// leaving the throttle as it is, when even the ceiling is not
+    /// predicted to fit or the rule may not throttle.
+    fn raise_stop_throttle_to_fit(&mut self) -> bool {
+        let now = self.throttle.percent;
+        let mut next = now;
+        loop {
+            let Some(step) = self.throttle_above(next) else {
+                return false;
+            };
+            next = step;
+            let share = f64::from(100 - next) / f64::from(100 - now);
+            if self.next_pass_fits_at(share) == Some(true) {
+                break;
+            }
+        }
+        self.throttle.percent = next;
+        self.throttle.pending = true;
+        self.throttle.stop_rule = true;
+        true
+    }
+
+    /// The throttle one [`stop_throttle_step`] up, if the shortest-stop
+    /// rule may throttle and the ceiling leaves room.
+    fn next_throttle(&self) -> Option<u8> {
+        self.throttle_above(self.throttle.percent)
+    }
+
+    /// The throttle one [`stop_throttle_step`] above `percent`, if the
+    /// shortest-stop rule may throttle and the ceiling leaves room.
+    fn throttle_above(&self, percent: u8) -> Option<u8> {
+        if !self.config.stop_throttle || self.config.switchover != SwitchoverPolicy::ShortestStop {
+            return None;
+        }
+        let ceiling = self.config.parameters.max_cpu_throttle;
+        let next = stop_throttle_step(percent).min(ceiling);
+        (next > percent).then_some(next)
+    }
+
+    /// Hands out the throttle `percent` (zero lifts it), booking what the
+    /// one in force cost the guest until now.
+    pub(super) fn throttle_action(&mut self, percent: u8) -> SourceAction<'static> {
+        self.book_throttle();
+        self.throttle.percent = percent;
+        self.throttle.pending = false;
+        let t = &mut self.stats.throttle;
+        t.percent = percent;
+        t.peak_percent = t.peak_percent.max(percent);
+        self.throttle.booked_at = (percent > 0 && !self.vcpus_stopped).then_some(self.now);
+        SourceAction::SetThrottle { percent }
+    }
+
+    /// Adds the time since the last booking to what the throttle in force
+    /// cost the running guest.
+    pub(super) fn book_throttle(&mut self) {
+        let Some(since) = self.throttle.booked_at else {
+            return;
+        };
+        let ms = (self.now - since).as_secs_f64() * 1e3;
+        let t = &mut self.stats.throttle;
+        t.throttled_ms += ms;
+        t.taken_ms += ms * f64::from(t.percent) / 100.0;
+        self.throttle.booked_at = Some(self.now);
     }
 
     /// The stop a switchover now would take: the fixed cost plus the
@@ -360,6 +488,9 @@ impl SourceEngine<'_> {
         // Passes that fit the limit (iterating to shorten the stop, or
         // waiting for the destination's switchover-ack) are not judged by
         // the no-progress rule: the data already fits.
+        if !fits && self.throttle.stop_rule {
+            self.raise_stop_throttle();
+        }
         let stalled = !fits && self.stalled();
         let acked = self.end.switchover_acked
             || !self

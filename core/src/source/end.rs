@@ -261,14 +261,18 @@ impl SourceEngine<'_> {
     }
 
     /// Undoes what the migration did to the guest before reporting the end:
-    /// vCPUs resumed unless the guest now lives on the destination, the
-    /// throttle lifted.
+    /// the throttle lifted, then the vCPUs resumed unless the guest now
+    /// lives on the destination.
     pub(super) fn finish_step(&mut self, reason: EndReason) -> SourceAction<'static> {
         let status = reason.status();
         // A failed postcopy leaves the guest stopped here: it has been
         // running on the destination, and restarting the stale copy would
         // run the guest twice.
         // After the commit the destination may run it: the same.
+        // The throttle first: a resumed guest runs at full speed at once.
+        if self.stats.throttle.percent > 0 || self.throttle.pending {
+            return self.throttle_action(0);
+        }
         if self.vcpus_stopped
             && status != MigrationStatus::Completed
             && !self.postcopy.guest_on_destination
@@ -276,10 +280,6 @@ impl SourceEngine<'_> {
         {
             self.vcpus_stopped = false;
             return SourceAction::ResumeVcpus;
-        }
-        if self.throttle.percent > 0 {
-            self.throttle.percent = 0;
-            return SourceAction::SetThrottle { percent: 0 };
         }
         if status == MigrationStatus::Completed {
             let end = self.now;

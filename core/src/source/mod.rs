@@ -59,8 +59,8 @@
 //!        ─► COMMIT ─► wait for SHUT(0))
 //!        ─► Finished(completed)
 //! ```
-//! Cancel and failure leave from any running state: the vCPUs are resumed if
-//! they were stopped, the throttle is lifted, and the guest keeps running on
+//! Cancel and failure leave from any running state: the throttle is lifted,
+//! the vCPUs are resumed if they were stopped, and the guest keeps running on
 //! the source — until the commit. With the return path, the end of a
 //! precopy is a handshake: the destination answers the end of the stream
 //! with LOADED (everything checked, guest paused there), and the source
@@ -724,6 +724,9 @@ impl<'a> SourceEngine<'a> {
             return Err(self.unexpected("vCPUs stopped"));
         }
         self.advance_clock(now);
+        // A stopped guest is not held back by the throttle.
+        self.book_throttle();
+        self.throttle.booked_at = None;
         self.vcpus_stopped = true;
         self.stopped_at = Some(now);
         if self.postcopy.switching {
@@ -1135,6 +1138,7 @@ impl<'a> SourceEngine<'a> {
         if now > self.now {
             self.now = now;
         }
+        self.book_throttle();
         if let Some(slice) = self.meter.tick(self.now) {
             self.convergence.bandwidth_bytes_per_ms = slice.bytes_per_ms;
             self.stats.ram.mbps = slice.mbps;

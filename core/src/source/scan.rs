@@ -156,10 +156,7 @@ impl SourceEngine<'_> {
         live: bool,
     ) -> Option<SourceAction<'_>> {
         if self.throttle.pending {
-            self.throttle.pending = false;
-            return Some(SourceAction::SetThrottle {
-                percent: self.throttle.percent,
-            });
+            return Some(self.throttle_action(self.throttle.percent));
         }
         if self.scan.batch.is_empty() && self.meter.exhausted() {
             return None;

@@ -29,6 +29,27 @@
 //! - after [`MAX_FITTING_PASSES`] passes that fit, at the first sync whose
 //!   stop fits, as QEMU would.
 //!
+//! A plateau is where the guest's dirty rate sets the stop: the guest
+//! rewrites during one pass about what the pass sends. When a pass ends
+//! without shrinking the stop (a plateau, or a burst), the transfer
+//! still takes [`SWITCH_AT_ONCE`] or more and
+//! [`MigrationConfig::stop_throttle`] is on (the default; the caller must
+//! be able to throttle its vCPUs), the rule does not stop there: it
+//! raises the throttle one step (half of the vCPUs' remaining run time:
+//! 50, 75, 88, 94, 97, 99 %, at most `max-cpu-throttle`) and iterates, so
+//! that the next passes shrink what the slowed guest leaves dirty. It
+//! stops at the next plateau with the throttle at its ceiling, as soon as
+//! the transfer drops under `SWITCH_AT_ONCE`, or at the bound below. The
+//! stop that may be the last to fit (below) is not taken either when the
+//! same prediction, with the guest slowed by a higher throttle step, says
+//! the next pass fits: the throttle rises to the first such step instead
+//! (several steps at once if need be), and if a later sync
+//! does not fit after all, it rises again at each such sync. The
+//! throttle only rises there and after a pass that did not shrink the
+//! stop, never while passes shrink it, and it is lifted when the migration ends, whatever the end (before the
+//! vCPUs of a failed migration are resumed). What it cost the guest is in
+//! [`MigrationStats::throttle`].
+//!
 //! It iterates otherwise: a pass that did cut the stop is likely to be
 //! followed by one that cuts it again. A send queue longer than the dirty
 //! pages is drained first, with the guest running, when the guest dirties
@@ -53,6 +74,8 @@
 //! [`SwitchoverPolicy::ShortestStop`]: crate::config::SwitchoverPolicy::ShortestStop
 //! [`SwitchoverPolicy::FitsLimit`]: crate::config::SwitchoverPolicy::FitsLimit
 //! [`handle_stop_cost`]: super::SourceEngine::handle_stop_cost
+//! [`MigrationConfig::stop_throttle`]: crate::config::MigrationConfig::stop_throttle
+//! [`MigrationStats::throttle`]: crate::stats::MigrationStats::throttle
 
 use core::time::Duration;
 
@@ -79,6 +102,17 @@ pub const SHRINK: u64 = 8;
 /// limit at most) while leaving room for the usual geometric convergence.
 pub const MAX_FITTING_PASSES: u32 = 12;
 
+/// What the rule makes of one sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Judgement {
+    /// Stop now (false: iterate).
+    pub stop: bool,
+    /// A pass ended here without cutting the shortest stop by
+    /// `1 / SHRINK`: a plateau (near the best) or a burst (further off).
+    /// Where the rule may throttle, either raises the throttle.
+    pub stalled: bool,
+}
+
 /// What the rule remembers between passes.
 pub(super) struct ShortestStop {
     /// Shortest expected stop at the end of a fitting pass, in any unit
@@ -101,22 +135,32 @@ impl ShortestStop {
     }
 
     /// At a sync with a stop that fits the limit, `passes` passes ended so
-    /// far and a stop of `stop` expected: true to stop now, false to
-    /// iterate. A pass is judged once, at the first sync after its end; a
-    /// sync in the middle of a pass stops only once the bound is reached.
-    pub fn judge(&mut self, passes: u64, stop: u64) -> bool {
+    /// far and a stop of `stop` expected: whether to stop now, and whether
+    /// a pass just ended without shrinking the stop. A pass is judged
+    /// once, at the first sync after its end; a sync in the middle of a
+    /// pass stops only once the bound is reached.
+    pub fn judge(&mut self, passes: u64, stop: u64) -> Judgement {
         if passes == self.judged_pass {
-            return self.exhausted();
+            return Judgement {
+                stop: self.exhausted(),
+                stalled: false,
+            };
         }
         self.judged_pass = passes;
         self.fitting_passes = self.fitting_passes.saturating_add(1);
         let best = self.best;
         if best == u64::MAX || stop < best - best / SHRINK {
             self.best = stop;
-            return self.exhausted();
+            return Judgement {
+                stop: self.exhausted(),
+                stalled: false,
+            };
         }
         self.best = best.min(stop);
-        stop <= best.saturating_add(best / SHRINK) || self.exhausted()
+        Judgement {
+            stop: stop <= best.saturating_add(best / SHRINK) || self.exhausted(),
+            stalled: true,
+        }
     }
 
     /// True once [`MAX_FITTING_PASSES`] fitting passes have gone by: from
@@ -135,7 +179,7 @@ mod tests {
     fn run(rule: &mut ShortestStop, stops: &[u64]) -> Option<u64> {
         (1..)
             .zip(stops)
-            .find_map(|(pass, &stop)| rule.judge(pass, stop).then_some(pass))
+            .find_map(|(pass, &stop)| rule.judge(pass, stop).stop.then_some(pass))
     }
 
     #[test]
@@ -163,12 +207,30 @@ mod tests {
     }
 
     #[test]
+    fn plateaus_and_bursts_are_stalled_passes_shrinks_are_not() {
+        let mut rule = ShortestStop::new();
+        assert!(!rule.judge(1, 1000).stalled, "the first is the best");
+        assert!(!rule.judge(2, 500).stalled, "halved");
+        let burst = rule.judge(3, 900);
+        assert!(burst.stalled && !burst.stop);
+        let plateau = rule.judge(4, 510);
+        assert!(plateau.stalled && plateau.stop);
+    }
+
+    #[test]
     fn a_mid_pass_sync_does_not_judge_the_pass_again() {
         let mut rule = ShortestStop::new();
-        assert!(!rule.judge(0, 1000), "no pass has ended yet");
-        assert!(!rule.judge(1, 1000));
-        assert!(!rule.judge(1, 1000), "pass 1 was judged already");
-        assert!(rule.judge(2, 1000));
+        assert!(!rule.judge(0, 1000).stop, "no pass has ended yet");
+        assert!(!rule.judge(1, 1000).stop);
+        let again = rule.judge(1, 1000);
+        assert!(!again.stop && !again.stalled, "pass 1 was judged already");
+        assert_eq!(
+            rule.judge(2, 1000),
+            Judgement {
+                stop: true,
+                stalled: true
+            }
+        );
     }
 
     #[test]
@@ -188,7 +250,7 @@ mod tests {
         let mut rule = ShortestStop::new();
         assert_eq!(run(&mut rule, &stops), Some(u64::from(MAX_FITTING_PASSES)));
         assert!(rule.exhausted());
-        assert!(rule.judge(u64::from(MAX_FITTING_PASSES), 1 << 40));
+        assert!(rule.judge(u64::from(MAX_FITTING_PASSES), 1 << 40).stop);
     }
 
     #[test]

@@ -657,3 +657,15 @@ fn unpopulated_pages_are_sent_as_zero_unread_and_asked_after_their_clear() {
         (301, 724, 724)
     );
 }
+
+#[test]
+fn the_stop_throttle_takes_half_the_remaining_run_time_per_step_up_to_99() {
+    let mut percent = 0;
+    let mut steps = std::vec::Vec::new();
+    while percent < 99 {
+        percent = super::convergence::stop_throttle_step(percent).min(99);
+        steps.push(percent);
+    }
+    assert_eq!(steps, [50, 75, 88, 94, 97, 99]);
+    assert_eq!(super::convergence::stop_throttle_step(99).min(99), 99);
+}

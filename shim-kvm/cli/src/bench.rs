@@ -441,6 +441,9 @@ impl RunResult {
             "normal-pages": s.stats.ram.normal,
             "zero-pages": s.stats.ram.duplicate,
             "iterations": s.stats.iterations,
+            "throttle-ms": s.stats.throttle.throttled_ms,
+            "throttle-peak-percent": s.stats.throttle.peak_percent,
+            "throttle-taken-ms": s.stats.throttle.taken_ms,
             "migration-gbps": self.migration_gbps(),
             "effective-gbps": self.effective_gbps(),
             "raw-tcp-gbps": self.raw_same_bytes.gbps(),
@@ -563,9 +566,18 @@ type Metric = (
     fn(&RunResult) -> Option<f64>,
 );
 
-const METRICS: [Metric; 9] = [
+const METRICS: [Metric; 12] = [
     ("total-time", "total ms", 0, |r| Some(r.total_ms())),
     ("downtime", "downtime ms", 1, RunResult::downtime_ms),
+    ("source-downtime", "src down ms", 1, |r| {
+        r.summary.source_downtime_ms
+    }),
+    ("throttle-ms", "throttle ms", 1, |r| {
+        Some(r.summary.stats.throttle.throttled_ms)
+    }),
+    ("throttle-peak-percent", "peak %", 0, |r| {
+        Some(f64::from(r.summary.stats.throttle.peak_percent))
+    }),
     ("transferred-mib", "sent MiB", 1, |r| {
         Some(r.transferred() as f64 / MIB as f64)
     }),
@@ -744,7 +756,7 @@ source parts tile the source downtime (vCPU stop requested to the destination's 
   device-state   device state saved and handed to the socket
   end-of-stream  end-of-stream record written to the destination's confirmation
 destination parts tile its share (end of stream read to its vCPUs started):
-  commit         LOADED answered to the source's COMMIT received and the reader stopped
+  commit         LOADED answered to the source's COMMIT received and answered
   digest         memory digest of the loaded guest (the demo's check)
   vcpu-start     starting the vCPUs
 ";
@@ -753,6 +765,9 @@ const LEGEND: &str = "
 
 total ms      migration total-time (engine start to the destination's confirmation)
 downtime ms   source vCPU stop to destination vCPU start (across the two processes)
+src down ms   source vCPU stop to the destination's confirmation of the whole stream
+throttle ms   how long the running source guest was throttled to shorten the stop
+peak %        the highest throttle: share of each vCPU's time held back
 sent MiB      bytes the migration put on the wire (records, headers, pages)
 migr GB/s     sent bytes / (total time - setup time)
 raw TCP GB/s  the same number of bytes copied over 127.0.0.1 to another process, same run

@@ -13,8 +13,8 @@ use livemig_kvm::migrate::source::{SourceStop, StopPart};
 use serde_json::{Map, Value, json};
 
 /// The destination's parts, in order: the end of the stream read (and,
-/// with the return path, LOADED answered) to the COMMIT received and the
-/// connection's reader stopped; the memory digest; starting the vCPUs.
+/// with the return path, LOADED answered) to the COMMIT received and
+/// answered; the memory digest; starting the vCPUs.
 pub const DESTINATION_PARTS: [&str; 3] = ["commit", "digest", "vcpu-start"];
 
 /// Milliseconds with three decimals.

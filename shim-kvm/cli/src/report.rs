@@ -194,6 +194,12 @@ impl Summary {
                 "page-size": r.page_size,
             },
             "iterations": s.iterations,
+            "cpu-throttle-percentage": s.throttle.percent,
+            "throttle": {
+                "peak-percent": s.throttle.peak_percent,
+                "throttle-ms": (s.throttle.throttled_ms * 1000.0).round() / 1000.0,
+                "taken-ms": (s.throttle.taken_ms * 1000.0).round() / 1000.0,
+            },
             "verified": self.verified,
             "dirty-log-clears": self.dirty_log_clears,
             "dirty-log-mode": self.dirty_log_mode,
@@ -321,6 +327,17 @@ impl Summary {
                 self.dirty_log_mode, self.dirty_log_clears
             ),
         );
+        let t = &s.throttle;
+        if t.peak_percent > 0 {
+            line(
+                &mut out,
+                "throttle",
+                format!(
+                    "{:.1} ms at up to {} % ({:.1} ms of each vCPU's time taken)",
+                    t.throttled_ms, t.peak_percent, t.taken_ms
+                ),
+            );
+        }
         if let Some(p) = self.postcopy_text() {
             line(&mut out, "postcopy", p);
         }

@@ -156,6 +156,13 @@ struct Migration {
     /// rule, the first stop that fits.
     #[arg(long, default_value = "shortest-stop", value_parser = ["shortest-stop", "fits-limit"])]
     switchover_policy: String,
+    /// With shortest-stop: never throttle the guest to shorten the stop
+    /// (by default, when passes stop shrinking a stop that still has a
+    /// millisecond or more of pages to send, the guest's vCPUs are held
+    /// back, from 50 % up to max-cpu-throttle, until the final set
+    /// shrinks; the report says for how long and how hard).
+    #[arg(long)]
+    no_stop_throttle: bool,
 }
 
 #[derive(Args)]
@@ -402,6 +409,7 @@ fn config(m: &Migration, unlimited_by_default: bool) -> Result<MigrationConfig, 
         options::build_config(demo::base_config(), &caps, &params).map_err(|e| e.to_string())?;
     config.switchover = SwitchoverPolicy::from_name(&m.switchover_policy)
         .ok_or_else(|| format!("unknown switchover policy '{}'", m.switchover_policy))?;
+    config.stop_throttle = !m.no_stop_throttle;
     if postcopy {
         demo::postcopy_config(&mut config, |name| options::sets_param(&m.params, name));
     }

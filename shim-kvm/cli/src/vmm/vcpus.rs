@@ -336,6 +336,13 @@ impl DemoVcpus {
                 c.want = Want::Pause;
             }
             v.shared.pause_requested.store(true, Ordering::SeqCst);
+            // A vCPU held back by the throttle wakes at once.
+            v.shared.cv.notify_all();
+        }
+        // Every running vCPU is kicked before any is waited for, so that
+        // they leave KVM_RUN together rather than one after the other.
+        for v in &self.vcpus {
+            v.kick_if_running();
         }
         // Every running vCPU is waited for, even after one is found
         // stopped, so none is left inside KVM_RUN behind the error.
@@ -369,6 +376,17 @@ impl Vcpu {
         }
     }
 
+    /// Sends the kick to a vCPU inside (or about to enter) KVM_RUN.
+    fn kick_if_running(&self) {
+        let c = lock(&self.shared.control);
+        if c.state == RunState::Running
+            && let Some(t) = &self.thread
+        {
+            // A failed kick only delays the pause to the next exit.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
     fn wait_parked(&self) -> Result<(), VcpuError> {
         let mut c = lock(&self.shared.control);
         loop {
@@ -376,16 +394,21 @@ impl Vcpu {
                 RunState::Parked => return Ok(()),
                 RunState::Stopped => return Err(self.stopped_error(&c)),
                 RunState::Running => {
-                    if let Some(t) = &self.thread {
-                        // A failed kick only delays the pause to the next exit.
-                        let _ = t.kill(kick_signal());
-                    }
-                    c = self
+                    let (guard, waited) = self
                         .shared
                         .cv
                         .wait_timeout(c, KICK_INTERVAL)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                        .unwrap_or_else(|p| p.into_inner());
+                    c = guard;
+                    // The pause kicked it already: kick again only if that
+                    // one was missed (it came just before KVM_RUN).
+                    if waited.timed_out()
+                        && c.state == RunState::Running
+                        && let Some(t) = &self.thread
+                    {
+                        // A failed kick only delays the pause to the next exit.
+                        let _ = t.kill(kick_signal());
+                    }
                 }
             }
         }
@@ -411,7 +434,10 @@ impl Vcpus for DemoVcpus {
 
     fn throttle(&self, percent: u8) -> Result<(), VmmError> {
         for v in &self.vcpus {
+            let _c = lock(&v.shared.control);
             v.shared.throttle.store(percent.min(99), Ordering::Relaxed);
+            // A vCPU held back wakes to the new share (a lift at once).
+            v.shared.cv.notify_all();
         }
         Ok(())
     }
@@ -454,10 +480,12 @@ fn vcpu_thread(shared: &Shared) {
     shared.cv.notify_all();
 }
 
-/// Auto-converge: with a throttle of `p` %, once the vCPU has run for at
-/// least [`THROTTLE_SLICE`] since `ran_from`, it sleeps `p / (100 - p)` of
-/// that time (in slices, so a pause is not kept waiting). Called between
-/// exits: the demo guest's busy vCPUs exit every few hundred pages.
+/// The throttle (auto-converge's, or the shortest-stop rule's): with a
+/// throttle of `p` %, once the vCPU has run for at least
+/// [`THROTTLE_SLICE`] since `ran_from`, it waits `p / (100 - p)` of that
+/// time on its condition variable, so that a pause or a change of the
+/// throttle (a lift) ends the wait at once instead of after it. Called
+/// between exits: the demo guest's busy vCPUs exit every few hundred pages.
 fn hold_back(shared: &Shared, ran_from: &mut Instant) {
     let percent = u32::from(shared.throttle.load(Ordering::Relaxed));
     if percent == 0 {
@@ -469,13 +497,21 @@ fn hold_back(shared: &Shared, ran_from: &mut Instant) {
         return;
     }
     let until = Instant::now() + ran * percent / (100 - percent);
-    while !shared.pause_requested.load(Ordering::SeqCst) {
+    let mut c = lock(&shared.control);
+    while !shared.pause_requested.load(Ordering::SeqCst)
+        && u32::from(shared.throttle.load(Ordering::Relaxed)) == percent
+    {
         let now = Instant::now();
         if now >= until {
             break;
         }
-        std::thread::sleep((until - now).min(THROTTLE_SLICE));
+        c = shared
+            .cv
+            .wait_timeout(c, until - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
+    drop(c);
     *ran_from = Instant::now();
 }
 

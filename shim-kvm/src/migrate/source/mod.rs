@@ -260,7 +260,10 @@ pub fn migrate_with_channels(
     config: &MigrationConfig,
     options: SourceOptions,
 ) -> Result<MigrationHandle, MigrateError> {
-    let config = config.validate().map_err(MigrateError::Config)?;
+    let mut config = config.validate().map_err(MigrateError::Config)?;
+    // The shortest-stop rule's throttle is a default, not a request: a
+    // VMM that cannot throttle keeps the stop its guest's dirty rate allows.
+    config.stop_throttle &= vm.vcpus.can_throttle();
     let expected = if config.capabilities.contains(Capabilities::MULTIFD) {
         usize::from(config.parameters.multifd_channels)
     } else {
