@@ -74,7 +74,6 @@ impl Capabilities {
     /// the work that implements it lands.
     pub const NOT_IMPLEMENTED: Self = Self(
         Self::XBZRLE.0
-            | Self::POSTCOPY_PREEMPT.0
             | Self::RELEASE_RAM.0
             | Self::EVENTS.0
             | Self::VALIDATE_UUID.0,
