@@ -267,7 +267,10 @@ fn preempt_with_an_unlimited_background_pass_verifies() {
     let o = run_migration(&s).expect("scenario");
     assert_verified(&o);
     let pc = postcopy_of(&o);
-    assert!(pc.faults > 0 && pc.requests > 0 && pc.guest_writes > 0, "{pc:?}");
+    assert!(
+        pc.faults > 0 && pc.requests > 0 && pc.guest_writes > 0,
+        "{pc:?}"
+    );
     assert_eq!(o.source.ram.postcopy_requests, pc.requests);
     assert!(pc.preempt_bytes > 16, "{pc:?}");
 }

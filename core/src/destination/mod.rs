@@ -55,8 +55,8 @@ use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{
-    BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PacketEntries, PacketHeader,
-    PREEMPT_HELLO_LEN, PacketKind, PageBatch, PageKind, PageRange, PreemptHello, Record,
+    BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PREEMPT_HELLO_LEN,
+    PacketEntries, PacketHeader, PacketKind, PageBatch, PageKind, PageRange, PreemptHello, Record,
     StreamDecoder,
 };
 use host::by_host;
@@ -972,7 +972,9 @@ impl<'a> DestinationEngine<'a> {
         host: &mut H,
     ) -> Result<usize, HandleError<H::Error>> {
         let Some(expected) = self.loader.preempt_id else {
-            return Err(DestError::PreemptUnexpected("bytes before the main stream announced it").into());
+            return Err(
+                DestError::PreemptUnexpected("bytes before the main stream announced it").into(),
+            );
         };
         let Some(p) = self.preempt.as_mut() else {
             return Err(DestError::PreemptUnsupported.into());

@@ -1040,7 +1040,9 @@ fn preempt_stream(l: &[BlockInfo<'_>]) -> Vec<u8> {
             host_page_size: 4096,
             target_page_size: 4096,
         })),
-        record(Record::Command(Command::PostcopyPreempt { migration_id: 7 })),
+        record(Record::Command(Command::PostcopyPreempt {
+            migration_id: 7,
+        })),
         blocks(l),
         record(Record::Command(Command::PostcopyListen)),
         record(Record::Command(Command::PostcopyRun)),

@@ -320,23 +320,6 @@ impl<'a> SourceEngine<'a> {
             .contains(Capabilities::POSTCOPY_PREEMPT)
     }
 
-    /// Postcopy preempt: the next batch of requested pages for the preempt
-    /// channel ([`SourceAction::SendPreemptPages`]), if any, and nothing
-    /// else. Unlike [`poll_action`](Self::poll_action) it may be called
-    /// while the caller is still writing an earlier action's pages to the
-    /// main stream, provided it has copied that action's header and page
-    /// list first (they live in the buffers this one reuses): a caller
-    /// that writes the main stream in pieces serves each request between
-    /// two of them instead of after the whole batch.
-    pub fn poll_preempt(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
-        self.advance_clock(now);
-        self.book_sent(ram);
-        if self.step != Step::Postcopy || !self.preempt() {
-            return None;
-        }
-        self.preempt_pages(ram)
-    }
-
     /// Postcopy preempt: the requested pages, each sent on the preempt
     /// channel whether or not the main stream has sent it already (it may
     /// still sit in the main socket's queue, behind background pages).

@@ -315,7 +315,10 @@ impl SourceEngine<'_> {
     /// Encodes the batch's header into scratch, counts and books it, and
     /// clears it (its normal pages stay readable until the next batch);
     /// returns the header's length, the block and the normal pages.
-    fn encode_batch(&mut self, flags: BatchFlags) -> Result<(usize, u16, usize), wire::EncodeError> {
+    fn encode_batch(
+        &mut self,
+        flags: BatchFlags,
+    ) -> Result<(usize, u16, usize), wire::EncodeError> {
         let block = self.scan.batch.block;
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
         let entries = &self.scan.batch.entries[..self.scan.batch.len];

@@ -97,7 +97,11 @@ mod tests {
         assert_eq!(PreemptHello::decode(&out), Ok(hello));
         assert!(matches!(
             PreemptHello::decode(&out[..15]),
-            Err(DecodeError::BadLength { expected: 16, found: 15, .. })
+            Err(DecodeError::BadLength {
+                expected: 16,
+                found: 15,
+                ..
+            })
         ));
         let mut main = out;
         main[..4].copy_from_slice(b"LMIG");
