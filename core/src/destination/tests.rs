@@ -1134,7 +1134,8 @@ fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
 
     // Another migration's hello, a main-stream header instead of a hello,
     // a record other than Pages.
-    let cases: [(Vec<u8>, fn(&DestError) -> bool); 3] = [
+    type Expected = fn(&DestError) -> bool;
+    let cases: [(Vec<u8>, Expected); 3] = [
         (preempt_hello(8), |e| {
             *e == DestError::PreemptWrongMigration {
                 expected: 7,

@@ -158,7 +158,10 @@ fn preempt_channel() {
         panic!("a Pages record");
     };
     assert_eq!(batch.block(), 0);
-    let pages: Vec<_> = batch.pages().map(|(e, data)| (e, data.map(<[u8]>::len))).collect();
+    let pages: Vec<_> = batch
+        .pages()
+        .map(|(e, data)| (e, data.map(<[u8]>::len)))
+        .collect();
     assert_eq!(pages, [(entries[0], Some(4096))]);
 }
 
