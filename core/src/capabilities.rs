@@ -72,13 +72,8 @@ impl Capabilities {
     /// that asks for one is refused ([`crate::config::MigrationConfig::validate`])
     /// rather than accepted and silently ignored; each leaves this set when
     /// the work that implements it lands.
-    pub const NOT_IMPLEMENTED: Self = Self(
-        Self::XBZRLE.0
-            | Self::POSTCOPY_PREEMPT.0
-            | Self::RELEASE_RAM.0
-            | Self::EVENTS.0
-            | Self::VALIDATE_UUID.0,
-    );
+    pub const NOT_IMPLEMENTED: Self =
+        Self(Self::XBZRLE.0 | Self::RELEASE_RAM.0 | Self::EVENTS.0 | Self::VALIDATE_UUID.0);
 }
 
 /// Every capability with its QEMU name, in declaration order: the single

@@ -186,7 +186,6 @@ mod tests {
     fn unimplemented_capabilities_are_refused_by_name() {
         for (cap, name) in [
             (Capabilities::XBZRLE, "xbzrle"),
-            (Capabilities::POSTCOPY_PREEMPT, "postcopy-preempt"),
             (Capabilities::RELEASE_RAM, "release-ram"),
             (Capabilities::EVENTS, "events"),
             (Capabilities::VALIDATE_UUID, "validate-uuid"),

@@ -215,7 +215,9 @@
 //!             source.handle_devices_sent(now, (n + cpu_state.len()) as u64)?;
 //!         }
 //!         // Postcopy only (this example's configuration has it off).
-//!         SourceAction::PackageDevices => unreachable!("postcopy is off"),
+//!         SourceAction::PackageDevices
+//!         | SourceAction::SendPreempt(_)
+//!         | SourceAction::SendPreemptPages { .. } => unreachable!("postcopy is off"),
 //!         SourceAction::SendChannel { .. } | SourceAction::SendChannelPages { .. } => {
 //!             unreachable!("multifd is off")
 //!         }

@@ -94,6 +94,9 @@ pub struct Scenario {
     /// without its faults, and a send buffer of
     /// [`SimChannels::SEND_BUFFER`].
     pub channel_links: Vec<LinkConfig>,
+    /// With postcopy-preempt: the preempt channel's link (none: the main
+    /// link's bandwidth and latency, without its faults or send buffer).
+    pub preempt_link: Option<LinkConfig>,
     /// Capabilities, parameters and limits.
     pub config: MigrationConfig,
     /// Cancel the migration at this point.
@@ -142,6 +145,7 @@ impl Scenario {
             forward: LinkConfig::new(1_000_000_000, 50_000),
             back: LinkConfig::new(1_000_000_000, 50_000),
             channel_links: Vec::new(),
+            preempt_link: None,
             config: MigrationConfig::default(),
             cancel: None,
             continue_after_ns: 1_000_000,
@@ -266,6 +270,8 @@ pub struct PostcopyOutcome {
     pub guest_writes: u64,
     /// Longest time from a page request to the page's arrival.
     pub max_request_latency_ns: u64,
+    /// Bytes the postcopy preempt channel carried (hello included).
+    pub preempt_bytes: u64,
 }
 
 impl Outcome {
@@ -433,6 +439,9 @@ struct Host<'a> {
     cpu: Option<Vec<u8>>,
     /// The package's run command arrived: start the guest.
     run: bool,
+    /// The main stream announced the preempt channel: its bytes may be
+    /// taken from now on.
+    preempt_opened: bool,
     discarded: u64,
     /// This host's CPU model (see [`Scenario::destination_cpu_model`]).
     cpu_model: u32,
@@ -597,6 +606,11 @@ impl PostcopyHost for Host<'_> {
         self.run = true;
         Ok(())
     }
+
+    fn open_preempt(&mut self, _migration_id: u64) -> Result<(), SimHostError> {
+        self.preempt_opened = true;
+        Ok(())
+    }
 }
 
 /// The simulated vCPU's state: how many writes the guest has made. The
@@ -692,6 +706,20 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             .map(|i| SimLink::new(scenario.channel_links.get(i).copied().unwrap_or(plain)))
             .collect(),
     );
+    let mut pre = scenario
+        .config
+        .capabilities
+        .contains(Capabilities::POSTCOPY_PREEMPT)
+        .then(|| {
+            SimLink::new(scenario.preempt_link.unwrap_or(LinkConfig::new(
+                scenario.forward.bandwidth_bytes_per_sec,
+                scenario.forward.latency_ns,
+            )))
+        });
+    // The destination takes the preempt channel once the main stream has
+    // announced it (a VMM accepts its connection then).
+    let mut preempt_opened = false;
+    let mut preempt_failed = false;
     let channel_bytes = |chans: &SimChannels| {
         chans
             .links
@@ -746,12 +774,14 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         .map(|(b, (r, q))| PostcopyTracking::new(r, q, b.length / u64::from(b.page_size)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| setup_err("postcopy tracking", e))?;
+    let mut preempt_scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
     let mut dst = if postcopy {
         DestinationEngine::with_postcopy(&layout, &mut dst_scratch, &mut dst_tracking)
             .map_err(|e| setup_err("destination engine", e))?
     } else {
         DestinationEngine::new(&layout, &mut dst_scratch)
     };
+    dst.take_preempt(&mut preempt_scratch);
     dst.require_sections(REQUIRED)
         .map_err(|e| setup_err("destination engine", e))?;
     // The self-check's books, 8 bytes a page on each end.
@@ -892,6 +922,30 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     )?;
                     injector.batch(&mut page_buf, pages.len());
                     fwd.send(now, &page_buf).map(Some)
+                }
+                SourceAction::SendPreempt(bytes) => pre
+                    .as_mut()
+                    .ok_or_else(|| HarnessError("a preempt send without preempt".into()))?
+                    .send(now, bytes)
+                    .map(Some),
+                SourceAction::SendPreemptPages {
+                    header,
+                    block,
+                    pages,
+                } => {
+                    gather(
+                        &mut page_buf,
+                        header,
+                        block,
+                        pages,
+                        &src_ram,
+                        &mut audit.borrow_mut(),
+                        guest.running,
+                    )?;
+                    pre.as_mut()
+                        .ok_or_else(|| HarnessError("a preempt send without preempt".into()))?
+                        .send(now, &page_buf)
+                        .map(Some)
                 }
                 SourceAction::SendChannel { channel, bytes } => chans
                     .links
@@ -1051,7 +1105,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 }
                 SourceAction::Finished(_) => {
                     fwd.close(now);
-                    for link in &mut chans.links {
+                    for link in chans.links.iter_mut().chain(pre.as_mut()) {
                         link.close(now);
                     }
                     Ok(None)
@@ -1072,7 +1126,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                         format_args!("send failed: {why}"),
                     );
                     fwd.close(now);
-                    for link in &mut chans.links {
+                    for link in chans.links.iter_mut().chain(pre.as_mut()) {
                         link.close(now);
                     }
                 }
@@ -1093,10 +1147,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 layout: &layout,
                 cpu: None,
                 run: false,
+                preempt_opened: false,
                 discarded: 0,
                 cpu_model: scenario.destination_cpu_model,
             };
             let _ = dst.handle_input(t, &buf[..n], &mut host);
+            preempt_opened |= host.preempt_opened;
             pc.discarded_pages += host.discarded;
             let start_guest = host.run;
             if host.cpu.is_some() {
@@ -1108,6 +1164,31 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 dest_guest = guest_at_stop.clone();
                 dest_ran_to = now;
                 dest_started_at = Some(now);
+            }
+        }
+        if let Some(link) = pre.as_mut().filter(|_| preempt_opened) {
+            loop {
+                let n = link.recv(now, &mut buf);
+                if n == 0 {
+                    break;
+                }
+                progressed = true;
+                let mut host = Host {
+                    ram: &mut dst_ram,
+                    channels: &mut chans,
+                    layout: &layout,
+                    cpu: None,
+                    run: false,
+                    preempt_opened: false,
+                    discarded: 0,
+                    cpu_model: scenario.destination_cpu_model,
+                };
+                let _ = dst.handle_preempt_input(t, &buf[..n], &mut host);
+            }
+            if !preempt_failed && (link.is_eof(now) || link.is_reset(now)) {
+                preempt_failed = true;
+                progressed = true;
+                dst.handle_preempt_failure(t, format_args!("the preempt channel closed"));
             }
         }
         if chans.pump(now, &mut dst_ram, &layout) {
@@ -1216,6 +1297,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             chans
                 .links
                 .iter()
+                .chain(pre.as_ref())
                 .flat_map(|l| [l.next_arrival_ns(), l.end_at_ns()]),
         )
         .flatten()
@@ -1294,6 +1376,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             memory_identical = first_difference.is_none();
         }
     }
+    pc.preempt_bytes = pre.as_ref().map_or(0, SimLink::bytes_sent);
     let source_running = guest.running;
     let mut source_continued = false;
     if !completed && source_running {

@@ -202,3 +202,113 @@ fn postcopy_cannot_be_cancelled_once_the_guest_runs_on_the_destination() {
     let o = run_migration(&s).expect("scenario");
     assert_verified(&o);
 }
+
+/// The unconvergeable guest switching to postcopy early over a slow link
+/// whose socket holds 4 MiB (80 ms at 50 MB/s) of background pages: a
+/// page requested on the main stream waits behind them.
+fn with_a_full_socket() -> Scenario {
+    let mut s = unconvergeable();
+    s.fill_pages = 256 * 256;
+    s.forward = link(50_000_000);
+    s.forward.send_buffer_bytes = 4 << 20;
+    s.back = link(50_000_000);
+    s.start_postcopy_at_ns = Some(50_000_000);
+    s
+}
+
+#[test]
+fn preempt_requests_skip_the_background_pages_queued_in_the_socket() {
+    let off = run_migration(&with_a_full_socket()).expect("scenario");
+    assert_verified(&off);
+    let off = postcopy_of(&off);
+    assert!(
+        off.max_request_latency_ns > 80_000_000,
+        "without preempt a request waits behind the queued 4 MiB: {off:?}"
+    );
+    assert_eq!(off.preempt_bytes, 0);
+
+    let mut s = with_a_full_socket();
+    s.config.capabilities |= Capabilities::POSTCOPY_PREEMPT;
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let pc = postcopy_of(&o);
+    assert!(pc.requests > 10, "{pc:?}");
+    // Round trip 200 us, the page itself (82 us at 50 MB/s), and at most
+    // the other requests' pages ahead of it on the preempt channel.
+    assert!(
+        pc.max_request_latency_ns < 5_000_000,
+        "a request waited {} ns on the preempt channel",
+        pc.max_request_latency_ns
+    );
+    // The hello, then at least a record header and a page entry per
+    // request (zero pages carry no data).
+    assert!(
+        pc.preempt_bytes >= 16 + pc.requests * 16,
+        "{} preempt bytes for {} requests",
+        pc.preempt_bytes,
+        pc.requests
+    );
+    // The main stream still carried every page: the destination dropped
+    // the copies that came second.
+    assert!(
+        o.destination.ram.normal < o.source.ram.normal,
+        "destination placed {} normal pages of the {} sent",
+        o.destination.ram.normal,
+        o.source.ram.normal
+    );
+}
+
+#[test]
+fn preempt_with_an_unlimited_background_pass_verifies() {
+    let mut s = unconvergeable();
+    s.config.limits.postcopy_after_iterations = Some(1);
+    s.config.capabilities |= Capabilities::POSTCOPY_PREEMPT;
+    s.config.parameters.max_postcopy_bandwidth = 0;
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let pc = postcopy_of(&o);
+    assert!(
+        pc.faults > 0 && pc.requests > 0 && pc.guest_writes > 0,
+        "{pc:?}"
+    );
+    assert_eq!(o.source.ram.postcopy_requests, pc.requests);
+    assert!(pc.preempt_bytes > 16, "{pc:?}");
+}
+
+#[test]
+fn a_cut_preempt_channel_fails_postcopy_like_a_cut_main_stream() {
+    let mut s = with_a_full_socket();
+    s.config.capabilities |= Capabilities::POSTCOPY_PREEMPT;
+    // The hello, then part of the first requested page.
+    let mut preempt = link(50_000_000);
+    preempt.cut_after = Some(16 + 1000);
+    s.preempt_link = Some(preempt);
+    let o = run_migration(&s).expect("scenario");
+    assert!(!o.timed_out, "nothing may wait forever");
+    assert_eq!(o.source.status, MigrationStatus::Failed);
+    let why = o.source.error_desc.as_str();
+    assert!(
+        why.contains("postcopy failed after the switchover"),
+        "{why}"
+    );
+    assert!(
+        !o.source_running,
+        "the source's stale copy of the guest must not run"
+    );
+    assert_eq!(o.destination.status, MigrationStatus::Failed);
+    assert!(!o.destination_running, "the destination stops its guest");
+}
+
+#[test]
+fn a_cut_preempt_channel_before_the_switchover_resumes_the_source_guest() {
+    let mut s = with_a_full_socket();
+    s.config.capabilities |= Capabilities::POSTCOPY_PREEMPT;
+    // In the hello: found at setup, the guest never left.
+    let mut preempt = link(50_000_000);
+    preempt.cut_after = Some(8);
+    s.preempt_link = Some(preempt);
+    let o = run_migration(&s).expect("scenario");
+    assert!(!o.timed_out);
+    assert_eq!(o.source.status, MigrationStatus::Failed);
+    livemig_tests::assert_source_kept_guest(&o);
+}

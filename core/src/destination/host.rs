@@ -139,6 +139,15 @@ pub trait PostcopyHost {
     /// faults go to
     /// [`DestinationEngine::handle_page_fault`](super::DestinationEngine::handle_page_fault).
     fn postcopy_run(&mut self) -> Result<(), Self::Error>;
+
+    /// The source sends requested pages on the postcopy preempt channel
+    /// too: accept its connection (from the same connector as the main
+    /// one) and feed everything it carries, from its first byte, to
+    /// [`DestinationEngine::handle_preempt_input`](super::DestinationEngine::handle_preempt_input),
+    /// which checks its hello against `migration_id`. Called at setup,
+    /// before any page; only when the engine was given a preempt decoder
+    /// ([`DestinationEngine::take_preempt`](super::DestinationEngine::take_preempt)).
+    fn open_preempt(&mut self, migration_id: u64) -> Result<(), Self::Error>;
 }
 
 /// Which host operation failed.
@@ -158,6 +167,8 @@ pub enum HostOp {
     PostcopyListen,
     /// [`PostcopyHost::postcopy_run`].
     PostcopyRun,
+    /// [`PostcopyHost::open_preempt`].
+    OpenPreempt,
     /// [`ChannelsHost::open_channels`].
     OpenChannels,
     /// [`ChannelsHost::sync_channels`].
@@ -174,6 +185,7 @@ impl fmt::Display for HostOp {
             HostOp::Discard => "discarding pages",
             HostOp::PostcopyListen => "entering postcopy",
             HostOp::PostcopyRun => "starting the guest",
+            HostOp::OpenPreempt => "opening the postcopy preempt channel",
             HostOp::OpenChannels => "opening the multifd channels",
             HostOp::SyncChannels => "syncing the multifd channels",
         })

@@ -55,8 +55,9 @@ use crate::stats::{AmbiguousEnd, MigrationStats};
 use crate::status::MigrationStatus;
 use crate::time::Instant;
 use crate::wire::{
-    BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PacketEntries, PacketHeader,
-    PacketKind, PageBatch, PageKind, PageRange, RangeSums, Record, StreamDecoder,
+    BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PREEMPT_HELLO_LEN,
+    PacketEntries, PacketHeader, PacketKind, PageBatch, PageKind, PageRange, PreemptHello,
+    RangeSums, Record, StreamDecoder,
 };
 use host::by_host;
 
@@ -303,6 +304,25 @@ pub enum DestError {
         /// The generation received.
         found: u32,
     },
+    /// The source announced the postcopy preempt channel and this
+    /// destination has no reassembly buffer for it
+    /// ([`DestinationEngine::take_preempt`]).
+    PreemptUnsupported,
+    /// Preempt channel input out of place: bytes before the main stream
+    /// announced the channel, a second announcement, a record other than
+    /// Pages, pages outside postcopy.
+    PreemptUnexpected(&'static str),
+    /// The preempt channel's hello names another migration than the main
+    /// stream's PostcopyPreempt.
+    PreemptWrongMigration {
+        /// The id the main stream announced.
+        expected: u64,
+        /// The id the hello carries.
+        found: u64,
+    },
+    /// The preempt channel failed: an error, a close or a timeout on its
+    /// connection ([`DestinationEngine::handle_preempt_failure`]).
+    PreemptFailed,
 }
 
 impl fmt::Display for DestError {
@@ -468,6 +488,19 @@ impl fmt::Display for DestError {
                 f,
                 "multifd flush of generation {found} where generation {expected} was due"
             ),
+            DestError::PreemptUnsupported => write!(
+                f,
+                "the source sends requested pages on a preempt channel and this destination \
+                 takes none"
+            ),
+            DestError::PreemptUnexpected(what) => {
+                write!(f, "unexpected on the preempt channel: {what}")
+            }
+            DestError::PreemptWrongMigration { expected, found } => write!(
+                f,
+                "the preempt channel's hello is for migration {found:#x}, not {expected:#x}"
+            ),
+            DestError::PreemptFailed => f.write_str("the postcopy preempt channel failed"),
         }
     }
 }
@@ -483,7 +516,17 @@ impl From<DecodeError> for DestError {
 /// The sans-IO destination side of a migration. See the [module docs](self).
 pub struct DestinationEngine<'a> {
     decoder: StreamDecoder<'a>,
+    /// The postcopy preempt channel's hello and records, when the host
+    /// takes one ([`DestinationEngine::take_preempt`]).
+    preempt: Option<PreemptInput<'a>>,
     loader: Loader<'a>,
+}
+
+/// The preempt channel as it arrives: its hello, then Pages records.
+struct PreemptInput<'a> {
+    hello: [u8; PREEMPT_HELLO_LEN],
+    hello_fill: usize,
+    decoder: StreamDecoder<'a>,
 }
 
 /// Everything but the decoder, so that records borrowed from the decoder
@@ -524,6 +567,11 @@ struct Loader<'a> {
     locate: Option<(u16, PageRange)>,
     /// With multifd: the channel count and the next generation to flush.
     channels: Option<Channels>,
+    /// With the postcopy preempt channel: the migration id its hello must
+    /// carry, once the main stream has announced it.
+    preempt_id: Option<u64>,
+    /// The engine has a decoder for the preempt channel.
+    preempt_ready: bool,
     stats: MigrationStats,
 }
 
@@ -560,6 +608,7 @@ impl<'a> DestinationEngine<'a> {
             .unwrap_or(0);
         DestinationEngine {
             decoder: StreamDecoder::new(scratch),
+            preempt: None,
             loader: Loader {
                 layout,
                 postcopy: None,
@@ -583,6 +632,8 @@ impl<'a> DestinationEngine<'a> {
                 key: None,
                 locate: None,
                 channels: None,
+                preempt_id: None,
+                preempt_ready: false,
                 stats,
             },
         }
@@ -609,6 +660,22 @@ impl<'a> DestinationEngine<'a> {
         let mut engine = Self::new(layout, scratch);
         engine.loader.postcopy = Some(tracking);
         Ok(engine)
+    }
+
+    /// Takes the postcopy preempt channel, decoding it with `scratch` (as
+    /// large as the main stream's): a source with `postcopy-preempt`
+    /// announces it, the host accepts its connection
+    /// ([`PostcopyHost::open_preempt`]) and feeds what arrives to
+    /// [`handle_preempt_input`](Self::handle_preempt_input). Without it
+    /// such a source is refused with [`DestError::PreemptUnsupported`]
+    /// before any page.
+    pub fn take_preempt(&mut self, scratch: &'a mut [u8]) {
+        self.preempt = Some(PreemptInput {
+            hello: [0; PREEMPT_HELLO_LEN],
+            hello_fill: 0,
+            decoder: StreamDecoder::records(scratch),
+        });
+        self.loader.preempt_ready = true;
     }
 
     /// Keeps digest books (one per block of the layout, built with
@@ -883,6 +950,108 @@ impl<'a> DestinationEngine<'a> {
                 Ok(true)
             }
         }
+    }
+
+    /// Takes bytes from the postcopy preempt channel: its hello, then
+    /// Pages records of requested pages. Returns how many were consumed
+    /// (all of them). A page that is already here is dropped: the main
+    /// stream carries every page too, and the guest may have written the
+    /// copy that came first. After completion the rest of the channel is
+    /// read and dropped (the main stream delivered every page already).
+    pub fn handle_preempt_input<H: DestinationHost>(
+        &mut self,
+        now: Instant,
+        input: &[u8],
+        host: &mut H,
+    ) -> Result<usize, HandleError<H::Error>> {
+        match self.loader.status {
+            MigrationStatus::Failed => return Err(DestError::AlreadyFailed.into()),
+            MigrationStatus::Completed => return Ok(input.len()),
+            _ => {}
+        }
+        let result = self.preempt_input(now, input, host);
+        match result {
+            Ok(n) => Ok(n),
+            Err(HandleError::Dest(e)) => Err(self.loader.fail(now, e).into()),
+            Err(HandleError::Host { op, error }) => {
+                self.loader.fail_with(
+                    now,
+                    DestError::Host(op),
+                    format_args!("the VMM failed {op}: {error}"),
+                );
+                Err(HandleError::Host { op, error })
+            }
+        }
+    }
+
+    fn preempt_input<H: DestinationHost>(
+        &mut self,
+        now: Instant,
+        input: &[u8],
+        host: &mut H,
+    ) -> Result<usize, HandleError<H::Error>> {
+        let Some(expected) = self.loader.preempt_id else {
+            return Err(
+                DestError::PreemptUnexpected("bytes before the main stream announced it").into(),
+            );
+        };
+        let Some(p) = self.preempt.as_mut() else {
+            return Err(DestError::PreemptUnsupported.into());
+        };
+        let l = &mut self.loader;
+        l.stats.ram.transferred += input.len() as u64;
+        l.last_input_at = now;
+        let mut offset = 0;
+        if p.hello_fill < PREEMPT_HELLO_LEN {
+            let take = (PREEMPT_HELLO_LEN - p.hello_fill).min(input.len());
+            p.hello[p.hello_fill..p.hello_fill + take].copy_from_slice(&input[..take]);
+            p.hello_fill += take;
+            offset = take;
+            if p.hello_fill < PREEMPT_HELLO_LEN {
+                return Ok(offset);
+            }
+            let hello = PreemptHello::decode(&p.hello).map_err(DestError::Decode)?;
+            if hello.migration_id != expected {
+                return Err(DestError::PreemptWrongMigration {
+                    expected,
+                    found: hello.migration_id,
+                }
+                .into());
+            }
+        }
+        while offset < input.len() {
+            let rest = input.get(offset..).unwrap_or(&[]);
+            let decoded = p.decoder.decode(rest).map_err(DestError::Decode)?;
+            offset += decoded.consumed;
+            match decoded.record {
+                None => {}
+                Some(Record::Pages(batch)) => {
+                    if self.loader.status != MigrationStatus::PostcopyActive {
+                        return Err(DestError::PreemptUnexpected("pages outside postcopy").into());
+                    }
+                    self.loader.place_batch(now, &batch, host)?;
+                }
+                Some(_) => {
+                    return Err(DestError::PreemptUnexpected("a record other than Pages").into());
+                }
+            }
+        }
+        self.loader.update_time(now);
+        Ok(offset)
+    }
+
+    /// The preempt channel failed (an error, a close or a timeout on its
+    /// connection); `reason` becomes the error description. It fails the
+    /// migration as the main connection's failure does; once the migration
+    /// has completed or failed it changes nothing.
+    pub fn handle_preempt_failure(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
+        if matches!(
+            self.loader.status,
+            MigrationStatus::Completed | MigrationStatus::Failed
+        ) {
+            return;
+        }
+        self.loader.fail_with(now, DestError::PreemptFailed, reason);
     }
 
     /// A multifd channel failed (its receiver's own check, or its
@@ -1254,6 +1423,19 @@ impl Loader<'_> {
                 ram.transferred += totals.bytes;
                 ram.multifd_bytes += totals.bytes;
             }
+            Command::PostcopyPreempt { migration_id } => {
+                if !self.advised || self.preempt_id.is_some() || self.blocks_received {
+                    return Err(DestError::PreemptUnexpected("an announcement out of place").into());
+                }
+                if !self.preempt_ready {
+                    return Err(DestError::PreemptUnsupported.into());
+                }
+                by_host(
+                    HostOp::OpenPreempt,
+                    postcopy_host(host)?.open_preempt(migration_id),
+                )?;
+                self.preempt_id = Some(migration_id);
+            }
             // Taken by `apply`, which knows whether the stream has ended.
             Command::Commit => return Err(DestError::UnexpectedCommand("commit").into()),
         }
@@ -1468,6 +1650,19 @@ impl Loader<'_> {
         Ok(true)
     }
 
+    /// True for a page postcopy has placed already: a second copy (one on
+    /// the preempt channel, one on the main stream) is dropped, because the
+    /// guest runs here and may have written the first. Before postcopy a
+    /// later copy is newer and replaces the older one.
+    fn placed_already(&self, block: u16, page: u64) -> bool {
+        self.status == MigrationStatus::PostcopyActive
+            && self
+                .postcopy
+                .as_deref()
+                .and_then(|t| t.get(usize::from(block)))
+                .is_some_and(|t| t.is_received(page))
+    }
+
     /// Records arrivals for postcopy: answered requests stop the clock of
     /// the request timeout.
     fn arrived(&mut self, now: Instant, block: u16, first: u64, count: u64) {
@@ -1521,6 +1716,18 @@ impl Loader<'_> {
         }
         let mut zero_run: Option<(u64, u64)> = None;
         for (entry, data) in batch.pages() {
+            if self.placed_already(block, entry.index) {
+                // Flush the run first: pages keep their stream order.
+                if let Some((first, count)) = zero_run.take() {
+                    by_host(
+                        HostOp::PlaceZeroPages,
+                        host.place_zero_pages(block, first, count),
+                    )?;
+                    self.book_zero(block, first, count);
+                    self.arrived(now, block, first, count);
+                }
+                continue;
+            }
             match (entry.kind, data) {
                 (PageKind::Zero, _) => {
                     self.stats.ram.duplicate += 1;

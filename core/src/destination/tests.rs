@@ -18,6 +18,8 @@ struct Recorder {
     zeros: Vec<(u16, u64, u64)>,
     postcopy: bool,
     discards: Vec<(u16, PageRange)>,
+    /// The migration id of the preempt channel the engine asked to open.
+    preempt: Option<u64>,
 }
 
 impl DestinationHost for Recorder {
@@ -58,6 +60,10 @@ impl PostcopyHost for Recorder {
         Ok(())
     }
     fn postcopy_run(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn open_preempt(&mut self, migration_id: u64) -> Result<(), Self::Error> {
+        self.preempt = Some(migration_id);
         Ok(())
     }
 }
@@ -1029,4 +1035,143 @@ fn digest_records_are_checked_in_order_and_compared() {
         d.verify_with(&mut books),
         Err(DestError::DigestBooksMismatch)
     );
+}
+
+/// The preamble of a postcopy stream with the preempt channel announced
+/// (migration id 7), up to the guest running here.
+fn preempt_stream(l: &[BlockInfo<'_>]) -> Vec<u8> {
+    [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        record(Record::Command(Command::PostcopyPreempt {
+            migration_id: 7,
+        })),
+        blocks(l),
+        record(Record::Command(Command::PostcopyListen)),
+        record(Record::Command(Command::PostcopyRun)),
+    ]
+    .concat()
+}
+
+fn preempt_hello(migration_id: u64) -> Vec<u8> {
+    let mut out = vec![0; PREEMPT_HELLO_LEN];
+    PreemptHello { migration_id }.encode(&mut out).unwrap();
+    out
+}
+
+fn feed_preempt(
+    d: &mut DestinationEngine<'_>,
+    now: Instant,
+    input: &[u8],
+    host: &mut Recorder,
+) -> Result<usize, DestError> {
+    d.handle_preempt_input(now, input, host)
+        .map_err(|e| e.dest_error())
+}
+
+#[test]
+fn preempt_pages_are_placed_once_whichever_stream_brings_them_first() {
+    let l = layout(16);
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut scratch = vec![0; 1 << 20];
+    let mut preempt_scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.take_preempt(&mut preempt_scratch);
+    let mut host = Recorder {
+        postcopy: true,
+        ..Recorder::default()
+    };
+    feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+    assert_eq!(host.preempt, Some(7), "the host was asked to open it");
+    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+    let t = Instant::from_millis(1);
+    assert_eq!(d.handle_page_fault(t, 0, 3), Ok(true));
+    // The hello split across two reads, then the requested page.
+    let hello = preempt_hello(7);
+    assert_eq!(feed_preempt(&mut d, t, &hello[..5], &mut host), Ok(5));
+    let rest = [&hello[5..], &batch(0, &[(3, false)])[..]].concat();
+    assert_eq!(feed_preempt(&mut d, t, &rest, &mut host), Ok(rest.len()));
+    assert_eq!(host.pages, [(0, 3, PAGE)]);
+    assert!(d.is_received(0, 3));
+    assert_eq!(d.outstanding_requests(), 0);
+    // The main stream's copy comes second and is dropped: the guest may
+    // have written the page since. Page 4, not yet here, is placed.
+    feed(&mut d, t, &batch(0, &[(3, false), (4, false)]), &mut host).unwrap();
+    assert_eq!(host.pages, [(0, 3, PAGE), (0, 4, PAGE)]);
+    // And the other way round: a preempt copy after the main one.
+    feed_preempt(&mut d, t, &batch(0, &[(4, false), (5, true)]), &mut host).unwrap();
+    assert_eq!(host.pages, [(0, 3, PAGE), (0, 4, PAGE)]);
+    assert_eq!(host.zeros, [(0, 5, 1)]);
+    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+}
+
+#[test]
+fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
+    let l = layout(16);
+    let mut host = Recorder {
+        postcopy: true,
+        ..Recorder::default()
+    };
+    // Before the announcement.
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.take_preempt(&mut ps);
+    assert!(matches!(
+        feed_preempt(&mut d, Instant::ZERO, &preempt_hello(7), &mut host),
+        Err(DestError::PreemptUnexpected(_))
+    ));
+    assert_eq!(d.status(), MigrationStatus::Failed);
+
+    // A destination without a preempt decoder refuses the announcement.
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    assert_eq!(
+        feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host),
+        Err(DestError::PreemptUnsupported)
+    );
+
+    // Another migration's hello, a main-stream header instead of a hello,
+    // a record other than Pages.
+    type Expected = fn(&DestError) -> bool;
+    let cases: [(Vec<u8>, Expected); 3] = [
+        (preempt_hello(8), |e| {
+            *e == DestError::PreemptWrongMigration {
+                expected: 7,
+                found: 8,
+            }
+        }),
+        ([header(), header()].concat(), |e| {
+            matches!(e, DestError::Decode(DecodeError::BadMagic { .. }))
+        }),
+        (
+            [
+                preempt_hello(7),
+                record(Record::Command(Command::PostcopyRun)),
+            ]
+            .concat(),
+            |e| matches!(e, DestError::PreemptUnexpected(_)),
+        ),
+    ];
+    for (input, expected) in cases {
+        let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+        let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+        let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+        let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+        d.take_preempt(&mut ps);
+        feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+        let e = feed_preempt(&mut d, Instant::ZERO, &input, &mut host).unwrap_err();
+        assert!(expected(&e), "{e:?}");
+        assert_eq!(d.status(), MigrationStatus::Failed);
+        // The source hears SHUT(1) on the return path.
+        assert!(drained(&mut d).ends_with(&[0, 1, 0, 4, 0, 0, 0, 1]));
+    }
 }

@@ -95,7 +95,7 @@ use crate::return_path::{RpMessage, SignalName};
 use crate::stats::MigrationStats;
 use crate::status::MigrationStatus;
 use crate::time::Instant;
-use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, Record};
+use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, PreemptHello, Record};
 
 pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
 pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};
@@ -114,6 +114,13 @@ use verify::Verify;
 /// amortise a `writev` and a record header, small enough to keep a rate
 /// limit slice fine-grained.
 pub const BATCH_PAGES: usize = 256;
+
+/// Most pages in a batch of postcopy's background pass with the preempt
+/// channel: 64 KiB. The caller writes each batch whole before it polls
+/// again, so a request that arrives meanwhile waits for at most this
+/// much of the main socket to drain (about 30 us on loopback) before its
+/// page goes out on the preempt channel.
+pub const PREEMPT_BACKGROUND_BATCH_PAGES: usize = 16;
 
 /// The value of the ping that follows the setup-time device sections. The
 /// destination answers pings in stream order, after loading what came
@@ -210,6 +217,23 @@ pub enum SourceAction<'e> {
         /// The channel, `< multifd-channels`.
         channel: u16,
         /// Packet header and entries.
+        header: &'e [u8],
+        /// Index of the block in the block list.
+        block: u16,
+        /// Pages whose data follows the header, in order.
+        pages: &'e [u64],
+    },
+    /// Postcopy preempt: write these bytes (the channel's hello) to the
+    /// preempt channel, a connection of its own from the same connector
+    /// as the main stream.
+    SendPreempt(&'e [u8]),
+    /// Postcopy preempt: write `header` (a Pages record header, batch
+    /// header and entries) to the preempt channel, then the contents of
+    /// each page in `pages` (in order, each one page of block `block`),
+    /// straight from guest memory. Only pages the destination asked for
+    /// travel there, ahead of whatever the main stream has queued.
+    SendPreemptPages {
+        /// Record header, batch header and page entries.
         header: &'e [u8],
         /// Index of the block in the block list.
         block: u16,
@@ -384,6 +408,9 @@ impl core::error::Error for SourceError {}
 enum Step {
     NotStarted,
     SendPreamble,
+    /// Postcopy preempt: the next poll hands out the preempt channel's
+    /// hello.
+    PreemptHello,
     /// The next poll asks for the setup-time device sections.
     SaveSetupDevices,
     AwaitSetupDevices,
@@ -451,6 +478,8 @@ pub struct SourceEngine<'a> {
     end: Handshake,
     /// With multifd: the channels' sequence.
     channels: Option<Channels>,
+    /// The id the channels' hellos carry (multifd, postcopy preempt).
+    migration_id: u64,
     vcpus_stopped: bool,
     started_at: Instant,
     now: Instant,
@@ -526,6 +555,7 @@ impl<'a> SourceEngine<'a> {
             postcopy: Postcopy::new(),
             end: Handshake::new(return_path),
             channels,
+            migration_id: 0,
             vcpus_stopped: false,
             started_at: Instant::ZERO,
             now: Instant::ZERO,
@@ -589,7 +619,8 @@ impl<'a> SourceEngine<'a> {
         self.step == Step::Done
     }
 
-    /// Sets the id that the multifd channels' hellos carry (0 unless set),
+    /// Sets the id that the channels' hellos carry (multifd, postcopy
+    /// preempt; 0 unless set),
     /// so that the destination refuses a connection of another migration
     /// as a channel. Call it before [`start`](Self::start), with a value
     /// unlikely to repeat (random, or the time and process id).
@@ -600,6 +631,7 @@ impl<'a> SourceEngine<'a> {
         if let Some(ch) = self.channels.as_mut() {
             *ch = Channels::new(ch.count(), id);
         }
+        self.migration_id = id;
         Ok(())
     }
 
@@ -1025,12 +1057,29 @@ impl<'a> SourceEngine<'a> {
             | Step::Done => None,
             Step::SendPreamble => match self.encode_preamble() {
                 Ok(len) => {
-                    self.step = Step::SaveSetupDevices;
+                    self.step = if self.preempt() {
+                        Step::PreemptHello
+                    } else {
+                        Step::SaveSetupDevices
+                    };
                     self.count_sent(len as u64, 0);
                     Some(SourceAction::Send(&self.scratch[..len]))
                 }
                 Err(e) => Some(self.encode_failed(e)),
             },
+            Step::PreemptHello => {
+                let hello = PreemptHello {
+                    migration_id: self.migration_id,
+                };
+                match hello.encode(self.scratch) {
+                    Ok(len) => {
+                        self.step = Step::SaveSetupDevices;
+                        self.count_sent(len as u64, 0);
+                        Some(SourceAction::SendPreempt(&self.scratch[..len]))
+                    }
+                    Err(e) => Some(self.encode_failed(e)),
+                }
+            }
             Step::SaveSetupDevices => {
                 self.step = Step::AwaitSetupDevices;
                 Some(SourceAction::SaveSetupDevices)
@@ -1183,6 +1232,12 @@ impl<'a> SourceEngine<'a> {
             // postcopy fails before anything is transferred.
             len += Record::Command(self.postcopy_advise()).encode(&mut self.scratch[len..])?;
         }
+        if self.preempt() {
+            len += Record::Command(Command::PostcopyPreempt {
+                migration_id: self.migration_id,
+            })
+            .encode(&mut self.scratch[len..])?;
+        }
         // The key before the channels: the destination opens them with it.
         if let Some(v) = &self.verify {
             len += Record::Command(Command::DigestKey(v.key.seed()))
@@ -1207,6 +1262,7 @@ fn preamble_len(layout: &[BlockInfo<'_>]) -> usize {
     wire::STREAM_HEADER_LEN
         + Record::Command(Command::OpenReturnPath).encoded_len()
         + Record::Command(advise).encoded_len()
+        + Record::Command(Command::PostcopyPreempt { migration_id: 0 }).encoded_len()
         + Record::Command(Command::DigestKey(0)).encoded_len()
         + channels::setup_len()
         + Record::RamBlocks(BlockList::from_slice(layout)).encoded_len()

@@ -184,6 +184,9 @@ impl<'a> SourceEngine<'a> {
             (!self.scan.first_pass_done).then_some((self.scan.block, self.scan.page));
         self.meter
             .set_limit(self.config.parameters.max_postcopy_bandwidth);
+        if self.preempt() {
+            self.scan.batch.limit = super::PREEMPT_BACKGROUND_BATCH_PAGES;
+        }
         self.scan.rewind();
         self.step = Step::Discard;
     }
@@ -310,9 +313,73 @@ impl<'a> SourceEngine<'a> {
         }
     }
 
+    /// True when requested pages travel on the postcopy preempt channel.
+    pub(super) fn preempt(&self) -> bool {
+        self.config
+            .capabilities
+            .contains(Capabilities::POSTCOPY_PREEMPT)
+    }
+
+    /// Postcopy preempt: the requested pages, each sent on the preempt
+    /// channel whether or not the main stream has sent it already (it may
+    /// still sit in the main socket's queue, behind background pages).
+    /// Their dirty bits stay: the main stream still carries every page, so
+    /// it alone completes the migration, and the destination keeps the
+    /// copy that comes first.
+    fn preempt_pages(&mut self, ram: &impl PageReader) -> Option<SourceAction<'_>> {
+        let zero_detection = self
+            .config
+            .capabilities
+            .contains(Capabilities::ZERO_PAGE_DETECTION);
+        while let Some(req) = self.postcopy.requests.pop_front() {
+            let Some(t) = self.tracking.get(usize::from(req.block)) else {
+                continue;
+            };
+            self.scan.batch.block = usize::from(req.block);
+            let end = req.range.end().min(t.pages);
+            for page in req.range.first..end {
+                if self.scan.batch.is_full() {
+                    let rest = PageRequest {
+                        block: req.block,
+                        range: PageRange {
+                            first: page,
+                            count: end - page,
+                        },
+                    };
+                    let _ = self.postcopy.requests.push_front(rest);
+                    break;
+                }
+                let zero = zero_detection && ram.is_zero_page(req.block, page);
+                if zero {
+                    verify::book_zero(&mut self.verify, req.block, page);
+                }
+                self.scan.batch.push(page, zero);
+            }
+            if !self.scan.batch.is_empty() {
+                return Some(self.emit_preempt_batch());
+            }
+        }
+        None
+    }
+
     /// Postcopy sending: requested pages first (never held back by the
-    /// rate limit: a vCPU is waiting), then the background pass.
+    /// rate limit: a vCPU is waiting; on the preempt channel when there is
+    /// one), then the background pass.
     pub(super) fn postcopy_pages(&mut self, ram: &impl PageReader) -> Option<SourceAction<'_>> {
+        if self.preempt() {
+            let tracking = &*self.tracking;
+            let pending = self.postcopy.requests.iter().any(|r| {
+                tracking
+                    .get(usize::from(r.block))
+                    .is_some_and(|t| r.range.count > 0 && r.range.first < t.pages)
+            });
+            if pending {
+                return self.preempt_pages(ram);
+            }
+            // Requests with no page left are dropped with the rest.
+            self.postcopy.requests.clear();
+            return self.next_pages(ram, false);
+        }
         while let Some(req) = self.postcopy.requests.pop_front() {
             let Some(t) = self.tracking.get_mut(usize::from(req.block)) else {
                 continue;

@@ -40,6 +40,7 @@ impl Scan {
                 len: 0,
                 normal: [0; BATCH_PAGES],
                 normal_len: 0,
+                limit: BATCH_PAGES,
             },
             remaining_bytes: total,
             first_pass_done: false,
@@ -106,6 +107,8 @@ pub(super) struct Batch {
     pub len: usize,
     pub normal: [u64; BATCH_PAGES],
     pub normal_len: usize,
+    /// Pages at which the batch is full, at most [`BATCH_PAGES`].
+    pub limit: usize,
 }
 
 impl Batch {
@@ -119,7 +122,7 @@ impl Batch {
     }
 
     pub fn is_full(&self) -> bool {
-        self.len == BATCH_PAGES
+        self.len >= self.limit
     }
 
     pub fn clear(&mut self) {
@@ -284,15 +287,40 @@ impl SourceEngine<'_> {
     }
 
     pub(super) fn emit_batch(&mut self, flags: BatchFlags) -> SourceAction<'_> {
+        match self.encode_batch(flags) {
+            Ok((header_len, block, pages_len)) => SourceAction::SendPages {
+                header: &self.scratch[..header_len],
+                block,
+                pages: &self.scan.batch.normal[..pages_len],
+            },
+            Err(e) => self.encode_failed(e),
+        }
+    }
+
+    /// [`emit_batch`](Self::emit_batch) for the postcopy preempt channel.
+    pub(super) fn emit_preempt_batch(&mut self) -> SourceAction<'_> {
+        match self.encode_batch(BatchFlags::empty()) {
+            Ok((header_len, block, pages_len)) => SourceAction::SendPreemptPages {
+                header: &self.scratch[..header_len],
+                block,
+                pages: &self.scan.batch.normal[..pages_len],
+            },
+            Err(e) => self.encode_failed(e),
+        }
+    }
+
+    /// Encodes the batch's header into scratch, counts and books it, and
+    /// clears it (its normal pages stay readable until the next batch);
+    /// returns the header's length, the block and the normal pages.
+    fn encode_batch(
+        &mut self,
+        flags: BatchFlags,
+    ) -> Result<(usize, u16, usize), wire::EncodeError> {
         let block = self.scan.batch.block;
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
         let entries = &self.scan.batch.entries[..self.scan.batch.len];
         let header_len =
-            match wire::encode_page_batch_header(self.scratch, block as u16, shift, flags, entries)
-            {
-                Ok(len) => len,
-                Err(e) => return self.encode_failed(e),
-            };
+            wire::encode_page_batch_header(self.scratch, block as u16, shift, flags, entries)?;
         let normal = self.scan.batch.normal_len as u64;
         let zero = self.scan.batch.len as u64 - normal;
         let data = normal << shift;
@@ -304,10 +332,6 @@ impl SourceEngine<'_> {
         let pages_len = self.scan.batch.normal_len;
         self.batch_sent(block as u16, pages_len);
         self.scan.batch.clear();
-        SourceAction::SendPages {
-            header: &self.scratch[..header_len],
-            block: block as u16,
-            pages: &self.scan.batch.normal[..pages_len],
-        }
+        Ok((header_len, block as u16, pages_len))
     }
 }

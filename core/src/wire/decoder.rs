@@ -104,6 +104,15 @@ impl<'s> StreamDecoder<'s> {
         }
     }
 
+    /// A decoder of records without the stream header in front: the
+    /// preempt channel after its hello (see [`PreemptHello`](super::PreemptHello)).
+    pub fn records(scratch: &'s mut [u8]) -> Self {
+        Self {
+            phase: Phase::RecordHeader,
+            ..Self::new(scratch)
+        }
+    }
+
     /// The largest record body this decoder accepts.
     pub fn limit(&self) -> usize {
         self.scratch.len().min(MAX_RECORD_BODY)

@@ -120,6 +120,49 @@ fn commands() {
         "multifd-flush",
         Record::Command(Command::MultifdFlush { generation: 3 }),
     );
+    check(
+        "postcopy-preempt",
+        Record::Command(Command::PostcopyPreempt {
+            migration_id: 0x7072_6565_6d70_7421,
+        }),
+    );
+}
+
+#[test]
+fn preempt_channel() {
+    let hello = PreemptHello {
+        migration_id: 0x7072_6565_6d70_7421,
+    };
+    let mut out = [0; 64];
+    let n = hello.encode(&mut out).unwrap();
+    assert_eq!(example("preempt-hello"), (out[..n].to_vec(), false));
+    assert_eq!(PreemptHello::decode(&out[..n]), Ok(hello));
+
+    // The channel after its hello: a Pages record, no stream header.
+    let entries = [PageEntry {
+        index: 300,
+        kind: PageKind::Normal,
+    }];
+    let (head, elided) = example("preempt-pages");
+    assert!(elided);
+    let n = encode_page_batch_header(&mut out, 0, 12, BatchFlags::empty(), &entries).unwrap();
+    assert_eq!(head, &out[..n]);
+    let mut channel = head.clone();
+    channel.extend_from_slice(&[0x5a; 4096]);
+    // The limit check needs room for the body, though it is not copied.
+    let mut scratch = std::vec![0; 8192];
+    let mut dec = StreamDecoder::records(&mut scratch);
+    let d = dec.decode(&channel).unwrap();
+    assert_eq!(d.consumed, channel.len());
+    let Some(Record::Pages(batch)) = d.record else {
+        panic!("a Pages record");
+    };
+    assert_eq!(batch.block(), 0);
+    let pages: Vec<_> = batch
+        .pages()
+        .map(|(e, data)| (e, data.map(<[u8]>::len)))
+        .collect();
+    assert_eq!(pages, [(entries[0], Some(4096))]);
 }
 
 #[test]

@@ -19,7 +19,9 @@
 //! framing so that pages and device blobs go out from where they already are.
 //!
 //! Multifd channels, the extra connections that carry pages beside the
-//! main stream, have their own hello and packet format (`multifd`).
+//! main stream, have their own hello and packet format (`multifd`); the
+//! postcopy preempt channel has a hello of its own, then Pages records
+//! (`preempt`).
 //!
 //! The return path (destination to source) is a separate format, in
 //! `crate::return_path`.
@@ -33,6 +35,7 @@ mod header;
 mod id;
 mod multifd;
 mod pages;
+mod preempt;
 mod record;
 #[cfg(test)]
 mod tests;
@@ -50,6 +53,7 @@ pub use pages::{
     BATCH_HEADER_LEN, BatchFlags, BatchHeader, MAX_PAGE_SHIFT, MIN_PAGE_SHIFT, PAGE_ENTRY_LEN,
     PageBatch, PageEntry, PageKind, encode_page_batch_header,
 };
+pub use preempt::{PREEMPT_HELLO_LEN, PREEMPT_MAGIC, PREEMPT_VERSION, PreemptHello};
 pub use record::{
     BlockInfo, BlockList, BlockSums, Command, DeviceState, DiscardRanges, MAX_BLOCK_PAGE_SIZE,
     MIN_BLOCK_PAGE_SIZE, Package, PageRange, RangeSums, Record, command_code, encode_device_header,

@@ -48,6 +48,9 @@ pub mod command_code {
     pub const MULTIFD_FLUSH: u16 = 12;
     /// The key of the migration's page digest (the source verifies).
     pub const DIGEST_KEY: u16 = 13;
+    /// Requested pages also travel on the postcopy preempt channel, whose
+    /// hello carries this migration id.
+    pub const POSTCOPY_PREEMPT: u16 = 14;
 }
 
 /// One record of the main stream.
@@ -139,6 +142,14 @@ pub enum Command<'a> {
     /// the end of the stream, which the destination compares before the
     /// guest may start. Sent in the preamble, after the block list.
     DigestKey(u64),
+    /// Postcopy's requested pages also travel on the preempt channel, its
+    /// own connection opening with a hello that carries `migration_id`
+    /// (so a stray connection is refused). Sent in the preamble, after
+    /// PostcopyAdvise.
+    PostcopyPreempt {
+        /// The id the preempt channel's hello carries.
+        migration_id: u64,
+    },
 }
 
 /// A run of guest pages within a RAM block: `count` pages from page index
@@ -880,13 +891,14 @@ impl<'a> Command<'a> {
             Self::MultifdSetup { .. } => MULTIFD_SETUP,
             Self::MultifdFlush { .. } => MULTIFD_FLUSH,
             Self::DigestKey(_) => DIGEST_KEY,
+            Self::PostcopyPreempt { .. } => POSTCOPY_PREEMPT,
         }
     }
 
     fn body_len(&self) -> usize {
         2 + match self {
             Self::Ping(_) => 4,
-            Self::DigestKey(_) => 8,
+            Self::DigestKey(_) | Self::PostcopyPreempt { .. } => 8,
             Self::PostcopyAdvise { .. } => size_of::<AdviseArgs>(),
             Self::PostcopyRamDiscard { block, ranges } => {
                 block.wire_len() + RANGE_LEN * ranges.len()
@@ -911,7 +923,7 @@ impl<'a> Command<'a> {
             OPEN_RETURN_PATH | POSTCOPY_LISTEN | POSTCOPY_RUN | POSTCOPY_RESUME
             | SWITCHOVER_START | COMMIT => Some(2),
             PING | MULTIFD_FLUSH => Some(6),
-            DIGEST_KEY => Some(10),
+            DIGEST_KEY | POSTCOPY_PREEMPT => Some(10),
             MULTIFD_SETUP => Some(12),
             POSTCOPY_ADVISE => Some(2 + size_of::<AdviseArgs>()),
             POSTCOPY_RAM_DISCARD | RECV_BITMAP => None,
@@ -979,6 +991,9 @@ impl<'a> Command<'a> {
                 generation: r.read::<U32>("MultifdFlush generation")?.get(),
             },
             DIGEST_KEY => Self::DigestKey(r.read::<U64>("digest key")?.get()),
+            POSTCOPY_PREEMPT => Self::PostcopyPreempt {
+                migration_id: r.read::<U64>("PostcopyPreempt migration id")?.get(),
+            },
             code => return Err(DecodeError::UnknownCommand { code }),
         };
         // RecvBitmap's length depends on its id; check that nothing follows it.
@@ -998,6 +1013,7 @@ impl<'a> Command<'a> {
         match *self {
             Self::Ping(value) => w.put(&U32::new(value)),
             Self::DigestKey(seed) => w.put(&U64::new(seed)),
+            Self::PostcopyPreempt { migration_id } => w.put(&U64::new(migration_id)),
             Self::PostcopyAdvise {
                 host_page_size,
                 target_page_size,

@@ -478,8 +478,17 @@ fn digest_errors() {
 fn command_errors() {
     let c = kind::COMMAND;
     assert_eq!(
-        body_error(c, &[0, 14]),
-        DecodeError::UnknownCommand { code: 14 }
+        body_error(c, &[0, 15]),
+        DecodeError::UnknownCommand { code: 15 }
+    );
+    // PostcopyPreempt: exactly a migration id.
+    assert_eq!(
+        body_error(c, &[0, 14, 0, 0, 0, 0, 0, 0, 0]),
+        DecodeError::BadLength {
+            what: "command body",
+            expected: 10,
+            found: 9
+        }
     );
     // MultifdSetup: a channel count of 0 or above 255, a short body.
     assert_eq!(

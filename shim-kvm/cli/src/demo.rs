@@ -162,12 +162,14 @@ pub fn check_mode(mode: &str) -> Result<(), DemoError> {
     }
 }
 
-/// Background bandwidth of the demo's postcopy phase unless
-/// `max-postcopy-bandwidth` is given: 256 MiB/s. Requested pages travel on
-/// the same stream as the background pass; an unlimited pass fills the
-/// socket and a request waits behind milliseconds of queued pages, a
-/// limited one leaves room and requests take a round trip (until
-/// postcopy-preempt gives them a channel of their own).
+/// Background bandwidth of the postcopy phase of `demo` and `send
+/// --mode postcopy` without `postcopy-preempt`, unless
+/// `max-postcopy-bandwidth` is given: 256 MiB/s. Requested pages then
+/// travel on the same stream as the background pass; an unlimited pass
+/// fills the socket and a request waits behind milliseconds of queued
+/// pages, a limited one leaves room and requests take a round trip. With
+/// `postcopy-preempt` they have a channel of their own and the pass runs
+/// unlimited.
 pub const DEMO_POSTCOPY_BANDWIDTH: u64 = 256 * MIB;
 
 /// Makes `config` a postcopy migration: the postcopy-ram capability and the
@@ -175,7 +177,8 @@ pub const DEMO_POSTCOPY_BANDWIDTH: u64 = 256 * MIB;
 /// (`given(name)` is false) get demo defaults: `downtime-limit` becomes 0
 /// (the engine completes in precopy whenever the rest fits the downtime
 /// limit, and `--mode postcopy` asks for postcopy whenever anything is left
-/// to send), and `max-postcopy-bandwidth` [`DEMO_POSTCOPY_BANDWIDTH`].
+/// to send), and `max-postcopy-bandwidth` [`DEMO_POSTCOPY_BANDWIDTH`], or
+/// 0 (unlimited) with `postcopy-preempt`.
 pub fn postcopy_config(config: &mut MigrationConfig, given: impl Fn(&str) -> bool) {
     config.capabilities.insert(Capabilities::POSTCOPY_RAM);
     config.limits.postcopy_after_iterations = Some(1);
@@ -183,7 +186,12 @@ pub fn postcopy_config(config: &mut MigrationConfig, given: impl Fn(&str) -> boo
         config.parameters.downtime_limit_ms = 0;
     }
     if !given("max-postcopy-bandwidth") {
-        config.parameters.max_postcopy_bandwidth = DEMO_POSTCOPY_BANDWIDTH;
+        config.parameters.max_postcopy_bandwidth =
+            if config.capabilities.contains(Capabilities::POSTCOPY_PREEMPT) {
+                0
+            } else {
+                DEMO_POSTCOPY_BANDWIDTH
+            };
     }
 }
 
@@ -351,13 +359,13 @@ pub struct SendOutcome {
 }
 
 /// The main connection to a destination and, with the `multifd`
-/// capability, its `multifd-channels` channel connections, made after it
-/// to the same address (the destination accepts them on the same
-/// listener).
+/// capability, its `multifd-channels` channel connections, or with
+/// `postcopy-preempt` its preempt channel, made after it to the same
+/// address (the destination accepts them on the same listener).
 pub struct Connections {
     /// The main stream and return path.
     pub main: Connection,
-    /// The multifd channels (none without multifd).
+    /// The multifd channels or the preempt channel (none without either).
     pub channels: Vec<Connection>,
 }
 
@@ -365,10 +373,11 @@ impl Connections {
     /// Connects to `to`, then the channels `config` asks for.
     pub fn connect(to: &MigrationUri, config: &MigrationConfig) -> Result<Self, DemoError> {
         let main = Connection::connect(to)?;
-        let count = if config.capabilities.contains(Capabilities::MULTIFD) {
+        let caps = config.capabilities;
+        let count = if caps.contains(Capabilities::MULTIFD) {
             usize::from(config.parameters.multifd_channels)
         } else {
-            0
+            usize::from(caps.contains(Capabilities::POSTCOPY_PREEMPT))
         };
         let channels = (0..count)
             .map(|_| Connection::connect(to))
@@ -1401,6 +1410,11 @@ mod tests {
         postcopy_config(&mut c, |_| true);
         assert_eq!(c.parameters.downtime_limit_ms, 50);
         assert_eq!(c.parameters.max_postcopy_bandwidth, 7);
+        // With the preempt channel the background pass runs unlimited.
+        let mut c = base_config();
+        c.capabilities |= Capabilities::POSTCOPY_RAM | Capabilities::POSTCOPY_PREEMPT;
+        postcopy_config(&mut c, |_| false);
+        assert_eq!(c.parameters.max_postcopy_bandwidth, 0);
         for m in [DirtyLogMode::ManualProtect, DirtyLogMode::Legacy] {
             assert_eq!(mode_from_name(mode_name(m)), Some(m));
         }

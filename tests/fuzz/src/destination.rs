@@ -16,8 +16,8 @@ use livemig_core::wire::{
 };
 
 /// Pages of the fuzzed guest's single block.
-const PAGES: u64 = 64;
-const PAGE: usize = 4096;
+pub(crate) const PAGES: u64 = 64;
+pub(crate) const PAGE: usize = 4096;
 
 /// The one section the fuzzed destination requires.
 const REQUIRED: &[RequiredSection] = &[RequiredSection {
@@ -29,14 +29,14 @@ const REQUIRED: &[RequiredSection] = &[RequiredSection {
 /// A host that checks every request against the guest's bounds, and
 /// refuses a device whose state starts with [`REFUSED_DEVICE`] (as an
 /// incompatible compatibility record would be), with its own error.
-struct BoundsHost;
+pub(crate) struct BoundsHost;
 
 /// The first byte of device state the fuzzed host refuses.
 const REFUSED_DEVICE: u8 = 0xee;
 
 /// The fuzzed host's own error.
 #[derive(Debug)]
-struct Refused;
+pub(crate) struct Refused;
 
 impl core::fmt::Display for Refused {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -98,9 +98,12 @@ impl PostcopyHost for BoundsHost {
     fn postcopy_run(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
+    fn open_preempt(&mut self, _migration_id: u64) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
-fn layout() -> [BlockInfo<'static>; 1] {
+pub(crate) fn layout() -> [BlockInfo<'static>; 1] {
     let id = BlockId::new("pc.ram").expect("valid id");
     [BlockInfo::new(id, PAGES * PAGE as u64, PAGE as u32).expect("valid block")]
 }

@@ -8,6 +8,7 @@
 
 mod destination;
 mod multifd;
+mod preempt;
 mod qmp;
 mod return_path;
 mod source;
@@ -16,6 +17,7 @@ mod x86;
 
 pub use destination::{destination, destination_accepts, destination_corpus};
 pub use multifd::{multifd, multifd_accepts, multifd_corpus};
+pub use preempt::{preempt, preempt_accepts, preempt_corpus};
 pub use qmp::{qmp, qmp_accepts, qmp_corpus};
 pub use return_path::{return_path, return_path_accepts, return_path_corpus};
 pub use source::{source, source_accepts, source_corpus};

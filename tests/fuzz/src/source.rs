@@ -63,6 +63,10 @@ pub fn source_accepts(data: &[u8]) -> bool {
     config.capabilities |= Capabilities::POSTCOPY_RAM | Capabilities::AUTO_CONVERGE;
     config.parameters.clear_bitmap_shift = 6;
     config.limits.max_iterations = Some(20);
+    // The preempt channel on inputs whose first byte has bit 1 set.
+    if data.first().is_some_and(|b| b & 2 == 2) {
+        config.capabilities |= Capabilities::POSTCOPY_PREEMPT;
+    }
     let shift = config.parameters.clear_bitmap_shift;
     let mut dirty = vec![0u64; BlockTracking::dirty_words(&layout[0])];
     let mut clear = vec![0u64; BlockTracking::clear_words(&layout[0], shift)];
@@ -121,7 +125,8 @@ pub fn source_accepts(data: &[u8]) -> bool {
                 }
                 Some(
                     SourceAction::SendPages { block, pages, .. }
-                    | SourceAction::SendChannelPages { block, pages, .. },
+                    | SourceAction::SendChannelPages { block, pages, .. }
+                    | SourceAction::SendPreemptPages { block, pages, .. },
                 ) => {
                     assert_eq!(block, 0);
                     for &p in pages {
@@ -166,6 +171,7 @@ pub fn source_accepts(data: &[u8]) -> bool {
                 }
                 Some(
                     SourceAction::Send(_)
+                    | SourceAction::SendPreempt(_)
                     | SourceAction::SendChannel { .. }
                     | SourceAction::SetThrottle { .. },
                 )

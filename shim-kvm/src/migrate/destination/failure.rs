@@ -100,6 +100,11 @@ pub enum HostFailure {
     StartVcpus(VmmError),
     /// A multifd channel failed (accepting it, its hello, a packet, a sync).
     Channel(ChannelFailure),
+    /// The source announced the postcopy preempt channel and this
+    /// destination was given no listener to accept it on.
+    NoPreemptListener,
+    /// Accepting the postcopy preempt channel failed or timed out.
+    AcceptPreempt(TransportError),
 }
 
 impl HostFailure {
@@ -127,6 +132,9 @@ impl HostFailure {
             }
             HostFailure::StartVcpus(_) => "starting the vCPUs",
             HostFailure::Channel(_) => "multifd",
+            HostFailure::NoPreemptListener | HostFailure::AcceptPreempt(_) => {
+                "the postcopy preempt channel"
+            }
         }
     }
 }
@@ -195,6 +203,10 @@ impl fmt::Display for HostFailure {
             ),
             HostFailure::StartVcpus(e) => write!(f, "{what}: {e}"),
             HostFailure::Channel(e) => e.fmt(f),
+            HostFailure::NoPreemptListener => {
+                write!(f, "{what}: no listener to accept it on")
+            }
+            HostFailure::AcceptPreempt(e) => write!(f, "{what}: accepting it: {e}"),
         }
     }
 }
@@ -250,6 +262,10 @@ pub enum ReceiveFailure {
     PauseAfterFailure(VmmError),
     /// A multifd channel failed between two syncs.
     Channel(ChannelFailure),
+    /// Reading the postcopy preempt channel failed.
+    PreemptLost(TransportError),
+    /// The source closed the postcopy preempt channel before the end.
+    PreemptClosed,
     /// The engine failed for a reason of its own (its description; empty
     /// when it gave none).
     Failed(Box<ErrorDesc>),
@@ -332,6 +348,13 @@ impl fmt::Display for ReceiveFailure {
                 write!(f, "pausing the guest after the failed postcopy: {e}")
             }
             ReceiveFailure::Channel(e) => e.fmt(f),
+            ReceiveFailure::PreemptLost(e) => write!(f, "postcopy preempt channel lost: {e}"),
+            ReceiveFailure::PreemptClosed => {
+                write!(
+                    f,
+                    "the source closed the postcopy preempt channel before the end"
+                )
+            }
             ReceiveFailure::Failed(desc) if desc.is_empty() => write!(f, "the migration failed"),
             ReceiveFailure::Failed(desc) => fmt::Display::fmt(desc, f),
         }
@@ -345,7 +368,9 @@ impl std::error::Error for ReceiveFailure {
             ReceiveFailure::Host { error, .. } | ReceiveFailure::StartGuest(error) => Some(error),
             ReceiveFailure::PauseAfterFailure(e) => Some(e.as_ref()),
             ReceiveFailure::Channel(e) => Some(e),
-            ReceiveFailure::ConnectionLost(e) | ReceiveFailure::ReturnPathLost(e) => Some(e),
+            ReceiveFailure::ConnectionLost(e)
+            | ReceiveFailure::ReturnPathLost(e)
+            | ReceiveFailure::PreemptLost(e) => Some(e),
             ReceiveFailure::ZeroFill(e)
             | ReceiveFailure::EndPostcopy(e)
             | ReceiveFailure::FaultThread(e) => Some(e),

@@ -68,6 +68,7 @@
 
 mod channels;
 mod failure;
+mod preempt;
 mod required;
 
 use std::net::Shutdown;
@@ -103,6 +104,7 @@ use crate::x86::{CpuModel, VcpuCaps, VcpuState, VmState};
 pub use channels::ChannelFailure;
 use channels::ChannelReceivers;
 pub use failure::{HostFailure, ReceiveFailure};
+use preempt::PreemptReader;
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -114,6 +116,11 @@ const READ_BUFFER: usize = 1 << 20;
 const READ_BUFFERS: usize = 4;
 /// Longest the migration thread waits before reporting progress.
 const MAX_WAIT: Duration = Duration::from_millis(50);
+/// In postcopy, the main stream's buffers go to the engine in pieces of
+/// this size, with the preempt channel's pages and the faults' requests
+/// handled between two pieces: a requested page waits for at most this
+/// much placing (tens of us) rather than a whole buffer's.
+const POSTCOPY_PIECE: usize = 64 * 1024;
 
 /// The VMM's fresh guest, lent to livemig to receive a migration into.
 pub struct DestinationVm {
@@ -253,6 +260,8 @@ pub struct KvmHost {
     listener: Option<Listener>,
     /// The multifd receivers, once the source announced them.
     channels: Option<ChannelReceivers>,
+    /// The postcopy preempt channel's reader, once the source announced it.
+    preempt: Option<PreemptReader>,
     /// How long an accept, a hello or a sync may wait.
     channel_deadline: Duration,
     /// When the engine had read the end of the stream.
@@ -664,6 +673,18 @@ impl EnginePostcopyHost for KvmHost {
     fn postcopy_run(&mut self) -> Result<(), HostFailure> {
         self.start_guest().map(drop)
     }
+
+    fn open_preempt(&mut self, _migration_id: u64) -> Result<(), HostFailure> {
+        // The engine checks the hello against the id.
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or(HostFailure::NoPreemptListener)?;
+        let reader = PreemptReader::open(listener, self.channel_deadline, &self.events)
+            .map_err(HostFailure::AcceptPreempt)?;
+        self.preempt = Some(reader);
+        Ok(())
+    }
 }
 
 /// What the migration thread waits for.
@@ -678,6 +699,12 @@ enum Event {
     Fault,
     /// A multifd receiver failed.
     Channel,
+    /// The preempt channel's reader queued bytes.
+    Preempt,
+    /// The source closed the preempt channel.
+    PreemptEof,
+    /// Reading the preempt channel failed.
+    PreemptReadError(TransportError),
 }
 
 /// Reads the connection into buffers taken from `pool` until the end.
@@ -773,6 +800,7 @@ fn start_receive(
         started_ns: None,
         listener,
         channels: None,
+        preempt: None,
         channel_deadline: options.idle_timeout,
         end_received_ns: None,
     };
@@ -810,6 +838,15 @@ fn run(
     let mut scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
     let mut engine = DestinationEngine::with_postcopy(&layout, &mut scratch, &mut tracking)
         .map_err(MigrateError::Destination)?;
+    // The preempt channel comes from the listener; without one a source
+    // that announces it is refused at setup.
+    let mut preempt_scratch = match host.listener {
+        Some(_) => vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN],
+        None => Vec::new(),
+    };
+    if !preempt_scratch.is_empty() {
+        engine.take_preempt(&mut preempt_scratch);
+    }
     // The connection is up: a source that never sends is given up on too.
     engine.set_idle_timeout(options.idle_timeout);
     engine
@@ -859,6 +896,9 @@ fn run(
     let _ = reader.join();
     host.merge_channel_pages();
     if let Some(rx) = host.channels.take() {
+        rx.finish();
+    }
+    if let Some(rx) = host.preempt.take() {
         rx.finish();
     }
 
@@ -978,18 +1018,42 @@ fn run_receive_loop(
         if host.fault_thread_died() {
             error.get_or_insert(ReceiveFailure::FaultThreadStopped);
         }
+        let mut result = feed_preempt(engine, host, &mut error);
         let now = clock::now();
         let mut eof = false;
-        let result = match event {
+        let outcome = match event {
             Ok(Event::Bytes(buf, n)) => {
-                let r = match engine.handle_input(now, buf.get(..n).unwrap_or_default(), host) {
-                    Ok(_) => Ok(()),
-                    Err(HandleError::Dest(e)) => Err(e),
-                    Err(HandleError::Host { op, error: e }) => {
-                        error.get_or_insert(ReceiveFailure::Host { op, error: e });
-                        Err(DestError::Host(op))
-                    }
+                let bytes = buf.get(..n).unwrap_or_default();
+                // In postcopy a vCPU may wait on a page: the preempt
+                // channel and the faults get a turn between pieces.
+                let piece = if engine.status() == MigrationStatus::PostcopyActive {
+                    POSTCOPY_PIECE
+                } else {
+                    bytes.len().max(1)
                 };
+                let mut r = Ok(());
+                for (i, part) in bytes.chunks(piece).enumerate() {
+                    if i > 0 {
+                        r = r.and(feed_preempt(engine, host, &mut error));
+                        if let Err(e) = serve_faults(engine, host) {
+                            error.get_or_insert(e);
+                        }
+                        if let Err(e) = flush_return_path(engine, conn, &mut out) {
+                            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
+                        }
+                    }
+                    r = r.and(match engine.handle_input(clock::now(), part, host) {
+                        Ok(_) => Ok(()),
+                        Err(HandleError::Dest(e)) => Err(e),
+                        Err(HandleError::Host { op, error: e }) => {
+                            error.get_or_insert(ReceiveFailure::Host { op, error: e });
+                            Err(DestError::Host(op))
+                        }
+                    });
+                    if r.is_err() {
+                        break;
+                    }
+                }
                 if (engine.is_loaded() || engine.is_completed()) && host.end_received_ns.is_none() {
                     host.end_received_ns = Some(clock::monotonic_ns());
                 }
@@ -998,7 +1062,7 @@ fn run_receive_loop(
                 let _ = pool.send(buf);
                 r
             }
-            Ok(Event::Fault) | Err(RecvTimeoutError::Timeout) => Ok(()),
+            Ok(Event::Fault | Event::Preempt) | Err(RecvTimeoutError::Timeout) => Ok(()),
             Ok(Event::Channel) => {
                 if let Some(f) = host.channel_failure() {
                     engine.handle_channel_failure(now, format_args!("{f}"));
@@ -1015,7 +1079,29 @@ fn run_receive_loop(
                 error.get_or_insert(ReceiveFailure::ConnectionLost(e));
                 engine.handle_eof(now)
             }
+            // The preempt channel fails the migration as the main
+            // connection does (its bytes before the failure were taken
+            // above). After the end it has nothing left to carry.
+            Ok(Event::PreemptEof) => {
+                if !engine.is_completed() {
+                    error.get_or_insert(ReceiveFailure::PreemptClosed);
+                    engine.handle_preempt_failure(
+                        now,
+                        format_args!("{}", ReceiveFailure::PreemptClosed),
+                    );
+                }
+                Ok(())
+            }
+            Ok(Event::PreemptReadError(e)) => {
+                if !engine.is_completed() {
+                    let failure = ReceiveFailure::PreemptLost(e);
+                    engine.handle_preempt_failure(now, format_args!("{failure}"));
+                    error.get_or_insert(failure);
+                }
+                Ok(())
+            }
         };
+        result = result.and(outcome);
         let result = result.and_then(|()| match engine.poll_timeout() {
             Some(t) if t <= now => engine.handle_timeout(now),
             _ => Ok(()),
@@ -1043,6 +1129,30 @@ fn run_receive_loop(
             return error;
         }
     }
+}
+
+/// Hands the bytes the preempt channel's reader queued to the engine;
+/// a host failure is kept in `error`, like the main stream's.
+fn feed_preempt(
+    engine: &mut DestinationEngine<'_>,
+    host: &mut KvmHost,
+    error: &mut Option<ReceiveFailure>,
+) -> Result<(), DestError> {
+    let Some(reader) = &host.preempt else {
+        return Ok(());
+    };
+    let bufs: Vec<Vec<u8>> = reader.take().collect();
+    for buf in bufs {
+        match engine.handle_preempt_input(clock::now(), &buf, host) {
+            Ok(_) => {}
+            Err(HandleError::Dest(e)) => return Err(e),
+            Err(HandleError::Host { op, error: e }) => {
+                error.get_or_insert(ReceiveFailure::Host { op, error: e });
+                return Err(DestError::Host(op));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes whatever the engine queued for the return path.

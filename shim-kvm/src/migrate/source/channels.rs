@@ -5,6 +5,10 @@
 //!
 //! A channel's write error ends its thread and is reported to the
 //! migration thread, which fails the migration: the guest runs on here.
+//!
+//! The postcopy preempt channel is one more such sender, of its own kind:
+//! it writes the requested pages while the migration thread goes on with
+//! the main stream.
 
 use std::fmt;
 use std::sync::Arc;
@@ -36,10 +40,21 @@ impl Job {
     }
 }
 
-/// A multifd channel's failure, as its sender thread saw it.
+/// What a sender thread's connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// A multifd channel: background pages in packets.
+    Multifd,
+    /// The postcopy preempt channel: requested pages.
+    Preempt,
+}
+
+/// A channel's failure, as its sender thread saw it.
 #[derive(Debug)]
 pub struct ChannelLost {
-    /// The channel.
+    /// What the channel carries.
+    pub kind: ChannelKind,
+    /// The channel (0 for the preempt channel).
     pub channel: u16,
     /// The write that failed (`None`: the thread had already stopped).
     pub error: Option<TransportError>,
@@ -47,15 +62,22 @@ pub struct ChannelLost {
 
 impl fmt::Display for ChannelLost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.error {
-            Some(e) => write!(f, "multifd channel {} lost: {e}", self.channel),
-            None => write!(f, "multifd channel {} has stopped", self.channel),
+        match (self.kind, &self.error) {
+            (ChannelKind::Multifd, Some(e)) => {
+                write!(f, "multifd channel {} lost: {e}", self.channel)
+            }
+            (ChannelKind::Multifd, None) => {
+                write!(f, "multifd channel {} has stopped", self.channel)
+            }
+            (ChannelKind::Preempt, Some(e)) => write!(f, "postcopy preempt channel lost: {e}"),
+            (ChannelKind::Preempt, None) => f.write_str("postcopy preempt channel has stopped"),
         }
     }
 }
 
 /// The sender threads of a multifd source.
 pub(super) struct ChannelSenders {
+    kind: ChannelKind,
     queues: Vec<SyncSender<Job>>,
     /// Clones of the connections: for `SIOCOUTQ` and the final shutdown.
     conns: Vec<Connection>,
@@ -67,11 +89,16 @@ pub(super) struct ChannelSenders {
 
 impl ChannelSenders {
     /// Starts a sender thread on each of `conns` (channel `i` on
-    /// `conns[i]`), reading pages from `ram`.
-    pub(super) fn start(conns: Vec<Connection>, ram: &GuestMemory) -> Result<Self, TransportError> {
+    /// `conns[i]`), all of `kind`, reading pages from `ram`.
+    pub(super) fn start(
+        kind: ChannelKind,
+        conns: Vec<Connection>,
+        ram: &GuestMemory,
+    ) -> Result<Self, TransportError> {
         let (fail_tx, failures) = mpsc::channel();
         let queued = Arc::new(AtomicU64::new(0));
         let mut senders = ChannelSenders {
+            kind,
             queues: Vec::new(),
             conns: Vec::new(),
             threads: Vec::new(),
@@ -87,7 +114,7 @@ impl ChannelSenders {
             let queued = Arc::clone(&queued);
             let channel = i as u16;
             senders.threads.push(thread::spawn(move || {
-                send_loop(channel, &conn, &ram, &rx, &queued, &fail);
+                send_loop(kind, channel, &conn, &ram, &rx, &queued, &fail);
             }));
         }
         Ok(senders)
@@ -115,8 +142,10 @@ impl ChannelSenders {
     }
 
     fn queue(&self, channel: u16, job: Job) -> Result<(), ChannelLost> {
+        let kind = self.kind;
         let Some(queue) = self.queues.get(usize::from(channel)) else {
             return Err(ChannelLost {
+                kind,
                 channel,
                 error: None,
             });
@@ -132,6 +161,7 @@ impl ChannelSenders {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             // The thread ended: it said why before it did.
             self.failures.recv().unwrap_or(ChannelLost {
+                kind,
                 channel,
                 error: None,
             })
@@ -171,6 +201,7 @@ impl ChannelSenders {
 /// A sender thread: writes each job in order until the queue closes or a
 /// write fails.
 fn send_loop(
+    kind: ChannelKind,
     channel: u16,
     conn: &Connection,
     ram: &GuestMemory,
@@ -189,6 +220,7 @@ fn send_loop(
         queued.fetch_sub(len, Ordering::Relaxed);
         if let Err(error) = written {
             let _ = fail.send(ChannelLost {
+                kind,
                 channel,
                 error: Some(error),
             });

@@ -21,7 +21,7 @@ use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 
 use super::super::handle::{CancelRefused, Shared};
-use super::channels::{ChannelLost, ChannelSenders};
+use super::channels::{ChannelKind, ChannelLost, ChannelSenders};
 use super::dirty_log::{DirtyLog, KvmPages};
 use super::failure::SourceFailure;
 use super::gate::CancelGate;
@@ -40,6 +40,8 @@ pub(super) struct Link {
     pub(super) conn: Connection,
     /// With multifd: the channels' sender threads.
     pub(super) channels: Option<ChannelSenders>,
+    /// With postcopy-preempt: the preempt channel's sender thread.
+    pub(super) preempt: Option<ChannelSenders>,
     /// The guest page numbers of the batch being sent (reused).
     pub(super) gfns: Vec<u64>,
 }
@@ -92,9 +94,54 @@ impl Link {
         self.channels
             .as_ref()
             .ok_or(SourceFailure::ChannelLost(ChannelLost {
+                kind: ChannelKind::Multifd,
                 channel,
                 error: None,
             }))
+    }
+
+    /// The preempt channel (the engine hands out preempt actions only with
+    /// postcopy-preempt on, and the migration starts only with it).
+    fn preempt(&self) -> Result<&ChannelSenders, SourceFailure> {
+        self.preempt
+            .as_ref()
+            .ok_or(SourceFailure::ChannelLost(ChannelLost {
+                kind: ChannelKind::Preempt,
+                channel: 0,
+                error: None,
+            }))
+    }
+
+    /// [`SourceAction::SendPreempt`]: the preempt channel's hello, queued
+    /// for its sender thread.
+    fn send_preempt(&self, bytes: &[u8]) -> Result<(), SourceFailure> {
+        self.preempt()?
+            .send(0, bytes)
+            .map_err(SourceFailure::ChannelLost)
+    }
+
+    /// [`SourceAction::SendPreemptPages`]: requested pages, queued for the
+    /// preempt channel's sender thread, which writes them straight from
+    /// guest RAM while this thread goes on with the main stream.
+    fn send_preempt_pages(
+        &mut self,
+        ram: &GuestMemory,
+        block: u16,
+        header: &[u8],
+        pages: &[u64],
+    ) -> Result<(), SourceFailure> {
+        self.set_gfns(ram, block, pages)?;
+        self.preempt()?
+            .send_pages(0, header, &self.gfns)
+            .map_err(SourceFailure::ChannelLost)
+    }
+
+    /// The first failure a sender thread (multifd or preempt) reported.
+    fn lost_channel(&self) -> Option<ChannelLost> {
+        self.channels
+            .iter()
+            .chain(self.preempt.iter())
+            .find_map(ChannelSenders::failure)
     }
 
     /// [`SourceAction::SendChannel`]: a hello or SYNC packet, queued for
@@ -174,12 +221,7 @@ impl SourceDriver<'_> {
                 ) {
                     self.report_link();
                 }
-                if let Some(lost) = self
-                    .link
-                    .channels
-                    .as_ref()
-                    .and_then(ChannelSenders::failure)
-                {
+                if let Some(lost) = self.link.lost_channel() {
                     self.connection_lost(SourceFailure::ChannelLost(lost));
                 }
                 let pages = KvmPages {
@@ -201,6 +243,15 @@ impl SourceDriver<'_> {
                     } => self
                         .link
                         .send_pages(self.guest.ram(), block, header, pages)
+                        .err(),
+                    SourceAction::SendPreempt(bytes) => self.link.send_preempt(bytes).err(),
+                    SourceAction::SendPreemptPages {
+                        header,
+                        block,
+                        pages,
+                    } => self
+                        .link
+                        .send_preempt_pages(self.guest.ram(), block, header, pages)
                         .err(),
                     SourceAction::SendChannel { channel, bytes } => {
                         self.link.send_channel(channel, bytes).err()

@@ -57,7 +57,7 @@ use crate::transport::Connection;
 use crate::vmm::{DeviceDirtyLog, DeviceSection, Vcpus};
 use crate::x86::{CpuModel, VcpuCaps};
 pub use channels::ChannelLost;
-use channels::ChannelSenders;
+use channels::{ChannelKind, ChannelSenders};
 use dirty_log::DirtyLog;
 use driver::{Link, SourceDriver};
 pub use failure::SourceFailure;
@@ -246,13 +246,14 @@ pub fn migrate(
     migrate_with_channels(vm, conn, Vec::new(), config, options)
 }
 
-/// [`migrate`] with the `multifd` capability: `channels` are the
-/// `multifd-channels` extra connections to the same destination, made
-/// after `conn` (the destination accepts them on the listener that gave it
-/// `conn`, see [`receive_with_channels`](super::receive_with_channels)).
-/// Each gets a sender thread that writes pages straight from guest memory.
-/// A number of channels other than the parameter's (or any without
-/// `multifd`) is refused with [`MigrateError::ChannelCount`].
+/// [`migrate`] with extra connections to the same destination, made after
+/// `conn` (the destination accepts them on the listener that gave it
+/// `conn`, see [`receive_with_channels`](super::receive_with_channels)):
+/// with the `multifd` capability the `multifd-channels` channels, with
+/// `postcopy-preempt` the one preempt channel (the two never go together:
+/// multifd with postcopy is refused). Each gets a sender thread that writes
+/// pages straight from guest memory. Another number of connections is
+/// refused with [`MigrateError::ChannelCount`].
 pub fn migrate_with_channels(
     vm: SourceVm,
     conn: Connection,
@@ -264,10 +265,11 @@ pub fn migrate_with_channels(
     // The shortest-stop rule's throttle is a default, not a request: a
     // VMM that cannot throttle keeps the stop its guest's dirty rate allows.
     config.stop_throttle &= vm.vcpus.can_throttle();
+    let preempt = config.capabilities.contains(Capabilities::POSTCOPY_PREEMPT);
     let expected = if config.capabilities.contains(Capabilities::MULTIFD) {
         usize::from(config.parameters.multifd_channels)
     } else {
-        0
+        usize::from(preempt)
     };
     if channels.len() != expected {
         return Err(MigrateError::ChannelCount {
@@ -290,12 +292,32 @@ pub fn migrate_with_channels(
     let shared = Arc::new(Shared::default());
     let theirs = Arc::clone(&gate);
     let guest = SourceGuest { vm, caps, model };
-    let channels = (!channels.is_empty())
-        .then(|| ChannelSenders::start(channels, &guest.vm.memory))
+    let kind = if preempt {
+        ChannelKind::Preempt
+    } else {
+        ChannelKind::Multifd
+    };
+    let senders = (!channels.is_empty())
+        .then(|| ChannelSenders::start(kind, channels, &guest.vm.memory))
         .transpose()?;
+    let (channels, preempt) = match kind {
+        ChannelKind::Multifd => (senders, None),
+        ChannelKind::Preempt => (None, senders),
+    };
     MigrationHandle::spawn(shared, gate, move |shared| {
         run(
-            guest, conn, channels, rp_conn, &config, options, &theirs, shared,
+            guest,
+            Link {
+                conn,
+                channels,
+                preempt,
+                gfns: Vec::new(),
+            },
+            rp_conn,
+            &config,
+            options,
+            &theirs,
+            shared,
         )
     })
 }
@@ -336,8 +358,7 @@ fn random_seed() -> u64 {
 #[allow(clippy::too_many_arguments)]
 fn run(
     guest: SourceGuest,
-    conn: Connection,
-    channels: Option<ChannelSenders>,
+    link: Link,
     rp_conn: Connection,
     config: &MigrationConfig,
     options: SourceOptions,
@@ -404,12 +425,8 @@ fn run(
     let mut driver = SourceDriver {
         engine,
         guest,
-        peer: conn.peer().to_string(),
-        link: Link {
-            conn,
-            channels,
-            gfns: Vec::new(),
-        },
+        peer: link.conn.peer().to_string(),
+        link,
         log,
         rp,
         events,
@@ -436,8 +453,11 @@ fn run(
     // Wake the return-path reader (it may be blocked in read) and let it end.
     let _ = driver.link.conn.shutdown(std::net::Shutdown::Both);
     let _ = reader.join();
-    if let Some(channels) = driver.link.channels.take() {
-        channels.finish();
+    for senders in [driver.link.channels.take(), driver.link.preempt.take()]
+        .into_iter()
+        .flatten()
+    {
+        senders.finish();
     }
     let mut report = driver.report;
     report.stats = driver.engine.stats().clone();

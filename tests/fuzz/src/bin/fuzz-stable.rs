@@ -53,6 +53,11 @@ const TARGETS: &[Target] = &[
         corpus: livemig_fuzz::multifd_corpus,
     },
     Target {
+        name: "preempt",
+        run: livemig_fuzz::preempt_accepts,
+        corpus: livemig_fuzz::preempt_corpus,
+    },
+    Target {
         name: "x86_vcpu_state",
         run: livemig_fuzz::x86_vcpu_state_accepts,
         corpus: livemig_fuzz::x86_vcpu_state_corpus,
