@@ -406,6 +406,8 @@ fn run(
             conn,
             channels,
             gfns: Vec::new(),
+            held: Vec::new(),
+            wrote: false,
         },
         log,
         rp,
