@@ -255,39 +255,82 @@ pub fn copy_to(uri: &MigrationUri, bytes: u64, data: &[u8]) -> Result<RawCopy, B
     Ok(RawCopy { bytes, ns })
 }
 
+/// Where a sink puts the bytes it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkMemory {
+    /// One [`SINK_READ_BYTES`] buffer, read into again and again: the
+    /// socket's own speed, the bytes landing in memory already mapped.
+    Reused,
+    /// Memory never touched before, as much as the copy brings, each byte
+    /// read to its own place: what a destination pays, whose every page
+    /// lands in RAM that was never written (a first write of a page faults
+    /// it in, microseconds here, see `/work/shared/machine-notes.md`).
+    Fresh,
+}
+
+impl SinkMemory {
+    /// The `bench-sink --memory` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkMemory::Reused => "reused",
+            SinkMemory::Fresh => "fresh",
+        }
+    }
+}
+
 /// The sink's side of one copy on `conn`: an 8-byte big-endian length,
-/// that many bytes (read and discarded, as fast as the socket delivers
-/// them), then one acknowledgement byte. Returns the bytes read.
-pub fn serve_copy(conn: &Connection) -> Result<u64, BenchError> {
+/// that many bytes (read as fast as the socket delivers them into
+/// `memory`, then dropped), then one acknowledgement byte. Returns the
+/// bytes read.
+pub fn serve_copy(conn: &Connection, memory: SinkMemory) -> Result<u64, BenchError> {
     let mut header = [0u8; 8];
     conn.read_exact(&mut header)?;
     let want = u64::from_be_bytes(header);
-    let mut buf = vec![0u8; SINK_READ_BYTES];
+    let len = match memory {
+        SinkMemory::Reused => SINK_READ_BYTES,
+        SinkMemory::Fresh => usize::try_from(want)
+            .map_err(|_| BenchError::Protocol(format!("a copy of {want} bytes does not fit")))?,
+    };
+    // A large zeroed allocation is fresh anonymous memory from mmap (the
+    // allocator does not write zeros the kernel already guarantees), so
+    // no page of it is touched before the socket's bytes land there.
+    let mut buf = vec![0u8; len];
     let mut got = 0u64;
+    let mut at = 0usize;
     while got < want {
-        let room = usize::try_from(want - got).map_or(buf.len(), |l| l.min(buf.len()));
-        let n = conn.read(&mut buf[..room])?;
+        let room = usize::try_from(want - got)
+            .map_or(SINK_READ_BYTES, |l| l.min(SINK_READ_BYTES))
+            .min(buf.len() - at);
+        let n = conn.read(&mut buf[at..at + room])?;
         if n == 0 {
             return Err(BenchError::Protocol(format!(
                 "the sender closed after {got} of {want} bytes"
             )));
         }
         got += n as u64;
+        at = match memory {
+            SinkMemory::Reused => 0,
+            SinkMemory::Fresh => at + n,
+        };
     }
     conn.write_all(&[ACK])?;
     Ok(got)
 }
 
 /// `livemig bench-sink`: listens on `listen`, prints `listening on URI` on
-/// `announce`, and serves one copy.
-pub fn run_sink(listen: &MigrationUri, announce: &mut dyn Write) -> Result<u64, BenchError> {
+/// `announce`, and serves one copy into `memory`.
+pub fn run_sink(
+    listen: &MigrationUri,
+    memory: SinkMemory,
+    announce: &mut dyn Write,
+) -> Result<u64, BenchError> {
     let listener = Listener::bind(listen)?;
     let uri = listener.local_uri()?;
     writeln!(announce, "listening on {uri}")
         .and_then(|()| announce.flush())
         .map_err(|e| BenchError::Sink(format!("could not announce its address: {e}")))?;
     let conn = listener.accept()?;
-    serve_copy(&conn)
+    serve_copy(&conn, memory)
 }
 
 /// Kills a child process that is still running when dropped (an early
@@ -304,12 +347,14 @@ impl Drop for ChildGuard {
 }
 
 /// A raw TCP copy of `bytes` bytes of `data` to a fresh `livemig
-/// bench-sink` child process of this same program, on 127.0.0.1.
-pub fn raw_tcp_copy(bytes: u64, data: &[u8]) -> Result<RawCopy, BenchError> {
+/// bench-sink` child process of this same program, on 127.0.0.1, which
+/// reads into `memory`.
+pub fn raw_tcp_copy(bytes: u64, data: &[u8], memory: SinkMemory) -> Result<RawCopy, BenchError> {
     let exe = std::env::current_exe()
         .map_err(|e| BenchError::Sink(format!("could not be found: {e}")))?;
     let child = Command::new(exe)
         .args(["bench-sink", "--listen", "tcp:127.0.0.1:0"])
+        .args(["--memory", memory.as_str()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -843,8 +888,8 @@ pub fn run_one(
     if cancel.is_cancelled() || summary.stats.status == MigrationStatus::Cancelled {
         return Err(BenchError::Cancelled);
     }
-    let raw_same_bytes = raw_tcp_copy(summary.stats.ram.transferred, data)?;
-    let raw_all_ram = raw_tcp_copy(summary.stats.ram.total, data)?;
+    let raw_same_bytes = raw_tcp_copy(summary.stats.ram.transferred, data, SinkMemory::Reused)?;
+    let raw_all_ram = raw_tcp_copy(summary.stats.ram.total, data, SinkMemory::Reused)?;
     let run = RunResult {
         summary,
         raw_same_bytes,
@@ -878,6 +923,9 @@ pub struct ChannelRun {
     /// `channels` raw TCP copies side by side, each of its share of the
     /// migration's page bytes: the slowest one's time.
     pub raw: RawCopy,
+    /// The same copies, each sink reading into memory never touched
+    /// before ([`SinkMemory::Fresh`]), as the destination does.
+    pub raw_fresh: RawCopy,
 }
 
 impl ChannelRun {
@@ -902,18 +950,25 @@ impl ChannelRun {
             "multifd-bytes": s.ram.multifd_bytes,
             "payload-gbps": self.payload_gbps(),
             "raw-tcp-streams-gbps": self.raw.gbps(),
+            "raw-tcp-streams-fresh-gbps": self.raw_fresh.gbps(),
             "error-desc": self.summary.error_desc(),
         })
     }
 }
 
-/// `streams` raw TCP copies at once, to a sink child each, of `bytes` in
-/// total: the combined bytes over the slowest copy's time.
-pub fn parallel_raw_copies(streams: u8, bytes: u64, data: &[u8]) -> Result<RawCopy, BenchError> {
+/// `streams` raw TCP copies at once, to a sink child each (reading into
+/// `memory`), of `bytes` in total: the combined bytes over the slowest
+/// copy's time.
+pub fn parallel_raw_copies(
+    streams: u8,
+    bytes: u64,
+    data: &[u8],
+    memory: SinkMemory,
+) -> Result<RawCopy, BenchError> {
     let share = bytes / u64::from(streams.max(1));
     let copies = std::thread::scope(|s| {
         let handles: Vec<_> = (0..streams.max(1))
-            .map(|_| s.spawn(|| raw_tcp_copy(share, data)))
+            .map(|_| s.spawn(|| raw_tcp_copy(share, data, memory)))
             .collect();
         handles
             .into_iter()
@@ -970,19 +1025,23 @@ pub fn run_multifd(
             if cancel.is_cancelled() || summary.stats.status == MigrationStatus::Cancelled {
                 return Err(BenchError::Cancelled);
             }
-            let raw = parallel_raw_copies(channels, summary.stats.ram.normal_bytes, data)?;
+            let bytes = summary.stats.ram.normal_bytes;
+            let raw = parallel_raw_copies(channels, bytes, data, SinkMemory::Reused)?;
+            let raw_fresh = parallel_raw_copies(channels, bytes, data, SinkMemory::Fresh)?;
             let run = ChannelRun {
                 channels,
                 summary,
                 raw,
+                raw_fresh,
             };
             if opts.verbose {
                 eprintln!(
                     "bench: multifd round {round}/{}: {channels} channels, payload {} GB/s, \
-                     raw {channels} streams {:.2} GB/s, verified {}",
+                     raw {channels} streams {:.2} GB/s ({:.2} into fresh memory), verified {}",
                     opts.runs,
                     run.payload_gbps().map_or("-".into(), |g| format!("{g:.2}")),
                     run.raw.gbps(),
+                    run.raw_fresh.gbps(),
                     run.summary.verified
                 );
             }
@@ -993,41 +1052,62 @@ pub fn run_multifd(
 }
 
 /// The multifd results as a table: per channel count, the median payload
-/// rate and raw TCP rate, their ratio, and the speed-up over one channel.
+/// rate, the raw TCP rates into reused and into fresh memory, the ratios,
+/// and the speed-ups over one channel and one raw stream.
 pub fn multifd_table(runs: &[ChannelRun]) -> String {
     let mut counts: Vec<u8> = runs.iter().map(|r| r.channels).collect();
-    counts.dedup();
     counts.sort_unstable();
     counts.dedup();
     let median = |c: u8, f: &dyn Fn(&ChannelRun) -> Option<f64>| {
         Spread::of(runs.iter().filter(|r| r.channels == c).filter_map(f)).map(|s| s.median)
     };
+    let raw = |r: &ChannelRun| Some(r.raw.gbps());
+    let fresh = |r: &ChannelRun| Some(r.raw_fresh.gbps());
     let one = median(1, &ChannelRun::payload_gbps);
-    let mut out = String::from(
-        "channels  payload GB/s  raw TCP GB/s (same streams)  vs raw  vs 1 channel  verified\n",
-    );
+    let one_raw = median(1, &raw);
+    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| fmt(a.zip(b).map(|(a, b)| a / b));
+    let mut rows = vec![
+        [
+            "channels",
+            "payload GB/s",
+            "raw TCP GB/s",
+            "vs raw",
+            "raw fresh GB/s",
+            "vs fresh",
+            "vs 1 channel",
+            "raw vs 1 stream",
+            "verified",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for c in counts {
         let payload = median(c, &ChannelRun::payload_gbps);
-        let raw = median(c, &|r| Some(r.raw.gbps()));
-        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
-        let ratio = payload.zip(raw).map(|(p, r)| p / r);
-        let speedup = payload.zip(one).map(|(p, o)| p / o);
+        let (raw, fresh) = (median(c, &raw), median(c, &fresh));
         let verified = runs
             .iter()
             .filter(|r| r.channels == c)
             .all(|r| r.summary.verified);
-        out.push_str(&format!(
-            "{c:>8}  {:>12}  {:>27}  {:>6}  {:>12}  {verified}\n",
+        rows.push(vec![
+            c.to_string(),
             fmt(payload),
             fmt(raw),
-            fmt(ratio),
-            fmt(speedup)
-        ));
+            ratio(payload, raw),
+            fmt(fresh),
+            ratio(payload, fresh),
+            ratio(payload, one),
+            ratio(raw, one_raw),
+            verified.to_string(),
+        ]);
     }
+    let mut out = columns(&rows);
     out.push_str(
         "\npayload GB/s: normal-page bytes / (total - setup time) of a guest whose RAM is all \
          non-zero pages;\nraw TCP: the same bytes over as many parallel streams to sink \
-         processes, same run, alternating (medians)\n",
+         processes, each reading into one reused buffer;\nraw fresh: the same again, each sink \
+         reading into memory never touched before, as the destination does;\nsame run, \
+         alternating (medians)\n",
     );
     out
 }
@@ -1101,23 +1181,26 @@ mod tests {
 
     #[test]
     fn raw_copy_delivers_every_byte_and_times_it() {
-        let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-        let uri = listener.local_uri().unwrap();
-        let sink = std::thread::spawn(move || serve_copy(&listener.accept().unwrap()));
-        // Not a multiple of the buffer: the cycle wraps mid-buffer.
-        let data = guest_like_data(1 << 20);
-        let bytes = 5 * (1 << 20) + 123;
-        let copy = copy_to(&uri, bytes, &data).unwrap();
-        assert_eq!(sink.join().unwrap().unwrap(), bytes);
-        assert_eq!(copy.bytes, bytes);
-        assert!(copy.ns > 0 && copy.gbps() > 0.0, "{copy:?}");
+        for memory in [SinkMemory::Reused, SinkMemory::Fresh] {
+            let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+            let uri = listener.local_uri().unwrap();
+            let sink = std::thread::spawn(move || serve_copy(&listener.accept().unwrap(), memory));
+            // Not a multiple of the buffer: the cycle wraps mid-buffer.
+            let data = guest_like_data(1 << 20);
+            let bytes = 5 * (1 << 20) + 123;
+            let copy = copy_to(&uri, bytes, &data).unwrap();
+            assert_eq!(sink.join().unwrap().unwrap(), bytes, "{memory:?}");
+            assert_eq!(copy.bytes, bytes);
+            assert!(copy.ns > 0 && copy.gbps() > 0.0, "{copy:?}");
+        }
     }
 
     #[test]
     fn a_sender_that_stops_early_is_named() {
         let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
         let uri = listener.local_uri().unwrap();
-        let sink = std::thread::spawn(move || serve_copy(&listener.accept().unwrap()));
+        let sink =
+            std::thread::spawn(move || serve_copy(&listener.accept().unwrap(), SinkMemory::Fresh));
         let conn = Connection::connect(&uri).unwrap();
         conn.write_all(&1000u64.to_be_bytes()).unwrap();
         conn.write_all(&[1u8; 10]).unwrap();

@@ -368,6 +368,10 @@ struct BenchSinkArgs {
     /// Where to listen: tcp:HOST:PORT (port 0 picks one) or unix:PATH.
     #[arg(long)]
     listen: String,
+    /// Where the bytes land: reused (one buffer, the socket's own speed)
+    /// or fresh (memory never touched before, as a destination's RAM).
+    #[arg(long, value_enum, default_value = "reused")]
+    memory: bench::SinkMemory,
 }
 
 #[derive(Args)]
@@ -902,7 +906,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Bench(a) => run_bench(&a),
         Cmd::BenchSink(a) => {
-            bench::run_sink(&uri(&a.listen)?, &mut std::io::stdout()).map_err(|e| e.to_string())?;
+            bench::run_sink(&uri(&a.listen)?, a.memory, &mut std::io::stdout())
+                .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
     }

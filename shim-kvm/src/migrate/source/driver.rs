@@ -33,9 +33,22 @@ use crate::memory::{GuestMemory, PageIovecs};
 use crate::transport::{Connection, TransportError};
 use crate::vmm::VmmError;
 
+/// Most main-stream bytes held back to share one write: records without
+/// page data (zero-page batches, commands) are small, 2 KiB for a batch of
+/// 256 zero pages, and one `sendmsg` each made the system calls, not the
+/// bytes, the cost of a sparse guest's first pass (an idle 4 GiB guest:
+/// 4096 writes, each also followed by the two calls of a link report).
+const HOLD_BYTES: usize = 64 << 10;
+
 /// The connection as the page-sending actions use it. Kept apart from the
 /// driver's other parts because those actions borrow the engine's buffers
 /// while they write.
+///
+/// Small main-stream records are held back (at most [`HOLD_BYTES`]) and go
+/// out with the next write that carries pages, or at a [`flush`]
+/// (Link::flush): the driver flushes before every action that is not a
+/// main-stream send and whenever it stops to wait, so nothing the
+/// destination must answer stays held.
 pub(super) struct Link {
     pub(super) conn: Connection,
     /// With multifd: the channels' sender threads.
@@ -44,18 +57,32 @@ pub(super) struct Link {
     pub(super) preempt: Option<ChannelSenders>,
     /// The guest page numbers of the batch being sent (reused).
     pub(super) gfns: Vec<u64>,
+    /// Stream bytes handed over by the engine and not yet written.
+    pub(super) held: Vec<u8>,
+    /// Whether a write reached the socket since the last
+    /// [`take_wrote`](Link::take_wrote).
+    pub(super) wrote: bool,
 }
 
 impl Link {
-    /// [`SourceAction::Send`]: stream bytes the engine encoded.
-    fn send(&self, bytes: &[u8]) -> Result<(), SourceFailure> {
-        self.conn
-            .write_all(bytes)
-            .map_err(SourceFailure::ConnectionLost)
+    /// [`SourceAction::Send`]: stream bytes the engine encoded, held back
+    /// while they fit [`HOLD_BYTES`], else written with what was held.
+    fn send(&mut self, bytes: &[u8]) -> Result<(), SourceFailure> {
+        if self.held.len() + bytes.len() <= HOLD_BYTES {
+            self.held.extend_from_slice(bytes);
+            return Ok(());
+        }
+        self.wrote = true;
+        let written = self
+            .conn
+            .write_vectored_all(&mut [IoSlice::new(&self.held), IoSlice::new(bytes)]);
+        self.held.clear();
+        written.map_err(SourceFailure::ConnectionLost)
     }
 
     /// [`SourceAction::SendPages`]: a record header and guest pages, in one
-    /// vectored write straight from guest RAM.
+    /// vectored write straight from guest RAM, after the bytes held; a
+    /// batch of zero pages only (no page data) is held like any record.
     fn send_pages(
         &mut self,
         ram: &GuestMemory,
@@ -63,11 +90,33 @@ impl Link {
         header: &[u8],
         pages: &[u64],
     ) -> Result<(), SourceFailure> {
+        if pages.is_empty() {
+            return self.send(header);
+        }
         self.set_gfns(ram, block, pages)?;
-        PageIovecs::new(ram, header, &self.gfns)
+        self.held.extend_from_slice(header);
+        self.wrote = true;
+        let written = PageIovecs::new(ram, &self.held, &self.gfns)
             .map_err(TransportError::from)
-            .and_then(|p| self.conn.write_page_iovecs(p))
-            .map_err(SourceFailure::ConnectionLost)
+            .and_then(|p| self.conn.write_page_iovecs(p));
+        self.held.clear();
+        written.map_err(SourceFailure::ConnectionLost)
+    }
+
+    /// Writes the bytes held back, if any.
+    pub(super) fn flush(&mut self) -> Result<(), SourceFailure> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        self.wrote = true;
+        let written = self.conn.write_all(&self.held);
+        self.held.clear();
+        written.map_err(SourceFailure::ConnectionLost)
+    }
+
+    /// Whether a write reached the socket since the last call.
+    fn take_wrote(&mut self) -> bool {
+        std::mem::take(&mut self.wrote)
     }
 
     /// The engine numbers pages within the block (= region); the gather
@@ -211,14 +260,19 @@ impl SourceDriver<'_> {
             // running out of time): only then is there anything to wait
             // for.
             let mut idle = false;
+            // The socket's figures change only with a write (or with time,
+            // which the next burst's first report sees).
+            let mut report_due = true;
             loop {
                 // Only precopy decides on them; after the stop (or the
                 // postcopy switchover) the two system calls per action
                 // would be waste.
-                if matches!(
-                    self.engine.status(),
-                    MigrationStatus::Setup | MigrationStatus::Active
-                ) {
+                if report_due
+                    && matches!(
+                        self.engine.status(),
+                        MigrationStatus::Setup | MigrationStatus::Active
+                    )
+                {
                     self.report_link();
                 }
                 if let Some(lost) = self.link.lost_channel() {
@@ -231,9 +285,22 @@ impl SourceDriver<'_> {
                     idle = true;
                     break;
                 };
+                // Held records go out before anything else happens: a
+                // channel's packet, a sync, the stop or the device state
+                // may be what the destination waits on them for.
+                let mut held = match action {
+                    SourceAction::Send(_) | SourceAction::SendPages { .. } => None,
+                    _ => self.link.flush().err(),
+                };
                 // A failed write is `lost`: the destination may say why on
                 // the return path, heard before the write's reason stands.
+                // (A failed flush is this action's failed write.)
                 let lost = match action {
+                    SourceAction::Finished(end) => {
+                        self.finished(end.status());
+                        break 'run;
+                    }
+                    _ if held.is_some() => held.take(),
                     SourceAction::Send(bytes) => self.link.send(bytes).err(),
                     SourceAction::SendPages {
                         block,
@@ -288,11 +355,8 @@ impl SourceDriver<'_> {
                         self.resume_vcpus();
                         None
                     }
-                    SourceAction::Finished(end) => {
-                        self.finished(end.status());
-                        break 'run;
-                    }
                 };
+                report_due = self.link.take_wrote();
                 // From the commit on, as after the postcopy switchover, the
                 // destination needs the connection to confirm: close the
                 // gate to cancels (the COMMIT just handed to the socket is
@@ -317,6 +381,10 @@ impl SourceDriver<'_> {
                 if clock::monotonic_ns() - burst > MAX_BURST.as_nanos() as u64 {
                     break;
                 }
+            }
+            // Nothing stays held while the thread looks elsewhere or waits.
+            if let Err(failure) = self.link.flush() {
+                self.connection_lost(failure);
             }
             self.publish();
             if self.engine.is_finished() {
@@ -380,9 +448,10 @@ impl SourceDriver<'_> {
             .channels
             .as_ref()
             .map_or(0, ChannelSenders::unsent_bytes);
+        let held = self.link.held.len() as u64;
         if let Ok(unsent) = conn.unsent_bytes() {
             self.engine
-                .handle_unsent(clock::now(), unsent + on_channels);
+                .handle_unsent(clock::now(), unsent + on_channels + held);
         }
         if let Ok(rtt) = conn.round_trip() {
             self.engine

@@ -312,6 +312,8 @@ pub fn migrate_with_channels(
                 channels,
                 preempt,
                 gfns: Vec::new(),
+                held: Vec::new(),
+                wrote: false,
             },
             rp_conn,
             &config,
