@@ -45,5 +45,8 @@ fn postcopy_with_the_preempt_channel_and_an_unlimited_pass_verifies() {
     assert_eq!(s["verified"], true, "{s}");
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["guest-stamps"]["wrong"], 0, "{r}");
-    assert!(r["guest-written-pages"].as_u64() > Some(0), "the guest ran: {r}");
+    assert!(
+        r["guest-written-pages"].as_u64() > Some(0),
+        "the guest ran: {r}"
+    );
 }
