@@ -447,6 +447,27 @@ struct Host<'a> {
     cpu_model: u32,
 }
 
+impl<'a> Host<'a> {
+    /// A host for one delivery: nothing loaded, run or discarded yet.
+    fn new(
+        ram: &'a mut SimRam,
+        channels: &'a mut SimChannels,
+        layout: &'a [BlockInfo<'a>],
+        cpu_model: u32,
+    ) -> Self {
+        Self {
+            ram,
+            channels,
+            layout,
+            cpu: None,
+            run: false,
+            preempt_opened: false,
+            discarded: 0,
+            cpu_model,
+        }
+    }
+}
+
 /// Why the simulated destination refused something.
 #[derive(Debug)]
 enum SimHostError {
@@ -1141,16 +1162,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 break;
             }
             progressed = true;
-            let mut host = Host {
-                ram: &mut dst_ram,
-                channels: &mut chans,
-                layout: &layout,
-                cpu: None,
-                run: false,
-                preempt_opened: false,
-                discarded: 0,
-                cpu_model: scenario.destination_cpu_model,
-            };
+            let mut host = Host::new(
+                &mut dst_ram,
+                &mut chans,
+                &layout,
+                scenario.destination_cpu_model,
+            );
             let _ = dst.handle_input(t, &buf[..n], &mut host);
             preempt_opened |= host.preempt_opened;
             pc.discarded_pages += host.discarded;
@@ -1173,16 +1190,12 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     break;
                 }
                 progressed = true;
-                let mut host = Host {
-                    ram: &mut dst_ram,
-                    channels: &mut chans,
-                    layout: &layout,
-                    cpu: None,
-                    run: false,
-                    preempt_opened: false,
-                    discarded: 0,
-                    cpu_model: scenario.destination_cpu_model,
-                };
+                let mut host = Host::new(
+                    &mut dst_ram,
+                    &mut chans,
+                    &layout,
+                    scenario.destination_cpu_model,
+                );
                 let _ = dst.handle_preempt_input(t, &buf[..n], &mut host);
             }
             if !preempt_failed && (link.is_eof(now) || link.is_reset(now)) {

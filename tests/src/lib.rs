@@ -41,6 +41,26 @@ pub fn link(bytes_per_sec: u64) -> LinkConfig {
     LinkConfig::new(bytes_per_sec, 100_000)
 }
 
+/// 1 GB/s.
+pub const GIGABYTE: u64 = 1_000_000_000;
+
+/// 4 GB/s: loopback TCP on the development VM.
+pub const FAST: u64 = 4_000_000_000;
+
+/// The switchover policies' guest: 1 GiB with 64 MiB of data, over
+/// `bytes_per_sec`, a 300 ms limit, no bandwidth cap and a 2 ms fixed cost
+/// of stopping; no workload yet.
+pub fn policy_guest(bytes_per_sec: u64) -> Scenario {
+    let mut s = guest_gib(1);
+    s.fill_pages = 64 * MIB_PAGES;
+    s.forward = link(bytes_per_sec);
+    s.back = link(bytes_per_sec);
+    s.config.parameters.max_bandwidth = 0;
+    s.config.parameters.downtime_limit_ms = 300;
+    s.stop_cost_ns = 2_000_000;
+    s
+}
+
 /// Fails with a readable account when an outcome is not a verified
 /// migration.
 pub fn assert_verified(o: &Outcome) {

@@ -11,25 +11,14 @@ use livemig_core::source::shortest_stop::MAX_FITTING_PASSES;
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{CancelWhen, Outcome, Scenario, run_migration};
 use livemig_tests::{
-    MIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib, link,
+    FAST, GIGABYTE, assert_source_kept_guest, assert_verified, dirtying, policy_guest,
 };
-
-/// 1 GB/s.
-const GIGABYTE: u64 = 1_000_000_000;
-/// 4 GB/s: loopback TCP on the development VM.
-const FAST: u64 = 4_000_000_000;
 
 /// A 1 GiB guest with 64 MiB of data rewriting `ws_mib` MiB at `rate`
 /// pages per second over `bytes_per_sec`, a 300 ms limit, no bandwidth
 /// cap and a 2 ms fixed cost of stopping.
 fn scenario(bytes_per_sec: u64, ws_mib: u64, rate: u64, seed: u64) -> Scenario {
-    let mut s = guest_gib(1);
-    s.fill_pages = 64 * MIB_PAGES;
-    s.forward = link(bytes_per_sec);
-    s.back = link(bytes_per_sec);
-    s.config.parameters.max_bandwidth = 0;
-    s.config.parameters.downtime_limit_ms = 300;
-    s.stop_cost_ns = 2_000_000;
+    let mut s = policy_guest(bytes_per_sec);
     s.guest = Some(dirtying(ws_mib, rate, seed));
     s
 }

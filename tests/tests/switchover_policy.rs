@@ -19,7 +19,7 @@ use livemig_core::source::shortest_stop::MAX_FITTING_PASSES;
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{Burst, Outcome, Scenario, run_migration};
 use livemig_tests::{
-    MIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib, link,
+    FAST, GIGABYTE, assert_source_kept_guest, assert_verified, dirtying, policy_guest,
 };
 
 /// How a workload is expected to end.
@@ -42,34 +42,16 @@ struct Workload {
     shrinks: bool,
 }
 
-/// 4 GB/s: loopback TCP on the development VM.
-const FAST: u64 = 4_000_000_000;
-/// 1 GB/s.
-const GIGABYTE: u64 = 1_000_000_000;
-
-/// A 1 GiB guest with 64 MiB of data, over `bytes_per_sec`, a 300 ms limit,
-/// no bandwidth cap and a 2 ms fixed cost of stopping.
-fn base(bytes_per_sec: u64) -> Scenario {
-    let mut s = guest_gib(1);
-    s.fill_pages = 64 * MIB_PAGES;
-    s.forward = link(bytes_per_sec);
-    s.back = link(bytes_per_sec);
-    s.config.parameters.max_bandwidth = 0;
-    s.config.parameters.downtime_limit_ms = 300;
-    s.stop_cost_ns = 2_000_000;
-    s
-}
-
 fn workloads() -> Vec<Workload> {
     let with_guest = |bytes_per_sec, ws_mib, rate, seed| {
-        let mut s = base(bytes_per_sec);
+        let mut s = policy_guest(bytes_per_sec);
         s.guest = Some(dirtying(ws_mib, rate, seed));
         s
     };
     vec![
         Workload {
             name: "idle",
-            scenario: base(FAST),
+            scenario: policy_guest(FAST),
             expect: Expect::Completes,
             shrinks: false,
         },

@@ -1045,13 +1045,8 @@ impl<'a> DestinationEngine<'a> {
     /// migration as the main connection's failure does; once the migration
     /// has completed or failed it changes nothing.
     pub fn handle_preempt_failure(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
-        if matches!(
-            self.loader.status,
-            MigrationStatus::Completed | MigrationStatus::Failed
-        ) {
-            return;
-        }
-        self.loader.fail_with(now, DestError::PreemptFailed, reason);
+        self.loader
+            .fail_extra_connection(now, DestError::PreemptFailed, reason);
     }
 
     /// A multifd channel failed (its receiver's own check, or its
@@ -1060,13 +1055,8 @@ impl<'a> DestinationEngine<'a> {
     /// guest. Once the migration has completed or failed it changes
     /// nothing.
     pub fn handle_channel_failure(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
-        if matches!(
-            self.loader.status,
-            MigrationStatus::Completed | MigrationStatus::Failed
-        ) {
-            return;
-        }
-        self.loader.fail_with(now, DestError::ChannelFailed, reason);
+        self.loader
+            .fail_extra_connection(now, DestError::ChannelFailed, reason);
     }
 
     /// The source closed the connection. After LOADED and before COMMIT
@@ -1164,6 +1154,18 @@ impl Loader<'_> {
 
     /// Fails the migration with `e`, described by `desc` (the host's own
     /// error, when the host failed).
+    /// A connection besides the main one (a multifd channel, the preempt
+    /// channel) failed: the migration fails as on the main connection's
+    /// failure, unless it has already ended.
+    fn fail_extra_connection(&mut self, now: Instant, e: DestError, desc: fmt::Arguments<'_>) {
+        if !matches!(
+            self.status,
+            MigrationStatus::Completed | MigrationStatus::Failed
+        ) {
+            self.fail_with(now, e, desc);
+        }
+    }
+
     fn fail_with(&mut self, now: Instant, e: DestError, desc: fmt::Arguments<'_>) -> DestError {
         if self.status == MigrationStatus::None {
             // The connection closed (or timed out) before the first byte:

@@ -36,6 +36,20 @@ pub(crate) struct PageRequest {
     pub range: PageRange,
 }
 
+impl PageRequest {
+    /// The part of this request from `page` to `end` (exclusive): what is
+    /// left of it when a batch fills up.
+    fn rest(&self, page: u64, end: u64) -> Self {
+        Self {
+            block: self.block,
+            range: PageRange {
+                first: page,
+                count: end - page,
+            },
+        }
+    }
+}
+
 /// The source's postcopy bookkeeping.
 pub(super) struct Postcopy {
     /// The operator asked for postcopy (`migrate-start-postcopy`).
@@ -339,14 +353,7 @@ impl<'a> SourceEngine<'a> {
             let end = req.range.end().min(t.pages);
             for page in req.range.first..end {
                 if self.scan.batch.is_full() {
-                    let rest = PageRequest {
-                        block: req.block,
-                        range: PageRange {
-                            first: page,
-                            count: end - page,
-                        },
-                    };
-                    let _ = self.postcopy.requests.push_front(rest);
+                    let _ = self.postcopy.requests.push_front(req.rest(page, end));
                     break;
                 }
                 let zero = zero_detection && ram.is_zero_page(req.block, page);
@@ -391,14 +398,7 @@ impl<'a> SourceEngine<'a> {
                 if self.scan.batch.is_full() {
                     // The rest of a large request goes in the next batch,
                     // still ahead of the background pass.
-                    let rest = PageRequest {
-                        block: req.block,
-                        range: PageRange {
-                            first: page,
-                            count: end - page,
-                        },
-                    };
-                    let _ = self.postcopy.requests.push_front(rest);
+                    let _ = self.postcopy.requests.push_front(req.rest(page, end));
                     break;
                 }
                 // A page no longer dirty has been sent already, maybe still
