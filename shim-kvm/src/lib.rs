@@ -62,9 +62,9 @@ pub mod vmm;
 pub mod x86;
 
 pub use migrate::{
-    CancelRefused, DestinationReport, DestinationVm, MigrateError, MigrationHandle, ReceiveHandle,
-    ReceiveOptions, SourceOptions, SourceReport, SourceVm, migrate, migrate_with_channels, receive,
-    receive_with_channels,
+    CancelRefused, DestinationReport, DestinationVm, MigrateError, MigrationEvent, MigrationHandle,
+    ReceiveHandle, ReceiveOptions, Recovery, SourceOptions, SourceReport, SourceVm, migrate,
+    migrate_with_channels, receive, receive_with_channels,
 };
 pub use transport::Connection;
 pub use vmm::{DeviceDirtyLog, DeviceSection, Vcpus, VmmError};

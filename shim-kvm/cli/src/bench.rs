@@ -878,10 +878,11 @@ pub fn run_one(
     let summary = demo::run_demo_with(
         shape(case, opts),
         config,
-        opts.source,
+        opts.source.clone(),
         memory_check(opts),
         opts.warmup,
         opts.run_for,
+        None,
         cancel,
         &mut Progress::quiet(),
     )?;
@@ -1015,10 +1016,11 @@ pub fn run_multifd(
             let summary = demo::run_demo_with(
                 shape,
                 &config,
-                opts.source,
+                opts.source.clone(),
                 memory_check(opts),
                 opts.warmup,
                 opts.run_for,
+                None,
                 cancel,
                 &mut Progress::quiet(),
             )?;

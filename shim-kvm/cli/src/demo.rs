@@ -52,11 +52,13 @@ use std::time::Duration;
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
 use livemig_core::digest::Verification;
+use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
 
 use crate::breakdown;
+use crate::events::EventLog;
 use crate::guest::{self, GuestParams};
 use crate::interrupt::{self, Cancel, Decision};
 use livemig_kvm::clock;
@@ -66,8 +68,8 @@ use livemig_kvm::migrate::destination;
 use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};
 use livemig_kvm::vmm::{DeviceSection, Vcpus};
 use livemig_kvm::{
-    CancelRefused, DestinationVm, MigrateError, ReceiveOptions, SourceOptions, SourceReport,
-    SourceVm,
+    CancelRefused, DestinationVm, MigrateError, ReceiveOptions, Recovery, SourceOptions,
+    SourceReport, SourceVm,
 };
 
 use crate::continuity::{GuestContinuity, serial_continued, serial_sequence, vcpu_continued};
@@ -402,8 +404,11 @@ pub fn source_vm(vmm: &DemoVmm) -> SourceVm {
 }
 
 /// Migrates the running guest in `vmm` over `conn` on the migration
-/// thread, drawing its progress from here and passing a `cancel` (Ctrl-C)
-/// on to it.
+/// thread, drawing its progress from here, telling its events and passing
+/// a `cancel` (Ctrl-C) on to it. With `cut_after`, the connection is shut
+/// down that long after the postcopy switchover (the migration pauses and
+/// recovers over a new one).
+#[allow(clippy::too_many_arguments)]
 pub fn send_guest(
     vmm: &DemoVmm,
     conns: Connections,
@@ -411,7 +416,12 @@ pub fn send_guest(
     options: SourceOptions,
     cancel: &Cancel,
     progress: &mut Progress,
+    events: EventLog,
+    cut_after: Option<Duration>,
 ) -> Result<SendOutcome, DemoError> {
+    let mut cut = cut_after
+        .map(|after| conns.main.try_clone().map(|c| Cut::new(c, after)))
+        .transpose()?;
     let handle = livemig_kvm::migrate_with_channels(
         source_vm(vmm),
         conns.main,
@@ -424,10 +434,20 @@ pub fn send_guest(
         if cancel.is_cancelled() {
             handle.cancel();
         }
-        refusal.say(handle.cancel_refused());
-        progress.update(&handle.stats());
+        let stats = handle.stats();
+        refusal.say(handle.cancel_refused(), &stats);
+        while let Some(e) = handle.poll_event() {
+            events.say(&e);
+        }
+        if let Some(c) = cut.as_mut() {
+            c.watch(stats.status);
+        }
+        progress.update(&stats);
     }
-    refusal.say(handle.cancel_refused());
+    while let Some(e) = handle.poll_event() {
+        events.say(&e);
+    }
+    refusal.say(handle.cancel_refused(), &handle.stats());
     let report = handle.join()?;
     progress.update(&report.stats);
     progress.finish();
@@ -457,10 +477,71 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn say(&mut self, refused: Option<CancelRefused>) {
-        if let Some(r) = refused.filter(|_| !self.said) {
-            self.said = true;
+    /// `stats` says where the migration stands: a paused postcopy is told
+    /// why the process stays (its pages would be lost with it).
+    fn say(&mut self, refused: Option<CancelRefused>, stats: &MigrationStats) {
+        let Some(r) = refused.filter(|_| !self.said) else {
+            return;
+        };
+        self.said = true;
+        if is_paused(stats.status) {
+            eprintln!(
+                "livemig: {r}. The postcopy migration is paused: the guest's pages are split \
+                 between the two hosts, so this process keeps its part and waits for the \
+                 recovery until its deadline (--recover-timeout-s); ending it by force \
+                 (SIGKILL) loses the guest"
+            );
+        } else {
             eprintln!("livemig: {r}");
+        }
+    }
+}
+
+/// Whether `status` is a paused postcopy or its recovery handshake.
+fn is_paused(status: MigrationStatus) -> bool {
+    matches!(
+        status,
+        MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecoverSetup
+            | MigrationStatus::PostcopyRecover
+    )
+}
+
+/// `demo --cut-after-ms`: shuts the main connection down a while after the
+/// postcopy switchover, once, as a cut link would end it.
+struct Cut {
+    conn: Connection,
+    after: Duration,
+    switched: Option<std::time::Instant>,
+    done: bool,
+}
+
+impl Cut {
+    fn new(conn: Connection, after: Duration) -> Self {
+        Cut {
+            conn,
+            after,
+            switched: None,
+            done: false,
+        }
+    }
+
+    /// Called with the migration's status as it goes.
+    fn watch(&mut self, status: MigrationStatus) {
+        if self.done {
+            return;
+        }
+        if status == MigrationStatus::PostcopyActive {
+            self.switched.get_or_insert_with(std::time::Instant::now);
+        }
+        if self.switched.is_some_and(|at| at.elapsed() >= self.after) {
+            self.done = true;
+            eprintln!(
+                "livemig: demo: cutting the connection {} ms after the switchover (--cut-after-ms)",
+                self.after.as_millis()
+            );
+            // Gone already is as good as cut.
+            let _ = self.conn.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -603,6 +684,7 @@ pub fn run_send(
     warmup: Duration,
     cancel: &Cancel,
     progress: &mut Progress,
+    events: EventLog,
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
     let conns = Connections::connect(to, config)?;
@@ -611,7 +693,7 @@ pub fn run_send(
         dirty_log: shape.dirty_log,
         ..options
     };
-    let mut out = send_guest(&vmm, conns, config, options, cancel, progress)?;
+    let mut out = send_guest(&vmm, conns, config, options, cancel, progress, events, None)?;
     let mut summary = send_summary(&out);
     summary.extra.insert("guest-ram".into(), ram_regions(&vmm));
     if summary.stats.ambiguous_end.is_none() {
@@ -822,10 +904,12 @@ pub fn run_receive(
     vcpus: u32,
     run_for: Duration,
     idle_timeout: Duration,
+    recovery: Recovery,
     blocktime: bool,
     digest: bool,
     announce: &mut dyn Write,
     progress: &mut Progress,
+    events: EventLog,
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
     let listener = Listener::bind(listen)?;
@@ -845,6 +929,7 @@ pub fn run_receive(
     let options = ReceiveOptions {
         idle_timeout,
         digest,
+        recovery,
     };
     // From before the first page: after a postcopy it says which pages
     // the guest wrote here.
@@ -858,10 +943,17 @@ pub fn run_receive(
             None if interrupt.is_cancelled() => handle.cancel(),
             None => {}
         }
-        refusal.say(handle.cancel_refused());
-        progress.update(&handle.stats());
+        let stats = handle.stats();
+        refusal.say(handle.cancel_refused(), &stats);
+        while let Some(e) = handle.poll_event() {
+            events.say(&e);
+        }
+        progress.update(&stats);
     }
-    refusal.say(handle.cancel_refused());
+    refusal.say(handle.cancel_refused(), &handle.stats());
+    while let Some(e) = handle.poll_event() {
+        events.say(&e);
+    }
     let report = handle.join()?;
     progress.update(&report.stats);
     progress.finish();
@@ -990,6 +1082,7 @@ pub fn run_demo(
         MemoryCheck::Digest,
         warmup,
         run_for,
+        None,
         cancel,
         progress,
     )
@@ -1020,6 +1113,7 @@ pub fn run_demo_with(
     check: MemoryCheck,
     warmup: Duration,
     run_for: Duration,
+    cut_after: Option<Duration>,
     cancel: &Cancel,
     progress: &mut Progress,
 ) -> Result<Summary, DemoError> {
@@ -1092,7 +1186,16 @@ pub fn run_demo_with(
         dirty_log: shape.dirty_log,
         ..options
     };
-    let out = send_guest(&vmm, conns, config, options, cancel, progress)?;
+    let out = send_guest(
+        &vmm,
+        conns,
+        config,
+        options,
+        cancel,
+        progress,
+        EventLog::new(false),
+        cut_after,
+    )?;
     let Some(mut child) = guard.0.take() else {
         return Err(DemoError::Child("lost track of it".into()));
     };

@@ -36,6 +36,7 @@ pub mod bench;
 pub mod breakdown;
 pub mod continuity;
 pub mod demo;
+pub mod events;
 pub mod guest;
 pub mod guest_writes;
 pub mod interrupt;

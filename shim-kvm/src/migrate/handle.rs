@@ -1,5 +1,6 @@
 //! The caller's side of a migration running on its own thread: live
-//! statistics, cancel, and the report at the end.
+//! statistics, events (a postcopy pause and its recovery), cancel, and the
+//! report at the end.
 //!
 //! [`super::source::migrate`] and [`super::destination::receive`] spawn
 //! the migration thread and return one of these at once. Every method takes
@@ -10,6 +11,7 @@
 //! and the guest ends where that end leaves it (cancel first to keep it on
 //! the source).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -36,6 +38,110 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancelRequest,
     /// The engine refused that request (the first refusal).
     refused: Mutex<Option<CancelRefused>>,
+    /// Events not yet taken by the handle's caller.
+    events: Mutex<VecDeque<MigrationEvent>>,
+}
+
+/// Most events kept for a caller that does not take them: the oldest go
+/// first (a source retrying for ten minutes must not grow without bound).
+const MAX_EVENTS: usize = 256;
+
+/// Something a migration went through that its statistics alone would not
+/// show as it happened: a postcopy pause and the steps of its recovery.
+/// Taken in order with [`MigrationHandle::poll_event`] or
+/// [`ReceiveHandle::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationEvent {
+    /// Postcopy lost its connection after the switchover: the migration is
+    /// `postcopy-paused`, not failed. The destination's guest runs on
+    /// (vCPUs touching a missing page wait), the source keeps its stopped
+    /// guest and every page not yet received.
+    PostcopyPaused {
+        /// What broke, in the operator's words.
+        reason: String,
+    },
+    /// The paused side is still waiting for a new connection: the source
+    /// retrying `address`, the destination listening there.
+    AwaitingRecovery {
+        /// Where the new connection is sought.
+        address: String,
+        /// Seconds left before giving up.
+        seconds_left: u64,
+        /// Why the last attempt failed (source only).
+        last_error: Option<String>,
+    },
+    /// A new connection is up and the recovery handshake begins
+    /// (`postcopy-recover-setup`).
+    RecoveryStarted {
+        /// The peer of the new connection.
+        peer: String,
+    },
+    /// The handshake ended: back in `postcopy-active`, the pages still
+    /// missing are being sent, requested ones first.
+    Recovered {
+        /// Recoveries of this migration so far.
+        recoveries: u64,
+    },
+    /// No new connection came in time: the migration failed. `pages` says
+    /// where the guest's pages are, and what the operator can still do.
+    RecoveryAbandoned {
+        /// Where the guest's pages are.
+        pages: String,
+    },
+}
+
+impl MigrationEvent {
+    /// The event's name in `--json` output and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MigrationEvent::PostcopyPaused { .. } => "postcopy-paused",
+            MigrationEvent::AwaitingRecovery { .. } => "awaiting-recovery",
+            MigrationEvent::RecoveryStarted { .. } => "recovery-started",
+            MigrationEvent::Recovered { .. } => "recovered",
+            MigrationEvent::RecoveryAbandoned { .. } => "recovery-abandoned",
+        }
+    }
+}
+
+impl fmt::Display for MigrationEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrationEvent::PostcopyPaused { reason } => write!(
+                f,
+                "postcopy paused ({reason}): the guest's pages are split between the hosts; \
+                 waiting for a new connection"
+            ),
+            MigrationEvent::AwaitingRecovery {
+                address,
+                seconds_left,
+                last_error: Some(e),
+            } => write!(
+                f,
+                "postcopy paused: still retrying {address} ({e}); giving up in {seconds_left} s"
+            ),
+            MigrationEvent::AwaitingRecovery {
+                address,
+                seconds_left,
+                last_error: None,
+            } => write!(
+                f,
+                "postcopy paused: waiting for the source to reconnect on {address}; \
+                 giving up in {seconds_left} s"
+            ),
+            MigrationEvent::RecoveryStarted { peer } => {
+                write!(f, "postcopy recovery: new connection with {peer}")
+            }
+            MigrationEvent::Recovered { recoveries } => {
+                write!(
+                    f,
+                    "postcopy recovered (recovery {recoveries}); the migration goes on"
+                )
+            }
+            MigrationEvent::RecoveryAbandoned { pages } => {
+                write!(f, "postcopy recovery abandoned: {pages}")
+            }
+        }
+    }
 }
 
 /// Why a cancel (or the destination's interrupt) was refused: the guest
@@ -78,6 +184,22 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get_or_insert(refusal);
+    }
+
+    /// Called by the migration thread for each event, in order.
+    pub(crate) fn emit(&self, event: MigrationEvent) {
+        let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        if events.len() == MAX_EVENTS {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+
+    fn poll_event(&self) -> Option<MigrationEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
     }
 
     fn refusal(&self) -> Option<CancelRefused> {
@@ -209,6 +331,13 @@ impl MigrationHandle {
         self.run.shared.refusal()
     }
 
+    /// The oldest event not yet taken (a postcopy pause, its recovery),
+    /// or `None`. Events wait for the caller; the oldest are dropped
+    /// beyond a few hundred.
+    pub fn poll_event(&self) -> Option<MigrationEvent> {
+        self.run.shared.poll_event()
+    }
+
     /// Whether the migration thread has ended.
     pub fn is_finished(&self) -> bool {
         self.run.is_finished()
@@ -268,6 +397,13 @@ impl ReceiveHandle {
     /// (postcopy), or is loaded and the source may have committed.
     pub fn cancel_refused(&self) -> Option<CancelRefused> {
         self.run.shared.refusal()
+    }
+
+    /// The oldest event not yet taken (a postcopy pause, its recovery),
+    /// or `None`. Events wait for the caller; the oldest are dropped
+    /// beyond a few hundred.
+    pub fn poll_event(&self) -> Option<MigrationEvent> {
+        self.run.shared.poll_event()
     }
 
     /// Whether the migration thread has ended.

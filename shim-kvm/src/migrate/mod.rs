@@ -12,6 +12,8 @@
 //!   [`receive`] return at once, while the migration runs on a thread
 //!   livemig owns: live statistics, cancel, and the report.
 //! - [`MigrateError`]: why a migration could not be set up or carried on.
+//! - [`recovery`]: how a postcopy paused by a cut connection gets a new
+//!   one ([`Recovery`]); [`MigrationEvent`]s tell the caller as it happens.
 //! - [`sections`]: the sections livemig writes itself (CPU model,
 //!   runstate, each vCPU, the VM-wide devices).
 //!
@@ -27,6 +29,7 @@ mod cancel;
 pub mod destination;
 mod error;
 mod handle;
+pub mod recovery;
 pub mod sections;
 pub mod source;
 mod vcpu_access;
@@ -37,7 +40,8 @@ pub use destination::{
     DestinationReport, DestinationVm, ReceiveOptions, receive, receive_with_channels,
 };
 pub use error::MigrateError;
-pub use handle::{CancelRefused, MigrationHandle, ReceiveHandle};
+pub use handle::{CancelRefused, MigrationEvent, MigrationHandle, ReceiveHandle};
+pub use recovery::Recovery;
 pub use source::{SourceOptions, SourceReport, SourceVm, migrate, migrate_with_channels};
 pub use vcpu_access::VcpuAccess;
 

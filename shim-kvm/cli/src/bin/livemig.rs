@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use livemig_cli::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_cli::demo::{self, DemoError, GuestShape};
+use livemig_cli::events::EventLog;
 use livemig_cli::guest;
 use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
@@ -22,7 +23,9 @@ use livemig_cli::{qemu, run, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
+use livemig_kvm::Recovery;
 use livemig_kvm::dirty_log::DirtyLogMode;
+use livemig_kvm::migrate::recovery::DEFAULT_RECOVER_TIMEOUT;
 use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
 use livemig_kvm::transport::MigrationUri;
 use serde_json::json;
@@ -233,6 +236,12 @@ struct DemoArgs {
     /// (the guest keeps running on the source); 0 = never.
     #[arg(long, default_value_t = 30)]
     time_limit_s: u64,
+    /// With --mode postcopy: shut the connection down this many ms after
+    /// the switchover, as a cut link would; the migration pauses, recovers
+    /// over a new connection, and the summary counts it in
+    /// `postcopy-recoveries`.
+    #[arg(long, value_name = "MS")]
+    cut_after_ms: Option<u64>,
     /// Draw the migration per 100 ms slice (throughput, dirty rate,
     /// remaining bytes, switchover threshold, each dirty-log sync and the
     /// stop) into this SVG file. Needs KVM.
@@ -260,6 +269,16 @@ struct SendArgs {
     /// to send.
     #[arg(long, default_value_t = 300)]
     time_limit_s: u64,
+    /// After the postcopy switchover a cut connection pauses the migration
+    /// (the guest runs on the destination, the pages it has not received
+    /// are only here): connect again to this address (default: --to),
+    /// retrying until --recover-timeout-s.
+    #[arg(long, value_name = "URI")]
+    resume_to: Option<String>,
+    /// How long a paused postcopy keeps trying to recover, in seconds, from
+    /// the pause; after that it fails, saying where the guest's pages are.
+    #[arg(long, default_value_t = DEFAULT_RECOVER_TIMEOUT.as_secs())]
+    recover_timeout_s: u64,
     /// After an ambiguous end (the commit handshake was cut) the guest is
     /// held paused until the operator decides: SIGUSR1 runs it here,
     /// SIGTERM or SIGINT discards it, and so does this many seconds
@@ -305,6 +324,17 @@ struct ReceiveArgs {
     /// (repeatable; postcopy itself needs no flag here).
     #[arg(long = "cap", value_name = "NAME=on|off")]
     caps: Vec<String>,
+    /// After the postcopy switchover a cut connection pauses the migration
+    /// (the guest runs on here, waiting on pages still at the source):
+    /// listen for the source's new connection at this address (default:
+    /// keep listening at --listen).
+    #[arg(long, value_name = "URI")]
+    recover_listen: Option<String>,
+    /// How long a paused postcopy waits for the source to come back, in
+    /// seconds, from the pause; after that it fails, saying where the
+    /// guest's pages are.
+    #[arg(long, default_value_t = DEFAULT_RECOVER_TIMEOUT.as_secs())]
+    recover_timeout_s: u64,
     /// After an ambiguous end (the commit handshake was cut) the guest is
     /// held paused until the operator decides: SIGUSR1 runs it here,
     /// SIGTERM or SIGINT discards it, and so does this many seconds
@@ -832,6 +862,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Demo(a) => {
             let mut config = config(&a.migration, true)?;
+            if a.cut_after_ms.is_some() && a.migration.mode != "postcopy" {
+                return Err(
+                    "--cut-after-ms needs --mode postcopy: only a postcopy pauses and \
+                     recovers when its connection is cut"
+                        .into(),
+                );
+            }
             config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = a.workload.shape(a.mem_mib)?;
             let summary = match demo::open_kvm() {
@@ -842,6 +879,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     demo::MemoryCheck::Digest,
                     a.workload.warmup(),
                     Duration::from_millis(a.run_ms),
+                    a.cut_after_ms.map(Duration::from_millis),
                     &cancel_on_signals()?,
                     &mut progress(&a.output),
                 )
@@ -849,6 +887,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Err(e) if a.timeline.is_some() => {
                     return Err(format!(
                         "--timeline needs KVM, and {}: the simulated fallback records no timeline",
+                        demo::no_kvm_reason(&e)
+                    ));
+                }
+                Err(e) if a.cut_after_ms.is_some() => {
+                    return Err(format!(
+                        "--cut-after-ms needs KVM, and {}: the simulated fallback has no connection to cut",
                         demo::no_kvm_reason(&e)
                     ));
                 }
@@ -871,14 +915,22 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = a.workload.shape(a.mem_mib)?;
             let mut decided = None;
+            let recovery = Recovery {
+                address: a.resume_to.as_deref().map(uri).transpose()?,
+                timeout: Duration::from_secs(a.recover_timeout_s),
+            };
             let summary = demo::run_send(
                 &uri(&a.to)?,
                 shape,
                 &config,
-                source_options(&a.migration, &a.workload, false),
+                SourceOptions {
+                    recovery,
+                    ..source_options(&a.migration, &a.workload, false)
+                },
                 a.workload.warmup(),
                 &cancel_on_signals()?,
                 &mut progress(&a.output),
+                EventLog::new(a.output.json),
                 &mut |s| hold(s, &a.output, a.hold_timeout_s, &mut decided),
             )
             .map_err(err)?;
@@ -894,10 +946,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 a.vcpus,
                 Duration::from_millis(a.run_ms),
                 Duration::from_millis(a.idle_timeout_ms),
+                Recovery {
+                    address: a.recover_listen.as_deref().map(uri).transpose()?,
+                    timeout: Duration::from_secs(a.recover_timeout_s),
+                },
                 receive_blocktime(&a.caps)?,
                 a.digest,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),
+                EventLog::new(a.output.json),
                 &mut |s| hold(s, &a.output, a.hold_timeout_s, &mut decided),
             )
             .map_err(err)?;

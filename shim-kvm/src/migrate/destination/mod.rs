@@ -94,7 +94,7 @@ use super::sections::{
     RUNSTATE_VERSION, VM_SECTION, VM_STATE_VERSION,
 };
 use super::vcpu_access::on_vcpu;
-use super::{MigrateError, ReceiveHandle, ram_layout};
+use super::{MigrateError, ReceiveHandle, Recovery, ram_layout};
 use crate::clock;
 use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
@@ -143,7 +143,7 @@ pub struct DestinationVm {
 }
 
 /// How the destination receives, beyond what the stream says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReceiveOptions {
     /// How long the source may stay silent before the destination gives
     /// up.
@@ -152,6 +152,12 @@ pub struct ReceiveOptions {
     /// memory before the guest starts (it lengthens the downtime by
     /// [`DestinationReport::digest_ms`]).
     pub digest: bool,
+    /// After the postcopy switchover, a cut connection pauses the
+    /// migration: where to listen for the source's new connection and for
+    /// how long (see [`Recovery`]). Without an address the listener of
+    /// [`receive_with_channels`] is kept for it; [`receive`], which has
+    /// none, needs an address to recover.
+    pub recovery: Recovery,
 }
 
 impl Default for ReceiveOptions {
@@ -159,6 +165,7 @@ impl Default for ReceiveOptions {
         ReceiveOptions {
             idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
             digest: false,
+            recovery: Recovery::default(),
         }
     }
 }

@@ -48,7 +48,7 @@ use livemig_core::stats::MigrationStats;
 use super::handle::{MigrationHandle, Shared};
 use super::sections;
 use super::vcpu_access::on_vcpu;
-use super::{MigrateError, ram_layout};
+use super::{MigrateError, Recovery, ram_layout};
 use crate::clock;
 use crate::dirty_log::DirtyLogMode;
 use crate::memory::GuestMemory;
@@ -84,7 +84,7 @@ const RUN_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// How the tool drives a source migration, beyond the engine's
 /// configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SourceOptions {
     /// With the `pause-before-switchover` capability: how long the stopped
     /// guest stays in pre-switchover before the switchover continues on its
@@ -123,6 +123,10 @@ pub struct SourceOptions {
     /// missed a write. It lengthens the stop by a hash of all RAM (tens of
     /// ms a GiB), so it is off by default.
     pub audit: bool,
+    /// After the postcopy switchover, a cut connection pauses the
+    /// migration: where to connect again and for how long to try (see
+    /// [`Recovery`]).
+    pub recovery: Recovery,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -143,6 +147,7 @@ impl Default for SourceOptions {
             dirty_log: DirtyLogMode::ManualProtect,
             verify: true,
             audit: false,
+            recovery: Recovery::default(),
         }
     }
 }
