@@ -68,6 +68,7 @@
 
 mod channels;
 mod failure;
+mod incoming;
 mod preempt;
 mod required;
 
@@ -88,7 +89,7 @@ use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 use livemig_core::wire::{self, DeviceState, PageRange};
 
-use super::handle::{CancelRefused, Shared};
+use super::handle::{CancelRefused, MigrationEvent, Shared};
 use super::sections::{
     CPU_MODEL_SECTION, CPU_MODEL_VERSION, CPU_SECTION, CPU_STATE_VERSION, RUNSTATE_SECTION,
     RUNSTATE_VERSION, VM_SECTION, VM_STATE_VERSION,
@@ -104,6 +105,7 @@ use crate::x86::{CpuModel, VcpuCaps, VcpuState, VmState};
 pub use channels::ChannelFailure;
 use channels::ChannelReceivers;
 pub use failure::{HostFailure, ReceiveFailure};
+use incoming::{Awaited, Incoming, Pause};
 use preempt::PreemptReader;
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -269,6 +271,9 @@ pub struct KvmHost {
     channels: Option<ChannelReceivers>,
     /// The postcopy preempt channel's reader, once the source announced it.
     preempt: Option<PreemptReader>,
+    /// Where a paused postcopy takes the source's new connection when
+    /// [`Recovery::address`] names one (else on `listener`).
+    recover_listener: Option<Listener>,
     /// How long an accept, a hello or a sync may wait.
     channel_deadline: Duration,
     /// When the engine had read the end of the stream.
@@ -792,7 +797,13 @@ fn start_receive(
     })
     .map_err(MigrateError::Vcpu)?;
     let required = required::sections(vcpus, &vm.devices).map_err(MigrateError::Destination)?;
-    let reader_conn = conn.try_clone()?;
+    // Bound now, so that a busy address is refused before the migration.
+    let recover_listener = options
+        .recovery
+        .address
+        .as_ref()
+        .map(Listener::bind)
+        .transpose()?;
     let (tx, events) = mpsc::channel();
     let host = KvmHost {
         pages: vm.memory.guest_end() / PAGE,
@@ -806,13 +817,14 @@ fn start_receive(
         faults: Arc::new(Mutex::new(Vec::new())),
         started_ns: None,
         listener,
+        recover_listener,
         channels: None,
         preempt: None,
         channel_deadline: options.idle_timeout,
         end_received_ns: None,
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
-        run(host, events, required, &conn, reader_conn, options, shared)
+        run(host, events, required, conn, options, shared)
     })
 }
 
@@ -822,8 +834,7 @@ fn run(
     mut host: KvmHost,
     events: Receiver<Event>,
     required: &'static [livemig_core::destination::RequiredSection],
-    conn: &Connection,
-    reader_conn: Connection,
+    conn: Connection,
     options: ReceiveOptions,
     shared: &Shared,
 ) -> Result<DestinationReport, MigrateError> {
@@ -876,13 +887,15 @@ fn run(
         .verify_with(&mut books)
         .map_err(MigrateError::Destination)?;
     engine.begin(clock::now());
-    let (pool_tx, pool) = mpsc::channel();
-    for _ in 0..READ_BUFFERS {
-        // The receiver is alive: it is `pool`, moved into the reader below.
-        let _ = pool_tx.send(vec![0u8; READ_BUFFER]);
-    }
-    let reader = spawn_reader(reader_conn, host.events.clone(), pool);
-    let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, shared);
+    let incoming = Incoming::open(conn, &host.events)?;
+    let (mut error, incoming) = run_receive_loop(
+        &mut engine,
+        &mut host,
+        incoming,
+        &events,
+        &options.recovery,
+        shared,
+    );
     // A completed precopy starts its guest before anything else: what
     // follows (the reader's end, the channels' end) waits for other
     // threads to wake, which on a loaded 2-core host took a millisecond
@@ -897,10 +910,10 @@ fn run(
         .then(|| (clock::monotonic_ns(), host.start_guest()));
     // Free a reader still blocked in read (a failed migration) and let it
     // end: without buffers it stops at its next one.
-    drop(pool_tx);
-    let _ = conn.shutdown(Shutdown::Read);
+    if let Some(incoming) = incoming {
+        incoming.close(Shutdown::Read);
+    }
     drop(events);
-    let _ = reader.join();
     host.merge_channel_pages();
     if let Some(rx) = host.channels.take() {
         rx.finish();
@@ -972,23 +985,40 @@ fn run(
     Ok(report)
 }
 
+/// How long a paused destination waits on its events before it looks at
+/// the recovery listener again.
+const PAUSED_WAIT: Duration = Duration::from_millis(10);
+
 /// The destination's event loop: stream bytes, faults and timeouts into the
 /// engine, return-path bytes out. Returns what failed (`None`: the
-/// engine's state tells).
+/// engine's state tells), and the connection it ended with (none when it
+/// ended paused: the engine then gave up).
+///
+/// After the postcopy switchover a cut connection (its end, a read or
+/// write error, a silent source) pauses the engine instead of failing it:
+/// the connection is closed, the guest runs on, faults are still recorded
+/// (and pages that arrived as zero pages still filled here), and the
+/// source's new connection is awaited on the recovery listener until the
+/// [`Recovery::timeout`]; a new connection starts the engine's recovery.
 fn run_receive_loop(
     engine: &mut DestinationEngine<'_>,
     host: &mut KvmHost,
-    conn: &Connection,
+    incoming: Incoming,
     events: &Receiver<Event>,
-    pool: &Sender<Vec<u8>>,
+    recovery: &Recovery,
     shared: &Shared,
-) -> Option<ReceiveFailure> {
+) -> (Option<ReceiveFailure>, Option<Incoming>) {
     let interrupt = &shared.cancel;
     let mut out = vec![0u8; 4096];
     let mut error: Option<ReceiveFailure> = None;
     let mut last_progress = 0;
     // An interrupt already dealt with (refused, or nothing to interrupt).
     let mut interrupt_seen = false;
+    let mut link = Some(incoming);
+    let mut pause: Option<Pause> = None;
+    // What broke the connection, told with the pause it causes.
+    let mut cut: Option<String> = None;
+    let mut recovering = false;
     loop {
         if interrupt.is_cancelled() && !interrupt_seen {
             interrupt_seen = true;
@@ -996,11 +1026,20 @@ fn run_receive_loop(
                 .signal()
                 .and_then(|s| u32::try_from(s).ok())
                 .unwrap_or(0);
-            match engine.interrupt(clock::now(), signal) {
+            // A paused or recovering postcopy runs the guest here as much
+            // as an active one does.
+            let result = if is_postcopy(engine.status()) {
+                Err(DestError::PostcopyCannotBeInterrupted)
+            } else {
+                engine.interrupt(clock::now(), signal)
+            };
+            match result {
                 Ok(true) => {
                     // The source hears why before the connection closes.
-                    let untold = flush_return_path(engine, conn, &mut out).err();
-                    return Some(ReceiveFailure::Interrupted { signal, untold });
+                    let untold = link
+                        .as_ref()
+                        .and_then(|l| flush_return_path(engine, &l.conn, &mut out).err());
+                    return (Some(ReceiveFailure::Interrupted { signal, untold }), link);
                 }
                 Err(
                     e @ (DestError::PostcopyCannotBeInterrupted | DestError::InterruptAfterLoaded),
@@ -1010,18 +1049,20 @@ fn run_receive_loop(
             }
         }
         let now = clock::now();
-        let wait = engine
-            .poll_timeout()
-            .map_or(MAX_WAIT, |t| t.saturating_since(now).min(MAX_WAIT));
+        let wait = if pause.is_some() {
+            PAUSED_WAIT
+        } else {
+            engine
+                .poll_timeout()
+                .map_or(MAX_WAIT, |t| t.saturating_since(now).min(MAX_WAIT))
+        };
         let event = events.recv_timeout(wait);
         // Faults first, and their requests out at once: a vCPU waits for
         // each of them.
         if let Err(e) = serve_faults(engine, host) {
             error.get_or_insert(e);
         }
-        if let Err(e) = flush_return_path(engine, conn, &mut out) {
-            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
-        }
+        send_return_path(engine, link.as_ref(), &mut out, &mut error, &mut cut);
         if host.fault_thread_died() {
             error.get_or_insert(ReceiveFailure::FaultThreadStopped);
         }
@@ -1029,11 +1070,14 @@ fn run_receive_loop(
         let now = clock::now();
         let mut eof = false;
         let outcome = match event {
+            // What the old connection's reader said after a pause is of
+            // no use to anyone.
+            Ok(Event::Bytes(..) | Event::Eof | Event::ReadError(_)) if link.is_none() => Ok(()),
             Ok(Event::Bytes(buf, n)) => {
                 let bytes = buf.get(..n).unwrap_or_default();
                 // In postcopy a vCPU may wait on a page: the preempt
                 // channel and the faults get a turn between pieces.
-                let piece = if engine.status() == MigrationStatus::PostcopyActive {
+                let piece = if is_postcopy(engine.status()) {
                     POSTCOPY_PIECE
                 } else {
                     bytes.len().max(1)
@@ -1045,9 +1089,7 @@ fn run_receive_loop(
                         if let Err(e) = serve_faults(engine, host) {
                             error.get_or_insert(e);
                         }
-                        if let Err(e) = flush_return_path(engine, conn, &mut out) {
-                            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
-                        }
+                        send_return_path(engine, link.as_ref(), &mut out, &mut error, &mut cut);
                     }
                     r = r.and(match engine.handle_input(clock::now(), part, host) {
                         Ok(_) => Ok(()),
@@ -1064,9 +1106,11 @@ fn run_receive_loop(
                 if (engine.is_loaded() || engine.is_completed()) && host.end_received_ns.is_none() {
                     host.end_received_ns = Some(clock::monotonic_ns());
                 }
-                // The reader is gone if this fails; the loop learns it from
-                // the end of the stream.
-                let _ = pool.send(buf);
+                if let Some(l) = &link {
+                    // The reader is gone if this fails; the loop learns it
+                    // from the end of the stream.
+                    let _ = l.pool.send(buf);
+                }
                 r
             }
             Ok(Event::Fault | Event::Preempt) | Err(RecvTimeoutError::Timeout) => Ok(()),
@@ -1079,23 +1123,31 @@ fn run_receive_loop(
             }
             Ok(Event::Eof) | Err(RecvTimeoutError::Disconnected) => {
                 eof = true;
+                cut.get_or_insert_with(|| "the source closed the connection".into());
                 engine.handle_eof(now)
             }
             Ok(Event::ReadError(e)) => {
                 eof = true;
-                error.get_or_insert(ReceiveFailure::ConnectionLost(e));
-                engine.handle_eof(now)
+                let r = engine.handle_eof(now);
+                if engine.is_paused() {
+                    cut.get_or_insert_with(|| format!("connection lost: {e}"));
+                } else {
+                    error.get_or_insert(ReceiveFailure::ConnectionLost(e));
+                }
+                r
             }
+            // A preempt channel closed at a pause (or not used again after
+            // a recovery) has nothing left to say.
+            Ok(Event::PreemptEof | Event::PreemptReadError(_)) if host.preempt.is_none() => Ok(()),
             // The preempt channel fails the migration as the main
             // connection does (its bytes before the failure were taken
-            // above). After the end it has nothing left to carry.
+            // above); after the switchover it pauses it. After the end it
+            // has nothing left to carry.
             Ok(Event::PreemptEof) => {
                 if !engine.is_completed() {
-                    error.get_or_insert(ReceiveFailure::PreemptClosed);
-                    engine.handle_preempt_failure(
-                        now,
-                        format_args!("{}", ReceiveFailure::PreemptClosed),
-                    );
+                    let failure = ReceiveFailure::PreemptClosed;
+                    engine.handle_preempt_failure(now, format_args!("{failure}"));
+                    keep_failure(engine, failure, &mut error, &mut cut);
                 }
                 Ok(())
             }
@@ -1103,7 +1155,7 @@ fn run_receive_loop(
                 if !engine.is_completed() {
                     let failure = ReceiveFailure::PreemptLost(e);
                     engine.handle_preempt_failure(now, format_args!("{failure}"));
-                    error.get_or_insert(failure);
+                    keep_failure(engine, failure, &mut error, &mut cut);
                 }
                 Ok(())
             }
@@ -1117,24 +1169,127 @@ fn run_receive_loop(
             if error.is_none() && e != DestError::AlreadyFailed {
                 error = Some(ReceiveFailure::Engine {
                     error: e,
-                    peer: conn.peer().to_string(),
+                    peer: link
+                        .as_ref()
+                        .map_or_else(String::new, |l| l.conn.peer().to_string()),
                 });
             }
         }
-        if let Err(e) = flush_return_path(engine, conn, &mut out) {
-            error.get_or_insert(ReceiveFailure::ReturnPathLost(e));
+        send_return_path(engine, link.as_ref(), &mut out, &mut error, &mut cut);
+        if engine.is_paused() {
+            if let Some(l) = link.take() {
+                // The guest runs on; the old connection is of no more use.
+                l.close(Shutdown::Both);
+                if let Some(rx) = host.preempt.take() {
+                    rx.finish();
+                }
+                let reason = cut
+                    .take()
+                    .unwrap_or_else(|| "the source fell silent".into());
+                shared.emit(MigrationEvent::PostcopyPaused { reason });
+                shared.publish(engine.stats());
+                pause = Some(Pause::new(recovery.timeout));
+                recovering = false;
+            }
+            let listener = host.recover_listener.as_ref().or(host.listener.as_ref());
+            match pause.as_mut().map(|p| p.poll(listener, shared)) {
+                Some(Awaited::Connection(conn)) => match Incoming::open(conn, &host.events) {
+                    Ok(l) => {
+                        let peer = l.conn.peer().to_string();
+                        link = Some(l);
+                        pause = None;
+                        match engine.recover(clock::now()) {
+                            Ok(()) => {
+                                recovering = true;
+                                shared.emit(MigrationEvent::RecoveryStarted { peer });
+                            }
+                            Err(e) => {
+                                error.get_or_insert(ReceiveFailure::Engine { error: e, peer });
+                            }
+                        }
+                    }
+                    // Still paused: the source tries again.
+                    Err(_) => {}
+                },
+                Some(Awaited::GiveUp(why)) => {
+                    if let Err(e) = engine.give_up(clock::now()) {
+                        error.get_or_insert(ReceiveFailure::Engine {
+                            error: e,
+                            peer: String::new(),
+                        });
+                    }
+                    shared.emit(MigrationEvent::RecoveryAbandoned {
+                        pages: format!("{why}; {}", engine.stats().error_desc.as_str()),
+                    });
+                    return (error, None);
+                }
+                Some(Awaited::Nothing) | None => {}
+            }
+        } else if recovering && engine.status() == MigrationStatus::PostcopyActive {
+            recovering = false;
+            shared.emit(MigrationEvent::Recovered {
+                recoveries: engine.stats().postcopy_recoveries,
+            });
         }
         if clock::monotonic_ns() - last_progress > 50_000_000 {
             last_progress = clock::monotonic_ns();
             shared.publish(engine.stats());
         }
-        if eof
+        if (eof && !engine.is_paused() && pause.is_none())
             || engine.is_completed()
             || engine.status() == MigrationStatus::Failed
             || error.is_some()
         {
-            return error;
+            return (error, link);
         }
+    }
+}
+
+/// Whether the guest runs here in postcopy: active, paused or recovering.
+fn is_postcopy(status: MigrationStatus) -> bool {
+    matches!(
+        status,
+        MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecoverSetup
+            | MigrationStatus::PostcopyRecover
+    )
+}
+
+/// A failure the engine was told about: the migration's error, unless it
+/// only paused the engine (then it is what the pause is told with).
+fn keep_failure(
+    engine: &DestinationEngine<'_>,
+    failure: ReceiveFailure,
+    error: &mut Option<ReceiveFailure>,
+    cut: &mut Option<String>,
+) {
+    if engine.is_paused() {
+        cut.get_or_insert_with(|| failure.to_string());
+    } else {
+        error.get_or_insert(failure);
+    }
+}
+
+/// Writes what the engine queued for the return path on `link`, if there
+/// is one (a paused engine queues nothing). A failed write after the
+/// switchover is a cut connection like a failed read: the engine pauses.
+fn send_return_path(
+    engine: &mut DestinationEngine<'_>,
+    link: Option<&Incoming>,
+    out: &mut [u8],
+    error: &mut Option<ReceiveFailure>,
+    cut: &mut Option<String>,
+) {
+    let Some(link) = link else {
+        return;
+    };
+    if let Err(e) = flush_return_path(engine, &link.conn, out) {
+        if is_postcopy(engine.status()) {
+            // Ok or not, the engine's state tells what the cut did.
+            let _ = engine.handle_eof(clock::now());
+        }
+        keep_failure(engine, ReceiveFailure::ReturnPathLost(e), error, cut);
     }
 }
 
@@ -1188,8 +1343,9 @@ fn serve_faults(
         Ok(mut q) if !q.is_empty() => std::mem::take(&mut *q),
         _ => return Ok(()),
     };
-    if engine.status() != MigrationStatus::PostcopyActive {
-        // Completed: the RAM is about to be unregistered, which wakes them.
+    if !is_postcopy(engine.status()) {
+        // Completed (or failed): the RAM is about to be unregistered,
+        // which wakes them.
         return Ok(());
     }
     let now = clock::now();

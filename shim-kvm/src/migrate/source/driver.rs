@@ -10,9 +10,10 @@
 //! second thread.
 
 use std::io::IoSlice;
+use std::net::Shutdown;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::thread;
-use std::time::Duration;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use livemig_core::clear_map::Chunk;
 use livemig_core::return_path::{RpDecoder, RpMessage};
@@ -20,7 +21,8 @@ use livemig_core::source::{POSTCOPY_RUN_PING, SourceAction, SourceEngine};
 use livemig_core::stats::MigrationStats;
 use livemig_core::status::MigrationStatus;
 
-use super::super::handle::{CancelRefused, Shared};
+use super::super::handle::{CancelRefused, MigrationEvent, Shared};
+use super::super::recovery::{self, Attempt};
 use super::channels::{ChannelKind, ChannelLost, ChannelSenders};
 use super::dirty_log::{DirtyLog, KvmPages};
 use super::failure::SourceFailure;
@@ -30,7 +32,7 @@ use super::return_path::RpEvent;
 use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
 use crate::clock;
 use crate::memory::{GuestMemory, PageIovecs};
-use crate::transport::{Connection, TransportError};
+use crate::transport::{Connection, MigrationUri, TransportError};
 use crate::vmm::VmmError;
 
 /// Most main-stream bytes held back to share one write: records without
@@ -229,9 +231,19 @@ pub(super) struct SourceDriver<'e> {
     /// The return path's decoder and the reader thread's events.
     pub(super) rp: RpDecoder,
     pub(super) events: Receiver<RpEvent>,
+    /// The reader thread of the current connection.
+    pub(super) reader: Option<JoinHandle<()>>,
     /// The reader thread sent its last event.
     pub(super) reader_done: bool,
     pub(super) peer: String,
+    /// Where a paused postcopy connects again (`None`: nowhere known, so
+    /// a pause can only be given up).
+    pub(super) resume_to: Option<MigrationUri>,
+    /// A recovery handshake is under way: its end (back in
+    /// postcopy-active) is told to the handle.
+    pub(super) recovering: bool,
+    /// What the driver last saw break, told with the pause it caused.
+    pub(super) paused_by: Option<String>,
     pub(super) gate: &'e CancelGate,
     /// The handle's side: the cancel request and the published statistics.
     pub(super) shared: &'e Shared,
@@ -300,6 +312,10 @@ impl SourceDriver<'_> {
                         self.finished(end.status());
                         break 'run;
                     }
+                    SourceAction::Paused => {
+                        self.pause();
+                        continue 'run;
+                    }
                     _ if held.is_some() => held.take(),
                     SourceAction::Send(bytes) => self.link.send(bytes).err(),
                     SourceAction::SendPages {
@@ -357,6 +373,7 @@ impl SourceDriver<'_> {
                     }
                 };
                 report_due = self.link.take_wrote();
+                self.note_recovered();
                 // From the commit on, as after the postcopy switchover, the
                 // destination needs the connection to confirm: close the
                 // gate to cancels (the COMMIT just handed to the socket is
@@ -462,6 +479,7 @@ impl SourceDriver<'_> {
     /// Fails the migration for `failure`, keeping it in the report when it
     /// is what ended the migration.
     fn fail(&mut self, failure: SourceFailure) {
+        self.paused_by.get_or_insert_with(|| failure.to_string());
         let was_finished = self.engine.is_finished();
         self.engine
             .handle_io_error(clock::now(), format_args!("{failure}"));
@@ -732,6 +750,7 @@ impl SourceDriver<'_> {
                     Err(error) => self.fail(SourceFailure::ReturnPath { peer, error }),
                     Ok(()) => {
                         let failure = SourceFailure::ReturnPathClosed { peer };
+                        self.paused_by.get_or_insert_with(|| failure.to_string());
                         self.engine
                             .handle_peer_closed(clock::now(), format_args!("{failure}"));
                     }
@@ -758,6 +777,133 @@ impl SourceDriver<'_> {
             }
         }
         None
+    }
+}
+
+/// How often a paused source tells the handle it is still trying.
+const AWAITING_EVERY: Duration = Duration::from_secs(5);
+
+impl SourceDriver<'_> {
+    /// Stops the current connection's return-path reader (shutting the
+    /// connection down wakes it from its read) and waits for it.
+    pub(super) fn end_return_path(&mut self) {
+        let _ = self.link.conn.shutdown(Shutdown::Both);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+
+    /// [`SourceAction::Paused`]: postcopy lost its connection with the
+    /// guest on the destination. The stopped guest and the engine stay as
+    /// they are; the old connection (and the preempt channel, which the
+    /// engine does not use again) are closed, and a new connection is
+    /// sought at [`SourceDriver::resume_to`] until the recovery deadline.
+    /// With one, the engine resumes (its handshake then runs in the
+    /// driver's loop); without one in time, the engine gives up and says
+    /// where the guest's pages are.
+    fn pause(&mut self) {
+        let reason = self
+            .paused_by
+            .take()
+            .unwrap_or_else(|| "the connection went silent".into());
+        self.shared.emit(MigrationEvent::PostcopyPaused { reason });
+        self.recovering = false;
+        self.link.held.clear();
+        self.end_return_path();
+        if let Some(preempt) = self.link.preempt.take() {
+            preempt.finish();
+        }
+        self.publish();
+        let deadline = Instant::now() + self.options.recovery.timeout;
+        let Some(to) = self.resume_to.clone() else {
+            self.give_up("no address to reconnect to (the connection came from fd:)");
+            return;
+        };
+        let mut told = None::<Instant>;
+        loop {
+            let conn = recovery::reconnect(&to, deadline, |attempt: &Attempt| {
+                // A cancel is refused (the guest is on the destination),
+                // and said so; the retries go on.
+                self.check_cancel();
+                if told.is_none_or(|t| t.elapsed() >= AWAITING_EVERY) {
+                    told = Some(Instant::now());
+                    self.shared.emit(MigrationEvent::AwaitingRecovery {
+                        address: to.to_string(),
+                        seconds_left: deadline.saturating_duration_since(Instant::now()).as_secs(),
+                        last_error: Some(attempt.error.to_string()),
+                    });
+                }
+                true
+            });
+            match conn
+                .map_err(|a| (a.count, a.error))
+                .and_then(|c| self.resume(c).map_err(|e| (0, e)))
+            {
+                Ok(()) => return,
+                Err(_) if Instant::now() < deadline => {
+                    thread::sleep(recovery::RECONNECT_EVERY);
+                }
+                Err((count, error)) => {
+                    self.give_up(&format!(
+                        "no new connection to {to} within {} s ({count} attempts, the last: {error})",
+                        self.options.recovery.timeout.as_secs()
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A new connection for a paused postcopy: a new return-path reader
+    /// and decoder on it, and the engine's recovery handshake. `Err`: the
+    /// connection could not be set up (the engine is still paused).
+    fn resume(&mut self, conn: Connection) -> Result<(), TransportError> {
+        conn.set_write_timeout(self.options.write_timeout)?;
+        let rp_conn = conn.try_clone()?;
+        let (events, reader) = super::return_path::spawn_reader(rp_conn);
+        self.peer = conn.peer().to_string();
+        self.link.conn = conn;
+        self.events = events;
+        self.reader = Some(reader);
+        self.reader_done = false;
+        if let Ok(rp) = RpDecoder::new(crate::memory::PAGE_SIZE as u32) {
+            // The old decoder may hold half a message of the old stream.
+            self.rp = rp;
+        }
+        match self.engine.resume(clock::now()) {
+            Ok(()) => {
+                self.recovering = true;
+                self.shared.emit(MigrationEvent::RecoveryStarted {
+                    peer: self.peer.clone(),
+                });
+            }
+            Err(e) => self.fail(SourceFailure::Engine(e)),
+        }
+        Ok(())
+    }
+
+    /// The recovery deadline passed (or there is nowhere to reconnect):
+    /// the engine fails the migration and its error says where the
+    /// guest's pages are, which the handle hears too.
+    fn give_up(&mut self, why: &str) {
+        if let Err(e) = self.engine.give_up(clock::now()) {
+            self.fail(SourceFailure::Engine(e));
+        }
+        let pages = self.engine.stats().error_desc.as_str().to_string();
+        self.shared.emit(MigrationEvent::RecoveryAbandoned {
+            pages: format!("{why}; {pages}"),
+        });
+    }
+
+    /// Tells the handle once a recovery handshake has brought the engine
+    /// back to postcopy-active.
+    fn note_recovered(&mut self) {
+        if self.recovering && self.engine.status() == MigrationStatus::PostcopyActive {
+            self.recovering = false;
+            self.shared.emit(MigrationEvent::Recovered {
+                recoveries: self.engine.stats().postcopy_recoveries,
+            });
+        }
     }
 }
 

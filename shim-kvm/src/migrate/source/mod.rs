@@ -428,6 +428,7 @@ fn run(
     engine.start(start).map_err(MigrateError::Source)?;
     // No early return from here on: the reader ends with the connection.
     let (events, reader) = return_path::spawn_reader(rp_conn);
+    let resume_to = options.recovery.resume_address(link.conn.peer());
     let mode = log.mode();
     let mut driver = SourceDriver {
         engine,
@@ -437,7 +438,11 @@ fn run(
         log,
         rp,
         events,
+        reader: Some(reader),
         reader_done: false,
+        resume_to,
+        recovering: false,
+        paused_by: None,
         gate,
         shared,
         options,
@@ -457,9 +462,7 @@ fn run(
         sent_at_sync: (0, 0),
     };
     driver.drive();
-    // Wake the return-path reader (it may be blocked in read) and let it end.
-    let _ = driver.link.conn.shutdown(std::net::Shutdown::Both);
-    let _ = reader.join();
+    driver.end_return_path();
     for senders in [driver.link.channels.take(), driver.link.preempt.take()]
         .into_iter()
         .flatten()
