@@ -95,6 +95,7 @@ fn destination(dst: &TestVm, listener: Listener) -> std::thread::JoinHandle<Dest
         let options = ReceiveOptions {
             digest: true,
             idle_timeout: Duration::from_secs(10),
+            ..ReceiveOptions::default()
         };
         receive_with_channels(vm, conn, listener, options)
             .expect("receive")

@@ -447,6 +447,9 @@ pub fn send_guest(
     while let Some(e) = handle.poll_event() {
         events.say(&e);
     }
+    if cut.is_some_and(|c| !c.done) {
+        eprintln!("livemig: demo: the migration ended before --cut-after-ms: nothing was cut");
+    }
     refusal.say(handle.cancel_refused(), &handle.stats());
     let report = handle.join()?;
     progress.update(&report.stats);

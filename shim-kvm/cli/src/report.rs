@@ -194,6 +194,7 @@ impl Summary {
                 "page-size": r.page_size,
             },
             "iterations": s.iterations,
+            "postcopy-recoveries": s.postcopy_recoveries,
             "cpu-throttle-percentage": s.throttle.percent,
             "throttle": {
                 "peak-percent": s.throttle.peak_percent,

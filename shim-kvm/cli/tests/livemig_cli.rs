@@ -8,14 +8,15 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    announced_address, demo, demo_ok, finish, json_of, json_of_success, kvm_available, livemig,
-    spawn, spawn_receiver, spawn_receiver_with, stderr, userfaultfd_available,
+    SWITCHOVER_LINE, StderrLines, announced_address, assert_each_vcpu_went_on, demo, demo_ok,
+    finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
+    spawn_receiver_with, stderr, userfaultfd_available,
 };
 use livemig_core::return_path::RpMessage;
 use livemig_core::source::SETUP_CHECK_PING;
@@ -90,22 +91,6 @@ fn assert_destination_started_after_source_stopped(v: &Value) {
         started > stopped,
         "destination started before the source stopped"
     );
-}
-
-/// Every vCPU's stamp counter on the destination (`r`, the receiver's
-/// summary) moved past its value at the source's stop (`s`, the sender's).
-fn assert_each_vcpu_went_on(s: &Value, r: &Value) {
-    let at_stop = s["guest-stamped-at-stop"]
-        .as_array()
-        .expect("stamped at stop");
-    let after = r["guest-stamped"].as_array().expect("stamped after");
-    assert_eq!(at_stop.len(), after.len(), "{s} / {r}");
-    for (v, (a, b)) in at_stop.iter().zip(after).enumerate() {
-        assert!(
-            b.as_u64().unwrap() > a.as_u64().unwrap(),
-            "vCPU {v} did not run on at the destination: {s} / {r}"
-        );
-    }
 }
 
 /// The source guest's generation advanced across a migration that did not
@@ -581,9 +566,6 @@ fn ctrl_c_cancels_and_the_guest_runs_on() {
     assert_error_line(&recv, "connection");
 }
 
-/// What `livemig` prints on stderr when the postcopy switchover is done.
-const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the destination";
-
 /// Sends `signal` (`-INT`, `-TERM`) to process `pid`.
 fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
@@ -591,59 +573,6 @@ fn signal(pid: u32, signal: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
-}
-
-/// `child`'s stderr, line by line as it comes, so that a test can act on
-/// a line while the child runs.
-struct StderrLines {
-    lines: std::sync::mpsc::Receiver<String>,
-    /// Every line received so far.
-    seen: String,
-}
-
-impl StderrLines {
-    fn of(child: &mut Child) -> Self {
-        let reader = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in reader.lines() {
-                if tx.send(line.unwrap()).is_err() {
-                    break;
-                }
-            }
-        });
-        StderrLines {
-            lines,
-            seen: String::new(),
-        }
-    }
-
-    /// Waits for a line containing `needle`, failing the test if stderr
-    /// ends first.
-    fn wait_for(&mut self, needle: &str) {
-        loop {
-            let Ok(line) = self.lines.recv() else {
-                panic!("stderr ended without {needle:?}: {}", self.seen);
-            };
-            self.seen.push_str(&line);
-            self.seen.push('\n');
-            if line.contains(needle) {
-                return;
-            }
-        }
-    }
-
-    /// [`finish`] for a child whose stderr is read here: its `stderr` is
-    /// every line.
-    fn finish(mut self, child: Child) -> Output {
-        let mut out = finish(child);
-        for line in self.lines.iter() {
-            self.seen.push_str(&line);
-            self.seen.push('\n');
-        }
-        out.stderr = self.seen.into_bytes();
-        out
-    }
 }
 
 /// A postcopy `send` of a 64 MiB working set whose background pass is held

@@ -68,6 +68,7 @@ fn receive(dst: &DemoVmm, conn: Connection) -> thread::JoinHandle<DestinationRep
     let options = ReceiveOptions {
         idle_timeout: TIMEOUT,
         digest: true,
+        ..ReceiveOptions::default()
     };
     let handle =
         livemig_kvm::receive(demo::destination_vm(dst), conn, options).expect("start receiving");

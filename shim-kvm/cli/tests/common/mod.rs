@@ -207,3 +207,75 @@ pub fn announced_address(reader: &mut impl BufRead) -> String {
         .unwrap_or_else(|| panic!("receiver said {line:?}"))
         .to_string()
 }
+
+/// What `livemig` prints on stderr when the postcopy switchover is done.
+pub const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the destination";
+
+/// `child`'s stderr, line by line as it comes, so that a test can act on
+/// a line while the child runs.
+pub struct StderrLines {
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line received so far.
+    seen: String,
+}
+
+impl StderrLines {
+    pub fn of(child: &mut Child) -> Self {
+        let reader = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        StderrLines {
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`, failing the test if stderr
+    /// ends first.
+    pub fn wait_for(&mut self, needle: &str) {
+        loop {
+            let Ok(line) = self.lines.recv() else {
+                panic!("stderr ended without {needle:?}: {}", self.seen);
+            };
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// [`finish`] for a child whose stderr is read here: its `stderr` is
+    /// every line.
+    pub fn finish(mut self, child: Child) -> Output {
+        let mut out = finish(child);
+        for line in self.lines.iter() {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        out.stderr = self.seen.into_bytes();
+        out
+    }
+}
+
+/// Every vCPU's stamp counter on the destination (`r`, the receiver's
+/// summary) moved past its value at the source's stop (`s`, the sender's).
+pub fn assert_each_vcpu_went_on(s: &Value, r: &Value) {
+    let at_stop = s["guest-stamped-at-stop"]
+        .as_array()
+        .expect("stamped at stop");
+    let after = r["guest-stamped"].as_array().expect("stamped after");
+    assert_eq!(at_stop.len(), after.len(), "{s} / {r}");
+    for (v, (a, b)) in at_stop.iter().zip(after).enumerate() {
+        assert!(
+            b.as_u64().unwrap() > a.as_u64().unwrap(),
+            "vCPU {v} did not run on at the destination: {s} / {r}"
+        );
+    }
+}

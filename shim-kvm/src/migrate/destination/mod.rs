@@ -1193,8 +1193,10 @@ fn run_receive_loop(
             }
             let listener = host.recover_listener.as_ref().or(host.listener.as_ref());
             match pause.as_mut().map(|p| p.poll(listener, shared)) {
-                Some(Awaited::Connection(conn)) => match Incoming::open(conn, &host.events) {
-                    Ok(l) => {
+                Some(Awaited::Connection(conn)) => {
+                    // A connection that cannot be read leaves the engine
+                    // paused: the source tries again.
+                    if let Ok(l) = Incoming::open(conn, &host.events) {
                         let peer = l.conn.peer().to_string();
                         link = Some(l);
                         pause = None;
@@ -1208,9 +1210,7 @@ fn run_receive_loop(
                             }
                         }
                     }
-                    // Still paused: the source tries again.
-                    Err(_) => {}
-                },
+                }
                 Some(Awaited::GiveUp(why)) => {
                     if let Err(e) = engine.give_up(clock::now()) {
                         error.get_or_insert(ReceiveFailure::Engine {

@@ -1,0 +1,362 @@
+//! Issue 12: a postcopy whose connection is cut after the switchover
+//! pauses, recovers over a new connection, and completes with the memory
+//! verified byte for byte (the in-protocol digest of every page against
+//! the source's books) and the guest running on at the destination.
+//!
+//! The cuts are real: a relay between `send` and `receive` shuts its TCP
+//! sockets down (mid-postcopy, and during the recovery handshake), `demo
+//! --cut-after-ms` shuts its own connection down, and a veth link between
+//! two network namespaces goes down for two seconds.
+
+#[allow(dead_code)]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, Output};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::{
+    SWITCHOVER_LINE, StderrLines, assert_each_vcpu_went_on, demo, finish, json_of, kvm_available,
+    spawn, spawn_receiver_with, stderr, userfaultfd_available,
+};
+use serde_json::Value;
+
+/// Flags of a postcopy `send` whose background pass is held to 16 MiB/s
+/// over a 64 MiB working set: the guest runs on the destination for a few
+/// seconds while the rest of its memory arrives, time for a cut.
+const SLOW_POSTCOPY: &[&str] = &[
+    "--mode",
+    "postcopy",
+    "--json",
+    "--quiet",
+    "--mem-mib",
+    "256",
+    "--dirty-mib",
+    "64",
+    "--warmup-ms",
+    "300",
+    "--param",
+    "max-postcopy-bandwidth=16M",
+];
+
+/// A TCP relay between `send` and `receive`, whose sockets the test shuts
+/// down: each connection the source makes is relayed over a connection of
+/// its own to the receiver.
+struct Relay {
+    /// Where the source connects: `tcp:127.0.0.1:PORT`.
+    addr: String,
+    /// Each relayed connection: (the source's end, the receiver's end).
+    conns: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
+}
+
+impl Relay {
+    /// Relays to `to` (`tcp:HOST:PORT`). The connections whose index is in
+    /// `cut_at_reply` are shut down, both ends, at the first byte the
+    /// receiver sends back on them (not relayed).
+    fn start(to: &str, cut_at_reply: &'static [usize]) -> Relay {
+        let target = to.strip_prefix("tcp:").expect("a tcp address").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp:{}", listener.local_addr().unwrap());
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let theirs = Arc::clone(&conns);
+        thread::spawn(move || {
+            for (index, src) in listener.incoming().enumerate() {
+                let Ok(src) = src else { return };
+                let Ok(dst) = TcpStream::connect(&target) else {
+                    return;
+                };
+                theirs
+                    .lock()
+                    .unwrap()
+                    .push((src.try_clone().unwrap(), dst.try_clone().unwrap()));
+                let cut = cut_at_reply.contains(&index);
+                pump(src.try_clone().unwrap(), dst.try_clone().unwrap(), None);
+                pump(dst, src, cut.then_some(index));
+            }
+        });
+        Relay { addr, conns }
+    }
+
+    /// Shuts relayed connection `index` down, both ends: each side sees
+    /// its connection end.
+    fn cut(&self, index: usize) {
+        let conns = self.conns.lock().unwrap();
+        let (a, b) = &conns[index];
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    }
+
+    /// Connections the source made so far.
+    fn connections(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+}
+
+/// Copies `from` to `to` on a thread until either ends; with `cut_first`,
+/// the first bytes read shut both sockets down instead.
+fn pump(mut from: TcpStream, mut to: TcpStream, cut_first: Option<usize>) {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Some(index) = cut_first {
+                eprintln!("relay: cutting connection {index} at the receiver's first reply");
+                break;
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    });
+}
+
+/// The `{"event": ...}` lines a run printed on stdout, by name.
+fn events(out: &Output, name: &str) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == name)
+        .collect()
+}
+
+/// Both ends completed a postcopy that recovered `at_least` times, with
+/// the memory verified and the guest running on at the destination.
+fn assert_recovered_and_verified(send: &Output, recv: &Output, at_least: u64) {
+    let (s, r) = (json_of(send), json_of(recv));
+    assert!(send.status.success(), "send failed: {}\n{s}", stderr(send));
+    assert!(
+        recv.status.success(),
+        "receive failed: {}\n{r}",
+        stderr(recv)
+    );
+    for (side, v) in [("send", &s), ("receive", &r)] {
+        assert_eq!(v["status"], "completed", "{side}: {v}");
+        assert_eq!(v["verified"], true, "{side}: {v}");
+        assert!(
+            v["postcopy-recoveries"].as_u64() >= Some(at_least),
+            "{side}: fewer than {at_least} recoveries: {v}"
+        );
+    }
+    assert_eq!(s["postcopy"], true, "{s}");
+    assert_eq!(r["guest-stamps"]["wrong"], 0, "{r}");
+    assert_eq!(r["guest-mismatches"].as_array().unwrap().len(), 0, "{r}");
+    assert_each_vcpu_went_on(&s, &r);
+    for (side, out) in [("send", send), ("receive", recv)] {
+        assert!(
+            stderr(out).contains("postcopy paused"),
+            "{side} did not say it paused: {}",
+            stderr(out)
+        );
+        assert!(
+            events(out, "postcopy-paused").len() as u64 >= at_least,
+            "{side}: no postcopy-paused event"
+        );
+        assert!(
+            events(out, "recovered").len() as u64 >= at_least,
+            "{side}: no recovered event"
+        );
+    }
+}
+
+/// A `send` through `relay` with the slow postcopy, and its stderr.
+fn spawn_sender(relay: &Relay, extra: &[&str]) -> (Child, StderrLines) {
+    let mut args = vec!["send", "--to", &relay.addr];
+    args.extend_from_slice(SLOW_POSTCOPY);
+    args.extend_from_slice(extra);
+    let mut sender = spawn(&args);
+    let lines = StderrLines::of(&mut sender);
+    (sender, lines)
+}
+
+#[test]
+fn a_connection_cut_mid_postcopy_pauses_recovers_and_verifies() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (receiver, addr) =
+        spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
+    let relay = Relay::start(&addr, &[]);
+    let (sender, mut lines) = spawn_sender(&relay, &["--recover-timeout-s", "60"]);
+    lines.wait_for(SWITCHOVER_LINE);
+    thread::sleep(Duration::from_millis(400));
+    relay.cut(0);
+    let send = lines.finish(sender);
+    let recv = finish(receiver);
+    assert_recovered_and_verified(&send, &recv, 1);
+    assert!(relay.connections() >= 2, "the source connected again");
+}
+
+#[test]
+fn a_cut_during_the_recovery_handshake_pauses_again_and_recovers() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (receiver, addr) =
+        spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
+    // The first recovery connection is cut when the receiver answers the
+    // source's first bitmap request: in the middle of the handshake.
+    let relay = Relay::start(&addr, &[1]);
+    let (sender, mut lines) = spawn_sender(
+        &relay,
+        &["--recover-timeout-s", "60", "--resume-to", &relay.addr],
+    );
+    lines.wait_for(SWITCHOVER_LINE);
+    thread::sleep(Duration::from_millis(400));
+    relay.cut(0);
+    let send = lines.finish(sender);
+    let recv = finish(receiver);
+    assert_recovered_and_verified(&send, &recv, 1);
+    assert!(relay.connections() >= 3, "a second recovery connection");
+    assert!(
+        events(&send, "recovery-started").len() >= 2,
+        "the source started two recoveries: {}",
+        String::from_utf8_lossy(&send.stdout)
+    );
+    assert!(
+        events(&send, "postcopy-paused").len() >= 2,
+        "the handshake's cut paused the source again"
+    );
+}
+
+#[test]
+fn demo_cut_after_the_switchover_recovers_and_verifies() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let out = demo(&["--mode", "postcopy", "--cut-after-ms", "200"]);
+    let v = json_of(&out);
+    assert!(out.status.success(), "{}\n{v}", stderr(&out));
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(
+        v["postcopy-recoveries"].as_u64() >= Some(1),
+        "no recovery counted: {v}"
+    );
+}
+
+#[test]
+fn cut_after_ms_needs_postcopy() {
+    let out = common::livemig(&["demo", "--cut-after-ms", "200"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--cut-after-ms needs --mode postcopy"));
+}
+
+/// Runs `ip ARGS`, returning whether it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A network namespace with one end of a veth pair, the other end here,
+/// removed (with the pair) when dropped.
+struct Netns {
+    name: String,
+    /// This namespace's end of the pair.
+    here: String,
+    /// The address inside the namespace.
+    inside: String,
+}
+
+impl Netns {
+    /// Makes one, or says why it cannot (then the test skips loudly).
+    fn new() -> Result<Netns, String> {
+        let pid = std::process::id();
+        let ns = Netns {
+            name: format!("lmrec{pid}"),
+            here: format!("lmh{pid}"),
+            inside: "10.231.7.2".into(),
+        };
+        let there = format!("lmt{pid}");
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", &ns.name],
+            &[
+                "link", "add", &ns.here, "type", "veth", "peer", "name", &there,
+            ],
+            &["link", "set", &there, "netns", &ns.name],
+            &["addr", "add", "10.231.7.1/24", "dev", &ns.here],
+            &["link", "set", &ns.here, "up"],
+            &[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                "10.231.7.2/24",
+                "dev",
+                &there,
+            ],
+            &["-n", &ns.name, "link", "set", &there, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            if !ip(step) {
+                return Err(format!("`ip {}` failed", step.join(" ")));
+            }
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip(&["link", "del", &self.here]);
+        ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Issue 12: over an impaired link (a veth pair between namespaces, down
+/// for 2 s, then up) postcopy pauses on both ends and recovers.
+#[test]
+fn a_link_down_for_two_seconds_pauses_postcopy_and_it_recovers() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let ns = match Netns::new() {
+        Ok(ns) => ns,
+        Err(why) => {
+            assert!(
+                std::env::var("LIVEMIG_REQUIRE_KVM").as_deref() != Ok("1"),
+                "LIVEMIG_REQUIRE_KVM=1 but network namespaces are not usable: {why}"
+            );
+            eprintln!("SKIPPED: network namespaces not usable: {why}");
+            return;
+        }
+    };
+    let listen = format!("tcp:{}:0", ns.inside);
+    let receiver = Command::new("ip")
+        .args(["netns", "exec", &ns.name, common::BIN, "receive"])
+        .args(["--listen", &listen, "--json", "--quiet", "--mem-mib", "256"])
+        .args(["--run-ms", "300", "--idle-timeout-ms", "1000"])
+        .args(["--recover-timeout-s", "60"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip netns exec livemig receive");
+    let mut receiver = receiver;
+    let mut reader = std::io::BufReader::new(receiver.stdout.take().unwrap());
+    let addr = common::announced_address(&mut reader);
+    receiver.stdout = Some(reader.into_inner());
+    let mut args = vec!["send", "--to", &addr];
+    args.extend_from_slice(SLOW_POSTCOPY);
+    args.extend_from_slice(&["--send-timeout-ms", "1000", "--recover-timeout-s", "60"]);
+    let mut sender = spawn(&args);
+    let mut lines = StderrLines::of(&mut sender);
+    lines.wait_for(SWITCHOVER_LINE);
+    thread::sleep(Duration::from_millis(300));
+    assert!(ip(&["link", "set", &ns.here, "down"]), "link down");
+    thread::sleep(Duration::from_secs(2));
+    assert!(ip(&["link", "set", &ns.here, "up"]), "link up");
+    let send = lines.finish(sender);
+    let recv = finish(receiver);
+    assert_recovered_and_verified(&send, &recv, 1);
+}
