@@ -8,7 +8,12 @@
 //! [`livemig_kvm::ReceiveHandle::interrupt`], which stops the load and
 //! tells the source). The handles keep a [`Cancel`] of their own too. Later signals are caught too: once the
 //! handlers are installed no signal kills the process, so a refused cancel
-//! (after the postcopy switchover) changes nothing.
+//! (after the postcopy switchover) changes nothing. That matters most
+//! while a postcopy is paused by a cut connection: each process then holds
+//! part of the guest (the destination runs it, the source has the pages
+//! not yet received), so neither may end before the recovery or its
+//! deadline; the tool says so on stderr when it refuses the signal, and
+//! only SIGKILL, which cannot be caught, ends it (and loses the guest).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
