@@ -1124,6 +1124,11 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     guest.running = true;
                     Ok(None)
                 }
+                SourceAction::Paused => {
+                    return Err(HarnessError(
+                        "the source paused postcopy; the harness does not recover yet".into(),
+                    ));
+                }
                 SourceAction::Finished(_) => {
                     fwd.close(now);
                     for link in chans.links.iter_mut().chain(pre.as_mut()) {
