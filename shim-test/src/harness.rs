@@ -293,6 +293,9 @@ pub struct PostcopyOutcome {
     pub max_request_latency_ns: u64,
     /// Bytes the postcopy preempt channel carried (hello included).
     pub preempt_bytes: u64,
+    /// Pages the destination guest faulted on while postcopy was paused
+    /// or recovering: their requests went out after the recovery.
+    pub requests_while_paused: u64,
 }
 
 impl Outcome {
@@ -1275,8 +1278,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 dest_ran_to = now;
                 if let Some(fault) = adv.fault {
                     pc.faults += 1;
+                    let paused = matches!(
+                        dst.status(),
+                        MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+                    );
                     if let Ok(true) = dst.handle_page_fault(t, fault.block as u16, fault.page) {
                         pc.requests += 1;
+                        pc.requests_while_paused += u64::from(paused);
                         awaited.push((fault.block as u16, fault.page, now));
                     }
                     progressed = true;

@@ -518,9 +518,9 @@ impl fmt::Display for DestError {
             ),
             DestError::PreemptFailed => f.write_str("the postcopy preempt channel failed"),
             DestError::ConnectionFailed => f.write_str("the connection to the source failed"),
-            DestError::PostcopyPaused => f.write_str(
-                "postcopy is paused: recover with the new connection before feeding it",
-            ),
+            DestError::PostcopyPaused => {
+                f.write_str("postcopy is paused: recover with the new connection before feeding it")
+            }
             DestError::Transition(e) => write!(f, "{e}"),
             DestError::RecoveryOutOfOrder(what) => {
                 write!(f, "postcopy recovery out of order: {what}")

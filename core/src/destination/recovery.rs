@@ -123,9 +123,8 @@ impl<'a> DestinationEngine<'a> {
         l.move_to(MigrationStatus::Failed)?;
         l.update_time(now);
         let (have, total) = l.postcopy.as_deref().map_or((0, 0), |t| {
-            t.iter().fold((0, 0), |(h, n), b| {
-                (h + b.received_count(), n + b.pages())
-            })
+            t.iter()
+                .fold((0, 0), |(h, n), b| (h + b.received_count(), n + b.pages()))
         });
         l.stats.error_desc.set(format_args!(
             "postcopy recovery abandoned: the guest ran here with {have} of its {total} pages; \
@@ -189,14 +188,18 @@ impl Loader<'_> {
     /// A RECV_BITMAP request for block `id`.
     pub(super) fn bitmap_request(&mut self, id: &str) -> Result<(), DestError> {
         if self.status != MigrationStatus::PostcopyRecover {
-            return Err(DestError::UnexpectedCommand("recv-bitmap outside a recovery"));
+            return Err(DestError::UnexpectedCommand(
+                "recv-bitmap outside a recovery",
+            ));
         }
         let block = self
             .layout
             .iter()
             .position(|b| b.id.as_str() == id)
             .and_then(|i| u16::try_from(i).ok())
-            .ok_or(DestError::RecoveryOutOfOrder("a bitmap request for an unknown block"))?;
+            .ok_or(DestError::RecoveryOutOfOrder(
+                "a bitmap request for an unknown block",
+            ))?;
         if self.recovery.bitmap.is_some() {
             return self
                 .recovery
@@ -210,7 +213,9 @@ impl Loader<'_> {
     /// Queues the RECV_BITMAP message of `block`; its bitmap follows.
     fn start_bitmap(&mut self, block: u16) -> Result<(), DestError> {
         let Some(info) = self.layout.get(usize::from(block)) else {
-            return Err(DestError::RecoveryOutOfOrder("a bitmap request for an unknown block"));
+            return Err(DestError::RecoveryOutOfOrder(
+                "a bitmap request for an unknown block",
+            ));
         };
         self.queue(&RpMessage::RecvBitmap {
             block: info.id.as_str(),
@@ -224,7 +229,9 @@ impl Loader<'_> {
     /// postcopy-active, RESUME_ACK and the outstanding requests again.
     pub(super) fn resume(&mut self, now: Instant) -> Result<(), DestError> {
         if self.status != MigrationStatus::PostcopyRecover {
-            return Err(DestError::UnexpectedCommand("postcopy-resume outside a recovery"));
+            return Err(DestError::UnexpectedCommand(
+                "postcopy-resume outside a recovery",
+            ));
         }
         if self.recovery.bitmap.is_some() || !self.recovery.pending.is_empty() {
             return Err(DestError::RecoveryOutOfOrder(

@@ -889,8 +889,8 @@ mod tests {
             ),
             (
                 &[
-                    0, 5, 0, 7, 6, b'p', b'c', b'.', b'r', b'a', b'm', 0, 0, 0, 0, 0, 0, 0, 8, 0x05,
-                    0, 0, 0, 0, 0, 0, 0x80, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef,
+                    0, 5, 0, 7, 6, b'p', b'c', b'.', b'r', b'a', b'm', 0, 0, 0, 0, 0, 0, 0, 8,
+                    0x05, 0, 0, 0, 0, 0, 0, 0x80, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef,
                 ],
                 Owned::RecvBitmap("pc.ram".into(), std::vec![0x05, 0, 0, 0, 0, 0, 0, 0x80]),
             ),
@@ -1249,7 +1249,10 @@ mod tests {
         lie.extend_from_slice(&[0xee; 8]);
         let err = decode_chunked(PAGE, &lie, &[3]).1.unwrap_err();
         assert_eq!(err, RpDecodeError::BadBitmapEnd(0xeeee_eeee_eeee_eeee));
-        assert!(err.to_string().contains("not the end mark 0x0123456789abcdef"));
+        assert!(
+            err.to_string()
+                .contains("not the end mark 0x0123456789abcdef")
+        );
         // Cut inside the bitmap.
         head.extend_from_slice(&16u64.to_be_bytes());
         head.extend_from_slice(&[0; 5]);
