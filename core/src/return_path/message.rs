@@ -511,6 +511,37 @@ mod tests {
         let bytes = example("digest-mismatch");
         assert_eq!(bytes, encode_vec(&mismatch));
         assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(mismatch))));
+
+        // The bitmap of a 70-page block with pages 0-15, 63 and 64-69.
+        let mut words = [0u64; 2];
+        for page in (0..16).chain(63..70) {
+            words[page / 64] |= 1 << (page % 64);
+        }
+        let bitmap: std::vec::Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(
+            crate::return_path::recv_bitmap_len(70),
+            bitmap.len() as u64
+        );
+        let parts = [
+            RpMessage::RecvBitmap { block: "pc.ram" },
+            RpMessage::RecvBitmapSize { size: 16 },
+            RpMessage::RecvBitmapBytes {
+                offset: 0,
+                bytes: &bitmap,
+            },
+            RpMessage::RecvBitmapEnd,
+        ];
+        let bytes = example("recv-bitmap");
+        let encoded: std::vec::Vec<u8> = parts.iter().flat_map(encode_vec).collect();
+        assert_eq!(bytes, encoded);
+        let mut at = 0;
+        for part in parts {
+            let (n, msg) = decoder.decode(&bytes[at..]).unwrap();
+            assert_eq!(msg, Some(part));
+            at += n;
+        }
+        assert_eq!(at, bytes.len());
+        assert_eq!(decoder.finish(), Ok(()));
     }
 
     #[test]
