@@ -217,7 +217,8 @@
 //!         // Postcopy only (this example's configuration has it off).
 //!         SourceAction::PackageDevices
 //!         | SourceAction::SendPreempt(_)
-//!         | SourceAction::SendPreemptPages { .. } => unreachable!("postcopy is off"),
+//!         | SourceAction::SendPreemptPages { .. }
+//!         | SourceAction::Paused => unreachable!("postcopy is off"),
 //!         SourceAction::SendChannel { .. } | SourceAction::SendChannelPages { .. } => {
 //!             unreachable!("multifd is off")
 //!         }

@@ -197,6 +197,10 @@ pub struct MigrationStats {
     /// Source: how hard and how long the guest was slowed down to make
     /// precopy converge or its stop shorter; zero on the destination.
     pub throttle: ThrottleStats,
+    /// Postcopy recoveries completed (postcopy-recover -> postcopy-active):
+    /// how many times a cut link paused postcopy and a new connection
+    /// resumed it. livemig's own (`"postcopy-recoveries"` in JSON).
+    pub postcopy_recoveries: u64,
 }
 
 /// What throttling cost the source guest: an operator weighs a shorter

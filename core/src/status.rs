@@ -73,7 +73,7 @@ pub enum MigrationStatus {
 ///
 /// A state never "transitions" to itself: QEMU's compare-and-swap of a
 /// state onto itself changes nothing, so such pairs are not listed.
-const TRANSITIONS: [(MigrationStatus, MigrationStatus); 41] = {
+const TRANSITIONS: [(MigrationStatus, MigrationStatus); 42] = {
     use MigrationStatus::*;
     [
         // migrate_init (seed 004 l.1533); dest: qemu_start_incoming_migration (QEMU 8.1+).
@@ -143,6 +143,10 @@ const TRANSITIONS: [(MigrationStatus, MigrationStatus); 41] = {
         (PostcopyPaused, PostcopyRecover),
         // migrate_handle_rp_resume_ack (l.2129); dest: loadvm_postcopy_handle_resume.
         (PostcopyRecover, PostcopyActive),
+        // livemig's own: the destination had completed before the cut and
+        // says so again (SHUT(0)) on the new return path, so the source
+        // completes instead of asking for bitmaps nobody will send.
+        (PostcopyRecoverSetup, Completed),
         // migrate_fd_cancel (l.1421) from every state migration_is_running accepts.
         (Setup, Cancelling),
         (Active, Cancelling),
@@ -351,6 +355,42 @@ impl FromStr for MigrationStatus {
     }
 }
 
+/// One status change an engine made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The state before.
+    pub from: MigrationStatus,
+    /// The state after.
+    pub to: MigrationStatus,
+}
+
+/// Status changes an engine keeps until its caller drains them
+/// ([`SourceEngine::poll_status_change`](crate::source::SourceEngine::poll_status_change),
+/// [`DestinationEngine::poll_status_change`](crate::destination::DestinationEngine::poll_status_change)):
+/// a shim reports them as events, a test checks which moves were made. A
+/// caller that never drains them loses the oldest beyond
+/// [`STATUS_CHANGES_KEPT`], never the newest.
+#[derive(Debug, Clone, Default)]
+pub struct StatusChanges(heapless::Deque<StatusChange, STATUS_CHANGES_KEPT>);
+
+/// Status changes kept undrained (a whole migration makes about ten).
+pub const STATUS_CHANGES_KEPT: usize = 32;
+
+impl StatusChanges {
+    /// Remembers a change, dropping the oldest when full.
+    pub(crate) fn record(&mut self, from: MigrationStatus, to: MigrationStatus) {
+        if self.0.is_full() {
+            self.0.pop_front();
+        }
+        let _ = self.0.push_back(StatusChange { from, to });
+    }
+
+    /// The oldest change not yet drained.
+    pub(crate) fn pop(&mut self) -> Option<StatusChange> {
+        self.0.pop_front()
+    }
+}
+
 /// A move the transition table does not allow, e.g. `completed -> active`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransitionError {
@@ -442,6 +482,8 @@ mod tests {
         (PostcopyPaused, PostcopyRecover),
         // migrate_handle_rp_resume_ack l.2129
         (PostcopyRecover, PostcopyActive),
+        // livemig: a completed destination answers a recovery with SHUT(0)
+        (PostcopyRecoverSetup, Completed),
         // migrate_fd_cancel l.1421, from every running state but cancelling itself:
         (Setup, Cancelling),
         (Active, Cancelling),

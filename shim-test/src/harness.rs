@@ -24,7 +24,7 @@ use livemig_core::digest::{DigestBooks, DigestKey, Verification};
 use livemig_core::return_path::RpDecoder;
 use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
 use livemig_core::stats::MigrationStats;
-use livemig_core::status::MigrationStatus;
+use livemig_core::status::{MigrationStatus, StatusChange};
 use livemig_core::time::Instant;
 use livemig_core::wire::{self, BlockId, BlockInfo, DeviceState, PageRange};
 
@@ -133,6 +133,16 @@ pub struct Scenario {
     pub audit: bool,
     /// A fault the self-check must catch.
     pub fault: Option<InjectedFault>,
+    /// Postcopy recovery: the links (main stream, return path) of the
+    /// connections after the first, in order; connections beyond the list
+    /// get the first connection's links without their faults.
+    pub recovery_links: Vec<(LinkConfig, LinkConfig)>,
+    /// Postcopy recovery: how long after both sides paused the operator
+    /// connects again.
+    pub reconnect_after_ns: u64,
+    /// Postcopy recovery: how long the operator keeps trying after the
+    /// first pause of a run of pauses before it gives up on both sides.
+    pub recover_timeout_ns: u64,
 }
 
 impl Scenario {
@@ -158,6 +168,9 @@ impl Scenario {
             verify: true,
             audit: false,
             fault: None,
+            recovery_links: Vec::new(),
+            reconnect_after_ns: 1_000_000,
+            recover_timeout_ns: 600 * 1_000_000_000,
         }
     }
 }
@@ -242,6 +255,14 @@ pub struct Outcome {
     pub throttle_changes: Vec<ThrottleChange>,
     /// The source guest's throttle when the migration ended (zero: lifted).
     pub final_throttle: u8,
+    /// Every status change the source engine made, in order.
+    pub source_changes: Vec<StatusChange>,
+    /// Every status change the destination engine made, in order.
+    pub destination_changes: Vec<StatusChange>,
+    /// Connections after the first one (postcopy recoveries attempted).
+    pub reconnects: u64,
+    /// Both sides gave up recovering at the scenario's deadline.
+    pub gave_up: bool,
 }
 
 /// One [`SourceAction::SetThrottle`] the harness carried out.
@@ -272,6 +293,9 @@ pub struct PostcopyOutcome {
     pub max_request_latency_ns: u64,
     /// Bytes the postcopy preempt channel carried (hello included).
     pub preempt_bytes: u64,
+    /// Pages the destination guest faulted on while postcopy was paused
+    /// or recovering: their requests went out after the recovery.
+    pub requests_while_paused: u64,
 }
 
 impl Outcome {
@@ -856,6 +880,17 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     let mut cpu_at_stop: Option<Vec<u8>> = None;
     let mut dest_cpu: Option<Vec<u8>> = None;
     let mut dst_eof_handled = false;
+    // The destination has dropped the connection it paused on.
+    let mut dst_dropped = false;
+    // Postcopy recovery: when the current run of pauses began, when the
+    // operator connects again, and how many connections came after the
+    // first.
+    let mut paused_since: Option<u64> = None;
+    let mut reconnect_at: Option<u64> = None;
+    let mut reconnects = 0u64;
+    let mut gave_up = false;
+    let mut source_changes = Vec::new();
+    let mut destination_changes = Vec::new();
     let mut back_closed = false;
     let mut src_saw_close = false;
     let mut timed_out = false;
@@ -1124,6 +1159,16 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     guest.running = true;
                     Ok(None)
                 }
+                SourceAction::Paused => {
+                    // What a VMM does: drop every connection of the
+                    // migration and keep the guest stopped.
+                    fwd.cut_now(now);
+                    back.cut_now(now);
+                    if let Some(link) = pre.as_mut() {
+                        link.cut_now(now);
+                    }
+                    Ok(None)
+                }
                 SourceAction::Finished(_) => {
                     fwd.close(now);
                     for link in chans.links.iter_mut().chain(pre.as_mut()) {
@@ -1233,8 +1278,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 dest_ran_to = now;
                 if let Some(fault) = adv.fault {
                     pc.faults += 1;
+                    let paused = matches!(
+                        dst.status(),
+                        MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+                    );
                     if let Ok(true) = dst.handle_page_fault(t, fault.block as u16, fault.page) {
                         pc.requests += 1;
+                        pc.requests_while_paused += u64::from(paused);
                         awaited.push((fault.block as u16, fault.page, now));
                     }
                     progressed = true;
@@ -1245,10 +1295,26 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         if dst.is_completed() && dest_started_at.is_none() {
             dest_started_at = Some(now);
         }
-        let n = dst.poll_return_path(&mut buf);
-        if n > 0 {
+        loop {
+            let n = dst.poll_return_path(&mut buf);
+            if n == 0 {
+                break;
+            }
             progressed = true;
-            let _ = back.send(now, &buf[..n]);
+            if let Err(e) = back.send(now, &buf[..n]) {
+                dst.handle_io_error(t, format_args!("return path write failed: {e}"));
+                break;
+            }
+        }
+        if dst.is_paused() && !dst_dropped {
+            // The destination VMM drops the connection it paused on.
+            dst_dropped = true;
+            progressed = true;
+            fwd.cut_now(now);
+            back.cut_now(now);
+            if let Some(link) = pre.as_mut() {
+                link.cut_now(now);
+            }
         }
         if dst.status() == MigrationStatus::Failed && !back_closed {
             // A VMM closes the connection when the incoming migration fails,
@@ -1285,6 +1351,43 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             progressed = true;
             src.handle_peer_closed(t, format_args!("the destination closed the connection"));
         }
+        source_changes.extend(std::iter::from_fn(|| src.poll_status_change()));
+        destination_changes.extend(std::iter::from_fn(|| dst.poll_status_change()));
+        // ---- postcopy recovery: the operator connects again ---------------
+        let src_waits = src.is_paused();
+        let dst_waits = dst.is_paused() || dst.is_completed();
+        if src_waits && dst_waits {
+            let since = *paused_since.get_or_insert(now);
+            if now >= since + scenario.recover_timeout_ns {
+                let _ = src.give_up(t);
+                let _ = dst.give_up(t);
+                gave_up = true;
+                progressed = true;
+                reconnect_at = None;
+            } else {
+                let at = *reconnect_at.get_or_insert(now + scenario.reconnect_after_ns);
+                if now >= at {
+                    reconnect_at = None;
+                    let (f, b) = scenario
+                        .recovery_links
+                        .get(reconnects as usize)
+                        .copied()
+                        .unwrap_or((scenario.forward.healthy(), scenario.back.healthy()));
+                    (fwd, back) = duplex(f, b);
+                    reconnects += 1;
+                    rp = RpDecoder::new(page_size).map_err(|e| setup_err("return path", e))?;
+                    dst_eof_handled = false;
+                    dst_dropped = false;
+                    src_saw_close = false;
+                    back_closed = false;
+                    dst.recover(t).map_err(|e| setup_err("recover", e))?;
+                    src.resume(t).map_err(|e| setup_err("resume", e))?;
+                    progressed = true;
+                }
+            }
+        } else if src.status() == MigrationStatus::PostcopyActive {
+            paused_since = None;
+        }
         let dst_done = matches!(
             dst.status(),
             MigrationStatus::Completed | MigrationStatus::Failed
@@ -1304,6 +1407,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             back.end_at_ns(),
             dst.poll_timeout().map(Instant::as_nanos),
             continue_at,
+            reconnect_at,
         ]
         .into_iter()
         .chain(
@@ -1436,6 +1540,10 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
         timed_out,
         fault_injected: injector.fired,
         injected_pages: injector.pages,
+        source_changes,
+        destination_changes,
+        reconnects,
+        gave_up,
     })
 }
 

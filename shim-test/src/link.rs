@@ -68,6 +68,19 @@ impl LinkConfig {
     }
 }
 
+impl LinkConfig {
+    /// The same link without its faults (cut, corruption, stall): what a
+    /// new connection over the same network gets.
+    pub const fn healthy(&self) -> Self {
+        LinkConfig {
+            cut_after: None,
+            corrupt_at: None,
+            stall_after: None,
+            ..*self
+        }
+    }
+}
+
 /// Why a send failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LinkError {
@@ -555,6 +568,27 @@ mod tests {
         assert!(l.is_eof(1_100));
         assert!(!l.is_reset(u64::MAX));
         assert!(LinkError::Closed.to_string().contains("closed"));
+    }
+
+    #[test]
+    fn a_healthy_copy_keeps_the_shape_and_drops_the_faults() {
+        let faulty = LinkConfig {
+            cut_after: Some(10),
+            corrupt_at: Some((3, 1)),
+            stall_after: Some(7),
+            send_buffer_bytes: 64,
+            ..LinkConfig::new(GBPS, 50)
+        };
+        let healthy = faulty.healthy();
+        assert_eq!(
+            healthy,
+            LinkConfig {
+                send_buffer_bytes: 64,
+                ..LinkConfig::new(GBPS, 50)
+            }
+        );
+        let mut link = SimLink::new(healthy);
+        assert!(link.send(0, &[0; 100]).is_ok());
     }
 
     #[test]

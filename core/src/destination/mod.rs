@@ -43,16 +43,18 @@ use core::time::Duration;
 mod faults;
 mod host;
 mod postcopy;
+mod recovery;
 
 pub use faults::{FaultBooks, FaultBooksError, MAX_WAITERS, MAX_WAITS};
 pub use host::{ChannelTotals, ChannelsHost, DestinationHost, HandleError, HostOp, PostcopyHost};
 pub use postcopy::PostcopyTracking;
+pub use recovery::PENDING_BITMAPS;
 
 use crate::digest::{DigestBooks, DigestKey, Verification, locate_parts};
 use crate::return_path::{RP_MAX_MESSAGE, RpEncodeError, RpMessage, SignalName};
 use crate::source::SETUP_CHECK_PING;
 use crate::stats::{AmbiguousEnd, MigrationStats};
-use crate::status::MigrationStatus;
+use crate::status::{MigrationStatus, StatusChange, StatusChanges, TransitionError};
 use crate::time::Instant;
 use crate::wire::{
     BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PREEMPT_HELLO_LEN,
@@ -60,6 +62,7 @@ use crate::wire::{
     RangeSums, Record, StreamDecoder,
 };
 use host::by_host;
+use recovery::Recovery;
 
 /// Room for queued return-path messages: a SHUT, PONGs, and page requests
 /// (up to 272 bytes each) between two drains by the caller. A message
@@ -323,6 +326,19 @@ pub enum DestError {
     /// The preempt channel failed: an error, a close or a timeout on its
     /// connection ([`DestinationEngine::handle_preempt_failure`]).
     PreemptFailed,
+    /// The connection failed before postcopy ran the guest here
+    /// ([`DestinationEngine::handle_io_error`]).
+    ConnectionFailed,
+    /// Input while postcopy is paused: the caller must first
+    /// [`recover`](DestinationEngine::recover) with the new connection.
+    PostcopyPaused,
+    /// A recovery call asked for a move the transition table does not
+    /// allow (for example a recover while postcopy is not paused).
+    Transition(TransitionError),
+    /// The recovery handshake out of order: a bitmap request for an
+    /// unknown block, too many at once, POSTCOPY_RESUME before the bitmaps
+    /// went out.
+    RecoveryOutOfOrder(&'static str),
 }
 
 impl fmt::Display for DestError {
@@ -501,6 +517,14 @@ impl fmt::Display for DestError {
                 "the preempt channel's hello is for migration {found:#x}, not {expected:#x}"
             ),
             DestError::PreemptFailed => f.write_str("the postcopy preempt channel failed"),
+            DestError::ConnectionFailed => f.write_str("the connection to the source failed"),
+            DestError::PostcopyPaused => {
+                f.write_str("postcopy is paused: recover with the new connection before feeding it")
+            }
+            DestError::Transition(e) => write!(f, "{e}"),
+            DestError::RecoveryOutOfOrder(what) => {
+                write!(f, "postcopy recovery out of order: {what}")
+            }
         }
     }
 }
@@ -572,6 +596,13 @@ struct Loader<'a> {
     preempt_id: Option<u64>,
     /// The engine has a decoder for the preempt channel.
     preempt_ready: bool,
+    /// Postcopy's run command has started the guest here: from now on a
+    /// lost connection pauses.
+    guest_running: bool,
+    /// Postcopy recovery: bitmaps and re-sent requests on their way out.
+    recovery: Recovery,
+    /// Status changes not yet drained by the caller.
+    changes: StatusChanges,
     stats: MigrationStats,
 }
 
@@ -634,6 +665,9 @@ impl<'a> DestinationEngine<'a> {
                 channels: None,
                 preempt_id: None,
                 preempt_ready: false,
+                guest_running: false,
+                recovery: Recovery::new(),
+                changes: StatusChanges::default(),
                 stats,
             },
         }
@@ -749,10 +783,15 @@ impl<'a> DestinationEngine<'a> {
         let l = &self.loader;
         let idle = matches!(
             l.status,
-            MigrationStatus::Active | MigrationStatus::PostcopyActive
+            MigrationStatus::Active
+                | MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyRecover
         )
         .then(|| l.last_input_at + l.idle_timeout);
-        let request = l.waiting_since.map(|t| t + l.request_timeout);
+        let request = l
+            .waiting_since
+            .filter(|_| l.status == MigrationStatus::PostcopyActive)
+            .map(|t| t + l.request_timeout);
         match (idle, request) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -760,14 +799,25 @@ impl<'a> DestinationEngine<'a> {
     }
 
     /// Time passed: fails the migration if the source has been silent for
-    /// longer than the idle timeout, or requested pages are overdue.
+    /// longer than the idle timeout, or requested pages are overdue. Once
+    /// postcopy runs the guest here a silent source pauses instead (see
+    /// [`is_paused`](Self::is_paused)), and no request timeout runs while
+    /// paused or recovering.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), DestError> {
         let l = &self.loader;
         let idle = now - l.last_input_at;
         let running = matches!(
             l.status,
-            MigrationStatus::Active | MigrationStatus::PostcopyActive
+            MigrationStatus::Active
+                | MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyRecover
         );
+        if running && idle >= l.idle_timeout && l.pauses() {
+            let ms = idle.as_millis() as u64;
+            self.loader
+                .pause(now, format_args!("the source was silent for {ms} ms"));
+            return Ok(());
+        }
         if running && idle >= l.idle_timeout {
             if let Some(e) = self.loader.unlocated() {
                 return Err(self.loader.fail(now, e));
@@ -777,7 +827,10 @@ impl<'a> DestinationEngine<'a> {
             };
             return Err(self.loader.fail(now, e));
         }
-        if let Some(since) = l.waiting_since {
+        if let Some(since) = l
+            .waiting_since
+            .filter(|_| l.status == MigrationStatus::PostcopyActive)
+        {
             let waited = now - since;
             if waited >= l.request_timeout {
                 let e = DestError::RequestTimedOut {
@@ -793,6 +846,12 @@ impl<'a> DestinationEngine<'a> {
     /// The migration's status.
     pub fn status(&self) -> MigrationStatus {
         self.loader.status
+    }
+
+    /// The oldest status change not yet drained: for events ("paused",
+    /// "recovered") and for tests that check which moves were made.
+    pub fn poll_status_change(&mut self) -> Option<StatusChange> {
+        self.loader.changes.pop()
     }
 
     /// Statistics so far.
@@ -841,7 +900,9 @@ impl<'a> DestinationEngine<'a> {
 
     /// A vCPU touched `page` of `block` before it arrived (postcopy). Sends
     /// a page request on the return path unless the page is already here
-    /// or already requested; returns whether a request went out.
+    /// or already requested; returns whether the page is newly requested.
+    /// While postcopy is paused or recovering the request is recorded and
+    /// goes out after RESUME_ACK, with every other outstanding one.
     pub fn handle_page_fault(
         &mut self,
         now: Instant,
@@ -872,6 +933,9 @@ impl<'a> DestinationEngine<'a> {
         let l = &mut self.loader;
         if l.status == MigrationStatus::Failed {
             return Err(DestError::AlreadyFailed.into());
+        }
+        if l.status == MigrationStatus::PostcopyPaused {
+            return Err(DestError::PostcopyPaused.into());
         }
         if l.status == MigrationStatus::Completed {
             // The guest may already run here: report, change nothing.
@@ -943,7 +1007,7 @@ impl<'a> DestinationEngine<'a> {
         match self.loader.status {
             MigrationStatus::Completed => Ok(false),
             MigrationStatus::Failed => Err(DestError::AlreadyFailed),
-            MigrationStatus::PostcopyActive => Err(DestError::PostcopyCannotBeInterrupted),
+            _ if self.loader.guest_running => Err(DestError::PostcopyCannotBeInterrupted),
             _ if self.loader.loaded_announced => Err(DestError::InterruptAfterLoaded),
             _ => {
                 self.loader.fail(now, DestError::Interrupted { signal });
@@ -967,6 +1031,12 @@ impl<'a> DestinationEngine<'a> {
         match self.loader.status {
             MigrationStatus::Failed => return Err(DestError::AlreadyFailed.into()),
             MigrationStatus::Completed => return Ok(input.len()),
+            _ if self.loader.recovery.preempt_closed => {
+                return Err(DestError::PreemptUnexpected(
+                    "bytes after a pause: the channel is not opened again",
+                )
+                .into());
+            }
             _ => {}
         }
         let result = self.preempt_input(now, input, host);
@@ -1044,9 +1114,21 @@ impl<'a> DestinationEngine<'a> {
     /// connection); `reason` becomes the error description. It fails the
     /// migration as the main connection's failure does; once the migration
     /// has completed or failed it changes nothing.
+    ///
+    /// Once postcopy runs the guest here it pauses instead, as the main
+    /// connection's loss does (the caller drops the main connection too);
+    /// after a pause the channel is gone for good and its failure changes
+    /// nothing.
     pub fn handle_preempt_failure(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
-        self.loader
-            .fail_extra_connection(now, DestError::PreemptFailed, reason);
+        let l = &mut self.loader;
+        if l.recovery.preempt_closed {
+            return;
+        }
+        if l.pauses() {
+            l.pause(now, format_args!("the preempt channel failed: {reason}"));
+            return;
+        }
+        l.fail_extra_connection(now, DestError::PreemptFailed, reason);
     }
 
     /// A multifd channel failed (its receiver's own check, or its
@@ -1062,9 +1144,24 @@ impl<'a> DestinationEngine<'a> {
     /// The source closed the connection. After LOADED and before COMMIT
     /// that is [`DestError::CommitNotReceived`], an ambiguous end; while a
     /// mismatching page is being located, the mismatch of its block.
+    ///
+    /// Once postcopy runs the guest here a close pauses (`Ok`, and
+    /// [`is_paused`](Self::is_paused) says so); while paused it changes
+    /// nothing.
     pub fn handle_eof(&mut self, now: Instant) -> Result<(), DestError> {
+        if self.loader.pauses() {
+            let why = match self.decoder.finish() {
+                Err(e) => e,
+                Ok(()) => DecodeError::UnexpectedEof {
+                    at: crate::wire::EofAt::BetweenRecords,
+                },
+            };
+            self.loader
+                .pause(now, format_args!("the source closed the connection: {why}"));
+            return Ok(());
+        }
         match self.loader.status {
-            MigrationStatus::Completed => Ok(()),
+            MigrationStatus::Completed | MigrationStatus::PostcopyPaused => Ok(()),
             MigrationStatus::Failed => Err(DestError::AlreadyFailed),
             _ => {
                 let e = if let Some(e) = self.loader.unlocated() {
@@ -1084,23 +1181,61 @@ impl<'a> DestinationEngine<'a> {
 
     /// Copies queued return-path bytes into `out`, returning how many; the
     /// rest stays queued.
+    ///
+    /// In a recovery a bitmap is streamed from the tracking after its
+    /// RECV_BITMAP message, so call it until it returns 0.
     pub fn poll_return_path(&mut self, out: &mut [u8]) -> usize {
-        let q = &mut self.loader.rp_queue;
-        let n = out.len().min(q.len());
-        out[..n].copy_from_slice(&q[..n]);
-        let rest = q.len() - n;
-        q.copy_within(n.., 0);
-        q.truncate(rest);
+        let l = &mut self.loader;
+        let mut n = 0;
+        while n < out.len() {
+            let rest = &mut out[n..];
+            let step = match l.before_bitmap() {
+                Some(0) => l.bitmap_bytes(rest),
+                Some(mark) => l.take_queued(rest, mark),
+                None => {
+                    let len = l.rp_queue.len();
+                    let taken = l.take_queued(rest, len);
+                    if taken == 0 {
+                        l.refill_requests();
+                        l.take_queued(rest, l.rp_queue.len())
+                    } else {
+                        taken
+                    }
+                }
+            };
+            if step == 0 {
+                break;
+            }
+            n += step;
+        }
         n
     }
 }
 
 impl Loader<'_> {
     fn set_status(&mut self, to: MigrationStatus) {
-        if let Ok(next) = self.status.transition(to) {
-            self.status = next;
-            self.stats.status = next;
-        }
+        let _ = self.move_to(to);
+    }
+
+    /// Moves to `to` through the transition table, or says why not.
+    fn move_to(&mut self, to: MigrationStatus) -> Result<(), DestError> {
+        let next = self.status.transition(to).map_err(DestError::Transition)?;
+        self.changes.record(self.status, next);
+        self.status = next;
+        self.stats.status = next;
+        Ok(())
+    }
+
+    /// Moves up to `max` queued return-path bytes into `out`.
+    fn take_queued(&mut self, out: &mut [u8], max: usize) -> usize {
+        let q = &mut self.rp_queue;
+        let n = out.len().min(max).min(q.len());
+        out[..n].copy_from_slice(&q[..n]);
+        let rest = q.len() - n;
+        q.copy_within(n.., 0);
+        q.truncate(rest);
+        self.drained(n);
+        n
     }
 
     fn update_time(&mut self, now: Instant) {
@@ -1175,6 +1310,12 @@ impl Loader<'_> {
         }
         self.update_time(now);
         self.stats.error_desc.set(desc);
+        if self.status == MigrationStatus::PostcopyRecover {
+            // The table leaves recovery only through a pause.
+            self.set_status(MigrationStatus::PostcopyPaused);
+        }
+        // A bitmap half out would swallow what follows.
+        self.recovery.reset();
         if self.loaded_announced {
             // The source may have committed: it will never resume its copy.
             self.stats.ambiguous_end = Some(AmbiguousEnd::DestinationLoaded);
@@ -1255,6 +1396,10 @@ impl Loader<'_> {
                 }
                 return Ok(Some(End::Complete));
             }
+            Record::Command(Command::RecvBitmap { block }) => {
+                self.bitmap_request(block.as_str())?;
+            }
+            Record::Command(Command::PostcopyResume) => self.resume(now)?,
             Record::Command(command) => self.command(command, host)?,
             Record::Package(package) => {
                 for inner in package.records() {
@@ -1352,12 +1497,11 @@ impl Loader<'_> {
                 }
                 self.check_required(SectionDue::Switchover)?;
                 by_host(HostOp::PostcopyRun, postcopy_host(host)?.postcopy_run())?;
+                self.guest_running = true;
             }
-            Command::RecvBitmap { .. } => {
-                return Err(DestError::UnexpectedCommand("recv-bitmap").into());
-            }
-            Command::PostcopyResume => {
-                return Err(DestError::UnexpectedCommand("postcopy-resume").into());
+            // Taken by `apply`, which has the time.
+            Command::RecvBitmap { .. } | Command::PostcopyResume => {
+                return Err(DestError::UnexpectedCommand("a recovery command").into());
             }
             Command::SwitchoverStart => {}
             Command::DigestKey(seed) => {
@@ -1613,13 +1757,11 @@ impl Loader<'_> {
     }
 
     fn page_fault(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
-        if self.status != MigrationStatus::PostcopyActive {
-            return Err(DestError::PostcopyUnexpected("page fault outside postcopy"));
-        }
-        let info = self
-            .layout
-            .get(usize::from(block))
-            .ok_or(DestError::FaultOutsideRam { block, page })?;
+        let connected = match self.status {
+            MigrationStatus::PostcopyActive => true,
+            MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover => false,
+            _ => return Err(DestError::PostcopyUnexpected("page fault outside postcopy")),
+        };
         let Some(t) = self
             .postcopy
             .as_deref_mut()
@@ -1634,8 +1776,22 @@ impl Loader<'_> {
             return Ok(false);
         }
         self.outstanding += 1;
-        self.waiting_since.get_or_insert(now);
         self.stats.ram.postcopy_requests += 1;
+        if !connected {
+            // Sent with the others once the recovery is through.
+            return Ok(true);
+        }
+        self.waiting_since.get_or_insert(now);
+        self.send_request(block, page)?;
+        Ok(true)
+    }
+
+    /// Queues the request for `page` of `block`, naming the block unless
+    /// the last request did.
+    fn send_request(&mut self, block: u16, page: u64) -> Result<(), DestError> {
+        let Some(info) = self.layout.get(usize::from(block)) else {
+            return Err(DestError::FaultOutsideRam { block, page });
+        };
         let page_size = u64::from(info.page_size);
         let (start, len) = (page * page_size, info.page_size);
         let msg = if self.last_request_block == Some(block) {
@@ -1649,7 +1805,7 @@ impl Loader<'_> {
         };
         self.queue(&msg)?;
         self.last_request_block = Some(block);
-        Ok(true)
+        Ok(())
     }
 
     /// True for a page postcopy has placed already: a second copy (one on
@@ -1657,7 +1813,7 @@ impl Loader<'_> {
     /// guest runs here and may have written the first. Before postcopy a
     /// later copy is newer and replaces the older one.
     fn placed_already(&self, block: u16, page: u64) -> bool {
-        self.status == MigrationStatus::PostcopyActive
+        self.guest_running
             && self
                 .postcopy
                 .as_deref()

@@ -48,6 +48,17 @@ impl<'a> PostcopyTracking<'a> {
         self.received.count()
     }
 
+    /// The first requested page at or after `from`.
+    pub(crate) fn next_requested(&self, from: u64) -> Option<u64> {
+        self.requested.find_next_set(from)
+    }
+
+    /// Word `index` of the received-pages bitmap (KVM's layout: bit `i`
+    /// is page `64 * index + i`), zero past the end.
+    pub(crate) fn received_word(&self, index: usize) -> u64 {
+        self.received.words().get(index).copied().unwrap_or(0)
+    }
+
     /// Marks `page` requested; false when it needs no request (already
     /// here, or already asked for).
     pub(crate) fn request(&mut self, page: u64) -> bool {

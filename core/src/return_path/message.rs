@@ -6,7 +6,10 @@ use core::fmt;
 use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::{RESUME_ACK_VALUE, RP_HEADER_LEN, RP_MAX_ID_LEN, RpMessageType};
+use super::{
+    RECV_BITMAP_END_MARK, RECV_BITMAP_FIELD_LEN, RESUME_ACK_VALUE, RP_HEADER_LEN, RP_MAX_ID_LEN,
+    RpMessageType,
+};
 
 /// The header in front of every message, as QEMU's
 /// `migrate_send_rp_message` writes it.
@@ -74,6 +77,28 @@ pub enum RpMessage<'a> {
         /// RAM block id the bitmap belongs to.
         block: &'a str,
     },
+    /// Postcopy recovery, the first part of the bitmap after a
+    /// [`RpMessage::RecvBitmap`]: its length in bytes (be64 on the wire, a
+    /// multiple of 8: whole little-endian `u64` words). Not a framed
+    /// message: QEMU writes the bitmap after RECV_BITMAP, outside the
+    /// framing, and the decoder yields it in these three parts.
+    RecvBitmapSize {
+        /// Bytes of bitmap that follow.
+        size: u64,
+    },
+    /// Postcopy recovery: bitmap bytes `offset .. offset + bytes.len()`
+    /// (bit `i` of byte `k` is page `8 * k + i` of the block, set when the
+    /// destination has it). A bitmap arrives in as many parts as its reads.
+    RecvBitmapBytes {
+        /// Offset of the first byte in the bitmap.
+        offset: u64,
+        /// The bytes, as the wire carries them.
+        bytes: &'a [u8],
+    },
+    /// Postcopy recovery: the bitmap ended with its end mark
+    /// ([`RECV_BITMAP_END_MARK`](super::RECV_BITMAP_END_MARK), checked by
+    /// the decoder).
+    RecvBitmapEnd,
     /// Postcopy recovery: the destination is ready for the source to resume
     /// sending. Carries [`RESUME_ACK_VALUE`] on the wire.
     ResumeAck,
@@ -209,7 +234,10 @@ impl RpMessage<'_> {
             Self::Pong(_) => RpMessageType::Pong,
             Self::ReqPagesId { .. } => RpMessageType::ReqPagesId,
             Self::ReqPages { .. } => RpMessageType::ReqPages,
-            Self::RecvBitmap { .. } => RpMessageType::RecvBitmap,
+            Self::RecvBitmap { .. }
+            | Self::RecvBitmapSize { .. }
+            | Self::RecvBitmapBytes { .. }
+            | Self::RecvBitmapEnd => RpMessageType::RecvBitmap,
             Self::ResumeAck => RpMessageType::ResumeAck,
             Self::SwitchoverAck => RpMessageType::SwitchoverAck,
             Self::Loaded => RpMessageType::Loaded,
@@ -219,9 +247,20 @@ impl RpMessage<'_> {
         }
     }
 
-    /// Payload bytes, header excluded.
+    /// True for the three parts of a bitmap, which travel without the
+    /// message header.
+    const fn is_bitmap_part(&self) -> bool {
+        matches!(
+            self,
+            Self::RecvBitmapSize { .. } | Self::RecvBitmapBytes { .. } | Self::RecvBitmapEnd
+        )
+    }
+
+    /// Payload bytes, header excluded (for a bitmap part: all its bytes).
     fn payload_len(&self) -> usize {
         match self {
+            Self::RecvBitmapSize { .. } | Self::RecvBitmapEnd => RECV_BITMAP_FIELD_LEN,
+            Self::RecvBitmapBytes { bytes, .. } => bytes.len(),
             Self::Shut { .. } | Self::Pong(_) | Self::ResumeAck | Self::Interrupted { .. } => {
                 size_of::<Be32Payload>()
             }
@@ -235,8 +274,12 @@ impl RpMessage<'_> {
     }
 
     /// Bytes [`RpMessage::encode`] writes: header plus payload. Never more
-    /// than [`super::RP_MAX_MESSAGE`] for a message that encodes.
+    /// than [`super::RP_MAX_MESSAGE`] for a message that encodes, except
+    /// [`RpMessage::RecvBitmapBytes`], which is its bytes alone.
     pub fn encoded_len(&self) -> usize {
+        if self.is_bitmap_part() {
+            return self.payload_len();
+        }
         RP_HEADER_LEN + self.payload_len()
     }
 
@@ -268,7 +311,21 @@ impl RpMessage<'_> {
             len: U16::new(self.payload_len() as u16),
         };
         let mut w = Writer { out, pos: 0 };
-        w.put(header.as_bytes());
+        match *self {
+            Self::RecvBitmapSize { size } => {
+                w.put(&size.to_be_bytes());
+                return Ok(w.pos);
+            }
+            Self::RecvBitmapBytes { bytes, .. } => {
+                w.put(bytes);
+                return Ok(w.pos);
+            }
+            Self::RecvBitmapEnd => {
+                w.put(&RECV_BITMAP_END_MARK.to_be_bytes());
+                return Ok(w.pos);
+            }
+            _ => w.put(header.as_bytes()),
+        }
         match *self {
             Self::Shut { error } => w.put(be32(u32::from(error)).as_bytes()),
             Self::Pong(value) => w.put(be32(value).as_bytes()),
@@ -283,7 +340,11 @@ impl RpMessage<'_> {
                 w.put(&[id_len]);
                 w.put(block.as_bytes());
             }
-            Self::SwitchoverAck | Self::Loaded => {}
+            Self::SwitchoverAck
+            | Self::Loaded
+            | Self::RecvBitmapSize { .. }
+            | Self::RecvBitmapBytes { .. }
+            | Self::RecvBitmapEnd => {}
             Self::Interrupted { signal } => w.put(be32(signal).as_bytes()),
             Self::DigestQuery {
                 block,
@@ -450,6 +511,37 @@ mod tests {
         let bytes = example("digest-mismatch");
         assert_eq!(bytes, encode_vec(&mismatch));
         assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(mismatch))));
+
+        // The bitmap of a 70-page block with pages 0-15, 63 and 64-69.
+        let mut words = [0u64; 2];
+        for page in (0..16).chain(63..70) {
+            words[page / 64] |= 1 << (page % 64);
+        }
+        let bitmap: std::vec::Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(
+            crate::return_path::recv_bitmap_len(70),
+            bitmap.len() as u64
+        );
+        let parts = [
+            RpMessage::RecvBitmap { block: "pc.ram" },
+            RpMessage::RecvBitmapSize { size: 16 },
+            RpMessage::RecvBitmapBytes {
+                offset: 0,
+                bytes: &bitmap,
+            },
+            RpMessage::RecvBitmapEnd,
+        ];
+        let bytes = example("recv-bitmap");
+        let encoded: std::vec::Vec<u8> = parts.iter().flat_map(encode_vec).collect();
+        assert_eq!(bytes, encoded);
+        let mut at = 0;
+        for part in parts {
+            let (n, msg) = decoder.decode(&bytes[at..]).unwrap();
+            assert_eq!(msg, Some(part));
+            at += n;
+        }
+        assert_eq!(at, bytes.len());
+        assert_eq!(decoder.finish(), Ok(()));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! conversation ([`RpMessage::Shut`]), answer pings ([`RpMessage::Pong`]),
 //! ask for pages it faulted on during postcopy ([`RpMessage::ReqPagesId`],
 //! [`RpMessage::ReqPages`]), drive postcopy recovery
-//! ([`RpMessage::RecvBitmap`], [`RpMessage::ResumeAck`]), allow the
+//! ([`RpMessage::RecvBitmap`] and the bitmap that follows it,
+//! [`RpMessage::ResumeAck`]), allow the
 //! switchover ([`RpMessage::SwitchoverAck`]) and, livemig extensions,
 //! report a complete stream loaded and waiting for the source's commit
 //! ([`RpMessage::Loaded`]) or say that its operator interrupted it
@@ -51,6 +52,22 @@ pub const RP_MAX_PAYLOAD: usize = PAGE_RANGE_LEN + 1 + RP_MAX_ID_LEN;
 /// Largest encoded message (header plus [`RP_MAX_PAYLOAD`]). The decoder's
 /// internal buffer has exactly this size, and a sender never needs more.
 pub const RP_MAX_MESSAGE: usize = RP_HEADER_LEN + RP_MAX_PAYLOAD;
+
+/// The mark QEMU writes after a received-pages bitmap
+/// (`RAMBLOCK_RECV_BITMAP_ENDING`): a bitmap not followed by it was cut
+/// or is not a bitmap.
+pub const RECV_BITMAP_END_MARK: u64 = 0x0123_4567_89ab_cdef;
+
+/// Bytes of the be64 size in front of a received-pages bitmap and of the
+/// be64 end mark behind it.
+pub const RECV_BITMAP_FIELD_LEN: usize = 8;
+
+/// Bytes of the received-pages bitmap of a block of `pages` pages, as
+/// QEMU's `ramblock_recv_bitmap_send` sizes it: one bit a page, rounded up
+/// to whole 64-bit words.
+pub const fn recv_bitmap_len(pages: u64) -> u64 {
+    pages.div_ceil(64) * 8
+}
 
 /// The only value QEMU accepts in a `RESUME_ACK` (its
 /// `MIGRATION_RESUME_ACK_VALUE`); anything else means the peers disagree

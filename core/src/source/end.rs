@@ -44,6 +44,10 @@ pub enum EndReason {
     /// A record could not be encoded into the scratch buffer: nothing of
     /// it was handed out, and the stream cannot go on without it.
     Encode(EncodeError),
+    /// Postcopy was paused and the caller gave up recovering it
+    /// ([`SourceEngine::give_up`](super::SourceEngine::give_up)): the guest
+    /// runs on the destination, some of its pages exist only here.
+    RecoveryAbandoned,
 }
 
 impl EndReason {
@@ -78,6 +82,7 @@ impl fmt::Display for EndReason {
             EndReason::Protocol(v) => write!(f, "protocol violation: {v}"),
             EndReason::LocalFailure => f.write_str("a local failure"),
             EndReason::Encode(e) => write!(f, "a record could not be encoded: {e}"),
+            EndReason::RecoveryAbandoned => f.write_str("postcopy recovery abandoned"),
         }
     }
 }
@@ -206,7 +211,11 @@ impl SourceEngine<'_> {
     pub(super) fn awaits_destination(&self) -> bool {
         matches!(
             self.step,
-            Step::AwaitSetupVerdict | Step::AwaitShut | Step::AwaitLoaded
+            Step::AwaitSetupVerdict
+                | Step::AwaitShut
+                | Step::AwaitLoaded
+                | Step::AwaitBitmap
+                | Step::AwaitResumeAck
         )
     }
 
@@ -253,6 +262,13 @@ impl SourceEngine<'_> {
             self.stats.ambiguous_end = Some(AmbiguousEnd::SourceCommitted);
         } else {
             self.stats.error_desc.set(reason);
+        }
+        if matches!(
+            self.status,
+            MigrationStatus::PostcopyRecoverSetup | MigrationStatus::PostcopyRecover
+        ) {
+            // The table leaves recovery only through a pause.
+            self.set_status(MigrationStatus::PostcopyPaused);
         }
         self.set_status(MigrationStatus::Failed);
         self.scan.batch.clear();

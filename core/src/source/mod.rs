@@ -79,6 +79,7 @@ mod convergence;
 mod end;
 mod postcopy;
 mod rate;
+mod recovery;
 mod scan;
 pub mod shortest_stop;
 mod tracking;
@@ -93,7 +94,7 @@ use crate::config::{ConfigError, MigrationConfig};
 use crate::digest::{DigestKey, Verification};
 use crate::return_path::{RpMessage, SignalName};
 use crate::stats::MigrationStats;
-use crate::status::MigrationStatus;
+use crate::status::{MigrationStatus, StatusChange, StatusChanges, TransitionError};
 use crate::time::Instant;
 use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, PreemptHello, Record};
 
@@ -107,6 +108,7 @@ use convergence::{Convergence, Throttle};
 use end::Handshake;
 use postcopy::Postcopy;
 use rate::RateMeter;
+use recovery::Recovery;
 use scan::Scan;
 use verify::Verify;
 
@@ -284,6 +286,12 @@ pub enum SourceAction<'e> {
     PackageDevices,
     /// The migration did not complete: restart the vCPUs on the source.
     ResumeVcpus,
+    /// Postcopy lost its connection (or its peer fell silent) after the
+    /// switchover and is paused: close the main connection, the return
+    /// path and the preempt channel, keep the vCPUs stopped, connect again
+    /// and call [`SourceEngine::resume`] (or, past the caller's deadline,
+    /// [`SourceEngine::give_up`]). Nothing more is asked until then.
+    Paused,
     /// The migration ended, for this reason ([`EndReason::status`] is its
     /// final status); nothing more will be asked.
     Finished(EndReason),
@@ -343,6 +351,10 @@ pub enum SourceError {
     DigestBooksMismatch,
     /// The migration id was set after the migration started.
     MigrationIdAfterStart,
+    /// A recovery call ([`SourceEngine::resume`], [`SourceEngine::give_up`])
+    /// asked for a move the transition table does not allow (for example a
+    /// resume while postcopy is not paused).
+    Transition(TransitionError),
 }
 
 impl fmt::Display for SourceError {
@@ -391,6 +403,7 @@ impl fmt::Display for SourceError {
                     "the migration id must be set before the migration starts"
                 )
             }
+            SourceError::Transition(e) => write!(f, "{e}"),
             SourceError::PackageTooLarge { len } => write!(
                 f,
                 "{len} bytes of device state do not fit in one package (at most {} bytes)",
@@ -435,6 +448,21 @@ enum Step {
     AwaitPackageSent,
     /// Postcopy: serving page requests and the background pass.
     Postcopy,
+    /// Postcopy paused: the next poll hands out [`SourceAction::Paused`].
+    PauseNotice,
+    /// Postcopy paused, waiting for [`SourceEngine::resume`].
+    Paused,
+    /// Recovery: the next poll hands out the new stream's header and the
+    /// first bitmap request.
+    RecoverStart,
+    /// Recovery: the next poll asks for the bitmap of this block.
+    RequestBitmap(u16),
+    /// Recovery: waiting for the bitmap of the block asked for last.
+    AwaitBitmap,
+    /// Recovery: every bitmap is in; the next poll sends POSTCOPY_RESUME.
+    SendResume,
+    /// Recovery: waiting for RESUME_ACK.
+    AwaitResumeAck,
     EndOfStream,
     /// Precopy with the return path: the end of the stream is out, waiting
     /// for the destination's LOADED.
@@ -486,6 +514,10 @@ pub struct SourceEngine<'a> {
     stopped_at: Option<Instant>,
     /// The self-check's key and books, when the migration verifies itself.
     verify: Option<Verify<'a>>,
+    /// Postcopy recovery: the bitmap being received.
+    recovery: Recovery,
+    /// Status changes not yet drained by the caller.
+    changes: StatusChanges,
     stats: MigrationStats,
 }
 
@@ -561,6 +593,8 @@ impl<'a> SourceEngine<'a> {
             now: Instant::ZERO,
             stopped_at: None,
             verify: None,
+            recovery: Recovery::new(),
+            changes: StatusChanges::default(),
             stats,
         })
     }
@@ -568,6 +602,12 @@ impl<'a> SourceEngine<'a> {
     /// The migration's status.
     pub fn status(&self) -> MigrationStatus {
         self.status
+    }
+
+    /// The oldest status change not yet drained: for events ("paused",
+    /// "recovered") and for tests that check which moves were made.
+    pub fn poll_status_change(&mut self) -> Option<StatusChange> {
+        self.changes.pop()
     }
 
     /// The effective configuration (capabilities implied by others added).
@@ -807,7 +847,21 @@ impl<'a> SourceEngine<'a> {
         msg: &RpMessage<'_>,
     ) -> Result<(), SourceError> {
         self.advance_clock(now);
-        if self.step == Step::Done {
+        // While paused, whatever still arrives belongs to the lost
+        // connection.
+        if matches!(self.step, Step::Done | Step::Paused | Step::PauseNotice) {
+            return Ok(());
+        }
+        let recovery_part = matches!(
+            msg,
+            RpMessage::RecvBitmap { .. }
+                | RpMessage::RecvBitmapSize { .. }
+                | RpMessage::RecvBitmapBytes { .. }
+                | RpMessage::RecvBitmapEnd
+                | RpMessage::ResumeAck
+        );
+        if self.recovering() && !recovery_part {
+            self.recovery_interruption(msg);
             return Ok(());
         }
         match msg {
@@ -910,14 +964,11 @@ impl<'a> SourceEngine<'a> {
                 },
             ),
             RpMessage::DigestMismatch { block, page } => self.digest_mismatch(*block, *page),
-            RpMessage::RecvBitmap { .. } | RpMessage::ResumeAck => {
-                self.fail(
-                    EndReason::Protocol(Violation::UnexpectedRecovery),
-                    format_args!(
-                        "the destination sent a recovery message but no recovery is in progress"
-                    ),
-                );
-            }
+            RpMessage::RecvBitmap { .. }
+            | RpMessage::RecvBitmapSize { .. }
+            | RpMessage::RecvBitmapBytes { .. }
+            | RpMessage::RecvBitmapEnd
+            | RpMessage::ResumeAck => self.recovery_message(msg),
         }
         Ok(())
     }
@@ -927,17 +978,31 @@ impl<'a> SourceEngine<'a> {
     /// [`EndReason::LocalFailure`], and `reason` becomes the error
     /// description. The guest keeps running on the source (unless it has
     /// been handed over).
+    ///
+    /// After the postcopy switchover it pauses instead
+    /// ([`SourceAction::Paused`]): the guest's memory is split between the
+    /// hosts, and a new connection can resume.
     pub fn handle_io_error(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
         self.advance_clock(now);
-        self.fail(EndReason::LocalFailure, reason);
+        if self.postcopy.guest_on_destination {
+            self.pause(reason);
+        } else {
+            self.fail(EndReason::LocalFailure, reason);
+        }
     }
 
     /// The destination closed the connection (the return path reached its
     /// end) before the migration ended: [`EndReason::PeerClosed`], with
     /// `reason` as the error description.
+    /// After the postcopy switchover it pauses instead, as
+    /// [`handle_io_error`](Self::handle_io_error) does.
     pub fn handle_peer_closed(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
         self.advance_clock(now);
-        self.fail(EndReason::PeerClosed, reason);
+        if self.postcopy.guest_on_destination {
+            self.pause(reason);
+        } else {
+            self.fail(EndReason::PeerClosed, reason);
+        }
     }
 
     /// How the migration ended, once [`SourceAction::Finished`] has been
@@ -1018,6 +1083,15 @@ impl<'a> SourceEngine<'a> {
         if self.step == Step::Iterate && self.time_limit_exceeded() && !self.fits_downtime() {
             self.fail_not_converged(ConvergenceLimit::Time);
         }
+        if self.awaits_destination()
+            && self.now >= self.confirm_deadline()
+            && self.postcopy.guest_on_destination
+        {
+            let ms = self.config.limits.confirm_timeout_ms;
+            self.pause(format_args!(
+                "the destination did not answer within {ms} ms"
+            ));
+        }
         if self.awaits_destination() && self.now >= self.confirm_deadline() {
             let ms = self.config.limits.confirm_timeout_ms;
             let wait = match self.step {
@@ -1054,7 +1128,17 @@ impl<'a> SourceEngine<'a> {
             | Step::AwaitLoaded
             | Step::AwaitPackage
             | Step::AwaitPackageSent
+            | Step::Paused
+            | Step::AwaitBitmap
+            | Step::AwaitResumeAck
             | Step::Done => None,
+            Step::PauseNotice => {
+                self.step = Step::Paused;
+                Some(SourceAction::Paused)
+            }
+            Step::RecoverStart => Some(self.recover_start()),
+            Step::RequestBitmap(block) => Some(self.request_bitmap(block)),
+            Step::SendResume => Some(self.send_resume()),
             Step::SendPreamble => match self.encode_preamble() {
                 Ok(len) => {
                     self.step = if self.preempt() {
@@ -1130,6 +1214,7 @@ impl<'a> SourceEngine<'a> {
                 };
                 self.count_sent(len as u64, 0);
                 self.end.sent_at = self.now;
+                self.postcopy.end_sent |= self.postcopy.guest_on_destination;
                 self.step = if !self.end.return_path {
                     Step::Finish(EndReason::Completed)
                 } else if self.postcopy.guest_on_destination {
@@ -1177,10 +1262,16 @@ impl<'a> SourceEngine<'a> {
     /// asks for legal transitions; an illegal one is ignored rather than
     /// panicking, and the table's tests guard the list.
     fn set_status(&mut self, to: MigrationStatus) {
-        if let Ok(next) = self.status.transition(to) {
-            self.status = next;
-            self.stats.status = next;
-        }
+        let _ = self.move_to(to);
+    }
+
+    /// Moves to `to` through the transition table, or says why not.
+    fn move_to(&mut self, to: MigrationStatus) -> Result<(), TransitionError> {
+        let next = self.status.transition(to)?;
+        self.changes.record(self.status, next);
+        self.status = next;
+        self.stats.status = next;
+        Ok(())
     }
 
     fn advance_clock(&mut self, now: Instant) {

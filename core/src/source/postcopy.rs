@@ -64,6 +64,12 @@ pub(super) struct Postcopy {
     pub requests: heapless::Deque<PageRequest, REQUEST_QUEUE>,
     /// The block of the last REQ_PAGES_ID (REQ_PAGES reuses it).
     pub last_request_block: Option<u16>,
+    /// The end of the stream has been handed out after the switchover: a
+    /// destination that says it completed (SHUT(0)) is believed.
+    pub end_sent: bool,
+    /// A pause took the preempt channel down; it is not opened again, and
+    /// requested pages travel on the main stream.
+    pub preempt_lost: bool,
 }
 
 impl Postcopy {
@@ -74,6 +80,8 @@ impl Postcopy {
             guest_on_destination: false,
             requests: heapless::Deque::new(),
             last_request_block: None,
+            end_sent: false,
+            preempt_lost: false,
         }
     }
 }
@@ -329,9 +337,11 @@ impl<'a> SourceEngine<'a> {
 
     /// True when requested pages travel on the postcopy preempt channel.
     pub(super) fn preempt(&self) -> bool {
-        self.config
-            .capabilities
-            .contains(Capabilities::POSTCOPY_PREEMPT)
+        !self.postcopy.preempt_lost
+            && self
+                .config
+                .capabilities
+                .contains(Capabilities::POSTCOPY_PREEMPT)
     }
 
     /// Postcopy preempt: the requested pages, each sent on the preempt

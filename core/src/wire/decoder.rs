@@ -113,6 +113,16 @@ impl<'s> StreamDecoder<'s> {
         }
     }
 
+    /// Starts over at a new stream header, as on a new connection (a
+    /// postcopy recovery): whatever was buffered of the old one is
+    /// dropped, and an earlier error is forgotten with it.
+    pub fn restart(&mut self) {
+        self.head_fill = 0;
+        self.body_fill = 0;
+        self.phase = Phase::StreamHeader;
+        self.ended = false;
+    }
+
     /// The largest record body this decoder accepts.
     pub fn limit(&self) -> usize {
         self.scratch.len().min(MAX_RECORD_BODY)

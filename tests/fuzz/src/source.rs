@@ -10,6 +10,7 @@ use livemig_core::config::MigrationConfig;
 use livemig_core::digest::{DigestBooks, DigestKey};
 use livemig_core::return_path::RpMessage;
 use livemig_core::source::{BlockTracking, EndReason, PageReader, SourceAction, SourceEngine};
+use livemig_core::status::MigrationStatus;
 use livemig_core::time::Instant;
 use livemig_core::wire::{BlockId, BlockInfo};
 
@@ -176,12 +177,23 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     | SourceAction::SetThrottle { .. },
                 )
                 | None => {}
+                Some(SourceAction::Paused) => {
+                    assert!(engine.is_paused() && engine.guest_on_destination());
+                    // Resume on some inputs: the recovery handshake is
+                    // fuzzed too, with the bitmap parts below.
+                    if op & 0x40 != 0 {
+                        engine.resume(t).expect("paused");
+                    }
+                }
                 Some(SourceAction::Finished(_)) => break,
             },
             4 => {
                 let start = u64::from(script.next().unwrap_or(0)) * 4096;
                 let len = u32::from(script.next().unwrap_or(1)) * 4096;
-                let msg = match script.next().unwrap_or(0) % 9 {
+                let bitmap_at = usize::from(script.next().unwrap_or(0));
+                let bitmap = data.get(bitmap_at..).unwrap_or_default();
+                let bitmap = &bitmap[..bitmap.len().min(usize::from(op))];
+                let msg = match script.next().unwrap_or(0) % 13 {
                     0 => RpMessage::ReqPagesId {
                         block: "pc.ram",
                         start,
@@ -198,6 +210,16 @@ pub fn source_accepts(data: &[u8]) -> bool {
                     5 => RpMessage::SwitchoverAck,
                     6 => RpMessage::ResumeAck,
                     7 => RpMessage::Loaded,
+                    9 => RpMessage::RecvBitmap { block: "pc.ram" },
+                    // The block's 256 pages take a 32-byte bitmap.
+                    10 => RpMessage::RecvBitmapSize {
+                        size: if op & 1 == 0 { 32 } else { u64::from(op) * 8 },
+                    },
+                    11 => RpMessage::RecvBitmapBytes {
+                        offset: start / 4096 * 8,
+                        bytes: bitmap,
+                    },
+                    12 => RpMessage::RecvBitmapEnd,
                     // Reaches SETUP_CHECK_PING (1) and POSTCOPY_RUN_PING (4).
                     _ => RpMessage::Pong(u32::from(op) % 5),
                 };
@@ -218,7 +240,13 @@ pub fn source_accepts(data: &[u8]) -> bool {
             }
         }
     }
-    // The adversary stops: cancel, then drain to the end.
+    // The adversary stops: a pause is given up (no new connection comes),
+    // then cancel, then drain to the end.
+    if engine.status().in_postcopy() && engine.status() != MigrationStatus::PostcopyActive {
+        engine
+            .give_up(Instant::from_nanos(now))
+            .expect("paused or recovering");
+    }
     if engine.cancel(Instant::from_nanos(now)).is_err() {
         assert!(
             engine.guest_on_destination() || engine.is_committed(),
