@@ -1128,7 +1128,12 @@ fn run_receive_loop(
             }
             Ok(Event::ReadError(e)) => {
                 eof = true;
-                let r = engine.handle_eof(now);
+                let r = if is_postcopy(engine.status()) {
+                    engine.handle_io_error(now, format_args!("connection lost: {e}"));
+                    Ok(())
+                } else {
+                    engine.handle_eof(now)
+                };
                 if engine.is_paused() {
                     cut.get_or_insert_with(|| format!("connection lost: {e}"));
                 } else {
@@ -1286,8 +1291,7 @@ fn send_return_path(
     };
     if let Err(e) = flush_return_path(engine, &link.conn, out) {
         if is_postcopy(engine.status()) {
-            // Ok or not, the engine's state tells what the cut did.
-            let _ = engine.handle_eof(clock::now());
+            engine.handle_io_error(clock::now(), format_args!("return path lost: {e}"));
         }
         keep_failure(engine, ReceiveFailure::ReturnPathLost(e), error, cut);
     }

@@ -371,12 +371,6 @@ impl SourceDriver<'_> {
                         self.resume_vcpus();
                         None
                     }
-                    // This shim does not reconnect yet: a pause is given up
-                    // at once, and the engine says where the pages are.
-                    SourceAction::Paused => {
-                        let _ = self.engine.give_up(clock::now());
-                        None
-                    }
                 };
                 report_due = self.link.take_wrote();
                 self.note_recovered();
