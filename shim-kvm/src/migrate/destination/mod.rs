@@ -1199,6 +1199,12 @@ fn run_receive_loop(
             let listener = host.recover_listener.as_ref().or(host.listener.as_ref());
             match pause.as_mut().map(|p| p.poll(listener, shared)) {
                 Some(Awaited::Connection(conn)) => {
+                    // What the old connection's reader queued before it
+                    // ended must not be taken for the new one's (its end
+                    // would pause again). The rest are wake-ups only: the
+                    // faults wait in their queue, and no channel runs in
+                    // postcopy.
+                    while events.try_recv().is_ok() {}
                     // A connection that cannot be read leaves the engine
                     // paused: the source tries again.
                     if let Ok(l) = Incoming::open(conn, &host.events) {
