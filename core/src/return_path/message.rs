@@ -518,10 +518,7 @@ mod tests {
             words[page / 64] |= 1 << (page % 64);
         }
         let bitmap: std::vec::Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        assert_eq!(
-            crate::return_path::recv_bitmap_len(70),
-            bitmap.len() as u64
-        );
+        assert_eq!(crate::return_path::recv_bitmap_len(70), bitmap.len() as u64);
         let parts = [
             RpMessage::RecvBitmap { block: "pc.ram" },
             RpMessage::RecvBitmapSize { size: 16 },
