@@ -1121,6 +1121,11 @@ fn run_receive_loop(
             last_progress = clock::monotonic_ns();
             shared.publish(engine.stats());
         }
+        // This shim does not listen again yet: a postcopy pause is given
+        // up at once, and the engine says where the pages are.
+        if engine.is_paused() {
+            let _ = engine.give_up(now);
+        }
         if eof
             || engine.is_completed()
             || engine.status() == MigrationStatus::Failed
