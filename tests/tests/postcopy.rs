@@ -6,7 +6,9 @@
 use livemig_core::capabilities::Capabilities;
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{Outcome, Scenario, run_migration};
-use livemig_tests::{assert_verified, dirtying, guest_gib, link};
+use livemig_tests::{
+    assert_failed_after_the_switchover, assert_verified, dirtying, guest_gib, link,
+};
 
 /// A 1 GiB guest keeping 64 MiB dirty far faster than a 125 MB/s link:
 /// precopy alone never converges.
@@ -162,23 +164,6 @@ fn switching_after_one_pass() -> (Scenario, u64) {
     let clean = run_migration(&s).expect("scenario");
     assert_verified(&clean);
     (s, clean.bytes_at_stop.expect("stopped"))
-}
-
-/// A postcopy that failed after the switchover: both ends failed, in
-/// bounded time, and the source's stale copy of the guest does not run.
-fn assert_failed_after_the_switchover(o: &Outcome) {
-    assert!(!o.timed_out, "nothing may wait forever");
-    assert_eq!(o.source.status, MigrationStatus::Failed);
-    let why = o.source.error_desc.as_str();
-    assert!(
-        why.contains("postcopy failed after the switchover"),
-        "{why}"
-    );
-    assert!(
-        !o.source_running,
-        "the source's stale copy of the guest must not run"
-    );
-    assert_eq!(o.destination.status, MigrationStatus::Failed);
 }
 
 #[test]
