@@ -66,13 +66,15 @@
 //! whose copy is stale). The sums at the end still cover the rest.
 //!
 //! The hash is not cryptographic: it catches accidents (any change
-//! confined to one of a page's eight word lanes, such as a flipped bit or
-//! byte, always; anything else but with probability about 2^-64), not
+//! confined to one aligned 8-byte word, such as a flipped bit or byte, and
+//! the same contents under another index or block, always, barring the
+//! 2^-64 chance of a fold to 0 or 1; anything else but with probability
+//! about 2^-64), not
 //! an adversary who can write the stream (that is TLS's job). The key,
 //! chosen per migration by the source, makes a page left over from another
 //! migration or another guest unlikely to match by chance. It takes one
 //! 64-bit multiply a word (some 18 GB/s a core): a faster one that takes
-//! two words a multiply would lose the one-lane guarantee.
+//! two words a multiply would miss some two-bit changes across a word pair.
 //!
 //! # Naming the first mismatching page
 //!
