@@ -373,7 +373,7 @@ impl<'a> SourceEngine<'a> {
                 self.scan.batch.push(page, zero);
             }
             if !self.scan.batch.is_empty() {
-                return Some(self.emit_preempt_batch());
+                return Some(self.emit_preempt_batch(ram));
             }
         }
         None
@@ -430,7 +430,7 @@ impl<'a> SourceEngine<'a> {
                 }
             }
             if !self.scan.batch.is_empty() {
-                return Some(self.emit_batch(BatchFlags::empty()));
+                return Some(self.emit_batch(ram, BatchFlags::empty()));
             }
         }
         self.next_pages(ram, false)

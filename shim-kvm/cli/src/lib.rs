@@ -6,7 +6,9 @@
 //!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
 //!   run.
 //! - [`qemu`] and [`qmp`]: the same guest under QEMU, migrated by QEMU over
-//!   QMP; [`vs_qemu`] alternates those runs with `bench`'s (`--vs-qemu`).
+//!   QMP; [`vs_qemu`] alternates those runs with `bench`'s (`--vs-qemu`);
+//!   [`verify_cost`] alternates verified runs with unverified ones
+//!   (`--verify-cost`).
 //! - [`continuity`]: whether the guest went on after a migration (every
 //!   vCPU's stamp counter, the timer, the serial sequence across hosts).
 //! - [`watch`]: the guest read at the stop and after the switchover, that
@@ -45,6 +47,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod timeline;
+pub mod verify_cost;
 pub mod vmm;
 pub mod vs_qemu;
 pub mod watch;

@@ -18,7 +18,7 @@ use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
 use livemig_cli::report::{Progress, Summary};
 use livemig_cli::timeline;
-use livemig_cli::{qemu, run, vmm, vs_qemu};
+use livemig_cli::{qemu, run, verify_cost, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
@@ -300,6 +300,14 @@ struct ReceiveArgs {
     /// downtime by `digest-time`).
     #[arg(long)]
     digest: bool,
+    /// After a precopy too, report the pages the guest wrote here
+    /// (`guest-written-ranges`) and the digest of all the others, taken at
+    /// the end of the watch with the guest paused (`digest-unwritten`, as
+    /// after a postcopy): a second opinion from outside the stop. The
+    /// guest's writes are logged meanwhile, which slows its first write
+    /// of each page here.
+    #[arg(long)]
+    digest_unwritten: bool,
     /// A destination capability: --cap postcopy-blocktime=on reports the
     /// time each vCPU spent blocked on missing pages after a postcopy
     /// (repeatable; postcopy itself needs no flag here).
@@ -355,6 +363,13 @@ struct BenchArgs {
     /// error.
     #[arg(long)]
     vs_qemu: bool,
+    /// Run each case with verification on and off, alternating which goes
+    /// first, --runs times each way, and print each figure's median both
+    /// ways and the ratio on/off (downtime, final pages, total time,
+    /// throughput). The unverified runs are checked by a digest of the
+    /// pages the destination guest did not write, after its watch.
+    #[arg(long, conflicts_with_all = ["vs_qemu", "no_verify", "timeline"])]
+    verify_cost: bool,
     /// Draw the run of median downtime of each case (throughput, dirty
     /// rate, remaining bytes, switchover threshold, each dirty-log sync
     /// and the stop) into this SVG file; with several cases, one file per
@@ -645,6 +660,9 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
             ..SourceOptions::default()
         },
     };
+    if a.verify_cost {
+        return run_verify_cost_bench(a, &cases, &opts, &config);
+    }
     let qemu = if a.vs_qemu {
         match qemu::find_qemu() {
             Some(path) => Some((qemu::qemu_version(&path).map_err(|e| e.to_string())?, path)),
@@ -719,6 +737,36 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
                 );
                 code = ExitCode::FAILURE;
             }
+        }
+    }
+    Ok(code)
+}
+
+/// `livemig bench --verify-cost`: each case verified and not, alternating;
+/// a run either way that did not verify is an error line and exit status 1.
+fn run_verify_cost_bench(
+    a: &BenchArgs,
+    cases: &[BenchCase],
+    opts: &BenchOptions,
+    config: &MigrationConfig,
+) -> Result<ExitCode, String> {
+    let cancel = cancel_on_signals()?;
+    let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
+    let mut code = ExitCode::SUCCESS;
+    for &case in cases {
+        let cost =
+            verify_cost::run_case(case, opts, config, &data, &cancel).map_err(|e| e.to_string())?;
+        if a.json {
+            println!("{}", cost.to_json());
+        } else {
+            print!("{}", cost.table());
+        }
+        if !cost.verified() {
+            eprintln!(
+                "livemig: bench: a run of {} did not verify (verification on or off)",
+                case.name
+            );
+            code = ExitCode::FAILURE;
         }
     }
     Ok(code)
@@ -896,6 +944,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Duration::from_millis(a.idle_timeout_ms),
                 receive_blocktime(&a.caps)?,
                 a.digest,
+                a.digest_unwritten,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),
                 &mut |s| hold(s, &a.output, a.hold_timeout_s, &mut decided),
