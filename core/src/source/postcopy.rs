@@ -327,6 +327,14 @@ impl<'a> SourceEngine<'a> {
         }
     }
 
+    /// Whether page requests from the destination wait to be served: the
+    /// next action then carries requested pages, not the background pass.
+    /// A driver that paces the background pass (the preempt channel's
+    /// main stream, see livemig-kvm) must not hold back such an action.
+    pub fn has_page_requests(&self) -> bool {
+        self.status == MigrationStatus::PostcopyActive && !self.postcopy.requests.is_empty()
+    }
+
     /// True when requested pages travel on the postcopy preempt channel.
     pub(super) fn preempt(&self) -> bool {
         self.config

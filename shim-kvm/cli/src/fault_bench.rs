@@ -31,7 +31,6 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::MigrationConfig;
@@ -60,11 +59,6 @@ pub const POSTCOPY_GUEST: BenchCase = BenchCase {
 
 /// Faults timed per baseline and round.
 pub const ROUND_TRIPS: usize = 500;
-
-/// Pause between two timed faults: the fault thread is back asleep in
-/// `poll` when the next fault comes, as between a guest's faults, instead
-/// of finding the next event already queued.
-const BETWEEN_FAULTS: Duration = Duration::from_micros(200);
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -222,8 +216,9 @@ pub fn round_trip(source: PageSource, faults: usize) -> Result<RoundTrip, RoundT
     };
     let mut touch_ns = Vec::with_capacity(faults);
     let mut byte = [0u8; 1];
+    // One page after the other, as the demo guest's vCPUs touch their
+    // share of the working set.
     for i in 0..faults as u64 {
-        thread::sleep(BETWEEN_FAULTS);
         let start = clock::monotonic_ns();
         ram.ram()
             .read(i * PAGE, &mut byte)

@@ -278,6 +278,7 @@ impl SourceDriver<'_> {
                 if let Some(lost) = self.link.lost_channel() {
                     self.connection_lost(SourceFailure::ChannelLost(lost));
                 }
+                self.await_main_room();
                 let pages = KvmPages {
                     ram: self.guest.ram(),
                 };
@@ -692,7 +693,7 @@ impl SourceDriver<'_> {
 
     /// Hands one return-path event to the engine. Returns when it was read
     /// if it carried the PONG to [`POSTCOPY_RUN_PING`].
-    fn on_return_path(&mut self, event: RpEvent) -> Option<u64> {
+    pub(super) fn on_return_path(&mut self, event: RpEvent) -> Option<u64> {
         self.reader_done |= event.is_last();
         let mut run_acked = None;
         let now = clock::now();

@@ -32,6 +32,7 @@ mod driver;
 mod failure;
 mod gate;
 mod guest;
+mod pacing;
 mod return_path;
 mod stop;
 mod timeline;
