@@ -349,9 +349,7 @@ impl FaultRun {
     /// This round as one JSON object.
     pub fn to_json(&self) -> Value {
         let lat = |l: Latency| json!({ "median-us": l.median_us, "p99-us": l.p99_us });
-        let trip = |t: RoundTrip| {
-            json!({ "touch-to-resume": lat(t.touch), "read-to-placed": lat(t.read_to_placed) })
-        };
+        let trip = |t: RoundTrip| json!({ "touch-to-resume": lat(t.touch), "read-to-placed": lat(t.read_to_placed) });
         json!({
             "uffd-round-trip": trip(self.uffd),
             "uffd-tcp-round-trip": trip(self.tcp),
@@ -423,11 +421,17 @@ pub fn table(guest: BenchCase, runs: &[FaultRun]) -> String {
     let figures: [Figure; 12] = [
         ("uffd round trip us", |r| Some(r.uffd.touch.median_us)),
         ("  p99 us", |r| Some(r.uffd.touch.p99_us)),
-        ("  read->placed us", |r| Some(r.uffd.read_to_placed.median_us)),
+        ("  read->placed us", |r| {
+            Some(r.uffd.read_to_placed.median_us)
+        }),
         ("uffd+TCP round trip us", |r| Some(r.tcp.touch.median_us)),
         ("  p99 us", |r| Some(r.tcp.touch.p99_us)),
-        ("  read->placed us", |r| Some(r.tcp.read_to_placed.median_us)),
-        ("fault latency us", |r| r.fault_latency().map(|l| l.median_us)),
+        ("  read->placed us", |r| {
+            Some(r.tcp.read_to_placed.median_us)
+        }),
+        ("fault latency us", |r| {
+            r.fault_latency().map(|l| l.median_us)
+        }),
         ("  p99 us", |r| r.fault_latency().map(|l| l.p99_us)),
         ("  requests", |r| r.samples().map(|n| n as f64)),
         ("vs uffd x (target <= 1.5)", FaultRun::vs_uffd),
@@ -435,7 +439,11 @@ pub fn table(guest: BenchCase, runs: &[FaultRun]) -> String {
         ("downtime ms (target < 5)", |r| r.summary.downtime()),
     ];
     let fmt = |v: f64| format!("{v:.2}");
-    let mut rows = vec![["figure", "median", "min", "max"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["figure", "median", "min", "max"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for (name, f) in figures {
         let s = Spread::of(runs.iter().filter_map(f));
         rows.push(vec![
