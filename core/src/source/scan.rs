@@ -181,9 +181,14 @@ impl SourceEngine<'_> {
                 // Still more than the threshold to send: switch now rather
                 // than at the end of the pass (the seeds' check runs before
                 // every iteration step too).
-                self.postcopy.switching = true;
-                self.step = Step::AwaitStopped;
-                return Some(SourceAction::StopVcpus);
+                self.begin_switch();
+                return match self.step {
+                    Step::EarlyDiscard => Some(self.next_early_discard()),
+                    _ => {
+                        self.step = Step::AwaitStopped;
+                        Some(SourceAction::StopVcpus)
+                    }
+                };
             }
         }
         loop {

@@ -837,3 +837,91 @@ fn giving_up_a_pause_fails_and_keeps_the_guest_stopped() {
         );
     });
 }
+
+/// Drives a return-path postcopy of a 1024-page guest whose first 64
+/// pages are dirty again after the first pass, up to the decision to
+/// switch, and hands `f` the engine, the time and the writes since the
+/// decision's sync, up to (not including) the engine's first `None`.
+fn at_the_postcopy_decision(f: impl FnOnce(&mut SourceEngine<'_>, Instant, &[vec::Vec<u8>])) {
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::RETURN_PATH | Capabilities::POSTCOPY_RAM;
+    config.limits.postcopy_after_iterations = Some(1);
+    config.parameters.downtime_limit_ms = 0;
+    config.parameters.max_bandwidth = 0;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    let mut syncs = 0;
+    let mut since_decision = vec::Vec::new();
+    while let Some(action) = s.poll_action(now, &AllZero) {
+        match action {
+            SourceAction::SyncDirtyLog => {
+                let mut log = [0u64; 16];
+                log[0] = u64::MAX;
+                if syncs == 0 {
+                    log = [u64::MAX; 16];
+                }
+                syncs += 1;
+                s.handle_dirty_log(0, &log).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+            SourceAction::Send(bytes) if syncs >= 2 => since_decision.push(bytes.to_vec()),
+            SourceAction::StopVcpus => panic!("stopped before the early discards were answered"),
+            SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
+                panic!("the migration ended early")
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(syncs, 2, "the switch is decided at the second sync");
+    f(&mut s, now, &since_decision);
+}
+
+fn early_discard_ping() -> vec::Vec<u8> {
+    let mut ping = vec![0u8; 64];
+    let n = Record::Command(Command::Ping(EARLY_DISCARD_PING))
+        .encode(&mut ping)
+        .unwrap();
+    ping.truncate(n);
+    ping
+}
+
+/// The postcopy stop is shortened by discarding what is dirty before it:
+/// the discards and a ping go out while the guest runs, and the guest
+/// stops only once the destination answered that ping.
+#[test]
+fn postcopy_discards_early_and_stops_after_the_destination_answered() {
+    at_the_postcopy_decision(|s, now, sent| {
+        let ping = early_discard_ping();
+        assert_eq!(sent.last(), Some(&ping), "the ping ends the early writes");
+        assert!(
+            sent[..sent.len() - 1].iter().any(|b| !b.is_empty()),
+            "a discard record went out before it"
+        );
+        assert_eq!(s.status(), MigrationStatus::Active, "the guest still runs");
+        assert_eq!(s.poll_action(now, &AllZero), None);
+        assert_eq!(s.poll_timeout(), Some(now + EARLY_DISCARD_WAIT));
+        s.handle_return_path(now, &RpMessage::Pong(EARLY_DISCARD_PING))
+            .unwrap();
+        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::StopVcpus));
+    });
+}
+
+/// A destination that does not answer the early discards' ping delays the
+/// stop by at most [`EARLY_DISCARD_WAIT`].
+#[test]
+fn an_unanswered_early_discard_ping_stops_the_guest_anyway() {
+    at_the_postcopy_decision(|s, now, _| {
+        let later = now + EARLY_DISCARD_WAIT;
+        assert_eq!(
+            s.poll_action(later, &AllZero),
+            Some(SourceAction::StopVcpus)
+        );
+    });
+}

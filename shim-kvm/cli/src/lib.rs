@@ -4,7 +4,8 @@
 //!   and summaries, `send` / `receive`, and its self-contained demo (with a
 //!   simulated fallback over livemig-sim when there is no `/dev/kvm`);
 //!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
-//!   run.
+//!   run; [`fault_bench`] times postcopy's faults against the bare
+//!   userfaultfd round trip (`--case postcopy`).
 //! - [`qemu`] and [`qmp`]: the same guest under QEMU, migrated by QEMU over
 //!   QMP; [`vs_qemu`] alternates those runs with `bench`'s (`--vs-qemu`);
 //!   [`verify_cost`] alternates verified runs with unverified ones
@@ -38,6 +39,7 @@ pub mod bench;
 pub mod breakdown;
 pub mod continuity;
 pub mod demo;
+pub mod fault_bench;
 pub mod guest;
 pub mod guest_writes;
 pub mod interrupt;

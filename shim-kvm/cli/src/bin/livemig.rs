@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use livemig_cli::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_cli::demo::{self, DemoError, GuestShape};
+use livemig_cli::fault_bench;
 use livemig_cli::guest;
 use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
@@ -335,8 +336,11 @@ struct BenchArgs {
     /// A case to run (repeatable; default: idle-4g and busy-1g): idle-4g,
     /// busy-1g, or multifd alone (a 1 GiB guest of non-zero pages over 1,
     /// 2 and N channels, N from --param multifd-channels or 4, against as
-    /// many raw TCP streams).
-    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd"])]
+    /// many raw TCP streams), or postcopy alone (the userfaultfd round trip,
+    /// bare and over loopback TCP, then a postcopy migration with
+    /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set: fault
+    /// latency, the ratios and the downtime).
+    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd", "postcopy"])]
     cases: Vec<String>,
     /// Runs per case; the figures are median, min and max over them.
     #[arg(long, default_value_t = 3)]
@@ -637,6 +641,9 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     if a.cases.iter().any(|c| c == bench::MULTIFD_CASE) {
         return run_multifd_bench(a, &config);
     }
+    if a.cases.iter().any(|c| c == fault_bench::POSTCOPY_CASE) {
+        return run_postcopy_bench(a, &config);
+    }
     let mut cases: Vec<BenchCase> = if a.cases.is_empty() {
         bench::CASES.to_vec()
     } else {
@@ -821,6 +828,52 @@ fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("livemig: bench: a multifd run did not verify");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `livemig bench --case postcopy`: the userfaultfd round trip, alone and
+/// over loopback TCP, then a postcopy migration with preempt of a busy
+/// guest of `--mem-mib` (default 1024) MiB, per round.
+fn run_postcopy_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode, String> {
+    if a.cases.len() != 1 {
+        return Err(format!(
+            "bench case '{}' runs alone: give it as the only --case",
+            fault_bench::POSTCOPY_CASE
+        ));
+    }
+    let guest = match a.mem_mib_override {
+        Some(mem) => fault_bench::POSTCOPY_GUEST.scaled(mem),
+        None => fault_bench::POSTCOPY_GUEST,
+    };
+    let config = fault_bench::postcopy_config(config, |name| {
+        options::sets_param(&a.migration.params, name)
+    });
+    let opts = BenchOptions {
+        runs: a.runs,
+        warmup: Duration::from_millis(a.warmup_ms),
+        run_for: Duration::from_millis(a.run_ms),
+        verbose: !a.quiet,
+        vcpus: a.vcpus,
+        source: SourceOptions {
+            verify: !a.migration.no_verify,
+            audit: a.migration.audit,
+            ..SourceOptions::default()
+        },
+    };
+    let cancel = cancel_on_signals()?;
+    let runs = fault_bench::run(guest, &opts, &config, &cancel).map_err(|e| e.to_string())?;
+    if a.json {
+        for r in &runs {
+            println!("{}", r.to_json());
+        }
+    } else {
+        print!("{}", fault_bench::table(guest, &runs));
+    }
+    if runs.iter().all(|r| r.summary.verified) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("livemig: bench: a postcopy run did not verify");
         Ok(ExitCode::FAILURE)
     }
 }

@@ -6,9 +6,9 @@
 //! A channel's write error ends its thread and is reported to the
 //! migration thread, which fails the migration: the guest runs on here.
 //!
-//! The postcopy preempt channel is one more such sender, of its own kind:
-//! it writes the requested pages while the migration thread goes on with
-//! the main stream.
+//! The postcopy preempt channel has no sender thread (the migration thread
+//! writes it, see the driver); its failures are reported as a
+//! [`ChannelLost`] of [`ChannelKind::Preempt`].
 
 use std::fmt;
 use std::sync::Arc;

@@ -53,8 +53,9 @@ pub(super) struct Link {
     pub(super) conn: Connection,
     /// With multifd: the channels' sender threads.
     pub(super) channels: Option<ChannelSenders>,
-    /// With postcopy-preempt: the preempt channel's sender thread.
-    pub(super) preempt: Option<ChannelSenders>,
+    /// With postcopy-preempt: the preempt channel, written by the
+    /// migration thread itself (see [`Link::send_preempt_pages`]).
+    pub(super) preempt: Option<Connection>,
     /// The guest page numbers of the batch being sent (reused).
     pub(super) gfns: Vec<u64>,
     /// Stream bytes handed over by the engine and not yet written.
@@ -151,27 +152,22 @@ impl Link {
 
     /// The preempt channel (the engine hands out preempt actions only with
     /// postcopy-preempt on, and the migration starts only with it).
-    fn preempt(&self) -> Result<&ChannelSenders, SourceFailure> {
-        self.preempt
-            .as_ref()
-            .ok_or(SourceFailure::ChannelLost(ChannelLost {
-                kind: ChannelKind::Preempt,
-                channel: 0,
-                error: None,
-            }))
+    fn preempt(&self) -> Result<&Connection, SourceFailure> {
+        self.preempt.as_ref().ok_or(preempt_lost(None))
     }
 
-    /// [`SourceAction::SendPreempt`]: the preempt channel's hello, queued
-    /// for its sender thread.
+    /// [`SourceAction::SendPreempt`]: the preempt channel's hello.
     fn send_preempt(&self, bytes: &[u8]) -> Result<(), SourceFailure> {
         self.preempt()?
-            .send(0, bytes)
-            .map_err(SourceFailure::ChannelLost)
+            .write_all(bytes)
+            .map_err(|e| preempt_lost(Some(e)))
     }
 
-    /// [`SourceAction::SendPreemptPages`]: requested pages, queued for the
-    /// preempt channel's sender thread, which writes them straight from
-    /// guest RAM while this thread goes on with the main stream.
+    /// [`SourceAction::SendPreemptPages`]: requested pages, written at once
+    /// straight from guest RAM. The channel carries nothing else, so its
+    /// socket is as good as empty and the write does not wait; a sender
+    /// thread would put one more wake-up on every request's path
+    /// (measured: 65 us median, milliseconds under load).
     fn send_preempt_pages(
         &mut self,
         ram: &GuestMemory,
@@ -180,17 +176,16 @@ impl Link {
         pages: &[u64],
     ) -> Result<(), SourceFailure> {
         self.set_gfns(ram, block, pages)?;
-        self.preempt()?
-            .send_pages(0, header, &self.gfns)
-            .map_err(SourceFailure::ChannelLost)
+        let conn = self.preempt()?;
+        PageIovecs::new(ram, header, &self.gfns)
+            .map_err(TransportError::from)
+            .and_then(|p| conn.write_page_iovecs(p))
+            .map_err(|e| preempt_lost(Some(e)))
     }
 
-    /// The first failure a sender thread (multifd or preempt) reported.
+    /// The first failure a multifd sender thread reported.
     fn lost_channel(&self) -> Option<ChannelLost> {
-        self.channels
-            .iter()
-            .chain(self.preempt.iter())
-            .find_map(ChannelSenders::failure)
+        self.channels.as_ref().and_then(ChannelSenders::failure)
     }
 
     /// [`SourceAction::SendChannel`]: a hello or SYNC packet, queued for
@@ -217,6 +212,16 @@ impl Link {
             .send_pages(channel, header, &self.gfns)
             .map_err(SourceFailure::ChannelLost)
     }
+}
+
+/// The preempt channel's failure: its write's error, or none when there
+/// is no channel.
+fn preempt_lost(error: Option<TransportError>) -> SourceFailure {
+    SourceFailure::ChannelLost(ChannelLost {
+        kind: ChannelKind::Preempt,
+        channel: 0,
+        error,
+    })
 }
 
 /// A running source migration: the engine and everything its actions are
@@ -278,6 +283,7 @@ impl SourceDriver<'_> {
                 if let Some(lost) = self.link.lost_channel() {
                     self.connection_lost(SourceFailure::ChannelLost(lost));
                 }
+                self.await_main_room();
                 let pages = KvmPages {
                     ram: self.guest.ram(),
                 };
@@ -698,7 +704,7 @@ impl SourceDriver<'_> {
 
     /// Hands one return-path event to the engine. Returns when it was read
     /// if it carried the PONG to [`POSTCOPY_RUN_PING`].
-    fn on_return_path(&mut self, event: RpEvent) -> Option<u64> {
+    pub(super) fn on_return_path(&mut self, event: RpEvent) -> Option<u64> {
         self.reader_done |= event.is_last();
         let mut run_acked = None;
         let now = clock::now();

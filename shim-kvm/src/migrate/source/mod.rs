@@ -32,6 +32,7 @@ mod driver;
 mod failure;
 mod gate;
 mod guest;
+mod pacing;
 mod return_path;
 mod stop;
 mod timeline;
@@ -251,8 +252,9 @@ pub fn migrate(
 /// `conn`, see [`receive_with_channels`](super::receive_with_channels)):
 /// with the `multifd` capability the `multifd-channels` channels, with
 /// `postcopy-preempt` the one preempt channel (the two never go together:
-/// multifd with postcopy is refused). Each gets a sender thread that writes
-/// pages straight from guest memory. Another number of connections is
+/// multifd with postcopy is refused). Each multifd channel gets a sender
+/// thread that writes pages straight from guest memory; the preempt
+/// channel is written by the migration thread, as requests come. Another number of connections is
 /// refused with [`MigrateError::ChannelCount`].
 pub fn migrate_with_channels(
     vm: SourceVm,
@@ -292,17 +294,15 @@ pub fn migrate_with_channels(
     let shared = Arc::new(Shared::default());
     let theirs = Arc::clone(&gate);
     let guest = SourceGuest { vm, caps, model };
-    let kind = if preempt {
-        ChannelKind::Preempt
+    // The preempt channel is written by the migration thread; multifd
+    // channels get a sender thread each.
+    let (channels, preempt) = if preempt {
+        (None, channels.into_iter().next())
     } else {
-        ChannelKind::Multifd
-    };
-    let senders = (!channels.is_empty())
-        .then(|| ChannelSenders::start(kind, channels, &guest.vm.memory))
-        .transpose()?;
-    let (channels, preempt) = match kind {
-        ChannelKind::Multifd => (senders, None),
-        ChannelKind::Preempt => (None, senders),
+        let senders = (!channels.is_empty())
+            .then(|| ChannelSenders::start(ChannelKind::Multifd, channels, &guest.vm.memory))
+            .transpose()?;
+        (senders, None)
     };
     MigrationHandle::spawn(shared, gate, move |shared| {
         run(
@@ -455,11 +455,11 @@ fn run(
     // Wake the return-path reader (it may be blocked in read) and let it end.
     let _ = driver.link.conn.shutdown(std::net::Shutdown::Both);
     let _ = reader.join();
-    for senders in [driver.link.channels.take(), driver.link.preempt.take()]
-        .into_iter()
-        .flatten()
-    {
+    if let Some(senders) = driver.link.channels.take() {
         senders.finish();
+    }
+    if let Some(preempt) = driver.link.preempt.take() {
+        let _ = preempt.shutdown(std::net::Shutdown::Both);
     }
     let mut report = driver.report;
     report.stats = driver.engine.stats().clone();
