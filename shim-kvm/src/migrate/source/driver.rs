@@ -520,8 +520,12 @@ impl SourceDriver<'_> {
     /// [`SourceAction::SetThrottle`]: holds the vCPUs back for `percent` %
     /// of their time (0: no limit).
     fn set_throttle(&mut self, percent: u8) {
-        if let Err(e) = self.guest.throttle(percent) {
-            self.fail(SourceFailure::Throttle(e));
+        match self.guest.throttle(percent) {
+            Ok(()) => self
+                .report
+                .timeline
+                .throttle(clock::monotonic_ns(), percent),
+            Err(e) => self.fail(SourceFailure::Throttle(e)),
         }
     }
 

@@ -66,7 +66,9 @@ use guest::SourceGuest;
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::capabilities::Capabilities;
 pub use stop::{SourceStop, StopPart};
-pub use timeline::{MAX_SLICES, MAX_SYNCS, SLICE_NS, Slice, SyncMark, Timeline};
+pub use timeline::{
+    MAX_SLICES, MAX_SYNCS, MAX_THROTTLE_CHANGES, SLICE_NS, Slice, SyncMark, ThrottleMark, Timeline,
+};
 
 /// Longest the migration thread waits for input before polling again (so
 /// the progress line stays fresh and a stuck peer is noticed).
