@@ -24,7 +24,7 @@ use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::dirty_log::DirtyLogMode;
-use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
+use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, DEFAULT_STOP_NICE, SourceOptions};
 use livemig_kvm::transport::MigrationUri;
 use serde_json::json;
 
@@ -164,6 +164,13 @@ struct Migration {
     /// shrinks; the report says for how long and how hard).
     #[arg(long)]
     no_stop_throttle: bool,
+    /// Leave the migration's threads at their usual priority during the
+    /// stop (by default the migration thread and the return-path reader
+    /// run at nice -10 from the vCPU stop until the guest runs again, so
+    /// that their wake-ups in the stop do not wait behind other threads;
+    /// without CAP_SYS_NICE the summary's `stop-priority-refused` says so).
+    #[arg(long)]
+    no_stop_priority: bool,
 }
 
 #[derive(Args)]
@@ -463,8 +470,14 @@ fn source_options(m: &Migration, workload: &Workload, receiver_digests: bool) ->
         stop_cost: DEFAULT_STOP_COST + digest,
         verify: !m.no_verify,
         audit: m.audit,
+        stop_nice: stop_nice(m),
         ..SourceOptions::default()
     }
+}
+
+/// The nice value of the migration's threads during the stop.
+fn stop_nice(m: &Migration) -> Option<i8> {
+    (!m.no_stop_priority).then_some(DEFAULT_STOP_NICE)
 }
 
 /// The moment the guest changes hands in postcopy, on stderr (also with
@@ -664,6 +677,7 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         source: SourceOptions {
             verify: !a.migration.no_verify,
             audit: a.migration.audit,
+            stop_nice: stop_nice(&a.migration),
             ..SourceOptions::default()
         },
     };
@@ -803,6 +817,7 @@ fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode
         source: SourceOptions {
             verify: !a.migration.no_verify,
             audit: a.migration.audit,
+            stop_nice: stop_nice(&a.migration),
             ..SourceOptions::default()
         },
     };

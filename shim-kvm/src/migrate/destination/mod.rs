@@ -680,8 +680,7 @@ impl EnginePostcopyHost for KvmHost {
             .listener
             .as_ref()
             .ok_or(HostFailure::NoPreemptListener)?;
-        let reader = PreemptReader::open(listener, self.channel_deadline, &self.events)
-            .map_err(HostFailure::AcceptPreempt)?;
+        let reader = PreemptReader::open(listener, self.channel_deadline, &self.events)?;
         self.preempt = Some(reader);
         Ok(())
     }
@@ -712,21 +711,23 @@ fn spawn_reader(
     conn: Connection,
     events: Sender<Event>,
     pool: Receiver<Vec<u8>>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        // No buffer back means the migration thread is done.
-        while let Ok(mut buf) = pool.recv() {
-            let event = match conn.read(&mut buf) {
-                Ok(0) => Event::Eof,
-                Ok(n) => Event::Bytes(buf, n),
-                Err(e) => Event::ReadError(e),
-            };
-            let last = !matches!(event, Event::Bytes(..));
-            if events.send(event).is_err() || last {
-                break;
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("livemig-stream".into())
+        .spawn(move || {
+            // No buffer back means the migration thread is done.
+            while let Ok(mut buf) = pool.recv() {
+                let event = match conn.read(&mut buf) {
+                    Ok(0) => Event::Eof,
+                    Ok(n) => Event::Bytes(buf, n),
+                    Err(e) => Event::ReadError(e),
+                };
+                let last = !matches!(event, Event::Bytes(..));
+                if events.send(event).is_err() || last {
+                    break;
+                }
             }
-        }
-    })
+        })
 }
 
 /// Starts loading the stream arriving on `conn` into the VMM's fresh
@@ -874,7 +875,12 @@ fn run(
         // The receiver is alive: it is `pool`, moved into the reader below.
         let _ = pool_tx.send(vec![0u8; READ_BUFFER]);
     }
-    let reader = spawn_reader(reader_conn, host.events.clone(), pool);
+    let reader = spawn_reader(reader_conn, host.events.clone(), pool).map_err(|error| {
+        MigrateError::Spawn {
+            thread: "main stream reader",
+            error,
+        }
+    })?;
     let mut error = run_receive_loop(&mut engine, &mut host, conn, &events, &pool_tx, shared);
     // A completed precopy starts its guest before anything else: what
     // follows (the reader's end, the channels' end) waits for other

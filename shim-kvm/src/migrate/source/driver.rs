@@ -10,6 +10,8 @@
 //! second thread.
 
 use std::io::IoSlice;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
@@ -30,6 +32,7 @@ use super::return_path::RpEvent;
 use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
 use crate::clock;
 use crate::memory::{GuestMemory, PageIovecs};
+use crate::priority::{self, Raised};
 use crate::transport::{Connection, TransportError};
 use crate::vmm::VmmError;
 
@@ -234,6 +237,11 @@ pub(super) struct SourceDriver<'e> {
     /// The return path's decoder and the reader thread's events.
     pub(super) rp: RpDecoder,
     pub(super) events: Receiver<RpEvent>,
+    /// The reader thread's kernel thread id (0 until it has started).
+    pub(super) reader_tid: Arc<AtomicI32>,
+    /// The nice value raised for the stop ([`SourceOptions::stop_nice`]),
+    /// put back when dropped: when the guest runs again on either host.
+    pub(super) raised: Option<Raised>,
     /// The reader thread sent its last event.
     pub(super) reader_done: bool,
     pub(super) peer: String,
@@ -524,15 +532,32 @@ impl SourceDriver<'_> {
     /// [`SourceAction::SetThrottle`]: holds the vCPUs back for `percent` %
     /// of their time (0: no limit).
     fn set_throttle(&mut self, percent: u8) {
-        if let Err(e) = self.guest.throttle(percent) {
-            self.fail(SourceFailure::Throttle(e));
+        match self.guest.throttle(percent) {
+            Ok(()) => self
+                .report
+                .timeline
+                .throttle(clock::monotonic_ns(), percent),
+            Err(e) => self.fail(SourceFailure::Throttle(e)),
         }
     }
 
     /// [`SourceAction::StopVcpus`]: pauses the vCPUs for the stop-and-copy.
     fn stop_vcpus(&mut self) {
         self.report.stop.requested_ns = Some(clock::monotonic_ns());
-        match self.guest.pause() {
+        self.raise_priority();
+        // The vCPU threads only until they are parked.
+        let vcpus = self
+            .options
+            .stop_nice
+            .map(|nice| Raised::raise(&self.guest.vcpu_threads(), nice));
+        let paused = self.guest.pause();
+        if let Some((raised, refused)) = vcpus {
+            drop(raised);
+            if let Some(errno) = refused.and_then(|e| e.raw_os_error()) {
+                self.report.stop.priority_refused.get_or_insert(errno);
+            }
+        }
+        match paused {
             Ok(()) => {
                 let quiesced = self.guest.quiesce_devices();
                 self.report.stop.paused_ns = Some(clock::monotonic_ns());
@@ -553,6 +578,21 @@ impl SourceDriver<'_> {
             }
             Err(e) => self.fail(SourceFailure::StopVcpus(e)),
         }
+    }
+
+    /// Lowers the nice value of this thread and the reader's for the stop
+    /// ([`SourceOptions::stop_nice`]); a refusal is kept in the report.
+    fn raise_priority(&mut self) {
+        let Some(nice) = self.options.stop_nice else {
+            return;
+        };
+        let tids = [
+            priority::current_tid(),
+            self.reader_tid.load(Ordering::Acquire),
+        ];
+        let (raised, refused) = Raised::raise(&tids, nice);
+        self.raised = Some(raised);
+        self.report.stop.priority_refused = refused.and_then(|e| e.raw_os_error());
     }
 
     /// [`SourceAction::SaveSetupDevices`]: the CPU model and the runstate,
@@ -630,12 +670,15 @@ impl SourceDriver<'_> {
             announce();
         }
         self.report.run_acked_ns = self.await_run_ack();
+        // The guest runs on the destination: the stop is over.
+        self.raised = None;
         Ok(())
     }
 
     /// [`SourceAction::ResumeVcpus`]: the migration did not complete, the
     /// guest runs on here.
     fn resume_vcpus(&mut self) {
+        self.raised = None;
         if let Err(e) = self.guest.resume() {
             self.resume_error = Some(e);
         }
@@ -646,6 +689,7 @@ impl SourceDriver<'_> {
         if status == MigrationStatus::Completed {
             self.report.stop.confirmed_ns = Some(clock::monotonic_ns());
         }
+        self.raised = None;
     }
 
     /// How long to wait for the return path before polling again; `None`

@@ -67,7 +67,9 @@ use guest::SourceGuest;
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::capabilities::Capabilities;
 pub use stop::{SourceStop, StopPart};
-pub use timeline::{MAX_SLICES, MAX_SYNCS, SLICE_NS, Slice, SyncMark, Timeline};
+pub use timeline::{
+    MAX_SLICES, MAX_SYNCS, MAX_THROTTLE_CHANGES, SLICE_NS, Slice, SyncMark, ThrottleMark, Timeline,
+};
 
 /// Longest the migration thread waits for input before polling again (so
 /// the progress line stays fresh and a stuck peer is noticed).
@@ -124,6 +126,13 @@ pub struct SourceOptions {
     /// missed a write. It lengthens the stop by a hash of all RAM (tens of
     /// ms a GiB), so it is off by default.
     pub audit: bool,
+    /// The nice value the migration thread and the return-path reader take
+    /// from the vCPU stop until the guest runs again on either host (`None`:
+    /// left as they are). While the guest is stopped those threads are
+    /// all that runs for it, and a wake-up that waits for a CPU is
+    /// downtime; see `SourceStop::priority_refused` for a host that does
+    /// not allow it.
+    pub stop_nice: Option<i8>,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -133,6 +142,10 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// loading its state and starting it again took 1 to 11 ms on the 2-core
 /// development VM (idle `demo`, loopback).
 pub const DEFAULT_STOP_COST: Duration = Duration::from_millis(5);
+
+/// Default for [`SourceOptions::stop_nice`]: well ahead of the host's
+/// ordinary threads (nice 0) for the few milliseconds of a stop.
+pub const DEFAULT_STOP_NICE: i8 = -10;
 
 impl Default for SourceOptions {
     fn default() -> Self {
@@ -144,6 +157,7 @@ impl Default for SourceOptions {
             dirty_log: DirtyLogMode::ManualProtect,
             verify: true,
             audit: false,
+            stop_nice: Some(DEFAULT_STOP_NICE),
         }
     }
 }
@@ -412,17 +426,32 @@ fn run(
     }
     let rp = RpDecoder::new(PAGE_SIZE as u32).map_err(MigrateError::ReturnPath)?;
     let mut guest = guest;
-    let log = DirtyLog::start(
+    let reader = return_path::spawn_reader(rp_conn).map_err(|error| MigrateError::Spawn {
+        thread: "return-path reader",
+        error,
+    })?;
+    let started = DirtyLog::start(
         Arc::clone(&guest.vm.vm),
         &memory,
         options.dirty_log,
         guest.vm.device_dirty.take(),
     )
-    .map_err(MigrateError::DirtyLog)?;
-    let start = clock::now();
-    engine.start(start).map_err(MigrateError::Source)?;
+    .map_err(MigrateError::DirtyLog)
+    .and_then(|log| {
+        let start = clock::now();
+        engine.start(start).map_err(MigrateError::Source)?;
+        Ok((log, start))
+    });
+    let (log, start) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            // The reader ends with the connection.
+            let _ = link.conn.shutdown(std::net::Shutdown::Both);
+            let _ = reader.handle.join();
+            return Err(e);
+        }
+    };
     // No early return from here on: the reader ends with the connection.
-    let (events, reader) = return_path::spawn_reader(rp_conn);
     let mode = log.mode();
     let mut driver = SourceDriver {
         engine,
@@ -431,7 +460,9 @@ fn run(
         link,
         log,
         rp,
-        events,
+        events: reader.events,
+        reader_tid: reader.tid,
+        raised: None,
         reader_done: false,
         gate,
         shared,
@@ -454,7 +485,7 @@ fn run(
     driver.drive();
     // Wake the return-path reader (it may be blocked in read) and let it end.
     let _ = driver.link.conn.shutdown(std::net::Shutdown::Both);
-    let _ = reader.join();
+    let _ = reader.handle.join();
     if let Some(senders) = driver.link.channels.take() {
         senders.finish();
     }
