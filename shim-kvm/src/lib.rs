@@ -44,12 +44,15 @@
 //!   into [`receive`]), each on a migration thread of its own behind a
 //!   handle (live statistics, cancel, join); [`clock`] is the monotonic
 //!   clock they share.
+//! - [`priority`]: a thread's nice value lowered for the few milliseconds
+//!   of a stop and put back after, for the migration's threads (and a
+//!   VMM's vCPU threads while they leave `KVM_RUN`).
 //!
 //! The `livemig` tool that drives these pieces is its own package,
 //! livemig-cli (`shim-kvm/cli/`).
 //!
 //! Every `unsafe` block is in `memory`, `dirty_log`, `transport`, `clock`,
-//! `postcopy` and `x86` (and, in `examples/vmm.rs`, the memslot
+//! `postcopy`, `priority` and `x86` (and, in `examples/vmm.rs`, the memslot
 //! registration), each with a `// SAFETY:` line.
 
 pub mod clock;
@@ -57,6 +60,7 @@ pub mod dirty_log;
 pub mod memory;
 pub mod migrate;
 pub mod postcopy;
+pub mod priority;
 pub mod transport;
 pub mod vmm;
 pub mod x86;

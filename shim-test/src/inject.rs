@@ -30,6 +30,11 @@ pub enum InjectedFault {
         /// Normal pages sent untouched first.
         after: u64,
     },
+    /// One byte of the first normal page of the first batch that carries
+    /// page terms (a verifying source's postcopy batch, on the main
+    /// stream) is flipped, its term left as the source computed it: the
+    /// destination must refuse to install it.
+    FlippedByteInPostcopy,
     /// Every dirty-log sync after the first (which picks up the
     /// initially-set log) comes back clean and loses its bits for good, as
     /// a dirty log that stopped tracking would: the guest's writes after
@@ -74,6 +79,8 @@ impl Injector {
                 | InjectedFault::DroppedPage { after }
                 | InjectedFault::FlippedByte { after },
             ) => after,
+            // Any batch is due; `rewrite` leaves those without terms.
+            Some(InjectedFault::FlippedByteInPostcopy) => seen,
             _ => return,
         };
         if self.fired || seen + normal_pages as u64 <= after {
@@ -155,9 +162,19 @@ fn rewrite(
     let Some(Record::Pages(batch)) = decoded.record else {
         return None;
     };
-    let mut pages: Vec<(PageEntry, Option<Vec<u8>>)> = batch
+    let with_terms = batch.flags().contains(BatchFlags::TERMS);
+    if fault == Some(InjectedFault::FlippedByteInPostcopy) && !with_terms {
+        return None;
+    }
+    // Each normal page keeps its term (if the batch has them) wherever
+    // its data goes: the term is the source's, of the page it sent.
+    let mut terms = batch.terms();
+    let mut pages: Vec<(PageEntry, Option<Vec<u8>>, Option<u64>)> = batch
         .pages()
-        .map(|(e, d)| (e, d.map(<[u8]>::to_vec)))
+        .map(|(e, d)| {
+            let term = d.and_then(|_| terms.next());
+            (e, d.map(<[u8]>::to_vec), term)
+        })
         .collect();
     let normal: Vec<usize> = (0..pages.len())
         .filter(|&i| pages[i].0.kind == PageKind::Normal)
@@ -177,13 +194,13 @@ fn rewrite(
             vec![(block, pages[first].0.index), (block, pages[other].0.index)]
         }
         InjectedFault::DroppedPage { .. } => {
-            let (entry, _) = pages.remove(*normal.first()?);
+            let (entry, _, _) = pages.remove(*normal.first()?);
             if pages.is_empty() {
                 return None;
             }
             vec![(block, entry.index)]
         }
-        InjectedFault::FlippedByte { .. } => {
+        InjectedFault::FlippedByte { .. } | InjectedFault::FlippedByteInPostcopy => {
             let i = *normal.first()?;
             let index = pages[i].0.index;
             let data = pages[i].1.as_mut()?;
@@ -193,19 +210,20 @@ fn rewrite(
         }
         InjectedFault::MissedDirtyPages => return None,
     };
-    let entries: Vec<PageEntry> = pages.iter().map(|(e, _)| *e).collect();
+    let entries: Vec<PageEntry> = pages.iter().map(|(e, _, _)| *e).collect();
     let flags: BatchFlags = batch.flags();
     let mut out = vec![0u8; record.len()];
-    let n = wire::encode_page_batch_header(
+    let n = wire::encode_page_batch_header_with_terms(
         &mut out,
         batch.block(),
         batch.page_shift(),
         flags,
         &entries,
+        pages.iter().filter_map(|(_, _, t)| *t),
     )
     .ok()?;
     out.truncate(n);
-    for data in pages.iter().filter_map(|(_, d)| d.as_deref()) {
+    for data in pages.iter().filter_map(|(_, d, _)| d.as_deref()) {
         out.extend_from_slice(data);
     }
     Some((out, hit))

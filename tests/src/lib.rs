@@ -95,3 +95,26 @@ pub fn assert_source_kept_guest(o: &Outcome) {
         "the destination must not consider itself complete"
     );
 }
+
+/// A postcopy that failed after the switchover: both ends failed, in
+/// bounded time, and the source's stale copy of the guest does not run.
+pub fn assert_failed_after_the_switchover(o: &Outcome) {
+    assert!(!o.timed_out, "nothing may wait forever");
+    assert_eq!(
+        o.source.status,
+        livemig_core::status::MigrationStatus::Failed
+    );
+    let why = o.source.error_desc.as_str();
+    assert!(
+        why.contains("postcopy failed after the switchover"),
+        "{why}"
+    );
+    assert!(
+        !o.source_running,
+        "the source's stale copy of the guest must not run"
+    );
+    assert_eq!(
+        o.destination.status,
+        livemig_core::status::MigrationStatus::Failed
+    );
+}

@@ -126,7 +126,7 @@ fn sweep(runs: u64) {
             let k = splitmix(&mut rng);
             let mut f = s.forward.healthy();
             let mut b = s.back.healthy();
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 f.cut_after = Some(k % 60);
             } else {
                 b.cut_after = Some(k % 300);

@@ -10,7 +10,8 @@ use livemig_core::source::EndReason;
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{InjectedFault, Outcome, Scenario, run_migration};
 use livemig_tests::{
-    MIB_PAGES, assert_source_kept_guest, assert_verified, dirtying, guest_gib, link,
+    MIB_PAGES, assert_failed_after_the_switchover, assert_source_kept_guest, assert_verified,
+    dirtying, guest_gib, link,
 };
 
 /// A 1 GiB guest dirtying 8 MiB, with the return path (so that the
@@ -82,18 +83,59 @@ fn a_normal_migration_verifies_itself_on_both_ends() {
     assert_eq!(o.destination.verification, Verification::Verified);
 }
 
-#[test]
-fn postcopy_verifies_itself_at_the_end() {
+/// [`busy`] switching to postcopy after one pass, with a working set
+/// larger than a pass can send while it is rewritten.
+fn busy_postcopy() -> Scenario {
     let mut s = busy();
     s.guest = Some(dirtying(64, 300_000, 31));
     s.forward = link(125_000_000);
     s.config.capabilities |= Capabilities::POSTCOPY_RAM;
     s.config.limits.postcopy_after_iterations = Some(1);
-    let o = run_migration(&s).expect("scenario");
+    s
+}
+
+#[test]
+fn postcopy_verifies_itself_at_the_end() {
+    let o = run_migration(&busy_postcopy()).expect("scenario");
     assert_verified(&o);
     assert!(o.postcopy.is_some(), "the guest ran on the destination");
     assert_eq!(o.source.verification, Verification::Verified);
     assert_eq!(o.destination.verification, Verification::Verified);
+}
+
+#[test]
+fn a_byte_flipped_in_postcopy_is_caught_before_the_page_is_installed() {
+    let mut s = busy_postcopy();
+    s.fault = Some(InjectedFault::FlippedByteInPostcopy);
+    let o = run_migration(&s).expect("scenario");
+    assert!(o.fault_injected, "the fault never happened: {o:#?}");
+    assert!(o.postcopy.is_some(), "the guest ran on the destination");
+    assert_eq!(o.injected_pages.len(), 1);
+    let (block, page) = o.injected_pages[0];
+    let named = Verification::Mismatch {
+        block,
+        page: Some(page),
+    };
+    assert_eq!(
+        o.destination.verification, named,
+        "destination verdict ({})",
+        o.destination.error_desc
+    );
+    assert_eq!(
+        o.source.verification, named,
+        "the source heard block and page ({})",
+        o.source.error_desc
+    );
+    let words = format!(
+        "verification failed: page {page} of RAM block {block} arrived in postcopy with other \
+         contents than the source sent; it was not installed"
+    );
+    assert!(
+        o.destination.error_desc.as_str().contains(&words),
+        "{}",
+        o.destination.error_desc
+    );
+    assert_failed_after_the_switchover(&o);
 }
 
 #[test]

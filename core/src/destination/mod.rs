@@ -42,6 +42,7 @@ use core::time::Duration;
 
 mod faults;
 mod host;
+mod page_terms;
 mod postcopy;
 mod recovery;
 
@@ -285,6 +286,22 @@ pub enum DestError {
         /// Index of the page in the block, once located.
         page: Option<u64>,
     },
+    /// In postcopy, page `page` of block `block` arrived with contents
+    /// whose term differs from the one the source sent with it
+    /// ([`BatchFlags::TERMS`]): it was not installed, and the migration
+    /// fails (see `page_terms`).
+    PageTermMismatch {
+        /// Index of the block.
+        block: u16,
+        /// Index of the page in the block.
+        page: u64,
+    },
+    /// A postcopy batch of block `block` came without the page terms a
+    /// verifying destination checks each page by.
+    PageTermsMissing {
+        /// Index of the block.
+        block: u16,
+    },
     /// The stream ended without the digest its key announced.
     DigestMissing,
     /// [`DestinationEngine::verify_with`] was given books that are not one
@@ -486,6 +503,16 @@ impl fmt::Display for DestError {
                 f,
                 "verification failed: the memory received for RAM block {block} differs from \
                  the source's; the guest does not start here"
+            ),
+            DestError::PageTermMismatch { block, page } => write!(
+                f,
+                "verification failed: page {page} of RAM block {block} arrived in postcopy with \
+                 other contents than the source sent; it was not installed"
+            ),
+            DestError::PageTermsMissing { block } => write!(
+                f,
+                "a postcopy batch of RAM block {block} came without the page terms this \
+                 verifying destination checks each page by"
             ),
             DestError::DigestMissing => {
                 write!(f, "the stream ended without the digest its key announced")
@@ -1708,11 +1735,16 @@ impl Loader<'_> {
         }
     }
 
-    /// Books page `page` of `block`, placed with `data`.
-    fn book_page(&mut self, block: u16, page: u64, data: &[u8]) {
+    /// Books page `page` of `block`, placed with `data`, whose term is
+    /// `checked` when the batch carried it and it was checked equal to
+    /// this end's (so the page is not hashed twice).
+    fn book_page(&mut self, block: u16, page: u64, data: &[u8], checked: Option<u64>) {
         if let (Some(books), Some(key)) = (self.books.as_deref_mut(), self.key) {
             if let Some(b) = books.get_mut(usize::from(block)) {
-                b.record(page, key.page_term(block, page, data));
+                b.record(
+                    page,
+                    checked.unwrap_or_else(|| key.page_term(block, page, data)),
+                );
             }
         }
     }
@@ -1872,8 +1904,12 @@ impl Loader<'_> {
             }
             .into());
         }
+        self.check_page_terms(batch)?;
+        // Checked equal to this end's terms of the bytes: booked as they are.
+        let mut terms = batch.terms();
         let mut zero_run: Option<(u64, u64)> = None;
         for (entry, data) in batch.pages() {
+            let checked = data.and_then(|_| terms.next());
             if self.placed_already(block, entry.index) {
                 // Flush the run first: pages keep their stream order.
                 if let Some((first, count)) = zero_run.take() {
@@ -1922,7 +1958,7 @@ impl Loader<'_> {
                         HostOp::PlacePages,
                         host.place_pages(block, entry.index, data),
                     )?;
-                    self.book_page(block, entry.index, data);
+                    self.book_page(block, entry.index, data, checked);
                     self.arrived(now, block, entry.index, 1);
                 }
                 (PageKind::Normal, None) => {}

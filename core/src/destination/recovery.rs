@@ -113,10 +113,18 @@ impl<'a> DestinationEngine<'a> {
 
     /// The caller stops waiting for the source (its deadline passed):
     /// postcopy-paused -> failed, and `error_desc` says where the guest's
-    /// pages are. Refused with [`DestError::Transition`] unless paused or
-    /// recovering.
+    /// pages are. Refused with [`DestError::RecoveryOutOfOrder`] unless
+    /// paused or recovering.
     pub fn give_up(&mut self, now: Instant) -> Result<(), DestError> {
         let l = &mut self.loader;
+        if !matches!(
+            l.status,
+            MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+        ) {
+            return Err(DestError::RecoveryOutOfOrder(
+                "giving up while postcopy is neither paused nor recovering",
+            ));
+        }
         if l.status == MigrationStatus::PostcopyRecover {
             l.move_to(MigrationStatus::PostcopyPaused)?;
         }

@@ -1175,3 +1175,219 @@ fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
         assert!(drained(&mut d).ends_with(&[0, 1, 0, 4, 0, 0, 0, 1]));
     }
 }
+
+#[test]
+fn a_close_after_the_run_pauses_and_recovery_sends_the_bitmap_then_the_requests() {
+    let l = layout(16);
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    let mut host = Recorder {
+        postcopy: true,
+        ..Recorder::default()
+    };
+    let stream = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        blocks(&l),
+        batch(0, &[(0, false), (1, false), (9, false)]),
+        record(Record::Command(Command::PostcopyListen)),
+        record(Record::Command(Command::PostcopyRun)),
+    ]
+    .concat();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
+    let t = Instant::from_millis(1);
+    assert_eq!(
+        d.recover(t),
+        Err(DestError::Transition(crate::status::TransitionError {
+            from: MigrationStatus::PostcopyActive,
+            to: MigrationStatus::PostcopyRecover
+        }))
+    );
+    assert_eq!(d.handle_page_fault(t, 0, 4), Ok(true));
+    drained(&mut d);
+    // The source goes away mid-record: a pause, not a failure.
+    feed(&mut d, t, &batch(0, &[(5, false)])[..10], &mut host).unwrap();
+    assert_eq!(d.handle_eof(t), Ok(()));
+    assert!(d.is_paused());
+    assert!(
+        d.stats()
+            .error_desc
+            .as_str()
+            .contains("the guest runs here"),
+        "{}",
+        d.stats().error_desc.as_str()
+    );
+    assert_eq!(
+        feed(&mut d, t, &header(), &mut host),
+        Err(DestError::PostcopyPaused)
+    );
+    // A vCPU faults while paused: recorded, nothing sent, no timeout.
+    assert_eq!(d.handle_page_fault(t, 0, 7), Ok(true));
+    assert_eq!(d.poll_return_path(&mut [0; 64]), 0);
+    assert_eq!(d.poll_timeout(), None);
+    assert_eq!(d.handle_timeout(Instant::from_millis(1_000_000)), Ok(()));
+    assert!(d.is_paused());
+
+    // The new connection: the bitmap of pages 0, 1 and 9.
+    let t = Instant::from_millis(1_000_001);
+    d.recover(t).unwrap();
+    assert_eq!(d.status(), MigrationStatus::PostcopyRecover);
+    let ask = [
+        header(),
+        record(Record::Command(Command::RecvBitmap { block: l[0].id })),
+    ]
+    .concat();
+    feed(&mut d, t, &ask, &mut host).unwrap();
+    let mut expected = vec![0, 5, 0, 7, 6];
+    expected.extend_from_slice(b"pc.ram");
+    expected.extend_from_slice(&8u64.to_be_bytes());
+    expected.extend_from_slice(&0b10_0000_0011u64.to_le_bytes());
+    expected.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
+    // Drained in small pieces, the bytes come in order.
+    let mut got = Vec::new();
+    let mut piece = [0u8; 5];
+    loop {
+        let n = d.poll_return_path(&mut piece);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&piece[..n]);
+    }
+    assert_eq!(got, expected);
+    feed(
+        &mut d,
+        t,
+        &record(Record::Command(Command::PostcopyResume)),
+        &mut host,
+    )
+    .unwrap();
+    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+    assert_eq!(d.stats().postcopy_recoveries, 1);
+    // RESUME_ACK, then both outstanding requests again.
+    let out = drained(&mut d);
+    assert_eq!(out[..8], [0, 6, 0, 4, 0, 0, 0, 1]);
+    assert_eq!(out[8..12], [0, 3, 0, 19]);
+    assert_eq!(out[12..20], (4u64 * 4096).to_be_bytes());
+    assert_eq!(out[31..35], [0, 4, 0, 12]);
+    assert_eq!(out[35..43], (7u64 * 4096).to_be_bytes());
+    assert_eq!(out.len(), 8 + 23 + 16);
+    assert!(d.give_up(t).is_err(), "nothing to give up while active");
+}
+
+/// A batch of normal pages of 0xab bytes with the given terms (TERMS set).
+fn batch_with_terms(pages: &[u64], terms: &[u64]) -> Vec<u8> {
+    let entries: Vec<PageEntry> = pages
+        .iter()
+        .map(|&index| PageEntry {
+            index,
+            kind: PageKind::Normal,
+        })
+        .collect();
+    let mut out = vec![0; 64 + 16 * entries.len()];
+    let n = crate::wire::encode_page_batch_header_with_terms(
+        &mut out,
+        0,
+        12,
+        BatchFlags::TERMS,
+        &entries,
+        terms.iter().copied(),
+    )
+    .unwrap();
+    out.truncate(n);
+    for _ in pages {
+        out.extend_from_slice(&[0xab; PAGE]);
+    }
+    out
+}
+
+/// Postcopy's check at install: right terms are placed and booked, a
+/// wrong one is refused before any page of its batch is placed and names
+/// the page, a postcopy batch without terms is refused, and terms without
+/// a key are out of order.
+#[test]
+fn page_terms_are_checked_before_any_page_is_placed() {
+    use crate::digest::{DigestBooks, DigestKey, Verification};
+    let l = layout(16);
+    let key = DigestKey::new(9);
+    let term = |page| key.page_term(0, page, &[0xab; PAGE]);
+    let run = |pages: &[Vec<u8>], with_key: bool| {
+        let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+        let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+        let mut scratch = vec![0; 1 << 20];
+        let mut terms = [0u64; 16];
+        let mut books = [DigestBooks::new(&l[0], &mut terms).unwrap()];
+        let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+        d.verify_with(&mut books).unwrap();
+        let mut host = Recorder {
+            postcopy: true,
+            ..Recorder::default()
+        };
+        let preamble = [
+            header(),
+            record(Record::Command(Command::OpenReturnPath)),
+            record(Record::Command(Command::PostcopyAdvise {
+                host_page_size: 4096,
+                target_page_size: 4096,
+            })),
+            if with_key {
+                record(Record::Command(Command::DigestKey(9)))
+            } else {
+                Vec::new()
+            },
+            blocks(&l),
+            record(Record::Command(Command::PostcopyListen)),
+            record(Record::Command(Command::PostcopyRun)),
+        ]
+        .concat();
+        feed(&mut d, Instant::ZERO, &preamble, &mut host).unwrap();
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+        let r = feed(&mut d, Instant::ZERO, &pages.concat(), &mut host);
+        let mut rp = vec![0u8; RETURN_PATH_QUEUE];
+        let n = d.poll_return_path(&mut rp);
+        (
+            r.map(|_| ()),
+            host.pages,
+            d.stats().verification,
+            rp[..n].to_vec(),
+        )
+    };
+    let (r, placed, verdict, _) = run(&[batch_with_terms(&[3, 4], &[term(3), term(4)])], true);
+    assert_eq!(r, Ok(()));
+    assert_eq!(placed, [(0, 3, PAGE), (0, 4, PAGE)]);
+    assert_eq!(verdict, Verification::Pending);
+
+    let (r, placed, verdict, rp) = run(&[batch_with_terms(&[3, 4], &[term(3), term(4) ^ 1])], true);
+    assert_eq!(r, Err(DestError::PageTermMismatch { block: 0, page: 4 }));
+    assert!(placed.is_empty(), "page 3 of the same batch waits too");
+    let named = Verification::Mismatch {
+        block: 0,
+        page: Some(4),
+    };
+    assert_eq!(verdict, named);
+    let mut told = [0u8; 32];
+    let n = RpMessage::DigestMismatch {
+        block: 0,
+        page: Some(4),
+    }
+    .encode(&mut told)
+    .unwrap();
+    assert!(
+        rp.windows(n).any(|w| w == &told[..n]),
+        "the source is told block and page"
+    );
+
+    let (r, placed, _, _) = run(&[batch(0, &[(3, false)])], true);
+    assert_eq!(r, Err(DestError::PageTermsMissing { block: 0 }));
+    assert!(placed.is_empty());
+    // Zero entries alone need no terms.
+    assert_eq!(run(&[batch(0, &[(3, true)])], true).0, Ok(()));
+
+    let (r, _, _, _) = run(&[batch_with_terms(&[3], &[term(3)])], false);
+    assert!(matches!(r, Err(DestError::DigestOutOfOrder(_))), "{r:?}");
+}

@@ -3,7 +3,7 @@
 //! of every pass (a SYNC packet on each channel, then the flush on the
 //! main stream).
 
-use super::{SourceAction, SourceEngine};
+use super::{PageReader, SourceAction, SourceEngine};
 use crate::wire::{
     BatchFlags, ChannelHello, Command, MAX_CHANNELS, PacketHeader, PacketKind, Record,
 };
@@ -136,12 +136,12 @@ impl SourceEngine<'_> {
     }
 
     /// The batch being assembled as a packet on the next channel.
-    pub(super) fn emit_channel_batch(&mut self) -> SourceAction<'_> {
+    pub(super) fn emit_channel_batch(&mut self, ram: &impl PageReader) -> SourceAction<'_> {
         let block = self.scan.batch.block;
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
         let entries = &self.scan.batch.entries[..self.scan.batch.len];
         let Some(ch) = self.channels.as_mut() else {
-            return self.emit_batch(BatchFlags::empty());
+            return self.emit_batch(ram, BatchFlags::empty());
         };
         let header = ch.next_packet(PacketKind::Pages {
             block: block as u16,

@@ -500,8 +500,7 @@ impl SourceEngine<'_> {
         if converged && acked {
             self.step = Step::StopVcpus;
         } else if self.wants_postcopy() {
-            self.postcopy.switching = true;
-            self.step = Step::StopVcpus;
+            self.begin_switch();
         } else if stalled {
             let passes = self.convergence.stalled_iterations;
             self.fail_not_converged(ConvergenceLimit::Stalled { passes });

@@ -99,7 +99,10 @@ use crate::time::Instant;
 use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, PreemptHello, Record};
 
 pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
-pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};
+pub use postcopy::{
+    DISCARD_RANGES_PER_RECORD, EARLY_DISCARD_PING, EARLY_DISCARD_WAIT, POSTCOPY_RUN_PING,
+    PackageFraming, REQUEST_QUEUE,
+};
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
@@ -441,6 +444,15 @@ enum Step {
     Drain,
     SaveDevices,
     AwaitDevices,
+    /// Postcopy, decided, the guest still running: discarding on the
+    /// destination what is dirty now (see [`EARLY_DISCARD_PING`]).
+    EarlyDiscard,
+    /// The early discards are out: the next poll sends
+    /// [`EARLY_DISCARD_PING`].
+    EarlyDiscardPing,
+    /// Waiting for the destination's PONG to it, or for
+    /// [`EARLY_DISCARD_WAIT`] to pass, before the stop.
+    AwaitEarlyDiscard,
     /// Postcopy: sending the discard ranges.
     Discard,
     PackageDevices,
@@ -946,6 +958,9 @@ impl<'a> SourceEngine<'a> {
             RpMessage::Pong(SETUP_CHECK_PING) if self.step == Step::AwaitSetupVerdict => {
                 self.step = Step::Sync(SyncKind::Setup);
             }
+            RpMessage::Pong(EARLY_DISCARD_PING) if self.step == Step::AwaitEarlyDiscard => {
+                self.step = Step::StopVcpus;
+            }
             RpMessage::Pong(_) => {}
             RpMessage::SwitchoverAck => self.end.switchover_acked = true,
             RpMessage::ReqPagesId { block, start, len } => {
@@ -1057,6 +1072,9 @@ impl<'a> SourceEngine<'a> {
         };
         if self.awaits_destination() {
             return Some(self.confirm_deadline());
+        }
+        if self.step == Step::AwaitEarlyDiscard {
+            return Some(self.postcopy.early_sent_at + EARLY_DISCARD_WAIT);
         }
         let sending = matches!(self.step, Step::Iterate | Step::Drain | Step::Postcopy);
         let slice = (sending && self.meter.exhausted()).then(|| self.meter.next_send());
@@ -1182,6 +1200,9 @@ impl<'a> SourceEngine<'a> {
             Step::Sync(kind) => Some(self.begin_sync(kind)),
             Step::Iterate => self.next_pages(ram, true),
             Step::Drain => self.next_pages(ram, false),
+            Step::EarlyDiscard => Some(self.next_early_discard()),
+            Step::EarlyDiscardPing => Some(self.early_discard_ping()),
+            Step::AwaitEarlyDiscard => self.early_discard_waited(),
             Step::Discard => Some(self.next_discard()),
             Step::PackageDevices => {
                 self.step = Step::AwaitPackage;

@@ -82,10 +82,13 @@ impl SourceEngine<'_> {
     /// The caller stops trying to recover (its deadline passed): the
     /// migration fails ([`EndReason::RecoveryAbandoned`]), the guest stays
     /// stopped here, and `error_desc` says where its pages are. Refused
-    /// with [`SourceError::Transition`] unless postcopy is paused or
+    /// with [`SourceError::UnexpectedEvent`] unless postcopy is paused or
     /// recovering.
     pub fn give_up(&mut self, now: Instant) -> Result<(), SourceError> {
         self.advance_clock(now);
+        if !self.status.in_postcopy() || self.status == MigrationStatus::PostcopyActive {
+            return Err(self.unexpected("giving up a recovery"));
+        }
         if matches!(
             self.status,
             MigrationStatus::PostcopyRecoverSetup | MigrationStatus::PostcopyRecover

@@ -181,18 +181,23 @@ impl SourceEngine<'_> {
                 // Still more than the threshold to send: switch now rather
                 // than at the end of the pass (the seeds' check runs before
                 // every iteration step too).
-                self.postcopy.switching = true;
-                self.step = Step::AwaitStopped;
-                return Some(SourceAction::StopVcpus);
+                self.begin_switch();
+                return match self.step {
+                    Step::EarlyDiscard => Some(self.next_early_discard()),
+                    _ => {
+                        self.step = Step::AwaitStopped;
+                        Some(SourceAction::StopVcpus)
+                    }
+                };
             }
         }
         loop {
             let Some(t) = self.tracking.get_mut(self.scan.block) else {
                 // End of a pass over all blocks.
-                return Some(self.end_of_pass(live));
+                return Some(self.end_of_pass(ram, live));
             };
             if !self.scan.batch.is_empty() && self.scan.batch.block != self.scan.block {
-                return Some(self.emit_pages());
+                return Some(self.emit_pages(ram));
             }
             let Some(page) = t.dirty.find_next_set(self.scan.page) else {
                 self.scan.block += 1;
@@ -221,7 +226,7 @@ impl SourceEngine<'_> {
             self.scan.batch.push(page, zero);
             self.scan.page = page + 1;
             if self.scan.batch.is_full() {
-                return Some(self.emit_pages());
+                return Some(self.emit_pages(ram));
             }
         }
     }
@@ -255,9 +260,9 @@ impl SourceEngine<'_> {
         ram.is_zero_page(block as u16, page)
     }
 
-    pub(super) fn end_of_pass(&mut self, live: bool) -> SourceAction<'_> {
+    pub(super) fn end_of_pass(&mut self, ram: &impl PageReader, live: bool) -> SourceAction<'_> {
         if !self.scan.batch.is_empty() {
-            return self.emit_pages();
+            return self.emit_pages(ram);
         }
         self.scan.rewind();
         if let Some(ch) = self.channels.as_mut() {
@@ -274,20 +279,24 @@ impl SourceEngine<'_> {
         };
         // Mark the iteration boundary on the stream: the destination counts
         // passes, and a reader of a capture sees where each pass ends.
-        self.emit_batch(BatchFlags::END_OF_ITERATION)
+        self.emit_batch(ram, BatchFlags::END_OF_ITERATION)
     }
 
     /// The batch being assembled, on a multifd channel or the main stream.
-    fn emit_pages(&mut self) -> SourceAction<'_> {
+    fn emit_pages(&mut self, ram: &impl PageReader) -> SourceAction<'_> {
         if self.channels.is_some() {
-            self.emit_channel_batch()
+            self.emit_channel_batch(ram)
         } else {
-            self.emit_batch(BatchFlags::empty())
+            self.emit_batch(ram, BatchFlags::empty())
         }
     }
 
-    pub(super) fn emit_batch(&mut self, flags: BatchFlags) -> SourceAction<'_> {
-        match self.encode_batch(flags) {
+    pub(super) fn emit_batch(
+        &mut self,
+        ram: &impl PageReader,
+        flags: BatchFlags,
+    ) -> SourceAction<'_> {
+        match self.encode_batch(ram, flags) {
             Ok((header_len, block, pages_len)) => SourceAction::SendPages {
                 header: &self.scratch[..header_len],
                 block,
@@ -298,8 +307,8 @@ impl SourceEngine<'_> {
     }
 
     /// [`emit_batch`](Self::emit_batch) for the postcopy preempt channel.
-    pub(super) fn emit_preempt_batch(&mut self) -> SourceAction<'_> {
-        match self.encode_batch(BatchFlags::empty()) {
+    pub(super) fn emit_preempt_batch(&mut self, ram: &impl PageReader) -> SourceAction<'_> {
+        match self.encode_batch(ram, BatchFlags::empty()) {
             Ok((header_len, block, pages_len)) => SourceAction::SendPreemptPages {
                 header: &self.scratch[..header_len],
                 block,
@@ -311,16 +320,46 @@ impl SourceEngine<'_> {
 
     /// Encodes the batch's header into scratch, counts and books it, and
     /// clears it (its normal pages stay readable until the next batch);
-    /// returns the header's length, the block and the normal pages.
+    /// returns the header's length, the block and the normal pages. In a
+    /// verifying postcopy the header carries each normal page's term
+    /// ([`verify::postcopy_books`]).
     fn encode_batch(
         &mut self,
+        ram: &impl PageReader,
         flags: BatchFlags,
     ) -> Result<(usize, u16, usize), wire::EncodeError> {
         let block = self.scan.batch.block;
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
         let entries = &self.scan.batch.entries[..self.scan.batch.len];
-        let header_len =
-            wire::encode_page_batch_header(self.scratch, block as u16, shift, flags, entries)?;
+        let normal = &self.scan.batch.normal[..self.scan.batch.normal_len];
+        let (header_len, booked) =
+            match verify::postcopy_books(&mut self.verify, self.status, block) {
+                Some((key, books)) => (
+                    wire::encode_page_batch_header_with_terms(
+                        self.scratch,
+                        block as u16,
+                        shift,
+                        flags | BatchFlags::TERMS,
+                        entries,
+                        normal.iter().map(|&page| {
+                            let term = ram.page_term(block as u16, page, &key);
+                            books.record(page, term);
+                            term
+                        }),
+                    )?,
+                    true,
+                ),
+                None => (
+                    wire::encode_page_batch_header(
+                        self.scratch,
+                        block as u16,
+                        shift,
+                        flags,
+                        entries,
+                    )?,
+                    false,
+                ),
+            };
         let normal = self.scan.batch.normal_len as u64;
         let zero = self.scan.batch.len as u64 - normal;
         let data = normal << shift;
@@ -330,7 +369,9 @@ impl SourceEngine<'_> {
         self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
         self.refresh_stats();
         let pages_len = self.scan.batch.normal_len;
-        self.batch_sent(block as u16, pages_len);
+        if !booked {
+            self.batch_sent(block as u16, pages_len);
+        }
         self.scan.batch.clear();
         Ok((header_len, block as u16, pages_len))
     }

@@ -6,6 +6,7 @@ use std::vec;
 use super::*;
 use crate::capabilities::Capabilities;
 use crate::stats::AmbiguousEnd;
+use crate::status::TransitionError;
 use crate::wire::BlockId;
 
 struct AllZero;
@@ -668,4 +669,259 @@ fn the_stop_throttle_takes_half_the_remaining_run_time_per_step_up_to_99() {
     }
     assert_eq!(steps, [50, 75, 88, 94, 97, 99]);
     assert_eq!(super::convergence::stop_throttle_step(99).min(99), 99);
+}
+
+/// Drives a postcopy of the 1024-page block past the switchover and hands
+/// the engine, with the guest on the destination, to `f`.
+fn after_the_switchover(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::POSTCOPY_RAM;
+    config.parameters.downtime_limit_ms = 0;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let mut now = Instant::ZERO;
+    s.start(now).unwrap();
+    s.start_postcopy(now).unwrap();
+    let dirty = [u64::MAX; 16];
+    while !s.guest_on_destination() {
+        match s.poll_action(now, &AllZero) {
+            Some(SourceAction::SyncDirtyLog) => {
+                s.handle_dirty_log(0, &dirty).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
+            Some(SourceAction::SaveSetupDevices) => s.handle_setup_devices_sent(now, 0).unwrap(),
+            Some(SourceAction::PackageDevices) => {
+                s.package_devices(now, 16).unwrap();
+                s.handle_package_sent(now).unwrap();
+            }
+            Some(SourceAction::Finished(end)) => panic!("finished early: {end:?}"),
+            Some(_) => {}
+            None => now = s.poll_timeout().expect("stalled before the switchover"),
+        }
+    }
+    f(&mut s, now);
+}
+
+/// The bitmap parts of a 1024-page block whose pages `received` arrived.
+fn bitmap_of(received: core::ops::Range<u64>) -> vec::Vec<u8> {
+    let mut words = [0u64; 16];
+    for p in received {
+        words[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn send_bitmap(s: &mut SourceEngine<'_>, now: Instant, size: u64, bytes: &[u8]) {
+    for msg in [
+        RpMessage::RecvBitmap { block: "pc.ram" },
+        RpMessage::RecvBitmapSize { size },
+        RpMessage::RecvBitmapBytes { offset: 0, bytes },
+        RpMessage::RecvBitmapEnd,
+    ] {
+        s.handle_return_path(now, &msg).unwrap();
+    }
+}
+
+#[test]
+fn a_cut_after_the_switchover_pauses_and_a_checked_bitmap_resumes() {
+    after_the_switchover(|s, now| {
+        // Resuming an active postcopy is not a move of the table.
+        assert_eq!(
+            s.resume(now),
+            Err(SourceError::Transition(TransitionError {
+                from: MigrationStatus::PostcopyActive,
+                to: MigrationStatus::PostcopyRecoverSetup
+            }))
+        );
+        s.handle_io_error(now, format_args!("connection reset"));
+        assert!(s.is_paused());
+        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::Paused));
+        assert_eq!(s.poll_action(now, &AllZero), None);
+        assert_eq!(s.poll_timeout(), None, "a pause waits for the caller");
+        assert!(s.stats().error_desc.as_str().contains("connection reset"));
+
+        // A lying size pauses again, before any bit is used.
+        s.resume(now).unwrap();
+        let Some(SourceAction::Send(start)) = s.poll_action(now, &AllZero) else {
+            panic!("the new stream's header and bitmap request");
+        };
+        assert_eq!(start.len(), wire::STREAM_HEADER_LEN + 8 + 3 + 6);
+        let bitmap = bitmap_of(0..1000);
+        send_bitmap(s, now, 64, &bitmap[..64]);
+        assert!(s.is_paused(), "size 64 for 1024 pages");
+        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::Paused));
+
+        // A bit past the block's end pauses again.
+        s.resume(now).unwrap();
+        s.poll_action(now, &AllZero);
+        let mut past = bitmap.clone();
+        past.push(1);
+        s.handle_return_path(now, &RpMessage::RecvBitmap { block: "pc.ram" })
+            .unwrap();
+        s.handle_return_path(now, &RpMessage::RecvBitmapSize { size: 128 })
+            .unwrap();
+        s.handle_return_path(
+            now,
+            &RpMessage::RecvBitmapBytes {
+                offset: 0,
+                bytes: &past,
+            },
+        )
+        .unwrap();
+        assert!(s.is_paused(), "129 bytes for a 128-byte bitmap");
+        s.poll_action(now, &AllZero);
+
+        // A true bitmap: the 24 pages not received are what is left.
+        s.resume(now).unwrap();
+        s.poll_action(now, &AllZero);
+        send_bitmap(s, now, 128, &bitmap);
+        assert_eq!(s.status(), MigrationStatus::PostcopyRecoverSetup);
+        let Some(SourceAction::Send(resume)) = s.poll_action(now, &AllZero) else {
+            panic!("POSTCOPY_RESUME");
+        };
+        let command = Record::Command(Command::PostcopyResume);
+        let mut expected = vec![0u8; command.encoded_len()];
+        command.encode(&mut expected).unwrap();
+        assert_eq!(resume, &expected[..]);
+        assert_eq!(s.status(), MigrationStatus::PostcopyRecover);
+        assert_eq!(s.stats().ram.remaining, 24 * 4096);
+        s.handle_return_path(now, &RpMessage::ResumeAck).unwrap();
+        assert_eq!(s.status(), MigrationStatus::PostcopyActive);
+        assert_eq!(s.stats().postcopy_recoveries, 1);
+        assert!(s.stats().error_desc.is_empty());
+        let changes: vec::Vec<_> = core::iter::from_fn(|| s.poll_status_change())
+            .map(|c| (c.from, c.to))
+            .filter(|(f, t)| f.in_postcopy() && t.in_postcopy())
+            .collect();
+        use MigrationStatus as M;
+        assert_eq!(
+            changes,
+            [
+                (M::PostcopyActive, M::PostcopyPaused),
+                (M::PostcopyPaused, M::PostcopyRecoverSetup),
+                (M::PostcopyRecoverSetup, M::PostcopyPaused),
+                (M::PostcopyPaused, M::PostcopyRecoverSetup),
+                (M::PostcopyRecoverSetup, M::PostcopyPaused),
+                (M::PostcopyPaused, M::PostcopyRecoverSetup),
+                (M::PostcopyRecoverSetup, M::PostcopyRecover),
+                (M::PostcopyRecover, M::PostcopyActive),
+            ]
+        );
+    });
+}
+
+#[test]
+fn giving_up_a_pause_fails_and_keeps_the_guest_stopped() {
+    after_the_switchover(|s, now| {
+        assert!(s.give_up(now).is_err(), "nothing to give up while active");
+        s.handle_peer_closed(now, format_args!("closed"));
+        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::Paused));
+        s.give_up(now).unwrap();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Finished(EndReason::RecoveryAbandoned))
+        );
+        assert_eq!(s.status(), MigrationStatus::Failed);
+        assert!(
+            s.stats()
+                .error_desc
+                .as_str()
+                .contains("exist only on this source"),
+            "{}",
+            s.stats().error_desc.as_str()
+        );
+    });
+}
+
+/// Drives a return-path postcopy of a 1024-page guest whose first 64
+/// pages are dirty again after the first pass, up to the decision to
+/// switch, and hands `f` the engine, the time and the writes since the
+/// decision's sync, up to (not including) the engine's first `None`.
+fn at_the_postcopy_decision(f: impl FnOnce(&mut SourceEngine<'_>, Instant, &[vec::Vec<u8>])) {
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::RETURN_PATH | Capabilities::POSTCOPY_RAM;
+    config.limits.postcopy_after_iterations = Some(1);
+    config.parameters.downtime_limit_ms = 0;
+    config.parameters.max_bandwidth = 0;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    let mut syncs = 0;
+    let mut since_decision = vec::Vec::new();
+    while let Some(action) = s.poll_action(now, &AllZero) {
+        match action {
+            SourceAction::SyncDirtyLog => {
+                let mut log = [0u64; 16];
+                log[0] = u64::MAX;
+                if syncs == 0 {
+                    log = [u64::MAX; 16];
+                }
+                syncs += 1;
+                s.handle_dirty_log(0, &log).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+            SourceAction::Send(bytes) if syncs >= 2 => since_decision.push(bytes.to_vec()),
+            SourceAction::StopVcpus => panic!("stopped before the early discards were answered"),
+            SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
+                panic!("the migration ended early")
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(syncs, 2, "the switch is decided at the second sync");
+    f(&mut s, now, &since_decision);
+}
+
+fn early_discard_ping() -> vec::Vec<u8> {
+    let mut ping = vec![0u8; 64];
+    let n = Record::Command(Command::Ping(EARLY_DISCARD_PING))
+        .encode(&mut ping)
+        .unwrap();
+    ping.truncate(n);
+    ping
+}
+
+/// The postcopy stop is shortened by discarding what is dirty before it:
+/// the discards and a ping go out while the guest runs, and the guest
+/// stops only once the destination answered that ping.
+#[test]
+fn postcopy_discards_early_and_stops_after_the_destination_answered() {
+    at_the_postcopy_decision(|s, now, sent| {
+        let ping = early_discard_ping();
+        assert_eq!(sent.last(), Some(&ping), "the ping ends the early writes");
+        assert!(
+            sent[..sent.len() - 1].iter().any(|b| !b.is_empty()),
+            "a discard record went out before it"
+        );
+        assert_eq!(s.status(), MigrationStatus::Active, "the guest still runs");
+        assert_eq!(s.poll_action(now, &AllZero), None);
+        assert_eq!(s.poll_timeout(), Some(now + EARLY_DISCARD_WAIT));
+        s.handle_return_path(now, &RpMessage::Pong(EARLY_DISCARD_PING))
+            .unwrap();
+        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::StopVcpus));
+    });
+}
+
+/// A destination that does not answer the early discards' ping delays the
+/// stop by at most [`EARLY_DISCARD_WAIT`].
+#[test]
+fn an_unanswered_early_discard_ping_stops_the_guest_anyway() {
+    at_the_postcopy_decision(|s, now, _| {
+        let later = now + EARLY_DISCARD_WAIT;
+        assert_eq!(
+            s.poll_action(later, &AllZero),
+            Some(SourceAction::StopVcpus)
+        );
+    });
 }

@@ -7,6 +7,7 @@ use super::{
     Violation,
 };
 use crate::digest::{DigestBooks, DigestKey, Verification, locate_parts};
+use crate::status::MigrationStatus;
 use crate::wire::{self, EncodeError, PageRange};
 
 /// What a verifying source keeps: the key, the books, whether to audit,
@@ -67,6 +68,25 @@ impl<'a> Verify<'a> {
         }
         None
     }
+}
+
+/// In a verifying postcopy, the key and the books of `block`: each normal
+/// page of a batch is then hashed as the batch's header is encoded and
+/// its term travels in it ([`BatchFlags::TERMS`](crate::wire::BatchFlags::TERMS)),
+/// for the destination to check the page before it installs it. The
+/// guest is stopped here, so the bytes hashed are the bytes written after
+/// the header, and the term is booked at once.
+pub(super) fn postcopy_books<'v, 'a>(
+    verify: &'v mut Option<Verify<'a>>,
+    status: MigrationStatus,
+    block: usize,
+) -> Option<(DigestKey, &'v mut DigestBooks<'a>)> {
+    if status != MigrationStatus::PostcopyActive {
+        return None;
+    }
+    let v = verify.as_mut()?;
+    let key = v.key;
+    v.books.get_mut(block).map(|b| (key, b))
 }
 
 /// Books a zero entry as it goes into a batch (a free function, so that
@@ -221,8 +241,12 @@ impl<'a> SourceEngine<'a> {
     /// the first whose digest differs; its SHUT follows.
     pub(super) fn digest_mismatch(&mut self, block: u16, page: Option<u64>) {
         // After the digest went out: waiting for LOADED (precopy) or for
-        // the end's confirmation (postcopy, or an older destination).
-        if self.verify.is_none() || !matches!(self.step, Step::AwaitLoaded | Step::AwaitShut) {
+        // the end's confirmation (postcopy, or an older destination); or
+        // in postcopy, where the destination checks each page as it
+        // installs it.
+        let in_place = matches!(self.step, Step::AwaitLoaded | Step::AwaitShut)
+            || (self.status == MigrationStatus::PostcopyActive && page.is_some());
+        if self.verify.is_none() || !in_place {
             self.fail(
                 EndReason::Protocol(Violation::UnexpectedDigestMessage),
                 format_args!("the destination reported a digest mismatch out of place"),

@@ -288,6 +288,57 @@ fn digest_key_and_digest() {
 }
 
 #[test]
+fn pages_with_terms() {
+    let key = crate::digest::DigestKey::new(0x0123_4567_89ab_cdef);
+    let data = [1u8; 4096];
+    let term = key.page_term(0, 0, &data);
+    assert_eq!(term, 0x55bd_7888_a693_ba93, "the term the document states");
+    let entries = [
+        PageEntry {
+            index: 0,
+            kind: PageKind::Normal,
+        },
+        PageEntry {
+            index: 1,
+            kind: PageKind::Zero,
+        },
+    ];
+    let (head, elided) = example("pages-terms");
+    assert!(elided);
+    let mut out = [0; 64];
+    let n = encode_page_batch_header_with_terms(
+        &mut out,
+        0,
+        12,
+        BatchFlags::TERMS,
+        &entries,
+        [term].into_iter(),
+    )
+    .unwrap();
+    assert_eq!(head, &out[..n]);
+    let terms = [term];
+    let batch = PageBatch::new(0, 12, BatchFlags::empty(), &entries, &data)
+        .and_then(|b| b.with_terms(&terms))
+        .unwrap();
+    let mut whole = head.clone();
+    whole.extend_from_slice(&data);
+    assert_eq!(encoded(&Record::Pages(batch)), whole);
+    let mut stream = std::vec![0; STREAM_HEADER_LEN];
+    encode_stream_header(&mut stream).unwrap();
+    stream.extend_from_slice(&whole);
+    let mut scratch = std::vec![0; 8192];
+    let mut dec = StreamDecoder::new(&mut scratch);
+    let d = dec.decode(&stream).unwrap();
+    assert_eq!(d.consumed, stream.len());
+    let Some(Record::Pages(read)) = d.record else {
+        panic!("a Pages record");
+    };
+    assert_eq!(read, batch);
+    assert!(read.terms().eq([term]));
+    assert_eq!(read.data(), &data[..]);
+}
+
+#[test]
 fn digest_ranges() {
     // The worked example: block 0 of three pages, page 0 all 0x01 bytes
     // (the Digest example's term), pages 1 and 2 zero.

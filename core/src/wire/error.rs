@@ -348,6 +348,14 @@ pub enum EncodeError {
         /// The index given.
         index: u64,
     },
+    /// A page batch's terms do not match its flags and normal entries.
+    TermCount {
+        /// Terms the batch needs: one per normal page with
+        /// [`BatchFlags::TERMS`](super::BatchFlags::TERMS), else none.
+        expected: usize,
+        /// Terms given.
+        found: usize,
+    },
     /// Page data whose length is not `normal entries × page size`.
     DataLength {
         /// Bytes the entries call for.
@@ -430,6 +438,10 @@ impl fmt::Display for EncodeError {
             Self::PageIndexTooLarge { index } => {
                 write!(f, "page index {index} does not fit in 56 bits")
             }
+            Self::TermCount { expected, found } => write!(
+                f,
+                "{found} page terms for a batch that needs {expected} (one per normal page with TERMS)"
+            ),
             Self::DataLength { expected, found } => {
                 write!(f, "page data is {found} bytes, the entries need {expected}")
             }

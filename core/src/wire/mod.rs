@@ -51,7 +51,8 @@ pub use multifd::{
 };
 pub use pages::{
     BATCH_HEADER_LEN, BatchFlags, BatchHeader, MAX_PAGE_SHIFT, MIN_PAGE_SHIFT, PAGE_ENTRY_LEN,
-    PageBatch, PageEntry, PageKind, encode_page_batch_header,
+    PAGE_TERM_LEN, PageBatch, PageEntry, PageKind, encode_page_batch_header,
+    encode_page_batch_header_with_terms,
 };
 pub use preempt::{PREEMPT_HELLO_LEN, PREEMPT_MAGIC, PREEMPT_VERSION, PreemptHello};
 pub use record::{

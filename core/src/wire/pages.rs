@@ -4,7 +4,10 @@
 //! flag) and then the bytes of every non-zero page in entry order. The table
 //! comes first so that a sender can emit header and entries from a small
 //! buffer and `writev` the pages straight out of guest memory, and a receiver
-//! knows where each page's bytes are before touching any of them.
+//! knows where each page's bytes are before touching any of them. A batch
+//! with [`BatchFlags::TERMS`] also carries, between the entries and the
+//! bytes, the source's digest term of each normal page (see
+//! [`crate::digest`]): postcopy's check of each page as it is installed.
 
 use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -50,6 +53,12 @@ bitflags::bitflags! {
         /// This batch ends an iteration over guest memory (a dirty-sync
         /// point): the destination may account a pass as complete.
         const END_OF_ITERATION = 1;
+        /// The entries are followed by one be64 digest term per normal
+        /// page, in entry order: the source's
+        /// [`DigestKey::page_term`](crate::digest::DigestKey::page_term)
+        /// of the bytes that follow, which a verifying postcopy
+        /// destination checks before it installs each page.
+        const TERMS = 2;
     }
 }
 
@@ -121,7 +130,15 @@ pub struct PageBatch<'a> {
     page_shift: u8,
     flags: BatchFlags,
     entries: Entries<'a>,
+    terms: Terms<'a>,
     data: &'a [u8],
+}
+
+/// Where a batch's page terms live (none without [`BatchFlags::TERMS`]).
+#[derive(Clone, Copy, Debug)]
+enum Terms<'a> {
+    Wire(&'a [U64]),
+    Slice(&'a [u64]),
 }
 
 /// Checks a page shift for encoding.
@@ -161,9 +178,31 @@ pub(crate) fn data_len(normal: usize, page_shift: u8) -> usize {
     )
 }
 
-/// Body length of a batch: header + entries + normal pages.
-fn body_len(count: usize, normal: usize, page_shift: u8) -> usize {
-    (BATCH_HEADER_LEN + PAGE_ENTRY_LEN * count).saturating_add(data_len(normal, page_shift))
+/// Bytes of one page term.
+pub const PAGE_TERM_LEN: usize = 8;
+
+/// Body length of a batch: header + entries + terms (`terms` of them) +
+/// normal pages.
+fn body_len(count: usize, terms: usize, normal: usize, page_shift: u8) -> usize {
+    (BATCH_HEADER_LEN + PAGE_ENTRY_LEN * count + PAGE_TERM_LEN * terms)
+        .saturating_add(data_len(normal, page_shift))
+}
+
+/// Checks that `terms` terms go with `normal` normal pages under `flags`:
+/// one each with [`BatchFlags::TERMS`], none without.
+fn check_terms(flags: BatchFlags, normal: usize, terms: usize) -> Result<(), EncodeError> {
+    let expected = if flags.contains(BatchFlags::TERMS) {
+        normal
+    } else {
+        0
+    };
+    if terms != expected {
+        return Err(EncodeError::TermCount {
+            expected,
+            found: terms,
+        });
+    }
+    Ok(())
 }
 
 impl PartialEq for PageBatch<'_> {
@@ -173,6 +212,7 @@ impl PartialEq for PageBatch<'_> {
             && self.flags == other.flags
             && self.len() == other.len()
             && self.pages().eq(other.pages())
+            && self.terms().eq(other.terms())
     }
 }
 
@@ -190,6 +230,7 @@ impl<'a> PageBatch<'a> {
     ) -> Result<Self, EncodeError> {
         check_shift(page_shift)?;
         let normal = check_entries(entries)?;
+        check_terms(flags, normal, 0)?;
         let expected = data_len(normal, page_shift);
         if data.len() != expected {
             return Err(EncodeError::DataLength {
@@ -202,7 +243,21 @@ impl<'a> PageBatch<'a> {
             page_shift,
             flags,
             entries: Entries::Slice(entries),
+            terms: Terms::Slice(&[]),
             data,
+        })
+    }
+
+    /// The same batch carrying `terms`, one per normal page in entry order
+    /// ([`BatchFlags::TERMS`] set).
+    pub fn with_terms(self, terms: &'a [u64]) -> Result<Self, EncodeError> {
+        let flags = self.flags | BatchFlags::TERMS;
+        let normal = self.pages().filter(|(_, data)| data.is_some()).count();
+        check_terms(flags, normal, terms.len())?;
+        Ok(Self {
+            flags,
+            terms: Terms::Slice(terms),
+            ..self
         })
     }
 
@@ -234,7 +289,12 @@ impl<'a> PageBatch<'a> {
                 normal += 1;
             }
         }
-        let expected = body_len(n, normal, page_shift);
+        let term_count = if flags.contains(BatchFlags::TERMS) {
+            normal
+        } else {
+            0
+        };
+        let expected = body_len(n, term_count, normal, page_shift);
         if body.len() != expected {
             return Err(DecodeError::BadLength {
                 what: "page batch body",
@@ -242,14 +302,17 @@ impl<'a> PageBatch<'a> {
                 found: body.len(),
             });
         }
-        let data = body
+        let after_entries = body
             .get(BATCH_HEADER_LEN + PAGE_ENTRY_LEN * n..)
             .unwrap_or_default();
+        let (terms, data) = <[U64]>::ref_from_prefix_with_elems(after_entries, term_count)
+            .map_err(|_| DecodeError::Truncated { what: "page terms" })?;
         Ok(Self {
             block: h.block.get(),
             page_shift,
             flags,
             entries: Entries::Wire(entries),
+            terms: Terms::Wire(terms),
             data,
         })
     }
@@ -287,6 +350,20 @@ impl<'a> PageBatch<'a> {
         self.len() == 0
     }
 
+    /// The source's digest terms of the normal pages, in entry order:
+    /// empty without [`BatchFlags::TERMS`].
+    pub fn terms(&self) -> impl Iterator<Item = u64> + 'a {
+        let terms = self.terms;
+        let n = match terms {
+            Terms::Wire(t) => t.len(),
+            Terms::Slice(t) => t.len(),
+        };
+        (0..n).filter_map(move |i| match terms {
+            Terms::Wire(t) => t.get(i).map(|t| t.get()),
+            Terms::Slice(t) => t.get(i).copied(),
+        })
+    }
+
     /// The data of all normal pages, concatenated in entry order.
     pub fn data(&self) -> &'a [u8] {
         self.data
@@ -316,7 +393,10 @@ impl<'a> PageBatch<'a> {
 
     /// Bytes of the Pages body.
     pub(crate) fn body_len(&self) -> usize {
-        BATCH_HEADER_LEN + PAGE_ENTRY_LEN * self.len() + self.data.len()
+        BATCH_HEADER_LEN
+            + PAGE_ENTRY_LEN * self.len()
+            + PAGE_TERM_LEN * self.terms().count()
+            + self.data.len()
     }
 
     /// Writes the body: batch header, entries, data.
@@ -333,6 +413,9 @@ impl<'a> PageBatch<'a> {
                     w.put(&U64::new(entry.to_wire()?))?;
                 }
             }
+        }
+        for term in self.terms() {
+            w.put(&U64::new(term))?;
         }
         w.bytes(self.data)
     }
@@ -368,18 +451,47 @@ pub fn encode_page_batch_header(
     flags: BatchFlags,
     entries: &[PageEntry],
 ) -> Result<usize, EncodeError> {
+    encode_page_batch_header_with_terms(out, block, page_shift, flags, entries, core::iter::empty())
+}
+
+/// [`encode_page_batch_header`] with the page terms after the entries:
+/// with [`BatchFlags::TERMS`] in `flags`, `terms` yields one term per
+/// normal entry, in entry order (it is read that many times at most);
+/// without it, none.
+pub fn encode_page_batch_header_with_terms(
+    out: &mut [u8],
+    block: u16,
+    page_shift: u8,
+    flags: BatchFlags,
+    entries: &[PageEntry],
+    terms: impl Iterator<Item = u64>,
+) -> Result<usize, EncodeError> {
     check_shift(page_shift)?;
     let normal = check_entries(entries)?;
-    let head = RECORD_HEADER_LEN + BATCH_HEADER_LEN + PAGE_ENTRY_LEN * entries.len();
+    let term_count = if flags.contains(BatchFlags::TERMS) {
+        normal
+    } else {
+        0
+    };
+    let head = RECORD_HEADER_LEN
+        + BATCH_HEADER_LEN
+        + PAGE_ENTRY_LEN * entries.len()
+        + PAGE_TERM_LEN * term_count;
     let mut w = Writer::new(out, head)?;
     put_record_header(
         &mut w,
         kind::PAGES,
-        body_len(entries.len(), normal, page_shift),
+        body_len(entries.len(), term_count, normal, page_shift),
     )?;
     put_batch_header(&mut w, block, page_shift, flags, entries.len())?;
     for e in entries {
         w.put(&U64::new(e.to_wire()?))?;
     }
+    let mut given = 0;
+    for term in terms.take(term_count) {
+        w.put(&U64::new(term))?;
+        given += 1;
+    }
+    check_terms(flags, normal, given)?;
     Ok(w.written())
 }

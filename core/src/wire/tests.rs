@@ -669,10 +669,10 @@ fn page_batch_errors() {
         );
     }
     assert_eq!(
-        body_error(p, &batch(12, 2, 0, &[], 0)),
+        body_error(p, &batch(12, 4, 0, &[], 0)),
         DecodeError::ReservedFlags {
             what: "page batch flags",
-            value: 2
+            value: 4
         }
     );
     assert_eq!(
@@ -714,12 +714,80 @@ fn page_batch_errors() {
             found: 17
         }
     );
+    // With TERMS a normal page takes 8 more bytes (its term), a zero page
+    // none: a batch without them is short by as much.
+    let terms = BatchFlags::TERMS.bits();
+    assert_eq!(
+        body_error(p, &batch(12, terms, 1, &[7], 4096)),
+        DecodeError::BadLength {
+            what: "page batch body",
+            expected: 16 + 8 + 4096,
+            found: 16 + 4096
+        }
+    );
+    assert_eq!(
+        body_error(p, &batch(12, terms, 1, &[1 << 63], 8)),
+        DecodeError::BadLength {
+            what: "page batch body",
+            expected: 16,
+            found: 24
+        }
+    );
     assert_eq!(
         body_error(p, &[0, 0, 12]),
         DecodeError::Truncated {
             what: "page batch header"
         }
     );
+}
+
+#[test]
+fn page_terms_must_match_the_normal_pages() {
+    let entries = [
+        PageEntry {
+            index: 4,
+            kind: PageKind::Normal,
+        },
+        PageEntry {
+            index: 5,
+            kind: PageKind::Zero,
+        },
+    ];
+    let data = [3u8; 4096];
+    let batch = PageBatch::new(0, 12, BatchFlags::empty(), &entries, &data).unwrap();
+    assert_eq!(
+        batch.with_terms(&[1, 2]).unwrap_err(),
+        EncodeError::TermCount {
+            expected: 1,
+            found: 2
+        }
+    );
+    assert_eq!(
+        PageBatch::new(0, 12, BatchFlags::TERMS, &entries, &data).unwrap_err(),
+        EncodeError::TermCount {
+            expected: 1,
+            found: 0
+        },
+        "TERMS without terms"
+    );
+    let mut out = [0u8; 64];
+    assert_eq!(
+        encode_page_batch_header_with_terms(
+            &mut out,
+            0,
+            12,
+            BatchFlags::TERMS,
+            &entries,
+            core::iter::empty()
+        ),
+        Err(EncodeError::TermCount {
+            expected: 1,
+            found: 0
+        })
+    );
+    let with = batch.with_terms(&[9]).unwrap();
+    assert!(with.terms().eq([9]));
+    assert_ne!(with, batch, "the terms are part of the batch");
 }
 
 #[test]

@@ -855,13 +855,14 @@ pub fn shape(case: BenchCase, opts: &BenchOptions) -> GuestShape {
 
 /// How a bench run checks the destination's memory: by the in-protocol
 /// verification, which puts no second digest of all RAM inside the stop
-/// the bench measures; only a run with verification off (`--no-verify`)
-/// falls back on the destination's digest, and its stop includes it.
+/// the bench measures; a run with verification off (`--no-verify`) by the
+/// digest of the pages the destination guest did not write, taken after
+/// its watch, so that its stop holds no digest either.
 pub fn memory_check(opts: &BenchOptions) -> MemoryCheck {
     if opts.source.verify {
         MemoryCheck::InProtocol
     } else {
-        MemoryCheck::Digest
+        MemoryCheck::Unwritten
     }
 }
 

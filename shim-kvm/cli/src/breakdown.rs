@@ -38,6 +38,10 @@ pub fn source(stop: &SourceStop) -> Value {
     if stop.devices_sent_ns.is_some() {
         obj.insert("device-state-bytes".into(), json!(stop.device_bytes));
     }
+    if let Some(errno) = stop.priority_refused {
+        let why = std::io::Error::from_raw_os_error(errno).to_string();
+        obj.insert("stop-priority-refused".into(), json!(why));
+    }
     Value::Object(obj)
 }
 

@@ -897,7 +897,10 @@ pub fn destination_vm(vmm: &DemoVmm) -> DestinationVm {
 /// lets livemig start the guest (a guest paused on the source arrives
 /// paused) and watches it run for `run_for`. `blocktime` (the
 /// postcopy-blocktime capability) adds per-vCPU blocktime to a postcopy
-/// report. After an ambiguous end the loaded guest is held paused: `hold`
+/// report. `digest` digests the loaded memory inside the stop;
+/// `digest_unwritten` has a precopy's report carry, like a postcopy's, the
+/// pages the guest wrote here and the digest of the others, taken after
+/// the watch ([`MemoryCheck::Unwritten`]). After an ambiguous end the loaded guest is held paused: `hold`
 /// decides whether it starts here (as after a completed migration) or is
 /// discarded with the process.
 #[allow(clippy::too_many_arguments)]
@@ -910,6 +913,7 @@ pub fn run_receive(
     recovery: Recovery,
     blocktime: bool,
     digest: bool,
+    digest_unwritten: bool,
     announce: &mut dyn Write,
     progress: &mut Progress,
     events: EventLog,
@@ -995,7 +999,7 @@ pub fn run_receive(
     if report.error.is_some() || !report.started {
         return Ok(receive_summary(&report, None, None, blocktime));
     }
-    if report.postcopy.is_none() {
+    if report.postcopy.is_none() && !digest_unwritten {
         log.stop().map_err(DemoError::Writes)?;
         let after = GuestAfter::watch(&vmm, run_for).map_err(DemoError::Watch)?;
         return Ok(receive_summary(
@@ -1104,6 +1108,14 @@ pub enum MemoryCheck {
     /// adds nothing to the stop but the hashing of the final pass's pages:
     /// `bench`'s, which measures the stop. Needs the source to verify.
     InProtocol,
+    /// The check a postcopy always gets, after a precopy too: the
+    /// destination logs its guest's writes, digests the pages it did not
+    /// write at the end of its watch (outside the stop), and the source
+    /// digests the same pages of its stop image; the pages the guest
+    /// wrote are checked by its stamps. `bench`'s for runs with
+    /// verification off, so that their stop holds no digest either and
+    /// compares with a verified run's.
+    Unwritten,
 }
 
 /// [`run_demo`] with the source driver's `options` (the pre-switchover
@@ -1141,6 +1153,7 @@ pub fn run_demo_with(
         // The demo's own check, independent of the in-protocol one: the
         // destination's digest of what it loaded, compared here.
         .args((check == MemoryCheck::Digest).then_some("--digest"))
+        .args((check == MemoryCheck::Unwritten).then_some("--digest-unwritten"))
         .args(
             config
                 .capabilities
@@ -1264,30 +1277,34 @@ pub fn run_demo_with(
     // After a postcopy the destination guest ran while its memory came:
     // the pages it did not write are compared (the ones it wrote, by its
     // own stamp checks).
-    let memory_equal = if postcopy {
-        let written: Option<Vec<(u64, u64)>> = dest
-            .get("guest-written-ranges")
-            .and_then(|r| serde_json::from_value(r.clone()).ok());
-        let theirs = dest
-            .get("digest-unwritten")
-            .and_then(Value::as_str)
-            .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
-        let ours = written
-            .filter(|_| out.at_stop.is_some())
-            .and_then(|w| digest_outside(vmm.guest_memory(), &w).ok());
-        if let Some(d) = ours {
-            summary
-                .extra
-                .insert("digest-unwritten".into(), json!(format!("{d:#018x}")));
-        }
-        ours.is_some() && ours == theirs
+    let check = if postcopy {
+        MemoryCheck::Unwritten
     } else {
-        match check {
-            MemoryCheck::Digest => out.digest.is_some() && out.digest == dest_digest,
-            MemoryCheck::InProtocol => {
-                out.report.stats.verification.is_verified()
-                    && dest.get("verification").and_then(Value::as_str) == Some("verified")
+        check
+    };
+    let memory_equal = match check {
+        MemoryCheck::Unwritten => {
+            let written: Option<Vec<(u64, u64)>> = dest
+                .get("guest-written-ranges")
+                .and_then(|r| serde_json::from_value(r.clone()).ok());
+            let theirs = dest
+                .get("digest-unwritten")
+                .and_then(Value::as_str)
+                .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
+            let ours = written
+                .filter(|_| out.at_stop.is_some())
+                .and_then(|w| digest_outside(vmm.guest_memory(), &w).ok());
+            if let Some(d) = ours {
+                summary
+                    .extra
+                    .insert("digest-unwritten".into(), json!(format!("{d:#018x}")));
             }
+            ours.is_some() && ours == theirs
+        }
+        MemoryCheck::Digest => out.digest.is_some() && out.digest == dest_digest,
+        MemoryCheck::InProtocol => {
+            out.report.stats.verification.is_verified()
+                && dest.get("verification").and_then(Value::as_str) == Some("verified")
         }
     };
     // The in-protocol verdict, unless verification was turned off.

@@ -4,9 +4,12 @@
 //!   and summaries, `send` / `receive`, and its self-contained demo (with a
 //!   simulated fallback over livemig-sim when there is no `/dev/kvm`);
 //!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
-//!   run.
+//!   run; [`fault_bench`] times postcopy's faults against the bare
+//!   userfaultfd round trip (`--case postcopy`).
 //! - [`qemu`] and [`qmp`]: the same guest under QEMU, migrated by QEMU over
-//!   QMP; [`vs_qemu`] alternates those runs with `bench`'s (`--vs-qemu`).
+//!   QMP; [`vs_qemu`] alternates those runs with `bench`'s (`--vs-qemu`);
+//!   [`verify_cost`] alternates verified runs with unverified ones
+//!   (`--verify-cost`).
 //! - [`continuity`]: whether the guest went on after a migration (every
 //!   vCPU's stamp counter, the timer, the serial sequence across hosts).
 //! - [`watch`]: the guest read at the stop and after the switchover, that
@@ -37,6 +40,7 @@ pub mod breakdown;
 pub mod continuity;
 pub mod demo;
 pub mod events;
+pub mod fault_bench;
 pub mod guest;
 pub mod guest_writes;
 pub mod interrupt;
@@ -46,6 +50,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod timeline;
+pub mod verify_cost;
 pub mod vmm;
 pub mod vs_qemu;
 pub mod watch;

@@ -1,7 +1,8 @@
 //! `--timeline FILE.svg`: the source's [`Timeline`] drawn as two panels
 //! over the time since the migration started. The upper one has the
 //! throughput (bytes written per 100 ms slice, as MiB/s) and the guest's
-//! dirty rate; the lower one, on a log scale, the bytes still to send and
+//! dirty rate, and on a right-hand axis the throttle (the share of each
+//! vCPU's time held back, percent, a step at each change); the lower one, on a log scale, the bytes still to send and
 //! the switchover threshold, which the remaining bytes must fall below for
 //! the guest to be stopped. Every dirty-log sync is a thin grey line in
 //! both panels, labelled with the passes completed at it (labels closer
@@ -24,6 +25,8 @@ const SIZE: (u32, u32) = (1200, 760);
 const LOG_FLOOR_MIB: f64 = 0.01;
 /// Colour of the sync lines (the CLI test finds them by it).
 pub const SYNC_RGB: (u8, u8, u8) = (150, 150, 150);
+/// Colour of the throttle line (the CLI test finds it by it).
+pub const THROTTLE_RGB: (u8, u8, u8) = (230, 120, 0);
 /// Fewest pixels between two sync labels.
 const LABEL_GAP_PX: f64 = 14.0;
 
@@ -125,13 +128,25 @@ fn draw_rates(chart: &Chart, area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawR
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d(0.0..x_end, 0.0..top)?;
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_end, 0.0..top)?
+        .set_secondary_coord(0.0..x_end, 0.0..100.0);
     c.configure_mesh()
         .x_desc("seconds since the migration started")
         .y_desc("MiB/s")
         .light_line_style(WHITE)
         .draw()?;
+    c.configure_secondary_axes()
+        .y_desc("throttle, % of vCPU time")
+        .draw()?;
     marks(chart, &mut c, 0.0, top, true)?;
+    let orange = RGBColor(THROTTLE_RGB.0, THROTTLE_RGB.1, THROTTLE_RGB.2);
+    c.draw_secondary_series(LineSeries::new(
+        throttle_steps(t, x_end),
+        orange.stroke_width(2),
+    ))?
+    .label("throttle (right axis)")
+    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], orange.stroke_width(2)));
     c.draw_series(LineSeries::new(sent, BLUE.stroke_width(2)))?
         .label("throughput (bytes sent per slice)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
@@ -143,6 +158,21 @@ fn draw_rates(chart: &Chart, area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawR
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
+}
+
+/// The throttle as a step line, percent over seconds: 0 from the start,
+/// each change a vertical step, the last value held to `x_end`.
+fn throttle_steps(t: &Timeline, x_end: f64) -> Vec<(f64, f64)> {
+    let mut points = vec![(0.0, 0.0)];
+    let mut level = 0.0;
+    for m in t.throttle_changes() {
+        let x = m.at_ns as f64 / 1e9;
+        points.push((x, level));
+        level = f64::from(m.percent);
+        points.push((x, level));
+    }
+    points.push((x_end, level));
+    points
 }
 
 /// Lower panel: remaining bytes and the switchover threshold, MiB on a log
@@ -170,6 +200,9 @@ fn draw_bytes(chart: &Chart, area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawR
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
+        // As wide as the upper panel's throttle axis, so that the two
+        // time axes line up.
+        .right_y_label_area_size(60)
         .build_cartesian_2d(0.0..x_end, (LOG_FLOOR_MIB..top).log_scale())?;
     c.configure_mesh()
         .x_desc("seconds since the migration started")

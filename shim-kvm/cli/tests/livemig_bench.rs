@@ -96,3 +96,54 @@ fn bench_flags_are_checked() {
         "{err}"
     );
 }
+
+/// `--case postcopy`, shrunk to 256 MiB: one JSON object per round with
+/// both baselines, the migration's fault latency and the ratios computed
+/// from that same round, and a verified migration.
+#[test]
+fn postcopy_bench_reports_fault_latency_against_the_uffd_round_trip() {
+    if !kvm_available() {
+        return;
+    }
+    let out = livemig(&[
+        "bench",
+        "--case",
+        "postcopy",
+        "--runs",
+        "1",
+        "--mem-mib-override",
+        "256",
+        "--warmup-ms",
+        "300",
+        "--run-ms",
+        "300",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object per round: {text:?}");
+    let v: Value = serde_json::from_str(lines[0]).expect("valid JSON");
+    eprintln!("MEASURE bench postcopy at 256 MiB: {v}");
+    assert_eq!(
+        (v["status"].as_str(), v["verified"].as_bool()),
+        (Some("completed"), Some(true))
+    );
+    let uffd = v["uffd-round-trip"]["touch-to-resume"]["median-us"]
+        .as_f64()
+        .unwrap();
+    let tcp = v["uffd-tcp-round-trip"]["touch-to-resume"]["median-us"]
+        .as_f64()
+        .unwrap();
+    assert!(uffd > 0.0 && tcp > 0.0, "{v}");
+    assert!(v["downtime"].as_f64().is_some_and(|d| d > 0.0), "{v}");
+    // The guest rewrites its working set on the destination: it faults.
+    let latency = v["fault-latency"]["median-us"]
+        .as_f64()
+        .expect("faults were served");
+    assert!(v["fault-samples"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let ratio = v["vs-uffd"].as_f64().unwrap();
+    assert!((ratio - latency / uffd).abs() < 1e-9, "{v}");
+    let ratio = v["vs-uffd-tcp"].as_f64().unwrap();
+    assert!((ratio - latency / tcp).abs() < 1e-9, "{v}");
+}

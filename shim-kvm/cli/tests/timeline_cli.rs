@@ -10,7 +10,7 @@ mod common;
 
 use common::{demo_ok, kvm_available};
 use livemig_cli::breakdown::DESTINATION_PARTS;
-use livemig_cli::timeline::SYNC_RGB;
+use livemig_cli::timeline::{SYNC_RGB, THROTTLE_RGB};
 use livemig_kvm::migrate::source::StopPart;
 use serde_json::Value;
 
@@ -111,6 +111,8 @@ fn demo_timeline_draws_every_sync_and_the_stop_and_the_breakdown_adds_up() {
         "MiB/s",
         "MiB (log scale)",
         "seconds since the migration started",
+        "throttle (right axis)",
+        "throttle, % of vCPU time",
     ] {
         assert!(
             texts.iter().any(|t| t == label),
@@ -150,6 +152,19 @@ fn demo_timeline_draws_every_sync_and_the_stop_and_the_breakdown_adds_up() {
     };
     for stroke in ["#0000FF", "#000000", "#00963C"] {
         assert!(slices(stroke) >= 3, "no series drawn in {stroke}");
+    }
+    // The throttle is a step line: its start, two points per change, its
+    // end; a migration that throttled has changed it at least twice (up,
+    // and lifted).
+    let orange = format!(
+        "#{:02X}{:02X}{:02X}",
+        THROTTLE_RGB.0, THROTTLE_RGB.1, THROTTLE_RGB.2
+    );
+    let steps = slices(&orange);
+    if v["throttle"]["peak-percent"].as_u64().unwrap() > 0 {
+        assert!(steps >= 6, "a throttled run drawn with {steps} points: {v}");
+    } else {
+        assert_eq!(steps, 2, "an unthrottled run is one flat line: {v}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

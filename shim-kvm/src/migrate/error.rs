@@ -73,8 +73,14 @@ pub enum MigrateError {
         /// Connections given.
         given: usize,
     },
-    /// The migration thread could not be started.
-    Spawn(io::Error),
+    /// A thread of the migration (its own, the return-path reader, a
+    /// channel's sender) could not be started.
+    Spawn {
+        /// Which thread.
+        thread: &'static str,
+        /// Why the OS refused it.
+        error: io::Error,
+    },
     /// The migration thread panicked (a bug in livemig).
     Panicked,
 }
@@ -112,7 +118,9 @@ impl fmt::Display for MigrateError {
                 f,
                 "{given} multifd channel connections given, the configuration asks for {expected}"
             ),
-            MigrateError::Spawn(e) => write!(f, "starting the migration thread: {e}"),
+            MigrateError::Spawn { thread, error } => {
+                write!(f, "starting the {thread} thread: {error}")
+            }
             MigrateError::Panicked => write!(f, "the migration thread panicked"),
         }
     }
@@ -135,7 +143,7 @@ impl std::error::Error for MigrateError {
             MigrateError::OpenKvm(e) => Some(e),
             MigrateError::Memory(e) => Some(e),
             MigrateError::DirtyLog(e) => Some(e),
-            MigrateError::Spawn(e) => Some(e),
+            MigrateError::Spawn { error, .. } => Some(error),
             MigrateError::TooManyVcpus(_)
             | MigrateError::ThrottleUnsupported
             | MigrateError::ReservedSection(_)

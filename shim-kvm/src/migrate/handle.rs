@@ -243,7 +243,10 @@ impl<R: Send + 'static> Run<R> {
                 let guard = FinishOnDrop(theirs);
                 body(&guard.0)
             })
-            .map_err(MigrateError::Spawn)?;
+            .map_err(|error| MigrateError::Spawn {
+                thread: "migration",
+                error,
+            })?;
         Ok(Run { shared, thread })
     }
 

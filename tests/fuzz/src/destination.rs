@@ -158,7 +158,21 @@ pub fn destination_accepts(data: &[u8]) -> bool {
         }
         while engine.poll_return_path(&mut out) > 0 {}
     }
-    let _ = engine.handle_eof(Instant::from_millis(u64::MAX / 2));
+    let end = Instant::from_millis(u64::MAX / 2);
+    let _ = engine.handle_eof(end);
+    if engine.is_paused() {
+        // Postcopy ran the guest here: the close paused it. No source
+        // comes back, so the operator gives up, and says where pages are.
+        assert!(!engine.stats().error_desc.is_empty());
+        engine.give_up(end).expect("paused");
+        assert!(
+            engine
+                .stats()
+                .error_desc
+                .as_str()
+                .contains("exist only on the source")
+        );
+    }
     let state = engine.status();
     assert!(
         matches!(state, MigrationStatus::Completed | MigrationStatus::Failed),
@@ -263,12 +277,44 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
         record(Record::RamBlocks(BlockList::from_slice(&l))),
         record(Record::Command(Command::DigestKey(key.seed()))),
         batch,
-        cpu_state,
+        cpu_state.clone(),
         record(Record::Digest(wire::BlockSums::from_slice(&[term]))),
         record(Record::EndOfStream),
         record(Record::Command(Command::Commit)),
     ] {
         verified.extend_from_slice(&p);
+    }
+    // A verified postcopy: after the switch the page comes with its term.
+    let mut postcopy = vec![9u8, 0, 0, 0, 0, 0, 0, 0, 0];
+    wire::encode_stream_header(&mut postcopy[1..]).expect("8 bytes");
+    let mut with_terms = vec![0u8; 64];
+    let n = wire::encode_page_batch_header_with_terms(
+        &mut with_terms,
+        0,
+        12,
+        BatchFlags::TERMS,
+        &entries,
+        [term].into_iter(),
+    )
+    .expect("small batch");
+    with_terms.truncate(n);
+    with_terms.extend_from_slice(&[0x5a; PAGE]);
+    for p in [
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        record(Record::RamBlocks(BlockList::from_slice(&l))),
+        record(Record::Command(Command::DigestKey(key.seed()))),
+        record(Record::Command(Command::PostcopyListen)),
+        cpu_state.clone(),
+        record(Record::Command(Command::PostcopyRun)),
+        with_terms,
+        record(Record::Digest(wire::BlockSums::from_slice(&[term]))),
+        record(Record::EndOfStream),
+    ] {
+        postcopy.extend_from_slice(&p);
     }
     // A setup-time section the host refuses, before any page.
     let mut refused = vec![5u8, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -287,7 +333,7 @@ pub fn destination_corpus() -> Vec<Vec<u8>> {
     ] {
         refused.extend_from_slice(&p);
     }
-    vec![stream, short, precopy, verified, refused]
+    vec![stream, short, precopy, verified, postcopy, refused]
 }
 
 #[cfg(test)]

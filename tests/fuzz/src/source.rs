@@ -260,6 +260,13 @@ pub fn source_accepts(data: &[u8]) -> bool {
                 assert_eq!(end.status(), engine.status());
                 return end == EndReason::Completed;
             }
+            // A pause while draining (a silent destination): no new
+            // connection comes.
+            Some(SourceAction::Paused) => {
+                engine
+                    .give_up(Instant::from_nanos(now))
+                    .expect("just paused");
+            }
             Some(_) => {}
             None => {
                 if engine.is_finished() {

@@ -14,19 +14,20 @@ use clap::{Args, Parser, Subcommand};
 use livemig_cli::bench::{self, BenchCase, BenchError, BenchOptions};
 use livemig_cli::demo::{self, DemoError, GuestShape};
 use livemig_cli::events::EventLog;
+use livemig_cli::fault_bench;
 use livemig_cli::guest;
 use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
 use livemig_cli::report::{Progress, Summary};
 use livemig_cli::timeline;
-use livemig_cli::{qemu, run, vmm, vs_qemu};
+use livemig_cli::{qemu, run, verify_cost, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::Recovery;
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::migrate::recovery::DEFAULT_RECOVER_TIMEOUT;
-use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, SourceOptions};
+use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, DEFAULT_STOP_NICE, SourceOptions};
 use livemig_kvm::transport::MigrationUri;
 use serde_json::json;
 
@@ -166,6 +167,13 @@ struct Migration {
     /// shrinks; the report says for how long and how hard).
     #[arg(long)]
     no_stop_throttle: bool,
+    /// Leave the migration's threads at their usual priority during the
+    /// stop (by default the migration thread and the return-path reader
+    /// run at nice -10 from the vCPU stop until the guest runs again, so
+    /// that their wake-ups in the stop do not wait behind other threads;
+    /// without CAP_SYS_NICE the summary's `stop-priority-refused` says so).
+    #[arg(long)]
+    no_stop_priority: bool,
 }
 
 #[derive(Args)]
@@ -321,6 +329,14 @@ struct ReceiveArgs {
     /// downtime by `digest-time`).
     #[arg(long)]
     digest: bool,
+    /// After a precopy too, report the pages the guest wrote here
+    /// (`guest-written-ranges`) and the digest of all the others, taken at
+    /// the end of the watch with the guest paused (`digest-unwritten`, as
+    /// after a postcopy): a second opinion from outside the stop. The
+    /// guest's writes are logged meanwhile, which slows its first write
+    /// of each page here.
+    #[arg(long)]
+    digest_unwritten: bool,
     /// A destination capability: --cap postcopy-blocktime=on reports the
     /// time each vCPU spent blocked on missing pages after a postcopy
     /// (repeatable; postcopy itself needs no flag here).
@@ -359,8 +375,11 @@ struct BenchArgs {
     /// A case to run (repeatable; default: idle-4g and busy-1g): idle-4g,
     /// busy-1g, or multifd alone (a 1 GiB guest of non-zero pages over 1,
     /// 2 and N channels, N from --param multifd-channels or 4, against as
-    /// many raw TCP streams).
-    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd"])]
+    /// many raw TCP streams), or postcopy alone (the userfaultfd round trip,
+    /// bare and over loopback TCP, then a postcopy migration with
+    /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set: fault
+    /// latency, the ratios and the downtime).
+    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd", "postcopy"])]
     cases: Vec<String>,
     /// Runs per case; the figures are median, min and max over them.
     #[arg(long, default_value_t = 3)]
@@ -387,6 +406,13 @@ struct BenchArgs {
     /// error.
     #[arg(long)]
     vs_qemu: bool,
+    /// Run each case with verification on and off, alternating which goes
+    /// first, --runs times each way, and print each figure's median both
+    /// ways and the ratio on/off (downtime, final pages, total time,
+    /// throughput). The unverified runs are checked by a digest of the
+    /// pages the destination guest did not write, after its watch.
+    #[arg(long, conflicts_with_all = ["vs_qemu", "no_verify", "timeline"])]
+    verify_cost: bool,
     /// Draw the run of median downtime of each case (throughput, dirty
     /// rate, remaining bytes, switchover threshold, each dirty-log sync
     /// and the stop) into this SVG file; with several cases, one file per
@@ -476,8 +502,14 @@ fn source_options(m: &Migration, workload: &Workload, receiver_digests: bool) ->
         stop_cost: DEFAULT_STOP_COST + digest,
         verify: !m.no_verify,
         audit: m.audit,
+        stop_nice: stop_nice(m),
         ..SourceOptions::default()
     }
+}
+
+/// The nice value of the migration's threads during the stop.
+fn stop_nice(m: &Migration) -> Option<i8> {
+    (!m.no_stop_priority).then_some(DEFAULT_STOP_NICE)
 }
 
 /// The moment the guest changes hands in postcopy, on stderr (also with
@@ -660,6 +692,9 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     if a.cases.iter().any(|c| c == bench::MULTIFD_CASE) {
         return run_multifd_bench(a, &config);
     }
+    if a.cases.iter().any(|c| c == fault_bench::POSTCOPY_CASE) {
+        return run_postcopy_bench(a, &config);
+    }
     let mut cases: Vec<BenchCase> = if a.cases.is_empty() {
         bench::CASES.to_vec()
     } else {
@@ -680,9 +715,13 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         source: SourceOptions {
             verify: !a.migration.no_verify,
             audit: a.migration.audit,
+            stop_nice: stop_nice(&a.migration),
             ..SourceOptions::default()
         },
     };
+    if a.verify_cost {
+        return run_verify_cost_bench(a, &cases, &opts, &config);
+    }
     let qemu = if a.vs_qemu {
         match qemu::find_qemu() {
             Some(path) => Some((qemu::qemu_version(&path).map_err(|e| e.to_string())?, path)),
@@ -762,6 +801,36 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     Ok(code)
 }
 
+/// `livemig bench --verify-cost`: each case verified and not, alternating;
+/// a run either way that did not verify is an error line and exit status 1.
+fn run_verify_cost_bench(
+    a: &BenchArgs,
+    cases: &[BenchCase],
+    opts: &BenchOptions,
+    config: &MigrationConfig,
+) -> Result<ExitCode, String> {
+    let cancel = cancel_on_signals()?;
+    let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
+    let mut code = ExitCode::SUCCESS;
+    for &case in cases {
+        let cost =
+            verify_cost::run_case(case, opts, config, &data, &cancel).map_err(|e| e.to_string())?;
+        if a.json {
+            println!("{}", cost.to_json());
+        } else {
+            print!("{}", cost.table());
+        }
+        if !cost.verified() {
+            eprintln!(
+                "livemig: bench: a run of {} did not verify (verification on or off)",
+                case.name
+            );
+            code = ExitCode::FAILURE;
+        }
+    }
+    Ok(code)
+}
+
 /// `livemig bench --case multifd`: 1, 2 and N channels (N from
 /// `--param multifd-channels`, 4 when that is 2 or less) against as many
 /// raw TCP streams, on a guest of `--mem-mib` (default 1024) MiB whose RAM
@@ -786,6 +855,7 @@ fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode
         source: SourceOptions {
             verify: !a.migration.no_verify,
             audit: a.migration.audit,
+            stop_nice: stop_nice(&a.migration),
             ..SourceOptions::default()
         },
     };
@@ -811,6 +881,52 @@ fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("livemig: bench: a multifd run did not verify");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `livemig bench --case postcopy`: the userfaultfd round trip, alone and
+/// over loopback TCP, then a postcopy migration with preempt of a busy
+/// guest of `--mem-mib` (default 1024) MiB, per round.
+fn run_postcopy_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode, String> {
+    if a.cases.len() != 1 {
+        return Err(format!(
+            "bench case '{}' runs alone: give it as the only --case",
+            fault_bench::POSTCOPY_CASE
+        ));
+    }
+    let guest = match a.mem_mib_override {
+        Some(mem) => fault_bench::POSTCOPY_GUEST.scaled(mem),
+        None => fault_bench::POSTCOPY_GUEST,
+    };
+    let config = fault_bench::postcopy_config(config, |name| {
+        options::sets_param(&a.migration.params, name)
+    });
+    let opts = BenchOptions {
+        runs: a.runs,
+        warmup: Duration::from_millis(a.warmup_ms),
+        run_for: Duration::from_millis(a.run_ms),
+        verbose: !a.quiet,
+        vcpus: a.vcpus,
+        source: SourceOptions {
+            verify: !a.migration.no_verify,
+            audit: a.migration.audit,
+            ..SourceOptions::default()
+        },
+    };
+    let cancel = cancel_on_signals()?;
+    let runs = fault_bench::run(guest, &opts, &config, &cancel).map_err(|e| e.to_string())?;
+    if a.json {
+        for r in &runs {
+            println!("{}", r.to_json());
+        }
+    } else {
+        print!("{}", fault_bench::table(guest, &runs));
+    }
+    if runs.iter().all(|r| r.summary.verified) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("livemig: bench: a postcopy run did not verify");
         Ok(ExitCode::FAILURE)
     }
 }
@@ -967,6 +1083,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 },
                 receive_blocktime(&a.caps)?,
                 a.digest,
+                a.digest_unwritten,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),
                 EventLog::new(a.output.json),

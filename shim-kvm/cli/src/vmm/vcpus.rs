@@ -445,6 +445,10 @@ impl Vcpus for DemoVcpus {
     fn can_throttle(&self) -> bool {
         true
     }
+
+    fn thread_ids(&self) -> Vec<i32> {
+        DemoVcpus::thread_ids(self)
+    }
 }
 
 impl Drop for DemoVcpus {

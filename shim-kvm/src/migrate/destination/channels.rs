@@ -78,6 +78,13 @@ pub enum ChannelFailure {
         /// The read that failed.
         error: TransportError,
     },
+    /// The channel's receiver thread could not be started.
+    Spawn {
+        /// The channel.
+        channel: u16,
+        /// Why the OS refused it.
+        error: std::io::Error,
+    },
     /// The channel closed, or its thread ended, before the sync.
     Closed(u16),
     /// The channel did not reach the sync within the deadline.
@@ -103,6 +110,12 @@ impl fmt::Display for ChannelFailure {
             Self::Pages { channel, error } => write!(f, "multifd channel {channel}: {error}"),
             Self::Ram { channel, error } => write!(f, "multifd channel {channel}: {error}"),
             Self::Read { channel, error } => write!(f, "multifd channel {channel}: {error}"),
+            Self::Spawn { channel, error } => {
+                write!(
+                    f,
+                    "multifd channel {channel}: starting its receiver thread: {error}"
+                )
+            }
             Self::Closed(c) => write!(f, "multifd channel {c} closed before its sync"),
             Self::SyncTimeout { channel, ms } => {
                 write!(
@@ -290,9 +303,14 @@ impl ChannelReceivers {
                 release,
                 wake: wake.clone(),
             };
-            receivers
-                .threads
-                .push(thread::spawn(move || receiver.run()));
+            let thread = thread::Builder::new()
+                .name(format!("livemig-mfd{channel}"))
+                .spawn(move || receiver.run())
+                .map_err(|error| ChannelFailure::Spawn {
+                    channel: channel as u16,
+                    error,
+                })?;
+            receivers.threads.push(thread);
         }
         Ok(receivers)
     }

@@ -105,6 +105,8 @@ pub enum HostFailure {
     NoPreemptListener,
     /// Accepting the postcopy preempt channel failed or timed out.
     AcceptPreempt(TransportError),
+    /// The postcopy preempt channel's reader thread could not be started.
+    SpawnPreempt(std::io::Error),
 }
 
 impl HostFailure {
@@ -132,9 +134,9 @@ impl HostFailure {
             }
             HostFailure::StartVcpus(_) => "starting the vCPUs",
             HostFailure::Channel(_) => "multifd",
-            HostFailure::NoPreemptListener | HostFailure::AcceptPreempt(_) => {
-                "the postcopy preempt channel"
-            }
+            HostFailure::NoPreemptListener
+            | HostFailure::AcceptPreempt(_)
+            | HostFailure::SpawnPreempt(_) => "the postcopy preempt channel",
         }
     }
 }
@@ -207,6 +209,7 @@ impl fmt::Display for HostFailure {
                 write!(f, "{what}: no listener to accept it on")
             }
             HostFailure::AcceptPreempt(e) => write!(f, "{what}: accepting it: {e}"),
+            HostFailure::SpawnPreempt(e) => write!(f, "{what}: starting its reader thread: {e}"),
         }
     }
 }

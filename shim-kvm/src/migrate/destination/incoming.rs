@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{Event, READ_BUFFER, READ_BUFFERS, spawn_reader};
+use crate::migrate::MigrateError;
 use crate::migrate::handle::{MigrationEvent, Shared};
 use crate::transport::{Connection, Listener, TransportError};
 
@@ -30,15 +31,21 @@ pub(super) struct Incoming {
 
 impl Incoming {
     /// Starts reading `conn` into [`READ_BUFFERS`] buffers of its own,
-    /// each read sent to `events`.
-    pub(super) fn open(conn: Connection, events: &Sender<Event>) -> Result<Self, TransportError> {
+    /// each read sent to `events`. Fails if the connection cannot be
+    /// duplicated for the reader or the reader's thread cannot start.
+    pub(super) fn open(conn: Connection, events: &Sender<Event>) -> Result<Self, MigrateError> {
         let reader_conn = conn.try_clone()?;
         let (pool, buffers) = mpsc::channel();
         for _ in 0..READ_BUFFERS {
             // The receiver is alive: it is `buffers`, moved into the reader.
             let _ = pool.send(vec![0u8; READ_BUFFER]);
         }
-        let reader = spawn_reader(reader_conn, events.clone(), buffers);
+        let reader = spawn_reader(reader_conn, events.clone(), buffers).map_err(|error| {
+            MigrateError::Spawn {
+                thread: "main stream reader",
+                error,
+            }
+        })?;
         Ok(Incoming { conn, pool, reader })
     }
 

@@ -692,8 +692,7 @@ impl EnginePostcopyHost for KvmHost {
             .listener
             .as_ref()
             .ok_or(HostFailure::NoPreemptListener)?;
-        let reader = PreemptReader::open(listener, self.channel_deadline, &self.events)
-            .map_err(HostFailure::AcceptPreempt)?;
+        let reader = PreemptReader::open(listener, self.channel_deadline, &self.events)?;
         self.preempt = Some(reader);
         Ok(())
     }
@@ -724,21 +723,23 @@ fn spawn_reader(
     conn: Connection,
     events: Sender<Event>,
     pool: Receiver<Vec<u8>>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        // No buffer back means the migration thread is done.
-        while let Ok(mut buf) = pool.recv() {
-            let event = match conn.read(&mut buf) {
-                Ok(0) => Event::Eof,
-                Ok(n) => Event::Bytes(buf, n),
-                Err(e) => Event::ReadError(e),
-            };
-            let last = !matches!(event, Event::Bytes(..));
-            if events.send(event).is_err() || last {
-                break;
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("livemig-stream".into())
+        .spawn(move || {
+            // No buffer back means the migration thread is done.
+            while let Ok(mut buf) = pool.recv() {
+                let event = match conn.read(&mut buf) {
+                    Ok(0) => Event::Eof,
+                    Ok(n) => Event::Bytes(buf, n),
+                    Err(e) => Event::ReadError(e),
+                };
+                let last = !matches!(event, Event::Bytes(..));
+                if events.send(event).is_err() || last {
+                    break;
+                }
             }
-        }
-    })
+        })
 }
 
 /// Starts loading the stream arriving on `conn` into the VMM's fresh

@@ -16,7 +16,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use super::Event;
-use crate::transport::{Connection, Listener, TransportError};
+use super::failure::HostFailure;
+use crate::transport::{Connection, Listener};
 
 /// Largest read of the preempt channel: requested pages are one or a few
 /// pages each.
@@ -38,31 +39,36 @@ impl PreemptReader {
         listener: &Listener,
         deadline: Duration,
         wake: &Sender<Event>,
-    ) -> Result<Self, TransportError> {
-        let conn = listener.accept_within(deadline)?;
-        let reader = conn.try_clone()?;
+    ) -> Result<Self, HostFailure> {
+        let conn = listener
+            .accept_within(deadline)
+            .map_err(HostFailure::AcceptPreempt)?;
+        let reader = conn.try_clone().map_err(HostFailure::AcceptPreempt)?;
         let (tx, bytes) = mpsc::channel();
         let wake = wake.clone();
-        let thread = thread::spawn(move || {
-            loop {
-                let mut buf = vec![0u8; READ];
-                let event = match reader.read(&mut buf) {
-                    Ok(0) => Event::PreemptEof,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        if tx.send(buf).is_err() {
-                            return;
+        let spawned = thread::Builder::new()
+            .name("livemig-preempt".into())
+            .spawn(move || {
+                loop {
+                    let mut buf = vec![0u8; READ];
+                    let event = match reader.read(&mut buf) {
+                        Ok(0) => Event::PreemptEof,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            if tx.send(buf).is_err() {
+                                return;
+                            }
+                            Event::Preempt
                         }
-                        Event::Preempt
+                        Err(e) => Event::PreemptReadError(e),
+                    };
+                    let last = !matches!(event, Event::Preempt);
+                    if wake.send(event).is_err() || last {
+                        return;
                     }
-                    Err(e) => Event::PreemptReadError(e),
-                };
-                let last = !matches!(event, Event::Preempt);
-                if wake.send(event).is_err() || last {
-                    return;
                 }
-            }
-        });
+            });
+        let thread = spawned.map_err(HostFailure::SpawnPreempt)?;
         Ok(PreemptReader {
             conn,
             thread,

@@ -6,9 +6,9 @@
 //! A channel's write error ends its thread and is reported to the
 //! migration thread, which fails the migration: the guest runs on here.
 //!
-//! The postcopy preempt channel is one more such sender, of its own kind:
-//! it writes the requested pages while the migration thread goes on with
-//! the main stream.
+//! The postcopy preempt channel has no sender thread (the migration thread
+//! writes it, see the driver); its failures are reported as a
+//! [`ChannelLost`] of [`ChannelKind::Preempt`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::thread::{self, JoinHandle};
 
+use super::super::MigrateError;
 use crate::memory::{GuestMemory, PAGE_SIZE, PageIovecs};
 use crate::transport::{Connection, TransportError};
 
@@ -47,6 +48,25 @@ pub enum ChannelKind {
     Multifd,
     /// The postcopy preempt channel: requested pages.
     Preempt,
+}
+
+impl ChannelKind {
+    /// The name of channel `channel`'s sender thread (what `top -H` and a
+    /// debugger show; Linux keeps 15 bytes).
+    fn thread_name(self, channel: u16) -> String {
+        match self {
+            ChannelKind::Multifd => format!("livemig-mfd{channel}"),
+            ChannelKind::Preempt => "livemig-preempt".into(),
+        }
+    }
+
+    /// The sender thread, as [`MigrateError::Spawn`] names it.
+    fn sender(self) -> &'static str {
+        match self {
+            ChannelKind::Multifd => "multifd channel sender",
+            ChannelKind::Preempt => "postcopy preempt channel sender",
+        }
+    }
 }
 
 /// A channel's failure, as its sender thread saw it.
@@ -94,7 +114,7 @@ impl ChannelSenders {
         kind: ChannelKind,
         conns: Vec<Connection>,
         ram: &GuestMemory,
-    ) -> Result<Self, TransportError> {
+    ) -> Result<Self, MigrateError> {
         let (fail_tx, failures) = mpsc::channel();
         let queued = Arc::new(AtomicU64::new(0));
         let mut senders = ChannelSenders {
@@ -113,9 +133,14 @@ impl ChannelSenders {
             let fail: Sender<ChannelLost> = fail_tx.clone();
             let queued = Arc::clone(&queued);
             let channel = i as u16;
-            senders.threads.push(thread::spawn(move || {
-                send_loop(kind, channel, &conn, &ram, &rx, &queued, &fail);
-            }));
+            let thread = thread::Builder::new()
+                .name(kind.thread_name(channel))
+                .spawn(move || send_loop(kind, channel, &conn, &ram, &rx, &queued, &fail))
+                .map_err(|error| MigrateError::Spawn {
+                    thread: kind.sender(),
+                    error,
+                })?;
+            senders.threads.push(thread);
         }
         Ok(senders)
     }

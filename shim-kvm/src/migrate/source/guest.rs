@@ -35,6 +35,11 @@ impl SourceGuest {
         Ok(())
     }
 
+    /// The kernel thread ids of the VMM's vCPU threads, as far as it tells.
+    pub(super) fn vcpu_threads(&self) -> Vec<i32> {
+        self.vm.vcpus.thread_ids()
+    }
+
     /// Lets the vCPUs of a guest that was running go on.
     pub(super) fn resume(&self) -> Result<(), VmmError> {
         if self.vm.running {

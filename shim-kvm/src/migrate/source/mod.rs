@@ -32,6 +32,7 @@ mod driver;
 mod failure;
 mod gate;
 mod guest;
+mod pacing;
 mod return_path;
 mod stop;
 mod timeline;
@@ -66,7 +67,9 @@ use guest::SourceGuest;
 use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::capabilities::Capabilities;
 pub use stop::{SourceStop, StopPart};
-pub use timeline::{MAX_SLICES, MAX_SYNCS, SLICE_NS, Slice, SyncMark, Timeline};
+pub use timeline::{
+    MAX_SLICES, MAX_SYNCS, MAX_THROTTLE_CHANGES, SLICE_NS, Slice, SyncMark, ThrottleMark, Timeline,
+};
 
 /// Longest the migration thread waits for input before polling again (so
 /// the progress line stays fresh and a stuck peer is noticed).
@@ -127,6 +130,13 @@ pub struct SourceOptions {
     /// migration: where to connect again and for how long to try (see
     /// [`Recovery`]).
     pub recovery: Recovery,
+    /// The nice value the migration thread and the return-path reader take
+    /// from the vCPU stop until the guest runs again on either host (`None`:
+    /// left as they are). While the guest is stopped those threads are
+    /// all that runs for it, and a wake-up that waits for a CPU is
+    /// downtime; see `SourceStop::priority_refused` for a host that does
+    /// not allow it.
+    pub stop_nice: Option<i8>,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -136,6 +146,10 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// loading its state and starting it again took 1 to 11 ms on the 2-core
 /// development VM (idle `demo`, loopback).
 pub const DEFAULT_STOP_COST: Duration = Duration::from_millis(5);
+
+/// Default for [`SourceOptions::stop_nice`]: well ahead of the host's
+/// ordinary threads (nice 0) for the few milliseconds of a stop.
+pub const DEFAULT_STOP_NICE: i8 = -10;
 
 impl Default for SourceOptions {
     fn default() -> Self {
@@ -148,6 +162,7 @@ impl Default for SourceOptions {
             verify: true,
             audit: false,
             recovery: Recovery::default(),
+            stop_nice: Some(DEFAULT_STOP_NICE),
         }
     }
 }
@@ -256,8 +271,9 @@ pub fn migrate(
 /// `conn`, see [`receive_with_channels`](super::receive_with_channels)):
 /// with the `multifd` capability the `multifd-channels` channels, with
 /// `postcopy-preempt` the one preempt channel (the two never go together:
-/// multifd with postcopy is refused). Each gets a sender thread that writes
-/// pages straight from guest memory. Another number of connections is
+/// multifd with postcopy is refused). Each multifd channel gets a sender
+/// thread that writes pages straight from guest memory; the preempt
+/// channel is written by the migration thread, as requests come. Another number of connections is
 /// refused with [`MigrateError::ChannelCount`].
 pub fn migrate_with_channels(
     vm: SourceVm,
@@ -297,17 +313,15 @@ pub fn migrate_with_channels(
     let shared = Arc::new(Shared::default());
     let theirs = Arc::clone(&gate);
     let guest = SourceGuest { vm, caps, model };
-    let kind = if preempt {
-        ChannelKind::Preempt
+    // The preempt channel is written by the migration thread; multifd
+    // channels get a sender thread each.
+    let (channels, preempt) = if preempt {
+        (None, channels.into_iter().next())
     } else {
-        ChannelKind::Multifd
-    };
-    let senders = (!channels.is_empty())
-        .then(|| ChannelSenders::start(kind, channels, &guest.vm.memory))
-        .transpose()?;
-    let (channels, preempt) = match kind {
-        ChannelKind::Multifd => (senders, None),
-        ChannelKind::Preempt => (None, senders),
+        let senders = (!channels.is_empty())
+            .then(|| ChannelSenders::start(ChannelKind::Multifd, channels, &guest.vm.memory))
+            .transpose()?;
+        (senders, None)
     };
     MigrationHandle::spawn(shared, gate, move |shared| {
         run(
@@ -417,17 +431,32 @@ fn run(
     }
     let rp = RpDecoder::new(PAGE_SIZE as u32).map_err(MigrateError::ReturnPath)?;
     let mut guest = guest;
-    let log = DirtyLog::start(
+    let reader = return_path::spawn_reader(rp_conn).map_err(|error| MigrateError::Spawn {
+        thread: "return-path reader",
+        error,
+    })?;
+    let started = DirtyLog::start(
         Arc::clone(&guest.vm.vm),
         &memory,
         options.dirty_log,
         guest.vm.device_dirty.take(),
     )
-    .map_err(MigrateError::DirtyLog)?;
-    let start = clock::now();
-    engine.start(start).map_err(MigrateError::Source)?;
+    .map_err(MigrateError::DirtyLog)
+    .and_then(|log| {
+        let start = clock::now();
+        engine.start(start).map_err(MigrateError::Source)?;
+        Ok((log, start))
+    });
+    let (log, start) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            // The reader ends with the connection.
+            let _ = link.conn.shutdown(std::net::Shutdown::Both);
+            let _ = reader.handle.join();
+            return Err(e);
+        }
+    };
     // No early return from here on: the reader ends with the connection.
-    let (events, reader) = return_path::spawn_reader(rp_conn);
     let resume_to = options.recovery.resume_address(link.conn.peer());
     let mode = log.mode();
     let mut driver = SourceDriver {
@@ -437,8 +466,10 @@ fn run(
         link,
         log,
         rp,
-        events,
-        reader: Some(reader),
+        events: reader.events,
+        reader: Some(reader.handle),
+        reader_tid: reader.tid,
+        raised: None,
         reader_done: false,
         resume_to,
         recovering: false,
@@ -463,11 +494,11 @@ fn run(
     };
     driver.drive();
     driver.end_return_path();
-    for senders in [driver.link.channels.take(), driver.link.preempt.take()]
-        .into_iter()
-        .flatten()
-    {
+    if let Some(senders) = driver.link.channels.take() {
         senders.finish();
+    }
+    if let Some(preempt) = driver.link.preempt.take() {
+        let _ = preempt.shutdown(std::net::Shutdown::Both);
     }
     let mut report = driver.report;
     report.stats = driver.engine.stats().clone();

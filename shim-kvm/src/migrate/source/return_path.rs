@@ -2,10 +2,14 @@
 //! forwards the bytes over a channel, so the migration thread can wait on
 //! it no longer than the engine's next deadline.
 
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::thread;
 
 use crate::clock;
+use crate::priority;
 use crate::transport::{Connection, TransportError};
 
 /// What the reader saw.
@@ -25,22 +29,40 @@ impl RpEvent {
     }
 }
 
+/// The reader thread: its events, its handle and its kernel thread id (0
+/// until the thread has started), which the stop raises with the
+/// migration thread's.
+pub(super) struct Reader {
+    pub(super) events: Receiver<RpEvent>,
+    pub(super) handle: thread::JoinHandle<()>,
+    pub(super) tid: Arc<AtomicI32>,
+}
+
 /// Reads `conn` until its end, on a thread of its own.
-pub(super) fn spawn_reader(conn: Connection) -> (Receiver<RpEvent>, thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel();
-    let handle = thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let event = match conn.read(&mut buf) {
-                Ok(0) => RpEvent::Eof,
-                Ok(n) => RpEvent::Bytes(buf[..n].to_vec(), clock::monotonic_ns()),
-                Err(e) => RpEvent::Error(e),
-            };
-            let last = event.is_last();
-            if tx.send(event).is_err() || last {
-                break;
+pub(super) fn spawn_reader(conn: Connection) -> io::Result<Reader> {
+    let (tx, events) = mpsc::channel();
+    let tid = Arc::new(AtomicI32::new(0));
+    let own_tid = Arc::clone(&tid);
+    let handle = thread::Builder::new()
+        .name("livemig-rp".into())
+        .spawn(move || {
+            own_tid.store(priority::current_tid(), Ordering::Release);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let event = match conn.read(&mut buf) {
+                    Ok(0) => RpEvent::Eof,
+                    Ok(n) => RpEvent::Bytes(buf[..n].to_vec(), clock::monotonic_ns()),
+                    Err(e) => RpEvent::Error(e),
+                };
+                let last = event.is_last();
+                if tx.send(event).is_err() || last {
+                    break;
+                }
             }
-        }
-    });
-    (rx, handle)
+        })?;
+    Ok(Reader {
+        events,
+        handle,
+        tid,
+    })
 }

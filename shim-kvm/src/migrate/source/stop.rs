@@ -74,6 +74,11 @@ pub struct SourceStop {
     pub final_page_bytes: u64,
     /// Bytes of the device state, headers included.
     pub device_bytes: u64,
+    /// The OS error (errno) with which lowering the migration threads'
+    /// nice value for the stop was refused (`SourceOptions::stop_nice`;
+    /// without `CAP_SYS_NICE`, `EACCES` or `EPERM`): the stop then ran at
+    /// their usual priority.
+    pub priority_refused: Option<i32>,
 }
 
 impl SourceStop {

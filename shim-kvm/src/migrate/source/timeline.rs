@@ -1,6 +1,7 @@
 //! The migration over time, for a VMM (or the `livemig` tool) to draw: the
 //! source's statistics sampled at each publication and kept per 100 ms
-//! slice, and the instant of every dirty-log sync.
+//! slice, the instant of every dirty-log sync and every change of the
+//! throttle.
 //!
 //! A slice holds the bytes written in it and the dirty rate, remaining
 //! bytes and switchover threshold of its last sample. Bytes are counted in
@@ -21,6 +22,8 @@ pub const SLICE_NS: u64 = 100_000_000;
 pub const MAX_SLICES: usize = 6_000;
 /// Most dirty-log syncs kept.
 pub const MAX_SYNCS: usize = 4_096;
+/// Most throttle changes kept.
+pub const MAX_THROTTLE_CHANGES: usize = 4_096;
 
 /// One 100 ms slice of the migration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,15 +56,29 @@ pub struct SyncMark {
     pub stopped: bool,
 }
 
+/// A change of the throttle: from `at_ns` on the vCPUs were held back for
+/// `percent` % of their time (0: not at all). Kept as instants rather than
+/// per slice because a throttle lasts tens of milliseconds, less than a
+/// slice, and climbs in steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThrottleMark {
+    /// Nanoseconds after [`Timeline::start_ns`] when the VMM applied it.
+    pub at_ns: u64,
+    /// The throttle from then on, percent.
+    pub percent: u8,
+}
+
 /// The recorder, and what it recorded.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
     start_ns: u64,
     slices: VecDeque<Slice>,
     syncs: VecDeque<SyncMark>,
+    throttles: VecDeque<ThrottleMark>,
     transferred: u64,
     dropped_slices: u64,
     dropped_syncs: u64,
+    dropped_throttles: u64,
 }
 
 impl Timeline {
@@ -131,6 +148,18 @@ impl Timeline {
         });
     }
 
+    /// Records the throttle set to `percent` at `now_ns`.
+    pub(crate) fn throttle(&mut self, now_ns: u64, percent: u8) {
+        if self.throttles.len() == MAX_THROTTLE_CHANGES {
+            self.throttles.pop_front();
+            self.dropped_throttles += 1;
+        }
+        self.throttles.push_back(ThrottleMark {
+            at_ns: now_ns.saturating_sub(self.start_ns),
+            percent,
+        });
+    }
+
     fn push(&mut self, slice: Slice) {
         if self.slices.len() == MAX_SLICES {
             self.slices.pop_front();
@@ -154,6 +183,11 @@ impl Timeline {
         self.syncs.iter()
     }
 
+    /// The throttle changes kept, oldest first.
+    pub fn throttle_changes(&self) -> impl ExactSizeIterator<Item = &ThrottleMark> {
+        self.throttles.iter()
+    }
+
     /// Slices dropped from the front because of [`MAX_SLICES`].
     pub fn dropped_slices(&self) -> u64 {
         self.dropped_slices
@@ -162,6 +196,12 @@ impl Timeline {
     /// Syncs dropped from the front because of [`MAX_SYNCS`].
     pub fn dropped_syncs(&self) -> u64 {
         self.dropped_syncs
+    }
+
+    /// Throttle changes dropped from the front because of
+    /// [`MAX_THROTTLE_CHANGES`].
+    pub fn dropped_throttle_changes(&self) -> u64 {
+        self.dropped_throttles
     }
 }
 
@@ -219,5 +259,21 @@ mod tests {
         assert_eq!(t.syncs().len(), MAX_SYNCS);
         assert_eq!(t.dropped_syncs(), 3);
         assert_eq!(t.syncs().next().map(|m| m.at_ns), Some(3));
+        for i in 0..MAX_THROTTLE_CHANGES as u64 + 2 {
+            t.throttle(i, 50);
+        }
+        assert_eq!(t.throttle_changes().len(), MAX_THROTTLE_CHANGES);
+        assert_eq!(t.dropped_throttle_changes(), 2);
+        assert_eq!(t.throttle_changes().next().map(|m| m.at_ns), Some(2));
+    }
+
+    #[test]
+    fn throttle_changes_are_instants_after_the_start() {
+        let mut t = Timeline::new(1_000);
+        t.throttle(5_000, 50);
+        t.throttle(9_000, 99);
+        t.throttle(12_000, 0);
+        let marks: Vec<(u64, u8)> = t.throttle_changes().map(|m| (m.at_ns, m.percent)).collect();
+        assert_eq!(marks, [(4_000, 50), (8_000, 99), (11_000, 0)]);
     }
 }
