@@ -1212,6 +1212,11 @@ fn run_receive_loop(
                         let peer = l.conn.peer().to_string();
                         link = Some(l);
                         pause = None;
+                        // The end this pass saw was the old connection's;
+                        // the source often waits in the listener's backlog
+                        // already, and taken for the new one's it would
+                        // end the load below.
+                        eof = false;
                         match engine.recover(clock::now()) {
                             Ok(()) => {
                                 recovering = true;
