@@ -34,9 +34,9 @@ use super::return_path::RpEvent;
 use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
 use crate::clock;
 use crate::memory::{GuestMemory, PageIovecs};
+use crate::migrate::MigrateError;
 use crate::priority::{self, Raised};
 use crate::transport::{Connection, MigrationUri, TransportError};
-use crate::migrate::MigrateError;
 use crate::vmm::VmmError;
 
 /// Most main-stream bytes held back to share one write: records without
@@ -913,12 +913,11 @@ impl SourceDriver<'_> {
     fn resume(&mut self, conn: Connection) -> Result<(), MigrateError> {
         conn.set_write_timeout(self.options.write_timeout)?;
         let rp_conn = conn.try_clone()?;
-        let reader = super::return_path::spawn_reader(rp_conn).map_err(|error| {
-            MigrateError::Spawn {
+        let reader =
+            super::return_path::spawn_reader(rp_conn).map_err(|error| MigrateError::Spawn {
                 thread: "return-path reader",
                 error,
-            }
-        })?;
+            })?;
         self.peer = conn.peer().to_string();
         self.link.conn = conn;
         self.events = reader.events;
