@@ -100,8 +100,8 @@ impl SourceEngine<'_> {
             .map_err(SourceError::Transition)?;
         let only_here: u64 = self.tracking.iter().map(|t| t.dirty.count()).sum();
         self.stats.error_desc.set(format_args!(
-            "postcopy recovery abandoned after {} recoveries: the guest runs on the \
-             destination; up to {only_here} of its pages (those the destination was not \
+            "postcopy recovery abandoned after {} recoveries: the guest was handed to \
+             the destination; up to {only_here} of its pages (those the destination was not \
              known to have) exist only on this source, whose guest stays stopped",
             self.stats.postcopy_recoveries
         ));
