@@ -14,8 +14,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    SWITCHOVER_LINE, StderrLines, announced_address, assert_each_vcpu_went_on, demo, demo_ok,
-    finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
+    Netns, SWITCHOVER_LINE, StderrLines, announced_address, assert_each_vcpu_went_on, demo,
+    demo_ok, finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
     spawn_receiver_with, stderr, userfaultfd_available,
 };
 use livemig_core::return_path::RpMessage;
@@ -715,73 +715,6 @@ fn send_gives_up_on_a_stalled_peer_within_the_send_timeout() {
     assert_source_guest_ran_on(&v);
 }
 
-/// A network namespace joined to this one by a veth pair, removed on drop
-/// (which removes both ends of the pair).
-struct Netns {
-    name: String,
-    /// This namespace's end of the pair.
-    link: String,
-    /// The address of the other end, inside the namespace.
-    remote: String,
-}
-
-impl Netns {
-    /// Creates it, or says why not (the test then skips loudly).
-    fn create() -> Result<Netns, String> {
-        let id = std::process::id();
-        let ns = Netns {
-            name: format!("lmtest{id}"),
-            link: format!("lmA{id}"),
-            remote: format!("10.251.{}.2", id % 250),
-        };
-        let local = format!("10.251.{}.1/24", id % 250);
-        let inner = format!("lmB{id}");
-        let remote = format!("{}/24", ns.remote);
-        let steps: [&[&str]; 8] = [
-            &["netns", "add", &ns.name],
-            &[
-                "link", "add", &ns.link, "type", "veth", "peer", "name", &inner,
-            ],
-            &["link", "set", &inner, "netns", &ns.name],
-            &["addr", "add", &local, "dev", &ns.link],
-            &["link", "set", &ns.link, "up"],
-            &["-n", &ns.name, "addr", "add", &remote, "dev", &inner],
-            &["-n", &ns.name, "link", "set", &inner, "up"],
-            &["-n", &ns.name, "link", "set", "lo", "up"],
-        ];
-        for args in steps {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("running ip: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("ip {}: {}", args.join(" "), stderr(&out).trim()));
-            }
-        }
-        Ok(ns)
-    }
-
-    /// Cuts the link from this side.
-    fn cut(&self) {
-        let status = Command::new("ip")
-            .args(["link", "set", &self.link, "down"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "ip link set {} down", self.link);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.link])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// A dropped link (veth pair between network namespaces, taken down
 /// mid-migration): `send --send-timeout-ms 4000` fails within 4 s plus one
 /// (plus the half second it then spends checking that its guest runs on,
@@ -834,7 +767,7 @@ fn send_gives_up_on_a_dropped_link_within_the_send_timeout() {
         "4000",
     ]);
     std::thread::sleep(Duration::from_millis(1500));
-    ns.cut();
+    ns.set_link_up(false);
     let cut = Instant::now();
     let out = finish(sender);
     let after = cut.elapsed();

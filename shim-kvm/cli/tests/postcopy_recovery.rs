@@ -19,8 +19,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    SWITCHOVER_LINE, StderrLines, assert_each_vcpu_went_on, demo, finish, json_of, kvm_available,
-    spawn, spawn_receiver_with, stderr, userfaultfd_available,
+    Netns, SWITCHOVER_LINE, StderrLines, assert_each_vcpu_went_on, demo, finish, json_of,
+    kvm_available, spawn, spawn_receiver_with, stderr, userfaultfd_available,
 };
 use serde_json::Value;
 
@@ -257,70 +257,6 @@ fn cut_after_ms_needs_postcopy() {
     assert!(stderr(&out).contains("--cut-after-ms needs --mode postcopy"));
 }
 
-/// Runs `ip ARGS`, returning whether it succeeded.
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A network namespace with one end of a veth pair, the other end here,
-/// removed (with the pair) when dropped.
-struct Netns {
-    name: String,
-    /// This namespace's end of the pair.
-    here: String,
-    /// The address inside the namespace.
-    inside: String,
-}
-
-impl Netns {
-    /// Makes one, or says why it cannot (then the test skips loudly).
-    fn new() -> Result<Netns, String> {
-        let pid = std::process::id();
-        let ns = Netns {
-            name: format!("lmrec{pid}"),
-            here: format!("lmh{pid}"),
-            inside: "10.231.7.2".into(),
-        };
-        let there = format!("lmt{pid}");
-        let steps: [&[&str]; 8] = [
-            &["netns", "add", &ns.name],
-            &[
-                "link", "add", &ns.here, "type", "veth", "peer", "name", &there,
-            ],
-            &["link", "set", &there, "netns", &ns.name],
-            &["addr", "add", "10.231.7.1/24", "dev", &ns.here],
-            &["link", "set", &ns.here, "up"],
-            &[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                "10.231.7.2/24",
-                "dev",
-                &there,
-            ],
-            &["-n", &ns.name, "link", "set", &there, "up"],
-            &["-n", &ns.name, "link", "set", "lo", "up"],
-        ];
-        for step in steps {
-            if !ip(step) {
-                return Err(format!("`ip {}` failed", step.join(" ")));
-            }
-        }
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        ip(&["link", "del", &self.here]);
-        ip(&["netns", "del", &self.name]);
-    }
-}
-
 /// Issue 12: over an impaired link (a veth pair between namespaces, down
 /// for 2 s, then up) postcopy pauses on both ends and recovers.
 #[test]
@@ -328,7 +264,7 @@ fn a_link_down_for_two_seconds_pauses_postcopy_and_it_recovers() {
     if !kvm_available() || !userfaultfd_available() {
         return;
     }
-    let ns = match Netns::new() {
+    let ns = match Netns::create() {
         Ok(ns) => ns,
         Err(why) => {
             assert!(
@@ -339,7 +275,7 @@ fn a_link_down_for_two_seconds_pauses_postcopy_and_it_recovers() {
             return;
         }
     };
-    let listen = format!("tcp:{}:0", ns.inside);
+    let listen = format!("tcp:{}:0", ns.remote);
     let receiver = Command::new("ip")
         .args(["netns", "exec", &ns.name, common::BIN, "receive"])
         .args(["--listen", &listen, "--json", "--quiet", "--mem-mib", "256"])
@@ -361,9 +297,9 @@ fn a_link_down_for_two_seconds_pauses_postcopy_and_it_recovers() {
     let mut lines = StderrLines::of(&mut sender);
     lines.wait_for(SWITCHOVER_LINE);
     thread::sleep(Duration::from_millis(300));
-    assert!(ip(&["link", "set", &ns.here, "down"]), "link down");
+    ns.set_link_up(false);
     thread::sleep(Duration::from_secs(2));
-    assert!(ip(&["link", "set", &ns.here, "up"]), "link up");
+    ns.set_link_up(true);
     let send = lines.finish(sender);
     let recv = finish(receiver);
     assert_recovered_and_verified(&send, &recv, 1);

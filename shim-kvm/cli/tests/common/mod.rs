@@ -279,3 +279,74 @@ pub fn assert_each_vcpu_went_on(s: &Value, r: &Value) {
         );
     }
 }
+
+/// A network namespace joined to this one by a veth pair, removed on drop
+/// (which removes both ends of the pair): a host across a link that a test
+/// can take down.
+#[allow(dead_code)]
+pub struct Netns {
+    pub name: String,
+    /// This namespace's end of the pair.
+    pub link: String,
+    /// The address of the other end, inside the namespace.
+    pub remote: String,
+}
+
+#[allow(dead_code)]
+impl Netns {
+    /// Creates it, or says why not (the test then skips loudly).
+    pub fn create() -> Result<Netns, String> {
+        let id = std::process::id();
+        let ns = Netns {
+            name: format!("lmtest{id}"),
+            link: format!("lmA{id}"),
+            remote: format!("10.251.{}.2", id % 250),
+        };
+        let local = format!("10.251.{}.1/24", id % 250);
+        let inner = format!("lmB{id}");
+        let remote = format!("{}/24", ns.remote);
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", &ns.name],
+            &[
+                "link", "add", &ns.link, "type", "veth", "peer", "name", &inner,
+            ],
+            &["link", "set", &inner, "netns", &ns.name],
+            &["addr", "add", &local, "dev", &ns.link],
+            &["link", "set", &ns.link, "up"],
+            &["-n", &ns.name, "addr", "add", &remote, "dev", &inner],
+            &["-n", &ns.name, "link", "set", &inner, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("ip {}: {}", args.join(" "), stderr(&out).trim()));
+            }
+        }
+        Ok(ns)
+    }
+
+    /// Takes the link down (`up` false) or up again, from this side.
+    pub fn set_link_up(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let status = Command::new("ip")
+            .args(["link", "set", &self.link, state])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip link set {} {state}", self.link);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
