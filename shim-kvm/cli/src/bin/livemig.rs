@@ -681,6 +681,24 @@ fn finish(
 
 /// `livemig bench`: every chosen case, then the table (or one JSON object
 /// per case); a run that did not verify is an error line and exit status 1.
+/// What every bench case takes from the command line: runs, timings, and
+/// the source's verification, audit and stop priority.
+fn bench_options(a: &BenchArgs) -> BenchOptions {
+    BenchOptions {
+        runs: a.runs,
+        warmup: Duration::from_millis(a.warmup_ms),
+        run_for: Duration::from_millis(a.run_ms),
+        verbose: !a.quiet,
+        vcpus: a.vcpus,
+        source: SourceOptions {
+            verify: !a.migration.no_verify,
+            audit: a.migration.audit,
+            stop_nice: stop_nice(&a.migration),
+            ..SourceOptions::default()
+        },
+    }
+}
+
 fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     let config = config(&a.migration, true)?;
     if a.runs == 0 {
@@ -706,19 +724,7 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     if let Some(mem) = a.mem_mib_override {
         cases = cases.into_iter().map(|c| c.scaled(mem)).collect();
     }
-    let opts = BenchOptions {
-        runs: a.runs,
-        warmup: Duration::from_millis(a.warmup_ms),
-        run_for: Duration::from_millis(a.run_ms),
-        verbose: !a.quiet,
-        vcpus: a.vcpus,
-        source: SourceOptions {
-            verify: !a.migration.no_verify,
-            audit: a.migration.audit,
-            stop_nice: stop_nice(&a.migration),
-            ..SourceOptions::default()
-        },
-    };
+    let opts = bench_options(a);
     if a.verify_cost {
         return run_verify_cost_bench(a, &cases, &opts, &config);
     }
@@ -846,19 +852,7 @@ fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode
         c if c > 2 => c,
         _ => 4,
     };
-    let opts = BenchOptions {
-        runs: a.runs,
-        warmup: Duration::from_millis(a.warmup_ms),
-        run_for: Duration::from_millis(a.run_ms),
-        verbose: !a.quiet,
-        vcpus: a.vcpus,
-        source: SourceOptions {
-            verify: !a.migration.no_verify,
-            audit: a.migration.audit,
-            stop_nice: stop_nice(&a.migration),
-            ..SourceOptions::default()
-        },
-    };
+    let opts = bench_options(a);
     let cancel = cancel_on_signals()?;
     let data = bench::guest_like_data(bench::COPY_BUFFER_BYTES);
     let runs = bench::run_multifd(
@@ -902,18 +896,7 @@ fn run_postcopy_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCod
     let config = fault_bench::postcopy_config(config, |name| {
         options::sets_param(&a.migration.params, name)
     });
-    let opts = BenchOptions {
-        runs: a.runs,
-        warmup: Duration::from_millis(a.warmup_ms),
-        run_for: Duration::from_millis(a.run_ms),
-        verbose: !a.quiet,
-        vcpus: a.vcpus,
-        source: SourceOptions {
-            verify: !a.migration.no_verify,
-            audit: a.migration.audit,
-            ..SourceOptions::default()
-        },
-    };
+    let opts = bench_options(a);
     let cancel = cancel_on_signals()?;
     let runs = fault_bench::run(guest, &opts, &config, &cancel).map_err(|e| e.to_string())?;
     if a.json {
