@@ -604,7 +604,7 @@ pub struct CaseResult {
 /// The metrics of a case, in table order: JSON name, column title, digits
 /// after the point, and how to read it from a run. The table and the JSON
 /// are built from this one list so they cannot disagree.
-type Metric = (
+pub(crate) type Metric = (
     &'static str,
     &'static str,
     usize,

@@ -15,7 +15,9 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::bench::{self, BenchCase, BenchError, BenchOptions, CaseResult, RunResult, Spread};
+use crate::bench::{
+    self, BenchCase, BenchError, BenchOptions, CaseResult, Metric, RunResult, Spread,
+};
 use crate::interrupt::Cancel;
 use livemig_core::config::MigrationConfig;
 use livemig_kvm::migrate::SourceOptions;
@@ -29,20 +31,11 @@ pub struct VerifyCost {
     pub off: CaseResult,
 }
 
-/// A figure compared both ways: JSON name, column title, digits after the
-/// point, and how to read it from a run.
-type Figure = (
-    &'static str,
-    &'static str,
-    usize,
-    fn(&RunResult) -> Option<f64>,
-);
-
-/// The figures compared, downtime first: the bar is no downtime
+/// The figures compared (as bench's [`Metric`]s), downtime first: the bar is no downtime
 /// increase within noise, and throughput (`migr GB/s`, and `vs raw TCP`,
 /// which divides out the machine's speed at the time) at least 0.95 of
 /// the unverified.
-const FIGURES: [Figure; 7] = [
+const FIGURES: [Metric; 7] = [
     ("downtime", "downtime ms", 2, RunResult::downtime_ms),
     ("source-downtime", "src down ms", 2, |r| {
         r.summary.source_downtime_ms
