@@ -24,6 +24,13 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 /// mode (see `guest/README.md`).
 pub const ENTRY: u64 = 0x10_0020;
 
+/// The ring-0 code vCPU 0 runs once booted (with [`FLAG_DEVICES`]): its
+/// timer and spurious-interrupt handlers, from `timer_handler` up to
+/// `user_entry` in `demo.asm`. A pause can land in them, so a vCPU
+/// stopped at CPL 0 is in its workload only if it is vCPU 0 and its RIP
+/// is in here.
+pub const RING0_HANDLERS: core::ops::Range<u64> = LOAD_ADDR + 0x2F9..LOAD_ADDR + 0x30B;
+
 /// Guest-physical address of the parameter block the VMM writes before boot.
 pub const PARAM_ADDR: u64 = 0x5000;
 /// Parameter block magic ("LMGP" little-endian).
@@ -426,6 +433,59 @@ mod tests {
             }
             _ => eprintln!("SKIPPED: nasm not available, demo.bin not re-checked"),
         }
+    }
+
+    #[test]
+    fn ring0_handlers_are_where_the_image_has_them() {
+        let at = |gpa: u64| (gpa - LOAD_ADDR) as usize;
+        // `inc qword [TICKS_ADDR]` opens the timer handler; `iretq` ends
+        // the spurious one, just before `user_entry`.
+        let start = at(RING0_HANDLERS.start);
+        assert_eq!(IMAGE[start..start + 4], [0x48, 0xFF, 0x04, 0x25]);
+        let tick = u32::try_from(TICKS_ADDR).unwrap().to_le_bytes();
+        assert_eq!(IMAGE[start + 4..start + 8], tick);
+        let end = at(RING0_HANDLERS.end);
+        assert_eq!(IMAGE[end - 2..end], [0x48, 0xCF], "iretq");
+        // With nasm, the listing's labels say the same.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/guest");
+        let tmp = std::env::temp_dir();
+        let lst = tmp.join(format!("livemig-demo-{}.lst", std::process::id()));
+        let bin = tmp.join(format!("livemig-demo-{}.lst.bin", std::process::id()));
+        let status = std::process::Command::new("nasm")
+            .args(["-f", "bin", "-l"])
+            .arg(&lst)
+            .arg("-o")
+            .arg(&bin)
+            .arg(format!("{dir}/demo.asm"))
+            .status();
+        let Ok(s) = status else {
+            eprintln!("SKIPPED: nasm not available, the handlers' labels not re-checked");
+            return;
+        };
+        assert!(s.success());
+        let listing = std::fs::read_to_string(&lst).unwrap();
+        let _ = std::fs::remove_file(&lst);
+        let _ = std::fs::remove_file(&bin);
+        // The offset of the first instruction after a label's line.
+        let offset_after = |label: &str| {
+            let mut lines = listing
+                .lines()
+                .skip_while(|l| !l.trim_end().ends_with(label));
+            lines.next().expect(label);
+            lines
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 2 && f[1].len() == 8)
+                        .then(|| u64::from_str_radix(f[1], 16).ok())
+                        .flatten()
+                })
+                .expect(label)
+        };
+        assert_eq!(
+            offset_after("timer_handler:"),
+            RING0_HANDLERS.start - LOAD_ADDR
+        );
+        assert_eq!(offset_after("user_entry:"), RING0_HANDLERS.end - LOAD_ADDR);
     }
 
     /// Writes the stamp of page `i`, generation `g` as the guest does.
