@@ -106,7 +106,8 @@ pub struct MigrationConfig {
     pub switchover: SwitchoverPolicy,
     /// Under [`SwitchoverPolicy::ShortestStop`]: whether the policy may
     /// throttle the guest when passes stop shrinking a stop that is still
-    /// longer than [`SWITCH_AT_ONCE`](crate::source::shortest_stop::SWITCH_AT_ONCE)
+    /// longer than [`SWITCH_AT_ONCE`](crate::source::shortest_stop::SWITCH_AT_ONCE),
+    /// or when a pass does not fit the limit and the guest outran the link
     /// (see [`shortest_stop`](crate::source::shortest_stop)). On by
     /// default; the caller must be able to carry out
     /// [`SetThrottle`](crate::source::SourceAction::SetThrottle), and one

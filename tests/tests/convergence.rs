@@ -4,6 +4,7 @@
 //! ends in "did not converge" with the guest running on the source, never
 //! in a longer stop.
 
+use livemig_core::source::shortest_stop::MAX_FITTING_PASSES;
 use livemig_core::source::{ConvergenceLimit, EndReason};
 use livemig_core::status::MigrationStatus;
 use livemig_sim::{LinkConfig, Scenario, run_migration};
@@ -78,14 +79,22 @@ fn a_limit_below_the_fixed_cost_of_stopping_does_not_converge() {
     assert_source_kept_guest(&o);
 }
 
-#[test]
-fn a_guest_dirtying_faster_than_the_link_is_given_up_on_without_progress() {
-    // No iteration or time limit: the no-progress rule alone ends it.
-    // 256 MiB of data, rewritten at 400 MB/s over a 125 MB/s link.
+/// 256 MiB of data, rewritten at 400 MB/s over a 125 MB/s link, no
+/// iteration or time limit: no stop ever fits unless the guest is slowed.
+fn faster_than_the_link() -> Scenario {
     let mut s = busy_guest_on_a_slow_deep_link(300);
     s.guest = Some(dirtying(256, 100_000, 23));
     s.config.limits.max_iterations = None;
     s.config.limits.max_time_ms = None;
+    s
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_given_up_on_without_progress() {
+    // Without the shortest-stop rule's throttle (or under QEMU's rule,
+    // which has none), the no-progress rule alone ends it.
+    let mut s = faster_than_the_link();
+    s.config.stop_throttle = false;
     let o = run_migration(&s).expect("scenario");
     assert_eq!(o.source.status, MigrationStatus::Failed);
     let why = o.source.error_desc.as_str();
@@ -105,6 +114,42 @@ fn a_guest_dirtying_faster_than_the_link_is_given_up_on_without_progress() {
         "the guest must never have been stopped"
     );
     assert_source_kept_guest(&o);
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_throttled_at_once_into_a_stop_within_the_limit() {
+    // With the throttle (the default), the first pass measured that does
+    // not fit and whose guest outran the link throttles it at once, hard
+    // enough from the measured rates: the migration completes, within
+    // the limit, in a few passes, without ramping one step at a time.
+    let s = faster_than_the_link();
+    let o = run_migration(&s).expect("scenario");
+    assert_verified(&o);
+    let stop = o.downtime_ns.expect("stopped and started");
+    assert!(stop <= 300_000_000, "stop of {} ns", stop);
+    let raises: Vec<_> = o
+        .throttle_changes
+        .iter()
+        .filter(|c| c.percent > 0)
+        .collect();
+    eprintln!(
+        "{} passes, stop {:.1} ms, throttle changes {:?}",
+        o.source.iterations,
+        stop as f64 / 1e6,
+        o.throttle_changes
+    );
+    assert!(!raises.is_empty(), "never throttled");
+    // The first raise goes past the first steps of a ramp (50, 75).
+    assert!(raises[0].percent > 75, "{raises:?}");
+    assert!(raises.len() <= 3, "ramped: {raises:?}");
+    // Bounded: once throttled the passes fit, and the shortest-stop rule
+    // takes a fitting stop after MAX_FITTING_PASSES at the latest.
+    assert!(
+        o.source.iterations <= u64::from(MAX_FITTING_PASSES) + 2,
+        "{} passes",
+        o.source.iterations
+    );
+    assert_eq!(o.final_throttle, 0, "the throttle outlived the migration");
 }
 
 #[test]

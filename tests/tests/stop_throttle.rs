@@ -113,12 +113,15 @@ fn the_throttle_only_rises_after_passes_stop_shrinking() {
         "throttled after {} passes",
         raises[0].iterations
     );
-    // It only rises (quickly: each step takes half the remaining run
-    // time), until the lift.
+    // It only rises, until the lift; and at once, from the measured
+    // dirty and link rates, hard enough for a short stop (the whole set
+    // is rewritten each pass: far past a ramp's first steps of 50 and
+    // 75 %), not one step a pass.
     for pair in raises.windows(2) {
         assert!(pair[0].percent < pair[1].percent, "{raises:?}");
     }
-    assert_eq!(raises[0].percent, 50);
+    assert!(raises[0].percent > 75, "{raises:?}");
+    assert!(raises.len() <= 2, "ramped: {raises:?}");
 }
 
 #[test]

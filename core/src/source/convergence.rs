@@ -271,7 +271,7 @@ impl SourceEngine<'_> {
                 // while the bound on fitting passes leaves room.
                 if judged.stalled
                     && !self.convergence.shortest_stop.exhausted()
-                    && self.raise_stop_throttle()
+                    && self.raise_throttle_for_short_stop()
                 {
                     return false;
                 }
@@ -319,6 +319,88 @@ impl SourceEngine<'_> {
         self.throttle.pending = true;
         self.throttle.stop_rule = true;
         true
+    }
+
+    /// Bytes the shortest-stop rule's throttle aims to leave dirty at the
+    /// end of the next pass: what the link sends in the fixed cost of a
+    /// stop, or in [`SWITCH_AT_ONCE`] if that is longer, so that the
+    /// transfer no longer dominates the stop; never more than fits the
+    /// limit.
+    fn short_stop_target(&self) -> u64 {
+        let cost_bytes = (self.switchover_bytes_per_ms()
+            * self.convergence.stop_cost.as_secs_f64()
+            * 1e3) as u64;
+        cost_bytes
+            .max(self.short_stop_bytes())
+            .min(self.convergence.threshold_bytes)
+    }
+
+    /// Raises the throttle at once, from the measured rates, to the
+    /// lowest percent at which the next pass is predicted to leave no more
+    /// than [`short_stop_target`](Self::short_stop_target) dirty: the guest
+    /// dirtying the share of its measured rate that the higher throttle
+    /// leaves it, for as long as the pending bytes take to send. Ramping
+    /// one step a pass instead costs a whole pass of link time and guest
+    /// dirtying per step, and the guest is throttled for longer in all.
+    /// At least one [`stop_throttle_step`], at most `max-cpu-throttle`
+    /// (the prediction is linear, and a guest rewriting a small set is
+    /// measured below its true rate, so the step is the floor); false,
+    /// leaving the throttle as it is, when the rule may not throttle or
+    /// the throttle is at its ceiling.
+    fn raise_throttle_for_short_stop(&mut self) -> bool {
+        let now = self.throttle.percent;
+        let Some(step) = self.next_throttle() else {
+            return false;
+        };
+        let bytes_per_ms = self.switchover_bytes_per_ms();
+        let mut next = step;
+        if let Some(dirty_per_ms) = self.convergence.dirty_bytes_per_ms
+            && bytes_per_ms > 0.0
+        {
+            let pass_ms = self.pending_bytes() as f64 / bytes_per_ms;
+            let predicted = dirty_per_ms * pass_ms;
+            let room = self
+                .short_stop_target()
+                .saturating_sub(self.convergence.unsent_bytes) as f64;
+            if predicted > room {
+                // The share of the current run time the guest may keep.
+                let share = room / predicted;
+                let keep = (f64::from(100 - now) * share) as u8;
+                next = next.max(100 - keep);
+            }
+        }
+        // `step` is within the ceiling already.
+        self.throttle.percent = next.min(self.config.parameters.max_cpu_throttle);
+        self.throttle.pending = true;
+        self.throttle.stop_rule = true;
+        true
+    }
+
+    /// At the end of a pass whose stop does not fit the limit (`shrank`:
+    /// it cut the pending bytes by a sixteenth of the best so far): the
+    /// shortest-stop rule throttles at once, and hard enough for a short
+    /// stop (see [`raise_throttle_for_short_stop`]), when the guest
+    /// dirtied faster than the link carried or the pass did not shrink
+    /// the remainder. Such a guest never fits otherwise: QEMU's rule
+    /// iterates until a limit gives up, and without throttling so would
+    /// this one. Passes that shrink the remainder while the guest dirties
+    /// slower than the link are left to converge on their own. Never
+    /// when the fixed cost alone is over the limit (no throttle helps).
+    ///
+    /// [`raise_throttle_for_short_stop`]: Self::raise_throttle_for_short_stop
+    fn throttle_unfit_pass(&mut self, shrank: bool) -> bool {
+        let limit = Duration::from_millis(self.config.parameters.downtime_limit_ms);
+        if self.convergence.stop_cost >= limit || self.convergence.threshold_bytes == 0 {
+            return false;
+        }
+        let Some(dirty_per_ms) = self.convergence.dirty_bytes_per_ms else {
+            return false;
+        };
+        let link_per_ms = self.convergence.bandwidth_bytes_per_ms;
+        if link_per_ms <= 0.0 || (shrank && dirty_per_ms < link_per_ms) {
+            return false;
+        }
+        self.raise_throttle_for_short_stop()
     }
 
     /// The throttle one [`stop_throttle_step`] up, if the shortest-stop
@@ -488,7 +570,15 @@ impl SourceEngine<'_> {
         // Passes that fit the limit (iterating to shorten the stop, or
         // waiting for the destination's switchover-ack) are not judged by
         // the no-progress rule: the data already fits.
-        if !fits && self.throttle.stop_rule {
+        // A pass that does not fit, judged once at its end (mid-pass syncs
+        // are not passes).
+        let unfit_pass_end = !fits
+            && self.stats.iterations != self.convergence.judged_iterations
+            && self.expected_stop().is_some();
+        let best = self.convergence.best_pending;
+        let shrank = best == u64::MAX || self.pending_bytes() < best - best / 16;
+        if !(unfit_pass_end && self.throttle_unfit_pass(shrank)) && !fits && self.throttle.stop_rule
+        {
             self.raise_stop_throttle();
         }
         let stalled = !fits && self.stalled();

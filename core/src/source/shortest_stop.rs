@@ -35,9 +35,13 @@
 //! still takes [`SWITCH_AT_ONCE`] or more and
 //! [`MigrationConfig::stop_throttle`] is on (the default; the caller must
 //! be able to throttle its vCPUs), the rule does not stop there: it
-//! raises the throttle one step (half of the vCPUs' remaining run time:
-//! 50, 75, 88, 94, 97, 99 %, at most `max-cpu-throttle`) and iterates, so
-//! that the next passes shrink what the slowed guest leaves dirty. It
+//! raises the throttle at once, as far as the measured rates say the next
+//! pass needs to leave no more dirty than the link sends in the fixed cost
+//! of a stop (the guest dirtying the share of its measured rate the higher
+//! throttle leaves it, for as long as the pending bytes take to send; at
+//! least one step of half the vCPUs' remaining run time, 50, 75, 88, 94,
+//! 97, 99 %, and at most `max-cpu-throttle`), and iterates, so that the
+//! next pass shrinks what the slowed guest leaves dirty. It
 //! stops at the next plateau with the throttle at its ceiling, as soon as
 //! the transfer drops under `SWITCH_AT_ONCE`, or at the bound below. The
 //! stop that may be the last to fit (below) is not taken either when the
@@ -45,8 +49,9 @@
 //! the next pass fits: the throttle rises to the first such step instead
 //! (several steps at once if need be), and if a later sync
 //! does not fit after all, it rises again at each such sync. The
-//! throttle only rises there and after a pass that did not shrink the
-//! stop, never while passes shrink it, and it is lifted when the migration ends, whatever the end (before the
+//! throttle only rises there, after a pass that did not shrink the
+//! stop, and after a pass that did not fit (below), never while fitting
+//! passes shrink it, and it is lifted when the migration ends, whatever the end (before the
 //! vCPUs of a failed migration are resumed). What it cost the guest is in
 //! [`MigrationStats::throttle`].
 //!
@@ -57,8 +62,16 @@
 //! over `r` dirty ones trades a stop of `r + q` for one of about `2r`
 //! plus what the guest dirtied meanwhile).
 //!
-//! A stop that does not fit the limit is never taken: passes that do not
-//! fit are judged by the no-progress rule and the limits of
+//! A stop that does not fit the limit is never taken. At the end of a
+//! pass that does not fit, whose guest dirtied faster than the link
+//! carried or which did not shrink the remainder, the rule throttles the
+//! same way, at once and as hard as the rates say a short stop needs
+//! (not when the fixed cost alone is over the limit: no throttle helps
+//! there): such a guest never fits otherwise, and QEMU's rule iterates
+//! on it until a limit gives up. Passes that do not fit are judged by
+//! the no-progress rule (a pass that raised the throttle counts as
+//! progress; one at the ceiling that does not shrink does not) and the
+//! limits of
 //! [`Limits`](crate::config::Limits), exactly as under
 //! [`SwitchoverPolicy::FitsLimit`]. With the stop that may be the last to
 //! fit always taken, the rule gives up on a migration that QEMU's rule
