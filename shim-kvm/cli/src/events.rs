@@ -47,7 +47,9 @@ pub fn event_json(event: &MigrationEvent) -> Value {
         }),
         MigrationEvent::RecoveryStarted { peer } => json!({ "peer": peer }),
         MigrationEvent::Recovered { recoveries } => json!({ "postcopy-recoveries": recoveries }),
-        MigrationEvent::RecoveryAbandoned { pages } => json!({ "pages": pages }),
+        MigrationEvent::RecoveryAbandoned { reason, pages } => {
+            json!({ "reason": reason, "pages": pages })
+        }
     };
     v["event"] = json!(event.name());
     v

@@ -226,6 +226,65 @@ fn a_cut_during_the_recovery_handshake_pauses_again_and_recovers() {
     );
 }
 
+/// How often `needle` occurs in what a run printed on stderr.
+fn stderr_count(out: &Output, needle: &str) -> usize {
+    stderr(out).matches(needle).count()
+}
+
+#[test]
+fn a_recovery_given_up_says_where_the_pages_are_once_on_each_side() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    // Nothing listens where the source is to reconnect (a port bound and
+    // released), and both sides give up after a second.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("tcp:{}", dead.local_addr().unwrap());
+    drop(dead);
+    let (receiver, addr) =
+        spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "1"]);
+    let relay = Relay::start(&addr, &[]);
+    let (sender, mut lines) = spawn_sender(
+        &relay,
+        &["--recover-timeout-s", "1", "--resume-to", &nowhere],
+    );
+    lines.wait_for(SWITCHOVER_LINE);
+    thread::sleep(Duration::from_millis(400));
+    relay.cut(0);
+    let send = lines.finish(sender);
+    let recv = finish(receiver);
+    for (side, out, pages) in [
+        ("send", &send, "the guest was handed to the destination"),
+        ("receive", &recv, "the guest ran here with"),
+    ] {
+        assert!(!out.status.success(), "{side} succeeded: {}", stderr(out));
+        assert_eq!(json_of(out)["status"], "failed", "{side}");
+        // The event's line says why, the failure line where the pages
+        // are: each sentence once.
+        assert_eq!(
+            stderr_count(out, pages),
+            1,
+            "{side}: where the pages are, said other than once: {}",
+            stderr(out)
+        );
+        assert_eq!(
+            stderr_count(out, "postcopy recovery given up: "),
+            1,
+            "{side}: {}",
+            stderr(out)
+        );
+        let given_up = events(out, "recovery-abandoned");
+        assert_eq!(given_up.len(), 1, "{side}: {given_up:?}");
+        assert!(
+            given_up[0]["pages"]
+                .as_str()
+                .is_some_and(|p| p.contains(pages)),
+            "{side}: {given_up:?}"
+        );
+        assert!(given_up[0]["reason"].is_string(), "{side}: {given_up:?}");
+    }
+}
+
 #[test]
 fn demo_cut_after_the_switchover_recovers_and_verifies() {
     if !kvm_available() || !userfaultfd_available() {

@@ -82,10 +82,14 @@ pub enum MigrationEvent {
         /// Recoveries of this migration so far.
         recoveries: u64,
     },
-    /// No new connection came in time: the migration failed. `pages` says
-    /// where the guest's pages are, and what the operator can still do.
+    /// No new connection came in time: the migration failed. `reason`
+    /// says why it was given up, `pages` where the guest's pages are and
+    /// what the operator can still do (the migration's error, as the
+    /// summary says it once more: the event's line shows the reason only).
     RecoveryAbandoned {
-        /// Where the guest's pages are.
+        /// Why the recovery was given up.
+        reason: String,
+        /// Where the guest's pages are: the migration's error.
         pages: String,
     },
 }
@@ -137,8 +141,8 @@ impl fmt::Display for MigrationEvent {
                     "postcopy recovered (recovery {recoveries}); the migration goes on"
                 )
             }
-            MigrationEvent::RecoveryAbandoned { pages } => {
-                write!(f, "postcopy recovery abandoned: {pages}")
+            MigrationEvent::RecoveryAbandoned { reason, .. } => {
+                write!(f, "postcopy recovery given up: {reason}")
             }
         }
     }

@@ -1236,7 +1236,8 @@ fn run_receive_loop(
                         });
                     }
                     shared.emit(MigrationEvent::RecoveryAbandoned {
-                        pages: format!("{why}; {}", engine.stats().error_desc.as_str()),
+                        reason: why.to_string(),
+                        pages: engine.stats().error_desc.as_str().to_string(),
                     });
                     return (error, None);
                 }

@@ -948,9 +948,9 @@ impl SourceDriver<'_> {
         if let Err(e) = self.engine.give_up(clock::now()) {
             self.fail(SourceFailure::Engine(e));
         }
-        let pages = self.engine.stats().error_desc.as_str().to_string();
         self.shared.emit(MigrationEvent::RecoveryAbandoned {
-            pages: format!("{why}; {pages}"),
+            reason: why.to_string(),
+            pages: self.engine.stats().error_desc.as_str().to_string(),
         });
     }
 
