@@ -409,6 +409,16 @@ fn send_with_its_defaults_converges_on_a_busy_guest() {
     assert!(error_lines(&sent).is_empty(), "{:?}", error_lines(&sent));
 }
 
+/// `send` flags for a busy guest over the 1 Gbit/s link that no stop fits
+/// unthrottled: no bandwidth cap, a 30 ms limit, no stop throttle.
+const UNTHROTTLED_30_MS: [&str; 5] = [
+    "--param",
+    "max-bandwidth=0",
+    "--param",
+    "downtime-limit=30",
+    "--no-stop-throttle",
+];
+
 #[test]
 fn send_over_a_link_too_slow_to_converge_gives_up_with_the_guest_on_the_source() {
     if !kvm_available() {
@@ -418,11 +428,13 @@ fn send_over_a_link_too_slow_to_converge_gives_up_with_the_guest_on_the_source()
     let Some(link) = NetnsLink::create("1gbit") else {
         return;
     };
-    // No auto-converge and no stop throttle: every pass finds the whole
-    // working set dirty again, about 600 ms of link time against a 300 ms
-    // limit. The no-progress rule ends it (ten passes of about 0.6 s).
+    // No auto-converge and no stop throttle: every pass of about 600 ms of
+    // link time finds more dirty again than the 30 ms limit's 3.7 MiB
+    // (at 300 ms a guest slowed by a loaded host may dirty less than a
+    // pass sends and converge). The no-progress rule ends it (ten passes
+    // of about 0.6 s).
     let started = Instant::now();
-    let (sent, _) = link.migrate(&["--param", "max-bandwidth=0", "--no-stop-throttle"]);
+    let (sent, _) = link.migrate(&UNTHROTTLED_30_MS);
     assert_did_not_converge(&sent, "(no progress in 10)");
     assert!(started.elapsed() < Duration::from_secs(60));
 
@@ -450,11 +462,11 @@ fn send_over_a_link_slower_than_the_guest_converges_with_the_stop_throttle() {
     let Some(link) = NetnsLink::create("1gbit") else {
         return;
     };
-    // The link the test above gives up on without the throttle: with it
-    // (the default), the first pass measured that does not fit throttles
-    // the guest, and the migration completes within the limit.
+    // What the test above gives up on without the throttle: with it (the
+    // default), the first pass measured that does not fit throttles the
+    // guest, and the migration completes within the limit.
     let started = Instant::now();
-    let (sent, received) = link.migrate(&["--param", "max-bandwidth=0"]);
-    assert_converged_throttled(&sent, &received, 300.0);
+    let (sent, received) = link.migrate(&UNTHROTTLED_30_MS[..4]);
+    assert_converged_throttled(&sent, &received, 30.0);
     assert!(started.elapsed() < Duration::from_secs(60));
 }
