@@ -80,16 +80,21 @@ impl Default for Progress {
     }
 }
 
-/// One line: state, transferred, remaining, throughput, dirty rate, pass.
+/// One line: state, transferred, remaining, throughput, dirty rate, pass,
+/// the stop a switchover now would take and the throttle in force: an
+/// operator whose precopy does not converge sees why (a stop over the
+/// limit) and what is done about it (the throttle rising).
 pub fn progress_line(s: &MigrationStats) -> String {
     format!(
-        "{:<10} transferred {:>9.1} MiB  remaining {:>8.1} MiB  {:>8.0} mbps  dirty {:>8} pages/s  iteration {}",
+        "{:<10} transferred {:>9.1} MiB  remaining {:>8.1} MiB  {:>8.0} mbps  dirty {:>8} pages/s  iteration {}  stop ~{} ms  throttle {} %",
         s.status.as_str(),
         s.ram.transferred as f64 / MIB,
         s.ram.remaining as f64 / MIB,
         s.ram.mbps,
         s.ram.dirty_pages_rate,
-        s.iterations
+        s.iterations,
+        s.expected_downtime_ms,
+        s.throttle.percent
     )
 }
 
@@ -487,6 +492,13 @@ mod tests {
         assert_eq!(failed.to_json()["downtime"], Value::Null);
         assert!(!failed.to_text().contains("downtime"));
         assert!(progress_line(&sum.stats).starts_with("failed"));
+        let mut throttled = MigrationStats {
+            expected_downtime_ms: 512,
+            ..MigrationStats::default()
+        };
+        throttled.throttle.percent = 96;
+        let line = progress_line(&throttled);
+        assert!(line.ends_with("stop ~512 ms  throttle 96 %"), "{line}");
         assert!(sum.to_json().get("ambiguous-end").is_none());
     }
 
