@@ -9,7 +9,7 @@
 use core::fmt;
 use core::time::Duration;
 
-use super::shortest_stop::{SWITCH_AT_ONCE, ShortestStop};
+use super::shortest_stop::{SHRINK_PASSES, SWITCH_AT_ONCE, ShortestStop};
 use super::{ConvergenceLimit, EndReason, SLICE, SourceAction, SourceEngine, Step};
 use crate::capabilities::Capabilities;
 use crate::config::SwitchoverPolicy;
@@ -261,6 +261,10 @@ impl SourceEngine<'_> {
                     return true;
                 };
                 let stop_us = u64::try_from(stop.as_micros()).unwrap_or(u64::MAX);
+                let pass_end = self
+                    .convergence
+                    .shortest_stop
+                    .new_pass(self.stats.iterations);
                 let judged = self
                     .convergence
                     .shortest_stop
@@ -271,6 +275,17 @@ impl SourceEngine<'_> {
                 // while the bound on fitting passes leaves room.
                 if judged.stalled
                     && !self.convergence.shortest_stop.exhausted()
+                    && self.raise_throttle_for_short_stop()
+                {
+                    return false;
+                }
+                // A pass that shrank the stop, but so slowly for the
+                // guest's dirty rate that reaching a short stop would take
+                // more than SHRINK_PASSES more, is throttled at once too.
+                if pass_end
+                    && !judged.stalled
+                    && !judged.stop
+                    && self.shrinks_too_slowly()
                     && self.raise_throttle_for_short_stop()
                 {
                     return false;
@@ -374,6 +389,31 @@ impl SourceEngine<'_> {
         self.throttle.pending = true;
         self.throttle.stop_rule = true;
         true
+    }
+
+    /// Whether passes at the guest's measured dirty rate (over the link's)
+    /// would take more than [`SHRINK_PASSES`] to shrink the pending bytes
+    /// to [`short_stop_target`](Self::short_stop_target): each pass leaves
+    /// what the guest dirtied while it sent the one before. False while
+    /// the rates are unknown.
+    fn shrinks_too_slowly(&self) -> bool {
+        let bytes_per_ms = self.switchover_bytes_per_ms();
+        let Some(dirty_per_ms) = self.convergence.dirty_bytes_per_ms else {
+            return false;
+        };
+        if bytes_per_ms <= 0.0 {
+            return false;
+        }
+        let ratio = dirty_per_ms / bytes_per_ms;
+        let target = self.short_stop_target() as f64;
+        let mut left = self.pending_bytes() as f64;
+        for _ in 0..SHRINK_PASSES {
+            if left <= target {
+                return false;
+            }
+            left *= ratio;
+        }
+        left > target
     }
 
     /// At the end of a pass whose stop does not fit the limit (`shrank`:

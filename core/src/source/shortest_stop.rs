@@ -49,9 +49,15 @@
 //! the next pass fits: the throttle rises to the first such step instead
 //! (several steps at once if need be), and if a later sync
 //! does not fit after all, it rises again at each such sync. The
-//! throttle only rises there, after a pass that did not shrink the
-//! stop, and after a pass that did not fit (below), never while fitting
-//! passes shrink it, and it is lifted when the migration ends, whatever the end (before the
+//! throttle rises the same way, at once, after a fitting pass that did
+//! shrink the stop when the measured rates say that passes left to the
+//! guest's own dirty rate would take more than [`SHRINK_PASSES`] to bring
+//! it down to that target (a guest dirtying at nearly the link's rate
+//! shrinks each pass by little): one throttled pass then sends what
+//! QEMU's stop would have sent, and the migration ends in about QEMU's
+//! time with a short stop. The throttle only rises there, after a pass
+//! that did not shrink the stop, and after a pass that did not fit
+//! (below), never while fitting passes shrink it fast enough, and it is lifted when the migration ends, whatever the end (before the
 //! vCPUs of a failed migration are resumed). What it cost the guest is in
 //! [`MigrationStats::throttle`].
 //!
@@ -115,6 +121,15 @@ pub const SHRINK: u64 = 8;
 /// limit at most) while leaving room for the usual geometric convergence.
 pub const MAX_FITTING_PASSES: u32 = 12;
 
+/// Passes the rule lets a guest's own dirty rate take to shrink a fitting
+/// stop to its short target (what the link sends in the fixed cost of a
+/// stop): a pass that shrinks the stop, but at a ratio of dirty rate to
+/// link rate that would take more passes than this, is throttled at once
+/// instead. Each unthrottled pass costs a pass of link time; a throttled
+/// one costs the guest, but ends the migration in about the time QEMU's
+/// rule takes (its stop sends what the extra pass sends).
+pub const SHRINK_PASSES: u32 = 3;
+
 /// What the rule makes of one sync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Judgement {
@@ -174,6 +189,11 @@ impl ShortestStop {
             stop: stop <= best.saturating_add(best / SHRINK) || self.exhausted(),
             stalled: true,
         }
+    }
+
+    /// Whether a sync after `passes` passes ends one not judged yet.
+    pub fn new_pass(&self, passes: u64) -> bool {
+        passes != self.judged_pass
     }
 
     /// True once [`MAX_FITTING_PASSES`] fitting passes have gone by: from
