@@ -607,20 +607,21 @@ impl SourceEngine<'_> {
             && (self.iteration_limit_exceeded()
                 || self.time_limit_exceeded()
                 || self.policy_takes_stop());
-        // Passes that fit the limit (iterating to shorten the stop, or
-        // waiting for the destination's switchover-ack) are not judged by
-        // the no-progress rule: the data already fits.
-        // A pass that does not fit, judged once at its end (mid-pass syncs
-        // are not passes).
+        // A pass that does not fit may be throttled at its end (judged
+        // once: mid-pass syncs are not passes); else, once the rule has
+        // throttled, any sync that does not fit raises it a step.
         let unfit_pass_end = !fits
             && self.stats.iterations != self.convergence.judged_iterations
             && self.expected_stop().is_some();
         let best = self.convergence.best_pending;
         let shrank = best == u64::MAX || self.pending_bytes() < best - best / 16;
-        if !(unfit_pass_end && self.throttle_unfit_pass(shrank)) && !fits && self.throttle.stop_rule
-        {
+        let raised = unfit_pass_end && self.throttle_unfit_pass(shrank);
+        if !raised && !fits && self.throttle.stop_rule {
             self.raise_stop_throttle();
         }
+        // Passes that fit the limit (iterating to shorten the stop, or
+        // waiting for the destination's switchover-ack) are not judged by
+        // the no-progress rule: the data already fits.
         let stalled = !fits && self.stalled();
         let acked = self.end.switchover_acked
             || !self
