@@ -11,7 +11,10 @@
 //! (Linux 5.14+) either just before each chunk is written or from a helper
 //! thread ahead of the writer. Each way is timed for a `memcpy` and for a
 //! `read` from a loopback TCP socket (what the destination's `readv` does),
-//! chunk by chunk as the destination's packets arrive.
+//! chunk by chunk as the destination's packets arrive. It also times the
+//! verification's page hash ([`GuestMemory::page_term`]) over pages in a
+//! core's cache and over pages read from memory, the two ways a receiver
+//! can order its reads and its hashing.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -21,6 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Instant;
+
+use livemig_core::digest::DigestKey;
+use livemig_kvm::memory::{GuestMemory, MemoryError, RegionLayout};
 
 use crate::bench::Spread;
 
@@ -103,6 +109,8 @@ pub enum TouchError {
     Sender(String),
     /// A chunk did not hold the bytes written into it.
     Mismatch(usize),
+    /// The hashed memory could not be made or read.
+    Memory(MemoryError),
 }
 
 impl std::fmt::Display for TouchError {
@@ -114,6 +122,7 @@ impl std::fmt::Display for TouchError {
             }
             TouchError::Socket(e) => write!(f, "bench --case first-touch: loopback socket: {e}"),
             TouchError::Sender(e) => write!(f, "bench --case first-touch: sender: {e}"),
+            TouchError::Memory(e) => write!(f, "bench --case first-touch: hash: {e}"),
             TouchError::Mismatch(at) => {
                 write!(
                     f,
@@ -391,6 +400,58 @@ fn pattern() -> Vec<u8> {
     (0..CHUNK).map(|i| (i * 7 + 1) as u8).collect()
 }
 
+/// The page hash's cost, us per page: over one chunk's pages hashed
+/// again and again (in cache, as right after a chunk's read) and over
+/// `mib` MiB hashed once each (from memory, as after a whole packet's
+/// read). Both over the same non-zero bytes, the memory populated first.
+#[derive(Debug, Clone, Copy)]
+pub struct HashCost {
+    /// In cache.
+    pub hot_us: f64,
+    /// From memory.
+    pub cold_us: f64,
+}
+
+/// Measures [`HashCost`] over `mib` MiB.
+pub fn hash_cost(mib: usize) -> Result<HashCost, TouchError> {
+    let bytes = (mib.max(1) << 20) as u64;
+    let layout = RegionLayout::contiguous("hash", bytes, bytes).map_err(TouchError::Memory)?;
+    let ram = GuestMemory::anonymous(&layout).map_err(TouchError::Memory)?;
+    let data = pattern();
+    for at in (0..bytes).step_by(CHUNK) {
+        ram.write(at, &data).map_err(TouchError::Memory)?;
+    }
+    let key = DigestKey::new(0x5EED);
+    let pages = bytes / PAGE as u64;
+    let chunk_pages = (CHUNK / PAGE) as u64;
+    let mut sink = 0u64;
+    let hash = |range: std::ops::Range<u64>, sink: &mut u64| -> Result<(), TouchError> {
+        for page in range {
+            let term = ram.page_term(0, page, &key).map_err(TouchError::Memory)?;
+            *sink = sink.wrapping_add(term);
+        }
+        Ok(())
+    };
+    let start = Instant::now();
+    for _ in 0..pages / chunk_pages {
+        hash(0..chunk_pages, &mut sink)?;
+    }
+    let hot_ns = start.elapsed().as_nanos() as f64;
+    let start = Instant::now();
+    hash(0..pages, &mut sink)?;
+    let cold_ns = start.elapsed().as_nanos() as f64;
+    // Every term of non-zero bytes is non-zero: the sum is used, so the
+    // hashing cannot be optimised away, and a zero sum would be wrong.
+    if sink == 0 {
+        return Err(TouchError::Mismatch(0));
+    }
+    let per_page = |ns: f64| ns / 1e3 / pages as f64;
+    Ok(HashCost {
+        hot_us: per_page(hot_ns),
+        cold_us: per_page(cold_ns),
+    })
+}
+
 /// `runs` rounds of every target with both writers, each of `mib` MiB,
 /// alternating within a round.
 pub fn run(mib: usize, runs: usize, verbose: bool) -> Result<Vec<Touch>, TouchError> {
@@ -424,8 +485,8 @@ fn thp_setting(name: &str) -> String {
 }
 
 /// The medians as a table: per target, us/page and GB/s by memcpy and by
-/// socket read, and each against the reused buffer.
-pub fn table(runs: &[Touch], mib: usize) -> String {
+/// socket read; then the hash's cost in cache and from memory.
+pub fn table(runs: &[Touch], hashes: &[HashCost], mib: usize) -> String {
     let median = |t: Target, w: Writer, f: fn(&Touch) -> f64| {
         Spread::of(
             runs.iter()
@@ -450,6 +511,15 @@ pub fn table(runs: &[Touch], mib: usize) -> String {
             fmt(median(t, Writer::Socket, Touch::gbps)),
         );
     }
+    let hash = |f: fn(&HashCost) -> f64| fmt(Spread::of(hashes.iter().map(f)).map(|s| s.median));
+    let _ = writeln!(
+        s,
+        "page hash (verification), us/page: {} in cache ({} KiB hashed again and again), \
+         {} from memory",
+        hash(|h| h.hot_us),
+        CHUNK >> 10,
+        hash(|h| h.cold_us),
+    );
     let _ = writeln!(
         s,
         "\n{mib} MiB per measurement, written {} KiB at a time (medians); times include mmap, \
@@ -475,5 +545,12 @@ mod tests {
                 assert_eq!(t.bytes, 4 << 20, "{target:?} {writer:?}");
             }
         }
+    }
+
+    #[test]
+    fn the_hash_is_timed_over_real_terms() {
+        // `hash_cost` fails if the terms of its non-zero pages sum to 0.
+        let h = hash_cost(1).unwrap();
+        assert!(h.hot_us.is_finite() && h.cold_us.is_finite());
     }
 }

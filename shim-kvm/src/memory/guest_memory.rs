@@ -218,7 +218,7 @@ impl GuestMemory {
     ///
     /// Why: the first write of a page of fresh anonymous memory costs a
     /// fault whose entry and exit are most of its price under nested KVM
-    /// (`livemig bench --case first-touch`: ~2.7 against ~2.0 us a page
+    /// (`livemig bench --case first-touch`: 2.2-3.9 against 1.5-2.4 us a page
     /// here); a destination writing received pages populates each run
     /// first.
     pub fn populate_write(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {

@@ -899,7 +899,11 @@ fn run_touch_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     }
     let mib = a.mem_mib_override.map_or(256, |m| m as usize);
     let runs = touch_bench::run(mib, a.runs as usize, !a.quiet).map_err(|e| e.to_string())?;
-    print!("{}", touch_bench::table(&runs, mib));
+    let hashes = (0..a.runs)
+        .map(|_| touch_bench::hash_cost(mib))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    print!("{}", touch_bench::table(&runs, &hashes, mib));
     Ok(ExitCode::SUCCESS)
 }
 

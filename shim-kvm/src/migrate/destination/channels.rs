@@ -7,7 +7,8 @@
 //! memory is populated just before the read ([`Populate`]) and, when the
 //! source verifies, hashed right after it, while the bytes the kernel just
 //! wrote are still in this core's cache (a whole 4 MiB packet read first
-//! and hashed after is hashed from memory, about three times slower).
+//! and hashed after is hashed from memory: 0.53 against 0.22 us a page in
+//! `livemig bench --case first-touch`).
 //!
 //! A receiver that reads its channel's SYNC reports it and waits: it reads
 //! nothing more until the main stream's flush has found every channel at

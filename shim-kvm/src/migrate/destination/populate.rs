@@ -3,13 +3,17 @@
 //!
 //! Every page a destination receives lands in fresh anonymous RAM, whose
 //! first write is a page fault; under nested KVM its entry and exit are a
-//! good part of its ~2.7 us (`livemig bench --case first-touch`).
+//! good part of its 2.2-3.9 us (`livemig bench --case first-touch`,
+//! three runs).
 //! `MADV_POPULATE_WRITE` over a run of pages that are about to be written
-//! allocates them in one call, without the faults (~2.0 us a page here).
+//! allocates them in one call, without the faults (1.5-2.4 us a page in
+//! the same runs). A helper thread populating ahead of the writer did
+//! better only on a quiet machine (1.4 against 1.5 us by memcpy) and
+//! worse under load (3.2 against 2.0): not done, not yet.
 //! Only pages that arrived are populated, at the moment they are written,
 //! so a page never sent stays untouched: an idle 4 GiB guest costs what
 //! its populated pages cost, not 4 GiB. Huge pages are not asked for: on
-//! this nested host a fresh 2 MiB page cost 3-4 times as much per 4 KiB as
+//! this nested host a fresh 2 MiB page cost 4-6 times as much per 4 KiB as
 //! a 4 KiB one (the table in `docs/benchmarks.md`).
 //!
 //! A kernel that refuses (before 5.14, or a mapping it cannot populate)
