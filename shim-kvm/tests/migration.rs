@@ -743,6 +743,17 @@ fn pages_never_populated_are_neither_read_nor_placed() {
     // The zeroed pages were populated: read, and found zero.
     assert!(ram.duplicate >= ram.unpopulated + SPARSE_ZEROED_PAGES);
     assert!(ram.normal >= SPARSE_DATA_PAGES);
+    // The destination populated the memory of what it placed ahead of the
+    // writes (ReceiveOptions::populate, on by default), and no more: the
+    // residency checks above hold with it.
+    let dest = &o.destination;
+    assert_eq!(dest.populate_refused, None);
+    assert!(
+        dest.populated_pages >= SPARSE_DATA_PAGES && dest.populated_pages <= ram.normal,
+        "{} pages populated for {} sent",
+        dest.populated_pages,
+        ram.normal
+    );
 }
 
 /// Every guest page number of the test VM's RAM but the counters' page,

@@ -159,6 +159,11 @@ fn two_channels_carry_the_guest_with_memory_equal_and_every_vcpu_goes_on() {
     // The pages went over the channels, and both ends counted them alike.
     assert!(source.stats.ram.multifd_bytes > 1 << 20);
     assert_eq!(source.stats.ram.normal, destination.stats.ram.normal);
+    // The receivers populated each piece's memory before reading into it
+    // (ReceiveOptions::populate, on by default), only what was sent.
+    assert_eq!(destination.populate_refused, None);
+    assert!(destination.populated_pages > 256);
+    assert!(destination.populated_pages <= destination.stats.ram.normal);
 }
 
 #[test]

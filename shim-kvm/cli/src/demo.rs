@@ -814,6 +814,10 @@ fn receive_summary(
         }
     }
     extra.insert("guest-started".into(), json!(report.started));
+    extra.insert("populated-pages".into(), json!(report.populated_pages));
+    if let Some(errno) = report.populate_refused {
+        extra.insert("populate-refused-errno".into(), json!(errno));
+    }
     if let Some(a) = after {
         let sum = |f: fn(&crate::vmm::vcpus::VcpuReport) -> u64| a.vcpus.iter().map(f).sum::<u64>();
         extra.insert("guest-generation".into(), json!(sum(|r| r.generation)));
@@ -937,6 +941,7 @@ pub fn run_receive(
         idle_timeout,
         digest,
         recovery,
+        ..ReceiveOptions::default()
     };
     // From before the first page: after a postcopy it says which pages
     // the guest wrote here.

@@ -5,7 +5,9 @@
 //!   simulated fallback over livemig-sim when there is no `/dev/kvm`);
 //!   [`bench`](mod@bench) times that demo against a raw TCP copy measured in the same
 //!   run; [`fault_bench`] times postcopy's faults against the bare
-//!   userfaultfd round trip (`--case postcopy`).
+//!   userfaultfd round trip (`--case postcopy`); [`touch_bench`] times a
+//!   page's first write into fresh memory, with the ways around its fault
+//!   (`--case first-touch`).
 //! - [`qemu`] and [`qmp`]: the same guest under QEMU, migrated by QEMU over
 //!   QMP; [`vs_qemu`] alternates those runs with `bench`'s (`--vs-qemu`);
 //!   [`verify_cost`] alternates verified runs with unverified ones
@@ -31,9 +33,9 @@
 //!   (`livemig run --vcpus N`).
 //!
 //! The tool drives the library only through its public API. Its `unsafe`
-//! blocks are in `vmm` (memslots, the vCPU kick, its thread id) and
-//! `interrupt` (the signal handlers), each with a `// SAFETY:`
-//! line.
+//! blocks are in `vmm` (memslots, the vCPU kick, its thread id),
+//! `interrupt` (the signal handlers) and `touch_bench` (its own mappings),
+//! each with a `// SAFETY:` line.
 
 pub mod bench;
 pub mod breakdown;
@@ -50,6 +52,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod timeline;
+pub mod touch_bench;
 pub mod verify_cost;
 pub mod vmm;
 pub mod vs_qemu;

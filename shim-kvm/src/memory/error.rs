@@ -67,6 +67,9 @@ pub enum MemoryError {
     /// Reading `/proc/self/pagemap` (which pages are populated) failed
     /// with this errno.
     Pagemap(i32),
+    /// `MADV_POPULATE_WRITE` over guest RAM failed with this errno
+    /// (`EINVAL`: a kernel before 5.14, or a mapping it cannot populate).
+    Populate(i32),
     /// The region index does not exist.
     NoSuchRegion(usize),
     /// The page index is beyond the end of the region.
@@ -161,6 +164,12 @@ impl fmt::Display for MemoryError {
             }
             MemoryError::Mmap(e) => write!(f, "mmap of guest RAM failed: errno {e}"),
             MemoryError::Pagemap(e) => write!(f, "reading /proc/self/pagemap failed: errno {e}"),
+            MemoryError::Populate(e) => {
+                write!(
+                    f,
+                    "populating guest RAM (MADV_POPULATE_WRITE) failed: errno {e}"
+                )
+            }
             MemoryError::NoSuchRegion(r) => write!(f, "guest memory region {r} does not exist"),
             MemoryError::PageOutOfRange {
                 region,

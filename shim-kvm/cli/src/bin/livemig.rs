@@ -20,6 +20,7 @@ use livemig_cli::interrupt::{self, Cancel, Decision, Hold};
 use livemig_cli::options;
 use livemig_cli::report::{Progress, Summary};
 use livemig_cli::timeline;
+use livemig_cli::touch_bench;
 use livemig_cli::{qemu, run, verify_cost, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
@@ -378,8 +379,12 @@ struct BenchArgs {
     /// many raw TCP streams), or postcopy alone (the userfaultfd round trip,
     /// bare and over loopback TCP, then a postcopy migration with
     /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set: fault
-    /// latency, the ratios and the downtime).
-    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd", "postcopy"])]
+    /// latency, the ratios and the downtime), or first-touch alone (no
+    /// migration: the cost of a page's first write into fresh memory, by
+    /// memcpy and by a loopback socket read, plain, with MADV_HUGEPAGE,
+    /// MAP_POPULATE and MADV_POPULATE_WRITE, against a reused buffer;
+    /// --mem-mib-override sets the MiB per measurement, default 256).
+    #[arg(long = "case", value_parser = ["idle-4g", "busy-1g", "multifd", "postcopy", "first-touch"])]
     cases: Vec<String>,
     /// Runs per case; the figures are median, min and max over them.
     #[arg(long, default_value_t = 3)]
@@ -704,6 +709,9 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
     if a.runs == 0 {
         return Err(BenchError::NoRuns.to_string());
     }
+    if a.cases.iter().any(|c| c == touch_bench::FIRST_TOUCH_CASE) {
+        return run_touch_bench(a);
+    }
     if !demo::kvm_available() {
         return Err(BenchError::NoKvm.to_string());
     }
@@ -877,6 +885,26 @@ fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode
         eprintln!("livemig: bench: a multifd run did not verify");
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// `livemig bench --case first-touch`: a page's first write into fresh
+/// memory by memcpy and by socket read, against a reused buffer, in
+/// `--mem-mib-override` (default 256) MiB per measurement.
+fn run_touch_bench(a: &BenchArgs) -> Result<ExitCode, String> {
+    if a.cases.len() != 1 {
+        return Err(format!(
+            "bench case '{}' runs alone: give it as the only --case",
+            touch_bench::FIRST_TOUCH_CASE
+        ));
+    }
+    let mib = a.mem_mib_override.map_or(256, |m| m as usize);
+    let runs = touch_bench::run(mib, a.runs as usize, !a.quiet).map_err(|e| e.to_string())?;
+    let hashes = (0..a.runs)
+        .map(|_| touch_bench::hash_cost(mib))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    print!("{}", touch_bench::table(&runs, &hashes, mib));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `livemig bench --case postcopy`: the userfaultfd round trip, alone and

@@ -3,6 +3,13 @@
 //! guest memory (`readv` into the pages' iovecs) after checking its header,
 //! sequence and pages with the core.
 //!
+//! A packet's pages are read [`FUSED_PAGES`] at a time: each piece's
+//! memory is populated just before the read ([`Populate`]) and, when the
+//! source verifies, hashed right after it, while the bytes the kernel just
+//! wrote are still in this core's cache (a whole 4 MiB packet read first
+//! and hashed after is hashed from memory: 0.53 against 0.22 us a page in
+//! `livemig bench --case first-touch`).
+//!
 //! A receiver that reads its channel's SYNC reports it and waits: it reads
 //! nothing more until the main stream's flush has found every channel at
 //! the sync and released them ([`ChannelReceivers::sync`]). Any failure
@@ -26,11 +33,16 @@ use livemig_core::wire::{
 
 use super::super::ram_layout;
 use super::Event;
+use super::populate::Populate;
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE, PageIovecs};
 use crate::transport::{Connection, Listener, TransportError};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Pages read (and populated, and hashed) at a time: 128 KiB, which stays
+/// in a core's cache between the read and the hash.
+const FUSED_PAGES: usize = 32;
 
 /// Why a multifd channel failed on the destination.
 #[derive(Debug)]
@@ -216,7 +228,9 @@ impl ChannelReceivers {
     /// Accepts `count` channels on `listener` (each within `deadline`),
     /// checks their hellos against the announcement and starts a receiver
     /// on each; with `key`, each receiver books the pages it places. `wake`
-    /// tells the migration thread a channel failed.
+    /// tells the migration thread a channel failed; `populate` is shared
+    /// with it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn open(
         listener: &Listener,
         count: u16,
@@ -225,6 +239,7 @@ impl ChannelReceivers {
         ram: &GuestMemory,
         deadline: Duration,
         wake: &Sender<Event>,
+        populate: &Arc<Populate>,
     ) -> Result<Self, ChannelFailure> {
         let mut by_index: Vec<Option<(Connection, ChannelReceiver)>> =
             (0..count).map(|_| None).collect();
@@ -302,6 +317,7 @@ impl ChannelReceivers {
                 reports: report_tx.clone(),
                 release,
                 wake: wake.clone(),
+                populate: Arc::clone(populate),
             };
             let thread = thread::Builder::new()
                 .name(format!("livemig-mfd{channel}"))
@@ -432,6 +448,7 @@ struct ChannelThread {
     reports: Sender<Report>,
     release: Receiver<()>,
     wake: Sender<Event>,
+    populate: Arc<Populate>,
 }
 
 impl ChannelThread {
@@ -530,19 +547,25 @@ impl ChannelThread {
                     }
                 }
             }
-            let iov = PageIovecs::new(&self.ram, &[], &gfns)
-                .map_err(|error| ChannelFailure::Ram { channel, error })?;
-            self.conn.read_page_iovecs(iov).map_err(read_err)?;
-            if let (Some(books), Some(d)) = (&self.books, digest.get_mut(usize::from(block))) {
+            for piece in gfns.chunks(FUSED_PAGES) {
+                self.populate.pages(&self.ram, piece);
+                let iov = PageIovecs::new(&self.ram, &[], piece)
+                    .map_err(|error| ChannelFailure::Ram { channel, error })?;
+                self.conn.read_page_iovecs(iov).map_err(read_err)?;
+                let (Some(books), Some(d)) = (&self.books, digest.get_mut(usize::from(block)))
+                else {
+                    continue;
+                };
                 // The bytes just read, hashed while they are in the cache
                 // (volatile reads: no vCPU runs here yet, but the memory
                 // is the guest's).
-                for e in entries.iter().filter(|e| e.kind == PageKind::Normal) {
+                for &gfn in piece {
+                    let index = gfn - first_gfn;
                     let term = self
                         .ram
-                        .page_term(usize::from(block), e.index, &books.key)
+                        .page_term(usize::from(block), index, &books.key)
                         .map_err(|error| ChannelFailure::Ram { channel, error })?;
-                    *d = d.wrapping_add(books.record(block, e.index, term));
+                    *d = d.wrapping_add(books.record(block, index, term));
                 }
             }
             let data = (gfns.len() * PAGE_SIZE) as u64;

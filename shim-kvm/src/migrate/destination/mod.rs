@@ -69,6 +69,7 @@
 mod channels;
 mod failure;
 mod incoming;
+mod populate;
 mod preempt;
 mod required;
 
@@ -106,6 +107,7 @@ pub use channels::ChannelFailure;
 use channels::ChannelReceivers;
 pub use failure::{HostFailure, ReceiveFailure};
 use incoming::{Awaited, Incoming, Pause};
+use populate::Populate;
 use preempt::PreemptReader;
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -160,6 +162,15 @@ pub struct ReceiveOptions {
     /// [`receive_with_channels`] is kept for it; [`receive`], which has
     /// none, needs an address to recover.
     pub recovery: Recovery,
+    /// Populate each run of received pages with `MADV_POPULATE_WRITE`
+    /// just before writing it, instead of faulting its pages in one by
+    /// one (on by default): the first write of fresh RAM is most of what a
+    /// destination pays per page. Only pages that arrive are populated, so
+    /// pages never sent stay untouched. A kernel that refuses (before
+    /// 5.14) turns it off for the migration, and
+    /// [`DestinationReport::populate_refused`] says so. Not used once
+    /// postcopy registers the RAM (pages are installed by userfaultfd).
+    pub populate: bool,
 }
 
 impl Default for ReceiveOptions {
@@ -168,6 +179,7 @@ impl Default for ReceiveOptions {
             idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
             digest: false,
             recovery: Recovery::default(),
+            populate: true,
         }
     }
 }
@@ -227,6 +239,12 @@ pub struct DestinationReport {
     pub digest_ms: f64,
     /// Set when the migration switched to postcopy (the guest already runs).
     pub postcopy: Option<PostcopyReport>,
+    /// Guest pages populated ahead of their write
+    /// ([`ReceiveOptions::populate`]); 0 with it off.
+    pub populated_pages: u64,
+    /// The errno with which the kernel refused to populate, turning
+    /// [`ReceiveOptions::populate`] off for the rest of the migration.
+    pub populate_refused: Option<i32>,
 }
 
 /// The postcopy side of [`KvmHost`].
@@ -278,6 +296,8 @@ pub struct KvmHost {
     channel_deadline: Duration,
     /// When the engine had read the end of the stream.
     end_received_ns: Option<u64>,
+    /// Received pages' memory populated before their write.
+    populate: Arc<Populate>,
 }
 
 impl KvmHost {
@@ -362,6 +382,7 @@ impl KvmHost {
         if let Some(ram) = &pc.ram {
             return Ok(Arc::clone(ram));
         }
+        self.populate.stop();
         let ram = match PostcopyRam::register(self.vm.memory.clone()) {
             Ok(r) => Arc::new(r),
             Err(e) => return Err(HostFailure::Register(e)),
@@ -523,6 +544,7 @@ impl DestinationHost for KvmHost {
         if let Some(ram) = self.registered() {
             return ram.place(gpa, data).map(drop).map_err(HostFailure::Copy);
         }
+        self.populate.run(&self.vm.memory, gpa, count);
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let at = gpa + i as u64 * PAGE;
             self.vm
@@ -625,6 +647,7 @@ impl ChannelsHost for KvmHost {
             &self.vm.memory,
             self.channel_deadline,
             &self.events,
+            &self.populate,
         )
         .map_err(HostFailure::Channel)?;
         self.channels = Some(rx);
@@ -823,6 +846,7 @@ fn start_receive(
         preempt: None,
         channel_deadline: options.idle_timeout,
         end_received_ns: None,
+        populate: Arc::new(Populate::new(options.populate)),
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
         run(host, events, required, conn, options, shared)
@@ -933,6 +957,8 @@ fn run(
         started_ns: None,
         digest_ms: 0.0,
         postcopy: None,
+        populated_pages: host.populate.populated_pages(),
+        populate_refused: host.populate.refused(),
     };
     let in_postcopy = host.registered().is_some();
     if in_postcopy {
