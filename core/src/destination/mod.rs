@@ -599,6 +599,10 @@ struct Loader<'a> {
     waiting_since: Option<Instant>,
     request_timeout: Duration,
     last_request_block: Option<u16>,
+    /// The host writes page requests on the return path itself too
+    /// ([`DestinationEngine::set_host_requests`]): every request queued
+    /// here names its block.
+    host_requests: bool,
     /// Sections the stream must carry, and which of them have loaded (bit
     /// `i` for `required[i]`).
     required: &'static [RequiredSection],
@@ -682,6 +686,7 @@ impl<'a> DestinationEngine<'a> {
                 waiting_since: None,
                 request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
                 last_request_block: None,
+                host_requests: false,
                 required: &[],
                 required_loaded: 0,
                 end_loaded: false,
@@ -937,6 +942,38 @@ impl<'a> DestinationEngine<'a> {
         page: u64,
     ) -> Result<bool, DestError> {
         match self.loader.page_fault(now, block, page) {
+            Err(e) => Err(self.loader.fail(now, e)),
+            ok => ok,
+        }
+    }
+
+    /// From now on the host may write page requests on the return path
+    /// itself, between the bytes this engine queues (a fault thread that
+    /// asks the source at once instead of waiting for this engine's thread:
+    /// one thread wake-up less on every fault's path), and tells each with
+    /// [`handle_page_fault_sent`](Self::handle_page_fault_sent). Every
+    /// request queued here then names its block: the source reads an
+    /// unnamed REQ_PAGES as of the last block named, which may be the
+    /// host's. Call it before the host's first request, with what was
+    /// queued before written out.
+    pub fn set_host_requests(&mut self) {
+        self.loader.host_requests = true;
+    }
+
+    /// A vCPU touched `page` of `block` before it arrived, and the host has
+    /// written the request for it already (see
+    /// [`set_host_requests`](Self::set_host_requests)). Booked as
+    /// [`handle_page_fault`](Self::handle_page_fault) books it, without a
+    /// request queued: counted, and outstanding (awaited, re-sent after a
+    /// recovery) unless the page is here already or requested before.
+    /// Returns whether it is newly outstanding.
+    pub fn handle_page_fault_sent(
+        &mut self,
+        now: Instant,
+        block: u16,
+        page: u64,
+    ) -> Result<bool, DestError> {
+        match self.loader.page_fault_sent(now, block, page) {
             Err(e) => Err(self.loader.fail(now, e)),
             ok => ok,
         }
@@ -1818,15 +1855,47 @@ impl Loader<'_> {
         Ok(true)
     }
 
+    /// [`DestinationEngine::handle_page_fault_sent`]: the request is on
+    /// its way already.
+    fn page_fault_sent(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
+        if !matches!(
+            self.status,
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
+        ) {
+            return Err(DestError::PostcopyUnexpected("page fault outside postcopy"));
+        }
+        let Some(t) = self
+            .postcopy
+            .as_deref_mut()
+            .and_then(|t| t.get_mut(usize::from(block)))
+            .filter(|t| page < t.pages())
+        else {
+            return Err(DestError::FaultOutsideRam { block, page });
+        };
+        // The source counts it whether or not its page beat this call.
+        self.stats.ram.postcopy_requests += 1;
+        if !t.request(page) {
+            return Ok(false);
+        }
+        self.outstanding += 1;
+        // A paused engine waits for the recovery, not for pages.
+        if self.status == MigrationStatus::PostcopyActive {
+            self.waiting_since.get_or_insert(now);
+        }
+        Ok(true)
+    }
+
     /// Queues the request for `page` of `block`, naming the block unless
-    /// the last request did.
+    /// the last request did (and the host writes none of its own).
     fn send_request(&mut self, block: u16, page: u64) -> Result<(), DestError> {
         let Some(info) = self.layout.get(usize::from(block)) else {
             return Err(DestError::FaultOutsideRam { block, page });
         };
         let page_size = u64::from(info.page_size);
         let (start, len) = (page * page_size, info.page_size);
-        let msg = if self.last_request_block == Some(block) {
+        let msg = if self.last_request_block == Some(block) && !self.host_requests {
             RpMessage::ReqPages { start, len }
         } else {
             RpMessage::ReqPagesId {
