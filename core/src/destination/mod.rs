@@ -911,6 +911,13 @@ impl<'a> DestinationEngine<'a> {
         self.loader.stats.ambiguous_end
     }
 
+    /// The key postcopy's pages are checked with, as
+    /// [`check_preempt_pages`] wants it: `None` when this destination does
+    /// not verify (no books, or a source that sent no key).
+    pub fn page_term_key(&self) -> Option<DigestKey> {
+        self.loader.key.filter(|_| self.loader.books.is_some())
+    }
+
     /// True when the source opened the return path.
     pub fn has_return_path(&self) -> bool {
         self.loader.return_path
@@ -2124,4 +2131,79 @@ pub fn check_channel_pages(
         }),
         None => Ok(()),
     }
+}
+
+/// Checks a Pages record of the postcopy preempt channel for a host thread
+/// that installs requested pages itself, ahead of the engine (a preempt
+/// reader that places them the moment they are read, instead of waking
+/// the migration thread first: QEMU's preempt thread does the same). It
+/// passes only what the engine accepts too: the block exists with the
+/// batch's page size, every page lies inside it, and the pages carry the
+/// terms the engine demands. With `key` (the engine's
+/// [`DestinationEngine::page_term_key`]) every normal page must come with
+/// its term and match it; without, no term may come. On `Err` the host
+/// places nothing of the batch and leaves it to the engine, which refuses
+/// it the same way (and fails the migration, telling the source), so no
+/// unchecked byte reaches guest memory either way.
+///
+/// The engine still takes the same bytes after
+/// ([`DestinationEngine::handle_preempt_input`]), for its books; its own
+/// placement then finds the pages present, which the host must leave as
+/// they are (userfaultfd's `UFFDIO_COPY` does: `EEXIST`).
+pub fn check_preempt_pages(
+    layout: &[BlockInfo<'_>],
+    key: Option<DigestKey>,
+    batch: &PageBatch<'_>,
+) -> Result<(), DestError> {
+    let block = batch.block();
+    let info = layout
+        .get(usize::from(block))
+        .ok_or(DestError::NoSuchBlock {
+            block,
+            blocks: layout.len(),
+        })?;
+    if batch.page_size() as u64 != u64::from(info.page_size) {
+        return Err(DestError::PageSizeMismatch {
+            index: usize::from(block),
+            source: batch.page_size() as u64,
+            destination: u64::from(info.page_size),
+        });
+    }
+    let pages = info.length / u64::from(info.page_size);
+    if let Some((entry, _)) = batch.pages().find(|(e, _)| e.index >= pages) {
+        return Err(DestError::PageOutOfBlock {
+            block,
+            page: entry.index,
+            pages,
+        });
+    }
+    let carries = batch.flags().contains(BatchFlags::TERMS);
+    let Some(key) = key else {
+        return match carries {
+            true => Err(DestError::DigestOutOfOrder(
+                "page terms without a digest key",
+            )),
+            false => Ok(()),
+        };
+    };
+    let mut normal = batch
+        .pages()
+        .filter_map(|(entry, data)| Some((entry, data?)))
+        .peekable();
+    if !carries {
+        return match normal.peek() {
+            Some(_) => Err(DestError::PageTermsMissing { block }),
+            None => Ok(()),
+        };
+    }
+    let mut terms = batch.terms();
+    for (entry, data) in normal {
+        if terms.next() != Some(key.page_term(block, entry.index, data)) {
+            return Err(DestError::PageTermMismatch {
+                block,
+                page: entry.index,
+            });
+        }
+    }
+    Ok(())
 }

@@ -1462,3 +1462,57 @@ fn page_terms_are_checked_before_any_page_is_placed() {
     let (r, _, _, _) = run(&[batch_with_terms(&[3], &[term(3)])], false);
     assert!(matches!(r, Err(DestError::DigestOutOfOrder(_))), "{r:?}");
 }
+
+/// What a preempt reader may place ahead of the engine: only batches the
+/// engine accepts as well, each refusal named as the engine names it.
+#[test]
+fn preempt_pages_placed_ahead_are_the_ones_the_engine_takes() {
+    use crate::digest::DigestKey;
+    let l = layout(16);
+    let key = DigestKey::new(9);
+    let term = |page| key.page_term(0, page, &[0xab; PAGE]);
+    let check = |bytes: &[u8], key: Option<DigestKey>| {
+        let mut scratch = vec![0; 1 << 20];
+        let mut decoder = StreamDecoder::records(&mut scratch);
+        let decoded = decoder.decode(bytes).unwrap();
+        assert_eq!(decoded.consumed, bytes.len());
+        match decoded.record {
+            Some(Record::Pages(batch)) => check_preempt_pages(&l, key, &batch),
+            other => panic!("not a Pages record: {other:?}"),
+        }
+    };
+    let plain = batch(0, &[(3, false), (4, true)]);
+    assert_eq!(check(&plain, None), Ok(()));
+    assert_eq!(
+        check(&plain, Some(key)),
+        Err(DestError::PageTermsMissing { block: 0 })
+    );
+    assert_eq!(check(&batch(0, &[(4, true)]), Some(key)), Ok(()), "zero");
+    let termed = batch_with_terms(&[3, 5], &[term(3), term(5)]);
+    assert_eq!(check(&termed, Some(key)), Ok(()));
+    assert_eq!(
+        check(&termed, None),
+        Err(DestError::DigestOutOfOrder(
+            "page terms without a digest key"
+        ))
+    );
+    assert_eq!(
+        check(&batch_with_terms(&[3, 5], &[term(3), term(3)]), Some(key)),
+        Err(DestError::PageTermMismatch { block: 0, page: 5 })
+    );
+    assert_eq!(
+        check(&batch(0, &[(16, false)]), None),
+        Err(DestError::PageOutOfBlock {
+            block: 0,
+            page: 16,
+            pages: 16
+        })
+    );
+    assert_eq!(
+        check(&batch(1, &[(0, false)]), None),
+        Err(DestError::NoSuchBlock {
+            block: 1,
+            blocks: 1
+        })
+    );
+}
