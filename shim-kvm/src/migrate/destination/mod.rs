@@ -696,13 +696,20 @@ impl EnginePostcopyHost for KvmHost {
         self.start_guest().map(drop)
     }
 
-    fn open_preempt(&mut self, _migration_id: u64) -> Result<(), HostFailure> {
-        // The engine checks the hello against the id.
+    fn open_preempt(&mut self, migration_id: u64) -> Result<(), HostFailure> {
+        // The engine checks the hello against the id; the reader too,
+        // before it places any page itself.
         let listener = self
             .listener
             .as_ref()
             .ok_or(HostFailure::NoPreemptListener)?;
-        let reader = PreemptReader::open(listener, self.channel_deadline, &self.events)?;
+        let reader = PreemptReader::open(
+            listener,
+            self.channel_deadline,
+            &self.events,
+            self.vm.memory.clone(),
+            migration_id,
+        )?;
         self.preempt = Some(reader);
         Ok(())
     }
@@ -1048,9 +1055,9 @@ fn run_receive_loop(
             match result {
                 Ok(true) => {
                     // The source hears why before the connection closes.
-                    let untold = link
-                        .as_ref()
-                        .and_then(|l| flush_return_path(engine, &l.conn, &host.writer, &mut out).err());
+                    let untold = link.as_ref().and_then(|l| {
+                        flush_return_path(engine, &l.conn, &host.writer, &mut out).err()
+                    });
                     return (Some(ReceiveFailure::Interrupted { signal, untold }), link);
                 }
                 Err(
@@ -1101,7 +1108,14 @@ fn run_receive_loop(
                         if let Err(e) = serve_faults(engine, host) {
                             error.get_or_insert(e);
                         }
-                        send_return_path(engine, host, link.as_ref(), &mut out, &mut error, &mut cut);
+                        send_return_path(
+                            engine,
+                            host,
+                            link.as_ref(),
+                            &mut out,
+                            &mut error,
+                            &mut cut,
+                        );
                     }
                     r = r.and(match engine.handle_input(clock::now(), part, host) {
                         Ok(_) => Ok(()),
@@ -1334,6 +1348,12 @@ fn send_return_path(
         // in between.
         engine.set_host_requests();
         host.writer.open(&link.conn);
+    }
+    if engine.status() == MigrationStatus::PostcopyActive
+        && let (Some(ram), Some(preempt)) = (host.registered(), &host.preempt)
+        && !preempt.is_armed()
+    {
+        preempt.arm(ram, engine.page_term_key());
     }
 }
 
