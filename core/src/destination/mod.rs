@@ -599,6 +599,10 @@ struct Loader<'a> {
     waiting_since: Option<Instant>,
     request_timeout: Duration,
     last_request_block: Option<u16>,
+    /// The host writes page requests on the return path itself too
+    /// ([`DestinationEngine::set_host_requests`]): every request queued
+    /// here names its block.
+    host_requests: bool,
     /// Sections the stream must carry, and which of them have loaded (bit
     /// `i` for `required[i]`).
     required: &'static [RequiredSection],
@@ -682,6 +686,7 @@ impl<'a> DestinationEngine<'a> {
                 waiting_since: None,
                 request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
                 last_request_block: None,
+                host_requests: false,
                 required: &[],
                 required_loaded: 0,
                 end_loaded: false,
@@ -906,6 +911,13 @@ impl<'a> DestinationEngine<'a> {
         self.loader.stats.ambiguous_end
     }
 
+    /// The key postcopy's pages are checked with, as
+    /// [`check_preempt_pages`] wants it: `None` when this destination does
+    /// not verify (no books, or a source that sent no key).
+    pub fn page_term_key(&self) -> Option<DigestKey> {
+        self.loader.key.filter(|_| self.loader.books.is_some())
+    }
+
     /// True when the source opened the return path.
     pub fn has_return_path(&self) -> bool {
         self.loader.return_path
@@ -937,6 +949,38 @@ impl<'a> DestinationEngine<'a> {
         page: u64,
     ) -> Result<bool, DestError> {
         match self.loader.page_fault(now, block, page) {
+            Err(e) => Err(self.loader.fail(now, e)),
+            ok => ok,
+        }
+    }
+
+    /// From now on the host may write page requests on the return path
+    /// itself, between the bytes this engine queues (a fault thread that
+    /// asks the source at once instead of waiting for this engine's thread:
+    /// one thread wake-up less on every fault's path), and tells each with
+    /// [`handle_page_fault_sent`](Self::handle_page_fault_sent). Every
+    /// request queued here then names its block: the source reads an
+    /// unnamed REQ_PAGES as of the last block named, which may be the
+    /// host's. Call it before the host's first request, with what was
+    /// queued before written out.
+    pub fn set_host_requests(&mut self) {
+        self.loader.host_requests = true;
+    }
+
+    /// A vCPU touched `page` of `block` before it arrived, and the host has
+    /// written the request for it already (see
+    /// [`set_host_requests`](Self::set_host_requests)). Booked as
+    /// [`handle_page_fault`](Self::handle_page_fault) books it, without a
+    /// request queued: counted, and outstanding (awaited, re-sent after a
+    /// recovery) unless the page is here already or requested before.
+    /// Returns whether it is newly outstanding.
+    pub fn handle_page_fault_sent(
+        &mut self,
+        now: Instant,
+        block: u16,
+        page: u64,
+    ) -> Result<bool, DestError> {
+        match self.loader.page_fault_sent(now, block, page) {
             Err(e) => Err(self.loader.fail(now, e)),
             ok => ok,
         }
@@ -1818,15 +1862,47 @@ impl Loader<'_> {
         Ok(true)
     }
 
+    /// [`DestinationEngine::handle_page_fault_sent`]: the request is on
+    /// its way already.
+    fn page_fault_sent(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
+        if !matches!(
+            self.status,
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
+        ) {
+            return Err(DestError::PostcopyUnexpected("page fault outside postcopy"));
+        }
+        let Some(t) = self
+            .postcopy
+            .as_deref_mut()
+            .and_then(|t| t.get_mut(usize::from(block)))
+            .filter(|t| page < t.pages())
+        else {
+            return Err(DestError::FaultOutsideRam { block, page });
+        };
+        // The source counts it whether or not its page beat this call.
+        self.stats.ram.postcopy_requests += 1;
+        if !t.request(page) {
+            return Ok(false);
+        }
+        self.outstanding += 1;
+        // A paused engine waits for the recovery, not for pages.
+        if self.status == MigrationStatus::PostcopyActive {
+            self.waiting_since.get_or_insert(now);
+        }
+        Ok(true)
+    }
+
     /// Queues the request for `page` of `block`, naming the block unless
-    /// the last request did.
+    /// the last request did (and the host writes none of its own).
     fn send_request(&mut self, block: u16, page: u64) -> Result<(), DestError> {
         let Some(info) = self.layout.get(usize::from(block)) else {
             return Err(DestError::FaultOutsideRam { block, page });
         };
         let page_size = u64::from(info.page_size);
         let (start, len) = (page * page_size, info.page_size);
-        let msg = if self.last_request_block == Some(block) {
+        let msg = if self.last_request_block == Some(block) && !self.host_requests {
             RpMessage::ReqPages { start, len }
         } else {
             RpMessage::ReqPagesId {
@@ -2055,4 +2131,79 @@ pub fn check_channel_pages(
         }),
         None => Ok(()),
     }
+}
+
+/// Checks a Pages record of the postcopy preempt channel for a host thread
+/// that installs requested pages itself, ahead of the engine (a preempt
+/// reader that places them the moment they are read, instead of waking
+/// the migration thread first: QEMU's preempt thread does the same). It
+/// passes only what the engine accepts too: the block exists with the
+/// batch's page size, every page lies inside it, and the pages carry the
+/// terms the engine demands. With `key` (the engine's
+/// [`DestinationEngine::page_term_key`]) every normal page must come with
+/// its term and match it; without, no term may come. On `Err` the host
+/// places nothing of the batch and leaves it to the engine, which refuses
+/// it the same way (and fails the migration, telling the source), so no
+/// unchecked byte reaches guest memory either way.
+///
+/// The engine still takes the same bytes after
+/// ([`DestinationEngine::handle_preempt_input`]), for its books; its own
+/// placement then finds the pages present, which the host must leave as
+/// they are (userfaultfd's `UFFDIO_COPY` does: `EEXIST`).
+pub fn check_preempt_pages(
+    layout: &[BlockInfo<'_>],
+    key: Option<DigestKey>,
+    batch: &PageBatch<'_>,
+) -> Result<(), DestError> {
+    let block = batch.block();
+    let info = layout
+        .get(usize::from(block))
+        .ok_or(DestError::NoSuchBlock {
+            block,
+            blocks: layout.len(),
+        })?;
+    if batch.page_size() as u64 != u64::from(info.page_size) {
+        return Err(DestError::PageSizeMismatch {
+            index: usize::from(block),
+            source: batch.page_size() as u64,
+            destination: u64::from(info.page_size),
+        });
+    }
+    let pages = info.length / u64::from(info.page_size);
+    if let Some((entry, _)) = batch.pages().find(|(e, _)| e.index >= pages) {
+        return Err(DestError::PageOutOfBlock {
+            block,
+            page: entry.index,
+            pages,
+        });
+    }
+    let carries = batch.flags().contains(BatchFlags::TERMS);
+    let Some(key) = key else {
+        return match carries {
+            true => Err(DestError::DigestOutOfOrder(
+                "page terms without a digest key",
+            )),
+            false => Ok(()),
+        };
+    };
+    let mut normal = batch
+        .pages()
+        .filter_map(|(entry, data)| Some((entry, data?)))
+        .peekable();
+    if !carries {
+        return match normal.peek() {
+            Some(_) => Err(DestError::PageTermsMissing { block }),
+            None => Ok(()),
+        };
+    }
+    let mut terms = batch.terms();
+    for (entry, data) in normal {
+        if terms.next() != Some(key.page_term(block, entry.index, data)) {
+            return Err(DestError::PageTermMismatch {
+                block,
+                page: entry.index,
+            });
+        }
+    }
+    Ok(())
 }

@@ -379,6 +379,77 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
     );
 }
 
+/// A fault thread that writes its own requests: the engine books them
+/// without queueing a second copy, and from then on names the block in
+/// every request it queues itself (the host's requests come in between).
+#[test]
+fn requests_the_host_wrote_are_booked_not_queued_and_named_after() {
+    let l = layout(16);
+    let t = Instant::from_millis(1);
+    {
+        let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+        let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+        let mut scratch = vec![0; 1 << 20];
+        let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+        assert_eq!(
+            d.handle_page_fault_sent(t, 0, 4),
+            Err(DestError::PostcopyUnexpected("page fault outside postcopy")),
+            "no request before postcopy"
+        );
+    }
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut scratch = vec![0; 1 << 20];
+    let mut host = Recorder {
+        postcopy: true,
+        ..Recorder::default()
+    };
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.set_request_timeout(Duration::from_millis(50));
+    let stream = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        blocks(&l),
+        batch(0, &[(6, false)]),
+        record(Record::Command(Command::PostcopyListen)),
+        record(Record::Command(Command::PostcopyRun)),
+    ]
+    .concat();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
+    let mut out = [0u8; 64];
+    // The switchover approval.
+    assert_eq!(d.poll_return_path(&mut out), 4);
+    d.set_host_requests();
+    assert_eq!(d.handle_page_fault_sent(t, 0, 4), Ok(true));
+    assert_eq!(d.handle_page_fault_sent(t, 0, 4), Ok(false), "requested");
+    assert_eq!(d.handle_page_fault_sent(t, 0, 6), Ok(false), "already here");
+    assert_eq!(d.poll_return_path(&mut out), 0, "nothing queued for them");
+    assert_eq!(d.outstanding_requests(), 1);
+    assert_eq!(
+        d.stats().ram.postcopy_requests,
+        3,
+        "each one the source saw"
+    );
+    assert_eq!(d.poll_timeout(), Some(Instant::from_millis(51)), "awaited");
+    // Two requests of the engine's own, same block: both REQ_PAGES_ID.
+    assert_eq!(d.handle_page_fault(t, 0, 5), Ok(true));
+    assert_eq!(d.handle_page_fault(t, 0, 7), Ok(true));
+    assert_eq!(d.poll_return_path(&mut out), 2 * (4 + 13 + 6));
+    assert_eq!(out[..4], [0, 3, 0, 19]);
+    assert_eq!(out[23..27], [0, 3, 0, 19]);
+    // The host's page 4 arrives and answers its request.
+    feed(&mut d, t, &batch(0, &[(4, false)]), &mut host).unwrap();
+    assert_eq!(d.outstanding_requests(), 2);
+    assert_eq!(
+        d.handle_page_fault_sent(t, 0, 16),
+        Err(DestError::FaultOutsideRam { block: 0, page: 16 })
+    );
+}
+
 #[test]
 fn a_connection_closed_before_the_first_byte_fails() {
     let l = layout(16);
@@ -1390,4 +1461,58 @@ fn page_terms_are_checked_before_any_page_is_placed() {
 
     let (r, _, _, _) = run(&[batch_with_terms(&[3], &[term(3)])], false);
     assert!(matches!(r, Err(DestError::DigestOutOfOrder(_))), "{r:?}");
+}
+
+/// What a preempt reader may place ahead of the engine: only batches the
+/// engine accepts as well, each refusal named as the engine names it.
+#[test]
+fn preempt_pages_placed_ahead_are_the_ones_the_engine_takes() {
+    use crate::digest::DigestKey;
+    let l = layout(16);
+    let key = DigestKey::new(9);
+    let term = |page| key.page_term(0, page, &[0xab; PAGE]);
+    let check = |bytes: &[u8], key: Option<DigestKey>| {
+        let mut scratch = vec![0; 1 << 20];
+        let mut decoder = StreamDecoder::records(&mut scratch);
+        let decoded = decoder.decode(bytes).unwrap();
+        assert_eq!(decoded.consumed, bytes.len());
+        match decoded.record {
+            Some(Record::Pages(batch)) => check_preempt_pages(&l, key, &batch),
+            other => panic!("not a Pages record: {other:?}"),
+        }
+    };
+    let plain = batch(0, &[(3, false), (4, true)]);
+    assert_eq!(check(&plain, None), Ok(()));
+    assert_eq!(
+        check(&plain, Some(key)),
+        Err(DestError::PageTermsMissing { block: 0 })
+    );
+    assert_eq!(check(&batch(0, &[(4, true)]), Some(key)), Ok(()), "zero");
+    let termed = batch_with_terms(&[3, 5], &[term(3), term(5)]);
+    assert_eq!(check(&termed, Some(key)), Ok(()));
+    assert_eq!(
+        check(&termed, None),
+        Err(DestError::DigestOutOfOrder(
+            "page terms without a digest key"
+        ))
+    );
+    assert_eq!(
+        check(&batch_with_terms(&[3, 5], &[term(3), term(3)]), Some(key)),
+        Err(DestError::PageTermMismatch { block: 0, page: 5 })
+    );
+    assert_eq!(
+        check(&batch(0, &[(16, false)]), None),
+        Err(DestError::PageOutOfBlock {
+            block: 0,
+            page: 16,
+            pages: 16
+        })
+    );
+    assert_eq!(
+        check(&batch(1, &[(0, false)]), None),
+        Err(DestError::NoSuchBlock {
+            block: 1,
+            blocks: 1
+        })
+    );
 }

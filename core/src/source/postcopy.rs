@@ -5,6 +5,7 @@
 
 use super::{EndReason, PageReader, SourceAction, SourceEngine, Step, Violation, verify};
 use crate::capabilities::Capabilities;
+use crate::return_path::RpMessage;
 use crate::status::MigrationStatus;
 use core::time::Duration;
 
@@ -435,6 +436,50 @@ impl<'a> SourceEngine<'a> {
                 ),
             );
         }
+    }
+
+    /// The host served the page request `msg` (a REQ_PAGES or
+    /// REQ_PAGES_ID) itself, writing `bytes` on the preempt channel from
+    /// the thread that read it, so that the request need not wait for the
+    /// migration thread (busy with the background pass, and on a loaded
+    /// host often without a CPU for milliseconds). It is validated and
+    /// counted as [`handle_return_path`](Self::handle_return_path) would,
+    /// but not queued: its pages are on their way. Any other message, or
+    /// a request outside active postcopy or during a recovery, is handed
+    /// to `handle_return_path` as it is.
+    ///
+    /// The host must have served it as this engine would: the pages of the
+    /// request, on the preempt channel, each with its term when
+    /// [`page_term_key`](Self::page_term_key) gives one.
+    pub fn handle_served_request(
+        &mut self,
+        now: Instant,
+        msg: &RpMessage<'_>,
+        bytes: u64,
+    ) -> Result<(), SourceError> {
+        let (block, start, len) = match *msg {
+            RpMessage::ReqPagesId { block, start, len } => (Some(block), start, len),
+            RpMessage::ReqPages { start, len } => (None, start, len),
+            _ => return self.handle_return_path(now, msg),
+        };
+        if self.status != MigrationStatus::PostcopyActive || self.recovering() || !self.preempt() {
+            return self.handle_return_path(now, msg);
+        }
+        self.advance_clock(now);
+        let queued = self.postcopy.requests.len();
+        self.handle_page_request(block, start, len);
+        if self.postcopy.requests.len() > queued {
+            let _ = self.postcopy.requests.pop_back();
+        }
+        self.count_sent(bytes, 0);
+        Ok(())
+    }
+
+    /// The key of the terms a verifying postcopy sends with each page
+    /// (`None`: this migration does not verify), for a host thread that
+    /// serves requests itself ([`handle_served_request`](Self::handle_served_request)).
+    pub fn page_term_key(&self) -> Option<crate::digest::DigestKey> {
+        self.verify.as_ref().map(|v| v.key)
     }
 
     /// Whether page requests from the destination wait to be served: the

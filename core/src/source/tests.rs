@@ -674,9 +674,14 @@ fn the_stop_throttle_takes_half_the_remaining_run_time_per_step_up_to_99() {
 /// Drives a postcopy of the 1024-page block past the switchover and hands
 /// the engine, with the guest on the destination, to `f`.
 fn after_the_switchover(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
+    after_the_switchover_with(Capabilities::empty(), f);
+}
+
+/// [`after_the_switchover`] with `caps` on as well.
+fn after_the_switchover_with(caps: Capabilities, f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
     let l = layout();
     let mut config = MigrationConfig::default();
-    config.capabilities |= Capabilities::POSTCOPY_RAM;
+    config.capabilities |= Capabilities::POSTCOPY_RAM | caps;
     config.parameters.downtime_limit_ms = 0;
     let shift = config.parameters.clear_bitmap_shift;
     let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
@@ -923,5 +928,40 @@ fn an_unanswered_early_discard_ping_stops_the_guest_anyway() {
             s.poll_action(later, &AllZero),
             Some(SourceAction::StopVcpus)
         );
+    });
+}
+
+/// A request the host served itself (from its return-path reader, on the
+/// preempt channel) is validated and counted, never served again; one it
+/// did not serve is queued as ever.
+#[test]
+fn a_request_the_host_served_is_counted_not_served_again() {
+    after_the_switchover_with(Capabilities::POSTCOPY_PREEMPT, |s, now| {
+        let sent = s.stats().ram.transferred;
+        let served = RpMessage::ReqPagesId {
+            block: "pc.ram",
+            start: 3 * 4096,
+            len: 4096,
+        };
+        s.handle_served_request(now, &served, 4200).unwrap();
+        assert_eq!(s.stats().ram.postcopy_requests, 1);
+        assert!(!s.has_page_requests(), "not queued");
+        assert_eq!(s.stats().ram.transferred, sent + 4200);
+        let unserved = RpMessage::ReqPages {
+            start: 5 * 4096,
+            len: 4096,
+        };
+        s.handle_return_path(now, &unserved).unwrap();
+        assert!(s.has_page_requests());
+        assert!(matches!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::SendPreemptPages { .. })
+        ));
+        let crooked = RpMessage::ReqPages {
+            start: 1,
+            len: 4096,
+        };
+        s.handle_served_request(now, &crooked, 0).unwrap();
+        assert_eq!(s.status(), MigrationStatus::Failed, "refused as any");
     });
 }

@@ -71,6 +71,7 @@ mod failure;
 mod incoming;
 mod populate;
 mod preempt;
+mod requests;
 mod required;
 
 use std::net::Shutdown;
@@ -109,6 +110,7 @@ pub use failure::{HostFailure, ReceiveFailure};
 use incoming::{Awaited, Incoming, Pause};
 use populate::Populate;
 use preempt::PreemptReader;
+use requests::{REQUEST_LEN, ReturnPathWriter};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -256,9 +258,10 @@ struct PostcopyHost {
     local_zero_fills: u64,
 }
 
-/// Faults forwarded by the fault thread (guest-physical addresses),
-/// waiting for the migration thread.
-type FaultQueue = Arc<Mutex<Vec<u64>>>;
+/// Faults forwarded by the fault thread (guest-physical address, and
+/// whether the fault thread wrote its request itself), waiting for the
+/// migration thread.
+type FaultQueue = Arc<Mutex<Vec<(u64, bool)>>>;
 
 /// The VMM's guest as the engine writes it: RAM by block (= region), the
 /// sections it registered, and how to start it.
@@ -280,6 +283,8 @@ pub struct KvmHost {
     /// Where the fault thread wakes the migration thread.
     events: Sender<Event>,
     faults: FaultQueue,
+    /// The return path's writes, the fault thread's requests among them.
+    writer: Arc<ReturnPathWriter>,
     /// When the guest was started here.
     started_ns: Option<u64>,
     /// Where multifd channels are accepted (none: the VMM gave only the
@@ -388,9 +393,14 @@ impl KvmHost {
             Err(e) => return Err(HostFailure::Register(e)),
         };
         let (events, faults) = (self.events.clone(), Arc::clone(&self.faults));
+        let (writer, memory) = (Arc::clone(&self.writer), self.vm.memory.clone());
+        let mut buf = [0u8; REQUEST_LEN];
         let thread = ram.start_fault_thread(move |f| {
+            // The request first: the source may answer before the
+            // migration thread has even woken.
+            let sent = writer.request(&memory, f.gpa, &mut buf);
             if let Ok(mut q) = faults.lock() {
-                q.push(f.gpa);
+                q.push((f.gpa, sent));
             }
             // The migration thread gone means the migration is over.
             let _ = events.send(Event::Fault);
@@ -709,13 +719,20 @@ impl EnginePostcopyHost for KvmHost {
         self.start_guest().map(drop)
     }
 
-    fn open_preempt(&mut self, _migration_id: u64) -> Result<(), HostFailure> {
-        // The engine checks the hello against the id.
+    fn open_preempt(&mut self, migration_id: u64) -> Result<(), HostFailure> {
+        // The engine checks the hello against the id; the reader too,
+        // before it places any page itself.
         let listener = self
             .listener
             .as_ref()
             .ok_or(HostFailure::NoPreemptListener)?;
-        let reader = PreemptReader::open(listener, self.channel_deadline, &self.events)?;
+        let reader = PreemptReader::open(
+            listener,
+            self.channel_deadline,
+            &self.events,
+            self.vm.memory.clone(),
+            migration_id,
+        )?;
         self.preempt = Some(reader);
         Ok(())
     }
@@ -839,6 +856,7 @@ fn start_receive(
         postcopy: None,
         events: tx,
         faults: Arc::new(Mutex::new(Vec::new())),
+        writer: Arc::default(),
         started_ns: None,
         listener,
         recover_listener,
@@ -1063,9 +1081,9 @@ fn run_receive_loop(
             match result {
                 Ok(true) => {
                     // The source hears why before the connection closes.
-                    let untold = link
-                        .as_ref()
-                        .and_then(|l| flush_return_path(engine, &l.conn, &mut out).err());
+                    let untold = link.as_ref().and_then(|l| {
+                        flush_return_path(engine, &l.conn, &host.writer, &mut out).err()
+                    });
                     return (Some(ReceiveFailure::Interrupted { signal, untold }), link);
                 }
                 Err(
@@ -1089,7 +1107,7 @@ fn run_receive_loop(
         if let Err(e) = serve_faults(engine, host) {
             error.get_or_insert(e);
         }
-        send_return_path(engine, link.as_ref(), &mut out, &mut error, &mut cut);
+        send_return_path(engine, host, link.as_ref(), &mut out, &mut error, &mut cut);
         if host.fault_thread_died() {
             error.get_or_insert(ReceiveFailure::FaultThreadStopped);
         }
@@ -1116,7 +1134,14 @@ fn run_receive_loop(
                         if let Err(e) = serve_faults(engine, host) {
                             error.get_or_insert(e);
                         }
-                        send_return_path(engine, link.as_ref(), &mut out, &mut error, &mut cut);
+                        send_return_path(
+                            engine,
+                            host,
+                            link.as_ref(),
+                            &mut out,
+                            &mut error,
+                            &mut cut,
+                        );
                     }
                     r = r.and(match engine.handle_input(clock::now(), part, host) {
                         Ok(_) => Ok(()),
@@ -1207,8 +1232,10 @@ fn run_receive_loop(
                 });
             }
         }
-        send_return_path(engine, link.as_ref(), &mut out, &mut error, &mut cut);
+        send_return_path(engine, host, link.as_ref(), &mut out, &mut error, &mut cut);
         if engine.is_paused() {
+            // Requests wait for the recovery, with the engine.
+            host.writer.close();
             if let Some(l) = link.take() {
                 // The guest runs on; the old connection is of no more use.
                 l.close(Shutdown::Both);
@@ -1318,8 +1345,12 @@ fn keep_failure(
 /// Writes what the engine queued for the return path on `link`, if there
 /// is one (a paused engine queues nothing). A failed write after the
 /// switchover is a cut connection like a failed read: the engine pauses.
+///
+/// Once postcopy runs the guest here, the fault thread is let write its
+/// own requests on the same connection (see [`requests`]).
 fn send_return_path(
     engine: &mut DestinationEngine<'_>,
+    host: &KvmHost,
     link: Option<&Incoming>,
     out: &mut [u8],
     error: &mut Option<ReceiveFailure>,
@@ -1328,11 +1359,28 @@ fn send_return_path(
     let Some(link) = link else {
         return;
     };
-    if let Err(e) = flush_return_path(engine, &link.conn, out) {
+    if let Err(e) = flush_return_path(engine, &link.conn, &host.writer, out) {
         if is_postcopy(engine.status()) {
             engine.handle_io_error(clock::now(), format_args!("return path lost: {e}"));
         }
         keep_failure(engine, ReceiveFailure::ReturnPathLost(e), error, cut);
+        return;
+    }
+    if engine.status() == MigrationStatus::PostcopyActive
+        && host.registered().is_some()
+        && !host.writer.is_open()
+    {
+        // Everything queued so far is out: from here on the engine names
+        // the block of each request it queues, as the fault thread's come
+        // in between.
+        engine.set_host_requests();
+        host.writer.open(&link.conn);
+    }
+    if engine.status() == MigrationStatus::PostcopyActive
+        && let (Some(ram), Some(preempt)) = (host.registered(), &host.preempt)
+        && !preempt.is_armed()
+    {
+        preempt.arm(ram, engine.page_term_key());
     }
 }
 
@@ -1360,12 +1408,20 @@ fn feed_preempt(
     Ok(())
 }
 
-/// Writes whatever the engine queued for the return path.
+/// Writes whatever the engine queued for the return path, under the
+/// writer's lock (a fault thread's request never cuts a message). Outside
+/// active postcopy the fault thread's writes end first, under the same
+/// lock: none may follow what the engine says from then on (its SHUT).
 fn flush_return_path(
     engine: &mut DestinationEngine<'_>,
     conn: &Connection,
+    writer: &ReturnPathWriter,
     out: &mut [u8],
 ) -> Result<(), TransportError> {
+    let mut direct = writer.lock();
+    if engine.status() != MigrationStatus::PostcopyActive {
+        *direct = None;
+    }
     loop {
         let n = engine.poll_return_path(out);
         if n == 0 {
@@ -1375,9 +1431,10 @@ fn flush_return_path(
     }
 }
 
-/// Hands the queued faults (guest-physical addresses) to the engine (a request each, on the return
-/// path) or, for a page that arrived as a zero page in precopy and so was
-/// never written here, fills it with zeros.
+/// Hands the queued faults to the engine (a request each on the return
+/// path, or booked if the fault thread wrote it) or, for a page that
+/// arrived as a zero page in precopy and so was never written here, fills
+/// it with zeros.
 fn serve_faults(
     engine: &mut DestinationEngine<'_>,
     host: &mut KvmHost,
@@ -1392,13 +1449,21 @@ fn serve_faults(
         return Ok(());
     }
     let now = clock::now();
-    for gpa in pages {
+    for (gpa, sent) in pages {
         let (block, page) = host.block_page(gpa)?;
         if engine.is_received(block, page) {
+            // A request the fault thread sent for it is answered with a
+            // copy the engine drops (the page is here): this fill is what
+            // wakes the vCPU.
             host.fill_zero(gpa)?;
             continue;
         }
-        match engine.handle_page_fault(now, block, page) {
+        let booked = if sent {
+            engine.handle_page_fault_sent(now, block, page)
+        } else {
+            engine.handle_page_fault(now, block, page)
+        };
+        match booked {
             Ok(_) => {}
             Err(e) => return Err(ReceiveFailure::PageFault(e)),
         }

@@ -9,6 +9,7 @@
 //! process and a socket, in real time, with the return path read on a
 //! second thread.
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use livemig_core::capabilities::Capabilities;
 use livemig_core::clear_map::Chunk;
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::{POSTCOPY_RUN_PING, SourceAction, SourceEngine};
@@ -30,7 +32,7 @@ use super::dirty_log::{DirtyLog, KvmPages};
 use super::failure::SourceFailure;
 use super::gate::CancelGate;
 use super::guest::SourceGuest;
-use super::return_path::RpEvent;
+use super::return_path::{RpEvent, Server, Serving};
 use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
 use crate::clock;
 use crate::memory::{GuestMemory, PageIovecs};
@@ -60,8 +62,11 @@ pub(super) struct Link {
     /// With multifd: the channels' sender threads.
     pub(super) channels: Option<ChannelSenders>,
     /// With postcopy-preempt: the preempt channel, written by the
-    /// migration thread itself (see [`Link::send_preempt_pages`]).
+    /// migration thread (see [`Link::send_preempt_pages`]) and, for the
+    /// requests it serves itself, by the return-path reader.
     pub(super) preempt: Option<Connection>,
+    /// The preempt channel's write lock, and the reader's serving.
+    pub(super) server: Arc<Server>,
     /// The guest page numbers of the batch being sent (reused).
     pub(super) gfns: Vec<u64>,
     /// Stream bytes handed over by the engine and not yet written.
@@ -164,6 +169,7 @@ impl Link {
 
     /// [`SourceAction::SendPreempt`]: the preempt channel's hello.
     fn send_preempt(&self, bytes: &[u8]) -> Result<(), SourceFailure> {
+        let _lock = self.server.lock();
         self.preempt()?
             .write_all(bytes)
             .map_err(|e| preempt_lost(Some(e)))
@@ -183,6 +189,7 @@ impl Link {
     ) -> Result<(), SourceFailure> {
         self.set_gfns(ram, block, pages)?;
         let conn = self.preempt()?;
+        let _lock = self.server.lock();
         PageIovecs::new(ram, header, &self.gfns)
             .map_err(TransportError::from)
             .and_then(|p| conn.write_page_iovecs(p))
@@ -245,6 +252,10 @@ pub(super) struct SourceDriver<'e> {
     /// The current reader thread's kernel thread id (0 until it has
     /// started).
     pub(super) reader_tid: Arc<AtomicI32>,
+    /// What the reader did with each page request it read and the engine
+    /// has not yet been given, in order: the bytes it served it with, or
+    /// `None`.
+    pub(super) served: VecDeque<Option<u64>>,
     /// The nice value raised for the stop ([`SourceOptions::stop_nice`]),
     /// put back when dropped: when the guest runs again on either host.
     pub(super) raised: Option<Raised>,
@@ -390,6 +401,7 @@ impl SourceDriver<'_> {
                 };
                 report_due = self.link.take_wrote();
                 self.note_recovered();
+                self.arm_server();
                 // From the commit on, as after the postcopy switchover, the
                 // destination needs the connection to confirm: close the
                 // gate to cancels (the COMMIT just handed to the socket is
@@ -773,7 +785,8 @@ impl SourceDriver<'_> {
             let _ = self.engine.cancel(now);
         }
         match event {
-            RpEvent::Bytes(bytes, read_ns) => {
+            RpEvent::Bytes(bytes, read_ns, served) => {
+                self.served.extend(served);
                 let mut input = &bytes[..];
                 while !input.is_empty() {
                     match self.rp.decode(input) {
@@ -782,9 +795,22 @@ impl SourceDriver<'_> {
                                 if msg == RpMessage::Pong(POSTCOPY_RUN_PING) {
                                     run_acked = Some(read_ns);
                                 }
+                                // The reader said what it did with each
+                                // request, in the same order.
+                                let served = match msg {
+                                    RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. } => {
+                                        self.served.pop_front().flatten()
+                                    }
+                                    _ => None,
+                                };
                                 // Only a finished engine refuses input, and
                                 // it has nothing left to learn from it.
-                                let _ = self.engine.handle_return_path(now, &msg);
+                                let _ = match served {
+                                    Some(bytes) => {
+                                        self.engine.handle_served_request(now, &msg, bytes)
+                                    }
+                                    None => self.engine.handle_return_path(now, &msg),
+                                };
                             }
                             input = input.get(used..).unwrap_or_default();
                         }
@@ -861,6 +887,8 @@ impl SourceDriver<'_> {
         self.shared.emit(MigrationEvent::PostcopyPaused { reason });
         self.recovering = false;
         self.link.held.clear();
+        // Requests wait for the recovery, with the engine.
+        *self.link.server.lock() = None;
         self.end_return_path();
         if let Some(preempt) = self.link.preempt.take() {
             let _ = preempt.shutdown(Shutdown::Both);
@@ -913,8 +941,8 @@ impl SourceDriver<'_> {
     fn resume(&mut self, conn: Connection) -> Result<(), MigrateError> {
         conn.set_write_timeout(self.options.write_timeout)?;
         let rp_conn = conn.try_clone()?;
-        let reader =
-            super::return_path::spawn_reader(rp_conn).map_err(|error| MigrateError::Spawn {
+        let reader = super::return_path::spawn_reader(rp_conn, Arc::clone(&self.link.server))
+            .map_err(|error| MigrateError::Spawn {
                 thread: "return-path reader",
                 error,
             })?;
@@ -925,6 +953,8 @@ impl SourceDriver<'_> {
         // A stop priority raised now covers the new reader's thread.
         self.reader_tid = reader.tid;
         self.reader_done = false;
+        // The old reader's word on the old stream's requests is void.
+        self.served.clear();
         if let Ok(rp) = RpDecoder::new(crate::memory::PAGE_SIZE as u32) {
             // The old decoder may hold half a message of the old stream.
             self.rp = rp;
@@ -952,6 +982,33 @@ impl SourceDriver<'_> {
             reason: why.to_string(),
             pages: self.engine.stats().error_desc.as_str().to_string(),
         });
+    }
+
+    /// Lets the return-path reader serve page requests itself while
+    /// postcopy is active with the preempt channel (see
+    /// [`return_path`](super::return_path)), and stops it otherwise.
+    fn arm_server(&mut self) {
+        let active = self.engine.status() == MigrationStatus::PostcopyActive;
+        let mut serving = self.link.server.lock();
+        match (&self.link.preempt, serving.is_some()) {
+            (Some(preempt), false) if active => {
+                // A channel that cannot be duplicated leaves the requests
+                // to the engine.
+                if let Ok(conn) = preempt.try_clone() {
+                    *serving = Some(Serving {
+                        conn,
+                        key: self.engine.page_term_key(),
+                        zero_detection: self
+                            .engine
+                            .config()
+                            .capabilities
+                            .contains(Capabilities::ZERO_PAGE_DETECTION),
+                    });
+                }
+            }
+            (_, true) if !active => *serving = None,
+            _ => {}
+        }
     }
 
     /// Tells the handle once a recovery handshake has brought the engine

@@ -37,6 +37,7 @@ mod return_path;
 mod stop;
 mod timeline;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -323,6 +324,7 @@ pub fn migrate_with_channels(
             .transpose()?;
         (senders, None)
     };
+    let server = Arc::new(return_path::Server::new(guest.vm.memory.clone()));
     MigrationHandle::spawn(shared, gate, move |shared| {
         run(
             guest,
@@ -330,6 +332,7 @@ pub fn migrate_with_channels(
                 conn,
                 channels,
                 preempt,
+                server,
                 gfns: Vec::new(),
                 held: Vec::new(),
                 wrote: false,
@@ -431,9 +434,11 @@ fn run(
     }
     let rp = RpDecoder::new(PAGE_SIZE as u32).map_err(MigrateError::ReturnPath)?;
     let mut guest = guest;
-    let reader = return_path::spawn_reader(rp_conn).map_err(|error| MigrateError::Spawn {
-        thread: "return-path reader",
-        error,
+    let reader = return_path::spawn_reader(rp_conn, Arc::clone(&link.server)).map_err(|error| {
+        MigrateError::Spawn {
+            thread: "return-path reader",
+            error,
+        }
     })?;
     let started = DirtyLog::start(
         Arc::clone(&guest.vm.vm),
@@ -469,6 +474,7 @@ fn run(
         events: reader.events,
         reader: Some(reader.handle),
         reader_tid: reader.tid,
+        served: VecDeque::new(),
         raised: None,
         reader_done: false,
         resume_to,
@@ -497,6 +503,7 @@ fn run(
     if let Some(senders) = driver.link.channels.take() {
         senders.finish();
     }
+    *driver.link.server.lock() = None;
     if let Some(preempt) = driver.link.preempt.take() {
         let _ = preempt.shutdown(std::net::Shutdown::Both);
     }
