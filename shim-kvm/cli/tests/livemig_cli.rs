@@ -191,9 +191,11 @@ fn postcopy_demo_requests_pages_and_verifies() {
     let blocktime = v["postcopy-vcpu-blocktime"].as_array().unwrap();
     assert_eq!(blocktime.len(), 2, "{v}");
     assert!(v["postcopy-blocktime"].as_f64().unwrap() > 0.0);
-    // The guest rewrote (at least) its working set on the destination; the
-    // digest compared the rest.
-    assert!(v["guest-written-pages"].as_u64().unwrap() >= 64 * 256);
+    // The guest wrote on the destination (the whole working set in 300 ms
+    // on a quiet host, far less on a loaded one, where the check failed
+    // runs that had verified); the digest compared every page it did not
+    // write.
+    assert!(v["guest-written-pages"].as_u64().unwrap() > 0, "{v}");
     let dest = &v["destination"];
     assert_eq!(dest["digest-unwritten"], v["digest-unwritten"]);
     assert_eq!(dest["guest-mismatches"].as_array().unwrap().len(), 0);
