@@ -948,7 +948,7 @@ impl<'a> DestinationEngine<'a> {
         block: u16,
         page: u64,
     ) -> Result<bool, DestError> {
-        match self.loader.page_fault(now, block, page) {
+        match self.loader.page_fault(now, block, page, Request::Queue) {
             Err(e) => Err(self.loader.fail(now, e)),
             ok => ok,
         }
@@ -980,7 +980,10 @@ impl<'a> DestinationEngine<'a> {
         block: u16,
         page: u64,
     ) -> Result<bool, DestError> {
-        match self.loader.page_fault_sent(now, block, page) {
+        match self
+            .loader
+            .page_fault(now, block, page, Request::SentByHost)
+        {
             Err(e) => Err(self.loader.fail(now, e)),
             ok => ok,
         }
@@ -1832,7 +1835,16 @@ impl Loader<'_> {
         by_host(HostOp::Discard, host.discard(block, range))
     }
 
-    fn page_fault(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
+    /// A fault on `page` of `block`: booked (counted, outstanding unless
+    /// here or requested before) and, for [`Request::Queue`], its request
+    /// queued. Returns whether it is newly outstanding.
+    fn page_fault(
+        &mut self,
+        now: Instant,
+        block: u16,
+        page: u64,
+        request: Request,
+    ) -> Result<bool, DestError> {
         let connected = match self.status {
             MigrationStatus::PostcopyActive => true,
             MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover => false,
@@ -1842,54 +1854,27 @@ impl Loader<'_> {
             .postcopy
             .as_deref_mut()
             .and_then(|t| t.get_mut(usize::from(block)))
-        else {
-            return Err(DestError::FaultOutsideRam { block, page });
-        };
-        if page >= t.pages() {
-            return Err(DestError::FaultOutsideRam { block, page });
-        }
-        if !t.request(page) {
-            return Ok(false);
-        }
-        self.outstanding += 1;
-        self.stats.ram.postcopy_requests += 1;
-        if !connected {
-            // Sent with the others once the recovery is through.
-            return Ok(true);
-        }
-        self.waiting_since.get_or_insert(now);
-        self.send_request(block, page)?;
-        Ok(true)
-    }
-
-    /// [`DestinationEngine::handle_page_fault_sent`]: the request is on
-    /// its way already.
-    fn page_fault_sent(&mut self, now: Instant, block: u16, page: u64) -> Result<bool, DestError> {
-        if !matches!(
-            self.status,
-            MigrationStatus::PostcopyActive
-                | MigrationStatus::PostcopyPaused
-                | MigrationStatus::PostcopyRecover
-        ) {
-            return Err(DestError::PostcopyUnexpected("page fault outside postcopy"));
-        }
-        let Some(t) = self
-            .postcopy
-            .as_deref_mut()
-            .and_then(|t| t.get_mut(usize::from(block)))
             .filter(|t| page < t.pages())
         else {
             return Err(DestError::FaultOutsideRam { block, page });
         };
-        // The source counts it whether or not its page beat this call.
-        self.stats.ram.postcopy_requests += 1;
-        if !t.request(page) {
+        let newly = t.request(page);
+        // A request the host wrote is on the wire: the source counts it
+        // whether or not its page beat this call.
+        if newly || request == Request::SentByHost {
+            self.stats.ram.postcopy_requests += 1;
+        }
+        if !newly {
             return Ok(false);
         }
         self.outstanding += 1;
-        // A paused engine waits for the recovery, not for pages.
-        if self.status == MigrationStatus::PostcopyActive {
+        // A paused engine waits for the recovery, not for pages; a request
+        // queued while paused goes out with the others once it is through.
+        if connected {
             self.waiting_since.get_or_insert(now);
+            if request == Request::Queue {
+                self.send_request(block, page)?;
+            }
         }
         Ok(true)
     }
@@ -2088,6 +2073,15 @@ fn check_layout(layout: &[BlockInfo<'_>], list: &BlockList<'_>) -> Result<(), De
         }
     }
     Ok(())
+}
+
+/// Who writes a faulted page's request on the return path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Request {
+    /// The engine queues it.
+    Queue,
+    /// The host wrote it already ([`DestinationEngine::set_host_requests`]).
+    SentByHost,
 }
 
 #[cfg(test)]
