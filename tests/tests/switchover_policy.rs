@@ -57,6 +57,12 @@ fn workloads() -> Vec<Workload> {
         s.guest = Some(dirtying(ws_mib, rate, seed));
         s
     };
+    // 64 MiB rewritten at 2 GB/s over 1 GB/s against a 30 ms limit.
+    let far_above_the_limit = || {
+        let mut s = with_guest(GIGABYTE, 64, 500_000, 37);
+        s.config.parameters.downtime_limit_ms = 30;
+        s
+    };
     vec![
         Workload {
             name: "idle",
@@ -106,11 +112,7 @@ fn workloads() -> Vec<Workload> {
             // 64 MiB rewritten at 2 GB/s over 1 GB/s: the remainder, the
             // whole set, takes 67 ms, never under a 30 ms limit unless
             // the guest is throttled.
-            scenario: {
-                let mut s = with_guest(GIGABYTE, 64, 500_000, 37);
-                s.config.parameters.downtime_limit_ms = 30;
-                s
-            },
+            scenario: far_above_the_limit(),
             expect: Expect::OnlyThrottled,
             shrinks: false,
         },
@@ -119,8 +121,7 @@ fn workloads() -> Vec<Workload> {
             // The same without the stop throttle: nothing fits, both give
             // up.
             scenario: {
-                let mut s = with_guest(GIGABYTE, 64, 500_000, 37);
-                s.config.parameters.downtime_limit_ms = 30;
+                let mut s = far_above_the_limit();
                 s.config.stop_throttle = false;
                 s
             },
