@@ -690,8 +690,12 @@ pub fn run_send(
     events: EventLog,
     hold: HoldFn<'_>,
 ) -> Result<Summary, DemoError> {
-    let conns = Connections::connect(to, config)?;
+    // The guest runs before the migration starts, as a VMM's does: booted
+    // and warmed up before the connection, so that its boot is not silence
+    // on the wire (a destination's idle timeout counted it, and under load
+    // gave up before the first byte).
     let vmm = boot_guest(shape, warmup)?;
+    let conns = Connections::connect(to, config)?;
     let options = SourceOptions {
         dirty_log: shape.dirty_log,
         ..options
