@@ -1,6 +1,6 @@
 //! The stop fits `downtime-limit`, or precopy gives up with the guest
-//! running on the source: `demo` on loopback, and `send` / `receive` in two
-//! network namespaces joined by a veth pair rate-limited with `tc tbf`
+//! running on the source: `demo` on loopback, and `send` here to `receive`
+//! in a network namespace across a veth pair rate-limited with `tc tbf`
 //! (a slow link with a deep queue, where the socket's unsent bytes are
 //! most of what a stop waits for). Downtime is measured stop to start: the
 //! source's vCPU stop to the destination's vCPU start, on the one host
@@ -13,13 +13,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{BIN, finish, json_of, kvm_available, livemig, spawn, spawn_receiver};
+use common::{Netns, finish, json_of, kvm_available, livemig, spawn, spawn_receiver};
 use serde_json::Value;
 
 /// One migration at a time: the machine has two cores, and a busy
@@ -154,158 +153,72 @@ fn demo_takes_qemus_switchover_policy_on_request_and_refuses_unknown_ones() {
     );
 }
 
-/// Two network namespaces joined by a veth pair, each end rate-limited by
-/// `tbf` with a 100 ms queue; deleted (with the pair) on drop.
-struct NetnsLink {
-    source: String,
-    destination: String,
-}
-
-/// Address of the destination end.
-const DEST_ADDR: &str = "10.213.0.2";
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    run("ip", args)
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl NetnsLink {
-    /// The pair at `rate` (tc's words, e.g. `1gbit`), or `None` after a
-    /// loud skip when namespaces cannot be created here.
-    fn create(rate: &str) -> Option<NetnsLink> {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let tag = format!(
-            "{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let link = NetnsLink {
-            source: format!("lmconv-src-{tag}"),
-            destination: format!("lmconv-dst-{tag}"),
-        };
-        if let Err(e) = ip(&["netns", "add", &link.source]) {
+/// A namespace across a veth pair rate-limited at `rate` (tc's words, e.g.
+/// `1gbit`) with `tbf`, or `None` after a loud skip when namespaces cannot
+/// be created here.
+fn slow_link(rate: &str) -> Option<Netns> {
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(e) => {
             eprintln!(
                 "SKIPPED: cannot create a network namespace ({e}); \
                  the tbf-limited link test needs `ip netns` as root"
             );
             return None;
         }
-        if let Err(e) = link.set_up(rate) {
-            panic!("setting up the namespaces failed: {e}");
-        }
-        Some(link)
+    };
+    if let Err(e) = ns.limit_rate(rate) {
+        panic!("limiting the link failed: {e}");
     }
-
-    fn set_up(&self, rate: &str) -> Result<(), String> {
-        let (a, b) = (self.source.as_str(), self.destination.as_str());
-        ip(&["netns", "add", b])?;
-        ip(&[
-            "link", "add", "lmva", "netns", a, "type", "veth", "peer", "name", "lmvb", "netns", b,
-        ])?;
-        for (ns, dev, addr) in [(a, "lmva", "10.213.0.1/24"), (b, "lmvb", "10.213.0.2/24")] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            run(
-                "tc",
-                &[
-                    "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst",
-                    "256kb", "latency", "100ms",
-                ],
-            )?;
-        }
-        Ok(())
-    }
-
-    /// `livemig args...` inside namespace `ns`, output piped.
-    fn spawn(&self, ns: &str, args: &[&str]) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", ns, BIN])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn livemig in a namespace")
-    }
-
-    /// Runs `receive` in the destination namespace and `send` (with
-    /// `send_flags`) in the source one; returns both outputs.
-    fn migrate(&self, send_flags: &[&str]) -> (Output, Output) {
-        let listen = format!("tcp:{DEST_ADDR}:4444");
-        let mut receiver = self.spawn(
-            &self.destination,
-            &[
-                "receive",
-                "--listen",
-                &listen,
-                "--json",
-                "--quiet",
-                "--mem-mib",
-                "1024",
-                "--run-ms",
-                "300",
-            ],
-        );
-        let mut stdout = BufReader::new(receiver.stdout.take().expect("piped"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("receiver output");
-        assert!(line.starts_with("listening on "), "{line:?}");
-        let rest = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let mut args = vec![
-            "send",
-            "--to",
-            &listen,
-            "--json",
-            "--quiet",
-            "--mem-mib",
-            "1024",
-            "--dirty-mib",
-            "64",
-            "--warmup-ms",
-            "500",
-        ];
-        args.extend_from_slice(send_flags);
-        let sender = self.spawn(&self.source, &args);
-        let sent = sender.wait_with_output().expect("send ran");
-        let received = receiver.wait_with_output().expect("receive ran");
-        let received = Output {
-            stdout: rest.join().expect("reader").into_bytes(),
-            ..received
-        };
-        (sent, received)
-    }
+    Some(ns)
 }
 
-impl Drop for NetnsLink {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its end of the pair, and the pair.
-        for ns in [&self.source, &self.destination] {
-            if let Err(e) = ip(&["netns", "del", ns]) {
-                eprintln!("cleaning up namespace {ns}: {e}");
-            }
-        }
-    }
+/// Runs `receive` in `ns` and `send` (with `send_flags`) here, across its
+/// link; returns both outputs.
+fn migrate(ns: &Netns, send_flags: &[&str]) -> (Output, Output) {
+    let listen = format!("tcp:{}:4444", ns.remote);
+    let mut receiver = ns.spawn(&[
+        "receive",
+        "--listen",
+        &listen,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "1024",
+        "--run-ms",
+        "300",
+    ]);
+    let mut stdout = BufReader::new(receiver.stdout.take().expect("piped"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("receiver output");
+    assert!(line.starts_with("listening on "), "{line:?}");
+    let rest = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut args = vec![
+        "send",
+        "--to",
+        &listen,
+        "--json",
+        "--quiet",
+        "--mem-mib",
+        "1024",
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "500",
+    ];
+    args.extend_from_slice(send_flags);
+    let sender = spawn(&args);
+    let sent = sender.wait_with_output().expect("send ran");
+    let received = receiver.wait_with_output().expect("receive ran");
+    let received = Output {
+        stdout: rest.join().expect("reader").into_bytes(),
+        ..received
+    };
+    (sent, received)
 }
 
 #[test]
@@ -314,20 +227,23 @@ fn send_over_a_1gbit_tbf_link_stops_within_the_downtime_limit() {
         return;
     }
     let _one = serial();
-    let Some(link) = NetnsLink::create("1gbit") else {
+    let Some(link) = slow_link("1gbit") else {
         return;
     };
     // The guest rewrites its 64 MiB working set in about 50 ms, faster
     // than 1 Gbit/s carries it: auto-converge throttles it until a stop
     // fits.
-    let (sent, received) = link.migrate(&[
-        "--param",
-        "max-bandwidth=0",
-        "--param",
-        "downtime-limit=300",
-        "--cap",
-        "auto-converge=on",
-    ]);
+    let (sent, received) = migrate(
+        &link,
+        &[
+            "--param",
+            "max-bandwidth=0",
+            "--param",
+            "downtime-limit=300",
+            "--cap",
+            "auto-converge=on",
+        ],
+    );
     assert!(sent.status.success(), "{sent:?}");
     assert!(received.status.success(), "{received:?}");
     let (s, r) = (json_of(&sent), json_of(&received));
@@ -424,22 +340,28 @@ fn send_over_a_link_too_slow_to_converge_gives_up_with_the_guest_on_the_source()
     // limit's 1.9 MB at most (at 1 Gbit/s a guest slowed by a loaded host came
     // near the link's rate and, once in 34 passes, fitted). The
     // no-progress rule ends it (ten passes of about 1.1 s).
-    let Some(link) = NetnsLink::create("500mbit") else {
+    let Some(link) = slow_link("500mbit") else {
         return;
     };
     let started = Instant::now();
-    let (sent, _) = link.migrate(&[&UNCAPPED_30_MS[..], &["--no-stop-throttle"]].concat());
+    let (sent, _) = migrate(
+        &link,
+        &[&UNCAPPED_30_MS[..], &["--no-stop-throttle"]].concat(),
+    );
     assert_did_not_converge(&sent, "(no progress in 10)");
     assert!(started.elapsed() < Duration::from_secs(60));
 
     // At 200 Mbit/s the first pass alone takes seconds: the time limit
     // ends it.
     drop(link);
-    let Some(link) = NetnsLink::create("200mbit") else {
+    let Some(link) = slow_link("200mbit") else {
         return;
     };
     let started = Instant::now();
-    let (sent, _) = link.migrate(&["--param", "max-bandwidth=0", "--time-limit-s", "2"]);
+    let (sent, _) = migrate(
+        &link,
+        &["--param", "max-bandwidth=0", "--time-limit-s", "2"],
+    );
     assert_did_not_converge(&sent, "(time limit)");
     let v = json_of(&sent);
     let total = v["total-time"].as_u64().expect("total-time");
@@ -453,7 +375,7 @@ fn send_over_a_link_slower_than_the_guest_converges_with_the_stop_throttle() {
         return;
     }
     let _one = serial();
-    let Some(link) = NetnsLink::create("1gbit") else {
+    let Some(link) = slow_link("1gbit") else {
         return;
     };
     // A 30 ms limit over 1 Gbit/s, which a busy guest does not fit
@@ -461,7 +383,7 @@ fn send_over_a_link_slower_than_the_guest_converges_with_the_stop_throttle() {
     // first pass measured that does not fit throttles the guest, and the
     // migration completes within the limit.
     let started = Instant::now();
-    let (sent, received) = link.migrate(&UNCAPPED_30_MS);
+    let (sent, received) = migrate(&link, &UNCAPPED_30_MS);
     assert_converged_throttled(&sent, &received, 30.0);
     assert!(started.elapsed() < Duration::from_secs(60));
 }

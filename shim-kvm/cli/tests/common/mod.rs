@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use livemig_cli::guest::GuestParams;
 use livemig_kvm::memory::{DEFAULT_SLOT_BYTES, GuestMemory, PAGE_SIZE, RegionLayout};
@@ -282,51 +283,85 @@ pub fn assert_each_vcpu_went_on(s: &Value, r: &Value) {
 
 /// A network namespace joined to this one by a veth pair, removed on drop
 /// (which removes both ends of the pair): a host across a link that a test
-/// can take down.
+/// can take down or slow down.
 #[allow(dead_code)]
 pub struct Netns {
     pub name: String,
     /// This namespace's end of the pair.
     pub link: String,
+    /// The namespace's end of the pair.
+    inner: String,
     /// The address of the other end, inside the namespace.
     pub remote: String,
 }
 
 #[allow(dead_code)]
 impl Netns {
-    /// Creates it, or says why not (the test then skips loudly).
+    /// Creates it, or says why not (the test then skips loudly). Each call
+    /// of a process gets its own names and subnet, so tests of one binary
+    /// running in parallel do not collide.
     pub fn create() -> Result<Netns, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
         let id = std::process::id();
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let subnet = (id.wrapping_mul(7).wrapping_add(n)) % 250;
         let ns = Netns {
-            name: format!("lmtest{id}"),
-            link: format!("lmA{id}"),
-            remote: format!("10.251.{}.2", id % 250),
+            name: format!("lmtest{id}-{n}"),
+            link: format!("lmA{id}-{n}"),
+            inner: format!("lmB{id}-{n}"),
+            remote: format!("10.251.{subnet}.2"),
         };
-        let local = format!("10.251.{}.1/24", id % 250);
-        let inner = format!("lmB{id}");
+        let local = format!("10.251.{subnet}.1/24");
         let remote = format!("{}/24", ns.remote);
         let steps: [&[&str]; 8] = [
             &["netns", "add", &ns.name],
             &[
-                "link", "add", &ns.link, "type", "veth", "peer", "name", &inner,
+                "link", "add", &ns.link, "type", "veth", "peer", "name", &ns.inner,
             ],
-            &["link", "set", &inner, "netns", &ns.name],
+            &["link", "set", &ns.inner, "netns", &ns.name],
             &["addr", "add", &local, "dev", &ns.link],
             &["link", "set", &ns.link, "up"],
-            &["-n", &ns.name, "addr", "add", &remote, "dev", &inner],
-            &["-n", &ns.name, "link", "set", &inner, "up"],
+            &["-n", &ns.name, "addr", "add", &remote, "dev", &ns.inner],
+            &["-n", &ns.name, "link", "set", &ns.inner, "up"],
             &["-n", &ns.name, "link", "set", "lo", "up"],
         ];
         for args in steps {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("running ip: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("ip {}: {}", args.join(" "), stderr(&out).trim()));
-            }
+            run_tool("ip", args)?;
         }
         Ok(ns)
+    }
+
+    /// Limits both ends of the pair to `rate` (tc's words, e.g. `1gbit`)
+    /// with `tbf` and a 100 ms queue: a slow link whose queue holds most of
+    /// what a stop waits for.
+    pub fn limit_rate(&self, rate: &str) -> Result<(), String> {
+        let tbf = [
+            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms",
+        ];
+        let here: Vec<&str> = ["qdisc", "add", "dev", &self.link]
+            .iter()
+            .chain(&tbf)
+            .copied()
+            .collect();
+        run_tool("tc", &here)?;
+        let there: Vec<&str> = ["-n", &self.name, "qdisc", "add", "dev", &self.inner]
+            .iter()
+            .chain(&tbf)
+            .copied()
+            .collect();
+        run_tool("tc", &there)
+    }
+
+    /// `livemig args...` inside the namespace, output piped.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, BIN])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn livemig in a namespace")
     }
 
     /// Takes the link down (`up` false) or up again, from this side.
@@ -337,6 +372,24 @@ impl Netns {
             .status()
             .unwrap();
         assert!(status.success(), "ip link set {} {state}", self.link);
+    }
+}
+
+/// Runs `tool args...` (`ip`, `tc`), or says what it printed.
+fn run_tool(tool: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {tool}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tool} {}: {}",
+            args.join(" "),
+            stderr(&out).trim()
+        ))
     }
 }
 
