@@ -1,6 +1,7 @@
 //! `--timeline FILE.svg`: the source's [`Timeline`] drawn as two panels
 //! over the time since the migration started. The upper one has the
-//! throughput (bytes written per 100 ms slice, as MiB/s) and the guest's
+//! throughput (bytes written per slice of the timeline, 100 ms unless
+//! `--timeline-slice-ms` says otherwise, as MiB/s) and the guest's
 //! dirty rate, and on a right-hand axis the throttle (the share of each
 //! vCPU's time held back, percent, a step at each change); the lower one, on a log scale, the bytes still to send and
 //! the switchover threshold, which the remaining bytes must fall below for
@@ -12,7 +13,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use livemig_kvm::migrate::source::{SLICE_NS, SourceStop, Timeline};
+use livemig_kvm::migrate::source::{SourceStop, Timeline};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -84,11 +85,12 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<(), TimelineError> {
     }
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| failed(&e))?;
+    let title = format!(
+        "livemig migration per {} ms slice (source side); grey: dirty-log syncs, labelled with the passes done; red: the stop",
+        chart.timeline.slice_ns() as f64 / 1e6
+    );
     let root = root
-        .titled(
-            "livemig migration per 100 ms slice (source side); grey: dirty-log syncs, labelled with the passes done; red: the stop",
-            ("sans-serif", 20),
-        )
+        .titled(&title, ("sans-serif", 20))
         .map_err(|e| failed(&e))?;
     let (upper, lower) = root.split_vertically(SIZE.1 / 2 - 20);
     draw_rates(chart, &upper).map_err(|e| failed(&e))?;
@@ -104,7 +106,7 @@ fn x_end(chart: &Chart) -> f64 {
     let slices = t
         .slices()
         .last()
-        .map_or(0.0, |s| (s.index + 1) as f64 * SLICE_NS as f64 / 1e9);
+        .map_or(0.0, |s| (s.index + 1) as f64 * t.slice_ns() as f64 / 1e9);
     let stop = chart.stop.confirmed_ns.map_or(0.0, |ns| secs_after(t, ns));
     slices.max(stop).max(0.1)
 }
@@ -112,8 +114,9 @@ fn x_end(chart: &Chart) -> f64 {
 /// Upper panel: throughput and dirty rate, MiB/s.
 fn draw_rates(chart: &Chart, area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult {
     let t = &chart.timeline;
-    let per_s = 1e9 / SLICE_NS as f64;
-    let mid = |i: u64| (i as f64 + 0.5) * SLICE_NS as f64 / 1e9;
+    let slice_s = t.slice_ns() as f64 / 1e9;
+    let per_s = 1.0 / slice_s;
+    let mid = |i: u64| (i as f64 + 0.5) * slice_s;
     let sent: Vec<(f64, f64)> = t
         .slices()
         .map(|s| (mid(s.index), s.sent_bytes as f64 * per_s / MIB))
@@ -179,7 +182,7 @@ fn throttle_steps(t: &Timeline, x_end: f64) -> Vec<(f64, f64)> {
 /// scale.
 fn draw_bytes(chart: &Chart, area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult {
     let t = &chart.timeline;
-    let at = |i: u64| (i + 1) as f64 * SLICE_NS as f64 / 1e9;
+    let at = |i: u64| (i + 1) as f64 * t.slice_ns() as f64 / 1e9;
     let floor = |b: u64| (b as f64 / MIB).max(LOG_FLOOR_MIB);
     let remaining: Vec<(f64, f64)> = t
         .slices()

@@ -168,3 +168,61 @@ fn demo_timeline_draws_every_sync_and_the_stop_and_the_breakdown_adds_up() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--timeline-slice-ms`: an unlimited migration of a fraction of a second
+/// drawn in 5 ms slices has a point per slice of its whole time, not the
+/// two or three of the default 100 ms, and the title says the width.
+#[test]
+fn demo_timeline_in_5_ms_slices_has_a_point_per_slice() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("livemig-timeline-5ms-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("demo.svg");
+    let v = demo_ok(&[
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "16",
+        "--warmup-ms",
+        "300",
+        "--run-ms",
+        "300",
+        "--timeline",
+        svg.to_str().unwrap(),
+        "--timeline-slice-ms",
+        "5",
+    ]);
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["guest-continued"], true);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("the timeline is well-formed XML");
+    assert!(
+        doc.descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .any(|n| n.text().unwrap_or_default().contains("per 5 ms slice")),
+        "no 5 ms title"
+    );
+    let points = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke") == Some("#0000FF"))
+        .map(|n| {
+            n.attribute("points")
+                .unwrap_or_default()
+                .split_whitespace()
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    // Slices run from the first sample to the last, which is at most a
+    // slice or two short of the total time (its setup and the stop).
+    let total_ms = v["total-time"].as_f64().unwrap();
+    let expected = (total_ms / 5.0).floor() as usize;
+    assert!(
+        points + 3 >= expected && points <= expected + 3,
+        "{points} points for {total_ms} ms in 5 ms slices"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

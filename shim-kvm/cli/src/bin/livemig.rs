@@ -6,6 +6,7 @@
 //! goes to stdout, as text or (`--json`) as one JSON object with QEMU's
 //! `query-migrate` field names.
 
+use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,7 +29,9 @@ use livemig_core::status::MigrationStatus;
 use livemig_kvm::Recovery;
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::migrate::recovery::DEFAULT_RECOVER_TIMEOUT;
-use livemig_kvm::migrate::source::{DEFAULT_STOP_COST, DEFAULT_STOP_NICE, SourceOptions};
+use livemig_kvm::migrate::source::{
+    DEFAULT_SLICE_MS, DEFAULT_STOP_COST, DEFAULT_STOP_NICE, SourceOptions,
+};
 use livemig_kvm::transport::MigrationUri;
 use serde_json::json;
 
@@ -253,11 +256,8 @@ struct DemoArgs {
     /// still runs at the cut.
     #[arg(long, value_name = "MS")]
     cut_after_ms: Option<u64>,
-    /// Draw the migration per 100 ms slice (throughput, dirty rate,
-    /// remaining bytes, switchover threshold, each dirty-log sync and the
-    /// stop) into this SVG file. Needs KVM.
-    #[arg(long, value_name = "FILE.svg")]
-    timeline: Option<PathBuf>,
+    #[command(flatten)]
+    timeline: TimelineArgs,
 }
 
 #[derive(Args)]
@@ -296,11 +296,8 @@ struct SendArgs {
     /// without a decision.
     #[arg(long, default_value_t = 3600)]
     hold_timeout_s: u64,
-    /// Draw the migration per 100 ms slice (throughput, dirty rate,
-    /// remaining bytes, switchover threshold, each dirty-log sync and the
-    /// stop) into this SVG file. Needs KVM.
-    #[arg(long, value_name = "FILE.svg")]
-    timeline: Option<PathBuf>,
+    #[command(flatten)]
+    timeline: TimelineArgs,
 }
 
 #[derive(Args)]
@@ -418,12 +415,25 @@ struct BenchArgs {
     /// pages the destination guest did not write, after its watch.
     #[arg(long, conflicts_with_all = ["vs_qemu", "no_verify", "timeline"])]
     verify_cost: bool,
-    /// Draw the run of median downtime of each case (throughput, dirty
-    /// rate, remaining bytes, switchover threshold, each dirty-log sync
-    /// and the stop) into this SVG file; with several cases, one file per
+    #[command(flatten)]
+    timeline: TimelineArgs,
+}
+
+/// `--timeline` and its slice width, for `demo`, `send` and `bench`.
+#[derive(Args)]
+struct TimelineArgs {
+    /// Draw the migration per slice (throughput, dirty rate, remaining
+    /// bytes, switchover threshold, each dirty-log sync, the throttle and
+    /// the stop) into this SVG file. Needs KVM. `bench` draws the run of
+    /// median downtime of each case; with several cases, one file per
     /// case, named FILE-CASE.svg.
     #[arg(long, value_name = "FILE.svg")]
     timeline: Option<PathBuf>,
+    /// Width of the timeline's slices, in ms (1 to 65535): finer than the
+    /// default shows the passes of a migration of a fraction of a second.
+    /// The source keeps the latest 6000 slices.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_SLICE_MS, requires = "timeline")]
+    timeline_slice_ms: NonZeroU16,
 }
 
 #[derive(Args)]
@@ -699,6 +709,7 @@ fn bench_options(a: &BenchArgs) -> BenchOptions {
             verify: !a.migration.no_verify,
             audit: a.migration.audit,
             stop_nice: stop_nice(&a.migration),
+            timeline_slice_ms: a.timeline.timeline_slice_ms,
             ..SourceOptions::default()
         },
     }
@@ -785,7 +796,7 @@ fn run_bench(a: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     let mut code = ExitCode::SUCCESS;
-    if let Some(path) = &a.timeline {
+    if let Some(path) = &a.timeline.timeline {
         for r in &results {
             let file = if results.len() == 1 {
                 path.clone()
@@ -1017,7 +1028,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Ok(()) => demo::run_demo_with(
                     shape,
                     &config,
-                    source_options(&a.migration, &a.workload, true),
+                    SourceOptions {
+                        timeline_slice_ms: a.timeline.timeline_slice_ms,
+                        ..source_options(&a.migration, &a.workload, true)
+                    },
                     demo::MemoryCheck::Digest,
                     a.workload.warmup(),
                     Duration::from_millis(a.run_ms),
@@ -1026,7 +1040,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     &mut progress(&a.output),
                 )
                 .map_err(err)?,
-                Err(e) if a.timeline.is_some() => {
+                Err(e) if a.timeline.timeline.is_some() => {
                     return Err(format!(
                         "--timeline needs KVM, and {}: the simulated fallback records no timeline",
                         demo::no_kvm_reason(&e)
@@ -1050,7 +1064,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 }
             };
             let code = finish(&summary, &a.output, true, None);
-            Ok(draw_timeline(Some(&summary), a.timeline.as_deref(), code))
+            Ok(draw_timeline(
+                Some(&summary),
+                a.timeline.timeline.as_deref(),
+                code,
+            ))
         }
         Cmd::Send(a) => {
             let mut config = config(&a.migration, false)?;
@@ -1067,6 +1085,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &config,
                 SourceOptions {
                     recovery,
+                    timeline_slice_ms: a.timeline.timeline_slice_ms,
                     ..source_options(&a.migration, &a.workload, false)
                 },
                 a.workload.warmup(),
@@ -1078,7 +1097,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             .map_err(err)?;
             let held = decided.map(|d| (d, "guest-continued-on-source"));
             let code = finish(&summary, &a.output, false, held);
-            Ok(draw_timeline(Some(&summary), a.timeline.as_deref(), code))
+            Ok(draw_timeline(
+                Some(&summary),
+                a.timeline.timeline.as_deref(),
+                code,
+            ))
         }
         Cmd::Receive(a) => {
             let mut decided = None;

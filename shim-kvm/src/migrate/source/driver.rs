@@ -400,6 +400,11 @@ impl SourceDriver<'_> {
                     }
                 };
                 report_due = self.link.take_wrote();
+                // A slice narrower than a burst gets its own sample.
+                let now = clock::monotonic_ns();
+                if self.report.timeline.wants_sample(now) {
+                    self.report.timeline.sample(now, self.engine.stats());
+                }
                 self.note_recovered();
                 self.arm_server();
                 // From the commit on, as after the postcopy switchover, the

@@ -38,6 +38,7 @@ mod stop;
 mod timeline;
 
 use std::collections::VecDeque;
+use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,7 +70,8 @@ use kvm_ioctls::{Kvm, VmFd};
 use livemig_core::capabilities::Capabilities;
 pub use stop::{SourceStop, StopPart};
 pub use timeline::{
-    MAX_SLICES, MAX_SYNCS, MAX_THROTTLE_CHANGES, SLICE_NS, Slice, SyncMark, ThrottleMark, Timeline,
+    DEFAULT_SLICE_MS, MAX_SLICES, MAX_SYNCS, MAX_THROTTLE_CHANGES, Slice, SyncMark, ThrottleMark,
+    Timeline,
 };
 
 /// Longest the migration thread waits for input before polling again (so
@@ -138,6 +140,12 @@ pub struct SourceOptions {
     /// downtime; see `SourceStop::priority_refused` for a host that does
     /// not allow it.
     pub stop_nice: Option<i8>,
+    /// Width of the report's [`Timeline`] slices, ms: 100
+    /// ([`DEFAULT_SLICE_MS`]) suits migrations of seconds; a migration of
+    /// a fraction of a second needs finer ones to show its passes. The
+    /// slices kept are capped at [`MAX_SLICES`] (the latest), so a finer
+    /// slice keeps a shorter past.
+    pub timeline_slice_ms: NonZeroU16,
 }
 
 /// Default for [`SourceOptions::write_timeout`].
@@ -164,6 +172,7 @@ impl Default for SourceOptions {
             audit: false,
             recovery: Recovery::default(),
             stop_nice: Some(DEFAULT_STOP_NICE),
+            timeline_slice_ms: DEFAULT_SLICE_MS,
         }
     }
 }
@@ -176,7 +185,8 @@ pub struct SourceReport {
     /// Where the stop went: from the vCPU stop requested to the
     /// destination's confirmation of the whole stream.
     pub stop: SourceStop,
-    /// The migration per 100 ms slice, and its dirty-log syncs.
+    /// The migration per slice ([`SourceOptions::timeline_slice_ms`]),
+    /// its dirty-log syncs and throttle changes.
     pub timeline: Timeline,
     /// `KVM_CLEAR_DIRTY_LOG` calls made.
     pub dirty_log_clears: u64,
@@ -452,6 +462,7 @@ fn run(
         engine.start(start).map_err(MigrateError::Source)?;
         Ok((log, start))
     });
+    let slice_ms = options.timeline_slice_ms;
     let (log, start) = match started {
         Ok(started) => started,
         Err(e) => {
@@ -486,7 +497,7 @@ fn run(
         report: SourceReport {
             stats: MigrationStats::default(),
             stop: SourceStop::default(),
-            timeline: Timeline::new(start.as_nanos()),
+            timeline: Timeline::new(start.as_nanos(), slice_ms),
             dirty_log_clears: 0,
             dirty_log_mode: mode,
             postcopy: false,

@@ -1,36 +1,40 @@
 //! The migration over time, for a VMM (or the `livemig` tool) to draw: the
-//! source's statistics sampled at each publication and kept per 100 ms
-//! slice, the instant of every dirty-log sync and every change of the
-//! throttle.
+//! source's statistics kept per slice of time (100 ms unless the VMM asks
+//! for finer: [`SourceOptions::timeline_slice_ms`](super::SourceOptions)),
+//! the instant of every dirty-log sync and every change of the throttle.
 //!
 //! A slice holds the bytes written in it and the dirty rate, remaining
-//! bytes and switchover threshold of its last sample. Bytes are counted in
-//! the slice of the publication that first saw them (publications are at
-//! most about 50 ms apart, longer only while one action blocks, for
-//! example a large final sync). A slice without a publication repeats the
-//! last figures with no bytes. Storage is capped: a migration longer than
-//! [`MAX_SLICES`] slices keeps its latest ones (the stop is at the end),
-//! and says how many it dropped.
+//! bytes and switchover threshold of its last sample. The driver samples
+//! at each publication (at most about 50 ms apart) and, between them,
+//! after any action done in a slice not sampled yet, so a slice narrower
+//! than a publication still gets its own figures; only an action that
+//! blocks longer than a slice (a large final sync) leaves slices without a
+//! sample, and those repeat the last figures with no bytes. Bytes are
+//! counted in the slice of the sample that first saw them. Storage is
+//! capped: a migration longer than [`MAX_SLICES`] slices keeps its latest
+//! ones (the stop is at the end), and says how many it dropped.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU16;
 
 use livemig_core::stats::MigrationStats;
 
-/// Width of a slice, nanoseconds.
-pub const SLICE_NS: u64 = 100_000_000;
-/// Most slices kept: ten minutes.
+/// Default width of a slice, milliseconds
+/// ([`SourceOptions::timeline_slice_ms`](super::SourceOptions)).
+pub const DEFAULT_SLICE_MS: NonZeroU16 = NonZeroU16::new(100).unwrap();
+/// Most slices kept: ten minutes of the default slices.
 pub const MAX_SLICES: usize = 6_000;
 /// Most dirty-log syncs kept.
 pub const MAX_SYNCS: usize = 4_096;
 /// Most throttle changes kept.
 pub const MAX_THROTTLE_CHANGES: usize = 4_096;
 
-/// One 100 ms slice of the migration.
+/// One slice of the migration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slice {
     /// The slice's place from the start: it covers
-    /// `index * SLICE_NS .. (index + 1) * SLICE_NS` after
-    /// [`Timeline::start_ns`].
+    /// `index * w .. (index + 1) * w` nanoseconds after
+    /// [`Timeline::start_ns`], `w` being [`Timeline::slice_ns`].
     pub index: u64,
     /// Stream bytes written in the slice (`ram.transferred`'s growth).
     pub sent_bytes: u64,
@@ -59,7 +63,7 @@ pub struct SyncMark {
 /// A change of the throttle: from `at_ns` on the vCPUs were held back for
 /// `percent` % of their time (0: not at all). Kept as instants rather than
 /// per slice because a throttle lasts tens of milliseconds, less than a
-/// slice, and climbs in steps.
+/// default slice, and climbs in steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThrottleMark {
     /// Nanoseconds after [`Timeline::start_ns`] when the VMM applied it.
@@ -69,9 +73,10 @@ pub struct ThrottleMark {
 }
 
 /// The recorder, and what it recorded.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Timeline {
     start_ns: u64,
+    slice_ns: u64,
     slices: VecDeque<Slice>,
     syncs: VecDeque<SyncMark>,
     throttles: VecDeque<ThrottleMark>,
@@ -82,17 +87,37 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    /// An empty timeline starting at `start_ns` (`CLOCK_MONOTONIC`).
-    pub(crate) fn new(start_ns: u64) -> Self {
+    /// An empty timeline starting at `start_ns` (`CLOCK_MONOTONIC`), in
+    /// slices of `slice_ms`.
+    pub(crate) fn new(start_ns: u64, slice_ms: NonZeroU16) -> Self {
         Timeline {
             start_ns,
-            ..Timeline::default()
+            slice_ns: u64::from(slice_ms.get()) * 1_000_000,
+            slices: VecDeque::new(),
+            syncs: VecDeque::new(),
+            throttles: VecDeque::new(),
+            transferred: 0,
+            dropped_slices: 0,
+            dropped_syncs: 0,
+            dropped_throttles: 0,
         }
     }
 
-    /// Records `stats` as published at `now_ns`.
+    fn index(&self, now_ns: u64) -> u64 {
+        now_ns.saturating_sub(self.start_ns) / self.slice_ns
+    }
+
+    /// Whether the slice of `now_ns` has no sample yet (the driver then
+    /// samples between publications).
+    pub(crate) fn wants_sample(&self, now_ns: u64) -> bool {
+        self.slices
+            .back()
+            .is_none_or(|last| last.index < self.index(now_ns))
+    }
+
+    /// Records `stats` as they stood at `now_ns`.
     pub(crate) fn sample(&mut self, now_ns: u64, stats: &MigrationStats) {
-        let index = now_ns.saturating_sub(self.start_ns) / SLICE_NS;
+        let index = self.index(now_ns);
         let sent = stats.ram.transferred.saturating_sub(self.transferred);
         self.transferred = self.transferred.max(stats.ram.transferred);
         let figures = Slice {
@@ -173,7 +198,13 @@ impl Timeline {
         self.start_ns
     }
 
-    /// The slices kept, oldest first, one per 100 ms without gaps.
+    /// Width of a slice, nanoseconds.
+    pub fn slice_ns(&self) -> u64 {
+        self.slice_ns
+    }
+
+    /// The slices kept, oldest first, one per [`Timeline::slice_ns`]
+    /// without gaps.
     pub fn slices(&self) -> impl ExactSizeIterator<Item = &Slice> {
         self.slices.iter()
     }
@@ -221,7 +252,7 @@ mod tests {
 
     #[test]
     fn samples_are_bucketed_per_slice() {
-        let mut t = Timeline::new(1_000);
+        let mut t = Timeline::new(1_000, DEFAULT_SLICE_MS);
         t.sample(1_000 + 10_000_000, &stats(100, 50));
         t.sample(1_000 + 60_000_000, &stats(300, 40));
         t.sample(1_000 + 350_000_000, &stats(1_000, 5));
@@ -241,11 +272,28 @@ mod tests {
     }
 
     #[test]
+    fn a_narrow_slice_asks_for_a_sample_once_per_slice() {
+        let mut t = Timeline::new(0, NonZeroU16::new(5).unwrap());
+        assert_eq!(t.slice_ns(), 5_000_000);
+        assert!(t.wants_sample(0), "an empty timeline wants its first");
+        t.sample(1_000_000, &stats(10, 9));
+        assert!(!t.wants_sample(4_999_999), "same slice");
+        assert!(t.wants_sample(5_000_000), "the next slice");
+        t.sample(12_000_000, &stats(30, 3));
+        let s: Vec<Slice> = t.slices().copied().collect();
+        assert_eq!(s.iter().map(|s| s.index).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(
+            s.iter().map(|s| s.sent_bytes).collect::<Vec<_>>(),
+            [10, 0, 20]
+        );
+    }
+
+    #[test]
     fn storage_is_capped_and_keeps_the_latest() {
-        let mut t = Timeline::new(0);
+        let mut t = Timeline::new(0, DEFAULT_SLICE_MS);
         t.sample(0, &stats(1, 0));
         // A gap longer than the cap keeps only the last MAX_SLICES.
-        let far = (MAX_SLICES as u64 + 10) * SLICE_NS;
+        let far = (MAX_SLICES as u64 + 10) * t.slice_ns();
         t.sample(far, &stats(2, 0));
         assert_eq!(t.slices().len(), MAX_SLICES);
         assert_eq!(
@@ -269,7 +317,7 @@ mod tests {
 
     #[test]
     fn throttle_changes_are_instants_after_the_start() {
-        let mut t = Timeline::new(1_000);
+        let mut t = Timeline::new(1_000, DEFAULT_SLICE_MS);
         t.throttle(5_000, 50);
         t.throttle(9_000, 99);
         t.throttle(12_000, 0);
