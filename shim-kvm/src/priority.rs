@@ -1,59 +1,135 @@
 //! Threads ahead of the host's others for the few milliseconds of a stop.
 //!
 //! Every microsecond between the source's vCPU stop and the destination's
-//! confirmation is downtime, and in it the threads that matter do little
-//! but wake: the vCPU threads to leave `KVM_RUN` and park, the migration
-//! thread for each of them, then for the destination's LOADED and its
-//! confirmation, the return-path reader for each message. On a busy host
-//! each wake-up waits for a CPU behind whatever runs there (other guests,
-//! builds; on one host, as in `livemig bench`, the destination's own
-//! vCPUs, started just before its confirmation): up to a time slice, about
-//! a millisecond, per wake-up in traces taken on the 2-core development
-//! VM. A lower nice value for the stop lets those threads run as soon as
-//! they wake; it is put back when the guest runs again (for vCPU threads,
-//! once they are parked), so nothing is held back after.
+//! start is downtime, and in it the threads that matter do little but
+//! wake: the vCPU threads to leave `KVM_RUN` and park, the migration
+//! thread for each of them, the return-path reader for each message, and
+//! on the destination its stream reader and migration thread for the last
+//! records, the commit and the start. On a busy host each wake-up waits
+//! for a CPU behind whatever runs there (other guests, builds; on one
+//! host, as in `livemig bench`, the destination's own vCPUs, started just
+//! before its confirmation).
+//!
+//! A lower nice value is not enough on a current kernel: EEVDF lets the
+//! thread on a CPU run out its slice before a woken one of more weight
+//! gets it, and with the 4 ms tick of this development VM's kernel a
+//! nice -10 wake-up still waited up to 4 ms behind an ordinary thread
+//! (`bench --case busy-1g`, the confirmation reaching the source's
+//! migration thread 3-6 ms after the destination sent it in one run of
+//! ten; with `SCHED_FIFO` never more than 0.2 ms in twenty, same load).
+//! So the default is [`StopPriority::Realtime`]: the lowest real-time
+//! priority, ahead of every ordinary thread and behind every real-time
+//! one the host has, for the stop only. A host that refuses it (no
+//! `CAP_SYS_NICE`, or an `RLIMIT_RTPRIO` of 0) gets the nice value
+//! instead, and the refusal is reported. Both are put back when the guest
+//! runs again (for vCPU threads, once they are parked), so nothing is held
+//! back after, and nothing runs real-time while it could spin: the
+//! threads raised only wait on sockets and channels in the stop.
 
 use std::io;
 
-/// Threads whose nice value was lowered; dropping it puts back what each
-/// had.
+/// How the stop's threads are put ahead of the host's others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopPriority {
+    /// `SCHED_FIFO` at priority 1, or where that is refused
+    /// [`DEFAULT_STOP_NICE`].
+    Realtime,
+    /// This nice value (-20 to 19; lower runs first), the scheduling
+    /// policy left as it is.
+    Nice(i8),
+}
+
+/// The nice value of [`StopPriority::Realtime`]'s fallback: well ahead of
+/// the host's ordinary threads (nice 0).
+pub const DEFAULT_STOP_NICE: i8 = -10;
+
+/// A thread's scheduling before a raise.
+#[derive(Clone, Copy, Debug)]
+struct Saved {
+    tid: i32,
+    nice: i32,
+    /// Its policy and real-time priority, when the raise changed them.
+    policy: Option<(i32, i32)>,
+}
+
+/// Threads raised for the stop; dropping it puts back what each had.
 #[derive(Debug, Default)]
 pub struct Raised {
-    /// Kernel thread id and its nice value before.
-    threads: Vec<(i32, i32)>,
+    threads: Vec<Saved>,
 }
 
 impl Raised {
-    /// Sets `nice` on every thread of `tids` (kernel thread ids; 0 is
-    /// skipped: a thread that has not said who it is yet). Returns what was
-    /// raised and the first refusal: lowering a nice value needs
-    /// `CAP_SYS_NICE` (or an `RLIMIT_NICE` that allows it), and without it
-    /// the threads keep theirs, the migration going on as it would have.
-    pub fn raise(tids: &[i32], nice: i8) -> (Raised, Option<io::Error>) {
+    /// Raises every thread of `tids` (kernel thread ids; 0 is skipped: a
+    /// thread that has not said who it is yet) to `priority`. Returns what
+    /// was raised and the first refusal: real-time scheduling and a lower
+    /// nice value need `CAP_SYS_NICE` (or rlimits that allow them);
+    /// refused, a thread keeps what it had (or gets the nice value, when
+    /// only real-time was refused), the migration going on as it would
+    /// have.
+    pub fn raise(tids: &[i32], priority: StopPriority) -> (Raised, Option<io::Error>) {
         let mut raised = Raised::default();
         let mut refused = None;
         for &tid in tids.iter().filter(|&&t| t > 0) {
-            let result = nice_of(tid).and_then(|before| {
-                set_nice(tid, i32::from(nice))?;
-                Ok(before)
-            });
-            match result {
-                Ok(before) => raised.threads.push((tid, before)),
+            let nice = match nice_of(tid) {
+                Ok(nice) => nice,
                 Err(e) => {
                     refused.get_or_insert(e);
+                    continue;
                 }
+            };
+            let mut saved = Saved {
+                tid,
+                nice,
+                policy: None,
+            };
+            let fallback = match priority {
+                StopPriority::Realtime => match policy_of(tid)
+                    .and_then(|before| set_policy(tid, libc::SCHED_FIFO, 1).map(|()| before))
+                {
+                    Ok(before) => {
+                        saved.policy = Some(before);
+                        None
+                    }
+                    Err(e) => {
+                        refused.get_or_insert(e);
+                        Some(DEFAULT_STOP_NICE)
+                    }
+                },
+                StopPriority::Nice(nice) => Some(nice),
+            };
+            if let Some(nice) = fallback
+                && let Err(e) = set_nice(tid, i32::from(nice))
+            {
+                refused.get_or_insert(e);
             }
+            raised.threads.push(saved);
         }
         (raised, refused)
     }
 }
 
+impl Raised {
+    /// How many threads were raised (fully or to the fallback nice value).
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+}
+
 impl Drop for Raised {
     fn drop(&mut self) {
-        for &(tid, before) in &self.threads {
-            // Raising one's nice value needs no privilege; a thread that
-            // has ended meanwhile has nothing to restore.
-            let _ = set_nice(tid, before);
+        for saved in &self.threads {
+            // Leaving real-time and raising one's nice value need no
+            // privilege; a thread that has ended meanwhile has nothing to
+            // restore.
+            if let Some((policy, priority)) = saved.policy {
+                let _ = set_policy(saved.tid, policy, priority);
+            }
+            let _ = set_nice(saved.tid, saved.nice);
         }
     }
 }
@@ -93,6 +169,35 @@ fn set_nice(tid: i32, nice: i32) -> io::Result<()> {
     }
 }
 
+/// Thread `tid`'s scheduling policy and real-time priority.
+fn policy_of(tid: i32) -> io::Result<(i32, i32)> {
+    // SAFETY: sched_getscheduler(2) only reads its argument.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    if policy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param the call writes into.
+    match unsafe { libc::sched_getparam(tid, &mut param) } {
+        0 => Ok((policy, param.sched_priority)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Sets thread `tid`'s scheduling policy and real-time priority (0 for
+/// the ordinary policies).
+fn set_policy(tid: i32, policy: i32, priority: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: sched_setscheduler(2) only reads `param`, a valid
+    // sched_param that outlives the call.
+    match unsafe { libc::sched_setscheduler(tid, policy, &param) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +206,7 @@ mod tests {
     fn a_raise_is_undone_when_dropped() {
         let tid = current_tid();
         let before = nice_of(tid).unwrap();
-        let (raised, refused) = Raised::raise(&[tid], -5);
+        let (raised, refused) = Raised::raise(&[tid], StopPriority::Nice(-5));
         match refused {
             // Without CAP_SYS_NICE nothing changed.
             Some(_) => assert_eq!(nice_of(tid).unwrap(), before),
@@ -112,8 +217,23 @@ mod tests {
     }
 
     #[test]
+    fn a_realtime_raise_is_undone_when_dropped() {
+        let tid = current_tid();
+        let before = (policy_of(tid).unwrap(), nice_of(tid).unwrap());
+        let (raised, refused) = Raised::raise(&[tid], StopPriority::Realtime);
+        match refused {
+            // Refused real-time, the thread has the fallback nice value
+            // (or, refused that too, what it had).
+            Some(_) => assert_eq!(policy_of(tid).unwrap(), before.0),
+            None => assert_eq!(policy_of(tid).unwrap(), (libc::SCHED_FIFO, 1)),
+        }
+        drop(raised);
+        assert_eq!((policy_of(tid).unwrap(), nice_of(tid).unwrap()), before);
+    }
+
+    #[test]
     fn threads_not_yet_known_are_skipped() {
-        let (raised, refused) = Raised::raise(&[0], -5);
+        let (raised, refused) = Raised::raise(&[0], StopPriority::Realtime);
         assert!(raised.threads.is_empty());
         assert!(refused.is_none());
     }

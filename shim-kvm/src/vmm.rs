@@ -48,8 +48,8 @@ pub trait Vcpus: Send + Sync {
 
     /// The kernel thread ids of the threads that run the vCPUs. Until they
     /// have left `KVM_RUN` and parked they are the stop, so the source
-    /// lowers their nice value with its own threads' for
-    /// [`Vcpus::pause_all`] (`SourceOptions::stop_nice`) and puts it back
+    /// raises them with its own threads for [`Vcpus::pause_all`]
+    /// (`SourceOptions::stop_priority`) and puts them back
     /// once it returns. The default, none, leaves them as they are.
     fn thread_ids(&self) -> Vec<i32> {
         Vec::new()

@@ -54,6 +54,12 @@ pub trait DestinationHost {
     fn channels(&mut self) -> Option<&mut dyn ChannelsHost<Error = Self::Error>> {
         None
     }
+
+    /// The source is about to stop its guest (its SwitchoverStart): from
+    /// now until the guest starts here, every moment is downtime. A host
+    /// may put its migration threads ahead of the others for that span;
+    /// the default does nothing.
+    fn stop_starting(&mut self) {}
 }
 
 /// What the channels placed between two syncs, for the statistics.

@@ -1577,7 +1577,7 @@ impl Loader<'_> {
             Command::RecvBitmap { .. } | Command::PostcopyResume => {
                 return Err(DestError::UnexpectedCommand("a recovery command").into());
             }
-            Command::SwitchoverStart => {}
+            Command::SwitchoverStart => host.stop_starting(),
             Command::DigestKey(seed) => {
                 if self.books.is_none() {
                     return Err(DestError::VerifyUnsupported.into());

@@ -20,6 +20,8 @@ struct Recorder {
     discards: Vec<(u16, PageRange)>,
     /// The migration id of the preempt channel the engine asked to open.
     preempt: Option<u64>,
+    /// SwitchoverStart commands heard.
+    stops_announced: usize,
 }
 
 impl DestinationHost for Recorder {
@@ -43,6 +45,9 @@ impl DestinationHost for Recorder {
     }
     fn postcopy(&mut self) -> Option<&mut dyn PostcopyHost<Error = Self::Error>> {
         if self.postcopy { Some(self) } else { None }
+    }
+    fn stop_starting(&mut self) {
+        self.stops_announced += 1;
     }
 }
 
@@ -996,6 +1001,21 @@ fn a_refused_setup_section_hands_back_the_host_error_before_any_ram() {
         .encode(&mut expected[a..])
         .unwrap();
     assert_eq!(&rp[..n], &expected[..a + b]);
+}
+
+/// The source's SwitchoverStart reaches the host as it arrives, before any
+/// record after it.
+#[test]
+fn a_switchover_start_tells_the_host_the_stop_began() {
+    let l = layout(16);
+    let stream = [header(), record(Record::Command(Command::SwitchoverStart))].concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let mut host = Recorder::default();
+    assert_eq!(host.stops_announced, 0);
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
+    assert_eq!(host.stops_announced, 1);
+    assert_eq!(d.status(), MigrationStatus::Active);
 }
 
 /// A return path the caller does not drain fails the migration with a

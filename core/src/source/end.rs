@@ -179,6 +179,8 @@ pub(super) struct Handshake {
     pub return_path: bool,
     /// The destination approved the switchover (switchover-ack).
     pub switchover_acked: bool,
+    /// The SwitchoverStart command went out, just before the vCPU stop.
+    pub stop_announced: bool,
     /// The COMMIT has been handed out: the vCPUs are never resumed again.
     pub committed: bool,
     /// The destination confirmed the end (SHUT(0)): nothing can turn the
@@ -197,6 +199,7 @@ impl Handshake {
         Handshake {
             return_path,
             switchover_acked: false,
+            stop_announced: false,
             committed: false,
             confirmed: false,
             sent_at: Instant::ZERO,

@@ -1209,10 +1209,7 @@ impl<'a> SourceEngine<'a> {
                 Some(SourceAction::PackageDevices)
             }
             Step::Postcopy => self.postcopy_pages(ram),
-            Step::StopVcpus => {
-                self.step = Step::AwaitStopped;
-                Some(SourceAction::StopVcpus)
-            }
+            Step::StopVcpus => Some(self.stop_step()),
             Step::SaveDevices => {
                 self.step = Step::AwaitDevices;
                 Some(SourceAction::SaveDevices)
@@ -1265,6 +1262,28 @@ impl<'a> SourceEngine<'a> {
     }
 
     // ---- internals ------------------------------------------------------
+
+    /// [`Step::StopVcpus`]: a SwitchoverStart first, then the stop. It
+    /// tells the destination that from its arrival to its guest's start
+    /// every moment is downtime, which a host that raises its threads'
+    /// priority for the stop can only learn from the source: the pages of
+    /// the final pass look like any other pass's. (It is a command every
+    /// destination takes; QEMU sends its namesake only for switchover-ack,
+    /// and nothing depends on its answer here.)
+    fn stop_step(&mut self) -> SourceAction<'_> {
+        if !self.end.stop_announced {
+            self.end.stop_announced = true;
+            return match Record::Command(Command::SwitchoverStart).encode(self.scratch) {
+                Ok(len) => {
+                    self.count_sent(len as u64, 0);
+                    SourceAction::Send(&self.scratch[..len])
+                }
+                Err(e) => self.encode_failed(e),
+            };
+        }
+        self.step = Step::AwaitStopped;
+        SourceAction::StopVcpus
+    }
 
     fn begin_sync(&mut self, kind: SyncKind) -> SourceAction<'static> {
         self.step = Step::AwaitSync(kind);

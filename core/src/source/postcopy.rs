@@ -298,8 +298,8 @@ impl<'a> SourceEngine<'a> {
         if self.now < self.postcopy.early_sent_at + EARLY_DISCARD_WAIT {
             return None;
         }
-        self.step = Step::AwaitStopped;
-        Some(SourceAction::StopVcpus)
+        self.step = Step::StopVcpus;
+        Some(self.stop_step())
     }
 
     /// Emits the next `postcopy-ram-discard` of the stop: runs of dirty

@@ -221,6 +221,50 @@ fn an_interrupted_destination_fails_the_migration_and_the_guest_resumes_here() {
     );
 }
 
+/// A precopy stop is announced: the write just before the vCPU stop is a
+/// SwitchoverStart, sent once, so the destination knows the downtime has
+/// begun before the final pages reach it.
+#[test]
+fn the_stop_is_announced_by_a_switchover_start() {
+    let l = layout();
+    let mut config = MigrationConfig::default();
+    config.parameters.max_bandwidth = 0;
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    let announce = switchover_start();
+    let (mut announced, mut last_sent, mut stops) = (0, vec::Vec::new(), 0);
+    while let Some(action) = s.poll_action(now, &AllZero) {
+        match action {
+            SourceAction::SyncDirtyLog => {
+                s.handle_dirty_log(0, &[0; 16]).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            SourceAction::StopVcpus => {
+                stops += 1;
+                assert_eq!(last_sent, announce, "the stop follows its announcement");
+                s.handle_vcpus_stopped(now).unwrap();
+            }
+            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+            SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
+            SourceAction::Send(bytes) => {
+                announced += usize::from(bytes == &announce[..]);
+                last_sent = bytes.to_vec();
+            }
+            SourceAction::Finished(status) => {
+                assert_eq!(status, EndReason::Completed);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((stops, announced), (1, 1));
+}
+
 /// Drives a return-path precopy of an idle 1024-page guest up to the end
 /// of the stream (the engine then waits for LOADED), and hands the engine
 /// to `f` with the time it got there.
@@ -888,6 +932,26 @@ fn at_the_postcopy_decision(f: impl FnOnce(&mut SourceEngine<'_>, Instant, &[vec
     f(&mut s, now, &since_decision);
 }
 
+/// The SwitchoverStart record that goes out just before the vCPU stop.
+fn switchover_start() -> vec::Vec<u8> {
+    let mut rec = vec![0u8; 16];
+    let n = Record::Command(Command::SwitchoverStart)
+        .encode(&mut rec)
+        .unwrap();
+    rec.truncate(n);
+    rec
+}
+
+/// The next action is the SwitchoverStart record, and the one after it
+/// the vCPU stop.
+fn assert_announced_stop(s: &mut SourceEngine<'_>, now: Instant) {
+    match s.poll_action(now, &AllZero) {
+        Some(SourceAction::Send(b)) => assert_eq!(b, &switchover_start()[..]),
+        other => panic!("expected the SwitchoverStart, got {other:?}"),
+    }
+    assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::StopVcpus));
+}
+
 fn early_discard_ping() -> vec::Vec<u8> {
     let mut ping = vec![0u8; 64];
     let n = Record::Command(Command::Ping(EARLY_DISCARD_PING))
@@ -914,7 +978,7 @@ fn postcopy_discards_early_and_stops_after_the_destination_answered() {
         assert_eq!(s.poll_timeout(), Some(now + EARLY_DISCARD_WAIT));
         s.handle_return_path(now, &RpMessage::Pong(EARLY_DISCARD_PING))
             .unwrap();
-        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::StopVcpus));
+        assert_announced_stop(s, now);
     });
 }
 
@@ -923,11 +987,7 @@ fn postcopy_discards_early_and_stops_after_the_destination_answered() {
 #[test]
 fn an_unanswered_early_discard_ping_stops_the_guest_anyway() {
     at_the_postcopy_decision(|s, now, _| {
-        let later = now + EARLY_DISCARD_WAIT;
-        assert_eq!(
-            s.poll_action(later, &AllZero),
-            Some(SourceAction::StopVcpus)
-        );
+        assert_announced_stop(s, now + EARLY_DISCARD_WAIT);
     });
 }
 

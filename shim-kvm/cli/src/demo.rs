@@ -68,8 +68,8 @@ use livemig_kvm::migrate::destination;
 use livemig_kvm::transport::{Connection, Listener, MigrationUri, TransportError};
 use livemig_kvm::vmm::{DeviceSection, Vcpus};
 use livemig_kvm::{
-    CancelRefused, DestinationVm, MigrateError, ReceiveOptions, Recovery, SourceOptions,
-    SourceReport, SourceVm,
+    CancelRefused, DestinationVm, MigrateError, ReceiveOptions, SourceOptions, SourceReport,
+    SourceVm,
 };
 
 use crate::continuity::{GuestContinuity, serial_continued, serial_sequence, vcpu_continued};
@@ -822,6 +822,13 @@ fn receive_summary(
     if let Some(errno) = report.populate_refused {
         extra.insert("populate-refused-errno".into(), json!(errno));
     }
+    extra.insert(
+        "stop-priority-threads".into(),
+        json!(report.priority_raised),
+    );
+    if let Some(errno) = report.priority_refused {
+        extra.insert("stop-priority-refused-errno".into(), json!(errno));
+    }
     if let Some(a) = after {
         let sum = |f: fn(&crate::vmm::vcpus::VcpuReport) -> u64| a.vcpus.iter().map(f).sum::<u64>();
         extra.insert("guest-generation".into(), json!(sum(|r| r.generation)));
@@ -917,10 +924,8 @@ pub fn run_receive(
     mem_mib: u64,
     vcpus: u32,
     run_for: Duration,
-    idle_timeout: Duration,
-    recovery: Recovery,
+    options: ReceiveOptions,
     blocktime: bool,
-    digest: bool,
     digest_unwritten: bool,
     announce: &mut dyn Write,
     progress: &mut Progress,
@@ -938,15 +943,6 @@ pub fn run_receive(
     // Only now: until a migration arrives, Ctrl-C simply ends the process.
     let interrupt = Cancel::new();
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
-    // The migration verifies itself; `digest` adds a second opinion the
-    // operator (or `demo`) compares with the source's, computed inside
-    // the stop.
-    let options = ReceiveOptions {
-        idle_timeout,
-        digest,
-        recovery,
-        ..ReceiveOptions::default()
-    };
     // From before the first page: after a postcopy it says which pages
     // the guest wrote here.
     let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())
@@ -1163,6 +1159,13 @@ pub fn run_demo_with(
         // destination's digest of what it loaded, compared here.
         .args((check == MemoryCheck::Digest).then_some("--digest"))
         .args((check == MemoryCheck::Unwritten).then_some("--digest-unwritten"))
+        // Both sides raise their threads for the stop, or neither.
+        .args(
+            options
+                .stop_priority
+                .is_none()
+                .then_some("--no-stop-priority"),
+        )
         .args(
             config
                 .capabilities

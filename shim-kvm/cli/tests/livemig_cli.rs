@@ -934,3 +934,28 @@ fn a_user_who_may_not_open_dev_kvm_is_told_why() {
     );
     assert_eq!(json_of(&out)["backend"], "simulated", "{out:?}");
 }
+
+/// The stop priority reaches the destination: its stream reader and
+/// migration thread are raised from the source's SwitchoverStart to its
+/// guest's start, and `--no-stop-priority` (which `demo` hands its
+/// destination) leaves every thread as it was on both sides.
+#[test]
+fn demo_raises_the_destinations_threads_for_the_stop_unless_told_not_to() {
+    if !kvm_available() {
+        return;
+    }
+    let small = ["--mem-mib", "256", "--dirty-mib", "16", "--run-ms", "200"];
+    let on = demo_ok(&small);
+    assert_eq!(on["verified"], true, "{on}");
+    assert_eq!(on["guest-continued"], true, "{on}");
+    let d = &on["destination"];
+    assert!(
+        d.get("stop-priority-refused-errno").is_none(),
+        "refused as root: {on}"
+    );
+    assert_eq!(d["stop-priority-threads"], 2, "{on}");
+    let off = demo_ok(&[&small[..], &["--no-stop-priority"]].concat());
+    assert_eq!(off["verified"], true, "{off}");
+    assert_eq!(off["guest-continued"], true, "{off}");
+    assert_eq!(off["destination"]["stop-priority-threads"], 0, "{off}");
+}

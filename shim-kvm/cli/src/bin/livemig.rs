@@ -26,13 +26,12 @@ use livemig_cli::{qemu, run, verify_cost, vmm, vs_qemu};
 use livemig_core::capabilities::Capabilities;
 use livemig_core::config::{MigrationConfig, SwitchoverPolicy};
 use livemig_core::status::MigrationStatus;
-use livemig_kvm::Recovery;
 use livemig_kvm::dirty_log::DirtyLogMode;
 use livemig_kvm::migrate::recovery::DEFAULT_RECOVER_TIMEOUT;
-use livemig_kvm::migrate::source::{
-    DEFAULT_SLICE_MS, DEFAULT_STOP_COST, DEFAULT_STOP_NICE, SourceOptions,
-};
+use livemig_kvm::migrate::source::{DEFAULT_SLICE_MS, DEFAULT_STOP_COST, SourceOptions};
+use livemig_kvm::priority::StopPriority;
 use livemig_kvm::transport::MigrationUri;
+use livemig_kvm::{ReceiveOptions, Recovery};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -173,9 +172,11 @@ struct Migration {
     no_stop_throttle: bool,
     /// Leave the migration's threads at their usual priority during the
     /// stop (by default the migration thread and the return-path reader
-    /// run at nice -10 from the vCPU stop until the guest runs again, so
-    /// that their wake-ups in the stop do not wait behind other threads;
-    /// without CAP_SYS_NICE the summary's `stop-priority-refused` says so).
+    /// run real-time, SCHED_FIFO 1, or at nice -10 where that is refused,
+    /// from the vCPU stop until the guest runs again, and the vCPU threads
+    /// until they are parked, so that their wake-ups in the stop do not
+    /// wait behind other threads; a refusal is in the summary's
+    /// `stop-priority-refused`). `demo` passes it to its destination.
     #[arg(long)]
     no_stop_priority: bool,
 }
@@ -252,7 +253,7 @@ struct DemoArgs {
     /// the switchover, as a cut link would; the migration pauses, recovers
     /// over a new connection, and the summary counts it in
     /// `postcopy-recoveries`. Unless --param max-postcopy-bandwidth= is
-    /// given, the background pass is held to 32 MiB/s so that the postcopy
+    /// given, the background pass is held to 4 MiB/s so that the postcopy
     /// still runs at the cut.
     #[arg(long, value_name = "MS")]
     cut_after_ms: Option<u64>,
@@ -322,6 +323,14 @@ struct ReceiveArgs {
     /// destination waiting forever).
     #[arg(long, default_value_t = 30_000)]
     idle_timeout_ms: u64,
+    /// Leave the migration's threads at their usual priority in the stop
+    /// (by default the migration thread and the stream's reader run
+    /// real-time, SCHED_FIFO 1, or at nice -10 where that is refused, from
+    /// the first vCPU state received until the guest starts here, so that
+    /// their wake-ups in the stop do not wait behind other threads; a
+    /// refusal is in the summary's `stop-priority-refused-errno`).
+    #[arg(long)]
+    no_stop_priority: bool,
     /// Also digest the loaded memory before the guest starts (a second
     /// opinion to compare with the sender's `digest`; it lengthens the
     /// downtime by `digest-time`).
@@ -517,14 +526,14 @@ fn source_options(m: &Migration, workload: &Workload, receiver_digests: bool) ->
         stop_cost: DEFAULT_STOP_COST + digest,
         verify: !m.no_verify,
         audit: m.audit,
-        stop_nice: stop_nice(m),
+        stop_priority: stop_priority(m),
         ..SourceOptions::default()
     }
 }
 
-/// The nice value of the migration's threads during the stop.
-fn stop_nice(m: &Migration) -> Option<i8> {
-    (!m.no_stop_priority).then_some(DEFAULT_STOP_NICE)
+/// The priority of the migration's threads during the stop.
+fn stop_priority(m: &Migration) -> Option<StopPriority> {
+    (!m.no_stop_priority).then_some(StopPriority::Realtime)
 }
 
 /// The moment the guest changes hands in postcopy, on stderr (also with
@@ -535,10 +544,12 @@ fn announce_switchover() {
 }
 
 /// `demo --cut-after-ms`'s background pass without
-/// `--param max-postcopy-bandwidth=`: 32 MiB/s, so that the default 64 MiB
-/// working set takes about two seconds to arrive and the cut finds the
-/// postcopy running.
-const CUT_POSTCOPY_BANDWIDTH: u64 = 32 << 20;
+/// `--param max-postcopy-bandwidth=`: 4 MiB/s, so that the cut finds the
+/// postcopy running. The early discards leave only the pages dirtied
+/// since the last precopy sync to the background pass, about 10 MB of the
+/// default 64 MiB working set: at 32 MiB/s that was done 0.3 s after the
+/// switchover, and a cut at 200 ms missed it one run in four.
+const CUT_POSTCOPY_BANDWIDTH: u64 = 4 << 20;
 
 /// What [`announce_switchover`] prints.
 const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the destination; \
@@ -708,7 +719,7 @@ fn bench_options(a: &BenchArgs) -> BenchOptions {
         source: SourceOptions {
             verify: !a.migration.no_verify,
             audit: a.migration.audit,
-            stop_nice: stop_nice(&a.migration),
+            stop_priority: stop_priority(&a.migration),
             timeline_slice_ms: a.timeline.timeline_slice_ms,
             ..SourceOptions::default()
         },
@@ -1110,13 +1121,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 a.mem_mib,
                 a.vcpus,
                 Duration::from_millis(a.run_ms),
-                Duration::from_millis(a.idle_timeout_ms),
-                Recovery {
-                    address: a.recover_listen.as_deref().map(uri).transpose()?,
-                    timeout: Duration::from_secs(a.recover_timeout_s),
+                // The migration verifies itself; `--digest` adds a second
+                // opinion the operator (or `demo`) compares with the
+                // source's, computed inside the stop.
+                ReceiveOptions {
+                    idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+                    digest: a.digest,
+                    recovery: Recovery {
+                        address: a.recover_listen.as_deref().map(uri).transpose()?,
+                        timeout: Duration::from_secs(a.recover_timeout_s),
+                    },
+                    stop_priority: (!a.no_stop_priority).then_some(StopPriority::Realtime),
+                    ..ReceiveOptions::default()
                 },
                 receive_blocktime(&a.caps)?,
-                a.digest,
                 a.digest_unwritten,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),

@@ -9,6 +9,8 @@
 //! buffer in flight) can reach the engine after it.
 
 use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI32;
 use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,19 +35,24 @@ impl Incoming {
     /// Starts reading `conn` into [`READ_BUFFERS`] buffers of its own,
     /// each read sent to `events`. Fails if the connection cannot be
     /// duplicated for the reader or the reader's thread cannot start.
-    pub(super) fn open(conn: Connection, events: &Sender<Event>) -> Result<Self, MigrateError> {
+    /// The reader stores its kernel thread id in `tid` as it starts.
+    pub(super) fn open(
+        conn: Connection,
+        events: &Sender<Event>,
+        tid: &Arc<AtomicI32>,
+    ) -> Result<Self, MigrateError> {
         let reader_conn = conn.try_clone()?;
         let (pool, buffers) = mpsc::channel();
         for _ in 0..READ_BUFFERS {
             // The receiver is alive: it is `buffers`, moved into the reader.
             let _ = pool.send(vec![0u8; READ_BUFFER]);
         }
-        let reader = spawn_reader(reader_conn, events.clone(), buffers).map_err(|error| {
-            MigrateError::Spawn {
+        let reader = spawn_reader(reader_conn, events.clone(), buffers, Arc::clone(tid)).map_err(
+            |error| MigrateError::Spawn {
                 thread: "main stream reader",
                 error,
-            }
-        })?;
+            },
+        )?;
         Ok(Incoming { conn, pool, reader })
     }
 

@@ -75,6 +75,7 @@ mod requests;
 mod required;
 
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -101,6 +102,7 @@ use super::{MigrateError, ReceiveHandle, Recovery, ram_layout};
 use crate::clock;
 use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
+use crate::priority::{self, Raised, StopPriority};
 use crate::transport::{Connection, Listener, TransportError};
 use crate::vmm::{DeviceSection, Vcpus};
 use crate::x86::{CpuModel, VcpuCaps, VcpuState, VmState};
@@ -173,6 +175,15 @@ pub struct ReceiveOptions {
     /// [`DestinationReport::populate_refused`] says so. Not used once
     /// postcopy registers the RAM (pages are installed by userfaultfd).
     pub populate: bool,
+    /// The priority the migration thread and the stream's reader take
+    /// from the source's announcement of its stop (SwitchoverStart, before
+    /// the final pages of a precopy or the postcopy switchover) until the
+    /// guest starts here (`None`: left as
+    /// they are): in that span every wake-up that waits for a CPU is
+    /// downtime (see [`crate::priority`]).
+    /// [`DestinationReport::priority_refused`] says when the host did not
+    /// allow it.
+    pub stop_priority: Option<StopPriority>,
 }
 
 impl Default for ReceiveOptions {
@@ -182,6 +193,7 @@ impl Default for ReceiveOptions {
             digest: false,
             recovery: Recovery::default(),
             populate: true,
+            stop_priority: Some(StopPriority::Realtime),
         }
     }
 }
@@ -247,6 +259,13 @@ pub struct DestinationReport {
     /// The errno with which the kernel refused to populate, turning
     /// [`ReceiveOptions::populate`] off for the rest of the migration.
     pub populate_refused: Option<i32>,
+    /// The OS error (errno) with which raising the migration's threads
+    /// for the stop was refused ([`ReceiveOptions::stop_priority`]).
+    pub priority_refused: Option<i32>,
+    /// Threads raised for the stop (the stream reader and the migration
+    /// thread; 0 without [`ReceiveOptions::stop_priority`] or before a
+    /// SwitchoverStart arrived).
+    pub priority_raised: usize,
 }
 
 /// The postcopy side of [`KvmHost`].
@@ -303,6 +322,51 @@ pub struct KvmHost {
     end_received_ns: Option<u64>,
     /// Received pages' memory populated before their write.
     populate: Arc<Populate>,
+    /// The threads raised from the source's SwitchoverStart to the start.
+    stop: StopRaise,
+}
+
+/// The migration's threads raised for the stop
+/// ([`ReceiveOptions::stop_priority`]).
+#[derive(Debug, Default)]
+struct StopRaise {
+    priority: Option<StopPriority>,
+    /// The current stream reader's kernel thread id (0 until it started).
+    reader_tid: Arc<AtomicI32>,
+    /// Put back when dropped (at the start, or with the host).
+    raised: Option<Raised>,
+    refused: Option<i32>,
+    /// Threads raised.
+    count: usize,
+}
+
+impl StopRaise {
+    /// Raises this thread and the reader, once.
+    fn raise(&mut self) {
+        let Some(priority) = self.priority else {
+            return;
+        };
+        if self.raised.is_some() {
+            return;
+        }
+        let tids = [
+            priority::current_tid(),
+            self.reader_tid.load(Ordering::Acquire),
+        ];
+        let (raised, refused) = Raised::raise(&tids, priority);
+        self.count = raised.len();
+        self.raised = Some(raised);
+        if let Some(errno) = refused.and_then(|e| e.raw_os_error()) {
+            self.refused.get_or_insert(errno);
+        }
+    }
+
+    /// Puts the threads back, and raises no more: the stop is over (the
+    /// guest started, and the source was told).
+    fn end(&mut self) {
+        self.raised = None;
+        self.priority = None;
+    }
 }
 
 impl KvmHost {
@@ -631,6 +695,10 @@ impl DestinationHost for KvmHost {
         Some(self)
     }
 
+    fn stop_starting(&mut self) {
+        self.stop.raise();
+    }
+
     fn channels(&mut self) -> Option<&mut dyn ChannelsHost<Error = HostFailure>> {
         Some(self)
     }
@@ -763,10 +831,12 @@ fn spawn_reader(
     conn: Connection,
     events: Sender<Event>,
     pool: Receiver<Vec<u8>>,
+    tid: Arc<AtomicI32>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("livemig-stream".into())
         .spawn(move || {
+            tid.store(priority::current_tid(), Ordering::Release);
             // No buffer back means the migration thread is done.
             while let Ok(mut buf) = pool.recv() {
                 let event = match conn.read(&mut buf) {
@@ -865,6 +935,10 @@ fn start_receive(
         channel_deadline: options.idle_timeout,
         end_received_ns: None,
         populate: Arc::new(Populate::new(options.populate)),
+        stop: StopRaise {
+            priority: options.stop_priority,
+            ..StopRaise::default()
+        },
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
         run(host, events, required, conn, options, shared)
@@ -930,7 +1004,7 @@ fn run(
         .verify_with(&mut books)
         .map_err(MigrateError::Destination)?;
     engine.begin(clock::now());
-    let incoming = Incoming::open(conn, &host.events)?;
+    let incoming = Incoming::open(conn, &host.events, &host.stop.reader_tid)?;
     let (mut error, incoming) = run_receive_loop(
         &mut engine,
         &mut host,
@@ -951,6 +1025,9 @@ fn run(
         && host.registered().is_none()
         && !options.digest)
         .then(|| (clock::monotonic_ns(), host.start_guest()));
+    // The confirmation went out in the loop; with the guest started (or
+    // the load over) nothing here is downtime any more.
+    host.stop.end();
     // Free a reader still blocked in read (a failed migration) and let it
     // end: without buffers it stops at its next one.
     if let Some(incoming) = incoming {
@@ -977,6 +1054,8 @@ fn run(
         postcopy: None,
         populated_pages: host.populate.populated_pages(),
         populate_refused: host.populate.refused(),
+        priority_refused: host.stop.refused,
+        priority_raised: host.stop.count,
     };
     let in_postcopy = host.registered().is_some();
     if in_postcopy {
@@ -1233,6 +1312,11 @@ fn run_receive_loop(
             }
         }
         send_return_path(engine, host, link.as_ref(), &mut out, &mut error, &mut cut);
+        if host.started_ns.is_some() {
+            // A postcopy guest runs here, and what the source waits for
+            // (the PONG after the switchover) is out: the stop is over.
+            host.stop.end();
+        }
         if engine.is_paused() {
             // Requests wait for the recovery, with the engine.
             host.writer.close();
@@ -1261,7 +1345,7 @@ fn run_receive_loop(
                     while events.try_recv().is_ok() {}
                     // A connection that cannot be read leaves the engine
                     // paused: the source tries again.
-                    if let Ok(l) = Incoming::open(conn, &host.events) {
+                    if let Ok(l) = Incoming::open(conn, &host.events, &host.stop.reader_tid) {
                         let peer = l.conn.peer().to_string();
                         link = Some(l);
                         pause = None;

@@ -256,7 +256,7 @@ pub(super) struct SourceDriver<'e> {
     /// has not yet been given, in order: the bytes it served it with, or
     /// `None`.
     pub(super) served: VecDeque<Option<u64>>,
-    /// The nice value raised for the stop ([`SourceOptions::stop_nice`]),
+    /// The threads raised for the stop ([`SourceOptions::stop_priority`]),
     /// put back when dropped: when the guest runs again on either host.
     pub(super) raised: Option<Raised>,
     /// The reader thread sent its last event.
@@ -574,13 +574,19 @@ impl SourceDriver<'_> {
 
     /// [`SourceAction::StopVcpus`]: pauses the vCPUs for the stop-and-copy.
     fn stop_vcpus(&mut self) {
+        // The SwitchoverStart the engine just wrote goes out before the
+        // stop, so the destination raises its threads while this one
+        // pauses the vCPUs. A link that fails here fails the next write
+        // too, in the stop, where the engine resumes the guest as after
+        // any write that fails there.
+        let _ = self.link.flush();
         self.report.stop.requested_ns = Some(clock::monotonic_ns());
         self.raise_priority();
         // The vCPU threads only until they are parked.
         let vcpus = self
             .options
-            .stop_nice
-            .map(|nice| Raised::raise(&self.guest.vcpu_threads(), nice));
+            .stop_priority
+            .map(|priority| Raised::raise(&self.guest.vcpu_threads(), priority));
         let paused = self.guest.pause();
         if let Some((raised, refused)) = vcpus {
             drop(raised);
@@ -611,17 +617,17 @@ impl SourceDriver<'_> {
         }
     }
 
-    /// Lowers the nice value of this thread and the reader's for the stop
-    /// ([`SourceOptions::stop_nice`]); a refusal is kept in the report.
+    /// Raises this thread and the reader for the stop
+    /// ([`SourceOptions::stop_priority`]); a refusal is kept in the report.
     fn raise_priority(&mut self) {
-        let Some(nice) = self.options.stop_nice else {
+        let Some(priority) = self.options.stop_priority else {
             return;
         };
         let tids = [
             priority::current_tid(),
             self.reader_tid.load(Ordering::Acquire),
         ];
-        let (raised, refused) = Raised::raise(&tids, nice);
+        let (raised, refused) = Raised::raise(&tids, priority);
         self.raised = Some(raised);
         self.report.stop.priority_refused = refused.and_then(|e| e.raw_os_error());
     }

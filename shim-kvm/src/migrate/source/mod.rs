@@ -56,6 +56,7 @@ use crate::clock;
 use crate::dirty_log::DirtyLogMode;
 use crate::memory::GuestMemory;
 use crate::memory::PAGE_SIZE;
+use crate::priority::StopPriority;
 use crate::transport::Connection;
 use crate::vmm::{DeviceDirtyLog, DeviceSection, Vcpus};
 use crate::x86::{CpuModel, VcpuCaps};
@@ -133,13 +134,14 @@ pub struct SourceOptions {
     /// migration: where to connect again and for how long to try (see
     /// [`Recovery`]).
     pub recovery: Recovery,
-    /// The nice value the migration thread and the return-path reader take
-    /// from the vCPU stop until the guest runs again on either host (`None`:
-    /// left as they are). While the guest is stopped those threads are
-    /// all that runs for it, and a wake-up that waits for a CPU is
-    /// downtime; see `SourceStop::priority_refused` for a host that does
-    /// not allow it.
-    pub stop_nice: Option<i8>,
+    /// The priority the migration thread and the return-path reader take
+    /// from the vCPU stop until the guest runs again on either host, and
+    /// the vCPU threads until they are parked (`None`: left as they are).
+    /// While the guest is stopped those threads are all that runs for it,
+    /// and a wake-up that waits for a CPU is downtime (see
+    /// [`crate::priority`]); see `SourceStop::priority_refused` for a host
+    /// that does not allow it.
+    pub stop_priority: Option<StopPriority>,
     /// Width of the report's [`Timeline`] slices, ms: 100
     /// ([`DEFAULT_SLICE_MS`]) suits migrations of seconds; a migration of
     /// a fraction of a second needs finer ones to show its passes. The
@@ -156,10 +158,6 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// development VM (idle `demo`, loopback).
 pub const DEFAULT_STOP_COST: Duration = Duration::from_millis(5);
 
-/// Default for [`SourceOptions::stop_nice`]: well ahead of the host's
-/// ordinary threads (nice 0) for the few milliseconds of a stop.
-pub const DEFAULT_STOP_NICE: i8 = -10;
-
 impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
@@ -171,7 +169,7 @@ impl Default for SourceOptions {
             verify: true,
             audit: false,
             recovery: Recovery::default(),
-            stop_nice: Some(DEFAULT_STOP_NICE),
+            stop_priority: Some(StopPriority::Realtime),
             timeline_slice_ms: DEFAULT_SLICE_MS,
         }
     }

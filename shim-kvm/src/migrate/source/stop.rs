@@ -74,10 +74,13 @@ pub struct SourceStop {
     pub final_page_bytes: u64,
     /// Bytes of the device state, headers included.
     pub device_bytes: u64,
-    /// The OS error (errno) with which lowering the migration threads'
-    /// nice value for the stop was refused (`SourceOptions::stop_nice`;
-    /// without `CAP_SYS_NICE`, `EACCES` or `EPERM`): the stop then ran at
-    /// their usual priority.
+    /// The OS error (errno) with which raising the migration threads for
+    /// the stop was refused (`SourceOptions::stop_priority`; without
+    /// `CAP_SYS_NICE`, `EACCES` or `EPERM`): the stop then ran at the
+    /// fallback nice value of [`StopPriority::Realtime`], or at their usual
+    /// priority.
+    ///
+    /// [`StopPriority::Realtime`]: crate::priority::StopPriority::Realtime
     pub priority_refused: Option<i32>,
 }
 
