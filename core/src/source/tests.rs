@@ -23,13 +23,18 @@ impl PageReader for AllZero {
 /// Runs `f` on a fresh engine over a 1024-page block with the default
 /// configuration.
 fn with_engine(f: impl FnOnce(&mut SourceEngine<'_>)) {
+    with_config(&MigrationConfig::default(), f);
+}
+
+/// Runs `f` on a fresh engine over [`layout`]'s 1024-page block with
+/// `config`.
+fn with_config(config: &MigrationConfig, f: impl FnOnce(&mut SourceEngine<'_>)) {
     let l = layout();
-    let config = MigrationConfig::default();
     let shift = config.parameters.clear_bitmap_shift;
     let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
     let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
     let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    let mut s = SourceEngine::new(config, &l, &mut tracking, &mut scratch).unwrap();
     f(&mut s);
 }
 
@@ -166,59 +171,57 @@ fn an_interrupted_destination_fails_the_migration_and_the_guest_resumes_here() {
         );
     });
 
-    let l = layout();
     let mut config = MigrationConfig::default();
     config.capabilities |= Capabilities::POSTCOPY_RAM;
     config.parameters.downtime_limit_ms = 0;
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let mut now = Instant::ZERO;
-    s.start(now).unwrap();
-    s.start_postcopy(now).unwrap();
-    let dirty = [u64::MAX; 16];
-    let mut packaged = false;
-    for _ in 0..10_000 {
-        match s.poll_action(now, &AllZero) {
-            Some(SourceAction::SyncDirtyLog) => {
-                s.handle_dirty_log(0, &dirty).unwrap();
-                s.handle_sync_done(now).unwrap();
+    with_config(&config, |s| {
+        let mut now = Instant::ZERO;
+        s.start(now).unwrap();
+        s.start_postcopy(now).unwrap();
+        let dirty = [u64::MAX; 16];
+        let mut packaged = false;
+        for _ in 0..10_000 {
+            match s.poll_action(now, &AllZero) {
+                Some(SourceAction::SyncDirtyLog) => {
+                    s.handle_dirty_log(0, &dirty).unwrap();
+                    s.handle_sync_done(now).unwrap();
+                }
+                Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
+                Some(SourceAction::SaveSetupDevices) => {
+                    s.handle_setup_devices_sent(now, 0).unwrap()
+                }
+                Some(SourceAction::PackageDevices) => {
+                    s.package_devices(now, 16).unwrap();
+                    s.handle_package_sent(now).unwrap();
+                    packaged = true;
+                    break;
+                }
+                Some(SourceAction::Finished(status)) => panic!("finished early: {status:?}"),
+                Some(_) => {}
+                // Held back by the rate limit: on to the next slice.
+                None => now = s.poll_timeout().expect("stalled before the switchover"),
             }
-            Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
-            Some(SourceAction::SaveSetupDevices) => s.handle_setup_devices_sent(now, 0).unwrap(),
-            Some(SourceAction::PackageDevices) => {
-                s.package_devices(now, 16).unwrap();
-                s.handle_package_sent(now).unwrap();
-                packaged = true;
-                break;
-            }
-            Some(SourceAction::Finished(status)) => panic!("finished early: {status:?}"),
-            Some(_) => {}
-            // Held back by the rate limit: on to the next slice.
-            None => now = s.poll_timeout().expect("stalled before the switchover"),
         }
-    }
-    assert!(packaged && s.guest_on_destination());
-    assert!(s.cancel(now).is_err(), "a cancel is refused now");
-    s.handle_return_path(now, &RpMessage::Interrupted { signal: 15 })
-        .unwrap();
-    assert_eq!(
-        s.poll_action(now, &AllZero),
-        Some(SourceAction::ResumeVcpus)
-    );
-    assert_eq!(
-        s.poll_action(now, &AllZero),
-        Some(SourceAction::Finished(EndReason::DestinationInterrupted {
-            signal: 15
-        }))
-    );
-    assert!(
-        s.stats().error_desc.as_str().contains("SIGTERM"),
-        "{}",
-        s.stats().error_desc.as_str()
-    );
+        assert!(packaged && s.guest_on_destination());
+        assert!(s.cancel(now).is_err(), "a cancel is refused now");
+        s.handle_return_path(now, &RpMessage::Interrupted { signal: 15 })
+            .unwrap();
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::ResumeVcpus)
+        );
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Finished(EndReason::DestinationInterrupted {
+                signal: 15
+            }))
+        );
+        assert!(
+            s.stats().error_desc.as_str().contains("SIGTERM"),
+            "{}",
+            s.stats().error_desc.as_str()
+        );
+    });
 }
 
 /// A precopy stop is announced: the write just before the vCPU stop is a
@@ -226,85 +229,77 @@ fn an_interrupted_destination_fails_the_migration_and_the_guest_resumes_here() {
 /// begun before the final pages reach it.
 #[test]
 fn the_stop_is_announced_by_a_switchover_start() {
-    let l = layout();
     let mut config = MigrationConfig::default();
     config.parameters.max_bandwidth = 0;
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let now = Instant::ZERO;
-    s.start(now).unwrap();
-    let announce = switchover_start();
-    let (mut announced, mut last_sent, mut stops) = (0, vec::Vec::new(), 0);
-    while let Some(action) = s.poll_action(now, &AllZero) {
-        match action {
-            SourceAction::SyncDirtyLog => {
-                s.handle_dirty_log(0, &[0; 16]).unwrap();
-                s.handle_sync_done(now).unwrap();
+    with_config(&config, |s| {
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let announce = switchover_start();
+        let (mut announced, mut last_sent, mut stops) = (0, vec::Vec::new(), 0);
+        while let Some(action) = s.poll_action(now, &AllZero) {
+            match action {
+                SourceAction::SyncDirtyLog => {
+                    s.handle_dirty_log(0, &[0; 16]).unwrap();
+                    s.handle_sync_done(now).unwrap();
+                }
+                SourceAction::StopVcpus => {
+                    stops += 1;
+                    assert_eq!(last_sent, announce, "the stop follows its announcement");
+                    s.handle_vcpus_stopped(now).unwrap();
+                }
+                SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+                SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
+                SourceAction::Send(bytes) => {
+                    announced += usize::from(bytes == &announce[..]);
+                    last_sent = bytes.to_vec();
+                }
+                SourceAction::Finished(status) => {
+                    assert_eq!(status, EndReason::Completed);
+                    break;
+                }
+                _ => {}
             }
-            SourceAction::StopVcpus => {
-                stops += 1;
-                assert_eq!(last_sent, announce, "the stop follows its announcement");
-                s.handle_vcpus_stopped(now).unwrap();
-            }
-            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
-            SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
-            SourceAction::Send(bytes) => {
-                announced += usize::from(bytes == &announce[..]);
-                last_sent = bytes.to_vec();
-            }
-            SourceAction::Finished(status) => {
-                assert_eq!(status, EndReason::Completed);
-                break;
-            }
-            _ => {}
         }
-    }
-    assert_eq!((stops, announced), (1, 1));
+        assert_eq!((stops, announced), (1, 1));
+    });
 }
 
 /// Drives a return-path precopy of an idle 1024-page guest up to the end
 /// of the stream (the engine then waits for LOADED), and hands the engine
 /// to `f` with the time it got there.
 fn at_the_end_of_the_stream(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
-    let l = layout();
     let mut config = MigrationConfig::default();
     config.capabilities |= Capabilities::RETURN_PATH;
     config.limits.confirm_timeout_ms = 1_000;
     config.parameters.max_bandwidth = 0;
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let now = Instant::ZERO;
-    s.start(now).unwrap();
-    let mut syncs = 0;
-    let mut sent_end = false;
-    while let Some(action) = s.poll_action(now, &AllZero) {
-        match action {
-            SourceAction::SyncDirtyLog => {
-                // The initially-set log first, then nothing dirty.
-                let word = if syncs == 0 { u64::MAX } else { 0 };
-                syncs += 1;
-                s.handle_dirty_log(0, &[word; 16]).unwrap();
-                s.handle_sync_done(now).unwrap();
+    with_config(&config, |s| {
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let mut syncs = 0;
+        let mut sent_end = false;
+        while let Some(action) = s.poll_action(now, &AllZero) {
+            match action {
+                SourceAction::SyncDirtyLog => {
+                    // The initially-set log first, then nothing dirty.
+                    let word = if syncs == 0 { u64::MAX } else { 0 };
+                    syncs += 1;
+                    s.handle_dirty_log(0, &[word; 16]).unwrap();
+                    s.handle_sync_done(now).unwrap();
+                }
+                SourceAction::StopVcpus => s.handle_vcpus_stopped(now).unwrap(),
+                SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+                SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
+                SourceAction::Send(bytes) => sent_end = bytes == [0, 6, 0, 0, 0, 0, 0, 0],
+                SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
+                    panic!("the migration ended early")
+                }
+                _ => {}
             }
-            SourceAction::StopVcpus => s.handle_vcpus_stopped(now).unwrap(),
-            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
-            SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
-            SourceAction::Send(bytes) => sent_end = bytes == [0, 6, 0, 0, 0, 0, 0, 0],
-            SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
-                panic!("the migration ended early")
-            }
-            _ => {}
         }
-    }
-    assert!(sent_end, "the last write is END_OF_STREAM");
-    assert!(!s.is_committed());
-    f(&mut s, now);
+        assert!(sent_end, "the last write is END_OF_STREAM");
+        assert!(!s.is_committed());
+        f(s, now);
+    });
 }
 
 /// Polls to the end, returning every action's kind.
@@ -400,26 +395,22 @@ fn before_the_commit_a_failure_resumes_the_guest() {
 /// A return-path source with one 1024-page block, started and past its
 /// preamble: the next poll asks for the setup-time device sections.
 fn at_the_setup_devices(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
-    let l = layout();
     let mut config = MigrationConfig::default();
     config.capabilities |= Capabilities::RETURN_PATH;
     config.limits.confirm_timeout_ms = 1_000;
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let now = Instant::ZERO;
-    s.start(now).unwrap();
-    assert!(matches!(
-        s.poll_action(now, &AllZero),
-        Some(SourceAction::Send(_))
-    ));
-    assert_eq!(
-        s.poll_action(now, &AllZero),
-        Some(SourceAction::SaveSetupDevices)
-    );
-    f(&mut s, now);
+    with_config(&config, |s| {
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        assert!(matches!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Send(_))
+        ));
+        assert_eq!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::SaveSetupDevices)
+        );
+        f(s, now);
+    });
 }
 
 fn setup_check_ping() -> std::vec::Vec<u8> {
@@ -532,22 +523,18 @@ fn an_unencodable_record_fails_the_migration() {
 
 #[test]
 fn the_switchover_threshold_is_published_in_the_stats() {
-    let l = layout();
     let mut config = MigrationConfig::default();
     config.parameters.avail_switchover_bandwidth = 1_000_000;
     config.parameters.downtime_limit_ms = 300;
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    assert_eq!(s.stats().threshold_bytes, 0, "nothing measured yet");
-    // 1000 bytes per ms for the 200 ms the stop cost leaves of the limit.
-    s.handle_stop_cost(Duration::from_millis(100));
-    assert_eq!(s.stats().threshold_bytes, 200_000);
-    assert_eq!(s.stats().threshold_bytes, s.threshold_bytes());
-    s.handle_stop_cost(Duration::from_millis(400));
-    assert_eq!(s.stats().threshold_bytes, 0, "a stop cost over the limit");
+    with_config(&config, |s| {
+        assert_eq!(s.stats().threshold_bytes, 0, "nothing measured yet");
+        // 1000 bytes per ms for the 200 ms the stop cost leaves of the limit.
+        s.handle_stop_cost(Duration::from_millis(100));
+        assert_eq!(s.stats().threshold_bytes, 200_000);
+        assert_eq!(s.stats().threshold_bytes, s.threshold_bytes());
+        s.handle_stop_cost(Duration::from_millis(400));
+        assert_eq!(s.stats().threshold_bytes, 0, "a stop cost over the limit");
+    });
 }
 
 #[test]
@@ -723,37 +710,35 @@ fn after_the_switchover(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
 
 /// [`after_the_switchover`] with `caps` on as well.
 fn after_the_switchover_with(caps: Capabilities, f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
-    let l = layout();
     let mut config = MigrationConfig::default();
     config.capabilities |= Capabilities::POSTCOPY_RAM | caps;
     config.parameters.downtime_limit_ms = 0;
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let mut now = Instant::ZERO;
-    s.start(now).unwrap();
-    s.start_postcopy(now).unwrap();
-    let dirty = [u64::MAX; 16];
-    while !s.guest_on_destination() {
-        match s.poll_action(now, &AllZero) {
-            Some(SourceAction::SyncDirtyLog) => {
-                s.handle_dirty_log(0, &dirty).unwrap();
-                s.handle_sync_done(now).unwrap();
+    with_config(&config, |s| {
+        let mut now = Instant::ZERO;
+        s.start(now).unwrap();
+        s.start_postcopy(now).unwrap();
+        let dirty = [u64::MAX; 16];
+        while !s.guest_on_destination() {
+            match s.poll_action(now, &AllZero) {
+                Some(SourceAction::SyncDirtyLog) => {
+                    s.handle_dirty_log(0, &dirty).unwrap();
+                    s.handle_sync_done(now).unwrap();
+                }
+                Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
+                Some(SourceAction::SaveSetupDevices) => {
+                    s.handle_setup_devices_sent(now, 0).unwrap()
+                }
+                Some(SourceAction::PackageDevices) => {
+                    s.package_devices(now, 16).unwrap();
+                    s.handle_package_sent(now).unwrap();
+                }
+                Some(SourceAction::Finished(end)) => panic!("finished early: {end:?}"),
+                Some(_) => {}
+                None => now = s.poll_timeout().expect("stalled before the switchover"),
             }
-            Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
-            Some(SourceAction::SaveSetupDevices) => s.handle_setup_devices_sent(now, 0).unwrap(),
-            Some(SourceAction::PackageDevices) => {
-                s.package_devices(now, 16).unwrap();
-                s.handle_package_sent(now).unwrap();
-            }
-            Some(SourceAction::Finished(end)) => panic!("finished early: {end:?}"),
-            Some(_) => {}
-            None => now = s.poll_timeout().expect("stalled before the switchover"),
         }
-    }
-    f(&mut s, now);
+        f(s, now);
+    });
 }
 
 /// The bitmap parts of a 1024-page block whose pages `received` arrived.
@@ -892,44 +877,42 @@ fn giving_up_a_pause_fails_and_keeps_the_guest_stopped() {
 /// switch, and hands `f` the engine, the time and the writes since the
 /// decision's sync, up to (not including) the engine's first `None`.
 fn at_the_postcopy_decision(f: impl FnOnce(&mut SourceEngine<'_>, Instant, &[vec::Vec<u8>])) {
-    let l = layout();
     let mut config = MigrationConfig::default();
     config.capabilities |= Capabilities::RETURN_PATH | Capabilities::POSTCOPY_RAM;
     config.limits.postcopy_after_iterations = Some(1);
     config.parameters.downtime_limit_ms = 0;
     config.parameters.max_bandwidth = 0;
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let now = Instant::ZERO;
-    s.start(now).unwrap();
-    let mut syncs = 0;
-    let mut since_decision = vec::Vec::new();
-    while let Some(action) = s.poll_action(now, &AllZero) {
-        match action {
-            SourceAction::SyncDirtyLog => {
-                let mut log = [0u64; 16];
-                log[0] = u64::MAX;
-                if syncs == 0 {
-                    log = [u64::MAX; 16];
+    with_config(&config, |s| {
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let mut syncs = 0;
+        let mut since_decision = vec::Vec::new();
+        while let Some(action) = s.poll_action(now, &AllZero) {
+            match action {
+                SourceAction::SyncDirtyLog => {
+                    let mut log = [0u64; 16];
+                    log[0] = u64::MAX;
+                    if syncs == 0 {
+                        log = [u64::MAX; 16];
+                    }
+                    syncs += 1;
+                    s.handle_dirty_log(0, &log).unwrap();
+                    s.handle_sync_done(now).unwrap();
                 }
-                syncs += 1;
-                s.handle_dirty_log(0, &log).unwrap();
-                s.handle_sync_done(now).unwrap();
+                SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+                SourceAction::Send(bytes) if syncs >= 2 => since_decision.push(bytes.to_vec()),
+                SourceAction::StopVcpus => {
+                    panic!("stopped before the early discards were answered")
+                }
+                SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
+                    panic!("the migration ended early")
+                }
+                _ => {}
             }
-            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
-            SourceAction::Send(bytes) if syncs >= 2 => since_decision.push(bytes.to_vec()),
-            SourceAction::StopVcpus => panic!("stopped before the early discards were answered"),
-            SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
-                panic!("the migration ended early")
-            }
-            _ => {}
         }
-    }
-    assert_eq!(syncs, 2, "the switch is decided at the second sync");
-    f(&mut s, now, &since_decision);
+        assert_eq!(syncs, 2, "the switch is decided at the second sync");
+        f(s, now, &since_decision);
+    });
 }
 
 /// The SwitchoverStart record that goes out just before the vCPU stop.
