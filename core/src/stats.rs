@@ -201,6 +201,12 @@ pub struct MigrationStats {
     /// how many times a cut link paused postcopy and a new connection
     /// resumed it. livemig's own (`"postcopy-recoveries"` in JSON).
     pub postcopy_recoveries: u64,
+    /// Source: milliseconds the guest ran on between the decision to stop
+    /// it and the destination's answer that it had applied everything
+    /// sent before (or the wait's end without one); `None` when the stop
+    /// came without that wait (no return path, or not stopped yet).
+    /// livemig's own (`"catch-up-ms"` in JSON).
+    pub catch_up_ms: Option<f64>,
 }
 
 /// What throttling cost the source guest: an operator weighs a shorter

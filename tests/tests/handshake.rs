@@ -155,13 +155,13 @@ fn a_cut_at_every_byte_of_the_final_exchange_leaves_one_guest_to_run() {
             l.cut_after = Some(cut)
         }));
     }
-    // The return path: PONG to the setup check, SWITCHOVER_ACK, LOADED,
-    // SHUT(0).
+    // The return path: PONG to the setup check, SWITCHOVER_ACK, PONG to
+    // the catch-up before the stop, LOADED, SHUT(0).
     let rp = clean.return_path_bytes;
     assert_eq!(
         rp,
-        8 + 4 + 4 + 8,
-        "PONG(setup check), SWITCHOVER_ACK, LOADED, SHUT(0)"
+        8 + 4 + 8 + 4 + 8,
+        "PONG(setup check), SWITCHOVER_ACK, PONG(catch-up), LOADED, SHUT(0)"
     );
     for cut in 0..=rp {
         tally.add(&faulted("return path cut", cut, |l| {

@@ -629,7 +629,7 @@ impl SourceEngine<'_> {
                 .capabilities
                 .contains(Capabilities::SWITCHOVER_ACK);
         if converged && acked {
-            self.step = Step::StopVcpus;
+            self.begin_stop();
         } else if self.wants_postcopy() {
             self.begin_switch();
         } else if stalled {

@@ -179,6 +179,8 @@ pub(super) struct Handshake {
     pub return_path: bool,
     /// The destination approved the switchover (switchover-ack).
     pub switchover_acked: bool,
+    /// When the [`CATCH_UP_PING`](super::CATCH_UP_PING) went out.
+    pub catch_up_sent_at: Instant,
     /// The SwitchoverStart command went out, just before the vCPU stop.
     pub stop_announced: bool,
     /// The COMMIT has been handed out: the vCPUs are never resumed again.
@@ -199,6 +201,7 @@ impl Handshake {
         Handshake {
             return_path,
             switchover_acked: false,
+            catch_up_sent_at: Instant::ZERO,
             stop_announced: false,
             committed: false,
             confirmed: false,

@@ -74,6 +74,7 @@
 //! stream is written and keeps its guest stopped (see
 //! `docs/architecture.md` for that window).
 
+mod catch_up;
 mod channels;
 mod convergence;
 mod end;
@@ -98,11 +99,9 @@ use crate::status::{MigrationStatus, StatusChange, StatusChanges, TransitionErro
 use crate::time::Instant;
 use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, PreemptHello, Record};
 
+pub use catch_up::{CATCH_UP_PING, CATCH_UP_WAIT};
 pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
-pub use postcopy::{
-    DISCARD_RANGES_PER_RECORD, EARLY_DISCARD_PING, EARLY_DISCARD_WAIT, POSTCOPY_RUN_PING,
-    PackageFraming, REQUEST_QUEUE,
-};
+pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
@@ -445,14 +444,14 @@ enum Step {
     SaveDevices,
     AwaitDevices,
     /// Postcopy, decided, the guest still running: discarding on the
-    /// destination what is dirty now (see [`EARLY_DISCARD_PING`]).
+    /// destination what is dirty now (see [`SourceEngine::begin_switch`]).
     EarlyDiscard,
-    /// The early discards are out: the next poll sends
-    /// [`EARLY_DISCARD_PING`].
-    EarlyDiscardPing,
-    /// Waiting for the destination's PONG to it, or for
-    /// [`EARLY_DISCARD_WAIT`] to pass, before the stop.
-    AwaitEarlyDiscard,
+    /// The stop is decided (after the early discards in postcopy): the
+    /// next poll sends [`CATCH_UP_PING`].
+    CatchUpPing,
+    /// Waiting for the destination's PONG to it, or for [`CATCH_UP_WAIT`]
+    /// to pass, before the stop.
+    AwaitCatchUp,
     /// Postcopy: sending the discard ranges.
     Discard,
     PackageDevices,
@@ -958,9 +957,7 @@ impl<'a> SourceEngine<'a> {
             RpMessage::Pong(SETUP_CHECK_PING) if self.step == Step::AwaitSetupVerdict => {
                 self.step = Step::Sync(SyncKind::Setup);
             }
-            RpMessage::Pong(EARLY_DISCARD_PING) if self.step == Step::AwaitEarlyDiscard => {
-                self.step = Step::StopVcpus;
-            }
+            RpMessage::Pong(CATCH_UP_PING) => self.caught_up(),
             RpMessage::Pong(_) => {}
             RpMessage::SwitchoverAck => self.end.switchover_acked = true,
             RpMessage::ReqPagesId { block, start, len } => {
@@ -1073,8 +1070,8 @@ impl<'a> SourceEngine<'a> {
         if self.awaits_destination() {
             return Some(self.confirm_deadline());
         }
-        if self.step == Step::AwaitEarlyDiscard {
-            return Some(self.postcopy.early_sent_at + EARLY_DISCARD_WAIT);
+        if self.step == Step::AwaitCatchUp {
+            return Some(self.catch_up_deadline());
         }
         let sending = matches!(self.step, Step::Iterate | Step::Drain | Step::Postcopy);
         let slice = (sending && self.meter.exhausted()).then(|| self.meter.next_send());
@@ -1201,8 +1198,8 @@ impl<'a> SourceEngine<'a> {
             Step::Iterate => self.next_pages(ram, true),
             Step::Drain => self.next_pages(ram, false),
             Step::EarlyDiscard => Some(self.next_early_discard()),
-            Step::EarlyDiscardPing => Some(self.early_discard_ping()),
-            Step::AwaitEarlyDiscard => self.early_discard_waited(),
+            Step::CatchUpPing => Some(self.catch_up_ping()),
+            Step::AwaitCatchUp => self.catch_up_waited(),
             Step::Discard => Some(self.next_discard()),
             Step::PackageDevices => {
                 self.step = Step::AwaitPackage;

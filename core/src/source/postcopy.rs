@@ -7,8 +7,6 @@ use super::{EndReason, PageReader, SourceAction, SourceEngine, Step, Violation, 
 use crate::capabilities::Capabilities;
 use crate::return_path::RpMessage;
 use crate::status::MigrationStatus;
-use core::time::Duration;
-
 use crate::time::Instant;
 use crate::wire::{self, BatchFlags, Command, DiscardRanges, PageRange, RECORD_HEADER_LEN, Record};
 
@@ -31,19 +29,6 @@ pub const DISCARD_RANGES_PER_RECORD: usize = 512;
 /// the source that the guest runs there: the source's vCPU stop to that
 /// PONG bounds the postcopy downtime from above by one return trip.
 pub const POSTCOPY_RUN_PING: u32 = 4;
-
-/// The value of the ping after the early discards (see
-/// [`SourceEngine::begin_switch`]). The destination answers it in stream
-/// order, so its PONG says that every page queued before it is placed and
-/// every early discard done: the stop that follows finds the main stream
-/// drained and the destination's memory registered.
-pub const EARLY_DISCARD_PING: u32 = 5;
-
-/// Longest the guest runs on after the early discards waiting for the
-/// destination's PONG, before the stop is taken anyway (the early
-/// discards only shorten the stop; the stop's own discards are complete
-/// either way).
-pub const EARLY_DISCARD_WAIT: Duration = Duration::from_millis(1000);
 
 /// A validated page request: pages of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,8 +77,6 @@ pub(super) struct Postcopy {
     /// [`Scan::never_sent_from`](super::scan::Scan): never sent, so not
     /// on the destination.
     pub early_never_sent_from: Option<(usize, u64)>,
-    /// When [`EARLY_DISCARD_PING`] went out.
-    pub early_sent_at: Instant,
 }
 
 impl Postcopy {
@@ -108,7 +91,6 @@ impl Postcopy {
             preempt_lost: false,
             early: (0, 0),
             early_never_sent_from: None,
-            early_sent_at: Instant::ZERO,
         }
     }
 }
@@ -242,7 +224,7 @@ impl<'a> SourceEngine<'a> {
 
     /// The switch to postcopy is decided. With the return path, the
     /// guest runs on while the destination drops the pages dirty now
-    /// ([`Step::EarlyDiscard`], then [`EARLY_DISCARD_PING`]), so the
+    /// ([`Step::EarlyDiscard`], then [`CATCH_UP_PING`](super::CATCH_UP_PING)), so the
     /// stop's own discards find them gone: measured here, discarding a
     /// 64 MiB working set (`MADV_DONTNEED` of 16 384 populated pages) and
     /// registering 1 GiB with userfaultfd took 15-40 ms of a postcopy
@@ -270,36 +252,13 @@ impl<'a> SourceEngine<'a> {
             Ok((len, next)) => {
                 self.postcopy.early = next;
                 if next.0 >= self.tracking.len() {
-                    self.step = Step::EarlyDiscardPing;
+                    self.step = Step::CatchUpPing;
                 }
                 self.count_sent(len as u64, 0);
                 SourceAction::Send(&self.scratch[..len])
             }
             Err(e) => self.encode_failed(e),
         }
-    }
-
-    /// The ping after the early discards.
-    pub(super) fn early_discard_ping(&mut self) -> SourceAction<'_> {
-        match Record::Command(Command::Ping(EARLY_DISCARD_PING)).encode(self.scratch) {
-            Ok(len) => {
-                self.count_sent(len as u64, 0);
-                self.postcopy.early_sent_at = self.now;
-                self.step = Step::AwaitEarlyDiscard;
-                SourceAction::Send(&self.scratch[..len])
-            }
-            Err(e) => self.encode_failed(e),
-        }
-    }
-
-    /// Waiting for the PONG to [`EARLY_DISCARD_PING`]: after
-    /// [`EARLY_DISCARD_WAIT`] the stop is taken without it.
-    pub(super) fn early_discard_waited(&mut self) -> Option<SourceAction<'_>> {
-        if self.now < self.postcopy.early_sent_at + EARLY_DISCARD_WAIT {
-            return None;
-        }
-        self.step = Step::StopVcpus;
-        Some(self.stop_step())
     }
 
     /// Emits the next `postcopy-ram-discard` of the stop: runs of dirty

@@ -289,6 +289,10 @@ fn at_the_end_of_the_stream(f: impl FnOnce(&mut SourceEngine<'_>, Instant)) {
                 SourceAction::StopVcpus => s.handle_vcpus_stopped(now).unwrap(),
                 SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
                 SourceAction::SaveDevices => s.handle_devices_sent(now, 16).unwrap(),
+                SourceAction::Send(bytes) if bytes == &catch_up_ping()[..] => {
+                    s.handle_return_path(now, &RpMessage::Pong(CATCH_UP_PING))
+                        .unwrap();
+                }
                 SourceAction::Send(bytes) => sent_end = bytes == [0, 6, 0, 0, 0, 0, 0, 0],
                 SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
                     panic!("the migration ended early")
@@ -935,9 +939,9 @@ fn assert_announced_stop(s: &mut SourceEngine<'_>, now: Instant) {
     assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::StopVcpus));
 }
 
-fn early_discard_ping() -> vec::Vec<u8> {
+fn catch_up_ping() -> vec::Vec<u8> {
     let mut ping = vec![0u8; 64];
-    let n = Record::Command(Command::Ping(EARLY_DISCARD_PING))
+    let n = Record::Command(Command::Ping(CATCH_UP_PING))
         .encode(&mut ping)
         .unwrap();
     ping.truncate(n);
@@ -950,7 +954,7 @@ fn early_discard_ping() -> vec::Vec<u8> {
 #[test]
 fn postcopy_discards_early_and_stops_after_the_destination_answered() {
     at_the_postcopy_decision(|s, now, sent| {
-        let ping = early_discard_ping();
+        let ping = catch_up_ping();
         assert_eq!(sent.last(), Some(&ping), "the ping ends the early writes");
         assert!(
             sent[..sent.len() - 1].iter().any(|b| !b.is_empty()),
@@ -958,19 +962,95 @@ fn postcopy_discards_early_and_stops_after_the_destination_answered() {
         );
         assert_eq!(s.status(), MigrationStatus::Active, "the guest still runs");
         assert_eq!(s.poll_action(now, &AllZero), None);
-        assert_eq!(s.poll_timeout(), Some(now + EARLY_DISCARD_WAIT));
-        s.handle_return_path(now, &RpMessage::Pong(EARLY_DISCARD_PING))
+        assert_eq!(s.poll_timeout(), Some(now + CATCH_UP_WAIT));
+        s.handle_return_path(now, &RpMessage::Pong(CATCH_UP_PING))
             .unwrap();
         assert_announced_stop(s, now);
     });
 }
 
 /// A destination that does not answer the early discards' ping delays the
-/// stop by at most [`EARLY_DISCARD_WAIT`].
+/// stop by at most [`CATCH_UP_WAIT`].
 #[test]
 fn an_unanswered_early_discard_ping_stops_the_guest_anyway() {
     at_the_postcopy_decision(|s, now, _| {
-        assert_announced_stop(s, now + EARLY_DISCARD_WAIT);
+        assert_announced_stop(s, now + CATCH_UP_WAIT);
+    });
+}
+
+/// Drives a return-path precopy of an idle 1024-page guest to its decided
+/// stop, and hands the engine to `f` with the time and every write since
+/// the last sync.
+fn at_the_precopy_stop(f: impl FnOnce(&mut SourceEngine<'_>, Instant, &[vec::Vec<u8>])) {
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::RETURN_PATH;
+    config.parameters.max_bandwidth = 0;
+    with_config(&config, |s| {
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let mut since_sync = vec::Vec::new();
+        while let Some(action) = s.poll_action(now, &AllZero) {
+            match action {
+                SourceAction::SyncDirtyLog => {
+                    since_sync.clear();
+                    s.handle_dirty_log(0, &[0; 16]).unwrap();
+                    s.handle_sync_done(now).unwrap();
+                }
+                SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+                SourceAction::Send(bytes) => {
+                    let ping = bytes == &setup_check_ping()[..];
+                    since_sync.push(bytes.to_vec());
+                    if ping {
+                        s.handle_return_path(now, &RpMessage::Pong(SETUP_CHECK_PING))
+                            .unwrap();
+                    }
+                }
+                SourceAction::StopVcpus => panic!("stopped before the destination caught up"),
+                SourceAction::ResumeVcpus | SourceAction::Finished(_) => {
+                    panic!("the migration ended early")
+                }
+                _ => {}
+            }
+        }
+        f(s, now, &since_sync);
+    });
+}
+
+/// Once a precopy stop is decided, the guest runs on until the
+/// destination has applied everything sent before (its PONG to the
+/// catch-up ping), so the stop's records do not queue behind pages.
+#[test]
+fn the_precopy_stop_waits_for_the_destination_to_catch_up() {
+    at_the_precopy_stop(|s, now, sent| {
+        assert_eq!(
+            sent.last(),
+            Some(&catch_up_ping()),
+            "the ping is the last write"
+        );
+        assert_eq!(s.status(), MigrationStatus::Active, "the guest still runs");
+        assert_eq!(s.poll_timeout(), Some(now + CATCH_UP_WAIT));
+        // Another ping's answer is not this one's.
+        s.handle_return_path(now, &RpMessage::Pong(POSTCOPY_RUN_PING))
+            .unwrap();
+        assert_eq!(s.poll_action(now, &AllZero), None);
+        assert_eq!(s.stats().catch_up_ms, None);
+        let answered = now + Duration::from_millis(2);
+        s.handle_return_path(answered, &RpMessage::Pong(CATCH_UP_PING))
+            .unwrap();
+        assert_announced_stop(s, answered);
+        assert_eq!(s.stats().catch_up_ms, Some(2.0), "the wait is reported");
+    });
+}
+
+/// A destination that does not answer the catch-up ping delays the
+/// precopy stop by [`CATCH_UP_WAIT`], no more.
+#[test]
+fn an_unanswered_catch_up_ping_stops_the_guest_anyway() {
+    at_the_precopy_stop(|s, now, _| {
+        let early = now + (CATCH_UP_WAIT - Duration::from_millis(1));
+        assert_eq!(s.poll_action(early, &AllZero), None);
+        assert_announced_stop(s, now + CATCH_UP_WAIT);
+        assert_eq!(s.stats().catch_up_ms, Some(1000.0));
     });
 }
 

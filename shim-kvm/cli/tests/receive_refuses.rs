@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::{announced_address, kvm_available};
 use livemig_core::return_path::{RpDecoder, RpMessage};
-use livemig_core::source::SETUP_CHECK_PING;
+use livemig_core::source::{CATCH_UP_PING, SETUP_CHECK_PING};
 use livemig_core::wire::{
     BlockSums, Command as WireCommand, DeviceId, DeviceState, RECORD_HEADER_LEN, Record,
     StreamDecoder,
@@ -112,8 +112,9 @@ fn label(record: &Record<'_>) -> String {
     }
 }
 
-/// Plays a livemig destination up to END_OF_STREAM: answers the setup
-/// check's PING with its PONG (the setup-time sections are accepted),
+/// Plays a livemig destination up to END_OF_STREAM: answers every PING
+/// with its PONG (the setup-time sections are accepted, the catch-up
+/// before the stop is done),
 /// records every byte and where each record lies, and closes before
 /// LOADED, so the source keeps its guest.
 fn record_destination(listener: TcpListener) -> Recorded {
@@ -134,11 +135,11 @@ fn record_destination(listener: TcpListener) -> Recorded {
             bytes.extend_from_slice(&input[..consumed]);
             input = &input[consumed..];
             let Some(record) = d.record else { continue };
-            if record == Record::Command(WireCommand::Ping(SETUP_CHECK_PING)) {
-                let pong = RpMessage::Pong(SETUP_CHECK_PING);
+            if let Record::Command(WireCommand::Ping(value)) = record {
+                let pong = RpMessage::Pong(value);
                 let mut out = vec![0u8; pong.encoded_len()];
                 pong.encode(&mut out).expect("PONG");
-                conn.write_all(&out).expect("the setup verdict");
+                conn.write_all(&out).expect("the PONG");
             }
             let what = label(&record);
             let device = match &record {
@@ -267,6 +268,8 @@ enum Answer {
     /// The setup check's PONG: the setup-time sections loaded.
     SetupPong,
     SwitchoverAck,
+    /// The PONG to the catch-up ping before the stop.
+    CatchUpPong,
     Loaded,
     Shut {
         error: bool,
@@ -299,6 +302,7 @@ impl ReturnPath {
                 let answer = msg.map(|m| match m {
                     RpMessage::Pong(SETUP_CHECK_PING) => Answer::SetupPong,
                     RpMessage::SwitchoverAck => Answer::SwitchoverAck,
+                    RpMessage::Pong(CATCH_UP_PING) => Answer::CatchUpPong,
                     RpMessage::Loaded => Answer::Loaded,
                     RpMessage::Shut { error } => Answer::Shut { error },
                     other => panic!("unexpected on the return path: {other:?}"),
@@ -333,14 +337,14 @@ fn receive_cut(stream: &[u8]) -> Output {
 
 /// Reads the return path until LOADED; true if it came, false if the
 /// destination closed first. Panics on anything but the setup check's
-/// PONG and the SWITCHOVER_ACK before it.
+/// and the catch-up's PONGs and the SWITCHOVER_ACK before it.
 fn read_until_loaded(client: &mut TcpStream) -> bool {
     let mut rp = ReturnPath::new();
     loop {
         match rp.next(client) {
             None => return false,
             Some(Answer::Loaded) => return true,
-            Some(Answer::SetupPong | Answer::SwitchoverAck) => {}
+            Some(Answer::SetupPong | Answer::SwitchoverAck | Answer::CatchUpPong) => {}
             Some(other) => panic!("{other:?} before LOADED"),
         }
     }
