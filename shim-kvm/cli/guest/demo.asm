@@ -4,9 +4,11 @@
 ; GDT with 64-bit ring-0 and ring-3 segments and a TSS, take this vCPU's
 ; ring-0 stack, identity-map the low 4 GiB with user-accessible 2 MiB
 ; pages, enter long mode, read the parameter block and drop to ring 3 with
-; IOPL=3. (PVM runs guest ring 3 natively only with long-mode paging.) With
-; the devices flag, vCPU 0 also loads the TSS and an IDT and starts the PIT
-; at 1 kHz through the PIC; its tiny ring-0 handler counts ticks in memory.
+; IOPL=3. (PVM runs guest ring 3 natively only with long-mode paging.) Every
+; vCPU loads its own TSS and the IDT; an idle one also starts its LAPIC
+; timer at 100 Hz, its wake-up. With the devices flag, vCPU 0 also starts
+; the PIT at 1 kHz through the PIC; its tiny ring-0 handler counts ticks in
+; memory.
 ; (KVM's in-kernel PIT re-injects the ticks vCPU 0 could not take, while
 ; descheduled or paused, so the count keeps up with wall-clock time since
 ; the PIT started, where a LAPIC timer would lose them.)
@@ -14,7 +16,11 @@
 ; the working set with the page index and its own generation, checking the
 ; previous generation's stamp first; it counts the pages it stamped in its
 ; own counter (so the VMM knows exactly where each vCPU stood at any stop)
-; and reports progress, generations and mismatches with `out`. With the
+; and reports progress, generations and mismatches with `out`. A vCPU with
+; no pages idles as a real guest does: `int3` enters a three-instruction
+; ring-0 path that halts until the next interrupt (so an idle
+; vCPU leaves the host's CPU to others), and every idle_wakes wake-ups it
+; reports progress 0. With the
 ; devices flag vCPU 0 also writes a running sequence of decimal numbers,
 ; one a line every LINE_TICKS ticks, to the serial port.
 ; See README.md for the parameter block, memory map and port map.
@@ -30,9 +36,9 @@ MB_CHECKSUM     equ -(MB_MAGIC + MB_FLAGS)
 
 PARAM_ADDR      equ 0x5000
 PARAM_MAGIC     equ 0x50474D4C          ; "LMGP" little-endian
-PARAM_VERSION   equ 2
+PARAM_VERSION   equ 3
 MAX_VCPUS       equ 8                   ; a power of two (the index is masked)
-FLAG_DEVICES    equ 1                   ; LAPIC timer and serial port present
+FLAG_DEVICES    equ 1                   ; PIC, PIT and serial port present
 FLAG_START_APS  equ 2                   ; only vCPU 0 was started: it wakes the others
 
 PORT_BOOTED     equ 0x510
@@ -51,8 +57,10 @@ LINE_TICKS      equ 5                   ; one line per 5 ms: 200 lines a second
 STAMP_MAGIC     equ 0x47494D4C          ; "LMIG"
 RING0_STACKS    equ 0x8000              ; vCPU i's stack tops at + 0x400 * (i + 1)
 USER_STACKS     equ 0x7000              ; vCPU i's stack tops at - 0x100 * i
-TSS_ADDR        equ 0xA000              ; vCPU 0's TSS, then its I/O bitmap
+TSS_ADDR        equ 0xA000              ; vCPU i's TSS at + TSS_STRIDE * i
+TSS_STRIDE      equ 0x80
 TSS_BYTES       equ 0x68
+IO_BITMAP       equ TSS_ADDR + TSS_STRIDE * MAX_VCPUS ; every TSS's I/O bitmap
 IO_BITMAP_BYTES equ 0x2000              ; one bit per port, all clear: all open
 PML4            equ 0x10000              ; then PDPT, then 4 page directories
 PDPT            equ 0x11000
@@ -61,6 +69,13 @@ PDS             equ 0x12000
 APIC_BASE       equ 0xFEE00000
 APIC_SVR        equ 0x0F0
 APIC_LVT0       equ 0x350
+APIC_EOI        equ 0x0B0
+APIC_LVT_TIMER  equ 0x320
+APIC_TIMER_INIT equ 0x380               ; initial count
+APIC_TIMER_DIV  equ 0x3E0               ; divide configuration
+TIMER_PERIODIC  equ 0x20000             ; LVT timer mode bit 17
+TIMER_DIVIDE_1  equ 0xB
+WAKE_COUNT      equ 10000000            ; 10 ms at KVM's (and QEMU's) 1 GHz APIC bus
 APIC_ID         equ 0x020               ; the ID in bits 24 ..= 31
 APIC_ICR_LOW    equ 0x300
 APIC_ICR_HIGH   equ 0x310
@@ -75,11 +90,16 @@ PIT_MODE        equ 0x43
 PIT_DIVISOR     equ 1193                ; 1.193182 MHz / 1193 = 1000.2 Hz
 TIMER_VECTOR    equ 0x20                ; PIC vectors 0x20 ..= 0x2F
 SPURIOUS_VECTOR equ 0x2F                ; the LAPIC's (low nibble all ones)
+; `int3` from ring 3: halt until woken. #BP, not an `int n` of the guest's
+; own choosing, because PVM reflects ring 3's exceptions into the guest's
+; IDT but turns `int 0x30` into a #GP (measured: a triple fault).
+IDLE_VECTOR     equ 3
+WAKE_VECTOR     equ 0x30                ; an idle vCPU's LAPIC timer
 
 DEFAULT_WS_START   equ 0x200000
 DEFAULT_WS_PAGES   equ 1024
 DEFAULT_BATCH      equ 256
-DEFAULT_IDLE_SPINS equ 4000000
+DEFAULT_IDLE_WAKES equ 100
 
 SEL_CODE0 equ 0x08
 SEL_DATA0 equ 0x10
@@ -214,7 +234,7 @@ bits 64
 ; Reads the parameter block into the registers ring 3 keeps:
 ; r12d = vCPU index i, r13d = vCPU count N, r8 = N pages in bytes,
 ; rsi / rdi = first / end address of this vCPU's pages (equal: idle),
-; r15d = batch, r10d = idle_spins,
+; r15d = batch, r10d = idle_wakes,
 ; r14 = its stamp counter, r9d = 1 when it writes the serial line.
 long_mode:
     mov esp, esp                            ; zero-extends rsp
@@ -223,7 +243,7 @@ long_mode:
     mov esi, DEFAULT_WS_START
     mov edi, DEFAULT_WS_PAGES
     mov r15d, DEFAULT_BATCH
-    mov r10d, DEFAULT_IDLE_SPINS
+    mov r10d, DEFAULT_IDLE_WAKES
     xor r9d, r9d
     xor ebp, ebp                            ; 1 = parameters used
     cmp dword [PARAM_ADDR], PARAM_MAGIC
@@ -262,6 +282,30 @@ long_mode:
     mov eax, r12d
     shl eax, 6                              ; * STAMPED_STRIDE
     lea r14, [rax + STAMPED_ADDR]
+    ; Its own TSS (RSP0, its boot stack, for the interrupts and `int`s it
+    ; takes in ring 3; the I/O bitmap every TSS shares, opening every port:
+    ; PVM checks it even at IOPL 3) and the IDT.
+    shl eax, 1                              ; * TSS_STRIDE in all
+    lea rbx, [rax + TSS_ADDR]
+    mov [rbx + 4], rsp                      ; rsp0
+    mov edx, IO_BITMAP
+    sub edx, ebx
+    mov [rbx + 102], dx                     ; I/O bitmap offset
+    mov byte [IO_BITMAP + IO_BITMAP_BYTES], 0xFF ; the bitmap's end
+    lidt [idt_desc]
+    mov eax, r12d
+    shl eax, 4
+    add eax, SEL_TSS
+    ltr ax
+    cmp rsi, rdi
+    jne .busy
+    ; Idle: the LAPIC timer, periodic, wakes it every 10 ms.
+    mov eax, APIC_BASE
+    mov dword [rax + APIC_SVR], 0x100 | SPURIOUS_VECTOR
+    mov dword [rax + APIC_TIMER_DIV], TIMER_DIVIDE_1
+    mov dword [rax + APIC_LVT_TIMER], TIMER_PERIODIC | WAKE_VECTOR
+    mov dword [rax + APIC_TIMER_INIT], WAKE_COUNT
+.busy:
     mov eax, 0x3002                         ; rflags: IOPL=3, IF=0
     test r12d, r12d
     jz .bsp
@@ -269,17 +313,9 @@ long_mode:
 .bsp:
     test r9d, r9d
     jz .user
-    ; vCPU 0 with the devices: TSS (its RSP0 for interrupts from ring 3,
-    ; and an I/O bitmap opening every port: PVM checks it even at IOPL 3),
-    ; IDT, PIT channel 0 at 1 kHz on IRQ 0 of the PIC (remapped to
-    ; TIMER_VECTOR, every other line masked) into the LAPIC's LINT0 as
-    ; ExtINT, and interrupts on in ring 3.
-    mov qword [TSS_ADDR + 4], RING0_STACKS + 0x400      ; rsp0: its boot stack
-    mov word [TSS_ADDR + 102], TSS_BYTES                ; I/O bitmap offset
-    mov byte [TSS_ADDR + TSS_BYTES + IO_BITMAP_BYTES], 0xFF ; the bitmap's end
-    lidt [idt_desc]
-    mov ax, SEL_TSS
-    ltr ax
+    ; vCPU 0 with the devices: PIT channel 0 at 1 kHz on IRQ 0 of the PIC
+    ; (remapped to TIMER_VECTOR, every other line masked) into the LAPIC's
+    ; LINT0 as ExtINT, and interrupts on in ring 3.
     mov eax, APIC_BASE
     mov dword [rax + APIC_SVR], 0x100 | SPURIOUS_VECTOR
     mov dword [rax + APIC_LVT0], 0x700      ; ExtINT
@@ -326,6 +362,22 @@ timer_handler:
     push rax
     mov al, 0x20                            ; non-specific EOI
     out PIC1, al
+    pop rax
+    iretq
+
+; Ring 0, an idle vCPU, from `int3` in ring 3 (a DPL 3 gate, so
+; interrupts are off here): halt until an interrupt comes, take it (`sti`
+; holds it off until `hlt` has begun), go back.
+idle_handler:
+    sti
+    hlt
+    iretq
+
+; Ring 0, an idle vCPU's LAPIC timer: acknowledge it, go back.
+wake_handler:
+    push rax
+    mov eax, APIC_BASE
+    mov [rax + APIC_EOI], eax               ; any value
     pop rax
     iretq
 
@@ -398,16 +450,19 @@ page:
     out dx, eax
     jmp generation
 
+; An idle vCPU waits halted, in ring 0, for each interrupt (its LAPIC
+; timer; vCPU 0's PIT ticks too, with the devices), and reports every
+; idle_wakes of them.
 idle:
     mov r11d, r10d
-.spin:
-    pause
+.wait:
+    int3
     test r9d, r9d
     jz .counted
     call serial_line
 .counted:
     dec r11d
-    jnz .spin
+    jnz .wait
     xor eax, eax
     mov dx, PORT_PROGRESS
     out dx, eax
@@ -447,11 +502,11 @@ serial_line:
 .done:
     ret
 
-; An interrupt gate (present, DPL 0) to a ring-0 handler.
-%macro gate 1
+; An interrupt gate (present, DPL %2) to a ring-0 handler.
+%macro gate 1-2 0
     dw PHYS(%1) & 0xFFFF
     dw SEL_CODE0
-    dw 0x8E00
+    dw 0x8E00 | (%2 << 13)
     dw PHYS(%1) >> 16
     dd 0
     dd 0
@@ -464,14 +519,20 @@ gdt:
     dq 0x00CF92000000FFFF                   ; 0x10 data, DPL0
     dq 0x00AFFA000000FFFF                   ; 0x18 code, DPL3, 64-bit
     dq 0x00CFF2000000FFFF                   ; 0x20 data, DPL3
-    dw TSS_BYTES + IO_BITMAP_BYTES          ; 0x28 64-bit TSS (16 bytes)
-    dw TSS_ADDR & 0xFFFF
-    db (TSS_ADDR >> 16) & 0xFF
+; 0x28 + 16 i: vCPU i's 64-bit TSS, its limit reaching the shared I/O
+; bitmap's end byte.
+%assign i 0
+%rep MAX_VCPUS
+    dw IO_BITMAP + IO_BITMAP_BYTES - (TSS_ADDR + TSS_STRIDE * i)
+    dw (TSS_ADDR + TSS_STRIDE * i) & 0xFFFF
+    db ((TSS_ADDR + TSS_STRIDE * i) >> 16) & 0xFF
     db 0x89                                 ; present, available 64-bit TSS
     db 0
-    db (TSS_ADDR >> 24) & 0xFF
+    db ((TSS_ADDR + TSS_STRIDE * i) >> 24) & 0xFF
     dd 0
     dd 0
+%assign i i + 1
+%endrep
 gdt_end:
 gdt_desc:
     dw gdt_end - gdt - 1
@@ -482,15 +543,18 @@ idt_desc:
     dw idt_end - idt - 1
     dq idt
 
-; Vectors below TIMER_VECTOR (exceptions) have no handler: they triple-fault
+; Exceptions but #BP (IDLE_VECTOR) have no handler: they triple-fault
 ; and the VMM sees a shutdown exit. The PIC's other lines are masked; a
 ; stray one is dropped like a spurious one.
 align 16
 idt:
-    times TIMER_VECTOR * 16 db 0
+    times IDLE_VECTOR * 16 db 0
+    gate idle_handler, 3                    ; IDLE_VECTOR, for ring 3
+    times (TIMER_VECTOR - IDLE_VECTOR - 1) * 16 db 0
     gate timer_handler
 %rep SPURIOUS_VECTOR - TIMER_VECTOR
     gate spurious_handler
 %endrep
+    gate wake_handler                       ; WAKE_VECTOR
 idt_end:
 image_end:

@@ -240,7 +240,7 @@ impl GuestShape {
         Ok(GuestParams {
             ws_start: WORKING_SET_START,
             ws_pages,
-            idle_spins: 100_000,
+            idle_wakes: 1,
             vcpus: self.vcpus,
             devices: true,
             ..GuestParams::default()

@@ -24,19 +24,21 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 /// mode (see `guest/README.md`).
 pub const ENTRY: u64 = 0x10_0020;
 
-/// The ring-0 code vCPU 0 runs once booted (with [`FLAG_DEVICES`]): its
-/// timer and spurious-interrupt handlers, from `timer_handler` up to
-/// `user_entry` in `demo.asm`. A pause can land in them, so a vCPU
-/// stopped at CPL 0 is in its workload only if it is vCPU 0 and its RIP
-/// is in here.
-pub const RING0_HANDLERS: core::ops::Range<u64> = LOAD_ADDR + 0x2F9..LOAD_ADDR + 0x30B;
+/// The ring-0 code a vCPU runs once booted: vCPU 0's PIT tick handler
+/// (with [`FLAG_DEVICES`]), an idle vCPU's halt (`idle_handler`, entered
+/// from ring 3 by `int`) and its LAPIC timer's handler, and the spurious
+/// one, from `timer_handler` up to `user_entry` in `demo.asm`. A pause
+/// can land in them (a halted idle vCPU is always there), so a vCPU
+/// stopped at CPL 0 is in its workload only if its RIP is in here: vCPU 0
+/// for a tick, or a vCPU that owns no page.
+pub const RING0_HANDLERS: core::ops::Range<u64> = LOAD_ADDR + 0x332..LOAD_ADDR + 0x357;
 
 /// Guest-physical address of the parameter block the VMM writes before boot.
 pub const PARAM_ADDR: u64 = 0x5000;
 /// Parameter block magic ("LMGP" little-endian).
 pub const PARAM_MAGIC: u32 = 0x5047_4D4C;
 /// Parameter block layout version understood by the image.
-pub const PARAM_VERSION: u32 = 2;
+pub const PARAM_VERSION: u32 = 3;
 /// Size of the parameter block.
 pub const PARAM_BYTES: usize = 32;
 /// Most vCPUs the image runs on.
@@ -54,7 +56,7 @@ pub const FLAG_START_APS: u32 = 2;
 /// `out` port: sent once on reaching ring 3; 1 = parameters used, 0 = defaults.
 pub const PORT_BOOTED: u16 = 0x510;
 /// `out` port: pages stamped so far (wrapping u32), every `batch` pages; an
-/// idle guest sends 0 every `idle_spins` pauses.
+/// idle vCPU sends 0 every `idle_wakes` times it is woken from its halt.
 pub const PORT_PROGRESS: u16 = 0x514;
 /// `out` port: the generation just completed.
 pub const PORT_GENERATION: u16 = 0x518;
@@ -98,8 +100,12 @@ pub struct GuestParams {
     pub ws_pages: u32,
     /// Pages stamped between two PROGRESS exits (non-zero).
     pub batch: u32,
-    /// `pause` iterations between two idle PROGRESS exits (non-zero).
-    pub idle_spins: u32,
+    /// Wake-ups from its halt an idle vCPU waits between two PROGRESS
+    /// exits (non-zero): its LAPIC timer wakes it every 10 ms, and vCPU 0's
+    /// PIT every 1 ms with [`GuestParams::devices`]. The exits are how an
+    /// idle vCPU shows it runs; halting in between keeps it off the host's
+    /// CPUs, as a real idle guest is.
+    pub idle_wakes: u32,
     /// vCPUs the guest runs on (1 ..= [`MAX_VCPUS`]); the VMM starts each
     /// at [`ENTRY`] with its index in `edi`.
     pub vcpus: u32,
@@ -132,7 +138,7 @@ impl Default for GuestParams {
             ws_start: 0x20_0000,
             ws_pages: 1024,
             batch: 256,
-            idle_spins: 4_000_000,
+            idle_wakes: 100,
             vcpus: 1,
             devices: false,
             start_aps: false,
@@ -153,7 +159,7 @@ pub enum GuestError {
         /// RAM from guest-physical 0 to the first hole.
         ram: u64,
     },
-    /// `batch` or `idle_spins` is zero (the guest would count down forever).
+    /// `batch` or `idle_wakes` is zero (the guest would count down forever).
     ZeroCount,
     /// The vCPU count is 0 or above [`MAX_VCPUS`].
     BadVcpuCount(u32),
@@ -168,7 +174,7 @@ impl fmt::Display for GuestError {
                 f,
                 "working set {pages} pages at {start:#x} is misaligned, below {MIN_WS_START:#x} or beyond the RAM below the hole ({ram:#x}) / 4 GiB"
             ),
-            GuestError::ZeroCount => f.write_str("guest batch and idle_spins must be non-zero"),
+            GuestError::ZeroCount => f.write_str("guest batch and idle_wakes must be non-zero"),
             GuestError::BadVcpuCount(n) => {
                 write!(f, "the demo guest runs on 1 to {MAX_VCPUS} vCPUs, not {n}")
             }
@@ -188,7 +194,7 @@ impl GuestParams {
             self.ws_start as u32,
             self.ws_pages,
             self.batch,
-            self.idle_spins,
+            self.idle_wakes,
             self.vcpus,
             if self.devices { FLAG_DEVICES } else { 0 }
                 | if self.start_aps { FLAG_START_APS } else { 0 },
@@ -204,7 +210,7 @@ impl GuestParams {
     /// unbroken from guest-physical 0 for `ram` bytes (a PC's RAM below
     /// the 32-bit hole: RAM above it is not for the working set).
     pub fn validate(&self, ram: u64) -> Result<(), GuestError> {
-        if self.batch == 0 || self.idle_spins == 0 {
+        if self.batch == 0 || self.idle_wakes == 0 {
             return Err(GuestError::ZeroCount);
         }
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {

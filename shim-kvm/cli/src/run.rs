@@ -159,7 +159,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         ws_start: 2 * MIB,
         ws_pages: u32::try_from(opts.dirty_mib * MIB / PAGE_SIZE as u64)
             .map_err(|_| RunError::WorkingSet(opts.dirty_mib))?,
-        idle_spins: 100_000,
+        idle_wakes: 1,
         vcpus: opts.vcpus,
         devices: true,
         ..GuestParams::default()

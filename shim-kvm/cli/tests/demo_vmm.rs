@@ -228,3 +228,97 @@ fn livemig_run_boots_the_demo_vmm_on_the_vcpus_asked_for() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus"));
 }
+
+/// An idle guest halts, as a real one does, instead of spinning: paused
+/// at any moment, an idle vCPU is almost always halted (mp_state HALTED)
+/// in its ring-0 `sti; hlt` path, and its wake-ups (its LAPIC timer;
+/// vCPU 0's PIT too) still bring PROGRESS exits, the timer ticks and the
+/// serial lines. A spinning idle loop is never seen halted.
+#[test]
+fn idle_vcpus_halt_in_ring0_and_wake_on_their_timers() {
+    if !kvm_available() {
+        return;
+    }
+    const N: u32 = 2;
+    const SAMPLES: usize = 8;
+    let vmm = DemoVmm::new(64 * MIB, N).expect("demo VMM");
+    let params = guest::GuestParams {
+        ws_pages: 0,
+        idle_wakes: 1,
+        ..small_ws_with_devices(N)
+    };
+    vmm.boot(&params).expect("boot");
+    // Boot runs in ring 0 (emulated, slow): sample only once every vCPU
+    // reached its ring-3 idle loop.
+    vmm.vcpus().resume_all().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (0..N as usize).any(|v| vmm.vcpus().report(v).unwrap().booted.is_none()) {
+        assert!(Instant::now() < deadline, "the idle guest did not boot");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vmm.vcpus().pause_all().unwrap();
+    let mut halted = [0usize; N as usize];
+    let mut in_ring0 = [0usize; N as usize];
+    for sample in 0..SAMPLES {
+        vmm.vcpus().resume_all().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        vmm.vcpus().pause_all().unwrap();
+        assert_eq!(vmm.vcpus().stopped(), None);
+        for v in 0..N as usize {
+            let mut at = None;
+            vmm.vcpus()
+                .with_vcpu(v, &mut |fd| {
+                    at = Some((
+                        fd.get_mp_state().unwrap().mp_state,
+                        fd.get_sregs().unwrap().cs.dpl,
+                        fd.get_regs().unwrap().rip,
+                    ))
+                })
+                .unwrap();
+            let (mp_state, cpl, rip) = at.unwrap();
+            assert!(
+                cpl == 3 || (cpl == 0 && guest::RING0_HANDLERS.contains(&rip)),
+                "sample {sample}: vCPU {v} paused at CPL {cpl}, rip {rip:#x}"
+            );
+            if mp_state == kvm_bindings::KVM_MP_STATE_HALTED {
+                assert_eq!(cpl, 0, "vCPU {v} halted in ring 3");
+                halted[v] += 1;
+            }
+            if cpl == 0 {
+                in_ring0[v] += 1;
+            }
+        }
+    }
+    // Woken, each went round its loop: 80 wake-ups of vCPU 1's timer in
+    // the 800 ms it ran, more of vCPU 0's (the PIT too), each an exit;
+    // a few suffice on a loaded machine.
+    for v in 0..N as usize {
+        let r = vmm.vcpus().report(v).unwrap();
+        assert!(r.progress_exits >= 4, "vCPU {v}: {r:?}");
+    }
+    // vCPU 1 runs a few microseconds per wake-up, 100 times a second:
+    // nearly every pause finds it halted; half the samples leaves room
+    // for a slow machine. vCPU 0's PIT ticks on while it is paused or
+    // descheduled and KVM re-injects every tick it missed, so on a loaded
+    // machine a pause mostly finds it catching up (just woken, RUNNABLE at
+    // the `iretq` after its `hlt` with a tick pending, or in ring 3
+    // writing a serial line): it is only asked to be seen in its ring-0
+    // idle path once, where a spinning loop never is.
+    assert!(
+        halted[1] >= SAMPLES / 2,
+        "vCPU 1 halted in {} of {SAMPLES} pauses",
+        halted[1]
+    );
+    assert!(
+        in_ring0[0] > 0,
+        "vCPU 0 was in ring 0 in none of {SAMPLES} pauses (halted in {})",
+        halted[0]
+    );
+    assert!(vmm.ticks().unwrap() > 0, "the PIT woke no one");
+    let mut out = vmm.serial().take_output();
+    let seq = lines(&mut out);
+    assert!(
+        !seq.is_empty() && seq.iter().copied().eq(0..seq.len() as u64),
+        "serial sequence: {seq:?}"
+    );
+}
