@@ -15,19 +15,54 @@
 //!
 //! # Who hashes what
 //!
-//! The source hashes each page right after the caller wrote it to the
-//! socket (at the next poll, through
-//! [`PageReader::page_term`](crate::source::PageReader::page_term): the
-//! shim owns guest memory), so after the dirty-log clear that covers it,
-//! and while the write has left it in the cache. The guest may write the
-//! page between the write to the socket and the hash; then the bytes
-//! hashed differ from the bytes on the wire, but the guest's write set the
-//! page's dirty bit after its clear, so the page is sent (and hashed) again
-//! later, at the latest in the final pass, which runs with the vCPUs
-//! stopped, where the write and the hash read the same bytes. The last term the source books for each page is therefore
-//! the term of the bytes the destination last received for it. Device
-//! (VMM) writes to guest memory are covered the same way by the device
-//! dirty log, and stop with the devices.
+//! The source hashes each page when its scan reads it, right after the
+//! dirty-log clear that covers it and before the page goes in a batch
+//! (through [`PageReader::page_term`](crate::source::PageReader::page_term):
+//! the shim owns guest memory). The zero-page check reads the page there
+//! anyway, and the term is 0 exactly for an all-zero page, so one pass over
+//! the page's words does both and the term costs no read of its own; the
+//! engine keeps the batch's terms with its page list and books them as
+//! the batch is handed out. (It used to hash after the caller's write,
+//! a second read of each page, from memory again once a pass's working
+//! set is larger than the cache: verification cost 10 % of the
+//! throughput.)
+//!
+//! The caller writes the page later, from guest memory, so with the guest
+//! running the bytes hashed (at the read, time `h`) and the bytes sent (at
+//! the write, `w > h`) can differ. Why the books are still exact, page by
+//! page:
+//!
+//! - Only the *last* term booked for a page counts; it replaces every
+//!   earlier one, on both ends.
+//! - If the bytes of a send differ from the bytes hashed, the guest (or a
+//!   device) wrote the page between `h` and `w`. That is after the page's
+//!   dirty-log clear (the clear comes before the read), so the write set
+//!   the page's dirty bit (the device dirty log, for a device) and the
+//!   next sync finds it: the page is sent, and hashed, again. A send
+//!   whose term may differ from its bytes is therefore never a page's
+//!   last send.
+//! - Every migration ends with a sync and a pass with the vCPUs and the
+//!   devices stopped (the precopy stop-and-copy, or the postcopy switch,
+//!   after which every page left goes out from stopped memory). Nothing
+//!   writes guest memory between `h` and `w` there, so that pass's terms
+//!   are of the bytes it sends; and by the point above a page's last
+//!   send is one made with nothing writing between the read and the write.
+//!
+//! So the last term the source books for each page is the term of the
+//! bytes the destination last received for it. That earlier passes run
+//! live does not matter: a pass's mismatched terms are all replaced later.
+//! The argument is the one that makes precopy correct at all (a page
+//! written after its clear is sent again), and needs nothing more: what
+//! it does need, a dirty log that misses no write, is what the audit
+//! below checks. A copy of each batch into a buffer that is hashed and
+//! sent would make the term exact without the dirty log's help, but at the
+//! cost of a store and a load of every page more and of sending from a
+//! copy; and a guest write between the copy and the send that the dirty
+//! log missed would leave the destination stale with the digests equal,
+//! where the hash at the read shows the mismatch.
+//!
+//! Pages requested in postcopy are hashed as their batch's header is
+//! encoded (their terms travel in it, see below), from stopped memory.
 //!
 //! The destination hashes the bytes of each page as the engine hands them
 //! to [`DestinationHost::place_pages`](crate::destination::DestinationHost::place_pages),

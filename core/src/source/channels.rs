@@ -162,9 +162,10 @@ impl SourceEngine<'_> {
         self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
         self.refresh_stats();
         let pages_len = self.scan.batch.normal_len;
-        // Booked like a main-stream batch, once the caller has handed the
-        // pages to the channel.
-        self.batch_sent(block as u16, pages_len);
+        let batch = &self.scan.batch;
+        let normal = &batch.normal[..pages_len];
+        let terms = batch.hashed.then_some(&batch.terms[..pages_len]);
+        super::verify::book_batch(&mut self.verify, ram, block as u16, normal, terms);
         self.scan.batch.clear();
         SourceAction::SendChannelPages {
             channel: header.channel,

@@ -154,11 +154,14 @@ pub trait PageReader {
 
     /// The digest term of `page` in block `block` as memory holds it now:
     /// [`DigestKey::term_of_words`] (or [`DigestKey::page_term`]) over the
-    /// page's contents. Asked, when the migration verifies itself
-    /// ([`SourceEngine::verify_with`]), for each page of a
-    /// [`SourceAction::SendPages`] at the next poll, once the caller has
-    /// written it (after the page's dirty-log clear, then); see
-    /// [`crate::digest`] for why a guest write racing the read is harmless.
+    /// page's contents, so 0 exactly when the page is all zero. When the
+    /// migration verifies itself ([`SourceEngine::verify_with`]) the scan
+    /// asks it *instead of* [`is_zero_page`](PageReader::is_zero_page) for
+    /// each dirty page it reads (after the page's dirty-log clear): one
+    /// read of the page both hashes it and finds it zero, and the term is
+    /// booked as the page's batch is handed out. See [`crate::digest`] for
+    /// why a guest write between this read and the caller's write of the
+    /// page is harmless.
     fn page_term(&self, block: u16, page: u64, key: &DigestKey) -> u64;
 
     /// Which of the pages `first .. first + 64 * mask.len()` of block
@@ -1092,7 +1095,6 @@ impl<'a> SourceEngine<'a> {
     /// The next thing to do, if any. See [`SourceAction`] for each.
     pub fn poll_action(&mut self, now: Instant, ram: &impl PageReader) -> Option<SourceAction<'_>> {
         self.advance_clock(now);
-        self.book_sent(ram);
         // A stop that fits is still taken at the time limit (the next
         // sync decides); only one that does not ends the migration here.
         if self.step == Step::Iterate && self.time_limit_exceeded() && !self.fits_downtime() {

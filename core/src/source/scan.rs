@@ -39,7 +39,9 @@ impl Scan {
                 entries: [Batch::EMPTY_ENTRY; BATCH_PAGES],
                 len: 0,
                 normal: [0; BATCH_PAGES],
+                terms: [0; BATCH_PAGES],
                 normal_len: 0,
+                hashed: true,
                 limit: BATCH_PAGES,
             },
             remaining_bytes: total,
@@ -106,7 +108,14 @@ pub(super) struct Batch {
     pub entries: [PageEntry; BATCH_PAGES],
     pub len: usize,
     pub normal: [u64; BATCH_PAGES],
+    /// With `hashed`, the term of each page of `normal` (same index), as
+    /// the scan read it (see [`SourceEngine::classify`]).
+    pub terms: [u64; BATCH_PAGES],
     pub normal_len: usize,
+    /// Every page of `normal` has its term in `terms`: the batch was
+    /// filled by a verifying scan. Postcopy's requested pages are pushed
+    /// without one and hashed as their header is encoded.
+    pub hashed: bool,
     /// Pages at which the batch is full, at most [`BATCH_PAGES`].
     pub limit: usize,
 }
@@ -128,9 +137,27 @@ impl Batch {
     pub fn clear(&mut self) {
         self.len = 0;
         self.normal_len = 0;
+        self.hashed = true;
     }
 
+    /// Page `index` goes in, without a term.
     pub fn push(&mut self, index: u64, zero: bool) {
+        if !zero {
+            self.hashed = false;
+        }
+        self.put(index, zero);
+    }
+
+    /// Page `index` goes in with its term (booked when the batch is
+    /// encoded; ignored for a zero entry, booked as 0 at once).
+    pub fn push_hashed(&mut self, index: u64, zero: bool, term: u64) {
+        if let Some(t) = self.terms.get_mut(self.normal_len).filter(|_| !zero) {
+            *t = term;
+        }
+        self.put(index, zero);
+    }
+
+    fn put(&mut self, index: u64, zero: bool) {
         let kind = if zero {
             PageKind::Zero
         } else {
@@ -218,12 +245,20 @@ impl SourceEngine<'_> {
             t.dirty.test_and_clear(page);
             let page_size = 1u64 << t.page_shift;
             self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
-            let zero = self.sends_as_zero(ram, self.scan.block, page);
-            if zero {
-                verify::book_zero(&mut self.verify, self.scan.block as u16, page);
-            }
             self.scan.batch.block = self.scan.block;
-            self.scan.batch.push(page, zero);
+            match self.verify.as_ref().map(|v| v.key) {
+                Some(key) => {
+                    let (zero, term) = self.classify(ram, self.scan.block, page, &key);
+                    if zero {
+                        verify::book_zero(&mut self.verify, self.scan.block as u16, page);
+                    }
+                    self.scan.batch.push_hashed(page, zero, term);
+                }
+                None => {
+                    let zero = self.sends_as_zero(ram, self.scan.block, page);
+                    self.scan.batch.push(page, zero);
+                }
+            }
             self.scan.page = page + 1;
             if self.scan.batch.is_full() {
                 return Some(self.emit_pages(ram));
@@ -241,23 +276,57 @@ impl SourceEngine<'_> {
     /// (Linux's pagemap: ~75 ns a populated page here, more than reading
     /// a non-zero page).
     fn sends_as_zero(&mut self, ram: &impl PageReader, block: usize, page: u64) -> bool {
-        if !self
-            .config
+        self.detects_zero_pages()
+            && (self.never_populated(ram, block, page) || ram.is_zero_page(block as u16, page))
+    }
+
+    fn detects_zero_pages(&self) -> bool {
+        self.config
             .capabilities
             .contains(Capabilities::ZERO_PAGE_DETECTION)
-        {
-            return false;
-        }
+    }
+
+    /// In the first pass, whether the reader says page `page` of block
+    /// `block` was never populated (counted in `ram.unpopulated`).
+    fn never_populated(&mut self, ram: &impl PageReader, block: usize, page: u64) -> bool {
         if self.scan.first_pass_done {
-            return ram.is_zero_page(block as u16, page);
+            return false;
         }
         let chunk = 1u64 << self.config.parameters.clear_bitmap_shift;
         let window = chunk.min(POPULATED_WINDOW as u64);
-        if !self.scan.populated.may_hold_data(ram, block, page, window) {
-            self.stats.ram.unpopulated += 1;
-            return true;
+        if self.scan.populated.may_hold_data(ram, block, page, window) {
+            return false;
         }
-        ram.is_zero_page(block as u16, page)
+        self.stats.ram.unpopulated += 1;
+        true
+    }
+
+    /// A verifying scan's read of page `page` of block `block`: whether it
+    /// goes out as a zero page, and its term. One pass over the page both
+    /// hashes it and finds it zero (its term is 0 exactly when it is all
+    /// zero, [`DigestKey::page_term`](crate::digest::DigestKey::page_term)),
+    /// so the term costs the zero check's read, not a read of its own
+    /// after the send. A page the reader says was never populated is
+    /// neither read nor hashed: zero, term 0. Without zero-page detection
+    /// every page goes out whole, a zero one with term 0.
+    ///
+    /// The term is of the page as it is now, after its dirty-log clear;
+    /// the caller writes it later. Why the books still end up with the
+    /// term of the bytes the destination last received: see
+    /// [`crate::digest`] ("Who hashes what").
+    fn classify(
+        &mut self,
+        ram: &impl PageReader,
+        block: usize,
+        page: u64,
+        key: &crate::digest::DigestKey,
+    ) -> (bool, u64) {
+        let detect = self.detects_zero_pages();
+        if detect && self.never_populated(ram, block, page) {
+            return (true, 0);
+        }
+        let term = ram.page_term(block as u16, page, key);
+        (detect && term == 0, term)
     }
 
     pub(super) fn end_of_pass(&mut self, ram: &impl PageReader, live: bool) -> SourceAction<'_> {
@@ -332,34 +401,38 @@ impl SourceEngine<'_> {
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
         let entries = &self.scan.batch.entries[..self.scan.batch.len];
         let normal = &self.scan.batch.normal[..self.scan.batch.normal_len];
-        let (header_len, booked) =
-            match verify::postcopy_books(&mut self.verify, self.status, block) {
-                Some((key, books)) => (
-                    wire::encode_page_batch_header_with_terms(
-                        self.scratch,
-                        block as u16,
-                        shift,
-                        flags | BatchFlags::TERMS,
-                        entries,
-                        normal.iter().map(|&page| {
-                            let term = ram.page_term(block as u16, page, &key);
-                            books.record(page, term);
-                            term
-                        }),
-                    )?,
-                    true,
-                ),
-                None => (
-                    wire::encode_page_batch_header(
-                        self.scratch,
-                        block as u16,
-                        shift,
-                        flags,
-                        entries,
-                    )?,
-                    false,
-                ),
-            };
+        let terms = self
+            .scan
+            .batch
+            .hashed
+            .then_some(&self.scan.batch.terms[..normal.len()]);
+        let header_len = match verify::postcopy_books(&mut self.verify, self.status, block) {
+            Some((key, books)) => wire::encode_page_batch_header_with_terms(
+                self.scratch,
+                block as u16,
+                shift,
+                flags | BatchFlags::TERMS,
+                entries,
+                normal.iter().enumerate().map(|(i, &page)| {
+                    let term = terms
+                        .and_then(|t| t.get(i).copied())
+                        .unwrap_or_else(|| ram.page_term(block as u16, page, &key));
+                    books.record(page, term);
+                    term
+                }),
+            )?,
+            None => {
+                let len = wire::encode_page_batch_header(
+                    self.scratch,
+                    block as u16,
+                    shift,
+                    flags,
+                    entries,
+                )?;
+                verify::book_batch(&mut self.verify, ram, block as u16, normal, terms);
+                len
+            }
+        };
         let normal = self.scan.batch.normal_len as u64;
         let zero = self.scan.batch.len as u64 - normal;
         let data = normal << shift;
@@ -369,9 +442,6 @@ impl SourceEngine<'_> {
         self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
         self.refresh_stats();
         let pages_len = self.scan.batch.normal_len;
-        if !booked {
-            self.batch_sent(block as u16, pages_len);
-        }
         self.scan.batch.clear();
         Ok((header_len, block as u16, pages_len))
     }

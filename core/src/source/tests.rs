@@ -571,6 +571,8 @@ enum Asked {
     Clear(u64),
     Populated(u64),
     Read(u64),
+    Hashed(u64),
+    Sent(u64),
 }
 
 /// Pages below `populated_below` hold data (non-zero); the rest were never
@@ -692,6 +694,161 @@ fn unpopulated_pages_are_sent_as_zero_unread_and_asked_after_their_clear() {
         (ram.normal, ram.unpopulated, ram.duplicate),
         (301, 724, 724)
     );
+}
+
+/// Pages below 300 hold the byte `fill` (which the test changes, as a
+/// guest writes), the rest were never populated.
+struct Live {
+    fill: core::cell::Cell<u8>,
+    log: core::cell::RefCell<vec::Vec<Asked>>,
+}
+
+impl PageReader for Live {
+    fn is_zero_page(&self, _block: u16, page: u64) -> bool {
+        self.log.borrow_mut().push(Asked::Read(page));
+        page >= 300
+    }
+
+    fn page_term(&self, block: u16, page: u64, key: &crate::digest::DigestKey) -> u64 {
+        self.log.borrow_mut().push(Asked::Hashed(page));
+        let byte = if page < 300 { self.fill.get() } else { 0 };
+        key.page_term(block, page, &[byte; 4096])
+    }
+
+    fn populated(&self, _block: u16, first: u64, mask: &mut [u64]) {
+        self.log.borrow_mut().push(Asked::Populated(first));
+        for (w, word) in mask.iter_mut().enumerate() {
+            *word = (0..64)
+                .filter(|b| first + 64 * w as u64 + b < 300)
+                .fold(0, |acc, b| acc | 1 << b);
+        }
+    }
+}
+
+/// A verifying scan reads each page once, for its term, which is also its
+/// zero check: `is_zero_page` is never asked, a never-populated page is
+/// neither read nor hashed, every populated page is hashed exactly once
+/// and before its batch is handed out, and nothing is read again after
+/// the caller wrote a batch (the guest writing the pages meanwhile does
+/// not make the engine read them).
+#[test]
+fn a_verifying_scan_hashes_each_page_once_in_its_read_before_the_send() {
+    use crate::digest::{DigestBooks, DigestKey};
+    let mut config = MigrationConfig::default();
+    config.parameters.max_bandwidth = 0;
+    config.parameters.clear_bitmap_shift = 8;
+    let l = layout();
+    let (mut d, mut c) = (vec![0; 16], vec![0; 4]);
+    let mut tracking = [BlockTracking::new(&l[0], 8, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut terms = vec![0u64; 1024];
+    let mut books = [DigestBooks::new(&l[0], &mut terms).unwrap()];
+    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+    s.verify_with(DigestKey::new(0x5eed), &mut books).unwrap();
+    let ram = Live {
+        fill: core::cell::Cell::new(1),
+        log: core::cell::RefCell::default(),
+    };
+    let now = Instant::ZERO;
+    s.start(now).unwrap();
+    let mut syncs = 0;
+    loop {
+        let Some(action) = s.poll_action(now, &ram) else {
+            panic!("the engine stalled in {}", s.status());
+        };
+        match action {
+            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+            SourceAction::SyncDirtyLog => {
+                syncs += 1;
+                if syncs == 2 {
+                    break;
+                }
+                s.handle_dirty_log(0, &[u64::MAX; 16]).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            SourceAction::SendPages { pages, .. } => {
+                ram.log
+                    .borrow_mut()
+                    .extend(pages.iter().map(|&p| Asked::Sent(p)));
+                // The guest writes every page after the send.
+                ram.fill.set(ram.fill.get() % 250 + 1);
+            }
+            _ => {}
+        }
+    }
+    let log = ram.log.take();
+    assert!(!log.iter().any(|a| matches!(a, Asked::Read(_))));
+    let hashed: vec::Vec<u64> = log
+        .iter()
+        .filter_map(|a| match a {
+            Asked::Hashed(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hashed, (0..300).collect::<vec::Vec<_>>());
+    // Each sent page was hashed before it was handed out.
+    for (i, a) in log.iter().enumerate() {
+        if let Asked::Sent(p) = a {
+            let at = log.iter().position(|b| *b == Asked::Hashed(*p));
+            assert!(at.is_some_and(|h| h < i), "page {p} hashed after its send");
+        }
+    }
+    let ram = &s.stats().ram;
+    assert_eq!((ram.normal, ram.unpopulated), (300, 724));
+}
+
+/// What a batch books: the terms the scan handed with it, without reading
+/// the page again; a batch without them (postcopy's requested pages) is
+/// hashed from memory as it is booked. A zero entry books 0.
+#[test]
+fn batches_book_the_scan_terms_and_hash_only_pages_without_one() {
+    use super::verify::{Verify, book_batch, book_zero};
+    use crate::digest::{DigestBooks, DigestKey};
+    let l = layout();
+    let mut terms = vec![0u64; 1024];
+    let mut books = [DigestBooks::new(&l[0], &mut terms).unwrap()];
+    let mut verify = Some(Verify {
+        key: DigestKey::new(3),
+        books: &mut books,
+        audit: false,
+    });
+    let ram = Live {
+        fill: core::cell::Cell::new(7),
+        log: core::cell::RefCell::default(),
+    };
+    book_batch(&mut verify, &ram, 0, &[4, 9], Some(&[11, 12]));
+    assert!(ram.log.borrow().is_empty(), "terms given: nothing read");
+    book_batch(&mut verify, &ram, 0, &[5], None);
+    assert_eq!(ram.log.take(), [Asked::Hashed(5)]);
+    book_zero(&mut verify, 0, 9);
+    // Outside the layout: nothing booked, nothing read.
+    book_batch(&mut verify, &ram, 1, &[5], None);
+    assert!(ram.log.borrow().is_empty());
+    let b = verify.as_ref().map(|v| &v.books[0]).unwrap();
+    let five = DigestKey::new(3).page_term(0, 5, &[7; 4096]);
+    assert_eq!(
+        (b.term(4), b.term(5), b.term(9)),
+        (Some(11), Some(five), Some(0))
+    );
+    assert_eq!(b.sum(), 11u64.wrapping_add(five));
+}
+
+/// A batch carries the scan's terms for its normal pages, in their order,
+/// as long as every normal page came with one; a zero entry needs none.
+#[test]
+fn a_batch_keeps_its_terms_while_every_normal_page_has_one() {
+    let mut b = super::scan::Scan::new(0).batch;
+    b.push_hashed(3, false, 30);
+    b.push_hashed(4, true, 0);
+    b.push(5, true);
+    b.push_hashed(6, false, 60);
+    assert!(b.hashed);
+    assert_eq!(&b.normal[..b.normal_len], [3, 6]);
+    assert_eq!(&b.terms[..b.normal_len], [30, 60]);
+    b.push(7, false);
+    assert!(!b.hashed, "page 7 has no term");
+    b.clear();
+    assert!(b.hashed && b.is_empty());
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! The source's half of the self-check: booking each page as it is put in
-//! a batch, the optional audit of memory at the stop, and the Digest
+//! The source's half of the self-check: booking each page as its batch is
+//! handed out, the optional audit of memory at the stop, and the Digest
 //! record before the end of the stream (see [`crate::digest`]).
 
 use super::{
@@ -10,32 +10,15 @@ use crate::digest::{DigestBooks, DigestKey, Verification, locate_parts};
 use crate::status::MigrationStatus;
 use crate::wire::{self, EncodeError, PageRange};
 
-/// What a verifying source keeps: the key, the books, whether to audit,
-/// and the batch handed out last, whose normal pages are booked once the
-/// caller has written them.
+/// What a verifying source keeps: the key, the books and whether to
+/// audit.
 pub(super) struct Verify<'a> {
     pub key: DigestKey,
     pub books: &'a mut [DigestBooks<'a>],
     pub audit: bool,
-    /// Block and count of the normal pages of the last batch handed out,
-    /// not booked yet.
-    pub sent: Option<(u16, usize)>,
 }
 
 impl<'a> Verify<'a> {
-    /// Books `pages` of `block`, just written by the caller, with their
-    /// terms as memory holds them now: after their dirty-log clear, and
-    /// while they are still in the cache from the write (see
-    /// [`crate::digest`] for why a guest write in between is harmless).
-    fn book_sent(&mut self, ram: &impl PageReader, block: u16, pages: &[u64]) {
-        let Some(b) = self.books.get_mut(usize::from(block)) else {
-            return;
-        };
-        for &page in pages {
-            b.record(page, ram.page_term(block, page, &self.key));
-        }
-    }
-
     /// The first page whose memory no longer matches its books, if any.
     /// With the guest stopped, [`PageReader::populated`] is exact: a page
     /// never populated is zero, so its term is 0 and it is checked without
@@ -71,11 +54,12 @@ impl<'a> Verify<'a> {
 }
 
 /// In a verifying postcopy, the key and the books of `block`: each normal
-/// page of a batch is then hashed as the batch's header is encoded and
-/// its term travels in it ([`BatchFlags::TERMS`](crate::wire::BatchFlags::TERMS)),
-/// for the destination to check the page before it installs it. The
-/// guest is stopped here, so the bytes hashed are the bytes written after
-/// the header, and the term is booked at once.
+/// page's term travels in its batch's header
+/// ([`BatchFlags::TERMS`](crate::wire::BatchFlags::TERMS)), for the
+/// destination to check the page before it installs it: the scan's term
+/// for a background page, a requested page hashed as the header is
+/// encoded. The guest is stopped here, so the bytes hashed are the bytes
+/// written after the header, and the term is booked at once.
 pub(super) fn postcopy_books<'v, 'a>(
     verify: &'v mut Option<Verify<'a>>,
     status: MigrationStatus,
@@ -91,13 +75,39 @@ pub(super) fn postcopy_books<'v, 'a>(
 
 /// Books a zero entry as it goes into a batch (a free function, so that
 /// the scan can call it while it holds the tracking entry); normal pages
-/// are booked after they were written ([`SourceEngine::book_sent`]).
+/// are booked as their batch is encoded ([`book_batch`]).
 pub(super) fn book_zero(verify: &mut Option<Verify<'_>>, block: u16, page: u64) {
     if let Some(b) = verify
         .as_mut()
         .and_then(|v| v.books.get_mut(usize::from(block)))
     {
         b.record(page, 0);
+    }
+}
+
+/// Books the normal `pages` of a batch of `block` as it is handed out,
+/// with `terms` (one per page, same order) when the scan hashed them as it
+/// read them, or else with their terms as `ram` reads them now. The caller
+/// writes the pages after this; see [`crate::digest`] for why the last
+/// term booked for a page is still that of the bytes last sent for it.
+pub(super) fn book_batch(
+    verify: &mut Option<Verify<'_>>,
+    ram: &impl PageReader,
+    block: u16,
+    pages: &[u64],
+    terms: Option<&[u64]>,
+) {
+    let Some(v) = verify.as_mut() else {
+        return;
+    };
+    let Some(b) = v.books.get_mut(usize::from(block)) else {
+        return;
+    };
+    for (i, &page) in pages.iter().enumerate() {
+        let term = terms
+            .and_then(|t| t.get(i).copied())
+            .unwrap_or_else(|| ram.page_term(block, page, &v.key));
+        b.record(page, term);
     }
 }
 
@@ -128,7 +138,6 @@ impl<'a> SourceEngine<'a> {
             key,
             books,
             audit: false,
-            sent: None,
         });
         self.stats.verification = Verification::Pending;
         Ok(())
@@ -151,30 +160,6 @@ impl<'a> SourceEngine<'a> {
         }
     }
 
-    /// Books the normal pages of the batch handed out last: the caller has
-    /// written them by now (it carries out each action before polling
-    /// again), and the batch's page list is intact until the next page is
-    /// put in a batch. Hashing after the write rather than before reads
-    /// each page from the cache the write left it in, and in the stop lets
-    /// the destination work on the batch meanwhile.
-    pub(super) fn book_sent(&mut self, ram: &impl PageReader) {
-        let Some(v) = &mut self.verify else {
-            return;
-        };
-        if let Some((block, n)) = v.sent.take() {
-            let pages = self.scan.batch.normal.get(..n).unwrap_or(&[]);
-            v.book_sent(ram, block, pages);
-        }
-    }
-
-    /// A batch of `normal` pages of `block` is handed out: book them at
-    /// the next poll.
-    pub(super) fn batch_sent(&mut self, block: u16, normal: usize) {
-        if let Some(v) = &mut self.verify {
-            v.sent = Some((block, normal));
-        }
-    }
-
     /// The audit (when asked for) and the Digest record, encoded into
     /// scratch ahead of the end of the stream; returns the bytes written.
     /// `Err(None)` when the audit failed (the migration has failed).
@@ -182,7 +167,6 @@ impl<'a> SourceEngine<'a> {
         &mut self,
         ram: &impl PageReader,
     ) -> Result<usize, Option<EncodeError>> {
-        self.book_sent(ram);
         let Some(v) = &self.verify else {
             return Ok(0);
         };

@@ -145,6 +145,9 @@ pub enum BenchError {
     Protocol(String),
     /// The QEMU side of `--vs-qemu` failed.
     Qemu(QemuError),
+    /// Memory for a measurement outside a migration could not be made or
+    /// read.
+    Memory(livemig_kvm::memory::MemoryError),
 }
 
 impl fmt::Display for BenchError {
@@ -161,6 +164,7 @@ impl fmt::Display for BenchError {
             BenchError::Sink(e) => write!(f, "raw TCP copy: the sink process {e}"),
             BenchError::Protocol(e) => write!(f, "raw TCP copy: {e}"),
             BenchError::Qemu(e) => write!(f, "bench --vs-qemu: {e}"),
+            BenchError::Memory(e) => write!(f, "bench: memory: {e}"),
         }
     }
 }

@@ -8,6 +8,13 @@
 //! verified over not: the cost of hashing every page sent on both ends, and
 //! of the digest's exchange at the end.
 //!
+//! Between the pairs it also times the source's own work per page sent,
+//! outside a migration ([`SourceReads`]): the scan's read of each page and
+//! the copy out of it, unverified, with the term hashed in the scan's read
+//! (what the source does) and with it hashed after the copy (what it did
+//! before), the three in turn. The migrations' figures move with the
+//! machine's load; these isolate the hash's cost on the source's thread.
+//!
 //! The runs without verification are checked too, by the digest of the
 //! pages the destination guest did not write, taken after its watch
 //! ([`MemoryCheck::Unwritten`](crate::demo::MemoryCheck::Unwritten)) and
@@ -20,7 +27,10 @@ use crate::bench::{
 };
 use crate::interrupt::Cancel;
 use livemig_core::config::MigrationConfig;
+use livemig_core::digest::DigestKey;
+use livemig_kvm::memory::{GuestMemory, MemoryError, PAGE_SIZE, RegionLayout};
 use livemig_kvm::migrate::SourceOptions;
+use std::time::Instant;
 
 /// The same case run verified and not, alternating.
 #[derive(Debug, Clone)]
@@ -29,6 +39,107 @@ pub struct VerifyCost {
     pub on: CaseResult,
     /// The runs with verification off.
     pub off: CaseResult,
+    /// The source's work per page, one measurement after each pair.
+    pub reads: Vec<SourceReads>,
+}
+
+/// The source's work per page sent, us a page, over [`READS_MIB`] MiB of
+/// non-zero pages in batches of [`READS_BATCH`] (a pass of busy-1g's
+/// working set, larger than a core's cache, as the engine's batches are),
+/// each way over the whole memory once, the three in turn. The kernel's
+/// copy of a batch into the socket is stood in for by a copy of it into a
+/// buffer of the batch's size ([`GuestMemory::read`], a `memcpy` like the
+/// kernel's `copy_from_user`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceReads {
+    /// Unverified: the zero check of each page, then the batch's copy.
+    pub plain_us: f64,
+    /// Verified as the source does it: each page's term in the scan's read
+    /// (its zero check), then the copy.
+    pub fused_us: f64,
+    /// Verified as the source did before: the zero check, the copy, then
+    /// each page's term read from memory again.
+    pub after_us: f64,
+}
+
+/// Guest memory [`SourceReads`] goes over: busy-1g's working set.
+pub const READS_MIB: usize = 64;
+/// Pages of one batch, as the engine's.
+pub const READS_BATCH: usize = livemig_core::source::BATCH_PAGES;
+
+/// The memory [`SourceReads`] measures over, made and filled once.
+struct ReadsMemory {
+    ram: GuestMemory,
+    buf: Vec<u8>,
+    key: DigestKey,
+}
+
+impl ReadsMemory {
+    fn new() -> Result<Self, MemoryError> {
+        let bytes = (READS_MIB << 20) as u64;
+        let ram = GuestMemory::anonymous(&RegionLayout::contiguous("reads", bytes, bytes)?)?;
+        let fill: Vec<u8> = (0..1 << 20).map(|i| (i * 7 + 1) as u8).collect();
+        for at in (0..bytes).step_by(fill.len()) {
+            ram.write(at, &fill)?;
+        }
+        Ok(Self {
+            ram,
+            buf: vec![0; READS_BATCH * PAGE_SIZE],
+            key: DigestKey::new(0x5EED),
+        })
+    }
+
+    /// One pass over the memory `hash`ing as it says, us a page; the sum
+    /// of the terms goes into `sink` so that no hashing is optimised away.
+    fn pass(&mut self, hash: Hash, sink: &mut u64) -> Result<f64, MemoryError> {
+        let pages = (READS_MIB << 20) / PAGE_SIZE;
+        let start = Instant::now();
+        for first in (0..pages).step_by(READS_BATCH) {
+            let batch = first as u64..(first + READS_BATCH).min(pages) as u64;
+            for page in batch.clone() {
+                let zero = match hash {
+                    Hash::InRead => {
+                        let term = self.ram.page_term(0, page, &self.key)?;
+                        *sink = sink.wrapping_add(term);
+                        term == 0
+                    }
+                    Hash::None | Hash::After => self.ram.is_zero_page(0, page)?,
+                };
+                *sink = sink.wrapping_add(u64::from(zero));
+            }
+            let len = (batch.end - batch.start) as usize * PAGE_SIZE;
+            self.ram
+                .read(batch.start * PAGE_SIZE as u64, &mut self.buf[..len])?;
+            if hash == Hash::After {
+                for page in batch {
+                    *sink = sink.wrapping_add(self.ram.page_term(0, page, &self.key)?);
+                }
+            }
+        }
+        Ok(start.elapsed().as_nanos() as f64 / 1e3 / pages as f64)
+    }
+
+    /// The three ways once each, in turn.
+    fn measure(&mut self) -> Result<SourceReads, MemoryError> {
+        let mut sink = 0u64;
+        let plain_us = self.pass(Hash::None, &mut sink)?;
+        let fused_us = self.pass(Hash::InRead, &mut sink)?;
+        let after_us = self.pass(Hash::After, &mut sink)?;
+        std::hint::black_box(sink);
+        Ok(SourceReads {
+            plain_us,
+            fused_us,
+            after_us,
+        })
+    }
+}
+
+/// Where a [`ReadsMemory::pass`] hashes each page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hash {
+    None,
+    InRead,
+    After,
 }
 
 /// The figures compared (as bench's [`Metric`]s), downtime first: the issue's bar is no downtime
@@ -79,6 +190,8 @@ pub fn run_case(
     };
     let (on_opts, off_opts) = (with(true), with(false));
     let (mut on, mut off) = (Vec::new(), Vec::new());
+    let mut memory = ReadsMemory::new().map_err(BenchError::Memory)?;
+    let mut reads = Vec::new();
     for i in 1..=opts.runs {
         let order = if i % 2 == 1 {
             [true, false]
@@ -92,10 +205,12 @@ pub fn run_case(
                 off.push(bench::run_one(case, i, &off_opts, config, data, cancel)?);
             }
         }
+        reads.push(memory.measure().map_err(BenchError::Memory)?);
     }
     Ok(VerifyCost {
         on: CaseResult { case, runs: on },
         off: CaseResult { case, runs: off },
+        reads,
     })
 }
 
@@ -128,10 +243,19 @@ impl VerifyCost {
                 }),
             );
         }
+        let reads = |f: fn(&SourceReads) -> f64| {
+            Spread::of(self.reads.iter().map(f)).map_or(Value::Null, Spread::to_json)
+        };
         json!({
             "case": self.on.case.name,
             "runs": self.on.runs.len(),
             "verify-cost": Value::Object(figures),
+            "source-us-per-page": {
+                "mib": READS_MIB,
+                "unverified": reads(|r| r.plain_us),
+                "hash-in-read": reads(|r| r.fused_us),
+                "hash-after-copy": reads(|r| r.after_us),
+            },
             "verified": self.verified(),
             "verify-on": self.on.to_json(),
             "verify-off": self.off.to_json(),
@@ -179,6 +303,7 @@ impl VerifyCost {
             self.on.runs.len()
         );
         out.push_str(&bench::columns(&rows));
+        out.push_str(&self.reads_line());
         out.push_str(
             "on/off is the verified median over the unverified one: downtime within the two \
              min..max spreads is no increase within noise; throughput (migr GB/s, and vs raw TCP, \
@@ -188,6 +313,39 @@ impl VerifyCost {
              stop.\n",
         );
         out
+    }
+
+    /// The [`SourceReads`] medians as a line of the table: each way's us a
+    /// page and, for the verified ways, the unverified over it (the source
+    /// thread's throughput, verified, as a fraction of unverified).
+    fn reads_line(&self) -> String {
+        let median = |f: fn(&SourceReads) -> f64| Spread::of(self.reads.iter().map(f));
+        let (Some(plain), Some(fused), Some(after)) = (
+            median(|r| r.plain_us),
+            median(|r| r.fused_us),
+            median(|r| r.after_us),
+        ) else {
+            return String::new();
+        };
+        let way = |s: Spread| {
+            format!(
+                "{:.3} ({:.3}..{:.3}, {:.2}x)",
+                s.median,
+                s.min,
+                s.max,
+                plain.median / s.median
+            )
+        };
+        format!(
+            "source's work per page, outside a migration ({READS_MIB} MiB of non-zero pages in \
+             batches of {READS_BATCH}, a memcpy for the socket's copy; {} rounds, median \
+             (min..max, unverified over it)): unverified {:.3} us, hashed in the scan's read \
+             (now) {}, hashed after the copy (before) {}\n",
+            self.reads.len(),
+            plain.median,
+            way(fused),
+            way(after),
+        )
     }
 }
 
@@ -236,6 +394,18 @@ mod tests {
                 case,
                 runs: vec![run(5.0, 390), run(3.0, 400), run(4.0, 500)],
             },
+            reads: vec![
+                SourceReads {
+                    plain_us: 0.4,
+                    fused_us: 0.5,
+                    after_us: 0.8,
+                },
+                SourceReads {
+                    plain_us: 0.6,
+                    fused_us: 0.6,
+                    after_us: 1.2,
+                },
+            ],
         };
         assert!(cost.verified());
         assert_eq!(cost.ratio(RunResult::downtime_ms), Some(1.5));
@@ -255,6 +425,27 @@ mod tests {
         assert!(text.contains("1.500"), "{text}");
         assert!(text.contains("4.00..100.00"), "{text}");
         assert!(text.contains("3 runs each"), "{text}");
+        assert!(
+            text.contains("unverified 0.500 us, hashed in the scan's read (now) 0.550 (0.500..0.600, 0.91x), hashed after the copy (before) 1.000 (0.800..1.200, 0.50x)"),
+            "{text}"
+        );
+        assert_eq!(
+            j["source-us-per-page"]["hash-after-copy"]["median"],
+            json!(1.0)
+        );
+    }
+
+    /// The measurement runs over real memory: the three ways each take
+    /// some time, and hashing after the copy reads every page once more
+    /// than the unverified way.
+    #[test]
+    fn the_source_reads_are_measured_over_real_pages() {
+        let mut m = ReadsMemory::new().unwrap();
+        let r = m.measure().unwrap();
+        assert!(
+            r.plain_us > 0.0 && r.fused_us > 0.0 && r.after_us > 0.0,
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -271,6 +462,7 @@ mod tests {
                 case,
                 runs: vec![bad],
             },
+            reads: Vec::new(),
         };
         assert!(!cost.verified());
     }
