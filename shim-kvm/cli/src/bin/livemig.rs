@@ -943,16 +943,16 @@ fn run_postcopy_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCod
         Some(mem) => fault_bench::POSTCOPY_GUEST.scaled(mem),
         None => fault_bench::POSTCOPY_GUEST,
     };
-    let config = fault_bench::postcopy_config(config, |name| {
+    let config = fault_bench::postcopy_config(config, guest, |name| {
         options::sets_param(&a.migration.params, name)
     });
     let opts = bench_options(a);
     let cancel = cancel_on_signals()?;
     let runs = fault_bench::run(guest, &opts, &config, &cancel).map_err(|e| e.to_string())?;
     if a.json {
-        for r in &runs {
-            println!("{}", r.to_json());
-        }
+        let pooled = fault_bench::Pooled::of(&runs).map(|p| p.to_json());
+        let runs: Vec<_> = runs.iter().map(fault_bench::FaultRun::to_json).collect();
+        println!("{}", serde_json::json!({ "pooled": pooled, "runs": runs }));
     } else {
         print!("{}", fault_bench::table(guest, &runs));
     }
