@@ -74,6 +74,7 @@
 //! stream is written and keeps its guest stopped (see
 //! `docs/architecture.md` for that window).
 
+mod batch;
 mod channels;
 mod convergence;
 mod end;
@@ -98,6 +99,7 @@ use crate::status::{MigrationStatus, StatusChange, StatusChanges, TransitionErro
 use crate::time::Instant;
 use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, PreemptHello, Record};
 
+pub use batch::BatchBuilder;
 pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
 pub use postcopy::{
     DISCARD_RANGES_PER_RECORD, EARLY_DISCARD_PING, EARLY_DISCARD_WAIT, POSTCOPY_RUN_PING,

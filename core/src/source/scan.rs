@@ -2,12 +2,13 @@
 //! assembled, how many dirty bytes are still to send, and the scan itself
 //! (clears before reads, batches, the end of a pass).
 
+use super::batch::BatchBuilder;
 use super::{
     BATCH_PAGES, POPULATED_WINDOW, PageReader, SourceAction, SourceEngine, Step, SyncKind, verify,
 };
 use crate::capabilities::Capabilities;
 use crate::status::MigrationStatus;
-use crate::wire::{self, BatchFlags, PageEntry, PageKind};
+use crate::wire::{self, BatchFlags};
 
 /// The source's position in its pass over the RAM blocks.
 pub(super) struct Scan {
@@ -34,14 +35,7 @@ impl Scan {
         Scan {
             block: 0,
             page: 0,
-            batch: Batch {
-                block: 0,
-                entries: [Batch::EMPTY_ENTRY; BATCH_PAGES],
-                len: 0,
-                normal: [0; BATCH_PAGES],
-                normal_len: 0,
-                limit: BATCH_PAGES,
-            },
+            batch: Batch::new(),
             remaining_bytes: total,
             first_pass_done: false,
             never_sent_from: None,
@@ -101,53 +95,7 @@ impl PopulatedWindow {
 }
 
 /// The page batch being assembled.
-pub(super) struct Batch {
-    pub block: usize,
-    pub entries: [PageEntry; BATCH_PAGES],
-    pub len: usize,
-    pub normal: [u64; BATCH_PAGES],
-    pub normal_len: usize,
-    /// Pages at which the batch is full, at most [`BATCH_PAGES`].
-    pub limit: usize,
-}
-
-impl Batch {
-    const EMPTY_ENTRY: PageEntry = PageEntry {
-        index: 0,
-        kind: PageKind::Zero,
-    };
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.len >= self.limit
-    }
-
-    pub fn clear(&mut self) {
-        self.len = 0;
-        self.normal_len = 0;
-    }
-
-    pub fn push(&mut self, index: u64, zero: bool) {
-        let kind = if zero {
-            PageKind::Zero
-        } else {
-            PageKind::Normal
-        };
-        if let Some(slot) = self.entries.get_mut(self.len) {
-            *slot = PageEntry { index, kind };
-            self.len += 1;
-            if !zero {
-                if let Some(n) = self.normal.get_mut(self.normal_len) {
-                    *n = index;
-                    self.normal_len += 1;
-                }
-            }
-        }
-    }
-}
+pub(super) type Batch = BatchBuilder<BATCH_PAGES>;
 
 impl SourceEngine<'_> {
     /// Scans for dirty pages and returns the next clear or batch.
@@ -196,7 +144,9 @@ impl SourceEngine<'_> {
                 // End of a pass over all blocks.
                 return Some(self.end_of_pass(ram, live));
             };
-            if !self.scan.batch.is_empty() && self.scan.batch.block != self.scan.block {
+            if !self.scan.batch.is_empty()
+                && usize::from(self.scan.batch.block()) != self.scan.block
+            {
                 return Some(self.emit_pages(ram));
             }
             let Some(page) = t.dirty.find_next_set(self.scan.page) else {
@@ -222,7 +172,7 @@ impl SourceEngine<'_> {
             if zero {
                 verify::book_zero(&mut self.verify, self.scan.block as u16, page);
             }
-            self.scan.batch.block = self.scan.block;
+            self.scan.batch.set_block(self.scan.block as u16);
             self.scan.batch.push(page, zero);
             self.scan.page = page + 1;
             if self.scan.batch.is_full() {
@@ -300,7 +250,7 @@ impl SourceEngine<'_> {
             Ok((header_len, block, pages_len)) => SourceAction::SendPages {
                 header: &self.scratch[..header_len],
                 block,
-                pages: &self.scan.batch.normal[..pages_len],
+                pages: self.scan.batch.sent_normal(pages_len),
             },
             Err(e) => self.encode_failed(e),
         }
@@ -312,7 +262,7 @@ impl SourceEngine<'_> {
             Ok((header_len, block, pages_len)) => SourceAction::SendPreemptPages {
                 header: &self.scratch[..header_len],
                 block,
-                pages: &self.scan.batch.normal[..pages_len],
+                pages: self.scan.batch.sent_normal(pages_len),
             },
             Err(e) => self.encode_failed(e),
         }
@@ -328,47 +278,34 @@ impl SourceEngine<'_> {
         ram: &impl PageReader,
         flags: BatchFlags,
     ) -> Result<(usize, u16, usize), wire::EncodeError> {
-        let block = self.scan.batch.block;
+        let block = usize::from(self.scan.batch.block());
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
-        let entries = &self.scan.batch.entries[..self.scan.batch.len];
-        let normal = &self.scan.batch.normal[..self.scan.batch.normal_len];
-        let (header_len, booked) =
-            match verify::postcopy_books(&mut self.verify, self.status, block) {
-                Some((key, books)) => (
-                    wire::encode_page_batch_header_with_terms(
-                        self.scratch,
-                        block as u16,
-                        shift,
-                        flags | BatchFlags::TERMS,
-                        entries,
-                        normal.iter().map(|&page| {
-                            let term = ram.page_term(block as u16, page, &key);
-                            books.record(page, term);
-                            term
-                        }),
-                    )?,
-                    true,
-                ),
-                None => (
-                    wire::encode_page_batch_header(
-                        self.scratch,
-                        block as u16,
-                        shift,
-                        flags,
-                        entries,
-                    )?,
-                    false,
-                ),
-            };
-        let normal = self.scan.batch.normal_len as u64;
-        let zero = self.scan.batch.len as u64 - normal;
+        let (key, mut books) = match verify::postcopy_books(&mut self.verify, self.status, block) {
+            Some((key, books)) => (Some(key), Some(books)),
+            None => (None, None),
+        };
+        let booked = books.is_some();
+        let header_len = self.scan.batch.encode_header(
+            self.scratch,
+            ram,
+            shift,
+            flags,
+            key.as_ref(),
+            |page, term| {
+                if let Some(b) = books.as_mut() {
+                    b.record(page, term);
+                }
+            },
+        )?;
+        let normal = self.scan.batch.normal().len() as u64;
+        let zero = self.scan.batch.len() as u64 - normal;
         let data = normal << shift;
         self.stats.ram.normal += normal;
         self.stats.ram.duplicate += zero;
         self.stats.ram.normal_bytes += data;
-        self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
+        self.count_sent(header_len as u64 + data, self.scan.batch.len() as u64);
         self.refresh_stats();
-        let pages_len = self.scan.batch.normal_len;
+        let pages_len = self.scan.batch.normal().len();
         if !booked {
             self.batch_sent(block as u16, pages_len);
         }

@@ -162,7 +162,7 @@ impl<'a> SourceEngine<'a> {
             return;
         };
         if let Some((block, n)) = v.sent.take() {
-            let pages = self.scan.batch.normal.get(..n).unwrap_or(&[]);
+            let pages = self.scan.batch.sent_normal(n);
             v.book_sent(ram, block, pages);
         }
     }
