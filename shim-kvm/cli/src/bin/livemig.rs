@@ -384,8 +384,10 @@ struct BenchArgs {
     /// 2 and N channels, N from --param multifd-channels or 4, against as
     /// many raw TCP streams), or postcopy alone (the userfaultfd round trip,
     /// bare and over loopback TCP, then a postcopy migration with
-    /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set: fault
-    /// latency, the ratios and the downtime), or first-touch alone (no
+    /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set, its
+    /// first pass held to 2 s unless --param max-bandwidth= is given:
+    /// fault latency of all rounds' requests pooled, the ratios and the
+    /// downtime), or first-touch alone (no
     /// migration: the cost of a page's first write into fresh memory, by
     /// memcpy and by a loopback socket read, plain, with MADV_HUGEPAGE,
     /// MAP_POPULATE and MADV_POPULATE_WRITE, against a reused buffer;
