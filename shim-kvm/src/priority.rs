@@ -27,6 +27,8 @@
 //! threads raised only wait on sockets and channels in the stop.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// How the stop's threads are put ahead of the host's others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +136,91 @@ impl Drop for Raised {
     }
 }
 
+/// A migration thread and its connection's reader, raised together for
+/// the stop: both hosts raise this pair (the source from its vCPU stop,
+/// the destination from the source's SwitchoverStart) and put it back once
+/// the guest runs again.
+#[derive(Debug, Default)]
+pub(crate) struct StopThreads {
+    /// `None`: raise nothing (not asked for, or the stop is over).
+    priority: Option<StopPriority>,
+    /// The current reader's kernel thread id, stored by the reader once it
+    /// runs (0 until then).
+    reader_tid: Arc<AtomicI32>,
+    /// Put back when dropped.
+    raised: Option<Raised>,
+    /// The first refusal's errno.
+    refused: Option<i32>,
+    /// Threads raised.
+    count: usize,
+}
+
+impl StopThreads {
+    /// The calling thread and the reader that stores its id in
+    /// `reader_tid`, to raise to `priority` (neither when `None`).
+    pub(crate) fn new(priority: Option<StopPriority>, reader_tid: Arc<AtomicI32>) -> StopThreads {
+        StopThreads {
+            priority,
+            reader_tid,
+            ..StopThreads::default()
+        }
+    }
+
+    /// Where the reader stores its thread id.
+    pub(crate) fn reader_tid(&self) -> &Arc<AtomicI32> {
+        &self.reader_tid
+    }
+
+    /// A new connection's reader takes the old one's place.
+    pub(crate) fn set_reader(&mut self, tid: Arc<AtomicI32>) {
+        self.reader_tid = tid;
+    }
+
+    /// Raises the calling thread and the reader, once per stop.
+    pub(crate) fn raise(&mut self) {
+        let Some(priority) = self.priority else {
+            return;
+        };
+        if self.raised.is_some() {
+            return;
+        }
+        let tids = [current_tid(), self.reader_tid.load(Ordering::Acquire)];
+        let (raised, refused) = Raised::raise(&tids, priority);
+        self.count = raised.len();
+        self.raised = Some(raised);
+        if let Some(errno) = refused.and_then(|e| e.raw_os_error()) {
+            self.refused.get_or_insert(errno);
+        }
+    }
+
+    /// Raises `tids` (the vCPU threads while they park) for as long as the
+    /// returned guard lives; a refusal is kept with this pair's.
+    pub(crate) fn raise_also(&mut self, tids: &[i32]) -> Option<Raised> {
+        let priority = self.priority?;
+        let (raised, refused) = Raised::raise(tids, priority);
+        if let Some(errno) = refused.and_then(|e| e.raw_os_error()) {
+            self.refused.get_or_insert(errno);
+        }
+        Some(raised)
+    }
+
+    /// Puts the threads back and raises no more: the stop is over.
+    pub(crate) fn end(&mut self) {
+        self.raised = None;
+        self.priority = None;
+    }
+
+    /// The errno of the first raise the host refused.
+    pub(crate) fn refused(&self) -> Option<i32> {
+        self.refused
+    }
+
+    /// How many threads the pair's raise covered.
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
+}
+
 /// The calling thread's kernel thread id.
 pub fn current_tid() -> i32 {
     // SAFETY: gettid(2) takes no argument, touches no memory and cannot
@@ -236,5 +323,39 @@ mod tests {
         let (raised, refused) = Raised::raise(&[0], StopPriority::Realtime);
         assert!(raised.threads.is_empty());
         assert!(refused.is_none());
+    }
+
+    #[test]
+    fn the_pair_is_raised_once_and_put_back_for_good_at_the_end() {
+        let tid = current_tid();
+        let before = nice_of(tid).unwrap();
+        // The reader has not said who it is: only this thread is raised.
+        let mut threads = StopThreads::new(Some(StopPriority::Nice(-3)), Arc::default());
+        threads.raise();
+        assert_eq!(threads.count(), 1);
+        let raised_to = nice_of(tid).unwrap();
+        if threads.refused().is_none() {
+            assert_eq!(raised_to, -3);
+        }
+        // A second raise in the same stop changes nothing.
+        threads.reader_tid().store(tid, Ordering::Release);
+        threads.raise();
+        assert_eq!(threads.count(), 1);
+        threads.end();
+        assert_eq!(nice_of(tid).unwrap(), before);
+        // Over: nothing is raised again.
+        threads.raise();
+        assert_eq!(nice_of(tid).unwrap(), before);
+        assert!(threads.raise_also(&[tid]).is_none());
+    }
+
+    #[test]
+    fn nothing_is_raised_without_a_priority() {
+        let tid = current_tid();
+        let mut threads = StopThreads::new(None, Arc::new(AtomicI32::new(tid)));
+        threads.raise();
+        assert_eq!(threads.count(), 0);
+        assert!(threads.raise_also(&[tid]).is_none());
+        assert_eq!(threads.refused(), None);
     }
 }

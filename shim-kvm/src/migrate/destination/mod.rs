@@ -102,7 +102,7 @@ use super::{MigrateError, ReceiveHandle, Recovery, ram_layout};
 use crate::clock;
 use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
-use crate::priority::{self, Raised, StopPriority};
+use crate::priority::{self, StopPriority, StopThreads};
 use crate::transport::{Connection, Listener, TransportError};
 use crate::vmm::{DeviceSection, Vcpus};
 use crate::x86::{CpuModel, VcpuCaps, VcpuState, VmState};
@@ -322,51 +322,9 @@ pub struct KvmHost {
     end_received_ns: Option<u64>,
     /// Received pages' memory populated before their write.
     populate: Arc<Populate>,
-    /// The threads raised from the source's SwitchoverStart to the start.
-    stop: StopRaise,
-}
-
-/// The migration's threads raised for the stop
-/// ([`ReceiveOptions::stop_priority`]).
-#[derive(Debug, Default)]
-struct StopRaise {
-    priority: Option<StopPriority>,
-    /// The current stream reader's kernel thread id (0 until it started).
-    reader_tid: Arc<AtomicI32>,
-    /// Put back when dropped (at the start, or with the host).
-    raised: Option<Raised>,
-    refused: Option<i32>,
-    /// Threads raised.
-    count: usize,
-}
-
-impl StopRaise {
-    /// Raises this thread and the reader, once.
-    fn raise(&mut self) {
-        let Some(priority) = self.priority else {
-            return;
-        };
-        if self.raised.is_some() {
-            return;
-        }
-        let tids = [
-            priority::current_tid(),
-            self.reader_tid.load(Ordering::Acquire),
-        ];
-        let (raised, refused) = Raised::raise(&tids, priority);
-        self.count = raised.len();
-        self.raised = Some(raised);
-        if let Some(errno) = refused.and_then(|e| e.raw_os_error()) {
-            self.refused.get_or_insert(errno);
-        }
-    }
-
-    /// Puts the threads back, and raises no more: the stop is over (the
-    /// guest started, and the source was told).
-    fn end(&mut self) {
-        self.raised = None;
-        self.priority = None;
-    }
+    /// This thread and the stream reader, raised from the source's
+    /// SwitchoverStart to the start ([`ReceiveOptions::stop_priority`]).
+    stop: StopThreads,
 }
 
 impl KvmHost {
@@ -935,10 +893,7 @@ fn start_receive(
         channel_deadline: options.idle_timeout,
         end_received_ns: None,
         populate: Arc::new(Populate::new(options.populate)),
-        stop: StopRaise {
-            priority: options.stop_priority,
-            ..StopRaise::default()
-        },
+        stop: StopThreads::new(options.stop_priority, Arc::default()),
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
         run(host, events, required, conn, options, shared)
@@ -1004,7 +959,7 @@ fn run(
         .verify_with(&mut books)
         .map_err(MigrateError::Destination)?;
     engine.begin(clock::now());
-    let incoming = Incoming::open(conn, &host.events, &host.stop.reader_tid)?;
+    let incoming = Incoming::open(conn, &host.events, host.stop.reader_tid())?;
     let (mut error, incoming) = run_receive_loop(
         &mut engine,
         &mut host,
@@ -1054,8 +1009,8 @@ fn run(
         postcopy: None,
         populated_pages: host.populate.populated_pages(),
         populate_refused: host.populate.refused(),
-        priority_refused: host.stop.refused,
-        priority_raised: host.stop.count,
+        priority_refused: host.stop.refused(),
+        priority_raised: host.stop.count(),
     };
     let in_postcopy = host.registered().is_some();
     if in_postcopy {
@@ -1345,7 +1300,7 @@ fn run_receive_loop(
                     while events.try_recv().is_ok() {}
                     // A connection that cannot be read leaves the engine
                     // paused: the source tries again.
-                    if let Ok(l) = Incoming::open(conn, &host.events, &host.stop.reader_tid) {
+                    if let Ok(l) = Incoming::open(conn, &host.events, host.stop.reader_tid()) {
                         let peer = l.conn.peer().to_string();
                         link = Some(l);
                         pause = None;

@@ -13,7 +13,6 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -37,7 +36,7 @@ use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceRe
 use crate::clock;
 use crate::memory::{GuestMemory, PageIovecs};
 use crate::migrate::MigrateError;
-use crate::priority::{self, Raised};
+use crate::priority::StopThreads;
 use crate::transport::{Connection, MigrationUri, TransportError};
 use crate::vmm::VmmError;
 
@@ -249,16 +248,14 @@ pub(super) struct SourceDriver<'e> {
     pub(super) events: Receiver<RpEvent>,
     /// The reader thread of the current connection.
     pub(super) reader: Option<JoinHandle<()>>,
-    /// The current reader thread's kernel thread id (0 until it has
-    /// started).
-    pub(super) reader_tid: Arc<AtomicI32>,
     /// What the reader did with each page request it read and the engine
     /// has not yet been given, in order: the bytes it served it with, or
     /// `None`.
     pub(super) served: VecDeque<Option<u64>>,
-    /// The threads raised for the stop ([`SourceOptions::stop_priority`]),
-    /// put back when dropped: when the guest runs again on either host.
-    pub(super) raised: Option<Raised>,
+    /// This thread and the current reader, raised for the stop
+    /// ([`SourceOptions::stop_priority`]) until the guest runs again on
+    /// either host.
+    pub(super) stop_threads: StopThreads,
     /// The reader thread sent its last event.
     pub(super) reader_done: bool,
     pub(super) peer: String,
@@ -581,19 +578,12 @@ impl SourceDriver<'_> {
         // any write that fails there.
         let _ = self.link.flush();
         self.report.stop.requested_ns = Some(clock::monotonic_ns());
-        self.raise_priority();
+        self.stop_threads.raise();
         // The vCPU threads only until they are parked.
-        let vcpus = self
-            .options
-            .stop_priority
-            .map(|priority| Raised::raise(&self.guest.vcpu_threads(), priority));
+        let vcpus = self.stop_threads.raise_also(&self.guest.vcpu_threads());
         let paused = self.guest.pause();
-        if let Some((raised, refused)) = vcpus {
-            drop(raised);
-            if let Some(errno) = refused.and_then(|e| e.raw_os_error()) {
-                self.report.stop.priority_refused.get_or_insert(errno);
-            }
-        }
+        drop(vcpus);
+        self.report.stop.priority_refused = self.stop_threads.refused();
         match paused {
             Ok(()) => {
                 let quiesced = self.guest.quiesce_devices();
@@ -615,21 +605,6 @@ impl SourceDriver<'_> {
             }
             Err(e) => self.fail(SourceFailure::StopVcpus(e)),
         }
-    }
-
-    /// Raises this thread and the reader for the stop
-    /// ([`SourceOptions::stop_priority`]); a refusal is kept in the report.
-    fn raise_priority(&mut self) {
-        let Some(priority) = self.options.stop_priority else {
-            return;
-        };
-        let tids = [
-            priority::current_tid(),
-            self.reader_tid.load(Ordering::Acquire),
-        ];
-        let (raised, refused) = Raised::raise(&tids, priority);
-        self.raised = Some(raised);
-        self.report.stop.priority_refused = refused.and_then(|e| e.raw_os_error());
     }
 
     /// [`SourceAction::SaveSetupDevices`]: the CPU model and the runstate,
@@ -708,14 +683,14 @@ impl SourceDriver<'_> {
         }
         self.report.run_acked_ns = self.await_run_ack();
         // The guest runs on the destination: the stop is over.
-        self.raised = None;
+        self.stop_threads.end();
         Ok(())
     }
 
     /// [`SourceAction::ResumeVcpus`]: the migration did not complete, the
     /// guest runs on here.
     fn resume_vcpus(&mut self) {
-        self.raised = None;
+        self.stop_threads.end();
         if let Err(e) = self.guest.resume() {
             self.resume_error = Some(e);
         }
@@ -726,7 +701,7 @@ impl SourceDriver<'_> {
         if status == MigrationStatus::Completed {
             self.report.stop.confirmed_ns = Some(clock::monotonic_ns());
         }
-        self.raised = None;
+        self.stop_threads.end();
     }
 
     /// How long to wait for the return path before polling again; `None`
@@ -962,7 +937,7 @@ impl SourceDriver<'_> {
         self.events = reader.events;
         self.reader = Some(reader.handle);
         // A stop priority raised now covers the new reader's thread.
-        self.reader_tid = reader.tid;
+        self.stop_threads.set_reader(reader.tid);
         self.reader_done = false;
         // The old reader's word on the old stream's requests is void.
         self.served.clear();

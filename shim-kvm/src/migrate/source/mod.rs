@@ -56,7 +56,7 @@ use crate::clock;
 use crate::dirty_log::DirtyLogMode;
 use crate::memory::GuestMemory;
 use crate::memory::PAGE_SIZE;
-use crate::priority::StopPriority;
+use crate::priority::{StopPriority, StopThreads};
 use crate::transport::Connection;
 use crate::vmm::{DeviceDirtyLog, DeviceSection, Vcpus};
 use crate::x86::{CpuModel, VcpuCaps};
@@ -482,9 +482,8 @@ fn run(
         rp,
         events: reader.events,
         reader: Some(reader.handle),
-        reader_tid: reader.tid,
         served: VecDeque::new(),
-        raised: None,
+        stop_threads: StopThreads::new(options.stop_priority, reader.tid),
         reader_done: false,
         resume_to,
         recovering: false,
