@@ -336,6 +336,9 @@ pub struct PostcopyStats {
     pub latency_median_us: Option<f64>,
     /// 99th percentile fault latency, microseconds.
     pub latency_p99_us: Option<f64>,
+    /// Every latency sample, nanoseconds, in no particular order: for a
+    /// caller pooling the requests of several migrations.
+    pub latencies_ns: Vec<u64>,
     /// Total time each faulting thread spent waiting, by thread id, sorted.
     pub blocktime: Vec<(i32, Duration)>,
 }
@@ -743,6 +746,7 @@ impl PostcopyRam {
         let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
         out.latency_median_us = st.books.latency_percentile(50).map(us);
         out.latency_p99_us = st.books.latency_percentile(99).map(us);
+        out.latencies_ns = st.books.latencies_ns().to_vec();
         out.blocktime = st
             .books
             .blocktime()

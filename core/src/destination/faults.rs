@@ -200,6 +200,14 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> FaultBooks<S> {
         nearest_rank(samples, pct).map(Duration::from_nanos)
     }
 
+    /// Every latency sample kept, in nanoseconds, in no particular order
+    /// (a percentile sorts them): a host that pools the requests of many
+    /// migrations (a benchmark's rounds) needs the samples, since medians
+    /// of a few requests each do not add up to the median of all of them.
+    pub fn latencies_ns(&self) -> &[u64] {
+        self.samples.as_ref().get(..self.len).unwrap_or_default()
+    }
+
     /// Total time each faulting thread waited, by thread, in the order
     /// they first waited.
     pub fn blocktime(&self) -> &[(u32, Duration)] {
@@ -266,6 +274,10 @@ mod tests {
         );
         let mut empty = FaultBooks::new([0u64; 0]);
         assert_eq!(empty.latency_percentile(50), None);
+        assert!(empty.latencies_ns().is_empty());
+        let mut kept = books.latencies_ns().to_vec();
+        kept.sort_unstable();
+        assert_eq!(kept, [10_000_000, 20_000_000, 30_000_000]);
     }
 
     #[test]

@@ -285,6 +285,39 @@ fn a_connection_closed_mid_record_fails_and_a_silent_one_times_out() {
     );
 }
 
+/// A host that takes postcopy.
+fn postcopy_host() -> Recorder {
+    Recorder {
+        postcopy: true,
+        ..Recorder::default()
+    }
+}
+
+/// A postcopy stream up to the guest running here: the stream header,
+/// the return path, the advise, `setup` (what comes before the blocks),
+/// the blocks of `l`, `precopy` (what the precopy sent), the listen and
+/// the run.
+fn postcopy_stream(l: &[BlockInfo<'_>], setup: &[Vec<u8>], precopy: &[Vec<u8>]) -> Vec<u8> {
+    [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+    ]
+    .into_iter()
+    .chain(setup.iter().cloned())
+    .chain([blocks(l)])
+    .chain(precopy.iter().cloned())
+    .chain([
+        record(Record::Command(Command::PostcopyListen)),
+        record(Record::Command(Command::PostcopyRun)),
+    ])
+    .collect::<Vec<_>>()
+    .concat()
+}
+
 #[test]
 fn a_destination_without_postcopy_refuses_the_advise_at_once() {
     let l = layout(16);
@@ -308,28 +341,19 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
     d.set_request_timeout(Duration::from_millis(50));
-    let mut host = Recorder {
-        postcopy: true,
-        ..Recorder::default()
-    };
+    let mut host = postcopy_host();
     let ranges = [PageRange { first: 4, count: 2 }];
-    let stream = [
-        header(),
-        record(Record::Command(Command::OpenReturnPath)),
-        record(Record::Command(Command::PostcopyAdvise {
-            host_page_size: 4096,
-            target_page_size: 4096,
-        })),
-        blocks(&l),
-        batch(0, &[(4, false), (5, false), (6, false)]),
-        record(Record::Command(Command::PostcopyRamDiscard {
-            block: l[0].id,
-            ranges: crate::wire::DiscardRanges::from_slice(&ranges),
-        })),
-        record(Record::Command(Command::PostcopyListen)),
-        record(Record::Command(Command::PostcopyRun)),
-    ]
-    .concat();
+    let stream = postcopy_stream(
+        &l,
+        &[],
+        &[
+            batch(0, &[(4, false), (5, false), (6, false)]),
+            record(Record::Command(Command::PostcopyRamDiscard {
+                block: l[0].id,
+                ranges: crate::wire::DiscardRanges::from_slice(&ranges),
+            })),
+        ],
+    );
     feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     assert_eq!(d.status(), MigrationStatus::PostcopyActive);
     assert_eq!(host.discards, [(0, ranges[0])]);
@@ -405,25 +429,10 @@ fn requests_the_host_wrote_are_booked_not_queued_and_named_after() {
     let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
     let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
     let mut scratch = vec![0; 1 << 20];
-    let mut host = Recorder {
-        postcopy: true,
-        ..Recorder::default()
-    };
+    let mut host = postcopy_host();
     let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
     d.set_request_timeout(Duration::from_millis(50));
-    let stream = [
-        header(),
-        record(Record::Command(Command::OpenReturnPath)),
-        record(Record::Command(Command::PostcopyAdvise {
-            host_page_size: 4096,
-            target_page_size: 4096,
-        })),
-        blocks(&l),
-        batch(0, &[(6, false)]),
-        record(Record::Command(Command::PostcopyListen)),
-        record(Record::Command(Command::PostcopyRun)),
-    ]
-    .concat();
+    let stream = postcopy_stream(&l, &[], &[batch(0, &[(6, false)])]);
     feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     let mut out = [0u8; 64];
     // The switchover approval.
@@ -886,22 +895,8 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
     let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    let mut host = Recorder {
-        postcopy: true,
-        ..Recorder::default()
-    };
-    let stream = [
-        header(),
-        record(Record::Command(Command::OpenReturnPath)),
-        record(Record::Command(Command::PostcopyAdvise {
-            host_page_size: 4096,
-            target_page_size: 4096,
-        })),
-        blocks(&l),
-        record(Record::Command(Command::PostcopyListen)),
-        record(Record::Command(Command::PostcopyRun)),
-    ]
-    .concat();
+    let mut host = postcopy_host();
+    let stream = postcopy_stream(&l, &[], &[]);
     feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     let _ = d.poll_return_path(&mut out);
     assert_eq!(
@@ -1131,21 +1126,13 @@ fn digest_records_are_checked_in_order_and_compared() {
 /// The preamble of a postcopy stream with the preempt channel announced
 /// (migration id 7), up to the guest running here.
 fn preempt_stream(l: &[BlockInfo<'_>]) -> Vec<u8> {
-    [
-        header(),
-        record(Record::Command(Command::OpenReturnPath)),
-        record(Record::Command(Command::PostcopyAdvise {
-            host_page_size: 4096,
-            target_page_size: 4096,
-        })),
-        record(Record::Command(Command::PostcopyPreempt {
+    postcopy_stream(
+        l,
+        &[record(Record::Command(Command::PostcopyPreempt {
             migration_id: 7,
-        })),
-        blocks(l),
-        record(Record::Command(Command::PostcopyListen)),
-        record(Record::Command(Command::PostcopyRun)),
-    ]
-    .concat()
+        }))],
+        &[],
+    )
 }
 
 fn preempt_hello(migration_id: u64) -> Vec<u8> {
@@ -1173,10 +1160,7 @@ fn preempt_pages_are_placed_once_whichever_stream_brings_them_first() {
     let mut preempt_scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
     d.take_preempt(&mut preempt_scratch);
-    let mut host = Recorder {
-        postcopy: true,
-        ..Recorder::default()
-    };
+    let mut host = postcopy_host();
     feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
     assert_eq!(host.preempt, Some(7), "the host was asked to open it");
     assert_eq!(d.status(), MigrationStatus::PostcopyActive);
@@ -1204,10 +1188,7 @@ fn preempt_pages_are_placed_once_whichever_stream_brings_them_first() {
 #[test]
 fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
     let l = layout(16);
-    let mut host = Recorder {
-        postcopy: true,
-        ..Recorder::default()
-    };
+    let mut host = postcopy_host();
     // Before the announcement.
     let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
     let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
@@ -1274,23 +1255,8 @@ fn a_close_after_the_run_pauses_and_recovery_sends_the_bitmap_then_the_requests(
     let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
     let mut scratch = vec![0; 1 << 20];
     let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    let mut host = Recorder {
-        postcopy: true,
-        ..Recorder::default()
-    };
-    let stream = [
-        header(),
-        record(Record::Command(Command::OpenReturnPath)),
-        record(Record::Command(Command::PostcopyAdvise {
-            host_page_size: 4096,
-            target_page_size: 4096,
-        })),
-        blocks(&l),
-        batch(0, &[(0, false), (1, false), (9, false)]),
-        record(Record::Command(Command::PostcopyListen)),
-        record(Record::Command(Command::PostcopyRun)),
-    ]
-    .concat();
+    let mut host = postcopy_host();
+    let stream = postcopy_stream(&l, &[], &[batch(0, &[(0, false), (1, false), (9, false)])]);
     feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
     let t = Instant::from_millis(1);
     assert_eq!(
@@ -1415,27 +1381,16 @@ fn page_terms_are_checked_before_any_page_is_placed() {
         let mut books = [DigestBooks::new(&l[0], &mut terms).unwrap()];
         let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
         d.verify_with(&mut books).unwrap();
-        let mut host = Recorder {
-            postcopy: true,
-            ..Recorder::default()
-        };
-        let preamble = [
-            header(),
-            record(Record::Command(Command::OpenReturnPath)),
-            record(Record::Command(Command::PostcopyAdvise {
-                host_page_size: 4096,
-                target_page_size: 4096,
-            })),
-            if with_key {
+        let mut host = postcopy_host();
+        let preamble = postcopy_stream(
+            &l,
+            &[if with_key {
                 record(Record::Command(Command::DigestKey(9)))
             } else {
                 Vec::new()
-            },
-            blocks(&l),
-            record(Record::Command(Command::PostcopyListen)),
-            record(Record::Command(Command::PostcopyRun)),
-        ]
-        .concat();
+            }],
+            &[],
+        );
         feed(&mut d, Instant::ZERO, &preamble, &mut host).unwrap();
         assert_eq!(d.status(), MigrationStatus::PostcopyActive);
         let r = feed(&mut d, Instant::ZERO, &pages.concat(), &mut host);

@@ -137,9 +137,9 @@ impl SourceEngine<'_> {
 
     /// The batch being assembled as a packet on the next channel.
     pub(super) fn emit_channel_batch(&mut self, ram: &impl PageReader) -> SourceAction<'_> {
-        let block = self.scan.batch.block;
+        let block = usize::from(self.scan.batch.block());
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
-        let entries = &self.scan.batch.entries[..self.scan.batch.len];
+        let entries = self.scan.batch.entries();
         let Some(ch) = self.channels.as_mut() else {
             return self.emit_batch(ram, BatchFlags::empty());
         };
@@ -152,26 +152,30 @@ impl SourceEngine<'_> {
             Ok(len) => len,
             Err(e) => return self.encode_failed(e),
         };
-        let normal = self.scan.batch.normal_len as u64;
-        let zero = self.scan.batch.len as u64 - normal;
+        let normal = self.scan.batch.normal().len() as u64;
+        let zero = self.scan.batch.len() as u64 - normal;
         let data = normal << shift;
         self.stats.ram.normal += normal;
         self.stats.ram.duplicate += zero;
         self.stats.ram.normal_bytes += data;
         self.stats.ram.multifd_bytes += header_len as u64 + data;
-        self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
+        self.count_sent(header_len as u64 + data, self.scan.batch.len() as u64);
         self.refresh_stats();
-        let pages_len = self.scan.batch.normal_len;
+        let pages_len = self.scan.batch.normal().len();
         let batch = &self.scan.batch;
-        let normal = &batch.normal[..pages_len];
-        let terms = batch.hashed.then_some(&batch.terms[..pages_len]);
-        super::verify::book_batch(&mut self.verify, ram, block as u16, normal, terms);
+        super::verify::book_batch(
+            &mut self.verify,
+            ram,
+            block as u16,
+            batch.normal(),
+            batch.terms(),
+        );
         self.scan.batch.clear();
         SourceAction::SendChannelPages {
             channel: header.channel,
             header: &self.scratch[..header_len],
             block: block as u16,
-            pages: &self.scan.batch.normal[..pages_len],
+            pages: self.scan.batch.sent_normal(pages_len),
         }
     }
 

@@ -74,6 +74,7 @@
 //! stream is written and keeps its guest stopped (see
 //! `docs/architecture.md` for that window).
 
+mod batch;
 mod catch_up;
 mod channels;
 mod convergence;
@@ -99,6 +100,7 @@ use crate::status::{MigrationStatus, StatusChange, StatusChanges, TransitionErro
 use crate::time::Instant;
 use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, PreemptHello, Record};
 
+pub use batch::BatchBuilder;
 pub use catch_up::{CATCH_UP_PING, CATCH_UP_WAIT};
 pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
 pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};

@@ -216,7 +216,9 @@ impl<'a> SourceEngine<'a> {
         self.meter
             .set_limit(self.config.parameters.max_postcopy_bandwidth);
         if self.preempt() {
-            self.scan.batch.limit = super::PREEMPT_BACKGROUND_BATCH_PAGES;
+            self.scan
+                .batch
+                .set_limit(super::PREEMPT_BACKGROUND_BATCH_PAGES);
         }
         self.scan.rewind();
         self.step = Step::Discard;
@@ -473,18 +475,16 @@ impl<'a> SourceEngine<'a> {
             let Some(t) = self.tracking.get(usize::from(req.block)) else {
                 continue;
             };
-            self.scan.batch.block = usize::from(req.block);
+            self.scan.batch.set_block(req.block);
             let end = req.range.end().min(t.pages);
             for page in req.range.first..end {
-                if self.scan.batch.is_full() {
+                let Some(zero) = self.scan.batch.push_read(ram, page, zero_detection) else {
                     let _ = self.postcopy.requests.push_front(req.rest(page, end));
                     break;
-                }
-                let zero = zero_detection && ram.is_zero_page(req.block, page);
+                };
                 if zero {
                     verify::book_zero(&mut self.verify, req.block, page);
                 }
-                self.scan.batch.push(page, zero);
             }
             if !self.scan.batch.is_empty() {
                 return Some(self.emit_preempt_batch(ram));
@@ -516,7 +516,7 @@ impl<'a> SourceEngine<'a> {
                 continue;
             };
             let page_size = 1u64 << t.page_shift;
-            self.scan.batch.block = usize::from(req.block);
+            self.scan.batch.set_block(req.block);
             let end = req.range.end().min(t.pages);
             for page in req.range.first..end {
                 if self.scan.batch.is_full() {
@@ -531,16 +531,15 @@ impl<'a> SourceEngine<'a> {
                     self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
                     // A vCPU waits for this page: one read (at worst a
                     // zero-page fault, a few us) beats asking a whole
-                    // populated window (tens to hundreds of us).
-                    let zero = self
+                    // populated window (tens to hundreds of us). Not
+                    // full: checked above.
+                    let zero_detection = self
                         .config
                         .capabilities
-                        .contains(Capabilities::ZERO_PAGE_DETECTION)
-                        && ram.is_zero_page(req.block, page);
-                    if zero {
+                        .contains(Capabilities::ZERO_PAGE_DETECTION);
+                    if self.scan.batch.push_read(ram, page, zero_detection) == Some(true) {
                         verify::book_zero(&mut self.verify, req.block, page);
                     }
-                    self.scan.batch.push(page, zero);
                 }
             }
             if !self.scan.batch.is_empty() {

@@ -136,7 +136,7 @@ impl SourceEngine<'_> {
         // The preempt channel is gone with the connection and is not
         // opened again: requested pages take the main stream from now on.
         self.postcopy.preempt_lost = true;
-        self.scan.batch.limit = super::BATCH_PAGES;
+        self.scan.batch.set_limit(super::BATCH_PAGES);
         self.step = Step::PauseNotice;
     }
 

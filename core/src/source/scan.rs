@@ -2,12 +2,13 @@
 //! assembled, how many dirty bytes are still to send, and the scan itself
 //! (clears before reads, batches, the end of a pass).
 
+use super::batch::BatchBuilder;
 use super::{
     BATCH_PAGES, POPULATED_WINDOW, PageReader, SourceAction, SourceEngine, Step, SyncKind, verify,
 };
 use crate::capabilities::Capabilities;
 use crate::status::MigrationStatus;
-use crate::wire::{self, BatchFlags, PageEntry, PageKind};
+use crate::wire::{self, BatchFlags};
 
 /// The source's position in its pass over the RAM blocks.
 pub(super) struct Scan {
@@ -34,16 +35,7 @@ impl Scan {
         Scan {
             block: 0,
             page: 0,
-            batch: Batch {
-                block: 0,
-                entries: [Batch::EMPTY_ENTRY; BATCH_PAGES],
-                len: 0,
-                normal: [0; BATCH_PAGES],
-                terms: [0; BATCH_PAGES],
-                normal_len: 0,
-                hashed: true,
-                limit: BATCH_PAGES,
-            },
+            batch: Batch::new(),
             remaining_bytes: total,
             first_pass_done: false,
             never_sent_from: None,
@@ -103,78 +95,7 @@ impl PopulatedWindow {
 }
 
 /// The page batch being assembled.
-pub(super) struct Batch {
-    pub block: usize,
-    pub entries: [PageEntry; BATCH_PAGES],
-    pub len: usize,
-    pub normal: [u64; BATCH_PAGES],
-    /// With `hashed`, the term of each page of `normal` (same index), as
-    /// the scan read it (see [`SourceEngine::classify`]).
-    pub terms: [u64; BATCH_PAGES],
-    pub normal_len: usize,
-    /// Every page of `normal` has its term in `terms`: the batch was
-    /// filled by a verifying scan. Postcopy's requested pages are pushed
-    /// without one and hashed as their header is encoded.
-    pub hashed: bool,
-    /// Pages at which the batch is full, at most [`BATCH_PAGES`].
-    pub limit: usize,
-}
-
-impl Batch {
-    const EMPTY_ENTRY: PageEntry = PageEntry {
-        index: 0,
-        kind: PageKind::Zero,
-    };
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.len >= self.limit
-    }
-
-    pub fn clear(&mut self) {
-        self.len = 0;
-        self.normal_len = 0;
-        self.hashed = true;
-    }
-
-    /// Page `index` goes in, without a term.
-    pub fn push(&mut self, index: u64, zero: bool) {
-        if !zero {
-            self.hashed = false;
-        }
-        self.put(index, zero);
-    }
-
-    /// Page `index` goes in with its term (booked when the batch is
-    /// encoded; ignored for a zero entry, booked as 0 at once).
-    pub fn push_hashed(&mut self, index: u64, zero: bool, term: u64) {
-        if let Some(t) = self.terms.get_mut(self.normal_len).filter(|_| !zero) {
-            *t = term;
-        }
-        self.put(index, zero);
-    }
-
-    fn put(&mut self, index: u64, zero: bool) {
-        let kind = if zero {
-            PageKind::Zero
-        } else {
-            PageKind::Normal
-        };
-        if let Some(slot) = self.entries.get_mut(self.len) {
-            *slot = PageEntry { index, kind };
-            self.len += 1;
-            if !zero {
-                if let Some(n) = self.normal.get_mut(self.normal_len) {
-                    *n = index;
-                    self.normal_len += 1;
-                }
-            }
-        }
-    }
-}
+pub(super) type Batch = BatchBuilder<BATCH_PAGES>;
 
 impl SourceEngine<'_> {
     /// Scans for dirty pages and returns the next clear or batch.
@@ -223,7 +144,9 @@ impl SourceEngine<'_> {
                 // End of a pass over all blocks.
                 return Some(self.end_of_pass(ram, live));
             };
-            if !self.scan.batch.is_empty() && self.scan.batch.block != self.scan.block {
+            if !self.scan.batch.is_empty()
+                && usize::from(self.scan.batch.block()) != self.scan.block
+            {
                 return Some(self.emit_pages(ram));
             }
             let Some(page) = t.dirty.find_next_set(self.scan.page) else {
@@ -245,7 +168,7 @@ impl SourceEngine<'_> {
             t.dirty.test_and_clear(page);
             let page_size = 1u64 << t.page_shift;
             self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
-            self.scan.batch.block = self.scan.block;
+            self.scan.batch.set_block(self.scan.block as u16);
             match self.verify.as_ref().map(|v| v.key) {
                 Some(key) => {
                     let (zero, term) = self.classify(ram, self.scan.block, page, &key);
@@ -369,7 +292,7 @@ impl SourceEngine<'_> {
             Ok((header_len, block, pages_len)) => SourceAction::SendPages {
                 header: &self.scratch[..header_len],
                 block,
-                pages: &self.scan.batch.normal[..pages_len],
+                pages: self.scan.batch.sent_normal(pages_len),
             },
             Err(e) => self.encode_failed(e),
         }
@@ -381,7 +304,7 @@ impl SourceEngine<'_> {
             Ok((header_len, block, pages_len)) => SourceAction::SendPreemptPages {
                 header: &self.scratch[..header_len],
                 block,
-                pages: &self.scan.batch.normal[..pages_len],
+                pages: self.scan.batch.sent_normal(pages_len),
             },
             Err(e) => self.encode_failed(e),
         }
@@ -397,51 +320,41 @@ impl SourceEngine<'_> {
         ram: &impl PageReader,
         flags: BatchFlags,
     ) -> Result<(usize, u16, usize), wire::EncodeError> {
-        let block = self.scan.batch.block;
+        let block = usize::from(self.scan.batch.block());
         let shift = self.tracking.get(block).map_or(12, |t| t.page_shift);
-        let entries = &self.scan.batch.entries[..self.scan.batch.len];
-        let normal = &self.scan.batch.normal[..self.scan.batch.normal_len];
-        let terms = self
-            .scan
-            .batch
-            .hashed
-            .then_some(&self.scan.batch.terms[..normal.len()]);
         let header_len = match verify::postcopy_books(&mut self.verify, self.status, block) {
-            Some((key, books)) => wire::encode_page_batch_header_with_terms(
+            Some((key, books)) => self.scan.batch.encode_header(
                 self.scratch,
-                block as u16,
+                ram,
                 shift,
-                flags | BatchFlags::TERMS,
-                entries,
-                normal.iter().enumerate().map(|(i, &page)| {
-                    let term = terms
-                        .and_then(|t| t.get(i).copied())
-                        .unwrap_or_else(|| ram.page_term(block as u16, page, &key));
+                flags,
+                Some(&key),
+                |page, term| {
                     books.record(page, term);
-                    term
-                }),
+                },
             )?,
             None => {
-                let len = wire::encode_page_batch_header(
-                    self.scratch,
+                let batch = &self.scan.batch;
+                let len = batch.encode_header(self.scratch, ram, shift, flags, None, |_, _| {})?;
+                verify::book_batch(
+                    &mut self.verify,
+                    ram,
                     block as u16,
-                    shift,
-                    flags,
-                    entries,
-                )?;
-                verify::book_batch(&mut self.verify, ram, block as u16, normal, terms);
+                    batch.normal(),
+                    batch.terms(),
+                );
                 len
             }
         };
-        let normal = self.scan.batch.normal_len as u64;
-        let zero = self.scan.batch.len as u64 - normal;
+        let normal = self.scan.batch.normal().len() as u64;
+        let zero = self.scan.batch.len() as u64 - normal;
         let data = normal << shift;
         self.stats.ram.normal += normal;
         self.stats.ram.duplicate += zero;
         self.stats.ram.normal_bytes += data;
-        self.count_sent(header_len as u64 + data, self.scan.batch.len as u64);
+        self.count_sent(header_len as u64 + data, self.scan.batch.len() as u64);
         self.refresh_stats();
-        let pages_len = self.scan.batch.normal_len;
+        let pages_len = self.scan.batch.normal().len();
         self.scan.batch.clear();
         Ok((header_len, block as u16, pages_len))
     }

@@ -833,24 +833,6 @@ fn batches_book_the_scan_terms_and_hash_only_pages_without_one() {
     assert_eq!(b.sum(), 11u64.wrapping_add(five));
 }
 
-/// A batch carries the scan's terms for its normal pages, in their order,
-/// as long as every normal page came with one; a zero entry needs none.
-#[test]
-fn a_batch_keeps_its_terms_while_every_normal_page_has_one() {
-    let mut b = super::scan::Scan::new(0).batch;
-    b.push_hashed(3, false, 30);
-    b.push_hashed(4, true, 0);
-    b.push(5, true);
-    b.push_hashed(6, false, 60);
-    assert!(b.hashed);
-    assert_eq!(&b.normal[..b.normal_len], [3, 6]);
-    assert_eq!(&b.terms[..b.normal_len], [30, 60]);
-    b.push(7, false);
-    assert!(!b.hashed, "page 7 has no term");
-    b.clear();
-    assert!(b.hashed && b.is_empty());
-}
-
 #[test]
 fn the_stop_throttle_takes_half_the_remaining_run_time_per_step_up_to_99() {
     let mut percent = 0;

@@ -754,6 +754,8 @@ fn postcopy_fields(
             "median-us": us(p.latency_median_us),
             "p99-us": us(p.latency_p99_us),
             "samples": p.latency_samples,
+            // Each request's own, so that a bench pools its rounds.
+            "samples-ns": p.faults.latencies_ns,
         }),
     );
     let f = &p.faults;

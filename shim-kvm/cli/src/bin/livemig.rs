@@ -384,8 +384,10 @@ struct BenchArgs {
     /// 2 and N channels, N from --param multifd-channels or 4, against as
     /// many raw TCP streams), or postcopy alone (the userfaultfd round trip,
     /// bare and over loopback TCP, then a postcopy migration with
-    /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set: fault
-    /// latency, the ratios and the downtime), or first-touch alone (no
+    /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set, its
+    /// first pass held to 2 s unless --param max-bandwidth= is given:
+    /// fault latency of all rounds' requests pooled, the ratios and the
+    /// downtime), or first-touch alone (no
     /// migration: the cost of a page's first write into fresh memory, by
     /// memcpy and by a loopback socket read, plain, with MADV_HUGEPAGE,
     /// MAP_POPULATE and MADV_POPULATE_WRITE, against a reused buffer;
@@ -943,16 +945,16 @@ fn run_postcopy_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCod
         Some(mem) => fault_bench::POSTCOPY_GUEST.scaled(mem),
         None => fault_bench::POSTCOPY_GUEST,
     };
-    let config = fault_bench::postcopy_config(config, |name| {
+    let config = fault_bench::postcopy_config(config, guest, |name| {
         options::sets_param(&a.migration.params, name)
     });
     let opts = bench_options(a);
     let cancel = cancel_on_signals()?;
     let runs = fault_bench::run(guest, &opts, &config, &cancel).map_err(|e| e.to_string())?;
     if a.json {
-        for r in &runs {
-            println!("{}", r.to_json());
-        }
+        let pooled = fault_bench::Pooled::of(&runs).map(|p| p.to_json());
+        let runs: Vec<_> = runs.iter().map(fault_bench::FaultRun::to_json).collect();
+        println!("{}", serde_json::json!({ "pooled": pooled, "runs": runs }));
     } else {
         print!("{}", fault_bench::table(guest, &runs));
     }

@@ -26,12 +26,15 @@ use std::thread;
 
 use livemig_core::digest::DigestKey;
 use livemig_core::return_path::{RpDecoder, RpMessage};
-use livemig_core::wire::{self, BatchFlags, PageEntry, PageKind};
+use livemig_core::source::BatchBuilder;
+use livemig_core::wire::BatchFlags;
 
 use crate::clock;
 use crate::memory::{GuestMemory, PAGE_SIZE, PageIovecs};
 use crate::priority;
 use crate::transport::{Connection, TransportError};
+
+use super::dirty_log::KvmPages;
 
 /// Largest request the reader serves itself (a fault asks for one page);
 /// a larger one goes to the engine.
@@ -109,58 +112,29 @@ impl Server {
         {
             return None;
         }
-        let first = start / PAGE;
-        let mut entries = [PageEntry {
-            index: 0,
-            kind: PageKind::Zero,
-        }; MAX_SERVED_PAGES];
-        let mut gfns = [0u64; MAX_SERVED_PAGES];
-        let mut normal = 0;
-        for (i, entry) in entries.iter_mut().take(count as usize).enumerate() {
-            let page = first + i as u64;
-            let zero = serving.zero_detection
-                && self
-                    .ram
-                    .is_zero_page(usize::from(block), page)
-                    .unwrap_or(false);
-            *entry = PageEntry {
-                index: page,
-                kind: if zero {
-                    PageKind::Zero
-                } else {
-                    PageKind::Normal
-                },
-            };
-            if !zero {
-                gfns[normal] = region.guest_phys() / PAGE + page;
-                normal += 1;
-            }
+        let pages = KvmPages { ram: &self.ram };
+        let mut batch = BatchBuilder::<MAX_SERVED_PAGES>::new();
+        batch.set_block(block);
+        for page in start / PAGE..end / PAGE {
+            batch.push_read(&pages, page, serving.zero_detection)?;
         }
-        let entries = &entries[..count as usize];
-        let mut header = [0u8; 64 + 16 * MAX_SERVED_PAGES];
-        let terms = entries
-            .iter()
-            .filter(|e| e.kind == PageKind::Normal)
-            .map(|e| {
-                serving.key.map_or(0, |key| {
-                    self.ram
-                        .page_term(usize::from(block), e.index, &key)
-                        .unwrap_or(0)
-                })
-            });
-        let flags = match serving.key {
-            Some(_) => BatchFlags::TERMS,
-            None => BatchFlags::empty(),
-        };
-        let n = wire::encode_page_batch_header_with_terms(
-            &mut header,
-            block,
-            PAGE.trailing_zeros() as u8,
-            flags,
-            entries,
-            terms,
-        )
-        .ok()?;
+        let mut header = [0u8; BatchBuilder::<MAX_SERVED_PAGES>::HEADER_ROOM];
+        let n = batch
+            .encode_header(
+                &mut header,
+                &pages,
+                PAGE.trailing_zeros() as u8,
+                BatchFlags::empty(),
+                serving.key.as_ref(),
+                |_, _| {},
+            )
+            .ok()?;
+        let mut gfns = [0u64; MAX_SERVED_PAGES];
+        let normal = batch.normal();
+        for (gfn, page) in gfns.iter_mut().zip(normal) {
+            *gfn = region.guest_phys() / PAGE + page;
+        }
+        let normal = normal.len();
         let written = PageIovecs::new(&self.ram, &header[..n], &gfns[..normal])
             .map_err(TransportError::from)
             .and_then(|p| serving.conn.write_page_iovecs(p));
