@@ -201,6 +201,12 @@ pub struct MigrationStats {
     /// how many times a cut link paused postcopy and a new connection
     /// resumed it. livemig's own (`"postcopy-recoveries"` in JSON).
     pub postcopy_recoveries: u64,
+    /// Destination: pages the postcopy preempt channel delivered first
+    /// (ahead of their copy on the main stream) since the last recovery
+    /// began, or since the start when there was none: after a recovery it
+    /// says whether the reopened channel carried requested pages. Zero on
+    /// the source. livemig's own (`"postcopy-preempt-pages"` in JSON).
+    pub postcopy_preempt_pages: u64,
     /// Source: milliseconds the guest ran on between the decision to stop
     /// it and the destination's answer that it had applied everything
     /// sent before (or the wait's end without one); `None` when the stop

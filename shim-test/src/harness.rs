@@ -137,6 +137,11 @@ pub struct Scenario {
     /// connections after the first, in order; connections beyond the list
     /// get the first connection's links without their faults.
     pub recovery_links: Vec<(LinkConfig, LinkConfig)>,
+    /// Postcopy recovery with postcopy-preempt: the source opens the
+    /// preempt channel again with each new connection (its link: the
+    /// first channel's without its faults). Off: it resumes without one,
+    /// and requested pages take the main stream.
+    pub reopen_preempt: bool,
     /// Postcopy recovery: how long after both sides paused the operator
     /// connects again.
     pub reconnect_after_ns: u64,
@@ -169,6 +174,7 @@ impl Scenario {
             audit: false,
             fault: None,
             recovery_links: Vec::new(),
+            reopen_preempt: true,
             reconnect_after_ns: 1_000_000,
             recover_timeout_ns: 600 * 1_000_000_000,
         }
@@ -291,8 +297,12 @@ pub struct PostcopyOutcome {
     pub guest_writes: u64,
     /// Longest time from a page request to the page's arrival.
     pub max_request_latency_ns: u64,
-    /// Bytes the postcopy preempt channel carried (hello included).
+    /// Bytes the postcopy preempt channels carried (hellos included),
+    /// the ones reopened in recoveries too.
     pub preempt_bytes: u64,
+    /// Bytes the last preempt channel carried, when a recovery reopened
+    /// one (0 otherwise).
+    pub reopened_preempt_bytes: u64,
     /// Pages the destination guest faulted on while postcopy was paused
     /// or recovering: their requests went out after the recovery.
     pub requests_while_paused: u64,
@@ -765,6 +775,9 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
     // announced it (a VMM accepts its connection then).
     let mut preempt_opened = false;
     let mut preempt_failed = false;
+    // Bytes of the preempt channels a recovery replaced.
+    let mut replaced_preempt_bytes = 0;
+    let mut preempt_reopened = false;
     let channel_bytes = |chans: &SimChannels| {
         chans
             .links
@@ -1381,7 +1394,28 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     src_saw_close = false;
                     back_closed = false;
                     dst.recover(t).map_err(|e| setup_err("recover", e))?;
-                    src.resume(t).map_err(|e| setup_err("resume", e))?;
+                    let reopen = scenario.reopen_preempt && pre.is_some();
+                    if reopen {
+                        // The VMM connects a new preempt channel after the
+                        // new main connection, under a fresh id.
+                        replaced_preempt_bytes += pre.as_ref().map_or(0, SimLink::bytes_sent);
+                        pre = Some(SimLink::new(
+                            scenario
+                                .preempt_link
+                                .unwrap_or(LinkConfig::new(
+                                    scenario.forward.bandwidth_bytes_per_sec,
+                                    scenario.forward.latency_ns,
+                                ))
+                                .healthy(),
+                        ));
+                        preempt_opened = false;
+                        preempt_failed = false;
+                        preempt_reopened = true;
+                        src.resume_with_preempt(t, MIGRATION_ID + reconnects)
+                            .map_err(|e| setup_err("resume", e))?;
+                    } else {
+                        src.resume(t).map_err(|e| setup_err("resume", e))?;
+                    }
                     progressed = true;
                 }
             }
@@ -1493,7 +1527,11 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             memory_identical = first_difference.is_none();
         }
     }
-    pc.preempt_bytes = pre.as_ref().map_or(0, SimLink::bytes_sent);
+    let last_preempt_bytes = pre.as_ref().map_or(0, SimLink::bytes_sent);
+    pc.preempt_bytes = replaced_preempt_bytes + last_preempt_bytes;
+    if preempt_reopened {
+        pc.reopened_preempt_bytes = last_preempt_bytes;
+    }
     let source_running = guest.running;
     let mut source_continued = false;
     if !completed && source_running {

@@ -285,9 +285,20 @@ fn a_cut_preempt_channel_pauses_postcopy_like_a_cut_main_stream() {
     preempt.cut_after = Some(16 + 1000);
     s.preempt_link = Some(preempt);
     let o = run_migration(&s).expect("scenario");
-    // The preempt channel is not opened again: requested pages take the
-    // main stream after the recovery.
     assert_recovered(&o, 1);
+    // The recovery opened the channel again, and requested pages came
+    // over it: its hello and at least a page.
+    let pc = postcopy_of(&o);
+    assert!(pc.reopened_preempt_bytes > 16 + 4096, "{pc:?}");
+    assert!(o.destination.postcopy_preempt_pages > 0, "{o:#?}");
+
+    // A source that cannot connect a new channel recovers without one:
+    // requested pages take the main stream.
+    s.reopen_preempt = false;
+    let o = run_migration(&s).expect("scenario");
+    assert_recovered(&o, 1);
+    assert_eq!(postcopy_of(&o).reopened_preempt_bytes, 0);
+    assert_eq!(o.destination.postcopy_preempt_pages, 0);
 }
 
 #[test]

@@ -151,7 +151,12 @@ pub trait PostcopyHost {
     /// one) and feed everything it carries, from its first byte, to
     /// [`DestinationEngine::handle_preempt_input`](super::DestinationEngine::handle_preempt_input),
     /// which checks its hello against `migration_id`. Called at setup,
-    /// before any page; only when the engine was given a preempt decoder
+    /// before any page, and again in a postcopy recovery whose stream
+    /// announces a new channel (a fresh `migration_id`; the old channel's
+    /// connection is gone): accept it where the recovery's connection came
+    /// from. An error then pauses the recovery rather than fail the
+    /// migration (the guest runs here). Only when the engine was given a
+    /// preempt decoder
     /// ([`DestinationEngine::take_preempt`](super::DestinationEngine::take_preempt)).
     fn open_preempt(&mut self, migration_id: u64) -> Result<(), Self::Error>;
 }

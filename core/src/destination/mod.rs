@@ -1041,7 +1041,32 @@ impl<'a> DestinationEngine<'a> {
             match result {
                 Ok(Some(e)) => end = Some(e),
                 Ok(None) => {}
+                // A recovery's connection that is no migration stream (a
+                // stale preempt connection of an earlier attempt, taken
+                // from the listener first) is refused: the guest runs
+                // here, so it pauses again rather than fail.
+                Err(HandleError::Dest(e @ DestError::Decode(DecodeError::BadMagic { .. })))
+                    if self.loader.status == MigrationStatus::PostcopyRecover =>
+                {
+                    self.loader
+                        .pause(now, format_args!("a connection was refused: {e}"));
+                    return Ok(input.len());
+                }
                 Err(HandleError::Dest(e)) => return Err(self.loader.fail(now, e).into()),
+                // The preempt channel a recovery announced did not come:
+                // like a cut in the handshake, it pauses again (the source
+                // retries) rather than lose the guest; the rest of the
+                // input was for the connection given up.
+                Err(HandleError::Host {
+                    op: HostOp::OpenPreempt,
+                    error,
+                }) if self.loader.status == MigrationStatus::PostcopyRecover => {
+                    self.loader.pause(
+                        now,
+                        format_args!("the recovery's preempt channel did not open: {error}"),
+                    );
+                    return Ok(input.len());
+                }
                 Err(HandleError::Host { op, error }) => {
                     self.loader.fail_with(
                         now,
@@ -1107,7 +1132,7 @@ impl<'a> DestinationEngine<'a> {
             MigrationStatus::Completed => return Ok(input.len()),
             _ if self.loader.recovery.preempt_closed => {
                 return Err(DestError::PreemptUnexpected(
-                    "bytes after a pause: the channel is not opened again",
+                    "bytes after a pause, before a recovery's stream announced a new channel",
                 )
                 .into());
             }
@@ -1116,6 +1141,16 @@ impl<'a> DestinationEngine<'a> {
         let result = self.preempt_input(now, input, host);
         match result {
             Ok(n) => Ok(n),
+            // A connection of another channel (a stale one of the channel
+            // a recovery replaced) is refused; once the guest runs here it
+            // pauses, as a cut of the channel does, rather than fail.
+            Err(HandleError::Dest(e @ DestError::PreemptWrongMigration { .. }))
+                if self.loader.pauses() =>
+            {
+                self.loader
+                    .pause(now, format_args!("a preempt connection was refused: {e}"));
+                Ok(input.len())
+            }
             Err(HandleError::Dest(e)) => Err(self.loader.fail(now, e).into()),
             Err(HandleError::Host { op, error }) => {
                 self.loader.fail_with(
@@ -1173,7 +1208,12 @@ impl<'a> DestinationEngine<'a> {
                     if self.loader.status != MigrationStatus::PostcopyActive {
                         return Err(DestError::PreemptUnexpected("pages outside postcopy").into());
                     }
+                    let first = batch
+                        .pages()
+                        .filter(|(e, _)| !self.loader.placed_already(batch.block(), e.index))
+                        .count() as u64;
                     self.loader.place_batch(now, &batch, host)?;
+                    self.loader.stats.postcopy_preempt_pages += first;
                 }
                 Some(_) => {
                     return Err(DestError::PreemptUnexpected("a record other than Pages").into());
@@ -1191,8 +1231,8 @@ impl<'a> DestinationEngine<'a> {
     ///
     /// Once postcopy runs the guest here it pauses instead, as the main
     /// connection's loss does (the caller drops the main connection too);
-    /// after a pause the channel is gone for good and its failure changes
-    /// nothing.
+    /// after a pause the channel is gone, and its failure changes nothing
+    /// until a recovery's stream announces a new one.
     pub fn handle_preempt_failure(&mut self, now: Instant, reason: fmt::Arguments<'_>) {
         let l = &mut self.loader;
         if l.recovery.preempt_closed {
@@ -1644,7 +1684,13 @@ impl Loader<'_> {
                 ram.multifd_bytes += totals.bytes;
             }
             Command::PostcopyPreempt { migration_id } => {
-                if !self.advised || self.preempt_id.is_some() || self.blocks_received {
+                // At setup, or once in a recovery's stream (the channel
+                // opened again, under a fresh id).
+                let recovery = self.status == MigrationStatus::PostcopyRecover;
+                if !self.advised
+                    || self.preempt_id.is_some()
+                    || (self.blocks_received && !recovery)
+                {
                     return Err(DestError::PreemptUnexpected("an announcement out of place").into());
                 }
                 if !self.preempt_ready {
@@ -1655,6 +1701,7 @@ impl Loader<'_> {
                     postcopy_host(host)?.open_preempt(migration_id),
                 )?;
                 self.preempt_id = Some(migration_id);
+                self.recovery.preempt_closed = false;
             }
             // Taken by `apply`, which knows whether the stream has ended.
             Command::Commit => return Err(DestError::UnexpectedCommand("commit").into()),

@@ -13,6 +13,16 @@
 //! tracking itself; POSTCOPY_RESUME is answered with RESUME_ACK and every
 //! outstanding page request again, and the migration is postcopy-active.
 //! A cut during this returns to postcopy-paused.
+//!
+//! The postcopy preempt channel dies with the connection. The new stream
+//! may announce a new one (PostcopyPreempt right after its header, with a
+//! fresh migration id): the host accepts it as at setup
+//! ([`PostcopyHost::open_preempt`](super::PostcopyHost::open_preempt)),
+//! its hello must carry the new id (a stale connection of the old channel
+//! is refused and pauses again), and requested pages, the re-sent ones
+//! first, come on it again. A channel that does not come pauses again; a
+//! stream that does not announce one leaves requested pages to the main
+//! stream.
 
 use core::fmt;
 
@@ -51,7 +61,8 @@ pub(super) struct Recovery {
     /// After RESUME_ACK: the (block, page) from which outstanding requests
     /// are still to be re-sent.
     resend: Option<(u16, u64)>,
-    /// A pause took the preempt channel down; it is not opened again.
+    /// A pause took the preempt channel down, and no recovery's stream
+    /// has announced a new one since.
     pub preempt_closed: bool,
 }
 
@@ -104,6 +115,15 @@ impl<'a> DestinationEngine<'a> {
         l.move_to(MigrationStatus::PostcopyRecover)?;
         self.decoder.restart();
         l.last_input_at = now;
+        // The old preempt channel is gone: a new one is taken only once
+        // the new stream announces it, with its own migration id, and it
+        // starts with its hello.
+        l.preempt_id = None;
+        l.stats.postcopy_preempt_pages = 0;
+        if let Some(p) = self.preempt.as_mut() {
+            p.hello_fill = 0;
+            p.decoder.restart_records();
+        }
         // The source sends its digest again with the end of the stream.
         if l.stats.verification == Verification::Verified {
             l.stats.verification = Verification::Pending;

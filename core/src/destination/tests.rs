@@ -1337,6 +1337,101 @@ fn a_close_after_the_run_pauses_and_recovery_sends_the_bitmap_then_the_requests(
     assert!(d.give_up(t).is_err(), "nothing to give up while active");
 }
 
+/// Drains the return path whole (bitmaps included).
+fn drained_all(d: &mut DestinationEngine<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut piece = [0u8; 256];
+    loop {
+        let n = d.poll_return_path(&mut piece);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&piece[..n]);
+    }
+}
+
+/// Issue 12: a recovery's stream announces a new preempt channel under a
+/// fresh id; the host is asked to open it, a stale hello (the old
+/// channel's id) is refused by pausing again, and on the next recovery's
+/// channel the re-sent request's page arrives and is counted. A
+/// connection that is no migration stream pauses the recovery too.
+#[test]
+fn a_recovery_opens_the_preempt_channel_again_under_a_fresh_id() {
+    let l = layout(16);
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let mut scratch = vec![0; 1 << 20];
+    let mut preempt_scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.take_preempt(&mut preempt_scratch);
+    let mut host = postcopy_host();
+    feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+    let t = Instant::from_millis(1);
+    feed_preempt(&mut d, t, &preempt_hello(7), &mut host).unwrap();
+    feed_preempt(&mut d, t, &batch(0, &[(2, false)]), &mut host).unwrap();
+    assert_eq!(d.stats().postcopy_preempt_pages, 1);
+    assert_eq!(d.handle_page_fault(t, 0, 3), Ok(true));
+    drained(&mut d);
+    // The connection goes: both channels with it.
+    assert_eq!(d.handle_eof(t), Ok(()));
+    assert!(d.is_paused());
+    assert!(feed_preempt(&mut d, t, &batch(0, &[(3, false)]), &mut host).is_err());
+    let recover = |d: &mut DestinationEngine<'_>, host: &mut Recorder, id: u64| {
+        d.recover(t).unwrap();
+        assert_eq!(d.stats().postcopy_preempt_pages, 0, "counted anew");
+        let announce = [
+            header(),
+            record(Record::Command(Command::PostcopyPreempt { migration_id: id })),
+        ]
+        .concat();
+        feed(d, t, &announce, host).unwrap();
+        assert_eq!(host.preempt, Some(id), "the host opens the new channel");
+        assert_eq!(d.status(), MigrationStatus::PostcopyRecover);
+    };
+    recover(&mut d, &mut host, 8);
+    // A connection of the old channel is refused: the guest runs here,
+    // so it pauses again rather than fail.
+    let stale = preempt_hello(7);
+    assert_eq!(
+        feed_preempt(&mut d, t, &stale, &mut host),
+        Ok(stale.len())
+    );
+    assert!(d.is_paused(), "{:?}", d.status());
+    assert!(
+        d.stats().error_desc.as_str().contains("refused"),
+        "{}",
+        d.stats().error_desc.as_str()
+    );
+    // A recovery connection that is no migration stream (the preempt
+    // hello taken for the main stream) pauses again too.
+    d.recover(t).unwrap();
+    let not_main = preempt_hello(9);
+    assert_eq!(feed(&mut d, t, &not_main, &mut host), Ok(not_main.len()));
+    assert!(d.is_paused());
+    // The next recovery's channel carries the re-sent request's page.
+    recover(&mut d, &mut host, 10);
+    feed_preempt(&mut d, t, &preempt_hello(10), &mut host).unwrap();
+    let ask = record(Record::Command(Command::RecvBitmap { block: l[0].id }));
+    feed(&mut d, t, &ask, &mut host).unwrap();
+    drained_all(&mut d);
+    let resume = record(Record::Command(Command::PostcopyResume));
+    feed(&mut d, t, &resume, &mut host).unwrap();
+    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+    let out = drained_all(&mut d);
+    assert_eq!(out[..8], [0, 6, 0, 4, 0, 0, 0, 1], "RESUME_ACK");
+    assert_eq!(out[8..12], [0, 3, 0, 19], "page 3 asked again");
+    feed_preempt(&mut d, t, &batch(0, &[(3, false)]), &mut host).unwrap();
+    assert!(d.is_received(0, 3));
+    assert_eq!(d.outstanding_requests(), 0);
+    assert_eq!(d.stats().postcopy_preempt_pages, 1);
+    // A second announcement in a stream is out of place.
+    let again = record(Record::Command(Command::PostcopyPreempt { migration_id: 11 }));
+    assert!(matches!(
+        feed(&mut d, t, &again, &mut host),
+        Err(DestError::PreemptUnexpected(_))
+    ));
+}
+
 /// A batch of normal pages of 0xab bytes with the given terms (TERMS set).
 fn batch_with_terms(pages: &[u64], terms: &[u64]) -> Vec<u8> {
     let entries: Vec<PageEntry> = pages

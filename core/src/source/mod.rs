@@ -362,6 +362,10 @@ pub enum SourceError {
     /// asked for a move the transition table does not allow (for example a
     /// resume while postcopy is not paused).
     Transition(TransitionError),
+    /// [`SourceEngine::resume_with_preempt`] was given the migration id of
+    /// the preempt channel it replaces: the destination could not tell a
+    /// stale connection of the old channel from the new one.
+    PreemptIdReused(u64),
 }
 
 impl fmt::Display for SourceError {
@@ -411,6 +415,10 @@ impl fmt::Display for SourceError {
                 )
             }
             SourceError::Transition(e) => write!(f, "{e}"),
+            SourceError::PreemptIdReused(id) => write!(
+                f,
+                "the reopened preempt channel needs a fresh migration id, not {id:#x} again"
+            ),
             SourceError::PackageTooLarge { len } => write!(
                 f,
                 "{len} bytes of device state do not fit in one package (at most {} bytes)",
@@ -431,6 +439,9 @@ enum Step {
     /// Postcopy preempt: the next poll hands out the preempt channel's
     /// hello.
     PreemptHello,
+    /// Postcopy recovery with the preempt channel opened again: the next
+    /// poll hands out the new channel's hello, then the bitmap requests.
+    RecoverPreemptHello,
     /// The next poll asks for the setup-time device sections.
     SaveSetupDevices,
     AwaitSetupDevices,
@@ -1156,6 +1167,7 @@ impl<'a> SourceEngine<'a> {
                 Some(SourceAction::Paused)
             }
             Step::RecoverStart => Some(self.recover_start()),
+            Step::RecoverPreemptHello => Some(self.recover_preempt_hello()),
             Step::RequestBitmap(block) => Some(self.request_bitmap(block)),
             Step::SendResume => Some(self.send_resume()),
             Step::SendPreamble => match self.encode_preamble() {
@@ -1170,19 +1182,7 @@ impl<'a> SourceEngine<'a> {
                 }
                 Err(e) => Some(self.encode_failed(e)),
             },
-            Step::PreemptHello => {
-                let hello = PreemptHello {
-                    migration_id: self.migration_id,
-                };
-                match hello.encode(self.scratch) {
-                    Ok(len) => {
-                        self.step = Step::SaveSetupDevices;
-                        self.count_sent(len as u64, 0);
-                        Some(SourceAction::SendPreempt(&self.scratch[..len]))
-                    }
-                    Err(e) => Some(self.encode_failed(e)),
-                }
-            }
+            Step::PreemptHello => Some(self.preempt_hello(Step::SaveSetupDevices)),
             Step::SaveSetupDevices => {
                 self.step = Step::AwaitSetupDevices;
                 Some(SourceAction::SaveSetupDevices)
@@ -1346,6 +1346,22 @@ impl<'a> SourceEngine<'a> {
 
     fn refresh_stats(&mut self) {
         self.stats.ram.remaining = self.scan.remaining_bytes;
+    }
+
+    /// The preempt channel's hello, with the migration id its
+    /// PostcopyPreempt announced; `next` is the step after it.
+    fn preempt_hello(&mut self, next: Step) -> SourceAction<'_> {
+        let hello = PreemptHello {
+            migration_id: self.migration_id,
+        };
+        match hello.encode(self.scratch) {
+            Ok(len) => {
+                self.step = next;
+                self.count_sent(len as u64, 0);
+                SourceAction::SendPreempt(&self.scratch[..len])
+            }
+            Err(e) => self.encode_failed(e),
+        }
     }
 
     /// Encodes the stream header, the return-path command and the block

@@ -68,7 +68,8 @@ pub(super) struct Postcopy {
     /// The end of the stream has been handed out after the switchover: a
     /// destination that says it completed (SHUT(0)) is believed.
     pub end_sent: bool,
-    /// A pause took the preempt channel down; it is not opened again, and
+    /// A pause took the preempt channel down and no resume has opened a
+    /// new one ([`resume_with_preempt`](super::SourceEngine::resume_with_preempt)):
     /// requested pages travel on the main stream.
     pub preempt_lost: bool,
     /// The early discards' cursor (block, page) over the dirty pages.

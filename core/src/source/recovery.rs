@@ -14,10 +14,20 @@
 //! an answer out of place, or a cut or silence anywhere in this handshake
 //! pauses again; the caller may resume again, as often as it likes, or
 //! [`give_up`](SourceEngine::give_up) at its own deadline.
+//!
+//! The postcopy preempt channel dies with the connection. A caller that
+//! has a new preempt connection too resumes with
+//! [`resume_with_preempt`](SourceEngine::resume_with_preempt): the new
+//! stream announces the channel again (PostcopyPreempt, a fresh migration
+//! id, so that a stale connection of the old channel is refused), the new
+//! channel's hello goes out before the first bitmap request, and after
+//! RESUME_ACK requested pages take it again instead of queueing behind
+//! the background pass on the main stream.
 
 use core::fmt;
 
 use super::{EndReason, SourceAction, SourceEngine, SourceError, Step, Violation};
+use crate::capabilities::Capabilities;
 use crate::return_path::{RpMessage, recv_bitmap_len};
 use crate::status::MigrationStatus;
 use crate::time::Instant;
@@ -79,6 +89,42 @@ impl SourceEngine<'_> {
         Ok(())
     }
 
+    /// [`resume`](Self::resume) with a new postcopy preempt channel too (a
+    /// connection of its own from the same connector, made after the new
+    /// main one): the new stream's header is followed by a PostcopyPreempt
+    /// with `migration_id`, the next poll hands out the new channel's hello
+    /// ([`SourceAction::SendPreempt`]), and once postcopy is active again
+    /// requested pages travel on it. `migration_id` must differ from the
+    /// channel's before ([`SourceError::PreemptIdReused`]), so that the
+    /// destination refuses a stale connection of the old one. Refused with
+    /// [`SourceError::UnexpectedEvent`] without `postcopy-preempt`, and as
+    /// `resume` is unless paused; a refusal changes nothing.
+    pub fn resume_with_preempt(
+        &mut self,
+        now: Instant,
+        migration_id: u64,
+    ) -> Result<(), SourceError> {
+        if !self
+            .config
+            .capabilities
+            .contains(Capabilities::POSTCOPY_PREEMPT)
+        {
+            return Err(self.unexpected("a resume with a preempt channel"));
+        }
+        if migration_id == self.migration_id {
+            return Err(SourceError::PreemptIdReused(migration_id));
+        }
+        self.resume(now)?;
+        self.migration_id = migration_id;
+        self.postcopy.preempt_lost = false;
+        // The background pass's batches small again, as in a postcopy
+        // with the channel from the start.
+        self.scan
+            .batch
+            .set_limit(super::PREEMPT_BACKGROUND_BATCH_PAGES);
+        Ok(())
+    }
+
     /// The caller stops trying to recover (its deadline passed): the
     /// migration fails ([`EndReason::RecoveryAbandoned`]), the guest stays
     /// stopped here, and `error_desc` says where its pages are. Refused
@@ -133,25 +179,49 @@ impl SourceEngine<'_> {
         self.scan.batch.clear();
         self.postcopy.requests.clear();
         self.postcopy.last_request_block = None;
-        // The preempt channel is gone with the connection and is not
-        // opened again: requested pages take the main stream from now on.
+        // The preempt channel is gone with the connection: requested pages
+        // take the main stream unless a resume opens a new one.
         self.postcopy.preempt_lost = true;
         self.scan.batch.set_limit(super::BATCH_PAGES);
         self.step = Step::PauseNotice;
     }
 
-    /// The new stream's header and the first bitmap request.
+    /// The new stream's header and the first bitmap request; with a new
+    /// preempt channel, the header and its announcement, and the channel's
+    /// hello next.
     pub(super) fn recover_start(&mut self) -> SourceAction<'_> {
-        let len = match wire::encode_stream_header(self.scratch) {
+        let mut len = match wire::encode_stream_header(self.scratch) {
             Ok(len) => len,
             Err(e) => return self.encode_failed(e),
         };
+        if self.preempt() {
+            let announce = Record::Command(Command::PostcopyPreempt {
+                migration_id: self.migration_id,
+            });
+            match announce.encode(&mut self.scratch[len..]) {
+                Ok(n) => len += n,
+                Err(e) => return self.encode_failed(e),
+            }
+            self.count_sent(len as u64, 0);
+            self.step = Step::RecoverPreemptHello;
+            return SourceAction::Send(&self.scratch[..len]);
+        }
         self.count_sent(len as u64, 0);
         if self.layout.is_empty() {
             self.step = Step::SendResume;
             return SourceAction::Send(&self.scratch[..len]);
         }
         self.bitmap_request(0, len)
+    }
+
+    /// The new preempt channel's hello; the bitmap requests follow.
+    pub(super) fn recover_preempt_hello(&mut self) -> SourceAction<'_> {
+        let next = if self.layout.is_empty() {
+            Step::SendResume
+        } else {
+            Step::RequestBitmap(0)
+        };
+        self.preempt_hello(next)
     }
 
     /// Asks for the bitmap of `block`.
@@ -315,6 +385,7 @@ impl SourceEngine<'_> {
         matches!(
             self.step,
             Step::RecoverStart
+                | Step::RecoverPreemptHello
                 | Step::RequestBitmap(_)
                 | Step::AwaitBitmap
                 | Step::SendResume

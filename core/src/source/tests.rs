@@ -1193,6 +1193,100 @@ fn an_unanswered_catch_up_ping_stops_the_guest_anyway() {
     });
 }
 
+/// Issue 12: a resume with a new preempt channel announces it in the new
+/// stream under a fresh id, hands out its hello before the first bitmap
+/// request, and after RESUME_ACK serves requests on it again; a resume
+/// without one leaves them to the main stream.
+#[test]
+fn a_resume_with_preempt_opens_the_channel_again_under_a_fresh_id() {
+    after_the_switchover_with(Capabilities::POSTCOPY_PREEMPT, |s, now| {
+        // Page 1005: one the bitmaps below say the destination lacks.
+        let request = RpMessage::ReqPagesId {
+            block: "pc.ram",
+            start: 1005 * 4096,
+            len: 4096,
+        };
+        let recover = |s: &mut SourceEngine<'_>| {
+            send_bitmap(s, now, 128, &bitmap_of(0..1000));
+            assert!(matches!(
+                s.poll_action(now, &AllZero),
+                Some(SourceAction::Send(_))
+            ));
+            s.handle_return_path(now, &RpMessage::ResumeAck).unwrap();
+            assert_eq!(s.status(), MigrationStatus::PostcopyActive);
+            s.handle_return_path(now, &request).unwrap();
+        };
+        // Without a new channel: requested pages take the main stream.
+        s.handle_io_error(now, format_args!("connection reset"));
+        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::Paused));
+        s.resume(now).unwrap();
+        assert!(matches!(
+            s.poll_action(now, &AllZero),
+            Some(SourceAction::Send(_))
+        ));
+        recover(s);
+        assert!(
+            matches!(
+                s.poll_action(now, &AllZero),
+                Some(SourceAction::SendPages { .. })
+            ),
+            "on the main stream"
+        );
+
+        s.handle_io_error(now, format_args!("connection reset"));
+        assert_eq!(s.poll_action(now, &AllZero), Some(SourceAction::Paused));
+        // The old channel's id would let a stale connection through.
+        assert_eq!(
+            s.resume_with_preempt(now, 0),
+            Err(SourceError::PreemptIdReused(0))
+        );
+        assert!(s.is_paused(), "a refusal changes nothing");
+        s.resume_with_preempt(now, 0x55).unwrap();
+        let Some(SourceAction::Send(start)) = s.poll_action(now, &AllZero) else {
+            panic!("the new stream's header and announcement");
+        };
+        let announce = Record::Command(Command::PostcopyPreempt { migration_id: 0x55 });
+        let mut expected = vec![0u8; wire::STREAM_HEADER_LEN + announce.encoded_len()];
+        let at = wire::encode_stream_header(&mut expected).unwrap();
+        announce.encode(&mut expected[at..]).unwrap();
+        assert_eq!(start, &expected[..]);
+        let Some(SourceAction::SendPreempt(hello)) = s.poll_action(now, &AllZero) else {
+            panic!("the new channel's hello");
+        };
+        assert_eq!(
+            wire::PreemptHello::decode(hello).unwrap().migration_id,
+            0x55
+        );
+        let Some(SourceAction::Send(ask)) = s.poll_action(now, &AllZero) else {
+            panic!("the bitmap request");
+        };
+        assert_eq!(ask.len(), 8 + 3 + 6, "RecvBitmap pc.ram");
+        recover(s);
+        assert!(
+            matches!(
+                s.poll_action(now, &AllZero),
+                Some(SourceAction::SendPreemptPages { .. })
+            ),
+            "on the new preempt channel"
+        );
+        assert_eq!(s.stats().postcopy_recoveries, 2);
+    });
+}
+
+/// Without postcopy-preempt there is no channel to open again.
+#[test]
+fn a_resume_with_preempt_needs_the_capability() {
+    after_the_switchover(|s, now| {
+        s.handle_io_error(now, format_args!("connection reset"));
+        s.poll_action(now, &AllZero);
+        assert!(matches!(
+            s.resume_with_preempt(now, 9),
+            Err(SourceError::UnexpectedEvent { .. })
+        ));
+        assert!(s.is_paused());
+    });
+}
+
 /// A request the host served itself (from its return-path reader, on the
 /// preempt channel) is validated and counted, never served again; one it
 /// did not serve is queued as ever.

@@ -123,6 +123,14 @@ impl<'s> StreamDecoder<'s> {
         self.ended = false;
     }
 
+    /// [`restart`](Self::restart) for a [`records`](Self::records)
+    /// decoder: starts over at a record header, as on a new preempt
+    /// channel after a postcopy recovery.
+    pub fn restart_records(&mut self) {
+        self.restart();
+        self.phase = Phase::RecordHeader;
+    }
+
     /// The largest record body this decoder accepts.
     pub fn limit(&self) -> usize {
         self.scratch.len().min(MAX_RECORD_BODY)

@@ -200,6 +200,7 @@ impl Summary {
             },
             "iterations": s.iterations,
             "postcopy-recoveries": s.postcopy_recoveries,
+            "postcopy-preempt-pages": s.postcopy_preempt_pages,
             "catch-up-ms": s.catch_up_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
             "cpu-throttle-percentage": s.throttle.percent,
             "throttle": {

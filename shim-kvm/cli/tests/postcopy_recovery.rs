@@ -194,6 +194,48 @@ fn a_connection_cut_mid_postcopy_pauses_recovers_and_verifies() {
     assert!(relay.connections() >= 2, "the source connected again");
 }
 
+/// Issue 12, item 4: with the preempt channel, a cut of the main
+/// connection mid-postcopy takes the channel down too; the recovery opens
+/// a new one (the relay's fourth connection, after the new main one) and
+/// requested pages come over it again: the receiver counts pages the new
+/// channel brought first, after the last recovery began.
+#[test]
+fn a_recovery_opens_the_preempt_channel_again() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (receiver, addr) =
+        spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
+    let relay = Relay::start(&addr, &[]);
+    let (sender, mut lines) = spawn_sender(
+        &relay,
+        &[
+            "--recover-timeout-s",
+            "60",
+            "--cap",
+            "postcopy-preempt=on",
+        ],
+    );
+    lines.wait_for(SWITCHOVER_LINE);
+    thread::sleep(Duration::from_millis(400));
+    // Connection 0 is the main one, 1 the preempt channel.
+    relay.cut(0);
+    let send = lines.finish(sender);
+    let recv = finish(receiver);
+    assert_recovered_and_verified(&send, &recv, 1);
+    assert!(
+        relay.connections() >= 4,
+        "a new main connection and a new preempt channel: {}",
+        relay.connections()
+    );
+    let r = json_of(&recv);
+    assert!(
+        r["postcopy-preempt-pages"].as_u64() > Some(0),
+        "no page came over the reopened preempt channel: {r}"
+    );
+    assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
+}
+
 #[test]
 fn a_cut_during_the_recovery_handshake_pauses_again_and_recovers() {
     if !kvm_available() || !userfaultfd_available() {

@@ -747,11 +747,16 @@ impl EnginePostcopyHost for KvmHost {
 
     fn open_preempt(&mut self, migration_id: u64) -> Result<(), HostFailure> {
         // The engine checks the hello against the id; the reader too,
-        // before it places any page itself.
-        let listener = self
-            .listener
-            .as_ref()
-            .ok_or(HostFailure::NoPreemptListener)?;
+        // before it places any page itself. At setup the channel comes
+        // before any page, so before the guest starts here; once it runs,
+        // this is a recovery's new channel, which comes where the
+        // recovery's connection came from.
+        let listener = if self.started_ns.is_some() {
+            self.recover_listener.as_ref().or(self.listener.as_ref())
+        } else {
+            self.listener.as_ref()
+        };
+        let listener = listener.ok_or(HostFailure::NoPreemptListener)?;
         let reader = PreemptReader::open(
             listener,
             self.channel_deadline,
@@ -1185,7 +1190,10 @@ fn run_receive_loop(
                             Err(DestError::Host(op))
                         }
                     });
-                    if r.is_err() {
+                    // A recovery's connection refused (or its preempt
+                    // channel missing) pauses: the rest is the old
+                    // connection's.
+                    if r.is_err() || engine.is_paused() {
                         break;
                     }
                 }
@@ -1227,8 +1235,8 @@ fn run_receive_loop(
                 }
                 r
             }
-            // A preempt channel closed at a pause (or not used again after
-            // a recovery) has nothing left to say.
+            // A preempt channel closed at a pause (before a recovery's
+            // stream announces a new one) has nothing left to say.
             Ok(Event::PreemptEof | Event::PreemptReadError(_)) if host.preempt.is_none() => Ok(()),
             // The preempt channel fails the migration as the main
             // connection does (its bytes before the failure were taken

@@ -859,8 +859,8 @@ impl SourceDriver<'_> {
 
     /// [`SourceAction::Paused`]: postcopy lost its connection with the
     /// guest on the destination. The stopped guest and the engine stay as
-    /// they are; the old connection (and the preempt channel, which the
-    /// engine does not use again) are closed, and a new connection is
+    /// they are; the old connection (and the preempt channel, which a
+    /// resume replaces with a new one) are closed, and a new connection is
     /// sought at [`SourceDriver::resume_to`] until the recovery deadline.
     /// With one, the engine resumes (its handshake then runs in the
     /// driver's loop); without one in time, the engine gives up and says
@@ -903,7 +903,7 @@ impl SourceDriver<'_> {
             });
             match conn
                 .map_err(|a| (a.count, MigrateError::from(a.error)))
-                .and_then(|c| self.resume(c).map_err(|e| (0, e)))
+                .and_then(|c| self.resume(c, &to).map_err(|e| (0, e)))
             {
                 Ok(()) => return,
                 Err(_) if Instant::now() < deadline => {
@@ -921,10 +921,14 @@ impl SourceDriver<'_> {
     }
 
     /// A new connection for a paused postcopy: a new return-path reader
-    /// and decoder on it, and the engine's recovery handshake. `Err`: the
-    /// connection could not be set up, or its reader not started (the
-    /// engine is still paused).
-    fn resume(&mut self, conn: Connection) -> Result<(), MigrateError> {
+    /// and decoder on it, and the engine's recovery handshake. With
+    /// postcopy-preempt a new preempt channel is connected to `to` right
+    /// after it, under a fresh migration id (QEMU, too, sets its preempt
+    /// channel up again on resume); if that connection fails, the recovery
+    /// goes on without one and requested pages take the main stream.
+    /// `Err`: the connection could not be set up, or its reader not
+    /// started (the engine is still paused).
+    fn resume(&mut self, conn: Connection, to: &MigrationUri) -> Result<(), MigrateError> {
         conn.set_write_timeout(self.options.write_timeout)?;
         let rp_conn = conn.try_clone()?;
         let reader = super::return_path::spawn_reader(rp_conn, Arc::clone(&self.link.server))
@@ -945,7 +949,22 @@ impl SourceDriver<'_> {
             // The old decoder may hold half a message of the old stream.
             self.rp = rp;
         }
-        match self.engine.resume(clock::now()) {
+        let preempt = self
+            .engine
+            .config()
+            .capabilities
+            .contains(Capabilities::POSTCOPY_PREEMPT)
+            .then(|| self.connect_preempt(to))
+            .flatten();
+        let resumed = match preempt {
+            Some(preempt) => {
+                self.link.preempt = Some(preempt);
+                self.engine
+                    .resume_with_preempt(clock::now(), super::migration_id())
+            }
+            None => self.engine.resume(clock::now()),
+        };
+        match resumed {
             Ok(()) => {
                 self.recovering = true;
                 self.shared.emit(MigrationEvent::RecoveryStarted {
@@ -955,6 +974,14 @@ impl SourceDriver<'_> {
             Err(e) => self.fail(SourceFailure::Engine(e)),
         }
         Ok(())
+    }
+
+    /// A new preempt channel's connection to `to`, with the main one's
+    /// write timeout; `None` when it cannot be made.
+    fn connect_preempt(&self, to: &MigrationUri) -> Option<Connection> {
+        let conn = Connection::connect(to).ok()?;
+        conn.set_write_timeout(self.options.write_timeout).ok()?;
+        Some(conn)
     }
 
     /// The recovery deadline passed (or there is nowhere to reconnect):

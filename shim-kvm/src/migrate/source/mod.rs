@@ -526,9 +526,10 @@ fn run(
     Ok(report)
 }
 
-/// A migration id for the multifd hellos, unlikely to repeat: std's
-/// per-process random hash keys, mixed with the time and the process id.
-fn migration_id() -> u64 {
+/// A migration id for the multifd and preempt hellos, unlikely to repeat:
+/// std's per-process random hash keys, mixed with the time and the process
+/// id (a preempt channel reopened in a recovery takes a new one).
+pub(super) fn migration_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(clock::monotonic_ns());
