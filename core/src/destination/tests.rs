@@ -1211,16 +1211,52 @@ fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
         Err(DestError::PreemptUnsupported)
     );
 
-    // Another migration's hello, a main-stream header instead of a hello,
-    // a record other than Pages.
+    // Another migration's hello once the guest runs here: refused, and
+    // the migration pauses (its guest is here) instead of failing.
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.take_preempt(&mut ps);
+    feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+    let other = preempt_hello(8);
+    assert_eq!(
+        feed_preempt(&mut d, Instant::ZERO, &other, &mut host),
+        Ok(other.len())
+    );
+    assert!(d.is_paused());
+    let why = d.stats().error_desc.as_str();
+    assert!(why.contains("0x8, not 0x7"), "{why}");
+    // Before the guest runs here the same hello fails the migration.
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    d.take_preempt(&mut ps);
+    let setup = [
+        header(),
+        record(Record::Command(Command::OpenReturnPath)),
+        record(Record::Command(Command::PostcopyAdvise {
+            host_page_size: 4096,
+            target_page_size: 4096,
+        })),
+        record(Record::Command(Command::PostcopyPreempt { migration_id: 7 })),
+        blocks(&l),
+    ]
+    .concat();
+    feed(&mut d, Instant::ZERO, &setup, &mut host).unwrap();
+    assert_eq!(
+        feed_preempt(&mut d, Instant::ZERO, &other, &mut host),
+        Err(DestError::PreemptWrongMigration {
+            expected: 7,
+            found: 8
+        })
+    );
+    assert_eq!(d.status(), MigrationStatus::Failed);
+
+    // A main-stream header instead of a hello, a record other than Pages.
     type Expected = fn(&DestError) -> bool;
-    let cases: [(Vec<u8>, Expected); 3] = [
-        (preempt_hello(8), |e| {
-            *e == DestError::PreemptWrongMigration {
-                expected: 7,
-                found: 8,
-            }
-        }),
+    let cases: [(Vec<u8>, Expected); 2] = [
         ([header(), header()].concat(), |e| {
             matches!(e, DestError::Decode(DecodeError::BadMagic { .. }))
         }),

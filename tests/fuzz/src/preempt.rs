@@ -2,8 +2,10 @@
 //! stream has announced the channel and started the guest takes arbitrary
 //! bytes on it (the hello, then what should be Pages records). It must not
 //! panic, must never ask its host to touch memory outside the guest's RAM,
-//! and must either keep going or fail with a reason; the main stream's end
-//! then completes it or it stays failed.
+//! and must either keep going, pause (a hello of another migration: the
+//! guest runs here, so the connection is refused by pausing) or fail with
+//! a reason; the main stream's end then completes it, or it stays paused
+//! or failed.
 
 use livemig_core::destination::{DestinationEngine, HandleError, PostcopyTracking};
 use livemig_core::status::MigrationStatus;
@@ -80,7 +82,17 @@ pub fn preempt_accepts(data: &[u8]) -> bool {
         let page = u64::from(piece[0]) % PAGES;
         let _ = engine.handle_page_fault(now, 0, page);
         match engine.handle_preempt_input(now, piece, &mut BoundsHost) {
-            Ok(n) => assert_eq!(n, piece.len(), "all of the input is consumed"),
+            Ok(n) => {
+                assert_eq!(n, piece.len(), "all of the input is consumed");
+                if engine.is_paused() {
+                    assert!(
+                        engine.stats().error_desc.as_str().contains("refused"),
+                        "a pause for another reason: {}",
+                        engine.stats().error_desc.as_str()
+                    );
+                    break;
+                }
+            }
             Err(HandleError::Dest(_)) => {
                 assert_eq!(engine.status(), MigrationStatus::Failed);
                 break;
@@ -93,10 +105,13 @@ pub fn preempt_accepts(data: &[u8]) -> bool {
     let _ = engine.handle_input(Instant::from_millis(1 << 20), &end, &mut BoundsHost);
     let state = engine.status();
     assert!(
-        matches!(state, MigrationStatus::Completed | MigrationStatus::Failed),
+        matches!(
+            state,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::PostcopyPaused
+        ),
         "ended in {state}"
     );
-    if state == MigrationStatus::Failed {
+    if state != MigrationStatus::Completed {
         assert!(
             !engine.stats().error_desc.is_empty(),
             "a failure without a reason"
