@@ -1687,9 +1687,7 @@ impl Loader<'_> {
                 // At setup, or once in a recovery's stream (the channel
                 // opened again, under a fresh id).
                 let recovery = self.status == MigrationStatus::PostcopyRecover;
-                if !self.advised
-                    || self.preempt_id.is_some()
-                    || (self.blocks_received && !recovery)
+                if !self.advised || self.preempt_id.is_some() || (self.blocks_received && !recovery)
                 {
                     return Err(DestError::PreemptUnexpected("an announcement out of place").into());
                 }

@@ -1240,7 +1240,9 @@ fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
             host_page_size: 4096,
             target_page_size: 4096,
         })),
-        record(Record::Command(Command::PostcopyPreempt { migration_id: 7 })),
+        record(Record::Command(Command::PostcopyPreempt {
+            migration_id: 7,
+        })),
         blocks(&l),
     ]
     .concat();
@@ -1417,7 +1419,9 @@ fn a_recovery_opens_the_preempt_channel_again_under_a_fresh_id() {
         assert_eq!(d.stats().postcopy_preempt_pages, 0, "counted anew");
         let announce = [
             header(),
-            record(Record::Command(Command::PostcopyPreempt { migration_id: id })),
+            record(Record::Command(Command::PostcopyPreempt {
+                migration_id: id,
+            })),
         ]
         .concat();
         feed(d, t, &announce, host).unwrap();
@@ -1428,10 +1432,7 @@ fn a_recovery_opens_the_preempt_channel_again_under_a_fresh_id() {
     // A connection of the old channel is refused: the guest runs here,
     // so it pauses again rather than fail.
     let stale = preempt_hello(7);
-    assert_eq!(
-        feed_preempt(&mut d, t, &stale, &mut host),
-        Ok(stale.len())
-    );
+    assert_eq!(feed_preempt(&mut d, t, &stale, &mut host), Ok(stale.len()));
     assert!(d.is_paused(), "{:?}", d.status());
     assert!(
         d.stats().error_desc.as_str().contains("refused"),
@@ -1461,7 +1462,9 @@ fn a_recovery_opens_the_preempt_channel_again_under_a_fresh_id() {
     assert_eq!(d.outstanding_requests(), 0);
     assert_eq!(d.stats().postcopy_preempt_pages, 1);
     // A second announcement in a stream is out of place.
-    let again = record(Record::Command(Command::PostcopyPreempt { migration_id: 11 }));
+    let again = record(Record::Command(Command::PostcopyPreempt {
+        migration_id: 11,
+    }));
     assert!(matches!(
         feed(&mut d, t, &again, &mut host),
         Err(DestError::PreemptUnexpected(_))

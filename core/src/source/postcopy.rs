@@ -412,12 +412,19 @@ impl<'a> SourceEngine<'a> {
     ///
     /// The host must have served it as this engine would: the pages of the
     /// request, on the preempt channel, each with its term when
-    /// [`page_term_key`](Self::page_term_key) gives one.
+    /// [`page_term_key`](Self::page_term_key) gives one. `terms` are those
+    /// terms, one a page of the request in order (0 for a page sent as a
+    /// zero entry), empty when the migration does not verify: the engine
+    /// books them as it books the pages it sends itself, since a postcopy
+    /// recovery may learn that the destination has such a page and never
+    /// send it again. A verifying request with another number of terms is
+    /// queued and served by the engine after all.
     pub fn handle_served_request(
         &mut self,
         now: Instant,
         msg: &RpMessage<'_>,
         bytes: u64,
+        terms: &[u64],
     ) -> Result<(), SourceError> {
         let (block, start, len) = match *msg {
             RpMessage::ReqPagesId { block, start, len } => (Some(block), start, len),
@@ -430,11 +437,31 @@ impl<'a> SourceEngine<'a> {
         self.advance_clock(now);
         let queued = self.postcopy.requests.len();
         self.handle_page_request(block, start, len);
-        if self.postcopy.requests.len() > queued {
+        let served = self.postcopy.requests.back().copied();
+        if self.postcopy.requests.len() > queued
+            && served.is_some_and(|req| self.book_served(req, terms))
+        {
             let _ = self.postcopy.requests.pop_back();
         }
         self.count_sent(bytes, 0);
         Ok(())
+    }
+
+    /// Books the terms of the pages of `req` the host served; false when
+    /// this migration verifies and `terms` is not one a page.
+    fn book_served(&mut self, req: PageRequest, terms: &[u64]) -> bool {
+        let Some(v) = self.verify.as_mut() else {
+            return true;
+        };
+        if terms.len() as u64 != req.range.count {
+            return false;
+        }
+        if let Some(books) = v.books.get_mut(usize::from(req.block)) {
+            for (page, &term) in (req.range.first..).zip(terms) {
+                books.record(page, term);
+            }
+        }
+        true
     }
 
     /// The key of the terms a verifying postcopy sends with each page

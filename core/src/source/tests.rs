@@ -857,31 +857,77 @@ fn after_the_switchover_with(caps: Capabilities, f: impl FnOnce(&mut SourceEngin
     config.capabilities |= Capabilities::POSTCOPY_RAM | caps;
     config.parameters.downtime_limit_ms = 0;
     with_config(&config, |s| {
-        let mut now = Instant::ZERO;
-        s.start(now).unwrap();
-        s.start_postcopy(now).unwrap();
-        let dirty = [u64::MAX; 16];
-        while !s.guest_on_destination() {
-            match s.poll_action(now, &AllZero) {
-                Some(SourceAction::SyncDirtyLog) => {
-                    s.handle_dirty_log(0, &dirty).unwrap();
-                    s.handle_sync_done(now).unwrap();
-                }
-                Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
-                Some(SourceAction::SaveSetupDevices) => {
-                    s.handle_setup_devices_sent(now, 0).unwrap()
-                }
-                Some(SourceAction::PackageDevices) => {
-                    s.package_devices(now, 16).unwrap();
-                    s.handle_package_sent(now).unwrap();
-                }
-                Some(SourceAction::Finished(end)) => panic!("finished early: {end:?}"),
-                Some(_) => {}
-                None => now = s.poll_timeout().expect("stalled before the switchover"),
-            }
-        }
+        let now = to_the_switchover(s);
         f(s, now);
     });
+}
+
+/// Drives `s` (postcopy configured, all-zero RAM) until the guest runs on
+/// the destination; returns the time then.
+fn to_the_switchover(s: &mut SourceEngine<'_>) -> Instant {
+    let mut now = Instant::ZERO;
+    s.start(now).unwrap();
+    s.start_postcopy(now).unwrap();
+    let dirty = [u64::MAX; 16];
+    while !s.guest_on_destination() {
+        match s.poll_action(now, &AllZero) {
+            Some(SourceAction::SyncDirtyLog) => {
+                s.handle_dirty_log(0, &dirty).unwrap();
+                s.handle_sync_done(now).unwrap();
+            }
+            Some(SourceAction::StopVcpus) => s.handle_vcpus_stopped(now).unwrap(),
+            Some(SourceAction::SaveSetupDevices) => s.handle_setup_devices_sent(now, 0).unwrap(),
+            Some(SourceAction::PackageDevices) => {
+                s.package_devices(now, 16).unwrap();
+                s.handle_package_sent(now).unwrap();
+            }
+            Some(SourceAction::Finished(end)) => panic!("finished early: {end:?}"),
+            Some(_) => {}
+            None => now = s.poll_timeout().expect("stalled before the switchover"),
+        }
+    }
+    now
+}
+
+/// A verifying migration books the terms of the pages a host served
+/// itself: a recovery may learn the destination has them and never send
+/// them again, and the digest must still be of what was sent. A request
+/// served without one term a page is served by the engine instead.
+#[test]
+fn a_request_the_host_served_books_its_terms() {
+    use crate::digest::{DigestBooks, DigestKey};
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::POSTCOPY_RAM | Capabilities::POSTCOPY_PREEMPT;
+    config.parameters.downtime_limit_ms = 0;
+    let l = layout();
+    let shift = config.parameters.clear_bitmap_shift;
+    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
+    let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut terms = vec![0u64; 1024];
+    let mut books = [DigestBooks::new(&l[0], &mut terms).unwrap()];
+    {
+        let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
+        s.verify_with(DigestKey::new(3), &mut books).unwrap();
+        let now = to_the_switchover(&mut s);
+        let two = |first: u64| RpMessage::ReqPagesId {
+            block: "pc.ram",
+            start: first * 4096,
+            len: 2 * 4096,
+        };
+        s.handle_served_request(now, &two(3), 8300, &[11, 12])
+            .unwrap();
+        assert!(!s.has_page_requests(), "served and booked");
+        s.handle_served_request(now, &two(7), 8300, &[13]).unwrap();
+        assert!(
+            s.has_page_requests(),
+            "one term short: the engine serves it"
+        );
+        let booked = &s.verify.as_ref().expect("verifying").books[0];
+        assert_eq!(booked.term(3), Some(11));
+        assert_eq!(booked.term(4), Some(12));
+        assert_ne!(booked.term(7), Some(13));
+    }
 }
 
 /// The bitmap parts of a 1024-page block whose pages `received` arrived.
@@ -1299,7 +1345,7 @@ fn a_request_the_host_served_is_counted_not_served_again() {
             start: 3 * 4096,
             len: 4096,
         };
-        s.handle_served_request(now, &served, 4200).unwrap();
+        s.handle_served_request(now, &served, 4200, &[]).unwrap();
         assert_eq!(s.stats().ram.postcopy_requests, 1);
         assert!(!s.has_page_requests(), "not queued");
         assert_eq!(s.stats().ram.transferred, sent + 4200);
@@ -1317,7 +1363,7 @@ fn a_request_the_host_served_is_counted_not_served_again() {
             start: 1,
             len: 4096,
         };
-        s.handle_served_request(now, &crooked, 0).unwrap();
+        s.handle_served_request(now, &crooked, 0, &[]).unwrap();
         assert_eq!(s.status(), MigrationStatus::Failed, "refused as any");
     });
 }

@@ -209,12 +209,7 @@ fn a_recovery_opens_the_preempt_channel_again() {
     let relay = Relay::start(&addr, &[]);
     let (sender, mut lines) = spawn_sender(
         &relay,
-        &[
-            "--recover-timeout-s",
-            "60",
-            "--cap",
-            "postcopy-preempt=on",
-        ],
+        &["--recover-timeout-s", "60", "--cap", "postcopy-preempt=on"],
     );
     lines.wait_for(SWITCHOVER_LINE);
     thread::sleep(Duration::from_millis(400));

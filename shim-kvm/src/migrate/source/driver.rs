@@ -31,7 +31,7 @@ use super::dirty_log::{DirtyLog, KvmPages};
 use super::failure::SourceFailure;
 use super::gate::CancelGate;
 use super::guest::SourceGuest;
-use super::return_path::{RpEvent, Server, Serving};
+use super::return_path::{RpEvent, Served, Server, Serving};
 use super::{HEAR_OUT, MAX_BURST, MAX_WAIT, RUN_ACK_WAIT, SourceOptions, SourceReport};
 use crate::clock;
 use crate::memory::{GuestMemory, PageIovecs};
@@ -249,9 +249,8 @@ pub(super) struct SourceDriver<'e> {
     /// The reader thread of the current connection.
     pub(super) reader: Option<JoinHandle<()>>,
     /// What the reader did with each page request it read and the engine
-    /// has not yet been given, in order: the bytes it served it with, or
-    /// `None`.
-    pub(super) served: VecDeque<Option<u64>>,
+    /// has not yet been given, in order: how it served it, or `None`.
+    pub(super) served: VecDeque<Option<Served>>,
     /// This thread and the current reader, raised for the stop
     /// ([`SourceOptions::stop_priority`]) until the guest runs again on
     /// either host.
@@ -792,9 +791,9 @@ impl SourceDriver<'_> {
                                 // Only a finished engine refuses input, and
                                 // it has nothing left to learn from it.
                                 let _ = match served {
-                                    Some(bytes) => {
-                                        self.engine.handle_served_request(now, &msg, bytes)
-                                    }
+                                    Some(s) => self
+                                        .engine
+                                        .handle_served_request(now, &msg, s.bytes, &s.terms),
                                     None => self.engine.handle_return_path(now, &msg),
                                 };
                             }

@@ -46,8 +46,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub(super) enum RpEvent {
     /// Bytes read, `CLOCK_MONOTONIC` nanoseconds when the read returned,
     /// and for each page request whose last byte these bytes carry, in
-    /// order, the bytes the reader wrote to serve it (`None`: not served).
-    Bytes(Vec<u8>, u64, Vec<Option<u64>>),
+    /// order, how the reader served it (`None`: not served).
+    Bytes(Vec<u8>, u64, Vec<Option<Served>>),
     /// The destination closed its end (or the connection was shut down).
     Eof,
     /// Reading failed.
@@ -59,6 +59,17 @@ impl RpEvent {
     pub(super) fn is_last(&self) -> bool {
         !matches!(self, RpEvent::Bytes(..))
     }
+}
+
+/// A request the reader served: what
+/// [`handle_served_request`](livemig_core::source::SourceEngine::handle_served_request)
+/// books.
+pub(super) struct Served {
+    /// Bytes written on the preempt channel.
+    pub(super) bytes: u64,
+    /// The term of each page, in order (0 for a zero entry); empty when
+    /// the migration does not verify.
+    pub(super) terms: Vec<u64>,
 }
 
 /// How the reader serves requests, once armed.
@@ -95,10 +106,11 @@ impl Server {
     }
 
     /// Serves the pages of one request, if armed and checked: the bytes
-    /// written, or `None` (not served: the engine does it). A failed write
+    /// written and the pages' terms, or `None` (not served: the engine
+    /// does it). A failed write
     /// disarms (the migration thread hears of the channel from its own
     /// writes, and the request was not served).
-    fn serve(&self, block: u16, start: u64, len: u32) -> Option<u64> {
+    fn serve(&self, block: u16, start: u64, len: u32) -> Option<Served> {
         let mut guard = self.lock();
         let serving = guard.as_ref()?;
         let region = self.ram.region(usize::from(block)).ok()?;
@@ -119,6 +131,16 @@ impl Server {
             batch.push_read(&pages, page, serving.zero_detection)?;
         }
         let mut header = [0u8; BatchBuilder::<MAX_SERVED_PAGES>::HEADER_ROOM];
+        // Zero entries have no term to hash: theirs is 0.
+        let first = start / PAGE;
+        let mut terms = vec![
+            0u64;
+            if serving.key.is_some() {
+                count as usize
+            } else {
+                0
+            }
+        ];
         let n = batch
             .encode_header(
                 &mut header,
@@ -126,7 +148,11 @@ impl Server {
                 PAGE.trailing_zeros() as u8,
                 BatchFlags::empty(),
                 serving.key.as_ref(),
-                |_, _| {},
+                |page, term| {
+                    if let Some(t) = terms.get_mut((page - first) as usize) {
+                        *t = term;
+                    }
+                },
             )
             .ok()?;
         let mut gfns = [0u64; MAX_SERVED_PAGES];
@@ -142,7 +168,10 @@ impl Server {
             *guard = None;
             return None;
         }
-        Some(n as u64 + normal as u64 * PAGE)
+        Some(Served {
+            bytes: n as u64 + normal as u64 * PAGE,
+            terms,
+        })
     }
 
     /// The block index of `id` (a region's name).
@@ -163,7 +192,7 @@ struct Requests {
 
 impl Requests {
     /// Serves the requests `input` completes; returns what became of each.
-    fn serve(&mut self, mut input: &[u8]) -> Vec<Option<u64>> {
+    fn serve(&mut self, mut input: &[u8]) -> Vec<Option<Served>> {
         let mut served = Vec::new();
         let Some(decoder) = self.decoder.as_mut() else {
             return served;
