@@ -1227,6 +1227,35 @@ fn the_precopy_stop_waits_for_the_destination_to_catch_up() {
     });
 }
 
+/// A cancel while the destination catches up ends the migration with the
+/// guest never stopped: nothing to resume, and a late PONG changes
+/// nothing.
+#[test]
+fn a_cancel_during_the_catch_up_leaves_the_guest_running() {
+    at_the_precopy_stop(|s, now, _| {
+        s.cancel(now).unwrap();
+        s.handle_return_path(now, &RpMessage::Pong(CATCH_UP_PING))
+            .unwrap();
+        let mut seen = vec::Vec::new();
+        while let Some(action) = s.poll_action(now, &AllZero) {
+            assert!(
+                !matches!(action, SourceAction::StopVcpus | SourceAction::ResumeVcpus),
+                "{action:?}"
+            );
+            let done = matches!(action, SourceAction::Finished(_));
+            seen.push(std::format!("{action:?}"));
+            if done {
+                break;
+            }
+        }
+        assert!(
+            seen.last().is_some_and(|a| a.contains("Cancelled")),
+            "{seen:?}"
+        );
+        assert_eq!(s.status(), MigrationStatus::Cancelled);
+    });
+}
+
 /// A destination that does not answer the catch-up ping delays the
 /// precopy stop by [`CATCH_UP_WAIT`], no more.
 #[test]
