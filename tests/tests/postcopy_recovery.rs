@@ -191,11 +191,11 @@ fn cuts_with_the_preempt_channel_recover_over_a_new_channel() {
         let o = run_migration(&s).expect("scenario");
         check_cut(&o, &what);
         // A cut in the setup's hello fails the precopy (checked above).
-        if let Some(pc) = o.postcopy.as_ref().filter(|_| o.reconnects > 0) {
-            if o.destination.postcopy_preempt_pages > 0 {
-                assert!(pc.reopened_preempt_bytes > 16, "{what}: {pc:?}");
-                reopened += 1;
-            }
+        if let Some(pc) = o.postcopy.as_ref().filter(|_| o.reconnects > 0)
+            && o.destination.postcopy_preempt_pages > 0
+        {
+            assert!(pc.reopened_preempt_bytes > 16, "{what}: {pc:?}");
+            reopened += 1;
         }
     }
     assert!(
