@@ -46,6 +46,7 @@ pub fn event_json(event: &MigrationEvent) -> Value {
             "last-error": last_error,
         }),
         MigrationEvent::RecoveryStarted { peer } => json!({ "peer": peer }),
+        MigrationEvent::PreemptNotReopened { reason } => json!({ "reason": reason }),
         MigrationEvent::Recovered { recoveries } => json!({ "postcopy-recoveries": recoveries }),
         MigrationEvent::RecoveryAbandoned { reason, pages } => {
             json!({ "reason": reason, "pages": pages })
@@ -69,5 +70,12 @@ mod tests {
         });
         assert_eq!(v["event"], "postcopy-paused");
         assert_eq!(v["reason"], "connection lost");
+        let e = MigrationEvent::PreemptNotReopened {
+            reason: "connection refused".into(),
+        };
+        let v = event_json(&e);
+        assert_eq!(v["event"], "preempt-not-reopened");
+        assert_eq!(v["reason"], "connection refused");
+        assert!(e.to_string().contains("main stream"), "{e}");
     }
 }

@@ -76,6 +76,14 @@ pub enum MigrationEvent {
         /// The peer of the new connection.
         peer: String,
     },
+    /// Source, postcopy-preempt: the recovery's new preempt channel could
+    /// not be connected, so the recovery goes on without one: requested
+    /// pages take the main stream, still ahead of the background pass but
+    /// behind the background bytes already queued in its socket.
+    PreemptNotReopened {
+        /// Why the connection failed.
+        reason: String,
+    },
     /// The handshake ended: back in `postcopy-active`, the pages still
     /// missing are being sent, requested ones first.
     Recovered {
@@ -101,6 +109,7 @@ impl MigrationEvent {
             MigrationEvent::PostcopyPaused { .. } => "postcopy-paused",
             MigrationEvent::AwaitingRecovery { .. } => "awaiting-recovery",
             MigrationEvent::RecoveryStarted { .. } => "recovery-started",
+            MigrationEvent::PreemptNotReopened { .. } => "preempt-not-reopened",
             MigrationEvent::Recovered { .. } => "recovered",
             MigrationEvent::RecoveryAbandoned { .. } => "recovery-abandoned",
         }
@@ -135,6 +144,11 @@ impl fmt::Display for MigrationEvent {
             MigrationEvent::RecoveryStarted { peer } => {
                 write!(f, "postcopy recovery: new connection with {peer}")
             }
+            MigrationEvent::PreemptNotReopened { reason } => write!(
+                f,
+                "postcopy recovery without a preempt channel ({reason}): requested pages \
+                 take the main stream"
+            ),
             MigrationEvent::Recovered { recoveries } => {
                 write!(
                     f,

@@ -954,7 +954,15 @@ impl SourceDriver<'_> {
             .capabilities
             .contains(Capabilities::POSTCOPY_PREEMPT)
             .then(|| self.connect_preempt(to))
-            .flatten();
+            .and_then(|connected| {
+                connected
+                    .map_err(|e| {
+                        self.shared.emit(MigrationEvent::PreemptNotReopened {
+                            reason: e.to_string(),
+                        })
+                    })
+                    .ok()
+            });
         let resumed = match preempt {
             Some(preempt) => {
                 self.link.preempt = Some(preempt);
@@ -976,11 +984,11 @@ impl SourceDriver<'_> {
     }
 
     /// A new preempt channel's connection to `to`, with the main one's
-    /// write timeout; `None` when it cannot be made.
-    fn connect_preempt(&self, to: &MigrationUri) -> Option<Connection> {
-        let conn = Connection::connect(to).ok()?;
-        conn.set_write_timeout(self.options.write_timeout).ok()?;
-        Some(conn)
+    /// write timeout.
+    fn connect_preempt(&self, to: &MigrationUri) -> Result<Connection, TransportError> {
+        let conn = Connection::connect(to)?;
+        conn.set_write_timeout(self.options.write_timeout)?;
+        Ok(conn)
     }
 
     /// The recovery deadline passed (or there is nowhere to reconnect):
