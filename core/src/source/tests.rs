@@ -29,12 +29,28 @@ fn with_engine(f: impl FnOnce(&mut SourceEngine<'_>)) {
 /// Runs `f` on a fresh engine over [`layout`]'s 1024-page block with
 /// `config`.
 fn with_config(config: &MigrationConfig, f: impl FnOnce(&mut SourceEngine<'_>)) {
+    with_books(config, None, f);
+}
+
+/// Runs `f` on a fresh engine over [`layout`]'s 1024-page block with
+/// `config`, verifying with `key` into books of its own when given one.
+fn with_books(
+    config: &MigrationConfig,
+    key: Option<crate::digest::DigestKey>,
+    f: impl FnOnce(&mut SourceEngine<'_>),
+) {
     let l = layout();
     let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
+    let mut d = vec![0; BlockTracking::dirty_words(&l[0])];
+    let mut c = vec![0; BlockTracking::clear_words(&l[0], shift)];
     let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
     let mut scratch = vec![0u8; MIN_SCRATCH];
+    let mut terms = vec![0u64; 1024];
+    let mut books = [crate::digest::DigestBooks::new(&l[0], &mut terms).unwrap()];
     let mut s = SourceEngine::new(config, &l, &mut tracking, &mut scratch).unwrap();
+    if let Some(key) = key {
+        s.verify_with(key, &mut books).unwrap();
+    }
     f(&mut s);
 }
 
@@ -509,20 +525,16 @@ fn an_accepted_setup_check_goes_on_to_ram_and_a_silent_one_times_out() {
 fn an_unencodable_record_fails_the_migration() {
     let mut config = MigrationConfig::default();
     config.capabilities |= Capabilities::RETURN_PATH;
-    let shift = config.parameters.clear_bitmap_shift;
-    let l = layout();
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    s.start(Instant::ZERO).unwrap();
-    let e = wire::EncodeError::BufferTooSmall {
-        needed: 2,
-        available: 1,
-    };
-    let action = s.encode_failed(e);
-    assert_eq!(action, SourceAction::Finished(EndReason::Encode(e)));
-    assert_eq!(s.status(), MigrationStatus::Failed);
+    with_config(&config, |s| {
+        s.start(Instant::ZERO).unwrap();
+        let e = wire::EncodeError::BufferTooSmall {
+            needed: 2,
+            available: 1,
+        };
+        let action = s.encode_failed(e);
+        assert_eq!(action, SourceAction::Finished(EndReason::Encode(e)));
+        assert_eq!(s.status(), MigrationStatus::Failed);
+    });
 }
 
 #[test]
@@ -575,22 +587,35 @@ enum Asked {
     Sent(u64),
 }
 
-/// Pages below `populated_below` hold data (non-zero); the rest were never
-/// populated.
-struct Sparse {
+/// Pages below `populated_below` hold the byte `fill` (which a test
+/// changes, as a guest writes), the rest were never populated; every
+/// question the engine asks is logged.
+struct Guest {
     populated_below: core::cell::Cell<u64>,
+    fill: core::cell::Cell<u8>,
     log: core::cell::RefCell<vec::Vec<Asked>>,
 }
 
-impl PageReader for Sparse {
+impl Guest {
+    fn new(populated_below: u64, fill: u8) -> Self {
+        Guest {
+            populated_below: core::cell::Cell::new(populated_below),
+            fill: core::cell::Cell::new(fill),
+            log: core::cell::RefCell::default(),
+        }
+    }
+}
+
+impl PageReader for Guest {
     fn is_zero_page(&self, _block: u16, page: u64) -> bool {
         self.log.borrow_mut().push(Asked::Read(page));
-        false
+        page >= self.populated_below.get()
     }
 
-    /// Pages below `populated_below` all hold ones, the rest zeros.
     fn page_term(&self, block: u16, page: u64, key: &crate::digest::DigestKey) -> u64 {
-        let byte = u8::from(page < self.populated_below.get());
+        self.log.borrow_mut().push(Asked::Hashed(page));
+        let populated = page < self.populated_below.get();
+        let byte = if populated { self.fill.get() } else { 0 };
         key.page_term(block, page, &[byte; 4096])
     }
 
@@ -614,115 +639,80 @@ fn unpopulated_pages_are_sent_as_zero_unread_and_asked_after_their_clear() {
     let mut config = MigrationConfig::default();
     config.parameters.max_bandwidth = 0;
     config.parameters.clear_bitmap_shift = 8;
-    let l = layout();
-    let (mut d, mut c) = (vec![0; 16], vec![0; 4]);
-    let mut tracking = [BlockTracking::new(&l[0], 8, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    let ram = Sparse {
-        populated_below: core::cell::Cell::new(300),
-        log: core::cell::RefCell::default(),
-    };
-    let now = Instant::ZERO;
-    s.start(now).unwrap();
-    let mut syncs = 0;
-    let mut log = vec::Vec::new();
-    loop {
-        let Some(action) = s.poll_action(now, &ram) else {
-            panic!("the engine stalled in {}", s.status());
+    with_config(&config, |s| {
+        let ram = Guest::new(300, 1);
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let mut syncs = 0;
+        let mut log = vec::Vec::new();
+        loop {
+            let Some(action) = s.poll_action(now, &ram) else {
+                panic!("the engine stalled in {}", s.status());
+            };
+            match action {
+                SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+                SourceAction::SyncDirtyLog => {
+                    syncs += 1;
+                    log.push(ram.log.take());
+                    if syncs == 3 {
+                        break;
+                    }
+                    // First the initially-set log; then page 900, which the
+                    // guest wrote (populating it) after it was asked.
+                    let mut fetched = [0u64; 16];
+                    if syncs == 1 {
+                        fetched.fill(u64::MAX);
+                    } else {
+                        fetched[900 / 64] = 1 << (900 % 64);
+                        ram.populated_below.set(1024);
+                    }
+                    s.handle_dirty_log(0, &fetched).unwrap();
+                    s.handle_sync_done(now).unwrap();
+                }
+                SourceAction::ClearDirtyLog { chunk, .. } => {
+                    ram.log.borrow_mut().push(Asked::Clear(chunk.first))
+                }
+                _ => {}
+            }
+        }
+        let reads = |pass: &[Asked]| {
+            pass.iter()
+                .filter_map(|a| match a {
+                    Asked::Read(p) => Some(*p),
+                    _ => None,
+                })
+                .collect::<vec::Vec<_>>()
         };
-        match action {
-            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
-            SourceAction::SyncDirtyLog => {
-                syncs += 1;
-                log.push(ram.log.take());
-                if syncs == 3 {
-                    break;
-                }
-                // First the initially-set log; then page 900, which the
-                // guest wrote (populating it) after it was asked.
-                let mut fetched = [0u64; 16];
-                if syncs == 1 {
-                    fetched.fill(u64::MAX);
-                } else {
-                    fetched[900 / 64] = 1 << (900 % 64);
-                    ram.populated_below.set(1024);
-                }
-                s.handle_dirty_log(0, &fetched).unwrap();
-                s.handle_sync_done(now).unwrap();
-            }
-            SourceAction::ClearDirtyLog { chunk, .. } => {
-                ram.log.borrow_mut().push(Asked::Clear(chunk.first))
-            }
-            _ => {}
+        fn order(pass: &[Asked]) -> vec::Vec<&Asked> {
+            pass.iter()
+                .filter(|a| !matches!(a, Asked::Read(_)))
+                .collect()
         }
-    }
-    let reads = |pass: &[Asked]| {
-        pass.iter()
-            .filter_map(|a| match a {
-                Asked::Read(p) => Some(*p),
-                _ => None,
-            })
-            .collect::<vec::Vec<_>>()
-    };
-    fn order(pass: &[Asked]) -> vec::Vec<&Asked> {
-        pass.iter()
-            .filter(|a| !matches!(a, Asked::Read(_)))
-            .collect()
-    }
-    let (c, p) = (Asked::Clear, Asked::Populated);
-    let first = &log[1];
-    assert_eq!(
-        order(first),
-        [
-            &c(0),
-            &p(0),
-            &c(256),
-            &p(256),
-            &c(512),
-            &p(512),
-            &c(768),
-            &p(768)
-        ]
-    );
-    assert_eq!(reads(first), (0..300).collect::<vec::Vec<_>>());
-    let second = &log[2];
-    assert_eq!(order(second), [&c(768)]);
-    assert_eq!(reads(second), [900]);
-    let ram = &s.stats().ram;
-    assert_eq!(
-        (ram.normal, ram.unpopulated, ram.duplicate),
-        (301, 724, 724)
-    );
-}
-
-/// Pages below 300 hold the byte `fill` (which the test changes, as a
-/// guest writes), the rest were never populated.
-struct Live {
-    fill: core::cell::Cell<u8>,
-    log: core::cell::RefCell<vec::Vec<Asked>>,
-}
-
-impl PageReader for Live {
-    fn is_zero_page(&self, _block: u16, page: u64) -> bool {
-        self.log.borrow_mut().push(Asked::Read(page));
-        page >= 300
-    }
-
-    fn page_term(&self, block: u16, page: u64, key: &crate::digest::DigestKey) -> u64 {
-        self.log.borrow_mut().push(Asked::Hashed(page));
-        let byte = if page < 300 { self.fill.get() } else { 0 };
-        key.page_term(block, page, &[byte; 4096])
-    }
-
-    fn populated(&self, _block: u16, first: u64, mask: &mut [u64]) {
-        self.log.borrow_mut().push(Asked::Populated(first));
-        for (w, word) in mask.iter_mut().enumerate() {
-            *word = (0..64)
-                .filter(|b| first + 64 * w as u64 + b < 300)
-                .fold(0, |acc, b| acc | 1 << b);
-        }
-    }
+        let (c, p) = (Asked::Clear, Asked::Populated);
+        let first = &log[1];
+        assert_eq!(
+            order(first),
+            [
+                &c(0),
+                &p(0),
+                &c(256),
+                &p(256),
+                &c(512),
+                &p(512),
+                &c(768),
+                &p(768)
+            ]
+        );
+        assert_eq!(reads(first), (0..300).collect::<vec::Vec<_>>());
+        let second = &log[2];
+        assert_eq!(order(second), [&c(768)]);
+        assert_eq!(reads(second), [900]);
+        let ram = &s.stats().ram;
+        assert_eq!(
+            (ram.normal, ram.unpopulated, ram.duplicate),
+            (301, 724, 724)
+        );
+    });
 }
 
 /// A verifying scan reads each page once, for its term, which is also its
@@ -733,68 +723,59 @@ impl PageReader for Live {
 /// not make the engine read them).
 #[test]
 fn a_verifying_scan_hashes_each_page_once_in_its_read_before_the_send() {
-    use crate::digest::{DigestBooks, DigestKey};
+    use crate::digest::DigestKey;
     let mut config = MigrationConfig::default();
     config.parameters.max_bandwidth = 0;
     config.parameters.clear_bitmap_shift = 8;
-    let l = layout();
-    let (mut d, mut c) = (vec![0; 16], vec![0; 4]);
-    let mut tracking = [BlockTracking::new(&l[0], 8, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut terms = vec![0u64; 1024];
-    let mut books = [DigestBooks::new(&l[0], &mut terms).unwrap()];
-    let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-    s.verify_with(DigestKey::new(0x5eed), &mut books).unwrap();
-    let ram = Live {
-        fill: core::cell::Cell::new(1),
-        log: core::cell::RefCell::default(),
-    };
-    let now = Instant::ZERO;
-    s.start(now).unwrap();
-    let mut syncs = 0;
-    loop {
-        let Some(action) = s.poll_action(now, &ram) else {
-            panic!("the engine stalled in {}", s.status());
-        };
-        match action {
-            SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
-            SourceAction::SyncDirtyLog => {
-                syncs += 1;
-                if syncs == 2 {
-                    break;
+    with_books(&config, Some(DigestKey::new(0x5eed)), |s| {
+        let ram = Guest::new(300, 1);
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let mut syncs = 0;
+        loop {
+            let Some(action) = s.poll_action(now, &ram) else {
+                panic!("the engine stalled in {}", s.status());
+            };
+            match action {
+                SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+                SourceAction::SyncDirtyLog => {
+                    syncs += 1;
+                    if syncs == 2 {
+                        break;
+                    }
+                    s.handle_dirty_log(0, &[u64::MAX; 16]).unwrap();
+                    s.handle_sync_done(now).unwrap();
                 }
-                s.handle_dirty_log(0, &[u64::MAX; 16]).unwrap();
-                s.handle_sync_done(now).unwrap();
+                SourceAction::SendPages { pages, .. } => {
+                    ram.log
+                        .borrow_mut()
+                        .extend(pages.iter().map(|&p| Asked::Sent(p)));
+                    // The guest writes every page after the send.
+                    ram.fill.set(ram.fill.get() % 250 + 1);
+                }
+                _ => {}
             }
-            SourceAction::SendPages { pages, .. } => {
-                ram.log
-                    .borrow_mut()
-                    .extend(pages.iter().map(|&p| Asked::Sent(p)));
-                // The guest writes every page after the send.
-                ram.fill.set(ram.fill.get() % 250 + 1);
+        }
+        let log = ram.log.take();
+        assert!(!log.iter().any(|a| matches!(a, Asked::Read(_))));
+        let hashed: vec::Vec<u64> = log
+            .iter()
+            .filter_map(|a| match a {
+                Asked::Hashed(p) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hashed, (0..300).collect::<vec::Vec<_>>());
+        // Each sent page was hashed before it was handed out.
+        for (i, a) in log.iter().enumerate() {
+            if let Asked::Sent(p) = a {
+                let at = log.iter().position(|b| *b == Asked::Hashed(*p));
+                assert!(at.is_some_and(|h| h < i), "page {p} hashed after its send");
             }
-            _ => {}
         }
-    }
-    let log = ram.log.take();
-    assert!(!log.iter().any(|a| matches!(a, Asked::Read(_))));
-    let hashed: vec::Vec<u64> = log
-        .iter()
-        .filter_map(|a| match a {
-            Asked::Hashed(p) => Some(*p),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(hashed, (0..300).collect::<vec::Vec<_>>());
-    // Each sent page was hashed before it was handed out.
-    for (i, a) in log.iter().enumerate() {
-        if let Asked::Sent(p) = a {
-            let at = log.iter().position(|b| *b == Asked::Hashed(*p));
-            assert!(at.is_some_and(|h| h < i), "page {p} hashed after its send");
-        }
-    }
-    let ram = &s.stats().ram;
-    assert_eq!((ram.normal, ram.unpopulated), (300, 724));
+        let ram = &s.stats().ram;
+        assert_eq!((ram.normal, ram.unpopulated), (300, 724));
+    });
 }
 
 /// What a batch books: the terms the scan handed with it, without reading
@@ -812,10 +793,7 @@ fn batches_book_the_scan_terms_and_hash_only_pages_without_one() {
         books: &mut books,
         audit: false,
     });
-    let ram = Live {
-        fill: core::cell::Cell::new(7),
-        log: core::cell::RefCell::default(),
-    };
+    let ram = Guest::new(300, 7);
     book_batch(&mut verify, &ram, 0, &[4, 9], Some(&[11, 12]));
     assert!(ram.log.borrow().is_empty(), "terms given: nothing read");
     book_batch(&mut verify, &ram, 0, &[5], None);
@@ -895,21 +873,12 @@ fn to_the_switchover(s: &mut SourceEngine<'_>) -> Instant {
 /// served without one term a page is served by the engine instead.
 #[test]
 fn a_request_the_host_served_books_its_terms() {
-    use crate::digest::{DigestBooks, DigestKey};
+    use crate::digest::DigestKey;
     let mut config = MigrationConfig::default();
     config.capabilities |= Capabilities::POSTCOPY_RAM | Capabilities::POSTCOPY_PREEMPT;
     config.parameters.downtime_limit_ms = 0;
-    let l = layout();
-    let shift = config.parameters.clear_bitmap_shift;
-    let (mut d, mut c) = (vec![0; 16], vec![0; 1]);
-    let mut tracking = [BlockTracking::new(&l[0], shift, &mut d, &mut c).unwrap()];
-    let mut scratch = vec![0u8; MIN_SCRATCH];
-    let mut terms = vec![0u64; 1024];
-    let mut books = [DigestBooks::new(&l[0], &mut terms).unwrap()];
-    {
-        let mut s = SourceEngine::new(&config, &l, &mut tracking, &mut scratch).unwrap();
-        s.verify_with(DigestKey::new(3), &mut books).unwrap();
-        let now = to_the_switchover(&mut s);
+    with_books(&config, Some(DigestKey::new(3)), |s| {
+        let now = to_the_switchover(s);
         let two = |first: u64| RpMessage::ReqPagesId {
             block: "pc.ram",
             start: first * 4096,
@@ -927,7 +896,7 @@ fn a_request_the_host_served_books_its_terms() {
         assert_eq!(booked.term(3), Some(11));
         assert_eq!(booked.term(4), Some(12));
         assert_ne!(booked.term(7), Some(13));
-    }
+    });
 }
 
 /// The bitmap parts of a 1024-page block whose pages `received` arrived.
