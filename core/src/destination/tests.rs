@@ -1141,6 +1141,23 @@ fn preempt_hello(migration_id: u64) -> Vec<u8> {
     out
 }
 
+/// Runs `f` on a fresh postcopy destination of `l` (16 pages), with a
+/// preempt decoder when `preempt`.
+fn with_postcopy_engine(
+    l: &[BlockInfo<'_>],
+    preempt: bool,
+    f: impl FnOnce(&mut DestinationEngine<'_>),
+) {
+    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
+    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
+    let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+    let mut d = DestinationEngine::with_postcopy(l, &mut scratch, &mut tracking).unwrap();
+    if preempt {
+        d.take_preempt(&mut ps);
+    }
+    f(&mut d);
+}
+
 fn feed_preempt(
     d: &mut DestinationEngine<'_>,
     now: Instant,
@@ -1154,35 +1171,31 @@ fn feed_preempt(
 #[test]
 fn preempt_pages_are_placed_once_whichever_stream_brings_them_first() {
     let l = layout(16);
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut scratch = vec![0; 1 << 20];
-    let mut preempt_scratch = vec![0; 1 << 20];
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.take_preempt(&mut preempt_scratch);
-    let mut host = postcopy_host();
-    feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
-    assert_eq!(host.preempt, Some(7), "the host was asked to open it");
-    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
-    let t = Instant::from_millis(1);
-    assert_eq!(d.handle_page_fault(t, 0, 3), Ok(true));
-    // The hello split across two reads, then the requested page.
-    let hello = preempt_hello(7);
-    assert_eq!(feed_preempt(&mut d, t, &hello[..5], &mut host), Ok(5));
-    let rest = [&hello[5..], &batch(0, &[(3, false)])[..]].concat();
-    assert_eq!(feed_preempt(&mut d, t, &rest, &mut host), Ok(rest.len()));
-    assert_eq!(host.pages, [(0, 3, PAGE)]);
-    assert!(d.is_received(0, 3));
-    assert_eq!(d.outstanding_requests(), 0);
-    // The main stream's copy comes second and is dropped: the guest may
-    // have written the page since. Page 4, not yet here, is placed.
-    feed(&mut d, t, &batch(0, &[(3, false), (4, false)]), &mut host).unwrap();
-    assert_eq!(host.pages, [(0, 3, PAGE), (0, 4, PAGE)]);
-    // And the other way round: a preempt copy after the main one.
-    feed_preempt(&mut d, t, &batch(0, &[(4, false), (5, true)]), &mut host).unwrap();
-    assert_eq!(host.pages, [(0, 3, PAGE), (0, 4, PAGE)]);
-    assert_eq!(host.zeros, [(0, 5, 1)]);
-    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+    with_postcopy_engine(&l, true, |d| {
+        let mut host = postcopy_host();
+        feed(d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+        assert_eq!(host.preempt, Some(7), "the host was asked to open it");
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+        let t = Instant::from_millis(1);
+        assert_eq!(d.handle_page_fault(t, 0, 3), Ok(true));
+        // The hello split across two reads, then the requested page.
+        let hello = preempt_hello(7);
+        assert_eq!(feed_preempt(d, t, &hello[..5], &mut host), Ok(5));
+        let rest = [&hello[5..], &batch(0, &[(3, false)])[..]].concat();
+        assert_eq!(feed_preempt(d, t, &rest, &mut host), Ok(rest.len()));
+        assert_eq!(host.pages, [(0, 3, PAGE)]);
+        assert!(d.is_received(0, 3));
+        assert_eq!(d.outstanding_requests(), 0);
+        // The main stream's copy comes second and is dropped: the guest may
+        // have written the page since. Page 4, not yet here, is placed.
+        feed(d, t, &batch(0, &[(3, false), (4, false)]), &mut host).unwrap();
+        assert_eq!(host.pages, [(0, 3, PAGE), (0, 4, PAGE)]);
+        // And the other way round: a preempt copy after the main one.
+        feed_preempt(d, t, &batch(0, &[(4, false), (5, true)]), &mut host).unwrap();
+        assert_eq!(host.pages, [(0, 3, PAGE), (0, 4, PAGE)]);
+        assert_eq!(host.zeros, [(0, 5, 1)]);
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+    });
 }
 
 #[test]
@@ -1190,71 +1203,61 @@ fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
     let l = layout(16);
     let mut host = postcopy_host();
     // Before the announcement.
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.take_preempt(&mut ps);
-    assert!(matches!(
-        feed_preempt(&mut d, Instant::ZERO, &preempt_hello(7), &mut host),
-        Err(DestError::PreemptUnexpected(_))
-    ));
-    assert_eq!(d.status(), MigrationStatus::Failed);
+    with_postcopy_engine(&l, true, |d| {
+        assert!(matches!(
+            feed_preempt(d, Instant::ZERO, &preempt_hello(7), &mut host),
+            Err(DestError::PreemptUnexpected(_))
+        ));
+        assert_eq!(d.status(), MigrationStatus::Failed);
+    });
 
     // A destination without a preempt decoder refuses the announcement.
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut scratch = vec![0; 1 << 20];
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    assert_eq!(
-        feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host),
-        Err(DestError::PreemptUnsupported)
-    );
+    with_postcopy_engine(&l, false, |d| {
+        assert_eq!(
+            feed(d, Instant::ZERO, &preempt_stream(&l), &mut host),
+            Err(DestError::PreemptUnsupported)
+        );
+    });
 
     // Another migration's hello once the guest runs here: refused, and
     // the migration pauses (its guest is here) instead of failing.
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.take_preempt(&mut ps);
-    feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
     let other = preempt_hello(8);
-    assert_eq!(
-        feed_preempt(&mut d, Instant::ZERO, &other, &mut host),
-        Ok(other.len())
-    );
-    assert!(d.is_paused());
-    let why = d.stats().error_desc.as_str();
-    assert!(why.contains("0x8, not 0x7"), "{why}");
+    with_postcopy_engine(&l, true, |d| {
+        feed(d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+        assert_eq!(
+            feed_preempt(d, Instant::ZERO, &other, &mut host),
+            Ok(other.len())
+        );
+        assert!(d.is_paused());
+        let why = d.stats().error_desc.as_str();
+        assert!(why.contains("0x8, not 0x7"), "{why}");
+    });
+
     // Before the guest runs here the same hello fails the migration.
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.take_preempt(&mut ps);
-    let setup = [
-        header(),
-        record(Record::Command(Command::OpenReturnPath)),
-        record(Record::Command(Command::PostcopyAdvise {
-            host_page_size: 4096,
-            target_page_size: 4096,
-        })),
-        record(Record::Command(Command::PostcopyPreempt {
-            migration_id: 7,
-        })),
-        blocks(&l),
-    ]
-    .concat();
-    feed(&mut d, Instant::ZERO, &setup, &mut host).unwrap();
-    assert_eq!(
-        feed_preempt(&mut d, Instant::ZERO, &other, &mut host),
-        Err(DestError::PreemptWrongMigration {
-            expected: 7,
-            found: 8
-        })
-    );
-    assert_eq!(d.status(), MigrationStatus::Failed);
+    with_postcopy_engine(&l, true, |d| {
+        let setup = [
+            header(),
+            record(Record::Command(Command::OpenReturnPath)),
+            record(Record::Command(Command::PostcopyAdvise {
+                host_page_size: 4096,
+                target_page_size: 4096,
+            })),
+            record(Record::Command(Command::PostcopyPreempt {
+                migration_id: 7,
+            })),
+            blocks(&l),
+        ]
+        .concat();
+        feed(d, Instant::ZERO, &setup, &mut host).unwrap();
+        assert_eq!(
+            feed_preempt(d, Instant::ZERO, &other, &mut host),
+            Err(DestError::PreemptWrongMigration {
+                expected: 7,
+                found: 8
+            })
+        );
+        assert_eq!(d.status(), MigrationStatus::Failed);
+    });
 
     // A main-stream header instead of a hello, a record other than Pages.
     type Expected = fn(&DestError) -> bool;
@@ -1272,17 +1275,14 @@ fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
         ),
     ];
     for (input, expected) in cases {
-        let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-        let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-        let (mut scratch, mut ps) = (vec![0; 1 << 20], vec![0; 1 << 20]);
-        let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-        d.take_preempt(&mut ps);
-        feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
-        let e = feed_preempt(&mut d, Instant::ZERO, &input, &mut host).unwrap_err();
-        assert!(expected(&e), "{e:?}");
-        assert_eq!(d.status(), MigrationStatus::Failed);
-        // The source hears SHUT(1) on the return path.
-        assert!(drained(&mut d).ends_with(&[0, 1, 0, 4, 0, 0, 0, 1]));
+        with_postcopy_engine(&l, true, |d| {
+            feed(d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+            let e = feed_preempt(d, Instant::ZERO, &input, &mut host).unwrap_err();
+            assert!(expected(&e), "{e:?}");
+            assert_eq!(d.status(), MigrationStatus::Failed);
+            // The source hears SHUT(1) on the return path.
+            assert!(drained(d).ends_with(&[0, 1, 0, 4, 0, 0, 0, 1]));
+        });
     }
 }
 
@@ -1396,79 +1396,75 @@ fn drained_all(d: &mut DestinationEngine<'_>) -> Vec<u8> {
 #[test]
 fn a_recovery_opens_the_preempt_channel_again_under_a_fresh_id() {
     let l = layout(16);
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut scratch = vec![0; 1 << 20];
-    let mut preempt_scratch = vec![0; 1 << 20];
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.take_preempt(&mut preempt_scratch);
-    let mut host = postcopy_host();
-    feed(&mut d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
-    let t = Instant::from_millis(1);
-    feed_preempt(&mut d, t, &preempt_hello(7), &mut host).unwrap();
-    feed_preempt(&mut d, t, &batch(0, &[(2, false)]), &mut host).unwrap();
-    assert_eq!(d.stats().postcopy_preempt_pages, 1);
-    assert_eq!(d.handle_page_fault(t, 0, 3), Ok(true));
-    drained(&mut d);
-    // The connection goes: both channels with it.
-    assert_eq!(d.handle_eof(t), Ok(()));
-    assert!(d.is_paused());
-    assert!(feed_preempt(&mut d, t, &batch(0, &[(3, false)]), &mut host).is_err());
-    let recover = |d: &mut DestinationEngine<'_>, host: &mut Recorder, id: u64| {
+    with_postcopy_engine(&l, true, |d| {
+        let mut host = postcopy_host();
+        feed(d, Instant::ZERO, &preempt_stream(&l), &mut host).unwrap();
+        let t = Instant::from_millis(1);
+        feed_preempt(d, t, &preempt_hello(7), &mut host).unwrap();
+        feed_preempt(d, t, &batch(0, &[(2, false)]), &mut host).unwrap();
+        assert_eq!(d.stats().postcopy_preempt_pages, 1);
+        assert_eq!(d.handle_page_fault(t, 0, 3), Ok(true));
+        drained(d);
+        // The connection goes: both channels with it.
+        assert_eq!(d.handle_eof(t), Ok(()));
+        assert!(d.is_paused());
+        assert!(feed_preempt(d, t, &batch(0, &[(3, false)]), &mut host).is_err());
+        let recover = |d: &mut DestinationEngine<'_>, host: &mut Recorder, id: u64| {
+            d.recover(t).unwrap();
+            assert_eq!(d.stats().postcopy_preempt_pages, 0, "counted anew");
+            let announce = [
+                header(),
+                record(Record::Command(Command::PostcopyPreempt {
+                    migration_id: id,
+                })),
+            ]
+            .concat();
+            feed(d, t, &announce, host).unwrap();
+            assert_eq!(host.preempt, Some(id), "the host opens the new channel");
+            assert_eq!(d.status(), MigrationStatus::PostcopyRecover);
+        };
+        recover(d, &mut host, 8);
+        // A connection of the old channel is refused: the guest runs here,
+        // so it pauses again rather than fail.
+        let stale = preempt_hello(7);
+        assert_eq!(feed_preempt(d, t, &stale, &mut host), Ok(stale.len()));
+        assert!(d.is_paused(), "{:?}", d.status());
+        assert!(
+            d.stats().error_desc.as_str().contains("refused"),
+            "{}",
+            d.stats().error_desc.as_str()
+        );
+        // A recovery connection that is no migration stream (the preempt
+        // hello taken for the main stream) pauses again too.
         d.recover(t).unwrap();
-        assert_eq!(d.stats().postcopy_preempt_pages, 0, "counted anew");
-        let announce = [
-            header(),
-            record(Record::Command(Command::PostcopyPreempt {
-                migration_id: id,
-            })),
-        ]
-        .concat();
-        feed(d, t, &announce, host).unwrap();
-        assert_eq!(host.preempt, Some(id), "the host opens the new channel");
-        assert_eq!(d.status(), MigrationStatus::PostcopyRecover);
-    };
-    recover(&mut d, &mut host, 8);
-    // A connection of the old channel is refused: the guest runs here,
-    // so it pauses again rather than fail.
-    let stale = preempt_hello(7);
-    assert_eq!(feed_preempt(&mut d, t, &stale, &mut host), Ok(stale.len()));
-    assert!(d.is_paused(), "{:?}", d.status());
-    assert!(
-        d.stats().error_desc.as_str().contains("refused"),
-        "{}",
-        d.stats().error_desc.as_str()
-    );
-    // A recovery connection that is no migration stream (the preempt
-    // hello taken for the main stream) pauses again too.
-    d.recover(t).unwrap();
-    let not_main = preempt_hello(9);
-    assert_eq!(feed(&mut d, t, &not_main, &mut host), Ok(not_main.len()));
-    assert!(d.is_paused());
-    // The next recovery's channel carries the re-sent request's page.
-    recover(&mut d, &mut host, 10);
-    feed_preempt(&mut d, t, &preempt_hello(10), &mut host).unwrap();
-    let ask = record(Record::Command(Command::RecvBitmap { block: l[0].id }));
-    feed(&mut d, t, &ask, &mut host).unwrap();
-    drained_all(&mut d);
-    let resume = record(Record::Command(Command::PostcopyResume));
-    feed(&mut d, t, &resume, &mut host).unwrap();
-    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
-    let out = drained_all(&mut d);
-    assert_eq!(out[..8], [0, 6, 0, 4, 0, 0, 0, 1], "RESUME_ACK");
-    assert_eq!(out[8..12], [0, 3, 0, 19], "page 3 asked again");
-    feed_preempt(&mut d, t, &batch(0, &[(3, false)]), &mut host).unwrap();
-    assert!(d.is_received(0, 3));
-    assert_eq!(d.outstanding_requests(), 0);
-    assert_eq!(d.stats().postcopy_preempt_pages, 1);
-    // A second announcement in a stream is out of place.
-    let again = record(Record::Command(Command::PostcopyPreempt {
-        migration_id: 11,
-    }));
-    assert!(matches!(
-        feed(&mut d, t, &again, &mut host),
-        Err(DestError::PreemptUnexpected(_))
-    ));
+        let not_main = preempt_hello(9);
+        assert_eq!(feed(d, t, &not_main, &mut host), Ok(not_main.len()));
+        assert!(d.is_paused());
+        // The next recovery's channel carries the re-sent request's page.
+        recover(d, &mut host, 10);
+        feed_preempt(d, t, &preempt_hello(10), &mut host).unwrap();
+        let ask = record(Record::Command(Command::RecvBitmap { block: l[0].id }));
+        feed(d, t, &ask, &mut host).unwrap();
+        drained_all(d);
+        let resume = record(Record::Command(Command::PostcopyResume));
+        feed(d, t, &resume, &mut host).unwrap();
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+        let out = drained_all(d);
+        assert_eq!(out[..8], [0, 6, 0, 4, 0, 0, 0, 1], "RESUME_ACK");
+        assert_eq!(out[8..12], [0, 3, 0, 19], "page 3 asked again");
+        feed_preempt(d, t, &batch(0, &[(3, false)]), &mut host).unwrap();
+        assert!(d.is_received(0, 3));
+        assert_eq!(d.outstanding_requests(), 0);
+        assert_eq!(d.stats().postcopy_preempt_pages, 1);
+        // A second announcement in a stream is out of place.
+        let again = record(Record::Command(Command::PostcopyPreempt {
+            migration_id: 11,
+        }));
+        assert!(matches!(
+            feed(d, t, &again, &mut host),
+            Err(DestError::PreemptUnexpected(_))
+        ));
+    });
 }
 
 /// A batch of normal pages of 0xab bytes with the given terms (TERMS set).
