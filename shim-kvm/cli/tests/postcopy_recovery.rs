@@ -176,22 +176,32 @@ fn spawn_sender(relay: &Relay, extra: &[&str]) -> (Child, StderrLines) {
     (sender, lines)
 }
 
-#[test]
-fn a_connection_cut_mid_postcopy_pauses_recovers_and_verifies() {
-    if !kvm_available() || !userfaultfd_available() {
-        return;
-    }
+/// A sender with `sender_extra` whose main connection (the relay's first)
+/// is cut 400 ms into postcopy: it recovers, completes and verifies.
+/// Returns the receiver's summary and the connections the relay took.
+fn cut_mid_postcopy(sender_extra: &[&str]) -> (Value, usize) {
     let (receiver, addr) =
         spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
     let relay = Relay::start(&addr, &[]);
-    let (sender, mut lines) = spawn_sender(&relay, &["--recover-timeout-s", "60"]);
+    let mut extra = vec!["--recover-timeout-s", "60"];
+    extra.extend_from_slice(sender_extra);
+    let (sender, mut lines) = spawn_sender(&relay, &extra);
     lines.wait_for(SWITCHOVER_LINE);
     thread::sleep(Duration::from_millis(400));
     relay.cut(0);
     let send = lines.finish(sender);
     let recv = finish(receiver);
     assert_recovered_and_verified(&send, &recv, 1);
-    assert!(relay.connections() >= 2, "the source connected again");
+    (json_of(&recv), relay.connections())
+}
+
+#[test]
+fn a_connection_cut_mid_postcopy_pauses_recovers_and_verifies() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (_, connections) = cut_mid_postcopy(&[]);
+    assert!(connections >= 2, "the source connected again");
 }
 
 /// Issue 12, item 4: with the preempt channel, a cut of the main
@@ -204,26 +214,12 @@ fn a_recovery_opens_the_preempt_channel_again() {
     if !kvm_available() || !userfaultfd_available() {
         return;
     }
-    let (receiver, addr) =
-        spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
-    let relay = Relay::start(&addr, &[]);
-    let (sender, mut lines) = spawn_sender(
-        &relay,
-        &["--recover-timeout-s", "60", "--cap", "postcopy-preempt=on"],
-    );
-    lines.wait_for(SWITCHOVER_LINE);
-    thread::sleep(Duration::from_millis(400));
     // Connection 0 is the main one, 1 the preempt channel.
-    relay.cut(0);
-    let send = lines.finish(sender);
-    let recv = finish(receiver);
-    assert_recovered_and_verified(&send, &recv, 1);
+    let (r, connections) = cut_mid_postcopy(&["--cap", "postcopy-preempt=on"]);
     assert!(
-        relay.connections() >= 4,
-        "a new main connection and a new preempt channel: {}",
-        relay.connections()
+        connections >= 4,
+        "a new main connection and a new preempt channel: {connections}"
     );
-    let r = json_of(&recv);
     assert!(
         r["postcopy-preempt-pages"].as_u64() > Some(0),
         "no page came over the reopened preempt channel: {r}"
