@@ -16,6 +16,7 @@ use livemig_core::config::MigrationConfig;
 use livemig_core::digest::Verification;
 use livemig_core::status::MigrationStatus;
 use livemig_kvm::memory::VmMemoryDirtyLog;
+use livemig_kvm::migrate::destination::{HostFailure, ReceiveFailure};
 use livemig_kvm::{
     DestinationReport, DestinationVm, DeviceSection, ReceiveOptions, SourceOptions, SourceReport,
     SourceVm, Vcpus, VmmError, migrate, receive,
@@ -858,6 +859,78 @@ fn postcopy_serves_the_faults_of_four_vcpu_threads() {
         src.memory.digest_of(pages.iter().copied()).expect("digest"),
         "memory the destination guest did not write differs from the source's at the stop"
     );
+}
+
+/// Postcopy over preallocated RAM would let a vCPU read a page not yet
+/// sent as zeros (no page is missing for userfaultfd to report): the
+/// destination refuses it at the advise, before any page, and the source
+/// guest runs on.
+#[test]
+fn postcopy_into_preallocated_ram_is_refused_and_the_source_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (a, b) = connection_pair();
+    let incoming = receive(
+        DestinationVm {
+            vm: Arc::clone(&dst.vm),
+            memory: dst.memory.clone(),
+            vcpus: dst.vcpus.clone(),
+            devices: Vec::new(),
+            on_started: None,
+        },
+        b,
+        ReceiveOptions {
+            mem_prealloc: true,
+            ..ReceiveOptions::default()
+        },
+    )
+    .expect("receive");
+    let mut config = config();
+    config.capabilities.insert(Capabilities::POSTCOPY_RAM);
+    let source = migrate(
+        SourceVm {
+            vm: Arc::clone(&src.vm),
+            memory: src.memory.clone(),
+            vcpus: src.vcpus.clone(),
+            devices: Vec::new(),
+            device_dirty: None,
+            running: true,
+        },
+        a,
+        &config,
+        SourceOptions::default(),
+    )
+    .expect("migrate")
+    .join()
+    .expect("source report");
+    let destination = incoming.join().expect("destination report");
+    assert_eq!(source.stats.status, MigrationStatus::Failed);
+    assert!(
+        matches!(
+            destination.error,
+            Some(ReceiveFailure::Host {
+                error: HostFailure::PostcopyPreallocated,
+                ..
+            })
+        ),
+        "{:?}",
+        destination.error
+    );
+    let said = destination.error.as_ref().map(ToString::to_string);
+    assert!(
+        said.as_deref().is_some_and(|s| s.contains("preallocated")),
+        "{said:?}"
+    );
+    assert!(destination.preallocated);
+    assert_eq!(destination.stats.ram.normal, 0, "pages were placed");
+    assert!(!destination.started);
+    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
+    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
+    let now = src.counters();
+    assert!(src.counters_pass(&now), "the source guest does not go on");
 }
 
 #[test]

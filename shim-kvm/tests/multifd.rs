@@ -87,14 +87,20 @@ fn listen() -> (Listener, MigrationUri) {
 }
 
 /// Starts a destination on its own thread that accepts the main
-/// connection, then receives with channels on the same listener.
-fn destination(dst: &TestVm, listener: Listener) -> std::thread::JoinHandle<DestinationReport> {
+/// connection, then receives with channels on the same listener
+/// (preallocating its RAM first with `mem_prealloc`).
+fn destination(
+    dst: &TestVm,
+    listener: Listener,
+    mem_prealloc: bool,
+) -> std::thread::JoinHandle<DestinationReport> {
     let vm = destination_vm(dst);
     std::thread::spawn(move || {
         let conn = listener.accept().expect("accept the main connection");
         let options = ReceiveOptions {
             digest: true,
             idle_timeout: Duration::from_secs(10),
+            mem_prealloc,
             ..ReceiveOptions::default()
         };
         receive_with_channels(vm, conn, listener, options)
@@ -121,7 +127,7 @@ fn two_channels_carry_the_guest_with_memory_equal_and_every_vcpu_goes_on() {
     let src = running_source();
     let dst = TestVm::new(VCPUS, false, |_| {});
     let (listener, uri) = listen();
-    let incoming = destination(&dst, listener);
+    let incoming = destination(&dst, listener, false);
     let (main, channels) = connect(&uri);
     let source: SourceReport = migrate_with_channels(
         source_vm(&src),
@@ -174,7 +180,7 @@ fn a_channel_shut_down_mid_migration_fails_it_and_the_source_guest_runs_on() {
     let src = running_source();
     let dst = TestVm::new(VCPUS, false, |_| {});
     let (listener, uri) = listen();
-    let incoming = destination(&dst, listener);
+    let incoming = destination(&dst, listener, false);
     let (main, channels) = connect(&uri);
     let victim = channels[1].try_clone().expect("clone a channel");
     let mut config = config();
@@ -237,4 +243,72 @@ fn a_source_without_its_channels_is_refused_before_it_starts() {
         refused.err()
     );
     assert!(!src.vcpus.is_paused());
+}
+
+/// Whether the page of `memory` at `gpa` is resident (`mincore`).
+fn resident(memory: &livemig_kvm::memory::GuestMemory, gpa: u64) -> bool {
+    let (host, len) = memory.host_range(gpa, 4096).expect("a page of RAM");
+    let mut vec = [0u8; 1];
+    // SAFETY: `host` is the page-aligned start of one page of a live
+    // mapping; mincore only reads the page tables and writes `vec`.
+    let r = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec[0] & 1 == 1
+}
+
+#[test]
+fn a_preallocated_destination_receives_over_two_channels_with_memory_equal() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    // The last low page: zero on the source, so never sent as data.
+    let unsent = support::LOW_BYTES as u64 - 4096;
+    assert!(
+        !resident(&dst.memory, unsent),
+        "fresh RAM is already resident"
+    );
+    let (listener, uri) = listen();
+    let incoming = destination(&dst, listener, true);
+    let (main, channels) = connect(&uri);
+    let source = migrate_with_channels(
+        source_vm(&src),
+        main,
+        channels,
+        &config(),
+        SourceOptions::default(),
+    )
+    .expect("migrate")
+    .join()
+    .expect("source report");
+    let destination = incoming.join().expect("destination thread");
+    assert_eq!(
+        source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        source.stats.error_desc
+    );
+    assert!(destination.error.is_none(), "{:?}", destination.error);
+    assert_eq!(source.stats.verification, Verification::Verified);
+    assert_eq!(destination.stats.verification, Verification::Verified);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert_eq!(destination.digest, Some(src.memory.digest()));
+    assert!(destination.started);
+    let at_stop = src.counters();
+    assert!(
+        dst.counters_pass(&at_stop),
+        "a vCPU did not go on: {:?}",
+        dst.vcpus.failure()
+    );
+    assert!(source.stats.ram.multifd_bytes > 1 << 20);
+    // All of RAM was populated before the stream, a page never sent too,
+    // and nothing was populated again page run by page run.
+    assert!(destination.preallocated);
+    assert!(destination.prealloc_ms > 0.0);
+    assert!(
+        resident(&dst.memory, unsent),
+        "an unsent page was not preallocated"
+    );
+    assert_eq!(destination.populated_pages, 0);
 }

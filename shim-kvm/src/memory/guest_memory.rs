@@ -3,8 +3,10 @@
 use std::any::Any;
 use std::collections::HashSet;
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::ptr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use livemig_core::digest::DigestKey;
 
@@ -35,6 +37,9 @@ struct Inner {
     /// Where [`GuestMemory::populated`] asks (`None`: nowhere to ask,
     /// every page may hold data).
     pagemap: Option<Pagemap>,
+    /// Set once [`GuestMemory::prealloc`] populated every page: no page
+    /// is missing any more, which postcopy's userfaultfd would need.
+    preallocated: AtomicBool,
     /// Whatever keeps the mappings alive (a vm-memory `GuestMemoryMmap`,
     /// livemig's own anonymous mappings), dropped after the last clone.
     _owner: Option<Arc<dyn Any + Send + Sync>>,
@@ -94,6 +99,7 @@ impl GuestMemory {
                 regions,
                 size,
                 pagemap: Pagemap::open(),
+                preallocated: AtomicBool::new(false),
                 _owner: owner,
             }),
         })
@@ -240,6 +246,74 @@ impl GuestMemory {
             0 => Ok(()),
             e => Err(MemoryError::Populate(e)),
         }
+    }
+
+    /// Populates every page of guest RAM writable up front
+    /// (`MADV_POPULATE_WRITE`, QEMU's `-mem-prealloc`), from `threads`
+    /// threads taking 2 MiB pieces in turn. A page already present keeps
+    /// its contents; a missing one becomes a zero page, so what the memory
+    /// reads does not change.
+    ///
+    /// Why: a destination receiving a precopy writes every page it is sent
+    /// into RAM never touched, and that first write (the allocation, its
+    /// zeroing and, nested, the host's own first touch) is most of what it
+    /// pays per page. A VMM that preallocates at its start-up, before it
+    /// takes a migration, pays it outside the migration. The price is the
+    /// whole RAM resident from the start, pages never sent included, and
+    /// no postcopy: userfaultfd reports only missing pages, and after this
+    /// none is missing ([`GuestMemory::is_preallocated`] says so, and a
+    /// destination refuses a postcopy over such RAM).
+    ///
+    /// The kernel's refusal (before 5.14, a mapping it cannot populate, no
+    /// memory) is its errno; the RAM is then as populated as the kernel
+    /// got, and not marked preallocated.
+    pub fn prealloc(&self, threads: NonZeroUsize) -> Result<(), MemoryError> {
+        const PIECE: u64 = 2 << 20;
+        let end = self.size().div_ceil(PIECE);
+        let next = AtomicU64::new(0);
+        // Pieces are counted over the regions laid end to end, so that a
+        // piece never spans two regions (their gaps are not RAM).
+        let piece = |i: u64| -> Option<(u64, u64)> {
+            let mut skip = i * PIECE;
+            for r in self.regions() {
+                if skip < r.len() {
+                    return Some((r.guest_phys() + skip, PIECE.min(r.len() - skip)));
+                }
+                skip -= r.len();
+            }
+            None
+        };
+        let work = || -> Result<(), MemoryError> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    return Ok(());
+                }
+                let Some((gpa, len)) = piece(i) else {
+                    return Ok(());
+                };
+                self.populate_write(gpa, len).inspect_err(|_| {
+                    // The others stop at their next piece.
+                    next.store(end, Ordering::Relaxed);
+                })?;
+            }
+        };
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads.get()).map(|_| s.spawn(work)).collect();
+            let mine = work();
+            helpers
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .fold(mine, Result::and)
+        })?;
+        self.inner.preallocated.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether [`GuestMemory::prealloc`] populated all of this RAM (on
+    /// this memory or a clone of it).
+    pub fn is_preallocated(&self) -> bool {
+        self.inner.preallocated.load(Ordering::Acquire)
     }
 
     /// Copies page `page` of region `region` into `out`.

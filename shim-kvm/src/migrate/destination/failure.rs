@@ -96,6 +96,11 @@ pub enum HostFailure {
     ProbeMemory(MemoryError),
     /// The userfaultfd probe failed: postcopy cannot work here.
     NoUserfaultfd(PostcopyError),
+    /// The source advised postcopy and guest RAM is preallocated
+    /// ([`crate::memory::GuestMemory::prealloc`]): userfaultfd reports only missing
+    /// pages, none is missing, so a vCPU would read a page not yet sent as
+    /// zeros instead of waiting for it.
+    PostcopyPreallocated,
     /// The VMM could not resume its vCPUs to start the guest.
     StartVcpus(VmmError),
     /// A multifd channel failed (accepting it, its hello, a packet, a sync).
@@ -132,6 +137,7 @@ impl HostFailure {
             HostFailure::ProbeMemory(_) | HostFailure::NoUserfaultfd(_) => {
                 "postcopy needs userfaultfd"
             }
+            HostFailure::PostcopyPreallocated => "postcopy over preallocated RAM",
             HostFailure::StartVcpus(_) => "starting the vCPUs",
             HostFailure::Channel(_) => "multifd",
             HostFailure::NoPreemptListener
@@ -202,6 +208,12 @@ impl fmt::Display for HostFailure {
                 f,
                 "{what}: the source uses {host}-byte host and {target}-byte target pages, \
                  this destination only {PAGE_SIZE}-byte pages"
+            ),
+            HostFailure::PostcopyPreallocated => write!(
+                f,
+                "{what}: refused, guest RAM was preallocated (mem-prealloc), so no page is \
+                 missing and userfaultfd could not hold a vCPU until its page arrives; \
+                 migrate by precopy, or receive without mem-prealloc"
             ),
             HostFailure::StartVcpus(e) => write!(f, "{what}: {e}"),
             HostFailure::Channel(e) => e.fmt(f),

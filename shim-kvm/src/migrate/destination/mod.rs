@@ -174,7 +174,18 @@ pub struct ReceiveOptions {
     /// 5.14) turns it off for the migration, and
     /// [`DestinationReport::populate_refused`] says so. Not used once
     /// postcopy registers the RAM (pages are installed by userfaultfd).
+    /// Nothing to do over preallocated RAM ([`ReceiveOptions::mem_prealloc`]).
     pub populate: bool,
+    /// Preallocate all of guest RAM ([`GuestMemory::prealloc`], QEMU's
+    /// `-mem-prealloc`) before the stream is read, unless it already is:
+    /// the pages' first write then happens here, once, instead of page by
+    /// page under the stream (off by default). [`receive`] is given a
+    /// connection the source already writes to, so this time counts in
+    /// the migration ([`DestinationReport::prealloc_ms`]); a VMM that
+    /// preallocates at its start-up, before it accepts the migration,
+    /// keeps it out. Either way a source that advises postcopy is refused
+    /// ([`HostFailure::PostcopyPreallocated`]).
+    pub mem_prealloc: bool,
     /// The priority the migration thread and the stream's reader take
     /// from the source's announcement of its stop (SwitchoverStart, before
     /// the final pages of a precopy or the postcopy switchover) until the
@@ -193,6 +204,7 @@ impl Default for ReceiveOptions {
             digest: false,
             recovery: Recovery::default(),
             populate: true,
+            mem_prealloc: false,
             stop_priority: Some(StopPriority::Realtime),
         }
     }
@@ -259,6 +271,13 @@ pub struct DestinationReport {
     /// The errno with which the kernel refused to populate, turning
     /// [`ReceiveOptions::populate`] off for the rest of the migration.
     pub populate_refused: Option<i32>,
+    /// Whether guest RAM was preallocated when the stream was first read
+    /// ([`ReceiveOptions::mem_prealloc`], or by the VMM before).
+    pub preallocated: bool,
+    /// Milliseconds [`receive`] spent preallocating guest RAM before
+    /// reading the stream (0 when it was preallocated before, or not at
+    /// all): time the source waited.
+    pub prealloc_ms: f64,
     /// The OS error (errno) with which raising the migration's threads
     /// for the stop was refused ([`ReceiveOptions::stop_priority`]).
     pub priority_refused: Option<i32>,
@@ -322,6 +341,8 @@ pub struct KvmHost {
     end_received_ns: Option<u64>,
     /// Received pages' memory populated before their write.
     populate: Arc<Populate>,
+    /// Milliseconds spent preallocating RAM before the stream was read.
+    prealloc_ms: f64,
     /// This thread and the stream reader, raised from the source's
     /// SwitchoverStart to the start ([`ReceiveOptions::stop_priority`]).
     stop: StopThreads,
@@ -713,6 +734,9 @@ impl EnginePostcopyHost for KvmHost {
         host_page_size: u64,
         target_page_size: u64,
     ) -> Result<(), HostFailure> {
+        if self.vm.memory.is_preallocated() {
+            return Err(HostFailure::PostcopyPreallocated);
+        }
         if host_page_size != PAGE || target_page_size != PAGE {
             return Err(HostFailure::PageSize {
                 host: host_page_size,
@@ -878,6 +902,13 @@ fn start_receive(
         .as_ref()
         .map(Listener::bind)
         .transpose()?;
+    let started = clock::monotonic_ns();
+    if options.mem_prealloc && !vm.memory.is_preallocated() {
+        let threads = thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
+        vm.memory.prealloc(threads).map_err(MigrateError::Memory)?;
+    }
+    let prealloc_ms = (clock::monotonic_ns() - started) as f64 / 1e6;
+    let preallocated = vm.memory.is_preallocated();
     let (tx, events) = mpsc::channel();
     let host = KvmHost {
         pages: vm.memory.guest_end() / PAGE,
@@ -897,7 +928,8 @@ fn start_receive(
         preempt: None,
         channel_deadline: options.idle_timeout,
         end_received_ns: None,
-        populate: Arc::new(Populate::new(options.populate)),
+        populate: Arc::new(Populate::new(options.populate && !preallocated)),
+        prealloc_ms,
         stop: StopThreads::new(options.stop_priority, Arc::default()),
     };
     ReceiveHandle::spawn(Arc::new(Shared::default()), move |shared| {
@@ -1014,6 +1046,8 @@ fn run(
         postcopy: None,
         populated_pages: host.populate.populated_pages(),
         populate_refused: host.populate.refused(),
+        preallocated: host.vm.memory.is_preallocated(),
+        prealloc_ms: host.prealloc_ms,
         priority_refused: host.stop.refused(),
         priority_raised: host.stop.count(),
     };
