@@ -885,6 +885,7 @@ pub fn run_one(
         config,
         opts.source.clone(),
         memory_check(opts),
+        false,
         opts.warmup,
         opts.run_for,
         None,
@@ -924,6 +925,9 @@ pub const MULTIFD_CASE: &str = "multifd";
 pub struct ChannelRun {
     /// Channels the migration used.
     pub channels: u8,
+    /// Whether the destination preallocated its RAM at start-up (`receive
+    /// --mem-prealloc`), so that no page landed in memory never touched.
+    pub prealloc: bool,
     /// The migration as `livemig demo` reports it.
     pub summary: Summary,
     /// `channels` raw TCP copies side by side, each of its share of the
@@ -943,11 +947,19 @@ impl ChannelRun {
         (ms > 0.0).then(|| gbps(s.ram.normal_bytes, ms / 1e3))
     }
 
+    /// Field `key` of the destination's own report.
+    fn destination(&self, key: &str) -> Option<&Value> {
+        self.summary.extra.get("destination")?.get(key)
+    }
+
     /// This run as one JSON object.
     pub fn to_json(&self) -> Value {
         let s = &self.summary.stats;
         json!({
             "channels": self.channels,
+            "mem-prealloc": self.prealloc,
+            "mem-prealloc-ms": self.destination("mem-prealloc-ms"),
+            "mem-prealloc-when": self.destination("mem-prealloc-when"),
             "status": s.status.as_str(),
             "verified": self.summary.verified,
             "total-time": s.total_time_ms,
@@ -992,8 +1004,10 @@ pub fn parallel_raw_copies(
 
 /// The multifd case: a `mem_mib` guest whose RAM is all non-zero pages
 /// (filled before boot, idle, so one pass moves it), migrated over each of
-/// `channel_counts` channels in turn, each followed by the same page bytes
-/// over as many parallel raw TCP streams; `opts.runs` rounds, alternating.
+/// `channel_counts` channels in turn, into a fresh destination and into
+/// one that preallocated its RAM at start-up, each migration followed by
+/// the same page bytes over as many parallel raw TCP streams; `opts.runs`
+/// rounds, alternating.
 pub fn run_multifd(
     mem_mib: u64,
     channel_counts: &[u8],
@@ -1014,7 +1028,7 @@ pub fn run_multifd(
     };
     let mut runs = Vec::new();
     for round in 1..=opts.runs {
-        for &channels in channel_counts {
+        for (&channels, prealloc) in channel_counts.iter().flat_map(|c| [(c, false), (c, true)]) {
             let mut config = config.clone();
             config.capabilities |= livemig_core::capabilities::Capabilities::MULTIFD;
             config.parameters.multifd_channels = channels;
@@ -1023,6 +1037,7 @@ pub fn run_multifd(
                 &config,
                 opts.source.clone(),
                 memory_check(opts),
+                prealloc,
                 opts.warmup,
                 opts.run_for,
                 None,
@@ -1037,15 +1052,21 @@ pub fn run_multifd(
             let raw_fresh = parallel_raw_copies(channels, bytes, data, SinkMemory::Fresh)?;
             let run = ChannelRun {
                 channels,
+                prealloc,
                 summary,
                 raw,
                 raw_fresh,
             };
             if opts.verbose {
                 eprintln!(
-                    "bench: multifd round {round}/{}: {channels} channels, payload {} GB/s, \
+                    "bench: multifd round {round}/{}: {channels} channels{}, payload {} GB/s, \
                      raw {channels} streams {:.2} GB/s ({:.2} into fresh memory), verified {}",
                     opts.runs,
+                    if prealloc {
+                        " into preallocated RAM"
+                    } else {
+                        ""
+                    },
                     run.payload_gbps().map_or("-".into(), |g| format!("{g:.2}")),
                     run.raw.gbps(),
                     run.raw_fresh.gbps(),
@@ -1059,39 +1080,52 @@ pub fn run_multifd(
 }
 
 /// The multifd results as a table: per channel count, the median payload
-/// rate, the raw TCP rates into reused and into fresh memory, the ratios,
-/// and the speed-ups over one channel and one raw stream.
+/// rate into a fresh destination and into a preallocated one, the raw TCP
+/// rates into reused and into fresh memory, the ratios, and the speed-ups
+/// over one channel and one raw stream.
 pub fn multifd_table(runs: &[ChannelRun]) -> String {
     let mut counts: Vec<u8> = runs.iter().map(|r| r.channels).collect();
     counts.sort_unstable();
     counts.dedup();
-    let median = |c: u8, f: &dyn Fn(&ChannelRun) -> Option<f64>| {
-        Spread::of(runs.iter().filter(|r| r.channels == c).filter_map(f)).map(|s| s.median)
+    let median = |c: u8, prealloc: Option<bool>, f: &dyn Fn(&ChannelRun) -> Option<f64>| {
+        Spread::of(
+            runs.iter()
+                .filter(|r| r.channels == c && prealloc.is_none_or(|p| r.prealloc == p))
+                .filter_map(f),
+        )
+        .map(|s| s.median)
     };
     let raw = |r: &ChannelRun| Some(r.raw.gbps());
     let fresh = |r: &ChannelRun| Some(r.raw_fresh.gbps());
-    let one = median(1, &ChannelRun::payload_gbps);
-    let one_raw = median(1, &raw);
+    let prealloc_ms = |r: &ChannelRun| r.destination("mem-prealloc-ms").and_then(Value::as_f64);
+    let one = median(1, Some(false), &ChannelRun::payload_gbps);
+    let one_pre = median(1, Some(true), &ChannelRun::payload_gbps);
+    let one_raw = median(1, None, &raw);
     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     let ratio = |a: Option<f64>, b: Option<f64>| fmt(a.zip(b).map(|(a, b)| a / b));
     let mut rows = vec![
         [
             "channels",
-            "payload GB/s",
+            "fresh GB/s",
+            "prealloc GB/s",
             "raw TCP GB/s",
-            "vs raw",
+            "fresh vs raw",
+            "prealloc vs raw",
             "raw fresh GB/s",
-            "vs fresh",
-            "vs 1 channel",
+            "fresh vs raw fresh",
+            "fresh vs 1 ch",
+            "prealloc vs 1 ch",
             "raw vs 1 stream",
+            "prealloc ms",
             "verified",
         ]
         .map(String::from)
         .to_vec(),
     ];
     for c in counts {
-        let payload = median(c, &ChannelRun::payload_gbps);
-        let (raw, fresh) = (median(c, &raw), median(c, &fresh));
+        let payload = median(c, Some(false), &ChannelRun::payload_gbps);
+        let pre = median(c, Some(true), &ChannelRun::payload_gbps);
+        let (raw, fresh) = (median(c, None, &raw), median(c, None, &fresh));
         let verified = runs
             .iter()
             .filter(|r| r.channels == c)
@@ -1099,22 +1133,29 @@ pub fn multifd_table(runs: &[ChannelRun]) -> String {
         rows.push(vec![
             c.to_string(),
             fmt(payload),
+            fmt(pre),
             fmt(raw),
             ratio(payload, raw),
+            ratio(pre, raw),
             fmt(fresh),
             ratio(payload, fresh),
             ratio(payload, one),
+            ratio(pre, one_pre),
             ratio(raw, one_raw),
+            median(c, Some(true), &prealloc_ms).map_or("-".into(), |v| format!("{v:.0}")),
             verified.to_string(),
         ]);
     }
     let mut out = columns(&rows);
     out.push_str(
-        "\npayload GB/s: normal-page bytes / (total - setup time) of a guest whose RAM is all \
-         non-zero pages;\nraw TCP: the same bytes over as many parallel streams to sink \
+        "\nfresh GB/s: normal-page bytes / (total - setup time) of a guest whose RAM is all \
+         non-zero pages, into a destination whose RAM was never touched;\nprealloc GB/s: the \
+         same into a destination that preallocated all its RAM at its start-up (receive \
+         --mem-prealloc), before it announced its address: not in the migration's time, its \
+         own is `prealloc ms`;\nraw TCP: the same bytes over as many parallel streams to sink \
          processes, each reading into one reused buffer;\nraw fresh: the same again, each sink \
-         reading into memory never touched before, as the destination does;\nsame run, \
-         alternating (medians)\n",
+         reading into memory never touched before;\nsame run, alternating (medians; raw over \
+         the runs of both kinds)\n",
     );
     out
 }

@@ -794,10 +794,12 @@ fn postcopy_fields(
     }
 }
 
-/// What the destination did, as `receive` reports it. `after` is the
-/// guest at the end of the watch, when it ran here.
+/// What the destination did, as `receive` reports it. `prealloc` is the
+/// milliseconds the VMM's start-up spent preallocating its RAM, when it
+/// did; `after` is the guest at the end of the watch, when it ran here.
 fn receive_summary(
     report: &destination::DestinationReport,
+    prealloc: Option<f64>,
     after: Option<&GuestAfter>,
     started_ns: Option<u64>,
     blocktime: Option<&[i32]>,
@@ -821,6 +823,25 @@ fn receive_summary(
     }
     extra.insert("guest-started".into(), json!(report.started));
     extra.insert("populated-pages".into(), json!(report.populated_pages));
+    extra.insert("mem-prealloc".into(), json!(report.preallocated));
+    // Where its time went: the VMM's start-up, before the listening
+    // address was announced (no source could have been waiting), or
+    // receive's own, with the source already connected.
+    let prealloc_ms = prealloc.map_or(report.prealloc_ms, |ms| ms + report.prealloc_ms);
+    if report.preallocated {
+        extra.insert(
+            "mem-prealloc-ms".into(),
+            json!((prealloc_ms * 1000.0).round() / 1000.0),
+        );
+        extra.insert(
+            "mem-prealloc-when".into(),
+            json!(if prealloc.is_some() {
+                "start-up"
+            } else {
+                "migration"
+            }),
+        );
+    }
     if let Some(errno) = report.populate_refused {
         extra.insert("populate-refused-errno".into(), json!(errno));
     }
@@ -936,6 +957,14 @@ pub fn run_receive(
 ) -> Result<Summary, DemoError> {
     let listener = Listener::bind(listen)?;
     let vmm = empty_vmm(mem_mib, vcpus)?;
+    // `-mem-prealloc`: part of this VMM's start-up, done before the
+    // address is announced, so no source waits for it and it is not in
+    // the migration's time (receive then finds the RAM preallocated).
+    let prealloc = options
+        .mem_prealloc
+        .then(|| vmm.prealloc())
+        .transpose()
+        .map_err(DemoError::Boot)?;
     let uri = listener.local_uri()?;
     // The announcement is how a parent process finds the port: a failed
     // write means nobody listens, which the migration itself will show.
@@ -974,7 +1003,7 @@ pub fn run_receive(
     let tids = vmm.vcpus().thread_ids();
     let blocktime = blocktime.then_some(&tids[..]);
     if report.stats.ambiguous_end.is_some() {
-        let decision = hold(&receive_summary(&report, None, None, blocktime))?;
+        let decision = hold(&receive_summary(&report, prealloc, None, None, blocktime))?;
         let after = match decision {
             Decision::Run => {
                 let at = clock::monotonic_ns();
@@ -988,6 +1017,7 @@ pub fn run_receive(
         };
         let mut summary = receive_summary(
             &report,
+            prealloc,
             after.as_ref().map(|a| &a.0),
             after.as_ref().map(|a| a.1),
             blocktime,
@@ -1004,13 +1034,14 @@ pub fn run_receive(
         return Ok(summary);
     }
     if report.error.is_some() || !report.started {
-        return Ok(receive_summary(&report, None, None, blocktime));
+        return Ok(receive_summary(&report, prealloc, None, None, blocktime));
     }
     if report.postcopy.is_none() && !digest_unwritten {
         log.stop().map_err(DemoError::Writes)?;
         let after = GuestAfter::watch(&vmm, run_for).map_err(DemoError::Watch)?;
         return Ok(receive_summary(
             &report,
+            prealloc,
             Some(&after),
             report.started_ns,
             blocktime,
@@ -1019,7 +1050,13 @@ pub fn run_receive(
     let (after, writes) =
         GuestAfter::watch_then(&vmm, run_for, || log.finish()).map_err(DemoError::Watch)?;
     let writes = writes.map_err(DemoError::Writes)?;
-    let mut summary = receive_summary(&report, Some(&after), report.started_ns, blocktime);
+    let mut summary = receive_summary(
+        &report,
+        prealloc,
+        Some(&after),
+        report.started_ns,
+        blocktime,
+    );
     summary
         .extra
         .insert("guest-written-pages".into(), json!(writes.pages));
@@ -1094,6 +1131,7 @@ pub fn run_demo(
         config,
         options,
         MemoryCheck::Digest,
+        false,
         warmup,
         run_for,
         None,
@@ -1126,13 +1164,16 @@ pub enum MemoryCheck {
 }
 
 /// [`run_demo`] with the source driver's `options` (the pre-switchover
-/// pause, verification) and how the destination's memory is checked.
+/// pause, verification), how the destination's memory is checked, and
+/// whether the destination preallocates its RAM at start-up
+/// (`receive --mem-prealloc`, before it announces its address).
 #[allow(clippy::too_many_arguments)]
 pub fn run_demo_with(
     shape: GuestShape,
     config: &MigrationConfig,
     options: SourceOptions,
     check: MemoryCheck,
+    mem_prealloc: bool,
     warmup: Duration,
     run_for: Duration,
     cut_after: Option<Duration>,
@@ -1161,6 +1202,7 @@ pub fn run_demo_with(
         // destination's digest of what it loaded, compared here.
         .args((check == MemoryCheck::Digest).then_some("--digest"))
         .args((check == MemoryCheck::Unwritten).then_some("--digest-unwritten"))
+        .args(mem_prealloc.then_some("--mem-prealloc"))
         // Both sides raise their threads for the stop, or neither.
         .args(
             options

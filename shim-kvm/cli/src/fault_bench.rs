@@ -502,6 +502,7 @@ pub fn run(
             config,
             opts.source.clone(),
             memory_check(opts),
+            false,
             opts.warmup,
             opts.run_for,
             None,

@@ -1,6 +1,8 @@
 //! `livemig` with `--cap multifd=on`: the demo and send/receive between two
 //! processes move the pages over the channels and verify (in-protocol on
-//! both ends, digests equal, every vCPU going on); multifd with postcopy is refused in one line.
+//! both ends, digests equal, every vCPU going on), also into a destination
+//! that preallocated its RAM; multifd with postcopy is refused in one
+//! line, and so is a preallocated destination with postcopy.
 
 #[allow(dead_code)]
 mod common;
@@ -97,5 +99,67 @@ fn multifd_with_postcopy_is_refused_in_one_line() {
         err.contains("'multifd' and 'postcopy-ram' cannot be combined yet"),
         "{err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn demo_into_a_preallocated_destination_verifies() {
+    if !kvm_available() {
+        return;
+    }
+    let v = demo_ok(&[
+        "--cap",
+        "multifd=on",
+        "--param",
+        "multifd-channels=2",
+        "--mem-prealloc",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "16",
+        "--warmup-ms",
+        "300",
+        "--run-ms",
+        "300",
+    ]);
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["verification"], "verified", "{v}");
+    assert_eq!(v["destination"]["verification"], "verified", "{v}");
+    assert_eq!(v["destination"]["digest"], v["digest"]);
+    assert!(
+        v["ram"]["multifd-bytes"].as_u64().unwrap() > 16 << 20,
+        "{v}"
+    );
+    // Preallocated at the VMM's start-up, before its address was
+    // announced, and so nothing populated run by run.
+    let d = &v["destination"];
+    assert_eq!(d["mem-prealloc"], true, "{d}");
+    assert_eq!(d["mem-prealloc-when"], "start-up", "{d}");
+    assert!(d["mem-prealloc-ms"].as_f64().unwrap() > 0.0, "{d}");
+    assert_eq!(d["populated-pages"], 0, "{d}");
+}
+
+#[test]
+fn mem_prealloc_with_postcopy_is_refused_in_one_line() {
+    let out = livemig(&["demo", "--mem-prealloc", "--mode", "postcopy"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--mem-prealloc with postcopy") && err.contains("missing pages"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = livemig(&[
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--mem-prealloc",
+        "--cap",
+        "postcopy-blocktime=on",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("refuses postcopy"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }

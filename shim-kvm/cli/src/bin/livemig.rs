@@ -257,6 +257,10 @@ struct DemoArgs {
     /// still runs at the cut.
     #[arg(long, value_name = "MS")]
     cut_after_ms: Option<u64>,
+    /// Have the destination preallocate its RAM at start-up (`receive
+    /// --mem-prealloc`), before the migration starts. Precopy only.
+    #[arg(long)]
+    mem_prealloc: bool,
     #[command(flatten)]
     timeline: TimelineArgs,
 }
@@ -344,6 +348,14 @@ struct ReceiveArgs {
     /// of each page here.
     #[arg(long)]
     digest_unwritten: bool,
+    /// Preallocate all of guest RAM at start-up, before the listening
+    /// address is announced (QEMU's -mem-prealloc): the pages a precopy
+    /// sends land in memory already allocated, at the price of all RAM
+    /// resident from the start. The time is in the summary's
+    /// `mem-prealloc-ms`, outside the migration's. A source that advises
+    /// postcopy is refused (userfaultfd needs pages still missing).
+    #[arg(long)]
+    mem_prealloc: bool,
     /// A destination capability: --cap postcopy-blocktime=on reports the
     /// time each vCPU spent blocked on missing pages after a postcopy
     /// (repeatable; postcopy itself needs no flag here).
@@ -381,8 +393,9 @@ struct BenchArgs {
     quiet: bool,
     /// A case to run (repeatable; default: idle-4g and busy-1g): idle-4g,
     /// busy-1g, or multifd alone (a 1 GiB guest of non-zero pages over 1,
-    /// 2 and N channels, N from --param multifd-channels or 4, against as
-    /// many raw TCP streams), or postcopy alone (the userfaultfd round trip,
+    /// 2 and N channels, N from --param multifd-channels or 4, each into a
+    /// fresh destination and into one that preallocated its RAM at
+    /// start-up, against as many raw TCP streams), or postcopy alone (the userfaultfd round trip,
     /// bare and over loopback TCP, then a postcopy migration with
     /// postcopy-preempt of a 1 GiB guest with a 64 MiB working set, its
     /// first pass held to 2 s unless --param max-bandwidth= is given:
@@ -870,8 +883,8 @@ fn run_verify_cost_bench(
 }
 
 /// `livemig bench --case multifd`: 1, 2 and N channels (N from
-/// `--param multifd-channels`, 4 when that is 2 or less) against as many
-/// raw TCP streams, on a guest of `--mem-mib` (default 1024) MiB whose RAM
+/// `--param multifd-channels`, 4 when that is 2 or less), into a fresh and
+/// into a preallocated destination, against as many raw TCP streams, on a guest of `--mem-mib` (default 1024) MiB whose RAM
 /// is all non-zero pages.
 fn run_multifd_bench(a: &BenchArgs, config: &MigrationConfig) -> Result<ExitCode, String> {
     if a.cases.len() != 1 {
@@ -1035,6 +1048,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 // back, its background pass is still running at the cut.
                 config.parameters.max_postcopy_bandwidth = CUT_POSTCOPY_BANDWIDTH;
             }
+            if a.mem_prealloc && config.capabilities.contains(Capabilities::POSTCOPY_RAM) {
+                return Err(
+                    "--mem-prealloc with postcopy: userfaultfd reports only missing pages, \
+                     and a preallocated destination has none, so it refuses postcopy"
+                        .into(),
+                );
+            }
             config.limits.max_time_ms = (a.time_limit_s > 0).then(|| a.time_limit_s * 1000);
             let shape = a.workload.shape(a.mem_mib)?;
             let summary = match demo::open_kvm() {
@@ -1046,6 +1066,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                         ..source_options(&a.migration, &a.workload, true)
                     },
                     demo::MemoryCheck::Digest,
+                    a.mem_prealloc,
                     a.workload.warmup(),
                     Duration::from_millis(a.run_ms),
                     a.cut_after_ms.map(Duration::from_millis),
@@ -1117,6 +1138,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             ))
         }
         Cmd::Receive(a) => {
+            let blocktime = receive_blocktime(&a.caps)?;
+            if a.mem_prealloc && blocktime {
+                return Err(
+                    "--mem-prealloc with --cap postcopy-blocktime=on: a preallocated \
+                     destination refuses postcopy, so there would be no blocktime to report"
+                        .into(),
+                );
+            }
             let mut decided = None;
             let summary = demo::run_receive(
                 &uri(&a.listen)?,
@@ -1134,9 +1163,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                         timeout: Duration::from_secs(a.recover_timeout_s),
                     },
                     stop_priority: (!a.no_stop_priority).then_some(StopPriority::Realtime),
+                    mem_prealloc: a.mem_prealloc,
                     ..ReceiveOptions::default()
                 },
-                receive_blocktime(&a.caps)?,
+                blocktime,
                 a.digest_unwritten,
                 &mut std::io::stdout(),
                 &mut progress(&a.output),
