@@ -144,13 +144,15 @@ impl GuestMemory {
     /// guest runs, so the caller reads it only through the kernel or raw
     /// copies.
     pub fn host_range(&self, gpa: u64, len: u64) -> Result<(*mut u8, usize), MemoryError> {
-        let out = MemoryError::RangeOutOfRam { gpa, len };
-        let (_, region) = self.locate(gpa).ok_or(out.clone())?;
+        // Called per page by the gathers of both ends: the error is only
+        // built when there is one.
+        let out = || MemoryError::RangeOutOfRam { gpa, len };
+        let (_, region) = self.locate(gpa).ok_or_else(out)?;
         let (host, rest) = region
             .host_at(gpa - region.guest_phys())
-            .ok_or(out.clone())?;
+            .ok_or_else(out)?;
         if len > rest {
-            return Err(out);
+            return Err(out());
         }
         Ok((host, len as usize))
     }
