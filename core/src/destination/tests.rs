@@ -336,11 +336,6 @@ fn a_destination_without_postcopy_refuses_the_advise_at_once() {
 #[test]
 fn postcopy_requests_each_missing_page_once_and_times_out() {
     let l = layout(16);
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut scratch = vec![0; 1 << 20];
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.set_request_timeout(Duration::from_millis(50));
     let mut host = postcopy_host();
     let ranges = [PageRange { first: 4, count: 2 }];
     let stream = postcopy_stream(
@@ -354,58 +349,59 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
             })),
         ],
     );
-    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
-    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
-    assert_eq!(host.discards, [(0, ranges[0])]);
-    assert!(!d.is_received(0, 4) && !d.is_received(0, 5) && d.is_received(0, 6));
     let t = Instant::from_millis(1);
-    assert_eq!(d.handle_page_fault(t, 0, 6), Ok(false), "already here");
-    assert_eq!(d.handle_page_fault(t, 0, 4), Ok(true));
-    assert_eq!(d.handle_page_fault(t, 0, 4), Ok(false), "already requested");
-    assert_eq!(d.handle_page_fault(t, 0, 5), Ok(true));
-    assert_eq!(d.outstanding_requests(), 2);
-    let mut out = [0u8; 64];
-    let n = d.poll_return_path(&mut out);
-    // The switchover approval sent after the block list, then REQ_PAGES_ID
-    // for page 4 of "pc.ram", then REQ_PAGES for page 5.
-    assert_eq!(n, 4 + (4 + 13 + 6) + (4 + 12));
-    assert_eq!(out[..4], [0, 7, 0, 0]);
-    assert_eq!(out[4..8], [0, 3, 0, 19]);
-    assert_eq!(out[27..31], [0, 4, 0, 12]);
-    assert_eq!(
-        d.handle_page_fault(t, 0, 16),
-        Err(DestError::FaultOutsideRam { block: 0, page: 16 })
-    );
+    with_postcopy_engine(&l, false, |d| {
+        d.set_request_timeout(Duration::from_millis(50));
+        feed(d, Instant::ZERO, &stream, &mut host).unwrap();
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+        assert_eq!(host.discards, [(0, ranges[0])]);
+        assert!(!d.is_received(0, 4) && !d.is_received(0, 5) && d.is_received(0, 6));
+        assert_eq!(d.handle_page_fault(t, 0, 6), Ok(false), "already here");
+        assert_eq!(d.handle_page_fault(t, 0, 4), Ok(true));
+        assert_eq!(d.handle_page_fault(t, 0, 4), Ok(false), "already requested");
+        assert_eq!(d.handle_page_fault(t, 0, 5), Ok(true));
+        assert_eq!(d.outstanding_requests(), 2);
+        let mut out = [0u8; 64];
+        let n = d.poll_return_path(&mut out);
+        // The switchover approval sent after the block list, then REQ_PAGES_ID
+        // for page 4 of "pc.ram", then REQ_PAGES for page 5.
+        assert_eq!(n, 4 + (4 + 13 + 6) + (4 + 12));
+        assert_eq!(out[..4], [0, 7, 0, 0]);
+        assert_eq!(out[4..8], [0, 3, 0, 19]);
+        assert_eq!(out[27..31], [0, 4, 0, 12]);
+        assert_eq!(
+            d.handle_page_fault(t, 0, 16),
+            Err(DestError::FaultOutsideRam { block: 0, page: 16 })
+        );
+    });
 
     // Page 4 arrives; page 5 never does.
-    let mut scratch = vec![0; 1 << 20];
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.set_request_timeout(Duration::from_millis(50));
-    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
-    d.handle_page_fault(t, 0, 4).unwrap();
-    d.handle_page_fault(t, 0, 5).unwrap();
-    feed(
-        &mut d,
-        Instant::from_millis(20),
-        &batch(0, &[(4, false)]),
-        &mut host,
-    )
-    .unwrap();
-    assert_eq!(d.outstanding_requests(), 1);
-    assert_eq!(
-        d.poll_timeout(),
-        Some(Instant::from_millis(70)),
-        "the clock restarts when a page arrives"
-    );
-    assert_eq!(
-        d.handle_timeout(Instant::from_millis(70)),
-        Err(DestError::RequestTimedOut {
-            outstanding: 1,
-            waited_ms: 50
-        })
-    );
+    with_postcopy_engine(&l, false, |d| {
+        d.set_request_timeout(Duration::from_millis(50));
+        feed(d, Instant::ZERO, &stream, &mut host).unwrap();
+        d.handle_page_fault(t, 0, 4).unwrap();
+        d.handle_page_fault(t, 0, 5).unwrap();
+        feed(
+            d,
+            Instant::from_millis(20),
+            &batch(0, &[(4, false)]),
+            &mut host,
+        )
+        .unwrap();
+        assert_eq!(d.outstanding_requests(), 1);
+        assert_eq!(
+            d.poll_timeout(),
+            Some(Instant::from_millis(70)),
+            "the clock restarts when a page arrives"
+        );
+        assert_eq!(
+            d.handle_timeout(Instant::from_millis(70)),
+            Err(DestError::RequestTimedOut {
+                outstanding: 1,
+                waited_ms: 50
+            })
+        );
+    });
 }
 
 /// A fault thread that writes its own requests: the engine books them
@@ -415,53 +411,47 @@ fn postcopy_requests_each_missing_page_once_and_times_out() {
 fn requests_the_host_wrote_are_booked_not_queued_and_named_after() {
     let l = layout(16);
     let t = Instant::from_millis(1);
-    {
-        let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-        let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-        let mut scratch = vec![0; 1 << 20];
-        let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
+    with_postcopy_engine(&l, false, |d| {
         assert_eq!(
             d.handle_page_fault_sent(t, 0, 4),
             Err(DestError::PostcopyUnexpected("page fault outside postcopy")),
             "no request before postcopy"
         );
-    }
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut scratch = vec![0; 1 << 20];
+    });
     let mut host = postcopy_host();
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    d.set_request_timeout(Duration::from_millis(50));
-    let stream = postcopy_stream(&l, &[], &[batch(0, &[(6, false)])]);
-    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
-    let mut out = [0u8; 64];
-    // The switchover approval.
-    assert_eq!(d.poll_return_path(&mut out), 4);
-    d.set_host_requests();
-    assert_eq!(d.handle_page_fault_sent(t, 0, 4), Ok(true));
-    assert_eq!(d.handle_page_fault_sent(t, 0, 4), Ok(false), "requested");
-    assert_eq!(d.handle_page_fault_sent(t, 0, 6), Ok(false), "already here");
-    assert_eq!(d.poll_return_path(&mut out), 0, "nothing queued for them");
-    assert_eq!(d.outstanding_requests(), 1);
-    assert_eq!(
-        d.stats().ram.postcopy_requests,
-        3,
-        "each one the source saw"
-    );
-    assert_eq!(d.poll_timeout(), Some(Instant::from_millis(51)), "awaited");
-    // Two requests of the engine's own, same block: both REQ_PAGES_ID.
-    assert_eq!(d.handle_page_fault(t, 0, 5), Ok(true));
-    assert_eq!(d.handle_page_fault(t, 0, 7), Ok(true));
-    assert_eq!(d.poll_return_path(&mut out), 2 * (4 + 13 + 6));
-    assert_eq!(out[..4], [0, 3, 0, 19]);
-    assert_eq!(out[23..27], [0, 3, 0, 19]);
-    // The host's page 4 arrives and answers its request.
-    feed(&mut d, t, &batch(0, &[(4, false)]), &mut host).unwrap();
-    assert_eq!(d.outstanding_requests(), 2);
-    assert_eq!(
-        d.handle_page_fault_sent(t, 0, 16),
-        Err(DestError::FaultOutsideRam { block: 0, page: 16 })
-    );
+    with_postcopy_engine(&l, false, |d| {
+        d.set_request_timeout(Duration::from_millis(50));
+        let stream = postcopy_stream(&l, &[], &[batch(0, &[(6, false)])]);
+        feed(d, Instant::ZERO, &stream, &mut host).unwrap();
+        let mut out = [0u8; 64];
+        // The switchover approval.
+        assert_eq!(d.poll_return_path(&mut out), 4);
+        d.set_host_requests();
+        assert_eq!(d.handle_page_fault_sent(t, 0, 4), Ok(true));
+        assert_eq!(d.handle_page_fault_sent(t, 0, 4), Ok(false), "requested");
+        assert_eq!(d.handle_page_fault_sent(t, 0, 6), Ok(false), "already here");
+        assert_eq!(d.poll_return_path(&mut out), 0, "nothing queued for them");
+        assert_eq!(d.outstanding_requests(), 1);
+        assert_eq!(
+            d.stats().ram.postcopy_requests,
+            3,
+            "each one the source saw"
+        );
+        assert_eq!(d.poll_timeout(), Some(Instant::from_millis(51)), "awaited");
+        // Two requests of the engine's own, same block: both REQ_PAGES_ID.
+        assert_eq!(d.handle_page_fault(t, 0, 5), Ok(true));
+        assert_eq!(d.handle_page_fault(t, 0, 7), Ok(true));
+        assert_eq!(d.poll_return_path(&mut out), 2 * (4 + 13 + 6));
+        assert_eq!(out[..4], [0, 3, 0, 19]);
+        assert_eq!(out[23..27], [0, 3, 0, 19]);
+        // The host's page 4 arrives and answers its request.
+        feed(d, t, &batch(0, &[(4, false)]), &mut host).unwrap();
+        assert_eq!(d.outstanding_requests(), 2);
+        assert_eq!(
+            d.handle_page_fault_sent(t, 0, 16),
+            Err(DestError::FaultOutsideRam { block: 0, page: 16 })
+        );
+    });
 }
 
 #[test]
@@ -891,31 +881,23 @@ fn an_interrupt_fails_the_load_and_says_so_but_not_once_the_guest_runs_here() {
     assert_eq!(d.interrupt(Instant::ZERO, 2), Err(DestError::AlreadyFailed));
 
     // Postcopy: after the run command the guest is this side's to keep.
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut scratch = vec![0; 1 << 20];
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    let mut host = postcopy_host();
-    let stream = postcopy_stream(&l, &[], &[]);
-    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
-    let _ = d.poll_return_path(&mut out);
-    assert_eq!(
-        d.interrupt(Instant::ZERO, 2),
-        Err(DestError::PostcopyCannotBeInterrupted)
-    );
-    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
-    assert_eq!(d.poll_return_path(&mut out), 0, "nothing sent");
-    feed(
-        &mut d,
-        Instant::ZERO,
-        &record(Record::EndOfStream),
-        &mut host,
-    )
-    .unwrap();
-    assert!(d.is_completed());
-    // After the end there is nothing left to interrupt.
-    assert_eq!(d.interrupt(Instant::ZERO, 2), Ok(false));
-    assert!(d.is_completed());
+    with_postcopy_engine(&l, false, |d| {
+        let mut host = postcopy_host();
+        let stream = postcopy_stream(&l, &[], &[]);
+        feed(d, Instant::ZERO, &stream, &mut host).unwrap();
+        let _ = d.poll_return_path(&mut out);
+        assert_eq!(
+            d.interrupt(Instant::ZERO, 2),
+            Err(DestError::PostcopyCannotBeInterrupted)
+        );
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+        assert_eq!(d.poll_return_path(&mut out), 0, "nothing sent");
+        feed(d, Instant::ZERO, &record(Record::EndOfStream), &mut host).unwrap();
+        assert!(d.is_completed());
+        // After the end there is nothing left to interrupt.
+        assert_eq!(d.interrupt(Instant::ZERO, 2), Ok(false));
+        assert!(d.is_completed());
+    });
 }
 
 /// A host whose device loads fail with its own error type.
@@ -1289,90 +1271,88 @@ fn preempt_input_out_of_place_is_refused_by_what_is_wrong() {
 #[test]
 fn a_close_after_the_run_pauses_and_recovery_sends_the_bitmap_then_the_requests() {
     let l = layout(16);
-    let (mut r, mut q) = ([0u64; 1], [0u64; 1]);
-    let mut tracking = [PostcopyTracking::new(&mut r, &mut q, 16).unwrap()];
-    let mut scratch = vec![0; 1 << 20];
-    let mut d = DestinationEngine::with_postcopy(&l, &mut scratch, &mut tracking).unwrap();
-    let mut host = postcopy_host();
-    let stream = postcopy_stream(&l, &[], &[batch(0, &[(0, false), (1, false), (9, false)])]);
-    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
-    let t = Instant::from_millis(1);
-    assert_eq!(
-        d.recover(t),
-        Err(DestError::Transition(crate::status::TransitionError {
-            from: MigrationStatus::PostcopyActive,
-            to: MigrationStatus::PostcopyRecover
-        }))
-    );
-    assert_eq!(d.handle_page_fault(t, 0, 4), Ok(true));
-    drained(&mut d);
-    // The source goes away mid-record: a pause, not a failure.
-    feed(&mut d, t, &batch(0, &[(5, false)])[..10], &mut host).unwrap();
-    assert_eq!(d.handle_eof(t), Ok(()));
-    assert!(d.is_paused());
-    assert!(
-        d.stats()
-            .error_desc
-            .as_str()
-            .contains("the guest runs here"),
-        "{}",
-        d.stats().error_desc.as_str()
-    );
-    assert_eq!(
-        feed(&mut d, t, &header(), &mut host),
-        Err(DestError::PostcopyPaused)
-    );
-    // A vCPU faults while paused: recorded, nothing sent, no timeout.
-    assert_eq!(d.handle_page_fault(t, 0, 7), Ok(true));
-    assert_eq!(d.poll_return_path(&mut [0; 64]), 0);
-    assert_eq!(d.poll_timeout(), None);
-    assert_eq!(d.handle_timeout(Instant::from_millis(1_000_000)), Ok(()));
-    assert!(d.is_paused());
+    with_postcopy_engine(&l, false, |d| {
+        let mut host = postcopy_host();
+        let stream = postcopy_stream(&l, &[], &[batch(0, &[(0, false), (1, false), (9, false)])]);
+        feed(d, Instant::ZERO, &stream, &mut host).unwrap();
+        let t = Instant::from_millis(1);
+        assert_eq!(
+            d.recover(t),
+            Err(DestError::Transition(crate::status::TransitionError {
+                from: MigrationStatus::PostcopyActive,
+                to: MigrationStatus::PostcopyRecover
+            }))
+        );
+        assert_eq!(d.handle_page_fault(t, 0, 4), Ok(true));
+        drained(d);
+        // The source goes away mid-record: a pause, not a failure.
+        feed(d, t, &batch(0, &[(5, false)])[..10], &mut host).unwrap();
+        assert_eq!(d.handle_eof(t), Ok(()));
+        assert!(d.is_paused());
+        assert!(
+            d.stats()
+                .error_desc
+                .as_str()
+                .contains("the guest runs here"),
+            "{}",
+            d.stats().error_desc.as_str()
+        );
+        assert_eq!(
+            feed(d, t, &header(), &mut host),
+            Err(DestError::PostcopyPaused)
+        );
+        // A vCPU faults while paused: recorded, nothing sent, no timeout.
+        assert_eq!(d.handle_page_fault(t, 0, 7), Ok(true));
+        assert_eq!(d.poll_return_path(&mut [0; 64]), 0);
+        assert_eq!(d.poll_timeout(), None);
+        assert_eq!(d.handle_timeout(Instant::from_millis(1_000_000)), Ok(()));
+        assert!(d.is_paused());
 
-    // The new connection: the bitmap of pages 0, 1 and 9.
-    let t = Instant::from_millis(1_000_001);
-    d.recover(t).unwrap();
-    assert_eq!(d.status(), MigrationStatus::PostcopyRecover);
-    let ask = [
-        header(),
-        record(Record::Command(Command::RecvBitmap { block: l[0].id })),
-    ]
-    .concat();
-    feed(&mut d, t, &ask, &mut host).unwrap();
-    let mut expected = vec![0, 5, 0, 7, 6];
-    expected.extend_from_slice(b"pc.ram");
-    expected.extend_from_slice(&8u64.to_be_bytes());
-    expected.extend_from_slice(&0b10_0000_0011u64.to_le_bytes());
-    expected.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
-    // Drained in small pieces, the bytes come in order.
-    let mut got = Vec::new();
-    let mut piece = [0u8; 5];
-    loop {
-        let n = d.poll_return_path(&mut piece);
-        if n == 0 {
-            break;
+        // The new connection: the bitmap of pages 0, 1 and 9.
+        let t = Instant::from_millis(1_000_001);
+        d.recover(t).unwrap();
+        assert_eq!(d.status(), MigrationStatus::PostcopyRecover);
+        let ask = [
+            header(),
+            record(Record::Command(Command::RecvBitmap { block: l[0].id })),
+        ]
+        .concat();
+        feed(d, t, &ask, &mut host).unwrap();
+        let mut expected = vec![0, 5, 0, 7, 6];
+        expected.extend_from_slice(b"pc.ram");
+        expected.extend_from_slice(&8u64.to_be_bytes());
+        expected.extend_from_slice(&0b10_0000_0011u64.to_le_bytes());
+        expected.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
+        // Drained in small pieces, the bytes come in order.
+        let mut got = Vec::new();
+        let mut piece = [0u8; 5];
+        loop {
+            let n = d.poll_return_path(&mut piece);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&piece[..n]);
         }
-        got.extend_from_slice(&piece[..n]);
-    }
-    assert_eq!(got, expected);
-    feed(
-        &mut d,
-        t,
-        &record(Record::Command(Command::PostcopyResume)),
-        &mut host,
-    )
-    .unwrap();
-    assert_eq!(d.status(), MigrationStatus::PostcopyActive);
-    assert_eq!(d.stats().postcopy_recoveries, 1);
-    // RESUME_ACK, then both outstanding requests again.
-    let out = drained(&mut d);
-    assert_eq!(out[..8], [0, 6, 0, 4, 0, 0, 0, 1]);
-    assert_eq!(out[8..12], [0, 3, 0, 19]);
-    assert_eq!(out[12..20], (4u64 * 4096).to_be_bytes());
-    assert_eq!(out[31..35], [0, 4, 0, 12]);
-    assert_eq!(out[35..43], (7u64 * 4096).to_be_bytes());
-    assert_eq!(out.len(), 8 + 23 + 16);
-    assert!(d.give_up(t).is_err(), "nothing to give up while active");
+        assert_eq!(got, expected);
+        feed(
+            d,
+            t,
+            &record(Record::Command(Command::PostcopyResume)),
+            &mut host,
+        )
+        .unwrap();
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+        assert_eq!(d.stats().postcopy_recoveries, 1);
+        // RESUME_ACK, then both outstanding requests again.
+        let out = drained(d);
+        assert_eq!(out[..8], [0, 6, 0, 4, 0, 0, 0, 1]);
+        assert_eq!(out[8..12], [0, 3, 0, 19]);
+        assert_eq!(out[12..20], (4u64 * 4096).to_be_bytes());
+        assert_eq!(out[31..35], [0, 4, 0, 12]);
+        assert_eq!(out[35..43], (7u64 * 4096).to_be_bytes());
+        assert_eq!(out.len(), 8 + 23 + 16);
+        assert!(d.give_up(t).is_err(), "nothing to give up while active");
+    });
 }
 
 /// Drains the return path whole (bitmaps included).

@@ -39,6 +39,9 @@ pub enum OptionError {
         /// Why.
         err: ParameterError,
     },
+    /// `receive --cap` names a capability the destination does not set:
+    /// it takes those from the source's stream.
+    NotForDestination(String),
     /// The whole configuration is inconsistent.
     Config(ConfigError),
 }
@@ -61,6 +64,16 @@ impl fmt::Display for OptionError {
                 write!(f, "--cap {name}={value}: the value must be on or off")
             }
             OptionError::Parameter { text, err } => write!(f, "--param {text}: {err}"),
+            OptionError::NotForDestination(name) => {
+                let own: Vec<&str> = DESTINATION_CAPABILITIES.names().collect();
+                write!(
+                    f,
+                    "--cap {name}: not a destination capability; the receiver follows what the \
+                     source's stream announces (give it to `livemig send`); `receive` takes \
+                     only {}",
+                    own.join(", ")
+                )
+            }
             OptionError::Config(e) => write!(f, "invalid migration configuration: {e}"),
         }
     }
@@ -120,6 +133,37 @@ pub fn build_config(
     config.validate().map_err(OptionError::Config)
 }
 
+/// The capabilities a destination sets itself (`receive --cap`); every
+/// other one is the source's to choose, and its stream tells the
+/// destination.
+pub const DESTINATION_CAPABILITIES: Capabilities = Capabilities::POSTCOPY_BLOCKTIME;
+
+/// The destination capabilities `caps` (`NAME=on|off`) turn on. A
+/// capability the source chooses is refused
+/// ([`OptionError::NotForDestination`]) rather than accepted and ignored.
+pub fn destination_capabilities(caps: &[String]) -> Result<Capabilities, OptionError> {
+    let mut on = Capabilities::empty();
+    for text in caps {
+        let (name, value) = split("cap", text)?;
+        let cap = Capabilities::from_name(name)
+            .ok_or_else(|| OptionError::UnknownCapability(name.to_string()))?;
+        if !DESTINATION_CAPABILITIES.contains(cap) {
+            return Err(OptionError::NotForDestination(name.to_string()));
+        }
+        match value {
+            "on" | "true" => on.insert(cap),
+            "off" | "false" => on.remove(cap),
+            _ => {
+                return Err(OptionError::BadSwitch {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                });
+            }
+        }
+    }
+    Ok(on)
+}
+
 /// Whether `params` sets `name` (so a default chosen by the tool, like the
 /// demo's unlimited bandwidth, yields to the operator's choice).
 pub fn sets_param(params: &[String], name: &str) -> bool {
@@ -150,6 +194,39 @@ mod tests {
         assert_eq!(c.parameters.max_bandwidth, 1 << 30);
         assert!(sets_param(&s(&["max-bandwidth=0"]), "max-bandwidth"));
         assert!(!sets_param(&s(&["downtime-limit=1"]), "max-bandwidth"));
+    }
+
+    /// `receive --cap` takes the destination's own capabilities and
+    /// refuses the source's, which its stream would override unseen.
+    #[test]
+    fn a_destination_takes_only_its_own_capabilities() {
+        let on = destination_capabilities(&s(&["postcopy-blocktime=on"])).unwrap();
+        assert_eq!(on, Capabilities::POSTCOPY_BLOCKTIME);
+        let off =
+            destination_capabilities(&s(&["postcopy-blocktime=on", "postcopy-blocktime=off"]));
+        assert_eq!(off, Ok(Capabilities::empty()));
+        for cap in ["multifd=on", "auto-converge=on", "return-path=off"] {
+            let e = destination_capabilities(&s(&[cap])).unwrap_err();
+            let name = cap.split('=').next().unwrap();
+            assert_eq!(e, OptionError::NotForDestination(name.to_string()));
+            let text = e.to_string();
+            assert!(
+                text.contains(name) && text.contains("livemig send"),
+                "{text}"
+            );
+            assert!(text.ends_with("takes only postcopy-blocktime"), "{text}");
+        }
+        assert_eq!(
+            destination_capabilities(&s(&["postcopy-blocktime=maybe"])),
+            Err(OptionError::BadSwitch {
+                name: "postcopy-blocktime".into(),
+                value: "maybe".into()
+            })
+        );
+        assert!(matches!(
+            destination_capabilities(&s(&["nosuch=on"])),
+            Err(OptionError::UnknownCapability(_))
+        ));
     }
 
     #[test]

@@ -42,6 +42,17 @@ const SLOW_POSTCOPY: &[&str] = &[
     "max-postcopy-bandwidth=16M",
 ];
 
+/// The preempt channel with a background pass held to half the other
+/// tests' rate, so the guest still finds pages missing after a recovery
+/// when this binary's other guests share the cores (in CI one such run
+/// made 4 requests in all, none after).
+const PREEMPT_SLOWER: &[&str] = &[
+    "--cap",
+    "postcopy-preempt=on",
+    "--param",
+    "max-postcopy-bandwidth=8M",
+];
+
 /// A TCP relay between `send` and `receive`, whose sockets the test shuts
 /// down: each connection the source makes is relayed over a connection of
 /// its own to the receiver.
@@ -52,11 +63,20 @@ struct Relay {
     conns: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
 }
 
+/// Where the relay cuts a connection by itself: at the first bytes one
+/// side sends on it, which are not relayed (both ends are shut down).
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// Relayed connection `n`, at the receiver's first reply.
+    AtReply(usize),
+    /// Relayed connection `n`, at the source's first bytes.
+    AtSend(usize),
+}
+
 impl Relay {
-    /// Relays to `to` (`tcp:HOST:PORT`). The connections whose index is in
-    /// `cut_at_reply` are shut down, both ends, at the first byte the
-    /// receiver sends back on them (not relayed).
-    fn start(to: &str, cut_at_reply: &'static [usize]) -> Relay {
+    /// Relays to `to` (`tcp:HOST:PORT`), cutting the connections `cuts`
+    /// names where they say.
+    fn start(to: &str, cuts: &'static [Cut]) -> Relay {
         let target = to.strip_prefix("tcp:").expect("a tcp address").to_string();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = format!("tcp:{}", listener.local_addr().unwrap());
@@ -72,9 +92,18 @@ impl Relay {
                     .lock()
                     .unwrap()
                     .push((src.try_clone().unwrap(), dst.try_clone().unwrap()));
-                let cut = cut_at_reply.contains(&index);
-                pump(src.try_clone().unwrap(), dst.try_clone().unwrap(), None);
-                pump(dst, src, cut.then_some(index));
+                let send_cut = cuts.contains(&Cut::AtSend(index));
+                let reply_cut = cuts.contains(&Cut::AtReply(index));
+                pump(
+                    src.try_clone().unwrap(),
+                    dst.try_clone().unwrap(),
+                    send_cut.then_some((index, "the source's first bytes")),
+                );
+                pump(
+                    dst,
+                    src,
+                    reply_cut.then_some((index, "the receiver's first reply")),
+                );
             }
         });
         Relay { addr, conns }
@@ -95,9 +124,10 @@ impl Relay {
     }
 }
 
-/// Copies `from` to `to` on a thread until either ends; with `cut_first`,
-/// the first bytes read shut both sockets down instead.
-fn pump(mut from: TcpStream, mut to: TcpStream, cut_first: Option<usize>) {
+/// Copies `from` to `to` on a thread until either ends; with `cut_first`
+/// (the connection's index and what its first bytes are), the first bytes
+/// read shut both sockets down instead.
+fn pump(mut from: TcpStream, mut to: TcpStream, cut_first: Option<(usize, &'static str)>) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
         loop {
@@ -105,8 +135,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut_first: Option<usize>) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if let Some(index) = cut_first {
-                eprintln!("relay: cutting connection {index} at the receiver's first reply");
+            if let Some((index, at)) = cut_first {
+                eprintln!("relay: cutting connection {index} at {at}");
                 break;
             }
             if to.write_all(&buf[..n]).is_err() {
@@ -177,12 +207,13 @@ fn spawn_sender(relay: &Relay, extra: &[&str]) -> (Child, StderrLines) {
 }
 
 /// A sender with `sender_extra` whose main connection (the relay's first)
-/// is cut 400 ms into postcopy: it recovers, completes and verifies.
-/// Returns the receiver's summary and the connections the relay took.
-fn cut_mid_postcopy(sender_extra: &[&str]) -> (Value, usize) {
+/// is cut 400 ms into postcopy, through a relay that also makes `cuts`: it
+/// recovers, completes and verifies. Returns what the sender and the
+/// receiver printed, and the connections the relay took.
+fn cut_mid_postcopy(cuts: &'static [Cut], sender_extra: &[&str]) -> (Output, Output, usize) {
     let (receiver, addr) =
         spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
-    let relay = Relay::start(&addr, &[]);
+    let relay = Relay::start(&addr, cuts);
     let mut extra = vec!["--recover-timeout-s", "60"];
     extra.extend_from_slice(sender_extra);
     let (sender, mut lines) = spawn_sender(&relay, &extra);
@@ -192,7 +223,7 @@ fn cut_mid_postcopy(sender_extra: &[&str]) -> (Value, usize) {
     let send = lines.finish(sender);
     let recv = finish(receiver);
     assert_recovered_and_verified(&send, &recv, 1);
-    (json_of(&recv), relay.connections())
+    (send, recv, relay.connections())
 }
 
 #[test]
@@ -200,7 +231,7 @@ fn a_connection_cut_mid_postcopy_pauses_recovers_and_verifies() {
     if !kvm_available() || !userfaultfd_available() {
         return;
     }
-    let (_, connections) = cut_mid_postcopy(&[]);
+    let (_, _, connections) = cut_mid_postcopy(&[], &[]);
     assert!(connections >= 2, "the source connected again");
 }
 
@@ -214,16 +245,9 @@ fn a_recovery_opens_the_preempt_channel_again() {
     if !kvm_available() || !userfaultfd_available() {
         return;
     }
-    // Connection 0 is the main one, 1 the preempt channel. The background
-    // pass is held to half the other tests' rate, so the guest still finds
-    // pages missing after the recovery when this binary's other guests
-    // share the cores (in CI it once made 4 requests in all, none after).
-    let (r, connections) = cut_mid_postcopy(&[
-        "--cap",
-        "postcopy-preempt=on",
-        "--param",
-        "max-postcopy-bandwidth=8M",
-    ]);
+    // Connection 0 is the main one, 1 the preempt channel.
+    let (_, recv, connections) = cut_mid_postcopy(&[], PREEMPT_SLOWER);
+    let r = json_of(&recv);
     assert!(
         connections >= 4,
         "a new main connection and a new preempt channel: {connections}"
@@ -235,6 +259,41 @@ fn a_recovery_opens_the_preempt_channel_again() {
     assert!(r["ram"]["postcopy-requests"].as_u64() > Some(0), "{r}");
 }
 
+/// The preempt channel a recovery opened is cut at its first bytes (its
+/// hello, before any page): the destination pauses again, mid-handshake,
+/// as for a cut of the main connection, and the next recovery opens a
+/// third channel, over which the migration completes.
+#[test]
+fn a_cut_of_the_reopened_preempt_channel_pauses_again_and_recovers() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    // Connections 0 and 1: main and preempt; 2 and 3: the first
+    // recovery's; 4 and 5: the second's.
+    let (send, recv, connections) = cut_mid_postcopy(&[Cut::AtSend(3)], PREEMPT_SLOWER);
+    assert!(
+        connections >= 6,
+        "two new main connections and two new preempt channels: {connections}"
+    );
+    for (side, out) in [("send", &send), ("receive", &recv)] {
+        assert!(
+            events(out, "postcopy-paused").len() >= 2,
+            "{side} did not pause at the channel's cut: {}",
+            stderr(out)
+        );
+    }
+    assert!(
+        stderr(&recv).contains("the source closed the postcopy preempt channel"),
+        "the receiver did not name the channel: {}",
+        stderr(&recv)
+    );
+    let r = json_of(&recv);
+    assert!(
+        r["postcopy-preempt-pages"].as_u64() > Some(0),
+        "no page came over the third preempt channel: {r}"
+    );
+}
+
 #[test]
 fn a_cut_during_the_recovery_handshake_pauses_again_and_recovers() {
     if !kvm_available() || !userfaultfd_available() {
@@ -244,7 +303,7 @@ fn a_cut_during_the_recovery_handshake_pauses_again_and_recovers() {
         spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
     // The first recovery connection is cut when the receiver answers the
     // source's first bitmap request: in the middle of the handshake.
-    let relay = Relay::start(&addr, &[1]);
+    let relay = Relay::start(&addr, &[Cut::AtReply(1)]);
     let (sender, mut lines) = spawn_sender(
         &relay,
         &["--recover-timeout-s", "60", "--resume-to", &relay.addr],

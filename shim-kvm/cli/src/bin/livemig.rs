@@ -358,7 +358,9 @@ struct ReceiveArgs {
     mem_prealloc: bool,
     /// A destination capability: --cap postcopy-blocktime=on reports the
     /// time each vCPU spent blocked on missing pages after a postcopy
-    /// (repeatable; postcopy itself needs no flag here).
+    /// (repeatable). It is the only one: postcopy itself needs no flag
+    /// here, and the source's capabilities (multifd, postcopy-preempt, ...)
+    /// come with its stream, so they are refused here.
     #[arg(long = "cap", value_name = "NAME=on|off")]
     caps: Vec<String>,
     /// After the postcopy switchover a cut connection pauses the migration
@@ -572,14 +574,8 @@ const SWITCHOVER_LINE: &str = "postcopy switchover: the guest now runs on the de
 
 /// Whether `receive`'s `--cap` flags turn postcopy-blocktime on.
 fn receive_blocktime(caps: &[String]) -> Result<bool, String> {
-    let caps: Vec<String> = std::iter::once("postcopy-ram=on".to_string())
-        .chain(caps.iter().cloned())
-        .collect();
-    let config =
-        options::build_config(demo::base_config(), &caps, &[]).map_err(|e| e.to_string())?;
-    Ok(config
-        .capabilities
-        .contains(Capabilities::POSTCOPY_BLOCKTIME))
+    let on = options::destination_capabilities(caps).map_err(|e| e.to_string())?;
+    Ok(on.contains(Capabilities::POSTCOPY_BLOCKTIME))
 }
 
 /// Ctrl-C or SIGTERM cancels the migration (the guest stays on the source)
