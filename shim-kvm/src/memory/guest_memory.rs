@@ -148,9 +148,7 @@ impl GuestMemory {
         // built when there is one.
         let out = || MemoryError::RangeOutOfRam { gpa, len };
         let (_, region) = self.locate(gpa).ok_or_else(out)?;
-        let (host, rest) = region
-            .host_at(gpa - region.guest_phys())
-            .ok_or_else(out)?;
+        let (host, rest) = region.host_at(gpa - region.guest_phys()).ok_or_else(out)?;
         if len > rest {
             return Err(out());
         }
