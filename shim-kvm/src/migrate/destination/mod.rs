@@ -852,7 +852,8 @@ fn spawn_reader(
 ///
 /// `Err` means it could not even be set up: a RAM layout that cannot be
 /// described, devices with a reserved or repeated section id, vCPUs that cannot be read, more sections than the engine
-/// can require, or a connection that cannot be duplicated.
+/// can require, a connection that cannot be duplicated, or RAM the kernel
+/// would not preallocate ([`ReceiveOptions::mem_prealloc`]).
 pub fn receive(
     vm: DestinationVm,
     conn: Connection,
@@ -902,12 +903,13 @@ fn start_receive(
         .as_ref()
         .map(Listener::bind)
         .transpose()?;
-    let started = clock::monotonic_ns();
+    let mut prealloc_ms = 0.0;
     if options.mem_prealloc && !vm.memory.is_preallocated() {
+        let started = clock::monotonic_ns();
         let threads = thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
         vm.memory.prealloc(threads).map_err(MigrateError::Memory)?;
+        prealloc_ms = (clock::monotonic_ns() - started) as f64 / 1e6;
     }
-    let prealloc_ms = (clock::monotonic_ns() - started) as f64 / 1e6;
     let preallocated = vm.memory.is_preallocated();
     let (tx, events) = mpsc::channel();
     let host = KvmHost {
