@@ -130,6 +130,29 @@ const MAX_WAIT: Duration = Duration::from_millis(50);
 /// much placing (tens of us) rather than a whole buffer's.
 const POSTCOPY_PIECE: usize = 64 * 1024;
 
+/// The most the main stream's reader reads at once in postcopy.
+///
+/// A TCP read holds the socket's lock for its whole copy out of the
+/// kernel, and the fault thread writes its requests on the same socket
+/// (the return path is its other direction), so a request waits for the
+/// read in progress: with the background pass streaming, a full
+/// [`READ_BUFFER`] is 100-200 us of copying. Traced on this 2-core host
+/// (docs/benchmarks.md, 2026-12-03 08:20-08:50): the request's `write`
+/// took 77-183 us at p90 and 659-715 us at p99 with 1 MiB reads, 46-115
+/// and 286-415 us with reads of this size; the median (7-10 us) did not
+/// move.
+const POSTCOPY_READ: usize = 64 * 1024;
+
+/// How much of its buffer the main stream's reader fills in `status`:
+/// [`POSTCOPY_READ`] while a vCPU may wait for a page, else all of it.
+fn read_size(status: MigrationStatus) -> usize {
+    if is_postcopy(status) {
+        POSTCOPY_READ
+    } else {
+        READ_BUFFER
+    }
+}
+
 /// The VMM's fresh guest, lent to livemig to receive a migration into.
 pub struct DestinationVm {
     /// The VMM's VM.
@@ -1239,6 +1262,11 @@ fn run_receive_loop(
                 if let Some(l) = &link {
                     // The reader is gone if this fails; the loop learns it
                     // from the end of the stream.
+                    // The buffer's length is what the reader's next read
+                    // may fill (its capacity stays, so growing it back
+                    // after postcopy allocates nothing).
+                    let mut buf = buf;
+                    buf.resize(read_size(engine.status()), 0);
                     let _ = l.pool.send(buf);
                 }
                 r
@@ -1552,4 +1580,32 @@ fn serve_faults(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While a vCPU may wait for a page, a request never waits behind a
+    /// read of more than 64 KiB on the socket it shares with the stream;
+    /// elsewhere the reader fills its whole buffer.
+    #[test]
+    fn the_main_reader_reads_small_pieces_only_in_postcopy() {
+        for status in [
+            MigrationStatus::PostcopyActive,
+            MigrationStatus::PostcopyPaused,
+            MigrationStatus::PostcopyRecoverSetup,
+            MigrationStatus::PostcopyRecover,
+        ] {
+            assert_eq!(read_size(status), POSTCOPY_READ, "{status:?}");
+        }
+        for status in [
+            MigrationStatus::Setup,
+            MigrationStatus::Active,
+            MigrationStatus::Completed,
+        ] {
+            assert_eq!(read_size(status), READ_BUFFER, "{status:?}");
+        }
+        assert!(POSTCOPY_READ < READ_BUFFER);
+    }
 }

@@ -163,14 +163,19 @@ impl PreemptReader {
             .spawn(move || {
                 let mut scratch = vec![0u8; wire::MAX_RECORD_BODY + wire::RECORD_HEADER_LEN];
                 let mut decoder = StreamDecoder::records(&mut scratch);
+                // One buffer for the thread's life, and only the bytes read
+                // go to the migration thread: a fresh zeroed 256 KiB a read
+                // cost this thread ~35 us of CPU per request here (perf
+                // sched: 45 us on the CPU per wake-up, median, 10 us
+                // since), on a host whose two cores the guest's vCPUs and
+                // the background pass already want.
+                let mut buf = vec![0u8; READ];
                 loop {
-                    let mut buf = vec![0u8; READ];
                     let event = match reader.read(&mut buf) {
                         Ok(0) => Event::PreemptEof,
                         Ok(n) => {
                             ahead.place(&mut decoder, &buf[..n]);
-                            buf.truncate(n);
-                            if tx.send(buf).is_err() {
+                            if tx.send(buf[..n].to_vec()).is_err() {
                                 return;
                             }
                             Event::Preempt
