@@ -137,9 +137,18 @@ use core::fmt;
 
 use crate::wire::{BlockInfo, PageRange};
 
-/// Word lanes of the page hash: eight independent multiply chains, which
-/// keep a core's multiplier busy.
-const LANES: usize = 8;
+/// Lanes of the page hash: word `i` of a stripe goes into lane `i %
+/// LANES`, so that a lane's words are the same 64-bit position of each
+/// 64-byte run, and eight lanes are two 256-bit vectors.
+pub const LANES: usize = 8;
+
+/// Words (64-bit) of a stripe: a page is hashed as stripes of this many
+/// words (the last one shorter if the page is), each word with its own
+/// key word. The key covers one stripe, not a page, because pages go up to
+/// 1 GiB; each stripe's sums are folded into the lanes' chained state
+/// before the next stripe, so the same key on two stripes does not make
+/// stripes commute.
+pub const STRIPE_WORDS: usize = 128;
 
 /// An odd 64-bit constant (2^64 / φ): multiplying by it is a bijection.
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -148,10 +157,33 @@ const K: u64 = 0x9E37_79B9_7F4A_7C15;
 /// (any 64 bits, random per migration) and sends it in the preamble
 /// ([`Command::DigestKey`](crate::wire::Command::DigestKey)), so both ends
 /// hash with the same key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct DigestKey {
     seed: u64,
     lanes: [u64; LANES],
+    stripe: StripeKey,
+}
+
+/// The key word of each word position of a stripe (see [`StripeSums`]),
+/// each two 32-bit key halves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StripeKey([u64; STRIPE_WORDS]);
+
+impl StripeKey {
+    /// The key words, one per word position of a stripe.
+    pub fn words(&self) -> &[u64; STRIPE_WORDS] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DigestKey {
+    /// The seed only: the rest is derived from it, and 1 KiB of key words
+    /// would drown a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DigestKey")
+            .field("seed", &self.seed)
+            .finish()
+    }
 }
 
 impl DigestKey {
@@ -163,7 +195,17 @@ impl DigestKey {
             lanes[i] = mix(seed.wrapping_add(K.wrapping_mul(i as u64 + 1)));
             i += 1;
         }
-        Self { seed, lanes }
+        let mut words = [0u64; STRIPE_WORDS];
+        let mut i = 0;
+        while i < STRIPE_WORDS {
+            words[i] = mix(seed.wrapping_add(K.wrapping_mul((LANES + i) as u64 + 1)));
+            i += 1;
+        }
+        Self {
+            seed,
+            lanes,
+            stripe: StripeKey(words),
+        }
     }
 
     /// The seed the key was made from, as it goes on the wire.
@@ -171,23 +213,21 @@ impl DigestKey {
         self.seed
     }
 
+    /// The key words of a stripe, for a caller that computes
+    /// [`StripeSums`] its own way (a shim's vector code over guest memory).
+    pub fn stripe_key(&self) -> &StripeKey {
+        &self.stripe
+    }
+
     /// The term of page `page` of block `block` holding `data` (a whole
     /// page, its bytes read as little-endian 64-bit words; a trailing part
     /// shorter than a word is ignored, and no page size livemig accepts
     /// has one). 0 for an all-zero page, never 0 otherwise.
     pub fn page_term(&self, block: u16, page: u64, data: &[u8]) -> u64 {
-        let mut lanes = self.lanes;
-        let mut any = 0u64;
-        let mut stripes = data.chunks_exact(8 * LANES);
-        for stripe in &mut stripes {
-            for (lane, word) in lanes.iter_mut().zip(stripe.chunks_exact(8)) {
-                absorb(lane, &mut any, le_word(word));
-            }
-        }
-        for (lane, word) in lanes.iter_mut().zip(stripes.remainder().chunks_exact(8)) {
-            absorb(lane, &mut any, le_word(word));
-        }
-        self.finish(block, page, lanes, any)
+        let words = data.len() / 8;
+        self.term_of_stripes(block, page, words, |first, len, key| {
+            StripeSums::of_bytes(key, data.get(8 * first..8 * (first + len)).unwrap_or(&[]))
+        })
     }
 
     /// The same term as [`page_term`](Self::page_term), with the page's
@@ -205,22 +245,42 @@ impl DigestKey {
         words: usize,
         mut word: impl FnMut(usize) -> u64,
     ) -> u64 {
+        self.term_of_stripes(block, page, words, |first, len, key| {
+            StripeSums::of_words(key, len, |j| word(first + j))
+        })
+    }
+
+    /// The same term again, with each stripe's sums computed by
+    /// `stripe(first, len, key)`: the [`StripeSums`] of the `len` words
+    /// from word `first` on (`first` a multiple of [`STRIPE_WORDS`], `len`
+    /// at most that, word `first + j` hashed with key words `j`). Called
+    /// once per stripe, in order, only for words in `0..words`: what a
+    /// shim's vector code plugs in (it must give the sums
+    /// [`StripeSums::of_words`] gives).
+    #[inline]
+    pub fn term_of_stripes(
+        &self,
+        block: u16,
+        page: u64,
+        words: usize,
+        mut stripe: impl FnMut(usize, usize, &StripeKey) -> StripeSums,
+    ) -> u64 {
         let mut lanes = self.lanes;
         let mut any = 0u64;
-        let mut i = 0;
-        while i + LANES <= words {
-            for (j, lane) in lanes.iter_mut().enumerate() {
-                absorb(lane, &mut any, word(i + j));
+        let mut first = 0;
+        while first < words {
+            let len = (words - first).min(STRIPE_WORDS);
+            let sums = stripe(first, len, &self.stripe);
+            any |= sums.any;
+            for (lane, sum) in lanes.iter_mut().zip(sums.lanes) {
+                *lane = fold(*lane, sum);
             }
-            i += LANES;
-        }
-        for (j, lane) in lanes.iter_mut().enumerate().take(words - i) {
-            absorb(lane, &mut any, word(i + j));
+            first += len;
         }
         self.finish(block, page, lanes, any)
     }
 
-    /// The term from the lanes after the last word (`any`: the OR of all
+    /// The term from the lanes after the last stripe (`any`: the OR of all
     /// words, 0 for a zero page).
     fn finish(&self, block: u16, page: u64, lanes: [u64; LANES], any: u64) -> u64 {
         if any == 0 {
@@ -235,13 +295,84 @@ impl DigestKey {
     }
 }
 
-/// One word into its lane: xor, multiply by an odd constant, rotate. Each
-/// step is a bijection of the lane, so a change of one word changes its
-/// lane's result whatever the other words are.
+/// One stripe's sums: per lane, the wrapping sum of [`nh_word`] over the
+/// lane's words, and the OR of all the words (0 iff they are all zero).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StripeSums {
+    /// The sum of each lane.
+    pub lanes: [u64; LANES],
+    /// The OR of the stripe's words.
+    pub any: u64,
+}
+
+impl StripeSums {
+    /// The sums of `len` words (at most [`STRIPE_WORDS`]) read by
+    /// `word(j)`, word `j` into lane `j % LANES` with key word `j`; the
+    /// definition every other way of computing them must match.
+    #[inline]
+    pub fn of_words(key: &StripeKey, len: usize, mut word: impl FnMut(usize) -> u64) -> Self {
+        let mut sums = Self::default();
+        for (j, k) in key.0.iter().enumerate().take(len) {
+            sums.absorb(j % LANES, word(j), *k);
+        }
+        sums
+    }
+
+    /// The sums of the little-endian words of `bytes` (at most a stripe's;
+    /// a trailing part shorter than a word is ignored), written as whole
+    /// runs of [`LANES`] words so that the compiler vectorises it.
+    #[inline]
+    pub fn of_bytes(key: &StripeKey, bytes: &[u8]) -> Self {
+        let mut sums = Self::default();
+        let mut runs = bytes.chunks_exact(8 * LANES);
+        let mut keys = key.0.chunks_exact(LANES);
+        for (run, k) in (&mut runs).zip(&mut keys) {
+            for ((sum, word), k) in sums.lanes.iter_mut().zip(run.chunks_exact(8)).zip(k) {
+                let w = le_word(word);
+                sums.any |= w;
+                *sum = sum.wrapping_add(nh_word(w, *k));
+            }
+        }
+        if let Some(k) = keys.next() {
+            for (lane, word) in runs.remainder().chunks_exact(8).enumerate() {
+                sums.absorb(lane, le_word(word), k[lane]);
+            }
+        }
+        sums
+    }
+
+    #[inline(always)]
+    fn absorb(&mut self, lane: usize, w: u64, k: u64) {
+        self.any |= w;
+        if let Some(sum) = self.lanes.get_mut(lane) {
+            *sum = sum.wrapping_add(nh_word(w, k));
+        }
+    }
+}
+
+/// What word `w` with key word `k` adds to its lane's sum: with `a` and
+/// `b` its low and high 32-bit halves each plus the key's half (mod 2^32),
+/// the 64-bit product `a * b` (NH's, one `pmuludq` lane) plus the keyed
+/// word `a + 2^32 b` itself. The added word makes a change of one half
+/// always change the result: changing `a` alone changes it by
+/// `Δa (b + 1)`, changing `b` alone by `Δb (a + 2^32)`, neither of which
+/// is 0 mod 2^64 for `0 < |Δ| < 2^32` (a bare `a * b` does not change at
+/// all when the other half is 0).
 #[inline(always)]
-fn absorb(lane: &mut u64, any: &mut u64, w: u64) {
-    *any |= w;
-    *lane = (*lane ^ w).wrapping_mul(K).rotate_left(29);
+pub fn nh_word(w: u64, k: u64) -> u64 {
+    let a = (w as u32).wrapping_add(k as u32);
+    let b = ((w >> 32) as u32).wrapping_add((k >> 32) as u32);
+    let keyed = u64::from(a) | u64::from(b) << 32;
+    (u64::from(a) * u64::from(b)).wrapping_add(keyed)
+}
+
+/// A stripe's lane sum into the lane's chained state: xor, multiply by an
+/// odd constant, rotate. A bijection of either argument with the other
+/// fixed, so a change of one lane's sum changes its state whatever the
+/// other stripes hold, and not commutative, so stripes do not commute.
+#[inline(always)]
+fn fold(lane: u64, sum: u64) -> u64 {
+    (lane ^ sum).wrapping_mul(K).rotate_left(29)
 }
 
 /// An 8-byte chunk as a little-endian word.
@@ -521,6 +652,117 @@ mod tests {
             key.term_of_words(2, 9, words.len(), |i| words[i]),
             key.page_term(2, 9, &p)
         );
+    }
+
+    /// A pseudo-random page (xorshift64 from `seed`).
+    fn random_page(seed: u64) -> [u8; PAGE] {
+        let mut x = seed | 1;
+        core::array::from_fn(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+    }
+
+    fn words_of(p: &[u8]) -> impl Fn(usize) -> u64 + '_ {
+        |i| u64::from_le_bytes(p[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]))
+    }
+
+    #[test]
+    fn vectorisable_and_word_by_word_sums_agree() {
+        let key = DigestKey::new(0xfeed);
+        let mut edge = [0u8; PAGE];
+        edge.iter_mut().step_by(9).for_each(|b| *b = 0xff);
+        for p in [random_page(1), random_page(2), [0xff; PAGE], edge] {
+            for len in [0, 1, 7, 8, 9, 63, 64, STRIPE_WORDS - 1, STRIPE_WORDS] {
+                let bytes = &p[..8 * len];
+                assert_eq!(
+                    StripeSums::of_bytes(key.stripe_key(), bytes),
+                    StripeSums::of_words(key.stripe_key(), len, words_of(bytes)),
+                    "{len} words"
+                );
+            }
+            // Every page size from livemig's smallest (512 bytes: less
+            // than a stripe) up, and a length that ends mid-stripe.
+            for len in [512, 1024, 1032, 2048, PAGE] {
+                let q = &p[..len];
+                assert_eq!(
+                    key.page_term(1, 2, q),
+                    key.term_of_words(1, 2, len / 8, words_of(q)),
+                    "{len} bytes"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_change_of_one_aligned_4_byte_word_always_changes_the_term() {
+        let key = DigestKey::new(3);
+        for seed in 1..4 {
+            let p = random_page(seed);
+            let t = key.page_term(0, 1, &p);
+            for word in 0..PAGE / 8 {
+                for bit in 0..64 {
+                    let mut q = p;
+                    q[8 * word + bit / 8] ^= 1 << (bit % 8);
+                    assert_ne!(key.page_term(0, 1, &q), t, "word {word} bit {bit}");
+                }
+            }
+        }
+        // One bit in an otherwise zero page, at every position.
+        let mut seen = [0u64; 64];
+        for word in 0..PAGE / 8 {
+            for bit in 0..64 {
+                let mut q = [0u8; PAGE];
+                q[8 * word + bit / 8] = 1 << (bit % 8);
+                let t = key.page_term(0, 1, &q);
+                assert_ne!(t, 0);
+                seen[bit] = t;
+            }
+        }
+        assert!(seen.iter().enumerate().all(|(i, t)| !seen[..i].contains(t)));
+    }
+
+    #[test]
+    fn a_half_word_change_is_caught_where_the_other_half_keys_to_zero() {
+        // The case a bare NH product misses: the other half plus its key
+        // half is 0 mod 2^32, so the product is 0 whatever this half holds.
+        let key = DigestKey::new(11);
+        let at = 5;
+        let k = key.stripe_key().words()[at];
+        let zero_hi = u64::from(((k >> 32) as u32).wrapping_neg()) << 32;
+        let zero_lo = u64::from((k as u32).wrapping_neg());
+        for (w, changed, other_half) in [
+            (zero_hi | 0x1234, zero_hi | 0x1235, 32),
+            (zero_lo | 0x1234 << 32, zero_lo | 0x1235 << 32, 0),
+        ] {
+            let keyed = |w: u64| ((w >> other_half) as u32).wrapping_add((k >> other_half) as u32);
+            assert_eq!(keyed(w), 0, "the product is 0");
+            assert_ne!(nh_word(w, k), nh_word(changed, k));
+            let mut p = random_page(9);
+            p[8 * at..8 * at + 8].copy_from_slice(&w.to_le_bytes());
+            let t = key.page_term(0, 0, &p);
+            p[8 * at..8 * at + 8].copy_from_slice(&changed.to_le_bytes());
+            assert_ne!(key.page_term(0, 0, &p), t);
+        }
+    }
+
+    #[test]
+    fn stripes_do_not_commute() {
+        // Stripes share their key words: swapping two must still show.
+        let key = DigestKey::new(5);
+        let p = random_page(4);
+        let mut q = p;
+        let stripe = 8 * STRIPE_WORDS;
+        q[..stripe].copy_from_slice(&p[stripe..2 * stripe]);
+        q[stripe..2 * stripe].copy_from_slice(&p[..stripe]);
+        assert_ne!(key.page_term(0, 0, &p), key.page_term(0, 0, &q));
+        // Two words of one lane swapped inside a stripe, too.
+        let mut q = p;
+        q[..8].copy_from_slice(&p[64..72]);
+        q[64..72].copy_from_slice(&p[..8]);
+        assert_ne!(key.page_term(0, 0, &p), key.page_term(0, 0, &q));
     }
 
     #[test]

@@ -40,6 +40,17 @@ pub trait DestinationHost {
     /// before a page moves.
     fn load_device(&mut self, device: &DeviceState<'_>) -> Result<(), Self::Error>;
 
+    /// The verification's term of `data`, page `page` of block `block`
+    /// ([`DigestKey::page_term`], which the default calls). A host may
+    /// compute the same term with vector code this crate, heap-free and
+    /// without `unsafe`, cannot pick at run time (the KVM shim uses AVX2
+    /// where the CPU has it): every page received is hashed, so its speed
+    /// is the destination's share of what verification costs. It must
+    /// return exactly [`DigestKey::page_term`]'s value.
+    fn page_term(&self, key: &DigestKey, block: u16, page: u64, data: &[u8]) -> u64 {
+        key.page_term(block, page, data)
+    }
+
     /// The postcopy half of this host, if it has one. A host without
     /// postcopy keeps the default, and the engine refuses a source that
     /// advises postcopy with [`DestError::PostcopyUnsupported`] before

@@ -1830,12 +1830,19 @@ impl Loader<'_> {
     /// Books page `page` of `block`, placed with `data`, whose term is
     /// `checked` when the batch carried it and it was checked equal to
     /// this end's (so the page is not hashed twice).
-    fn book_page(&mut self, block: u16, page: u64, data: &[u8], checked: Option<u64>) {
+    fn book_page<H: DestinationHost>(
+        &mut self,
+        host: &H,
+        block: u16,
+        page: u64,
+        data: &[u8],
+        checked: Option<u64>,
+    ) {
         if let (Some(books), Some(key)) = (self.books.as_deref_mut(), self.key) {
             if let Some(b) = books.get_mut(usize::from(block)) {
                 b.record(
                     page,
-                    checked.unwrap_or_else(|| key.page_term(block, page, data)),
+                    checked.unwrap_or_else(|| host.page_term(&key, block, page, data)),
                 );
             }
         }
@@ -2010,7 +2017,7 @@ impl Loader<'_> {
             }
             .into());
         }
-        self.check_page_terms(batch)?;
+        self.check_page_terms(&*host, batch)?;
         // Checked equal to this end's terms of the bytes: booked as they are.
         let mut terms = batch.terms();
         let mut zero_run: Option<(u64, u64)> = None;
@@ -2064,7 +2071,7 @@ impl Loader<'_> {
                         HostOp::PlacePages,
                         host.place_pages(block, entry.index, data),
                     )?;
-                    self.book_page(block, entry.index, data, checked);
+                    self.book_page(&*host, block, entry.index, data, checked);
                     self.arrived(now, block, entry.index, 1);
                 }
                 (PageKind::Normal, None) => {}
@@ -2189,10 +2196,14 @@ pub fn check_channel_pages(
 /// ([`DestinationEngine::handle_preempt_input`]), for its books; its own
 /// placement then finds the pages present, which the host must leave as
 /// they are (userfaultfd's `UFFDIO_COPY` does: `EEXIST`).
+///
+/// `term` hashes a page as [`DigestKey::page_term`] does (which it may
+/// be): the host's own [`DestinationHost::page_term`], for the same reason.
 pub fn check_preempt_pages(
     layout: &[BlockInfo<'_>],
     key: Option<DigestKey>,
     batch: &PageBatch<'_>,
+    term: impl Fn(&DigestKey, u16, u64, &[u8]) -> u64,
 ) -> Result<(), DestError> {
     let block = batch.block();
     let info = layout
@@ -2237,7 +2248,7 @@ pub fn check_preempt_pages(
     }
     let mut terms = batch.terms();
     for (entry, data) in normal {
-        if terms.next() != Some(key.page_term(block, entry.index, data)) {
+        if terms.next() != Some(term(&key, block, entry.index, data)) {
             return Err(DestError::PageTermMismatch {
                 block,
                 page: entry.index,

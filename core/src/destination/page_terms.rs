@@ -14,7 +14,7 @@
 //! has. Asking the source for the page again before failing is not yet
 //! done.
 
-use super::{DestError, Loader};
+use super::{DestError, DestinationHost, Loader};
 use crate::status::MigrationStatus;
 use crate::wire::{BatchFlags, PageBatch};
 
@@ -23,7 +23,11 @@ impl Loader<'_> {
     /// it, before a page of the batch is placed. A batch without terms is
     /// refused where they are due: in postcopy, when this destination
     /// verifies. Terms without a key cannot be checked and are refused.
-    pub(super) fn check_page_terms(&mut self, batch: &PageBatch<'_>) -> Result<(), DestError> {
+    pub(super) fn check_page_terms<H: DestinationHost>(
+        &mut self,
+        host: &H,
+        batch: &PageBatch<'_>,
+    ) -> Result<(), DestError> {
         let carries = batch.flags().contains(BatchFlags::TERMS);
         let Some(key) = self.key.filter(|_| self.books.is_some()) else {
             return if carries {
@@ -49,7 +53,7 @@ impl Loader<'_> {
             .pages()
             .filter_map(|(entry, data)| Some((entry, data?)));
         for ((entry, data), theirs) in normal.zip(batch.terms()) {
-            if key.page_term(block, entry.index, data) != theirs {
+            if host.page_term(&key, block, entry.index, data) != theirs {
                 let page = entry.index;
                 return Err(self.page_mismatch(block, page));
             }

@@ -1562,7 +1562,9 @@ fn preempt_pages_placed_ahead_are_the_ones_the_engine_takes() {
         let decoded = decoder.decode(bytes).unwrap();
         assert_eq!(decoded.consumed, bytes.len());
         match decoded.record {
-            Some(Record::Pages(batch)) => check_preempt_pages(&l, key, &batch),
+            Some(Record::Pages(batch)) => {
+                check_preempt_pages(&l, key, &batch, DigestKey::page_term)
+            }
             other => panic!("not a Pages record: {other:?}"),
         }
     };

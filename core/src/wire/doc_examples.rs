@@ -282,7 +282,7 @@ fn digest_key_and_digest() {
     // pages, page 0 all 0x01 bytes and page 1 zero; block 1 never sent.
     let key = crate::digest::DigestKey::new(0x0123_4567_89ab_cdef);
     let term = key.page_term(0, 0, &[1u8; 4096]);
-    assert_eq!(term, 0x55bd_7888_a693_ba93, "the term the document states");
+    assert_eq!(term, 0x0a9c_e470_9987_22ea, "the term the document states");
     assert_eq!(key.page_term(0, 1, &[0u8; 4096]), 0);
     check("digest", Record::Digest(BlockSums::from_slice(&[term, 0])));
 }
@@ -292,7 +292,7 @@ fn pages_with_terms() {
     let key = crate::digest::DigestKey::new(0x0123_4567_89ab_cdef);
     let data = [1u8; 4096];
     let term = key.page_term(0, 0, &data);
-    assert_eq!(term, 0x55bd_7888_a693_ba93, "the term the document states");
+    assert_eq!(term, 0x0a9c_e470_9987_22ea, "the term the document states");
     let entries = [
         PageEntry {
             index: 0,

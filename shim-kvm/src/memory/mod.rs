@@ -40,7 +40,7 @@ mod shared_dirty;
 mod vm_memory;
 
 pub use anonymous::RegionLayout;
-pub use digest::page_digest;
+pub use digest::{page_digest, slice_page_term};
 pub use error::MemoryError;
 pub use gather::PageIovecs;
 pub use guest_memory::GuestMemory;

@@ -100,7 +100,7 @@ use super::sections::{
 use super::vcpu_access::on_vcpu;
 use super::{MigrateError, ReceiveHandle, Recovery, ram_layout};
 use crate::clock;
-use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout};
+use crate::memory::{GuestMemory, PAGE_SIZE, RegionLayout, slice_page_term};
 use crate::postcopy::{FaultThread, PostcopyRam, PostcopyStats};
 use crate::priority::{self, StopPriority, StopThreads};
 use crate::transport::{Connection, Listener, TransportError};
@@ -613,6 +613,10 @@ impl KvmHost {
 
 impl DestinationHost for KvmHost {
     type Error = HostFailure;
+
+    fn page_term(&self, key: &DigestKey, block: u16, page: u64, data: &[u8]) -> u64 {
+        slice_page_term(key, block, page, data)
+    }
 
     fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), HostFailure> {
         let count = (data.len() / PAGE_SIZE) as u64;

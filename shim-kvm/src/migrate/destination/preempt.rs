@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crate::memory::slice_page_term;
 use livemig_core::destination::check_preempt_pages;
 use livemig_core::digest::DigestKey;
 use livemig_core::wire::{self, PREEMPT_HELLO_LEN, PageBatch, PreemptHello, Record, StreamDecoder};
@@ -98,7 +99,7 @@ impl Ahead {
         let Ok(layout) = ram_layout(&self.memory) else {
             return;
         };
-        if check_preempt_pages(&layout, armed.key, batch).is_err() {
+        if check_preempt_pages(&layout, armed.key, batch, slice_page_term).is_err() {
             return;
         }
         let Ok(region) = self.memory.region(usize::from(batch.block())) else {
