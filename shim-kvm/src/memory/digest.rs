@@ -167,12 +167,12 @@ mod avx2 {
             lanes: lanes(low, high),
             any: lanes(any, zero).iter().fold(0, |a, w| a | w),
         };
-        for j in runs * LANES..len {
+        for (j, &kj) in k.iter().enumerate().take(len).skip(runs * LANES) {
             // SAFETY: `j < len`: a word of the caller's contract, read
             // unaligned, once, as above.
             let w = u64::from_le(unsafe { words.add(j).read_unaligned() });
             sums.any |= w;
-            sums.lanes[j % LANES] = sums.lanes[j % LANES].wrapping_add(nh_word(w, k[j]));
+            sums.lanes[j % LANES] = sums.lanes[j % LANES].wrapping_add(nh_word(w, kj));
         }
         sums
     }

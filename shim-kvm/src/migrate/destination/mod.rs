@@ -1610,6 +1610,6 @@ mod tests {
         ] {
             assert_eq!(read_size(status), READ_BUFFER, "{status:?}");
         }
-        assert!(POSTCOPY_READ < READ_BUFFER);
+        const { assert!(POSTCOPY_READ < READ_BUFFER) };
     }
 }
