@@ -100,16 +100,31 @@
 //! with block and page named (the guest cannot go back to the source,
 //! whose copy is stale). The sums at the end still cover the rest.
 //!
-//! The hash is not cryptographic: it catches accidents (any change
-//! confined to one aligned 8-byte word, such as a flipped bit or byte, and
-//! the same contents under another index or block, always, barring the
-//! 2^-64 chance of a fold to 0 or 1; anything else but with probability
-//! about 2^-64), not
-//! an adversary who can write the stream (that is TLS's job). The key,
-//! chosen per migration by the source, makes a page left over from another
-//! migration or another guest unlikely to match by chance. It takes one
-//! 64-bit multiply a word (some 18 GB/s a core): a faster one that takes
-//! two words a multiply would miss some two-bit changes across a word pair.
+//! The hash is not cryptographic: it catches accidents, not an adversary
+//! who can write the stream (that is TLS's job). What it catches:
+//!
+//! - always: any change confined to one aligned 4-byte half of a word,
+//!   such as a flipped bit or byte ([`nh_word`] says why), barring the
+//!   2^-64 chance of a fold to 0 or 1;
+//! - the same contents under another index or block: always, barring
+//!   that same chance (the finish mixes block and page in);
+//! - anything else (changes in both halves of a word, in several words, a
+//!   whole page replaced): all but a fraction of about 2^-32 of the
+//!   per-migration keys. Each stripe's lane sums are NH sums (NH is
+//!   2^-32-almost-universal: for a fixed change, at most that fraction of
+//!   keys leaves a lane's sum unchanged), folded into the chained lanes
+//!   by a bijection, so a page's term stays unchanged only if every
+//!   changed lane sum collides.
+//!
+//! The key, chosen per migration by the source, makes a page left over
+//! from another migration or another guest unlikely to match by chance.
+//! The term takes one 32x32-bit multiply a word, which vectorises (four
+//! to a `vpmuludq` with AVX2, which the KVM shim uses on both hosts; two to
+//! a `pmuludq` with the baseline's SSE2 in this crate's portable code).
+//! The term it replaced (one 64-bit multiply a word over eight chains,
+//! about 2^-64 for any change) could not vectorise before AVX-512DQ, and
+//! cost 5-10 % of a busy migration's throughput on two shared cores;
+//! docs/benchmarks.md has the figures of both.
 //!
 //! # Naming the first mismatching page
 //!
