@@ -109,22 +109,30 @@
 //! - the same contents under another index or block: always, barring
 //!   that same chance (the finish mixes block and page in);
 //! - anything else (changes in both halves of a word, in several words, a
-//!   whole page replaced): all but a fraction of about 2^-32 of the
-//!   per-migration keys. Each stripe's lane sums are NH sums (NH is
-//!   2^-32-almost-universal: for a fixed change, at most that fraction of
-//!   keys leaves a lane's sum unchanged), folded into the chained lanes
-//!   by a bijection, so a page's term stays unchanged only if every
-//!   changed lane sum collides.
+//!   whole page replaced): caught unless a lane's sum comes out unchanged.
+//!   Each stripe's lane sums are NH-style sums: for a change in both
+//!   halves of one word, at most about 2^-31 of the per-migration keys
+//!   leave that word's contribution unchanged (two bad values of a key
+//!   half, from the wrap of the added word). A lane sum that changes
+//!   changes its lane's chained state (the fold is a bijection); that the
+//!   finish then maps two different states to different terms is a
+//!   heuristic (about 2^-64), not a bound proven here. The stripes of a
+//!   page share their key words, so the same change repeated in several
+//!   stripes of one lane gets no independent chances.
 //!
 //! The key, chosen per migration by the source, makes a page left over
 //! from another migration or another guest unlikely to match by chance.
-//! The term takes one 32x32-bit multiply a word, which vectorises (four
-//! to a `vpmuludq` with AVX2, which the KVM shim uses on both hosts; two to
-//! a `pmuludq` with the baseline's SSE2 in this crate's portable code).
-//! The term it replaced (one 64-bit multiply a word over eight chains,
-//! about 2^-64 for any change) could not vectorise before AVX-512DQ, and
-//! cost 5-10 % of a busy migration's throughput on two shared cores;
-//! docs/benchmarks.md has the figures of both.
+//! The term takes one 32x32-bit multiply a word, which the KVM shim
+//! computes four at a time with AVX2 (`vpmuludq`) on both hosts. This
+//! crate's portable code gives the same terms but does not vectorise
+//! well: measured on a loaded machine at 0.55-0.95 us a page, no faster
+//! than the term it replaced (0.54), so a host that keeps the default
+//! [`DestinationHost::page_term`](crate::destination::DestinationHost::page_term),
+//! the simulator and the fuzz targets pay that. The term it replaced (one
+//! 64-bit multiply a word over eight chains, about 2^-64 for any change)
+//! could not vectorise before AVX-512DQ, and cost 5-10 % of a busy
+//! migration's throughput on two shared cores; docs/benchmarks.md has the
+//! figures of both.
 //!
 //! # Naming the first mismatching page
 //!
