@@ -34,7 +34,7 @@ const WORD_BITS: u64 = u64::BITS as u64;
 /// it saturates at `usize::MAX`, so the constructor then reports the storage
 /// as too small instead of silently accepting a truncated length.
 pub const fn words_for(bits: u64) -> usize {
-    let words = bits / WORD_BITS + (bits % WORD_BITS != 0) as u64;
+    let words = bits / WORD_BITS + !bits.is_multiple_of(WORD_BITS) as u64;
     if words > usize::MAX as u64 {
         usize::MAX
     } else {

@@ -365,7 +365,7 @@ mod tests {
         }
         let mut log = pack(&flags);
         // Garbage past the block's end must not mark anything.
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             *log.last_mut().unwrap() |= past_end << (pages % 64);
         }
         log.push(past_end);

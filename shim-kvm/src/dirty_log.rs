@@ -408,7 +408,8 @@ pub fn validate_clear(
             slot_pages,
         });
     }
-    if first_page % 64 != 0 || (num_pages % 64 != 0 && end != Some(slot_pages)) {
+    if !first_page.is_multiple_of(64) || (!num_pages.is_multiple_of(64) && end != Some(slot_pages))
+    {
         return Err(DirtyLogError::Misaligned {
             first_page,
             num_pages,

@@ -494,7 +494,7 @@ impl PostcopyRam {
         len: u64,
         mut f: impl FnMut(u64, *mut u8, usize, usize) -> Result<(), PostcopyError>,
     ) -> Result<(), PostcopyError> {
-        if len == 0 || gpa % PAGE != 0 || len % PAGE != 0 {
+        if len == 0 || !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
             return Err(PostcopyError::Misaligned { gpa, len });
         }
         let end = gpa

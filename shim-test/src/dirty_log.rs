@@ -281,7 +281,7 @@ impl SimDirtyLog {
         mask: &[u64],
     ) -> Result<u64, DirtyLogError> {
         let s = self.slot_mut(block)?;
-        if first_page % 64 != 0 {
+        if !first_page.is_multiple_of(64) {
             return Err(DirtyLogError::UnalignedFirstPage { first_page });
         }
         if first_page > s.pages || count > s.pages - first_page {
@@ -291,7 +291,7 @@ impl SimDirtyLog {
                 pages: s.pages,
             });
         }
-        if count % 64 != 0 && first_page + count != s.pages {
+        if !count.is_multiple_of(64) && first_page + count != s.pages {
             return Err(DirtyLogError::UnalignedCount { count });
         }
         let n = words_for(count);

@@ -396,7 +396,7 @@ impl ClearAudit {
     fn cleared(&mut self, block: usize, first: u64, count: u64, block_pages: u64) {
         let chunk_pages = 1u64 << self.shift;
         let expected = chunk_pages.min(block_pages.saturating_sub(first));
-        if first % chunk_pages != 0 || count != expected {
+        if !first.is_multiple_of(chunk_pages) || count != expected {
             self.violation(format!(
                 "block {block}: clear of {count} pages at {first} is not one aligned, clipped chunk"
             ));
@@ -944,12 +944,14 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                 let _ = src.cancel(Instant::from_nanos(now));
             }
         }
-        if let Some(at) = scenario.start_postcopy_at_ns {
-            if now >= at && src.status() == MigrationStatus::Active && !postcopy_asked {
-                postcopy_asked = true;
-                src.start_postcopy(Instant::from_nanos(now))
-                    .map_err(|e| setup_err("start-postcopy", e))?;
-            }
+        if let Some(at) = scenario.start_postcopy_at_ns
+            && now >= at
+            && src.status() == MigrationStatus::Active
+            && !postcopy_asked
+        {
+            postcopy_asked = true;
+            src.start_postcopy(Instant::from_nanos(now))
+                .map_err(|e| setup_err("start-postcopy", e))?;
         }
         if continue_at.is_some_and(|t| now >= t) {
             continue_at = None;
@@ -1281,27 +1283,28 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
             }
             !arrived
         });
-        if let Some(g) = dest_guest.as_mut() {
-            if now > dest_ran_to && dst.status() != MigrationStatus::Failed {
-                let adv = g
-                    .advance_until_fault(&mut dst_ram, &mut dest_log, dest_ran_to, now, |b, p| {
-                        dst.is_completed() || dst.is_received(b as u16, p)
-                    })
-                    .map_err(|e| setup_err("destination guest", e))?;
-                dest_ran_to = now;
-                if let Some(fault) = adv.fault {
-                    pc.faults += 1;
-                    let paused = matches!(
-                        dst.status(),
-                        MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
-                    );
-                    if let Ok(true) = dst.handle_page_fault(t, fault.block as u16, fault.page) {
-                        pc.requests += 1;
-                        pc.requests_while_paused += u64::from(paused);
-                        awaited.push((fault.block as u16, fault.page, now));
-                    }
-                    progressed = true;
+        if let Some(g) = dest_guest.as_mut()
+            && now > dest_ran_to
+            && dst.status() != MigrationStatus::Failed
+        {
+            let adv = g
+                .advance_until_fault(&mut dst_ram, &mut dest_log, dest_ran_to, now, |b, p| {
+                    dst.is_completed() || dst.is_received(b as u16, p)
+                })
+                .map_err(|e| setup_err("destination guest", e))?;
+            dest_ran_to = now;
+            if let Some(fault) = adv.fault {
+                pc.faults += 1;
+                let paused = matches!(
+                    dst.status(),
+                    MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+                );
+                if let Ok(true) = dst.handle_page_fault(t, fault.block as u16, fault.page) {
+                    pc.requests += 1;
+                    pc.requests_while_paused += u64::from(paused);
+                    awaited.push((fault.block as u16, fault.page, now));
                 }
+                progressed = true;
             }
         }
         let _ = dst.handle_timeout(t);

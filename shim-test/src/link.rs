@@ -193,13 +193,12 @@ impl SimLink {
         };
         if live > 0 {
             let mut data = bytes[..live].to_vec();
-            if let Some((at, x)) = self.config.corrupt_at {
-                if let Some(b) = at
+            if let Some((at, x)) = self.config.corrupt_at
+                && let Some(b) = at
                     .checked_sub(self.sent)
                     .and_then(|i| data.get_mut(i as usize))
-                {
-                    *b ^= x;
-                }
+            {
+                *b ^= x;
             }
             self.segments.push_back(Segment {
                 arrival_ns: done.saturating_add(self.config.latency_ns),
@@ -664,11 +663,10 @@ mod tests {
                 if let Some(s) = cfg.stall_after {
                     stream.truncate(s as usize);
                 }
-                if let Some((at, x)) = cfg.corrupt_at {
-                    if let Some(b) = stream.get_mut(at as usize) {
+                if let Some((at, x)) = cfg.corrupt_at
+                    && let Some(b) = stream.get_mut(at as usize) {
                         *b ^= x;
                     }
-                }
                 let mut got = Vec::new();
                 let mut t = 0;
                 for (k, n) in reads.iter().cycle().take(10_000).enumerate() {

@@ -1669,11 +1669,11 @@ impl Loader<'_> {
                 self.channels = Some(Channels {
                     next_generation: generation.wrapping_add(1),
                 });
-                if self.key.is_some() {
-                    if let Some(books) = self.books.as_deref_mut() {
-                        for (block, b) in books.iter_mut().enumerate() {
-                            b.add_elsewhere(host.take_channel_digest(block as u16));
-                        }
+                if self.key.is_some()
+                    && let Some(books) = self.books.as_deref_mut()
+                {
+                    for (block, b) in books.iter_mut().enumerate() {
+                        b.add_elsewhere(host.take_channel_digest(block as u16));
                     }
                 }
                 let ram = &mut self.stats.ram;
@@ -1808,21 +1808,21 @@ impl Loader<'_> {
     /// them too; the error fails the migration.
     fn mismatch(&mut self, block: u16, page: Option<u64>) -> DestError {
         self.stats.verification = Verification::Mismatch { block, page };
-        if self.return_path {
-            if let Err(e) = self.queue(&RpMessage::DigestMismatch { block, page }) {
-                return e;
-            }
+        if self.return_path
+            && let Err(e) = self.queue(&RpMessage::DigestMismatch { block, page })
+        {
+            return e;
         }
         DestError::DigestMismatch { block, page }
     }
 
     /// Books `count` zero pages of `block` from `first`.
     fn book_zero(&mut self, block: u16, first: u64, count: u64) {
-        if let (Some(books), Some(_)) = (self.books.as_deref_mut(), self.key) {
-            if let Some(b) = books.get_mut(usize::from(block)) {
-                for page in first..first.saturating_add(count) {
-                    b.record(page, 0);
-                }
+        if let (Some(books), Some(_)) = (self.books.as_deref_mut(), self.key)
+            && let Some(b) = books.get_mut(usize::from(block))
+        {
+            for page in first..first.saturating_add(count) {
+                b.record(page, 0);
             }
         }
     }
@@ -1838,13 +1838,13 @@ impl Loader<'_> {
         data: &[u8],
         checked: Option<u64>,
     ) {
-        if let (Some(books), Some(key)) = (self.books.as_deref_mut(), self.key) {
-            if let Some(b) = books.get_mut(usize::from(block)) {
-                b.record(
-                    page,
-                    checked.unwrap_or_else(|| host.page_term(&key, block, page, data)),
-                );
-            }
+        if let (Some(books), Some(key)) = (self.books.as_deref_mut(), self.key)
+            && let Some(b) = books.get_mut(usize::from(block))
+        {
+            b.record(
+                page,
+                checked.unwrap_or_else(|| host.page_term(&key, block, page, data)),
+            );
         }
     }
 

@@ -342,10 +342,10 @@ impl Loader<'_> {
             return n;
         }
         self.recovery.bitmap = None;
-        if let Some(next) = self.recovery.pending.pop_front() {
-            if let Err(e) = self.start_bitmap(next) {
-                self.stats.error_desc.set(format_args!("{e}"));
-            }
+        if let Some(next) = self.recovery.pending.pop_front()
+            && let Err(e) = self.start_bitmap(next)
+        {
+            self.stats.error_desc.set(format_args!("{e}"));
         }
         n
     }

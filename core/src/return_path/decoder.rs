@@ -323,16 +323,16 @@ impl RpDecoder {
         if let Some(bitmap) = self.bitmap {
             return self.decode_bitmap(bitmap, input);
         }
-        if self.head_filled == 0 {
-            if let Ok((header, rest)) = RpHeader::read_from_prefix(input) {
-                let pending = self.check(check_header(header))?;
-                if let Some((payload, _)) = rest.split_at_checked(pending.len) {
-                    let msg = self.check(parse_payload(pending.kind, payload, self.page_size))?;
-                    if matches!(msg, RpMessage::RecvBitmap { .. }) {
-                        self.bitmap = Some(Bitmap::Size);
-                    }
-                    return Ok((RP_HEADER_LEN + pending.len, Some(msg)));
+        if self.head_filled == 0
+            && let Ok((header, rest)) = RpHeader::read_from_prefix(input)
+        {
+            let pending = self.check(check_header(header))?;
+            if let Some((payload, _)) = rest.split_at_checked(pending.len) {
+                let msg = self.check(parse_payload(pending.kind, payload, self.page_size))?;
+                if matches!(msg, RpMessage::RecvBitmap { .. }) {
+                    self.bitmap = Some(Bitmap::Size);
                 }
+                return Ok((RP_HEADER_LEN + pending.len, Some(msg)));
             }
         }
         self.decode_buffered(input)
@@ -374,7 +374,7 @@ impl RpDecoder {
                 self.field_filled = 0;
                 let value = u64::from_be_bytes(self.field);
                 let msg = match bitmap {
-                    Bitmap::Size if value % 8 != 0 => {
+                    Bitmap::Size if !value.is_multiple_of(8) => {
                         return self.check(Err(RpDecodeError::BadBitmapSize(value)));
                     }
                     Bitmap::Size => {

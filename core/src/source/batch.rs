@@ -242,7 +242,11 @@ mod tests {
     const PAGE: usize = 4096;
 
     fn contents(page: u64) -> [u8; PAGE] {
-        [if page % 3 == 0 { 0 } else { page as u8 }; PAGE]
+        [if page.is_multiple_of(3) {
+            0
+        } else {
+            page as u8
+        }; PAGE]
     }
 
     impl PageReader for Ram {

@@ -1328,10 +1328,9 @@ impl<'a> SourceEngine<'a> {
             if self.stats.ram.dirty_pages_rate > 0
                 && slice.bytes > 10_000
                 && slice.bytes_per_ms > 0.0
+                && let Some(ms) = self.estimated_stop_ms()
             {
-                if let Some(ms) = self.estimated_stop_ms() {
-                    self.stats.expected_downtime_ms = ms;
-                }
+                self.stats.expected_downtime_ms = ms;
             }
         }
         if !matches!(self.step, Step::Done) && self.status != MigrationStatus::None {

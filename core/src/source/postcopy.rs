@@ -364,7 +364,7 @@ impl<'a> SourceEngine<'a> {
         self.postcopy.last_request_block = Some(index);
         let page_size = u64::from(info.page_size);
         let end = start.checked_add(u64::from(len));
-        if start % page_size != 0
+        if !start.is_multiple_of(page_size)
             || u64::from(len) % page_size != 0
             || end.is_none_or(|e| e > info.length)
         {

@@ -154,16 +154,16 @@ impl SourceEngine<'_> {
                 self.scan.page = 0;
                 continue;
             };
-            if !self.vcpus_stopped {
-                if let Some(chunk) = t.clear.take(page) {
-                    self.scan.page = page;
-                    self.stats.dirty_log_clears += 1;
-                    self.scan.populated.forget();
-                    return Some(SourceAction::ClearDirtyLog {
-                        block: self.scan.block as u16,
-                        chunk,
-                    });
-                }
+            if !self.vcpus_stopped
+                && let Some(chunk) = t.clear.take(page)
+            {
+                self.scan.page = page;
+                self.stats.dirty_log_clears += 1;
+                self.scan.populated.forget();
+                return Some(SourceAction::ClearDirtyLog {
+                    block: self.scan.block as u16,
+                    chunk,
+                });
             }
             t.dirty.test_and_clear(page);
             let page_size = 1u64 << t.page_shift;

@@ -170,19 +170,19 @@ impl<'a> SourceEngine<'a> {
         let Some(v) = &self.verify else {
             return Ok(0);
         };
-        if v.audit {
-            if let Some((block, page)) = v.audit(ram) {
-                self.stats.verification = Verification::AuditFailed { block, page };
-                self.fail(
-                    EndReason::LocalFailure,
-                    format_args!(
-                        "verification failed: page {page} of RAM block {block} changed after \
+        if v.audit
+            && let Some((block, page)) = v.audit(ram)
+        {
+            self.stats.verification = Verification::AuditFailed { block, page };
+            self.fail(
+                EndReason::LocalFailure,
+                format_args!(
+                    "verification failed: page {page} of RAM block {block} changed after \
                          it was last sent and its dirty bit was never set (a dirty-log miss); \
                          the guest runs on here"
-                    ),
-                );
-                return Err(None);
-            }
+                ),
+            );
+            return Err(None);
         }
         let sums = v.books.iter().map(DigestBooks::sum);
         wire::encode_digest(self.scratch, v.books.len(), sums).map_err(Some)

@@ -306,10 +306,9 @@ impl<'s> StreamDecoder<'s> {
                         .head
                         .first_chunk::<4>()
                         .filter(|_| self.head_fill >= MAGIC.len())
+                        && *magic != MAGIC
                     {
-                        if *magic != MAGIC {
-                            return Err(DecodeError::BadMagic { found: *magic });
-                        }
+                        return Err(DecodeError::BadMagic { found: *magic });
                     }
                     if self.head_fill < STREAM_HEADER_LEN {
                         return Ok(Step::NeedMore);

@@ -234,7 +234,7 @@ impl<'a> DiscardRanges<'a> {
 
     /// Parses a validated range list from the rest of a discard body.
     fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
-        if bytes.is_empty() || bytes.len() % RANGE_LEN != 0 {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(RANGE_LEN) {
             return Err(DecodeError::DiscardListLength { len: bytes.len() });
         }
         let raw = <[RangeRaw]>::ref_from_bytes(bytes)
@@ -289,7 +289,7 @@ fn block_problem(length: u64, page_size: u32) -> Option<BlockProblem> {
         || !(MIN_BLOCK_PAGE_SIZE..=MAX_BLOCK_PAGE_SIZE).contains(&page_size)
     {
         Some(BlockProblem::PageSize)
-    } else if length % u64::from(page_size) != 0 {
+    } else if !length.is_multiple_of(u64::from(page_size)) {
         Some(BlockProblem::NotMultiple)
     } else {
         None
@@ -931,14 +931,14 @@ impl<'a> Command<'a> {
         };
         // Fixed-size commands are checked whole first, so a wrong size is
         // reported as such rather than as whichever field ran short.
-        if let Some(expected) = fixed_len {
-            if body.len() != expected {
-                return Err(DecodeError::BadLength {
-                    what: "command body",
-                    expected,
-                    found: body.len(),
-                });
-            }
+        if let Some(expected) = fixed_len
+            && body.len() != expected
+        {
+            return Err(DecodeError::BadLength {
+                what: "command body",
+                expected,
+                found: body.len(),
+            });
         }
         let command = match code {
             OPEN_RETURN_PATH => Self::OpenReturnPath,

@@ -1380,10 +1380,11 @@ pub fn run_demo_with(
             .extra
             .insert("guest-continued".into(), json!(continued));
     }
-    if summary.error.is_none() && out.report.stats.error_desc.is_empty() {
-        if let Some(e) = dest.get("error-desc").and_then(Value::as_str) {
-            summary.error = Some(format!("the destination said: {e}"));
-        }
+    if summary.error.is_none()
+        && out.report.stats.error_desc.is_empty()
+        && let Some(e) = dest.get("error-desc").and_then(Value::as_str)
+    {
+        summary.error = Some(format!("the destination said: {e}"));
     }
     Ok(summary)
 }

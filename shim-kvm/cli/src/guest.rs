@@ -217,7 +217,7 @@ impl GuestParams {
             return Err(GuestError::BadVcpuCount(self.vcpus));
         }
         let end = self.ws_start + u64::from(self.ws_pages) * PAGE_SIZE as u64;
-        if self.ws_start % PAGE_SIZE as u64 != 0
+        if !self.ws_start.is_multiple_of(PAGE_SIZE as u64)
             || self.ws_start < MIN_WS_START
             || end > ram
             || end > 1 << 32

@@ -340,11 +340,11 @@ pub fn measure(target: Target, writer: Writer, bytes: usize) -> Result<Touch, To
     let mut result = Ok(());
     while at < bytes {
         let dst_at = if target == Target::Reused { 0 } else { at };
-        if target == Target::PopulateInline {
-            if let Err(e) = map.advise(dst_at, CHUNK, libc::MADV_POPULATE_WRITE) {
-                result = Err(e);
-                break;
-            }
+        if target == Target::PopulateInline
+            && let Err(e) = map.advise(dst_at, CHUNK, libc::MADV_POPULATE_WRITE)
+        {
+            result = Err(e);
+            break;
         }
         if target == Target::PopulateAhead {
             while populated.load(Ordering::Acquire) < at + CHUNK

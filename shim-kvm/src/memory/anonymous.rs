@@ -31,10 +31,10 @@ impl RegionLayout {
         size: u64,
         region_bytes: u64,
     ) -> Result<Vec<RegionLayout>, MemoryError> {
-        if size == 0 || size % PAGE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE) {
             return Err(MemoryError::BadSize(size));
         }
-        if region_bytes == 0 || region_bytes % PAGE != 0 {
+        if region_bytes == 0 || !region_bytes.is_multiple_of(PAGE) {
             return Err(MemoryError::BadSlotSize(region_bytes));
         }
         let count = size.div_ceil(region_bytes);

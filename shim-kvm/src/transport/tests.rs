@@ -146,10 +146,10 @@ fn vectored_loop_handles_partial_writes_and_chunks() {
         |chunk| {
             calls += 1;
             assert!(chunk.len() <= IOV_MAX && !chunk.is_empty());
-            if calls % 97 == 0 {
+            if calls.is_multiple_of(97) {
                 return Err(io::ErrorKind::Interrupted.into());
             }
-            if calls % 13 == 0 {
+            if calls.is_multiple_of(13) {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let mut cap = [1, 4095, 12_289, 1 << 20][calls % 4];

@@ -419,7 +419,7 @@ fn set_msrs(vcpu: &VcpuFd, entries: impl Iterator<Item = (u32, u64)>) -> Result<
 }
 
 fn decode_msrs(body: &[u8]) -> Result<Vec<(u32, u64)>, StateError> {
-    if body.len() % MSR_LEN != 0 {
+    if !body.len().is_multiple_of(MSR_LEN) {
         return Err(StateError::BadSectionLength {
             blob: Blob::VcpuState,
             tag: TAG_MSRS,
@@ -441,7 +441,7 @@ fn decode_msrs(body: &[u8]) -> Result<Vec<(u32, u64)>, StateError> {
 fn decode_xsave(body: &[u8]) -> Result<FpuState, StateError> {
     if body.len() < LEGACY_XSAVE_LEN
         || body.len() > MAX_XSAVE_LEN
-        || body.len() % size_of::<u32>() != 0
+        || !body.len().is_multiple_of(size_of::<u32>())
     {
         return Err(StateError::BadSectionLength {
             blob: Blob::VcpuState,

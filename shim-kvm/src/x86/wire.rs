@@ -169,7 +169,7 @@ pub(super) fn pod_list<T: FromBytes>(
     max: usize,
 ) -> Result<Vec<T>, StateError> {
     let size = size_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(StateError::BadSectionLength {
             blob,
             tag,

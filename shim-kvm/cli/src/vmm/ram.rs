@@ -43,7 +43,8 @@ impl RamLayout {
     /// [`MIN_MEM_BYTES`] to [`MAX_MEM_BYTES`].
     pub fn new(mem_bytes: u64) -> Result<RamLayout, BootError> {
         let page = livemig_kvm::memory::PAGE_SIZE as u64;
-        if mem_bytes % page != 0 || !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&mem_bytes) {
+        if !mem_bytes.is_multiple_of(page) || !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&mem_bytes)
+        {
             return Err(BootError::MemorySize(mem_bytes));
         }
         let low = mem_bytes.min(LOW_RAM_MAX);

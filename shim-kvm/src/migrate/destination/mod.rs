@@ -1332,15 +1332,16 @@ fn run_receive_loop(
             Some(t) if t <= now => engine.handle_timeout(now),
             _ => Ok(()),
         });
-        if let Err(e) = result {
-            if error.is_none() && e != DestError::AlreadyFailed {
-                error = Some(ReceiveFailure::Engine {
-                    error: e,
-                    peer: link
-                        .as_ref()
-                        .map_or_else(String::new, |l| l.conn.peer().to_string()),
-                });
-            }
+        if let Err(e) = result
+            && error.is_none()
+            && e != DestError::AlreadyFailed
+        {
+            error = Some(ReceiveFailure::Engine {
+                error: e,
+                peer: link
+                    .as_ref()
+                    .map_or_else(String::new, |l| l.conn.peer().to_string()),
+            });
         }
         send_return_path(engine, host, link.as_ref(), &mut out, &mut error, &mut cut);
         if host.started_ns.is_some() {

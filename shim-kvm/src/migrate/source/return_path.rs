@@ -116,7 +116,7 @@ impl Server {
         let region = self.ram.region(usize::from(block)).ok()?;
         let count = u64::from(len) / PAGE;
         let end = start.checked_add(u64::from(len))?;
-        if start % PAGE != 0
+        if !start.is_multiple_of(PAGE)
             || u64::from(len) % PAGE != 0
             || count == 0
             || count > MAX_SERVED_PAGES as u64
