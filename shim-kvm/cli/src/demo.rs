@@ -928,6 +928,10 @@ pub fn destination_vm(vmm: &DemoVmm) -> DestinationVm {
     }
 }
 
+/// What `receive` prints on stderr, before the peer's address, once a
+/// migration has arrived and Ctrl-C and SIGTERM interrupt it.
+pub const ARRIVED_LINE: &str = "a migration arrived from";
+
 /// `livemig receive`: listens on `listen`, prints `listening on URI` on
 /// `announce` (the real port when 0 was asked for), loads one incoming
 /// migration into a fresh demo VMM of `mem_mib` MiB and `vcpus` vCPUs
@@ -974,6 +978,9 @@ pub fn run_receive(
     // Only now: until a migration arrives, Ctrl-C simply ends the process.
     let interrupt = Cancel::new();
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
+    // After the handlers: from this line on, a signal is the migration's
+    // to answer (a script waits for it before it may interrupt one).
+    eprintln!("livemig: {ARRIVED_LINE} {}", conn.peer());
     // From before the first page: after a postcopy it says which pages
     // the guest wrote here.
     let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())

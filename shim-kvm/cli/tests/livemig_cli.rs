@@ -18,6 +18,7 @@ use common::{
     demo_ok, finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
     spawn_receiver_with, stderr, userfaultfd_available,
 };
+use livemig_cli::demo::ARRIVED_LINE;
 use livemig_core::return_path::RpMessage;
 use livemig_core::source::SETUP_CHECK_PING;
 use serde_json::Value;
@@ -35,12 +36,14 @@ fn accept_setup_check(conn: &mut TcpStream) {
     conn.write_all(&out).unwrap();
 }
 
-/// A one-line error and a failure status.
+/// A one-line error and a failure status: the error is the last line
+/// `livemig: ` begins (a receiver says earlier that a migration arrived).
 fn assert_error_line(out: &Output, needle: &str) {
     assert!(!out.status.success(), "expected failure: {out:?}");
     let err = stderr(out);
     let line = err
         .lines()
+        .rev()
         .find(|l| l.starts_with("livemig: "))
         .unwrap_or_else(|| panic!("no error line in {err:?}"));
     assert!(
@@ -321,10 +324,11 @@ fn cutting_the_connection_fails_the_migration_and_the_guest_runs_on() {
         return;
     }
     let (mut receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 256);
+    let mut lines = StderrLines::of(&mut receiver);
     // Still migrating when the receiver dies.
     let sender = spawn_unending_sender(&addr, 256);
-    // Boot and warm-up take well under a second even on a loaded machine.
-    std::thread::sleep(Duration::from_millis(2000));
+    lines.wait_for(ARRIVED_LINE);
+    std::thread::sleep(Duration::from_millis(800));
     receiver.kill().unwrap();
     receiver.wait().unwrap();
     let t = Instant::now();
@@ -551,16 +555,14 @@ fn ctrl_c_cancels_and_the_guest_runs_on() {
     if !kvm_available() {
         return;
     }
-    let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+    let (mut receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+    let mut lines = StderrLines::of(&mut receiver);
     let sender = spawn_unending_sender(&addr, 128);
-    std::thread::sleep(Duration::from_millis(1200));
-    let status = Command::new("kill")
-        .args(["-INT", &sender.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    lines.wait_for(ARRIVED_LINE);
+    std::thread::sleep(Duration::from_millis(600));
+    signal(sender.id(), "-INT");
     let out = finish(sender);
-    let recv = finish(receiver);
+    let recv = lines.finish(receiver);
     let v = json_of(&out);
     assert_eq!(v["status"], "cancelled", "{v}");
     assert_source_guest_ran_on(&v);
@@ -768,7 +770,9 @@ fn send_gives_up_on_a_dropped_link_within_the_send_timeout() {
         "--send-timeout-ms",
         "4000",
     ]);
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut lines = StderrLines::of(&mut receiver);
+    lines.wait_for(ARRIVED_LINE);
+    std::thread::sleep(Duration::from_millis(800));
     ns.set_link_up(false);
     let cut = Instant::now();
     let out = finish(sender);
@@ -795,11 +799,16 @@ fn an_interrupted_receive_says_so_and_the_source_guest_runs_on() {
         return;
     }
     for (sig, name) in [("-INT", "SIGINT"), ("-TERM", "SIGTERM")] {
-        let (receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+        let (mut receiver, addr) = spawn_receiver("tcp:127.0.0.1:0", 128);
+        let mut lines = StderrLines::of(&mut receiver);
         let sender = spawn_unending_sender(&addr, 128);
-        std::thread::sleep(Duration::from_millis(1200));
+        // Not a fixed wait from the spawn: on a loaded machine the sender
+        // took longer than that to connect, and a signal before a
+        // migration arrives ends `receive` with nothing said.
+        lines.wait_for(ARRIVED_LINE);
+        std::thread::sleep(Duration::from_millis(600));
         signal(receiver.id(), sig);
-        let recv = finish(receiver);
+        let recv = lines.finish(receiver);
         let out = finish(sender);
         let r = json_of(&recv);
         assert_eq!(r["status"], "failed", "{name}: {r}");
