@@ -103,7 +103,7 @@ pub struct RequiredSection {
 pub enum SectionDue {
     /// Sent at setup, before any RAM (the CPU model, the runstate): the
     /// answer to the source's setup check
-    /// ([`SETUP_CHECK_PING`](crate::source::SETUP_CHECK_PING)) is a refusal
+    /// ([`SETUP_CHECK_PING`]) is a refusal
     /// without it, so a source that left it out hears so before it sends a
     /// page instead of after the whole stream.
     SetupCheck,

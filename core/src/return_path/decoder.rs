@@ -100,7 +100,7 @@ pub enum RpDecodeError {
     /// rounds it up to them).
     BadBitmapSize(u64),
     /// A received-pages bitmap was not followed by
-    /// [`RECV_BITMAP_END_MARK`](super::RECV_BITMAP_END_MARK): it was cut
+    /// [`RECV_BITMAP_END_MARK`]: it was cut
     /// short or lied about its size.
     BadBitmapEnd(u64),
     /// The peer closed the return path in the middle of a message.

@@ -96,7 +96,7 @@ pub enum RpMessage<'a> {
         bytes: &'a [u8],
     },
     /// Postcopy recovery: the bitmap ended with its end mark
-    /// ([`RECV_BITMAP_END_MARK`](super::RECV_BITMAP_END_MARK), checked by
+    /// ([`RECV_BITMAP_END_MARK`], checked by
     /// the decoder).
     RecvBitmapEnd,
     /// Postcopy recovery: the destination is ready for the source to resume

@@ -262,7 +262,7 @@ pub fn copy_to(uri: &MigrationUri, bytes: u64, data: &[u8]) -> Result<RawCopy, B
 /// Where a sink puts the bytes it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SinkMemory {
-    /// One [`SINK_READ_BYTES`] buffer, read into again and again: the
+    /// One `SINK_READ_BYTES` buffer, read into again and again: the
     /// socket's own speed, the bytes landing in memory already mapped.
     Reused,
     /// Memory never touched before, as much as the copy brings, each byte

@@ -7,7 +7,7 @@
 //!
 //! 1. the **userfaultfd round trip**: a thread touches a missing page of
 //!    memory registered with livemig's own userfaultfd layer
-//!    ([`PostcopyRam`] and its [`FaultThread`]: `poll`, read the event,
+//!    ([`PostcopyRam`] and its [`FaultThread`](livemig_kvm::postcopy::FaultThread): `poll`, read the event,
 //!    `UFFDIO_COPY`, wake), and the fault thread places the page itself;
 //!    the toucher's time from the touch to its resume. What a fault costs
 //!    with no migration behind it: the floor.

@@ -19,7 +19,7 @@
 //! in QEMU.
 //!
 //! Every wait has a deadline; both QEMUs are killed when their
-//! [`QemuProcess`] drops, on every exit path (an error, Ctrl-C through
+//! `QemuProcess` drops, on every exit path (an error, Ctrl-C through
 //! [`Cancel`]).
 
 use std::ffi::OsStr;

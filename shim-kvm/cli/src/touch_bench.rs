@@ -58,7 +58,7 @@ pub enum Target {
     /// `MADV_POPULATE_WRITE` by the writer just before it writes it.
     PopulateInline,
     /// A fresh 4 KiB mapping populated with `MADV_POPULATE_WRITE` by a
-    /// helper thread, [`AHEAD_STEP`] at a time, ahead of the writer (which
+    /// helper thread, `AHEAD_STEP` at a time, ahead of the writer (which
     /// waits for it where it has not got to yet).
     PopulateAhead,
 }

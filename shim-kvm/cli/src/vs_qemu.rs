@@ -1,5 +1,5 @@
 //! `livemig bench --vs-qemu`: each case's livemig runs alternating with
-//! QEMU migrating the same guest ([`qemu`](crate::qemu)), and the ratios
+//! QEMU migrating the same guest ([`qemu`]), and the ratios
 //! livemig / QEMU of the medians.
 //!
 //! Same guest image and parameters, RAM, working set, vCPUs, warmup,

@@ -6,7 +6,7 @@
 //! destination refuses a model that is not its own before a page moves.
 //! After the stop come one [`CPU_SECTION`] per vCPU (instance = vCPU
 //! index), the VM-wide in-kernel devices ([`VM_SECTION`]), then the VMM's
-//! [`DeviceSection`](crate::vmm::DeviceSection)s.
+//! [`DeviceSection`]s.
 
 use livemig_core::wire::{self, DeviceId, EncodeError, RECORD_HEADER_LEN};
 

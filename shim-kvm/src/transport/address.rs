@@ -27,8 +27,8 @@ pub enum MigrationUri {
     Unix(PathBuf),
     /// `fd:N`: a stream socket this process inherited as descriptor `N`
     /// (from a management process that set the connection up). Using it
-    /// hands the descriptor's ownership to the [`Connection`] or
-    /// [`Listener`]; see [`Connection::connect`] for how that is checked.
+    /// hands the descriptor's ownership to the [`Connection`](super::Connection) or
+    /// [`Listener`](super::Listener); see [`Connection::connect`](super::Connection::connect) for how that is checked.
     Fd(RawFd),
 }
 

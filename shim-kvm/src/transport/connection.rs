@@ -78,7 +78,7 @@ impl Connection {
     ///   number cannot be claimed twice.
     ///
     /// The socket gets `TCP_NODELAY` (TCP) and large buffers (see
-    /// [`SOCKET_BUFFER_BYTES`]).
+    /// [`SOCKET_BUFFER_BYTES`](super::SOCKET_BUFFER_BYTES)).
     pub fn connect(uri: &MigrationUri) -> Result<Connection, TransportError> {
         let stream = match uri {
             MigrationUri::Tcp { host, port } => {

@@ -41,7 +41,7 @@ pub enum TransportError {
     /// this process (or already claimed by an earlier `fd:N`), not
     /// inherited, so taking ownership of it would steal it from its owner.
     FdNotInherited(RawFd),
-    /// A [`Listener`] over an already-connected `fd:N` has handed out its
+    /// A [`Listener`](super::Listener) over an already-connected `fd:N` has handed out its
     /// one connection; holds the descriptor.
     FdAlreadyAccepted(RawFd),
     /// A page to send is outside guest RAM.

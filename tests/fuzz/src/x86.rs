@@ -32,7 +32,7 @@ pub fn x86_vcpu_state(data: &[u8]) {
     x86_vcpu_state_accepts(data);
 }
 
-/// Decodes `data` as a vCPU state; see [`stable`] for what is checked.
+/// Decodes `data` as a vCPU state; see `stable` for what is checked.
 pub fn x86_vcpu_state_accepts(data: &[u8]) -> bool {
     stable(data, VcpuState::decode, VcpuState::encode)
 }
@@ -74,7 +74,7 @@ pub fn x86_vm_state(data: &[u8]) {
     x86_vm_state_accepts(data);
 }
 
-/// Decodes `data` as a VM state; see [`stable`] for what is checked.
+/// Decodes `data` as a VM state; see `stable` for what is checked.
 pub fn x86_vm_state_accepts(data: &[u8]) -> bool {
     stable(data, VmState::decode, VmState::encode)
 }
@@ -117,7 +117,7 @@ pub fn x86_cpu_model(data: &[u8]) {
     x86_cpu_model_accepts(data);
 }
 
-/// Decodes `data` as a CPU model; see [`stable`] for what is checked, and
+/// Decodes `data` as a CPU model; see `stable` for what is checked, and
 /// a decoded model is compatible with itself.
 pub fn x86_cpu_model_accepts(data: &[u8]) -> bool {
     if let Ok(m) = CpuModel::decode(data) {
