@@ -36,15 +36,14 @@ fn accept_setup_check(conn: &mut TcpStream) {
     conn.write_all(&out).unwrap();
 }
 
-/// A one-line error and a failure status: the error is the last line
-/// `livemig: ` begins (a receiver says earlier that a migration arrived).
+/// A one-line error and a failure status: the error is the first line
+/// `livemig: ` begins but a receiver's saying that a migration arrived.
 fn assert_error_line(out: &Output, needle: &str) {
     assert!(!out.status.success(), "expected failure: {out:?}");
     let err = stderr(out);
     let line = err
         .lines()
-        .rev()
-        .find(|l| l.starts_with("livemig: "))
+        .find(|l| l.starts_with("livemig: ") && !l.contains(ARRIVED_LINE))
         .unwrap_or_else(|| panic!("no error line in {err:?}"));
     assert!(
         line.contains(needle),
