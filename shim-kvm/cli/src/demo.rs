@@ -58,7 +58,7 @@ use livemig_sim::{BlockSpec, GuestSpec, Scenario, WorkingSet, run_migration};
 use serde_json::{Value, json};
 
 use crate::breakdown;
-use crate::events::EventLog;
+use crate::events::{self, EventLog};
 use crate::guest::{self, GuestParams};
 use crate::interrupt::{self, Cancel, Decision};
 use livemig_kvm::clock;
@@ -928,10 +928,6 @@ pub fn destination_vm(vmm: &DemoVmm) -> DestinationVm {
     }
 }
 
-/// What `receive` prints on stderr, before the peer's address, once a
-/// migration has arrived and Ctrl-C and SIGTERM interrupt it.
-pub const ARRIVED_LINE: &str = "a migration arrived from";
-
 /// `livemig receive`: listens on `listen`, prints `listening on URI` on
 /// `announce` (the real port when 0 was asked for), loads one incoming
 /// migration into a fresh demo VMM of `mem_mib` MiB and `vcpus` vCPUs
@@ -980,7 +976,7 @@ pub fn run_receive(
     interrupt::cancel_on_signals(&interrupt).map_err(|e| DemoError::Signals(e.to_string()))?;
     // After the handlers: from this line on, a signal is the migration's
     // to answer (a script waits for it before it may interrupt one).
-    eprintln!("livemig: {ARRIVED_LINE} {}", conn.peer());
+    events.arrived(conn.peer());
     // From before the first page: after a postcopy it says which pages
     // the guest wrote here.
     let log = WriteLog::start(Arc::clone(vmm.vm()), vmm.guest_memory().clone())
@@ -1288,7 +1284,10 @@ pub fn run_demo_with(
             .starts_with("the destination failed");
     if !own_failure {
         // The demo owns both sides: that the migration arrived is no news.
-        for line in dest_stderr.lines().filter(|l| !l.contains(ARRIVED_LINE)) {
+        for line in dest_stderr
+            .lines()
+            .filter(|l| !l.contains(events::ARRIVED_LINE))
+        {
             eprintln!("{line}");
         }
     }

@@ -1,12 +1,16 @@
-//! A migration's events (a postcopy pause and its recovery) for the
-//! operator: one line on stderr each, also with `--quiet` (a paused
-//! migration is what an operator must hear about), and with `--json` one
-//! `{"event": ...}` object per event on stdout, before the summary.
+//! A migration's events (its arrival at `receive`, a postcopy pause and
+//! its recovery) for the operator: one line on stderr each, also with
+//! `--quiet` (a paused migration is what an operator must hear about),
+//! and with `--json` one `{"event": ...}` object per event on stdout,
+//! before the summary.
 
 use std::io::Write;
 
 use livemig_kvm::MigrationEvent;
 use serde_json::{Value, json};
+
+/// What [`EventLog::arrived`] prints on stderr, before the peer's address.
+pub const ARRIVED_LINE: &str = "a migration arrived from";
 
 /// Where a migration's events go.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +22,18 @@ impl EventLog {
     /// Events on stderr, and as JSON lines on stdout when `json`.
     pub fn new(json: bool) -> Self {
         EventLog { json }
+    }
+
+    /// Tells the operator that a migration arrived from `peer` (a
+    /// `migration-arrived` event in JSON): `receive` says it once its
+    /// Ctrl-C and SIGTERM handlers are in place, so a script may interrupt
+    /// the migration from then on.
+    pub fn arrived(&self, peer: &str) {
+        eprintln!("livemig: {ARRIVED_LINE} {peer}");
+        if self.json {
+            println!("{}", json!({ "event": "migration-arrived", "peer": peer }));
+            let _ = std::io::stdout().flush();
+        }
     }
 
     /// Tells the operator about `event`.

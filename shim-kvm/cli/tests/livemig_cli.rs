@@ -18,7 +18,7 @@ use common::{
     demo_ok, finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
     spawn_receiver_with, stderr, userfaultfd_available,
 };
-use livemig_cli::demo::ARRIVED_LINE;
+use livemig_cli::events::ARRIVED_LINE;
 use livemig_core::return_path::RpMessage;
 use livemig_core::source::SETUP_CHECK_PING;
 use serde_json::Value;
@@ -809,6 +809,19 @@ fn an_interrupted_receive_says_so_and_the_source_guest_runs_on() {
         signal(receiver.id(), sig);
         let recv = lines.finish(receiver);
         let out = finish(sender);
+        let arrived: Vec<Value> = String::from_utf8_lossy(&recv.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "migration-arrived")
+            .collect();
+        assert_eq!(arrived.len(), 1, "{name}: {recv:?}");
+        assert!(
+            arrived[0]["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("tcp:127.0.0.1:")),
+            "{name}: {}",
+            arrived[0]
+        );
         let r = json_of(&recv);
         assert_eq!(r["status"], "failed", "{name}: {r}");
         let why = r["error-desc"].as_str().unwrap();

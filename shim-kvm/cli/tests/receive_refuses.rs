@@ -29,7 +29,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{announced_address, kvm_available};
-use livemig_cli::demo::ARRIVED_LINE;
+use livemig_cli::events::ARRIVED_LINE;
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::{CATCH_UP_PING, SETUP_CHECK_PING};
 use livemig_core::wire::{
@@ -575,11 +575,22 @@ fn loaded_then_cut(client: &mut TcpStream) {
         .expect("close without COMMIT");
 }
 
+/// The event after the `migration-arrived` one, which `receive` prints
+/// first.
+fn next_event_after_arrival(reader: &mut BufReader<ChildStdout>) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("the arrival event");
+    let event: Value = serde_json::from_str(&line).expect("JSON event");
+    assert_eq!(event["event"], "migration-arrived", "{event}");
+    line.clear();
+    reader.read_line(&mut line).expect("the next event");
+    line
+}
+
 /// Reads the `held` event and, after a while held, sends `signal`.
 fn decide_with(signal: libc::c_int) -> impl FnOnce(u32, &mut BufReader<ChildStdout>) {
     move |pid, reader| {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("the held event");
+        let line = next_event_after_arrival(reader);
         let event: Value = serde_json::from_str(&line).expect("JSON event");
         assert_eq!(event["event"], "held", "{event}");
         assert_eq!(event["ambiguous-end"], "loaded", "{event}");
@@ -646,8 +657,7 @@ fn a_held_guest_without_a_decision_is_discarded_after_the_hold_timeout() {
     }
     let held_at = std::cell::Cell::new(None);
     let out = receive_holding(1, loaded_then_cut, |_, reader| {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("the held event");
+        let line = next_event_after_arrival(reader);
         held_at.set(Some(Instant::now()));
         let event: Value = serde_json::from_str(&line).expect("JSON event");
         assert_eq!(event["event"], "held", "{event}");

@@ -187,7 +187,9 @@ struct Migration {
 #[derive(Args)]
 struct Output {
     /// Print the summary as one JSON object (query-migrate field names);
-    /// after an ambiguous end a `held` event object comes first.
+    /// events come before it, one JSON object a line (`migration-arrived`
+    /// on `receive`, a postcopy pause and recovery, `held` after an
+    /// ambiguous end).
     #[arg(long)]
     json: bool,
     /// No progress line, even on a terminal.
