@@ -294,6 +294,83 @@ fn a_cut_of_the_reopened_preempt_channel_pauses_again_and_recovers() {
     );
 }
 
+/// A listener for a recovery that relays the first connection to `to` and
+/// refuses every later one: it accepts nothing until a connection is
+/// queued, waits, then takes that one and closes. With an accept queue of
+/// one (`listen` backlog 0) the connection the source opens right after
+/// the first one (the new preempt channel) finds the queue full, its SYN
+/// is dropped, and its retransmission a second later meets a closed port:
+/// no race between the source's two connects and the close.
+fn one_connection_relay(to: &str) -> String {
+    use std::os::fd::AsRawFd;
+    let target = to.strip_prefix("tcp:").expect("a tcp address").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: `listen` on a socket this test owns; Linux takes a second
+    // `listen` on a listening socket as a new backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    thread::spawn(move || {
+        let mut queued = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on a live socket, no timeout.
+        if unsafe { libc::poll(&mut queued, 1, -1) } != 1 {
+            return;
+        }
+        // Time for the next connect's SYN to arrive and be dropped.
+        thread::sleep(Duration::from_millis(300));
+        let Ok((src, _)) = listener.accept() else {
+            return;
+        };
+        drop(listener);
+        let Ok(dst) = TcpStream::connect(&target) else {
+            return;
+        };
+        pump(src.try_clone().unwrap(), dst.try_clone().unwrap(), None);
+        pump(dst, src, None);
+    });
+    addr
+}
+
+/// Issue 12, item 4: a recovery whose new preempt channel cannot be
+/// connected goes on without one (requested pages take the main stream),
+/// says so, and completes verified.
+#[test]
+fn a_recovery_whose_preempt_channel_is_refused_goes_on_over_the_main_stream() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (receiver, addr) =
+        spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
+    let relay = Relay::start(&addr, &[]);
+    let resume_to = one_connection_relay(&addr);
+    let mut extra = vec!["--recover-timeout-s", "60", "--resume-to", &resume_to];
+    extra.extend_from_slice(PREEMPT_SLOWER);
+    let (sender, mut lines) = spawn_sender(&relay, &extra);
+    lines.wait_for(SWITCHOVER_LINE);
+    thread::sleep(Duration::from_millis(400));
+    relay.cut(0);
+    let send = lines.finish(sender);
+    let recv = finish(receiver);
+    assert_recovered_and_verified(&send, &recv, 1);
+    let refused = events(&send, "preempt-not-reopened");
+    assert_eq!(refused.len(), 1, "{}", stderr(&send));
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("refused")),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        stderr(&send).contains("postcopy recovery without a preempt channel"),
+        "{}",
+        stderr(&send)
+    );
+}
+
 #[test]
 fn a_cut_during_the_recovery_handshake_pauses_again_and_recovers() {
     if !kvm_available() || !userfaultfd_available() {
