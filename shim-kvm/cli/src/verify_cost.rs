@@ -228,8 +228,25 @@ impl VerifyCost {
         (off != 0.0).then(|| on / off)
     }
 
-    /// The comparison as one JSON object: each figure's spread both ways
-    /// and the ratio of the medians, then both sets of runs in full.
+    /// The spread of `figure`'s ratio verified over not within each round
+    /// (run `i` each way: the two ran back to back, so a drift of the
+    /// host's load between rounds cancels out); `None` where no round has
+    /// both, rounds whose unverified figure is missing or 0 left out.
+    fn paired(&self, figure: fn(&RunResult) -> Option<f64>) -> Option<Spread> {
+        Spread::of(
+            self.on
+                .runs
+                .iter()
+                .zip(&self.off.runs)
+                .filter_map(|(on, off)| Some((figure(on)?, figure(off)?)))
+                .filter(|&(_, off)| off != 0.0)
+                .map(|(on, off)| on / off),
+        )
+    }
+
+    /// The comparison as one JSON object: each figure's spread both ways,
+    /// the ratio of the medians and the spread of the rounds' ratios, then
+    /// both sets of runs in full.
     pub fn to_json(&self) -> Value {
         let mut figures = Map::new();
         for (name, _, _, figure) in FIGURES {
@@ -240,6 +257,9 @@ impl VerifyCost {
                     "verify-on": spread(&self.on),
                     "verify-off": spread(&self.off),
                     "on-over-off": self.ratio(figure),
+                    "rounds-on-over-off": self
+                        .paired(figure)
+                        .map_or(Value::Null, Spread::to_json),
                 }),
             );
         }
@@ -274,6 +294,7 @@ impl VerifyCost {
                 "on/off",
                 "on min..max",
                 "off min..max",
+                "rounds on/off",
             ]
             .map(String::from)
             .to_vec(),
@@ -294,6 +315,9 @@ impl VerifyCost {
                 self.ratio(figure).map_or("-".into(), |r| format!("{r:.3}")),
                 range(on),
                 range(off),
+                self.paired(figure).map_or("-".into(), |p| {
+                    format!("{:.3} ({:.3}..{:.3})", p.median, p.min, p.max)
+                }),
             ]);
         }
         let mut out = format!(
@@ -305,8 +329,10 @@ impl VerifyCost {
         out.push_str(&bench::columns(&rows));
         out.push_str(&self.reads_line());
         out.push_str(
-            "on/off is the verified median over the unverified one: downtime within the two \
-             min..max spreads is no increase within noise; throughput (migr GB/s, and vs raw TCP, \
+            "on/off is the verified median over the unverified one, rounds on/off the median \
+             (min..max) of each round's verified run over its unverified one, run back to \
+             back: downtime within the two min..max spreads is no increase within noise; \
+             throughput (migr GB/s, and vs raw TCP, \
              the migration over a raw TCP copy of the same bytes in the same run) should stay \
              at 0.95 or above. Runs without verification are checked by the digest of the \
              pages the destination guest did not write, taken after its watch, outside the \
@@ -382,6 +408,10 @@ mod tests {
         }
     }
 
+    fn j_rounds(j: &Value) -> Value {
+        j["verify-cost"]["downtime"]["rounds-on-over-off"].clone()
+    }
+
     #[test]
     fn ratios_are_of_the_medians_each_way() {
         let case = bench::CASES[0];
@@ -410,6 +440,13 @@ mod tests {
         assert!(cost.verified());
         assert_eq!(cost.ratio(RunResult::downtime_ms), Some(1.5));
         assert_eq!(cost.ratio(|r| Some(r.total_ms())), Some(410.0 / 400.0));
+        // Rounds: 4/5, 6/3, 100/4.
+        let rounds = cost.paired(RunResult::downtime_ms).unwrap();
+        assert_eq!((rounds.median, rounds.min, rounds.max), (2.0, 0.8, 25.0));
+        assert_eq!(
+            j_rounds(&cost.to_json()),
+            json!({"median": 2.0, "min": 0.8, "max": 25.0})
+        );
         let j = cost.to_json();
         assert_eq!(j["verify-cost"]["downtime"]["on-over-off"], json!(1.5));
         assert_eq!(
@@ -423,6 +460,7 @@ mod tests {
         );
         let text = cost.table();
         assert!(text.contains("1.500"), "{text}");
+        assert!(text.contains("2.000 (0.800..25.000)"), "{text}");
         assert!(text.contains("4.00..100.00"), "{text}");
         assert!(text.contains("3 runs each"), "{text}");
         assert!(
