@@ -7,8 +7,10 @@
 //!
 //! 1. the **userfaultfd round trip**: a thread touches a missing page of
 //!    memory registered with livemig's own userfaultfd layer
-//!    ([`PostcopyRam`] and its [`FaultThread`](livemig_kvm::postcopy::FaultThread): `poll`, read the event,
-//!    `UFFDIO_COPY`, wake), and the fault thread places the page itself;
+//!    ([`PostcopyRam`] and its
+//!    [`FaultThread`](livemig_kvm::postcopy::FaultThread): `poll`, read
+//!    the event, `UFFDIO_COPY`, wake), and the fault thread places the
+//!    page itself;
 //!    the toucher's time from the touch to its resume. What a fault costs
 //!    with no migration behind it: the floor.
 //! 2. the same **over loopback TCP**: the fault thread asks a server

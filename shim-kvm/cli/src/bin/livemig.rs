@@ -80,10 +80,10 @@ enum Cmd {
     /// failures exit with 1.
     Send(SendArgs),
     /// Wait at --listen for one migration, load it into a fresh VM, start
-    /// the guest and report. Prints `listening on URI` first,
-    /// and `a migration arrived from PEER` on stderr when one does (until
-    /// then Ctrl-C simply ends it; from then on it interrupts the
-    /// migration, and the source keeps its guest). `verified`
+    /// the guest and report. Prints `listening on URI` first, and `a
+    /// migration arrived from PEER` on stderr when one does (until then
+    /// Ctrl-C simply ends it; from then on it interrupts the migration,
+    /// and the source keeps its guest). `verified`
     /// is true when the sender's digest, compared here before the guest
     /// started, equals what was loaded (a mismatch refuses to start the
     /// guest, and the sender keeps it); --digest adds a digest of the
