@@ -10,9 +10,8 @@
 //!    ([`PostcopyRam`] and its
 //!    [`FaultThread`](livemig_kvm::postcopy::FaultThread): `poll`, read
 //!    the event, `UFFDIO_COPY`, wake), and the fault thread places the
-//!    page itself;
-//!    the toucher's time from the touch to its resume. What a fault costs
-//!    with no migration behind it: the floor.
+//!    page itself; the toucher's time from the touch to its resume. What
+//!    a fault costs with no migration behind it: the floor.
 //! 2. the same **over loopback TCP**: the fault thread asks a server
 //!    thread for the page (an 8-byte request, a 4 KiB answer, over the
 //!    transport's [`Connection`], so `TCP_NODELAY` and buffer sizes are
