@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     Netns, SWITCHOVER_LINE, StderrLines, announced_address, assert_each_vcpu_went_on, demo,
-    demo_ok, finish, json_of, json_of_success, kvm_available, livemig, spawn, spawn_receiver,
-    spawn_receiver_with, stderr, userfaultfd_available,
+    demo_ok, events, finish, json_of, json_of_success, kvm_available, livemig, spawn,
+    spawn_receiver, spawn_receiver_with, stderr, userfaultfd_available,
 };
 use livemig_cli::events::ARRIVED_LINE;
 use livemig_core::return_path::RpMessage;
@@ -809,11 +809,7 @@ fn an_interrupted_receive_says_so_and_the_source_guest_runs_on() {
         signal(receiver.id(), sig);
         let recv = lines.finish(receiver);
         let out = finish(sender);
-        let arrived: Vec<Value> = String::from_utf8_lossy(&recv.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["event"] == "migration-arrived")
-            .collect();
+        let arrived = events(&recv, "migration-arrived");
         assert_eq!(arrived.len(), 1, "{name}: {recv:?}");
         assert!(
             arrived[0]["peer"]

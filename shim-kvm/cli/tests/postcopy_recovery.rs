@@ -19,10 +19,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    Netns, SWITCHOVER_LINE, StderrLines, assert_each_vcpu_went_on, demo, finish, json_of,
+    Netns, SWITCHOVER_LINE, StderrLines, assert_each_vcpu_went_on, demo, events, finish, json_of,
     kvm_available, spawn, spawn_receiver_with, stderr, userfaultfd_available,
 };
-use serde_json::Value;
 
 /// Flags of a postcopy `send` whose background pass is held to 16 MiB/s
 /// over a 64 MiB working set: the guest runs on the destination for a few
@@ -148,15 +147,6 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut_first: Option<(usize, &'stat
     });
 }
 
-/// The `{"event": ...}` lines a run printed on stdout, by name.
-fn events(out: &Output, name: &str) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == name)
-        .collect()
-}
-
 /// Both ends completed a postcopy that recovered `at_least` times, with
 /// the memory verified and the guest running on at the destination.
 fn assert_recovered_and_verified(send: &Output, recv: &Output, at_least: u64) {
@@ -211,10 +201,25 @@ fn spawn_sender(relay: &Relay, extra: &[&str]) -> (Child, StderrLines) {
 /// recovers, completes and verifies. Returns what the sender and the
 /// receiver printed, and the connections the relay took.
 fn cut_mid_postcopy(cuts: &'static [Cut], sender_extra: &[&str]) -> (Output, Output, usize) {
+    cut_mid_postcopy_resuming(cuts, sender_extra, None)
+}
+
+/// [`cut_mid_postcopy`] whose sender, when `resume_via` is given, resumes
+/// at the address it makes from the receiver's (`--resume-to`) instead of
+/// through the relay.
+fn cut_mid_postcopy_resuming(
+    cuts: &'static [Cut],
+    sender_extra: &[&str],
+    resume_via: Option<fn(&str) -> String>,
+) -> (Output, Output, usize) {
     let (receiver, addr) =
         spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
     let relay = Relay::start(&addr, cuts);
+    let resume_to = resume_via.map(|via| via(&addr));
     let mut extra = vec!["--recover-timeout-s", "60"];
+    if let Some(to) = &resume_to {
+        extra.extend_from_slice(&["--resume-to", to]);
+    }
     extra.extend_from_slice(sender_extra);
     let (sender, mut lines) = spawn_sender(&relay, &extra);
     lines.wait_for(SWITCHOVER_LINE);
@@ -342,19 +347,7 @@ fn a_recovery_whose_preempt_channel_is_refused_goes_on_over_the_main_stream() {
     if !kvm_available() || !userfaultfd_available() {
         return;
     }
-    let (receiver, addr) =
-        spawn_receiver_with("tcp:127.0.0.1:0", 256, &["--recover-timeout-s", "60"]);
-    let relay = Relay::start(&addr, &[]);
-    let resume_to = one_connection_relay(&addr);
-    let mut extra = vec!["--recover-timeout-s", "60", "--resume-to", &resume_to];
-    extra.extend_from_slice(PREEMPT_SLOWER);
-    let (sender, mut lines) = spawn_sender(&relay, &extra);
-    lines.wait_for(SWITCHOVER_LINE);
-    thread::sleep(Duration::from_millis(400));
-    relay.cut(0);
-    let send = lines.finish(sender);
-    let recv = finish(receiver);
-    assert_recovered_and_verified(&send, &recv, 1);
+    let (send, _, _) = cut_mid_postcopy_resuming(&[], PREEMPT_SLOWER, Some(one_connection_relay));
     let refused = events(&send, "preempt-not-reopened");
     assert_eq!(refused.len(), 1, "{}", stderr(&send));
     assert!(

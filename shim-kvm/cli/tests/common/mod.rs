@@ -139,6 +139,15 @@ pub fn json_of(out: &Output) -> Value {
     serde_json::from_str(line).expect("valid JSON")
 }
 
+/// The `{"event": ...}` lines a run printed on stdout, by name.
+pub fn events(out: &Output, name: &str) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == name)
+        .collect()
+}
+
 /// The JSON summary of a run that must have exited with success.
 pub fn json_of_success(out: &Output) -> Value {
     assert!(out.status.success(), "{out:?}");
