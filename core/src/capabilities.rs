@@ -253,11 +253,6 @@ pub enum CapabilityError {
     /// `migrate_prepare`). livemig refuses the combination up front rather
     /// than discover it only after a network failure.
     ReleaseRamPreventsRecovery,
-    /// `multifd` together with `postcopy-ram`: the postcopy background
-    /// pass and its page requests do not use the channels yet, so livemig
-    /// refuses the pair rather than send postcopy pages where the
-    /// destination does not look for them.
-    MultifdWithPostcopy,
 }
 
 impl fmt::Display for CapabilityError {
@@ -273,10 +268,6 @@ impl fmt::Display for CapabilityError {
             Self::XbzrleWithMultifd => f.write_str(
                 "capabilities 'xbzrle' and 'multifd' cannot be combined: \
                  multifd channels do not use the xbzrle page cache",
-            ),
-            Self::MultifdWithPostcopy => f.write_str(
-                "capabilities 'multifd' and 'postcopy-ram' cannot be combined yet: \
-                 postcopy does not use the multifd channels",
             ),
             Self::ReleaseRamPreventsRecovery => f.write_str(
                 "capabilities 'postcopy-ram' and 'release-ram' cannot be combined: \
@@ -327,9 +318,6 @@ pub fn check(caps: Capabilities) -> Result<Capabilities, CapabilityError> {
     }
     if effective.contains(Capabilities::POSTCOPY_RAM | Capabilities::RELEASE_RAM) {
         return Err(CapabilityError::ReleaseRamPreventsRecovery);
-    }
-    if effective.contains(Capabilities::MULTIFD | Capabilities::POSTCOPY_RAM) {
-        return Err(CapabilityError::MultifdWithPostcopy);
     }
     Ok(effective)
 }
@@ -472,11 +460,8 @@ mod tests {
             msg.contains("'xbzrle'") && msg.contains("'multifd'"),
             "{msg}"
         );
-        assert_eq!(
-            check(Capabilities::MULTIFD | Capabilities::POSTCOPY_RAM),
-            Err(CapabilityError::MultifdWithPostcopy)
-        );
         assert!(check(Capabilities::MULTIFD | Capabilities::RETURN_PATH).is_ok());
+        assert!(check(Capabilities::MULTIFD | Capabilities::POSTCOPY_RAM).is_ok());
     }
 
     #[test]

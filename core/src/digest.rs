@@ -501,6 +501,25 @@ impl<'a> DigestBooks<'a> {
         self.sum = self.sum.wrapping_add(delta);
     }
 
+    /// Page `page`'s term `term`, already in the sum through
+    /// [`add_elsewhere`](Self::add_elsewhere), is booked here from now
+    /// on: it joins the page's slot (the sum does not change), so that a
+    /// later [`record`](Self::record) of the page replaces it. A postcopy
+    /// destination adopts the multifd channels' pages at the switch
+    /// ([`ChannelsHost::end_channels`](crate::destination::ChannelsHost::end_channels)),
+    /// since postcopy may send a page again on the main stream. False (and
+    /// nothing booked) for a page outside the block.
+    pub fn adopt(&mut self, page: u64, term: u64) -> bool {
+        let Some(slot) = usize::try_from(page)
+            .ok()
+            .and_then(|p| self.terms.get_mut(p))
+        else {
+            return false;
+        };
+        *slot = slot.wrapping_add(term);
+        true
+    }
+
     /// The term booked for `page`, if it is in the block.
     pub fn term(&self, page: u64) -> Option<u64> {
         usize::try_from(page)

@@ -67,8 +67,8 @@ pub mod x86;
 
 pub use migrate::{
     CancelRefused, DestinationReport, DestinationVm, MigrateError, MigrationEvent, MigrationHandle,
-    ReceiveHandle, ReceiveOptions, Recovery, SourceOptions, SourceReport, SourceVm, migrate,
-    migrate_with_channels, receive, receive_with_channels,
+    ReceiveHandle, ReceiveOptions, Recovery, SourceOptions, SourceReport, SourceVm,
+    extra_connections, migrate, migrate_with_channels, receive, receive_with_channels,
 };
 pub use transport::Connection;
 pub use vmm::{DeviceDirtyLog, DeviceSection, Vcpus, VmmError};

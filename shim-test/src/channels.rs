@@ -41,6 +41,9 @@ pub enum ChannelError {
     /// At a flush, the channel had not reached its sync and never will
     /// (closed or silent: on a real host, the sync's deadline).
     NotSynced(u16),
+    /// At the switch to postcopy, the channel held bytes after its last
+    /// flushed sync.
+    AfterLastSync(u16),
 }
 
 impl fmt::Display for ChannelError {
@@ -57,6 +60,10 @@ impl fmt::Display for ChannelError {
             Self::NotSynced(c) => {
                 write!(f, "multifd channel {c} did not reach its sync")
             }
+            Self::AfterLastSync(c) => write!(
+                f,
+                "multifd channel {c} carried bytes after its last sync, at the switch to postcopy"
+            ),
         }
     }
 }
@@ -90,6 +97,8 @@ struct Receiver {
     greeted: bool,
     /// Bytes arrived and not parsed yet.
     buf: Vec<u8>,
+    /// A packet of pages arrived since the last flushed sync.
+    unsynced: bool,
 }
 
 /// The channels of one simulated migration: the links (the source sends
@@ -104,6 +113,10 @@ pub struct SimChannels {
     failed: Option<ChannelError>,
     /// `failed` was handed out by `take_failure`.
     reported: bool,
+    /// Per block, the pages the channels placed (normal or zero).
+    arrived: Vec<Vec<bool>>,
+    /// The switch to postcopy ended the channels: nothing more is read.
+    ended: bool,
 }
 
 impl SimChannels {
@@ -121,6 +134,8 @@ impl SimChannels {
             books: None,
             failed: None,
             reported: false,
+            arrived: Vec::new(),
+            ended: false,
         }
     }
 
@@ -145,7 +160,12 @@ impl SimChannels {
                 seq: ChannelReceiver::new(id, count),
                 greeted: false,
                 buf: Vec::new(),
+                unsynced: false,
             })
+            .collect();
+        self.arrived = layout
+            .iter()
+            .map(|b| vec![false; DigestBooks::words(b)])
             .collect();
         self.books = key.map(|key| ChannelBooks {
             key,
@@ -180,6 +200,9 @@ impl SimChannels {
     /// every packet up to each channel's sync. A failure is kept for
     /// [`take_failure`](Self::take_failure) (and for the next sync).
     pub fn pump(&mut self, now_ns: u64, ram: &mut SimRam, layout: &[BlockInfo<'_>]) -> bool {
+        if self.ended {
+            return false;
+        }
         let mut progressed = false;
         let mut chunk = vec![0u8; 1 << 16];
         for (i, (link, rx)) in self.links.iter_mut().zip(&mut self.receivers).enumerate() {
@@ -195,7 +218,9 @@ impl SimChannels {
             if self.failed.is_some() {
                 continue;
             }
-            if let Err(e) = parse(index, rx, ram, layout, &mut self.totals, &mut self.books) {
+            let books = &mut self.books;
+            let arrived = &mut self.arrived;
+            if let Err(e) = parse(index, rx, ram, layout, &mut self.totals, books, arrived) {
                 self.failed = Some(e);
                 continue;
             }
@@ -228,11 +253,43 @@ impl SimChannels {
         }
         for rx in &mut self.receivers {
             rx.seq.release();
+            rx.unsynced = false;
         }
         // What was buffered behind the syncs belongs to the next
         // generation: apply it now.
         self.pump(u64::MAX, ram, layout);
         Ok(std::mem::take(&mut self.totals))
+    }
+
+    /// The switch to postcopy (the engine's
+    /// [`ChannelsHost::end_channels`](livemig_core::destination::ChannelsHost::end_channels)):
+    /// everything sent has arrived and nothing came after the last
+    /// flushed sync; the channels are read no more, and `placed` hears
+    /// of every page they placed with its term (0 without books).
+    pub fn end(
+        &mut self,
+        ram: &mut SimRam,
+        layout: &[BlockInfo<'_>],
+        placed: &mut dyn FnMut(u16, u64, u64),
+    ) -> Result<(), ChannelError> {
+        self.pump(u64::MAX, ram, layout);
+        self.ended = true;
+        if let Some(e) = self.failed.clone() {
+            return Err(e);
+        }
+        for (i, rx) in self.receivers.iter().enumerate() {
+            if rx.unsynced || rx.seq.is_synced() || !rx.buf.is_empty() {
+                return Err(ChannelError::AfterLastSync(i as u16));
+            }
+        }
+        for (block, pages) in self.arrived.iter().enumerate() {
+            let terms = self.books.as_ref().and_then(|b| b.terms.get(block));
+            for (page, _) in pages.iter().enumerate().filter(|(_, a)| **a) {
+                let term = terms.and_then(|t| t.get(page)).copied().unwrap_or(0);
+                placed(block as u16, page as u64, term);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -244,6 +301,7 @@ fn parse(
     layout: &[BlockInfo<'_>],
     totals: &mut ChannelTotals,
     books: &mut Option<ChannelBooks>,
+    arrived: &mut [Vec<bool>],
 ) -> Result<(), ChannelError> {
     let mut at = 0;
     let result = loop {
@@ -289,7 +347,14 @@ fn parse(
         rx.seq
             .packet(&header)
             .map_err(|e| ChannelError::Sequence(index, e))?;
+        rx.unsynced |= matches!(header.kind, PacketKind::Pages { .. });
         for entry in entries.iter() {
+            if let Some(a) = arrived
+                .get_mut(block)
+                .and_then(|a| a.get_mut(usize::try_from(entry.index).ok()?))
+            {
+                *a = true;
+            }
             match entry.kind {
                 PageKind::Normal => {
                     let (page, tail) = data.split_at(1 << shift);

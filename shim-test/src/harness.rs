@@ -630,6 +630,12 @@ impl ChannelsHost for Host<'_> {
     fn take_channel_digest(&mut self, block: u16) -> u64 {
         self.channels.take_digest(block)
     }
+
+    fn end_channels(&mut self, placed: &mut dyn FnMut(u16, u64, u64)) -> Result<(), SimHostError> {
+        self.channels
+            .end(self.ram, self.layout, placed)
+            .map_err(SimHostError::Channel)
+    }
 }
 
 impl PostcopyHost for Host<'_> {

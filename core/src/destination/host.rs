@@ -125,6 +125,19 @@ pub trait ChannelsHost {
     /// orders generations); the engine adds the change to its books
     /// ([`DigestBooks::add_elsewhere`](crate::digest::DigestBooks::add_elsewhere)).
     fn take_channel_digest(&mut self, block: u16) -> u64;
+
+    /// The switch to postcopy: the source synced the channels before its
+    /// first discard and sends nothing more on them (postcopy's pages
+    /// travel on the main stream and the preempt channel). End them: stop
+    /// their receivers, close them, and fail if anything arrived after
+    /// the last sync (pages the engine never ordered against the main
+    /// stream). Then call `placed(block, page, term)` once for every page
+    /// the channels placed, normal or zero, with the term the receivers
+    /// booked for it (0 without a key, and for a zero page), so that the
+    /// engine counts the page as received (a fault on it is served here,
+    /// a recovery does not ask for it again) and keeps its term in its own
+    /// books, where a later copy of the page replaces it.
+    fn end_channels(&mut self, placed: &mut dyn FnMut(u16, u64, u64)) -> Result<(), Self::Error>;
 }
 
 /// What a destination that takes postcopy also does.
@@ -195,6 +208,8 @@ pub enum HostOp {
     OpenChannels,
     /// [`ChannelsHost::sync_channels`].
     SyncChannels,
+    /// [`ChannelsHost::end_channels`].
+    EndChannels,
 }
 
 impl fmt::Display for HostOp {
@@ -210,6 +225,7 @@ impl fmt::Display for HostOp {
             HostOp::OpenPreempt => "opening the postcopy preempt channel",
             HostOp::OpenChannels => "opening the multifd channels",
             HostOp::SyncChannels => "syncing the multifd channels",
+            HostOp::EndChannels => "ending the multifd channels for postcopy",
         })
     }
 }

@@ -1590,6 +1590,7 @@ impl Loader<'_> {
                 self.advised = true;
             }
             Command::PostcopyRamDiscard { block, ranges } => {
+                self.end_channels(host)?;
                 let index = self.postcopy_block(block.as_str())?;
                 for range in ranges.iter() {
                     self.discard(index, range, postcopy_host(host)?)?;
@@ -1599,6 +1600,7 @@ impl Loader<'_> {
                 if !self.advised || self.status != MigrationStatus::Active {
                     return Err(DestError::PostcopyUnexpected("listen without advise").into());
                 }
+                self.end_channels(host)?;
                 by_host(
                     HostOp::PostcopyListen,
                     postcopy_host(host)?.postcopy_listen(),
@@ -1860,6 +1862,36 @@ impl Loader<'_> {
             .ok_or(DestError::PostcopyUnexpected(
                 "discard for an unknown block",
             ))
+    }
+
+    /// The first postcopy command after multifd precopy (a discard, or the
+    /// listen): the channels are over, and every page they placed becomes
+    /// the engine's own, received and booked (see
+    /// [`ChannelsHost::end_channels`]). Nothing without channels or after
+    /// the first call.
+    fn end_channels<H: DestinationHost>(
+        &mut self,
+        host: &mut H,
+    ) -> Result<(), HandleError<H::Error>> {
+        if self.channels.take().is_none() {
+            return Ok(());
+        }
+        let host = host.channels().ok_or(DestError::MultifdUnsupported)?;
+        let mut tracking = self.postcopy.as_deref_mut();
+        let mut books = self.books.as_deref_mut().filter(|_| self.key.is_some());
+        let mut adopt = |block: u16, page: u64, term: u64| {
+            let block = usize::from(block);
+            if let Some(t) = tracking.as_deref_mut().and_then(|t| t.get_mut(block)) {
+                t.received(PageRange {
+                    first: page,
+                    count: 1,
+                });
+            }
+            if let Some(b) = books.as_deref_mut().and_then(|b| b.get_mut(block)) {
+                b.adopt(page, term);
+            }
+        };
+        by_host(HostOp::EndChannels, host.end_channels(&mut adopt))
     }
 
     fn discard<E: fmt::Debug + fmt::Display>(

@@ -1135,6 +1135,9 @@ impl<'a> SourceEngine<'a> {
                 format_args!("the destination did not {wait} within {ms} ms"),
             );
         }
+        // A switch to postcopy syncs the channels before its first
+        // discard: every precopy page on them lands before the destination
+        // drops stale pages and registers its RAM.
         let channel_step = matches!(
             self.step,
             Step::SaveSetupDevices
@@ -1142,7 +1145,8 @@ impl<'a> SourceEngine<'a> {
                 | Step::Iterate
                 | Step::Drain
                 | Step::SaveDevices
-        );
+        ) || (self.postcopy.switching
+            && matches!(self.step, Step::EarlyDiscard | Step::StopVcpus));
         if channel_step && self.channels.as_ref().is_some_and(Channels::has_pending) {
             return self.next_channel_message();
         }

@@ -212,6 +212,9 @@ impl<'a> SourceEngine<'a> {
     /// After the last sync with the guest stopped: the dirty bitmap is
     /// final; send discards for it, then the package, then pages.
     pub(super) fn enter_postcopy(&mut self) {
+        // Synced when the switch began (see `begin_switch`); from here
+        // every page goes on the main stream or the preempt channel.
+        self.channels = None;
         self.scan.never_sent_from =
             (!self.scan.first_pass_done).then_some((self.scan.block, self.scan.page));
         self.meter
@@ -234,8 +237,15 @@ impl<'a> SourceEngine<'a> {
     /// stop, and the destination was still placing megabytes of queued
     /// precopy pages when the stop began. Without the return path the
     /// guest stops at once.
+    ///
+    /// With multifd, the channels are synced first (their last precopy
+    /// pages must land before any discard) and carry nothing after:
+    /// postcopy's pages go on the main stream and the preempt channel.
     pub(super) fn begin_switch(&mut self) {
         self.postcopy.switching = true;
+        if let Some(ch) = self.channels.as_mut() {
+            ch.request_sync();
+        }
         if !self.end.return_path {
             self.step = Step::StopVcpus;
             return;

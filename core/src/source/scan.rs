@@ -130,6 +130,13 @@ impl SourceEngine<'_> {
                 // than at the end of the pass (the seeds' check runs before
                 // every iteration step too).
                 self.begin_switch();
+                if self
+                    .channels
+                    .as_ref()
+                    .is_some_and(super::Channels::has_pending)
+                {
+                    return self.next_channel_message();
+                }
                 return match self.step {
                     Step::EarlyDiscard => Some(self.next_early_discard()),
                     _ => {

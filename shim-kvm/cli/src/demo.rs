@@ -360,14 +360,14 @@ pub struct SendOutcome {
     pub intact_after_failure: bool,
 }
 
-/// The main connection to a destination and, with the `multifd`
-/// capability, its `multifd-channels` channel connections, or with
-/// `postcopy-preempt` its preempt channel, made after it to the same
-/// address (the destination accepts them on the same listener).
+/// The main connection to a destination and the extra connections its
+/// configuration asks for (the preempt channel, then the multifd
+/// channels: [`livemig_kvm::extra_connections`]), made after it to the
+/// same address (the destination accepts them on the same listener).
 pub struct Connections {
     /// The main stream and return path.
     pub main: Connection,
-    /// The multifd channels or the preempt channel (none without either).
+    /// The preempt channel and the multifd channels (none without either).
     pub channels: Vec<Connection>,
 }
 
@@ -375,12 +375,7 @@ impl Connections {
     /// Connects to `to`, then the channels `config` asks for.
     pub fn connect(to: &MigrationUri, config: &MigrationConfig) -> Result<Self, DemoError> {
         let main = Connection::connect(to)?;
-        let caps = config.capabilities;
-        let count = if caps.contains(Capabilities::MULTIFD) {
-            usize::from(config.parameters.multifd_channels)
-        } else {
-            usize::from(caps.contains(Capabilities::POSTCOPY_PREEMPT))
-        };
+        let count = livemig_kvm::extra_connections(config);
         let channels = (0..count)
             .map(|_| Connection::connect(to))
             .collect::<Result<Vec<_>, _>>()?;

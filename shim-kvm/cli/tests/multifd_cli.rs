@@ -1,14 +1,16 @@
 //! `livemig` with `--cap multifd=on`: the demo and send/receive between two
 //! processes move the pages over the channels and verify (in-protocol on
 //! both ends, digests equal, every vCPU going on), also into a destination
-//! that preallocated its RAM; multifd with postcopy is refused in one
-//! line, and so is a preallocated destination with postcopy.
+//! that preallocated its RAM; postcopy after a multifd precopy verifies
+//! too, with the preempt channel and after a cut; a preallocated
+//! destination with postcopy is refused in one line.
 
 #[allow(dead_code)]
 mod common;
 
 use common::{
     demo_ok, finish, json_of_success, kvm_available, livemig, spawn_receiver_with, stderr,
+    userfaultfd_available,
 };
 
 #[test]
@@ -83,23 +85,71 @@ fn send_and_receive_over_three_channels_verify() {
 }
 
 #[test]
-fn multifd_with_postcopy_is_refused_in_one_line() {
-    let out = livemig(&[
+fn postcopy_after_a_multifd_precopy_with_the_preempt_channel_verifies() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let (receiver, addr) = spawn_receiver_with("tcp:127.0.0.1:0", 256, &[]);
+    let send = livemig(&[
         "send",
         "--to",
-        "tcp:127.0.0.1:1",
-        "--cap",
-        "multifd=on",
+        &addr,
+        "--json",
+        "--quiet",
         "--mode",
         "postcopy",
+        "--cap",
+        "multifd=on",
+        "--param",
+        "multifd-channels=2",
+        "--cap",
+        "postcopy-preempt=on",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "300",
     ]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(
-        err.contains("'multifd' and 'postcopy-ram' cannot be combined yet"),
-        "{err}"
-    );
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let recv = finish(receiver);
+    let (s, r) = (json_of_success(&send), json_of_success(&recv));
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(s["postcopy"], true, "{s}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["guest-stamps"]["wrong"], 0, "{r}");
+    // The precopy pass went over the channels, the postcopy pass over the
+    // main stream.
+    let multifd = r["ram"]["multifd-bytes"].as_u64().unwrap();
+    let total = r["ram"]["transferred"].as_u64().unwrap();
+    assert!(multifd > 16 << 20, "{r}");
+    assert!(total > multifd + (1 << 20), "{r}");
+}
+
+#[test]
+fn a_cut_postcopy_after_a_multifd_precopy_recovers() {
+    if !kvm_available() || !userfaultfd_available() {
+        return;
+    }
+    let v = demo_ok(&[
+        "--mode",
+        "postcopy",
+        "--cap",
+        "multifd=on",
+        "--mem-mib",
+        "256",
+        "--dirty-mib",
+        "64",
+        "--warmup-ms",
+        "300",
+        "--cut-after-ms",
+        "100",
+    ]);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(v["postcopy-recoveries"].as_u64() >= Some(1), "{v}");
+    assert!(v["ram"]["multifd-bytes"].as_u64() > Some(16 << 20), "{v}");
 }
 
 #[test]

@@ -42,7 +42,9 @@ pub use destination::{
 pub use error::MigrateError;
 pub use handle::{CancelRefused, MigrationEvent, MigrationHandle, ReceiveHandle};
 pub use recovery::Recovery;
-pub use source::{SourceOptions, SourceReport, SourceVm, migrate, migrate_with_channels};
+pub use source::{
+    SourceOptions, SourceReport, SourceVm, extra_connections, migrate, migrate_with_channels,
+};
 pub use vcpu_access::VcpuAccess;
 
 use crate::memory::{GuestMemory, PAGE_SIZE};

@@ -99,6 +99,9 @@ pub enum ChannelFailure {
     },
     /// The channel closed, or its thread ended, before the sync.
     Closed(u16),
+    /// At the switch to postcopy, the channel had read pages (or a SYNC)
+    /// after its last flushed sync: pages the main stream never ordered.
+    AfterLastSync(u16),
     /// The channel did not reach the sync within the deadline.
     SyncTimeout {
         /// The channel.
@@ -129,6 +132,10 @@ impl fmt::Display for ChannelFailure {
                 )
             }
             Self::Closed(c) => write!(f, "multifd channel {c} closed before its sync"),
+            Self::AfterLastSync(c) => write!(
+                f,
+                "multifd channel {c} carried data after its last sync, at the switch to postcopy"
+            ),
             Self::SyncTimeout { channel, ms } => {
                 write!(
                     f,
@@ -152,22 +159,42 @@ enum Report {
         totals: ChannelTotals,
         digest: Vec<u64>,
     },
-    /// The channel closed between packets.
-    Closed(u16),
+    /// The channel closed between packets (or was let go); `unsynced`:
+    /// after reading pages or a SYNC that no flush released.
+    Closed { channel: u16, unsynced: bool },
     /// The channel failed.
     Failed(ChannelFailure),
 }
 
-/// Pages a channel wrote, one bit per guest page, shared by the receivers:
-/// a zero page needs writing only over a page placed earlier.
-pub(super) struct Placed(Vec<AtomicU64>);
+/// Pages the channels wrote and pages that arrived on them, one bit per
+/// guest page each, shared by the receivers: a zero page needs writing
+/// only over a page written earlier, and at the switch to postcopy every
+/// page that arrived (normal or zero) counts as received.
+pub(super) struct Placed {
+    written: Vec<AtomicU64>,
+    arrived: Vec<AtomicU64>,
+}
 
 impl Placed {
+    fn new(words: usize) -> Self {
+        let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
+        Placed {
+            written: bits(),
+            arrived: bits(),
+        }
+    }
+
+    /// Page `gfn` arrived, and was written (`placed`) or is zero: whether
+    /// it had been written before.
     fn set(&self, gfn: u64, placed: bool) -> bool {
-        let Some(word) = self.0.get((gfn / 64) as usize) else {
+        let (Some(word), Some(arrived)) = (
+            self.written.get((gfn / 64) as usize),
+            self.arrived.get((gfn / 64) as usize),
+        ) else {
             return false;
         };
         let bit = 1 << (gfn % 64);
+        arrived.fetch_or(bit, Ordering::Relaxed);
         let old = if placed {
             word.fetch_or(bit, Ordering::Relaxed)
         } else {
@@ -176,9 +203,16 @@ impl Placed {
         old & bit != 0
     }
 
-    /// The bitmap's words, to merge into the host's.
+    /// The written pages' words, to merge into the host's.
     pub(super) fn words(&self) -> impl Iterator<Item = u64> + '_ {
-        self.0.iter().map(|w| w.load(Ordering::Relaxed))
+        self.written.iter().map(|w| w.load(Ordering::Relaxed))
+    }
+
+    /// Whether page `gfn` arrived on a channel.
+    fn arrived(&self, gfn: u64) -> bool {
+        self.arrived
+            .get((gfn / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (gfn % 64)) != 0)
     }
 }
 
@@ -219,7 +253,11 @@ pub(super) struct ChannelReceivers {
     /// engine last took it ([`take_digest`](Self::take_digest)).
     digest: Vec<u64>,
     closed: Vec<bool>,
+    /// The first channel that closed after data no flush released.
+    unsynced: Option<u16>,
     pub(super) placed: Arc<Placed>,
+    /// Each page's term, shared with the receivers (with a key).
+    books: Option<Arc<ChannelBooks>>,
     /// How long a sync or an accept may wait.
     deadline: Duration,
 }
@@ -274,7 +312,7 @@ impl ChannelReceivers {
         }
         let (report_tx, reports) = mpsc::channel();
         let words = ram.guest_end().div_ceil(PAGE).div_ceil(64) as usize;
-        let placed = Arc::new(Placed((0..words).map(|_| AtomicU64::new(0)).collect()));
+        let placed = Arc::new(Placed::new(words));
         let books = key.map(|key| {
             Arc::new(ChannelBooks {
                 key,
@@ -293,7 +331,9 @@ impl ChannelReceivers {
             synced: vec![None; usize::from(count)],
             digest: vec![0; ram.regions().len()],
             closed: vec![false; usize::from(count)],
+            unsynced: None,
             placed: Arc::clone(&placed),
+            books: books.clone(),
             deadline,
         };
         for (channel, slot) in by_index.into_iter().enumerate() {
@@ -415,9 +455,12 @@ impl ChannelReceivers {
                 }
                 Ok(())
             }
-            Report::Closed(channel) => {
+            Report::Closed { channel, unsynced } => {
                 if let Some(c) = self.closed.get_mut(usize::from(channel)) {
                     *c = true;
+                }
+                if unsynced {
+                    self.unsynced.get_or_insert(channel);
                 }
                 Ok(())
             }
@@ -434,6 +477,45 @@ impl ChannelReceivers {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+
+    /// The switch to postcopy: ends the receivers as
+    /// [`finish`](Self::finish) does, fails if any had read anything
+    /// after the last flushed sync (or failed), and calls `placed(block,
+    /// page, term)` for every page that arrived on a channel, `ram`'s
+    /// blocks in order.
+    pub(super) fn end(
+        mut self,
+        ram: &GuestMemory,
+        placed: &mut dyn FnMut(u16, u64, u64),
+    ) -> Result<(), ChannelFailure> {
+        drop(std::mem::take(&mut self.releases));
+        for conn in &self.conns {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        if let Some(channel) = self.unsynced {
+            return Err(ChannelFailure::AfterLastSync(channel));
+        }
+        for (block, region) in ram.regions().iter().enumerate() {
+            let first_gfn = region.guest_phys() / PAGE;
+            let terms = self.books.as_ref().and_then(|b| b.terms.get(block));
+            for page in 0..region.len() / PAGE {
+                if !self.placed.arrived(first_gfn + page) {
+                    continue;
+                }
+                let term = terms
+                    .and_then(|t| t.get(page as usize))
+                    .map_or(0, |t| t.load(Ordering::Relaxed));
+                placed(block as u16, page, term);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -454,7 +536,10 @@ struct ChannelThread {
 impl ChannelThread {
     fn run(mut self) {
         let report = match self.receive() {
-            Ok(()) => Report::Closed(self.channel),
+            Ok(unsynced) => Report::Closed {
+                channel: self.channel,
+                unsynced,
+            },
             Err(e) => Report::Failed(e),
         };
         let failed = matches!(report, Report::Failed(_));
@@ -465,8 +550,9 @@ impl ChannelThread {
     }
 
     /// Reads packets until the channel closes between two of them (`Ok`),
-    /// the migration thread lets go (`Ok`), or something fails.
-    fn receive(&mut self) -> Result<(), ChannelFailure> {
+    /// the migration thread lets go (`Ok`), or something fails. `Ok(true)`:
+    /// pages or a SYNC were read after the last release.
+    fn receive(&mut self) -> Result<bool, ChannelFailure> {
         let channel = self.channel;
         let layout = ram_layout(&self.ram).map_err(|_| ChannelFailure::Closed(channel))?;
         let read_err = |error| ChannelFailure::Read { channel, error };
@@ -479,12 +565,13 @@ impl ChannelThread {
             0
         };
         let mut digest = vec![0u64; blocks];
+        let mut unsynced = false;
         loop {
             let mut head = [0u8; PACKET_HEADER_LEN];
             // A close between packets is the end; inside one, an error.
             let first = self.conn.read(&mut head).map_err(read_err)?;
             if first == 0 {
-                return Ok(());
+                return Ok(unsynced);
             }
             self.conn.read_exact(&mut head[first..]).map_err(read_err)?;
             let header = PacketHeader::decode(&head)
@@ -509,13 +596,15 @@ impl ChannelThread {
                         digest: std::mem::replace(&mut digest, vec![0; blocks]),
                     };
                     if self.reports.send(report).is_err() || self.release.recv().is_err() {
-                        return Ok(());
+                        return Ok(true);
                     }
                     self.seq.release();
+                    unsynced = false;
                     continue;
                 }
                 PacketKind::Pages { block, .. } => block,
             };
+            unsynced = true;
             let first_gfn = self
                 .ram
                 .region(usize::from(block))

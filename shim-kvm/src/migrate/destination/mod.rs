@@ -751,6 +751,16 @@ impl ChannelsHost for KvmHost {
     fn take_channel_digest(&mut self, block: u16) -> u64 {
         self.channels.as_mut().map_or(0, |rx| rx.take_digest(block))
     }
+
+    fn end_channels(&mut self, placed: &mut dyn FnMut(u16, u64, u64)) -> Result<(), HostFailure> {
+        self.merge_channel_pages();
+        let rx = self
+            .channels
+            .take()
+            .ok_or(HostFailure::Channel(ChannelFailure::NoListener))?;
+        rx.end(&self.vm.memory, placed)
+            .map_err(HostFailure::Channel)
+    }
 }
 
 impl EnginePostcopyHost for KvmHost {

@@ -275,15 +275,31 @@ pub fn migrate(
     migrate_with_channels(vm, conn, Vec::new(), config, options)
 }
 
+/// How many connections besides the main one a migration with `config`
+/// takes ([`migrate_with_channels`]): one for the postcopy preempt channel,
+/// plus `multifd-channels` with multifd.
+pub fn extra_connections(config: &MigrationConfig) -> usize {
+    let caps = config.capabilities;
+    let multifd = if caps.contains(Capabilities::MULTIFD) {
+        usize::from(config.parameters.multifd_channels)
+    } else {
+        0
+    };
+    multifd + usize::from(caps.contains(Capabilities::POSTCOPY_PREEMPT))
+}
+
 /// [`migrate`] with extra connections to the same destination, made after
-/// `conn` (the destination accepts them on the listener that gave it
-/// `conn`, see [`receive_with_channels`](super::receive_with_channels)):
-/// with the `multifd` capability the `multifd-channels` channels, with
-/// `postcopy-preempt` the one preempt channel (the two never go together:
-/// multifd with postcopy is refused). Each multifd channel gets a sender
-/// thread that writes pages straight from guest memory; the preempt
-/// channel is written by the migration thread, as requests come. Another number of connections is
-/// refused with [`MigrateError::ChannelCount`].
+/// `conn` and in this order (the destination accepts them on the listener
+/// that gave it `conn`, see
+/// [`receive_with_channels`](super::receive_with_channels), in the order
+/// the stream announces them): with `postcopy-preempt` the preempt
+/// channel, then with the `multifd` capability the `multifd-channels`
+/// channels ([`extra_connections`] says how many in all). Each multifd
+/// channel gets a sender thread that writes pages straight from guest
+/// memory (precopy only: after a switch to postcopy they carry nothing);
+/// the preempt channel is written by the migration thread, as requests
+/// come. Another number of connections is refused with
+/// [`MigrateError::ChannelCount`].
 pub fn migrate_with_channels(
     vm: SourceVm,
     conn: Connection,
@@ -296,11 +312,7 @@ pub fn migrate_with_channels(
     // VMM that cannot throttle keeps the stop its guest's dirty rate allows.
     config.stop_throttle &= vm.vcpus.can_throttle();
     let preempt = config.capabilities.contains(Capabilities::POSTCOPY_PREEMPT);
-    let expected = if config.capabilities.contains(Capabilities::MULTIFD) {
-        usize::from(config.parameters.multifd_channels)
-    } else {
-        usize::from(preempt)
-    };
+    let expected = extra_connections(&config);
     if channels.len() != expected {
         return Err(MigrateError::ChannelCount {
             expected,
@@ -324,14 +336,12 @@ pub fn migrate_with_channels(
     let guest = SourceGuest { vm, caps, model };
     // The preempt channel is written by the migration thread; multifd
     // channels get a sender thread each.
-    let (channels, preempt) = if preempt {
-        (None, channels.into_iter().next())
-    } else {
-        let senders = (!channels.is_empty())
-            .then(|| ChannelSenders::start(ChannelKind::Multifd, channels, &guest.vm.memory))
-            .transpose()?;
-        (senders, None)
-    };
+    let mut channels = channels.into_iter();
+    let preempt = preempt.then(|| channels.next()).flatten();
+    let channels: Vec<Connection> = channels.collect();
+    let channels = (!channels.is_empty())
+        .then(|| ChannelSenders::start(ChannelKind::Multifd, channels, &guest.vm.memory))
+        .transpose()?;
     let server = Arc::new(return_path::Server::new(guest.vm.memory.clone()));
     MigrationHandle::spawn(shared, gate, move |shared| {
         run(
