@@ -41,8 +41,8 @@ pub enum ChannelError {
     /// At a flush, the channel had not reached its sync and never will
     /// (closed or silent: on a real host, the sync's deadline).
     NotSynced(u16),
-    /// At the switch to postcopy, the channel held bytes after its last
-    /// flushed sync.
+    /// At the end of the stream or the switch to postcopy, the channel
+    /// held bytes after its last flushed sync.
     AfterLastSync(u16),
 }
 
@@ -60,10 +60,9 @@ impl fmt::Display for ChannelError {
             Self::NotSynced(c) => {
                 write!(f, "multifd channel {c} did not reach its sync")
             }
-            Self::AfterLastSync(c) => write!(
-                f,
-                "multifd channel {c} carried bytes after its last sync, at the switch to postcopy"
-            ),
+            Self::AfterLastSync(c) => {
+                write!(f, "multifd channel {c} carried bytes after its last sync")
+            }
         }
     }
 }
@@ -115,7 +114,8 @@ pub struct SimChannels {
     reported: bool,
     /// Per block, the pages the channels placed (normal or zero).
     arrived: Vec<Vec<bool>>,
-    /// The switch to postcopy ended the channels: nothing more is read.
+    /// Sealed (the end of the stream) or ended (the switch to postcopy):
+    /// nothing more is read.
     ended: bool,
 }
 
@@ -255,10 +255,35 @@ impl SimChannels {
             rx.seq.release();
             rx.unsynced = false;
         }
-        // What was buffered behind the syncs belongs to the next
-        // generation: apply it now.
-        self.pump(u64::MAX, ram, layout);
+        // What is buffered behind the syncs belongs to the next
+        // generation: the next pump applies it, and the next flush counts
+        // it (as a real receiver, which goes on only once released).
         Ok(std::mem::take(&mut self.totals))
+    }
+
+    /// The end of a precopy stream, or the switch to postcopy (the
+    /// engine's
+    /// [`ChannelsHost::seal_channels`](livemig_core::destination::ChannelsHost::seal_channels)):
+    /// everything sent so far is received, the channels are read no more
+    /// (what comes later is never placed), and one that placed pages, or
+    /// read a SYNC, after its last flushed sync is an error.
+    pub fn seal(&mut self, ram: &mut SimRam, layout: &[BlockInfo<'_>]) -> Result<(), ChannelError> {
+        if self.ended {
+            return Ok(());
+        }
+        self.pump(u64::MAX, ram, layout);
+        self.ended = true;
+        if let Some(e) = self.failed.clone() {
+            return Err(e);
+        }
+        match self
+            .receivers
+            .iter()
+            .position(|rx| rx.unsynced || rx.seq.is_synced() || !rx.buf.is_empty())
+        {
+            Some(i) => Err(ChannelError::AfterLastSync(i as u16)),
+            None => Ok(()),
+        }
     }
 
     /// The switch to postcopy (the engine's
@@ -272,16 +297,7 @@ impl SimChannels {
         layout: &[BlockInfo<'_>],
         placed: &mut dyn FnMut(u16, u64, u64),
     ) -> Result<(), ChannelError> {
-        self.pump(u64::MAX, ram, layout);
-        self.ended = true;
-        if let Some(e) = self.failed.clone() {
-            return Err(e);
-        }
-        for (i, rx) in self.receivers.iter().enumerate() {
-            if rx.unsynced || rx.seq.is_synced() || !rx.buf.is_empty() {
-                return Err(ChannelError::AfterLastSync(i as u16));
-            }
-        }
+        self.seal(ram, layout)?;
         for (block, pages) in self.arrived.iter().enumerate() {
             let terms = self.books.as_ref().and_then(|b| b.terms.get(block));
             for (page, _) in pages.iter().enumerate().filter(|(_, a)| **a) {

@@ -631,6 +631,12 @@ impl ChannelsHost for Host<'_> {
         self.channels.take_digest(block)
     }
 
+    fn seal_channels(&mut self) -> Result<(), SimHostError> {
+        self.channels
+            .seal(self.ram, self.layout)
+            .map_err(SimHostError::Channel)
+    }
+
     fn end_channels(&mut self, placed: &mut dyn FnMut(u16, u64, u64)) -> Result<(), SimHostError> {
         self.channels
             .end(self.ram, self.layout, placed)
@@ -1024,12 +1030,15 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                         .send(now, &page_buf)
                         .map(Some)
                 }
-                SourceAction::SendChannel { channel, bytes } => chans
-                    .links
-                    .get_mut(usize::from(channel))
-                    .ok_or_else(|| HarnessError(format!("no channel {channel}")))?
-                    .send(now, bytes)
-                    .map(Some),
+                SourceAction::SendChannel { channel, bytes } => {
+                    injector.channel_sent(channel, bytes);
+                    chans
+                        .links
+                        .get_mut(usize::from(channel))
+                        .ok_or_else(|| HarnessError(format!("no channel {channel}")))?
+                        .send(now, bytes)
+                        .map(Some)
+                }
                 SourceAction::SendChannelPages {
                     channel,
                     header,
@@ -1046,6 +1055,7 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                         guest.running,
                     )?;
                     injector.channel_packet(&mut page_buf, header.len(), block, pages);
+                    injector.channel_sent(channel, header);
                     chans
                         .links
                         .get_mut(usize::from(channel))
@@ -1134,6 +1144,13 @@ pub fn run_migration(scenario: &Scenario) -> Result<Outcome, HarnessError> {
                     }
                 }
                 SourceAction::SaveDevices => {
+                    if let (Some(packet), Some(link)) =
+                        (injector.late_channel_packet(), chans.links.first_mut())
+                    {
+                        // Cannot fail but by a cut, which the channel's
+                        // own checks report.
+                        let _ = link.send(now, &packet);
+                    }
                     let cpu = cpu_state(guest.workload.as_ref());
                     let id = BlockId::new(CPU_DEVICE_ID).map_err(|e| setup_err("device id", e))?;
                     let mut header = [0u8; 64];

@@ -6,7 +6,8 @@
 //! tell.
 
 use livemig_core::wire::{
-    self, BatchFlags, PageEntry, PageKind, Record, STREAM_HEADER_LEN, StreamDecoder,
+    self, BatchFlags, PACKET_HEADER_LEN, PacketHeader, PacketKind, PageEntry, PageKind, Record,
+    STREAM_HEADER_LEN, StreamDecoder,
 };
 
 /// One fault, injected once.
@@ -40,6 +41,13 @@ pub enum InjectedFault {
     /// a dirty log that stopped tracking would: the guest's writes after
     /// the first pass are never sent.
     MissedDirtyPages,
+    /// When the source saves its device state (precopy: after the last
+    /// pass and its sync), one more packet goes out on channel 0, in
+    /// sequence (the channel's next packet number and generation),
+    /// carrying page 1 of block 0 filled with 0xa5: as a sender that let
+    /// pages slip past the last sync would. The engine never counts or
+    /// books them.
+    ChannelPagesAfterLastSync,
 }
 
 /// A page: block index, page index.
@@ -55,6 +63,8 @@ pub(crate) struct Injector {
     pub fired: bool,
     /// The pages (block, page) whose data the fault changed.
     pub pages: Vec<PageAt>,
+    /// Channel 0's last packet header sent.
+    last_on_channel_0: Option<PacketHeader>,
 }
 
 impl Injector {
@@ -65,7 +75,52 @@ impl Injector {
             syncs: 0,
             fired: false,
             pages: Vec::new(),
+            last_on_channel_0: None,
         }
+    }
+
+    /// Notes what went out on channel `channel` (a hello, a packet).
+    pub fn channel_sent(&mut self, channel: u16, bytes: &[u8]) {
+        if channel != 0 {
+            return;
+        }
+        if let Some(header) = bytes
+            .get(..PACKET_HEADER_LEN)
+            .and_then(|h| PacketHeader::decode(h).ok())
+        {
+            self.last_on_channel_0 = Some(header);
+        }
+    }
+
+    /// At the source's device-state save: the packet to send on channel
+    /// 0, once, for [`InjectedFault::ChannelPagesAfterLastSync`].
+    pub fn late_channel_packet(&mut self) -> Option<Vec<u8>> {
+        if self.fault != Some(InjectedFault::ChannelPagesAfterLastSync) || self.fired {
+            return None;
+        }
+        let last = self.last_on_channel_0?;
+        let synced = matches!(last.kind, PacketKind::Sync);
+        let header = PacketHeader {
+            channel: 0,
+            generation: last.generation.wrapping_add(u32::from(synced)),
+            packet: last.packet + 1,
+            kind: PacketKind::Pages {
+                block: 0,
+                page_shift: 12,
+                count: 1,
+            },
+        };
+        let entries = [PageEntry {
+            index: 1,
+            kind: PageKind::Normal,
+        }];
+        let mut packet = vec![0u8; PACKET_HEADER_LEN + 8];
+        let n = header.encode(&entries, &mut packet).ok()?;
+        packet.truncate(n);
+        packet.extend_from_slice(&[0xa5; 4096]);
+        self.fired = true;
+        self.pages = vec![(0, 1)];
+        Some(packet)
     }
 
     /// Applies a batch fault to `record` (one whole Pages record, header
@@ -208,7 +263,7 @@ fn rewrite(
             data[mid] ^= 0x10;
             vec![(block, index)]
         }
-        InjectedFault::MissedDirtyPages => return None,
+        InjectedFault::MissedDirtyPages | InjectedFault::ChannelPagesAfterLastSync => return None,
     };
     let entries: Vec<PageEntry> = pages.iter().map(|(e, _, _)| *e).collect();
     let flags: BatchFlags = batch.flags();

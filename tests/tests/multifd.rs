@@ -10,7 +10,7 @@
 
 use livemig_core::capabilities::Capabilities;
 use livemig_core::status::MigrationStatus;
-use livemig_sim::{LinkConfig, Outcome, Scenario, SimChannels, run_migration};
+use livemig_sim::{InjectedFault, LinkConfig, Outcome, Scenario, SimChannels, run_migration};
 use livemig_tests::{assert_source_kept_guest, assert_verified, dirtying, guest_gib, link};
 
 /// A 1 GiB guest dirtying 8 MiB, with the return path, over `channels`
@@ -272,5 +272,25 @@ fn a_cut_postcopy_after_a_multifd_precopy_recovers_without_resending_the_channel
         "main stream {} bytes after a cut, {} without",
         o.bytes_sent,
         clean.bytes_sent
+    );
+}
+
+#[test]
+fn pages_a_channel_sends_after_the_last_sync_fail_the_migration_cleanly() {
+    // In sequence, so the channel's own checks pass them; only the seal
+    // at the digest sees pages no flush counted. Without it the migration
+    // completed, both digests agreeing, over a page that differs.
+    let mut s = scenario(2);
+    s.fault = Some(InjectedFault::ChannelPagesAfterLastSync);
+    let o = run_migration(&s).expect("scenario");
+    assert!(o.fault_injected, "the packet went out");
+    assert_failed_cleanly(&o, "pages after the last sync");
+    assert!(
+        o.destination
+            .error_desc
+            .as_str()
+            .contains("channel 0 carried bytes after its last sync"),
+        "{}",
+        o.destination.error_desc
     );
 }

@@ -138,6 +138,15 @@ pub trait ChannelsHost {
     /// a recovery does not ask for it again) and keeps its term in its own
     /// books, where a later copy of the page replaces it.
     fn end_channels(&mut self, placed: &mut dyn FnMut(u16, u64, u64)) -> Result<(), Self::Error>;
+
+    /// The source's digest (or, unverified, the end of the stream) has
+    /// arrived in precopy: the last flush is behind, and no channel may
+    /// place a page from now on. Seal them: a packet read after this is
+    /// refused, its pages not written, and a channel that placed pages
+    /// after its last flushed sync (pages the engine never counted, nor
+    /// booked: the digests would agree over memory that differs) is an
+    /// error. This runs inside the stop: it must not wait on a channel.
+    fn seal_channels(&mut self) -> Result<(), Self::Error>;
 }
 
 /// What a destination that takes postcopy also does.
@@ -210,6 +219,8 @@ pub enum HostOp {
     SyncChannels,
     /// [`ChannelsHost::end_channels`].
     EndChannels,
+    /// [`ChannelsHost::seal_channels`].
+    SealChannels,
 }
 
 impl fmt::Display for HostOp {
@@ -226,6 +237,7 @@ impl fmt::Display for HostOp {
             HostOp::OpenChannels => "opening the multifd channels",
             HostOp::SyncChannels => "syncing the multifd channels",
             HostOp::EndChannels => "ending the multifd channels for postcopy",
+            HostOp::SealChannels => "sealing the multifd channels at the end of the stream",
         })
     }
 }

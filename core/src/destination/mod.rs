@@ -1523,7 +1523,10 @@ impl Loader<'_> {
                     }
                 }
             }
-            Record::Digest(sums) => self.compare_digest(&sums)?,
+            Record::Digest(sums) => {
+                self.seal_channels(host)?;
+                self.compare_digest(&sums)?;
+            }
             Record::DigestRanges(answer) => self.locate_step(&answer)?,
             Record::EndOfStream => {
                 if self.locate.is_some() {
@@ -1532,6 +1535,7 @@ impl Loader<'_> {
                     return Ok(None);
                 }
                 self.check_required(SectionDue::Switchover)?;
+                self.seal_channels(host)?;
                 if self.key.is_some() && !self.stats.verification.is_verified() {
                     return Err(DestError::DigestMissing.into());
                 }
@@ -1892,6 +1896,20 @@ impl Loader<'_> {
             }
         };
         by_host(HostOp::EndChannels, host.end_channels(&mut adopt))
+    }
+
+    /// The digest or the end of a precopy stream: no channel places a page
+    /// from here on ([`ChannelsHost::seal_channels`]). Nothing without
+    /// channels (or once postcopy has ended them).
+    fn seal_channels<H: DestinationHost>(
+        &mut self,
+        host: &mut H,
+    ) -> Result<(), HandleError<H::Error>> {
+        if self.channels.is_none() {
+            return Ok(());
+        }
+        let host = host.channels().ok_or(DestError::MultifdUnsupported)?;
+        by_host(HostOp::SealChannels, host.seal_channels())
     }
 
     fn discard<E: fmt::Debug + fmt::Display>(

@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -99,9 +99,13 @@ pub enum ChannelFailure {
     },
     /// The channel closed, or its thread ended, before the sync.
     Closed(u16),
-    /// At the switch to postcopy, the channel had read pages (or a SYNC)
-    /// after its last flushed sync: pages the main stream never ordered.
+    /// At the end of the stream or the switch to postcopy, the channel
+    /// had placed pages after its last flushed sync: pages the engine
+    /// never counted or booked, nor ordered against the main stream.
     AfterLastSync(u16),
+    /// The channel read a packet of pages after the end of the stream
+    /// (they were not placed).
+    Sealed(u16),
     /// The channel did not reach the sync within the deadline.
     SyncTimeout {
         /// The channel.
@@ -132,9 +136,12 @@ impl fmt::Display for ChannelFailure {
                 )
             }
             Self::Closed(c) => write!(f, "multifd channel {c} closed before its sync"),
-            Self::AfterLastSync(c) => write!(
+            Self::AfterLastSync(c) => {
+                write!(f, "multifd channel {c} placed pages after its last sync")
+            }
+            Self::Sealed(c) => write!(
                 f,
-                "multifd channel {c} carried data after its last sync, at the switch to postcopy"
+                "multifd channel {c} sent pages after the end of the stream (not placed)"
             ),
             Self::SyncTimeout { channel, ms } => {
                 write!(
@@ -159,9 +166,8 @@ enum Report {
         totals: ChannelTotals,
         digest: Vec<u64>,
     },
-    /// The channel closed between packets (or was let go); `unsynced`:
-    /// after reading pages or a SYNC that no flush released.
-    Closed { channel: u16, unsynced: bool },
+    /// The channel closed between packets.
+    Closed(u16),
     /// The channel failed.
     Failed(ChannelFailure),
 }
@@ -253,8 +259,7 @@ pub(super) struct ChannelReceivers {
     /// engine last took it ([`take_digest`](Self::take_digest)).
     digest: Vec<u64>,
     closed: Vec<bool>,
-    /// The first channel that closed after data no flush released.
-    unsynced: Option<u16>,
+    seal: Arc<Seal>,
     pub(super) placed: Arc<Placed>,
     /// Each page's term, shared with the receivers (with a key).
     books: Option<Arc<ChannelBooks>>,
@@ -313,6 +318,7 @@ impl ChannelReceivers {
         let (report_tx, reports) = mpsc::channel();
         let words = ram.guest_end().div_ceil(PAGE).div_ceil(64) as usize;
         let placed = Arc::new(Placed::new(words));
+        let seal = Arc::new(Seal::new(count));
         let books = key.map(|key| {
             Arc::new(ChannelBooks {
                 key,
@@ -331,7 +337,7 @@ impl ChannelReceivers {
             synced: vec![None; usize::from(count)],
             digest: vec![0; ram.regions().len()],
             closed: vec![false; usize::from(count)],
-            unsynced: None,
+            seal: Arc::clone(&seal),
             placed: Arc::clone(&placed),
             books: books.clone(),
             deadline,
@@ -353,6 +359,7 @@ impl ChannelReceivers {
                 seq,
                 ram: ram.clone(),
                 placed: Arc::clone(&placed),
+                seal: Arc::clone(&seal),
                 books: books.clone(),
                 reports: report_tx.clone(),
                 release,
@@ -417,6 +424,12 @@ impl ChannelReceivers {
                 *sum = sum.wrapping_add(d);
             }
         }
+        // Every receiver is parked at its SYNC: what each placed is
+        // counted now, before any goes on (a seal right after this sync
+        // must not find a receiver that has not woken yet unsynced).
+        for channel in 0..self.releases.len() {
+            self.seal.released(channel as u16);
+        }
         for release in &self.releases {
             // A receiver that ended has reported why; the next sync says.
             let _ = release.send(());
@@ -455,12 +468,9 @@ impl ChannelReceivers {
                 }
                 Ok(())
             }
-            Report::Closed { channel, unsynced } => {
+            Report::Closed(channel) => {
                 if let Some(c) = self.closed.get_mut(usize::from(channel)) {
                     *c = true;
-                }
-                if unsynced {
-                    self.unsynced.get_or_insert(channel);
                 }
                 Ok(())
             }
@@ -479,28 +489,33 @@ impl ChannelReceivers {
         }
     }
 
-    /// The switch to postcopy: ends the receivers as
-    /// [`finish`](Self::finish) does, fails if any had read anything
-    /// after the last flushed sync (or failed), and calls `placed(block,
-    /// page, term)` for every page that arrived on a channel, `ram`'s
-    /// blocks in order.
+    /// The end of a precopy stream: from now on no receiver places a page
+    /// (one that reads a packet fails instead), and one that placed pages
+    /// since the last flush released it, or is placing them now, is an
+    /// error. Waits on nothing: it runs inside the stop.
+    pub(super) fn seal(&mut self) -> Result<(), ChannelFailure> {
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        self.seal.seal()
+    }
+
+    /// The switch to postcopy: seals the receivers, ends them as
+    /// [`finish`](Self::finish) does, and calls `placed(block, page,
+    /// term)` for every page that arrived on a channel, `ram`'s blocks in
+    /// order.
     pub(super) fn end(
         mut self,
         ram: &GuestMemory,
         placed: &mut dyn FnMut(u16, u64, u64),
     ) -> Result<(), ChannelFailure> {
+        self.seal()?;
         drop(std::mem::take(&mut self.releases));
         for conn in &self.conns {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
         for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
-        }
-        if let Some(e) = self.failure() {
-            return Err(e);
-        }
-        if let Some(channel) = self.unsynced {
-            return Err(ChannelFailure::AfterLastSync(channel));
         }
         for (block, region) in ram.regions().iter().enumerate() {
             let first_gfn = region.guest_phys() / PAGE;
@@ -526,6 +541,7 @@ struct ChannelThread {
     seq: ChannelReceiver,
     ram: GuestMemory,
     placed: Arc<Placed>,
+    seal: Arc<Seal>,
     books: Option<Arc<ChannelBooks>>,
     reports: Sender<Report>,
     release: Receiver<()>,
@@ -536,10 +552,7 @@ struct ChannelThread {
 impl ChannelThread {
     fn run(mut self) {
         let report = match self.receive() {
-            Ok(unsynced) => Report::Closed {
-                channel: self.channel,
-                unsynced,
-            },
+            Ok(()) => Report::Closed(self.channel),
             Err(e) => Report::Failed(e),
         };
         let failed = matches!(report, Report::Failed(_));
@@ -550,9 +563,8 @@ impl ChannelThread {
     }
 
     /// Reads packets until the channel closes between two of them (`Ok`),
-    /// the migration thread lets go (`Ok`), or something fails. `Ok(true)`:
-    /// pages or a SYNC were read after the last release.
-    fn receive(&mut self) -> Result<bool, ChannelFailure> {
+    /// the migration thread lets go (`Ok`), or something fails.
+    fn receive(&mut self) -> Result<(), ChannelFailure> {
         let channel = self.channel;
         let layout = ram_layout(&self.ram).map_err(|_| ChannelFailure::Closed(channel))?;
         let read_err = |error| ChannelFailure::Read { channel, error };
@@ -565,13 +577,12 @@ impl ChannelThread {
             0
         };
         let mut digest = vec![0u64; blocks];
-        let mut unsynced = false;
         loop {
             let mut head = [0u8; PACKET_HEADER_LEN];
             // A close between packets is the end; inside one, an error.
             let first = self.conn.read(&mut head).map_err(read_err)?;
             if first == 0 {
-                return Ok(unsynced);
+                return Ok(());
             }
             self.conn.read_exact(&mut head[first..]).map_err(read_err)?;
             let header = PacketHeader::decode(&head)
@@ -596,15 +607,14 @@ impl ChannelThread {
                         digest: std::mem::replace(&mut digest, vec![0; blocks]),
                     };
                     if self.reports.send(report).is_err() || self.release.recv().is_err() {
-                        return Ok(true);
+                        return Ok(());
                     }
                     self.seq.release();
-                    unsynced = false;
                     continue;
                 }
                 PacketKind::Pages { block, .. } => block,
             };
-            unsynced = true;
+            self.seal.begin(channel)?;
             let first_gfn = self
                 .ram
                 .region(usize::from(block))
@@ -657,10 +667,130 @@ impl ChannelThread {
                     *d = d.wrapping_add(books.record(block, index, term));
                 }
             }
+            self.seal.placed(channel);
             let data = (gfns.len() * PAGE_SIZE) as u64;
             totals.normal += gfns.len() as u64;
             totals.normal_bytes += data;
             totals.bytes += data;
         }
+    }
+}
+
+/// Where each receiver stands, for the seal at the end of the stream:
+/// one state per channel, shared by its receiver and the migration
+/// thread, which never waits on it.
+struct Seal(Vec<AtomicU8>);
+
+impl Seal {
+    /// Nothing placed since the last flush released the channel.
+    const SYNCED: u8 = 0;
+    /// Placing a packet's pages now.
+    const PLACING: u8 = 1;
+    /// Pages placed since the last release.
+    const UNSYNCED: u8 = 2;
+    /// The stream has ended: nothing more may be placed.
+    const SEALED: u8 = 3;
+
+    fn new(count: u16) -> Self {
+        Seal((0..count).map(|_| AtomicU8::new(Self::SYNCED)).collect())
+    }
+
+    fn state(&self, channel: u16) -> Option<&AtomicU8> {
+        self.0.get(usize::from(channel))
+    }
+
+    /// Channel `channel` is about to place a packet's pages: refused once
+    /// sealed.
+    fn begin(&self, channel: u16) -> Result<(), ChannelFailure> {
+        let Some(state) = self.state(channel) else {
+            return Err(ChannelFailure::Sealed(channel));
+        };
+        let mut now = state.load(Ordering::Acquire);
+        loop {
+            if now == Self::SEALED {
+                return Err(ChannelFailure::Sealed(channel));
+            }
+            match state.compare_exchange(now, Self::PLACING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(found) => now = found,
+            }
+        }
+    }
+
+    /// The packet's pages are placed (a seal meanwhile has seen them).
+    fn placed(&self, channel: u16) {
+        if let Some(state) = self.state(channel) {
+            let _ = state.compare_exchange(
+                Self::PLACING,
+                Self::UNSYNCED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// A flush took the channel's sync (the receiver is parked at it):
+    /// what it placed is counted.
+    fn released(&self, channel: u16) {
+        if let Some(state) = self.state(channel) {
+            let _ = state.compare_exchange(
+                Self::UNSYNCED,
+                Self::SYNCED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// Seals every channel: the first that placed pages after its last
+    /// release, or is placing them, is the error.
+    fn seal(&self) -> Result<(), ChannelFailure> {
+        let mut late = None;
+        for (channel, state) in self.0.iter().enumerate() {
+            let was = state.swap(Self::SEALED, Ordering::AcqRel);
+            if matches!(was, Self::PLACING | Self::UNSYNCED) {
+                late.get_or_insert(channel as u16);
+            }
+        }
+        late.map_or(Ok(()), |c| Err(ChannelFailure::AfterLastSync(c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ChannelFailure, Seal};
+
+    #[test]
+    fn a_seal_after_every_flush_passes_and_refuses_what_comes_later() {
+        let seal = Seal::new(2);
+        seal.begin(0).unwrap();
+        seal.placed(0);
+        // The flush, with channel 0 parked at its SYNC.
+        seal.released(0);
+        seal.released(1);
+        seal.seal().unwrap();
+        // Sealing twice (the digest, then the end of the stream) is fine.
+        seal.seal().unwrap();
+        assert!(matches!(seal.begin(1), Err(ChannelFailure::Sealed(1))));
+    }
+
+    #[test]
+    fn pages_placed_or_being_placed_after_the_last_flush_fail_the_seal() {
+        let placed = Seal::new(2);
+        placed.begin(1).unwrap();
+        placed.placed(1);
+        assert!(matches!(
+            placed.seal(),
+            Err(ChannelFailure::AfterLastSync(1))
+        ));
+        let placing = Seal::new(2);
+        placing.begin(0).unwrap();
+        assert!(matches!(
+            placing.seal(),
+            Err(ChannelFailure::AfterLastSync(0))
+        ));
+        // The receiver finishing its packet does not undo the seal.
+        placing.placed(0);
+        assert!(matches!(placing.begin(0), Err(ChannelFailure::Sealed(0))));
     }
 }

@@ -752,6 +752,13 @@ impl ChannelsHost for KvmHost {
         self.channels.as_mut().map_or(0, |rx| rx.take_digest(block))
     }
 
+    fn seal_channels(&mut self) -> Result<(), HostFailure> {
+        match self.channels.as_mut() {
+            Some(rx) => rx.seal().map_err(HostFailure::Channel),
+            None => Ok(()),
+        }
+    }
+
     fn end_channels(&mut self, placed: &mut dyn FnMut(u16, u64, u64)) -> Result<(), HostFailure> {
         self.merge_channel_pages();
         let rx = self
