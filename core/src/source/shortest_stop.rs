@@ -271,12 +271,12 @@ mod tests {
         // Alternating bursts and shrinks never reach a plateau near the
         // best; the bound ends it, and from then on mid-pass syncs stop
         // too.
-        let stops: std::vec::Vec<u64> = (0..64)
+        let stops: std::vec::Vec<u64> = (0..64u32)
             .map(|i| {
                 if i % 2 == 0 {
-                    1u64 << (40 - i)
+                    1u64 << 40u32.saturating_sub(i)
                 } else {
-                    1u64 << (42 - i)
+                    1u64 << 42u32.saturating_sub(i)
                 }
             })
             .collect();
