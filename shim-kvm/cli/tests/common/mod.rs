@@ -1,6 +1,7 @@
 //! Helpers shared by the real-KVM tests.
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -170,14 +171,29 @@ pub fn demo_ok(flags: &[&str]) -> Value {
 }
 
 /// `livemig` still running, its stdout and stderr piped for `finish`.
+/// It is killed when the test's thread ends, so that a test that panics
+/// leaves no `receive` behind waiting for a migration that never comes.
 pub fn spawn(args: &[&str]) -> Child {
-    Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn livemig")
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only makes one async-signal-safe system call.
+    unsafe {
+        command.pre_exec(|| {
+            // The signal comes when the thread that spawned the child ends
+            // (each test runs on a thread of its own).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
+    command.spawn().expect("spawn livemig")
 }
 
 /// `livemig receive` as a child, with the address it announced.
