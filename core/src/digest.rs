@@ -479,10 +479,7 @@ impl<'a> DigestBooks<'a> {
     /// the page's earlier term in the sum. False (and nothing booked) for
     /// a page outside the block.
     pub fn record(&mut self, page: u64, term: u64) -> bool {
-        let Some(slot) = usize::try_from(page)
-            .ok()
-            .and_then(|p| self.terms.get_mut(p))
-        else {
+        let Some(slot) = slot(self.terms, page) else {
             return false;
         };
         self.sum = self.sum.wrapping_sub(*slot).wrapping_add(term);
@@ -510,10 +507,7 @@ impl<'a> DigestBooks<'a> {
     /// since postcopy may send a page again on the main stream. False (and
     /// nothing booked) for a page outside the block.
     pub fn adopt(&mut self, page: u64, term: u64) -> bool {
-        let Some(slot) = usize::try_from(page)
-            .ok()
-            .and_then(|p| self.terms.get_mut(p))
-        else {
+        let Some(slot) = slot(self.terms, page) else {
             return false;
         };
         *slot = slot.wrapping_add(term);
@@ -545,6 +539,11 @@ impl<'a> DigestBooks<'a> {
             .iter()
             .fold(0u64, |sum, t| sum.wrapping_add(*t))
     }
+}
+
+/// Page `page`'s slot in a block's `terms`, if the page is in the block.
+fn slot(terms: &mut [u64], page: u64) -> Option<&mut u64> {
+    usize::try_from(page).ok().and_then(|p| terms.get_mut(p))
 }
 
 /// Parts a located range is split into per round (see the module docs):

@@ -7,6 +7,8 @@
 //! the terms of the pages it installed as it installed them.
 
 use livemig_core::digest::DigestKey;
+#[cfg(target_arch = "x86_64")]
+use livemig_core::digest::{LANES, STRIPE_WORDS, StripeSums, nh_word};
 
 use super::PAGE_SIZE;
 
@@ -141,6 +143,32 @@ impl Ahead {
     }
 }
 
+/// Adds words `from .. len` at `words` (a stripe's tail, shorter than
+/// [`LANES`]) to `sums` one at a time, as the vector forms' loops would
+/// have, with key words `k`.
+///
+/// # Safety
+/// The `len` words at `words` (aligned or not) must be inside a live
+/// mapping.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn add_tail(
+    sums: &mut StripeSums,
+    words: *const u64,
+    from: usize,
+    len: usize,
+    k: &[u64; STRIPE_WORDS],
+) {
+    for (j, &kj) in k.iter().enumerate().take(len).skip(from) {
+        // SAFETY: `j < len`: a word of the caller's contract, read
+        // unaligned, once, through the raw pointer (guest memory a vCPU
+        // may write is never behind a reference).
+        let w = u64::from_le(unsafe { words.add(j).read_unaligned() });
+        sums.any |= w;
+        sums.lanes[j % LANES] = sums.lanes[j % LANES].wrapping_add(nh_word(w, kj));
+    }
+}
+
 /// The hash with AVX2 intrinsics, equal to [`DigestKey::page_term`] (the
 /// tests compare them on random and edge pages).
 #[cfg(target_arch = "x86_64")]
@@ -149,7 +177,7 @@ mod avx2 {
         __m256i, _mm256_add_epi32, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32,
         _mm256_or_si256, _mm256_setzero_si256, _mm256_srli_epi64, _mm256_storeu_si256,
     };
-    use livemig_core::digest::{DigestKey, LANES, STRIPE_WORDS, StripeKey, StripeSums, nh_word};
+    use livemig_core::digest::{DigestKey, LANES, STRIPE_WORDS, StripeKey, StripeSums};
 
     use super::Ahead;
 
@@ -222,17 +250,12 @@ mod avx2 {
             lanes: lanes(low, high),
             any: lanes(any, zero).iter().fold(0, |a, w| a | w),
         };
-        for (j, &kj) in k.iter().enumerate().take(len).skip(runs * LANES) {
-            // SAFETY: `j < len`: a word of the caller's contract, read
-            // unaligned, once, as above.
-            let w = u64::from_le(unsafe { words.add(j).read_unaligned() });
-            sums.any |= w;
-            sums.lanes[j % LANES] = sums.lanes[j % LANES].wrapping_add(nh_word(w, kj));
-        }
+        // SAFETY: words `runs * LANES .. len` are the caller's.
+        unsafe { super::add_tail(&mut sums, words, runs * LANES, len, k) };
         sums
     }
 
-    /// [`nh_word`] of four words: the 32-bit halves plus the key's, the
+    /// [`nh_word`](livemig_core::digest::nh_word) of four words: the 32-bit halves plus the key's, the
     /// low half times the high one (`vpmuludq` multiplies the low 32 bits
     /// of each 64-bit lane), plus the keyed word.
     #[inline]
@@ -267,7 +290,7 @@ mod avx512 {
         _mm512_or_si512, _mm512_reduce_or_epi64, _mm512_setzero_si512, _mm512_srli_epi64,
         _mm512_storeu_si512,
     };
-    use livemig_core::digest::{DigestKey, LANES, STRIPE_WORDS, StripeKey, StripeSums, nh_word};
+    use livemig_core::digest::{DigestKey, LANES, STRIPE_WORDS, StripeKey, StripeSums};
 
     use super::Ahead;
 
@@ -327,17 +350,12 @@ mod avx512 {
             lanes,
             any: _mm512_reduce_or_epi64(any) as u64,
         };
-        for (j, &kj) in k.iter().enumerate().take(len).skip(runs * LANES) {
-            // SAFETY: `j < len`: a word of the caller's contract, read
-            // unaligned, once, as above.
-            let w = u64::from_le(unsafe { words.add(j).read_unaligned() });
-            out.any |= w;
-            out.lanes[j % LANES] = out.lanes[j % LANES].wrapping_add(nh_word(w, kj));
-        }
+        // SAFETY: words `runs * LANES .. len` are the caller's.
+        unsafe { super::add_tail(&mut out, words, runs * LANES, len, k) };
         out
     }
 
-    /// [`nh_word`] of eight words, as [`super::avx2`]'s `nh` of four.
+    /// [`nh_word`](livemig_core::digest::nh_word) of eight words, as [`super::avx2`]'s `nh` of four.
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn nh(w: __m512i, k: __m512i) -> __m512i {

@@ -479,12 +479,18 @@ impl ChannelReceivers {
     }
 
     /// Ends the receivers: shuts their connections down and joins them.
-    pub(super) fn finish(self) {
-        drop(self.releases);
+    pub(super) fn finish(mut self) {
+        self.stop();
+    }
+
+    /// Lets go of the receivers parked at a sync, shuts the connections
+    /// down (a receiver blocked in `read` wakes) and joins the threads.
+    fn stop(&mut self) {
+        self.releases.clear();
         for conn in &self.conns {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
-        for t in self.threads {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -510,13 +516,7 @@ impl ChannelReceivers {
         placed: &mut dyn FnMut(u16, u64, u64),
     ) -> Result<(), ChannelFailure> {
         self.seal()?;
-        drop(std::mem::take(&mut self.releases));
-        for conn in &self.conns {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-        }
-        for t in std::mem::take(&mut self.threads) {
-            let _ = t.join();
-        }
+        self.stop();
         for (block, region) in ram.regions().iter().enumerate() {
             let first_gfn = region.guest_phys() / PAGE;
             let terms = self.books.as_ref().and_then(|b| b.terms.get(block));
@@ -719,26 +719,20 @@ impl Seal {
 
     /// The packet's pages are placed (a seal meanwhile has seen them).
     fn placed(&self, channel: u16) {
-        if let Some(state) = self.state(channel) {
-            let _ = state.compare_exchange(
-                Self::PLACING,
-                Self::UNSYNCED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-        }
+        self.advance(channel, Self::PLACING, Self::UNSYNCED);
     }
 
     /// A flush took the channel's sync (the receiver is parked at it):
     /// what it placed is counted.
     fn released(&self, channel: u16) {
+        self.advance(channel, Self::UNSYNCED, Self::SYNCED);
+    }
+
+    /// Channel `channel` goes from `from` to `to`, if it is at `from` (a
+    /// sealed one stays sealed).
+    fn advance(&self, channel: u16, from: u8, to: u8) {
         if let Some(state) = self.state(channel) {
-            let _ = state.compare_exchange(
-                Self::UNSYNCED,
-                Self::SYNCED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            let _ = state.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
