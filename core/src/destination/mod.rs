@@ -60,7 +60,7 @@ use crate::time::Instant;
 use crate::wire::{
     BatchFlags, BlockInfo, BlockList, BlockSums, Command, DecodeError, PREEMPT_HELLO_LEN,
     PacketEntries, PacketHeader, PacketKind, PageBatch, PageKind, PageRange, PreemptHello,
-    RangeSums, Record, StreamDecoder,
+    RangeSums, Record, StreamDecoder, ZeroRun,
 };
 use host::by_host;
 use recovery::Recovery;
@@ -1483,6 +1483,12 @@ impl Loader<'_> {
                     self.stats.iterations += 1;
                 }
             }
+            Record::ZeroRun(run) => {
+                if !self.blocks_received {
+                    return Err(DestError::PagesBeforeBlockList.into());
+                }
+                self.place_zero_run(now, &run, host)?;
+            }
             Record::Device(device) => {
                 by_host(HostOp::LoadDevice, host.load_device(&device))?;
                 if let Some(i) = self
@@ -2033,6 +2039,68 @@ impl Loader<'_> {
         }
     }
 
+    /// The page count of `block`, checked to exist and to have pages of
+    /// `page_size` bytes as the source says.
+    fn block_pages(&self, block: u16, page_size: u64) -> Result<u64, DestError> {
+        let info = self
+            .layout
+            .get(usize::from(block))
+            .ok_or(DestError::NoSuchBlock {
+                block,
+                blocks: self.layout.len(),
+            })?;
+        if page_size != u64::from(info.page_size) {
+            return Err(DestError::PageSizeMismatch {
+                index: usize::from(block),
+                source: page_size,
+                destination: u64::from(info.page_size),
+            });
+        }
+        Ok(info.length / u64::from(info.page_size))
+    }
+
+    /// Places a run of zero pages as the same pages in ZERO entries would
+    /// be: the pages placed already in postcopy are skipped, the rest
+    /// zeroed (and booked, and marked arrived) in as few host calls as
+    /// those skips allow.
+    fn place_zero_run<H: DestinationHost>(
+        &mut self,
+        now: Instant,
+        run: &ZeroRun,
+        host: &mut H,
+    ) -> Result<(), HandleError<H::Error>> {
+        let (block, range) = (run.block, run.range);
+        let pages = self.block_pages(block, 1u64 << run.page_shift)?;
+        if range.end() > pages {
+            return Err(DestError::PageOutOfBlock {
+                block,
+                page: range.end() - 1,
+                pages,
+            }
+            .into());
+        }
+        let mut first = range.first;
+        while first < range.end() {
+            let mut end = first;
+            while end < range.end() && !self.placed_already(block, end) {
+                end += 1;
+            }
+            if end > first {
+                let count = end - first;
+                by_host(
+                    HostOp::PlaceZeroPages,
+                    host.place_zero_pages(block, first, count),
+                )?;
+                self.stats.ram.duplicate += count;
+                self.book_zero(block, first, count);
+                self.arrived(now, block, first, count);
+            }
+            // `end` is past the run or placed already: skip it.
+            first = end + 1;
+        }
+        Ok(())
+    }
+
     /// Validates a whole batch, then places it: runs of zero pages in one
     /// call.
     fn place_batch<H: DestinationHost>(
@@ -2042,23 +2110,7 @@ impl Loader<'_> {
         host: &mut H,
     ) -> Result<(), HandleError<H::Error>> {
         let block = batch.block();
-        let info = self
-            .layout
-            .get(usize::from(block))
-            .ok_or(DestError::NoSuchBlock {
-                block,
-                blocks: self.layout.len(),
-            })
-            .map_err(HandleError::Dest)?;
-        if batch.page_size() as u64 != u64::from(info.page_size) {
-            return Err(DestError::PageSizeMismatch {
-                index: usize::from(block),
-                source: batch.page_size() as u64,
-                destination: u64::from(info.page_size),
-            }
-            .into());
-        }
-        let pages = info.length / u64::from(info.page_size);
+        let pages = self.block_pages(block, batch.page_size() as u64)?;
         if let Some((entry, _)) = batch.pages().find(|(e, _)| e.index >= pages) {
             return Err(DestError::PageOutOfBlock {
                 block,

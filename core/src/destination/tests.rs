@@ -159,6 +159,104 @@ fn a_clean_stream_places_pages_and_completes() {
     assert_eq!(host.zeros, [(0, 2, 2)], "a run of zero pages is one call");
 }
 
+fn zero_run(block: u16, page_shift: u8, first: u64, count: u64) -> Vec<u8> {
+    record(Record::ZeroRun(ZeroRun {
+        block,
+        page_shift,
+        range: PageRange { first, count },
+    }))
+}
+
+/// A ZeroRun is placed as the same pages in ZERO entries: one host call,
+/// counted as duplicates; one that leaves its block, names another
+/// block, disagrees on the page size or comes before the block list is
+/// refused by name before any page is placed.
+#[test]
+fn a_zero_run_is_placed_as_zero_entries_and_checked_first() {
+    let l = layout(16);
+    let stream = [
+        header(),
+        blocks(&l),
+        batch(0, &[(1, false)]),
+        zero_run(0, 12, 0, 16),
+        record(Record::EndOfStream),
+    ]
+    .concat();
+    let mut scratch = vec![0; 1 << 20];
+    let mut d = DestinationEngine::new(&l, &mut scratch);
+    let mut host = Recorder::default();
+    feed(&mut d, Instant::ZERO, &stream, &mut host).unwrap();
+    assert_eq!(d.status(), MigrationStatus::Completed);
+    assert_eq!(
+        host.zeros,
+        [(0, 0, 16)],
+        "page 1 is zeroed too, by the host"
+    );
+    assert_eq!(d.stats().ram.duplicate, 16);
+
+    let refused = [
+        (
+            zero_run(0, 12, 10, 7),
+            DestError::PageOutOfBlock {
+                block: 0,
+                page: 16,
+                pages: 16,
+            },
+        ),
+        (
+            zero_run(2, 12, 0, 1),
+            DestError::NoSuchBlock {
+                block: 2,
+                blocks: 1,
+            },
+        ),
+        (
+            zero_run(0, 13, 0, 1),
+            DestError::PageSizeMismatch {
+                index: 0,
+                source: 8192,
+                destination: 4096,
+            },
+        ),
+    ];
+    for (bad, error) in refused {
+        let mut host = Recorder::default();
+        let stream = [header(), blocks(&l), bad].concat();
+        assert_eq!(run(&l, &stream, &mut host), Err(error));
+        assert!(host.zeros.is_empty());
+    }
+    let mut host = Recorder::default();
+    let stream = [header(), zero_run(0, 12, 0, 1)].concat();
+    assert_eq!(
+        run(&l, &stream, &mut host),
+        Err(DestError::PagesBeforeBlockList)
+    );
+}
+
+/// In postcopy a ZeroRun skips the pages already placed (a request's
+/// answer came first), as a batch's ZERO entries do: the rest in as few
+/// calls as the skips allow.
+#[test]
+fn a_postcopy_zero_run_skips_pages_placed_already() {
+    let l = layout(16);
+    with_postcopy_engine(&l, false, |d| {
+        let mut host = postcopy_host();
+        feed(d, Instant::ZERO, &postcopy_stream(&l, &[], &[]), &mut host).unwrap();
+        assert_eq!(d.status(), MigrationStatus::PostcopyActive);
+        feed(
+            d,
+            Instant::ZERO,
+            &batch(0, &[(3, false), (4, false), (9, false)]),
+            &mut host,
+        )
+        .unwrap();
+        feed(d, Instant::ZERO, &zero_run(0, 12, 2, 12), &mut host).unwrap();
+        assert_eq!(host.zeros, [(0, 2, 1), (0, 5, 4), (0, 10, 4)]);
+        assert!((2..14).all(|p| d.is_received(0, p)));
+        assert!(!d.is_received(0, 14));
+    });
+}
+
 #[test]
 fn layout_mismatches_are_named() {
     let ours = layout(16);

@@ -21,6 +21,10 @@ use crate::time::Instant;
 /// never advances still ends the migration.
 pub(super) const MAX_UNMEASURED_PASSES: u64 = 1000;
 
+/// Shortest interval between two syncs over which the guest's dirty rate
+/// is measured (see [`SourceEngine::measure_dirty_rate`]).
+pub(super) const MIN_DIRTY_INTERVAL: Duration = Duration::from_millis(1);
+
 /// The source's convergence bookkeeping.
 pub(super) struct Convergence {
     /// Bytes handed out that the peer has not taken yet, as last reported
@@ -204,11 +208,15 @@ impl SourceEngine<'_> {
     }
 
     /// At an iteration sync: the rate at which the guest dirtied new
-    /// pages since the last sync ended (an interval too short to time
-    /// keeps the last rate).
+    /// pages since the last sync ended. An interval shorter than
+    /// [`MIN_DIRTY_INTERVAL`] keeps the last rate: back-to-back syncs (a
+    /// pass's end, then the next pass's first check) are microseconds
+    /// apart, and one page dirtied in them would read as a guest dirtying
+    /// gigabytes a millisecond, which no stop fits.
     pub(super) fn measure_dirty_rate(&mut self) {
-        let elapsed_ms = (self.now - self.convergence.synced_at).as_secs_f64() * 1e3;
-        if elapsed_ms > 0.0 {
+        let elapsed = self.now.saturating_since(self.convergence.synced_at);
+        let elapsed_ms = elapsed.as_secs_f64() * 1e3;
+        if elapsed >= MIN_DIRTY_INTERVAL {
             let dirtied = self
                 .convergence
                 .newly_dirty_this_sync

@@ -143,6 +143,19 @@ impl RateMeter {
         }
     }
 
+    /// Counts `bytes` that were not sent in the measurement only (not in
+    /// the limit's bucket): a run of never-populated pages goes as one
+    /// ZeroRun record of a few bytes, and is measured as the ZERO entries
+    /// it stands for. The pass moves through it at about their pace, and
+    /// its time is scan time, not link time: measured as the few bytes
+    /// actually sent, an idle guest's first pass (4 GiB for a few hundred
+    /// bytes) would put the bandwidth, and with it the switchover
+    /// threshold, orders of magnitude low, and the stop's policy would
+    /// then iterate and throttle a guest that dirties three pages.
+    pub fn record_scanned(&mut self, bytes: u64) {
+        self.slice_bytes = self.slice_bytes.saturating_add(bytes);
+    }
+
     /// True when the limit forbids sending now.
     pub fn exhausted(&self) -> bool {
         self.limit > 0 && self.credit <= 0
@@ -262,6 +275,17 @@ mod tests {
         m.set_unsent(3_000_000);
         let s = m.tick(Instant::from_millis(200)).expect("slice over");
         assert_eq!(s.bytes, 5_000_000);
+    }
+
+    #[test]
+    fn scanned_bytes_are_measured_but_not_charged() {
+        let mut m = RateMeter::new(Instant::ZERO, 10_000_000);
+        m.tick(Instant::from_millis(100));
+        m.record_scanned(u64::MAX / 2);
+        assert!(!m.exhausted(), "nothing was sent");
+        m.record(1_000_000, 0);
+        let s = m.tick(Instant::from_millis(200)).expect("slice over");
+        assert_eq!(s.bytes, u64::MAX / 2 + 1_000_000);
     }
 
     #[test]

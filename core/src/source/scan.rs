@@ -94,6 +94,10 @@ impl PopulatedWindow {
     }
 }
 
+/// Fewest never-populated pages sent as one [`ZeroRun`](wire::ZeroRun)
+/// rather than as ZERO entries: the record's 28 bytes against 8 an entry.
+pub(super) const MIN_ZERO_RUN: u64 = 8;
+
 /// The page batch being assembled.
 pub(super) type Batch = BatchBuilder<BATCH_PAGES>;
 
@@ -172,6 +176,16 @@ impl SourceEngine<'_> {
                     chunk,
                 });
             }
+            if let Some(run) = self.unpopulated_run(ram, page) {
+                if !self.scan.batch.is_empty() {
+                    // The batch goes first; the run is found again next.
+                    return Some(self.emit_pages(ram));
+                }
+                return Some(self.emit_zero_run(run));
+            }
+            let Some(t) = self.tracking.get_mut(self.scan.block) else {
+                continue;
+            };
             t.dirty.test_and_clear(page);
             let page_size = 1u64 << t.page_shift;
             self.scan.remaining_bytes = self.scan.remaining_bytes.saturating_sub(page_size);
@@ -208,6 +222,76 @@ impl SourceEngine<'_> {
     fn sends_as_zero(&mut self, ram: &impl PageReader, block: usize, page: u64) -> bool {
         self.detects_zero_pages()
             && (self.never_populated(ram, block, page) || ram.is_zero_page(block as u16, page))
+    }
+
+    /// The run of dirty pages from `page` (dirty, its chunk cleared) that
+    /// the reader says were never populated, up to the end of `page`'s
+    /// populated window, when it is long enough to go as one
+    /// [`ZeroRun`](wire::ZeroRun) ([`MIN_ZERO_RUN`] pages or more).
+    ///
+    /// Only in the first pass (as [`never_populated`](Self::never_populated)),
+    /// before postcopy, and without multifd channels: there a page's
+    /// entries and its later copies all travel on the main stream, in
+    /// order. Elsewhere such pages go as ZERO entries of a batch.
+    fn unpopulated_run(&mut self, ram: &impl PageReader, page: u64) -> Option<wire::ZeroRun> {
+        if self.scan.first_pass_done
+            || !self.detects_zero_pages()
+            || self.channels.is_some()
+            || self.status == MigrationStatus::PostcopyActive
+        {
+            return None;
+        }
+        let block = self.scan.block;
+        let chunk = 1u64 << self.config.parameters.clear_bitmap_shift;
+        let window = chunk.min(POPULATED_WINDOW as u64);
+        let t = self.tracking.get(block)?;
+        let end = ((page | (window - 1)) + 1).min(t.dirty.bits());
+        let mut next = page;
+        while next < end
+            && t.dirty.test(next)
+            && !self.scan.populated.may_hold_data(ram, block, next, window)
+        {
+            next += 1;
+        }
+        let count = next - page;
+        (count >= MIN_ZERO_RUN).then_some(wire::ZeroRun {
+            block: block as u16,
+            page_shift: t.page_shift,
+            range: wire::PageRange { first: page, count },
+        })
+    }
+
+    /// Sends `run`, never-populated pages of the scan's block, as one
+    /// record: taken from the dirty bitmap and booked as zero pages are,
+    /// unread.
+    fn emit_zero_run(&mut self, run: wire::ZeroRun) -> SourceAction<'_> {
+        let pages = run.range.first..run.range.end();
+        if let Some(t) = self.tracking.get_mut(usize::from(run.block)) {
+            for p in pages.clone() {
+                t.dirty.test_and_clear(p);
+            }
+        }
+        for p in pages {
+            verify::book_zero(&mut self.verify, run.block, p);
+        }
+        let count = run.range.count;
+        self.scan.page = run.range.end();
+        self.scan.remaining_bytes = self
+            .scan
+            .remaining_bytes
+            .saturating_sub(count << run.page_shift);
+        self.stats.ram.unpopulated += count;
+        self.stats.ram.duplicate += count;
+        match wire::Record::ZeroRun(run).encode(self.scratch) {
+            Ok(len) => {
+                self.count_sent(len as u64, count);
+                self.meter
+                    .record_scanned(count * wire::PAGE_ENTRY_LEN as u64);
+                self.refresh_stats();
+                SourceAction::Send(&self.scratch[..len])
+            }
+            Err(e) => self.encode_failed(e),
+        }
     }
 
     fn detects_zero_pages(&self) -> bool {

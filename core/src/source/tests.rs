@@ -715,6 +715,101 @@ fn unpopulated_pages_are_sent_as_zero_unread_and_asked_after_their_clear() {
     });
 }
 
+/// The first pass sends each window's never-populated pages as one
+/// ZeroRun record (a run shorter than `MIN_ZERO_RUN` as ZERO entries),
+/// after the batch of populated pages before it; the runs and the entries
+/// together cover every page once, and only the runs' record bytes count
+/// as sent.
+#[test]
+fn never_populated_pages_go_as_zero_runs() {
+    let mut config = MigrationConfig::default();
+    config.parameters.max_bandwidth = 0;
+    config.parameters.clear_bitmap_shift = 8;
+    with_config(&config, |s| {
+        // Pages 0..300 populated, except 260..264 (a run of 4: entries).
+        struct Holes(Guest);
+        impl PageReader for Holes {
+            fn is_zero_page(&self, block: u16, page: u64) -> bool {
+                (260..264).contains(&page) || self.0.is_zero_page(block, page)
+            }
+            fn page_term(&self, block: u16, page: u64, key: &crate::digest::DigestKey) -> u64 {
+                self.0.page_term(block, page, key)
+            }
+            fn populated(&self, block: u16, first: u64, mask: &mut [u64]) {
+                self.0.populated(block, first, mask);
+                for page in 260..264u64 {
+                    if let Some(w) = page
+                        .checked_sub(first)
+                        .and_then(|b| mask.get_mut((b / 64) as usize))
+                    {
+                        *w &= !(1 << ((page - first) % 64));
+                    }
+                }
+            }
+        }
+        let ram = Holes(Guest::new(300, 1));
+        let now = Instant::ZERO;
+        s.start(now).unwrap();
+        let mut runs = vec::Vec::new();
+        let mut entries = vec::Vec::new();
+        let mut syncs = 0;
+        loop {
+            let Some(action) = s.poll_action(now, &ram) else {
+                panic!("the engine stalled in {}", s.status());
+            };
+            match action {
+                SourceAction::SaveSetupDevices => s.handle_setup_devices_sent(now, 0).unwrap(),
+                SourceAction::SyncDirtyLog => {
+                    syncs += 1;
+                    if syncs == 2 {
+                        break;
+                    }
+                    s.handle_dirty_log(0, &[u64::MAX; 16]).unwrap();
+                    s.handle_sync_done(now).unwrap();
+                }
+                SourceAction::Send(bytes) if bytes.get(..2) == Some(&[0, 9]) => {
+                    let mut dec_buf = [0u8; 64];
+                    let mut dec = crate::wire::StreamDecoder::new(&mut dec_buf);
+                    let mut stream = [0u8; 8];
+                    crate::wire::encode_stream_header(&mut stream).unwrap();
+                    dec.decode(&stream).unwrap();
+                    let Some(Record::ZeroRun(run)) = dec.decode(bytes).unwrap().record else {
+                        panic!("a kind 9 record is a ZeroRun");
+                    };
+                    assert_eq!((run.block, run.page_shift), (0, 12));
+                    runs.push((run.range.first, run.range.count, entries.len()));
+                }
+                SourceAction::SendPages { header, .. } => {
+                    let count = u32::from_be_bytes(header[12..16].try_into().unwrap());
+                    for i in 0..count as usize {
+                        let at = 16 + 8 * i;
+                        let e = u64::from_be_bytes(header[at..at + 8].try_into().unwrap());
+                        entries.push((e & ((1 << 56) - 1), e >> 63 == 1));
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The batch of pages 0..300 (256 pages are a full batch) goes
+        // before the first run.
+        assert_eq!(
+            runs.iter().map(|r| (r.0, r.1)).collect::<vec::Vec<_>>(),
+            [(300, 212), (512, 256), (768, 256)]
+        );
+        assert_eq!(runs[0].2, 300, "the pages before the first run went first");
+        let mut pages: vec::Vec<u64> = entries.iter().map(|e| e.0).collect();
+        for &(first, count, _) in &runs {
+            pages.extend(first..first + count);
+        }
+        pages.sort_unstable();
+        assert_eq!(pages, (0..1024).collect::<vec::Vec<_>>(), "every page once");
+        let zero: vec::Vec<u64> = entries.iter().filter(|e| e.1).map(|e| e.0).collect();
+        assert_eq!(zero, [260, 261, 262, 263], "a short run goes as entries");
+        let ram = &s.stats().ram;
+        assert_eq!((ram.normal, ram.unpopulated), (296, 728));
+    });
+}
+
 /// A verifying scan reads each page once, for its term, which is also its
 /// zero check: `is_zero_page` is never asked, a never-populated page is
 /// neither read nor hashed, every populated page is hashed exactly once

@@ -69,6 +69,21 @@ fn stream_header() {
 }
 
 #[test]
+fn zero_run() {
+    check(
+        "zero-run",
+        Record::ZeroRun(ZeroRun {
+            block: 0,
+            page_shift: 12,
+            range: PageRange {
+                first: 4096,
+                count: 4096,
+            },
+        }),
+    );
+}
+
+#[test]
 fn commands() {
     let ram = BlockId::new("pc.ram").unwrap();
     check("open-return-path", Record::Command(Command::OpenReturnPath));

@@ -179,6 +179,13 @@ pub enum DecodeError {
         /// Page count of the range.
         count: u64,
     },
+    /// A ZeroRun record's range is empty or overflows the page index space.
+    BadZeroRun {
+        /// First page of the run.
+        first: u64,
+        /// Page count of the run.
+        count: u64,
+    },
     /// The discard range list is empty or not a whole number of 16-byte ranges.
     DiscardListLength {
         /// Bytes left for the range list.
@@ -272,6 +279,12 @@ impl fmt::Display for DecodeError {
                 write!(
                     f,
                     "digest range of {count} pages from {first} is empty or overflows"
+                )
+            }
+            Self::BadZeroRun { first, count } => {
+                write!(
+                    f,
+                    "zero run of {count} pages from {first} is empty or overflows"
                 )
             }
             Self::DiscardListLength { len } => {
@@ -380,6 +393,13 @@ pub enum EncodeError {
         /// Page count of the range.
         count: u64,
     },
+    /// A ZeroRun record's range is empty or overflows the page index space.
+    BadZeroRun {
+        /// First page of the run.
+        first: u64,
+        /// Page count of the run.
+        count: u64,
+    },
     /// A multifd channel index outside the channel count, or a count
     /// outside 1..=255.
     BadChannel {
@@ -456,6 +476,12 @@ impl fmt::Display for EncodeError {
                 write!(
                     f,
                     "digest range of {count} pages from {first} is empty or overflows"
+                )
+            }
+            Self::BadZeroRun { first, count } => {
+                write!(
+                    f,
+                    "zero run of {count} pages from {first} is empty or overflows"
                 )
             }
             Self::BadChannel { index, count } => {

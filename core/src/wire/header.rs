@@ -51,6 +51,8 @@ pub mod kind {
     /// The source's sums of the parts of a range, answering a
     /// destination that locates a mismatching page.
     pub const DIGEST_RANGES: u16 = 0x0008;
+    /// A run of pages of one block, all zero on the source.
+    pub const ZERO_RUN: u16 = 0x0009;
 }
 
 /// Writes the 8-byte stream header into `out`; returns the bytes written (8).
@@ -123,7 +125,7 @@ pub(crate) fn check_record_header(
         });
     }
     let kind = h.kind.get();
-    if !(kind::COMMAND..=kind::DIGEST_RANGES).contains(&kind) {
+    if !(kind::COMMAND..=kind::ZERO_RUN).contains(&kind) {
         return Err(DecodeError::UnknownRecord { kind });
     }
     // A be32 always fits a usize on the targets livemig supports (32 and 64 bit);

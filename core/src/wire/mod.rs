@@ -57,8 +57,8 @@ pub use pages::{
 pub use preempt::{PREEMPT_HELLO_LEN, PREEMPT_MAGIC, PREEMPT_VERSION, PreemptHello};
 pub use record::{
     BlockInfo, BlockList, BlockSums, Command, DeviceState, DiscardRanges, MAX_BLOCK_PAGE_SIZE,
-    MIN_BLOCK_PAGE_SIZE, Package, PageRange, RangeSums, Record, command_code, encode_device_header,
-    encode_digest, encode_digest_ranges, encode_package_header,
+    MIN_BLOCK_PAGE_SIZE, Package, PageRange, RangeSums, Record, ZERO_RUN_BODY_LEN, ZeroRun,
+    command_code, encode_device_header, encode_digest, encode_digest_ranges, encode_package_header,
 };
 
 /// The stream's first four bytes. A peer sending anything else is not livemig.

@@ -420,7 +420,7 @@ fn unsupported_version() {
 
 #[test]
 fn record_header_errors() {
-    for kind in [0u16, 9, 0xffff] {
+    for kind in [0u16, 10, 0xffff] {
         assert_eq!(body_error(kind, &[]), DecodeError::UnknownRecord { kind });
     }
     let flagged = [0, 1, 0, 1, 0, 0, 0, 2, 0, 1];
@@ -1065,6 +1065,67 @@ fn digest_ranges_bodies_are_checked() {
         Record::DigestRanges(RangeSums::from_slice(0, range, &[])).encode(&mut [0; 64]),
         Err(EncodeError::BadDigestRange { first: 0, count: 0 })
     );
+}
+
+#[test]
+fn zero_run_bodies_are_checked() {
+    let z = kind::ZERO_RUN;
+    let body = |shift: u8, reserved: u8, first: u64, count: u64| {
+        let mut b = vec![0, 1, shift, reserved];
+        b.extend_from_slice(&first.to_be_bytes());
+        b.extend_from_slice(&count.to_be_bytes());
+        b
+    };
+    assert_eq!(
+        body_error(z, &body(12, 0, 5, 0)),
+        DecodeError::BadZeroRun { first: 5, count: 0 }
+    );
+    assert_eq!(
+        body_error(z, &body(12, 0, u64::MAX, 2)),
+        DecodeError::BadZeroRun {
+            first: u64::MAX,
+            count: 2
+        }
+    );
+    assert_eq!(
+        body_error(z, &body(8, 0, 0, 1)),
+        DecodeError::BadPageShift { shift: 8 }
+    );
+    assert_eq!(
+        body_error(z, &body(31, 0, 0, 1)),
+        DecodeError::BadPageShift { shift: 31 }
+    );
+    assert_eq!(
+        body_error(z, &body(12, 1, 0, 1)),
+        DecodeError::ReservedFlags {
+            what: "zero run reserved byte",
+            value: 1
+        }
+    );
+    let mut long = body(12, 0, 0, 1);
+    long.push(0);
+    assert_eq!(
+        body_error(z, &long),
+        DecodeError::BadLength {
+            what: "zero run body",
+            expected: 20,
+            found: 21
+        }
+    );
+    let run = |page_shift, first, count| {
+        Record::ZeroRun(ZeroRun {
+            block: 0,
+            page_shift,
+            range: PageRange { first, count },
+        })
+        .encode(&mut [0; 64])
+    };
+    assert_eq!(
+        run(12, 0, 0),
+        Err(EncodeError::BadZeroRun { first: 0, count: 0 })
+    );
+    assert_eq!(run(7, 0, 1), Err(EncodeError::BadPageShift { shift: 7 }));
+    assert_eq!(run(12, 3, 1), Ok(28));
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! a stream without a section the destination requires, a stream whose
 //! memory differs from its digest (a page's byte flipped, a digest
 //! replaced) or whose digest is missing, a section it did
-//! not register (a device, a vCPU beyond its own), a device state its
+//! not register (a device, a vCPU beyond its own), a run of zero pages
+//! past the end of its RAM, a device state its
 //! device refuses, a stream cut before its end (between records, inside
 //! one), and a complete stream followed by bytes where it must end (after
 //! END_OF_STREAM, after COMMIT). And it holds a guest paused after an
@@ -33,8 +34,8 @@ use livemig_cli::events::ARRIVED_LINE;
 use livemig_core::return_path::{RpDecoder, RpMessage};
 use livemig_core::source::{CATCH_UP_PING, SETUP_CHECK_PING};
 use livemig_core::wire::{
-    BlockSums, Command as WireCommand, DeviceId, DeviceState, RECORD_HEADER_LEN, Record,
-    StreamDecoder,
+    BlockSums, Command as WireCommand, DeviceId, DeviceState, PageRange, RECORD_HEADER_LEN, Record,
+    StreamDecoder, ZeroRun,
 };
 use serde_json::Value;
 
@@ -108,6 +109,7 @@ fn label(record: &Record<'_>) -> String {
         Record::Command(WireCommand::OpenReturnPath) => "open-return-path".into(),
         Record::RamBlocks(_) => "ram-blocks".into(),
         Record::Pages(_) => "pages".into(),
+        Record::ZeroRun(_) => "zero-run".into(),
         Record::Digest(_) => "digest".into(),
         _ => "other".into(),
     }
@@ -802,7 +804,12 @@ fn a_stream_cut_in_the_middle_of_its_ram_is_refused() {
         &out,
         "connection closed early: connection closed between records, before EndOfStream",
     );
-    let cut = pages[pages.len() / 2 + 1];
+    // The next batch with more than 100 body bytes (not an
+    // end-of-iteration marker).
+    let cut = pages[pages.len() / 2 + 1..]
+        .iter()
+        .find(|s| s.end - s.start > RECORD_HEADER_LEN + 100)
+        .expect("a batch with pages after the middle one");
     let out = receive_cut(&rec.bytes[..cut.start + RECORD_HEADER_LEN + 100]);
     let body = cut.end - cut.start - RECORD_HEADER_LEN;
     assert_refused_without_starting(
@@ -838,6 +845,28 @@ fn a_section_the_destination_did_not_register_is_refused_naming_it() {
         &out,
         "the stream carries section 'bogus' instance 0, which this destination did not \
          register: refused before the guest starts",
+    );
+}
+
+#[test]
+fn a_zero_run_past_the_end_of_ram_is_refused_naming_the_page() {
+    if !kvm_available() {
+        return;
+    }
+    let run = Record::ZeroRun(ZeroRun {
+        block: 0,
+        page_shift: 12,
+        range: PageRange {
+            first: 1 << 40,
+            count: 2,
+        },
+    });
+    let mut bytes = vec![0; run.encoded_len()];
+    run.encode(&mut bytes).expect("a zero run encodes");
+    let out = receive(&recorded().inserted_before("end", &bytes));
+    assert_refused_without_starting(
+        &out,
+        &format!("page {} lies outside block 0, which has", (1u64 << 40) + 1),
     );
 }
 

@@ -2,7 +2,7 @@
 
 use livemig_core::wire::{
     BatchFlags, BlockId, BlockSums, Command, DecodeError, Decoded, DeviceState, Package, PageBatch,
-    PageEntry, PageKind, PageRange, RangeSums, Record, STREAM_HEADER_LEN, StreamDecoder,
+    PageEntry, PageKind, PageRange, RangeSums, Record, STREAM_HEADER_LEN, StreamDecoder, ZeroRun,
     encode_stream_header,
 };
 
@@ -141,6 +141,11 @@ fn check_record(record: &Record<'_>) {
                 livemig_core::digest::locate_parts(range).count()
             );
         }
+        Record::ZeroRun(run) => {
+            assert!((9..=30).contains(&run.page_shift));
+            let range = run.range;
+            assert!(range.count > 0 && range.first.checked_add(range.count).is_some());
+        }
         Record::Command(_) | Record::Device(_) | Record::EndOfStream => {}
     }
 
@@ -201,6 +206,14 @@ fn valid_stream(seed: u8) -> Vec<u8> {
     s.extend(record_bytes(Record::Command(Command::Ping(7))));
     s.extend(record_bytes(Record::Command(Command::DigestKey(0x5eed))));
     s.extend(record_bytes(Record::Pages(batch)));
+    s.extend(record_bytes(Record::ZeroRun(ZeroRun {
+        block: 0,
+        page_shift: 9,
+        range: PageRange {
+            first: 8,
+            count: 4096,
+        },
+    })));
     s.extend(record_bytes(Record::Package(
         Package::from_encoded(&device).unwrap(),
     )));
@@ -231,7 +244,7 @@ mod tests {
         for seed in 0..=255 {
             assert_eq!(
                 drive_stream(&valid_stream(seed)),
-                Some(Ok(8)),
+                Some(Ok(9)),
                 "seed {seed}"
             );
         }
