@@ -4,8 +4,10 @@
 //! in [`receive_with_channels`]. A migration over two channels arrives
 //! with memory equal and every vCPU going on; one channel's socket shut
 //! down mid-migration fails it with the source guest running on and the
-//! destination guest never started. Each test skips loudly without
-//! `/dev/kvm`.
+//! destination guest never started; a peer that lies on a channel (a
+//! packet in sequence after the last pass's sync, forged by a proxy) is
+//! refused by the seal at the digest, the source guest running on. Each
+//! test skips loudly without `/dev/kvm`.
 
 mod support;
 
@@ -311,4 +313,239 @@ fn a_preallocated_destination_receives_over_two_channels_with_memory_equal() {
         "an unsent page was not preallocated"
     );
     assert_eq!(destination.populated_pages, 0);
+}
+
+/// What the lying channel's proxy saw of the source's packets.
+#[derive(Default)]
+struct ChannelSeen {
+    index: u16,
+    generation: u32,
+    packet: u64,
+    last_was_sync: bool,
+    at: Option<std::time::Instant>,
+}
+
+/// Copies `from` to `to` until either ends.
+fn copy_through(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Forwards a channel's packets whole (so a forged one never lands inside
+/// another), booking the last one's generation and number.
+fn forward_channel(
+    mut from: std::net::TcpStream,
+    to: Arc<std::sync::Mutex<std::net::TcpStream>>,
+    seen: Arc<std::sync::Mutex<ChannelSeen>>,
+) {
+    use livemig_core::wire::{
+        ChannelHello, HELLO_LEN, PACKET_HEADER_LEN, PacketEntries, PacketHeader, PacketKind,
+    };
+    use std::io::{Read, Write};
+    let mut hello = [0u8; HELLO_LEN];
+    if from.read_exact(&mut hello).is_err() {
+        return;
+    }
+    seen.lock().unwrap().index = ChannelHello::decode(&hello).expect("a channel hello").index;
+    to.lock()
+        .unwrap()
+        .write_all(&hello)
+        .expect("forward the hello");
+    loop {
+        let mut packet = vec![0u8; PACKET_HEADER_LEN];
+        if from.read_exact(&mut packet).is_err() {
+            break;
+        }
+        let header = PacketHeader::decode(&packet).expect("a packet header");
+        let mut entries = vec![0u8; header.entries_len()];
+        from.read_exact(&mut entries).expect("the entry table");
+        let table = PacketEntries::decode(&header, &entries).expect("an entry table");
+        let page = match header.kind {
+            PacketKind::Pages { page_shift, .. } => 1usize << page_shift,
+            PacketKind::Sync => 0,
+        };
+        let mut data = vec![0u8; table.normal() * page];
+        from.read_exact(&mut data).expect("the pages");
+        packet.extend_from_slice(&entries);
+        packet.extend_from_slice(&data);
+        to.lock()
+            .unwrap()
+            .write_all(&packet)
+            .expect("forward a packet");
+        let mut s = seen.lock().unwrap();
+        s.generation = header.generation;
+        s.packet = header.packet;
+        s.last_was_sync = header.kind == PacketKind::Sync;
+        s.at = Some(std::time::Instant::now());
+    }
+    let _ = to.lock().unwrap().shutdown(std::net::Shutdown::Write);
+}
+
+/// Forwards the main stream record by record; before the Digest record
+/// (after the last pass's pages and the final flush) it has `forge` write
+/// its packet on the channel, once the channel has been quiet after a
+/// sync, and gives it time to arrive.
+fn forward_main(mut from: std::net::TcpStream, mut to: std::net::TcpStream, forge: impl FnOnce()) {
+    use std::io::{Read, Write};
+    let mut forge = Some(forge);
+    let mut header = [0u8; 8];
+    if from.read_exact(&mut header).is_err() {
+        return;
+    }
+    to.write_all(&header).expect("forward the stream header");
+    loop {
+        let mut record = vec![0u8; 8];
+        if from.read_exact(&mut record).is_err() {
+            break;
+        }
+        let kind = u16::from_be_bytes([record[0], record[1]]);
+        let len = u32::from_be_bytes([record[4], record[5], record[6], record[7]]) as usize;
+        record.resize(8 + len, 0);
+        if from.read_exact(&mut record[8..]).is_err() {
+            break;
+        }
+        if kind == livemig_core::wire::kind::DIGEST
+            && let Some(forge) = forge.take()
+        {
+            forge();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if to.write_all(&record).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// A peer that lies on a channel: after the last pass's sync, a packet in
+/// sequence (the next generation, the next number) carries a page with
+/// other contents. Every channel check passes it; the seal at the digest
+/// does not: the destination refuses, never starts its guest, and the
+/// source guest runs on.
+#[test]
+fn a_channel_packet_after_the_last_sync_is_refused_and_the_source_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    use livemig_core::wire::{PacketHeader, PacketKind, PageEntry, PageKind};
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (listener, uri) = listen();
+    let dest_addr = uri.to_string();
+    let dest_addr = dest_addr.trim_start_matches("tcp:").to_string();
+    let incoming = destination(&dst, listener, false);
+    // The main connection and channel 1 through proxies, channel 0 direct,
+    // each accepted by the destination in the order the source connects.
+    let through = |addr: &str| {
+        let proxy = TcpListener::bind("127.0.0.1:0").expect("bind a proxy");
+        let proxy_uri: MigrationUri = format!("tcp:{}", proxy.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let src_side = Connection::connect(&proxy_uri).expect("connect to the proxy");
+        let (inner, _) = proxy.accept().expect("accept at the proxy");
+        let outer = TcpStream::connect(addr).expect("connect onward");
+        (src_side, inner, outer)
+    };
+    let (main, main_in, main_out) = through(&dest_addr);
+    let channel0 = Connection::connect(&uri).expect("connect channel 0");
+    let (channel1, ch_in, ch_out) = through(&dest_addr);
+
+    let seen = Arc::new(std::sync::Mutex::new(ChannelSeen::default()));
+    let ch_out = Arc::new(std::sync::Mutex::new(ch_out));
+    let back = ch_out.lock().unwrap().try_clone().unwrap();
+    std::thread::spawn({
+        let inner = ch_in.try_clone().unwrap();
+        move || copy_through(back, inner)
+    });
+    std::thread::spawn({
+        let (ch_out, seen) = (Arc::clone(&ch_out), Arc::clone(&seen));
+        move || forward_channel(ch_in, ch_out, seen)
+    });
+    let forged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forge = {
+        let (ch_out, seen, forged) = (Arc::clone(&ch_out), Arc::clone(&seen), Arc::clone(&forged));
+        move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let (index, generation, packet) = loop {
+                {
+                    let s = seen.lock().unwrap();
+                    if s.last_was_sync
+                        && s.at
+                            .is_some_and(|t| t.elapsed() > Duration::from_millis(50))
+                    {
+                        break (s.index, s.generation, s.packet);
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the channel never went quiet"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let header = PacketHeader {
+                channel: index,
+                generation: generation + 1,
+                packet: packet + 1,
+                kind: PacketKind::Pages {
+                    block: 0,
+                    page_shift: 12,
+                    count: 1,
+                },
+            };
+            // Page 64 (0x40000): non-zero on the source, 0xee here.
+            let entry = PageEntry {
+                index: 64,
+                kind: PageKind::Normal,
+            };
+            let mut bytes = vec![0u8; 64];
+            let n = header
+                .encode(&[entry], &mut bytes)
+                .expect("a forged packet");
+            bytes.truncate(n);
+            bytes.extend_from_slice(&[0xee; 4096]);
+            ch_out
+                .lock()
+                .unwrap()
+                .write_all(&bytes)
+                .expect("send the forged packet");
+            forged.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let back = main_out.try_clone().unwrap();
+    std::thread::spawn({
+        let inner = main_in.try_clone().unwrap();
+        move || copy_through(back, inner)
+    });
+    std::thread::spawn(move || forward_main(main_in, main_out, forge));
+
+    let source = migrate_with_channels(
+        source_vm(&src),
+        main,
+        vec![channel0, channel1],
+        &config(),
+        SourceOptions::default(),
+    )
+    .expect("migrate")
+    .join()
+    .expect("source report");
+    let destination = incoming.join().expect("destination thread");
+    assert!(
+        forged.load(std::sync::atomic::Ordering::SeqCst),
+        "the forged packet was never sent"
+    );
+    let error = destination.error.as_ref().map(|e| e.to_string());
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("multifd channel 1")),
+        "the destination did not name the channel: {error:?}"
+    );
+    assert!(!destination.started);
+    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
+    assert_ne!(source.stats.status, MigrationStatus::Completed);
+    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
+    let now = src.counters();
+    assert!(src.counters_pass(&now), "the source guest does not go on");
 }
