@@ -72,6 +72,18 @@ fn migrations_over_one_two_and_four_channels_complete_with_memory_equal() {
         assert_eq!(o.source.ram.normal, o.destination.ram.normal);
         assert_eq!(o.source.ram.duplicate, o.destination.ram.duplicate);
         assert!(o.destination.ram.multifd_bytes > 0);
+        // The never-populated rest of RAM went as zero runs on the main
+        // stream: the channels carried the normal pages with their
+        // entries and headers, not an 8-byte entry for each of those.
+        let unpopulated = o.source.ram.unpopulated;
+        assert!(unpopulated > 200_000, "{unpopulated} pages never populated");
+        let carried: u64 = o.channel_bytes.iter().sum();
+        let pages = o.source.ram.normal * (4096 + 8);
+        assert!(
+            carried < pages + unpopulated * 8 / 4,
+            "{carried} bytes on the channels for {} normal pages",
+            o.source.ram.normal
+        );
         // A sync per pass: as many flushes as the destination counted
         // passes.
         assert_eq!(o.source.iterations, o.destination.iterations);
