@@ -1460,3 +1460,29 @@ fn a_request_the_host_served_is_counted_not_served_again() {
         assert_eq!(s.status(), MigrationStatus::Failed, "refused as any");
     });
 }
+
+/// A dirty rate is measured over at least `MIN_DIRTY_INTERVAL` since the
+/// last sync: one page dirtied between back-to-back syncs (nanoseconds
+/// apart) keeps the last rate instead of reading as gigabytes a
+/// millisecond.
+#[test]
+fn back_to_back_syncs_keep_the_last_dirty_rate() {
+    with_config(&MigrationConfig::default(), |s| {
+        s.stats.ram.page_size = 4096;
+        s.convergence.synced_at = Instant::from_millis(10);
+        s.now = Instant::from_millis(20);
+        s.convergence.newly_dirty_this_sync = 250;
+        s.measure_dirty_rate();
+        // 250 pages of 4 KiB in 10 ms.
+        assert_eq!(s.convergence.dirty_bytes_per_ms, Some(102_400.0));
+        s.convergence.synced_at = s.now;
+        s.now = s.now + core::time::Duration::from_nanos(4);
+        s.convergence.newly_dirty_this_sync = 1;
+        s.measure_dirty_rate();
+        assert_eq!(s.convergence.dirty_bytes_per_ms, Some(102_400.0));
+        // From 1 ms on, the interval is measured.
+        s.now = s.convergence.synced_at + convergence::MIN_DIRTY_INTERVAL;
+        s.measure_dirty_rate();
+        assert_eq!(s.convergence.dirty_bytes_per_ms, Some(4_096.0));
+    });
+}
