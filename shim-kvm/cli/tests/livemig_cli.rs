@@ -865,7 +865,8 @@ fn receive_refuses_a_signal_after_the_postcopy_switchover() {
 }
 
 /// `send` to a fake destination that answers `reply` on the return path
-/// (then reads on, or closes at once when `close`); returns `send`'s output.
+/// (then reads on, or ends its side at once when `close`); returns
+/// `send`'s output.
 fn send_to_fake_destination(reply: &'static [u8], close: bool) -> Output {
     let server = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = server.local_addr().unwrap().port();
@@ -873,7 +874,10 @@ fn send_to_fake_destination(reply: &'static [u8], close: bool) -> Output {
         let (mut c, _) = server.accept().unwrap();
         c.write_all(reply).unwrap();
         if close {
-            return;
+            // A FIN after the reply, not a reset: closing the socket with
+            // the sender's bytes still unread would reset the connection,
+            // and the sender could see the reset before the reply.
+            c.shutdown(std::net::Shutdown::Write).unwrap();
         }
         let mut sink = [0u8; 65536];
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
