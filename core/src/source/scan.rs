@@ -183,6 +183,8 @@ impl SourceEngine<'_> {
                 }
                 return Some(self.emit_zero_run(run));
             }
+            // The block the loop's head found, borrowed again after the
+            // run check (which needed the whole engine).
             let Some(t) = self.tracking.get_mut(self.scan.block) else {
                 continue;
             };
@@ -251,8 +253,7 @@ impl SourceEngine<'_> {
             return None;
         }
         let block = self.scan.block;
-        let chunk = 1u64 << self.config.parameters.clear_bitmap_shift;
-        let window = chunk.min(POPULATED_WINDOW as u64);
+        let window = self.populated_window();
         let t = self.tracking.get(block)?;
         let end = ((page | (window - 1)) + 1).min(t.dirty.bits());
         let mut next = page;
@@ -274,13 +275,12 @@ impl SourceEngine<'_> {
     /// record: taken from the dirty bitmap and booked as zero pages are,
     /// unread.
     fn emit_zero_run(&mut self, run: wire::ZeroRun) -> SourceAction<'_> {
-        let pages = run.range.first..run.range.end();
         if let Some(t) = self.tracking.get_mut(usize::from(run.block)) {
-            for p in pages.clone() {
-                t.dirty.test_and_clear(p);
-            }
+            // Every page of the run is dirty and inside the block
+            // (`unpopulated_run` found them so): the range cannot fail.
+            let _ = t.dirty.clear_range(run.range.first, run.range.count);
         }
-        for p in pages {
+        for p in run.range.first..run.range.end() {
             verify::book_zero(&mut self.verify, run.block, p);
         }
         let count = run.range.count;
@@ -303,6 +303,14 @@ impl SourceEngine<'_> {
         }
     }
 
+    /// Pages one [`PageReader::populated`] question covers: at most
+    /// [`POPULATED_WINDOW`], never across a clear chunk (an answer must
+    /// postdate its pages' clear).
+    fn populated_window(&self) -> u64 {
+        let chunk = 1u64 << self.config.parameters.clear_bitmap_shift;
+        chunk.min(POPULATED_WINDOW as u64)
+    }
+
     fn detects_zero_pages(&self) -> bool {
         self.config
             .capabilities
@@ -315,8 +323,7 @@ impl SourceEngine<'_> {
         if self.scan.first_pass_done {
             return false;
         }
-        let chunk = 1u64 << self.config.parameters.clear_bitmap_shift;
-        let window = chunk.min(POPULATED_WINDOW as u64);
+        let window = self.populated_window();
         if self.scan.populated.may_hold_data(ram, block, page, window) {
             return false;
         }
