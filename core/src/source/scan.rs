@@ -236,19 +236,14 @@ impl SourceEngine<'_> {
     /// the main stream: its pages were never sent before, and any later
     /// copy of them travels in a later pass, on a channel the destination
     /// only applies after the main stream's flush that ends this pass
-    /// (after the run). Not yet with channels and postcopy together:
-    /// there the channels' pages are handed over at the switch
-    /// (`end_channels`), and runs beside them are not yet tested. Elsewhere
-    /// such pages go as ZERO entries of a batch.
+    /// (after the run). With postcopy as well, the switch syncs the
+    /// channels before its discards, so a run's page dirtied since is
+    /// dropped after the run was placed, whichever pass the switch cuts
+    /// short. Elsewhere such pages go as ZERO entries of a batch.
     fn unpopulated_run(&mut self, ram: &impl PageReader, page: u64) -> Option<wire::ZeroRun> {
-        let postcopy = self
-            .config
-            .capabilities
-            .contains(Capabilities::POSTCOPY_RAM);
         if self.scan.first_pass_done
             || !self.detects_zero_pages()
             || self.status == MigrationStatus::PostcopyActive
-            || (self.channels.is_some() && postcopy)
         {
             return None;
         }
