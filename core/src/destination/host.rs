@@ -24,7 +24,10 @@ pub trait DestinationHost {
     type Error: fmt::Debug + fmt::Display;
 
     /// Writes `data` (a whole number of pages) into block `block` starting
-    /// at page `first_page`.
+    /// at page `first_page`. The engine hands over a batch's consecutive
+    /// normal pages together (up to 16 a call), so that what a host does
+    /// once per call, such as populating fresh memory or a `UFFDIO_COPY`,
+    /// covers a run.
     fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), Self::Error>;
     /// Makes `count` pages of block `block` from `first_page` on read as
     /// zero (a fresh destination's memory already does; a page placed

@@ -2101,7 +2101,8 @@ impl Loader<'_> {
         Ok(())
     }
 
-    /// Validates a whole batch, then places it: runs of zero pages in one
+    /// Validates a whole batch, then places it: each run of zero pages,
+    /// and each run of consecutive normal pages ([`NormalRun`]), in one
     /// call.
     fn place_batch<H: DestinationHost>(
         &mut self,
@@ -2122,19 +2123,25 @@ impl Loader<'_> {
         self.check_page_terms(&*host, batch)?;
         // Checked equal to this end's terms of the bytes: booked as they are.
         let mut terms = batch.terms();
+        let page_size = batch.page_size();
         let mut zero_run: Option<(u64, u64)> = None;
+        let mut normal_run: Option<NormalRun<'_>> = None;
+        // Bytes of normal pages' data gone by: a run's bytes are its
+        // pages' slices, one after another in the batch's data.
+        let mut offset = 0;
         for (entry, data) in batch.pages() {
             let checked = data.and_then(|_| terms.next());
+            // Pages keep their stream order: a run is placed before
+            // anything that does not extend it.
+            if !normal_run.is_some_and(|r| data.is_some() && r.extended_by(entry.index)) {
+                self.place_normal_run(now, host, block, normal_run.take())?;
+            }
+            let at = offset;
+            if data.is_some() {
+                offset += page_size;
+            }
             if self.placed_already(block, entry.index) {
-                // Flush the run first: pages keep their stream order.
-                if let Some((first, count)) = zero_run.take() {
-                    by_host(
-                        HostOp::PlaceZeroPages,
-                        host.place_zero_pages(block, first, count),
-                    )?;
-                    self.book_zero(block, first, count);
-                    self.arrived(now, block, first, count);
-                }
+                self.place_zero_entries(now, host, block, zero_run.take())?;
                 continue;
             }
             match (entry.kind, data) {
@@ -2144,50 +2151,109 @@ impl Loader<'_> {
                         Some((first, count)) if first + count == entry.index => {
                             Some((first, count + 1))
                         }
-                        Some((first, count)) => {
-                            by_host(
-                                HostOp::PlaceZeroPages,
-                                host.place_zero_pages(block, first, count),
-                            )?;
-                            self.book_zero(block, first, count);
-                            self.arrived(now, block, first, count);
+                        run => {
+                            self.place_zero_entries(now, host, block, run)?;
                             Some((entry.index, 1))
                         }
-                        None => Some((entry.index, 1)),
                     };
                 }
                 (PageKind::Normal, Some(data)) => {
-                    // Keep the stream's order: zero pages before this one
-                    // land first.
-                    if let Some((first, count)) = zero_run.take() {
-                        by_host(
-                            HostOp::PlaceZeroPages,
-                            host.place_zero_pages(block, first, count),
-                        )?;
-                        self.book_zero(block, first, count);
-                        self.arrived(now, block, first, count);
-                    }
+                    self.place_zero_entries(now, host, block, zero_run.take())?;
                     self.stats.ram.normal += 1;
                     self.stats.ram.normal_bytes += data.len() as u64;
-                    by_host(
-                        HostOp::PlacePages,
-                        host.place_pages(block, entry.index, data),
-                    )?;
                     self.book_page(&*host, block, entry.index, data, checked);
-                    self.arrived(now, block, entry.index, 1);
+                    match normal_run.as_mut() {
+                        Some(run) => run.count += 1,
+                        None => {
+                            normal_run = Some(NormalRun {
+                                first: entry.index,
+                                count: 1,
+                                page_size,
+                                data: batch.data().get(at..).unwrap_or(&[]),
+                            })
+                        }
+                    }
                 }
                 (PageKind::Normal, None) => {}
             }
         }
-        if let Some((first, count)) = zero_run {
-            by_host(
-                HostOp::PlaceZeroPages,
-                host.place_zero_pages(block, first, count),
-            )?;
-            self.book_zero(block, first, count);
-            self.arrived(now, block, first, count);
-        }
+        self.place_normal_run(now, host, block, normal_run)?;
+        self.place_zero_entries(now, host, block, zero_run)
+    }
+
+    /// Places a run of zero pages of a batch (none: nothing).
+    fn place_zero_entries<H: DestinationHost>(
+        &mut self,
+        now: Instant,
+        host: &mut H,
+        block: u16,
+        run: Option<(u64, u64)>,
+    ) -> Result<(), HandleError<H::Error>> {
+        let Some((first, count)) = run else {
+            return Ok(());
+        };
+        by_host(
+            HostOp::PlaceZeroPages,
+            host.place_zero_pages(block, first, count),
+        )?;
+        self.book_zero(block, first, count);
+        self.arrived(now, block, first, count);
         Ok(())
+    }
+
+    /// Places a run of consecutive normal pages of a batch, already
+    /// booked, in one [`DestinationHost::place_pages`] (none: nothing).
+    fn place_normal_run<H: DestinationHost>(
+        &mut self,
+        now: Instant,
+        host: &mut H,
+        block: u16,
+        run: Option<NormalRun<'_>>,
+    ) -> Result<(), HandleError<H::Error>> {
+        let Some(run) = run else {
+            return Ok(());
+        };
+        // The batch's decoder checked its data holds every normal page.
+        let bytes = run
+            .bytes()
+            .ok_or(DestError::Decode(DecodeError::Truncated {
+                what: "page data",
+            }))?;
+        by_host(
+            HostOp::PlacePages,
+            host.place_pages(block, run.first, bytes),
+        )?;
+        self.arrived(now, block, run.first, run.count);
+        Ok(())
+    }
+}
+
+/// Consecutive normal pages of one batch, placed with one call: a host
+/// does per call what it can do once for many pages (the KVM shim
+/// populates fresh memory with one `MADV_POPULATE_WRITE` a run, where one
+/// a page cost 0.45 us a page more; one `UFFDIO_COPY` in postcopy).
+#[derive(Clone, Copy)]
+struct NormalRun<'a> {
+    first: u64,
+    count: u64,
+    page_size: usize,
+    /// The batch's data from the run's first page on.
+    data: &'a [u8],
+}
+
+impl<'a> NormalRun<'a> {
+    /// At most this many pages a run (64 KiB of 4 KiB pages): the bytes
+    /// just hashed are still in cache when the host copies them.
+    const MAX_PAGES: u64 = 16;
+
+    /// Whether page `index` comes right after the run, which has room.
+    fn extended_by(&self, index: u64) -> bool {
+        self.first + self.count == index && self.count < Self::MAX_PAGES
+    }
+
+    /// The run's bytes (`None` if the batch's data were short of them).
+    fn bytes(&self) -> Option<&'a [u8]> {
+        self.data.get(..self.count as usize * self.page_size)
     }
 }
 

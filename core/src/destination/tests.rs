@@ -15,6 +15,8 @@ const PAGE: usize = 4096;
 #[derive(Default)]
 struct Recorder {
     pages: Vec<(u16, u64, usize)>,
+    /// The bytes of every `place_pages`, one after another.
+    bytes: Vec<u8>,
     zeros: Vec<(u16, u64, u64)>,
     postcopy: bool,
     discards: Vec<(u16, PageRange)>,
@@ -29,6 +31,7 @@ impl DestinationHost for Recorder {
 
     fn place_pages(&mut self, block: u16, first_page: u64, data: &[u8]) -> Result<(), Self::Error> {
         self.pages.push((block, first_page, data.len()));
+        self.bytes.extend_from_slice(data);
         Ok(())
     }
     fn place_zero_pages(
@@ -157,6 +160,44 @@ fn a_clean_stream_places_pages_and_completes() {
     assert_eq!(run(&l, &stream, &mut host), Ok(MigrationStatus::Completed));
     assert_eq!(host.pages, [(0, 1, PAGE), (0, 9, PAGE)]);
     assert_eq!(host.zeros, [(0, 2, 2)], "a run of zero pages is one call");
+}
+
+/// Consecutive normal pages go to the host as one call, at most
+/// `NormalRun::MAX_PAGES` of them, with their bytes in stream order; a zero
+/// page or a gap ends a run, and pages keep their order around it.
+#[test]
+fn runs_of_normal_pages_are_placed_in_one_call_each() {
+    let l = layout(64);
+    let mut pages: Vec<(u64, bool)> = vec![(0, false), (1, false), (2, false), (3, true)];
+    pages.extend((4..24).map(|p| (p, false)));
+    pages.extend([(30, false), (31, true), (32, true), (40, false)]);
+    let mut encoded = batch(0, &pages);
+    // Each normal page's bytes name it, so a page placed under another's
+    // index, or bytes out of order, show.
+    let mut data_at = encoded.len() - PAGE * pages.iter().filter(|p| !p.1).count();
+    let mut expected = Vec::new();
+    for &(index, zero) in &pages {
+        if !zero {
+            encoded[data_at..data_at + PAGE].fill(index as u8);
+            expected.extend_from_slice(&[index as u8; PAGE]);
+            data_at += PAGE;
+        }
+    }
+    let stream = [header(), blocks(&l), encoded, record(Record::EndOfStream)].concat();
+    let mut host = Recorder::default();
+    assert_eq!(run(&l, &stream, &mut host), Ok(MigrationStatus::Completed));
+    assert_eq!(
+        host.pages,
+        [
+            (0, 0, 3 * PAGE),
+            (0, 4, 16 * PAGE),
+            (0, 20, 4 * PAGE),
+            (0, 30, PAGE),
+            (0, 40, PAGE),
+        ]
+    );
+    assert_eq!(host.zeros, [(0, 3, 1), (0, 31, 2)]);
+    assert!(host.bytes == expected, "the runs' bytes are the pages' own");
 }
 
 fn zero_run(block: u16, page_shift: u8, first: u64, count: u64) -> Vec<u8> {
@@ -1613,7 +1654,7 @@ fn page_terms_are_checked_before_any_page_is_placed() {
     };
     let (r, placed, verdict, _) = run(&[batch_with_terms(&[3, 4], &[term(3), term(4)])], true);
     assert_eq!(r, Ok(()));
-    assert_eq!(placed, [(0, 3, PAGE), (0, 4, PAGE)]);
+    assert_eq!(placed, [(0, 3, 2 * PAGE)], "one run");
     assert_eq!(verdict, Verification::Pending);
 
     let (r, placed, verdict, rp) = run(&[batch_with_terms(&[3, 4], &[term(3), term(4) ^ 1])], true);

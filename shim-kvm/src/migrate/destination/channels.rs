@@ -570,6 +570,9 @@ impl ChannelThread {
         let read_err = |error| ChannelFailure::Read { channel, error };
         let mut entry_bytes = vec![0u8; 8 * livemig_core::wire::MAX_BATCH_PAGES];
         let mut gfns: Vec<u64> = Vec::new();
+        // Whether each of `gfns` was written before in this migration (its
+        // memory is populated already).
+        let mut written: Vec<bool> = Vec::new();
         let mut totals = ChannelTotals::default();
         let blocks = if self.books.is_some() {
             layout.len()
@@ -622,12 +625,13 @@ impl ChannelThread {
                 .guest_phys()
                 / PAGE;
             gfns.clear();
+            written.clear();
             for e in entries.iter() {
                 let gfn = first_gfn + e.index;
                 match e.kind {
                     PageKind::Normal => {
                         gfns.push(gfn);
-                        self.placed.set(gfn, true);
+                        written.push(self.placed.set(gfn, true));
                     }
                     // Fresh memory reads as zero: only a page placed
                     // earlier in the migration needs writing.
@@ -646,8 +650,11 @@ impl ChannelThread {
                     }
                 }
             }
-            for piece in gfns.chunks(FUSED_PAGES) {
-                self.populate.pages(&self.ram, piece);
+            for (piece, written) in gfns.chunks(FUSED_PAGES).zip(written.chunks(FUSED_PAGES)) {
+                // A page written before is populated: asking again costs
+                // the kernel's walk of it for nothing.
+                let fresh = piece.iter().zip(written).filter(|(_, w)| !**w);
+                self.populate.pages(&self.ram, fresh.map(|(&gfn, _)| gfn));
                 let iov = PageIovecs::new(&self.ram, &[], piece)
                     .map_err(|error| ChannelFailure::Ram { channel, error })?;
                 self.conn.read_page_iovecs(iov).map_err(read_err)?;

@@ -12,7 +12,13 @@
 //! worse under load (3.2 against 2.0): not done, not yet.
 //! Only pages that arrived are populated, at the moment they are written,
 //! so a page never sent stays untouched: an idle 4 GiB guest costs what
-//! its populated pages cost, not 4 GiB. Huge pages are not asked for: on
+//! its populated pages cost, not 4 GiB. Only a page's first copy is: a
+//! page this migration wrote before is populated already, and asking
+//! again costs the kernel a walk of it for nothing (0.3 us a page in a
+//! run, 0.6 alone, measured here in a loop of `madvise` and `memcpy`).
+//! The engine hands runs of consecutive pages to one `place_pages`, so
+//! one call populates a run: one call a page cost 1.6 us a page against
+//! 1.2 for runs of 16. Huge pages are not asked for: on
 //! this nested host a fresh 2 MiB page cost 4-6 times as much per 4 KiB as
 //! a 4 KiB one (the table in `docs/benchmarks.md`).
 //!
@@ -69,16 +75,21 @@ impl Populate {
 
     /// Populates guest pages `gfns` (in the order they will be written),
     /// one call per run of consecutive pages.
-    pub(super) fn pages(&self, memory: &GuestMemory, gfns: &[u64]) {
-        let mut i = 0;
-        while i < gfns.len() && self.on.load(Ordering::Relaxed) {
-            let first = gfns[i];
-            let mut n = 1;
-            while gfns.get(i + n).is_some_and(|&g| g == first + n as u64) {
-                n += 1;
-            }
-            self.run(memory, first * PAGE, n as u64);
-            i += n;
+    pub(super) fn pages(&self, memory: &GuestMemory, gfns: impl IntoIterator<Item = u64>) {
+        let mut run: Option<(u64, u64)> = None;
+        for gfn in gfns {
+            run = match run {
+                Some((first, n)) if first + n == gfn => Some((first, n + 1)),
+                other => {
+                    if let Some((first, n)) = other {
+                        self.run(memory, first * PAGE, n);
+                    }
+                    Some((gfn, 1))
+                }
+            };
+        }
+        if let Some((first, n)) = run {
+            self.run(memory, first * PAGE, n);
         }
     }
 
