@@ -287,6 +287,86 @@ fn device_and_package() {
     check("end-of-stream", Record::EndOfStream);
 }
 
+/// The term as `docs/wire-format.md` ("Digest") writes it, line by line,
+/// apart from `crate::digest`'s own code: an implementation from the
+/// document alone must get the crate's terms.
+fn term_as_documented(seed: u64, block: u16, page: u64, data: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    fn mix(mut x: u64) -> u64 {
+        x ^= x >> 30;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 27;
+        x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+    fn nh(w: u64, k: u64) -> u64 {
+        let a = (w & 0xffff_ffff).wrapping_add(k & 0xffff_ffff) & 0xffff_ffff;
+        let b = (w >> 32).wrapping_add(k >> 32) & 0xffff_ffff;
+        (a * b).wrapping_add(a + (b << 32))
+    }
+    let mut lane = [0u64; 8];
+    for (j, l) in (0u64..).zip(lane.iter_mut()) {
+        *l = mix(seed.wrapping_add(K.wrapping_mul(j + 1)));
+    }
+    let mut key = [0u64; 128];
+    for (i, k) in (0u64..).zip(key.iter_mut()) {
+        *k = mix(seed.wrapping_add(K.wrapping_mul(i + 9)));
+    }
+    let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap());
+    if data.chunks_exact(8).all(|c| word(c) == 0) {
+        return 0;
+    }
+    for stripe in data.chunks(8 * 128) {
+        let mut sum = [0u64; 8];
+        for (i, w) in stripe.chunks_exact(8).enumerate() {
+            sum[i % 8] = sum[i % 8].wrapping_add(nh(word(w), key[i]));
+        }
+        for (l, s) in lane.iter_mut().zip(sum) {
+            *l = (*l ^ s).wrapping_mul(K).rotate_left(29);
+        }
+    }
+    let mut h = mix(mix(seed ^ u64::from(block)) ^ page);
+    for l in lane {
+        h = mix(h ^ l);
+    }
+    h.max(1)
+}
+
+#[test]
+fn the_page_term_is_what_this_document_says() {
+    let seed = 0x0123_4567_89ab_cdef;
+    let key = crate::digest::DigestKey::new(seed);
+    assert_eq!(
+        term_as_documented(seed, 0, 0, &[1u8; 4096]),
+        0x0a9c_e470_9987_22ea,
+        "the Digest example's term"
+    );
+    let mut state = 0x5eedu64;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let z = (state ^ (state >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z ^ (z >> 27)
+    };
+    // 4 KiB and 8 KiB pages and a 2 MiB one, of random words and of a few
+    // set among zeros.
+    let mut data = std::vec![0u8; 2 << 20];
+    for len in [4096usize, 8192, 2 << 20] {
+        for sparse in [false, true] {
+            for w in data[..len].chunks_exact_mut(8) {
+                let v = next();
+                let v = if sparse && v % 97 != 0 { 0 } else { v };
+                w.copy_from_slice(&v.to_le_bytes());
+            }
+            let (block, page) = ((next() % 4) as u16, next() % 1000);
+            assert_eq!(
+                key.page_term(block, page, &data[..len]),
+                term_as_documented(seed, block, page, &data[..len]),
+                "{len}-byte page, sparse {sparse}"
+            );
+        }
+    }
+}
+
 #[test]
 fn digest_key_and_digest() {
     check(
