@@ -152,9 +152,10 @@
 //! a return trip and a sum over the part's books on either end; it runs
 //! only after a mismatch, so a sound migration pays nothing for it. Both
 //! ends read only their books: no guest memory is touched. A multifd
-//! destination keeps its channels' pages' terms outside the engine's
-//! books, so it names the block only (the page: not yet), as does a
-//! destination without the return path.
+//! destination's channel receivers keep their pages' terms outside the
+//! engine's books; on a mismatch the books adopt them first (the channels
+//! are over by then: the stream fails), so the page is named there too. A
+//! destination without the return path names the block only.
 
 use core::fmt;
 

@@ -335,14 +335,18 @@ fn copy_through(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
 }
 
 /// Forwards a channel's packets whole (so a forged one never lands inside
-/// another), booking the last one's generation and number.
+/// another), booking the last one's generation and number. With `flip`,
+/// the first byte of the first page of block 0 it forwards that no vCPU
+/// writes is flipped, and `flip` holds that page's index.
 fn forward_channel(
     mut from: std::net::TcpStream,
     to: Arc<std::sync::Mutex<std::net::TcpStream>>,
     seen: Arc<std::sync::Mutex<ChannelSeen>>,
+    flip: Option<Arc<std::sync::Mutex<Option<u64>>>>,
 ) {
     use livemig_core::wire::{
         ChannelHello, HELLO_LEN, PACKET_HEADER_LEN, PacketEntries, PacketHeader, PacketKind,
+        PageKind,
     };
     use std::io::{Read, Write};
     let mut hello = [0u8; HELLO_LEN];
@@ -369,6 +373,19 @@ fn forward_channel(
         };
         let mut data = vec![0u8; table.normal() * page];
         from.read_exact(&mut data).expect("the pages");
+        if let (Some(flip), PacketKind::Pages { block: 0, .. }) = (&flip, header.kind) {
+            let mut flipped = flip.lock().unwrap();
+            let written = (0..VCPUS).map(|v| support::counter_gpa(v) / 4096);
+            let normal = table.iter().filter(|e| e.kind == PageKind::Normal);
+            if flipped.is_none()
+                && let Some((at, e)) = normal
+                    .enumerate()
+                    .find(|(_, e)| written.clone().all(|w| w != e.index))
+            {
+                data[at * page] ^= 0x01;
+                *flipped = Some(e.index);
+            }
+        }
         packet.extend_from_slice(&entries);
         packet.extend_from_slice(&data);
         to.lock()
@@ -464,7 +481,7 @@ fn a_channel_packet_after_the_last_sync_is_refused_and_the_source_guest_runs_on(
     });
     std::thread::spawn({
         let (ch_out, seen) = (Arc::clone(&ch_out), Arc::clone(&seen));
-        move || forward_channel(ch_in, ch_out, seen)
+        move || forward_channel(ch_in, ch_out, seen, None)
     });
     let forged = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let forge = {
@@ -544,6 +561,80 @@ fn a_channel_packet_after_the_last_sync_is_refused_and_the_source_guest_runs_on(
             .as_deref()
             .is_some_and(|e| e.contains("multifd channel 1")),
         "the destination did not name the channel: {error:?}"
+    );
+    assert!(!destination.started);
+    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
+    assert_ne!(source.stats.status, MigrationStatus::Completed);
+    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
+    let now = src.counters();
+    assert!(src.counters_pass(&now), "the source guest does not go on");
+}
+
+/// A byte flipped in a page on a channel, past TCP's checks: the digest at
+/// the end differs, the destination locates the page (the engine's books
+/// adopt the receivers' terms for it) and names it on both ends, never
+/// starts its guest, and the source guest runs on.
+#[test]
+fn a_page_flipped_on_a_channel_is_named_and_the_source_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    use std::net::{TcpListener, TcpStream};
+    let src = running_source();
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (listener, uri) = listen();
+    let dest_addr = uri.to_string();
+    let dest_addr = dest_addr.trim_start_matches("tcp:").to_string();
+    let incoming = destination(&dst, listener, false);
+    // The main connection and channel 0 direct, channel 1 through the
+    // flipping proxy, in the order the destination accepts them.
+    let main = Connection::connect(&uri).expect("connect the main stream");
+    let channel0 = Connection::connect(&uri).expect("connect channel 0");
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind a proxy");
+    let proxy_uri: MigrationUri = format!("tcp:{}", proxy.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let channel1 = Connection::connect(&proxy_uri).expect("connect to the proxy");
+    let (ch_in, _) = proxy.accept().expect("accept at the proxy");
+    let ch_out = TcpStream::connect(&dest_addr).expect("connect onward");
+    let ch_out = Arc::new(std::sync::Mutex::new(ch_out));
+    let back = ch_out.lock().unwrap().try_clone().unwrap();
+    std::thread::spawn({
+        let inner = ch_in.try_clone().unwrap();
+        move || copy_through(back, inner)
+    });
+    let flipped = Arc::new(std::sync::Mutex::new(None));
+    std::thread::spawn({
+        let seen = Arc::new(std::sync::Mutex::new(ChannelSeen::default()));
+        let flip = Some(Arc::clone(&flipped));
+        move || forward_channel(ch_in, ch_out, seen, flip)
+    });
+
+    let source = migrate_with_channels(
+        source_vm(&src),
+        main,
+        vec![channel0, channel1],
+        &config(),
+        SourceOptions::default(),
+    )
+    .expect("migrate")
+    .join()
+    .expect("source report");
+    let destination = incoming.join().expect("destination thread");
+    let page = flipped.lock().unwrap().expect("no page was flipped");
+    let named = Verification::Mismatch {
+        block: 0,
+        page: Some(page),
+    };
+    assert_eq!(
+        destination.stats.verification, named,
+        "{}",
+        destination.stats.error_desc
+    );
+    assert_eq!(
+        source.stats.verification, named,
+        "{}",
+        source.stats.error_desc
     );
     assert!(!destination.started);
     assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");

@@ -254,7 +254,9 @@ fn a_byte_flipped_in_a_channel_packet_is_caught() {
     });
     let o = run_migration(&s).expect("scenario");
     assert_eq!(o.injected_pages.len(), 1);
-    // The channels' receivers keep their pages' terms: the block is named,
-    // the page not yet.
-    assert_caught_by_destination(&o, None);
+    // The channels' receivers keep their pages' terms; at the mismatch the
+    // engine's books adopt them, and the page is located.
+    let (block, page) = o.injected_pages[0];
+    assert_eq!(block, 0);
+    assert_caught_by_destination(&o, Some(page));
 }

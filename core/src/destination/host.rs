@@ -140,6 +140,11 @@ pub trait ChannelsHost {
     /// engine counts the page as received (a fault on it is served here,
     /// a recovery does not ask for it again) and keeps its term in its own
     /// books, where a later copy of the page replaces it.
+    ///
+    /// Also called, after [`seal_channels`](Self::seal_channels), when a
+    /// precopy's digest differs and the page is to be located: the terms
+    /// must be in the engine's books for that, and the stream fails
+    /// whatever the channels would do next.
     fn end_channels(&mut self, placed: &mut dyn FnMut(u16, u64, u64)) -> Result<(), Self::Error>;
 
     /// The source's digest (or, unverified, the end of the stream) has

@@ -1531,6 +1531,12 @@ impl Loader<'_> {
             }
             Record::Digest(sums) => {
                 self.seal_channels(host)?;
+                if self.channels.is_some() && self.mismatch_to_locate(&sums) {
+                    // The receivers keep their pages' terms: adopted into
+                    // the books (the stream fails anyway), the page is
+                    // located as on the main stream.
+                    self.end_channels(host)?;
+                }
                 self.compare_digest(&sums)?;
             }
             Record::DigestRanges(answer) => self.locate_step(&answer)?,
@@ -1745,21 +1751,37 @@ impl Loader<'_> {
                 first: 0,
                 count: b.pages(),
             };
-            // Locating needs the return path, and the page terms in the
-            // engine's books (a multifd destination's channels keep theirs);
-            // in postcopy the guest runs here already, and the end cannot
-            // wait.
-            if self.return_path
-                && self.channels.is_none()
-                && self.status == MigrationStatus::Active
-                && whole.count > 0
-            {
+            // Locating needs the page terms in the engine's books: a
+            // multifd destination's channels keep theirs until the books
+            // adopt them (`mismatch_to_locate`).
+            if self.channels.is_none() && self.locates() && whole.count > 0 {
                 return self.ask_parts(block, whole);
             }
             return Err(self.mismatch(block, None));
         }
         self.stats.verification = Verification::Verified;
         Ok(())
+    }
+
+    /// Whether a digest mismatch is located to its page before the
+    /// stream is refused: with the return path, in precopy (in postcopy
+    /// the guest runs here already, and the end cannot wait).
+    fn locates(&self) -> bool {
+        self.return_path && self.status == MigrationStatus::Active
+    }
+
+    /// Whether `sums` differ from the books where a mismatch is located:
+    /// a multifd destination then has its channels' terms adopted first.
+    fn mismatch_to_locate(&self, sums: &BlockSums<'_>) -> bool {
+        let (Some(books), Some(_)) = (self.books.as_deref(), self.key) else {
+            return false;
+        };
+        self.locates()
+            && sums.len() == books.len()
+            && books
+                .iter()
+                .zip(sums.iter())
+                .any(|(b, theirs)| b.sum() != theirs)
     }
 
     /// Asks the source for the sums of the parts of `range` of `block`.
@@ -1875,10 +1897,10 @@ impl Loader<'_> {
     }
 
     /// The first postcopy command after multifd precopy (a discard, or the
-    /// listen): the channels are over, and every page they placed becomes
-    /// the engine's own, received and booked (see
-    /// [`ChannelsHost::end_channels`]). Nothing without channels or after
-    /// the first call.
+    /// listen), or a precopy digest mismatch to locate: the channels are
+    /// over, and every page they placed becomes the engine's own, received
+    /// and booked (see [`ChannelsHost::end_channels`]). Nothing without
+    /// channels or after the first call.
     fn end_channels<H: DestinationHost>(
         &mut self,
         host: &mut H,
