@@ -207,6 +207,11 @@ pub struct MigrationStats {
     /// says whether the reopened channel carried requested pages. Zero on
     /// the source. livemig's own (`"postcopy-preempt-pages"` in JSON).
     pub postcopy_preempt_pages: u64,
+    /// Destination: postcopy pages whose copy arrived with another term
+    /// than the source's, refused, and asked for again (the copy that
+    /// checked out was installed). Zero on the source. livemig's own
+    /// (`"postcopy-refetched-pages"` in JSON).
+    pub postcopy_refetched: u64,
     /// Source: milliseconds the guest ran on between the decision to stop
     /// it and the destination's answer that it had applied everything
     /// sent before (or the wait's end without one); `None` when the stop

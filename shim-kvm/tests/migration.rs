@@ -1000,3 +1000,165 @@ fn a_device_may_not_take_livemigs_section_ids_or_repeat_one() {
         "two devices are registered as section 'uart' instance 0"
     );
 }
+
+/// Forwards the main stream from `from` to `to` record by record, and in
+/// the first Pages record that carries page terms (postcopy, verifying)
+/// flips a byte of its first normal page, whose (block, page) it stores
+/// in `flipped`; then closes `to`'s write side.
+fn flip_first_postcopy_page(
+    from: livemig_kvm::Connection,
+    to: livemig_kvm::Connection,
+    flipped: Arc<std::sync::Mutex<Option<(u16, u64)>>>,
+) {
+    use livemig_core::wire::kind;
+    let mut header = [0u8; 8];
+    if from.read_exact(&mut header).is_err() || to.write_all(&header).is_err() {
+        return;
+    }
+    loop {
+        let mut record = vec![0u8; 8];
+        if from.read_exact(&mut record).is_err() {
+            break;
+        }
+        let kind = u16::from_be_bytes([record[0], record[1]]);
+        let len = u32::from_be_bytes([record[4], record[5], record[6], record[7]]) as usize;
+        record.resize(8 + len, 0);
+        if from.read_exact(&mut record[8..]).is_err() {
+            break;
+        }
+        let mut done = flipped.lock().unwrap();
+        // The batch: be16 block, u8 page shift, u8 flags (TERMS = 2), be32
+        // count, the entries (bit 63: zero), a term per normal page, data.
+        if kind == kind::PAGES && done.is_none() && record[8 + 3] & 2 != 0 {
+            let body = &record[8..];
+            let block = u16::from_be_bytes([body[0], body[1]]);
+            let count = u32::from_be_bytes([body[4], body[5], body[6], body[7]]) as usize;
+            let entries: Vec<u64> = (0..count)
+                .map(|i| u64::from_be_bytes(body[8 + 8 * i..16 + 8 * i].try_into().unwrap()))
+                .collect();
+            let normal = entries.iter().filter(|e| *e >> 63 == 0).count();
+            if let Some(&first) = entries.iter().find(|e| *e >> 63 == 0) {
+                let data = 8 + 8 + 8 * count + 8 * normal;
+                record[data + 100] ^= 0x01;
+                *done = Some((block, first));
+            }
+        }
+        drop(done);
+        if to.write_all(&record).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Copies `from` to `to` until either ends.
+fn copy_through(from: livemig_kvm::Connection, to: livemig_kvm::Connection) {
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// A postcopy page damaged on the wire past TCP's checks: the destination
+/// refuses its copy by the page's term, asks for it again (RESEND_PAGE),
+/// installs the second copy, and the migration completes verified with the
+/// destination guest going on; both ends' memory agree.
+#[test]
+fn a_postcopy_page_damaged_on_the_wire_is_sent_again_and_the_guest_goes_on() {
+    if !kvm_available() {
+        return;
+    }
+    let src = running_source();
+    for p in 0..support::HIGH_BYTES as u64 / 4096 {
+        src.ram
+            .write_obj(p * 0x9e37_79b9 + 1, GuestAddress(HIGH_GPA + p * 4096))
+            .expect("write the high region");
+    }
+    // A device keeps 240 low pages dirty until the switchover, so the
+    // background pass has them to send (about a second at 1 MiB/s): the
+    // damaged page's second copy goes before the end of the stream.
+    let writer = Writer::start(&src.ram, 0x10000, 240);
+    let dst = TestVm::new(VCPUS, false, |_| {});
+    let (src_end, proxy_in) = connection_pair();
+    let (proxy_out, dst_end) = connection_pair();
+    let flipped = Arc::new(std::sync::Mutex::new(None));
+    thread::spawn({
+        let (back, inner) = (
+            proxy_out.try_clone().unwrap(),
+            proxy_in.try_clone().unwrap(),
+        );
+        move || copy_through(back, inner)
+    });
+    thread::spawn({
+        let flipped = Arc::clone(&flipped);
+        move || flip_first_postcopy_page(proxy_in, proxy_out, flipped)
+    });
+    let incoming = receive(
+        DestinationVm {
+            vm: Arc::clone(&dst.vm),
+            memory: dst.memory.clone(),
+            vcpus: dst.vcpus.clone(),
+            devices: vec![Box::new(Writer::idle())],
+            on_started: None,
+        },
+        dst_end,
+        ReceiveOptions::default(),
+    )
+    .expect("receive");
+    let mut config = config();
+    config.capabilities.insert(Capabilities::POSTCOPY_RAM);
+    config.limits.postcopy_after_iterations = Some(1);
+    config.parameters.downtime_limit_ms = 0;
+    config.parameters.max_postcopy_bandwidth = 1 << 20;
+    config.parameters.max_bandwidth = 4 << 20;
+    let outgoing = migrate(
+        SourceVm {
+            vm: Arc::clone(&src.vm),
+            memory: src.memory.clone(),
+            vcpus: src.vcpus.clone(),
+            devices: vec![Box::new(writer)],
+            device_dirty: Some(Box::new(VmMemoryDirtyLog::new(&src.ram))),
+            running: true,
+        },
+        src_end,
+        &config,
+        SourceOptions::default(),
+    )
+    .expect("migrate");
+    let source = outgoing.join().expect("source report");
+    let destination = incoming.join().expect("destination report");
+    let (block, page) = flipped
+        .lock()
+        .unwrap()
+        .expect("no postcopy page was flipped");
+    eprintln!("flipped page {page} of block {block}");
+    assert_eq!(
+        source.stats.status,
+        MigrationStatus::Completed,
+        "{}",
+        source.stats.error_desc
+    );
+    assert!(source.postcopy, "the migration did not switch to postcopy");
+    assert!(destination.error.is_none(), "{:?}", destination.error);
+    assert_eq!(destination.stats.postcopy_refetched, 1);
+    assert_eq!(source.stats.verification, Verification::Verified);
+    assert_eq!(destination.stats.verification, Verification::Verified);
+    assert!(src.vcpus.is_paused(), "both hosts run the guest");
+    assert!(destination.started);
+    let at_stop = src.counters();
+    assert!(
+        dst.counters_pass(&at_stop),
+        "a vCPU did not go on: {:?}",
+        dst.vcpus.failure()
+    );
+    dst.vcpus.pause_all().expect("pause the destination guest");
+    let pages = pages_but_counters();
+    assert_eq!(
+        dst.memory.digest_of(pages.iter().copied()).expect("digest"),
+        src.memory.digest_of(pages.iter().copied()).expect("digest"),
+        "memory the destination guest did not write differs from the source's at the stop"
+    );
+}

@@ -36,6 +36,10 @@ pub enum InjectedFault {
     /// stream) is flipped, its term left as the source computed it: the
     /// destination must refuse to install it.
     FlippedByteInPostcopy,
+    /// As [`FlippedByteInPostcopy`](Self::FlippedByteInPostcopy), and the
+    /// same page's next copy (the one the destination asks for again) is
+    /// damaged the same way.
+    FlippedByteInPostcopyTwice,
     /// Every dirty-log sync after the first (which picks up the
     /// initially-set log) comes back clean and loses its bits for good, as
     /// a dirty log that stopped tracking would: the guest's writes after
@@ -61,6 +65,8 @@ pub(crate) struct Injector {
     /// Dirty-log syncs seen.
     syncs: u64,
     pub fired: bool,
+    /// [`InjectedFault::FlippedByteInPostcopyTwice`] damaged the second copy.
+    fired_again: bool,
     /// The pages (block, page) whose data the fault changed.
     pub pages: Vec<PageAt>,
     /// Channel 0's last packet header sent.
@@ -74,6 +80,7 @@ impl Injector {
             normal_seen: 0,
             syncs: 0,
             fired: false,
+            fired_again: false,
             pages: Vec::new(),
             last_on_channel_0: None,
         }
@@ -128,6 +135,18 @@ impl Injector {
     pub fn batch(&mut self, record: &mut Vec<u8>, normal_pages: usize) {
         let seen = self.normal_seen;
         self.normal_seen += normal_pages as u64;
+        if self.fault == Some(InjectedFault::FlippedByteInPostcopyTwice)
+            && self.fired
+            && !self.fired_again
+        {
+            if let Some(&page) = self.pages.first()
+                && let Some((changed, _)) = rewrite(record, Pick::Page(page), self.fault)
+            {
+                *record = changed;
+                self.fired_again = true;
+            }
+            return;
+        }
         let after = match self.fault {
             Some(
                 InjectedFault::MisplacedPage { after }
@@ -135,7 +154,9 @@ impl Injector {
                 | InjectedFault::FlippedByte { after },
             ) => after,
             // Any batch is due; `rewrite` leaves those without terms.
-            Some(InjectedFault::FlippedByteInPostcopy) => seen,
+            Some(
+                InjectedFault::FlippedByteInPostcopy | InjectedFault::FlippedByteInPostcopyTwice,
+            ) => seen,
             _ => return,
         };
         if self.fired || seen + normal_pages as u64 <= after {
@@ -143,7 +164,7 @@ impl Injector {
         }
         // The first normal page of this batch that is due.
         let skip = after.saturating_sub(seen) as usize;
-        if let Some((changed, pages)) = rewrite(record, skip, self.fault) {
+        if let Some((changed, pages)) = rewrite(record, Pick::After(skip), self.fault) {
             *record = changed;
             self.fired = true;
             self.pages = pages;
@@ -203,9 +224,18 @@ impl Injector {
 /// `record` with the fault applied from its `skip`-th normal page on, and
 /// the pages whose data changed, or `None` when the batch does not lend
 /// itself (too few pages).
+/// Which normal page of a batch a fault starts at.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// The first after this many.
+    After(usize),
+    /// This page, if the batch carries it.
+    Page(PageAt),
+}
+
 fn rewrite(
     record: &[u8],
-    skip: usize,
+    pick: Pick,
     fault: Option<InjectedFault>,
 ) -> Option<(Vec<u8>, Vec<PageAt>)> {
     let mut stream = vec![0u8; STREAM_HEADER_LEN];
@@ -218,7 +248,11 @@ fn rewrite(
         return None;
     };
     let with_terms = batch.flags().contains(BatchFlags::TERMS);
-    if fault == Some(InjectedFault::FlippedByteInPostcopy) && !with_terms {
+    let postcopy = matches!(
+        fault,
+        Some(InjectedFault::FlippedByteInPostcopy | InjectedFault::FlippedByteInPostcopyTwice)
+    );
+    if postcopy && !with_terms {
         return None;
     }
     // Each normal page keeps its term (if the batch has them) wherever
@@ -231,11 +265,14 @@ fn rewrite(
             (e, d.map(<[u8]>::to_vec), term)
         })
         .collect();
-    let normal: Vec<usize> = (0..pages.len())
-        .filter(|&i| pages[i].0.kind == PageKind::Normal)
-        .skip(skip)
-        .collect();
     let block = batch.block();
+    let normal_at = (0..pages.len()).filter(|&i| pages[i].0.kind == PageKind::Normal);
+    let normal: Vec<usize> = match pick {
+        Pick::After(skip) => normal_at.skip(skip).collect(),
+        Pick::Page((b, p)) => normal_at
+            .filter(|&i| b == block && pages[i].0.index == p)
+            .collect(),
+    };
     let hit = match fault? {
         InjectedFault::MisplacedPage { .. } => {
             let first = *normal.first()?;
@@ -255,7 +292,9 @@ fn rewrite(
             }
             vec![(block, entry.index)]
         }
-        InjectedFault::FlippedByte { .. } | InjectedFault::FlippedByteInPostcopy => {
+        InjectedFault::FlippedByte { .. }
+        | InjectedFault::FlippedByteInPostcopy
+        | InjectedFault::FlippedByteInPostcopyTwice => {
             let i = *normal.first()?;
             let index = pages[i].0.index;
             let data = pages[i].1.as_mut()?;

@@ -103,14 +103,41 @@ fn postcopy_verifies_itself_at_the_end() {
     assert_eq!(o.destination.verification, Verification::Verified);
 }
 
+/// A page whose postcopy copy fails its term is not installed and is
+/// asked for again (RESEND_PAGE); the copy that checks out is installed,
+/// and the migration completes verified. With the preempt channel the
+/// second copy travels there.
 #[test]
-fn a_byte_flipped_in_postcopy_is_caught_before_the_page_is_installed() {
+fn a_byte_flipped_in_postcopy_is_refused_and_the_page_sent_again() {
+    for preempt in [false, true] {
+        let mut s = busy_postcopy();
+        if preempt {
+            s.config.capabilities |= Capabilities::POSTCOPY_PREEMPT;
+        }
+        s.fault = Some(InjectedFault::FlippedByteInPostcopy);
+        let o = run_migration(&s).expect("scenario");
+        assert!(o.fault_injected, "the fault never happened: {o:#?}");
+        assert!(o.postcopy.is_some(), "the guest ran on the destination");
+        assert_eq!(o.injected_pages.len(), 1);
+        assert_verified(&o);
+        assert_eq!(o.destination.verification, Verification::Verified);
+        assert_eq!(o.source.verification, Verification::Verified);
+        assert_eq!(o.destination.postcopy_refetched, 1, "preempt {preempt}");
+    }
+}
+
+/// The same page damaged again: a link that damages what it carries. The
+/// migration fails with block and page named on both ends, the failure
+/// any broken postcopy has.
+#[test]
+fn a_page_damaged_twice_in_postcopy_fails_naming_it() {
     let mut s = busy_postcopy();
-    s.fault = Some(InjectedFault::FlippedByteInPostcopy);
+    s.fault = Some(InjectedFault::FlippedByteInPostcopyTwice);
     let o = run_migration(&s).expect("scenario");
     assert!(o.fault_injected, "the fault never happened: {o:#?}");
     assert!(o.postcopy.is_some(), "the guest ran on the destination");
     assert_eq!(o.injected_pages.len(), 1);
+    assert_eq!(o.destination.postcopy_refetched, 1);
     let (block, page) = o.injected_pages[0];
     let named = Verification::Mismatch {
         block,

@@ -48,6 +48,7 @@ mod recovery;
 
 pub use faults::{FaultBooks, FaultBooksError, MAX_WAITERS, MAX_WAITS};
 pub use host::{ChannelTotals, ChannelsHost, DestinationHost, HandleError, HostOp, PostcopyHost};
+pub use page_terms::{MAX_REFETCHED_PAGES, MAX_REFETCHES_PER_BATCH};
 pub use postcopy::PostcopyTracking;
 pub use recovery::PENDING_BITMAPS;
 
@@ -620,6 +621,9 @@ struct Loader<'a> {
     /// The range of the block being located whose parts' sums the source
     /// was asked for (after a digest mismatch).
     locate: Option<(u16, PageRange)>,
+    /// Postcopy pages whose copy failed its term and that were asked for
+    /// again (see `page_terms`).
+    refetched: heapless::Vec<(u16, u64), MAX_REFETCHED_PAGES>,
     /// With multifd: the channel count and the next generation to flush.
     channels: Option<Channels>,
     /// With the postcopy preempt channel: the migration id its hello must
@@ -694,6 +698,7 @@ impl<'a> DestinationEngine<'a> {
                 books: None,
                 key: None,
                 locate: None,
+                refetched: heapless::Vec::new(),
                 channels: None,
                 preempt_id: None,
                 preempt_ready: false,
@@ -2142,7 +2147,7 @@ impl Loader<'_> {
             }
             .into());
         }
-        self.check_page_terms(&*host, batch)?;
+        let refused = self.check_page_terms(now, &*host, batch)?;
         // Checked equal to this end's terms of the bytes: booked as they are.
         let mut terms = batch.terms();
         let page_size = batch.page_size();
@@ -2162,7 +2167,7 @@ impl Loader<'_> {
             if data.is_some() {
                 offset += page_size;
             }
-            if self.placed_already(block, entry.index) {
+            if self.placed_already(block, entry.index) || refused.contains(&entry.index) {
                 self.place_zero_entries(now, host, block, zero_run.take())?;
                 continue;
             }

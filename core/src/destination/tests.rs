@@ -1645,26 +1645,52 @@ fn page_terms_are_checked_before_any_page_is_placed() {
         let r = feed(&mut d, Instant::ZERO, &pages.concat(), &mut host);
         let mut rp = vec![0u8; RETURN_PATH_QUEUE];
         let n = d.poll_return_path(&mut rp);
+        let refetched = d.stats().postcopy_refetched;
         (
             r.map(|_| ()),
             host.pages,
-            d.stats().verification,
+            (d.stats().verification, refetched),
             rp[..n].to_vec(),
         )
     };
-    let (r, placed, verdict, _) = run(&[batch_with_terms(&[3, 4], &[term(3), term(4)])], true);
+    let good = batch_with_terms(&[3, 4], &[term(3), term(4)]);
+    let (r, placed, verdict, _) = run(core::slice::from_ref(&good), true);
     assert_eq!(r, Ok(()));
     assert_eq!(placed, [(0, 3, 2 * PAGE)], "one run");
-    assert_eq!(verdict, Verification::Pending);
+    assert_eq!(verdict, (Verification::Pending, 0));
 
-    let (r, placed, verdict, rp) = run(&[batch_with_terms(&[3, 4], &[term(3), term(4) ^ 1])], true);
+    // Page 4's copy is damaged: page 3 is placed, page 4 asked for again
+    // (as a fault would: the source still holds it), the second copy
+    // installed.
+    let damaged = batch_with_terms(&[3, 4], &[term(3), term(4) ^ 1]);
+    let again = batch_with_terms(&[4], &[term(4)]);
+    let (r, placed, verdict, rp) = run(core::slice::from_ref(&damaged), true);
+    assert_eq!(r, Ok(()));
+    assert_eq!(placed, [(0, 3, PAGE)]);
+    assert_eq!(verdict, (Verification::Pending, 1));
+    let mut asked = [0u8; 32];
+    let n = RpMessage::ResendPage { block: 0, page: 4 }
+        .encode(&mut asked)
+        .unwrap();
+    assert!(
+        rp.windows(n).any(|w| w == &asked[..n]),
+        "page 4 is asked for again"
+    );
+    let (r, placed, verdict, _) = run(&[damaged.clone(), again], true);
+    assert_eq!(r, Ok(()));
+    assert_eq!(placed, [(0, 3, PAGE), (0, 4, PAGE)]);
+    assert_eq!(verdict, (Verification::Pending, 1));
+
+    // Damaged twice: the link damages what it carries; the migration fails
+    // with block and page named, to the source too.
+    let (r, placed, verdict, rp) = run(&[damaged.clone(), damaged], true);
     assert_eq!(r, Err(DestError::PageTermMismatch { block: 0, page: 4 }));
-    assert!(placed.is_empty(), "page 3 of the same batch waits too");
+    assert_eq!(placed, [(0, 3, PAGE)], "page 3 of the second copy waits");
     let named = Verification::Mismatch {
         block: 0,
         page: Some(4),
     };
-    assert_eq!(verdict, named);
+    assert_eq!(verdict, (named, 1));
     let mut told = [0u8; 32];
     let n = RpMessage::DigestMismatch {
         block: 0,
@@ -1676,6 +1702,21 @@ fn page_terms_are_checked_before_any_page_is_placed() {
         rp.windows(n).any(|w| w == &told[..n]),
         "the source is told block and page"
     );
+
+    // More damaged pages in one batch than may be asked for again.
+    let pages: Vec<u64> = (0..=MAX_REFETCHES_PER_BATCH as u64).collect();
+    let bad: Vec<u64> = pages.iter().map(|&p| term(p) ^ 1).collect();
+    let (r, placed, verdict, _) = run(&[batch_with_terms(&pages, &bad)], true);
+    let last = MAX_REFETCHES_PER_BATCH as u64;
+    assert_eq!(
+        r,
+        Err(DestError::PageTermMismatch {
+            block: 0,
+            page: last
+        })
+    );
+    assert!(placed.is_empty());
+    assert_eq!(verdict.1, last);
 
     let (r, placed, _, _) = run(&[batch(0, &[(3, false)])], true);
     assert_eq!(r, Err(DestError::PageTermsMissing { block: 0 }));

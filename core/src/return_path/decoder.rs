@@ -11,8 +11,7 @@ use core::fmt;
 use zerocopy::FromBytes;
 
 use super::message::{
-    Be32Payload, DigestMismatchPayload, DigestQueryPayload, PAGE_NOT_LOCATED, ReqPagesRange,
-    RpHeader,
+    Be32Payload, BlockPagePayload, DigestQueryPayload, PAGE_NOT_LOCATED, ReqPagesRange, RpHeader,
 };
 use super::{
     LenRule, RECV_BITMAP_END_MARK, RECV_BITMAP_FIELD_LEN, RESUME_ACK_VALUE, RP_HEADER_LEN,
@@ -595,10 +594,18 @@ fn parse_payload(
             }
         }
         RpMessageType::DigestMismatch => {
-            let m = DigestMismatchPayload::read_from_bytes(payload).map_err(|_| bad_len)?;
+            let m = BlockPagePayload::read_from_bytes(payload).map_err(|_| bad_len)?;
             RpMessage::DigestMismatch {
                 block: m.block.get(),
                 page: Some(m.page.get()).filter(|&p| p != PAGE_NOT_LOCATED),
+            }
+        }
+        // Block and page are the source's to check against its layout.
+        RpMessageType::ResendPage => {
+            let m = BlockPagePayload::read_from_bytes(payload).map_err(|_| bad_len)?;
+            RpMessage::ResendPage {
+                block: m.block.get(),
+                page: m.page.get(),
             }
         }
         RpMessageType::ReqPages => {
@@ -689,6 +696,7 @@ mod tests {
         Interrupted(u32),
         DigestQuery(u16, u64, u64),
         DigestMismatch(u16, Option<u64>),
+        ResendPage(u16, u64),
     }
 
     impl Owned {
@@ -716,6 +724,7 @@ mod tests {
                     count,
                 } => Self::DigestQuery(block, first, count),
                 RpMessage::DigestMismatch { block, page } => Self::DigestMismatch(block, page),
+                RpMessage::ResendPage { block, page } => Self::ResendPage(block, page),
             }
         }
 
@@ -743,6 +752,10 @@ mod tests {
                     count: *count,
                 },
                 Self::DigestMismatch(block, page) => RpMessage::DigestMismatch {
+                    block: *block,
+                    page: *page,
+                },
+                Self::ResendPage(block, page) => RpMessage::ResendPage {
                     block: *block,
                     page: *page,
                 },
@@ -870,7 +883,7 @@ mod tests {
 
     #[test]
     fn every_type_has_a_vector() {
-        let cases: [(&[u8], Owned); 14] = [
+        let cases: [(&[u8], Owned); 15] = [
             (&[0, 1, 0, 4, 0, 0, 0, 0], Owned::Shut(false)),
             (&[0, 1, 0, 4, 0, 0, 0, 1], Owned::Shut(true)),
             // QEMU treats any non-zero SHUT value as an error.
@@ -914,6 +927,10 @@ mod tests {
                     1, 3, 0, 10, 0, 2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
                 ],
                 Owned::DigestMismatch(2, None),
+            ),
+            (
+                &[1, 4, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0x00],
+                Owned::ResendPage(0, 0x1000),
             ),
         ];
         for (bytes, want) in cases {
@@ -1125,7 +1142,7 @@ mod tests {
 
     #[test]
     fn unknown_types_are_rejected() {
-        for code in [0u16, 8, 0xff, 0x104, 0xffff] {
+        for code in [0u16, 8, 0xff, 0x105, 0xffff] {
             let mut dec = RpDecoder::new(PAGE).unwrap();
             assert_eq!(
                 dec.decode(&header(code, 4)).err(),
@@ -1314,6 +1331,7 @@ mod tests {
                 .prop_map(|(b, f, c)| Owned::DigestQuery(b, f, c)),
             (any::<u16>(), proptest::option::of(0..u64::MAX))
                 .prop_map(|(b, p)| Owned::DigestMismatch(b, p)),
+            (any::<u16>(), any::<u64>()).prop_map(|(b, p)| Owned::ResendPage(b, p)),
         ]
     }
 

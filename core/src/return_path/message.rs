@@ -142,6 +142,16 @@ pub enum RpMessage<'a> {
         /// The page, in the block, once located.
         page: Option<u64>,
     },
+    /// livemig's own: in postcopy, the copy of page `page` of block
+    /// `block` that arrived failed its term; the destination did not
+    /// install it and waits for the page, which the source sends again
+    /// (as for a page request, though it was sent before).
+    ResendPage {
+        /// The block.
+        block: u16,
+        /// The page, in the block.
+        page: u64,
+    },
 }
 
 /// The payload of `DIGEST_QUERY`.
@@ -156,16 +166,16 @@ pub(crate) struct DigestQueryPayload {
 /// `DIGEST_MISMATCH`'s page when the page was not located.
 pub(crate) const PAGE_NOT_LOCATED: u64 = u64::MAX;
 
-/// The payload of `DIGEST_MISMATCH`.
+/// The payload of `DIGEST_MISMATCH` and `RESEND_PAGE`.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
 #[repr(C)]
-pub(crate) struct DigestMismatchPayload {
+pub(crate) struct BlockPagePayload {
     pub(crate) block: U16,
     pub(crate) page: U64,
 }
 
 const _: () = assert!(size_of::<DigestQueryPayload>() == super::DIGEST_QUERY_LEN);
-const _: () = assert!(size_of::<DigestMismatchPayload>() == super::DIGEST_MISMATCH_LEN);
+const _: () = assert!(size_of::<BlockPagePayload>() == super::BLOCK_PAGE_LEN);
 
 /// A signal number of [`RpMessage::Interrupted`], displayed by its name
 /// (`SIGINT`, `SIGTERM`...) when it is one an operator sends, else as
@@ -244,6 +254,7 @@ impl RpMessage<'_> {
             Self::Interrupted { .. } => RpMessageType::Interrupted,
             Self::DigestQuery { .. } => RpMessageType::DigestQuery,
             Self::DigestMismatch { .. } => RpMessageType::DigestMismatch,
+            Self::ResendPage { .. } => RpMessageType::ResendPage,
         }
     }
 
@@ -269,7 +280,7 @@ impl RpMessage<'_> {
             Self::RecvBitmap { block } => 1 + block.len(),
             Self::SwitchoverAck | Self::Loaded => 0,
             Self::DigestQuery { .. } => size_of::<DigestQueryPayload>(),
-            Self::DigestMismatch { .. } => size_of::<DigestMismatchPayload>(),
+            Self::DigestMismatch { .. } | Self::ResendPage { .. } => size_of::<BlockPagePayload>(),
         }
     }
 
@@ -359,9 +370,16 @@ impl RpMessage<'_> {
                 .as_bytes(),
             ),
             Self::DigestMismatch { block, page } => w.put(
-                DigestMismatchPayload {
+                BlockPagePayload {
                     block: U16::new(block),
                     page: U64::new(page.unwrap_or(PAGE_NOT_LOCATED)),
+                }
+                .as_bytes(),
+            ),
+            Self::ResendPage { block, page } => w.put(
+                BlockPagePayload {
+                    block: U16::new(block),
+                    page: U64::new(page),
                 }
                 .as_bytes(),
             ),
@@ -511,6 +529,13 @@ mod tests {
         let bytes = example("digest-mismatch");
         assert_eq!(bytes, encode_vec(&mismatch));
         assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(mismatch))));
+        let resend = RpMessage::ResendPage {
+            block: 0,
+            page: 0x1000,
+        };
+        let bytes = example("resend-page");
+        assert_eq!(bytes, encode_vec(&resend));
+        assert_eq!(decoder.decode(&bytes), Ok((bytes.len(), Some(resend))));
 
         // The bitmap of a 70-page block with pages 0-15, 63 and 64-69.
         let mut words = [0u64; 2];

@@ -42,8 +42,8 @@ pub(crate) const PAGE_RANGE_LEN: usize = 12;
 /// Payload of `DIGEST_QUERY`: be16 block, be64 first page, be64 count.
 pub(crate) const DIGEST_QUERY_LEN: usize = 18;
 
-/// Payload of `DIGEST_MISMATCH`: be16 block, be64 page.
-pub(crate) const DIGEST_MISMATCH_LEN: usize = 10;
+/// Payload of `DIGEST_MISMATCH` and `RESEND_PAGE`: be16 block, be64 page.
+pub(crate) const BLOCK_PAGE_LEN: usize = 10;
 
 /// Largest payload of any valid message: `REQ_PAGES_ID` with a 255-byte id
 /// (12 bytes of range, one length byte, the id).
@@ -112,6 +112,9 @@ pub enum RpMessageType {
     /// livemig's own: the destination names the first page whose digest
     /// terms differ (before its SHUT).
     DigestMismatch = LIVEMIG_TYPE_BASE + 3,
+    /// livemig's own: in postcopy, a page's copy failed its term at the
+    /// destination; the source sends the page again.
+    ResendPage = LIVEMIG_TYPE_BASE + 4,
 }
 
 /// The first return-path type code of livemig's own messages: far beyond
@@ -139,7 +142,7 @@ pub enum LenRule {
 
 impl RpMessageType {
     /// Every valid type, in code order (for tests and table-driven tools).
-    pub const ALL: [RpMessageType; 11] = [
+    pub const ALL: [RpMessageType; 12] = [
         Self::Shut,
         Self::Pong,
         Self::ReqPagesId,
@@ -151,6 +154,7 @@ impl RpMessageType {
         Self::Interrupted,
         Self::DigestQuery,
         Self::DigestMismatch,
+        Self::ResendPage,
     ];
 
     /// The type for a wire code, or `None` for codes no type has (0, QEMU's
@@ -168,6 +172,7 @@ impl RpMessageType {
             0x0101 => Self::Interrupted,
             0x0102 => Self::DigestQuery,
             0x0103 => Self::DigestMismatch,
+            0x0104 => Self::ResendPage,
             _ => return None,
         })
     }
@@ -193,6 +198,7 @@ impl RpMessageType {
             Self::Interrupted => "INTERRUPTED",
             Self::DigestQuery => "DIGEST_QUERY",
             Self::DigestMismatch => "DIGEST_MISMATCH",
+            Self::ResendPage => "RESEND_PAGE",
         }
     }
 
@@ -205,7 +211,7 @@ impl RpMessageType {
             Self::ReqPages => LenRule::Fixed(RANGE),
             Self::SwitchoverAck | Self::Loaded => LenRule::Fixed(0),
             Self::DigestQuery => LenRule::Fixed(DIGEST_QUERY_LEN as u16),
-            Self::DigestMismatch => LenRule::Fixed(DIGEST_MISMATCH_LEN as u16),
+            Self::DigestMismatch | Self::ResendPage => LenRule::Fixed(BLOCK_PAGE_LEN as u16),
             Self::ReqPagesId => LenRule::Variable {
                 min: RANGE + 1,
                 max: RANGE + 1 + MAX_ID,
@@ -229,7 +235,7 @@ mod tests {
         }
         assert_eq!(RpMessageType::from_code(0x100), Some(RpMessageType::Loaded));
         assert_eq!(RpMessageType::Interrupted.code(), 0x101);
-        for code in [0u16, 8, 9, 0xff, 0x104, 0x8001, 0xffff] {
+        for code in [0u16, 8, 9, 0xff, 0x105, 0x8001, 0xffff] {
             assert_eq!(RpMessageType::from_code(code), None);
         }
     }

@@ -992,6 +992,7 @@ impl<'a> SourceEngine<'a> {
                 },
             ),
             RpMessage::DigestMismatch { block, page } => self.digest_mismatch(*block, *page),
+            RpMessage::ResendPage { block, page } => self.handle_resend(*block, *page),
             RpMessage::RecvBitmap { .. }
             | RpMessage::RecvBitmapSize { .. }
             | RpMessage::RecvBitmapBytes { .. }

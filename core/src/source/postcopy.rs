@@ -410,6 +410,64 @@ impl<'a> SourceEngine<'a> {
         }
     }
 
+    /// RESEND_PAGE: the copy of `page` of `block` failed its term at the
+    /// destination, which did not install it and waits for it. Queued as a
+    /// request, ahead of the background pass; without the preempt channel
+    /// the page is marked dirty again too, since the request path sends
+    /// only pages still dirty (a page requested after it was sent is
+    /// normally in flight). After the end of the stream nothing more can
+    /// be sent: the migration fails, naming the page.
+    pub(super) fn handle_resend(&mut self, block: u16, page: u64) {
+        if self.status != MigrationStatus::PostcopyActive {
+            self.fail(
+                EndReason::Protocol(Violation::RequestOutsidePostcopy),
+                format_args!("the destination asked for a page again but postcopy is not active"),
+            );
+            return;
+        }
+        if self.postcopy.end_sent {
+            self.fail(
+                EndReason::DestinationFailed,
+                format_args!(
+                    "page {page} of RAM block {block} arrived damaged at the destination after the end of the stream, too late to send it again"
+                ),
+            );
+            return;
+        }
+        let preempt = self.preempt();
+        let Some(t) = self
+            .tracking
+            .get_mut(usize::from(block))
+            .filter(|t| page < t.pages)
+        else {
+            self.fail(
+                EndReason::Protocol(Violation::RequestOutOfBlock),
+                format_args!(
+                    "the destination asked again for page {page} of block {block}, outside RAM"
+                ),
+            );
+            return;
+        };
+        if !preempt && !t.dirty.test(page) && t.dirty.set(page).is_ok() {
+            self.scan.remaining_bytes += 1u64 << t.page_shift;
+        }
+        let request = PageRequest {
+            block,
+            range: PageRange {
+                first: page,
+                count: 1,
+            },
+        };
+        if self.postcopy.requests.push_back(request).is_err() {
+            self.fail(
+                EndReason::Protocol(Violation::TooManyRequests),
+                format_args!(
+                    "the destination has more than {REQUEST_QUEUE} page requests outstanding"
+                ),
+            );
+        }
+    }
+
     /// The host served the page request `msg` (a REQ_PAGES or
     /// REQ_PAGES_ID) itself, writing `bytes` on the preempt channel from
     /// the thread that read it, so that the request need not wait for the

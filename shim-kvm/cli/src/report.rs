@@ -201,6 +201,7 @@ impl Summary {
             "iterations": s.iterations,
             "postcopy-recoveries": s.postcopy_recoveries,
             "postcopy-preempt-pages": s.postcopy_preempt_pages,
+            "postcopy-refetched-pages": s.postcopy_refetched,
             "catch-up-ms": s.catch_up_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
             "cpu-throttle-percentage": s.throttle.percent,
             "throttle": {

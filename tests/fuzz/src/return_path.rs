@@ -162,6 +162,10 @@ pub fn return_path_corpus() -> Vec<Vec<u8>> {
             block: 0,
             page: None,
         },
+        RpMessage::ResendPage {
+            block: 0,
+            page: 0x1000,
+        },
     ];
     let encode = |msg: &RpMessage<'_>| {
         let mut buf = [0u8; RP_MAX_MESSAGE];
