@@ -16,10 +16,11 @@
 //! [`MAX_REFETCHED_PAGES`] in a migration means a link that damages what
 //! it carries, not a stray flip: the migration then fails with block and
 //! page named (to the source too, by a DIGEST_MISMATCH), the failure any
-//! broken postcopy has. So does a page refused after the source sent the
-//! end of its stream, which it cannot follow with another page (not yet
-//! handled: the source would have to wait for the destination's word
-//! before it ends).
+//! broken postcopy has. The source ends its stream only at the PONG to a
+//! ping it sends after its last page
+//! ([`POSTCOPY_END_PING`](crate::source::POSTCOPY_END_PING)), which this
+//! engine answers after it checked every page before it, so a refusal
+//! reaches the source in time.
 
 use super::{DestError, DestinationHost, Loader};
 use crate::return_path::RpMessage;
@@ -97,6 +98,11 @@ impl Loader<'_> {
         page: u64,
         refused: &mut Refused,
     ) -> Result<bool, DestError> {
+        // Another copy is installed already (a preempt channel's copy
+        // damaged after the main stream's arrived): the batch skips it.
+        if self.placed_already(block, page) {
+            return Ok(true);
+        }
         if self.status != MigrationStatus::PostcopyActive
             || self.refetched.contains(&(block, page))
             || self.refetched.is_full()

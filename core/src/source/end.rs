@@ -219,6 +219,7 @@ impl SourceEngine<'_> {
             self.step,
             Step::AwaitSetupVerdict
                 | Step::AwaitShut
+                | Step::AwaitEndPong
                 | Step::AwaitLoaded
                 | Step::AwaitBitmap
                 | Step::AwaitResumeAck

@@ -103,7 +103,9 @@ use crate::wire::{self, BlockInfo, BlockList, Command, PageRange, PreemptHello, 
 pub use batch::BatchBuilder;
 pub use catch_up::{CATCH_UP_PING, CATCH_UP_WAIT};
 pub use end::{ConvergenceLimit, EndReason, Violation, Wait};
-pub use postcopy::{DISCARD_RANGES_PER_RECORD, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE};
+pub use postcopy::{
+    DISCARD_RANGES_PER_RECORD, POSTCOPY_END_PING, POSTCOPY_RUN_PING, PackageFraming, REQUEST_QUEUE,
+};
 pub use rate::SLICE;
 pub use tracking::{BlockTracking, TrackingError};
 
@@ -475,6 +477,12 @@ enum Step {
     AwaitPackageSent,
     /// Postcopy: serving page requests and the background pass.
     Postcopy,
+    /// Verifying postcopy, every page sent: the next poll sends an end
+    /// ping ([`POSTCOPY_END_PING`]).
+    EndPing,
+    /// Waiting for the PONG to the last end ping; a RESEND_PAGE meanwhile
+    /// goes back to [`Step::Postcopy`].
+    AwaitEndPong,
     /// Postcopy paused: the next poll hands out [`SourceAction::Paused`].
     PauseNotice,
     /// Postcopy paused, waiting for [`SourceEngine::resume`].
@@ -974,6 +982,9 @@ impl<'a> SourceEngine<'a> {
                 self.step = Step::Sync(SyncKind::Setup);
             }
             RpMessage::Pong(CATCH_UP_PING) => self.caught_up(),
+            RpMessage::Pong(v) if self.step == Step::AwaitEndPong && *v == self.last_end_ping() => {
+                self.step = Step::EndOfStream;
+            }
             RpMessage::Pong(_) => {}
             RpMessage::SwitchoverAck => self.end.switchover_acked = true,
             RpMessage::ReqPagesId { block, start, len } => {
@@ -1160,6 +1171,7 @@ impl<'a> SourceEngine<'a> {
             | Step::AwaitSetupVerdict
             | Step::AwaitDevices
             | Step::AwaitShut
+            | Step::AwaitEndPong
             | Step::AwaitLoaded
             | Step::AwaitPackage
             | Step::AwaitPackageSent
@@ -1215,6 +1227,7 @@ impl<'a> SourceEngine<'a> {
                 Some(SourceAction::PackageDevices)
             }
             Step::Postcopy => self.postcopy_pages(ram),
+            Step::EndPing => Some(self.end_ping()),
             Step::StopVcpus => Some(self.stop_step()),
             Step::SaveDevices => {
                 self.step = Step::AwaitDevices;

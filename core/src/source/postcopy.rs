@@ -30,6 +30,14 @@ pub const DISCARD_RANGES_PER_RECORD: usize = 512;
 /// PONG bounds the postcopy downtime from above by one return trip.
 pub const POSTCOPY_RUN_PING: u32 = 4;
 
+/// The first value of the pings a verifying postcopy source sends after
+/// its last page, before the end of the stream, each next one this plus
+/// the pings sent before: the destination checks every page before a ping
+/// against its term before it answers it, so a RESEND_PAGE for any of
+/// them reaches the source ahead of the PONG, while the source can still
+/// send the page. Far from QEMU's and livemig's other ping values.
+pub const POSTCOPY_END_PING: u32 = 0x454e_0000;
+
 /// A validated page request: pages of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PageRequest {
@@ -72,6 +80,9 @@ pub(super) struct Postcopy {
     /// new one ([`resume_with_preempt`](super::SourceEngine::resume_with_preempt)):
     /// requested pages travel on the main stream.
     pub preempt_lost: bool,
+    /// End pings sent ([`POSTCOPY_END_PING`]): the value of the last is
+    /// `POSTCOPY_END_PING + end_pings - 1`.
+    pub end_pings: u32,
     /// The early discards' cursor (block, page) over the dirty pages.
     pub early: (usize, u64),
     /// The first page the early discards leave alone, as
@@ -90,6 +101,7 @@ impl Postcopy {
             last_request_block: None,
             end_sent: false,
             preempt_lost: false,
+            end_pings: 0,
             early: (0, 0),
             early_never_sent_from: None,
         }
@@ -411,12 +423,16 @@ impl<'a> SourceEngine<'a> {
     }
 
     /// RESEND_PAGE: the copy of `page` of `block` failed its term at the
-    /// destination, which did not install it and waits for it. Queued as a
-    /// request, ahead of the background pass; without the preempt channel
-    /// the page is marked dirty again too, since the request path sends
-    /// only pages still dirty (a page requested after it was sent is
-    /// normally in flight). After the end of the stream nothing more can
-    /// be sent: the migration fails, naming the page.
+    /// destination, which did not install it and waits for it. Marked
+    /// dirty again, so that the pass takes it (the request path sends only
+    /// pages still dirty: a page requested after it was sent is normally in
+    /// flight), and without the preempt channel queued as a request too,
+    /// ahead of the background pass; with it, the page goes on the main
+    /// stream anyway, ordered before the next end ping
+    /// ([`POSTCOPY_END_PING`]). After the end of the stream nothing more
+    /// can be sent: the migration fails, naming the page (with the end
+    /// pings, only a page damaged on the way to the destination a second
+    /// time gets there).
     pub(super) fn handle_resend(&mut self, block: u16, page: u64) {
         if self.status != MigrationStatus::PostcopyActive {
             self.fail(
@@ -448,8 +464,16 @@ impl<'a> SourceEngine<'a> {
             );
             return;
         };
-        if !preempt && !t.dirty.test(page) && t.dirty.set(page).is_ok() {
+        if !t.dirty.test(page) && t.dirty.set(page).is_ok() {
             self.scan.remaining_bytes += 1u64 << t.page_shift;
+        }
+        if self.step == Step::AwaitEndPong {
+            self.step = Step::Postcopy;
+        }
+        // With the preempt channel the background pass takes it, on the
+        // main stream, ahead of the next end ping.
+        if preempt {
+            return;
         }
         let request = PageRequest {
             block,
@@ -643,5 +667,42 @@ impl<'a> SourceEngine<'a> {
             }
         }
         self.next_pages(ram, false)
+    }
+}
+
+impl SourceEngine<'_> {
+    /// After a postcopy pass: another, for pages marked dirty again
+    /// (RESEND_PAGE) since it went by them; else, verifying with the
+    /// return path, an end ping first (see [`POSTCOPY_END_PING`]); else
+    /// the end of the stream.
+    pub(super) fn postcopy_end_step(&self) -> Step {
+        if self.tracking.iter().any(|t| t.dirty.count() > 0) {
+            Step::Postcopy
+        } else if self.verify.is_some() && self.end.return_path {
+            Step::EndPing
+        } else {
+            Step::EndOfStream
+        }
+    }
+
+    /// The value of the last end ping sent.
+    pub(super) fn last_end_ping(&self) -> u32 {
+        POSTCOPY_END_PING.wrapping_add(self.postcopy.end_pings.wrapping_sub(1))
+    }
+
+    /// [`Step::EndPing`]: the next end ping; then the wait for its PONG,
+    /// under the confirm timeout (a silent destination pauses postcopy).
+    pub(super) fn end_ping(&mut self) -> SourceAction<'_> {
+        let value = POSTCOPY_END_PING.wrapping_add(self.postcopy.end_pings);
+        match Record::Command(Command::Ping(value)).encode(self.scratch) {
+            Ok(len) => {
+                self.postcopy.end_pings = self.postcopy.end_pings.wrapping_add(1);
+                self.end.sent_at = self.now;
+                self.step = Step::AwaitEndPong;
+                self.count_sent(len as u64, 0);
+                SourceAction::Send(&self.scratch[..len])
+            }
+            Err(e) => self.encode_failed(e),
+        }
     }
 }

@@ -367,7 +367,7 @@ impl SourceEngine<'_> {
         self.step = if live {
             Step::Sync(SyncKind::Iteration)
         } else if self.status == MigrationStatus::PostcopyActive {
-            Step::EndOfStream
+            self.postcopy_end_step()
         } else {
             Step::SaveDevices
         };

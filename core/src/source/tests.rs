@@ -1486,3 +1486,72 @@ fn back_to_back_syncs_keep_the_last_dirty_rate() {
         assert_eq!(s.convergence.dirty_bytes_per_ms, Some(4_096.0));
     });
 }
+
+/// The encoded Ping record with `value`.
+fn ping(value: u32) -> vec::Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let len = Record::Command(Command::Ping(value))
+        .encode(&mut buf)
+        .unwrap();
+    buf.truncate(len);
+    buf
+}
+
+/// Polls `s` until it waits, handing back whether it sent `bytes` and
+/// whether it sent a Pages record (a batch) on the way.
+fn until_waiting(s: &mut SourceEngine<'_>, now: Instant, bytes: &[u8]) -> (bool, bool) {
+    let (mut sent, mut pages) = (false, false);
+    while let Some(action) = s.poll_action(now, &AllZero) {
+        match action {
+            SourceAction::Send(b) if b == bytes => sent = true,
+            SourceAction::Send(b) if b.len() >= 2 && b[..2] == [0, 3] => pages = true,
+            SourceAction::SendPages { .. } => pages = true,
+            SourceAction::Finished(end) => panic!("finished: {end:?}"),
+            _ => {}
+        }
+    }
+    (sent, pages)
+}
+
+/// A verifying postcopy source with the return path holds the end of its
+/// stream until the PONG to a ping sent after its last page: a
+/// RESEND_PAGE before it has the page sent again and another ping (whose
+/// value the stale PONG does not match), and only that ping's PONG lets
+/// the Digest and EndOfStream out.
+#[test]
+fn a_verifying_postcopy_ends_only_at_the_pong_to_its_end_ping() {
+    use crate::digest::DigestKey;
+    let mut config = MigrationConfig::default();
+    config.capabilities |= Capabilities::POSTCOPY_RAM | Capabilities::RETURN_PATH;
+    config.parameters.downtime_limit_ms = 0;
+    with_books(&config, Some(DigestKey::new(3)), |s| {
+        let now = to_the_switchover(s);
+        s.handle_return_path(now, &RpMessage::Pong(POSTCOPY_RUN_PING))
+            .unwrap();
+        let first = ping(POSTCOPY_END_PING);
+        assert!(until_waiting(s, now, &first).0, "the first end ping");
+        assert_eq!(s.status(), MigrationStatus::PostcopyActive);
+        s.handle_return_path(now, &RpMessage::ResendPage { block: 0, page: 5 })
+            .unwrap();
+        let second = ping(POSTCOPY_END_PING + 1);
+        let (pinged, resent) = until_waiting(s, now, &second);
+        assert!(resent, "page 5 went again");
+        assert!(pinged, "then the next end ping");
+        // The first ping's PONG is stale: nothing more goes out.
+        s.handle_return_path(now, &RpMessage::Pong(POSTCOPY_END_PING))
+            .unwrap();
+        assert_eq!(s.poll_action(now, &AllZero), None);
+        s.handle_return_path(now, &RpMessage::Pong(POSTCOPY_END_PING + 1))
+            .unwrap();
+        let Some(SourceAction::Send(end)) = s.poll_action(now, &AllZero) else {
+            panic!("the end of the stream did not follow the PONG");
+        };
+        let eos = {
+            let mut buf = vec![0u8; 16];
+            let n = Record::EndOfStream.encode(&mut buf).unwrap();
+            buf.truncate(n);
+            buf
+        };
+        assert!(end.ends_with(&eos), "Digest and EndOfStream");
+    });
+}
