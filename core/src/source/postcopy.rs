@@ -404,15 +404,16 @@ impl<'a> SourceEngine<'a> {
             count: u64::from(len) / page_size,
         };
         self.stats.ram.postcopy_requests += 1;
-        if self
-            .postcopy
-            .requests
-            .push_back(PageRequest {
-                block: index,
-                range,
-            })
-            .is_err()
-        {
+        self.queue_request(PageRequest {
+            block: index,
+            range,
+        });
+    }
+
+    /// Queues `request` ahead of the background pass; a destination with
+    /// more than [`REQUEST_QUEUE`] outstanding fails the migration.
+    fn queue_request(&mut self, request: PageRequest) {
+        if self.postcopy.requests.push_back(request).is_err() {
             self.fail(
                 EndReason::Protocol(Violation::TooManyRequests),
                 format_args!(
@@ -475,21 +476,13 @@ impl<'a> SourceEngine<'a> {
         if preempt {
             return;
         }
-        let request = PageRequest {
+        self.queue_request(PageRequest {
             block,
             range: PageRange {
                 first: page,
                 count: 1,
             },
-        };
-        if self.postcopy.requests.push_back(request).is_err() {
-            self.fail(
-                EndReason::Protocol(Violation::TooManyRequests),
-                format_args!(
-                    "the destination has more than {REQUEST_QUEUE} page requests outstanding"
-                ),
-            );
-        }
+        });
     }
 
     /// The host served the page request `msg` (a REQ_PAGES or
