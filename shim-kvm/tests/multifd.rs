@@ -121,6 +121,15 @@ fn connect(uri: &MigrationUri) -> (Connection, Vec<Connection>) {
     (main, channels)
 }
 
+/// The destination never ran its guest, and the source guest runs on.
+fn assert_source_runs_on(src: &TestVm, dst: &TestVm, destination: &DestinationReport) {
+    assert!(!destination.started);
+    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
+    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
+    let now = src.counters();
+    assert!(src.counters_pass(&now), "the source guest does not go on");
+}
+
 #[test]
 fn two_channels_carry_the_guest_with_memory_equal_and_every_vcpu_goes_on() {
     if !kvm_available() {
@@ -220,11 +229,7 @@ fn a_channel_shut_down_mid_migration_fails_it_and_the_source_guest_runs_on() {
         source.stats.error_desc
     );
     assert!(destination.error.is_some(), "the destination did not fail");
-    assert!(!destination.started);
-    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
-    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
-    let now = src.counters();
-    assert!(src.counters_pass(&now), "the source guest does not go on");
+    assert_source_runs_on(&src, &dst, &destination);
 }
 
 #[test]
@@ -326,6 +331,47 @@ struct ChannelSeen {
     packet: u64,
     last_was_sync: bool,
     at: Option<std::time::Instant>,
+}
+
+/// A connection to the destination at `addr` (host:port) through a
+/// proxy: the source's end, and the proxy's sides facing the source and
+/// the destination.
+fn through_proxy(addr: &str) -> (Connection, std::net::TcpStream, std::net::TcpStream) {
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a proxy");
+    let proxy_uri: MigrationUri = format!("tcp:{}", proxy.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let src_side = Connection::connect(&proxy_uri).expect("connect to the proxy");
+    let (inner, _) = proxy.accept().expect("accept at the proxy");
+    let outer = std::net::TcpStream::connect(addr).expect("connect onward");
+    (src_side, inner, outer)
+}
+
+/// A channel to the destination at `addr` through a proxy that forwards
+/// it as [`forward_channel`] does (flipping a byte with `flip`) and copies
+/// the destination's side back: the source's end, the proxy's stream to
+/// the destination (for a forged packet) and what it saw go by.
+fn proxied_channel(
+    addr: &str,
+    flip: Option<Arc<std::sync::Mutex<Option<u64>>>>,
+) -> (
+    Connection,
+    Arc<std::sync::Mutex<std::net::TcpStream>>,
+    Arc<std::sync::Mutex<ChannelSeen>>,
+) {
+    let (channel, ch_in, ch_out) = through_proxy(addr);
+    let seen = Arc::new(std::sync::Mutex::new(ChannelSeen::default()));
+    let ch_out = Arc::new(std::sync::Mutex::new(ch_out));
+    let back = ch_out.lock().unwrap().try_clone().unwrap();
+    std::thread::spawn({
+        let inner = ch_in.try_clone().unwrap();
+        move || copy_through(back, inner)
+    });
+    std::thread::spawn({
+        let (ch_out, seen) = (Arc::clone(&ch_out), Arc::clone(&seen));
+        move || forward_channel(ch_in, ch_out, seen, flip)
+    });
+    (channel, ch_out, seen)
 }
 
 /// Copies `from` to `to` until either ends.
@@ -449,7 +495,6 @@ fn a_channel_packet_after_the_last_sync_is_refused_and_the_source_guest_runs_on(
     }
     use livemig_core::wire::{PacketHeader, PacketKind, PageEntry, PageKind};
     use std::io::Write;
-    use std::net::{TcpListener, TcpStream};
     let src = running_source();
     let dst = TestVm::new(VCPUS, false, |_| {});
     let (listener, uri) = listen();
@@ -458,31 +503,9 @@ fn a_channel_packet_after_the_last_sync_is_refused_and_the_source_guest_runs_on(
     let incoming = destination(&dst, listener, false);
     // The main connection and channel 1 through proxies, channel 0 direct,
     // each accepted by the destination in the order the source connects.
-    let through = |addr: &str| {
-        let proxy = TcpListener::bind("127.0.0.1:0").expect("bind a proxy");
-        let proxy_uri: MigrationUri = format!("tcp:{}", proxy.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let src_side = Connection::connect(&proxy_uri).expect("connect to the proxy");
-        let (inner, _) = proxy.accept().expect("accept at the proxy");
-        let outer = TcpStream::connect(addr).expect("connect onward");
-        (src_side, inner, outer)
-    };
-    let (main, main_in, main_out) = through(&dest_addr);
+    let (main, main_in, main_out) = through_proxy(&dest_addr);
     let channel0 = Connection::connect(&uri).expect("connect channel 0");
-    let (channel1, ch_in, ch_out) = through(&dest_addr);
-
-    let seen = Arc::new(std::sync::Mutex::new(ChannelSeen::default()));
-    let ch_out = Arc::new(std::sync::Mutex::new(ch_out));
-    let back = ch_out.lock().unwrap().try_clone().unwrap();
-    std::thread::spawn({
-        let inner = ch_in.try_clone().unwrap();
-        move || copy_through(back, inner)
-    });
-    std::thread::spawn({
-        let (ch_out, seen) = (Arc::clone(&ch_out), Arc::clone(&seen));
-        move || forward_channel(ch_in, ch_out, seen, None)
-    });
+    let (channel1, ch_out, seen) = proxied_channel(&dest_addr, None);
     let forged = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let forge = {
         let (ch_out, seen, forged) = (Arc::clone(&ch_out), Arc::clone(&seen), Arc::clone(&forged));
@@ -562,12 +585,8 @@ fn a_channel_packet_after_the_last_sync_is_refused_and_the_source_guest_runs_on(
             .is_some_and(|e| e.contains("multifd channel 1")),
         "the destination did not name the channel: {error:?}"
     );
-    assert!(!destination.started);
-    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
     assert_ne!(source.stats.status, MigrationStatus::Completed);
-    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
-    let now = src.counters();
-    assert!(src.counters_pass(&now), "the source guest does not go on");
+    assert_source_runs_on(&src, &dst, &destination);
 }
 
 /// A byte flipped in a page on a channel, past TCP's checks: the digest at
@@ -579,7 +598,6 @@ fn a_page_flipped_on_a_channel_is_named_and_the_source_guest_runs_on() {
     if !kvm_available() {
         return;
     }
-    use std::net::{TcpListener, TcpStream};
     let src = running_source();
     let dst = TestVm::new(VCPUS, false, |_| {});
     let (listener, uri) = listen();
@@ -590,25 +608,8 @@ fn a_page_flipped_on_a_channel_is_named_and_the_source_guest_runs_on() {
     // flipping proxy, in the order the destination accepts them.
     let main = Connection::connect(&uri).expect("connect the main stream");
     let channel0 = Connection::connect(&uri).expect("connect channel 0");
-    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind a proxy");
-    let proxy_uri: MigrationUri = format!("tcp:{}", proxy.local_addr().unwrap())
-        .parse()
-        .unwrap();
-    let channel1 = Connection::connect(&proxy_uri).expect("connect to the proxy");
-    let (ch_in, _) = proxy.accept().expect("accept at the proxy");
-    let ch_out = TcpStream::connect(&dest_addr).expect("connect onward");
-    let ch_out = Arc::new(std::sync::Mutex::new(ch_out));
-    let back = ch_out.lock().unwrap().try_clone().unwrap();
-    std::thread::spawn({
-        let inner = ch_in.try_clone().unwrap();
-        move || copy_through(back, inner)
-    });
     let flipped = Arc::new(std::sync::Mutex::new(None));
-    std::thread::spawn({
-        let seen = Arc::new(std::sync::Mutex::new(ChannelSeen::default()));
-        let flip = Some(Arc::clone(&flipped));
-        move || forward_channel(ch_in, ch_out, seen, flip)
-    });
+    let (channel1, _, _) = proxied_channel(&dest_addr, Some(Arc::clone(&flipped)));
 
     let source = migrate_with_channels(
         source_vm(&src),
@@ -636,10 +637,6 @@ fn a_page_flipped_on_a_channel_is_named_and_the_source_guest_runs_on() {
         "{}",
         source.stats.error_desc
     );
-    assert!(!destination.started);
-    assert_eq!(dst.vcpus.resumes(), 0, "the destination guest ran");
     assert_ne!(source.stats.status, MigrationStatus::Completed);
-    assert!(!src.vcpus.is_paused(), "the source guest did not resume");
-    let now = src.counters();
-    assert!(src.counters_pass(&now), "the source guest does not go on");
+    assert_source_runs_on(&src, &dst, &destination);
 }
