@@ -118,6 +118,21 @@ impl TestVcpus {
         })
     }
 
+    /// Ends the vCPU threads and waits for them: afterwards no vCPU enters
+    /// `KVM_RUN` again, so the VM touches its RAM no more.
+    fn stop(&self) {
+        self.lock().quit = true;
+        self.shared.changed.notify_all();
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            let _ = t.join();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.shared
             .state
@@ -143,16 +158,7 @@ impl TestVcpus {
 
 impl Drop for TestVcpus {
     fn drop(&mut self) {
-        self.lock().quit = true;
-        self.shared.changed.notify_all();
-        for t in self
-            .threads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-        {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
@@ -239,12 +245,28 @@ impl Vcpus for TestVcpus {
 }
 
 /// A test VM: KVM's VM, its vm-memory RAM and the vCPUs.
+///
+/// Dropping it ends the vCPU threads before the RAM is unmapped. KVM's
+/// memslots name host virtual addresses, not the mapping: a vCPU still
+/// running after the unmap would read and write whatever the process maps
+/// there next, such as the RAM of the next test's VM (tests run on
+/// threads of one process). This happened: a finished test's guest
+/// incremented a later test's counter and pushed real-mode exception
+/// frames into its memory.
 pub struct TestVm {
     pub kvm: Kvm,
     pub vm: Arc<VmFd>,
     pub ram: GuestMemoryMmap<AtomicBitmap>,
     pub memory: GuestMemory,
     pub vcpus: Arc<TestVcpus>,
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        // The library may still hold a clone of `vcpus`: stop the threads
+        // here, not when the last clone goes.
+        self.vcpus.stop();
+    }
 }
 
 impl TestVm {
@@ -280,8 +302,9 @@ impl TestVm {
                 memory_size: region.len(),
                 userspace_addr: region.host_addr(),
             };
-            // SAFETY: the mapping belongs to `ram`, which this TestVm keeps
-            // until after the VM fd (and `memory` holds a clone of it).
+            // SAFETY: the mapping belongs to `ram` (and `memory` holds a
+            // clone of it), which this TestVm keeps until its vCPU threads
+            // have ended (its Drop): no vCPU runs over the slot after that.
             unsafe { vm.set_user_memory_region(slot) }.expect("memslot");
         }
         if boot {
