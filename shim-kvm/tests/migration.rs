@@ -1027,26 +1027,11 @@ fn flip_first_postcopy_page(
     to: livemig_kvm::Connection,
     flipped: Arc<std::sync::Mutex<Option<(u16, u64)>>>,
 ) {
-    use livemig_core::wire::kind;
-    let mut header = [0u8; 8];
-    if from.read_exact(&mut header).is_err() || to.write_all(&header).is_err() {
-        return;
-    }
-    loop {
-        let mut record = vec![0u8; 8];
-        if from.read_exact(&mut record).is_err() {
-            break;
-        }
-        let kind = u16::from_be_bytes([record[0], record[1]]);
-        let len = u32::from_be_bytes([record[4], record[5], record[6], record[7]]) as usize;
-        record.resize(8 + len, 0);
-        if from.read_exact(&mut record[8..]).is_err() {
-            break;
-        }
+    support::forward_records(from, to, |kind, record| {
         let mut done = flipped.lock().unwrap();
         // The batch: be16 block, u8 page shift, u8 flags (TERMS = 2), be32
         // count, the entries (bit 63: zero), a term per normal page, data.
-        if kind == kind::PAGES && done.is_none() && record[8 + 3] & 2 != 0 {
+        if kind == livemig_core::wire::kind::PAGES && done.is_none() && record[8 + 3] & 2 != 0 {
             let body = &record[8..];
             let block = u16::from_be_bytes([body[0], body[1]]);
             let count = u32::from_be_bytes([body[4], body[5], body[6], body[7]]) as usize;
@@ -1060,23 +1045,7 @@ fn flip_first_postcopy_page(
                 *done = Some((block, first));
             }
         }
-        drop(done);
-        if to.write_all(&record).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
-
-/// Copies `from` to `to` until either ends.
-fn copy_through(from: livemig_kvm::Connection, to: livemig_kvm::Connection) {
-    let mut buf = vec![0u8; 1 << 16];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    });
 }
 
 /// A postcopy page damaged on the wire past TCP's checks, in the
@@ -1110,7 +1079,7 @@ fn a_postcopy_page_damaged_on_the_wire_is_sent_again_and_the_guest_goes_on() {
             proxy_out.try_clone().unwrap(),
             proxy_in.try_clone().unwrap(),
         );
-        move || copy_through(back, inner)
+        move || support::copy_through(back, inner)
     });
     thread::spawn({
         let flipped = Arc::clone(&flipped);

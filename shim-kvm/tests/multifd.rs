@@ -365,19 +365,13 @@ fn proxied_channel(
     let back = ch_out.lock().unwrap().try_clone().unwrap();
     std::thread::spawn({
         let inner = ch_in.try_clone().unwrap();
-        move || copy_through(back, inner)
+        move || support::copy_through(back, inner)
     });
     std::thread::spawn({
         let (ch_out, seen) = (Arc::clone(&ch_out), Arc::clone(&seen));
         move || forward_channel(ch_in, ch_out, seen, flip)
     });
     (channel, ch_out, seen)
-}
-
-/// Copies `from` to `to` until either ends.
-fn copy_through(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
-    let _ = std::io::copy(&mut from, &mut to);
-    let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
 /// Forwards a channel's packets whole (so a forged one never lands inside
@@ -451,36 +445,16 @@ fn forward_channel(
 /// (after the last pass's pages and the final flush) it has `forge` write
 /// its packet on the channel, once the channel has been quiet after a
 /// sync, and gives it time to arrive.
-fn forward_main(mut from: std::net::TcpStream, mut to: std::net::TcpStream, forge: impl FnOnce()) {
-    use std::io::{Read, Write};
+fn forward_main(from: std::net::TcpStream, to: std::net::TcpStream, forge: impl FnOnce()) {
     let mut forge = Some(forge);
-    let mut header = [0u8; 8];
-    if from.read_exact(&mut header).is_err() {
-        return;
-    }
-    to.write_all(&header).expect("forward the stream header");
-    loop {
-        let mut record = vec![0u8; 8];
-        if from.read_exact(&mut record).is_err() {
-            break;
-        }
-        let kind = u16::from_be_bytes([record[0], record[1]]);
-        let len = u32::from_be_bytes([record[4], record[5], record[6], record[7]]) as usize;
-        record.resize(8 + len, 0);
-        if from.read_exact(&mut record[8..]).is_err() {
-            break;
-        }
+    support::forward_records(from, to, |kind, _| {
         if kind == livemig_core::wire::kind::DIGEST
             && let Some(forge) = forge.take()
         {
             forge();
             std::thread::sleep(Duration::from_millis(50));
         }
-        if to.write_all(&record).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    });
 }
 
 /// A peer that lies on a channel: after the last pass's sync, a packet in
@@ -559,7 +533,7 @@ fn a_channel_packet_after_the_last_sync_is_refused_and_the_source_guest_runs_on(
     let back = main_out.try_clone().unwrap();
     std::thread::spawn({
         let inner = main_in.try_clone().unwrap();
-        move || copy_through(back, inner)
+        move || support::copy_through(back, inner)
     });
     std::thread::spawn(move || forward_main(main_in, main_out, forge));
 

@@ -388,3 +388,95 @@ pub fn connection_pair() -> (livemig_kvm::Connection, livemig_kvm::Connection) {
     let theirs = listener.accept().expect("accept");
     (ours, theirs)
 }
+
+/// One side of a connection a test's proxy forwards: a migration
+/// [`livemig_kvm::Connection`] or a plain TCP stream.
+pub trait ProxyEnd {
+    /// Reads what is there, up to `buf`'s length; 0 once the stream ended
+    /// or failed.
+    fn read_some(&mut self, buf: &mut [u8]) -> usize;
+    /// Writes all of `buf`; `false` if the stream failed.
+    fn write_all_of(&mut self, buf: &[u8]) -> bool;
+    /// Closes the write side, so the peer reads the end of the stream.
+    fn end_writes(&mut self);
+
+    /// Fills `buf`; `false` if the stream ended or failed first.
+    fn read_all(&mut self, mut buf: &mut [u8]) -> bool {
+        while !buf.is_empty() {
+            let n = self.read_some(buf);
+            if n == 0 {
+                return false;
+            }
+            buf = &mut buf[n..];
+        }
+        true
+    }
+}
+
+impl ProxyEnd for livemig_kvm::Connection {
+    fn read_some(&mut self, buf: &mut [u8]) -> usize {
+        self.read(buf).unwrap_or(0)
+    }
+    fn write_all_of(&mut self, buf: &[u8]) -> bool {
+        self.write_all(buf).is_ok()
+    }
+    fn end_writes(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl ProxyEnd for std::net::TcpStream {
+    fn read_some(&mut self, buf: &mut [u8]) -> usize {
+        std::io::Read::read(self, buf).unwrap_or(0)
+    }
+    fn write_all_of(&mut self, buf: &[u8]) -> bool {
+        std::io::Write::write_all(self, buf).is_ok()
+    }
+    fn end_writes(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Copies `from` to `to` until either ends, then ends `to`'s writes.
+pub fn copy_through(mut from: impl ProxyEnd, mut to: impl ProxyEnd) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = from.read_some(&mut buf);
+        if n == 0 || !to.write_all_of(&buf[..n]) {
+            break;
+        }
+    }
+    to.end_writes();
+}
+
+/// Forwards a migration main stream from `from` to `to`: its 8-byte
+/// header, then record by record (kind, flags, be32 length, body), each
+/// handed to `each` (its kind and the whole record, header included)
+/// before it goes on, so a test can damage one or act before one. Ends
+/// `to`'s writes when either side ends.
+pub fn forward_records(
+    mut from: impl ProxyEnd,
+    mut to: impl ProxyEnd,
+    mut each: impl FnMut(u16, &mut Vec<u8>),
+) {
+    let mut header = [0u8; 8];
+    if from.read_all(&mut header) && to.write_all_of(&header) {
+        loop {
+            let mut record = vec![0u8; 8];
+            if !from.read_all(&mut record) {
+                break;
+            }
+            let kind = u16::from_be_bytes([record[0], record[1]]);
+            let len = u32::from_be_bytes([record[4], record[5], record[6], record[7]]) as usize;
+            record.resize(8 + len, 0);
+            if !from.read_all(&mut record[8..]) {
+                break;
+            }
+            each(kind, &mut record);
+            if !to.write_all_of(&record) {
+                break;
+            }
+        }
+    }
+    to.end_writes();
+}
