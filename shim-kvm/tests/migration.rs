@@ -786,18 +786,23 @@ fn pages_but_counters() -> Vec<u64> {
         .collect()
 }
 
+/// Gives every page of the high region distinct data, which a postcopy
+/// destination must receive in the background or on request.
+fn fill_high_region(src: &TestVm) {
+    for p in 0..support::HIGH_BYTES as u64 / 4096 {
+        src.ram
+            .write_obj(p * 0x9e37_79b9 + 1, GuestAddress(HIGH_GPA + p * 4096))
+            .expect("write the high region");
+    }
+}
+
 #[test]
 fn postcopy_serves_the_faults_of_four_vcpu_threads() {
     if !kvm_available() {
         return;
     }
     let src = running_source();
-    // Data the destination must receive in the background or on request.
-    for p in 0..support::HIGH_BYTES as u64 / 4096 {
-        src.ram
-            .write_obj(p * 0x9e37_79b9 + 1, GuestAddress(HIGH_GPA + p * 4096))
-            .expect("write the high region");
-    }
+    fill_high_region(&src);
     // A device keeps 240 low pages dirty until the switchover, so the
     // background pass has them to send (about a second at 1 MiB/s) before
     // it reaches the counters, even on a loaded machine.
@@ -1064,11 +1069,7 @@ fn a_postcopy_page_damaged_on_the_wire_is_sent_again_and_the_guest_goes_on() {
         return;
     }
     let src = running_source();
-    for p in 0..support::HIGH_BYTES as u64 / 4096 {
-        src.ram
-            .write_obj(p * 0x9e37_79b9 + 1, GuestAddress(HIGH_GPA + p * 4096))
-            .expect("write the high region");
-    }
+    fill_high_region(&src);
     let writer = Writer::start(&src.ram, 0x10000, 4);
     let dst = TestVm::new(VCPUS, false, |_| {});
     let (src_end, proxy_in) = connection_pair();
