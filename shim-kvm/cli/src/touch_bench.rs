@@ -511,7 +511,10 @@ pub fn table(runs: &[Touch], hashes: &[HashCost], mib: usize) -> String {
             fmt(median(t, Writer::Socket, Touch::gbps)),
         );
     }
-    let hash = |f: fn(&HashCost) -> f64| fmt(Spread::of(hashes.iter().map(f)).map(|s| s.median));
+    // Three decimals: a page's hash in cache is a few hundredths of a us.
+    let hash = |f: fn(&HashCost) -> f64| {
+        Spread::of(hashes.iter().map(f)).map_or("-".into(), |s| format!("{:.3}", s.median))
+    };
     let _ = writeln!(
         s,
         "page hash (verification), us/page: {} in cache ({} KiB hashed again and again), \
