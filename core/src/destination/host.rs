@@ -54,6 +54,31 @@ pub trait DestinationHost {
         key.page_term(block, page, data)
     }
 
+    /// [`place_pages`](Self::place_pages) for a verifying engine, which
+    /// also needs each page's term ([`page_term`](Self::page_term)) in
+    /// `terms`, one per page of `data`, in order. A host that can hash a
+    /// page as it copies it overrides this (the KVM shim does, with
+    /// AVX-512: each received byte read once for both, where a hash and
+    /// then a copy read it twice); the default hashes each page, then
+    /// places them all. The terms must be exactly
+    /// [`DigestKey::page_term`]'s.
+    fn place_hashed_pages(
+        &mut self,
+        key: &DigestKey,
+        block: u16,
+        first_page: u64,
+        data: &[u8],
+        terms: &mut [u64],
+    ) -> Result<(), Self::Error> {
+        if let Some(page_size) = data.len().checked_div(terms.len()) {
+            let pages = data.chunks_exact(page_size.max(1));
+            for ((page, bytes), term) in (first_page..).zip(pages).zip(terms.iter_mut()) {
+                *term = self.page_term(key, block, page, bytes);
+            }
+        }
+        self.place_pages(block, first_page, data)
+    }
+
     /// The postcopy half of this host, if it has one. A host without
     /// postcopy keeps the default, and the engine refuses a source that
     /// advises postcopy with [`DestError::PostcopyUnsupported`] before

@@ -1866,25 +1866,19 @@ impl Loader<'_> {
         }
     }
 
-    /// Books page `page` of `block`, placed with `data`, whose term is
-    /// `checked` when the batch carried it and it was checked equal to
-    /// this end's (so the page is not hashed twice).
-    fn book_page<H: DestinationHost>(
-        &mut self,
-        host: &H,
-        block: u16,
-        page: u64,
-        data: &[u8],
-        checked: Option<u64>,
-    ) {
-        if let (Some(books), Some(key)) = (self.books.as_deref_mut(), self.key)
+    /// Books `term` for page `page` of `block` (nothing when not
+    /// verifying).
+    fn book_term(&mut self, block: u16, page: u64, term: u64) {
+        if let Some(books) = self.books.as_deref_mut()
             && let Some(b) = books.get_mut(usize::from(block))
         {
-            b.record(
-                page,
-                checked.unwrap_or_else(|| host.page_term(&key, block, page, data)),
-            );
+            b.record(page, term);
         }
+    }
+
+    /// The key pages are hashed with when this end keeps books.
+    fn booking_key(&self) -> Option<DigestKey> {
+        self.books.as_ref().and(self.key)
     }
 
     /// The index of the block named `id`, for a postcopy command.
@@ -2188,7 +2182,12 @@ impl Loader<'_> {
                     self.place_zero_entries(now, host, block, zero_run.take())?;
                     self.stats.ram.normal += 1;
                     self.stats.ram.normal_bytes += data.len() as u64;
-                    self.book_page(&*host, block, entry.index, data, checked);
+                    // A term checked equal to this end's is booked as it
+                    // is (the page is not hashed twice); the others are
+                    // hashed as the run is placed.
+                    if let Some(term) = checked {
+                        self.book_term(block, entry.index, term);
+                    }
                     match normal_run.as_mut() {
                         Some(run) => run.count += 1,
                         None => {
@@ -2197,6 +2196,7 @@ impl Loader<'_> {
                                 count: 1,
                                 page_size,
                                 data: batch.data().get(at..).unwrap_or(&[]),
+                                hash: checked.is_none(),
                             })
                         }
                     }
@@ -2246,10 +2246,23 @@ impl Loader<'_> {
             .ok_or(DestError::Decode(DecodeError::Truncated {
                 what: "page data",
             }))?;
-        by_host(
-            HostOp::PlacePages,
-            host.place_pages(block, run.first, bytes),
-        )?;
+        match self.booking_key().filter(|_| run.hash) {
+            Some(key) => {
+                let mut terms = [0u64; NormalRun::MAX_PAGES as usize];
+                let terms = terms.get_mut(..run.count as usize).unwrap_or(&mut []);
+                by_host(
+                    HostOp::PlacePages,
+                    host.place_hashed_pages(&key, block, run.first, bytes, terms),
+                )?;
+                for (page, &term) in (run.first..).zip(terms.iter()) {
+                    self.book_term(block, page, term);
+                }
+            }
+            None => by_host(
+                HostOp::PlacePages,
+                host.place_pages(block, run.first, bytes),
+            )?,
+        }
         self.arrived(now, block, run.first, run.count);
         Ok(())
     }
@@ -2266,6 +2279,10 @@ struct NormalRun<'a> {
     page_size: usize,
     /// The batch's data from the run's first page on.
     data: &'a [u8],
+    /// Whether the pages' terms are still to be computed (those of a batch
+    /// that carried them were checked and booked already): the host
+    /// hashes them as it places them.
+    hash: bool,
 }
 
 impl<'a> NormalRun<'a> {

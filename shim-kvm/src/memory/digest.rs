@@ -109,6 +109,39 @@ pub fn slice_page_term(key: &DigestKey, block: u16, page: u64, data: &[u8]) -> u
     key.page_term(block, page, data)
 }
 
+/// Stripes of a page.
+#[cfg(target_arch = "x86_64")]
+const PAGE_STRIPES: usize = PAGE_SIZE / (8 * STRIPE_WORDS);
+
+/// Copies the page `data` to the page at `dst` and returns its term
+/// ([`slice_page_term`]'s of `data`): a destination placing a received
+/// page. With AVX-512 each 64 bytes are loaded once for the store and the
+/// hash ([`avx512::copy_page_term`]), where a copy and then a hash read
+/// the received bytes twice, the second time from wherever the copy left
+/// them; otherwise it is the two.
+///
+/// # Safety
+/// `dst` must point to the start of a whole page inside a live, writable
+/// mapping, disjoint from `data`.
+pub(super) unsafe fn copy_page_term(
+    dst: *mut u8,
+    data: &[u8; PAGE_SIZE],
+    key: &DigestKey,
+    block: u16,
+    page: u64,
+) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); `data` is a whole
+        // page and `dst` one per this function's contract.
+        return unsafe { avx512::copy_page_term(dst, data.as_ptr(), key, block, page) };
+    }
+    // SAFETY: per this function's contract: `dst` is a whole writable page
+    // disjoint from `data`, a host buffer.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
+    slice_page_term(key, block, page, data)
+}
+
 /// What a vector term fetches ahead while it hashes a stripe.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -292,9 +325,12 @@ mod avx512 {
     };
     use livemig_core::digest::{DigestKey, LANES, STRIPE_WORDS, StripeKey, StripeSums};
 
-    use super::Ahead;
+    use std::ptr;
 
-    /// The term of the `len` bytes at `p`, as [`super::avx2::page_term`].
+    use super::{Ahead, PAGE_SIZE, PAGE_STRIPES};
+
+    /// The term of the `len` bytes at `p`, as [`super::avx2::page_term`]
+    /// (a whole page by [`page_sums`]).
     ///
     /// # Safety
     /// The CPU must have AVX-512F, and the `len` bytes at `p` must be
@@ -309,11 +345,109 @@ mod avx512 {
         ahead: Ahead,
     ) -> u64 {
         let words = p.cast::<u64>();
+        if len == PAGE_SIZE {
+            // SAFETY: the CPU has AVX-512F and the page's bytes are live
+            // per this function's contract.
+            let sums =
+                unsafe { page_sums::<false>(words, ptr::null_mut(), key.stripe_key(), ahead) };
+            return term_of_page_sums(key, block, page, &sums);
+        }
         key.term_of_stripes(block, page, len / 8, |first, len, stripe| {
             ahead.fetch(p, first, len);
             // SAFETY: `term_of_stripes` asks for words `first .. first +
             // len` inside `0 .. len / 8` of the caller's bytes.
             unsafe { stripe_sums(words.add(first), len, stripe) }
+        })
+    }
+
+    /// Copies the page at `src` to the page at `dst` and returns its term,
+    /// each 64 bytes loaded once for the store and the hash.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; the page at `src` must be inside a live
+    /// mapping, the page at `dst` inside a live, writable one, the two
+    /// disjoint.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn copy_page_term(
+        dst: *mut u8,
+        src: *const u8,
+        key: &DigestKey,
+        block: u16,
+        page: u64,
+    ) -> u64 {
+        // SAFETY: per this function's contract.
+        let sums =
+            unsafe { page_sums::<true>(src.cast(), dst.cast(), key.stripe_key(), Ahead::Nothing) };
+        term_of_page_sums(key, block, page, &sums)
+    }
+
+    /// The term of a page from its stripes' sums.
+    #[inline]
+    fn term_of_page_sums(
+        key: &DigestKey,
+        block: u16,
+        page: u64,
+        sums: &[StripeSums; PAGE_STRIPES],
+    ) -> u64 {
+        key.term_of_stripes(block, page, PAGE_SIZE / 8, |first, _, _| {
+            sums.get(first / STRIPE_WORDS).copied().unwrap_or_default()
+        })
+    }
+
+    /// The sums of every stripe of the page at `words`, word position by
+    /// word position: each key vector is loaded once for all the page's
+    /// stripes (a stripe at a time loads one key vector per data vector),
+    /// and the stripes' sums are independent chains, where a stripe at a
+    /// time has one. A page's term in cache costs a quarter less so
+    /// (`bench --case first-touch`, docs/benchmarks.md). The next page's
+    /// lines are asked for in the order this page's are read. With `COPY`,
+    /// each vector loaded is also stored at the same offset from `copy`:
+    /// a destination's copy into guest memory and its hash in one read.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and the page at `words` must be inside a
+    /// live mapping; with `COPY`, the page at `copy` inside a live,
+    /// writable one, disjoint from it (without, `copy` is not used).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn page_sums<const COPY: bool>(
+        words: *const u64,
+        copy: *mut u64,
+        key: &StripeKey,
+        ahead: Ahead,
+    ) -> [StripeSums; PAGE_STRIPES] {
+        let k = key.words();
+        let zero = _mm512_setzero_si512();
+        let (mut sums, mut any) = ([zero; PAGE_STRIPES], zero);
+        for at in (0..STRIPE_WORDS / LANES).map(|r| r * LANES) {
+            // SAFETY: `at + 8 <= STRIPE_WORDS`, the key's length.
+            let kw = unsafe { _mm512_loadu_si512(k.as_ptr().add(at).cast()) };
+            for (stripe, sum) in sums.iter_mut().enumerate() {
+                let first = stripe * STRIPE_WORDS + at;
+                ahead.fetch(words.cast(), first, LANES);
+                // SAFETY: words `first .. first + 8` are inside the page
+                // (`first + 8 <= PAGE_STRIPES * STRIPE_WORDS`), read with
+                // one unaligned load through the raw pointer, as in
+                // `stripe_sums`.
+                let w = unsafe { _mm512_loadu_si512(words.add(first).cast()) };
+                if COPY {
+                    // SAFETY: the same words of the page at `copy`, live
+                    // and writable per this function's contract; an
+                    // unaligned store through the raw pointer (guest
+                    // memory is never behind a reference).
+                    unsafe { _mm512_storeu_si512(copy.add(first).cast(), w) };
+                }
+                any = _mm512_or_si512(any, w);
+                *sum = _mm512_add_epi64(*sum, nh(w, kw));
+            }
+        }
+        // The OR of the whole page on every stripe: the core ORs them.
+        let any = _mm512_reduce_or_epi64(any) as u64;
+        sums.map(|v| {
+            let mut lanes = [0u64; LANES];
+            // SAFETY: `lanes` is 64 bytes, one unaligned store's width.
+            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), v) };
+            StripeSums { lanes, any }
         })
     }
 
@@ -443,6 +577,11 @@ mod tests {
                 }
             }
         }
+        let mut copy = Box::new(Aligned([0x5a; PAGE_SIZE]));
+        // SAFETY: `copy` is a whole, writable page, disjoint from `page`.
+        let got = unsafe { copy_page_term(copy.0.as_mut_ptr(), page, key, 3, 77) };
+        assert_eq!(got, want, "{what}: copied into a page");
+        assert!(copy.0 == *page, "{what}: the copy holds the page");
         let words = aligned.0.as_ptr().cast::<u64>();
         let scalar = key.term_of_words(3, 77, PAGE_SIZE / 8, |i| {
             // SAFETY: `i` is a word of the aligned page.

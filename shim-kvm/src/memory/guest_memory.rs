@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use livemig_core::digest::DigestKey;
 
-use super::digest::{page_is_zero, page_term, term};
+use super::digest::{copy_page_term, page_is_zero, page_term, term};
 use super::populated::Pagemap;
 use super::{Backing, GuestRegion, MemoryError, PAGE_SIZE};
 
@@ -342,6 +342,27 @@ impl GuestMemory {
         // is a host buffer of one page, disjoint from guest RAM.
         unsafe { ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
         Ok(())
+    }
+
+    /// Overwrites page `page` of region `region` with `data` and returns
+    /// the self-check's term of it as page `page` of RAM block `region`
+    /// ([`slice_page_term`](super::slice_page_term)'s): what a verifying
+    /// destination does with each page it places, reading the received
+    /// bytes once for the copy and the hash where the two calls read them
+    /// twice (see [`super::digest`]'s `copy_page_term`).
+    pub fn write_page_term(
+        &self,
+        region: usize,
+        page: u64,
+        data: &[u8; PAGE_SIZE],
+        key: &DigestKey,
+    ) -> Result<u64, MemoryError> {
+        let dst = self.region(region)?.page_ptr(region, page)?;
+        let block = u16::try_from(region).map_err(|_| MemoryError::NoSuchRegion(region))?;
+        // SAFETY: `page_ptr` returned the start of a whole page of the
+        // mapping, which is writable RAM; `data` is a host buffer of one
+        // page, disjoint from guest RAM.
+        Ok(unsafe { copy_page_term(dst, data, key, block, page) })
     }
 
     /// Whether page `page` of region `region` is all zero bytes (sent as a

@@ -403,6 +403,25 @@ impl KvmHost {
         }
     }
 
+    /// Populates the pages of `first .. first + count` (guest page
+    /// numbers) not placed before, a run at a time: a page written before
+    /// is populated, and asking again costs the kernel's walk of it
+    /// (0.3-0.6 us a page here) for nothing.
+    fn populate_fresh(&mut self, first: u64, count: u64) {
+        let mut at = 0;
+        while at < count {
+            let fresh = (at..count)
+                .take_while(|&i| !self.is_placed(first + i))
+                .count() as u64;
+            self.populate
+                .run(&self.vm.memory, (first + at) * PAGE, fresh);
+            at += fresh;
+            at += (at..count)
+                .take_while(|&i| self.is_placed(first + i))
+                .count() as u64;
+        }
+    }
+
     fn is_placed(&mut self, gfn: u64) -> bool {
         self.placed().is_some_and(|bitmap| bitmap.test(gfn))
     }
@@ -624,21 +643,7 @@ impl DestinationHost for KvmHost {
         if let Some(ram) = self.registered() {
             return ram.place(gpa, data).map(drop).map_err(HostFailure::Copy);
         }
-        // A page written before is populated: asking again costs the
-        // kernel's walk of it (0.3-0.6 us a page here) for nothing.
-        let first = gpa / PAGE;
-        let mut at = 0;
-        while at < count {
-            let fresh = (at..count)
-                .take_while(|&i| !self.is_placed(first + i))
-                .count() as u64;
-            self.populate
-                .run(&self.vm.memory, (first + at) * PAGE, fresh);
-            at += fresh;
-            at += (at..count)
-                .take_while(|&i| self.is_placed(first + i))
-                .count() as u64;
-        }
+        self.populate_fresh(gpa / PAGE, count);
         for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
             let at = gpa + i as u64 * PAGE;
             self.vm
@@ -646,6 +651,41 @@ impl DestinationHost for KvmHost {
                 .write(at, chunk)
                 .map_err(HostFailure::WriteRam)?;
             self.mark(at / PAGE, true);
+        }
+        Ok(())
+    }
+
+    /// Copies each page into guest memory and hashes it in one read of
+    /// the received bytes ([`GuestMemory::write_page_term`]); under
+    /// userfaultfd (postcopy) the pages are hashed, then installed by one
+    /// `UFFDIO_COPY`, as the default does.
+    fn place_hashed_pages(
+        &mut self,
+        key: &DigestKey,
+        block: u16,
+        first_page: u64,
+        data: &[u8],
+        terms: &mut [u64],
+    ) -> Result<(), HostFailure> {
+        let count = (data.len() / PAGE_SIZE) as u64;
+        let gpa = self.gpa(block, first_page, count)?;
+        let pages = (first_page..).zip(data.as_chunks::<PAGE_SIZE>().0);
+        if let Some(ram) = self.registered() {
+            for ((page, bytes), term) in pages.zip(terms.iter_mut()) {
+                *term = slice_page_term(key, block, page, bytes);
+            }
+            return ram.place(gpa, data).map(drop).map_err(HostFailure::Copy);
+        }
+        self.populate_fresh(gpa / PAGE, count);
+        for ((page, bytes), term) in pages.zip(terms.iter_mut()) {
+            *term = self
+                .vm
+                .memory
+                .write_page_term(usize::from(block), page, bytes, key)
+                .map_err(HostFailure::WriteRam)?;
+        }
+        for gfn in gpa / PAGE..gpa / PAGE + count {
+            self.mark(gfn, true);
         }
         Ok(())
     }
